@@ -1,0 +1,15 @@
+"""normlab — normalization layers for PyTorch, the surgery around them, and the
+experiments that explain why they work.
+
+Layers, from the bottom up (imports only go down this list)::
+
+    normlab.core        grouped moments, normalize + closed-form backward, running stats
+    normlab.functional  batch_norm, layer_norm, group_norm, instance_norm, rms_norm
+    normlab.nn          drop-in modules for torch.nn's norm layers
+"""
+
+from . import core, functional, nn
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "core", "functional", "nn"]

@@ -1,0 +1,53 @@
+"""The composed reference: normalization written as plain torch ops, differentiated by autograd.
+
+It is the slow, obviously-correct twin of :mod:`normlab.core.normalize`: tests compare the
+closed-form backward against it, and the closed-form backward falls back on it when a
+second derivative is asked for (``create_graph=True``), because autograd can
+differentiate these ops as many times as needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .moments import compute_dtype
+
+__all__ = ["reference_normalize"]
+
+
+def reference_normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dims: Sequence[int],
+    eps: float,
+    *,
+    centered: bool = True,
+    mean: torch.Tensor | None = None,
+    rstd: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = weight · (x − μ) / √(σ² + ε) + bias, statistics over ``dims`` unless given.
+
+    With ``rstd`` given, ``mean`` (when centered) and ``rstd`` are treated as constants —
+    eval-mode BatchNorm. Without, they are computed from ``x`` and differentiated
+    through. ``weight``/``bias`` must already broadcast against ``x``. Computed in
+    float32 for float16/bfloat16 input; the result has the input's dtype.
+    """
+    xc = x.to(compute_dtype(x.dtype))
+    dims = tuple(dims)
+    if rstd is None:
+        if centered:
+            mean = xc.mean(dims, keepdim=True)
+            var = (xc - mean).square().mean(dims, keepdim=True)
+        else:
+            var = xc.square().mean(dims, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+    xhat = (xc - mean) * rstd if centered else xc * rstd
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(xc.dtype)
+    if bias is not None:
+        y = y + bias.to(xc.dtype)
+    return y.to(x.dtype)

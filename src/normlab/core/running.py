@@ -1,0 +1,193 @@
+"""Running (population) statistics: the moving-average update and its conventions.
+
+PyTorch convention, used throughout normlab::
+
+    running = (1 − momentum) · running + momentum · batch_statistic
+
+``momentum=None`` in a module means the cumulative average: momentum = 1 / k for the
+k-th batch, so the running value is the plain mean over all batches seen.
+
+The variance stored is *unbiased* by default — batch variance · n / (n − 1) with n the
+elements per statistic — as torch.nn stores it, while normalization during training uses
+the *biased* batch variance. ``unbiased=False`` stores the biased one instead (the
+Keras/Flax choice).
+
+Keras and Flax call the weight of the *old* value "momentum" (default 0.99); that is a
+decay d, and PyTorch's momentum is 1 − d. Use :func:`momentum_from_decay` and
+:func:`from_decay_convention` rather than passing 0.99 where 0.01 is meant.
+
+A batch whose statistics are not finite (NaN/inf from an overflow, a bad sample, a
+diverging step) leaves the running estimates untouched; see :func:`update_running_stats`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal, NamedTuple
+
+import torch
+
+from .checks import check_momentum
+
+__all__ = [
+    "DecayStatistics",
+    "NONFINITE_POLICIES",
+    "NonFiniteStatisticsError",
+    "RunningStatistics",
+    "check_nonfinite_policy",
+    "decay_from_momentum",
+    "from_decay_convention",
+    "momentum_from_decay",
+    "to_decay_convention",
+    "update_running_stats",
+]
+
+NonFinitePolicy = Literal["skip", "raise"]
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """A batch's statistics were NaN or infinite and the policy is ``"raise"``."""
+
+
+def check_nonfinite_policy(policy: object) -> str:
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}"
+        )
+    return policy  # type: ignore[return-value]
+
+
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    count: int,
+    momentum: float | torch.Tensor,
+    *,
+    unbiased: bool = True,
+    on_nonfinite: NonFinitePolicy = "skip",
+) -> torch.Tensor:
+    """Fold one batch's per-channel statistics into the running estimates, in place.
+
+    Args:
+        running_mean, running_var: buffers of shape (C,), updated in place.
+        batch_mean, batch_var: this batch's mean and *biased* variance, shape (C,).
+        count: elements each statistic was computed over (n in n / (n − 1)).
+        momentum: weight of the new batch, a float in [0, 1] or a 0-dim tensor (the
+            cumulative average passes 1 / (batches + 1) as a tensor to avoid a host sync).
+        unbiased: store batch_var · n / (n − 1) (torch.nn's choice) or batch_var.
+        on_nonfinite: ``"skip"`` leaves both buffers untouched when any batch statistic
+            is NaN/inf (with a ``RuntimeWarning`` when the buffers are on the CPU, where
+            checking is free; on accelerators the skip is done without a host sync and
+            without a warning); ``"raise"`` raises :class:`NonFiniteStatisticsError`
+            before anything is written.
+
+    Returns:
+        A 0-dim bool tensor, True when the batch was folded in. Modules add it to
+        ``num_batches_tracked`` so that skipped batches are not counted.
+    """
+    finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+    on_cpu = running_mean.device.type == "cpu"
+    if on_nonfinite == "raise" or on_cpu:
+        ok = bool(finite)  # a host sync; free on the CPU, asked for under "raise"
+        if not ok:
+            if on_nonfinite == "raise":
+                raise NonFiniteStatisticsError(
+                    "batch statistics are not finite (NaN or inf in the input or its "
+                    "variance); the running estimates are unchanged. Pass "
+                    "on_nonfinite='skip' to skip such batches with a warning instead"
+                )
+            warnings.warn(
+                "batch statistics are not finite (NaN or inf in the input or its "
+                "variance); skipped this batch, the running estimates are unchanged",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return finite
+    with torch.no_grad():
+        var = batch_var * (count / (count - 1)) if unbiased and count > 1 else batch_var
+        mean = batch_mean.to(running_mean.dtype)
+        var = var.to(running_var.dtype)
+        new_mean = running_mean * (1 - momentum) + mean * momentum
+        new_var = running_var * (1 - momentum) + var * momentum
+        if on_cpu:
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+        else:
+            # Keep the old values where the batch was not finite, without a host sync.
+            running_mean.copy_(torch.where(finite, new_mean, running_mean))
+            running_var.copy_(torch.where(finite, new_var, running_var))
+    return finite
+
+
+def momentum_from_decay(decay: float) -> float:
+    """Keras/Flax ``momentum`` (a decay d, weight of the old value) → PyTorch momentum 1 − d."""
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise ValueError(f"decay must be a float in [0, 1], got {decay!r}")
+    return 1.0 - float(decay)
+
+
+def decay_from_momentum(momentum: float) -> float:
+    """PyTorch momentum → Keras/Flax decay 1 − momentum."""
+    return 1.0 - check_momentum(momentum, allow_none=False)
+
+
+class RunningStatistics(NamedTuple):
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    momentum: float
+
+
+class DecayStatistics(NamedTuple):
+    moving_mean: torch.Tensor
+    moving_variance: torch.Tensor
+    decay: float
+
+
+def from_decay_convention(
+    moving_mean: torch.Tensor,
+    moving_variance: torch.Tensor,
+    decay: float,
+    *,
+    elements_per_batch: int | None = None,
+) -> RunningStatistics:
+    """Convert Keras/Flax BatchNorm statistics to normlab/torch.nn's convention.
+
+    Keras ``BatchNormalization`` and Flax ``BatchNorm`` keep a moving average of the
+    *biased* batch variance with ``new = decay·old + (1 − decay)·batch``. torch.nn keeps
+    the *unbiased* one with ``momentum = 1 − decay``. Given ``elements_per_batch`` (the n
+    of each batch statistic: batch size × spatial size) the variance is rescaled by
+    n / (n − 1) so that a torch.nn-style layer continues the same average; without it the
+    variance is passed through unchanged (a relative difference of 1/(n − 1)), which is
+    what a layer built with ``unbiased_running_var=False`` expects.
+    """
+    momentum = momentum_from_decay(decay)
+    var = moving_variance
+    if elements_per_batch is not None:
+        if elements_per_batch < 2:
+            raise ValueError(
+                f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}"
+            )
+        var = moving_variance * (elements_per_batch / (elements_per_batch - 1))
+    return RunningStatistics(moving_mean.clone(), var.clone(), momentum)
+
+
+def to_decay_convention(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    *,
+    elements_per_batch: int | None = None,
+) -> DecayStatistics:
+    """Inverse of :func:`from_decay_convention`."""
+    decay = decay_from_momentum(momentum)
+    var = running_var
+    if elements_per_batch is not None:
+        if elements_per_batch < 2:
+            raise ValueError(
+                f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}"
+            )
+        var = running_var * ((elements_per_batch - 1) / elements_per_batch)
+    return DecayStatistics(running_mean.clone(), var.clone(), decay)
