@@ -1,0 +1,11 @@
+"""normlab.functional — the functional API, argument-compatible with ``torch.nn.functional``.
+
+``batch_norm``, ``instance_norm``, ``group_norm``, ``layer_norm``, ``rms_norm`` take the
+same positional arguments and defaults as their torch.nn.functional namesakes; extras are
+keyword-only.
+"""
+
+from .per_sample import group_norm, layer_norm, rms_norm
+from .tracked import batch_norm, instance_norm
+
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]

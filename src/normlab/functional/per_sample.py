@@ -1,0 +1,134 @@
+"""group_norm, layer_norm and rms_norm: statistics from each sample alone, never running.
+
+Argument-compatible with ``torch.nn.functional``. They differ only in the dims reduced:
+GroupNorm splits C into (G, C//G) — a view for every memory layout, so channels_last
+stays channels_last — and reduces (C//G, \\*spatial); LayerNorm and RMSNorm reduce the
+trailing ``normalized_shape``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import (
+    check_eps,
+    check_floating_input,
+    check_param,
+    check_positive_int,
+    compute_dtype,
+    normalize_batch,
+    normalize_shape_arg,
+)
+
+__all__ = ["group_norm", "layer_norm", "rms_norm"]
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    r"""Group normalization of an (N, C, \*spatial) input: one statistic per (sample, group).
+
+    Channels are split into ``num_groups`` contiguous groups of C // num_groups;
+    ``weight`` and ``bias`` are per channel. GroupNorm(1) is LayerNorm over
+    (C, \*spatial) with per-channel affine; GroupNorm(C) is InstanceNorm.
+    """
+    check_floating_input(input)
+    check_positive_int(num_groups, "num_groups")
+    if input.dim() < 2:
+        raise ValueError(
+            f"group_norm expects input of shape (N, C, *spatial), got a {input.dim()}D "
+            f"tensor of shape {tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    if channels % num_groups != 0:
+        raise ValueError(
+            f"group_norm: num_groups={num_groups} must divide the {channels} channels of "
+            f"input dim 1 (input shape {tuple(input.shape)}); divisors of {channels} "
+            f"near it: {_nearby_divisors(channels, num_groups)}"
+        )
+    eps = check_eps(eps)
+    what = f"group_norm over the {channels} channels of input dim 1"
+    check_param(weight, "weight", (channels,), input, what)
+    check_param(bias, "bias", (channels,), input, what)
+
+    per_group = channels // num_groups
+    if per_group * math.prod(input.shape[2:]) == 1:
+        raise ValueError(
+            f"group_norm: each of the {num_groups} groups holds a single value (input "
+            f"shape {tuple(input.shape)}), so its variance is 0 and the output would be "
+            f"the bias whatever the input; use fewer groups or a spatial extent > 1"
+        )
+    grouped = input.unflatten(1, (num_groups, per_group))  # (N, G, C//G, *spatial), a view
+    dims = tuple(range(2, grouped.dim()))
+    affine_shape = (1, num_groups, per_group) + (1,) * (grouped.dim() - 3)
+    w = None if weight is None else weight.view(affine_shape)
+    b = None if bias is None else bias.view(affine_shape)
+    out, _ = normalize_batch(grouped, w, b, dims, eps)  # statistics (N, G, 1, …)
+    return out.flatten(1, 2)
+
+
+def _nearby_divisors(n: int, target: int) -> list[int]:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return sorted(divisors, key=lambda d: (abs(d - target), d))[:3]
+
+
+def _trailing_dims(fn: str, input: torch.Tensor, normalized_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    shape = normalize_shape_arg(normalized_shape)
+    k = len(shape)
+    if input.dim() < k or tuple(input.shape[-k:]) != shape:
+        raise ValueError(
+            f"{fn}: normalized_shape={list(shape)} must equal the trailing dims of the "
+            f"input, got input shape {tuple(input.shape)} (expected (*, "
+            f"{', '.join(map(str, shape))}))"
+        )
+    return shape, tuple(range(input.dim() - k, input.dim()))
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims of each sample.
+
+    ``weight`` and ``bias`` have shape ``normalized_shape`` (elementwise affine).
+    """
+    check_floating_input(input)
+    shape, dims = _trailing_dims("layer_norm", input, normalized_shape)
+    eps = check_eps(eps)
+    what = f"layer_norm over normalized_shape {list(shape)}"
+    check_param(weight, "weight", shape, input, what)
+    check_param(bias, "bias", shape, input, what)
+    lead = (1,) * (input.dim() - len(shape))
+    w = None if weight is None else weight.view(lead + shape)
+    b = None if bias is None else bias.view(lead + shape)
+    return normalize_batch(input, w, b, dims, eps)[0]
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """Root-mean-square normalization: y = x / √(mean(x²) + ε) · weight, no mean subtracted.
+
+    ``eps=None`` uses the machine epsilon of the computation dtype, as torch.nn does:
+    ``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 input, float64's
+    for float64.
+    """
+    check_floating_input(input)
+    shape, dims = _trailing_dims("rms_norm", input, normalized_shape)
+    cdtype = compute_dtype(input.dtype)
+    eps = torch.finfo(cdtype).eps if eps is None else check_eps(eps)
+    check_param(weight, "weight", shape, input, f"rms_norm over normalized_shape {list(shape)}")
+    w = None if weight is None else weight.view((1,) * (input.dim() - len(shape)) + shape)
+    return normalize_batch(input, w, None, dims, eps, centered=False)[0]

@@ -1,0 +1,229 @@
+"""batch_norm and instance_norm: the norms whose statistics can come from running estimates.
+
+Both are argument-compatible with ``torch.nn.functional``; the keyword-only extras
+(``num_batches_tracked``, ``unbiased_running_var``, ``on_nonfinite``) are what the
+modules use to implement the cumulative average and the non-finite guard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import (
+    check_eps,
+    check_floating_input,
+    check_momentum,
+    check_nonfinite_policy,
+    check_param,
+    normalize_batch,
+    normalize_given,
+    reduced_count,
+    update_running_stats,
+)
+
+__all__ = ["batch_norm", "instance_norm"]
+
+
+def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """(C,) → (1, C, 1, …, 1), so it broadcasts against an (N, C, *spatial) input."""
+    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> None:
+    channels = x.shape[1]
+    what = f"{fn} over the {channels} channels of input dim 1"
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
+        check_param(t, name, (channels,), x, what)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{fn}: running_mean and running_var must be given together, got "
+            f"running_mean={'a tensor' if running_mean is not None else None} and "
+            f"running_var={'a tensor' if running_var is not None else None}"
+        )
+
+
+def _momentum_factor(momentum, num_batches_tracked):
+    """The weight of this batch: ``momentum``, or 1/(k+1) for the cumulative average."""
+    if momentum is not None:
+        return momentum
+    # A 0-dim tensor rather than float(num_batches_tracked): no host sync on accelerators.
+    return 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
+
+
+def _normalize_with_running(x, weight, bias, running_mean, running_var, dims, eps):
+    """Normalize with the running estimates as constants (eval mode)."""
+    ndim = x.dim()
+    return normalize_given(
+        x, _channel_view(weight, ndim), _channel_view(bias, ndim),
+        _channel_view(running_mean, ndim), _channel_view(running_var, ndim), dims, eps,
+    )
+
+
+def _fold_into_running(
+    running_mean, running_var, batch_mean, batch_var, count, momentum,
+    num_batches_tracked, unbiased_running_var, on_nonfinite,
+):
+    factor = _momentum_factor(momentum, num_batches_tracked)
+    folded = update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, count, factor,
+        unbiased=unbiased_running_var, on_nonfinite=on_nonfinite,
+    )
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(folded.to(num_batches_tracked.dtype))
+
+
+def _check_update_args(momentum, num_batches_tracked, on_nonfinite):
+    momentum = check_momentum(momentum, allow_none=num_batches_tracked is not None)
+    check_nonfinite_policy(on_nonfinite)
+    return momentum
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    r"""Batch normalization of an (N, C, \*spatial) input, one statistic per channel.
+
+    Same arguments and results as :func:`torch.nn.functional.batch_norm`. In training,
+    normalizes with the batch mean and *biased* batch variance over (N, \*spatial) and,
+    when running estimates are given, updates them in place:
+    ``running = (1 − momentum)·running + momentum·batch`` with the *unbiased* variance
+    (or the biased one with ``unbiased_running_var=False``). With ``training=False``
+    the running estimates are used as constants.
+
+    Keyword-only extras:
+        num_batches_tracked: a long 0-dim counter, incremented by one for each batch
+            folded into the running estimates. With it, ``momentum=None`` selects the
+            cumulative average (momentum 1/k for the k-th batch).
+        on_nonfinite: ``"skip"`` (default) leaves the running estimates untouched when
+            the batch statistics are NaN/inf; ``"raise"`` raises
+            :class:`normlab.core.NonFiniteStatisticsError`. The *output* is computed
+            from the batch statistics either way, so NaN/inf shows in the loss.
+    """
+    check_floating_input(input)
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects input of shape (N, C) or (N, C, *spatial), got a "
+            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    eps = check_eps(eps)
+    _check_channel_tensors("batch_norm", input, weight, bias, running_mean, running_var)
+    dims = (0,) + tuple(range(2, input.dim()))
+    if not training:
+        if running_mean is None:
+            raise ValueError(
+                "batch_norm with training=False normalizes with running_mean and "
+                "running_var, but they are None; pass them, or training=True to use "
+                "batch statistics"
+            )
+        return _normalize_with_running(
+            input, weight, bias, running_mean, running_var, dims, eps
+        )
+
+    count = reduced_count(input.shape, dims)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{list(input.shape)}: the batch variance of a single value is 0. Use a "
+            f"batch of 2 or more, call model.eval() for inference, or use a norm that "
+            f"does not depend on the batch (GroupNorm, LayerNorm)"
+        )
+    track = running_mean is not None
+    if track:
+        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    out, stats = normalize_batch(
+        input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
+        dims, eps,
+    )
+    if track:
+        _fold_into_running(  # stats are (1, C, 1, …)
+            running_mean, running_var, stats.mean.flatten(), stats.var.flatten(), count, momentum,
+            num_batches_tracked, unbiased_running_var, on_nonfinite,
+        )
+    return out
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    r"""Instance normalization of an (N, C, \*spatial) input: one statistic per (sample, channel).
+
+    Same arguments and results as :func:`torch.nn.functional.instance_norm`. With
+    ``use_input_stats`` each (n, c) plane is normalized by its own mean and biased
+    variance; given running estimates are updated with the average over the batch of
+    the per-instance means and *unbiased* variances (as torch.nn does). Without
+    ``use_input_stats`` the running estimates are used as constants.
+
+    Unlike torch.nn, ``momentum=None`` (with ``num_batches_tracked``) is a cumulative
+    average here too; torch.nn's InstanceNorm silently never updates in that case.
+    The keyword-only extras are those of :func:`batch_norm`.
+    """
+    check_floating_input(input)
+    if input.dim() < 3:
+        raise ValueError(
+            f"instance_norm expects input of shape (N, C, *spatial) with at least one "
+            f"spatial dim, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    eps = check_eps(eps)
+    _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
+    dims = tuple(range(2, input.dim()))
+    if not use_input_stats:
+        if running_mean is None:
+            raise ValueError(
+                "instance_norm with use_input_stats=False normalizes with running_mean "
+                "and running_var, but they are None"
+            )
+        return _normalize_with_running(
+            input, weight, bias, running_mean, running_var, dims, eps
+        )
+
+    count = reduced_count(input.shape, dims)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size "
+            f"{list(input.shape)}: each (sample, channel) plane needs 2 or more values"
+        )
+    track = running_mean is not None
+    if track:
+        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    out, stats = normalize_batch(
+        input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
+        dims, eps,
+    )
+    if track:
+        # The running estimate of a channel is the batch average of its instance stats
+        # (N, C, 1, …); every instance has the same count, so unbiasing after averaging
+        # is exact.
+        _fold_into_running(
+            running_mean, running_var, stats.mean.flatten(1).mean(0),
+            stats.var.flatten(1).mean(0),
+            count, momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
+        )
+    return out
