@@ -1,0 +1,49 @@
+"""normlab.nn — modules that are drop-in replacements for torch.nn's norm layers.
+
+Same constructor arguments and defaults, same parameter/buffer names and state-dict
+version, so checkpoints load both ways without loss. They are not subclasses of the
+torch.nn classes: code that selects norm layers by ``isinstance`` (weight-decay filters,
+for example) should use :data:`NORM_LAYERS` or :func:`is_norm_layer`, which cover both.
+"""
+
+from __future__ import annotations
+
+from torch import nn as _torch_nn
+
+from .base import _NormBase
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .groupnorm import GroupNorm
+from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .layernorm import LayerNorm, RMSNorm
+
+#: Every normalization module class, normlab's and torch.nn's.
+NORM_LAYERS: tuple[type, ...] = (
+    _NormBase,
+    GroupNorm,
+    LayerNorm,
+    RMSNorm,
+    _torch_nn.modules.batchnorm._NormBase,
+    _torch_nn.GroupNorm,
+    _torch_nn.LayerNorm,
+    _torch_nn.LocalResponseNorm,
+) + ((_torch_nn.RMSNorm,) if hasattr(_torch_nn, "RMSNorm") else ())
+
+
+def is_norm_layer(module: _torch_nn.Module) -> bool:
+    """True for any normlab or torch.nn normalization layer."""
+    return isinstance(module, NORM_LAYERS)
+
+
+__all__ = [
+    "NORM_LAYERS",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "is_norm_layer",
+]

@@ -1,0 +1,132 @@
+"""BatchNorm1d/2d/3d: one (mean, variance) per channel over the batch and spatial dims."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from .base import _NormBase
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015).
+
+    A drop-in for :class:`torch.nn.{name}`: same constructor arguments and defaults,
+    same parameters and buffers (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``) and the same state-dict version, so
+    checkpoints move between the two without loss.
+
+    .. math::
+
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}} \cdot \gamma + \beta
+
+    Statistics are per channel, over (N{spatial_dims}). In training the layer normalizes
+    with the batch mean and the *biased* batch variance, and updates the running
+    estimates with ``running = (1 − momentum)·running + momentum·batch``, storing the
+    *unbiased* variance (n / (n − 1), n = elements per channel) as torch.nn does. In
+    eval it normalizes with the running estimates. With ``track_running_stats=False``
+    it always uses batch statistics.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        momentum: weight of the new batch in the running estimates, in [0, 1], or
+            ``None`` for the cumulative average over all batches seen. Default 0.1.
+            (Keras/Flax "momentum" 0.99 is a decay: use ``1 - 0.99``.)
+        affine: learn γ (init 1) and β (init 0). Default True.
+        track_running_stats: keep running estimates for eval. Default True.
+        bias: learn β (only with ``affine``). Default True.
+        unbiased_running_var: keyword-only. Store the unbiased batch variance in
+            ``running_var`` (torch.nn's convention) or, if False, the biased one
+            (Keras/Flax's). Default True.
+        on_nonfinite: keyword-only. When a training batch has NaN/inf statistics:
+            ``"skip"`` leaves the running estimates and ``num_batches_tracked``
+            unchanged (warning on CPU); ``"raise"`` raises
+            :class:`normlab.core.NonFiniteStatisticsError`. The output is computed from
+            the batch either way, so the loss shows the problem. Default ``"skip"``.
+
+    Shape:
+        - Input: {input_shapes}
+        - Output: same shape, dtype and memory format as the input.
+
+    Training with one value per channel (N = 1 and no spatial extent) raises
+    ``ValueError``, since its batch variance is 0.
+
+    Example::
+
+        >>> import normlab as nl
+        >>> bn = nl.nn.{name}(16)
+        >>> y = bn(torch.randn({example}))
+"""
+
+
+class _BatchNorm(_NormBase):
+    """Shared forward of BatchNorm1d/2d/3d; subclasses fix the accepted ranks."""
+
+    _ranks: tuple[int, ...] = ()
+    _shape_words = ""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(
+                f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}"
+            )
+        if input.dim() not in self._ranks:
+            raise ValueError(
+                f"{type(self).__name__} expects a {self._shape_words} input, got a "
+                f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
+                f"channels at input dim 1, got {input.shape[1]} (input shape "
+                f"{tuple(input.shape)})"
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        # Batch statistics in training, and in eval when there are no running estimates.
+        use_batch_stats = self.training or self.running_mean is None
+        # Running estimates are only touched when tracked (training) or used (eval).
+        pass_running = not self.training or self.track_running_stats
+        updating = self.training and self.track_running_stats
+        extras = self._update_kwargs() if updating else {}
+        return F.batch_norm(
+            input,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            **extras,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    _ranks = (2, 3)
+    _shape_words = "2D (N, C) or 3D (N, C, L)"
+    __doc__ = _DOC.format(
+        name="BatchNorm1d", shape_words=_shape_words, spatial_dims="[, L]",
+        input_shapes="(N, C) or (N, C, L)", example="8, 16, 10",
+    )
+
+
+class BatchNorm2d(_BatchNorm):
+    _ranks = (4,)
+    _shape_words = "4D (N, C, H, W)"
+    __doc__ = _DOC.format(
+        name="BatchNorm2d", shape_words=_shape_words, spatial_dims=", H, W",
+        input_shapes="(N, C, H, W), contiguous or channels_last", example="8, 16, 5, 5",
+    )
+
+
+class BatchNorm3d(_BatchNorm):
+    _ranks = (5,)
+    _shape_words = "5D (N, C, D, H, W)"
+    __doc__ = _DOC.format(
+        name="BatchNorm3d", shape_words=_shape_words, spatial_dims=", D, H, W",
+        input_shapes="(N, C, D, H, W), contiguous or channels_last_3d",
+        example="4, 16, 3, 5, 5",
+    )

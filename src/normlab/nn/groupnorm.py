@@ -1,0 +1,99 @@
+"""GroupNorm: one (mean, variance) per (sample, group of channels)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..core import check_eps, check_positive_int
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.Module):
+    r"""Group normalization (Wu & He, 2018) over an (N, C, \*spatial) input.
+
+    A drop-in for :class:`torch.nn.GroupNorm`: same constructor arguments, defaults,
+    parameters and state-dict keys.
+
+    The C channels are split into ``num_groups`` contiguous groups; each (sample, group)
+    is normalized by its own mean and biased variance over (C // G, \*spatial), then
+    scaled and shifted per channel. Nothing depends on the batch, so training and eval
+    give the same result and any batch size (including 1) works. GroupNorm(1, C) is
+    LayerNorm over (C, \*spatial) with per-channel affine; GroupNorm(C, C) is
+    InstanceNorm with affine.
+
+    Args:
+        num_groups: G; must divide ``num_channels``.
+        num_channels: C.
+        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        affine: learn per-channel γ (init 1) and β (init 0). Default True.
+        bias: keyword-only; learn β (only with ``affine``). Default True.
+
+    Shape:
+        - Input: (N, C, \*), any memory format; channels_last stays channels_last.
+        - Output: same shape as the input.
+
+    Example::
+
+        >>> gn = normlab.nn.GroupNorm(8, 64)
+        >>> y = gn(torch.randn(2, 64, 7, 7))
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        check_positive_int(num_groups, "num_groups")
+        check_positive_int(num_channels, "num_channels")
+        if num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_channels ({num_channels}) must be divisible by num_groups "
+                f"({num_groups})"
+            )
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = check_eps(eps)
+        self.affine = bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.Tensor) and input.dim() >= 2:
+            if input.shape[1] != self.num_channels:
+                raise ValueError(
+                    f"GroupNorm({self.num_groups}, {self.num_channels}) expects "
+                    f"{self.num_channels} channels at input dim 1, got {input.shape[1]} "
+                    f"(input shape {tuple(input.shape)})"
+                )
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+            f"affine={self.affine}, bias={self.bias is not None}"
+        )

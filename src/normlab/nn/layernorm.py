@@ -1,0 +1,135 @@
+"""LayerNorm and RMSNorm: statistics over the trailing ``normalized_shape`` of each sample."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..core import check_eps, normalize_shape_arg
+
+__all__ = ["LayerNorm", "RMSNorm"]
+
+
+class LayerNorm(nn.Module):
+    r"""Layer normalization (Ba et al., 2016) over the trailing ``normalized_shape`` dims.
+
+    A drop-in for :class:`torch.nn.LayerNorm`: same constructor arguments, defaults,
+    parameters and state-dict keys.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Mean and biased variance are taken over the last ``len(normalized_shape)`` dims of
+    each sample; γ and β are elementwise, of shape ``normalized_shape``. Training and
+    eval behave the same.
+
+    Args:
+        normalized_shape: int or sequence of ints, the trailing dims to normalize.
+        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        elementwise_affine: learn γ (init 1) and β (init 0). Default True.
+        bias: learn β (only with ``elementwise_affine``). Default True.
+
+    Shape:
+        - Input: (\*, \*normalized_shape).
+        - Output: same shape as the input.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.normalized_shape = normalize_shape_arg(normalized_shape)
+        self.eps = check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+        )
+
+
+class RMSNorm(nn.Module):
+    r"""Root-mean-square normalization (Zhang & Sennrich, 2019) over ``normalized_shape``.
+
+    A drop-in for :class:`torch.nn.RMSNorm`: same constructor arguments, defaults,
+    parameters and state-dict keys.
+
+    .. math::
+
+        y = \frac{x}{\sqrt{\mathrm{E}[x^2] + \epsilon}} \cdot \gamma
+
+    No mean is subtracted and there is no β.
+
+    Args:
+        normalized_shape: int or sequence of ints, the trailing dims to normalize.
+        eps: added to the mean square; ``None`` (default) uses the machine epsilon of
+            the computation dtype (float32's for float16/bfloat16/float32 input,
+            float64's for float64), as torch.nn does.
+        elementwise_affine: learn γ (init 1). Default True.
+
+    Shape:
+        - Input: (\*, \*normalized_shape).
+        - Output: same shape as the input.
+    """
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = normalize_shape_arg(normalized_shape)
+        self.eps = None if eps is None else check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        if self.elementwise_affine:
+            self.weight = nn.Parameter(
+                torch.empty(self.normalized_shape, device=device, dtype=dtype)
+            )
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, "
+            f"elementwise_affine={self.elementwise_affine}"
+        )
