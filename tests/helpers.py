@@ -1,0 +1,78 @@
+"""Shared test utilities: layouts, module pairs (torch.nn ↔ normlab), comparisons."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import normlab as nl
+
+LAYOUTS = ("contiguous", "channels_last", "noncontiguous")
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``x`` in another memory layout."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        if x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 5:
+            return x.contiguous(memory_format=torch.channels_last_3d)
+        # No named format below 4D: put channels innermost by hand.
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "noncontiguous":
+        # Every other element of a twice-as-long last dim: strided, not a permutation.
+        wide = torch.repeat_interleave(x, 2, dim=-1)
+        view = wide[..., ::2]
+        assert not view.is_contiguous() or x.shape[-1] == 1
+        return view
+    raise ValueError(layout)
+
+
+def copy_into(dst: nn.Module, src: nn.Module) -> nn.Module:
+    dst.load_state_dict(src.state_dict())
+    return dst
+
+
+def randomize_affine(module: nn.Module) -> nn.Module:
+    """Non-trivial γ/β so that gradient and output checks exercise them."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name == "weight" else 0.0))
+    return module
+
+
+def pair(torch_cls_name: str, *args, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """A torch.nn layer and its normlab twin holding identical state."""
+    reference = randomize_affine(getattr(nn, torch_cls_name)(*args, **kwargs))
+    ours = getattr(nl.nn, torch_cls_name)(*args, **kwargs)
+    copy_into(ours, reference)
+    return reference, ours
+
+
+def run_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """Forward + backward; returns (output, input grad, {param name: grad})."""
+    for p in module.parameters():
+        p.grad = None
+    xi = x.detach().clone().requires_grad_(True) if x.is_contiguous() else _same_strides(x)
+    y = module(xi)
+    y.backward(grad)
+    params = {n: p.grad.clone() for n, p in module.named_parameters()}
+    return y.detach(), xi.grad, params
+
+
+def _same_strides(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    out.copy_(x)
+    return out.requires_grad_(True)
+
+
+def assert_close(actual, expected, *, rtol, atol, what=""):
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module)
