@@ -82,8 +82,10 @@ def _scale_is_small(rstd: torch.Tensor, weight: torch.Tensor | None, x: torch.Te
     For BatchNorm/InstanceNorm/GroupNorm the product is (N, C)-sized at most; for
     LayerNorm (per-row r, per-column γ) it would be as large as x itself.
     """
-    shape = rstd.shape if weight is None else torch.broadcast_shapes(rstd.shape, weight.shape)
-    return math.prod(shape) < x.numel()
+    if weight is None:
+        return rstd.numel() < x.numel()
+    # Same number of dims by contract, so the broadcast size is the elementwise max.
+    return math.prod(map(max, rstd.shape, weight.shape)) < x.numel()
 
 
 def normalize_forward(
