@@ -193,3 +193,42 @@ def test_group_norm_channels_last_3d_keeps_layout():
     gn = nl.nn.GroupNorm(2, 4)
     x = torch.randn(2, 4, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d)
     assert gn(x).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+# --- float64 gradcheck through every module, train and eval --------------------------------
+
+MODULE_GRADCHECK = {
+    "BatchNorm1d": (lambda: nl.nn.BatchNorm1d(3), (4, 3, 5)),
+    "BatchNorm2d": (lambda: nl.nn.BatchNorm2d(3), (3, 3, 2, 3)),
+    "BatchNorm3d": (lambda: nl.nn.BatchNorm3d(3), (2, 3, 2, 2, 2)),
+    "InstanceNorm1d": (lambda: nl.nn.InstanceNorm1d(3, affine=True, track_running_stats=True), (2, 3, 5)),
+    "InstanceNorm2d": (lambda: nl.nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (2, 3, 2, 3)),
+    "InstanceNorm3d": (lambda: nl.nn.InstanceNorm3d(3, affine=True, track_running_stats=True), (2, 3, 2, 2, 2)),
+    "GroupNorm": (lambda: nl.nn.GroupNorm(3, 6), (2, 6, 2, 3)),
+    "LayerNorm": (lambda: nl.nn.LayerNorm((2, 3)), (4, 2, 3)),
+    "RMSNorm": (lambda: nl.nn.RMSNorm((2, 3)), (4, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", sorted(MODULE_GRADCHECK))
+def test_module_gradcheck_float64(name, mode):
+    factory, shape = MODULE_GRADCHECK[name]
+    module = factory().double()
+    with torch.no_grad():
+        for buf_name, buf in module.named_buffers():
+            if buf_name == "running_mean":
+                buf.copy_(torch.randn_like(buf))
+            elif buf_name == "running_var":
+                buf.copy_(torch.rand_like(buf) + 0.5)
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    getattr(module, mode)()
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in module.named_parameters()]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        return torch.func.functional_call(module, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
