@@ -11,7 +11,11 @@ from __future__ import annotations
 from torch import nn as _torch_nn
 
 from .base import _NormBase
+from .frozen import _FrozenBatchNorm
+from .base import FreezableNorm
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
@@ -19,6 +23,7 @@ from .layernorm import LayerNorm, RMSNorm
 #: Every normalization module class, normlab's and torch.nn's.
 NORM_LAYERS: tuple[type, ...] = (
     _NormBase,
+    _FrozenBatchNorm,
     GroupNorm,
     LayerNorm,
     RMSNorm,
@@ -39,11 +44,19 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FreezableNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "RenormSchedule",
     "is_norm_layer",
 ]

@@ -13,10 +13,70 @@ from torch import nn
 
 from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 
-__all__ = ["_NormBase"]
+__all__ = ["FreezableNorm", "_NormBase", "check_channel_input"]
 
 
-class _NormBase(nn.Module):
+def check_channel_input(
+    module: nn.Module, input: object, ranks: tuple[int, ...], shape_words: str
+) -> None:
+    """An (N, C, *spatial) input of an accepted rank with ``module.num_features`` channels."""
+    name = type(module).__name__
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in ranks:
+        raise ValueError(
+            f"{name} expects a {shape_words} input, got a {input.dim()}D tensor of shape "
+            f"{tuple(input.shape)}"
+        )
+    if input.shape[1] != module.num_features:
+        raise ValueError(
+            f"{name}({module.num_features}) expects {module.num_features} channels at "
+            f"input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+        )
+
+
+class FreezableNorm:
+    """The ``frozen`` flag every normlab norm layer carries.
+
+    A frozen layer that keeps running estimates normalizes with them and never updates
+    them — in ``train()`` mode too, which is what makes the freeze survive
+    ``model.train()`` (the flag is read in ``forward``; ``train``/``eval`` never touch
+    it). ``freeze(affine=True)`` also stops γ and β from requiring gradients. Layers
+    whose statistics come from each sample (GroupNorm, LayerNorm, RMSNorm, or
+    ``track_running_stats=False``) have no statistics to freeze; for them the flag
+    freezes the affine parameters only.
+
+    The flag is not part of ``state_dict`` (the keys stay torch.nn's); record it with
+    the checkpoint if it matters, or use :class:`normlab.nn.FrozenBatchNorm2d`.
+    """
+
+    frozen: bool = False
+
+    def freeze(self, affine: bool = True):
+        """Freeze the statistics (and γ/β when ``affine``); returns self."""
+        if not self.frozen:
+            self._requires_grad_before_freeze = {
+                name: p.requires_grad for name, p in self.named_parameters(recurse=False)
+            }
+        self.frozen = True
+        self.frozen_affine = bool(affine)
+        for p in self.parameters(recurse=False):
+            if affine:
+                p.requires_grad_(False)
+        return self
+
+    def unfreeze(self):
+        """Undo :meth:`freeze`, restoring each parameter's ``requires_grad``; returns self."""
+        before = getattr(self, "_requires_grad_before_freeze", {})
+        for name, p in self.named_parameters(recurse=False):
+            p.requires_grad_(before.get(name, p.requires_grad))
+        self.frozen = False
+        self.frozen_affine = False
+        self._requires_grad_before_freeze = {}
+        return self
+
+
+class _NormBase(FreezableNorm, nn.Module):
     """Common base of normlab's BatchNorm and InstanceNorm layers."""
 
     # Version 2 added num_batches_tracked; the same numbering as torch.nn, so checkpoint
@@ -85,6 +145,12 @@ class _NormBase(nn.Module):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         raise NotImplementedError
 
+    @property
+    def _uses_batch_stats(self) -> bool:
+        """Normalize with this batch: in training unless frozen, and whenever there
+        are no running estimates to use."""
+        return (self.training and not self.frozen) or self.running_mean is None
+
     def _update_kwargs(self) -> dict:
         """Keyword-only extras passed to the functional when running stats are updated."""
         return {
@@ -103,6 +169,8 @@ class _NormBase(nn.Module):
             text += ", unbiased_running_var=False"
         if self.on_nonfinite != "skip":
             text += f", on_nonfinite={self.on_nonfinite!r}"
+        if self.frozen:
+            text += ", frozen=True"
         return text
 
     def _load_from_state_dict(

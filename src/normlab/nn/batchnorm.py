@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
-from .base import _NormBase
+from .base import _NormBase, check_channel_input
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -67,29 +67,14 @@ class _BatchNorm(_NormBase):
     _shape_words = ""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(
-                f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}"
-            )
-        if input.dim() not in self._ranks:
-            raise ValueError(
-                f"{type(self).__name__} expects a {self._shape_words} input, got a "
-                f"{input.dim()}D tensor of shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expects {self.num_features} "
-                f"channels at input dim 1, got {input.shape[1]} (input shape "
-                f"{tuple(input.shape)})"
-            )
+        check_channel_input(self, input, self._ranks, self._shape_words)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        # Batch statistics in training, and in eval when there are no running estimates.
-        use_batch_stats = self.training or self.running_mean is None
-        # Running estimates are only touched when tracked (training) or used (eval).
-        pass_running = not self.training or self.track_running_stats
-        updating = self.training and self.track_running_stats
+        use_batch_stats = self._uses_batch_stats
+        # Running estimates are only touched when tracked (training) or used (eval, frozen).
+        pass_running = not use_batch_stats or self.track_running_stats
+        updating = use_batch_stats and self.training and self.track_running_stats
         extras = self._update_kwargs() if updating else {}
         return F.batch_norm(
             input,

@@ -7,11 +7,12 @@ from torch import nn
 
 from .. import functional as F
 from ..core import check_eps, check_positive_int
+from .base import FreezableNorm
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(FreezableNorm, nn.Module):
     r"""Group normalization (Wu & He, 2018) over an (N, C, \*spatial) input.
 
     A drop-in for :class:`torch.nn.GroupNorm`: same constructor arguments, defaults,

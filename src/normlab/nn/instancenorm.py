@@ -107,7 +107,7 @@ class _InstanceNorm(_NormBase):
         return self._apply_instance_norm(input)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
-        use_input_stats = self.training or not self.track_running_stats
+        use_input_stats = (self.training and not self.frozen) or not self.track_running_stats
         updating = use_input_stats and self.running_mean is not None
         extras = self._update_kwargs() if updating else {}
         return F.instance_norm(

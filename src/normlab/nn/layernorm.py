@@ -7,11 +7,12 @@ from torch import nn
 
 from .. import functional as F
 from ..core import check_eps, normalize_shape_arg
+from .base import FreezableNorm
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(FreezableNorm, nn.Module):
     r"""Layer normalization (Ba et al., 2016) over the trailing ``normalized_shape`` dims.
 
     A drop-in for :class:`torch.nn.LayerNorm`: same constructor arguments, defaults,
@@ -77,7 +78,7 @@ class LayerNorm(nn.Module):
         )
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(FreezableNorm, nn.Module):
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019) over ``normalized_shape``.
 
     A drop-in for :class:`torch.nn.RMSNorm`: same constructor arguments, defaults,

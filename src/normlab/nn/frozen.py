@@ -1,0 +1,82 @@
+"""FrozenBatchNorm1d/2d/3d: BatchNorm reduced to the fixed affine map it computes in eval."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..core import check_eps, check_positive_int
+from .base import check_channel_input
+
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+
+class _FrozenBatchNorm(nn.Module):
+    r"""BatchNorm with fixed statistics and fixed affine parameters (detectron2/torchvision).
+
+    .. math:: y = \frac{x - \text{running\_mean}}{\sqrt{\text{running\_var} + \epsilon}}
+              \cdot \text{weight} + \text{bias}
+
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are *buffers*: nothing here
+    is trained and nothing changes in ``train()`` mode; the input still receives
+    gradients. Defaults make the layer an exact identity (``running_var = 1 − eps``, so
+    ``running_var + eps = 1``), and a checkpoint that holds only ``weight`` and
+    ``bias`` (backbones converted from Caffe2) loads with identity statistics, so the
+    layer computes ``weight·x + bias``. A BatchNorm checkpoint loads directly; its
+    ``num_batches_tracked`` is dropped.
+    """
+
+    _ranks: tuple[int, ...] = ()
+    _shape_words = ""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = check_positive_int(num_features, "num_features")
+        self.eps = check_eps(eps)
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory) - eps)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_channel_input(self, input, self._ranks, self._shape_words)
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            training=False, eps=self.eps,
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        for name in ("running_mean", "running_var"):
+            # Missing statistics (Caffe2-converted backbones): keep the identity ones.
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            error_msgs,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Input: (N, C) or (N, C, L).\n"
+    _ranks = (2, 3)
+    _shape_words = "2D (N, C) or 3D (N, C, L)"
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Input: (N, C, H, W).\n"
+    _ranks = (4,)
+    _shape_words = "4D (N, C, H, W)"
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Input: (N, C, D, H, W).\n"
+    _ranks = (5,)
+    _shape_words = "5D (N, C, D, H, W)"
