@@ -10,18 +10,21 @@ from __future__ import annotations
 import torch
 
 from ..core import (
+    NormStats,
+    centered_moments,
     check_eps,
     check_floating_input,
     check_momentum,
     check_nonfinite_policy,
     check_param,
+    normalize,
     normalize_batch,
     normalize_given,
     reduced_count,
     update_running_stats,
 )
 
-__all__ = ["batch_norm", "instance_norm"]
+__all__ = ["batch_norm", "batch_renorm", "instance_norm"]
 
 
 def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -226,4 +229,86 @@ def instance_norm(
             stats.var.flatten(1).mean(0),
             count, momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
         )
+    return out
+
+
+def batch_renorm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    r"""Batch Renormalization (Ioffe, 2017) of an (N, C, \*spatial) input.
+
+    In training, with the batch's μ_B, σ_B = √(σ²_B + ε) and the running μ, σ = √(var + ε):
+
+        r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)
+        y = γ·((x − μ_B)/σ_B · r + d) + β
+
+    with r and d treated as constants in backward. The output then depends on the batch
+    only through a correction that the running statistics bound, so small or
+    non-i.i.d. batches train as in eval. r_max = 1, d_max = 0 is plain BatchNorm. In
+    eval (``training=False``) it is BatchNorm with the running estimates. The running
+    estimates are required and are updated as :func:`batch_norm` updates them.
+    """
+    check_floating_input(input)
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_renorm expects input of shape (N, C) or (N, C, *spatial), got a "
+            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    eps = check_eps(eps)
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_renorm needs running_mean and running_var: r and d measure the batch "
+            "against them"
+        )
+    _check_channel_tensors("batch_renorm", input, weight, bias, running_mean, running_var)
+    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1:
+        raise ValueError(f"r_max must be a number >= 1 (1 is plain BatchNorm), got {r_max!r}")
+    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0:
+        raise ValueError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
+    dims = (0,) + tuple(range(2, input.dim()))
+    ndim = input.dim()
+    if not training:
+        return _normalize_with_running(input, weight, bias, running_mean, running_var, dims, eps)
+
+    count = reduced_count(input.shape, dims)
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size "
+            f"{list(input.shape)}"
+        )
+    momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    with torch.no_grad():
+        moments = centered_moments(input, dims)  # (1, C, 1, …)
+        cdtype = moments.var.dtype
+        batch_std = torch.sqrt(moments.var + eps)
+        running_std = torch.sqrt(_channel_view(running_var, ndim).to(cdtype) + eps)
+        running_mu = _channel_view(running_mean, ndim).to(cdtype)
+        r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
+        d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
+    # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
+    w = _channel_view(weight, ndim)
+    b = _channel_view(bias, ndim)
+    w_eff = r if w is None else w * r
+    b_eff = d if w is None else w * d
+    if b is not None:
+        b_eff = b_eff + b
+    stats = NormStats(moments.shift, moments.offset, torch.rsqrt(moments.var + eps))
+    out = normalize(input, w_eff, b_eff, stats, dims, eps, batch_stats=True)
+    _fold_into_running(
+        running_mean, running_var, moments.mean.flatten(), moments.var.flatten(), count,
+        momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
+    )
     return out
