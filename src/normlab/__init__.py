@@ -6,10 +6,11 @@ Layers, from the bottom up (imports only go down this list)::
     normlab.core        grouped moments, normalize + closed-form backward, running stats
     normlab.functional  batch_norm, layer_norm, group_norm, instance_norm, rms_norm
     normlab.nn          drop-in modules for torch.nn's norm layers
+    normlab.surgery     fold, freeze, convert, precise BN, torch.nn interop
 """
 
-from . import core, functional, nn
+from . import core, functional, nn, surgery
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "core", "functional", "nn"]
+__all__ = ["__version__", "core", "functional", "nn", "surgery"]

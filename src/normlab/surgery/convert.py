@@ -1,0 +1,184 @@
+"""Convert channel norm layers between kinds: batch, group, layer, instance, frozen, batch-renorm.
+
+The typical use is BatchNorm → GroupNorm for training at small batch sizes (Wu & He,
+2018), or BatchNorm → FrozenBatchNorm for fine-tuning a detector backbone. γ and β move
+with the layer; running statistics move where the target keeps them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as nln
+from .modules import (
+    NormInfo,
+    call_model,
+    class_label,
+    copy_model,
+    describe_norm,
+    eval_max_abs_diff,
+    module_factory_kwargs,
+    replace_module,
+)
+from .report import SurgeryReport, SurgeryResult
+
+__all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
+
+TARGETS = ("batch", "group", "layer", "instance", "frozen", "batch_renorm")
+
+_BY_DIMS = {
+    "batch": (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d),
+    "instance": (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d),
+    "frozen": (nln.FrozenBatchNorm1d, nln.FrozenBatchNorm2d, nln.FrozenBatchNorm3d),
+    "batch_renorm": (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d),
+}
+
+
+def auto_groups(channels: int, max_groups: int = 32) -> int:
+    """The largest group count ≤ ``max_groups`` that divides ``channels``."""
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+
+
+def build_norm(kind: str, info: NormInfo, *, dims: int | None, groups: int | None,
+               factory: dict) -> nn.Module:
+    """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``."""
+    affine = info.weight is not None
+    bias = info.bias is not None
+    if kind in ("group", "layer"):
+        return nln.GroupNorm(groups if kind == "group" else 1, info.channels, eps=info.eps,
+                             affine=affine, bias=bias if affine else True, **factory)
+    cls = _BY_DIMS[kind][dims - 1]
+    if kind == "frozen":
+        return cls(info.channels, eps=info.eps, **factory)
+    if kind == "instance":
+        return cls(info.channels, eps=info.eps, affine=affine, bias=bias if affine else True, **factory)
+    momentum = info.momentum if info.kind in ("batch", "batch_renorm", "instance") else 0.1
+    kwargs = dict(eps=info.eps, momentum=momentum, affine=affine, bias=bias if affine else True, **factory)
+    return cls(info.channels, **kwargs)
+
+
+def _transfer(info: NormInfo, target: nn.Module) -> str:
+    """Copy γ/β and, where both keep them, running statistics; say what happened to them."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            source, dest = getattr(info, name), getattr(target, name, None)
+            if source is not None and dest is not None:
+                dest.copy_(source.detach())
+        has_stats = info.running_mean is not None
+        keeps_stats = getattr(target, "running_mean", None) is not None
+        if has_stats and keeps_stats:
+            target.running_mean.copy_(info.running_mean)
+            target.running_var.copy_(info.running_var)
+            if info.num_batches_tracked is not None and getattr(target, "num_batches_tracked", None) is not None:
+                target.num_batches_tracked.copy_(info.num_batches_tracked)
+            return "copied"
+    if has_stats:
+        return "dropped (the target keeps none)"
+    if keeps_stats:
+        return "fresh (mean 0, var 1): run precise_bn or train before eval"
+    return "none"
+
+
+def _input_ranks(model: nn.Module, example_input) -> dict[str, int]:
+    """Rank of each channel norm layer's input on one eval forward of ``example_input``."""
+    ranks: dict[str, int] = {}
+
+    def record(path):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                ranks.setdefault(path, args[0].dim())
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(path))
+               for path, m in model.named_modules() if describe_norm(m) is not None]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            call_model(model, example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def convert_norms(
+    model: nn.Module,
+    to: str,
+    *,
+    groups: int | str = "auto",
+    max_groups: int = 32,
+    example_input=None,
+) -> SurgeryResult:
+    """Replace every channel norm layer of ``model`` with one of kind ``to``.
+
+    Args:
+        to: ``"batch"``, ``"group"``, ``"layer"`` (GroupNorm with one group, i.e. LayerNorm
+            over (C, \\*spatial) with per-channel affine), ``"instance"``, ``"frozen"``
+            (FrozenBatchNorm) or ``"batch_renorm"``.
+        groups: for ``"group"``: an int that must divide each layer's channels, or
+            ``"auto"`` — per layer, the largest divisor of its channels ≤ ``max_groups``.
+        example_input: needed only to learn the spatial rank of layers whose class does
+            not say it (GroupNorm, SyncBatchNorm) when the target is rank-specific.
+
+    Sources are normlab's and torch.nn's BatchNorm, SyncBatchNorm, InstanceNorm,
+    GroupNorm, FrozenBatchNorm and BatchRenorm; LayerNorm and RMSNorm over trailing
+    dims are not channel norms and are left alone. Layers already of kind ``to`` are
+    left alone. Every replacement is recorded with what happened to its statistics.
+    """
+    if to not in TARGETS:
+        raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
+    if groups != "auto" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+        raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
+    new = copy_model(model)
+    report = SurgeryReport(f"convert_norms(to={to!r})")
+    ranks = _input_ranks(new, example_input) if example_input is not None else {}
+    for path, module in list(new.named_modules()):
+        info = describe_norm(module)
+        if info is None:
+            continue
+        if info.kind == to:
+            report.skip(path, f"already a {to} norm ({class_label(module)}); "
+                              f"from_torch/to_torch switch libraries")
+            continue
+        dims = info.dims if info.dims is not None else (ranks[path] - 2 if path in ranks else None)
+        if to not in ("group", "layer") and dims is None:
+            report.skip(path, f"{class_label(module)} does not say its spatial rank; pass "
+                              f"example_input so a {to} layer of the right rank can be built")
+            continue
+        if dims is not None and not 1 <= dims <= 3:
+            report.skip(path, f"{dims} spatial dims: no {to} layer for that rank")
+            continue
+        n_groups = None
+        if to == "group":
+            if groups == "auto":
+                n_groups = auto_groups(info.channels, max_groups)
+            elif info.channels % groups:
+                report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
+                continue
+            else:
+                n_groups = groups
+        target = build_norm(to, info, dims=dims, groups=n_groups, factory=module_factory_kwargs(module))
+        statistics = _transfer(info, target)
+        target.train(module.training)
+        new = replace_module(new, path, target)
+        detail = {"statistics": statistics}
+        if n_groups is not None:
+            detail["groups"] = n_groups
+        report.changed(path, "replaced", class_label(module), class_label(target), **detail)
+    all_copied = all(c.detail.get("statistics") == "copied" for c in report.changes)
+    if to in ("group", "layer", "instance"):
+        report.check = "not compared: the new layers compute different statistics"
+    elif not all_copied:
+        report.check = "not compared: some layers start with fresh statistics"
+    elif example_input is None:
+        report.check = "no example_input, not compared"
+    else:
+        # In eval mode a BatchNorm with copied statistics is the same affine map as before.
+        report.max_abs_diff = eval_max_abs_diff(model, new, example_input)
+        report.check = "eval-mode outputs compared on example_input"
+    return SurgeryResult(new, report)

@@ -1,0 +1,163 @@
+"""Fold eval-mode BatchNorm into the convolution or linear layer that produces its input.
+
+Eval-mode BatchNorm is the per-channel affine map y = a·z + b with
+
+    a = γ / √(running_var + ε),     b = β − a·running_mean
+
+and z = W∗x + c is itself affine in x, so a·z + b = (a·W)∗x + (a·c + b): scale the
+producer's output channels by a, give it the bias a·c + b (it gets one if it had none),
+and the BatchNorm disappears. The arithmetic is done in float64 and cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import class_label, copy_model, describe_norm, eval_max_abs_diff, replace_module
+from .report import SurgeryReport, SurgeryResult
+from .tracing import find_pairs
+
+__all__ = ["bn_affine", "fold_batchnorm", "fold_into"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _is_producer(m: nn.Module) -> bool:
+    return isinstance(m, _CONV + _CONV_T + (nn.Linear,))
+
+
+def _foldable_reason(m: nn.Module) -> str | None:
+    """None when ``m`` is an eval-mode affine map with known statistics, else why not."""
+    info = describe_norm(m)
+    if info is None or info.kind not in ("batch", "batch_renorm", "frozen"):
+        return "not a BatchNorm"
+    if info.running_mean is None or info.running_var is None:
+        return "track_running_stats=False: it normalizes with batch statistics even in eval"
+    return None
+
+
+def _is_consumer(m: nn.Module) -> bool:
+    info = describe_norm(m)
+    return info is not None and info.kind in ("batch", "batch_renorm", "frozen")
+
+
+def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of a BatchNorm's eval-mode map y = a·x + b, per channel, in float64."""
+    info = describe_norm(bn)
+    var = info.running_var.detach().double()
+    mean = info.running_mean.detach().double()
+    a = torch.rsqrt(var + info.eps)
+    if info.weight is not None:
+        a = a * info.weight.detach().double()
+    b = -a * mean
+    if info.bias is not None:
+        b = b + info.bias.detach().double()
+    return a, b
+
+
+def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Make ``producer`` compute a·producer(x) + b per output channel, in place."""
+    weight = producer.weight
+    w = weight.detach().double()
+    if isinstance(producer, nn.Linear):
+        out_channels = producer.out_features
+        w = w * a[:, None]
+    elif isinstance(producer, _CONV):
+        out_channels = producer.out_channels
+        w = w * a.view(-1, *([1] * (w.dim() - 1)))
+    elif isinstance(producer, _CONV_T):
+        # weight is (C_in, C_out / groups, *k): output channel g·(C_out/G) + j lives at
+        # [g·(C_in/G) : (g+1)·(C_in/G), j].
+        out_channels = producer.out_channels
+        g = producer.groups
+        grouped = w.view(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        scale = a.view(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        w = (grouped * scale).view_as(w)
+    else:  # pragma: no cover - guarded by _is_producer
+        raise TypeError(f"cannot fold into {type(producer).__name__}")
+    if a.numel() != out_channels:
+        raise ValueError(
+            f"BatchNorm has {a.numel()} channels but {type(producer).__name__} produces "
+            f"{out_channels}"
+        )
+    old_bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros_like(a)
+    new_bias = a * old_bias + b
+    with torch.no_grad():
+        weight.copy_(w.to(weight.dtype))
+    if producer.bias is None:
+        producer.bias = nn.Parameter(new_bias.to(device=weight.device, dtype=weight.dtype))
+    else:
+        with torch.no_grad():
+            producer.bias.copy_(new_bias.to(producer.bias.dtype))
+
+
+def _replacement_for(bn: nn.Module) -> nn.Module:
+    """What stays where the BatchNorm was: nothing, or a fused layer's activation."""
+    activation = getattr(bn, "activation", None)
+    return activation if isinstance(activation, nn.Module) else nn.Identity()
+
+
+def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:
+    """Return an eval-mode copy of ``model`` with every foldable BatchNorm folded away.
+
+    Producer → BatchNorm pairs are found by tracing (``torch.fx``, or one forward on
+    ``example_input`` when fx cannot trace). A pair is folded only when the producer
+    (Conv1d/2d/3d — grouped and depthwise too — ConvTranspose1d/2d/3d, or Linear) feeds
+    nothing but the BatchNorm and both run once per forward; BatchNorm means normlab's or
+    torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm, BatchRenorm and FrozenBatchNorm. Every
+    other BatchNorm stays and is listed in ``report.skipped`` with the reason. A fused
+    norm + activation layer leaves its activation behind.
+
+    With ``example_input`` the folded model is checked against the original (both in
+    eval) and ``report.max_abs_diff`` says how far apart they are.
+    """
+    folded = copy_model(model).eval()
+    report = SurgeryReport("fold_batchnorm")
+    search = find_pairs(folded, _is_producer, _is_consumer, example_input)
+    report.check = f"pairs found by {search.method}"
+    modules = dict(folded.named_modules())
+    for consumer, reason in search.skipped:
+        report.skip(consumer, reason)
+    unverified_linear = []
+    for producer_path, bn_path in search.pairs:
+        producer, bn = modules[producer_path], modules[bn_path]
+        reason = _foldable_reason(bn)
+        if reason is not None:
+            report.skip(bn_path, reason)
+            continue
+        if isinstance(producer, nn.Linear):
+            rank = search.output_ndim.get(producer_path)
+            if rank is not None and rank != 2:
+                report.skip(bn_path, f"{producer_path} outputs a {rank}D tensor: BatchNorm1d then "
+                                     f"normalizes dim 1, not the Linear's features")
+                continue
+            if rank is None:
+                unverified_linear.append(producer_path)
+        a, b = bn_affine(bn)
+        if a.numel() != _out_channels(producer):
+            report.skip(bn_path, f"{a.numel()} channels but {producer_path} produces {_out_channels(producer)}")
+            continue
+        fold_into(producer, a.to(producer.weight.device), b.to(producer.weight.device))
+        replacement = _replacement_for(bn)
+        replace_module(folded, bn_path, replacement)
+        report.changed(bn_path, "folded", class_label(bn), class_label(replacement),
+                       into=producer_path, producer=type(producer).__name__)
+    if unverified_linear:
+        report.notes.append(
+            "Linear -> BatchNorm1d folds assume (N, C) activations; pass example_input to "
+            f"verify ({', '.join(unverified_linear)})"
+        )
+    if example_input is not None:
+        report.max_abs_diff = eval_max_abs_diff(model, folded, example_input)
+        report.check = f"{report.check}; outputs compared on example_input"
+    else:
+        report.check = f"{report.check}; no example_input, outputs not compared"
+    return SurgeryResult(folded, report)
+
+
+def _out_channels(producer: nn.Module) -> int:
+    return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+
+
