@@ -5,7 +5,7 @@ Data is generated or shipped offline (MNIST-1D, scikit-learn digits, synthetic).
 
 from .data import Dataset, load_digits, load_mnist1d
 from .demo import DemoConfig, run_demo
-from .models import NORM_KINDS, ConvNet1d, make_norm
+from .models import NORM_KINDS, ConvNet1d, ResNet18, make_norm
 from .training import TrainConfig, TrainResult, evaluate, train_classifier
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "ConvNet1d",
     "Dataset",
     "DemoConfig",
+    "ResNet18",
     "TrainConfig",
     "TrainResult",
     "evaluate",

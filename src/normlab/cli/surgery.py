@@ -1,0 +1,178 @@
+"""``normlab surgery fold|freeze|convert|precise``: transform a checkpoint.
+
+The model is built by an importable factory (``package.module:callable``), weights are
+loaded with ``torch.load(..., weights_only=True)`` — never unpickling arbitrary objects —
+and the result is written as a state_dict plus a JSON report. Any error is reported in
+one line and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import surgery
+from .common import CommandError, atomic_write_bytes, atomic_write_json, parse_shape
+
+__all__ = ["add_parser", "build_model", "load_weights"]
+
+
+def _resolve(spec: str, what: str):
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CommandError(f"{what} must look like package.module:name, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # ImportError, or an error raised while importing it
+        raise CommandError(f"cannot import {module_name!r} for {what}: {type(err).__name__}: {err}")
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise CommandError(f"{module_name!r} has no attribute {attr!r} (from {what} {spec!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise CommandError(f"{spec!r} is a {type(target).__name__}, not a callable")
+    return target
+
+
+def build_model(spec: str) -> nn.Module:
+    factory = _resolve(spec, "--model")
+    try:
+        model = factory()
+    except Exception as err:
+        raise CommandError(f"--model {spec!r} raised {type(err).__name__}: {err}")
+    if not isinstance(model, nn.Module):
+        raise CommandError(f"--model {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | None) -> None:
+    if path is None:
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise CommandError(f"--weights {path!r}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CommandError(f"--weights {path!r} is not a weights-only checkpoint "
+                           f"({type(err).__name__}: {str(err).splitlines()[0]})")
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CommandError(f"--weights {path!r} holds a {type(state).__name__}, not a state_dict of tensors")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {label} ({shown})")
+    if problems:
+        raise CommandError(f"--weights {path!r} do not match --model: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _example(args) -> torch.Tensor | None:
+    return torch.randn(parse_shape(args.input_shape)) if getattr(args, "input_shape", None) else None
+
+
+def _batches(spec: str, batch_size: int):
+    if spec == "mnist1d":
+        from ..experiments.data import load_mnist1d
+
+        data = load_mnist1d()
+        return [data.x_train[i:i + batch_size] for i in range(0, len(data.x_train), batch_size)]
+    loader = _resolve(spec, "--data")
+    try:
+        return loader()
+    except Exception as err:
+        raise CommandError(f"--data {spec!r} raised {type(err).__name__}: {err}")
+
+
+def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
+    try:
+        if args.operation == "fold":
+            return surgery.fold_batchnorm(model, _example(args))
+        if args.operation == "freeze":
+            return surgery.freeze_norms(model, affine=not args.no_affine)
+        if args.operation == "convert":
+            groups = args.groups if args.groups == "auto" else int(args.groups)
+            return surgery.convert_norms(model, args.to, groups=groups, max_groups=args.max_groups,
+                                         example_input=_example(args))
+        return surgery.precise_bn(model, _batches(args.data, args.batch_size),
+                                  num_batches=args.num_batches)
+    except CommandError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {err}")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    report_path = out.with_suffix(".json")
+    model = build_model(args.model)
+    load_weights(model, args.weights)
+    result = _transform(args, model)
+    if not result.report.changes:
+        raise CommandError(f"{args.operation} changed nothing in this model:\n{result.report}")
+    if args.operation == "fold":
+        result.report.notes.append(
+            "reload with: model = fold_batchnorm(factory()).model; model.load_state_dict(torch.load(out))")
+    state = result.model.state_dict()
+    atomic_write_bytes(out, lambda handle: torch.save(state, handle))
+    atomic_write_json(report_path, {"model": args.model, "weights": args.weights, "out": str(out),
+                                    **result.report.to_dict()})
+    print(result.report)
+    print(f"wrote {out} and {report_path}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "surgery",
+        help="fold, freeze, convert or precise-BN a checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ops = p.add_subparsers(dest="operation", metavar="OPERATION", required=True)
+
+    def common(q):
+        q.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
+                       help="importable callable that returns the nn.Module")
+        q.add_argument("--weights", metavar="IN.pt", help="state_dict to load (weights_only)")
+        q.add_argument("--out", required=True, metavar="OUT.pt",
+                       help="where to write the new state_dict; the report goes to OUT.json")
+        q.set_defaults(func=run)
+
+    fold = ops.add_parser("fold", help="fold eval-mode BatchNorm into the preceding conv/linear")
+    common(fold)
+    fold.add_argument("--input-shape", metavar="N,C,H,W",
+                      help="example input shape: verifies the fold and traces untraceable models")
+
+    freeze = ops.add_parser("freeze", help="freeze norm statistics (and affine)")
+    common(freeze)
+    freeze.add_argument("--no-affine", action="store_true", help="keep gamma/beta trainable")
+
+    convert = ops.add_parser("convert", help="convert norm layers to another kind")
+    common(convert)
+    convert.add_argument("--to", required=True, choices=surgery.TARGETS)
+    convert.add_argument("--groups", default="auto", help="group count, or 'auto' (default)")
+    convert.add_argument("--max-groups", type=int, default=32)
+    convert.add_argument("--input-shape", metavar="N,C,H,W",
+                         help="example input shape, for layers whose spatial rank is unknown")
+
+    precise = ops.add_parser("precise", help="recompute BatchNorm population statistics")
+    common(precise)
+    precise.add_argument("--data", required=True, metavar="mnist1d|PKG.MODULE:FN",
+                         help="'mnist1d' (train split) or a callable returning an iterable of batches")
+    precise.add_argument("--num-batches", type=int, default=200)
+    precise.add_argument("--batch-size", type=int, default=32, help="batch size for --data mnist1d")
