@@ -1,0 +1,28 @@
+"""normlab.diagnostics — see inside a network while it trains.
+
+``Probe(model)`` records per-layer activation, gradient and weight statistics during real
+training; ``probe.findings()`` turns them into diagnoses (vanishing/exploding gradients,
+collapse, saturation, dead units, batch-vs-running drift) with suggestions;
+``probe.report(path)`` writes a self-contained HTML report.
+"""
+
+from .findings import Finding, diagnose
+from .plots import gradient_norms, histogram_grid, percentile_bands, save_figure
+from .probe import DEFAULT_LAYER_TYPES, Probe, select_layers
+from .summaries import SampleIndex, activation_summary, batch_vs_running, summarize
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "Finding",
+    "Probe",
+    "activation_summary",
+    "batch_vs_running",
+    "diagnose",
+    "gradient_norms",
+    "SampleIndex",
+    "summarize",
+    "histogram_grid",
+    "percentile_bands",
+    "save_figure",
+    "select_layers",
+]

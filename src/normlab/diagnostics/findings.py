@@ -1,0 +1,158 @@
+"""Turn a Probe's records into plain, actionable diagnoses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .summaries import RELU_FAMILY, SATURATING
+
+__all__ = ["Finding", "diagnose"]
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class Finding:
+    kind: str  # vanishing_gradients, exploding_gradients, nonfinite, collapse, saturation, dead_units, stat_drift
+    layers: list[str]
+    message: str
+    suggestion: str
+    numbers: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message} Suggestion: {self.suggestion}"
+
+
+def _fmt(values: dict[str, float], digits: int = 3) -> str:
+    return ", ".join(f"{k}: {v:.{digits}g}" for k, v in values.items())
+
+
+def _ends(names: list[str]) -> tuple[str, str] | None:
+    return (names[0], names[-1]) if len(names) >= 2 else None
+
+
+def diagnose(
+    probe,
+    *,
+    vanishing_ratio: float = 1e3,
+    exploding_ratio: float = 1e3,
+    collapse_ratio: float = 1e-2,
+    saturation_threshold: float = 0.3,
+    dead_threshold: float = 0.4,
+    drift_threshold: float = 0.5,
+    window: int = 5,
+) -> list[Finding]:
+    """Findings from the last ``window`` records of each layer (medians).
+
+    - vanishing gradients: the output-gradient norm of the first weight layer is more
+      than ``vanishing_ratio`` times smaller than that of the last;
+    - exploding gradients: the first is more than ``exploding_ratio`` times larger, or a
+      gradient or activation is not finite;
+    - collapse: the activation std of the last layer is below ``collapse_ratio`` × the
+      first's (activations shrinking toward 0 with depth);
+    - saturation: a tanh/sigmoid layer has more than ``saturation_threshold`` of its
+      outputs in the flat tails;
+    - dead units: a ReLU-family layer has more than ``dead_threshold`` of its units never
+      positive on the batch;
+    - statistic drift: a BatchNorm's batch statistics are more than ``drift_threshold``
+      running standard deviations away from its running ones.
+    """
+    found: list[Finding] = []
+    layers = probe.layers
+    order = probe.layer_names
+    weight_layers = [n for n in order if isinstance(layers[n], _WEIGHT_LAYERS)]
+    activation_layers = [n for n in order if isinstance(layers[n], RELU_FAMILY + tuple(SATURATING))]
+
+    nonfinite = [n for n in order for r in probe.records(n)[-window:]
+                 if r.get("nonfinite", 0) or r.get("grad_nonfinite", 0) or r.get("weight_grad_nonfinite", 0)]
+    if nonfinite:
+        names = sorted(set(nonfinite), key=order.index)
+        found.append(Finding(
+            "nonfinite", names,
+            f"Non-finite activations or gradients (NaN/inf) in {', '.join(names)}.",
+            "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), and check "
+            "the input data and loss for NaN/inf.",
+        ))
+
+    grads = probe.latest("grad_norm", window)
+    grads = {n: v for n, v in grads.items() if math.isfinite(v)}
+    graded = [n for n in weight_layers if n in grads] or [n for n in order if n in grads]
+    ends = _ends(graded)
+    if ends:
+        first, last = ends
+        ratio = grads[last] / grads[first] if grads[first] > 0 else math.inf
+        per_layer = {n: grads[n] for n in graded}
+        if ratio > vanishing_ratio:
+            found.append(Finding(
+                "vanishing_gradients", [first, last],
+                f"Gradients vanish toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
+                f"{ratio:.3g}x smaller than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
+                "Use He initialization for ReLU layers (Xavier for tanh), add normalization "
+                "(BatchNorm, or GroupNorm at small batch sizes) between layers, or residual connections.",
+                {"ratio_last_over_first": ratio, "grad_norm": per_layer},
+            ))
+        elif ratio > 0 and 1 / ratio > exploding_ratio:
+            found.append(Finding(
+                "exploding_gradients", [first, last],
+                f"Gradients explode toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
+                f"{1 / ratio:.3g}x larger than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
+                "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), use a "
+                "smaller-gain initialization, or add normalization.",
+                {"ratio_first_over_last": 1 / ratio, "grad_norm": per_layer},
+            ))
+
+    stds = probe.latest("std", window)
+    spread = [n for n in (activation_layers or weight_layers) if n in stds]
+    ends = _ends(spread)
+    if ends:
+        first, last = ends
+        if stds[first] > 0 and stds[last] / stds[first] < collapse_ratio:
+            per_layer = {n: stds[n] for n in spread}
+            found.append(Finding(
+                "collapse", [first, last],
+                f"Activations collapse toward 0 with depth: std {stds[first]:.3g} at {first} falls to "
+                f"{stds[last]:.3g} at {last} ({stds[last] / stds[first]:.2g}x). Per layer: {_fmt(per_layer)}.",
+                "The weights are too small for the depth: use Xavier initialization for tanh/sigmoid "
+                "or He for ReLU, or add normalization before each activation.",
+                {"std": per_layer},
+            ))
+
+    saturated = {n: v for n, v in probe.latest("saturated", window).items() if v > saturation_threshold}
+    if saturated:
+        found.append(Finding(
+            "saturation", list(saturated),
+            f"Saturated units (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]): {_fmt(saturated, 2)} "
+            f"of outputs in the flat tails, where the gradient is almost 0.",
+            "The pre-activations are too large: use Xavier initialization (gain 1 for tanh, the 4x bound "
+            "for sigmoid), add normalization before the activation, or lower the learning rate.",
+            {"saturated": saturated},
+        ))
+
+    dead = {n: v for n, v in probe.latest("dead", window).items() if v > dead_threshold}
+    if dead:
+        found.append(Finding(
+            "dead_units", list(dead),
+            f"Dead units (never positive on the batch, so a ReLU passes no gradient): {_fmt(dead, 2)}.",
+            "Use LeakyReLU or ELU, He initialization, a lower learning rate, and check for large "
+            "negative biases; normalization before the activation also keeps units alive.",
+            {"dead": dead},
+        ))
+
+    drift = probe.latest("mean_drift", window)
+    std_drift = probe.latest("std_drift", window)
+    drifting = {n: max(drift.get(n, 0.0), std_drift.get(n, 0.0)) for n in set(drift) | set(std_drift)}
+    drifting = {n: v for n, v in sorted(drifting.items(), key=lambda kv: order.index(kv[0])) if v > drift_threshold}
+    if drifting:
+        found.append(Finding(
+            "stat_drift", list(drifting),
+            f"Batch statistics are far from the running estimates (in running std units): {_fmt(drifting, 2)}. "
+            f"Eval mode will normalize differently from training.",
+            "Typical of small or non-i.i.d. batches: use GroupNorm (or BatchRenorm), larger batches, or "
+            "recompute the statistics with normlab.surgery.precise_bn before evaluating.",
+            {"drift": drifting},
+        ))
+    return found

@@ -1,0 +1,111 @@
+"""Figures of a Probe's records, drawn headless.
+
+Uses matplotlib's object-oriented API (``Figure`` + the Agg canvas) rather than pyplot,
+so nothing here touches the global backend or needs a display, and figures are freed as
+soon as they are dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+__all__ = ["figure_to_png", "gradient_norms", "histogram_grid", "percentile_bands", "save_figure"]
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'normlab[experiments]'") from err
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def histogram_grid(probe, layers: list[str] | None = None, step: int | None = None,
+                   ncols: int = 5, title: str | None = None):
+    """One panel per layer (execution order), shared axes: the classic picture of
+    activations collapsing or saturating with depth (Glorot & Bengio, 2010, Fig. 3)."""
+    layers = layers or [n for n in probe.layer_names if any("hist" in r for r in probe.records(n))]
+    if not layers:
+        raise ValueError("no histograms recorded yet: run a training-mode forward with the probe attached")
+    ncols = min(ncols, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    fig = _figure(2.4 * ncols, 2.0 * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    for ax, name in zip(axes.flat, layers):
+        edges, fractions = probe.histogram(name, step)
+        ax.stairs(fractions, edges, fill=True, alpha=0.8)
+        record = probe.records(name)[-1]
+        ax.set_title(f"{name}\nstd {record.get('std', math.nan):.2g}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_visible(False)
+    fig.suptitle(title or f"activation histograms (step {step if step is not None else probe.step})", fontsize=10)
+    fig.supxlabel("activation", fontsize=8)
+    fig.supylabel("fraction of values", fontsize=8)
+    return fig
+
+
+def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, title: str | None = None):
+    """The 15th–85th percentile band and the median of each layer over the recorded steps
+    (Ioffe & Szegedy, 2015, Fig. 1b/c)."""
+    layers = layers or probe.layer_names
+    if not layers:
+        raise ValueError("nothing recorded yet")
+    ncols = min(ncols, len(layers))
+    nrows = math.ceil(len(layers) / ncols)
+    fig = _figure(3.0 * ncols, 2.2 * nrows + 0.4)
+    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False)
+    for ax, name in zip(axes.flat, layers):
+        steps, p15 = probe.series(name, "p15")
+        _, p50 = probe.series(name, "p50")
+        _, p85 = probe.series(name, "p85")
+        ax.fill_between(steps, p15, p85, alpha=0.3, label="15th-85th")
+        ax.plot(steps, p50, lw=1.2, label="median")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title or "activation percentiles over training", fontsize=10)
+    fig.supxlabel("step", fontsize=8)
+    return fig
+
+
+def gradient_norms(probe, key: str = "grad_norm", title: str | None = None):
+    """Gradient norm per layer (execution order, log scale): a slope down toward the
+    input is vanishing, up is exploding."""
+    values = probe.latest(key, window=5)
+    if not values:
+        raise ValueError(f"no {key} recorded: enable gradients and run a backward pass")
+    fig = _figure(max(4.0, 0.5 * len(values) + 2), 3.0)
+    ax = fig.subplots()
+    names = list(values)
+    ax.plot(range(len(names)), [max(v, 1e-30) for v in values.values()], marker="o")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title or f"{key.replace('_', ' ')} per layer (median of the last 5 records)", fontsize=10)
+    return fig
+
+
+def figure_to_png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def figure_to_data_uri(fig) -> str:
+    return "data:image/png;base64," + base64.b64encode(figure_to_png(fig)).decode("ascii")
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
