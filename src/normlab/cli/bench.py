@@ -35,6 +35,21 @@ def run_fold(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_probe(args: argparse.Namespace) -> int:
+    from ..bench.probe import ProbeBenchConfig, format_probe_table, run_probe_benchmark
+
+    config = ProbeBenchConfig(repeats=15 if args.quick else 61)
+    rows = run_probe_benchmark(config)
+    print(f"training step of a small CNN (batch {config.batch_size}, {config.threads} thread) "
+          f"with a Probe on every layer, median of {config.repeats} x {config.steps_per_sample} steps, "
+          f"interleaved, process CPU time")
+    print(format_probe_table(rows))
+    if args.out:
+        atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": _machine(), "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
     kinds = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -43,3 +58,7 @@ def add_parser(sub) -> None:
     fold.add_argument("--threads", type=int, default=2)
     fold.add_argument("--out", help="write the rows as JSON to this path")
     fold.set_defaults(func=run_fold)
+    probe = kinds.add_parser("probe", help="training-step slowdown of a Probe at every step and every 10th")
+    probe.add_argument("--quick", action="store_true", help="fewer repetitions")
+    probe.add_argument("--out", help="write the rows as JSON to this path")
+    probe.set_defaults(func=run_probe)
