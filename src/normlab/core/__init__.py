@@ -25,6 +25,7 @@ from .moments import (
     reduced_count,
 )
 from .normalize import (
+    AcrossProcesses,
     BatchStatistics,
     NormStats,
     normalize,
@@ -50,6 +51,7 @@ from .running import (
 __all__ = [
     "LOW_PRECISION_DTYPES",
     "NONFINITE_POLICIES",
+    "AcrossProcesses",
     "BatchStatistics",
     "CenteredMoments",
     "DecayStatistics",

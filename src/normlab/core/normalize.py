@@ -22,7 +22,8 @@ statistics differ. μ is carried as ``shift + offset`` (see
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ from .moments import centered_moments, compute_dtype, mean_square, reduced_count
 from .reference import reference_normalize
 
 __all__ = [
+    "AcrossProcesses",
     "BatchStatistics",
     "NormStats",
     "normalize",
@@ -51,6 +53,21 @@ class NormStats(NamedTuple):
     shift: torch.Tensor | None
     offset: torch.Tensor | None
     rstd: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AcrossProcesses:
+    """Statistics groups that span several processes (SyncBatchNorm).
+
+    The forward statistics were already merged across processes; in backward, the two
+    per-group sums the input gradient needs (Σdy and Σdy·x̂) are completed by ``reduce``
+    — one collective that sums a packed tensor over all processes — and ``count`` is the
+    global number of elements per group. dγ and dβ stay local sums, as DistributedDataParallel
+    reduces parameter gradients itself.
+    """
+
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+    count: int
 
 
 class BatchStatistics(NamedTuple):
@@ -130,10 +147,12 @@ def normalize_backward(
     *,
     batch_stats: bool,
     needs: tuple[bool, bool, bool] = (True, True, True),
+    across: AcrossProcesses | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Closed-form (dx, dγ, dβ) for :func:`normalize_forward`; see the module docstring.
 
     Results are in the statistics' dtype; the caller casts them to the operands' dtypes.
+    With ``across``, the groups span processes (see :class:`AcrossProcesses`).
     """
     need_dx, need_dw, need_db = needs
     rstd = stats.rstd
@@ -149,15 +168,23 @@ def normalize_backward(
     # When γ is constant inside each statistics group (BatchNorm, InstanceNorm), the sums
     # that dγ and dβ need are exactly the per-group sums dx needs: compute them once.
     per_group_affine = w is None or all(w.shape[d] == 1 for d in dims)
+    if across is not None:
+        assert per_group_affine and batch_stats and centered, "only BatchNorm spans processes"
     if per_group_affine:
-        want_sum_dy = need_db or (need_dx and batch_stats and centered)
-        want_sum_dy_xhat = need_dw or (need_dx and batch_stats)
+        # Across processes every rank must join the collective below, needed or not.
+        want_sum_dy = need_db or (need_dx and batch_stats and centered) or across is not None
+        want_sum_dy_xhat = need_dw or (need_dx and batch_stats) or across is not None
         sum_dy = dy.sum(dims, keepdim=True) if want_sum_dy else None
         sum_dy_xhat = (dy * xhat).sum(dims, keepdim=True) if want_sum_dy_xhat else None
         if need_dw and w is not None:
             dw = sum_dy_xhat.sum_to_size(w.shape)
         if need_db and bias_shape is not None:
             db = sum_dy.sum_to_size(bias_shape)
+        if across is not None:
+            # One collective completes both per-channel sums over every process.
+            packed = across.reduce(torch.cat([sum_dy.reshape(-1), sum_dy_xhat.reshape(-1)]))
+            sum_dy, sum_dy_xhat = (t.view_as(sum_dy) for t in packed.chunk(2))
+            n = across.count
         if need_dx:
             scale = rstd if w is None else rstd * w
             if batch_stats:
@@ -195,10 +222,11 @@ class _Normalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, offset, rstd, dims, eps, batch_stats):
+    def forward(ctx, x, weight, bias, shift, offset, rstd, dims, eps, batch_stats, across):
         ctx.dims = dims
         ctx.eps = eps
         ctx.batch_stats = batch_stats
+        ctx.across = across
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(x, weight, bias, shift, offset, rstd)
         stats = NormStats(shift, offset, rstd)
@@ -210,16 +238,21 @@ class _Normalize(torch.autograd.Function):
         stats = NormStats(shift, offset, rstd)
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():
+            if ctx.across is not None:
+                raise RuntimeError(
+                    "second derivatives (create_graph=True) through SyncBatchNorm are not "
+                    "supported: the statistics span processes"
+                )
             grads = _differentiable_backward(ctx, dy, x, weight, bias, stats, needs)
         else:
             grads = normalize_backward(
                 dy, x, weight, stats, ctx.dims, ctx.bias_shape,
-                batch_stats=ctx.batch_stats, needs=needs,
+                batch_stats=ctx.batch_stats, needs=needs, across=ctx.across,
             )
         dx, dw, db = (
             None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, weight, bias))
         )
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 def _differentiable_backward(ctx, dy, x, weight, bias, stats, needs):
@@ -258,17 +291,20 @@ def normalize(
     eps: float,
     *,
     batch_stats: bool,
+    across: AcrossProcesses | None = None,
 ) -> torch.Tensor:
     """Normalize ``x`` with per-group ``stats`` taken over ``dims``.
 
     ``batch_stats=True`` says the statistics were computed from this ``x`` (training
     BatchNorm, every GroupNorm/LayerNorm), so the backward differentiates through
     them; ``False`` treats them as constants (eval BatchNorm, frozen statistics).
+    ``across`` marks statistics merged over several processes (SyncBatchNorm).
     ``weight``, ``bias`` and the statistics must broadcast against ``x`` with the same
     number of dims.
     """
     return _Normalize.apply(
-        x, weight, bias, stats.shift, stats.offset, stats.rstd, tuple(dims), eps, batch_stats
+        x, weight, bias, stats.shift, stats.offset, stats.rstd, tuple(dims), eps, batch_stats,
+        across,
     )
 
 

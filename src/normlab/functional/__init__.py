@@ -6,6 +6,7 @@ keyword-only.
 """
 
 from .per_sample import group_norm, layer_norm, rms_norm
+from .sync import sync_batch_norm
 from .tracked import batch_norm, batch_renorm, instance_norm
 
-__all__ = ["batch_norm", "batch_renorm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "batch_renorm", "group_norm", "instance_norm", "layer_norm", "rms_norm", "sync_batch_norm"]

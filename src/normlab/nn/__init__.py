@@ -19,6 +19,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
+from .syncbatchnorm import SyncBatchNorm
 
 #: Every normalization module class, normlab's and torch.nn's.
 NORM_LAYERS: tuple[type, ...] = (
@@ -58,5 +59,6 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "RenormSchedule",
+    "SyncBatchNorm",
     "is_norm_layer",
 ]

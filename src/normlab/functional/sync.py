@@ -1,0 +1,156 @@
+"""sync_batch_norm: BatchNorm whose statistics are those of the batch across all processes.
+
+Works on any ``torch.distributed`` backend — gloo on CPU, nccl on GPU — because it uses
+only the portable ``all_gather`` and ``all_reduce``. Per layer and training step:
+
+* forward: each process packs its (count, mean, M2) per channel; **one** ``all_gather``
+  brings every process's pack, and Chan's formula merges them, count-weighted, in
+  float64. Uneven per-process batches are exact, and an empty one contributes nothing.
+* backward: **one** ``all_reduce`` sums the packed (Σdy, Σdy·x̂) per channel over all
+  processes; the input gradient then uses the global sums and the global count.
+
+Every process of the group must run the layer's forward and backward (as with
+DistributedDataParallel), including a process whose batch is empty. A peer that dies or
+stops answering makes the others' collective fail within the process group's timeout
+(``torch.distributed.init_process_group(..., timeout=timedelta(...))``); the error is
+re-raised with what was being exchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..core import (
+    AcrossProcesses,
+    Moments,
+    NormStats,
+    centered_moments,
+    check_eps,
+    check_floating_input,
+    compute_dtype,
+    merge_moments,
+    normalize,
+    reduced_count,
+)
+from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
+
+__all__ = ["distributed_world", "sync_batch_norm"]
+
+
+def distributed_world(process_group=None) -> int:
+    """Processes in ``process_group`` (the default group if None); 1 when torch.distributed
+    is not initialized — then SyncBatchNorm is plain BatchNorm."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(process_group)
+
+
+def _collective(what: str, fn, process_group):
+    try:
+        return fn()
+    except Exception as err:  # gloo raises RuntimeError, nccl DistBackendError, ...
+        world = distributed_world(process_group)
+        raise RuntimeError(
+            f"SyncBatchNorm: the {what} across {world} processes failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). A peer process may have died or "
+            f"stopped answering; collectives give up after the process group's timeout, set "
+            f"with torch.distributed.init_process_group(..., timeout=datetime.timedelta(...))"
+        ) from err
+
+
+def _gather_moments(local: torch.Tensor, process_group) -> torch.Tensor:
+    """(world, 1 + 2C) float64: every process's (count, mean…, M2…), in one all_gather."""
+    world = distributed_world(process_group)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    _collective("all_gather of batch statistics",
+                lambda: dist.all_gather(parts, local, group=process_group), process_group)
+    return torch.stack(parts)
+
+
+def _all_reduce_sums(process_group):
+    def reduce(packed: torch.Tensor) -> torch.Tensor:
+        _collective("all_reduce of gradient sums",
+                    lambda: dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group),
+                    process_group)
+        return packed
+    return reduce
+
+
+def sync_batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    """:func:`normlab.functional.batch_norm` with statistics over every process's batch.
+
+    Outside training, without an initialized process group, or with a group of one
+    process, it *is* ``batch_norm``. The running estimates are updated with the global
+    statistics (unbiased with the global count), identically on every process; a batch
+    whose global statistics are not finite is skipped by every process together.
+    ``weight``/``bias`` gradients are this process's contributions (DDP sums or averages
+    them); the input gradient is exact for the global batch.
+    """
+    if not training or distributed_world(process_group) == 1:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          num_batches_tracked=num_batches_tracked,
+                          unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
+    check_floating_input(input)
+    if input.dim() < 2:
+        raise ValueError(
+            f"sync_batch_norm expects input of shape (N, C) or (N, C, *spatial), got a "
+            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    eps = check_eps(eps)
+    _check_channel_tensors("sync_batch_norm", input, weight, bias, running_mean, running_var)
+    track = running_mean is not None
+    if track:
+        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+
+    dims = (0,) + tuple(range(2, input.dim()))
+    channels = input.shape[1]
+    local_count = reduced_count(input.shape, dims)
+    cdtype = compute_dtype(input.dtype)
+    with torch.no_grad():
+        if local_count > 0:
+            moments = centered_moments(input, dims)
+            # shift + offset carries the mean to better than the compute dtype: keep it in float64.
+            mean = moments.shift.double().flatten() + moments.offset.double().flatten()
+            m2 = moments.var.double().flatten() * local_count
+        else:  # an empty batch on this process: it contributes nothing
+            mean = torch.zeros(channels, dtype=torch.float64, device=input.device)
+            m2 = torch.zeros_like(mean)
+        count = torch.full((1,), float(local_count), dtype=torch.float64, device=input.device)
+        gathered = _gather_moments(torch.cat([count, mean, m2]), process_group)
+        counts = gathered[:, :1].round().long().expand(-1, channels)
+        merged = merge_moments(Moments(counts, gathered[:, 1:1 + channels], gathered[:, 1 + channels:]))
+        total = int(merged.count[0])
+        if total <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {total} across "
+                f"{distributed_world(process_group)} processes (this process: input size "
+                f"{list(input.shape)})"
+            )
+        var = merged.m2 / total
+        view = (1, -1) + (1,) * (input.dim() - 2)
+        shift = merged.mean.to(cdtype)
+        offset = (merged.mean - shift.double()).to(cdtype)  # what rounding the mean lost
+        rstd = torch.rsqrt(var + eps).to(cdtype)
+    stats = NormStats(shift.view(view), offset.view(view), rstd.view(view))
+    across = AcrossProcesses(_all_reduce_sums(process_group), total)
+    out = normalize(input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
+                    stats, dims, eps, batch_stats=True, across=across)
+    if track:
+        _fold_into_running(running_mean, running_var, merged.mean, var, total, momentum,
+                           num_batches_tracked, unbiased_running_var, on_nonfinite)
+    return out

@@ -1,0 +1,82 @@
+"""SyncBatchNorm: BatchNorm with statistics over the batch of every process."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from .base import _NormBase, check_channel_input
+
+__all__ = ["SyncBatchNorm"]
+
+
+class SyncBatchNorm(_NormBase):
+    r"""BatchNorm over the union of every process's batch, on any torch.distributed backend.
+
+    A drop-in for :class:`torch.nn.SyncBatchNorm` — same constructor arguments
+    (``num_features, eps, momentum, affine, track_running_stats, process_group``),
+    parameters, buffers and state-dict keys — that also runs on the CPU with gloo
+    (torch.nn's refuses CPU tensors, even with one process), is exact for uneven and
+    empty per-process batches (count-weighted Chan merge), and uses one collective in
+    forward and one in backward per layer and step (see
+    :func:`normlab.functional.sync_batch_norm`).
+
+    Without an initialized process group, with a group of one process, or in eval mode,
+    it computes exactly what :class:`normlab.nn.BatchNorm2d` (of the input's rank)
+    computes. ``process_group`` restricts the synchronization to a subset of ranks
+    (``torch.distributed.new_group``). ``momentum=None``, ``unbiased_running_var`` and
+    ``on_nonfinite`` work as for BatchNorm; a batch whose *global* statistics are not
+    finite is skipped by every process together.
+
+    Every process of the group must call forward and backward (as DDP requires), even
+    with an empty batch. A peer that dies or hangs makes the others fail with a
+    ``RuntimeError`` within the process group timeout
+    (``init_process_group(timeout=...)``), never a silent hang.
+
+    Shape:
+        - Input: (N, C, \*) with N ≥ 0 on each process; the total over processes must
+          give more than one value per channel.
+        - Output: same shape as the input.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        unbiased_running_var: bool = True,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite,
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        check_channel_input(self, input, tuple(range(2, 9)), "(N, C, *) with at least 2 dims")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        use_batch_stats = self._uses_batch_stats
+        pass_running = not use_batch_stats or self.track_running_stats
+        updating = use_batch_stats and self.training and self.track_running_stats
+        extras = self._update_kwargs() if updating else {}
+        running_mean = self.running_mean if pass_running else None
+        running_var = self.running_var if pass_running else None
+        if use_batch_stats and self.training:
+            return F.sync_batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, True, self.momentum,
+                self.eps, self.process_group, **extras,
+            )
+        return F.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+            self.momentum, self.eps, **extras,
+        )
