@@ -10,6 +10,7 @@ where it can be checked numerically — the max difference it made.
     convert_norms       batch ↔ group ↔ layer ↔ instance ↔ frozen ↔ batch_renorm
     precise_bn          exact population statistics recomputed over the data
     from_torch/to_torch swap torch.nn norm layers for normlab's twins and back
+    convert_sync_batchnorm / revert_sync_batchnorm   BatchNorm <-> SyncBatchNorm (any backend)
     load_decay_statistics   Keras/Flax BatchNorm state into a PyTorch-convention layer
 """
 
@@ -19,6 +20,7 @@ from .freeze import freeze_norms, unfreeze_norms
 from .interop import TWINS, from_torch, load_decay_statistics, to_torch
 from .precise import default_forward, precise_bn
 from .report import Change, Skip, SurgeryReport, SurgeryResult
+from .sync import convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     "TARGETS",
@@ -30,12 +32,14 @@ __all__ = [
     "auto_groups",
     "bn_affine",
     "convert_norms",
+    "convert_sync_batchnorm",
     "default_forward",
     "fold_batchnorm",
     "freeze_norms",
     "from_torch",
     "load_decay_statistics",
     "precise_bn",
+    "revert_sync_batchnorm",
     "to_torch",
     "unfreeze_norms",
 ]

@@ -1,0 +1,225 @@
+"""SyncBatchNorm in real processes on localhost (gloo): equal to single-process BatchNorm on
+the whole batch — outputs, input gradients, summed weight/bias gradients, running
+statistics — with uneven and empty shards; world size 1; no process group; a subset
+group; non-finite batches; and a peer that stops answering."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import normlab as nl
+from normlab import surgery
+
+pytestmark = pytest.mark.timeout(180)
+
+C = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank, world, port, seconds=60):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=seconds))
+
+
+def _data(sizes, dtype, seed=0):
+    """Batches for two steps, plus the upstream gradient, split into per-rank shards."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    steps = []
+    for _ in range(2):
+        x = torch.randn(n, C, 4, 3, generator=g, dtype=torch.float64).to(dtype) * 2 + 1
+        dy = torch.randn(n, C, 4, 3, generator=g, dtype=torch.float64).to(dtype)
+        steps.append((x, dy))
+    return steps
+
+
+def _split(t, sizes):
+    return list(torch.split(t, sizes))
+
+
+def _layer(dtype, momentum=0.1):
+    torch.manual_seed(1)
+    layer = nl.nn.SyncBatchNorm(C, momentum=momentum, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def _run_steps(layer, steps, rank=None, sizes=None):
+    """Train steps; returns per step (output, input grad, weight grad, bias grad) and the
+    final running statistics. With ``rank``, only that rank's shard is used."""
+    out = []
+    for x, dy in steps:
+        if rank is not None:
+            x, dy = _split(x, sizes)[rank], _split(dy, sizes)[rank]
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        out.append((y.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    return out, {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _scenarios(rank, world, sizes):
+    results = {}
+    for name, dtype, momentum in [("f64", torch.float64, 0.1), ("f32", torch.float32, 0.1),
+                                  ("cumulative", torch.float64, None)]:
+        results[name] = _run_steps(_layer(dtype, momentum), _data(sizes, dtype), rank, sizes)
+    # A non-finite batch on one rank: every rank skips the update together.
+    layer = _layer(torch.float64)
+    layer(_split(_data(sizes, torch.float64)[0][0], sizes)[rank])
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = _split(_data(sizes, torch.float64, seed=5)[0][0].clone(), sizes)[rank]
+    if rank == world - 1:  # the last rank always holds data here
+        bad[0, 0, 0, 0] = float("nan")
+    import warnings
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        layer(bad)
+    results["nonfinite_unchanged"] = all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    return results
+
+
+def _worker(rank, world, port, sizes, out_dir):
+    _init(rank, world, port)
+    try:
+        results = _scenarios(rank, world, sizes)
+        if world == 3:
+            # A subset group: ranks 0 and 2 synchronize, rank 1 stays out.
+            group = dist.new_group([0, 2])
+            if rank != 1:
+                sub_sizes = [sizes[0], sizes[2]]
+                layer = _layer(torch.float64)
+                layer.process_group = group
+                results["subset"] = _run_steps(layer, _data(sub_sizes, torch.float64, seed=3),
+                                               [0, None, 1][rank], sub_sizes)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process(steps, dtype, momentum=0.1):
+    layer = nl.nn.BatchNorm2d(C, momentum=momentum, dtype=dtype)
+    layer.load_state_dict(_layer(dtype, momentum).state_dict())
+    return _run_steps(layer, steps)
+
+
+def _check(results, sizes, tol, name, dtype, momentum=0.1, seed=0, ranks=None):
+    ranks = ranks if ranks is not None else list(range(len(sizes)))
+    expected, expected_state = _single_process(_data(sizes, dtype, seed), dtype, momentum)
+    for step, (y, gx, gw, gb) in enumerate(expected):
+        per_rank = [results[r][name][0][step] for r in ranks]
+        torch.testing.assert_close(torch.cat([p[0] for p in per_rank]), y, rtol=tol, atol=tol)
+        torch.testing.assert_close(torch.cat([p[1] for p in per_rank]), gx, rtol=tol, atol=tol)
+        # Each rank holds its contribution; DDP would sum (or average) them.
+        torch.testing.assert_close(sum(p[2] for p in per_rank), gw, rtol=tol, atol=tol)
+        torch.testing.assert_close(sum(p[3] for p in per_rank), gb, rtol=tol, atol=tol)
+    for r in ranks:
+        state = results[r][name][1]
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(state[key], expected_state[key], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("sizes", [[5, 2], [4, 0, 3]], ids=["2-ranks-uneven", "3-ranks-one-empty"])
+def test_equals_single_process_batchnorm_on_the_whole_batch(tmp_path, sizes):
+    mp.spawn(_worker, args=(len(sizes), _free_port(), sizes, str(tmp_path)), nprocs=len(sizes), join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(len(sizes))]
+    _check(results, sizes, 1e-10, "f64", torch.float64)
+    _check(results, sizes, 1e-5, "f32", torch.float32)
+    _check(results, sizes, 1e-10, "cumulative", torch.float64, momentum=None)
+    assert all(r["nonfinite_unchanged"] for r in results)
+    if len(sizes) == 3:
+        sub_sizes = [sizes[0], sizes[2]]
+        sub_results = {0: results[0], 1: results[2]}
+        _check(sub_results, sub_sizes, 1e-10, "subset", torch.float64, seed=3, ranks=[0, 1])
+        assert "subset" not in results[1]
+
+
+def _world_one(rank, port, out_dir):
+    _init(rank, 1, port)
+    try:
+        results = _scenarios(0, 1, [6])
+        try:  # the known problem: torch.nn's refuses CPU tensors once a group exists
+            torch.nn.SyncBatchNorm(C)(torch.randn(4, C, 2, 2))
+            results["torch_refuses_cpu"] = ""
+        except ValueError as err:
+            results["torch_refuses_cpu"] = str(err)
+        torch.save(results, f"{out_dir}/rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_size_one_and_no_process_group_are_plain_batchnorm(tmp_path):
+    mp.spawn(_world_one, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    results = [torch.load(tmp_path / "rank0.pt", weights_only=False)]
+    _check(results, [6], 1e-12, "f64", torch.float64)
+    # And in this process, where torch.distributed is not initialized at all:
+    assert not dist.is_initialized()
+    local = {"f64": _run_steps(_layer(torch.float64), _data([6], torch.float64))}
+    _check([local], [6], 1e-12, "f64", torch.float64)
+    assert "expected input tensor to be on GPU" in results[0]["torch_refuses_cpu"]
+
+
+def _failing_peer(rank, port, out_dir, timeout, how):
+    _init(rank, 2, port, seconds=timeout)
+    if rank == 1:
+        if how == "hangs":
+            time.sleep(timeout + 6)  # stops answering, then goes away without a word
+        os._exit(0)  # "dies": exits right away, mid-training
+    layer = nl.nn.SyncBatchNorm(C)
+    start = time.monotonic()
+    try:
+        layer(torch.randn(4, C, 2, 2))
+        message = "no error"
+    except RuntimeError as err:
+        message = str(err)
+    with open(f"{out_dir}/result.txt", "w") as f:
+        f.write(f"{time.monotonic() - start}\n{message}")
+    os._exit(0)
+
+
+@pytest.mark.parametrize("how", ["hangs", "dies"])
+def test_a_peer_that_dies_or_stops_answering_fails_within_the_timeout(tmp_path, how):
+    timeout = 3
+    mp.spawn(_failing_peer, args=(_free_port(), str(tmp_path), timeout, how), nprocs=2, join=True)
+    elapsed, message = (tmp_path / "result.txt").read_text().split("\n", 1)
+    assert "SyncBatchNorm: the all_gather of batch statistics across 2 processes failed" in message
+    assert "timeout" in message
+    assert float(elapsed) < timeout + 10
+
+
+def test_convert_sync_batchnorm_and_back():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Identity(), nl.nn.BatchNorm2d(4, momentum=None))
+    model.train()
+    for _ in range(2):
+        model(torch.randn(5, 3, 6, 6))
+    model.eval()
+    synced, report = surgery.convert_sync_batchnorm(model)
+    assert [c.path for c in report.changes] == ["1", "4"]
+    assert isinstance(synced[1], nl.nn.SyncBatchNorm) and synced[4].momentum is None
+    assert not synced.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(synced.state_dict()[k], v)
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(synced(x), model(x), rtol=1e-5, atol=1e-5)
+    back, report = surgery.revert_sync_batchnorm(synced)
+    assert type(back[1]) is torch.nn.BatchNorm2d and type(back[4]) is nl.nn.BatchNorm2d
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    group_report = surgery.convert_sync_batchnorm(model, process_group="sentinel").model
+    assert group_report[1].process_group == "sentinel"
