@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, demo, surgery
+from . import bench, demo, surgery, sync_demo
 from .common import CommandError
 
 __all__ = ["build_parser", "main"]
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     surgery.add_parser(sub)
     bench.add_parser(sub)
+    sync_demo.add_parser(sub)
     return parser
 
 

@@ -50,6 +50,20 @@ def run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sync(args: argparse.Namespace) -> int:
+    from ..bench.sync import SyncBenchConfig, format_sync_table, run_sync_benchmark
+
+    config = SyncBenchConfig(repeats=7 if args.quick else 21)
+    result = run_sync_benchmark(config)
+    print(f"2-process gloo DDP training step of a small CNN (3 BatchNorm layers), batch {config.batch_size} "
+          f"per process, one thread each, median of {config.repeats} interleaved blocks of {config.steps_per_sample} steps")
+    print(format_sync_table(result))
+    if args.out:
+        atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": _machine(), **result})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
     kinds = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -62,3 +76,7 @@ def add_parser(sub) -> None:
     probe.add_argument("--quick", action="store_true", help="fewer repetitions")
     probe.add_argument("--out", help="write the rows as JSON to this path")
     probe.set_defaults(func=run_probe)
+    sync = kinds.add_parser("sync", help="SyncBatchNorm vs local BatchNorm in a 2-process gloo DDP step")
+    sync.add_argument("--quick", action="store_true", help="fewer repetitions")
+    sync.add_argument("--out", help="write the result as JSON to this path")
+    sync.set_defaults(func=run_sync)
