@@ -5,6 +5,14 @@ update, and input validation. Everything above (functional, nn, surgery, ...) is
 these pieces; nothing here imports from those layers.
 """
 
+from . import fast
+from .activation import (
+    ACTIVATION_DEFAULTS,
+    INVERTIBLE_ACTIVATIONS,
+    apply_activation,
+    check_activation,
+    inplace_abn,
+)
 from .checks import (
     LOW_PRECISION_DTYPES,
     check_eps,
@@ -48,7 +56,12 @@ from .running import (
     update_running_stats,
 )
 
+from .fast import available as fast_available
+from .fast import record_dispatch, set_backend, use_backend
+
 __all__ = [
+    "ACTIVATION_DEFAULTS",
+    "INVERTIBLE_ACTIVATIONS",
     "LOW_PRECISION_DTYPES",
     "NONFINITE_POLICIES",
     "AcrossProcesses",
@@ -59,6 +72,8 @@ __all__ = [
     "NormStats",
     "NonFiniteStatisticsError",
     "RunningStatistics",
+    "apply_activation",
+    "check_activation",
     "check_eps",
     "check_floating_input",
     "check_momentum",
@@ -68,7 +83,10 @@ __all__ = [
     "centered_moments",
     "compute_dtype",
     "decay_from_momentum",
+    "fast",
+    "fast_available",
     "from_decay_convention",
+    "inplace_abn",
     "mean_square",
     "mean_var",
     "merge_moments",
@@ -79,8 +97,11 @@ __all__ = [
     "normalize_forward",
     "normalize_given",
     "normalize_shape_arg",
+    "record_dispatch",
     "reduced_count",
     "reference_normalize",
+    "set_backend",
     "to_decay_convention",
     "update_running_stats",
+    "use_backend",
 ]

@@ -5,8 +5,20 @@ same positional arguments and defaults as their torch.nn.functional namesakes; e
 keyword-only.
 """
 
-from .per_sample import group_norm, layer_norm, rms_norm
+from .norm_act import norm_act
+from .per_sample import group_norm, group_norm_act, layer_norm, rms_norm
 from .sync import sync_batch_norm
-from .tracked import batch_norm, batch_renorm, instance_norm
+from .tracked import batch_norm, batch_norm_act, batch_renorm, instance_norm
 
-__all__ = ["batch_norm", "batch_renorm", "group_norm", "instance_norm", "layer_norm", "rms_norm", "sync_batch_norm"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_act",
+    "batch_renorm",
+    "group_norm",
+    "group_norm_act",
+    "instance_norm",
+    "layer_norm",
+    "norm_act",
+    "rms_norm",
+    "sync_batch_norm",
+]

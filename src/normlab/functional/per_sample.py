@@ -12,17 +12,23 @@ import math
 
 import torch
 
+from .tracked import _check_inplace_input
 from ..core import (
+    apply_activation,
+    check_activation,
     check_eps,
     check_floating_input,
     check_param,
     check_positive_int,
     compute_dtype,
+    fast,
+    inplace_abn,
+    centered_moments,
     normalize_batch,
     normalize_shape_arg,
 )
 
-__all__ = ["group_norm", "layer_norm", "rms_norm"]
+__all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
 
 def group_norm(
@@ -38,39 +44,74 @@ def group_norm(
     ``weight`` and ``bias`` are per channel. GroupNorm(1) is LayerNorm over
     (C, \*spatial) with per-channel affine; GroupNorm(C) is InstanceNorm.
     """
+    return _group_norm(input, num_groups, weight, bias, eps)
+
+
+def group_norm_act(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    activation: str = "relu",
+    activation_param: float | None = None,
+    prelu_weight: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``activation(group_norm(...))`` in one pass; arguments as for
+    :func:`normlab.functional.batch_norm_act` (``inplace`` included)."""
+    param = check_activation(activation, activation_param, inplace=inplace)
+    _check_inplace_input(input, inplace)
+    return _group_norm(input, num_groups, weight, bias, eps, activation=activation, param=param,
+                       prelu_weight=prelu_weight, inplace=inplace, fn="group_norm_act")
+
+
+def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", param=0.0,
+                prelu_weight=None, inplace=False, fn="group_norm"):
     check_floating_input(input)
     check_positive_int(num_groups, "num_groups")
     if input.dim() < 2:
         raise ValueError(
-            f"group_norm expects input of shape (N, C, *spatial), got a {input.dim()}D "
+            f"{fn} expects input of shape (N, C, *spatial), got a {input.dim()}D "
             f"tensor of shape {tuple(input.shape)}"
         )
     channels = input.shape[1]
     if channels % num_groups != 0:
         raise ValueError(
-            f"group_norm: num_groups={num_groups} must divide the {channels} channels of "
+            f"{fn}: num_groups={num_groups} must divide the {channels} channels of "
             f"input dim 1 (input shape {tuple(input.shape)}); divisors of {channels} "
             f"near it: {_nearby_divisors(channels, num_groups)}"
         )
     eps = check_eps(eps)
-    what = f"group_norm over the {channels} channels of input dim 1"
+    what = f"{fn} over the {channels} channels of input dim 1"
     check_param(weight, "weight", (channels,), input, what)
     check_param(bias, "bias", (channels,), input, what)
 
     per_group = channels // num_groups
     if per_group * math.prod(input.shape[2:]) == 1:
         raise ValueError(
-            f"group_norm: each of the {num_groups} groups holds a single value (input "
+            f"{fn}: each of the {num_groups} groups holds a single value (input "
             f"shape {tuple(input.shape)}), so its variance is 0 and the output would be "
             f"the bias whatever the input; use fewer groups or a spatial extent > 1"
         )
+    result = fast.channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation,
+                               param=param, prelu_weight=prelu_weight, inplace=inplace, operation=fn)
+    if result is not None:
+        return result[0]
     grouped = input.unflatten(1, (num_groups, per_group))  # (N, G, C//G, *spatial), a view
     dims = tuple(range(2, grouped.dim()))
     affine_shape = (1, num_groups, per_group) + (1,) * (grouped.dim() - 3)
     w = None if weight is None else weight.view(affine_shape)
     b = None if bias is None else bias.view(affine_shape)
+    if inplace:
+        with torch.no_grad():
+            moments = centered_moments(grouped, dims)
+            rstd = torch.rsqrt(moments.var + eps)
+        out = inplace_abn(grouped, w, b, moments.shift, moments.offset, rstd, dims, activation, param)
+        return out.flatten(1, 2)
     out, _ = normalize_batch(grouped, w, b, dims, eps)  # statistics (N, G, 1, …)
-    return out.flatten(1, 2)
+    return apply_activation(out.flatten(1, 2), activation, param, prelu_weight)
 
 
 def _nearby_divisors(n: int, target: int) -> list[int]:
@@ -107,6 +148,9 @@ def layer_norm(
     what = f"layer_norm over normalized_shape {list(shape)}"
     check_param(weight, "weight", shape, input, what)
     check_param(bias, "bias", shape, input, what)
+    result = fast.row_norm(input, weight, bias, math.prod(shape), eps, centered=True, operation="layer_norm")
+    if result is not None:
+        return result
     lead = (1,) * (input.dim() - len(shape))
     w = None if weight is None else weight.view(lead + shape)
     b = None if bias is None else bias.view(lead + shape)
@@ -130,5 +174,8 @@ def rms_norm(
     cdtype = compute_dtype(input.dtype)
     eps = torch.finfo(cdtype).eps if eps is None else check_eps(eps)
     check_param(weight, "weight", shape, input, f"rms_norm over normalized_shape {list(shape)}")
+    result = fast.row_norm(input, weight, None, math.prod(shape), eps, centered=False, operation="rms_norm")
+    if result is not None:
+        return result
     w = None if weight is None else weight.view((1,) * (input.dim() - len(shape)) + shape)
     return normalize_batch(input, w, None, dims, eps, centered=False)[0]

@@ -11,12 +11,16 @@ import torch
 
 from ..core import (
     NormStats,
+    apply_activation,
     centered_moments,
+    check_activation,
     check_eps,
     check_floating_input,
     check_momentum,
     check_nonfinite_policy,
     check_param,
+    fast,
+    inplace_abn,
     normalize,
     normalize_batch,
     normalize_given,
@@ -24,7 +28,7 @@ from ..core import (
     update_running_stats,
 )
 
-__all__ = ["batch_norm", "batch_renorm", "instance_norm"]
+__all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
 
 
 def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -71,6 +75,9 @@ def _fold_into_running(
     running_mean, running_var, batch_mean, batch_var, count, momentum,
     num_batches_tracked, unbiased_running_var, on_nonfinite,
 ):
+    if _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, momentum,
+                       num_batches_tracked, unbiased_running_var):
+        return
     factor = _momentum_factor(momentum, num_batches_tracked)
     folded = update_running_stats(
         running_mean, running_var, batch_mean, batch_var, count, factor,
@@ -79,6 +86,26 @@ def _fold_into_running(
     if num_batches_tracked is not None:
         with torch.no_grad():
             num_batches_tracked.add_(folded.to(num_batches_tracked.dtype))
+
+
+def _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, momentum,
+                    num_batches_tracked, unbiased_running_var) -> bool:
+    """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for
+    float32/float64 CPU buffers and float64 batch statistics. False when it does not apply,
+    or when the batch is not finite — then the Python path decides to skip, warn or raise."""
+    kernels = fast.kernels() if running_mean.device.type == "cpu" else None
+    if (kernels is None or batch_mean.dtype != torch.float64 or running_mean.dtype not in (torch.float32, torch.float64)
+            or running_var.dtype != running_mean.dtype or not running_mean.is_contiguous()
+            or not running_var.is_contiguous() or batch_mean.numel() != running_mean.numel()):
+        return False
+    if momentum is None and num_batches_tracked is None:
+        return False
+    with torch.no_grad():
+        return kernels.running_update(
+            running_mean, running_var, batch_mean.contiguous(), batch_var.contiguous(), count,
+            -1.0 if momentum is None else float(momentum),
+            num_batches_tracked if num_batches_tracked is not None else torch.empty(0), unbiased_running_var,
+        )
 
 
 def _check_update_args(momentum, num_batches_tracked, on_nonfinite):
@@ -116,28 +143,85 @@ def batch_norm(
             cumulative average (momentum 1/k for the k-th batch).
         on_nonfinite: ``"skip"`` (default) leaves the running estimates untouched when
             the batch statistics are NaN/inf; ``"raise"`` raises
-            :class:`normlab.core.NonFiniteStatisticsError`. The *output* is computed
-            from the batch statistics either way, so NaN/inf shows in the loss.
+            :class:`normlab.core.NonFiniteStatisticsError`. The *output* is computed from
+            the batch statistics either way, so NaN/inf shows in the loss.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
+                       on_nonfinite=on_nonfinite)
+
+
+def batch_norm_act(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str = "relu",
+    activation_param: float | None = None,
+    prelu_weight: torch.Tensor | None = None,
+    inplace: bool = False,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    """``activation(batch_norm(...))`` in one pass: the Conv → BN → activation order.
+
+    ``activation`` is "identity", "relu", "leaky_relu" (``activation_param`` = slope,
+    default 0.01), "elu" (alpha, default 1), "silu" or "prelu" (``prelu_weight``: one or C
+    slopes). Only the input is kept for backward (torch.nn's BN + activation keeps two
+    tensors). ``inplace=True`` is In-Place Activated BatchNorm: the output overwrites the
+    input's memory and is all that is kept; the input is recovered in backward by
+    inverting the activation, so it must be invertible (identity, leaky_relu, elu).
+    """
+    param = check_activation(activation, activation_param, inplace=inplace)
+    _check_inplace_input(input, inplace)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
+                       on_nonfinite=on_nonfinite, activation=activation, param=param,
+                       prelu_weight=prelu_weight, inplace=inplace, fn="batch_norm_act")
+
+
+def _check_inplace_input(input, inplace: bool) -> None:
+    if inplace and isinstance(input, torch.Tensor) and input.is_leaf and input.requires_grad:
+        raise RuntimeError(
+            "inplace=True overwrites its input, but the input is a leaf tensor that requires "
+            "grad (a parameter or a user tensor); pass a computed tensor (e.g. a conv output) "
+            "or use inplace=False"
+        )
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
+                num_batches_tracked, unbiased_running_var, on_nonfinite, activation="identity", param=0.0,
+                prelu_weight=None, inplace=False, fn="batch_norm"):
     check_floating_input(input)
     if input.dim() < 2:
         raise ValueError(
-            f"batch_norm expects input of shape (N, C) or (N, C, *spatial), got a "
+            f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
             f"{input.dim()}D tensor of shape {tuple(input.shape)}"
         )
     eps = check_eps(eps)
-    _check_channel_tensors("batch_norm", input, weight, bias, running_mean, running_var)
+    _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
     dims = (0,) + tuple(range(2, input.dim()))
     if not training:
         if running_mean is None:
             raise ValueError(
-                "batch_norm with training=False normalizes with running_mean and "
+                f"{fn} with training=False normalizes with running_mean and "
                 "running_var, but they are None; pass them, or training=True to use "
                 "batch statistics"
             )
-        return _normalize_with_running(
-            input, weight, bias, running_mean, running_var, dims, eps
-        )
+        result = fast.channel_norm(input, weight, bias, eps=eps, running_mean=running_mean,
+                                   running_var=running_var, activation=activation, param=param,
+                                   prelu_weight=prelu_weight, inplace=inplace, operation=fn)
+        if result is not None:
+            return result[0]
+        out = _normalize_with_running(input, weight, bias, running_mean, running_var, dims, eps)
+        out = apply_activation(out, activation, param, prelu_weight)
+        return input.copy_(out) if inplace else out
 
     count = reduced_count(input.shape, dims)
     if count <= 1:
@@ -150,16 +234,33 @@ def batch_norm(
     track = running_mean is not None
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, stats = normalize_batch(
-        input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
-        dims, eps,
-    )
+    result = fast.channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
+                               prelu_weight=prelu_weight, inplace=inplace, operation=fn)
+    if result is not None:
+        out, mean, var = result
+    else:
+        out, mean, var = _composed_channel_norm(input, weight, bias, dims, eps, activation, param,
+                                                prelu_weight, inplace)
+        mean, var = mean.flatten(), var.flatten()  # (1, C, 1, …) → (C,)
     if track:
-        _fold_into_running(  # stats are (1, C, 1, …)
-            running_mean, running_var, stats.mean.flatten(), stats.var.flatten(), count, momentum,
-            num_batches_tracked, unbiased_running_var, on_nonfinite,
-        )
+        _fold_into_running(running_mean, running_var, mean, var, count, momentum,
+                           num_batches_tracked, unbiased_running_var, on_nonfinite)
     return out
+
+
+def _composed_channel_norm(input, weight, bias, dims, eps, activation, param, prelu_weight, inplace,
+                           weight_view=None, bias_view=None):
+    """The composed path: (y, mean, var) with statistics kept as size-1 dims."""
+    w = _channel_view(weight, input.dim()) if weight_view is None else weight_view
+    b = _channel_view(bias, input.dim()) if bias_view is None else bias_view
+    if inplace:
+        with torch.no_grad():
+            moments = centered_moments(input, dims)
+            rstd = torch.rsqrt(moments.var + eps)
+        y = inplace_abn(input, w, b, moments.shift, moments.offset, rstd, dims, activation, param)
+        return y, moments.mean, moments.var
+    out, stats = normalize_batch(input, w, b, dims, eps)
+    return apply_activation(out, activation, param, prelu_weight), stats.mean, stats.var
 
 
 def instance_norm(
@@ -203,6 +304,11 @@ def instance_norm(
                 "instance_norm with use_input_stats=False normalizes with running_mean "
                 "and running_var, but they are None"
             )
+        result = fast.channel_norm(input, weight, bias, groups=input.shape[1], eps=eps,
+                                   running_mean=running_mean, running_var=running_var,
+                                   operation="instance_norm")
+        if result is not None:
+            return result[0]
         return _normalize_with_running(
             input, weight, bias, running_mean, running_var, dims, eps
         )
@@ -216,17 +322,20 @@ def instance_norm(
     track = running_mean is not None
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, stats = normalize_batch(
-        input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
-        dims, eps,
-    )
+    result = fast.channel_norm(input, weight, bias, groups=input.shape[1], eps=eps, operation="instance_norm")
+    if result is not None:
+        out, mean, var = result  # (N, C)
+    else:
+        out, stats = normalize_batch(
+            input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
+            dims, eps,
+        )
+        mean, var = stats.mean.flatten(1), stats.var.flatten(1)  # (N, C, 1, …) → (N, C)
     if track:
-        # The running estimate of a channel is the batch average of its instance stats
-        # (N, C, 1, …); every instance has the same count, so unbiasing after averaging
-        # is exact.
+        # The running estimate of a channel is the batch average of its instance stats;
+        # every instance has the same count, so unbiasing after averaging is exact.
         _fold_into_running(
-            running_mean, running_var, stats.mean.flatten(1).mean(0),
-            stats.var.flatten(1).mean(0),
+            running_mean, running_var, mean.mean(0), var.mean(0),
             count, momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
         )
     return out
@@ -280,8 +389,10 @@ def batch_renorm(
         raise ValueError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
     dims = (0,) + tuple(range(2, input.dim()))
     ndim = input.dim()
-    if not training:
-        return _normalize_with_running(input, weight, bias, running_mean, running_var, dims, eps)
+    if not training:  # exactly BatchNorm's eval
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                           num_batches_tracked=None, unbiased_running_var=unbiased_running_var,
+                           on_nonfinite=on_nonfinite, fn="batch_renorm")
 
     count = reduced_count(input.shape, dims)
     if count <= 1:
@@ -305,10 +416,16 @@ def batch_renorm(
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
-    stats = NormStats(moments.shift, moments.offset, torch.rsqrt(moments.var + eps))
-    out = normalize(input, w_eff, b_eff, stats, dims, eps, batch_stats=True)
+    result = fast.channel_norm(input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype),
+                               eps=eps, operation="batch_renorm")
+    if result is not None:
+        out, mean, var = result
+    else:
+        stats = NormStats(moments.shift, moments.offset, torch.rsqrt(moments.var + eps))
+        out = normalize(input, w_eff, b_eff, stats, dims, eps, batch_stats=True)
+        mean, var = moments.mean.flatten(), moments.var.flatten()
     _fold_into_running(
-        running_mean, running_var, moments.mean.flatten(), moments.var.flatten(), count,
+        running_mean, running_var, mean, var, count,
         momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
     )
     return out

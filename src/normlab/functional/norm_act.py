@@ -1,0 +1,44 @@
+"""norm_act: normalization followed by an activation, fused (Conv → norm → activation)."""
+
+from __future__ import annotations
+
+import torch
+
+from .per_sample import group_norm_act
+from .tracked import batch_norm_act
+
+__all__ = ["norm_act"]
+
+
+def norm_act(
+    input: torch.Tensor,
+    norm: str = "batch",
+    *,
+    num_groups: int | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    activation_param: float | None = None,
+    prelu_weight: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``activation(norm(input))`` in one fused pass, for ``norm`` "batch" or "group".
+
+    See :func:`batch_norm_act` and :func:`group_norm_act` (which this calls) for the
+    activations — relu, leaky_relu, elu, prelu, silu, identity — and the in-place mode.
+    """
+    if norm == "batch":
+        return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                              activation=activation, activation_param=activation_param,
+                              prelu_weight=prelu_weight, inplace=inplace)
+    if norm == "group":
+        if num_groups is None:
+            raise ValueError("norm_act with norm='group' needs num_groups")
+        return group_norm_act(input, num_groups, weight, bias, eps, activation=activation,
+                              activation_param=activation_param, prelu_weight=prelu_weight, inplace=inplace)
+    raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
