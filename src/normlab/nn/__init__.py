@@ -19,7 +19,8 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
-from .syncbatchnorm import SyncBatchNorm
+from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct
+from .syncbatchnorm import SyncBatchNorm, SyncBatchNormAct
 
 #: Every normalization module class, normlab's and torch.nn's.
 NORM_LAYERS: tuple[type, ...] = (
@@ -45,6 +46,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -53,6 +57,7 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "GroupNorm",
+    "GroupNormAct",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
@@ -60,5 +65,6 @@ __all__ = [
     "RMSNorm",
     "RenormSchedule",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "is_norm_layer",
 ]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from ..core import apply_activation, check_activation
 from .base import _NormBase, check_channel_input
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
 
 class SyncBatchNorm(_NormBase):
@@ -80,3 +81,32 @@ class SyncBatchNorm(_NormBase):
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
             self.momentum, self.eps, **extras,
         )
+
+
+class SyncBatchNormAct(SyncBatchNorm):
+    """SyncBatchNorm followed by an activation (the norm+act form of SyncBatchNorm).
+
+    Same extra arguments as :class:`normlab.nn.BatchNormAct2d` except ``inplace``; what
+    :func:`normlab.surgery.convert_sync_batchnorm` turns a BatchNormAct into.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, activation="relu", activation_param=None,
+                 **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
+                         **kwargs)
+        from .normact import activation_module  # normact imports batchnorm; keep this one local
+
+        self.activation = activation
+        self.activation_param = check_activation(activation, activation_param)
+        self.inplace = False
+        self.act = activation_module(activation, self.activation_param, num_features)
+        if device is not None or dtype is not None:
+            self.act.to(device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        prelu = self.act.weight if self.activation == "prelu" else None
+        return apply_activation(super().forward(input), self.activation, self.activation_param, prelu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"

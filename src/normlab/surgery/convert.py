@@ -7,6 +7,8 @@ with the layer; running statistics move where the target keeps them.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -42,14 +44,31 @@ def auto_groups(channels: int, max_groups: int = 32) -> int:
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
 
 
+_ACT_BY_DIMS = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
+
+
+def _activation_of(module: nn.Module) -> dict | None:
+    """The activation settings of a fused norm+act layer, or None."""
+    if isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "activation", None), str):
+        return {"activation": module.activation, "activation_param": module.activation_param,
+                "inplace": getattr(module, "inplace", False)}
+    return None
+
+
 def build_norm(kind: str, info: NormInfo, *, dims: int | None, groups: int | None,
-               factory: dict) -> nn.Module:
-    """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``."""
+               factory: dict, activation: dict | None = None) -> nn.Module:
+    """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``; with
+    ``activation`` (a fused source), the fused form where one exists."""
     affine = info.weight is not None
     bias = info.bias is not None
     if kind in ("group", "layer"):
-        return nln.GroupNorm(groups if kind == "group" else 1, info.channels, eps=info.eps,
-                             affine=affine, bias=bias if affine else True, **factory)
+        cls = nln.GroupNormAct if activation else nln.GroupNorm
+        return cls(groups if kind == "group" else 1, info.channels, eps=info.eps,
+                   affine=affine, bias=bias if affine else True, **factory, **(activation or {}))
+    if kind == "batch" and activation:
+        momentum = info.momentum if info.kind in ("batch", "batch_renorm", "instance") else 0.1
+        return _ACT_BY_DIMS[dims - 1](info.channels, eps=info.eps, momentum=momentum, affine=affine,
+                                      bias=bias if affine else True, **factory, **activation)
     cls = _BY_DIMS[kind][dims - 1]
     if kind == "frozen":
         return cls(info.channels, eps=info.eps, **factory)
@@ -162,11 +181,20 @@ def convert_norms(
                 continue
             else:
                 n_groups = groups
-        target = build_norm(to, info, dims=dims, groups=n_groups, factory=module_factory_kwargs(module))
+        activation = _activation_of(module)
+        target = build_norm(to, info, dims=dims, groups=n_groups, factory=module_factory_kwargs(module),
+                            activation=activation)
         statistics = _transfer(info, target)
+        if activation is not None:
+            if hasattr(target, "act"):
+                target.act.load_state_dict(module.act.state_dict())
+            else:  # no fused form of this kind: the activation follows as its own module
+                target = nn.Sequential(target, copy.deepcopy(module.act))
         target.train(module.training)
         new = replace_module(new, path, target)
         detail = {"statistics": statistics}
+        if activation is not None:
+            detail["activation"] = activation["activation"] + ("" if hasattr(target, "act") else " (separate module)")
         if n_groups is not None:
             detail["groups"] = n_groups
         report.changed(path, "replaced", class_label(module), class_label(target), **detail)

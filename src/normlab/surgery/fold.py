@@ -95,8 +95,8 @@ def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _replacement_for(bn: nn.Module) -> nn.Module:
     """What stays where the BatchNorm was: nothing, or a fused layer's activation."""
-    activation = getattr(bn, "activation", None)
-    return activation if isinstance(activation, nn.Module) else nn.Identity()
+    act = getattr(bn, "act", None)  # BatchNormAct*: the activation stays
+    return act if isinstance(act, nn.Module) else nn.Identity()
 
 
 def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:

@@ -15,6 +15,7 @@ _ORIGINAL_CLASS = "_normlab_unsync_to"
 
 _BATCHNORMS = (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d,
                nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_FUSED = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> SurgeryResult:
@@ -27,18 +28,24 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> SurgeryResul
     new = copy_model(model)
     report = SurgeryReport("convert_sync_batchnorm")
     for path, module in list(new.named_modules()):
-        if type(module) not in _BATCHNORMS:
+        if type(module) not in _BATCHNORMS + _FUSED:
             info = describe_norm(module)
             if info is not None and info.kind in ("batch", "batch_renorm", "frozen") \
                     and not isinstance(module, nln.SyncBatchNorm):
                 report.skip(path, f"{class_label(module)} is not a plain BatchNorm")
             continue
-        synced = nln.SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, process_group, bias=module.bias is not None,
-            unbiased_running_var=getattr(module, "unbiased_running_var", True),
-            on_nonfinite=getattr(module, "on_nonfinite", "skip"), **module_factory_kwargs(module),
-        )
+        kwargs = dict(bias=module.bias is not None,
+                      unbiased_running_var=getattr(module, "unbiased_running_var", True),
+                      on_nonfinite=getattr(module, "on_nonfinite", "skip"), **module_factory_kwargs(module))
+        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                process_group)
+        if type(module) in _FUSED:  # the activation stays; the in-place mode does not sync
+            synced = nln.SyncBatchNormAct(*args, activation=module.activation,
+                                          activation_param=module.activation_param, **kwargs)
+            if module.inplace:
+                report.notes.append(f"{path}: inplace=True dropped (SyncBatchNormAct keeps its input)")
+        else:
+            synced = nln.SyncBatchNorm(*args, **kwargs)
         synced.load_state_dict(module.state_dict())
         synced.train(module.training)
         if getattr(module, "frozen", False):
@@ -66,6 +73,8 @@ def revert_sync_batchnorm(model: nn.Module) -> SurgeryResult:
         kwargs = dict(bias=module.bias is not None, **module_factory_kwargs(module))
         if issubclass(original, nln._NormBase):
             kwargs.update(unbiased_running_var=module.unbiased_running_var, on_nonfinite=module.on_nonfinite)
+        if issubclass(original, _FUSED):
+            kwargs.update(activation=module.activation, activation_param=module.activation_param)
         args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         restored = original(*args, **kwargs)
         restored.load_state_dict(module.state_dict())

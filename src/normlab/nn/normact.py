@@ -1,0 +1,139 @@
+"""Fused normalization + activation: BatchNormAct1d/2d/3d and GroupNormAct.
+
+They subclass the plain norms, so a checkpoint of ``BatchNorm2d`` loads into
+``BatchNormAct2d`` and back (state-dict keys are the norm's, plus the activation's own —
+``act.weight`` for PReLU). ``act`` is the activation module, kept for ``repr``, state and
+for surgery (folding a BatchNormAct leaves ``act`` behind); the forward never calls it:
+normalization and activation run as one fused pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..core import check_activation
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .groupnorm import GroupNorm
+
+__all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "activation_module"]
+
+
+def activation_module(name: str, param: float, channels: int) -> nn.Module:
+    """The torch.nn module that ``activation=name`` stands for."""
+    if name == "identity":
+        return nn.Identity()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(param)
+    if name == "elu":
+        return nn.ELU(param)
+    if name == "silu":
+        return nn.SiLU()
+    if name == "prelu":
+        return nn.PReLU(channels, init=param)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class _ActMixin:
+    """The activation choice and its module, shared by the fused layers."""
+
+    def _init_activation(self, channels, activation, activation_param, inplace):
+        self.activation = activation
+        self.activation_param = check_activation(activation, activation_param, inplace=inplace)
+        self.inplace = bool(inplace)
+        self.act = activation_module(activation, self.activation_param, channels)
+
+    def _act_kwargs(self) -> dict:
+        return {
+            "activation": self.activation,
+            "activation_param": self.activation_param,
+            "prelu_weight": self.act.weight if self.activation == "prelu" else None,
+            "inplace": self.inplace,
+        }
+
+    def _act_repr(self) -> str:
+        text = f", activation={self.activation!r}"
+        if self.activation in ("leaky_relu", "elu"):
+            text += f", activation_param={self.activation_param}"
+        return text + (", inplace=True" if self.inplace else "")
+
+
+_ACT_ARGS = """
+    Extra keyword-only arguments:
+        activation: "relu" (default), "leaky_relu", "elu", "silu", "prelu" or "identity".
+        activation_param: LeakyReLU's slope (default 0.01), ELU's alpha (1.0), PReLU's
+            initial slope (0.25).
+        inplace: In-Place Activated BatchNorm (Rota Bulò et al., 2018): the output is
+            written over the input and is all that is kept for backward, where the input is
+            recovered by inverting the activation and the affine. Needs an invertible
+            activation (identity, leaky_relu, elu); raises ``ValueError`` otherwise. The
+            input must not be needed elsewhere — autograd raises if it is.
+"""
+
+
+class _BatchNormAct(_ActMixin):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, activation="relu", activation_param=None, inplace=False, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
+        self._init_activation(num_features, activation, activation_param, inplace)
+        if device is not None or dtype is not None:
+            self.act.to(device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        use_batch_stats = self._uses_batch_stats
+        pass_running = not use_batch_stats or self.track_running_stats
+        updating = use_batch_stats and self.training and self.track_running_stats
+        extras = self._update_kwargs() if updating else {}
+        return F.batch_norm_act(
+            input,
+            self.running_mean if pass_running else None,
+            self.running_var if pass_running else None,
+            self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
+            **self._act_kwargs(), **extras,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._act_repr()
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    __doc__ = "BatchNorm1d followed by an activation, fused; a drop-in for BatchNorm1d + act.\n" + _ACT_ARGS
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    __doc__ = (
+        "BatchNorm2d followed by an activation, fused: the Conv → BN → activation order in one pass.\n\n"
+        "    Only the input is kept for backward (torch.nn's BatchNorm2d + LeakyReLU keeps two\n"
+        "    full-size tensors), one tensor with ``inplace=True`` — the output, which the next\n"
+        "    layer keeps anyway.\n" + _ACT_ARGS
+    )
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    __doc__ = "BatchNorm3d followed by an activation, fused.\n" + _ACT_ARGS
+
+
+class GroupNormAct(_ActMixin, GroupNorm):
+    __doc__ = "GroupNorm followed by an activation, fused.\n" + _ACT_ARGS
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *,
+                 activation="relu", activation_param=None, inplace=False, bias=True):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        self._init_activation(num_channels, activation, activation_param, inplace)
+        if device is not None or dtype is not None:
+            self.act.to(device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
+                f"channels at input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
+        return F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps, **self._act_kwargs())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._act_repr()
