@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -64,9 +65,62 @@ def run_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_layers(args: argparse.Namespace) -> int:
+    from ..bench.layers import format_layer_table, run_layer_benchmark, summary, tune_malloc
+    from ..core import fast
+
+    tuned = False if args.default_malloc else tune_malloc()
+    print(f"normlab vs torch.nn, float32, times as multiples of copying the same tensor (preallocated); "
+          f"medians of interleaved repetitions; {fast.status()}; malloc "
+          f"{'keeps freed memory' if tuned else 'default'}", flush=True)
+    rows = run_layer_benchmark(quick=args.quick, threads=tuple(args.threads),
+                               progress=(lambda r: print(f"  {r['layer']} {r['shape']} {r['layout']} "
+                                                          f"{r['threads']} thr: fwd {r['fwd_ratio']:.2f} "
+                                                          f"f+b {r.get('fb_ratio', float('nan')):.2f}", flush=True))
+                               if args.verbose else None)
+    print(format_layer_table(rows))
+    goals = summary(rows)
+    print(f"\nnot slower than torch.nn (fwd and f+b ratio <= 1): {goals['not_slower_than_torch']}/{goals['rows']} rows; "
+          f"training fwd <= 2x copy: {goals['train_fwd_le_2x_copy']}/{goals['train_rows']}; "
+          f"f+b <= 5x copy: {goals['train_fb_le_5x_copy']}/{goals['train_rows']}; "
+          f"eval BatchNorm <= 1.2x copy: {goals['eval_bn_le_1_2x_copy']}/{goals['eval_bn_rows']}; "
+          f"within 1e-5 relative of torch.nn: {goals['within_1e-5_of_torch']}/{goals['rows']}; "
+          f"no less accurate than torch.nn against float64: {goals['no_less_accurate_than_torch']}/{goals['rows']} "
+          f"(worst error: normlab {goals['max_err_ours']:.1e}, torch.nn {goals['max_err_torch']:.1e})")
+    if args.out:
+        atomic_write_json(Path(args.out), {"benchmark": "layers", "machine": _machine(), "malloc_tuned": tuned,
+                                           "backend": fast.status(), "summary": goals, "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from ..bench.memory import MemoryBenchConfig, format_memory_table, run_memory_benchmark
+
+    config = MemoryBenchConfig(batch=args.batch, threads=args.threads)
+    rows = run_memory_benchmark(config)
+    print(f"training memory of a ResNet-style CNN ({config.blocks} blocks, width {config.width}, "
+          f"{config.image}x{config.image} images, batch {config.batch}); each variant in its own process; "
+          "saved = bytes autograd keeps for backward (activations over 64 KiB)")
+    print(format_memory_table(rows))
+    if args.out:
+        atomic_write_json(Path(args.out), {"benchmark": "memory", "machine": _machine(),
+                                           "config": asdict(config),
+                                           "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
     kinds = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    layers = kinds.add_parser("layers", help="every norm layer vs torch.nn (the default when no BENCHMARK is given)")
+    layers.add_argument("--quick", action="store_true", help="one shape per family, about a minute")
+    layers.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    layers.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see docs)")
+    layers.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    layers.add_argument("--out", help="write the rows as JSON to this path")
+    layers.set_defaults(func=run_layers)
     fold = kinds.add_parser("fold", help="ResNet-18-style eval inference, BatchNorm unfolded vs folded")
     fold.add_argument("--quick", action="store_true", help="fewer repetitions, one width")
     fold.add_argument("--threads", type=int, default=2)
@@ -80,3 +134,8 @@ def add_parser(sub) -> None:
     sync.add_argument("--quick", action="store_true", help="fewer repetitions")
     sync.add_argument("--out", help="write the result as JSON to this path")
     sync.set_defaults(func=run_sync)
+    memory = kinds.add_parser("memory", help="peak memory of BatchNorm+LeakyReLU: torch.nn, fused, in-place")
+    memory.add_argument("--batch", type=int, default=64)
+    memory.add_argument("--threads", type=int, default=2)
+    memory.add_argument("--out", help="write the rows as JSON to this path")
+    memory.set_defaults(func=run_memory)
