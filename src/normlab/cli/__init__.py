@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import bench, demo, surgery, sync_demo
+from . import bench, demo, experiments, surgery, sync_demo
 from .common import CommandError
 
 __all__ = ["build_parser", "main"]
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    experiments.add_parsers(sub)
     demo.add_parser(sub)
     surgery.add_parser(sub)
     bench.add_parser(sub)

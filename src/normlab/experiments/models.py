@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from .. import init as nlinit
 from .. import nn as nln
 
-__all__ = ["NORM_KINDS", "BasicBlock", "ConvNet1d", "ResNet18", "make_norm"]
+__all__ = [
+    "ACTIVATION_KINDS",
+    "INIT_SCHEMES",
+    "MLP",
+    "NORM_KINDS",
+    "BasicBlock",
+    "ConvNet1d",
+    "ResNet18",
+    "init_linear_",
+    "make_activation",
+    "make_norm",
+]
 
-NORM_KINDS = ("batch", "group", "layer", "instance", "none")
+NORM_KINDS = ("batch", "group", "layer", "instance", "none", "renorm")
 
 
-def make_norm(kind: str, channels: int, *, dims: int = 1, groups: int = 8) -> nn.Module:
+def make_norm(kind: str, channels: int, *, dims: int = 1, groups: int = 8,
+              renorm_schedule: nln.RenormSchedule | None = None) -> nn.Module:
     """The normalization layer ``kind`` for ``channels`` channels of a ``dims``-D conv.
 
     ``"layer"`` is GroupNorm with one group (LayerNorm over (C, *spatial) with
     per-channel affine, the form the GroupNorm paper compares); ``"instance"`` is
-    InstanceNorm with affine, as in that paper.
+    InstanceNorm with affine, as in that paper; ``"renorm"`` is BatchRenorm with
+    ``renorm_schedule`` (default: r_max 3, d_max 5 from the start).
     """
     if kind == "batch":
         return {1: nln.BatchNorm1d, 2: nln.BatchNorm2d, 3: nln.BatchNorm3d}[dims](channels)
+    if kind == "renorm":
+        cls = {1: nln.BatchRenorm1d, 2: nln.BatchRenorm2d, 3: nln.BatchRenorm3d}[dims]
+        return cls(channels, schedule=renorm_schedule or nln.RenormSchedule())
     if kind == "group":
         return nln.GroupNorm(min(groups, channels), channels)
     if kind == "layer":
@@ -40,7 +58,8 @@ class ConvNet1d(nn.Sequential):
     """
 
     def __init__(self, norm: str = "batch", width: int = 32, depth: int = 3,
-                 num_classes: int = 10, in_channels: int = 1, groups: int = 8) -> None:
+                 num_classes: int = 10, in_channels: int = 1, groups: int = 8,
+                 renorm_schedule: nln.RenormSchedule | None = None) -> None:
         layers: list[nn.Module] = []
         channels = in_channels
         for i in range(depth):
@@ -48,7 +67,7 @@ class ConvNet1d(nn.Sequential):
             layers += [
                 nn.Conv1d(channels, width, 3, padding=1, stride=2 if i else 1,
                           bias=norm == "none"),
-                make_norm(norm, width, dims=1, groups=groups),
+                make_norm(norm, width, dims=1, groups=groups, renorm_schedule=renorm_schedule),
                 nn.ReLU(inplace=True),
             ]
             channels = width
@@ -102,3 +121,99 @@ class ResNet18(nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+ACTIVATION_KINDS = ("tanh", "sigmoid", "relu", "leaky_relu", "prelu", "elu", "rrelu")
+
+
+def make_activation(kind: str, width: int) -> nn.Module:
+    """A fresh activation module; PReLU gets one learnable slope per unit."""
+    makers = {
+        "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.01), "prelu": lambda: nn.PReLU(width),
+        "rrelu": nn.RReLU,  # random slope in [1/8, 1/3] in training, their mean in eval
+    }
+    if kind not in makers:
+        raise ValueError(f"activation must be one of {ACTIVATION_KINDS}, got {kind!r}")
+    return makers[kind]()
+
+
+#: Weight initializations for the MLP studies (biases start at 0 in every scheme but "torch").
+INIT_SCHEMES = ("torch", "normal", "xavier", "xavier_relu", "he", "he_scaled")
+
+
+def init_linear_(layer: nn.Linear, scheme: str, *, std: float = 0.01, scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> nn.Linear:
+    """Initialize one Linear layer.
+
+    ``torch``: torch.nn's default (U[±1/√fan_in], i.e. std 1/√(3·fan_in)); ``normal``:
+    N(0, std²); ``xavier``: Glorot's normal form with gain 1 (right for tanh);
+    ``xavier_relu``: the same with ReLU's gain √2 — Xavier "adapted" to ReLU, still
+    averaging the fans; ``he``: N(0, 2/fan_in); ``he_scaled``: He times ``scale`` (a
+    deliberately exploding init for scale > 1).
+    """
+    if scheme == "torch":
+        return layer
+    w = layer.weight
+    if scheme == "normal":
+        with torch.no_grad():
+            w.normal_(0.0, std, generator=generator)
+    elif scheme == "xavier":
+        nlinit.xavier_normal_(w, activation="tanh", generator=generator)
+    elif scheme == "xavier_relu":
+        nlinit.xavier_normal_(w, activation="relu", generator=generator)
+    elif scheme in ("he", "he_scaled"):
+        nlinit.he_normal_(w, activation="relu", generator=generator)
+        if scheme == "he_scaled":
+            with torch.no_grad():
+                w.mul_(scale)
+    else:
+        raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    if layer.bias is not None:
+        with torch.no_grad():
+            layer.bias.zero_()
+    return layer
+
+
+class MLP(nn.Module):
+    """``in_features`` → [Linear → norm → activation] per width → optional Linear head.
+
+    ``norm``: "batch" (BatchNorm1d, before the activation as in Ioffe & Szegedy), "layer"
+    (LayerNorm) or "none". Hidden blocks are ``self.blocks[i]`` with children ``linear``,
+    ``norm`` and ``act``, so studies can hook any of them. The head, when present, gets
+    Xavier init whatever ``init`` says, so that init studies vary only the hidden layers.
+    """
+
+    def __init__(self, in_features: int, widths, num_classes: int | None = 10, *,
+                 activation: str = "relu", norm: str = "none", init: str = "torch",
+                 init_std: float = 0.01, init_scale: float = 1.0, seed: int | None = None) -> None:
+        super().__init__()
+        if norm not in ("batch", "layer", "none"):
+            raise ValueError(f"MLP norm must be 'batch', 'layer' or 'none', got {norm!r}")
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.blocks = nn.ModuleList()
+        previous = in_features
+        for width in widths:
+            block = nn.Module()
+            block.linear = init_linear_(nn.Linear(previous, width, bias=norm == "none"), init,
+                                        std=init_std, scale=init_scale, generator=generator)
+            block.norm = {"batch": lambda: nln.BatchNorm1d(width), "layer": lambda: nln.LayerNorm(width),
+                          "none": nn.Identity}[norm]()
+            block.act = make_activation(activation, width)
+            self.blocks.append(block)
+            previous = width
+        self.head = None
+        if num_classes is not None:
+            self.head = nn.Linear(previous, num_classes)
+            nlinit.xavier_normal_(self.head.weight, activation="linear", generator=generator)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for block in self.blocks:
+            x = block.act(block.norm(block.linear(x)))
+        return x if self.head is None else self.head(x)
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .data import Dataset
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "train_classifier"]
+__all__ = ["StepConfig", "TrainConfig", "TrainResult", "evaluate", "train_classifier", "train_steps"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,111 @@ def _train(model, data, config, on_epoch):
     return TrainResult(
         test_accuracy=accuracy,
         train_loss=history[-1]["train_loss"] if history else math.nan,
+        seconds=time.perf_counter() - start,
+        steps=step,
+        diverged=diverged,
+        history=history,
+    )
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Training by step count (the studies that plot curves): plain SGD with momentum,
+    a constant or cosine learning rate, optional gradient-norm clipping."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "cosine"
+    clip_norm: float | None = None
+    check_every: int = 100  # steps between calls of ``on_check``
+    seed: int = 0
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.check_every < 1:
+            raise ValueError("steps, batch_size and check_every must be >= 1")
+
+
+def train_steps(
+    model: nn.Module,
+    data: Dataset,
+    config: StepConfig,
+    *,
+    on_check: Callable[[int, nn.Module], dict] | None = None,
+) -> TrainResult:
+    """Train for ``config.steps`` minibatch steps (epochs of a fixed random order, the
+    ragged end dropped); ``on_check(step, model)`` runs before the first step, every
+    ``check_every`` steps and after the last, and its dict goes into ``history`` with the
+    step and the mean training loss since the previous check. A non-finite loss stops
+    training and marks the result as diverged. Deterministic for a given seed.
+    """
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train_steps(model, data, config, on_check)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_steps(model, data, config, on_check):
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    schedule = None
+    if config.schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps)))
+    loss_fn = nn.CrossEntropyLoss()
+    n = len(data.y_train)
+    per_epoch = max(1, n // config.batch_size)
+    history: list[dict] = []
+
+    def check(step: int, losses: list[float]) -> None:
+        # None, not NaN, where there is no loss yet: the history goes to JSON as it is.
+        record = {"step": step, "train_loss": sum(losses) / len(losses) if losses else None}
+        if on_check is not None:
+            record.update(on_check(step, model))
+        history.append(record)
+
+    start = time.perf_counter()
+    model.train()
+    check(0, [])
+    losses: list[float] = []
+    diverged, step, order = False, 0, None
+    while step < config.steps:
+        if step % per_epoch == 0:
+            order = torch.randperm(n, generator=generator)
+        i = step % per_epoch
+        idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        losses.append(loss.item())
+        step += 1
+        if step % config.check_every == 0 or step == config.steps:
+            check(step, losses)
+            losses = []
+            model.train()
+    if diverged:
+        history.append({"step": step, "train_loss": None, "diverged": True})
+    accuracy = 0.0 if diverged else evaluate(model, data.x_test, data.y_test)
+    return TrainResult(
+        test_accuracy=accuracy,
+        train_loss=math.nan if diverged or history[-1]["train_loss"] is None else history[-1]["train_loss"],
         seconds=time.perf_counter() - start,
         steps=step,
         diverged=diverged,

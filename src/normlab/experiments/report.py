@@ -1,0 +1,110 @@
+"""One self-contained HTML page for a set of study results, beside their JSON and PNGs."""
+
+from __future__ import annotations
+
+import html
+import platform
+from pathlib import Path
+
+import torch
+
+__all__ = ["machine_info", "render_report", "write_report"]
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
+       line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 2.2em; border-bottom: 1px solid #ccc; }
+.meta { color: #666; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+.yes { background: #e6f4e6; } .partly { background: #fdf3d8; } .no { background: #f9e0e0; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; }
+.error { color: #a00; font-weight: bold; }
+details summary { cursor: pointer; color: #335; }
+"""
+
+
+def machine_info() -> dict:
+    import os
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "platform": platform.platform()}
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(columns, rows, classes=None) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _section(result: dict, folder: str) -> str:
+    parts = [f'<h2 id="{_e(result["study"])}">{_e(result["title"])}</h2>',
+             f'<p class="meta">normlab run {_e(result["study"])} — setting {_e(result.get("setting", ""))}, '
+             f'{result.get("seconds") or 0:.0f} s. {_e(result["question"])}</p>']
+    if result.get("error"):
+        parts.append(f'<p class="error">This study failed: {_e(result["error"])}</p>')
+        return "\n".join(parts)
+    if result.get("summary"):
+        parts.append("<ul>" + "".join(f"<li>{_e(s)}</li>" for s in result["summary"]) + "</ul>")
+    if result.get("comparison"):
+        parts.append("<h3>Published vs ours</h3>")
+        rows = [[c["what"], c["published"], c["ours"], c["agrees"], c.get("why", "")] for c in result["comparison"]]
+        parts.append(_table(["claim", "published", "ours", "agrees", "why it differs"], rows,
+                            [c["agrees"] for c in result["comparison"]]))
+    figures = result.get("figures", [])
+    main, extra = figures[-1:] if result["study"] == "init-depth" else figures, \
+        figures[:-1] if result["study"] == "init-depth" else []
+    for fig in main:
+        parts.append(f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}">'
+                     f'<figcaption>{_e(fig["caption"])}</figcaption></figure>')
+    if extra:  # init-depth's twelve histogram grids: folded away, one click each
+        parts.append(f"<details><summary>{len(extra)} histogram grids, one per configuration</summary>")
+        for fig in extra:
+            parts.append(f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}" loading="lazy">'
+                         f'<figcaption>{_e(fig["caption"])}</figcaption></figure>')
+        parts.append("</details>")
+    for table in result.get("tables", []):
+        parts.append(f"<h3>{_e(table['title'])}</h3>" + _table(table["columns"], table["rows"]))
+        if table.get("note"):
+            parts.append(f'<p class="meta">{_e(table["note"])}</p>')
+    parts.append(f'<p class="meta">Every number: <a href="{_e(folder)}/result.json">{_e(folder)}/result.json</a>'
+                 f' (config included).</p>')
+    return "\n".join(parts)
+
+
+def render_report(results: list[dict], *, setting: str, seconds: float, machine: dict | None = None) -> str:
+    machine = machine or machine_info()
+    verdicts = [c["agrees"] for r in results for c in r.get("comparison", [])]
+    counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("yes", "partly", "no"))
+    toc = "".join(f'<li><a href="#{_e(r["study"])}">{_e(r["title"])}</a>'
+                  f'{" — failed" if r.get("error") else ""}</li>' for r in results)
+    head = (f"<h1>normlab studies</h1>"
+            f'<p class="meta">Setting <b>{_e(setting)}</b>; {len(results)} studies in {seconds:.0f} s on '
+            f'{_e(machine.get("cores"))} CPU cores ({_e(machine.get("cpu"))}), Python {_e(machine.get("python"))}, '
+            f'torch {_e(machine.get("torch"))}. Published claims checked: {counts}.</p>'
+            "<p>Every study runs on data generated or shipped offline (MNIST-1D, Gaussian features) with small "
+            "models on a CPU, so the published numbers — mostly ImageNet-scale — are compared in shape and "
+            "direction, not in value. Where ours differ, the table says so and why.</p>"
+            f"<ol>{toc}</ol>")
+    body = "\n".join(_section(r, r["study"]) for r in results)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>normlab studies ({_e(setting)})</title>"
+            f"<style>{_CSS}</style></head><body>{head}{body}</body></html>")
+
+
+def write_report(results: list[dict], out_dir: Path, *, setting: str, seconds: float) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "index.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(render_report(results, setting=setting, seconds=seconds), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""The studies, one module each; importing a module registers it (see ``..study``)."""
