@@ -162,10 +162,14 @@ def run(config: Config, out_dir: Path) -> dict:
                if all(r["trains"] for r in cell(rows, deep, i, n))]
     result.summary.append(f"At depth {deep}, every seed trains with: {', '.join(trained) or 'none of them'}.")
     if clipped:
-        rescued = [r for r in clipped if r["trains"]]
+        # A clipped run counts as rescued only if the same run failed without clipping.
+        plain = {(r["depth"], r["init"], r["norm"], r["seed"]): r for r in rows}
+        key = lambda r: (r["depth"], r["init"], r["norm"], r["seed"])  # noqa: E731
+        rescued = [r for r in clipped if r["trains"] and not plain[key(r)]["trains"]]
+        hurt = [r for r in clipped if not r["trains"] and plain[key(r)]["trains"]]
         result.summary.append(f"Clipping the gradient norm to {config.clip_norm:g} was tried on {len(clipped)} exploding "
-                              f"runs and made {len(rescued)} of them train "
-                              f"({sum(r['diverged'] for r in clipped)} still diverged).")
+                              f"runs: it made {len(rescued)} that failed without it train, and stopped {len(hurt)} "
+                              f"that trained without it ({sum(r['diverged'] for r in clipped)} diverged even so).")
     if "none" in config.norms and "xavier" in config.inits and "he" in config.inits:
         result.compare("ReLU with Xavier: gradients vanish with depth; He keeps them",
                        "He et al. (2015): with Var(w) = 1/n each ReLU layer halves the signal; 2/n preserves it",
