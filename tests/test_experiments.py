@@ -83,6 +83,7 @@ def test_ci_runs_the_readme_commands():
     commands = [readme[i + 1] for i, line in enumerate(readme) if line.startswith(("# 1. ", "# 2. "))]
     assert len(commands) == 2
     assert all(c.startswith("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0") for c in commands)
+    assert commands[0].endswith("normlab study --quick")  # the main job is the quick study suite
     assert "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command 1" in ci and "readme_command 2" in ci
