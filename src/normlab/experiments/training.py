@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` (None or 0: left as they are) inside the block."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train_classifier(
     model: nn.Module,
     data: Dataset,
@@ -65,13 +78,8 @@ def train_classifier(
 
     A non-finite loss stops training and marks the result as diverged.
     """
-    previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with _threads(config.threads):
         return _train(model, data, config, on_epoch)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train(model, data, config, on_epoch):
@@ -159,13 +167,8 @@ def train_steps(
     step and the mean training loss since the previous check. A non-finite loss stops
     training and marks the result as diverged. Deterministic for a given seed.
     """
-    previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    with _threads(config.threads):
         return _train_steps(model, data, config, on_check)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train_steps(model, data, config, on_check):
