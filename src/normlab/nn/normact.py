@@ -10,11 +10,13 @@ normalization and activation run as one fused pass.
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
 from torch import nn
 
 from .. import functional as F
 from ..core import check_activation
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .base import traced_call
 from .groupnorm import GroupNorm
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "activation_module"]
@@ -45,6 +47,14 @@ class _ActMixin:
         self.activation_param = check_activation(activation, activation_param, inplace=inplace)
         self.inplace = bool(inplace)
         self.act = activation_module(activation, self.activation_param, channels)
+
+    def reset_parameters(self) -> None:
+        """The norm's reset, and PReLU's slope back to its initial value."""
+        super().reset_parameters()
+        act = self.__dict__.get("_modules", {}).get("act")  # absent while the norm is built
+        if isinstance(act, nn.PReLU):
+            with torch.no_grad():
+                act.weight.fill_(self.activation_param)
 
     def _act_kwargs(self) -> dict:
         return {
@@ -83,6 +93,8 @@ class _BatchNormAct(_ActMixin):
             self.act.to(device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats
         pass_running = not use_batch_stats or self.track_running_stats
@@ -128,6 +140,8 @@ class GroupNormAct(_ActMixin, GroupNorm):
             self.act.to(device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise ValueError(
                 f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
