@@ -302,7 +302,13 @@ class _ChannelNormInPlace(torch.autograd.Function):
 
 def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):
     """(y, mean, var) with y written over ``x``: the in-place mode on the kernels."""
-    return _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param)
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    out = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param)
+    if not recorded:
+        # The kernel wrote through a raw pointer; without a graph mark_dirty did nothing, so
+        # bump the version ourselves: a tensor some other op saved must not change silently.
+        torch.autograd.graph.increment_version(x)
+    return out
 
 
 # --- normlab::row_norm: LayerNorm and RMSNorm ------------------------------------------------
