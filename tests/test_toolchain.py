@@ -298,3 +298,41 @@ def test_modules_under_functional_call_and_vmap():
     g_ours, g_theirs = per_sample(ours), per_sample(theirs)
     for k in params:
         _close(g_ours[k], g_theirs[k], 1e-4)
+
+
+# --- off the CPU: torch's kernels, no extra passes ----------------------------------------------
+
+class _CountActivationSized(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops whose output is as large as the input: the passes over memory that cost."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        self.count += any(isinstance(t, torch.Tensor) and t.numel() == self.numel for t in flat)
+        return out
+
+
+@pytest.mark.parametrize("name,make,shape", [
+    ("batchnorm-train", lambda lib: lib.BatchNorm2d(8), (4, 8, 5, 5)),
+    ("batchnorm-eval", lambda lib: lib.BatchNorm2d(8).eval(), (4, 8, 5, 5)),
+    ("groupnorm", lambda lib: lib.GroupNorm(2, 8), (4, 8, 5, 5)),
+    ("layernorm", lambda lib: lib.LayerNorm(8), (4, 5, 8)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_off_cpu_paths_make_no_more_passes_than_torch_nn(name, make, shape):
+    """On the meta device (as on CUDA) normlab runs torch's native kernels: forward and
+    backward make as many activation-sized passes as torch.nn's layer (1 and 1 or 2)."""
+    counts = {}
+    for lib_name, lib in (("torch", nn), ("normlab", nl.nn)):
+        layer = make(lib).to("meta")
+        x = torch.randn(shape, device="meta", requires_grad=True)
+        with _CountActivationSized(x.numel()) as forward:
+            y = layer(x)
+        with _CountActivationSized(x.numel()) as backward:
+            y.backward(torch.ones_like(y))
+        counts[lib_name] = (forward.count, backward.count)
+    assert counts["normlab"] == counts["torch"], counts
+    assert counts["normlab"][0] <= 3 and counts["normlab"][1] <= 3

@@ -39,7 +39,7 @@ import torch.nn.functional as TF
 
 from .activation import apply_activation, inplace_abn
 from .fast import build as _build
-from .fast.ops import ACTIVATIONS, channel_layout, channel_norm_inplace
+from .fast.ops import ACTIVATIONS, call_channel_norm, call_row_norm, channel_layout, channel_norm_inplace
 from .moments import compute_dtype, reduced_count
 from .normalize import normalize_batch, normalize_given
 
@@ -127,7 +127,7 @@ def channel_norm(
         if inplace:
             y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, act, param)
         else:
-            y, _, _, _, mean, var = torch.ops.normlab.channel_norm(
+            y, _, _, _, mean, var = call_channel_norm(
                 x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
         if given or not want_stats:
             return y, None, None
@@ -164,6 +164,13 @@ def _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var
         y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         mean = var = None
     else:
+        if groups < 0 and want_stats and not _exporting():
+            # One pass for output and statistics: torch returns the batch mean and
+            # 1/√(var + ε), from which the biased variance follows.
+            y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+            with torch.no_grad():
+                var = (invstd.to(compute_dtype(x.dtype)).pow(-2) - eps).clamp_(min=0)
+            return apply_activation(y, activation, param, prelu_weight), mean.detach(), var
         if groups < 0:
             y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
         elif groups == x.shape[1] and x.dim() > 2 and _exporting():  # ONNX InstanceNormalization
@@ -219,7 +226,7 @@ def row_norm(
     if path == "fast":
         k = reduced_count(normalized_shape, range(len(normalized_shape)))
         if k > 0 and (weight is None or weight.dtype == torch.float32):
-            y, _, _, _ = torch.ops.normlab.row_norm(x.contiguous(), weight, bias, k, eps, centered)
+            y, _, _, _ = call_row_norm(x.contiguous(), weight, bias, k, eps, centered)
             return y
         path = "composed"
     if path == "native":

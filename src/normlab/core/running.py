@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from .checks import check_momentum
+from .fast import build as _build
 
 __all__ = [
     "DecayStatistics",
@@ -161,10 +162,8 @@ def _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, mom
     """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for
     float32/float64 CPU buffers. False when it does not apply, or when the batch is not
     finite — then the torch-op path decides to skip and warn."""
-    from .fast import build  # the kernels; imported here so running.py stays importable alone
-
-    module = build._state["module"]
-    if (module is None or build.backend() == "composed" or isinstance(count, torch.Tensor)
+    module = _build._state["module"]
+    if (module is None or _build._state["backend"] == "composed" or isinstance(count, torch.Tensor)
             or running_mean.dtype not in (torch.float32, torch.float64)
             or running_var.dtype != running_mean.dtype or not running_mean.is_contiguous()
             or not running_var.is_contiguous() or batch_mean.numel() != running_mean.numel()
@@ -172,13 +171,16 @@ def _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, mom
         return False
     with torch.no_grad():
         return module.running_update(
-            running_mean, running_var, batch_mean.to(torch.float64).contiguous(),
-            batch_var.to(torch.float64).contiguous(), count, -1.0 if momentum is None else float(momentum),
+            running_mean, running_var, _as_float64(batch_mean), _as_float64(batch_var), count, -1.0 if momentum is None else float(momentum),
             num_batches_tracked if num_batches_tracked is not None else _NO_COUNTER, unbiased,
         )
 
 
 _NO_COUNTER = torch.empty(0, dtype=torch.long)
+
+
+def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 and t.is_contiguous() else t.to(torch.float64).contiguous()
 
 
 def momentum_from_decay(decay: float) -> float:

@@ -147,15 +147,27 @@ def _check_inplace_input(input, inplace: bool) -> None:
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
                 num_batches_tracked, unbiased_running_var, on_nonfinite, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="batch_norm"):
-    check_floating_input(input)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
-            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    eps = check_eps(eps)
-    _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
+                prelu_weight=None, inplace=False, fn="batch_norm", validated=False):
+    """``validated``: a module's call, whose constructor already checked eps, momentum, the
+    policy and the parameter shapes, and whose forward checked the input's rank and channels;
+    only what depends on this input (dtype, device) is checked here."""
+    if validated:
+        if not input.is_floating_point():
+            check_floating_input(input)
+        # dtype and device depend on the input; check_param raises with the full message
+        what = f"{fn} over the {input.shape[1]} channels of input dim 1"
+        for name, t in (("weight", weight), ("running_mean", running_mean)):
+            if t is not None and (t.dtype != input.dtype or t.device != input.device):
+                check_param(t, name, (input.shape[1],), input, what)
+    else:
+        check_floating_input(input)
+        if input.dim() < 2:
+            raise ValueError(
+                f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
+                f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+            )
+        eps = check_eps(eps)
+        _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
     if not training:
         if running_mean is None:
             raise ValueError(
@@ -175,7 +187,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"does not depend on the batch (GroupNorm, LayerNorm)"
         )
     track = running_mean is not None
-    if track:
+    if track and not validated:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var = channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
                                   prelu_weight=prelu_weight, inplace=inplace, want_stats=track, operation=fn)

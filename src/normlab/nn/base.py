@@ -99,13 +99,53 @@ class _NormBase(FreezableNorm):
     arguments once, adds normlab's keyword-only extras and supplies the forward.
     """
 
+    # eps, momentum and on_nonfinite are checked once after each assignment (at construction
+    # or later, ``layer.momentum = 0.01``) — at the next call, before anything is updated —
+    # rather than on every call.
+    @property
+    def momentum(self) -> float | None:
+        return self.__dict__["_momentum"]
+
+    @momentum.setter
+    def momentum(self, value) -> None:
+        self.__dict__["_momentum"] = value
+        self.__dict__["_args_checked"] = False
+
+    @property
+    def eps(self) -> float:
+        return self.__dict__["_eps"]
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self.__dict__["_eps"] = value
+        self.__dict__["_args_checked"] = False
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.__dict__["_on_nonfinite"]
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value) -> None:
+        self.__dict__["_on_nonfinite"] = value
+        self.__dict__["_args_checked"] = False
+
+    def _check_args(self) -> None:
+        """Validate eps, momentum and on_nonfinite if one was assigned since the last call."""
+        if not self.__dict__.get("_args_checked", False):
+            d = self.__dict__
+            d["_eps"] = check_eps(d["_eps"])
+            d["_momentum"] = check_momentum(d["_momentum"], allow_none=True)
+            d["_on_nonfinite"] = check_nonfinite_policy(d.get("_on_nonfinite", "skip"))
+            d["_args_checked"] = True
+
     def _init_normlab(self, *, bias: bool, unbiased_running_var: bool, on_nonfinite: str) -> None:
         """After torch's ``__init__``: drop β if asked, record the extras."""
         if self.affine and not bias:
             del self.bias
             self.register_parameter("bias", None)
         self.unbiased_running_var = bool(unbiased_running_var)
-        self.on_nonfinite = check_nonfinite_policy(on_nonfinite)
+        self.on_nonfinite = on_nonfinite
+        self._check_args()
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, γ = 1 and β = 0."""

@@ -6,7 +6,7 @@ import torch
 from torch.fx import Proxy
 from torch import nn
 
-from .. import functional as F
+from ..functional.tracked import _batch_norm
 from .base import _NormBase, check_channel_input, traced_call, check_norm_args
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -94,12 +94,13 @@ class _BatchNorm(_NormBase):
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)
+        self._check_args()
         use_batch_stats = self._uses_batch_stats
         # Running estimates are only touched when tracked (training) or used (eval, frozen).
         pass_running = not use_batch_stats or self.track_running_stats
         updating = use_batch_stats and self.training and self.track_running_stats
         extras = self._update_kwargs() if updating else {}
-        return F.batch_norm(
+        return _batch_norm(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
@@ -108,7 +109,10 @@ class _BatchNorm(_NormBase):
             use_batch_stats,
             self.momentum,
             self.eps,
-            **extras,
+            num_batches_tracked=extras.get("num_batches_tracked"),
+            unbiased_running_var=self.unbiased_running_var,
+            on_nonfinite=self.on_nonfinite,
+            validated=True,
         )
 
 

@@ -119,8 +119,7 @@ def _channel_groups(x: torch.Tensor, groups: int, given: bool) -> int:
 # --- normlab::channel_norm -----------------------------------------------------------------
 
 
-@torch.library.custom_op("normlab::channel_norm", mutates_args=(), device_types="cpu")
-def channel_norm(
+def _channel_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -151,6 +150,9 @@ def channel_norm(
     return y, shift, offset, rstd, mean, var
 
 
+channel_norm = torch.library.custom_op("normlab::channel_norm", mutates_args=(), device_types="cpu")(_channel_norm)
+
+
 @channel_norm.register_fake
 def _(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
     given = running_mean is not None
@@ -160,8 +162,7 @@ def _(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act
     return torch.empty_like(x), stat, stat.clone(), stat.clone(), empty, empty.clone()
 
 
-@torch.library.custom_op("normlab::channel_norm_backward", mutates_args=(), device_types="cpu")
-def channel_norm_backward(
+def _channel_norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -185,6 +186,10 @@ def channel_norm_backward(
     return plan.unview(dxv, x), dgamma, dbeta, dslope
 
 
+channel_norm_backward = torch.library.custom_op(
+    "normlab::channel_norm_backward", mutates_args=(), device_types="cpu")(_channel_norm_backward)
+
+
 @channel_norm_backward.register_fake
 def _(dy, x, weight, bias, prelu_weight, shift, offset, rstd, groups, given, act, param):
     c = x.shape[1]
@@ -206,8 +211,9 @@ def _channel_backward(ctx, dy, *_unused_stat_grads):
     if torch.is_grad_enabled():  # create_graph=True: the kernel's result carries no graph
         dx, dw, db, dp = _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd)
     else:
-        dx, dw, db, dp = torch.ops.normlab.channel_norm_backward(
-            dy, x, weight, bias, prelu, shift, offset, rstd, ctx.groups, ctx.given, ctx.act, ctx.param)
+        backward = _channel_norm_backward if is_eager(dy) else torch.ops.normlab.channel_norm_backward
+        dx, dw, db, dp = backward(dy, x, weight, bias, prelu, shift, offset, rstd, ctx.groups, ctx.given, ctx.act,
+                                  ctx.param)
         dw = dw.to(weight.dtype) if weight is not None and needs[1] else None
         db = db.to(bias.dtype) if bias is not None and needs[2] else None
         if ctx.act == _PRELU and prelu is not None and needs[5]:
@@ -314,8 +320,7 @@ def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, par
 # --- normlab::row_norm: LayerNorm and RMSNorm ------------------------------------------------
 
 
-@torch.library.custom_op("normlab::row_norm", mutates_args=(), device_types="cpu")
-def row_norm(
+def _row_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float, centered: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, shift, rstd, offr) over the trailing ``k`` elements of contiguous ``x``;
@@ -329,14 +334,16 @@ def row_norm(
     return y, shift, rstd, offr
 
 
+row_norm = torch.library.custom_op("normlab::row_norm", mutates_args=(), device_types="cpu")(_row_norm)
+
+
 @row_norm.register_fake
 def _(x, weight, bias, k, eps, centered):
     rows = x.new_empty(x.numel() // k)
     return torch.empty_like(x), rows, rows.clone(), rows.clone()
 
 
-@torch.library.custom_op("normlab::row_norm_backward", mutates_args=(), device_types="cpu")
-def row_norm_backward(
+def _row_norm_backward(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor, rstd: torch.Tensor,
     offr: torch.Tensor, k: int, centered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -344,6 +351,10 @@ def row_norm_backward(
     w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
     dx, dw, db = kernels().row_backward(dy.contiguous().view(-1, k), x.view(-1, k), w, shift, rstd, offr, centered)
     return dx.view_as(x), dw, db
+
+
+row_norm_backward = torch.library.custom_op(
+    "normlab::row_norm_backward", mutates_args=(), device_types="cpu")(_row_norm_backward)
 
 
 @row_norm_backward.register_fake
@@ -366,7 +377,8 @@ def _row_backward(ctx, dy, *_unused_stat_grads):
         return (*_row_double_backward(ctx, dy, x, weight, bias), None, None, None)
     if weight is None and bias is not None:
         weight = torch.ones_like(bias)
-    dx, dw, db = torch.ops.normlab.row_norm_backward(dy, x, weight, shift, rstd, offr, ctx.k, ctx.centered)
+    backward = _row_norm_backward if is_eager(dy) else torch.ops.normlab.row_norm_backward
+    dx, dw, db = backward(dy, x, weight, shift, rstd, offr, ctx.k, ctx.centered)
     dw = dw.to(weight.dtype).view(weight.shape) if ctx.needs_input_grad[1] else None
     db = db.to(bias.dtype).view(bias.shape) if bias is not None and needs[2] else None
     return (dx if needs[0] else None), dw, db, None, None, None
@@ -392,3 +404,62 @@ def _row_double_backward(ctx, dy, x, weight, bias):
         inputs = [t for t, need in zip(operands, ctx.needs_input_grad[:3]) if need and t is not None]
         found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
     return tuple(next(found) if need and t is not None else None for t, need in zip(operands, ctx.needs_input_grad[:3]))
+
+
+# --- eager calls without the operator machinery ----------------------------------------------
+#
+# An operator call costs tens of microseconds of Python dispatch (alias checks, redispatch,
+# the autograd wrapper) — more than the kernel itself on small tensors. Outside any trace the
+# same implementation and the same autograd formula are called directly; traced code
+# (torch.compile, FakeTensor, meta, functional tensors) always goes through the operators.
+
+
+def is_eager(t: torch.Tensor) -> bool:
+    """A plain CPU tensor outside any compile: safe to call the kernels directly."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class _EagerChannelNorm(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: the latter binds arguments
+    # with inspect on every call, a cost the size of the kernel on small tensors.
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _channel_norm(*inputs)
+        _channel_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_channel_backward)
+
+
+class _EagerRowNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _row_norm(*inputs)
+        _row_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_row_backward)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def call_channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
+    """``torch.ops.normlab.channel_norm``, called directly where no tracer needs the operator."""
+    if not is_eager(x):
+        return torch.ops.normlab.channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups,
+                                              eps, act, param)
+    if _needs_grad(x, weight, bias, prelu_weight):
+        return _EagerChannelNorm.apply(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act,
+                                       param)
+    return _channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
+
+
+def call_row_norm(x, weight, bias, k, eps, centered):
+    """``torch.ops.normlab.row_norm``, called directly where no tracer needs the operator."""
+    if not is_eager(x):
+        return torch.ops.normlab.row_norm(x, weight, bias, k, eps, centered)
+    if _needs_grad(x, weight, bias):
+        return _EagerRowNorm.apply(x, weight, bias, k, eps, centered)
+    return _row_norm(x, weight, bias, k, eps, centered)
