@@ -19,7 +19,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
-from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct
+from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, activation_spec, timm_norm_act
 from .syncbatchnorm import SyncBatchNorm, SyncBatchNormAct
 
 #: Every normalization module class, normlab's and torch.nn's.
@@ -66,5 +66,7 @@ __all__ = [
     "RenormSchedule",
     "SyncBatchNorm",
     "SyncBatchNormAct",
+    "activation_spec",
     "is_norm_layer",
+    "timm_norm_act",
 ]
