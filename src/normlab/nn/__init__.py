@@ -1,9 +1,11 @@
 """normlab.nn — modules that are drop-in replacements for torch.nn's norm layers.
 
 Same constructor arguments and defaults, same parameter/buffer names and state-dict
-version, so checkpoints load both ways without loss. They are not subclasses of the
-torch.nn classes: code that selects norm layers by ``isinstance`` (weight-decay filters,
-for example) should use :data:`NORM_LAYERS` or :func:`is_norm_layer`, which cover both.
+version, so checkpoints load both ways without loss. Each layer is an instance of its
+torch.nn class (``nl.nn.BatchNorm2d`` of ``torch.nn.BatchNorm2d``; ``SyncBatchNorm`` of
+torch's ``_BatchNorm`` base only, since DistributedDataParallel refuses
+``torch.nn.SyncBatchNorm`` on the CPU), so ``isinstance``-based code finds them;
+:data:`NORM_LAYERS` and :func:`is_norm_layer` cover every normalization class of both.
 """
 
 from __future__ import annotations
