@@ -26,7 +26,7 @@ fresh tensors cannot express; it stays an ``autograd.Function`` (:func:`channel_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -48,9 +48,8 @@ _PRELU = ACTIVATIONS["prelu"]
 _EMPTY = torch.empty(0)
 
 
-@dataclass(frozen=True)
-class ChannelPlan:
-    """How a channel-norm input maps onto the kernels."""
+class ChannelPlan(NamedTuple):
+    """How a channel-norm input maps onto the kernels (a NamedTuple: built on every call)."""
 
     layout: str  # "planes" (NCHW-contiguous) or "columns" (channels last)
     n: int
@@ -100,7 +99,8 @@ def plan_channel_norm(x: torch.Tensor, groups: int) -> ChannelPlan:
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor:
-    return _EMPTY if t is None else t.detach()
+    # the kernels read raw memory and never record autograd: no need to detach
+    return _EMPTY if t is None else t
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -138,15 +138,23 @@ def _channel_norm(
     ``shift, offset, rstd`` (float64, one per group) are what the backward needs;
     ``mean, var`` (float64, biased variance) feed running estimates — empty when given.
     """
+    y, shift, offset, rstd, mean, var = _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight,
+                                                         groups, eps, act, param)
+    if mean is None:  # an operator returns tensors, and never one object twice
+        mean, var = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    return y, shift, offset, rstd, mean, var
+
+
+def _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
+    """The kernel call behind :func:`_channel_norm`; ``mean, var`` are None when given."""
     plan = plan_channel_norm(x, groups)
-    given = running_mean is not None
     y = torch.empty_like(x)
     shift, offset, rstd, mean, var = kernels().channel_forward(
         plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups,
         _detached(weight), _detached(bias), _detached(running_mean), _detached(running_var),
         eps, act, param, _slope(prelu_weight, act, plan.c), plan.view(y))
-    if given:
-        mean, var = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    if running_mean is not None:
+        return y, shift, offset, rstd, None, None
     return y, shift, offset, rstd, mean, var
 
 
@@ -453,7 +461,7 @@ def call_channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, 
     if _needs_grad(x, weight, bias, prelu_weight):
         return _EagerChannelNorm.apply(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act,
                                        param)
-    return _channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
+    return _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
 
 
 def call_row_norm(x, weight, bias, k, eps, centered):
