@@ -66,7 +66,7 @@ class AcrossProcesses:
     """
 
     reduce: Callable[[torch.Tensor], torch.Tensor]
-    count: int
+    count: int | torch.Tensor  # a 0-dim tensor when only the device knows it
 
 
 class BatchStatistics(NamedTuple):

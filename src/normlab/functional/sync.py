@@ -134,11 +134,13 @@ def sync_batch_norm(
         gathered = _gather_moments(torch.cat([count, mean, m2]), process_group)
         counts = gathered[:, :1].round().long().expand(-1, channels)
         merged = merge_moments(Moments(counts, gathered[:, 1:1 + channels], gathered[:, 1 + channels:]))
-        total = int(merged.count[0])
-        if total <= 1:
+        # The global count stays a tensor: reading it would stall an accelerator's stream.
+        # On the CPU reading it is free, and a batch of one value is refused as BatchNorm does.
+        total = merged.count[0].to(torch.float64)
+        if input.device.type == "cpu" and total.item() <= 1:
             raise ValueError(
-                f"Expected more than 1 value per channel when training, got {total} across "
-                f"{distributed_world(process_group)} processes (this process: input size "
+                f"Expected more than 1 value per channel when training, got {int(total.item())} "
+                f"across {distributed_world(process_group)} processes (this process: input size "
                 f"{list(input.shape)})"
             )
         var = merged.m2 / total
