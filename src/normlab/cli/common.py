@@ -78,7 +78,7 @@ def _check_folder_for(path: Path, what: str) -> None:
 def check_output_file(path: Path, what: str = "--out") -> None:
     """Fail early, in one line, if ``path`` cannot be written as a file."""
     if path.is_dir():
-        raise CommandError(f"{what} {str(path)!r} is a folder; give a file name, such as {str(path / 'out.pt')!r}")
+        raise CommandError(f"{what} {str(path)!r} is a folder; give a file name inside it")
     _check_folder_for(path, what)
 
 
