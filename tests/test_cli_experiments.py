@@ -210,10 +210,11 @@ def _ignores_sigint(pid: int) -> bool:
     return bool(ignored & (1 << (signal.SIGINT - 1)))
 
 
-def _restore_sigint() -> None:
-    # A shell without job control starts background jobs with SIGINT ignored, and the
-    # child would inherit that; a terminal's Ctrl-C reaches a process that handles it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A shell without job control starts background jobs with SIGINT ignored, and a child
+# inherits that; a terminal's Ctrl-C reaches a process that handles it, so the command
+# runs with Python's usual SIGINT handler whatever this test runner inherited.
+_NORMLAB_WITH_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "sys.argv[0] = 'normlab'; runpy.run_module('normlab', run_name='__main__')")
 
 
 @pytest.mark.slow
@@ -224,10 +225,10 @@ def test_a_signal_stops_the_study_and_every_process_it_started(tmp_path, signum,
     out = tmp_path / "study"
     # The composed backend: no kernel build runs in a worker we are about to stop.
     env = {**os.environ, "NORMLAB_BACKEND": "composed"}
-    proc = subprocess.Popen([sys.executable, "-m", "normlab", "study", "--smoke", "--only", "init-depth",
+    proc = subprocess.Popen([sys.executable, "-c", _NORMLAB_WITH_SIGINT, "study", "--smoke", "--only", "init-depth",
                              "train-eval-gap", "--jobs", "2", "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=_restore_sigint)
+                            start_new_session=True)
     started: list[int] = []
     try:
         deadline = time.monotonic() + 120
