@@ -40,7 +40,9 @@ def _init_worker() -> None:
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this worker when its parent dies, however it dies (even
-    SIGKILL, when no clean-up of ours runs), so no worker outlives the run."""
+    SIGKILL, when no clean-up of ours runs), so no worker outlives the run. (Strictly,
+    when the parent's thread that started it ends: the thread running the
+    ``worker_pool`` block, which outlives the pool.)"""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
