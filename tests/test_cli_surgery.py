@@ -4,12 +4,16 @@ nothing written when anything goes wrong."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from normlab.cli import main
+from normlab.cli.common import CommandError, atomic_write_files
 from normlab.experiments.models import ConvNet1d
 from normlab.surgery import fold_batchnorm
 
@@ -87,3 +91,131 @@ def test_errors_write_nothing(tmp_path, weights, capsys):
     _fails(tmp_path, capsys, "fold", "--model", FACTORY, "--input-shape", "2,x", message="--input-shape")
     _fails(tmp_path, capsys, "precise", "--model", FACTORY, "--data", "nope.data:batches",
            message="cannot import 'nope.data'")
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    return err
+
+
+def test_out_named_like_its_report_is_refused(tmp_path, weights, capsys):
+    path, _ = weights
+    out = tmp_path / "X.json"
+    assert _run("freeze", "--model", FACTORY, "--weights", path, "--out", out) == 2
+    assert "is where the report goes" in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_report_never_overwrites_the_input_weights(tmp_path, weights, capsys):
+    path, _ = weights
+    as_json = tmp_path / "w.json"
+    as_json.write_bytes(path.read_bytes())
+    assert _run("freeze", "--model", FACTORY, "--weights", as_json, "--out", tmp_path / "w.pt") == 2
+    assert "would overwrite --weights" in _one_line_error(capsys)
+    assert as_json.read_bytes() == path.read_bytes() and not (tmp_path / "w.pt").exists()
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "out is a folder", "report is a folder",
+                                  "folder cannot be created", "folder is read-only"])
+def test_output_path_errors_are_one_line_and_write_nothing(tmp_path, weights, capsys, case):
+    path, _ = weights
+    out = tmp_path / "result.pt"
+    if case == "parent is a file":
+        (tmp_path / "file").write_text("")
+        out, message = tmp_path / "file" / "result.pt", "is a file, not a folder"
+    elif case == "out is a folder":
+        out.mkdir()
+        message = "is a folder; give a file name"
+    elif case == "report is a folder":
+        # Before the paths were checked first, the checkpoint was written, then the report failed.
+        out.with_suffix(".json").mkdir()
+        message = "is a folder"
+    elif case == "folder cannot be created":
+        out, message = Path("/proc/normlab-no-such-folder/result.pt"), "cannot write"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        out, message = locked / "result.pt", "no permission to write"
+    assert _run("freeze", "--model", FACTORY, "--weights", path, "--out", out) == 2
+    assert message in _one_line_error(capsys)
+    if case != "out is a folder":
+        assert not out.exists()
+    assert not (out.is_file() or out.with_suffix(".json").is_file())
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_empty_weights_file_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    _fails(tmp_path, capsys, "fold", "--model", FACTORY, "--weights", empty, message="is empty (0 bytes)")
+
+
+def test_pickled_checkpoint_refusal_names_what_was_blocked_and_never_suggests_unsafe_loading(
+        tmp_path, weights, capsys):
+    _, model = weights
+    pickled = tmp_path / "pickled.pt"
+    torch.save(model, pickled)
+    assert _run("fold", "--model", FACTORY, "--weights", pickled, "--out", tmp_path / "o.pt") == 2
+    err = _one_line_error(capsys)
+    assert "pickled normlab.experiments.models.ConvNet1d" in err and "state_dict" in err
+    assert "weights_only" not in err and "\x1b" not in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_written_files_follow_the_umask(tmp_path, weights, umask):
+    path, _ = weights
+    out = tmp_path / "frozen.pt"
+    previous = os.umask(umask)
+    try:
+        assert _run("freeze", "--model", FACTORY, "--weights", path, "--out", out) == 0
+    finally:
+        os.umask(previous)
+    for file in (out, out.with_suffix(".json")):
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("precise", "--data", "mnist1d", "--batch-size", "0"), "argument --batch-size: must be a positive integer"),
+    (("precise", "--data", "mnist1d", "--num-batches", "-1"), "argument --num-batches: must be a positive integer"),
+    (("convert", "--to", "group", "--groups", "x"), "argument --groups: must be a positive integer"),
+    (("convert", "--to", "group", "--max-groups", "0"), "argument --max-groups: must be a positive integer"),
+])
+def test_bad_numbers_are_usage_errors(tmp_path, weights, capsys, argv, message):
+    path, _ = weights
+    with pytest.raises(SystemExit) as exit_:
+        _run(*argv, "--model", FACTORY, "--weights", path, "--out", tmp_path / "o.pt")
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("o.*"))
+
+
+def _write_ok(text):
+    return lambda handle: handle.write(text.encode())
+
+
+def _write_fails(handle):
+    handle.write(b"half")
+    raise OSError(28, "No space left on device")
+
+
+def test_atomic_write_files_writes_all_or_nothing(tmp_path):
+    first, second = tmp_path / "sub" / "a.pt", tmp_path / "sub" / "a.json"
+    with pytest.raises(CommandError, match="No space left"):
+        atomic_write_files({first: _write_ok("new"), second: _write_fails})
+    assert not (tmp_path / "sub").exists()  # nor the folder made for them
+    first.parent.mkdir()
+    first.write_text("old")
+    with pytest.raises(CommandError, match="No space left"):
+        atomic_write_files({first: _write_ok("new"), second: _write_fails})
+    assert first.read_text() == "old" and not second.exists()
+    second.mkdir()  # the rename of the second file fails after the first was renamed
+    with pytest.raises(CommandError, match="cannot write"):
+        atomic_write_files({first: _write_ok("new"), second: _write_ok("{}")})
+    assert first.read_text() == "old" and second.is_dir()
+    assert sorted(p.name for p in first.parent.iterdir()) == ["a.json", "a.pt"]
+    second.rmdir()
+    atomic_write_files({first: _write_ok("new"), second: _write_ok("{}")})
+    assert first.read_text() == "new" and second.read_text() == "{}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import json
 import math
 from html.parser import HTMLParser
@@ -313,3 +314,49 @@ def test_plots_are_headless_figures(tmp_path):
     grid = nl.diagnostics.histogram_grid(probe, layers=probe.layer_names[1::2])
     assert len([ax for ax in grid.axes if ax.get_visible()]) == 10
     assert not math.isnan(probe.latest("std")["1"])
+
+
+# --- reports and exports treat names as data ----------------------------------------------
+
+def _probe_with_names(names, cls=nn.Linear):
+    model = nn.Sequential()
+    for name in names:
+        model.add_module(name, cls(4, 4))
+    with Probe(model) as probe:
+        for _ in range(2):
+            model(torch.randn(8, 4)).sum().backward()
+    return probe
+
+
+def test_report_escapes_a_class_name_that_is_markup(tmp_path):
+    markup = "<img src=x onerror=alert(1)>"
+    probe = _probe_with_names(["a"], cls=type(markup, (nn.Linear,), {}))
+    text = probe.report(tmp_path / "report.html").read_text()
+    parser = _Collect()
+    parser.feed(text)
+    assert markup not in text and html.escape(markup) in text
+    assert all(src.startswith("data:image/png;base64,") for src in parser.images)  # no injected <img>
+
+
+@pytest.mark.parametrize("name", ["$^$", "$x$", "a$b", "\\frac"])
+def test_layer_names_are_drawn_literally_not_as_math_text(tmp_path, name):
+    probe = _probe_with_names([name, "ok"])
+    text = probe.report(tmp_path / "report.html").read_text()  # "$^$" used to crash matplotlib
+    parser = _Collect()
+    parser.feed(text)
+    assert len(parser.images) == 3
+    grid = nl.diagnostics.histogram_grid(probe)
+    assert grid.axes[0].get_title().startswith(name + "\n")
+    assert not grid.axes[0].title.get_parse_math()
+
+
+def test_csv_export_neutralises_formula_cells(tmp_path):
+    formulas = ["=cmd|' /C calc'!A0", "+SUM(1)", "-2+3", "@SUM(A1)", "\t=1", "\r=1"]
+    probe = _probe_with_names(formulas + ["plain"], cls=type("=HYPERLINK(0)", (nn.Linear,), {}))
+    with probe.to_csv(tmp_path / "p.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["layer"] for r in rows[::2]] == ["'" + f for f in formulas] + ["plain"]
+    assert {r["type"] for r in rows} == {"'=HYPERLINK(0)"}
+    numbers = [v for r in rows for k, v in r.items() if k not in ("layer", "type") and v]
+    assert any(v.startswith("-") for v in numbers)  # negative numbers stay numbers
+    [float(v) for v in numbers]  # every other cell is still a number, unprefixed

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .common import atomic_write_json
+from .common import atomic_write_json, check_output_file, positive_int
 
 __all__ = ["add_parser"]
 
@@ -19,6 +19,15 @@ def _machine() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
+def _out_checked(run):
+    """Check --out before a benchmark that takes minutes, not after."""
+    def checked(args: argparse.Namespace) -> int:
+        if args.out:
+            check_output_file(Path(args.out))
+        return run(args)
+    return checked
 
 
 def run_fold(args: argparse.Namespace) -> int:
@@ -116,26 +125,26 @@ def add_parser(sub) -> None:
     kinds = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     layers = kinds.add_parser("layers", help="every norm layer vs torch.nn (the default when no BENCHMARK is given)")
     layers.add_argument("--quick", action="store_true", help="one shape per family, about a minute")
-    layers.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    layers.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     layers.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see docs)")
     layers.add_argument("--verbose", action="store_true", help="print each row as it is measured")
     layers.add_argument("--out", help="write the rows as JSON to this path")
-    layers.set_defaults(func=run_layers)
+    layers.set_defaults(func=_out_checked(run_layers))
     fold = kinds.add_parser("fold", help="ResNet-18-style eval inference, BatchNorm unfolded vs folded")
     fold.add_argument("--quick", action="store_true", help="fewer repetitions, one width")
-    fold.add_argument("--threads", type=int, default=2)
+    fold.add_argument("--threads", type=positive_int, default=2)
     fold.add_argument("--out", help="write the rows as JSON to this path")
-    fold.set_defaults(func=run_fold)
+    fold.set_defaults(func=_out_checked(run_fold))
     probe = kinds.add_parser("probe", help="training-step slowdown of a Probe at every step and every 10th")
     probe.add_argument("--quick", action="store_true", help="fewer repetitions")
     probe.add_argument("--out", help="write the rows as JSON to this path")
-    probe.set_defaults(func=run_probe)
+    probe.set_defaults(func=_out_checked(run_probe))
     sync = kinds.add_parser("sync", help="SyncBatchNorm vs local BatchNorm in a 2-process gloo DDP step")
     sync.add_argument("--quick", action="store_true", help="fewer repetitions")
     sync.add_argument("--out", help="write the result as JSON to this path")
-    sync.set_defaults(func=run_sync)
+    sync.set_defaults(func=_out_checked(run_sync))
     memory = kinds.add_parser("memory", help="peak memory of BatchNorm+LeakyReLU: torch.nn, fused, in-place")
-    memory.add_argument("--batch", type=int, default=64)
-    memory.add_argument("--threads", type=int, default=2)
+    memory.add_argument("--batch", type=positive_int, default=64)
+    memory.add_argument("--threads", type=positive_int, default=2)
     memory.add_argument("--out", help="write the rows as JSON to this path")
-    memory.set_defaults(func=run_memory)
+    memory.set_defaults(func=_out_checked(run_memory))

@@ -1,13 +1,24 @@
-"""Helpers shared by the subcommands: errors users can act on, atomic writes."""
+"""Helpers shared by the subcommands: errors users can act on, argument types, output
+paths checked before any work is done, and all-or-nothing writes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import tempfile
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["CommandError", "atomic_write_bytes", "atomic_write_json", "parse_shape"]
+__all__ = ["CommandError", "atomic_write_bytes", "atomic_write_files", "atomic_write_json", "check_output_dir",
+           "check_output_file", "json_writer", "make_output_dir", "parse_shape", "positive_int", "seed"]
+
+# The largest seed every generator a study may use accepts (NumPy's legacy seeding stops
+# at 2**32 - 1; torch.manual_seed accepts more, but a seed beyond it would not reproduce
+# under NumPy).
+MAX_SEED = 2**32 - 1
 
 
 class CommandError(Exception):
@@ -24,22 +35,155 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# argparse types: a bad value is reported by argparse itself, as one usage line and exit 2.
+
+def positive_int(text: str) -> int:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}")
+    return value
+
+
+# Output paths are checked before the work starts, so a typo costs seconds, not a run.
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_folder_for(path: Path, what: str) -> None:
+    """``path`` (a file or folder to create) can be made inside its nearest existing ancestor."""
+    ancestor = _nearest_existing(path.parent)
+    if not ancestor.is_dir():
+        raise CommandError(f"{what} {str(path)!r}: {str(ancestor)!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise CommandError(f"{what} {str(path)!r}: no permission to write in {str(ancestor)!r}")
+
+
+def check_output_file(path: Path, what: str = "--out") -> None:
+    """Fail early, in one line, if ``path`` cannot be written as a file."""
+    if path.is_dir():
+        raise CommandError(f"{what} {str(path)!r} is a folder; give a file name inside it")
+    _check_folder_for(path, what)
+
+
+def check_output_dir(path: Path, what: str = "--out") -> None:
+    """Fail early, in one line, if ``path`` cannot be used as an output folder."""
+    if path.exists():
+        if not path.is_dir():
+            raise CommandError(f"{what} {str(path)!r} is a file; give a folder for the results")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CommandError(f"{what} {str(path)!r}: no permission to write in this folder")
+        return
+    _check_folder_for(path, what)
+
+
+def make_output_dir(path: Path, what: str = "--out") -> Path:
+    """Check, then create, an output folder; any failure is one line."""
+    check_output_dir(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CommandError(f"{what} {str(path)!r}: cannot create the folder ({err.strerror or err})")
+    return path
+
+
+# All-or-nothing writes.
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{kind}")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def atomic_write_files(files: Mapping[Path, Callable[[BinaryIO], None]]) -> None:
+    """Write each ``path`` through ``write(file)``: every file or none of them.
+
+    Each is written to a temporary file beside it, then all are renamed into place; if a
+    write or a rename fails, the files already renamed are put back as they were (a file
+    that existed is restored, a new one removed), folders created for them are removed,
+    and the error is raised as one :class:`CommandError`. Files are created with mode
+    0666 less the umask, as ``open()`` creates them.
+    """
+    temps: dict[Path, Path] = {}
+    created: list[Path] = []
+    committed: list[tuple[Path, Path | None]] = []  # (target, backup of the file it replaced)
+    current = next(iter(files), None)
+    try:
+        for current, write in files.items():
+            missing = _missing_folders(current.parent)
+            current.parent.mkdir(parents=True, exist_ok=True)
+            created.extend(missing)
+            tmp = temps[current] = _sibling(current, "tmp")
+            # O_EXCL: never follow a link planted at the temporary name; 0o666: the umask decides.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+        for current, tmp in temps.items():
+            backup = None
+            if current.exists():
+                backup = _sibling(current, "bak")
+                try:
+                    os.link(current, backup)  # the old file stays in place until the rename
+                except OSError:  # a file system without hard links
+                    shutil.copy2(current, backup)
+            committed.append((current, backup))
+            os.replace(tmp, current)
+    except BaseException as err:
+        for target, backup in reversed(committed):
+            if backup is not None:
+                os.replace(backup, target)
+            elif target.exists():
+                target.unlink()
+        committed.clear()
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        if isinstance(err, OSError):
+            raise CommandError(f"cannot write {str(current)!r}: {err.strerror or err}") from err
         raise
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        for _, backup in committed:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through ``write(file)`` to a temporary file, then rename: all or nothing."""
-    _atomic(path, write)
+    atomic_write_files({path: write})
+
+
+def json_writer(payload: dict) -> Callable[[BinaryIO], None]:
+    return lambda handle: handle.write(json.dumps(payload, indent=2, default=str).encode())
 
 
 def atomic_write_json(path: Path, payload: dict) -> None:
-    _atomic(path, lambda handle: handle.write(json.dumps(payload, indent=2, default=str).encode()))
+    atomic_write_files({path: json_writer(payload)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import atomic_write_json
+from .common import atomic_write_json, check_output_file, positive_int, seed
 
 __all__ = ["add_parser"]
 
@@ -13,6 +13,8 @@ __all__ = ["add_parser"]
 def run(args: argparse.Namespace) -> int:
     from ..experiments.demo import DemoConfig, demo_config_dict, format_table, run_demo
 
+    if args.out:  # before the minute of training, not after
+        check_output_file(Path(args.out))
     config = DemoConfig(epochs=args.epochs, batch_sizes=tuple(args.batch_sizes),
                         norms=tuple(args.norms), seed=args.seed, jobs=args.jobs)
     print(f"training {len(config.norms) * len(config.batch_sizes)} small CNNs on MNIST-1D "
@@ -32,11 +34,11 @@ def add_parser(sub) -> None:
         description="Train a small CNN on MNIST-1D (generated offline) with BatchNorm and "
         "GroupNorm at large and tiny batch sizes, and print test accuracy.",
     )
-    p.add_argument("--epochs", type=int, default=6, help="epochs per run (default 6)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 2], metavar="B")
+    p.add_argument("--epochs", type=positive_int, default=6, help="epochs per run (default 6)")
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[32, 2], metavar="B")
     p.add_argument("--norms", nargs="+", default=["batch", "group"],
                    choices=["batch", "group", "layer", "instance", "none"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--jobs", type=positive_int, default=2, help="parallel processes (default 2)")
     p.add_argument("--out", help="also write the numbers as JSON to this path")
     p.set_defaults(func=run)

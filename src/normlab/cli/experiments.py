@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import CommandError
+from .common import CommandError, make_output_dir, positive_int, seed
 
 __all__ = ["add_parsers"]
 
@@ -43,9 +43,16 @@ def run_one(args: argparse.Namespace) -> int:
     studies = all_studies()
     if args.study not in studies:
         raise CommandError(f"no study named {args.study!r}; `normlab list` shows them: {', '.join(studies)}")
-    out = Path(args.out or f"runs/{args.study}-{_setting(args)}")
-    with worker_pool(args.jobs):
-        result = run_study(args.study, _setting(args), out, seeds=args.seeds)
+    out = make_output_dir(Path(args.out or f"runs/{args.study}-{_setting(args)}"))
+    # result.json is written last, so a folder holds one only if this run finished.
+    (out / "result.json").unlink(missing_ok=True)
+    try:
+        with worker_pool(args.jobs):
+            result = run_study(args.study, _setting(args), out, seeds=args.seeds)
+    except BaseException:
+        print(f"stopped before {args.study} finished: {out} has no result.json (figures there may be partial)",
+              file=sys.stderr)
+        raise
     _print_result(result)
     print(f"\nwrote {out / 'result.json'} and {len(result['figures'])} figure(s) in {out}")
     return 0
@@ -60,9 +67,15 @@ def run_suite_command(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in all_studies()]
     if unknown:
         raise CommandError(f"unknown studies {unknown}; `normlab list` shows them")
-    out = Path(args.out or f"runs/study-{setting}")
+    out = make_output_dir(Path(args.out or f"runs/study-{setting}"))
     print(f"running {len(names)} studies at the {setting} setting into {out} ...", flush=True)
-    report, results = run_suite(setting, out, only=names, seeds=args.seeds, jobs=args.jobs, on_done=_print_result)
+    try:
+        report, results = run_suite(setting, out, only=names, seeds=args.seeds, jobs=args.jobs,
+                                    on_done=_print_result)
+    except BaseException:
+        print(f"stopped early: {out / 'index.html'} and report.json are marked interrupted (partial)",
+              file=sys.stderr)
+        raise
     failed = [r["study"] for r in results if r.get("error")]
     total = sum(r.get("seconds") or 0 for r in results)
     print(f"\nreport: {report} ({total:.0f} s of studies)")
@@ -77,8 +90,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     size.add_argument("--quick", action="store_true", help="the quick setting (default)")
     size.add_argument("--full", action="store_true", help="the full setting (more seeds, epochs, sizes)")
     size.add_argument("--smoke", action="store_true", help="seconds per study; what the tests run")
-    p.add_argument("--seeds", type=int, nargs="+", help="replace the setting's seeds")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--seeds", type=seed, nargs="+", help="replace the setting's seeds (0 to 2**32 - 1)")
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="worker processes, one thread each (default: the cores, at most 4)")
     p.add_argument("--out", help="output folder (default runs/...)")
 

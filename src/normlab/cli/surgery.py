@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +19,14 @@ import torch
 from torch import nn
 
 from .. import surgery
-from .common import CommandError, atomic_write_bytes, atomic_write_json, parse_shape
+from .common import (
+    CommandError,
+    atomic_write_files,
+    check_output_file,
+    json_writer,
+    parse_shape,
+    positive_int,
+)
 
 __all__ = ["add_parser", "build_model", "load_weights"]
 
@@ -51,17 +60,34 @@ def build_model(spec: str) -> nn.Module:
     return model
 
 
+def _why_not_loaded(err: Exception) -> str:
+    """What torch refused, in one line, without torch's advice to retry with
+    ``weights_only=False``: that would run whatever code the file carries."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal colour codes
+    blocked = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if blocked:
+        return (f"it holds a pickled {blocked.group(1)}, not only tensors, and unpickling it could run "
+                "arbitrary code, so it was not loaded; save a state_dict instead: "
+                "torch.save(model.state_dict(), path)")
+    detail = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", text, re.MULTILINE)
+    if detail:
+        return f"weights-only loading refused it: {detail.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def load_weights(model: nn.Module, path: str | None) -> None:
     if path is None:
         return
     file = Path(path)
     if not file.is_file():
         raise CommandError(f"--weights {path!r}: no such file")
+    if file.stat().st_size == 0:
+        raise CommandError(f"--weights {path!r} is empty (0 bytes): not a checkpoint")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CommandError(f"--weights {path!r} is not a weights-only checkpoint "
-                           f"({type(err).__name__}: {str(err).splitlines()[0]})")
+        raise CommandError(f"--weights {path!r} is not a weights-only checkpoint ({_why_not_loaded(err)})")
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -79,6 +105,10 @@ def load_weights(model: nn.Module, path: str | None) -> None:
     if problems:
         raise CommandError(f"--weights {path!r} do not match --model: {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
+
+
+def _groups(text: str) -> str | int:
+    return text if text == "auto" else positive_int(text)
 
 
 def _example(args) -> torch.Tensor | None:
@@ -105,8 +135,7 @@ def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
         if args.operation == "freeze":
             return surgery.freeze_norms(model, affine=not args.no_affine)
         if args.operation == "convert":
-            groups = args.groups if args.groups == "auto" else int(args.groups)
-            return surgery.convert_norms(model, args.to, groups=groups, max_groups=args.max_groups,
+            return surgery.convert_norms(model, args.to, groups=args.groups, max_groups=args.max_groups,
                                          example_input=_example(args))
         return surgery.precise_bn(model, _batches(args.data, args.batch_size),
                                   num_batches=args.num_batches)
@@ -116,9 +145,28 @@ def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
         raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {err}")
 
 
-def run(args: argparse.Namespace) -> int:
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _output_paths(args) -> tuple[Path, Path]:
+    """The checkpoint and report paths, refused before any work if they clash or
+    cannot be written."""
     out = Path(args.out)
+    check_output_file(out, "--out")
     report_path = out.with_suffix(".json")
+    if _same_file(out, report_path):
+        raise CommandError(f"--out {args.out!r} is where the report goes (the report is OUT with .json); "
+                           f"name the checkpoint {str(out.with_suffix('.pt'))!r}")
+    if args.weights is not None and _same_file(report_path, Path(args.weights)):
+        raise CommandError(f"the report {str(report_path)!r} would overwrite --weights {args.weights!r}; "
+                           "choose another --out")
+    check_output_file(report_path, "report")
+    return out, report_path
+
+
+def run(args: argparse.Namespace) -> int:
+    out, report_path = _output_paths(args)
     model = build_model(args.model)
     load_weights(model, args.weights)
     result = _transform(args, model)
@@ -128,9 +176,8 @@ def run(args: argparse.Namespace) -> int:
         result.report.notes.append(
             "reload with: model = fold_batchnorm(factory()).model; model.load_state_dict(torch.load(out))")
     state = result.model.state_dict()
-    atomic_write_bytes(out, lambda handle: torch.save(state, handle))
-    atomic_write_json(report_path, {"model": args.model, "weights": args.weights, "out": str(out),
-                                    **result.report.to_dict()})
+    report = {"model": args.model, "weights": args.weights, "out": str(out), **result.report.to_dict()}
+    atomic_write_files({out: lambda handle: torch.save(state, handle), report_path: json_writer(report)})
     print(result.report)
     print(f"wrote {out} and {report_path}")
     return 0
@@ -165,8 +212,8 @@ def add_parser(sub) -> None:
     convert = ops.add_parser("convert", help="convert norm layers to another kind")
     common(convert)
     convert.add_argument("--to", required=True, choices=surgery.TARGETS)
-    convert.add_argument("--groups", default="auto", help="group count, or 'auto' (default)")
-    convert.add_argument("--max-groups", type=int, default=32)
+    convert.add_argument("--groups", type=_groups, default="auto", help="group count, or 'auto' (default)")
+    convert.add_argument("--max-groups", type=positive_int, default=32)
     convert.add_argument("--input-shape", metavar="N,C,H,W",
                          help="example input shape, for layers whose spatial rank is unknown")
 
@@ -174,5 +221,5 @@ def add_parser(sub) -> None:
     common(precise)
     precise.add_argument("--data", required=True, metavar="mnist1d|PKG.MODULE:FN",
                          help="'mnist1d' (train split) or a callable returning an iterable of batches")
-    precise.add_argument("--num-batches", type=int, default=200)
-    precise.add_argument("--batch-size", type=int, default=32, help="batch size for --data mnist1d")
+    precise.add_argument("--num-batches", type=positive_int, default=200)
+    precise.add_argument("--batch-size", type=positive_int, default=32, help="batch size for --data mnist1d")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import atomic_write_json
+from .common import atomic_write_json, check_output_file, positive_int, seed
 
 __all__ = ["add_parser"]
 
@@ -13,6 +13,8 @@ __all__ = ["add_parser"]
 def run(args: argparse.Namespace) -> int:
     from ..experiments.distributed import run_sync_comparison
 
+    if args.out:
+        check_output_file(Path(args.out))
     print("training on MNIST-1D: 1 process at batch 4 and 2; 2 gloo processes x batch 2 with "
           "SyncBatchNorm and with local BatchNorm ...", flush=True)
     rows = run_sync_comparison(epochs=args.epochs, seed=args.seed)
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sync-demo", help="SyncBatchNorm at 2 processes x batch 2 vs 1 process at batch 4 (minutes)")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=6)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", help="write the rows as JSON to this path")
     p.set_defaults(func=run)

@@ -14,6 +14,10 @@ from pathlib import Path
 
 __all__ = ["figure_to_png", "gradient_norms", "histogram_grid", "percentile_bands", "save_figure"]
 
+# Layer names are data, not markup: a module named "$^$" would otherwise be parsed as
+# matplotlib math text (and fail to draw), and "$x$" would be typeset.
+_LITERAL = {"parse_math": False}
+
 
 def _figure(width: float, height: float):
     try:
@@ -41,7 +45,7 @@ def histogram_grid(probe, layers: list[str] | None = None, step: int | None = No
         edges, fractions = probe.histogram(name, step)
         ax.stairs(fractions, edges, fill=True, alpha=0.8)
         record = probe.records(name)[-1]
-        ax.set_title(f"{name}\nstd {record.get('std', math.nan):.2g}", fontsize=8)
+        ax.set_title(f"{name}\nstd {record.get('std', math.nan):.2g}", fontsize=8, **_LITERAL)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.set_visible(False)
@@ -67,7 +71,7 @@ def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, tit
         _, p85 = probe.series(name, "p85")
         ax.fill_between(steps, p15, p85, alpha=0.3, label="15th-85th")
         ax.plot(steps, p50, lw=1.2, label="median")
-        ax.set_title(name, fontsize=8)
+        ax.set_title(name, fontsize=8, **_LITERAL)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(layers):]:
         ax.set_visible(False)
@@ -88,7 +92,7 @@ def gradient_norms(probe, key: str = "grad_norm", title: str | None = None):
     names = list(values)
     ax.plot(range(len(names)), [max(v, 1e-30) for v in values.values()], marker="o")
     ax.set_yscale("log")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7, **_LITERAL)
     ax.set_ylabel(key.replace("_", " "))
     ax.set_title(title or f"{key.replace('_', ' ')} per layer (median of the last 5 records)", fontsize=10)
     return fig

@@ -67,6 +67,18 @@ def _nice_bound(value: float) -> float:
     return 10.0 ** (exponent + 1)
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(value):
+    """A text cell a spreadsheet would run as a formula (a layer named ``=cmd|...``) is
+    prefixed with ``'`` so it is shown as text (OWASP's advice on CSV injection); numbers
+    are written as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 class _Series:
     """A layer's records under a fixed budget: when full, every other record is dropped
     (the latest is kept), so old history thins out instead of memory growing."""
@@ -372,7 +384,9 @@ class Probe:
         return path
 
     def to_csv(self, path: str | Path) -> Path:
-        """One row per (layer, recorded step), scalar quantities only (histograms: JSON)."""
+        """One row per (layer, recorded step), scalar quantities only (histograms: JSON).
+        Text cells that start like a spreadsheet formula (``= + - @``, tab, CR) get a
+        leading ``'``."""
         path = Path(path)
         rows = [{"layer": name, "type": type(self.layers[name]).__name__,
                  **{k: v for k, v in r.items() if not isinstance(v, list)}}
@@ -381,7 +395,7 @@ class Probe:
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: _csv_text(v) for k, v in row.items()} for row in rows)
         return path
 
     def to_tensorboard(self, log_dir: str | Path | None = None, *, writer=None) -> None:

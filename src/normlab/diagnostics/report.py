@@ -44,7 +44,7 @@ def write_report(probe, path, *, title: str = "normlab probe report", **threshol
     findings = probe.findings(**thresholds)
     latest = {key: probe.latest(key, window=1) for key in _COLUMNS}
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{type(probe.layers[name]).__name__}</td>"
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(type(probe.layers[name]).__name__)}</td>"
         + "".join(_cell(latest[key].get(name)) for key in _COLUMNS) + "</tr>"
         for name in probe.layer_names
     )

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine_info", "render_report", "write_report"]
+__all__ = ["STATES", "VERDICTS", "machine_info", "render_report", "write_report"]
+
+VERDICTS = ("yes", "partly", "no")
+#: What a report says about its run: every study finished, still running (the page is
+#: rewritten after each study, so a run killed outright leaves this), or stopped early.
+STATES = ("complete", "running", "interrupted")
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222;
@@ -22,6 +27,7 @@ th { background: #f4f4f4; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 .error { color: #a00; font-weight: bold; }
+.partial { border: 2px solid #a00; background: #f9e0e0; padding: 0.6em 1em; font-weight: bold; }
 details summary { cursor: pointer; color: #335; }
 """
 
@@ -42,7 +48,9 @@ def _table(columns, rows, classes=None) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = []
     for i, row in enumerate(rows):
-        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        # Only the known verdicts become a class: the value comes from a JSON file and is
+        # not trusted to be safe inside an attribute.
+        cls = f' class="{classes[i]}"' if classes and classes[i] in VERDICTS else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
@@ -82,13 +90,32 @@ def _section(result: dict, folder: str) -> str:
     return "\n".join(parts)
 
 
-def render_report(results: list[dict], *, setting: str, seconds: float, machine: dict | None = None) -> str:
+def _banner(state: str, done: int, pending: list[str], reason: str) -> str:
+    total = done + len(pending)
+    if state == "running":
+        return (f'<p class="partial">In progress: {done} of {total} studies finished so far. If no normlab '
+                "process is still writing here, the run was stopped before it finished and this report is "
+                "partial: run it again for a complete one.</p>")
+    return (f'<p class="partial">Interrupted{f" ({_e(reason)})" if reason else ""} after {done} of {total} '
+            f"studies: this report is partial. Not finished: {_e(', '.join(pending))}. Run it again for a "
+            "complete report.</p>")
+
+
+def render_report(results: list[dict], *, setting: str, seconds: float, machine: dict | None = None,
+                  state: str = "complete", pending: list[str] | tuple[str, ...] = (), reason: str = "") -> str:
+    """The page for ``results``. ``state`` is one of :data:`STATES`; when the run is not
+    complete, a banner says so and ``pending`` lists the studies it has not finished."""
+    if state not in STATES:
+        raise ValueError(f"state must be one of {STATES}, got {state!r}")
+    pending = list(pending)
     machine = machine or machine_info()
     verdicts = [c["agrees"] for r in results for c in r.get("comparison", [])]
-    counts = ", ".join(f"{verdicts.count(v)} {v}" for v in ("yes", "partly", "no"))
+    counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS)
     toc = "".join(f'<li><a href="#{_e(r["study"])}">{_e(r["title"])}</a>'
                   f'{" — failed" if r.get("error") else ""}</li>' for r in results)
-    head = (f"<h1>normlab studies</h1>"
+    toc += "".join(f"<li>{_e(name)} — not finished</li>" for name in pending)
+    banner = "" if state == "complete" else _banner(state, len(results), pending, reason)
+    head = (f"<h1>normlab studies{'' if state == 'complete' else f' ({state}, partial)'}</h1>{banner}"
             f'<p class="meta">Setting <b>{_e(setting)}</b>; {len(results)} studies in {seconds:.0f} s on '
             f'{_e(machine.get("cores"))} CPU cores ({_e(machine.get("cpu"))}), Python {_e(machine.get("python"))}, '
             f'torch {_e(machine.get("torch"))}. Published claims checked: {counts}.</p>'
@@ -97,14 +124,20 @@ def render_report(results: list[dict], *, setting: str, seconds: float, machine:
             "direction, not in value. Where ours differ, the table says so and why.</p>"
             f"<ol>{toc}</ol>")
     body = "\n".join(_section(r, r["study"]) for r in results)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>normlab studies ({_e(setting)})</title>"
+    title = f"normlab studies ({_e(setting)}{'' if state == 'complete' else f', {state}'})"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>{_CSS}</style></head><body>{head}{body}</body></html>")
 
 
-def write_report(results: list[dict], out_dir: Path, *, setting: str, seconds: float) -> Path:
+def write_report(results: list[dict], out_dir: Path, *, setting: str, seconds: float, state: str = "complete",
+                 pending: list[str] | tuple[str, ...] = (), reason: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
+    page = render_report(results, setting=setting, seconds=seconds, state=state, pending=pending, reason=reason)
     tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_report(results, setting=setting, seconds=seconds), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -31,16 +32,60 @@ def default_jobs() -> int:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    # Ctrl-C in a terminal reaches every process of the group; only the parent acts on
+    # it (it stops the workers), so a worker does not print a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when its parent dies, however it dies (even
+    SIGKILL, when no clean-up of ours runs), so no worker outlives the run. (Strictly,
+    when the parent's thread that started it ends: the thread running the
+    ``worker_pool`` block, which outlives the pool.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # pragma: no cover - no prctl: the parent's clean-up still applies
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Stop at once: cancel queued jobs and terminate the workers instead of waiting
+    for the jobs they are running (which can take minutes)."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():  # pragma: no cover - a worker stuck where SIGTERM cannot reach it
+            process.kill()
+            process.join(timeout=5)
+    executor.shutdown(wait=True)  # the pool's manager thread notices the dead workers and ends
 
 
 @contextlib.contextmanager
 def worker_pool(jobs: int | None = None) -> Iterator[None]:
     """Share one pool of ``jobs`` worker processes among every ``parallel_map`` inside
     the block (a worker keeps its generated datasets between jobs). ``jobs=1`` runs
-    everything in this process."""
+    everything in this process.
+
+    Leaving the block normally waits for the pool to finish; leaving it by an exception
+    (Ctrl-C, a signal turned into an exception, an error) terminates the workers at once.
+    Workers ignore SIGINT (the parent handles it) and, on Linux, are terminated by the
+    kernel if the parent dies without cleaning up."""
     jobs = default_jobs() if jobs is None else jobs
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be >= 1 (a positive int), got {jobs!r}")
     previous = _pool[0]
     if jobs == 1:
         _pool[0] = None
@@ -54,9 +99,13 @@ def worker_pool(jobs: int | None = None) -> Iterator[None]:
     _pool[0] = executor
     try:
         yield
+    except BaseException:
+        _stop_workers(executor)
+        raise
+    else:
+        executor.shutdown(cancel_futures=True)
     finally:
         _pool[0] = previous
-        executor.shutdown(cancel_futures=True)
 
 
 def progress(total: int, desc: str):
@@ -122,9 +171,13 @@ def _clean(value):
 def write_json(path: Path, payload: dict) -> Path:
     """Write ``payload`` as strict JSON (non-finite numbers as null), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_clean(payload), indent=2, allow_nan=False, default=_default)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(payload), indent=2, allow_nan=False, default=_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:  # interrupted mid-write: no half-written temporary file is left behind
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -20,7 +20,14 @@ def run_suite(setting: str = "quick", out_dir: str | Path = "runs/study", *, onl
     """Run the studies (all, or ``only`` these) and write ``out_dir/index.html``,
     ``out_dir/report.json`` and one folder per study. A study that fails is reported as
     failed in the page and the JSON, and the others still run; the caller decides what a
-    failure means (the command line exits non-zero)."""
+    failure means (the command line exits non-zero).
+
+    The page and the JSON never pass off stale or partial results as a finished run: an
+    earlier run's report is replaced at the start by one marked "running", rewritten
+    after each study, and marked "complete" at the end — or "interrupted", with the
+    studies not finished, when the run is stopped (Ctrl-C, a signal the caller turns into
+    an exception); the exception is then re-raised. A study's old ``result.json`` is
+    removed before it runs again, so a folder holds one only if the study finished."""
     studies = all_studies()
     names = list(only) if only else list(studies)
     unknown = [n for n in names if n not in studies]
@@ -30,20 +37,33 @@ def run_suite(setting: str = "quick", out_dir: str | Path = "runs/study", *, onl
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     start = time.perf_counter()
-    with worker_pool(jobs):
-        for name in names:
-            t0 = time.perf_counter()
-            try:
-                result = run_study(name, setting, out / name, seeds=seeds)
-            except Exception as err:  # keep going: one broken study should not hide the rest
-                study = studies[name]
-                result = {"study": name, "title": study.title, "question": study.question, "setting": setting,
-                          "seconds": time.perf_counter() - t0, "error": f"{type(err).__name__}: {err}",
-                          "traceback": traceback.format_exc()}
-            results.append(result)
-            if on_done:
-                on_done(result)
-    seconds = time.perf_counter() - start
-    write_json(out / "report.json", {"setting": setting, "seconds": seconds, "machine": machine_info(),
-                                     "studies": results})
-    return write_report(results, out, setting=setting, seconds=seconds), results
+
+    def publish(state: str, reason: str = "") -> Path:
+        seconds = time.perf_counter() - start
+        pending = names[len(results):]
+        write_json(out / "report.json", {"setting": setting, "state": state, "reason": reason, "seconds": seconds,
+                                         "machine": machine_info(), "studies": results, "pending": pending})
+        return write_report(results, out, setting=setting, seconds=seconds, state=state, pending=pending,
+                            reason=reason)
+
+    publish("running")
+    try:
+        with worker_pool(jobs):
+            for name in names:
+                (out / name / "result.json").unlink(missing_ok=True)
+                t0 = time.perf_counter()
+                try:
+                    result = run_study(name, setting, out / name, seeds=seeds)
+                except Exception as err:  # keep going: one broken study should not hide the rest
+                    study = studies[name]
+                    result = {"study": name, "title": study.title, "question": study.question, "setting": setting,
+                              "seconds": time.perf_counter() - t0, "error": f"{type(err).__name__}: {err}",
+                              "traceback": traceback.format_exc()}
+                results.append(result)
+                publish("running")
+                if on_done:
+                    on_done(result)
+    except BaseException as err:
+        publish("interrupted", "Ctrl-C" if isinstance(err, KeyboardInterrupt) else str(err) or type(err).__name__)
+        raise
+    return publish("complete"), results
