@@ -65,7 +65,13 @@ def group_norm_act(
 
 
 def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="group_norm"):
+                prelu_weight=None, inplace=False, fn="group_norm", validated=False):
+    """``validated``: a module's call (constructor-checked groups, eps and parameter shapes;
+    the module checked the channels): only what depends on this input is checked here."""
+    if validated and input.dim() >= 2 and input.is_floating_point() and _same_kind(weight, input) and (
+            reduced_count(input.shape, range(2, input.dim())) * (input.shape[1] // num_groups) > 1):
+        return channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation, param=param,
+                            prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
     check_floating_input(input)
     check_positive_int(num_groups, "num_groups")
     if input.dim() < 2:
@@ -96,6 +102,11 @@ def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", 
                         prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
 
 
+def _same_kind(param: torch.Tensor | None, input: torch.Tensor) -> bool:
+    """The parameter needs no check against this input: absent, or same dtype and device."""
+    return param is None or (param.dtype == input.dtype and param.device == input.device)
+
+
 def _nearby_divisors(n: int, target: int) -> list[int]:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     return sorted(divisors, key=lambda d: (abs(d - target), d))[:3]
@@ -124,6 +135,14 @@ def layer_norm(
 
     ``weight`` and ``bias`` have shape ``normalized_shape`` (elementwise affine).
     """
+    return _layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _layer_norm(input, normalized_shape, weight, bias, eps, *, validated=False):
+    """``validated``: a module's call, whose constructor checked the shape, eps and γ/β."""
+    if validated and isinstance(input, torch.Tensor) and input.is_floating_point() and _same_kind(weight, input) \
+            and input.shape[input.dim() - len(normalized_shape):] == normalized_shape:
+        return row_norm(input, normalized_shape, weight, bias, eps, centered=True, operation="layer_norm")
     check_floating_input(input)
     shape, dims = _trailing_dims("layer_norm", input, normalized_shape)
     eps = check_eps(eps)
@@ -145,6 +164,16 @@ def rms_norm(
     ``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 input, float64's
     for float64.
     """
+    return _rms_norm(input, normalized_shape, weight, eps)
+
+
+def _rms_norm(input, normalized_shape, weight, eps, *, validated=False):
+    """``validated``: a module's call, whose constructor checked the shape, eps and γ."""
+    if validated and isinstance(input, torch.Tensor) and input.is_floating_point() and _same_kind(weight, input) \
+            and input.shape[input.dim() - len(normalized_shape):] == normalized_shape:
+        if eps is None:
+            eps = torch.finfo(compute_dtype(input.dtype)).eps
+        return row_norm(input, normalized_shape, weight, None, eps, centered=False, operation="rms_norm")
     check_floating_input(input)
     shape, dims = _trailing_dims("rms_norm", input, normalized_shape)
     cdtype = compute_dtype(input.dtype)

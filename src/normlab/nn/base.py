@@ -14,7 +14,7 @@ from torch.fx import Proxy
 
 from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 
-__all__ = ["FreezableNorm", "_NormBase", "affine_parameters", "check_channel_input", "check_norm_args", "traced_call"]
+__all__ = ["CheckedEps", "FreezableNorm", "_NormBase", "affine_parameters", "check_channel_input", "check_norm_args", "traced_call"]
 
 
 def traced_call(module: nn.Module, input: Proxy) -> Proxy:
@@ -87,6 +87,32 @@ class FreezableNorm:
         self.frozen_affine = False
         self._requires_grad_before_freeze = {}
         return self
+
+
+class CheckedEps:
+    """``eps`` checked once after each assignment — at the next call — not on every call.
+
+    For the per-sample norms (GroupNorm, LayerNorm, RMSNorm), whose forward then skips the
+    checks their constructor made. ``None`` is accepted where the layer allows it (RMSNorm).
+    """
+
+    _eps_may_be_none = False
+
+    @property
+    def eps(self):
+        return self.__dict__["_eps"]
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self.__dict__["_eps"] = value
+        self.__dict__["_eps_checked"] = False
+
+    def _check_eps(self) -> None:
+        d = self.__dict__
+        if not d.get("_eps_checked", False):
+            if not (d["_eps"] is None and self._eps_may_be_none):
+                d["_eps"] = check_eps(d["_eps"])
+            d["_eps_checked"] = True
 
 
 class _NormBase(FreezableNorm):

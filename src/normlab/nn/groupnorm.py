@@ -6,14 +6,14 @@ import torch
 from torch.fx import Proxy
 from torch import nn
 
-from .. import functional as F
+from ..functional.per_sample import _group_norm
 from ..core import check_eps, check_positive_int
-from .base import FreezableNorm, affine_parameters, traced_call
+from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(FreezableNorm, nn.GroupNorm):
+class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
     r"""Group normalization (Wu & He, 2018) over an (N, C, \*spatial) input.
 
     A drop-in for :class:`torch.nn.GroupNorm`, and an instance of it: same constructor arguments, defaults,
@@ -86,7 +86,8 @@ class GroupNorm(FreezableNorm, nn.GroupNorm):
                     f"{self.num_channels} channels at input dim 1, got {input.shape[1]} "
                     f"(input shape {tuple(input.shape)})"
                 )
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        self._check_eps()
+        return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps, validated=True)
 
     def extra_repr(self) -> str:
         return (

@@ -6,14 +6,14 @@ import torch
 from torch.fx import Proxy
 from torch import nn
 
-from .. import functional as F
+from ..functional.per_sample import _layer_norm, _rms_norm
 from ..core import check_eps, normalize_shape_arg
-from .base import FreezableNorm, affine_parameters, traced_call
+from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
 
-class LayerNorm(FreezableNorm, nn.LayerNorm):
+class LayerNorm(CheckedEps, FreezableNorm, nn.LayerNorm):
     r"""Layer normalization (Ba et al., 2016) over the trailing ``normalized_shape`` dims.
 
     A drop-in for :class:`torch.nn.LayerNorm`, and an instance of it: same constructor arguments, defaults,
@@ -65,7 +65,8 @@ class LayerNorm(FreezableNorm, nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        self._check_eps()
+        return _layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, validated=True)
 
     def extra_repr(self) -> str:
         return (
@@ -74,7 +75,7 @@ class LayerNorm(FreezableNorm, nn.LayerNorm):
         )
 
 
-class RMSNorm(FreezableNorm, nn.RMSNorm):
+class RMSNorm(CheckedEps, FreezableNorm, nn.RMSNorm):
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019) over ``normalized_shape``.
 
     A drop-in for :class:`torch.nn.RMSNorm`, and an instance of it: same constructor arguments, defaults,
@@ -97,6 +98,8 @@ class RMSNorm(FreezableNorm, nn.RMSNorm):
         - Input: (\*, \*normalized_shape).
         - Output: same shape as the input.
     """
+
+    _eps_may_be_none = True  # None: the machine epsilon of the computation dtype
 
     def __init__(
         self,
@@ -127,7 +130,8 @@ class RMSNorm(FreezableNorm, nn.RMSNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        self._check_eps()
+        return _rms_norm(input, self.normalized_shape, self.weight, self.eps, validated=True)
 
     def extra_repr(self) -> str:
         return (
