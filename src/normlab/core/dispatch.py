@@ -176,6 +176,10 @@ def _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var
         elif groups == x.shape[1] and x.dim() > 2 and _exporting():  # ONNX InstanceNormalization
             y = TF.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
         else:
+            if weight is None and bias is not None:
+                # torch's group_norm backward fails with β but no γ ("tensor does not have a
+                # device"); γ = 1 is the same map
+                weight = torch.ones_like(bias)
             y = TF.group_norm(x, groups, weight, bias, eps)
         mean, var = _batch_stats(x, groups) if want_stats else (None, None)
     return apply_activation(y, activation, param, prelu_weight), mean, var

@@ -169,7 +169,9 @@ def normalize_backward(
 
     # When γ is constant inside each statistics group (BatchNorm, InstanceNorm), the sums
     # that dγ and dβ need are exactly the per-group sums dx needs: compute them once.
-    per_group_affine = w is None or all(w.shape[d] == 1 for d in dims)
+    # (β counts too: LayerNorm with β but no γ has a β that varies inside each group.)
+    per_group_affine = (w is None or all(w.shape[d] == 1 for d in dims)) and (
+        bias_shape is None or all(bias_shape[d] == 1 for d in dims))
     if across is not None:
         assert per_group_affine and batch_stats and centered, "only BatchNorm spans processes"
     if per_group_affine:
@@ -198,12 +200,12 @@ def normalize_backward(
             else:
                 dx = dy * scale
     else:
-        if need_dw:
+        if need_dw and w is not None:
             dw = (dy * xhat).sum_to_size(w.shape)
         if need_db and bias_shape is not None:
             db = dy.sum_to_size(bias_shape)
         if need_dx:
-            g = dy * w
+            g = dy.clone() if w is None else dy * w  # fresh: modified in place below
             if batch_stats:
                 mean_g_xhat = (g * xhat).mean(dims, keepdim=True)
                 dx = xhat.mul_(-mean_g_xhat).add_(g)
