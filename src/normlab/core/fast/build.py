@@ -186,8 +186,8 @@ def _remove_abandoned_builds(entry: Path) -> None:
     """Private build directories of builders that died (their pid is gone from this host),
     or older than a day. Called only while holding the entry's lock."""
     host = socket.gethostname()
-    for work in entry.glob("build-*"):
-        parts = work.name.split("-")  # build-<host>-<pid>-<random>
+    for work in entry.glob("tmp-*"):
+        parts = work.name.split("-")  # tmp-<host>-<pid>-<random>
         pid = int(parts[-2]) if len(parts) >= 4 and parts[-2].isdigit() else None
         same_host = "-".join(parts[1:-2]) == host
         alive = True
@@ -216,7 +216,7 @@ def _compile(name: str, entry: Path):
     except ImportError:
         pass
     print(BUILD_MESSAGE, file=sys.stderr, flush=True)
-    work = Path(tempfile.mkdtemp(prefix=f"build-{socket.gethostname()}-{os.getpid()}-", dir=entry))
+    work = Path(tempfile.mkdtemp(prefix=f"tmp-{socket.gethostname()}-{os.getpid()}-", dir=entry))
     try:
         module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
                                     extra_ldflags=list(_LDFLAGS), build_directory=str(work), verbose=False)
