@@ -54,8 +54,8 @@ _BACKENDS = ("auto", "fast", "composed")
 # -fopenmp: at::parallel_for's OpenMP branch is inline in ATen's headers, so without it the
 # kernels would run on one thread. libgomp.so.1 resolves to the copy torch has already
 # loaded, so there is one thread pool, sized by torch.set_num_threads. No -ffast-math: NaN
-# and inf behave exactly as IEEE says. No -std=...: torch chooses the C++ standard its own
-# headers need (C++17 up to torch 2.x, C++20 from 2.14); kernels.cpp compiles under both.
+# and inf behave exactly as IEEE says. No -std=...: torch passes the C++ standard its own
+# headers need (C++20 for torch 2.14's); kernels.cpp compiles as C++17 and as C++20.
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 _LDFLAGS = ("-fopenmp",)
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
