@@ -191,6 +191,11 @@ def test_second_derivatives_through_the_fast_path(make, shape):
     _close(results[0], results[1], tol=1e-4)
 
 
+def test_the_kernels_loaded_are_this_torch_installations():
+    entry = core.fast.build.build_root() / core.fast.build.build_name(core.fast.build.installation())
+    assert core.fast.status().startswith(f"fast kernels loaded from {entry}")
+
+
 def test_backend_switch_validation():
     with pytest.raises(ValueError, match="backend must be one of"):
         core.set_backend("gpu")
