@@ -1,9 +1,10 @@
 """Build (on first use) and load the C++ kernels; choose between fast and composed paths.
 
-The kernels are compiled once per machine by ``torch.utils.cpp_extension`` (about 15 s,
-needs a C++ compiler and the ``ninja`` package) and cached under
-``~/.cache/torch_extensions``. If anything about that fails, normlab says so once and
-keeps using the composed torch ops — the same results, slower.
+The kernels are compiled once per torch installation by ``torch.utils.cpp_extension``
+(about 20 s, needs a C++ compiler and the ``ninja`` package; a one-line message on stderr
+says so) and cached under ``~/.cache/torch_extensions`` (``NORMLAB_BUILD_DIR`` or
+``TORCH_EXTENSIONS_DIR`` to choose another place). If anything about that fails, normlab
+says so once and keeps using the composed torch ops — the same results, slower.
 
     normlab.core.fast.status()            # "fast kernels loaded from ...", or why not
     normlab.core.set_backend("composed")  # force a path: "auto" (default), "fast", "composed"
@@ -11,23 +12,58 @@ keeps using the composed torch ops — the same results, slower.
     with normlab.core.record_dispatch() as log: model(x)   # which path each call took
 
 ``NORMLAB_BACKEND=composed`` in the environment never builds anything.
+
+How the cache stays safe:
+
+- The cache entry is named by everything the compiled module depends on: the kernel source,
+  the compiler flags, this CPU (``-march=native``), and the torch installation (its
+  directory, version, git revision and CUDA/ROCm/CPU variant) and Python version. Two
+  virtual environments therefore never share, or rebuild, each other's kernels.
+- Builders take an ``flock`` on the entry's ``normlab.lock``. The OS drops it when the holder
+  exits however it exits (SIGKILL included), so a killed builder never leaves a lock that
+  others wait on; a live holder is waited for at most ``NORMLAB_BUILD_TIMEOUT`` seconds
+  (default 300), after which the waiter uses the composed ops and says why.
+- Each build runs in a private directory, so torch's own lock file there is never
+  contended, and the finished library is moved into place atomically: a reader sees no
+  library or a complete one. Directories left by killed builders are removed later.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import platform
+import re
+import shutil
+import socket
+import sys
+import tempfile
 import threading
+import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 __all__ = ["available", "backend", "kernels", "record_dispatch", "set_backend", "status", "use_backend"]
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 _BACKENDS = ("auto", "fast", "composed")
-_state = {"module": None, "error": None, "tried": False, "backend": os.environ.get("NORMLAB_BACKEND", "auto")}
+# -fopenmp: at::parallel_for's OpenMP branch is inline in ATen's headers, so without it the
+# kernels would run on one thread. libgomp.so.1 resolves to the copy torch has already
+# loaded, so there is one thread pool, sized by torch.set_num_threads. No -ffast-math: NaN
+# and inf behave exactly as IEEE says. No -std=...: torch passes the C++ standard its own
+# headers need (C++20 for torch 2.14's); kernels.cpp compiles as C++17 and as C++20.
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
+_LDFLAGS = ("-fopenmp",)
+_LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
+_DEFAULT_TIMEOUT_S = 300.0
+BUILD_MESSAGE = "normlab: building the fast CPU kernels (first use, about 20 s)..."
+
+_state = {"module": None, "path": None, "error": None, "tried": False,
+          "backend": os.environ.get("NORMLAB_BACKEND", "auto")}
 _lock = threading.Lock()
 _logs: list[list] = []
 
@@ -48,8 +84,129 @@ def _cpu_signature() -> str:
     return hashlib.sha1(model.encode()).hexdigest()[:10]
 
 
-def _build():
+def installation() -> dict[str, str]:
+    """Everything a compiled kernel module is tied to (the fields of its cache key)."""
     import torch
+
+    if torch.version.cuda:
+        variant = f"cuda{torch.version.cuda}"
+    elif getattr(torch.version, "hip", None):
+        variant = f"rocm{torch.version.hip}"
+    else:
+        variant = "cpu"
+    return {
+        "torch_dir": str(Path(torch.__file__).resolve().parent),
+        "torch_version": torch.__version__,
+        "torch_git": str(getattr(torch.version, "git_version", "")),
+        "variant": variant,
+        "python": f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}",
+        "cpu": _cpu_signature(),
+        "source": hashlib.sha1(_SOURCE.read_bytes()).hexdigest(),
+        "flags": " ".join(_CFLAGS + ("|",) + _LDFLAGS),
+    }
+
+
+def build_name(fields: Mapping[str, str]) -> str:
+    """The cache entry's name: readable torch and Python versions, then a hash of every field.
+
+    It is also the Python module name, so it must be an identifier."""
+    digest = hashlib.sha1(repr(sorted(fields.items())).encode()).hexdigest()[:12]
+    python = "py" + fields["python"].split("python")[-1].replace(".", "")
+    readable = re.sub(r"\W", "_", f"torch{fields['torch_version']}_{python}")
+    return f"normlab_kernels_{readable}_{digest}"
+
+
+def build_root() -> Path:
+    """Where cache entries live: NORMLAB_BUILD_DIR, else TORCH_EXTENSIONS_DIR, else the
+    user's cache directory."""
+    for variable in ("NORMLAB_BUILD_DIR", "TORCH_EXTENSIONS_DIR"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+
+
+def _timeout() -> float:
+    text = os.environ.get("NORMLAB_BUILD_TIMEOUT", "")
+    if not text:
+        return _DEFAULT_TIMEOUT_S
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"NORMLAB_BUILD_TIMEOUT must be a number of seconds, got {text!r}") from None
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _acquire(lock_path: Path, timeout: float) -> IO | None:
+    """An open file holding an exclusive flock on ``lock_path``, or None where this system
+    or file system has no flock (building unlocked is still safe, only perhaps duplicated).
+    Raises TimeoutError if another process holds the lock for ``timeout`` seconds."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(lock_path, "a+")  # noqa: SIM115 — held until the build is done
+    deadline = time.monotonic() + timeout
+    waiting_said = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        except OSError:  # e.g. a network mount without locks
+            handle.close()
+            return None
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        if time.monotonic() > deadline:
+            handle.close()
+            raise TimeoutError(
+                f"another process (pid {holder}) has held {lock_path} for over {timeout:.0f} s while "
+                f"building the kernels; set NORMLAB_BUILD_TIMEOUT to wait longer, or NORMLAB_BUILD_DIR "
+                f"to build elsewhere")
+        if not waiting_said:
+            print(f"normlab: waiting for another process (pid {holder}) that is building the fast CPU kernels...",
+                  file=sys.stderr, flush=True)
+            waiting_said = True
+        time.sleep(0.1)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _remove_abandoned_builds(entry: Path) -> None:
+    """Private build directories of builders that died (their pid is gone from this host),
+    or older than a day. Called only while holding the entry's lock."""
+    host = socket.gethostname()
+    for work in entry.glob("tmp-*"):
+        parts = work.name.split("-")  # tmp-<host>-<pid>-<random>
+        pid = int(parts[-2]) if len(parts) >= 4 and parts[-2].isdigit() else None
+        same_host = "-".join(parts[1:-2]) == host
+        alive = True
+        if same_host and pid is not None:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                pass
+        try:
+            old = time.time() - work.stat().st_mtime > 86400
+        except OSError:
+            continue
+        if not alive or old:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _compile(name: str, entry: Path):
     from torch.utils import cpp_extension
 
     try:  # cpp_extension runs `ninja`; the pip package puts it beside the interpreter
@@ -58,24 +215,52 @@ def _build():
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    source_hash = hashlib.sha1(_SOURCE.read_bytes()).hexdigest()[:10]
-    name = f"normlab_kernels_{source_hash}_{_cpu_signature()}_{torch.__version__.split('+')[0].replace('.', '_')}"
-    kwargs = {}
-    if os.environ.get("NORMLAB_BUILD_DIR"):
-        kwargs["build_directory"] = os.environ["NORMLAB_BUILD_DIR"]
-        Path(kwargs["build_directory"]).mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_SOURCE)],
-        # -fopenmp: at::parallel_for's OpenMP branch is inline in ATen's headers, so without
-        # it the kernels would run on one thread. libgomp.so.1 resolves to the copy torch has
-        # already loaded, so there is one thread pool, sized by torch.set_num_threads. No
-        # -ffast-math: NaN and inf behave exactly as IEEE says.
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-        **kwargs,
-    )
+    print(BUILD_MESSAGE, file=sys.stderr, flush=True)
+    work = Path(tempfile.mkdtemp(prefix=f"tmp-{socket.gethostname()}-{os.getpid()}-", dir=entry))
+    try:
+        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
+                                    extra_ldflags=list(_LDFLAGS), build_directory=str(work), verbose=False)
+        os.replace(work / f"{name}{_LIB_SUFFIX}", entry / f"{name}{_LIB_SUFFIX}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return module
+
+
+def _build():
+    """Load the cached module, building it first if needed. Returns (module, library path)."""
+    name = build_name(installation())
+    entry = build_root() / name
+    library = entry / f"{name}{_LIB_SUFFIX}"
+    if library.exists():
+        with contextlib.suppress(ImportError):
+            return _import(name, library), library
+    entry.mkdir(parents=True, exist_ok=True)
+    handle = _acquire(entry / "normlab.lock", _timeout())
+    try:
+        if library.exists():  # built by the process we waited for
+            with contextlib.suppress(ImportError):
+                return _import(name, library), library
+        _remove_abandoned_builds(entry)
+        log = entry / "build-error.log"
+        try:
+            module = _compile(name, entry)
+        except Exception as err:
+            with contextlib.suppress(OSError):
+                log.write_text(f"{type(err).__name__}: {err}\n")
+            raise
+        log.unlink(missing_ok=True)
+        return module, library
+    finally:
+        if handle is not None:
+            handle.close()  # closing the file releases the flock
+
+
+def _summary(err: Exception) -> str:
+    """One line for the warning: the compiler's first error if there is one, else the last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror\b", line) and not line.startswith("Error building")]
+    detail = errors[0] if errors else (lines[-1] if lines else "")
+    return f"{type(err).__name__}: {detail}"
 
 
 def kernels():
@@ -86,9 +271,9 @@ def kernels():
         with _lock:
             if not _state["tried"]:
                 try:
-                    _state["module"] = _build()
-                except Exception as err:  # no compiler, no ninja, a read-only cache, ...
-                    _state["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+                    _state["module"], _state["path"] = _build()
+                except Exception as err:  # noqa: BLE001 — no compiler, no ninja, a read-only cache, a lock timeout, ...
+                    _state["error"] = _summary(err)
                     warnings.warn(
                         f"normlab: the fast CPU kernels could not be built ({_state['error']}); "
                         f"using composed torch ops (same results, slower). "
@@ -112,8 +297,10 @@ def status() -> str:
         return "composed torch ops (backend forced to 'composed')"
     module = kernels()
     if module is None:
-        return f"composed torch ops: the fast kernels are unavailable ({_state['error']})"
-    return f"fast kernels loaded from {module.__file__} (backend {_state['backend']!r})"
+        log = build_root() / build_name(installation()) / "build-error.log"
+        where = f"; the full build output is in {log}" if log.exists() else ""
+        return f"composed torch ops: the fast kernels are unavailable ({_state['error']}){where}"
+    return f"fast kernels loaded from {_state['path']} (backend {_state['backend']!r})"
 
 
 def backend() -> str:
