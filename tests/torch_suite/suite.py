@@ -353,9 +353,10 @@ def module_cases() -> list[ModuleCase]:
 
 def _module_inputs(case: ModuleCase):
     info = module_infos()[case.name]
-    torch.manual_seed(_seed(case.id))
-    mi = info.module_inputs_func(info, device="cpu", dtype=case.dtype, requires_grad=True,
-                                 training=case.training)[case.index]
+    with torch.random.fork_rng():
+        torch.manual_seed(_seed(case.id))
+        mi = info.module_inputs_func(info, device="cpu", dtype=case.dtype, requires_grad=True,
+                                     training=case.training)[case.index]
     return mi.constructor_input.args, mi.constructor_input.kwargs, mi.forward_input.args[0]
 
 
@@ -476,9 +477,17 @@ class FunctionalCase:
     layout: str
 
 
-def _samples(name: str, dtype: torch.dtype) -> list:
-    # reference_inputs are the sample inputs followed by any extra reference inputs.
-    return list(op_infos()[name].reference_inputs("cpu", dtype, requires_grad=True))
+@functools.cache
+def _samples(name: str, dtype: torch.dtype) -> tuple:
+    """The OpInfo's reference inputs (its sample inputs followed by any extra ones).
+
+    Drawn once per (functional, dtype) from a fixed seed and shared by that functional's
+    cases — OpInfo inspects the call stack for every input it yields, which costs more
+    than running the case. Runs clone every tensor they take from here.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(_seed(f"{name}/{dtype_name(dtype)}"))
+        return tuple(op_infos()[name].reference_inputs("cpu", dtype, requires_grad=True))
 
 
 def functional_cases() -> list[FunctionalCase]:
@@ -545,7 +554,6 @@ def _rms_truth_eps(sample, dtype):
 
 
 def run_functional_case(case: FunctionalCase) -> tuple[list[str], str | None]:
-    torch.manual_seed(_seed(case.id))
     sample = _samples(case.name, case.dtype)[case.index]
     generator = torch.Generator().manual_seed(_seed(case.id) + 1)
     theirs_fn = getattr(TF, case.name)
