@@ -11,7 +11,9 @@ A matching case is marked ``xfail(strict=True, raises=KnownDifference)``:
 ``python tests/torch_suite/survey.py`` lists what fails now and where this table is wrong.
 Case ids: ``nn.<Module>/<module_db desc>/<dtype>/<train|eval>/<layout>``,
 ``F.<functional>/<index in the OpInfo's reference inputs>-<input shape>/<dtype>/<layout>``
-and ``nn.<Module>/error<i>``, ``F.<functional>/error<i>`` for PyTorch's error inputs.
+and ``nn.<Module>/error<i>``, ``F.<functional>/error<i>`` for PyTorch's error inputs;
+``port.<test>`` and ``port.<test>/<Module>/<desc>/<mode>`` for the ported tests, whose
+strict xfail names the exception they fail with (``PORT_RAISES``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,17 @@ CATEGORIES: dict[str, str] = {
     "complex RMSNorm": r"normlab raises TypeError at call: input must have a floating-point dtype .*"
                        r"got torch\.complex",
     "exception type": r"exception type: normlab raises ValueError .* torch\.nn raises RuntimeError",
+    # Categories seen only in the ported tests (they fail with an exception, not a text):
+    "eps = 0 rejected": r"$^",
+    "load_state_dict resets num_batches_tracked": r"$^",
+}
+
+#: The exception a ported test (id ``port.…``) of each category fails with.
+PORT_RAISES: dict[str, type[BaseException]] = {
+    "eps = 0 rejected": ValueError,                 # at construction
+    "empty batch": ValueError,                      # "Expected more than 1 value per channel"
+    "exception type": ValueError,                   # where the test expects RuntimeError
+    "load_state_dict resets num_batches_tracked": AssertionError,
 }
 
 KNOWN: dict[str, tuple[str, str]] = {
@@ -67,6 +80,18 @@ KNOWN: dict[str, tuple[str, str]] = {
     "F.rms_norm/*/c128/*": ("complex RMSNorm", "torch supports complex64/128 rms_norm"),
     "F.group_norm/error[01]": ("exception type", "ValueError where torch.nn raises RuntimeError"),
     "F.rms_norm/error[012]": ("exception type", "ValueError where torch.nn raises RuntimeError"),
+    # --- ports of test_nn.py / test_modules.py (test_torch_nn_ported.py)
+    "port.InstanceNorm_general": ("eps = 0 rejected", "InstanceNorm*d(c, eps=0) raises ValueError"),
+    "port.LayerNorm_general": ("eps = 0 rejected", "LayerNorm(shape, eps=0) raises ValueError"),
+    "port.GroupNorm_general": ("eps = 0 rejected", "GroupNorm(g, c, eps=0) raises ValueError"),
+    "port.batchnorm_raises_error_if_running_stat_size_differs": (
+        "exception type", "F.batch_norm with a (9,) running_mean/var/weight/bias for 10 channels"),
+    "port.BatchNorm_empty": ("empty batch", "BatchNorm2d(3) on a (0, 3, 2, 2) batch"),
+    "port.grad/BatchNorm?d/zero_batch/train": ("empty batch", "gradcheck on an N = 0 batch"),
+    "port.save_load/BatchNorm?d/zero_batch/train": ("empty batch", "forward on an N = 0 batch"),
+    "port.batchnorm_load_state_dict": (
+        "load_state_dict resets num_batches_tracked",
+        "load_state_dict({}, strict=False) sets num_batches_tracked 10 -> 0"),
 }
 
 
@@ -84,12 +109,21 @@ def known_failure(case_id: str) -> tuple[str, str] | None:
     return entries[0] if entries else None
 
 
+#: Every id ``marks`` was asked about, so a test can find table entries that match nothing.
+SEEN_IDS: set[str] = set()
+
+
 def marks(case_id: str) -> list:
+    SEEN_IDS.add(case_id)
     entries = known_entries(case_id)
     if not entries:
         return []
     reason = "; ".join(f"[{category}] {reason}" for category, reason in entries)
-    return [pytest.mark.xfail(strict=True, raises=KnownDifference, reason=reason)]
+    if case_id.startswith("port."):
+        raises = tuple({PORT_RAISES[category] for category, _ in entries})
+    else:
+        raises = KnownDifference
+    return [pytest.mark.xfail(strict=True, raises=raises, reason=reason)]
 
 
 def check(case_id: str, problems: list[str]) -> None:
@@ -109,6 +143,8 @@ def _check_table() -> None:
     for pattern, (category, _) in KNOWN.items():
         if category not in CATEGORIES:
             raise KeyError(f"KNOWN[{pattern!r}] names category {category!r}, not in CATEGORIES")
+        if pattern.startswith("port.") and category not in PORT_RAISES:
+            raise KeyError(f"KNOWN[{pattern!r}]: category {category!r} has no PORT_RAISES entry")
 
 
 _check_table()
