@@ -8,7 +8,6 @@ import dataclasses
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from normlab import nn as nln

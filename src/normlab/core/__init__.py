@@ -43,6 +43,7 @@ from .normalize import (
     normalize_given,
 )
 from .reference import reference_normalize
+from .dispatch import channel_norm, choose_path, row_norm
 from .running import (
     NONFINITE_POLICIES,
     DecayStatistics,
@@ -81,6 +82,8 @@ __all__ = [
     "check_param",
     "check_positive_int",
     "centered_moments",
+    "channel_norm",
+    "choose_path",
     "compute_dtype",
     "decay_from_momentum",
     "fast",
@@ -100,6 +103,7 @@ __all__ = [
     "record_dispatch",
     "reduced_count",
     "reference_normalize",
+    "row_norm",
     "set_backend",
     "to_decay_convention",
     "update_running_stats",

@@ -11,10 +11,10 @@ least 1e-5 when recovering x̂; the forward is unchanged).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as TF
+
+from .moments import centered_moments, compute_dtype
 
 
 __all__ = [
@@ -84,57 +84,73 @@ def _grad_from_output(y, name, param):
 
 
 class _InPlaceABN(torch.autograd.Function):
-    """Normalize with batch statistics, activate, and keep only the output."""
+    """Normalize with batch statistics, activate, write the result over ``x`` and keep only it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, offset, rstd, dims, name, param):
-        cdtype = rstd.dtype
-        xc = x.to(cdtype)
-        xhat = (xc - shift - offset) * rstd
-        w = weight.to(cdtype) if weight is not None else None
-        b = bias.to(cdtype) if bias is not None else None
-        z = xhat if w is None else xhat * w
-        z = z if b is None else z + b
-        y = apply_activation(z, name, param).to(x.dtype)
-        ctx.dims, ctx.name, ctx.param = dims, name, param
-        ctx.save_for_backward(y, weight, bias, rstd)
-        return y
+    def forward(ctx, x, weight, bias, groups, eps, name, param):
+        target, dims, w, b = _grouped(x, weight, bias, groups)
+        cdtype = compute_dtype(x.dtype)
+        moments = centered_moments(target, dims)
+        rstd = torch.rsqrt(moments.var + eps)
+        xhat = (target.to(cdtype) - moments.shift - moments.offset) * rstd
+        z = xhat if w is None else xhat * w.to(cdtype)
+        z = z if b is None else z + b.to(cdtype)
+        x.copy_(apply_activation(z, name, param).view(x.shape))
+        ctx.mark_dirty(x)
+        mean, var = moments.mean, moments.var
+        ctx.mark_non_differentiable(mean, var)
+        ctx.groups, ctx.name, ctx.param = groups, name, param
+        ctx.save_for_backward(x, weight, bias, rstd)
+        return x, mean, var
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dmean, _dvar):
         if torch.is_grad_enabled():
             raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
         y, weight, bias, rstd = ctx.saved_tensors
         cdtype = rstd.dtype
-        yc, dyc = y.to(cdtype), dy.to(cdtype)
+        target, dims, w, b = _grouped(y, weight, bias, ctx.groups)
+        yc, dyc = target.to(cdtype), dy.view(target.shape).to(cdtype)
         z = _inverse(yc, ctx.name, ctx.param)
         dz = dyc * _grad_from_output(yc, ctx.name, ctx.param)
-        gamma = weight.to(cdtype) if weight is not None else torch.ones((), dtype=cdtype)
-        beta = bias.to(cdtype) if bias is not None else torch.zeros((), dtype=cdtype)
+        gamma = w.to(cdtype) if w is not None else torch.ones((), dtype=cdtype, device=y.device)
+        beta = b.to(cdtype) if b is not None else torch.zeros((), dtype=cdtype, device=y.device)
         safe = torch.where(gamma.abs() < GAMMA_GUARD, torch.full_like(gamma, GAMMA_GUARD).copysign(gamma), gamma)
         xhat = (z - beta) / safe
-        dims = ctx.dims
         g = dz * gamma
         dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-        dw = (dz * xhat).sum_to_size(weight.shape).to(weight.dtype) if weight is not None else None
-        db = dz.sum_to_size(bias.shape).to(bias.dtype) if bias is not None else None
-        return dx.to(y.dtype), dw, db, None, None, None, None, None, None
+        dw = (dz * xhat).sum_to_size(w.shape).view(weight.shape).to(weight.dtype) if weight is not None else None
+        db = dz.sum_to_size(b.shape).view(bias.shape).to(bias.dtype) if bias is not None else None
+        return dx.view(y.shape).to(y.dtype), dw, db, None, None, None, None
+
+
+def _grouped(x, weight, bias, groups):
+    """x as (N, C, *) for BatchNorm (groups < 0) or (N, G, C//G, *) for GroupNorm, the
+    reduced dims, and γ, β shaped to broadcast against it."""
+    ndim = x.dim()
+    if groups < 0:
+        view = (1, -1) + (1,) * (ndim - 2)
+        target, dims = x, (0,) + tuple(range(2, ndim))
+    else:
+        view = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
+        target = x.unflatten(1, (groups, x.shape[1] // groups))  # (N, G, C//G, *spatial)
+        dims = tuple(range(2, target.dim()))
+    w = None if weight is None else weight.view(view)
+    b = None if bias is None else bias.view(view)
+    return target, dims, w, b
 
 
 def inplace_abn(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    shift: torch.Tensor,
-    offset: torch.Tensor,
-    rstd: torch.Tensor,
-    dims: Sequence[int],
+    groups: int,
+    eps: float,
     name: str,
     param: float,
-) -> torch.Tensor:
-    """act(γ·(x − shift − offset)·rstd + β) keeping only the output (composed torch ops).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """act(γ·x̂ + β) written over ``x``, keeping only the output (composed torch ops).
 
-    ``weight``/``bias`` and the statistics broadcast against ``x``; the statistics were
-    computed from ``x`` over ``dims`` (batch statistics)."""
-    return _InPlaceABN.apply(x, weight, bias, shift, offset, rstd, tuple(dims), name, param)
-
+    ``groups < 0``: BatchNorm statistics per channel; else GroupNorm with ``groups``.
+    Returns ``(x, mean, var)`` with keepdim statistics of the batch."""
+    return _InPlaceABN.apply(x, weight, bias, groups, eps, name, param)

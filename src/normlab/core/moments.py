@@ -68,7 +68,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def reduced_count(shape: Sequence[int], dims: Sequence[int]) -> int:
     """Number of elements each statistic is computed over."""
-    return math.prod(shape[d] for d in dims)
+    count = 1
+    for d in dims:  # a loop, not math.prod over a generator, which torch.compile cannot trace
+        count *= shape[d]
+    return count
 
 
 class CenteredMoments(NamedTuple):

@@ -21,7 +21,6 @@ statistics differ. μ is carried as ``shift + offset`` (see
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -102,7 +101,10 @@ def _scale_is_small(rstd: torch.Tensor, weight: torch.Tensor | None, x: torch.Te
     if weight is None:
         return rstd.numel() < x.numel()
     # Same number of dims by contract, so the broadcast size is the elementwise max.
-    return math.prod(map(max, rstd.shape, weight.shape)) < x.numel()
+    size = 1
+    for a, b in zip(rstd.shape, weight.shape):
+        size *= max(a, b)
+    return size < x.numel()
 
 
 def normalize_forward(

@@ -28,6 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from .checks import check_momentum
+from .fast import build as _build
 
 __all__ = [
     "DecayStatistics",
@@ -63,9 +64,10 @@ def update_running_stats(
     running_var: torch.Tensor,
     batch_mean: torch.Tensor,
     batch_var: torch.Tensor,
-    count: int,
-    momentum: float | torch.Tensor,
+    count: int | torch.Tensor,
+    momentum: float | None,
     *,
+    num_batches_tracked: torch.Tensor | None = None,
     unbiased: bool = True,
     on_nonfinite: NonFinitePolicy = "skip",
 ) -> torch.Tensor:
@@ -74,52 +76,111 @@ def update_running_stats(
     Args:
         running_mean, running_var: buffers of shape (C,), updated in place.
         batch_mean, batch_var: this batch's mean and *biased* variance, shape (C,).
-        count: elements each statistic was computed over (n in n / (n − 1)).
-        momentum: weight of the new batch, a float in [0, 1] or a 0-dim tensor (the
-            cumulative average passes 1 / (batches + 1) as a tensor to avoid a host sync).
+        count: elements each statistic was computed over (n in n / (n − 1)); an int, or a
+            0-dim tensor when it is only known on the device (SyncBatchNorm).
+        momentum: weight of the new batch in [0, 1]; ``None`` is the cumulative average,
+            momentum 1 / (k + 1) with k = ``num_batches_tracked`` (required then).
+        num_batches_tracked: a long 0-dim counter, incremented when the batch is folded in.
         unbiased: store batch_var · n / (n − 1) (torch.nn's choice) or batch_var.
-        on_nonfinite: ``"skip"`` leaves both buffers untouched when any batch statistic
-            is NaN/inf (with a ``RuntimeWarning`` when the buffers are on the CPU, where
-            checking is free; on accelerators the skip is done without a host sync and
-            without a warning); ``"raise"`` raises :class:`NonFiniteStatisticsError`
-            before anything is written.
+        on_nonfinite: ``"skip"`` leaves the buffers (and the counter) untouched when a batch
+            statistic — or the updated estimate itself, e.g. a float16 ``running_var``
+            that would overflow — is NaN/inf (with a ``RuntimeWarning`` in eager mode on
+            the CPU, where checking is free; elsewhere the skip is a ``torch.where``,
+            without a host sync); ``"raise"`` raises :class:`NonFiniteStatisticsError`
+            before anything is written (a host sync: eager only).
 
     Returns:
-        A 0-dim bool tensor, True when the batch was folded in. Modules add it to
-        ``num_batches_tracked`` so that skipped batches are not counted.
+        A 0-dim bool tensor, True when the batch was folded in.
     """
-    finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-    on_cpu = running_mean.device.type == "cpu"
-    if on_nonfinite == "raise" or on_cpu:
-        ok = bool(finite)  # a host sync; free on the CPU, asked for under "raise"
-        if not ok:
-            if on_nonfinite == "raise":
-                raise NonFiniteStatisticsError(
-                    "batch statistics are not finite (NaN or inf in the input or its "
-                    "variance); the running estimates are unchanged. Pass "
-                    "on_nonfinite='skip' to skip such batches with a warning instead"
-                )
-            warnings.warn(
-                "batch statistics are not finite (NaN or inf in the input or its "
-                "variance); skipped this batch, the running estimates are unchanged",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return finite
+    eager_cpu = running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and on_nonfinite == "skip" and _fold_in_kernel(
+        running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
+    ):
+        return _TRUE
     with torch.no_grad():
-        var = batch_var * (count / (count - 1)) if unbiased and count > 1 else batch_var
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise TypeError(check_momentum_none_message())
+            # A tensor, not float(num_batches_tracked): no host sync on accelerators.
+            momentum = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
+        if unbiased:
+            if isinstance(count, torch.Tensor):
+                correction = torch.where(count > 1, count / (count - 1).clamp(min=1), 1.0)
+                var = batch_var * correction.to(batch_var.dtype)
+            else:
+                var = batch_var * (count / (count - 1)) if count > 1 else batch_var
+        else:
+            var = batch_var
         mean = batch_mean.to(running_mean.dtype)
         var = var.to(running_var.dtype)
         new_mean = running_mean * (1 - momentum) + mean * momentum
         new_var = running_var * (1 - momentum) + var * momentum
-        if on_cpu:
+        finite = torch.isfinite(torch.cat([new_mean, new_var, mean.to(new_mean.dtype), var.to(new_mean.dtype)])).all()
+        if on_nonfinite == "raise" or eager_cpu:
+            if not bool(finite):  # a host sync: free on the CPU, asked for under "raise"
+                _nonfinite(on_nonfinite)
+                return finite
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
         else:
             # Keep the old values where the batch was not finite, without a host sync.
             running_mean.copy_(torch.where(finite, new_mean, running_mean))
             running_var.copy_(torch.where(finite, new_var, running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
     return finite
+
+
+_TRUE = torch.tensor(True)
+
+
+def check_momentum_none_message() -> str:
+    return (
+        "momentum=None (cumulative average) needs the count of batches seen, which only a "
+        "module keeps; pass num_batches_tracked, or a float momentum in [0, 1]"
+    )
+
+
+def _nonfinite(on_nonfinite: str) -> None:
+    if on_nonfinite == "raise":
+        raise NonFiniteStatisticsError(
+            "batch statistics are not finite (NaN or inf in the input or its variance, or "
+            "a running estimate that would overflow); the running estimates are unchanged. "
+            "Pass on_nonfinite='skip' to skip such batches with a warning instead"
+        )
+    warnings.warn(
+        "batch statistics are not finite (NaN or inf in the input or its variance, or a "
+        "running estimate that would overflow); skipped this batch, the running estimates "
+        "are unchanged",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, momentum,
+                    num_batches_tracked, unbiased) -> bool:
+    """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for
+    float32/float64 CPU buffers. False when it does not apply, or when the batch is not
+    finite — then the torch-op path decides to skip and warn."""
+    module = _build._state["module"]
+    if (module is None or _build._state["backend"] == "composed" or isinstance(count, torch.Tensor)
+            or running_mean.dtype not in (torch.float32, torch.float64)
+            or running_var.dtype != running_mean.dtype or not running_mean.is_contiguous()
+            or not running_var.is_contiguous() or batch_mean.numel() != running_mean.numel()
+            or (momentum is None and num_batches_tracked is None)):
+        return False
+    with torch.no_grad():
+        return module.running_update(
+            running_mean, running_var, _as_float64(batch_mean), _as_float64(batch_var), count, -1.0 if momentum is None else float(momentum),
+            num_batches_tracked if num_batches_tracked is not None else _NO_COUNTER, unbiased,
+        )
+
+
+_NO_COUNTER = torch.empty(0, dtype=torch.long)
+
+
+def _as_float64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 and t.is_contiguous() else t.to(torch.float64).contiguous()
 
 
 def momentum_from_decay(decay: float) -> float:

@@ -5,6 +5,8 @@ same positional arguments and defaults as their torch.nn.functional namesakes; e
 keyword-only.
 """
 
+import torch.fx as _fx
+
 from .norm_act import norm_act
 from .per_sample import group_norm, group_norm_act, layer_norm, rms_norm
 from .sync import sync_batch_norm
@@ -22,3 +24,10 @@ __all__ = [
     "rms_norm",
     "sync_batch_norm",
 ]
+
+# torch.fx.symbolic_trace records each functional as one call_function node instead of
+# tracing into it: the checks and the path choice then run on real tensors when the
+# GraphModule is called, and normlab's modules (which call these by attribute) trace too.
+for _name in __all__:
+    _fx.wrap(_name)
+del _name

@@ -8,24 +8,21 @@ trailing ``normalized_shape``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .tracked import _check_inplace_input
 from ..core import (
-    apply_activation,
+    channel_norm,
     check_activation,
     check_eps,
     check_floating_input,
     check_param,
     check_positive_int,
     compute_dtype,
-    fast,
-    inplace_abn,
-    centered_moments,
-    normalize_batch,
     normalize_shape_arg,
+    reduced_count,
+    row_norm,
 )
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
@@ -89,29 +86,14 @@ def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", 
     check_param(bias, "bias", (channels,), input, what)
 
     per_group = channels // num_groups
-    if per_group * math.prod(input.shape[2:]) == 1:
+    if per_group * reduced_count(input.shape, range(2, input.dim())) == 1:
         raise ValueError(
             f"{fn}: each of the {num_groups} groups holds a single value (input "
             f"shape {tuple(input.shape)}), so its variance is 0 and the output would be "
             f"the bias whatever the input; use fewer groups or a spatial extent > 1"
         )
-    result = fast.channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation,
-                               param=param, prelu_weight=prelu_weight, inplace=inplace, operation=fn)
-    if result is not None:
-        return result[0]
-    grouped = input.unflatten(1, (num_groups, per_group))  # (N, G, C//G, *spatial), a view
-    dims = tuple(range(2, grouped.dim()))
-    affine_shape = (1, num_groups, per_group) + (1,) * (grouped.dim() - 3)
-    w = None if weight is None else weight.view(affine_shape)
-    b = None if bias is None else bias.view(affine_shape)
-    if inplace:
-        with torch.no_grad():
-            moments = centered_moments(grouped, dims)
-            rstd = torch.rsqrt(moments.var + eps)
-        out = inplace_abn(grouped, w, b, moments.shift, moments.offset, rstd, dims, activation, param)
-        return out.flatten(1, 2)
-    out, _ = normalize_batch(grouped, w, b, dims, eps)  # statistics (N, G, 1, …)
-    return apply_activation(out.flatten(1, 2), activation, param, prelu_weight)
+    return channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation, param=param,
+                        prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
 
 
 def _nearby_divisors(n: int, target: int) -> list[int]:
@@ -148,13 +130,7 @@ def layer_norm(
     what = f"layer_norm over normalized_shape {list(shape)}"
     check_param(weight, "weight", shape, input, what)
     check_param(bias, "bias", shape, input, what)
-    result = fast.row_norm(input, weight, bias, math.prod(shape), eps, centered=True, operation="layer_norm")
-    if result is not None:
-        return result
-    lead = (1,) * (input.dim() - len(shape))
-    w = None if weight is None else weight.view(lead + shape)
-    b = None if bias is None else bias.view(lead + shape)
-    return normalize_batch(input, w, b, dims, eps)[0]
+    return row_norm(input, shape, weight, bias, eps, centered=True, operation="layer_norm")
 
 
 def rms_norm(
@@ -174,8 +150,4 @@ def rms_norm(
     cdtype = compute_dtype(input.dtype)
     eps = torch.finfo(cdtype).eps if eps is None else check_eps(eps)
     check_param(weight, "weight", shape, input, f"rms_norm over normalized_shape {list(shape)}")
-    result = fast.row_norm(input, weight, None, math.prod(shape), eps, centered=False, operation="rms_norm")
-    if result is not None:
-        return result
-    w = None if weight is None else weight.view((1,) * (input.dim() - len(shape)) + shape)
-    return normalize_batch(input, w, None, dims, eps, centered=False)[0]
+    return row_norm(input, shape, weight, None, eps, centered=False, operation="rms_norm")

@@ -10,20 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..core import (
-    NormStats,
-    apply_activation,
     centered_moments,
+    channel_norm,
     check_activation,
     check_eps,
     check_floating_input,
     check_momentum,
     check_nonfinite_policy,
     check_param,
-    fast,
-    inplace_abn,
-    normalize,
-    normalize_batch,
-    normalize_given,
     reduced_count,
     update_running_stats,
 )
@@ -54,58 +48,14 @@ def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> No
         )
 
 
-def _momentum_factor(momentum, num_batches_tracked):
-    """The weight of this batch: ``momentum``, or 1/(k+1) for the cumulative average."""
-    if momentum is not None:
-        return momentum
-    # A 0-dim tensor rather than float(num_batches_tracked): no host sync on accelerators.
-    return 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
-
-
-def _normalize_with_running(x, weight, bias, running_mean, running_var, dims, eps):
-    """Normalize with the running estimates as constants (eval mode)."""
-    ndim = x.dim()
-    return normalize_given(
-        x, _channel_view(weight, ndim), _channel_view(bias, ndim),
-        _channel_view(running_mean, ndim), _channel_view(running_var, ndim), dims, eps,
-    )
-
-
 def _fold_into_running(
     running_mean, running_var, batch_mean, batch_var, count, momentum,
     num_batches_tracked, unbiased_running_var, on_nonfinite,
 ):
-    if _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, momentum,
-                       num_batches_tracked, unbiased_running_var):
-        return
-    factor = _momentum_factor(momentum, num_batches_tracked)
-    folded = update_running_stats(
-        running_mean, running_var, batch_mean, batch_var, count, factor,
-        unbiased=unbiased_running_var, on_nonfinite=on_nonfinite,
+    update_running_stats(
+        running_mean, running_var, batch_mean, batch_var, count, momentum,
+        num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var, on_nonfinite=on_nonfinite,
     )
-    if num_batches_tracked is not None:
-        with torch.no_grad():
-            num_batches_tracked.add_(folded.to(num_batches_tracked.dtype))
-
-
-def _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, momentum,
-                    num_batches_tracked, unbiased_running_var) -> bool:
-    """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for
-    float32/float64 CPU buffers and float64 batch statistics. False when it does not apply,
-    or when the batch is not finite — then the Python path decides to skip, warn or raise."""
-    kernels = fast.kernels() if running_mean.device.type == "cpu" else None
-    if (kernels is None or batch_mean.dtype != torch.float64 or running_mean.dtype not in (torch.float32, torch.float64)
-            or running_var.dtype != running_mean.dtype or not running_mean.is_contiguous()
-            or not running_var.is_contiguous() or batch_mean.numel() != running_mean.numel()):
-        return False
-    if momentum is None and num_batches_tracked is None:
-        return False
-    with torch.no_grad():
-        return kernels.running_update(
-            running_mean, running_var, batch_mean.contiguous(), batch_var.contiguous(), count,
-            -1.0 if momentum is None else float(momentum),
-            num_batches_tracked if num_batches_tracked is not None else torch.empty(0), unbiased_running_var,
-        )
 
 
 def _check_update_args(momentum, num_batches_tracked, on_nonfinite):
@@ -197,16 +147,27 @@ def _check_inplace_input(input, inplace: bool) -> None:
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
                 num_batches_tracked, unbiased_running_var, on_nonfinite, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="batch_norm"):
-    check_floating_input(input)
-    if input.dim() < 2:
-        raise ValueError(
-            f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
-            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    eps = check_eps(eps)
-    _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
-    dims = (0,) + tuple(range(2, input.dim()))
+                prelu_weight=None, inplace=False, fn="batch_norm", validated=False):
+    """``validated``: a module's call, whose constructor already checked eps, momentum, the
+    policy and the parameter shapes, and whose forward checked the input's rank and channels;
+    only what depends on this input (dtype, device) is checked here."""
+    if validated:
+        if not input.is_floating_point():
+            check_floating_input(input)
+        # dtype and device depend on the input; check_param raises with the full message
+        what = f"{fn} over the {input.shape[1]} channels of input dim 1"
+        for name, t in (("weight", weight), ("running_mean", running_mean)):
+            if t is not None and (t.dtype != input.dtype or t.device != input.device):
+                check_param(t, name, (input.shape[1],), input, what)
+    else:
+        check_floating_input(input)
+        if input.dim() < 2:
+            raise ValueError(
+                f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
+                f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+            )
+        eps = check_eps(eps)
+        _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
     if not training:
         if running_mean is None:
             raise ValueError(
@@ -214,16 +175,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 "running_var, but they are None; pass them, or training=True to use "
                 "batch statistics"
             )
-        result = fast.channel_norm(input, weight, bias, eps=eps, running_mean=running_mean,
-                                   running_var=running_var, activation=activation, param=param,
-                                   prelu_weight=prelu_weight, inplace=inplace, operation=fn)
-        if result is not None:
-            return result[0]
-        out = _normalize_with_running(input, weight, bias, running_mean, running_var, dims, eps)
-        out = apply_activation(out, activation, param, prelu_weight)
-        return input.copy_(out) if inplace else out
+        return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
+                            activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
 
-    count = reduced_count(input.shape, dims)
+    count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
     if count <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size "
@@ -232,35 +187,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"does not depend on the batch (GroupNorm, LayerNorm)"
         )
     track = running_mean is not None
-    if track:
+    if track and not validated:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    result = fast.channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
-                               prelu_weight=prelu_weight, inplace=inplace, operation=fn)
-    if result is not None:
-        out, mean, var = result
-    else:
-        out, mean, var = _composed_channel_norm(input, weight, bias, dims, eps, activation, param,
-                                                prelu_weight, inplace)
-        mean, var = mean.flatten(), var.flatten()  # (1, C, 1, …) → (C,)
+    out, mean, var = channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
+                                  prelu_weight=prelu_weight, inplace=inplace, want_stats=track, operation=fn)
     if track:
         _fold_into_running(running_mean, running_var, mean, var, count, momentum,
                            num_batches_tracked, unbiased_running_var, on_nonfinite)
     return out
-
-
-def _composed_channel_norm(input, weight, bias, dims, eps, activation, param, prelu_weight, inplace,
-                           weight_view=None, bias_view=None):
-    """The composed path: (y, mean, var) with statistics kept as size-1 dims."""
-    w = _channel_view(weight, input.dim()) if weight_view is None else weight_view
-    b = _channel_view(bias, input.dim()) if bias_view is None else bias_view
-    if inplace:
-        with torch.no_grad():
-            moments = centered_moments(input, dims)
-            rstd = torch.rsqrt(moments.var + eps)
-        y = inplace_abn(input, w, b, moments.shift, moments.offset, rstd, dims, activation, param)
-        return y, moments.mean, moments.var
-    out, stats = normalize_batch(input, w, b, dims, eps)
-    return apply_activation(out, activation, param, prelu_weight), stats.mean, stats.var
 
 
 def instance_norm(
@@ -297,23 +231,16 @@ def instance_norm(
         )
     eps = check_eps(eps)
     _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
-    dims = tuple(range(2, input.dim()))
     if not use_input_stats:
         if running_mean is None:
             raise ValueError(
                 "instance_norm with use_input_stats=False normalizes with running_mean "
                 "and running_var, but they are None"
             )
-        result = fast.channel_norm(input, weight, bias, groups=input.shape[1], eps=eps,
-                                   running_mean=running_mean, running_var=running_var,
-                                   operation="instance_norm")
-        if result is not None:
-            return result[0]
-        return _normalize_with_running(
-            input, weight, bias, running_mean, running_var, dims, eps
-        )
+        return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
+                            operation="instance_norm")[0]
 
-    count = reduced_count(input.shape, dims)
+    count = reduced_count(input.shape, tuple(range(2, input.dim())))
     if count <= 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size "
@@ -322,15 +249,8 @@ def instance_norm(
     track = running_mean is not None
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    result = fast.channel_norm(input, weight, bias, groups=input.shape[1], eps=eps, operation="instance_norm")
-    if result is not None:
-        out, mean, var = result  # (N, C)
-    else:
-        out, stats = normalize_batch(
-            input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
-            dims, eps,
-        )
-        mean, var = stats.mean.flatten(1), stats.var.flatten(1)  # (N, C, 1, …) → (N, C)
+    out, mean, var = channel_norm(input, weight, bias, groups=input.shape[1], eps=eps, want_stats=track,
+                                  operation="instance_norm")  # statistics (N, C)
     if track:
         # The running estimate of a channel is the batch average of its instance stats;
         # every instance has the same count, so unbiasing after averaging is exact.
@@ -383,9 +303,13 @@ def batch_renorm(
             "against them"
         )
     _check_channel_tensors("batch_renorm", input, weight, bias, running_mean, running_var)
-    if isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1:
+    # Limits may be 0-dim tensors (a schedule computed on the device); those are not checked
+    # here, which would need a host sync.
+    if not isinstance(r_max, torch.Tensor) and (
+            isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1):
         raise ValueError(f"r_max must be a number >= 1 (1 is plain BatchNorm), got {r_max!r}")
-    if isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0:
+    if not isinstance(d_max, torch.Tensor) and (
+            isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0):
         raise ValueError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
     dims = (0,) + tuple(range(2, input.dim()))
     ndim = input.dim()
@@ -407,8 +331,14 @@ def batch_renorm(
         batch_std = torch.sqrt(moments.var + eps)
         running_std = torch.sqrt(_channel_view(running_var, ndim).to(cdtype) + eps)
         running_mu = _channel_view(running_mean, ndim).to(cdtype)
-        r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
-        d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
+        if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
+            r_max = torch.as_tensor(r_max, dtype=cdtype, device=input.device)
+            d_max = torch.as_tensor(d_max, dtype=cdtype, device=input.device)
+            r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
+            d = torch.minimum(torch.maximum((moments.mean - running_mu) / running_std, -d_max), d_max)
+        else:
+            r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
+            d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
     # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
     w = _channel_view(weight, ndim)
     b = _channel_view(bias, ndim)
@@ -416,14 +346,8 @@ def batch_renorm(
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
-    result = fast.channel_norm(input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype),
-                               eps=eps, operation="batch_renorm")
-    if result is not None:
-        out, mean, var = result
-    else:
-        stats = NormStats(moments.shift, moments.offset, torch.rsqrt(moments.var + eps))
-        out = normalize(input, w_eff, b_eff, stats, dims, eps, batch_stats=True)
-        mean, var = moments.mean.flatten(), moments.var.flatten()
+    out, mean, var = channel_norm(input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype),
+                                  eps=eps, operation="batch_renorm")
     _fold_into_running(
         running_mean, running_var, mean, var, count,
         momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,

@@ -1,9 +1,11 @@
 """normlab.nn — modules that are drop-in replacements for torch.nn's norm layers.
 
 Same constructor arguments and defaults, same parameter/buffer names and state-dict
-version, so checkpoints load both ways without loss. They are not subclasses of the
-torch.nn classes: code that selects norm layers by ``isinstance`` (weight-decay filters,
-for example) should use :data:`NORM_LAYERS` or :func:`is_norm_layer`, which cover both.
+version, so checkpoints load both ways without loss. Each layer is an instance of its
+torch.nn class (``nl.nn.BatchNorm2d`` of ``torch.nn.BatchNorm2d``; ``SyncBatchNorm`` of
+torch's ``_BatchNorm`` base only, since DistributedDataParallel refuses
+``torch.nn.SyncBatchNorm`` on the CPU), so ``isinstance``-based code finds them;
+:data:`NORM_LAYERS` and :func:`is_norm_layer` cover every normalization class of both.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
-from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct
+from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, activation_spec, timm_norm_act
 from .syncbatchnorm import SyncBatchNorm, SyncBatchNormAct
 
 #: Every normalization module class, normlab's and torch.nn's.
@@ -66,5 +68,7 @@ __all__ = [
     "RenormSchedule",
     "SyncBatchNorm",
     "SyncBatchNormAct",
+    "activation_spec",
     "is_norm_layer",
+    "timm_norm_act",
 ]

@@ -10,10 +10,22 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.fx import Proxy
 
 from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 
-__all__ = ["FreezableNorm", "_NormBase", "check_channel_input"]
+__all__ = ["FreezableNorm", "_NormBase", "affine_parameters", "check_channel_input", "check_norm_args", "traced_call"]
+
+
+def traced_call(module: nn.Module, input: Proxy) -> Proxy:
+    """Record ``module(input)`` as one ``call_module`` node under ``torch.fx.symbolic_trace``.
+
+    torch.fx treats torch.nn's own layers as leaves; normlab's layers are recorded the same
+    way, so a GraphModule calls the layer at run time and ``train()``/``eval()``/freezing
+    keep working on the traced graph (tracing *into* the forward would bake in the mode).
+    """
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 def check_channel_input(
@@ -51,6 +63,7 @@ class FreezableNorm:
     """
 
     frozen: bool = False
+    frozen_affine: bool = False
 
     def freeze(self, affine: bool = True):
         """Freeze the statistics (and γ/β when ``affine``); returns self."""
@@ -76,63 +89,63 @@ class FreezableNorm:
         return self
 
 
-class _NormBase(FreezableNorm, nn.Module):
-    """Common base of normlab's BatchNorm and InstanceNorm layers."""
+class _NormBase(FreezableNorm):
+    """normlab's side of every statistics-tracking layer (BatchNorm, InstanceNorm, SyncBN).
 
-    # Version 2 added num_batches_tracked; the same numbering as torch.nn, so checkpoint
-    # metadata means the same thing in both libraries.
-    _version = 2
+    Mixed in *before* a torch.nn class (``class BatchNorm2d(_BatchNorm, nn.BatchNorm2d)``),
+    so the layer is an instance of torch.nn's class: torch's ``_NormBase`` creates the same
+    parameters, buffers and state-dict version, and loads checkpoints (including old ones
+    without ``num_batches_tracked``) exactly as torch.nn does. This mixin validates the
+    arguments once, adds normlab's keyword-only extras and supplies the forward.
+    """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-        unbiased_running_var: bool = True,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = check_positive_int(num_features, "num_features")
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum, allow_none=True)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.unbiased_running_var = bool(unbiased_running_var)
-        self.on_nonfinite = check_nonfinite_policy(on_nonfinite)
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
+    # eps, momentum and on_nonfinite are checked once after each assignment (at construction
+    # or later, ``layer.momentum = 0.01``) — at the next call, before anything is updated —
+    # rather than on every call.
+    @property
+    def momentum(self) -> float | None:
+        return self.__dict__["_momentum"]
+
+    @momentum.setter
+    def momentum(self, value) -> None:
+        self.__dict__["_momentum"] = value
+        self.__dict__["_args_checked"] = False
+
+    @property
+    def eps(self) -> float:
+        return self.__dict__["_eps"]
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self.__dict__["_eps"] = value
+        self.__dict__["_args_checked"] = False
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.__dict__["_on_nonfinite"]
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value) -> None:
+        self.__dict__["_on_nonfinite"] = value
+        self.__dict__["_args_checked"] = False
+
+    def _check_args(self) -> None:
+        """Validate eps, momentum and on_nonfinite if one was assigned since the last call."""
+        if not self.__dict__.get("_args_checked", False):
+            d = self.__dict__
+            d["_eps"] = check_eps(d["_eps"])
+            d["_momentum"] = check_momentum(d["_momentum"], allow_none=True)
+            d["_on_nonfinite"] = check_nonfinite_policy(d.get("_on_nonfinite", "skip"))
+            d["_args_checked"] = True
+
+    def _init_normlab(self, *, bias: bool, unbiased_running_var: bool, on_nonfinite: str) -> None:
+        """After torch's ``__init__``: drop β if asked, record the extras."""
+        if self.affine and not bias:
+            del self.bias
             self.register_parameter("bias", None)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, no batches seen."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        self.unbiased_running_var = bool(unbiased_running_var)
+        self.on_nonfinite = on_nonfinite
+        self._check_args()
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, γ = 1 and β = 0."""
@@ -141,9 +154,6 @@ class _NormBase(FreezableNorm, nn.Module):
             nn.init.ones_(self.weight)
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        raise NotImplementedError
 
     @property
     def _uses_batch_stats(self) -> bool:
@@ -173,17 +183,24 @@ class _NormBase(FreezableNorm, nn.Module):
             text += ", frozen=True"
         return text
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-        error_msgs,
-    ) -> None:
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats:
-            # Checkpoints from before version 2 have no num_batches_tracked; start at 0.
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-            error_msgs,
-        )
+
+def check_norm_args(num_features: object, eps: object, momentum: object) -> tuple[int, float, float | None]:
+    """The constructor arguments every statistics-tracking layer validates once."""
+    return (
+        check_positive_int(num_features, "num_features"),
+        check_eps(eps),
+        check_momentum(momentum, allow_none=True),
+    )
+
+
+def affine_parameters(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
+    """Register ``weight`` and ``bias`` (or None) of ``shape``, as torch.nn's layers do."""
+    if affine:
+        module.weight = nn.Parameter(torch.empty(shape, **factory))
+        if bias:
+            module.bias = nn.Parameter(torch.empty(shape, **factory))
+        else:
+            module.register_parameter("bias", None)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
+from torch import nn
 
-from .. import functional as F
-from .base import _NormBase, check_channel_input
+from ..functional.tracked import _batch_norm
+from .base import _NormBase, check_channel_input, traced_call, check_norm_args
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015).
 
-    A drop-in for :class:`torch.nn.{name}`: same constructor arguments and defaults,
-    same parameters and buffers (``weight``, ``bias``, ``running_mean``,
+    A drop-in for :class:`torch.nn.{name}` and an instance of it (``isinstance`` checks,
+    weight-decay filters and torch's own model tools treat it as one): same constructor
+    arguments and defaults, same parameters and buffers (``weight``, ``bias``, ``running_mean``,
     ``running_var``, ``num_batches_tracked``) and the same state-dict version, so
     checkpoints move between the two without loss.
 
@@ -61,22 +64,43 @@ _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015
 
 
 class _BatchNorm(_NormBase):
-    """Shared forward of BatchNorm1d/2d/3d; subclasses fix the accepted ranks."""
+    """Shared constructor and forward of BatchNorm1d/2d/3d; subclasses fix the ranks."""
 
     _ranks: tuple[int, ...] = ()
     _shape_words = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        unbiased_running_var: bool = True,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channel_input(self, input, self._ranks, self._shape_words)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         self._check_input_dim(input)
+        self._check_args()
         use_batch_stats = self._uses_batch_stats
         # Running estimates are only touched when tracked (training) or used (eval, frozen).
         pass_running = not use_batch_stats or self.track_running_stats
         updating = use_batch_stats and self.training and self.track_running_stats
         extras = self._update_kwargs() if updating else {}
-        return F.batch_norm(
+        return _batch_norm(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
@@ -85,11 +109,14 @@ class _BatchNorm(_NormBase):
             use_batch_stats,
             self.momentum,
             self.eps,
-            **extras,
+            num_batches_tracked=extras.get("num_batches_tracked"),
+            unbiased_running_var=self.unbiased_running_var,
+            on_nonfinite=self.on_nonfinite,
+            validated=True,
         )
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
     __doc__ = _DOC.format(
@@ -98,7 +125,7 @@ class BatchNorm1d(_BatchNorm):
     )
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
     __doc__ = _DOC.format(
@@ -107,7 +134,7 @@ class BatchNorm2d(_BatchNorm):
     )
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"
     __doc__ = _DOC.format(

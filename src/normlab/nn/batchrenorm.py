@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.fx import Proxy
+from torch import nn
 
 from .. import functional as F
-from .base import _NormBase, check_channel_input
+from .base import _NormBase, check_channel_input, traced_call, check_norm_args
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -46,6 +48,18 @@ class RenormSchedule:
         if self.ramp_steps == 0:
             return float(self.r_max), float(self.d_max)
         progress = min(1.0, (step - self.warmup_steps) / self.ramp_steps)
+        return 1.0 + progress * (self.r_max - 1.0), progress * self.d_max
+
+    def limits(self, step: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """:meth:`at` for a step held in a tensor, computed on its device (no host sync);
+        plain floats when the limits do not depend on the step."""
+        if self.warmup_steps == 0 and self.ramp_steps == 0:
+            return float(self.r_max), float(self.d_max)
+        step = step.to(torch.float64)
+        if self.ramp_steps == 0:
+            progress = (step >= self.warmup_steps).to(torch.float64)
+        else:
+            progress = ((step - self.warmup_steps) / self.ramp_steps).clamp(0.0, 1.0)
         return 1.0 + progress * (self.r_max - 1.0), progress * self.d_max
 
 
@@ -91,10 +105,9 @@ class _BatchRenorm(_NormBase):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, True, device, dtype, bias=bias,
-            unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite,
-        )
+        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
         self.schedule = schedule if schedule is not None else RenormSchedule()
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -105,9 +118,11 @@ class _BatchRenorm(_NormBase):
         return self.schedule.at(int(self.num_batches_tracked))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         self._check_input_dim(input)
         training = self.training and not self.frozen
-        r_max, d_max = self.current_limits() if training else (1.0, 0.0)
+        r_max, d_max = self.schedule.limits(self.num_batches_tracked) if training else (1.0, 0.0)
         extras = self._update_kwargs() if training else {}
         return F.batch_renorm(
             input, self.running_mean, self.running_var, self.weight, self.bias, training,
@@ -118,19 +133,19 @@ class _BatchRenorm(_NormBase):
         return super().extra_repr() + f", schedule={self.schedule}"
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
     __doc__ = _DOC.format(shape_words=_shape_words, bn_name="BatchNorm1d")
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
     __doc__ = _DOC.format(shape_words=_shape_words, bn_name="BatchNorm2d")
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"
     __doc__ = _DOC.format(shape_words=_shape_words, bn_name="BatchNorm3d")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
 from torch import nn
 
 from .. import functional as F
 from ..core import check_eps, check_positive_int
-from .base import check_channel_input
+from .base import check_channel_input, traced_call
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -41,6 +42,8 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **factory) - eps)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         check_channel_input(self, input, self._ranks, self._shape_words)
         return F.batch_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias,

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
 from torch import nn
 
 from .. import functional as F
 from ..core import check_eps, check_positive_int
-from .base import FreezableNorm
+from .base import FreezableNorm, affine_parameters, traced_call
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(FreezableNorm, nn.Module):
+class GroupNorm(FreezableNorm, nn.GroupNorm):
     r"""Group normalization (Wu & He, 2018) over an (N, C, \*spatial) input.
 
-    A drop-in for :class:`torch.nn.GroupNorm`: same constructor arguments, defaults,
+    A drop-in for :class:`torch.nn.GroupNorm`, and an instance of it: same constructor arguments, defaults,
     parameters and state-dict keys.
 
     The C channels are split into ``num_groups`` contiguous groups; each (sample, group)
@@ -53,8 +54,6 @@ class GroupNorm(FreezableNorm, nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
         check_positive_int(num_groups, "num_groups")
         check_positive_int(num_channels, "num_channels")
         if num_channels % num_groups != 0:
@@ -62,19 +61,13 @@ class GroupNorm(FreezableNorm, nn.Module):
                 f"num_channels ({num_channels}) must be divisible by num_groups "
                 f"({num_groups})"
             )
+        eps = check_eps(eps)
+        nn.Module.__init__(self)  # torch's __init__ would make β whatever `bias` says
         self.num_groups = num_groups
         self.num_channels = num_channels
-        self.eps = check_eps(eps)
+        self.eps = eps
         self.affine = bool(affine)
-        if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        affine_parameters(self, num_channels, self.affine, bias, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -84,6 +77,8 @@ class GroupNorm(FreezableNorm, nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         if isinstance(input, torch.Tensor) and input.dim() >= 2:
             if input.shape[1] != self.num_channels:
                 raise ValueError(

@@ -5,15 +5,17 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.fx import Proxy
+from torch import nn
 
 from .. import functional as F
-from .base import _NormBase
+from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 2016).
 
-    A drop-in for :class:`torch.nn.{name}`: same constructor arguments and defaults
+    A drop-in for :class:`torch.nn.{name}`, and an instance of it: same constructor arguments and defaults
     (``affine=False``, ``track_running_stats=False``), same parameters, buffers and
     state-dict version.
 
@@ -68,11 +70,9 @@ class _InstanceNorm(_NormBase):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unbiased_running_var=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-        )
+        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
@@ -101,6 +101,8 @@ class _InstanceNorm(_NormBase):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         self._check_input_dim(input)
         if input.dim() == self._unbatched_rank:
             return self._apply_instance_norm(input.unsqueeze(0)).squeeze(0)
@@ -123,7 +125,7 @@ class _InstanceNorm(_NormBase):
         )
 
 
-class InstanceNorm1d(_InstanceNorm):
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     _unbatched_rank = 2
     _shape_words = "2D (C, L) or 3D (N, C, L)"
     __doc__ = _DOC.format(
@@ -132,7 +134,7 @@ class InstanceNorm1d(_InstanceNorm):
     )
 
 
-class InstanceNorm2d(_InstanceNorm):
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     _unbatched_rank = 3
     _shape_words = "3D (C, H, W) or 4D (N, C, H, W)"
     __doc__ = _DOC.format(
@@ -141,7 +143,7 @@ class InstanceNorm2d(_InstanceNorm):
     )
 
 
-class InstanceNorm3d(_InstanceNorm):
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     _unbatched_rank = 4
     _shape_words = "4D (C, D, H, W) or 5D (N, C, D, H, W)"
     __doc__ = _DOC.format(

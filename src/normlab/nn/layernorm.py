@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
 from torch import nn
 
 from .. import functional as F
 from ..core import check_eps, normalize_shape_arg
-from .base import FreezableNorm
+from .base import FreezableNorm, affine_parameters, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
 
-class LayerNorm(FreezableNorm, nn.Module):
+class LayerNorm(FreezableNorm, nn.LayerNorm):
     r"""Layer normalization (Ba et al., 2016) over the trailing ``normalized_shape`` dims.
 
-    A drop-in for :class:`torch.nn.LayerNorm`: same constructor arguments, defaults,
+    A drop-in for :class:`torch.nn.LayerNorm`, and an instance of it: same constructor arguments, defaults,
     parameters and state-dict keys.
 
     .. math::
@@ -46,20 +47,13 @@ class LayerNorm(FreezableNorm, nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.normalized_shape = normalize_shape_arg(normalized_shape)
-        self.eps = check_eps(eps)
+        shape = normalize_shape_arg(normalized_shape)
+        eps = check_eps(eps)
+        nn.Module.__init__(self)
+        self.normalized_shape = shape
+        self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
-        if self.elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        affine_parameters(self, shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -69,6 +63,8 @@ class LayerNorm(FreezableNorm, nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
@@ -78,10 +74,10 @@ class LayerNorm(FreezableNorm, nn.Module):
         )
 
 
-class RMSNorm(FreezableNorm, nn.Module):
+class RMSNorm(FreezableNorm, nn.RMSNorm):
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019) over ``normalized_shape``.
 
-    A drop-in for :class:`torch.nn.RMSNorm`: same constructor arguments, defaults,
+    A drop-in for :class:`torch.nn.RMSNorm`, and an instance of it: same constructor arguments, defaults,
     parameters and state-dict keys.
 
     .. math::
@@ -110,9 +106,11 @@ class RMSNorm(FreezableNorm, nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
-        self.normalized_shape = normalize_shape_arg(normalized_shape)
-        self.eps = None if eps is None else check_eps(eps)
+        shape = normalize_shape_arg(normalized_shape)
+        eps = None if eps is None else check_eps(eps)
+        nn.Module.__init__(self)
+        self.normalized_shape = shape
+        self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
             self.weight = nn.Parameter(
@@ -127,6 +125,8 @@ class RMSNorm(FreezableNorm, nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:

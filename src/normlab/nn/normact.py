@@ -10,14 +10,24 @@ normalization and activation run as one fused pass.
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
 from torch import nn
 
 from .. import functional as F
 from ..core import check_activation
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .base import traced_call
 from .groupnorm import GroupNorm
 
-__all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "GroupNormAct", "activation_module"]
+__all__ = [
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "GroupNormAct",
+    "activation_module",
+    "activation_spec",
+    "timm_norm_act",
+]
 
 
 def activation_module(name: str, param: float, channels: int) -> nn.Module:
@@ -37,6 +47,48 @@ def activation_module(name: str, param: float, channels: int) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}")
 
 
+# torch.nn activation classes with a fused form (exact classes: a subclass may compute
+# something else), and the constructor keyword / attribute holding each one's parameter.
+_ACTIVATION_CLASSES: dict[type, str] = {
+    nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
+    nn.SiLU: "silu", nn.PReLU: "prelu",
+}
+_ACTIVATION_NAMES = {"identity": "identity", "relu": "relu", "leaky_relu": "leaky_relu",
+                     "leakyrelu": "leaky_relu", "elu": "elu", "silu": "silu", "swish": "silu",
+                     "prelu": "prelu"}
+_PARAM_KEYWORD = {"leaky_relu": "negative_slope", "elu": "alpha", "prelu": "init"}
+
+
+def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | None]:
+    """``(activation, activation_param)`` for a torch.nn activation given as a module,
+    a class or a name (timm's ``act_layer`` spellings: "relu", "silu", "swish", ...),
+    with ``act_kwargs`` the keywords a class or name would be built with.
+
+    ``None`` means no activation. A PReLU module gives no parameter: its slopes are state
+    (``act.weight``) and travel with the state dict. Raises ``ValueError`` for an
+    activation the fused layers do not compute (GELU, hard-swish, ...).
+    """
+    if act is None:
+        return "identity", None
+    if isinstance(act, str):
+        name = _ACTIVATION_NAMES.get(act.lower())
+        if name is None:
+            raise ValueError(f"activation {act!r} has no fused normlab form; supported names: "
+                             f"{', '.join(sorted(_ACTIVATION_NAMES))}")
+    else:
+        cls = act if isinstance(act, type) else type(act)
+        name = _ACTIVATION_CLASSES.get(cls)
+        if name is None:
+            raise ValueError(
+                f"activation {cls.__module__}.{cls.__name__} has no fused normlab form; supported: "
+                + ", ".join(f"torch.nn.{c.__name__}" for c in _ACTIVATION_CLASSES))
+        if isinstance(act, nn.Module):
+            keyword = _PARAM_KEYWORD.get(name)
+            return name, float(getattr(act, keyword)) if keyword and name != "prelu" else None
+    keyword = _PARAM_KEYWORD.get(name)
+    return name, (act_kwargs or {}).get(keyword) if keyword else None
+
+
 class _ActMixin:
     """The activation choice and its module, shared by the fused layers."""
 
@@ -45,6 +97,14 @@ class _ActMixin:
         self.activation_param = check_activation(activation, activation_param, inplace=inplace)
         self.inplace = bool(inplace)
         self.act = activation_module(activation, self.activation_param, channels)
+
+    def reset_parameters(self) -> None:
+        """The norm's reset, and PReLU's slope back to its initial value."""
+        super().reset_parameters()
+        act = self.__dict__.get("_modules", {}).get("act")  # absent while the norm is built
+        if isinstance(act, nn.PReLU):
+            with torch.no_grad():
+                act.weight.fill_(self.activation_param)
 
     def _act_kwargs(self) -> dict:
         return {
@@ -83,6 +143,8 @@ class _BatchNormAct(_ActMixin):
             self.act.to(device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats
         pass_running = not use_batch_stats or self.track_running_stats
@@ -128,6 +190,8 @@ class GroupNormAct(_ActMixin, GroupNorm):
             self.act.to(device=device, dtype=dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise ValueError(
                 f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
@@ -137,3 +201,45 @@ class GroupNormAct(_ActMixin, GroupNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
+
+
+def timm_norm_act(activation: str | type | None, activation_param: float | None = None, **norm_kwargs):
+    """A ``norm_layer`` for timm models built from norm+activation layers (EfficientNet,
+    RegNet, MobileNet, ...) that makes :class:`BatchNormAct2d`::
+
+        timm.create_model("efficientnet_b0", norm_layer=nl.nn.timm_norm_act("silu"))
+
+    timm replaces a norm *class* by its own norm+act class, chosen by the class name
+    (``norm_layer=nl.nn.BatchNorm2d`` silently yields timm's ``BatchNormAct2d``) and
+    rejects names it does not know; a function it calls as is, with its norm+act
+    keywords (``apply_act``, ``act_layer``, ``act_kwargs``, ``inplace``,
+    ``drop_layer``). It does not pass the block's activation to a function, so name it
+    here: the model's ``act_layer`` (SiLU for EfficientNet, ReLU for RegNet). A call that
+    does pass ``act_layer`` uses that one; ``apply_act=False`` gives ``identity``.
+    timm's ``inplace`` (the activation writing over its input) is ignored: the fused pass
+    keeps no intermediate anyway. For a model that mixes activations, build it with
+    timm's layers and convert with :func:`normlab.surgery.from_torch`, which reads each
+    layer's own activation.
+    """
+    default = activation_spec(activation, None)
+    default = (default[0], activation_param if activation_param is not None else default[1])
+
+    def norm_act_layer(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                       affine: bool = True, track_running_stats: bool = True, *,
+                       apply_act: bool = True, act_layer=None, act_kwargs: dict | None = None,
+                       inplace: bool | None = None, drop_layer=None, device=None, dtype=None,
+                       **kwargs) -> BatchNormAct2d:
+        if drop_layer is not None:
+            raise ValueError(
+                f"drop_layer={drop_layer!r}: BatchNormAct2d fuses norm and activation with "
+                "nothing between them; build the model with timm's layers instead")
+        if not apply_act:
+            name, param = "identity", None
+        elif act_layer is not None:
+            name, param = activation_spec(act_layer, act_kwargs)
+        else:
+            name, param = default
+        return BatchNormAct2d(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                              activation=name, activation_param=param, **{**norm_kwargs, **kwargs})
+
+    return norm_act_layer

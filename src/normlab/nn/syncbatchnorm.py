@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import torch
+from torch.fx import Proxy
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as F
 from ..core import apply_activation, check_activation
-from .base import _NormBase, check_channel_input
+from .base import _NormBase, check_channel_input, traced_call, check_norm_args
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
 
-class SyncBatchNorm(_NormBase):
+class SyncBatchNorm(_NormBase, _TorchBatchNorm):
     r"""BatchNorm over the union of every process's batch, on any torch.distributed backend.
 
-    A drop-in for :class:`torch.nn.SyncBatchNorm` — same constructor arguments
+    A drop-in for :class:`torch.nn.SyncBatchNorm` — an instance of torch.nn's
+    ``_BatchNorm`` base (which weight-decay filters and model tools test for), though
+    deliberately not of ``torch.nn.SyncBatchNorm`` itself: DistributedDataParallel refuses
+    any module of that class on the CPU, which is the point of this one — same constructor arguments
     (``num_features, eps, momentum, affine, track_running_stats, process_group``),
     parameters, buffers and state-dict keys — that also runs on the CPU with gloo
     (torch.nn's refuses CPU tensors, even with one process), is exact for uneven and
@@ -55,16 +60,17 @@ class SyncBatchNorm(_NormBase):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite,
-        )
+        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
+        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channel_input(self, input, tuple(range(2, 9)), "(N, C, *) with at least 2 dims")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, Proxy):
+            return traced_call(self, input)
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats
         pass_running = not use_batch_stats or self.track_running_stats

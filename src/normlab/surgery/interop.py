@@ -55,12 +55,78 @@ def twin_of(module: nn.Module, cls: type) -> nn.Module:
     return twin
 
 
-def _swap(model: nn.Module, mapping: dict[type, type], operation: str, skip_fn) -> SurgeryResult:
+def _origin(module: nn.Module) -> str:
+    return type(module).__module__.split(".")[0]
+
+
+def _foreign_twin(module: nn.Module) -> nn.Module | str | None:
+    """For a norm layer of another library (timm, torchvision), matched by module and
+    class name so neither is imported: its normlab twin (state bit for bit, same mode),
+    the reason there is none, or None for a module that is no norm layer."""
+    origin, name = _origin(module), type(module).__name__
+    if origin == "timm" and name == "BatchNormAct2d":
+        # timm's forward: F.batch_norm exactly as torch.nn.BatchNorm2d, then drop, then act.
+        if not isinstance(module.drop, nn.Identity):
+            return f"timm BatchNormAct2d with drop layer {type(module.drop).__name__}: the fused layer has none"
+        try:
+            activation, param = nln.activation_spec(module.act)
+        except ValueError as err:
+            return str(err)
+        if isinstance(module.act, nn.PReLU) and module.act.num_parameters != module.num_features:
+            return "timm BatchNormAct2d with a single-slope PReLU: normlab's has one slope per channel"
+        args, kwargs = _constructor_args(module)
+        twin = nln.BatchNormAct2d(*args, **kwargs, activation=activation, activation_param=param)
+    elif origin == "timm" and name == "LayerNorm" and not getattr(module, "_fast_norm", True):
+        args, kwargs = _constructor_args(module)  # forward is F.layer_norm, as torch.nn's
+        twin = nln.LayerNorm(*args, **kwargs)
+    elif origin == "torchvision" and name == "FrozenBatchNorm2d":
+        # x·w·rsqrt(var + eps) + (b − mean·w·rsqrt(var + eps)): the same affine map.
+        twin = nln.FrozenBatchNorm2d(module.weight.shape[0], eps=module.eps,
+                                     **module_factory_kwargs(module))
+    elif isinstance(module, nln.NORM_LAYERS) or _named_like_a_norm(module):
+        return _no_twin_reason(module)
+    else:
+        return None
+    twin.load_state_dict(module.state_dict(), strict=True)
+    twin.train(module.training)
+    return twin
+
+
+def _named_like_a_norm(module: nn.Module) -> bool:
+    """A layer of another library that calls itself a norm (EvoNorm2dB0, FrozenBatchNormAct2d,
+    RmsNorm2d, ...), not a container of one (ConvNormAct holds a conv and a norm)."""
+    if "norm" not in type(module).__name__.lower():
+        return False
+    return not any(isinstance(child, (nn.modules.conv._ConvNd, nn.Linear, *nln.NORM_LAYERS))
+                   or "norm" in type(child).__name__.lower() for child in module.children())
+
+
+def _no_twin_reason(module: nn.Module) -> str:
+    cls = type(module)
+    if _origin(module) == "timm" and cls.__name__ == "LayerNorm":
+        return "timm LayerNorm with fast_norm on: its forward is timm's low-precision kernel"
+    if _origin(module) == "timm" and "LayerNorm2d" in cls.__name__:
+        return (f"{class_label(module)} normalizes each position over the channels (channels-last "
+                "LayerNorm on NCHW): normlab has no such layer")
+    bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn.") and b in TWINS]
+    if bases:
+        return (f"{class_label(module)} subclasses torch.nn.{bases[0].__name__} but has its own "
+                "forward or state: no exact normlab twin")
+    return f"{class_label(module)} is a normalization layer with no exact normlab twin"
+
+
+def _swap(model: nn.Module, mapping: dict[type, type], operation: str, skip_fn, foreign_fn=None) -> SurgeryResult:
     new = copy_model(model)
     report = SurgeryReport(operation)
     for path, module in list(new.named_modules()):
         cls = mapping.get(type(module))
         if cls is None:
+            outcome = foreign_fn(module) if foreign_fn else None
+            if isinstance(outcome, str):
+                report.skip(path, outcome)
+            elif outcome is not None:
+                new = replace_module(new, path, outcome)
+                report.changed(path, "replaced", class_label(module), class_label(outcome))
             continue
         reason = skip_fn(module)
         if reason:
@@ -73,12 +139,24 @@ def _swap(model: nn.Module, mapping: dict[type, type], operation: str, skip_fn) 
     return SurgeryResult(new, report)
 
 
+def _from_torch_other(module: nn.Module) -> nn.Module | str | None:
+    if _origin(module) == "normlab":
+        return None  # normlab's layers are torch.nn subclasses too; they stay as they are
+    return _foreign_twin(module)
+
+
 def from_torch(model: nn.Module) -> SurgeryResult:
     """Swap every torch.nn norm layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm,
-    RMSNorm) for its normlab twin. Parameters and buffers are copied bit for bit, the
-    ``training`` flag is kept, and subclasses of the torch.nn layers are left alone
-    (their forward may differ)."""
-    return _swap(model, TWINS, "from_torch", lambda m: None)
+    RMSNorm) for its normlab twin, and the layers of other libraries that have one:
+    timm's ``BatchNormAct2d`` (for ReLU, LeakyReLU, ELU, SiLU, PReLU or no activation)
+    becomes :class:`normlab.nn.BatchNormAct2d`, timm's ``LayerNorm`` (fast_norm off)
+    :class:`normlab.nn.LayerNorm`, torchvision's ``FrozenBatchNorm2d``
+    :class:`normlab.nn.FrozenBatchNorm2d`. Parameters and buffers are copied bit for bit
+    and the ``training`` flag is kept. Every other normalization layer (a subclass of a
+    torch.nn norm, whose forward may differ; timm's LayerNorm2d, EvoNorm, ...) is left as
+    it is and listed in ``report.skipped`` with the reason; normlab layers are left
+    alone."""
+    return _swap(model, TWINS, "from_torch", lambda m: None, _from_torch_other)
 
 
 def _torch_incompatible(module: nn.Module) -> str | None:
@@ -87,14 +165,24 @@ def _torch_incompatible(module: nn.Module) -> str | None:
     return None
 
 
+def _to_torch_other(module: nn.Module) -> str | None:
+    if _origin(module) != "normlab" or not isinstance(module, nln.NORM_LAYERS):
+        return None
+    if hasattr(module, "activation"):
+        return f"{class_label(module)}: torch.nn has no fused norm+activation layer"
+    return f"{class_label(module)}: torch.nn has no such layer"
+
+
 def to_torch(model: nn.Module) -> SurgeryResult:
     """Swap every normlab twin back for its torch.nn class (state bit for bit).
 
     Options torch.nn lacks are reported as notes: ``unbiased_running_var=False``,
     ``on_nonfinite``, and InstanceNorm's ``momentum=None`` (torch.nn then never updates
-    the running estimates). Frozen layers are skipped.
+    the running estimates). Frozen layers, and normlab layers torch.nn has no class for
+    (BatchNormAct, GroupNormAct, BatchRenorm, FrozenBatchNorm, SyncBatchNorm), are
+    skipped and listed with the reason.
     """
-    result = _swap(model, _TORCH_OF, "to_torch", _torch_incompatible)
+    result = _swap(model, _TORCH_OF, "to_torch", _torch_incompatible, _to_torch_other)
     for path, module in model.named_modules():
         if type(module) not in _TORCH_OF or _torch_incompatible(module):
             continue

@@ -1,19 +1,20 @@
-"""normlab.core.fast — compiled float32 CPU kernels and the switch between them and the
-composed torch ops (which stay the fallback and the test reference)."""
+"""normlab.core.fast — the compiled float32 CPU kernels, built on first use, and the
+PyTorch operators (``torch.ops.normlab.*``) that wrap them. Which path a call takes is
+decided in :mod:`normlab.core.dispatch`, not here."""
 
 from .build import available, backend, kernels, record_dispatch, set_backend, status, use_backend
-from .ops import ACTIVATIONS, INVERTIBLE, channel_norm, plan_channel_norm, row_norm
+from .ops import ACTIVATIONS, ChannelPlan, channel_layout, channel_norm_inplace, plan_channel_norm
 
 __all__ = [
     "ACTIVATIONS",
-    "INVERTIBLE",
+    "ChannelPlan",
     "available",
     "backend",
-    "channel_norm",
+    "channel_layout",
+    "channel_norm_inplace",
     "kernels",
     "plan_channel_norm",
     "record_dispatch",
-    "row_norm",
     "set_backend",
     "status",
     "use_backend",

@@ -994,17 +994,24 @@ bool running_update(const at::Tensor& running_mean, const at::Tensor& running_va
   double m = momentum;
   if (m < 0) m = 1.0 / (static_cast<double>(num_batches_tracked.item<int64_t>()) + 1.0);
   const double correction = unbiased && count > 1 ? static_cast<double>(count) / (count - 1) : 1.0;
-  auto fold = [&](auto* rm, auto* rv) {
+  // Compute every new value first and write only if all of them are finite: a finite batch
+  // can still overflow the estimate (float16 buffers), and a half-written update is worse.
+  auto fold = [&](auto* rm, auto* rv) -> bool {
     using T = std::remove_pointer_t<decltype(rm)>;
+    std::vector<T> nm(C), nv(C);
     for (int64_t c = 0; c < C; ++c) {
-      rm[c] = static_cast<T>(rm[c] * (1 - m) + static_cast<T>(bm[c]) * m);
-      rv[c] = static_cast<T>(rv[c] * (1 - m) + static_cast<T>(bv[c] * correction) * m);
+      nm[c] = static_cast<T>(rm[c] * (1 - m) + static_cast<T>(bm[c]) * m);
+      nv[c] = static_cast<T>(rv[c] * (1 - m) + static_cast<T>(bv[c] * correction) * m);
+      if (!std::isfinite(static_cast<double>(nm[c])) || !std::isfinite(static_cast<double>(nv[c]))) return false;
     }
+    std::copy(nm.begin(), nm.end(), rm);
+    std::copy(nv.begin(), nv.end(), rv);
+    return true;
   };
-  if (running_mean.scalar_type() == at::kFloat)
-    fold(running_mean.data_ptr<float>(), running_var.data_ptr<float>());
-  else
-    fold(running_mean.data_ptr<double>(), running_var.data_ptr<double>());
+  const bool folded = running_mean.scalar_type() == at::kFloat
+                          ? fold(running_mean.data_ptr<float>(), running_var.data_ptr<float>())
+                          : fold(running_mean.data_ptr<double>(), running_var.data_ptr<double>());
+  if (!folded) return false;
   if (counted) num_batches_tracked.add_(1);
   return true;
 }

@@ -1,13 +1,27 @@
-"""Autograd glue around the C++ kernels: channel norms (BatchNorm, GroupNorm, InstanceNorm,
-with a fused activation and the in-place mode) and row norms (LayerNorm, RMSNorm).
+"""The C++ kernels as PyTorch operators: ``torch.ops.normlab.*``.
 
-Everything per element happens in C++; what is left here is arithmetic on per-group and
-per-(sample, channel) arrays — at most N×C numbers — in float64.
+Each kernel is registered with ``torch.library.custom_op`` together with a fake (meta)
+implementation and its autograd formula, so ``torch.compile`` sees an ordinary operator
+(no graph break), the meta device and FakeTensor propagate shapes, and autograd runs the
+closed-form C++ backward:
+
+    normlab::channel_norm            BatchNorm / InstanceNorm / GroupNorm (+ activation)
+    normlab::channel_norm_backward   its backward (dx, dγ, dβ, dPReLU)
+    normlab::row_norm                LayerNorm / RMSNorm over the trailing k elements
+    normlab::row_norm_backward       its backward (dx, dγ, dβ)
+
+The ops accept float32 CPU tensors laid out NCHW-contiguous or channels_last (channel
+norms) / contiguous (row norms); :mod:`normlab.core.dispatch` decides when they run.
+Everything per element happens in C++; per-group arrays (at most N×C numbers) come back
+in float64.
 
 Notation: a *unit* is one (sample, channel) plane of an NCHW tensor, or one channel of a
 sample for channels_last (all samples together for BatchNorm, whose channels_last view
-folds N into the spatial extent). Units are laid out as a (U, C) grid; statistics live on
-groups: a channel for BatchNorm, a (sample, group of channels) for GroupNorm.
+folds N into the spatial extent). Statistics live on groups: a channel for BatchNorm or
+given statistics, a (sample, group of channels) for GroupNorm/InstanceNorm.
+
+The in-place (output-only) mode overwrites its input, which an operator that returns
+fresh tensors cannot express; it stays an ``autograd.Function`` (:func:`channel_norm_inplace`).
 """
 
 from __future__ import annotations
@@ -18,13 +32,18 @@ import torch
 
 from ..activation import apply_activation
 from ..reference import reference_normalize
-from .build import kernels, note
+from .build import kernels
 
-__all__ = ["ACTIVATIONS", "ChannelPlan", "channel_norm", "plan_channel_norm", "row_norm", "row_eligible"]
+__all__ = [
+    "ACTIVATIONS",
+    "ChannelPlan",
+    "channel_norm_inplace",
+    "plan_channel_norm",
+]
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "prelu": 5}
 _ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
-INVERTIBLE = ("identity", "leaky_relu", "elu")
+_PRELU = ACTIVATIONS["prelu"]
 
 _EMPTY = torch.empty(0)
 
@@ -37,11 +56,11 @@ class ChannelPlan:
     n: int
     c: int
     s: int  # spatial size per (sample, channel)
-    groups: int | None  # None: BatchNorm (one group per channel); else per-sample groups
+    groups: int  # -1: BatchNorm (one group per channel); else per-sample groups
 
     @property
     def units(self) -> int:  # rows of the (U, C) unit grid
-        return 1 if (self.groups is None and self.layout == "columns") else self.n
+        return 1 if (self.groups < 0 and self.layout == "columns") else self.n
 
     def view(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == "planes":
@@ -49,140 +68,197 @@ class ChannelPlan:
         if x.dim() == 2:
             return x.view(self.units, -1, self.c)
         moved = x.permute(0, *range(2, x.dim()), 1)  # channels last: a view, no copy
-        return moved.view(self.units, -1, self.c)  # view (never a silent copy): layouts are checked
+        return moved.view(self.units, -1, self.c)
+
+    def unview(self, dxv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A kernel's (P, S) or (U, S, C) result shaped and laid out like ``like``."""
+        if self.layout == "planes" or like.dim() == 2:
+            return dxv.view(like.shape)
+        spatial = like.shape[2:]
+        return dxv.view(like.shape[0], *spatial, like.shape[1]).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
 
 
-def plan_channel_norm(x: torch.Tensor, groups: int | None) -> ChannelPlan | None:
-    """A plan when the kernels apply (float32 CPU, NCHW-contiguous or channels_last), else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
-        return None
-    n, c = x.shape[0], x.shape[1]
-    s = x.numel() // (n * c)
+def channel_layout(x: torch.Tensor) -> str | None:
+    """"planes", "columns" or None (a layout the kernels do not read)."""
     if x.dim() == 2:
-        if not x.is_contiguous():
-            return None
-        layout = "columns"
-    elif x.is_contiguous():
-        layout = "planes"
-    elif (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        return "columns" if x.is_contiguous() else None
+    if x.is_contiguous():
+        return "planes"
+    if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
         x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
     ):
-        layout = "columns"
-    else:
-        return None
-    return ChannelPlan(layout, n, c, s, groups)
+        return "columns"
+    return None
 
 
-# --- the autograd Functions ------------------------------------------------------------------
+def plan_channel_norm(x: torch.Tensor, groups: int) -> ChannelPlan:
+    layout = channel_layout(x)
+    if layout is None:  # the dispatcher makes such inputs contiguous first
+        raise RuntimeError(f"normlab::channel_norm: unsupported memory layout, strides {x.stride()}")
+    n, c = x.shape[0], x.shape[1]
+    return ChannelPlan(layout, n, c, x.numel() // (n * c), groups)
 
 
-def _to_layout(dxv: torch.Tensor, like: torch.Tensor, plan: ChannelPlan) -> torch.Tensor:
-    """A kernel's (P, S) or (U, S, C) result as a tensor shaped and laid out like ``like``."""
-    if plan.layout == "planes":
-        return dxv.view(like.shape)
-    if like.dim() == 2:
-        return dxv.view(like.shape)
-    return dxv.view(like.shape[0], *like.shape[2:], like.shape[1]).permute(0, like.dim() - 1, *range(1, like.dim() - 1))
-
-
-def _channel_forward(x, weight, bias, prelu, running_mean, running_var, plan, eps, act, param, inplace):
-    """One kernel call: (y, (shift, offset, rstd) per group, mean, var)."""
-    given = running_mean is not None
-    # Written through a view of an output allocated in x's layout: returning a view made
-    # inside a Function would forbid a following in-place ReLU.
-    y = x if inplace else torch.empty_like(x)
-    slope = _f32(prelu.detach().expand(plan.c)) if act == ACTIVATIONS["prelu"] else _EMPTY
-    shift, offset, rstd, mean, var = kernels().channel_forward(
-        plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s,
-        -1 if plan.groups is None else plan.groups,
-        _EMPTY if weight is None else weight.detach(), _EMPTY if bias is None else bias.detach(),
-        _EMPTY if not given else running_mean.detach(), _EMPTY if not given else running_var.detach(),
-        eps, act, param, slope, plan.view(y))
-    if not given and plan.groups is not None:
-        mean, var = mean.view(plan.n, plan.groups), var.view(plan.n, plan.groups)
-    return y, (shift, offset, rstd), (None if given else mean), (None if given else var)
-
-
-class _ChannelNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, prelu, running_mean, running_var, plan, eps, act, param, inplace):
-        given = running_mean is not None
-        y, group_stats, mean, var = _channel_forward(x, weight, bias, prelu, running_mean, running_var, plan, eps,
-                                                     act, param, inplace)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.plan, ctx.act, ctx.param, ctx.inplace, ctx.given, ctx.eps = plan, act, param, inplace, given, eps
-        ctx.weight_ref, ctx.bias_ref = weight, bias  # parameters: kept alive anyway
-        ctx.group_stats = group_stats
-        ctx.save_for_backward(y if inplace else x, prelu)
-        if given:
-            return y, None, None
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    def backward(ctx, dy, _dmean=None, _dvar=None):
-        if torch.is_grad_enabled():
-            return _channel_double_backward(ctx, dy)
-        k = kernels()
-        plan = ctx.plan
-        saved, prelu = ctx.saved_tensors
-        weight, bias = ctx.weight_ref, ctx.bias_ref
-        slope = _f32(prelu.detach().expand(plan.c)) if ctx.act == ACTIVATIONS["prelu"] else _EMPTY
-        dyv = plan.view(dy.contiguous() if plan.layout == "planes" else _same_layout(dy, saved))
-        dxv, dgamma, dbeta, dslope = k.channel_backward(
-            dyv, plan.view(saved), plan.layout == "planes", plan.n, plan.c, plan.s,
-            -1 if plan.groups is None else plan.groups, ctx.given, ctx.inplace,
-            _EMPTY if weight is None else weight.detach(), _EMPTY if bias is None else bias.detach(),
-            *ctx.group_stats, ctx.act, ctx.param, slope)
-        dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        dp = None
-        if ctx.act == ACTIVATIONS["prelu"] and ctx.needs_input_grad[3]:
-            dp = dslope.to(prelu.dtype)
-            dp = dp.sum().reshape(prelu.shape) if prelu.numel() == 1 else dp
-        return _to_layout(dxv, saved, plan), dw, db, dp, None, None, None, None, None, None, None
+def _detached(t: torch.Tensor | None) -> torch.Tensor:
+    return _EMPTY if t is None else t.detach()
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
+    return t.detach().to(torch.float32).contiguous()
 
 
-def _channel_double_backward(ctx, dy):
-    """create_graph=True: differentiate the composed reference on the saved operands, so
-    second derivatives stay exact (the kernels' gradient carries no graph)."""
-    if ctx.inplace:
-        raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
-    x, prelu = ctx.saved_tensors
-    weight, bias = ctx.weight_ref, ctx.bias_ref
-    plan = ctx.plan
+def _slope(prelu: torch.Tensor | None, act: int, channels: int) -> torch.Tensor:
+    return _f32(prelu.expand(channels)) if act == _PRELU and prelu is not None else _EMPTY
+
+
+def _channel_groups(x: torch.Tensor, groups: int, given: bool) -> int:
+    """Number of statistics groups: C for BatchNorm or given statistics, N·G otherwise."""
+    return x.shape[1] if (groups < 0 or given) else x.shape[0] * groups
+
+
+# --- normlab::channel_norm -----------------------------------------------------------------
+
+
+def _channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, shift, offset, rstd, mean, var): y = act(γ·(x − shift − offset)·rstd + β).
+
+    Statistics come from ``x`` (groups = -1: per channel over N and space; G > 0: per
+    sample and group of C/G channels) unless ``running_mean``/``running_var`` are given.
+    ``shift, offset, rstd`` (float64, one per group) are what the backward needs;
+    ``mean, var`` (float64, biased variance) feed running estimates — empty when given.
+    """
+    plan = plan_channel_norm(x, groups)
+    given = running_mean is not None
+    y = torch.empty_like(x)
+    shift, offset, rstd, mean, var = kernels().channel_forward(
+        plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups,
+        _detached(weight), _detached(bias), _detached(running_mean), _detached(running_var),
+        eps, act, param, _slope(prelu_weight, act, plan.c), plan.view(y))
+    if given:
+        mean, var = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    return y, shift, offset, rstd, mean, var
+
+
+channel_norm = torch.library.custom_op("normlab::channel_norm", mutates_args=(), device_types="cpu")(_channel_norm)
+
+
+@channel_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
+    given = running_mean is not None
+    k = _channel_groups(x, groups, given)
+    stat = x.new_empty(k, dtype=torch.float64)
+    empty = x.new_empty(0 if given else k, dtype=torch.float64)
+    return torch.empty_like(x), stat, stat.clone(), stat.clone(), empty, empty.clone()
+
+
+def _channel_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    shift: torch.Tensor,
+    offset: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+    given: bool,
+    act: int,
+    param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dγ, dβ, dPReLU) of :func:`channel_norm`; the parameter gradients in float64 (C,)."""
+    plan = plan_channel_norm(x, groups)
+    dyv = plan.view(dy.contiguous() if plan.layout == "planes" else _same_layout(dy, x))
+    dxv, dgamma, dbeta, dslope = kernels().channel_backward(
+        dyv, plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups, given, False,
+        _detached(weight), _detached(bias), shift, offset, rstd, act, param,
+        _slope(prelu_weight, act, plan.c))
+    return plan.unview(dxv, x), dgamma, dbeta, dslope
+
+
+channel_norm_backward = torch.library.custom_op(
+    "normlab::channel_norm_backward", mutates_args=(), device_types="cpu")(_channel_norm_backward)
+
+
+@channel_norm_backward.register_fake
+def _(dy, x, weight, bias, prelu_weight, shift, offset, rstd, groups, given, act, param):
+    c = x.shape[1]
+    per_channel = x.new_empty(c, dtype=torch.float64)
+    return torch.empty_like(x), per_channel, per_channel.clone(), per_channel.clone()
+
+
+def _channel_setup(ctx, inputs, output):
+    x, weight, bias, running_mean, _, prelu_weight, groups, eps, act, param = inputs
+    _, shift, offset, rstd, _, _ = output
+    ctx.save_for_backward(x, weight, bias, prelu_weight, shift, offset, rstd)
+    ctx.groups, ctx.eps, ctx.act, ctx.param = groups, eps, act, param
+    ctx.given = running_mean is not None
+
+
+def _channel_backward(ctx, dy, *_unused_stat_grads):
+    x, weight, bias, prelu, shift, offset, rstd = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad) + (False,) * 10
+    if torch.is_grad_enabled():  # create_graph=True: the kernel's result carries no graph
+        dx, dw, db, dp = _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd)
+    else:
+        backward = _channel_norm_backward if is_eager(dy) else torch.ops.normlab.channel_norm_backward
+        dx, dw, db, dp = backward(dy, x, weight, bias, prelu, shift, offset, rstd, ctx.groups, ctx.given, ctx.act,
+                                  ctx.param)
+        dw = dw.to(weight.dtype) if weight is not None and needs[1] else None
+        db = db.to(bias.dtype) if bias is not None and needs[2] else None
+        if ctx.act == _PRELU and prelu is not None and needs[5]:
+            dp = dp.to(prelu.dtype)
+            dp = dp.sum().reshape(prelu.shape) if prelu.numel() == 1 else dp
+        else:
+            dp = None
+    return (dx if needs[0] else None), dw, db, None, None, dp, None, None, None, None
+
+
+channel_norm.register_autograd(_channel_backward, setup_context=_channel_setup)
+
+
+def _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd):
+    """Differentiate the composed reference on the saved operands, so second derivatives
+    stay exact (the kernels' gradient carries no graph)."""
+    groups, given = ctx.groups, ctx.given
     view = (1, -1) + (1,) * (x.dim() - 2)
     with torch.enable_grad():
-        if plan.groups is None or ctx.given:
+        if groups < 0 or given:
             target, dims = x, (0,) + tuple(range(2, x.dim()))
             w = None if weight is None else weight.view(view)
             b = None if bias is None else bias.view(view)
         else:
-            cg = plan.c // plan.groups
-            target = x.unflatten(1, (plan.groups, cg))
+            cg = x.shape[1] // groups
+            target = x.unflatten(1, (groups, cg))
             dims = tuple(range(2, target.dim()))
-            shape = (1, plan.groups, cg) + (1,) * (target.dim() - 3)
+            shape = (1, groups, cg) + (1,) * (target.dim() - 3)
             w = None if weight is None else weight.view(shape)
             b = None if bias is None else bias.view(shape)
-        if ctx.given:
-            shift_g, _, rstd_g = ctx.group_stats
-            z = reference_normalize(target, w, b, dims, 0.0, mean=shift_g.view(view).to(x.dtype),
-                                    rstd=rstd_g.view(view).to(x.dtype))
+        if given:
+            # detached: the statistics are outputs of this very op, constants here
+            z = reference_normalize(target, w, b, dims, 0.0, mean=shift.detach().view(view).to(x.dtype),
+                                    rstd=rstd.detach().view(view).to(x.dtype))
         else:
             z = reference_normalize(target, w, b, dims, ctx.eps)
         z = z.reshape(x.shape) if z.shape != x.shape else z
         name = _ACTIVATION_NAMES[ctx.act]
         y = apply_activation(z, name, ctx.param, prelu if name == "prelu" else None)
-        inputs = [t for t, need in zip((x, weight, bias, prelu), ctx.needs_input_grad[:4]) if need and t is not None and t.numel()]
+        operands = (x, weight, bias, prelu)
+        needs = tuple(ctx.needs_input_grad) + (False,) * 10  # shorter when nested in create_graph
+        wanted = [needs[i] for i in (0, 1, 2, 5)]
+        inputs = [t for t, need in zip(operands, wanted) if need and t is not None]
         found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    grads = [next(found) if need and t is not None and t.numel() else None
-             for t, need in zip((x, weight, bias, prelu), ctx.needs_input_grad[:4])]
-    return (*grads, None, None, None, None, None, None, None)
+    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, wanted))
 
 
 def _same_layout(dy: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -193,102 +269,197 @@ def _same_layout(dy: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return dy.contiguous(memory_format=fmt)
 
 
-def channel_norm(x, weight, bias, *, groups=None, eps=1e-5, running_mean=None, running_var=None,
-                 activation="identity", param=0.0, prelu_weight=None, inplace=False, operation="norm"):
-    """Normalize with the kernels, or return None when they do not apply (caller falls back).
+# --- in place: the output overwrites the input and is all that is kept -----------------------
 
-    ``groups=None`` is BatchNorm (batch statistics unless running_mean/var are given — then
-    a fixed per-channel map); an int is GroupNorm with that many groups per sample
-    (InstanceNorm: groups = C). Returns (y, mean, var): group statistics (float64; None
-    when given) for running-estimate updates.
-    """
-    plan = plan_channel_norm(x, groups)
-    reason = "" if plan is not None else "not float32 CPU NCHW/channels_last"
-    if plan is not None and kernels() is None:
-        plan, reason = None, "kernels unavailable"
-    if plan is None:
-        note(operation, "composed", reason)
-        return None
-    note(operation, "fast", plan.layout)
-    act = ACTIVATIONS[activation]
-    prelu = prelu_weight if prelu_weight is not None else _EMPTY
-    if not _needs_grad(x, weight, bias, prelu):  # inference: no autograd bookkeeping at all
-        y, _, mean, var = _channel_forward(x, weight, bias, prelu, running_mean, running_var, plan, float(eps), act,
-                                           float(param), bool(inplace))
-        return y, mean, var
-    return _ChannelNorm.apply(x, weight, bias, prelu, running_mean, running_var, plan, float(eps), act,
-                              float(param), bool(inplace))
+
+class _ChannelNormInPlace(torch.autograd.Function):
+    """In-Place Activated BatchNorm/GroupNorm on the kernels (batch statistics).
+
+    Overwrites ``x`` with y = act(z) and keeps only y: backward recovers z by inverting the
+    activation and x̂ = (z − β)/γ (see :mod:`normlab.core.activation`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, act, param):
+        plan = plan_channel_norm(x, groups)
+        shift, offset, rstd, mean, var = kernels().channel_forward(
+            plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups,
+            _detached(weight), _detached(bias), _EMPTY, _EMPTY, eps, act, param, _EMPTY, plan.view(x))
+        ctx.mark_dirty(x)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.plan, ctx.act, ctx.param = plan, act, param
+        ctx.stats = (shift, offset, rstd)
+        ctx.save_for_backward(x, weight, bias)
+        return x, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        if torch.is_grad_enabled():
+            raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
+        y, weight, bias = ctx.saved_tensors
+        plan = ctx.plan
+        dyv = plan.view(dy.contiguous() if plan.layout == "planes" else _same_layout(dy, y))
+        dxv, dgamma, dbeta, _ = kernels().channel_backward(
+            dyv, plan.view(y), plan.layout == "planes", plan.n, plan.c, plan.s, plan.groups, False, True,
+            _detached(weight), _detached(bias), *ctx.stats, ctx.act, ctx.param, _EMPTY)
+        dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return plan.unview(dxv, y), dw, db, None, None, None, None
+
+
+def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):
+    """(y, mean, var) with y written over ``x``: the in-place mode on the kernels."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    out = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param)
+    if not recorded:
+        # The kernel wrote through a raw pointer; without a graph mark_dirty did nothing, so
+        # bump the version ourselves: a tensor some other op saved must not change silently.
+        torch.autograd.graph.increment_version(x)
+    return out
+
+
+# --- normlab::row_norm: LayerNorm and RMSNorm ------------------------------------------------
+
+
+def _row_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float, centered: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, shift, rstd, offr) over the trailing ``k`` elements of contiguous ``x``;
+    x̂ = (x − shift)·rstd − offr per row (float32 row statistics)."""
+    y = torch.empty_like(x)
+    w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
+    b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
+    if weight is None and bias is not None:  # the kernel applies β only beside γ
+        w = torch.ones_like(b)
+    shift, rstd, offr = kernels().row_forward(x.view(-1, k), w, b, eps, centered, y.view(-1, k))
+    return y, shift, rstd, offr
+
+
+row_norm = torch.library.custom_op("normlab::row_norm", mutates_args=(), device_types="cpu")(_row_norm)
+
+
+@row_norm.register_fake
+def _(x, weight, bias, k, eps, centered):
+    rows = x.new_empty(x.numel() // k)
+    return torch.empty_like(x), rows, rows.clone(), rows.clone()
+
+
+def _row_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor, rstd: torch.Tensor,
+    offr: torch.Tensor, k: int, centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dγ, dβ) of :func:`row_norm`; dγ, dβ float64 over the k normalized elements."""
+    w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
+    dx, dw, db = kernels().row_backward(dy.contiguous().view(-1, k), x.view(-1, k), w, shift, rstd, offr, centered)
+    return dx.view_as(x), dw, db
+
+
+row_norm_backward = torch.library.custom_op(
+    "normlab::row_norm_backward", mutates_args=(), device_types="cpu")(_row_norm_backward)
+
+
+@row_norm_backward.register_fake
+def _(dy, x, weight, shift, rstd, offr, k, centered):
+    per_element = x.new_empty(k, dtype=torch.float64)
+    return torch.empty_like(x), per_element, per_element.clone()
+
+
+def _row_setup(ctx, inputs, output):
+    x, weight, bias, k, eps, centered = inputs
+    _, shift, rstd, offr = output
+    ctx.save_for_backward(x, weight, bias, shift, rstd, offr)
+    ctx.k, ctx.eps, ctx.centered = k, eps, centered
+
+
+def _row_backward(ctx, dy, *_unused_stat_grads):
+    x, weight, bias, shift, rstd, offr = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
+        return (*_row_double_backward(ctx, dy, x, weight, bias), None, None, None)
+    if weight is None and bias is not None:
+        weight = torch.ones_like(bias)
+    backward = _row_norm_backward if is_eager(dy) else torch.ops.normlab.row_norm_backward
+    dx, dw, db = backward(dy, x, weight, shift, rstd, offr, ctx.k, ctx.centered)
+    dw = dw.to(weight.dtype).view(weight.shape) if ctx.needs_input_grad[1] else None
+    db = db.to(bias.dtype).view(bias.shape) if bias is not None and needs[2] else None
+    return (dx if needs[0] else None), dw, db, None, None, None
+
+
+row_norm.register_autograd(_row_backward, setup_context=_row_setup)
+
+
+def _row_double_backward(ctx, dy, x, weight, bias):
+    size, dims = 1, []
+    for d in range(x.dim() - 1, -1, -1):  # the trailing dims that make up k
+        if size == ctx.k:
+            break
+        dims.insert(0, d)
+        size *= x.shape[d]
+    dims = tuple(dims)
+    affine_shape = x.shape[dims[0]:]
+    with torch.enable_grad():
+        w = None if weight is None else weight.view(affine_shape)
+        b = None if bias is None else bias.view(affine_shape)
+        y = reference_normalize(x, w, b, dims, ctx.eps, centered=ctx.centered)
+        operands = (x, weight, bias)
+        inputs = [t for t, need in zip(operands, ctx.needs_input_grad[:3]) if need and t is not None]
+        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, ctx.needs_input_grad[:3]))
+
+
+# --- eager calls without the operator machinery ----------------------------------------------
+#
+# An operator call costs tens of microseconds of Python dispatch (alias checks, redispatch,
+# the autograd wrapper) — more than the kernel itself on small tensors. Outside any trace the
+# same implementation and the same autograd formula are called directly; traced code
+# (torch.compile, FakeTensor, meta, functional tensors) always goes through the operators.
+
+
+def is_eager(t: torch.Tensor) -> bool:
+    """A plain CPU tensor outside any compile: safe to call the kernels directly."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+class _EagerChannelNorm(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: the latter binds arguments
+    # with inspect on every call, a cost the size of the kernel on small tensors.
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _channel_norm(*inputs)
+        _channel_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_channel_backward)
+
+
+class _EagerRowNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _row_norm(*inputs)
+        _row_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_row_backward)
 
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# --- rows: LayerNorm and RMSNorm -----------------------------------------------------------
+def call_channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
+    """``torch.ops.normlab.channel_norm``, called directly where no tracer needs the operator."""
+    if not is_eager(x):
+        return torch.ops.normlab.channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups,
+                                              eps, act, param)
+    if _needs_grad(x, weight, bias, prelu_weight):
+        return _EagerChannelNorm.apply(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act,
+                                       param)
+    return _channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
 
 
-def row_eligible(x: torch.Tensor, k: int) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.numel() > 0 and k > 0
-
-
-class _RowNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, k, eps, centered):
-        y = torch.empty_like(x)  # not a view: a later in-place op on it must stay legal
-        w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
-        b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
-        ctx.stats = kernels().row_forward(x.view(-1, k), w, b, eps, centered, y.view(-1, k))
-        ctx.save_for_backward(x, weight)
-        ctx.bias_ref, ctx.eps, ctx.k, ctx.centered = bias, eps, k, centered
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
-            return _row_double_backward(ctx, dy, x, weight)
-        w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
-        dx, dw, db = kernels().row_backward(dy.contiguous().view(-1, ctx.k), x.view(-1, ctx.k), w, *ctx.stats,
-                                            ctx.centered)
-        dw = dw.to(weight.dtype).view(weight.shape) if weight is not None and ctx.needs_input_grad[1] else None
-        db = db.to(ctx.bias_ref.dtype).view(ctx.bias_ref.shape) if ctx.bias_ref is not None and ctx.needs_input_grad[2] else None
-        return dx.view_as(x), dw, db, None, None, None
-
-
-def _row_double_backward(ctx, dy, x, weight):
-    bias = ctx.bias_ref
-    if weight is not None:
-        dims = tuple(range(x.dim() - weight.dim(), x.dim()))
-    else:
-        dims, size = [], 1
-        for d in range(x.dim() - 1, -1, -1):  # the trailing dims that make up k
-            dims.insert(0, d)
-            size *= x.shape[d]
-            if size == ctx.k:
-                break
-        dims = tuple(dims)
-    with torch.enable_grad():
-        y = reference_normalize(x, weight, bias, dims, ctx.eps, centered=ctx.centered)
-        inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3]) if need and t is not None]
-        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True))
-    grads = [next(found) if need and t is not None else None for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])]
-    return (*grads, None, None, None)
-
-
-def row_norm(x, weight, bias, k: int, eps: float, *, centered: bool, operation: str):
-    """LayerNorm (centered) / RMSNorm over the trailing ``k`` elements, or None."""
-    if not row_eligible(x, k) or (weight is not None and weight.dtype != torch.float32):
-        note(operation, "composed", "not float32 CPU contiguous")
-        return None
-    if kernels() is None:
-        note(operation, "composed", "kernels unavailable")
-        return None
-    note(operation, "fast", "rows")
-    if not _needs_grad(x, weight, bias):
-        y = torch.empty_like(x)
-        w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
-        b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
-        kernels().row_forward(x.view(-1, k), w, b, float(eps), centered, y.view(-1, k))
-        return y
-    return _RowNorm.apply(x, weight, bias, k, float(eps), centered)
-
+def call_row_norm(x, weight, bias, k, eps, centered):
+    """``torch.ops.normlab.row_norm``, called directly where no tracer needs the operator."""
+    if not is_eager(x):
+        return torch.ops.normlab.row_norm(x, weight, bias, k, eps, centered)
+    if _needs_grad(x, weight, bias):
+        return _EagerRowNorm.apply(x, weight, bias, k, eps, centered)
+    return _row_norm(x, weight, bias, k, eps, centered)

@@ -1,0 +1,240 @@
+"""The one place that decides how a normalization runs: C++ kernel, torch's native op, or
+normlab's composed ops.
+
+Two families, one function each:
+
+* :func:`channel_norm` — BatchNorm, InstanceNorm, GroupNorm (statistics per channel or per
+  (sample, group)), optionally with a fused activation or in place;
+* :func:`row_norm` — LayerNorm and RMSNorm over trailing dims.
+
+The rule, in order:
+
+1. ``backend "composed"`` (``normlab.core.set_backend`` / ``NORMLAB_BACKEND``) → composed.
+2. ``torch.export``, ``torch.onnx.export`` and ``torch.jit.trace`` → **native**: the
+   graph holds torch's own norm ops, which every exporter knows (ONNX BatchNormalization,
+   LayerNormalization, GroupNormalization, InstanceNormalization).
+3. ``torch.func`` transforms (vmap, grad, jacrev, jvp, …) and forward-mode AD → native:
+   torch's norm ops have batching rules and forward derivatives.
+4. float32 on the CPU → **fast**: ``torch.ops.normlab.*`` (C++ kernels, closed-form
+   backward; an ordinary operator to ``torch.compile``). Inputs in a layout the kernels do
+   not read are made contiguous first. Without the kernels (no compiler), float32 CPU runs
+   composed, which keeps normlab's accuracy on large-mean data.
+5. everything else (float64, float16/bfloat16, CUDA, …) → native: torch's kernels compute
+   what normlab defines there (cuDNN on CUDA).
+
+Where normlab's semantics differ from torch's — running estimates that skip non-finite
+batches, ``momentum=None`` for InstanceNorm, the biased running variance option — the
+difference lives in :mod:`normlab.core.running`, which every path shares; the paths here
+only normalize and return the batch statistics.
+
+``with normlab.core.record_dispatch() as log`` records ``(operation, path, reason)`` for
+each call (eager mode).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as TF
+
+from .activation import apply_activation, inplace_abn
+from .fast import build as _build
+from .fast.ops import ACTIVATIONS, call_channel_norm, call_row_norm, channel_layout, channel_norm_inplace
+from .moments import compute_dtype, reduced_count
+from .normalize import normalize_batch, normalize_given
+
+__all__ = ["channel_norm", "row_norm", "choose_path"]
+
+
+@torch.compiler.assume_constant_result
+def _kernels_available() -> bool:
+    # A constant to torch.compile: the build (file locks, subprocesses) never runs in a trace.
+    return _build.kernels() is not None
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _transformed() -> bool:
+    """A torch.func transform or forward-mode AD is active (never true inside a compile)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None or _forward_ad._current_level >= 0
+
+
+def choose_path(x: torch.Tensor) -> tuple[str, str]:
+    """("fast" | "native" | "composed", why) for a normalization of ``x``."""
+    if _build.backend() == "composed":
+        return "composed", "backend forced to 'composed'"
+    if _exporting():
+        return "native", "export/trace: torch's own norm ops"
+    if _transformed():
+        return "native", "torch.func transform or forward AD"
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0:
+        if _kernels_available():
+            return "fast", ""
+        return "composed", "kernels unavailable"
+    if x.numel() == 0:
+        return "native", "empty input"
+    return "native", "not float32 CPU"
+
+
+def _note(operation: str, path: str, reason: str) -> None:
+    if _build._logs and not torch.compiler.is_compiling():
+        _build.note(operation, path, reason)
+
+
+def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """(C,) → (1, C, 1, …, 1), so it broadcasts against an (N, C, *spatial) input."""
+    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    groups: int = -1,
+    eps: float,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    activation: str = "identity",
+    param: float = 0.0,
+    prelu_weight: torch.Tensor | None = None,
+    inplace: bool = False,
+    want_stats: bool = True,
+    operation: str = "norm",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """act(norm(x)) for the channel family; returns ``(y, mean, var)``.
+
+    ``groups=-1`` is BatchNorm: statistics per channel over (N, *spatial) — or, with
+    ``running_mean``/``running_var`` given, those as constants. ``groups=G`` is GroupNorm
+    (InstanceNorm: G = C), statistics per (sample, group). ``mean``/``var`` are this
+    batch's statistics, the variance biased: shape (C,) for BatchNorm, (N, G) otherwise;
+    None when the statistics were given or ``want_stats`` is False. ``inplace`` writes the
+    output over ``x`` and keeps only it for backward (batch statistics only; with given
+    statistics the layer computes out of place, as there is nothing to save).
+    """
+    given = running_mean is not None
+    inplace = inplace and not given
+    path, reason = choose_path(x)
+    _note(operation, path, reason)
+    if path == "fast":
+        act = ACTIVATIONS[activation]
+        if channel_layout(x) is None:
+            x = x.contiguous()
+        if inplace:
+            y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, act, param)
+        else:
+            y, _, _, _, mean, var = call_channel_norm(
+                x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
+        if given or not want_stats:
+            return y, None, None
+        if groups > 0:  # one statistic per (sample, group)
+            mean, var = mean.view(x.shape[0], groups), var.view(x.shape[0], groups)
+        return y, mean.detach(), var.detach()
+    if path == "native" and not inplace:
+        return _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
+                                    prelu_weight, want_stats)
+    return _composed_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
+                                  prelu_weight, inplace, want_stats)
+
+
+def _stat_dims(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor and dims batch statistics reduce: BatchNorm (N, *spatial) of x; GroupNorm
+    (C//G, *spatial) of x viewed as (N, G, C//G, *spatial)."""
+    if groups < 0:
+        return x, (0,) + tuple(range(2, x.dim()))
+    grouped = x.unflatten(1, (groups, x.shape[1] // groups))
+    return grouped, tuple(range(2, grouped.dim()))
+
+
+def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance for running estimates: (C,) or (N, G), float32 for halves."""
+    target, dims = _stat_dims(x, groups)
+    with torch.no_grad():
+        var, mean = torch.var_mean(target.to(compute_dtype(x.dtype)), dims, correction=0)
+    return mean, var
+
+
+def _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
+                         prelu_weight, want_stats):
+    if running_mean is not None:
+        y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        mean = var = None
+    else:
+        if groups < 0 and want_stats and not _exporting():
+            # One pass for output and statistics: torch returns the batch mean and
+            # 1/√(var + ε), from which the biased variance follows.
+            y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+            with torch.no_grad():
+                var = (invstd.to(compute_dtype(x.dtype)).pow(-2) - eps).clamp_(min=0)
+            return apply_activation(y, activation, param, prelu_weight), mean.detach(), var
+        if groups < 0:
+            y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+        elif groups == x.shape[1] and x.dim() > 2 and _exporting():  # ONNX InstanceNormalization
+            y = TF.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
+        else:
+            y = TF.group_norm(x, groups, weight, bias, eps)
+        mean, var = _batch_stats(x, groups) if want_stats else (None, None)
+    return apply_activation(y, activation, param, prelu_weight), mean, var
+
+
+def _composed_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
+                           prelu_weight, inplace, want_stats):
+    """normlab's composed ops (:mod:`normlab.core.normalize`), written out in torch."""
+    ndim = x.dim()
+    if running_mean is not None:
+        dims = (0,) + tuple(range(2, ndim))
+        y = normalize_given(x, _channel_view(weight, ndim), _channel_view(bias, ndim),
+                            _channel_view(running_mean, ndim), _channel_view(running_var, ndim), dims, eps)
+        return apply_activation(y, activation, param, prelu_weight), None, None
+    target, dims = _stat_dims(x, groups)
+    if groups < 0:
+        w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+    else:
+        affine_shape = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
+        w = None if weight is None else weight.view(affine_shape)
+        b = None if bias is None else bias.view(affine_shape)
+    if inplace:
+        y, mean, var = inplace_abn(x, weight, bias, groups, eps, activation, param)
+    else:
+        y, stats = normalize_batch(target, w, b, dims, eps)
+        y = y.flatten(1, 2) if groups > 0 else y
+        y = apply_activation(y, activation, param, prelu_weight)
+        mean, var = stats.mean, stats.var
+    if not want_stats:
+        return y, None, None
+    # keepdim statistics → (C,) for BatchNorm, (N, G) for groups
+    return y, (mean.flatten() if groups < 0 else mean.flatten(1)), (var.flatten() if groups < 0 else var.flatten(1))
+
+
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    centered: bool,
+    operation: str,
+) -> torch.Tensor:
+    """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims."""
+    path, reason = choose_path(x)
+    _note(operation, path, reason)
+    if path == "fast":
+        k = reduced_count(normalized_shape, range(len(normalized_shape)))
+        if k > 0 and (weight is None or weight.dtype == torch.float32):
+            y, _, _, _ = call_row_norm(x.contiguous(), weight, bias, k, eps, centered)
+            return y
+        path = "composed"
+    if path == "native":
+        if centered:
+            return TF.layer_norm(x, normalized_shape, weight, bias, eps)
+        return TF.rms_norm(x, normalized_shape, weight, eps)
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    lead = (1,) * (x.dim() - len(normalized_shape))
+    w = None if weight is None else weight.view(lead + tuple(normalized_shape))
+    b = None if bias is None else bias.view(lead + tuple(normalized_shape))
+    return normalize_batch(x, w, b, dims, eps, centered=centered)[0]

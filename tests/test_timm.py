@@ -1,0 +1,159 @@
+"""timm models with normlab layers: built through ``norm_layer=``, or converted after
+building with ``surgery.from_torch``. Needs timm (and torchvision beside torch)."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import normlab as nl
+from normlab import surgery
+
+if importlib.util.find_spec("timm") is None:
+    pytest.skip("timm is not installed", allow_module_level=True)
+
+_TORCHVISION_SCHEMAS = None  # kept alive: dropping the Library would unregister them
+
+
+def _import_timm():
+    """timm imports torchvision. torchvision's wheel from PyPI is built against the CUDA
+    torch; beside the CPU torch its C ops do not load, and its import then fails on
+    registering fake kernels for two of them. Declaring those two schemas lets the
+    pure-Python model code import; calling a torchvision op still raises."""
+    global _TORCHVISION_SCHEMAS
+    try:
+        import timm
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+        _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import timm
+    return timm
+
+
+timm = _import_timm()
+
+
+def _norm_counts(model):
+    return collections.Counter(
+        f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" + (f"/{m.activation}" if hasattr(m, "activation") else "")
+        for m in model.modules() if nl.nn.is_norm_layer(m)
+    )
+
+
+def _compare(ours, reference, x, tol):
+    """Same weights, same input: outputs in train and eval, and the running statistics."""
+    missing = reference.load_state_dict(ours.state_dict(), strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    for training in (True, False):
+        ours.train(training)
+        reference.train(training)
+        torch.testing.assert_close(ours(x), reference(x), rtol=tol, atol=tol)
+    # Statistics over few elements are ill-conditioned (two near-equal values normalize to ±1
+    # whatever their difference): inputs below leave each deep BatchNorm 8 or more per channel.
+    for (k, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _backward(model, x):
+    model.train()
+    model.zero_grad()
+    model(x).square().mean().backward()
+    grads = [p.grad for m in model.modules() if nl.nn.is_norm_layer(m) for p in m.parameters(recurse=False)]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_resnet_takes_normlab_batchnorm_directly():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", norm_layer=nl.nn.BatchNorm2d, num_classes=10)
+    assert _norm_counts(model) == {"normlab.BatchNorm2d": 20}
+    x = torch.randn(2, 3, 32, 32)
+    _compare(model, timm.create_model("resnet18", num_classes=10), x, 1e-4)
+    _backward(model, x)
+
+
+@pytest.mark.parametrize("name, activation, counts", [
+    ("efficientnet_b0", "silu", {"normlab.BatchNormAct2d/silu": 33, "normlab.BatchNormAct2d/identity": 16}),
+    ("regnetx_002", "relu", {"normlab.BatchNormAct2d/relu": 27, "normlab.BatchNormAct2d/identity": 17}),
+])
+def test_norm_act_models_take_the_adapter(name, activation, counts):
+    # The class alone is swapped for timm's own layer (matched by name): that is why the adapter exists.
+    silently = timm.create_model(name, norm_layer=nl.nn.BatchNorm2d, num_classes=10)
+    assert "normlab" not in " ".join(_norm_counts(silently))
+    torch.manual_seed(0)
+    model = timm.create_model(name, norm_layer=nl.nn.timm_norm_act(activation), num_classes=10)
+    assert _norm_counts(model) == counts
+    x = torch.randn(2, 3, 64, 64)
+    _compare(model, timm.create_model(name, num_classes=10), x, 1e-4)
+    _backward(model, x)
+
+
+def test_vit_takes_normlab_layernorm():
+    kwargs = dict(img_size=32, patch_size=8, num_classes=10)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", norm_layer=nl.nn.LayerNorm, **kwargs)
+    assert _norm_counts(model) == {"normlab.LayerNorm": 25}
+    x = torch.randn(2, 3, 32, 32)
+    _compare(model, timm.create_model("vit_tiny_patch16_224", norm_layer=nn.LayerNorm, **kwargs), x, 1e-4)
+    _backward(model, x)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "regnetx_002"])
+def test_from_torch_converts_timm_norm_act_and_back(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(4, 3, 32, 32))  # running statistics away from their defaults
+    ours, report = surgery.from_torch(model)
+    timm_layers = [p for p, m in model.named_modules() if type(m).__name__ == "BatchNormAct2d"]
+    assert sorted(c.path for c in report.changes) == sorted(timm_layers) and not report.skipped
+    assert "timm" not in " ".join(_norm_counts(ours))
+    for path in timm_layers:  # the same activation, layer by layer
+        act = model.get_submodule(path).act
+        assert ours.get_submodule(path).activation == nl.nn.activation_spec(act)[0], path
+    for k, v in model.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model(x), rtol=1e-4, atol=1e-5)
+    again, report = surgery.from_torch(ours)
+    assert not report.changes and not report.skipped
+    _, report = surgery.to_torch(ours)
+    assert len(report.skipped) == len(timm_layers) and not report.changes
+    assert all("fused norm+activation" in s.reason for s in report.skipped)
+
+
+def test_from_torch_on_timm_and_torchvision_layers():
+    from timm.layers import EvoNorm2dB0, FrozenBatchNormAct2d, LayerNorm, LayerNorm2d
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(frozen, name).normal_()
+        frozen.running_var.uniform_(0.5, 2)
+    model = nn.Sequential(frozen, LayerNorm2d(4), EvoNorm2dB0(4), FrozenBatchNormAct2d(4),
+                          nn.Flatten(), LayerNorm(4 * 3 * 3),
+                          timm.layers.BatchNormAct2d(4, act_layer=nn.GELU).eval())
+    ours, report = surgery.from_torch(model[:6])
+    assert {c.path: c.after for c in report.changes} == {
+        "0": "normlab.nn.FrozenBatchNorm2d", "5": "normlab.nn.LayerNorm"}
+    skipped = {s.path: s.reason for s in report.skipped}
+    assert set(skipped) == {"1", "2", "3"}
+    assert "channels-last LayerNorm" in skipped["1"]
+    assert "EvoNorm2dB0" in skipped["2"] and "FrozenBatchNormAct2d" in skipped["3"]
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours[0](x), model[0](x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(x), model[:6](x), rtol=1e-5, atol=1e-5)
+    _, report = surgery.from_torch(model[6:])
+    assert "GELU has no fused normlab form" in report.skipped[0].reason
