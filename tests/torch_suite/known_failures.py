@@ -25,7 +25,7 @@ import pytest
 
 #: category → the problem text (a regex, matched at the start) that category explains.
 CATEGORIES: dict[str, str] = {
-    "output layout": r"output layout: channels_last, torch\.nn contiguous",
+    "output layout": r"output layout: ",
     "InstanceNorm counts batches (documented)": r"buffer num_batches_tracked: ",
     "eps < 0 rejected": r"normlab raises ValueError at call: eps must be a finite number > 0 .*got -",
     "momentum outside [0, 1] rejected": r"normlab raises ValueError at call: momentum must lie in \[0, 1\]",
@@ -38,7 +38,7 @@ CATEGORIES: dict[str, str] = {
     "exception type": r"exception type: normlab raises ValueError .* torch\.nn raises RuntimeError",
     # Categories seen only in the ported tests (they fail with an exception, not a text):
     "eps = 0 rejected": r"$^",
-    "load_state_dict resets num_batches_tracked": r"$^",
+    "half-precision backward without affine": r"$^",
 }
 
 #: The exception a ported test (id ``port.…``) of each category fails with.
@@ -46,18 +46,27 @@ PORT_RAISES: dict[str, type[BaseException]] = {
     "eps = 0 rejected": ValueError,                 # at construction
     "empty batch": ValueError,                      # "Expected more than 1 value per channel"
     "exception type": ValueError,                   # where the test expects RuntimeError
-    "load_state_dict resets num_batches_tracked": AssertionError,
+    "half-precision backward without affine": AssertionError,
 }
 
 KNOWN: dict[str, tuple[str, str]] = {
-    # InstanceNorm2d/3d, F.instance_norm and 4-D LayerNorm keep channels_last input
-    # channels_last; torch.nn returns a contiguous tensor (GroupNorm and RMSNorm match).
-    "nn.InstanceNorm[23]d/*/channels_last": (
+    # Batched InstanceNorm2d/3d and F.instance_norm keep channels_last input channels_last;
+    # torch.nn returns a contiguous tensor (GroupNorm, LayerNorm and unbatched InstanceNorm3d
+    # match torch.nn).
+    "nn.InstanceNorm2d/*/channels_last": (
+        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
+    "nn.InstanceNorm3d/default/*/channels_last": (
+        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
+    "nn.InstanceNorm3d/tracking_stats/*/channels_last": (
+        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
+    "nn.InstanceNorm3d/affine*/*/channels_last": (
         "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
     "F.instance_norm/*/channels_last": (
         "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
-    "nn.LayerNorm/*/channels_last": (
-        "output layout", "channels_last 4-D input gives a channels_last output; torch.nn's is contiguous"),
+    # The other way round: torch.nn's RMSNorm (composed of elementwise ops) keeps a 4-D
+    # channels_last input channels_last; normlab's float32 CPU path returns it contiguous.
+    "nn.RMSNorm/3d_*/f32/train/channels_last": (
+        "output layout", "float32 channels_last input gives a contiguous output; torch.nn's is channels_last"),
     # Deliberate, in docs/conventions.md: normlab's InstanceNorm counts the batches folded
     # into its running estimates (momentum=None needs the count); torch.nn leaves 0.
     "nn.InstanceNorm?d/tracking_stats/*/train/*": (
@@ -89,9 +98,10 @@ KNOWN: dict[str, tuple[str, str]] = {
     "port.BatchNorm_empty": ("empty batch", "BatchNorm2d(3) on a (0, 3, 2, 2) batch"),
     "port.grad/BatchNorm?d/zero_batch/train": ("empty batch", "gradcheck on an N = 0 batch"),
     "port.save_load/BatchNorm?d/zero_batch/train": ("empty batch", "forward on an N = 0 batch"),
-    "port.batchnorm_load_state_dict": (
-        "load_state_dict resets num_batches_tracked",
-        "load_state_dict({}, strict=False) sets num_batches_tracked 10 -> 0"),
+    "port.batchnorm_affine/bf16": (
+        "half-precision backward without affine",
+        ("bfloat16 input, float32 BatchNorm1d(3, affine=False): output 1 bfloat16 ulp and input "
+        "gradient 2 ulps (0.016) away from affine=True with γ=1, β=0, which matches torch.nn")),
 }
 
 
