@@ -110,7 +110,8 @@ def test_normalized_shape_argument_validation():
     with pytest.raises(TypeError, match="normalized_shape must be an int or a sequence"):
         nl.nn.LayerNorm("abc")
     with pytest.raises(ValueError, match="positive int"):
-        nl.nn.RMSNorm((3, 0))
+        nl.nn.RMSNorm((3, -1))
+    assert nl.nn.RMSNorm((3, 0))(torch.randn(2, 3, 0)).shape == (2, 3, 0)  # empty, as in torch.nn
 
 
 # --- batch statistics of a single value ------------------------------------------------------
@@ -168,7 +169,7 @@ def test_non_tensor_input():
 # --- eps, momentum and the other constructor arguments -----------------------------------------
 
 
-@pytest.mark.parametrize("eps", [0, 0.0, -1e-5, float("nan"), float("inf")])
+@pytest.mark.parametrize("eps", [-1e-5, -0.5, float("nan"), float("inf")])
 @pytest.mark.parametrize(
     "factory",
     [
@@ -180,18 +181,19 @@ def test_non_tensor_input():
     ],
     ids=["bn", "in", "gn", "ln", "rms"],
 )
-def test_eps_must_be_positive(factory, eps):
-    with pytest.raises(ValueError, match=r"eps must be a finite number > 0.*got"):
+def test_eps_must_be_finite_and_not_negative(factory, eps):
+    with pytest.raises(ValueError, match=r"eps must be a finite number >= 0.*got"):
         factory(eps)
+    assert factory(0.0).eps == 0.0  # torch.nn accepts 0, and so does normlab
 
 
 def test_eps_in_functional_and_of_the_wrong_type():
     x = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
-        F.batch_norm(x, None, None, training=True, eps=0.0)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        F.batch_norm(x, None, None, training=True, eps=-1e-3)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         F.layer_norm(x, (3,), eps=-1.0)
-    with pytest.raises(TypeError, match="eps must be a positive float, got str"):
+    with pytest.raises(TypeError, match="eps must be a non-negative float, got str"):
         nl.nn.BatchNorm1d(3, eps="1e-5")
 
 

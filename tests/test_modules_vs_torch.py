@@ -181,11 +181,13 @@ def test_unbatched_instance_norm_matches_torch(name):
 
 @pytest.mark.parametrize("layout", ["channels_last"])
 @pytest.mark.parametrize("name", ["BatchNorm2d", "InstanceNorm2d"])
-def test_channels_last_output_keeps_layout(name, layout):
-    _, ours = pair(name, 8, affine=True)
+def test_channels_last_output_layout_is_torch_nns(name, layout):
+    """BatchNorm keeps channels_last; InstanceNorm returns a contiguous tensor — as torch.nn."""
+    theirs, ours = pair(name, 8, affine=True)
     x = in_layout(torch.randn(2, 8, 5, 5), layout).requires_grad_()
     y = ours(x)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        assert y.is_contiguous(memory_format=fmt) == theirs(x).is_contiguous(memory_format=fmt)
     y.sum().backward()
 
 

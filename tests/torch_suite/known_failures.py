@@ -23,81 +23,56 @@ import re
 
 import pytest
 
+from normlab.core import InputError
+
 #: category → the problem text (a regex, matched at the start) that category explains.
 CATEGORIES: dict[str, str] = {
-    "output layout": r"output layout: ",
     "InstanceNorm counts batches (documented)": r"buffer num_batches_tracked: ",
-    "eps < 0 rejected": r"normlab raises ValueError at call: eps must be a finite number > 0 .*got -",
-    "momentum outside [0, 1] rejected": r"normlab raises ValueError at call: momentum must lie in \[0, 1\]",
-    "empty batch": r"normlab raises ValueError at forward: Expected more than 1 value per channel "
-                   r"when training, got input size \[0, ",
-    "1-D batch_norm input": r"normlab raises ValueError at call: batch_norm expects input of shape "
+    "empty batch not counted (documented)": r"buffer num_batches_tracked: ",
+    "eps < 0 rejected (documented)": r"normlab raises InputError at call: eps must be a finite number >= 0 .*got -",
+    "momentum outside [0, 1] rejected (documented)":
+        r"normlab raises InputError at call: momentum must lie in \[0, 1\]",
+    "1-D batch_norm input": r"normlab raises InputError at call: batch_norm expects input of shape "
                             r"\(N, C\) or \(N, C, \*spatial\), got a 1D tensor",
-    "complex RMSNorm": r"normlab raises TypeError at call: input must have a floating-point dtype .*"
-                       r"got torch\.complex",
-    "exception type": r"exception type: normlab raises ValueError .* torch\.nn raises RuntimeError",
+    "complex RMSNorm (documented)": r"normlab raises InputTypeError at call: input must have a floating-point "
+                                    r"dtype .*got torch\.complex",
     # Categories seen only in the ported tests (they fail with an exception, not a text):
-    "eps = 0 rejected": r"$^",
     "half-precision backward without affine": r"$^",
+    "empty normalized_shape refused at construction (documented)": r"$^",
 }
 
 #: The exception a ported test (id ``port.…``) of each category fails with.
 PORT_RAISES: dict[str, type[BaseException]] = {
-    "eps = 0 rejected": ValueError,                 # at construction
-    "empty batch": ValueError,                      # "Expected more than 1 value per channel"
-    "exception type": ValueError,                   # where the test expects RuntimeError
     "half-precision backward without affine": AssertionError,
+    "empty normalized_shape refused at construction (documented)": InputError,
 }
 
 KNOWN: dict[str, tuple[str, str]] = {
-    # Batched InstanceNorm2d/3d and F.instance_norm keep channels_last input channels_last;
-    # torch.nn returns a contiguous tensor (GroupNorm, LayerNorm and unbatched InstanceNorm3d
-    # match torch.nn).
-    "nn.InstanceNorm2d/*/channels_last": (
-        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
-    "nn.InstanceNorm3d/default/*/channels_last": (
-        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
-    "nn.InstanceNorm3d/tracking_stats/*/channels_last": (
-        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
-    "nn.InstanceNorm3d/affine*/*/channels_last": (
-        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
-    "F.instance_norm/*/channels_last": (
-        "output layout", "channels_last input gives a channels_last output; torch.nn's is contiguous"),
-    # The other way round: torch.nn's RMSNorm (composed of elementwise ops) keeps a 4-D
-    # channels_last input channels_last; normlab's float32 CPU path returns it contiguous.
-    "nn.RMSNorm/3d_*/f32/train/channels_last": (
-        "output layout", "float32 channels_last input gives a contiguous output; torch.nn's is channels_last"),
     # Deliberate, in docs/conventions.md: normlab's InstanceNorm counts the batches folded
     # into its running estimates (momentum=None needs the count); torch.nn leaves 0.
     "nn.InstanceNorm?d/tracking_stats/*/train/*": (
         "InstanceNorm counts batches (documented)", "num_batches_tracked 3 where torch.nn keeps 2"),
     "nn.InstanceNorm?d/no_batch_dim/*/train/*": (
         "InstanceNorm counts batches (documented)", "num_batches_tracked 3 where torch.nn keeps 2"),
-    # OpInfo samples with eps=-0.5: torch computes (NaN where var < 0.5), normlab raises.
-    "F.group_norm/0[4-7]-2x6x3/*": ("eps < 0 rejected", "sample eps=-0.5"),
-    "F.layer_norm/01-2x2x3/*": ("eps < 0 rejected", "sample eps=-0.5"),
-    "F.rms_norm/01-2x2x3/*": ("eps < 0 rejected", "sample eps=-0.5"),
-    # OpInfo samples with momentum -1.2 / -1.0 in training: torch extrapolates, normlab raises.
-    "F.batch_norm/05-3x2x3x4/*": ("momentum outside [0, 1] rejected", "sample momentum=-1.0, training"),
-    "F.instance_norm/0[245]-*": ("momentum outside [0, 1] rejected", "samples momentum=-1.2 / -1.0"),
-    # BatchNorm training on an (0, C, ...) batch: torch returns an empty output.
+    # Deliberate: an empty batch folds nothing into the running estimates, so it is not
+    # counted either (torch.nn counts it, which shifts a momentum=None average).
     "nn.BatchNorm?d/zero_batch/*/train/*": (
-        "empty batch", "N = 0 in training raises 'Expected more than 1 value per channel'"),
+        "empty batch not counted (documented)", "num_batches_tracked 2 where torch.nn counts 3"),
+    # OpInfo samples with eps=-0.5: torch computes (NaN where var < 0.5), normlab raises.
+    "F.group_norm/0[4-7]-2x6x3/*": ("eps < 0 rejected (documented)", "sample eps=-0.5"),
+    "F.layer_norm/01-2x2x3/*": ("eps < 0 rejected (documented)", "sample eps=-0.5"),
+    "F.rms_norm/01-2x2x3/*": ("eps < 0 rejected (documented)", "sample eps=-0.5"),
+    # OpInfo samples with momentum -1.2 / -1.0 in training: torch extrapolates, normlab raises.
+    "F.batch_norm/05-3x2x3x4/*": ("momentum outside [0, 1] rejected (documented)", "sample momentum=-1.0"),
+    "F.instance_norm/0[245]-*": ("momentum outside [0, 1] rejected (documented)", "samples momentum=-1.2 / -1.0"),
     # F.batch_norm(torch.empty(0), running_mean=torch.empty(0), running_var=torch.empty(0)).
     "F.batch_norm/0[34]-0/*": ("1-D batch_norm input", "a (0,) input with (0,) running stats"),
-    "F.rms_norm/*/c64/*": ("complex RMSNorm", "torch supports complex64/128 rms_norm"),
-    "F.rms_norm/*/c128/*": ("complex RMSNorm", "torch supports complex64/128 rms_norm"),
-    "F.group_norm/error[01]": ("exception type", "ValueError where torch.nn raises RuntimeError"),
-    "F.rms_norm/error[012]": ("exception type", "ValueError where torch.nn raises RuntimeError"),
+    "F.rms_norm/*/c64/*": ("complex RMSNorm (documented)", "torch supports complex64/128 rms_norm"),
+    "F.rms_norm/*/c128/*": ("complex RMSNorm (documented)", "torch supports complex64/128 rms_norm"),
     # --- ports of test_nn.py / test_modules.py (test_torch_nn_ported.py)
-    "port.InstanceNorm_general": ("eps = 0 rejected", "InstanceNorm*d(c, eps=0) raises ValueError"),
-    "port.LayerNorm_general": ("eps = 0 rejected", "LayerNorm(shape, eps=0) raises ValueError"),
-    "port.GroupNorm_general": ("eps = 0 rejected", "GroupNorm(g, c, eps=0) raises ValueError"),
-    "port.batchnorm_raises_error_if_running_stat_size_differs": (
-        "exception type", "F.batch_norm with a (9,) running_mean/var/weight/bias for 10 channels"),
-    "port.BatchNorm_empty": ("empty batch", "BatchNorm2d(3) on a (0, 3, 2, 2) batch"),
-    "port.grad/BatchNorm?d/zero_batch/train": ("empty batch", "gradcheck on an N = 0 batch"),
-    "port.save_load/BatchNorm?d/zero_batch/train": ("empty batch", "forward on an N = 0 batch"),
+    "port.LayerNorm_general": (
+        "empty normalized_shape refused at construction (documented)",
+        "LayerNorm(()) raises InputError at construction; torch.nn raises RuntimeError at the first call"),
     "port.batchnorm_affine/bf16": (
         "half-precision backward without affine",
         ("bfloat16 input, float32 BatchNorm1d(3, affine=False): output 1 bfloat16 ulp and input "

@@ -15,6 +15,8 @@ from .activation import (
 )
 from .checks import (
     LOW_PRECISION_DTYPES,
+    InputError,
+    InputTypeError,
     check_eps,
     check_floating_input,
     check_momentum,
@@ -69,6 +71,8 @@ __all__ = [
     "BatchStatistics",
     "CenteredMoments",
     "DecayStatistics",
+    "InputError",
+    "InputTypeError",
     "Moments",
     "NormStats",
     "NonFiniteStatisticsError",

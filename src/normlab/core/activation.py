@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as TF
 
 from .moments import centered_moments, compute_dtype
+from .checks import InputError
 
 
 __all__ = [
@@ -34,20 +35,20 @@ GAMMA_GUARD = 1e-5
 def check_activation(name: str, param: float | None = None, *, inplace: bool = False) -> float:
     """Validate an activation choice; returns its parameter (the default when None)."""
     if name not in ACTIVATION_DEFAULTS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATION_DEFAULTS)}, got {name!r}")
+        raise InputError(f"activation must be one of {tuple(ACTIVATION_DEFAULTS)}, got {name!r}")
     value = ACTIVATION_DEFAULTS[name] if param is None else float(param)
     if not math.isfinite(value):
-        raise ValueError(f"activation parameter must be finite, got {param!r}")
+        raise InputError(f"activation parameter must be finite, got {param!r}")
     if inplace:
         if name not in INVERTIBLE_ACTIVATIONS:
-            raise ValueError(
+            raise InputError(
                 f"inplace=True keeps only the output and recovers the input by inverting the "
                 f"activation, so it needs an invertible one ({', '.join(INVERTIBLE_ACTIVATIONS)}); "
                 f"{name!r} is not (ReLU maps every negative input to 0). Use "
                 f"activation='leaky_relu' (slope 0.01), or inplace=False"
             )
         if name in ("leaky_relu", "elu") and value <= 0:
-            raise ValueError(f"inplace=True needs {name}'s parameter > 0 to be invertible, got {value}")
+            raise InputError(f"inplace=True needs {name}'s parameter > 0 to be invertible, got {value}")
     return value
 
 
@@ -64,7 +65,7 @@ def apply_activation(z: torch.Tensor, name: str, param: float, prelu_weight: tor
         return TF.silu(z)
     if name == "prelu":
         return TF.prelu(z, prelu_weight)
-    raise ValueError(f"unknown activation {name!r}")
+    raise InputError(f"unknown activation {name!r}")
 
 
 def _inverse(y, name, param):

@@ -8,11 +8,14 @@ invariants only: it vanishes under ``python -O`` and must never guard user input
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable
 
 import torch
 
 __all__ = [
+    "InputError",
+    "InputTypeError",
     "LOW_PRECISION_DTYPES",
     "check_eps",
     "check_floating_input",
@@ -22,6 +25,19 @@ __all__ = [
     "normalize_shape_arg",
 ]
 
+class InputError(ValueError, RuntimeError):
+    """A wrong value (shape, size, range) given to a normlab layer or functional.
+
+    A ``ValueError`` — what it is — and a ``RuntimeError``, which is what torch raises for
+    the same mistakes, so code written against torch.nn (``except RuntimeError``) catches it.
+    """
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """A wrong type given to a normlab layer or functional; also a ``RuntimeError``, as
+    :class:`InputError` is."""
+
+
 #: dtypes whose statistics are accumulated in float32 (and whose parameters may be float32).
 LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -29,9 +45,9 @@ LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 def check_floating_input(x: object, name: str = "input") -> torch.Tensor:
     """Return ``x`` if it is a floating-point tensor, else raise ``TypeError``."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(
+        raise InputTypeError(
             f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
             f"float64), got {x.dtype}; convert it first, e.g. x.float()"
         )
@@ -39,12 +55,14 @@ def check_floating_input(x: object, name: str = "input") -> torch.Tensor:
 
 
 def check_eps(eps: object, name: str = "eps") -> float:
-    """``eps`` keeps the divisor away from zero: it must be a finite number > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{name} must be a positive float, got {type(eps).__name__} {eps!r}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(
-            f"{name} must be a finite number > 0 (it keeps 1/sqrt(var + eps) finite for "
+    """``eps`` keeps the divisor away from zero: a finite number >= 0 (any real number type,
+    NumPy's included). 0 is accepted as torch.nn accepts it; a constant group then divides
+    by zero, as it does in torch.nn."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise InputTypeError(f"{name} must be a non-negative float, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise InputError(
+            f"{name} must be a finite number >= 0 (it keeps 1/sqrt(var + eps) finite for "
             f"constant inputs), got {eps!r}"
         )
     return float(eps)
@@ -55,45 +73,45 @@ def check_momentum(momentum: object, *, allow_none: bool) -> float | None:
     if momentum is None:
         if allow_none:
             return None
-        raise TypeError(
+        raise InputTypeError(
             "momentum=None (cumulative average) needs the count of batches seen, which "
             "only a module keeps; pass a float in [0, 1] here, e.g. 1 / (batches + 1)"
         )
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise InputTypeError(
             f"momentum must be a float in [0, 1]{' or None' if allow_none else ''}, "
             f"got {type(momentum).__name__} {momentum!r}"
         )
     if not 0.0 <= momentum <= 1.0:
-        raise ValueError(
+        raise InputError(
             f"momentum must lie in [0, 1] (new = (1 - momentum) * old + momentum * batch), "
             f"got {momentum!r}; a Keras/Flax 'decay' d converts to momentum 1 - d "
             f"(normlab.core.momentum_from_decay)"
         )
-    return float(momentum)
+    return float(momentum)  # type: ignore[arg-type]
 
 
-def check_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+def check_positive_int(value: object, name: str, *, allow_zero: bool = False) -> int:
+    """A positive int (0 too with ``allow_zero``); NumPy integers are ints here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise InputError(f"{name} must be a positive int, got {value}")
+    return int(value)
 
 
 def normalize_shape_arg(shape: object, name: str = "normalized_shape") -> tuple[int, ...]:
-    """Accept an int or a sequence of positive ints, as torch.nn.LayerNorm does."""
-    if isinstance(shape, int) and not isinstance(shape, bool):
+    """Accept an int or an iterable of ints >= 0 (a list, torch.Size, a NumPy array), as
+    torch.nn.LayerNorm does; a 0 gives an empty output, as there."""
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
-    if not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)):
-        raise TypeError(
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+        raise InputTypeError(
             f"{name} must be an int or a sequence of ints, got {type(shape).__name__}"
         )
-    dims = tuple(shape)
+    dims = tuple(check_positive_int(d, f"every entry of {name}", allow_zero=True) for d in shape)
     if len(dims) == 0:
-        raise ValueError(f"{name} must name at least one dimension, got {dims}")
-    for d in dims:
-        check_positive_int(d, f"every entry of {name}")
+        raise InputError(f"{name} must name at least one dimension, got {dims}")
     return dims
 
 
@@ -112,22 +130,22 @@ def check_param(
     if param is None:
         return
     if not isinstance(param, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(param).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor or None, got {type(param).__name__}")
     if tuple(param.shape) != tuple(expected_shape):
-        raise ValueError(
+        raise InputError(
             f"{name} has shape {tuple(param.shape)} but {what} needs shape "
             f"{tuple(expected_shape)} (input shape {tuple(x.shape)})"
         )
     if not param.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {param.dtype}")
+        raise InputTypeError(f"{name} must be floating point, got {param.dtype}")
     if param.device != x.device:
-        raise ValueError(
+        raise InputError(
             f"{name} is on {param.device} but the input is on {x.device}; move the "
             f"module or the input so they share a device"
         )
     mixed_precision = x.dtype in LOW_PRECISION_DTYPES and param.dtype == torch.float32
     if param.dtype != x.dtype and not mixed_precision:
-        raise TypeError(
+        raise InputTypeError(
             f"{name} has dtype {param.dtype} but the input has dtype {x.dtype}; they must "
             f"match (float16/bfloat16 inputs may also use float32 parameters)"
         )

@@ -29,6 +29,7 @@ import torch
 
 from .checks import check_momentum
 from .fast import build as _build
+from .checks import InputError, InputTypeError
 
 __all__ = [
     "DecayStatistics",
@@ -53,7 +54,7 @@ class NonFiniteStatisticsError(FloatingPointError):
 
 def check_nonfinite_policy(policy: object) -> str:
     if policy not in NONFINITE_POLICIES:
-        raise ValueError(
+        raise InputError(
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}"
         )
     return policy  # type: ignore[return-value]
@@ -100,7 +101,7 @@ def update_running_stats(
     with torch.no_grad():
         if momentum is None:
             if num_batches_tracked is None:
-                raise TypeError(check_momentum_none_message())
+                raise InputTypeError(check_momentum_none_message())
             # A tensor, not float(num_batches_tracked): no host sync on accelerators.
             momentum = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
         if unbiased:
@@ -186,7 +187,7 @@ def _as_float64(t: torch.Tensor) -> torch.Tensor:
 def momentum_from_decay(decay: float) -> float:
     """Keras/Flax ``momentum`` (a decay d, weight of the old value) → PyTorch momentum 1 − d."""
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-        raise ValueError(f"decay must be a float in [0, 1], got {decay!r}")
+        raise InputError(f"decay must be a float in [0, 1], got {decay!r}")
     return 1.0 - float(decay)
 
 
@@ -228,7 +229,7 @@ def from_decay_convention(
     var = moving_variance
     if elements_per_batch is not None:
         if elements_per_batch < 2:
-            raise ValueError(
+            raise InputError(
                 f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}"
             )
         var = moving_variance * (elements_per_batch / (elements_per_batch - 1))
@@ -247,7 +248,7 @@ def to_decay_convention(
     var = running_var
     if elements_per_batch is not None:
         if elements_per_batch < 2:
-            raise ValueError(
+            raise InputError(
                 f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}"
             )
         var = running_var * ((elements_per_batch - 1) / elements_per_batch)

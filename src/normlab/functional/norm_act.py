@@ -6,6 +6,7 @@ import torch
 
 from .per_sample import group_norm_act
 from .tracked import batch_norm_act
+from ..core.checks import InputError
 
 __all__ = ["norm_act"]
 
@@ -38,7 +39,7 @@ def norm_act(
                               prelu_weight=prelu_weight, inplace=inplace)
     if norm == "group":
         if num_groups is None:
-            raise ValueError("norm_act with norm='group' needs num_groups")
+            raise InputError("norm_act with norm='group' needs num_groups")
         return group_norm_act(input, num_groups, weight, bias, eps, activation=activation,
                               activation_param=activation_param, prelu_weight=prelu_weight, inplace=inplace)
-    raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
+    raise InputError(f"norm must be 'batch' or 'group', got {norm!r}")

@@ -24,6 +24,7 @@ from ..core import (
     reduced_count,
     row_norm,
 )
+from ..core.checks import InputError
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
@@ -75,13 +76,13 @@ def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", 
     check_floating_input(input)
     check_positive_int(num_groups, "num_groups")
     if input.dim() < 2:
-        raise ValueError(
+        raise InputError(
             f"{fn} expects input of shape (N, C, *spatial), got a {input.dim()}D "
             f"tensor of shape {tuple(input.shape)}"
         )
     channels = input.shape[1]
     if channels % num_groups != 0:
-        raise ValueError(
+        raise InputError(
             f"{fn}: num_groups={num_groups} must divide the {channels} channels of "
             f"input dim 1 (input shape {tuple(input.shape)}); divisors of {channels} "
             f"near it: {_nearby_divisors(channels, num_groups)}"
@@ -93,7 +94,7 @@ def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", 
 
     per_group = channels // num_groups
     if per_group * reduced_count(input.shape, range(2, input.dim())) == 1:
-        raise ValueError(
+        raise InputError(
             f"{fn}: each of the {num_groups} groups holds a single value (input "
             f"shape {tuple(input.shape)}), so its variance is 0 and the output would be "
             f"the bias whatever the input; use fewer groups or a spatial extent > 1"
@@ -116,7 +117,7 @@ def _trailing_dims(fn: str, input: torch.Tensor, normalized_shape) -> tuple[tupl
     shape = normalize_shape_arg(normalized_shape)
     k = len(shape)
     if input.dim() < k or tuple(input.shape[-k:]) != shape:
-        raise ValueError(
+        raise InputError(
             f"{fn}: normalized_shape={list(shape)} must equal the trailing dims of the "
             f"input, got input shape {tuple(input.shape)} (expected (*, "
             f"{', '.join(map(str, shape))}))"

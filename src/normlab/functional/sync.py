@@ -34,6 +34,7 @@ from ..core import (
     reduced_count,
 )
 from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
+from ..core.checks import InputError
 
 __all__ = ["distributed_world", "sync_batch_norm"]
 
@@ -107,7 +108,7 @@ def sync_batch_norm(
                           unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
     check_floating_input(input)
     if input.dim() < 2:
-        raise ValueError(
+        raise InputError(
             f"sync_batch_norm expects input of shape (N, C) or (N, C, *spatial), got a "
             f"{input.dim()}D tensor of shape {tuple(input.shape)}"
         )
@@ -138,7 +139,7 @@ def sync_batch_norm(
         # On the CPU reading it is free, and a batch of one value is refused as BatchNorm does.
         total = merged.count[0].to(torch.float64)
         if input.device.type == "cpu" and total.item() <= 1:
-            raise ValueError(
+            raise InputError(
                 f"Expected more than 1 value per channel when training, got {int(total.item())} "
                 f"across {distributed_world(process_group)} processes (this process: input size "
                 f"{list(input.shape)})"

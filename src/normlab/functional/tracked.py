@@ -21,6 +21,7 @@ from ..core import (
     reduced_count,
     update_running_stats,
 )
+from ..core.checks import InputError
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
 
@@ -41,7 +42,7 @@ def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> No
     ):
         check_param(t, name, (channels,), x, what)
     if (running_mean is None) != (running_var is None):
-        raise ValueError(
+        raise InputError(
             f"{fn}: running_mean and running_var must be given together, got "
             f"running_mean={'a tensor' if running_mean is not None else None} and "
             f"running_var={'a tensor' if running_var is not None else None}"
@@ -162,7 +163,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     else:
         check_floating_input(input)
         if input.dim() < 2:
-            raise ValueError(
+            raise InputError(
                 f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
                 f"{input.dim()}D tensor of shape {tuple(input.shape)}"
             )
@@ -170,7 +171,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
     if not training:
         if running_mean is None:
-            raise ValueError(
+            raise InputError(
                 f"{fn} with training=False normalizes with running_mean and "
                 "running_var, but they are None; pass them, or training=True to use "
                 "batch statistics"
@@ -178,15 +179,23 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
                             activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
 
+    if eps == 0:
+        raise InputError(
+            f"{fn}: eps must be > 0 in training, got 0.0 (a constant channel would divide by "
+            f"zero; torch.nn refuses it too). eps = 0 is accepted for normalizing with given "
+            f"statistics (eval)"
+        )
     count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
-    if count <= 1:
-        raise ValueError(
+    if count == 1:
+        raise InputError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{list(input.shape)}: the batch variance of a single value is 0. Use a "
             f"batch of 2 or more, call model.eval() for inference, or use a norm that "
             f"does not depend on the batch (GroupNorm, LayerNorm)"
         )
-    track = running_mean is not None
+    # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
+    # the running estimates alone, as in torch.nn.
+    track = running_mean is not None and count > 0
     if track and not validated:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var = channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
@@ -225,7 +234,7 @@ def instance_norm(
     """
     check_floating_input(input)
     if input.dim() < 3:
-        raise ValueError(
+        raise InputError(
             f"instance_norm expects input of shape (N, C, *spatial) with at least one "
             f"spatial dim, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
         )
@@ -233,24 +242,26 @@ def instance_norm(
     _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
     if not use_input_stats:
         if running_mean is None:
-            raise ValueError(
+            raise InputError(
                 "instance_norm with use_input_stats=False normalizes with running_mean "
                 "and running_var, but they are None"
             )
-        return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
-                            operation="instance_norm")[0]
+        out = channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
+                           operation="instance_norm")[0]
+        return _instance_layout(out)
 
     count = reduced_count(input.shape, tuple(range(2, input.dim())))
-    if count <= 1:
-        raise ValueError(
+    if count == 1:
+        raise InputError(
             f"Expected more than 1 spatial element when training, got input size "
             f"{list(input.shape)}: each (sample, channel) plane needs 2 or more values"
         )
-    track = running_mean is not None
+    track = running_mean is not None and input.numel() > 0  # an empty batch updates nothing
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var = channel_norm(input, weight, bias, groups=input.shape[1], eps=eps, want_stats=track,
                                   operation="instance_norm")  # statistics (N, C)
+    out = _instance_layout(out)
     if track:
         # The running estimate of a channel is the batch average of its instance stats;
         # every instance has the same count, so unbiasing after averaging is exact.
@@ -259,6 +270,12 @@ def instance_norm(
             count, momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
         )
     return out
+
+
+def _instance_layout(out: torch.Tensor) -> torch.Tensor:
+    """torch.nn's instance_norm returns a contiguous tensor for channels_last input (code
+    after it may .view() it); the kernels write in the input's layout."""
+    return out if out.dim() < 4 or out.is_contiguous() else out.contiguous()
 
 
 def batch_renorm(
@@ -292,13 +309,13 @@ def batch_renorm(
     """
     check_floating_input(input)
     if input.dim() < 2:
-        raise ValueError(
+        raise InputError(
             f"batch_renorm expects input of shape (N, C) or (N, C, *spatial), got a "
             f"{input.dim()}D tensor of shape {tuple(input.shape)}"
         )
     eps = check_eps(eps)
     if running_mean is None or running_var is None:
-        raise ValueError(
+        raise InputError(
             "batch_renorm needs running_mean and running_var: r and d measure the batch "
             "against them"
         )
@@ -307,10 +324,10 @@ def batch_renorm(
     # here, which would need a host sync.
     if not isinstance(r_max, torch.Tensor) and (
             isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1):
-        raise ValueError(f"r_max must be a number >= 1 (1 is plain BatchNorm), got {r_max!r}")
+        raise InputError(f"r_max must be a number >= 1 (1 is plain BatchNorm), got {r_max!r}")
     if not isinstance(d_max, torch.Tensor) and (
             isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0):
-        raise ValueError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
+        raise InputError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
     dims = (0,) + tuple(range(2, input.dim()))
     ndim = input.dim()
     if not training:  # exactly BatchNorm's eval
@@ -320,7 +337,7 @@ def batch_renorm(
 
     count = reduced_count(input.shape, dims)
     if count <= 1:
-        raise ValueError(
+        raise InputError(
             f"Expected more than 1 value per channel when training, got input size "
             f"{list(input.shape)}"
         )

@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
+from ..core.checks import InputError, InputTypeError
 
 __all__ = ["CheckedEps", "FreezableNorm", "_NormBase", "affine_parameters", "check_channel_input", "check_norm_args", "traced_call"]
 
@@ -34,14 +35,14 @@ def check_channel_input(
     """An (N, C, *spatial) input of an accepted rank with ``module.num_features`` channels."""
     name = type(module).__name__
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}")
+        raise InputTypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}")
     if input.dim() not in ranks:
-        raise ValueError(
+        raise InputError(
             f"{name} expects a {shape_words} input, got a {input.dim()}D tensor of shape "
             f"{tuple(input.shape)}"
         )
     if input.shape[1] != module.num_features:
-        raise ValueError(
+        raise InputError(
             f"{name}({module.num_features}) expects {module.num_features} channels at "
             f"input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
         )

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import functional as F
 from .base import _NormBase, check_channel_input, traced_call, check_norm_args
+from ..core.checks import InputError
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -32,11 +33,11 @@ class RenormSchedule:
 
     def __post_init__(self) -> None:
         if not self.r_max >= 1:
-            raise ValueError(f"r_max must be >= 1 (1 is plain BatchNorm), got {self.r_max}")
+            raise InputError(f"r_max must be >= 1 (1 is plain BatchNorm), got {self.r_max}")
         if not self.d_max >= 0:
-            raise ValueError(f"d_max must be >= 0 (0 is plain BatchNorm), got {self.d_max}")
+            raise InputError(f"d_max must be >= 0 (0 is plain BatchNorm), got {self.d_max}")
         if self.warmup_steps < 0 or self.ramp_steps < 0:
-            raise ValueError(
+            raise InputError(
                 f"warmup_steps and ramp_steps must be >= 0, got {self.warmup_steps} and "
                 f"{self.ramp_steps}"
             )

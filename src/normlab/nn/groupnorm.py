@@ -9,6 +9,7 @@ from torch import nn
 from ..functional.per_sample import _group_norm
 from ..core import check_eps, check_positive_int
 from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
+from ..core.checks import InputError
 
 __all__ = ["GroupNorm"]
 
@@ -57,7 +58,7 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
         check_positive_int(num_groups, "num_groups")
         check_positive_int(num_channels, "num_channels")
         if num_channels % num_groups != 0:
-            raise ValueError(
+            raise InputError(
                 f"num_channels ({num_channels}) must be divisible by num_groups "
                 f"({num_groups})"
             )
@@ -81,7 +82,7 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
             return traced_call(self, input)
         if isinstance(input, torch.Tensor) and input.dim() >= 2:
             if input.shape[1] != self.num_channels:
-                raise ValueError(
+                raise InputError(
                     f"GroupNorm({self.num_groups}, {self.num_channels}) expects "
                     f"{self.num_channels} channels at input dim 1, got {input.shape[1]} "
                     f"(input shape {tuple(input.shape)})"

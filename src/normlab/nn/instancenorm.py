@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import functional as F
 from .base import _NormBase, check_norm_args, traced_call
+from ..core.checks import InputError, InputTypeError
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -76,11 +77,11 @@ class _InstanceNorm(_NormBase):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
-            raise TypeError(
+            raise InputTypeError(
                 f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}"
             )
         if input.dim() not in (self._unbatched_rank, self._unbatched_rank + 1):
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} expects a {self._shape_words} input, got a "
                 f"{input.dim()}D tensor of shape {tuple(input.shape)}"
             )
@@ -94,7 +95,7 @@ class _InstanceNorm(_NormBase):
             f"{tuple(input.shape)})"
         )
         if self.affine or self.track_running_stats:
-            raise ValueError(message)
+            raise InputError(message)
         warnings.warn(
             message + "; num_features is unused without affine or running statistics",
             stacklevel=3,

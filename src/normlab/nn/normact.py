@@ -18,6 +18,7 @@ from ..core import check_activation
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .base import traced_call
 from .groupnorm import GroupNorm
+from ..core.checks import InputError
 
 __all__ = [
     "BatchNormAct1d",
@@ -44,7 +45,7 @@ def activation_module(name: str, param: float, channels: int) -> nn.Module:
         return nn.SiLU()
     if name == "prelu":
         return nn.PReLU(channels, init=param)
-    raise ValueError(f"unknown activation {name!r}")
+    raise InputError(f"unknown activation {name!r}")
 
 
 # torch.nn activation classes with a fused form (exact classes: a subclass may compute
@@ -73,13 +74,13 @@ def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | N
     if isinstance(act, str):
         name = _ACTIVATION_NAMES.get(act.lower())
         if name is None:
-            raise ValueError(f"activation {act!r} has no fused normlab form; supported names: "
+            raise InputError(f"activation {act!r} has no fused normlab form; supported names: "
                              f"{', '.join(sorted(_ACTIVATION_NAMES))}")
     else:
         cls = act if isinstance(act, type) else type(act)
         name = _ACTIVATION_CLASSES.get(cls)
         if name is None:
-            raise ValueError(
+            raise InputError(
                 f"activation {cls.__module__}.{cls.__name__} has no fused normlab form; supported: "
                 + ", ".join(f"torch.nn.{c.__name__}" for c in _ACTIVATION_CLASSES))
         if isinstance(act, nn.Module):
@@ -193,7 +194,7 @@ class GroupNormAct(_ActMixin, GroupNorm):
         if isinstance(input, Proxy):
             return traced_call(self, input)
         if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise ValueError(
+            raise InputError(
                 f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
                 f"channels at input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
             )
@@ -230,7 +231,7 @@ def timm_norm_act(activation: str | type | None, activation_param: float | None 
                        inplace: bool | None = None, drop_layer=None, device=None, dtype=None,
                        **kwargs) -> BatchNormAct2d:
         if drop_layer is not None:
-            raise ValueError(
+            raise InputError(
                 f"drop_layer={drop_layer!r}: BatchNormAct2d fuses norm and activation with "
                 "nothing between them; build the model with timm's layers instead")
         if not apply_act:
