@@ -318,7 +318,8 @@ def run(config: Config, out_dir: Path) -> dict:
                        "down" if not grows else
                        "L2 damps the climb only a little: it shrinks ‖w‖ by a few percent in this many steps, and "
                        "the climb comes with fitting the data, not with the weights' size" if strongest["growth"] <
-                       base["growth"] else "the gradient climbs as much with L2 as without")
+                       base["growth"] else "the gradient norm climbs as much with L2 as without, or more, although L2 "
+                       "shrinks the weights")
     return result.to_dict()
 
 
