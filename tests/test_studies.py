@@ -15,9 +15,15 @@ from normlab.experiments.models import MLP, make_norm
 from normlab.experiments.report import render_report
 from normlab.experiments.runner import parallel_map, worker_pool, write_json
 from normlab.experiments.studies.depth import gradient_ratios
+from normlab.experiments.studies.dropout_nets import conv_net
+from normlab.experiments.studies.dropout_order import variance_shift
+from normlab.experiments.studies.regularization import Config as RegularizationConfig
+from normlab.experiments.studies.regularization import gains
+from normlab.experiments.studies.weight_decay import product_pairs
 from normlab.experiments.training import StepConfig, train_steps
 
-STUDY_NAMES = ["init-depth", "batch-size", "convergence", "learning-rate", "dead-units", "train-eval-gap", "depth"]
+STUDY_NAMES = ["init-depth", "batch-size", "convergence", "learning-rate", "dead-units", "train-eval-gap", "depth",
+               "regularization", "dropout-order", "weight-decay"]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +124,88 @@ def test_depth_ratios_vanish_with_xavier_and_not_with_he(smoke):
     deepest = max(r["depth"] for r in rows)
     ratio = {r["init"]: r["preactivation_grad_ratio"] for r in rows if r["depth"] == deepest}
     assert ratio["xavier"] < 0.1 and 0.3 < ratio["he"] < 3
+
+
+@pytest.mark.slow
+def test_regularization_bn_beats_no_norm_and_dropout_reaches_training(smoke):
+    cells = {(c["norm"], c["dropout"], c["weight_decay"]): c for c in smoke["regularization"][0]["data"]["cells"]}
+    assert len(cells) == 8  # {none, BN} × p {0, 0.5} × λ {0, large}
+    assert cells[("batch", 0.0, 0.0)]["test"] > cells[("none", 0.0, 0.0)]["test"] + 5
+    # dropout is on in training and off in eval: it costs training-set fit at p = 0.5
+    assert cells[("batch", 0.5, 0.0)]["train"] < cells[("batch", 0.0, 0.0)]["train"]
+    assert set(smoke["regularization"][0]["data"]["gains"]["cnn"]) == {"none", "batch"}
+
+
+def test_regularization_gains_of_known_cells():
+    config = RegularizationConfig(models=("cnn",), dropouts=(0.0, 0.5), weight_decays=(0.0, 1e-4, 5e-4))
+    test = {(0.0, 0.0): 90.0, (0.0, 1e-4): 93.0, (0.0, 5e-4): 91.0,
+            (0.5, 0.0): 80.0, (0.5, 1e-4): 92.0, (0.5, 5e-4): 85.0}
+    cells = {("cnn", "batch", p, wd): {"test": v} for (p, wd), v in test.items()}
+    g = gains(config, cells, "cnn", "batch")
+    assert g["best"] == {"dropout": 0.0, "weight_decay": 1e-4, "test": 93.0}
+    assert g["dropout_gain"] == pytest.approx(92.0 - 93.0)
+    assert g["l2_gain"] == pytest.approx(93.0 - 90.0)
+    assert g["small_vs_large_l2"] == pytest.approx(93.0 - 91.0)
+
+
+@pytest.mark.slow
+def test_dropout_before_bn_shifts_its_variance_and_precise_bn_undoes_it(smoke):
+    cells = {c["placement"]: c for c in smoke["dropout-order"][0]["data"]["cells"]}
+    before, head, relu = cells["norm"], cells["head"], cells["relu"]
+    # right before BN: test variance about q = 0.5 of the running one, as Li et al.'s formula says
+    assert before["ratio"][0] < 0.8 and before["ratio"][0] == pytest.approx(before["predicted"][0], rel=0.15)
+    assert max(before["shift"]) > max(relu["shift"]) > max(head["shift"])
+    assert max(head["shift"]) < 1.2  # no BN below the only dropout: no shift
+    assert max(before["precise_shift"]) < 1.2  # recomputed with dropout off
+
+
+def test_variance_shift_of_dropout_right_before_batchnorm_is_the_keep_rate():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), make_norm("batch", 8))
+    model[1].momentum = None  # cumulative: the running variance is the training variance
+    model.train()
+    with torch.no_grad():
+        for _ in range(200):
+            model(torch.randn(64, 8))
+    (layer,) = variance_shift(model, torch.randn(4096, 8), keep=0.5)
+    assert layer["ratio"] == pytest.approx(0.5, abs=0.05)  # zero-mean input: exactly q in expectation
+    assert layer["predicted_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert layer["shift"] == pytest.approx(2.0, rel=0.1)
+    assert model.training  # left as it was
+
+
+def test_conv_net_places_dropout_where_asked():
+    def kinds(net):
+        return [type(m).__name__ for m in net]
+    relu = kinds(conv_net("batch", 0.3, "relu"))
+    assert relu[:4] == ["Conv1d", "BatchNorm1d", "ReLU", "Dropout"]
+    assert kinds(conv_net("batch", 0.3, "norm"))[:4] == ["Conv1d", "Dropout", "BatchNorm1d", "ReLU"]
+    head = kinds(conv_net("batch", 0.3, "head"))
+    assert head.count("Dropout") == 1 and head[-2:] == ["Dropout", "Linear"]
+    assert "Dropout" not in kinds(conv_net("batch", 0.0, "relu"))
+    with pytest.raises(ValueError, match="placement must be one of"):
+        conv_net("batch", 0.3, "input")
+
+
+@pytest.mark.slow
+def test_weight_decay_bounds_the_norm_of_scale_invariant_weights(smoke):
+    runs = {(r["norm"], r["weight_decay"]): r for r in smoke["weight-decay"][0]["data"]["runs"]}
+    free, decayed = runs[("batch", 0.0)], runs[("batch", 4e-3)]
+    assert free["growth"] > 1.2 and free["growth"] > decayed["growth"]  # without L2, ‖w‖ grows
+    assert free["effective_lr_change"] < decayed["effective_lr_change"] < 1.0
+    # with L2 the angle per step is near its balance √(2ηλ/(1+μ)) (Wan et al., 2021)
+    assert decayed["angular_update"] == pytest.approx(decayed["predicted_angular_update"], rel=0.3)
+    for row in smoke["weight-decay"][0]["data"]["deep_runs"]:
+        assert row["grad_norm"] and all(g > 0 for g in row["grad_norm"])
+
+
+def test_product_pairs_sees_a_function_of_the_product_only():
+    lrs, wds = [0.05, 0.1, 0.2], [1e-3, 2e-3, 4e-3]
+    cells = {(lr, wd): 80 + 1e3 * lr * wd for lr in lrs for wd in wds}
+    pairs = product_pairs(cells, lrs, wds)
+    assert pairs["same product"] == pytest.approx(0.0, abs=1e-9)
+    assert pairs["same η"] > 0 and pairs["same λ"] > 0
+    assert product_pairs(cells, lrs, [1e-3, 3e-3, 9e-3]) is None  # ratios differ: no anti-diagonals
 
 
 def test_gradient_ratio_of_a_known_network():
