@@ -197,9 +197,38 @@ def test_a_peer_that_dies_or_stops_answering_fails_within_the_timeout(tmp_path, 
     timeout = 3
     mp.spawn(_failing_peer, args=(_free_port(), str(tmp_path), timeout, how), nprocs=2, join=True)
     elapsed, message = (tmp_path / "result.txt").read_text().split("\n", 1)
-    assert "SyncBatchNorm: the all_gather of batch statistics across 2 processes failed" in message
+    # the first collective of a layer's first call is the shape check
+    assert "SyncBatchNorm: the all_gather of input shapes across 2 processes failed" in message
     assert "timeout" in message
     assert float(elapsed) < timeout + 10
+
+
+def _mismatched_peer(rank, port, out_dir, what):
+    _init(rank, 2, port, seconds=30)
+    channels = C + rank if what == "channels" else C
+    dtype = (torch.float32, torch.float64)[rank] if what == "dtype" else torch.float32
+    layer = nl.nn.SyncBatchNorm(channels, dtype=dtype)
+    before = layer.running_mean.clone()
+    try:
+        layer(torch.randn(4, channels, 2, 2, dtype=dtype))
+        message = "no error"
+    except RuntimeError as err:  # InputError is a RuntimeError too, as torch's errors are
+        message = f"{type(err).__name__}: {err}"
+    unchanged = torch.equal(layer.running_mean, before) and int(layer.num_batches_tracked) == 0
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(f"{unchanged}\n{message}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("what", ["channels", "dtype"])
+def test_ranks_that_disagree_about_the_input_all_raise_the_same_clear_error(tmp_path, what):
+    """gloo used to abort one rank (SIGABRT) while another updated its statistics."""
+    mp.spawn(_mismatched_peer, args=(_free_port(), str(tmp_path), what), nprocs=2, join=True)
+    results = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in range(2)]
+    assert results[0][1] == results[1][1]
+    assert results[0][1].startswith("InputError: SyncBatchNorm: the processes disagree about the input")
+    assert "rank 0: C=3" in results[0][1]
+    assert all(unchanged == "True" for unchanged, _ in results)
 
 
 def test_convert_sync_batchnorm_and_back():

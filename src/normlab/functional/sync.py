@@ -36,7 +36,7 @@ from ..core import (
 from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
 from ..core.checks import InputError
 
-__all__ = ["distributed_world", "sync_batch_norm"]
+__all__ = ["check_peers", "distributed_world", "sync_batch_norm"]
 
 
 def distributed_world(process_group=None) -> int:
@@ -69,6 +69,32 @@ def _gather_moments(local: torch.Tensor, process_group) -> torch.Tensor:
     return torch.stack(parts)
 
 
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def check_peers(input: torch.Tensor, process_group) -> None:
+    """Every process must bring the same channel count, dtype and rank: one small all_gather
+    of a fixed-size header, before the statistics' exchange, whose size depends on C and
+    which gloo aborts on (SIGABRT) when the sizes differ. Raises the same error everywhere."""
+    world = distributed_world(process_group)
+    # the header travels on the input's device (nccl takes only GPU tensors)
+    header = torch.tensor([input.shape[1], _DTYPE_CODES.get(input.dtype, 0), input.dim()],
+                          dtype=torch.int64, device=input.device)
+    parts = [torch.empty_like(header) for _ in range(world)]
+    _collective("all_gather of input shapes", lambda: dist.all_gather(parts, header, group=process_group),
+                process_group)
+    seen = torch.stack(parts).tolist()  # a host read, once: the layer checks at its first call
+    if any(row != seen[0] for row in seen):
+        names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
+        described = ", ".join(f"rank {r}: C={c}, {names.get(d, 'other dtype')}, {n}-D"
+                              for r, (c, d, n) in enumerate(seen))
+        raise InputError(
+            f"SyncBatchNorm: the processes disagree about the input ({described}); every "
+            f"process must run the same layer on inputs with the same channel count, dtype "
+            f"and rank. Nothing was updated"
+        )
+
+
 def _all_reduce_sums(process_group):
     def reduce(packed: torch.Tensor) -> torch.Tensor:
         _collective("all_reduce of gradient sums",
@@ -92,8 +118,13 @@ def sync_batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    peers_checked: bool = False,
 ) -> torch.Tensor:
     """:func:`normlab.functional.batch_norm` with statistics over every process's batch.
+
+    Before the statistics are exchanged, the processes compare channel count, dtype and
+    rank (:func:`check_peers`, one small collective) unless ``peers_checked`` says it was
+    done — :class:`normlab.nn.SyncBatchNorm` checks at its first training call only.
 
     Outside training, without an initialized process group, or with a group of one
     process, it *is* ``batch_norm``. The running estimates are updated with the global
@@ -114,6 +145,8 @@ def sync_batch_norm(
         )
     eps = check_eps(eps)
     _check_channel_tensors("sync_batch_norm", input, weight, bias, running_mean, running_var)
+    if not peers_checked:
+        check_peers(input, process_group)
     track = running_mean is not None
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)

@@ -79,10 +79,15 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         running_mean = self.running_mean if pass_running else None
         running_var = self.running_var if pass_running else None
         if use_batch_stats and self.training:
-            return F.sync_batch_norm(
+            out = F.sync_batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, True, self.momentum,
                 self.eps, self.process_group, **extras,
+                peers_checked=self.__dict__.get("_peers_checked", False),
             )
+            # Checked once: the layer's channels and dtype are fixed; a peer's input is
+            # checked against them at its own first call, which meets this one's.
+            self.__dict__["_peers_checked"] = True
+            return out
         return F.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
             self.momentum, self.eps, **extras,
