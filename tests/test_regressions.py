@@ -95,3 +95,18 @@ def test_prelu_slope_is_reset_with_the_layer():
         layer.act.weight.fill_(3.0)
     layer.reset_parameters()
     assert torch.equal(layer.act.weight, torch.full((4,), 0.25))
+
+
+def test_expanded_running_statistics_get_a_clear_error():
+    running_mean, running_var = torch.zeros(1).expand(3), torch.ones(1).expand(3)
+    with pytest.raises(RuntimeError, match="running_mean is an expanded view"):
+        F.batch_norm(torch.randn(4, 3), running_mean, running_var, training=True)
+
+
+def test_errors_are_catchable_as_torch_raises_them():
+    with pytest.raises(RuntimeError, match="running_mean has shape"):
+        F.batch_norm(torch.rand(2, 10), torch.rand(9), torch.rand(10))
+    with pytest.raises(ValueError):
+        F.batch_norm(torch.rand(2, 10), torch.rand(9), torch.rand(10))
+    with pytest.raises(RuntimeError, match="must divide"):
+        F.group_norm(torch.randn(2, 7, 4), 2)

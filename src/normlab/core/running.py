@@ -93,6 +93,13 @@ def update_running_stats(
     Returns:
         A 0-dim bool tensor, True when the batch was folded in.
     """
+    for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
+        if buffer.numel() > 1 and 0 in buffer.stride():
+            raise InputError(
+                f"{name} is an expanded view (strides {buffer.stride()}): its {buffer.numel()} entries "
+                f"share memory, so they cannot be updated one by one; pass a real tensor, e.g. "
+                f"{name}.clone()"
+            )
     eager_cpu = running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
     if eager_cpu and on_nonfinite == "skip" and _fold_in_kernel(
         running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
