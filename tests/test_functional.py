@@ -38,7 +38,7 @@ def _compare(ours_fn, theirs_fn, x, params, *, rtol, atol):
     gt = _grads(yt, [xt, *params], dy)
     for what, a, b in zip(["output", "d_input", "d_weight", "d_bias"], [yo, *go], [yt, *gt]):
         scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m, what=what: f"{what}: {m}")
     return yo
 
 

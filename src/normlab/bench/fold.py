@@ -52,7 +52,7 @@ def run_fold_benchmark(config: FoldBenchConfig = FoldBenchConfig()) -> list[dict
                 with torch.no_grad():
                     diff = (model(x) - folded(x)).abs().max().item()
                     times = interleaved_medians(
-                        {"unfolded": lambda: model(x), "folded": lambda: folded(x)},
+                        {"unfolded": lambda m=model, x=x: m(x), "folded": lambda f=folded, x=x: f(x)},
                         repeats=config.repeats,
                     )
                 rows.append({

@@ -29,7 +29,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise CommandError(f"--input-shape must be comma-separated ints like 1,3,32,32, got {text!r}")
+        raise CommandError(f"--input-shape must be comma-separated ints like 1,3,32,32, got {text!r}") from None
     if not shape or any(d <= 0 for d in shape):
         raise CommandError(f"--input-shape must be positive ints like 1,3,32,32, got {text!r}")
     return shape
@@ -41,7 +41,7 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {text!r}")
     return value
@@ -51,7 +51,7 @@ def seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}") from None
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}")
     return value
@@ -99,7 +99,7 @@ def make_output_dir(path: Path, what: str = "--out") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CommandError(f"{what} {str(path)!r}: cannot create the folder ({err.strerror or err})")
+        raise CommandError(f"{what} {str(path)!r}: cannot create the folder ({err.strerror or err})") from err
     return path
 
 

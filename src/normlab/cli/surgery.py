@@ -38,7 +38,7 @@ def _resolve(spec: str, what: str):
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or an error raised while importing it
-        raise CommandError(f"cannot import {module_name!r} for {what}: {type(err).__name__}: {err}")
+        raise CommandError(f"cannot import {module_name!r} for {what}: {type(err).__name__}: {err}") from err
     target = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -54,7 +54,7 @@ def build_model(spec: str) -> nn.Module:
     try:
         model = factory()
     except Exception as err:
-        raise CommandError(f"--model {spec!r} raised {type(err).__name__}: {err}")
+        raise CommandError(f"--model {spec!r} raised {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise CommandError(f"--model {spec!r} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -87,7 +87,7 @@ def load_weights(model: nn.Module, path: str | None) -> None:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CommandError(f"--weights {path!r} is not a weights-only checkpoint ({_why_not_loaded(err)})")
+        raise CommandError(f"--weights {path!r} is not a weights-only checkpoint ({_why_not_loaded(err)})") from err
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -125,7 +125,7 @@ def _batches(spec: str, batch_size: int):
     try:
         return loader()
     except Exception as err:
-        raise CommandError(f"--data {spec!r} raised {type(err).__name__}: {err}")
+        raise CommandError(f"--data {spec!r} raised {type(err).__name__}: {err}") from err
 
 
 def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
@@ -142,7 +142,7 @@ def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
     except CommandError:
         raise
     except (ValueError, TypeError, RuntimeError) as err:
-        raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {err}")
+        raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {err}") from err
 
 
 def _same_file(a: Path, b: Path) -> bool:

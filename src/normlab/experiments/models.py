@@ -197,7 +197,7 @@ class MLP(nn.Module):
             block = nn.Module()
             block.linear = init_linear_(nn.Linear(previous, width, bias=norm == "none"), init,
                                         std=init_std, scale=init_scale, generator=generator)
-            block.norm = {"batch": lambda: nln.BatchNorm1d(width), "layer": lambda: nln.LayerNorm(width),
+            block.norm = {"batch": lambda w=width: nln.BatchNorm1d(w), "layer": lambda w=width: nln.LayerNorm(w),
                           "none": nn.Identity}[norm]()
             block.act = make_activation(activation, width)
             self.blocks.append(block)
