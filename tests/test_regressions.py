@@ -110,3 +110,17 @@ def test_errors_are_catchable_as_torch_raises_them():
         F.batch_norm(torch.rand(2, 10), torch.rand(9), torch.rand(10))
     with pytest.raises(RuntimeError, match="must divide"):
         F.group_norm(torch.randn(2, 7, 4), 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [
+    lambda: nl.nn.BatchNorm2d(3), lambda: nl.nn.GroupNorm(1, 3), lambda: nl.nn.InstanceNorm2d(3),
+    lambda: nl.nn.LayerNorm([3, 4, 4]),
+], ids=["batch", "group", "instance", "layer"])
+def test_a_variance_that_overflows_gives_nan_not_beta(backend, make):
+    """float32 input ×1e19: the squares overflow; the output used to be β everywhere."""
+    x = torch.randn(8, 3, 4, 4) * 1e19
+    with core.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the running-statistics guard warns, as it should
+        y = make()(x)
+    assert torch.isnan(y).all()

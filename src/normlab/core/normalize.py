@@ -336,7 +336,8 @@ def normalize_batch(
         else:
             shift = offset = mean = None
             var = mean_square(x, dims)
-        rstd = torch.rsqrt(var + eps)
+        # A variance that overflowed gives NaN (as documented), never rsqrt(inf) = 0 → β.
+        rstd = torch.where(torch.isinf(var), torch.nan, torch.rsqrt(var + eps))
     y = normalize(x, weight, bias, NormStats(shift, offset, rstd), dims, eps, batch_stats=True)
     return y, BatchStatistics(mean, var, reduced_count(x.shape, dims))
 

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -53,6 +54,13 @@ constexpr int64_t kGrainElems = 1 << 15;
 // |r| ≤ ln2/2, with n rounded to nearest by the 1.5·2^23 trick (exact under the default
 // round-to-nearest mode, and not folded away without -ffast-math), then a degree-6
 // polynomial and 2^n built from its exponent bits.
+// 1/√(var + ε). A variance that overflowed (finite values whose squares exceed the float range,
+// e.g. 1e19·randn) gives NaN — as the docs promise — never 1/√∞ = 0, which would silently
+// return β for every output.
+static inline double inv_std(double var, double eps) {
+  return std::isinf(var) ? std::numeric_limits<double>::quiet_NaN() : 1.0 / std::sqrt(var + eps);
+}
+
 static NL_INLINE float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -631,7 +639,7 @@ void fused_plane_forward(const float* xp, float* yp, const PlaneGroups& pg, cons
         }
       }
       const double n = static_cast<double>(np * S);
-      const double off = t1 / n, v = std::max(t2 / n - off * off, 0.0), r = 1.0 / std::sqrt(v + eps);
+      const double off = t1 / n, v = std::max(t2 / n - off * off, 0.0), r = inv_std(v, eps);
       shift[k] = K;
       offset[k] = off;
       rstd[k] = r;
@@ -852,7 +860,7 @@ std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64
     for (int64_t k = 0; k < NG; ++k) {
       offset[k] = g1[k] / n;
       var[k] = std::max(g2[k] / n - offset[k] * offset[k], 0.0);  // offset is small: shift ≈ mean
-      rstd[k] = 1.0 / std::sqrt(var[k] + eps);
+      rstd[k] = inv_std(var[k], eps);
       mean[k] = shift[k] + offset[k];
     }
   }
@@ -1046,7 +1054,7 @@ std::vector<at::Tensor> row_forward(const at::Tensor& x, const at::Tensor& w, co
         t2 += a2;
       }
       const double off = centered ? t1 / K : 0.0;
-      const double rs = 1.0 / std::sqrt(std::max(t2 / K - off * off, 0.0) + eps);
+      const double rs = inv_std(std::max(t2 / K - off * off, 0.0), eps);
       const float s = static_cast<float>(rs), o = static_cast<float>(off * rs);
       kp[r] = k;
       rp[r] = s;
