@@ -161,7 +161,7 @@ def test_from_torch_on_timm_and_torchvision_layers():
 def test_convnext_takes_normlab_layernorm2d_directly():
     # with a norm_layer given, timm's ConvNeXt needs conv_mlp=True: every norm is channels-first
     torch.manual_seed(0)
-    kwargs = dict(num_classes=10, conv_mlp=True, norm_eps=1e-6)
+    kwargs = {"num_classes": 10, "conv_mlp": True, "norm_eps": 1e-6}
     model = timm.create_model("convnext_atto", norm_layer=nl.nn.LayerNorm2d, **kwargs)
     counts = _norm_counts(model)
     assert set(counts) == {"normlab.LayerNorm2d"} and counts["normlab.LayerNorm2d"] > 10
