@@ -146,10 +146,9 @@ def test_from_torch_on_timm_and_torchvision_layers():
                           timm.layers.BatchNormAct2d(4, act_layer=nn.GELU).eval())
     ours, report = surgery.from_torch(model[:6])
     assert {c.path: c.after for c in report.changes} == {
-        "0": "normlab.nn.FrozenBatchNorm2d", "5": "normlab.nn.LayerNorm"}
+        "0": "normlab.nn.FrozenBatchNorm2d", "1": "normlab.nn.LayerNorm2d", "5": "normlab.nn.LayerNorm"}
     skipped = {s.path: s.reason for s in report.skipped}
-    assert set(skipped) == {"1", "2", "3"}
-    assert "channels-last LayerNorm" in skipped["1"]
+    assert set(skipped) == {"2", "3"}
     assert "EvoNorm2dB0" in skipped["2"] and "FrozenBatchNormAct2d" in skipped["3"]
     x = torch.randn(2, 4, 3, 3)
     with torch.no_grad():
@@ -157,3 +156,38 @@ def test_from_torch_on_timm_and_torchvision_layers():
         torch.testing.assert_close(ours(x), model[:6](x), rtol=1e-5, atol=1e-5)
     _, report = surgery.from_torch(model[6:])
     assert "GELU has no fused normlab form" in report.skipped[0].reason
+
+
+def test_convnext_takes_normlab_layernorm2d_directly():
+    # with a norm_layer given, timm's ConvNeXt needs conv_mlp=True: every norm is channels-first
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10, "conv_mlp": True, "norm_eps": 1e-6}
+    model = timm.create_model("convnext_atto", norm_layer=nl.nn.LayerNorm2d, **kwargs)
+    counts = _norm_counts(model)
+    assert set(counts) == {"normlab.LayerNorm2d"} and counts["normlab.LayerNorm2d"] > 10
+    reference = timm.create_model("convnext_atto", norm_layer=timm.layers.LayerNorm2d, **kwargs)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 64, 64).contiguous(memory_format=fmt)
+        _compare(model, reference, x, 1e-4)
+    _backward(model, x)
+
+
+def test_from_torch_converts_convnext_layernorm2d():
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):  # γ, β away from 1, 0
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    timm_2d = [p for p, m in model.named_modules() if type(m).__name__ == "LayerNorm2d"]
+    assert timm_2d
+    ours, report = surgery.from_torch(model)
+    changed = {c.path: c.after for c in report.changes}
+    assert all(changed[p] == "normlab.nn.LayerNorm2d" for p in timm_2d) and not report.skipped
+    assert "timm" not in " ".join(_norm_counts(ours))
+    for k, v in model.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model(x), rtol=1e-4, atol=1e-4)

@@ -48,6 +48,25 @@ class LayerCase:
     # gradient there legitimately differs by a whole |dy|. Those entries are left out of the
     # gradient comparison (counted in the row as ``kink_excluded``).
     kinked: bool = False
+    # forward(x, residual) -> (normed, summed): the fused residual add + norm rows, whose
+    # backward receives a gradient on both outputs
+    residual: bool = False
+
+
+class _UnfusedAddLayerNorm(nn.LayerNorm):
+    """torch's unfused pre-norm step, ``x + r`` then ``nn.LayerNorm`` (same state dict)."""
+
+    def forward(self, x, residual):
+        summed = x + residual
+        return super().forward(summed), summed
+
+
+class _UnfusedAddRMSNorm(nn.RMSNorm):
+    """``x + r`` then ``nn.RMSNorm``."""
+
+    def forward(self, x, residual):
+        summed = x + residual
+        return super().forward(summed), summed
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -89,6 +108,8 @@ def cases(quick: bool = False) -> list[LayerCase]:
         rows += [
             LayerCase("LayerNorm", shape, "rows", nln.LayerNorm, nn.LayerNorm),
             LayerCase("RMSNorm", shape, "rows", nln.RMSNorm, nn.RMSNorm),
+            LayerCase("add_layer_norm", shape, "rows", nln.AddLayerNorm, _UnfusedAddLayerNorm, residual=True),
+            LayerCase("add_rms_norm", shape, "rows", nln.AddRMSNorm, _UnfusedAddRMSNorm, residual=True),
         ]
     if not quick:
         rows += [
@@ -148,11 +169,17 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     dy = torch.randn(case.shape, generator=g)
     if case.layout == "channels_last":
         dy = dy.contiguous(memory_format=torch.channels_last)
+    # the residual rows: the residual stream, and the gradient reaching the sum directly
+    res = torch.randn(case.shape, generator=g) if case.residual else None
+    ds = torch.randn(case.shape, generator=g) if case.residual else None
+    res_leaf = res.clone().requires_grad_(case.train) if case.residual else None
     floor = torch.empty_like(x)
     leaf = x.clone().requires_grad_(case.train)
     buffer = torch.empty_like(x)
 
     def forward(module):
+        if case.residual:
+            return module(leaf, res_leaf)
         if case.inplace:  # a fresh input to overwrite, made the same way on both sides
             if case.train:
                 return module(leaf * 1.0)
@@ -162,6 +189,10 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
 
     def forward_backward(module):
         leaf.grad = None
+        if case.residual:
+            res_leaf.grad = None
+            torch.autograd.backward(forward(module), (dy, ds))
+            return
         forward(module).backward(dy)
 
     def inference(module):  # eval rows: inference, as in deployment (no autograd graph)
@@ -178,6 +209,13 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     # of the torch.nn layer (float32 reductions over 10⁵ values are not exact on either side).
     def outputs(module, source, grad_out):
         inp = source.detach().clone().requires_grad_(case.train)
+        if case.residual:
+            other = res.detach().to(source.dtype).clone().requires_grad_(case.train)
+            normed, summed = module(inp, other)
+            if not case.train:
+                return [normed.detach(), summed.detach()]
+            torch.autograd.backward((normed, summed), (grad_out, ds.to(source.dtype)))
+            return [normed.detach(), summed.detach(), inp.grad, other.grad]
         out = module(inp * 1.0 if case.inplace and case.train else inp)
         if not case.train:
             return [out.detach()]
@@ -258,6 +296,7 @@ def summary(rows: list[dict]) -> dict:
     """How many rows meet each goal of the fast-path work."""
     train = [r for r in rows if "fb_ratio" in r]
     eval_bn = [r for r in rows if r["layer"].startswith("BatchNorm") and "eval" in r["layer"]]
+    add_norm = [r for r in train if r["layer"].startswith("add_")]
     return {
         "rows": len(rows),
         "not_slower_than_torch": sum(r["fwd_ratio"] <= 1.0 and r.get("fb_ratio", 0) <= 1.0 for r in rows),
@@ -266,6 +305,10 @@ def summary(rows: list[dict]) -> dict:
         "train_rows": len(train),
         "eval_bn_le_1_2x_copy": sum(r["fwd_ours_copy"] <= 1.2 for r in eval_bn),
         "eval_bn_rows": len(eval_bn),
+        # the fused residual add + norm against x + r then torch.nn's norm
+        "add_norm_fb_le_0_6x_torch": sum(r["fb_ratio"] <= 0.6 for r in add_norm),
+        "add_norm_saved_le_torch": sum(r["saved_mb_ours"] <= r["saved_mb_torch"] for r in add_norm),
+        "add_norm_rows": len(add_norm),
         "max_rel_diff": max(r["max_rel_diff"] for r in rows),
         "max_err_ours": max(r["err_ours"] for r in rows),
         "max_err_torch": max(r["err_torch"] for r in rows),

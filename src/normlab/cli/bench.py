@@ -93,6 +93,8 @@ def run_layers(args: argparse.Namespace) -> int:
           f"training fwd <= 2x copy: {goals['train_fwd_le_2x_copy']}/{goals['train_rows']}; "
           f"f+b <= 5x copy: {goals['train_fb_le_5x_copy']}/{goals['train_rows']}; "
           f"eval BatchNorm <= 1.2x copy: {goals['eval_bn_le_1_2x_copy']}/{goals['eval_bn_rows']}; "
+          f"add+norm f+b <= 0.6x unfused torch: {goals['add_norm_fb_le_0_6x_torch']}/{goals['add_norm_rows']}, "
+          f"keeping no more: {goals['add_norm_saved_le_torch']}/{goals['add_norm_rows']}; "
           f"within 1e-5 relative of torch.nn: {goals['within_1e-5_of_torch']}/{goals['rows']}; "
           f"no less accurate than torch.nn against float64: {goals['no_less_accurate_than_torch']}/{goals['rows']} "
           f"(worst error: normlab {goals['max_err_ours']:.1e}, torch.nn {goals['max_err_torch']:.1e})")

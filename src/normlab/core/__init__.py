@@ -45,7 +45,7 @@ from .normalize import (
     normalize_given,
 )
 from .reference import reference_normalize
-from .dispatch import channel_norm, choose_path, row_norm
+from .dispatch import add_row_norm, channel_layer_norm, channel_norm, choose_path, row_norm
 from .running import (
     NONFINITE_POLICIES,
     DecayStatistics,
@@ -77,6 +77,8 @@ __all__ = [
     "NormStats",
     "NonFiniteStatisticsError",
     "RunningStatistics",
+    "add_row_norm",
+    "channel_layer_norm",
     "apply_activation",
     "check_activation",
     "check_eps",

@@ -39,11 +39,12 @@ import torch.nn.functional as TF
 
 from .activation import apply_activation, inplace_abn
 from .fast import build as _build
+from .fast.ops import call_add_row_norm
 from .fast.ops import ACTIVATIONS, call_channel_norm, call_row_norm, channel_layout, channel_norm_inplace
 from .moments import compute_dtype, reduced_count
 from .normalize import normalize_batch, normalize_given
 
-__all__ = ["channel_norm", "row_norm", "choose_path"]
+__all__ = ["add_row_norm", "channel_layer_norm", "channel_norm", "row_norm", "choose_path"]
 
 
 @torch.compiler.assume_constant_result
@@ -246,3 +247,71 @@ def row_norm(
     w = None if weight is None else weight.view(lead + tuple(normalized_shape))
     b = None if bias is None else bias.view(lead + tuple(normalized_shape))
     return normalize_batch(x, w, b, dims, eps, centered=centered)[0]
+
+
+def add_row_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    centered: bool,
+    operation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x + residual), x + residual)``: the residual add fused into :func:`row_norm`.
+
+    The kernel takes same-shaped float32 operands; a residual that broadcasts or has another
+    dtype is added by torch, and the sum normalized by :func:`row_norm`'s own choice. The
+    native path is that addition followed by torch's ``layer_norm``/``rms_norm``, which
+    every exporter and ``torch.func`` transform knows.
+    """
+    path, reason = choose_path(x)
+    _note(operation, path, reason)
+    if path == "fast":
+        k = reduced_count(normalized_shape, range(len(normalized_shape)))
+        if (k > 0 and residual.shape == x.shape and residual.dtype == torch.float32
+                and residual.device.type == "cpu" and (weight is None or weight.dtype == torch.float32)):
+            y, s, _, _, _ = call_add_row_norm(x.contiguous(), residual.contiguous(), weight, bias, k, eps, centered)
+            return y, s
+        summed = x + residual  # broadcast or mixed dtypes: the sum is torch's, the norm the kernel's
+        return row_norm(summed, normalized_shape, weight, bias, eps, centered=centered, operation=operation), summed
+    summed = x + residual
+    if path == "native":
+        if centered:
+            return TF.layer_norm(summed, normalized_shape, weight, bias, eps), summed
+        return TF.rms_norm(summed, normalized_shape, weight, eps), summed
+    dims = tuple(range(summed.dim() - len(normalized_shape), summed.dim()))
+    lead = (1,) * (summed.dim() - len(normalized_shape))
+    w = None if weight is None else weight.view(lead + tuple(normalized_shape))
+    b = None if bias is None else bias.view(lead + tuple(normalized_shape))
+    return normalize_batch(summed, w, b, dims, eps, centered=centered)[0], summed
+
+
+def channel_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    operation: str,
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of an (N, C, H, W) tensor — each position normalized over its
+    channels (ConvNeXt's LayerNorm2d) — without a permuting copy.
+
+    channels_last: the (N, H, W, C) view is contiguous rows of C, which :func:`row_norm`
+    normalizes (its own path choice, kernel included); the result viewed back is
+    channels_last. Other layouts: statistics over dim 1 by normlab's composed ops — or, on
+    the native path (export, torch.func, other dtypes and devices), torch's ``layer_norm``
+    on the permuted view, the graph exporters know for this layer.
+    """
+    rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view
+    if rows.is_contiguous():
+        return row_norm(rows, (x.shape[1],), weight, bias, eps, centered=True,
+                        operation=operation).permute(0, 3, 1, 2)
+    path, reason = choose_path(x)
+    _note(operation, path, reason)
+    if path == "native":
+        return TF.layer_norm(rows, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    return normalize_batch(x, _channel_view(weight, 4), _channel_view(bias, 4), (1,), eps)[0]

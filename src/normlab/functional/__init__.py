@@ -7,12 +7,16 @@ keyword-only.
 
 import torch.fx as _fx
 
+from .channels_first import layer_norm2d
+from .fused_add import add_layer_norm, add_rms_norm
 from .norm_act import norm_act
 from .per_sample import group_norm, group_norm_act, layer_norm, rms_norm
 from .sync import sync_batch_norm
 from .tracked import batch_norm, batch_norm_act, batch_renorm, instance_norm
 
 __all__ = [
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
     "batch_norm_act",
     "batch_renorm",
@@ -20,6 +24,7 @@ __all__ = [
     "group_norm_act",
     "instance_norm",
     "layer_norm",
+    "layer_norm2d",
     "norm_act",
     "rms_norm",
     "sync_batch_norm",

@@ -20,7 +20,9 @@ from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSche
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .fused_add import AddLayerNorm, AddRMSNorm
 from .layernorm import LayerNorm, RMSNorm
+from .layernorm2d import LayerNorm2d
 from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, activation_spec, timm_norm_act
 from .syncbatchnorm import SyncBatchNorm, SyncBatchNormAct
 
@@ -45,6 +47,8 @@ def is_norm_layer(module: _torch_nn.Module) -> bool:
 
 __all__ = [
     "NORM_LAYERS",
+    "AddLayerNorm",
+    "AddRMSNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -64,6 +68,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "LayerNorm2d",
     "RMSNorm",
     "RenormSchedule",
     "SyncBatchNorm",

@@ -79,6 +79,10 @@ def _foreign_twin(module: nn.Module) -> nn.Module | str | None:
     elif origin == "timm" and name == "LayerNorm" and not getattr(module, "_fast_norm", True):
         args, kwargs = _constructor_args(module)  # forward is F.layer_norm, as torch.nn's
         twin = nln.LayerNorm(*args, **kwargs)
+    elif origin == "timm" and name == "LayerNorm2d" and not getattr(module, "_fast_norm", True):
+        # forward: permute, F.layer_norm over (C,), permute back — LayerNorm2d's map
+        twin = nln.LayerNorm2d(module.normalized_shape[0], eps=module.eps, affine=module.elementwise_affine,
+                               bias=module.bias is not None, **module_factory_kwargs(module))
     elif origin == "torchvision" and name == "FrozenBatchNorm2d":
         # x·w·rsqrt(var + eps) + (b − mean·w·rsqrt(var + eps)): the same affine map.
         twin = nln.FrozenBatchNorm2d(module.weight.shape[0], eps=module.eps,
@@ -105,9 +109,11 @@ def _no_twin_reason(module: nn.Module) -> str:
     cls = type(module)
     if _origin(module) == "timm" and cls.__name__ == "LayerNorm":
         return "timm LayerNorm with fast_norm on: its forward is timm's low-precision kernel"
+    if _origin(module) == "timm" and cls.__name__ == "LayerNorm2d":
+        return "timm LayerNorm2d with fast_norm on: its forward is timm's low-precision kernel"
     if _origin(module) == "timm" and "LayerNorm2d" in cls.__name__:
-        return (f"{class_label(module)} normalizes each position over the channels (channels-last "
-                "LayerNorm on NCHW): normlab has no such layer")
+        return (f"{class_label(module)} normalizes each position over the channels in its own way "
+                "(float32 upcast or another formula): no exact normlab twin")
     bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn.") and b in TWINS]
     if bases:
         return (f"{class_label(module)} subclasses torch.nn.{bases[0].__name__} but has its own "
@@ -149,11 +155,12 @@ def from_torch(model: nn.Module) -> SurgeryResult:
     """Swap every torch.nn norm layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm,
     RMSNorm) for its normlab twin, and the layers of other libraries that have one:
     timm's ``BatchNormAct2d`` (for ReLU, LeakyReLU, ELU, SiLU, PReLU or no activation)
-    becomes :class:`normlab.nn.BatchNormAct2d`, timm's ``LayerNorm`` (fast_norm off)
-    :class:`normlab.nn.LayerNorm`, torchvision's ``FrozenBatchNorm2d``
+    becomes :class:`normlab.nn.BatchNormAct2d`, timm's ``LayerNorm`` and ``LayerNorm2d``
+    (fast_norm off) :class:`normlab.nn.LayerNorm` and :class:`normlab.nn.LayerNorm2d`,
+    torchvision's ``FrozenBatchNorm2d``
     :class:`normlab.nn.FrozenBatchNorm2d`. Parameters and buffers are copied bit for bit
     and the ``training`` flag is kept. Every other normalization layer (a subclass of a
-    torch.nn norm, whose forward may differ; timm's LayerNorm2d, EvoNorm, ...) is left as
+    torch.nn norm, whose forward may differ; timm's LayerNorm2dFp32, EvoNorm, ...) is left as
     it is and listed in ``report.skipped`` with the reason; normlab layers are left
     alone."""
     return _swap(model, TWINS, "from_torch", lambda m: None, _from_torch_other)

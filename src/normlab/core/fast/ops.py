@@ -471,3 +471,137 @@ def call_row_norm(x, weight, bias, k, eps, centered):
     if _needs_grad(x, weight, bias):
         return _EagerRowNorm.apply(x, weight, bias, k, eps, centered)
     return _row_norm(x, weight, bias, k, eps, centered)
+
+
+# --- normlab::add_row_norm: residual add + LayerNorm / RMSNorm -------------------------------
+#
+# The pre-norm transformer step s = x + r, y = norm(s) in one pass. What backward keeps is s
+# (an output the caller holds anyway, the residual stream) and three floats per row — the
+# same as the unfused ops, which keep s for their norm. Both x and r receive the same
+# gradient, ds + norm_backward(dy).
+
+
+def _add_row_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int,
+    eps: float, centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, shift, rstd, offr): s = x + residual and y = norm(s) over the trailing ``k``
+    elements of contiguous, same-shaped ``x`` and ``residual``; statistics as :func:`_row_norm`."""
+    y = torch.empty_like(x)
+    s = torch.empty_like(x)
+    w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
+    b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
+    if weight is None and bias is not None:  # the kernel applies β only beside γ
+        w = torch.ones_like(b)
+    shift, rstd, offr = kernels().add_row_forward(x.view(-1, k), residual.view(-1, k), w, b, eps, centered,
+                                                  s.view(-1, k), y.view(-1, k))
+    return y, s, shift, rstd, offr
+
+
+add_row_norm = torch.library.custom_op("normlab::add_row_norm", mutates_args=(), device_types="cpu")(_add_row_norm)
+
+
+@add_row_norm.register_fake
+def _(x, residual, weight, bias, k, eps, centered):
+    rows = x.new_empty(x.numel() // k)
+    return torch.empty_like(x), torch.empty_like(x), rows, rows.clone(), rows.clone()
+
+
+def _add_row_norm_backward(
+    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor,
+    rstd: torch.Tensor, offr: torch.Tensor, k: int, centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_sum, dγ, dβ) of :func:`add_row_norm`: d_sum = ds + norm_backward(dy) is the gradient
+    of x and of the residual; dγ, dβ float64 over the k normalized elements."""
+    w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
+    h = ds.contiguous().view(-1, k) if ds is not None else _EMPTY
+    dx, dw, db = kernels().add_row_backward(dy.contiguous().view(-1, k), h, s.view(-1, k), w, shift, rstd, offr,
+                                            centered)
+    return dx.view_as(s), dw, db
+
+
+add_row_norm_backward = torch.library.custom_op(
+    "normlab::add_row_norm_backward", mutates_args=(), device_types="cpu")(_add_row_norm_backward)
+
+
+@add_row_norm_backward.register_fake
+def _(dy, ds, s, weight, shift, rstd, offr, k, centered):
+    per_element = s.new_empty(k, dtype=torch.float64)
+    return torch.empty_like(s), per_element, per_element.clone()
+
+
+def _add_row_setup(ctx, inputs, output):
+    _, _, weight, bias, k, eps, centered = inputs
+    _, s, shift, rstd, offr = output
+    ctx.save_for_backward(s, weight, bias, shift, rstd, offr)
+    ctx.k, ctx.eps, ctx.centered = k, eps, centered
+
+
+def _add_row_backward(ctx, dy, ds, *_unused_stat_grads):
+    s, weight, bias, shift, rstd, offr = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if dy is None:  # only s was differentiated (the eager path does not materialize zeros)
+        d_sum = ds
+        dw = torch.zeros_like(weight) if weight is not None and needs[2] else None
+        db = torch.zeros_like(bias) if bias is not None and needs[3] else None
+    elif torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
+        d_sum, dw, db = _add_row_double_backward(ctx, dy, ds, s, weight, bias)
+    else:
+        w = torch.ones_like(bias) if weight is None and bias is not None else weight
+        backward = _add_row_norm_backward if is_eager(dy) else torch.ops.normlab.add_row_norm_backward
+        d_sum, dw, db = backward(dy, ds, s, w, shift, rstd, offr, ctx.k, ctx.centered)
+        dw = dw.to(weight.dtype).view(weight.shape) if weight is not None and needs[2] else None
+        db = db.to(bias.dtype).view(bias.shape) if bias is not None and needs[3] else None
+    if d_sum is None:
+        d_sum = torch.zeros_like(s)
+    return (d_sum if needs[0] else None), (d_sum if needs[1] else None), dw, db, None, None, None
+
+
+add_row_norm.register_autograd(_add_row_backward, setup_context=_add_row_setup)
+
+
+def _add_row_double_backward(ctx, dy, ds, s, weight, bias):
+    """The norm's part differentiated through the composed reference on the saved sum. ``s``
+    is this op's own output, so its graph leads back to x and the residual: higher
+    derivatives flow through the first-order formula above."""
+    size, dims = 1, []
+    for d in range(s.dim() - 1, -1, -1):  # the trailing dims that make up k
+        if size == ctx.k:
+            break
+        dims.insert(0, d)
+        size *= s.shape[d]
+    dims = tuple(dims)
+    affine_shape = s.shape[dims[0]:]
+    with torch.enable_grad():
+        w = None if weight is None else weight.view(affine_shape)
+        b = None if bias is None else bias.view(affine_shape)
+        y = reference_normalize(s, w, b, dims, ctx.eps, centered=ctx.centered)
+        operands = (s, weight, bias)
+        wanted = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        inputs = [t for t, need in zip(operands, wanted) if need and t is not None]
+        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+        grads = [next(found) if need and t is not None else None for t, need in zip(operands, wanted)]
+    d_sum = grads[0] if ds is None else grads[0] + ds
+    return d_sum, grads[1], grads[2]
+
+
+class _EagerAddRowNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _add_row_norm(*inputs)
+        _add_row_setup(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[2:])
+        # a gradient that never arrived stays None: the kernel then skips adding it
+        ctx.set_materialize_grads(False)
+        return output
+
+    backward = staticmethod(_add_row_backward)
+
+
+def call_add_row_norm(x, residual, weight, bias, k, eps, centered):
+    """``torch.ops.normlab.add_row_norm``, called directly where no tracer needs the operator."""
+    if not is_eager(x):
+        return torch.ops.normlab.add_row_norm(x, residual, weight, bias, k, eps, centered)
+    if _needs_grad(x, residual, weight, bias):
+        return _EagerAddRowNorm.apply(x, residual, weight, bias, k, eps, centered)
+    return _add_row_norm(x, residual, weight, bias, k, eps, centered)

@@ -1,0 +1,50 @@
+"""layer_norm2d: LayerNorm over the channels of each position of an (N, C, H, W) tensor.
+
+ConvNeXt's norm (timm's ``LayerNorm2d``, many detection and segmentation necks): the
+statistics of position (n, h, w) are over its C channels, γ and β are per channel. timm
+computes it as permute → ``layer_norm`` → permute, which copies an NCHW input twice (the
+permuted view is not contiguous); here channels_last input is normalized in place of the
+permute (its rows of C are contiguous already) and NCHW input by statistics over dim 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import channel_layer_norm, check_eps, check_floating_input, check_param
+
+__all__ = ["layer_norm2d"]
+
+
+def layer_norm2d(
+    input: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Layer normalization over dim 1 (channels) of an (N, C, H, W) ``input``.
+
+    ``weight`` and ``bias`` have shape (C,). The output has the input's shape; its memory
+    format is the input's for channels_last and NCHW-contiguous input. The default eps is
+    timm's (1e-6), not torch.nn.LayerNorm's.
+    """
+    return _layer_norm2d(input, weight, bias, eps)
+
+
+def _layer_norm2d(input, weight, bias, eps, *, validated=False):
+    """``validated``: a module's call, whose constructor checked eps and γ/β."""
+    check_floating_input(input)
+    if input.dim() != 4:
+        raise ValueError(
+            f"layer_norm2d expects input of shape (N, C, H, W), got a {input.dim()}D tensor of shape "
+            f"{tuple(input.shape)}; for channels-last (*, C) data use layer_norm(x, (C,))")
+    if not validated:
+        eps = check_eps(eps)
+        what = f"layer_norm2d over the {input.shape[1]} channels of input dim 1"
+        check_param(weight, "weight", (input.shape[1],), input, what)
+        check_param(bias, "bias", (input.shape[1],), input, what)
+    elif weight is not None and weight.shape[0] != input.shape[1]:
+        raise ValueError(
+            f"LayerNorm2d({weight.shape[0]}) got input with {input.shape[1]} channels in dim 1 "
+            f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}")
+    return channel_layer_norm(input, weight, bias, eps, operation="layer_norm2d")
