@@ -13,13 +13,16 @@ from ..core import (
     centered_moments,
     channel_norm,
     check_activation,
+    check_mask,
     check_eps,
     check_floating_input,
     check_momentum,
     check_nonfinite_policy,
     check_param,
+    masked_channel_norm,
     reduced_count,
     update_running_stats,
+    update_running_stats_if,
 )
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
@@ -77,6 +80,7 @@ def batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Batch normalization of an (N, C, \*spatial) input, one statistic per channel.
 
@@ -95,10 +99,17 @@ def batch_norm(
             the batch statistics are NaN/inf; ``"raise"`` raises
             :class:`normlab.core.NonFiniteStatisticsError`. The *output* is computed from
             the batch statistics either way, so NaN/inf shows in the loss.
+        mask: a bool tensor, True where a position is valid, shaped like the input
+            without its channel dim — (N,) for (N, C), (N, L) for (N, C, L), (N, H, W) for
+            (N, C, H, W) — or broadcastable to it. Statistics are then taken over the valid
+            (sample, position) pairs only, the running variance is unbiased with the valid
+            count, and the output and the input gradient are 0 at padded positions. A
+            batch with fewer than 2 valid values leaves the running estimates untouched
+            (see ``docs/sequences.md``).
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
-                       on_nonfinite=on_nonfinite)
+                       on_nonfinite=on_nonfinite, mask=mask)
 
 
 def batch_norm_act(
@@ -118,6 +129,7 @@ def batch_norm_act(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``activation(batch_norm(...))`` in one pass: the Conv → BN → activation order.
 
@@ -127,13 +139,15 @@ def batch_norm_act(
     tensors). ``inplace=True`` is In-Place Activated BatchNorm: the output overwrites the
     input's memory and is all that is kept; the input is recovered in backward by
     inverting the activation, so it must be invertible (identity, leaky_relu, elu).
+    ``mask`` is as for :func:`batch_norm` (every activation here maps 0 to 0, so padded
+    outputs stay 0); with a mask the layer computes out of place.
     """
     param = check_activation(activation, activation_param, inplace=inplace)
     _check_inplace_input(input, inplace)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
                        on_nonfinite=on_nonfinite, activation=activation, param=param,
-                       prelu_weight=prelu_weight, inplace=inplace, fn="batch_norm_act")
+                       prelu_weight=prelu_weight, inplace=inplace, fn="batch_norm_act", mask=mask)
 
 
 def _check_inplace_input(input, inplace: bool) -> None:
@@ -147,7 +161,7 @@ def _check_inplace_input(input, inplace: bool) -> None:
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
                 num_batches_tracked, unbiased_running_var, on_nonfinite, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="batch_norm", validated=False):
+                prelu_weight=None, inplace=False, fn="batch_norm", validated=False, mask=None):
     """``validated``: a module's call, whose constructor already checked eps, momentum, the
     policy and the parameter shapes, and whose forward checked the input's rank and channels;
     only what depends on this input (dtype, device) is checked here."""
@@ -168,6 +182,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             )
         eps = check_eps(eps)
         _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
+    if mask is not None:
+        mask = check_mask(mask, input, fn)
     if not training:
         if running_mean is None:
             raise ValueError(
@@ -175,9 +191,26 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 "running_var, but they are None; pass them, or training=True to use "
                 "batch statistics"
             )
+        if mask is not None:
+            return masked_channel_norm(input, weight, bias, mask, eps=eps, running_mean=running_mean,
+                                       running_var=running_var, activation=activation, param=param,
+                                       prelu_weight=prelu_weight, operation=fn)[0]
         return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
                             activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
 
+    track = running_mean is not None
+    if mask is not None:
+        # The valid count is known only on the device: no ValueError for too few values, the
+        # running estimates are left untouched instead (a where, no host sync).
+        if track and not validated:
+            momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        out, mean, var, count = masked_channel_norm(input, weight, bias, mask, eps=eps, activation=activation,
+                                                    param=param, prelu_weight=prelu_weight, operation=fn)
+        if track:
+            update_running_stats_if(count >= 2, running_mean, running_var, mean, var, count, momentum,
+                                    num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var,
+                                    on_nonfinite=on_nonfinite)
+        return out
     count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
     if count <= 1:
         raise ValueError(
@@ -186,7 +219,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"batch of 2 or more, call model.eval() for inference, or use a norm that "
             f"does not depend on the batch (GroupNorm, LayerNorm)"
         )
-    track = running_mean is not None
     if track and not validated:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var = channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
@@ -210,6 +242,7 @@ def instance_norm(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Instance normalization of an (N, C, \*spatial) input: one statistic per (sample, channel).
 
@@ -221,7 +254,10 @@ def instance_norm(
 
     Unlike torch.nn, ``momentum=None`` (with ``num_batches_tracked``) is a cumulative
     average here too; torch.nn's InstanceNorm silently never updates in that case.
-    The keyword-only extras are those of :func:`batch_norm`.
+    The keyword-only extras are those of :func:`batch_norm`. With ``mask`` (as for
+    :func:`batch_norm`) each plane is normalized over its valid positions; the running
+    estimates average the instances with at least 2 valid values, each unbiased with its
+    own count, and are left untouched when there is none.
     """
     check_floating_input(input)
     if input.dim() < 3:
@@ -231,15 +267,23 @@ def instance_norm(
         )
     eps = check_eps(eps)
     _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
+    if mask is not None:
+        mask = check_mask(mask, input, "instance_norm")
     if not use_input_stats:
         if running_mean is None:
             raise ValueError(
                 "instance_norm with use_input_stats=False normalizes with running_mean "
                 "and running_var, but they are None"
             )
+        if mask is not None:
+            return masked_channel_norm(input, weight, bias, mask, eps=eps, running_mean=running_mean,
+                                       running_var=running_var, operation="instance_norm")[0]
         return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
                             operation="instance_norm")[0]
 
+    if mask is not None:
+        return _masked_instance_norm(input, running_mean, running_var, weight, bias, momentum, eps, mask,
+                                     num_batches_tracked, unbiased_running_var, on_nonfinite)
     count = reduced_count(input.shape, tuple(range(2, input.dim())))
     if count <= 1:
         raise ValueError(
@@ -258,6 +302,31 @@ def instance_norm(
             running_mean, running_var, mean.mean(0), var.mean(0),
             count, momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
         )
+    return out
+
+
+def _masked_instance_norm(input, running_mean, running_var, weight, bias, momentum, eps, mask,
+                          num_batches_tracked, unbiased_running_var, on_nonfinite):
+    track = running_mean is not None
+    if track:
+        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    out, mean, var, count = masked_channel_norm(input, weight, bias, mask, groups=input.shape[1], eps=eps,
+                                                operation="instance_norm")  # stats (N, C), count (N,)
+    if track:
+        with torch.no_grad():
+            # Instances differ in count: unbias each with its own, then average those with
+            # at least 2 valid values (fewer have no variance to speak of).
+            enough = (count >= 2).unsqueeze(1)  # (N, 1)
+            if unbiased_running_var:
+                var = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
+            instances = enough.sum()
+            weights = enough.to(var.dtype) / instances.clamp(min=1)
+            zero = torch.zeros((), dtype=var.dtype, device=var.device)
+            batch_mean = torch.where(enough, mean * weights, zero).sum(0)
+            batch_var = torch.where(enough, var * weights, zero).sum(0)
+        update_running_stats_if(instances > 0, running_mean, running_var, batch_mean, batch_var, 2, momentum,
+                                num_batches_tracked=num_batches_tracked, unbiased=False,
+                                on_nonfinite=on_nonfinite)
     return out
 
 
