@@ -103,7 +103,7 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]):
     centered = torch.where(mask, xm - shift, zero)
     offset = centered.sum(dims, keepdim=True) / divisor
     var = (centered * centered).sum(dims, keepdim=True) / divisor
-    var = var.sub_(offset * offset).clamp_(min=0)
+    var = (var - offset * offset).clamp(min=0)  # out of place: vmap has no rule for clamp_
     return shift, offset, var, count
 
 
