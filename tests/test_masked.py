@@ -507,3 +507,17 @@ def test_sync_batchnorm_counts_valid_positions_across_processes(tmp_path):
         torch.testing.assert_close(r[5], layer.running_var)
         assert r[6].item() == 1  # the globally empty second batch was not folded in
         assert (r[7] == 0).all()
+
+
+def test_eval_with_running_estimates_normalizes_valid_positions_and_zeroes_padding():
+    x = torch.randn(3, 4, 6)
+    mask = _lengths_mask([6, 2, 0], 6)
+    for layer in (nl.nn.InstanceNorm1d(4, affine=True, track_running_stats=True), nl.nn.BatchNorm1d(4)):
+        with torch.no_grad():
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+            layer.bias.fill_(0.3)
+        layer.eval()
+        y = layer(_pad(x, mask, float("inf")), mask=mask)
+        expected = torch.where(mask.unsqueeze(1), layer(x), torch.zeros(()))
+        torch.testing.assert_close(y, expected)
