@@ -45,7 +45,15 @@ from .normalize import (
     normalize_given,
 )
 from .reference import reference_normalize
-from .dispatch import add_row_norm, channel_layer_norm, channel_norm, choose_path, row_norm
+from .dispatch import add_row_norm, channel_layer_norm, channel_norm, choose_path, masked_channel_norm, row_norm
+from .masked import (
+    check_mask,
+    masked_moments,
+    masked_normalize,
+    masked_normalize_backward,
+    masked_reference,
+    update_running_stats_if,
+)
 from .running import (
     NONFINITE_POLICIES,
     DecayStatistics,
@@ -83,6 +91,7 @@ __all__ = [
     "check_activation",
     "check_eps",
     "check_floating_input",
+    "check_mask",
     "check_momentum",
     "check_nonfinite_policy",
     "check_param",
@@ -98,6 +107,11 @@ __all__ = [
     "inplace_abn",
     "mean_square",
     "mean_var",
+    "masked_channel_norm",
+    "masked_moments",
+    "masked_normalize",
+    "masked_normalize_backward",
+    "masked_reference",
     "merge_moments",
     "momentum_from_decay",
     "normalize",
@@ -113,5 +127,6 @@ __all__ = [
     "set_backend",
     "to_decay_convention",
     "update_running_stats",
+    "update_running_stats_if",
     "use_backend",
 ]

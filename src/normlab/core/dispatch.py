@@ -7,6 +7,11 @@ Two families, one function each:
   (sample, group)), optionally with a fused activation or in place;
 * :func:`row_norm` — LayerNorm and RMSNorm over trailing dims.
 
+:func:`masked_channel_norm` is the channel family with a mask of valid positions
+(:mod:`normlab.core.masked`): composed ops on every dtype and device — the closed-form
+autograd.Function, or, under export/trace and torch.func transforms, the same forward in
+plain differentiable ops.
+
 The rule, in order:
 
 1. ``backend "composed"`` (``normlab.core.set_backend`` / ``NORMLAB_BACKEND``) → composed.
@@ -40,11 +45,12 @@ import torch.nn.functional as TF
 from .activation import apply_activation, inplace_abn
 from .fast import build as _build
 from .fast.ops import call_add_row_norm
+from .masked import masked_moments, masked_normalize, masked_reference
 from .fast.ops import ACTIVATIONS, call_channel_norm, call_row_norm, channel_layout, channel_norm_inplace
 from .moments import compute_dtype, reduced_count
-from .normalize import normalize_batch, normalize_given
+from .normalize import NormStats, normalize_batch, normalize_given
 
-__all__ = ["add_row_norm", "channel_layer_norm", "channel_norm", "row_norm", "choose_path"]
+__all__ = ["add_row_norm", "channel_layer_norm", "channel_norm", "choose_path", "masked_channel_norm", "row_norm"]
 
 
 @torch.compiler.assume_constant_result
@@ -315,3 +321,64 @@ def channel_layer_norm(
     if path == "native":
         return TF.layer_norm(rows, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
     return normalize_batch(x, _channel_view(weight, 4), _channel_view(bias, 4), (1,), eps)[0]
+def masked_channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    groups: int = -1,
+    eps: float,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    activation: str = "identity",
+    param: float = 0.0,
+    prelu_weight: torch.Tensor | None = None,
+    operation: str = "norm",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`channel_norm` over the valid positions only; returns ``(y, mean, var, count)``.
+
+    ``mask`` is bool, already checked and expanded to (N, *spatial)
+    (:func:`normlab.core.masked.check_mask`). ``y`` is 0 at padded positions (every fused
+    activation maps 0 to 0). ``mean``/``var`` (biased) are (C,) for BatchNorm, (N, G)
+    otherwise, and ``count`` the valid elements behind each: a 0-dim tensor for BatchNorm,
+    (N,) otherwise — tensors, as only the device knows them. All three are None with given
+    statistics.
+    """
+    reference = _exporting() or _transformed()
+    _note(operation, "composed", "mask: " + ("differentiable ops" if reference else "closed-form backward"))
+    ndim = x.dim()
+    if groups < 0:
+        target, dims, m = x, (0,) + tuple(range(2, ndim)), mask.unsqueeze(1)
+        w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+    else:
+        target = x.unflatten(1, (groups, x.shape[1] // groups))  # (N, G, C//G, *spatial)
+        dims, m = tuple(range(2, ndim + 1)), mask.unsqueeze(1).unsqueeze(1)
+        affine_shape = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
+        w = None if weight is None else weight.view(affine_shape)
+        b = None if bias is None else bias.view(affine_shape)
+    cdtype = compute_dtype(x.dtype)
+    mean = var = count = None
+    with torch.no_grad():
+        if running_mean is not None:
+            shift = _channel_view(running_mean, ndim).to(cdtype)
+            offset = None
+            rstd = torch.rsqrt(_channel_view(running_var, ndim).to(cdtype) + eps)
+        else:
+            shift, offset, var, count = masked_moments(target, m, dims)
+            rstd = torch.rsqrt(var + eps)
+            mean = shift + offset
+    if reference:
+        given = running_mean is not None
+        y = masked_reference(target, w, b, m, dims, eps, mean=shift if given else None,
+                             rstd=rstd if given else None)
+    else:
+        y = masked_normalize(target, w, b, m, NormStats(shift, offset, rstd), count, dims, eps,
+                             batch_stats=running_mean is None)
+    y = y.flatten(1, 2) if groups > 0 else y
+    y = apply_activation(y, activation, param, prelu_weight)
+    if mean is None:
+        return y, None, None, None
+    if groups < 0:
+        return y, mean.flatten(), var.flatten(), count.reshape(())
+    return y, mean.flatten(1), var.flatten(1), count.flatten()

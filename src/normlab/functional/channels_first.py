@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..core import channel_layer_norm, check_eps, check_floating_input, check_param
+from ..core.checks import InputError
 
 __all__ = ["layer_norm2d"]
 
@@ -35,7 +36,7 @@ def _layer_norm2d(input, weight, bias, eps, *, validated=False):
     """``validated``: a module's call, whose constructor checked eps and γ/β."""
     check_floating_input(input)
     if input.dim() != 4:
-        raise ValueError(
+        raise InputError(
             f"layer_norm2d expects input of shape (N, C, H, W), got a {input.dim()}D tensor of shape "
             f"{tuple(input.shape)}; for channels-last (*, C) data use layer_norm(x, (C,))")
     if not validated:
@@ -44,7 +45,7 @@ def _layer_norm2d(input, weight, bias, eps, *, validated=False):
         check_param(weight, "weight", (input.shape[1],), input, what)
         check_param(bias, "bias", (input.shape[1],), input, what)
     elif weight is not None and weight.shape[0] != input.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"LayerNorm2d({weight.shape[0]}) got input with {input.shape[1]} channels in dim 1 "
             f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}")
     return channel_layer_norm(input, weight, bias, eps, operation="layer_norm2d")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..core import add_row_norm, check_eps, check_floating_input, check_param, compute_dtype, normalize_shape_arg
+from ..core.checks import InputError
 
 __all__ = ["add_layer_norm", "add_rms_norm"]
 
@@ -56,11 +57,11 @@ def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, *, centered,
         check_floating_input(residual, "residual")
         normalized_shape = normalize_shape_arg(normalized_shape)
         if residual.device != x.device:
-            raise ValueError(f"{fn}: residual is on {residual.device} but x on {x.device}; move one of them")
+            raise InputError(f"{fn}: residual is on {residual.device} but x on {x.device}; move one of them")
         summed_shape = _summed_shape(fn, x, residual)
         k = len(normalized_shape)
         if len(summed_shape) < k or tuple(summed_shape[-k:]) != normalized_shape:
-            raise ValueError(
+            raise InputError(
                 f"{fn}: normalized_shape={list(normalized_shape)} must equal the trailing dims of "
                 f"x + residual, got shape {tuple(summed_shape)} (expected (*, "
                 f"{', '.join(map(str, normalized_shape))}))")
@@ -80,7 +81,7 @@ def _summed_shape(fn: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Siz
     except RuntimeError:
         summed = None
     if summed is None or summed != x.shape:
-        raise ValueError(
+        raise InputError(
             f"{fn}: residual of shape {tuple(residual.shape)} must have x's shape {tuple(x.shape)} "
             f"(or broadcast to it), since the sum replaces x as the residual stream")
     return summed

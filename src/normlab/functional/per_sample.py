@@ -15,11 +15,13 @@ from .tracked import _check_inplace_input
 from ..core import (
     channel_norm,
     check_activation,
+    check_mask,
     check_eps,
     check_floating_input,
     check_param,
     check_positive_int,
     compute_dtype,
+    masked_channel_norm,
     normalize_shape_arg,
     reduced_count,
     row_norm,
@@ -35,14 +37,21 @@ def group_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Group normalization of an (N, C, \*spatial) input: one statistic per (sample, group).
 
     Channels are split into ``num_groups`` contiguous groups of C // num_groups;
     ``weight`` and ``bias`` are per channel. GroupNorm(1) is LayerNorm over
     (C, \*spatial) with per-channel affine; GroupNorm(C) is InstanceNorm.
+
+    ``mask``: a bool tensor, True where a position is valid, shaped like the input without
+    its channel dim ((N, L) for (N, C, L)) or broadcastable to it; each (sample, group) is
+    then normalized over its valid positions, and the output and the input gradient are 0
+    at padded ones (a sample with no valid position is all 0).
     """
-    return _group_norm(input, num_groups, weight, bias, eps)
+    return _group_norm(input, num_groups, weight, bias, eps, mask=mask)
 
 
 def group_norm_act(
@@ -56,20 +65,21 @@ def group_norm_act(
     activation_param: float | None = None,
     prelu_weight: torch.Tensor | None = None,
     inplace: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``activation(group_norm(...))`` in one pass; arguments as for
-    :func:`normlab.functional.batch_norm_act` (``inplace`` included)."""
+    :func:`normlab.functional.batch_norm_act` (``inplace`` and ``mask`` included)."""
     param = check_activation(activation, activation_param, inplace=inplace)
     _check_inplace_input(input, inplace)
     return _group_norm(input, num_groups, weight, bias, eps, activation=activation, param=param,
-                       prelu_weight=prelu_weight, inplace=inplace, fn="group_norm_act")
+                       prelu_weight=prelu_weight, inplace=inplace, fn="group_norm_act", mask=mask)
 
 
 def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="group_norm", validated=False):
+                prelu_weight=None, inplace=False, fn="group_norm", validated=False, mask=None):
     """``validated``: a module's call (constructor-checked groups, eps and parameter shapes;
     the module checked the channels): only what depends on this input is checked here."""
-    if validated and input.dim() >= 2 and input.is_floating_point() and _same_kind(weight, input) and (
+    if validated and mask is None and input.dim() >= 2 and input.is_floating_point() and _same_kind(weight, input) and (
             reduced_count(input.shape, range(2, input.dim())) * (input.shape[1] // num_groups) > 1):
         return channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation, param=param,
                             prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
@@ -99,6 +109,9 @@ def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", 
             f"shape {tuple(input.shape)}), so its variance is 0 and the output would be "
             f"the bias whatever the input; use fewer groups or a spatial extent > 1"
         )
+    if mask is not None:
+        return masked_channel_norm(input, weight, bias, check_mask(mask, input, fn), groups=num_groups, eps=eps,
+                                   activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
     return channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation, param=param,
                         prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
 

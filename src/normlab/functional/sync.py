@@ -28,10 +28,14 @@ from ..core import (
     centered_moments,
     check_eps,
     check_floating_input,
+    check_mask,
     compute_dtype,
+    masked_moments,
+    masked_normalize,
     merge_moments,
     normalize,
     reduced_count,
+    update_running_stats_if,
 )
 from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
 from ..core.checks import InputError
@@ -119,6 +123,7 @@ def sync_batch_norm(
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
     peers_checked: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`normlab.functional.batch_norm` with statistics over every process's batch.
 
@@ -131,12 +136,15 @@ def sync_batch_norm(
     statistics (unbiased with the global count), identically on every process; a batch
     whose global statistics are not finite is skipped by every process together.
     ``weight``/``bias`` gradients are this process's contributions (DDP sums or averages
-    them); the input gradient is exact for the global batch.
+    them); the input gradient is exact for the global batch. With ``mask`` (as for
+    ``batch_norm``) each process contributes its valid positions; the global valid count
+    stays on the device, and a global batch with fewer than 2 valid values leaves the
+    running estimates untouched on every process.
     """
     if not training or distributed_world(process_group) == 1:
         return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           num_batches_tracked=num_batches_tracked,
-                          unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
+                          unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite, mask=mask)
     check_floating_input(input)
     if input.dim() < 2:
         raise InputError(
@@ -155,8 +163,15 @@ def sync_batch_norm(
     channels = input.shape[1]
     local_count = reduced_count(input.shape, dims)
     cdtype = compute_dtype(input.dtype)
+    if mask is not None:
+        mask = check_mask(mask, input, "sync_batch_norm").unsqueeze(1)  # (N, 1, *spatial)
     with torch.no_grad():
-        if local_count > 0:
+        if mask is not None:
+            shift, offset, local_var, valid = masked_moments(input, mask, dims)
+            mean = shift.double().flatten() + offset.double().flatten()
+            m2 = local_var.double().flatten() * valid.double().flatten()
+            count = valid.double().reshape(1)
+        elif local_count > 0:
             moments = centered_moments(input, dims)
             # shift + offset carries the mean to better than the compute dtype: keep it in float64.
             mean = moments.shift.double().flatten() + moments.offset.double().flatten()
@@ -164,26 +179,36 @@ def sync_batch_norm(
         else:  # an empty batch on this process: it contributes nothing
             mean = torch.zeros(channels, dtype=torch.float64, device=input.device)
             m2 = torch.zeros_like(mean)
-        count = torch.full((1,), float(local_count), dtype=torch.float64, device=input.device)
+        if mask is None:
+            count = torch.full((1,), float(local_count), dtype=torch.float64, device=input.device)
         gathered = _gather_moments(torch.cat([count, mean, m2]), process_group)
         counts = gathered[:, :1].round().long().expand(-1, channels)
         merged = merge_moments(Moments(counts, gathered[:, 1:1 + channels], gathered[:, 1 + channels:]))
         # The global count stays a tensor: reading it would stall an accelerator's stream.
         # On the CPU reading it is free, and a batch of one value is refused as BatchNorm does.
         total = merged.count[0].to(torch.float64)
-        if input.device.type == "cpu" and total.item() <= 1:
+        if mask is None and input.device.type == "cpu" and total.item() <= 1:
             raise InputError(
                 f"Expected more than 1 value per channel when training, got {int(total.item())} "
                 f"across {distributed_world(process_group)} processes (this process: input size "
                 f"{list(input.shape)})"
             )
-        var = merged.m2 / total
+        # with a mask, a global batch without a valid position is not an error: keep it finite
+        var = merged.m2 / (total.clamp(min=1) if mask is not None else total)
         view = (1, -1) + (1,) * (input.dim() - 2)
         shift = merged.mean.to(cdtype)
         offset = (merged.mean - shift.double()).to(cdtype)  # what rounding the mean lost
         rstd = torch.rsqrt(var + eps).to(cdtype)
     stats = NormStats(shift.view(view), offset.view(view), rstd.view(view))
     across = AcrossProcesses(_all_reduce_sums(process_group), total)
+    if mask is not None:
+        out = masked_normalize(input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), mask,
+                               stats, None, dims, eps, batch_stats=True, across=across)
+        if track:
+            update_running_stats_if(total >= 2, running_mean, running_var, merged.mean, var, total, momentum,
+                                    num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var,
+                                    on_nonfinite=on_nonfinite)
+        return out
     out = normalize(input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
                     stats, dims, eps, batch_stats=True, across=across)
     if track:

@@ -15,11 +15,14 @@ from ..core import (
     check_activation,
     check_eps,
     check_floating_input,
+    check_mask,
     check_momentum,
     check_nonfinite_policy,
     check_param,
+    masked_channel_norm,
     reduced_count,
     update_running_stats,
+    update_running_stats_if,
 )
 from ..core.checks import InputError
 
@@ -78,6 +81,7 @@ def batch_norm(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Batch normalization of an (N, C, \*spatial) input, one statistic per channel.
 
@@ -96,10 +100,17 @@ def batch_norm(
             the batch statistics are NaN/inf; ``"raise"`` raises
             :class:`normlab.core.NonFiniteStatisticsError`. The *output* is computed from
             the batch statistics either way, so NaN/inf shows in the loss.
+        mask: a bool tensor, True where a position is valid, shaped like the input
+            without its channel dim — (N,) for (N, C), (N, L) for (N, C, L), (N, H, W) for
+            (N, C, H, W) — or broadcastable to it. Statistics are then taken over the valid
+            (sample, position) pairs only, the running variance is unbiased with the valid
+            count, and the output and the input gradient are 0 at padded positions. A
+            batch with fewer than 2 valid values leaves the running estimates untouched
+            (see ``docs/sequences.md``).
     """
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
-                       on_nonfinite=on_nonfinite)
+                       on_nonfinite=on_nonfinite, mask=mask)
 
 
 def batch_norm_act(
@@ -119,6 +130,7 @@ def batch_norm_act(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``activation(batch_norm(...))`` in one pass: the Conv → BN → activation order.
 
@@ -128,13 +140,15 @@ def batch_norm_act(
     tensors). ``inplace=True`` is In-Place Activated BatchNorm: the output overwrites the
     input's memory and is all that is kept; the input is recovered in backward by
     inverting the activation, so it must be invertible (identity, leaky_relu, elu).
+    ``mask`` is as for :func:`batch_norm` (every activation here maps 0 to 0, so padded
+    outputs stay 0); with a mask the layer computes out of place.
     """
     param = check_activation(activation, activation_param, inplace=inplace)
     _check_inplace_input(input, inplace)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
                        on_nonfinite=on_nonfinite, activation=activation, param=param,
-                       prelu_weight=prelu_weight, inplace=inplace, fn="batch_norm_act")
+                       prelu_weight=prelu_weight, inplace=inplace, fn="batch_norm_act", mask=mask)
 
 
 def _check_inplace_input(input, inplace: bool) -> None:
@@ -148,7 +162,7 @@ def _check_inplace_input(input, inplace: bool) -> None:
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
                 num_batches_tracked, unbiased_running_var, on_nonfinite, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="batch_norm", validated=False):
+                prelu_weight=None, inplace=False, fn="batch_norm", validated=False, mask=None):
     """``validated``: a module's call, whose constructor already checked eps, momentum, the
     policy and the parameter shapes, and whose forward checked the input's rank and channels;
     only what depends on this input (dtype, device) is checked here."""
@@ -169,6 +183,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             )
         eps = check_eps(eps)
         _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
+    if mask is not None:
+        mask = check_mask(mask, input, fn)
     if not training:
         if running_mean is None:
             raise InputError(
@@ -176,6 +192,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 "running_var, but they are None; pass them, or training=True to use "
                 "batch statistics"
             )
+        if mask is not None:
+            return masked_channel_norm(input, weight, bias, mask, eps=eps, running_mean=running_mean,
+                                       running_var=running_var, activation=activation, param=param,
+                                       prelu_weight=prelu_weight, operation=fn)[0]
         return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
                             activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
 
@@ -185,6 +205,19 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             f"zero; torch.nn refuses it too). eps = 0 is accepted for normalizing with given "
             f"statistics (eval)"
         )
+    track = running_mean is not None
+    if mask is not None:
+        # The valid count is known only on the device: no ValueError for too few values, the
+        # running estimates are left untouched instead (a where, no host sync).
+        if track and not validated:
+            momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        out, mean, var, count = masked_channel_norm(input, weight, bias, mask, eps=eps, activation=activation,
+                                                    param=param, prelu_weight=prelu_weight, operation=fn)
+        if track:
+            update_running_stats_if(count >= 2, running_mean, running_var, mean, var, count, momentum,
+                                    num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var,
+                                    on_nonfinite=on_nonfinite)
+        return out
     count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
     if count == 1:
         raise InputError(
@@ -195,7 +228,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         )
     # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
     # the running estimates alone, as in torch.nn.
-    track = running_mean is not None and count > 0
+    track = track and count > 0
     if track and not validated:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var = channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
@@ -219,6 +252,7 @@ def instance_norm(
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
     on_nonfinite: str = "skip",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Instance normalization of an (N, C, \*spatial) input: one statistic per (sample, channel).
 
@@ -230,7 +264,10 @@ def instance_norm(
 
     Unlike torch.nn, ``momentum=None`` (with ``num_batches_tracked``) is a cumulative
     average here too; torch.nn's InstanceNorm silently never updates in that case.
-    The keyword-only extras are those of :func:`batch_norm`.
+    The keyword-only extras are those of :func:`batch_norm`. With ``mask`` (as for
+    :func:`batch_norm`) each plane is normalized over its valid positions; the running
+    estimates average the instances with at least 2 valid values, each unbiased with its
+    own count, and are left untouched when there is none.
     """
     check_floating_input(input)
     if input.dim() < 3:
@@ -240,16 +277,25 @@ def instance_norm(
         )
     eps = check_eps(eps)
     _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
+    if mask is not None:
+        mask = check_mask(mask, input, "instance_norm")
     if not use_input_stats:
         if running_mean is None:
             raise InputError(
                 "instance_norm with use_input_stats=False normalizes with running_mean "
                 "and running_var, but they are None"
             )
-        out = channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
-                           operation="instance_norm")[0]
+        if mask is not None:
+            out = masked_channel_norm(input, weight, bias, mask, eps=eps, running_mean=running_mean,
+                                      running_var=running_var, operation="instance_norm")[0]
+        else:
+            out = channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
+                               operation="instance_norm")[0]
         return _instance_layout(out)
 
+    if mask is not None:
+        return _masked_instance_norm(input, running_mean, running_var, weight, bias, momentum, eps, mask,
+                                     num_batches_tracked, unbiased_running_var, on_nonfinite)
     count = reduced_count(input.shape, tuple(range(2, input.dim())))
     if count == 1:
         raise InputError(
@@ -276,6 +322,31 @@ def _instance_layout(out: torch.Tensor) -> torch.Tensor:
     """torch.nn's instance_norm returns a contiguous tensor for channels_last input (code
     after it may .view() it); the kernels write in the input's layout."""
     return out if out.dim() < 4 or out.is_contiguous() else out.contiguous()
+
+
+def _masked_instance_norm(input, running_mean, running_var, weight, bias, momentum, eps, mask,
+                          num_batches_tracked, unbiased_running_var, on_nonfinite):
+    track = running_mean is not None
+    if track:
+        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    out, mean, var, count = masked_channel_norm(input, weight, bias, mask, groups=input.shape[1], eps=eps,
+                                                operation="instance_norm")  # stats (N, C), count (N,)
+    if track:
+        with torch.no_grad():
+            # Instances differ in count: unbias each with its own, then average those with
+            # at least 2 valid values (fewer have no variance to speak of).
+            enough = (count >= 2).unsqueeze(1)  # (N, 1)
+            if unbiased_running_var:
+                var = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
+            instances = enough.sum()
+            weights = enough.to(var.dtype) / instances.clamp(min=1)
+            zero = torch.zeros((), dtype=var.dtype, device=var.device)
+            batch_mean = torch.where(enough, mean * weights, zero).sum(0)
+            batch_var = torch.where(enough, var * weights, zero).sum(0)
+        update_running_stats_if(instances > 0, running_mean, running_var, batch_mean, batch_var, 2, momentum,
+                                num_batches_tracked=num_batches_tracked, unbiased=False,
+                                on_nonfinite=on_nonfinite)
+    return _instance_layout(out)
 
 
 def batch_renorm(

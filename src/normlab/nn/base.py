@@ -18,15 +18,17 @@ from ..core.checks import InputError, InputTypeError
 __all__ = ["CheckedEps", "FreezableNorm", "_NormBase", "affine_parameters", "check_channel_input", "check_norm_args", "traced_call"]
 
 
-def traced_call(module: nn.Module, input: Proxy) -> Proxy:
+def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | None = None) -> Proxy:
     """Record ``module(input)`` as one ``call_module`` node under ``torch.fx.symbolic_trace``.
 
     torch.fx treats torch.nn's own layers as leaves; normlab's layers are recorded the same
     way, so a GraphModule calls the layer at run time and ``train()``/``eval()``/freezing
     keep working on the traced graph (tracing *into* the forward would bake in the mode).
+    A ``mask`` of valid positions is recorded as the node's ``mask`` keyword.
     """
     tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    kwargs = {} if mask is None else {"mask": mask}
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
 
 
 def check_channel_input(

@@ -55,6 +55,13 @@ _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015
     Training with one value per channel (N = 1 and no spatial extent) raises
     ``ValueError``, since its batch variance is 0.
 
+    ``forward(input, mask=None)``: ``mask`` is a bool tensor, True where a position is
+    valid, shaped like the input without its channel dim ({mask_shapes}) or broadcastable
+    to it. Statistics and running estimates then come from the valid (sample, position)
+    pairs only; the output and the input gradient are 0 at padded positions, and a batch
+    with fewer than 2 valid values leaves the running estimates untouched
+    (``docs/sequences.md``).
+
     Example::
 
         >>> import normlab as nl
@@ -90,9 +97,9 @@ class _BatchNorm(_NormBase):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channel_input(self, input, self._ranks, self._shape_words)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, input)
+            return traced_call(self, input, mask)
         self._check_input_dim(input)
         self._check_args()
         use_batch_stats = self._uses_batch_stats
@@ -113,6 +120,7 @@ class _BatchNorm(_NormBase):
             unbiased_running_var=self.unbiased_running_var,
             on_nonfinite=self.on_nonfinite,
             validated=True,
+            mask=mask,
         )
 
 
@@ -121,7 +129,7 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     _shape_words = "2D (N, C) or 3D (N, C, L)"
     __doc__ = _DOC.format(
         name="BatchNorm1d", shape_words=_shape_words, spatial_dims="[, L]",
-        input_shapes="(N, C) or (N, C, L)", example="8, 16, 10",
+        input_shapes="(N, C) or (N, C, L)", example="8, 16, 10", mask_shapes="(N,) or (N, L)",
     )
 
 
@@ -131,6 +139,7 @@ class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     __doc__ = _DOC.format(
         name="BatchNorm2d", shape_words=_shape_words, spatial_dims=", H, W",
         input_shapes="(N, C, H, W), contiguous or channels_last", example="8, 16, 5, 5",
+        mask_shapes="(N, H, W)",
     )
 
 
@@ -140,5 +149,5 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     __doc__ = _DOC.format(
         name="BatchNorm3d", shape_words=_shape_words, spatial_dims=", D, H, W",
         input_shapes="(N, C, D, H, W), contiguous or channels_last_3d",
-        example="4, 16, 3, 5, 5",
+        example="4, 16, 3, 5, 5", mask_shapes="(N, D, H, W)",
     )

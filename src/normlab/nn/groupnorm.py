@@ -38,6 +38,11 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
         - Input: (N, C, \*), any memory format; channels_last stays channels_last.
         - Output: same shape as the input.
 
+    ``forward(input, mask=None)``: with a bool ``mask`` of valid positions, shaped like the
+    input without its channel dim ((N, L) for (N, C, L)) or broadcastable to it, each
+    (sample, group) is normalized over its valid positions; padded outputs and input
+    gradients are 0 (``docs/sequences.md``).
+
     Example::
 
         >>> gn = normlab.nn.GroupNorm(8, 64)
@@ -77,9 +82,9 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, input)
+            return traced_call(self, input, mask)
         if isinstance(input, torch.Tensor) and input.dim() >= 2:
             if input.shape[1] != self.num_channels:
                 raise InputError(
@@ -88,7 +93,7 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
                     f"(input shape {tuple(input.shape)})"
                 )
         self._check_eps()
-        return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps, validated=True)
+        return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps, validated=True, mask=mask)
 
     def extra_repr(self) -> str:
         return (

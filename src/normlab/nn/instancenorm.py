@@ -47,6 +47,10 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
         - Input: {input_shapes}
         - Output: same shape as the input.
 
+    ``forward(input, mask=None)``: with a bool ``mask`` of valid positions, shaped like the
+    input without its channel dim or broadcastable to it, each plane is normalized over its
+    valid positions; padded outputs and input gradients are 0 (``docs/sequences.md``).
+
     A channel count that differs from ``num_features`` raises ``ValueError`` when the
     layer has parameters or running estimates, and warns otherwise (the count is then
     unused), as torch.nn does.
@@ -101,15 +105,15 @@ class _InstanceNorm(_NormBase):
             stacklevel=3,
         )
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, input)
+            return traced_call(self, input, mask)
         self._check_input_dim(input)
         if input.dim() == self._unbatched_rank:
-            return self._apply_instance_norm(input.unsqueeze(0)).squeeze(0)
-        return self._apply_instance_norm(input)
+            return self._apply_instance_norm(input.unsqueeze(0), mask).squeeze(0)
+        return self._apply_instance_norm(input, mask)
 
-    def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+    def _apply_instance_norm(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         use_input_stats = (self.training and not self.frozen) or not self.track_running_stats
         updating = use_input_stats and self.running_mean is not None
         extras = self._update_kwargs() if updating else {}
@@ -122,6 +126,7 @@ class _InstanceNorm(_NormBase):
             use_input_stats,
             self.momentum,
             self.eps,
+            mask=mask,
             **extras,
         )
 

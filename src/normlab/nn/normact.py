@@ -143,9 +143,9 @@ class _BatchNormAct(_ActMixin):
         if device is not None or dtype is not None:
             self.act.to(device=device, dtype=dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, input)
+            return traced_call(self, input, mask)
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats
         pass_running = not use_batch_stats or self.track_running_stats
@@ -156,7 +156,7 @@ class _BatchNormAct(_ActMixin):
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
             self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
-            **self._act_kwargs(), **extras,
+            **self._act_kwargs(), **extras, mask=mask,
         )
 
     def extra_repr(self) -> str:
@@ -190,15 +190,16 @@ class GroupNormAct(_ActMixin, GroupNorm):
         if device is not None or dtype is not None:
             self.act.to(device=device, dtype=dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, input)
+            return traced_call(self, input, mask)
         if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
             raise InputError(
                 f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
                 f"channels at input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
             )
-        return F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps, **self._act_kwargs())
+        return F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps, **self._act_kwargs(),
+                                mask=mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()

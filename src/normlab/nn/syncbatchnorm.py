@@ -39,6 +39,9 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
     ``RuntimeError`` within the process group timeout
     (``init_process_group(timeout=...)``), never a silent hang.
 
+    ``forward(input, mask=None)`` takes a mask of valid positions as
+    :class:`normlab.nn.BatchNorm2d` does; the valid positions are counted across processes.
+
     Shape:
         - Input: (N, C, \*) with N ≥ 0 on each process; the total over processes must
           give more than one value per channel.
@@ -68,9 +71,9 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         check_channel_input(self, input, tuple(range(2, 9)), "(N, C, *) with at least 2 dims")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
-            return traced_call(self, input)
+            return traced_call(self, input, mask)
         self._check_input_dim(input)
         use_batch_stats = self._uses_batch_stats
         pass_running = not use_batch_stats or self.track_running_stats
@@ -81,7 +84,7 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         if use_batch_stats and self.training:
             out = F.sync_batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, True, self.momentum,
-                self.eps, self.process_group, **extras,
+                self.eps, self.process_group, mask=mask, **extras,
                 peers_checked=self.__dict__.get("_peers_checked", False),
             )
             # Checked once: the layer's channels and dtype are fixed; a peer's input is
@@ -90,7 +93,7 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
             return out
         return F.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-            self.momentum, self.eps, **extras,
+            self.momentum, self.eps, mask=mask, **extras,
         )
 
 
@@ -115,9 +118,10 @@ class SyncBatchNormAct(SyncBatchNorm):
         if device is not None or dtype is not None:
             self.act.to(device=device, dtype=dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         prelu = self.act.weight if self.activation == "prelu" else None
-        return apply_activation(super().forward(input), self.activation, self.activation_param, prelu)
+        # every activation here maps 0 to 0: padded outputs stay 0
+        return apply_activation(super().forward(input, mask), self.activation, self.activation_param, prelu)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation!r}"
