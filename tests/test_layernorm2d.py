@@ -146,4 +146,4 @@ def test_errors_name_what_was_expected():
     with pytest.raises(TypeError, match="positive int"):
         nl.nn.LayerNorm2d(0.5)
     with pytest.raises(ValueError, match="eps"):
-        nl.nn.LayerNorm2d(4, eps=0)
+        nl.nn.LayerNorm2d(4, eps=-1e-6)  # 0 is accepted, as torch.nn's LayerNorm accepts it
