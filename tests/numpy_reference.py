@@ -40,8 +40,18 @@ def forward(x, gamma, beta, axes, eps, *, centered=True, stats=None):
     if beta is not None:
         y = y + beta
     cache = dict(
-        x=x, mu=mu, xmu=xmu, var=var, std=std, inv_std=inv_std, xhat=xhat,
-        gamma=gamma, beta=beta, axes=axes, n=n, centered=centered,
+        x=x,
+        mu=mu,
+        xmu=xmu,
+        var=var,
+        std=std,
+        inv_std=inv_std,
+        xhat=xhat,
+        gamma=gamma,
+        beta=beta,
+        axes=axes,
+        n=n,
+        centered=centered,
         batch_stats=stats is None,
     )
     return y, cache
@@ -96,8 +106,18 @@ def masked_forward(x, mask, gamma, beta, axes, eps, *, stats=None):
     if beta is not None:
         y = y + beta
     y = m * y
-    cache = dict(m=m, n=n, xmu=xmu, std=std, inv_std=inv_std, xhat=xhat, gamma=gamma, beta=beta,
-                 axes=axes, batch_stats=stats is None)
+    cache = dict(
+        m=m,
+        n=n,
+        xmu=xmu,
+        std=std,
+        inv_std=inv_std,
+        xhat=xhat,
+        gamma=gamma,
+        beta=beta,
+        axes=axes,
+        batch_stats=stats is None,
+    )
     return y, cache
 
 

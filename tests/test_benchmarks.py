@@ -39,8 +39,7 @@ def test_layer_rows_compare_the_same_computation(case):
 
 
 def test_layer_benchmark_would_catch_a_wrong_layer():
-    wrong = LayerCase("LayerNorm with a wrong eps", (24, 48), "rows",
-                      lambda c: nln.LayerNorm(c, eps=1.0), nn.LayerNorm)
+    wrong = LayerCase("LayerNorm with a wrong eps", (24, 48), "rows", lambda c: nln.LayerNorm(c, eps=1.0), nn.LayerNorm)
     assert run_case(wrong, threads=1, repeats=1)["max_rel_diff"] > 1e-3
 
 

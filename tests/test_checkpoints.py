@@ -7,11 +7,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from helpers import randomize_affine
 from torch import nn
 
 import normlab as nl
-
-from helpers import randomize_affine
 
 CONSTRUCTORS = [
     ("BatchNorm1d", (6,), {}),
@@ -100,9 +99,14 @@ def test_loaded_layers_compute_what_torch_computes(name, args, kwargs):
 def test_whole_model_checkpoint_moves_both_ways():
     def build(lib):
         return nn.Sequential(
-            nn.Conv2d(3, 8, 3), lib.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3), lib.GroupNorm(4, 8), nn.ReLU(),
-            nn.Flatten(), lib.LayerNorm(8 * 2 * 2),
+            nn.Conv2d(3, 8, 3),
+            lib.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3),
+            lib.GroupNorm(4, 8),
+            nn.ReLU(),
+            nn.Flatten(),
+            lib.LayerNorm(8 * 2 * 2),
         )
 
     theirs = build(nn)

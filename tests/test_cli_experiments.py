@@ -24,13 +24,16 @@ from normlab.experiments.suite import run_suite
 
 
 @pytest.mark.parametrize("command", [["run", "depth"], ["study", "--only", "depth"]])
-@pytest.mark.parametrize("argv, message", [
-    (["--jobs", "0"], "argument --jobs: must be a positive integer"),
-    (["--jobs", "-3"], "argument --jobs: must be a positive integer"),
-    (["--seeds", "1e20"], "argument --seeds: seeds are integers from 0 to 4294967295"),
-    (["--seeds", "0", str(10**20)], "argument --seeds: seeds are integers from 0 to 4294967295"),
-    (["--seeds", "-1"], "argument --seeds: seeds are integers from 0 to 4294967295"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--jobs", "0"], "argument --jobs: must be a positive integer"),
+        (["--jobs", "-3"], "argument --jobs: must be a positive integer"),
+        (["--seeds", "1e20"], "argument --seeds: seeds are integers from 0 to 4294967295"),
+        (["--seeds", "0", str(10**20)], "argument --seeds: seeds are integers from 0 to 4294967295"),
+        (["--seeds", "-1"], "argument --seeds: seeds are integers from 0 to 4294967295"),
+    ],
+)
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, command, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--smoke", "--out", str(tmp_path / "out"), *argv])
@@ -60,12 +63,15 @@ def test_output_folder_errors_are_one_line(tmp_path, capsys, command, case):
     assert (tmp_path / "file").read_text() == "keep"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["demo", "--jobs", "0"], "argument --jobs: must be a positive integer"),
-    (["demo", "--batch-sizes", "32", "0"], "argument --batch-sizes: must be a positive integer"),
-    (["sync-demo", "--seed", "-1"], "argument --seed: seeds are integers"),
-    (["bench", "memory", "--threads", "0"], "argument --threads: must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--jobs", "0"], "argument --jobs: must be a positive integer"),
+        (["demo", "--batch-sizes", "32", "0"], "argument --batch-sizes: must be a positive integer"),
+        (["sync-demo", "--seed", "-1"], "argument --seed: seeds are integers"),
+        (["bench", "memory", "--threads", "0"], "argument --threads: must be a positive integer"),
+    ],
+)
 def test_other_commands_reject_bad_numbers_as_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
@@ -82,10 +88,19 @@ def test_other_commands_check_out_before_running(tmp_path, capsys, argv):
 
 # --- reports: stale, partial and untrusted values -----------------------------------------
 
+
 def _fake_result(name: str, agrees: str = "yes") -> dict:
-    return {"study": name, "title": name.title(), "question": "?", "setting": "smoke", "seconds": 0.1,
-            "summary": [f"{name} ran"], "tables": [], "figures": [],
-            "comparison": [{"what": "w", "published": "p", "ours": "o", "agrees": agrees, "why": ""}]}
+    return {
+        "study": name,
+        "title": name.title(),
+        "question": "?",
+        "setting": "smoke",
+        "seconds": 0.1,
+        "summary": [f"{name} ran"],
+        "tables": [],
+        "figures": [],
+        "comparison": [{"what": "w", "published": "p", "ours": "o", "agrees": agrees, "why": ""}],
+    }
 
 
 def _report(out: Path) -> tuple[dict, str]:
@@ -159,6 +174,7 @@ def test_study_report_never_writes_an_unknown_verdict_into_an_attribute():
 
 # --- signals -------------------------------------------------------------------------------
 
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -213,22 +229,44 @@ def _ignores_sigint(pid: int) -> bool:
 # A shell without job control starts background jobs with SIGINT ignored, and a child
 # inherits that; a terminal's Ctrl-C reaches a process that handles it, so the command
 # runs with Python's usual SIGINT handler whatever this test runner inherited.
-_NORMLAB_WITH_SIGINT = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                        "sys.argv[0] = 'normlab'; runpy.run_module('normlab', run_name='__main__')")
+_NORMLAB_WITH_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'normlab'; runpy.run_module('normlab', run_name='__main__')"
+)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)],
-                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
+@pytest.mark.parametrize(
+    "signum, code",
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)],
+    ids=["SIGTERM", "SIGINT", "SIGKILL"],
+)
 def test_a_signal_stops_the_study_and_every_process_it_started(tmp_path, signum, code):
     out = tmp_path / "study"
     # The composed backend: no kernel build runs in a worker we are about to stop.
     env = {**os.environ, "NORMLAB_BACKEND": "composed"}
-    proc = subprocess.Popen([sys.executable, "-c", _NORMLAB_WITH_SIGINT, "study", "--smoke", "--only", "init-depth",
-                             "train-eval-gap", "--jobs", "2", "--out", str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _NORMLAB_WITH_SIGINT,
+            "study",
+            "--smoke",
+            "--only",
+            "init-depth",
+            "train-eval-gap",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     started: list[int] = []
     try:
         deadline = time.monotonic() + 120

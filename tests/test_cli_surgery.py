@@ -55,10 +55,16 @@ def test_fold_writes_a_reloadable_state_dict_and_a_report(tmp_path, weights):
         torch.testing.assert_close(reloaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("argv", [
-    ("freeze",), ("freeze", "--no-affine"), ("convert", "--to", "group"),
-    ("convert", "--to", "frozen"), ("precise", "--data", "mnist1d", "--num-batches", "5"),
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("freeze",),
+        ("freeze", "--no-affine"),
+        ("convert", "--to", "group"),
+        ("convert", "--to", "frozen"),
+        ("precise", "--data", "mnist1d", "--num-batches", "5"),
+    ],
+)
 def test_other_operations(tmp_path, weights, argv):
     path, _ = weights
     out = tmp_path / "out.pt"
@@ -79,18 +85,38 @@ def _fails(tmp_path, capsys, *argv, message):
 def test_errors_write_nothing(tmp_path, weights, capsys):
     path, model = weights
     _fails(tmp_path, capsys, "fold", "--model", "no_such_pkg.models:net", message="cannot import 'no_such_pkg.models'")
-    _fails(tmp_path, capsys, "fold", "--model", "normlab.experiments.models:Missing", message="has no attribute 'Missing'")
-    _fails(tmp_path, capsys, "fold", "--model", "normlab.experiments.models", message="must look like package.module:name")
+    _fails(
+        tmp_path, capsys, "fold", "--model", "normlab.experiments.models:Missing", message="has no attribute 'Missing'"
+    )
+    _fails(
+        tmp_path, capsys, "fold", "--model", "normlab.experiments.models", message="must look like package.module:name"
+    )
     _fails(tmp_path, capsys, "fold", "--model", FACTORY, "--weights", tmp_path / "absent.pt", message="no such file")
-    _fails(tmp_path, capsys, "fold", "--model", "normlab.experiments.models:ResNet18", "--weights", path,
-           message="do not match --model")
+    _fails(
+        tmp_path,
+        capsys,
+        "fold",
+        "--model",
+        "normlab.experiments.models:ResNet18",
+        "--weights",
+        path,
+        message="do not match --model",
+    )
     pickled = tmp_path / "pickled.pt"
     torch.save(model, pickled)  # a whole pickled module: refused, never unpickled
     _fails(tmp_path, capsys, "fold", "--model", FACTORY, "--weights", pickled, message="not a weights-only checkpoint")
     _fails(tmp_path, capsys, "fold", "--model", "test_cli_surgery:no_norm_model", message="changed nothing")
     _fails(tmp_path, capsys, "fold", "--model", FACTORY, "--input-shape", "2,x", message="--input-shape")
-    _fails(tmp_path, capsys, "precise", "--model", FACTORY, "--data", "nope.data:batches",
-           message="cannot import 'nope.data'")
+    _fails(
+        tmp_path,
+        capsys,
+        "precise",
+        "--model",
+        FACTORY,
+        "--data",
+        "nope.data:batches",
+        message="cannot import 'nope.data'",
+    )
 
 
 def _one_line_error(capsys) -> str:
@@ -116,8 +142,10 @@ def test_report_never_overwrites_the_input_weights(tmp_path, weights, capsys):
     assert as_json.read_bytes() == path.read_bytes() and not (tmp_path / "w.pt").exists()
 
 
-@pytest.mark.parametrize("case", ["parent is a file", "out is a folder", "report is a folder",
-                                  "folder cannot be created", "folder is read-only"])
+@pytest.mark.parametrize(
+    "case",
+    ["parent is a file", "out is a folder", "report is a folder", "folder cannot be created", "folder is read-only"],
+)
 def test_output_path_errors_are_one_line_and_write_nothing(tmp_path, weights, capsys, case):
     path, _ = weights
     out = tmp_path / "result.pt"
@@ -153,8 +181,7 @@ def test_empty_weights_file_is_one_line(tmp_path, capsys):
     _fails(tmp_path, capsys, "fold", "--model", FACTORY, "--weights", empty, message="is empty (0 bytes)")
 
 
-def test_pickled_checkpoint_refusal_names_what_was_blocked_and_never_suggests_unsafe_loading(
-        tmp_path, weights, capsys):
+def test_pickled_checkpoint_refusal_names_what_was_blocked_and_never_suggests_unsafe_loading(tmp_path, weights, capsys):
     _, model = weights
     pickled = tmp_path / "pickled.pt"
     torch.save(model, pickled)
@@ -177,12 +204,15 @@ def test_written_files_follow_the_umask(tmp_path, weights, umask):
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask
 
 
-@pytest.mark.parametrize("argv, message", [
-    (("precise", "--data", "mnist1d", "--batch-size", "0"), "argument --batch-size: must be a positive integer"),
-    (("precise", "--data", "mnist1d", "--num-batches", "-1"), "argument --num-batches: must be a positive integer"),
-    (("convert", "--to", "group", "--groups", "x"), "argument --groups: must be a positive integer"),
-    (("convert", "--to", "group", "--max-groups", "0"), "argument --max-groups: must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("precise", "--data", "mnist1d", "--batch-size", "0"), "argument --batch-size: must be a positive integer"),
+        (("precise", "--data", "mnist1d", "--num-batches", "-1"), "argument --num-batches: must be a positive integer"),
+        (("convert", "--to", "group", "--groups", "x"), "argument --groups: must be a positive integer"),
+        (("convert", "--to", "group", "--max-groups", "0"), "argument --max-groups: must be a positive integer"),
+    ],
+)
 def test_bad_numbers_are_usage_errors(tmp_path, weights, capsys, argv, message):
     path, _ = weights
     with pytest.raises(SystemExit) as exit_:

@@ -85,7 +85,9 @@ def test_decay_conversion_round_trip_and_bessel_rescale():
     converted = core.from_decay_convention(mean, var, 0.99, elements_per_batch=11)
     assert converted.momentum == pytest.approx(0.01)
     torch.testing.assert_close(converted.running_var, var * 11 / 10)
-    back = core.to_decay_convention(converted.running_mean, converted.running_var, converted.momentum, elements_per_batch=11)
+    back = core.to_decay_convention(
+        converted.running_mean, converted.running_var, converted.momentum, elements_per_batch=11
+    )
     assert back.decay == pytest.approx(0.99)
     torch.testing.assert_close(back.moving_mean, mean)
     torch.testing.assert_close(back.moving_variance, var)

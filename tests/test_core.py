@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy_reference as ref
 import pytest
 import torch
 
 from normlab import core
-
-import numpy_reference as ref
 
 # (name, input shape, reduction dims, affine shape): every grouping the layers use.
 GROUPINGS = [
@@ -48,8 +47,10 @@ def test_matches_numpy_textbook_formulas(name, shape, dims, affine_shape, affine
     if not batch_stats:
         # Eval mode: statistics unrelated to this x (a "running" estimate).
         stat_shape = [1 if d in dims else s for d, s in enumerate(shape)]
-        given = (rng.normal(size=stat_shape) if centered else np.zeros(stat_shape),
-                 rng.uniform(0.5, 2.0, size=stat_shape))
+        given = (
+            rng.normal(size=stat_shape) if centered else np.zeros(stat_shape),
+            rng.uniform(0.5, 2.0, size=stat_shape),
+        )
 
     y_np, cache = ref.forward(x, gamma, beta, dims, eps, centered=centered, stats=given)
     dx_np, dgamma_np, dbeta_np = ref.backward(dy, cache)
@@ -82,8 +83,7 @@ def test_gradcheck_and_gradgradcheck(name, shape, dims, affine_shape, batch_stat
     given = None
     if not batch_stats:
         stat_shape = [1 if d in dims else s for d, s in enumerate(shape)]
-        given = (torch.randn(stat_shape, dtype=torch.float64),
-                 torch.rand(stat_shape, dtype=torch.float64) + 0.5)
+        given = (torch.randn(stat_shape, dtype=torch.float64), torch.rand(stat_shape, dtype=torch.float64) + 0.5)
 
     def fn(x, w, b):
         if batch_stats:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-@pytest.mark.parametrize("name,args", [("BatchNorm2d", (8,)), ("GroupNorm", (4, 8)), ("InstanceNorm2d", (8,)),
-                                       ("LayerNorm", ((8, 5, 5),)), ("RMSNorm", ((5, 5),))])
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        ("BatchNorm2d", (8,)),
+        ("GroupNorm", (4, 8)),
+        ("InstanceNorm2d", (8,)),
+        ("LayerNorm", ((8, 5, 5),)),
+        ("RMSNorm", ((5, 5),)),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_matches_torch(name, args, dtype):
     theirs, ours = pair(name, *args, dtype=dtype)

@@ -318,6 +318,7 @@ def test_plots_are_headless_figures(tmp_path):
 
 # --- reports and exports treat names as data ----------------------------------------------
 
+
 def _probe_with_names(names, cls=nn.Linear):
     model = nn.Sequential()
     for name in names:

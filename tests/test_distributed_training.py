@@ -24,11 +24,13 @@ STEPS = 25
 
 
 def _worker(rank, port, norm, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
     try:
-        _, model = train_distributed(DistributedConfig(norm=norm, batch_size=2, epochs=1, max_steps=STEPS),
-                                     return_model=True)
+        _, model = train_distributed(
+            DistributedConfig(norm=norm, batch_size=2, epochs=1, max_steps=STEPS), return_model=True
+        )
         if rank == 0:
             torch.save(model.state_dict(), out)
     finally:
@@ -68,7 +70,7 @@ def _single_process_run(batch):
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
     for i in range(STEPS):
-        idx = order[i * global_batch:(i + 1) * global_batch]
+        idx = order[i * global_batch : (i + 1) * global_batch]
         opt.zero_grad()
         loss_fn(model(data.x_train[idx]), data.y_train[idx]).backward()
         opt.step()
@@ -76,15 +78,33 @@ def _single_process_run(batch):
     return model.state_dict()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_torchrun_entry_point(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node=2", "--master_port", str(_free_port()), "-m", "normlab.experiments.distributed",
-         "--norm", "sync", "--batch-size", "2", "--max-steps", "20", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
+        [
+            torchrun,
+            "--nproc_per_node=2",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "normlab.experiments.distributed",
+            "--norm",
+            "sync",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "20",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -82,7 +82,9 @@ def test_channel_mismatch_groupnorm_and_functional_params():
 def test_groups_must_divide_channels():
     with pytest.raises(ValueError, match=r"num_channels \(10\) must be divisible by num_groups \(4\)"):
         nl.nn.GroupNorm(4, 10)
-    with pytest.raises(ValueError, match=r"num_groups=4 must divide the 10 channels.*divisors of 10 near it: \[5, 2, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"num_groups=4 must divide the 10 channels.*divisors of 10 near it: \[5, 2, 1\]"
+    ):
         F.group_norm(torch.randn(2, 10, 3), 4)
     with pytest.raises(ValueError, match="num_groups must be a positive int"):
         F.group_norm(torch.randn(2, 10, 3), 0)
@@ -238,7 +240,9 @@ def test_running_statistics_arguments():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="running_mean and running_var must be given together"):
         F.batch_norm(x, torch.zeros(3), None, training=True)
-    with pytest.raises(ValueError, match="training=False normalizes with running_mean and running_var, but they are None"):
+    with pytest.raises(
+        ValueError, match="training=False normalizes with running_mean and running_var, but they are None"
+    ):
         F.batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match="use_input_stats=False"):
         F.instance_norm(torch.randn(2, 3, 4), use_input_stats=False)

@@ -67,7 +67,10 @@ def test_demo_runs_and_reports_every_cell():
 
 def test_cli_demo_writes_json(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    assert main(["demo", "--epochs", "1", "--batch-sizes", "32", "--norms", "group", "--jobs", "1", "--out", str(out)]) == 0
+    assert (
+        main(["demo", "--epochs", "1", "--batch-sizes", "32", "--norms", "group", "--jobs", "1", "--out", str(out)])
+        == 0
+    )
     payload = json.loads(out.read_text())
     assert payload["runs"][0]["norm"] == "group"
     assert "GroupNorm" in capsys.readouterr().out

@@ -27,8 +27,14 @@ def _env(build_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def _start(build_dir: Path, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", STATUS], env=_env(build_dir, **extra), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", STATUS],
+        env=_env(build_dir, **extra),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _finish(process: subprocess.Popen) -> tuple[str, str]:
@@ -131,10 +137,12 @@ def test_a_lock_held_too_long_ends_in_the_composed_ops_with_the_reason(tmp_path)
 
 def test_a_compile_error_is_reported_by_its_first_error_line(tmp_path):
     compiler = tmp_path / "broken-c++"
-    compiler.write_text('#!/bin/sh\n'
-                        'case "$1" in --version|-v) exec c++ "$@";; esac\n'
-                        'echo "kernels.cpp:1:1: error: this compiler is broken on purpose" >&2\n'
-                        'exit 1\n')
+    compiler.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in --version|-v) exec c++ "$@";; esac\n'
+        'echo "kernels.cpp:1:1: error: this compiler is broken on purpose" >&2\n'
+        "exit 1\n"
+    )
     compiler.chmod(0o755)
     out, err = _finish(_start(tmp_path, CXX=str(compiler)))
     assert build.BUILD_MESSAGE in err

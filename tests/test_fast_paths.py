@@ -35,6 +35,7 @@ def _kernels_built():
     if not core.fast_available():
         pytest.fail(f"a C++ compiler is here but the fast kernels did not build: {core.fast.status()}")
 
+
 LAYOUTS = {"nchw": lambda x: x.contiguous(), "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last)}
 ACTS = {
     "identity": (None, lambda z, p: z),
@@ -94,8 +95,11 @@ def test_fused_norm_act_matches_torch_composition(norm, act, layout):
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_inplace_mode_equals_the_normal_layer(norm, act, param, layout):
     torch.manual_seed(0)
-    make = (lambda inplace: nl.nn.BatchNormAct2d(8, activation=act, activation_param=param, inplace=inplace)) \
-        if norm == "batch" else (lambda inplace: nl.nn.GroupNormAct(4, 8, activation=act, activation_param=param, inplace=inplace))
+    make = (
+        (lambda inplace: nl.nn.BatchNormAct2d(8, activation=act, activation_param=param, inplace=inplace))
+        if norm == "batch"
+        else (lambda inplace: nl.nn.GroupNormAct(4, 8, activation=act, activation_param=param, inplace=inplace))
+    )
     normal, inplace = make(False), make(True)
     with torch.no_grad():
         normal.weight.uniform_(-1.5, 1.5)  # negative γ too: the inversion must handle its sign
@@ -169,13 +173,17 @@ def test_layer_and_rms_norm_fast_paths_and_dispatch_log():
     assert log[-1][2] == "not float32 CPU"
 
 
-@pytest.mark.parametrize("make,shape", [
-    (lambda: nl.nn.BatchNormAct2d(4, activation="elu"), (6, 4, 3, 3)),
-    (lambda: nl.nn.GroupNormAct(2, 4, activation="silu"), (6, 4, 3, 3)),
-    (lambda: nl.nn.BatchNorm2d(4).eval(), (6, 4, 3, 3)),
-    (lambda: nl.nn.LayerNorm(5), (6, 4, 5)),
-    (lambda: nl.nn.RMSNorm(5), (6, 4, 5)),
-], ids=["bn-elu", "gn-silu", "bn-eval", "ln", "rms"])
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nl.nn.BatchNormAct2d(4, activation="elu"), (6, 4, 3, 3)),
+        (lambda: nl.nn.GroupNormAct(2, 4, activation="silu"), (6, 4, 3, 3)),
+        (lambda: nl.nn.BatchNorm2d(4).eval(), (6, 4, 3, 3)),
+        (lambda: nl.nn.LayerNorm(5), (6, 4, 5)),
+        (lambda: nl.nn.RMSNorm(5), (6, 4, 5)),
+    ],
+    ids=["bn-elu", "gn-silu", "bn-eval", "ln", "rms"],
+)
 def test_second_derivatives_through_the_fast_path(make, shape):
     """create_graph=True falls back to the composed reference: same second derivatives."""
     torch.manual_seed(0)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import LAYOUTS, in_layout
 
 import normlab.functional as F
-
-from helpers import LAYOUTS, in_layout
 
 SHAPES_NC = [(4, 6), (3, 6, 7), (2, 6, 5, 3), (2, 6, 3, 2, 3), (1, 6, 9), (5, 6, 1, 1)]
 
@@ -56,7 +55,10 @@ def test_batch_norm_matches_torch_float64(shape, training, affine):
     _compare(
         lambda z: F.batch_norm(z, rm, rv, w, b, training, 0.3, 1e-4),
         lambda z: TF.batch_norm(z, rm_t, rv_t, w, b, training, 0.3, 1e-4),
-        x, [w, b], rtol=1e-10, atol=1e-10,
+        x,
+        [w, b],
+        rtol=1e-10,
+        atol=1e-10,
     )
     torch.testing.assert_close(rm, rm_t, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rv, rv_t, rtol=1e-12, atol=1e-12)
@@ -74,7 +76,10 @@ def test_instance_norm_matches_torch(shape, use_input_stats, layout):
     _compare(
         lambda z: F.instance_norm(z, rm, rv, w, b, use_input_stats, 0.2, 1e-5),
         lambda z: TF.instance_norm(z, rm_t, rv_t, w, b, use_input_stats, 0.2, 1e-5),
-        x, [w, b], rtol=1e-10, atol=1e-10,
+        x,
+        [w, b],
+        rtol=1e-10,
+        atol=1e-10,
     )
     torch.testing.assert_close(rm, rm_t, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rv, rv_t, rtol=1e-12, atol=1e-12)
@@ -91,7 +96,10 @@ def test_group_norm_matches_torch(shape, groups, layout):
     y = _compare(
         lambda z: F.group_norm(z, groups, w, b, 1e-5),
         lambda z: TF.group_norm(z, groups, w, b, 1e-5),
-        x, [w, b], rtol=1e-10, atol=1e-10,
+        x,
+        [w, b],
+        rtol=1e-10,
+        atol=1e-10,
     )
     if layout == "channels_last" and x.dim() in (4, 5):
         # torch.nn returns a contiguous tensor here; normlab keeps the input's layout.
@@ -110,7 +118,10 @@ def test_layer_norm_matches_torch(shape, normalized, affine):
     _compare(
         lambda z: F.layer_norm(z, normalized, w, b, 1e-5),
         lambda z: TF.layer_norm(z, normalized, w, b, 1e-5),
-        x, [w, b], rtol=1e-10, atol=1e-10,
+        x,
+        [w, b],
+        rtol=1e-10,
+        atol=1e-10,
     )
 
 
@@ -122,7 +133,10 @@ def test_rms_norm_matches_torch(shape, normalized, eps):
     _compare(
         lambda z: F.rms_norm(z, normalized, w, eps),
         lambda z: TF.rms_norm(z, normalized, w, eps),
-        x, [w], rtol=1e-10, atol=1e-10,
+        x,
+        [w],
+        rtol=1e-10,
+        atol=1e-10,
     )
 
 
@@ -160,7 +174,9 @@ GRADCHECK_CASES = {
     ),
     "group_norm-2": lambda x, w, b: F.group_norm(x, 2, w, b),
     "group_norm-1": lambda x, w, b: F.group_norm(x, 1, w, b),
-    "layer_norm": lambda x, w, b: F.layer_norm(x, x.shape[1:], w.repeat_interleave(15).view(x.shape[1:]), b.repeat_interleave(15).view(x.shape[1:])),
+    "layer_norm": lambda x, w, b: F.layer_norm(
+        x, x.shape[1:], w.repeat_interleave(15).view(x.shape[1:]), b.repeat_interleave(15).view(x.shape[1:])
+    ),
     "rms_norm": lambda x, w, b: F.rms_norm(x, x.shape[1:], w.repeat_interleave(15).view(x.shape[1:])),
 }
 

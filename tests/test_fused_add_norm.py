@@ -32,12 +32,14 @@ def _ours(centered, w, b, eps=1e-5):
 
 def _torch(centered, w, b, eps=1e-5):
     """The unfused composition in float64."""
+
     def fn(x, r):
         s = x + r
         ww = None if w is None else w.double()
         if centered:
             return TF.layer_norm(s, (s.shape[-1],), ww, None if b is None else b.double(), eps), s
         return TF.rms_norm(s, (s.shape[-1],), ww, eps), s
+
     return fn
 
 
@@ -124,8 +126,9 @@ def test_gradcheck_composed_float64(centered):
     w, b = _params(10, centered, "both")
     args = [t.detach().double().requires_grad_() for t in (x, r, w) + ((b,) if centered else ())]
     with core.use_backend("composed"):
-        assert torch.autograd.gradcheck(lambda *a: _ours(centered, *a[2:], *((None,) if not centered else ()))(*a[:2]),
-                                        args)
+        assert torch.autograd.gradcheck(
+            lambda *a: _ours(centered, *a[2:], *((None,) if not centered else ()))(*a[:2]), args
+        )
 
 
 @pytest.mark.skipif(not FAST, reason="fast kernels unavailable here")
@@ -137,6 +140,7 @@ def test_fast_composed_and_native_agree_and_second_derivatives(centered):
     fast = _run(_ours(centered, w, b), x, r, params, dy, ds)
     with core.use_backend("composed"):
         composed = _run(_ours(centered, w, b), x, r, params, dy, ds)
+
     def torch_float32(a, c):
         s = a + c
         return (TF.layer_norm(s, (48,), w, b) if centered else TF.rms_norm(s, (48,), w)), s
@@ -149,8 +153,9 @@ def test_fast_composed_and_native_agree_and_second_derivatives(centered):
     def second(fn, dtype):
         xx, rr = x.to(dtype).requires_grad_(), r.to(dtype).requires_grad_()
         y, s = fn(xx, rr)
-        gx, = torch.autograd.grad((y * dy.to(dtype)).sum() + (s.sin()).sum(), xx, create_graph=True)
+        (gx,) = torch.autograd.grad((y * dy.to(dtype)).sum() + (s.sin()).sum(), xx, create_graph=True)
         return torch.autograd.grad(gx.square().sum(), [xx, rr])
+
     _close(second(_ours(centered, w, b), torch.float32), second(_torch(centered, w, b), torch.float64), 1e-4)
 
 
@@ -234,8 +239,9 @@ def test_compile_fullgraph_no_graph_breaks_export_and_meta():
     assert y.device.type == s.device.type == "meta" and y.shape == s.shape == (4, 16)
     (y.sum() + s.sum()).backward()
     assert xm.grad.shape == (4, 16)
-    outs = torch.ops.normlab.add_row_norm(torch.empty(3, 8, device="meta"), torch.empty(3, 8, device="meta"),
-                                          None, None, 8, 1e-5, True)
+    outs = torch.ops.normlab.add_row_norm(
+        torch.empty(3, 8, device="meta"), torch.empty(3, 8, device="meta"), None, None, 8, 1e-5, True
+    )
     assert [tuple(o.shape) for o in outs] == [(3, 8), (3, 8), (3,), (3,), (3,)]
 
 

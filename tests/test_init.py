@@ -25,8 +25,19 @@ def test_gain_table_follows_the_derivations():
     assert I.gain("linear") == I.gain("identity") == I.gain("conv") == 1.0
 
 
-@pytest.mark.parametrize("activation,param", [("linear", None), ("conv1d", None), ("tanh", None), ("sigmoid", None),
-                                              ("relu", None), ("leaky_relu", None), ("leaky_relu", 0.3), ("selu", None)])
+@pytest.mark.parametrize(
+    "activation,param",
+    [
+        ("linear", None),
+        ("conv1d", None),
+        ("tanh", None),
+        ("sigmoid", None),
+        ("relu", None),
+        ("leaky_relu", None),
+        ("leaky_relu", 0.3),
+        ("selu", None),
+    ],
+)
 def test_torch_convention_reproduces_calculate_gain(activation, param):
     ours = "conv" if activation.startswith("conv") else activation
     assert I.gain(ours, param, convention="torch") == pytest.approx(nn.init.calculate_gain(activation, param))
@@ -116,8 +127,10 @@ def test_lsuv_gives_unit_std_outputs_within_tol(act):
     result = I.lsuv_(model, batch, tol=0.05)
     assert [r.name for r in result] == [str(i) for i in range(0, 16, 2)]  # execution order
     stds = {}
-    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: stds.__setitem__(i, o.std().item()))
-             for i in range(0, 16, 2)]
+    hooks = [
+        model[i].register_forward_hook(lambda m, a, o, i=i: stds.__setitem__(i, o.std().item()))
+        for i in range(0, 16, 2)
+    ]
     with torch.no_grad():
         model(batch)
     for h in hooks:
@@ -129,8 +142,15 @@ def test_lsuv_gives_unit_std_outputs_within_tol(act):
 
 def test_lsuv_on_a_cnn_and_the_training_flag():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 4 * 4, 10), nn.Dropout(0.5))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
+        nn.Dropout(0.5),
+    )
     model.train()
     result = I.lsuv_(model, torch.randn(64, 3, 8, 8), tol=0.1)
     assert model.training and len(result) == 3

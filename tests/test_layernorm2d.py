@@ -82,8 +82,9 @@ def test_no_activation_sized_copy_and_layout_kept(layout):
     if layout == "channels_last":  # the row kernel on the permuted view: the output is all it allocates
         storages = {ptr for _, ptr in copies} - {x.untyped_storage().data_ptr()}
         assert len(storages) == 1, copies
-    assert not any(name.startswith(("aten.clone", "aten.contiguous", "aten._to_copy", "aten.copy"))
-                   for name, _ in copies), copies
+    assert not any(
+        name.startswith(("aten.clone", "aten.contiguous", "aten._to_copy", "aten.copy")) for name, _ in copies
+    ), copies
 
 
 def test_float64_and_other_paths_match_reference():
@@ -93,9 +94,14 @@ def test_float64_and_other_paths_match_reference():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-1, 1)
     torch.testing.assert_close(layer(x), _reference(x, layer.weight, layer.bias, 1e-6))
-    assert torch.autograd.gradcheck(lambda z, w, b: nl.functional.layer_norm2d(z, w, b),
-                                    (x.clone().requires_grad_(), layer.weight.detach().clone().requires_grad_(),
-                                     layer.bias.detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda z, w, b: nl.functional.layer_norm2d(z, w, b),
+        (
+            x.clone().requires_grad_(),
+            layer.weight.detach().clone().requires_grad_(),
+            layer.bias.detach().clone().requires_grad_(),
+        ),
+    )
     with core.use_backend("composed"):
         for fmt in LAYOUTS.values():
             z = x.contiguous(memory_format=fmt).requires_grad_()

@@ -99,8 +99,14 @@ def test_closed_form_matches_staged_numpy_reference(name, affine):
     y.backward(dy)
 
     xv, mv, axes = _reference_view(name, padded.numpy(), mask.numpy())
-    y_ref, cache = ref.masked_forward(xv, mv, _affine_view(name, None if w is None else w.numpy()),
-                                      _affine_view(name, None if b is None else b.numpy()), axes, 1e-5)
+    y_ref, cache = ref.masked_forward(
+        xv,
+        mv,
+        _affine_view(name, None if w is None else w.numpy()),
+        _affine_view(name, None if b is None else b.numpy()),
+        axes,
+        1e-5,
+    )
     dx_ref, dw_ref, db_ref = ref.masked_backward(dy.numpy().reshape(xv.shape), cache)
     np.testing.assert_allclose(y.detach().numpy(), y_ref.reshape(shape), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(xi.grad.numpy(), dx_ref.reshape(shape), rtol=1e-9, atol=1e-10)
@@ -121,9 +127,15 @@ def test_given_statistics_match_numpy_reference():
     y = F.batch_norm(xi, rm, rv, wi, bi, False, mask=mask)
     y.backward(dy)
     view = (1, 3, 1)
-    y_ref, cache = ref.masked_forward(x.numpy(), mask.numpy()[:, None], w.numpy().reshape(view),
-                                      b.numpy().reshape(view), (0, 2), 1e-5,
-                                      stats=(rm.numpy().reshape(view), rv.numpy().reshape(view)))
+    y_ref, cache = ref.masked_forward(
+        x.numpy(),
+        mask.numpy()[:, None],
+        w.numpy().reshape(view),
+        b.numpy().reshape(view),
+        (0, 2),
+        1e-5,
+        stats=(rm.numpy().reshape(view), rv.numpy().reshape(view)),
+    )
     dx_ref, dw_ref, db_ref = ref.masked_backward(dy.numpy(), cache)
     np.testing.assert_allclose(y.detach().numpy(), y_ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(xi.grad.numpy(), dx_ref, rtol=1e-12, atol=1e-12)
@@ -132,6 +144,7 @@ def test_given_statistics_match_numpy_reference():
 
 
 # ---------------------------------------------------------------- gradcheck
+
 
 @pytest.mark.parametrize("name", ["batch_norm_1d", "batch_norm_2d_broadcast_mask", "instance_norm", "group_norm"])
 def test_gradcheck_and_gradgradcheck_float64(name):
@@ -160,6 +173,7 @@ def test_gradcheck_eval_with_running_statistics():
 
 
 # ---------------------------------------------------------------- torch.nn on the valid positions
+
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -197,8 +211,7 @@ def test_batchnorm1d_with_mask_equals_torch_on_the_valid_positions(dtype, moment
     ours.eval(), theirs.eval()
     x = torch.randn(N, C, L, generator=g, dtype=torch.float64).to(dtype)
     mask = _lengths_mask([L, 2, 5, 0, 1], L)
-    torch.testing.assert_close(_valid_rows(ours(x, mask=mask), mask), theirs(_valid_rows(x, mask)),
-                               rtol=tol, atol=tol)
+    torch.testing.assert_close(_valid_rows(ours(x, mask=mask), mask), theirs(_valid_rows(x, mask)), rtol=tol, atol=tol)
 
 
 def test_batchnorm2d_mask_over_positions_equals_torch_on_the_valid_pixels():
@@ -232,8 +245,8 @@ def test_instance_and_group_norm_with_mask_equal_torch_per_sample_on_the_valid_p
     y_gn, y_in = gn(_pad(x, mask, 7.0), mask=mask), inorm(_pad(x, mask, -3.0), mask=mask)
     means, vars_ = [], []
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(y_gn[i:i + 1, :, :n], gn_t(x[i:i + 1, :, :n]))
-        torch.testing.assert_close(y_in[i:i + 1, :, :n], inorm_t(x[i:i + 1, :, :n]))
+        torch.testing.assert_close(y_gn[i : i + 1, :, :n], gn_t(x[i : i + 1, :, :n]))
+        torch.testing.assert_close(y_in[i : i + 1, :, :n], inorm_t(x[i : i + 1, :, :n]))
         means.append(x[i, :, :n].mean(-1))
         vars_.append(x[i, :, :n].var(-1))
     assert (y_gn[~mask.unsqueeze(1).expand_as(y_gn)] == 0).all()
@@ -254,6 +267,7 @@ def test_unbatched_instance_norm_takes_a_mask_of_positions():
 
 # ---------------------------------------------------------------- padding never matters
 
+
 @settings(max_examples=25, deadline=None)
 @given(
     lengths=st.lists(st.integers(0, 6), min_size=2, max_size=4),
@@ -271,15 +285,18 @@ def test_padding_values_never_influence_outputs_gradients_or_running_stats(lengt
     results = []
     for padding in (torch.zeros_like(x), other):
         torch.manual_seed(0)
-        module = {"bn": lambda: nl.nn.BatchNorm1d(C, dtype=torch.float64),
-                  "in": lambda: nl.nn.InstanceNorm1d(C, affine=True, track_running_stats=True, dtype=torch.float64),
-                  "gn": lambda: nl.nn.GroupNorm(2, C, dtype=torch.float64)}[layer]()
+        module = {
+            "bn": lambda: nl.nn.BatchNorm1d(C, dtype=torch.float64),
+            "in": lambda: nl.nn.InstanceNorm1d(C, affine=True, track_running_stats=True, dtype=torch.float64),
+            "gn": lambda: nl.nn.GroupNorm(2, C, dtype=torch.float64),
+        }[layer]()
         xi = torch.where(mask.unsqueeze(1), x, padding).requires_grad_()
         # dy at padded positions is arbitrary too: the output there is a constant
         y = module(xi, mask=mask)
         y.backward(torch.where(mask.unsqueeze(1), dy, padding.nan_to_num(0.0)))
-        results.append((y.detach(), xi.grad, [p.grad for p in module.parameters()],
-                        [b.clone() for b in module.buffers()]))
+        results.append(
+            (y.detach(), xi.grad, [p.grad for p in module.parameters()], [b.clone() for b in module.buffers()])
+        )
     (y0, gx0, gp0, b0), (y1, gx1, gp1, b1) = results
     assert torch.isfinite(y0).all() and torch.isfinite(gx0).all()
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
@@ -291,6 +308,7 @@ def test_padding_values_never_influence_outputs_gradients_or_running_stats(lengt
 
 
 # ---------------------------------------------------------------- empty samples and batches
+
 
 def test_sample_without_valid_position_outputs_zero_and_others_are_unaffected():
     x = torch.randn(3, 4, 5)
@@ -335,8 +353,16 @@ def test_running_update_without_host_sync_matches_the_eager_cpu_skip():
 
     @torch.compile(fullgraph=True, backend="eager")
     def update(enough):
-        update_running_stats_if(enough, rm, rv, torch.full((3,), 2.0), torch.full((3,), 4.0), torch.tensor(5.0), 0.5,
-                                num_batches_tracked=nbt)
+        update_running_stats_if(
+            enough,
+            rm,
+            rv,
+            torch.full((3,), 2.0),
+            torch.full((3,), 4.0),
+            torch.tensor(5.0),
+            0.5,
+            num_batches_tracked=nbt,
+        )
 
     update(torch.tensor(False))
     assert (rm == 0).all() and (rv == 1).all() and nbt.item() == 0
@@ -348,14 +374,18 @@ def test_running_update_without_host_sync_matches_the_eager_cpu_skip():
 
 # ---------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("mask, error, words", [
-    (torch.ones(2, 5), TypeError, "torch.bool"),
-    ([[True] * 5] * 2, TypeError, "got list"),
-    (torch.ones(2, 6, dtype=torch.bool), ValueError, "(N, *spatial) = (2, 5)"),
-    (torch.ones(3, 5, dtype=torch.bool), ValueError, "shape (3, 5)"),
-    (torch.ones(2, 1, 5, dtype=torch.bool), ValueError, "broadcasts"),
-    (torch.ones(2, 5, dtype=torch.bool, device="meta"), ValueError, "is on meta"),
-])
+
+@pytest.mark.parametrize(
+    "mask, error, words",
+    [
+        (torch.ones(2, 5), TypeError, "torch.bool"),
+        ([[True] * 5] * 2, TypeError, "got list"),
+        (torch.ones(2, 6, dtype=torch.bool), ValueError, "(N, *spatial) = (2, 5)"),
+        (torch.ones(3, 5, dtype=torch.bool), ValueError, "shape (3, 5)"),
+        (torch.ones(2, 1, 5, dtype=torch.bool), ValueError, "broadcasts"),
+        (torch.ones(2, 5, dtype=torch.bool, device="meta"), ValueError, "is on meta"),
+    ],
+)
 @pytest.mark.parametrize("layer", ["bn", "gn", "in"])
 def test_mask_is_validated_with_clear_errors(mask, error, words, layer):
     module = {"bn": nl.nn.BatchNorm1d(4), "gn": nl.nn.GroupNorm(2, 4), "in": nl.nn.InstanceNorm1d(4)}[layer]
@@ -373,6 +403,7 @@ def test_broadcast_masks_are_accepted():
 
 
 # ---------------------------------------------------------------- dispatch, half precision, activation
+
 
 def test_masked_calls_take_the_composed_path_for_every_dtype():
     x = torch.randn(4, 3, 6)
@@ -398,6 +429,7 @@ def test_norm_act_with_mask_keeps_padded_outputs_zero():
 
 
 # ---------------------------------------------------------------- compile, torch.func, fx
+
 
 class _Stack(torch.nn.Module):
     def __init__(self):
@@ -457,6 +489,7 @@ def test_fx_keeps_layers_as_leaves_and_records_the_mask():
 
 # ---------------------------------------------------------------- SyncBatchNorm
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -472,8 +505,13 @@ def _sync_data():
 
 
 def _sync_worker(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         x, dy, mask = _sync_data()
         shard = slice(0, 2) if rank == 0 else slice(2, 6)  # rank 1's first two samples are empty
@@ -482,9 +520,19 @@ def _sync_worker(rank, world, port, out_dir):
         y = layer(xi, mask=mask[shard])
         y.backward(dy[shard])
         empty = layer(torch.randn(1, 3, 5, dtype=torch.float64), mask=torch.zeros(1, 5, dtype=torch.bool))
-        torch.save((y.detach(), xi.grad, layer.weight.grad, layer.bias.grad, layer.running_mean.clone(),
-                    layer.running_var.clone(), layer.num_batches_tracked.clone(), empty.detach()),
-                   f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            (
+                y.detach(),
+                xi.grad,
+                layer.weight.grad,
+                layer.bias.grad,
+                layer.running_mean.clone(),
+                layer.running_var.clone(),
+                layer.num_batches_tracked.clone(),
+                empty.detach(),
+            ),
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -11,12 +11,11 @@ import math
 
 import pytest
 import torch
+from helpers import LAYOUTS, in_layout, pair, run_step
 from hypothesis import given
 from hypothesis import strategies as st
 
 import normlab as nl
-
-from helpers import LAYOUTS, in_layout, pair, run_step
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
@@ -136,7 +135,11 @@ def per_sample_cases(draw):
     if name == "GroupNorm" and c // groups * math.prod(spatial) == 1:
         c *= 2  # a group of one value is an error in normlab (its output is only β)
     return dict(
-        name=name, n=n, c=c, groups=groups, spatial=spatial,
+        name=name,
+        n=n,
+        c=c,
+        groups=groups,
+        spatial=spatial,
         normalized_rank=draw(st.integers(1, 1 + len(spatial))),
         layout=draw(st.sampled_from(LAYOUTS)),
         dtype=draw(st.sampled_from([torch.float64, torch.float32])),
@@ -151,16 +154,17 @@ def test_group_layer_rms_norm_match_torch(case):
     torch.manual_seed(case["seed"])
     shape = (case["n"], case["c"], *case["spatial"])
     if case["name"] == "GroupNorm":
-        theirs, ours = pair("GroupNorm", case["groups"], case["c"], affine=case["affine"],
-                            bias=case["bias"], dtype=case["dtype"])
+        theirs, ours = pair(
+            "GroupNorm", case["groups"], case["c"], affine=case["affine"], bias=case["bias"], dtype=case["dtype"]
+        )
     else:
-        normalized = shape[-case["normalized_rank"]:]
+        normalized = shape[-case["normalized_rank"] :]
         if case["name"] == "LayerNorm":
-            theirs, ours = pair("LayerNorm", normalized, elementwise_affine=case["affine"],
-                                bias=case["bias"], dtype=case["dtype"])
+            theirs, ours = pair(
+                "LayerNorm", normalized, elementwise_affine=case["affine"], bias=case["bias"], dtype=case["dtype"]
+            )
         else:
-            theirs, ours = pair("RMSNorm", normalized, elementwise_affine=case["affine"],
-                                dtype=case["dtype"])
+            theirs, ours = pair("RMSNorm", normalized, elementwise_affine=case["affine"], dtype=case["dtype"])
     tol = TOL[case["dtype"]]
     x = in_layout(torch.randn(shape, dtype=case["dtype"]) * 3 + 1, case["layout"])
     _compare_step(theirs, ours, x, tol, "train")

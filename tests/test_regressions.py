@@ -113,10 +113,16 @@ def test_errors_are_catchable_as_torch_raises_them():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", [
-    lambda: nl.nn.BatchNorm2d(3), lambda: nl.nn.GroupNorm(1, 3), lambda: nl.nn.InstanceNorm2d(3),
-    lambda: nl.nn.LayerNorm([3, 4, 4]),
-], ids=["batch", "group", "instance", "layer"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nl.nn.BatchNorm2d(3),
+        lambda: nl.nn.GroupNorm(1, 3),
+        lambda: nl.nn.InstanceNorm2d(3),
+        lambda: nl.nn.LayerNorm([3, 4, 4]),
+    ],
+    ids=["batch", "group", "instance", "layer"],
+)
 def test_a_variance_that_overflows_gives_nan_not_beta(backend, make):
     """float32 input ×1e19: the squares overflow; the output used to be β everywhere."""
     x = torch.randn(8, 3, 4, 4) * 1e19

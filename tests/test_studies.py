@@ -22,8 +22,18 @@ from normlab.experiments.studies.regularization import gains
 from normlab.experiments.studies.weight_decay import product_pairs
 from normlab.experiments.training import StepConfig, train_steps
 
-STUDY_NAMES = ["init-depth", "batch-size", "convergence", "learning-rate", "dead-units", "train-eval-gap", "depth",
-               "regularization", "dropout-order", "weight-decay"]
+STUDY_NAMES = [
+    "init-depth",
+    "batch-size",
+    "convergence",
+    "learning-rate",
+    "dead-units",
+    "train-eval-gap",
+    "depth",
+    "regularization",
+    "dropout-order",
+    "weight-decay",
+]
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +123,9 @@ def test_batch_size_and_gap_record_every_evaluation(smoke):
     assert all("precise_accuracy" in r for r in rows if r["norm"] == "batch")
     gap = smoke["train-eval-gap"][0]["data"]["runs"]
     for r in gap:
-        keys = {"eval_mode", "unfrozen_finetune"} | ({"train_mode", "precise_bn", "frozen_finetune"}
-                                                     if r["norm"] == "batch" else set())
+        keys = {"eval_mode", "unfrozen_finetune"} | (
+            {"train_mode", "precise_bn", "frozen_finetune"} if r["norm"] == "batch" else set()
+        )
         assert keys <= set(r) and all(0 <= r[k] <= 1 for k in keys)
 
 
@@ -138,8 +149,14 @@ def test_regularization_bn_beats_no_norm_and_dropout_reaches_training(smoke):
 
 def test_regularization_gains_of_known_cells():
     config = RegularizationConfig(models=("cnn",), dropouts=(0.0, 0.5), weight_decays=(0.0, 1e-4, 5e-4))
-    test = {(0.0, 0.0): 90.0, (0.0, 1e-4): 93.0, (0.0, 5e-4): 91.0,
-            (0.5, 0.0): 80.0, (0.5, 1e-4): 92.0, (0.5, 5e-4): 85.0}
+    test = {
+        (0.0, 0.0): 90.0,
+        (0.0, 1e-4): 93.0,
+        (0.0, 5e-4): 91.0,
+        (0.5, 0.0): 80.0,
+        (0.5, 1e-4): 92.0,
+        (0.5, 5e-4): 85.0,
+    }
     cells = {("cnn", "batch", p, wd): {"test": v} for (p, wd), v in test.items()}
     g = gains(config, cells, "cnn", "batch")
     assert g["best"] == {"dropout": 0.0, "weight_decay": 1e-4, "test": 93.0}
@@ -177,6 +194,7 @@ def test_variance_shift_of_dropout_right_before_batchnorm_is_the_keep_rate():
 def test_conv_net_places_dropout_where_asked():
     def kinds(net):
         return [type(m).__name__ for m in net]
+
     relu = kinds(conv_net("batch", 0.3, "relu"))
     assert relu[:4] == ["Conv1d", "BatchNorm1d", "ReLU", "Dropout"]
     assert kinds(conv_net("batch", 0.3, "norm"))[:4] == ["Conv1d", "Dropout", "BatchNorm1d", "ReLU"]
@@ -258,12 +276,25 @@ def test_json_is_strict_and_nonfinite_becomes_null(tmp_path):
 
 def test_report_escapes_text_and_shows_failures():
     results = [
-        {"study": "depth", "title": "<b>Depth</b>", "question": "q & a", "setting": "smoke", "seconds": 1.0,
-         "summary": ["x < y"], "tables": [{"title": "t", "columns": ["a"], "rows": [["<i>"]], "note": ""}],
-         "figures": [{"file": "f.png", "caption": "c"}],
-         "comparison": [{"what": "w", "published": "p", "ours": "o", "agrees": "partly", "why": "because"}]},
-        {"study": "convergence", "title": "Conv", "question": "?", "setting": "smoke", "seconds": 0.5,
-         "error": "ValueError: boom"},
+        {
+            "study": "depth",
+            "title": "<b>Depth</b>",
+            "question": "q & a",
+            "setting": "smoke",
+            "seconds": 1.0,
+            "summary": ["x < y"],
+            "tables": [{"title": "t", "columns": ["a"], "rows": [["<i>"]], "note": ""}],
+            "figures": [{"file": "f.png", "caption": "c"}],
+            "comparison": [{"what": "w", "published": "p", "ours": "o", "agrees": "partly", "why": "because"}],
+        },
+        {
+            "study": "convergence",
+            "title": "Conv",
+            "question": "?",
+            "setting": "smoke",
+            "seconds": 0.5,
+            "error": "ValueError: boom",
+        },
     ]
     page = render_report(results, setting="smoke", seconds=1.5)
     assert "&lt;b&gt;Depth&lt;/b&gt;" in page and "<b>Depth</b>" not in page
@@ -283,8 +314,24 @@ def test_cli_list_run_and_study(tmp_path, capsys):
     assert json.loads((out / "result.json").read_text())["study"] == "depth"
     assert "wrote" in capsys.readouterr().out
     report_dir = tmp_path / "report"
-    assert main(["study", "--smoke", "--only", "depth", "learning-rate", "--jobs", "1",
-                 "--seeds", "1", "--out", str(report_dir)]) == 0
+    assert (
+        main(
+            [
+                "study",
+                "--smoke",
+                "--only",
+                "depth",
+                "learning-rate",
+                "--jobs",
+                "1",
+                "--seeds",
+                "1",
+                "--out",
+                str(report_dir),
+            ]
+        )
+        == 0
+    )
     page = (report_dir / "index.html").read_text()
     assert 'id="depth"' in page and 'id="learning-rate"' in page and 'id="batch-size"' not in page
     report = json.loads((report_dir / "report.json").read_text())

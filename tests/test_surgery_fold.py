@@ -16,8 +16,12 @@ def _trained(model: nn.Module, example: torch.Tensor, steps: int = 3) -> nn.Modu
     """Give BatchNorms real statistics and non-trivial affine, then switch to eval."""
     with torch.no_grad():
         for m in model.modules():
-            if hasattr(m, "weight") and isinstance(getattr(m, "weight", None), torch.Tensor) \
-                    and "Norm" in type(m).__name__ and m.weight is not None:
+            if (
+                hasattr(m, "weight")
+                and isinstance(getattr(m, "weight", None), torch.Tensor)
+                and "Norm" in type(m).__name__
+                and m.weight is not None
+            ):
                 m.weight.uniform_(0.5, 1.5)
                 if getattr(m, "bias", None) is not None:
                     m.bias.uniform_(-0.5, 0.5)
@@ -29,8 +33,9 @@ def _trained(model: nn.Module, example: torch.Tensor, steps: int = 3) -> nn.Modu
 
 
 def _no_bn_left(model):
-    return not any(type(m).__name__.startswith(("BatchNorm", "FrozenBatchNorm", "BatchRenorm"))
-                   for m in model.modules())
+    return not any(
+        type(m).__name__.startswith(("BatchNorm", "FrozenBatchNorm", "BatchRenorm")) for m in model.modules()
+    )
 
 
 PRODUCERS = [
@@ -40,7 +45,12 @@ PRODUCERS = [
     ("conv2d-depthwise", lambda: nn.Conv2d(6, 6, 3, groups=6, bias=False), lambda: nn.BatchNorm2d(6), (5, 6, 7, 7)),
     ("conv3d", lambda: nn.Conv3d(4, 6, 3), lambda: nl.nn.BatchNorm3d(6), (3, 4, 5, 5, 5)),
     ("convT1d", lambda: nn.ConvTranspose1d(4, 6, 3), lambda: nn.BatchNorm1d(6), (5, 4, 9)),
-    ("convT2d-grouped", lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), lambda: nl.nn.BatchNorm2d(6), (5, 4, 6, 6)),
+    (
+        "convT2d-grouped",
+        lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False),
+        lambda: nl.nn.BatchNorm2d(6),
+        (5, 4, 6, 6),
+    ),
     ("convT3d", lambda: nn.ConvTranspose3d(4, 6, 2, stride=2), lambda: nn.BatchNorm3d(6), (2, 4, 3, 3, 3)),
     ("linear", lambda: nn.Linear(4, 6), lambda: nl.nn.BatchNorm1d(6), (7, 4)),
     ("linear-nobias", lambda: nn.Linear(4, 6, bias=False), lambda: nn.BatchNorm1d(6, affine=False), (7, 4)),

@@ -12,9 +12,16 @@ from normlab import surgery
 
 def _net(lib=nn):
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, bias=False), lib.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, bias=False), lib.GroupNorm(4, 12), nn.ReLU(),
-        nn.Dropout(0.2), nn.Flatten(), nn.Linear(12 * 2 * 2, 10), lib.LayerNorm(10),
+        nn.Conv2d(3, 8, 3, bias=False),
+        lib.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, bias=False),
+        lib.GroupNorm(4, 12),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Flatten(),
+        nn.Linear(12 * 2 * 2, 10),
+        lib.LayerNorm(10),
     )
 
 
@@ -191,8 +198,9 @@ def test_explicit_groups_must_divide():
         surgery.convert_norms(model, "group", groups=0)
 
 
-@pytest.mark.parametrize("to,cls", [("frozen", nl.nn.FrozenBatchNorm2d), ("batch_renorm", nl.nn.BatchRenorm2d),
-                                    ("batch", nl.nn.BatchNorm2d)])
+@pytest.mark.parametrize(
+    "to,cls", [("frozen", nl.nn.FrozenBatchNorm2d), ("batch_renorm", nl.nn.BatchRenorm2d), ("batch", nl.nn.BatchNorm2d)]
+)
 def test_statistics_move_where_the_target_keeps_them(to, cls):
     model = _warm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()))
     if to == "batch":
@@ -247,8 +255,10 @@ def test_subclasses_of_torch_layers_are_left_alone():
 
 
 def test_to_torch_reports_what_torch_cannot_express():
-    model = nn.Sequential(nl.nn.BatchNorm2d(3, unbiased_running_var=False),
-                          nl.nn.InstanceNorm2d(3, track_running_stats=True, momentum=None))
+    model = nn.Sequential(
+        nl.nn.BatchNorm2d(3, unbiased_running_var=False),
+        nl.nn.InstanceNorm2d(3, track_running_stats=True, momentum=None),
+    )
     back, report = surgery.to_torch(model)
     assert isinstance(back[0], nn.BatchNorm2d)
     notes = " ".join(report.notes)
@@ -262,15 +272,23 @@ def test_keras_decay_statistics_import():
     mean, var = torch.randn(4), torch.rand(4) + 0.5
     gamma, beta = torch.rand(4) + 0.5, torch.randn(4)
     layer, report = surgery.load_decay_statistics(
-        nl.nn.BatchNorm2d(4), moving_mean=mean, moving_variance=var, decay=0.99,
-        gamma=gamma, beta=beta, epsilon=1e-3, elements_per_batch=101,
+        nl.nn.BatchNorm2d(4),
+        moving_mean=mean,
+        moving_variance=var,
+        decay=0.99,
+        gamma=gamma,
+        beta=beta,
+        epsilon=1e-3,
+        elements_per_batch=101,
     )
     assert layer.momentum == pytest.approx(0.01) and layer.eps == 1e-3
     torch.testing.assert_close(layer.running_var, var * 101 / 100)
     torch.testing.assert_close(layer.weight.detach(), gamma)
     layer.eval()
     x = torch.randn(2, 4, 3, 3)
-    keras = gamma.view(1, -1, 1, 1) * (x - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) * 101 / 100 + 1e-3) + beta.view(1, -1, 1, 1)
+    keras = gamma.view(1, -1, 1, 1) * (x - mean.view(1, -1, 1, 1)) / torch.sqrt(
+        var.view(1, -1, 1, 1) * 101 / 100 + 1e-3
+    ) + beta.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), keras, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="moving_mean has shape"):
         surgery.load_decay_statistics(nl.nn.BatchNorm2d(3), moving_mean=mean, moving_variance=var, decay=0.9)

@@ -13,11 +13,20 @@ from normlab import surgery
 
 def _normlab_net():
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nl.nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 1), nl.nn.BatchNormAct2d(8, activation="silu"),
-        nl.nn.GroupNorm(4, 8), nl.nn.GroupNormAct(2, 8), nl.nn.InstanceNorm2d(8, affine=True),
-        nl.nn.BatchRenorm2d(8), nl.nn.FrozenBatchNorm2d(8),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 6), nl.nn.LayerNorm(6), nl.nn.RMSNorm(6),
+        nn.Conv2d(3, 8, 3),
+        nl.nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nl.nn.BatchNormAct2d(8, activation="silu"),
+        nl.nn.GroupNorm(4, 8),
+        nl.nn.GroupNormAct(2, 8),
+        nl.nn.InstanceNorm2d(8, affine=True),
+        nl.nn.BatchRenorm2d(8),
+        nl.nn.FrozenBatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 6),
+        nl.nn.LayerNorm(6),
+        nl.nn.RMSNorm(6),
     )
 
 
@@ -50,8 +59,7 @@ def test_to_torch_gives_torch_classes_and_lists_the_rest():
     assert set(skipped) == {"4", "6", "8", "9"}
     assert "fused norm+activation" in skipped["4"] and "fused norm+activation" in skipped["6"]
     assert "BatchRenorm2d" in skipped["8"] and "FrozenBatchNorm2d" in skipped["9"]
-    assert not any(type(m).__module__.startswith("normlab.") for p, m in back.named_modules()
-                   if p not in skipped)
+    assert not any(type(m).__module__.startswith("normlab.") for p, m in back.named_modules() if p not in skipped)
 
 
 def test_from_torch_lists_what_it_skips():

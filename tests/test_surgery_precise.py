@@ -19,8 +19,13 @@ from normlab import surgery
 def _model(dtype=torch.float64):
     torch.manual_seed(0)
     return nn.Sequential(
-        nl.nn.BatchNorm2d(3), nn.Conv2d(3, 6, 3), nn.Dropout(0.5), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 4, 3), nl.nn.BatchNorm2d(4),
+        nl.nn.BatchNorm2d(3),
+        nn.Conv2d(3, 6, 3),
+        nn.Dropout(0.5),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3),
+        nl.nn.BatchNorm2d(4),
     ).to(dtype)
 
 
@@ -39,8 +44,11 @@ def _independent_statistics(model, batches):
     for name, m in reference.named_modules():
         if isinstance(m, (nn.BatchNorm2d, nl.nn.BatchNorm2d)):
             m.train()
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].detach().double())))
+            hooks.append(
+                m.register_forward_pre_hook(
+                    lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].detach().double())
+                )
+            )
     with torch.no_grad():
         for x, _ in batches:
             reference(x)
@@ -122,8 +130,11 @@ def test_reports_how_far_the_old_statistics_were():
 
 
 def test_frozen_and_untracked_layers_are_skipped():
-    model = nn.Sequential(nl.nn.BatchNorm2d(3), nn.BatchNorm2d(3, track_running_stats=False),
-                          nl.nn.InstanceNorm2d(3, track_running_stats=True))
+    model = nn.Sequential(
+        nl.nn.BatchNorm2d(3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nl.nn.InstanceNorm2d(3, track_running_stats=True),
+    )
     model[0].freeze()
     _, report = surgery.precise_bn(model, _batches([4], dtype=torch.float32))
     reasons = {s.path: s.reason for s in report.skipped}
@@ -142,8 +153,13 @@ def _free_port() -> int:
 
 
 def _worker(rank, world, port, shards, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         result, _ = surgery.precise_bn(_model(), shards[rank])
         torch.save({k: v for k, v in result.state_dict().items()}, f"{out}/rank{rank}.pt")
@@ -160,7 +176,9 @@ def test_statistics_are_merged_across_processes(tmp_path):
     for rank in range(2):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name in ("0", "3", "6"):
-            torch.testing.assert_close(state[f"{name}.running_mean"], single.get_submodule(name).running_mean,
-                                       rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(state[f"{name}.running_var"], single.get_submodule(name).running_var,
-                                       rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                state[f"{name}.running_mean"], single.get_submodule(name).running_mean, rtol=1e-12, atol=1e-12
+            )
+            torch.testing.assert_close(
+                state[f"{name}.running_var"], single.get_submodule(name).running_var, rtol=1e-12, atol=1e-12
+            )

@@ -30,8 +30,13 @@ def _free_port() -> int:
 
 
 def _init(rank, world, port, seconds=60):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=seconds))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=seconds),
+    )
 
 
 def _data(sizes, dtype, seed=0):
@@ -76,8 +81,11 @@ def _run_steps(layer, steps, rank=None, sizes=None):
 
 def _scenarios(rank, world, sizes):
     results = {}
-    for name, dtype, momentum in [("f64", torch.float64, 0.1), ("f32", torch.float32, 0.1),
-                                  ("cumulative", torch.float64, None)]:
+    for name, dtype, momentum in [
+        ("f64", torch.float64, 0.1),
+        ("f32", torch.float32, 0.1),
+        ("cumulative", torch.float64, None),
+    ]:
         results[name] = _run_steps(_layer(dtype, momentum), _data(sizes, dtype), rank, sizes)
     # A non-finite batch on one rank: every rank skips the update together.
     layer = _layer(torch.float64)
@@ -87,6 +95,7 @@ def _scenarios(rank, world, sizes):
     if rank == world - 1:  # the last rank always holds data here
         bad[0, 0, 0, 0] = float("nan")
     import warnings
+
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         layer(bad)
@@ -105,8 +114,9 @@ def _worker(rank, world, port, sizes, out_dir):
                 sub_sizes = [sizes[0], sizes[2]]
                 layer = _layer(torch.float64)
                 layer.process_group = group
-                results["subset"] = _run_steps(layer, _data(sub_sizes, torch.float64, seed=3),
-                                               [0, None, 1][rank], sub_sizes)
+                results["subset"] = _run_steps(
+                    layer, _data(sub_sizes, torch.float64, seed=3), [0, None, 1][rank], sub_sizes
+                )
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -232,8 +242,13 @@ def test_ranks_that_disagree_about_the_input_all_raise_the_same_clear_error(tmp_
 
 
 def test_convert_sync_batchnorm_and_back():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-                                torch.nn.Identity(), nl.nn.BatchNorm2d(4, momentum=None))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.Identity(),
+        nl.nn.BatchNorm2d(4, momentum=None),
+    )
     model.train()
     for _ in range(2):
         model(torch.randn(5, 3, 6, 6))

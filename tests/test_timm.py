@@ -42,8 +42,10 @@ timm = _import_timm()
 
 def _norm_counts(model):
     return collections.Counter(
-        f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" + (f"/{m.activation}" if hasattr(m, "activation") else "")
-        for m in model.modules() if nl.nn.is_norm_layer(m)
+        f"{type(m).__module__.split('.')[0]}.{type(m).__name__}"
+        + (f"/{m.activation}" if hasattr(m, "activation") else "")
+        for m in model.modules()
+        if nl.nn.is_norm_layer(m)
     )
 
 
@@ -78,10 +80,13 @@ def test_resnet_takes_normlab_batchnorm_directly():
     _backward(model, x)
 
 
-@pytest.mark.parametrize("name, activation, counts", [
-    ("efficientnet_b0", "silu", {"normlab.BatchNormAct2d/silu": 33, "normlab.BatchNormAct2d/identity": 16}),
-    ("regnetx_002", "relu", {"normlab.BatchNormAct2d/relu": 27, "normlab.BatchNormAct2d/identity": 17}),
-])
+@pytest.mark.parametrize(
+    "name, activation, counts",
+    [
+        ("efficientnet_b0", "silu", {"normlab.BatchNormAct2d/silu": 33, "normlab.BatchNormAct2d/identity": 16}),
+        ("regnetx_002", "relu", {"normlab.BatchNormAct2d/relu": 27, "normlab.BatchNormAct2d/identity": 17}),
+    ],
+)
 def test_norm_act_models_take_the_adapter(name, activation, counts):
     # The class alone is swapped for timm's own layer (matched by name): that is why the adapter exists.
     silently = timm.create_model(name, norm_layer=nl.nn.BatchNorm2d, num_classes=10)
@@ -141,12 +146,21 @@ def test_from_torch_on_timm_and_torchvision_layers():
         for name in ("weight", "bias", "running_mean"):
             getattr(frozen, name).normal_()
         frozen.running_var.uniform_(0.5, 2)
-    model = nn.Sequential(frozen, LayerNorm2d(4), EvoNorm2dB0(4), FrozenBatchNormAct2d(4),
-                          nn.Flatten(), LayerNorm(4 * 3 * 3),
-                          timm.layers.BatchNormAct2d(4, act_layer=nn.GELU).eval())
+    model = nn.Sequential(
+        frozen,
+        LayerNorm2d(4),
+        EvoNorm2dB0(4),
+        FrozenBatchNormAct2d(4),
+        nn.Flatten(),
+        LayerNorm(4 * 3 * 3),
+        timm.layers.BatchNormAct2d(4, act_layer=nn.GELU).eval(),
+    )
     ours, report = surgery.from_torch(model[:6])
     assert {c.path: c.after for c in report.changes} == {
-        "0": "normlab.nn.FrozenBatchNorm2d", "1": "normlab.nn.LayerNorm2d", "5": "normlab.nn.LayerNorm"}
+        "0": "normlab.nn.FrozenBatchNorm2d",
+        "1": "normlab.nn.LayerNorm2d",
+        "5": "normlab.nn.LayerNorm",
+    }
     skipped = {s.path: s.reason for s in report.skipped}
     assert set(skipped) == {"2", "3"}
     assert "EvoNorm2dB0" in skipped["2"] and "FrozenBatchNormAct2d" in skipped["3"]

@@ -23,11 +23,18 @@ def _cnn(lib, *, act: bool = False, rms: bool = True) -> nn.Sequential:
     """A small CNN with every channel-norm family, then LayerNorm and RMSNorm on features."""
     bn_act = nl.nn.BatchNormAct2d(8, activation="leaky_relu") if act else lib.BatchNorm2d(8)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), lib.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), bn_act,
-        nn.Conv2d(8, 8, 3, padding=1), lib.GroupNorm(2, 8),
-        nn.Conv2d(8, 8, 3, padding=1), lib.InstanceNorm2d(8, affine=True),
-        nn.Flatten(1), lib.LayerNorm(8 * 6 * 6), lib.RMSNorm(8 * 6 * 6) if rms else nn.Identity(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        lib.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        bn_act,
+        nn.Conv2d(8, 8, 3, padding=1),
+        lib.GroupNorm(2, 8),
+        nn.Conv2d(8, 8, 3, padding=1),
+        lib.InstanceNorm2d(8, affine=True),
+        nn.Flatten(1),
+        lib.LayerNorm(8 * 6 * 6),
+        lib.RMSNorm(8 * 6 * 6) if rms else nn.Identity(),
         nn.Linear(8 * 6 * 6, 5),
     )
 
@@ -48,25 +55,34 @@ def _close(a, b, tol=1e-5):
 
 # --- isinstance -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ours,theirs", [
-    (lambda: nl.nn.BatchNorm1d(3), nn.BatchNorm1d),
-    (lambda: nl.nn.BatchNorm2d(3), nn.BatchNorm2d),
-    (lambda: nl.nn.BatchNorm3d(3), nn.BatchNorm3d),
-    (lambda: nl.nn.BatchNormAct2d(3), nn.BatchNorm2d),
-    (lambda: nl.nn.BatchRenorm2d(3), nn.BatchNorm2d),
-    (lambda: nl.nn.InstanceNorm2d(3), nn.InstanceNorm2d),
-    (lambda: nl.nn.GroupNorm(1, 3), nn.GroupNorm),
-    (lambda: nl.nn.GroupNormAct(1, 3), nn.GroupNorm),
-    (lambda: nl.nn.LayerNorm(3), nn.LayerNorm),
-    (lambda: nl.nn.RMSNorm(3), nn.RMSNorm),
-    (lambda: nl.nn.SyncBatchNorm(3), nn.modules.batchnorm._BatchNorm),
-], ids=lambda v: getattr(v, "__name__", ""))
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: nl.nn.BatchNorm1d(3), nn.BatchNorm1d),
+        (lambda: nl.nn.BatchNorm2d(3), nn.BatchNorm2d),
+        (lambda: nl.nn.BatchNorm3d(3), nn.BatchNorm3d),
+        (lambda: nl.nn.BatchNormAct2d(3), nn.BatchNorm2d),
+        (lambda: nl.nn.BatchRenorm2d(3), nn.BatchNorm2d),
+        (lambda: nl.nn.InstanceNorm2d(3), nn.InstanceNorm2d),
+        (lambda: nl.nn.GroupNorm(1, 3), nn.GroupNorm),
+        (lambda: nl.nn.GroupNormAct(1, 3), nn.GroupNorm),
+        (lambda: nl.nn.LayerNorm(3), nn.LayerNorm),
+        (lambda: nl.nn.RMSNorm(3), nn.RMSNorm),
+        (lambda: nl.nn.SyncBatchNorm(3), nn.modules.batchnorm._BatchNorm),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
 def test_layers_are_instances_of_torch_nn(ours, theirs):
     layer = ours()
     assert isinstance(layer, theirs)
     # the weight-decay split every training script writes finds the norm parameters
-    no_decay = [p for m in [layer] if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
-                                                       nn.RMSNorm)) for p in m.parameters(recurse=False)]
+    no_decay = [
+        p
+        for m in [layer]
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm))
+        for p in m.parameters(recurse=False)
+    ]
     assert len(no_decay) == len(list(layer.parameters(recurse=False)))
 
 
@@ -91,6 +107,7 @@ def test_torch_model_tools_accept_normlab_layers():
 
 
 # --- torch.compile --------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -157,6 +174,7 @@ def test_normlab_ops_have_fake_kernels_for_the_meta_device():
 
 
 # --- export, ONNX, jit.trace, fx ----------------------------------------------------------------
+
 
 def test_export_holds_torch_native_norm_ops():
     ours, _ = _pair()
@@ -244,7 +262,10 @@ def test_fx_traces_the_functionals_as_single_calls():
 _W, _B = torch.rand(4) + 0.5, torch.randn(4)
 FUNCTIONALS = {
     "batch_norm": (lambda F: lambda x: F.batch_norm(x, None, None, _W, _B, True), (3, 4, 5)),
-    "batch_norm_eval": (lambda F: lambda x: F.batch_norm(x, torch.zeros(4), torch.ones(4) * 2, _W, _B, False), (3, 4, 5)),
+    "batch_norm_eval": (
+        lambda F: lambda x: F.batch_norm(x, torch.zeros(4), torch.ones(4) * 2, _W, _B, False),
+        (3, 4, 5),
+    ),
     "instance_norm": (lambda F: lambda x: F.instance_norm(x, weight=_W, bias=_B), (3, 4, 5)),
     "group_norm": (lambda F: lambda x: F.group_norm(x, 2, _W, _B), (3, 4, 5)),
     "layer_norm": (lambda F: lambda x: F.layer_norm(x, (4,), _W, _B), (3, 5, 4)),
@@ -293,14 +314,17 @@ def test_modules_under_functional_call_and_vmap():
     ours, theirs = nl.nn.GroupNorm(2, 4), nn.GroupNorm(2, 4)
     params = {k: v.detach() for k, v in ours.named_parameters()}
     xs = torch.randn(5, 3, 4, 2)
-    per_sample = lambda m: vmap(grad(lambda p, x: torch.func.functional_call(m, p, (x,)).pow(2).sum()),  # noqa: E731
-                                in_dims=(None, 0))(params, xs)
+    per_sample = lambda m: vmap(
+        grad(lambda p, x: torch.func.functional_call(m, p, (x,)).pow(2).sum()),  # noqa: E731
+        in_dims=(None, 0),
+    )(params, xs)
     g_ours, g_theirs = per_sample(ours), per_sample(theirs)
     for k in params:
         _close(g_ours[k], g_theirs[k], 1e-4)
 
 
 # --- off the CPU: torch's kernels, no extra passes ----------------------------------------------
+
 
 class _CountActivationSized(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts ops whose output is as large as the input: the passes over memory that cost."""
@@ -316,12 +340,16 @@ class _CountActivationSized(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name,make,shape", [
-    ("batchnorm-train", lambda lib: lib.BatchNorm2d(8), (4, 8, 5, 5)),
-    ("batchnorm-eval", lambda lib: lib.BatchNorm2d(8).eval(), (4, 8, 5, 5)),
-    ("groupnorm", lambda lib: lib.GroupNorm(2, 8), (4, 8, 5, 5)),
-    ("layernorm", lambda lib: lib.LayerNorm(8), (4, 5, 8)),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,make,shape",
+    [
+        ("batchnorm-train", lambda lib: lib.BatchNorm2d(8), (4, 8, 5, 5)),
+        ("batchnorm-eval", lambda lib: lib.BatchNorm2d(8).eval(), (4, 8, 5, 5)),
+        ("groupnorm", lambda lib: lib.GroupNorm(2, 8), (4, 8, 5, 5)),
+        ("layernorm", lambda lib: lib.LayerNorm(8), (4, 5, 8)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_off_cpu_paths_make_no_more_passes_than_torch_nn(name, make, shape):
     """On the meta device (as on CUDA) normlab runs torch's native kernels: forward and
     backward make as many activation-sized passes as torch.nn's layer (1 and 1 or 2)."""

@@ -30,12 +30,11 @@ CATEGORIES: dict[str, str] = {
     "InstanceNorm counts batches (documented)": r"buffer num_batches_tracked: ",
     "empty batch not counted (documented)": r"buffer num_batches_tracked: ",
     "eps < 0 rejected (documented)": r"normlab raises InputError at call: eps must be a finite number >= 0 .*got -",
-    "momentum outside [0, 1] rejected (documented)":
-        r"normlab raises InputError at call: momentum must lie in \[0, 1\]",
+    "momentum outside [0, 1] rejected (documented)": r"normlab raises InputError at call: momentum must lie in \[0, 1\]",
     "1-D batch_norm input": r"normlab raises InputError at call: batch_norm expects input of shape "
-                            r"\(N, C\) or \(N, C, \*spatial\), got a 1D tensor",
+    r"\(N, C\) or \(N, C, \*spatial\), got a 1D tensor",
     "complex RMSNorm (documented)": r"normlab raises InputTypeError at call: input must have a floating-point "
-                                    r"dtype .*got torch\.complex",
+    r"dtype .*got torch\.complex",
     # Categories seen only in the ported tests (they fail with an exception, not a text):
     "half-precision backward without affine": r"$^",
     "empty normalized_shape refused at construction (documented)": r"$^",
@@ -51,13 +50,19 @@ KNOWN: dict[str, tuple[str, str]] = {
     # Deliberate, in docs/conventions.md: normlab's InstanceNorm counts the batches folded
     # into its running estimates (momentum=None needs the count); torch.nn leaves 0.
     "nn.InstanceNorm?d/tracking_stats/*/train/*": (
-        "InstanceNorm counts batches (documented)", "num_batches_tracked 3 where torch.nn keeps 2"),
+        "InstanceNorm counts batches (documented)",
+        "num_batches_tracked 3 where torch.nn keeps 2",
+    ),
     "nn.InstanceNorm?d/no_batch_dim/*/train/*": (
-        "InstanceNorm counts batches (documented)", "num_batches_tracked 3 where torch.nn keeps 2"),
+        "InstanceNorm counts batches (documented)",
+        "num_batches_tracked 3 where torch.nn keeps 2",
+    ),
     # Deliberate: an empty batch folds nothing into the running estimates, so it is not
     # counted either (torch.nn counts it, which shifts a momentum=None average).
     "nn.BatchNorm?d/zero_batch/*/train/*": (
-        "empty batch not counted (documented)", "num_batches_tracked 2 where torch.nn counts 3"),
+        "empty batch not counted (documented)",
+        "num_batches_tracked 2 where torch.nn counts 3",
+    ),
     # OpInfo samples with eps=-0.5: torch computes (NaN where var < 0.5), normlab raises.
     "F.group_norm/0[4-7]-2x6x3/*": ("eps < 0 rejected (documented)", "sample eps=-0.5"),
     "F.layer_norm/01-2x2x3/*": ("eps < 0 rejected (documented)", "sample eps=-0.5"),
@@ -72,11 +77,15 @@ KNOWN: dict[str, tuple[str, str]] = {
     # --- ports of test_nn.py / test_modules.py (test_torch_nn_ported.py)
     "port.LayerNorm_general": (
         "empty normalized_shape refused at construction (documented)",
-        "LayerNorm(()) raises InputError at construction; torch.nn raises RuntimeError at the first call"),
+        "LayerNorm(()) raises InputError at construction; torch.nn raises RuntimeError at the first call",
+    ),
     "port.batchnorm_affine/bf16": (
         "half-precision backward without affine",
-        ("bfloat16 input, float32 BatchNorm1d(3, affine=False): output 1 bfloat16 ulp and input "
-        "gradient 2 ulps (0.016) away from affine=True with γ=1, β=0, which matches torch.nn")),
+        (
+            "bfloat16 input, float32 BatchNorm1d(3, affine=False): output 1 bfloat16 ulp and input "
+            "gradient 2 ulps (0.016) away from affine=True with γ=1, β=0, which matches torch.nn"
+        ),
+    ),
 }
 
 
@@ -116,8 +125,7 @@ def check(case_id: str, problems: list[str]) -> None:
     if not problems:
         return
     entries = known_entries(case_id)
-    unexplained = [p for p in problems
-                   if not any(re.match(CATEGORIES[category], p) for category, _ in entries)]
+    unexplained = [p for p in problems if not any(re.match(CATEGORIES[category], p) for category, _ in entries)]
     text = "\n".join(f"  - {p}" for p in problems)
     if entries and not unexplained:
         raise KnownDifference(f"{case_id}: known ({', '.join(c for c, _ in entries)}):\n{text}")

@@ -52,8 +52,15 @@ SLACK_ULPS = 8
 FLOAT64_ULPS = 32
 
 MODULE_NAMES = (
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm",
-    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "RMSNorm",
 )
 FUNCTIONAL_NAMES = ("batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm")
 
@@ -65,8 +72,14 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 #: (what, dtype, excess in ulps) of every judged tensor; survey.py reports the spread.
 MARGINS: list[tuple[str, torch.dtype, float]] = []
 
-_SHORT = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16",
-          torch.bfloat16: "bf16", torch.complex64: "c64", torch.complex128: "c128"}
+_SHORT = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.complex64: "c64",
+    torch.complex128: "c128",
+}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,8 +93,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def module_infos() -> dict[str, Any]:
     from torch.testing._internal.common_modules import module_db
 
-    return {info.module_cls.__name__: info for info in module_db
-            if info.module_cls.__name__ in MODULE_NAMES}
+    return {info.module_cls.__name__: info for info in module_db if info.module_cls.__name__ in MODULE_NAMES}
 
 
 @functools.cache
@@ -90,8 +102,7 @@ def op_infos() -> dict[str, Any]:
 
     wanted = {f"nn.functional.{name}": name for name in FUNCTIONAL_NAMES}
     # batch_norm's second entry (variant "without_cudnn") has the same inputs.
-    return {wanted[op.name]: op for op in op_db
-            if op.name in wanted and not op.variant_test_name}
+    return {wanted[op.name]: op for op in op_db if op.name in wanted and not op.variant_test_name}
 
 
 def implementation(impl: str):
@@ -158,8 +169,12 @@ def judge(what: str, ours, theirs, truth, dtype: torch.dtype, scale: float = 1.0
     """
     if theirs is None or ours is None:
         if (theirs is None) != (ours is None):
-            return [(f"{what}: torch.nn gives {'none' if theirs is None else 'one'}, "
-                    f"normlab {'none' if ours is None else 'one'}")]
+            return [
+                (
+                    f"{what}: torch.nn gives {'none' if theirs is None else 'one'}, "
+                    f"normlab {'none' if ours is None else 'one'}"
+                )
+            ]
         return []
     if ours.shape != theirs.shape:
         return [f"{what}: shape {tuple(ours.shape)}, torch.nn {tuple(theirs.shape)}"]
@@ -178,16 +193,20 @@ def judge(what: str, ours, theirs, truth, dtype: torch.dtype, scale: float = 1.0
     bad = ~truth_finite & torch.isfinite(o)
     if bad.any():
         i = int(bad.nonzero()[0])
-        problems.append(f"{what}: finite where the float64 truth is not ({int(bad.sum())} of "
-                        f"{o.numel()}; at flat index {i}: normlab {o[i].item():.6g}, "
-                        f"truth {u[i].item()}, torch.nn {t[i].item():.6g})")
+        problems.append(
+            f"{what}: finite where the float64 truth is not ({int(bad.sum())} of "
+            f"{o.numel()}; at flat index {i}: normlab {o[i].item():.6g}, "
+            f"truth {u[i].item()}, torch.nn {t[i].item():.6g})"
+        )
     judged = truth_finite & torch.isfinite(t)
     bad = judged & ~torch.isfinite(o)
     if bad.any():
         i = int(bad.nonzero()[0])
-        problems.append(f"{what}: non-finite where torch.nn and the truth are finite ({int(bad.sum())} "
-                        f"of {o.numel()}; at flat index {i}: normlab {o[i].item()}, "
-                        f"torch.nn {t[i].item():.6g})")
+        problems.append(
+            f"{what}: non-finite where torch.nn and the truth are finite ({int(bad.sum())} "
+            f"of {o.numel()}; at flat index {i}: normlab {o[i].item()}, "
+            f"torch.nn {t[i].item():.6g})"
+        )
     judged &= torch.isfinite(o)
     if not judged.any():
         return problems
@@ -203,7 +222,8 @@ def judge(what: str, ours, theirs, truth, dtype: torch.dtype, scale: float = 1.0
         problems.append(
             f"{what}: max |normlab − truth| {err_ours.max().item():.3g} > torch.nn's "
             f"{err_theirs.max().item():.3g} + {slack:.2g} (at flat index {i}: normlab "
-            f"{_num(o[i])}, torch.nn {_num(t[i])}, truth {_num(u[i])})")
+            f"{_num(o[i])}, torch.nn {_num(t[i])}, truth {_num(u[i])})"
+        )
     return problems
 
 
@@ -231,8 +251,15 @@ def _torch_lacks_dtype(error: BaseException | None) -> bool:
     return isinstance(error, (RuntimeError, NotImplementedError)) and "not implemented for" in str(error)
 
 
-def compare_runs(ours: Run, theirs: Run, truth: Run, dtype: torch.dtype, x_before: torch.Tensor | None,
-                 layout: str, input_grad_scale: float = 1.0) -> list[str]:
+def compare_runs(
+    ours: Run,
+    theirs: Run,
+    truth: Run,
+    dtype: torch.dtype,
+    x_before: torch.Tensor | None,
+    layout: str,
+    input_grad_scale: float = 1.0,
+) -> list[str]:
     """Every difference between normlab's run and torch.nn's (judged against the truth).
 
     ``input_grad_scale`` is the size of the terms the input gradient is computed from
@@ -241,12 +268,20 @@ def compare_runs(ours: Run, theirs: Run, truth: Run, dtype: torch.dtype, x_befor
     """
     if theirs.error is not None:
         if ours.error is None:
-            return [(f"torch.nn raises at {theirs.stage} ({type(theirs.error).__name__}: "
-                    f"{_first_line(theirs.error)}); normlab computes")]
+            return [
+                (
+                    f"torch.nn raises at {theirs.stage} ({type(theirs.error).__name__}: "
+                    f"{_first_line(theirs.error)}); normlab computes"
+                )
+            ]
         if not isinstance(ours.error, type(theirs.error)):
-            return [(f"exception type: normlab raises {_qualname(ours.error)} at {ours.stage} "
+            return [
+                (
+                    f"exception type: normlab raises {_qualname(ours.error)} at {ours.stage} "
                     f"({_first_line(ours.error)}); torch.nn raises {_qualname(theirs.error)} at "
-                    f"{theirs.stage} ({_first_line(theirs.error)})")]
+                    f"{theirs.stage} ({_first_line(theirs.error)})"
+                )
+            ]
         return []
     if ours.error is not None:
         return [f"normlab raises {_qualname(ours.error)} at {ours.stage}: {_first_line(ours.error)}"]
@@ -258,21 +293,39 @@ def compare_runs(ours: Run, theirs: Run, truth: Run, dtype: torch.dtype, x_befor
         if mine != yours:
             problems.append(f"output layout: {mine}, torch.nn {yours} (input {layout})")
     for name in sorted(set(ours.grads) | set(theirs.grads)):
-        problems += judge(f"grad {name}", ours.grads.get(name), theirs.grads.get(name),
-                          truth.grads.get(name), dtype, input_grad_scale if name == "input" else 1.0)
+        problems += judge(
+            f"grad {name}",
+            ours.grads.get(name),
+            theirs.grads.get(name),
+            truth.grads.get(name),
+            dtype,
+            input_grad_scale if name == "input" else 1.0,
+        )
     if set(ours.buffers) != set(theirs.buffers):
         problems.append(f"buffers: {sorted(ours.buffers)}, torch.nn {sorted(theirs.buffers)}")
     for name in sorted(set(ours.buffers) & set(theirs.buffers)):
-        problems += judge(f"buffer {name}", ours.buffers[name], theirs.buffers[name],
-                          truth.buffers[name], dtype)
-    if x_before is not None and ours.input_after is not None and not torch.equal(
-            ours.input_after, x_before) and not ours.input_after.isnan().any():
+        problems += judge(f"buffer {name}", ours.buffers[name], theirs.buffers[name], truth.buffers[name], dtype)
+    if (
+        x_before is not None
+        and ours.input_after is not None
+        and not torch.equal(ours.input_after, x_before)
+        and not ours.input_after.isnan().any()
+    ):
         problems.append("the input was modified")
     return problems
 
 
-def input_grad_scale(family: str, x: torch.Tensor, eps, grad_output: torch.Tensor, weight,
-                     *, groups: int = 1, normalized_ndim: int = 1, batched: bool = True) -> float:
+def input_grad_scale(
+    family: str,
+    x: torch.Tensor,
+    eps,
+    grad_output: torch.Tensor,
+    weight,
+    *,
+    groups: int = 1,
+    normalized_ndim: int = 1,
+    batched: bool = True,
+) -> float:
     """max |γ| · max |∂L/∂y| · max 1/σ: the size of the terms of the input gradient.
 
     ``family`` is "batch", "instance", "group", "layer" or "rms"; σ² is the variance
@@ -326,10 +379,10 @@ def _seed(case_id: str) -> int:
 @dataclass(frozen=True)
 class ModuleCase:
     id: str
-    name: str          # torch.nn class name
+    name: str  # torch.nn class name
     dtype: torch.dtype
     training: bool
-    index: int         # position in module_inputs_func's list
+    index: int  # position in module_inputs_func's list
     layout: str
 
 
@@ -340,13 +393,14 @@ def module_cases() -> list[ModuleCase]:
         modes = (True, False) if info.train_and_eval_differ else (True,)
         for dtype in sorted(dtypes, key=dtype_name):
             for training in modes:
-                inputs = info.module_inputs_func(info, device="cpu", dtype=dtype,
-                                                 requires_grad=True, training=training)
+                inputs = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)
                 for index, mi in enumerate(inputs):
                     x = mi.forward_input.args[0]
                     for layout in layouts_for(x.dim()):
-                        case_id = (f"nn.{name}/{mi.desc or 'default'}/{dtype_name(dtype)}/"
-                                   f"{'train' if training else 'eval'}/{layout}")
+                        case_id = (
+                            f"nn.{name}/{mi.desc or 'default'}/{dtype_name(dtype)}/"
+                            f"{'train' if training else 'eval'}/{layout}"
+                        )
                         cases.append(ModuleCase(case_id, name, dtype, training, index, layout))
     return cases
 
@@ -355,8 +409,9 @@ def _module_inputs(case: ModuleCase):
     info = module_infos()[case.name]
     with torch.random.fork_rng():
         torch.manual_seed(_seed(case.id))
-        mi = info.module_inputs_func(info, device="cpu", dtype=case.dtype, requires_grad=True,
-                                     training=case.training)[case.index]
+        mi = info.module_inputs_func(info, device="cpu", dtype=case.dtype, requires_grad=True, training=case.training)[
+            case.index
+        ]
     return mi.constructor_input.args, mi.constructor_input.kwargs, mi.forward_input.args[0]
 
 
@@ -397,8 +452,7 @@ def reference_state(name, args, kwargs, dtype, generator) -> dict[str, torch.Ten
             # A counter past 0 makes momentum=None's 1/(k + 1) differ from 1.
             module.num_batches_tracked.fill_(2)
     # Round once to the case's dtype, so every run starts from the same values.
-    return {k: (v.to(dtype).to(torch.float64) if v.is_floating_point() else v)
-            for k, v in module.state_dict().items()}
+    return {k: (v.to(dtype).to(torch.float64) if v.is_floating_point() else v) for k, v in module.state_dict().items()}
 
 
 def _truth_kwargs(name: str, args: tuple, kwargs: dict, dtype: torch.dtype):
@@ -429,18 +483,26 @@ def run_module_case(case: ModuleCase) -> tuple[list[str], str | None]:
     if construct_error is not None:
         theirs = Run(error=construct_error, stage="construction")
     else:
-        theirs = _run_module(nn, case.name, args, kwargs, state, case.dtype, case.training, x,
-                             case.layout, grad_output)
+        theirs = _run_module(nn, case.name, args, kwargs, state, case.dtype, case.training, x, case.layout, grad_output)
     if _torch_lacks_dtype(theirs.error):
         return [], f"torch.nn has no CPU {case.dtype} kernel: {_first_line(theirs.error)}"
-    ours = _run_module(nl.nn, case.name, args, kwargs, state, case.dtype, case.training, x,
-                       case.layout, grad_output)
+    ours = _run_module(nl.nn, case.name, args, kwargs, state, case.dtype, case.training, x, case.layout, grad_output)
     if case.dtype == torch.float64 or theirs.error is not None:
         truth = theirs
     else:
         targs, tkwargs = _truth_kwargs(case.name, args, kwargs, case.dtype)
-        truth = _run_module(nn, case.name, targs, tkwargs, state, torch.float64, case.training,
-                            x.to(torch.float64), case.layout, grad_output.to(torch.float64))
+        truth = _run_module(
+            nn,
+            case.name,
+            targs,
+            tkwargs,
+            state,
+            torch.float64,
+            case.training,
+            x.to(torch.float64),
+            case.layout,
+            grad_output.to(torch.float64),
+        )
     x_before = in_layout(x, case.layout, requires_grad=False)
     scale = _module_grad_scale(case, args, kwargs, state, x, grad_output)
     return compare_runs(ours, theirs, truth, case.dtype, x_before, case.layout, scale), None
@@ -459,10 +521,15 @@ def _module_grad_scale(case, args, kwargs, state, x, grad_output) -> float:
     if eps is None:  # RMSNorm's default
         eps = torch.finfo(torch.float32 if case.dtype in HALF_TYPES else case.dtype).eps
     return input_grad_scale(
-        family, x, eps, grad_output, state.get("weight"),
+        family,
+        x,
+        eps,
+        grad_output,
+        state.get("weight"),
         groups=getattr(module, "num_groups", 1),
         normalized_ndim=len(getattr(module, "normalized_shape", ())),
-        batched=x.dim() == int(case.name[-2]) + 2 if family == "instance" else True)
+        batched=x.dim() == int(case.name[-2]) + 2 if family == "instance" else True,
+    )
 
 
 # ------------------------------------------------------------------ functional cases
@@ -471,9 +538,9 @@ def _module_grad_scale(case, args, kwargs, state, x, grad_output) -> float:
 @dataclass(frozen=True)
 class FunctionalCase:
     id: str
-    name: str          # torch.nn.functional name
+    name: str  # torch.nn.functional name
     dtype: torch.dtype
-    index: int         # position in the OpInfo's reference inputs
+    index: int  # position in the OpInfo's reference inputs
     layout: str
 
 
@@ -504,10 +571,12 @@ def functional_cases() -> list[FunctionalCase]:
 
 def describe_sample(sample) -> str:
     """The sample as Python source that rebuilds its arguments (shapes, not values)."""
+
     def show(v):
         if isinstance(v, torch.Tensor):
             return f"<{v.dtype} {tuple(v.shape)}{' grad' if v.requires_grad else ''}>"
         return repr(v)
+
     parts = [show(sample.input)] + [show(a) for a in sample.args]
     parts += [f"{k}={show(v)}" for k, v in sample.kwargs.items()]
     return ", ".join(parts)
@@ -536,8 +605,7 @@ def _run_functional(fn: Callable, sample, dtype, layout, grad_output, truth_eps=
         run.grads = {"input": x.grad} if x.requires_grad else {}
         run.grads.update({n: t.grad for n, t in named if isinstance(t, torch.Tensor) and t.requires_grad})
         # Tensors passed without grad are the running estimates: compare what the call left.
-        run.buffers = {n: t.detach().clone() for n, t in named
-                       if isinstance(t, torch.Tensor) and not t.requires_grad}
+        run.buffers = {n: t.detach().clone() for n, t in named if isinstance(t, torch.Tensor) and not t.requires_grad}
         run.input_after = x.detach().clone()
     except Exception as error:  # noqa: BLE001 — every failure is a result here
         run.error = error
@@ -573,8 +641,9 @@ def run_functional_case(case: FunctionalCase) -> tuple[list[str], str | None]:
         eps = _rms_truth_eps(sample, case.dtype) if case.name == "rms_norm" else None
         if eps is not None and len(sample.args) >= 3:
             raise AssertionError("rms_norm sample with a positional eps=None is not handled")
-        truth = _run_functional(theirs_fn, sample, _wide(case.dtype), case.layout,
-                                grad_output.to(_wide(case.dtype)), truth_eps=eps)
+        truth = _run_functional(
+            theirs_fn, sample, _wide(case.dtype), case.layout, grad_output.to(_wide(case.dtype)), truth_eps=eps
+        )
     x_before = in_layout(sample.input.to(case.dtype), case.layout, requires_grad=False)
     scale = _functional_grad_scale(case, sample, grad_output)
     return compare_runs(ours, theirs, truth, case.dtype, x_before, case.layout, scale), None
@@ -593,11 +662,14 @@ def _functional_grad_scale(case, sample, grad_output) -> float:
     shape = arguments.get("normalized_shape", ())
     family = case.name.split("_")[0]
     return input_grad_scale(
-        family, sample.input.real if sample.input.is_complex() else sample.input, eps,
+        family,
+        sample.input.real if sample.input.is_complex() else sample.input,
+        eps,
         grad_output.abs() if grad_output.is_complex() else grad_output,
         None if arguments.get("weight") is None else arguments["weight"].abs(),
         groups=arguments.get("num_groups", 1),
-        normalized_ndim=1 if isinstance(shape, int) else len(shape))
+        normalized_ndim=1 if isinstance(shape, int) else len(shape),
+    )
 
 
 # ------------------------------------------------------------------------ error cases
@@ -608,7 +680,7 @@ class ErrorCase:
     id: str
     name: str
     index: int
-    kind: str          # "module" or "functional"
+    kind: str  # "module" or "functional"
 
 
 def error_cases() -> list[ErrorCase]:
@@ -616,8 +688,9 @@ def error_cases() -> list[ErrorCase]:
     for name, info in module_infos().items():
         if info.module_error_inputs_func is None:
             continue
-        inputs = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32,
-                                               requires_grad=False, training=True)
+        inputs = info.module_error_inputs_func(
+            info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
+        )
         for index, _ in enumerate(inputs):
             cases.append(ErrorCase(f"nn.{name}/error{index}", name, index, "module"))
     for name, op in op_infos().items():
@@ -645,8 +718,9 @@ def run_error_case(case: ErrorCase) -> tuple[list[str], str | None]:
     torch.manual_seed(_seed(case.id))
     if case.kind == "module":
         info = module_infos()[case.name]
-        error_input = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32,
-                                                    requires_grad=False, training=True)[case.index]
+        error_input = info.module_error_inputs_func(
+            info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
+        )[case.index]
         expected = error_input.error_type
         theirs, their_stage = _raise_module(nn, case.name, error_input)
         ours, our_stage = _raise_module(nl.nn, case.name, error_input)
@@ -665,10 +739,15 @@ def run_error_case(case: ErrorCase) -> tuple[list[str], str | None]:
     if not isinstance(theirs, expected):
         return [], f"torch.nn does not raise {expected.__name__} here any more ({theirs!r})"
     if ours is None:
-        return [(f"normlab does not raise; torch.nn raises {expected.__name__} at {their_stage}: "
-                f"{_first_line(theirs)}")], None
+        return [
+            (f"normlab does not raise; torch.nn raises {expected.__name__} at {their_stage}: {_first_line(theirs)}")
+        ], None
     if not isinstance(ours, expected):
-        return [(f"exception type: normlab raises {_qualname(ours)} at {our_stage} "
+        return [
+            (
+                f"exception type: normlab raises {_qualname(ours)} at {our_stage} "
                 f"({_first_line(ours)}); torch.nn raises {expected.__name__} at {their_stage} "
-                f"({_first_line(theirs)})")], None
+                f"({_first_line(theirs)})"
+            )
+        ], None
     return [], None

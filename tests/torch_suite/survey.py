@@ -54,32 +54,39 @@ def main(argv=None) -> int:
         counts[kind] += 1
         entry = known_failure(case.id)
         if skip is None and bool(problems) != (entry is not None):
-            table_wrong.append((case.id, "fails, not in the table" if problems else
-                                f"passes, but the table says {entry[0]}"))
+            table_wrong.append(
+                (case.id, "fails, not in the table" if problems else f"passes, but the table says {entry[0]}")
+            )
         for problem in problems:
             groups[_signature(problem)].append((case.id, problem))
         if skip:
             groups["SKIP " + _signature(skip)].append((case.id, skip))
 
-    print(f"{len(runs)} cases: {counts['matched']} matched, {counts['failing']} failing, "
-          f"{counts['skipped']} skipped ({time.perf_counter() - start:.1f} s)\n")
+    print(
+        f"{len(runs)} cases: {counts['matched']} matched, {counts['failing']} failing, "
+        f"{counts['skipped']} skipped ({time.perf_counter() - start:.1f} s)\n"
+    )
     for signature, hits in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         ids = sorted({case_id for case_id, _ in hits})
         print(f"[{len(ids)} cases] {signature}")
         print(f"    e.g. {hits[0][0]}: {hits[0][1]}")
-        for case_id in (ids if args.ids else ids[1:args.show]):
+        for case_id in ids if args.ids else ids[1 : args.show]:
             print(f"    {case_id}")
         print()
     by_dtype = collections.defaultdict(list)
     for _, dtype, excess in suite.MARGINS:
         by_dtype[suite.dtype_name(dtype)].append(excess)
-    print("normlab's error minus torch.nn's, in ulps of the dtype at the tensor's scale "
-          f"(allowed: {suite.SLACK_ULPS}; float64: {suite.FLOAT64_ULPS}):")
+    print(
+        "normlab's error minus torch.nn's, in ulps of the dtype at the tensor's scale "
+        f"(allowed: {suite.SLACK_ULPS}; float64: {suite.FLOAT64_ULPS}):"
+    )
     for name, values in sorted(by_dtype.items()):
         values.sort()
         pick = [values[int(q * (len(values) - 1))] for q in (0.5, 0.9, 0.99, 1.0)]
-        print(f"    {name}: {len(values)} tensors; median {pick[0]:.2f}, 90% {pick[1]:.2f}, "
-              f"99% {pick[2]:.2f}, max {pick[3]:.2f}")
+        print(
+            f"    {name}: {len(values)} tensors; median {pick[0]:.2f}, 90% {pick[1]:.2f}, "
+            f"99% {pick[2]:.2f}, max {pick[3]:.2f}"
+        )
     print()
     print(f"table: {len(KNOWN)} patterns; {len(table_wrong)} cases disagree with it")
     for case_id, why in table_wrong[:50]:

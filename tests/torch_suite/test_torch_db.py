@@ -51,6 +51,7 @@ def test_error_inputs(case):
 
 def test_every_table_entry_matches_a_case():
     ids = [c.id for c in suite.module_cases() + suite.functional_cases() + suite.error_cases()]
-    unused = [p for p in known_failures.KNOWN if not p.startswith("port.")
-              and not any(fnmatch.fnmatchcase(i, p) for i in ids)]
+    unused = [
+        p for p in known_failures.KNOWN if not p.startswith("port.") and not any(fnmatch.fnmatchcase(i, p) for i in ids)
+    ]
     assert not unused, f"table entries that match no case (typo or renamed case): {unused}"

@@ -27,8 +27,10 @@ from torch.testing import assert_close
 
 
 def impls(name: str) -> list:
-    return [pytest.param("torch", id="torch"),
-            pytest.param("normlab", id="normlab", marks=known_failures.marks(f"port.{name}"))]
+    return [
+        pytest.param("torch", id="torch"),
+        pytest.param("normlab", id="normlab", marks=known_failures.marks(f"port.{name}")),
+    ]
 
 
 def lib(impl: str) -> SimpleNamespace:
@@ -92,9 +94,10 @@ def test_batchnorm_buffer_update_when_stats_are_not_tracked(impl):
 
 
 @pytest.mark.parametrize("impl", impls("batchnorm_simple_average"))
-@pytest.mark.parametrize("dtype,module_dtype", [(torch.float32, torch.float32),
-                                                (torch.float64, torch.float64),
-                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,module_dtype",
+    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+)
 def test_batchnorm_simple_average(impl, dtype, module_dtype):
     module = lib(impl).nn.BatchNorm1d(3, momentum=None).to(dtype=module_dtype)
     zeros, ones = torch.zeros(3, dtype=module_dtype), torch.ones(3, dtype=module_dtype)
@@ -133,8 +136,7 @@ def test_batchnorm_update_stats(impl):
 
 @pytest.mark.parametrize("impl", impls("batchnorm_eval"))
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("dtype,module_dtype", [(torch.float32, torch.float32),
-                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dtype,module_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_batchnorm_eval(impl, ndim, dtype, module_dtype):
     nn_ns = lib(impl).nn
     module = nn_ns.BatchNorm1d(3).to(module_dtype).eval()
@@ -164,11 +166,17 @@ def test_batchnorm_eval(impl, ndim, dtype, module_dtype):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("dtype,module_dtype,impl", [
-    pytest.param(dtype, module_dtype, impl, id=f"{suite.dtype_name(dtype)}-{impl}", marks=mark)
-    for dtype, module_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
-    for impl, mark in [("torch", ()), ("normlab", known_failures.marks(
-        f"port.batchnorm_affine/{suite.dtype_name(dtype)}"))]])
+@pytest.mark.parametrize(
+    "dtype,module_dtype,impl",
+    [
+        pytest.param(dtype, module_dtype, impl, id=f"{suite.dtype_name(dtype)}-{impl}", marks=mark)
+        for dtype, module_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+        for impl, mark in [
+            ("torch", ()),
+            ("normlab", known_failures.marks(f"port.batchnorm_affine/{suite.dtype_name(dtype)}")),
+        ]
+    ],
+)
 def test_batchnorm_affine(impl, ndim, dtype, module_dtype):
     nn_ns = lib(impl).nn
     module = nn_ns.BatchNorm1d(3, affine=False).to(module_dtype)
@@ -238,8 +246,9 @@ def _nhwc_helper(nn_ns, cls_name, size, dtype, mixed_dtype, fmt, precision=None)
 @pytest.mark.parametrize("impl", impls("batchnorm_nhwc_cpu"))
 # Upstream also runs float16 input with float32 parameters; torch.nn 2.13 itself misses
 # the default tolerance on the bias gradient there (1.6e-5), so it is left out.
-@pytest.mark.parametrize("dtype,mixed_dtype", [(torch.float, False), (torch.bfloat16, False),
-                                               (torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize(
+    "dtype,mixed_dtype", [(torch.float, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)]
+)
 def test_batchnorm_nhwc_cpu(impl, dtype, mixed_dtype):
     nn_ns = lib(impl).nn
     for shape in [(4, 8, 10, 10), (4, 1, 9, 9), (4, 9, 1, 1)]:
@@ -307,8 +316,7 @@ def _instance_norm_general(nn_ns, cls_name, x, dtype=torch.float):
     output = norm(x)
     out_reshaped = output.view(b * c, -1)
     assert_close(out_reshaped.mean(1).abs().mean(), torch.tensor(0, dtype=dtype), atol=1e-5, rtol=0)
-    assert_close(out_reshaped.var(1, unbiased=False).abs().mean(), torch.tensor(1, dtype=dtype),
-                 atol=1e-5, rtol=0)
+    assert_close(out_reshaped.var(1, unbiased=False).abs().mean(), torch.tensor(1, dtype=dtype), atol=1e-5, rtol=0)
     # eval mode does not change the behaviour without running statistics
     grad_out = torch.randn_like(output)
     res1 = output.detach().clone()
@@ -325,10 +333,10 @@ def _instance_norm_general(nn_ns, cls_name, x, dtype=torch.float):
     norm(x)
     mean = x.transpose(1, 0).reshape(c, -1).mean(1)
     var = x.transpose(1, 0).reshape(c, b, -1).var(2, unbiased=True)
-    assert_close((mean.detach() - norm.running_mean).abs().mean(), torch.tensor(0, dtype=dtype),
-                 atol=1e-5, rtol=0)
-    assert_close((var.detach().mean(1) - norm.running_var).abs().mean(), torch.tensor(0, dtype=dtype),
-                 atol=1e-5, rtol=0)
+    assert_close((mean.detach() - norm.running_mean).abs().mean(), torch.tensor(0, dtype=dtype), atol=1e-5, rtol=0)
+    assert_close(
+        (var.detach().mean(1) - norm.running_var).abs().mean(), torch.tensor(0, dtype=dtype), atol=1e-5, rtol=0
+    )
     # eval: adding X·std to a channel gives that channel mean X
     norm.eval()
     delta = norm.running_var.sqrt() * torch.arange(c, dtype=dtype)
@@ -343,8 +351,11 @@ def _instance_norm_general(nn_ns, cls_name, x, dtype=torch.float):
 def test_InstanceNorm_general(impl, rank, dtype):
     # test_InstanceNorm1d_general / 2d / 3d
     b, c = random.randint(3, 5), random.randint(3, 5)
-    spatial = {1: (random.randint(8, 10),), 2: (random.randint(3, 6), random.randint(6, 8)),
-               3: (random.randint(3, 6),) * 3}[rank]
+    spatial = {
+        1: (random.randint(8, 10),),
+        2: (random.randint(3, 6), random.randint(6, 8)),
+        3: (random.randint(3, 6),) * 3,
+    }[rank]
     _instance_norm_general(lib(impl).nn, f"InstanceNorm{rank}d", torch.rand(b, c, *spatial), dtype)
 
 
@@ -392,8 +403,7 @@ def test_LayerNorm_general(impl, dtype):
         ln.bias.data.fill_(bias)
         out = ln(x).view(*(unnormalized_shape + [-1]))
         assert_close(out.mean(-1).abs().mean().float(), torch.tensor(bias), atol=delta, rtol=0)
-        assert_close(out.var(-1, unbiased=False).abs().mean().float(), torch.tensor(scale**2),
-                     atol=delta, rtol=0)
+        assert_close(out.var(-1, unbiased=False).abs().mean().float(), torch.tensor(scale**2), atol=delta, rtol=0)
     bad_norm_shape_input_shape = {(): (), (2, 3): (3,), (2,): (1, 2, 3), (10,): (2, 3), 10: (2, 3)}
     for norm_shape, input_shape in bad_norm_shape_input_shape.items():
         ln = nn_ns.LayerNorm(norm_shape)
@@ -455,8 +465,9 @@ def test_GroupNorm_general(impl, dtype):
         output = gn(x)
         out_reshaped = output.view(b, g, -1)
         assert_close(out_reshaped.mean(-1).abs().mean(), torch.tensor(0, dtype=dtype), atol=1e-3, rtol=1e-3)
-        assert_close(out_reshaped.var(-1, unbiased=False).abs().mean(), torch.tensor(1, dtype=dtype),
-                     atol=1e-3, rtol=1e-3)
+        assert_close(
+            out_reshaped.var(-1, unbiased=False).abs().mean(), torch.tensor(1, dtype=dtype), atol=1e-3, rtol=1e-3
+        )
         if requires_grad:
             output.backward(torch.randn_like(output))
         scale = torch.empty(c, dtype=dtype).uniform_(0.2, 2)
@@ -466,8 +477,9 @@ def test_GroupNorm_general(impl, dtype):
         out_normed = (gn(x).view(b, c, -1) - bias.view(c, 1)) / scale.view(c, 1)
         out_normed = out_normed.view(b, g, -1)
         assert_close(out_normed.mean(-1).abs().mean(), torch.tensor(0, dtype=dtype), atol=1e-3, rtol=1e-3)
-        assert_close(out_normed.var(-1, unbiased=False).abs().mean(), torch.tensor(1, dtype=dtype),
-                     atol=1e-3, rtol=1e-3)
+        assert_close(
+            out_normed.var(-1, unbiased=False).abs().mean(), torch.tensor(1, dtype=dtype), atol=1e-3, rtol=1e-3
+        )
     # num_groups must divide the channels; torch 2.13 raises at construction.
     bad_shape_g = {(1, 2, 3, 4): 3, (2, 3, 10): 2, (3, 1, 1, 1, 2): 10, (2, 6, 4, 2, 2): 4}
     for shape, g in bad_shape_g.items():
@@ -505,15 +517,18 @@ def test_GroupNorm_numeric(impl):
 
 
 @pytest.mark.parametrize("impl", impls("groupnorm_nhwc"))
-@pytest.mark.parametrize("dtype,is_mixed", [(torch.float, False), (torch.double, False),
-                                            (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize(
+    "dtype,is_mixed", [(torch.float, False), (torch.double, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+)
 def test_groupnorm_nhwc(impl, dtype, is_mixed):
     nn_ns = lib(impl).nn
     # Upstream also runs (4, 8, 40, 40), (4, 40, 40, 40), (2, 30, 50, 50), (2, 60, 50, 50);
     # smaller than upstream: the three shapes below cover both layouts' code paths.
-    for size, groups, fmt in [((4, 8, 10, 10), 4, torch.channels_last),
-                              ((2, 30, 9, 9), 3, torch.channels_last),
-                              ((2, 9, 7, 11, 15), 3, torch.channels_last_3d)]:
+    for size, groups, fmt in [
+        ((4, 8, 10, 10), 4, torch.channels_last),
+        ((2, 30, 9, 9), 3, torch.channels_last),
+        ((2, 9, 7, 11, 15), 3, torch.channels_last_3d),
+    ]:
         channels = size[1]
         x = torch.randn(size, dtype=dtype).contiguous(memory_format=fmt).requires_grad_(True)
         grad = torch.randn(size, dtype=dtype).contiguous(memory_format=fmt)
@@ -545,11 +560,11 @@ def _float64_module_inputs():
     out = []
     for name, info in suite.module_infos().items():
         for training in (True, False) if info.train_and_eval_differ else (True,):
-            inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float64,
-                                             requires_grad=True, training=training)
+            inputs = info.module_inputs_func(
+                info, device="cpu", dtype=torch.float64, requires_grad=True, training=training
+            )
             for mi in inputs:
-                out.append((f"{name}/{mi.desc or 'default'}/{'train' if training else 'eval'}",
-                            name, training, mi))
+                out.append((f"{name}/{mi.desc or 'default'}/{'train' if training else 'eval'}", name, training, mi))
     return out
 
 
@@ -560,8 +575,16 @@ def _db_params(test_name):
     params = []
     for case_id, name, training, mi in _DB:
         params.append(pytest.param("torch", name, training, mi, id=f"torch-{case_id}"))
-        params.append(pytest.param("normlab", name, training, mi, id=f"normlab-{case_id}",
-                                   marks=known_failures.marks(f"port.{test_name}/{case_id}")))
+        params.append(
+            pytest.param(
+                "normlab",
+                name,
+                training,
+                mi,
+                id=f"normlab-{case_id}",
+                marks=known_failures.marks(f"port.{test_name}/{case_id}"),
+            )
+        )
     return params
 
 
@@ -634,6 +657,9 @@ def test_factory_kwargs(impl, name, training, mi):
 
 
 def test_every_port_entry_matches_a_test():
-    unused = [p for p in known_failures.KNOWN if p.startswith("port.")
-              and not any(fnmatch.fnmatchcase(i, p) for i in known_failures.SEEN_IDS)]
+    unused = [
+        p
+        for p in known_failures.KNOWN
+        if p.startswith("port.") and not any(fnmatch.fnmatchcase(i, p) for i in known_failures.SEEN_IDS)
+    ]
     assert not unused, f"table entries that match no ported test (typo or rename): {unused}"

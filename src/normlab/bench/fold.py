@@ -55,26 +55,31 @@ def run_fold_benchmark(config: FoldBenchConfig = FoldBenchConfig()) -> list[dict
                         {"unfolded": lambda m=model, x=x: m(x), "folded": lambda f=folded, x=x: f(x)},
                         repeats=config.repeats,
                     )
-                rows.append({
-                    "model": f"ResNet-18 style, width {width}, {config.image_size}x{config.image_size}",
-                    "batch": batch,
-                    "threads": config.threads,
-                    "unfolded_ms": 1e3 * times["unfolded"],
-                    "folded_ms": 1e3 * times["folded"],
-                    "speedup": times["unfolded"] / times["folded"],
-                    "max_abs_diff": diff,
-                    "folded_pairs": len(report.changes),
-                    "skipped": len(report.skipped),
-                })
+                rows.append(
+                    {
+                        "model": f"ResNet-18 style, width {width}, {config.image_size}x{config.image_size}",
+                        "batch": batch,
+                        "threads": config.threads,
+                        "unfolded_ms": 1e3 * times["unfolded"],
+                        "folded_ms": 1e3 * times["folded"],
+                        "speedup": times["unfolded"] / times["folded"],
+                        "max_abs_diff": diff,
+                        "folded_pairs": len(report.changes),
+                        "skipped": len(report.skipped),
+                    }
+                )
     finally:
         torch.set_num_threads(previous)
     return rows
 
 
 def format_fold_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<44}{'batch':>6}{'unfolded ms':>13}{'folded ms':>11}{'speedup':>9}"
-             f"{'max |diff|':>12}{'folded':>8}"]
+    lines = [
+        f"{'model':<44}{'batch':>6}{'unfolded ms':>13}{'folded ms':>11}{'speedup':>9}{'max |diff|':>12}{'folded':>8}"
+    ]
     for r in rows:
-        lines.append(f"{r['model']:<44}{r['batch']:>6}{r['unfolded_ms']:>13.2f}{r['folded_ms']:>11.2f}"
-                     f"{r['speedup']:>8.2f}x{r['max_abs_diff']:>12.2e}{r['folded_pairs']:>8}")
+        lines.append(
+            f"{r['model']:<44}{r['batch']:>6}{r['unfolded_ms']:>13.2f}{r['folded_ms']:>11.2f}"
+            f"{r['speedup']:>8.2f}x{r['max_abs_diff']:>12.2e}{r['folded_pairs']:>8}"
+        )
     return "\n".join(lines)

@@ -91,20 +91,42 @@ def cases(quick: bool = False) -> list[LayerCase]:
             rows += [
                 LayerCase("BatchNorm2d train", shape, layout, nln.BatchNorm2d, nn.BatchNorm2d),
                 LayerCase("BatchNorm2d eval", shape, layout, nln.BatchNorm2d, nn.BatchNorm2d, train=False),
-                LayerCase("GroupNorm(32)", shape, layout, lambda c: nln.GroupNorm(32, c), lambda c: nn.GroupNorm(32, c)),
-                LayerCase("InstanceNorm2d", shape, layout, lambda c: nln.InstanceNorm2d(c, affine=True),
-                          lambda c: nn.InstanceNorm2d(c, affine=True)),
-                LayerCase("BatchNormAct2d relu", shape, layout, lambda c: nln.BatchNormAct2d(c, activation="relu"),
-                          lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)), kinked=True),
-                LayerCase("BatchNormAct2d leaky, in-place", shape, layout,
-                          lambda c: nln.BatchNormAct2d(c, activation="leaky_relu", inplace=True),
-                          lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(0.01, inplace=True)),
-                          inplace=True, kinked=True),
-                LayerCase("GroupNormAct(32) silu", shape, layout,
-                          lambda c: nln.GroupNormAct(32, c, activation="silu"),
-                          lambda c: nn.Sequential(nn.GroupNorm(32, c), nn.SiLU())),
+                LayerCase(
+                    "GroupNorm(32)", shape, layout, lambda c: nln.GroupNorm(32, c), lambda c: nn.GroupNorm(32, c)
+                ),
+                LayerCase(
+                    "InstanceNorm2d",
+                    shape,
+                    layout,
+                    lambda c: nln.InstanceNorm2d(c, affine=True),
+                    lambda c: nn.InstanceNorm2d(c, affine=True),
+                ),
+                LayerCase(
+                    "BatchNormAct2d relu",
+                    shape,
+                    layout,
+                    lambda c: nln.BatchNormAct2d(c, activation="relu"),
+                    lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(inplace=True)),
+                    kinked=True,
+                ),
+                LayerCase(
+                    "BatchNormAct2d leaky, in-place",
+                    shape,
+                    layout,
+                    lambda c: nln.BatchNormAct2d(c, activation="leaky_relu", inplace=True),
+                    lambda c: nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(0.01, inplace=True)),
+                    inplace=True,
+                    kinked=True,
+                ),
+                LayerCase(
+                    "GroupNormAct(32) silu",
+                    shape,
+                    layout,
+                    lambda c: nln.GroupNormAct(32, c, activation="silu"),
+                    lambda c: nn.Sequential(nn.GroupNorm(32, c), nn.SiLU()),
+                ),
             ]
-    for shape in (SHAPES_ROWS[:1] if quick else SHAPES_ROWS):
+    for shape in SHAPES_ROWS[:1] if quick else SHAPES_ROWS:
         rows += [
             LayerCase("LayerNorm", shape, "rows", nln.LayerNorm, nn.LayerNorm),
             LayerCase("RMSNorm", shape, "rows", nln.RMSNorm, nn.RMSNorm),
@@ -239,15 +261,23 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     err_ours = max(_max_rel_diff(a, b) for a, b in zip(got_ours, reference))
     err_torch = max(_max_rel_diff(a, b) for a, b in zip(got_theirs, reference))
     row = {
-        "layer": case.layer, "shape": "x".join(map(str, case.shape)), "layout": case.layout, "threads": threads,
+        "layer": case.layer,
+        "shape": "x".join(map(str, case.shape)),
+        "layout": case.layout,
+        "threads": threads,
         "copy_ms": 1e3 * times["copy"],
-        "fwd_ours_copy": times["ours_fwd"] / times["copy"], "fwd_torch_copy": times["torch_fwd"] / times["copy"],
+        "fwd_ours_copy": times["ours_fwd"] / times["copy"],
+        "fwd_torch_copy": times["torch_fwd"] / times["copy"],
         "fwd_ratio": times["ours_fwd"] / times["torch_fwd"],
-        "max_rel_diff": diff, "err_ours": err_ours, "err_torch": err_torch, "kink_excluded": excluded,
+        "max_rel_diff": diff,
+        "err_ours": err_ours,
+        "err_torch": err_torch,
+        "kink_excluded": excluded,
     }
     if case.train:
         row.update(
-            fb_ours_copy=times["ours_fb"] / times["copy"], fb_torch_copy=times["torch_fb"] / times["copy"],
+            fb_ours_copy=times["ours_fb"] / times["copy"],
+            fb_torch_copy=times["torch_fb"] / times["copy"],
             fb_ratio=times["ours_fb"] / times["torch_fb"],
             saved_mb_ours=_saved_bytes(lambda: forward(ours)) / 2**20,
             saved_mb_torch=_saved_bytes(lambda: forward(theirs)) / 2**20,
@@ -255,8 +285,9 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     return row
 
 
-def run_layer_benchmark(*, quick: bool = False, threads=(1, 2), repeats: int | None = None,
-                        progress: Callable[[dict], None] | None = None) -> list[dict]:
+def run_layer_benchmark(
+    *, quick: bool = False, threads=(1, 2), repeats: int | None = None, progress: Callable[[dict], None] | None = None
+) -> list[dict]:
     previous = torch.get_num_threads()
     rows = []
     try:
@@ -277,8 +308,10 @@ def _fmt(value, digits=2):
 
 
 def format_layer_table(rows: list[dict]) -> str:
-    header = (f"{'layer':<31}{'shape':<14}{'layout':<14}{'thr':>3} | {'fwd ours':>8}{'torch':>7}{'ratio':>7} | "
-              f"{'f+b ours':>8}{'torch':>7}{'ratio':>7} | {'saved MB ours/torch':>19} | {'err vs f64 ours/torch':>21}")
+    header = (
+        f"{'layer':<31}{'shape':<14}{'layout':<14}{'thr':>3} | {'fwd ours':>8}{'torch':>7}{'ratio':>7} | "
+        f"{'f+b ours':>8}{'torch':>7}{'ratio':>7} | {'saved MB ours/torch':>19} | {'err vs f64 ours/torch':>21}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         saved = f"{r['saved_mb_ours']:.1f} / {r['saved_mb_torch']:.1f}" if "saved_mb_ours" in r else ""

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 __all__ = ["MemoryBenchConfig", "format_memory_table", "run_memory_benchmark"]
 
-VARIANTS = ("torch.nn BatchNorm2d + LeakyReLU(inplace)", "normlab BatchNormAct2d", "normlab BatchNormAct2d inplace=True")
+VARIANTS = (
+    "torch.nn BatchNorm2d + LeakyReLU(inplace)",
+    "normlab BatchNormAct2d",
+    "normlab BatchNormAct2d inplace=True",
+)
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,20 @@ def run_memory_benchmark(config: MemoryBenchConfig = MemoryBenchConfig()) -> lis
     rows = []
     for variant in VARIANTS:
         out = subprocess.run(
-            [sys.executable, "-c", _CHILD, variant, str(config.batch), str(config.image), str(config.width),
-             str(config.blocks), str(config.threads)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-c",
+                _CHILD,
+                variant,
+                str(config.batch),
+                str(config.image),
+                str(config.width),
+                str(config.blocks),
+                str(config.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
@@ -97,6 +112,8 @@ def run_memory_benchmark(config: MemoryBenchConfig = MemoryBenchConfig()) -> lis
 def format_memory_table(rows: list[dict]) -> str:
     lines = [f"{'variant':<44}{'peak RSS MB':>12}{'vs torch':>9}{'saved MB':>10}{'vs torch':>9}"]
     for r in rows:
-        lines.append(f"{r['variant']:<44}{r['peak_rss_mb']:>12.0f}{r['peak_vs_torch']:>8.2f}x"
-                     f"{r['saved_for_backward_mb']:>10.0f}{r['saved_vs_torch']:>8.2f}x")
+        lines.append(
+            f"{r['variant']:<44}{r['peak_rss_mb']:>12.0f}{r['peak_vs_torch']:>8.2f}x"
+            f"{r['saved_for_backward_mb']:>10.0f}{r['saved_vs_torch']:>8.2f}x"
+        )
     return "\n".join(lines)

@@ -49,6 +49,7 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
                     optimizer.zero_grad(set_to_none=True)
                     loss_fn(model(x), y).backward()
                     optimizer.step()
+
             return run
 
         fns = {"no probe": trainer(None)}
@@ -59,8 +60,11 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
         torch.set_num_threads(previous)
     base_time = times["no probe"] / config.steps_per_sample
     return [
-        {"setting": name, "ms_per_step": 1e3 * t / config.steps_per_sample,
-         "slowdown": (t / config.steps_per_sample) / base_time - 1.0}
+        {
+            "setting": name,
+            "ms_per_step": 1e3 * t / config.steps_per_sample,
+            "slowdown": (t / config.steps_per_sample) / base_time - 1.0,
+        }
         for name, t in times.items()
     ]
 

@@ -58,8 +58,13 @@ class _CollectiveCounter:
 
 
 def _worker(rank, world, port, config, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
@@ -78,6 +83,7 @@ def _worker(rank, world, port, config, out):
                     opt.zero_grad(set_to_none=True)
                     loss_fn(ddp(x), y).backward()
                     opt.step()
+
             runners[name] = run
         # Both processes run the same interleaved schedule, so their collectives pair up.
         times = interleaved_medians(runners, repeats=config.repeats)
@@ -87,12 +93,16 @@ def _worker(rank, world, port, config, out):
         steps = (config.count_steps // config.steps_per_sample + 1) * config.steps_per_sample
         layers = sum(1 for m in models["SyncBatchNorm"].modules() if type(m).__name__ == "SyncBatchNorm")
         if rank == 0:
-            Path(out).write_text(json.dumps({
-                "ms_per_step": {k: 1e3 * v / config.steps_per_sample for k, v in times.items()},
-                "forward_collectives_per_layer_step": counter.counts["all_gather"] / (steps * layers),
-                "backward_collectives_per_layer_step": counter.counts["all_reduce"] / (steps * layers),
-                "sync_layers": layers,
-            }))
+            Path(out).write_text(
+                json.dumps(
+                    {
+                        "ms_per_step": {k: 1e3 * v / config.steps_per_sample for k, v in times.items()},
+                        "forward_collectives_per_layer_step": counter.counts["all_gather"] / (steps * layers),
+                        "backward_collectives_per_layer_step": counter.counts["all_reduce"] / (steps * layers),
+                        "sync_layers": layers,
+                    }
+                )
+            )
     finally:
         dist.destroy_process_group()
 
@@ -111,10 +121,12 @@ def run_sync_benchmark(config: SyncBenchConfig = SyncBenchConfig()) -> dict:
 def format_sync_table(result: dict) -> str:
     ms = result["ms_per_step"]
     ratio = ms["SyncBatchNorm"] / ms["local BatchNorm"]
-    return "\n".join([
-        f"{'setting':<18}{'ms/step':>10}",
-        *(f"{k:<18}{v:>10.3f}" for k, v in ms.items()),
-        f"SyncBatchNorm / local: {ratio:.2f}x",
-        f"collectives per SyncBatchNorm layer per step: {result['forward_collectives_per_layer_step']:.2f} in forward "
-        f"(all_gather), {result['backward_collectives_per_layer_step']:.2f} in backward (all_reduce)",
-    ])
+    return "\n".join(
+        [
+            f"{'setting':<18}{'ms/step':>10}",
+            *(f"{k:<18}{v:>10.3f}" for k, v in ms.items()),
+            f"SyncBatchNorm / local: {ratio:.2f}x",
+            f"collectives per SyncBatchNorm layer per step: {result['forward_collectives_per_layer_step']:.2f} in forward "
+            f"(all_gather), {result['backward_collectives_per_layer_step']:.2f} in backward (all_reduce)",
+        ]
+    )

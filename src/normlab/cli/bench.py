@@ -17,27 +17,36 @@ __all__ = ["add_parser"]
 def _machine() -> dict:
     import os
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
 
 
 def _out_checked(run):
     """Check --out before a benchmark that takes minutes, not after."""
+
     def checked(args: argparse.Namespace) -> int:
         if args.out:
             check_output_file(Path(args.out))
         return run(args)
+
     return checked
 
 
 def run_fold(args: argparse.Namespace) -> int:
     from ..bench.fold import FoldBenchConfig, format_fold_table, run_fold_benchmark
 
-    config = FoldBenchConfig(repeats=7 if args.quick else 21, threads=args.threads,
-                             widths=(64,) if args.quick else (64, 16))
+    config = FoldBenchConfig(
+        repeats=7 if args.quick else 21, threads=args.threads, widths=(64,) if args.quick else (64, 16)
+    )
     rows = run_fold_benchmark(config)
-    print("eval inference, torch.nn BatchNorm unfolded vs folded into the convolutions "
-          f"(median of {config.repeats}, interleaved, {config.threads} threads)")
+    print(
+        "eval inference, torch.nn BatchNorm unfolded vs folded into the convolutions "
+        f"(median of {config.repeats}, interleaved, {config.threads} threads)"
+    )
     print(format_fold_table(rows))
     if args.out:
         atomic_write_json(Path(args.out), {"benchmark": "fold", "machine": _machine(), "rows": rows})
@@ -50,9 +59,11 @@ def run_probe(args: argparse.Namespace) -> int:
 
     config = ProbeBenchConfig(repeats=15 if args.quick else 61)
     rows = run_probe_benchmark(config)
-    print(f"training step of a small CNN (batch {config.batch_size}, {config.threads} thread) "
-          f"with a Probe on every layer, median of {config.repeats} x {config.steps_per_sample} steps, "
-          f"interleaved, process CPU time")
+    print(
+        f"training step of a small CNN (batch {config.batch_size}, {config.threads} thread) "
+        f"with a Probe on every layer, median of {config.repeats} x {config.steps_per_sample} steps, "
+        f"interleaved, process CPU time"
+    )
     print(format_probe_table(rows))
     if args.out:
         atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": _machine(), "rows": rows})
@@ -65,8 +76,10 @@ def run_sync(args: argparse.Namespace) -> int:
 
     config = SyncBenchConfig(repeats=7 if args.quick else 21)
     result = run_sync_benchmark(config)
-    print(f"2-process gloo DDP training step of a small CNN (3 BatchNorm layers), batch {config.batch_size} "
-          f"per process, one thread each, median of {config.repeats} interleaved blocks of {config.steps_per_sample} steps")
+    print(
+        f"2-process gloo DDP training step of a small CNN (3 BatchNorm layers), batch {config.batch_size} "
+        f"per process, one thread each, median of {config.repeats} interleaved blocks of {config.steps_per_sample} steps"
+    )
     print(format_sync_table(result))
     if args.out:
         atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": _machine(), **result})
@@ -79,28 +92,51 @@ def run_layers(args: argparse.Namespace) -> int:
     from ..core import fast
 
     tuned = False if args.default_malloc else tune_malloc()
-    print(f"normlab vs torch.nn, float32, times as multiples of copying the same tensor (preallocated); "
-          f"medians of interleaved repetitions; {fast.status()}; malloc "
-          f"{'keeps freed memory' if tuned else 'default'}", flush=True)
-    rows = run_layer_benchmark(quick=args.quick, threads=tuple(args.threads),
-                               progress=(lambda r: print(f"  {r['layer']} {r['shape']} {r['layout']} "
-                                                          f"{r['threads']} thr: fwd {r['fwd_ratio']:.2f} "
-                                                          f"f+b {r.get('fb_ratio', float('nan')):.2f}", flush=True))
-                               if args.verbose else None)
+    print(
+        f"normlab vs torch.nn, float32, times as multiples of copying the same tensor (preallocated); "
+        f"medians of interleaved repetitions; {fast.status()}; malloc "
+        f"{'keeps freed memory' if tuned else 'default'}",
+        flush=True,
+    )
+    rows = run_layer_benchmark(
+        quick=args.quick,
+        threads=tuple(args.threads),
+        progress=(
+            lambda r: print(
+                f"  {r['layer']} {r['shape']} {r['layout']} "
+                f"{r['threads']} thr: fwd {r['fwd_ratio']:.2f} "
+                f"f+b {r.get('fb_ratio', float('nan')):.2f}",
+                flush=True,
+            )
+        )
+        if args.verbose
+        else None,
+    )
     print(format_layer_table(rows))
     goals = summary(rows)
-    print(f"\nnot slower than torch.nn (fwd and f+b ratio <= 1): {goals['not_slower_than_torch']}/{goals['rows']} rows; "
-          f"training fwd <= 2x copy: {goals['train_fwd_le_2x_copy']}/{goals['train_rows']}; "
-          f"f+b <= 5x copy: {goals['train_fb_le_5x_copy']}/{goals['train_rows']}; "
-          f"eval BatchNorm <= 1.2x copy: {goals['eval_bn_le_1_2x_copy']}/{goals['eval_bn_rows']}; "
-          f"add+norm f+b <= 0.6x unfused torch: {goals['add_norm_fb_le_0_6x_torch']}/{goals['add_norm_rows']}, "
-          f"keeping no more: {goals['add_norm_saved_le_torch']}/{goals['add_norm_rows']}; "
-          f"within 1e-5 relative of torch.nn: {goals['within_1e-5_of_torch']}/{goals['rows']}; "
-          f"no less accurate than torch.nn against float64: {goals['no_less_accurate_than_torch']}/{goals['rows']} "
-          f"(worst error: normlab {goals['max_err_ours']:.1e}, torch.nn {goals['max_err_torch']:.1e})")
+    print(
+        f"\nnot slower than torch.nn (fwd and f+b ratio <= 1): {goals['not_slower_than_torch']}/{goals['rows']} rows; "
+        f"training fwd <= 2x copy: {goals['train_fwd_le_2x_copy']}/{goals['train_rows']}; "
+        f"f+b <= 5x copy: {goals['train_fb_le_5x_copy']}/{goals['train_rows']}; "
+        f"eval BatchNorm <= 1.2x copy: {goals['eval_bn_le_1_2x_copy']}/{goals['eval_bn_rows']}; "
+        f"add+norm f+b <= 0.6x unfused torch: {goals['add_norm_fb_le_0_6x_torch']}/{goals['add_norm_rows']}, "
+        f"keeping no more: {goals['add_norm_saved_le_torch']}/{goals['add_norm_rows']}; "
+        f"within 1e-5 relative of torch.nn: {goals['within_1e-5_of_torch']}/{goals['rows']}; "
+        f"no less accurate than torch.nn against float64: {goals['no_less_accurate_than_torch']}/{goals['rows']} "
+        f"(worst error: normlab {goals['max_err_ours']:.1e}, torch.nn {goals['max_err_torch']:.1e})"
+    )
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "layers", "machine": _machine(), "malloc_tuned": tuned,
-                                           "backend": fast.status(), "summary": goals, "rows": rows})
+        atomic_write_json(
+            Path(args.out),
+            {
+                "benchmark": "layers",
+                "machine": _machine(),
+                "malloc_tuned": tuned,
+                "backend": fast.status(),
+                "summary": goals,
+                "rows": rows,
+            },
+        )
         print(f"wrote {args.out}")
     return 0
 
@@ -110,14 +146,16 @@ def run_memory(args: argparse.Namespace) -> int:
 
     config = MemoryBenchConfig(batch=args.batch, threads=args.threads)
     rows = run_memory_benchmark(config)
-    print(f"training memory of a ResNet-style CNN ({config.blocks} blocks, width {config.width}, "
-          f"{config.image}x{config.image} images, batch {config.batch}); each variant in its own process; "
-          "saved = bytes autograd keeps for backward (activations over 64 KiB)")
+    print(
+        f"training memory of a ResNet-style CNN ({config.blocks} blocks, width {config.width}, "
+        f"{config.image}x{config.image} images, batch {config.batch}); each variant in its own process; "
+        "saved = bytes autograd keeps for backward (activations over 64 KiB)"
+    )
     print(format_memory_table(rows))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "memory", "machine": _machine(),
-                                           "config": asdict(config),
-                                           "rows": rows})
+        atomic_write_json(
+            Path(args.out), {"benchmark": "memory", "machine": _machine(), "config": asdict(config), "rows": rows}
+        )
         print(f"wrote {args.out}")
     return 0
 

@@ -12,8 +12,19 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["CommandError", "atomic_write_bytes", "atomic_write_files", "atomic_write_json", "check_output_dir",
-           "check_output_file", "json_writer", "make_output_dir", "parse_shape", "positive_int", "seed"]
+__all__ = [
+    "CommandError",
+    "atomic_write_bytes",
+    "atomic_write_files",
+    "atomic_write_json",
+    "check_output_dir",
+    "check_output_file",
+    "json_writer",
+    "make_output_dir",
+    "parse_shape",
+    "positive_int",
+    "seed",
+]
 
 # The largest seed every generator a study may use accepts (NumPy's legacy seeding stops
 # at 2**32 - 1; torch.manual_seed accepts more, but a seed beyond it would not reproduce
@@ -37,6 +48,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 # argparse types: a bad value is reported by argparse itself, as one usage line and exit 2.
 
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -58,6 +70,7 @@ def seed(text: str) -> int:
 
 
 # Output paths are checked before the work starts, so a typo costs seconds, not a run.
+
 
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
@@ -104,6 +117,7 @@ def make_output_dir(path: Path, what: str = "--out") -> Path:
 
 
 # All-or-nothing writes.
+
 
 def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{kind}")

@@ -15,10 +15,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:  # before the minute of training, not after
         check_output_file(Path(args.out))
-    config = DemoConfig(epochs=args.epochs, batch_sizes=tuple(args.batch_sizes),
-                        norms=tuple(args.norms), seed=args.seed, jobs=args.jobs)
-    print(f"training {len(config.norms) * len(config.batch_sizes)} small CNNs on MNIST-1D "
-          f"({config.jobs} process{'es' if config.jobs > 1 else ''}) ...", flush=True)
+    config = DemoConfig(
+        epochs=args.epochs, batch_sizes=tuple(args.batch_sizes), norms=tuple(args.norms), seed=args.seed, jobs=args.jobs
+    )
+    print(
+        f"training {len(config.norms) * len(config.batch_sizes)} small CNNs on MNIST-1D "
+        f"({config.jobs} process{'es' if config.jobs > 1 else ''}) ...",
+        flush=True,
+    )
     rows = run_demo(config)
     print(format_table(rows, config))
     if args.out:
@@ -36,8 +40,9 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--epochs", type=positive_int, default=6, help="epochs per run (default 6)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[32, 2], metavar="B")
-    p.add_argument("--norms", nargs="+", default=["batch", "group"],
-                   choices=["batch", "group", "layer", "instance", "none"])
+    p.add_argument(
+        "--norms", nargs="+", default=["batch", "group"], choices=["batch", "group", "layer", "instance", "none"]
+    )
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--jobs", type=positive_int, default=2, help="parallel processes (default 2)")
     p.add_argument("--out", help="also write the numbers as JSON to this path")

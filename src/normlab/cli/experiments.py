@@ -50,8 +50,10 @@ def run_one(args: argparse.Namespace) -> int:
         with worker_pool(args.jobs):
             result = run_study(args.study, _setting(args), out, seeds=args.seeds)
     except BaseException:
-        print(f"stopped before {args.study} finished: {out} has no result.json (figures there may be partial)",
-              file=sys.stderr)
+        print(
+            f"stopped before {args.study} finished: {out} has no result.json (figures there may be partial)",
+            file=sys.stderr,
+        )
         raise
     _print_result(result)
     print(f"\nwrote {out / 'result.json'} and {len(result['figures'])} figure(s) in {out}")
@@ -70,11 +72,9 @@ def run_suite_command(args: argparse.Namespace) -> int:
     out = make_output_dir(Path(args.out or f"runs/study-{setting}"))
     print(f"running {len(names)} studies at the {setting} setting into {out} ...", flush=True)
     try:
-        report, results = run_suite(setting, out, only=names, seeds=args.seeds, jobs=args.jobs,
-                                    on_done=_print_result)
+        report, results = run_suite(setting, out, only=names, seeds=args.seeds, jobs=args.jobs, on_done=_print_result)
     except BaseException:
-        print(f"stopped early: {out / 'index.html'} and report.json are marked interrupted (partial)",
-              file=sys.stderr)
+        print(f"stopped early: {out / 'index.html'} and report.json are marked interrupted (partial)", file=sys.stderr)
         raise
     failed = [r["study"] for r in results if r.get("error")]
     total = sum(r.get("seconds") or 0 for r in results)
@@ -91,22 +91,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     size.add_argument("--full", action="store_true", help="the full setting (more seeds, epochs, sizes)")
     size.add_argument("--smoke", action="store_true", help="seconds per study; what the tests run")
     p.add_argument("--seeds", type=seed, nargs="+", help="replace the setting's seeds (0 to 2**32 - 1)")
-    p.add_argument("--jobs", type=positive_int, default=None,
-                   help="worker processes, one thread each (default: the cores, at most 4)")
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=None,
+        help="worker processes, one thread each (default: the cores, at most 4)",
+    )
     p.add_argument("--out", help="output folder (default runs/...)")
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("list", help="the studies `normlab run` and `normlab study` know")
     p.set_defaults(func=run_list)
-    p = sub.add_parser("run", help="run one study: JSON + figures",
-                       description="Run one study and write result.json and its figures.")
+    p = sub.add_parser(
+        "run", help="run one study: JSON + figures", description="Run one study and write result.json and its figures."
+    )
     p.add_argument("study", help="a name from `normlab list`")
     _common(p)
     p.set_defaults(func=run_one)
-    p = sub.add_parser("study", help="run every study and write one HTML report (the main job)",
-                       description="Run every study (or --only some) at one setting and write index.html, "
-                                   "report.json and one folder of figures per study.")
+    p = sub.add_parser(
+        "study",
+        help="run every study and write one HTML report (the main job)",
+        description="Run every study (or --only some) at one setting and write index.html, "
+        "report.json and one folder of figures per study.",
+    )
     p.add_argument("--only", nargs="+", metavar="STUDY", help="run only these studies")
     _common(p)
     p.set_defaults(func=run_suite_command)

@@ -66,9 +66,11 @@ def _why_not_loaded(err: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch's message carries terminal colour codes
     blocked = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if blocked:
-        return (f"it holds a pickled {blocked.group(1)}, not only tensors, and unpickling it could run "
-                "arbitrary code, so it was not loaded; save a state_dict instead: "
-                "torch.save(model.state_dict(), path)")
+        return (
+            f"it holds a pickled {blocked.group(1)}, not only tensors, and unpickling it could run "
+            "arbitrary code, so it was not loaded; save a state_dict instead: "
+            "torch.save(model.state_dict(), path)"
+        )
     detail = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. |\.?$)", text, re.MULTILINE)
     if detail:
         return f"weights-only loading refused it: {detail.group(1)}"
@@ -95,8 +97,11 @@ def load_weights(model: nn.Module, path: str | None) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state and state[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
         if keys:
@@ -120,7 +125,7 @@ def _batches(spec: str, batch_size: int):
         from ..experiments.data import load_mnist1d
 
         data = load_mnist1d()
-        return [data.x_train[i:i + batch_size] for i in range(0, len(data.x_train), batch_size)]
+        return [data.x_train[i : i + batch_size] for i in range(0, len(data.x_train), batch_size)]
     loader = _resolve(spec, "--data")
     try:
         return loader()
@@ -135,10 +140,10 @@ def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
         if args.operation == "freeze":
             return surgery.freeze_norms(model, affine=not args.no_affine)
         if args.operation == "convert":
-            return surgery.convert_norms(model, args.to, groups=args.groups, max_groups=args.max_groups,
-                                         example_input=_example(args))
-        return surgery.precise_bn(model, _batches(args.data, args.batch_size),
-                                  num_batches=args.num_batches)
+            return surgery.convert_norms(
+                model, args.to, groups=args.groups, max_groups=args.max_groups, example_input=_example(args)
+            )
+        return surgery.precise_bn(model, _batches(args.data, args.batch_size), num_batches=args.num_batches)
     except CommandError:
         raise
     except (ValueError, TypeError, RuntimeError) as err:
@@ -156,11 +161,14 @@ def _output_paths(args) -> tuple[Path, Path]:
     check_output_file(out, "--out")
     report_path = out.with_suffix(".json")
     if _same_file(out, report_path):
-        raise CommandError(f"--out {args.out!r} is where the report goes (the report is OUT with .json); "
-                           f"name the checkpoint {str(out.with_suffix('.pt'))!r}")
+        raise CommandError(
+            f"--out {args.out!r} is where the report goes (the report is OUT with .json); "
+            f"name the checkpoint {str(out.with_suffix('.pt'))!r}"
+        )
     if args.weights is not None and _same_file(report_path, Path(args.weights)):
-        raise CommandError(f"the report {str(report_path)!r} would overwrite --weights {args.weights!r}; "
-                           "choose another --out")
+        raise CommandError(
+            f"the report {str(report_path)!r} would overwrite --weights {args.weights!r}; choose another --out"
+        )
     check_output_file(report_path, "report")
     return out, report_path
 
@@ -174,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.operation} changed nothing in this model:\n{result.report}")
     if args.operation == "fold":
         result.report.notes.append(
-            "reload with: model = fold_batchnorm(factory()).model; model.load_state_dict(torch.load(out))")
+            "reload with: model = fold_batchnorm(factory()).model; model.load_state_dict(torch.load(out))"
+        )
     state = result.model.state_dict()
     report = {"model": args.model, "weights": args.weights, "out": str(out), **result.report.to_dict()}
     atomic_write_files({out: lambda handle: torch.save(state, handle), report_path: json_writer(report)})
@@ -193,17 +202,26 @@ def add_parser(sub) -> None:
     ops = p.add_subparsers(dest="operation", metavar="OPERATION", required=True)
 
     def common(q):
-        q.add_argument("--model", required=True, metavar="PKG.MODULE:FACTORY",
-                       help="importable callable that returns the nn.Module")
+        q.add_argument(
+            "--model",
+            required=True,
+            metavar="PKG.MODULE:FACTORY",
+            help="importable callable that returns the nn.Module",
+        )
         q.add_argument("--weights", metavar="IN.pt", help="state_dict to load (weights_only)")
-        q.add_argument("--out", required=True, metavar="OUT.pt",
-                       help="where to write the new state_dict; the report goes to OUT.json")
+        q.add_argument(
+            "--out",
+            required=True,
+            metavar="OUT.pt",
+            help="where to write the new state_dict; the report goes to OUT.json",
+        )
         q.set_defaults(func=run)
 
     fold = ops.add_parser("fold", help="fold eval-mode BatchNorm into the preceding conv/linear")
     common(fold)
-    fold.add_argument("--input-shape", metavar="N,C,H,W",
-                      help="example input shape: verifies the fold and traces untraceable models")
+    fold.add_argument(
+        "--input-shape", metavar="N,C,H,W", help="example input shape: verifies the fold and traces untraceable models"
+    )
 
     freeze = ops.add_parser("freeze", help="freeze norm statistics (and affine)")
     common(freeze)
@@ -214,12 +232,17 @@ def add_parser(sub) -> None:
     convert.add_argument("--to", required=True, choices=surgery.TARGETS)
     convert.add_argument("--groups", type=_groups, default="auto", help="group count, or 'auto' (default)")
     convert.add_argument("--max-groups", type=positive_int, default=32)
-    convert.add_argument("--input-shape", metavar="N,C,H,W",
-                         help="example input shape, for layers whose spatial rank is unknown")
+    convert.add_argument(
+        "--input-shape", metavar="N,C,H,W", help="example input shape, for layers whose spatial rank is unknown"
+    )
 
     precise = ops.add_parser("precise", help="recompute BatchNorm population statistics")
     common(precise)
-    precise.add_argument("--data", required=True, metavar="mnist1d|PKG.MODULE:FN",
-                         help="'mnist1d' (train split) or a callable returning an iterable of batches")
+    precise.add_argument(
+        "--data",
+        required=True,
+        metavar="mnist1d|PKG.MODULE:FN",
+        help="'mnist1d' (train split) or a callable returning an iterable of batches",
+    )
     precise.add_argument("--num-batches", type=positive_int, default=200)
     precise.add_argument("--batch-size", type=positive_int, default=32, help="batch size for --data mnist1d")

@@ -15,8 +15,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         check_output_file(Path(args.out))
-    print("training on MNIST-1D: 1 process at batch 4 and 2; 2 gloo processes x batch 2 with "
-          "SyncBatchNorm and with local BatchNorm ...", flush=True)
+    print(
+        "training on MNIST-1D: 1 process at batch 4 and 2; 2 gloo processes x batch 2 with "
+        "SyncBatchNorm and with local BatchNorm ...",
+        flush=True,
+    )
     rows = run_sync_comparison(epochs=args.epochs, seed=args.seed)
     print(f"{'setting':<40}{'global batch':>13}{'test acc':>10}{'time':>8}")
     for r in rows:

@@ -24,6 +24,17 @@ from .checks import (
     check_positive_int,
     normalize_shape_arg,
 )
+from .dispatch import add_row_norm, channel_layer_norm, channel_norm, choose_path, masked_channel_norm, row_norm
+from .fast import available as fast_available
+from .fast import record_dispatch, set_backend, use_backend
+from .masked import (
+    check_mask,
+    masked_moments,
+    masked_normalize,
+    masked_normalize_backward,
+    masked_reference,
+    update_running_stats_if,
+)
 from .moments import (
     CenteredMoments,
     Moments,
@@ -45,15 +56,6 @@ from .normalize import (
     normalize_given,
 )
 from .reference import reference_normalize
-from .dispatch import add_row_norm, channel_layer_norm, channel_norm, choose_path, masked_channel_norm, row_norm
-from .masked import (
-    check_mask,
-    masked_moments,
-    masked_normalize,
-    masked_normalize_backward,
-    masked_reference,
-    update_running_stats_if,
-)
 from .running import (
     NONFINITE_POLICIES,
     DecayStatistics,
@@ -66,9 +68,6 @@ from .running import (
     to_decay_convention,
     update_running_stats,
 )
-
-from .fast import available as fast_available
-from .fast import record_dispatch, set_backend, use_backend
 
 __all__ = [
     "ACTIVATION_DEFAULTS",

@@ -11,12 +11,12 @@ least 1e-5 when recovering x̂; the forward is unchanged).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as TF
 
-from .moments import centered_moments, compute_dtype
 from .checks import InputError
-
+from .moments import centered_moments, compute_dtype
 
 __all__ = [
     "ACTIVATION_DEFAULTS",

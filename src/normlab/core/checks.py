@@ -25,6 +25,7 @@ __all__ = [
     "normalize_shape_arg",
 ]
 
+
 class InputError(ValueError, RuntimeError):
     """A wrong value (shape, size, range) given to a normlab layer or functional.
 
@@ -62,8 +63,7 @@ def check_eps(eps: object, name: str = "eps") -> float:
         raise InputTypeError(f"{name} must be a non-negative float, got {type(eps).__name__} {eps!r}")
     if not (math.isfinite(eps) and eps >= 0):
         raise InputError(
-            f"{name} must be a finite number >= 0 (it keeps 1/sqrt(var + eps) finite for "
-            f"constant inputs), got {eps!r}"
+            f"{name} must be a finite number >= 0 (it keeps 1/sqrt(var + eps) finite for constant inputs), got {eps!r}"
         )
     return float(eps)
 
@@ -106,9 +106,7 @@ def normalize_shape_arg(shape: object, name: str = "normalized_shape") -> tuple[
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
-        raise InputTypeError(
-            f"{name} must be an int or a sequence of ints, got {type(shape).__name__}"
-        )
+        raise InputTypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}")
     dims = tuple(check_positive_int(d, f"every entry of {name}", allow_zero=True) for d in shape)
     if len(dims) == 0:
         raise InputError(f"{name} must name at least one dimension, got {dims}")

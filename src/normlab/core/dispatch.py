@@ -44,9 +44,15 @@ import torch.nn.functional as TF
 
 from .activation import apply_activation, inplace_abn
 from .fast import build as _build
-from .fast.ops import call_add_row_norm
+from .fast.ops import (
+    ACTIVATIONS,
+    call_add_row_norm,
+    call_channel_norm,
+    call_row_norm,
+    channel_layout,
+    channel_norm_inplace,
+)
 from .masked import masked_moments, masked_normalize, masked_reference
-from .fast.ops import ACTIVATIONS, call_channel_norm, call_row_norm, channel_layout, channel_norm_inplace
 from .moments import compute_dtype, reduced_count
 from .normalize import NormStats, normalize_batch, normalize_given
 
@@ -135,17 +141,20 @@ def channel_norm(
             y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, act, param)
         else:
             y, _, _, _, mean, var = call_channel_norm(
-                x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
+                x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
+            )
         if given or not want_stats:
             return y, None, None
         if groups > 0:  # one statistic per (sample, group)
             mean, var = mean.view(x.shape[0], groups), var.view(x.shape[0], groups)
         return y, mean.detach(), var.detach()
     if path == "native" and not inplace:
-        return _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
-                                    prelu_weight, want_stats)
-    return _composed_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
-                                  prelu_weight, inplace, want_stats)
+        return _native_channel_norm(
+            x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, want_stats
+        )
+    return _composed_channel_norm(
+        x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, inplace, want_stats
+    )
 
 
 def _stat_dims(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -165,8 +174,9 @@ def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     return mean, var
 
 
-def _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
-                         prelu_weight, want_stats):
+def _native_channel_norm(
+    x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, want_stats
+):
     if running_mean is not None:
         y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         mean = var = None
@@ -192,14 +202,22 @@ def _native_channel_norm(x, weight, bias, groups, eps, running_mean, running_var
     return apply_activation(y, activation, param, prelu_weight), mean, var
 
 
-def _composed_channel_norm(x, weight, bias, groups, eps, running_mean, running_var, activation, param,
-                           prelu_weight, inplace, want_stats):
+def _composed_channel_norm(
+    x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, inplace, want_stats
+):
     """normlab's composed ops (:mod:`normlab.core.normalize`), written out in torch."""
     ndim = x.dim()
     if running_mean is not None:
         dims = (0,) + tuple(range(2, ndim))
-        y = normalize_given(x, _channel_view(weight, ndim), _channel_view(bias, ndim),
-                            _channel_view(running_mean, ndim), _channel_view(running_var, ndim), dims, eps)
+        y = normalize_given(
+            x,
+            _channel_view(weight, ndim),
+            _channel_view(bias, ndim),
+            _channel_view(running_mean, ndim),
+            _channel_view(running_var, ndim),
+            dims,
+            eps,
+        )
         return apply_activation(y, activation, param, prelu_weight), None, None
     target, dims = _stat_dims(x, groups)
     if groups < 0:
@@ -277,8 +295,13 @@ def add_row_norm(
     _note(operation, path, reason)
     if path == "fast":
         k = reduced_count(normalized_shape, range(len(normalized_shape)))
-        if (k > 0 and residual.shape == x.shape and residual.dtype == torch.float32
-                and residual.device.type == "cpu" and (weight is None or weight.dtype == torch.float32)):
+        if (
+            k > 0
+            and residual.shape == x.shape
+            and residual.dtype == torch.float32
+            and residual.device.type == "cpu"
+            and (weight is None or weight.dtype == torch.float32)
+        ):
             y, s, _, _, _ = call_add_row_norm(x.contiguous(), residual.contiguous(), weight, bias, k, eps, centered)
             return y, s
         summed = x + residual  # broadcast or mixed dtypes: the sum is torch's, the norm the kernel's
@@ -314,13 +337,14 @@ def channel_layer_norm(
     """
     rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view
     if rows.is_contiguous():
-        return row_norm(rows, (x.shape[1],), weight, bias, eps, centered=True,
-                        operation=operation).permute(0, 3, 1, 2)
+        return row_norm(rows, (x.shape[1],), weight, bias, eps, centered=True, operation=operation).permute(0, 3, 1, 2)
     path, reason = choose_path(x)
     _note(operation, path, reason)
     if path == "native":
         return TF.layer_norm(rows, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
     return normalize_batch(x, _channel_view(weight, 4), _channel_view(bias, 4), (1,), eps)[0]
+
+
 def masked_channel_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -370,11 +394,11 @@ def masked_channel_norm(
             mean = shift + offset
     if reference:
         given = running_mean is not None
-        y = masked_reference(target, w, b, m, dims, eps, mean=shift if given else None,
-                             rstd=rstd if given else None)
+        y = masked_reference(target, w, b, m, dims, eps, mean=shift if given else None, rstd=rstd if given else None)
     else:
-        y = masked_normalize(target, w, b, m, NormStats(shift, offset, rstd), count, dims, eps,
-                             batch_stats=running_mean is None)
+        y = masked_normalize(
+            target, w, b, m, NormStats(shift, offset, rstd), count, dims, eps, batch_stats=running_mean is None
+        )
     y = y.flatten(1, 2) if groups > 0 else y
     y = apply_activation(y, activation, param, prelu_weight)
     if mean is None:

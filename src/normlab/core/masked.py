@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import InputError, InputTypeError
 from .moments import compute_dtype
 from .normalize import AcrossProcesses, NormStats, normalize_forward
 from .running import update_running_stats
-from .checks import InputError, InputTypeError
 
 __all__ = [
     "check_mask",
@@ -63,11 +63,11 @@ def check_mask(mask: object, x: torch.Tensor, fn: str) -> torch.Tensor:
         )
     if mask.device != x.device:
         raise InputError(
-            f"{fn}: mask is on {mask.device} but the input is on {x.device}; move the mask "
-            f"to the input's device"
+            f"{fn}: mask is on {mask.device} but the input is on {x.device}; move the mask to the input's device"
         )
     ok = mask.dim() <= len(positions) and all(
-        m == 1 or m == p for m, p in zip(reversed(mask.shape), reversed(positions)))
+        m == 1 or m == p for m, p in zip(reversed(mask.shape), reversed(positions))
+    )
     if not ok:
         raise InputError(
             f"{fn}: mask has shape {tuple(mask.shape)} but the input of shape "
@@ -221,8 +221,17 @@ class _MaskedNormalize(torch.autograd.Function):
             grads = _differentiable_backward(ctx, dy, x, weight, bias, mask, shift, offset, rstd, needs)
         else:
             grads = masked_normalize_backward(
-                dy, x, weight, mask, NormStats(shift, offset, rstd), count, ctx.dims, ctx.bias_shape,
-                batch_stats=ctx.batch_stats, needs=needs, across=ctx.across,
+                dy,
+                x,
+                weight,
+                mask,
+                NormStats(shift, offset, rstd),
+                count,
+                ctx.dims,
+                ctx.bias_shape,
+                batch_stats=ctx.batch_stats,
+                needs=needs,
+                across=ctx.across,
             )
         dx, dw, db = (None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, weight, bias)))
         return dx, dw, db, None, None, None, None, None, None, None, None, None
@@ -258,8 +267,9 @@ def masked_normalize(
     """Normalize the valid elements of ``x`` with per-group ``stats``; 0 where ``mask`` is
     False. ``mask``, γ, β and the statistics broadcast against ``x`` (same number of dims);
     ``count`` is the valid count per group (needed with ``batch_stats``)."""
-    return _MaskedNormalize.apply(x, weight, bias, mask, stats.shift, stats.offset, stats.rstd, count,
-                                  tuple(dims), eps, batch_stats, across)
+    return _MaskedNormalize.apply(
+        x, weight, bias, mask, stats.shift, stats.offset, stats.rstd, count, tuple(dims), eps, batch_stats, across
+    )
 
 
 def update_running_stats_if(
@@ -279,12 +289,28 @@ def update_running_stats_if(
     CPU: the update is computed, then ``torch.where`` keeps the old buffers when not."""
     if running_mean.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(enough):  # free on the CPU
-            update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
-                                 num_batches_tracked=num_batches_tracked, **kwargs)
+            update_running_stats(
+                running_mean,
+                running_var,
+                batch_mean,
+                batch_var,
+                count,
+                momentum,
+                num_batches_tracked=num_batches_tracked,
+                **kwargs,
+            )
         return
     with torch.no_grad():
         old = [t.clone() for t in (running_mean, running_var, num_batches_tracked) if t is not None]
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
-                             num_batches_tracked=num_batches_tracked, **kwargs)
+        update_running_stats(
+            running_mean,
+            running_var,
+            batch_mean,
+            batch_var,
+            count,
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            **kwargs,
+        )
         for t, before in zip((running_mean, running_var, num_batches_tracked), old):
             t.copy_(torch.where(enough, t, before))

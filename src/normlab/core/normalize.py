@@ -171,7 +171,8 @@ def normalize_backward(
     # that dγ and dβ need are exactly the per-group sums dx needs: compute them once.
     # (β counts too: LayerNorm with β but no γ has a β that varies inside each group.)
     per_group_affine = (w is None or all(w.shape[d] == 1 for d in dims)) and (
-        bias_shape is None or all(bias_shape[d] == 1 for d in dims))
+        bias_shape is None or all(bias_shape[d] == 1 for d in dims)
+    )
     if across is not None:
         assert per_group_affine and batch_stats and centered, "only BatchNorm spans processes"
     if per_group_affine:
@@ -250,12 +251,17 @@ class _Normalize(torch.autograd.Function):
             grads = _differentiable_backward(ctx, dy, x, weight, bias, stats, needs)
         else:
             grads = normalize_backward(
-                dy, x, weight, stats, ctx.dims, ctx.bias_shape,
-                batch_stats=ctx.batch_stats, needs=needs, across=ctx.across,
+                dy,
+                x,
+                weight,
+                stats,
+                ctx.dims,
+                ctx.bias_shape,
+                batch_stats=ctx.batch_stats,
+                needs=needs,
+                across=ctx.across,
             )
-        dx, dw, db = (
-            None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, weight, bias))
-        )
+        dx, dw, db = (None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, weight, bias)))
         return dx, dw, db, None, None, None, None, None, None, None
 
 
@@ -277,13 +283,17 @@ def _differentiable_backward(ctx, dy, x, weight, bias, stats, needs):
             if centered:
                 mean = stats.shift if stats.offset is None else stats.shift + stats.offset
             y = reference_normalize(
-                x, weight, bias, ctx.dims, ctx.eps, centered=centered,
-                mean=mean, rstd=stats.rstd,
+                x,
+                weight,
+                bias,
+                ctx.dims,
+                ctx.eps,
+                centered=centered,
+                mean=mean,
+                rstd=stats.rstd,
             )
         found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(
-        next(found) if need and t is not None else None for t, need in zip(operands, needs)
-    )
+    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
 
 
 def normalize(
@@ -307,7 +317,15 @@ def normalize(
     number of dims.
     """
     return _Normalize.apply(
-        x, weight, bias, stats.shift, stats.offset, stats.rstd, tuple(dims), eps, batch_stats,
+        x,
+        weight,
+        bias,
+        stats.shift,
+        stats.offset,
+        stats.rstd,
+        tuple(dims),
+        eps,
+        batch_stats,
         across,
     )
 

@@ -27,9 +27,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .checks import check_momentum
+from .checks import InputError, InputTypeError, check_momentum
 from .fast import build as _build
-from .checks import InputError, InputTypeError
 
 __all__ = [
     "DecayStatistics",
@@ -54,9 +53,7 @@ class NonFiniteStatisticsError(FloatingPointError):
 
 def check_nonfinite_policy(policy: object) -> str:
     if policy not in NONFINITE_POLICIES:
-        raise InputError(
-            f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}"
-        )
+        raise InputError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
     return policy  # type: ignore[return-value]
 
 
@@ -101,8 +98,12 @@ def update_running_stats(
                 f"{name}.clone()"
             )
     eager_cpu = running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
-    if eager_cpu and on_nonfinite == "skip" and _fold_in_kernel(
-        running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
+    if (
+        eager_cpu
+        and on_nonfinite == "skip"
+        and _fold_in_kernel(
+            running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
+        )
     ):
         return _TRUE
     with torch.no_grad():
@@ -165,22 +166,35 @@ def _nonfinite(on_nonfinite: str) -> None:
     )
 
 
-def _fold_in_kernel(running_mean, running_var, batch_mean, batch_var, count, momentum,
-                    num_batches_tracked, unbiased) -> bool:
+def _fold_in_kernel(
+    running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
+) -> bool:
     """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for
     float32/float64 CPU buffers. False when it does not apply, or when the batch is not
     finite — then the torch-op path decides to skip and warn."""
     module = _build._state["module"]
-    if (module is None or _build._state["backend"] == "composed" or isinstance(count, torch.Tensor)
-            or running_mean.dtype not in (torch.float32, torch.float64)
-            or running_var.dtype != running_mean.dtype or not running_mean.is_contiguous()
-            or not running_var.is_contiguous() or batch_mean.numel() != running_mean.numel()
-            or (momentum is None and num_batches_tracked is None)):
+    if (
+        module is None
+        or _build._state["backend"] == "composed"
+        or isinstance(count, torch.Tensor)
+        or running_mean.dtype not in (torch.float32, torch.float64)
+        or running_var.dtype != running_mean.dtype
+        or not running_mean.is_contiguous()
+        or not running_var.is_contiguous()
+        or batch_mean.numel() != running_mean.numel()
+        or (momentum is None and num_batches_tracked is None)
+    ):
         return False
     with torch.no_grad():
         return module.running_update(
-            running_mean, running_var, _as_float64(batch_mean), _as_float64(batch_var), count, -1.0 if momentum is None else float(momentum),
-            num_batches_tracked if num_batches_tracked is not None else _NO_COUNTER, unbiased,
+            running_mean,
+            running_var,
+            _as_float64(batch_mean),
+            _as_float64(batch_var),
+            count,
+            -1.0 if momentum is None else float(momentum),
+            num_batches_tracked if num_batches_tracked is not None else _NO_COUNTER,
+            unbiased,
         )
 
 
@@ -236,9 +250,7 @@ def from_decay_convention(
     var = moving_variance
     if elements_per_batch is not None:
         if elements_per_batch < 2:
-            raise InputError(
-                f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}"
-            )
+            raise InputError(f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}")
         var = moving_variance * (elements_per_batch / (elements_per_batch - 1))
     return RunningStatistics(moving_mean.clone(), var.clone(), momentum)
 
@@ -255,8 +267,6 @@ def to_decay_convention(
     var = running_var
     if elements_per_batch is not None:
         if elements_per_batch < 2:
-            raise InputError(
-                f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}"
-            )
+            raise InputError(f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}")
         var = running_var * ((elements_per_batch - 1) / elements_per_batch)
     return DecayStatistics(running_mean.clone(), var.clone(), decay)

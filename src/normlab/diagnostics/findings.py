@@ -11,8 +11,15 @@ from .summaries import RELU_FAMILY, SATURATING
 
 __all__ = ["Finding", "diagnose"]
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                  nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_WEIGHT_LAYERS = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
 @dataclass
@@ -67,16 +74,23 @@ def diagnose(
     weight_layers = [n for n in order if isinstance(layers[n], _WEIGHT_LAYERS)]
     activation_layers = [n for n in order if isinstance(layers[n], RELU_FAMILY + tuple(SATURATING))]
 
-    nonfinite = [n for n in order for r in probe.records(n)[-window:]
-                 if r.get("nonfinite", 0) or r.get("grad_nonfinite", 0) or r.get("weight_grad_nonfinite", 0)]
+    nonfinite = [
+        n
+        for n in order
+        for r in probe.records(n)[-window:]
+        if r.get("nonfinite", 0) or r.get("grad_nonfinite", 0) or r.get("weight_grad_nonfinite", 0)
+    ]
     if nonfinite:
         names = sorted(set(nonfinite), key=order.index)
-        found.append(Finding(
-            "nonfinite", names,
-            f"Non-finite activations or gradients (NaN/inf) in {', '.join(names)}.",
-            "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), and check "
-            "the input data and loss for NaN/inf.",
-        ))
+        found.append(
+            Finding(
+                "nonfinite",
+                names,
+                f"Non-finite activations or gradients (NaN/inf) in {', '.join(names)}.",
+                "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), and check "
+                "the input data and loss for NaN/inf.",
+            )
+        )
 
     grads = probe.latest("grad_norm", window)
     grads = {n: v for n, v in grads.items() if math.isfinite(v)}
@@ -87,23 +101,29 @@ def diagnose(
         ratio = grads[last] / grads[first] if grads[first] > 0 else math.inf
         per_layer = {n: grads[n] for n in graded}
         if ratio > vanishing_ratio:
-            found.append(Finding(
-                "vanishing_gradients", [first, last],
-                f"Gradients vanish toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
-                f"{ratio:.3g}x smaller than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
-                "Use He initialization for ReLU layers (Xavier for tanh), add normalization "
-                "(BatchNorm, or GroupNorm at small batch sizes) between layers, or residual connections.",
-                {"ratio_last_over_first": ratio, "grad_norm": per_layer},
-            ))
+            found.append(
+                Finding(
+                    "vanishing_gradients",
+                    [first, last],
+                    f"Gradients vanish toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
+                    f"{ratio:.3g}x smaller than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
+                    "Use He initialization for ReLU layers (Xavier for tanh), add normalization "
+                    "(BatchNorm, or GroupNorm at small batch sizes) between layers, or residual connections.",
+                    {"ratio_last_over_first": ratio, "grad_norm": per_layer},
+                )
+            )
         elif ratio > 0 and 1 / ratio > exploding_ratio:
-            found.append(Finding(
-                "exploding_gradients", [first, last],
-                f"Gradients explode toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
-                f"{1 / ratio:.3g}x larger than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
-                "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), use a "
-                "smaller-gain initialization, or add normalization.",
-                {"ratio_first_over_last": 1 / ratio, "grad_norm": per_layer},
-            ))
+            found.append(
+                Finding(
+                    "exploding_gradients",
+                    [first, last],
+                    f"Gradients explode toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
+                    f"{1 / ratio:.3g}x larger than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
+                    "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), use a "
+                    "smaller-gain initialization, or add normalization.",
+                    {"ratio_first_over_last": 1 / ratio, "grad_norm": per_layer},
+                )
+            )
 
     stds = probe.latest("std", window)
     spread = [n for n in (activation_layers or weight_layers) if n in stds]
@@ -112,47 +132,59 @@ def diagnose(
         first, last = ends
         if stds[first] > 0 and stds[last] / stds[first] < collapse_ratio:
             per_layer = {n: stds[n] for n in spread}
-            found.append(Finding(
-                "collapse", [first, last],
-                f"Activations collapse toward 0 with depth: std {stds[first]:.3g} at {first} falls to "
-                f"{stds[last]:.3g} at {last} ({stds[last] / stds[first]:.2g}x). Per layer: {_fmt(per_layer)}.",
-                "The weights are too small for the depth: use Xavier initialization for tanh/sigmoid "
-                "or He for ReLU, or add normalization before each activation.",
-                {"std": per_layer},
-            ))
+            found.append(
+                Finding(
+                    "collapse",
+                    [first, last],
+                    f"Activations collapse toward 0 with depth: std {stds[first]:.3g} at {first} falls to "
+                    f"{stds[last]:.3g} at {last} ({stds[last] / stds[first]:.2g}x). Per layer: {_fmt(per_layer)}.",
+                    "The weights are too small for the depth: use Xavier initialization for tanh/sigmoid "
+                    "or He for ReLU, or add normalization before each activation.",
+                    {"std": per_layer},
+                )
+            )
 
     saturated = {n: v for n, v in probe.latest("saturated", window).items() if v > saturation_threshold}
     if saturated:
-        found.append(Finding(
-            "saturation", list(saturated),
-            f"Saturated units (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]): {_fmt(saturated, 2)} "
-            f"of outputs in the flat tails, where the gradient is almost 0.",
-            "The pre-activations are too large: use Xavier initialization (gain 1 for tanh, the 4x bound "
-            "for sigmoid), add normalization before the activation, or lower the learning rate.",
-            {"saturated": saturated},
-        ))
+        found.append(
+            Finding(
+                "saturation",
+                list(saturated),
+                f"Saturated units (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]): {_fmt(saturated, 2)} "
+                f"of outputs in the flat tails, where the gradient is almost 0.",
+                "The pre-activations are too large: use Xavier initialization (gain 1 for tanh, the 4x bound "
+                "for sigmoid), add normalization before the activation, or lower the learning rate.",
+                {"saturated": saturated},
+            )
+        )
 
     dead = {n: v for n, v in probe.latest("dead", window).items() if v > dead_threshold}
     if dead:
-        found.append(Finding(
-            "dead_units", list(dead),
-            f"Dead units (never positive on the batch, so a ReLU passes no gradient): {_fmt(dead, 2)}.",
-            "Use LeakyReLU or ELU, He initialization, a lower learning rate, and check for large "
-            "negative biases; normalization before the activation also keeps units alive.",
-            {"dead": dead},
-        ))
+        found.append(
+            Finding(
+                "dead_units",
+                list(dead),
+                f"Dead units (never positive on the batch, so a ReLU passes no gradient): {_fmt(dead, 2)}.",
+                "Use LeakyReLU or ELU, He initialization, a lower learning rate, and check for large "
+                "negative biases; normalization before the activation also keeps units alive.",
+                {"dead": dead},
+            )
+        )
 
     drift = probe.latest("mean_drift", window)
     std_drift = probe.latest("std_drift", window)
     drifting = {n: max(drift.get(n, 0.0), std_drift.get(n, 0.0)) for n in set(drift) | set(std_drift)}
     drifting = {n: v for n, v in sorted(drifting.items(), key=lambda kv: order.index(kv[0])) if v > drift_threshold}
     if drifting:
-        found.append(Finding(
-            "stat_drift", list(drifting),
-            f"Batch statistics are far from the running estimates (in running std units): {_fmt(drifting, 2)}. "
-            f"Eval mode will normalize differently from training.",
-            "Typical of small or non-i.i.d. batches: use GroupNorm (or BatchRenorm), larger batches, or "
-            "recompute the statistics with normlab.surgery.precise_bn before evaluating.",
-            {"drift": drifting},
-        ))
+        found.append(
+            Finding(
+                "stat_drift",
+                list(drifting),
+                f"Batch statistics are far from the running estimates (in running std units): {_fmt(drifting, 2)}. "
+                f"Eval mode will normalize differently from training.",
+                "Typical of small or non-i.i.d. batches: use GroupNorm (or BatchRenorm), larger batches, or "
+                "recompute the statistics with normlab.surgery.precise_bn before evaluating.",
+                {"drift": drifting},
+            )
+        )
     return found

@@ -30,8 +30,9 @@ def _figure(width: float, height: float):
     return fig
 
 
-def histogram_grid(probe, layers: list[str] | None = None, step: int | None = None,
-                   ncols: int = 5, title: str | None = None):
+def histogram_grid(
+    probe, layers: list[str] | None = None, step: int | None = None, ncols: int = 5, title: str | None = None
+):
     """One panel per layer (execution order), shared axes: the classic picture of
     activations collapsing or saturating with depth (Glorot & Bengio, 2010, Fig. 3)."""
     layers = layers or [n for n in probe.layer_names if any("hist" in r for r in probe.records(n))]
@@ -47,7 +48,7 @@ def histogram_grid(probe, layers: list[str] | None = None, step: int | None = No
         record = probe.records(name)[-1]
         ax.set_title(f"{name}\nstd {record.get('std', math.nan):.2g}", fontsize=8, **_LITERAL)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.set_visible(False)
     fig.suptitle(title or f"activation histograms (step {step if step is not None else probe.step})", fontsize=10)
     fig.supxlabel("activation", fontsize=8)
@@ -73,7 +74,7 @@ def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, tit
         ax.plot(steps, p50, lw=1.2, label="median")
         ax.set_title(name, fontsize=8, **_LITERAL)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title or "activation percentiles over training", fontsize=10)

@@ -27,8 +27,15 @@ __all__ = ["DEFAULT_LAYER_TYPES", "Probe", "select_layers"]
 
 #: What a Probe watches when not told otherwise: layers that transform activations.
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-    nn.ConvTranspose3d, *RELU_FAMILY, *SATURATING,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    *RELU_FAMILY,
+    *SATURATING,
 )
 
 LayerSpec = Iterable[type] | Iterable[str] | Callable[[str, nn.Module], bool] | None
@@ -199,8 +206,7 @@ class Probe:
             weight = getattr(module, "weight", None)
             # With an optimizer the weight statistics are taken in its pre-step hook, for
             # all layers in a few fused (_foreach) ops; without, per weight after backward.
-            if (self.weights and self.optimizer is None and isinstance(weight, nn.Parameter)
-                    and weight.requires_grad):
+            if self.weights and self.optimizer is None and isinstance(weight, nn.Parameter) and weight.requires_grad:
                 self._handles.append(weight.register_post_accumulate_grad_hook(self._weight_hook(name)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))
@@ -258,6 +264,7 @@ class Probe:
             self._current[name] = record
             if self.gradients and out.requires_grad:
                 out.register_hook(lambda g: record.update(capture_gradient(g, self._sampler, "grad")))
+
         return hook
 
     def _drift_hook(self, name: str):
@@ -266,8 +273,10 @@ class Probe:
                 return
             if getattr(module, "frozen", False) or module.running_var is None or args[0].dim() < 2:
                 return
-            self._drift[name] = batch_vs_running(args[0], module.running_mean, module.running_var,
-                                                 getattr(module, "eps", 1e-5))
+            self._drift[name] = batch_vs_running(
+                args[0], module.running_mean, module.running_var, getattr(module, "eps", 1e-5)
+            )
+
         return hook
 
     def _weight_hook(self, name: str):
@@ -277,6 +286,7 @@ class Probe:
                 return
             record.update(capture_gradient(param.grad, self._sampler, "weight_grad"))
             record["weight_norm"] = torch.linalg.vector_norm(param.detach())
+
         return hook
 
     def _before_update(self, optimizer, args, kwargs) -> None:
@@ -370,10 +380,12 @@ class Probe:
             "every": self.every,
             "order": self.order,
             "layers": {
-                name: {"type": type(self.layers[name]).__name__,
-                       "hist_range": self._ranges.get(name, self.hist_range),
-                       "decimations": self._series[name].decimations,
-                       "records": self.records(name)}
+                name: {
+                    "type": type(self.layers[name]).__name__,
+                    "hist_range": self._ranges.get(name, self.hist_range),
+                    "decimations": self._series[name].decimations,
+                    "records": self.records(name),
+                }
                 for name in self.order
             },
         }
@@ -388,9 +400,15 @@ class Probe:
         Text cells that start like a spreadsheet formula (``= + - @``, tab, CR) get a
         leading ``'``."""
         path = Path(path)
-        rows = [{"layer": name, "type": type(self.layers[name]).__name__,
-                 **{k: v for k, v in r.items() if not isinstance(v, list)}}
-                for name in self.order for r in self.records(name)]
+        rows = [
+            {
+                "layer": name,
+                "type": type(self.layers[name]).__name__,
+                **{k: v for k, v in r.items() if not isinstance(v, list)},
+            }
+            for name in self.order
+            for r in self.records(name)
+        ]
         columns = ["layer", "type"] + sorted({k for row in rows for k in row} - {"layer", "type"})
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
@@ -417,9 +435,16 @@ class Probe:
                 if "hist" in r:
                     counts = torch.tensor(r["hist"]) * r.get("numel", 1)
                     writer.add_histogram_raw(
-                        f"{name}/activation", min=lo, max=hi, num=float(counts.sum()), sum=0.0,
-                        sum_squares=0.0, bucket_limits=edges[1:].tolist(),
-                        bucket_counts=counts.tolist(), global_step=r["step"])
+                        f"{name}/activation",
+                        min=lo,
+                        max=hi,
+                        num=float(counts.sum()),
+                        sum=0.0,
+                        sum_squares=0.0,
+                        bucket_limits=edges[1:].tolist(),
+                        bucket_counts=counts.tolist(),
+                        global_step=r["step"],
+                    )
         if hasattr(writer, "flush"):
             writer.flush()
 

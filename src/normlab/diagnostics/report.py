@@ -19,8 +19,19 @@ th { text-align: left; } td.num { text-align: right; font-variant-numeric: tabul
 img { max-width: 100%; }
 """
 
-_COLUMNS = ["std", "mean", "p15", "p50", "p85", "dead", "saturated", "grad_norm", "weight_grad_norm",
-            "update_ratio", "mean_drift"]
+_COLUMNS = [
+    "std",
+    "mean",
+    "p15",
+    "p50",
+    "p85",
+    "dead",
+    "saturated",
+    "grad_norm",
+    "weight_grad_norm",
+    "update_ratio",
+    "mean_drift",
+]
 
 
 def _cell(value) -> str:
@@ -45,18 +56,25 @@ def write_report(probe, path, *, title: str = "normlab probe report", **threshol
     latest = {key: probe.latest(key, window=1) for key in _COLUMNS}
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(type(probe.layers[name]).__name__)}</td>"
-        + "".join(_cell(latest[key].get(name)) for key in _COLUMNS) + "</tr>"
+        + "".join(_cell(latest[key].get(name)) for key in _COLUMNS)
+        + "</tr>"
         for name in probe.layer_names
     )
-    finding_html = "".join(
-        f'<div class=finding><b>{html.escape(f.kind.replace("_", " "))}</b>: {html.escape(f.message)}'
-        f"<br><i>Suggestion:</i> {html.escape(f.suggestion)}</div>" for f in findings
-    ) or "<div class=ok>No problems found with the current thresholds.</div>"
-    figures = "".join([
-        _figure_html(lambda: histogram_grid(probe), "Activation histograms per layer (latest step)"),
-        _figure_html(lambda: percentile_bands(probe), "15th/50th/85th percentiles over training"),
-        _figure_html(lambda: gradient_norms(probe), "Gradient norm per layer"),
-    ])
+    finding_html = (
+        "".join(
+            f"<div class=finding><b>{html.escape(f.kind.replace('_', ' '))}</b>: {html.escape(f.message)}"
+            f"<br><i>Suggestion:</i> {html.escape(f.suggestion)}</div>"
+            for f in findings
+        )
+        or "<div class=ok>No problems found with the current thresholds.</div>"
+    )
+    figures = "".join(
+        [
+            _figure_html(lambda: histogram_grid(probe), "Activation histograms per layer (latest step)"),
+            _figure_html(lambda: percentile_bands(probe), "15th/50th/85th percentiles over training"),
+            _figure_html(lambda: gradient_norms(probe), "Gradient norm per layer"),
+        ]
+    )
     document = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>

@@ -27,8 +27,21 @@ __all__ = [
 ]
 
 #: Activations whose "dead" units are those that are never positive on the batch.
-RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU,
-               nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish)
+RELU_FAMILY = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardswish,
+)
 #: Activations that saturate, with the band counted as saturated.
 SATURATING = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardtanh: "tanh", nn.Hardsigmoid: "sigmoid"}
 
@@ -69,9 +82,12 @@ def capture_activation(x: torch.Tensor, sampler: SampleIndex, module: nn.Module 
     Each torch op costs several microseconds of dispatch on a small tensor, so the count
     of ops here is what the probe's overhead is made of; everything else waits.
     """
-    raw = {"numel": x.numel(), "_sample": sampler.take(x.reshape(-1)),
-           # One reduction over everything: NaN/inf anywhere makes the sum non-finite.
-           "_sum": x.sum()}
+    raw = {
+        "numel": x.numel(),
+        "_sample": sampler.take(x.reshape(-1)),
+        # One reduction over everything: NaN/inf anywhere makes the sum non-finite.
+        "_sum": x.sum(),
+    }
     if module is not None and isinstance(module, RELU_FAMILY) and x.dim() >= 2:
         # A unit is a feature of dim 1 (a channel of a conv output): dead if it is never
         # positive for any sample or position of the batch. Needs every value, not a sample.
@@ -127,8 +143,9 @@ def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], kind:
             sample = record.pop(f"_{prefix}_sample")
             finite = math.isfinite(norm)
             record[f"{prefix}_norm"] = norm if finite else math.nan
-            record[f"{prefix}_std"] = sample.std(correction=0).item() if finite and sample.numel() > 1 else (
-                0.0 if finite else math.nan)
+            record[f"{prefix}_std"] = (
+                sample.std(correction=0).item() if finite and sample.numel() > 1 else (0.0 if finite else math.nan)
+            )
             record[f"{prefix}_nonfinite"] = 0 if finite else 1
     if "_update_change" in record:
         change, norm = record.pop("_update_change").item(), record.pop("_update_norm").item()
@@ -138,16 +155,21 @@ def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], kind:
     return record
 
 
-def activation_summary(x: torch.Tensor, *, bins: int = 41, hist_range: tuple[float, float] = (-3.0, 3.0),
-                       module: nn.Module | None = None, limit: int = 4096) -> dict:
+def activation_summary(
+    x: torch.Tensor,
+    *,
+    bins: int = 41,
+    hist_range: tuple[float, float] = (-3.0, 3.0),
+    module: nn.Module | None = None,
+    limit: int = 4096,
+) -> dict:
     """Everything at once, for one tensor (capture + summarize)."""
     kind = SATURATING.get(type(module)) if module is not None else None
     raw = capture_activation(x, SampleIndex(limit), module)
     return summarize(raw, bins=bins, hist_range=hist_range, kind=kind)
 
 
-def batch_vs_running(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                     eps: float) -> dict:
+def batch_vs_running(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> dict:
     """How far this batch's per-channel statistics are from the running estimates, in
     running standard deviations: mean |μ_B − μ| / σ and mean |σ_B / σ − 1|.
 

@@ -39,9 +39,7 @@ def load_mnist1d(seed: int = 42, num_samples: int = 5000) -> Dataset:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "MNIST-1D needs the 'mnist1d' package: pip install 'normlab[experiments]'"
-        ) from err
+        raise ImportError("MNIST-1D needs the 'mnist1d' package: pip install 'normlab[experiments]'") from err
     args = get_dataset_args()
     args.seed = seed
     args.num_samples = num_samples

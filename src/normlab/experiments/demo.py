@@ -59,8 +59,13 @@ def run_demo(config: DemoConfig = DemoConfig()) -> list[dict]:
 
 
 def format_table(rows: list[dict], config: DemoConfig) -> str:
-    names = {"batch": "BatchNorm", "group": "GroupNorm(8)", "layer": "LayerNorm",
-             "instance": "InstanceNorm", "none": "no norm"}
+    names = {
+        "batch": "BatchNorm",
+        "group": "GroupNorm(8)",
+        "layer": "LayerNorm",
+        "instance": "InstanceNorm",
+        "none": "no norm",
+    }
     lines = [
         f"MNIST-1D, 3 x [Conv1d(32) -> norm -> ReLU] + linear, SGD momentum 0.9, "
         f"lr 0.1*B/32 cosine, {config.epochs} epochs, seed {config.seed}, test in eval mode",

@@ -70,14 +70,14 @@ def train_distributed(config: DistributedConfig, *, return_model: bool = False):
     model = nn.parallel.DistributedDataParallel(_model(config))
     global_batch = world * config.batch_size
     lr = config.base_lr * global_batch / 32
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = len(data.y_train) // global_batch
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps_per_epoch * config.epochs))))
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps_per_epoch * config.epochs)))
+    )
     generator = torch.Generator().manual_seed(config.seed)  # the same order in every process
     loss_fn = nn.CrossEntropyLoss()
     start, step = time.perf_counter(), 0
@@ -87,16 +87,22 @@ def train_distributed(config: DistributedConfig, *, return_model: bool = False):
         for i in range(steps_per_epoch):
             if step >= total:
                 break
-            batch = order[i * global_batch:(i + 1) * global_batch]
-            mine = batch[rank * config.batch_size:(rank + 1) * config.batch_size]
+            batch = order[i * global_batch : (i + 1) * global_batch]
+            mine = batch[rank * config.batch_size : (rank + 1) * config.batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss_fn(model(data.x_train[mine]), data.y_train[mine]).backward()
             optimizer.step()
             schedule.step()
             step += 1
     seconds = time.perf_counter() - start
-    result = {**asdict(config), "world": world, "global_batch": global_batch, "lr": lr,
-              "steps": step, "seconds": seconds}
+    result = {
+        **asdict(config),
+        "world": world,
+        "global_batch": global_batch,
+        "lr": lr,
+        "steps": step,
+        "seconds": seconds,
+    }
     if rank == 0:
         result["test_accuracy"] = evaluate(model.module, data.x_test, data.y_test)
     return (result, model.module) if return_model else result
@@ -109,8 +115,13 @@ def _free_port() -> int:
 
 
 def _spawned(rank, world, port, config, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=config.timeout_seconds))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=config.timeout_seconds),
+    )
     try:
         result = train_distributed(config)
         if rank == 0:
@@ -136,12 +147,26 @@ def run_sync_comparison(epochs: int = 6, seed: int = 0) -> list[dict]:
     for batch in (4, 2):
         torch.manual_seed(seed)
         result = train_classifier(ConvNet1d("batch"), data, TrainConfig(batch_size=batch, epochs=epochs, seed=seed))
-        rows.append({"setting": f"1 process, BatchNorm, batch {batch}", "processes": 1, "global_batch": batch,
-                     "test_accuracy": result.test_accuracy, "seconds": result.seconds})
+        rows.append(
+            {
+                "setting": f"1 process, BatchNorm, batch {batch}",
+                "processes": 1,
+                "global_batch": batch,
+                "test_accuracy": result.test_accuracy,
+                "seconds": result.seconds,
+            }
+        )
     for norm, label in (("sync", "SyncBatchNorm"), ("local", "local BatchNorm")):
         result = spawn_training(DistributedConfig(norm=norm, batch_size=2, epochs=epochs, seed=seed), world=2)
-        rows.append({"setting": f"2 processes x batch 2, {label}", "processes": 2, "global_batch": 4,
-                     "test_accuracy": result["test_accuracy"], "seconds": result["seconds"]})
+        rows.append(
+            {
+                "setting": f"2 processes x batch 2, {label}",
+                "processes": 2,
+                "global_batch": 4,
+                "test_accuracy": result["test_accuracy"],
+                "seconds": result["seconds"],
+            }
+        )
     return rows
 
 
@@ -155,24 +180,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds before a collective gives up on a silent peer")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds before a collective gives up on a silent peer"
+    )
     parser.add_argument("--out", help="rank 0 writes its result as JSON here")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ:
-        parser.error("run under torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); "
-                     "for a single-process comparison use `normlab sync-demo`")
-    config = DistributedConfig(norm=args.norm, batch_size=args.batch_size, epochs=args.epochs,
-                               seed=args.seed, max_steps=args.max_steps, timeout_seconds=args.timeout)
+        parser.error(
+            "run under torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); "
+            "for a single-process comparison use `normlab sync-demo`"
+        )
+    config = DistributedConfig(
+        norm=args.norm,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        timeout_seconds=args.timeout,
+    )
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=config.timeout_seconds))
     try:
         result = train_distributed(config)
     finally:
         dist.destroy_process_group()
     if result.get("test_accuracy") is not None:
-        print(f"{result['world']} processes x batch {config.batch_size}, {config.norm} BatchNorm: "
-              f"test accuracy {100 * result['test_accuracy']:.1f}% after {result['steps']} steps "
-              f"({result['seconds']:.0f} s)")
+        print(
+            f"{result['world']} processes x batch {config.batch_size}, {config.norm} BatchNorm: "
+            f"test accuracy {100 * result['test_accuracy']:.1f}% after {result['steps']} steps "
+            f"({result['seconds']:.0f} s)"
+        )
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

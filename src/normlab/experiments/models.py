@@ -24,8 +24,9 @@ __all__ = [
 NORM_KINDS = ("batch", "group", "layer", "instance", "none", "renorm")
 
 
-def make_norm(kind: str, channels: int, *, dims: int = 1, groups: int = 8,
-              renorm_schedule: nln.RenormSchedule | None = None) -> nn.Module:
+def make_norm(
+    kind: str, channels: int, *, dims: int = 1, groups: int = 8, renorm_schedule: nln.RenormSchedule | None = None
+) -> nn.Module:
     """The normalization layer ``kind`` for ``channels`` channels of a ``dims``-D conv.
 
     ``"layer"`` is GroupNorm with one group (LayerNorm over (C, *spatial) with
@@ -57,16 +58,22 @@ class ConvNet1d(nn.Sequential):
     in seconds, deep enough for the norm layer to matter.
     """
 
-    def __init__(self, norm: str = "batch", width: int = 32, depth: int = 3,
-                 num_classes: int = 10, in_channels: int = 1, groups: int = 8,
-                 renorm_schedule: nln.RenormSchedule | None = None) -> None:
+    def __init__(
+        self,
+        norm: str = "batch",
+        width: int = 32,
+        depth: int = 3,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        groups: int = 8,
+        renorm_schedule: nln.RenormSchedule | None = None,
+    ) -> None:
         layers: list[nn.Module] = []
         channels = in_channels
         for i in range(depth):
             # A conv followed by a norm with β needs no bias of its own.
             layers += [
-                nn.Conv1d(channels, width, 3, padding=1, stride=2 if i else 1,
-                          bias=norm == "none"),
+                nn.Conv1d(channels, width, 3, padding=1, stride=2 if i else 1, bias=norm == "none"),
                 make_norm(norm, width, dims=1, groups=groups, renorm_schedule=renorm_schedule),
                 nn.ReLU(inplace=True),
             ]
@@ -86,9 +93,7 @@ class BasicBlock(nn.Module):
         self.bn2 = norm_layer(channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride, bias=False), norm_layer(channels)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), norm_layer(channels))
 
     def forward(self, x):
         out = self.bn1(self.conv1(x)).relu()
@@ -105,8 +110,7 @@ class ResNet18(nn.Module):
     swap it.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3,
-                 norm_layer=nn.BatchNorm2d) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3, norm_layer=nn.BatchNorm2d) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), norm_layer(width), nn.ReLU(inplace=True)
@@ -129,8 +133,12 @@ ACTIVATION_KINDS = ("tanh", "sigmoid", "relu", "leaky_relu", "prelu", "elu", "rr
 def make_activation(kind: str, width: int) -> nn.Module:
     """A fresh activation module; PReLU gets one learnable slope per unit."""
     makers = {
-        "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "elu": nn.ELU,
-        "leaky_relu": lambda: nn.LeakyReLU(0.01), "prelu": lambda: nn.PReLU(width),
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "relu": nn.ReLU,
+        "elu": nn.ELU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.01),
+        "prelu": lambda: nn.PReLU(width),
         "rrelu": nn.RReLU,  # random slope in [1/8, 1/3] in training, their mean in eval
     }
     if kind not in makers:
@@ -142,8 +150,9 @@ def make_activation(kind: str, width: int) -> nn.Module:
 INIT_SCHEMES = ("torch", "normal", "xavier", "xavier_relu", "he", "he_scaled")
 
 
-def init_linear_(layer: nn.Linear, scheme: str, *, std: float = 0.01, scale: float = 1.0,
-                 generator: torch.Generator | None = None) -> nn.Linear:
+def init_linear_(
+    layer: nn.Linear, scheme: str, *, std: float = 0.01, scale: float = 1.0, generator: torch.Generator | None = None
+) -> nn.Linear:
     """Initialize one Linear layer.
 
     ``torch``: torch.nn's default (U[±1/√fan_in], i.e. std 1/√(3·fan_in)); ``normal``:
@@ -184,9 +193,19 @@ class MLP(nn.Module):
     Xavier init whatever ``init`` says, so that init studies vary only the hidden layers.
     """
 
-    def __init__(self, in_features: int, widths, num_classes: int | None = 10, *,
-                 activation: str = "relu", norm: str = "none", init: str = "torch",
-                 init_std: float = 0.01, init_scale: float = 1.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        widths,
+        num_classes: int | None = 10,
+        *,
+        activation: str = "relu",
+        norm: str = "none",
+        init: str = "torch",
+        init_std: float = 0.01,
+        init_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         if norm not in ("batch", "layer", "none"):
             raise ValueError(f"MLP norm must be 'batch', 'layer' or 'none', got {norm!r}")
@@ -195,10 +214,18 @@ class MLP(nn.Module):
         previous = in_features
         for width in widths:
             block = nn.Module()
-            block.linear = init_linear_(nn.Linear(previous, width, bias=norm == "none"), init,
-                                        std=init_std, scale=init_scale, generator=generator)
-            block.norm = {"batch": lambda w=width: nln.BatchNorm1d(w), "layer": lambda w=width: nln.LayerNorm(w),
-                          "none": nn.Identity}[norm]()
+            block.linear = init_linear_(
+                nn.Linear(previous, width, bias=norm == "none"),
+                init,
+                std=init_std,
+                scale=init_scale,
+                generator=generator,
+            )
+            block.norm = {
+                "batch": lambda w=width: nln.BatchNorm1d(w),
+                "layer": lambda w=width: nln.LayerNorm(w),
+                "none": nn.Identity,
+            }[norm]()
             block.act = make_activation(activation, width)
             self.blocks.append(block)
             previous = width

@@ -35,9 +35,13 @@ details summary { cursor: pointer; color: #335; }
 def machine_info() -> dict:
     import os
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "platform": platform.platform()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
 
 
 def _e(value) -> str:
@@ -56,9 +60,11 @@ def _table(columns, rows, classes=None) -> str:
 
 
 def _section(result: dict, folder: str) -> str:
-    parts = [f'<h2 id="{_e(result["study"])}">{_e(result["title"])}</h2>',
-             f'<p class="meta">normlab run {_e(result["study"])} — setting {_e(result.get("setting", ""))}, '
-             f'{result.get("seconds") or 0:.0f} s. {_e(result["question"])}</p>']
+    parts = [
+        f'<h2 id="{_e(result["study"])}">{_e(result["title"])}</h2>',
+        f'<p class="meta">normlab run {_e(result["study"])} — setting {_e(result.get("setting", ""))}, '
+        f"{result.get('seconds') or 0:.0f} s. {_e(result['question'])}</p>",
+    ]
     if result.get("error"):
         parts.append(f'<p class="error">This study failed: {_e(result["error"])}</p>')
         return "\n".join(parts)
@@ -67,42 +73,67 @@ def _section(result: dict, folder: str) -> str:
     if result.get("comparison"):
         parts.append("<h3>Published vs ours</h3>")
         rows = [[c["what"], c["published"], c["ours"], c["agrees"], c.get("why", "")] for c in result["comparison"]]
-        parts.append(_table(["claim", "published", "ours", "agrees", "why it differs"], rows,
-                            [c["agrees"] for c in result["comparison"]]))
+        parts.append(
+            _table(
+                ["claim", "published", "ours", "agrees", "why it differs"],
+                rows,
+                [c["agrees"] for c in result["comparison"]],
+            )
+        )
     figures = result.get("figures", [])
-    main, extra = figures[-1:] if result["study"] == "init-depth" else figures, \
-        figures[:-1] if result["study"] == "init-depth" else []
+    main, extra = (
+        figures[-1:] if result["study"] == "init-depth" else figures,
+        figures[:-1] if result["study"] == "init-depth" else [],
+    )
     for fig in main:
-        parts.append(f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}">'
-                     f'<figcaption>{_e(fig["caption"])}</figcaption></figure>')
+        parts.append(
+            f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}">'
+            f"<figcaption>{_e(fig['caption'])}</figcaption></figure>"
+        )
     if extra:  # init-depth's twelve histogram grids: folded away, one click each
         parts.append(f"<details><summary>{len(extra)} histogram grids, one per configuration</summary>")
         for fig in extra:
-            parts.append(f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}" loading="lazy">'
-                         f'<figcaption>{_e(fig["caption"])}</figcaption></figure>')
+            parts.append(
+                f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}" loading="lazy">'
+                f"<figcaption>{_e(fig['caption'])}</figcaption></figure>"
+            )
         parts.append("</details>")
     for table in result.get("tables", []):
         parts.append(f"<h3>{_e(table['title'])}</h3>" + _table(table["columns"], table["rows"]))
         if table.get("note"):
             parts.append(f'<p class="meta">{_e(table["note"])}</p>')
-    parts.append(f'<p class="meta">Every number: <a href="{_e(folder)}/result.json">{_e(folder)}/result.json</a>'
-                 f' (config included).</p>')
+    parts.append(
+        f'<p class="meta">Every number: <a href="{_e(folder)}/result.json">{_e(folder)}/result.json</a>'
+        f" (config included).</p>"
+    )
     return "\n".join(parts)
 
 
 def _banner(state: str, done: int, pending: list[str], reason: str) -> str:
     total = done + len(pending)
     if state == "running":
-        return (f'<p class="partial">In progress: {done} of {total} studies finished so far. If no normlab '
-                "process is still writing here, the run was stopped before it finished and this report is "
-                "partial: run it again for a complete one.</p>")
-    return (f'<p class="partial">Interrupted{f" ({_e(reason)})" if reason else ""} after {done} of {total} '
-            f"studies: this report is partial. Not finished: {_e(', '.join(pending))}. Run it again for a "
-            "complete report.</p>")
+        return (
+            f'<p class="partial">In progress: {done} of {total} studies finished so far. If no normlab '
+            "process is still writing here, the run was stopped before it finished and this report is "
+            "partial: run it again for a complete one.</p>"
+        )
+    return (
+        f'<p class="partial">Interrupted{f" ({_e(reason)})" if reason else ""} after {done} of {total} '
+        f"studies: this report is partial. Not finished: {_e(', '.join(pending))}. Run it again for a "
+        "complete report.</p>"
+    )
 
 
-def render_report(results: list[dict], *, setting: str, seconds: float, machine: dict | None = None,
-                  state: str = "complete", pending: list[str] | tuple[str, ...] = (), reason: str = "") -> str:
+def render_report(
+    results: list[dict],
+    *,
+    setting: str,
+    seconds: float,
+    machine: dict | None = None,
+    state: str = "complete",
+    pending: list[str] | tuple[str, ...] = (),
+    reason: str = "",
+) -> str:
     """The page for ``results``. ``state`` is one of :data:`STATES`; when the run is not
     complete, a banner says so and ``pending`` lists the studies it has not finished."""
     if state not in STATES:
@@ -111,26 +142,40 @@ def render_report(results: list[dict], *, setting: str, seconds: float, machine:
     machine = machine or machine_info()
     verdicts = [c["agrees"] for r in results for c in r.get("comparison", [])]
     counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS)
-    toc = "".join(f'<li><a href="#{_e(r["study"])}">{_e(r["title"])}</a>'
-                  f'{" — failed" if r.get("error") else ""}</li>' for r in results)
+    toc = "".join(
+        f'<li><a href="#{_e(r["study"])}">{_e(r["title"])}</a>{" — failed" if r.get("error") else ""}</li>'
+        for r in results
+    )
     toc += "".join(f"<li>{_e(name)} — not finished</li>" for name in pending)
     banner = "" if state == "complete" else _banner(state, len(results), pending, reason)
-    head = (f"<h1>normlab studies{'' if state == 'complete' else f' ({state}, partial)'}</h1>{banner}"
-            f'<p class="meta">Setting <b>{_e(setting)}</b>; {len(results)} studies in {seconds:.0f} s on '
-            f'{_e(machine.get("cores"))} CPU cores ({_e(machine.get("cpu"))}), Python {_e(machine.get("python"))}, '
-            f'torch {_e(machine.get("torch"))}. Published claims checked: {counts}.</p>'
-            "<p>Every study runs on data generated or shipped offline (MNIST-1D, Gaussian features) with small "
-            "models on a CPU, so the published numbers — mostly ImageNet-scale — are compared in shape and "
-            "direction, not in value. Where ours differ, the table says so and why.</p>"
-            f"<ol>{toc}</ol>")
+    head = (
+        f"<h1>normlab studies{'' if state == 'complete' else f' ({state}, partial)'}</h1>{banner}"
+        f'<p class="meta">Setting <b>{_e(setting)}</b>; {len(results)} studies in {seconds:.0f} s on '
+        f"{_e(machine.get('cores'))} CPU cores ({_e(machine.get('cpu'))}), Python {_e(machine.get('python'))}, "
+        f"torch {_e(machine.get('torch'))}. Published claims checked: {counts}.</p>"
+        "<p>Every study runs on data generated or shipped offline (MNIST-1D, Gaussian features) with small "
+        "models on a CPU, so the published numbers — mostly ImageNet-scale — are compared in shape and "
+        "direction, not in value. Where ours differ, the table says so and why.</p>"
+        f"<ol>{toc}</ol>"
+    )
     body = "\n".join(_section(r, r["study"]) for r in results)
     title = f"normlab studies ({_e(setting)}{'' if state == 'complete' else f', {state}'})"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-            f"<style>{_CSS}</style></head><body>{head}{body}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{_CSS}</style></head><body>{head}{body}</body></html>"
+    )
 
 
-def write_report(results: list[dict], out_dir: Path, *, setting: str, seconds: float, state: str = "complete",
-                 pending: list[str] | tuple[str, ...] = (), reason: str = "") -> Path:
+def write_report(
+    results: list[dict],
+    out_dir: Path,
+    *,
+    setting: str,
+    seconds: float,
+    state: str = "complete",
+    pending: list[str] | tuple[str, ...] = (),
+    reason: str = "",
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "index.html"
     page = render_report(results, setting=setting, seconds=seconds, state=state, pending=pending, reason=reason)

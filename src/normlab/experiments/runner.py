@@ -94,8 +94,9 @@ def worker_pool(jobs: int | None = None) -> Iterator[None]:
         finally:
             _pool[0] = previous
         return
-    executor = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker)
+    executor = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
+    )
     _pool[0] = executor
     try:
         yield

@@ -19,13 +19,34 @@ from typing import Any
 
 from .runner import write_json
 
-__all__ = ["SETTINGS", "STUDIES", "Study", "StudyResult", "all_studies", "get_study", "new_result", "pyplot",
-           "register", "run_study", "save_figure"]
+__all__ = [
+    "SETTINGS",
+    "STUDIES",
+    "Study",
+    "StudyResult",
+    "all_studies",
+    "get_study",
+    "new_result",
+    "pyplot",
+    "register",
+    "run_study",
+    "save_figure",
+]
 
 SETTINGS = ("smoke", "quick", "full")
 STUDIES: dict[str, Study] = {}
-_STUDY_MODULES = ("init_depth", "batch_size", "convergence", "learning_rate", "dead_units",
-                  "train_eval_gap", "depth", "regularization", "dropout_order", "weight_decay")
+_STUDY_MODULES = (
+    "init_depth",
+    "batch_size",
+    "convergence",
+    "learning_rate",
+    "dead_units",
+    "train_eval_gap",
+    "depth",
+    "regularization",
+    "dropout_order",
+    "weight_decay",
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +112,7 @@ class StudyResult:
     seconds: float | None = None
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence], note: str = "") -> None:
-        self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows],
-                            "note": note})
+        self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows], "note": note})
 
     def figure(self, file: str, caption: str) -> None:
         self.figures.append({"file": file, "caption": caption})
@@ -101,8 +121,7 @@ class StudyResult:
         """``agrees``: "yes", "partly" or "no" — said plainly, with ``why`` where not yes."""
         if agrees not in ("yes", "partly", "no"):
             raise ValueError(f"agrees must be 'yes', 'partly' or 'no', got {agrees!r}")
-        self.comparison.append({"what": what, "published": published, "ours": ours, "agrees": agrees,
-                                "why": why})
+        self.comparison.append({"what": what, "published": published, "ours": ours, "agrees": agrees, "why": why})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,8 +133,9 @@ def new_result(name: str, config) -> StudyResult:
     return StudyResult(study.name, study.title, study.question, "", dataclasses.asdict(config))
 
 
-def run_study(name: str, setting: str = "quick", out_dir: str | Path = "runs", *,
-              seeds: Sequence[int] | None = None) -> dict:
+def run_study(
+    name: str, setting: str = "quick", out_dir: str | Path = "runs", *, seeds: Sequence[int] | None = None
+) -> dict:
     """Run one study and write ``out_dir/result.json`` plus its figures; returns the result."""
     study = get_study(name)
     config = study.config(setting, seeds)

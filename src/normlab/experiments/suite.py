@@ -14,9 +14,15 @@ from .study import all_studies, run_study
 __all__ = ["run_suite"]
 
 
-def run_suite(setting: str = "quick", out_dir: str | Path = "runs/study", *, only: Sequence[str] | None = None,
-              seeds: Sequence[int] | None = None, jobs: int | None = None,
-              on_done: Callable[[dict], None] | None = None) -> tuple[Path, list[dict]]:
+def run_suite(
+    setting: str = "quick",
+    out_dir: str | Path = "runs/study",
+    *,
+    only: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    jobs: int | None = None,
+    on_done: Callable[[dict], None] | None = None,
+) -> tuple[Path, list[dict]]:
     """Run the studies (all, or ``only`` these) and write ``out_dir/index.html``,
     ``out_dir/report.json`` and one folder per study. A study that fails is reported as
     failed in the page and the JSON, and the others still run; the caller decides what a
@@ -40,11 +46,20 @@ def run_suite(setting: str = "quick", out_dir: str | Path = "runs/study", *, onl
 
     def publish(state: str, reason: str = "") -> Path:
         seconds = time.perf_counter() - start
-        pending = names[len(results):]
-        write_json(out / "report.json", {"setting": setting, "state": state, "reason": reason, "seconds": seconds,
-                                         "machine": machine_info(), "studies": results, "pending": pending})
-        return write_report(results, out, setting=setting, seconds=seconds, state=state, pending=pending,
-                            reason=reason)
+        pending = names[len(results) :]
+        write_json(
+            out / "report.json",
+            {
+                "setting": setting,
+                "state": state,
+                "reason": reason,
+                "seconds": seconds,
+                "machine": machine_info(),
+                "studies": results,
+                "pending": pending,
+            },
+        )
+        return write_report(results, out, setting=setting, seconds=seconds, state=state, pending=pending, reason=reason)
 
     publish("running")
     try:
@@ -56,9 +71,15 @@ def run_suite(setting: str = "quick", out_dir: str | Path = "runs/study", *, onl
                     result = run_study(name, setting, out / name, seeds=seeds)
                 except Exception as err:  # keep going: one broken study should not hide the rest
                     study = studies[name]
-                    result = {"study": name, "title": study.title, "question": study.question, "setting": setting,
-                              "seconds": time.perf_counter() - t0, "error": f"{type(err).__name__}: {err}",
-                              "traceback": traceback.format_exc()}
+                    result = {
+                        "study": name,
+                        "title": study.title,
+                        "question": study.question,
+                        "setting": setting,
+                        "seconds": time.perf_counter() - t0,
+                        "error": f"{type(err).__name__}: {err}",
+                        "traceback": traceback.format_exc(),
+                    }
                 results.append(result)
                 publish("running")
                 if on_done:

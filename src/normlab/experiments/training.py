@@ -50,7 +50,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     correct = 0
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+        correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
     model.train(was_training)
     return correct / len(y)
 
@@ -84,8 +84,9 @@ def train_classifier(
 
 def _train(model, data, config, on_epoch):
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     n = len(data.y_train)
     steps_per_epoch = n // config.batch_size  # drop the ragged last batch: BN needs ≥ 2
     total = steps_per_epoch * config.epochs
@@ -100,7 +101,7 @@ def _train(model, data, config, on_epoch):
         order = torch.randperm(n, generator=generator)
         running, seen = 0.0, 0
         for i in range(steps_per_epoch):
-            idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
             loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
             if not torch.isfinite(loss):
                 diverged = True
@@ -173,12 +174,14 @@ def train_steps(
 
 def _train_steps(model, data, config, on_check):
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     schedule = None
     if config.schedule == "cosine":
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps)))
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
+        )
     loss_fn = nn.CrossEntropyLoss()
     n = len(data.y_train)
     per_epoch = max(1, n // config.batch_size)
@@ -200,7 +203,7 @@ def _train_steps(model, data, config, on_check):
         if step % per_epoch == 0:
             order = torch.randperm(n, generator=generator)
         i = step % per_epoch
-        idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+        idx = order[i * config.batch_size : (i + 1) * config.batch_size]
         loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
         if not torch.isfinite(loss):
             diverged = True

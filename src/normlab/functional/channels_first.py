@@ -38,7 +38,8 @@ def _layer_norm2d(input, weight, bias, eps, *, validated=False):
     if input.dim() != 4:
         raise InputError(
             f"layer_norm2d expects input of shape (N, C, H, W), got a {input.dim()}D tensor of shape "
-            f"{tuple(input.shape)}; for channels-last (*, C) data use layer_norm(x, (C,))")
+            f"{tuple(input.shape)}; for channels-last (*, C) data use layer_norm(x, (C,))"
+        )
     if not validated:
         eps = check_eps(eps)
         what = f"layer_norm2d over the {input.shape[1]} channels of input dim 1"
@@ -47,5 +48,6 @@ def _layer_norm2d(input, weight, bias, eps, *, validated=False):
     elif weight is not None and weight.shape[0] != input.shape[1]:
         raise InputError(
             f"LayerNorm2d({weight.shape[0]}) got input with {input.shape[1]} channels in dim 1 "
-            f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}")
+            f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}"
+        )
     return channel_layer_norm(input, weight, bias, eps, operation="layer_norm2d")

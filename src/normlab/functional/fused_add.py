@@ -64,7 +64,8 @@ def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, *, centered,
             raise InputError(
                 f"{fn}: normalized_shape={list(normalized_shape)} must equal the trailing dims of "
                 f"x + residual, got shape {tuple(summed_shape)} (expected (*, "
-                f"{', '.join(map(str, normalized_shape))}))")
+                f"{', '.join(map(str, normalized_shape))}))"
+            )
         if eps is not None or centered:
             eps = check_eps(eps)
         what = f"{fn} over normalized_shape {list(normalized_shape)}"
@@ -83,5 +84,6 @@ def _summed_shape(fn: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Siz
     if summed is None or summed != x.shape:
         raise InputError(
             f"{fn}: residual of shape {tuple(residual.shape)} must have x's shape {tuple(x.shape)} "
-            f"(or broadcast to it), since the sum replaces x as the residual stream")
+            f"(or broadcast to it), since the sum replaces x as the residual stream"
+        )
     return summed

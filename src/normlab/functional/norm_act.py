@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import InputError
 from .per_sample import group_norm_act
 from .tracked import batch_norm_act
-from ..core.checks import InputError
 
 __all__ = ["norm_act"]
 
@@ -34,12 +34,32 @@ def norm_act(
     activations — relu, leaky_relu, elu, prelu, silu, identity — and the in-place mode.
     """
     if norm == "batch":
-        return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                              activation=activation, activation_param=activation_param,
-                              prelu_weight=prelu_weight, inplace=inplace)
+        return batch_norm_act(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            activation=activation,
+            activation_param=activation_param,
+            prelu_weight=prelu_weight,
+            inplace=inplace,
+        )
     if norm == "group":
         if num_groups is None:
             raise InputError("norm_act with norm='group' needs num_groups")
-        return group_norm_act(input, num_groups, weight, bias, eps, activation=activation,
-                              activation_param=activation_param, prelu_weight=prelu_weight, inplace=inplace)
+        return group_norm_act(
+            input,
+            num_groups,
+            weight,
+            bias,
+            eps,
+            activation=activation,
+            activation_param=activation_param,
+            prelu_weight=prelu_weight,
+            inplace=inplace,
+        )
     raise InputError(f"norm must be 'batch' or 'group', got {norm!r}")

@@ -8,16 +8,14 @@ trailing ``normalized_shape``.
 
 from __future__ import annotations
 
-
 import torch
 
-from .tracked import _check_inplace_input
 from ..core import (
     channel_norm,
     check_activation,
-    check_mask,
     check_eps,
     check_floating_input,
+    check_mask,
     check_param,
     check_positive_int,
     compute_dtype,
@@ -27,6 +25,7 @@ from ..core import (
     row_norm,
 )
 from ..core.checks import InputError
+from .tracked import _check_inplace_input
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
@@ -71,24 +70,64 @@ def group_norm_act(
     :func:`normlab.functional.batch_norm_act` (``inplace`` and ``mask`` included)."""
     param = check_activation(activation, activation_param, inplace=inplace)
     _check_inplace_input(input, inplace)
-    return _group_norm(input, num_groups, weight, bias, eps, activation=activation, param=param,
-                       prelu_weight=prelu_weight, inplace=inplace, fn="group_norm_act", mask=mask)
+    return _group_norm(
+        input,
+        num_groups,
+        weight,
+        bias,
+        eps,
+        activation=activation,
+        param=param,
+        prelu_weight=prelu_weight,
+        inplace=inplace,
+        fn="group_norm_act",
+        mask=mask,
+    )
 
 
-def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="group_norm", validated=False, mask=None):
+def _group_norm(
+    input,
+    num_groups,
+    weight,
+    bias,
+    eps,
+    *,
+    activation="identity",
+    param=0.0,
+    prelu_weight=None,
+    inplace=False,
+    fn="group_norm",
+    validated=False,
+    mask=None,
+):
     """``validated``: a module's call (constructor-checked groups, eps and parameter shapes;
     the module checked the channels): only what depends on this input is checked here."""
-    if validated and mask is None and input.dim() >= 2 and input.is_floating_point() and _same_kind(weight, input) and (
-            reduced_count(input.shape, range(2, input.dim())) * (input.shape[1] // num_groups) > 1):
-        return channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation, param=param,
-                            prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
+    if (
+        validated
+        and mask is None
+        and input.dim() >= 2
+        and input.is_floating_point()
+        and _same_kind(weight, input)
+        and (reduced_count(input.shape, range(2, input.dim())) * (input.shape[1] // num_groups) > 1)
+    ):
+        return channel_norm(
+            input,
+            weight,
+            bias,
+            groups=num_groups,
+            eps=eps,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            inplace=inplace,
+            want_stats=False,
+            operation=fn,
+        )[0]
     check_floating_input(input)
     check_positive_int(num_groups, "num_groups")
     if input.dim() < 2:
         raise InputError(
-            f"{fn} expects input of shape (N, C, *spatial), got a {input.dim()}D "
-            f"tensor of shape {tuple(input.shape)}"
+            f"{fn} expects input of shape (N, C, *spatial), got a {input.dim()}D tensor of shape {tuple(input.shape)}"
         )
     channels = input.shape[1]
     if channels % num_groups != 0:
@@ -110,10 +149,31 @@ def _group_norm(input, num_groups, weight, bias, eps, *, activation="identity", 
             f"the bias whatever the input; use fewer groups or a spatial extent > 1"
         )
     if mask is not None:
-        return masked_channel_norm(input, weight, bias, check_mask(mask, input, fn), groups=num_groups, eps=eps,
-                                   activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
-    return channel_norm(input, weight, bias, groups=num_groups, eps=eps, activation=activation, param=param,
-                        prelu_weight=prelu_weight, inplace=inplace, want_stats=False, operation=fn)[0]
+        return masked_channel_norm(
+            input,
+            weight,
+            bias,
+            check_mask(mask, input, fn),
+            groups=num_groups,
+            eps=eps,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            operation=fn,
+        )[0]
+    return channel_norm(
+        input,
+        weight,
+        bias,
+        groups=num_groups,
+        eps=eps,
+        activation=activation,
+        param=param,
+        prelu_weight=prelu_weight,
+        inplace=inplace,
+        want_stats=False,
+        operation=fn,
+    )[0]
 
 
 def _same_kind(param: torch.Tensor | None, input: torch.Tensor) -> bool:
@@ -154,8 +214,13 @@ def layer_norm(
 
 def _layer_norm(input, normalized_shape, weight, bias, eps, *, validated=False):
     """``validated``: a module's call, whose constructor checked the shape, eps and γ/β."""
-    if validated and isinstance(input, torch.Tensor) and input.is_floating_point() and _same_kind(weight, input) \
-            and input.shape[input.dim() - len(normalized_shape):] == normalized_shape:
+    if (
+        validated
+        and isinstance(input, torch.Tensor)
+        and input.is_floating_point()
+        and _same_kind(weight, input)
+        and input.shape[input.dim() - len(normalized_shape) :] == normalized_shape
+    ):
         return row_norm(input, normalized_shape, weight, bias, eps, centered=True, operation="layer_norm")
     check_floating_input(input)
     shape, dims = _trailing_dims("layer_norm", input, normalized_shape)
@@ -183,8 +248,13 @@ def rms_norm(
 
 def _rms_norm(input, normalized_shape, weight, eps, *, validated=False):
     """``validated``: a module's call, whose constructor checked the shape, eps and γ."""
-    if validated and isinstance(input, torch.Tensor) and input.is_floating_point() and _same_kind(weight, input) \
-            and input.shape[input.dim() - len(normalized_shape):] == normalized_shape:
+    if (
+        validated
+        and isinstance(input, torch.Tensor)
+        and input.is_floating_point()
+        and _same_kind(weight, input)
+        and input.shape[input.dim() - len(normalized_shape) :] == normalized_shape
+    ):
         if eps is None:
             eps = torch.finfo(compute_dtype(input.dtype)).eps
         return row_norm(input, normalized_shape, weight, None, eps, centered=False, operation="rms_norm")

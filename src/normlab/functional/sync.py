@@ -37,8 +37,8 @@ from ..core import (
     reduced_count,
     update_running_stats_if,
 )
-from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
 from ..core.checks import InputError
+from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
 
 __all__ = ["check_peers", "distributed_world", "sync_batch_norm"]
 
@@ -68,8 +68,9 @@ def _gather_moments(local: torch.Tensor, process_group) -> torch.Tensor:
     """(world, 1 + 2C) float64: every process's (count, mean…, M2…), in one all_gather."""
     world = distributed_world(process_group)
     parts = [torch.empty_like(local) for _ in range(world)]
-    _collective("all_gather of batch statistics",
-                lambda: dist.all_gather(parts, local, group=process_group), process_group)
+    _collective(
+        "all_gather of batch statistics", lambda: dist.all_gather(parts, local, group=process_group), process_group
+    )
     return torch.stack(parts)
 
 
@@ -82,16 +83,19 @@ def check_peers(input: torch.Tensor, process_group) -> None:
     which gloo aborts on (SIGABRT) when the sizes differ. Raises the same error everywhere."""
     world = distributed_world(process_group)
     # the header travels on the input's device (nccl takes only GPU tensors)
-    header = torch.tensor([input.shape[1], _DTYPE_CODES.get(input.dtype, 0), input.dim()],
-                          dtype=torch.int64, device=input.device)
+    header = torch.tensor(
+        [input.shape[1], _DTYPE_CODES.get(input.dtype, 0), input.dim()], dtype=torch.int64, device=input.device
+    )
     parts = [torch.empty_like(header) for _ in range(world)]
-    _collective("all_gather of input shapes", lambda: dist.all_gather(parts, header, group=process_group),
-                process_group)
+    _collective(
+        "all_gather of input shapes", lambda: dist.all_gather(parts, header, group=process_group), process_group
+    )
     seen = torch.stack(parts).tolist()  # a host read, once: the layer checks at its first call
     if any(row != seen[0] for row in seen):
         names = {v: str(k).replace("torch.", "") for k, v in _DTYPE_CODES.items()}
-        described = ", ".join(f"rank {r}: C={c}, {names.get(d, 'other dtype')}, {n}-D"
-                              for r, (c, d, n) in enumerate(seen))
+        described = ", ".join(
+            f"rank {r}: C={c}, {names.get(d, 'other dtype')}, {n}-D" for r, (c, d, n) in enumerate(seen)
+        )
         raise InputError(
             f"SyncBatchNorm: the processes disagree about the input ({described}); every "
             f"process must run the same layer on inputs with the same channel count, dtype "
@@ -101,10 +105,13 @@ def check_peers(input: torch.Tensor, process_group) -> None:
 
 def _all_reduce_sums(process_group):
     def reduce(packed: torch.Tensor) -> torch.Tensor:
-        _collective("all_reduce of gradient sums",
-                    lambda: dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group),
-                    process_group)
+        _collective(
+            "all_reduce of gradient sums",
+            lambda: dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group),
+            process_group,
+        )
         return packed
+
     return reduce
 
 
@@ -142,9 +149,20 @@ def sync_batch_norm(
     running estimates untouched on every process.
     """
     if not training or distributed_world(process_group) == 1:
-        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                          num_batches_tracked=num_batches_tracked,
-                          unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite, mask=mask)
+        return batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked=num_batches_tracked,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            mask=mask,
+        )
     check_floating_input(input)
     if input.dim() < 2:
         raise InputError(
@@ -183,7 +201,7 @@ def sync_batch_norm(
             count = torch.full((1,), float(local_count), dtype=torch.float64, device=input.device)
         gathered = _gather_moments(torch.cat([count, mean, m2]), process_group)
         counts = gathered[:, :1].round().long().expand(-1, channels)
-        merged = merge_moments(Moments(counts, gathered[:, 1:1 + channels], gathered[:, 1 + channels:]))
+        merged = merge_moments(Moments(counts, gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]))
         # The global count stays a tensor: reading it would stall an accelerator's stream.
         # On the CPU reading it is free, and a batch of one value is refused as BatchNorm does.
         total = merged.count[0].to(torch.float64)
@@ -202,16 +220,52 @@ def sync_batch_norm(
     stats = NormStats(shift.view(view), offset.view(view), rstd.view(view))
     across = AcrossProcesses(_all_reduce_sums(process_group), total)
     if mask is not None:
-        out = masked_normalize(input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()), mask,
-                               stats, None, dims, eps, batch_stats=True, across=across)
+        out = masked_normalize(
+            input,
+            _channel_view(weight, input.dim()),
+            _channel_view(bias, input.dim()),
+            mask,
+            stats,
+            None,
+            dims,
+            eps,
+            batch_stats=True,
+            across=across,
+        )
         if track:
-            update_running_stats_if(total >= 2, running_mean, running_var, merged.mean, var, total, momentum,
-                                    num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var,
-                                    on_nonfinite=on_nonfinite)
+            update_running_stats_if(
+                total >= 2,
+                running_mean,
+                running_var,
+                merged.mean,
+                var,
+                total,
+                momentum,
+                num_batches_tracked=num_batches_tracked,
+                unbiased=unbiased_running_var,
+                on_nonfinite=on_nonfinite,
+            )
         return out
-    out = normalize(input, _channel_view(weight, input.dim()), _channel_view(bias, input.dim()),
-                    stats, dims, eps, batch_stats=True, across=across)
+    out = normalize(
+        input,
+        _channel_view(weight, input.dim()),
+        _channel_view(bias, input.dim()),
+        stats,
+        dims,
+        eps,
+        batch_stats=True,
+        across=across,
+    )
     if track:
-        _fold_into_running(running_mean, running_var, merged.mean, var, total, momentum,
-                           num_batches_tracked, unbiased_running_var, on_nonfinite)
+        _fold_into_running(
+            running_mean,
+            running_var,
+            merged.mean,
+            var,
+            total,
+            momentum,
+            num_batches_tracked,
+            unbiased_running_var,
+            on_nonfinite,
+        )
     return out

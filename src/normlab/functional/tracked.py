@@ -53,12 +53,26 @@ def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> No
 
 
 def _fold_into_running(
-    running_mean, running_var, batch_mean, batch_var, count, momentum,
-    num_batches_tracked, unbiased_running_var, on_nonfinite,
+    running_mean,
+    running_var,
+    batch_mean,
+    batch_var,
+    count,
+    momentum,
+    num_batches_tracked,
+    unbiased_running_var,
+    on_nonfinite,
 ):
     update_running_stats(
-        running_mean, running_var, batch_mean, batch_var, count, momentum,
-        num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var, on_nonfinite=on_nonfinite,
+        running_mean,
+        running_var,
+        batch_mean,
+        batch_var,
+        count,
+        momentum,
+        num_batches_tracked=num_batches_tracked,
+        unbiased=unbiased_running_var,
+        on_nonfinite=on_nonfinite,
     )
 
 
@@ -108,9 +122,20 @@ def batch_norm(
             batch with fewer than 2 valid values leaves the running estimates untouched
             (see ``docs/sequences.md``).
     """
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
-                       on_nonfinite=on_nonfinite, mask=mask)
+    return _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked=num_batches_tracked,
+        unbiased_running_var=unbiased_running_var,
+        on_nonfinite=on_nonfinite,
+        mask=mask,
+    )
 
 
 def batch_norm_act(
@@ -145,10 +170,25 @@ def batch_norm_act(
     """
     param = check_activation(activation, activation_param, inplace=inplace)
     _check_inplace_input(input, inplace)
-    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       num_batches_tracked=num_batches_tracked, unbiased_running_var=unbiased_running_var,
-                       on_nonfinite=on_nonfinite, activation=activation, param=param,
-                       prelu_weight=prelu_weight, inplace=inplace, fn="batch_norm_act", mask=mask)
+    return _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked=num_batches_tracked,
+        unbiased_running_var=unbiased_running_var,
+        on_nonfinite=on_nonfinite,
+        activation=activation,
+        param=param,
+        prelu_weight=prelu_weight,
+        inplace=inplace,
+        fn="batch_norm_act",
+        mask=mask,
+    )
 
 
 def _check_inplace_input(input, inplace: bool) -> None:
@@ -160,9 +200,27 @@ def _check_inplace_input(input, inplace: bool) -> None:
         )
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
-                num_batches_tracked, unbiased_running_var, on_nonfinite, activation="identity", param=0.0,
-                prelu_weight=None, inplace=False, fn="batch_norm", validated=False, mask=None):
+def _batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    *,
+    num_batches_tracked,
+    unbiased_running_var,
+    on_nonfinite,
+    activation="identity",
+    param=0.0,
+    prelu_weight=None,
+    inplace=False,
+    fn="batch_norm",
+    validated=False,
+    mask=None,
+):
     """``validated``: a module's call, whose constructor already checked eps, momentum, the
     policy and the parameter shapes, and whose forward checked the input's rank and channels;
     only what depends on this input (dtype, device) is checked here."""
@@ -193,11 +251,31 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 "batch statistics"
             )
         if mask is not None:
-            return masked_channel_norm(input, weight, bias, mask, eps=eps, running_mean=running_mean,
-                                       running_var=running_var, activation=activation, param=param,
-                                       prelu_weight=prelu_weight, operation=fn)[0]
-        return channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
-                            activation=activation, param=param, prelu_weight=prelu_weight, operation=fn)[0]
+            return masked_channel_norm(
+                input,
+                weight,
+                bias,
+                mask,
+                eps=eps,
+                running_mean=running_mean,
+                running_var=running_var,
+                activation=activation,
+                param=param,
+                prelu_weight=prelu_weight,
+                operation=fn,
+            )[0]
+        return channel_norm(
+            input,
+            weight,
+            bias,
+            eps=eps,
+            running_mean=running_mean,
+            running_var=running_var,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            operation=fn,
+        )[0]
 
     if eps == 0:
         raise InputError(
@@ -211,12 +289,30 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         # running estimates are left untouched instead (a where, no host sync).
         if track and not validated:
             momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-        out, mean, var, count = masked_channel_norm(input, weight, bias, mask, eps=eps, activation=activation,
-                                                    param=param, prelu_weight=prelu_weight, operation=fn)
+        out, mean, var, count = masked_channel_norm(
+            input,
+            weight,
+            bias,
+            mask,
+            eps=eps,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            operation=fn,
+        )
         if track:
-            update_running_stats_if(count >= 2, running_mean, running_var, mean, var, count, momentum,
-                                    num_batches_tracked=num_batches_tracked, unbiased=unbiased_running_var,
-                                    on_nonfinite=on_nonfinite)
+            update_running_stats_if(
+                count >= 2,
+                running_mean,
+                running_var,
+                mean,
+                var,
+                count,
+                momentum,
+                num_batches_tracked=num_batches_tracked,
+                unbiased=unbiased_running_var,
+                on_nonfinite=on_nonfinite,
+            )
         return out
     count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
     if count == 1:
@@ -231,11 +327,30 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     track = track and count > 0
     if track and not validated:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, mean, var = channel_norm(input, weight, bias, eps=eps, activation=activation, param=param,
-                                  prelu_weight=prelu_weight, inplace=inplace, want_stats=track, operation=fn)
+    out, mean, var = channel_norm(
+        input,
+        weight,
+        bias,
+        eps=eps,
+        activation=activation,
+        param=param,
+        prelu_weight=prelu_weight,
+        inplace=inplace,
+        want_stats=track,
+        operation=fn,
+    )
     if track:
-        _fold_into_running(running_mean, running_var, mean, var, count, momentum,
-                           num_batches_tracked, unbiased_running_var, on_nonfinite)
+        _fold_into_running(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            count,
+            momentum,
+            num_batches_tracked,
+            unbiased_running_var,
+            on_nonfinite,
+        )
     return out
 
 
@@ -286,16 +401,42 @@ def instance_norm(
                 "and running_var, but they are None"
             )
         if mask is not None:
-            out = masked_channel_norm(input, weight, bias, mask, eps=eps, running_mean=running_mean,
-                                      running_var=running_var, operation="instance_norm")[0]
+            out = masked_channel_norm(
+                input,
+                weight,
+                bias,
+                mask,
+                eps=eps,
+                running_mean=running_mean,
+                running_var=running_var,
+                operation="instance_norm",
+            )[0]
         else:
-            out = channel_norm(input, weight, bias, eps=eps, running_mean=running_mean, running_var=running_var,
-                               operation="instance_norm")[0]
+            out = channel_norm(
+                input,
+                weight,
+                bias,
+                eps=eps,
+                running_mean=running_mean,
+                running_var=running_var,
+                operation="instance_norm",
+            )[0]
         return _instance_layout(out)
 
     if mask is not None:
-        return _masked_instance_norm(input, running_mean, running_var, weight, bias, momentum, eps, mask,
-                                     num_batches_tracked, unbiased_running_var, on_nonfinite)
+        return _masked_instance_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            momentum,
+            eps,
+            mask,
+            num_batches_tracked,
+            unbiased_running_var,
+            on_nonfinite,
+        )
     count = reduced_count(input.shape, tuple(range(2, input.dim())))
     if count == 1:
         raise InputError(
@@ -305,15 +446,23 @@ def instance_norm(
     track = running_mean is not None and input.numel() > 0  # an empty batch updates nothing
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, mean, var = channel_norm(input, weight, bias, groups=input.shape[1], eps=eps, want_stats=track,
-                                  operation="instance_norm")  # statistics (N, C)
+    out, mean, var = channel_norm(
+        input, weight, bias, groups=input.shape[1], eps=eps, want_stats=track, operation="instance_norm"
+    )  # statistics (N, C)
     out = _instance_layout(out)
     if track:
         # The running estimate of a channel is the batch average of its instance stats;
         # every instance has the same count, so unbiasing after averaging is exact.
         _fold_into_running(
-            running_mean, running_var, mean.mean(0), var.mean(0),
-            count, momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
+            running_mean,
+            running_var,
+            mean.mean(0),
+            var.mean(0),
+            count,
+            momentum,
+            num_batches_tracked,
+            unbiased_running_var,
+            on_nonfinite,
         )
     return out
 
@@ -324,13 +473,25 @@ def _instance_layout(out: torch.Tensor) -> torch.Tensor:
     return out if out.dim() < 4 or out.is_contiguous() else out.contiguous()
 
 
-def _masked_instance_norm(input, running_mean, running_var, weight, bias, momentum, eps, mask,
-                          num_batches_tracked, unbiased_running_var, on_nonfinite):
+def _masked_instance_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    momentum,
+    eps,
+    mask,
+    num_batches_tracked,
+    unbiased_running_var,
+    on_nonfinite,
+):
     track = running_mean is not None
     if track:
         momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, mean, var, count = masked_channel_norm(input, weight, bias, mask, groups=input.shape[1], eps=eps,
-                                                operation="instance_norm")  # stats (N, C), count (N,)
+    out, mean, var, count = masked_channel_norm(
+        input, weight, bias, mask, groups=input.shape[1], eps=eps, operation="instance_norm"
+    )  # stats (N, C), count (N,)
     if track:
         with torch.no_grad():
             # Instances differ in count: unbias each with its own, then average those with
@@ -343,9 +504,18 @@ def _masked_instance_norm(input, running_mean, running_var, weight, bias, moment
             zero = torch.zeros((), dtype=var.dtype, device=var.device)
             batch_mean = torch.where(enough, mean * weights, zero).sum(0)
             batch_var = torch.where(enough, var * weights, zero).sum(0)
-        update_running_stats_if(instances > 0, running_mean, running_var, batch_mean, batch_var, 2, momentum,
-                                num_batches_tracked=num_batches_tracked, unbiased=False,
-                                on_nonfinite=on_nonfinite)
+        update_running_stats_if(
+            instances > 0,
+            running_mean,
+            running_var,
+            batch_mean,
+            batch_var,
+            2,
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=False,
+            on_nonfinite=on_nonfinite,
+        )
     return _instance_layout(out)
 
 
@@ -386,32 +556,39 @@ def batch_renorm(
         )
     eps = check_eps(eps)
     if running_mean is None or running_var is None:
-        raise InputError(
-            "batch_renorm needs running_mean and running_var: r and d measure the batch "
-            "against them"
-        )
+        raise InputError("batch_renorm needs running_mean and running_var: r and d measure the batch against them")
     _check_channel_tensors("batch_renorm", input, weight, bias, running_mean, running_var)
     # Limits may be 0-dim tensors (a schedule computed on the device); those are not checked
     # here, which would need a host sync.
     if not isinstance(r_max, torch.Tensor) and (
-            isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1):
+        isinstance(r_max, bool) or not isinstance(r_max, (int, float)) or not r_max >= 1
+    ):
         raise InputError(f"r_max must be a number >= 1 (1 is plain BatchNorm), got {r_max!r}")
     if not isinstance(d_max, torch.Tensor) and (
-            isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0):
+        isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0
+    ):
         raise InputError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
     dims = (0,) + tuple(range(2, input.dim()))
     ndim = input.dim()
     if not training:  # exactly BatchNorm's eval
-        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
-                           num_batches_tracked=None, unbiased_running_var=unbiased_running_var,
-                           on_nonfinite=on_nonfinite, fn="batch_renorm")
+        return _batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            False,
+            momentum,
+            eps,
+            num_batches_tracked=None,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            fn="batch_renorm",
+        )
 
     count = reduced_count(input.shape, dims)
     if count <= 1:
-        raise InputError(
-            f"Expected more than 1 value per channel when training, got input size "
-            f"{list(input.shape)}"
-        )
+        raise InputError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
     momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
     with torch.no_grad():
         moments = centered_moments(input, dims)  # (1, C, 1, …)
@@ -434,10 +611,18 @@ def batch_renorm(
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
-    out, mean, var = channel_norm(input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype),
-                                  eps=eps, operation="batch_renorm")
+    out, mean, var = channel_norm(
+        input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype), eps=eps, operation="batch_renorm"
+    )
     _fold_into_running(
-        running_mean, running_var, mean, var, count,
-        momentum, num_batches_tracked, unbiased_running_var, on_nonfinite,
+        running_mean,
+        running_var,
+        mean,
+        var,
+        count,
+        momentum,
+        num_batches_tracked,
+        unbiased_running_var,
+        on_nonfinite,
     )
     return out

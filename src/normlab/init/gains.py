@@ -26,8 +26,17 @@ import math
 __all__ = ["ACTIVATIONS", "gain"]
 
 ACTIVATIONS = (
-    "linear", "identity", "conv", "tanh", "sigmoid", "relu", "leaky_relu", "elu", "selu",
-    "gelu", "silu",
+    "linear",
+    "identity",
+    "conv",
+    "tanh",
+    "sigmoid",
+    "relu",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "gelu",
+    "silu",
 )
 
 

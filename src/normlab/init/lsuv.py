@@ -20,8 +20,7 @@ from .schemes import orthogonal_
 
 __all__ = ["LSUVLayer", "lsuv_"]
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass
@@ -84,6 +83,7 @@ def lsuv_(
             if name not in order:
                 order.append(name)
             outputs[name] = out.detach()
+
         return hook
 
     handles = [m.register_forward_hook(watch(name)) for name, m in layers.items()]

@@ -36,9 +36,7 @@ def fans(tensor: torch.Tensor) -> tuple[int, int]:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
     if tensor.dim() < 2:
-        raise ValueError(
-            f"fans need a weight of at least 2 dims (out, in, *kernel), got shape {tuple(tensor.shape)}"
-        )
+        raise ValueError(f"fans need a weight of at least 2 dims (out, in, *kernel), got shape {tuple(tensor.shape)}")
     receptive = math.prod(tensor.shape[2:]) if tensor.dim() > 2 else 1
     return tensor.shape[1] * receptive, tensor.shape[0] * receptive
 
@@ -58,8 +56,7 @@ def _fill_normal(tensor, std, generator):
         return tensor.normal_(0.0, std, generator=generator)
 
 
-def xavier_uniform_(tensor, activation="tanh", *, gain=None, negative_slope=None,
-                    convention="glorot", generator=None):
+def xavier_uniform_(tensor, activation="tanh", *, gain=None, negative_slope=None, convention="glorot", generator=None):
     """Glorot & Bengio (2010): U[−b, b], b = gain · √6/√(fan_in + fan_out).
 
     With the default ``activation="tanh"`` this is exactly the paper's bound; pass
@@ -70,8 +67,7 @@ def xavier_uniform_(tensor, activation="tanh", *, gain=None, negative_slope=None
     return _fill_uniform(tensor, std, generator)
 
 
-def xavier_normal_(tensor, activation="tanh", *, gain=None, negative_slope=None,
-                   convention="glorot", generator=None):
+def xavier_normal_(tensor, activation="tanh", *, gain=None, negative_slope=None, convention="glorot", generator=None):
     """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out))."""
     fan_in, fan_out = fans(tensor)
     std = _gain(activation, negative_slope, gain, convention) * math.sqrt(2.0 / (fan_in + fan_out))
@@ -86,8 +82,9 @@ def _he_std(tensor, activation, negative_slope, mode, gain, convention):
     return _gain(activation, negative_slope, gain, convention) / math.sqrt(fan)
 
 
-def he_uniform_(tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None,
-                convention="glorot", generator=None):
+def he_uniform_(
+    tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None, convention="glorot", generator=None
+):
     """He et al. (2015): U[−b, b], b = gain · √3/√fan (gain √2 for ReLU).
 
     ``mode="fan_in"`` preserves the forward variance, ``"fan_out"`` the backward one;
@@ -96,22 +93,21 @@ def he_uniform_(tensor, activation="relu", *, mode="fan_in", negative_slope=None
     return _fill_uniform(tensor, _he_std(tensor, activation, negative_slope, mode, gain, convention), generator)
 
 
-def he_normal_(tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None,
-               convention="glorot", generator=None):
+def he_normal_(
+    tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None, convention="glorot", generator=None
+):
     """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU."""
     return _fill_normal(tensor, _he_std(tensor, activation, negative_slope, mode, gain, convention), generator)
 
 
-def lecun_normal_(tensor, activation="linear", *, gain=None, negative_slope=None,
-                  convention="glorot", generator=None):
+def lecun_normal_(tensor, activation="linear", *, gain=None, negative_slope=None, convention="glorot", generator=None):
     """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe."""
     fan_in, _ = fans(tensor)
     std = _gain(activation, negative_slope, gain, convention) / math.sqrt(fan_in)
     return _fill_normal(tensor, std, generator)
 
 
-def orthogonal_(tensor, activation="linear", *, gain=None, negative_slope=None,
-                convention="glorot", generator=None):
+def orthogonal_(tensor, activation="linear", *, gain=None, negative_slope=None, convention="glorot", generator=None):
     """Saxe et al. (2014): a (semi-)orthogonal matrix (rows or columns orthonormal) × gain.
 
     The weight is flattened to (out, in·prod(kernel)); a QR decomposition of a Gaussian

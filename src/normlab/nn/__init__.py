@@ -12,15 +12,13 @@ from __future__ import annotations
 
 from torch import nn as _torch_nn
 
-from .base import _NormBase
-from .frozen import _FrozenBatchNorm
-from .base import FreezableNorm
+from .base import FreezableNorm, _NormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
-from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
+from .fused_add import AddLayerNorm, AddRMSNorm
 from .groupnorm import GroupNorm
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
-from .fused_add import AddLayerNorm, AddRMSNorm
 from .layernorm import LayerNorm, RMSNorm
 from .layernorm2d import LayerNorm2d
 from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, activation_spec, timm_norm_act

@@ -15,7 +15,15 @@ from torch.fx import Proxy
 from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 from ..core.checks import InputError, InputTypeError
 
-__all__ = ["CheckedEps", "FreezableNorm", "_NormBase", "affine_parameters", "check_channel_input", "check_norm_args", "traced_call"]
+__all__ = [
+    "CheckedEps",
+    "FreezableNorm",
+    "_NormBase",
+    "affine_parameters",
+    "check_channel_input",
+    "check_norm_args",
+    "traced_call",
+]
 
 
 def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | None = None) -> Proxy:
@@ -31,17 +39,14 @@ def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | No
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
 
 
-def check_channel_input(
-    module: nn.Module, input: object, ranks: tuple[int, ...], shape_words: str
-) -> None:
+def check_channel_input(module: nn.Module, input: object, ranks: tuple[int, ...], shape_words: str) -> None:
     """An (N, C, *spatial) input of an accepted rank with ``module.num_features`` channels."""
     name = type(module).__name__
     if not isinstance(input, torch.Tensor):
         raise InputTypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}")
     if input.dim() not in ranks:
         raise InputError(
-            f"{name} expects a {shape_words} input, got a {input.dim()}D tensor of shape "
-            f"{tuple(input.shape)}"
+            f"{name} expects a {shape_words} input, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
         )
     if input.shape[1] != module.num_features:
         raise InputError(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
 from ..functional.tracked import _batch_norm
-from .base import _NormBase, check_channel_input, traced_call, check_norm_args
+from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -128,8 +128,12 @@ class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
     __doc__ = _DOC.format(
-        name="BatchNorm1d", shape_words=_shape_words, spatial_dims="[, L]",
-        input_shapes="(N, C) or (N, C, L)", example="8, 16, 10", mask_shapes="(N,) or (N, L)",
+        name="BatchNorm1d",
+        shape_words=_shape_words,
+        spatial_dims="[, L]",
+        input_shapes="(N, C) or (N, C, L)",
+        example="8, 16, 10",
+        mask_shapes="(N,) or (N, L)",
     )
 
 
@@ -137,8 +141,11 @@ class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
     __doc__ = _DOC.format(
-        name="BatchNorm2d", shape_words=_shape_words, spatial_dims=", H, W",
-        input_shapes="(N, C, H, W), contiguous or channels_last", example="8, 16, 5, 5",
+        name="BatchNorm2d",
+        shape_words=_shape_words,
+        spatial_dims=", H, W",
+        input_shapes="(N, C, H, W), contiguous or channels_last",
+        example="8, 16, 5, 5",
         mask_shapes="(N, H, W)",
     )
 
@@ -147,7 +154,10 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"
     __doc__ = _DOC.format(
-        name="BatchNorm3d", shape_words=_shape_words, spatial_dims=", D, H, W",
+        name="BatchNorm3d",
+        shape_words=_shape_words,
+        spatial_dims=", D, H, W",
         input_shapes="(N, C, D, H, W), contiguous or channels_last_3d",
-        example="4, 16, 3, 5, 5", mask_shapes="(N, D, H, W)",
+        example="4, 16, 3, 5, 5",
+        mask_shapes="(N, D, H, W)",
     )

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
 from .. import functional as F
-from .base import _NormBase, check_channel_input, traced_call, check_norm_args
 from ..core.checks import InputError
+from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -37,10 +37,7 @@ class RenormSchedule:
         if not self.d_max >= 0:
             raise InputError(f"d_max must be >= 0 (0 is plain BatchNorm), got {self.d_max}")
         if self.warmup_steps < 0 or self.ramp_steps < 0:
-            raise InputError(
-                f"warmup_steps and ramp_steps must be >= 0, got {self.warmup_steps} and "
-                f"{self.ramp_steps}"
-            )
+            raise InputError(f"warmup_steps and ramp_steps must be >= 0, got {self.warmup_steps} and {self.ramp_steps}")
 
     def at(self, step: int) -> tuple[float, float]:
         """(r_max, d_max) in force at ``step``."""
@@ -126,8 +123,17 @@ class _BatchRenorm(_NormBase):
         r_max, d_max = self.schedule.limits(self.num_batches_tracked) if training else (1.0, 0.0)
         extras = self._update_kwargs() if training else {}
         return F.batch_renorm(
-            input, self.running_mean, self.running_var, self.weight, self.bias, training,
-            self.momentum, self.eps, r_max, d_max, **extras,
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training,
+            self.momentum,
+            self.eps,
+            r_max,
+            d_max,
+            **extras,
         )
 
     def extra_repr(self) -> str:

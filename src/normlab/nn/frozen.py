@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
 from .. import functional as F
 from ..core import check_eps, check_positive_int
@@ -46,12 +46,23 @@ class _FrozenBatchNorm(nn.Module):
             return traced_call(self, input)
         check_channel_input(self, input, self._ranks, self._shape_words)
         return F.batch_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
-            training=False, eps=self.eps,
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=False,
+            eps=self.eps,
         )
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        self,
+        state_dict,
+        prefix,
+        local_metadata,
+        strict,
+        missing_keys,
+        unexpected_keys,
         error_msgs,
     ) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
@@ -59,7 +70,12 @@ class _FrozenBatchNorm(nn.Module):
             # Missing statistics (Caffe2-converted backbones): keep the identity ones.
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
         super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
             error_msgs,
         )
 

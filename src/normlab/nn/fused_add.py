@@ -21,10 +21,16 @@ def _fits(module, x: torch.Tensor, residual: torch.Tensor) -> bool:
     """The per-call checks the constructor cannot make: shapes, dtypes and devices."""
     w = module.weight
     k = len(module.normalized_shape)
-    return (isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) and x.is_floating_point()
-            and residual.is_floating_point() and residual.shape == x.shape and residual.device == x.device
-            and x.shape[x.dim() - k:] == module.normalized_shape
-            and (w is None or (w.dtype == x.dtype and w.device == x.device)))
+    return (
+        isinstance(x, torch.Tensor)
+        and isinstance(residual, torch.Tensor)
+        and x.is_floating_point()
+        and residual.is_floating_point()
+        and residual.shape == x.shape
+        and residual.device == x.device
+        and x.shape[x.dim() - k :] == module.normalized_shape
+        and (w is None or (w.dtype == x.dtype and w.device == x.device))
+    )
 
 
 class AddLayerNorm(LayerNorm):
@@ -45,8 +51,17 @@ class AddLayerNorm(LayerNorm):
         if isinstance(x, Proxy) or isinstance(residual, Proxy):
             return _traced_pair(self, x, residual)
         self._check_eps()
-        return _add_norm("add_layer_norm", x, residual, self.normalized_shape, self.weight, self.bias, self.eps,
-                         centered=True, validated=_fits(self, x, residual))
+        return _add_norm(
+            "add_layer_norm",
+            x,
+            residual,
+            self.normalized_shape,
+            self.weight,
+            self.bias,
+            self.eps,
+            centered=True,
+            validated=_fits(self, x, residual),
+        )
 
 
 class AddRMSNorm(RMSNorm):
@@ -60,5 +75,14 @@ class AddRMSNorm(RMSNorm):
         if isinstance(x, Proxy) or isinstance(residual, Proxy):
             return _traced_pair(self, x, residual)
         self._check_eps()
-        return _add_norm("add_rms_norm", x, residual, self.normalized_shape, self.weight, None, self.eps,
-                         centered=False, validated=_fits(self, x, residual))
+        return _add_norm(
+            "add_rms_norm",
+            x,
+            residual,
+            self.normalized_shape,
+            self.weight,
+            None,
+            self.eps,
+            centered=False,
+            validated=_fits(self, x, residual),
+        )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
-from ..functional.per_sample import _group_norm
 from ..core import check_eps, check_positive_int
-from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
 from ..core.checks import InputError
+from ..functional.per_sample import _group_norm
+from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
 
 __all__ = ["GroupNorm"]
 
@@ -63,10 +63,7 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
         check_positive_int(num_groups, "num_groups")
         check_positive_int(num_channels, "num_channels")
         if num_channels % num_groups != 0:
-            raise InputError(
-                f"num_channels ({num_channels}) must be divisible by num_groups "
-                f"({num_groups})"
-            )
+            raise InputError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         eps = check_eps(eps)
         nn.Module.__init__(self)  # torch's __init__ would make β whatever `bias` says
         self.num_groups = num_groups

@@ -5,12 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
 from .. import functional as F
-from .base import _NormBase, check_norm_args, traced_call
 from ..core.checks import InputError, InputTypeError
+from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -81,9 +81,7 @@ class _InstanceNorm(_NormBase):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):
-            raise InputTypeError(
-                f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}"
-            )
+            raise InputTypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}")
         if input.dim() not in (self._unbatched_rank, self._unbatched_rank + 1):
             raise InputError(
                 f"{type(self).__name__} expects a {self._shape_words} input, got a "
@@ -135,7 +133,9 @@ class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     _unbatched_rank = 2
     _shape_words = "2D (C, L) or 3D (N, C, L)"
     __doc__ = _DOC.format(
-        name="InstanceNorm1d", shape_words=_shape_words, spatial="L",
+        name="InstanceNorm1d",
+        shape_words=_shape_words,
+        spatial="L",
         input_shapes="(N, C, L) or (C, L)",
     )
 
@@ -144,7 +144,9 @@ class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     _unbatched_rank = 3
     _shape_words = "3D (C, H, W) or 4D (N, C, H, W)"
     __doc__ = _DOC.format(
-        name="InstanceNorm2d", shape_words=_shape_words, spatial="H, W",
+        name="InstanceNorm2d",
+        shape_words=_shape_words,
+        spatial="H, W",
         input_shapes="(N, C, H, W) or (C, H, W)",
     )
 
@@ -153,6 +155,8 @@ class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
     _unbatched_rank = 4
     _shape_words = "4D (C, D, H, W) or 5D (N, C, D, H, W)"
     __doc__ = _DOC.format(
-        name="InstanceNorm3d", shape_words=_shape_words, spatial="D, H, W",
+        name="InstanceNorm3d",
+        shape_words=_shape_words,
+        spatial="D, H, W",
         input_shapes="(N, C, D, H, W) or (C, D, H, W)",
     )

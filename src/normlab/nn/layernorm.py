@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
-from ..functional.per_sample import _layer_norm, _rms_norm
 from ..core import check_eps, normalize_shape_arg
+from ..functional.per_sample import _layer_norm, _rms_norm
 from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
@@ -116,9 +116,7 @@ class RMSNorm(CheckedEps, FreezableNorm, nn.RMSNorm):
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
         if self.elementwise_affine:
-            self.weight = nn.Parameter(
-                torch.empty(self.normalized_shape, device=device, dtype=dtype)
-            )
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
             self.register_parameter("weight", None)
         self.reset_parameters()
@@ -134,7 +132,4 @@ class RMSNorm(CheckedEps, FreezableNorm, nn.RMSNorm):
         return _rms_norm(input, self.normalized_shape, self.weight, self.eps, validated=True)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, "
-            f"elementwise_affine={self.elementwise_affine}"
-        )
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

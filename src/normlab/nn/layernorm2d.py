@@ -40,16 +40,18 @@ class LayerNorm2d(CheckedEps, FreezableNorm, nn.LayerNorm):
         - Output: same shape; channels_last input gives channels_last output.
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, bias: bool = True, device=None,
-                 dtype=None) -> None:
+    def __init__(
+        self, num_channels: int, eps: float = 1e-6, affine: bool = True, bias: bool = True, device=None, dtype=None
+    ) -> None:
         num_channels = check_positive_int(num_channels, "num_channels")
         eps = check_eps(eps)
         nn.Module.__init__(self)
         self.normalized_shape = (num_channels,)
         self.eps = eps
         self.elementwise_affine = bool(affine)
-        affine_parameters(self, self.normalized_shape, self.elementwise_affine, bias,
-                          {"device": device, "dtype": dtype})
+        affine_parameters(
+            self, self.normalized_shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype}
+        )
         self.reset_parameters()
 
     @property

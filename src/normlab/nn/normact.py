@@ -10,15 +10,15 @@ normalization and activation run as one fused pass.
 from __future__ import annotations
 
 import torch
-from torch.fx import Proxy
 from torch import nn
+from torch.fx import Proxy
 
 from .. import functional as F
 from ..core import check_activation
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .base import traced_call
-from .groupnorm import GroupNorm
 from ..core.checks import InputError
+from .base import traced_call
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .groupnorm import GroupNorm
 
 __all__ = [
     "BatchNormAct1d",
@@ -51,12 +51,23 @@ def activation_module(name: str, param: float, channels: int) -> nn.Module:
 # torch.nn activation classes with a fused form (exact classes: a subclass may compute
 # something else), and the constructor keyword / attribute holding each one's parameter.
 _ACTIVATION_CLASSES: dict[type, str] = {
-    nn.Identity: "identity", nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
-    nn.SiLU: "silu", nn.PReLU: "prelu",
+    nn.Identity: "identity",
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu",
+    nn.SiLU: "silu",
+    nn.PReLU: "prelu",
 }
-_ACTIVATION_NAMES = {"identity": "identity", "relu": "relu", "leaky_relu": "leaky_relu",
-                     "leakyrelu": "leaky_relu", "elu": "elu", "silu": "silu", "swish": "silu",
-                     "prelu": "prelu"}
+_ACTIVATION_NAMES = {
+    "identity": "identity",
+    "relu": "relu",
+    "leaky_relu": "leaky_relu",
+    "leakyrelu": "leaky_relu",
+    "elu": "elu",
+    "silu": "silu",
+    "swish": "silu",
+    "prelu": "prelu",
+}
 _PARAM_KEYWORD = {"leaky_relu": "negative_slope", "elu": "alpha", "prelu": "init"}
 
 
@@ -74,15 +85,17 @@ def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | N
     if isinstance(act, str):
         name = _ACTIVATION_NAMES.get(act.lower())
         if name is None:
-            raise InputError(f"activation {act!r} has no fused normlab form; supported names: "
-                             f"{', '.join(sorted(_ACTIVATION_NAMES))}")
+            raise InputError(
+                f"activation {act!r} has no fused normlab form; supported names: {', '.join(sorted(_ACTIVATION_NAMES))}"
+            )
     else:
         cls = act if isinstance(act, type) else type(act)
         name = _ACTIVATION_CLASSES.get(cls)
         if name is None:
             raise InputError(
                 f"activation {cls.__module__}.{cls.__name__} has no fused normlab form; supported: "
-                + ", ".join(f"torch.nn.{c.__name__}" for c in _ACTIVATION_CLASSES))
+                + ", ".join(f"torch.nn.{c.__name__}" for c in _ACTIVATION_CLASSES)
+            )
         if isinstance(act, nn.Module):
             keyword = _PARAM_KEYWORD.get(name)
             return name, float(getattr(act, keyword)) if keyword and name != "prelu" else None
@@ -136,8 +149,21 @@ _ACT_ARGS = """
 
 
 class _BatchNormAct(_ActMixin):
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, activation="relu", activation_param=None, inplace=False, **kwargs):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        activation="relu",
+        activation_param=None,
+        inplace=False,
+        **kwargs,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._init_activation(num_features, activation, activation_param, inplace)
         if device is not None or dtype is not None:
@@ -155,8 +181,14 @@ class _BatchNormAct(_ActMixin):
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,
-            self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
-            **self._act_kwargs(), **extras, mask=mask,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            **self._act_kwargs(),
+            **extras,
+            mask=mask,
         )
 
     def extra_repr(self) -> str:
@@ -183,8 +215,20 @@ class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
 class GroupNormAct(_ActMixin, GroupNorm):
     __doc__ = "GroupNorm followed by an activation, fused.\n" + _ACT_ARGS
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *,
-                 activation="relu", activation_param=None, inplace=False, bias=True):
+    def __init__(
+        self,
+        num_groups,
+        num_channels,
+        eps=1e-5,
+        affine=True,
+        device=None,
+        dtype=None,
+        *,
+        activation="relu",
+        activation_param=None,
+        inplace=False,
+        bias=True,
+    ):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_activation(num_channels, activation, activation_param, inplace)
         if device is not None or dtype is not None:
@@ -198,8 +242,9 @@ class GroupNormAct(_ActMixin, GroupNorm):
                 f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
                 f"channels at input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
             )
-        return F.group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps, **self._act_kwargs(),
-                                mask=mask)
+        return F.group_norm_act(
+            input, self.num_groups, self.weight, self.bias, self.eps, **self._act_kwargs(), mask=mask
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
@@ -226,22 +271,44 @@ def timm_norm_act(activation: str | type | None, activation_param: float | None 
     default = activation_spec(activation, None)
     default = (default[0], activation_param if activation_param is not None else default[1])
 
-    def norm_act_layer(num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                       affine: bool = True, track_running_stats: bool = True, *,
-                       apply_act: bool = True, act_layer=None, act_kwargs: dict | None = None,
-                       inplace: bool | None = None, drop_layer=None, device=None, dtype=None,
-                       **kwargs) -> BatchNormAct2d:
+    def norm_act_layer(
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        apply_act: bool = True,
+        act_layer=None,
+        act_kwargs: dict | None = None,
+        inplace: bool | None = None,
+        drop_layer=None,
+        device=None,
+        dtype=None,
+        **kwargs,
+    ) -> BatchNormAct2d:
         if drop_layer is not None:
             raise InputError(
                 f"drop_layer={drop_layer!r}: BatchNormAct2d fuses norm and activation with "
-                "nothing between them; build the model with timm's layers instead")
+                "nothing between them; build the model with timm's layers instead"
+            )
         if not apply_act:
             name, param = "identity", None
         elif act_layer is not None:
             name, param = activation_spec(act_layer, act_kwargs)
         else:
             name, param = default
-        return BatchNormAct2d(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                              activation=name, activation_param=param, **{**norm_kwargs, **kwargs})
+        return BatchNormAct2d(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            activation=name,
+            activation_param=param,
+            **{**norm_kwargs, **kwargs},
+        )
 
     return norm_act_layer

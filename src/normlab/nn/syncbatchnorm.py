@@ -8,7 +8,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as F
 from ..core import apply_activation, check_activation
-from .base import _NormBase, check_channel_input, traced_call, check_norm_args
+from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
@@ -83,8 +83,17 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         running_var = self.running_var if pass_running else None
         if use_batch_stats and self.training:
             out = F.sync_batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, True, self.momentum,
-                self.eps, self.process_group, mask=mask, **extras,
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                True,
+                self.momentum,
+                self.eps,
+                self.process_group,
+                mask=mask,
+                **extras,
                 peers_checked=self.__dict__.get("_peers_checked", False),
             )
             # Checked once: the layer's channels and dtype are fixed; a peer's input is
@@ -92,8 +101,16 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
             self.__dict__["_peers_checked"] = True
             return out
         return F.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-            self.momentum, self.eps, mask=mask, **extras,
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            mask=mask,
+            **extras,
         )
 
 
@@ -104,11 +121,24 @@ class SyncBatchNormAct(SyncBatchNorm):
     :func:`normlab.surgery.convert_sync_batchnorm` turns a BatchNormAct into.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, *, activation="relu", activation_param=None,
-                 **kwargs):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
-                         **kwargs)
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        activation="relu",
+        activation_param=None,
+        **kwargs,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
+        )
         from .normact import activation_module  # normact imports batchnorm; keep this one local
 
         self.activation = activation

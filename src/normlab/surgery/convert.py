@@ -50,25 +50,43 @@ _ACT_BY_DIMS = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 def _activation_of(module: nn.Module) -> dict | None:
     """The activation settings of a fused norm+act layer, or None."""
     if isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "activation", None), str):
-        return {"activation": module.activation, "activation_param": module.activation_param,
-                "inplace": getattr(module, "inplace", False)}
+        return {
+            "activation": module.activation,
+            "activation_param": module.activation_param,
+            "inplace": getattr(module, "inplace", False),
+        }
     return None
 
 
-def build_norm(kind: str, info: NormInfo, *, dims: int | None, groups: int | None,
-               factory: dict, activation: dict | None = None) -> nn.Module:
+def build_norm(
+    kind: str, info: NormInfo, *, dims: int | None, groups: int | None, factory: dict, activation: dict | None = None
+) -> nn.Module:
     """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``; with
     ``activation`` (a fused source), the fused form where one exists."""
     affine = info.weight is not None
     bias = info.bias is not None
     if kind in ("group", "layer"):
         cls = nln.GroupNormAct if activation else nln.GroupNorm
-        return cls(groups if kind == "group" else 1, info.channels, eps=info.eps,
-                   affine=affine, bias=bias if affine else True, **factory, **(activation or {}))
+        return cls(
+            groups if kind == "group" else 1,
+            info.channels,
+            eps=info.eps,
+            affine=affine,
+            bias=bias if affine else True,
+            **factory,
+            **(activation or {}),
+        )
     if kind == "batch" and activation:
         momentum = info.momentum if info.kind in ("batch", "batch_renorm", "instance") else 0.1
-        return _ACT_BY_DIMS[dims - 1](info.channels, eps=info.eps, momentum=momentum, affine=affine,
-                                      bias=bias if affine else True, **factory, **activation)
+        return _ACT_BY_DIMS[dims - 1](
+            info.channels,
+            eps=info.eps,
+            momentum=momentum,
+            affine=affine,
+            bias=bias if affine else True,
+            **factory,
+            **activation,
+        )
     cls = _BY_DIMS[kind][dims - 1]
     if kind == "frozen":
         return cls(info.channels, eps=info.eps, **factory)
@@ -109,10 +127,12 @@ def _input_ranks(model: nn.Module, example_input) -> dict[str, int]:
         def hook(module, args):
             if args and isinstance(args[0], torch.Tensor):
                 ranks.setdefault(path, args[0].dim())
+
         return hook
 
-    handles = [m.register_forward_pre_hook(record(path))
-               for path, m in model.named_modules() if describe_norm(m) is not None]
+    handles = [
+        m.register_forward_pre_hook(record(path)) for path, m in model.named_modules() if describe_norm(m) is not None
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -161,13 +181,15 @@ def convert_norms(
         if info is None:
             continue
         if info.kind == to:
-            report.skip(path, f"already a {to} norm ({class_label(module)}); "
-                              f"from_torch/to_torch switch libraries")
+            report.skip(path, f"already a {to} norm ({class_label(module)}); from_torch/to_torch switch libraries")
             continue
         dims = info.dims if info.dims is not None else (ranks[path] - 2 if path in ranks else None)
         if to not in ("group", "layer") and dims is None:
-            report.skip(path, f"{class_label(module)} does not say its spatial rank; pass "
-                              f"example_input so a {to} layer of the right rank can be built")
+            report.skip(
+                path,
+                f"{class_label(module)} does not say its spatial rank; pass "
+                f"example_input so a {to} layer of the right rank can be built",
+            )
             continue
         if dims is not None and not 1 <= dims <= 3:
             report.skip(path, f"{dims} spatial dims: no {to} layer for that rank")
@@ -182,8 +204,9 @@ def convert_norms(
             else:
                 n_groups = groups
         activation = _activation_of(module)
-        target = build_norm(to, info, dims=dims, groups=n_groups, factory=module_factory_kwargs(module),
-                            activation=activation)
+        target = build_norm(
+            to, info, dims=dims, groups=n_groups, factory=module_factory_kwargs(module), activation=activation
+        )
         statistics = _transfer(info, target)
         if activation is not None:
             if hasattr(target, "act"):

@@ -78,10 +78,7 @@ def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     else:  # pragma: no cover - guarded by _is_producer
         raise TypeError(f"cannot fold into {type(producer).__name__}")
     if a.numel() != out_channels:
-        raise ValueError(
-            f"BatchNorm has {a.numel()} channels but {type(producer).__name__} produces "
-            f"{out_channels}"
-        )
+        raise ValueError(f"BatchNorm has {a.numel()} channels but {type(producer).__name__} produces {out_channels}")
     old_bias = producer.bias.detach().double() if producer.bias is not None else torch.zeros_like(a)
     new_bias = a * old_bias + b
     with torch.no_grad():
@@ -130,8 +127,11 @@ def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:
         if isinstance(producer, nn.Linear):
             rank = search.output_ndim.get(producer_path)
             if rank is not None and rank != 2:
-                report.skip(bn_path, f"{producer_path} outputs a {rank}D tensor: BatchNorm1d then "
-                                     f"normalizes dim 1, not the Linear's features")
+                report.skip(
+                    bn_path,
+                    f"{producer_path} outputs a {rank}D tensor: BatchNorm1d then "
+                    f"normalizes dim 1, not the Linear's features",
+                )
                 continue
             if rank is None:
                 unverified_linear.append(producer_path)
@@ -142,8 +142,14 @@ def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:
         fold_into(producer, a.to(producer.weight.device), b.to(producer.weight.device))
         replacement = _replacement_for(bn)
         replace_module(folded, bn_path, replacement)
-        report.changed(bn_path, "folded", class_label(bn), class_label(replacement),
-                       into=producer_path, producer=type(producer).__name__)
+        report.changed(
+            bn_path,
+            "folded",
+            class_label(bn),
+            class_label(replacement),
+            into=producer_path,
+            producer=type(producer).__name__,
+        )
     if unverified_linear:
         report.notes.append(
             "Linear -> BatchNorm1d folds assume (N, C) activations; pass example_input to "
@@ -159,5 +165,3 @@ def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:
 
 def _out_channels(producer: nn.Module) -> int:
     return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-
-

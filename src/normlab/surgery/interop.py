@@ -33,17 +33,24 @@ def _constructor_args(module: nn.Module) -> tuple[tuple, dict]:
     factory = module_factory_kwargs(module)
     if hasattr(module, "num_groups"):  # GroupNorm
         return (module.num_groups, module.num_channels), dict(
-            eps=module.eps, affine=module.affine, bias=module.bias is not None, **factory)
+            eps=module.eps, affine=module.affine, bias=module.bias is not None, **factory
+        )
     if hasattr(module, "normalized_shape"):
         if hasattr(module, "bias"):  # LayerNorm
             return (module.normalized_shape,), dict(
-                eps=module.eps, elementwise_affine=module.elementwise_affine,
-                bias=module.bias is not None, **factory)
+                eps=module.eps, elementwise_affine=module.elementwise_affine, bias=module.bias is not None, **factory
+            )
         return (module.normalized_shape,), dict(  # RMSNorm
-            eps=module.eps, elementwise_affine=module.elementwise_affine, **factory)
+            eps=module.eps, elementwise_affine=module.elementwise_affine, **factory
+        )
     return (module.num_features,), dict(  # BatchNorm, InstanceNorm
-        eps=module.eps, momentum=module.momentum, affine=module.affine,
-        track_running_stats=module.track_running_stats, bias=module.bias is not None, **factory)
+        eps=module.eps,
+        momentum=module.momentum,
+        affine=module.affine,
+        track_running_stats=module.track_running_stats,
+        bias=module.bias is not None,
+        **factory,
+    )
 
 
 def twin_of(module: nn.Module, cls: type) -> nn.Module:
@@ -81,12 +88,16 @@ def _foreign_twin(module: nn.Module) -> nn.Module | str | None:
         twin = nln.LayerNorm(*args, **kwargs)
     elif origin == "timm" and name == "LayerNorm2d" and not getattr(module, "_fast_norm", True):
         # forward: permute, F.layer_norm over (C,), permute back — LayerNorm2d's map
-        twin = nln.LayerNorm2d(module.normalized_shape[0], eps=module.eps, affine=module.elementwise_affine,
-                               bias=module.bias is not None, **module_factory_kwargs(module))
+        twin = nln.LayerNorm2d(
+            module.normalized_shape[0],
+            eps=module.eps,
+            affine=module.elementwise_affine,
+            bias=module.bias is not None,
+            **module_factory_kwargs(module),
+        )
     elif origin == "torchvision" and name == "FrozenBatchNorm2d":
         # x·w·rsqrt(var + eps) + (b − mean·w·rsqrt(var + eps)): the same affine map.
-        twin = nln.FrozenBatchNorm2d(module.weight.shape[0], eps=module.eps,
-                                     **module_factory_kwargs(module))
+        twin = nln.FrozenBatchNorm2d(module.weight.shape[0], eps=module.eps, **module_factory_kwargs(module))
     elif isinstance(module, nln.NORM_LAYERS) or _named_like_a_norm(module):
         return _no_twin_reason(module)
     else:
@@ -101,8 +112,11 @@ def _named_like_a_norm(module: nn.Module) -> bool:
     RmsNorm2d, ...), not a container of one (ConvNormAct holds a conv and a norm)."""
     if "norm" not in type(module).__name__.lower():
         return False
-    return not any(isinstance(child, (nn.modules.conv._ConvNd, nn.Linear, *nln.NORM_LAYERS))
-                   or "norm" in type(child).__name__.lower() for child in module.children())
+    return not any(
+        isinstance(child, (nn.modules.conv._ConvNd, nn.Linear, *nln.NORM_LAYERS))
+        or "norm" in type(child).__name__.lower()
+        for child in module.children()
+    )
 
 
 def _no_twin_reason(module: nn.Module) -> str:
@@ -112,12 +126,16 @@ def _no_twin_reason(module: nn.Module) -> str:
     if _origin(module) == "timm" and cls.__name__ == "LayerNorm2d":
         return "timm LayerNorm2d with fast_norm on: its forward is timm's low-precision kernel"
     if _origin(module) == "timm" and "LayerNorm2d" in cls.__name__:
-        return (f"{class_label(module)} normalizes each position over the channels in its own way "
-                "(float32 upcast or another formula): no exact normlab twin")
+        return (
+            f"{class_label(module)} normalizes each position over the channels in its own way "
+            "(float32 upcast or another formula): no exact normlab twin"
+        )
     bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("torch.nn.") and b in TWINS]
     if bases:
-        return (f"{class_label(module)} subclasses torch.nn.{bases[0].__name__} but has its own "
-                "forward or state: no exact normlab twin")
+        return (
+            f"{class_label(module)} subclasses torch.nn.{bases[0].__name__} but has its own "
+            "forward or state: no exact normlab twin"
+        )
     return f"{class_label(module)} is a normalization layer with no exact normlab twin"
 
 
@@ -195,13 +213,14 @@ def to_torch(model: nn.Module) -> SurgeryResult:
             continue
         if getattr(module, "unbiased_running_var", True) is False:
             result.report.notes.append(f"{path}: torch.nn stores the unbiased running variance")
-        if isinstance(module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d)) \
-                and module.track_running_stats and module.momentum is None:
-            result.report.notes.append(
-                f"{path}: torch.nn's InstanceNorm ignores momentum=None and stops updating")
+        if (
+            isinstance(module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d))
+            and module.track_running_stats
+            and module.momentum is None
+        ):
+            result.report.notes.append(f"{path}: torch.nn's InstanceNorm ignores momentum=None and stops updating")
     if result.report.changes:
-        result.report.notes.append(
-            "torch.nn layers let a non-finite batch into the running statistics")
+        result.report.notes.append("torch.nn layers let a non-finite batch into the running statistics")
     return result
 
 
@@ -232,11 +251,14 @@ def load_decay_statistics(
             f"{type(module).__name__} keeps no running statistics to load into "
             f"(track_running_stats=False or not a BatchNorm)"
         )
-    stats = from_decay_convention(moving_mean, moving_variance, decay,
-                                  elements_per_batch=elements_per_batch)
+    stats = from_decay_convention(moving_mean, moving_variance, decay, elements_per_batch=elements_per_batch)
     expected = tuple(new.running_mean.shape)
-    for name, value in (("moving_mean", stats.running_mean), ("moving_variance", stats.running_var),
-                        ("gamma", gamma), ("beta", beta)):
+    for name, value in (
+        ("moving_mean", stats.running_mean),
+        ("moving_variance", stats.running_var),
+        ("gamma", gamma),
+        ("beta", beta),
+    ):
         if value is not None and tuple(value.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(value.shape)}, the layer needs {expected}")
     with torch.no_grad():
@@ -252,7 +274,13 @@ def load_decay_statistics(
     new.momentum = stats.momentum
     if epsilon is not None:
         new.eps = float(epsilon)
-    report.changed("", "loaded", "decay convention", "momentum convention",
-                   momentum=stats.momentum, eps=new.eps,
-                   variance="rescaled n/(n-1)" if elements_per_batch else "unchanged (biased)")
+    report.changed(
+        "",
+        "loaded",
+        "decay convention",
+        "momentum convention",
+        momentum=stats.momentum,
+        eps=new.eps,
+        variance="rescaled n/(n-1)" if elements_per_batch else "unchanged (biased)",
+    )
     return SurgeryResult(new, report)

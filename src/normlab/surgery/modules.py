@@ -66,9 +66,7 @@ def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input) -> float:
                 outputs.append(output_tensors(call_model(model, example_input)))
         finally:
             model.train(was_training)
-    return max(
-        ((x.double() - y.double()).abs().max().item() for x, y in zip(*outputs)), default=0.0
-    )
+    return max(((x.double() - y.double()).abs().max().item() for x, y in zip(*outputs)), default=0.0)
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -122,8 +120,10 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
     BatchRenorm — normlab's or torch.nn's); None for anything else, LayerNorm and
     RMSNorm included (they normalize trailing dims, not channels)."""
     name = type(module).__name__
-    source = "normlab" if type(module).__module__.startswith("normlab.") else (
-        "torch" if type(module).__module__.startswith("torch.") else "other"
+    source = (
+        "normlab"
+        if type(module).__module__.startswith("normlab.")
+        else ("torch" if type(module).__module__.startswith("torch.") else "other")
     )
     common = dict(
         dims=_dims_from_name(module),
@@ -145,7 +145,9 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
     if isinstance(module, (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d, nn.modules.batchnorm._BatchNorm)):
         dims = common["dims"] if not isinstance(module, nn.SyncBatchNorm) else None
         return NormInfo("batch", channels=module.num_features, **{**common, "dims": dims})
-    if isinstance(module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d, nn.modules.instancenorm._InstanceNorm)):
+    if isinstance(
+        module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d, nn.modules.instancenorm._InstanceNorm)
+    ):
         return NormInfo("instance", channels=module.num_features, **common)
     if isinstance(module, (nln.GroupNorm, nn.GroupNorm)):
         return NormInfo("group", channels=module.num_channels, **{**common, "dims": None})

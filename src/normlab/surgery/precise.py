@@ -48,8 +48,10 @@ class _Accumulator:
         mean = xd.mean(dims)
         m2 = (xd - mean.view(1, -1, *([1] * (x.dim() - 2)))).square().sum(dims)
         part = Moments(count, mean, m2)
-        self.moments = part if self.moments is None else merge_moments(
-            Moments(*(torch.stack(pair) for pair in zip(self.moments, part)))
+        self.moments = (
+            part
+            if self.moments is None
+            else merge_moments(Moments(*(torch.stack(pair) for pair in zip(self.moments, part))))
         )
         self.batches += 1
 
@@ -60,17 +62,18 @@ def _all_processes(acc: dict[str, _Accumulator], order: list[str]) -> None:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    local = torch.cat([torch.cat([acc[p].moments.count.double(), acc[p].moments.mean,
-                                  acc[p].moments.m2]) for p in order])
+    local = torch.cat(
+        [torch.cat([acc[p].moments.count.double(), acc[p].moments.mean, acc[p].moments.m2]) for p in order]
+    )
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     stacked = torch.stack(gathered)  # (world, Σ 3C)
     offset = 0
     for p in order:
         c = acc[p].moments.mean.numel()
-        block = stacked[:, offset:offset + 3 * c]
+        block = stacked[:, offset : offset + 3 * c]
         offset += 3 * c
-        acc[p].moments = merge_moments(Moments(block[:, :c].round().long(), block[:, c:2 * c], block[:, 2 * c:]))
+        acc[p].moments = merge_moments(Moments(block[:, :c].round().long(), block[:, c : 2 * c], block[:, 2 * c :]))
 
 
 def precise_bn(
@@ -120,8 +123,9 @@ def precise_bn(
     acc = {path: _Accumulator() for path in targets}
     saved = {path: {k: v.clone() for k, v in m.state_dict().items()} for path, m in targets.items()}
     training_flags = {name: m.training for name, m in new.named_modules()}
-    handles = [m.register_forward_pre_hook(lambda mod, args, path=path: acc[path].add(args[0]))
-               for path, m in targets.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, path=path: acc[path].add(args[0])) for path, m in targets.items()
+    ]
     used = 0
     try:
         new.eval()
@@ -155,7 +159,10 @@ def precise_bn(
             module.running_mean.copy_(mean.to(module.running_mean.dtype))
             module.running_var.copy_(var.to(module.running_var.dtype))
         report.changed(
-            path, "recomputed", class_label(module), class_label(module),
+            path,
+            "recomputed",
+            class_label(module),
+            class_label(module),
             batches=acc[path].batches,
             elements_per_channel=int(m.count[0]),
             max_abs_mean_change=(old_mean - mean).abs().max().item(),
@@ -165,4 +172,3 @@ def precise_bn(
     if used < num_batches:
         report.notes.append(f"the loader ran out after {used} of {num_batches} batches")
     return SurgeryResult(new, report)
-

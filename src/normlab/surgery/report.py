@@ -54,8 +54,9 @@ class SurgeryReport:
         lines = [f"{self.operation}: {len(self.changes)} changed, {len(self.skipped)} skipped"]
         for c in self.changes:
             detail = ", ".join(f"{k}={v}" for k, v in c.detail.items())
-            lines.append(f"  {c.action:<10} {c.path or '<root>'}: {c.before} -> {c.after}"
-                         + (f" ({detail})" if detail else ""))
+            lines.append(
+                f"  {c.action:<10} {c.path or '<root>'}: {c.before} -> {c.after}" + (f" ({detail})" if detail else "")
+            )
         lines += [f"  {'skipped':<10} {s.path or '<root>'}: {s.reason}" for s in self.skipped]
         if self.max_abs_diff is not None:
             lines.append(f"  check: max |difference| {self.max_abs_diff:.3g} ({self.check})")

@@ -13,8 +13,15 @@ __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
 # Set on a converted layer so that revert_sync_batchnorm can restore the original class.
 _ORIGINAL_CLASS = "_normlab_unsync_to"
 
-_BATCHNORMS = (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d,
-               nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BATCHNORMS = (
+    nln.BatchNorm1d,
+    nln.BatchNorm2d,
+    nln.BatchNorm3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+)
 _FUSED = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 
@@ -30,18 +37,31 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> SurgeryResul
     for path, module in list(new.named_modules()):
         if type(module) not in _BATCHNORMS + _FUSED:
             info = describe_norm(module)
-            if info is not None and info.kind in ("batch", "batch_renorm", "frozen") \
-                    and not isinstance(module, nln.SyncBatchNorm):
+            if (
+                info is not None
+                and info.kind in ("batch", "batch_renorm", "frozen")
+                and not isinstance(module, nln.SyncBatchNorm)
+            ):
                 report.skip(path, f"{class_label(module)} is not a plain BatchNorm")
             continue
-        kwargs = dict(bias=module.bias is not None,
-                      unbiased_running_var=getattr(module, "unbiased_running_var", True),
-                      on_nonfinite=getattr(module, "on_nonfinite", "skip"), **module_factory_kwargs(module))
-        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                process_group)
+        kwargs = dict(
+            bias=module.bias is not None,
+            unbiased_running_var=getattr(module, "unbiased_running_var", True),
+            on_nonfinite=getattr(module, "on_nonfinite", "skip"),
+            **module_factory_kwargs(module),
+        )
+        args = (
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+        )
         if type(module) in _FUSED:  # the activation stays; the in-place mode does not sync
-            synced = nln.SyncBatchNormAct(*args, activation=module.activation,
-                                          activation_param=module.activation_param, **kwargs)
+            synced = nln.SyncBatchNormAct(
+                *args, activation=module.activation, activation_param=module.activation_param, **kwargs
+            )
             if module.inplace:
                 report.notes.append(f"{path}: inplace=True dropped (SyncBatchNormAct keeps its input)")
         else:

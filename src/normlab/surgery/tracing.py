@@ -91,15 +91,19 @@ def _find_with_fx(model, is_producer, is_consumer) -> PairSearch:
             continue
         consumer = node.target
         source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
-        if not (isinstance(source, fx.Node) and source.op == "call_module"
-                and is_producer(modules[source.target])):
+        if not (isinstance(source, fx.Node) and source.op == "call_module" and is_producer(modules[source.target])):
             what = _describe_node(source)
             search.skipped.append((consumer, f"its input comes from {what}, not a foldable conv/linear"))
             continue
         producer = source.target
         if calls[producer] > 1 or calls[consumer] > 1:
-            search.skipped.append((consumer, f"{producer if calls[producer] > 1 else consumer} "
-                                             f"is called {max(calls[producer], calls[consumer])} times per forward"))
+            search.skipped.append(
+                (
+                    consumer,
+                    f"{producer if calls[producer] > 1 else consumer} "
+                    f"is called {max(calls[producer], calls[consumer])} times per forward",
+                )
+            )
             continue
         others = [u for u in source.users if u is not node]
         if others:
@@ -128,9 +132,11 @@ def _producer_output_ranks(model, is_producer, example_input) -> dict[str, int]:
     handles = []
     for path, m in model.named_modules():
         if is_producer(m):
+
             def hook(mod, args, out, path=path):
                 if isinstance(out, torch.Tensor):
                     ranks[path] = out.dim()
+
             handles.append(m.register_forward_hook(hook))
     try:
         _run(model, example_input)
@@ -183,6 +189,7 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
     ranks: dict[str, int] = {}
     handles = []
     for path, m in model.named_modules():
+
         def pre(mod, args, path=path):
             stack.append(path)
             calls[path] += 1
@@ -215,11 +222,13 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
             search.skipped.append((consumer, "its input is not the output of a foldable conv/linear"))
             continue
         if calls[producer] > 1 or calls[consumer] > 1:
-            search.skipped.append((consumer, f"{producer if calls[producer] > 1 else consumer} "
-                                             f"is called more than once per forward"))
+            search.skipped.append(
+                (consumer, f"{producer if calls[producer] > 1 else consumer} is called more than once per forward")
+            )
             continue
-        outside = sorted({op if not st else f"{op} in '{st[-1]}'"
-                          for st, op in recorder.uses[id(tensor)] if consumer not in st})
+        outside = sorted(
+            {op if not st else f"{op} in '{st[-1]}'" for st, op in recorder.uses[id(tensor)] if consumer not in st}
+        )
         if id(tensor) in final_outputs:
             outside.append("the model output")
         if outside:

@@ -62,8 +62,13 @@ _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _DEFAULT_TIMEOUT_S = 300.0
 BUILD_MESSAGE = "normlab: building the fast CPU kernels (first use, about 20 s)..."
 
-_state = {"module": None, "path": None, "error": None, "tried": False,
-          "backend": os.environ.get("NORMLAB_BACKEND", "auto")}
+_state = {
+    "module": None,
+    "path": None,
+    "error": None,
+    "tried": False,
+    "backend": os.environ.get("NORMLAB_BACKEND", "auto"),
+}
 _lock = threading.Lock()
 _logs: list[list] = []
 
@@ -169,10 +174,14 @@ def _acquire(lock_path: Path, timeout: float) -> IO | None:
             raise TimeoutError(
                 f"another process (pid {holder}) has held {lock_path} for over {timeout:.0f} s while "
                 f"building the kernels; set NORMLAB_BUILD_TIMEOUT to wait longer, or NORMLAB_BUILD_DIR "
-                f"to build elsewhere")
+                f"to build elsewhere"
+            )
         if not waiting_said:
-            print(f"normlab: waiting for another process (pid {holder}) that is building the fast CPU kernels...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"normlab: waiting for another process (pid {holder}) that is building the fast CPU kernels...",
+                file=sys.stderr,
+                flush=True,
+            )
             waiting_said = True
         time.sleep(0.1)
     handle.seek(0)
@@ -218,8 +227,14 @@ def _compile(name: str, entry: Path):
     print(BUILD_MESSAGE, file=sys.stderr, flush=True)
     work = Path(tempfile.mkdtemp(prefix=f"tmp-{socket.gethostname()}-{os.getpid()}-", dir=entry))
     try:
-        module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=list(_CFLAGS),
-                                    extra_ldflags=list(_LDFLAGS), build_directory=str(work), verbose=False)
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(work),
+            verbose=False,
+        )
         os.replace(work / f"{name}{_LIB_SUFFIX}", entry / f"{name}{_LIB_SUFFIX}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -308,7 +323,7 @@ def backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """"auto": fast kernels where they apply, composed ops elsewhere; "fast": the same but
+    """ "auto": fast kernels where they apply, composed ops elsewhere; "fast": the same but
     an error if the kernels cannot be built; "composed": never the kernels."""
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")

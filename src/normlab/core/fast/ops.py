@@ -78,7 +78,7 @@ class ChannelPlan(NamedTuple):
 
 
 def channel_layout(x: torch.Tensor) -> str | None:
-    """"planes", "columns" or None (a layout the kernels do not read)."""
+    """ "planes", "columns" or None (a layout the kernels do not read)."""
     if x.dim() == 2:
         return "columns" if x.is_contiguous() else None
     if x.is_contiguous():
@@ -138,8 +138,9 @@ def _channel_norm(
     ``shift, offset, rstd`` (float64, one per group) are what the backward needs;
     ``mean, var`` (float64, biased variance) feed running estimates — empty when given.
     """
-    y, shift, offset, rstd, mean, var = _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight,
-                                                         groups, eps, act, param)
+    y, shift, offset, rstd, mean, var = _channel_forward(
+        x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
+    )
     if mean is None:  # an operator returns tensors, and never one object twice
         mean, var = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
     return y, shift, offset, rstd, mean, var
@@ -150,9 +151,22 @@ def _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight, g
     plan = plan_channel_norm(x, groups)
     y = torch.empty_like(x)
     shift, offset, rstd, mean, var = kernels().channel_forward(
-        plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups,
-        _detached(weight), _detached(bias), _detached(running_mean), _detached(running_var),
-        eps, act, param, _slope(prelu_weight, act, plan.c), plan.view(y))
+        plan.view(x),
+        plan.layout == "planes",
+        plan.n,
+        plan.c,
+        plan.s,
+        groups,
+        _detached(weight),
+        _detached(bias),
+        _detached(running_mean),
+        _detached(running_var),
+        eps,
+        act,
+        param,
+        _slope(prelu_weight, act, plan.c),
+        plan.view(y),
+    )
     if running_mean is not None:
         return y, shift, offset, rstd, None, None
     return y, shift, offset, rstd, mean, var
@@ -188,14 +202,30 @@ def _channel_norm_backward(
     plan = plan_channel_norm(x, groups)
     dyv = plan.view(dy.contiguous() if plan.layout == "planes" else _same_layout(dy, x))
     dxv, dgamma, dbeta, dslope = kernels().channel_backward(
-        dyv, plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups, given, False,
-        _detached(weight), _detached(bias), shift, offset, rstd, act, param,
-        _slope(prelu_weight, act, plan.c))
+        dyv,
+        plan.view(x),
+        plan.layout == "planes",
+        plan.n,
+        plan.c,
+        plan.s,
+        groups,
+        given,
+        False,
+        _detached(weight),
+        _detached(bias),
+        shift,
+        offset,
+        rstd,
+        act,
+        param,
+        _slope(prelu_weight, act, plan.c),
+    )
     return plan.unview(dxv, x), dgamma, dbeta, dslope
 
 
-channel_norm_backward = torch.library.custom_op(
-    "normlab::channel_norm_backward", mutates_args=(), device_types="cpu")(_channel_norm_backward)
+channel_norm_backward = torch.library.custom_op("normlab::channel_norm_backward", mutates_args=(), device_types="cpu")(
+    _channel_norm_backward
+)
 
 
 @channel_norm_backward.register_fake
@@ -220,8 +250,9 @@ def _channel_backward(ctx, dy, *_unused_stat_grads):
         dx, dw, db, dp = _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd)
     else:
         backward = _channel_norm_backward if is_eager(dy) else torch.ops.normlab.channel_norm_backward
-        dx, dw, db, dp = backward(dy, x, weight, bias, prelu, shift, offset, rstd, ctx.groups, ctx.given, ctx.act,
-                                  ctx.param)
+        dx, dw, db, dp = backward(
+            dy, x, weight, bias, prelu, shift, offset, rstd, ctx.groups, ctx.given, ctx.act, ctx.param
+        )
         dw = dw.to(weight.dtype) if weight is not None and needs[1] else None
         db = db.to(bias.dtype) if bias is not None and needs[2] else None
         if ctx.act == _PRELU and prelu is not None and needs[5]:
@@ -254,8 +285,15 @@ def _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd):
             b = None if bias is None else bias.view(shape)
         if given:
             # detached: the statistics are outputs of this very op, constants here
-            z = reference_normalize(target, w, b, dims, 0.0, mean=shift.detach().view(view).to(x.dtype),
-                                    rstd=rstd.detach().view(view).to(x.dtype))
+            z = reference_normalize(
+                target,
+                w,
+                b,
+                dims,
+                0.0,
+                mean=shift.detach().view(view).to(x.dtype),
+                rstd=rstd.detach().view(view).to(x.dtype),
+            )
         else:
             z = reference_normalize(target, w, b, dims, ctx.eps)
         z = z.reshape(x.shape) if z.shape != x.shape else z
@@ -290,8 +328,22 @@ class _ChannelNormInPlace(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups, eps, act, param):
         plan = plan_channel_norm(x, groups)
         shift, offset, rstd, mean, var = kernels().channel_forward(
-            plan.view(x), plan.layout == "planes", plan.n, plan.c, plan.s, groups,
-            _detached(weight), _detached(bias), _EMPTY, _EMPTY, eps, act, param, _EMPTY, plan.view(x))
+            plan.view(x),
+            plan.layout == "planes",
+            plan.n,
+            plan.c,
+            plan.s,
+            groups,
+            _detached(weight),
+            _detached(bias),
+            _EMPTY,
+            _EMPTY,
+            eps,
+            act,
+            param,
+            _EMPTY,
+            plan.view(x),
+        )
         ctx.mark_dirty(x)
         ctx.mark_non_differentiable(mean, var)
         ctx.plan, ctx.act, ctx.param = plan, act, param
@@ -307,8 +359,22 @@ class _ChannelNormInPlace(torch.autograd.Function):
         plan = ctx.plan
         dyv = plan.view(dy.contiguous() if plan.layout == "planes" else _same_layout(dy, y))
         dxv, dgamma, dbeta, _ = kernels().channel_backward(
-            dyv, plan.view(y), plan.layout == "planes", plan.n, plan.c, plan.s, plan.groups, False, True,
-            _detached(weight), _detached(bias), *ctx.stats, ctx.act, ctx.param, _EMPTY)
+            dyv,
+            plan.view(y),
+            plan.layout == "planes",
+            plan.n,
+            plan.c,
+            plan.s,
+            plan.groups,
+            False,
+            True,
+            _detached(weight),
+            _detached(bias),
+            *ctx.stats,
+            ctx.act,
+            ctx.param,
+            _EMPTY,
+        )
         dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return plan.unview(dxv, y), dw, db, None, None, None, None
@@ -352,8 +418,14 @@ def _(x, weight, bias, k, eps, centered):
 
 
 def _row_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor, rstd: torch.Tensor,
-    offr: torch.Tensor, k: int, centered: bool,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    shift: torch.Tensor,
+    rstd: torch.Tensor,
+    offr: torch.Tensor,
+    k: int,
+    centered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dγ, dβ) of :func:`row_norm`; dγ, dβ float64 over the k normalized elements."""
     w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
@@ -361,8 +433,9 @@ def _row_norm_backward(
     return dx.view_as(x), dw, db
 
 
-row_norm_backward = torch.library.custom_op(
-    "normlab::row_norm_backward", mutates_args=(), device_types="cpu")(_row_norm_backward)
+row_norm_backward = torch.library.custom_op("normlab::row_norm_backward", mutates_args=(), device_types="cpu")(
+    _row_norm_backward
+)
 
 
 @row_norm_backward.register_fake
@@ -403,7 +476,7 @@ def _row_double_backward(ctx, dy, x, weight, bias):
         dims.insert(0, d)
         size *= x.shape[d]
     dims = tuple(dims)
-    affine_shape = x.shape[dims[0]:]
+    affine_shape = x.shape[dims[0] :]
     with torch.enable_grad():
         w = None if weight is None else weight.view(affine_shape)
         b = None if bias is None else bias.view(affine_shape)
@@ -456,11 +529,13 @@ def _needs_grad(*tensors) -> bool:
 def call_channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
     """``torch.ops.normlab.channel_norm``, called directly where no tracer needs the operator."""
     if not is_eager(x):
-        return torch.ops.normlab.channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups,
-                                              eps, act, param)
+        return torch.ops.normlab.channel_norm(
+            x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
+        )
     if _needs_grad(x, weight, bias, prelu_weight):
-        return _EagerChannelNorm.apply(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act,
-                                       param)
+        return _EagerChannelNorm.apply(
+            x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
+        )
     return _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
 
 
@@ -482,8 +557,13 @@ def call_row_norm(x, weight, bias, k, eps, centered):
 
 
 def _add_row_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int,
-    eps: float, centered: bool,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+    centered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s, shift, rstd, offr): s = x + residual and y = norm(s) over the trailing ``k``
     elements of contiguous, same-shaped ``x`` and ``residual``; statistics as :func:`_row_norm`."""
@@ -493,8 +573,9 @@ def _add_row_norm(
     b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
     if weight is None and bias is not None:  # the kernel applies β only beside γ
         w = torch.ones_like(b)
-    shift, rstd, offr = kernels().add_row_forward(x.view(-1, k), residual.view(-1, k), w, b, eps, centered,
-                                                  s.view(-1, k), y.view(-1, k))
+    shift, rstd, offr = kernels().add_row_forward(
+        x.view(-1, k), residual.view(-1, k), w, b, eps, centered, s.view(-1, k), y.view(-1, k)
+    )
     return y, s, shift, rstd, offr
 
 
@@ -508,20 +589,29 @@ def _(x, residual, weight, bias, k, eps, centered):
 
 
 def _add_row_norm_backward(
-    dy: torch.Tensor, ds: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor | None, shift: torch.Tensor,
-    rstd: torch.Tensor, offr: torch.Tensor, k: int, centered: bool,
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    shift: torch.Tensor,
+    rstd: torch.Tensor,
+    offr: torch.Tensor,
+    k: int,
+    centered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_sum, dγ, dβ) of :func:`add_row_norm`: d_sum = ds + norm_backward(dy) is the gradient
     of x and of the residual; dγ, dβ float64 over the k normalized elements."""
     w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
     h = ds.contiguous().view(-1, k) if ds is not None else _EMPTY
-    dx, dw, db = kernels().add_row_backward(dy.contiguous().view(-1, k), h, s.view(-1, k), w, shift, rstd, offr,
-                                            centered)
+    dx, dw, db = kernels().add_row_backward(
+        dy.contiguous().view(-1, k), h, s.view(-1, k), w, shift, rstd, offr, centered
+    )
     return dx.view_as(s), dw, db
 
 
-add_row_norm_backward = torch.library.custom_op(
-    "normlab::add_row_norm_backward", mutates_args=(), device_types="cpu")(_add_row_norm_backward)
+add_row_norm_backward = torch.library.custom_op("normlab::add_row_norm_backward", mutates_args=(), device_types="cpu")(
+    _add_row_norm_backward
+)
 
 
 @add_row_norm_backward.register_fake
@@ -571,7 +661,7 @@ def _add_row_double_backward(ctx, dy, ds, s, weight, bias):
         dims.insert(0, d)
         size *= s.shape[d]
     dims = tuple(dims)
-    affine_shape = s.shape[dims[0]:]
+    affine_shape = s.shape[dims[0] :]
     with torch.enable_grad():
         w = None if weight is None else weight.view(affine_shape)
         b = None if bias is None else bias.view(affine_shape)

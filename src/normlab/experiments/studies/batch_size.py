@@ -31,8 +31,15 @@ from ..study import Study, new_result, pyplot, register, save_figure
 from ..training import TrainConfig, evaluate, train_classifier
 
 NAME = "batch-size"
-LABELS = {"batch": "BatchNorm", "group": "GroupNorm(8)", "layer": "LayerNorm", "instance": "InstanceNorm",
-          "renorm": "BatchRenorm", "none": "no norm", "precise": "BatchNorm + precise BN"}
+LABELS = {
+    "batch": "BatchNorm",
+    "group": "GroupNorm(8)",
+    "layer": "LayerNorm",
+    "instance": "InstanceNorm",
+    "renorm": "BatchRenorm",
+    "none": "no norm",
+    "precise": "BatchNorm + precise BN",
+}
 
 #: Wu & He (2018), ResNet-50 ImageNet top-1 validation error (%) by images per GPU.
 #: BN and GN rows from secondary summaries (the 10.6-point gap at batch 2 is in the abstract).
@@ -59,23 +66,37 @@ class Config:
 def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
     data = load_mnist1d()
     if config.train_samples:
-        data = type(data)(data.name, data.x_train[:config.train_samples], data.y_train[:config.train_samples],
-                          data.x_test, data.y_test)
+        data = type(data)(
+            data.name,
+            data.x_train[: config.train_samples],
+            data.y_train[: config.train_samples],
+            data.x_test,
+            data.y_test,
+        )
     per_epoch = len(data.y_train) // batch_size
     # Batch Renorm as Ioffe (2017): plain BN first, then r_max → 3 and d_max → 5.
-    schedule = nln.RenormSchedule(r_max=3.0, d_max=5.0, warmup_steps=per_epoch,
-                                  ramp_steps=per_epoch * max(1, (config.epochs - 1) // 2))
+    schedule = nln.RenormSchedule(
+        r_max=3.0, d_max=5.0, warmup_steps=per_epoch, ramp_steps=per_epoch * max(1, (config.epochs - 1) // 2)
+    )
     torch.manual_seed(seed)
     model = ConvNet1d(norm, renorm_schedule=schedule)
     train = TrainConfig(batch_size=batch_size, epochs=config.epochs, base_lr=config.base_lr, seed=seed)
     result = train_classifier(model, data, train)
-    row = {"norm": norm, "batch_size": batch_size, "seed": seed, "lr": train.lr, "steps": result.steps,
-           "seconds": result.seconds, "diverged": result.diverged, "test_accuracy": result.test_accuracy,
-           "train_loss": result.train_loss if math.isfinite(result.train_loss) else None}
+    row = {
+        "norm": norm,
+        "batch_size": batch_size,
+        "seed": seed,
+        "lr": train.lr,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "diverged": result.diverged,
+        "test_accuracy": result.test_accuracy,
+        "train_loss": result.train_loss if math.isfinite(result.train_loss) else None,
+    }
     if norm == "batch" and config.precise_bn and not result.diverged:
         g = torch.Generator().manual_seed(seed + 1000)
         order = torch.randperm(len(data.y_train), generator=g)
-        batches = [data.x_train[order[i:i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+        batches = [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
         precise, _ = precise_bn(model, batches, num_batches=len(batches))
         row["precise_accuracy"] = evaluate(precise, data.x_test, data.y_test)
     return row
@@ -95,8 +116,12 @@ def _mean_sd(values):
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
     # Longest jobs first (small batches: most steps) so the workers finish together.
-    tasks = [{"config": config, "norm": n, "batch_size": b, "seed": s}
-             for b in sorted(config.batch_sizes) for s in config.seeds for n in config.norms]
+    tasks = [
+        {"config": config, "norm": n, "batch_size": b, "seed": s}
+        for b in sorted(config.batch_sizes)
+        for s in config.seeds
+        for n in config.norms
+    ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     result.data["runs"] = rows
     series = {}
@@ -104,16 +129,26 @@ def run(config: Config, out_dir: Path) -> dict:
         series[norm] = [_mean_sd(_error(rows, norm, b)) for b in config.batch_sizes]
     if "batch" in config.norms and config.precise_bn:
         series["precise"] = [_mean_sd(_error(rows, "batch", b, "precise_accuracy")) for b in config.batch_sizes]
-    result.data["test_error"] = {k: {"batch_sizes": list(config.batch_sizes), "mean": [m for m, _ in v],
-                                     "sd": [s for _, s in v]} for k, v in series.items()}
+    result.data["test_error"] = {
+        k: {"batch_sizes": list(config.batch_sizes), "mean": [m for m, _ in v], "sd": [s for _, s in v]}
+        for k, v in series.items()
+    }
 
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     xs = list(range(len(config.batch_sizes)))
     for key, values in series.items():
         style = "--" if key == "precise" else "-"
-        ax.errorbar(xs, [m for m, _ in values], yerr=[s for _, s in values], fmt=style, marker="o", ms=4,
-                    capsize=3, label=LABELS[key])
+        ax.errorbar(
+            xs,
+            [m for m, _ in values],
+            yerr=[s for _, s in values],
+            fmt=style,
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=LABELS[key],
+        )
     ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
     ax.set_xlabel("batch size (samples per step)")
     ax.set_ylabel("test error %")
@@ -130,21 +165,34 @@ def run(config: Config, out_dir: Path) -> dict:
     ax2.set_ylabel("ImageNet val error %")
     ax2.set_title("Wu & He (2018): ResNet-50 on ImageNet (published)", fontsize=10)
     ax2.legend(fontsize=8)
-    result.figure(save_figure(fig, out_dir, "batch-size"),
-                  "Test error vs batch size per normalization (left, ours) beside the Group Normalization "
-                  "paper's ImageNet numbers (right).")
+    result.figure(
+        save_figure(fig, out_dir, "batch-size"),
+        "Test error vs batch size per normalization (left, ours) beside the Group Normalization "
+        "paper's ImageNet numbers (right).",
+    )
 
-    table_rows = [[LABELS[k]] + [("–" if math.isnan(m) else f"{m:.1f} ± {s:.1f}" if len(config.seeds) > 1
-                                  else f"{m:.1f}") for m, s in v] for k, v in series.items()]
-    result.table("Test error % (mean ± sd over seeds)", ["normalization"] + [f"batch {b}" for b in config.batch_sizes],
-                 table_rows)
-    result.table("Published: ResNet-50 ImageNet val error % (Wu & He, 2018)",
-                 ["normalization"] + [f"batch {b}" for b in GN_PAPER["batch_sizes"]],
-                 [["BatchNorm"] + GN_PAPER["batch"], ["GroupNorm"] + GN_PAPER["group"],
-                  ["LayerNorm", GN_PAPER["at_32"]["layer"], "", "", "", ""],
-                  ["InstanceNorm", GN_PAPER["at_32"]["instance"], "", "", "", ""],
-                  ["BatchRenorm", "", "", "", GN_PAPER["renorm_at_4"], ""]],
-                 note="BN and GN rows at 16–4 are from secondary summaries of the paper's Figure 1.")
+    table_rows = [
+        [LABELS[k]]
+        + [("–" if math.isnan(m) else f"{m:.1f} ± {s:.1f}" if len(config.seeds) > 1 else f"{m:.1f}") for m, s in v]
+        for k, v in series.items()
+    ]
+    result.table(
+        "Test error % (mean ± sd over seeds)",
+        ["normalization"] + [f"batch {b}" for b in config.batch_sizes],
+        table_rows,
+    )
+    result.table(
+        "Published: ResNet-50 ImageNet val error % (Wu & He, 2018)",
+        ["normalization"] + [f"batch {b}" for b in GN_PAPER["batch_sizes"]],
+        [
+            ["BatchNorm"] + GN_PAPER["batch"],
+            ["GroupNorm"] + GN_PAPER["group"],
+            ["LayerNorm", GN_PAPER["at_32"]["layer"], "", "", "", ""],
+            ["InstanceNorm", GN_PAPER["at_32"]["instance"], "", "", "", ""],
+            ["BatchRenorm", "", "", "", GN_PAPER["renorm_at_4"], ""],
+        ],
+        note="BN and GN rows at 16–4 are from secondary summaries of the paper's Figure 1.",
+    )
 
     big, small = max(config.batch_sizes), min(config.batch_sizes)
     i_big, i_small = config.batch_sizes.index(big), config.batch_sizes.index(small)
@@ -153,7 +201,9 @@ def run(config: Config, out_dir: Path) -> dict:
         return series[key][i][0] if key in series else math.nan
 
     bn_gap = err("batch", i_small) - err("batch", i_big)
-    gn_range = (max(m for m, _ in series["group"]) - min(m for m, _ in series["group"])) if "group" in series else math.nan
+    gn_range = (
+        (max(m for m, _ in series["group"]) - min(m for m, _ in series["group"])) if "group" in series else math.nan
+    )
     result.summary += [
         f"BatchNorm's test error goes from {err('batch', i_big):.1f}% at batch {big} to "
         f"{err('batch', i_small):.1f}% at batch {small} ({bn_gap:+.1f} points); GroupNorm's stays within "
@@ -162,59 +212,82 @@ def run(config: Config, out_dir: Path) -> dict:
     if "precise" in series:
         result.summary.append(
             f"Recomputing BatchNorm's population statistics (precise BN) gives {err('precise', i_small):.1f}% at "
-            f"batch {small} (vs {err('batch', i_small):.1f}% with the running averages).")
-    result.compare("BN's error grows as the batch shrinks",
-                   f"+{GN_PAPER['batch'][-1] - GN_PAPER['batch'][0]:.1f} points from batch 32 to 2 (23.6 → 34.7)",
-                   f"{bn_gap:+.1f} points from batch {big} to {small}",
-                   "yes" if bn_gap > 1.0 else "no",
-                   "smaller in absolute terms: a 3-layer CNN on a small 1-D task, not ResNet-50 on ImageNet")
-    result.compare("GN is insensitive to the batch size",
-                   "24.1 / 24.2 / 24.0 / 24.2 / 24.1 (range 0.2 points)",
-                   f"range {gn_range:.1f} points",
-                   "yes" if gn_range < max(1.0, bn_gap / 2) else "partly",
-                   "seed-to-seed noise on 1000 test samples is about ±0.5–1 point")
+            f"batch {small} (vs {err('batch', i_small):.1f}% with the running averages)."
+        )
+    result.compare(
+        "BN's error grows as the batch shrinks",
+        f"+{GN_PAPER['batch'][-1] - GN_PAPER['batch'][0]:.1f} points from batch 32 to 2 (23.6 → 34.7)",
+        f"{bn_gap:+.1f} points from batch {big} to {small}",
+        "yes" if bn_gap > 1.0 else "no",
+        "smaller in absolute terms: a 3-layer CNN on a small 1-D task, not ResNet-50 on ImageNet",
+    )
+    result.compare(
+        "GN is insensitive to the batch size",
+        "24.1 / 24.2 / 24.0 / 24.2 / 24.1 (range 0.2 points)",
+        f"range {gn_range:.1f} points",
+        "yes" if gn_range < max(1.0, bn_gap / 2) else "partly",
+        "seed-to-seed noise on 1000 test samples is about ±0.5–1 point",
+    )
     if all(k in series for k in ("batch", "group", "layer", "instance")):
         at_big = {k: err(k, i_big) for k in ("batch", "group", "layer", "instance")}
         order = " < ".join(LABELS[k] for k in sorted(at_big, key=at_big.get))
-        result.compare(f"At batch {big}: BN best, then GN, LN, IN",
-                       "23.6 (BN) < 24.1 (GN) < 25.3 (LN) < 28.4 (IN) at batch 32",
-                       f"{order}: " + ", ".join(f"{at_big[k]:.1f}" for k in sorted(at_big, key=at_big.get)),
-                       "yes" if sorted(at_big, key=at_big.get) == ["batch", "group", "layer", "instance"] else "partly",
-                       "differences of a point are within seed noise here")
+        result.compare(
+            f"At batch {big}: BN best, then GN, LN, IN",
+            "23.6 (BN) < 24.1 (GN) < 25.3 (LN) < 28.4 (IN) at batch 32",
+            f"{order}: " + ", ".join(f"{at_big[k]:.1f}" for k in sorted(at_big, key=at_big.get)),
+            "yes" if sorted(at_big, key=at_big.get) == ["batch", "group", "layer", "instance"] else "partly",
+            "differences of a point are within seed noise here",
+        )
     if "renorm" in series and "batch" in series:
         # The paper compares at batch 4, where its BN has lost 3.7 points. Here BN loses
         # far less at 4, so judge BRN at the smallest batch, where BN's loss is largest,
         # and show batch 4 beside it.
-        at4 = (f"batch 4: BRN {err('renorm', config.batch_sizes.index(4)):.1f} vs BN "
-               f"{err('batch', config.batch_sizes.index(4)):.1f}; " if 4 in config.batch_sizes and small != 4 else "")
+        at4 = (
+            f"batch 4: BRN {err('renorm', config.batch_sizes.index(4)):.1f} vs BN "
+            f"{err('batch', config.batch_sizes.index(4)):.1f}; "
+            if 4 in config.batch_sizes and small != 4
+            else ""
+        )
         recovered = err("batch", i_small) - err("renorm", i_small)
-        ours = (f"{at4}batch {small}: BRN {err('renorm', i_small):.1f} vs BN {err('batch', i_small):.1f}"
-                + (f" (GN {err('group', i_small):.1f})" if "group" in series else ""))
+        ours = f"{at4}batch {small}: BRN {err('renorm', i_small):.1f} vs BN {err('batch', i_small):.1f}" + (
+            f" (GN {err('group', i_small):.1f})" if "group" in series else ""
+        )
         if recovered > 0.5 * max(bn_gap, 0.0) and bn_gap > 1.0:
             agrees, why = "yes", ""
         elif recovered > 0:
             agrees = "partly"
-            why = (f"BRN recovers {recovered:.1f} of BN's {bn_gap:.1f}-point loss at batch {small}, "
-                   "less than the paper's share; its r_max/d_max ramp spans a few epochs here, not a long "
-                   "ImageNet schedule, and differences under a point are within seed noise")
+            why = (
+                f"BRN recovers {recovered:.1f} of BN's {bn_gap:.1f}-point loss at batch {small}, "
+                "less than the paper's share; its r_max/d_max ramp spans a few epochs here, not a long "
+                "ImageNet schedule, and differences under a point are within seed noise"
+            )
         else:
             agrees = "no"
-            why = (f"BRN is no better than BN at batch {small} in this run; with BN's own small-batch loss "
-                   f"only {bn_gap:.1f} points and seed noise ±0.5–1 point, this setting cannot resolve the effect")
-        result.compare("BatchRenorm recovers part of BN's small-batch loss",
-                       "batch 4: BRN 26.3 vs BN 27.3 (GN 24.2)", ours, agrees, why)
+            why = (
+                f"BRN is no better than BN at batch {small} in this run; with BN's own small-batch loss "
+                f"only {bn_gap:.1f} points and seed noise ±0.5–1 point, this setting cannot resolve the effect"
+            )
+        result.compare(
+            "BatchRenorm recovers part of BN's small-batch loss",
+            "batch 4: BRN 26.3 vs BN 27.3 (GN 24.2)",
+            ours,
+            agrees,
+            why,
+        )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Batch size: BatchNorm fails at small batch, GroupNorm does not",
-    question="How does each normalization's test error change as the batch shrinks from 32 to 2?",
-    run=run,
-    settings={
-        "smoke": Config(norms=("batch", "group"), batch_sizes=(32, 4), epochs=1, train_samples=512, seeds=(0,)),
-        # The headline (BN vs GN, with BatchRenorm and LayerNorm) in about a minute on 2 cores.
-        "quick": Config(norms=("batch", "group", "layer", "renorm"), batch_sizes=(32, 8, 2), epochs=5, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Batch size: BatchNorm fails at small batch, GroupNorm does not",
+        question="How does each normalization's test error change as the batch shrinks from 32 to 2?",
+        run=run,
+        settings={
+            "smoke": Config(norms=("batch", "group"), batch_sizes=(32, 4), epochs=1, train_samples=512, seeds=(0,)),
+            # The headline (BN vs GN, with BatchRenorm and LayerNorm) in about a minute on 2 cores.
+            "quick": Config(norms=("batch", "group", "layer", "renorm"), batch_sizes=(32, 8, 2), epochs=5, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

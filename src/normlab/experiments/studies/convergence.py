@@ -43,8 +43,9 @@ class Config:
 def one_run(config: Config, norm: str, seed: int) -> dict:
     data = load_mnist1d()
     torch.manual_seed(seed)
-    model = MLP(40, config.hidden, 10, activation="sigmoid", norm=norm, init="normal",
-                init_std=config.init_std, seed=seed)
+    model = MLP(
+        40, config.hidden, 10, activation="sigmoid", norm=norm, init="normal", init_std=config.init_std, seed=seed
+    )
     captured = {}
     model.blocks[-1].norm.register_forward_hook(lambda m, a, out: captured.__setitem__("z", out.detach()))
     q = torch.tensor([0.15, 0.5, 0.85])
@@ -59,11 +60,27 @@ def one_run(config: Config, norm: str, seed: int) -> dict:
         pct = torch.quantile(z, q, dim=0)  # (3, units)
         return {"test_accuracy": accuracy, "p15": pct[0].tolist(), "p50": pct[1].tolist(), "p85": pct[2].tolist()}
 
-    result = train_steps(model, data, StepConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                                                 momentum=config.momentum, check_every=config.check_every,
-                                                 seed=seed), on_check=check)
-    return {"norm": norm, "seed": seed, "diverged": result.diverged, "seconds": result.seconds,
-            "final_accuracy": result.test_accuracy, "history": result.history}
+    result = train_steps(
+        model,
+        data,
+        StepConfig(
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            check_every=config.check_every,
+            seed=seed,
+        ),
+        on_check=check,
+    )
+    return {
+        "norm": norm,
+        "seed": seed,
+        "diverged": result.diverged,
+        "seconds": result.seconds,
+        "final_accuracy": result.test_accuracy,
+        "history": result.history,
+    }
 
 
 def _drift(history: list[dict]) -> float:
@@ -117,9 +134,11 @@ def run(config: Config, out_dir: Path) -> dict:
     lims = [min(a.get_ylim()[0] for a in axes[1:]), max(a.get_ylim()[1] for a in axes[1:])]
     for a in axes[1:]:
         a.set_ylim(lims)
-    result.figure(save_figure(fig, out_dir, "convergence"),
-                  "Left: test accuracy vs training step (Ioffe & Szegedy Fig. 1a). Middle and right: the 15th, "
-                  "50th and 85th percentiles of one sigmoid's input over the test set (Fig. 1b, c).")
+    result.figure(
+        save_figure(fig, out_dir, "convergence"),
+        "Left: test accuracy vs training step (Ioffe & Szegedy Fig. 1a). Middle and right: the 15th, "
+        "50th and 85th percentiles of one sigmoid's input over the test set (Fig. 1b, c).",
+    )
 
     rows, summary = [], {}
     for norm in ("none", "batch"):
@@ -128,12 +147,25 @@ def run(config: Config, out_dir: Path) -> dict:
         drifts = [_drift(r["history"]) for r in mine]
         half = [_steps_to(r["history"], 0.5) for r in mine]
         summary[norm] = {"final_accuracy": finals, "drift": drifts, "steps_to_50": half}
-        rows.append([labels[norm], _pm(finals), _pm(drifts, pct=False),
-                     ", ".join("never" if s is None else str(s) for s in half)])
+        rows.append(
+            [
+                labels[norm],
+                _pm(finals),
+                _pm(drifts, pct=False),
+                ", ".join("never" if s is None else str(s) for s in half),
+            ]
+        )
     result.data["summary"] = summary
-    result.table(f"After {config.steps} steps ({len(config.seeds)} seed(s))",
-                 ["model", "test accuracy %", "path length of sigmoid-input medians (× final 15–85 spread)",
-                  "steps to 50% test accuracy"], rows)
+    result.table(
+        f"After {config.steps} steps ({len(config.seeds)} seed(s))",
+        [
+            "model",
+            "test accuracy %",
+            "path length of sigmoid-input medians (× final 15–85 spread)",
+            "steps to 50% test accuracy",
+        ],
+        rows,
+    )
     acc_bn = statistics.fmean(summary["batch"]["final_accuracy"])
     acc_none = statistics.fmean(summary["none"]["final_accuracy"])
     d_bn = statistics.fmean(summary["batch"]["drift"])
@@ -144,15 +176,19 @@ def run(config: Config, out_dir: Path) -> dict:
         f"The medians of the last layer's sigmoid inputs travel {d_none:.2f}× their final 15–85 spread "
         f"over training without BN and {d_bn:.2f}× with BN (mean over the {config.hidden[-1]} units).",
     ]
-    result.compare("BN trains faster and reaches higher accuracy",
-                   "Ioffe & Szegedy (2015) Fig. 1a: on MNIST, the BN network reaches higher test accuracy, sooner",
-                   f"{100 * acc_bn:.1f}% vs {100 * acc_none:.1f}% after {config.steps} steps",
-                   "yes" if acc_bn > acc_none else "no")
-    result.compare("BN keeps the sigmoid inputs' distribution stable",
-                   "Fig. 1b, c: without BN the 15/50/85th percentiles drift over training; with BN they stay put",
-                   f"median path {d_none:.2f}× (no BN) vs {d_bn:.2f}× (BN) the final 15–85 spread",
-                   "yes" if d_bn < d_none else "no",
-                   "" if d_bn < d_none else "at this scale the drift is not smaller with BN")
+    result.compare(
+        "BN trains faster and reaches higher accuracy",
+        "Ioffe & Szegedy (2015) Fig. 1a: on MNIST, the BN network reaches higher test accuracy, sooner",
+        f"{100 * acc_bn:.1f}% vs {100 * acc_none:.1f}% after {config.steps} steps",
+        "yes" if acc_bn > acc_none else "no",
+    )
+    result.compare(
+        "BN keeps the sigmoid inputs' distribution stable",
+        "Fig. 1b, c: without BN the 15/50/85th percentiles drift over training; with BN they stay put",
+        f"median path {d_none:.2f}× (no BN) vs {d_bn:.2f}× (BN) the final 15–85 spread",
+        "yes" if d_bn < d_none else "no",
+        "" if d_bn < d_none else "at this scale the drift is not smaller with BN",
+    )
     result.data["final_accuracy"] = {"batch": finite_or_none(acc_bn), "none": finite_or_none(acc_none)}
     return result.to_dict()
 
@@ -166,14 +202,16 @@ def _pm(values, pct=True) -> str:
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.2f} ± {sd:.2f}"
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Convergence: BatchNorm's Figure 1 on MNIST-1D",
-    question="Does BatchNorm make a sigmoid MLP train faster, and keep its layers' input distributions fixed?",
-    run=run,
-    settings={
-        "smoke": Config(steps=300, check_every=100, seeds=(0,)),
-        "quick": Config(steps=3000, check_every=250, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Convergence: BatchNorm's Figure 1 on MNIST-1D",
+        question="Does BatchNorm make a sigmoid MLP train faster, and keep its layers' input distributions fixed?",
+        run=run,
+        settings={
+            "smoke": Config(steps=300, check_every=100, seeds=(0,)),
+            "quick": Config(steps=3000, check_every=250, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

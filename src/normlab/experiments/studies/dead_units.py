@@ -64,44 +64,72 @@ def dead_fraction(model: MLP, x: torch.Tensor) -> list[float]:
 
 def one_run(config: Config, activation: str, norm: str, lr: float, seed: int) -> dict:
     data = load_mnist1d()
-    probe = data.x_train[:config.probe_samples]
+    probe = data.x_train[: config.probe_samples]
     torch.manual_seed(seed)
     model = MLP(40, config.hidden, 10, activation=activation, norm=norm, init="he", seed=seed)
-    result = train_steps(model, data, StepConfig(steps=config.steps, batch_size=config.batch_size, lr=lr,
-                                                 check_every=config.check_every, seed=seed),
-                         on_check=lambda step, m: {"dead_per_layer": dead_fraction(m, probe)})
+    result = train_steps(
+        model,
+        data,
+        StepConfig(steps=config.steps, batch_size=config.batch_size, lr=lr, check_every=config.check_every, seed=seed),
+        on_check=lambda step, m: {"dead_per_layer": dead_fraction(m, probe)},
+    )
     curve = [(h["step"], statistics.fmean(h["dead_per_layer"])) for h in result.history if "dead_per_layer" in h]
-    return {"activation": activation, "norm": norm, "lr": lr, "seed": seed, "diverged": result.diverged,
-            "test_accuracy": result.test_accuracy, "seconds": result.seconds,
-            "steps": [s for s, _ in curve], "dead": [d for _, d in curve],
-            "final_dead": curve[-1][1] if not result.diverged else None,
-            "final_dead_per_layer": result.history[-2 if result.diverged else -1].get("dead_per_layer")}
+    return {
+        "activation": activation,
+        "norm": norm,
+        "lr": lr,
+        "seed": seed,
+        "diverged": result.diverged,
+        "test_accuracy": result.test_accuracy,
+        "seconds": result.seconds,
+        "steps": [s for s, _ in curve],
+        "dead": [d for _, d in curve],
+        "final_dead": curve[-1][1] if not result.diverged else None,
+        "final_dead_per_layer": result.history[-2 if result.diverged else -1].get("dead_per_layer"),
+    }
 
 
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
-    tasks = [{"config": config, "activation": a, "norm": n, "lr": lr, "seed": s}
-             for s in config.seeds for lr in config.lrs for a in config.activations for n in config.norms]
+    tasks = [
+        {"config": config, "activation": a, "norm": n, "lr": lr, "seed": s}
+        for s in config.seeds
+        for lr in config.lrs
+        for a in config.activations
+        for n in config.norms
+    ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     result.data["runs"] = rows
     plt = pyplot()
-    fig, axes = plt.subplots(len(config.lrs), len(config.norms), figsize=(6 * len(config.norms), 3.6 * len(config.lrs)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        len(config.lrs),
+        len(config.norms),
+        figsize=(6 * len(config.norms), 3.6 * len(config.lrs)),
+        squeeze=False,
+        sharey=True,
+    )
     for i, lr in enumerate(config.lrs):
         for j, norm in enumerate(config.norms):
             ax = axes[i][j]
             for a in config.activations:
                 mine = [r for r in rows if r["activation"] == a and r["norm"] == norm and r["lr"] == lr]
                 first = mine[0]
-                ax.plot(first["steps"], [100 * d for d in first["dead"]], marker="." if first["diverged"] else None,
-                        label=LABELS[a] + (" (diverged)" if first["diverged"] else ""))
-            ax.set_title(f"lr {lr:g}, {'with' if norm == 'batch' else 'without'} BatchNorm (seed {config.seeds[0]})",
-                         fontsize=10)
+                ax.plot(
+                    first["steps"],
+                    [100 * d for d in first["dead"]],
+                    marker="." if first["diverged"] else None,
+                    label=LABELS[a] + (" (diverged)" if first["diverged"] else ""),
+                )
+            ax.set_title(
+                f"lr {lr:g}, {'with' if norm == 'batch' else 'without'} BatchNorm (seed {config.seeds[0]})", fontsize=10
+            )
             ax.set_xlabel("step")
             ax.set_ylabel("% units negative on every input")
             ax.legend(fontsize=7)
-    result.figure(save_figure(fig, out_dir, "dead-units"),
-                  "Fraction of hidden units whose pre-activation is ≤ 0 on all 1000 probe inputs, over training.")
+    result.figure(
+        save_figure(fig, out_dir, "dead-units"),
+        "Fraction of hidden units whose pre-activation is ≤ 0 on all 1000 probe inputs, over training.",
+    )
 
     table = []
     cells = {}
@@ -113,18 +141,32 @@ def run(config: Config, out_dir: Path) -> dict:
                 dead = [r["final_dead"] for r in ok]
                 acc = [r["test_accuracy"] for r in mine]
                 cells[(lr, norm, a)] = (statistics.fmean(dead) if dead else math.nan, statistics.fmean(acc))
-                table.append([f"{lr:g}", "BN" if norm == "batch" else "none", LABELS[a],
-                              f"{100 * statistics.fmean(dead):.1f}" if dead else "–",
-                              f"{100 * statistics.fmean(acc):.1f}", f"{len(mine) - len(ok)}/{len(mine)}"])
-    result.table(f"After {config.steps} steps (mean over {len(config.seeds)} seed(s))",
-                 ["lr", "norm", "activation", "% negative on every input", "test accuracy %", "diverged"], table)
-    result.data["cells"] = [{"lr": k[0], "norm": k[1], "activation": k[2], "dead": v[0] if math.isfinite(v[0]) else None,
-                             "accuracy": v[1]} for k, v in cells.items()]
+                table.append(
+                    [
+                        f"{lr:g}",
+                        "BN" if norm == "batch" else "none",
+                        LABELS[a],
+                        f"{100 * statistics.fmean(dead):.1f}" if dead else "–",
+                        f"{100 * statistics.fmean(acc):.1f}",
+                        f"{len(mine) - len(ok)}/{len(mine)}",
+                    ]
+                )
+    result.table(
+        f"After {config.steps} steps (mean over {len(config.seeds)} seed(s))",
+        ["lr", "norm", "activation", "% negative on every input", "test accuracy %", "diverged"],
+        table,
+    )
+    result.data["cells"] = [
+        {"lr": k[0], "norm": k[1], "activation": k[2], "dead": v[0] if math.isfinite(v[0]) else None, "accuracy": v[1]}
+        for k, v in cells.items()
+    ]
     hi = max(config.lrs)
     if "relu" in config.activations and "none" in config.norms:
         relu_plain = cells[(hi, "none", "relu")]
-        line = f"At lr {hi:g}, ReLU without BN ends with {100 * relu_plain[0]:.0f}% dead units " \
-               f"({100 * relu_plain[1]:.1f}% test accuracy)"
+        line = (
+            f"At lr {hi:g}, ReLU without BN ends with {100 * relu_plain[0]:.0f}% dead units "
+            f"({100 * relu_plain[1]:.1f}% test accuracy)"
+        )
         if "batch" in config.norms:
             relu_bn = cells[(hi, "batch", "relu")]
             line += f"; with BN {100 * relu_bn[0]:.0f}% ({100 * relu_bn[1]:.1f}%)."
@@ -134,27 +176,35 @@ def run(config: Config, out_dir: Path) -> dict:
             parts = []
             for a in leaky:
                 d, acc = cells[(hi, "none", a)]
-                parts.append(f"{LABELS[a]} diverged" if math.isnan(d) else
-                             f"{LABELS[a]} {100 * d:.0f}% negative on every input, {100 * acc:.1f}% accuracy")
+                parts.append(
+                    f"{LABELS[a]} diverged"
+                    if math.isnan(d)
+                    else f"{LABELS[a]} {100 * d:.0f}% negative on every input, {100 * acc:.1f}% accuracy"
+                )
             result.summary.append(f"Without BN at lr {hi:g}: " + "; ".join(parts) + ".")
         if "batch" in config.norms:
-            result.compare("ReLU units die at high learning rates; BN reduces it",
-                           "widely reported (e.g. Maas et al., 2013; He et al., 2015 motivate leaky/parametric "
-                           "ReLUs); BN keeps pre-activations centred (Ioffe & Szegedy, 2015)",
-                           f"lr {hi:g}: {100 * relu_plain[0]:.0f}% dead without BN, {100 * relu_bn[0]:.0f}% with",
-                           "yes" if relu_bn[0] < relu_plain[0] else "no")
+            result.compare(
+                "ReLU units die at high learning rates; BN reduces it",
+                "widely reported (e.g. Maas et al., 2013; He et al., 2015 motivate leaky/parametric "
+                "ReLUs); BN keeps pre-activations centred (Ioffe & Szegedy, 2015)",
+                f"lr {hi:g}: {100 * relu_plain[0]:.0f}% dead without BN, {100 * relu_bn[0]:.0f}% with",
+                "yes" if relu_bn[0] < relu_plain[0] else "no",
+            )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Dead units: ReLU and its leaky variants at high learning rates, with and without BatchNorm",
-    question="How many units stop firing for good, by activation, and does BatchNorm prevent it?",
-    run=run,
-    settings={
-        "smoke": Config(activations=("relu", "leaky_relu"), lrs=(0.3,), hidden=(64, 64), steps=200,
-                        check_every=100, seeds=(0,)),
-        "quick": Config(steps=1000, check_every=100, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Dead units: ReLU and its leaky variants at high learning rates, with and without BatchNorm",
+        question="How many units stop firing for good, by activation, and does BatchNorm prevent it?",
+        run=run,
+        settings={
+            "smoke": Config(
+                activations=("relu", "leaky_relu"), lrs=(0.3,), hidden=(64, 64), steps=200, check_every=100, seeds=(0,)
+            ),
+            "quick": Config(steps=1000, check_every=100, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

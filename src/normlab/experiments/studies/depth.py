@@ -68,36 +68,62 @@ def gradient_ratios(model: MLP, x: torch.Tensor, y: torch.Tensor) -> dict:
     act = [p.grad.norm().item() for p in pre]
     weight = [b.linear.weight.grad.norm().item() for b in model.blocks]
     model.zero_grad()
-    return {"preactivation_grad_ratio": act[0] / act[-1] if act[-1] > 0 else math.inf,
-            "weight_grad_ratio": weight[0] / weight[-1] if weight[-1] > 0 else math.inf,
-            "preactivation_grad_norms": act}
+    return {
+        "preactivation_grad_ratio": act[0] / act[-1] if act[-1] > 0 else math.inf,
+        "weight_grad_ratio": weight[0] / weight[-1] if weight[-1] > 0 else math.inf,
+        "preactivation_grad_norms": act,
+    }
 
 
 def one_run(config: Config, depth: int, init: str, norm: str, seed: int, clip: bool) -> dict:
     data = load_mnist1d()
     torch.manual_seed(seed)
     scheme, scale = INITS[init]
-    model = MLP(40, [config.width] * depth, 10, activation="relu", norm=norm, init=scheme, init_scale=scale,
-                seed=seed)
+    model = MLP(40, [config.width] * depth, 10, activation="relu", norm=norm, init=scheme, init_scale=scale, seed=seed)
     ratios = gradient_ratios(model, data.x_train[:256], data.y_train[:256])
-    result = train_steps(model, data, StepConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                                                 clip_norm=config.clip_norm if clip else None,
-                                                 check_every=config.steps, seed=seed))
+    result = train_steps(
+        model,
+        data,
+        StepConfig(
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            clip_norm=config.clip_norm if clip else None,
+            check_every=config.steps,
+            seed=seed,
+        ),
+    )
     finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in ratios.items()}
-    return {"depth": depth, "init": init, "norm": norm, "seed": seed, "clipped": clip, **finite,
-            "diverged": result.diverged, "test_accuracy": result.test_accuracy,
-            "trains": (not result.diverged) and result.test_accuracy >= TRAINS_ABOVE, "seconds": result.seconds}
+    return {
+        "depth": depth,
+        "init": init,
+        "norm": norm,
+        "seed": seed,
+        "clipped": clip,
+        **finite,
+        "diverged": result.diverged,
+        "test_accuracy": result.test_accuracy,
+        "trains": (not result.diverged) and result.test_accuracy >= TRAINS_ABOVE,
+        "seconds": result.seconds,
+    }
 
 
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
-    grid = [(d, i, n, s) for d in sorted(config.depths, reverse=True) for i in config.inits
-            for n in config.norms for s in config.seeds]
+    grid = [
+        (d, i, n, s)
+        for d in sorted(config.depths, reverse=True)
+        for i in config.inits
+        for n in config.norms
+        for s in config.seeds
+    ]
     tasks = [{"config": config, "depth": d, "init": i, "norm": n, "seed": s, "clip": False} for d, i, n, s in grid]
     rows = parallel_map(one_run, tasks, desc=NAME)
     exploding = [r for r in rows if r["diverged"] or (r["preactivation_grad_ratio"] or math.inf) > EXPLODING]
-    clip_tasks = [{"config": config, "depth": r["depth"], "init": r["init"], "norm": r["norm"], "seed": r["seed"],
-                   "clip": True} for r in exploding]
+    clip_tasks = [
+        {"config": config, "depth": r["depth"], "init": r["init"], "norm": r["norm"], "seed": r["seed"], "clip": True}
+        for r in exploding
+    ]
     clipped = parallel_map(one_run, clip_tasks, desc=f"{NAME} (clipped)") if clip_tasks else []
     result.data["runs"] = rows + clipped
 
@@ -111,22 +137,49 @@ def run(config: Config, out_dir: Path) -> dict:
             for n in config.norms:
                 mine = cell(rows, d, i, n)
                 ratio = [r["preactivation_grad_ratio"] for r in mine]
-                ratio_text = "inf" if any(x is None for x in ratio) else f"{math.exp(sum(math.log(max(x, 1e-300)) for x in ratio) / len(ratio)):.1e}"
+                ratio_text = (
+                    "inf"
+                    if any(x is None for x in ratio)
+                    else f"{math.exp(sum(math.log(max(x, 1e-300)) for x in ratio) / len(ratio)):.1e}"
+                )
                 acc = sum(r["test_accuracy"] for r in mine) / len(mine)
                 trains = sum(r["trains"] for r in mine)
                 clip_rows = cell(clipped, d, i, n)
-                clip_text = "–" if not clip_rows else (
-                    f"{100 * sum(r['test_accuracy'] for r in clip_rows) / len(clip_rows):.1f}% "
-                    f"({sum(r['trains'] for r in clip_rows)}/{len(clip_rows)} train)")
+                clip_text = (
+                    "–"
+                    if not clip_rows
+                    else (
+                        f"{100 * sum(r['test_accuracy'] for r in clip_rows) / len(clip_rows):.1f}% "
+                        f"({sum(r['trains'] for r in clip_rows)}/{len(clip_rows)} train)"
+                    )
+                )
                 diverged = sum(r["diverged"] for r in mine)
-                table.append([str(d), i, NORM_LABELS[n], ratio_text,
-                              f"{100 * acc:.1f}" + (f" ({diverged} diverged)" if diverged else ""),
-                              f"{trains}/{len(mine)}", clip_text])
-    result.table(f"Depth × init × norm, ReLU MLPs of width {config.width}, {config.steps} SGD steps",
-                 ["depth", "init", "norm", "grad-norm ratio first/last (at init)", "test accuracy %", "train",
-                  f"with clipping at {config.clip_norm}"], table,
-                 note=f"'train' counts seeds reaching {100 * TRAINS_ABOVE:.0f}% test accuracy without diverging; "
-                      f"clipping is rerun where the ratio exceeds {EXPLODING:g} or a run diverged.")
+                table.append(
+                    [
+                        str(d),
+                        i,
+                        NORM_LABELS[n],
+                        ratio_text,
+                        f"{100 * acc:.1f}" + (f" ({diverged} diverged)" if diverged else ""),
+                        f"{trains}/{len(mine)}",
+                        clip_text,
+                    ]
+                )
+    result.table(
+        f"Depth × init × norm, ReLU MLPs of width {config.width}, {config.steps} SGD steps",
+        [
+            "depth",
+            "init",
+            "norm",
+            "grad-norm ratio first/last (at init)",
+            "test accuracy %",
+            "train",
+            f"with clipping at {config.clip_norm}",
+        ],
+        table,
+        note=f"'train' counts seeds reaching {100 * TRAINS_ABOVE:.0f}% test accuracy without diverging; "
+        f"clipping is rerun where the ratio exceeds {EXPLODING:g} or a run diverged.",
+    )
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(config.norms), figsize=(5 * len(config.norms), 4), sharey=True, squeeze=False)
@@ -135,8 +188,11 @@ def run(config: Config, out_dir: Path) -> dict:
             ys = []
             for d in config.depths:
                 vals = [r["preactivation_grad_ratio"] for r in cell(rows, d, i, n)]
-                ys.append(math.nan if any(v is None for v in vals) else
-                          math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals)))
+                ys.append(
+                    math.nan
+                    if any(v is None for v in vals)
+                    else math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
+                )
             ax.plot(config.depths, ys, marker="o", label=i)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_yscale("log")
@@ -144,13 +200,19 @@ def run(config: Config, out_dir: Path) -> dict:
         ax.set_title(NORM_LABELS[n], fontsize=10)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("‖∂L/∂z₁‖ / ‖∂L/∂z_L‖ at init")
-    result.figure(save_figure(fig, out_dir, "depth-gradients"),
-                  "Gradient norm at the first layer's pre-activations over the last layer's, at initialization: "
-                  "below 1 vanishing, above 1 exploding (geometric mean over seeds).")
+    result.figure(
+        save_figure(fig, out_dir, "depth-gradients"),
+        "Gradient norm at the first layer's pre-activations over the last layer's, at initialization: "
+        "below 1 vanishing, above 1 exploding (geometric mean over seeds).",
+    )
 
     def geo(d, i, n):
         vals = [r["preactivation_grad_ratio"] for r in cell(rows, d, i, n)]
-        return math.nan if any(v is None for v in vals) else math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
+        return (
+            math.nan
+            if any(v is None for v in vals)
+            else math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
+        )
 
     deep = max(config.depths)
     lines = []
@@ -158,8 +220,12 @@ def run(config: Config, out_dir: Path) -> dict:
         for i in config.inits:
             lines.append(f"{i}/{NORM_LABELS[n]} {geo(deep, i, n):.1e}")
     result.summary.append(f"Gradient ratio first/last at depth {deep}: " + ", ".join(lines) + ".")
-    trained = [f"{i}/{NORM_LABELS[n]}" for i in config.inits for n in config.norms
-               if all(r["trains"] for r in cell(rows, deep, i, n))]
+    trained = [
+        f"{i}/{NORM_LABELS[n]}"
+        for i in config.inits
+        for n in config.norms
+        if all(r["trains"] for r in cell(rows, deep, i, n))
+    ]
     result.summary.append(f"At depth {deep}, every seed trains with: {', '.join(trained) or 'none of them'}.")
     if clipped:
         # A clipped run counts as rescued only if the same run failed without clipping.
@@ -167,33 +233,41 @@ def run(config: Config, out_dir: Path) -> dict:
         key = lambda r: (r["depth"], r["init"], r["norm"], r["seed"])  # noqa: E731
         rescued = [r for r in clipped if r["trains"] and not plain[key(r)]["trains"]]
         hurt = [r for r in clipped if not r["trains"] and plain[key(r)]["trains"]]
-        result.summary.append(f"Clipping the gradient norm to {config.clip_norm:g} was tried on {len(clipped)} exploding "
-                              f"runs: it made {len(rescued)} that failed without it train, and stopped {len(hurt)} "
-                              f"that trained without it ({sum(r['diverged'] for r in clipped)} diverged even so).")
+        result.summary.append(
+            f"Clipping the gradient norm to {config.clip_norm:g} was tried on {len(clipped)} exploding "
+            f"runs: it made {len(rescued)} that failed without it train, and stopped {len(hurt)} "
+            f"that trained without it ({sum(r['diverged'] for r in clipped)} diverged even so)."
+        )
     if "none" in config.norms and "xavier" in config.inits and "he" in config.inits:
-        result.compare("ReLU with Xavier: gradients vanish with depth; He keeps them",
-                       "He et al. (2015): with Var(w) = 1/n each ReLU layer halves the signal; 2/n preserves it",
-                       f"depth {deep}, no norm: ratio {geo(deep, 'xavier', 'none'):.1e} (Xavier) vs "
-                       f"{geo(deep, 'he', 'none'):.1e} (He)",
-                       "yes" if geo(deep, "xavier", "none") < 0.1 * geo(deep, "he", "none") else "no")
+        result.compare(
+            "ReLU with Xavier: gradients vanish with depth; He keeps them",
+            "He et al. (2015): with Var(w) = 1/n each ReLU layer halves the signal; 2/n preserves it",
+            f"depth {deep}, no norm: ratio {geo(deep, 'xavier', 'none'):.1e} (Xavier) vs "
+            f"{geo(deep, 'he', 'none'):.1e} (He)",
+            "yes" if geo(deep, "xavier", "none") < 0.1 * geo(deep, "he", "none") else "no",
+        )
     if "batch" in config.norms and "he" in config.inits:
         bn_ratio = geo(deep, "he", "batch")
-        result.compare("Plain deep BN networks have exploding gradients at init",
-                       "Yang et al. (2019), 'A Mean Field Theory of Batch Normalization': gradients explode "
-                       "geometrically with depth in plain BN networks at initialization",
-                       f"depth {deep}, He + BN: ratio {bn_ratio:.1e}",
-                       "yes" if bn_ratio > EXPLODING else "no")
+        result.compare(
+            "Plain deep BN networks have exploding gradients at init",
+            "Yang et al. (2019), 'A Mean Field Theory of Batch Normalization': gradients explode "
+            "geometrically with depth in plain BN networks at initialization",
+            f"depth {deep}, He + BN: ratio {bn_ratio:.1e}",
+            "yes" if bn_ratio > EXPLODING else "no",
+        )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Depth: which initialization and normalization let a plain 10–50-layer MLP train",
-    question="Do gradients vanish or explode with depth, and what do init, BatchNorm, LayerNorm and clipping change?",
-    run=run,
-    settings={
-        "smoke": Config(depths=(6, 12), inits=("xavier", "he"), norms=("none", "batch"), steps=50, seeds=(0,)),
-        "quick": Config(depths=(10, 20), steps=300, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Depth: which initialization and normalization let a plain 10–50-layer MLP train",
+        question="Do gradients vanish or explode with depth, and what do init, BatchNorm, LayerNorm and clipping change?",
+        run=run,
+        settings={
+            "smoke": Config(depths=(6, 12), inits=("xavier", "he"), norms=("none", "batch"), steps=50, seeds=(0,)),
+            "quick": Config(depths=(10, 20), steps=300, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

@@ -23,8 +23,9 @@ __all__ = ["PLACEMENTS", "conv_net", "mlp", "subset"]
 PLACEMENTS = ("relu", "norm", "head")
 
 
-def conv_net(norm: str = "batch", dropout: float = 0.0, placement: str = "relu", *, width: int = 32,
-             depth: int = 3) -> nn.Sequential:
+def conv_net(
+    norm: str = "batch", dropout: float = 0.0, placement: str = "relu", *, width: int = 32, depth: int = 3
+) -> nn.Sequential:
     """``depth`` × [Conv1d(width, 3) → norm → ReLU] → average → Linear, the ``batch-size``
     study's CNN, with dropout of rate ``dropout`` at ``placement`` (see the module doc)."""
     if placement not in PLACEMENTS:

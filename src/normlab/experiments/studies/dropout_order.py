@@ -42,8 +42,12 @@ NAME = "dropout-order"
 LARGE_SHIFT = 1.5  # Li et al.'s max(r, 1/r) above which a layer counts as badly shifted
 NOISE_POINTS = 0.5  # accuracy differences below this are seed noise on 1000 test samples
 BATCH_NORMS = (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-PLACEMENT_LABELS = {"none": "no dropout", "relu": "after each ReLU (→ next BN)", "norm": "right before each BN",
-                    "head": "after the last block only"}
+PLACEMENT_LABELS = {
+    "none": "no dropout",
+    "relu": "after each ReLU (→ next BN)",
+    "norm": "right before each BN",
+    "head": "after the last block only",
+}
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,10 @@ def variance_shift(model: nn.Module, x: torch.Tensor, keep: float | None = None)
     applied right before the layer."""
     layers = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
     inputs: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
-               for i, m in enumerate(layers)]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
+        for i, m in enumerate(layers)
+    ]
     was_training = model.training
     try:
         model.eval()
@@ -79,8 +85,11 @@ def variance_shift(model: nn.Module, x: torch.Tensor, keep: float | None = None)
         dims = (0,) + tuple(range(2, z.dim()))
         var, mean = torch.var_mean(z, dim=dims, correction=0)
         ratio = var / layer.running_var.double()
-        record = {"ratio": ratio.mean().item(), "shift": torch.maximum(ratio, 1 / ratio).mean().item(),
-                  "ratio_per_channel": ratio.tolist()}
+        record = {
+            "ratio": ratio.mean().item(),
+            "shift": torch.maximum(ratio, 1 / ratio).mean().item(),
+            "ratio_per_channel": ratio.tolist(),
+        }
         if keep is not None:
             predicted = var / ((mean.square() + var) / keep - mean.square())
             record["predicted_ratio"] = predicted.mean().item()
@@ -95,15 +104,21 @@ def one_run(config: Config, placement: str, dropout: float, seed: int) -> dict:
     train = TrainConfig(batch_size=32, epochs=config.epochs, seed=seed)
     result = train_classifier(model, data, train)
     keep = 1.0 - dropout if placement == "norm" and dropout else None
-    row = {"placement": placement, "dropout": dropout, "seed": seed, "diverged": result.diverged,
-           "eval_accuracy": result.test_accuracy, "seconds": result.seconds}
+    row = {
+        "placement": placement,
+        "dropout": dropout,
+        "seed": seed,
+        "diverged": result.diverged,
+        "eval_accuracy": result.test_accuracy,
+        "seconds": result.seconds,
+    }
     if result.diverged:
         return row
     row["layers"] = variance_shift(model, data.x_test, keep)
     g = torch.Generator().manual_seed(seed + 1000)
     order = torch.randperm(len(data.y_train), generator=g)
     per_epoch = len(data.y_train) // train.batch_size
-    batches = [data.x_train[order[i * train.batch_size:(i + 1) * train.batch_size]] for i in range(per_epoch)]
+    batches = [data.x_train[order[i * train.batch_size : (i + 1) * train.batch_size]] for i in range(per_epoch)]
     # precise_bn runs only the BN layers in training mode: dropout is off while it measures.
     recalibrated = precise_bn(model, batches, num_batches=len(batches)).model
     row["precise_accuracy"] = evaluate(recalibrated, data.x_test, data.y_test)
@@ -143,17 +158,36 @@ def run(config: Config, out_dir: Path) -> dict:
     table = []
     for pl, p in combos:
         c = cells[(pl, p)]
-        table.append([PLACEMENT_LABELS[pl], f"{p:g}",
-                      " / ".join(f"{r:.2f}" for r in c["ratio"]),
-                      " / ".join(f"{s:.2f}" for s in c["shift"]),
-                      " / ".join("–" if math.isnan(v) else f"{v:.2f}" for v in c["predicted"]),
-                      " / ".join(f"{s:.2f}" for s in c["precise_shift"]),
-                      f"{c['eval']:.1f}", f"{c['precise']:.1f}", f"{c['precise'] - c['eval']:+.1f}"])
-    result.table(f"Per BN layer (1 / 2 / 3): variance ratio and shift on the test set; test accuracy % "
-                 f"({len(config.seeds)} seed(s), {config.epochs} epochs)",
-                 ["dropout placed", "p", "Var_test / running var", "shift max(r, 1/r)", "Li et al. predicted ratio",
-                  "shift after precise BN", "eval accuracy", "after precise BN", "recovered"], table,
-                 note="Li et al.'s formula applies to dropout directly before a BN; '–' elsewhere.")
+        table.append(
+            [
+                PLACEMENT_LABELS[pl],
+                f"{p:g}",
+                " / ".join(f"{r:.2f}" for r in c["ratio"]),
+                " / ".join(f"{s:.2f}" for s in c["shift"]),
+                " / ".join("–" if math.isnan(v) else f"{v:.2f}" for v in c["predicted"]),
+                " / ".join(f"{s:.2f}" for s in c["precise_shift"]),
+                f"{c['eval']:.1f}",
+                f"{c['precise']:.1f}",
+                f"{c['precise'] - c['eval']:+.1f}",
+            ]
+        )
+    result.table(
+        f"Per BN layer (1 / 2 / 3): variance ratio and shift on the test set; test accuracy % "
+        f"({len(config.seeds)} seed(s), {config.epochs} epochs)",
+        [
+            "dropout placed",
+            "p",
+            "Var_test / running var",
+            "shift max(r, 1/r)",
+            "Li et al. predicted ratio",
+            "shift after precise BN",
+            "eval accuracy",
+            "after precise BN",
+            "recovered",
+        ],
+        table,
+        note="Li et al.'s formula applies to dropout directly before a BN; '–' elsewhere.",
+    )
 
     plt = pyplot()
     p_max = max(config.dropouts)
@@ -173,18 +207,26 @@ def run(config: Config, out_dir: Path) -> dict:
     ax.legend(fontsize=7)
     ps = sorted(config.dropouts)
     for pl in config.placements:
-        line, = ax2.plot(ps, [cells[(pl, p)]["eval"] for p in ps], marker="o", label=f"{PLACEMENT_LABELS[pl]}: eval")
-        ax2.plot(ps, [cells[(pl, p)]["precise"] for p in ps], marker="s", ls="--", color=line.get_color(),
-                 label="  … after precise BN (dropout off)")
+        (line,) = ax2.plot(ps, [cells[(pl, p)]["eval"] for p in ps], marker="o", label=f"{PLACEMENT_LABELS[pl]}: eval")
+        ax2.plot(
+            ps,
+            [cells[(pl, p)]["precise"] for p in ps],
+            marker="s",
+            ls="--",
+            color=line.get_color(),
+            label="  … after precise BN (dropout off)",
+        )
     ax2.axhline(base["eval"], color="grey", ls=":", label="no dropout")
     ax2.set_xlabel("dropout p")
     ax2.set_ylabel("test accuracy %")
     ax2.set_title("Accuracy lost to the shift, and recovered by recomputing BN statistics", fontsize=10)
     ax2.legend(fontsize=7)
-    result.figure(save_figure(fig, out_dir, "dropout-order"),
-                  "Left: per BN layer, the test-time input variance over the running variance (1 = no shift). "
-                  "Right: test accuracy against the dropout rate, with the running statistics from training "
-                  "(solid) and after precise BN with dropout off (dashed).")
+    result.figure(
+        save_figure(fig, out_dir, "dropout-order"),
+        "Left: per BN layer, the test-time input variance over the running variance (1 = no shift). "
+        "Right: test accuracy against the dropout rate, with the running statistics from training "
+        "(solid) and after precise BN with dropout off (dashed).",
+    )
 
     def worst(pl):  # the most shifted layer of a placement at the largest p
         return max(cells[(pl, p_max)]["shift"])
@@ -195,30 +237,37 @@ def run(config: Config, out_dir: Path) -> dict:
         result.summary.append(
             f"p = {p_max:g}, dropout {PLACEMENT_LABELS[pl]}: variance ratio per BN layer "
             f"{', '.join(f'{r:.2f}' for r in c['ratio'])}; eval accuracy {c['eval']:.1f}%, after precise BN "
-            f"{c['precise']:.1f}% (no dropout: {base['eval']:.1f}%).")
+            f"{c['precise']:.1f}% (no dropout: {base['eval']:.1f}%)."
+        )
     if "norm" in config.placements:
         # The formula is checked at the first BN: deeper ones also receive the shift of the
         # layers above (their test-time input is already mis-normalized), which compounds.
         c = cells[("norm", p_max)]
         measured, predicted = c["ratio"][0], c["predicted"][0]
         close = abs(measured - predicted) < 0.1 * predicted and measured < 0.9
-        result.compare("Dropout right before BN: test-time variance below the running variance, as predicted",
-                       "Li et al. (2019): Var_test/Var_train = v/((c²+v)/q − c²) for keep probability q, "
-                       "= q for zero-mean input (their variance-shift formula)",
-                       f"p = {p_max:g}, first BN: measured ratio {measured:.2f}, formula {predicted:.2f} "
-                       f"(no dropout {base['ratio'][0]:.2f}); deeper BNs {', '.join(f'{r:.2f}' for r in c['ratio'][1:])}"
-                       f" — the shift compounds", "yes" if close else "partly",
-                       "" if close else "the measured ratio is more than 10% off the formula")
+        result.compare(
+            "Dropout right before BN: test-time variance below the running variance, as predicted",
+            "Li et al. (2019): Var_test/Var_train = v/((c²+v)/q − c²) for keep probability q, "
+            "= q for zero-mean input (their variance-shift formula)",
+            f"p = {p_max:g}, first BN: measured ratio {measured:.2f}, formula {predicted:.2f} "
+            f"(no dropout {base['ratio'][0]:.2f}); deeper BNs {', '.join(f'{r:.2f}' for r in c['ratio'][1:])}"
+            f" — the shift compounds",
+            "yes" if close else "partly",
+            "" if close else "the measured ratio is more than 10% off the formula",
+        )
     if shifted and "head" in config.placements:
         gaps = {pl: cells[(pl, p_max)]["precise"] - cells[(pl, p_max)]["eval"] for pl in config.placements}
         bigger = all(worst(pl) > worst("head") for pl in shifted)
-        result.compare("Dropout before BN shifts the variance; dropout after every BN does not",
-                       "Li et al. (2019): the shift grows with the drop rate wherever dropout precedes a BN, and "
-                       "disappears when dropout is placed after all BN layers (qualitative here: their numbers are "
-                       "CIFAR ResNet/DenseNet errors)",
-                       f"p = {p_max:g}, largest per-layer shift: "
-                       + ", ".join(f"{PLACEMENT_LABELS[pl]} {worst(pl):.2f}" for pl in config.placements),
-                       "yes" if bigger else "no", "" if bigger else "the head placement is as shifted as the others")
+        result.compare(
+            "Dropout before BN shifts the variance; dropout after every BN does not",
+            "Li et al. (2019): the shift grows with the drop rate wherever dropout precedes a BN, and "
+            "disappears when dropout is placed after all BN layers (qualitative here: their numbers are "
+            "CIFAR ResNet/DenseNet errors)",
+            f"p = {p_max:g}, largest per-layer shift: "
+            + ", ".join(f"{PLACEMENT_LABELS[pl]} {worst(pl):.2f}" for pl in config.placements),
+            "yes" if bigger else "no",
+            "" if bigger else "the head placement is as shifted as the others",
+        )
         # Recovery is expected where the shift is large; where it is small there is little to recover.
         large = [pl for pl in shifted if worst(pl) > LARGE_SHIFT]
         recovered = [pl for pl in large if gaps[pl] > NOISE_POINTS]
@@ -228,25 +277,34 @@ def run(config: Config, out_dir: Path) -> dict:
             agrees, why = "partly", "some strongly shifted placements gain less than half a point"
         else:
             agrees = "no"
-            why = (f"no placement is shifted by more than ×{LARGE_SHIFT:g} here" if not large else
-                   "recomputing the statistics does not recover accuracy here")
-        result.compare("Recomputing BN statistics with dropout off recovers the accuracy",
-                       "Li et al. (2019): re-estimating the moving means and variances with dropout off "
-                       "improves test accuracy (qualitative)",
-                       f"p = {p_max:g}, precise BN − eval: "
-                       + ", ".join(f"{PLACEMENT_LABELS[pl]} {gaps[pl]:+.1f}" for pl in config.placements)
-                       + f" points (recovery expected where the shift exceeds ×{LARGE_SHIFT:g})", agrees, why)
+            why = (
+                f"no placement is shifted by more than ×{LARGE_SHIFT:g} here"
+                if not large
+                else "recomputing the statistics does not recover accuracy here"
+            )
+        result.compare(
+            "Recomputing BN statistics with dropout off recovers the accuracy",
+            "Li et al. (2019): re-estimating the moving means and variances with dropout off "
+            "improves test accuracy (qualitative)",
+            f"p = {p_max:g}, precise BN − eval: "
+            + ", ".join(f"{PLACEMENT_LABELS[pl]} {gaps[pl]:+.1f}" for pl in config.placements)
+            + f" points (recovery expected where the shift exceeds ×{LARGE_SHIFT:g})",
+            agrees,
+            why,
+        )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Dropout and BatchNorm: the variance shift, and where dropout goes",
-    question="Does dropout before a BatchNorm shift its test-time variance, and does recomputing the statistics fix it?",
-    run=run,
-    settings={
-        "smoke": Config(dropouts=(0.5,), epochs=2, train_samples=1000, seeds=(0,)),
-        "quick": Config(dropouts=(0.2, 0.5), epochs=5, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Dropout and BatchNorm: the variance shift, and where dropout goes",
+        question="Does dropout before a BatchNorm shift its test-time variance, and does recomputing the statistics fix it?",
+        run=run,
+        settings={
+            "smoke": Config(dropouts=(0.5,), epochs=2, train_samples=1000, seeds=(0,)),
+            "quick": Config(dropouts=(0.2, 0.5), epochs=5, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

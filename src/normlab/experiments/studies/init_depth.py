@@ -62,12 +62,24 @@ def _one(config: Config, activation: str, init: str, std: float | None, norm: st
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(config.samples, config.in_features, generator=g)
     labels = torch.randint(0, 10, (config.samples,), generator=g)
-    model = MLP(config.in_features, config.widths, 10, activation=activation, norm=norm, init=init,
-                init_std=std or 0.0, seed=seed + 1)
+    model = MLP(
+        config.in_features,
+        config.widths,
+        10,
+        activation=activation,
+        norm=norm,
+        init=init,
+        init_std=std or 0.0,
+        seed=seed + 1,
+    )
     model.train()
     act_type = nn.Tanh if activation == "tanh" else nn.ReLU
-    with Probe(model, layers=lambda name, m: isinstance(m, act_type) or name.endswith((".norm", ".linear")),
-               gradients=True, weights=False) as probe:
+    with Probe(
+        model,
+        layers=lambda name, m: isinstance(m, act_type) or name.endswith((".norm", ".linear")),
+        gradients=True,
+        weights=False,
+    ) as probe:
         loss = nn.functional.cross_entropy(model(x), labels)
         loss.backward()
     acts = [f"blocks.{i}.act" for i in range(model.depth)]
@@ -76,39 +88,60 @@ def _one(config: Config, activation: str, init: str, std: float | None, norm: st
     for i, (a, p) in enumerate(zip(acts, pre)):
         ra, rp = probe.records(a)[-1], probe.records(p)[-1]
         weight_grad = model.blocks[i].linear.weight.grad
-        rows.append({
-            "layer": i + 1,
-            "activation_std": ra["std"],
-            "activation_mean": ra["mean"],
-            "saturated": ra.get("saturated"),  # tanh: |a| > 0.99
-            "dead": ra.get("dead"),  # ReLU: never positive on the 2000 samples
-            "preactivation_std": rp["std"],
-            "activation_grad_std": ra["grad_std"],
-            "weight_grad_std": weight_grad.std().item(),
-        })
+        rows.append(
+            {
+                "layer": i + 1,
+                "activation_std": ra["std"],
+                "activation_mean": ra["mean"],
+                "saturated": ra.get("saturated"),  # tanh: |a| > 0.99
+                "dead": ra.get("dead"),  # ReLU: never positive on the 2000 samples
+                "preactivation_std": rp["std"],
+                "activation_grad_std": ra["grad_std"],
+                "weight_grad_std": weight_grad.std().item(),
+            }
+        )
     return model, probe, acts, rows, loss.item()
 
 
-def one_config(config: Config, name: str, activation: str, init: str, std: float | None, norm: str, seed: int,
-               out_dir: str) -> dict:
+def one_config(
+    config: Config, name: str, activation: str, init: str, std: float | None, norm: str, seed: int, out_dir: str
+) -> dict:
     """One configuration: the recorded statistics, and its histogram grid saved as PNG."""
     _, probe, acts, rows, loss = _one(config, activation, init, std, norm, seed)
-    fig = histogram_grid(probe, layers=acts, ncols=5,
-                         title=f"{name}: activations of layers 1–{len(acts)} (one training-mode forward)")
+    fig = histogram_grid(
+        probe, layers=acts, ncols=5, title=f"{name}: activations of layers 1–{len(acts)} (one training-mode forward)"
+    )
     file = f"hist-{_slug(name)}.png"
     fig.savefig(Path(out_dir) / file, dpi=90)
-    return {"name": name, "activation": activation, "init": init, "norm": norm, "loss": finite_or_none(loss),
-            "layers": [{k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-            "figure": file}
+    return {
+        "name": name,
+        "activation": activation,
+        "init": init,
+        "norm": norm,
+        "loss": finite_or_none(loss),
+        "layers": [{k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        "figure": file,
+    }
 
 
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
     plt = pyplot()
     norms = ("none", "batch") if config.with_batchnorm else ("none",)
-    tasks = [{"config": config, "name": label + (" + BN" if norm == "batch" else ""), "activation": activation,
-              "init": init, "std": std, "norm": norm, "seed": config.seeds[0], "out_dir": str(out_dir)}
-             for norm in norms for label, activation, init, std in CONFIGS]
+    tasks = [
+        {
+            "config": config,
+            "name": label + (" + BN" if norm == "batch" else ""),
+            "activation": activation,
+            "init": init,
+            "std": std,
+            "norm": norm,
+            "seed": config.seeds[0],
+            "out_dir": str(out_dir),
+        }
+        for norm in norms
+        for label, activation, init, std in CONFIGS
+    ]
     runs = {}
     for r in parallel_map(one_config, tasks, desc=NAME):
         runs[r.pop("name")] = r
@@ -123,24 +156,43 @@ def run(config: Config, out_dir: Path) -> dict:
         style = "--" if r["norm"] == "batch" else "-"
         color = colors[name.removesuffix(" + BN")]
         for ax, key in zip(axes, ("activation_std", "activation_grad_std", "weight_grad_std")):
-            ax.plot(layers, [max(x[key] or 0.0, 1e-30) for x in r["layers"]], style, color=color, marker="o", ms=3,
-                    label=name)
-    for ax, title in zip(axes, ("activation std", "std of the gradient reaching each activation",
-                                "std of each weight's gradient")):
+            ax.plot(
+                layers,
+                [max(x[key] or 0.0, 1e-30) for x in r["layers"]],
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=name,
+            )
+    for ax, title in zip(
+        axes, ("activation std", "std of the gradient reaching each activation", "std of each weight's gradient")
+    ):
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=6, ncol=2)
-    result.figure(save_figure(fig, out_dir, "std-per-layer"),
-                  "Per-layer standard deviation of activations and gradients (dashed: with BatchNorm).")
+    result.figure(
+        save_figure(fig, out_dir, "std-per-layer"),
+        "Per-layer standard deviation of activations and gradients (dashed: with BatchNorm).",
+    )
 
     columns = ["configuration"] + [f"L{i}" for i in range(1, len(config.widths) + 1)]
-    result.table("Activation std per layer", columns,
-                 [[n] + [_fmt(x["activation_std"]) for x in r["layers"]] for n, r in runs.items()])
-    result.table("Std of the gradient reaching each layer's activations", columns,
-                 [[n] + [_fmt(x["activation_grad_std"]) for x in r["layers"]] for n, r in runs.items()])
-    result.table("Pre-activation std per layer (BatchNorm's output where present)", columns,
-                 [[n] + [_fmt(x["preactivation_std"]) for x in r["layers"]] for n, r in runs.items()])
+    result.table(
+        "Activation std per layer",
+        columns,
+        [[n] + [_fmt(x["activation_std"]) for x in r["layers"]] for n, r in runs.items()],
+    )
+    result.table(
+        "Std of the gradient reaching each layer's activations",
+        columns,
+        [[n] + [_fmt(x["activation_grad_std"]) for x in r["layers"]] for n, r in runs.items()],
+    )
+    result.table(
+        "Pre-activation std per layer (BatchNorm's output where present)",
+        columns,
+        [[n] + [_fmt(x["preactivation_std"]) for x in r["layers"]] for n, r in runs.items()],
+    )
 
     last = {n: r["layers"][-1] for n, r in runs.items()}
     small, big, xav = last["tanh, N(0, 0.01²)"], last["tanh, N(0, 1)"], last["tanh, Xavier"]
@@ -160,28 +212,31 @@ def run(config: Config, out_dir: Path) -> dict:
         result.summary.append(
             f"With BatchNorm every layer's pre-activation std is {min(bn_pre):.3f}–{max(bn_pre):.3f} in all six "
             f"configurations, whatever the weights' scale. The BN rows of one activation coincide: the "
-            f"three inits draw the same Gaussian directions at different scales, and BN removes the scale.")
+            f"three inits draw the same Gaussian directions at different scales, and BN removes the scale."
+        )
         result.data["bn_preactivation_std_range"] = [min(bn_pre), max(bn_pre)]
     result.compare(
         "tanh, small Gaussian init: activations shrink with depth",
         "Glorot & Bengio (2010): with the standard init, activation and back-propagated gradient variances "
         "change from layer to layer; the normalized (Xavier) init keeps them about constant",
         f"last-layer std {small['activation_std']:.1e} (0.01²) vs {xav['activation_std']:.2f} (Xavier)",
-        "yes")
+        "yes",
+    )
     result.compare(
         "ReLU: Xavier shrinks the signal, He keeps it",
-        "He et al. (2015): ReLU needs Var(w) = 2/fan_in; with half of that the signal shrinks "
-        "by 1/√2 per layer",
+        "He et al. (2015): ReLU needs Var(w) = 2/fan_in; with half of that the signal shrinks by 1/√2 per layer",
         f"×{shrink:.2f} per layer with Xavier; He: last/first std "
         f"{relu_he[-1]['activation_std'] / relu_he[0]['activation_std']:.2f}",
         "yes" if 0.6 < shrink < 0.8 else "partly",
-        "" if 0.6 < shrink < 0.8 else "widths shrink 800 → 300, so Xavier's fan average differs from fan_in")
+        "" if 0.6 < shrink < 0.8 else "widths shrink 800 → 300, so Xavier's fan average differs from fan_in",
+    )
     if config.with_batchnorm:
         result.compare(
             "BatchNorm makes the forward pass insensitive to the weights' scale",
             "Ioffe & Szegedy (2015): BN(Wu) = BN((aW)u); higher learning rates and less care about init",
             f"pre-activation std {min(bn_pre):.3f}–{max(bn_pre):.3f} in every layer of every configuration",
-            "yes")
+            "yes",
+        )
     return result.to_dict()
 
 
@@ -191,14 +246,16 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.1e}"
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Initialization and depth: vanishing, saturating and preserved signals",
-    question="Do activations and gradients survive 10 layers — by init scheme, with and without BatchNorm?",
-    run=run,
-    settings={
-        "smoke": Config(samples=256, in_features=200, widths=(180, 160, 140, 120, 100, 90, 80, 70, 60, 50)),
-        "quick": Config(),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Initialization and depth: vanishing, saturating and preserved signals",
+        question="Do activations and gradients survive 10 layers — by init scheme, with and without BatchNorm?",
+        run=run,
+        settings={
+            "smoke": Config(samples=256, in_features=200, widths=(180, 160, 140, 120, 100, 90, 80, 70, 60, 50)),
+            "quick": Config(),
+            "full": Config(),
+        },
+    )
+)

@@ -43,19 +43,32 @@ class Config:
 def one_run(config: Config, norm: str, multiplier: float, seed: int) -> dict:
     torch.manual_seed(seed)
     lr = config.base_lr * multiplier
-    train = TrainConfig(batch_size=config.batch_size, epochs=config.epochs, base_lr=lr * 32 / config.batch_size,
-                        seed=seed)
+    train = TrainConfig(
+        batch_size=config.batch_size, epochs=config.epochs, base_lr=lr * 32 / config.batch_size, seed=seed
+    )
     result = train_classifier(ConvNet1d(norm), load_mnist1d(), train)
     failed = result.diverged or result.test_accuracy < FAIL_BELOW
-    return {"norm": norm, "multiplier": multiplier, "lr": lr, "seed": seed, "test_accuracy": result.test_accuracy,
-            "diverged": result.diverged, "failed": failed, "seconds": result.seconds,
-            "train_loss": result.train_loss if math.isfinite(result.train_loss) else None}
+    return {
+        "norm": norm,
+        "multiplier": multiplier,
+        "lr": lr,
+        "seed": seed,
+        "test_accuracy": result.test_accuracy,
+        "diverged": result.diverged,
+        "failed": failed,
+        "seconds": result.seconds,
+        "train_loss": result.train_loss if math.isfinite(result.train_loss) else None,
+    }
 
 
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
-    tasks = [{"config": config, "norm": n, "multiplier": m, "seed": s}
-             for s in config.seeds for m in config.multipliers for n in NORMS]
+    tasks = [
+        {"config": config, "norm": n, "multiplier": m, "seed": s}
+        for s in config.seeds
+        for m in config.multipliers
+        for n in NORMS
+    ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     result.data["runs"] = rows
     labels = {"none": "without BN", "batch": "with BN"}
@@ -65,9 +78,17 @@ def run(config: Config, out_dir: Path) -> dict:
         for m in config.multipliers:
             mine = [r for r in rows if r["norm"] == norm and r["multiplier"] == m]
             accs = [r["test_accuracy"] for r in mine]
-            stats[norm].append({"multiplier": m, "lr": config.base_lr * m, "mean_accuracy": statistics.fmean(accs),
-                                "min_accuracy": min(accs), "failed": sum(r["failed"] for r in mine),
-                                "diverged": sum(r["diverged"] for r in mine), "runs": len(mine)})
+            stats[norm].append(
+                {
+                    "multiplier": m,
+                    "lr": config.base_lr * m,
+                    "mean_accuracy": statistics.fmean(accs),
+                    "min_accuracy": min(accs),
+                    "failed": sum(r["failed"] for r in mine),
+                    "diverged": sum(r["diverged"] for r in mine),
+                    "runs": len(mine),
+                }
+            )
     result.data["by_multiplier"] = stats
 
     plt = pyplot()
@@ -81,16 +102,25 @@ def run(config: Config, out_dir: Path) -> dict:
     ax.set_xscale("log")
     ax.set_xlabel(f"learning rate, × the base {config.base_lr}")
     ax.set_ylabel("test accuracy %")
-    ax.set_title(f"MNIST-1D CNN, {config.epochs} epochs, mean of {len(config.seeds)} seed(s); × = failed run(s)",
-                 fontsize=10)
+    ax.set_title(
+        f"MNIST-1D CNN, {config.epochs} epochs, mean of {len(config.seeds)} seed(s); × = failed run(s)", fontsize=10
+    )
     ax.legend()
-    result.figure(save_figure(fig, out_dir, "learning-rate"),
-                  "Final test accuracy vs learning rate, with and without BatchNorm.")
-    result.table("Final test accuracy % (mean over seeds; failed runs in brackets)",
-                 ["model"] + [f"×{m:g} (lr {config.base_lr * m:.3g})" for m in config.multipliers],
-                 [[labels[n]] + [f"{100 * x['mean_accuracy']:.1f}" + (f" [{x['failed']}/{x['runs']} failed]"
-                                                                       if x["failed"] else "")
-                                 for x in stats[n]] for n in NORMS])
+    result.figure(
+        save_figure(fig, out_dir, "learning-rate"), "Final test accuracy vs learning rate, with and without BatchNorm."
+    )
+    result.table(
+        "Final test accuracy % (mean over seeds; failed runs in brackets)",
+        ["model"] + [f"×{m:g} (lr {config.base_lr * m:.3g})" for m in config.multipliers],
+        [
+            [labels[n]]
+            + [
+                f"{100 * x['mean_accuracy']:.1f}" + (f" [{x['failed']}/{x['runs']} failed]" if x["failed"] else "")
+                for x in stats[n]
+            ]
+            for n in NORMS
+        ],
+    )
 
     def largest_ok(norm):
         ok = [x["multiplier"] for x in stats[norm] if not x["failed"]]
@@ -99,6 +129,7 @@ def run(config: Config, out_dir: Path) -> dict:
     best = {n: max(stats[n], key=lambda x: x["mean_accuracy"]) for n in NORMS}
     plain, bn = largest_ok("none"), largest_ok("batch")
     result.data["largest_multiplier_that_trains"] = {"none": plain, "batch": bn}
+
     def describe(m):
         return "no rate tried" if m is None else f"×{m:g}"
 
@@ -109,22 +140,26 @@ def run(config: Config, out_dir: Path) -> dict:
         f"with BN {100 * best['batch']['mean_accuracy']:.1f}% at ×{best['batch']['multiplier']:g}.",
     ]
     tolerates = bn is not None and (plain is None or bn > plain)
-    result.compare("BN tolerates much larger learning rates",
-                   "Ioffe & Szegedy (2015): Inception with BN trains at 5× and 30× the original rate (BN-x30 reaches "
-                   "74.8% top-1, above the original's 72.2%)",
-                   f"largest multiplier where every seed trains: {describe(plain)} without BN, {describe(bn)} with BN",
-                   "yes" if tolerates else "no")
+    result.compare(
+        "BN tolerates much larger learning rates",
+        "Ioffe & Szegedy (2015): Inception with BN trains at 5× and 30× the original rate (BN-x30 reaches "
+        "74.8% top-1, above the original's 72.2%)",
+        f"largest multiplier where every seed trains: {describe(plain)} without BN, {describe(bn)} with BN",
+        "yes" if tolerates else "no",
+    )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Learning rate: BatchNorm tolerates much larger steps",
-    question="From ×1 to ×30 of a stable learning rate, which networks still train?",
-    run=run,
-    settings={
-        "smoke": Config(multipliers=(1, 30), epochs=1, seeds=(0,)),
-        "quick": Config(multipliers=(1, 3, 10, 30), epochs=5, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Learning rate: BatchNorm tolerates much larger steps",
+        question="From ×1 to ×30 of a stable learning rate, which networks still train?",
+        run=run,
+        settings={
+            "smoke": Config(multipliers=(1, 30), epochs=1, seeds=(0,)),
+            "quick": Config(multipliers=(1, 3, 10, 30), epochs=5, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

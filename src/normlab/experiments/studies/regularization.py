@@ -52,13 +52,23 @@ def one_run(config: Config, model: str, norm: str, dropout: float, weight_decay:
     data = subset(load_mnist1d(), config.train_samples)
     torch.manual_seed(seed)
     net = conv_net(norm, dropout) if model == "cnn" else mlp(norm, dropout)
-    train = TrainConfig(batch_size=32, epochs=config.epochs, base_lr=config.lr_for(model),
-                        weight_decay=weight_decay, seed=seed)
+    train = TrainConfig(
+        batch_size=32, epochs=config.epochs, base_lr=config.lr_for(model), weight_decay=weight_decay, seed=seed
+    )
     result = train_classifier(net, data, train)
     train_accuracy = 0.0 if result.diverged else evaluate(net, data.x_train, data.y_train)
-    return {"model": model, "norm": norm, "dropout": dropout, "weight_decay": weight_decay, "seed": seed,
-            "diverged": result.diverged, "test_accuracy": result.test_accuracy, "train_accuracy": train_accuracy,
-            "gap": train_accuracy - result.test_accuracy, "seconds": result.seconds}
+    return {
+        "model": model,
+        "norm": norm,
+        "dropout": dropout,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "diverged": result.diverged,
+        "test_accuracy": result.test_accuracy,
+        "train_accuracy": train_accuracy,
+        "gap": train_accuracy - result.test_accuracy,
+        "seconds": result.seconds,
+    }
 
 
 def _cells(config: Config, rows: list[dict]) -> dict:
@@ -67,13 +77,17 @@ def _cells(config: Config, rows: list[dict]) -> dict:
         for n in ("none", "batch"):
             for p in config.dropouts:
                 for wd in config.weight_decays:
-                    mine = [r for r in rows if (r["model"], r["norm"], r["dropout"], r["weight_decay"]) == (m, n, p, wd)]
+                    mine = [
+                        r for r in rows if (r["model"], r["norm"], r["dropout"], r["weight_decay"]) == (m, n, p, wd)
+                    ]
                     test = [100 * r["test_accuracy"] for r in mine]
                     cells[(m, n, p, wd)] = {
-                        "test": statistics.fmean(test), "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0,
+                        "test": statistics.fmean(test),
+                        "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0,
                         "gap": statistics.fmean(100 * r["gap"] for r in mine),
                         "train": statistics.fmean(100 * r["train_accuracy"] for r in mine),
-                        "diverged": sum(r["diverged"] for r in mine)}
+                        "diverged": sum(r["diverged"] for r in mine),
+                    }
     return cells
 
 
@@ -91,9 +105,12 @@ def gains(config: Config, cells: dict, model: str, norm: str) -> dict:
     if len(positive) > 1 and 0.0 in config.dropouts:
         # no dropout: the smallest L2 against the largest (×5 apart by default), the paper's change
         small_vs_large = mine[(0.0, positive[0])] - mine[(0.0, positive[-1])]
-    return {"best": {"dropout": best[0], "weight_decay": best[1], "test": mine[best]},
-            "dropout_gain": with_dropout - without_dropout, "l2_gain": with_l2 - without_l2,
-            "small_vs_large_l2": small_vs_large}
+    return {
+        "best": {"dropout": best[0], "weight_decay": best[1], "test": mine[best]},
+        "dropout_gain": with_dropout - without_dropout,
+        "l2_gain": with_l2 - without_l2,
+        "small_vs_large_l2": small_vs_large,
+    }
 
 
 def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
@@ -107,20 +124,35 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
             # one colour scale per model and quantity, so the BN and no-norm panels compare directly
             same = [v[key] for k, v in cells.items() if k[0] == m]
             vmin, vmax = min(same), max(same)
-            ax.imshow(grid, cmap="viridis" if key == "test" else "magma", vmin=vmin, vmax=max(vmax, vmin + 1e-6),
-                           aspect="auto")
+            ax.imshow(
+                grid,
+                cmap="viridis" if key == "test" else "magma",
+                vmin=vmin,
+                vmax=max(vmax, vmin + 1e-6),
+                aspect="auto",
+            )
             for a, row in enumerate(grid):
                 for b, v in enumerate(row):
-                    ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=8,
-                            color="white" if (v - vmin) < 0.5 * (vmax - vmin) else "black")
+                    ax.text(
+                        b,
+                        a,
+                        f"{v:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if (v - vmin) < 0.5 * (vmax - vmin) else "black",
+                    )
             ax.set_xticks(range(len(config.weight_decays)), [f"{wd:g}" for wd in config.weight_decays])
             ax.set_yticks(range(len(config.dropouts)), [f"{p:g}" for p in config.dropouts])
             ax.set_xlabel("weight decay λ")
             ax.set_ylabel("dropout p")
             what = "test accuracy %" if key == "test" else "train − test gap (points)"
             ax.set_title(f"{MODEL_LABELS[m]}, {NORM_LABELS[n]}: {what}", fontsize=9)
-    fig.suptitle(f"MNIST-1D, {config.train_samples} training samples, {config.epochs} epochs, "
-                 f"mean of {len(config.seeds)} seed(s)", fontsize=10)
+    fig.suptitle(
+        f"MNIST-1D, {config.train_samples} training samples, {config.epochs} epochs, "
+        f"mean of {len(config.seeds)} seed(s)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save_figure(fig, out_dir, "regularization")
 
@@ -128,17 +160,25 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
     # CNN jobs are the long ones: first, so the workers finish together.
-    tasks = [{"config": config, "model": m, "norm": n, "dropout": p, "weight_decay": wd, "seed": s}
-             for m in sorted(config.models) for s in config.seeds for n in ("batch", "none")
-             for p in config.dropouts for wd in config.weight_decays]
+    tasks = [
+        {"config": config, "model": m, "norm": n, "dropout": p, "weight_decay": wd, "seed": s}
+        for m in sorted(config.models)
+        for s in config.seeds
+        for n in ("batch", "none")
+        for p in config.dropouts
+        for wd in config.weight_decays
+    ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     result.data["runs"] = rows
     cells = _cells(config, rows)
-    result.data["cells"] = [{"model": k[0], "norm": k[1], "dropout": k[2], "weight_decay": k[3], **v}
-                            for k, v in cells.items()]
-    result.figure(_heatmaps(config, cells, out_dir),
-                  "Test accuracy and train − test gap for every dropout × weight-decay cell, without and with "
-                  "BatchNorm (each panel coloured on its own model's range).")
+    result.data["cells"] = [
+        {"model": k[0], "norm": k[1], "dropout": k[2], "weight_decay": k[3], **v} for k, v in cells.items()
+    ]
+    result.figure(
+        _heatmaps(config, cells, out_dir),
+        "Test accuracy and train − test gap for every dropout × weight-decay cell, without and with "
+        "BatchNorm (each panel coloured on its own model's range).",
+    )
 
     sd = len(config.seeds) > 1
     for m in config.models:
@@ -148,13 +188,20 @@ def run(config: Config, out_dir: Path) -> dict:
             for n in ("none", "batch"):
                 for wd in config.weight_decays:
                     c = cells[(m, n, p, wd)]
-                    row.append(f"{c['test']:.1f}" + (f" ± {c['test_sd']:.1f}" if sd else "") + f" (gap {c['gap']:.1f})"
-                               + (f" {c['diverged']} diverged" if c["diverged"] else ""))
+                    row.append(
+                        f"{c['test']:.1f}"
+                        + (f" ± {c['test_sd']:.1f}" if sd else "")
+                        + f" (gap {c['gap']:.1f})"
+                        + (f" {c['diverged']} diverged" if c["diverged"] else "")
+                    )
             rows_.append(row)
-        result.table(f"{MODEL_LABELS[m]}: test accuracy % (train − test gap, points)",
-                     ["dropout"] + [f"{NORM_LABELS[n]}, λ={wd:g}" for n in ("none", "batch") for wd in config.weight_decays],
-                     rows_, note=f"{config.train_samples} training samples, {config.epochs} epochs, lr "
-                                 f"{config.lr_for(m):g} cosine, {len(config.seeds)} seed(s).")
+        result.table(
+            f"{MODEL_LABELS[m]}: test accuracy % (train − test gap, points)",
+            ["dropout"] + [f"{NORM_LABELS[n]}, λ={wd:g}" for n in ("none", "batch") for wd in config.weight_decays],
+            rows_,
+            note=f"{config.train_samples} training samples, {config.epochs} epochs, lr "
+            f"{config.lr_for(m):g} cosine, {len(config.seeds)} seed(s).",
+        )
 
     eps = config.noise_points
     summary = {}
@@ -164,24 +211,50 @@ def run(config: Config, out_dir: Path) -> dict:
         summary[m] = g
         for n in ("none", "batch"):
             b = g[n]["best"]
-            verdict_rows.append([MODEL_LABELS[m], NORM_LABELS[n], f"{b['test']:.1f} (p={b['dropout']:g}, λ={b['weight_decay']:g})",
-                                 f"{g[n]['dropout_gain']:+.1f}", f"{g[n]['l2_gain']:+.1f}",
-                                 "–" if g[n]["small_vs_large_l2"] is None else f"{g[n]['small_vs_large_l2']:+.1f}"])
-        plain = {n: cells[(m, n, 0.0, 0.0)] for n in ("none", "batch")} if 0.0 in config.dropouts and \
-            0.0 in config.weight_decays else None
-        needs = {n: [name for name, key in (("dropout", "dropout_gain"), ("L2", "l2_gain")) if g[n][key] > eps]
-                 for n in ("none", "batch")}
+            verdict_rows.append(
+                [
+                    MODEL_LABELS[m],
+                    NORM_LABELS[n],
+                    f"{b['test']:.1f} (p={b['dropout']:g}, λ={b['weight_decay']:g})",
+                    f"{g[n]['dropout_gain']:+.1f}",
+                    f"{g[n]['l2_gain']:+.1f}",
+                    "–" if g[n]["small_vs_large_l2"] is None else f"{g[n]['small_vs_large_l2']:+.1f}",
+                ]
+            )
+        plain = (
+            {n: cells[(m, n, 0.0, 0.0)] for n in ("none", "batch")}
+            if 0.0 in config.dropouts and 0.0 in config.weight_decays
+            else None
+        )
+        needs = {
+            n: [name for name, key in (("dropout", "dropout_gain"), ("L2", "l2_gain")) if g[n][key] > eps]
+            for n in ("none", "batch")
+        }
         result.summary.append(
             f"{MODEL_LABELS[m]}: best without BN {g['none']['best']['test']:.1f}%, with BN {g['batch']['best']['test']:.1f}%. "
             f"Regularizers that add more than {eps:g} points — without BN: {', '.join(needs['none']) or 'none'}; "
             f"with BN: {', '.join(needs['batch']) or 'none'}."
-            + (f" With neither dropout nor L2 the gap is {plain['none']['gap']:.1f} points without BN and "
-               f"{plain['batch']['gap']:.1f} with BN." if plain else ""))
+            + (
+                f" With neither dropout nor L2 the gap is {plain['none']['gap']:.1f} points without BN and "
+                f"{plain['batch']['gap']:.1f} with BN."
+                if plain
+                else ""
+            )
+        )
     result.data["gains"] = summary
-    result.table("What each regularizer adds at its best (test accuracy points)",
-                 ["model", "norm", "best cell", "dropout: best with − best without",
-                  "L2: best with − best without", "no dropout: small L2 − large L2 (×5)"], verdict_rows,
-                 note=f"Differences under {eps:g} points are within seed noise on 1000 test samples.")
+    result.table(
+        "What each regularizer adds at its best (test accuracy points)",
+        [
+            "model",
+            "norm",
+            "best cell",
+            "dropout: best with − best without",
+            "L2: best with − best without",
+            "no dropout: small L2 − large L2 (×5)",
+        ],
+        verdict_rows,
+        note=f"Differences under {eps:g} points are within seed noise on 1000 test samples.",
+    )
 
     main = "cnn" if "cnn" in config.models else config.models[0]
     g = summary[main]
@@ -190,52 +263,73 @@ def run(config: Config, out_dir: Path) -> dict:
         agrees, why = "yes", ""
     elif d_bn <= eps:
         fit = max(c["train"] for k, c in cells.items() if k[:2] == (main, "none"))
-        agrees, why = "partly", (f"dropout does not help here even without BN ({d_none:+.1f} points), so BN has "
-                                 f"nothing to replace: without BN this network fits at most {fit:.0f}% of its "
-                                 "training set, and dropout only makes fitting harder")
+        agrees, why = (
+            "partly",
+            (
+                f"dropout does not help here even without BN ({d_none:+.1f} points), so BN has "
+                f"nothing to replace: without BN this network fits at most {fit:.0f}% of its "
+                "training set, and dropout only makes fitting harder"
+            ),
+        )
     else:
         agrees, why = "no", f"dropout still adds {d_bn:+.1f} points with BN"
-    result.compare("With BN, dropout can be removed",
-                   "Ioffe & Szegedy (2015) §4.2.1: removing dropout from BN-Inception gave higher validation "
-                   "accuracy (qualitative: no number for this change alone)",
-                   f"{MODEL_LABELS[main]}: best with dropout − best without, with BN {d_bn:+.1f} points "
-                   f"(without BN {d_none:+.1f})", agrees, why)
+    result.compare(
+        "With BN, dropout can be removed",
+        "Ioffe & Szegedy (2015) §4.2.1: removing dropout from BN-Inception gave higher validation "
+        "accuracy (qualitative: no number for this change alone)",
+        f"{MODEL_LABELS[main]}: best with dropout − best without, with BN {d_bn:+.1f} points "
+        f"(without BN {d_none:+.1f})",
+        agrees,
+        why,
+    )
     svl = g["batch"]["small_vs_large_l2"]
     if svl is not None:
         svl_none = g["none"]["small_vs_large_l2"]
-        result.compare("With BN, L2 can be made ×5 smaller",
-                       "§4.2.1: BN-Inception's L2 weight reduced ×5, which improved held-out accuracy "
-                       "(qualitative)",
-                       f"{MODEL_LABELS[main]}, no dropout: λ small − λ large = {svl:+.1f} points with BN "
-                       f"({svl_none:+.1f} without)",
-                       "yes" if svl >= -eps else "no",
-                       "" if svl >= -eps else "the larger L2 is better with BN here")
+        result.compare(
+            "With BN, L2 can be made ×5 smaller",
+            "§4.2.1: BN-Inception's L2 weight reduced ×5, which improved held-out accuracy (qualitative)",
+            f"{MODEL_LABELS[main]}, no dropout: λ small − λ large = {svl:+.1f} points with BN "
+            f"({svl_none:+.1f} without)",
+            "yes" if svl >= -eps else "no",
+            "" if svl >= -eps else "the larger L2 is better with BN here",
+        )
     plain = cells.get((main, "batch", 0.0, 0.0)), cells.get((main, "none", 0.0, 0.0))
     if all(plain):
         bn_cell, none_cell = plain
         better = bn_cell["test"] > none_cell["test"] + eps
-        result.compare("BN itself regularizes",
-                       "Ioffe & Szegedy (2015) §3.4: BN regularizes the model and reduces the need for dropout "
-                       "(qualitative)",
-                       f"{MODEL_LABELS[main]}, no dropout or L2: test {bn_cell['test']:.1f}% with BN vs "
-                       f"{none_cell['test']:.1f}% without; gap {bn_cell['gap']:.1f} vs {none_cell['gap']:.1f} points",
-                       "yes" if better and bn_cell["gap"] < none_cell["gap"] else "partly" if better else "no",
-                       "" if better and bn_cell["gap"] < none_cell["gap"] else
-                       "BN tests better but also fits the training set harder, so its train − test gap is not "
-                       "smaller: better optimization, not only regularization" if better else
-                       "BN does not test better here")
+        result.compare(
+            "BN itself regularizes",
+            "Ioffe & Szegedy (2015) §3.4: BN regularizes the model and reduces the need for dropout (qualitative)",
+            f"{MODEL_LABELS[main]}, no dropout or L2: test {bn_cell['test']:.1f}% with BN vs "
+            f"{none_cell['test']:.1f}% without; gap {bn_cell['gap']:.1f} vs {none_cell['gap']:.1f} points",
+            "yes" if better and bn_cell["gap"] < none_cell["gap"] else "partly" if better else "no",
+            ""
+            if better and bn_cell["gap"] < none_cell["gap"]
+            else "BN tests better but also fits the training set harder, so its train − test gap is not "
+            "smaller: better optimization, not only regularization"
+            if better
+            else "BN does not test better here",
+        )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Regularization: what BatchNorm makes unnecessary — dropout, L2",
-    question="With BatchNorm, do dropout and weight decay still improve test accuracy on a small training set?",
-    run=run,
-    settings={
-        "smoke": Config(models=("cnn",), dropouts=(0.0, 0.5), weight_decays=(0.0, 2.5e-3), train_samples=500,
-                        epochs=6, seeds=(0,)),
-        "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Regularization: what BatchNorm makes unnecessary — dropout, L2",
+        question="With BatchNorm, do dropout and weight decay still improve test accuracy on a small training set?",
+        run=run,
+        settings={
+            "smoke": Config(
+                models=("cnn",),
+                dropouts=(0.0, 0.5),
+                weight_decays=(0.0, 2.5e-3),
+                train_samples=500,
+                epochs=6,
+                seeds=(0,),
+            ),
+            "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

@@ -35,9 +35,13 @@ from ..training import StepConfig, TrainConfig, evaluate, train_classifier, trai
 
 NAME = "train-eval-gap"
 COLUMNS = ("train_mode", "eval_mode", "precise_bn", "frozen_finetune", "unfrozen_finetune")
-LABELS = {"train_mode": "train mode (batch statistics)", "eval_mode": "eval mode (running averages)",
-          "precise_bn": "precise BN", "frozen_finetune": "frozen BN + 1 epoch",
-          "unfrozen_finetune": "+1 epoch unfrozen (control)"}
+LABELS = {
+    "train_mode": "train mode (batch statistics)",
+    "eval_mode": "eval mode (running averages)",
+    "precise_bn": "precise BN",
+    "frozen_finetune": "frozen BN + 1 epoch",
+    "unfrozen_finetune": "+1 epoch unfrozen (control)",
+}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def train_mode_accuracy(model, x, y, batch_size: int) -> float:
     correct = 0
     usable = (len(y) // batch_size) * batch_size  # whole batches only, as in training
     for i in range(0, usable, batch_size):
-        correct += (m(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+        correct += (m(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
     return correct / usable
 
 
@@ -66,13 +70,24 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
     model = ConvNet1d(norm)
     train = TrainConfig(batch_size=batch_size, epochs=config.epochs, seed=seed)
     result = train_classifier(model, data, train)
-    row = {"norm": norm, "batch_size": batch_size, "seed": seed, "diverged": result.diverged,
-           "eval_mode": result.test_accuracy}
+    row = {
+        "norm": norm,
+        "batch_size": batch_size,
+        "seed": seed,
+        "diverged": result.diverged,
+        "eval_mode": result.test_accuracy,
+    }
     if result.diverged:
         return row
     per_epoch = len(data.y_train) // batch_size
-    finetune = StepConfig(steps=per_epoch, batch_size=batch_size, lr=train.lr * config.finetune_lr_fraction,
-                          weight_decay=train.weight_decay, check_every=per_epoch, seed=seed + 1)
+    finetune = StepConfig(
+        steps=per_epoch,
+        batch_size=batch_size,
+        lr=train.lr * config.finetune_lr_fraction,
+        weight_decay=train.weight_decay,
+        check_every=per_epoch,
+        seed=seed + 1,
+    )
     control = copy.deepcopy(model)
     train_steps(control, data, finetune)
     row["unfrozen_finetune"] = evaluate(control, data.x_test, data.y_test)
@@ -80,9 +95,10 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
         row["train_mode"] = train_mode_accuracy(model, data.x_test, data.y_test, batch_size)
         g = torch.Generator().manual_seed(seed + 1000)
         order = torch.randperm(len(data.y_train), generator=g)
-        batches = [data.x_train[order[i:i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
-        row["precise_bn"] = evaluate(precise_bn(model, batches, num_batches=len(batches)).model,
-                                     data.x_test, data.y_test)
+        batches = [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+        row["precise_bn"] = evaluate(
+            precise_bn(model, batches, num_batches=len(batches)).model, data.x_test, data.y_test
+        )
         frozen = freeze_norms(model, affine=False).model
         train_steps(frozen, data, finetune)
         row["frozen_finetune"] = evaluate(frozen, data.x_test, data.y_test)
@@ -91,8 +107,12 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
 
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
-    tasks = [{"config": config, "norm": n, "batch_size": b, "seed": s}
-             for b in sorted(config.batch_sizes) for s in config.seeds for n in ("batch", "group")]
+    tasks = [
+        {"config": config, "norm": n, "batch_size": b, "seed": s}
+        for b in sorted(config.batch_sizes)
+        for s in config.seeds
+        for n in ("batch", "group")
+    ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     result.data["runs"] = rows
 
@@ -105,26 +125,41 @@ def run(config: Config, out_dir: Path) -> dict:
         cells[b] = {k: mean("batch", b, k) for k in COLUMNS}
         cells[b]["group"] = mean("group", b, "eval_mode")
         cells[b]["group_finetune"] = mean("group", b, "unfrozen_finetune")
-        table.append([str(b)] + [("–" if cells[b][k] is None else f"{100 * cells[b][k]:.1f}")
-                                 for k in (*COLUMNS, "group", "group_finetune")])
+        table.append(
+            [str(b)]
+            + [
+                ("–" if cells[b][k] is None else f"{100 * cells[b][k]:.1f}")
+                for k in (*COLUMNS, "group", "group_finetune")
+            ]
+        )
     result.data["mean_accuracy"] = {str(b): v for b, v in cells.items()}
-    result.table(f"Test accuracy % (mean over {len(config.seeds)} seed(s))",
-                 ["batch", *[f"BN: {LABELS[k]}" for k in COLUMNS], "GroupNorm", "GroupNorm +1 epoch"], table)
+    result.table(
+        f"Test accuracy % (mean over {len(config.seeds)} seed(s))",
+        ["batch", *[f"BN: {LABELS[k]}" for k in COLUMNS], "GroupNorm", "GroupNorm +1 epoch"],
+        table,
+    )
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
     xs = list(range(len(config.batch_sizes)))
     for key in (*COLUMNS, "group"):
         ys = [None if cells[b][key] is None else 100 * cells[b][key] for b in config.batch_sizes]
-        ax.plot(xs, ys, marker="o", ls="--" if key == "group" else "-",
-                label="GroupNorm (eval = train)" if key == "group" else f"BN, {LABELS[key]}")
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ls="--" if key == "group" else "-",
+            label="GroupNorm (eval = train)" if key == "group" else f"BN, {LABELS[key]}",
+        )
     ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
     ax.set_xlabel("training batch size")
     ax.set_ylabel("test accuracy %")
     ax.set_title("BatchNorm at small batch: four ways to normalize at test time", fontsize=10)
     ax.legend(fontsize=7)
-    result.figure(save_figure(fig, out_dir, "train-eval-gap"),
-                  "Test accuracy of the same BatchNorm networks under each test-time normalization, and GroupNorm.")
+    result.figure(
+        save_figure(fig, out_dir, "train-eval-gap"),
+        "Test accuracy of the same BatchNorm networks under each test-time normalization, and GroupNorm.",
+    )
 
     small, big = min(config.batch_sizes), max(config.batch_sizes)
     c = cells[small]
@@ -135,30 +170,36 @@ def run(config: Config, out_dir: Path) -> dict:
         f"At batch {big} the BN columns span {100 * (max(cells[big][k] for k in COLUMNS) - min(cells[big][k] for k in COLUMNS)):.1f} "
         f"points; at batch {small}, {100 * (max(c[k] for k in COLUMNS) - min(c[k] for k in COLUMNS)):.1f}.",
     ]
-    result.compare("Small-batch BN: the test-time statistics differ from training's",
-                   "Wu & He (2018), Ioffe (2017): with small batches, batch statistics are noisy and the running "
-                   "estimates used at inference do not match what training saw; GN avoids the issue",
-                   f"batch {small}: train mode {100 * c['train_mode']:.1f}% vs eval {100 * c['eval_mode']:.1f}% "
-                   f"vs GN {100 * c['group']:.1f}%",
-                   "yes" if c["group"] > c["eval_mode"] else "partly",
-                   "" if c["group"] > c["eval_mode"] else "GN does not beat BN here at this scale")
-    result.compare("Precise BN and frozen fine-tuning recover part of the loss",
-                   "Wu & Johnson (2021) 'Rethinking Batch in BatchNorm': precise population statistics "
-                   "improve on EMA estimates, most where the EMA is poor",
-                   f"batch {small}: precise {100 * c['precise_bn']:.1f}%, frozen+1 epoch "
-                   f"{100 * c['frozen_finetune']:.1f}% vs eval {100 * c['eval_mode']:.1f}%",
-                   "yes" if max(c["precise_bn"], c["frozen_finetune"]) > c["eval_mode"] else "no")
+    result.compare(
+        "Small-batch BN: the test-time statistics differ from training's",
+        "Wu & He (2018), Ioffe (2017): with small batches, batch statistics are noisy and the running "
+        "estimates used at inference do not match what training saw; GN avoids the issue",
+        f"batch {small}: train mode {100 * c['train_mode']:.1f}% vs eval {100 * c['eval_mode']:.1f}% "
+        f"vs GN {100 * c['group']:.1f}%",
+        "yes" if c["group"] > c["eval_mode"] else "partly",
+        "" if c["group"] > c["eval_mode"] else "GN does not beat BN here at this scale",
+    )
+    result.compare(
+        "Precise BN and frozen fine-tuning recover part of the loss",
+        "Wu & Johnson (2021) 'Rethinking Batch in BatchNorm': precise population statistics "
+        "improve on EMA estimates, most where the EMA is poor",
+        f"batch {small}: precise {100 * c['precise_bn']:.1f}%, frozen+1 epoch "
+        f"{100 * c['frozen_finetune']:.1f}% vs eval {100 * c['eval_mode']:.1f}%",
+        "yes" if max(c["precise_bn"], c["frozen_finetune"]) > c["eval_mode"] else "no",
+    )
     return result.to_dict()
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Train/eval gap: BatchNorm at small batch, and how to test it",
-    question="At batch 2, how do train-mode, running, precise and frozen statistics compare — and GroupNorm?",
-    run=run,
-    settings={
-        "smoke": Config(batch_sizes=(8, 32), epochs=1, seeds=(0,)),
-        "quick": Config(batch_sizes=(2, 32), epochs=4, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Train/eval gap: BatchNorm at small batch, and how to test it",
+        question="At batch 2, how do train-mode, running, precise and frozen statistics compare — and GroupNorm?",
+        run=run,
+        settings={
+            "smoke": Config(batch_sizes=(8, 32), epochs=1, seeds=(0,)),
+            "quick": Config(batch_sizes=(2, 32), epochs=4, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)

@@ -76,7 +76,7 @@ def _train(model: nn.Module, data, optimizer, steps: int, batch_size: int, seed:
         for step in range(steps):
             if step % per_epoch == 0:
                 order = torch.randperm(n, generator=generator)
-            idx = order[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
+            idx = order[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             if not torch.isfinite(loss):
                 diverged = True
@@ -95,14 +95,22 @@ def one_run(config: Config, norm: str, lr: float, weight_decay: float, seed: int
     convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv1d)]
     conv_weights = [model.get_submodule(name).weight for name in convs]
     others = [p for p in model.parameters() if all(p is not w for w in conv_weights)]
-    optimizer = torch.optim.SGD([{"params": conv_weights, "weight_decay": weight_decay},
-                                 {"params": others, "weight_decay": 0.0}], lr=lr, momentum=config.momentum)
-    probe = Probe(model, layers=convs, every=config.record_every, optimizer=optimizer, gradients=False,
-                  sample_size=256)
+    optimizer = torch.optim.SGD(
+        [{"params": conv_weights, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=config.momentum,
+    )
+    probe = Probe(model, layers=convs, every=config.record_every, optimizer=optimizer, gradients=False, sample_size=256)
     outcome = _train(model, data, optimizer, config.steps, config.batch_size, seed, probe)
-    row = {"norm": norm, "lr": lr, "weight_decay": weight_decay, "seed": seed, **outcome,
-           "test_accuracy": 0.0 if outcome["diverged"] else evaluate(model, data.x_test, data.y_test),
-           "layers": {}}
+    row = {
+        "norm": norm,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        **outcome,
+        "test_accuracy": 0.0 if outcome["diverged"] else evaluate(model, data.x_test, data.y_test),
+        "layers": {},
+    }
     for name in convs:
         steps, norms = probe.series(name, "weight_norm")
         _, updates = probe.series(name, "update_ratio")
@@ -114,10 +122,10 @@ def deep_run(config: Config, weight_decay: float, seed: int) -> dict:
     """A plain He-initialized ReLU MLP of ``deep_depth`` layers, L2 on every weight."""
     data = load_mnist1d()
     torch.manual_seed(seed)
-    model = MLP(40, [config.deep_width] * config.deep_depth, 10, activation="relu", norm="none", init="he",
-                seed=seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.deep_lr, momentum=config.momentum,
-                                weight_decay=weight_decay)
+    model = MLP(40, [config.deep_width] * config.deep_depth, 10, activation="relu", norm="none", init="he", seed=seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.deep_lr, momentum=config.momentum, weight_decay=weight_decay
+    )
     every = max(1, config.deep_steps // 40)
     probe = Probe(model, layers=nn.Linear, every=every, gradients=False, sample_size=256)
     outcome = _train(model, data, optimizer, config.deep_steps, 64, seed, probe)
@@ -128,9 +136,15 @@ def deep_run(config: Config, weight_decay: float, seed: int) -> dict:
     for i in range(len(steps)):
         grad.append(math.sqrt(sum(rec[i]["weight_grad_norm"] ** 2 for rec in records)))
         weight.append(math.sqrt(sum(rec[i]["weight_norm"] ** 2 for rec in records)))
-    return {"weight_decay": weight_decay, "seed": seed, **outcome, "steps": steps, "grad_norm": grad,
-            "weight_norm": weight, "test_accuracy": 0.0 if outcome["diverged"] else
-            evaluate(model, data.x_test, data.y_test)}
+    return {
+        "weight_decay": weight_decay,
+        "seed": seed,
+        **outcome,
+        "steps": steps,
+        "grad_norm": grad,
+        "weight_norm": weight,
+        "test_accuracy": 0.0 if outcome["diverged"] else evaluate(model, data.x_test, data.y_test),
+    }
 
 
 def _tail(values: list[float], fraction: float = 0.25) -> float:
@@ -150,8 +164,12 @@ def summarize_run(row: dict, momentum: float) -> dict:
     effective = _layer_mean(row, lambda L: (L["weight_norm"][0] / L["weight_norm"][-1]) ** 2)
     angular = _layer_mean(row, lambda L: _tail(L["update_ratio"]))
     predicted = math.sqrt(2 * row["lr"] * row["weight_decay"] / (1 + momentum))
-    return {"growth": growth, "effective_lr_change": effective, "angular_update": angular,
-            "predicted_angular_update": predicted}
+    return {
+        "growth": growth,
+        "effective_lr_change": effective,
+        "angular_update": angular,
+        "predicted_angular_update": predicted,
+    }
 
 
 def product_pairs(cells: dict, lrs: list[float], wds: list[float]) -> dict | None:
@@ -160,7 +178,9 @@ def product_pairs(cells: dict, lrs: list[float], wds: list[float]) -> dict | Non
     must be geometric with the same ratio in η and λ; None otherwise."""
     if len(lrs) < 2 or len(wds) < 2:
         return None
-    ratios = {round(b / a, 6) for a, b in itertools.pairwise(lrs)} | {round(b / a, 6) for a, b in itertools.pairwise(wds)}
+    ratios = {round(b / a, 6) for a, b in itertools.pairwise(lrs)} | {
+        round(b / a, 6) for a, b in itertools.pairwise(wds)
+    }
     if len(ratios) != 1:
         return None
     pairs: dict[str, list[float]] = {"same product": [], "same η": [], "same λ": []}
@@ -178,10 +198,16 @@ def product_pairs(cells: dict, lrs: list[float], wds: list[float]) -> dict | Non
 
 def run(config: Config, out_dir: Path) -> dict:
     result = new_result(NAME, config)
-    tasks = [{"config": config, "norm": n, "lr": lr, "weight_decay": wd, "seed": s}
-             for s in config.seeds for n in config.norms for lr in config.lrs for wd in config.weight_decays]
-    deep_tasks = [{"config": config, "weight_decay": wd, "seed": s} for s in config.seeds
-                  for wd in config.deep_weight_decays]
+    tasks = [
+        {"config": config, "norm": n, "lr": lr, "weight_decay": wd, "seed": s}
+        for s in config.seeds
+        for n in config.norms
+        for lr in config.lrs
+        for wd in config.weight_decays
+    ]
+    deep_tasks = [
+        {"config": config, "weight_decay": wd, "seed": s} for s in config.seeds for wd in config.deep_weight_decays
+    ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     deep = parallel_map(deep_run, deep_tasks, desc=f"{NAME} (deep MLP)")
     for row in rows:
@@ -191,8 +217,13 @@ def run(config: Config, out_dir: Path) -> dict:
     result.data["deep_runs"] = deep
 
     def cell(norm, lr, wd, key):
-        values = [r[key] for r in rows if (r["norm"], r["lr"], r["weight_decay"]) == (norm, lr, wd)
-                  and not r["diverged"] and r.get(key) is not None]
+        values = [
+            r[key]
+            for r in rows
+            if (r["norm"], r["lr"], r["weight_decay"]) == (norm, lr, wd)
+            and not r["diverged"]
+            and r.get(key) is not None
+        ]
         return statistics.fmean(values) if values else math.nan
 
     def failed(norm, lr, wd):
@@ -204,14 +235,35 @@ def run(config: Config, out_dir: Path) -> dict:
             for wd in config.weight_decays:
                 pred = math.sqrt(2 * lr * wd / (1 + config.momentum))
                 f = failed(n, lr, wd)
-                table.append([NORM_LABELS[n], f"{lr:g}", f"{wd:g}", f"{lr * wd:.1e}",
-                              f"{100 * cell(n, lr, wd, 'test_accuracy'):.1f}" + (f" ({f} diverged)" if f else ""),
-                              f"{cell(n, lr, wd, 'growth'):.2f}", f"{cell(n, lr, wd, 'effective_lr_change'):.3f}",
-                              f"{cell(n, lr, wd, 'angular_update'):.4f}", f"{pred:.4f}" if wd else "–"])
-    result.table(f"Constant η, {config.steps} steps, {len(config.seeds)} seed(s); conv weights, mean over the 3 layers",
-                 ["norm", "η", "λ", "η·λ", "test accuracy %", "‖w‖ last / first", "η/‖w‖² last / first",
-                  "‖Δw‖/‖w‖ per step (last quarter)", "balance √(2ηλ/(1+μ))"], table,
-                 note="With BatchNorm, ‖Δw‖/‖w‖ is the angle turned per step; without, only a relative step size.")
+                table.append(
+                    [
+                        NORM_LABELS[n],
+                        f"{lr:g}",
+                        f"{wd:g}",
+                        f"{lr * wd:.1e}",
+                        f"{100 * cell(n, lr, wd, 'test_accuracy'):.1f}" + (f" ({f} diverged)" if f else ""),
+                        f"{cell(n, lr, wd, 'growth'):.2f}",
+                        f"{cell(n, lr, wd, 'effective_lr_change'):.3f}",
+                        f"{cell(n, lr, wd, 'angular_update'):.4f}",
+                        f"{pred:.4f}" if wd else "–",
+                    ]
+                )
+    result.table(
+        f"Constant η, {config.steps} steps, {len(config.seeds)} seed(s); conv weights, mean over the 3 layers",
+        [
+            "norm",
+            "η",
+            "λ",
+            "η·λ",
+            "test accuracy %",
+            "‖w‖ last / first",
+            "η/‖w‖² last / first",
+            "‖Δw‖/‖w‖ per step (last quarter)",
+            "balance √(2ηλ/(1+μ))",
+        ],
+        table,
+        note="With BatchNorm, ‖Δw‖/‖w‖ is the angle turned per step; without, only a relative step size.",
+    )
 
     # The gradient norm of a plain deep net first falls (the loss drops from chance), then
     # can climb again as the weights grow: growth is measured from its lowest point.
@@ -224,15 +276,31 @@ def run(config: Config, out_dir: Path) -> dict:
         w_growth = statistics.fmean(r["weight_norm"][-1] / r["weight_norm"][0] for r in mine)
         acc = statistics.fmean(r["test_accuracy"] for r in mine)
         div = sum(r["diverged"] for r in deep if r["weight_decay"] == wd)
-        deep_summary[wd] = {"start": start, "low": low, "growth": growth, "weight_growth": w_growth,
-                            "accuracy": acc, "diverged": div}
-        deep_rows.append([f"{wd:g}", f"{start:.2f}", f"{low:.2f}", f"{growth:.2f}", f"{w_growth:.3f}",
-                          f"{100 * acc:.1f}" + (f" ({div} diverged)" if div else "")])
+        deep_summary[wd] = {
+            "start": start,
+            "low": low,
+            "growth": growth,
+            "weight_growth": w_growth,
+            "accuracy": acc,
+            "diverged": div,
+        }
+        deep_rows.append(
+            [
+                f"{wd:g}",
+                f"{start:.2f}",
+                f"{low:.2f}",
+                f"{growth:.2f}",
+                f"{w_growth:.3f}",
+                f"{100 * acc:.1f}" + (f" ({div} diverged)" if div else ""),
+            ]
+        )
     result.data["deep_summary"] = {str(k): v for k, v in deep_summary.items()}
-    result.table(f"Plain {config.deep_depth}-layer ReLU MLP (He init, no norm), lr {config.deep_lr:g}, "
-                 f"{config.deep_steps} steps: total gradient norm over training",
-                 ["L2 λ", "‖∇‖ at step 0", "lowest ‖∇‖", "last fifth / lowest", "‖w‖ end / start", "test accuracy %"],
-                 deep_rows)
+    result.table(
+        f"Plain {config.deep_depth}-layer ReLU MLP (He init, no norm), lr {config.deep_lr:g}, "
+        f"{config.deep_steps} steps: total gradient norm over training",
+        ["L2 λ", "‖∇‖ at step 0", "lowest ‖∇‖", "last fifth / lowest", "‖w‖ end / start", "test accuracy %"],
+        deep_rows,
+    )
 
     _figure(config, rows, deep, out_dir, result)
 
@@ -245,14 +313,17 @@ def run(config: Config, out_dir: Path) -> dict:
         result.summary.append(
             f"BatchNorm, η = {mid:g}: without weight decay the conv weights' norm grows ×{g0:.2f} in {config.steps} "
             f"steps and the effective rate η/‖w‖² falls to {e0:.3f} of its start; with λ = {top:g}, ×{g1:.2f} "
-            f"and {e1:.3f}.")
-        result.compare("Without weight decay ‖w‖ grows and the effective learning rate decays",
-                       "van Laarhoven (2017): with BN, L2 has no regularizing effect on the function; the effective "
-                       "learning rate is η/‖w‖², and without L2 ‖w‖ grows so it decays (qualitative); Hoffer et al. "
-                       "(2018), Zhang et al. (2019): weight decay acts through this effective rate",
-                       f"BN, η = {mid:g}: ‖w‖ ×{g0:.2f} (λ = 0) vs ×{g1:.2f} (λ = {top:g}); η/‖w‖² ×{e0:.3f} vs "
-                       f"×{e1:.3f}", "yes" if g0 > 1.2 and g0 > g1 else "no",
-                       "" if g0 > 1.2 and g0 > g1 else "the norm did not grow more without weight decay here")
+            f"and {e1:.3f}."
+        )
+        result.compare(
+            "Without weight decay ‖w‖ grows and the effective learning rate decays",
+            "van Laarhoven (2017): with BN, L2 has no regularizing effect on the function; the effective "
+            "learning rate is η/‖w‖², and without L2 ‖w‖ grows so it decays (qualitative); Hoffer et al. "
+            "(2018), Zhang et al. (2019): weight decay acts through this effective rate",
+            f"BN, η = {mid:g}: ‖w‖ ×{g0:.2f} (λ = 0) vs ×{g1:.2f} (λ = {top:g}); η/‖w‖² ×{e0:.3f} vs ×{e1:.3f}",
+            "yes" if g0 > 1.2 and g0 > g1 else "no",
+            "" if g0 > 1.2 and g0 > g1 else "the norm did not grow more without weight decay here",
+        )
     positive = [wd for wd in config.weight_decays if wd > 0]
     if "batch" in config.norms and positive:
         measured = [cell("batch", lr, wd, "angular_update") for lr in config.lrs for wd in positive]
@@ -261,14 +332,17 @@ def run(config: Config, out_dir: Path) -> dict:
         worst = max(errors) if errors else math.nan
         result.summary.append(
             f"With BatchNorm and λ > 0 the angle turned per step settles within {100 * worst:.0f}% of "
-            f"√(2ηλ/(1+μ)) in every cell (median {100 * statistics.median(errors):.0f}%).")
-        result.compare("With weight decay, the angular update settles at √(2ηλ/(1+μ))",
-                       "Wan et al. (2021), spherical motion dynamics: at equilibrium the angular update of a "
-                       "scale-invariant weight is √(2ηλ/(1+μ)) under SGD with momentum μ",
-                       f"{len(errors)} cells with BN: measured/predicted − 1 at most {100 * worst:.0f}% "
-                       f"(median {100 * statistics.median(errors):.0f}%)",
-                       "yes" if worst < 0.25 else "partly",
-                       "" if worst < 0.25 else "the smallest η·λ has not reached its balance within the run")
+            f"√(2ηλ/(1+μ)) in every cell (median {100 * statistics.median(errors):.0f}%)."
+        )
+        result.compare(
+            "With weight decay, the angular update settles at √(2ηλ/(1+μ))",
+            "Wan et al. (2021), spherical motion dynamics: at equilibrium the angular update of a "
+            "scale-invariant weight is √(2ηλ/(1+μ)) under SGD with momentum μ",
+            f"{len(errors)} cells with BN: measured/predicted − 1 at most {100 * worst:.0f}% "
+            f"(median {100 * statistics.median(errors):.0f}%)",
+            "yes" if worst < 0.25 else "partly",
+            "" if worst < 0.25 else "the smallest η·λ has not reached its balance within the run",
+        )
     if "batch" in config.norms:
         acc = {(lr, wd): 100 * cell("batch", lr, wd, "test_accuracy") for lr in config.lrs for wd in positive}
         pairs = product_pairs(acc, sorted(config.lrs), sorted(positive))
@@ -277,26 +351,36 @@ def run(config: Config, out_dir: Path) -> dict:
             product_wins = pairs["same product"] < min(pairs["same η"], pairs["same λ"])
             result.summary.append(
                 "BatchNorm, test accuracy between grid neighbours (mean |Δ|, points): same η·λ "
-                f"{pairs['same product']:.2f}, same η {pairs['same η']:.2f}, same λ {pairs['same λ']:.2f}.")
+                f"{pairs['same product']:.2f}, same η {pairs['same η']:.2f}, same λ {pairs['same λ']:.2f}."
+            )
             none_pairs = None
             if "none" in config.norms:
-                none_acc = {(lr, wd): 100 * cell("none", lr, wd, "test_accuracy") for lr in config.lrs for wd in positive}
+                none_acc = {
+                    (lr, wd): 100 * cell("none", lr, wd, "test_accuracy") for lr in config.lrs for wd in positive
+                }
                 none_pairs = product_pairs(none_acc, sorted(config.lrs), sorted(positive))
                 result.data["product_pairs_none"] = none_pairs
-            result.compare("With BN, the final accuracy depends on η·λ more than on η or λ alone",
-                           "Li, Lyu & Arora (2020): for scale-invariant weights SGD with weight decay depends on "
-                           "the 'intrinsic learning rate' η·λ; van Laarhoven (2017), Zhang et al. (2019) "
-                           "(qualitative)",
-                           f"mean |Δ accuracy| between neighbours: same η·λ {pairs['same product']:.2f}, same η "
-                           f"{pairs['same η']:.2f}, same λ {pairs['same λ']:.2f} points"
-                           + (f" (no norm: {none_pairs['same product']:.2f} / {none_pairs['same η']:.2f} / "
-                              f"{none_pairs['same λ']:.2f})" if none_pairs else ""),
-                           "yes" if product_wins and pairs["same η"] > config.noise_points else
-                           "partly" if product_wins else "no",
-                           "" if product_wins and pairs["same η"] > config.noise_points else
-                           "all cells are within seed noise of each other, so the grid cannot tell" if product_wins
-                           else "accuracy varies as much along a fixed η·λ as across it: the head and the start "
-                                "of training (before the balance) depend on η itself")
+            result.compare(
+                "With BN, the final accuracy depends on η·λ more than on η or λ alone",
+                "Li, Lyu & Arora (2020): for scale-invariant weights SGD with weight decay depends on "
+                "the 'intrinsic learning rate' η·λ; van Laarhoven (2017), Zhang et al. (2019) "
+                "(qualitative)",
+                f"mean |Δ accuracy| between neighbours: same η·λ {pairs['same product']:.2f}, same η "
+                f"{pairs['same η']:.2f}, same λ {pairs['same λ']:.2f} points"
+                + (
+                    f" (no norm: {none_pairs['same product']:.2f} / {none_pairs['same η']:.2f} / "
+                    f"{none_pairs['same λ']:.2f})"
+                    if none_pairs
+                    else ""
+                ),
+                "yes" if product_wins and pairs["same η"] > config.noise_points else "partly" if product_wins else "no",
+                ""
+                if product_wins and pairs["same η"] > config.noise_points
+                else "all cells are within seed noise of each other, so the grid cannot tell"
+                if product_wins
+                else "accuracy varies as much along a fixed η·λ as across it: the head and the start "
+                "of training (before the balance) depend on η itself",
+            )
     if deep_summary and 0.0 in deep_summary and len(deep_summary) > 1:
         base, top_wd = deep_summary[0.0], max(deep_summary)
         strongest = deep_summary[top_wd]
@@ -305,21 +389,25 @@ def run(config: Config, out_dir: Path) -> dict:
         result.summary.append(
             f"Plain {config.deep_depth}-layer MLP without a norm: after its early drop the total gradient norm climbs "
             f"×{base['growth']:.2f} from its lowest point without L2 and ×{strongest['growth']:.2f} with λ = {top_wd:g}; "
-            f"the weights' norm ends ×{base['weight_growth']:.3f} vs ×{strongest['weight_growth']:.3f} its start.")
-        result.compare("The notes: L2 keeps the weights small, which keeps gradients from exploding",
-                       "the notes' claim (no paper measures it in this form); He et al. (2015) and the depth study: "
-                       "whether a plain net's gradients explode is set by the init's scale, at initialization",
-                       f"depth {config.deep_depth}, He init: gradient norm last fifth / lowest ×{base['growth']:.2f} "
-                       f"without L2, ×{strongest['growth']:.2f} with λ = {top_wd:g}; ‖w‖ end/start "
-                       f"×{base['weight_growth']:.3f} vs ×{strongest['weight_growth']:.3f}",
-                       "yes" if grows and helps else "partly" if grows and strongest["growth"] < base["growth"] else "no",
-                       "" if grows and helps else
-                       "the gradient norm does not climb during training here, so there is nothing for L2 to hold "
-                       "down" if not grows else
-                       "L2 damps the climb only a little: it shrinks ‖w‖ by a few percent in this many steps, and "
-                       "the climb comes with fitting the data, not with the weights' size" if strongest["growth"] <
-                       base["growth"] else "the gradient norm climbs as much with L2 as without, or more, although L2 "
-                       "shrinks the weights")
+            f"the weights' norm ends ×{base['weight_growth']:.3f} vs ×{strongest['weight_growth']:.3f} its start."
+        )
+        result.compare(
+            "The notes: L2 keeps the weights small, which keeps gradients from exploding",
+            "the notes' claim (no paper measures it in this form); He et al. (2015) and the depth study: "
+            "whether a plain net's gradients explode is set by the init's scale, at initialization",
+            f"depth {config.deep_depth}, He init: gradient norm last fifth / lowest ×{base['growth']:.2f} "
+            f"without L2, ×{strongest['growth']:.2f} with λ = {top_wd:g}; ‖w‖ end/start "
+            f"×{base['weight_growth']:.3f} vs ×{strongest['weight_growth']:.3f}",
+            "yes" if grows and helps else "partly" if grows and strongest["growth"] < base["growth"] else "no",
+            ""
+            if grows and helps
+            else "the gradient norm does not climb during training here, so there is nothing for L2 to hold down"
+            if not grows
+            else "L2 damps the climb only a little: it shrinks ‖w‖ by a few percent in this many steps, and "
+            "the climb comes with fitting the data, not with the weights' size"
+            if strongest["growth"] < base["growth"]
+            else "the gradient norm climbs as much with L2 as without, or more, although L2 shrinks the weights",
+        )
     return result.to_dict()
 
 
@@ -331,13 +419,21 @@ def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, r
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, wd in enumerate(config.weight_decays):
         for n, style in (("batch", "-"), ("none", ":")):
-            row = next((r for r in rows if (r["norm"], r["lr"], r["weight_decay"], r["seed"]) == (n, mid, wd, seed)
-                        and not r["diverged"]), None)
+            row = next(
+                (
+                    r
+                    for r in rows
+                    if (r["norm"], r["lr"], r["weight_decay"], r["seed"]) == (n, mid, wd, seed) and not r["diverged"]
+                ),
+                None,
+            )
             if row is None:
                 continue
             layers = list(row["layers"].values())
             steps = layers[0]["steps"]
-            norm = [statistics.fmean(L["weight_norm"][i] / L["weight_norm"][0] for L in layers) for i in range(len(steps))]
+            norm = [
+                statistics.fmean(L["weight_norm"][i] / L["weight_norm"][0] for L in layers) for i in range(len(steps))
+            ]
             eff = [statistics.fmean(mid / L["weight_norm"][i] ** 2 for L in layers) for i in range(len(steps))]
             label = f"{NORM_LABELS[n]}, λ={wd:g}"
             axes[0][0].plot(steps, norm, style, color=colors[k % len(colors)], label=label)
@@ -346,8 +442,9 @@ def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, r
                 upd = [statistics.fmean(L["update_ratio"][i] for L in layers) for i in range(len(steps))]
                 axes[0][2].plot(steps, upd, color=colors[k % len(colors)], lw=0.9, label=label)
                 if wd:
-                    axes[0][2].axhline(math.sqrt(2 * mid * wd / (1 + config.momentum)), color=colors[k % len(colors)],
-                                       ls="--", lw=0.8)
+                    axes[0][2].axhline(
+                        math.sqrt(2 * mid * wd / (1 + config.momentum)), color=colors[k % len(colors)], ls="--", lw=0.8
+                    )
     axes[0][0].set_title(f"‖w‖ / ‖w₀‖ of the conv weights, η = {mid:g}", fontsize=10)
     axes[0][1].set_title("effective learning rate η/‖w‖²", fontsize=10)
     axes[0][1].set_yscale("log")
@@ -364,15 +461,28 @@ def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, r
             continue
         grid = []
         for lr in sorted(config.lrs, reverse=True):
-            grid.append([100 * statistics.fmean(r["test_accuracy"] for r in rows
-                                                 if (r["norm"], r["lr"], r["weight_decay"]) == (n, lr, wd))
-                         for wd in config.weight_decays])
+            grid.append(
+                [
+                    100
+                    * statistics.fmean(
+                        r["test_accuracy"] for r in rows if (r["norm"], r["lr"], r["weight_decay"]) == (n, lr, wd)
+                    )
+                    for wd in config.weight_decays
+                ]
+            )
         flat = [v for row in grid for v in row]
         ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(flat), vmax=max(max(flat), min(flat) + 1e-6))
         for a, row in enumerate(grid):
             for b, v in enumerate(row):
-                ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=8,
-                        color="white" if v < (min(flat) + max(flat)) / 2 else "black")
+                ax.text(
+                    b,
+                    a,
+                    f"{v:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v < (min(flat) + max(flat)) / 2 else "black",
+                )
         ax.set_xticks(range(len(config.weight_decays)), [f"{wd:g}" for wd in config.weight_decays])
         ax.set_yticks(range(len(config.lrs)), [f"{lr:g}" for lr in sorted(config.lrs, reverse=True)])
         ax.set_xlabel("weight decay λ (conv weights)")
@@ -389,21 +499,32 @@ def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, r
     ax.set_title(f"plain {config.deep_depth}-layer ReLU MLP, no norm: total gradient norm", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    result.figure(save_figure(fig, out_dir, "weight-decay"),
-                  "Top: the conv weights' norm, the effective learning rate and (BN) the angle turned per step, "
-                  "with and without weight decay (solid BN, dotted no norm; one seed). Bottom: final test accuracy "
-                  "over η × λ, and the gradient norm of a deep plain MLP with and without L2.")
+    result.figure(
+        save_figure(fig, out_dir, "weight-decay"),
+        "Top: the conv weights' norm, the effective learning rate and (BN) the angle turned per step, "
+        "with and without weight decay (solid BN, dotted no norm; one seed). Bottom: final test accuracy "
+        "over η × λ, and the gradient norm of a deep plain MLP with and without L2.",
+    )
 
 
-STUDY = register(Study(
-    name=NAME,
-    title="Weight decay with BatchNorm: an effective learning rate, not a regularizer of the function",
-    question="With BN, does L2 act through ‖w‖ and the effective rate η/‖w‖² — and does η·λ decide the outcome?",
-    run=run,
-    settings={
-        "smoke": Config(lrs=(0.1,), weight_decays=(0.0, 4e-3), steps=200, record_every=10, deep_depth=10,
-                        deep_steps=100, seeds=(0,)),
-        "quick": Config(lrs=(0.05, 0.2), weight_decays=(0.0, 1e-3, 4e-3), steps=800, deep_steps=300, seeds=(0,)),
-        "full": Config(),
-    },
-))
+STUDY = register(
+    Study(
+        name=NAME,
+        title="Weight decay with BatchNorm: an effective learning rate, not a regularizer of the function",
+        question="With BN, does L2 act through ‖w‖ and the effective rate η/‖w‖² — and does η·λ decide the outcome?",
+        run=run,
+        settings={
+            "smoke": Config(
+                lrs=(0.1,),
+                weight_decays=(0.0, 4e-3),
+                steps=200,
+                record_every=10,
+                deep_depth=10,
+                deep_steps=100,
+                seeds=(0,),
+            ),
+            "quick": Config(lrs=(0.05, 0.2), weight_decays=(0.0, 1e-3, 4e-3), steps=800, deep_steps=300, seeds=(0,)),
+            "full": Config(),
+        },
+    )
+)
