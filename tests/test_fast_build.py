@@ -4,6 +4,7 @@ NORMLAB_BUILD_DIR, so the shared cache is never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -101,7 +102,8 @@ def test_killed_builders_never_block_and_concurrent_builders_build_once(tmp_path
         assert locks, "the builder never took torch's lock"
         builder.send_signal(sig)
         builder.wait(timeout=30)
-        os.killpg(builder.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+            os.killpg(builder.pid, signal.SIGKILL)  # the compiler it started, if still running
         builder.communicate()
         left |= locks
     assert any(lock.exists() for lock in left), "no stale lock was left to test against"
