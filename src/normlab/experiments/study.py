@@ -25,7 +25,8 @@ __all__ = ["SETTINGS", "STUDIES", "Study", "StudyResult", "all_studies", "get_st
 SETTINGS = ("smoke", "quick", "full")
 STUDIES: dict[str, Study] = {}
 _STUDY_MODULES = ("init_depth", "batch_size", "convergence", "learning_rate", "dead_units",
-                  "train_eval_gap", "depth", "regularization", "dropout_order", "weight_decay")
+                  "train_eval_gap", "depth", "regularization", "dropout_order", "weight_decay",
+                  "sequence")
 
 
 @dataclass(frozen=True)
