@@ -382,8 +382,8 @@ def run(config: Config, out_dir: Path) -> dict:
     bt_better = summary["bn-time"]["eval_mode"] >= summary["none"]["eval_mode"]
     result.compare(
         "Recurrent BN (per-time-step statistics, γ = 0.1) trains faster than the LSTM",
-        "Cooijmans et al. (2017): BN-LSTM converges faster than the LSTM on sequential and permuted MNIST "
-        "and generalizes at least as well (qualitative here)",
+        "Cooijmans et al. (2017), Table 1: BN-LSTM 99.0% / 95.4% test accuracy on sequential / permuted MNIST "
+        "vs LSTM 98.9% / 90.2%, and faster convergence (784 steps of one pixel; here 10–20 steps)",
         f"steps to {100 * target:.1f}%: BN-time {reached['bn-time']}, plain {reached['none']}; final "
         f"{100 * summary['bn-time']['eval_mode']:.1f} vs {100 * summary['none']['eval_mode']:.1f}%",
         "yes" if bt_faster and bt_better else "partly" if bt_faster or bt_better else "no",
