@@ -33,6 +33,7 @@ STUDY_NAMES = [
     "regularization",
     "dropout-order",
     "weight-decay",
+    "sequence",
 ]
 
 

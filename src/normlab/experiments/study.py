@@ -46,6 +46,7 @@ _STUDY_MODULES = (
     "regularization",
     "dropout_order",
     "weight_decay",
+    "sequence",
 )
 
 
