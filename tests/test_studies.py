@@ -17,7 +17,8 @@ from normlab.experiments.runner import parallel_map, worker_pool, write_json
 from normlab.experiments.studies.depth import gradient_ratios
 from normlab.experiments.training import StepConfig, train_steps
 
-STUDY_NAMES = ["init-depth", "batch-size", "convergence", "learning-rate", "dead-units", "train-eval-gap", "depth"]
+STUDY_NAMES = ["init-depth", "batch-size", "convergence", "learning-rate", "dead-units", "train-eval-gap", "depth",
+               "norm-placement"]
 
 
 @pytest.fixture(scope="module")

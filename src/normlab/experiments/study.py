@@ -25,7 +25,7 @@ __all__ = ["SETTINGS", "STUDIES", "Study", "StudyResult", "all_studies", "get_st
 SETTINGS = ("smoke", "quick", "full")
 STUDIES: dict[str, Study] = {}
 _STUDY_MODULES = ("init_depth", "batch_size", "convergence", "learning_rate", "dead_units",
-                  "train_eval_gap", "depth")
+                  "train_eval_gap", "depth", "norm_placement")
 
 
 @dataclass(frozen=True)
