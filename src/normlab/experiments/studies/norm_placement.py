@@ -147,11 +147,11 @@ class Config:
     heads: int = 4
     ffn_width: int = 64
     patch: int = 4
-    steps: int = 1000
-    warmup_steps: int = 200
+    steps: int = 600
+    warmup_steps: int = 150
     batch_size: int = 64
     lr: float = 5e-3
-    check_every: int = 50
+    check_every: int = 30
     grad_batch: int = 512  # samples for the gradient at initialization
     seeds: tuple[int, ...] = (0, 1, 2)
 
@@ -396,7 +396,7 @@ STUDY = register(Study(
     run=run,
     settings={
         "smoke": Config(depths=(6, 12), steps=10, warmup_steps=5, check_every=5, grad_batch=256, seeds=(0,)),
-        "quick": Config(steps=200, warmup_steps=60, check_every=20, seeds=(0,)),
+        "quick": Config(steps=100, warmup_steps=30, check_every=10, seeds=(0,)),
         "full": Config(),
     },
 ))
