@@ -415,7 +415,7 @@ STUDY = register(Study(
     run=run,
     settings={
         "smoke": Config(depths=(6, 12), steps=10, warmup_steps=5, check_every=5, grad_batch=256, seeds=(0,)),
-        "quick": Config(steps=100, warmup_steps=30, check_every=10, seeds=(0,)),
+        "quick": Config(steps=100, warmup_steps=30, batch_size=32, check_every=10, seeds=(0,)),
         "full": Config(),
     },
 ))
