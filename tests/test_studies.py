@@ -34,6 +34,7 @@ STUDY_NAMES = [
     "dropout-order",
     "weight-decay",
     "sequence",
+    "norm-placement",
 ]
 
 

@@ -47,6 +47,7 @@ _STUDY_MODULES = (
     "dropout_order",
     "weight_decay",
     "sequence",
+    "norm_placement",
 )
 
 
