@@ -24,7 +24,15 @@ from .checks import (
     check_positive_int,
     normalize_shape_arg,
 )
-from .dispatch import add_row_norm, channel_layer_norm, channel_norm, choose_path, masked_channel_norm, row_norm
+from .dispatch import (
+    add_row_norm,
+    channel_layer_norm,
+    channel_norm,
+    channel_view,
+    choose_path,
+    masked_channel_norm,
+    row_norm,
+)
 from .fast import available as fast_available
 from .fast import record_dispatch, set_backend, use_backend
 from .masked import (
@@ -97,6 +105,7 @@ __all__ = [
     "check_positive_int",
     "centered_moments",
     "channel_norm",
+    "channel_view",
     "choose_path",
     "compute_dtype",
     "decay_from_momentum",

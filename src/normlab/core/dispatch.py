@@ -56,7 +56,15 @@ from .masked import masked_moments, masked_normalize, masked_reference
 from .moments import compute_dtype, reduced_count
 from .normalize import NormStats, normalize_batch, normalize_given
 
-__all__ = ["add_row_norm", "channel_layer_norm", "channel_norm", "choose_path", "masked_channel_norm", "row_norm"]
+__all__ = [
+    "add_row_norm",
+    "channel_layer_norm",
+    "channel_norm",
+    "channel_view",
+    "choose_path",
+    "masked_channel_norm",
+    "row_norm",
+]
 
 
 @torch.compiler.assume_constant_result
@@ -98,7 +106,7 @@ def _note(operation: str, path: str, reason: str) -> None:
         _build.note(operation, path, reason)
 
 
-def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
     """(C,) → (1, C, 1, …, 1), so it broadcasts against an (N, C, *spatial) input."""
     return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
@@ -211,17 +219,17 @@ def _composed_channel_norm(
         dims = (0,) + tuple(range(2, ndim))
         y = normalize_given(
             x,
-            _channel_view(weight, ndim),
-            _channel_view(bias, ndim),
-            _channel_view(running_mean, ndim),
-            _channel_view(running_var, ndim),
+            channel_view(weight, ndim),
+            channel_view(bias, ndim),
+            channel_view(running_mean, ndim),
+            channel_view(running_var, ndim),
             dims,
             eps,
         )
         return apply_activation(y, activation, param, prelu_weight), None, None
     target, dims = _stat_dims(x, groups)
     if groups < 0:
-        w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+        w, b = channel_view(weight, ndim), channel_view(bias, ndim)
     else:
         affine_shape = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
         w = None if weight is None else weight.view(affine_shape)
@@ -342,7 +350,7 @@ def channel_layer_norm(
     _note(operation, path, reason)
     if path == "native":
         return TF.layer_norm(rows, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
-    return normalize_batch(x, _channel_view(weight, 4), _channel_view(bias, 4), (1,), eps)[0]
+    return normalize_batch(x, channel_view(weight, 4), channel_view(bias, 4), (1,), eps)[0]
 
 
 def masked_channel_norm(
@@ -374,7 +382,7 @@ def masked_channel_norm(
     ndim = x.dim()
     if groups < 0:
         target, dims, m = x, (0,) + tuple(range(2, ndim)), mask.unsqueeze(1)
-        w, b = _channel_view(weight, ndim), _channel_view(bias, ndim)
+        w, b = channel_view(weight, ndim), channel_view(bias, ndim)
     else:
         target = x.unflatten(1, (groups, x.shape[1] // groups))  # (N, G, C//G, *spatial)
         dims, m = tuple(range(2, ndim + 1)), mask.unsqueeze(1).unsqueeze(1)
@@ -385,9 +393,9 @@ def masked_channel_norm(
     mean = var = count = None
     with torch.no_grad():
         if running_mean is not None:
-            shift = _channel_view(running_mean, ndim).to(cdtype)
+            shift = channel_view(running_mean, ndim).to(cdtype)
             offset = None
-            rstd = torch.rsqrt(_channel_view(running_var, ndim).to(cdtype) + eps)
+            rstd = torch.rsqrt(channel_view(running_var, ndim).to(cdtype) + eps)
         else:
             shift, offset, var, count = masked_moments(target, m, dims)
             rstd = torch.rsqrt(var + eps)

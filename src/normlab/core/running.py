@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .checks import InputError, InputTypeError, check_momentum
+from .checks import InputError, check_momentum
 from .fast import build as _build
 
 __all__ = [
@@ -109,7 +109,7 @@ def update_running_stats(
     with torch.no_grad():
         if momentum is None:
             if num_batches_tracked is None:
-                raise InputTypeError(check_momentum_none_message())
+                check_momentum(None, allow_none=False)  # raises, saying what to pass
             # A tensor, not float(num_batches_tracked): no host sync on accelerators.
             momentum = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
         if unbiased:
@@ -141,13 +141,6 @@ def update_running_stats(
 
 
 _TRUE = torch.tensor(True)
-
-
-def check_momentum_none_message() -> str:
-    return (
-        "momentum=None (cumulative average) needs the count of batches seen, which only a "
-        "module keeps; pass num_batches_tracked, or a float momentum in [0, 1]"
-    )
 
 
 def _nonfinite(on_nonfinite: str) -> None:

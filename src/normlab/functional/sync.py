@@ -26,6 +26,7 @@ from ..core import (
     Moments,
     NormStats,
     centered_moments,
+    channel_view,
     check_eps,
     check_floating_input,
     check_mask,
@@ -35,10 +36,11 @@ from ..core import (
     merge_moments,
     normalize,
     reduced_count,
+    update_running_stats,
     update_running_stats_if,
 )
 from ..core.checks import InputError
-from .tracked import _channel_view, _check_channel_tensors, _check_update_args, _fold_into_running, batch_norm
+from .tracked import _check_channel_tensors, _check_update_args, batch_norm
 
 __all__ = ["check_peers", "distributed_world", "sync_batch_norm"]
 
@@ -222,8 +224,8 @@ def sync_batch_norm(
     if mask is not None:
         out = masked_normalize(
             input,
-            _channel_view(weight, input.dim()),
-            _channel_view(bias, input.dim()),
+            channel_view(weight, input.dim()),
+            channel_view(bias, input.dim()),
             mask,
             stats,
             None,
@@ -248,8 +250,8 @@ def sync_batch_norm(
         return out
     out = normalize(
         input,
-        _channel_view(weight, input.dim()),
-        _channel_view(bias, input.dim()),
+        channel_view(weight, input.dim()),
+        channel_view(bias, input.dim()),
         stats,
         dims,
         eps,
@@ -257,15 +259,15 @@ def sync_batch_norm(
         across=across,
     )
     if track:
-        _fold_into_running(
+        update_running_stats(
             running_mean,
             running_var,
             merged.mean,
             var,
             total,
             momentum,
-            num_batches_tracked,
-            unbiased_running_var,
-            on_nonfinite,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
         )
     return out

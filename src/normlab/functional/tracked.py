@@ -12,6 +12,7 @@ import torch
 from ..core import (
     centered_moments,
     channel_norm,
+    channel_view,
     check_activation,
     check_eps,
     check_floating_input,
@@ -27,11 +28,6 @@ from ..core import (
 from ..core.checks import InputError
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
-
-
-def _channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-    """(C,) → (1, C, 1, …, 1), so it broadcasts against an (N, C, *spatial) input."""
-    return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
 
 def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> None:
@@ -50,30 +46,6 @@ def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> No
             f"running_mean={'a tensor' if running_mean is not None else None} and "
             f"running_var={'a tensor' if running_var is not None else None}"
         )
-
-
-def _fold_into_running(
-    running_mean,
-    running_var,
-    batch_mean,
-    batch_var,
-    count,
-    momentum,
-    num_batches_tracked,
-    unbiased_running_var,
-    on_nonfinite,
-):
-    update_running_stats(
-        running_mean,
-        running_var,
-        batch_mean,
-        batch_var,
-        count,
-        momentum,
-        num_batches_tracked=num_batches_tracked,
-        unbiased=unbiased_running_var,
-        on_nonfinite=on_nonfinite,
-    )
 
 
 def _check_update_args(momentum, num_batches_tracked, on_nonfinite):
@@ -340,16 +312,16 @@ def _batch_norm(
         operation=fn,
     )
     if track:
-        _fold_into_running(
+        update_running_stats(
             running_mean,
             running_var,
             mean,
             var,
             count,
             momentum,
-            num_batches_tracked,
-            unbiased_running_var,
-            on_nonfinite,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
         )
     return out
 
@@ -453,16 +425,16 @@ def instance_norm(
     if track:
         # The running estimate of a channel is the batch average of its instance stats;
         # every instance has the same count, so unbiasing after averaging is exact.
-        _fold_into_running(
+        update_running_stats(
             running_mean,
             running_var,
             mean.mean(0),
             var.mean(0),
             count,
             momentum,
-            num_batches_tracked,
-            unbiased_running_var,
-            on_nonfinite,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
         )
     return out
 
@@ -594,8 +566,8 @@ def batch_renorm(
         moments = centered_moments(input, dims)  # (1, C, 1, …)
         cdtype = moments.var.dtype
         batch_std = torch.sqrt(moments.var + eps)
-        running_std = torch.sqrt(_channel_view(running_var, ndim).to(cdtype) + eps)
-        running_mu = _channel_view(running_mean, ndim).to(cdtype)
+        running_std = torch.sqrt(channel_view(running_var, ndim).to(cdtype) + eps)
+        running_mu = channel_view(running_mean, ndim).to(cdtype)
         if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
             r_max = torch.as_tensor(r_max, dtype=cdtype, device=input.device)
             d_max = torch.as_tensor(d_max, dtype=cdtype, device=input.device)
@@ -605,8 +577,8 @@ def batch_renorm(
             r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
             d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
     # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
-    w = _channel_view(weight, ndim)
-    b = _channel_view(bias, ndim)
+    w = channel_view(weight, ndim)
+    b = channel_view(bias, ndim)
     w_eff = r if w is None else w * r
     b_eff = d if w is None else w * d
     if b is not None:
@@ -614,15 +586,15 @@ def batch_renorm(
     out, mean, var = channel_norm(
         input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype), eps=eps, operation="batch_renorm"
     )
-    _fold_into_running(
+    update_running_stats(
         running_mean,
         running_var,
         mean,
         var,
         count,
         momentum,
-        num_batches_tracked,
-        unbiased_running_var,
-        on_nonfinite,
+        num_batches_tracked=num_batches_tracked,
+        unbiased=unbiased_running_var,
+        on_nonfinite=on_nonfinite,
     )
     return out

@@ -1062,6 +1062,7 @@ std::vector<at::Tensor> row_forward(const at::Tensor& x, const at::Tensor& w, co
       float* dst = yp + r * K;
       if (wp && bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i] + bp[i]; });
       else if (wp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i]; });
+      else if (bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) + bp[i]; });
       else emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return (row[i] - k) * s - o; });
     }
     stream_fence(stream);
@@ -1188,6 +1189,7 @@ std::vector<at::Tensor> add_row_forward(const at::Tensor& x, const at::Tensor& r
       float* dst = yp + r * K;
       if (wp && bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i] + bp[i]; });
       else if (wp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i]; });
+      else if (bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) + bp[i]; });
       else emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return (row[i] - k) * s - o; });
     }
     stream_fence(stream);

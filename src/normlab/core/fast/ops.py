@@ -402,8 +402,6 @@ def _row_norm(
     y = torch.empty_like(x)
     w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
     b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
-    if weight is None and bias is not None:  # the kernel applies β only beside γ
-        w = torch.ones_like(b)
     shift, rstd, offr = kernels().row_forward(x.view(-1, k), w, b, eps, centered, y.view(-1, k))
     return y, shift, rstd, offr
 
@@ -456,11 +454,9 @@ def _row_backward(ctx, dy, *_unused_stat_grads):
     needs = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
         return (*_row_double_backward(ctx, dy, x, weight, bias), None, None, None)
-    if weight is None and bias is not None:
-        weight = torch.ones_like(bias)
     backward = _row_norm_backward if is_eager(dy) else torch.ops.normlab.row_norm_backward
     dx, dw, db = backward(dy, x, weight, shift, rstd, offr, ctx.k, ctx.centered)
-    dw = dw.to(weight.dtype).view(weight.shape) if ctx.needs_input_grad[1] else None
+    dw = dw.to(weight.dtype).view(weight.shape) if weight is not None and needs[1] else None
     db = db.to(bias.dtype).view(bias.shape) if bias is not None and needs[2] else None
     return (dx if needs[0] else None), dw, db, None, None, None
 
@@ -571,8 +567,6 @@ def _add_row_norm(
     s = torch.empty_like(x)
     w = weight.detach().reshape(-1).contiguous() if weight is not None else _EMPTY
     b = bias.detach().reshape(-1).contiguous() if bias is not None else _EMPTY
-    if weight is None and bias is not None:  # the kernel applies β only beside γ
-        w = torch.ones_like(b)
     shift, rstd, offr = kernels().add_row_forward(
         x.view(-1, k), residual.view(-1, k), w, b, eps, centered, s.view(-1, k), y.view(-1, k)
     )
@@ -637,9 +631,8 @@ def _add_row_backward(ctx, dy, ds, *_unused_stat_grads):
     elif torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
         d_sum, dw, db = _add_row_double_backward(ctx, dy, ds, s, weight, bias)
     else:
-        w = torch.ones_like(bias) if weight is None and bias is not None else weight
         backward = _add_row_norm_backward if is_eager(dy) else torch.ops.normlab.add_row_norm_backward
-        d_sum, dw, db = backward(dy, ds, s, w, shift, rstd, offr, ctx.k, ctx.centered)
+        d_sum, dw, db = backward(dy, ds, s, weight, shift, rstd, offr, ctx.k, ctx.centered)
         dw = dw.to(weight.dtype).view(weight.shape) if weight is not None and needs[2] else None
         db = db.to(bias.dtype).view(bias.shape) if bias is not None and needs[3] else None
     if d_sum is None:
