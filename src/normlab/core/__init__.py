@@ -8,7 +8,10 @@ these pieces; nothing here imports from those layers.
 from . import fast
 from .activation import (
     ACTIVATION_DEFAULTS,
+    ACTIVATIONS,
+    FUSED_ACTIVATIONS,
     INVERTIBLE_ACTIVATIONS,
+    Activation,
     apply_activation,
     check_activation,
     inplace_abn,
@@ -78,8 +81,11 @@ from .running import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "ACTIVATION_DEFAULTS",
+    "FUSED_ACTIVATIONS",
     "INVERTIBLE_ACTIVATIONS",
+    "Activation",
     "LOW_PRECISION_DTYPES",
     "NONFINITE_POLICIES",
     "AcrossProcesses",

@@ -7,7 +7,7 @@ from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as F
-from ..core import apply_activation, check_activation
+from ..core import ACTIVATIONS, apply_activation, check_activation
 from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
@@ -139,12 +139,10 @@ class SyncBatchNormAct(SyncBatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
-        from .normact import activation_module  # normact imports batchnorm; keep this one local
-
         self.activation = activation
         self.activation_param = check_activation(activation, activation_param)
         self.inplace = False
-        self.act = activation_module(activation, self.activation_param, num_features)
+        self.act = ACTIVATIONS[activation].make_module(self.activation_param, num_features)
         if device is not None or dtype is not None:
             self.act.to(device=device, dtype=dtype)
 

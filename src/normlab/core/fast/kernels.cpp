@@ -44,6 +44,7 @@
 
 namespace {
 
+// The codes of normlab.core.activation.ACTIVATIONS; exported as `activation_codes`.
 enum Act : int { IDENTITY = 0, RELU = 1, LEAKY = 2, ELU = 3, SILU = 4, PRELU = 5 };
 
 constexpr int64_t kBlock = 512;      // floats summed in float before flushing to double
@@ -1286,4 +1287,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_backward", &row_backward);
   m.def("add_row_forward", &add_row_forward);
   m.def("add_row_backward", &add_row_backward);
+  // enum Act by normlab's activation names: normlab.core.activation.ACTIVATIONS holds the
+  // same codes, and the loader refuses a module whose table differs from it.
+  pybind11::dict activation_codes;
+  activation_codes["identity"] = static_cast<int>(IDENTITY);
+  activation_codes["relu"] = static_cast<int>(RELU);
+  activation_codes["leaky_relu"] = static_cast<int>(LEAKY);
+  activation_codes["elu"] = static_cast<int>(ELU);
+  activation_codes["silu"] = static_cast<int>(SILU);
+  activation_codes["prelu"] = static_cast<int>(PRELU);
+  m.attr("activation_codes") = activation_codes;
 }
