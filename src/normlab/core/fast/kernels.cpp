@@ -1272,14 +1272,6 @@ std::vector<at::Tensor> add_row_backward(const at::Tensor& dy, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab float32 CPU normalization kernels";
-  m.def("plane_moments", &plane_moments);
-  m.def("plane_apply", &plane_apply);
-  m.def("plane_backward_reduce", &plane_backward_reduce);
-  m.def("plane_backward_apply", &plane_backward_apply);
-  m.def("column_moments", &column_moments);
-  m.def("column_apply", &column_apply);
-  m.def("column_backward_reduce", &column_backward_reduce);
-  m.def("column_backward_apply", &column_backward_apply);
   m.def("channel_forward", &channel_forward);
   m.def("channel_backward", &channel_backward);
   m.def("row_forward", &row_forward);
