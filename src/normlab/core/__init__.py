@@ -52,7 +52,6 @@ from .moments import (
     centered_moments,
     compute_dtype,
     mean_square,
-    mean_var,
     merge_moments,
     reduced_count,
 )
@@ -120,7 +119,6 @@ __all__ = [
     "from_decay_convention",
     "inplace_abn",
     "mean_square",
-    "mean_var",
     "masked_channel_norm",
     "masked_moments",
     "masked_normalize",
