@@ -341,3 +341,23 @@ def test_sync_batchnorm_act_without_a_process_group_is_the_fused_pass():
             layer(x)
         assert [op for op, _, _ in log] == ["batch_norm_act"]  # one op: norm and activation fused
     assert "activation='leaky_relu', activation_param=0.2" in repr(layer)
+
+
+def test_convert_sync_batchnorm_keeps_the_freeze_and_the_activation():
+    model = torch.nn.Sequential(
+        nl.nn.BatchNormAct2d(4, activation="leaky_relu", activation_param=0.2).freeze(affine=False),
+        nl.nn.BatchNorm2d(4).freeze(),
+        torch.nn.BatchNorm2d(4),
+    )
+    synced = surgery.convert_sync_batchnorm(model).model
+    assert type(synced[0]) is nl.nn.SyncBatchNormAct and synced[0].activation_param == 0.2
+    assert [(m.frozen, m.frozen_affine) for m in synced] == [(True, False), (True, True), (False, False)]
+    assert synced[0].weight.requires_grad and not synced[1].weight.requires_grad
+    back = surgery.revert_sync_batchnorm(synced).model
+    assert type(back[0]) is nl.nn.BatchNormAct2d and type(back[2]) is torch.nn.BatchNorm2d
+    assert [(back[0].frozen, back[0].frozen_affine), (back[1].frozen, back[1].frozen_affine)] == [
+        (True, False),
+        (True, True),
+    ]
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(back(x), model(x))
