@@ -13,6 +13,7 @@ from torch import nn
 
 import normlab as nl
 from normlab import core
+from normlab.core.activation import FUSED_ACTIVATIONS
 
 
 def _why_the_kernels_are_not_expected() -> str | None:
@@ -278,7 +279,7 @@ def test_first_value_far_from_the_mean_costs_no_accuracy(layout):
 def test_the_kernels_switch_on_the_registry_codes():
     expected = {name: entry.code for name, entry in core.ACTIVATIONS.items() if entry.fused}
     assert core.fast.kernels().activation_codes == expected
-    assert list(expected) == list(core.FUSED_ACTIVATIONS) and sorted(expected.values()) == list(range(len(expected)))
+    assert list(expected) == list(FUSED_ACTIVATIONS) and sorted(expected.values()) == list(range(len(expected)))
 
 
 def test_kernels_with_other_activation_codes_are_refused(monkeypatch):

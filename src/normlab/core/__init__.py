@@ -9,9 +9,7 @@ from . import fast
 from .activation import (
     ACTIVATION_DEFAULTS,
     ACTIVATIONS,
-    FUSED_ACTIVATIONS,
     INVERTIBLE_ACTIVATIONS,
-    Activation,
     apply_activation,
     check_activation,
     inplace_abn,
@@ -82,9 +80,7 @@ from .running import (
 __all__ = [
     "ACTIVATIONS",
     "ACTIVATION_DEFAULTS",
-    "FUSED_ACTIVATIONS",
     "INVERTIBLE_ACTIVATIONS",
-    "Activation",
     "LOW_PRECISION_DTYPES",
     "NONFINITE_POLICIES",
     "AcrossProcesses",

@@ -14,7 +14,8 @@ from torch import nn
 from torch.fx import Proxy
 
 from .. import functional as F
-from ..core import ACTIVATIONS, FUSED_ACTIVATIONS, check_activation
+from ..core import ACTIVATIONS, check_activation
+from ..core.activation import FUSED_ACTIVATIONS
 from ..core.checks import InputError
 from .base import traced_call
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -70,11 +71,13 @@ def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | N
 class _ActMixin:
     """The activation choice and its module, shared by the fused layers."""
 
-    def _init_activation(self, channels, activation, activation_param, inplace):
+    def _init_activation(self, channels, activation, activation_param, inplace, device=None, dtype=None):
         self.activation = activation
         self.activation_param = check_activation(activation, activation_param, inplace=inplace)
         self.inplace = bool(inplace)
         self.act = ACTIVATIONS[activation].make_module(self.activation_param, channels)
+        if device is not None or dtype is not None:
+            self.act.to(device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         """The norm's reset, and PReLU's slope back to its initial value."""
@@ -129,9 +132,7 @@ class _BatchNormAct(_ActMixin):
         **kwargs,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        self._init_activation(num_features, activation, activation_param, inplace)
-        if device is not None or dtype is not None:
-            self.act.to(device=device, dtype=dtype)
+        self._init_activation(num_features, activation, activation_param, inplace, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
@@ -194,9 +195,7 @@ class GroupNormAct(_ActMixin, GroupNorm):
         bias=True,
     ):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
-        self._init_activation(num_channels, activation, activation_param, inplace)
-        if device is not None or dtype is not None:
-            self.act.to(device=device, dtype=dtype)
+        self._init_activation(num_channels, activation, activation_param, inplace, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):

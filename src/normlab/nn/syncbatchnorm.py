@@ -146,9 +146,7 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
-        self._init_activation(num_features, activation, activation_param, inplace=False)
-        if device is not None or dtype is not None:
-            self.act.to(device=device, dtype=dtype)
+        self._init_activation(num_features, activation, activation_param, False, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
