@@ -145,7 +145,7 @@ def check_activation(name: str, param: float | None = None, *, inplace: bool = F
                 f"{name!r} is not (ReLU maps every negative input to 0). Use "
                 f"activation='leaky_relu' (slope 0.01), or inplace=False"
             )
-        # the parameter scales the negative side: 0 or a negative value folds it onto another
+        # the parameter scales the negative side: at 0 or below, that side collapses or overlaps the other
         if entry.param_keyword is not None and value <= 0:
             raise InputError(f"inplace=True needs {name}'s parameter > 0 to be invertible, got {value}")
     return value
