@@ -152,10 +152,11 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         if self.training and self._uses_batch_stats and distributed_world(self.process_group) > 1:
-            prelu = self.act.weight if self.activation == "prelu" else None
+            prelu_weight = self.act.weight if self.activation == "prelu" else None
             # every fused activation maps 0 to 0: masked-out positions stay 0
-            return apply_activation(super().forward(input, mask), self.activation, self.activation_param, prelu)
-        return _BatchNormAct.forward(self, input, mask)
+            y = super().forward(input, mask)
+            return apply_activation(y, self.activation, self.activation_param, prelu_weight)
+        return _BatchNormAct.forward(self, input, mask)  # BatchNormAct's fused call, on this layer's state
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
