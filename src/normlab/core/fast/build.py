@@ -49,16 +49,7 @@ from typing import IO
 
 from ..activation import ACTIVATIONS
 
-__all__ = [
-    "available",
-    "backend",
-    "check_activation_codes",
-    "kernels",
-    "record_dispatch",
-    "set_backend",
-    "status",
-    "use_backend",
-]
+__all__ = ["available", "backend", "kernels", "record_dispatch", "set_backend", "status", "use_backend"]
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
 _BACKENDS = ("auto", "fast", "composed")
@@ -298,7 +289,7 @@ def kernels():
             if not _state["tried"]:
                 try:
                     module, path = _build()
-                    check_activation_codes(module)
+                    _check_activation_codes(module)
                     _state["module"], _state["path"] = module, path
                 except Exception as err:  # noqa: BLE001 — no compiler, no ninja, a read-only cache, a lock timeout, ...
                     _state["error"] = _summary(err)
@@ -315,7 +306,7 @@ def kernels():
     return _state["module"]
 
 
-def check_activation_codes(module) -> None:
+def _check_activation_codes(module) -> None:
     """Raise unless the compiled module switches on the codes the activation registry holds."""
     expected = {name: entry.code for name, entry in ACTIVATIONS.items() if entry.fused}
     found = dict(getattr(module, "activation_codes", {}))
