@@ -13,6 +13,7 @@ from torch import nn
 
 import normlab as nl
 from normlab import core
+from normlab.core.activation import FUSED_ACTIVATIONS
 
 
 def _why_the_kernels_are_not_expected() -> str | None:
@@ -273,3 +274,26 @@ def test_first_value_far_from_the_mean_costs_no_accuracy(layout):
         exact = TF.instance_norm(x.double())
     err = ((ours.double() - exact).abs().max() / exact.abs().max()).item()
     assert err < 4e-7, err
+
+
+def test_the_kernels_switch_on_the_registry_codes():
+    expected = {name: entry.code for name, entry in core.ACTIVATIONS.items() if entry.fused}
+    assert core.fast.kernels().activation_codes == expected
+    assert list(expected) == list(FUSED_ACTIVATIONS) and sorted(expected.values()) == list(range(len(expected)))
+
+
+def test_kernels_with_other_activation_codes_are_refused(monkeypatch):
+    swapped = {**core.fast.kernels().activation_codes, "relu": 2, "leaky_relu": 1}
+    fake = type("FakeKernels", (), {"activation_codes": swapped})()
+    monkeypatch.setattr(core.fast.build, "_build", lambda: (fake, "fake.so"))
+    monkeypatch.setattr(
+        core.fast.build, "_state", {"module": None, "path": None, "error": None, "tried": False, "backend": "auto"}
+    )
+    with pytest.warns(RuntimeWarning, match="the kernels' activation codes .* differ from normlab.core.activation's"):
+        assert core.fast.kernels() is None
+    assert "enum Act and its activation_codes table must follow the registry" in core.fast.status()
+    x = torch.randn(4, 3, 2, 2)
+    with core.record_dispatch() as log:  # and the composed ops run in their place
+        y = nl.functional.batch_norm_act(x, None, None, training=True, activation="relu")
+    assert [path for _, path, _ in log] == ["composed"]
+    torch.testing.assert_close(y, TF.relu(TF.batch_norm(x, None, None, training=True)))

@@ -35,7 +35,7 @@ def _compare(ours_fn, theirs_fn, x, params, *, rtol, atol):
     dy = torch.randn_like(yt)
     go = _grads(yo, [xo, *params], dy)
     gt = _grads(yt, [xt, *params], dy)
-    for what, a, b in zip(["output", "d_input", "d_weight", "d_bias"], [yo, *go], [yt, *gt]):
+    for what, a, b in zip(["output", "d_input", "d_weight", "d_bias", "d_prelu_weight"], [yo, *go], [yt, *gt]):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, msg=lambda m, what=what: f"{what}: {m}")
     return yo
@@ -209,3 +209,60 @@ def test_gradcheck_without_affine():
         lambda x: F.rms_norm(x, (5,)),
     ):
         assert torch.autograd.gradcheck(fn, (x,))
+
+
+# --- norm_act: one entry to the fused batch and group forms --------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_act_batch_is_batch_norm_then_the_activation(dtype):
+    x = torch.randn(6, 4, 5, 3, dtype=dtype) * 2 + 1
+    w, b = _params(4, dtype)
+    ours_stats = (torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype))
+    torch_stats = (torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype))
+    ours = lambda z: F.norm_act(  # noqa: E731
+        z, "batch", running_mean=ours_stats[0], running_var=ours_stats[1], weight=w, bias=b,
+        momentum=0.3, activation="leaky_relu", activation_param=0.2,
+    )  # fmt: skip
+    theirs = lambda z: TF.leaky_relu(TF.batch_norm(z, *torch_stats, w, b, True, 0.3), 0.2)  # noqa: E731
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    _compare(ours, theirs, x, [w, b], rtol=tol, atol=tol)
+    for a, e in zip(ours_stats, torch_stats):  # the running estimates moved the same way
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+    # eval: the running estimates normalize
+    ours = lambda z: F.norm_act(z, running_mean=ours_stats[0], running_var=ours_stats[1], training=False)  # noqa: E731
+    theirs = lambda z: TF.relu(TF.batch_norm(z, *torch_stats, None, None, False))  # noqa: E731
+    torch.testing.assert_close(ours(x), theirs(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_act_group_is_group_norm_then_the_activation(dtype):
+    x = torch.randn(3, 6, 5, 4, dtype=dtype) * 2 + 1
+    w, b = _params(6, dtype)
+    slopes = torch.linspace(0.05, 0.3, 6, dtype=dtype).requires_grad_()
+    ours = lambda z: F.norm_act(  # noqa: E731
+        z, "group", num_groups=3, weight=w, bias=b, activation="prelu", prelu_weight=slopes
+    )
+    theirs = lambda z: TF.prelu(TF.group_norm(z, 3, w, b), slopes)  # noqa: E731
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    _compare(ours, theirs, x, [w, b, slopes], rtol=tol, atol=tol)
+
+
+def test_norm_act_in_place_writes_over_its_input():
+    x = torch.randn(4, 3, 5, 5)
+    expected = TF.elu(TF.group_norm(x, 3), 1.0)
+    leaf = x.clone().requires_grad_()
+    inner = leaf * 1.0  # in place needs a non-leaf input, as after a convolution
+    y = F.norm_act(inner, "group", num_groups=3, activation="elu", inplace=True)
+    assert y.data_ptr() == inner.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_act_refuses_what_it_cannot_do():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="norm='group' needs num_groups"):
+        F.norm_act(x, "group")
+    with pytest.raises(ValueError, match="norm must be 'batch' or 'group', got 'layer'"):
+        F.norm_act(x, "layer")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        F.norm_act(x, activation="gelu")

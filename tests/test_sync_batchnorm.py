@@ -5,6 +5,7 @@ group; non-finite batches; and a peer that stops answering."""
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import socket
@@ -267,3 +268,96 @@ def test_convert_sync_batchnorm_and_back():
         assert torch.equal(back.state_dict()[k], v)
     group_report = surgery.convert_sync_batchnorm(model, process_group="sentinel").model
     assert group_report[1].process_group == "sentinel"
+
+
+# --- SyncBatchNormAct: SyncBatchNorm followed by the activation ----------------------------
+
+ACT_CASES = (("leaky_relu", 0.2), ("prelu", None), ("silu", None))
+
+
+def _act_pair(activation, param):
+    """A SyncBatchNormAct and the same state as SyncBatchNorm → the activation module."""
+    torch.manual_seed(2)
+    fused = nl.nn.SyncBatchNormAct(C, activation=activation, activation_param=param)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        fused.bias.uniform_(-0.5, 0.5)
+        if activation == "prelu":
+            fused.act.weight.uniform_(0.05, 0.3)
+    norm = nl.nn.SyncBatchNorm(C)
+    norm.load_state_dict({k: v for k, v in fused.state_dict().items() if not k.startswith("act.")})
+    act = copy.deepcopy(fused.act)
+    return fused, torch.nn.Sequential(norm, act)
+
+
+def _act_steps(module, norm, steps, rank, sizes):
+    """Two training steps and one in eval mode: outputs, input and parameter gradients; and
+    the running statistics."""
+    out = []
+    for training, (x, dy) in zip((True, True, False), steps + steps[:1]):
+        if rank is not None:
+            x, dy = _split(x, sizes)[rank], _split(dy, sizes)[rank]
+        module.train(training)
+        xi = x.clone().requires_grad_()
+        y = module(xi)
+        out.append((y.detach(), *torch.autograd.grad(y, [xi, *module.parameters()], dy)))
+    return out, [norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()]
+
+
+def _fused_equals_norm_then_act(rank, sizes):
+    steps = _data(sizes, torch.float32)
+    for activation, param in ACT_CASES:
+        fused, reference = _act_pair(activation, param)
+        ours = _act_steps(fused, fused, steps, rank, sizes)
+        theirs = _act_steps(reference, reference[0], steps, rank, sizes)
+        for a, b in zip([*ours[0], ours[1]], [*theirs[0], theirs[1]]):
+            assert len(a) == len(b)
+            for t, u in zip(a, b):
+                torch.testing.assert_close(t, u, rtol=1e-5, atol=1e-6, msg=lambda m, name=activation: f"{name}: {m}")
+
+
+def _act_worker(rank, world, port, sizes):
+    _init(rank, world, port)
+    try:
+        _fused_equals_norm_then_act(rank, sizes)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[5, 2], [6]], ids=["2-ranks", "1-rank"])
+def test_sync_batchnorm_act_is_sync_batchnorm_then_the_activation(sizes):
+    # an assertion failing in a rank fails the spawn, with that rank's traceback
+    mp.spawn(_act_worker, args=(len(sizes), _free_port(), sizes), nprocs=len(sizes), join=True)
+
+
+def test_sync_batchnorm_act_without_a_process_group_is_the_fused_pass():
+    assert not dist.is_initialized()
+    _fused_equals_norm_then_act(None, [6])
+    layer = nl.nn.SyncBatchNormAct(C, activation="leaky_relu", activation_param=0.2)
+    x = torch.randn(6, C, 4, 3)
+    for training in (True, False):
+        layer.train(training)
+        with nl.core.record_dispatch() as log:
+            layer(x)
+        assert [op for op, _, _ in log] == ["batch_norm_act"]  # one op: norm and activation fused
+    assert "activation='leaky_relu', activation_param=0.2" in repr(layer)
+
+
+def test_convert_sync_batchnorm_keeps_the_freeze_and_the_activation():
+    model = torch.nn.Sequential(
+        nl.nn.BatchNormAct2d(4, activation="leaky_relu", activation_param=0.2).freeze(affine=False),
+        nl.nn.BatchNorm2d(4).freeze(),
+        torch.nn.BatchNorm2d(4),
+    )
+    synced = surgery.convert_sync_batchnorm(model).model
+    assert type(synced[0]) is nl.nn.SyncBatchNormAct and synced[0].activation_param == 0.2
+    assert [(m.frozen, m.frozen_affine) for m in synced] == [(True, False), (True, True), (False, False)]
+    assert synced[0].weight.requires_grad and not synced[1].weight.requires_grad
+    back = surgery.revert_sync_batchnorm(synced).model
+    assert type(back[0]) is nl.nn.BatchNormAct2d and type(back[2]) is torch.nn.BatchNorm2d
+    assert [(back[0].frozen, back[0].frozen_affine), (back[1].frozen, back[1].frozen_affine)] == [
+        (True, False),
+        (True, True),
+    ]
+    x = torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(back(x), model(x))

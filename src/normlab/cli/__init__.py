@@ -70,7 +70,3 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"normlab {args.command}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
-
-
-if __name__ == "__main__":
-    sys.exit(main())

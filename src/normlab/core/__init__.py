@@ -8,6 +8,7 @@ these pieces; nothing here imports from those layers.
 from . import fast
 from .activation import (
     ACTIVATION_DEFAULTS,
+    ACTIVATIONS,
     INVERTIBLE_ACTIVATIONS,
     apply_activation,
     check_activation,
@@ -49,7 +50,6 @@ from .moments import (
     centered_moments,
     compute_dtype,
     mean_square,
-    mean_var,
     merge_moments,
     reduced_count,
 )
@@ -78,6 +78,7 @@ from .running import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "ACTIVATION_DEFAULTS",
     "INVERTIBLE_ACTIVATIONS",
     "LOW_PRECISION_DTYPES",
@@ -114,7 +115,6 @@ __all__ = [
     "from_decay_convention",
     "inplace_abn",
     "mean_square",
-    "mean_var",
     "masked_channel_norm",
     "masked_moments",
     "masked_normalize",

@@ -1,5 +1,12 @@
-"""Activations fused after a normalization, and the memory-saving (in-place) mode in
-composed torch ops — the fallback of the C++ kernels and their test reference.
+"""The activation registry, activations fused after a normalization, and the
+memory-saving (in-place) mode in composed torch ops — the fallback of the C++ kernels and
+their test reference.
+
+:data:`ACTIVATIONS` is the one table of the activations normlab knows: each entry's
+default parameter, its code in the C++ kernels (``enum Act`` in ``fast/kernels.cpp``,
+checked against this table when the kernels load), whether it can be inverted, its
+functional form and the torch.nn module it stands for. The fused layers, the kernels'
+dispatch, the module factories and the experiments read it; nothing else lists them.
 
 In-Place Activated BatchNorm (Rota Bulò et al., 2018) keeps only the output y = act(z),
 z = γ·x̂ + β, for backward: z = act⁻¹(y) and x̂ = (z − β)/γ are recovered from it, so the
@@ -11,77 +18,145 @@ least 1e-5 when recovering x̂; the forward is unchanged).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as TF
+from torch import nn
 
 from .checks import InputError
 from .moments import centered_moments, compute_dtype
 
 __all__ = [
+    "ACTIVATIONS",
     "ACTIVATION_DEFAULTS",
+    "FUSED_ACTIVATIONS",
     "INVERTIBLE_ACTIVATIONS",
+    "Activation",
+    "activation_for_code",
     "apply_activation",
     "check_activation",
     "inplace_abn",
 ]
 
-#: activation name → its parameter's default (LeakyReLU's slope, ELU's alpha).
-ACTIVATION_DEFAULTS = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0, "silu": 0.0, "prelu": 0.25}
-INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation. Its *parameter* is a float: LeakyReLU's slope, ELU's alpha,
+    PReLU's initial slope; activations without one ignore it."""
+
+    name: str
+    #: the torch.nn class it stands for (exactly that class: a subclass may compute something else)
+    module: type[nn.Module]
+    #: ``(z, param, prelu_weight) -> act(z)``; None where torch has no pure function for it
+    forward: Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor] | None
+    default_param: float = 0.0
+    #: the keyword of ``module``'s constructor (and, but for PReLU, its attribute) that holds the parameter
+    param_keyword: str | None = None
+    #: the value the C++ kernels switch on; None: no fused form
+    code: int | None = None
+    #: ``(y, param) -> z`` and ``(y, param) -> act'(z)`` from the output; None: not invertible
+    inverse: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    grad_from_output: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    #: one learnable parameter per channel (PReLU): the module is built with ``num_parameters=channels``
+    per_channel: bool = False
+    #: other names for it (timm's ``act_layer`` spellings)
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def fused(self) -> bool:
+        return self.code is not None
+
+    @property
+    def invertible(self) -> bool:
+        return self.inverse is not None
+
+    @property
+    def constant_param(self) -> bool:
+        """Whether the parameter is a constant of the map (LeakyReLU, ELU) rather than
+        none or the initial value of learnable state (PReLU)."""
+        return self.param_keyword is not None and not self.per_channel
+
+    def make_module(self, param: float | None = None, channels: int = 1) -> nn.Module:
+        """A fresh ``module`` with ``param`` (the default when None)."""
+        kwargs = {}
+        if self.param_keyword is not None:
+            kwargs[self.param_keyword] = self.default_param if param is None else param
+        if self.per_channel:
+            kwargs["num_parameters"] = channels
+        return self.module(**kwargs)
+
+
+# One entry per activation; aligned as a table, so kept out of the formatter's hands.
+# fmt: off
+_ENTRIES = (
+    Activation("identity", nn.Identity, lambda z, param, prelu_weight: z, code=0,
+               inverse=lambda y, param: y, grad_from_output=lambda y, param: torch.ones_like(y)),
+    Activation("relu", nn.ReLU, lambda z, param, prelu_weight: TF.relu(z), code=1),
+    Activation("leaky_relu", nn.LeakyReLU, lambda z, param, prelu_weight: TF.leaky_relu(z, param), code=2,
+               default_param=0.01, param_keyword="negative_slope", aliases=("leakyrelu",),
+               inverse=lambda y, param: torch.where(y > 0, y, y / param),
+               grad_from_output=lambda y, param: torch.where(y > 0, torch.ones_like(y), torch.full_like(y, param))),
+    Activation("elu", nn.ELU, lambda z, param, prelu_weight: TF.elu(z, param), code=3,
+               default_param=1.0, param_keyword="alpha",
+               inverse=lambda y, param: torch.where(y > 0, y, torch.log1p(y / param)),
+               grad_from_output=lambda y, param: torch.where(y > 0, torch.ones_like(y), y + param)),
+    Activation("silu", nn.SiLU, lambda z, param, prelu_weight: TF.silu(z), code=4, aliases=("swish",)),
+    Activation("prelu", nn.PReLU, lambda z, param, prelu_weight: TF.prelu(z, prelu_weight), code=5,
+               default_param=0.25, param_keyword="init", per_channel=True),
+    # Not fused: the experiments' activations.
+    Activation("tanh", nn.Tanh, lambda z, param, prelu_weight: torch.tanh(z)),
+    Activation("sigmoid", nn.Sigmoid, lambda z, param, prelu_weight: torch.sigmoid(z)),
+    # a random slope in [1/8, 1/3] in training, their mean in eval: no function of z alone
+    Activation("rrelu", nn.RReLU, None),
+)
+# fmt: on
+
+#: name → :class:`Activation`, every activation normlab knows.
+ACTIVATIONS: dict[str, Activation] = {entry.name: entry for entry in _ENTRIES}
+#: the ones the fused norm+activation layers and the kernels compute, in kernel-code order.
+FUSED_ACTIVATIONS = tuple(sorted((a.name for a in _ENTRIES if a.fused), key=lambda name: ACTIVATIONS[name].code))
+#: activation name → its parameter's default, for the fused ones.
+ACTIVATION_DEFAULTS = {name: ACTIVATIONS[name].default_param for name in FUSED_ACTIVATIONS}
+INVERTIBLE_ACTIVATIONS = tuple(name for name in FUSED_ACTIVATIONS if ACTIVATIONS[name].invertible)
+_BY_CODE = {ACTIVATIONS[name].code: ACTIVATIONS[name] for name in FUSED_ACTIVATIONS}
 GAMMA_GUARD = 1e-5
 
 
+def activation_for_code(code: int) -> Activation:
+    """The entry the kernels' ``code`` stands for."""
+    return _BY_CODE[code]
+
+
 def check_activation(name: str, param: float | None = None, *, inplace: bool = False) -> float:
-    """Validate an activation choice; returns its parameter (the default when None)."""
-    if name not in ACTIVATION_DEFAULTS:
-        raise InputError(f"activation must be one of {tuple(ACTIVATION_DEFAULTS)}, got {name!r}")
-    value = ACTIVATION_DEFAULTS[name] if param is None else float(param)
+    """Validate a fused activation choice; returns its parameter (the default when None)."""
+    entry = ACTIVATIONS.get(name)
+    if entry is None or not entry.fused:
+        raise InputError(f"activation must be one of {FUSED_ACTIVATIONS}, got {name!r}")
+    value = entry.default_param if param is None else float(param)
     if not math.isfinite(value):
         raise InputError(f"activation parameter must be finite, got {param!r}")
     if inplace:
-        if name not in INVERTIBLE_ACTIVATIONS:
+        if not entry.invertible:
             raise InputError(
                 f"inplace=True keeps only the output and recovers the input by inverting the "
                 f"activation, so it needs an invertible one ({', '.join(INVERTIBLE_ACTIVATIONS)}); "
                 f"{name!r} is not (ReLU maps every negative input to 0). Use "
                 f"activation='leaky_relu' (slope 0.01), or inplace=False"
             )
-        if name in ("leaky_relu", "elu") and value <= 0:
+        # the parameter scales the negative side: at 0 or below, that side collapses or overlaps the other
+        if entry.param_keyword is not None and value <= 0:
             raise InputError(f"inplace=True needs {name}'s parameter > 0 to be invertible, got {value}")
     return value
 
 
 def apply_activation(z: torch.Tensor, name: str, param: float, prelu_weight: torch.Tensor | None = None):
-    if name == "identity":
-        return z
-    if name == "relu":
-        return TF.relu(z)
-    if name == "leaky_relu":
-        return TF.leaky_relu(z, param)
-    if name == "elu":
-        return TF.elu(z, param)
-    if name == "silu":
-        return TF.silu(z)
-    if name == "prelu":
-        return TF.prelu(z, prelu_weight)
-    raise InputError(f"unknown activation {name!r}")
-
-
-def _inverse(y, name, param):
-    if name == "leaky_relu":
-        return torch.where(y > 0, y, y / param)
-    if name == "elu":
-        return torch.where(y > 0, y, torch.log1p(y / param))
-    return y
-
-
-def _grad_from_output(y, name, param):
-    if name == "leaky_relu":
-        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, param))
-    if name == "elu":
-        return torch.where(y > 0, torch.ones_like(y), y + param)
-    return torch.ones_like(y)
+    """``act(z)`` for a fused activation (``prelu_weight``: PReLU's slopes)."""
+    entry = ACTIVATIONS.get(name)
+    if entry is None or not entry.fused:
+        raise InputError(f"unknown activation {name!r}")
+    return entry.forward(z, param, prelu_weight)
 
 
 class _InPlaceABN(torch.autograd.Function):
@@ -112,8 +187,9 @@ class _InPlaceABN(torch.autograd.Function):
         cdtype = rstd.dtype
         target, dims, w, b = _grouped(y, weight, bias, ctx.groups)
         yc, dyc = target.to(cdtype), dy.view(target.shape).to(cdtype)
-        z = _inverse(yc, ctx.name, ctx.param)
-        dz = dyc * _grad_from_output(yc, ctx.name, ctx.param)
+        entry = ACTIVATIONS[ctx.name]
+        z = entry.inverse(yc, ctx.param)
+        dz = dyc * entry.grad_from_output(yc, ctx.param)
         gamma = w.to(cdtype) if w is not None else torch.ones((), dtype=cdtype, device=y.device)
         beta = b.to(cdtype) if b is not None else torch.zeros((), dtype=cdtype, device=y.device)
         safe = torch.where(gamma.abs() < GAMMA_GUARD, torch.full_like(gamma, GAMMA_GUARD).copysign(gamma), gamma)

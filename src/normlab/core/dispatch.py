@@ -42,10 +42,9 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as TF
 
-from .activation import apply_activation, inplace_abn
+from .activation import ACTIVATIONS, apply_activation, inplace_abn
 from .fast import build as _build
 from .fast.ops import (
-    ACTIVATIONS,
     call_add_row_norm,
     call_channel_norm,
     call_row_norm,
@@ -142,7 +141,7 @@ def channel_norm(
     path, reason = choose_path(x)
     _note(operation, path, reason)
     if path == "fast":
-        act = ACTIVATIONS[activation]
+        act = ACTIVATIONS[activation].code
         if channel_layout(x) is None:
             x = x.contiguous()
         if inplace:

@@ -34,7 +34,6 @@ __all__ = [
     "centered_moments",
     "compute_dtype",
     "mean_square",
-    "mean_var",
     "merge_moments",
     "reduced_count",
 ]
@@ -114,15 +113,6 @@ def centered_moments(x: torch.Tensor, dims: Sequence[int]) -> CenteredMoments:
     var = (centered * centered).mean(dims, keepdim=True)
     var = var.sub_(offset * offset).clamp_(min=0)
     return CenteredMoments(shift, offset, var)
-
-
-def mean_var(x: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance of ``x`` over ``dims``, kept as size-1 dims.
-
-    Returned in :func:`compute_dtype` of ``x``; see :func:`centered_moments`.
-    """
-    moments = centered_moments(x, dims)
-    return moments.mean, moments.var
 
 
 def mean_square(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:

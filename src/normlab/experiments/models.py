@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import init as nlinit
 from .. import nn as nln
+from ..core import ACTIVATIONS
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -127,23 +128,15 @@ class ResNet18(nn.Module):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
 
 
-ACTIVATION_KINDS = ("tanh", "sigmoid", "relu", "leaky_relu", "prelu", "elu", "rrelu")
+ACTIVATION_KINDS = tuple(ACTIVATIONS)
 
 
 def make_activation(kind: str, width: int) -> nn.Module:
-    """A fresh activation module; PReLU gets one learnable slope per unit."""
-    makers = {
-        "tanh": nn.Tanh,
-        "sigmoid": nn.Sigmoid,
-        "relu": nn.ReLU,
-        "elu": nn.ELU,
-        "leaky_relu": lambda: nn.LeakyReLU(0.01),
-        "prelu": lambda: nn.PReLU(width),
-        "rrelu": nn.RReLU,  # random slope in [1/8, 1/3] in training, their mean in eval
-    }
-    if kind not in makers:
+    """A fresh activation module with its default parameter; PReLU gets one learnable
+    slope per unit."""
+    if kind not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATION_KINDS}, got {kind!r}")
-    return makers[kind]()
+    return ACTIVATIONS[kind].make_module(channels=width)
 
 
 #: Weight initializations for the MLP studies (biases start at 0 in every scheme but "torch").

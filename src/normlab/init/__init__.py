@@ -17,7 +17,8 @@ from .schemes import (
     xavier_uniform_,
 )
 
-# The names DESIGN.md promises: nl.init.xavier_(tensor, activation="tanh").
+# Short names (docs/init.md), each for its paper's own distribution: Glorot & Bengio drew
+# uniformly, He et al. from a Gaussian.
 xavier_ = xavier_uniform_
 he_ = he_normal_
 

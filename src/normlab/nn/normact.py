@@ -14,7 +14,8 @@ from torch import nn
 from torch.fx import Proxy
 
 from .. import functional as F
-from ..core import check_activation
+from ..core import ACTIVATIONS, check_activation
+from ..core.activation import FUSED_ACTIVATIONS
 from ..core.checks import InputError
 from .base import traced_call
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -25,50 +26,15 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "GroupNormAct",
-    "activation_module",
     "activation_spec",
     "timm_norm_act",
 ]
 
 
-def activation_module(name: str, param: float, channels: int) -> nn.Module:
-    """The torch.nn module that ``activation=name`` stands for."""
-    if name == "identity":
-        return nn.Identity()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(param)
-    if name == "elu":
-        return nn.ELU(param)
-    if name == "silu":
-        return nn.SiLU()
-    if name == "prelu":
-        return nn.PReLU(channels, init=param)
-    raise InputError(f"unknown activation {name!r}")
-
-
 # torch.nn activation classes with a fused form (exact classes: a subclass may compute
-# something else), and the constructor keyword / attribute holding each one's parameter.
-_ACTIVATION_CLASSES: dict[type, str] = {
-    nn.Identity: "identity",
-    nn.ReLU: "relu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.ELU: "elu",
-    nn.SiLU: "silu",
-    nn.PReLU: "prelu",
-}
-_ACTIVATION_NAMES = {
-    "identity": "identity",
-    "relu": "relu",
-    "leaky_relu": "leaky_relu",
-    "leakyrelu": "leaky_relu",
-    "elu": "elu",
-    "silu": "silu",
-    "swish": "silu",
-    "prelu": "prelu",
-}
-_PARAM_KEYWORD = {"leaky_relu": "negative_slope", "elu": "alpha", "prelu": "init"}
+# something else), and the names timm's ``act_layer`` strings use for them.
+_BY_CLASS = {ACTIVATIONS[name].module: ACTIVATIONS[name] for name in FUSED_ACTIVATIONS}
+_BY_NAME = {alias: entry for entry in _BY_CLASS.values() for alias in (entry.name, *entry.aliases)}
 
 
 def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | None]:
@@ -83,34 +49,35 @@ def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | N
     if act is None:
         return "identity", None
     if isinstance(act, str):
-        name = _ACTIVATION_NAMES.get(act.lower())
-        if name is None:
+        entry = _BY_NAME.get(act.lower())
+        if entry is None:
             raise InputError(
-                f"activation {act!r} has no fused normlab form; supported names: {', '.join(sorted(_ACTIVATION_NAMES))}"
+                f"activation {act!r} has no fused normlab form; supported names: {', '.join(sorted(_BY_NAME))}"
             )
     else:
         cls = act if isinstance(act, type) else type(act)
-        name = _ACTIVATION_CLASSES.get(cls)
-        if name is None:
+        entry = _BY_CLASS.get(cls)
+        if entry is None:
             raise InputError(
                 f"activation {cls.__module__}.{cls.__name__} has no fused normlab form; supported: "
-                + ", ".join(f"torch.nn.{c.__name__}" for c in _ACTIVATION_CLASSES)
+                + ", ".join(f"torch.nn.{c.__name__}" for c in _BY_CLASS)
             )
         if isinstance(act, nn.Module):
-            keyword = _PARAM_KEYWORD.get(name)
-            return name, float(getattr(act, keyword)) if keyword and name != "prelu" else None
-    keyword = _PARAM_KEYWORD.get(name)
-    return name, (act_kwargs or {}).get(keyword) if keyword else None
+            return entry.name, float(getattr(act, entry.param_keyword)) if entry.constant_param else None
+    keyword = entry.param_keyword
+    return entry.name, (act_kwargs or {}).get(keyword) if keyword else None
 
 
 class _ActMixin:
     """The activation choice and its module, shared by the fused layers."""
 
-    def _init_activation(self, channels, activation, activation_param, inplace):
+    def _init_activation(self, channels, activation, activation_param, inplace, device=None, dtype=None):
         self.activation = activation
         self.activation_param = check_activation(activation, activation_param, inplace=inplace)
         self.inplace = bool(inplace)
-        self.act = activation_module(activation, self.activation_param, channels)
+        self.act = ACTIVATIONS[activation].make_module(self.activation_param, channels)
+        if device is not None or dtype is not None:
+            self.act.to(device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         """The norm's reset, and PReLU's slope back to its initial value."""
@@ -130,7 +97,7 @@ class _ActMixin:
 
     def _act_repr(self) -> str:
         text = f", activation={self.activation!r}"
-        if self.activation in ("leaky_relu", "elu"):
+        if ACTIVATIONS[self.activation].constant_param:
             text += f", activation_param={self.activation_param}"
         return text + (", inplace=True" if self.inplace else "")
 
@@ -165,9 +132,7 @@ class _BatchNormAct(_ActMixin):
         **kwargs,
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
-        self._init_activation(num_features, activation, activation_param, inplace)
-        if device is not None or dtype is not None:
-            self.act.to(device=device, dtype=dtype)
+        self._init_activation(num_features, activation, activation_param, inplace, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
@@ -230,9 +195,7 @@ class GroupNormAct(_ActMixin, GroupNorm):
         bias=True,
     ):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
-        self._init_activation(num_channels, activation, activation_param, inplace)
-        if device is not None or dtype is not None:
-            self.act.to(device=device, dtype=dtype)
+        self._init_activation(num_channels, activation, activation_param, inplace, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):

@@ -7,8 +7,10 @@ from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as F
-from ..core import apply_activation, check_activation
+from ..core import apply_activation
+from ..functional.sync import distributed_world
 from .base import _NormBase, check_channel_input, check_norm_args, traced_call
+from .normact import _ActMixin, _BatchNormAct
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
@@ -114,11 +116,16 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         )
 
 
-class SyncBatchNormAct(SyncBatchNorm):
+class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
     """SyncBatchNorm followed by an activation (the norm+act form of SyncBatchNorm).
 
     Same extra arguments as :class:`normlab.nn.BatchNormAct2d` except ``inplace``; what
-    :func:`normlab.surgery.convert_sync_batchnorm` turns a BatchNormAct into.
+    :func:`normlab.surgery.convert_sync_batchnorm` turns a BatchNormAct into. Where the
+    statistics are this process's or given — eval mode, a frozen layer, a group of one
+    process or none — it is :class:`normlab.nn.BatchNormAct2d`'s fused pass. Synchronized
+    training normalizes with every process's statistics, whose backward is an exchange of
+    gradient sums that the fused kernels do not compute: there the activation follows the
+    normalization as a separate op.
     """
 
     def __init__(
@@ -139,19 +146,17 @@ class SyncBatchNormAct(SyncBatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
-        from .normact import activation_module  # normact imports batchnorm; keep this one local
-
-        self.activation = activation
-        self.activation_param = check_activation(activation, activation_param)
-        self.inplace = False
-        self.act = activation_module(activation, self.activation_param, num_features)
-        if device is not None or dtype is not None:
-            self.act.to(device=device, dtype=dtype)
+        self._init_activation(num_features, activation, activation_param, False, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        prelu = self.act.weight if self.activation == "prelu" else None
-        # every activation here maps 0 to 0: padded outputs stay 0
-        return apply_activation(super().forward(input, mask), self.activation, self.activation_param, prelu)
+        if isinstance(input, Proxy):
+            return traced_call(self, input, mask)
+        if self.training and self._uses_batch_stats and distributed_world(self.process_group) > 1:
+            prelu_weight = self.act.weight if self.activation == "prelu" else None
+            # every fused activation maps 0 to 0: masked-out positions stay 0
+            y = super().forward(input, mask)
+            return apply_activation(y, self.activation, self.activation_param, prelu_weight)
+        return _BatchNormAct.forward(self, input, mask)  # BatchNormAct's fused call, on this layer's state
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", activation={self.activation!r}"
+        return super().extra_repr() + self._act_repr()

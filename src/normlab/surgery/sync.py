@@ -68,8 +68,8 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> SurgeryResul
             synced = nln.SyncBatchNorm(*args, **kwargs)
         synced.load_state_dict(module.state_dict())
         synced.train(module.training)
-        if getattr(module, "frozen", False):
-            synced.freeze(affine=getattr(module, "frozen_affine", True))
+        if isinstance(module, nln.FreezableNorm) and module.frozen:  # torch.nn's layers have no flag
+            synced.freeze(affine=module.frozen_affine)
         setattr(synced, _ORIGINAL_CLASS, type(module))
         new = replace_module(new, path, synced)
         report.changed(path, "synced", class_label(module), class_label(synced))

@@ -3,10 +3,9 @@ PyTorch operators (``torch.ops.normlab.*``) that wrap them. Which path a call ta
 decided in :mod:`normlab.core.dispatch`, not here."""
 
 from .build import available, backend, kernels, record_dispatch, set_backend, status, use_backend
-from .ops import ACTIVATIONS, ChannelPlan, channel_layout, channel_norm_inplace, plan_channel_norm
+from .ops import ChannelPlan, channel_layout, channel_norm_inplace, plan_channel_norm
 
 __all__ = [
-    "ACTIVATIONS",
     "ChannelPlan",
     "available",
     "backend",

@@ -47,6 +47,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from ..activation import ACTIVATIONS
+
 __all__ = ["available", "backend", "kernels", "record_dispatch", "set_backend", "status", "use_backend"]
 
 _SOURCE = Path(__file__).with_name("kernels.cpp")
@@ -286,7 +288,9 @@ def kernels():
         with _lock:
             if not _state["tried"]:
                 try:
-                    _state["module"], _state["path"] = _build()
+                    module, path = _build()
+                    _check_activation_codes(module)
+                    _state["module"], _state["path"] = module, path
                 except Exception as err:  # noqa: BLE001 — no compiler, no ninja, a read-only cache, a lock timeout, ...
                     _state["error"] = _summary(err)
                     warnings.warn(
@@ -300,6 +304,17 @@ def kernels():
     if _state["module"] is None and _state["backend"] == "fast":
         raise RuntimeError(f"backend 'fast' was forced but the kernels are unavailable: {_state['error']}")
     return _state["module"]
+
+
+def _check_activation_codes(module) -> None:
+    """Raise unless the compiled module switches on the codes the activation registry holds."""
+    expected = {name: entry.code for name, entry in ACTIVATIONS.items() if entry.fused}
+    found = dict(getattr(module, "activation_codes", {}))
+    if found != expected:
+        raise RuntimeError(
+            f"the kernels' activation codes {found} differ from normlab.core.activation's {expected}; "
+            f"kernels.cpp's enum Act and its activation_codes table must follow the registry"
+        )
 
 
 def available() -> bool:

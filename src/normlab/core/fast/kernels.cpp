@@ -44,6 +44,7 @@
 
 namespace {
 
+// The codes of normlab.core.activation.ACTIVATIONS; exported as `activation_codes`.
 enum Act : int { IDENTITY = 0, RELU = 1, LEAKY = 2, ELU = 3, SILU = 4, PRELU = 5 };
 
 constexpr int64_t kBlock = 512;      // floats summed in float before flushing to double
@@ -1271,14 +1272,6 @@ std::vector<at::Tensor> add_row_backward(const at::Tensor& dy, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab float32 CPU normalization kernels";
-  m.def("plane_moments", &plane_moments);
-  m.def("plane_apply", &plane_apply);
-  m.def("plane_backward_reduce", &plane_backward_reduce);
-  m.def("plane_backward_apply", &plane_backward_apply);
-  m.def("column_moments", &column_moments);
-  m.def("column_apply", &column_apply);
-  m.def("column_backward_reduce", &column_backward_reduce);
-  m.def("column_backward_apply", &column_backward_apply);
   m.def("channel_forward", &channel_forward);
   m.def("channel_backward", &channel_backward);
   m.def("row_forward", &row_forward);
@@ -1286,4 +1279,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_backward", &row_backward);
   m.def("add_row_forward", &add_row_forward);
   m.def("add_row_backward", &add_row_backward);
+  // enum Act by normlab's activation names: normlab.core.activation.ACTIVATIONS holds the
+  // same codes, and the loader refuses a module whose table differs from it.
+  pybind11::dict activation_codes;
+  activation_codes["identity"] = static_cast<int>(IDENTITY);
+  activation_codes["relu"] = static_cast<int>(RELU);
+  activation_codes["leaky_relu"] = static_cast<int>(LEAKY);
+  activation_codes["elu"] = static_cast<int>(ELU);
+  activation_codes["silu"] = static_cast<int>(SILU);
+  activation_codes["prelu"] = static_cast<int>(PRELU);
+  m.attr("activation_codes") = activation_codes;
 }

@@ -30,20 +30,17 @@ from typing import NamedTuple
 
 import torch
 
-from ..activation import apply_activation
+from ..activation import ACTIVATIONS, activation_for_code, apply_activation
 from ..reference import reference_normalize
 from .build import kernels
 
 __all__ = [
-    "ACTIVATIONS",
     "ChannelPlan",
     "channel_norm_inplace",
     "plan_channel_norm",
 ]
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "prelu": 5}
-_ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
-_PRELU = ACTIVATIONS["prelu"]
+_PRELU = ACTIVATIONS["prelu"].code
 
 _EMPTY = torch.empty(0)
 
@@ -297,7 +294,7 @@ def _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd):
         else:
             z = reference_normalize(target, w, b, dims, ctx.eps)
         z = z.reshape(x.shape) if z.shape != x.shape else z
-        name = _ACTIVATION_NAMES[ctx.act]
+        name = activation_for_code(ctx.act).name
         y = apply_activation(z, name, ctx.param, prelu if name == "prelu" else None)
         operands = (x, weight, bias, prelu)
         needs = tuple(ctx.needs_input_grad) + (False,) * 10  # shorter when nested in create_graph
