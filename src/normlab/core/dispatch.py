@@ -139,7 +139,13 @@ def channel_norm(
     """
     given = running_mean is not None
     inplace = inplace and not given
+    if inplace:
+        _check_overwritable(x, weight, bias)
     path, reason = choose_path(x)
+    if path == "fast" and inplace and channel_layout(x) is None:
+        # the kernels need a contiguous copy, and writing the output there would leave the
+        # input untouched: the composed ops overwrite any strides, as on every other path
+        path, reason = "composed", "in place on a non-contiguous input"
     _note(operation, path, reason)
     if path == "fast":
         act = ACTIVATIONS[activation]
@@ -162,6 +168,38 @@ def channel_norm(
         )
     return _composed_channel_norm(
         x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, inplace, want_stats
+    )
+
+
+def _check_overwritable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """Refuse, before anything is written, the views autograd forbids modifying in place —
+    torch's own in-place ops (``nn.ReLU(inplace=True)``) refuse them too, but the check
+    that would catch them here runs only after the output has overwritten the input."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not (recorded and x._is_view()):
+        return
+    try:
+        from torch._C._autograd import CreationMeta, _get_creation_meta
+    except ImportError:  # a torch without the query: autograd's own (later) check remains
+        return
+    meta = _get_creation_meta(x)
+    if meta == CreationMeta.DEFAULT:
+        return  # an ordinary view: overwritten like any tensor, its base sees the output
+    if x.grad_fn is not None and type(x.grad_fn).__name__ == "BackwardHookFunctionBackward":
+        what = (
+            "the input comes through a full backward hook (register_full_backward_hook on this "
+            "layer or a module around it), whose input autograd forbids modifying in place"
+        )
+    else:
+        what = {
+            CreationMeta.MULTI_OUTPUT_NODE: "the input is one of several views returned by one op "
+            "(unbind, split, chunk), which autograd forbids modifying in place",
+            CreationMeta.NO_GRAD_MODE: "the input is a view made under torch.no_grad(), which autograd "
+            "forbids modifying in place while recording",
+        }.get(meta, f"the input is a view autograd forbids modifying in place ({meta})")
+    raise RuntimeError(
+        f"inplace=True overwrites its input, but {what}; torch.nn.ReLU(inplace=True) refuses it "
+        "as well. Use inplace=False, or pass a copy (x.clone())"
     )
 
 
