@@ -220,6 +220,9 @@ def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     return mean, var
 
 
+_HALVES = (torch.float16, torch.bfloat16)
+
+
 def _native_channel_norm(
     x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, want_stats
 ):
@@ -227,6 +230,11 @@ def _native_channel_norm(
         y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         mean = var = None
     else:
+        if groups < 0 and weight is None and x.dtype in _HALVES and (bias is None or bias.dtype == torch.float32):
+            # Without a float32 parameter torch's kernel keeps the batch mean and 1/σ in the
+            # half dtype (torch.nn passes float32 running estimates, which avoids that):
+            # γ = 1 in float32 keeps the statistics float32, as documented
+            weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
         if groups < 0 and want_stats and not _exporting():
             # One pass for output and statistics: torch returns the batch mean and
             # 1/√(var + ε), from which the biased variance follows.

@@ -163,6 +163,10 @@ def batch_norm_act(
     )
 
 
+def _all_empty(*tensors) -> bool:
+    return all(t is None or t.numel() == 0 for t in tensors)
+
+
 def _no_channels(fn: str, input: torch.Tensor, weight, bias) -> torch.Tensor:
     """torch's answer for an input with 0 channels: a copy of the (empty) input — except
     with γ or β, where torch's kernel fails with an IndexError; a clear error here."""
@@ -218,6 +222,9 @@ def _batch_norm(
                 check_param(t, name, (input.shape[1],), input, what)
     else:
         check_floating_input(input)
+        if input.dim() == 1 and input.numel() == 0 and _all_empty(running_mean, running_var):
+            # torch reads a 1-D input as one with no channel dim, i.e. 0 channels
+            return _no_channels(fn, input, weight, bias)
         if input.dim() < 2:
             raise InputError(
                 f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
