@@ -1,4 +1,4 @@
-"""normlab run / study: usage errors in one line, prompt and complete stops on SIGINT and
+"""normlab run / study / demo: usage errors in one line, prompt and complete stops on SIGINT and
 SIGTERM (no process left behind), and reports that never pass stale or partial results
 off as a finished run."""
 
@@ -298,6 +298,60 @@ def test_a_signal_stops_the_study_and_every_process_it_started(tmp_path, signum,
             assert state["state"] == "interrupted" and state["pending"] == ["init-depth", "train-eval-gap"]
             assert "this report is partial" in page
     finally:  # on failure, leave nothing running: the workers share the study's process group
+        if proc.poll() is None or any(_alive(p) for p in started):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+@pytest.mark.parametrize(
+    "signum, code",
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)],
+    ids=["SIGTERM", "SIGINT", "SIGKILL"],
+)
+def test_a_signal_stops_the_demo_and_every_process_it_started(tmp_path, signum, code):
+    """``normlab demo`` had a pool of its own: SIGTERM left its workers training on."""
+    env = {**os.environ, "NORMLAB_BACKEND": "composed"}
+    out = tmp_path / "demo.json"
+    argv = ["demo", "--epochs", "200", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NORMLAB_WITH_SIGINT, *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        # counted as any child processes: the demo's pool used to fork rather than spawn
+        while len(_descendants(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None and len(_descendants(proc.pid)) >= 2, "the demo did not start its workers"
+        deadline = time.monotonic() + 10
+        while not all(map(_ignores_sigint, _workers(proc.pid))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        started = _descendants(proc.pid)
+        assert proc.poll() is None, "the demo finished before it could be interrupted"
+        if signum == signal.SIGINT:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)], "processes outlived the demo"
+        assert "Traceback" not in err, err
+        assert not out.exists()  # no partial result passed off as the demo's
+    finally:
         if proc.poll() is None or any(_alive(p) for p in started):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -31,18 +31,12 @@ CATEGORIES: dict[str, str] = {
     "empty batch not counted (documented)": r"buffer num_batches_tracked: ",
     "eps < 0 rejected (documented)": r"normlab raises InputError at call: eps must be a finite number >= 0 .*got -",
     "momentum outside [0, 1] rejected (documented)": r"normlab raises InputError at call: momentum must lie in \[0, 1\]",
-    "1-D batch_norm input": r"normlab raises InputError at call: batch_norm expects input of shape "
-    r"\(N, C\) or \(N, C, \*spatial\), got a 1D tensor",
-    "complex RMSNorm (documented)": r"normlab raises InputTypeError at call: input must have a floating-point "
-    r"dtype .*got torch\.complex",
     # Categories seen only in the ported tests (they fail with an exception, not a text):
-    "half-precision backward without affine": r"$^",
     "empty normalized_shape refused at construction (documented)": r"$^",
 }
 
 #: The exception a ported test (id ``port.…``) of each category fails with.
 PORT_RAISES: dict[str, type[BaseException]] = {
-    "half-precision backward without affine": AssertionError,
     "empty normalized_shape refused at construction (documented)": InputError,
 }
 
@@ -70,21 +64,10 @@ KNOWN: dict[str, tuple[str, str]] = {
     # OpInfo samples with momentum -1.2 / -1.0 in training: torch extrapolates, normlab raises.
     "F.batch_norm/05-3x2x3x4/*": ("momentum outside [0, 1] rejected (documented)", "sample momentum=-1.0"),
     "F.instance_norm/0[245]-*": ("momentum outside [0, 1] rejected (documented)", "samples momentum=-1.2 / -1.0"),
-    # F.batch_norm(torch.empty(0), running_mean=torch.empty(0), running_var=torch.empty(0)).
-    "F.batch_norm/0[34]-0/*": ("1-D batch_norm input", "a (0,) input with (0,) running stats"),
-    "F.rms_norm/*/c64/*": ("complex RMSNorm (documented)", "torch supports complex64/128 rms_norm"),
-    "F.rms_norm/*/c128/*": ("complex RMSNorm (documented)", "torch supports complex64/128 rms_norm"),
     # --- ports of test_nn.py / test_modules.py (test_torch_nn_ported.py)
     "port.LayerNorm_general": (
         "empty normalized_shape refused at construction (documented)",
         "LayerNorm(()) raises InputError at construction; torch.nn raises RuntimeError at the first call",
-    ),
-    "port.batchnorm_affine/bf16": (
-        "half-precision backward without affine",
-        (
-            "bfloat16 input, float32 BatchNorm1d(3, affine=False): output 1 bfloat16 ulp and input "
-            "gradient 2 ulps (0.016) away from affine=True with γ=1, β=0, which matches torch.nn"
-        ),
     ),
 }
 

@@ -11,8 +11,9 @@ dispatch, the module factories and the experiments read it; nothing else lists t
 In-Place Activated BatchNorm (Rota Bulò et al., 2018) keeps only the output y = act(z),
 z = γ·x̂ + β, for backward: z = act⁻¹(y) and x̂ = (z − β)/γ are recovered from it, so the
 input x need not be kept alive. That needs an invertible activation — identity,
-LeakyReLU with slope > 0, ELU with α > 0 — and a guard for γ ≈ 0 (here |γ| is taken as at
-least 1e-5 when recovering x̂; the forward is unchanged).
+LeakyReLU with slope > 0, ELU with α > 0 — and care for γ ≈ 0, where the output holds
+little or nothing of x̂: for channels with |γ| < 1e-5 the input's x̂ is kept (those channels
+only; nothing extra when every |γ| is larger), so every gradient stays exact.
 """
 
 from __future__ import annotations
@@ -159,46 +160,79 @@ def apply_activation(z: torch.Tensor, name: str, param: float, prelu_weight: tor
     return entry.forward(z, param, prelu_weight)
 
 
+def small_gamma_channels(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """Indices of the channels whose |γ| is below the guard, or None when there are none.
+
+    Their x̂ cannot be recovered from the output (γ = 0 leaves nothing of it there), so the
+    in-place mode keeps their input — only theirs — for backward. Reading γ here costs a
+    host synchronization on GPUs, once per forward."""
+    if weight is None:
+        return None
+    small = (weight.detach().abs() < GAMMA_GUARD).nonzero().flatten()
+    return small if small.numel() else None
+
+
+def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xhat_small=None):
+    """(dx, dγ, dβ) of the in-place mode from its output ``y`` alone.
+
+    ``rstd`` broadcasts against ``y`` grouped as :func:`_grouped` makes it and sets the
+    compute dtype. ``small``: the channels whose x̂ cannot be recovered from ``y`` (see
+    :func:`small_gamma_channels`), ``xhat_small`` their x̂ in (N, len(small), *spatial)."""
+    cdtype = rstd.dtype
+    target, dims, w, b = _grouped(y, weight, bias, groups)
+    yc, dyc = target.to(cdtype), dy.view(target.shape).to(cdtype)
+    entry = ACTIVATIONS[name]
+    z = entry.inverse(yc, param)
+    dz = dyc * entry.grad_from_output(yc, param)
+    gamma = w.to(cdtype) if w is not None else torch.ones((), dtype=cdtype, device=y.device)
+    beta = b.to(cdtype) if b is not None else torch.zeros((), dtype=cdtype, device=y.device)
+    safe = torch.where(gamma.abs() < GAMMA_GUARD, torch.full_like(gamma, GAMMA_GUARD).copysign(gamma), gamma)
+    xhat = (z - beta) / safe
+    if small is not None:
+        flat = xhat.flatten(1, 2) if groups > 0 else xhat
+        flat = flat.index_copy(1, small, xhat_small.to(cdtype))
+        xhat = flat.unflatten(1, target.shape[1:3]) if groups > 0 else flat
+    g = dz * gamma
+    dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+    dw = (dz * xhat).sum_to_size(w.shape).view(weight.shape).to(weight.dtype) if weight is not None else None
+    db = dz.sum_to_size(b.shape).view(bias.shape).to(bias.dtype) if bias is not None else None
+    return dx.view(y.shape).to(y.dtype), dw, db
+
+
 class _InPlaceABN(torch.autograd.Function):
-    """Normalize with batch statistics, activate, write the result over ``x`` and keep only it."""
+    """Normalize with batch statistics, activate, write the result over ``x`` and keep only it
+    (and the x̂ of channels whose γ is too small to recover it from the output).
+
+    Returns the output alone — autograd supports an in-place Function on a view only then —
+    and puts the batch statistics into ``stats_out``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, name, param):
+    def forward(ctx, x, weight, bias, groups, eps, name, param, stats_out):
         target, dims, w, b = _grouped(x, weight, bias, groups)
         cdtype = compute_dtype(x.dtype)
         moments = centered_moments(target, dims)
         rstd = torch.rsqrt(moments.var + eps)
         xhat = (target.to(cdtype) - moments.shift - moments.offset) * rstd
+        small = small_gamma_channels(weight)
+        xhat_small = None
+        if small is not None:
+            xhat_small = (xhat.flatten(1, 2) if groups > 0 else xhat).index_select(1, small)
         z = xhat if w is None else xhat * w.to(cdtype)
         z = z if b is None else z + b.to(cdtype)
         x.copy_(apply_activation(z, name, param).view(x.shape))
         ctx.mark_dirty(x)
-        mean, var = moments.mean, moments.var
-        ctx.mark_non_differentiable(mean, var)
-        ctx.groups, ctx.name, ctx.param = groups, name, param
-        ctx.save_for_backward(x, weight, bias, rstd)
-        return x, mean, var
+        stats_out.extend((moments.mean, moments.var))
+        ctx.groups, ctx.name, ctx.param, ctx.small = groups, name, param, small
+        ctx.save_for_backward(x, weight, bias, rstd, xhat_small)
+        return x
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         if torch.is_grad_enabled():
             raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
-        y, weight, bias, rstd = ctx.saved_tensors
-        cdtype = rstd.dtype
-        target, dims, w, b = _grouped(y, weight, bias, ctx.groups)
-        yc, dyc = target.to(cdtype), dy.view(target.shape).to(cdtype)
-        entry = ACTIVATIONS[ctx.name]
-        z = entry.inverse(yc, ctx.param)
-        dz = dyc * entry.grad_from_output(yc, ctx.param)
-        gamma = w.to(cdtype) if w is not None else torch.ones((), dtype=cdtype, device=y.device)
-        beta = b.to(cdtype) if b is not None else torch.zeros((), dtype=cdtype, device=y.device)
-        safe = torch.where(gamma.abs() < GAMMA_GUARD, torch.full_like(gamma, GAMMA_GUARD).copysign(gamma), gamma)
-        xhat = (z - beta) / safe
-        g = dz * gamma
-        dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-        dw = (dz * xhat).sum_to_size(w.shape).view(weight.shape).to(weight.dtype) if weight is not None else None
-        db = dz.sum_to_size(b.shape).view(bias.shape).to(bias.dtype) if bias is not None else None
-        return dx.view(y.shape).to(y.dtype), dw, db, None, None, None, None
+        y, weight, bias, rstd, xhat_small = ctx.saved_tensors
+        dx, dw, db = abn_backward(y, dy, weight, bias, ctx.groups, rstd, ctx.name, ctx.param, ctx.small, xhat_small)
+        return dx, dw, db, None, None, None, None, None
 
 
 def _grouped(x, weight, bias, groups):
@@ -230,4 +264,6 @@ def inplace_abn(
 
     ``groups < 0``: BatchNorm statistics per channel; else GroupNorm with ``groups``.
     Returns ``(x, mean, var)`` with keepdim statistics of the batch."""
-    return _InPlaceABN.apply(x, weight, bias, groups, eps, name, param)
+    stats: list[torch.Tensor] = []
+    y = _InPlaceABN.apply(x, weight, bias, groups, eps, name, param, stats)
+    return y, stats[0], stats[1]

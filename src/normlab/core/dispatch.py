@@ -138,7 +138,13 @@ def channel_norm(
     """
     given = running_mean is not None
     inplace = inplace and not given
+    if inplace:
+        _check_overwritable(x, weight, bias)
     path, reason = choose_path(x)
+    if path == "fast" and inplace and channel_layout(x) is None:
+        # the kernels need a contiguous copy, and writing the output there would leave the
+        # input untouched: the composed ops overwrite any strides, as on every other path
+        path, reason = "composed", "in place on a non-contiguous input"
     _note(operation, path, reason)
     if path == "fast":
         act = ACTIVATIONS[activation].code
@@ -164,6 +170,38 @@ def channel_norm(
     )
 
 
+def _check_overwritable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """Refuse, before anything is written, the views autograd forbids modifying in place —
+    torch's own in-place ops (``nn.ReLU(inplace=True)``) refuse them too, but the check
+    that would catch them here runs only after the output has overwritten the input."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not (recorded and x._is_view()):
+        return
+    try:
+        from torch._C._autograd import CreationMeta, _get_creation_meta
+    except ImportError:  # a torch without the query: autograd's own (later) check remains
+        return
+    meta = _get_creation_meta(x)
+    if meta == CreationMeta.DEFAULT:
+        return  # an ordinary view: overwritten like any tensor, its base sees the output
+    if x.grad_fn is not None and type(x.grad_fn).__name__ == "BackwardHookFunctionBackward":
+        what = (
+            "the input comes through a full backward hook (register_full_backward_hook on this "
+            "layer or a module around it), whose input autograd forbids modifying in place"
+        )
+    else:
+        what = {
+            CreationMeta.MULTI_OUTPUT_NODE: "the input is one of several views returned by one op "
+            "(unbind, split, chunk), which autograd forbids modifying in place",
+            CreationMeta.NO_GRAD_MODE: "the input is a view made under torch.no_grad(), which autograd "
+            "forbids modifying in place while recording",
+        }.get(meta, f"the input is a view autograd forbids modifying in place ({meta})")
+    raise RuntimeError(
+        f"inplace=True overwrites its input, but {what}; torch.nn.ReLU(inplace=True) refuses it "
+        "as well. Use inplace=False, or pass a copy (x.clone())"
+    )
+
+
 def _stat_dims(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """The tensor and dims batch statistics reduce: BatchNorm (N, *spatial) of x; GroupNorm
     (C//G, *spatial) of x viewed as (N, G, C//G, *spatial)."""
@@ -181,6 +219,9 @@ def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     return mean, var
 
 
+_HALVES = (torch.float16, torch.bfloat16)
+
+
 def _native_channel_norm(
     x, weight, bias, groups, eps, running_mean, running_var, activation, param, prelu_weight, want_stats
 ):
@@ -188,6 +229,11 @@ def _native_channel_norm(
         y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
         mean = var = None
     else:
+        if groups < 0 and weight is None and x.dtype in _HALVES and (bias is None or bias.dtype == torch.float32):
+            # Without a float32 parameter torch's kernel keeps the batch mean and 1/σ in the
+            # half dtype (torch.nn passes float32 running estimates, which avoids that):
+            # γ = 1 in float32 keeps the statistics float32, as documented
+            weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
         if groups < 0 and want_stats and not _exporting():
             # One pass for output and statistics: torch returns the batch mean and
             # 1/√(var + ε), from which the biased variance follows.

@@ -9,13 +9,13 @@ statistics come from each sample alone and do not care about the batch size (Wu 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
 
 from .data import load_mnist1d
 from .models import ConvNet1d
+from .runner import parallel_map, worker_pool
 from .training import TrainConfig, train_classifier
 
 __all__ = ["DemoConfig", "format_table", "run_demo"]
@@ -49,13 +49,18 @@ def _one_run(norm: str, batch_size: int, epochs: int, seed: int) -> dict:
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> list[dict]:
-    """Train every (norm, batch size) pair once; runs in ``config.jobs`` processes."""
-    load_mnist1d()  # generate once in the parent so a failure shows before forking
-    grid = [(n, b, config.epochs, config.seed) for b in config.batch_sizes for n in config.norms]
-    if config.jobs > 1:
-        with ProcessPoolExecutor(max_workers=config.jobs) as pool:
-            return list(pool.map(_one_run, *zip(*grid)))
-    return [_one_run(*args) for args in grid]
+    """Train every (norm, batch size) pair once; runs in ``config.jobs`` processes.
+
+    The studies' worker pool: Ctrl-C or SIGTERM (turned into an exception by the command
+    line) stops the workers at once, and none outlives this process."""
+    load_mnist1d()  # generate once in the parent so a failure shows before the workers start
+    tasks = [
+        {"norm": n, "batch_size": b, "epochs": config.epochs, "seed": config.seed}
+        for b in config.batch_sizes
+        for n in config.norms
+    ]
+    with worker_pool(config.jobs):
+        return parallel_map(_one_run, tasks, desc="demo")
 
 
 def format_table(rows: list[dict], config: DemoConfig) -> str:

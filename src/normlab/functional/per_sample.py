@@ -9,6 +9,7 @@ trailing ``normalized_shape``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as TF
 
 from ..core import (
     channel_norm,
@@ -258,9 +259,24 @@ def _rms_norm(input, normalized_shape, weight, eps, *, validated=False):
         if eps is None:
             eps = torch.finfo(compute_dtype(input.dtype)).eps
         return row_norm(input, normalized_shape, weight, None, eps, centered=False, operation="rms_norm")
+    if isinstance(input, torch.Tensor) and input.is_complex():
+        return _complex_rms_norm(input, normalized_shape, weight, eps)
     check_floating_input(input)
     shape, dims = _trailing_dims("rms_norm", input, normalized_shape)
     cdtype = compute_dtype(input.dtype)
     eps = torch.finfo(cdtype).eps if eps is None else check_eps(eps)
     check_param(weight, "weight", shape, input, f"rms_norm over normalized_shape {list(shape)}")
     return row_norm(input, shape, weight, None, eps, centered=False, operation="rms_norm")
+
+
+def _complex_rms_norm(input, normalized_shape, weight, eps):
+    """complex64/128 as torch.nn computes it (its kernels' definition: the mean of x², not of
+    |x|², under the square root); the checks are normlab's."""
+    shape, _ = _trailing_dims("rms_norm", input, normalized_shape)
+    eps = None if eps is None else check_eps(eps)
+    if weight is not None and tuple(weight.shape) != shape:
+        raise InputError(
+            f"weight has shape {tuple(weight.shape)} but rms_norm over normalized_shape {list(shape)} "
+            f"needs shape {shape} (input shape {tuple(input.shape)})"
+        )
+    return TF.rms_norm(input, list(shape), weight, eps)

@@ -163,6 +163,22 @@ def batch_norm_act(
     )
 
 
+def _all_empty(*tensors) -> bool:
+    return all(t is None or t.numel() == 0 for t in tensors)
+
+
+def _no_channels(fn: str, input: torch.Tensor, weight, bias) -> torch.Tensor:
+    """torch's answer for an input with 0 channels: a copy of the (empty) input — except
+    with γ or β, where torch's kernel fails with an IndexError; a clear error here."""
+    if weight is not None or bias is not None:
+        raise InputError(
+            f"{fn}: the input has 0 channels (shape {tuple(input.shape)}), so there is no "
+            "channel for weight/bias to scale or shift (torch.nn raises here too); check the "
+            "layer widths, or pass weight=None and bias=None for an empty output"
+        )
+    return input.clone()
+
+
 def _check_inplace_input(input, inplace: bool) -> None:
     if inplace and isinstance(input, torch.Tensor) and input.is_leaf and input.requires_grad:
         raise RuntimeError(
@@ -206,6 +222,9 @@ def _batch_norm(
                 check_param(t, name, (input.shape[1],), input, what)
     else:
         check_floating_input(input)
+        if input.dim() == 1 and input.numel() == 0 and _all_empty(running_mean, running_var):
+            # torch reads a 1-D input as one with no channel dim, i.e. 0 channels
+            return _no_channels(fn, input, weight, bias)
         if input.dim() < 2:
             raise InputError(
                 f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
@@ -215,6 +234,8 @@ def _batch_norm(
         _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
     if mask is not None:
         mask = check_mask(mask, input, fn)
+    if input.shape[1] == 0:
+        return _no_channels(fn, input, weight, bias)
     if not training:
         if running_mean is None:
             raise InputError(
@@ -366,6 +387,8 @@ def instance_norm(
     _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
     if mask is not None:
         mask = check_mask(mask, input, "instance_norm")
+    if input.shape[1] == 0:
+        return _no_channels("instance_norm", input, weight, bias)
     if not use_input_stats:
         if running_mean is None:
             raise InputError(

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..activation import ACTIVATIONS, activation_for_code, apply_activation
+from ..activation import ACTIVATIONS, abn_backward, activation_for_code, apply_activation, small_gamma_channels
 from ..reference import reference_normalize
 from .build import kernels
 
@@ -319,11 +319,16 @@ class _ChannelNormInPlace(torch.autograd.Function):
     """In-Place Activated BatchNorm/GroupNorm on the kernels (batch statistics).
 
     Overwrites ``x`` with y = act(z) and keeps only y: backward recovers z by inverting the
-    activation and x̂ = (z − β)/γ (see :mod:`normlab.core.activation`)."""
+    activation and x̂ = (z − β)/γ (see :mod:`normlab.core.activation`) — except for channels
+    with |γ| below the guard, whose input is kept and whose gradients are redone exactly.
+    Returns y alone (autograd allows an in-place Function on a view only then); the batch
+    statistics go into ``stats_out``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, act, param):
+    def forward(ctx, x, weight, bias, groups, eps, act, param, stats_out):
         plan = plan_channel_norm(x, groups)
+        small = small_gamma_channels(weight)
+        x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
         shift, offset, rstd, mean, var = kernels().channel_forward(
             plan.view(x),
             plan.layout == "planes",
@@ -342,17 +347,17 @@ class _ChannelNormInPlace(torch.autograd.Function):
             plan.view(x),
         )
         ctx.mark_dirty(x)
-        ctx.mark_non_differentiable(mean, var)
-        ctx.plan, ctx.act, ctx.param = plan, act, param
+        stats_out.extend((mean, var))
+        ctx.plan, ctx.act, ctx.param, ctx.small = plan, act, param, small
         ctx.stats = (shift, offset, rstd)
-        ctx.save_for_backward(x, weight, bias)
-        return x, mean, var
+        ctx.save_for_backward(x, weight, bias, x_small)
+        return x
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
+    def backward(ctx, dy):
         if torch.is_grad_enabled():
             raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
-        y, weight, bias = ctx.saved_tensors
+        y, weight, bias, x_small = ctx.saved_tensors
         plan = ctx.plan
         dyv = plan.view(dy.contiguous() if plan.layout == "planes" else _same_layout(dy, y))
         dxv, dgamma, dbeta, _ = kernels().channel_backward(
@@ -372,20 +377,64 @@ class _ChannelNormInPlace(torch.autograd.Function):
             ctx.param,
             _EMPTY,
         )
+        dx = plan.unview(dxv, y)
+        if ctx.small is not None:
+            _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small)
         dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return plan.unview(dxv, y), dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small) -> None:
+    """Overwrite dx and dγ of the channels the kernel could not recover x̂ for (|γ| below the
+    guard) — and, for GroupNorm, of the rest of their groups, whose dx depends on it — with
+    the composed backward on just those channels, given x̂ from the kept input."""
+    small, groups = ctx.small, ctx.plan.groups
+    shift, offset, rstd = ctx.stats
+    mean = shift + offset
+    ndim = y.dim()
+    if groups < 0:  # BatchNorm: channels are independent; statistics per channel
+        channels, sub_groups = small, -1
+        position = torch.arange(small.numel(), device=small.device)
+        stat = (1, -1) + (1,) * (ndim - 2)
+        xhat_small = (x_small.double() - mean[small].view(stat)) * rstd[small].view(stat)
+        sub_rstd = rstd[channels].view(stat)
+    else:  # GroupNorm: redo every group holding such a channel; statistics per (sample, group)
+        per = y.shape[1] // groups
+        touched = torch.unique(small // per)
+        channels = (touched[:, None] * per + torch.arange(per, device=small.device)).flatten()
+        position = torch.searchsorted(channels, small)
+        stat = (y.shape[0], -1) + (1,) * (ndim - 2)
+        n_mean, n_rstd = mean.view(y.shape[0], groups), rstd.view(y.shape[0], groups)
+        xhat_small = (x_small.double() - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
+        sub_groups = touched.numel()
+        sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
+    dx_c, dw_c, _ = abn_backward(
+        y.index_select(1, channels),
+        dy.index_select(1, channels),
+        None if weight is None else weight.detach().index_select(0, channels),
+        None if bias is None else bias.detach().index_select(0, channels),
+        sub_groups,
+        sub_rstd,
+        activation_for_code(ctx.act).name,
+        ctx.param,
+        position,
+        xhat_small,
+    )
+    dx.index_copy_(1, channels, dx_c)
+    dgamma.index_copy_(0, channels, dw_c.double())
 
 
 def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):
     """(y, mean, var) with y written over ``x``: the in-place mode on the kernels."""
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    out = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param)
+    stats: list[torch.Tensor] = []
+    out = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, stats)
     if not recorded:
         # The kernel wrote through a raw pointer; without a graph mark_dirty did nothing, so
         # bump the version ourselves: a tensor some other op saved must not change silently.
         torch.autograd.graph.increment_version(x)
-    return out
+    return out, stats[0], stats[1]
 
 
 # --- normlab::row_norm: LayerNorm and RMSNorm ------------------------------------------------
