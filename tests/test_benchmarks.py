@@ -14,6 +14,7 @@ from normlab import nn as nln
 from normlab.bench.fold import FoldBenchConfig, run_fold_benchmark
 from normlab.bench.layers import LayerCase, cases, format_layer_table, run_case, summary
 from normlab.bench.memory import MemoryBenchConfig, format_memory_table, run_memory_benchmark
+from normlab.bench.timing import interleaved_medians
 
 
 def _small(case: LayerCase) -> LayerCase:
@@ -59,3 +60,18 @@ def test_fold_benchmark_folds_every_batchnorm_exactly():
     (row,) = rows
     assert row["folded_pairs"] == 20 and row["skipped"] == 0
     assert row["max_abs_diff"] < 1e-4
+
+
+def test_interleaved_medians_shuffle_varies_the_neighbours():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    interleaved_medians(fns, repeats=30, warmup=0)
+    assert calls == list("abc") * 30  # the default: one fixed order
+    calls.clear()
+    interleaved_medians(fns, repeats=30, warmup=0, shuffle=True)
+    assert sorted(calls) == sorted(list("abc") * 30)
+    rounds = {tuple(calls[i : i + 3]) for i in range(0, 90, 3)}
+    # every function sometimes runs first and sometimes right after each of the others
+    assert {r[0] for r in rounds} == set("abc")
+    followers = {(calls[i - 1], calls[i]) for i in range(1, 90)}
+    assert all((p, f) in followers for p in "abc" for f in "abc" if p != f)

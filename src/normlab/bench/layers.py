@@ -225,7 +225,7 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     fns = {"copy": lambda: floor.copy_(x), "ours_fwd": lambda: fwd(ours), "torch_fwd": lambda: fwd(theirs)}
     if case.train:
         fns.update(ours_fb=lambda: forward_backward(ours), torch_fb=lambda: forward_backward(theirs))
-    times = interleaved_medians(fns, repeats=repeats)
+    times = interleaved_medians(fns, repeats=repeats, shuffle=True)
 
     # Correctness, once, from the same state on both sides, each also against a float64 run
     # of the torch.nn layer (float32 reductions over 10⁵ values are not exact on either side).
