@@ -38,6 +38,8 @@ ROW_FIELDS = {
     "max_rel_diff",
     "agrees",
     "normlab_layers",
+    "graphs_torch",
+    "graphs_normlab",
     "paths",
     "row_s",
 }
@@ -82,6 +84,10 @@ def test_cli_compiled_row_agrees(tmp_path, capsys):
     eager, compiled = result["rows"]
     assert (eager["compiled"], compiled["compiled"]) == (False, True)
     assert compiled["agrees"] and compiled["normlab_layers"] > 0
+    assert eager["graphs_normlab"] is None
+    # really compiled, and normlab's layers inside the graph, not breaking it
+    (graphs, breaks), (torch_graphs, torch_breaks) = compiled["graphs_normlab"], compiled["graphs_torch"]
+    assert graphs >= 1 and torch_graphs >= 1 and breaks == torch_breaks == 0, compiled
     assert "compiled" in captured.out
 
 

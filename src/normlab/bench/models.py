@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from .. import nn as nln
 from ..core import fast
@@ -431,17 +432,23 @@ def run_model_case(
         return step
 
     clock = device_clock(device)
+    if compiled:
+        # Every row compiles fresh models whose forwards share code objects (Sequential's,
+        # the blocks'); past dynamo's recompile limit a forward would silently run eager.
+        torch._dynamo.reset()
     run_torch, run_ours = runner(theirs), runner(ours)
     # The check's two steps are also the warm-up: compilation happens in the first, timed
     # here so the table can say what it cost, and left out of the medians.
     outputs: dict[str, list[torch.Tensor]] = {"torch": [], "normlab": []}
-    first_call_s = {}
+    first_call_s, graphs = {}, {}
     with _inductor_threads(threads) if compiled else contextlib.nullcontext():
         for name, fn in (("torch", run_torch), ("normlab", run_ours)):
+            counters.clear()
             start = clock()
             outputs[name].append(fn())
             first_call_s[name] = clock() - start
             outputs[name].append(fn())
+            graphs[name] = _compiled_graphs() if compiled else None
         check = _compare(outputs["normlab"], outputs["torch"], _state(ours), _state(theirs))
         paths = _dispatch_paths(ours, x, mode)
         calls = _calls_per_sample((run_torch, run_ours), config.min_sample_s, clock)
@@ -474,8 +481,16 @@ def run_model_case(
         "max_rel_diff": worst,
         "agrees": worst <= TOLERANCE,
         "normlab_layers": converted,
+        # (graphs, graph breaks) dynamo compiled for each side's two calls; None when eager
+        "graphs_torch": graphs["torch"],
+        "graphs_normlab": graphs["normlab"],
         "paths": paths,
     }
+
+
+def _compiled_graphs() -> list[int]:
+    """[graphs compiled, graph breaks] since ``counters.clear()``."""
+    return [int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))]
 
 
 def _calls_per_sample(fns, min_sample_s: float, clock) -> int:

@@ -200,6 +200,12 @@ def run_models(args: argparse.Namespace) -> int:
 
     rows = run_model_benchmark(config, progress=progress)
     print(format_model_table(rows))
+    for r in rows:
+        if r["compiled"] and r["graphs_normlab"] != r["graphs_torch"]:
+            print(
+                f"note: {r['model']} {r['mode']} {r['threads']} thr compiled [graphs, graph breaks] "
+                f"normlab {r['graphs_normlab']}, torch.nn {r['graphs_torch']} over the first two calls"
+            )
     result = summary(rows)
     print(
         f"\nnot slower than torch.nn (ratio <= 1): {result['not_slower_than_torch']}/{result['rows']} rows "
