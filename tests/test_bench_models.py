@@ -53,7 +53,7 @@ def _run(argv, tmp_path, capsys):
 
 
 def test_cli_runs_every_eager_row_and_writes_them(tmp_path, capsys):
-    code, result, captured = _run(["--no-compile"], tmp_path, capsys)
+    code, result, captured = _run(["--no-compile", "--markdown"], tmp_path, capsys)
     assert code == 0, captured.err
     assert result["benchmark"] == "models" and result["device"] == "cpu"
     rows = result["rows"]
@@ -75,6 +75,9 @@ def test_cli_runs_every_eager_row_and_writes_them(tmp_path, capsys):
     for case in cases(smoke_config()):
         assert case.model in captured.out
     assert "14/14" in captured.out
+    markdown = [line for line in captured.out.splitlines() if line.startswith("| ")]
+    assert len(markdown) == 1 + 14 and markdown[0].endswith("| eager, 1 thr | agree |")
+    assert all(line.endswith("| 1/1 |") for line in markdown[1:])
 
 
 @pytest.mark.slow

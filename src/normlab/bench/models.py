@@ -45,6 +45,7 @@ __all__ = [
     "ModelBenchConfig",
     "ModelCase",
     "cases",
+    "format_model_markdown",
     "format_model_table",
     "quick_config",
     "run_model_benchmark",
@@ -564,6 +565,35 @@ def format_model_table(rows: list[dict]) -> str:
             f"{'compiled' if r['compiled'] else 'eager':<9}{r['threads']:>3} | "
             f"{r['torch_ms']:>11.2f}{r['normlab_ms']:>11.2f}{r['ratio']:>7.2f} | "
             f"{r['max_rel_diff']:>8.1e} {'ok' if r['agrees'] else 'FAIL':<5}"
+        )
+    return "\n".join(lines)
+
+
+def format_model_markdown(rows: list[dict]) -> str:
+    """One line per (model, mode): each (exec, threads) column as 'ratio (normlab / torch.nn
+    ms)', the form docs/performance.md and the README use."""
+    columns = sorted({(r["compiled"], r["threads"]) for r in rows})
+    heads = [f"{'compiled' if c else 'eager'}, {t} thr" for c, t in columns]
+    lines = [
+        "| model | layout | mode | input | " + " | ".join(heads) + " | agree |",
+        "|---|---|---|---|" + "---|" * len(heads) + "---|",
+    ]
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["mode"]), {})[(r["compiled"], r["threads"])] = r
+    for group in groups.values():
+        first = next(iter(group.values()))
+        cells = [
+            f"{group[c]['ratio']:.2f} ({group[c]['normlab_ms']:.3g} / {group[c]['torch_ms']:.3g})"
+            if c in group
+            else "–"
+            for c in columns
+        ]
+        agree = sum(r["agrees"] for r in group.values())
+        lines.append(
+            f"| {first['name']} | {first['layout']} | {first['mode']} | {first['input']} | "
+            + " | ".join(cells)
+            + f" | {agree}/{len(group)} |"
         )
     return "\n".join(lines)
 

@@ -160,6 +160,7 @@ def run_models(args: argparse.Namespace) -> int:
     from ..bench.common import tune_malloc
     from ..bench.models import (
         ModelBenchConfig,
+        format_model_markdown,
         format_model_table,
         quick_config,
         run_model_benchmark,
@@ -206,6 +207,8 @@ def run_models(args: argparse.Namespace) -> int:
                 f"note: {r['model']} {r['mode']} {r['threads']} thr compiled [graphs, graph breaks] "
                 f"normlab {r['graphs_normlab']}, torch.nn {r['graphs_torch']} over the first two calls"
             )
+    if args.markdown:
+        print("\n" + format_model_markdown(rows))
     result = summary(rows)
     print(
         f"\nnot slower than torch.nn (ratio <= 1): {result['not_slower_than_torch']}/{result['rows']} rows "
@@ -288,6 +291,9 @@ def add_parser(sub) -> None:
     models.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     models.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see docs)")
     models.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    models.add_argument(
+        "--markdown", action="store_true", help="also print one line per model and mode as a Markdown table"
+    )
     models.add_argument("--out", help="write the rows as JSON to this path")
     models.set_defaults(func=_out_checked(run_models))
     fold = kinds.add_parser("fold", help="ResNet-18-style eval inference, BatchNorm unfolded vs folded")
