@@ -35,6 +35,7 @@ ROW_FIELDS = {
     "first_call_s_normlab",
     "output_rel_diff",
     "state_rel_diff",
+    "worst_state",
     "max_rel_diff",
     "agrees",
     "normlab_layers",
@@ -126,6 +127,7 @@ def test_a_wrong_running_statistics_update_is_caught_in_training(monkeypatch):
     row = run_model_case(case, "train", False, 1, smoke_config())
     assert row["output_rel_diff"] <= bench_models.TOLERANCE
     assert row["state_rel_diff"] > 1e-2 and not row["agrees"]
+    assert row["worst_state"].endswith("running_mean") or row["worst_state"].endswith("running_var")
 
 
 def test_a_conversion_that_swaps_nothing_is_refused(monkeypatch):
