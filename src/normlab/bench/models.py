@@ -572,6 +572,11 @@ def format_model_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ms(value: float) -> str:
+    """Milliseconds to three significant digits, without exponents."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def format_model_markdown(rows: list[dict]) -> str:
     """One line per (model, mode): each (exec, threads) column as 'ratio (normlab / torch.nn
     ms)', the form docs/performance.md and the README use."""
@@ -587,7 +592,7 @@ def format_model_markdown(rows: list[dict]) -> str:
     for group in groups.values():
         first = next(iter(group.values()))
         cells = [
-            f"{group[c]['ratio']:.2f} ({group[c]['normlab_ms']:.3g} / {group[c]['torch_ms']:.3g})"
+            f"{group[c]['ratio']:.2f} ({_ms(group[c]['normlab_ms'])} / {_ms(group[c]['torch_ms'])})"
             if c in group
             else "–"
             for c in columns
