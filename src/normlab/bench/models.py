@@ -57,9 +57,9 @@ __all__ = [
 #: Largest relative difference (to the largest value) allowed between the two models'
 #: outputs, parameters and statistics after the same two steps. Both sides compute in
 #: float32 with different reduction orders; through ~10 layers and a step that moves
-#: every weight that leaves up to 5e-6 in the outputs and 4e-5 in the running variance
-#: (torch.nn's float32 BatchNorm variance is up to 2.3e-5 off float64); a real
-#: disagreement (a wrong eps, a wrong running-stat update, a wrong gradient) is 1e-3 or more.
+#: every weight that leaves up to 5e-6 in the outputs and 4e-5 in the state (a conv's
+#: weights after two steps); a real disagreement (a wrong eps, a wrong running-stat
+#: update, a wrong gradient) is 1e-3 or more.
 TOLERANCE = 1e-4
 
 NUM_CLASSES = 10
