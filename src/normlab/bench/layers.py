@@ -16,7 +16,6 @@ touch, which costs more than the kernels being compared and swamps the compariso
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 
 from .. import nn as nln
+from .common import device_clock, tune_malloc
+from .common import max_rel_diff as _max_rel_diff
 from .timing import interleaved_medians
 
 __all__ = ["LayerCase", "cases", "format_layer_table", "run_layer_benchmark", "tune_malloc"]
@@ -141,16 +142,6 @@ def cases(quick: bool = False) -> list[LayerCase]:
     return rows
 
 
-def tune_malloc() -> bool:
-    """Keep freed memory in the process (see the module docstring); False if unavailable."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
-    except (OSError, AttributeError):
-        return False
-
-
 def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     storages: dict[int, int] = {}
 
@@ -164,16 +155,12 @@ def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(v for v in storages.values() if v > 64 * 1024)  # activations, not γ/β/statistics
 
 
-def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-12)).item()
-
-
-def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
+def run_case(case: LayerCase, threads: int, repeats: int, device: str | torch.device = "cpu") -> dict:
     torch.set_num_threads(threads)
     channels = case.shape[-1] if case.layout == "rows" and "Norm1d" not in case.layer else case.shape[1]
     arg = channels
-    ours = _randomize(case.ours(arg))
-    theirs = case.theirs(arg)
+    ours = _randomize(case.ours(arg)).to(device)
+    theirs = case.theirs(arg).to(device)
     initial = {k: v.clone() for k, v in ours.state_dict().items()}
 
     def sync():  # both sides from the same parameters and statistics
@@ -185,15 +172,15 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     for m in (ours, theirs):
         m.train(case.train)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(case.shape, generator=g) * 1.5 + 0.5
+    x = (torch.randn(case.shape, generator=g) * 1.5 + 0.5).to(device)
     if case.layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    dy = torch.randn(case.shape, generator=g)
+    dy = torch.randn(case.shape, generator=g).to(device)
     if case.layout == "channels_last":
         dy = dy.contiguous(memory_format=torch.channels_last)
     # the residual rows: the residual stream, and the gradient reaching the sum directly
-    res = torch.randn(case.shape, generator=g) if case.residual else None
-    ds = torch.randn(case.shape, generator=g) if case.residual else None
+    res = torch.randn(case.shape, generator=g).to(device) if case.residual else None
+    ds = torch.randn(case.shape, generator=g).to(device) if case.residual else None
     res_leaf = res.clone().requires_grad_(case.train) if case.residual else None
     floor = torch.empty_like(x)
     leaf = x.clone().requires_grad_(case.train)
@@ -225,7 +212,7 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
     fns = {"copy": lambda: floor.copy_(x), "ours_fwd": lambda: fwd(ours), "torch_fwd": lambda: fwd(theirs)}
     if case.train:
         fns.update(ours_fb=lambda: forward_backward(ours), torch_fb=lambda: forward_backward(theirs))
-    times = interleaved_medians(fns, repeats=repeats, shuffle=True)
+    times = interleaved_medians(fns, repeats=repeats, shuffle=True, clock=device_clock(torch.device(device)))
 
     # Correctness, once, from the same state on both sides, each also against a float64 run
     # of the torch.nn layer (float32 reductions over 10⁵ values are not exact on either side).
@@ -265,6 +252,7 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
         "shape": "x".join(map(str, case.shape)),
         "layout": case.layout,
         "threads": threads,
+        "device": str(device),
         "copy_ms": 1e3 * times["copy"],
         "fwd_ours_copy": times["ours_fwd"] / times["copy"],
         "fwd_torch_copy": times["torch_fwd"] / times["copy"],
@@ -286,7 +274,12 @@ def run_case(case: LayerCase, threads: int, repeats: int) -> dict:
 
 
 def run_layer_benchmark(
-    *, quick: bool = False, threads=(1, 2), repeats: int | None = None, progress: Callable[[dict], None] | None = None
+    *,
+    quick: bool = False,
+    threads=(1, 2),
+    repeats: int | None = None,
+    progress: Callable[[dict], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[dict]:
     previous = torch.get_num_threads()
     rows = []
@@ -294,7 +287,7 @@ def run_layer_benchmark(
         for n in threads:
             for case in cases(quick):
                 reps = repeats or (7 if quick else 15)
-                row = run_case(case, n, reps)
+                row = run_case(case, n, reps, device=device)
                 rows.append(row)
                 if progress:
                     progress(row)

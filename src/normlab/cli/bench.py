@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .common import atomic_write_json, check_output_file, positive_int
+from ..bench.models import MODEL_KEYS
+from .common import CommandError, atomic_write_json, check_output_file, positive_int
 
 __all__ = ["add_parser"]
 
@@ -87,20 +89,32 @@ def run_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace) -> str:
+    """--device checked before any work: a clear error where it cannot run."""
+    from ..bench.common import check_device
+
+    try:
+        return str(check_device(args.device))
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+
 def run_layers(args: argparse.Namespace) -> int:
     from ..bench.layers import format_layer_table, run_layer_benchmark, summary, tune_malloc
     from ..core import fast
 
+    device = _device(args)
     tuned = False if args.default_malloc else tune_malloc()
     print(
         f"normlab vs torch.nn, float32, times as multiples of copying the same tensor (preallocated); "
-        f"medians of interleaved repetitions; {fast.status()}; malloc "
+        f"medians of interleaved repetitions; device {device}; {fast.status()}; malloc "
         f"{'keeps freed memory' if tuned else 'default'}",
         flush=True,
     )
     rows = run_layer_benchmark(
         quick=args.quick,
         threads=tuple(args.threads),
+        device=device,
         progress=(
             lambda r: print(
                 f"  {r['layer']} {r['shape']} {r['layout']} "
@@ -131,6 +145,7 @@ def run_layers(args: argparse.Namespace) -> int:
             {
                 "benchmark": "layers",
                 "machine": _machine(),
+                "device": device,
                 "malloc_tuned": tuned,
                 "backend": fast.status(),
                 "summary": goals,
@@ -138,6 +153,90 @@ def run_layers(args: argparse.Namespace) -> int:
             },
         )
         print(f"wrote {args.out}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from ..bench.common import tune_malloc
+    from ..bench.models import (
+        ModelBenchConfig,
+        format_model_markdown,
+        format_model_table,
+        quick_config,
+        run_model_benchmark,
+        smoke_config,
+        summary,
+    )
+    from ..core import fast
+
+    device = _device(args)
+    settings = dict(
+        models=tuple(args.models),
+        modes=tuple(args.modes),
+        compiled=(False,) if args.no_compile else (False, True),
+        threads=tuple(args.threads),
+        device=device,
+    )
+    if args.repeats:
+        settings["repeats"] = args.repeats
+    config = (smoke_config if args.smoke else quick_config if args.quick else ModelBenchConfig)(**settings)
+    tuned = False if args.default_malloc else tune_malloc()
+    print(
+        "torch.nn model vs the same model after nl.surgery.from_torch, float32; train = forward, "
+        "cross-entropy, backward, SGD step; eval = batch-1 inference without autograd; "
+        f"medians of {config.repeats} interleaved repetitions (compilation left out); device {device}; "
+        f"{fast.status()}; malloc {'keeps freed memory' if tuned else 'default'}"
+        + ("; smoke setting: tiny shapes, the times mean nothing" if args.smoke else ""),
+        flush=True,
+    )
+    progress = None
+    if args.verbose:
+
+        def progress(r):
+            print(
+                f"  {r['model']} {r['mode']} {'compiled' if r['compiled'] else 'eager'} {r['threads']} thr: "
+                f"ratio {r['ratio']:.2f} ({r['row_s']:.0f} s)",
+                flush=True,
+            )
+
+    rows = run_model_benchmark(config, progress=progress)
+    print(format_model_table(rows))
+    for r in rows:
+        if r["compiled"] and r["graphs_normlab"] != r["graphs_torch"]:
+            print(
+                f"note: {r['model']} {r['mode']} {r['threads']} thr compiled [graphs, graph breaks] "
+                f"normlab {r['graphs_normlab']}, torch.nn {r['graphs_torch']} over the first two calls"
+            )
+    if args.markdown:
+        print("\n" + format_model_markdown(rows))
+    result = summary(rows)
+    print(
+        f"\nnot slower than torch.nn (ratio <= 1): {result['not_slower_than_torch']}/{result['rows']} rows "
+        f"(median ratio {result['median_ratio']:.2f}, largest {result['max_ratio']:.2f}); "
+        f"the two models agree after the same two steps (within {result['tolerance']:.0e} relative): "
+        f"{result['agree']}/{result['rows']}"
+    )
+    if args.out:
+        atomic_write_json(
+            Path(args.out),
+            {
+                "benchmark": "models",
+                "machine": _machine(),
+                "device": device,
+                "malloc_tuned": tuned,
+                "backend": fast.status(),
+                "config": asdict(config),
+                "summary": result,
+                "rows": rows,
+            },
+        )
+        print(f"wrote {args.out}")
+    if result["disagreeing"]:
+        print(
+            "normlab bench models: the two models disagree in " + "; ".join(result["disagreeing"]),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -168,8 +267,35 @@ def add_parser(sub) -> None:
     layers.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     layers.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see docs)")
     layers.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    layers.add_argument("--device", default="cpu", help="cpu (default) or cuda: torch.nn's CUDA kernels on the GPU")
     layers.add_argument("--out", help="write the rows as JSON to this path")
     layers.set_defaults(func=_out_checked(run_layers))
+    models = kinds.add_parser(
+        "models", help="whole models (CNN, ViT-style, MLP) vs the same after from_torch: train step and eval"
+    )
+    size = models.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="5 repetitions; compiled rows at the last --threads only")
+    size.add_argument("--smoke", action="store_true", help="tiny shapes, one repetition: checks every row runs")
+    models.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODEL_KEYS,
+        default=list(MODEL_KEYS),
+        metavar="MODEL",
+        help=f"which models ({', '.join(MODEL_KEYS)}; default all)",
+    )
+    models.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"])
+    models.add_argument("--no-compile", action="store_true", help="eager rows only (torch.compile takes minutes)")
+    models.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    models.add_argument("--repeats", type=positive_int, help="repetitions per row (default 15, 5 with --quick)")
+    models.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    models.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see docs)")
+    models.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    models.add_argument(
+        "--markdown", action="store_true", help="also print one line per model and mode as a Markdown table"
+    )
+    models.add_argument("--out", help="write the rows as JSON to this path")
+    models.set_defaults(func=_out_checked(run_models))
     fold = kinds.add_parser("fold", help="ResNet-18-style eval inference, BatchNorm unfolded vs folded")
     fold.add_argument("--quick", action="store_true", help="fewer repetitions, one width")
     fold.add_argument("--threads", type=positive_int, default=2)
