@@ -25,7 +25,7 @@ from ..core import (
     row_norm,
 )
 from ..core.checks import InputError
-from .tracked import _check_inplace_input
+from ._checks import check_inplace_input
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
@@ -69,7 +69,7 @@ def group_norm_act(
     """``activation(group_norm(...))`` in one pass; arguments as for
     :func:`normlab.functional.batch_norm_act` (``inplace`` and ``mask`` included)."""
     param = check_activation(activation, activation_param, inplace=inplace)
-    _check_inplace_input(input, inplace)
+    check_inplace_input(input, inplace)
     return _group_norm(
         input,
         num_groups,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..functional.tracked import _batch_norm
+from ..functional._batch_norm_impl import batch_norm_impl
 from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -107,7 +107,7 @@ class _BatchNorm(_NormBase):
         pass_running = not use_batch_stats or self.track_running_stats
         updating = use_batch_stats and self.training and self.track_running_stats
         extras = self._update_kwargs() if updating else {}
-        return _batch_norm(
+        return batch_norm_impl(
             input,
             self.running_mean if pass_running else None,
             self.running_var if pass_running else None,

@@ -1,0 +1,141 @@
+"""The one implementation behind batch_norm, batch_norm_act, batch_renorm's eval and the
+BatchNorm modules: per-channel statistics from the batch or from running estimates.
+
+Private to the package. The public functionals (``normlab.functional.tracked``) check every
+argument; a module, whose constructor checked what it fixes, calls with ``validated=True``
+and only what depends on the input is checked per call.
+"""
+
+from __future__ import annotations
+
+from ..core import (
+    channel_norm,
+    check_floating_input,
+    check_mask,
+    check_param,
+    masked_channel_norm,
+    reduced_count,
+    update_running_stats,
+    update_running_stats_if,
+)
+from ..core.checks import InputError
+from ._checks import check_channel_call, check_enough_values, check_update_args
+
+__all__ = ["batch_norm_impl", "update_running"]
+
+
+def batch_norm_impl(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    batch_stats,
+    momentum,
+    eps,
+    *,
+    num_batches_tracked,
+    unbiased_running_var,
+    on_nonfinite,
+    activation="identity",
+    param=0.0,
+    prelu_weight=None,
+    inplace=False,
+    fn="batch_norm",
+    validated=False,
+    mask=None,
+):
+    """``activation(batch_norm(...))``; ``batch_stats`` is the public ``training``: normalize
+    with this batch's statistics (and update the running estimates when given) or with the
+    running estimates.
+
+    ``validated``: a module's call, whose constructor already checked eps, momentum, the
+    policy and the parameter shapes, and whose forward checked the input's rank and channels;
+    only what depends on this input (dtype, device) is checked here."""
+    if validated:
+        if not input.is_floating_point():
+            check_floating_input(input)
+        for name, t in (("weight", weight), ("running_mean", running_mean)):
+            if t is not None and (t.dtype != input.dtype or t.device != input.device):
+                # check_param raises with the full message
+                what = f"{fn} over the {input.shape[1]} channels of input dim 1"
+                check_param(t, name, (input.shape[1],), input, what)
+    else:
+        eps = check_channel_call(fn, input, weight, bias, running_mean, running_var, eps)
+    if mask is not None:
+        mask = check_mask(mask, input, fn)
+    act = {"activation": activation, "param": param, "prelu_weight": prelu_weight, "operation": fn}
+    if not batch_stats:
+        if running_mean is None:
+            raise InputError(
+                f"{fn} with training=False normalizes with running_mean and "
+                "running_var, but they are None; pass them, or training=True to use "
+                "batch statistics"
+            )
+        running = {"running_mean": running_mean, "running_var": running_var}
+        if mask is not None:
+            return masked_channel_norm(input, weight, bias, mask, eps=eps, **running, **act)[0]
+        return channel_norm(input, weight, bias, eps=eps, **running, **act)[0]
+
+    if eps == 0:
+        raise InputError(
+            f"{fn}: eps must be > 0 in training, got 0.0 (a constant channel would divide by "
+            f"zero; torch.nn refuses it too). eps = 0 is accepted for normalizing with given "
+            f"statistics (eval)"
+        )
+    track = running_mean is not None
+    if mask is None:
+        count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
+        check_enough_values(count, input)
+        # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
+        # the running estimates alone, as in torch.nn.
+        track = track and count > 0
+    if track and not validated:
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    if mask is None:
+        out, mean, var = channel_norm(input, weight, bias, eps=eps, inplace=inplace, want_stats=track, **act)
+    else:
+        out, mean, var, count = masked_channel_norm(input, weight, bias, mask, eps=eps, **act)
+    if track:
+        update_running(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            count,
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            masked=mask is not None,
+        )
+    return out
+
+
+def update_running(
+    running_mean,
+    running_var,
+    mean,
+    var,
+    count,
+    momentum,
+    *,
+    num_batches_tracked,
+    unbiased_running_var,
+    on_nonfinite,
+    masked,
+):
+    """Merge a batch's per-channel (mean, biased var) of ``count`` values into the running
+    estimates. ``masked``: the count of valid values is known only on the device, so a batch
+    with fewer than 2 is not an error: it leaves the estimates untouched (a where, no host
+    sync)."""
+    update = (running_mean, running_var, mean, var, count, momentum)
+    policy = {
+        "num_batches_tracked": num_batches_tracked,
+        "unbiased": unbiased_running_var,
+        "on_nonfinite": on_nonfinite,
+    }
+    if masked:
+        update_running_stats_if(count >= 2, *update, **policy)
+    else:
+        update_running_stats(*update, **policy)
