@@ -19,7 +19,7 @@ from ..core import (
     update_running_stats_if,
 )
 from ..core.checks import InputError
-from ._checks import check_channel_call, check_enough_values, check_update_args
+from ._checks import check_channel_call, check_update_args, too_few_values
 
 __all__ = ["batch_norm_impl", "update_running"]
 
@@ -86,7 +86,8 @@ def batch_norm_impl(
     track = running_mean is not None
     if mask is None:
         count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
-        check_enough_values(count, input)
+        if count == 1:
+            raise too_few_values(input)
         # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
         # the running estimates alone, as in torch.nn.
         track = track and count > 0

@@ -12,7 +12,7 @@ import torch
 from ..core import check_eps, check_floating_input, check_momentum, check_nonfinite_policy, check_param
 from ..core.checks import InputError
 
-__all__ = ["check_channel_call", "check_enough_values", "check_inplace_input", "check_update_args"]
+__all__ = ["check_channel_call", "check_inplace_input", "check_update_args", "too_few_values"]
 
 
 def check_channel_call(
@@ -62,16 +62,15 @@ def check_update_args(momentum: object, num_batches_tracked: torch.Tensor | None
     return momentum
 
 
-def check_enough_values(count: int, input: torch.Tensor, *, allow_empty: bool = True) -> None:
-    """Training with batch statistics needs more than one value per channel (the variance of
-    one value is 0). An empty batch passes where it gives an empty output and updates nothing."""
-    if count == 1 or (count == 0 and not allow_empty):
-        raise InputError(
-            f"Expected more than 1 value per channel when training, got input size "
-            f"{list(input.shape)}: a batch variance needs 2 or more values. Use a "
-            f"batch of 2 or more, call model.eval() for inference, or use a norm that "
-            f"does not depend on the batch (GroupNorm, LayerNorm)"
-        )
+def too_few_values(input: torch.Tensor) -> InputError:
+    """The error for training with batch statistics on at most one value per channel, whose
+    variance is 0 (raised by the caller, which tests the count where it is computed)."""
+    return InputError(
+        f"Expected more than 1 value per channel when training, got input size "
+        f"{list(input.shape)}: a batch variance needs 2 or more values. Use a "
+        f"batch of 2 or more, call model.eval() for inference, or use a norm that "
+        f"does not depend on the batch (GroupNorm, LayerNorm)"
+    )
 
 
 def check_inplace_input(input: object, inplace: bool) -> None:

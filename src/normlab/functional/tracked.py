@@ -22,7 +22,7 @@ from ..core import (
 )
 from ..core.checks import InputError
 from ._batch_norm_impl import batch_norm_impl
-from ._checks import check_channel_call, check_enough_values, check_inplace_input, check_update_args
+from ._checks import check_channel_call, check_inplace_input, check_update_args, too_few_values
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
 
@@ -359,7 +359,8 @@ def batch_renorm(
         )
 
     count = reduced_count(input.shape, dims)
-    check_enough_values(count, input, allow_empty=False)
+    if count <= 1:  # an empty batch too: r and d need batch statistics
+        raise too_few_values(input)
     momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
     with torch.no_grad():
         moments = centered_moments(input, dims)  # (1, C, 1, …)
