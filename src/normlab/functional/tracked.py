@@ -53,7 +53,7 @@ def batch_norm(
 
     Keyword-only extras:
         num_batches_tracked: a long 0-dim counter, incremented by one for each batch
-            folded into the running estimates. With it, ``momentum=None`` selects the
+            merged into the running estimates. With it, ``momentum=None`` selects the
             cumulative average (momentum 1/k for the k-th batch).
         on_nonfinite: ``"skip"`` (default) leaves the running estimates untouched when
             the batch statistics are NaN/inf; ``"raise"`` raises

@@ -29,7 +29,7 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
 
     * ``momentum=None`` gives the cumulative average, as for BatchNorm. torch.nn's
       InstanceNorm silently never updates its running estimates in that case.
-    * ``num_batches_tracked`` counts the batches folded into the running estimates;
+    * ``num_batches_tracked`` counts the batches merged into the running estimates;
       torch.nn leaves it at 0 for InstanceNorm.
 
     Args:
