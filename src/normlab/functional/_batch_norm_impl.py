@@ -64,7 +64,6 @@ def batch_norm_impl(
         eps = check_channel_call(fn, input, weight, bias, running_mean, running_var, eps)
     if mask is not None:
         mask = check_mask(mask, input, fn)
-    act = {"activation": activation, "param": param, "prelu_weight": prelu_weight, "operation": fn}
     if not batch_stats:
         if running_mean is None:
             raise InputError(
@@ -72,31 +71,103 @@ def batch_norm_impl(
                 "running_var, but they are None; pass them, or training=True to use "
                 "batch statistics"
             )
-        running = {"running_mean": running_mean, "running_var": running_var}
-        if mask is not None:
-            return masked_channel_norm(input, weight, bias, mask, eps=eps, **running, **act)[0]
-        return channel_norm(input, weight, bias, eps=eps, **running, **act)[0]
-
-    if eps == 0:
+        if mask is None:  # the eval hot path: keywords spelled out, not unpacked from a dict
+            return channel_norm(
+                input,
+                weight,
+                bias,
+                eps=eps,
+                running_mean=running_mean,
+                running_var=running_var,
+                activation=activation,
+                param=param,
+                prelu_weight=prelu_weight,
+                operation=fn,
+            )[0]
+    elif eps == 0:
         raise InputError(
             f"{fn}: eps must be > 0 in training, got 0.0 (a constant channel would divide by "
             f"zero; torch.nn refuses it too). eps = 0 is accepted for normalizing with given "
             f"statistics (eval)"
         )
-    track = running_mean is not None
-    if mask is None:
-        count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
-        if count == 1:
-            raise too_few_values(input)
-        # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
-        # the running estimates alone, as in torch.nn.
-        track = track and count > 0
+    if mask is not None:
+        return _masked_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            batch_stats,
+            momentum,
+            eps,
+            mask,
+            num_batches_tracked=num_batches_tracked,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            validated=validated,
+            act={"activation": activation, "param": param, "prelu_weight": prelu_weight, "operation": fn},
+        )
+    count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
+    if count == 1:
+        raise too_few_values(input)
+    # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
+    # the running estimates alone, as in torch.nn.
+    track = running_mean is not None and count > 0
     if track and not validated:
         momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    if mask is None:
-        out, mean, var = channel_norm(input, weight, bias, eps=eps, inplace=inplace, want_stats=track, **act)
-    else:
-        out, mean, var, count = masked_channel_norm(input, weight, bias, mask, eps=eps, **act)
+    out, mean, var = channel_norm(
+        input,
+        weight,
+        bias,
+        eps=eps,
+        activation=activation,
+        param=param,
+        prelu_weight=prelu_weight,
+        inplace=inplace,
+        want_stats=track,
+        operation=fn,
+    )
+    if track:  # the training hot path: called directly, not through update_running
+        update_running_stats(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            count,
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+        )
+    return out
+
+
+def _masked_batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    batch_stats,
+    momentum,
+    eps,
+    mask,
+    *,
+    num_batches_tracked,
+    unbiased_running_var,
+    on_nonfinite,
+    validated,
+    act,
+):
+    """:func:`batch_norm_impl` over the valid positions of ``mask`` (already checked)."""
+    if not batch_stats:
+        return masked_channel_norm(
+            input, weight, bias, mask, eps=eps, running_mean=running_mean, running_var=running_var, **act
+        )[0]
+    track = running_mean is not None
+    if track and not validated:
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    out, mean, var, count = masked_channel_norm(input, weight, bias, mask, eps=eps, **act)
     if track:
         update_running(
             running_mean,
@@ -108,7 +179,7 @@ def batch_norm_impl(
             num_batches_tracked=num_batches_tracked,
             unbiased_running_var=unbiased_running_var,
             on_nonfinite=on_nonfinite,
-            masked=mask is not None,
+            masked=True,
         )
     return out
 
