@@ -78,7 +78,7 @@ def update_running_stats(
             0-dim tensor when it is only known on the device (SyncBatchNorm).
         momentum: weight of the new batch in [0, 1]; ``None`` is the cumulative average,
             momentum 1 / (k + 1) with k = ``num_batches_tracked`` (required then).
-        num_batches_tracked: a long 0-dim counter, incremented when the batch is folded in.
+        num_batches_tracked: a long 0-dim counter, incremented when the batch is merged in.
         unbiased: store batch_var · n / (n − 1) (torch.nn's choice) or batch_var.
         on_nonfinite: ``"skip"`` leaves the buffers (and the counter) untouched when a batch
             statistic — or the updated estimate itself, e.g. a float16 ``running_var``
@@ -88,7 +88,7 @@ def update_running_stats(
             before anything is written (a host sync: eager only).
 
     Returns:
-        A 0-dim bool tensor, True when the batch was folded in.
+        A 0-dim bool tensor, True when the batch was merged in.
     """
     for name, buffer in (("running_mean", running_mean), ("running_var", running_var)):
         if buffer.numel() > 1 and 0 in buffer.stride():
@@ -101,7 +101,7 @@ def update_running_stats(
     if (
         eager_cpu
         and on_nonfinite == "skip"
-        and _fold_in_kernel(
+        and _merge_in_kernel(
             running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
         )
     ):
@@ -159,7 +159,7 @@ def _nonfinite(on_nonfinite: str) -> None:
     )
 
 
-def _fold_in_kernel(
+def _merge_in_kernel(
     running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
 ) -> bool:
     """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for

@@ -26,7 +26,7 @@ from ..core import (
     row_norm,
 )
 from ..core.checks import InputError
-from .tracked import _check_inplace_input
+from ._checks import check_inplace_input
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
@@ -70,7 +70,7 @@ def group_norm_act(
     """``activation(group_norm(...))`` in one pass; arguments as for
     :func:`normlab.functional.batch_norm_act` (``inplace`` and ``mask`` included)."""
     param = check_activation(activation, activation_param, inplace=inplace)
-    _check_inplace_input(input, inplace)
+    check_inplace_input(input, inplace)
     return _group_norm(
         input,
         num_groups,
@@ -103,7 +103,8 @@ def _group_norm(
 ):
     """``validated``: a module's call (constructor-checked groups, eps and parameter shapes;
     the module checked the channels): only what depends on this input is checked here."""
-    if (
+    act = {"activation": activation, "param": param, "prelu_weight": prelu_weight, "operation": fn}
+    if not (
         validated
         and mask is None
         and input.dim() >= 2
@@ -111,19 +112,15 @@ def _group_norm(
         and _same_kind(weight, input)
         and (reduced_count(input.shape, range(2, input.dim())) * (input.shape[1] // num_groups) > 1)
     ):
-        return channel_norm(
-            input,
-            weight,
-            bias,
-            groups=num_groups,
-            eps=eps,
-            activation=activation,
-            param=param,
-            prelu_weight=prelu_weight,
-            inplace=inplace,
-            want_stats=False,
-            operation=fn,
-        )[0]
+        eps = _check_group_call(fn, input, num_groups, weight, bias, eps)
+        if mask is not None:
+            mask = check_mask(mask, input, fn)
+            return masked_channel_norm(input, weight, bias, mask, groups=num_groups, eps=eps, **act)[0]
+    return channel_norm(input, weight, bias, groups=num_groups, eps=eps, inplace=inplace, want_stats=False, **act)[0]
+
+
+def _check_group_call(fn, input, num_groups, weight, bias, eps) -> float:
+    """Everything group_norm checks on a call a module has not validated; returns eps."""
     check_floating_input(input)
     check_positive_int(num_groups, "num_groups")
     if input.dim() < 2:
@@ -141,40 +138,13 @@ def _group_norm(
     what = f"{fn} over the {channels} channels of input dim 1"
     check_param(weight, "weight", (channels,), input, what)
     check_param(bias, "bias", (channels,), input, what)
-
-    per_group = channels // num_groups
-    if per_group * reduced_count(input.shape, range(2, input.dim())) == 1:
+    if channels // num_groups * reduced_count(input.shape, range(2, input.dim())) == 1:
         raise InputError(
             f"{fn}: each of the {num_groups} groups holds a single value (input "
             f"shape {tuple(input.shape)}), so its variance is 0 and the output would be "
             f"the bias whatever the input; use fewer groups or a spatial extent > 1"
         )
-    if mask is not None:
-        return masked_channel_norm(
-            input,
-            weight,
-            bias,
-            check_mask(mask, input, fn),
-            groups=num_groups,
-            eps=eps,
-            activation=activation,
-            param=param,
-            prelu_weight=prelu_weight,
-            operation=fn,
-        )[0]
-    return channel_norm(
-        input,
-        weight,
-        bias,
-        groups=num_groups,
-        eps=eps,
-        activation=activation,
-        param=param,
-        prelu_weight=prelu_weight,
-        inplace=inplace,
-        want_stats=False,
-        operation=fn,
-    )[0]
+    return eps
 
 
 def _same_kind(param: torch.Tensor | None, input: torch.Tensor) -> bool:

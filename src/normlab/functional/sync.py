@@ -27,8 +27,6 @@ from ..core import (
     NormStats,
     centered_moments,
     channel_view,
-    check_eps,
-    check_floating_input,
     check_mask,
     compute_dtype,
     masked_moments,
@@ -36,11 +34,11 @@ from ..core import (
     merge_moments,
     normalize,
     reduced_count,
-    update_running_stats,
-    update_running_stats_if,
 )
 from ..core.checks import InputError
-from .tracked import _check_channel_tensors, _check_update_args, batch_norm
+from ._batch_norm_impl import update_running
+from ._checks import check_channel_call, check_update_args
+from .tracked import batch_norm
 
 __all__ = ["check_peers", "distributed_world", "sync_batch_norm"]
 
@@ -165,19 +163,12 @@ def sync_batch_norm(
             on_nonfinite=on_nonfinite,
             mask=mask,
         )
-    check_floating_input(input)
-    if input.dim() < 2:
-        raise InputError(
-            f"sync_batch_norm expects input of shape (N, C) or (N, C, *spatial), got a "
-            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    eps = check_eps(eps)
-    _check_channel_tensors("sync_batch_norm", input, weight, bias, running_mean, running_var)
+    eps = check_channel_call("sync_batch_norm", input, weight, bias, running_mean, running_var, eps)
     if not peers_checked:
         check_peers(input, process_group)
     track = running_mean is not None
     if track:
-        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
 
     dims = (0,) + tuple(range(2, input.dim()))
     channels = input.shape[1]
@@ -221,45 +212,13 @@ def sync_batch_norm(
         rstd = torch.rsqrt(var + eps).to(cdtype)
     stats = NormStats(shift.view(view), offset.view(view), rstd.view(view))
     across = AcrossProcesses(_all_reduce_sums(process_group), total)
+    weight, bias = channel_view(weight, input.dim()), channel_view(bias, input.dim())
     if mask is not None:
-        out = masked_normalize(
-            input,
-            channel_view(weight, input.dim()),
-            channel_view(bias, input.dim()),
-            mask,
-            stats,
-            None,
-            dims,
-            eps,
-            batch_stats=True,
-            across=across,
-        )
-        if track:
-            update_running_stats_if(
-                total >= 2,
-                running_mean,
-                running_var,
-                merged.mean,
-                var,
-                total,
-                momentum,
-                num_batches_tracked=num_batches_tracked,
-                unbiased=unbiased_running_var,
-                on_nonfinite=on_nonfinite,
-            )
-        return out
-    out = normalize(
-        input,
-        channel_view(weight, input.dim()),
-        channel_view(bias, input.dim()),
-        stats,
-        dims,
-        eps,
-        batch_stats=True,
-        across=across,
-    )
+        out = masked_normalize(input, weight, bias, mask, stats, None, dims, eps, batch_stats=True, across=across)
+    else:
+        out = normalize(input, weight, bias, stats, dims, eps, batch_stats=True, across=across)
     if track:
-        update_running_stats(
+        update_running(
             running_mean,
             running_var,
             merged.mean,
@@ -267,7 +226,8 @@ def sync_batch_norm(
             total,
             momentum,
             num_batches_tracked=num_batches_tracked,
-            unbiased=unbiased_running_var,
+            unbiased_running_var=unbiased_running_var,
             on_nonfinite=on_nonfinite,
+            masked=mask is not None,
         )
     return out

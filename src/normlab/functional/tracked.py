@@ -14,44 +14,17 @@ from ..core import (
     channel_norm,
     channel_view,
     check_activation,
-    check_eps,
-    check_floating_input,
     check_mask,
-    check_momentum,
-    check_nonfinite_policy,
-    check_param,
     masked_channel_norm,
     reduced_count,
     update_running_stats,
     update_running_stats_if,
 )
 from ..core.checks import InputError
+from ._batch_norm_impl import batch_norm_impl, no_channels
+from ._checks import check_channel_call, check_inplace_input, check_update_args, too_few_values
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
-
-
-def _check_channel_tensors(fn, x, weight, bias, running_mean, running_var) -> None:
-    channels = x.shape[1]
-    what = f"{fn} over the {channels} channels of input dim 1"
-    for name, t in (
-        ("weight", weight),
-        ("bias", bias),
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-    ):
-        check_param(t, name, (channels,), x, what)
-    if (running_mean is None) != (running_var is None):
-        raise InputError(
-            f"{fn}: running_mean and running_var must be given together, got "
-            f"running_mean={'a tensor' if running_mean is not None else None} and "
-            f"running_var={'a tensor' if running_var is not None else None}"
-        )
-
-
-def _check_update_args(momentum, num_batches_tracked, on_nonfinite):
-    momentum = check_momentum(momentum, allow_none=num_batches_tracked is not None)
-    check_nonfinite_policy(on_nonfinite)
-    return momentum
 
 
 def batch_norm(
@@ -80,7 +53,7 @@ def batch_norm(
 
     Keyword-only extras:
         num_batches_tracked: a long 0-dim counter, incremented by one for each batch
-            folded into the running estimates. With it, ``momentum=None`` selects the
+            merged into the running estimates. With it, ``momentum=None`` selects the
             cumulative average (momentum 1/k for the k-th batch).
         on_nonfinite: ``"skip"`` (default) leaves the running estimates untouched when
             the batch statistics are NaN/inf; ``"raise"`` raises
@@ -94,7 +67,7 @@ def batch_norm(
             batch with fewer than 2 valid values leaves the running estimates untouched
             (see ``docs/sequences.md``).
     """
-    return _batch_norm(
+    return batch_norm_impl(
         input,
         running_mean,
         running_var,
@@ -141,8 +114,8 @@ def batch_norm_act(
     outputs stay 0); with a mask the layer computes out of place.
     """
     param = check_activation(activation, activation_param, inplace=inplace)
-    _check_inplace_input(input, inplace)
-    return _batch_norm(
+    check_inplace_input(input, inplace)
+    return batch_norm_impl(
         input,
         running_mean,
         running_var,
@@ -161,190 +134,6 @@ def batch_norm_act(
         fn="batch_norm_act",
         mask=mask,
     )
-
-
-def _all_empty(*tensors) -> bool:
-    return all(t is None or t.numel() == 0 for t in tensors)
-
-
-def _no_channels(fn: str, input: torch.Tensor, weight, bias) -> torch.Tensor:
-    """torch's answer for an input with 0 channels: a copy of the (empty) input — except
-    with γ or β, where torch's kernel fails with an IndexError; a clear error here."""
-    if weight is not None or bias is not None:
-        raise InputError(
-            f"{fn}: the input has 0 channels (shape {tuple(input.shape)}), so there is no "
-            "channel for weight/bias to scale or shift (torch.nn raises here too); check the "
-            "layer widths, or pass weight=None and bias=None for an empty output"
-        )
-    return input.clone()
-
-
-def _check_inplace_input(input, inplace: bool) -> None:
-    if inplace and isinstance(input, torch.Tensor) and input.is_leaf and input.requires_grad:
-        raise RuntimeError(
-            "inplace=True overwrites its input, but the input is a leaf tensor that requires "
-            "grad (a parameter or a user tensor); pass a computed tensor (e.g. a conv output) "
-            "or use inplace=False"
-        )
-
-
-def _batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    training,
-    momentum,
-    eps,
-    *,
-    num_batches_tracked,
-    unbiased_running_var,
-    on_nonfinite,
-    activation="identity",
-    param=0.0,
-    prelu_weight=None,
-    inplace=False,
-    fn="batch_norm",
-    validated=False,
-    mask=None,
-):
-    """``validated``: a module's call, whose constructor already checked eps, momentum, the
-    policy and the parameter shapes, and whose forward checked the input's rank and channels;
-    only what depends on this input (dtype, device) is checked here."""
-    if validated:
-        if not input.is_floating_point():
-            check_floating_input(input)
-        # dtype and device depend on the input; check_param raises with the full message
-        what = f"{fn} over the {input.shape[1]} channels of input dim 1"
-        for name, t in (("weight", weight), ("running_mean", running_mean)):
-            if t is not None and (t.dtype != input.dtype or t.device != input.device):
-                check_param(t, name, (input.shape[1],), input, what)
-    else:
-        check_floating_input(input)
-        if input.dim() == 1 and input.numel() == 0 and _all_empty(running_mean, running_var):
-            # torch reads a 1-D input as one with no channel dim, i.e. 0 channels
-            return _no_channels(fn, input, weight, bias)
-        if input.dim() < 2:
-            raise InputError(
-                f"{fn} expects input of shape (N, C) or (N, C, *spatial), got a "
-                f"{input.dim()}D tensor of shape {tuple(input.shape)}"
-            )
-        eps = check_eps(eps)
-        _check_channel_tensors(fn, input, weight, bias, running_mean, running_var)
-    if mask is not None:
-        mask = check_mask(mask, input, fn)
-    if input.shape[1] == 0:
-        return _no_channels(fn, input, weight, bias)
-    if not training:
-        if running_mean is None:
-            raise InputError(
-                f"{fn} with training=False normalizes with running_mean and "
-                "running_var, but they are None; pass them, or training=True to use "
-                "batch statistics"
-            )
-        if mask is not None:
-            return masked_channel_norm(
-                input,
-                weight,
-                bias,
-                mask,
-                eps=eps,
-                running_mean=running_mean,
-                running_var=running_var,
-                activation=activation,
-                param=param,
-                prelu_weight=prelu_weight,
-                operation=fn,
-            )[0]
-        return channel_norm(
-            input,
-            weight,
-            bias,
-            eps=eps,
-            running_mean=running_mean,
-            running_var=running_var,
-            activation=activation,
-            param=param,
-            prelu_weight=prelu_weight,
-            operation=fn,
-        )[0]
-
-    if eps == 0:
-        raise InputError(
-            f"{fn}: eps must be > 0 in training, got 0.0 (a constant channel would divide by "
-            f"zero; torch.nn refuses it too). eps = 0 is accepted for normalizing with given "
-            f"statistics (eval)"
-        )
-    track = running_mean is not None
-    if mask is not None:
-        # The valid count is known only on the device: no ValueError for too few values, the
-        # running estimates are left untouched instead (a where, no host sync).
-        if track and not validated:
-            momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-        out, mean, var, count = masked_channel_norm(
-            input,
-            weight,
-            bias,
-            mask,
-            eps=eps,
-            activation=activation,
-            param=param,
-            prelu_weight=prelu_weight,
-            operation=fn,
-        )
-        if track:
-            update_running_stats_if(
-                count >= 2,
-                running_mean,
-                running_var,
-                mean,
-                var,
-                count,
-                momentum,
-                num_batches_tracked=num_batches_tracked,
-                unbiased=unbiased_running_var,
-                on_nonfinite=on_nonfinite,
-            )
-        return out
-    count = reduced_count(input.shape, (0,) + tuple(range(2, input.dim())))
-    if count == 1:
-        raise InputError(
-            f"Expected more than 1 value per channel when training, got input size "
-            f"{list(input.shape)}: the batch variance of a single value is 0. Use a "
-            f"batch of 2 or more, call model.eval() for inference, or use a norm that "
-            f"does not depend on the batch (GroupNorm, LayerNorm)"
-        )
-    # An empty batch (N = 0 or a zero-size spatial dim) gives an empty output and leaves
-    # the running estimates alone, as in torch.nn.
-    track = track and count > 0
-    if track and not validated:
-        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, mean, var = channel_norm(
-        input,
-        weight,
-        bias,
-        eps=eps,
-        activation=activation,
-        param=param,
-        prelu_weight=prelu_weight,
-        inplace=inplace,
-        want_stats=track,
-        operation=fn,
-    )
-    if track:
-        update_running_stats(
-            running_mean,
-            running_var,
-            mean,
-            var,
-            count,
-            momentum,
-            num_batches_tracked=num_batches_tracked,
-            unbiased=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-        )
-    return out
 
 
 def instance_norm(
@@ -377,45 +166,41 @@ def instance_norm(
     estimates average the instances with at least 2 valid values, each unbiased with its
     own count, and are left untouched when there is none.
     """
-    check_floating_input(input)
-    if input.dim() < 3:
-        raise InputError(
-            f"instance_norm expects input of shape (N, C, *spatial) with at least one "
-            f"spatial dim, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    eps = check_eps(eps)
-    _check_channel_tensors("instance_norm", input, weight, bias, running_mean, running_var)
-    if mask is not None:
-        mask = check_mask(mask, input, "instance_norm")
+    eps = check_channel_call(
+        "instance_norm",
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps,
+        shape_words="(N, C, *spatial) with at least one spatial dim",
+        min_rank=3,
+    )
     if input.shape[1] == 0:
-        return _no_channels("instance_norm", input, weight, bias)
+        return no_channels("instance_norm", input, weight, bias)
     if not use_input_stats:
         if running_mean is None:
             raise InputError(
                 "instance_norm with use_input_stats=False normalizes with running_mean "
                 "and running_var, but they are None"
             )
-        if mask is not None:
-            out = masked_channel_norm(
-                input,
-                weight,
-                bias,
-                mask,
-                eps=eps,
-                running_mean=running_mean,
-                running_var=running_var,
-                operation="instance_norm",
-            )[0]
-        else:
-            out = channel_norm(
-                input,
-                weight,
-                bias,
-                eps=eps,
-                running_mean=running_mean,
-                running_var=running_var,
-                operation="instance_norm",
-            )[0]
+        out = batch_norm_impl(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            False,
+            momentum,
+            eps,
+            num_batches_tracked=None,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            fn="instance_norm",
+            validated=True,
+            mask=mask,
+        )
         return _instance_layout(out)
 
     if mask is not None:
@@ -427,7 +212,7 @@ def instance_norm(
             bias,
             momentum,
             eps,
-            mask,
+            check_mask(mask, input, "instance_norm"),
             num_batches_tracked,
             unbiased_running_var,
             on_nonfinite,
@@ -440,7 +225,7 @@ def instance_norm(
         )
     track = running_mean is not None and input.numel() > 0  # an empty batch updates nothing
     if track:
-        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var = channel_norm(
         input, weight, bias, groups=input.shape[1], eps=eps, want_stats=track, operation="instance_norm"
     )  # statistics (N, C)
@@ -483,7 +268,7 @@ def _masked_instance_norm(
 ):
     track = running_mean is not None
     if track:
-        momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
     out, mean, var, count = masked_channel_norm(
         input, weight, bias, mask, groups=input.shape[1], eps=eps, operation="instance_norm"
     )  # stats (N, C), count (N,)
@@ -543,16 +328,9 @@ def batch_renorm(
     eval (``training=False``) it is BatchNorm with the running estimates. The running
     estimates are required and are updated as :func:`batch_norm` updates them.
     """
-    check_floating_input(input)
-    if input.dim() < 2:
-        raise InputError(
-            f"batch_renorm expects input of shape (N, C) or (N, C, *spatial), got a "
-            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    eps = check_eps(eps)
     if running_mean is None or running_var is None:
         raise InputError("batch_renorm needs running_mean and running_var: r and d measure the batch against them")
-    _check_channel_tensors("batch_renorm", input, weight, bias, running_mean, running_var)
+    eps = check_channel_call("batch_renorm", input, weight, bias, running_mean, running_var, eps)
     # Limits may be 0-dim tensors (a schedule computed on the device); those are not checked
     # here, which would need a host sync.
     if not isinstance(r_max, torch.Tensor) and (
@@ -566,7 +344,7 @@ def batch_renorm(
     dims = (0,) + tuple(range(2, input.dim()))
     ndim = input.dim()
     if not training:  # exactly BatchNorm's eval
-        return _batch_norm(
+        return batch_norm_impl(
             input,
             running_mean,
             running_var,
@@ -579,12 +357,13 @@ def batch_renorm(
             unbiased_running_var=unbiased_running_var,
             on_nonfinite=on_nonfinite,
             fn="batch_renorm",
+            validated=True,
         )
 
     count = reduced_count(input.shape, dims)
-    if count <= 1:
-        raise InputError(f"Expected more than 1 value per channel when training, got input size {list(input.shape)}")
-    momentum = _check_update_args(momentum, num_batches_tracked, on_nonfinite)
+    if count <= 1:  # an empty batch too: r and d need batch statistics
+        raise too_few_values(input)
+    momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
     with torch.no_grad():
         moments = centered_moments(input, dims)  # (1, C, 1, …)
         cdtype = moments.var.dtype

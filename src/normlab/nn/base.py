@@ -18,10 +18,11 @@ from ..core.checks import InputError, InputTypeError
 __all__ = [
     "CheckedEps",
     "FreezableNorm",
+    "PerSampleNorm",
     "_NormBase",
-    "affine_parameters",
     "check_channel_input",
     "check_norm_args",
+    "reset_affine",
     "traced_call",
 ]
 
@@ -123,6 +124,33 @@ class CheckedEps:
             d["_eps_checked"] = True
 
 
+class PerSampleNorm(CheckedEps, FreezableNorm):
+    """GroupNorm, LayerNorm, LayerNorm2d and RMSNorm: statistics from each sample, eps checked
+    once, and γ (and β) created and reset here, once for all four."""
+
+    def _init_affine(self, shape, affine: bool, bias: bool | None, device, dtype) -> None:
+        """Register ``weight`` and ``bias`` of ``shape`` (None where absent, as torch.nn's
+        layers do) and reset them; ``bias=None``: the layer has no β at all (RMSNorm)."""
+        factory = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory)) if affine else None)
+        if bias is not None:
+            self.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """γ = 1 and β = 0."""
+        reset_affine(self)
+
+
+def reset_affine(module: nn.Module) -> None:
+    """γ = 1 and β = 0, for whichever of the two the layer has."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if weight is not None:
+        nn.init.ones_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
+
 class _NormBase(FreezableNorm):
     """normlab's side of every statistics-tracking layer (BatchNorm, InstanceNorm, SyncBN).
 
@@ -184,24 +212,48 @@ class _NormBase(FreezableNorm):
     def reset_parameters(self) -> None:
         """Reset the running statistics, γ = 1 and β = 0."""
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine(self)
 
-    @property
-    def _uses_batch_stats(self) -> bool:
-        """Normalize with this batch: in training unless frozen, and whenever there
-        are no running estimates to use."""
+    # torch.nn's two rules for where a call's statistics come from. Its BatchNorm uses the
+    # running estimates whenever they exist outside training and passes them only when it
+    # uses or updates them; its InstanceNorm reads ``track_running_stats`` on every call and
+    # always passes its buffers (switched off after construction, it normalizes each
+    # instance by itself and keeps updating them). They differ only for a flag changed
+    # after construction; each layer keeps torch's rule for its kind.
+    _stats_follow_track_flag = False
+
+    def _batch_stats(self) -> bool:
+        """Whether this call normalizes with the batch's statistics: in training unless
+        frozen, and whenever there are no running estimates to use."""
+        if self._stats_follow_track_flag:
+            return (self.training and not self.frozen) or not self.track_running_stats
         return (self.training and not self.frozen) or self.running_mean is None
 
-    def _update_kwargs(self) -> dict:
-        """Keyword-only extras passed to the functional when running stats are updated."""
-        return {
-            "num_batches_tracked": self.num_batches_tracked,
-            "unbiased_running_var": self.unbiased_running_var,
-            "on_nonfinite": self.on_nonfinite,
-        }
+    def _normalize(self, functional, input: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``functional(input, running_mean, running_var, weight, bias, batch_stats, momentum,
+        eps, ...)`` — batch_norm's signature — with the statistics this call uses: the
+        running estimates passed are updated when ``batch_stats``, and only then is the batch
+        counter passed."""
+        self._check_args()
+        batch_stats = self._batch_stats()
+        if self._stats_follow_track_flag or not batch_stats or self.track_running_stats:
+            running_mean, running_var = self.running_mean, self.running_var
+        else:  # BatchNorm passes no estimates it neither uses nor updates
+            running_mean = running_var = None
+        return functional(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            batch_stats,
+            self.momentum,
+            self.eps,
+            num_batches_tracked=self.num_batches_tracked if batch_stats and running_mean is not None else None,
+            unbiased_running_var=self.unbiased_running_var,
+            on_nonfinite=self.on_nonfinite,
+            **kwargs,
+        )
 
     def extra_repr(self) -> str:
         text = (
@@ -225,16 +277,3 @@ def check_norm_args(num_features: object, eps: object, momentum: object) -> tupl
         check_eps(eps),
         check_momentum(momentum, allow_none=True),
     )
-
-
-def affine_parameters(module: nn.Module, shape, affine: bool, bias: bool, factory: dict) -> None:
-    """Register ``weight`` and ``bias`` (or None) of ``shape``, as torch.nn's layers do."""
-    if affine:
-        module.weight = nn.Parameter(torch.empty(shape, **factory))
-        if bias:
-            module.bias = nn.Parameter(torch.empty(shape, **factory))
-        else:
-            module.register_parameter("bias", None)
-    else:
-        module.register_parameter("weight", None)
-        module.register_parameter("bias", None)

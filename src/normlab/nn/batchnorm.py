@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..functional.tracked import _batch_norm
+from ..functional._batch_norm_impl import batch_norm_impl
 from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -101,27 +101,7 @@ class _BatchNorm(_NormBase):
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
-        self._check_args()
-        use_batch_stats = self._uses_batch_stats
-        # Running estimates are only touched when tracked (training) or used (eval, frozen).
-        pass_running = not use_batch_stats or self.track_running_stats
-        updating = use_batch_stats and self.training and self.track_running_stats
-        extras = self._update_kwargs() if updating else {}
-        return _batch_norm(
-            input,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            num_batches_tracked=extras.get("num_batches_tracked"),
-            unbiased_running_var=self.unbiased_running_var,
-            on_nonfinite=self.on_nonfinite,
-            validated=True,
-            mask=mask,
-        )
+        return self._normalize(batch_norm_impl, input, validated=True, mask=mask)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

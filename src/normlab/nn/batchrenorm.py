@@ -119,22 +119,8 @@ class _BatchRenorm(_NormBase):
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)
-        training = self.training and not self.frozen
-        r_max, d_max = self.schedule.limits(self.num_batches_tracked) if training else (1.0, 0.0)
-        extras = self._update_kwargs() if training else {}
-        return F.batch_renorm(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            training,
-            self.momentum,
-            self.eps,
-            r_max,
-            d_max,
-            **extras,
-        )
+        r_max, d_max = self.schedule.limits(self.num_batches_tracked) if self._batch_stats() else (1.0, 0.0)
+        return self._normalize(F.batch_renorm, input, r_max=r_max, d_max=d_max)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", schedule={self.schedule}"

@@ -9,12 +9,12 @@ from torch.fx import Proxy
 from ..core import check_eps, check_positive_int
 from ..core.checks import InputError
 from ..functional.per_sample import _group_norm
-from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
+from .base import PerSampleNorm, traced_call
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
+class GroupNorm(PerSampleNorm, nn.GroupNorm):
     r"""Group normalization (Wu & He, 2018) over an (N, C, \*spatial) input.
 
     A drop-in for :class:`torch.nn.GroupNorm`, and an instance of it: same constructor arguments, defaults,
@@ -70,14 +70,7 @@ class GroupNorm(CheckedEps, FreezableNorm, nn.GroupNorm):
         self.num_channels = num_channels
         self.eps = eps
         self.affine = bool(affine)
-        affine_parameters(self, num_channels, self.affine, bias, {"device": device, "dtype": dtype})
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        self._init_affine(num_channels, self.affine, bias, device, dtype)
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):

@@ -29,7 +29,7 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
 
     * ``momentum=None`` gives the cumulative average, as for BatchNorm. torch.nn's
       InstanceNorm silently never updates its running estimates in that case.
-    * ``num_batches_tracked`` counts the batches folded into the running estimates;
+    * ``num_batches_tracked`` counts the batches merged into the running estimates;
       torch.nn leaves it at 0 for InstanceNorm.
 
     Args:
@@ -58,6 +58,7 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
 
 
 class _InstanceNorm(_NormBase):
+    _stats_follow_track_flag = True  # torch.nn's InstanceNorm rule
     _unbatched_rank = 0
     _shape_words = ""
 
@@ -108,25 +109,8 @@ class _InstanceNorm(_NormBase):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
         if input.dim() == self._unbatched_rank:
-            return self._apply_instance_norm(input.unsqueeze(0), mask).squeeze(0)
-        return self._apply_instance_norm(input, mask)
-
-    def _apply_instance_norm(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        use_input_stats = (self.training and not self.frozen) or not self.track_running_stats
-        updating = use_input_stats and self.running_mean is not None
-        extras = self._update_kwargs() if updating else {}
-        return F.instance_norm(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_input_stats,
-            self.momentum,
-            self.eps,
-            mask=mask,
-            **extras,
-        )
+            return self._normalize(F.instance_norm, input.unsqueeze(0), mask=mask).squeeze(0)
+        return self._normalize(F.instance_norm, input, mask=mask)
 
 
 class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):

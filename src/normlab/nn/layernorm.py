@@ -8,12 +8,12 @@ from torch.fx import Proxy
 
 from ..core import check_eps, normalize_shape_arg
 from ..functional.per_sample import _layer_norm, _rms_norm
-from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
+from .base import PerSampleNorm, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
 
-class LayerNorm(CheckedEps, FreezableNorm, nn.LayerNorm):
+class LayerNorm(PerSampleNorm, nn.LayerNorm):
     r"""Layer normalization (Ba et al., 2016) over the trailing ``normalized_shape`` dims.
 
     A drop-in for :class:`torch.nn.LayerNorm`, and an instance of it: same constructor arguments, defaults,
@@ -53,14 +53,7 @@ class LayerNorm(CheckedEps, FreezableNorm, nn.LayerNorm):
         self.normalized_shape = shape
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
-        affine_parameters(self, shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype})
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        self._init_affine(shape, self.elementwise_affine, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
@@ -75,7 +68,7 @@ class LayerNorm(CheckedEps, FreezableNorm, nn.LayerNorm):
         )
 
 
-class RMSNorm(CheckedEps, FreezableNorm, nn.RMSNorm):
+class RMSNorm(PerSampleNorm, nn.RMSNorm):
     r"""Root-mean-square normalization (Zhang & Sennrich, 2019) over ``normalized_shape``.
 
     A drop-in for :class:`torch.nn.RMSNorm`, and an instance of it: same constructor arguments, defaults,
@@ -115,15 +108,7 @@ class RMSNorm(CheckedEps, FreezableNorm, nn.RMSNorm):
         self.normalized_shape = shape
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
-        if self.elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
+        self._init_affine(shape, self.elementwise_affine, None, device, dtype)  # no β
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):

@@ -8,12 +8,12 @@ from torch.fx import Proxy
 
 from ..core import check_eps, check_positive_int
 from ..functional.channels_first import _layer_norm2d
-from .base import CheckedEps, FreezableNorm, affine_parameters, traced_call
+from .base import PerSampleNorm, traced_call
 
 __all__ = ["LayerNorm2d"]
 
 
-class LayerNorm2d(CheckedEps, FreezableNorm, nn.LayerNorm):
+class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
     r"""Layer normalization over dim 1 of an (N, C, H, W) input, per position (ConvNeXt).
 
     .. math::
@@ -49,20 +49,11 @@ class LayerNorm2d(CheckedEps, FreezableNorm, nn.LayerNorm):
         self.normalized_shape = (num_channels,)
         self.eps = eps
         self.elementwise_affine = bool(affine)
-        affine_parameters(
-            self, self.normalized_shape, self.elementwise_affine, bias, {"device": device, "dtype": dtype}
-        )
-        self.reset_parameters()
+        self._init_affine(self.normalized_shape, self.elementwise_affine, bias, device, dtype)
 
     @property
     def num_channels(self) -> int:
         return self.normalized_shape[0]
-
-    def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):

@@ -138,23 +138,7 @@ class _BatchNormAct(_ActMixin):
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
-        use_batch_stats = self._uses_batch_stats
-        pass_running = not use_batch_stats or self.track_running_stats
-        updating = use_batch_stats and self.training and self.track_running_stats
-        extras = self._update_kwargs() if updating else {}
-        return F.batch_norm_act(
-            input,
-            self.running_mean if pass_running else None,
-            self.running_var if pass_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            **self._act_kwargs(),
-            **extras,
-            mask=mask,
-        )
+        return self._normalize(F.batch_norm_act, input, **self._act_kwargs(), mask=mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()

@@ -77,43 +77,20 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
-        use_batch_stats = self._uses_batch_stats
-        pass_running = not use_batch_stats or self.track_running_stats
-        updating = use_batch_stats and self.training and self.track_running_stats
-        extras = self._update_kwargs() if updating else {}
-        running_mean = self.running_mean if pass_running else None
-        running_var = self.running_var if pass_running else None
-        if use_batch_stats and self.training:
-            out = F.sync_batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                True,
-                self.momentum,
-                self.eps,
-                self.process_group,
-                mask=mask,
-                **extras,
-                peers_checked=self.__dict__.get("_peers_checked", False),
-            )
-            # Checked once: the layer's channels and dtype are fixed; a peer's input is
-            # checked against them at its own first call, which meets this one's.
-            self.__dict__["_peers_checked"] = True
-            return out
-        return F.batch_norm(
+        if not (self.training and self._batch_stats()):
+            # eval, or frozen: this process's batch or the running estimates, nothing exchanged
+            return self._normalize(F.batch_norm, input, mask=mask)
+        out = self._normalize(
+            F.sync_batch_norm,
             input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
+            process_group=self.process_group,
+            peers_checked=self.__dict__.get("_peers_checked", False),
             mask=mask,
-            **extras,
         )
+        # Checked once: the layer's channels and dtype are fixed; a peer's input is
+        # checked against them at its own first call, which meets this one's.
+        self.__dict__["_peers_checked"] = True
+        return out
 
 
 class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
@@ -151,7 +128,7 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
-        if self.training and self._uses_batch_stats and distributed_world(self.process_group) > 1:
+        if self.training and self._batch_stats() and distributed_world(self.process_group) > 1:
             prelu_weight = self.act.weight if self.activation == "prelu" else None
             # every fused activation maps 0 to 0: masked-out positions stay 0
             y = super().forward(input, mask)

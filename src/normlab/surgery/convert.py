@@ -29,7 +29,7 @@ __all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
 
 TARGETS = ("batch", "group", "layer", "instance", "frozen", "batch_renorm")
 
-_BY_DIMS = {
+_BY_SPATIAL_RANK = {
     "batch": (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d),
     "instance": (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d),
     "frozen": (nln.FrozenBatchNorm1d, nln.FrozenBatchNorm2d, nln.FrozenBatchNorm3d),
@@ -44,7 +44,7 @@ def auto_groups(channels: int, max_groups: int = 32) -> int:
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
 
 
-_ACT_BY_DIMS = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
+_ACT_BY_SPATIAL_RANK = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 
 def _activation_of(module: nn.Module) -> dict | None:
@@ -59,7 +59,13 @@ def _activation_of(module: nn.Module) -> dict | None:
 
 
 def build_norm(
-    kind: str, info: NormInfo, *, dims: int | None, groups: int | None, factory: dict, activation: dict | None = None
+    kind: str,
+    info: NormInfo,
+    *,
+    spatial_rank: int | None,
+    groups: int | None,
+    factory: dict,
+    activation: dict | None = None,
 ) -> nn.Module:
     """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``; with
     ``activation`` (a fused source), the fused form where one exists."""
@@ -78,7 +84,7 @@ def build_norm(
         )
     if kind == "batch" and activation:
         momentum = info.momentum if info.kind in ("batch", "batch_renorm", "instance") else 0.1
-        return _ACT_BY_DIMS[dims - 1](
+        return _ACT_BY_SPATIAL_RANK[spatial_rank - 1](
             info.channels,
             eps=info.eps,
             momentum=momentum,
@@ -87,7 +93,7 @@ def build_norm(
             **factory,
             **activation,
         )
-    cls = _BY_DIMS[kind][dims - 1]
+    cls = _BY_SPATIAL_RANK[kind][spatial_rank - 1]
     if kind == "frozen":
         return cls(info.channels, eps=info.eps, **factory)
     if kind == "instance":
@@ -183,16 +189,16 @@ def convert_norms(
         if info.kind == to:
             report.skip(path, f"already a {to} norm ({class_label(module)}); from_torch/to_torch switch libraries")
             continue
-        dims = info.dims if info.dims is not None else (ranks[path] - 2 if path in ranks else None)
-        if to not in ("group", "layer") and dims is None:
+        rank = info.spatial_rank if info.spatial_rank is not None else (ranks[path] - 2 if path in ranks else None)
+        if to not in ("group", "layer") and rank is None:
             report.skip(
                 path,
                 f"{class_label(module)} does not say its spatial rank; pass "
                 f"example_input so a {to} layer of the right rank can be built",
             )
             continue
-        if dims is not None and not 1 <= dims <= 3:
-            report.skip(path, f"{dims} spatial dims: no {to} layer for that rank")
+        if rank is not None and not 1 <= rank <= 3:
+            report.skip(path, f"{rank} spatial dims: no {to} layer for that rank")
             continue
         n_groups = None
         if to == "group":
@@ -205,7 +211,7 @@ def convert_norms(
                 n_groups = groups
         activation = _activation_of(module)
         target = build_norm(
-            to, info, dims=dims, groups=n_groups, factory=module_factory_kwargs(module), activation=activation
+            to, info, spatial_rank=rank, groups=n_groups, factory=module_factory_kwargs(module), activation=activation
         )
         statistics = _transfer(info, target)
         if activation is not None:

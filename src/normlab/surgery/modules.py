@@ -92,11 +92,11 @@ class NormInfo:
     """A channel norm layer seen through one lens, whichever library it comes from.
 
     kind: "batch", "instance", "group", "frozen", "batch_renorm"
-    dims: spatial rank from the class (1d → 1 for (N, C, L) or None where unknown)
+    spatial_rank: from the class name (1d → 1 for (N, C, L)), or None where it does not say
     """
 
     kind: str
-    dims: int | None
+    spatial_rank: int | None
     channels: int
     eps: float
     weight: torch.Tensor | None
@@ -108,11 +108,11 @@ class NormInfo:
     source: str  # "normlab" or "torch" or "other"
 
 
-_DIMS_BY_SUFFIX = {"1d": 1, "2d": 2, "3d": 3}
+_SPATIAL_RANK_BY_SUFFIX = {"1d": 1, "2d": 2, "3d": 3}
 
 
-def _dims_from_name(module: nn.Module) -> int | None:
-    return _DIMS_BY_SUFFIX.get(type(module).__name__[-2:])
+def _spatial_rank_from_name(module: nn.Module) -> int | None:
+    return _SPATIAL_RANK_BY_SUFFIX.get(type(module).__name__[-2:])
 
 
 def describe_norm(module: nn.Module) -> NormInfo | None:
@@ -126,7 +126,7 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
         else ("torch" if type(module).__module__.startswith("torch.") else "other")
     )
     common = dict(
-        dims=_dims_from_name(module),
+        spatial_rank=_spatial_rank_from_name(module),
         eps=float(getattr(module, "eps", 1e-5)),
         weight=getattr(module, "weight", None),
         bias=getattr(module, "bias", None),
@@ -143,12 +143,12 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
     ):
         return NormInfo("frozen", channels=int(module.running_var.numel()), **common)
     if isinstance(module, (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d, nn.modules.batchnorm._BatchNorm)):
-        dims = common["dims"] if not isinstance(module, nn.SyncBatchNorm) else None
-        return NormInfo("batch", channels=module.num_features, **{**common, "dims": dims})
+        rank = common["spatial_rank"] if not isinstance(module, nn.SyncBatchNorm) else None
+        return NormInfo("batch", channels=module.num_features, **{**common, "spatial_rank": rank})
     if isinstance(
         module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d, nn.modules.instancenorm._InstanceNorm)
     ):
         return NormInfo("instance", channels=module.num_features, **common)
     if isinstance(module, (nln.GroupNorm, nn.GroupNorm)):
-        return NormInfo("group", channels=module.num_channels, **{**common, "dims": None})
+        return NormInfo("group", channels=module.num_channels, **{**common, "spatial_rank": None})
     return None
