@@ -26,6 +26,7 @@ from ..core import (
     update_running_stats_if,
 )
 from ..core.checks import InputError
+from ..core.dispatch import fast_batch_norm
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
 
@@ -196,6 +197,26 @@ def _batch_norm(
     """``validated``: a module's call, whose constructor already checked eps, momentum, the
     policy and the parameter shapes, and whose forward checked the input's rank and channels;
     only what depends on this input (dtype, device) is checked here."""
+    if validated and mask is None and not inplace:
+        out = fast_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked=num_batches_tracked,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            operation=fn,
+        )
+        if out is not None:
+            return out
     if validated:
         if not input.is_floating_point():
             check_floating_input(input)

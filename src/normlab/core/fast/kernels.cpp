@@ -1269,6 +1269,11 @@ std::vector<at::Tensor> add_row_backward(const at::Tensor& dy, const at::Tensor&
 
 }  // namespace
 
+// What eager.cpp, the autograd layer for eager calls, calls through.
+#include "kernels.h"
+const normlab::Kernels normlab::kernels{&channel_forward, &channel_backward, &row_forward,
+                                        &row_backward,    &running_update,   PRELU};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab float32 CPU normalization kernels";
   m.def("plane_moments", &plane_moments);
@@ -1286,4 +1291,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_backward", &row_backward);
   m.def("add_row_forward", &add_row_forward);
   m.def("add_row_backward", &add_row_backward);
+  normlab::bind_eager(m);
 }
