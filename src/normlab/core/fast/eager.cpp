@@ -69,6 +69,19 @@ bool records(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 // kernel — on small tensors those layers cost more than the ops. Nothing there is
 // differentiated: the Function records the whole call.
 
+// A parameter's gradient, from the kernels' float64 per-element sums, in the parameter's
+// dtype and shape (a plain loop for float32: a tensor op costs more than the conversion).
+at::Tensor grad_like(const at::Tensor& sums, const at::Tensor& param) {
+  if (param.scalar_type() != at::kFloat || sums.scalar_type() != at::kDouble || !sums.is_contiguous() ||
+      sums.numel() != param.numel())
+    return sums.to(param.scalar_type()).view(param.sizes());
+  at::Tensor out = at::empty(param.sizes(), param.options().memory_format(at::MemoryFormat::Contiguous));
+  const double* src = sums.data_ptr<double>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0, n = out.numel(); i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  return out;
+}
+
 const at::Tensor& empty_float() {
   static const at::Tensor empty = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
   return empty;
@@ -199,11 +212,10 @@ struct ChannelNormFunction : public torch::autograd::Function<ChannelNormFunctio
                                       given, false, weight, bias, saved[4], saved[5], saved[6], act, param,
                                       slope_of(prelu, act, p.C));
     if (need_x) out[0] = p.unview(r[0], x);
-    if (need_w) out[1] = r[1].to(weight.scalar_type());
-    if (need_b) out[2] = r[2].to(bias.scalar_type());
+    if (need_w) out[1] = grad_like(r[1], weight);
+    if (need_b) out[2] = grad_like(r[2], bias);
     if (need_p && act == kernels.prelu) {
-      at::Tensor dp = r[3].to(prelu.scalar_type());
-      out[5] = prelu.numel() == 1 ? dp.sum().reshape(prelu.sizes()) : dp;
+      out[5] = prelu.numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape(prelu.sizes()) : grad_like(r[3], prelu);
     }
     return out;
   }
@@ -337,8 +349,8 @@ struct RowNormFunction : public torch::autograd::Function<RowNormFunction> {
     auto r = kernels.row_backward(dy.contiguous().view({-1, k}), x.view({-1, k}), flat(weight), saved[3], saved[4],
                                   saved[5], centered);
     if (need_x) out[0] = r[0].view_as(x);
-    if (need_w) out[1] = r[1].to(weight.scalar_type()).view(weight.sizes());
-    if (need_b) out[2] = r[2].to(bias.scalar_type()).view(bias.sizes());
+    if (need_w) out[1] = grad_like(r[1], weight);
+    if (need_b) out[2] = grad_like(r[2], bias);
     return out;
   }
 };
