@@ -16,11 +16,11 @@
 #include "kernels.h"
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/TracerMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <optional>
 #include <stdexcept>
@@ -54,11 +54,12 @@ bool plain_float_cpu(const at::Tensor& t) {
          !t.key_set().has_any(wrapped);
 }
 
-// No jit.trace, torch.func transform (it includes the dynamic-layer key while its stack is not
+// No jit.trace (it includes the Tracer key while tracing), torch.func transform (it includes the dynamic-layer key while its stack is not
 // empty), TorchDispatchMode or TorchFunctionMode is active: each of them must see the call as
 // operators (the general dispatch takes it).
 bool eager_context() {
-  return !torch::jit::tracer::isTracing() && !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+  return !at::tracer::impl::is_dispatch_enabled() &&
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
          c10::impl::TorchDispatchModeTLS::stack_len() == 0 && at::impl::PythonTorchFunctionTLS::stack_len() == 0;
 }
 
