@@ -1,4 +1,4 @@
-// The eager call path: kernels.cpp's operations wrapped in torch::autograd::Function, so that
+// The eager call path: kernels.cpp's operations with their autograd written in C++, so that
 // an eager forward crosses from Python into C++ once and its backward runs without Python, as
 // torch.nn's norms do. On small tensors the Python around a call (an autograd.Function on each
 // side, a dozen tiny tensor ops, the running-estimate update) cost 2-3x the whole torch.nn call.
@@ -20,7 +20,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 
 #include <optional>
 #include <stdexcept>
@@ -31,15 +33,12 @@ namespace normlab {
 namespace {
 
 namespace py = pybind11;
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
-
-// torch::autograd::Function takes an absent tensor as an empty optional (an undefined tensor
-// would be taken for a variable); its gradient edges count only the tensors present.
-OptTensor present(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // ---- where a call may run ------------------------------------------------------------------
 
@@ -68,7 +67,7 @@ bool records(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 // Below autograd: the tensor ops inside a kernel call (allocations, views, conversions) are
 // dispatched past the autograd and view-tracking layers, as in any C++ operator's autograd
 // kernel — on small tensors those layers cost more than the ops. Nothing there is
-// differentiated: the Function records the whole call.
+// differentiated: one autograd node records the whole call.
 
 // A parameter's gradient, from the kernels' float64 per-element sums, in the parameter's
 // dtype and shape (a plain loop for float32: a tensor op costs more than the conversion).
@@ -161,90 +160,93 @@ ChannelResult channel_run(const at::Tensor& x, const Plan& p, const at::Tensor& 
   return {y, r[0], r[1], r[2], r[3], r[4]};
 }
 
-struct ChannelNormFunction : public torch::autograd::Function<ChannelNormFunction> {
-  // Outputs: y, and for batch statistics the (non-differentiable) float64 mean and biased
-  // variance per group.
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight_,
-                               const OptTensor& bias_, const OptTensor& running_mean_, const OptTensor& running_var_,
-                               const OptTensor& prelu_, int64_t groups, double eps, int64_t act, double param) {
-    const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
-                     running_mean = value_or_undefined(running_mean_), running_var = value_or_undefined(running_var_),
-                     prelu = value_or_undefined(prelu_);
-    const Plan p = plan_of(x, groups);
-    auto r = channel_run(x, p, weight, bias, running_mean, running_var, prelu, eps, act, param);
-    const bool given = running_mean.defined();
-    ctx->save_for_backward({x, weight, bias, prelu, r.shift, r.offset, r.rstd});
-    ctx->saved_data["meta"] = c10::ivalue::Tuple::create({groups, eps, act, param, given});
-    ctx->set_materialize_grads(false);  // the statistics' gradients never arrive
-    if (given) return {r.y};
-    ctx->mark_non_differentiable({r.mean, r.var});
-    return {r.y, r.mean, r.var};
+// ops.py's `name`(*args): a tuple of gradients (None where not wanted), for create_graph=True.
+std::vector<at::Tensor> call_python(const char* name, const py::tuple& args) {
+  try {
+    py::tuple found = py::module_::import("normlab.core.fast.ops").attr(name)(*args);
+    std::vector<at::Tensor> out;
+    for (auto item : found) out.push_back(item.is_none() ? at::Tensor() : item.cast<at::Tensor>());
+    return out;
+  } catch (py::error_already_set& err) {
+    throw std::runtime_error(err.what());
+  }
+}
+
+// The autograd nodes are written as torch's generated ones are (a Node with its saved
+// variables as members), not as a torch::autograd::Function, whose context (argument
+// metadata, a keyed map for the non-tensor arguments) costs as much again on small tensors.
+void save(SavedVariable& slot, const at::Tensor& t) {
+  if (t.defined()) slot = SavedVariable(t, false);
+}
+
+// Backward of channel_forward. Gradient edges: x, γ, β, the PReLU slope (an absent tensor's
+// edge is empty); the batch statistics are outputs without a gradient.
+struct ChannelNormBackward : public Node {
+  SavedVariable x_, weight_, bias_, prelu_, shift_, offset_, rstd_;
+  int64_t groups_ = -1, act_ = 0;
+  double eps_ = 0, param_ = 0;
+  bool given_ = false;
+
+  std::string name() const override { return "NormlabChannelNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(10);  // one per forward argument
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(4);
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return out;
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &prelu = saved[3];
-    const auto& meta = ctx->saved_data["meta"].toTupleRef().elements();
-    const int64_t groups = meta[0].toInt(), act = meta[2].toInt();
-    const double eps = meta[1].toDouble(), param = meta[3].toDouble();
-    const bool given = meta[4].toBool();
-    // gradient edges: x, then weight, bias, the two given statistics and prelu where present
-    const int64_t at_w = 1, at_b = at_w + weight.defined(), at_p = at_b + bias.defined() + 2 * given;
-    const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(at_w),
-               need_b = bias.defined() && ctx->needs_input_grad(at_b),
-               need_p = prelu.defined() && ctx->needs_input_grad(at_p);
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), bias = bias_.unpack(), prelu = prelu_.unpack(),
+                     shift = shift_.unpack(), offset = offset_.unpack(), rstd = rstd_.unpack();
+    const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1),
+               need_b = task_should_compute_output(2), need_p = task_should_compute_output(3);
     if (at::GradMode::is_enabled()) {  // create_graph=True
       py::gil_scoped_acquire gil;
-      auto found = call_python("_eager_channel_double_backward",
-                               py::make_tuple(dy, x, weight, bias, prelu, saved[4], saved[6], groups, given, eps, act,
-                                              param, py::make_tuple(need_x, need_w, need_b, false, false, need_p)));
-      out[0] = found[0];
-      out[1] = found[1];
-      out[2] = found[2];
-      out[5] = found[3];
-      return out;
+      return call_python("_eager_channel_double_backward",
+                         py::make_tuple(dy, x, weight, bias, prelu, shift, rstd, groups_, given_, eps_, act_, param_,
+                                        py::make_tuple(need_x, need_w, need_b, false, false, need_p)));
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Plan p = plan_of(x, groups);
-    auto r = kernels.channel_backward(p.view(same_layout(dy, p, x)), p.view(x), p.planes, p.N, p.C, p.S, groups,
-                                      given, false, weight, bias, saved[4], saved[5], saved[6], act, param,
-                                      slope_of(prelu, act, p.C));
+    const Plan p = plan_of(x, groups_);
+    auto r = kernels.channel_backward(p.view(same_layout(dy, p, x)), p.view(x), p.planes, p.N, p.C, p.S, groups_,
+                                      given_, false, weight, bias, shift, offset, rstd, act_, param_,
+                                      slope_of(prelu, act_, p.C));
     if (need_x) out[0] = p.unview(r[0], x);
     if (need_w) out[1] = grad_like(r[1], weight);
     if (need_b) out[2] = grad_like(r[2], bias);
-    if (need_p && act == kernels.prelu) {
-      out[5] = prelu.numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape(prelu.sizes()) : grad_like(r[3], prelu);
-    }
+    if (need_p && act_ == kernels.prelu)
+      out[3] = prelu.numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape(prelu.sizes()) : grad_like(r[3], prelu);
     return out;
-  }
-
-  // ops.py's `name`(*args): a tuple of gradients (None where not wanted). Holds the GIL.
-  static std::vector<at::Tensor> call_python(const char* name, const py::tuple& args) {
-    try {
-      py::tuple found = py::module_::import("normlab.core.fast.ops").attr(name)(*args);
-      std::vector<at::Tensor> out;
-      for (auto item : found) out.push_back(item.is_none() ? at::Tensor() : item.cast<at::Tensor>());
-      return out;
-    } catch (py::error_already_set& err) {
-      throw std::runtime_error(err.what());
-    }
   }
 };
 
+// (y, mean, var), recording the backward node when a gradient is wanted; the statistics
+// undefined when given.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_call(const at::Tensor& x, const at::Tensor& weight,
                                                            const at::Tensor& bias, const at::Tensor& running_mean,
                                                            const at::Tensor& running_var, const at::Tensor& prelu,
                                                            int64_t groups, double eps, int64_t act, double param) {
-  if (at::GradMode::is_enabled() && (records(x) || records(weight) || records(bias) || records(prelu))) {
-    auto outs = ChannelNormFunction::apply(x, present(weight), present(bias), present(running_mean),
-                                           present(running_var), present(prelu), groups, eps, act, param);
-    if (outs.size() == 1) return {outs[0], at::Tensor(), at::Tensor()};
-    return {outs[0], outs[1], outs[2]};
-  }
   auto r = channel_run(x, plan_of(x, groups), weight, bias, running_mean, running_var, prelu, eps, act, param);
+  if (at::GradMode::is_enabled() && (records(x) || records(weight) || records(bias) || records(prelu))) {
+    auto node = c10::make_intrusive<ChannelNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, prelu));
+    save(node->x_, x);
+    save(node->weight_, weight);
+    save(node->bias_, bias);
+    save(node->prelu_, prelu);
+    save(node->shift_, r.shift);
+    save(node->offset_, r.offset);
+    save(node->rstd_, r.rstd);
+    node->groups_ = groups;
+    node->act_ = act;
+    node->eps_ = eps;
+    node->param_ = param;
+    node->given_ = running_mean.defined();
+    torch::autograd::set_history(r.y, node);
+  }
   return {r.y, r.mean, r.var};
 }
 
@@ -317,38 +319,36 @@ RowResult row_run(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   return {y, r[0], r[1], r[2]};
 }
 
-struct RowNormFunction : public torch::autograd::Function<RowNormFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight_,
-                               const OptTensor& bias_, int64_t k, double eps, bool centered) {
-    const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_);
-    auto r = row_run(x, weight, bias, k, eps, centered);
-    ctx->save_for_backward({x, weight, bias, r.shift, r.rstd, r.offr});
-    ctx->saved_data["meta"] = c10::ivalue::Tuple::create({k, eps, centered});
-    return {r.y};
+// Backward of row_forward. Gradient edges: x, γ, β.
+struct RowNormBackward : public Node {
+  SavedVariable x_, weight_, bias_, shift_, rstd_, offr_;
+  int64_t k_ = 1;
+  double eps_ = 0;
+  bool centered_ = true;
+
+  std::string name() const override { return "NormlabRowNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &weight_, &bias_, &shift_, &rstd_, &offr_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(6);
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(3);
     const at::Tensor& dy = grads[0];
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
-    const auto& meta = ctx->saved_data["meta"].toTupleRef().elements();
-    const int64_t k = meta[0].toInt();
-    const double eps = meta[1].toDouble();
-    const bool centered = meta[2].toBool();
-    const bool need_x = ctx->needs_input_grad(0), need_w = weight.defined() && ctx->needs_input_grad(1),
-               need_b = bias.defined() && ctx->needs_input_grad(1 + weight.defined());
+    if (!dy.defined()) return out;
+    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
+    const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1),
+               need_b = task_should_compute_output(2);
     if (at::GradMode::is_enabled()) {  // create_graph=True
       py::gil_scoped_acquire gil;
-      auto found = ChannelNormFunction::call_python(
-          "_eager_row_double_backward",
-          py::make_tuple(dy, x, weight, bias, k, eps, centered, py::make_tuple(need_x, need_w, need_b)));
-      std::copy(found.begin(), found.end(), out.begin());
-      return out;
+      return call_python("_eager_row_double_backward",
+                         py::make_tuple(dy, x, weight, bias, k_, eps_, centered_, py::make_tuple(need_x, need_w, need_b)));
     }
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto r = kernels.row_backward(dy.contiguous().view({-1, k}), x.view({-1, k}), flat(weight), saved[3], saved[4],
-                                  saved[5], centered);
+    auto r = kernels.row_backward(dy.contiguous().view({-1, k_}), x.view({-1, k_}), flat(weight), shift_.unpack(),
+                                  rstd_.unpack(), offr_.unpack(), centered_);
     if (need_x) out[0] = r[0].view_as(x);
     if (need_w) out[1] = grad_like(r[1], weight);
     if (need_b) out[2] = grad_like(r[2], bias);
@@ -358,9 +358,22 @@ struct RowNormFunction : public torch::autograd::Function<RowNormFunction> {
 
 at::Tensor row_call(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t k, double eps,
                     bool centered) {
-  if (at::GradMode::is_enabled() && (records(x) || records(weight) || records(bias)))
-    return RowNormFunction::apply(x, present(weight), present(bias), k, eps, centered)[0];
-  return row_run(x, weight, bias, k, eps, centered).y;
+  auto r = row_run(x, weight, bias, k, eps, centered);
+  if (at::GradMode::is_enabled() && (records(x) || records(weight) || records(bias))) {
+    auto node = c10::make_intrusive<RowNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
+    save(node->x_, x);
+    save(node->weight_, weight);
+    save(node->bias_, bias);
+    save(node->shift_, r.shift);
+    save(node->rstd_, r.rstd);
+    save(node->offr_, r.offr);
+    node->k_ = k;
+    node->eps_ = eps;
+    node->centered_ = centered;
+    torch::autograd::set_history(r.y, node);
+  }
+  return r.y;
 }
 
 // The dispatch has chosen the kernels; `x` contiguous.
