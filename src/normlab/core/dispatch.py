@@ -54,6 +54,7 @@ from .fast.ops import (
 from .masked import masked_moments, masked_normalize, masked_reference
 from .moments import compute_dtype, reduced_count
 from .normalize import NormStats, normalize_batch, normalize_given
+from .running import update_running_stats
 
 __all__ = [
     "add_row_norm",
@@ -61,6 +62,10 @@ __all__ = [
     "channel_norm",
     "channel_view",
     "choose_path",
+    "eager_kernels",
+    "fast_batch_norm",
+    "fast_group_norm",
+    "fast_row_norm",
     "masked_channel_norm",
     "row_norm",
 ]
@@ -103,6 +108,146 @@ def choose_path(x: torch.Tensor) -> tuple[str, str]:
 def _note(operation: str, path: str, reason: str) -> None:
     if _build._logs and not torch.compiler.is_compiling():
         _build.note(operation, path, reason)
+
+
+# --- a module's call: decided and run in one C++ call ------------------------------------------
+#
+# The common case — an eager call on a float32 CPU tensor — is decided here with the fewest
+# checks in Python: the kernels' ``fast_*`` entry points (eager.cpp) check dtype, device, layout,
+# parameters, jit.trace, torch.func and torch function/dispatch modes themselves, and run the
+# normalization (and BatchNorm's running-estimate update) with C++ autograd. They return None,
+# having done nothing, wherever the general rule above might choose otherwise or an error is
+# due; the caller then takes the general path. Only modules call these: their constructor
+# checked what the functionals check on every call.
+
+
+def eager_kernels(x: object):
+    """The kernels' module for an eager call on a plain tensor, or None (then the general path
+    decides): not compiling, no forward-mode AD, backend not forced to "composed", kernels built."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or _forward_ad._current_level >= 0:
+        return None
+    state = _build._state
+    return state["module"] if state["backend"] != "composed" else None
+
+
+def fast_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    *,
+    num_batches_tracked: torch.Tensor | None,
+    unbiased_running_var: bool,
+    on_nonfinite: str,
+    activation: str,
+    param: float,
+    prelu_weight: torch.Tensor | None,
+    operation: str,
+) -> torch.Tensor | None:
+    """A BatchNorm module's call, arguments as ``normlab.functional.batch_norm``'s: the output,
+    with the running estimates updated in training, or None when the kernels do not take it."""
+    kernels = eager_kernels(x)
+    if kernels is None:
+        return None
+    out = kernels.fast_channel_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        -1,
+        training,
+        momentum,
+        unbiased_running_var,
+        on_nonfinite == "skip",
+        eps,
+        ACTIVATIONS[activation].code,
+        param,
+        prelu_weight,
+    )
+    if out is None:
+        return None
+    if _build._logs:
+        _build.note(operation, "fast", "")
+    if type(out) is tuple:  # not folded in C++: a batch that is not finite, or on_nonfinite="raise"
+        y, mean, var = out
+        update_running_stats(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            x.numel() // x.shape[1],
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+        )
+        return y
+    return out
+
+
+def fast_group_norm(
+    x: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    activation: str,
+    param: float,
+    prelu_weight: torch.Tensor | None,
+    operation: str,
+) -> torch.Tensor | None:
+    """A GroupNorm module's call: the output, or None when the kernels do not take it."""
+    kernels = eager_kernels(x)
+    if kernels is None:
+        return None
+    y = kernels.fast_channel_norm(
+        x,
+        weight,
+        bias,
+        None,
+        None,
+        None,
+        groups,
+        True,
+        None,
+        True,
+        False,
+        eps,
+        ACTIVATIONS[activation].code,
+        param,
+        prelu_weight,
+    )
+    if y is not None and _build._logs:
+        _build.note(operation, "fast", "")
+    return y
+
+
+def fast_row_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    centered: bool,
+    operation: str,
+) -> torch.Tensor | None:
+    """A LayerNorm (``centered``) or RMSNorm module's call: the output, or None when the
+    kernels do not take it."""
+    kernels = eager_kernels(x)
+    if kernels is None:
+        return None
+    y = kernels.fast_row_norm(x, normalized_shape, weight, bias, eps, centered)
+    if y is not None and _build._logs:
+        _build.note(operation, "fast", "")
+    return y
 
 
 def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -153,7 +298,7 @@ def channel_norm(
         if inplace:
             y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, act, param)
         else:
-            y, _, _, _, mean, var = call_channel_norm(
+            y, mean, var = call_channel_norm(
                 x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
             )
         if given or not want_stats:
@@ -312,8 +457,7 @@ def row_norm(
     if path == "fast":
         k = reduced_count(normalized_shape, range(len(normalized_shape)))
         if k > 0 and (weight is None or weight.dtype == torch.float32):
-            y, _, _, _ = call_row_norm(x.contiguous(), weight, bias, k, eps, centered)
-            return y
+            return call_row_norm(x.contiguous(), weight, bias, k, eps, centered)
         path = "composed"
     if path == "native":
         if centered:

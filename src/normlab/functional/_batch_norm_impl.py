@@ -21,6 +21,7 @@ from ..core import (
     update_running_stats_if,
 )
 from ..core.checks import InputError
+from ..core.dispatch import fast_batch_norm
 from ._checks import check_channel_call, check_update_args, too_few_values
 
 __all__ = ["batch_norm_impl", "no_channels", "update_running"]
@@ -70,6 +71,27 @@ def batch_norm_impl(
     ``validated``: a module's call, whose constructor already checked eps, momentum, the
     policy and the parameter shapes, and whose forward checked the input's rank and channels;
     only what depends on this input (dtype, device) is checked here."""
+    if validated and mask is None and not inplace:
+        # a module's call in eager float32 CPU: the whole call in C++ (None when it does not apply)
+        out = fast_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            batch_stats,
+            momentum,
+            eps,
+            num_batches_tracked=num_batches_tracked,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            operation=fn,
+        )
+        if out is not None:
+            return out
     if validated:
         if not input.is_floating_point():
             check_floating_input(input)

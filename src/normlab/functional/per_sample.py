@@ -26,9 +26,12 @@ from ..core import (
     row_norm,
 )
 from ..core.checks import InputError
+from ..core.dispatch import fast_group_norm, fast_row_norm
 from ._checks import check_inplace_input
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
+
+_FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def group_norm(
@@ -103,6 +106,20 @@ def _group_norm(
 ):
     """``validated``: a module's call (constructor-checked groups, eps and parameter shapes;
     the module checked the channels): only what depends on this input is checked here."""
+    if validated and mask is None and not inplace:
+        out = fast_group_norm(
+            input,
+            num_groups,
+            weight,
+            bias,
+            eps,
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            operation=fn,
+        )
+        if out is not None:
+            return out
     act = {"activation": activation, "param": param, "prelu_weight": prelu_weight, "operation": fn}
     if not (
         validated
@@ -185,6 +202,10 @@ def layer_norm(
 
 def _layer_norm(input, normalized_shape, weight, bias, eps, *, validated=False):
     """``validated``: a module's call, whose constructor checked the shape, eps and γ/β."""
+    if validated:
+        out = fast_row_norm(input, normalized_shape, weight, bias, eps, centered=True, operation="layer_norm")
+        if out is not None:
+            return out
     if (
         validated
         and isinstance(input, torch.Tensor)
@@ -219,6 +240,18 @@ def rms_norm(
 
 def _rms_norm(input, normalized_shape, weight, eps, *, validated=False):
     """``validated``: a module's call, whose constructor checked the shape, eps and γ."""
+    if validated:
+        out = fast_row_norm(
+            input,
+            normalized_shape,
+            weight,
+            None,
+            _FLOAT32_EPS if eps is None else eps,
+            centered=False,
+            operation="rms_norm",
+        )
+        if out is not None:  # the kernels take float32 only, whose machine epsilon eps=None means
+            return out
     if (
         validated
         and isinstance(input, torch.Tensor)

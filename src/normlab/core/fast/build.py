@@ -51,7 +51,9 @@ from ..activation import ACTIVATIONS
 
 __all__ = ["available", "backend", "kernels", "record_dispatch", "set_backend", "status", "use_backend"]
 
-_SOURCE = Path(__file__).with_name("kernels.cpp")
+# kernels.cpp: the kernels; eager.cpp: their autograd for eager calls; kernels.h between them.
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.cpp", "eager.cpp"))
+_HEADERS = (Path(__file__).with_name("kernels.h"),)
 _BACKENDS = ("auto", "fast", "composed")
 # -fopenmp: at::parallel_for's OpenMP branch is inline in ATen's headers, so without it the
 # kernels would run on one thread. libgomp.so.1 resolves to the copy torch has already
@@ -108,7 +110,7 @@ def installation() -> dict[str, str]:
         "variant": variant,
         "python": f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}",
         "cpu": _cpu_signature(),
-        "source": hashlib.sha1(_SOURCE.read_bytes()).hexdigest(),
+        "source": hashlib.sha1(b"".join(path.read_bytes() for path in _SOURCES + _HEADERS)).hexdigest(),
         "flags": " ".join(_CFLAGS + ("|",) + _LDFLAGS),
     }
 
@@ -231,7 +233,7 @@ def _compile(name: str, entry: Path):
     try:
         module = cpp_extension.load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(work),

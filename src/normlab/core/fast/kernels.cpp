@@ -1353,6 +1353,11 @@ std::vector<at::Tensor> add_row_backward(const at::Tensor& dy, const at::Tensor&
 
 }  // namespace
 
+// What eager.cpp, the autograd layer for eager calls, calls through.
+#include "kernels.h"
+const normlab::Kernels normlab::kernels{&channel_forward, &channel_backward, &row_forward,
+                                        &row_backward,    &running_update,   PRELU};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "normlab float32 CPU normalization kernels";
   m.def("channel_forward", &channel_forward);
@@ -1372,4 +1377,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   activation_codes["silu"] = static_cast<int>(SILU);
   activation_codes["prelu"] = static_cast<int>(PRELU);
   m.attr("activation_codes") = activation_codes;
+  normlab::bind_eager(m);
 }

@@ -533,8 +533,9 @@ def _row_double_backward(ctx, dy, x, weight, bias):
 #
 # An operator call costs tens of microseconds of Python dispatch (alias checks, redispatch,
 # the autograd wrapper) — more than the kernel itself on small tensors. Outside any trace the
-# same implementation and the same autograd formula are called directly; traced code
-# (torch.compile, FakeTensor, meta, functional tensors) always goes through the operators.
+# same kernels run from eager.cpp, whose torch::autograd::Function records the same formula
+# without Python on either side; traced code (torch.compile, FakeTensor, meta, functional
+# tensors) always goes through the operators.
 
 
 def is_eager(t: torch.Tensor) -> bool:
@@ -542,52 +543,48 @@ def is_eager(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-class _EagerChannelNorm(torch.autograd.Function):
-    # forward(ctx, ...) rather than a separate setup_context: the latter binds arguments
-    # with inspect on every call, a cost the size of the kernel on small tensors.
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _channel_norm(*inputs)
-        _channel_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_channel_backward)
-
-
-class _EagerRowNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _row_norm(*inputs)
-        _row_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_row_backward)
-
-
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def call_channel_norm(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
-    """``torch.ops.normlab.channel_norm``, called directly where no tracer needs the operator."""
-    if not is_eager(x):
-        return torch.ops.normlab.channel_norm(
+    """``(y, mean, var)`` of ``torch.ops.normlab.channel_norm`` — the operator where a tracer
+    needs it, else the kernels directly. ``mean``/``var`` (float64, one per group) are not
+    differentiable; None (eager) or empty (operator) with given statistics."""
+    if is_eager(x):
+        return kernels().eager_channel_norm(
             x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
         )
-    if _needs_grad(x, weight, bias, prelu_weight):
-        return _EagerChannelNorm.apply(
-            x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
-        )
-    return _channel_forward(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param)
+    y, _, _, _, mean, var = torch.ops.normlab.channel_norm(
+        x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param
+    )
+    return y, mean.detach(), var.detach()
 
 
 def call_row_norm(x, weight, bias, k, eps, centered):
-    """``torch.ops.normlab.row_norm``, called directly where no tracer needs the operator."""
-    if not is_eager(x):
-        return torch.ops.normlab.row_norm(x, weight, bias, k, eps, centered)
-    if _needs_grad(x, weight, bias):
-        return _EagerRowNorm.apply(x, weight, bias, k, eps, centered)
-    return _row_norm(x, weight, bias, k, eps, centered)
+    """y of ``torch.ops.normlab.row_norm``, the operator only where a tracer needs it."""
+    if is_eager(x):
+        return kernels().eager_row_norm(x, weight, bias, k, eps, centered)
+    return torch.ops.normlab.row_norm(x, weight, bias, k, eps, centered)[0]
+
+
+class _Saved:
+    """What the double-backward helpers read from an autograd context, for eager.cpp's calls."""
+
+    def __init__(self, needs_input_grad, **fields):
+        self.needs_input_grad = needs_input_grad
+        self.__dict__.update(fields)
+
+
+def _eager_channel_double_backward(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, param, needs):
+    """eager.cpp's backward under create_graph=True: (dx, dγ, dβ, dPReLU) with a graph."""
+    ctx = _Saved(needs, groups=groups, given=given, eps=eps, act=act, param=param)
+    return _channel_double_backward(ctx, dy, x, weight, bias, prelu, shift, rstd)
+
+
+def _eager_row_double_backward(dy, x, weight, bias, k, eps, centered, needs):
+    """eager.cpp's backward under create_graph=True: (dx, dγ, dβ) with a graph."""
+    return _row_double_backward(_Saved(needs, k=k, eps=eps, centered=centered), dy, x, weight, bias)
 
 
 # --- normlab::add_row_norm: residual add + LayerNorm / RMSNorm -------------------------------

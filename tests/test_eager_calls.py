@@ -1,0 +1,233 @@
+"""Eager calls on the kernels' C++ autograd (eager.cpp) against the registered operators.
+
+An eager float32 CPU call runs the kernels from C++ — forward, running-estimate update and a
+torch::autograd::Function whose backward needs no Python — while traced code calls the
+``torch.ops.normlab.*`` operators with their Python autograd formula. Both run the same
+kernels, so outputs, every gradient and the running estimates must agree bit for bit; and a
+call that the C++ entry points must not take (a mode, a transform, an error to raise) goes to
+the general dispatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+import normlab as nl
+from normlab import core
+from normlab.core import dispatch
+from normlab.core.fast import ops
+from tests.helpers import in_layout
+
+_NOT_EXPECTED = (
+    "the composed ops were asked for"
+    if core.fast.backend() == "composed"
+    else (None if shutil.which(os.environ.get("CXX", "c++")) else "no C++ compiler here")
+)
+pytestmark = pytest.mark.skipif(_NOT_EXPECTED is not None, reason=_NOT_EXPECTED or "")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels_built():
+    if not core.fast_available():
+        pytest.fail(f"a C++ compiler is here but the fast kernels did not build: {core.fast.status()}")
+
+
+def _operators_only(patch: pytest.MonkeyPatch) -> None:
+    """Route every call through torch.ops.normlab.* (as a tracer would see them)."""
+    patch.setattr(dispatch, "eager_kernels", lambda x: None)
+    patch.setattr(ops, "is_eager", lambda t: False)
+
+
+def _step(module, x, dy):
+    """Output, input and parameter gradients, and the buffers after one call."""
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    y = module(x)
+    y.backward(dy)
+    grads = [x.grad] + [p.grad for p in module.parameters()]
+    node = y.grad_fn
+    while node.name().startswith(("CloneBackward", "ContiguousBackward")):  # a layout restored
+        node = node.next_functions[0][0]
+    return y.detach(), grads, [b.clone() for b in module.buffers()], node
+
+
+def _bn(**kw):
+    return lambda: nl.nn.BatchNorm2d(4, **kw)
+
+
+CASES = {
+    "bn2d": (_bn(), (3, 4, 5, 5)),
+    "bn2d-affine-off": (_bn(affine=False), (3, 4, 5, 5)),
+    "bn2d-no-bias": (_bn(bias=False), (3, 4, 5, 5)),
+    "bn2d-cumulative": (_bn(momentum=None), (3, 4, 5, 5)),
+    "bn2d-biased-var": (_bn(unbiased_running_var=False), (3, 4, 5, 5)),
+    "bn2d-untracked": (_bn(track_running_stats=False), (3, 4, 5, 5)),
+    "bn2d-eval": (lambda: nl.nn.BatchNorm2d(4).eval(), (3, 4, 5, 5)),
+    "bn2d-frozen": (lambda: nl.nn.BatchNorm2d(4).freeze(affine=False), (3, 4, 5, 5)),
+    "bn1d-rows": (lambda: nl.nn.BatchNorm1d(6), (8, 6)),
+    "bn1d-seq": (lambda: nl.nn.BatchNorm1d(6), (4, 6, 7)),
+    "bn3d": (lambda: nl.nn.BatchNorm3d(3), (2, 3, 3, 4, 5)),
+    "gn": (lambda: nl.nn.GroupNorm(2, 4), (3, 4, 5, 5)),
+    "gn-instance": (lambda: nl.nn.GroupNorm(4, 4, affine=False), (3, 4, 5, 5)),
+    "gn-act-prelu": (lambda: nl.nn.GroupNormAct(2, 4, activation="prelu"), (3, 4, 5, 5)),
+    "bn-act-prelu": (lambda: nl.nn.BatchNormAct2d(4, activation="prelu"), (3, 4, 5, 5)),
+    "instance-eval": (lambda: nl.nn.InstanceNorm2d(4, affine=True, track_running_stats=True).eval(), (3, 4, 5, 5)),
+    "ln": (lambda: nl.nn.LayerNorm((4, 5, 5)), (3, 4, 5, 5)),
+    "ln-last": (lambda: nl.nn.LayerNorm(5, bias=False), (3, 4, 5, 5)),
+    "ln-affine-off": (lambda: nl.nn.LayerNorm(5, elementwise_affine=False), (3, 4, 5, 5)),
+    "rms": (lambda: nl.nn.RMSNorm(5), (3, 4, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_calls_equal_the_operators_bit_for_bit(case, layout, monkeypatch):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    x = in_layout(torch.randn(shape) * 3 + 1, layout)
+    dy = torch.randn(shape)
+    eager, reference = layer, copy.deepcopy(layer)
+    results = []
+    for _ in range(2):  # two steps: the second starts from updated running estimates
+        ours = _step(eager, x, dy)
+        with monkeypatch.context() as patch:
+            _operators_only(patch)
+            theirs = _step(reference, x, dy)
+        results.append((ours, theirs))
+    # RMSNorm on another layout runs torch's op on both sides (the general rule)
+    on_kernels = not (case == "rms" and layout != "contiguous")
+    for ours, theirs in results:
+        if on_kernels:  # the C++ node, where the operators record their own
+            assert ours[3].name().startswith("Normlab") and ours[3].name() != theirs[3].name()
+        torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=0)
+        assert ours[0].stride() == theirs[0].stride()
+        for a, b in zip(ours[1] + ours[2], theirs[1] + theirs[2]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_module_call_is_one_node_whose_backward_needs_no_python():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    for layer in (nl.nn.BatchNorm2d(4), nl.nn.GroupNorm(2, 4), nl.nn.LayerNorm((4, 3, 3)), nl.nn.RMSNorm(3)):
+        y = layer(x)
+        # a C++ node (not a Python autograd.Function) straight to the leaves
+        assert type(y.grad_fn).__name__ == "CppFunction" and y.grad_fn.name().startswith("Normlab")
+        assert {type(f).__name__ for f, _ in y.grad_fn.next_functions if f is not None} == {"AccumulateGrad"}
+
+
+def test_no_grad_and_inference_mode_record_nothing_and_agree():
+    layer = nl.nn.BatchNorm2d(4).eval()
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with torch.no_grad():
+        a = layer(x)
+    with torch.inference_mode():
+        b = layer(x)
+    c = layer(x)
+    assert a.grad_fn is None and not a.requires_grad and b.is_inference()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c.detach(), rtol=0, atol=0)
+
+
+class _Seen(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_torch_function_mode_sees_the_call_through_the_general_path():
+    layer = nl.nn.BatchNorm2d(4)
+    x = torch.randn(2, 4, 3, 3)
+    expected = copy.deepcopy(layer)(x)
+    mode = _Seen()
+    with mode, core.record_dispatch() as log:
+        y = layer(x)
+    assert mode.calls > 0 and [p for _, p, _ in log] == ["fast"]
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_what_the_cpp_entry_declines_raises_the_general_errors():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nl.nn.BatchNorm1d(3)(torch.randn(1, 3))
+    layer = nl.nn.BatchNorm2d(3)
+    layer.eps = 0.0
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        layer(torch.randn(2, 3, 2, 2))
+    with pytest.raises(TypeError):
+        nl.nn.LayerNorm(3)(torch.arange(6).view(2, 3))
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_batch_that_is_not_finite_leaves_the_running_estimates(policy):
+    layer = nl.nn.BatchNorm2d(2, on_nonfinite=policy)
+    layer(torch.randn(4, 2, 3, 3))
+    before = [b.clone() for b in layer.buffers()]
+    x = torch.randn(4, 2, 3, 3)
+    x[0, 1, 0, 0] = float("inf")
+    if policy == "skip":
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            y = layer(x)
+        assert torch.isfinite(y[:, 0]).all()
+    else:
+        with pytest.raises(core.NonFiniteStatisticsError):
+            layer(x)
+    for b, a in zip(layer.buffers(), before):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nl.nn.BatchNorm2d(4), (6, 4, 3, 3)),
+        (lambda: nl.nn.GroupNorm(2, 4), (6, 4, 3, 3)),
+        (lambda: nl.nn.LayerNorm((4, 3, 3)), (6, 4, 3, 3)),
+    ],
+    ids=["bn", "gn", "ln"],
+)
+def test_second_derivatives_of_module_calls(make, shape):
+    """create_graph=True: the C++ node hands its backward to the composed reference."""
+    torch.manual_seed(0)
+    layer = make()
+    data = torch.randn(shape) * 2 + 1
+    results = []
+    for backend in ("auto", "composed"):
+        with core.use_backend(backend):
+            x = data.clone().requires_grad_()
+            layer.zero_grad()
+            (g,) = torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+            g.pow(2).sum().backward()
+            results.append((g.detach(), x.grad, layer.weight.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: nl.nn.BatchNorm2d(4), lambda: nl.nn.LayerNorm(3)], ids=["channel", "row"])
+def test_the_cpp_node_keeps_autograd_s_rules(make):
+    layer = make()
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    y = layer(x)
+    (full,) = torch.autograd.grad(y.sum(), x, retain_graph=True)  # only x asked for
+    y.sum().backward(retain_graph=True)
+    torch.testing.assert_close(full, x.grad, rtol=0, atol=0)
+    y.sum().backward()  # the saved tensors are freed now
+    with pytest.raises(RuntimeError, match="second time"):
+        y.sum().backward()
+    h = x * 1
+    z = layer(h)
+    h.add_(1)  # the saved input changed
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
