@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import platform
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from .common import atomic_write_json, check_output_file, positive_int
 
@@ -15,14 +12,9 @@ __all__ = ["add_parser"]
 
 
 def _machine() -> dict:
-    import os
+    from ..experiments.output import machine_info
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-    }
+    return machine_info()
 
 
 def _out_checked(run):

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..data import load_mnist1d
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 from ..training import TrainConfig, evaluate, train_classifier
 from .dropout_nets import conv_net, mlp, subset
 
@@ -157,8 +158,7 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "regularization")
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     # CNN jobs are the long ones: first, so the workers finish together.
     tasks = [
         {"config": config, "model": m, "norm": n, "dropout": p, "weight_decay": wd, "seed": s}
@@ -169,17 +169,15 @@ def run(config: Config, out_dir: Path) -> dict:
         for wd in config.weight_decays
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
+    return {"runs": rows}
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = result.data["runs"]
     cells = _cells(config, rows)
     result.data["cells"] = [
         {"model": k[0], "norm": k[1], "dropout": k[2], "weight_decay": k[3], **v} for k, v in cells.items()
     ]
-    result.figure(
-        _heatmaps(config, cells, out_dir),
-        "Test accuracy and train − test gap for every dropout × weight-decay cell, without and with "
-        "BatchNorm (each panel coloured on its own model's range).",
-    )
-
     sd = len(config.seeds) > 1
     for m in config.models:
         rows_ = []
@@ -310,26 +308,34 @@ def run(config: Config, out_dir: Path) -> dict:
             if better
             else "BN does not test better here",
         )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Regularization: what BatchNorm makes unnecessary — dropout, L2",
-        question="With BatchNorm, do dropout and weight decay still improve test accuracy on a small training set?",
-        run=run,
-        settings={
-            "smoke": Config(
-                models=("cnn",),
-                dropouts=(0.0, 0.5),
-                weight_decays=(0.0, 2.5e-3),
-                train_samples=500,
-                epochs=6,
-                seeds=(0,),
-            ),
-            "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    cells = _cells(config, result.data["runs"])
+    result.figure(
+        _heatmaps(config, cells, out_dir),
+        "Test accuracy and train − test gap for every dropout × weight-decay cell, without and with "
+        "BatchNorm (each panel coloured on its own model's range).",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Regularization: what BatchNorm makes unnecessary — dropout, L2",
+    question="With BatchNorm, do dropout and weight decay still improve test accuracy on a small training set?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(
+            models=("cnn",),
+            dropouts=(0.0, 0.5),
+            weight_decays=(0.0, 2.5e-3),
+            train_samples=500,
+            epochs=6,
+            seeds=(0,),
+        ),
+        "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
+        "full": Config(),
+    },
 )
