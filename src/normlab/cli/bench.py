@@ -6,15 +6,10 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
+from ..experiments.output import machine_info
 from .common import atomic_write_json, check_output_file, positive_int
 
 __all__ = ["add_parser"]
-
-
-def _machine() -> dict:
-    from ..experiments.output import machine_info
-
-    return machine_info()
 
 
 def _out_checked(run):
@@ -41,7 +36,7 @@ def run_fold(args: argparse.Namespace) -> int:
     )
     print(format_fold_table(rows))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "fold", "machine": _machine(), "rows": rows})
+        atomic_write_json(Path(args.out), {"benchmark": "fold", "machine": machine_info(), "rows": rows})
         print(f"wrote {args.out}")
     return 0
 
@@ -58,7 +53,7 @@ def run_probe(args: argparse.Namespace) -> int:
     )
     print(format_probe_table(rows))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": _machine(), "rows": rows})
+        atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": machine_info(), "rows": rows})
         print(f"wrote {args.out}")
     return 0
 
@@ -74,7 +69,7 @@ def run_sync(args: argparse.Namespace) -> int:
     )
     print(format_sync_table(result))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": _machine(), **result})
+        atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": machine_info(), **result})
         print(f"wrote {args.out}")
     return 0
 
@@ -122,7 +117,7 @@ def run_layers(args: argparse.Namespace) -> int:
             Path(args.out),
             {
                 "benchmark": "layers",
-                "machine": _machine(),
+                "machine": machine_info(),
                 "malloc_tuned": tuned,
                 "backend": fast.status(),
                 "summary": goals,
@@ -146,7 +141,7 @@ def run_memory(args: argparse.Namespace) -> int:
     print(format_memory_table(rows))
     if args.out:
         atomic_write_json(
-            Path(args.out), {"benchmark": "memory", "machine": _machine(), "config": asdict(config), "rows": rows}
+            Path(args.out), {"benchmark": "memory", "machine": machine_info(), "config": asdict(config), "rows": rows}
         )
         print(f"wrote {args.out}")
     return 0

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+from ..experiments import output
+
 __all__ = [
     "CommandError",
     "atomic_write_bytes",
@@ -121,12 +123,9 @@ def atomic_write_files(files: Mapping[Path, Callable[[BinaryIO], None]]) -> None
     """Write each ``path`` through ``write(file)``: every file or none of them (see
     :func:`normlab.experiments.output.atomic_write_files`); a failure is one
     :class:`CommandError`."""
-    from ..experiments.output import WriteFailed
-    from ..experiments.output import atomic_write_files as write_all
-
     try:
-        write_all(files)
-    except WriteFailed as err:
+        output.atomic_write_files(files)
+    except output.WriteFailed as err:
         raise CommandError(str(err)) from err.__cause__
 
 
