@@ -276,17 +276,19 @@ def measure(config: Config, out_dir: Path) -> dict:
     return {"runs": rows}
 
 
+def _trains(r: dict) -> bool:
+    return not r["diverged"] and r["final_train_loss"] < TRAINS_BELOW * CHANCE
+
+
+def _final_loss(rows: list[dict], depth: int, placement: str, warmup: bool) -> float:
+    """Mean final training loss over seeds; a diverged seed counts as chance level."""
+    return statistics.fmean(
+        CHANCE if r["diverged"] else r["final_train_loss"] for r in _cell(rows, depth, placement, warmup)
+    )
+
+
 def summarise(config: Config, result: StudyResult) -> None:
     rows = result.data["runs"]
-
-    def trains(r):
-        return not r["diverged"] and r["final_train_loss"] < TRAINS_BELOW * CHANCE
-
-    def final_loss(depth, placement, warmup):  # a diverged seed counts as chance level
-        return statistics.fmean(
-            CHANCE if r["diverged"] else r["final_train_loss"] for r in _cell(rows, depth, placement, warmup)
-        )
-
     # Gradient at initialization: the model and batch are the same with or without warm-up.
     grads = {}
     for d in config.depths:
@@ -295,16 +297,20 @@ def summarise(config: Config, result: StudyResult) -> None:
             per_layer = [_geomean([r["grad_ffn_out"][layer] for r in mine]) for layer in range(d)]
             grads[(d, p)] = per_layer
     result.data["grad_ffn_out_at_init"] = {_grad_key(d, p): g for (d, p), g in grads.items()}
+    _tables(config, rows, grads, result)
+    _findings(config, rows, grads, result)
 
+
+def _tables(config: Config, rows: list[dict], grads: dict, result: StudyResult) -> None:
     table = []
     for d in config.depths:
         for p in config.placements:
             row = [str(d), LABELS[p]]
             for warmup in (False, True):
                 mine = _cell(rows, d, p, warmup)
-                ok = sum(trains(r) for r in mine)
+                ok = sum(_trains(r) for r in mine)
                 acc = statistics.fmean(r["test_accuracy"] for r in mine)
-                row += [f"{final_loss(d, p, warmup):.3f}", f"{100 * acc:.1f}", f"{ok}/{len(mine)}"]
+                row += [f"{_final_loss(rows, d, p, warmup):.3f}", f"{100 * acc:.1f}", f"{ok}/{len(mine)}"]
             table.append(row)
     result.table(
         f"After {config.steps} steps of Adam at lr {config.lr:g}: final training loss (mean of the "
@@ -331,12 +337,16 @@ def summarise(config: Config, result: StudyResult) -> None:
         ],
     )
 
+
+def _findings(config: Config, rows: list[dict], grads: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with Xiong et al. (2020)."""
     deep, shallow = max(config.depths), min(config.depths)
     for d in config.depths:
         result.summary.append(
             f"Depth {d}, final training loss without → with warm-up: "
             + ", ".join(
-                f"{LABELS[p]} {final_loss(d, p, False):.2f} → {final_loss(d, p, True):.2f}" for p in config.placements
+                f"{LABELS[p]} {_final_loss(rows, d, p, False):.2f} → {_final_loss(rows, d, p, True):.2f}"
+                for p in config.placements
             )
             + f" (chance {CHANCE:.2f})."
         )
@@ -392,8 +402,8 @@ def summarise(config: Config, result: StudyResult) -> None:
             f"{theory:.2f}; Post-LN's ×{post_ratio:.2f} {'stays level' if post_close else 'does not stay level'}. "
             "The theorem bounds the size up to constants; it does not say the bound is reached",
         )
-    post_no, post_wu = final_loss(deep, "post", False), final_loss(deep, "post", True)
-    post_fails = [r for r in _cell(rows, deep, "post", False) if not trains(r)]
+    post_no, post_wu = _final_loss(rows, deep, "post", False), _final_loss(rows, deep, "post", True)
+    post_fails = [r for r in _cell(rows, deep, "post", False) if not _trains(r)]
     result.compare(
         f"Post-LN needs learning-rate warm-up (depth {deep}, lr {config.lr:g})",
         "Xiong et al. (2020), §3.1 (qualitative here): without warm-up Post-LN trains much worse",
@@ -406,8 +416,8 @@ def summarise(config: Config, result: StudyResult) -> None:
         if post_no > post_wu
         else "warm-up did not help Post-LN here",
     )
-    pre_no, pre_wu = final_loss(deep, "pre", False), final_loss(deep, "pre", True)
-    pre_all = all(trains(r) for d in config.depths for r in _cell(rows, d, "pre", False))
+    pre_no, pre_wu = _final_loss(rows, deep, "pre", False), _final_loss(rows, deep, "pre", True)
+    pre_all = all(_trains(r) for d in config.depths for r in _cell(rows, d, "pre", False))
     beats = pre_all and pre_no <= post_wu
     warmup_matters = pre_no > pre_wu + 0.1
     result.compare(
@@ -435,9 +445,9 @@ def summarise(config: Config, result: StudyResult) -> None:
         result.summary.append(
             "No norm: "
             + "; ".join(
-                f"depth {d}, seeds that train without / with warm-up {sum(trains(r) for r in _cell(rows, d, 'none', False))}"
-                f"/{len(config.seeds)} and {sum(trains(r) for r in _cell(rows, d, 'none', True))}/{len(config.seeds)}, "
-                f"final loss {final_loss(d, 'none', False):.3g} / {final_loss(d, 'none', True):.3g}"
+                f"depth {d}, seeds that train without / with warm-up {sum(_trains(r) for r in _cell(rows, d, 'none', False))}"
+                f"/{len(config.seeds)} and {sum(_trains(r) for r in _cell(rows, d, 'none', True))}/{len(config.seeds)}, "
+                f"final loss {_final_loss(rows, d, 'none', False):.3g} / {_final_loss(rows, d, 'none', True):.3g}"
                 for d in config.depths
             )
             + "."

@@ -221,6 +221,12 @@ def summarise(config: Config, result: StudyResult) -> None:
     def failed(norm, lr, wd):
         return sum(r["diverged"] for r in rows if (r["norm"], r["lr"], r["weight_decay"]) == (norm, lr, wd))
 
+    _grid_table(config, cell, failed, result)
+    deep_summary = _deep_table(config, deep, result)
+    _findings(config, cell, deep_summary, result)
+
+
+def _grid_table(config: Config, cell, failed, result: StudyResult) -> None:
     table = []
     for n in config.norms:
         for lr in config.lrs:
@@ -257,6 +263,8 @@ def summarise(config: Config, result: StudyResult) -> None:
         note="With BatchNorm, ‖Δw‖/‖w‖ is the angle turned per step; without, only a relative step size.",
     )
 
+
+def _deep_table(config: Config, deep: list[dict], result: StudyResult) -> dict:
     # The gradient norm of a plain deep net first falls (the loss drops from chance), then
     # can climb again as the weights grow: growth is measured from its lowest point.
     deep_rows, deep_summary = [], {}
@@ -293,8 +301,11 @@ def summarise(config: Config, result: StudyResult) -> None:
         ["L2 λ", "‖∇‖ at step 0", "lowest ‖∇‖", "last fifth / lowest", "‖w‖ end / start", "test accuracy %"],
         deep_rows,
     )
+    return deep_summary
 
-    # --- verdicts ---------------------------------------------------------------------------
+
+def _findings(config: Config, cell, deep_summary: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with the published claims."""
     mid = sorted(config.lrs)[len(config.lrs) // 2]
     top = max(config.weight_decays)
     if "batch" in config.norms and 0.0 in config.weight_decays and top > 0:
