@@ -19,6 +19,7 @@ __all__ = [
     "atomic_write_files",
     "atomic_write_text",
     "finite_or_none",
+    "heatmap",
     "machine_info",
     "pyplot",
     "save_figure",
@@ -165,3 +166,18 @@ def save_figure(fig, out_dir: str | Path, name: str, *, dpi: int = 110) -> str:
     fig.savefig(Path(out_dir) / file, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
     return file
+
+
+def heatmap(
+    ax, grid: list[list[float]], *, cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None
+):
+    """``grid`` (rows of numbers) as coloured cells with each value written in, one decimal;
+    the colour scale spans ``vmin``–``vmax`` (default: the grid's own range)."""
+    flat = [v for row in grid for v in row]
+    vmin = min(flat) if vmin is None else vmin
+    vmax = max(flat) if vmax is None else vmax
+    ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-6), aspect="auto")
+    for a, row in enumerate(grid):
+        for b, v in enumerate(row):
+            color = "white" if v < (vmin + vmax) / 2 else "black"  # readable on dark and light cells
+            ax.text(b, a, f"{v:.1f}", ha="center", va="center", fontsize=8, color=color)

@@ -17,6 +17,7 @@ __all__ = [
     "StepConfig",
     "TrainConfig",
     "TrainResult",
+    "epoch_batches",
     "evaluate",
     "minibatch_losses",
     "train_classifier",
@@ -138,6 +139,14 @@ def minibatch_losses(
         if schedule is not None:
             schedule.step()
         yield loss.item()
+
+
+def epoch_batches(data: Dataset, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """One epoch of training inputs in a seeded random order, the ragged end dropped:
+    the batches a BatchNorm model's population statistics are recomputed over."""
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
+    per_epoch = len(data.y_train) // batch_size
+    return [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
 
 
 def _train(model, data, config, on_epoch):

@@ -24,12 +24,12 @@ import torch
 
 from ... import nn as nln
 from ...surgery import precise_bn
-from ..data import load_mnist1d
+from ..data import load_mnist1d, subset
 from ..models import ConvNet1d
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
-from ..training import TrainConfig, evaluate, train_classifier
+from ..training import TrainConfig, epoch_batches, evaluate, train_classifier
 
 NAME = "batch-size"
 LABELS = {
@@ -65,15 +65,7 @@ class Config:
 
 
 def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
-    data = load_mnist1d()
-    if config.train_samples:
-        data = type(data)(
-            data.name,
-            data.x_train[: config.train_samples],
-            data.y_train[: config.train_samples],
-            data.x_test,
-            data.y_test,
-        )
+    data = subset(load_mnist1d(), config.train_samples)
     per_epoch = len(data.y_train) // batch_size
     # Batch Renorm as Ioffe (2017): plain BN first, then r_max → 3 and d_max → 5.
     schedule = nln.RenormSchedule(
@@ -95,9 +87,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
         "train_loss": result.train_loss if math.isfinite(result.train_loss) else None,
     }
     if norm == "batch" and config.precise_bn and not result.diverged:
-        g = torch.Generator().manual_seed(seed + 1000)
-        order = torch.randperm(len(data.y_train), generator=g)
-        batches = [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+        batches = epoch_batches(data, batch_size, seed + 1000)
         precise, _ = precise_bn(model, batches, num_batches=len(batches))
         row["precise_accuracy"] = evaluate(precise, data.x_test, data.y_test)
     return row

@@ -32,12 +32,12 @@ from torch import nn
 
 from ... import nn as nln
 from ...surgery import precise_bn
-from ..data import load_mnist1d
+from ..data import load_mnist1d, subset
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
 from ..training import TrainConfig, evaluate, train_classifier
-from .dropout_nets import conv_net, subset
+from .dropout_nets import conv_net
 
 NAME = "dropout-order"
 LARGE_SHIFT = 1.5  # Li et al.'s max(r, 1/r) above which a layer counts as badly shifted

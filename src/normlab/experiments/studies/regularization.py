@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_mnist1d
-from ..output import pyplot, save_figure
+from ..data import load_mnist1d, subset
+from ..output import heatmap, pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
 from ..training import TrainConfig, evaluate, train_classifier
-from .dropout_nets import conv_net, mlp, subset
+from .dropout_nets import conv_net, mlp
 
 NAME = "regularization"
 MODEL_LABELS = {"cnn": "CNN", "mlp": "MLP 3×100"}
@@ -124,25 +124,7 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
             grid = [[cells[(m, n, p, wd)][key] for wd in config.weight_decays] for p in config.dropouts]
             # one colour scale per model and quantity, so the BN and no-norm panels compare directly
             same = [v[key] for k, v in cells.items() if k[0] == m]
-            vmin, vmax = min(same), max(same)
-            ax.imshow(
-                grid,
-                cmap="viridis" if key == "test" else "magma",
-                vmin=vmin,
-                vmax=max(vmax, vmin + 1e-6),
-                aspect="auto",
-            )
-            for a, row in enumerate(grid):
-                for b, v in enumerate(row):
-                    ax.text(
-                        b,
-                        a,
-                        f"{v:.1f}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if (v - vmin) < 0.5 * (vmax - vmin) else "black",
-                    )
+            heatmap(ax, grid, cmap="viridis" if key == "test" else "magma", vmin=min(same), vmax=max(same))
             ax.set_xticks(range(len(config.weight_decays)), [f"{wd:g}" for wd in config.weight_decays])
             ax.set_yticks(range(len(config.dropouts)), [f"{p:g}" for p in config.dropouts])
             ax.set_xlabel("weight decay λ")

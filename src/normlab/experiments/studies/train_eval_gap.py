@@ -32,7 +32,7 @@ from ..models import ConvNet1d
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
-from ..training import StepConfig, TrainConfig, evaluate, train_classifier, train_steps
+from ..training import StepConfig, TrainConfig, epoch_batches, evaluate, train_classifier, train_steps
 
 NAME = "train-eval-gap"
 COLUMNS = ("train_mode", "eval_mode", "precise_bn", "frozen_finetune", "unfrozen_finetune")
@@ -94,9 +94,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
     row["unfrozen_finetune"] = evaluate(control, data.x_test, data.y_test)
     if norm == "batch":
         row["train_mode"] = train_mode_accuracy(model, data.x_test, data.y_test, batch_size)
-        g = torch.Generator().manual_seed(seed + 1000)
-        order = torch.randperm(len(data.y_train), generator=g)
-        batches = [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+        batches = epoch_batches(data, batch_size, seed + 1000)
         row["precise_bn"] = evaluate(
             precise_bn(model, batches, num_batches=len(batches)).model, data.x_test, data.y_test
         )

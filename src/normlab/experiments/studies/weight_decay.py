@@ -37,7 +37,7 @@ from torch import nn
 from ...diagnostics import Probe
 from ..data import load_mnist1d
 from ..models import MLP, ConvNet1d
-from ..output import pyplot, save_figure
+from ..output import heatmap, pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
 from ..training import evaluate, minibatch_losses
@@ -471,19 +471,7 @@ def render(config: Config, result: StudyResult, out_dir: Path) -> None:
                     for wd in config.weight_decays
                 ]
             )
-        flat = [v for row in grid for v in row]
-        ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(flat), vmax=max(max(flat), min(flat) + 1e-6))
-        for a, row in enumerate(grid):
-            for b, v in enumerate(row):
-                ax.text(
-                    b,
-                    a,
-                    f"{v:.1f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if v < (min(flat) + max(flat)) / 2 else "black",
-                )
+        heatmap(ax, grid)
         ax.set_xticks(range(len(config.weight_decays)), [f"{wd:g}" for wd in config.weight_decays])
         ax.set_yticks(range(len(config.lrs)), [f"{lr:g}" for lr in sorted(config.lrs, reverse=True)])
         ax.set_xlabel("weight decay λ (conv weights)")
