@@ -160,11 +160,13 @@ def summarise(config: Config, result: StudyResult) -> None:
             "diverged": sum(r["diverged"] for r in rows if r["placement"] == pl and r["dropout"] == p),
         }
     result.data["cells"] = [{"placement": pl, "dropout": p, **c} for (pl, p), c in cells.items()]
-    base = cells[("none", 0.0)]
-    n_layers = len(base["ratio"])
+    _table(config, cells, result)
+    _findings(config, cells, result)
 
+
+def _table(config: Config, cells: dict, result: StudyResult) -> None:
     table = []
-    for pl, p in combos:
+    for pl, p in _combos(config):
         c = cells[(pl, p)]
         table.append(
             [
@@ -197,6 +199,10 @@ def summarise(config: Config, result: StudyResult) -> None:
         note="Li et al.'s formula applies to dropout directly before a BN; '–' elsewhere.",
     )
 
+
+def _findings(config: Config, cells: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with Li et al. (2019)."""
+    base = cells[("none", 0.0)]
     p_max = max(config.dropouts)
 
     def worst(pl):  # the most shifted layer of a placement at the largest p

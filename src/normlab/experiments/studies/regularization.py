@@ -160,6 +160,12 @@ def summarise(config: Config, result: StudyResult) -> None:
     result.data["cells"] = [
         {"model": k[0], "norm": k[1], "dropout": k[2], "weight_decay": k[3], **v} for k, v in cells.items()
     ]
+    _tables(config, cells, result)
+    summary = _gains_table(config, cells, result)
+    _findings(config, cells, summary, result)
+
+
+def _tables(config: Config, cells: dict, result: StudyResult) -> None:
     sd = len(config.seeds) > 1
     for m in config.models:
         rows_ = []
@@ -183,6 +189,9 @@ def summarise(config: Config, result: StudyResult) -> None:
             f"{config.lr_for(m):g} cosine, {len(config.seeds)} seed(s).",
         )
 
+
+def _gains_table(config: Config, cells: dict, result: StudyResult) -> dict:
+    """What dropout and L2 add at their best, per model and norm (also the summary lines)."""
     eps = config.noise_points
     summary = {}
     verdict_rows = []
@@ -235,7 +244,12 @@ def summarise(config: Config, result: StudyResult) -> None:
         verdict_rows,
         note=f"Differences under {eps:g} points are within seed noise on 1000 test samples.",
     )
+    return summary
 
+
+def _findings(config: Config, cells: dict, summary: dict, result: StudyResult) -> None:
+    """The comparison with Ioffe & Szegedy (2015) §3.4 and §4.2.1."""
+    eps = config.noise_points
     main = "cnn" if "cnn" in config.models else config.models[0]
     g = summary[main]
     d_bn, d_none = g["batch"]["dropout_gain"], g["none"]["dropout_gain"]

@@ -314,8 +314,11 @@ def summarise(config: Config, result: StudyResult) -> None:
             "curve": curve,
         }
     result.data["by_norm"] = summary
-    steps = rows[0]["history"][-1]["step"] if rows and rows[0]["history"] else config.steps
+    _tables(summary, stats_rows, result)
+    _findings(config, rows, summary, stats_rows, result)
 
+
+def _tables(summary: dict, stats_rows: list[dict], result: StudyResult) -> None:
     result.table(
         "Test accuracy % after training (mean over seeds)",
         ["cell", "eval mode", "train mode", "train − eval", "diverged"],
@@ -344,6 +347,11 @@ def summarise(config: Config, result: StudyResult) -> None:
             for r in stats_rows
         ],
     )
+
+
+def _findings(config: Config, rows: list[dict], summary: dict, stats_rows: list[dict], result: StudyResult) -> None:
+    """The summary lines and the comparison with Ba et al. (2016) and Cooijmans et al. (2017)."""
+    steps = rows[0]["history"][-1]["step"] if rows and rows[0]["history"] else config.steps
 
     def reach(norm: str, target: float) -> int | None:
         return next((p["step"] for p in summary[norm]["curve"] if p["test_accuracy"] >= target), None)
