@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 import normlab as nl
 
+#: The memory layouts inputs are tested in (``in_layout`` makes them).
 LAYOUTS = ("contiguous", "channels_last", "noncontiguous")
+#: Those that a ``torch.memory_format`` names (what a convolution returns).
+DENSE_LAYOUTS = ("contiguous", "channels_last")
+
+
+def memory_format(layout: str, dim: int = 4) -> torch.memory_format:
+    """The ``torch.memory_format`` of a dense layout for a ``dim``-D tensor."""
+    if layout == "contiguous":
+        return torch.contiguous_format
+    if layout == "channels_last":
+        return {4: torch.channels_last, 5: torch.channels_last_3d}[dim]
+    raise ValueError(f"layout must be one of {DENSE_LAYOUTS}, got {layout!r}")
 
 
 def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -70,9 +80,11 @@ def _same_strides(x: torch.Tensor) -> torch.Tensor:
     return out.requires_grad_(True)
 
 
-def assert_close(actual, expected, *, rtol, atol, what=""):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def clone_module(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module)
+def assert_close_scaled(actual, expected, *, rtol: float, atol: float | None = None, what: str = "") -> None:
+    """``actual`` ≈ ``expected``, the absolute tolerance scaled by ``expected``'s largest
+    magnitude (at least 1). A float32 weight gradient is a sum over thousands of terms: its
+    rounding error is relative to the sum's magnitude, not to each (possibly tiny) entry."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    atol = rtol if atol is None else atol
+    msg = (lambda m: f"{what}: {m}") if what else None
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=msg)

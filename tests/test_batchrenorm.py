@@ -79,12 +79,39 @@ def test_schedule_warms_up_then_ramps():
         F.batch_renorm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, d_max=-1.0)
 
 
+def _trained(layer: torch.nn.Module) -> torch.nn.Module:
+    """Non-default γ, β, running statistics and step count, so a load that drops or
+    mixes up any of them shows in the state and in the outputs."""
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    for _ in range(3):
+        layer(torch.randn(8, 4, 2, 2) * 2 + 1)
+    return layer
+
+
+def _assert_same_state_and_outputs(loaded: torch.nn.Module, source: torch.nn.Module) -> None:
+    want, got = source.state_dict(), loaded.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:  # parameters and buffers (running_mean, running_var, num_batches_tracked)
+        assert torch.equal(got[key], want[key]), key
+    # In eval mode both are the same affine map of the running statistics.
+    loaded.eval()
+    source.eval()
+    x = torch.randn(5, 4, 3, 3) * 2 + 1
+    torch.testing.assert_close(loaded(x), source(x), rtol=1e-6, atol=1e-6)
+
+
 def test_batchnorm_checkpoints_load_both_ways():
-    bn = torch.nn.BatchNorm2d(4)
-    bn(torch.randn(8, 4, 2, 2))
+    bn = _trained(torch.nn.BatchNorm2d(4))
     renorm = nl.nn.BatchRenorm2d(4)
     renorm.load_state_dict(bn.state_dict())
-    torch.nn.BatchNorm2d(4).load_state_dict(renorm.state_dict())
+    _assert_same_state_and_outputs(renorm, bn)
+
+    renorm = _trained(nl.nn.BatchRenorm2d(4))
+    bn = torch.nn.BatchNorm2d(4)
+    bn.load_state_dict(renorm.state_dict())
+    _assert_same_state_and_outputs(bn, renorm)
 
 
 def test_needs_running_statistics():

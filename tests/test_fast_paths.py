@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import DENSE_LAYOUTS, assert_close_scaled, in_layout
 from torch import nn
 
 import normlab as nl
@@ -37,7 +38,6 @@ def _kernels_built():
         pytest.fail(f"a C++ compiler is here but the fast kernels did not build: {core.fast.status()}")
 
 
-LAYOUTS = {"nchw": lambda x: x.contiguous(), "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last)}
 ACTS = {
     "identity": (None, lambda z, p: z),
     "relu": (None, lambda z, p: TF.relu(z)),
@@ -56,8 +56,7 @@ def _grads(fn, x, params, dy):
 
 def _close(ours, theirs, tol=2e-5):
     for a, b in zip(ours, theirs):
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+        assert_close_scaled(a, b, rtol=tol)
 
 
 def _uses_fast(fn, *args):
@@ -66,11 +65,11 @@ def _uses_fast(fn, *args):
     return [path for _, path, _ in log]
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_fused_norm_act_matches_torch_composition(norm, act, layout):
-    x = LAYOUTS[layout](torch.randn(6, 8, 5, 3) * 2 + 1)
+    x = in_layout(torch.randn(6, 8, 5, 3) * 2 + 1, layout)
     w = (torch.rand(8) + 0.5).requires_grad_()
     b = torch.randn(8).requires_grad_()
     param, torch_act = ACTS[act]
@@ -91,7 +90,7 @@ def test_fused_norm_act_matches_torch_composition(norm, act, layout):
         _close(_grads(ours, x, params, dy), _grads(theirs, x, params, dy))
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("act,param", [("identity", None), ("leaky_relu", 0.05), ("elu", 1.0)])
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_inplace_mode_equals_the_normal_layer(norm, act, param, layout):
@@ -108,7 +107,7 @@ def test_inplace_mode_equals_the_normal_layer(norm, act, param, layout):
     inplace.load_state_dict(normal.state_dict())
     for backend in ("auto", "composed"):
         with core.use_backend(backend):
-            x = LAYOUTS[layout](torch.randn(6, 8, 5, 3) * 3 - 1)
+            x = in_layout(torch.randn(6, 8, 5, 3) * 3 - 1, layout)
             dy = torch.randn(6, 8, 5, 3)
             results = []
             for layer in (normal, inplace):
@@ -254,7 +253,7 @@ def test_eval_and_frozen_fused_layers():
     assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "rows"])
+@pytest.mark.parametrize("layout", [*DENSE_LAYOUTS, "rows"])
 def test_first_value_far_from_the_mean_costs_no_accuracy(layout):
     # Each group's first value sits 6σ out. A shift taken from that value alone would make
     # Σd²/n − (Σd/n)² cancel ~37-fold on 64-value groups; the sampled shift keeps the
@@ -268,8 +267,7 @@ def test_first_value_far_from_the_mean_costs_no_accuracy(layout):
     else:
         x = torch.randn(32, 16, 8, 8, generator=g)
         x[:, :, 0, 0] = 6.0
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = in_layout(x, layout)
         ours = nl.functional.instance_norm(x)
         exact = TF.instance_norm(x.double())
     err = ((ours.double() - exact).abs().max() / exact.abs().max()).item()

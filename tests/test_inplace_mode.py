@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DENSE_LAYOUTS
 
 import normlab as nl
 from normlab import core
@@ -44,7 +45,7 @@ GAMMAS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("gamma", sorted(GAMMAS))
 @pytest.mark.parametrize("act", ["leaky_relu", "elu"])
 @pytest.mark.parametrize("norm", ["batch", "group"])

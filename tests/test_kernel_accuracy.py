@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DENSE_LAYOUTS
 from torch import nn
 
 import normlab as nl
@@ -86,7 +87,7 @@ def test_layer_norm(shape, affine, large_mean):
 
 
 @pytest.mark.parametrize("large_mean", [True, False])
-@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("shape", [(4, 64, 14, 14), (2, 32, 7, 7)])
 def test_group_norm(shape, layout, large_mean):
     x, dy = _data(shape, large_mean)
@@ -95,7 +96,7 @@ def test_group_norm(shape, layout, large_mean):
 
 
 @pytest.mark.parametrize("large_mean", [True, False])
-@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("shape", [(8, 32, 14, 14), (3, 16, 5, 5)])
 def test_batch_norm_training(shape, layout, large_mean):
     x, dy = _data(shape, large_mean)
@@ -113,7 +114,7 @@ def test_batch_norm_1d_training(shape, large_mean):
     _check(ours, theirs, x, dy)
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "rows"])
+@pytest.mark.parametrize("layout", [*DENSE_LAYOUTS, "rows"])
 def test_eval_batch_norm_with_large_running_mean(layout):
     # y = (x − μ)·γ/σ + β with μ ≈ x ≈ 1e4: x·scale + (β − μ·scale) in float32 would lose
     # ~1e4·6e-8/0.01 of the output; the kernel subtracts first, which is exact here

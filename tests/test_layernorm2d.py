@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
+from helpers import DENSE_LAYOUTS, assert_close_scaled, memory_format
 from torch import nn
 
 import normlab as nl
 from normlab import core
-
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def _reference(x, w, b, eps):
@@ -37,10 +36,10 @@ def _affine(c, which):
 
 @pytest.mark.parametrize("backend", ["auto", "composed"])
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 def test_values_and_gradients_match_float64_reference(layout, affine, backend):
-    x = (torch.randn(3, 12, 5, 7) * 2 + 3).contiguous(memory_format=LAYOUTS[layout])
-    dy = torch.randn(3, 12, 5, 7).contiguous(memory_format=LAYOUTS[layout])
+    x = (torch.randn(3, 12, 5, 7) * 2 + 3).contiguous(memory_format=memory_format(layout))
+    dy = torch.randn(3, 12, 5, 7).contiguous(memory_format=memory_format(layout))
     w, b = _affine(12, affine)
     params = [p for p in (w, b) if p is not None]
     with core.use_backend(backend):
@@ -48,7 +47,7 @@ def test_values_and_gradients_match_float64_reference(layout, affine, backend):
     want = _run(lambda z: _reference(z, w, b, 1e-6), x.double(), params, dy.double())
     assert got[0].dtype == torch.float32
     for a, e in zip(got, want):
-        torch.testing.assert_close(a.double(), e.double(), rtol=1e-5, atol=1e-5 * max(1.0, e.abs().max().item()))
+        assert_close_scaled(a.double(), e.double(), rtol=1e-5)
 
 
 @pytest.mark.skipif(not core.fast_available(), reason="fast kernels unavailable here")
@@ -60,10 +59,10 @@ def test_channels_last_runs_the_row_kernel_in_place_of_the_permute():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 def test_no_activation_sized_copy_and_layout_kept(layout):
     """No permuted copy of the input (timm's permute → layer_norm copies NCHW input)."""
-    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=LAYOUTS[layout])
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=memory_format(layout))
     layer = nl.nn.LayerNorm2d(16)
     copies = []
 
@@ -78,7 +77,7 @@ def test_no_activation_sized_copy_and_layout_kept(layout):
 
     with torch.no_grad(), Count():
         y = layer(x)
-    assert y.is_contiguous(memory_format=LAYOUTS[layout])
+    assert y.is_contiguous(memory_format=memory_format(layout))
     if layout == "channels_last":  # the row kernel on the permuted view: the output is all it allocates
         storages = {ptr for _, ptr in copies} - {x.untyped_storage().data_ptr()}
         assert len(storages) == 1, copies
@@ -103,7 +102,7 @@ def test_float64_and_other_paths_match_reference():
         ),
     )
     with core.use_backend("composed"):
-        for fmt in LAYOUTS.values():
+        for fmt in map(memory_format, DENSE_LAYOUTS):
             z = x.contiguous(memory_format=fmt).requires_grad_()
             assert torch.autograd.gradcheck(lambda t: nl.functional.layer_norm2d(t, layer.weight, layer.bias), (z,))
 
@@ -126,7 +125,7 @@ def test_compile_fullgraph_export_fx_and_vmap():
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-1, 1)
-    for fmt in LAYOUTS.values():
+    for fmt in map(memory_format, DENSE_LAYOUTS):
         x = torch.randn(2, 6, 4, 5).contiguous(memory_format=fmt)
         torch._dynamo.reset()
         explained = torch._dynamo.explain(layer)(x)

@@ -3,39 +3,31 @@ outcome is robust even at this size — find what the papers found."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import pkgutil
 
 import pytest
 import torch
 
+from normlab import surgery
 from normlab.cli import main
 from normlab.experiments import all_studies, get_study, run_study
-from normlab.experiments.models import MLP, make_norm
+from normlab.experiments.models import MLP, NORM_KINDS, make_norm
+from normlab.experiments.output import write_json
 from normlab.experiments.report import render_report
-from normlab.experiments.runner import parallel_map, worker_pool, write_json
+from normlab.experiments.runner import parallel_map, worker_pool
+from normlab.experiments.studies import STUDIES
 from normlab.experiments.studies.depth import gradient_ratios
 from normlab.experiments.studies.dropout_nets import conv_net
 from normlab.experiments.studies.dropout_order import variance_shift
 from normlab.experiments.studies.regularization import Config as RegularizationConfig
 from normlab.experiments.studies.regularization import gains
 from normlab.experiments.studies.weight_decay import product_pairs
-from normlab.experiments.training import StepConfig, train_steps
+from normlab.experiments.training import StepConfig, TrainConfig, train_classifier, train_steps
 
-STUDY_NAMES = [
-    "init-depth",
-    "batch-size",
-    "convergence",
-    "learning-rate",
-    "dead-units",
-    "train-eval-gap",
-    "depth",
-    "regularization",
-    "dropout-order",
-    "weight-decay",
-    "sequence",
-    "norm-placement",
-]
+STUDY_NAMES = list(STUDIES)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +40,14 @@ def smoke(tmp_path_factory):
     return results
 
 
-def test_registry_lists_every_study_with_three_settings():
+def test_registry_lists_every_study_module_once_with_three_settings():
     studies = all_studies()
-    assert list(studies) == STUDY_NAMES
+    assert list(studies) == STUDY_NAMES and len(STUDY_NAMES) == 12
+    package = importlib.import_module("normlab.experiments.studies")
+    modules = [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    defined = [m.STUDY for m in modules if hasattr(m, "STUDY")]
+    assert sorted(s.name for s in defined) == sorted(studies)  # no study module left out of the registry
+    assert all(studies[s.name] is s for s in defined)
     for study in studies.values():
         assert set(study.settings) == {"smoke", "quick", "full"}
         assert study.title and study.question
@@ -253,6 +250,10 @@ def test_train_steps_stops_on_divergence_and_reports_it():
 def test_make_norm_renorm_and_mlp_validation():
     layer = make_norm("renorm", 8)
     assert type(layer).__name__ == "BatchRenorm1d"
+    assert type(make_norm("batch_renorm", 8, dims=2)).__name__ == "BatchRenorm2d"  # surgery's name for it
+    assert set(NORM_KINDS) - {"none"} <= set(surgery.TARGETS)  # one vocabulary with convert_norms
+    with pytest.raises(ValueError, match="norm kind must be one of"):
+        make_norm("brn", 8)
     with pytest.raises(ValueError, match="MLP norm must be"):
         MLP(4, [4], norm="group")
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -274,6 +275,33 @@ def test_parallel_map_keeps_task_order_in_worker_processes():
 def test_json_is_strict_and_nonfinite_becomes_null(tmp_path):
     path = write_json(tmp_path / "r.json", {"a": math.nan, "b": [1.0, math.inf], "c": (2, 3)})
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": [2, 3]}
+
+
+def test_report_folds_figures_marked_folded():
+    result = {
+        "study": "s",
+        "title": "S",
+        "question": "?",
+        "setting": "smoke",
+        "seconds": 1.0,
+        "figures": [
+            {"file": "main.png", "caption": "main"},
+            {"file": "a.png", "caption": "a", "folded": True},
+            {"file": "b.png", "caption": "b", "folded": True},
+        ],
+    }
+    page = render_report([result], setting="smoke", seconds=1.0)
+    shown, folded = page.split("<details>")
+    assert "s/main.png" in shown and "s/a.png" not in shown
+    assert "2 more figures" in folded and "s/a.png" in folded and "s/b.png" in folded
+
+
+def test_train_classifier_refuses_a_batch_larger_than_the_data():
+    data = type("D", (), {})()
+    data.x_train, data.y_train = torch.randn(8, 40), torch.randint(0, 10, (8,))
+    data.x_test, data.y_test = data.x_train, data.y_train
+    with pytest.raises(ValueError, match="larger than the 8 training samples"):
+        train_classifier(MLP(40, [16], 10), data, TrainConfig(batch_size=16, epochs=1))
 
 
 def test_report_escapes_text_and_shows_failures():

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from ..bench.models import MODEL_KEYS
+from ..experiments.output import machine_info
 from .common import CommandError, atomic_write_json, check_output_file, positive_int
 
 __all__ = ["add_parser"]
-
-
-def _machine() -> dict:
-    import os
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-    }
 
 
 def _out_checked(run):
@@ -51,7 +38,7 @@ def run_fold(args: argparse.Namespace) -> int:
     )
     print(format_fold_table(rows))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "fold", "machine": _machine(), "rows": rows})
+        atomic_write_json(Path(args.out), {"benchmark": "fold", "machine": machine_info(), "rows": rows})
         print(f"wrote {args.out}")
     return 0
 
@@ -68,7 +55,7 @@ def run_probe(args: argparse.Namespace) -> int:
     )
     print(format_probe_table(rows))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": _machine(), "rows": rows})
+        atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": machine_info(), "rows": rows})
         print(f"wrote {args.out}")
     return 0
 
@@ -84,7 +71,7 @@ def run_sync(args: argparse.Namespace) -> int:
     )
     print(format_sync_table(result))
     if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": _machine(), **result})
+        atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": machine_info(), **result})
         print(f"wrote {args.out}")
     return 0
 
@@ -144,7 +131,7 @@ def run_layers(args: argparse.Namespace) -> int:
             Path(args.out),
             {
                 "benchmark": "layers",
-                "machine": _machine(),
+                "machine": machine_info(),
                 "device": device,
                 "malloc_tuned": tuned,
                 "backend": fast.status(),
@@ -221,7 +208,7 @@ def run_models(args: argparse.Namespace) -> int:
             Path(args.out),
             {
                 "benchmark": "models",
-                "machine": _machine(),
+                "machine": machine_info(),
                 "device": device,
                 "malloc_tuned": tuned,
                 "backend": fast.status(),
@@ -253,7 +240,7 @@ def run_memory(args: argparse.Namespace) -> int:
     print(format_memory_table(rows))
     if args.out:
         atomic_write_json(
-            Path(args.out), {"benchmark": "memory", "machine": _machine(), "config": asdict(config), "rows": rows}
+            Path(args.out), {"benchmark": "memory", "machine": machine_info(), "config": asdict(config), "rows": rows}
         )
         print(f"wrote {args.out}")
     return 0

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
+
+from ..experiments import output
 
 __all__ = [
     "CommandError",
@@ -119,75 +119,14 @@ def make_output_dir(path: Path, what: str = "--out") -> Path:
 # All-or-nothing writes.
 
 
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{kind}")
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """The folders ``mkdir(parents=True)`` would create for ``folder``, deepest first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
 def atomic_write_files(files: Mapping[Path, Callable[[BinaryIO], None]]) -> None:
-    """Write each ``path`` through ``write(file)``: every file or none of them.
-
-    Each is written to a temporary file beside it, then all are renamed into place; if a
-    write or a rename fails, the files already renamed are put back as they were (a file
-    that existed is restored, a new one removed), folders created for them are removed,
-    and the error is raised as one :class:`CommandError`. Files are created with mode
-    0666 less the umask, as ``open()`` creates them.
-    """
-    temps: dict[Path, Path] = {}
-    created: list[Path] = []
-    committed: list[tuple[Path, Path | None]] = []  # (target, backup of the file it replaced)
-    current = next(iter(files), None)
+    """Write each ``path`` through ``write(file)``: every file or none of them (see
+    :func:`normlab.experiments.output.atomic_write_files`); a failure is one
+    :class:`CommandError`."""
     try:
-        for current, write in files.items():
-            missing = _missing_folders(current.parent)
-            current.parent.mkdir(parents=True, exist_ok=True)
-            created.extend(missing)
-            tmp = temps[current] = _sibling(current, "tmp")
-            # O_EXCL: never follow a link planted at the temporary name; 0o666: the umask decides.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-        for current, tmp in temps.items():
-            backup = None
-            if current.exists():
-                backup = _sibling(current, "bak")
-                try:
-                    os.link(current, backup)  # the old file stays in place until the rename
-                except OSError:  # a file system without hard links
-                    shutil.copy2(current, backup)
-            committed.append((current, backup))
-            os.replace(tmp, current)
-    except BaseException as err:
-        for target, backup in reversed(committed):
-            if backup is not None:
-                os.replace(backup, target)
-            elif target.exists():
-                target.unlink()
-        committed.clear()
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
-        if isinstance(err, OSError):
-            raise CommandError(f"cannot write {str(current)!r}: {err.strerror or err}") from err
-        raise
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        for _, backup in committed:
-            if backup is not None:
-                backup.unlink(missing_ok=True)
+        output.atomic_write_files(files)
+    except output.WriteFailed as err:
+        raise CommandError(str(err)) from err.__cause__
 
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_digits", "load_mnist1d"]
+__all__ = ["Dataset", "load_digits", "load_mnist1d", "subset"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,10 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return Dataset("digits", x[train], y[train], x[test], y[test])
+
+
+def subset(data: Dataset, train_samples: int | None) -> Dataset:
+    """The first ``train_samples`` training samples (MNIST-1D's are in random order); the test set whole."""
+    if not train_samples or train_samples >= len(data.y_train):
+        return data
+    return Dataset(data.name, data.x_train[:train_samples], data.y_train[:train_samples], data.x_test, data.y_test)

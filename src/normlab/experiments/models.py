@@ -22,7 +22,9 @@ __all__ = [
     "make_norm",
 ]
 
-NORM_KINDS = ("batch", "group", "layer", "instance", "none", "renorm")
+#: The kinds ``make_norm`` builds, named as ``surgery.convert_norms`` names its targets.
+NORM_KINDS = ("batch", "group", "layer", "instance", "none", "batch_renorm")
+_ALIASES = {"renorm": "batch_renorm"}  # the earlier spelling, still accepted
 
 
 def make_norm(
@@ -32,12 +34,13 @@ def make_norm(
 
     ``"layer"`` is GroupNorm with one group (LayerNorm over (C, *spatial) with
     per-channel affine, the form the GroupNorm paper compares); ``"instance"`` is
-    InstanceNorm with affine, as in that paper; ``"renorm"`` is BatchRenorm with
-    ``renorm_schedule`` (default: r_max 3, d_max 5 from the start).
+    InstanceNorm with affine, as in that paper; ``"batch_renorm"`` (or ``"renorm"``) is
+    BatchRenorm with ``renorm_schedule`` (default: r_max 3, d_max 5 from the start).
     """
+    kind = _ALIASES.get(kind, kind)
     if kind == "batch":
         return {1: nln.BatchNorm1d, 2: nln.BatchNorm2d, 3: nln.BatchNorm3d}[dims](channels)
-    if kind == "renorm":
+    if kind == "batch_renorm":
         cls = {1: nln.BatchRenorm1d, 2: nln.BatchRenorm2d, 3: nln.BatchRenorm3d}[dims]
         return cls(channels, schedule=renorm_schedule or nln.RenormSchedule())
     if kind == "group":

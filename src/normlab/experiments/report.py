@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import html
-import platform
 from pathlib import Path
 
-import torch
+from .output import atomic_write_text, machine_info
 
-__all__ = ["STATES", "VERDICTS", "machine_info", "render_report", "write_report"]
+__all__ = ["STATES", "VERDICTS", "render_report", "write_report"]
 
 VERDICTS = ("yes", "partly", "no")
 #: What a report says about its run: every study finished, still running (the page is
@@ -32,18 +31,6 @@ details summary { cursor: pointer; color: #335; }
 """
 
 
-def machine_info() -> dict:
-    import os
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-
-
 def _e(value) -> str:
     return html.escape(str(value))
 
@@ -57,6 +44,14 @@ def _table(columns, rows, classes=None) -> str:
         cls = f' class="{classes[i]}"' if classes and classes[i] in VERDICTS else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _figure(folder: str, fig: dict, lazy: bool = False) -> str:
+    loading = ' loading="lazy"' if lazy else ""
+    return (
+        f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}"{loading}>'
+        f"<figcaption>{_e(fig['caption'])}</figcaption></figure>"
+    )
 
 
 def _section(result: dict, folder: str) -> str:
@@ -81,22 +76,12 @@ def _section(result: dict, folder: str) -> str:
             )
         )
     figures = result.get("figures", [])
-    main, extra = (
-        figures[-1:] if result["study"] == "init-depth" else figures,
-        figures[:-1] if result["study"] == "init-depth" else [],
-    )
-    for fig in main:
-        parts.append(
-            f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}">'
-            f"<figcaption>{_e(fig['caption'])}</figcaption></figure>"
-        )
-    if extra:  # init-depth's twelve histogram grids: folded away, one click each
-        parts.append(f"<details><summary>{len(extra)} histogram grids, one per configuration</summary>")
-        for fig in extra:
-            parts.append(
-                f'<figure><img src="{_e(folder)}/{_e(fig["file"])}" alt="{_e(fig["caption"])}" loading="lazy">'
-                f"<figcaption>{_e(fig['caption'])}</figcaption></figure>"
-            )
+    for fig in (f for f in figures if not f.get("folded")):
+        parts.append(_figure(folder, fig))
+    folded = [f for f in figures if f.get("folded")]
+    if folded:  # many figures alike (one per configuration): out of the way, one click each
+        parts.append(f"<details><summary>{len(folded)} more figures, one per configuration</summary>")
+        parts.extend(_figure(folder, fig, lazy=True) for fig in folded)
         parts.append("</details>")
     for table in result.get("tables", []):
         parts.append(f"<h3>{_e(table['title'])}</h3>" + _table(table["columns"], table["rows"]))
@@ -176,13 +161,5 @@ def write_report(
     pending: list[str] | tuple[str, ...] = (),
     reason: str = "",
 ) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "index.html"
     page = render_report(results, setting=setting, seconds=seconds, state=state, pending=pending, reason=reason)
-    tmp = path.with_suffix(".html.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(out_dir / "index.html", page)

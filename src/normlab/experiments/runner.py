@@ -1,4 +1,4 @@
-"""Running a study's training jobs: worker processes, progress, results on disk.
+"""Running a study's training jobs: worker processes and progress.
 
 Training these models is a long chain of tiny tensor ops, which one thread does faster
 than two (thread hand-off costs more than the work), so every job runs single-threaded
@@ -9,19 +9,16 @@ Workers are spawned, not forked: a fork of a process whose OpenMP pool has run c
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from pathlib import Path
 
 import torch
 
-__all__ = ["default_jobs", "finite_or_none", "parallel_map", "progress", "worker_pool", "write_json"]
+__all__ = ["default_jobs", "parallel_map", "progress", "worker_pool"]
 
 _pool: list[ProcessPoolExecutor | None] = [None]
 
@@ -151,42 +148,3 @@ def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "ru
                     raise RuntimeError(f"{desc}: job {tasks[i]} failed: {err}") from err
                 bar.update(1)
     return results  # type: ignore[return-value]
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN or infinity: a diverged number is written as null."""
-    return float(value) if value is not None and math.isfinite(value) else None
-
-
-def _clean(value):
-    """NaN and ±inf (a diverged run, an empty mean) become null: JSON has neither."""
-    if isinstance(value, float):
-        return finite_or_none(value)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    """Write ``payload`` as strict JSON (non-finite numbers as null), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_clean(payload), indent=2, allow_nan=False, default=_default)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:  # interrupted mid-write: no half-written temporary file is left behind
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _default(value):
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")

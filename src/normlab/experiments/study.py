@@ -2,53 +2,34 @@
 
 A study is a module with a frozen config dataclass (with a ``seeds`` field), named
 settings — ``smoke`` (seconds, for the tests), ``quick`` (the README's main job) and
-``full`` — and ``run(config, out_dir) -> dict``, which trains what it needs, saves its
-figures as PNG in ``out_dir`` and returns a :class:`StudyResult` as a dict; ``run_study``
-adds the timing and writes it as ``result.json`` beside the figures.
+``full`` — and three steps that :func:`run_study` calls in turn:
+
+- ``measure(config, out_dir) -> dict``: trains and probes what it needs, its jobs run by
+  ``runner.parallel_map``; returns the raw measurements (every run's numbers). It writes
+  to ``out_dir`` only a figure that just a job can draw (init-depth's histogram grids come
+  from probes that stay in the worker);
+- ``summarise(config, result)``: from ``result.data``, the derived numbers (back into
+  ``result.data``), tables, findings and the published comparison;
+- ``render(config, result, out_dir)``: the figures, saved as PNG in ``out_dir``.
+
+``run_study`` adds the timing and writes the :class:`StudyResult` as ``result.json``
+beside the figures. The studies are listed once, in ``studies.STUDIES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runner import write_json
+from .output import write_json
 
-__all__ = [
-    "SETTINGS",
-    "STUDIES",
-    "Study",
-    "StudyResult",
-    "all_studies",
-    "get_study",
-    "new_result",
-    "pyplot",
-    "register",
-    "run_study",
-    "save_figure",
-]
+__all__ = ["SETTINGS", "Study", "StudyResult", "all_studies", "get_study", "run_study"]
 
 SETTINGS = ("smoke", "quick", "full")
-STUDIES: dict[str, Study] = {}
-_STUDY_MODULES = (
-    "init_depth",
-    "batch_size",
-    "convergence",
-    "learning_rate",
-    "dead_units",
-    "train_eval_gap",
-    "depth",
-    "regularization",
-    "dropout_order",
-    "weight_decay",
-    "sequence",
-    "norm_placement",
-)
 
 
 @dataclass(frozen=True)
@@ -56,8 +37,15 @@ class Study:
     name: str
     title: str
     question: str  # the one-line claim the study tests
-    run: Callable[[Any, Path], dict]
+    measure: Callable[[Any, Path], dict]
+    summarise: Callable[[Any, StudyResult], None]
+    render: Callable[[Any, StudyResult, Path], None]
     settings: dict[str, Any]  # setting name → config instance
+
+    def __post_init__(self) -> None:
+        missing = [s for s in SETTINGS if s not in self.settings]
+        if missing:
+            raise ValueError(f"study {self.name!r} lacks settings {missing}")
 
     def config(self, setting: str = "quick", seeds: Sequence[int] | None = None):
         if setting not in self.settings:
@@ -71,23 +59,11 @@ class Study:
         return config
 
 
-def register(study: Study) -> Study:
-    missing = [s for s in SETTINGS if s not in study.settings]
-    if missing:
-        raise ValueError(f"study {study.name!r} lacks settings {missing}")
-    STUDIES[study.name] = study
-    return study
-
-
-def _load_all() -> None:
-    for module in _STUDY_MODULES:
-        importlib.import_module(f"{__package__}.studies.{module}")
-
-
 def all_studies() -> dict[str, Study]:
-    """Every registered study, in the order the report shows them."""
-    _load_all()
-    return {name.replace("_", "-"): STUDIES[name.replace("_", "-")] for name in _STUDY_MODULES}
+    """Every study, in the order the report shows them."""
+    from .studies import STUDIES  # the study modules import this one
+
+    return dict(STUDIES)
 
 
 def get_study(name: str) -> Study:
@@ -116,8 +92,9 @@ class StudyResult:
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence], note: str = "") -> None:
         self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows], "note": note})
 
-    def figure(self, file: str, caption: str) -> None:
-        self.figures.append({"file": file, "caption": caption})
+    def figure(self, file: str, caption: str, *, folded: bool = False) -> None:
+        """``folded``: a detail figure the report shows only on a click (one of many alike)."""
+        self.figures.append({"file": file, "caption": caption, **({"folded": True} if folded else {})})
 
     def compare(self, what: str, published: str, ours: str, agrees: str, why: str = "") -> None:
         """``agrees``: "yes", "partly" or "no" — said plainly, with ``why`` where not yes."""
@@ -129,12 +106,6 @@ class StudyResult:
         return dataclasses.asdict(self)
 
 
-def new_result(name: str, config) -> StudyResult:
-    """An empty result for the registered study ``name`` (``run_study`` fills in the setting)."""
-    study = STUDIES[name]
-    return StudyResult(study.name, study.title, study.question, "", dataclasses.asdict(config))
-
-
 def run_study(
     name: str, setting: str = "quick", out_dir: str | Path = "runs", *, seeds: Sequence[int] | None = None
 ) -> dict:
@@ -144,28 +115,11 @@ def run_study(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = study.run(config, out)
-    result["setting"] = setting
-    result["seconds"] = time.perf_counter() - start
-    write_json(out / "result.json", result)
-    return result
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, out_dir: Path, name: str) -> str:
-    """Save a matplotlib figure as ``out_dir/name.png`` and close it; returns the file name."""
-    plt = pyplot()
-
-    file = f"{name}.png"
-    fig.savefig(out_dir / file, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return file
+    result = StudyResult(study.name, study.title, study.question, setting, dataclasses.asdict(config))
+    result.data.update(study.measure(config, out))
+    study.summarise(config, result)
+    study.render(config, result, out)
+    result.seconds = time.perf_counter() - start
+    payload = result.to_dict()
+    write_json(out / "result.json", payload)
+    return payload

@@ -7,8 +7,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .report import machine_info, write_report
-from .runner import worker_pool, write_json
+from .output import machine_info, write_json
+from .report import write_report
+from .runner import worker_pool
 from .study import all_studies, run_study
 
 __all__ = ["run_suite"]

@@ -13,7 +13,16 @@ from torch import nn
 
 from .data import Dataset
 
-__all__ = ["StepConfig", "TrainConfig", "TrainResult", "evaluate", "train_classifier", "train_steps"]
+__all__ = [
+    "StepConfig",
+    "TrainConfig",
+    "TrainResult",
+    "epoch_batches",
+    "evaluate",
+    "minibatch_losses",
+    "train_classifier",
+    "train_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -82,45 +91,100 @@ def train_classifier(
         return _train(model, data, config, on_epoch)
 
 
-def _train(model, data, config, on_epoch):
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    n = len(data.y_train)
-    steps_per_epoch = n // config.batch_size  # drop the ragged last batch: BN needs ≥ 2
-    total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
+def _sgd(model: nn.Module, config) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
     )
+
+
+def minibatch_losses(
+    model: nn.Module,
+    data: Dataset,
+    optimizer: torch.optim.Optimizer,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    clip_norm: float | None = None,
+) -> Iterator[float | None]:
+    """The one training loop: ``steps`` SGD steps on minibatches of a fresh random order
+    each epoch (the ragged end dropped: BN needs >= 2 samples), yielding each step's loss.
+    A non-finite loss yields None and ends the loop before the step is taken. The caller
+    may evaluate between steps; the model is put back in training mode before each."""
+    generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    start = time.perf_counter()
-    history, step, diverged, running = [], 0, False, 0.0
-    model.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(n, generator=generator)
-        running, seen = 0.0, 0
-        for i in range(steps_per_epoch):
-            idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-            loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-            if not torch.isfinite(loss):
-                diverged = True
-                break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    n = len(data.y_train)
+    per_epoch = max(1, n // batch_size)
+    order = None
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(n, generator=generator)
+        i = step % per_epoch
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        model.train()
+        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+        if not torch.isfinite(loss):
+            yield None
+            return
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        if schedule is not None:
             schedule.step()
-            running += loss.item()
-            seen += 1
-            step += 1
-        record = {"epoch": epoch + 1, "train_loss": running / max(1, seen)}
-        if diverged:
-            history.append(record)
+        yield loss.item()
+
+
+def epoch_batches(data: Dataset, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """One epoch of training inputs in a seeded random order, the ragged end dropped:
+    the batches a BatchNorm model's population statistics are recomputed over."""
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(seed))
+    per_epoch = len(data.y_train) // batch_size
+    return [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+
+
+def _train(model, data, config, on_epoch):
+    steps_per_epoch = len(data.y_train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the {len(data.y_train)} training samples: "
+            "no full batch to train on"
+        )
+    optimizer = _sgd(model, config)
+    total = steps_per_epoch * config.epochs
+    losses = minibatch_losses(
+        model,
+        data,
+        optimizer,
+        steps=total,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        schedule=_cosine(optimizer, total),
+    )
+    start = time.perf_counter()
+    history, step, diverged, running, seen = [], 0, False, 0.0, 0
+    for loss in losses:
+        if loss is None:
+            diverged = True
+            history.append({"epoch": step // steps_per_epoch + 1, "train_loss": running / max(1, seen)})
             break
-        record["test_accuracy"] = evaluate(model, data.x_test, data.y_test)
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(epoch, record)
+        running += loss
+        seen += 1
+        step += 1
+        if step % steps_per_epoch == 0:
+            epoch = step // steps_per_epoch - 1
+            record = {"epoch": epoch + 1, "train_loss": running / seen}
+            record["test_accuracy"] = evaluate(model, data.x_test, data.y_test)
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+            running, seen = 0.0, 0
     accuracy = 0.0 if diverged else history[-1]["test_accuracy"]
     return TrainResult(
         test_accuracy=accuracy,
@@ -173,18 +237,17 @@ def train_steps(
 
 
 def _train_steps(model, data, config, on_check):
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    optimizer = _sgd(model, config)
+    losses_of_steps = minibatch_losses(
+        model,
+        data,
+        optimizer,
+        steps=config.steps,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        schedule=_cosine(optimizer, config.steps) if config.schedule == "cosine" else None,
+        clip_norm=config.clip_norm,
     )
-    schedule = None
-    if config.schedule == "cosine":
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
-        )
-    loss_fn = nn.CrossEntropyLoss()
-    n = len(data.y_train)
-    per_epoch = max(1, n // config.batch_size)
     history: list[dict] = []
 
     def check(step: int, losses: list[float]) -> None:
@@ -198,29 +261,17 @@ def _train_steps(model, data, config, on_check):
     model.train()
     check(0, [])
     losses: list[float] = []
-    diverged, step, order = False, 0, None
-    while step < config.steps:
-        if step % per_epoch == 0:
-            order = torch.randperm(n, generator=generator)
-        i = step % per_epoch
-        idx = order[i * config.batch_size : (i + 1) * config.batch_size]
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
-        if not torch.isfinite(loss):
+    diverged, step = False, 0
+    for loss in losses_of_steps:
+        if loss is None:
             diverged = True
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        losses.append(loss.item())
+        losses.append(loss)
         step += 1
         if step % config.check_every == 0 or step == config.steps:
             check(step, losses)
             losses = []
-            model.train()
+            model.train()  # ``on_check`` may have left it in eval mode
     if diverged:
         history.append({"step": step, "train_loss": None, "diverged": True})
     accuracy = 0.0 if diverged else evaluate(model, data.x_test, data.y_test)

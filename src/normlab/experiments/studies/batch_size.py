@@ -24,11 +24,12 @@ import torch
 
 from ... import nn as nln
 from ...surgery import precise_bn
-from ..data import load_mnist1d
+from ..data import load_mnist1d, subset
 from ..models import ConvNet1d
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
-from ..training import TrainConfig, evaluate, train_classifier
+from ..study import Study, StudyResult
+from ..training import TrainConfig, epoch_batches, evaluate, train_classifier
 
 NAME = "batch-size"
 LABELS = {
@@ -36,7 +37,7 @@ LABELS = {
     "group": "GroupNorm(8)",
     "layer": "LayerNorm",
     "instance": "InstanceNorm",
-    "renorm": "BatchRenorm",
+    "batch_renorm": "BatchRenorm",
     "none": "no norm",
     "precise": "BatchNorm + precise BN",
 }
@@ -54,7 +55,7 @@ GN_PAPER = {
 
 @dataclass(frozen=True)
 class Config:
-    norms: tuple[str, ...] = ("batch", "group", "layer", "instance", "renorm", "none")
+    norms: tuple[str, ...] = ("batch", "group", "layer", "instance", "batch_renorm", "none")
     batch_sizes: tuple[int, ...] = (32, 16, 8, 4, 2)
     epochs: int = 10
     base_lr: float = 0.1  # at batch 32, scaled linearly
@@ -64,15 +65,7 @@ class Config:
 
 
 def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
-    data = load_mnist1d()
-    if config.train_samples:
-        data = type(data)(
-            data.name,
-            data.x_train[: config.train_samples],
-            data.y_train[: config.train_samples],
-            data.x_test,
-            data.y_test,
-        )
+    data = subset(load_mnist1d(), config.train_samples)
     per_epoch = len(data.y_train) // batch_size
     # Batch Renorm as Ioffe (2017): plain BN first, then r_max → 3 and d_max → 5.
     schedule = nln.RenormSchedule(
@@ -94,9 +87,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
         "train_loss": result.train_loss if math.isfinite(result.train_loss) else None,
     }
     if norm == "batch" and config.precise_bn and not result.diverged:
-        g = torch.Generator().manual_seed(seed + 1000)
-        order = torch.randperm(len(data.y_train), generator=g)
-        batches = [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+        batches = epoch_batches(data, batch_size, seed + 1000)
         precise, _ = precise_bn(model, batches, num_batches=len(batches))
         row["precise_accuracy"] = evaluate(precise, data.x_test, data.y_test)
     return row
@@ -113,8 +104,7 @@ def _mean_sd(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     # Longest jobs first (small batches: most steps) so the workers finish together.
     tasks = [
         {"config": config, "norm": n, "batch_size": b, "seed": s}
@@ -122,55 +112,30 @@ def run(config: Config, out_dir: Path) -> dict:
         for s in config.seeds
         for n in config.norms
     ]
-    rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
+    return {"runs": parallel_map(one_run, tasks, desc=NAME)}
+
+
+def _series(config: Config, rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(mean, sd) test error per batch size, per normalization (and precise BN)."""
     series = {}
     for norm in config.norms:
         series[norm] = [_mean_sd(_error(rows, norm, b)) for b in config.batch_sizes]
     if "batch" in config.norms and config.precise_bn:
         series["precise"] = [_mean_sd(_error(rows, "batch", b, "precise_accuracy")) for b in config.batch_sizes]
+    return series
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    series = _series(config, result.data["runs"])
     result.data["test_error"] = {
         k: {"batch_sizes": list(config.batch_sizes), "mean": [m for m, _ in v], "sd": [s for _, s in v]}
         for k, v in series.items()
     }
+    _tables(config, series, result)
+    _findings(config, series, result)
 
-    plt = pyplot()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    xs = list(range(len(config.batch_sizes)))
-    for key, values in series.items():
-        style = "--" if key == "precise" else "-"
-        ax.errorbar(
-            xs,
-            [m for m, _ in values],
-            yerr=[s for _, s in values],
-            fmt=style,
-            marker="o",
-            ms=4,
-            capsize=3,
-            label=LABELS[key],
-        )
-    ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
-    ax.set_xlabel("batch size (samples per step)")
-    ax.set_ylabel("test error %")
-    ax.set_title(f"MNIST-1D, small CNN, {config.epochs} epochs, {len(config.seeds)} seed(s): mean ± sd", fontsize=10)
-    ax.legend(fontsize=8)
-    px = list(range(5))
-    ax2.plot(px, GN_PAPER["batch"], marker="o", label="BatchNorm")
-    ax2.plot(px, GN_PAPER["group"], marker="o", label="GroupNorm")
-    ax2.plot([0], [GN_PAPER["at_32"]["layer"]], "s", label="LayerNorm (32)")
-    ax2.plot([0], [GN_PAPER["at_32"]["instance"]], "^", label="InstanceNorm (32)")
-    ax2.plot([3], [GN_PAPER["renorm_at_4"]], "D", label="BatchRenorm (4)")
-    ax2.set_xticks(px, [str(b) for b in GN_PAPER["batch_sizes"]])
-    ax2.set_xlabel("images per GPU")
-    ax2.set_ylabel("ImageNet val error %")
-    ax2.set_title("Wu & He (2018): ResNet-50 on ImageNet (published)", fontsize=10)
-    ax2.legend(fontsize=8)
-    result.figure(
-        save_figure(fig, out_dir, "batch-size"),
-        "Test error vs batch size per normalization (left, ours) beside the Group Normalization "
-        "paper's ImageNet numbers (right).",
-    )
 
+def _tables(config: Config, series: dict, result: StudyResult) -> None:
     table_rows = [
         [LABELS[k]]
         + [("–" if math.isnan(m) else f"{m:.1f} ± {s:.1f}" if len(config.seeds) > 1 else f"{m:.1f}") for m, s in v]
@@ -194,6 +159,9 @@ def run(config: Config, out_dir: Path) -> dict:
         note="BN and GN rows at 16–4 are from secondary summaries of the paper's Figure 1.",
     )
 
+
+def _findings(config: Config, series: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with Wu & He (2018) and Ioffe (2017)."""
     big, small = max(config.batch_sizes), min(config.batch_sizes)
     i_big, i_small = config.batch_sizes.index(big), config.batch_sizes.index(small)
 
@@ -238,18 +206,18 @@ def run(config: Config, out_dir: Path) -> dict:
             "yes" if sorted(at_big, key=at_big.get) == ["batch", "group", "layer", "instance"] else "partly",
             "differences of a point are within seed noise here",
         )
-    if "renorm" in series and "batch" in series:
+    if "batch_renorm" in series and "batch" in series:
         # The paper compares at batch 4, where its BN has lost 3.7 points. Here BN loses
         # far less at 4, so judge BRN at the smallest batch, where BN's loss is largest,
         # and show batch 4 beside it.
         at4 = (
-            f"batch 4: BRN {err('renorm', config.batch_sizes.index(4)):.1f} vs BN "
+            f"batch 4: BRN {err('batch_renorm', config.batch_sizes.index(4)):.1f} vs BN "
             f"{err('batch', config.batch_sizes.index(4)):.1f}; "
             if 4 in config.batch_sizes and small != 4
             else ""
         )
-        recovered = err("batch", i_small) - err("renorm", i_small)
-        ours = f"{at4}batch {small}: BRN {err('renorm', i_small):.1f} vs BN {err('batch', i_small):.1f}" + (
+        recovered = err("batch", i_small) - err("batch_renorm", i_small)
+        ours = f"{at4}batch {small}: BRN {err('batch_renorm', i_small):.1f} vs BN {err('batch', i_small):.1f}" + (
             f" (GN {err('group', i_small):.1f})" if "group" in series else ""
         )
         if recovered > 0.5 * max(bn_gap, 0.0) and bn_gap > 1.0:
@@ -274,20 +242,61 @@ def run(config: Config, out_dir: Path) -> dict:
             agrees,
             why,
         )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Batch size: BatchNorm fails at small batch, GroupNorm does not",
-        question="How does each normalization's test error change as the batch shrinks from 32 to 2?",
-        run=run,
-        settings={
-            "smoke": Config(norms=("batch", "group"), batch_sizes=(32, 4), epochs=1, train_samples=512, seeds=(0,)),
-            # The headline (BN vs GN, with BatchRenorm and LayerNorm) in about a minute on 2 cores.
-            "quick": Config(norms=("batch", "group", "layer", "renorm"), batch_sizes=(32, 8, 2), epochs=5, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    series = {k: list(zip(v["mean"], v["sd"])) for k, v in result.data["test_error"].items()}
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    xs = list(range(len(config.batch_sizes)))
+    for key, values in series.items():
+        style = "--" if key == "precise" else "-"
+        ax.errorbar(
+            xs,
+            [m for m, _ in values],
+            yerr=[s for _, s in values],
+            fmt=style,
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=LABELS[key],
+        )
+    ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
+    ax.set_xlabel("batch size (samples per step)")
+    ax.set_ylabel("test error %")
+    ax.set_title(f"MNIST-1D, small CNN, {config.epochs} epochs, {len(config.seeds)} seed(s): mean ± sd", fontsize=10)
+    ax.legend(fontsize=8)
+    px = list(range(5))
+    ax2.plot(px, GN_PAPER["batch"], marker="o", label="BatchNorm")
+    ax2.plot(px, GN_PAPER["group"], marker="o", label="GroupNorm")
+    ax2.plot([0], [GN_PAPER["at_32"]["layer"]], "s", label="LayerNorm (32)")
+    ax2.plot([0], [GN_PAPER["at_32"]["instance"]], "^", label="InstanceNorm (32)")
+    ax2.plot([3], [GN_PAPER["renorm_at_4"]], "D", label="BatchRenorm (4)")
+    ax2.set_xticks(px, [str(b) for b in GN_PAPER["batch_sizes"]])
+    ax2.set_xlabel("images per GPU")
+    ax2.set_ylabel("ImageNet val error %")
+    ax2.set_title("Wu & He (2018): ResNet-50 on ImageNet (published)", fontsize=10)
+    ax2.legend(fontsize=8)
+    result.figure(
+        save_figure(fig, out_dir, "batch-size"),
+        "Test error vs batch size per normalization (left, ours) beside the Group Normalization "
+        "paper's ImageNet numbers (right).",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Batch size: BatchNorm fails at small batch, GroupNorm does not",
+    question="How does each normalization's test error change as the batch shrinks from 32 to 2?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(norms=("batch", "group"), batch_sizes=(32, 4), epochs=1, train_samples=512, seeds=(0,)),
+        # The headline (BN vs GN, with BatchRenorm and LayerNorm) in about a minute on 2 cores.
+        "quick": Config(
+            norms=("batch", "group", "layer", "batch_renorm"), batch_sizes=(32, 8, 2), epochs=5, seeds=(0,)
+        ),
+        "full": Config(),
+    },
 )

@@ -20,11 +20,14 @@ import torch
 
 from ..data import load_mnist1d
 from ..models import MLP
-from ..runner import finite_or_none, parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..output import finite_or_none, pyplot, save_figure
+from ..runner import parallel_map
+from ..study import Study, StudyResult
 from ..training import StepConfig, evaluate, train_steps
 
 NAME = "convergence"
+
+LABELS = {"none": "without BN", "batch": "with BN"}
 
 
 @dataclass(frozen=True)
@@ -102,44 +105,13 @@ def _steps_to(history: list[dict], level: float) -> int | None:
     return None
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     tasks = [{"config": config, "norm": n, "seed": s} for s in config.seeds for n in ("batch", "none")]
-    runs = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = runs
-    plt = pyplot()
-    labels = {"none": "without BN", "batch": "with BN"}
+    return {"runs": parallel_map(one_run, tasks, desc=NAME)}
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for norm, color in (("none", "tab:red"), ("batch", "tab:blue")):
-        mine = [r for r in runs if r["norm"] == norm]
-        steps = [h["step"] for h in mine[0]["history"]]
-        accs = [[h["test_accuracy"] for h in r["history"]] for r in mine]
-        mean = [statistics.fmean(a) for a in zip(*accs)]
-        axes[0].plot(steps, mean, color=color, label=labels[norm])
-        if len(accs) > 1:
-            lo = [min(a) for a in zip(*accs)]
-            hi = [max(a) for a in zip(*accs)]
-            axes[0].fill_between(steps, lo, hi, color=color, alpha=0.2)
-        ax = axes[1 if norm == "none" else 2]
-        h = mine[0]["history"]
-        for key, style in (("p15", ":"), ("p50", "-"), ("p85", ":")):
-            ax.plot(steps, [x[key][config.unit] for x in h], style, color=color, label=f"{key[1:]}th")
-        ax.set_title(f"input to one last-layer sigmoid, {labels[norm]}", fontsize=10)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    axes[0].set_title("test accuracy (band: min–max over seeds)", fontsize=10)
-    axes[0].set_xlabel("step")
-    axes[0].legend()
-    lims = [min(a.get_ylim()[0] for a in axes[1:]), max(a.get_ylim()[1] for a in axes[1:])]
-    for a in axes[1:]:
-        a.set_ylim(lims)
-    result.figure(
-        save_figure(fig, out_dir, "convergence"),
-        "Left: test accuracy vs training step (Ioffe & Szegedy Fig. 1a). Middle and right: the 15th, "
-        "50th and 85th percentiles of one sigmoid's input over the test set (Fig. 1b, c).",
-    )
 
+def summarise(config: Config, result: StudyResult) -> None:
+    runs = result.data["runs"]
     rows, summary = [], {}
     for norm in ("none", "batch"):
         mine = [r for r in runs if r["norm"] == norm]
@@ -149,7 +121,7 @@ def run(config: Config, out_dir: Path) -> dict:
         summary[norm] = {"final_accuracy": finals, "drift": drifts, "steps_to_50": half}
         rows.append(
             [
-                labels[norm],
+                LABELS[norm],
                 _pm(finals),
                 _pm(drifts, pct=False),
                 ", ".join("never" if s is None else str(s) for s in half),
@@ -190,7 +162,41 @@ def run(config: Config, out_dir: Path) -> dict:
         "" if d_bn < d_none else "at this scale the drift is not smaller with BN",
     )
     result.data["final_accuracy"] = {"batch": finite_or_none(acc_bn), "none": finite_or_none(acc_none)}
-    return result.to_dict()
+
+
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    runs = result.data["runs"]
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for norm, color in (("none", "tab:red"), ("batch", "tab:blue")):
+        mine = [r for r in runs if r["norm"] == norm]
+        steps = [h["step"] for h in mine[0]["history"]]
+        accs = [[h["test_accuracy"] for h in r["history"]] for r in mine]
+        mean = [statistics.fmean(a) for a in zip(*accs)]
+        axes[0].plot(steps, mean, color=color, label=LABELS[norm])
+        if len(accs) > 1:
+            lo = [min(a) for a in zip(*accs)]
+            hi = [max(a) for a in zip(*accs)]
+            axes[0].fill_between(steps, lo, hi, color=color, alpha=0.2)
+        ax = axes[1 if norm == "none" else 2]
+        h = mine[0]["history"]
+        for key, style in (("p15", ":"), ("p50", "-"), ("p85", ":")):
+            ax.plot(steps, [x[key][config.unit] for x in h], style, color=color, label=f"{key[1:]}th")
+        ax.set_title(f"input to one last-layer sigmoid, {LABELS[norm]}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    axes[0].set_title("test accuracy (band: min–max over seeds)", fontsize=10)
+    axes[0].set_xlabel("step")
+    axes[0].legend()
+    lims = [min(a.get_ylim()[0] for a in axes[1:]), max(a.get_ylim()[1] for a in axes[1:])]
+    for a in axes[1:]:
+        a.set_ylim(lims)
+    result.figure(
+        save_figure(fig, out_dir, "convergence"),
+        "Left: test accuracy vs training step (Ioffe & Szegedy Fig. 1a). Middle and right: the 15th, "
+        "50th and 85th percentiles of one sigmoid's input over the test set (Fig. 1b, c).",
+    )
 
 
 def _pm(values, pct=True) -> str:
@@ -202,16 +208,16 @@ def _pm(values, pct=True) -> str:
     return f"{mean:.1f} ± {sd:.1f}" if pct else f"{mean:.2f} ± {sd:.2f}"
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Convergence: BatchNorm's Figure 1 on MNIST-1D",
-        question="Does BatchNorm make a sigmoid MLP train faster, and keep its layers' input distributions fixed?",
-        run=run,
-        settings={
-            "smoke": Config(steps=300, check_every=100, seeds=(0,)),
-            "quick": Config(steps=3000, check_every=250, seeds=(0,)),
-            "full": Config(),
-        },
-    )
+STUDY = Study(
+    name=NAME,
+    title="Convergence: BatchNorm's Figure 1 on MNIST-1D",
+    question="Does BatchNorm make a sigmoid MLP train faster, and keep its layers' input distributions fixed?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(steps=300, check_every=100, seeds=(0,)),
+        "quick": Config(steps=3000, check_every=250, seeds=(0,)),
+        "full": Config(),
+    },
 )

@@ -25,8 +25,9 @@ import torch
 
 from ..data import load_mnist1d
 from ..models import MLP
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 from ..training import StepConfig, train_steps
 
 NAME = "dead-units"
@@ -89,8 +90,7 @@ def one_run(config: Config, activation: str, norm: str, lr: float, seed: int) ->
     }
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     tasks = [
         {"config": config, "activation": a, "norm": n, "lr": lr, "seed": s}
         for s in config.seeds
@@ -99,38 +99,11 @@ def run(config: Config, out_dir: Path) -> dict:
         for n in config.norms
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        len(config.lrs),
-        len(config.norms),
-        figsize=(6 * len(config.norms), 3.6 * len(config.lrs)),
-        squeeze=False,
-        sharey=True,
-    )
-    for i, lr in enumerate(config.lrs):
-        for j, norm in enumerate(config.norms):
-            ax = axes[i][j]
-            for a in config.activations:
-                mine = [r for r in rows if r["activation"] == a and r["norm"] == norm and r["lr"] == lr]
-                first = mine[0]
-                ax.plot(
-                    first["steps"],
-                    [100 * d for d in first["dead"]],
-                    marker="." if first["diverged"] else None,
-                    label=LABELS[a] + (" (diverged)" if first["diverged"] else ""),
-                )
-            ax.set_title(
-                f"lr {lr:g}, {'with' if norm == 'batch' else 'without'} BatchNorm (seed {config.seeds[0]})", fontsize=10
-            )
-            ax.set_xlabel("step")
-            ax.set_ylabel("% units negative on every input")
-            ax.legend(fontsize=7)
-    result.figure(
-        save_figure(fig, out_dir, "dead-units"),
-        "Fraction of hidden units whose pre-activation is ≤ 0 on all 1000 probe inputs, over training.",
-    )
+    return {"runs": rows}
 
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = result.data["runs"]
     table = []
     cells = {}
     for lr in config.lrs:
@@ -190,21 +163,54 @@ def run(config: Config, out_dir: Path) -> dict:
                 f"lr {hi:g}: {100 * relu_plain[0]:.0f}% dead without BN, {100 * relu_bn[0]:.0f}% with",
                 "yes" if relu_bn[0] < relu_plain[0] else "no",
             )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Dead units: ReLU and its leaky variants at high learning rates, with and without BatchNorm",
-        question="How many units stop firing for good, by activation, and does BatchNorm prevent it?",
-        run=run,
-        settings={
-            "smoke": Config(
-                activations=("relu", "leaky_relu"), lrs=(0.3,), hidden=(64, 64), steps=200, check_every=100, seeds=(0,)
-            ),
-            "quick": Config(steps=1000, check_every=100, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    rows = result.data["runs"]
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        len(config.lrs),
+        len(config.norms),
+        figsize=(6 * len(config.norms), 3.6 * len(config.lrs)),
+        squeeze=False,
+        sharey=True,
     )
+    for i, lr in enumerate(config.lrs):
+        for j, norm in enumerate(config.norms):
+            ax = axes[i][j]
+            for a in config.activations:
+                mine = [r for r in rows if r["activation"] == a and r["norm"] == norm and r["lr"] == lr]
+                first = mine[0]
+                ax.plot(
+                    first["steps"],
+                    [100 * d for d in first["dead"]],
+                    marker="." if first["diverged"] else None,
+                    label=LABELS[a] + (" (diverged)" if first["diverged"] else ""),
+                )
+            ax.set_title(
+                f"lr {lr:g}, {'with' if norm == 'batch' else 'without'} BatchNorm (seed {config.seeds[0]})", fontsize=10
+            )
+            ax.set_xlabel("step")
+            ax.set_ylabel("% units negative on every input")
+            ax.legend(fontsize=7)
+    result.figure(
+        save_figure(fig, out_dir, "dead-units"),
+        "Fraction of hidden units whose pre-activation is ≤ 0 on all 1000 probe inputs, over training.",
+    )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Dead units: ReLU and its leaky variants at high learning rates, with and without BatchNorm",
+    question="How many units stop firing for good, by activation, and does BatchNorm prevent it?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(
+            activations=("relu", "leaky_relu"), lrs=(0.3,), hidden=(64, 64), steps=200, check_every=100, seeds=(0,)
+        ),
+        "quick": Config(steps=1000, check_every=100, seeds=(0,)),
+        "full": Config(),
+    },
 )

@@ -26,8 +26,9 @@ from torch import nn
 
 from ..data import load_mnist1d
 from ..models import MLP
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 from ..training import StepConfig, train_steps
 
 NAME = "depth"
@@ -108,8 +109,19 @@ def one_run(config: Config, depth: int, init: str, norm: str, seed: int, clip: b
     }
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def _cell(rows: list[dict], depth: int, init: str, norm: str) -> list[dict]:
+    return [r for r in rows if r["depth"] == depth and r["init"] == init and r["norm"] == norm]
+
+
+def _ratio(rows: list[dict]) -> float:
+    """Geometric mean of the first/last gradient ratio over seeds; NaN if one exploded to inf."""
+    vals = [r["preactivation_grad_ratio"] for r in rows]
+    if any(v is None for v in vals):
+        return math.nan
+    return math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
+
+
+def measure(config: Config, out_dir: Path) -> dict:
     grid = [
         (d, i, n, s)
         for d in sorted(config.depths, reverse=True)
@@ -125,26 +137,22 @@ def run(config: Config, out_dir: Path) -> dict:
         for r in exploding
     ]
     clipped = parallel_map(one_run, clip_tasks, desc=f"{NAME} (clipped)") if clip_tasks else []
-    result.data["runs"] = rows + clipped
+    return {"runs": rows + clipped}
 
-    def cell(rows_, d, i, n):
-        mine = [r for r in rows_ if r["depth"] == d and r["init"] == i and r["norm"] == n]
-        return mine
 
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = [r for r in result.data["runs"] if not r["clipped"]]
+    clipped = [r for r in result.data["runs"] if r["clipped"]]
     table = []
     for d in config.depths:
         for i in config.inits:
             for n in config.norms:
-                mine = cell(rows, d, i, n)
-                ratio = [r["preactivation_grad_ratio"] for r in mine]
-                ratio_text = (
-                    "inf"
-                    if any(x is None for x in ratio)
-                    else f"{math.exp(sum(math.log(max(x, 1e-300)) for x in ratio) / len(ratio)):.1e}"
-                )
+                mine = _cell(rows, d, i, n)
+                ratio = _ratio(mine)
+                ratio_text = "inf" if math.isnan(ratio) else f"{ratio:.1e}"
                 acc = sum(r["test_accuracy"] for r in mine) / len(mine)
                 trains = sum(r["trains"] for r in mine)
-                clip_rows = cell(clipped, d, i, n)
+                clip_rows = _cell(clipped, d, i, n)
                 clip_text = (
                     "–"
                     if not clip_rows
@@ -181,38 +189,8 @@ def run(config: Config, out_dir: Path) -> dict:
         f"clipping is rerun where the ratio exceeds {EXPLODING:g} or a run diverged.",
     )
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(config.norms), figsize=(5 * len(config.norms), 4), sharey=True, squeeze=False)
-    for ax, n in zip(axes[0], config.norms):
-        for i in config.inits:
-            ys = []
-            for d in config.depths:
-                vals = [r["preactivation_grad_ratio"] for r in cell(rows, d, i, n)]
-                ys.append(
-                    math.nan
-                    if any(v is None for v in vals)
-                    else math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
-                )
-            ax.plot(config.depths, ys, marker="o", label=i)
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("depth")
-        ax.set_title(NORM_LABELS[n], fontsize=10)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("‖∂L/∂z₁‖ / ‖∂L/∂z_L‖ at init")
-    result.figure(
-        save_figure(fig, out_dir, "depth-gradients"),
-        "Gradient norm at the first layer's pre-activations over the last layer's, at initialization: "
-        "below 1 vanishing, above 1 exploding (geometric mean over seeds).",
-    )
-
     def geo(d, i, n):
-        vals = [r["preactivation_grad_ratio"] for r in cell(rows, d, i, n)]
-        return (
-            math.nan
-            if any(v is None for v in vals)
-            else math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
-        )
+        return _ratio(_cell(rows, d, i, n))
 
     deep = max(config.depths)
     lines = []
@@ -224,7 +202,7 @@ def run(config: Config, out_dir: Path) -> dict:
         f"{i}/{NORM_LABELS[n]}"
         for i in config.inits
         for n in config.norms
-        if all(r["trains"] for r in cell(rows, deep, i, n))
+        if all(r["trains"] for r in _cell(rows, deep, i, n))
     ]
     result.summary.append(f"At depth {deep}, every seed trains with: {', '.join(trained) or 'none of them'}.")
     if clipped:
@@ -255,19 +233,39 @@ def run(config: Config, out_dir: Path) -> dict:
             f"depth {deep}, He + BN: ratio {bn_ratio:.1e}",
             "yes" if bn_ratio > EXPLODING else "no",
         )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Depth: which initialization and normalization let a plain 10–50-layer MLP train",
-        question="Do gradients vanish or explode with depth, and what do init, BatchNorm, LayerNorm and clipping change?",
-        run=run,
-        settings={
-            "smoke": Config(depths=(6, 12), inits=("xavier", "he"), norms=("none", "batch"), steps=50, seeds=(0,)),
-            "quick": Config(depths=(10, 20), steps=300, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    rows = [r for r in result.data["runs"] if not r["clipped"]]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(config.norms), figsize=(5 * len(config.norms), 4), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], config.norms):
+        for i in config.inits:
+            ys = [_ratio(_cell(rows, d, i, n)) for d in config.depths]
+            ax.plot(config.depths, ys, marker="o", label=i)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("depth")
+        ax.set_title(NORM_LABELS[n], fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("‖∂L/∂z₁‖ / ‖∂L/∂z_L‖ at init")
+    result.figure(
+        save_figure(fig, out_dir, "depth-gradients"),
+        "Gradient norm at the first layer's pre-activations over the last layer's, at initialization: "
+        "below 1 vanishing, above 1 exploding (geometric mean over seeds).",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Depth: which initialization and normalization let a plain 10–50-layer MLP train",
+    question="Do gradients vanish or explode with depth, and what do init, BatchNorm, LayerNorm and clipping change?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(depths=(6, 12), inits=("xavier", "he"), norms=("none", "batch"), steps=50, seeds=(0,)),
+        "quick": Config(depths=(10, 20), steps=300, seeds=(0,)),
+        "full": Config(),
+    },
 )

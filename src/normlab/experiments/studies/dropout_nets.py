@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..data import Dataset
 from ..models import make_norm
 
-__all__ = ["PLACEMENTS", "conv_net", "mlp", "subset"]
+__all__ = ["PLACEMENTS", "conv_net", "mlp"]
 
 PLACEMENTS = ("relu", "norm", "head")
 
@@ -60,10 +59,3 @@ def mlp(norm: str = "batch", dropout: float = 0.0, widths: tuple[int, ...] = (10
         previous = width
     layers.append(nn.Linear(previous, 10))
     return nn.Sequential(*layers)
-
-
-def subset(data: Dataset, train_samples: int | None) -> Dataset:
-    """The first ``train_samples`` training samples (MNIST-1D's are in random order); the test set whole."""
-    if not train_samples or train_samples >= len(data.y_train):
-        return data
-    return Dataset(data.name, data.x_train[:train_samples], data.y_train[:train_samples], data.x_test, data.y_test)

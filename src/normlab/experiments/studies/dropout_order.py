@@ -32,11 +32,12 @@ from torch import nn
 
 from ... import nn as nln
 from ...surgery import precise_bn
-from ..data import load_mnist1d
+from ..data import load_mnist1d, subset
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 from ..training import TrainConfig, evaluate, train_classifier
-from .dropout_nets import conv_net, subset
+from .dropout_nets import conv_net
 
 NAME = "dropout-order"
 LARGE_SHIFT = 1.5  # Li et al.'s max(r, 1/r) above which a layer counts as badly shifted
@@ -131,13 +132,20 @@ def _mean(values):
     return statistics.fmean(values) if values else math.nan
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
-    combos = [(pl, p) for p in sorted(config.dropouts, reverse=True) for pl in config.placements] + [("none", 0.0)]
+def _combos(config: Config) -> list[tuple[str, float]]:
+    """(placement, p) of every network trained: largest p first (the slowest), no dropout last."""
+    return [(pl, p) for p in sorted(config.dropouts, reverse=True) for pl in config.placements] + [("none", 0.0)]
+
+
+def measure(config: Config, out_dir: Path) -> dict:
+    combos = _combos(config)
     tasks = [{"config": config, "placement": pl, "dropout": p, "seed": s} for pl, p in combos for s in config.seeds]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
+    return {"runs": rows}
 
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows, combos = result.data["runs"], _combos(config)
     cells = {}
     for pl, p in combos:
         mine = [r for r in rows if r["placement"] == pl and r["dropout"] == p and not r["diverged"]]
@@ -152,11 +160,13 @@ def run(config: Config, out_dir: Path) -> dict:
             "diverged": sum(r["diverged"] for r in rows if r["placement"] == pl and r["dropout"] == p),
         }
     result.data["cells"] = [{"placement": pl, "dropout": p, **c} for (pl, p), c in cells.items()]
-    base = cells[("none", 0.0)]
-    n_layers = len(base["ratio"])
+    _table(config, cells, result)
+    _findings(config, cells, result)
 
+
+def _table(config: Config, cells: dict, result: StudyResult) -> None:
     table = []
-    for pl, p in combos:
+    for pl, p in _combos(config):
         c = cells[(pl, p)]
         table.append(
             [
@@ -189,44 +199,11 @@ def run(config: Config, out_dir: Path) -> dict:
         note="Li et al.'s formula applies to dropout directly before a BN; '–' elsewhere.",
     )
 
-    plt = pyplot()
+
+def _findings(config: Config, cells: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with Li et al. (2019)."""
+    base = cells[("none", 0.0)]
     p_max = max(config.dropouts)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.3))
-    width = 0.8 / (len(config.placements) + 1)
-    xs = list(range(n_layers))
-    for k, pl in enumerate(("none", *config.placements)):
-        c = cells[(pl, 0.0 if pl == "none" else p_max)]
-        pos = [x + (k - len(config.placements) / 2) * width for x in xs]
-        ax.bar(pos, c["ratio"], width, label=PLACEMENT_LABELS[pl])
-        if pl == "norm":
-            ax.plot(pos, c["predicted"], "k_", ms=14, mew=2, label="Li et al.'s formula (right before BN)")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks(xs, [f"BN {i + 1}" for i in xs])
-    ax.set_ylabel("input variance in eval / running variance")
-    ax.set_title(f"Variance shift on the test set, dropout p = {p_max:g}", fontsize=10)
-    ax.legend(fontsize=7)
-    ps = sorted(config.dropouts)
-    for pl in config.placements:
-        (line,) = ax2.plot(ps, [cells[(pl, p)]["eval"] for p in ps], marker="o", label=f"{PLACEMENT_LABELS[pl]}: eval")
-        ax2.plot(
-            ps,
-            [cells[(pl, p)]["precise"] for p in ps],
-            marker="s",
-            ls="--",
-            color=line.get_color(),
-            label="  … after precise BN (dropout off)",
-        )
-    ax2.axhline(base["eval"], color="grey", ls=":", label="no dropout")
-    ax2.set_xlabel("dropout p")
-    ax2.set_ylabel("test accuracy %")
-    ax2.set_title("Accuracy lost to the shift, and recovered by recomputing BN statistics", fontsize=10)
-    ax2.legend(fontsize=7)
-    result.figure(
-        save_figure(fig, out_dir, "dropout-order"),
-        "Left: per BN layer, the test-time input variance over the running variance (1 = no shift). "
-        "Right: test accuracy against the dropout rate, with the running statistics from training "
-        "(solid) and after precise BN with dropout off (dashed).",
-    )
 
     def worst(pl):  # the most shifted layer of a placement at the largest p
         return max(cells[(pl, p_max)]["shift"])
@@ -292,19 +269,62 @@ def run(config: Config, out_dir: Path) -> dict:
             agrees,
             why,
         )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Dropout and BatchNorm: the variance shift, and where dropout goes",
-        question="Does dropout before a BatchNorm shift its test-time variance, and does recomputing the statistics fix it?",
-        run=run,
-        settings={
-            "smoke": Config(dropouts=(0.5,), epochs=2, train_samples=1000, seeds=(0,)),
-            "quick": Config(dropouts=(0.2, 0.5), epochs=5, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    cells = {(c["placement"], c["dropout"]): c for c in result.data["cells"]}
+    base = cells[("none", 0.0)]
+    n_layers = len(base["ratio"])
+    plt = pyplot()
+    p_max = max(config.dropouts)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.3))
+    width = 0.8 / (len(config.placements) + 1)
+    xs = list(range(n_layers))
+    for k, pl in enumerate(("none", *config.placements)):
+        c = cells[(pl, 0.0 if pl == "none" else p_max)]
+        pos = [x + (k - len(config.placements) / 2) * width for x in xs]
+        ax.bar(pos, c["ratio"], width, label=PLACEMENT_LABELS[pl])
+        if pl == "norm":
+            ax.plot(pos, c["predicted"], "k_", ms=14, mew=2, label="Li et al.'s formula (right before BN)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(xs, [f"BN {i + 1}" for i in xs])
+    ax.set_ylabel("input variance in eval / running variance")
+    ax.set_title(f"Variance shift on the test set, dropout p = {p_max:g}", fontsize=10)
+    ax.legend(fontsize=7)
+    ps = sorted(config.dropouts)
+    for pl in config.placements:
+        (line,) = ax2.plot(ps, [cells[(pl, p)]["eval"] for p in ps], marker="o", label=f"{PLACEMENT_LABELS[pl]}: eval")
+        ax2.plot(
+            ps,
+            [cells[(pl, p)]["precise"] for p in ps],
+            marker="s",
+            ls="--",
+            color=line.get_color(),
+            label="  … after precise BN (dropout off)",
+        )
+    ax2.axhline(base["eval"], color="grey", ls=":", label="no dropout")
+    ax2.set_xlabel("dropout p")
+    ax2.set_ylabel("test accuracy %")
+    ax2.set_title("Accuracy lost to the shift, and recovered by recomputing BN statistics", fontsize=10)
+    ax2.legend(fontsize=7)
+    result.figure(
+        save_figure(fig, out_dir, "dropout-order"),
+        "Left: per BN layer, the test-time input variance over the running variance (1 = no shift). "
+        "Right: test accuracy against the dropout rate, with the running statistics from training "
+        "(solid) and after precise BN with dropout off (dashed).",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Dropout and BatchNorm: the variance shift, and where dropout goes",
+    question="Does dropout before a BatchNorm shift its test-time variance, and does recomputing the statistics fix it?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(dropouts=(0.5,), epochs=2, train_samples=1000, seeds=(0,)),
+        "quick": Config(dropouts=(0.2, 0.5), epochs=5, seeds=(0,)),
+        "full": Config(),
+    },
 )

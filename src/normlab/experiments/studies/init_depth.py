@@ -27,8 +27,9 @@ from torch import nn
 from ...diagnostics import Probe
 from ...diagnostics.plots import histogram_grid
 from ..models import MLP
-from ..runner import finite_or_none, parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..output import finite_or_none, pyplot, save_figure
+from ..runner import parallel_map
+from ..study import Study, StudyResult
 
 NAME = "init-depth"
 
@@ -106,13 +107,13 @@ def _one(config: Config, activation: str, init: str, std: float | None, norm: st
 def one_config(
     config: Config, name: str, activation: str, init: str, std: float | None, norm: str, seed: int, out_dir: str
 ) -> dict:
-    """One configuration: the recorded statistics, and its histogram grid saved as PNG."""
+    """One configuration: the recorded statistics, and its histogram grid saved as PNG.
+    The grid is drawn here, in the job, because only the job holds the probe's histograms."""
     _, probe, acts, rows, loss = _one(config, activation, init, std, norm, seed)
     fig = histogram_grid(
         probe, layers=acts, ncols=5, title=f"{name}: activations of layers 1–{len(acts)} (one training-mode forward)"
     )
-    file = f"hist-{_slug(name)}.png"
-    fig.savefig(Path(out_dir) / file, dpi=90)
+    file = save_figure(fig, out_dir, f"hist-{_slug(name)}", dpi=90)
     return {
         "name": name,
         "activation": activation,
@@ -124,9 +125,7 @@ def one_config(
     }
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
-    plt = pyplot()
+def measure(config: Config, out_dir: Path) -> dict:
     norms = ("none", "batch") if config.with_batchnorm else ("none",)
     tasks = [
         {
@@ -145,38 +144,11 @@ def run(config: Config, out_dir: Path) -> dict:
     runs = {}
     for r in parallel_map(one_config, tasks, desc=NAME):
         runs[r.pop("name")] = r
-        result.figure(r["figure"], f"{list(runs)[-1]}: histograms of each layer's activations.")
-    result.data["runs"] = runs
+    return {"runs": runs}
 
-    # Summary figure: activation std and gradient std per layer, every configuration.
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = {label: f"C{i}" for i, (label, *_rest) in enumerate(CONFIGS)}  # same init, same colour
-    for name, r in runs.items():
-        layers = [x["layer"] for x in r["layers"]]
-        style = "--" if r["norm"] == "batch" else "-"
-        color = colors[name.removesuffix(" + BN")]
-        for ax, key in zip(axes, ("activation_std", "activation_grad_std", "weight_grad_std")):
-            ax.plot(
-                layers,
-                [max(x[key] or 0.0, 1e-30) for x in r["layers"]],
-                style,
-                color=color,
-                marker="o",
-                ms=3,
-                label=name,
-            )
-    for ax, title in zip(
-        axes, ("activation std", "std of the gradient reaching each activation", "std of each weight's gradient")
-    ):
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=6, ncol=2)
-    result.figure(
-        save_figure(fig, out_dir, "std-per-layer"),
-        "Per-layer standard deviation of activations and gradients (dashed: with BatchNorm).",
-    )
 
+def summarise(config: Config, result: StudyResult) -> None:
+    runs = result.data["runs"]
     columns = ["configuration"] + [f"L{i}" for i in range(1, len(config.widths) + 1)]
     result.table(
         "Activation std per layer",
@@ -237,7 +209,42 @@ def run(config: Config, out_dir: Path) -> dict:
             f"pre-activation std {min(bn_pre):.3f}–{max(bn_pre):.3f} in every layer of every configuration",
             "yes",
         )
-    return result.to_dict()
+
+
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    runs = result.data["runs"]
+    plt = pyplot()
+
+    # Summary figure: activation std and gradient std per layer, every configuration.
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {label: f"C{i}" for i, (label, *_rest) in enumerate(CONFIGS)}  # same init, same colour
+    for name, r in runs.items():
+        layers = [x["layer"] for x in r["layers"]]
+        style = "--" if r["norm"] == "batch" else "-"
+        color = colors[name.removesuffix(" + BN")]
+        for ax, key in zip(axes, ("activation_std", "activation_grad_std", "weight_grad_std")):
+            ax.plot(
+                layers,
+                [max(x[key] or 0.0, 1e-30) for x in r["layers"]],
+                style,
+                color=color,
+                marker="o",
+                ms=3,
+                label=name,
+            )
+    for ax, title in zip(
+        axes, ("activation std", "std of the gradient reaching each activation", "std of each weight's gradient")
+    ):
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=6, ncol=2)
+    result.figure(
+        save_figure(fig, out_dir, "std-per-layer"),
+        "Per-layer standard deviation of activations and gradients (dashed: with BatchNorm).",
+    )
+    for name, r in runs.items():
+        result.figure(r["figure"], f"{name}: histograms of each layer's activations.", folded=True)
 
 
 def _fmt(value: float | None) -> str:
@@ -246,16 +253,16 @@ def _fmt(value: float | None) -> str:
     return f"{value:.2g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.1e}"
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Initialization and depth: vanishing, saturating and preserved signals",
-        question="Do activations and gradients survive 10 layers — by init scheme, with and without BatchNorm?",
-        run=run,
-        settings={
-            "smoke": Config(samples=256, in_features=200, widths=(180, 160, 140, 120, 100, 90, 80, 70, 60, 50)),
-            "quick": Config(),
-            "full": Config(),
-        },
-    )
+STUDY = Study(
+    name=NAME,
+    title="Initialization and depth: vanishing, saturating and preserved signals",
+    question="Do activations and gradients survive 10 layers — by init scheme, with and without BatchNorm?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(samples=256, in_features=200, widths=(180, 160, 140, 120, 100, 90, 80, 70, 60, 50)),
+        "quick": Config(),
+        "full": Config(),
+    },
 )

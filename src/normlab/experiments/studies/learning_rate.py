@@ -22,13 +22,16 @@ import torch
 
 from ..data import load_mnist1d
 from ..models import ConvNet1d
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 from ..training import TrainConfig, train_classifier
 
 NAME = "learning-rate"
 FAIL_BELOW = 0.2
 NORMS = ("none", "batch")
+
+LABELS = {"none": "without BN", "batch": "with BN"}
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,7 @@ def one_run(config: Config, norm: str, multiplier: float, seed: int) -> dict:
     }
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     tasks = [
         {"config": config, "norm": n, "multiplier": m, "seed": s}
         for s in config.seeds
@@ -70,8 +72,11 @@ def run(config: Config, out_dir: Path) -> dict:
         for n in NORMS
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
-    labels = {"none": "without BN", "batch": "with BN"}
+    return {"runs": rows}
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = result.data["runs"]
     stats = {}
     for norm in NORMS:
         stats[norm] = []
@@ -91,29 +96,11 @@ def run(config: Config, out_dir: Path) -> dict:
             )
     result.data["by_multiplier"] = stats
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for norm in NORMS:
-        s = stats[norm]
-        ax.plot([x["multiplier"] for x in s], [100 * x["mean_accuracy"] for x in s], marker="o", label=labels[norm])
-        bad = [x for x in s if x["failed"]]
-        ax.plot([x["multiplier"] for x in bad], [100 * x["mean_accuracy"] for x in bad], "x", color="black", ms=10)
-    ax.axhline(100 * FAIL_BELOW, color="grey", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"learning rate, × the base {config.base_lr}")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title(
-        f"MNIST-1D CNN, {config.epochs} epochs, mean of {len(config.seeds)} seed(s); × = failed run(s)", fontsize=10
-    )
-    ax.legend()
-    result.figure(
-        save_figure(fig, out_dir, "learning-rate"), "Final test accuracy vs learning rate, with and without BatchNorm."
-    )
     result.table(
         "Final test accuracy % (mean over seeds; failed runs in brackets)",
         ["model"] + [f"×{m:g} (lr {config.base_lr * m:.3g})" for m in config.multipliers],
         [
-            [labels[n]]
+            [LABELS[n]]
             + [
                 f"{100 * x['mean_accuracy']:.1f}" + (f" [{x['failed']}/{x['runs']} failed]" if x["failed"] else "")
                 for x in stats[n]
@@ -147,19 +134,40 @@ def run(config: Config, out_dir: Path) -> dict:
         f"largest multiplier where every seed trains: {describe(plain)} without BN, {describe(bn)} with BN",
         "yes" if tolerates else "no",
     )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Learning rate: BatchNorm tolerates much larger steps",
-        question="From ×1 to ×30 of a stable learning rate, which networks still train?",
-        run=run,
-        settings={
-            "smoke": Config(multipliers=(1, 30), epochs=1, seeds=(0,)),
-            "quick": Config(multipliers=(1, 3, 10, 30), epochs=5, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    stats = result.data["by_multiplier"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for norm in NORMS:
+        s = stats[norm]
+        ax.plot([x["multiplier"] for x in s], [100 * x["mean_accuracy"] for x in s], marker="o", label=LABELS[norm])
+        bad = [x for x in s if x["failed"]]
+        ax.plot([x["multiplier"] for x in bad], [100 * x["mean_accuracy"] for x in bad], "x", color="black", ms=10)
+    ax.axhline(100 * FAIL_BELOW, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"learning rate, × the base {config.base_lr}")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title(
+        f"MNIST-1D CNN, {config.epochs} epochs, mean of {len(config.seeds)} seed(s); × = failed run(s)", fontsize=10
     )
+    ax.legend()
+    result.figure(
+        save_figure(fig, out_dir, "learning-rate"), "Final test accuracy vs learning rate, with and without BatchNorm."
+    )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Learning rate: BatchNorm tolerates much larger steps",
+    question="From ×1 to ×30 of a stable learning rate, which networks still train?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(multipliers=(1, 30), epochs=1, seeds=(0,)),
+        "quick": Config(multipliers=(1, 3, 10, 30), epochs=5, seeds=(0,)),
+        "full": Config(),
+    },
 )

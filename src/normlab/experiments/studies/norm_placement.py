@@ -39,11 +39,13 @@ from torch.nn import functional as F
 
 from ... import nn as nln
 from ..data import Dataset, load_mnist1d
-from ..runner import finite_or_none, parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
-from ..training import evaluate
+from ..output import finite_or_none, pyplot, save_figure
+from ..runner import parallel_map
+from ..study import Study, StudyResult
+from ..training import evaluate, minibatch_losses
 
 NAME = "norm-placement"
+CHANCE = math.log(10)  # the training loss of a uniform guess over the 10 classes
 PLACEMENTS = ("post", "pre", "pre-rms", "none")
 LABELS = {"post": "Post-LN", "pre": "Pre-LN", "pre-rms": "Pre-RMSNorm", "none": "no norm"}
 TRAINS_BELOW = 0.8  # × ln 10, the loss of a uniform guess over the 10 classes
@@ -204,25 +206,16 @@ def one_run(config: Config, placement: str, depth: int, warmup: bool, seed: int)
     warmup_steps = config.warmup_steps if warmup else 0
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.steps, warmup_steps))
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data.y_train)
-    per_epoch = n // config.batch_size
-    curve, window, diverged, order = [], [], False, None
+    losses = minibatch_losses(
+        model, data, optimizer, steps=config.steps, batch_size=config.batch_size, seed=seed, schedule=schedule
+    )
+    curve, window, diverged = [], [], False
     start = time.perf_counter()
-    model.train()
-    for step in range(config.steps):
-        if step % per_epoch == 0:
-            order = torch.randperm(n, generator=generator)
-        idx = order[(step % per_epoch) * config.batch_size : (step % per_epoch + 1) * config.batch_size]
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        if not torch.isfinite(loss):
+    for step, loss in enumerate(losses):
+        if loss is None:
             diverged = True
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        window.append(loss.item())
+        window.append(loss)
         if (step + 1) % config.check_every == 0 or step + 1 == config.steps:
             curve.append({"step": step + 1, "train_loss": statistics.fmean(window)})
             window = []
@@ -254,8 +247,19 @@ def _mean_curve(runs: list[dict]) -> tuple[list[int], list[float]]:
     return steps, [statistics.fmean(r["curve"][i]["train_loss"] for r in runs) for i in range(length)]
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def _grad_key(depth: int, placement: str) -> str:
+    return f"{LABELS[placement]}, depth {depth}"
+
+
+def _cell(rows: list[dict], depth: int, placement: str, warmup: bool | None = None) -> list[dict]:
+    return [
+        r
+        for r in rows
+        if r["depth"] == depth and r["placement"] == placement and (warmup is None or r["warmup"] == warmup)
+    ]
+
+
+def measure(config: Config, out_dir: Path) -> dict:
     if "post" not in config.placements or "pre" not in config.placements:
         raise ValueError(
             f"placements must include 'post' and 'pre' (the comparison is between them), got {config.placements}"
@@ -269,88 +273,44 @@ def run(config: Config, out_dir: Path) -> dict:
         for s in config.seeds
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
-    chance = math.log(10)
+    return {"runs": rows}
 
-    def cell(depth, placement, warmup=None):
-        return [
-            r
-            for r in rows
-            if r["depth"] == depth and r["placement"] == placement and (warmup is None or r["warmup"] == warmup)
-        ]
 
-    def trains(r):
-        return not r["diverged"] and r["final_train_loss"] < TRAINS_BELOW * chance
+def _trains(r: dict) -> bool:
+    return not r["diverged"] and r["final_train_loss"] < TRAINS_BELOW * CHANCE
 
-    def final_loss(depth, placement, warmup):  # a diverged seed counts as chance level
-        return statistics.fmean(
-            chance if r["diverged"] else r["final_train_loss"] for r in cell(depth, placement, warmup)
-        )
 
+def _final_loss(rows: list[dict], depth: int, placement: str, warmup: bool) -> float:
+    """Mean final training loss over seeds; a diverged seed counts as chance level."""
+    return statistics.fmean(
+        CHANCE if r["diverged"] else r["final_train_loss"] for r in _cell(rows, depth, placement, warmup)
+    )
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = result.data["runs"]
     # Gradient at initialization: the model and batch are the same with or without warm-up.
     grads = {}
     for d in config.depths:
         for p in config.placements:
-            mine = cell(d, p, False)
+            mine = _cell(rows, d, p, False)
             per_layer = [_geomean([r["grad_ffn_out"][layer] for r in mine]) for layer in range(d)]
             grads[(d, p)] = per_layer
-    result.data["grad_ffn_out_at_init"] = {f"{LABELS[p]}, depth {d}": g for (d, p), g in grads.items()}
+    result.data["grad_ffn_out_at_init"] = {_grad_key(d, p): g for (d, p), g in grads.items()}
+    _tables(config, rows, grads, result)
+    _findings(config, rows, grads, result)
 
-    plt = pyplot()
-    fig, axes = plt.subplots(
-        len(config.depths),
-        2,
-        figsize=(10, 3.6 * len(config.depths)),
-        sharey=True,
-        squeeze=False,
-        constrained_layout=True,
-    )
-    for row, d in zip(axes, config.depths):
-        for ax, warmup in zip(row, (False, True)):
-            for p in config.placements:
-                steps, loss = _mean_curve(cell(d, p, warmup))
-                ax.plot(steps, loss, label=LABELS[p])
-            ax.axhline(chance, color="grey", lw=0.8, ls=":")
-            ax.set_ylim(0, 1.3 * chance)  # a run far above chance (no norm, deep) would flatten the rest
-            ax.set_title(
-                f"depth {d}, " + (f"warm-up {config.warmup_steps} steps" if warmup else "no warm-up"), fontsize=10
-            )
-            ax.set_xlabel("step")
-            ax.legend(fontsize=8)
-        row[0].set_ylabel("training loss")
-    result.figure(
-        save_figure(fig, out_dir, "norm-placement-loss"),
-        f"Training loss (mean over {len(config.seeds)} seed(s), each point the mean of "
-        f"{config.check_every} steps), Adam at lr {config.lr:g}; dotted: chance, ln 10. The axis stops at "
-        "1.3 × ln 10: a curve that leaves the top is above it.",
-    )
 
-    fig, axes = plt.subplots(
-        1, len(config.depths), figsize=(5 * len(config.depths), 3.8), squeeze=False, constrained_layout=True
-    )
-    for ax, d in zip(axes[0], config.depths):
-        for p in config.placements:
-            ax.plot(range(1, d + 1), grads[(d, p)], marker="o", label=LABELS[p])
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_title(f"depth {d}", fontsize=10)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("‖∂L/∂W²‖ at initialization")
-    result.figure(
-        save_figure(fig, out_dir, "norm-placement-gradients"),
-        "Gradient norm of each block's feed-forward output weight at initialization, on "
-        f"{config.grad_batch} training samples (geometric mean over seeds) — Xiong et al.'s Figure 3.",
-    )
-
+def _tables(config: Config, rows: list[dict], grads: dict, result: StudyResult) -> None:
     table = []
     for d in config.depths:
         for p in config.placements:
             row = [str(d), LABELS[p]]
             for warmup in (False, True):
-                mine = cell(d, p, warmup)
-                ok = sum(trains(r) for r in mine)
+                mine = _cell(rows, d, p, warmup)
+                ok = sum(_trains(r) for r in mine)
                 acc = statistics.fmean(r["test_accuracy"] for r in mine)
-                row += [f"{final_loss(d, p, warmup):.3f}", f"{100 * acc:.1f}", f"{ok}/{len(mine)}"]
+                row += [f"{_final_loss(rows, d, p, warmup):.3f}", f"{100 * acc:.1f}", f"{ok}/{len(mine)}"]
             table.append(row)
     result.table(
         f"After {config.steps} steps of Adam at lr {config.lr:g}: final training loss (mean of the "
@@ -377,14 +337,18 @@ def run(config: Config, out_dir: Path) -> dict:
         ],
     )
 
+
+def _findings(config: Config, rows: list[dict], grads: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with Xiong et al. (2020)."""
     deep, shallow = max(config.depths), min(config.depths)
     for d in config.depths:
         result.summary.append(
             f"Depth {d}, final training loss without → with warm-up: "
             + ", ".join(
-                f"{LABELS[p]} {final_loss(d, p, False):.2f} → {final_loss(d, p, True):.2f}" for p in config.placements
+                f"{LABELS[p]} {_final_loss(rows, d, p, False):.2f} → {_final_loss(rows, d, p, True):.2f}"
+                for p in config.placements
             )
-            + f" (chance {chance:.2f})."
+            + f" (chance {CHANCE:.2f})."
         )
     result.summary.append(
         f"At initialization, last-layer ‖∂L/∂W²‖ at depth {deep}: "
@@ -438,8 +402,8 @@ def run(config: Config, out_dir: Path) -> dict:
             f"{theory:.2f}; Post-LN's ×{post_ratio:.2f} {'stays level' if post_close else 'does not stay level'}. "
             "The theorem bounds the size up to constants; it does not say the bound is reached",
         )
-    post_no, post_wu = final_loss(deep, "post", False), final_loss(deep, "post", True)
-    post_fails = [r for r in cell(deep, "post", False) if not trains(r)]
+    post_no, post_wu = _final_loss(rows, deep, "post", False), _final_loss(rows, deep, "post", True)
+    post_fails = [r for r in _cell(rows, deep, "post", False) if not _trains(r)]
     result.compare(
         f"Post-LN needs learning-rate warm-up (depth {deep}, lr {config.lr:g})",
         "Xiong et al. (2020), §3.1 (qualitative here): without warm-up Post-LN trains much worse",
@@ -452,8 +416,8 @@ def run(config: Config, out_dir: Path) -> dict:
         if post_no > post_wu
         else "warm-up did not help Post-LN here",
     )
-    pre_no, pre_wu = final_loss(deep, "pre", False), final_loss(deep, "pre", True)
-    pre_all = all(trains(r) for d in config.depths for r in cell(d, "pre", False))
+    pre_no, pre_wu = _final_loss(rows, deep, "pre", False), _final_loss(rows, deep, "pre", True)
+    pre_all = all(_trains(r) for d in config.depths for r in _cell(rows, d, "pre", False))
     beats = pre_all and pre_no <= post_wu
     warmup_matters = pre_no > pre_wu + 0.1
     result.compare(
@@ -481,26 +445,75 @@ def run(config: Config, out_dir: Path) -> dict:
         result.summary.append(
             "No norm: "
             + "; ".join(
-                f"depth {d}, seeds that train without / with warm-up {sum(trains(r) for r in cell(d, 'none', False))}"
-                f"/{len(config.seeds)} and {sum(trains(r) for r in cell(d, 'none', True))}/{len(config.seeds)}, "
-                f"final loss {final_loss(d, 'none', False):.3g} / {final_loss(d, 'none', True):.3g}"
+                f"depth {d}, seeds that train without / with warm-up {sum(_trains(r) for r in _cell(rows, d, 'none', False))}"
+                f"/{len(config.seeds)} and {sum(_trains(r) for r in _cell(rows, d, 'none', True))}/{len(config.seeds)}, "
+                f"final loss {_final_loss(rows, d, 'none', False):.3g} / {_final_loss(rows, d, 'none', True):.3g}"
                 for d in config.depths
             )
             + "."
         )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Norm placement in a transformer: Post-LN, Pre-LN, Pre-RMSNorm, no norm; with and without warm-up",
-        question="Where should the norm sit in a transformer block, and which placements need learning-rate warm-up?",
-        run=run,
-        settings={
-            "smoke": Config(depths=(6, 12), steps=10, warmup_steps=5, check_every=5, grad_batch=256, seeds=(0,)),
-            "quick": Config(steps=100, warmup_steps=30, batch_size=32, check_every=10, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    rows, by_key = result.data["runs"], result.data["grad_ffn_out_at_init"]
+    grads = {(d, p): by_key[_grad_key(d, p)] for d in config.depths for p in config.placements}
+    plt = pyplot()
+    fig, axes = plt.subplots(
+        len(config.depths),
+        2,
+        figsize=(10, 3.6 * len(config.depths)),
+        sharey=True,
+        squeeze=False,
+        constrained_layout=True,
     )
+    for row, d in zip(axes, config.depths):
+        for ax, warmup in zip(row, (False, True)):
+            for p in config.placements:
+                steps, loss = _mean_curve(_cell(rows, d, p, warmup))
+                ax.plot(steps, loss, label=LABELS[p])
+            ax.axhline(CHANCE, color="grey", lw=0.8, ls=":")
+            ax.set_ylim(0, 1.3 * CHANCE)  # a run far above chance (no norm, deep) would flatten the rest
+            ax.set_title(
+                f"depth {d}, " + (f"warm-up {config.warmup_steps} steps" if warmup else "no warm-up"), fontsize=10
+            )
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+        row[0].set_ylabel("training loss")
+    result.figure(
+        save_figure(fig, out_dir, "norm-placement-loss"),
+        f"Training loss (mean over {len(config.seeds)} seed(s), each point the mean of "
+        f"{config.check_every} steps), Adam at lr {config.lr:g}; dotted: chance, ln 10. The axis stops at "
+        "1.3 × ln 10: a curve that leaves the top is above it.",
+    )
+
+    fig, axes = plt.subplots(
+        1, len(config.depths), figsize=(5 * len(config.depths), 3.8), squeeze=False, constrained_layout=True
+    )
+    for ax, d in zip(axes[0], config.depths):
+        for p in config.placements:
+            ax.plot(range(1, d + 1), grads[(d, p)], marker="o", label=LABELS[p])
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(f"depth {d}", fontsize=10)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("‖∂L/∂W²‖ at initialization")
+    result.figure(
+        save_figure(fig, out_dir, "norm-placement-gradients"),
+        "Gradient norm of each block's feed-forward output weight at initialization, on "
+        f"{config.grad_batch} training samples (geometric mean over seeds) — Xiong et al.'s Figure 3.",
+    )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Norm placement in a transformer: Post-LN, Pre-LN, Pre-RMSNorm, no norm; with and without warm-up",
+    question="Where should the norm sit in a transformer block, and which placements need learning-rate warm-up?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(depths=(6, 12), steps=10, warmup_steps=5, check_every=5, grad_batch=256, seeds=(0,)),
+        "quick": Config(steps=100, warmup_steps=30, batch_size=32, check_every=10, seeds=(0,)),
+        "full": Config(),
+    },
 )

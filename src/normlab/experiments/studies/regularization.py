@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_mnist1d
+from ..data import load_mnist1d, subset
+from ..output import heatmap, pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 from ..training import TrainConfig, evaluate, train_classifier
-from .dropout_nets import conv_net, mlp, subset
+from .dropout_nets import conv_net, mlp
 
 NAME = "regularization"
 MODEL_LABELS = {"cnn": "CNN", "mlp": "MLP 3×100"}
@@ -123,25 +124,7 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
             grid = [[cells[(m, n, p, wd)][key] for wd in config.weight_decays] for p in config.dropouts]
             # one colour scale per model and quantity, so the BN and no-norm panels compare directly
             same = [v[key] for k, v in cells.items() if k[0] == m]
-            vmin, vmax = min(same), max(same)
-            ax.imshow(
-                grid,
-                cmap="viridis" if key == "test" else "magma",
-                vmin=vmin,
-                vmax=max(vmax, vmin + 1e-6),
-                aspect="auto",
-            )
-            for a, row in enumerate(grid):
-                for b, v in enumerate(row):
-                    ax.text(
-                        b,
-                        a,
-                        f"{v:.1f}",
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if (v - vmin) < 0.5 * (vmax - vmin) else "black",
-                    )
+            heatmap(ax, grid, cmap="viridis" if key == "test" else "magma", vmin=min(same), vmax=max(same))
             ax.set_xticks(range(len(config.weight_decays)), [f"{wd:g}" for wd in config.weight_decays])
             ax.set_yticks(range(len(config.dropouts)), [f"{p:g}" for p in config.dropouts])
             ax.set_xlabel("weight decay λ")
@@ -157,8 +140,7 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
     return save_figure(fig, out_dir, "regularization")
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     # CNN jobs are the long ones: first, so the workers finish together.
     tasks = [
         {"config": config, "model": m, "norm": n, "dropout": p, "weight_decay": wd, "seed": s}
@@ -169,17 +151,21 @@ def run(config: Config, out_dir: Path) -> dict:
         for wd in config.weight_decays
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
+    return {"runs": rows}
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = result.data["runs"]
     cells = _cells(config, rows)
     result.data["cells"] = [
         {"model": k[0], "norm": k[1], "dropout": k[2], "weight_decay": k[3], **v} for k, v in cells.items()
     ]
-    result.figure(
-        _heatmaps(config, cells, out_dir),
-        "Test accuracy and train − test gap for every dropout × weight-decay cell, without and with "
-        "BatchNorm (each panel coloured on its own model's range).",
-    )
+    _tables(config, cells, result)
+    summary = _gains_table(config, cells, result)
+    _findings(config, cells, summary, result)
 
+
+def _tables(config: Config, cells: dict, result: StudyResult) -> None:
     sd = len(config.seeds) > 1
     for m in config.models:
         rows_ = []
@@ -203,6 +189,9 @@ def run(config: Config, out_dir: Path) -> dict:
             f"{config.lr_for(m):g} cosine, {len(config.seeds)} seed(s).",
         )
 
+
+def _gains_table(config: Config, cells: dict, result: StudyResult) -> dict:
+    """What dropout and L2 add at their best, per model and norm (also the summary lines)."""
     eps = config.noise_points
     summary = {}
     verdict_rows = []
@@ -255,7 +244,12 @@ def run(config: Config, out_dir: Path) -> dict:
         verdict_rows,
         note=f"Differences under {eps:g} points are within seed noise on 1000 test samples.",
     )
+    return summary
 
+
+def _findings(config: Config, cells: dict, summary: dict, result: StudyResult) -> None:
+    """The comparison with Ioffe & Szegedy (2015) §3.4 and §4.2.1."""
+    eps = config.noise_points
     main = "cnn" if "cnn" in config.models else config.models[0]
     g = summary[main]
     d_bn, d_none = g["batch"]["dropout_gain"], g["none"]["dropout_gain"]
@@ -310,26 +304,34 @@ def run(config: Config, out_dir: Path) -> dict:
             if better
             else "BN does not test better here",
         )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Regularization: what BatchNorm makes unnecessary — dropout, L2",
-        question="With BatchNorm, do dropout and weight decay still improve test accuracy on a small training set?",
-        run=run,
-        settings={
-            "smoke": Config(
-                models=("cnn",),
-                dropouts=(0.0, 0.5),
-                weight_decays=(0.0, 2.5e-3),
-                train_samples=500,
-                epochs=6,
-                seeds=(0,),
-            ),
-            "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    cells = _cells(config, result.data["runs"])
+    result.figure(
+        _heatmaps(config, cells, out_dir),
+        "Test accuracy and train − test gap for every dropout × weight-decay cell, without and with "
+        "BatchNorm (each panel coloured on its own model's range).",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Regularization: what BatchNorm makes unnecessary — dropout, L2",
+    question="With BatchNorm, do dropout and weight decay still improve test accuracy on a small training set?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(
+            models=("cnn",),
+            dropouts=(0.0, 0.5),
+            weight_decays=(0.0, 2.5e-3),
+            train_samples=500,
+            epochs=6,
+            seeds=(0,),
+        ),
+        "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
+        "full": Config(),
+    },
 )

@@ -42,8 +42,9 @@ from torch import nn
 
 from ... import nn as nln
 from ..data import load_mnist1d
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
+from ..study import Study, StudyResult
 
 NAME = "sequence"
 NORMS = ("none", "bn-naive", "bn-masked", "ln", "bn-time")
@@ -281,16 +282,17 @@ def statistics_error(
 # ------------------------------------------------------------------------- report
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     stats_rows = statistics_error(config.pad_shares, config.pad_value, config.patch)
-    result.data["statistics_error"] = stats_rows
     # bn-time and the masked runs are the slowest: first, so the pool ends together
     order = ("bn-time", "bn-masked", "ln", "bn-naive", "none")
     tasks = [{"config": config, "norm": n, "seed": s} for n in order for s in config.seeds]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
+    return {"statistics_error": stats_rows, "runs": rows}
 
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows, stats_rows = result.data["runs"], result.data["statistics_error"]
     summary = {}
     for norm in NORMS:
         mine = [r for r in rows if r["norm"] == norm]
@@ -312,52 +314,11 @@ def run(config: Config, out_dir: Path) -> dict:
             "curve": curve,
         }
     result.data["by_norm"] = summary
-    steps = rows[0]["history"][-1]["step"] if rows and rows[0]["history"] else config.steps
+    _tables(summary, stats_rows, result)
+    _findings(config, rows, summary, stats_rows, result)
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    ax = axes[0]
-    for norm in NORMS:
-        c = summary[norm]["curve"]
-        ax.plot([p["step"] for p in c], [100 * p["test_accuracy"] for p in c], label=LABELS[norm])
-    ax.set_xlabel("step")
-    ax.set_ylabel("test accuracy % (eval mode)")
-    ax.set_title(f"LSTM({config.hidden}) on padded MNIST-1D, mean of {len(config.seeds)} seed(s)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    shares = [100 * r["pad_share"] for r in stats_rows]
-    floor = 1e-12  # an exact 0 (no padding) has no place on a log axis
-    for kind, style in (("naive", "-"), ("masked", "--")):
-        for stat, marker in (("mean", "o"), ("var", "s")):
-            ax.plot(
-                shares,
-                [max(floor, r[f"{kind}_{stat}_error"]) for r in stats_rows],
-                style,
-                marker=marker,
-                label=f"{kind}: {'mean' if stat == 'mean' else 'variance'}",
-            )
-    ax.set_yscale("log")
-    ax.set_xlabel("padding share of the batch %")
-    ax.set_ylabel("error vs the valid positions' statistics")
-    ax.set_title(f"BatchNorm1d statistics, padding = {config.pad_value:g}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    xs = range(len(NORMS))
-    ax.bar([i - 0.2 for i in xs], [100 * summary[n]["train_mode"] for n in NORMS], 0.4, label="train mode")
-    ax.bar([i + 0.2 for i in xs], [100 * summary[n]["eval_mode"] for n in NORMS], 0.4, label="eval mode")
-    ax.set_xticks(list(xs), [n for n in NORMS], fontsize=8)
-    ax.set_ylabel("test accuracy %")
-    low = min(min(summary[n]["train_mode"], summary[n]["eval_mode"]) for n in NORMS)
-    ax.set_ylim(max(0, 100 * low - 10), 100)
-    ax.set_title(f"train mode (test batches of {config.batch_size}) vs eval mode", fontsize=10)
-    ax.legend(fontsize=8)
-    result.figure(
-        save_figure(fig, out_dir, "sequence"),
-        "Test accuracy vs steps; the error of BatchNorm's statistics with and without the mask as the "
-        "padding share grows (masked: float32 rounding; 1e-12 stands for 0); test accuracy in train "
-        "mode vs eval mode.",
-    )
 
+def _tables(summary: dict, stats_rows: list[dict], result: StudyResult) -> None:
     result.table(
         "Test accuracy % after training (mean over seeds)",
         ["cell", "eval mode", "train mode", "train − eval", "diverged"],
@@ -386,6 +347,11 @@ def run(config: Config, out_dir: Path) -> dict:
             for r in stats_rows
         ],
     )
+
+
+def _findings(config: Config, rows: list[dict], summary: dict, stats_rows: list[dict], result: StudyResult) -> None:
+    """The summary lines and the comparison with Ba et al. (2016) and Cooijmans et al. (2017)."""
+    steps = rows[0]["history"][-1]["step"] if rows and rows[0]["history"] else config.steps
 
     def reach(norm: str, target: float) -> int | None:
         return next((p["step"] for p in summary[norm]["curve"] if p["test_accuracy"] >= target), None)
@@ -465,20 +431,66 @@ def run(config: Config, out_dir: Path) -> dict:
         if masked_ok
         else "the network learns around the offset the padding adds to the statistics",
     )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Sequence: norms in an LSTM on padded batches",
-        question="On padded sequences, what does counting the padding do to BatchNorm, and how do masked BN, "
-        "LayerNorm and per-time-step BN train an LSTM?",
-        run=run,
-        settings={
-            "smoke": Config(patch=4, hidden=16, steps=30, check_every=15, pad_shares=(0.0, 0.4, 0.8), seeds=(0,)),
-            "quick": Config(patch=4, hidden=32, steps=400, check_every=50, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    summary, stats_rows = result.data["by_norm"], result.data["statistics_error"]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    ax = axes[0]
+    for norm in NORMS:
+        c = summary[norm]["curve"]
+        ax.plot([p["step"] for p in c], [100 * p["test_accuracy"] for p in c], label=LABELS[norm])
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy % (eval mode)")
+    ax.set_title(f"LSTM({config.hidden}) on padded MNIST-1D, mean of {len(config.seeds)} seed(s)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    shares = [100 * r["pad_share"] for r in stats_rows]
+    floor = 1e-12  # an exact 0 (no padding) has no place on a log axis
+    for kind, style in (("naive", "-"), ("masked", "--")):
+        for stat, marker in (("mean", "o"), ("var", "s")):
+            ax.plot(
+                shares,
+                [max(floor, r[f"{kind}_{stat}_error"]) for r in stats_rows],
+                style,
+                marker=marker,
+                label=f"{kind}: {'mean' if stat == 'mean' else 'variance'}",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("padding share of the batch %")
+    ax.set_ylabel("error vs the valid positions' statistics")
+    ax.set_title(f"BatchNorm1d statistics, padding = {config.pad_value:g}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    xs = range(len(NORMS))
+    ax.bar([i - 0.2 for i in xs], [100 * summary[n]["train_mode"] for n in NORMS], 0.4, label="train mode")
+    ax.bar([i + 0.2 for i in xs], [100 * summary[n]["eval_mode"] for n in NORMS], 0.4, label="eval mode")
+    ax.set_xticks(list(xs), [n for n in NORMS], fontsize=8)
+    ax.set_ylabel("test accuracy %")
+    low = min(min(summary[n]["train_mode"], summary[n]["eval_mode"]) for n in NORMS)
+    ax.set_ylim(max(0, 100 * low - 10), 100)
+    ax.set_title(f"train mode (test batches of {config.batch_size}) vs eval mode", fontsize=10)
+    ax.legend(fontsize=8)
+    result.figure(
+        save_figure(fig, out_dir, "sequence"),
+        "Test accuracy vs steps; the error of BatchNorm's statistics with and without the mask as the "
+        "padding share grows (masked: float32 rounding; 1e-12 stands for 0); test accuracy in train "
+        "mode vs eval mode.",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Sequence: norms in an LSTM on padded batches",
+    question="On padded sequences, what does counting the padding do to BatchNorm, and how do masked BN, "
+    "LayerNorm and per-time-step BN train an LSTM?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(patch=4, hidden=16, steps=30, check_every=15, pad_shares=(0.0, 0.4, 0.8), seeds=(0,)),
+        "quick": Config(patch=4, hidden=32, steps=400, check_every=50, seeds=(0,)),
+        "full": Config(),
+    },
 )

@@ -29,9 +29,10 @@ import torch
 from ...surgery import freeze_norms, precise_bn
 from ..data import load_mnist1d
 from ..models import ConvNet1d
+from ..output import pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
-from ..training import StepConfig, TrainConfig, evaluate, train_classifier, train_steps
+from ..study import Study, StudyResult
+from ..training import StepConfig, TrainConfig, epoch_batches, evaluate, train_classifier, train_steps
 
 NAME = "train-eval-gap"
 COLUMNS = ("train_mode", "eval_mode", "precise_bn", "frozen_finetune", "unfrozen_finetune")
@@ -93,9 +94,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
     row["unfrozen_finetune"] = evaluate(control, data.x_test, data.y_test)
     if norm == "batch":
         row["train_mode"] = train_mode_accuracy(model, data.x_test, data.y_test, batch_size)
-        g = torch.Generator().manual_seed(seed + 1000)
-        order = torch.randperm(len(data.y_train), generator=g)
-        batches = [data.x_train[order[i : i + batch_size]] for i in range(0, per_epoch * batch_size, batch_size)]
+        batches = epoch_batches(data, batch_size, seed + 1000)
         row["precise_bn"] = evaluate(
             precise_bn(model, batches, num_batches=len(batches)).model, data.x_test, data.y_test
         )
@@ -105,8 +104,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
     return row
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     tasks = [
         {"config": config, "norm": n, "batch_size": b, "seed": s}
         for b in sorted(config.batch_sizes)
@@ -114,7 +112,11 @@ def run(config: Config, out_dir: Path) -> dict:
         for n in ("batch", "group")
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
-    result.data["runs"] = rows
+    return {"runs": rows}
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows = result.data["runs"]
 
     def mean(norm, b, key):
         values = [r[key] for r in rows if r["norm"] == norm and r["batch_size"] == b and key in r]
@@ -137,28 +139,6 @@ def run(config: Config, out_dir: Path) -> dict:
         f"Test accuracy % (mean over {len(config.seeds)} seed(s))",
         ["batch", *[f"BN: {LABELS[k]}" for k in COLUMNS], "GroupNorm", "GroupNorm +1 epoch"],
         table,
-    )
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    xs = list(range(len(config.batch_sizes)))
-    for key in (*COLUMNS, "group"):
-        ys = [None if cells[b][key] is None else 100 * cells[b][key] for b in config.batch_sizes]
-        ax.plot(
-            xs,
-            ys,
-            marker="o",
-            ls="--" if key == "group" else "-",
-            label="GroupNorm (eval = train)" if key == "group" else f"BN, {LABELS[key]}",
-        )
-    ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
-    ax.set_xlabel("training batch size")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title("BatchNorm at small batch: four ways to normalize at test time", fontsize=10)
-    ax.legend(fontsize=7)
-    result.figure(
-        save_figure(fig, out_dir, "train-eval-gap"),
-        "Test accuracy of the same BatchNorm networks under each test-time normalization, and GroupNorm.",
     )
 
     small, big = min(config.batch_sizes), max(config.batch_sizes)
@@ -187,19 +167,43 @@ def run(config: Config, out_dir: Path) -> dict:
         f"{100 * c['frozen_finetune']:.1f}% vs eval {100 * c['eval_mode']:.1f}%",
         "yes" if max(c["precise_bn"], c["frozen_finetune"]) > c["eval_mode"] else "no",
     )
-    return result.to_dict()
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Train/eval gap: BatchNorm at small batch, and how to test it",
-        question="At batch 2, how do train-mode, running, precise and frozen statistics compare — and GroupNorm?",
-        run=run,
-        settings={
-            "smoke": Config(batch_sizes=(8, 32), epochs=1, seeds=(0,)),
-            "quick": Config(batch_sizes=(2, 32), epochs=4, seeds=(0,)),
-            "full": Config(),
-        },
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    cells = {b: result.data["mean_accuracy"][str(b)] for b in config.batch_sizes}
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    xs = list(range(len(config.batch_sizes)))
+    for key in (*COLUMNS, "group"):
+        ys = [None if cells[b][key] is None else 100 * cells[b][key] for b in config.batch_sizes]
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            ls="--" if key == "group" else "-",
+            label="GroupNorm (eval = train)" if key == "group" else f"BN, {LABELS[key]}",
+        )
+    ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
+    ax.set_xlabel("training batch size")
+    ax.set_ylabel("test accuracy %")
+    ax.set_title("BatchNorm at small batch: four ways to normalize at test time", fontsize=10)
+    ax.legend(fontsize=7)
+    result.figure(
+        save_figure(fig, out_dir, "train-eval-gap"),
+        "Test accuracy of the same BatchNorm networks under each test-time normalization, and GroupNorm.",
     )
+
+
+STUDY = Study(
+    name=NAME,
+    title="Train/eval gap: BatchNorm at small batch, and how to test it",
+    question="At batch 2, how do train-mode, running, precise and frozen statistics compare — and GroupNorm?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(batch_sizes=(8, 32), epochs=1, seeds=(0,)),
+        "quick": Config(batch_sizes=(2, 32), epochs=4, seeds=(0,)),
+        "full": Config(),
+    },
 )

@@ -37,9 +37,10 @@ from torch import nn
 from ...diagnostics import Probe
 from ..data import load_mnist1d
 from ..models import MLP, ConvNet1d
+from ..output import heatmap, pyplot, save_figure
 from ..runner import parallel_map
-from ..study import Study, new_result, pyplot, register, save_figure
-from ..training import evaluate
+from ..study import Study, StudyResult
+from ..training import evaluate, minibatch_losses
 
 NAME = "weight-decay"
 NORM_LABELS = {"none": "no norm", "batch": "BatchNorm"}
@@ -66,25 +67,14 @@ class Config:
 def _train(model: nn.Module, data, optimizer, steps: int, batch_size: int, seed: int, probe: Probe) -> dict:
     """Plain minibatch SGD for ``steps`` steps (epochs of a seeded random order), recorded
     by ``probe``; stops at a non-finite loss."""
-    generator = torch.Generator().manual_seed(seed)
-    n = len(data.y_train)
-    per_epoch = n // batch_size
     losses: list[float] = []
     diverged = False
-    model.train()
     with probe:
-        for step in range(steps):
-            if step % per_epoch == 0:
-                order = torch.randperm(n, generator=generator)
-            idx = order[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
-            loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            if not torch.isfinite(loss):
+        for loss in minibatch_losses(model, data, optimizer, steps=steps, batch_size=batch_size, seed=seed):
+            if loss is None:
                 diverged = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss)
     return {"diverged": diverged, "final_loss": statistics.fmean(losses[-100:]) if losses else None}
 
 
@@ -196,8 +186,7 @@ def product_pairs(cells: dict, lrs: list[float], wds: list[float]) -> dict | Non
     return {k: statistics.fmean(v) for k, v in pairs.items() if v}
 
 
-def run(config: Config, out_dir: Path) -> dict:
-    result = new_result(NAME, config)
+def measure(config: Config, out_dir: Path) -> dict:
     tasks = [
         {"config": config, "norm": n, "lr": lr, "weight_decay": wd, "seed": s}
         for s in config.seeds
@@ -210,11 +199,14 @@ def run(config: Config, out_dir: Path) -> dict:
     ]
     rows = parallel_map(one_run, tasks, desc=NAME)
     deep = parallel_map(deep_run, deep_tasks, desc=f"{NAME} (deep MLP)")
+    return {"runs": rows, "deep_runs": deep}
+
+
+def summarise(config: Config, result: StudyResult) -> None:
+    rows, deep = result.data["runs"], result.data["deep_runs"]
     for row in rows:
         if not row["diverged"]:
             row.update(summarize_run(row, config.momentum))
-    result.data["runs"] = rows
-    result.data["deep_runs"] = deep
 
     def cell(norm, lr, wd, key):
         values = [
@@ -229,6 +221,12 @@ def run(config: Config, out_dir: Path) -> dict:
     def failed(norm, lr, wd):
         return sum(r["diverged"] for r in rows if (r["norm"], r["lr"], r["weight_decay"]) == (norm, lr, wd))
 
+    _grid_table(config, cell, failed, result)
+    deep_summary = _deep_table(config, deep, result)
+    _findings(config, cell, deep_summary, result)
+
+
+def _grid_table(config: Config, cell, failed, result: StudyResult) -> None:
     table = []
     for n in config.norms:
         for lr in config.lrs:
@@ -265,6 +263,8 @@ def run(config: Config, out_dir: Path) -> dict:
         note="With BatchNorm, ‖Δw‖/‖w‖ is the angle turned per step; without, only a relative step size.",
     )
 
+
+def _deep_table(config: Config, deep: list[dict], result: StudyResult) -> dict:
     # The gradient norm of a plain deep net first falls (the loss drops from chance), then
     # can climb again as the weights grow: growth is measured from its lowest point.
     deep_rows, deep_summary = [], {}
@@ -301,10 +301,11 @@ def run(config: Config, out_dir: Path) -> dict:
         ["L2 λ", "‖∇‖ at step 0", "lowest ‖∇‖", "last fifth / lowest", "‖w‖ end / start", "test accuracy %"],
         deep_rows,
     )
+    return deep_summary
 
-    _figure(config, rows, deep, out_dir, result)
 
-    # --- verdicts ---------------------------------------------------------------------------
+def _findings(config: Config, cell, deep_summary: dict, result: StudyResult) -> None:
+    """The summary lines and the comparison with the published claims."""
     mid = sorted(config.lrs)[len(config.lrs) // 2]
     top = max(config.weight_decays)
     if "batch" in config.norms and 0.0 in config.weight_decays and top > 0:
@@ -408,10 +409,10 @@ def run(config: Config, out_dir: Path) -> dict:
             if strongest["growth"] < base["growth"]
             else "the gradient norm climbs as much with L2 as without, or more, although L2 shrinks the weights",
         )
-    return result.to_dict()
 
 
-def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, result) -> None:
+def render(config: Config, result: StudyResult, out_dir: Path) -> None:
+    rows, deep = result.data["runs"], result.data["deep_runs"]
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     mid = sorted(config.lrs)[len(config.lrs) // 2]
@@ -470,19 +471,7 @@ def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, r
                     for wd in config.weight_decays
                 ]
             )
-        flat = [v for row in grid for v in row]
-        ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(flat), vmax=max(max(flat), min(flat) + 1e-6))
-        for a, row in enumerate(grid):
-            for b, v in enumerate(row):
-                ax.text(
-                    b,
-                    a,
-                    f"{v:.1f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if v < (min(flat) + max(flat)) / 2 else "black",
-                )
+        heatmap(ax, grid)
         ax.set_xticks(range(len(config.weight_decays)), [f"{wd:g}" for wd in config.weight_decays])
         ax.set_yticks(range(len(config.lrs)), [f"{lr:g}" for lr in sorted(config.lrs, reverse=True)])
         ax.set_xlabel("weight decay λ (conv weights)")
@@ -507,24 +496,24 @@ def _figure(config: Config, rows: list[dict], deep: list[dict], out_dir: Path, r
     )
 
 
-STUDY = register(
-    Study(
-        name=NAME,
-        title="Weight decay with BatchNorm: an effective learning rate, not a regularizer of the function",
-        question="With BN, does L2 act through ‖w‖ and the effective rate η/‖w‖² — and does η·λ decide the outcome?",
-        run=run,
-        settings={
-            "smoke": Config(
-                lrs=(0.1,),
-                weight_decays=(0.0, 4e-3),
-                steps=200,
-                record_every=10,
-                deep_depth=10,
-                deep_steps=100,
-                seeds=(0,),
-            ),
-            "quick": Config(lrs=(0.05, 0.2), weight_decays=(0.0, 1e-3, 4e-3), steps=800, deep_steps=300, seeds=(0,)),
-            "full": Config(),
-        },
-    )
+STUDY = Study(
+    name=NAME,
+    title="Weight decay with BatchNorm: an effective learning rate, not a regularizer of the function",
+    question="With BN, does L2 act through ‖w‖ and the effective rate η/‖w‖² — and does η·λ decide the outcome?",
+    measure=measure,
+    summarise=summarise,
+    render=render,
+    settings={
+        "smoke": Config(
+            lrs=(0.1,),
+            weight_decays=(0.0, 4e-3),
+            steps=200,
+            record_every=10,
+            deep_depth=10,
+            deep_steps=100,
+            seeds=(0,),
+        ),
+        "quick": Config(lrs=(0.05, 0.2), weight_decays=(0.0, 1e-3, 4e-3), steps=800, deep_steps=300, seeds=(0,)),
+        "full": Config(),
+    },
 )
