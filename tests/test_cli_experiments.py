@@ -237,6 +237,32 @@ _NORMLAB_WITH_SIGINT = (
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_workers_ignore_sigint_from_their_first_instruction(tmp_path):
+    """A worker imports torch for seconds before its initializer runs; a Ctrl-C then used to
+    print its KeyboardInterrupt traceback. Workers now start with SIGINT ignored."""
+    env = {**os.environ, "NORMLAB_BACKEND": "composed"}
+    argv = [sys.executable, "-c", _NORMLAB_WITH_SIGINT, "study", "--smoke", "--only", "train-eval-gap"]
+    proc = subprocess.Popen(
+        [*argv, "--jobs", "2", "--out", str(tmp_path / "study")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _workers(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers = _workers(proc.pid)
+        assert workers, "the study did not start its workers"
+        assert all(_ignores_sigint(p) for p in workers)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
 @pytest.mark.parametrize(
     "signum, code",
     [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)],

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 
@@ -33,6 +34,26 @@ def _init_worker() -> None:
     # it (it stops the workers), so a worker does not print a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+
+
+@contextlib.contextmanager
+def _spawning_without_sigint() -> Iterator[None]:
+    """Start workers (``submit`` spawns them) with SIGINT ignored from their first
+    instruction: a spawned worker imports torch for seconds before its initializer can
+    ignore SIGINT, and a Ctrl-C in that window printed its KeyboardInterrupt traceback.
+    An ignored disposition survives exec, and Python keeps an ignored SIGINT ignored.
+    In this process SIGINT is blocked meanwhile, so a Ctrl-C stays pending (Linux keeps a
+    blocked signal pending even while ignored) and is delivered once the handler is back."""
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _die_with_parent() -> None:
@@ -139,7 +160,8 @@ def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "ru
             finally:
                 torch.set_num_threads(threads)
         else:
-            futures: dict[Future, int] = {executor.submit(fn, **task): i for i, task in enumerate(tasks)}
+            with _spawning_without_sigint():
+                futures: dict[Future, int] = {executor.submit(fn, **task): i for i, task in enumerate(tasks)}
             for future in as_completed(futures):
                 i = futures[future]
                 try:
