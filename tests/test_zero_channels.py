@@ -51,11 +51,15 @@ def _outcome(fn):
 def test_functionals_answer_zero_channels_as_torch_does(case, params):
     w = _zeros if params == "weight" else _none
     b = _zeros if params == "bias" else _none
-    theirs, _ = _outcome(lambda: CASES[case](TF, w, b))
+    theirs, their_err = _outcome(lambda: CASES[case](TF, w, b))
     ours, err = _outcome(lambda: CASES[case](nl.functional, w, b))
     assert ours == theirs
-    if err is not None:  # torch's IndexError comes from inside its kernel; ours says why
-        assert isinstance(err, InputError) and "0 channels" in str(err)
+    if err is not None and not isinstance(err, InputError):
+        # group_norm without γ/β is torch's own call, whose answer depends on the torch
+        # version (2.13 returns an empty tensor, 2.14 raises): then ours is torch's error
+        assert type(err) is type(their_err) and str(err) == str(their_err)
+    elif err is not None:  # torch's IndexError comes from inside its kernel; ours says why
+        assert "0 channels" in str(err)
 
 
 @pytest.mark.parametrize(
