@@ -10,6 +10,7 @@ the general dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -344,3 +345,32 @@ def test_compiled_autograd_records_the_registered_backward_operator(make, shape,
         assert graphs and all(f"torch.ops.{operator}.default(" in code for code in graphs)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.skipif(_NO_COMPILED_AUTOGRAD is not None, reason=_NO_COMPILED_AUTOGRAD or "")
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nl.nn.BatchNorm2d(4), lambda: nl.nn.GroupNormAct(2, 4, activation="prelu"), lambda: nl.nn.LayerNorm(3)],
+    ids=["bn", "gn-prelu", "ln"],
+)
+def test_compiled_autograd_second_derivatives_equal_the_eager_ones(make):
+    """create_graph=True under compiled autograd: the node hands its backward to the composed
+    reference there too, so the gradient has a graph to differentiate."""
+    torch.manual_seed(0)
+    layer = make()
+    data = torch.randn(6, 4, 3, 3) * 2 + 1
+    results = []
+    try:
+        for compiled in (False, True):
+            x = data.clone().requires_grad_()
+            layer.zero_grad(set_to_none=True)
+            y = layer(x)
+            assert y.grad_fn.name().startswith("Normlab")
+            with _compiled_autograd._enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext():
+                (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+                g.pow(2).sum().backward()
+            results.append([g.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

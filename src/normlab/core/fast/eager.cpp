@@ -248,10 +248,16 @@ variable_list channel_functional(const variable_list& grads, const std::vector<c
   const int64_t groups = packed.unpack<int64_t>();
   const bool given = packed.unpack<bool>();
   const int64_t act = packed.unpack<int64_t>();
-  const double param = packed.unpack<double>();
+  const double param = packed.unpack<double>(), eps = packed.unpack<double>();
   variable_list out(4);
   const at::Tensor& dy = grads[0];
   if (!dy.defined()) return out;
+  if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
+    py::gil_scoped_acquire gil;
+    return call_python("_eager_channel_double_backward",
+                       py::make_tuple(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, param,
+                                      py::make_tuple(need_x, need_w, need_b, false, false, need_p)));
+  }
   auto opt = [](const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); };
   static const c10::OperatorHandle op = operator_named("normlab::channel_norm_backward");
   auto r = call_operator(op, {dy, x, opt(weight), opt(bias), opt(prelu), shift, offset, rstd, groups, given, act,
@@ -274,9 +280,15 @@ variable_list row_functional(const variable_list& grads, const std::vector<c10::
                    rstd = packed.unpack<at::Tensor>(), offr = packed.unpack<at::Tensor>();
   const int64_t k = packed.unpack<int64_t>();
   const bool centered = packed.unpack<bool>();
+  const double eps = packed.unpack<double>();
   variable_list out(3);
   const at::Tensor& dy = grads[0];
   if (!dy.defined()) return out;
+  if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
+    py::gil_scoped_acquire gil;
+    return call_python("_eager_row_double_backward",
+                       py::make_tuple(dy, x, weight, bias, k, eps, centered, py::make_tuple(need_x, need_w, need_b)));
+  }
   static const c10::OperatorHandle op = operator_named("normlab::row_norm_backward");
   auto r = call_operator(op, {dy, x, weight.defined() ? c10::IValue(weight) : c10::IValue(), shift, rstd, offr, k,
                               centered});
@@ -307,6 +319,7 @@ struct ChannelNormBackward : public Node {
     args.collect(act_);
     args.collect(param_);
     args.collect(given_);
+    args.collect(eps_);  // the double backward's
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
@@ -319,6 +332,7 @@ struct ChannelNormBackward : public Node {
     packed.pack(given_);
     packed.pack(act_);
     packed.pack(param_);
+    packed.pack(eps_);
     static bool bound = false;
     auto out = record_functional(*this, bound, channel_functional, grads, packed, saved);
     for (SavedVariable* v : vars) saved.after(*v);
@@ -468,6 +482,7 @@ struct RowNormBackward : public Node {
     for (const SavedVariable* v : {&x_, &weight_, &bias_, &shift_, &rstd_, &offr_}) args.collect(*v, false);
     args.collect(k_);
     args.collect(centered_);
+    args.collect(eps_);  // the double backward's
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
@@ -478,6 +493,7 @@ struct RowNormBackward : public Node {
     for (SavedVariable* v : vars) packed.pack(v->unpack());
     packed.pack(k_);
     packed.pack(centered_);
+    packed.pack(eps_);
     static bool bound = false;
     auto out = record_functional(*this, bound, row_functional, grads, packed, saved);
     for (SavedVariable* v : vars) saved.after(*v);
