@@ -10,6 +10,7 @@ the general dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -231,3 +232,145 @@ def test_the_cpp_node_keeps_autograd_s_rules(make):
     h.add_(1)  # the saved input changed
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         z.sum().backward()
+
+
+# --- compiled autograd: an eager forward whose backward torch._dynamo.compiled_autograd traces
+
+try:
+    from torch._dynamo import compiled_autograd as _compiled_autograd
+
+    _NO_COMPILED_AUTOGRAD = None if hasattr(_compiled_autograd, "_enable") else "this torch's compiled autograd differs"
+except ImportError:  # a torch without dynamo
+    _compiled_autograd, _NO_COMPILED_AUTOGRAD = None, "this torch has no compiled autograd"
+
+_COMPILED_AUTOGRAD_CASES = [
+    "bn2d",
+    "bn2d-eval",
+    "bn2d-affine-off",
+    "gn",
+    "bn-act-prelu",
+    "gn-act-prelu",
+    "ln",
+    "ln-affine-off",
+    "rms",
+]
+
+
+def _gradients(layer, x, weights, backward, *, x_needs_grad=True):
+    """The input and parameter gradients of one eager call, `backward` running the backward."""
+    x = x.detach().clone().requires_grad_(x_needs_grad)
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    assert y.grad_fn.name().startswith("Normlab")  # the C++ node is what gets compiled
+    backward((y.square() * weights).sum())
+    return [x.grad] + [p.grad for p in layer.parameters()]
+
+
+def _compiled_backward(backend):
+    def backward(loss):
+        with _compiled_autograd._enable(torch.compile(backend=backend)):
+            loss.backward()
+
+    return backward
+
+
+def _assert_same_gradients(ours, theirs):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(_NO_COMPILED_AUTOGRAD is not None, reason=_NO_COMPILED_AUTOGRAD or "")
+@pytest.mark.parametrize(
+    "case,layout",
+    # RMSNorm on another layout runs torch's op, not the C++ node (the general rule)
+    [
+        (c, lay)
+        for c in _COMPILED_AUTOGRAD_CASES
+        for lay in ("contiguous", "channels_last")
+        if (c, lay) != ("rms", "channels_last")
+    ],
+)
+def test_compiled_autograd_backward_of_an_eager_call_equals_the_eager_backward(case, layout):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    x = in_layout(torch.randn(shape) * 3 + 1, layout)
+    weights = torch.randn(shape)
+    try:
+        # and with x a leaf that wants no gradient: the parameters' only, where there are any
+        for x_needs_grad in (True, False) if list(layer.parameters()) else (True,):
+            eager = _gradients(layer, x, weights, torch.Tensor.backward, x_needs_grad=x_needs_grad)
+            traced = _gradients(layer, x, weights, _compiled_backward("eager"), x_needs_grad=x_needs_grad)
+            _assert_same_gradients(traced, eager)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(_NO_COMPILED_AUTOGRAD is not None, reason=_NO_COMPILED_AUTOGRAD or "")
+@pytest.mark.parametrize(
+    "make,shape,operator",
+    [
+        (lambda: nl.nn.BatchNorm2d(4), (3, 4, 5, 5), "normlab.channel_norm_backward"),
+        (lambda: nl.nn.LayerNorm(5), (3, 4, 5), "normlab.row_norm_backward"),
+    ],
+    ids=["channel", "row"],
+)
+def test_compiled_autograd_records_the_registered_backward_operator(make, shape, operator):
+    """The traced graph calls normlab's operator (fake kernel while tracing, kernels when run),
+    under AOT autograd and inductor as under the eager backend; a new batch size recompiles."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    layer = make()
+    graphs = []
+
+    def keep(gm, _example_inputs):
+        graphs.append(gm.code)
+        return gm
+
+    try:
+        for backend in (aot_autograd(fw_compiler=keep), "inductor"):
+            for n in (shape[0], shape[0] + 2):
+                x = torch.randn(n, *shape[1:])
+                weights = torch.randn(x.shape)
+                eager = _gradients(layer, x, weights, torch.Tensor.backward)
+                _assert_same_gradients(_gradients(layer, x, weights, _compiled_backward(backend)), eager)
+            torch._dynamo.reset()
+        assert graphs and all(f"torch.ops.{operator}.default(" in code for code in graphs)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(_NO_COMPILED_AUTOGRAD is not None, reason=_NO_COMPILED_AUTOGRAD or "")
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nl.nn.BatchNorm2d(4), lambda: nl.nn.GroupNormAct(2, 4, activation="prelu"), lambda: nl.nn.LayerNorm(3)],
+    ids=["bn", "gn-prelu", "ln"],
+)
+def test_compiled_autograd_second_derivatives_equal_the_eager_ones(make):
+    """create_graph=True under compiled autograd: the node hands its backward to the composed
+    reference there too, so the gradient has a graph to differentiate."""
+    torch.manual_seed(0)
+    layer = make()
+    data = torch.randn(6, 4, 3, 3) * 2 + 1
+    results = []
+    try:
+        for compiled in (False, True):
+            x = data.clone().requires_grad_()
+            layer.zero_grad(set_to_none=True)
+            y = layer(x)
+            assert y.grad_fn.name().startswith("Normlab")
+            with _compiled_autograd._enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext():
+                (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+                g.pow(2).sum().backward()
+            results.append([g.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

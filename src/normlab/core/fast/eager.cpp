@@ -12,6 +12,12 @@
 // Double backward (create_graph=True): the kernels' gradient carries no graph, so backward
 // with grad mode on hands the saved operands to ops.py, which differentiates normlab's
 // composed reference — the same rule as the operators'.
+//
+// Compiled autograd (torch._dynamo.compiled_autograd) traces a backward graph whose tensors
+// are proxies and fake tensors, so the kernels cannot read them: there each node records a
+// call of the registered backward operator (normlab::channel_norm_backward /
+// row_norm_backward, which have fake kernels) through the dispatcher, as torch's generated
+// nodes record their formulas. The eager `apply` below stays as it was.
 
 #include "kernels.h"
 
@@ -20,9 +26,11 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <optional>
 #include <stdexcept>
@@ -33,10 +41,14 @@ namespace normlab {
 namespace {
 
 namespace py = pybind11;
+using torch::autograd::InputMetadata;
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::PackedArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 
@@ -179,6 +191,113 @@ void save(SavedVariable& slot, const at::Tensor& t) {
   if (t.defined()) slot = SavedVariable(t, false);
 }
 
+// ---- compiled autograd ---------------------------------------------------------------------
+
+// The outputs of the registered operator `name` on `args`, through the dispatcher: under
+// compiled autograd's tracing its fake kernel answers, at run time its CPU kernel.
+std::vector<at::Tensor> call_operator(const c10::OperatorHandle& op, torch::jit::Stack&& stack) {
+  op.callBoxed(&stack);
+  std::vector<at::Tensor> out;
+  for (const auto& value : stack) out.push_back(value.toTensor());
+  return out;
+}
+
+c10::OperatorHandle operator_named(const char* name) {
+  // ops.py registers the operators on import, which every path into eager.cpp has done.
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+// A parameter's gradient from the operator's float64 sums, as grad_like does in eager calls
+// (the same rounding), written with tensor ops so that it traces.
+at::Tensor traced_grad_like(const at::Tensor& sums, const at::Tensor& param) {
+  return sums.to(param.scalar_type()).view_symint(param.sym_sizes());
+}
+
+// The schema of a node's packed arguments, for compiled autograd's call into Python and back.
+std::vector<at::TypePtr> schema_of(const std::vector<c10::IValue>& args) {
+  std::vector<at::TypePtr> schema;
+  for (const auto& value : args) schema.push_back(value.isTensor() ? at::TensorType::get() : value.type());
+  return schema;
+}
+
+// Records `fn`(grads, *args) as one call in compiled autograd's graph (bound under the node's
+// name on the first call, as torch's generated nodes are).
+variable_list record_functional(const Node& node, bool& bound, torch::autograd::functional_apply_t fn,
+                                const variable_list& grads, const PackedArgs& packed, SwapSavedVariables& saved) {
+  const auto& interface = torch::dynamo::autograd::getPyCompilerInterface();
+  const auto& args = packed.vec();
+  if (!bound) {
+    interface->bind_function(saved.get_py_compiler(), node.name(), std::move(fn), schema_of(args));
+    bound = true;
+  }
+  auto output_metadata = torch::dynamo::autograd::IValuePacker<std::vector<std::optional<InputMetadata>>>::pack(
+      torch::dynamo::autograd::get_input_metadata(node.next_edges()));
+  return interface->call_function(saved.get_py_compiler(), "apply_functional", node.name(), grads, args,
+                                  output_metadata);
+}
+
+// The traced backward of a channel norm: the arguments as ChannelNormBackward packs them.
+variable_list channel_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  PackedArgs packed{args};
+  const bool need_x = packed.unpack<bool>(), need_w = packed.unpack<bool>(), need_b = packed.unpack<bool>(),
+             need_p = packed.unpack<bool>();
+  const at::Tensor x = packed.unpack<at::Tensor>(), weight = packed.unpack<at::Tensor>(),
+                   bias = packed.unpack<at::Tensor>(), prelu = packed.unpack<at::Tensor>(),
+                   shift = packed.unpack<at::Tensor>(), offset = packed.unpack<at::Tensor>(),
+                   rstd = packed.unpack<at::Tensor>();
+  const int64_t groups = packed.unpack<int64_t>();
+  const bool given = packed.unpack<bool>();
+  const int64_t act = packed.unpack<int64_t>();
+  const double param = packed.unpack<double>(), eps = packed.unpack<double>();
+  variable_list out(4);
+  const at::Tensor& dy = grads[0];
+  if (!dy.defined()) return out;
+  if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
+    py::gil_scoped_acquire gil;
+    return call_python("_eager_channel_double_backward",
+                       py::make_tuple(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, param,
+                                      py::make_tuple(need_x, need_w, need_b, false, false, need_p)));
+  }
+  auto opt = [](const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); };
+  static const c10::OperatorHandle op = operator_named("normlab::channel_norm_backward");
+  auto r = call_operator(op, {dy, x, opt(weight), opt(bias), opt(prelu), shift, offset, rstd, groups, given, act,
+                              param});
+  if (need_x) out[0] = r[0];
+  if (need_w && weight.defined()) out[1] = traced_grad_like(r[1], weight);
+  if (need_b && bias.defined()) out[2] = traced_grad_like(r[2], bias);
+  if (need_p && prelu.defined() && act == kernels.prelu)
+    out[3] = prelu.sym_numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape_symint(prelu.sym_sizes())
+                                    : traced_grad_like(r[3], prelu);
+  return out;
+}
+
+// The traced backward of a row norm: the arguments as RowNormBackward packs them.
+variable_list row_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  PackedArgs packed{args};
+  const bool need_x = packed.unpack<bool>(), need_w = packed.unpack<bool>(), need_b = packed.unpack<bool>();
+  const at::Tensor x = packed.unpack<at::Tensor>(), weight = packed.unpack<at::Tensor>(),
+                   bias = packed.unpack<at::Tensor>(), shift = packed.unpack<at::Tensor>(),
+                   rstd = packed.unpack<at::Tensor>(), offr = packed.unpack<at::Tensor>();
+  const int64_t k = packed.unpack<int64_t>();
+  const bool centered = packed.unpack<bool>();
+  const double eps = packed.unpack<double>();
+  variable_list out(3);
+  const at::Tensor& dy = grads[0];
+  if (!dy.defined()) return out;
+  if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
+    py::gil_scoped_acquire gil;
+    return call_python("_eager_row_double_backward",
+                       py::make_tuple(dy, x, weight, bias, k, eps, centered, py::make_tuple(need_x, need_w, need_b)));
+  }
+  static const c10::OperatorHandle op = operator_named("normlab::row_norm_backward");
+  auto r = call_operator(op, {dy, x, weight.defined() ? c10::IValue(weight) : c10::IValue(), shift, rstd, offr, k,
+                              centered});
+  if (need_x) out[0] = r[0];
+  if (need_w && weight.defined()) out[1] = traced_grad_like(r[1], weight);
+  if (need_b && bias.defined()) out[2] = traced_grad_like(r[2], bias);
+  return out;
+}
+
 // Backward of channel_forward. Gradient edges: x, γ, β, the PReLU slope (an absent tensor's
 // edge is empty); the batch statistics are outputs without a gradient.
 struct ChannelNormBackward : public Node {
@@ -192,6 +311,32 @@ struct ChannelNormBackward : public Node {
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* v : {&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_}) v->reset_data();
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_}) args.collect(*v, false);
+    args.collect(groups_);
+    args.collect(act_);
+    args.collect(param_);
+    args.collect(given_);
+    args.collect(eps_);  // the double backward's
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    const std::initializer_list<SavedVariable*> vars{&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_};
+    for (SavedVariable* v : vars) saved.before(*v);
+    PackedArgs packed;
+    for (size_t i = 0; i < 4; ++i) packed.pack(task_should_compute_output(i));
+    for (SavedVariable* v : vars) packed.pack(v->unpack());
+    packed.pack(groups_);
+    packed.pack(given_);
+    packed.pack(act_);
+    packed.pack(param_);
+    packed.pack(eps_);
+    static bool bound = false;
+    auto out = record_functional(*this, bound, channel_functional, grads, packed, saved);
+    for (SavedVariable* v : vars) saved.after(*v);
+    return out;
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -331,6 +476,28 @@ struct RowNormBackward : public Node {
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* v : {&x_, &weight_, &bias_, &shift_, &rstd_, &offr_}) v->reset_data();
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&x_, &weight_, &bias_, &shift_, &rstd_, &offr_}) args.collect(*v, false);
+    args.collect(k_);
+    args.collect(centered_);
+    args.collect(eps_);  // the double backward's
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    const std::initializer_list<SavedVariable*> vars{&x_, &weight_, &bias_, &shift_, &rstd_, &offr_};
+    for (SavedVariable* v : vars) saved.before(*v);
+    PackedArgs packed;
+    for (size_t i = 0; i < 3; ++i) packed.pack(task_should_compute_output(i));
+    for (SavedVariable* v : vars) packed.pack(v->unpack());
+    packed.pack(k_);
+    packed.pack(centered_);
+    packed.pack(eps_);
+    static bool bound = false;
+    auto out = record_functional(*this, bound, row_functional, grads, packed, saved);
+    for (SavedVariable* v : vars) saved.after(*v);
+    return out;
   }
 
   variable_list apply(variable_list&& grads) override {
