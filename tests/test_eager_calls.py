@@ -1,7 +1,7 @@
 """Eager calls on the kernels' C++ autograd (eager.cpp) against the registered operators.
 
 An eager float32 CPU call runs the kernels from C++ — forward, running-estimate update and a
-torch::autograd::Function whose backward needs no Python — while traced code calls the
+C++ autograd node (a torch::autograd::Node, like torch's generated ones) whose backward needs no Python — while traced code calls the
 ``torch.ops.normlab.*`` operators with their Python autograd formula. Both run the same
 kernels, so outputs, every gradient and the running estimates must agree bit for bit; and a
 call that the C++ entry points must not take (a mode, a transform, an error to raise) goes to
