@@ -364,3 +364,109 @@ def test_off_cpu_paths_make_no_more_passes_than_torch_nn(name, make, shape):
         counts[lib_name] = (forward.count, backward.count)
     assert counts["normlab"] == counts["torch"], counts
     assert counts["normlab"][0] <= 3 and counts["normlab"][1] <= 3
+
+
+# --- torch.compile: eval BatchNorm as fusable ops, one graph per model -------------------------
+
+
+def _compiled_graph_count(model: nn.Module, inputs) -> int:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model)
+    for x in inputs:
+        compiled(x)
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lib: lib.GroupNorm(2, 8),
+        lambda lib: lib.LayerNorm([8, 6, 6]),
+        lambda lib: lib.RMSNorm([8, 6, 6]),
+    ],
+    ids=["GroupNorm", "LayerNorm", "RMSNorm"],
+)
+def test_compiled_per_sample_norms_compile_as_often_as_torch_nn(make):
+    # the eps check runs once at the first call in eager mode; a flag the compiler guarded on
+    # would compile the second call again
+    inputs = [torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)]
+    counts = {}
+    for name, lib in (("torch", nn), ("normlab", nl.nn)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), make(lib), nn.ReLU())
+        counts[name] = _compiled_graph_count(model, inputs)
+    assert counts["normlab"] == counts["torch"], counts
+
+
+@pytest.mark.slow
+def test_compiled_per_sample_norm_still_checks_eps():
+    layer = nl.nn.LayerNorm(5)
+    layer.eps = -1.0
+    with pytest.raises(Exception, match="eps"):
+        torch.compile(layer)(torch.randn(2, 5))
+    torch._dynamo.reset()
+
+
+def _large_mean_bn(lib, cls="BatchNorm2d"):
+    torch.manual_seed(0)
+    layer = getattr(lib, cls)(4).eval()
+    with torch.no_grad():
+        layer.running_mean.fill_(1e4)
+        layer.running_var.fill_(1e-4)
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+    return layer
+
+
+@pytest.mark.slow
+def test_compiled_eval_batchnorm_keeps_accuracy_on_large_mean_data():
+    x = (1e4 + 0.01 * torch.randn(8, 4, 5, 5)).requires_grad_()
+    ours = _large_mean_bn(nl.nn)
+    ref = ((x.double() - 1e4) / torch.sqrt(torch.tensor(1e-4 + 1e-5, dtype=torch.float64))).mul(
+        ours.weight.double().view(1, -1, 1, 1)
+    ) + ours.bias.double().view(1, -1, 1, 1)
+    torch._dynamo.reset()
+    y = torch.compile(ours, fullgraph=True)(x)
+    assert (y.double() - ref).abs().max().item() < 1e-6
+    # the data is demanding: the form x·s + (β − μ·s) of torch's eager eval kernel loses here
+    theirs = _large_mean_bn(nn)
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (theirs(x).double() - ref).abs().max().item() > 1e-3
+
+    # gradients as eager's (the kernels' closed-form backward): x, γ and β
+    y.square().sum().backward()
+    compiled_grads = [x.grad.clone(), ours.weight.grad.clone(), ours.bias.grad.clone()]
+    x.grad = ours.weight.grad = ours.bias.grad = None
+    ours(x).square().sum().backward()
+    for c, e in zip(compiled_grads, [x.grad, ours.weight.grad, ours.bias.grad]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-3)
+    assert ours.running_mean.grad is None and not ours.running_mean.requires_grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "prelu"])
+def test_compiled_eval_batchnorm_act_equals_eager_in_one_graph(activation):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nl.nn.BatchNormAct2d(4, activation=activation)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 6, 6)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    # pointwise ops the compiler can fuse with the convolution's output, no opaque operator
+    targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert not any("normlab" in t for t in targets), targets
+    compiled = torch.compile(model, fullgraph=True)
+    y_c = compiled(x)
+    _close(y_c, model(x))
+    y_c.square().sum().backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for c, p in zip(compiled_grads, model.parameters()):
+        _close(c, p.grad, 1e-4)

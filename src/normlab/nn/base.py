@@ -118,6 +118,16 @@ class CheckedEps:
 
     def _check_eps(self) -> None:
         d = self.__dict__
+        if torch.compiler.is_compiling():
+            # Checked while tracing, so the compiled code pays nothing; the flag is neither
+            # read nor set here, as the compiler would guard on it and compile again the call
+            # after it flips.
+            eps = d["_eps"]
+            if not (eps is None and self._eps_may_be_none):
+                checked = check_eps(eps)
+                if type(eps) is not float:  # a NumPy float, an int: the float the kernels take
+                    d["_eps"] = checked
+            return
         if not d.get("_eps_checked", False):
             if not (d["_eps"] is None and self._eps_may_be_none):
                 d["_eps"] = check_eps(d["_eps"])
