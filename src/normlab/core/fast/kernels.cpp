@@ -1141,9 +1141,13 @@ std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, 
                                      const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& offr,
                                      bool centered) {
   const int64_t R = x.size(0), K = x.size(1);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, 4 * at::get_num_threads()));
+  // One chunk for a small input: no thread would take a second one, and then dw/db need no
+  // cross-chunk sum — a tensor op that cost as much as the kernel on tiny inputs.
+  const int64_t chunks =
+      R * K < kGrainElems ? 1 : std::max<int64_t>(1, std::min<int64_t>(R, 4 * at::get_num_threads()));
   auto opts = x.options().dtype(at::kDouble);
-  auto dW = at::zeros({chunks, K}, opts), dB = at::zeros({chunks, K}, opts);
+  auto dW = chunks == 1 ? at::empty({K}, opts) : at::empty({chunks, K}, opts);
+  auto dB = chunks == 1 ? at::empty({K}, opts) : at::empty({chunks, K}, opts);
   auto dx = at::empty_like(x);
   const float *gp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = opt_ptr(w);
   const float *kp = shift.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *op = offr.data_ptr<float>();
@@ -1163,6 +1167,8 @@ std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, 
         const int64_t r0 = R * ch / chunks, r1 = R * (ch + 1) / chunks;
         std::fill(fW.begin(), fW.end(), 0.f);
         std::fill(fB.begin(), fB.end(), 0.f);
+        std::fill(pW + ch * K, pW + (ch + 1) * K, 0.0);  // each chunk's row is its own
+        std::fill(pB + ch * K, pB + (ch + 1) * K, 0.0);
         int64_t since_flush = 0;
         for (int64_t r = r0; r < r1; ++r) {
           const float k = kp[r], s = rp[r], o = op[r];
@@ -1208,6 +1214,7 @@ std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, 
   };
   if (wp) body(std::true_type{});
   else body(std::false_type{});
+  if (chunks == 1) return {dx, dW, dB};
   return {dx, dW.sum(0), dB.sum(0)};
 }
 
