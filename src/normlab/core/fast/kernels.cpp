@@ -1134,26 +1134,26 @@ std::vector<at::Tensor> row_forward(const at::Tensor& x, const at::Tensor& w, co
   return {shift, rstd, offr};
 }
 
-// Backward of row_forward, fused per row: {dx, dw (K, float64), db (K, float64)}. Per row,
-// A = Σ w·dy and B = Σ w·dy·(x − shift) give dx at once; dw and db are summed per thread in
-// float and flushed to double every 256 rows.
-std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
-                                     const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& offr,
-                                     bool centered) {
-  const int64_t R = x.size(0), K = x.size(1);
+// Backward of row_forward and add_row_forward, fused per row: {dx, dw (K, float64), db (K,
+// float64)}. Per row, A = Σ w·dy and B = Σ w·dy·(x − shift) give dx at once (plus ds, the
+// gradient reaching the residual sum from later on, when defined); dw and db are summed
+// per thread in float and flushed to double every 256 rows.
+std::vector<at::Tensor> row_backward_impl(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor& src,
+                                          const at::Tensor& w, const at::Tensor& shift, const at::Tensor& rstd,
+                                          const at::Tensor& offr, bool centered, bool stream) {
+  const int64_t R = src.size(0), K = src.size(1);
   // One chunk for a small input: no thread would take a second one, and then dw/db need no
   // cross-chunk sum — a tensor op that cost as much as the kernel on tiny inputs.
   const int64_t chunks =
       R * K < kGrainElems ? 1 : std::max<int64_t>(1, std::min<int64_t>(R, 4 * at::get_num_threads()));
-  auto opts = x.options().dtype(at::kDouble);
+  auto opts = src.options().dtype(at::kDouble);
   auto dW = chunks == 1 ? at::empty({K}, opts) : at::empty({chunks, K}, opts);
   auto dB = chunks == 1 ? at::empty({K}, opts) : at::empty({chunks, K}, opts);
-  auto dx = at::empty_like(x);
-  const float *gp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *wp = opt_ptr(w);
+  auto dx = at::empty_like(src);
+  const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>(), *wp = opt_ptr(w), *hp = opt_ptr(ds);
   const float *kp = shift.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *op = offr.data_ptr<float>();
   double *pW = dW.data_ptr<double>(), *pB = dB.data_ptr<double>();
   float* dp = dx.data_ptr<float>();
-  const bool stream = false;  // as in row_forward: 1.64-1.87x a copy streamed, 1.58-1.74x not
   // W: with a weight, a template parameter rather than a test in the loop.
   auto body = [&](auto wtag) {
     constexpr bool W = decltype(wtag)::value;
@@ -1194,7 +1194,10 @@ std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, 
           const double m2 = (s * tB - o * tA) / K;
           const float cz = s, cu = static_cast<float>(-s * s * m2), cc = static_cast<float>(s * m2 * o - s * m1);
           float* d = dp + r * K;
-          if constexpr (W) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * wp[i] * g[i] + cu * (v[i] - k) + cc; });
+          const float* h = hp ? hp + r * K : nullptr;
+          if (W && h) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * wp[i] * g[i] + cu * (v[i] - k) + cc + h[i]; });
+          else if (W) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * wp[i] * g[i] + cu * (v[i] - k) + cc; });
+          else if (h) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * g[i] + cu * (v[i] - k) + cc + h[i]; });
           else emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * g[i] + cu * (v[i] - k) + cc; });
           if (++since_flush == 256 || r + 1 == r1) {  // keep the float partial sums short
             double* accW = pW + ch * K;
@@ -1216,6 +1219,14 @@ std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, 
   else body(std::false_type{});
   if (chunks == 1) return {dx, dW, dB};
   return {dx, dW.sum(0), dB.sum(0)};
+}
+
+// Backward of row_forward: row_backward_impl without a residual gradient. Ordinary stores, as
+// in row_forward: 1.64-1.87x a copy streamed, 1.58-1.74x not.
+std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& offr,
+                                     bool centered) {
+  return row_backward_impl(dy, at::Tensor(), x, w, shift, rstd, offr, centered, false);
 }
 
 // Residual add + LayerNorm/RMSNorm, the pre-norm transformer step: s = x + r, y = norm(s).
@@ -1284,78 +1295,7 @@ std::vector<at::Tensor> add_row_forward(const at::Tensor& x, const at::Tensor& r
 std::vector<at::Tensor> add_row_backward(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor& src,
                                          const at::Tensor& w, const at::Tensor& shift, const at::Tensor& rstd,
                                          const at::Tensor& offr, bool centered) {
-  const int64_t R = src.size(0), K = src.size(1);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, 4 * at::get_num_threads()));
-  auto opts = src.options().dtype(at::kDouble);
-  auto dW = at::zeros({chunks, K}, opts), dB = at::zeros({chunks, K}, opts);
-  auto dx = at::empty_like(src);
-  const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>(), *wp = opt_ptr(w), *hp = opt_ptr(ds);
-  const float *kp = shift.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *op = offr.data_ptr<float>();
-  double *pW = dW.data_ptr<double>(), *pB = dB.data_ptr<double>();
-  float* dp = dx.data_ptr<float>();
-  const bool stream = should_stream(dx);
-  // W: with a weight, a template parameter rather than a test in the loop.
-  auto body = [&](auto wtag) {
-    constexpr bool W = decltype(wtag)::value;
-    at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-      std::vector<float> fW(K), fB(K);
-      // Plain local pointers: through the captured `wp`, GCC reloaded the pointer in every
-      // iteration and vectorized that as gathers.
-      const float* wl = wp;
-      float *fw = fW.data(), *fb = fB.data();
-      for (int64_t ch = cb; ch < ce; ++ch) {
-        const int64_t r0 = R * ch / chunks, r1 = R * (ch + 1) / chunks;
-        std::fill(fW.begin(), fW.end(), 0.f);
-        std::fill(fB.begin(), fB.end(), 0.f);
-        int64_t since_flush = 0;
-        for (int64_t r = r0; r < r1; ++r) {
-          const float k = kp[r], s = rp[r], o = op[r];
-          const float* g = gp + r * K;
-          const float* v = xp + r * K;
-          double tA = 0, tB = 0;
-          for (int64_t i0 = 0; i0 < K; i0 += kBlock) {
-            const int64_t i1 = std::min(K, i0 + kBlock);
-            float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-            for (int64_t i = i0; i < i1; ++i) {
-              const float u = v[i] - k;
-              const float gw = W ? g[i] * wl[i] : g[i];
-              a1 += gw;
-              a2 += gw * u;
-              fw[i] += g[i] * (u * s - o);
-              fb[i] += g[i];
-            }
-            tA += a1;
-            tB += a2;
-          }
-          const double m1 = centered ? tA / K : 0.0;
-          const double m2 = (s * tB - o * tA) / K;
-          const float cz = s, cu = static_cast<float>(-s * s * m2), cc = static_cast<float>(s * m2 * o - s * m1);
-          float* d = dp + r * K;
-          const float* h = hp ? hp + r * K : nullptr;
-          if (W && h) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * wp[i] * g[i] + cu * (v[i] - k) + cc + h[i]; });
-          else if (W) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * wp[i] * g[i] + cu * (v[i] - k) + cc; });
-          else if (h) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * g[i] + cu * (v[i] - k) + cc + h[i]; });
-          else emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * g[i] + cu * (v[i] - k) + cc; });
-          if (++since_flush == 256 || r + 1 == r1) {  // keep the float partial sums short
-            double* accW = pW + ch * K;
-            double* accB = pB + ch * K;
-            for (int64_t i = 0; i < K; ++i) {
-              accW[i] += fW[i];
-              accB[i] += fB[i];
-            }
-            std::fill(fW.begin(), fW.end(), 0.f);
-            std::fill(fB.begin(), fB.end(), 0.f);
-            since_flush = 0;
-          }
-        }
-      }
-      stream_fence(stream);
-    });
-  };
-  if (wp) body(std::true_type{});
-  else body(std::false_type{});
-  return {dx, dW.sum(0), dB.sum(0)};
+  return row_backward_impl(dy, ds, src, w, shift, rstd, offr, centered, should_stream(src));
 }
 
 }  // namespace
