@@ -235,19 +235,27 @@ _NORMLAB_WITH_SIGINT = (
 )
 
 
+def _start_normlab(*args: str, capture: bool = True) -> subprocess.Popen:
+    """``normlab *args`` in a session of its own (so a signal can reach its whole process
+    group), on the composed backend: no kernel build runs in a worker about to be stopped."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-c", _NORMLAB_WITH_SIGINT, *args],
+        env={**os.environ, "NORMLAB_BACKEND": "composed"},
+        stdout=out,
+        stderr=out,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
 def test_workers_ignore_sigint_from_their_first_instruction(tmp_path):
     """A worker imports torch for seconds before its initializer runs; a Ctrl-C then used to
     print its KeyboardInterrupt traceback. Workers now start with SIGINT ignored."""
-    env = {**os.environ, "NORMLAB_BACKEND": "composed"}
-    argv = [sys.executable, "-c", _NORMLAB_WITH_SIGINT, "study", "--smoke", "--only", "train-eval-gap"]
-    proc = subprocess.Popen(
-        [*argv, "--jobs", "2", "--out", str(tmp_path / "study")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    proc = _start_normlab(
+        "study", "--smoke", "--only", "train-eval-gap", "--jobs", "2", "--out", str(tmp_path / "study"), capture=False
     )
     try:
         deadline = time.monotonic() + 120
@@ -270,28 +278,8 @@ def test_workers_ignore_sigint_from_their_first_instruction(tmp_path):
 )
 def test_a_signal_stops_the_study_and_every_process_it_started(tmp_path, signum, code):
     out = tmp_path / "study"
-    # The composed backend: no kernel build runs in a worker we are about to stop.
-    env = {**os.environ, "NORMLAB_BACKEND": "composed"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            _NORMLAB_WITH_SIGINT,
-            "study",
-            "--smoke",
-            "--only",
-            "init-depth",
-            "train-eval-gap",
-            "--jobs",
-            "2",
-            "--out",
-            str(out),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    proc = _start_normlab(
+        "study", "--smoke", "--only", "init-depth", "train-eval-gap", "--jobs", "2", "--out", str(out)
     )
     started: list[int] = []
     try:
@@ -341,17 +329,8 @@ def test_a_signal_stops_the_study_and_every_process_it_started(tmp_path, signum,
 )
 def test_a_signal_stops_the_demo_and_every_process_it_started(tmp_path, signum, code):
     """``normlab demo`` had a pool of its own: SIGTERM left its workers training on."""
-    env = {**os.environ, "NORMLAB_BACKEND": "composed"}
     out = tmp_path / "demo.json"
-    argv = ["demo", "--epochs", "200", "--jobs", "2", "--out", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _NORMLAB_WITH_SIGINT, *argv],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_normlab("demo", "--epochs", "200", "--jobs", "2", "--out", str(out))
     started: list[int] = []
     try:
         deadline = time.monotonic() + 120
