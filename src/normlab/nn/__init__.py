@@ -15,6 +15,18 @@ from torch import nn as _torch_nn
 from .base import FreezableNorm, _NormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
+from .evonorm import (
+    EvoNormB0,
+    EvoNormB1,
+    EvoNormB2,
+    EvoNormS0,
+    EvoNormS0a,
+    EvoNormS1,
+    EvoNormS1a,
+    EvoNormS2,
+    EvoNormS2a,
+)
+from .filter_response import TLU, FilterResponseNorm2d, FilterResponseNormAct2d, FilterResponseNormTlu2d
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, _FrozenBatchNorm
 from .fused_add import AddLayerNorm, AddRMSNorm
 from .groupnorm import GroupNorm
@@ -22,20 +34,49 @@ from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .layernorm import LayerNorm, RMSNorm
 from .layernorm2d import LayerNorm2d
 from .normact import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, GroupNormAct, activation_spec, timm_norm_act
+from .qk_norm import QKNorm
+from .scale_norm import ScaleNorm
+from .squash import Derf, DyT
+from .std_conv import ScaledStdConv2d, StdConv2d
+from .switchable import SwitchableNorm2d
 from .syncbatchnorm import SyncBatchNorm, SyncBatchNormAct
+
+#: normlab's normalization layers beyond the classic five that no torch.nn class covers (the
+#: standardized convolutions are convolutions, TLU an activation and QKNorm a pair of norms).
+BEYOND_NORM_LAYERS: tuple[type, ...] = (
+    FilterResponseNorm2d,
+    FilterResponseNormTlu2d,
+    FilterResponseNormAct2d,
+    EvoNormB0,
+    EvoNormB1,
+    EvoNormB2,
+    EvoNormS0,
+    EvoNormS0a,
+    EvoNormS1,
+    EvoNormS1a,
+    EvoNormS2,
+    EvoNormS2a,
+    DyT,
+    Derf,
+    ScaleNorm,
+)
 
 #: Every normalization module class, normlab's and torch.nn's.
 NORM_LAYERS: tuple[type, ...] = (
-    _NormBase,
-    _FrozenBatchNorm,
-    GroupNorm,
-    LayerNorm,
-    RMSNorm,
-    _torch_nn.modules.batchnorm._NormBase,
-    _torch_nn.GroupNorm,
-    _torch_nn.LayerNorm,
-    _torch_nn.LocalResponseNorm,
-) + ((_torch_nn.RMSNorm,) if hasattr(_torch_nn, "RMSNorm") else ())
+    BEYOND_NORM_LAYERS
+    + (
+        _NormBase,
+        _FrozenBatchNorm,
+        GroupNorm,
+        LayerNorm,
+        RMSNorm,
+        _torch_nn.modules.batchnorm._NormBase,
+        _torch_nn.GroupNorm,
+        _torch_nn.LayerNorm,
+        _torch_nn.LocalResponseNorm,
+    )
+    + ((_torch_nn.RMSNorm,) if hasattr(_torch_nn, "RMSNorm") else ())
+)
 
 
 def is_norm_layer(module: _torch_nn.Module) -> bool:
@@ -44,6 +85,7 @@ def is_norm_layer(module: _torch_nn.Module) -> bool:
 
 
 __all__ = [
+    "BEYOND_NORM_LAYERS",
     "NORM_LAYERS",
     "AddLayerNorm",
     "AddRMSNorm",
@@ -71,6 +113,26 @@ __all__ = [
     "RenormSchedule",
     "SyncBatchNorm",
     "SyncBatchNormAct",
+    "Derf",
+    "DyT",
+    "EvoNormB0",
+    "EvoNormB1",
+    "EvoNormB2",
+    "EvoNormS0",
+    "EvoNormS0a",
+    "EvoNormS1",
+    "EvoNormS1a",
+    "EvoNormS2",
+    "EvoNormS2a",
+    "FilterResponseNorm2d",
+    "FilterResponseNormAct2d",
+    "FilterResponseNormTlu2d",
+    "QKNorm",
+    "ScaleNorm",
+    "ScaledStdConv2d",
+    "StdConv2d",
+    "SwitchableNorm2d",
+    "TLU",
     "activation_spec",
     "is_norm_layer",
     "timm_norm_act",

@@ -1,0 +1,225 @@
+"""EvoNorm (Liu, Brock, Simonyan & Le, 2020): normalization and activation found by search.
+
+Two families, each a normalization of the classic five on its own axes plus a nonlinearity
+in the numerator or the denominator (σ_B: batch, σ_I: instance, σ_G: group standard
+deviation, all √(var + ε) of normlab's :func:`normlab.core.centered_moments`; ρ the
+root mean square √(mean(x²) + ε) of :func:`normlab.core.mean_square`):
+
+    B0:  y = x / max(σ_B, v·x + σ_I) · γ + β        σ_B from the batch in training,
+    B1:  y = x / max(σ_B, (x + 1)·ρ_I) · γ + β      the running variance in eval
+    B2:  y = x / max(σ_B, ρ_I − x) · γ + β
+    S0:  y = x·sigmoid(v·x) / σ_G · γ + β
+    S1:  y = act(x) / σ_G · γ + β                   (act: SiLU by default)
+    S2:  y = act(x) / ρ_G · γ + β
+
+The batch variance of B0–B2 is biased where it normalizes and stored unbiased in the
+running estimate (n/(n − 1), momentum as torch.nn's), a batch whose variance is not finite
+never reaches it (:func:`normlab.core.update_running_stats`). Without the nonlinearity
+(timm's ``apply_act=False``) B0–B2, S0, S1 and S2 are the affine map alone, and the "a"
+variants of S (timm's S0a, S1a, S2a) still divide by σ_G or ρ_G. Gradients come from
+autograd over these composed ops: the max and the gate make the closed form longer than
+the few (N, C)-sized statistics it would save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..core import (
+    centered_moments,
+    check_eps,
+    check_floating_input,
+    compute_dtype,
+    mean_square,
+    reduced_count,
+    update_running_stats,
+)
+from ..core.checks import InputError
+from ._checks import check_update_args, too_few_values
+from ._params import affine_view
+
+__all__ = ["evonorm_b0", "evonorm_batch", "evonorm_s0", "evonorm_sample"]
+
+
+def evonorm_b0(
+    input: torch.Tensor,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-3,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    """EvoNorm-B0 of an (N, C, \\*spatial) input: ``x / max(σ_B, v·x + σ_I) · weight + bias``.
+
+    σ_B is the batch standard deviation per channel when ``training`` (``running_var``, if
+    given, is then updated in place) and √(running_var + eps) otherwise. ``v`` None is the
+    layer without its nonlinearity: the affine map alone, as timm's ``apply_act=False``.
+    """
+    return evonorm_batch(
+        input,
+        running_var,
+        weight,
+        bias,
+        v,
+        training,
+        momentum,
+        eps,
+        variant="b0",
+        num_batches_tracked=num_batches_tracked,
+        unbiased_running_var=unbiased_running_var,
+        on_nonfinite=on_nonfinite,
+    )
+
+
+def evonorm_s0(
+    input: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """EvoNorm-S0 of an (N, C, \\*spatial) input: ``x·sigmoid(v·x) / σ_G · weight + bias``, σ_G
+    the standard deviation of each (sample, group of C/groups channels). ``v`` None: the affine
+    map alone (timm's S0 with ``apply_act=False``)."""
+    numerator = None if v is None else "gate"
+    return evonorm_sample(
+        input, groups, weight, bias, eps, numerator=numerator, v=v, stat="std" if v is not None else None
+    )
+
+
+def _check(fn: str, input: object, eps: object) -> float:
+    check_floating_input(input)
+    if input.dim() < 3:
+        raise InputError(
+            f"{fn} expects input of shape (N, C, *spatial) with at least one spatial dim, got a "
+            f"{input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    return check_eps(eps)
+
+
+def _affine(y: torch.Tensor, weight, bias, input: torch.Tensor, fn: str) -> torch.Tensor:
+    w = affine_view(weight, "weight", input, False, fn)
+    b = affine_view(bias, "bias", input, False, fn)
+    if w is not None:
+        y = y * w.to(y.dtype)
+    if b is not None:
+        y = y + b.to(y.dtype)
+    return y
+
+
+def evonorm_batch(
+    input: torch.Tensor,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    v: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    *,
+    variant: str,
+    apply_act: bool = True,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    """The batch family: ``variant`` "b0" (needs ``v``; None means no nonlinearity), "b1" or
+    "b2" (``apply_act=False``: no nonlinearity). Arguments otherwise as :func:`evonorm_b0`."""
+    fn = f"evonorm_{variant}"
+    eps = _check(fn, input, eps)
+    channels = input.shape[1]
+    if running_var is not None:
+        affine_view(running_var, "running_var", input, False, fn)
+    acts = (v is not None) if variant == "b0" else apply_act
+    if not acts:
+        return _affine(input, weight, bias, input, fn)
+    if variant == "b0":
+        vv = affine_view(v, "v", input, False, fn)
+    cdtype = compute_dtype(input.dtype)
+    x = input.to(cdtype)
+    spatial = tuple(range(2, input.dim()))
+    if training or running_var is None:
+        count = reduced_count(input.shape, (0,) + spatial)
+        if count <= 1:
+            raise too_few_values(input)
+        batch_var = centered_moments(x, (0,) + spatial).var  # (1, C, 1, ...), differentiable
+        if training and running_var is not None:
+            momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
+            # EvoNorm keeps no running mean: a zero stand-in, finite by construction.
+            zeros = torch.zeros_like(running_var)
+            update_running_stats(
+                zeros,
+                running_var,
+                zeros,
+                batch_var.detach().reshape(channels),
+                count,
+                momentum,
+                num_batches_tracked=num_batches_tracked,
+                unbiased=unbiased_running_var,
+                on_nonfinite=on_nonfinite,
+            )
+    else:
+        batch_var = running_var.to(cdtype).view((1, channels) + (1,) * len(spatial))
+    left = (batch_var + eps).sqrt()
+    if variant == "b0":
+        right = x * vv.to(cdtype) + (centered_moments(x, spatial).var + eps).sqrt()
+    elif variant == "b1":
+        right = (x + 1) * (mean_square(x, spatial) + eps).sqrt()
+    elif variant == "b2":
+        right = (mean_square(x, spatial) + eps).sqrt() - x
+    else:
+        raise InputError(f"variant must be 'b0', 'b1' or 'b2', got {variant!r}")
+    y = x / torch.maximum(left, right)
+    return _affine(y, weight, bias, input, fn).to(input.dtype)
+
+
+def evonorm_sample(
+    input: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    numerator: str | Callable[[torch.Tensor], torch.Tensor] | None,
+    stat: str | None,
+    v: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The sample family: ``numerator`` "gate" (x·sigmoid(v·x)), a callable (``act(x)``) or None
+    (x), divided by ``stat`` "std" (σ_G), "rms" (ρ_G) or None (no division); then the affine."""
+    fn = "evonorm_s"
+    eps = _check(fn, input, eps)
+    channels = input.shape[1]
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or channels % groups:
+        raise InputError(f"{fn}: groups={groups!r} must be a positive int dividing the {channels} channels of dim 1")
+    if numerator is None and stat is None:
+        return _affine(input, weight, bias, input, fn)
+    cdtype = compute_dtype(input.dtype)
+    x = input.to(cdtype)
+    if numerator == "gate":
+        vv = affine_view(v, "v", input, False, fn)
+        top = x * torch.sigmoid(x * vv.to(cdtype))
+    elif numerator is None:
+        top = x
+    else:
+        top = numerator(x)
+    if stat is not None:
+        grouped = x.unflatten(1, (groups, channels // groups))  # (N, G, C//G, *spatial): a view
+        dims = tuple(range(2, grouped.dim()))
+        if stat == "std":
+            var = centered_moments(grouped, dims).var
+        elif stat == "rms":
+            var = mean_square(grouped, dims)
+        else:
+            raise InputError(f"stat must be 'std', 'rms' or None, got {stat!r}")
+        denominator = (var + eps).sqrt()  # (N, G, 1, ...)
+        top = (top.unflatten(1, (groups, channels // groups)) / denominator).flatten(1, 2)
+    return _affine(top, weight, bias, input, fn).to(input.dtype)

@@ -1,0 +1,132 @@
+"""dyt and derf: the elementwise squashing that replaces normalization in norm-free transformers.
+
+    DyT  (Zhu, Chen, He, LeCun & Liu, CVPR 2025):  y = γ·tanh(α·x) + β
+    Derf (Chen, Lu, Zhu, Sun & Liu, 2025):          y = γ·erf(α·x + s) + β
+
+α (and Derf's shift s) are learned scalars; γ and β are per channel. No statistics are taken:
+each element is squashed on its own, which is why these layers cost one pass and need no
+reduction. With z = α·x + s, t = f(z) and g = γ·dy, the gradients are
+
+    dβ = Σ dy,   dγ = Σ dy·t,   dz = g·f'(z),   dx = α·dz,   dα = Σ dz·x,   ds = Σ dz
+
+with f'(z) = 1 − t² for tanh and (2/√π)·exp(−z²) for erf (derivation in docs/derivations.md).
+The closed form saves only the input for backward and recomputes t there; autograd through
+the composed ops keeps t (and for Derf also z) — one or two more activation-sized tensors
+per layer. Where the path rule says "native" (export, jit.trace, torch.func, forward AD, and
+the dtypes and devices where torch's own ops run) the same formula runs as plain torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core import check_floating_input, choose_path, compute_dtype
+from ._params import affine_view, scalar_param
+
+__all__ = ["derf", "dyt"]
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+def dyt(
+    input: torch.Tensor,
+    alpha: torch.Tensor | float,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Dynamic Tanh: ``weight · tanh(alpha · input) + bias``.
+
+    ``alpha`` is a scalar (a float or a one-element tensor). ``channels_last=True``: ``weight``
+    and ``bias`` have the shape of the input's trailing dims ((C,) for (*, C) tokens); False:
+    they have shape (C,) and apply along dim 1 of an (N, C, \\*spatial) input (ConvNeXt).
+    """
+    return _squash("dyt", input, alpha, None, weight, bias, channels_last, erf=False)
+
+
+def derf(
+    input: torch.Tensor,
+    alpha: torch.Tensor | float,
+    shift: torch.Tensor | float = 0.0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """Dynamic erf: ``weight · erf(alpha · input + shift) + bias``; arguments as for :func:`dyt`,
+    ``shift`` a scalar like ``alpha``."""
+    return _squash("derf", input, alpha, shift, weight, bias, channels_last, erf=True)
+
+
+def _squash(fn, input, alpha, shift, weight, bias, channels_last, *, erf):
+    check_floating_input(input)
+    alpha = scalar_param(alpha, "alpha", input, fn)
+    shift = None if shift is None else scalar_param(shift, "shift", input, fn)
+    w = affine_view(weight, "weight", input, channels_last, fn)
+    b = affine_view(bias, "bias", input, channels_last, fn)
+    if choose_path(input)[0] == "native":
+        return squash_reference(input, alpha, shift, w, b, erf=erf)
+    return _Squash.apply(input, alpha, shift, w, b, erf)
+
+
+def squash_reference(x, alpha, shift, weight, bias, *, erf: bool) -> torch.Tensor:
+    """The formula in differentiable torch ops (float32 arithmetic for half inputs)."""
+    cdtype = compute_dtype(x.dtype)
+    z = x.to(cdtype) * alpha.to(cdtype)
+    if shift is not None:
+        z = z + shift.to(cdtype)
+    y = torch.erf(z) if erf else torch.tanh(z)
+    if weight is not None:
+        y = y * weight.to(cdtype)
+    if bias is not None:
+        y = y + bias.to(cdtype)
+    return y.to(x.dtype)
+
+
+class _Squash(torch.autograd.Function):
+    """y = γ·f(αx + s) + β with the closed-form backward of the module docstring; saves x only."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, shift, weight, bias, erf):
+        ctx.erf = erf
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.save_for_backward(x, alpha, shift, weight)
+        cdtype = compute_dtype(x.dtype)
+        z = x.to(cdtype) * alpha.to(cdtype)  # a fresh tensor: the rest runs in place on it
+        if shift is not None:
+            z.add_(shift.to(cdtype))
+        y = torch.erf_(z) if erf else torch.tanh_(z)
+        if weight is not None:
+            y.mul_(weight.to(cdtype))
+        if bias is not None:
+            y.add_(bias.to(cdtype))
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, alpha, shift, weight = ctx.saved_tensors
+        need_x, need_alpha, need_shift, need_w, need_b, _ = ctx.needs_input_grad
+        cdtype = compute_dtype(x.dtype)
+        xc = x.to(cdtype)
+        dyc = dy.to(cdtype)
+        # Out of place throughout: with create_graph=True autograd records these ops, which
+        # then give the second derivative.
+        z = xc * alpha.to(cdtype)
+        if shift is not None:
+            z = z + shift.to(cdtype)
+        if ctx.erf:
+            t = torch.erf(z)
+            slope = torch.exp(-z * z) * _TWO_OVER_SQRT_PI
+        else:
+            t = torch.tanh(z)
+            slope = 1 - t * t
+        dz = (dyc * weight.to(cdtype) if weight is not None else dyc) * slope
+        dx = (dz * alpha.to(cdtype)).to(x.dtype) if need_x else None
+        dalpha = (dz * xc).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
+        dshift = dz.sum().reshape(shift.shape).to(shift.dtype) if need_shift else None
+        dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
+        db = dyc.sum_to_size(ctx.bias_shape).to(dy.dtype if weight is None else weight.dtype) if need_b else None
+        return dx, dalpha, dshift, dw, db, None

@@ -1,0 +1,123 @@
+"""switchable_norm: Switchable Normalization (Luo, Ren, Peng, Zhang & Li, 2019).
+
+The mean and the variance are learned mixtures of the InstanceNorm, LayerNorm and BatchNorm
+statistics of the same input — three groupings of the axes of one computation:
+
+    μ  = Σ_k softmax(λ_μ)_k · μ_k,     σ² = Σ_k softmax(λ_σ)_k · σ²_k,     k ∈ {IN, LN, BN}
+    y  = γ · (x − μ) / √(σ² + ε) + β
+
+μ_IN, σ²_IN are the moments of each (sample, channel) over the spatial dims
+(:func:`normlab.core.centered_moments`); LN's (per sample) and BN's (per channel) are those
+same moments merged over the channels or over the batch with Chan's formula
+(:func:`normlab.core.merge_moments`) — never E[x²] − E[x]², which the authors' code uses and
+which cancels on large-mean data. All three variances are biased. In eval (or when frozen)
+the BN statistics are the running estimates, kept as torch.nn's BatchNorm keeps them
+(momentum, unbiased running variance, a non-finite batch skipped). Gradients flow through all
+three sets of statistics and the two softmaxes by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import Moments, centered_moments, compute_dtype, merge_moments, reduced_count, update_running_stats
+from ..core.checks import InputError
+from ._checks import check_channel_call, check_update_args, too_few_values
+from ._params import check_kind
+
+__all__ = ["switchable_norm"]
+
+
+def switchable_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean_weight: torch.Tensor,
+    var_weight: torch.Tensor,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+    unbiased_running_var: bool = True,
+    on_nonfinite: str = "skip",
+) -> torch.Tensor:
+    """Switchable Normalization of an (N, C, \\*spatial) input.
+
+    ``mean_weight`` and ``var_weight`` are the logits λ_μ, λ_σ of the mixture: 3 entries
+    (IN, LN, BN) or 2 (IN, LN: no batch statistics, so nothing depends on the batch). The BN
+    statistics are the batch's when ``training`` or when no running estimates are given (the
+    estimates, if given, are then updated in place), else the running estimates.
+    """
+    fn = "switchable_norm"
+    eps = check_channel_call(
+        fn, input, weight, bias, running_mean, running_var, eps, shape_words="(N, C, *spatial)", min_rank=3
+    )
+    kinds = _check_mixture(mean_weight, var_weight, input)
+    use_bn = kinds == 3
+    cdtype = compute_dtype(input.dtype)
+    x = input.to(cdtype)
+    ndim = input.dim()
+    spatial = tuple(range(2, ndim))
+    per_instance = reduced_count(input.shape, spatial)
+    instance = centered_moments(x, spatial)  # (N, C, 1, ...) each
+    instance_mean, instance_var = instance.mean, instance.var
+    count = torch.full_like(instance_mean, per_instance)
+    parts = Moments(count, instance_mean, instance_var * per_instance)
+    layer = merge_moments(parts, dim=1)  # over the channels: (N, 1, ...) after unsqueeze
+    means = [instance_mean, layer.mean.unsqueeze(1)]
+    variances = [instance_var, layer.var.unsqueeze(1)]
+    if use_bn:
+        if training or running_mean is None:
+            if input.shape[0] * per_instance <= 1:
+                raise too_few_values(input)
+            batch = merge_moments(parts, dim=0)  # over the samples: (C, 1, ...)
+            batch_mean, batch_var = batch.mean.unsqueeze(0), batch.var.unsqueeze(0)
+            if training and running_mean is not None:
+                momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
+                update_running_stats(
+                    running_mean,
+                    running_var,
+                    batch_mean.detach().flatten(),
+                    batch_var.detach().flatten(),
+                    input.shape[0] * per_instance,
+                    momentum,
+                    num_batches_tracked=num_batches_tracked,
+                    unbiased=unbiased_running_var,
+                    on_nonfinite=on_nonfinite,
+                )
+        else:
+            shape = (1, input.shape[1]) + (1,) * len(spatial)
+            batch_mean = running_mean.to(cdtype).view(shape)
+            batch_var = running_var.to(cdtype).view(shape)
+        means.append(batch_mean)
+        variances.append(batch_var)
+    mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
+    mix_var = torch.softmax(var_weight.to(cdtype), 0)
+    mean = sum(w * m for w, m in zip(mix_mean, means))
+    var = sum(w * v for w, v in zip(mix_var, variances))
+    y = (x - mean) * torch.rsqrt(var + eps)
+    shape = (1, input.shape[1]) + (1,) * len(spatial)
+    if weight is not None:
+        y = y * weight.to(cdtype).view(shape)
+    if bias is not None:
+        y = y + bias.to(cdtype).view(shape)
+    return y.to(input.dtype)
+
+
+def _check_mixture(mean_weight, var_weight, input) -> int:
+    for name, t in (("mean_weight", mean_weight), ("var_weight", var_weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] not in (2, 3):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(
+                f"switchable_norm: {name} must be a 1D tensor of 3 logits (IN, LN, BN) or 2 (IN, LN), got {shape}"
+            )
+        check_kind(t, name, input, "switchable_norm")
+    if mean_weight.shape != var_weight.shape:
+        raise InputError(
+            f"switchable_norm: mean_weight and var_weight must mix the same statistics, got shapes "
+            f"{tuple(mean_weight.shape)} and {tuple(var_weight.shape)}"
+        )
+    return mean_weight.shape[0]
