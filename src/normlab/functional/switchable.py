@@ -58,29 +58,37 @@ def switchable_norm(
     kinds = _check_mixture(mean_weight, var_weight, input)
     use_bn = kinds == 3
     cdtype = compute_dtype(input.dtype)
-    x = input.to(cdtype)
     ndim = input.dim()
     spatial = tuple(range(2, ndim))
     per_instance = reduced_count(input.shape, spatial)
-    instance = centered_moments(x, spatial)  # (N, C, 1, ...) each
+    channel_shape = (1, input.shape[1]) + (1,) * len(spatial)
+    # Every mean is carried relative to a per-channel shift c (the batch's channel mean, a
+    # constant to autograd): x − c keeps the digits of the spread, and x − μ = d − Σ wₖ·mₖ with
+    # d = x − c and mₖ = μₖ − c. Means near 1e4 rounded to float32 would each be off by up to
+    # 5e-4, 5% of a 0.01 spread, in every output.
+    with torch.no_grad():
+        shift = input.to(cdtype).mean((0,) + spatial, keepdim=True)  # (1, C, 1, ...)
+        layer_shift = shift.mean(1, keepdim=True)
+    d = input.to(cdtype) - shift
+    instance = centered_moments(d, spatial)  # (N, C, 1, ...) each
     instance_mean, instance_var = instance.mean, instance.var
     count = torch.full_like(instance_mean, per_instance)
-    parts = Moments(count, instance_mean, instance_var * per_instance)
-    layer = merge_moments(parts, dim=1)  # over the channels: (N, 1, ...) after unsqueeze
-    means = [instance_mean, layer.mean.unsqueeze(1)]
+    # LN merges the channels, whose shifts differ: their means relative to one shift c̄
+    layer = merge_moments(Moments(count, instance_mean + (shift - layer_shift), instance_var * per_instance), dim=1)
+    means = [instance_mean, layer.mean.unsqueeze(1) - (shift - layer_shift)]
     variances = [instance_var, layer.var.unsqueeze(1)]
     if use_bn:
         if training or running_mean is None:
             if input.shape[0] * per_instance <= 1:
                 raise too_few_values(input)
-            batch = merge_moments(parts, dim=0)  # over the samples: (C, 1, ...)
-            batch_mean, batch_var = batch.mean.unsqueeze(0), batch.var.unsqueeze(0)
+            batch = merge_moments(Moments(count, instance_mean, instance_var * per_instance), dim=0)
+            batch_mean, batch_var = batch.mean.unsqueeze(0), batch.var.unsqueeze(0)  # (1, C, 1, ...)
             if training and running_mean is not None:
                 momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
                 update_running_stats(
                     running_mean,
                     running_var,
-                    batch_mean.detach().flatten(),
+                    (batch_mean.detach() + shift).flatten(),
                     batch_var.detach().flatten(),
                     input.shape[0] * per_instance,
                     momentum,
@@ -89,21 +97,19 @@ def switchable_norm(
                     on_nonfinite=on_nonfinite,
                 )
         else:
-            shape = (1, input.shape[1]) + (1,) * len(spatial)
-            batch_mean = running_mean.to(cdtype).view(shape)
-            batch_var = running_var.to(cdtype).view(shape)
+            batch_mean = running_mean.to(cdtype).view(channel_shape) - shift
+            batch_var = running_var.to(cdtype).view(channel_shape)
         means.append(batch_mean)
         variances.append(batch_var)
     mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
     mix_var = torch.softmax(var_weight.to(cdtype), 0)
     mean = sum(w * m for w, m in zip(mix_mean, means))
     var = sum(w * v for w, v in zip(mix_var, variances))
-    y = (x - mean) * torch.rsqrt(var + eps)
-    shape = (1, input.shape[1]) + (1,) * len(spatial)
+    y = (d - mean) * torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.to(cdtype).view(shape)
+        y = y * weight.to(cdtype).view(channel_shape)
     if bias is not None:
-        y = y + bias.to(cdtype).view(shape)
+        y = y + bias.to(cdtype).view(channel_shape)
     return y.to(input.dtype)
 
 
