@@ -42,6 +42,27 @@ def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
+_TORCHVISION_SCHEMAS = None  # kept alive: dropping the Library would unregister them
+
+
+def import_timm():
+    """timm, imported. timm imports torchvision, whose wheel from PyPI is built against the
+    CUDA torch; beside the CPU torch its C ops do not load, and its import then fails on
+    registering fake kernels for two of them. Declaring those two schemas lets the
+    pure-Python model code import; calling a torchvision op still raises."""
+    global _TORCHVISION_SCHEMAS
+    try:
+        import timm
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+        _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import timm
+    return timm
+
+
 def copy_into(dst: nn.Module, src: nn.Module) -> nn.Module:
     dst.load_state_dict(src.state_dict())
     return dst

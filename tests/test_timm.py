@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+from helpers import import_timm
 from torch import nn
 
 import normlab as nl
@@ -16,28 +17,7 @@ from normlab import surgery
 if importlib.util.find_spec("timm") is None:
     pytest.skip("timm is not installed", allow_module_level=True)
 
-_TORCHVISION_SCHEMAS = None  # kept alive: dropping the Library would unregister them
-
-
-def _import_timm():
-    """timm imports torchvision. torchvision's wheel from PyPI is built against the CUDA
-    torch; beside the CPU torch its C ops do not load, and its import then fails on
-    registering fake kernels for two of them. Declaring those two schemas lets the
-    pure-Python model code import; calling a torchvision op still raises."""
-    global _TORCHVISION_SCHEMAS
-    try:
-        import timm
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-        _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import timm
-    return timm
-
-
-timm = _import_timm()
+timm = import_timm()
 
 
 def _norm_counts(model):

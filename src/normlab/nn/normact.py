@@ -197,11 +197,23 @@ class GroupNormAct(_ActMixin, GroupNorm):
         return super().extra_repr() + self._act_repr()
 
 
-def timm_norm_act(activation: str | type | None, activation_param: float | None = None, **norm_kwargs):
+def timm_norm_act(
+    activation: str | type | None,
+    activation_param: float | None = None,
+    *,
+    num_groups: int | None = None,
+    **norm_kwargs,
+):
     """A ``norm_layer`` for timm models built from norm+activation layers (EfficientNet,
-    RegNet, MobileNet, ...) that makes :class:`BatchNormAct2d`::
+    RegNet, MobileNet, ...) that makes :class:`BatchNormAct2d` — or, with ``num_groups``,
+    :class:`GroupNormAct` with that many groups (BiT's ResNetV2)::
 
         timm.create_model("efficientnet_b0", norm_layer=nl.nn.timm_norm_act("silu"))
+        timm.create_model("resnetv2_50x1_bit", norm_layer=nl.nn.timm_norm_act("relu", num_groups=32))
+
+    ``norm_layer=partial(nl.nn.GroupNormAct, 32)`` cannot work there: timm's norm-act lookup
+    drops a partial's positional arguments and accepts classes only by identity with its own
+    or by name, so it raises for any class it does not know.
 
     timm replaces a norm *class* by its own norm+act class, chosen by the class name
     (``norm_layer=nl.nn.BatchNorm2d`` silently yields timm's ``BatchNormAct2d``) and
@@ -233,7 +245,7 @@ def timm_norm_act(activation: str | type | None, activation_param: float | None 
         device=None,
         dtype=None,
         **kwargs,
-    ) -> BatchNormAct2d:
+    ) -> BatchNormAct2d | GroupNormAct:
         if drop_layer is not None:
             raise InputError(
                 f"drop_layer={drop_layer!r}: BatchNormAct2d fuses norm and activation with "
@@ -245,6 +257,18 @@ def timm_norm_act(activation: str | type | None, activation_param: float | None 
             name, param = activation_spec(act_layer, act_kwargs)
         else:
             name, param = default
+        if num_groups is not None:
+            return GroupNormAct(
+                num_groups,
+                num_features,
+                eps,
+                affine,
+                device,
+                dtype,
+                activation=name,
+                activation_param=param,
+                **{**norm_kwargs, **kwargs},
+            )
         return BatchNormAct2d(
             num_features,
             eps,
