@@ -10,10 +10,10 @@ from functools import partial
 
 import pytest
 import torch
+from helpers import import_timm
 from torch import nn
 
 import normlab as nl
-from helpers import import_timm
 
 if importlib.util.find_spec("timm") is None:
     pytest.skip("timm is not installed", allow_module_level=True)

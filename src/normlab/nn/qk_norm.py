@@ -6,6 +6,7 @@ import numbers
 
 import torch
 from torch import nn
+from torch.fx import Proxy
 
 from ..core import check_eps, check_floating_input, check_positive_int, compute_dtype, mean_square
 from ..core.checks import InputError, InputTypeError
@@ -81,6 +82,8 @@ class QKNorm(nn.Module):
         return 1.0 if self.kind == "l2" else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(q, Proxy):  # one call_module node under torch.fx, as normlab's other layers
+            return q.tracer.create_proxy("call_module", q.tracer.path_of_module(self), (q, k), {})
         for name, t in (("q", q), ("k", k)):
             if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[-1] != self.head_dim):
                 raise InputError(
