@@ -7,7 +7,9 @@ where it can be checked numerically — the max difference it made.
     fold_batchnorm      eval-mode BatchNorm folded into the preceding conv/linear
     freeze_norms        statistics (and γ/β) frozen in a way model.train() cannot undo
     unfreeze_norms      the inverse
-    convert_norms       batch ↔ group ↔ layer ↔ instance ↔ frozen ↔ batch_renorm
+    convert_norms       batch ↔ group ↔ layer ↔ instance ↔ frozen ↔ batch_renorm, and to
+                        dyt, derf, frn, evonorm_b0, evonorm_s0, group_ws
+    fold_weight_standardization   standardized convolutions baked into plain Conv2d
     precise_bn          exact population statistics recomputed over the data
     from_torch/to_torch swap torch.nn norm layers for normlab's twins and back
     convert_sync_batchnorm / revert_sync_batchnorm   BatchNorm <-> SyncBatchNorm (any backend)
@@ -15,7 +17,9 @@ where it can be checked numerically — the max difference it made.
 """
 
 from .convert import TARGETS, auto_groups, convert_norms
+from .convert_beyond import convert_convs_to_std
 from .fold import bn_affine, fold_batchnorm
+from .fold_ws import fold_weight_standardization
 from .freeze import freeze_norms, unfreeze_norms
 from .interop import TWINS, from_torch, load_decay_statistics, to_torch
 from .precise import default_forward, precise_bn
@@ -31,10 +35,12 @@ __all__ = [
     "SurgeryResult",
     "auto_groups",
     "bn_affine",
+    "convert_convs_to_std",
     "convert_norms",
     "convert_sync_batchnorm",
     "default_forward",
     "fold_batchnorm",
+    "fold_weight_standardization",
     "freeze_norms",
     "from_torch",
     "load_decay_statistics",

@@ -27,7 +27,10 @@ from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
 
-TARGETS = ("batch", "group", "layer", "instance", "frozen", "batch_renorm")
+#: The classic channel norms, converted here; the norms beyond them in convert_beyond.py.
+CHANNEL_TARGETS = ("batch", "group", "layer", "instance", "frozen", "batch_renorm")
+BEYOND_TARGETS = ("dyt", "derf", "frn", "evonorm_b0", "evonorm_s0", "group_ws")
+TARGETS = CHANNEL_TARGETS + BEYOND_TARGETS
 
 _BY_SPATIAL_RANK = {
     "batch": (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d),
@@ -158,6 +161,7 @@ def convert_norms(
     groups: int | str = "auto",
     max_groups: int = 32,
     example_input=None,
+    alpha_init_value: float = 0.5,
 ) -> SurgeryResult:
     """Replace every channel norm layer of ``model`` with one of kind ``to``.
 
@@ -169,6 +173,14 @@ def convert_norms(
             ``"auto"`` — per layer, the largest divisor of its channels ≤ ``max_groups``.
         example_input: needed only to learn the spatial rank of layers whose class does
             not say it (GroupNorm, SyncBatchNorm) when the target is rank-specific.
+        alpha_init_value: α's initial value for ``"dyt"`` and ``"derf"``.
+
+    The norms beyond the classic five (:mod:`normlab.surgery.convert_beyond`): ``"dyt"`` and
+    ``"derf"`` replace LayerNorm and RMSNorm (channels-last or, for LayerNorm2d, channels-first)
+    by :class:`~normlab.nn.DyT` / :class:`~normlab.nn.Derf` with their γ and β; ``"frn"``,
+    ``"evonorm_b0"`` and ``"evonorm_s0"`` replace 2d channel norms by FRN + TLU, EvoNorm-B0
+    (running variance copied) and EvoNorm-S0; ``"group_ws"`` is ``"group"`` plus every
+    ``nn.Conv2d`` made a :class:`~normlab.nn.StdConv2d` (GroupNorm + Weight Standardization).
 
     Sources are normlab's and torch.nn's BatchNorm, SyncBatchNorm, InstanceNorm,
     GroupNorm, FrozenBatchNorm and BatchRenorm; LayerNorm and RMSNorm over trailing
@@ -177,6 +189,17 @@ def convert_norms(
     """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
+    if to in BEYOND_TARGETS:
+        from .convert_beyond import convert_beyond  # built on this module's helpers: imported when used
+
+        return convert_beyond(
+            model,
+            to,
+            groups=groups,
+            max_groups=max_groups,
+            alpha_init_value=alpha_init_value,
+            example_input=example_input,
+        )
     if groups != "auto" and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
         raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
     new = copy_model(model)

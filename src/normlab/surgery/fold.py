@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fold_ws import standardizes_weight
 from .modules import class_label, copy_model, describe_norm, eval_max_abs_diff, replace_module
 from .report import SurgeryReport, SurgeryResult
 from .tracing import find_pairs
@@ -25,7 +26,9 @@ _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _is_producer(m: nn.Module) -> bool:
-    return isinstance(m, _CONV + _CONV_T + (nn.Linear,))
+    # a standardized convolution re-normalizes its weight on every call, which would undo the
+    # scaling folded into it (fold_weight_standardization makes it a plain Conv2d first)
+    return isinstance(m, _CONV + _CONV_T + (nn.Linear,)) and not standardizes_weight(m)
 
 
 def _foldable_reason(m: nn.Module) -> str | None:

@@ -9,6 +9,7 @@ from .. import nn as nln
 from ..core import from_decay_convention
 from .modules import class_label, copy_model, module_factory_kwargs, replace_module
 from .report import SurgeryReport, SurgeryResult
+from .timm_layers import from_timm_layer, has_timm_twin, to_timm_layers
 
 __all__ = ["TWINS", "from_torch", "load_decay_statistics", "to_torch", "twin_of"]
 
@@ -71,6 +72,9 @@ def _foreign_twin(module: nn.Module) -> nn.Module | str | None:
     class name so neither is imported: its normlab twin (state bit for bit, same mode),
     the reason there is none, or None for a module that is no norm layer."""
     origin, name = _origin(module), type(module).__name__
+    beyond = from_timm_layer(module)  # timm's norms beyond the classic five (timm_layers.py)
+    if beyond is not None:
+        return beyond
     if origin == "timm" and name == "BatchNormAct2d":
         # timm's forward: F.batch_norm exactly as torch.nn.BatchNorm2d, then drop, then act.
         if not isinstance(module.drop, nn.Identity):
@@ -193,13 +197,19 @@ def _torch_incompatible(module: nn.Module) -> str | None:
 def _to_torch_other(module: nn.Module) -> str | None:
     if _origin(module) != "normlab" or not isinstance(module, nln.NORM_LAYERS):
         return None
+    timm_hint = "; timm has one: to_torch(model, timm=True)" if has_timm_twin(module) else ""
     if hasattr(module, "activation"):
-        return f"{class_label(module)}: torch.nn has no fused norm+activation layer"
-    return f"{class_label(module)}: torch.nn has no such layer"
+        return f"{class_label(module)}: torch.nn has no fused norm+activation layer{timm_hint}"
+    return f"{class_label(module)}: torch.nn has no such layer{timm_hint}"
 
 
-def to_torch(model: nn.Module) -> SurgeryResult:
+def to_torch(model: nn.Module, *, timm: bool = False) -> SurgeryResult:
     """Swap every normlab twin back for its torch.nn class (state bit for bit).
+
+    ``timm=True``: normlab layers that have a timm twin and no torch.nn one (BatchNormAct2d,
+    GroupNormAct, LayerNorm2d, StdConv2d, ScaledStdConv2d, FilterResponseNorm*, EvoNorm*)
+    become timm's classes first (timm is imported for it), so a model that ``from_torch`` took
+    from timm goes back to timm's layers.
 
     Options torch.nn lacks are reported as notes: ``unbiased_running_var=False``,
     ``on_nonfinite``, and InstanceNorm's ``momentum=None`` (torch.nn then never updates
@@ -207,7 +217,13 @@ def to_torch(model: nn.Module) -> SurgeryResult:
     (BatchNormAct, GroupNormAct, BatchRenorm, FrozenBatchNorm, SyncBatchNorm), are
     skipped and listed with the reason.
     """
-    result = _swap(model, _TORCH_OF, "to_torch", _torch_incompatible, _to_torch_other)
+    to_timm = to_timm_layers(copy_model(model)) if timm else None
+    result = _swap(to_timm.model if timm else model, _TORCH_OF, "to_torch", _torch_incompatible, _to_torch_other)
+    if to_timm is not None:
+        result.report.operation = "to_torch(timm=True)"
+        result.report.changes[:0] = to_timm.report.changes
+        refused = {s.path for s in to_timm.report.skipped}  # said once, with timm's reason
+        result.report.skipped = to_timm.report.skipped + [s for s in result.report.skipped if s.path not in refused]
     for path, module in model.named_modules():
         if type(module) not in _TORCH_OF or _torch_incompatible(module):
             continue

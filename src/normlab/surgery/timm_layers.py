@@ -1,0 +1,367 @@
+"""timm's normalization layers beyond the classic five and their normlab twins, both ways.
+
+``from_torch`` recognizes timm's layers by module and class name, so timm is never imported
+there; ``to_torch(model, timm=True)`` imports it to build timm's classes back. Every twin has
+timm's constructor arguments, parameters, buffers and state-dict keys: state moves bit for bit.
+
+    timm                                     normlab
+    StdConv2d, StdConv2dSame                 StdConv2d (padding="same" for the Same variant)
+    ScaledStdConv2d, ScaledStdConv2dSame     ScaledStdConv2d
+    FilterResponseNormTlu2d                  FilterResponseNormTlu2d
+    FilterResponseNormAct2d                  FilterResponseNormAct2d (the activation module copied)
+    EvoNorm2dB0 … EvoNorm2dS2a               EvoNormB0 … EvoNormS2a
+    GroupNorm, GroupNorm1, GroupNorm1NoBias  GroupNorm (fast_norm off)
+    GroupNormAct, GroupNorm1Act              GroupNormAct (fused activations, no drop layer)
+    LayerNorm2dNoBias, LayerNormNoBias       LayerNorm2d, LayerNorm (bias=False)
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+from torch import nn
+
+from .. import nn as nln
+from .modules import class_label, module_factory_kwargs
+from .report import SurgeryReport, SurgeryResult
+
+__all__ = ["TIMM_TWINS", "from_timm_layer", "has_timm_twin", "to_timm_layers"]
+
+_EVONORMS = ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a")
+
+#: normlab class → (timm module, timm class name) of its twin.
+TIMM_TWINS: dict[type, tuple[str, str]] = {
+    nln.StdConv2d: ("timm.layers", "StdConv2d"),
+    nln.ScaledStdConv2d: ("timm.layers", "ScaledStdConv2d"),
+    nln.FilterResponseNormTlu2d: ("timm.layers", "FilterResponseNormTlu2d"),
+    nln.FilterResponseNormAct2d: ("timm.layers", "FilterResponseNormAct2d"),
+    nln.GroupNormAct: ("timm.layers", "GroupNormAct"),
+    nln.BatchNormAct2d: ("timm.layers", "BatchNormAct2d"),
+    nln.LayerNorm2d: ("timm.layers", "LayerNorm2d"),
+    **{getattr(nln, f"EvoNorm{v}"): ("timm.layers", f"EvoNorm2d{v}") for v in _EVONORMS},
+}
+
+
+def has_timm_twin(module: nn.Module) -> bool:
+    return type(module) in TIMM_TWINS or getattr(module, "_timm_origin", None) in _ORIGINS
+
+
+def _is_timm(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "timm"
+
+
+def _fast_norm_reason(module: nn.Module) -> str | None:
+    if getattr(module, "_fast_norm", False):
+        return f"{class_label(module)} with fast_norm on: its forward is timm's low-precision kernel"
+    return None
+
+
+def _conv_args(module: nn.Conv2d) -> dict:
+    same = bool(getattr(module, "same_pad", False))
+    return dict(
+        kernel_size=module.kernel_size,
+        stride=module.stride,
+        padding="same" if same else module.padding,
+        dilation=module.dilation,
+        groups=module.groups,
+        bias=module.bias is not None,
+        eps=module.eps,
+        **module_factory_kwargs(module),
+    )
+
+
+def _std_conv(module):
+    if module.padding_mode != "zeros":
+        return f"{class_label(module)} with padding_mode={module.padding_mode!r}: timm's forward pads with zeros"
+    return nln.StdConv2d(module.in_channels, module.out_channels, **_conv_args(module))
+
+
+def _scaled_std_conv(module):
+    if module.padding_mode != "zeros":
+        return f"{class_label(module)} with padding_mode={module.padding_mode!r}: timm's forward pads with zeros"
+    twin = nln.ScaledStdConv2d(
+        module.in_channels, module.out_channels, gain_init=module.gain_init, **_conv_args(module)
+    )
+    twin.scale = module.scale  # γ/√fan_in is not state: carried over as a number
+    return twin
+
+
+def _group_norm(module):
+    reason = _fast_norm_reason(module)
+    if reason:
+        return reason
+    return nln.GroupNorm(
+        module.num_groups,
+        module.num_channels,
+        eps=module.eps,
+        affine=module.affine,
+        bias=module.bias is not None,
+        **module_factory_kwargs(module),
+    )
+
+
+def _group_norm_act(module):
+    reason = _fast_norm_reason(module)
+    if reason:
+        return reason
+    if not isinstance(module.drop, nn.Identity):
+        return f"{class_label(module)} with drop layer {type(module.drop).__name__}: the fused layer has none"
+    try:
+        activation, param = nln.activation_spec(module.act)
+    except ValueError as err:
+        return str(err)
+    if isinstance(module.act, nn.PReLU) and module.act.num_parameters != module.num_channels:
+        return f"{class_label(module)} with a single-slope PReLU: normlab's has one slope per channel"
+    return nln.GroupNormAct(
+        module.num_groups,
+        module.num_channels,
+        eps=module.eps,
+        affine=module.affine,
+        activation=activation,
+        activation_param=param,
+        bias=module.bias is not None,
+        **module_factory_kwargs(module),
+    )
+
+
+def _evonorm(variant):
+    cls = getattr(nln, f"EvoNorm{variant}")
+
+    def build(module):
+        factory = module_factory_kwargs(module)
+        channels = module.weight.numel()
+        if variant.startswith("B"):
+            return cls(channels, apply_act=module.apply_act, momentum=module.momentum, eps=module.eps, **factory)
+        kwargs = dict(groups=module.groups, apply_act=module.apply_act, eps=module.eps, **factory)
+        if variant.startswith(("S1", "S2")):
+            kwargs["act_layer"] = module.act if module.apply_act else None
+        return cls(channels, **kwargs)
+
+    return build
+
+
+def _frn_tlu(module):
+    return nln.FilterResponseNormTlu2d(
+        module.weight.numel(), apply_act=module.tau is not None, eps=module.eps, **module_factory_kwargs(module)
+    )
+
+
+def _frn_act(module):
+    return nln.FilterResponseNormAct2d(
+        module.weight.numel(), act_layer=module.act, eps=module.eps, **module_factory_kwargs(module)
+    )
+
+
+def _layer_norm2d_no_bias(module):
+    reason = _fast_norm_reason(module)
+    if reason:
+        return reason
+    return nln.LayerNorm2d(
+        module.normalized_shape[0],
+        eps=module.eps,
+        affine=module.elementwise_affine,
+        bias=module.bias is not None,
+        **module_factory_kwargs(module),
+    )
+
+
+def _layer_norm_no_bias(module):
+    return nln.LayerNorm(
+        module.normalized_shape,
+        eps=module.eps,
+        elementwise_affine=module.elementwise_affine,
+        bias=module.bias is not None,
+        **module_factory_kwargs(module),
+    )
+
+
+_FROM_TIMM = {
+    "StdConv2d": _std_conv,
+    "StdConv2dSame": _std_conv,
+    "ScaledStdConv2d": _scaled_std_conv,
+    "ScaledStdConv2dSame": _scaled_std_conv,
+    "FilterResponseNormTlu2d": _frn_tlu,
+    "FilterResponseNormAct2d": _frn_act,
+    "GroupNorm": _group_norm,
+    "GroupNorm1": _group_norm,
+    "GroupNorm1NoBias": _group_norm,
+    "GroupNormAct": _group_norm_act,
+    "GroupNorm1Act": _group_norm_act,
+    "LayerNorm2dNoBias": _layer_norm2d_no_bias,
+    "LayerNormNoBias": _layer_norm_no_bias,
+    **{f"EvoNorm2d{v}": _evonorm(v) for v in _EVONORMS},
+}
+
+
+def from_timm_layer(module: nn.Module) -> nn.Module | str | None:
+    """The normlab twin of one of timm's layers in the table above (state bit for bit, same
+    mode), the reason there is none, or None for a module the table does not cover."""
+    if not _is_timm(module):
+        return None
+    build = _FROM_TIMM.get(type(module).__name__)
+    if build is None:
+        return None
+    twin = build(module)
+    if isinstance(twin, str):
+        return twin
+    twin.load_state_dict(module.state_dict(), strict=True)
+    twin.train(module.training)
+    if type(module).__name__ in _ORIGINS:  # remembered, so that to_torch(timm=True) restores it
+        twin._timm_origin = type(module).__name__
+    return twin
+
+
+def _rebuild(cls, module, **kwargs):
+    twin = cls(module.num_channels if hasattr(module, "num_channels") else module.normalized_shape[0], **kwargs)
+    twin._fast_norm = False  # its forward is then F.group_norm / F.layer_norm, as normlab's
+    return twin
+
+
+#: timm classes that become a normlab layer also used for other sources (GroupNorm, LayerNorm2d,
+#: LayerNorm): where to find them again and how to build them from that layer.
+_ORIGINS = {
+    "GroupNorm": (
+        "timm.layers",
+        lambda cls, m, f: _rebuild(cls, m, num_groups=m.num_groups, eps=m.eps, affine=m.affine, **f),
+    ),
+    "GroupNorm1": ("timm.layers", lambda cls, m, f: _rebuild(cls, m, eps=m.eps, affine=m.affine, **f)),
+    "GroupNorm1NoBias": ("timm.models.metaformer", lambda cls, m, f: _rebuild(cls, m, eps=m.eps, affine=m.affine, **f)),
+    "GroupNorm1Act": ("timm.layers", lambda cls, m, f: _rebuild(cls, m, eps=m.eps, affine=m.affine, **f)),
+    "LayerNorm2dNoBias": (
+        "timm.models.metaformer",
+        lambda cls, m, f: _rebuild(cls, m, eps=m.eps, affine=m.elementwise_affine, **f),
+    ),
+    "LayerNormNoBias": ("timm.models.metaformer", lambda cls, m, f: cls(m.normalized_shape, eps=m.eps, **f)),
+}
+
+
+def _to_origin(module: nn.Module) -> nn.Module | str:
+    """The timm class a normlab layer came from (``_timm_origin``), rebuilt around its state."""
+    name = module._timm_origin
+    where, build = _ORIGINS[name]
+    try:
+        cls = getattr(importlib.import_module(where), name)
+    except Exception as err:
+        return (
+            f"timm is needed for {class_label(module)} -> timm {name} and does not import: {type(err).__name__}: {err}"
+        )
+    twin = build(cls, module, module_factory_kwargs(module))
+    if hasattr(module, "act"):
+        twin.act = copy.deepcopy(module.act)
+    return twin
+
+
+def _timm_class(module: nn.Module) -> type | str:
+    where, name = TIMM_TWINS[type(module)]
+    try:
+        return getattr(importlib.import_module(where), name)
+    except Exception as err:  # timm missing, or an import that fails in this environment
+        return (
+            f"timm is needed for {class_label(module)} -> timm {name} and does not import: {type(err).__name__}: {err}"
+        )
+
+
+def _to_timm(module: nn.Module) -> nn.Module | str:
+    if getattr(module, "frozen", False):
+        return f"{class_label(module)} is frozen: timm's layer has no frozen flag (unfreeze_norms first)"
+    if getattr(module, "_timm_origin", None) in _ORIGINS:
+        twin = _to_origin(module)
+        if isinstance(twin, str):
+            return twin
+        twin.load_state_dict(module.state_dict(), strict=True)
+        twin.train(module.training)
+        return twin
+    cls = _timm_class(module)
+    if isinstance(cls, str):
+        return cls
+    factory = module_factory_kwargs(module)
+    if isinstance(module, nln.ScaledStdConv2d | nln.StdConv2d):
+        if isinstance(module, nln.ScaledStdConv2d):
+            kwargs = dict(gain_init=module.gain_init)
+        else:
+            kwargs = {}
+        if module.same_pad:
+            cls = getattr(importlib.import_module("timm.layers"), cls.__name__ + "Same")
+            padding = "same"
+        else:
+            padding = module.padding
+        twin = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            eps=module.eps,
+            **kwargs,
+            **factory,
+        )
+        if isinstance(module, nln.ScaledStdConv2d):
+            twin.scale = module.scale
+    elif isinstance(module, nln.GroupNormAct):
+        if module.inplace:
+            return f"{class_label(module)} with inplace=True: timm's GroupNormAct has no in-place mode"
+        if module.bias is None and module.affine:
+            return f"{class_label(module)} with bias=False: timm's GroupNormAct always has β"
+        twin = cls(module.num_channels, num_groups=module.num_groups, eps=module.eps, affine=module.affine, **factory)
+        twin.act = copy.deepcopy(module.act)
+    elif isinstance(module, nln.BatchNormAct2d):
+        if module.inplace:
+            return f"{class_label(module)} with inplace=True: timm's BatchNormAct2d has no in-place mode"
+        if module.bias is None and module.affine:
+            return f"{class_label(module)} with bias=False: timm's BatchNormAct2d always has β"
+        if not module.unbiased_running_var or module.on_nonfinite != "skip":
+            return f"{class_label(module)}: timm's BatchNormAct2d stores the unbiased variance and lets a non-finite batch in"
+        twin = cls(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            **factory,
+        )
+        twin.act = copy.deepcopy(module.act)
+    elif isinstance(module, nln.LayerNorm2d):
+        if module.bias is None and module.elementwise_affine:
+            return f"{class_label(module)} with bias=False: timm's LayerNorm2d always has β"
+        twin = cls(module.num_channels, eps=module.eps, affine=module.elementwise_affine, **factory)
+        twin._fast_norm = False  # its forward is then F.layer_norm, as normlab's
+    elif isinstance(module, nln.FilterResponseNormAct2d):
+        twin = cls(module.num_features, eps=module.eps, **factory)
+        twin.act = copy.deepcopy(module.act)
+    elif isinstance(module, nln.FilterResponseNormTlu2d):
+        twin = cls(module.num_features, apply_act=module.apply_act, eps=module.eps, **factory)
+    elif type(module).__name__.startswith("EvoNormB"):
+        if not module.unbiased_running_var or module.on_nonfinite != "skip":
+            return f"{class_label(module)}: timm's EvoNorm stores the unbiased variance and lets a non-finite batch in"
+        twin = cls(module.num_features, apply_act=module.apply_act, momentum=module.momentum, eps=module.eps, **factory)
+    else:  # the sample family
+        kwargs = dict(groups=module.groups, apply_act=module.apply_act, eps=module.eps, **factory)
+        twin = cls(module.num_features, **kwargs)
+        if hasattr(module, "act"):
+            twin.act = copy.deepcopy(module.act)
+    twin.load_state_dict(module.state_dict(), strict=True)
+    twin.train(module.training)
+    return twin
+
+
+def to_timm_layers(model: nn.Module) -> SurgeryResult:
+    """Swap, in place on ``model``, each normlab layer that has a timm twin for it; report it."""
+    report = SurgeryReport("to_timm")
+    for path, module in list(model.named_modules()):
+        if type(module) not in TIMM_TWINS and getattr(module, "_timm_origin", None) not in _ORIGINS:
+            continue
+        twin = _to_timm(module)
+        if isinstance(twin, str):
+            report.skip(path, twin)
+            continue
+        if path:
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, name, twin)
+        else:
+            model = twin
+        report.changed(path, "replaced", class_label(module), class_label(twin))
+    return SurgeryResult(model, report)
