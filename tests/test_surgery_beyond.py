@@ -284,3 +284,20 @@ def test_to_torch_without_timm_lists_the_new_layers_with_the_way_back():
     reasons = {s.path: s.reason for s in report.skipped}
     assert "to_torch(model, timm=True)" in reasons["0"]
     assert reasons["1"].endswith("torch.nn has no such layer")  # nor has timm
+
+
+def test_fold_batchnorm_never_folds_into_timm_std_conv():
+    """Folding scales the weight, which the standardization undoes: 18.5 off on this model before."""
+    timm = _timm()
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].weight.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = surgery.fold_batchnorm(model, example_input=x)
+    assert not report.changes and report.max_abs_diff == 0
+    plain, _ = surgery.fold_weight_standardization(model)
+    folded, report = surgery.fold_batchnorm(plain, example_input=x)
+    assert len(report.changes) == 1 and report.max_abs_diff < 1e-5
