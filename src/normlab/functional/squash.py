@@ -108,25 +108,51 @@ class _Squash(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, alpha, shift, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: ops autograd can differentiate again
+            return _squash_backward_differentiable(ctx, dy, x, alpha, shift, weight)
         need_x, need_alpha, need_shift, need_w, need_b, _ = ctx.needs_input_grad
         cdtype = compute_dtype(x.dtype)
         xc = x.to(cdtype)
         dyc = dy.to(cdtype)
-        # Out of place throughout: with create_graph=True autograd records these ops, which
-        # then give the second derivative.
-        z = xc * alpha.to(cdtype)
+        z = xc * alpha.to(cdtype)  # recomputed: only x was kept
         if shift is not None:
-            z = z + shift.to(cdtype)
+            z.add_(shift.to(cdtype))
+        g = dyc * weight.to(cdtype) if weight is not None else dyc.clone()
         if ctx.erf:
-            t = torch.erf(z)
-            slope = torch.exp(-z * z) * _TWO_OVER_SQRT_PI
+            t = torch.erf(z) if need_w else None
+            dz = g.mul_(z.square_().neg_().exp_()).mul_(_TWO_OVER_SQRT_PI)  # g·f'(z), f' = 2/√π·exp(−z²)
         else:
-            t = torch.tanh(z)
-            slope = 1 - t * t
-        dz = (dyc * weight.to(cdtype) if weight is not None else dyc) * slope
-        dx = (dz * alpha.to(cdtype)).to(x.dtype) if need_x else None
-        dalpha = (dz * xc).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
-        dshift = dz.sum().reshape(shift.shape).to(shift.dtype) if need_shift else None
+            t = torch.tanh_(z)
+            dz = torch.ops.aten.tanh_backward(g, t)  # g·(1 − t²) in one pass
         dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
-        db = dyc.sum_to_size(ctx.bias_shape).to(dy.dtype if weight is None else weight.dtype) if need_b else None
+        db = dyc.sum_to_size(ctx.bias_shape).to(weight.dtype if weight is not None else dy.dtype) if need_b else None
+        # Σ dz·x and Σ dz as dot products: no activation-sized temporary
+        flat = dz.reshape(-1)
+        dalpha = torch.dot(flat, xc.reshape(-1)).reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
+        dshift = flat.sum().reshape(shift.shape).to(shift.dtype) if need_shift else None
+        dx = dz.mul_(alpha.to(cdtype)).to(x.dtype) if need_x else None
         return dx, dalpha, dshift, dw, db, None
+
+
+def _squash_backward_differentiable(ctx, dy, x, alpha, shift, weight):
+    """The closed form in out-of-place ops, for second derivatives."""
+    need_x, need_alpha, need_shift, need_w, need_b, _ = ctx.needs_input_grad
+    cdtype = compute_dtype(x.dtype)
+    xc = x.to(cdtype)
+    dyc = dy.to(cdtype)
+    z = xc * alpha.to(cdtype)
+    if shift is not None:
+        z = z + shift.to(cdtype)
+    if ctx.erf:
+        t = torch.erf(z)
+        slope = torch.exp(-z * z) * _TWO_OVER_SQRT_PI
+    else:
+        t = torch.tanh(z)
+        slope = 1 - t * t
+    dz = (dyc * weight.to(cdtype) if weight is not None else dyc) * slope
+    dx = (dz * alpha.to(cdtype)).to(x.dtype) if need_x else None
+    dalpha = (dz * xc).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
+    dshift = dz.sum().reshape(shift.shape).to(shift.dtype) if need_shift else None
+    dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
+    db = dyc.sum_to_size(ctx.bias_shape).to(dy.dtype if weight is None else weight.dtype) if need_b else None
+    return dx, dalpha, dshift, dw, db, None
