@@ -224,7 +224,7 @@ def test_float64_gradcheck_on_each_path(name, mode, backend):
         assert torch.autograd.gradcheck(fn, (x, *params), atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["DyT", "Derf", "FilterResponseNormTlu2d", "StdConv2d"])
+@pytest.mark.parametrize("name", ["DyT", "Derf", "FilterResponseNormTlu2d", "StdConv2d", "EvoNormS0", "EvoNormB1"])
 def test_closed_forms_give_second_derivatives(name):
     module = _built(name).double()
     case = CASES[name]

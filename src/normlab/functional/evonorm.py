@@ -16,9 +16,9 @@ The batch variance of B0–B2 is biased where it normalizes and stored unbiased 
 running estimate (n/(n − 1), momentum as torch.nn's), a batch whose variance is not finite
 never reaches it (:func:`normlab.core.update_running_stats`). Without the nonlinearity
 (timm's ``apply_act=False``) B0–B2, S0, S1 and S2 are the affine map alone, and the "a"
-variants of S (timm's S0a, S1a, S2a) still divide by σ_G or ρ_G. Gradients come from
-autograd over these composed ops: the max and the gate make the closed form longer than
-the few (N, C)-sized statistics it would save.
+variants of S (timm's S0a, S1a, S2a) still divide by σ_G or ρ_G. Each standard deviation and
+root mean square has its closed-form backward (one pass, only the input kept); the max, the
+gate and the affine are differentiated by autograd around them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..core import (
     centered_moments,
     check_eps,
     check_floating_input,
+    choose_path,
     compute_dtype,
     mean_square,
     reduced_count,
@@ -116,6 +117,52 @@ def _affine(y: torch.Tensor, weight, bias, input: torch.Tensor, fn: str) -> torc
     return y
 
 
+class _Deviation(torch.autograd.Function):
+    """√(var + ε) (``centered``) or √(mean(x²) + ε) over ``dims``, kept as size-1 dims, with
+    the closed-form backward dx = dσ·(x − μ)/(n·σ) (μ = 0 for the root mean square): one pass,
+    keeping only x, where autograd through the moments keeps x − μ as well. The statistic
+    itself (var or mean square) comes out too, not differentiable, for the running estimate."""
+
+    @staticmethod
+    def forward(ctx, x, dims, eps, centered):
+        if centered:
+            moments = centered_moments(x, dims)
+            stat, shift, offset = moments.var, moments.shift, moments.offset
+        else:
+            stat, shift, offset = mean_square(x, dims), None, None
+        deviation = (stat + eps).sqrt()
+        ctx.dims, ctx.eps, ctx.centered = dims, eps, centered
+        ctx.save_for_backward(x, shift, offset, deviation)
+        ctx.mark_non_differentiable(stat)
+        return deviation, stat
+
+    @staticmethod
+    def backward(ctx, d_deviation, _):
+        x, shift, offset, deviation = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the moments themselves
+            with torch.enable_grad():
+                again = _deviation_reference(x, ctx.dims, ctx.eps, ctx.centered)
+                return torch.autograd.grad(again, x, d_deviation, create_graph=True)[0], None, None, None
+        scale = d_deviation / (deviation * reduced_count(x.shape, ctx.dims))
+        if not ctx.centered:
+            return x * scale, None, None, None
+        return (x - shift).sub_(offset).mul_(scale), None, None, None
+
+
+def _deviation_reference(x, dims, eps, centered):
+    stat = centered_moments(x, dims).var if centered else mean_square(x, dims)
+    return (stat + eps).sqrt()
+
+
+def _deviation(x: torch.Tensor, dims: tuple[int, ...], eps: float, *, centered: bool = True):
+    """(σ, σ² − ε as computed): the standard deviation (or root mean square) over ``dims`` —
+    closed-form backward unless the path rule says native, where the moments' own ops run."""
+    if choose_path(x)[0] == "native":
+        stat = centered_moments(x, dims).var if centered else mean_square(x, dims)
+        return (stat + eps).sqrt(), stat
+    return _Deviation.apply(x, dims, eps, centered)
+
+
 def evonorm_batch(
     input: torch.Tensor,
     running_var: torch.Tensor | None,
@@ -151,7 +198,7 @@ def evonorm_batch(
         count = reduced_count(input.shape, (0,) + spatial)
         if count <= 1:
             raise too_few_values(input)
-        batch_var = centered_moments(x, (0,) + spatial).var  # (1, C, 1, ...), differentiable
+        left, batch_var = _deviation(x, (0,) + spatial, eps)  # (1, C, 1, ...)
         if training and running_var is not None:
             momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
             # EvoNorm keeps no running mean: a zero stand-in, finite by construction.
@@ -168,14 +215,13 @@ def evonorm_batch(
                 on_nonfinite=on_nonfinite,
             )
     else:
-        batch_var = running_var.to(cdtype).view((1, channels) + (1,) * len(spatial))
-    left = (batch_var + eps).sqrt()
+        left = (running_var.to(cdtype).view((1, channels) + (1,) * len(spatial)) + eps).sqrt()
     if variant == "b0":
-        right = x * vv.to(cdtype) + (centered_moments(x, spatial).var + eps).sqrt()
+        right = x * vv.to(cdtype) + _deviation(x, spatial, eps)[0]
     elif variant == "b1":
-        right = (x + 1) * (mean_square(x, spatial) + eps).sqrt()
+        right = (x + 1) * _deviation(x, spatial, eps, centered=False)[0]
     elif variant == "b2":
-        right = (mean_square(x, spatial) + eps).sqrt() - x
+        right = _deviation(x, spatial, eps, centered=False)[0] - x
     else:
         raise InputError(f"variant must be 'b0', 'b1' or 'b2', got {variant!r}")
     y = x / torch.maximum(left, right)
@@ -214,12 +260,8 @@ def evonorm_sample(
     if stat is not None:
         grouped = x.unflatten(1, (groups, channels // groups))  # (N, G, C//G, *spatial): a view
         dims = tuple(range(2, grouped.dim()))
-        if stat == "std":
-            var = centered_moments(grouped, dims).var
-        elif stat == "rms":
-            var = mean_square(grouped, dims)
-        else:
+        if stat not in ("std", "rms"):
             raise InputError(f"stat must be 'std', 'rms' or None, got {stat!r}")
-        denominator = (var + eps).sqrt()  # (N, G, 1, ...)
+        denominator = _deviation(grouped, dims, eps, centered=stat == "std")[0]  # (N, G, 1, ...)
         top = (top.unflatten(1, (groups, channels // groups)) / denominator).flatten(1, 2)
     return _affine(top, weight, bias, input, fn).to(input.dtype)
