@@ -427,6 +427,8 @@ def test_property_any_shape_layout_and_dtype_matches_float64(kind, n, c, h, w, l
     module = module.to(torch.float64 if dtype == torch.float64 else torch.float32)
     y = module(in_layout(x, layout))
     assert y.dtype == dtype and y.shape == x.shape
+    if layout == "channels_last":  # the layout is kept, as normlab's classic layers keep it
+        assert y.is_contiguous(memory_format=torch.channels_last)
     rtol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1e-2}[dtype]
     assert_close_scaled(y.double(), expected, rtol=rtol, what=f"{kind} {layout} {dtype}")
 
