@@ -562,3 +562,30 @@ def test_qk_norm_layer_loads_timm_attention_q_and_k_norms():
     qk = nl.nn.QKNorm(8, "layer")
     qk.load_state_dict(attention_state)
     assert math.isclose(qk.q_norm.weight[0].item(), attention_state["q_norm.weight"][0].item())
+
+
+@pytest.mark.parametrize("fill", [0.0, 1e15, -1e15, 3e38])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_constant_zero_and_huge_inputs_give_finite_outputs_and_gradients(name, fill):
+    """A constant input has zero variance (and a zero input a zero norm): eps or the clamp keeps
+    every output and gradient finite in float32 — up to 3e38 for the layers that take no
+    statistics, up to 1e15 for the others (see docs/beyond.md for why not beyond)."""
+    if fill == 3e38 and not name.startswith(("DyT", "Derf")):
+        pytest.skip("x² overflows float32")
+    module = _built(name)
+    x = torch.full(CASES[name].shape, fill).requires_grad_()
+    y = module(x)
+    assert torch.isfinite(y).all(), name
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_scale_norm_and_l2_qk_norm_of_a_zero_row_have_finite_gradients():
+    x = torch.zeros(2, 5, requires_grad=True)
+    layer = nl.nn.ScaleNorm(5)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((2, 5), layer.scale.item() / 1e-5))  # y = g·x/ε below ε
+    q = torch.zeros(3, 4, requires_grad=True)
+    qn, _ = nl.nn.QKNorm(4, "l2")(q, torch.randn(3, 4))
+    qn.sum().backward()
+    assert torch.isfinite(q.grad).all()

@@ -37,5 +37,7 @@ def scale_norm(input: torch.Tensor, normalized_shape, scale: torch.Tensor | floa
     for d in shape:
         count *= d
     cdtype = compute_dtype(input.dtype)
-    norm = (mean_square(input, dims) * count).sqrt().clamp(min=eps)
+    # max(‖x‖, ε) as √max(‖x‖², ε²): the clamp before the root keeps the gradient of an all-zero
+    # row 0 (the root's slope at 0 is infinite, and 0·∞ is NaN)
+    norm = (mean_square(input, dims) * count).clamp(min=eps * eps).sqrt()
     return (input.to(cdtype) * (g.to(cdtype) / norm)).to(input.dtype)

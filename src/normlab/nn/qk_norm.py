@@ -102,5 +102,5 @@ def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / max(‖x‖₂, eps) over the last dim, the norm from normlab's mean square."""
     check_floating_input(x)
     cdtype = compute_dtype(x.dtype)
-    norm = (mean_square(x, (-1,)) * x.shape[-1]).sqrt().clamp(min=eps)
+    norm = (mean_square(x, (-1,)) * x.shape[-1]).clamp(min=eps * eps).sqrt()  # finite gradient at 0
     return (x.to(cdtype) / norm).to(x.dtype)
