@@ -301,3 +301,17 @@ def test_fold_batchnorm_never_folds_into_timm_std_conv():
     plain, _ = surgery.fold_weight_standardization(model)
     folded, report = surgery.fold_batchnorm(plain, example_input=x)
     assert len(report.changes) == 1 and report.max_abs_diff < 1e-5
+
+
+def test_freeze_norms_freezes_the_new_layers():
+    model = nn.Sequential(nl.nn.EvoNormB0(4), nl.nn.SwitchableNorm2d(4), nl.nn.DyT(4, channels_last=False))
+    frozen, report = surgery.freeze_norms(model)
+    assert {c.path for c in report.changes} == {"0", "1", "2"}
+    assert not any(p.requires_grad for p in frozen.parameters())
+    frozen.train()
+    state = {k: v.clone() for k, v in frozen.state_dict().items()}
+    frozen(torch.randn(3, 4, 5, 5) * 3 + 1)
+    for k, v in frozen.state_dict().items():  # model.train() does not undo it
+        assert torch.equal(v, state[k]), k
+    back, _ = surgery.unfreeze_norms(frozen)
+    assert all(p.requires_grad for p in back.parameters())

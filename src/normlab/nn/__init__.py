@@ -6,6 +6,11 @@ torch.nn class (``nl.nn.BatchNorm2d`` of ``torch.nn.BatchNorm2d``; ``SyncBatchNo
 torch's ``_BatchNorm`` base only, since DistributedDataParallel refuses
 ``torch.nn.SyncBatchNorm`` on the CPU), so ``isinstance``-based code finds them;
 :data:`NORM_LAYERS` and :func:`is_norm_layer` cover every normalization class of both.
+
+Beyond the classic five (``docs/beyond.md``): ``StdConv2d``, ``ScaledStdConv2d``, FRN
+(``FilterResponseNorm2d``, ``FilterResponseNormTlu2d``, ``FilterResponseNormAct2d``, ``TLU``),
+``EvoNormB0`` … ``EvoNormS2a``, ``SwitchableNorm2d``, ``DyT``, ``Derf``, ``ScaleNorm`` and
+``QKNorm`` — timm's constructors and state-dict keys where timm has the layer.
 """
 
 from __future__ import annotations

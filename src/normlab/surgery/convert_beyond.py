@@ -63,7 +63,7 @@ def _squash_from(kind: str, module: nn.Module, alpha_init_value: float):
     return target
 
 
-def _channel_target(kind: str, info, module, rank, groups, max_groups, factory):
+def _channel_target(kind: str, info, module, groups, max_groups, factory):
     """The FRN / EvoNorm layer for a channel norm, and what happened to its activation."""
     activation = _activation_of(module)
     act_name = None if activation is None else activation["activation"]
@@ -152,7 +152,7 @@ def convert_beyond(
             if to == "evonorm_s0" and groups != "auto" and info.channels % groups:
                 report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
                 continue
-            target, note = _channel_target(to, info, module, rank, groups, max_groups, module_factory_kwargs(module))
+            target, note = _channel_target(to, info, module, groups, max_groups, module_factory_kwargs(module))
             detail = {"affine": "copied" if info.weight is not None else "fresh"}
             if to == "evonorm_b0":
                 detail["statistics"] = "running_var copied" if info.running_var is not None else "fresh"
