@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import torch
-import triton
+import triton  # noqa: F401  (the package needs it; fail here, early, without it)
 
 __all__ = ["INTERPRETED", "count_launches", "launch", "register_op", "semaphore"]
 

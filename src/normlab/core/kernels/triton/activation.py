@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 
 from ...activation import ACTIVATIONS, FUSED_ACTIVATIONS
+from ._runtime import INTERPRETED
+
+_ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRETED)
 
 # The codes the kernels below switch on; checked against the registry on import.
 IDENTITY, RELU, LEAKY_RELU, ELU, SILU, PRELU = 0, 1, 2, 3, 4, 5
@@ -98,3 +101,20 @@ def _log1p(u):
     small = tl.abs(u) < 1e-3
     taylor = u * (1.0 - u * (0.5 - u * (1.0 / 3.0 - u * 0.25)))
     return tl.where(small, taylor, tl.log(1.0 + u))
+
+
+@triton.jit
+def cast_to(v, dtype: tl.constexpr):
+    """``v`` (float32) in ``dtype``, rounded to nearest even."""
+    if dtype == tl.float32:
+        return v
+    elif dtype == tl.float64:
+        return v.to(tl.float64)
+    elif dtype == tl.bfloat16 and _ROUND_BF16_BY_HAND:
+        # Triton's interpreter truncates float32 → bfloat16 where a GPU rounds: round the bits
+        # here (NaN passes through the plain cast, whose payload survives truncation)
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(v != v, v.to(dtype), rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+    else:
+        return v.to(dtype)

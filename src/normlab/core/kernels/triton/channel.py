@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import INTERPRETED, launch, semaphore
-from .activation import PRELU, act_forward, act_grad, act_grad_from_output, act_inverse
+from .activation import PRELU, act_forward, act_grad, act_grad_from_output, act_inverse, cast_to
 
 __all__ = ["ChannelTiling", "channel_backward", "channel_forward", "channel_tiling"]
 
@@ -197,7 +197,9 @@ def _channel_forward_kernel(
                 y = tl.where(ok, y, 0.0)
             store_ok = row_ok[:, None] & col_ok[None, :]
             tl.store(
-                y_ptr + _offsets(n_idx, s_idx, first_cols, ysn, ysc, yss), y.to(y_ptr.dtype.element_ty), mask=store_ok
+                y_ptr + _offsets(n_idx, s_idx, first_cols, ysn, ysc, yss),
+                cast_to(y, y_ptr.dtype.element_ty),
+                mask=store_ok,
             )
     else:
         if RESIDENT:  # the whole group in one tile: read once, statistics and output from registers
@@ -248,7 +250,9 @@ def _channel_forward_kernel(
                 y = tl.where(ok, y, 0.0)
             store_ok = row_ok[:, None] & col_ok[None, :]
             tl.store(
-                y_ptr + _offsets(n_idx, s_idx, first_cols, ysn, ysc, yss), y.to(y_ptr.dtype.element_ty), mask=store_ok
+                y_ptr + _offsets(n_idx, s_idx, first_cols, ysn, ysc, yss),
+                cast_to(y, y_ptr.dtype.element_ty),
+                mask=store_ok,
             )
         else:
             for chunk in range(0, NCHUNK):
@@ -267,7 +271,9 @@ def _channel_forward_kernel(
                         y = tl.where(ok, y, 0.0)
                     store_ok = row_ok[:, None] & col_ok[None, :]
                     tl.store(
-                        y_ptr + _offsets(n_idx, s_idx, cols, ysn, ysc, yss), y.to(y_ptr.dtype.element_ty), mask=store_ok
+                        y_ptr + _offsets(n_idx, s_idx, cols, ysn, ysc, yss),
+                        cast_to(y, y_ptr.dtype.element_ty),
+                        mask=store_ok,
                     )
 
         if UPDATE:
@@ -319,8 +325,8 @@ def _running_update(
             cols = c0 + tl.arange(0, BLOCK)
             ok = cols < C
             new_mean, new_var, _, _ = _running_values(stats_ptr, rm_ptr, rv_ptr, cols, ok, C, count, m, UNBIASED)
-            tl.store(rm_ptr + cols, new_mean.to(rm_ptr.dtype.element_ty), mask=ok)
-            tl.store(rv_ptr + cols, new_var.to(rv_ptr.dtype.element_ty), mask=ok)
+            tl.store(rm_ptr + cols, cast_to(new_mean, rm_ptr.dtype.element_ty), mask=ok)
+            tl.store(rv_ptr + cols, cast_to(new_var, rv_ptr.dtype.element_ty), mask=ok)
         if HAS_COUNTER:
             tl.store(counter_ptr, tl.load(counter_ptr) + 1)
         tl.store(status_ptr, 1)
@@ -339,8 +345,8 @@ def _running_values(stats_ptr, rm_ptr, rv_ptr, cols, ok, C, count, m, UNBIASED: 
     rm = tl.load(rm_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     rv = tl.load(rv_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     # rounded to the buffers' dtype before the finiteness check: a float16 estimate can overflow
-    new_mean = (rm * (1.0 - m) + batch_mean * m).to(rm_ptr.dtype.element_ty).to(tl.float32)
-    new_var = (rv * (1.0 - m) + batch_var * m).to(rv_ptr.dtype.element_ty).to(tl.float32)
+    new_mean = cast_to(rm * (1.0 - m) + batch_mean * m, rm_ptr.dtype.element_ty).to(tl.float32)
+    new_var = cast_to(rv * (1.0 - m) + batch_var * m, rv_ptr.dtype.element_ty).to(tl.float32)
     return new_mean, new_var, batch_mean, batch_var
 
 
@@ -579,7 +585,7 @@ def _channel_backward_kernel(
 def _store_tile(ptr, values, n_idx, s_idx, cols, row_ok, col_ok, sn, sc, ss):
     tl.store(
         ptr + _offsets(n_idx, s_idx, cols, sn, sc, ss),
-        values.to(ptr.dtype.element_ty),
+        cast_to(values, ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
 

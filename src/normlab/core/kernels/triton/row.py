@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import INTERPRETED, launch, semaphore
+from .activation import cast_to
 
 __all__ = ["MAX_ROW", "row_backward", "row_forward"]
 
@@ -54,7 +55,7 @@ def _row_forward_kernel(
     v = tl.load(x_ptr + base + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RES:
         v += tl.load(r_ptr + base + cols, mask=ok, other=0.0).to(tl.float32)
-        s = v.to(s_ptr.dtype.element_ty)
+        s = cast_to(v, s_ptr.dtype.element_ty)
         tl.store(s_ptr + base + cols, s, mask=ok)
         v = s.to(tl.float32)  # normalize the sum as stored, as the unfused ops do
     if CENTERED:
@@ -73,7 +74,7 @@ def _row_forward_kernel(
         xhat = xhat * tl.load(w_ptr + cols, mask=ok, other=1.0).to(tl.float32)
     if HAS_B:
         xhat = xhat + tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + base + cols, xhat.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + base + cols, cast_to(xhat, y_ptr.dtype.element_ty), mask=ok)
     tl.store(stats_ptr + row, shift)
     tl.store(stats_ptr + ROWS + row, offset)
     tl.store(stats_ptr + 2 * ROWS + row, rstd)
@@ -112,14 +113,15 @@ def _row_backward_kernel(
     acc_b = tl.zeros([BLOCK_K], tl.float32)
     for i in range(0, ROWS_PER_PROGRAM):
         row = pid * ROWS_PER_PROGRAM + i
-        here = ok & (row < ROWS)
+        here = ok & ((cols * 0 + row) < ROWS)
         base = row.to(tl.int64) * K
         s = tl.load(s_ptr + base + cols, mask=here, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + base + cols, mask=here, other=0.0).to(tl.float32)
-        rstd = tl.load(stats_ptr + 2 * ROWS + row, mask=row < ROWS, other=0.0)
+        stat = tl.minimum(row, ROWS - 1)  # past the last row everything is masked anyway
+        rstd = tl.load(stats_ptr + 2 * ROWS + stat)
         if CENTERED:
-            shift = tl.load(stats_ptr + row, mask=row < ROWS, other=0.0)
-            offset = tl.load(stats_ptr + ROWS + row, mask=row < ROWS, other=0.0)
+            shift = tl.load(stats_ptr + stat)
+            offset = tl.load(stats_ptr + ROWS + stat)
             xhat = tl.where(here, ((s - shift) - offset) * rstd, 0.0)
         else:
             xhat = s * rstd
@@ -131,7 +133,7 @@ def _row_backward_kernel(
             dx = rstd * (g - xhat * mean_gx)
         if HAS_DS:
             dx += tl.load(ds_ptr + base + cols, mask=here, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=here)
+        tl.store(dx_ptr + base + cols, cast_to(dx, dx_ptr.dtype.element_ty), mask=here)
         acc_w += dy * xhat
         acc_b += dy
     if PARAMS:
