@@ -38,8 +38,10 @@ def tiling(request, monkeypatch):
     """Whole groups in one tile, or tiles of 8 elements (loops over rows and channel chunks)."""
     if request.param == "streaming":
         monkeypatch.setattr(channel_module, "TILE_ELEMENTS", 8)
+        monkeypatch.setattr(channel_module, "RESIDENT_ELEMENTS", 8)
         monkeypatch.setattr(channel_module, "COLUMN_CHANNELS", 4)
         monkeypatch.setattr(channel_module, "PLANE_CHANNELS", 2)
+        monkeypatch.setattr(channel_module, "BATCH_PLANE_CHANNELS", 2)
     return request.param
 
 
@@ -534,6 +536,7 @@ def test_row_only_the_sum_used():
 
 def test_row_backward_many_rows_per_program(monkeypatch):
     monkeypatch.setattr(row_module, "BACKWARD_PROGRAMS", 3)  # 10 rows: 4 + 4 + 2
+    monkeypatch.setattr(row_module, "MIN_ROWS_PER_PROGRAM", 1)
     x = sample((10, 7)).requires_grad_()
     w = torch.randn(7, device=DEVICE, requires_grad=True)
     b = torch.randn(7, device=DEVICE, requires_grad=True)

@@ -17,39 +17,59 @@ from collections.abc import Callable, Iterator
 import torch
 import triton  # noqa: F401  (the package needs it; fail here, early, without it)
 
-__all__ = ["INTERPRETED", "count_launches", "launch", "register_op", "semaphore"]
+__all__ = ["INTERPRETED", "count_launches", "launch", "observe", "register_op", "semaphore"]
 
 #: ``@triton.jit`` returned interpreter functions: the kernels take CPU tensors (and only
 #: those). Triton reads the variable when a kernel is decorated, so it must be set before
 #: this package is first imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_launch_counts: list[list[int]] = []
+_observers: list = []
 
 
 def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """Run ``kernel`` over ``grid`` — the one place the package launches a kernel, so
-    :func:`count_launches` sees every launch. ``wrap_triton`` makes the launch visible to
-    torch.compile, which then sees (and may fuse around) the kernel itself."""
-    for counts in _launch_counts:
-        counts[0] += 1
+    :func:`count_launches` (and any :func:`observe` r) sees every launch. ``wrap_triton`` makes
+    the launch visible to torch.compile, which then sees (and may fuse around) the kernel."""
+    for observer in _observers:
+        observer.before(args)
     if INTERPRETED:
         # torch 2.13's wrap_triton hands interpreter functions back unwrapped: launch them directly
         kernel[grid](*args, **kwargs)
     else:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    for observer in _observers:
+        observer.after(args)
+
+
+@contextlib.contextmanager
+def observe(observer) -> Iterator[None]:
+    """Call ``observer.before(args)`` and ``observer.after(args)`` around every launch in the block."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.counts = [0]
+
+    def before(self, args) -> None:
+        self.counts[0] += 1
+
+    def after(self, args) -> None:
+        pass
 
 
 @contextlib.contextmanager
 def count_launches() -> Iterator[list[int]]:
     """``with count_launches() as n: ...`` — ``n[0]`` is the number of Triton kernel launches
     inside the block (eager calls; a compiled graph launches what its code says)."""
-    counts = [0]
-    _launch_counts.append(counts)
-    try:
-        yield counts
-    finally:
-        _launch_counts.remove(counts)
+    counter = _Counter()
+    with observe(counter):
+        yield counter.counts
 
 
 def register_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:

@@ -18,8 +18,11 @@ from ._runtime import INTERPRETED
 _ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRETED)
 
 # The codes the kernels below switch on; checked against the registry on import.
-IDENTITY, RELU, LEAKY_RELU, ELU, SILU, PRELU = 0, 1, 2, 3, 4, 5
-_CODES = {"identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU, "silu": SILU, "prelu": PRELU}
+_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "prelu": 5}
+#: PReLU's code, for host code
+PRELU_CODE = _CODES["prelu"]
+#: the same, for kernels (a jit function reads only globals made ``tl.constexpr``)
+PRELU = tl.constexpr(PRELU_CODE)
 if {name: ACTIVATIONS[name].code for name in FUSED_ACTIVATIONS} != _CODES:
     raise ImportError(
         f"normlab's Triton kernels know the activations {_CODES}, but the registry's fused "

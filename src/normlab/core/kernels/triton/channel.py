@@ -34,12 +34,12 @@ import triton
 import triton.language as tl
 
 from ._runtime import INTERPRETED, launch, semaphore
-from .activation import PRELU, act_forward, act_grad, act_grad_from_output, act_inverse, cast_to
+from .activation import PRELU, PRELU_CODE, act_forward, act_grad, act_grad_from_output, act_inverse, cast_to
 
 __all__ = ["ChannelTiling", "channel_backward", "channel_forward", "channel_tiling"]
 
 # float32's largest finite value: |v| <= it is False for inf and NaN alike
-_FINITE_MAX = 3.4028234663852886e38
+_FINITE_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 # --- tiles -------------------------------------------------------------------------------------
@@ -642,14 +642,21 @@ def _sum_over_samples(partial_ptr, dw_ptr, db_ptr, dslope_ptr, N, C, SLOPE: tl.c
 
 # --- launchers ---------------------------------------------------------------------------------
 
-#: elements per tile: BLOCK_R · BLOCK_C (a tuning choice for GPUs, untested there; tests lower it
-#: to drive the streaming path on small shapes)
+#: elements per tile when a group is streamed: BLOCK_R · BLOCK_C, and the most elements a
+#: program keeps in registers when its groups fit (one read of x, or of x and dy, per call) —
+#: tuning choices for GPUs, untested there; tests lower them to drive the streaming path
 TILE_ELEMENTS = 4096
-#: channels per tile when channels are contiguous (channels_last), and NCHW planes per tile (one
-#: on a GPU, where each is a contiguous run; more under the interpreter, where a program costs
-#: milliseconds of Python)
+RESIDENT_ELEMENTS = 8192
+#: channels per tile when channels are contiguous (channels_last), and NCHW planes per tile for
+#: GroupNorm/InstanceNorm (whole groups, so a group that fits is read once)
 COLUMN_CHANNELS = 16
-PLANE_CHANNELS = 16 if INTERPRETED else 1
+PLANE_CHANNELS = 16
+#: fewest channels per channels_last tile (16 contiguous bytes of float32 per row)
+MIN_COLUMN_CHANNELS = 4
+#: NCHW planes per tile for BatchNorm: one on a GPU, so that every channel is a program of its
+#: own (a BatchNorm channel spans the batch, and programs are the only parallelism); more under
+#: the interpreter, where a program costs milliseconds of Python
+BATCH_PLANE_CHANNELS = 16 if INTERPRETED else 1
 
 
 class ChannelTiling(NamedTuple):
@@ -684,9 +691,15 @@ def channel_tiling(shape: tuple[int, ...], channels_contiguous: bool, groups: in
     per_sample = groups > 0
     cg = c // groups if per_sample else 1
     rows = s if per_sample else n * s
-    max_c = COLUMN_CHANNELS if channels_contiguous else PLANE_CHANNELS
+    if channels_contiguous:
+        max_c = COLUMN_CHANNELS
+    else:
+        max_c = PLANE_CHANNELS if per_sample else BATCH_PLANE_CHANNELS
     if cg == 1:
         mode, block_c = 0, min(_pow2(c), max_c)
+        # channels_last: fewer channels per tile where that keeps whole channels in registers
+        while channels_contiguous and block_c > MIN_COLUMN_CHANNELS and _pow2(rows) * block_c > RESIDENT_ELEMENTS:
+            block_c //= 2
         cpp, chunks = block_c, 1
     elif cg <= max_c:
         mode = 1
@@ -695,10 +708,8 @@ def channel_tiling(shape: tuple[int, ...], channels_contiguous: bool, groups: in
     else:
         mode, block_c = 2, max_c
         cpp, chunks = cg, -(-cg // max_c)
-    block_r = _pow2(max(1, TILE_ELEMENTS // block_c))
-    resident = chunks == 1 and _pow2(rows) <= block_r
-    if resident:
-        block_r = _pow2(rows)
+    resident = chunks == 1 and _pow2(rows) * block_c <= RESIDENT_ELEMENTS
+    block_r = _pow2(rows) if resident else _pow2(max(1, TILE_ELEMENTS // block_c))
     k = n * groups if per_sample else c
     return ChannelTiling(
         n,
@@ -742,11 +753,16 @@ def collapsible(t: torch.Tensor) -> bool:
 
 
 def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, int]:
-    """The (N, *spatial) bool mask as bytes with (stride of N, stride of the positions)."""
+    """The (N, *spatial) bool mask and (stride of N, stride of the flattened positions). Passed
+    as it is (not a reshaped view: to a tracer, a view of an input that a kernel might write is
+    written back into that input); copied only where its spatial strides do not collapse."""
     if mask is None:
         return None, 0, 0
-    flat = mask.reshape(mask.shape[0], -1)  # a view unless the spatial dims do not collapse
-    return flat.view(torch.uint8), flat.stride(0), flat.stride(1)
+    strides = _collapsed_strides(mask.unsqueeze(1))  # the position dims of an (N, 1, *spatial) view
+    if strides is None:
+        mask = mask.contiguous()
+        strides = _collapsed_strides(mask.unsqueeze(1))
+    return mask, strides[0], strides[2]
 
 
 def _warps(tiling: ChannelTiling) -> int:
@@ -926,6 +942,9 @@ def _or(t: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
 
 
 def _slope(prelu_weight: torch.Tensor | None, act: int, channels: int) -> torch.Tensor | None:
-    if act != PRELU or prelu_weight is None:
+    """PReLU's slopes, one per channel: the parameter itself, or a copy spread over the channels."""
+    if act != PRELU_CODE or prelu_weight is None:
         return None
-    return prelu_weight.detach().reshape(-1).expand(channels).contiguous()
+    if prelu_weight.numel() == channels and prelu_weight.dim() == 1 and prelu_weight.is_contiguous():
+        return prelu_weight
+    return prelu_weight.reshape(-1).expand(channels).contiguous()

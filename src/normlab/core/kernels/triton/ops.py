@@ -25,12 +25,11 @@ from ...activation import GAMMA_GUARD, abn_backward, activation_for_code, apply_
 from ...masked import masked_reference
 from ...reference import reference_normalize
 from ._runtime import register_op
+from .activation import PRELU_CODE
 from .channel import channel_backward, channel_forward
 from .row import row_backward, row_forward
 
 __all__ = ["ChannelNorm", "ChannelNormInPlace", "RowNorm"]
-
-_PRELU = 5
 
 
 def _stat_groups(x: torch.Tensor, groups: int) -> int:
@@ -85,6 +84,34 @@ def _(
     return torch.empty_like(x), stats, x.new_empty(1, dtype=torch.int32)
 
 
+@register_op("triton_channel_norm_inplace", mutates_args=("x", "running_mean", "running_var", "num_batches_tracked"))
+def _channel_norm_inplace(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    momentum: float,
+    unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stats, status); the output is written over ``x``."""
+    update = None
+    if running_mean is not None:
+        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    _, stats, status = channel_forward(x, weight, bias, None, None, groups, eps, act, param, out=x, update=update)
+    return stats, status
+
+
+@_channel_norm_inplace.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, groups, eps, act, param, momentum, unbiased):
+    return x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32), x.new_empty(1, dtype=torch.int32)
+
+
 @register_op("triton_channel_norm_given")
 def _channel_norm_given(
     x: torch.Tensor,
@@ -124,17 +151,20 @@ def _channel_norm_backward(
     act: int,
     param: float,
     params: bool,
+    inplace: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dγ, dβ, dPReLU), the last three float32 (C,) (empty without ``params``); with
-    ``running_mean`` the eval form."""
+    ``running_mean`` the eval form; ``inplace``: ``x`` is the in-place mode's output."""
     given = None if running_mean is None else (running_mean, running_var, eps)
     return channel_backward(
-        dy, x, weight, bias, prelu_weight, mask, stats, groups, act, param, given=given, params=params
+        dy, x, weight, bias, prelu_weight, mask, stats, groups, act, param, given=given, inplace=inplace, params=params
     )
 
 
 @_channel_norm_backward.register_fake
-def _(dy, x, weight, bias, prelu_weight, mask, stats, running_mean, running_var, groups, eps, act, param, params):
+def _(
+    dy, x, weight, bias, prelu_weight, mask, stats, running_mean, running_var, groups, eps, act, param, params, inplace
+):
     c = x.shape[1] if params else 0
     return (torch.empty_like(x), *(x.new_empty(c, dtype=torch.float32) for _ in range(3)))
 
@@ -212,21 +242,25 @@ class ChannelNorm(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias, prelu, mask, stats, None, None)
         ctx.groups, ctx.eps, ctx.act, ctx.param, ctx.given = groups, eps, act, param, given
         ctx.mark_non_differentiable(stats, status)
+        # no zero-filled gradients for the statistics: two launches each backward otherwise
+        ctx.set_materialize_grads(False)
         return y, stats, status
 
     @staticmethod
     def backward(ctx, dy, _stats_grad, _status_grad):
         x, weight, bias, prelu, mask, stats, rm, rv = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        if dy is None:
+            return (None,) * 15
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
             grads = _channel_double_backward(ctx, dy, x, weight, bias, prelu, mask, stats, rm, rv)
         else:
             params = any(needs[i] for i in (1, 2, 3))
             dx, dw, db, dp = torch.ops.normlab.triton_channel_norm_backward(
-                dy, x, weight, bias, prelu, mask, stats, rm, rv, ctx.groups, ctx.eps, ctx.act, ctx.param, params
+                dy, x, weight, bias, prelu, mask, stats, rm, rv, ctx.groups, ctx.eps, ctx.act, ctx.param, params, False
             )
             grads = (dx if needs[0] else None, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]))
-            grads += (_param_grad(dp, prelu, needs[3] and ctx.act == _PRELU),)
+            grads += (_param_grad(dp, prelu, needs[3] and ctx.act == PRELU_CODE),)
         return (*grads, *(None,) * 11)
 
 
@@ -331,9 +365,24 @@ class ChannelNormInPlace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, act, param, update, stats_out):
-        small = small_gamma_channels(weight)
+        # γ read on the host (3 small ops); on the meta device there is nothing to read
+        small = small_gamma_channels(weight) if x.device.type != "meta" else None
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
-        _, stats, status = channel_forward(x, weight, bias, None, None, groups, eps, act, param, out=x, update=update)
+        rm, rv, counter, momentum, unbiased = update if update is not None else (None, None, None, 0.0, True)
+        stats, status = torch.ops.normlab.triton_channel_norm_inplace(
+            x,
+            weight,
+            bias,
+            rm,
+            rv,
+            counter,
+            groups,
+            eps,
+            act,
+            param,
+            -1.0 if momentum is None else float(momentum),
+            unbiased,
+        )
         ctx.mark_dirty(x)
         stats_out.extend((stats, status))
         ctx.groups, ctx.act, ctx.param, ctx.small = groups, act, param, small
@@ -347,8 +396,8 @@ class ChannelNormInPlace(torch.autograd.Function):
         y, weight, bias, stats, x_small = ctx.saved_tensors
         needs = ctx.needs_input_grad
         params = bool(needs[1] or needs[2] or ctx.small is not None)
-        dx, dw, db, _ = channel_backward(
-            dy, y, weight, bias, None, None, stats, ctx.groups, ctx.act, ctx.param, inplace=True, params=params
+        dx, dw, db, _ = torch.ops.normlab.triton_channel_norm_backward(
+            dy, y, weight, bias, None, None, stats, None, None, ctx.groups, 0.0, ctx.act, ctx.param, params, True
         )
         if ctx.small is not None:
             _redo_small_gamma(ctx, dx, dw, dy, y, weight, bias, stats, x_small)

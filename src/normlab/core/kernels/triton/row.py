@@ -25,9 +25,12 @@ __all__ = ["MAX_ROW", "row_backward", "row_forward"]
 
 #: the longest row a program holds in registers; longer rows go to torch's kernels
 MAX_ROW = 65536
-#: programs of the backward (each a run of rows); fewer under the interpreter, where each
-#: program costs milliseconds of Python
-BACKWARD_PROGRAMS = 8 if INTERPRETED else 1024
+#: programs of the backward at most (each a run of rows, about twice a large GPU's
+#: multiprocessors; fewer under the interpreter, where each program costs milliseconds of Python)
+BACKWARD_PROGRAMS = 8 if INTERPRETED else 256
+#: rows per backward program at least: each program writes, and the last reads back, a (k,)
+#: share of dγ and dβ, which must stay small beside the rows themselves (1/8 of a pass here)
+MIN_ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
@@ -213,7 +216,7 @@ def row_backward(
     dy = dy.contiguous()
     ds = ds.contiguous() if ds is not None else None
     dx = torch.empty_like(s)
-    programs = max(1, min(rows, BACKWARD_PROGRAMS))
+    programs = max(1, min(-(-rows // MIN_ROWS_PER_PROGRAM), BACKWARD_PROGRAMS))
     per_program = -(-rows // programs)
     programs = -(-rows // per_program)
     dw = torch.empty(k if params else 0, dtype=torch.float32, device=s.device)
