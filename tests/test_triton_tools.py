@@ -294,7 +294,7 @@ def test_traffic_counts_what_the_kernels_touch():
     from normlab.bench.traffic import count_triton
     from normlab.core.kernels.triton import channel
 
-    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    x = torch.randn(4, 8, 32, 32, requires_grad=True)  # 128 KiB: above SMALL_BYTES, every access counts
     unit = x.numel() * 4
 
     def make():
@@ -305,7 +305,7 @@ def test_traffic_counts_what_the_kernels_touch():
     assert 2 * unit <= resident["fwd_bytes"] < 2.1 * unit
     assert 3 * unit <= resident["bwd_bytes"] < 3.1 * unit  # x and dy in, dx out
     saved = channel.RESIDENT_ELEMENTS, channel.TILE_ELEMENTS
-    channel.RESIDENT_ELEMENTS, channel.TILE_ELEMENTS = 16, 16
+    channel.RESIDENT_ELEMENTS, channel.TILE_ELEMENTS = 1024, 1024
     try:
         streamed = count_triton(make)
     finally:
