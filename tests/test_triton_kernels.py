@@ -644,3 +644,27 @@ def test_compile_fullgraph_matches_eager():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, w, b, *state_compiled), f(x, w, b, *state_eager))
     torch.testing.assert_close(state_compiled, state_eager)
+
+
+def test_takes_channel_and_row_say_why_not():
+    x = sample((2, 4, 3))
+    assert tk.takes_channel(x) == (True, "")
+    assert tk.takes_channel(x.double())[0] is False
+    assert "activation" in tk.takes_channel(x, activation="tanh")[1]
+    assert (
+        "running estimates per (sample, group)"
+        in tk.takes_channel(x, groups=2, running_mean=torch.zeros(4, device=DEVICE))[1]
+    )
+    strided = torch.ones(8, device=DEVICE)[::2]  # would be read as if contiguous
+    assert "weight is not a contiguous" in tk.takes_channel(x, weight=strided)[1]
+    assert (
+        "running_var"
+        in tk.takes_channel(
+            x, running_mean=torch.zeros(4, device=DEVICE), running_var=torch.ones(1, device=DEVICE).expand(4)
+        )[1]
+    )
+    assert tk.takes_row(x, (3,)) == (True, "")
+    assert "residual" in tk.takes_row(x, (3,), residual=sample((1, 4, 3)))[1]
+    assert "65536" in tk.takes_row(torch.empty(1, 70000, device=DEVICE), (70000,))[1]
+    elsewhere = "meta" if DEVICE == "cpu" else "cpu"
+    assert tk.takes_channel(torch.empty(2, 4, 3, device=elsewhere))[0] is (elsewhere == "meta")

@@ -42,8 +42,11 @@ def _device_ok(t: torch.Tensor) -> tuple[bool, str]:
 def takes_channel(
     x: torch.Tensor,
     *,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     activation: str = "identity",
     running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
     batch_stats: bool = True,
     groups: int = -1,
 ) -> tuple[bool, str]:
@@ -60,6 +63,10 @@ def takes_channel(
         return False, f"activation {activation!r} has no kernel code"
     if running_mean is not None and groups > 0:
         return False, "running estimates per (sample, group) are merged by the caller"
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and (t.dim() != 1 or t.stride(0) != 1 or t.device != x.device):
+            # the kernels read (and write) them as plain (C,) arrays on the input's device
+            return False, f"{name} is not a contiguous 1-D tensor on the input's device"
     if not batch_stats and groups > 0:
         return False, "given statistics are per channel (BatchNorm)"
     return True, ""
