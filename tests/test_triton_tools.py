@@ -312,3 +312,57 @@ def test_traffic_counts_what_the_kernels_touch():
         channel.RESIDENT_ELEMENTS, channel.TILE_ELEMENTS = saved
     assert 3 * unit <= streamed["fwd_bytes"] < 3.1 * unit
     assert 5 * unit <= streamed["bwd_bytes"] < 5.1 * unit
+
+
+def test_inplace_mode_on_a_resnet_style_model_keeps_about_half():
+    """Bytes autograd keeps for backward (saved-tensor hooks, distinct storages) in a small
+    ResNet-style CNN: torch.nn's BatchNorm2d + LeakyReLU(inplace) against the Triton in-place
+    mode — each norm layer keeps half (its output only), the convolutions their inputs as before."""
+    from torch import nn
+
+    class TritonBNAct(nn.BatchNorm2d):
+        def forward(self, x):
+            return tk.channel_norm(
+                x,
+                self.weight,
+                self.bias,
+                eps=self.eps,
+                running_mean=self.running_mean,
+                running_var=self.running_var,
+                num_batches_tracked=self.num_batches_tracked,
+                momentum=self.momentum,
+                activation="leaky_relu",
+                param=0.01,
+                inplace=True,
+            ).y
+
+    def norm_act(c, ours):
+        return TritonBNAct(c) if ours else nn.Sequential(nn.BatchNorm2d(c), nn.LeakyReLU(0.01, inplace=True))
+
+    def model(ours):
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 8, 3, padding=1, bias=False), norm_act(8, ours)]
+        for _ in range(2):
+            layers += [nn.Conv2d(8, 8, 3, padding=1, bias=False), norm_act(8, ours)]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def kept(ours):
+        net = model(ours)
+        x = torch.randn(4, 3, 16, 16)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = net(x).square().mean()
+        loss.backward()
+        return sum(v for v in storages.values() if v >= 4 * 8 * 16 * 16 * 4), loss.item()
+
+    theirs, loss_theirs = kept(False)
+    ours, loss_ours = kept(True)
+    assert loss_ours == pytest.approx(loss_theirs, rel=1e-5)
+    # torch.nn keeps, per block, the conv input, the norm's input and its output; ours the conv
+    # input (= the previous in-place output) alone: 3 activations vs 6 in this net, plus the image
+    assert ours / theirs <= 0.6
