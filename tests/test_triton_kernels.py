@@ -668,3 +668,27 @@ def test_takes_channel_and_row_say_why_not():
     assert "65536" in tk.takes_row(torch.empty(1, 70000, device=DEVICE), (70000,))[1]
     elsewhere = "meta" if DEVICE == "cpu" else "cpu"
     assert tk.takes_channel(torch.empty(2, 4, 3, device=elsewhere))[0] is (elsewhere == "meta")
+
+
+def test_a_launch_that_fails_resets_the_semaphores():
+    """A launch stopped part-way (an error, Ctrl-C) may leave a finishing program's semaphore
+    counted up; every counter restarts at 0, so the next running update still happens."""
+    from normlab.core.kernels.triton import _runtime
+
+    x = sample((3, 4, 5))
+    counter = _runtime.semaphore(x)
+    counter.fill_(2)  # as a launch stopped after two programs would leave it
+
+    class Failing:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            return run
+
+    with pytest.raises(KeyboardInterrupt):
+        _runtime.launch(Failing(), (1,), x)
+    assert int(counter) == 0
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    out = tk.channel_norm(x, None, None, eps=1e-5, running_mean=rm, running_var=rv)
+    assert int(out.status) == 1 and rm.abs().sum() > 0

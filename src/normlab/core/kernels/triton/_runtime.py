@@ -33,11 +33,18 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     the launch visible to torch.compile, which then sees (and may fuse around) the kernel."""
     for observer in _observers:
         observer.before(args)
-    if INTERPRETED:
-        # torch 2.13's wrap_triton hands interpreter functions back unwrapped: launch them directly
-        kernel[grid](*args, **kwargs)
-    else:
-        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    try:
+        if INTERPRETED:
+            # torch 2.13's wrap_triton hands interpreter functions back unwrapped: launch them directly
+            kernel[grid](*args, **kwargs)
+        else:
+            torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    except BaseException:
+        # a launch stopped part-way may have left a semaphore counted up, and the next kernel's
+        # finishing program would then never run: start every counter afresh
+        for counter in _semaphores.values():
+            counter.zero_()
+        raise
     for observer in _observers:
         observer.after(args)
 
