@@ -666,6 +666,7 @@ def test_takes_channel_and_row_say_why_not():
     assert tk.takes_row(x, (3,)) == (True, "")
     assert "residual" in tk.takes_row(x, (3,), residual=sample((1, 4, 3)))[1]
     assert "65536" in tk.takes_row(torch.empty(1, 70000, device=DEVICE), (70000,))[1]
+    assert "65535" in tk.takes_channel(torch.empty(70000, 2, 1, device="meta"), groups=1)[1]
     elsewhere = "meta" if DEVICE == "cpu" else "cpu"
     assert tk.takes_channel(torch.empty(2, 4, 3, device=elsewhere))[0] is (elsewhere == "meta")
 

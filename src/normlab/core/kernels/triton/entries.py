@@ -69,6 +69,8 @@ def takes_channel(
             return False, f"{name} is not a contiguous 1-D tensor on the input's device"
     if not batch_stats and groups > 0:
         return False, "given statistics are per channel (BatchNorm)"
+    if groups > 0 and x.shape[0] > 65535:
+        return False, f"{x.shape[0]} samples: GroupNorm's programs span samples on a grid axis of at most 65535"
     return True, ""
 
 
