@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BUDGET_S", "Step", "card_name", "plan", "run_steps", "time_triton_rows"]
+__all__ = ["BUDGET_S", "Step", "card_name", "cuda_tests", "plan", "run_steps", "time_triton_rows"]
 
 #: seconds for all steps together: under the 8 minutes the run promises, start-up included
 BUDGET_S = 450
@@ -57,8 +57,8 @@ def plan(*, tests_dir: Path | None, out_dir: Path | None, quick: bool = False) -
         return ("--out", str(out_dir / f"{name}.json")) if out_dir is not None else ()
 
     steps = []
-    if tests_dir is not None:
-        tests = tuple(str(tests_dir / name) for name in ("test_cuda.py", "test_triton_kernels.py"))
+    tests = cuda_tests(tests_dir) if tests_dir is not None else ()
+    if tests:
         steps.append(Step("CUDA tests", python + ("-m", "pytest", "-q", "-p", "no:cacheprovider", *tests), 150))
     steps += [
         Step("Triton kernels vs torch.nn", normlab + ("bench", "triton", "--device", "cuda", *out("triton")), 60),
@@ -80,6 +80,15 @@ def plan(*, tests_dir: Path | None, out_dir: Path | None, quick: bool = False) -
     total = sum(step.timeout_s for step in steps)
     assert total <= BUDGET_S, f"the steps' limits ({total} s) exceed the budget ({BUDGET_S} s)"
     return steps
+
+
+#: the test files that exercise CUDA: torch's kernels through normlab, and the Triton kernels
+CUDA_TEST_FILES = ("test_cuda.py", "test_triton_kernels.py")
+
+
+def cuda_tests(tests_dir: Path) -> tuple[str, ...]:
+    """The CUDA test files under ``tests_dir`` (at any depth), or () when there are none."""
+    return tuple(str(path) for name in CUDA_TEST_FILES for path in sorted(tests_dir.rglob(name)))
 
 
 def run_steps(steps: list[Step], card: str, echo: Callable[[str], None] = print) -> list[dict]:

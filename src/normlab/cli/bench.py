@@ -296,11 +296,11 @@ def run_triton(args: argparse.Namespace) -> int:
 
 
 def run_gpu(args: argparse.Namespace) -> int:
-    from ..bench.gpu import BUDGET_S, card_name, plan, run_steps
+    from ..bench.gpu import BUDGET_S, CUDA_TEST_FILES, card_name, cuda_tests, plan, run_steps
 
     tests_dir = Path(args.tests)
     steps = plan(
-        tests_dir=tests_dir if (tests_dir / "test_cuda.py").is_file() else None,
+        tests_dir=tests_dir,
         out_dir=Path(args.out_dir) if args.out_dir else None,
         quick=args.quick,
     )
@@ -308,10 +308,9 @@ def run_gpu(args: argparse.Namespace) -> int:
         print(f"normlab bench gpu would run, within {sum(s.timeout_s for s in steps)} s (budget {BUDGET_S} s):")
         for step in steps:
             print(f"  {step.name} (limit {step.timeout_s} s): {' '.join(step.argv)}")
-        if tests_dir is not None and not (tests_dir / "test_cuda.py").is_file():
-            print(
-                f"  (no CUDA tests: {tests_dir}/test_cuda.py not found; pass --tests PATH to the repository's tests/)"
-            )
+        if not cuda_tests(tests_dir):
+            names = " or ".join(CUDA_TEST_FILES)
+            print(f"  (no CUDA tests: no {names} under {tests_dir}; pass --tests PATH to the repository's tests/)")
         return 0
     import torch
 
