@@ -693,3 +693,20 @@ def test_a_launch_that_fails_resets_the_semaphores():
     rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
     out = tk.channel_norm(x, None, None, eps=1e-5, running_mean=rm, running_var=rv)
     assert int(out.status) == 1 and rm.abs().sum() > 0
+
+
+def test_shared_prelu_slope_and_5d_channels_last():
+    """A single PReLU slope for every channel (torch.nn.PReLU()'s default) gets the gradient
+    summed over channels; a 5-D channels_last_3d input is read in place."""
+    x = sample((2, 4, 3, 2, 2)).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    slope = torch.full((1,), 0.3, device=DEVICE)
+    out, (dx, dw, db, dp), dy = run_channel(x, w, b, groups=2, act="prelu", prelu=slope)
+    y_ref, dx_ref, dw_ref, db_ref, dp_ref = reference(
+        x, w, b, dy, groups=2, act="prelu", prelu=slope.expand(4).contiguous()
+    )
+    assert out.y.stride() == x.stride() and dp.shape == (1,)
+    close(out.y, y_ref, 1e-6, "y")
+    close(dx, dx_ref, 2e-6, "dx")
+    close(dw, dw_ref, 2e-6, "dγ")
+    close(dp, dp_ref.sum().reshape(1), 2e-6, "dPReLU")
