@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import in_layout
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy_reference import backward as np_backward
 from numpy_reference import forward as np_forward
 from numpy_reference import masked_backward as np_masked_backward
@@ -710,3 +712,38 @@ def test_shared_prelu_slope_and_5d_channels_last():
     close(dx, dx_ref, 2e-6, "dx")
     close(dw, dw_ref, 2e-6, "dγ")
     close(dp, dp_ref.sum().reshape(1), 2e-6, "dPReLU")
+
+
+@settings(max_examples=20)
+@given(
+    n=st.integers(1, 3),
+    per_group=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    batch_norm=st.booleans(),
+    layout=st.sampled_from(["contiguous", "channels_last"]),
+    act=st.sampled_from(ACTS),
+    affine=st.booleans(),
+)
+def test_channel_property(n, per_group, groups, spatial, batch_norm, layout, act, affine):
+    """Any small shape, grouping, layout and activation: the float64 reference."""
+    c = per_group * groups
+    shape = (n, c, *spatial)
+    if layout == "channels_last" and len(shape) < 3:
+        layout = "contiguous"
+    x = sample(shape, layout=layout)
+    w = torch.randn(c, device=DEVICE) if affine else None
+    b = torch.randn(c, device=DEVICE) if affine else None
+    prelu = torch.rand(c, device=DEVICE) if act == "prelu" else None
+    g = -1 if batch_norm else groups
+    out, (dx, dw, db, dp), dy = run_channel(x, w, b, groups=g, act=act, prelu=prelu)
+    y_ref, dx_ref, dw_ref, db_ref, dp_ref = reference(
+        x, w, b, dy, groups=g, act=act, param=PARAMS.get(act, 0.0), prelu=prelu
+    )
+    close(out.y, y_ref, 1e-6, "y")
+    close(dx, dx_ref, 2e-6, "dx")
+    if affine:
+        close(dw, dw_ref, 2e-6, "dγ")
+        close(db, db_ref, 2e-6, "dβ")
+    if act == "prelu":
+        close(dp, dp_ref, 2e-6, "dPReLU")
