@@ -17,6 +17,11 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("NORMLAB_HYPOTHESIS", "ci"))
 
+# Without a GPU the Triton kernels are tested under Triton's interpreter, on CPU tensors. Triton
+# reads the switch when a kernel is defined, so it is set before any test module imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,9 +1,9 @@
 """Training memory of BatchNorm + LeakyReLU: torch.nn's two modules, normlab's fused layer,
 and the in-place (output-only) mode, in a small ResNet-style network.
 
-Each variant runs in a fresh process, so its peak resident set size (ru_maxrss) is its own;
-the bytes kept for backward are counted with ``torch.autograd.graph.saved_tensors_hooks``
-(distinct storages, activations only).
+Each variant runs in a fresh process, so its peak resident set size (ru_maxrss) is its own —
+on CUDA, the peak of the caching allocator's allocated bytes; the bytes kept for backward are
+counted with ``torch.autograd.graph.saved_tensors_hooks`` (distinct storages, activations only).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class MemoryBenchConfig:
     width: int = 32
     blocks: int = 4
     threads: int = 2
+    device: str = "cpu"
 
 
 _CHILD = r"""
@@ -38,6 +39,7 @@ from torch import nn
 import normlab as nl
 
 variant, batch, image, width, blocks, threads = sys.argv[1], *map(int, sys.argv[2:7])
+device = torch.device(sys.argv[7])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 
@@ -56,9 +58,10 @@ class Block(nn.Module):
 
 model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), norm_act(width),
                       *[Block(width) for _ in range(blocks)], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+model = model.to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
-x = torch.randn(batch, 3, image, image)
-y = torch.randint(0, 10, (batch,))
+x = torch.randn(batch, 3, image, image).to(device)
+y = torch.randint(0, 10, (batch,)).to(device)
 loss_fn = nn.CrossEntropyLoss()
 storages = {}
 def pack(t):
@@ -75,9 +78,12 @@ for step in range(3):
         loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 saved = sum(v for v in storages.values() if v > 64 * 1024)
-print(json.dumps({"variant": variant, "peak_rss_mb": peak / 1024, "rss_before_mb": before / 1024,
+if device.type == "cuda":
+    peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA allocated"
+else:
+    peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "RSS"
+print(json.dumps({"variant": variant, "peak_mb": peak, "peak_kind": kind, "rss_before_mb": before / 1024,
                   "saved_for_backward_mb": saved / 2**20, "loss": float(loss)}))
 """
 
@@ -96,6 +102,7 @@ def run_memory_benchmark(config: MemoryBenchConfig = MemoryBenchConfig()) -> lis
                 str(config.width),
                 str(config.blocks),
                 str(config.threads),
+                config.device,
             ],
             capture_output=True,
             text=True,
@@ -104,16 +111,17 @@ def run_memory_benchmark(config: MemoryBenchConfig = MemoryBenchConfig()) -> lis
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]
     for r in rows:
-        r["peak_vs_torch"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        r["peak_vs_torch"] = r["peak_mb"] / base["peak_mb"]
         r["saved_vs_torch"] = r["saved_for_backward_mb"] / base["saved_for_backward_mb"]
     return rows
 
 
 def format_memory_table(rows: list[dict]) -> str:
-    lines = [f"{'variant':<44}{'peak RSS MB':>12}{'vs torch':>9}{'saved MB':>10}{'vs torch':>9}"]
+    kind = rows[0]["peak_kind"] if rows else "RSS"
+    lines = [f"{'variant':<44}{'peak ' + kind + ' MB':>22}{'vs torch':>9}{'saved MB':>10}{'vs torch':>9}"]
     for r in rows:
         lines.append(
-            f"{r['variant']:<44}{r['peak_rss_mb']:>12.0f}{r['peak_vs_torch']:>8.2f}x"
+            f"{r['variant']:<44}{r['peak_mb']:>22.0f}{r['peak_vs_torch']:>8.2f}x"
             f"{r['saved_for_backward_mb']:>10.0f}{r['saved_vs_torch']:>8.2f}x"
         )
     return "\n".join(lines)

@@ -230,11 +230,11 @@ def run_models(args: argparse.Namespace) -> int:
 def run_memory(args: argparse.Namespace) -> int:
     from ..bench.memory import MemoryBenchConfig, format_memory_table, run_memory_benchmark
 
-    config = MemoryBenchConfig(batch=args.batch, threads=args.threads)
+    config = MemoryBenchConfig(batch=args.batch, threads=args.threads, device=_device(args))
     rows = run_memory_benchmark(config)
     print(
         f"training memory of a ResNet-style CNN ({config.blocks} blocks, width {config.width}, "
-        f"{config.image}x{config.image} images, batch {config.batch}); each variant in its own process; "
+        f"{config.image}x{config.image} images, batch {config.batch}) on {config.device}; each variant in its own process; "
         "saved = bytes autograd keeps for backward (activations over 64 KiB)"
     )
     print(format_memory_table(rows))
@@ -244,6 +244,93 @@ def run_memory(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.out}")
     return 0
+
+
+def run_traffic(args: argparse.Namespace) -> int:
+    from ..bench.traffic import format_traffic_table
+    from ..bench.traffic import run_traffic as count
+    from ..core.kernels import triton as triton_kernels
+
+    if not triton_kernels.interpreted() or not triton_kernels.available():
+        raise CommandError(
+            "normlab bench traffic counts the Triton kernels' bytes inside Triton's interpreter: install "
+            "triton and run with TRITON_INTERPRET=1 in the environment (it runs on the CPU, no GPU needed)"
+        )
+    print(
+        "bytes (as passes over the input) and kernel launches per call, forward and backward — counted, "
+        "not timed: torch.nn and normlab without Triton on the meta device, the Triton kernels on the "
+        "meta device and inside Triton's interpreter (GPU tiling); see normlab.bench.traffic",
+        flush=True,
+    )
+    rows = count(
+        tuple(args.only) if args.only else None,
+        progress=(lambda r: print(f"  {r['call']}", flush=True)) if args.verbose else None,
+    )
+    print(format_traffic_table(rows))
+    if args.out:
+        atomic_write_json(Path(args.out), {"benchmark": "traffic", "machine": machine_info(), "rows": rows})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_triton(args: argparse.Namespace) -> int:
+    from ..bench.gpu import card_name, format_triton_rows, time_triton_rows
+    from ..core.kernels import triton as triton_kernels
+
+    device = _device(args)
+    if not triton_kernels.available():
+        raise CommandError(f"normlab bench triton: {triton_kernels.status()}")
+    if device.startswith("cuda") and triton_kernels.interpreted():
+        raise CommandError("normlab bench triton --device cuda times compiled kernels: unset TRITON_INTERPRET")
+    if device == "cpu" and not triton_kernels.interpreted():
+        raise CommandError("normlab bench triton --device cpu runs the kernels under TRITON_INTERPRET=1 only")
+    card = card_name(device) if device.startswith("cuda") else "Triton's interpreter (CPU; times mean nothing)"
+    rows = time_triton_rows(device, repeats=args.repeats, small=args.small)
+    print(format_triton_rows(rows, card))
+    if args.out:
+        atomic_write_json(
+            Path(args.out), {"benchmark": "triton", "machine": machine_info(), "card": card, "rows": rows}
+        )
+        print(f"wrote {args.out}")
+    return 0 if all(r["max_rel_diff"] < 1e-4 for r in rows) else 1
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    from ..bench.gpu import BUDGET_S, CUDA_TEST_FILES, card_name, cuda_tests, plan, run_steps
+
+    tests_dir = Path(args.tests)
+    steps = plan(
+        tests_dir=tests_dir,
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+        quick=args.quick,
+    )
+    if args.dry_run:
+        print(f"normlab bench gpu would run, within {sum(s.timeout_s for s in steps)} s (budget {BUDGET_S} s):")
+        for step in steps:
+            print(f"  {step.name} (limit {step.timeout_s} s): {' '.join(step.argv)}")
+        if not cuda_tests(tests_dir):
+            names = " or ".join(CUDA_TEST_FILES)
+            print(f"  (no CUDA tests: no {names} under {tests_dir}; pass --tests PATH to the repository's tests/)")
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"normlab bench gpu: skipped — this torch ({torch.__version__}) sees no CUDA device")
+        return 0
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    card = card_name()
+    print(f"normlab bench gpu on {card}; torch {torch.__version__}", flush=True)
+    results = run_steps(steps, card, echo=lambda line: print(line, flush=True))
+    print(f"\n=== summary on {card} ===")
+    for r in results:
+        state = (
+            "timed out" if r["returncode"] is None else ("ok" if r["returncode"] == 0 else f"exit {r['returncode']}")
+        )
+        print(f"  {r['step']:<30} {state:<10} {r['seconds']:>6.1f} s")
+    if args.out_dir:
+        atomic_write_json(Path(args.out_dir) / "gpu.json", {"card": card, "machine": machine_info(), "steps": results})
+    return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
 def add_parser(sub) -> None:
@@ -299,5 +386,27 @@ def add_parser(sub) -> None:
     memory = kinds.add_parser("memory", help="peak memory of BatchNorm+LeakyReLU: torch.nn, fused, in-place")
     memory.add_argument("--batch", type=positive_int, default=64)
     memory.add_argument("--threads", type=positive_int, default=2)
+    memory.add_argument("--device", default="cpu", help="cpu (default: peak RSS) or cuda (peak allocated bytes)")
     memory.add_argument("--out", help="write the rows as JSON to this path")
     memory.set_defaults(func=_out_checked(run_memory))
+    traffic = kinds.add_parser(
+        "traffic", help="bytes and launches per call: Triton kernels vs torch.nn (counted; TRITON_INTERPRET=1)"
+    )
+    traffic.add_argument("--only", nargs="+", metavar="TEXT", help="only the calls whose name contains TEXT")
+    traffic.add_argument("--verbose", action="store_true", help="print each call as it is counted")
+    traffic.add_argument("--out", help="write the rows as JSON to this path")
+    traffic.set_defaults(func=_out_checked(run_traffic))
+    triton = kinds.add_parser("triton", help="the Triton kernels timed against torch.nn (a GPU; or the interpreter)")
+    triton.add_argument("--device", default="cuda", help="cuda (default) or cpu (under TRITON_INTERPRET=1)")
+    triton.add_argument("--repeats", type=positive_int, default=25)
+    triton.add_argument("--small", action="store_true", help="tiny shapes: checks every row runs")
+    triton.add_argument("--out", help="write the rows as JSON to this path")
+    triton.set_defaults(func=_out_checked(run_triton))
+    gpu = kinds.add_parser(
+        "gpu", help="on a GPU, in under 8 minutes: CUDA tests, Triton kernels, layers, models, memory on cuda"
+    )
+    gpu.add_argument("--quick", action="store_true", help="shorter limits; models without torch.compile")
+    gpu.add_argument("--tests", default="tests", help="the repository's tests/ folder (default: ./tests)")
+    gpu.add_argument("--out-dir", help="write each step's JSON into this folder")
+    gpu.add_argument("--dry-run", action="store_true", help="print the steps and their limits, run nothing")
+    gpu.set_defaults(func=run_gpu)

@@ -1,0 +1,446 @@
+"""The Triton kernels as PyTorch operators, their fake (meta) implementations, and their
+autograd bindings.
+
+    normlab::triton_channel_norm            BN/IN/GN (+ mask, activation) with batch statistics;
+                                            updates BatchNorm's running estimates in the launch
+    normlab::triton_channel_norm_given      BatchNorm with given statistics (eval)
+    normlab::triton_channel_norm_backward   (dx, dγ, dβ, dPReLU) of either
+    normlab::triton_row_norm                LayerNorm / RMSNorm (+ residual add)
+    normlab::triton_row_norm_backward       (d_sum, dγ, dβ)
+
+Registered with ``torch.library.triton_op`` (``custom_op`` under the interpreter; see
+``_runtime.register_op``). Autograd is an ``autograd.Function`` around the operators rather
+than ``register_autograd``, because the training forward mutates the running estimates and
+torch allows a registered autograd formula only on functional operators. A second
+derivative (``create_graph=True``) differentiates the composed reference on the saved
+operands, as the CPU kernels do. The in-place mode overwrites its input, which no functional
+operator can express: it is an ``autograd.Function`` calling the kernels directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...activation import GAMMA_GUARD, abn_backward, activation_for_code, apply_activation, small_gamma_channels
+from ...masked import masked_reference
+from ...reference import reference_normalize
+from ._runtime import register_op
+from .activation import PRELU_CODE
+from .channel import channel_backward, channel_forward
+from .row import row_backward, row_forward
+
+__all__ = ["ChannelNorm", "ChannelNormInPlace", "RowNorm"]
+
+
+def _stat_groups(x: torch.Tensor, groups: int) -> int:
+    return x.shape[1] if groups < 0 else x.shape[0] * groups
+
+
+# --- operators -------------------------------------------------------------------------------
+
+
+@register_op("triton_channel_norm", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def _channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    momentum: float,
+    unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, stats, status); ``momentum < 0`` is the cumulative average."""
+    update = None
+    if running_mean is not None:
+        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    return channel_forward(x, weight, bias, prelu_weight, mask, groups, eps, act, param, update=update)
+
+
+@_channel_norm.register_fake
+def _(
+    x,
+    weight,
+    bias,
+    prelu_weight,
+    mask,
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    groups,
+    eps,
+    act,
+    param,
+    momentum,
+    unbiased,
+):
+    stats = x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32)
+    return torch.empty_like(x), stats, x.new_empty(1, dtype=torch.int32)
+
+
+@register_op("triton_channel_norm_inplace", mutates_args=("x", "running_mean", "running_var", "num_batches_tracked"))
+def _channel_norm_inplace(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    momentum: float,
+    unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stats, status); the output is written over ``x``."""
+    update = None
+    if running_mean is not None:
+        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    _, stats, status = channel_forward(x, weight, bias, None, None, groups, eps, act, param, out=x, update=update)
+    return stats, status
+
+
+@_channel_norm_inplace.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, groups, eps, act, param, momentum, unbiased):
+    return x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32), x.new_empty(1, dtype=torch.int32)
+
+
+@register_op("triton_channel_norm_given")
+def _channel_norm_given(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    act: int,
+    param: float,
+) -> torch.Tensor:
+    return channel_forward(x, weight, bias, prelu_weight, mask, -1, eps, act, param, given=(running_mean, running_var))[
+        0
+    ]
+
+
+@_channel_norm_given.register_fake
+def _(x, weight, bias, prelu_weight, mask, running_mean, running_var, eps, act, param):
+    return torch.empty_like(x)
+
+
+@register_op("triton_channel_norm_backward")
+def _channel_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    params: bool,
+    inplace: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dγ, dβ, dPReLU), the last three float32 (C,) (empty without ``params``); with
+    ``running_mean`` the eval form; ``inplace``: ``x`` is the in-place mode's output."""
+    given = None if running_mean is None else (running_mean, running_var, eps)
+    return channel_backward(
+        dy, x, weight, bias, prelu_weight, mask, stats, groups, act, param, given=given, inplace=inplace, params=params
+    )
+
+
+@_channel_norm_backward.register_fake
+def _(
+    dy, x, weight, bias, prelu_weight, mask, stats, running_mean, running_var, groups, eps, act, param, params, inplace
+):
+    c = x.shape[1] if params else 0
+    return (torch.empty_like(x), *(x.new_empty(c, dtype=torch.float32) for _ in range(3)))
+
+
+@register_op("triton_row_norm")
+def _row_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, s, stats): s = x + residual (empty without one), y = norm(s or x)."""
+    return row_forward(x, residual, weight, bias, k, eps, centered)
+
+
+@_row_norm.register_fake
+def _(x, residual, weight, bias, k, eps, centered):
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), s, x.new_empty((3, x.numel() // k), dtype=torch.float32)
+
+
+@register_op("triton_row_norm_backward")
+def _row_norm_backward(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    k: int,
+    centered: bool,
+    params: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return row_backward(dy, ds, s, weight, stats, k, centered, params)
+
+
+@_row_norm_backward.register_fake
+def _(dy, ds, s, weight, stats, k, centered, params):
+    width = k if params else 0
+    return torch.empty_like(s), s.new_empty(width, dtype=torch.float32), s.new_empty(width, dtype=torch.float32)
+
+
+# --- autograd --------------------------------------------------------------------------------
+
+
+def _param_grad(g: torch.Tensor, p: torch.Tensor | None, need: bool) -> torch.Tensor | None:
+    if p is None or not need:
+        return None
+    if p.numel() == 1 and g.numel() != 1:  # a single PReLU slope shared by every channel
+        g = g.sum()
+    return g.reshape(p.shape).to(p.dtype)
+
+
+class ChannelNorm(torch.autograd.Function):
+    """``(y, stats, status)`` of the channel operators; gradients for x, γ, β and PReLU's slope.
+
+    Arguments: ``x, weight, bias, prelu_weight, mask, running_mean, running_var,
+    num_batches_tracked, groups, eps, act, param, momentum, unbiased, given`` — ``given``:
+    normalize with ``running_mean``/``running_var`` (BatchNorm eval); otherwise with the batch's
+    statistics, merging them into the running estimates when those are passed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, prelu, mask, rm, rv, counter, groups, eps, act, param, momentum, unbiased, given):
+        if given:
+            y = torch.ops.normlab.triton_channel_norm_given(x, weight, bias, prelu, mask, rm, rv, eps, act, param)
+            stats = x.new_empty((5, 0), dtype=torch.float32)
+            status = x.new_empty(1, dtype=torch.int32)
+            ctx.save_for_backward(x, weight, bias, prelu, mask, stats, rm, rv)
+        else:
+            y, stats, status = torch.ops.normlab.triton_channel_norm(
+                x, weight, bias, prelu, mask, rm, rv, counter, groups, eps, act, param, momentum, unbiased
+            )
+            ctx.save_for_backward(x, weight, bias, prelu, mask, stats, None, None)
+        ctx.groups, ctx.eps, ctx.act, ctx.param, ctx.given = groups, eps, act, param, given
+        ctx.mark_non_differentiable(stats, status)
+        # no zero-filled gradients for the statistics: two launches each backward otherwise
+        ctx.set_materialize_grads(False)
+        return y, stats, status
+
+    @staticmethod
+    def backward(ctx, dy, _stats_grad, _status_grad):
+        x, weight, bias, prelu, mask, stats, rm, rv = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if dy is None:
+            return (None,) * 15
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
+            grads = _channel_double_backward(ctx, dy, x, weight, bias, prelu, mask, stats, rm, rv)
+        else:
+            params = any(needs[i] for i in (1, 2, 3))
+            dx, dw, db, dp = torch.ops.normlab.triton_channel_norm_backward(
+                dy, x, weight, bias, prelu, mask, stats, rm, rv, ctx.groups, ctx.eps, ctx.act, ctx.param, params, False
+            )
+            grads = (dx if needs[0] else None, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]))
+            grads += (_param_grad(dp, prelu, needs[3] and ctx.act == PRELU_CODE),)
+        return (*grads, *(None,) * 11)
+
+
+def _grouped(x, weight, bias, mask, groups):
+    """x (and the mask) as (N, G, C//G, *) for GroupNorm, or as is for BatchNorm; the dims
+    a statistic reduces; γ, β shaped to broadcast."""
+    ndim = x.dim()
+    if groups < 0:
+        view = (1, -1) + (1,) * (ndim - 2)
+        m = None if mask is None else mask.unsqueeze(1)
+        return x, (0,) + tuple(range(2, ndim)), m, view
+    target = x.unflatten(1, (groups, x.shape[1] // groups))
+    m = None if mask is None else mask.unsqueeze(1).unsqueeze(1)
+    view = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
+    return target, tuple(range(2, target.dim())), m, view
+
+
+def _channel_double_backward(ctx, dy, x, weight, bias, prelu, mask, stats, rm, rv):
+    target, dims, m, view = _grouped(x, weight, bias, mask, ctx.groups)
+    with torch.enable_grad():
+        w = None if weight is None else weight.view(view)
+        b = None if bias is None else bias.view(view)
+        if ctx.given:
+            stat = (1, -1) + (1,) * (x.dim() - 2)
+            mean = rm.detach().view(stat).float()
+            rstd = torch.rsqrt(rv.detach().view(stat).float() + ctx.eps)
+        else:
+            mean = rstd = None
+        if m is not None:
+            z = masked_reference(target, w, b, m, dims, ctx.eps, mean=mean, rstd=rstd)
+        else:
+            z = reference_normalize(target, w, b, dims, ctx.eps, mean=mean, rstd=rstd)
+        name = activation_for_code(ctx.act).name
+        y = apply_activation(z.reshape(x.shape), name, ctx.param, prelu if name == "prelu" else None)
+        operands = (x, weight, bias, prelu)
+        needs = ctx.needs_input_grad[:4]
+        inputs = [t for t, need in zip(operands, needs) if need and t is not None]
+        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
+
+
+class RowNorm(torch.autograd.Function):
+    """``(y, s, stats)`` of ``normlab::triton_row_norm``; arguments ``x, residual, weight,
+    bias, k, eps, centered``. x and the residual get the same gradient, that of the sum."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, k, eps, centered):
+        y, s, stats = torch.ops.normlab.triton_row_norm(x, residual, weight, bias, k, eps, centered)
+        ctx.save_for_backward(x if residual is None else s, weight, bias, stats)
+        ctx.k, ctx.eps, ctx.centered, ctx.added = k, eps, centered, residual is not None
+        ctx.mark_non_differentiable(stats)
+        if residual is None:
+            ctx.mark_non_differentiable(s)
+        ctx.set_materialize_grads(False)
+        return y, s, stats
+
+    @staticmethod
+    def backward(ctx, dy, ds, _stats_grad):
+        s, weight, bias, stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        ds = ds if ctx.added else None
+        if dy is None:  # only the sum was used
+            d_sum = ds if ds is not None else torch.zeros_like(s)
+            dw = torch.zeros_like(weight) if weight is not None and needs[2] else None
+            db = torch.zeros_like(bias) if bias is not None and needs[3] else None
+        elif torch.is_grad_enabled():
+            d_sum, dw, db = _row_double_backward(ctx, dy, ds, s, weight, bias)
+        else:
+            params = bool(needs[2] or needs[3])
+            d_sum, dw, db = torch.ops.normlab.triton_row_norm_backward(
+                dy, ds, s, weight, stats, ctx.k, ctx.centered, params
+            )
+            dw, db = _param_grad(dw, weight, needs[2]), _param_grad(db, bias, needs[3])
+        return (d_sum if needs[0] else None), (d_sum if needs[1] else None), dw, db, None, None, None
+
+
+def _row_double_backward(ctx, dy, ds, s, weight, bias):
+    rows = s.numel() // ctx.k
+    flat = s.reshape(rows, ctx.k)  # the row norm over the last dim of a (rows, k) view
+    with torch.enable_grad():
+        w = None if weight is None else weight.reshape(1, ctx.k)
+        b = None if bias is None else bias.reshape(1, ctx.k)
+        y = reference_normalize(flat, w, b, (1,), ctx.eps, centered=ctx.centered).view(s.shape)
+        operands = (s, weight, bias)
+        wanted = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        inputs = [t for t, need in zip(operands, wanted) if need and t is not None]
+        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+        grads = [next(found) if need and t is not None else None for t, need in zip(operands, wanted)]
+    d_sum = grads[0] if ds is None else grads[0] + ds
+    return d_sum, grads[1], grads[2]
+
+
+class ChannelNormInPlace(torch.autograd.Function):
+    """In-Place Activated BatchNorm/GroupNorm in one launch each way: ``x`` is overwritten
+    with y = act(γ·x̂ + β) and y is all backward keeps; x̂ comes back by inverting the
+    activation and the affine map. Channels with |γ| below the guard keep their input (found
+    with one host read of γ, as the CPU path does; nothing when every |γ| is larger), and their
+    gradients are redone exactly by the composed ops.
+
+    Arguments: ``x, weight, bias, groups, eps, act, param, update, stats_out`` — ``update`` as
+    for :func:`channel.channel_forward`; the statistics tensor goes into ``stats_out``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, act, param, update, stats_out):
+        # γ read on the host (3 small ops); on the meta device there is nothing to read
+        small = small_gamma_channels(weight) if x.device.type != "meta" else None
+        x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
+        rm, rv, counter, momentum, unbiased = update if update is not None else (None, None, None, 0.0, True)
+        stats, status = torch.ops.normlab.triton_channel_norm_inplace(
+            x,
+            weight,
+            bias,
+            rm,
+            rv,
+            counter,
+            groups,
+            eps,
+            act,
+            param,
+            -1.0 if momentum is None else float(momentum),
+            unbiased,
+        )
+        ctx.mark_dirty(x)
+        stats_out.extend((stats, status))
+        ctx.groups, ctx.act, ctx.param, ctx.small = groups, act, param, small
+        ctx.save_for_backward(x, weight, bias, stats, x_small)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
+        y, weight, bias, stats, x_small = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        params = bool(needs[1] or needs[2] or ctx.small is not None)
+        dx, dw, db, _ = torch.ops.normlab.triton_channel_norm_backward(
+            dy, y, weight, bias, None, None, stats, None, None, ctx.groups, 0.0, ctx.act, ctx.param, params, True
+        )
+        if ctx.small is not None:
+            _redo_small_gamma(ctx, dx, dw, dy, y, weight, bias, stats, x_small)
+        return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), *(None,) * 6
+
+
+def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, stats, x_small) -> None:
+    """Overwrite dx and dγ of the channels whose x̂ the output does not hold (|γ| below the
+    guard) — for GroupNorm, of every channel of their groups — by the composed backward on
+    just those channels, given x̂ from their kept input."""
+    small, groups, ndim = ctx.small, ctx.groups, y.dim()
+    mean, rstd = stats[0] + stats[1], stats[2]
+    if groups < 0:  # BatchNorm: channels are independent
+        channels, sub_groups = small, -1
+        position = torch.arange(small.numel(), device=small.device)
+        stat = (1, -1) + (1,) * (ndim - 2)
+        xhat_small = (x_small.float() - mean[small].view(stat)) * rstd[small].view(stat)
+        sub_rstd = rstd[channels].view(stat)
+    else:  # GroupNorm: redo each group holding such a channel
+        per = y.shape[1] // groups
+        touched = torch.unique(small // per)
+        channels = (touched[:, None] * per + torch.arange(per, device=small.device)).flatten()
+        position = torch.searchsorted(channels, small)
+        stat = (y.shape[0], -1) + (1,) * (ndim - 2)
+        n_mean, n_rstd = mean.view(y.shape[0], groups), rstd.view(y.shape[0], groups)
+        xhat_small = (x_small.float() - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
+        sub_groups = touched.numel()
+        sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
+    dx_c, dw_c, _ = abn_backward(
+        y.index_select(1, channels),
+        dy.index_select(1, channels),
+        None if weight is None else weight.detach().float().index_select(0, channels),
+        None if bias is None else bias.detach().float().index_select(0, channels),
+        sub_groups,
+        sub_rstd,
+        activation_for_code(ctx.act).name,
+        ctx.param,
+        position,
+        xhat_small,
+    )
+    dx.index_copy_(1, channels, dx_c.to(dx.dtype))
+    if dgamma.numel():
+        dgamma.index_copy_(0, channels, dw_c.float())
+
+
+assert GAMMA_GUARD == 1e-5, "the kernels' _recover guards |γ| at 1e-5"
