@@ -15,7 +15,7 @@ from normlab.cli import main
 from normlab.experiments import ConvNet1d, TrainConfig, load_digits, load_mnist1d, make_norm, train_classifier
 from normlab.experiments.demo import DemoConfig, format_table, run_demo
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mnist1d_is_generated_offline_with_the_published_split():

@@ -1,5 +1,5 @@
 """from_torch / to_torch now that normlab's layers are torch.nn subclasses, and the
-timm-style norm+act adapter (no timm needed here; tests/test_timm.py builds timm models)."""
+timm-style norm+act adapter (no timm needed here; tests/toolchain/test_timm.py builds timm models)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 inverse and parameter agree with torch.nn, and every table that used to be kept by hand —
 the fused layers' activation modules, timm's spellings, the in-place check, the
 experiments' activations — is read from it. (That the kernels switch on the same codes is
-checked in test_fast_paths.py, where the kernels are built.)"""
+checked in tests/kernels/test_kernel_paths.py, where the kernels are built.)"""
 
 from __future__ import annotations
 
