@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import normlab.experiments.study as study_module
+import normlab.experiments.registry as registry_module
 import normlab.experiments.suite as suite_module
 from normlab.cli import main
 from normlab.experiments.report import render_report
@@ -151,7 +151,7 @@ def test_cli_marks_an_interrupted_study_and_exits_130(tmp_path, monkeypatch, cap
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(study_module, "run_study", interrupted)
+    monkeypatch.setattr(registry_module, "run_study", interrupted)
     assert main(["run", "depth", "--smoke", "--jobs", "1", "--out", str(out)]) == 130
     assert not (out / "result.json").exists()
     err = capsys.readouterr().err

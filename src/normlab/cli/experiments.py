@@ -16,7 +16,7 @@ def _setting(args: argparse.Namespace) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..experiments.study import all_studies
+    from ..experiments.registry import all_studies
 
     for name, study in all_studies().items():
         print(f"{name:<16}{study.title}")
@@ -37,8 +37,8 @@ def _print_result(result: dict) -> None:
 
 
 def run_one(args: argparse.Namespace) -> int:
+    from ..experiments.registry import all_studies, run_study
     from ..experiments.runner import worker_pool
-    from ..experiments.study import all_studies, run_study
 
     studies = all_studies()
     if args.study not in studies:
@@ -61,7 +61,7 @@ def run_one(args: argparse.Namespace) -> int:
 
 
 def run_suite_command(args: argparse.Namespace) -> int:
-    from ..experiments.study import all_studies
+    from ..experiments.registry import all_studies
     from ..experiments.suite import run_suite
 
     setting = _setting(args)

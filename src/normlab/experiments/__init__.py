@@ -8,7 +8,8 @@ them all into one HTML report (see ``study`` and ``suite``).
 from .data import Dataset, load_digits, load_mnist1d
 from .demo import DemoConfig, run_demo
 from .models import MLP, NORM_KINDS, ConvNet1d, ResNet18, make_norm
-from .study import SETTINGS, Study, StudyResult, all_studies, get_study, run_study
+from .registry import all_studies, get_study, run_study
+from .study import SETTINGS, Study, StudyResult
 from .suite import run_suite
 from .training import StepConfig, TrainConfig, TrainResult, evaluate, train_classifier, train_steps
 

@@ -1,4 +1,4 @@
-"""What a study is, the registry the command line reads, and the result every study writes.
+"""What a study is, and the result every study writes.
 
 A study is a module with a frozen config dataclass (with a ``seeds`` field), named
 settings — ``smoke`` (seconds, for the tests), ``quick`` (the README's main job) and
@@ -12,22 +12,20 @@ settings — ``smoke`` (seconds, for the tests), ``quick`` (the README's main jo
   ``result.data``), tables, findings and the published comparison;
 - ``render(config, result, out_dir)``: the figures, saved as PNG in ``out_dir``.
 
-``run_study`` adds the timing and writes the :class:`StudyResult` as ``result.json``
-beside the figures. The studies are listed once, in ``studies.STUDIES``.
+:func:`normlab.experiments.registry.run_study` adds the timing and writes the
+:class:`StudyResult` as ``result.json`` beside the figures. The studies are listed once, in
+``studies.STUDIES``; this module imports none of them (they import it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .output import write_json
-
-__all__ = ["SETTINGS", "Study", "StudyResult", "all_studies", "get_study", "run_study"]
+__all__ = ["SETTINGS", "Study", "StudyResult"]
 
 SETTINGS = ("smoke", "quick", "full")
 
@@ -57,20 +55,6 @@ class Study:
                 raise ValueError("seeds must not be empty")
             config = dataclasses.replace(config, seeds=seeds)
         return config
-
-
-def all_studies() -> dict[str, Study]:
-    """Every study, in the order the report shows them."""
-    from .studies import STUDIES  # the study modules import this one
-
-    return dict(STUDIES)
-
-
-def get_study(name: str) -> Study:
-    studies = all_studies()
-    if name not in studies:
-        raise KeyError(f"no study named {name!r}; the studies are: {', '.join(studies)}")
-    return studies[name]
 
 
 @dataclass
@@ -104,22 +88,3 @@ class StudyResult:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def run_study(
-    name: str, setting: str = "quick", out_dir: str | Path = "runs", *, seeds: Sequence[int] | None = None
-) -> dict:
-    """Run one study and write ``out_dir/result.json`` plus its figures; returns the result."""
-    study = get_study(name)
-    config = study.config(setting, seeds)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    result = StudyResult(study.name, study.title, study.question, setting, dataclasses.asdict(config))
-    result.data.update(study.measure(config, out))
-    study.summarise(config, result)
-    study.render(config, result, out)
-    result.seconds = time.perf_counter() - start
-    payload = result.to_dict()
-    write_json(out / "result.json", payload)
-    return payload

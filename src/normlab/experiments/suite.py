@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .output import machine_info, write_json
+from .registry import all_studies, run_study
 from .report import write_report
 from .runner import worker_pool
-from .study import all_studies, run_study
 
 __all__ = ["run_suite"]
 
