@@ -32,11 +32,13 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from .. import nn as nln
-from ..core import fast
+from ..core import record_dispatch
 from ..surgery import from_torch
 from ..surgery.interop import TWINS, twin_of
 from ..surgery.modules import replace_module
 from .common import device_clock, max_rel_diff
+from .model_table import format_model_markdown, format_model_table
+from .model_zoo import NUM_CLASSES, MLPStyle, ResNetStyle, ViTStyle
 from .timing import interleaved_medians
 
 __all__ = [
@@ -61,105 +63,6 @@ __all__ = [
 #: weights after two steps); a real disagreement (a wrong eps, a wrong running-stat
 #: update, a wrong gradient) is 1e-3 or more.
 TOLERANCE = 1e-4
-
-NUM_CLASSES = 10
-
-
-# --- the models (torch.nn; the normlab side is derived from each by surgery) ---------------
-
-
-def _norm_relu(norm: nn.Module) -> nn.Sequential:
-    """norm → ReLU, as one module so the fused row can swap the pair for BatchNormAct2d."""
-    return nn.Sequential(norm, nn.ReLU(inplace=True))
-
-
-class _Block(nn.Module):
-    """ResNet's basic block: conv → norm → ReLU → conv → norm, + shortcut, ReLU."""
-
-    def __init__(self, cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.norm1 = _norm_relu(norm(cout))
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.norm2 = norm(cout)
-        self.shortcut = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
-
-    def forward(self, x):
-        return F.relu(self.norm2(self.conv2(self.norm1(self.conv1(x)))) + self.shortcut(x))
-
-
-class ResNetStyle(nn.Sequential):
-    """A 3×3 stem and two stages of two basic blocks at widths w and 2w (the second at half
-    resolution), global average pooling and a linear head: 10 norm layers."""
-
-    def __init__(self, norm: Callable[[int], nn.Module], width: int = 32) -> None:
-        super().__init__(
-            nn.Conv2d(3, width, 3, 1, 1, bias=False),
-            _norm_relu(norm(width)),
-            _Block(width, width, 1, norm),
-            _Block(width, width, 1, norm),
-            _Block(width, 2 * width, 2, norm),
-            _Block(2 * width, 2 * width, 1, norm),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(2 * width, NUM_CLASSES),
-        )
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-
-
-class _ViTBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
-    def __init__(self, dim: int, heads: int, norm: Callable[[int], nn.Module]) -> None:
-        super().__init__()
-        self.norm1, self.attn = norm(dim), _Attention(dim, heads)
-        self.norm2 = norm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViTStyle(nn.Module):
-    """Transformer blocks over a token sequence (a ViT without its patch embedding: the
-    input is the tokens), a final norm, and a linear head on the first (class) token."""
-
-    def __init__(self, norm: Callable[[int], nn.Module], dim: int = 192, depth: int = 4, heads: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(*[_ViTBlock(dim, heads, norm) for _ in range(depth)])
-        self.norm = norm(dim)
-        self.head = nn.Linear(dim, NUM_CLASSES)
-
-    def forward(self, x):
-        return self.head(self.norm(self.blocks(x))[:, 0])
-
-
-class MLPStyle(nn.Sequential):
-    """Linear → BatchNorm1d → ReLU, twice, and a linear head."""
-
-    def __init__(self, features: int = 256, hidden: int = 512) -> None:
-        super().__init__(
-            nn.Linear(features, hidden, bias=False),
-            _norm_relu(nn.BatchNorm1d(hidden)),
-            nn.Linear(hidden, hidden, bias=False),
-            _norm_relu(nn.BatchNorm1d(hidden)),
-            nn.Linear(hidden, NUM_CLASSES),
-        )
 
 
 # --- torch.nn → normlab ----------------------------------------------------------------------
@@ -523,10 +426,10 @@ def _repeated(fn: Callable[[], object], calls: int) -> Callable[[], None]:
 
 
 def _dispatch_paths(model: nn.Module, x: torch.Tensor, mode: str) -> dict[str, int]:
-    """Which path (fast kernel, torch native, composed) each norm call took, counted over
+    """Which path (kernels, torch native, composed) each norm call took, counted over
     one eager forward of a copy (the timed model's statistics stay untouched)."""
     probe = copy.deepcopy(model)
-    with torch.no_grad(), fast.record_dispatch() as log:
+    with torch.no_grad(), record_dispatch() as log:
         probe(x)
     counts: dict[str, int] = {}
     for _, path, _ in log:
@@ -556,56 +459,6 @@ def run_model_benchmark(
     finally:
         torch.set_num_threads(previous)
     return rows
-
-
-def format_model_table(rows: list[dict]) -> str:
-    header = (
-        f"{'model':<45}{'layout':<14}{'mode':<6}{'input':<14}{'exec':<9}{'thr':>3} | "
-        f"{'torch.nn ms':>11}{'normlab ms':>11}{'ratio':>7} | {'rel diff':>8} {'check':<5}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['name']:<45}{r['layout']:<14}{r['mode']:<6}{r['input']:<14}"
-            f"{'compiled' if r['compiled'] else 'eager':<9}{r['threads']:>3} | "
-            f"{r['torch_ms']:>11.2f}{r['normlab_ms']:>11.2f}{r['ratio']:>7.2f} | "
-            f"{r['max_rel_diff']:>8.1e} {'ok' if r['agrees'] else 'FAIL':<5}"
-        )
-    return "\n".join(lines)
-
-
-def _ms(value: float) -> str:
-    """Milliseconds to three significant digits, without exponents."""
-    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
-
-
-def format_model_markdown(rows: list[dict]) -> str:
-    """One line per (model, mode): each (exec, threads) column as 'ratio (normlab / torch.nn
-    ms)', the form docs/performance.md and the README use."""
-    columns = sorted({(r["compiled"], r["threads"]) for r in rows})
-    heads = [f"{'compiled' if c else 'eager'}, {t} thr" for c, t in columns]
-    lines = [
-        "| model | layout | mode | input | " + " | ".join(heads) + " | agree |",
-        "|---|---|---|---|" + "---|" * len(heads) + "---|",
-    ]
-    groups: dict[tuple, dict] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["mode"]), {})[(r["compiled"], r["threads"])] = r
-    for group in groups.values():
-        first = next(iter(group.values()))
-        cells = [
-            f"{group[c]['ratio']:.2f} ({_ms(group[c]['normlab_ms'])} / {_ms(group[c]['torch_ms'])})"
-            if c in group
-            else "–"
-            for c in columns
-        ]
-        agree = sum(r["agrees"] for r in group.values())
-        lines.append(
-            f"| {first['name']} | {first['layout']} | {first['mode']} | {first['input']} | "
-            + " | ".join(cells)
-            + f" | {agree}/{len(group)} |"
-        )
-    return "\n".join(lines)
 
 
 def summary(rows: list[dict]) -> dict:
