@@ -1,4 +1,4 @@
-"""Building the fast kernels: the cache key, the message, killed and concurrent builders,
+"""Building the CPU kernels: the cache key, the message, killed and concurrent builders,
 a lock held too long, and build failures. Each build runs in a subprocess with its own
 NORMLAB_BUILD_DIR, so the shared cache is never touched."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from normlab.core.fast import build
+from normlab.core.kernels.cpu import build
 
-STATUS = "import normlab.core.fast as fast; print(fast.status(), flush=True)"
-BOUND_S = 300  # a build takes about 20 s on an idle machine; the point is that it ends
+STATUS = "from normlab.core.kernels import cpu; print(cpu.status(), flush=True)"
+BOUND_S = 600  # a build takes about a minute on an idle machine; the point is that it ends
 
 
 def _env(build_dir: Path, **extra: str) -> dict[str, str]:
@@ -112,13 +112,13 @@ def test_killed_builders_never_block_and_concurrent_builders_build_once(tmp_path
     first, second = _start(tmp_path), _start(tmp_path)
     (out1, err1), (out2, err2) = _finish(first), _finish(second)
     for out in (out1, out2):
-        assert out.startswith(f"fast kernels loaded from {entry}"), out
+        assert out.startswith(f"kernels loaded from {entry}"), out
     assert (err1 + err2).count(build.BUILD_MESSAGE) == 1, err1 + err2
     assert not list(entry.glob("tmp-*")), "the killed builders' directories were not removed"
 
     # Once built: no message, no build.
     out, err = _finish(_start(tmp_path))
-    assert out.startswith("fast kernels loaded") and build.BUILD_MESSAGE not in err
+    assert out.startswith("kernels loaded") and build.BUILD_MESSAGE not in err
 
 
 def test_a_lock_held_too_long_ends_in_the_composed_ops_with_the_reason(tmp_path):
@@ -133,7 +133,7 @@ def test_a_lock_held_too_long_ends_in_the_composed_ops_with_the_reason(tmp_path)
         assert time.monotonic() - started < 60
     assert "waiting for another process (pid 4242 on a-builder-that-hangs)" in err
     assert "could not be built (TimeoutError: another process (pid 4242" in err
-    assert out.startswith("composed torch ops: the fast kernels are unavailable (TimeoutError"), out
+    assert out.startswith("kernels unavailable (TimeoutError"), out
     assert "NORMLAB_BUILD_TIMEOUT" in out
 
 
@@ -149,7 +149,7 @@ def test_a_compile_error_is_reported_by_its_first_error_line(tmp_path):
     out, err = _finish(_start(tmp_path, CXX=str(compiler)))
     assert build.BUILD_MESSAGE in err
     assert "could not be built (RuntimeError: kernels.cpp:1:1: error: this compiler is broken on purpose)" in err
-    assert out.startswith("composed torch ops: the fast kernels are unavailable"), out
+    assert out.startswith("kernels unavailable"), out
     log = _entry(tmp_path) / "build-error.log"
     assert f"the full build output is in {log}" in out
     assert "this compiler is broken on purpose" in log.read_text()

@@ -1,11 +1,12 @@
-"""Eager calls on the kernels' C++ autograd (eager.cpp) against the registered operators.
+"""Eager calls on the kernels' direct entries against the registered operators.
 
-An eager float32 CPU call runs the kernels from C++ — forward, running-estimate update and a
-C++ autograd node (a torch::autograd::Node, like torch's generated ones) whose backward needs no Python — while traced code calls the
+An eager float32 CPU call runs the kernels from C++ (entries.cpp) — forward, running-estimate
+update and a C++ autograd node (a torch::autograd::Node, like torch's generated ones,
+autograd.cpp) whose backward needs no Python — while traced code calls the
 ``torch.ops.normlab.*`` operators with their Python autograd formula. Both run the same
 kernels, so outputs, every gradient and the running estimates must agree bit for bit; and a
-call that the C++ entry points must not take (a mode, a transform, an error to raise) goes to
-the general dispatch.
+call the direct entry must not take (a mode, a transform) is sent elsewhere by the path rule,
+while an error the entry finds is reported by normlab's checks.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from torch.overrides import TorchFunctionMode
 
 import normlab as nl
 from normlab import core
-from normlab.core import dispatch
-from normlab.core.fast import ops
+from normlab.core import paths
 from tests.helpers import in_layout
 
 _NOT_EXPECTED = (
     "the composed ops were asked for"
-    if core.fast.backend() == "composed"
+    if core.backend() == "composed"
     else (None if shutil.which(os.environ.get("CXX", "c++")) else "no C++ compiler here")
 )
 pytestmark = pytest.mark.skipif(_NOT_EXPECTED is not None, reason=_NOT_EXPECTED or "")
@@ -35,14 +35,14 @@ pytestmark = pytest.mark.skipif(_NOT_EXPECTED is not None, reason=_NOT_EXPECTED 
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_built():
-    if not core.fast_available():
-        pytest.fail(f"a C++ compiler is here but the fast kernels did not build: {core.fast.status()}")
+    if not core.kernels_available():
+        pytest.fail(f"a C++ compiler is here but the kernels did not build: {core.kernels.cpu.status()}")
 
 
 def _operators_only(patch: pytest.MonkeyPatch) -> None:
-    """Route every call through torch.ops.normlab.* (as a tracer would see them)."""
-    patch.setattr(dispatch, "eager_kernels", lambda x: None)
-    patch.setattr(ops, "is_eager", lambda t: False)
+    """Route every call through torch.ops.normlab.* (as a mode sees them): the path rule's
+    first row is told the tensor is not one the direct entry reads."""
+    patch.setattr(paths._cpu.module, "plain_eager", lambda x: False)
 
 
 def _step(module, x, dy):
@@ -150,18 +150,18 @@ class _Seen(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_torch_function_mode_sees_the_call_through_the_general_path():
+def test_a_torch_function_mode_sees_the_call_as_the_registered_operator():
     layer = nl.nn.BatchNorm2d(4)
     x = torch.randn(2, 4, 3, 3)
     expected = copy.deepcopy(layer)(x)
     mode = _Seen()
     with mode, core.record_dispatch() as log:
         y = layer(x)
-    assert mode.calls > 0 and [p for _, p, _ in log] == ["fast"]
+    assert mode.calls > 0 and log == [("batch_norm", "kernels", "a mode sees the registered operator")]
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
-def test_what_the_cpp_entry_declines_raises_the_general_errors():
+def test_what_the_cpp_entry_refuses_is_reported_by_the_checks():
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         nl.nn.BatchNorm1d(3)(torch.randn(1, 3))
     layer = nl.nn.BatchNorm2d(3)

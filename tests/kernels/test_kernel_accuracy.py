@@ -1,6 +1,6 @@
 """The float32 CPU kernels stay as accurate as float64 allows on data with a large mean.
 
-Each case runs forward and backward on the fast path and compares output and every gradient
+Each case runs forward and backward on the kernels and compares output and every gradient
 with a float64 run of torch.nn's layer. The data sit at 1e4 with a spread of 0.01 (and a
 mean-zero case), where a kernel that sums x and x² in float32 — or subtracts a mean
 computed from such sums — loses most digits: torch.nn's float32 BatchNorm is 0.04 off here.
@@ -20,7 +20,7 @@ from torch import nn
 import normlab as nl
 from normlab import core
 
-pytestmark = pytest.mark.skipif(not core.fast_available(), reason="the fast kernels are not built here")
+pytestmark = pytest.mark.skipif(not core.kernels_available(), reason="the kernels are not built here")
 
 # float32 rounding of the output relative to its largest value is ~6e-8; the kernels keep
 # within a few of those (the layer benchmark's bound for every row is 2.3e-7)
@@ -49,16 +49,16 @@ def _rel(a, b):
 
 
 def _check(ours, theirs, x64, dy64, layout=None):
-    """ours in float32 on the fast path against theirs in float64: output and gradients."""
+    """ours in float32 on the kernels against theirs in float64: output and gradients."""
     theirs = theirs.double()
     x32 = x64.float()
     if layout == "channels_last":
         x32 = x32.contiguous(memory_format=torch.channels_last)
     x32.requires_grad_()
     x_ref = x64.clone().requires_grad_()
-    with core.fast.record_dispatch() as log:
+    with core.record_dispatch() as log:
         y = ours(x32)
-    assert log and all(path == "fast" for _, path, _ in log), log
+    assert log and all(path == "kernels" for _, path, _ in log), log
     y.backward(dy64.float())
     y_ref = theirs(x_ref)
     y_ref.backward(dy64)
@@ -132,8 +132,8 @@ def test_eval_batch_norm_with_large_running_mean(layout):
     x32 = x.float()
     if layout == "channels_last":
         x32 = x32.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), core.fast.record_dispatch() as log:
+    with torch.no_grad(), core.record_dispatch() as log:
         y = ours(x32)
-    assert [path for _, path, _ in log] == ["fast"], log
+    assert [path for _, path, _ in log] == ["kernels"], log
     with torch.no_grad():
         assert _rel(y, theirs(x)) < TOL

@@ -1,5 +1,6 @@
 """The compiled CPU kernels against the composed reference and torch.nn: every family,
-layout and activation; fused norm+activation; the in-place (output-only) mode; dispatch."""
+layout and activation; fused norm+activation; the in-place (output-only) mode; the paths
+calls take; the kernels' activation codes."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from normlab.core.activation import FUSED_ACTIVATIONS
 def _why_the_kernels_are_not_expected() -> str | None:
     """Only two reasons excuse missing kernels; anything else is a build failure and fails
     every test here (a skip would hide it, and the composed ops would pass in their place)."""
-    if core.fast.backend() == "composed":
+    if core.backend() == "composed":
         return "the composed ops were asked for (NORMLAB_BACKEND=composed)"
     compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension runs
     if shutil.which(compiler) is None:
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.skipif(_NOT_EXPECTED is not None, reason=_NOT_EXPECTED 
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_built():
-    if not core.fast_available():
-        pytest.fail(f"a C++ compiler is here but the fast kernels did not build: {core.fast.status()}")
+    if not core.kernels_available():
+        pytest.fail(f"a C++ compiler is here but the kernels did not build: {core.kernels.cpu.status()}")
 
 
 ACTS = {
@@ -59,7 +60,7 @@ def _close(ours, theirs, tol=2e-5):
         assert_close_scaled(a, b, rtol=tol)
 
 
-def _uses_fast(fn, *args):
+def _paths(fn, *args):
     with core.record_dispatch() as log:
         fn(*args)
     return [path for _, path, _ in log]
@@ -83,10 +84,10 @@ def test_fused_norm_act_matches_torch_composition(norm, act, layout):
     else:
         ours = lambda z: nl.functional.group_norm_act(z, 4, w, b, **kwargs)  # noqa: E731
         theirs = lambda z: torch_act(TF.group_norm(z, 4, w, b), prelu)  # noqa: E731
-    assert _uses_fast(ours, x.clone()) == ["fast"]
+    assert _paths(ours, x.clone()) == ["kernels"]
     _close(_grads(ours, x, params, dy), _grads(theirs, x, params, dy))
     with core.use_backend("composed"):
-        assert _uses_fast(ours, x.clone()) == ["composed"]
+        assert _paths(ours, x.clone()) == ["composed"]
         _close(_grads(ours, x, params, dy), _grads(theirs, x, params, dy))
 
 
@@ -159,7 +160,7 @@ def test_saved_tensors_for_backward():
     assert saved_bytes(inplace, x * 1) == act_bytes  # the output, which the next layer keeps anyway
 
 
-def test_layer_and_rms_norm_fast_paths_and_dispatch_log():
+def test_layer_and_rms_norm_paths_and_dispatch_log():
     x = torch.randn(10, 7, 48) * 3 + 2
     ln = nl.nn.LayerNorm(48)
     rms = nl.nn.RMSNorm(48)
@@ -169,7 +170,7 @@ def test_layer_and_rms_norm_fast_paths_and_dispatch_log():
         ln(x.double().requires_grad_() if False else x[:, :, ::2].contiguous().repeat(1, 1, 2))
         nl.nn.LayerNorm(48, dtype=torch.float64)(x.double())
     # float64 runs torch's own kernels: the same definition, and float64 needs no shift trick
-    assert [p for _, p, _ in log] == ["fast", "fast", "fast", "native"]
+    assert [p for _, p, _ in log] == ["kernels", "kernels", "kernels", "native"]
     assert log[-1][2] == "not float32 CPU"
 
 
@@ -184,7 +185,7 @@ def test_layer_and_rms_norm_fast_paths_and_dispatch_log():
     ],
     ids=["bn-elu", "gn-silu", "bn-eval", "ln", "rms"],
 )
-def test_second_derivatives_through_the_fast_path(make, shape):
+def test_second_derivatives_through_the_kernels(make, shape):
     """create_graph=True falls back to the composed reference: same second derivatives."""
     torch.manual_seed(0)
     layer = make()
@@ -201,19 +202,23 @@ def test_second_derivatives_through_the_fast_path(make, shape):
 
 
 def test_the_kernels_loaded_are_this_torch_installations():
-    entry = core.fast.build.build_root() / core.fast.build.build_name(core.fast.build.installation())
-    assert core.fast.status().startswith(f"fast kernels loaded from {entry}")
+    build = core.kernels.cpu.build
+    entry = build.build_root() / build.build_name(build.installation())
+    assert core.kernels.cpu.status().startswith(f"kernels loaded from {entry}")
 
 
 def test_backend_switch_validation():
     with pytest.raises(ValueError, match="backend must be one of"):
         core.set_backend("gpu")
-    assert "fast kernels loaded" in core.fast.status()
+    assert core.backend() == "auto"
     with core.use_backend("composed"):
-        assert "composed" in core.fast.status()
+        assert core.backend() == "composed"
+    with core.use_backend("fast"):  # the old name of "kernels"
+        assert core.backend() == "kernels"
+    assert core.backend() == "auto"
 
 
-def test_large_mean_accuracy_on_the_fast_path():
+def test_large_mean_accuracy_on_the_kernels():
     x = 1e4 + 0.01 * torch.randn(16, 8, 5, 5)
     y = nl.functional.batch_norm(x, None, None, training=True)
     y64 = TF.batch_norm(x.double(), None, None, training=True)
@@ -276,20 +281,20 @@ def test_first_value_far_from_the_mean_costs_no_accuracy(layout):
 
 def test_the_kernels_switch_on_the_registry_codes():
     expected = {name: entry.code for name, entry in core.ACTIVATIONS.items() if entry.fused}
-    assert core.fast.kernels().activation_codes == expected
+    assert core.kernels.cpu.load().activation_codes == expected
     assert list(expected) == list(FUSED_ACTIVATIONS) and sorted(expected.values()) == list(range(len(expected)))
 
 
 def test_kernels_with_other_activation_codes_are_refused(monkeypatch):
-    swapped = {**core.fast.kernels().activation_codes, "relu": 2, "leaky_relu": 1}
+    build = core.kernels.cpu.build
+    swapped = {**build.load().activation_codes, "relu": 2, "leaky_relu": 1}
     fake = type("FakeKernels", (), {"activation_codes": swapped})()
-    monkeypatch.setattr(core.fast.build, "_build", lambda: (fake, "fake.so"))
-    monkeypatch.setattr(
-        core.fast.build, "_state", {"module": None, "path": None, "error": None, "tried": False, "backend": "auto"}
-    )
+    monkeypatch.setattr(build, "_build", lambda: (fake, "fake.so"))
+    monkeypatch.setattr(build, "module", None)
+    monkeypatch.setattr(build, "_state", {"path": None, "error": None, "tried": False})
     with pytest.warns(RuntimeWarning, match="the kernels' activation codes .* differ from normlab.core.activation's"):
-        assert core.fast.kernels() is None
-    assert "enum Act and its activation_codes table must follow the registry" in core.fast.status()
+        assert build.load() is None
+    assert "enum Act and its activation_codes table must follow the registry" in build.status()
     x = torch.randn(4, 3, 2, 2)
     with core.record_dispatch() as log:  # and the composed ops run in their place
         y = nl.functional.batch_norm_act(x, None, None, training=True, activation="relu")

@@ -14,7 +14,7 @@ from torch.func import grad, vmap
 import normlab as nl
 from normlab import core
 
-FAST = core.fast_available()
+KERNELS = core.kernels_available()
 SHAPES = [(8, 16), (2, 3, 33), (5, 1100)]  # odd widths; 1100 crosses the kernels' 512-float blocks
 
 
@@ -84,7 +84,7 @@ def test_values_and_gradients_of_both_outputs_match_float64(shape, centered, aff
         paths = _paths(_ours(centered, w, b), x, r)
     want = _run(_torch(centered, w, b), x.double(), r.double(), params, dy.double(), ds.double())
     assert got[0].dtype == got[1].dtype == torch.float32
-    assert paths == ["fast" if backend == "auto" and FAST else "composed"]
+    assert paths == ["kernels" if backend == "auto" and KERNELS else "composed"]
     _close(got, want)
     torch.testing.assert_close(got[1], x + r, rtol=0, atol=0)  # the sum is exact
 
@@ -131,13 +131,13 @@ def test_gradcheck_composed_float64(centered):
         )
 
 
-@pytest.mark.skipif(not FAST, reason="fast kernels unavailable here")
+@pytest.mark.skipif(not KERNELS, reason="kernels unavailable here")
 @pytest.mark.parametrize("centered", [True, False], ids=["layer", "rms"])
-def test_fast_composed_and_native_agree_and_second_derivatives(centered):
+def test_kernels_composed_and_native_agree_and_second_derivatives(centered):
     x, r, dy, ds = _inputs((7, 48))
     w, b = _params(48, centered, "both")
     params = [p for p in (w, b) if p is not None]
-    fast = _run(_ours(centered, w, b), x, r, params, dy, ds)
+    kernels = _run(_ours(centered, w, b), x, r, params, dy, ds)
     with core.use_backend("composed"):
         composed = _run(_ours(centered, w, b), x, r, params, dy, ds)
 
@@ -146,8 +146,8 @@ def test_fast_composed_and_native_agree_and_second_derivatives(centered):
         return (TF.layer_norm(s, (48,), w, b) if centered else TF.rms_norm(s, (48,), w)), s
 
     unfused = _run(torch_float32, x, r, params, dy, ds)
-    _close(fast, composed)
-    _close(fast, unfused)
+    _close(kernels, composed)
+    _close(kernels, unfused)
 
     # create_graph through the kernel path: the gradient of a gradient norm
     def second(fn, dtype):

@@ -11,7 +11,7 @@ import normlab as nl
 from normlab import core
 
 PATHS = {
-    "fast": (torch.float32, "auto"),  # the kernels (the composed ops where they are unavailable)
+    "kernels": (torch.float32, "auto"),  # the kernels (the composed ops where they are unavailable)
     "composed": (torch.float64, "composed"),
 }
 

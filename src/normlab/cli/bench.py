@@ -88,13 +88,13 @@ def _device(args: argparse.Namespace) -> str:
 
 def run_layers(args: argparse.Namespace) -> int:
     from ..bench.layers import format_layer_table, run_layer_benchmark, summary, tune_malloc
-    from ..core import fast
+    from ..core import paths
 
     device = _device(args)
     tuned = False if args.default_malloc else tune_malloc()
     print(
         f"normlab vs torch.nn, float32, times as multiples of copying the same tensor (preallocated); "
-        f"medians of interleaved repetitions; device {device}; {fast.status()}; malloc "
+        f"medians of interleaved repetitions; device {device}; {paths.status()}; malloc "
         f"{'keeps freed memory' if tuned else 'default'}",
         flush=True,
     )
@@ -134,7 +134,7 @@ def run_layers(args: argparse.Namespace) -> int:
                 "machine": machine_info(),
                 "device": device,
                 "malloc_tuned": tuned,
-                "backend": fast.status(),
+                "backend": paths.status(),
                 "summary": goals,
                 "rows": rows,
             },
@@ -154,7 +154,7 @@ def run_models(args: argparse.Namespace) -> int:
         smoke_config,
         summary,
     )
-    from ..core import fast
+    from ..core import paths
 
     device = _device(args)
     settings = dict(
@@ -172,7 +172,7 @@ def run_models(args: argparse.Namespace) -> int:
         "torch.nn model vs the same model after nl.surgery.from_torch, float32; train = forward, "
         "cross-entropy, backward, SGD step; eval = batch-1 inference without autograd; "
         f"medians of {config.repeats} interleaved repetitions (compilation left out); device {device}; "
-        f"{fast.status()}; malloc {'keeps freed memory' if tuned else 'default'}"
+        f"{paths.status()}; malloc {'keeps freed memory' if tuned else 'default'}"
         + ("; smoke setting: tiny shapes, the times mean nothing" if args.smoke else ""),
         flush=True,
     )
@@ -211,7 +211,7 @@ def run_models(args: argparse.Namespace) -> int:
                 "machine": machine_info(),
                 "device": device,
                 "malloc_tuned": tuned,
-                "backend": fast.status(),
+                "backend": paths.status(),
                 "config": asdict(config),
                 "summary": result,
                 "rows": rows,

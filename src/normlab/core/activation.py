@@ -3,7 +3,7 @@ memory-saving (in-place) mode in composed torch ops — the fallback of the C++ 
 their test reference.
 
 :data:`ACTIVATIONS` is the one table of the activations normlab knows: each entry's
-default parameter, its code in the C++ kernels (``enum Act`` in ``fast/kernels.cpp``,
+default parameter, its code in the C++ kernels (``enum Act`` in ``kernels/cpu/activation.h``,
 checked against this table when the kernels load), whether it can be inverted, its
 functional form and the torch.nn module it stands for. The fused layers, the kernels'
 dispatch, the module factories and the experiments read it; nothing else lists them.

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 
 from .checks import InputError, InputTypeError
-from .moments import compute_dtype
+from .moments import COMPUTE_DTYPES, compute_dtype
 from .normalize import AcrossProcesses, NormStats, normalize_forward
-from .running import update_running_stats
+from .running import update_running_stats_if
 
 __all__ = [
     "check_mask",
@@ -38,7 +38,7 @@ __all__ = [
     "masked_normalize",
     "masked_normalize_backward",
     "masked_reference",
-    "update_running_stats_if",
+    "update_running_stats_if",  # defined in normlab.core.running, named here as before
 ]
 
 
@@ -65,9 +65,9 @@ def check_mask(mask: object, x: torch.Tensor, fn: str) -> torch.Tensor:
         raise InputError(
             f"{fn}: mask is on {mask.device} but the input is on {x.device}; move the mask to the input's device"
         )
-    ok = mask.dim() <= len(positions) and all(
-        m == 1 or m == p for m, p in zip(reversed(mask.shape), reversed(positions))
-    )
+    ok = mask.dim() <= len(positions)
+    for m, p in zip(reversed(mask.shape), reversed(positions)):  # a loop: a generator is a call per item
+        ok = ok and (m == 1 or m == p)
     if not ok:
         raise InputError(
             f"{fn}: mask has shape {tuple(mask.shape)} but the input of shape "
@@ -95,8 +95,12 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]):
     dtype, keepdim. An empty group gets shift = offset = var = 0.
     """
     dims = tuple(dims)
-    cdtype = compute_dtype(x.dtype)
-    count = _valid_count(mask, x.shape, dims).to(cdtype)
+    cdtype = COMPUTE_DTYPES.get(x.dtype, x.dtype)
+    factor = 1  # _valid_count's, written out: the masked layers' hot path
+    for d in dims:
+        if mask.shape[d] == 1:
+            factor *= x.shape[d]
+    count = (mask.sum(dims, keepdim=True, dtype=torch.int64) * factor).to(cdtype)
     divisor = count.clamp(min=1)
     zero = torch.zeros((), dtype=cdtype, device=x.device)
     xm = torch.where(mask, x.to(cdtype), zero)
@@ -205,7 +209,7 @@ class _MaskedNormalize(torch.autograd.Function):
         cdtype = rstd.dtype
         zero = torch.zeros((), dtype=cdtype, device=x.device)
         xm = torch.where(mask, x.to(cdtype), zero)  # padding (NaN, inf, anything) never enters
-        y = normalize_forward(xm, weight, bias, NormStats(shift, offset, rstd))
+        y = normalize_forward(xm, weight, bias, NormStats(shift, offset, rstd), small_scale=True)
         return torch.where(mask, y, zero).to(x.dtype)
 
     @staticmethod
@@ -270,47 +274,3 @@ def masked_normalize(
     return _MaskedNormalize.apply(
         x, weight, bias, mask, stats.shift, stats.offset, stats.rstd, count, tuple(dims), eps, batch_stats, across
     )
-
-
-def update_running_stats_if(
-    enough: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    count: int | torch.Tensor,
-    momentum: float | None,
-    *,
-    num_batches_tracked: torch.Tensor | None = None,
-    **kwargs,
-) -> None:
-    """:func:`normlab.core.update_running_stats`, applied only where the 0-dim bool
-    ``enough`` is True (a batch with at least 2 valid values) — without a host sync off the
-    CPU: the update is computed, then ``torch.where`` keeps the old buffers when not."""
-    if running_mean.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(enough):  # free on the CPU
-            update_running_stats(
-                running_mean,
-                running_var,
-                batch_mean,
-                batch_var,
-                count,
-                momentum,
-                num_batches_tracked=num_batches_tracked,
-                **kwargs,
-            )
-        return
-    with torch.no_grad():
-        old = [t.clone() for t in (running_mean, running_var, num_batches_tracked) if t is not None]
-        update_running_stats(
-            running_mean,
-            running_var,
-            batch_mean,
-            batch_var,
-            count,
-            momentum,
-            num_batches_tracked=num_batches_tracked,
-            **kwargs,
-        )
-        for t, before in zip((running_mean, running_var, num_batches_tracked), old):
-            t.copy_(torch.where(enough, t, before))

@@ -60,9 +60,15 @@ class Moments(NamedTuple):
         )
 
 
+#: dtype → the dtype its statistics and normalization arithmetic are carried out in, where
+#: that differs (half precision accumulates in float32). Hot paths read it with
+#: ``COMPUTE_DTYPES.get(dtype, dtype)``, which costs no Python call.
+COMPUTE_DTYPES = {dtype: torch.float32 for dtype in LOW_PRECISION_DTYPES}
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and the normalization arithmetic are carried out in."""
-    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+    return COMPUTE_DTYPES.get(dtype, dtype)
 
 
 def reduced_count(shape: Sequence[int], dims: Sequence[int]) -> int:

@@ -112,17 +112,22 @@ def normalize_forward(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     stats: NormStats,
+    *,
+    small_scale: bool | None = None,
 ) -> torch.Tensor:
     """y = γ·(x − μ)·r + β in the statistics' dtype (float32 for half inputs).
 
     The mean is subtracted *before* scaling. The algebraically equal one-pass form
     y = x·(γr) + (β − μγr) subtracts two numbers of size |μ|·γr, which for data with a
     large mean (1e4 + 0.01·randn in float32) loses about 6% of every output.
+    ``small_scale``: the caller knows r·γ is per channel or group (None: find out).
     """
     cdtype = stats.rstd.dtype
     w = None if weight is None else weight.to(cdtype)
     b = None if bias is None else bias.to(cdtype)
-    if stats.shift is not None and _scale_is_small(stats.rstd, w, x):
+    if small_scale is None:
+        small_scale = _scale_is_small(stats.rstd, w, x)
+    if stats.shift is not None and small_scale:
         # BatchNorm/InstanceNorm/GroupNorm: scale is (N, C)-sized at most, and the
         # offset folds into the shift term: y = (x − shift)·scale + (β − offset·scale).
         scale = stats.rstd if w is None else stats.rstd * w

@@ -18,6 +18,13 @@ decay d, and PyTorch's momentum is 1 − d. Use :func:`momentum_from_decay` and
 
 A batch whose statistics are not finite (NaN/inf from an overflow, a bad sample, a
 diverging step) leaves the running estimates untouched; see :func:`update_running_stats`.
+
+:class:`RunningStats` is a layer's whole policy — its buffers, the batch counter, momentum,
+the variance convention and the non-finite policy — in one object, built once by the module
+(and by a functional from its arguments) and passed down to the norm families' entries as
+one value. The update is implemented once per backend: inside the kernels' call (C++,
+``kernels/cpu/running.cpp``) and here, in torch ops, for every other path and for what the
+kernels hand back (a batch that is not finite warns or raises here).
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ from typing import Literal, NamedTuple
 import torch
 
 from .checks import InputError, check_momentum
-from .fast import build as _build
 
 __all__ = [
     "DecayStatistics",
+    "RunningStats",
     "NONFINITE_POLICIES",
     "NonFiniteStatisticsError",
     "RunningStatistics",
@@ -41,6 +48,7 @@ __all__ = [
     "momentum_from_decay",
     "to_decay_convention",
     "update_running_stats",
+    "update_running_stats_if",
 ]
 
 NonFinitePolicy = Literal["skip", "raise"]
@@ -98,14 +106,6 @@ def update_running_stats(
                 f"{name}.clone()"
             )
     eager_cpu = running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
-    if (
-        eager_cpu
-        and on_nonfinite == "skip"
-        and _merge_in_kernel(
-            running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
-        )
-    ):
-        return _TRUE
     with torch.no_grad():
         if momentum is None:
             if num_batches_tracked is None:
@@ -140,9 +140,6 @@ def update_running_stats(
     return finite
 
 
-_TRUE = torch.tensor(True)
-
-
 def _nonfinite(on_nonfinite: str) -> None:
     if on_nonfinite == "raise":
         raise NonFiniteStatisticsError(
@@ -159,43 +156,111 @@ def _nonfinite(on_nonfinite: str) -> None:
     )
 
 
-def _merge_in_kernel(
-    running_mean, running_var, batch_mean, batch_var, count, momentum, num_batches_tracked, unbiased
-) -> bool:
-    """The same update in one C++ call (a dozen fewer tiny torch ops per training step) for
-    float32/float64 CPU buffers. False when it does not apply, or when the batch is not
-    finite — then the torch-op path decides to skip and warn."""
-    module = _build._state["module"]
-    if (
-        module is None
-        or _build._state["backend"] == "composed"
-        or isinstance(count, torch.Tensor)
-        or running_mean.dtype not in (torch.float32, torch.float64)
-        or running_var.dtype != running_mean.dtype
-        or not running_mean.is_contiguous()
-        or not running_var.is_contiguous()
-        or batch_mean.numel() != running_mean.numel()
-        or (momentum is None and num_batches_tracked is None)
-    ):
-        return False
-    with torch.no_grad():
-        return module.running_update(
-            running_mean,
-            running_var,
-            _as_float64(batch_mean),
-            _as_float64(batch_var),
-            count,
-            -1.0 if momentum is None else float(momentum),
-            num_batches_tracked if num_batches_tracked is not None else _NO_COUNTER,
-            unbiased,
+class RunningStats:
+    """The running-statistics policy of one layer (or one functional call): where the running
+    estimates live and how a batch updates them.
+
+    ``buffers`` is a mapping that holds ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` (absent or None where the layer has none). A module passes its own
+    ``_buffers``, read at every call, so the tensors updated are always the module's current
+    ones — after ``.to()``, ``load_state_dict(assign=True)``, inside
+    ``torch.func.functional_call`` or ``torch.export``. ``momentum`` (None: the cumulative
+    average over ``num_batches_tracked``), ``unbiased`` (store n/(n − 1)·var) and
+    ``on_nonfinite`` ("skip" or "raise") are the conventions of :func:`update_running_stats`.
+
+    Build it with :meth:`of` (checks the arguments) or, in a module, once per change of its
+    settings. The fields are plain attributes: the kernels' entry reads them from C++.
+    """
+
+    def __init__(self, buffers: dict, momentum: float | None, unbiased: bool, on_nonfinite: str) -> None:
+        self.buffers = buffers
+        self.momentum = momentum
+        self.unbiased = bool(unbiased)
+        self.on_nonfinite = on_nonfinite
+        self.skips_nonfinite = on_nonfinite == "skip"
+
+    @classmethod
+    def of(
+        cls,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        num_batches_tracked: torch.Tensor | None = None,
+        *,
+        momentum: float | None = 0.1,
+        unbiased: bool = True,
+        on_nonfinite: str = "skip",
+    ) -> RunningStats:
+        """The policy over these tensors, its arguments checked: ``momentum`` in [0, 1], or
+        None with ``num_batches_tracked``; ``on_nonfinite`` one of :data:`NONFINITE_POLICIES`."""
+        momentum = check_momentum(momentum, allow_none=num_batches_tracked is not None)
+        check_nonfinite_policy(on_nonfinite)
+        buffers = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
+        return cls(buffers, momentum, unbiased, on_nonfinite)
+
+    @property
+    def running_mean(self) -> torch.Tensor | None:
+        return self.buffers.get("running_mean")
+
+    @property
+    def running_var(self) -> torch.Tensor | None:
+        return self.buffers.get("running_var")
+
+    @property
+    def num_batches_tracked(self) -> torch.Tensor | None:
+        return self.buffers.get("num_batches_tracked")
+
+    def update(
+        self,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        count: int | torch.Tensor,
+        *,
+        enough: torch.Tensor | None = None,
+        unbiased: bool | None = None,
+    ) -> torch.Tensor | None:
+        """Merge one batch's statistics into the estimates (torch ops; see
+        :func:`update_running_stats`): ``mean`` and the *biased* ``var`` per channel (C,), or
+        per instance (N, C), whose batch average is merged — every instance then has the
+        same ``count``, so unbiasing after averaging is exact. ``enough``: a 0-dim bool tensor,
+        merge only where True (a masked batch with fewer than 2 valid values is not merged).
+        ``unbiased``: override the policy's (False for a variance already unbiased)."""
+        if mean.dim() == 2:
+            mean, var = mean.mean(0), var.mean(0)
+        arguments = (self.running_mean, self.running_var, mean, var, count, self.momentum)
+        policy = {
+            "num_batches_tracked": self.num_batches_tracked,
+            "unbiased": self.unbiased if unbiased is None else unbiased,
+            "on_nonfinite": self.on_nonfinite,
+        }
+        if enough is not None:
+            return update_running_stats_if(enough, *arguments, **policy)
+        return update_running_stats(*arguments, **policy)
+
+    def __repr__(self) -> str:
+        present = [name for name, t in self.buffers.items() if t is not None]
+        return (
+            f"RunningStats(buffers={present}, momentum={self.momentum}, unbiased={self.unbiased}, "
+            f"on_nonfinite={self.on_nonfinite!r})"
         )
 
 
-_NO_COUNTER = torch.empty(0, dtype=torch.long)
-
-
-def _as_float64(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 and t.is_contiguous() else t.to(torch.float64).contiguous()
+def update_running_stats_if(
+    enough: torch.Tensor, *args, num_batches_tracked: torch.Tensor | None = None, **kwargs
+) -> None:
+    """:func:`normlab.core.update_running_stats` (``*args`` as its: the buffers, the batch's
+    statistics, the count, momentum), applied only where the 0-dim bool ``enough`` is True (a
+    batch with at least 2 valid values) — without a host sync off the CPU: the update is
+    computed, then ``torch.where`` keeps the old buffers when not."""
+    running_mean, running_var = args[:2]
+    if running_mean.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(enough):  # free on the CPU
+            update_running_stats(*args, num_batches_tracked=num_batches_tracked, **kwargs)
+        return
+    with torch.no_grad():
+        old = [t.clone() for t in (running_mean, running_var, num_batches_tracked) if t is not None]
+        update_running_stats(*args, num_batches_tracked=num_batches_tracked, **kwargs)
+        for t, before in zip((running_mean, running_var, num_batches_tracked), old):
+            t.copy_(torch.where(enough, t, before))
 
 
 def momentum_from_decay(decay: float) -> float:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import channel_layer_norm, check_eps, check_floating_input, check_param
+from ..core import channels_first_row_norm, check_floating_input
+from ..core.call_checks import check_row_args
 from ..core.checks import InputError
 
 __all__ = ["layer_norm2d"]
@@ -29,25 +30,11 @@ def layer_norm2d(
     format is the input's for channels_last and NCHW-contiguous input. The default eps is
     timm's (1e-6), not torch.nn.LayerNorm's.
     """
-    return _layer_norm2d(input, weight, bias, eps)
-
-
-def _layer_norm2d(input, weight, bias, eps, *, validated=False):
-    """``validated``: a module's call, whose constructor checked eps and γ/β."""
     check_floating_input(input)
     if input.dim() != 4:
         raise InputError(
             f"layer_norm2d expects input of shape (N, C, H, W), got a {input.dim()}D tensor of shape "
             f"{tuple(input.shape)}; for channels-last (*, C) data use layer_norm(x, (C,))"
         )
-    if not validated:
-        eps = check_eps(eps)
-        what = f"layer_norm2d over the {input.shape[1]} channels of input dim 1"
-        check_param(weight, "weight", (input.shape[1],), input, what)
-        check_param(bias, "bias", (input.shape[1],), input, what)
-    elif weight is not None and weight.shape[0] != input.shape[1]:
-        raise InputError(
-            f"LayerNorm2d({weight.shape[0]}) got input with {input.shape[1]} channels in dim 1 "
-            f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}"
-        )
-    return channel_layer_norm(input, weight, bias, eps, operation="layer_norm2d")
+    eps = check_row_args("layer_norm2d", input.permute(0, 2, 3, 1), (input.shape[1],), weight, bias, eps)
+    return channels_first_row_norm(input, weight, bias, eps, operation="layer_norm2d", checked=True)

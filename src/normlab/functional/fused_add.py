@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import add_row_norm, check_eps, check_floating_input, check_param, compute_dtype, normalize_shape_arg
-from ..core.checks import InputError
+from ..core import normalize_shape_arg, row_norm
+from ..core.call_checks import check_row_args
 
 __all__ = ["add_layer_norm", "add_rms_norm"]
 
@@ -50,40 +50,10 @@ def add_rms_norm(
     return _add_norm("add_rms_norm", x, residual, normalized_shape, weight, None, eps, centered=False)
 
 
-def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, *, centered, validated=False):
-    """``validated``: a module's call, whose constructor checked the shape, eps and γ/β."""
-    if not validated:
-        check_floating_input(x, "x")
-        check_floating_input(residual, "residual")
-        normalized_shape = normalize_shape_arg(normalized_shape)
-        if residual.device != x.device:
-            raise InputError(f"{fn}: residual is on {residual.device} but x on {x.device}; move one of them")
-        summed_shape = _summed_shape(fn, x, residual)
-        k = len(normalized_shape)
-        if len(summed_shape) < k or tuple(summed_shape[-k:]) != normalized_shape:
-            raise InputError(
-                f"{fn}: normalized_shape={list(normalized_shape)} must equal the trailing dims of "
-                f"x + residual, got shape {tuple(summed_shape)} (expected (*, "
-                f"{', '.join(map(str, normalized_shape))}))"
-            )
-        if eps is not None or centered:
-            eps = check_eps(eps)
-        what = f"{fn} over normalized_shape {list(normalized_shape)}"
-        check_param(weight, "weight", normalized_shape, x, what)
-        check_param(bias, "bias", normalized_shape, x, what)
-    if eps is None:
-        eps = torch.finfo(compute_dtype(torch.promote_types(x.dtype, residual.dtype))).eps
-    return add_row_norm(x, residual, tuple(normalized_shape), weight, bias, eps, centered=centered, operation=fn)
-
-
-def _summed_shape(fn: str, x: torch.Tensor, residual: torch.Tensor) -> torch.Size:
-    try:
-        summed = torch.broadcast_shapes(x.shape, residual.shape)
-    except RuntimeError:
-        summed = None
-    if summed is None or summed != x.shape:
-        raise InputError(
-            f"{fn}: residual of shape {tuple(residual.shape)} must have x's shape {tuple(x.shape)} "
-            f"(or broadcast to it), since the sum replaces x as the residual stream"
-        )
-    return summed
+def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, *, centered):
+    """add_layer_norm and add_rms_norm: check, then the row family's call with a residual."""
+    normalized_shape = normalize_shape_arg(normalized_shape)
+    eps = check_row_args(fn, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
+    return row_norm(
+        x, normalized_shape, weight, bias, eps, centered=centered, residual=residual, operation=fn, checked=True
+    )

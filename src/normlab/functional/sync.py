@@ -35,12 +35,12 @@ from ..core import (
     normalize,
     reduced_count,
 )
+from ..core.call_checks import check_channel_call
 from ..core.checks import InputError
-from ._batch_norm_impl import update_running
-from ._checks import check_channel_call, check_update_args
+from ..core.running import RunningStats
 from .tracked import batch_norm
 
-__all__ = ["check_peers", "distributed_world", "sync_batch_norm"]
+__all__ = ["check_peers", "distributed_world", "sync_batch_norm", "synchronized_batch_norm"]
 
 
 def distributed_world(process_group=None) -> int:
@@ -164,12 +164,45 @@ def sync_batch_norm(
             mask=mask,
         )
     eps = check_channel_call("sync_batch_norm", input, weight, bias, running_mean, running_var, eps)
+    running = None
+    if running_mean is not None:
+        running = RunningStats.of(
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum=momentum,
+            unbiased=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+        )
+    return synchronized_batch_norm(
+        input,
+        weight,
+        bias,
+        eps=eps,
+        running=running,
+        process_group=process_group,
+        peers_checked=peers_checked,
+        mask=mask,
+    )
+
+
+def synchronized_batch_norm(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    running: RunningStats | None,
+    process_group=None,
+    peers_checked: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The synchronized training call of :func:`sync_batch_norm` — what
+    :class:`normlab.nn.SyncBatchNorm` calls in training with more than one process — with the
+    running estimates as one policy (:class:`normlab.core.RunningStats`), updated with the
+    global statistics. ``eps`` is checked by the caller."""
     if not peers_checked:
         check_peers(input, process_group)
-    track = running_mean is not None
-    if track:
-        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-
     dims = (0,) + tuple(range(2, input.dim()))
     channels = input.shape[1]
     local_count = reduced_count(input.shape, dims)
@@ -217,17 +250,7 @@ def sync_batch_norm(
         out = masked_normalize(input, weight, bias, mask, stats, None, dims, eps, batch_stats=True, across=across)
     else:
         out = normalize(input, weight, bias, stats, dims, eps, batch_stats=True, across=across)
-    if track:
-        update_running(
-            running_mean,
-            running_var,
-            merged.mean,
-            var,
-            total,
-            momentum,
-            num_batches_tracked=num_batches_tracked,
-            unbiased_running_var=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-            masked=mask is not None,
-        )
+    if running is not None and running.running_mean is not None:
+        # a masked global batch with fewer than 2 valid values is not merged (no host sync)
+        running.update(merged.mean, var, total, enough=None if mask is None else total >= 2)
     return out

@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from ..core import (
-    centered_moments,
-    channel_norm,
-    channel_view,
-    check_activation,
-    check_mask,
-    masked_channel_norm,
-    reduced_count,
-    update_running_stats,
-    update_running_stats_if,
-)
+from ..core import RunningStats, channel_norm, check_activation, instance_norm_layout
+from ..core import batch_renorm as _renorm
+from ..core.call_checks import check_channel_args, check_channel_call, check_inplace_input
 from ..core.checks import InputError
-from ._batch_norm_impl import batch_norm_impl, no_channels
-from ._checks import check_channel_call, check_inplace_input, check_update_args, too_few_values
+from ..core.native import no_channels
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
 
@@ -67,20 +58,8 @@ def batch_norm(
             batch with fewer than 2 valid values leaves the running estimates untouched
             (see ``docs/sequences.md``).
     """
-    return batch_norm_impl(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        num_batches_tracked=num_batches_tracked,
-        unbiased_running_var=unbiased_running_var,
-        on_nonfinite=on_nonfinite,
-        mask=mask,
-    )
+    estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
+    return _batch_norm("batch_norm", input, weight, bias, training, eps, estimates, mask)
 
 
 def batch_norm_act(
@@ -115,24 +94,53 @@ def batch_norm_act(
     """
     param = check_activation(activation, activation_param, inplace=inplace)
     check_inplace_input(input, inplace)
-    return batch_norm_impl(
+    estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
+    act = {"activation": activation, "param": param, "prelu_weight": prelu_weight, "inplace": inplace}
+    return _batch_norm("batch_norm_act", input, weight, bias, training, eps, estimates, mask, act)
+
+
+def _running(estimates: tuple, update: bool):
+    """The running-statistics policy of a functional call from its ``estimates`` (running_mean,
+    running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite), None
+    without any; the update arguments checked when the call will ``update`` the estimates."""
+    running_mean, running_var, counter, momentum, unbiased, on_nonfinite = estimates
+    if running_mean is None:
+        return None
+    if update:
+        return RunningStats.of(
+            running_mean, running_var, counter, momentum=momentum, unbiased=unbiased, on_nonfinite=on_nonfinite
+        )
+    buffers = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": counter}
+    return RunningStats(buffers, momentum, unbiased, on_nonfinite)
+
+
+def _batch_norm(fn, input, weight, bias, training, eps, estimates, mask, act=None):
+    """batch_norm and batch_norm_act: check, then the channel family's call."""
+    act = act or {}
+    running_mean, running_var = estimates[:2]
+    if (
+        isinstance(input, torch.Tensor)
+        and input.is_floating_point()
+        and input.dim() == 1
+        and input.numel() == 0
+        and all(t is None or t.numel() == 0 for t in (running_mean, running_var))
+    ):
+        # torch reads a 1-D input as one with no channel dim, i.e. 0 channels
+        return no_channels(fn, input, weight, bias)
+    eps = check_channel_call(fn, input, weight, bias, running_mean, running_var, eps)
+    running = _running(estimates, training)
+    eps, mask = check_channel_args(fn, input, weight, bias, eps, -1, training, running, act.get("prelu_weight"), mask)
+    return channel_norm(
         input,
-        running_mean,
-        running_var,
         weight,
         bias,
-        training,
-        momentum,
-        eps,
-        num_batches_tracked=num_batches_tracked,
-        unbiased_running_var=unbiased_running_var,
-        on_nonfinite=on_nonfinite,
-        activation=activation,
-        param=param,
-        prelu_weight=prelu_weight,
-        inplace=inplace,
-        fn="batch_norm_act",
+        eps=eps,
+        batch_stats=training,
+        running=running,
         mask=mask,
+        operation=fn,
+        checked=True,
+        **act,
     )
 
 
@@ -166,137 +174,35 @@ def instance_norm(
     estimates average the instances with at least 2 valid values, each unbiased with its
     own count, and are left untouched when there is none.
     """
+    shape_words = "(N, C, *spatial) with at least one spatial dim"
     eps = check_channel_call(
-        "instance_norm",
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        eps,
-        shape_words="(N, C, *spatial) with at least one spatial dim",
-        min_rank=3,
+        "instance_norm", input, weight, bias, running_mean, running_var, eps, shape_words=shape_words, min_rank=3
     )
     if input.shape[1] == 0:
         return no_channels("instance_norm", input, weight, bias)
-    if not use_input_stats:
-        if running_mean is None:
-            raise InputError(
-                "instance_norm with use_input_stats=False normalizes with running_mean "
-                "and running_var, but they are None"
-            )
-        out = batch_norm_impl(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            False,
-            momentum,
-            eps,
-            num_batches_tracked=None,
-            unbiased_running_var=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-            fn="instance_norm",
-            validated=True,
-            mask=mask,
-        )
-        return _instance_layout(out)
-
-    if mask is not None:
-        return _masked_instance_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            momentum,
-            eps,
-            check_mask(mask, input, "instance_norm"),
-            num_batches_tracked,
-            unbiased_running_var,
-            on_nonfinite,
-        )
-    count = reduced_count(input.shape, tuple(range(2, input.dim())))
-    if count == 1:
+    if not use_input_stats and running_mean is None:
         raise InputError(
-            f"Expected more than 1 spatial element when training, got input size "
-            f"{list(input.shape)}: each (sample, channel) plane needs 2 or more values"
+            "instance_norm with use_input_stats=False normalizes with running_mean and running_var, but they are None"
         )
-    track = running_mean is not None and input.numel() > 0  # an empty batch updates nothing
-    if track:
-        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, mean, var = channel_norm(
-        input, weight, bias, groups=input.shape[1], eps=eps, want_stats=track, operation="instance_norm"
-    )  # statistics (N, C)
-    out = _instance_layout(out)
-    if track:
-        # The running estimate of a channel is the batch average of its instance stats;
-        # every instance has the same count, so unbiasing after averaging is exact.
-        update_running_stats(
-            running_mean,
-            running_var,
-            mean.mean(0),
-            var.mean(0),
-            count,
-            momentum,
-            num_batches_tracked=num_batches_tracked,
-            unbiased=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-        )
-    return out
-
-
-def _instance_layout(out: torch.Tensor) -> torch.Tensor:
-    """torch.nn's instance_norm returns a contiguous tensor for channels_last input (code
-    after it may .view() it); the kernels write in the input's layout."""
-    return out if out.dim() < 4 or out.is_contiguous() else out.contiguous()
-
-
-def _masked_instance_norm(
-    input,
-    running_mean,
-    running_var,
-    weight,
-    bias,
-    momentum,
-    eps,
-    mask,
-    num_batches_tracked,
-    unbiased_running_var,
-    on_nonfinite,
-):
-    track = running_mean is not None
-    if track:
-        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    out, mean, var, count = masked_channel_norm(
-        input, weight, bias, mask, groups=input.shape[1], eps=eps, operation="instance_norm"
-    )  # stats (N, C), count (N,)
-    if track:
-        with torch.no_grad():
-            # Instances differ in count: unbias each with its own, then average those with
-            # at least 2 valid values (fewer have no variance to speak of).
-            enough = (count >= 2).unsqueeze(1)  # (N, 1)
-            if unbiased_running_var:
-                var = var * (count / (count - 1).clamp(min=1)).unsqueeze(1)
-            instances = enough.sum()
-            weights = enough.to(var.dtype) / instances.clamp(min=1)
-            zero = torch.zeros((), dtype=var.dtype, device=var.device)
-            batch_mean = torch.where(enough, mean * weights, zero).sum(0)
-            batch_var = torch.where(enough, var * weights, zero).sum(0)
-        update_running_stats_if(
-            instances > 0,
-            running_mean,
-            running_var,
-            batch_mean,
-            batch_var,
-            2,
-            momentum,
-            num_batches_tracked=num_batches_tracked,
-            unbiased=False,
-            on_nonfinite=on_nonfinite,
-        )
-    return _instance_layout(out)
+    estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
+    running = _running(estimates, use_input_stats and input.numel() > 0)  # an empty batch updates nothing
+    groups = input.shape[1]  # a group per channel: statistics per (sample, channel)
+    eps, mask = check_channel_args(
+        "instance_norm", input, weight, bias, eps, groups, use_input_stats, running, None, mask
+    )
+    out = channel_norm(
+        input,
+        weight,
+        bias,
+        groups=groups,
+        eps=eps,
+        batch_stats=use_input_stats,
+        running=running,
+        mask=mask,
+        operation="instance_norm",
+        checked=True,
+    )
+    return instance_norm_layout(out)
 
 
 def batch_renorm(
@@ -341,62 +247,6 @@ def batch_renorm(
         isinstance(d_max, bool) or not isinstance(d_max, (int, float)) or not d_max >= 0
     ):
         raise InputError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
-    dims = (0,) + tuple(range(2, input.dim()))
-    ndim = input.dim()
-    if not training:  # exactly BatchNorm's eval
-        return batch_norm_impl(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            False,
-            momentum,
-            eps,
-            num_batches_tracked=None,
-            unbiased_running_var=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-            fn="batch_renorm",
-            validated=True,
-        )
-
-    count = reduced_count(input.shape, dims)
-    if count <= 1:  # an empty batch too: r and d need batch statistics
-        raise too_few_values(input)
-    momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-    with torch.no_grad():
-        moments = centered_moments(input, dims)  # (1, C, 1, …)
-        cdtype = moments.var.dtype
-        batch_std = torch.sqrt(moments.var + eps)
-        running_std = torch.sqrt(channel_view(running_var, ndim).to(cdtype) + eps)
-        running_mu = channel_view(running_mean, ndim).to(cdtype)
-        if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
-            r_max = torch.as_tensor(r_max, dtype=cdtype, device=input.device)
-            d_max = torch.as_tensor(d_max, dtype=cdtype, device=input.device)
-            r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
-            d = torch.minimum(torch.maximum((moments.mean - running_mu) / running_std, -d_max), d_max)
-        else:
-            r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
-            d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
-    # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
-    w = channel_view(weight, ndim)
-    b = channel_view(bias, ndim)
-    w_eff = r if w is None else w * r
-    b_eff = d if w is None else w * d
-    if b is not None:
-        b_eff = b_eff + b
-    out, mean, var = channel_norm(
-        input, w_eff.flatten().to(input.dtype), b_eff.flatten().to(input.dtype), eps=eps, operation="batch_renorm"
-    )
-    update_running_stats(
-        running_mean,
-        running_var,
-        mean,
-        var,
-        count,
-        momentum,
-        num_batches_tracked=num_batches_tracked,
-        unbiased=unbiased_running_var,
-        on_nonfinite=on_nonfinite,
-    )
-    return out
+    estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
+    running = _running(estimates, training)
+    return _renorm(input, weight, bias, eps=eps, batch_stats=training, running=running, r_max=r_max, d_max=d_max)

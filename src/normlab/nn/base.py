@@ -1,9 +1,10 @@
-"""The state every statistics-tracking norm layer shares: parameters, buffers, checkpoints.
+"""The state every norm layer shares: parameters, buffers, checkpoints, settings.
 
 Modelled on torch.nn's ``_NormBase`` so that parameter and buffer names, shapes, dtypes,
 defaults and the state-dict version are identical: a torch.nn checkpoint loads into a
-normlab layer and back without loss. Subclasses only choose input ranks and the
-functional they call.
+normlab layer and back without loss. Subclasses choose input ranks; their forward is one
+call of their family's entry (:func:`normlab.core.channel_norm`, :func:`normlab.core.row_norm`),
+the same call the functionals make after their checks.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
+from ..core import RunningStats, check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 from ..core.checks import InputError, InputTypeError
 
 __all__ = [
-    "CheckedEps",
+    "ChannelInput",
+    "CheckedSettings",
     "FreezableNorm",
     "PerSampleNorm",
     "_NormBase",
-    "check_channel_input",
     "check_norm_args",
     "reset_affine",
     "traced_call",
@@ -40,20 +41,26 @@ def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | No
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
 
 
-def check_channel_input(module: nn.Module, input: object, ranks: tuple[int, ...], shape_words: str) -> None:
-    """An (N, C, *spatial) input of an accepted rank with ``module.num_features`` channels."""
-    name = type(module).__name__
-    if not isinstance(input, torch.Tensor):
-        raise InputTypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}")
-    if input.dim() not in ranks:
-        raise InputError(
-            f"{name} expects a {shape_words} input, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
-        )
-    if input.shape[1] != module.num_features:
-        raise InputError(
-            f"{name}({module.num_features}) expects {module.num_features} channels at "
-            f"input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
-        )
+class ChannelInput:
+    """The input check of the layers with ``num_features`` channels at dim 1: an
+    (N, C, *spatial) tensor of one of the ranks in ``_ranks``."""
+
+    _ranks: tuple[int, ...] = ()
+    _shape_words = ""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise InputTypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in self._ranks:
+            raise InputError(
+                f"{type(self).__name__} expects a {self._shape_words} input, got a {input.dim()}D tensor of "
+                f"shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise InputError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at "
+                f"input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+            )
 
 
 class FreezableNorm:
@@ -98,43 +105,39 @@ class FreezableNorm:
         return self
 
 
-class CheckedEps:
-    """``eps`` checked once after each assignment — at the next call — not on every call.
+class CheckedSettings:
+    """Settings (``eps``, and for the tracking norms ``momentum``, ``on_nonfinite`` and
+    ``unbiased_running_var``) checked once after each assignment — at the next call, before
+    anything is updated — not on every call.
 
-    For the per-sample norms (GroupNorm, LayerNorm, RMSNorm), whose forward then skips the
-    checks their constructor made. ``None`` is accepted where the layer allows it (RMSNorm).
+    Plain attributes, as torch.nn's (reading one costs nothing); assigning one of
+    :attr:`_settings` marks the layer unchecked, and its next call checks them
+    (:meth:`_check_settings`) and, for a tracking norm, builds its running-statistics policy
+    anew. ``None`` is an accepted eps where the layer allows it (RMSNorm).
     """
 
+    _settings: tuple[str, ...] = ("eps",)
     _eps_may_be_none = False
 
-    @property
-    def eps(self):
-        return self.__dict__["_eps"]
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self._settings:
+            self.__dict__["_settings_checked"] = False
 
-    @eps.setter
-    def eps(self, value) -> None:
-        self.__dict__["_eps"] = value
-        self.__dict__["_eps_checked"] = False
-
-    def _check_eps(self) -> None:
+    def _check_settings(self) -> None:
         d = self.__dict__
+        if not (d["eps"] is None and self._eps_may_be_none):
+            eps = check_eps(d["eps"])
+            if type(d["eps"]) is not float:  # a NumPy float, an int: the float the kernels take
+                d["eps"] = eps
         if torch.compiler.is_compiling():
-            # Checked while tracing, so the compiled code pays nothing; the flag is neither
-            # read nor set here, as the compiler would guard on it and compile again the call
-            # after it flips.
-            eps = d["_eps"]
-            if not (eps is None and self._eps_may_be_none):
-                checked = check_eps(eps)
-                if type(eps) is not float:  # a NumPy float, an int: the float the kernels take
-                    d["_eps"] = checked
+            # Checked while tracing, so the compiled code pays nothing; the flag is not set
+            # here, as the compiler would guard on it and compile again the call after it flips.
             return
-        if not d.get("_eps_checked", False):
-            if not (d["_eps"] is None and self._eps_may_be_none):
-                d["_eps"] = check_eps(d["_eps"])
-            d["_eps_checked"] = True
+        d["_settings_checked"] = True
 
 
-class PerSampleNorm(CheckedEps, FreezableNorm):
+class PerSampleNorm(CheckedSettings, FreezableNorm):
     """GroupNorm, LayerNorm, LayerNorm2d and RMSNorm: statistics from each sample, eps checked
     once, and γ (and β) created and reset here, once for all four."""
 
@@ -161,54 +164,36 @@ def reset_affine(module: nn.Module) -> None:
         nn.init.zeros_(bias)
 
 
-class _NormBase(FreezableNorm):
+class _NormBase(ChannelInput, CheckedSettings, FreezableNorm):
     """normlab's side of every statistics-tracking layer (BatchNorm, InstanceNorm, SyncBN).
 
     Mixed in *before* a torch.nn class (``class BatchNorm2d(_BatchNorm, nn.BatchNorm2d)``),
     so the layer is an instance of torch.nn's class: torch's ``_NormBase`` creates the same
     parameters, buffers and state-dict version, and loads checkpoints (including old ones
     without ``num_batches_tracked``) exactly as torch.nn does. This mixin validates the
-    arguments once, adds normlab's keyword-only extras and supplies the forward.
+    arguments once, adds normlab's keyword-only extras, keeps the running-statistics policy
+    (:class:`normlab.core.RunningStats`) and supplies the forward.
     """
 
-    # eps, momentum and on_nonfinite are checked once after each assignment (at construction
-    # or later, ``layer.momentum = 0.01``) — at the next call, before anything is updated —
-    # rather than on every call.
-    @property
-    def momentum(self) -> float | None:
-        return self.__dict__["_momentum"]
+    _settings = ("eps", "momentum", "on_nonfinite", "unbiased_running_var")
 
-    @momentum.setter
-    def momentum(self, value) -> None:
-        self.__dict__["_momentum"] = value
-        self.__dict__["_args_checked"] = False
+    def _make_running_stats(self) -> RunningStats:
+        """The layer's running-statistics policy, after its settings are checked — once after
+        each assignment of one of them. It reads the buffers from the layer's own ``_buffers``
+        at every call (``.to()``, ``functional_call`` and export swap them there)."""
+        self._check_settings()
+        d = self.__dict__
+        d["momentum"] = check_momentum(d["momentum"], allow_none=True)
+        d["on_nonfinite"] = check_nonfinite_policy(d.get("on_nonfinite", "skip"))
+        stats = RunningStats(self._buffers, d["momentum"], d.get("unbiased_running_var", True), d["on_nonfinite"])
+        if not torch.compiler.is_compiling():
+            d["_running_stats"] = stats
+        return stats
 
-    @property
-    def eps(self) -> float:
-        return self.__dict__["_eps"]
-
-    @eps.setter
-    def eps(self, value) -> None:
-        self.__dict__["_eps"] = value
-        self.__dict__["_args_checked"] = False
-
-    @property
-    def on_nonfinite(self) -> str:
-        return self.__dict__["_on_nonfinite"]
-
-    @on_nonfinite.setter
-    def on_nonfinite(self, value) -> None:
-        self.__dict__["_on_nonfinite"] = value
-        self.__dict__["_args_checked"] = False
-
-    def _check_args(self) -> None:
-        """Validate eps, momentum and on_nonfinite if one was assigned since the last call."""
-        if not self.__dict__.get("_args_checked", False):
-            d = self.__dict__
-            d["_eps"] = check_eps(d["_eps"])
-            d["_momentum"] = check_momentum(d["_momentum"], allow_none=True)
-            d["_on_nonfinite"] = check_nonfinite_policy(d.get("_on_nonfinite", "skip"))
-            d["_args_checked"] = True
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self._settings:
+            self.__dict__.pop("_running_stats", None)
 
     def _init_normlab(self, *, bias: bool, unbiased_running_var: bool, on_nonfinite: str) -> None:
         """After torch's ``__init__``: drop β if asked, record the extras."""
@@ -217,53 +202,12 @@ class _NormBase(FreezableNorm):
             self.register_parameter("bias", None)
         self.unbiased_running_var = bool(unbiased_running_var)
         self.on_nonfinite = on_nonfinite
-        self._check_args()
+        self._make_running_stats()
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, γ = 1 and β = 0."""
         self.reset_running_stats()
         reset_affine(self)
-
-    # torch.nn's two rules for where a call's statistics come from. Its BatchNorm uses the
-    # running estimates whenever they exist outside training and passes them only when it
-    # uses or updates them; its InstanceNorm reads ``track_running_stats`` on every call and
-    # always passes its buffers (switched off after construction, it normalizes each
-    # instance by itself and keeps updating them). They differ only for a flag changed
-    # after construction; each layer keeps torch's rule for its kind.
-    _stats_follow_track_flag = False
-
-    def _batch_stats(self) -> bool:
-        """Whether this call normalizes with the batch's statistics: in training unless
-        frozen, and whenever there are no running estimates to use."""
-        if self._stats_follow_track_flag:
-            return (self.training and not self.frozen) or not self.track_running_stats
-        return (self.training and not self.frozen) or self.running_mean is None
-
-    def _normalize(self, functional, input: torch.Tensor, **kwargs) -> torch.Tensor:
-        """``functional(input, running_mean, running_var, weight, bias, batch_stats, momentum,
-        eps, ...)`` — batch_norm's signature — with the statistics this call uses: the
-        running estimates passed are updated when ``batch_stats``, and only then is the batch
-        counter passed."""
-        self._check_args()
-        batch_stats = self._batch_stats()
-        if self._stats_follow_track_flag or not batch_stats or self.track_running_stats:
-            running_mean, running_var = self.running_mean, self.running_var
-        else:  # BatchNorm passes no estimates it neither uses nor updates
-            running_mean = running_var = None
-        return functional(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            batch_stats,
-            self.momentum,
-            self.eps,
-            num_batches_tracked=self.num_batches_tracked if batch_stats and running_mean is not None else None,
-            unbiased_running_var=self.unbiased_running_var,
-            on_nonfinite=self.on_nonfinite,
-            **kwargs,
-        )
 
     def extra_repr(self) -> str:
         text = (

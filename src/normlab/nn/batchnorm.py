@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..functional._batch_norm_impl import batch_norm_impl
-from .base import _NormBase, check_channel_input, check_norm_args, traced_call
+from ..core import channel_norm
+from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -70,11 +70,22 @@ _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015
 """
 
 
-class _BatchNorm(_NormBase):
-    """Shared constructor and forward of BatchNorm1d/2d/3d; subclasses fix the ranks."""
+def _doc(name, shape_words, spatial_dims, input_shapes, example, mask_shapes) -> str:
+    return _DOC.format(
+        name=name,
+        shape_words=shape_words,
+        spatial_dims=spatial_dims,
+        input_shapes=input_shapes,
+        example=example,
+        mask_shapes=mask_shapes,
+    )
 
-    _ranks: tuple[int, ...] = ()
-    _shape_words = ""
+
+class _BatchNorm(_NormBase):
+    """Shared constructor and forward of BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d;
+    subclasses fix the ranks."""
+
+    _operation = "batch_norm"  # its name in normlab.core.record_dispatch
 
     def __init__(
         self,
@@ -94,50 +105,56 @@ class _BatchNorm(_NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        check_channel_input(self, input, self._ranks, self._shape_words)
-
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
-        return self._normalize(batch_norm_impl, input, validated=True, mask=mask)
+        d = self.__dict__
+        running = d.get("_running_stats") or self._make_running_stats()
+        # torch.nn's rule: the batch's statistics in training (unless frozen) and whenever
+        # there are no running estimates; the estimates are passed only when they are used
+        # or updated
+        tracked = running.buffers["running_mean"] is not None
+        batch_stats = (self.training and not self.frozen) or not tracked
+        activation = d.get("activation", "identity")  # BatchNormAct's (the plain norm has none)
+        return channel_norm(
+            input,
+            self.weight,
+            self.bias,
+            eps=self.eps,
+            batch_stats=batch_stats,
+            running=running if tracked and (not batch_stats or self.track_running_stats) else None,
+            activation=activation,
+            param=d.get("activation_param", 0.0),
+            prelu_weight=self.act.weight if activation == "prelu" else None,
+            inplace=d.get("inplace", False),
+            mask=mask,
+            operation=self._operation,
+        )
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
-    __doc__ = _DOC.format(
-        name="BatchNorm1d",
-        shape_words=_shape_words,
-        spatial_dims="[, L]",
-        input_shapes="(N, C) or (N, C, L)",
-        example="8, 16, 10",
-        mask_shapes="(N,) or (N, L)",
-    )
+    __doc__ = _doc("BatchNorm1d", _shape_words, "[, L]", "(N, C) or (N, C, L)", "8, 16, 10", "(N,) or (N, L)")
 
 
 class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
-    __doc__ = _DOC.format(
-        name="BatchNorm2d",
-        shape_words=_shape_words,
-        spatial_dims=", H, W",
-        input_shapes="(N, C, H, W), contiguous or channels_last",
-        example="8, 16, 5, 5",
-        mask_shapes="(N, H, W)",
+    __doc__ = _doc(
+        "BatchNorm2d", _shape_words, ", H, W", "(N, C, H, W), contiguous or channels_last", "8, 16, 5, 5", "(N, H, W)"
     )
 
 
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"
-    __doc__ = _DOC.format(
-        name="BatchNorm3d",
-        shape_words=_shape_words,
-        spatial_dims=", D, H, W",
-        input_shapes="(N, C, D, H, W), contiguous or channels_last_3d",
-        example="4, 16, 3, 5, 5",
-        mask_shapes="(N, D, H, W)",
+    __doc__ = _doc(
+        "BatchNorm3d",
+        _shape_words,
+        ", D, H, W",
+        "(N, C, D, H, W), contiguous or channels_last_3d",
+        "4, 16, 3, 5, 5",
+        "(N, D, H, W)",
     )

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from .. import functional as F
+from ..core import batch_renorm
 from ..core.checks import InputError
-from .base import _NormBase, check_channel_input, check_norm_args, traced_call
+from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -86,9 +86,6 @@ _DOC = r"""Batch Renormalization (Ioffe, 2017) over a {shape_words} input.
 
 
 class _BatchRenorm(_NormBase):
-    _ranks: tuple[int, ...] = ()
-    _shape_words = ""
-
     def __init__(
         self,
         num_features: int,
@@ -108,9 +105,6 @@ class _BatchRenorm(_NormBase):
         self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
         self.schedule = schedule if schedule is not None else RenormSchedule()
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        check_channel_input(self, input, self._ranks, self._shape_words)
-
     def current_limits(self) -> tuple[float, float]:
         """(r_max, d_max) that the next training step will use."""
         return self.schedule.at(int(self.num_batches_tracked))
@@ -119,8 +113,19 @@ class _BatchRenorm(_NormBase):
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)
-        r_max, d_max = self.schedule.limits(self.num_batches_tracked) if self._batch_stats() else (1.0, 0.0)
-        return self._normalize(F.batch_renorm, input, r_max=r_max, d_max=d_max)
+        running = self.__dict__.get("_running_stats") or self._make_running_stats()
+        batch_stats = (self.training and not self.frozen) or running.buffers["running_mean"] is None
+        r_max, d_max = self.schedule.limits(self.num_batches_tracked) if batch_stats else (1.0, 0.0)
+        return batch_renorm(
+            input,
+            self.weight,
+            self.bias,
+            eps=self.eps,
+            batch_stats=batch_stats,
+            running=running,
+            r_max=r_max,
+            d_max=d_max,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", schedule={self.schedule}"

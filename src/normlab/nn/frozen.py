@@ -6,14 +6,13 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from .. import functional as F
-from ..core import check_eps, check_positive_int
-from .base import check_channel_input, traced_call
+from ..core import RunningStats, channel_norm, check_eps, check_positive_int
+from .base import ChannelInput, traced_call
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
-class _FrozenBatchNorm(nn.Module):
+class _FrozenBatchNorm(ChannelInput, nn.Module):
     r"""BatchNorm with fixed statistics and fixed affine parameters (detectron2/torchvision).
 
     .. math:: y = \frac{x - \text{running\_mean}}{\sqrt{\text{running\_var} + \epsilon}}
@@ -28,9 +27,6 @@ class _FrozenBatchNorm(nn.Module):
     ``num_batches_tracked`` is dropped.
     """
 
-    _ranks: tuple[int, ...] = ()
-    _shape_words = ""
-
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -40,44 +36,29 @@ class _FrozenBatchNorm(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory) - eps)
+        # the statistics it normalizes with, read from its buffers at every call; never updated
+        self._statistics = RunningStats(self._buffers, None, True, "skip")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        check_channel_input(self, input, self._ranks, self._shape_words)
-        return F.batch_norm(
+        self._check_input_dim(input)
+        return channel_norm(
             input,
-            self.running_mean,
-            self.running_var,
             self.weight,
             self.bias,
-            training=False,
             eps=self.eps,
+            batch_stats=False,
+            running=self._statistics,
+            operation="frozen_batch_norm",
         )
 
-    def _load_from_state_dict(
-        self,
-        state_dict,
-        prefix,
-        local_metadata,
-        strict,
-        missing_keys,
-        unexpected_keys,
-        error_msgs,
-    ) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
         for name in ("running_mean", "running_var"):
             # Missing statistics (Caffe2-converted backbones): keep the identity ones.
             state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
-        super()._load_from_state_dict(
-            state_dict,
-            prefix,
-            local_metadata,
-            strict,
-            missing_keys,
-            unexpected_keys,
-            error_msgs,
-        )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Proxy
 
-from ..functional.fused_add import _add_norm
+from ..core import row_norm
 from .layernorm import LayerNorm, RMSNorm
 
 __all__ = ["AddLayerNorm", "AddRMSNorm"]
@@ -17,23 +17,25 @@ def _traced_pair(module, x: Proxy, residual) -> Proxy:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (x, residual), {})
 
 
-def _fits(module, x: torch.Tensor, residual: torch.Tensor) -> bool:
-    """The per-call checks the constructor cannot make: shapes, dtypes and devices."""
-    w = module.weight
-    k = len(module.normalized_shape)
-    return (
-        isinstance(x, torch.Tensor)
-        and isinstance(residual, torch.Tensor)
-        and x.is_floating_point()
-        and residual.is_floating_point()
-        and residual.shape == x.shape
-        and residual.device == x.device
-        and x.shape[x.dim() - k :] == module.normalized_shape
-        and (w is None or (w.dtype == x.dtype and w.device == x.device))
-    )
+class _AddNorm:
+    """The forward of both: ``(norm(x + residual), x + residual)``, one call of the row family."""
+
+    _centered = True
+    _operation = "add_layer_norm"
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(x, Proxy) or isinstance(residual, Proxy):
+            return _traced_pair(self, x, residual)
+        if not self.__dict__.get("_settings_checked", False):
+            self._check_settings()
+        bias = self.bias if self._centered else None  # RMSNorm has no β
+        shape, centered = self.normalized_shape, self._centered
+        return row_norm(
+            x, shape, self.weight, bias, self.eps, centered=centered, residual=residual, operation=self._operation
+        )
 
 
-class AddLayerNorm(LayerNorm):
+class AddLayerNorm(_AddNorm, LayerNorm):
     r"""``forward(x, residual) -> (layer_norm(x + residual), x + residual)`` in one pass.
 
     The pre-norm transformer step: the block's output ``x`` joins the residual stream, and
@@ -47,42 +49,13 @@ class AddLayerNorm(LayerNorm):
         - Output: ``(normed, summed)``, each of that shape.
     """
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(x, Proxy) or isinstance(residual, Proxy):
-            return _traced_pair(self, x, residual)
-        self._check_eps()
-        return _add_norm(
-            "add_layer_norm",
-            x,
-            residual,
-            self.normalized_shape,
-            self.weight,
-            self.bias,
-            self.eps,
-            centered=True,
-            validated=_fits(self, x, residual),
-        )
 
-
-class AddRMSNorm(RMSNorm):
+class AddRMSNorm(_AddNorm, RMSNorm):
     r"""``forward(x, residual) -> (rms_norm(x + residual), x + residual)`` in one pass.
 
     As :class:`AddLayerNorm`, for :class:`normlab.nn.RMSNorm` (same constructor, parameters
     and state-dict keys). See :func:`normlab.functional.add_rms_norm`.
     """
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(x, Proxy) or isinstance(residual, Proxy):
-            return _traced_pair(self, x, residual)
-        self._check_eps()
-        return _add_norm(
-            "add_rms_norm",
-            x,
-            residual,
-            self.normalized_shape,
-            self.weight,
-            None,
-            self.eps,
-            centered=False,
-            validated=_fits(self, x, residual),
-        )
+    _centered = False
+    _operation = "add_rms_norm"

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import check_eps, check_positive_int
+from ..core import channel_norm, check_eps, check_positive_int
 from ..core.checks import InputError
-from ..functional.per_sample import _group_norm
 from .base import PerSampleNorm, traced_call
 
 __all__ = ["GroupNorm"]
@@ -49,6 +48,8 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
         >>> y = gn(torch.randn(2, 64, 7, 7))
     """
 
+    _operation = "group_norm"  # its name in normlab.core.record_dispatch
+
     def __init__(
         self,
         num_groups: int,
@@ -75,15 +76,29 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
-        if isinstance(input, torch.Tensor) and input.dim() >= 2:
-            if input.shape[1] != self.num_channels:
-                raise InputError(
-                    f"GroupNorm({self.num_groups}, {self.num_channels}) expects "
-                    f"{self.num_channels} channels at input dim 1, got {input.shape[1]} "
-                    f"(input shape {tuple(input.shape)})"
-                )
-        self._check_eps()
-        return _group_norm(input, self.num_groups, self.weight, self.bias, self.eps, validated=True, mask=mask)
+        if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
+            raise InputError(
+                f"{type(self).__name__}({self.num_groups}, {self.num_channels}) expects "
+                f"{self.num_channels} channels at input dim 1, got {input.shape[1]} "
+                f"(input shape {tuple(input.shape)})"
+            )
+        d = self.__dict__
+        if not d.get("_settings_checked", False):
+            self._check_settings()
+        activation = d.get("activation", "identity")  # GroupNormAct's (the plain norm has none)
+        return channel_norm(
+            input,
+            self.weight,
+            self.bias,
+            groups=self.num_groups,
+            eps=self.eps,
+            activation=activation,
+            param=d.get("activation_param", 0.0),
+            prelu_weight=self.act.weight if activation == "prelu" else None,
+            inplace=d.get("inplace", False),
+            mask=mask,
+            operation=self._operation,
+        )
 
     def extra_repr(self) -> str:
         return (

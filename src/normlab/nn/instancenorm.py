@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from .. import functional as F
+from ..core import channel_norm, instance_norm_layout
 from ..core.checks import InputError, InputTypeError
 from .base import _NormBase, check_norm_args, traced_call
 
@@ -58,7 +58,6 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
 
 
 class _InstanceNorm(_NormBase):
-    _stats_follow_track_flag = True  # torch.nn's InstanceNorm rule
     _unbatched_rank = 0
     _shape_words = ""
 
@@ -108,19 +107,33 @@ class _InstanceNorm(_NormBase):
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
-        if input.dim() == self._unbatched_rank:
-            return self._normalize(F.instance_norm, input.unsqueeze(0), mask=mask).squeeze(0)
-        return self._normalize(F.instance_norm, input, mask=mask)
+        unbatched = input.dim() == self._unbatched_rank
+        x = input.unsqueeze(0) if unbatched else input
+        running = self.__dict__.get("_running_stats") or self._make_running_stats()
+        tracked = running.buffers["running_mean"] is not None
+        # torch.nn's InstanceNorm rule, read on every call: each instance's own statistics
+        # unless tracking (and not training); the estimates, where there are any, are always
+        # passed — switched off after construction, it keeps updating them
+        y = channel_norm(
+            x,
+            self.weight,
+            self.bias,
+            groups=x.shape[1],
+            eps=self.eps,
+            batch_stats=(self.training and not self.frozen) or not self.track_running_stats,
+            running=running if tracked else None,
+            mask=mask,
+            operation="instance_norm",
+        )
+        y = instance_norm_layout(y)
+        return y.squeeze(0) if unbatched else y
 
 
 class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
     _unbatched_rank = 2
     _shape_words = "2D (C, L) or 3D (N, C, L)"
     __doc__ = _DOC.format(
-        name="InstanceNorm1d",
-        shape_words=_shape_words,
-        spatial="L",
-        input_shapes="(N, C, L) or (C, L)",
+        name="InstanceNorm1d", shape_words=_shape_words, spatial="L", input_shapes="(N, C, L) or (C, L)"
     )
 
 
@@ -128,10 +141,7 @@ class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
     _unbatched_rank = 3
     _shape_words = "3D (C, H, W) or 4D (N, C, H, W)"
     __doc__ = _DOC.format(
-        name="InstanceNorm2d",
-        shape_words=_shape_words,
-        spatial="H, W",
-        input_shapes="(N, C, H, W) or (C, H, W)",
+        name="InstanceNorm2d", shape_words=_shape_words, spatial="H, W", input_shapes="(N, C, H, W) or (C, H, W)"
     )
 
 

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import check_eps, normalize_shape_arg
-from ..functional.per_sample import _layer_norm, _rms_norm
+from ..core import check_eps, normalize_shape_arg, row_norm
 from .base import PerSampleNorm, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
@@ -58,8 +57,9 @@ class LayerNorm(PerSampleNorm, nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        self._check_eps()
-        return _layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, validated=True)
+        if not self.__dict__.get("_settings_checked", False):
+            self._check_settings()
+        return row_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, operation="layer_norm")
 
     def extra_repr(self) -> str:
         return (
@@ -113,8 +113,9 @@ class RMSNorm(PerSampleNorm, nn.RMSNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        self._check_eps()
-        return _rms_norm(input, self.normalized_shape, self.weight, self.eps, validated=True)
+        if not self.__dict__.get("_settings_checked", False):
+            self._check_settings()
+        return row_norm(input, self.normalized_shape, self.weight, None, self.eps, centered=False, operation="rms_norm")
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import check_eps, check_positive_int
-from ..functional.channels_first import _layer_norm2d
+from ..core import channels_first_row_norm, check_eps, check_positive_int
+from ..core.checks import InputError
 from .base import PerSampleNorm, traced_call
 
 __all__ = ["LayerNorm2d"]
@@ -58,10 +58,20 @@ class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        self._check_eps()
-        if self.weight is not None and (self.weight.dtype != input.dtype or self.weight.device != input.device):
-            return _layer_norm2d(input, self.weight, self.bias, self.eps)  # checked, with a clear error
-        return _layer_norm2d(input, self.weight, self.bias, self.eps, validated=True)
+        if not self.__dict__.get("_settings_checked", False):
+            self._check_settings()
+        weight = self.weight
+        if (
+            weight is not None
+            and isinstance(input, torch.Tensor)
+            and input.dim() == 4
+            and input.shape[1] != weight.shape[0]
+        ):
+            raise InputError(
+                f"LayerNorm2d({weight.shape[0]}) got input with {input.shape[1]} channels in dim 1 "
+                f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}"
+            )
+        return channels_first_row_norm(input, self.weight, self.bias, self.eps, operation="layer_norm2d")
 
     def extra_repr(self) -> str:
         text = f"{self.num_channels}, eps={self.eps}, affine={self.elementwise_affine}"

@@ -4,20 +4,18 @@ They subclass the plain norms, so a checkpoint of ``BatchNorm2d`` loads into
 ``BatchNormAct2d`` and back (state-dict keys are the norm's, plus the activation's own —
 ``act.weight`` for PReLU). ``act`` is the activation module, kept for ``repr``, state and
 for surgery (folding a BatchNormAct leaves ``act`` behind); the forward never calls it:
-normalization and activation run as one fused pass.
+normalization and activation run as one fused pass — the plain norm's forward, which passes
+the layer's ``activation``, ``activation_param`` and ``inplace`` to the same family entry.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.fx import Proxy
 
-from .. import functional as F
 from ..core import ACTIVATIONS, check_activation
 from ..core.activation import FUSED_ACTIVATIONS
 from ..core.checks import InputError
-from .base import traced_call
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .groupnorm import GroupNorm
 
@@ -87,14 +85,6 @@ class _ActMixin:
             with torch.no_grad():
                 act.weight.fill_(self.activation_param)
 
-    def _act_kwargs(self) -> dict:
-        return {
-            "activation": self.activation,
-            "activation_param": self.activation_param,
-            "prelu_weight": self.act.weight if self.activation == "prelu" else None,
-            "inplace": self.inplace,
-        }
-
     def _act_repr(self) -> str:
         text = f", activation={self.activation!r}"
         if ACTIVATIONS[self.activation].constant_param:
@@ -116,6 +106,8 @@ _ACT_ARGS = """
 
 
 class _BatchNormAct(_ActMixin):
+    _operation = "batch_norm_act"
+
     def __init__(
         self,
         num_features,
@@ -133,12 +125,6 @@ class _BatchNormAct(_ActMixin):
     ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._init_activation(num_features, activation, activation_param, inplace, device, dtype)
-
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(input, Proxy):
-            return traced_call(self, input, mask)
-        self._check_input_dim(input)
-        return self._normalize(F.batch_norm_act, input, **self._act_kwargs(), mask=mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()
@@ -163,6 +149,7 @@ class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
 
 class GroupNormAct(_ActMixin, GroupNorm):
     __doc__ = "GroupNorm followed by an activation, fused.\n" + _ACT_ARGS
+    _operation = "group_norm_act"
 
     def __init__(
         self,
@@ -180,18 +167,6 @@ class GroupNormAct(_ActMixin, GroupNorm):
     ):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_activation(num_channels, activation, activation_param, inplace, device, dtype)
-
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(input, Proxy):
-            return traced_call(self, input, mask)
-        if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
-            raise InputError(
-                f"GroupNormAct({self.num_groups}, {self.num_channels}) expects {self.num_channels} "
-                f"channels at input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
-        return F.group_norm_act(
-            input, self.num_groups, self.weight, self.bias, self.eps, **self._act_kwargs(), mask=mask
-        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()

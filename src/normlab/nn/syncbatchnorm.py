@@ -6,16 +6,15 @@ import torch
 from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from .. import functional as F
 from ..core import apply_activation
-from ..functional.sync import distributed_world
-from .base import _NormBase, check_channel_input, check_norm_args, traced_call
-from .normact import _ActMixin, _BatchNormAct
+from ..functional.sync import distributed_world, synchronized_batch_norm
+from .batchnorm import _BatchNorm
+from .normact import _ActMixin
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormAct"]
 
 
-class SyncBatchNorm(_NormBase, _TorchBatchNorm):
+class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
     r"""BatchNorm over the union of every process's batch, on any torch.distributed backend.
 
     A drop-in for :class:`torch.nn.SyncBatchNorm` — an instance of torch.nn's
@@ -50,6 +49,9 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         - Output: same shape as the input.
     """
 
+    _ranks = tuple(range(2, 9))
+    _shape_words = "(N, C, *) with at least 2 dims"
+
     def __init__(
         self,
         num_features: int,
@@ -65,24 +67,38 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+        )
         self.process_group = process_group
-        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        check_channel_input(self, input, tuple(range(2, 9)), "(N, C, *) with at least 2 dims")
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(input, Proxy):
-            return traced_call(self, input, mask)
+        if not (
+            self.training
+            and not self.frozen
+            and not isinstance(input, Proxy)
+            and distributed_world(self.process_group) > 1
+        ):
+            # eval, frozen, or one process: BatchNorm's call, nothing exchanged
+            return super().forward(input, mask)
         self._check_input_dim(input)
-        if not (self.training and self._batch_stats()):
-            # eval, or frozen: this process's batch or the running estimates, nothing exchanged
-            return self._normalize(F.batch_norm, input, mask=mask)
-        out = self._normalize(
-            F.sync_batch_norm,
+        running = self.__dict__.get("_running_stats") or self._make_running_stats()
+        tracked = running.buffers["running_mean"] is not None and self.track_running_stats
+        out = synchronized_batch_norm(
             input,
+            self.weight,
+            self.bias,
+            eps=self.eps,
+            running=running if tracked else None,
             process_group=self.process_group,
             peers_checked=self.__dict__.get("_peers_checked", False),
             mask=mask,
@@ -90,6 +106,11 @@ class SyncBatchNorm(_NormBase, _TorchBatchNorm):
         # Checked once: the layer's channels and dtype are fixed; a peer's input is
         # checked against them at its own first call, which meets this one's.
         self.__dict__["_peers_checked"] = True
+        activation = self.__dict__.get("activation", "identity")  # SyncBatchNormAct's
+        if activation != "identity":
+            # the exchange of gradient sums is not in the fused kernels: the activation follows
+            prelu_weight = self.act.weight if activation == "prelu" else None
+            out = apply_activation(out, activation, self.activation_param, prelu_weight)
         return out
 
 
@@ -104,6 +125,8 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
     gradient sums that the fused kernels do not compute: there the activation follows the
     normalization as a separate op.
     """
+
+    _operation = "batch_norm_act"
 
     def __init__(
         self,
@@ -124,16 +147,6 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
         self._init_activation(num_features, activation, activation_param, False, device, dtype)
-
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(input, Proxy):
-            return traced_call(self, input, mask)
-        if self.training and self._batch_stats() and distributed_world(self.process_group) > 1:
-            prelu_weight = self.act.weight if self.activation == "prelu" else None
-            # every fused activation maps 0 to 0: masked-out positions stay 0
-            y = super().forward(input, mask)
-            return apply_activation(y, self.activation, self.activation_param, prelu_weight)
-        return _BatchNormAct.forward(self, input, mask)  # BatchNormAct's fused call, on this layer's state
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._act_repr()

@@ -1,20 +1,24 @@
-"""normlab.core.fast — the compiled float32 CPU kernels, built on first use, and the
-PyTorch operators (``torch.ops.normlab.*``) that wrap them. Which path a call takes is
-decided in :mod:`normlab.core.dispatch`, not here."""
+"""normlab.core.kernels.cpu — the compiled float32 CPU kernels.
 
-from .build import available, backend, kernels, record_dispatch, set_backend, status, use_backend
-from .ops import ChannelPlan, channel_layout, channel_norm_inplace, plan_channel_norm
+C++ sources by concern: ``activation.h`` (the fused activations, element by element),
+``loops.h`` (what every loop shares: blocks, shifts, streaming stores), ``channel_passes.cpp``
+and ``channel.cpp`` (BatchNorm/GroupNorm/InstanceNorm: the two-pass and the fused per-group
+routes, and the whole operations), ``row.cpp`` (LayerNorm/RMSNorm and the residual add),
+``running.cpp`` (the running-estimate update inside a call), ``plan.h`` (how tensors map
+onto the kernels), ``autograd.cpp`` (the C++ autograd nodes of eager calls) and ``entries.cpp``
+(what Python calls: one eager entry per family, the operators' bodies, the module's bindings).
+They compile as two translation units, ``unit_kernels.cpp`` and ``unit_python.cpp``, which
+include them (torch's headers parsed twice, not seven times).
 
-__all__ = [
-    "ChannelPlan",
-    "available",
-    "backend",
-    "channel_layout",
-    "channel_norm_inplace",
-    "kernels",
-    "plan_channel_norm",
-    "record_dispatch",
-    "set_backend",
-    "status",
-    "use_backend",
-]
+Python: :mod:`.build` compiles and loads them (on first use, cached per torch installation),
+:mod:`.operators` registers them as ``torch.ops.normlab.*`` for traced code,
+:mod:`.inplace` is the in-place mode, :mod:`.double_backward` the second derivatives.
+
+Which calls run here is decided by the path rule (:mod:`normlab.core.paths`), not here.
+"""
+
+from . import build, operators
+from .build import available, load, status
+from .inplace import channel_norm_inplace
+
+__all__ = ["available", "build", "channel_norm_inplace", "load", "operators", "status"]

@@ -1,21 +1,22 @@
-"""Build (on first use) and load the C++ kernels; choose between fast and composed paths.
+"""Build (on first use) and load the C++ kernels.
 
 The kernels are compiled once per torch installation by ``torch.utils.cpp_extension``
-(about 20 s, needs a C++ compiler and the ``ninja`` package; a one-line message on stderr
+(about a minute, needs a C++ compiler and the ``ninja`` package; a one-line message on stderr
 says so) and cached under ``~/.cache/torch_extensions`` (``NORMLAB_BUILD_DIR`` or
 ``TORCH_EXTENSIONS_DIR`` to choose another place). If anything about that fails, normlab
-says so once and keeps using the composed torch ops — the same results, slower.
+says so once and the path rule (:mod:`normlab.core.paths`) sends float32 CPU calls to the
+composed torch ops — the same results, slower.
 
-    normlab.core.fast.status()            # "fast kernels loaded from ...", or why not
-    normlab.core.set_backend("composed")  # force a path: "auto" (default), "fast", "composed"
-    with normlab.core.use_backend("composed"): ...
+    normlab.core.kernels.cpu.status()     # "kernels loaded from ...", or why not
+    normlab.core.set_backend("composed")  # force a path: see normlab.core.paths
     with normlab.core.record_dispatch() as log: model(x)   # which path each call took
 
-``NORMLAB_BACKEND=composed`` in the environment never builds anything.
+``NORMLAB_BACKEND=composed`` in the environment never builds anything: the path rule never
+asks for the kernels then.
 
 How the cache stays safe:
 
-- The cache entry is named by everything the compiled module depends on: the kernel source,
+- The cache entry is named by everything the compiled module depends on: the kernel sources,
   the compiler flags, this CPU (``-march=native``), and the torch installation (its
   directory, version, git revision and CUDA/ROCm/CPU variant) and Python version. Two
   virtual environments therefore never share, or rebuild, each other's kernels.
@@ -47,14 +48,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from ..activation import ACTIVATIONS
+from ...activation import ACTIVATIONS
 
-__all__ = ["available", "backend", "kernels", "record_dispatch", "set_backend", "status", "use_backend"]
+__all__ = ["BUILD_MESSAGE", "available", "build_name", "build_root", "installation", "load", "module", "status"]
 
-# kernels.cpp: the kernels; eager.cpp: their autograd for eager calls; kernels.h between them.
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("kernels.cpp", "eager.cpp"))
-_HEADERS = (Path(__file__).with_name("kernels.h"),)
-_BACKENDS = ("auto", "fast", "composed")
+# The two translation units the compiler sees (each includes the files of several concerns:
+# see unit_kernels.cpp), and every C++ file of this folder, which the cache key hashes.
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "unit_kernels.cpp", _HERE / "unit_python.cpp")
+_HEADERS = tuple(
+    path for path in sorted(_HERE.glob("*.[ch]*")) if path.suffix in (".cpp", ".h") and path not in _SOURCES
+)
 # -fopenmp: at::parallel_for's OpenMP branch is inline in ATen's headers, so without it the
 # kernels would run on one thread. libgomp.so.1 resolves to the copy torch has already
 # loaded, so there is one thread pool, sized by torch.set_num_threads. No -ffast-math: NaN
@@ -64,21 +68,13 @@ _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 _LDFLAGS = ("-fopenmp",)
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _DEFAULT_TIMEOUT_S = 300.0
-BUILD_MESSAGE = "normlab: building the fast CPU kernels (first use, about 20 s)..."
+BUILD_MESSAGE = "normlab: building the CPU kernels (first use, about a minute)..."
 
-_state = {
-    "module": None,
-    "path": None,
-    "error": None,
-    "tried": False,
-    "backend": os.environ.get("NORMLAB_BACKEND", "auto"),
-}
+#: The loaded extension module, or None (not built yet, or unavailable: see ``_state``). The
+#: path rule reads it on every call: a module attribute, no function call.
+module = None
+_state = {"path": None, "error": None, "tried": False}
 _lock = threading.Lock()
-_logs: list[list] = []
-
-if _state["backend"] not in _BACKENDS:
-    warnings.warn(f"NORMLAB_BACKEND={_state['backend']!r} is not one of {_BACKENDS}; using 'auto'", stacklevel=1)
-    _state["backend"] = "auto"
 
 
 def _cpu_signature() -> str:
@@ -182,7 +178,7 @@ def _acquire(lock_path: Path, timeout: float) -> IO | None:
             )
         if not waiting_said:
             print(
-                f"normlab: waiting for another process (pid {holder}) that is building the fast CPU kernels...",
+                f"normlab: waiting for another process (pid {holder}) that is building the CPU kernels...",
                 file=sys.stderr,
                 flush=True,
             )
@@ -282,30 +278,28 @@ def _summary(err: Exception) -> str:
     return f"{type(err).__name__}: {detail}"
 
 
-def kernels():
-    """The compiled module, or None when unavailable (or the backend is "composed")."""
-    if _state["backend"] == "composed":
-        return None
+def load():
+    """The compiled module, building it on the first call; None when it cannot be built (the
+    reason is in :func:`status`)."""
+    global module
     if not _state["tried"]:
         with _lock:
             if not _state["tried"]:
                 try:
-                    module, path = _build()
-                    _check_activation_codes(module)
-                    _state["module"], _state["path"] = module, path
+                    built, path = _build()
+                    _check_activation_codes(built)
+                    module, _state["path"] = built, path
                 except Exception as err:  # noqa: BLE001 — no compiler, no ninja, a read-only cache, a lock timeout, ...
                     _state["error"] = _summary(err)
                     warnings.warn(
-                        f"normlab: the fast CPU kernels could not be built ({_state['error']}); "
+                        f"normlab: the CPU kernels could not be built ({_state['error']}); "
                         f"using composed torch ops (same results, slower). "
-                        f"normlab.core.fast.status() has the details.",
+                        f"normlab.core.kernels.cpu.status() has the details.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
                 _state["tried"] = True
-    if _state["module"] is None and _state["backend"] == "fast":
-        raise RuntimeError(f"backend 'fast' was forced but the kernels are unavailable: {_state['error']}")
-    return _state["module"]
+    return module
 
 
 def _check_activation_codes(module) -> None:
@@ -320,54 +314,14 @@ def _check_activation_codes(module) -> None:
 
 
 def available() -> bool:
-    """Whether the fast kernels can be used here (builds them on the first call)."""
-    return kernels() is not None
+    """Whether the kernels can be used here (builds them on the first call)."""
+    return load() is not None
 
 
 def status() -> str:
-    if _state["backend"] == "composed":
-        return "composed torch ops (backend forced to 'composed')"
-    module = kernels()
-    if module is None:
+    """Where the kernels were loaded from, or why they are unavailable."""
+    if load() is None:
         log = build_root() / build_name(installation()) / "build-error.log"
         where = f"; the full build output is in {log}" if log.exists() else ""
-        return f"composed torch ops: the fast kernels are unavailable ({_state['error']}){where}"
-    return f"fast kernels loaded from {_state['path']} (backend {_state['backend']!r})"
-
-
-def backend() -> str:
-    return _state["backend"]
-
-
-def set_backend(name: str) -> None:
-    """ "auto": fast kernels where they apply, composed ops elsewhere; "fast": the same but
-    an error if the kernels cannot be built; "composed": never the kernels."""
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    _state["backend"] = name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    previous = _state["backend"]
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _state["backend"] = previous
-
-
-@contextlib.contextmanager
-def record_dispatch():
-    """Collect ``(operation, path, reason)`` for every normalization call in the block."""
-    log: list = []
-    _logs.append(log)
-    try:
-        yield log
-    finally:
-        _logs.remove(log)
-
-
-def note(operation: str, path: str, reason: str = "") -> None:
-    for log in _logs:
-        log.append((operation, path, reason))
+        return f"kernels unavailable ({_state['error']}): composed torch ops run instead{where}"
+    return f"kernels loaded from {_state['path']}"

@@ -1,0 +1,185 @@
+"""The channel family's one entry: BatchNorm, InstanceNorm and GroupNorm — statistics per
+channel or per (sample, group) — masked or not, with a fused activation, in place or not.
+
+Modules and functionals call :func:`channel_norm` the same way. It asks the path rule
+(:func:`normlab.core.paths.choose_path`) once and runs what it answers:
+
+* kernels, direct — the kernels' eager C++ entry (one crossing: checks, kernel, running
+  update, autograd node); where that entry refuses (a parameter that does not fit the input,
+  eps = 0 or one value per group in training) the checks below report why;
+* kernels, operator — ``torch.ops.normlab.channel_norm`` (and the in-place Function);
+* native — torch's ops (:mod:`normlab.core.native`);
+* composed — normlab's ops (:mod:`normlab.core.composed`), masks included.
+
+A module's call arrives unchecked: its constructor checked what it fixes, and everything
+that depends on the input is checked here (:func:`normlab.core.call_checks.check_channel_args`)
+off the direct path. A functional checks first and says so (``checked=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import composed, native
+from .activation import ACTIVATIONS
+from .call_checks import check_channel_args, check_inplace_input
+from .kernels.cpu import build as _cpu
+from .kernels.cpu.inplace import channel_norm_inplace
+from .paths import CHANNEL, COMPOSED, KERNELS, KERNELS_DIRECT, NATIVE, _gpu_kernels, choose_path, kernel_layout
+from .running import RunningStats
+
+__all__ = ["channel_norm", "instance_norm_layout", "masked_channel_norm"]
+
+
+def channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    groups: int = -1,
+    eps: float,
+    batch_stats: bool = True,
+    running: RunningStats | None = None,
+    activation: str = "identity",
+    param: float = 0.0,
+    prelu_weight: torch.Tensor | None = None,
+    inplace: bool = False,
+    mask: torch.Tensor | None = None,
+    operation: str = "channel_norm",
+    checked: bool = False,
+) -> torch.Tensor:
+    """act(norm(x)) for an (N, C, *spatial) input.
+
+    ``groups=-1`` is BatchNorm: statistics per channel over (N, *spatial); ``groups=G`` is
+    GroupNorm (InstanceNorm: G = C), statistics per (sample, group). ``batch_stats``: the
+    statistics come from this batch — and, with a ``running`` policy, the running estimates
+    are updated — or, when False, from ``running``'s estimates (eval, frozen). ``activation``
+    is a fused one (``param`` its slope or alpha, ``prelu_weight`` PReLU's slopes).
+    ``inplace`` writes the output over ``x`` and keeps only it for backward (batch statistics
+    only; with given statistics or a mask the layer computes out of place). ``mask``: bool,
+    True at valid positions, shaped like x without dim 1 or broadcastable to it; statistics
+    over the valid positions, 0 at the others. ``operation`` names the call in
+    :func:`normlab.core.record_dispatch`; ``checked``: the caller ran
+    :func:`~normlab.core.call_checks.check_channel_args` already.
+    """
+    if inplace and (not batch_stats or mask is not None):
+        inplace = False  # nothing to save memory on: given statistics or a mask compute out of place
+    decision = choose_path(x, CHANNEL, operation, given=not batch_stats, mask=mask, inplace=inplace)
+    if decision is KERNELS_DIRECT and not inplace:
+        out = _cpu.module.channel_norm(
+            x, weight, bias, running, groups, batch_stats, eps, ACTIVATIONS[activation].code, param, prelu_weight
+        )
+        if type(out) is torch.Tensor:
+            return out
+        if out is not None:  # the running update is left to the policy's torch ops
+            y, mean, var, count = out
+            if groups >= 0:  # one statistic per (sample, channel): InstanceNorm
+                mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
+            running.update(mean, var, count)
+            return y
+        # refused: report what does not fit, with the message every path gives
+        check_channel_args(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
+        raise RuntimeError(f"normlab: internal error, the kernels refused a call that its checks accept ({operation})")
+    if not checked:
+        eps, mask = check_channel_args(
+            operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask
+        )
+    if x.shape[1] == 0 and groups <= 0:  # BatchNorm, InstanceNorm: torch's answer (GroupNorm: torch's op)
+        return native.no_channels(operation, x, weight, bias)
+    if inplace:  # before anything is written
+        check_inplace_input(x, inplace)
+        _check_overwritable(x, weight, bias)
+    path, how = decision.path, decision.how
+    act = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
+    if path == KERNELS:
+        return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
+    if path == NATIVE:
+        return native.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, how == "export")
+    if path == COMPOSED:
+        if mask is not None:
+            reference = how == "reference"
+            return composed.masked_channel_norm(
+                x, weight, bias, mask, groups, eps, batch_stats, running, act, reference
+            )
+        if how == "pointwise":
+            return composed.pointwise_given_norm(x, weight, bias, running, eps, act)
+        return composed.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace)
+    return _gpu_kernels[0].channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
+
+
+def masked_channel_norm(x, weight, bias, mask, **kwargs) -> torch.Tensor:
+    """:func:`channel_norm` with a ``mask`` of valid positions (the former separate entry)."""
+    return channel_norm(x, weight, bias, mask=mask, **kwargs)
+
+
+def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:
+    """InstanceNorm's output as torch.nn's: contiguous for a channels_last input (code after
+    it may ``.view()`` it), where the kernels and GroupNorm keep the input's layout."""
+    return y if y.dim() < 4 or y.is_contiguous() else y.contiguous()
+
+
+def _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, traced):
+    """The kernels off the direct entry: the in-place mode, or the registered operator that a
+    compile or a mode must see. The running estimates are updated as the direct entry updates
+    them, in C++, on real tensors; with torch ops where the call is ``traced`` (fake tensors)
+    or the kernel leaves it (a batch that is not finite warns or raises there)."""
+    activation, param, prelu_weight = act
+    code = ACTIVATIONS[activation].code
+    given = not batch_stats
+    if inplace:
+        y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, code, param)
+    else:
+        if not kernel_layout(x):
+            x = x.contiguous()
+        y, _, _, _, mean, var = torch.ops.normlab.channel_norm(
+            x,
+            weight,
+            bias,
+            running.running_mean if given else None,
+            running.running_var if given else None,
+            prelu_weight,
+            groups,
+            eps,
+            code,
+            param,
+        )
+    if batch_stats and running is not None and running.running_mean is not None:
+        mean, var = mean.detach(), var.detach()
+        count = x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1))
+        if traced or not _cpu.module.update_running(running, mean, var, count):
+            if groups >= 0:  # one statistic per (sample, channel): InstanceNorm
+                mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
+            running.update(mean, var, count)
+    return y
+
+
+def _check_overwritable(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    """Refuse, before anything is written, the views autograd forbids modifying in place —
+    torch's own in-place ops (``nn.ReLU(inplace=True)``) refuse them too, but the check
+    that would catch them here runs only after the output has overwritten the input."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not (recorded and x._is_view()):
+        return
+    try:
+        from torch._C._autograd import CreationMeta, _get_creation_meta
+    except ImportError:  # a torch without the query: autograd's own (later) check remains
+        return
+    meta = _get_creation_meta(x)
+    if meta == CreationMeta.DEFAULT:
+        return  # an ordinary view: overwritten like any tensor, its base sees the output
+    if x.grad_fn is not None and type(x.grad_fn).__name__ == "BackwardHookFunctionBackward":
+        what = (
+            "the input comes through a full backward hook (register_full_backward_hook on this "
+            "layer or a module around it), whose input autograd forbids modifying in place"
+        )
+    else:
+        what = {
+            CreationMeta.MULTI_OUTPUT_NODE: "the input is one of several views returned by one op "
+            "(unbind, split, chunk), which autograd forbids modifying in place",
+            CreationMeta.NO_GRAD_MODE: "the input is a view made under torch.no_grad(), which autograd "
+            "forbids modifying in place while recording",
+        }.get(meta, f"the input is a view autograd forbids modifying in place ({meta})")
+    raise RuntimeError(
+        f"inplace=True overwrites its input, but {what}; torch.nn.ReLU(inplace=True) refuses it "
+        "as well. Use inplace=False, or pass a copy (x.clone())"
+    )

@@ -1,0 +1,133 @@
+// The fused activations, element by element: forward, derivative, and — for the invertible
+// ones — the inverse that the in-place (output-only) mode recovers its input with. Every
+// function is inline and branch-free per instantiation, so the loops that call them still
+// vectorize. The codes are normlab.core.activation.ACTIVATIONS'; the loader refuses a module
+// whose `activation_codes` table (bindings.cpp) differs from that registry.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "loops.h"
+
+namespace normlab {
+
+// The codes of normlab.core.activation.ACTIVATIONS; exported as `activation_codes`.
+enum Act : int { IDENTITY = 0, RELU = 1, LEAKY = 2, ELU = 3, SILU = 4, PRELU = 5 };
+
+// exp(x) to ~2 ulp with plain arithmetic, so loops calling it still vectorize (std::floor
+// and a memcpy bit-cast both stop GCC's vectorizer). Cody–Waite reduction x = n·ln2 + r,
+// |r| ≤ ln2/2, with n rounded to nearest by the 1.5·2^23 trick (exact under the default
+// round-to-nearest mode, and not folded away without -ffast-math), then a degree-6
+// polynomial and 2^n built from its exponent bits.
+NL_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// log(x) for normal x > 0 (Cephes' logf): x = m·2^e with m in [√½, √2), then a polynomial.
+NL_INLINE float fast_log(float x) {
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
+  float m = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1.0f : e;
+  const float f = m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z - 2.12194440e-4f * e - 0.5f * z;
+  return f + y + 0.693359375f * e;
+}
+
+// log1p(u) for u > −1, accurate for small |u| too: log(w)·u/(w − 1) with w = 1 + u
+// (Goldberg's correction of the rounding in w).
+NL_INLINE float fast_log1p(float u) {
+  const float w = 1.0f + u;
+  const float d = w - 1.0f;
+  return d == 0.0f ? u : fast_log(w) * (u / d);
+}
+
+// act(z); param is LeakyReLU's slope, ELU's alpha, or PReLU's per-channel slope. Templates
+// with `if constexpr`, so each instantiated loop has no branch on the activation kind.
+template <int A>
+NL_INLINE float act_forward(float z, float param) {
+  if constexpr (A == RELU) return z > 0.f ? z : 0.f;
+  else if constexpr (A == LEAKY || A == PRELU) return z > 0.f ? z : z * param;
+  else if constexpr (A == ELU) return z > 0.f ? z : param * (fast_exp(z) - 1.f);
+  else if constexpr (A == SILU) return z / (1.f + fast_exp(-z));
+  else return z;
+}
+
+// d act / dz at z.
+template <int A>
+NL_INLINE float act_grad_z(float z, float param) {
+  if constexpr (A == RELU) return z > 0.f ? 1.f : 0.f;
+  else if constexpr (A == LEAKY || A == PRELU) return z > 0.f ? 1.f : param;
+  else if constexpr (A == ELU) return z > 0.f ? 1.f : param * fast_exp(z);
+  else if constexpr (A == SILU) {
+    const float s = 1.f / (1.f + fast_exp(-z));
+    return s * (1.f + z * (1.f - s));
+  } else return 1.f;
+}
+
+// For invertible activations (identity, LeakyReLU/PReLU with slope > 0, ELU): z from y, and
+// d act / dz from y — what In-Place ABN needs to drop the input.
+template <int A>
+NL_INLINE float act_inverse(float y, float param) {
+  if constexpr (A == LEAKY || A == PRELU) return y > 0.f ? y : y / param;
+  else if constexpr (A == ELU) return y > 0.f ? y : fast_log1p(y / param);
+  else return y;
+}
+
+template <int A>
+NL_INLINE float act_grad_y(float y, float param) {
+  if constexpr (A == LEAKY || A == PRELU) return y > 0.f ? 1.f : param;
+  else if constexpr (A == ELU) return y > 0.f ? 1.f : y + param;
+  else return 1.f;
+}
+
+template <typename F>
+inline void dispatch_act(int64_t act, F&& f) {
+  switch (act) {
+    case RELU: f(std::integral_constant<int, RELU>{}); break;
+    case LEAKY: f(std::integral_constant<int, LEAKY>{}); break;
+    case ELU: f(std::integral_constant<int, ELU>{}); break;
+    case SILU: f(std::integral_constant<int, SILU>{}); break;
+    case PRELU: f(std::integral_constant<int, PRELU>{}); break;
+    default: f(std::integral_constant<int, IDENTITY>{}); break;
+  }
+}
+
+// u (what x̂ is affine in) and dz = dy·act'(z) for one element; Y: from the saved output.
+template <int A, bool Y>
+NL_INLINE void recover(float v, float g, float k, float m, float c, float q, float& u, float& dz, float& z) {
+  if constexpr (Y) {
+    u = act_inverse<A>(v, q);
+    z = u;
+    dz = g * act_grad_y<A>(v, q);
+  } else {
+    u = v - k;
+    z = u * m + c;
+    dz = g * act_grad_z<A>(z, q);
+  }
+}
+
+}  // namespace normlab

@@ -1,0 +1,379 @@
+// The two-pass route of the channel norms (declared in channel_passes.h): moments, then the
+// normalization, each a pass over memory — for groups larger than channel.cpp's fused route
+// keeps in cache. Moments are one pass over shifted data: the shift is a value of the group
+// itself (loops.h's sample_shift), so x − shift is exact for data with a large mean, and sums of
+// (x − shift) and (x − shift)² are accumulated in float blocks flushed to double; channel.cpp
+// turns the sums into statistics.
+//
+// Activations are fused: forward writes act(z) for z = (x − shift)·scale + bias without
+// materializing z; backward recomputes z from x ("X" source), or, in the memory-saving mode,
+// recovers z = act⁻¹(y) from the saved output ("Y" source, In-Place Activated BatchNorm).
+
+#include "channel_passes.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <vector>
+
+#include "activation.h"
+#include "loops.h"
+
+namespace normlab {
+
+// ---------------------------------------------------------------------------------------
+// planes (P, S)
+
+// Σ(x − shift_p) and Σ(x − shift_p)² per plane, in double.
+std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shift) {
+  const int64_t P = x.size(0), S = x.size(1);
+  auto opts = x.options().dtype(at::kDouble);
+  auto s1 = at::empty({P}, opts), s2 = at::empty({P}, opts);
+  const float* xp = x.data_ptr<float>();
+  const float* kp = shift.data_ptr<float>();
+  double* o1 = s1.data_ptr<double>();
+  double* o2 = s2.data_ptr<double>();
+  at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float* row = xp + p * S;
+      const float k = kp[p];
+      double t1 = 0, t2 = 0;
+      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+        const int64_t s1e = std::min(S, s0 + kBlock);
+        float a1 = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : a1, a2)
+        for (int64_t s = s0; s < s1e; ++s) {
+          const float d = row[s] - k;
+          a1 += d;
+          a2 += d * d;
+        }
+        t1 += a1;
+        t2 += a2;
+      }
+      o1[p] = t1;
+      o2[p] = t2;
+    }
+  });
+  return {s1, s2};
+}
+
+// y = act((x − shift_p)·scale_p + bias_p); slope (per plane) only for PReLU. With `out`
+// given (possibly x itself: the in-place mode), y is written there.
+at::Tensor plane_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                       const at::Tensor& bias, int64_t act, double param, const at::Tensor& slope,
+                       const at::Tensor& out) {
+  const int64_t P = x.size(0), S = x.size(1);
+  at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float* sp = opt_ptr(slope);
+  const bool stream = should_stream(y);
+  dispatch_act(act, [&](auto tag) {
+    constexpr int A = decltype(tag)::value;
+    at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float k = kp[p], m = ap[p], c = bp[p];
+        const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
+        const float* row = xp + p * S;
+        emit(yp + p * S, S, stream, [&](int64_t s) __attribute__((always_inline)) { return act_forward<A>((row[s] - k) * m + c, q); });
+      }
+      stream_fence(stream);
+    });
+  });
+  return y;
+}
+
+// Backward sums per plane, in double: A = Σ dz, B = Σ dz·u, and for PReLU D = Σ dy·min(z, 0)
+// (its slope's gradient). u = x − shift and z = u·scale + bias (source X), or u = z =
+// act⁻¹(y) (source Y); dz = dy·act'(z).
+std::vector<at::Tensor> plane_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
+                                              const at::Tensor& shift, const at::Tensor& scale,
+                                              const at::Tensor& bias, int64_t act, double param,
+                                              const at::Tensor& slope) {
+  const int64_t P = src.size(0), S = src.size(1);
+  auto opts = src.options().dtype(at::kDouble);
+  auto A_ = at::empty({P}, opts), B_ = at::empty({P}, opts), D_ = at::zeros({P}, opts);
+  const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
+  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float* sp = opt_ptr(slope);
+  double *oA = A_.data_ptr<double>(), *oB = B_.data_ptr<double>(), *oD = D_.data_ptr<double>();
+  auto body = [&](auto tag, auto ytag) {
+    constexpr int A = decltype(tag)::value;
+    constexpr bool Y = decltype(ytag)::value;
+    at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float k = kp[p], m = ap[p], c = bp[p];
+        const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
+        const float* g = gp + p * S;
+        const float* v = xp + p * S;
+        double tA = 0, tB = 0, tD = 0;
+        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+          const int64_t s1e = std::min(S, s0 + kBlock);
+          float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a1, a2, a3)
+          for (int64_t s = s0; s < s1e; ++s) {
+            float u, dz, z;
+            recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
+            a1 += dz;
+            a2 += dz * u;
+            if constexpr (A == PRELU) a3 += g[s] * (z < 0.f ? z : 0.f);
+          }
+          tA += a1;
+          tB += a2;
+          tD += a3;
+        }
+        oA[p] = tA;
+        oB[p] = tB;
+        oD[p] = tD;
+      }
+    });
+  };
+  dispatch_act(act, [&](auto tag) {
+    if (from_output) body(tag, std::true_type{});
+    else body(tag, std::false_type{});
+  });
+  return {A_, B_, D_};
+}
+
+// dx = coef_dz·dz + coef_u·u + coef_c, with u and dz as in plane_backward_reduce.
+at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
+                                const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
+                                int64_t act, double param, const at::Tensor& slope, const at::Tensor& coef_dz,
+                                const at::Tensor& coef_u, const at::Tensor& coef_c) {
+  const int64_t P = src.size(0), S = src.size(1);
+  auto dx = at::empty_like(src);
+  const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
+  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float *cz = coef_dz.data_ptr<float>(), *cu = coef_u.data_ptr<float>(), *cc = coef_c.data_ptr<float>();
+  const float* sp = opt_ptr(slope);
+  float* op = dx.data_ptr<float>();
+  const bool stream = should_stream(dx);
+  auto body = [&](auto tag, auto ytag) {
+    constexpr int A = decltype(tag)::value;
+    constexpr bool Y = decltype(ytag)::value;
+    at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float k = kp[p], m = ap[p], c = bp[p];
+        const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
+        const float w1 = cz[p], w2 = cu[p], w3 = cc[p];
+        const float* g = gp + p * S;
+        const float* v = xp + p * S;
+        emit(op + p * S, S, stream, [&](int64_t s) __attribute__((always_inline)) {
+          float u, dz, z;
+          recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
+          return w1 * dz + w2 * u + w3;
+        });
+      }
+      stream_fence(stream);
+    });
+  };
+  dispatch_act(act, [&](auto tag) {
+    if (from_output) body(tag, std::true_type{});
+    else body(tag, std::false_type{});
+  });
+  return dx;
+}
+
+// ---------------------------------------------------------------------------------------
+// columns (N, S, C): channels innermost. Work is split over (n, chunk of S); each task sums
+// into its own row of a (N, chunks, C) buffer, which channel.cpp's unit_sums adds up.
+
+namespace {
+
+struct ColumnSplit {
+  int64_t chunks;  // chunks of S per sample
+};
+
+ColumnSplit column_split(int64_t N, int64_t S, int64_t C) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // Enough tasks for every thread, none smaller than ~kGrainElems values.
+  int64_t want = (threads * 4 + N - 1) / N;
+  const int64_t max_by_size = std::max<int64_t>(1, (S * C) / kGrainElems);
+  return {std::max<int64_t>(1, std::min<int64_t>({want, max_by_size, S}))};
+}
+
+}  // namespace
+
+// Σ over S of (x − shift_nc) and its square, per (n, chunk, c), in double.
+std::vector<at::Tensor> column_moments(const at::Tensor& x, const at::Tensor& shift) {
+  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+  const auto split = column_split(N, S, C);
+  auto opts = x.options().dtype(at::kDouble);
+  auto s1 = at::zeros({N, split.chunks, C}, opts), s2 = at::zeros({N, split.chunks, C}, opts);
+  const float *xp = x.data_ptr<float>(), *kp = shift.data_ptr<float>();
+  double *o1 = s1.data_ptr<double>(), *o2 = s2.data_ptr<double>();
+  at::parallel_for(0, N * split.chunks, 1, [&](int64_t tb, int64_t te) {
+    std::vector<float> f1(C), f2(C);
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n = t / split.chunks, ch = t % split.chunks;
+      const int64_t sb = S * ch / split.chunks, se = S * (ch + 1) / split.chunks;
+      const float* k = kp + n * C;
+      double* d1 = o1 + t * C;
+      double* d2 = o2 + t * C;
+      for (int64_t s0 = sb; s0 < se; s0 += 64) {
+        const int64_t s1e = std::min(se, s0 + 64);
+        std::fill(f1.begin(), f1.end(), 0.f);
+        std::fill(f2.begin(), f2.end(), 0.f);
+        float *a1 = f1.data(), *a2 = f2.data();
+        int64_t s = s0;
+        // Four rows per sweep: the partial sums are loaded and stored once per four rows
+        // instead of every row, which made this loop store-bound.
+        for (; s + 4 <= s1e; s += 4) {
+          const float* r0 = xp + (n * S + s) * C;
+          const float *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float d0 = r0[c] - k[c], d1 = r1[c] - k[c], d2 = r2[c] - k[c], d3 = r3[c] - k[c];
+            a1[c] += (d0 + d1) + (d2 + d3);
+            a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+          }
+        }
+        for (; s < s1e; ++s) {
+          const float* row = xp + (n * S + s) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float d = row[c] - k[c];
+            a1[c] += d;
+            a2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          d1[c] += f1[c];
+          d2[c] += f2[c];
+        }
+      }
+    }
+  });
+  return {s1, s2};
+}
+
+at::Tensor column_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
+                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out) {
+  const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
+  at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float* sp = opt_ptr(slope);
+  const float q0 = static_cast<float>(param);
+  const bool stream = should_stream(y);
+  dispatch_act(act, [&](auto tag) {
+    constexpr int A = decltype(tag)::value;
+    at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / S;
+        const float *k = kp + n * C, *m = ap + n * C, *c = bp + n * C;
+        const float* row = xp + i * C;
+        emit(yp + i * C, C, stream, [&](int64_t j) __attribute__((always_inline)) {
+          const float q = (A == PRELU) ? sp[j] : q0;
+          return act_forward<A>((row[j] - k[j]) * m[j] + c[j], q);
+        });
+      }
+      stream_fence(stream);
+    });
+  });
+  return y;
+}
+
+std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
+                                               const at::Tensor& shift, const at::Tensor& scale,
+                                               const at::Tensor& bias, int64_t act, double param,
+                                               const at::Tensor& slope) {
+  const int64_t N = src.size(0), S = src.size(1), C = src.size(2);
+  const auto split = column_split(N, S, C);
+  auto opts = src.options().dtype(at::kDouble);
+  auto A_ = at::zeros({N, split.chunks, C}, opts), B_ = at::zeros({N, split.chunks, C}, opts);
+  auto D_ = at::zeros({N, split.chunks, C}, opts);
+  const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
+  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float* sp = opt_ptr(slope);
+  double *oA = A_.data_ptr<double>(), *oB = B_.data_ptr<double>(), *oD = D_.data_ptr<double>();
+  const float q0 = static_cast<float>(param);
+  auto body = [&](auto tag, auto ytag) {
+    constexpr int A = decltype(tag)::value;
+    constexpr bool Y = decltype(ytag)::value;
+    at::parallel_for(0, N * split.chunks, 1, [&](int64_t tb, int64_t te) {
+      std::vector<float> fA(C), fB(C), fD(C);
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t n = t / split.chunks, ch = t % split.chunks;
+        const int64_t sb = S * ch / split.chunks, se = S * (ch + 1) / split.chunks;
+        const float *k = kp + n * C, *m = ap + n * C, *c = bp + n * C;
+        double *dA = oA + t * C, *dB = oB + t * C, *dD = oD + t * C;
+        for (int64_t s0 = sb; s0 < se; s0 += 64) {
+          const int64_t s1e = std::min(se, s0 + 64);
+          std::fill(fA.begin(), fA.end(), 0.f);
+          std::fill(fB.begin(), fB.end(), 0.f);
+          std::fill(fD.begin(), fD.end(), 0.f);
+          for (int64_t s = s0; s < s1e; ++s) {
+            const float* g = gp + (n * S + s) * C;
+            const float* v = xp + (n * S + s) * C;
+#pragma omp simd
+            for (int64_t j = 0; j < C; ++j) {
+              const float q = (A == PRELU) ? sp[j] : q0;
+              float u, dz, z;
+              recover<A, Y>(v[j], g[j], k[j], m[j], c[j], q, u, dz, z);
+              fA[j] += dz;
+              fB[j] += dz * u;
+              if constexpr (A == PRELU) fD[j] += g[j] * (z < 0.f ? z : 0.f);
+            }
+          }
+          for (int64_t j = 0; j < C; ++j) {
+            dA[j] += fA[j];
+            dB[j] += fB[j];
+            dD[j] += fD[j];
+          }
+        }
+      }
+    });
+  };
+  dispatch_act(act, [&](auto tag) {
+    if (from_output) body(tag, std::true_type{});
+    else body(tag, std::false_type{});
+  });
+  return {A_, B_, D_};
+}
+
+at::Tensor column_backward_apply(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
+                                 const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias, int64_t act,
+                                 double param, const at::Tensor& slope, const at::Tensor& coef_dz,
+                                 const at::Tensor& coef_u, const at::Tensor& coef_c) {
+  const int64_t N = src.size(0), S = src.size(1), C = src.size(2);
+  auto dx = at::empty_like(src);
+  const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
+  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float *cz = coef_dz.data_ptr<float>(), *cu = coef_u.data_ptr<float>(), *cc = coef_c.data_ptr<float>();
+  const float* sp = opt_ptr(slope);
+  float* op = dx.data_ptr<float>();
+  const float q0 = static_cast<float>(param);
+  const bool stream = should_stream(dx);
+  auto body = [&](auto tag, auto ytag) {
+    constexpr int A = decltype(tag)::value;
+    constexpr bool Y = decltype(ytag)::value;
+    at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / S;
+        const float *k = kp + n * C, *m = ap + n * C, *c = bp + n * C;
+        const float *w1 = cz + n * C, *w2 = cu + n * C, *w3 = cc + n * C;
+        const float* g = gp + i * C;
+        const float* v = xp + i * C;
+        emit(op + i * C, C, stream, [&](int64_t j) __attribute__((always_inline)) {
+          const float q = (A == PRELU) ? sp[j] : q0;
+          float u, dz, z;
+          recover<A, Y>(v[j], g[j], k[j], m[j], c[j], q, u, dz, z);
+          return w1[j] * dz + w2[j] * u + w3[j];
+        });
+      }
+      stream_fence(stream);
+    });
+  };
+  dispatch_act(act, [&](auto tag) {
+    if (from_output) body(tag, std::true_type{});
+    else body(tag, std::false_type{});
+  });
+  return dx;
+}
+
+}  // namespace normlab

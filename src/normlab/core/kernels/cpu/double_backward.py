@@ -1,0 +1,94 @@
+"""Second derivatives through the kernels: differentiate the composed reference.
+
+The kernels' backward returns plain gradients, with no graph to differentiate again. Under
+``create_graph=True`` both autograd bindings of a kernel — the C++ nodes of eager calls
+(autograd.cpp, which call these functions) and the registered operators' formulas
+(operators.py) — hand the saved operands here instead, and the gradient is that of normlab's
+composed reference (:func:`normlab.core.reference.reference_normalize`), which carries a graph:
+second derivatives are exact, as torch.nn's are.
+
+Each function takes the saved operands and ``needs`` (which inputs want a gradient) and
+returns the gradients with a graph, None where not wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...activation import activation_for_code, apply_activation
+from ...reference import reference_normalize
+
+__all__ = ["add_row", "channel", "row"]
+
+
+def _grads(y, operands, needs, dy):
+    """``d(y·dy)/d operand`` for each operand that needs one, with a graph; None elsewhere."""
+    inputs = [t for t, need in zip(operands, needs) if need and t is not None]
+    found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return [next(found) if need and t is not None else None for t, need in zip(operands, needs)]
+
+
+def channel(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, param, needs):
+    """(dx, dγ, dβ, dPReLU) of a channel norm; ``needs`` for (x, γ, β, _, _, PReLU) as the
+    operator's inputs are ordered."""
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    with torch.enable_grad():
+        if groups < 0 or given:
+            target, dims = x, (0,) + tuple(range(2, x.dim()))
+            w = None if weight is None else weight.view(view)
+            b = None if bias is None else bias.view(view)
+        else:
+            cg = x.shape[1] // groups
+            target = x.unflatten(1, (groups, cg))  # (N, G, C//G, *spatial)
+            dims = tuple(range(2, target.dim()))
+            shape = (1, groups, cg) + (1,) * (target.dim() - 3)
+            w = None if weight is None else weight.view(shape)
+            b = None if bias is None else bias.view(shape)
+        if given:
+            # detached: the statistics are outputs of the forward itself, constants here
+            mean, scale = shift.detach().view(view).to(x.dtype), rstd.detach().view(view).to(x.dtype)
+            z = reference_normalize(target, w, b, dims, 0.0, mean=mean, rstd=scale)
+        else:
+            z = reference_normalize(target, w, b, dims, eps)
+        z = z.reshape(x.shape) if z.shape != x.shape else z
+        name = activation_for_code(act).name
+        y = apply_activation(z, name, param, prelu if name == "prelu" else None)
+        needs = tuple(needs) + (False,) * 10  # shorter when nested in create_graph
+        return tuple(_grads(y, (x, weight, bias, prelu), [needs[i] for i in (0, 1, 2, 5)], dy))
+
+
+def _trailing_dims(x: torch.Tensor, k: int) -> tuple[int, ...]:
+    """The trailing dims of ``x`` that make up its k normalized elements."""
+    size, dims = 1, []
+    for d in range(x.dim() - 1, -1, -1):
+        if size == k:
+            break
+        dims.insert(0, d)
+        size *= x.shape[d]
+    return tuple(dims)
+
+
+def _reference(x, weight, bias, k, eps, centered):
+    """The composed LayerNorm/RMSNorm of ``x`` over its trailing k elements, with a graph."""
+    dims = _trailing_dims(x, k)
+    affine_shape = x.shape[dims[0] :]
+    w = None if weight is None else weight.view(affine_shape)
+    b = None if bias is None else bias.view(affine_shape)
+    return reference_normalize(x, w, b, dims, eps, centered=centered)
+
+
+def row(dy, x, weight, bias, k, eps, centered, needs):
+    """(dx, dγ, dβ) of a LayerNorm (``centered``) or RMSNorm over the trailing k elements."""
+    with torch.enable_grad():
+        y = _reference(x, weight, bias, k, eps, centered)
+        return tuple(_grads(y, (x, weight, bias), needs[:3], dy))
+
+
+def add_row(dy, ds, s, weight, bias, k, eps, centered, needs):
+    """(d_sum, dγ, dβ) of s = x + residual, y = norm(s): the norm's part differentiated on the
+    saved sum, plus ``ds``. ``s`` is the forward's own output, so its graph leads back to x and
+    the residual: higher derivatives flow through the first-order formula. ``needs`` for (γ, β)."""
+    with torch.enable_grad():
+        y = _reference(s, weight, bias, k, eps, centered)
+        d_s, dw, db = _grads(y, (s, weight, bias), (True, *needs[:2]), dy)
+    return (d_s if ds is None else d_s + ds), dw, db

@@ -1,0 +1,323 @@
+// The kernels as Python calls them — one eager entry per norm family, and the bodies of the
+// registered operators (operators.py) — and the compiled module's bindings.
+//
+// The eager entries run what the path rule (normlab/core/paths.py) has chosen: an eager call
+// on plain float32 CPU tensors, outside any tracer, mode or transform. They choose nothing.
+// They check only what the kernels need and the rule does not guarantee — parameters and
+// buffers that fit the input, two or more values per group in training (and BatchNorm's
+// eps > 0) — and
+// where one of those fails they do nothing and return None: the caller then runs normlab's
+// checks, which report the error with the message every path gives (a C++ message would be a
+// second one). A call crosses from Python into C++ once: checks, kernel, the running-estimate
+// update, and the autograd node (autograd.cpp).
+//
+// The operator bodies are what torch.ops.normlab.* run on real tensors (traced code, modes,
+// subclasses): the same kernels, with the layout handled here (plan.h) rather than in Python.
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/TracerMode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "autograd.h"
+#include "kernels.h"
+#include "plan.h"
+
+namespace normlab {
+namespace {
+
+namespace py = pybind11;
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// A plain float32 CPU tensor: no tensor subclass, functorch wrapper, functional tensor or
+// negative-bit view, whose data the kernels may read directly.
+bool plain_float_cpu(const at::Tensor& t) {
+  static const c10::DispatchKeySet wrapped({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                            c10::DispatchKey::Functionalize, c10::DispatchKey::FuncTorchBatched,
+                                            c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Negative,
+                                            c10::DispatchKey::Conjugate});
+  return t.defined() && t.layout() == at::kStrided && t.device().is_cpu() && t.scalar_type() == at::kFloat &&
+         !t.key_set().has_any(wrapped);
+}
+
+// The path rule's first row (normlab/core/paths.py) asks this, and decides: x is a plain
+// float32 CPU tensor with values, and no jit.trace (it includes the Tracer key while tracing),
+// torch.func transform (the dynamic-layer key while its stack is not empty),
+// TorchDispatchMode or TorchFunctionMode is active. Read here in one call, where the same
+// questions asked one by one from Python cost more than a small tensor's whole kernel.
+bool plain_eager(const at::Tensor& x) {
+  return plain_float_cpu(x) && x.numel() > 0 && !at::tracer::impl::is_dispatch_enabled() &&
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 && at::impl::PythonTorchFunctionTLS::stack_len() == 0;
+}
+
+// Absent, or a plain float32 CPU tensor of n values (any strides: the kernels copy what
+// they read of γ and β).
+bool fits(const at::Tensor& t, int64_t n) { return !t.defined() || (plain_float_cpu(t) && t.numel() == n); }
+
+// Below autograd: the tensor ops inside a kernel call (allocations, views, conversions) are
+// dispatched past the autograd and view-tracking layers, as in any C++ operator's autograd
+// kernel — on small tensors those layers cost more than the ops. Nothing there is
+// differentiated: one autograd node (autograd.cpp) records the whole call.
+// (y, shift, offset, rstd, mean, var): y written into `into` (x itself in the in-place mode),
+// or a new tensor laid out like x when `into` is undefined.
+std::vector<at::Tensor> channel_run(const at::Tensor& x, const Plan& p, const at::Tensor& weight,
+                                    const at::Tensor& bias, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var, const at::Tensor& prelu, double eps, int64_t act,
+                                    double param, const at::Tensor& into) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor y = into.defined() ? into : at::empty_like(x);
+  auto s = channel_forward(p.view(x), p.planes, p.N, p.C, p.S, p.G, weight, bias, running_mean, running_var, eps, act,
+                           param, slope_of(prelu, act, p.C), p.view(y));
+  return {y, s[0], s[1], s[2], s[3], s[4]};
+}
+
+// ---- the running-statistics policy (normlab.core.running.RunningStats) ---------------------
+
+struct Running {
+  at::Tensor mean, var, counter;
+  std::optional<double> momentum;  // none: the cumulative average
+  bool unbiased = true, skip = true;
+};
+
+at::Tensor buffer(py::handle buffers, const char* name) {
+  PyObject* t = PyDict_GetItemString(buffers.ptr(), name);  // a borrowed reference, or null
+  return t == nullptr || t == Py_None ? at::Tensor() : py::handle(t).cast<at::Tensor>();
+}
+
+Running running_of(py::handle policy) {
+  Running r;
+  py::handle buffers = policy.attr("buffers");
+  r.mean = buffer(buffers, "running_mean");
+  r.var = buffer(buffers, "running_var");
+  r.counter = buffer(buffers, "num_batches_tracked");
+  py::object momentum = policy.attr("momentum");
+  if (!momentum.is_none()) r.momentum = momentum.cast<double>();
+  r.unbiased = policy.attr("unbiased").cast<bool>();
+  r.skip = policy.attr("skips_nonfinite").cast<bool>();
+  return r;
+}
+
+// The kernels' running-estimate update (running.cpp) of a batch's float64 statistics, per
+// channel or per (sample, channel); false, having written nothing, where it is left to the
+// policy's torch ops: a batch that is not finite, on_nonfinite="raise" (both need Python's
+// warning or error), buffers that are not contiguous float32/float64, a counter that is not a
+// CPU long scalar.
+bool update(const Running& r, const at::Tensor& mean, const at::Tensor& var, int64_t count) {
+  const bool counted = r.counter.defined() && r.counter.device().is_cpu() && r.counter.scalar_type() == at::kLong &&
+                       r.counter.numel() == 1;
+  const bool buffers = r.mean.defined() && r.var.defined() && r.mean.device().is_cpu() &&
+                       r.mean.scalar_type() == r.var.scalar_type() &&
+                       (r.mean.scalar_type() == at::kFloat || r.mean.scalar_type() == at::kDouble) &&
+                       r.mean.is_contiguous() && r.var.is_contiguous() && r.mean.numel() == r.var.numel();
+  if (!(r.skip && buffers && (counted || !r.counter.defined()) && (r.momentum.has_value() || counted))) return false;
+  if (mean.scalar_type() != at::kDouble || !mean.is_contiguous() || mean.numel() % r.mean.numel() != 0) return false;
+  static const at::Tensor no_counter = at::empty({0}, at::TensorOptions().dtype(at::kLong));
+  return running_update(r.mean, r.var, mean, var.contiguous(), count, r.momentum.value_or(-1.0),
+                        counted ? r.counter : no_counter, r.unbiased);
+}
+
+// The same for Python: the kernels' calls that do not take the direct entry (the in-place
+// mode, the operator a mode sees) update this way on real tensors.
+bool update_running(py::handle policy, const at::Tensor& mean, const at::Tensor& var, int64_t count) {
+  return update(running_of(policy), mean, var, count);
+}
+
+// ---- channel norms (BatchNorm, GroupNorm, InstanceNorm; optional fused activation) ---------
+
+// The channel family's eager call: normalization and, in training with a policy, the
+// running-estimate update. groups = -1: BatchNorm; G: GroupNorm (InstanceNorm: G = C, the
+// only grouping with running estimates). Returns y; (y, mean, var, count) when the update is
+// left to the policy's torch ops (a batch that is not finite, on_nonfinite="raise", buffers
+// or a counter the kernel does not write); None when a check failed (see the top).
+py::object channel_norm(const at::Tensor& input, const OptTensor& weight_, const OptTensor& bias_,
+                        py::handle running, int64_t groups, bool batch_stats, double eps, int64_t act, double param,
+                        const OptTensor& prelu_) {
+  if (input.dim() < 2) return py::none();
+  const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
+                   prelu = value_or_undefined(prelu_);
+  const int64_t N = input.size(0), C = input.size(1), S = input.numel() / (N * C);
+  if (!fits(weight, C) || !fits(bias, C) || (prelu.defined() && !(fits(prelu, C) || fits(prelu, 1))))
+    return py::none();
+  Running r;
+  const bool tracked = !running.is_none();
+  if (tracked) {
+    r = running_of(running);
+    if (!fits(r.mean, C) || !fits(r.var, C) || r.mean.defined() != r.var.defined()) return py::none();
+  }
+  if (batch_stats) {
+    if (groups < 0 && !(eps > 0)) return py::none();  // BatchNorm refuses eps = 0 in training, as torch.nn
+    if (groups < 0 ? N * S <= 1 : (groups == 0 || C % groups != 0 || (C / groups) * S <= 1)) return py::none();
+    if (tracked && r.mean.defined() && groups >= 0 && groups != C) return py::none();
+  } else if (!r.mean.defined()) {
+    return py::none();
+  }
+  const bool given = !batch_stats;
+  const at::Tensor x = layout_of(input) == Layout::other ? input.contiguous() : input;
+  const Plan p = plan_of(x, given ? -1 : groups);
+  auto s = channel_run(x, p, weight, bias, given ? r.mean : at::Tensor(), given ? r.var : at::Tensor(), prelu, eps,
+                       act, param, at::Tensor());
+  const at::Tensor& y = s[0];
+  record_channel_node(y, x, weight, bias, prelu, s[1], s[2], s[3], p.G, given, eps, act, param);
+  if (!batch_stats || !r.mean.defined()) return py::cast(y);
+  const int64_t count = groups < 0 ? N * S : S;  // values behind each statistic
+  if (update(r, s[4], s[5], count)) return py::cast(y);
+  return py::make_tuple(y, s[4], s[5], count);
+}
+
+// normlab::channel_norm's body: (y, shift, offset, rstd, mean, var), the statistics float64
+// per group (mean, var empty when given). `inplace`: y is written over x (the in-place mode).
+std::vector<at::Tensor> channel_forward_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                           const OptTensor& running_mean, const OptTensor& running_var,
+                                           const OptTensor& prelu, int64_t groups, double eps, int64_t act,
+                                           double param, bool inplace) {
+  const bool given = running_mean.has_value();
+  const Plan p = plan_of(x, given ? -1 : groups);
+  auto s = channel_run(x, p, value_or_undefined(weight), value_or_undefined(bias), value_or_undefined(running_mean),
+                       value_or_undefined(running_var), value_or_undefined(prelu), eps, act, param,
+                       inplace ? x : at::Tensor());
+  if (given) {  // an operator never returns one tensor twice
+    const auto opts = at::TensorOptions().dtype(at::kDouble);
+    return {s[0], s[1], s[2], s[3], at::empty({0}, opts), at::empty({0}, opts)};
+  }
+  return s;
+}
+
+// normlab::channel_norm_backward's body: (dx, dγ, dβ, dPReLU), the parameters' in float64 per
+// channel. `src` is the forward's input, or its output in the in-place mode (`from_output`).
+std::vector<at::Tensor> channel_backward_op(const at::Tensor& dy, const at::Tensor& src, const OptTensor& weight,
+                                            const OptTensor& bias, const OptTensor& prelu, const at::Tensor& shift,
+                                            const at::Tensor& offset, const at::Tensor& rstd, int64_t groups,
+                                            bool given, bool from_output, int64_t act, double param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Plan p = plan_of(src, given ? -1 : groups);
+  auto r = channel_backward(p.view(same_layout(dy, p, src)), p.view(src), p.planes, p.N, p.C, p.S, p.G, given,
+                            from_output, value_or_undefined(weight), value_or_undefined(bias), shift, offset, rstd,
+                            act, param, slope_of(value_or_undefined(prelu), act, p.C));
+  return {p.unview(r[0], src), r[1], r[2], r[3]};
+}
+
+// ---- row norms (LayerNorm, RMSNorm, and the residual add before them) ----------------------
+
+// The row family's eager call over the trailing `shape`: y, or (y, x + residual) with a
+// residual of x's shape; None when a check failed (see the top).
+py::object row_norm(const at::Tensor& input, const std::vector<int64_t>& shape, const OptTensor& weight_,
+                    const OptTensor& bias_, double eps, bool centered, const OptTensor& residual_) {
+  const int64_t dims = static_cast<int64_t>(shape.size());
+  if (input.dim() < dims) return py::none();
+  int64_t k = 1;
+  for (int64_t i = 0; i < dims; ++i) {
+    if (input.size(input.dim() - dims + i) != shape[i]) return py::none();
+    k *= shape[i];
+  }
+  const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
+                   residual = value_or_undefined(residual_);
+  if (k == 0 || !fits(weight, k) || !fits(bias, k)) return py::none();
+  const at::Tensor x = input.contiguous();
+  if (residual.defined()) {
+    if (!plain_float_cpu(residual) || residual.sizes() != input.sizes()) return py::none();
+    const at::Tensor r = residual.contiguous();
+    at::Tensor y, s;
+    std::vector<at::Tensor> stats;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      y = at::empty_like(x);
+      s = at::empty_like(x);
+      stats = add_row_forward(x.view({-1, k}), r.view({-1, k}), flat(weight), flat(bias), eps, centered,
+                              s.view({-1, k}), y.view({-1, k}));
+    }
+    record_add_row_node(y, s, x, r, weight, bias, stats[0], stats[1], stats[2], k, eps, centered);
+    return py::make_tuple(y, s);
+  }
+  at::Tensor y;
+  std::vector<at::Tensor> stats;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    y = at::empty_like(x);
+    stats = row_forward(x.view({-1, k}), flat(weight), flat(bias), eps, centered, y.view({-1, k}));
+  }
+  record_row_node(y, x, weight, bias, stats[0], stats[1], stats[2], k, eps, centered);
+  return py::cast(y);
+}
+
+// normlab::row_norm's body: (y, shift, rstd, offr) over the trailing k elements of a
+// contiguous x.
+std::vector<at::Tensor> row_forward_op(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t k,
+                                       double eps, bool centered) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor y = at::empty_like(x);
+  auto s = row_forward(x.view({-1, k}), flat(value_or_undefined(weight)), flat(value_or_undefined(bias)), eps,
+                       centered, y.view({-1, k}));
+  return {y, s[0], s[1], s[2]};
+}
+
+// normlab::row_norm_backward's body: (dx, dγ, dβ), the parameters' float64 over the k elements.
+std::vector<at::Tensor> row_backward_op(const at::Tensor& dy, const at::Tensor& x, const OptTensor& weight,
+                                        const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& offr,
+                                        int64_t k, bool centered) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto r = row_backward(dy.contiguous().view({-1, k}), x.view({-1, k}), flat(value_or_undefined(weight)), shift,
+                        rstd, offr, centered);
+  return {r[0].view(x.sizes()), r[1], r[2]};
+}
+
+// normlab::add_row_norm's body: (y, s, shift, rstd, offr) for contiguous, same-shaped x and
+// residual.
+std::vector<at::Tensor> add_row_forward_op(const at::Tensor& x, const at::Tensor& residual, const OptTensor& weight,
+                                           const OptTensor& bias, int64_t k, double eps, bool centered) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor y = at::empty_like(x), s = at::empty_like(x);
+  auto st = add_row_forward(x.view({-1, k}), residual.view({-1, k}), flat(value_or_undefined(weight)),
+                            flat(value_or_undefined(bias)), eps, centered, s.view({-1, k}), y.view({-1, k}));
+  return {y, s, st[0], st[1], st[2]};
+}
+
+// normlab::add_row_norm_backward's body: (d_sum, dγ, dβ), d_sum = ds + norm_backward(dy) the
+// gradient of x and of the residual.
+std::vector<at::Tensor> add_row_backward_op(const at::Tensor& dy, const OptTensor& ds, const at::Tensor& s,
+                                            const OptTensor& weight, const at::Tensor& shift, const at::Tensor& rstd,
+                                            const at::Tensor& offr, int64_t k, bool centered) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto r = add_row_backward(dy.contiguous().view({-1, k}), ds.has_value() ? ds->contiguous().view({-1, k}) : empty_float(),
+                            s.view({-1, k}), flat(value_or_undefined(weight)), shift, rstd, offr, centered);
+  return {r[0].view(s.sizes()), r[1], r[2]};
+}
+
+}  // namespace
+}  // namespace normlab
+
+// The compiled module: the entries above, and the activation codes the kernels switch on
+// (activation.h's enum Act) by normlab's names — normlab.core.activation.ACTIVATIONS holds the
+// same codes, and the loader (build.py) refuses a module whose table differs from it.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace normlab;
+  m.doc() = "normlab's float32 CPU normalization kernels";
+  pybind11::dict activation_codes;
+  activation_codes["identity"] = static_cast<int>(IDENTITY);
+  activation_codes["relu"] = static_cast<int>(RELU);
+  activation_codes["leaky_relu"] = static_cast<int>(LEAKY);
+  activation_codes["elu"] = static_cast<int>(ELU);
+  activation_codes["silu"] = static_cast<int>(SILU);
+  activation_codes["prelu"] = static_cast<int>(PRELU);
+  m.attr("activation_codes") = activation_codes;
+  m.def("plain_eager", &plain_eager);
+  m.def("channel_norm", &channel_norm);
+  m.def("row_norm", &row_norm);
+  m.def("update_running", &update_running);
+  m.def("channel_forward", &channel_forward_op);
+  m.def("channel_backward", &channel_backward_op);
+  m.def("row_forward", &row_forward_op);
+  m.def("row_backward", &row_backward_op);
+  m.def("add_row_forward", &add_row_forward_op);
+  m.def("add_row_backward", &add_row_backward_op);
+}

@@ -1,0 +1,106 @@
+"""The in-place (output-only) mode on the kernels: In-Place Activated BatchNorm/GroupNorm.
+
+The output overwrites the input and is all that backward keeps: it recovers z = act⁻¹(y) and
+x̂ = (z − β)/γ from it (see :mod:`normlab.core.activation`) — except for channels with |γ|
+below the guard, whose input is kept and whose gradients are redone exactly. Writing into its
+input is what an operator returning fresh tensors cannot express, so the mode is an
+``autograd.Function`` over the kernels' forward and backward (entries.cpp's operator bodies,
+which handle the layout); the path rule sends it here for plain float32 CPU tensors in a
+layout the kernels read, and to the composed ops (:func:`normlab.core.activation.inplace_abn`)
+otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...activation import abn_backward, activation_for_code, small_gamma_channels
+from . import build
+
+__all__ = ["channel_norm_inplace"]
+
+
+class _ChannelNormInPlace(torch.autograd.Function):
+    """Overwrites ``x`` with y = act(γ·x̂ + β) (batch statistics) and keeps only y. Returns y
+    alone (autograd allows an in-place Function on a view only then); the batch statistics go
+    into ``stats_out``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps, act, param, stats_out):
+        small = small_gamma_channels(weight)
+        x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
+        _, shift, offset, rstd, mean, var = build.module.channel_forward(
+            x, weight, bias, None, None, None, groups, eps, act, param, True
+        )
+        ctx.mark_dirty(x)
+        stats_out.extend((mean, var))
+        ctx.groups, ctx.act, ctx.param, ctx.small = groups, act, param, small
+        ctx.stats = (shift, offset, rstd)
+        ctx.save_for_backward(x, weight, bias, x_small)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
+        y, weight, bias, x_small = ctx.saved_tensors
+        dx, dgamma, dbeta, _ = build.module.channel_backward(
+            dy, y, weight, bias, None, *ctx.stats, ctx.groups, False, True, ctx.act, ctx.param
+        )
+        if ctx.small is not None:
+            _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small)
+        dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small) -> None:
+    """Overwrite dx and dγ of the channels the kernel could not recover x̂ for (|γ| below the
+    guard) — and, for GroupNorm, of the rest of their groups, whose dx depends on it — with
+    the composed backward on just those channels, given x̂ from the kept input."""
+    small, groups = ctx.small, ctx.groups
+    shift, offset, rstd = ctx.stats
+    mean = shift + offset
+    ndim = y.dim()
+    if groups < 0:  # BatchNorm: channels are independent; statistics per channel
+        channels, sub_groups = small, -1
+        position = torch.arange(small.numel(), device=small.device)
+        stat = (1, -1) + (1,) * (ndim - 2)
+        xhat_small = (x_small.double() - mean[small].view(stat)) * rstd[small].view(stat)
+        sub_rstd = rstd[channels].view(stat)
+    else:  # GroupNorm: redo every group holding such a channel; statistics per (sample, group)
+        per = y.shape[1] // groups
+        touched = torch.unique(small // per)
+        channels = (touched[:, None] * per + torch.arange(per, device=small.device)).flatten()
+        position = torch.searchsorted(channels, small)
+        stat = (y.shape[0], -1) + (1,) * (ndim - 2)
+        n_mean, n_rstd = mean.view(y.shape[0], groups), rstd.view(y.shape[0], groups)
+        xhat_small = (x_small.double() - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
+        sub_groups = touched.numel()
+        sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
+    dx_c, dw_c, _ = abn_backward(
+        y.index_select(1, channels),
+        dy.index_select(1, channels),
+        None if weight is None else weight.detach().index_select(0, channels),
+        None if bias is None else bias.detach().index_select(0, channels),
+        sub_groups,
+        sub_rstd,
+        activation_for_code(ctx.act).name,
+        ctx.param,
+        position,
+        xhat_small,
+    )
+    dx.index_copy_(1, channels, dx_c)
+    dgamma.index_copy_(0, channels, dw_c.double())
+
+
+def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):
+    """(y, mean, var) with y written over ``x``; the statistics float64 per group."""
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    stats: list[torch.Tensor] = []
+    out = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, stats)
+    if not recorded:
+        # The kernel wrote through a raw pointer; without a graph mark_dirty did nothing, so
+        # bump the version ourselves: a tensor some other op saved must not change silently.
+        torch.autograd.graph.increment_version(x)
+    return out, stats[0], stats[1]

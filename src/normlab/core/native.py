@@ -1,0 +1,115 @@
+"""The native path: torch's own norm ops (``torch.nn.functional``), where normlab's semantics
+allow them — what torch.export, ONNX, ``torch.jit.trace``, ``torch.func`` transforms and tensor
+subclasses know, and what runs on CUDA, float64 and half precision.
+
+The families' entries (:mod:`normlab.core.channel`, :mod:`normlab.core.row`) call these after
+the path rule chose "native", with the entry's arguments (checked) in the entry's order;
+``export`` is the rule's ``how == "export"``: the graph then holds only
+ops every exporter maps (ONNX BatchNormalization, InstanceNormalization, GroupNormalization,
+LayerNormalization). Where normlab's conventions differ from torch's — running estimates that
+skip a non-finite batch, ``momentum=None`` for InstanceNorm, the biased variance option — the
+update is :class:`normlab.core.running.RunningStats`'s, shared with the composed path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+from .activation import apply_activation
+from .checks import InputError
+from .moments import compute_dtype
+
+__all__ = ["channel_norm", "channels_first_row_norm", "no_channels", "row_norm"]
+
+_HALVES = (torch.float16, torch.bfloat16)
+
+
+def no_channels(fn: str, input: torch.Tensor, weight, bias) -> torch.Tensor:
+    """torch's answer for an input with 0 channels: a copy of the (empty) input — except
+    with γ or β, where torch's kernel fails with an IndexError; a clear error here."""
+    if weight is not None or bias is not None:
+        raise InputError(
+            f"{fn}: the input has 0 channels (shape {tuple(input.shape)}), so there is no "
+            "channel for weight/bias to scale or shift (torch.nn raises here too); check the "
+            "layer widths, or pass weight=None and bias=None for an empty output"
+        )
+    return input.clone()
+
+
+def _stat_dims(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The tensor and dims batch statistics reduce: BatchNorm (N, *spatial) of x; GroupNorm
+    (C//G, *spatial) of x viewed as (N, G, C//G, *spatial)."""
+    if groups < 0:
+        return x, (0,) + tuple(range(2, x.dim()))
+    grouped = x.unflatten(1, (groups, x.shape[1] // groups))
+    return grouped, tuple(range(2, grouped.dim()))
+
+
+def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance for running estimates: (C,) or (N, G), float32 for halves."""
+    target, dims = _stat_dims(x, groups)
+    with torch.no_grad():
+        var, mean = torch.var_mean(target.to(compute_dtype(x.dtype)), dims, correction=0)
+    return mean, var
+
+
+def _variance_from_invstd(invstd: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The biased batch variance, rebuilt from the 1/√(var + ε) that torch's
+    ``native_batch_norm`` returns, for the running estimates.
+
+    Known weakness, kept in this one place: 1/invstd² − ε cancels catastrophically when the
+    variance is small next to ε (a relative error of ~ε/var in the running variance). The
+    cure is to take the variance from the batch directly, at the cost of a second pass.
+    """
+    with torch.no_grad():
+        return (invstd.to(compute_dtype(dtype)).pow(-2) - eps).clamp_(min=0)
+
+
+def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export):
+    """act(norm(x)) for the channel family with torch's ops, the running estimates of
+    ``running`` used (``batch_stats`` False) or updated (True); ``act`` is the activation's
+    (name, param, prelu_weight), ``export`` the rule's ``how == "export"``."""
+    if not batch_stats:
+        y = TF.batch_norm(x, running.running_mean, running.running_var, weight, bias, False, 0.0, eps)
+        return apply_activation(y, *act)
+    count = x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1)) if x.numel() else 0
+    track = running is not None and running.running_mean is not None and count > 0
+    if groups < 0 and weight is None and x.dtype in _HALVES and (bias is None or bias.dtype == torch.float32):
+        # Without a float32 parameter torch's kernel keeps the batch mean and 1/σ in the
+        # half dtype (torch.nn passes float32 running estimates, which avoids that):
+        # γ = 1 in float32 keeps the statistics float32, as documented
+        weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+    if groups < 0 and track and not export:
+        # One pass for output and statistics: torch returns the batch mean and 1/√(var + ε).
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        running.update(mean.detach(), _variance_from_invstd(invstd, eps, x.dtype), count)
+        return apply_activation(y, *act)
+    if groups < 0:
+        y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    elif groups == x.shape[1] and x.dim() > 2 and export:  # ONNX InstanceNormalization
+        y = TF.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
+    else:
+        if weight is None and bias is not None:
+            # torch's group_norm backward fails with β but no γ ("tensor does not have a
+            # device"); γ = 1 is the same map
+            weight = torch.ones_like(bias)
+        y = TF.group_norm(x, groups, weight, bias, eps)
+    if track:
+        running.update(*_batch_stats(x, groups), count)  # (N, C) per instance: averaged there
+    return apply_activation(y, *act)
+
+
+def row_norm(x, normalized_shape, weight, bias, eps, centered):
+    """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims."""
+    if centered:
+        return TF.layer_norm(x, normalized_shape, weight, bias, eps)
+    return TF.rms_norm(x, normalized_shape, weight, eps)
+
+
+def channels_first_row_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of (N, C, H, W): torch's ``layer_norm`` on the permuted view, the
+    graph exporters know for this layer."""
+    return TF.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)

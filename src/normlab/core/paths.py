@@ -1,0 +1,328 @@
+"""The path rule: the one place that decides how a normalization call runs.
+
+Every call of a norm family — :func:`normlab.core.channel.channel_norm` (BatchNorm,
+InstanceNorm, GroupNorm, masked or not, with an activation, in place) and
+:func:`normlab.core.row.row_norm` (LayerNorm, RMSNorm, LayerNorm2d, residual add) — asks
+:func:`choose_path` once and does what it answers. Nothing else chooses: not a module, not
+a functional, not the C++ kernels (which check what they need and refuse, never pick).
+
+The answer is a :class:`Decision` ``(path, how, reason)``:
+
+=========== ========================================================================
+path        what runs
+=========== ========================================================================
+kernels     normlab's compiled kernels (:mod:`normlab.core.kernels.cpu`): float32 CPU
+native      torch's own norm ops: what exporters, ``torch.func``, tensor subclasses
+            and other dtypes and devices get (:mod:`normlab.core.native`)
+composed    normlab's composed torch ops (:mod:`normlab.core.composed`): any dtype and
+            device, normlab's accuracy; the only path for masks
+triton      GPU kernels: the row is in the table, it fires once
+            ``normlab.core.kernels.triton`` registers itself (:func:`register_gpu_kernels`)
+=========== ========================================================================
+
+``how`` says how the path runs: kernels ``"direct"`` (the family's eager C++ entry, one
+crossing, a C++ autograd node), ``"operator"`` (``torch.ops.normlab.*`` on real tensors,
+which a mode must see) or ``"traced"`` (the operators inside torch.compile, on fake
+tensors: the running estimates are updated with torch ops there); native ``"export"`` (the ops exporters know, e.g.
+ONNX InstanceNormalization) or ``"eager"``; composed ``"eager"`` (closed-form autograd
+Functions), ``"reference"`` (plain differentiable ops, for export and ``torch.func``) or
+``"pointwise"`` (a compiled BatchNorm with given statistics, as ops the compiler fuses).
+
+The table, first matching row wins:
+
+==  ============================================================  ======================
+#   condition                                                     path, how
+==  ============================================================  ======================
+1   eager plain float32 CPU tensor, kernels built, backend auto   kernels, direct
+    or kernels, no tracer, mode, transform or forward AD, not
+    empty, no mask; in place only in a layout the kernels read;
+    RMSNorm only contiguous
+2   a mask                                                        composed, eager (or
+                                                                  reference under
+                                                                  export / torch.func)
+3   backend forced to "composed"                                  composed, eager
+4   torch.export, ONNX export, jit.trace                          native, export
+5   a torch.func transform or forward-mode AD                     native, eager
+6   a tensor subclass (DTensor, ...), outside a compile           native, eager
+7   empty input                                                   native, eager
+8   backend forced to "native"                                    native, eager
+9   CUDA and GPU kernels registered that take the call            triton
+10  float32 CPU: kernels unavailable                              composed, eager
+11  float32 CPU: LayerNorm2d on a layout that is not rows of C    composed, eager
+12  float32 CPU: in place on a layout the kernels do not read     composed, eager
+13  float32 CPU: RMSNorm on a non-contiguous input                native, eager
+14  float32 CPU: compiling BatchNorm with given statistics        composed, pointwise
+15  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
+                                                                  operator
+16  anything else (float64, half, CUDA, meta, ...)                native, eager
+==  ============================================================  ======================
+
+and in place never runs native (torch has no in-place norm): a native answer becomes
+composed, eager. A forced backend that cannot take a call falls to the next one this way:
+kernels → native → composed ("kernels" on float64 runs native; "native" with a mask or in
+place runs composed); the reason says so. Forcing "kernels" where they cannot be built is an
+error.
+
+Backends: :func:`set_backend` / :func:`use_backend` / ``NORMLAB_BACKEND`` take "auto" (the
+table), "kernels" ("fast" is an alias), "native" and "composed". ``with record_dispatch() as
+log`` collects ``(operation, path, reason)`` for every call decided in the block (eager
+calls; a compiled graph runs what was decided while tracing).
+
+Row 1 is the common call, written to be cheap: one Python call besides this function
+(``torch.compiler.is_dynamo_compiling``), attribute reads, and one C call that reads the
+tensor's dtype, device and dispatch keys and the dispatcher's thread-local state (jit
+tracer, torch.func, modes) at once — the kernels module's ``plain_eager``, which answers the
+rule's question and decides nothing (asked one by one from Python, the same questions cost
+as much as a small tensor's kernel). The other rows are evaluated only when it does not
+match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+
+from .kernels.cpu import build as _cpu
+
+__all__ = [
+    "BACKENDS",
+    "CHANNEL",
+    "CHANNELS_FIRST",
+    "Decision",
+    "ROW",
+    "backend",
+    "choose_path",
+    "kernel_layout",
+    "record_dispatch",
+    "register_gpu_kernels",
+    "set_backend",
+    "status",
+    "use_backend",
+]
+
+KERNELS, NATIVE, COMPOSED, TRITON = "kernels", "native", "composed", "triton"
+#: The families, as choose_path's ``family``: channel norms; row norms over the trailing dims;
+#: rows over dim 1 of an (N, C, H, W) tensor (LayerNorm2d).
+CHANNEL, ROW, CHANNELS_FIRST = "channel", "row", "channels_first"
+BACKENDS = ("auto", KERNELS, NATIVE, COMPOSED)
+_ALIASES = {"fast": KERNELS}
+
+
+class Decision(NamedTuple):
+    """A call's path, how it runs there, and why (empty for the common case)."""
+
+    path: str
+    how: str
+    reason: str
+
+
+#: Row 1's answer: one object, so that the entries test it with ``is``.
+KERNELS_DIRECT = Decision(KERNELS, "direct", "")
+
+
+def _checked_backend(name: object) -> str:
+    name = _ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or 'fast', the old name of 'kernels'), got {name!r}")
+    return name
+
+
+def _initial_backend() -> str:
+    name = os.environ.get("NORMLAB_BACKEND", "auto")
+    try:
+        return _checked_backend(name)
+    except ValueError:
+        warnings.warn(f"NORMLAB_BACKEND={name!r} is not one of {BACKENDS}; using 'auto'", stacklevel=2)
+        return "auto"
+
+
+_backend = [_initial_backend()]  # a list: read on every call without a global statement
+_logs: list[list] = []
+_gpu_kernels = [None]  # set by register_gpu_kernels
+
+_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+_tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace
+_interpreters = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
+_function_modes = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_F32 = torch.float32
+
+
+def backend() -> str:
+    """The backend set by :func:`set_backend` / ``NORMLAB_BACKEND`` ("auto" by default)."""
+    return _backend[0]
+
+
+def set_backend(name: str) -> None:
+    """ "auto": the table; "kernels" (or "fast"): the kernels wherever they can take a call
+    (an error if they cannot be built); "native": torch's ops wherever normlab's semantics
+    allow; "composed": normlab's composed ops everywhere. Where a forced backend cannot take a
+    call, the next one does (kernels → native → composed)."""
+    _backend[0] = _checked_backend(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """:func:`set_backend` for the duration of a ``with`` block."""
+    previous = _backend[0]
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _backend[0] = previous
+
+
+def status() -> str:
+    """The backend and the kernels' state, in one line (for logs and benchmark records)."""
+    if _backend[0] == COMPOSED:
+        return "backend 'composed': the kernels are not used"
+    return f"backend {_backend[0]!r}; {_cpu.status()}"
+
+
+@contextlib.contextmanager
+def record_dispatch():
+    """Collect ``(operation, path, reason)`` for every normalization call in the block."""
+    log: list = []
+    _logs.append(log)
+    try:
+        yield log
+    finally:
+        _logs.remove(log)
+
+
+def _note(operation: str, decision: Decision) -> None:
+    for log in _logs:
+        log.append((operation, decision.path, decision.reason))
+
+
+def register_gpu_kernels(kernels) -> None:
+    """Plug in the GPU kernels (``normlab.core.kernels.triton`` calls this on import): an
+    object whose ``takes(x, family, given=, mask=, inplace=, centered=)`` says whether it
+    runs a call (row 9), and which the families' entries then call."""
+    _gpu_kernels[0] = kernels
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    # A constant to torch.compile: the build (file locks, subprocesses) never runs in a trace.
+    return _cpu.load() is not None
+
+
+def kernel_layout(x: torch.Tensor) -> bool:
+    """A layout the channel kernels read in place: NCHW-contiguous, channels_last, (N, C)."""
+    if x.is_contiguous():
+        return True
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
+        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+
+
+def choose_path(
+    x: torch.Tensor,
+    family: str = CHANNEL,
+    operation: str = "norm",
+    *,
+    given: bool = False,
+    mask: torch.Tensor | None = None,
+    inplace: bool = False,
+    centered: bool = True,
+) -> Decision:
+    """The path of a call of ``family`` on ``x`` (see the module's table), recorded for
+    :func:`record_dispatch` under ``operation``.
+
+    ``given``: normalize with given (running) statistics; ``mask``: valid positions;
+    ``inplace``: the output overwrites the input; ``centered``: LayerNorm (False: RMSNorm).
+    """
+    compiling = _is_dynamo_compiling()
+    forced = _backend[0]
+    # 1. The common call, first and cheap (the kernels are loaded at the first such call).
+    if (
+        not compiling
+        and type(x) is torch.Tensor
+        and mask is None
+        and (forced == "auto" or forced == KERNELS)
+        and (_cpu.module is not None or _cpu.load() is not None)
+        and _forward_ad._current_level < 0
+        # a plain float32 CPU tensor with values; no jit.trace, torch.func transform or mode:
+        # asked of the kernels' module in one C call (see its plain_eager), the rest is here
+        and _cpu.module.plain_eager(x)
+        and (
+            (family == CHANNEL and (not inplace or kernel_layout(x)))
+            or (family == ROW and (centered or x.is_contiguous()))
+        )
+    ):
+        if _logs:
+            _note(operation, KERNELS_DIRECT)
+        return KERNELS_DIRECT
+    exporting = torch.compiler.is_exporting() or _tracing_state() is not None
+    transformed = not compiling and (_interpreters() is not None or _forward_ad._current_level >= 0)
+    gpu = _gpu_kernels[0]
+    if not isinstance(x, torch.Tensor):  # the entry's checks report it
+        decision = Decision(COMPOSED, "eager", f"not a tensor: {type(x).__name__}")
+    elif mask is not None:  # 2
+        if exporting or transformed:
+            decision = Decision(COMPOSED, "reference", "mask: differentiable ops")
+        else:
+            decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
+    elif forced == COMPOSED:  # 3
+        decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
+    elif exporting:  # 4
+        decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")
+    elif transformed:  # 5
+        decision = Decision(NATIVE, "eager", "torch.func transform or forward AD")
+    elif not compiling and type(x) not in _PLAIN:  # 6
+        decision = Decision(
+            NATIVE, "eager", f"a tensor subclass ({type(x).__name__}): torch's ops, which it implements"
+        )
+    elif x.numel() == 0:  # 7
+        decision = Decision(NATIVE, "eager", "empty input")
+    elif forced == NATIVE:  # 8
+        decision = Decision(NATIVE, "eager", "backend forced to 'native'")
+    elif (
+        gpu is not None
+        and x.is_cuda
+        and gpu.takes(x, family, given=given, mask=mask, inplace=inplace, centered=centered)
+    ):
+        decision = Decision(TRITON, "traced" if compiling else "direct", "")  # 9
+    elif x.dtype is _F32 and x.is_cpu:
+        if not (_kernels_built() if compiling else _cpu.load() is not None):  # 10
+            if forced == KERNELS:
+                raise RuntimeError(f"backend 'kernels' was forced but the kernels are unavailable: {_cpu.status()}")
+            decision = Decision(COMPOSED, "eager", "kernels unavailable")
+        elif family == CHANNELS_FIRST:  # 11
+            decision = Decision(
+                COMPOSED, "eager", "LayerNorm2d on a layout that is not rows of C: statistics over dim 1"
+            )
+        elif inplace and not kernel_layout(x):  # 12
+            # the kernels would need a contiguous copy, and writing the output there would
+            # leave the input untouched: the composed ops overwrite any strides
+            decision = Decision(COMPOSED, "eager", "in place on a layout the kernels do not read")
+        elif family == ROW and not centered and not x.is_contiguous():  # 13
+            # RMSNorm subtracts no mean, so torch's op loses no accuracy here, and it keeps the
+            # input's layout (channels_last stays channels_last) as torch.nn's RMSNorm does
+            decision = Decision(NATIVE, "eager", "RMSNorm on a non-contiguous input")
+        elif compiling and given and family == CHANNEL:  # 14
+            # an opaque operator would stop the compiler fusing the normalization into the ops
+            # around it, which torch.nn's eval BatchNorm (pointwise ops once compiled) gets
+            decision = Decision(
+                COMPOSED, "pointwise", "compiling with given statistics: pointwise ops the compiler fuses"
+            )
+        elif compiling:  # 15
+            decision = Decision(KERNELS, "traced", "torch.compile: the registered operator")
+        else:
+            decision = Decision(KERNELS, "operator", "a mode sees the registered operator")
+    elif forced == KERNELS:  # 16, with the kernels forced
+        decision = Decision(NATIVE, "eager", f"backend 'kernels' cannot take {x.dtype} on {x.device.type}: native")
+    else:  # 16
+        decision = Decision(NATIVE, "eager", "not float32 CPU")
+    if inplace and decision.path == NATIVE:
+        decision = Decision(COMPOSED, "eager", f"{decision.reason}; in place: torch has no in-place norm")
+    if _logs and not compiling:
+        _note(operation, decision)
+    return decision

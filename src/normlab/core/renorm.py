@@ -1,0 +1,81 @@
+"""Batch Renormalization (Ioffe, 2017): BatchNorm whose batch statistics are corrected toward
+the running ones, as one call of the channel family's entry.
+
+In training, with the batch's μ_B, σ_B = √(σ²_B + ε) and the running μ, σ = √(var + ε):
+
+    r = clip(σ_B / σ, 1/r_max, r_max),   d = clip((μ_B − μ) / σ, −d_max, d_max)
+    y = γ·((x − μ_B)/σ_B · r + d) + β  =  BatchNorm with γ' = γ·r and β' = γ·d + β
+
+with r and d constants for autograd. In eval it is BatchNorm with the running estimates.
+:class:`normlab.nn.BatchRenorm2d` and :func:`normlab.functional.batch_renorm` both call
+:func:`batch_renorm`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .call_checks import check_channel_args, too_few_values
+from .channel import channel_norm
+from .composed import channel_view
+from .moments import centered_moments, reduced_count
+from .running import RunningStats
+
+__all__ = ["batch_renorm"]
+
+
+def batch_renorm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    eps: float,
+    batch_stats: bool,
+    running: RunningStats,
+    r_max: float | torch.Tensor,
+    d_max: float | torch.Tensor,
+    operation: str = "batch_renorm",
+    checked: bool = False,
+) -> torch.Tensor:
+    """Batch Renormalization of an (N, C, *spatial) input with ``running``'s estimates (used
+    in eval, measured against and updated in training). ``r_max``/``d_max`` may be 0-dim
+    tensors (a schedule computed on the device)."""
+    if not batch_stats:
+        return channel_norm(
+            x, weight, bias, eps=eps, batch_stats=False, running=running, operation=operation, checked=checked
+        )
+    if not checked:
+        eps, _ = check_channel_args(operation, x, weight, bias, eps, -1, True, running)
+    dims = (0,) + tuple(range(2, x.dim()))
+    if reduced_count(x.shape, dims) <= 1:  # an empty batch too: r and d need batch statistics
+        raise too_few_values(x)
+    ndim = x.dim()
+    with torch.no_grad():
+        moments = centered_moments(x, dims)  # (1, C, 1, …)
+        cdtype = moments.var.dtype
+        batch_std = torch.sqrt(moments.var + eps)
+        running_std = torch.sqrt(channel_view(running.running_var, ndim).to(cdtype) + eps)
+        running_mu = channel_view(running.running_mean, ndim).to(cdtype)
+        if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
+            r_max = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
+            d_max = torch.as_tensor(d_max, dtype=cdtype, device=x.device)
+            r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
+            d = torch.minimum(torch.maximum((moments.mean - running_mu) / running_std, -d_max), d_max)
+        else:
+            r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
+            d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
+    # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
+    w, b = channel_view(weight, ndim), channel_view(bias, ndim)
+    w_eff = r if w is None else w * r
+    b_eff = d if w is None else w * d
+    if b is not None:
+        b_eff = b_eff + b
+    return channel_norm(
+        x,
+        w_eff.flatten().to(x.dtype),
+        b_eff.flatten().to(x.dtype),
+        eps=eps,
+        running=running,
+        operation=operation,
+        checked=True,
+    )

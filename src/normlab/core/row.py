@@ -1,0 +1,132 @@
+"""The row family's one entry: LayerNorm and RMSNorm over the trailing dims, after an optional
+residual add (the pre-norm transformer step), and LayerNorm2d over dim 1.
+
+Modules and functionals call :func:`row_norm` (and :func:`channels_first_row_norm`) the same
+way; it asks the path rule (:func:`normlab.core.paths.choose_path`) once and runs what it
+answers — the kernels' eager C++ entry, the registered operators, torch's ops
+(:mod:`normlab.core.native`) or normlab's (:mod:`normlab.core.composed`). A module's call
+arrives unchecked (its constructor checked the shape, eps, γ and β); the checks run here off
+the direct path and where the kernels refused. A functional checks first (``checked=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import composed, native
+from .call_checks import check_row_args
+from .checks import InputError, check_floating_input
+from .kernels.cpu import build as _cpu
+from .moments import reduced_count
+from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON, _gpu_kernels, choose_path
+
+__all__ = ["add_row_norm", "channel_layer_norm", "channels_first_row_norm", "row_norm"]
+
+_F32_EPS = torch.finfo(torch.float32).eps  # eps=None on the kernels' path: float32's machine epsilon
+
+
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    *,
+    centered: bool = True,
+    residual: torch.Tensor | None = None,
+    operation: str = "layer_norm",
+    checked: bool = False,
+):
+    """LayerNorm (``centered``) or RMSNorm of ``x`` over its trailing ``normalized_shape``
+    dims; with a ``residual``, ``(norm(x + residual), x + residual)``.
+
+    ``eps=None`` (RMSNorm) is the machine epsilon of the computation dtype, as torch.nn's. A
+    residual that broadcasts to x or has another dtype is added by torch first, and the sum
+    normalized; one of x's shape and dtype is added inside the norm's pass where the kernels
+    run (x and the residual read once, the sum and the output written once).
+    """
+    if residual is not None and not (
+        type(residual) is type(x) and residual.dtype == x.dtype and residual.shape == x.shape
+    ):
+        if not checked:
+            check_row_args(operation, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
+        summed = x + residual
+        y = row_norm(
+            summed, normalized_shape, weight, bias, eps, centered=centered, operation=operation, checked=checked
+        )
+        return y, summed
+    decision = choose_path(x, ROW, operation, centered=centered)
+    if decision is KERNELS_DIRECT:
+        out = _cpu.module.row_norm(
+            x, normalized_shape, weight, bias, _F32_EPS if eps is None else eps, centered, residual
+        )
+        if out is not None:
+            return out
+        # refused: report what does not fit, with the message every path gives
+        check_row_args(operation, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
+        raise RuntimeError(f"normlab: internal error, the kernels refused a call that its checks accept ({operation})")
+    if not checked or eps is None:
+        eps = check_row_args(operation, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
+    normalized_shape = tuple(normalized_shape)
+    path = decision.path
+    if path == KERNELS:
+        k = reduced_count(normalized_shape, range(len(normalized_shape)))
+        if residual is not None:
+            y, s, _, _, _ = torch.ops.normlab.add_row_norm(
+                x.contiguous(), residual.contiguous(), weight, bias, k, eps, centered
+            )
+            return y, s
+        return torch.ops.normlab.row_norm(x.contiguous(), weight, bias, k, eps, centered)[0]
+    if path == TRITON:
+        return _gpu_kernels[0].row_norm(x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
+    summed = x if residual is None else x + residual
+    if path == NATIVE:
+        y = native.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+    else:
+        y = composed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+    return y if residual is None else (y, summed)
+
+
+def channels_first_row_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    operation: str = "layer_norm2d",
+    checked: bool = False,
+) -> torch.Tensor:
+    """LayerNorm over dim 1 of an (N, C, H, W) tensor — each position normalized over its
+    channels (ConvNeXt's LayerNorm2d) — without a permuting copy.
+
+    channels_last: the (N, H, W, C) view is contiguous rows of C, which :func:`row_norm`
+    normalizes (its own path, kernels included); the result viewed back is channels_last.
+    Other layouts: the path rule's answer for rows over dim 1 — normlab's composed ops, or
+    torch's ``layer_norm`` on the permuted view (export, torch.func, other dtypes and
+    devices), the graph exporters know for this layer.
+    """
+    if not checked:
+        check_floating_input(x)
+        if x.dim() != 4:
+            raise InputError(f"{operation} expects input of shape (N, C, H, W), got shape {tuple(x.shape)}")
+    rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view
+    if rows.is_contiguous():
+        return row_norm(rows, (x.shape[1],), weight, bias, eps, operation=operation, checked=checked).permute(
+            0, 3, 1, 2
+        )
+    if not checked:
+        eps = check_row_args(operation, rows, (x.shape[1],), weight, bias, eps)
+    decision = choose_path(x, CHANNELS_FIRST, operation)
+    if decision.path == NATIVE:
+        return native.channels_first_row_norm(x, weight, bias, eps)
+    return composed.channels_first_row_norm(x, weight, bias, eps)
+
+
+def add_row_norm(x, residual, normalized_shape, weight, bias, eps, *, centered, operation="add_layer_norm"):
+    """``(norm(x + residual), x + residual)``: :func:`row_norm` with a ``residual``."""
+    return row_norm(x, normalized_shape, weight, bias, eps, centered=centered, residual=residual, operation=operation)
+
+
+def channel_layer_norm(x, weight, bias, eps, *, operation="layer_norm2d"):
+    """The former name of :func:`channels_first_row_norm`."""
+    return channels_first_row_norm(x, weight, bias, eps, operation=operation)
