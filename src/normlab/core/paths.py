@@ -204,7 +204,8 @@ def _note(operation: str, decision: Decision) -> None:
 def register_gpu_kernels(kernels) -> None:
     """Plug in the GPU kernels (``normlab.core.kernels.triton`` calls this on import): an
     object whose ``takes(x, family, given=, mask=, inplace=, centered=)`` says whether it
-    runs a call (row 9), and which the families' entries then call."""
+    runs a call (row 9), and whose ``channel_norm`` / ``row_norm`` the families' entries then
+    call (arguments: :mod:`normlab.core.kernels`). None unregisters."""
     _gpu_kernels[0] = kernels
 
 

@@ -1,7 +1,7 @@
 """Build (on first use) and load the C++ kernels.
 
 The kernels are compiled once per torch installation by ``torch.utils.cpp_extension``
-(about a minute, needs a C++ compiler and the ``ninja`` package; a one-line message on stderr
+(about 20 s, needs a C++ compiler and the ``ninja`` package; a one-line message on stderr
 says so) and cached under ``~/.cache/torch_extensions`` (``NORMLAB_BUILD_DIR`` or
 ``TORCH_EXTENSIONS_DIR`` to choose another place). If anything about that fails, normlab
 says so once and the path rule (:mod:`normlab.core.paths`) sends float32 CPU calls to the
@@ -68,7 +68,7 @@ _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 _LDFLAGS = ("-fopenmp",)
 _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _DEFAULT_TIMEOUT_S = 300.0
-BUILD_MESSAGE = "normlab: building the CPU kernels (first use, about a minute)..."
+BUILD_MESSAGE = "normlab: building the CPU kernels (first use, about 20 s)..."
 
 #: The loaded extension module, or None (not built yet, or unavailable: see ``_state``). The
 #: path rule reads it on every call: a module attribute, no function call.
