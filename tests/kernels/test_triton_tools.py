@@ -18,7 +18,7 @@ from normlab.core.kernels import triton as tk
 
 pytestmark = pytest.mark.skipif(not tk.available(), reason=tk.status())
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 NO_GPU = not torch.cuda.is_available()
 
 # Triton compiles for a GPU it is told about: a stand-in driver names an sm_90 target, and

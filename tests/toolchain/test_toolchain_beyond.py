@@ -1,4 +1,4 @@
-"""The norms beyond the classic five under PyTorch's toolchain, as tests/test_toolchain.py checks
+"""The norms beyond the classic five under PyTorch's toolchain, as tests/toolchain/test_toolchain.py checks
 the classic ones: torch.compile(fullgraph=True), torch.export, ONNX in onnxruntime (both
 exporters), torch.jit.trace, torch.fx, torch.func, forward-mode AD and the meta device.
 
