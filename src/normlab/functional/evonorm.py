@@ -37,8 +37,8 @@ from ..core import (
     reduced_count,
     update_running_stats,
 )
+from ..core.call_checks import check_update_args, too_few_values
 from ..core.checks import InputError
-from ._checks import check_update_args, too_few_values
 from ._params import affine_view
 
 __all__ = ["evonorm_b0", "evonorm_batch", "evonorm_s0", "evonorm_sample"]

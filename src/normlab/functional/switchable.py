@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..core import Moments, centered_moments, compute_dtype, merge_moments, reduced_count, update_running_stats
+from ..core.call_checks import check_channel_call, check_update_args, too_few_values
 from ..core.checks import InputError
-from ._checks import check_channel_call, check_update_args, too_few_values
 from ._params import check_kind
 
 __all__ = ["switchable_norm"]

@@ -22,6 +22,7 @@ __all__ = [
     "FreezableNorm",
     "PerSampleNorm",
     "_NormBase",
+    "check_channel_input",
     "check_norm_args",
     "reset_affine",
     "traced_call",
@@ -41,6 +42,25 @@ def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | No
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
 
 
+def check_channel_input(module: nn.Module, input: object, ranks: tuple[int, ...], shape_words: str) -> None:
+    """An (N, C, *spatial) input of an accepted rank with ``module.num_features`` channels."""
+    name = type(module).__name__
+    if not isinstance(input, torch.Tensor):
+        raise InputTypeError(f"{name} expects a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in ranks:
+        raise InputError(
+            f"{name} expects a {shape_words} input, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != module.num_features:
+        raise InputError(
+            f"{name}({module.num_features}) expects {module.num_features} channels at "
+            f"input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
+        )
+
+
+_TENSORS = (torch.Tensor, nn.Parameter)
+
+
 class ChannelInput:
     """The input check of the layers with ``num_features`` channels at dim 1: an
     (N, C, *spatial) tensor of one of the ranks in ``_ranks``."""
@@ -49,18 +69,9 @@ class ChannelInput:
     _shape_words = ""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        if not isinstance(input, torch.Tensor):
-            raise InputTypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in self._ranks:
-            raise InputError(
-                f"{type(self).__name__} expects a {self._shape_words} input, got a {input.dim()}D tensor of "
-                f"shape {tuple(input.shape)}"
-            )
-        if input.shape[1] != self.num_features:
-            raise InputError(
-                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at "
-                f"input dim 1, got {input.shape[1]} (input shape {tuple(input.shape)})"
-            )
+        # the common case in one expression; check_channel_input says what is wrong
+        if not (type(input) in _TENSORS and input.dim() in self._ranks and input.shape[1] == self.num_features):
+            check_channel_input(self, input, self._ranks, self._shape_words)
 
 
 class FreezableNorm:

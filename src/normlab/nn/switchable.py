@@ -83,8 +83,9 @@ class SwitchableNorm2d(_NormBase, nn.modules.batchnorm._NormBase):
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)
-        self._check_args()
-        batch_stats = self._batch_stats()
+        if "_running_stats" not in self.__dict__:
+            self._make_running_stats()  # its settings, checked after an assignment
+        batch_stats = (self.training and not self.frozen) or self.running_mean is None
         return switchable_norm(
             input,
             self.running_mean,
