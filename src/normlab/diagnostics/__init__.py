@@ -7,9 +7,10 @@ collapse, saturation, dead units, batch-vs-running drift) with suggestions;
 """
 
 from .findings import Finding, diagnose
+from .layers import DEFAULT_LAYER_TYPES, select_layers, unit_dims
 from .plots import gradient_norms, histogram_grid, percentile_bands, save_figure
-from .probe import DEFAULT_LAYER_TYPES, Probe, select_layers
-from .summaries import SampleIndex, activation_summary, batch_vs_running, summarize
+from .probe import Probe
+from .summaries import SampleIndex, activation_summary, batch_vs_running, dead_unit_rule, summarize
 
 __all__ = [
     "DEFAULT_LAYER_TYPES",
@@ -17,6 +18,7 @@ __all__ = [
     "Probe",
     "activation_summary",
     "batch_vs_running",
+    "dead_unit_rule",
     "diagnose",
     "gradient_norms",
     "SampleIndex",
@@ -25,4 +27,5 @@ __all__ = [
     "percentile_bands",
     "save_figure",
     "select_layers",
+    "unit_dims",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .summaries import RELU_FAMILY, SATURATING
+from .summaries import ACTIVATIONS
 
 __all__ = ["Finding", "diagnose"]
 
@@ -55,24 +55,30 @@ def diagnose(
 ) -> list[Finding]:
     """Findings from the last ``window`` records of each layer (medians).
 
-    - vanishing gradients: the output-gradient norm of the first weight layer is more
-      than ``vanishing_ratio`` times smaller than that of the last;
-    - exploding gradients: the first is more than ``exploding_ratio`` times larger, or a
-      gradient or activation is not finite;
+    - vanishing gradients: the first weight layer learns more than ``vanishing_ratio``
+      times more slowly than the last — by what a step does to the weights: the
+      update-to-weight ratio ‖Δw‖/‖w‖ when an optimizer is hooked, else the relative
+      gradient ‖∇w‖/‖w‖ (an SGD step's ratio over the learning rate). A raw gradient
+      norm would also move with the input's scale (a LayerNorm divides it out), which
+      leaves learning unchanged;
+    - exploding gradients: the first learns more than ``exploding_ratio`` times faster;
+    - non-finite: a NaN/inf in an activation or gradient of the last records;
     - collapse: the activation std of the last layer is below ``collapse_ratio`` × the
       first's (activations shrinking toward 0 with depth);
     - saturation: a tanh/sigmoid layer has more than ``saturation_threshold`` of its
       outputs in the flat tails;
-    - dead units: a ReLU-family layer has more than ``dead_threshold`` of its units never
-      positive on the batch;
-    - statistic drift: a BatchNorm's batch statistics are more than ``drift_threshold``
-      running standard deviations away from its running ones.
+    - dead units: more than ``dead_threshold`` of a layer's units pass no gradient
+      anywhere on the batch (ReLU never positive; ReLU6 stuck at 0 or 6; Hardswish at 0)
+      — measured only for activations that have such a flat region;
+    - statistic drift: a BatchNorm's batch statistics (over valid positions, for a
+      masked layer) are more than ``drift_threshold`` running standard deviations away
+      from its running ones.
     """
     found: list[Finding] = []
     layers = probe.layers
     order = probe.layer_names
     weight_layers = [n for n in order if isinstance(layers[n], _WEIGHT_LAYERS)]
-    activation_layers = [n for n in order if isinstance(layers[n], RELU_FAMILY + tuple(SATURATING))]
+    activation_layers = [n for n in order if isinstance(layers[n], ACTIVATIONS)]
 
     nonfinite = [
         n
@@ -92,24 +98,27 @@ def diagnose(
             )
         )
 
-    grads = probe.latest("grad_norm", window)
-    grads = {n: v for n, v in grads.items() if math.isfinite(v)}
-    graded = [n for n in weight_layers if n in grads] or [n for n in order if n in grads]
-    ends = _ends(graded)
+    # What a step does to each weight: measured with the optimizer, else ∝ for SGD.
+    key = "update_ratio" if probe.latest("update_ratio", window) else "relative_grad"
+    rates = {n: v for n, v in probe.latest(key, window).items() if math.isfinite(v)}
+    rated = [n for n in weight_layers if n in rates]
+    ends = _ends(rated)
+    what = "update-to-weight ratio" if key == "update_ratio" else "relative weight gradient |grad W|/|W|"
     if ends:
         first, last = ends
-        ratio = grads[last] / grads[first] if grads[first] > 0 else math.inf
-        per_layer = {n: grads[n] for n in graded}
+        ratio = rates[last] / rates[first] if rates[first] > 0 else math.inf
+        per_layer = {n: rates[n] for n in rated}
         if ratio > vanishing_ratio:
             found.append(
                 Finding(
                     "vanishing_gradients",
                     [first, last],
-                    f"Gradients vanish toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
-                    f"{ratio:.3g}x smaller than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
-                    "Use He initialization for ReLU layers (Xavier for tanh), add normalization "
-                    "(BatchNorm, or GroupNorm at small batch sizes) between layers, or residual connections.",
-                    {"ratio_last_over_first": ratio, "grad_norm": per_layer},
+                    f"Early layers barely learn: the {what} of {first} ({rates[first]:.3g}) is "
+                    f"{ratio:.3g}x smaller than that of {last} ({rates[last]:.3g}). Per layer: {_fmt(per_layer)}.",
+                    "Use He initialization for ReLU layers (Xavier for tanh), avoid saturating activations "
+                    "(sigmoid) in deep stacks, add normalization (BatchNorm, or GroupNorm at small batch "
+                    "sizes) between layers, or residual connections.",
+                    {"ratio_last_over_first": ratio, key: per_layer},
                 )
             )
         elif ratio > 0 and 1 / ratio > exploding_ratio:
@@ -117,11 +126,12 @@ def diagnose(
                 Finding(
                     "exploding_gradients",
                     [first, last],
-                    f"Gradients explode toward the input: the gradient norm at {first} ({grads[first]:.3g}) is "
-                    f"{1 / ratio:.3g}x larger than at {last} ({grads[last]:.3g}). Per layer: {_fmt(per_layer)}.",
+                    f"Early layers change far faster than late ones: the {what} of {first} ({rates[first]:.3g}) "
+                    f"is {1 / ratio:.3g}x larger than that of {last} ({rates[last]:.3g}). "
+                    f"Per layer: {_fmt(per_layer)}.",
                     "Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), use a "
                     "smaller-gain initialization, or add normalization.",
-                    {"ratio_first_over_last": 1 / ratio, "grad_norm": per_layer},
+                    {"ratio_first_over_last": 1 / ratio, key: per_layer},
                 )
             )
 
@@ -164,9 +174,11 @@ def diagnose(
             Finding(
                 "dead_units",
                 list(dead),
-                f"Dead units (never positive on the batch, so a ReLU passes no gradient): {_fmt(dead, 2)}.",
-                "Use LeakyReLU or ELU, He initialization, a lower learning rate, and check for large "
-                "negative biases; normalization before the activation also keeps units alive.",
+                f"Dead units (their activation passes no gradient anywhere on the batch, e.g. a ReLU "
+                f"never positive): {_fmt(dead, 2)} of units.",
+                "Check for large negative biases and lower the learning rate; use He initialization, "
+                "normalization before the activation, or an activation that passes gradient on its "
+                "negative side (LeakyReLU, ELU, GELU).",
                 {"dead": dead},
             )
         )

@@ -42,15 +42,21 @@ def histogram_grid(
     nrows = math.ceil(len(layers) / ncols)
     fig = _figure(2.4 * ncols, 2.0 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    shown = {}
     for ax, name in zip(axes.flat, layers):
         edges, fractions = probe.histogram(name, step)
+        # The histogram of the nearest step with finite values: title it with that step,
+        # and its own std (a later non-finite step has no histogram to show).
+        shown[name] = probe.histogram_step(name, step)
+        record = next(r for r in probe.records(name) if r["step"] == shown[name] and "hist" in r)
         ax.stairs(fractions, edges, fill=True, alpha=0.8)
-        record = probe.records(name)[-1]
-        ax.set_title(f"{name}\nstd {record.get('std', math.nan):.2g}", fontsize=8, **_LITERAL)
+        ax.set_title(f"{name}\nstep {shown[name]}, std {record.get('std', math.nan):.2g}", fontsize=8, **_LITERAL)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(layers) :]:
         ax.set_visible(False)
-    fig.suptitle(title or f"activation histograms (step {step if step is not None else probe.step})", fontsize=10)
+    steps = set(shown.values())
+    where = f"step {steps.pop()}" if len(steps) == 1 else "latest step with finite values of each layer"
+    fig.suptitle(title or f"activation histograms ({where})", fontsize=10)
     fig.supxlabel("activation", fontsize=8)
     fig.supylabel("fraction of values", fontsize=8)
     return fig
@@ -82,20 +88,34 @@ def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, tit
     return fig
 
 
-def gradient_norms(probe, key: str = "grad_norm", title: str | None = None):
+def gradient_norms(probe, key: str = "grad_norm", title: str | None = None, window: int = 5):
     """Gradient norm per layer (execution order, log scale): a slope down toward the
-    input is vanishing, up is exploding."""
-    values = probe.latest(key, window=5)
-    if not values:
+    input is vanishing, up is exploding. Each point is the median of the layer's last
+    ``window`` records; a layer with a non-finite value among them is drawn as a red ×
+    at the top of the axis, labelled, not as the median of the finite ones before it."""
+    finite = probe.latest(key, window=window)
+    raw = probe.latest(key, window=window, finite_only=False)
+    if not raw:
         raise ValueError(f"no {key} recorded: enable gradients and run a backward pass")
-    fig = _figure(max(4.0, 0.5 * len(values) + 2), 3.0)
+    names = list(raw)
+    bad = [i for i, n in enumerate(names) if not math.isfinite(raw[n])]
+    fig = _figure(max(4.0, 0.5 * len(names) + 2), 3.0)
     ax = fig.subplots()
-    names = list(values)
-    ax.plot(range(len(names)), [max(v, 1e-30) for v in values.values()], marker="o")
+    good = [i for i in range(len(names)) if i not in bad]
+    ax.plot(good, [max(finite[names[i]], 1e-30) for i in good], marker="o")
     ax.set_yscale("log")
+    if bad:
+        top = max([finite[names[i]] for i in good], default=1.0) * 10
+        ax.plot(bad, [max(top, 1e-30)] * len(bad), "x", color="red", markersize=9, label="NaN/inf")
+        ax.legend(fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7, **_LITERAL)
     ax.set_ylabel(key.replace("_", " "))
-    ax.set_title(title or f"{key.replace('_', ' ')} per layer (median of the last 5 records)", fontsize=10)
+    ax.set_title(
+        title
+        or f"{key.replace('_', ' ')} per layer (median of the last {window} records)"
+        + (f"; non-finite in {len(bad)}" if bad else ""),
+        fontsize=10,
+    )
     return fig
 
 

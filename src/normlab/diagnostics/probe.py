@@ -3,64 +3,33 @@
 from __future__ import annotations
 
 import csv
-import fnmatch
 import json
 import math
-from collections.abc import Callable, Iterable
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import nn as nln
+from .export import csv_text, json_safe, output_path, rank_and_world
+from .layers import (
+    LayerSpec,
+    contains_compiled,
+    dead_rule_of,
+    first_tensor,
+    select_layers,
+    unit_dims,
+)
 from .summaries import (
-    RELU_FAMILY,
     SATURATING,
     SampleIndex,
-    batch_vs_running,
     capture_activation,
+    capture_batch_moments,
     capture_gradient,
-    summarize,
+    summarize_records,
 )
 
-__all__ = ["DEFAULT_LAYER_TYPES", "Probe", "select_layers"]
-
-#: What a Probe watches when not told otherwise: layers that transform activations.
-DEFAULT_LAYER_TYPES: tuple[type, ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    *RELU_FAMILY,
-    *SATURATING,
-)
-
-LayerSpec = Iterable[type] | Iterable[str] | Callable[[str, nn.Module], bool] | None
-
-
-def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Module]:
-    """Modules of ``model`` to watch, by type (a class or tuple of classes), by name
-    (exact names or fnmatch patterns such as ``"layers.*.conv1"``), or by a predicate
-    ``f(name, module)``. The default is every Linear/Conv, activation and norm layer."""
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if layers is None:
-        chosen = [(n, m) for n, m in named if isinstance(m, DEFAULT_LAYER_TYPES) or nln.is_norm_layer(m)]
-    elif callable(layers) and not isinstance(layers, type):
-        chosen = [(n, m) for n, m in named if layers(n, m)]
-    else:
-        items = (layers,) if isinstance(layers, (type, str)) else tuple(layers)
-        if all(isinstance(i, type) for i in items):
-            chosen = [(n, m) for n, m in named if isinstance(m, items)]
-        elif all(isinstance(i, str) for i in items):
-            chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in items)]
-        else:
-            raise TypeError("layers must be types, names/patterns, or a predicate f(name, module)")
-    if not chosen:
-        raise ValueError(f"no layer of {type(model).__name__} matches layers={layers!r}")
-    return dict(chosen)
+__all__ = ["Probe"]
 
 
 def _nice_bound(value: float) -> float:
@@ -74,49 +43,66 @@ def _nice_bound(value: float) -> float:
     return 10.0 ** (exponent + 1)
 
 
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _csv_text(value):
-    """A text cell a spreadsheet would run as a formula (a layer named ``=cmd|...``) is
-    prefixed with ``'`` so it is shown as text (OWASP's advice on CSV injection); numbers
-    are written as they are."""
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
-        return "'" + value
-    return value
-
-
 class _Series:
-    """A layer's records under a fixed budget: when full, every other record is dropped
-    (the latest is kept), so old history thins out instead of memory growing."""
+    """A layer's records under a fixed budget, spread over the whole run.
+
+    Records are numbered as they come; when more than ``budget`` are kept, the stride
+    doubles and only numbers divisible by it stay — so the kept records are every k-th
+    of the run from its first step on, k growing as the run does — plus the latest one.
+    (Halving the list as it stood would halve the old part again at every fill and keep
+    mostly the end.)
+    """
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.records: list[dict] = []
+        self.kept: list[dict] = []
+        self.latest: dict | None = None
+        self.stride = 1
+        self.count = 0
         self.decimations = 0
 
     def add(self, record: dict) -> None:
-        self.records.append(record)
-        if len(self.records) > self.budget:
-            self.records = self.records[:-1][::2] + [self.records[-1]]
+        index, self.count = self.count, self.count + 1
+        if index % self.stride:
+            self.latest = record
+            return
+        self.kept.append(record)
+        self.latest = None
+        if len(self.kept) > self.budget:
+            self.stride *= 2
             self.decimations += 1
+            self.kept = self.kept[::2]  # kept[i] is number i·stride/2: the even i remain on the grid
+            if index % self.stride:
+                self.latest = record
+
+    @property
+    def records(self) -> list[dict]:
+        return self.kept if self.latest is None else [*self.kept, self.latest]
 
 
 class Probe:
     """Records what happens inside ``model`` while it trains, layer by layer.
 
-    Per watched layer and sampled step: the output's mean, std, 15/50/85th percentiles
-    and a fixed-bin histogram; the dead fraction (ReLU family: units never positive on
-    the batch) or saturated fraction (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]); the
-    norm and std of the gradient reaching the output and of the weight's gradient; the
-    weight's update-to-weight ratio per optimizer step (pass ``optimizer``); and, for
-    BatchNorm-type layers in training, how far the batch statistics are from the running
-    ones. A *step* is one training-mode forward of ``model``; every ``every``-th step is
-    recorded (the first always is).
+    Per watched layer and recorded step: the output's mean, std, 15/50/85th percentiles
+    and a fixed-bin histogram; the dead fraction (units whose activation passes no
+    gradient anywhere on the batch — ReLU, ReLU6, Hardswish; see
+    :func:`~normlab.diagnostics.summaries.dead_unit_rule`) or the saturated fraction
+    (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]); the norm and std of the gradient
+    reaching the output and of the weight's gradient, and their ratio to the weight's
+    norm; the update-to-weight ratio per optimizer step (pass ``optimizer``); and, for
+    BatchNorm layers in training, how far the batch statistics (over the valid positions
+    when the layer is given a ``mask``) are from the running ones.
+
+    A *step* is one optimizer step when ``optimizer`` is given — every forward and
+    backward before ``optimizer.step()`` belongs to it, so gradient accumulation is one
+    step, whose weight gradients and update are the accumulated ones (its activation and
+    output-gradient statistics are those of its first forward) — and otherwise one
+    training-mode forward of ``model``. Every ``every``-th step is recorded (the first
+    always is).
 
     Use as a context manager (``with Probe(model) as probe: ...``) or with
     :meth:`attach` / :meth:`detach`. Memory is bounded: each layer keeps at most
-    ``budget`` records, thinning older ones by half when full.
+    ``budget`` records, every k-th of the run with k doubling as needed, plus the latest.
 
     Args:
         layers: which layers — types, names or fnmatch patterns, or ``f(name, module)``.
@@ -125,13 +111,26 @@ class Probe:
             sigmoid, else ± the next 1-2-5 bound above its largest |value|) so its
             histograms stay comparable across steps.
         gradients, weights: record output gradients / weight gradients.
-        record_eval: also record eval-mode forwards (counted as steps).
+        record_eval: also record eval-mode forwards (without an optimizer, each counts as
+            a step).
         sample_size: values per output kept for percentiles, histogram, mean and std (a
             fixed random subset; outputs no larger are used whole). The dead fraction,
             gradient norms and the non-finite check always see every value.
+        unit_dim: the dim of an activation's output that holds its units, for the dead
+            fraction: one int for every layer or ``{name: dim}``; by default inferred
+            from the layer before it (see :func:`unit_dims`).
+        rank_files: under torch.distributed (world size > 1) every rank records its own
+            batches; the writers (``to_json``, ``to_csv``, ``to_tensorboard``,
+            ``report``) write on rank 0 only and return None elsewhere, or, with
+            ``rank_files=True``, on every rank to ``name.rank<r>.ext``.
 
     Cost is kept out of the training step: hooks only capture (a sample, a few exact
-    reductions); sorting and histogramming happen when records are read.
+    reductions) and never wait for the device; sorting and histogramming happen when
+    records are read. The per-layer hooks are attached for a recorded step only, so
+    unrecorded steps run at (almost) full speed. Inside ``torch.compile`` attach the Probe
+    to the compiled module (``Probe(torch.compile(model))``): its hooks then stay
+    registered and record eagerly through graph breaks, with no recompilation per step
+    (see docs/diagnostics.md for what that costs).
     """
 
     def __init__(
@@ -148,6 +147,8 @@ class Probe:
         optimizer: torch.optim.Optimizer | None = None,
         record_eval: bool = False,
         sample_size: int = 4096,
+        unit_dim: int | dict[str, int] | None = None,
+        rank_files: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Probe needs an nn.Module, got {type(model).__name__}")
@@ -157,60 +158,69 @@ class Probe:
             raise ValueError(f"budget must be >= 2 records per layer, got {budget}")
         if hist_range is not None and not hist_range[0] < hist_range[1]:
             raise ValueError(f"hist_range must be (lo, hi) with lo < hi, got {hist_range}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.layers = select_layers(model, layers)
         self.every, self.bins, self.hist_range = every, bins, hist_range
         self.gradients, self.weights, self.optimizer = gradients, weights, optimizer
-        self.record_eval = record_eval
+        self.record_eval, self.rank_files = record_eval, rank_files
         self.step = 0
         self.order: list[str] = []
+        self._seen: set[str] = set()
         self._series = {name: _Series(budget) for name in self.layers}
         self._ranges: dict[str, tuple[float, float]] = {}
-        self._current: dict[str, dict] = {}
-        self._drift: dict[str, dict] = {}
-        self._snapshot: dict[str, torch.Tensor] = {}
-        self._sampling = False
-        self._handles: list = []  # per-layer hooks of the step being recorded
-        self._root_handle = None
         self._sampler = SampleIndex(sample_size)
+        self._dead_rules = {name: dead_rule_of(m) for name, m in self.layers.items()}
+        inferred = unit_dims(model, self.layers)
+        if isinstance(unit_dim, int):
+            inferred = dict.fromkeys(self.layers, unit_dim)
+        elif unit_dim is not None:
+            inferred.update(unit_dim)
+        self._unit_dims = inferred
+        # One hook object per layer for the Probe's life, so torch.compile sees the same
+        # functions every time it looks.
+        self._permanent = contains_compiled(model)
+        self._hook_fns = {name: self._make_hooks(name, module) for name, module in self.layers.items()}
+        self._handles: list = []  # per-layer hooks, while registered
+        self._root_handles: list = []
+        self._label = 0  # the number of the step in progress
+        self._sampling = False  # the step in progress is recorded
+        self._recording = False  # the forward in progress is recorded
+        self._current: dict[str, dict] = {}
+        self._moments: dict[str, dict] = {}
+        self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._recorded_steps = 0
+        self._not_tensor: dict[str, str] = {}
+        self._compiled_inside = False
+        self._warned: set[str] = set()
 
     # --- attaching -------------------------------------------------------------------------
 
     def attach(self) -> Probe:
-        """Start recording. Only a forward pre-hook on ``model`` stays registered between
-        recorded steps; the per-layer hooks are attached for a recorded step and removed
-        at the next forward, so unrecorded steps run at (almost) full speed."""
-        if self._root_handle is None:
-            self._root_handle = self.model.register_forward_pre_hook(self._on_step)
+        """Start recording: a forward pre-hook on ``model`` (and pre/post-step hooks on
+        the optimizer) stay registered; the per-layer hooks are registered for recorded
+        steps only (for the Probe's whole life on a compiled model)."""
+        if self._root_handles:
+            return self
+        self._root_handles.append(self.model.register_forward_pre_hook(self._on_forward))
+        if self.optimizer is not None:
+            self._root_handles.append(self.optimizer.register_step_pre_hook(self._before_update))
+            self._root_handles.append(self.optimizer.register_step_post_hook(self._after_update))
+        if self._permanent:
+            self._register_layer_hooks()
+        if self.optimizer is not None:
+            self._begin_step(self.step + 1)
         return self
 
     def detach(self) -> Probe:
         """Stop recording and remove every hook."""
-        self._remove_step_hooks()
-        if self._root_handle is not None:
-            self._root_handle.remove()
-            self._root_handle = None
-        self._sampling = False
-        return self
-
-    def _remove_step_hooks(self) -> None:
-        for handle in self._handles:
+        self._remove_layer_hooks()
+        for handle in self._root_handles:
             handle.remove()
-        self._handles.clear()
-
-    def _add_step_hooks(self) -> None:
-        for name, module in self.layers.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
-            if getattr(module, "running_mean", None) is not None:
-                self._handles.append(module.register_forward_pre_hook(self._drift_hook(name)))
-            weight = getattr(module, "weight", None)
-            # With an optimizer the weight statistics are taken in its pre-step hook, for
-            # all layers in a few fused (_foreach) ops; without, per weight after backward.
-            if self.weights and self.optimizer is None and isinstance(weight, nn.Parameter) and weight.requires_grad:
-                self._handles.append(weight.register_post_accumulate_grad_hook(self._weight_hook(name)))
-        if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._before_update))
-            self._handles.append(self.optimizer.register_step_post_hook(self._after_update))
+        self._root_handles.clear()
+        self._sampling = self._recording = False
+        return self
 
     def __enter__(self) -> Probe:
         return self.attach()
@@ -220,108 +230,161 @@ class Probe:
 
     @property
     def attached(self) -> bool:
-        return self._root_handle is not None
+        return bool(self._root_handles)
+
+    def _make_hooks(self, name: str, module: nn.Module) -> dict:
+        record_output, record_moments = self._record_output, self._record_moments
+        if self._permanent:
+            # Run eagerly, as a graph break, only on recorded forwards: the hook itself is
+            # traced and guards on one flag, so a compiled model has two variants, not one
+            # per step.
+            record_output = torch.compiler.disable(record_output)
+            record_moments = torch.compiler.disable(record_moments)
+
+        def forward_hook(module, args, out):
+            if self._recording:
+                record_output(name, module, args, out)
+
+        hooks = {"forward": forward_hook}
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+
+            def moments_hook(module, args, kwargs):
+                if self._recording:
+                    record_moments(name, module, args, kwargs)
+
+            hooks["moments"] = moments_hook
+        weight = getattr(module, "weight", None)
+        if self.weights and self.optimizer is None and isinstance(weight, nn.Parameter) and weight.requires_grad:
+            hooks["weight"] = (weight, lambda param: self._record_weight_grad(name, param))
+        return hooks
+
+    def _register_layer_hooks(self) -> None:
+        if self._handles:
+            return
+        for name, module in self.layers.items():
+            hooks = self._hook_fns[name]
+            self._handles.append(module.register_forward_hook(hooks["forward"]))
+            if "moments" in hooks:
+                self._handles.append(module.register_forward_pre_hook(hooks["moments"], with_kwargs=True))
+            if "weight" in hooks:
+                weight, hook = hooks["weight"]
+                self._handles.append(weight.register_post_accumulate_grad_hook(hook))
+
+    def _remove_layer_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # --- steps -----------------------------------------------------------------------------
+
+    def _begin_step(self, label: int) -> None:
+        self._label = label
+        self._sampling = (label - 1) % self.every == 0
+        self._current = {}
+        self._moments = {}
+        if self._sampling:
+            self._recorded_steps += 1
+        if not self._permanent:
+            if self._sampling:
+                self._register_layer_hooks()
+            else:
+                self._remove_layer_hooks()
+
+    def _on_forward(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            # The model was compiled after the Probe was attached: this hook is traced,
+            # and the graph keeps whatever per-layer hooks it saw first. Noted (this
+            # assignment is replayed on every call) and reported when records are read.
+            self._compiled_inside = True
+            return
+        counted = module.training or self.record_eval
+        if self.optimizer is None and counted:
+            self.step += 1
+            self._begin_step(self.step)
+        self._recording = self._sampling and counted
 
     # --- hooks -----------------------------------------------------------------------------
 
-    def _on_step(self, module, args) -> None:
-        # A new forward of the model: the previous step's backward and update are done.
-        self._remove_step_hooks()
-        if module.training or self.record_eval:
-            self.step += 1
-            self._sampling = (self.step - 1) % self.every == 0
-            self._current = {}
-            if self._sampling:
-                self._add_step_hooks()
-        else:
-            self._sampling = False
+    def _record_output(self, name: str, module: nn.Module, args, out) -> None:
+        if name in self._current:
+            return  # a second call of the layer in this step
+        tensor = first_tensor(out)
+        if tensor is None or not tensor.is_floating_point():
+            self._not_tensor[name] = type(out).__name__ if tensor is None else f"a {tensor.dtype} tensor"
+            return
+        inputs = args[0] if args else None
+        unit_dim = self._unit_dims.get(name)
+        record = {
+            "step": self._label,
+            **capture_activation(tensor, self._sampler, self._dead_rules[name], unit_dim, inputs),
+        }
+        record.update(self._moments.pop(name, {}))
+        self._series[name].add(record)
+        self._current[name] = record
+        if name not in self._seen:
+            self._seen.add(name)
+            self.order.append(name)
+        if self.gradients and tensor.requires_grad:
+            tensor.register_hook(lambda g: record.update(capture_gradient(g, self._sampler, "grad")))
 
-    def _range_for(self, name: str, module: nn.Module, out: torch.Tensor) -> tuple[float, float]:
-        if self.hist_range is not None:
-            return self.hist_range
-        if name not in self._ranges:
-            kind = SATURATING.get(type(module))
-            if kind == "tanh":
-                self._ranges[name] = (-1.0, 1.0)
-            elif kind == "sigmoid":
-                self._ranges[name] = (0.0, 1.0)
-            else:
-                finite = out.detach()[torch.isfinite(out.detach())]
-                bound = _nice_bound(finite.abs().max().item() if finite.numel() else 1.0)
-                self._ranges[name] = (-bound, bound)
-        return self._ranges[name]
+    def _record_moments(self, name: str, module: nn.Module, args, kwargs) -> None:
+        if not module.training or module.running_mean is None or module.running_var is None:
+            return
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != module.running_mean.numel():
+            return
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.numel() * x.shape[1] != x.numel()):
+            return  # a mask this hook cannot place: no number rather than a wrong one
+        self._moments[name] = capture_batch_moments(x, mask, module.running_mean, module.running_var, module.eps)
 
-    def _forward_hook(self, name: str):
-        def hook(module, args, out):
-            if not self._sampling or not isinstance(out, torch.Tensor) or name in self._current:
-                return  # not a sampled step, or a second call of the layer in this step
-            if name not in self.order:
-                self.order.append(name)
-            self._range_for(name, module, out)
-            record = {"step": self.step, **capture_activation(out, self._sampler, module)}
-            record.update(self._drift.pop(name, {}))
-            self._series[name].add(record)
-            self._current[name] = record
-            if self.gradients and out.requires_grad:
-                out.register_hook(lambda g: record.update(capture_gradient(g, self._sampler, "grad")))
-
-        return hook
-
-    def _drift_hook(self, name: str):
-        def hook(module, args):
-            if not (self._sampling and module.training and args and isinstance(args[0], torch.Tensor)):
-                return
-            if getattr(module, "frozen", False) or module.running_var is None or args[0].dim() < 2:
-                return
-            self._drift[name] = batch_vs_running(
-                args[0], module.running_mean, module.running_var, getattr(module, "eps", 1e-5)
-            )
-
-        return hook
-
-    def _weight_hook(self, name: str):
-        def hook(param):
-            record = self._current.get(name)
-            if record is None or param.grad is None:
-                return
-            record.update(capture_gradient(param.grad, self._sampler, "weight_grad"))
-            record["weight_norm"] = torch.linalg.vector_norm(param.detach())
-
-        return hook
+    def _record_weight_grad(self, name: str, param: torch.Tensor) -> None:
+        record = self._current.get(name)
+        if not self._sampling or record is None or param.grad is None:
+            return
+        record.update(capture_gradient(param.grad, self._sampler, "weight_grad"))
+        record["weight_norm"] = torch.linalg.vector_norm(param.detach())
 
     def _before_update(self, optimizer, args, kwargs) -> None:
         self._snapshot = {}
-        names = [n for n in self._current if isinstance(getattr(self.layers[n], "weight", None), nn.Parameter)]
+        if not self._sampling or not self._current:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = [
+            n
+            for n in self._current
+            if isinstance(getattr(self.layers[n], "weight", None), nn.Parameter) and id(self.layers[n].weight) in held
+        ]
         if not names:
             return
         with torch.no_grad():
             weights = [self.layers[n].weight.detach() for n in names]
+            norms = torch._foreach_norm(weights)
             if self.weights:
-                weight_norms = torch._foreach_norm(weights)
-                with_grad = [(n, w) for n, w in zip(names, weights) if self.layers[n].weight.grad is not None]
-                grads = [self.layers[n].weight.grad for n, _ in with_grad]
-                grad_norms = torch._foreach_norm(grads) if grads else []
-                for name, norm in zip(names, weight_norms):
+                with_grad = [(n, self.layers[n].weight.grad) for n in names if self.layers[n].weight.grad is not None]
+                grad_norms = torch._foreach_norm([g for _, g in with_grad]) if with_grad else []
+                for name, norm in zip(names, norms):
                     self._current[name]["weight_norm"] = norm
-                for (name, _), grad, norm in zip(with_grad, grads, grad_norms):
+                for (name, grad), norm in zip(with_grad, grad_norms):
                     self._current[name]["_weight_grad_norm"] = norm
                     self._current[name]["_weight_grad_sample"] = self._sampler.take(grad.reshape(-1))
-            self._snapshot = dict(zip(names, torch._foreach_mul(weights, 1.0)))  # copies
+            copies = torch._foreach_mul(weights, 1.0)
+            self._snapshot = {n: (copy, norm) for n, copy, norm in zip(names, copies, norms)}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
-        if not self._snapshot:
-            return
-        names = list(self._snapshot)
-        with torch.no_grad():
-            before = list(self._snapshot.values())
-            after = [self.layers[n].weight.detach() for n in names]
-            changes = torch._foreach_norm(torch._foreach_sub(after, before))
-            norms = torch._foreach_norm(before)
-            for name, change, norm in zip(names, changes, norms):
+        if self._snapshot:
+            names = list(self._snapshot)
+            with torch.no_grad():
+                before = [self._snapshot[n][0] for n in names]
+                after = [self.layers[n].weight.detach() for n in names]
+                changes = torch._foreach_norm(torch._foreach_sub(after, before))
+            for name, change in zip(names, changes):
                 # ‖Δw‖ / ‖w‖, kept as tensors; divided when the records are read.
                 self._current[name]["_update_change"] = change
-                self._current[name]["_update_norm"] = norm
-        self._snapshot = {}
+                self._current[name]["_update_norm"] = self._snapshot[name][1]
+            self._snapshot = {}
+        self.step += 1
+        self._begin_step(self.step + 1)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -330,12 +393,65 @@ class Probe:
         """Watched layers that have run, in execution order."""
         return list(self.order)
 
+    @property
+    def unrecorded(self) -> dict[str, str]:
+        """Selected layers with no record although recorded steps ran, and why."""
+        if not self._recorded_steps:
+            return {}
+        out = {}
+        for name in self.layers:
+            if name in self._seen:
+                continue
+            if name in self._not_tensor:
+                out[name] = f"its output is {self._not_tensor[name]}, not a floating-point tensor"
+            else:
+                out[name] = "never called during a recorded forward"
+        return out
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_coverage(self) -> None:
+        if self._compiled_inside:
+            self._warn_once(
+                "compiled",
+                "the model ran inside torch.compile after the Probe was attached, so the compiled graph "
+                "keeps the hooks it first saw and the records are incomplete; attach the Probe to the "
+                "compiled module instead: Probe(torch.compile(model))",
+            )
+        missing = self.unrecorded
+        if missing:
+            listed = "; ".join(f"{name}: {why}" for name, why in missing.items())
+            self._warn_once("unrecorded:" + ",".join(missing), f"selected layers have no records: {listed}")
+
+    def _range(self, layer: str) -> tuple[float, float]:
+        if self.hist_range is not None:
+            return self.hist_range
+        if layer not in self._ranges:
+            kind = SATURATING.get(type(self.layers[layer]))
+            if kind == "tanh":
+                self._ranges[layer] = (-1.0, 1.0)
+            elif kind == "sigmoid":
+                self._ranges[layer] = (0.0, 1.0)
+            else:
+                first = next((r for r in self._series[layer].records if "_sample" in r), None)
+                if first is None:
+                    return (-1.0, 1.0)  # nothing to read yet; not fixed
+                extremes = torch.stack([first["_min"], first["_max"]]).float()
+                if not torch.isfinite(extremes).all():
+                    sample = first["_sample"].float()
+                    extremes = sample[torch.isfinite(sample)]
+                bound = extremes.abs().max().item() if extremes.numel() else 1.0
+                self._ranges[layer] = (-_nice_bound(bound), _nice_bound(bound))
+        return self._ranges[layer]
+
     def _summarized(self, layer: str) -> list[dict]:
+        records = self._series[layer].records
         kind = SATURATING.get(type(self.layers[layer]))
-        hist_range = self._ranges.get(layer, self.hist_range or (-1.0, 1.0))
-        for record in self._series[layer].records:
-            summarize(record, bins=self.bins, hist_range=hist_range, kind=kind)
-        return self._series[layer].records
+        summarize_records(records, bins=self.bins, hist_range=self._range(layer), kind=kind)
+        return records
 
     def records(self, layer: str) -> list[dict]:
         """The layer's records, oldest first, as dicts of numbers."""
@@ -348,41 +464,61 @@ class Probe:
         rows = [(r["step"], r[key]) for r in self._summarized(layer) if key in r]
         return [s for s, _ in rows], [v for _, v in rows]
 
-    def latest(self, key: str, window: int = 1) -> dict[str, float]:
+    def latest(self, key: str, window: int = 1, *, finite_only: bool = True) -> dict[str, float]:
         """Per layer (execution order), the median of ``key`` over its last ``window``
-        records that have it, ignoring NaN (a quantity that could not be computed that
-        step, e.g. a drift when the batch was NaN; non-finite steps are reported as such
-        by ``findings``)."""
+        records that have it. With ``finite_only`` (the default) NaN values are ignored
+        (a quantity that could not be computed that step, e.g. a drift when the batch was
+        NaN; non-finite steps are reported as such by ``findings``); without, a NaN among
+        them makes the value NaN."""
         out = {}
         for name in self.order:
             values = [r[key] for r in self._summarized(name) if key in r][-window:]
-            if values:
-                median = torch.tensor(values, dtype=torch.float64).nanmedian().item()
-                if not math.isnan(median):
-                    out[name] = float(median)
+            if not values:
+                continue
+            tensor = torch.tensor(values, dtype=torch.float64)
+            median = tensor.nanmedian().item() if finite_only else tensor.median().item()
+            if not finite_only or not math.isnan(median):
+                out[name] = float(median)
         return out
 
     def histogram(self, layer: str, step: int | None = None) -> tuple[list[float], list[float]]:
-        """(bin edges, fractions) of ``layer`` at ``step`` (default: its latest record)."""
-        records = [r for r in self._summarized(layer) if "hist" in r]
-        if not records:
-            raise ValueError(f"no histogram recorded for layer {layer!r}")
-        record = records[-1] if step is None else min(records, key=lambda r: abs(r["step"] - step))
-        lo, hi = self._ranges.get(layer, self.hist_range or (-1.0, 1.0))
+        """(bin edges, fractions) of ``layer`` at ``step`` (default: its latest record
+        with a histogram; see :meth:`histogram_step` for which step that is)."""
+        record = self._histogram_record(layer, step)
+        lo, hi = self._range(layer)
         edges = torch.linspace(lo, hi, self.bins + 1).tolist()
         return edges, record["hist"]
 
+    def histogram_step(self, layer: str, step: int | None = None) -> int:
+        """The step whose histogram :meth:`histogram` returns (the nearest recorded one
+        that has finite values)."""
+        return self._histogram_record(layer, step)["step"]
+
+    def _histogram_record(self, layer: str, step: int | None) -> dict:
+        records = [r for r in self._summarized(layer) if "hist" in r]
+        if not records:
+            raise ValueError(f"no histogram recorded for layer {layer!r}")
+        return records[-1] if step is None else min(records, key=lambda r: abs(r["step"] - step))
+
     # --- export ----------------------------------------------------------------------------
 
+    def _output_path(self, path: str | Path) -> Path | None:
+        return output_path(path, self.rank_files)
+
     def to_dict(self) -> dict:
+        """Everything recorded, as plain numbers; a quantity that is not finite is NaN
+        here and null in :meth:`to_json`."""
+        self._check_coverage()
         return {
             "steps": self.step,
             "every": self.every,
+            "step_is": "optimizer step" if self.optimizer is not None else "training forward",
             "order": self.order,
+            "unrecorded": self.unrecorded,
             "layers": {
                 name: {
                     "type": type(self.layers[name]).__name__,
-                    "hist_range": self._ranges.get(name, self.hist_range),
+                    "hist_range": self._range(name),
                     "decimations": self._series[name].decimations,
                     "records": self.records(name),
                 }
@@ -390,16 +526,22 @@ class Probe:
             },
         }
 
-    def to_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), allow_nan=True))
+    def to_json(self, path: str | Path) -> Path | None:
+        """Write :meth:`to_dict` as strict JSON (NaN/inf as null)."""
+        path = self._output_path(path)
+        if path is None:
+            return None
+        path.write_text(json.dumps(json_safe(self.to_dict()), allow_nan=False))
         return path
 
-    def to_csv(self, path: str | Path) -> Path:
+    def to_csv(self, path: str | Path) -> Path | None:
         """One row per (layer, recorded step), scalar quantities only (histograms: JSON).
         Text cells that start like a spreadsheet formula (``= + - @``, tab, CR) get a
         leading ``'``."""
-        path = Path(path)
+        path = self._output_path(path)
+        if path is None:
+            return None
+        self._check_coverage()
         rows = [
             {
                 "layer": name,
@@ -413,20 +555,29 @@ class Probe:
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({k: _csv_text(v) for k, v in row.items()} for row in rows)
+            writer.writerows({k: csv_text(v) for k, v in row.items()} for row in rows)
         return path
 
     def to_tensorboard(self, log_dir: str | Path | None = None, *, writer=None) -> None:
         """Write every scalar and histogram to TensorBoard (needs the tensorboard package,
-        or any ``writer`` with ``add_scalar``/``add_histogram_raw``)."""
+        or any ``writer`` with ``add_scalar``/``add_histogram_raw``). Under
+        torch.distributed a default writer is made on rank 0 only, or per rank in
+        ``log_dir/rank<r>`` with ``rank_files``."""
         if writer is None:
+            rank, world = rank_and_world()
+            if world > 1:
+                if not self.rank_files and rank != 0:
+                    return
+                if self.rank_files:
+                    log_dir = Path(log_dir or "runs") / f"rank{rank}"
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise ImportError("to_tensorboard needs the tensorboard package: pip install tensorboard") from err
             writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
+        self._check_coverage()
         for name in self.order:
-            lo, hi = self._ranges.get(name, self.hist_range or (-1.0, 1.0))
+            lo, hi = self._range(name)
             edges = torch.linspace(lo, hi, self.bins + 1)
             for r in self.records(name):
                 for key, value in r.items():
@@ -455,10 +606,14 @@ class Probe:
         :func:`normlab.diagnostics.findings.diagnose` for the thresholds."""
         from .findings import diagnose
 
+        self._check_coverage()
         return diagnose(self, **thresholds)
 
-    def report(self, path: str | Path, title: str = "normlab probe report", **thresholds) -> Path:
+    def report(self, path: str | Path, title: str = "normlab probe report", **thresholds) -> Path | None:
         """A self-contained HTML report: figures embedded, findings listed."""
         from .report import write_report
 
+        path = self._output_path(path)
+        if path is None:
+            return None
         return write_report(self, path, title=title, **thresholds)

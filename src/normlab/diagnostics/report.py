@@ -29,6 +29,7 @@ _COLUMNS = [
     "saturated",
     "grad_norm",
     "weight_grad_norm",
+    "relative_grad",
     "update_ratio",
     "mean_drift",
 ]
@@ -53,7 +54,8 @@ def _figure_html(make, caption: str) -> str:
 def write_report(probe, path, *, title: str = "normlab probe report", **thresholds) -> Path:
     path = Path(path)
     findings = probe.findings(**thresholds)
-    latest = {key: probe.latest(key, window=1) for key in _COLUMNS}
+    # The last record's value as it is: a NaN shows as nan, not as an empty cell.
+    latest = {key: probe.latest(key, window=1, finite_only=False) for key in _COLUMNS}
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(type(probe.layers[name]).__name__)}</td>"
         + "".join(_cell(latest[key].get(name)) for key in _COLUMNS)
@@ -68,6 +70,14 @@ def write_report(probe, path, *, title: str = "normlab probe report", **threshol
         )
         or "<div class=ok>No problems found with the current thresholds.</div>"
     )
+    missing = probe.unrecorded
+    unrecorded = (
+        "<p><b>Selected but not recorded:</b> "
+        + "; ".join(f"{html.escape(name)} ({html.escape(why)})" for name, why in missing.items())
+        + "</p>"
+        if missing
+        else ""
+    )
     figures = "".join(
         [
             _figure_html(lambda: histogram_grid(probe), "Activation histograms per layer (latest step)"),
@@ -79,7 +89,8 @@ def write_report(probe, path, *, title: str = "normlab probe report", **threshol
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{probe.step} steps seen, every {probe.every} recorded; {len(probe.layer_names)} layers.</p>
+<p>{probe.step} {"optimizer steps" if probe.optimizer is not None else "training forwards"} seen, every {probe.every} recorded; {len(probe.layer_names)} layers.</p>
+{unrecorded}
 <h2>Findings</h2>
 {finding_html}
 <h2>Latest values per layer</h2>

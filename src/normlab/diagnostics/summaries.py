@@ -1,33 +1,41 @@
 """What the Probe measures, split by when it is paid for.
 
-During training (in hooks) only cheap work runs: a fixed random sample of at most 4096
-values of each watched output, the exact per-unit "ever positive" check for ReLU-family
-layers, a one-pass sum that detects NaN/inf anywhere, and exact gradient norms. Sorting,
-histograms and everything else derived from the sample is computed when the records are
-read (:func:`summarize`). On a 3.5 ms training step of a small CNN a full-tensor
-``std_mean`` costs 0.23 ms per layer and a sort of 8192 values 0.5 ms, which is why.
+During training (in hooks) only cheap work runs, and nothing waits for the device: a
+fixed random sample of at most 4096 values of each watched output, one ``aminmax`` over
+the whole output (NaN and ±inf survive it, and unlike a sum it cannot overflow in half
+precision), the exact per-unit check for dead units, exact gradient norms, and per-channel
+moments for BatchNorm drift. Everything stays a tensor on the device it was computed on.
+Sorting, histograms and the conversion to Python numbers happen when records are read
+(:func:`summarize_records`), a whole layer's records at once: one sort and one histogram
+of a (records × sample) matrix, one transfer to the host per quantity.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = [
-    "RELU_FAMILY",
+    "ACTIVATIONS",
+    "DEAD_SLOPE",
     "SATURATING",
+    "DeadRule",
     "SampleIndex",
     "activation_summary",
     "batch_vs_running",
     "capture_activation",
+    "capture_batch_moments",
     "capture_gradient",
+    "dead_unit_rule",
     "summarize",
+    "summarize_records",
 ]
 
-#: Activations whose "dead" units are those that are never positive on the batch.
-RELU_FAMILY = (
+#: Activation modules a Probe watches by default.
+ACTIVATIONS: tuple[type, ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -41,11 +49,87 @@ RELU_FAMILY = (
     nn.Mish,
     nn.Softplus,
     nn.Hardswish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
 )
 #: Activations that saturate, with the band counted as saturated.
 SATURATING = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardtanh: "tanh", nn.Hardsigmoid: "sigmoid"}
 
 _QUANTILES = (0.15, 0.50, 0.85)
+
+
+#: A unit is dead when its activation's slope stays below this at every position of the
+#: batch: it passes less than a millionth of the gradient back (ReLU's is exactly 0).
+DEAD_SLOPE = 1e-6
+
+# Activations whose slope is a smooth function of the input (never exactly 0 on an
+# interval, but below DEAD_SLOPE far enough on their flat side: GELU at −10, ELU at −14).
+_SMOOTH = (nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus)
+
+
+class DeadRule:
+    """How to find where an activation passes gradient back: ``score(tensor) > 0`` exactly
+    there, computed from its ``output`` (piecewise-linear activations: in-place ones too)
+    or from its ``input`` (smooth ones: their slope, by autograd on a detached copy)."""
+
+    def __init__(self, source: str, score) -> None:
+        self.source, self.score = source, score
+
+
+def dead_unit_rule(module: nn.Module) -> DeadRule | None:
+    """The :class:`DeadRule` of an activation module, or None where no unit can be dead
+    or it cannot be told.
+
+    A unit is *dead* when its activation's slope is below :data:`DEAD_SLOPE` at every
+    position of the batch, so (almost) no gradient reaches the weights before it: ReLU
+    where its input is ≤ 0 (output 0); ReLU6 where the output is 0 or 6; Hardswish where
+    it is 0 (input ≤ −3); ELU, CELU, SELU, GELU, SiLU, Mish and Softplus only far out on
+    their flat side (GELU at −10, ELU at −14) — with a moderately negative input they
+    still pass gradient, so they are not dead there. LeakyReLU, and RReLU, with a slope of
+    at least DEAD_SLOPE pass gradient everywhere: none (slope 0 is ReLU). None also for
+    PReLU (its slope is learned) and for an in-place smooth activation (its input is
+    overwritten). Exact types only: a subclass may change the function.
+    """
+    kind = type(module)
+    if kind is nn.ReLU:
+        return DeadRule("output", _positive)
+    if kind is nn.LeakyReLU:
+        return DeadRule("output", _positive) if abs(module.negative_slope) < DEAD_SLOPE else None
+    if kind is nn.RReLU:
+        return DeadRule("output", _positive) if max(abs(module.lower), abs(module.upper)) < DEAD_SLOPE else None
+    if kind is nn.ReLU6:
+        return DeadRule("output", _strictly_inside(module.min_val, module.max_val))
+    if kind is nn.Hardswish:
+        return DeadRule("output", torch.abs)  # 0 exactly where the input is ≤ −3 (and at the point 0)
+    if kind in _SMOOTH and not getattr(module, "inplace", False):
+        return DeadRule("input", _slope_above(module))
+    return None
+
+
+def _positive(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def _strictly_inside(lo: float, hi: float):
+    def score(y: torch.Tensor) -> torch.Tensor:
+        return (y - lo) * (hi - y)  # > 0 exactly on the open interval (lo, hi)
+
+    return score
+
+
+def _slope_above(module: nn.Module):
+    def score(x: torch.Tensor) -> torch.Tensor:
+        # The module's own forward (not its __call__: no hooks) on a detached copy, so
+        # nothing of the training graph or of any parameter's .grad is touched.
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            y = module.forward(leaf)
+            (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+        return slope.abs() - DEAD_SLOPE
+
+    return score
 
 
 class SampleIndex:
@@ -55,15 +139,16 @@ class SampleIndex:
     same positions of every feature map (borders, say) and bias the statistics. With 4096
     values, percentiles are within about ±1 percentage point and the std within about
     ±1.1% (1/√(2n)) of the whole tensor's; tensors no larger than that are used whole.
+    The sample keeps the tensor's dtype and device; it is converted when read.
     """
 
     def __init__(self, limit: int = 4096, seed: int = 0) -> None:
         self.limit = limit
         self._generator = torch.Generator().manual_seed(seed)
-        self._cache: dict[tuple[int, str], torch.Tensor | None] = {}
+        self._cache: dict[tuple[int, torch.device], torch.Tensor | None] = {}
 
     def take(self, flat: torch.Tensor) -> torch.Tensor:
-        key = (flat.numel(), str(flat.device))
+        key = (flat.numel(), flat.device)
         if key not in self._cache:
             if flat.numel() <= self.limit:
                 self._cache[key] = None
@@ -71,87 +156,230 @@ class SampleIndex:
                 chosen = torch.randperm(flat.numel(), generator=self._generator)[: self.limit]
                 self._cache[key] = chosen.sort().values.to(flat.device)
         index = self._cache[key]
-        values = flat.clone() if index is None else flat.index_select(0, index)  # copies
-        return values if values.dtype == torch.float32 else values.float()
+        return flat.clone() if index is None else flat.index_select(0, index)  # copies
 
 
-@torch.no_grad()  # no autograd bookkeeping for the probe's own ops
-def capture_activation(x: torch.Tensor, sampler: SampleIndex, module: nn.Module | None) -> dict:
-    """The cheap, in-training part: a sample, a finiteness check, the dead fraction.
+def _unit_max(score: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """Per unit (the entries of ``unit_dim``), the largest score over every other dim."""
+    unit_dim %= score.dim()
+    if unit_dim == score.dim() - 1:  # (..., features): a column reduction
+        return score.reshape(-1, score.shape[-1]).amax(0)
+    if unit_dim == 1:  # (N, C, ...): the contiguous spatial dims first, then the batch
+        return (score.flatten(2).amax(2) if score.dim() > 2 else score).amax(0)
+    return score.movedim(unit_dim, -1).reshape(-1, score.shape[unit_dim]).amax(0)
+
+
+def capture_activation(
+    x: torch.Tensor,
+    sampler: SampleIndex,
+    dead_rule: DeadRule | None = None,
+    unit_dim: int | None = None,
+    inputs: torch.Tensor | None = None,
+) -> dict:
+    """The cheap, in-training part: a sample, the extremes, the per-unit liveness
+    (``inputs``: the activation's input, for a rule that reads it).
 
     Each torch op costs several microseconds of dispatch on a small tensor, so the count
     of ops here is what the probe's overhead is made of; everything else waits.
     """
-    raw = {
-        "numel": x.numel(),
-        "_sample": sampler.take(x.reshape(-1)),
-        # One reduction over everything: NaN/inf anywhere makes the sum non-finite.
-        "_sum": x.sum(),
-    }
-    if module is not None and isinstance(module, RELU_FAMILY) and x.dim() >= 2:
-        # A unit is a feature of dim 1 (a channel of a conv output): dead if it is never
-        # positive for any sample or position of the batch. Needs every value, not a sample.
-        reduce = (0,) + tuple(range(2, x.dim()))
-        raw["_unit_max"] = x.amax(dim=reduce)
+    x = x.detach()
+    raw = {"numel": x.numel()}
+    if x.numel() == 0:
+        return raw
+    raw["_sample"] = sampler.take(x.reshape(-1))
+    # NaN anywhere makes both extremes NaN, ±inf shows in one of them; exact in every
+    # dtype (a float16 sum of finite values overflows past 65504, a max cannot).
+    raw["_min"], raw["_max"] = torch.aminmax(x)
+    if dead_rule is not None and unit_dim is not None and x.dim() >= 2:
+        source = x if dead_rule.source == "output" else inputs
+        if isinstance(source, torch.Tensor) and source.shape == x.shape and not torch.is_inference_mode_enabled():
+            raw["_unit_max"] = _unit_max(dead_rule.score(source.detach()), unit_dim)
     return raw
 
 
-@torch.no_grad()
 def capture_gradient(g: torch.Tensor, sampler: SampleIndex, prefix: str) -> dict:
     """The exact gradient norm (NaN/inf if any entry is) and a sample for its std."""
+    g = g.detach()
     return {f"_{prefix}_norm": torch.linalg.vector_norm(g), f"_{prefix}_sample": sampler.take(g.reshape(-1))}
 
 
-def _quantiles(sorted_values: torch.Tensor) -> list[float]:
-    """Linear-interpolation quantiles of a sorted 1-D tensor (torch.quantile's rule)."""
-    n = sorted_values.numel()
-    positions = torch.tensor(_QUANTILES, dtype=torch.float64) * (n - 1)
-    lower, upper = positions.floor().long(), positions.ceil().long()
-    weight = (positions - lower).to(sorted_values.dtype)
-    low, high = sorted_values[lower], sorted_values[upper]
-    return (low + (high - low) * weight).tolist()
+def capture_batch_moments(
+    x: torch.Tensor, mask: torch.Tensor | None, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
+) -> dict:
+    """Per channel, this batch's first two moments about the running mean, over the valid
+    positions only when ``mask`` (True = valid, shaped like ``x`` without its channel dim)
+    is given — and a copy of the running variance, which the layer is about to update.
+
+    Moments about the running mean (shifted data) are small where there is no drift, so
+    E[d²] − E[d]² does not cancel. The channel-major copy makes both reductions
+    contiguous row sums.
+    """
+    channels = x.shape[1]
+    rows = x.detach().transpose(0, 1).reshape(channels, -1)  # (C, N·spatial), a copy
+    deviation = rows.float() - running_mean.detach().float().unsqueeze(1)
+    if mask is None:
+        count = float(rows.shape[1])
+        first, second = deviation.sum(1), torch.linalg.vector_norm(deviation, dim=1).square()
+    else:
+        weights = mask.detach().reshape(-1).to(deviation.dtype)  # same (n, spatial) order as the columns
+        count = weights.sum()
+        first, second = deviation @ weights, deviation.square() @ weights
+    return {
+        "_drift_shift": first / count,
+        "_drift_second": second / count,
+        "_drift_sigma2": running_var.detach().float() + eps,  # a copy
+        "_drift_eps": eps,
+    }
 
 
-def _sample_stats(sample: torch.Tensor, *, bins: int, hist_range: tuple[float, float], kind: str | None) -> dict:
-    finite = sample[torch.isfinite(sample)]
-    out = {"mean": math.nan, "std": math.nan, "p15": math.nan, "p50": math.nan, "p85": math.nan}
-    if finite.numel():
-        std, mean = torch.std_mean(finite, correction=0)
-        p15, p50, p85 = _quantiles(finite.sort().values)
+def batch_vs_running(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    mask: torch.Tensor | None = None,
+) -> dict:
+    """How far this batch's per-channel statistics are from the running estimates, in
+    running standard deviations: mean |μ_B − μ| / σ and mean |σ_B / σ − 1|, over the
+    valid positions only when ``mask`` is given."""
+    return _drift(capture_batch_moments(x, mask, running_mean, running_var, eps))
+
+
+def _drift(raw: dict) -> dict:
+    shift, second = raw.pop("_drift_shift"), raw.pop("_drift_second")
+    sigma2, eps = raw.pop("_drift_sigma2"), raw.pop("_drift_eps")
+    variance = (second - shift.square()).clamp(min=0)  # ≥ 0 by definition; rounding can dip below
+    sigma = sigma2.sqrt()
+    return {
+        "mean_drift": (shift.abs() / sigma).mean().item(),
+        "std_drift": (torch.sqrt(variance + eps) / sigma - 1).abs().mean().item(),
+    }
+
+
+# --- reading: a layer's pending records at once ------------------------------------------------
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator for norms: NaN when either is not finite (a NaN weight has
+    no meaningful ratio), 0 for 0/0, inf only for a change away from exactly zero."""
+    if not (math.isfinite(numerator) and math.isfinite(denominator)):
+        return math.nan
+    if denominator == 0:
+        return 0.0 if numerator == 0 else math.inf
+    return numerator / denominator
+
+
+def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[float, float], kind) -> list[dict]:
+    """Mean, std, percentiles, histogram (and saturation) of each sample's finite values,
+    for samples of one length at once, on the host: one transfer, then NumPy (whose sort
+    is some 20x faster than torch's on the CPU at these sizes)."""
+    stacked = torch.stack(samples).detach().float().cpu().numpy()  # (records, values), float32
+    finite = np.isfinite(stacked)
+    count = finite.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a row with no finite value: NaN
+        safe = np.where(finite, stacked, 0.0)
+        mean = safe.sum(1, dtype=np.float64) / count
+        std = np.sqrt((np.where(finite, stacked - mean[:, None], 0.0) ** 2).sum(1) / count)
+        # Non-finite values sort to the end; each row's quantiles index its finite prefix.
+        ordered = np.sort(np.where(finite, stacked, np.inf), axis=1)
+        positions = np.maximum(count[:, None] - 1, 0) * np.array(_QUANTILES)
+        lower, upper = np.floor(positions).astype(np.int64), np.ceil(positions).astype(np.int64)
+        low, high = np.take_along_axis(ordered, lower, 1), np.take_along_axis(ordered, upper, 1)
+        quantiles = low + (high - low) * (positions - lower)  # linear interpolation, torch.quantile's rule
         lo, hi = hist_range
-        hist = torch.histc(finite.clamp(lo, hi), bins=bins, min=lo, max=hi) / finite.numel()
-        out.update(mean=mean.item(), std=std.item(), p15=p15, p50=p50, p85=p85, hist=hist.tolist())
+        # histc's bins: width (hi − lo)/bins, values clamped into [lo, hi], hi in the last bin.
+        which = np.clip(np.floor((np.clip(safe, lo, hi) - lo) * (bins / (hi - lo))), 0, bins - 1).astype(np.int64)
+        which[~finite] = bins  # one more bin per row for the non-finite values, dropped below
+        rows = np.arange(stacked.shape[0])[:, None] * (bins + 1)
+        counts = np.bincount((which + rows).ravel(), minlength=stacked.shape[0] * (bins + 1))
+        hist = counts.reshape(-1, bins + 1)[:, :bins] / count[:, None]
+        columns = {"mean": mean, "std": std, "p15": quantiles[:, 0], "p50": quantiles[:, 1], "p85": quantiles[:, 2]}
         if kind == "tanh":
-            out["saturated"] = (finite.abs() > 0.99).float().mean().item()
+            columns["saturated"] = (finite & (np.abs(stacked) > 0.99)).sum(1) / count
         elif kind == "sigmoid":
-            out["saturated"] = ((finite < 0.01) | (finite > 0.99)).float().mean().item()
+            columns["saturated"] = (finite & ((stacked < 0.01) | (stacked > 0.99))).sum(1) / count
+    out = []
+    for i, n in enumerate(count.tolist()):
+        if n == 0:
+            out.append({key: math.nan for key in ("mean", "std", "p15", "p50", "p85")})
+            continue
+        row = {key: float(values[i]) for key, values in columns.items()}
+        row["hist"] = hist[i].tolist()
+        out.append(row)
     return out
 
 
+def _to_host(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """The scalar tensors under ``keys`` of every record, as floats, in one transfer."""
+    found = [(i, key) for i, record in enumerate(records) for key in keys if isinstance(record.get(key), torch.Tensor)]
+    values = torch.stack([records[i][key].detach().float().cpu() for i, key in found]).tolist() if found else []
+    out: list[dict] = [{} for _ in records]
+    for (i, key), value in zip(found, values):
+        out[i][key] = value
+    return out
+
+
+_SCALARS = (
+    "_min",
+    "_max",
+    "_grad_norm",
+    "_weight_grad_norm",
+    "weight_norm",
+    "_update_change",
+    "_update_norm",
+)
+
+
+def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float, float], kind: str | None) -> None:
+    """Turn the captured tensors of ``records`` (one layer's) into numbers, in place;
+    records with nothing pending are left alone, so reading twice costs nothing."""
+    pending = [r for r in records if any(k.startswith("_") or isinstance(v, torch.Tensor) for k, v in r.items())]
+    if not pending:
+        return
+    scalars = _to_host(pending, _SCALARS)
+    by_length: dict[int, list[int]] = {}
+    for i, record in enumerate(pending):
+        if "_sample" in record:
+            by_length.setdefault(record["_sample"].numel(), []).append(i)
+    for indices in by_length.values():
+        stats = _sample_stats([pending[i]["_sample"] for i in indices], bins=bins, hist_range=hist_range, kind=kind)
+        for i, row in zip(indices, stats):
+            sample = pending[i].pop("_sample")
+            pending[i].update(row)
+            extremes = (scalars[i].get("_min", math.nan), scalars[i].get("_max", math.nan))
+            finite = all(math.isfinite(v) for v in extremes)
+            pending[i]["nonfinite"] = 0 if finite else max(1, int((~torch.isfinite(sample)).sum()))
+    for i, record in enumerate(pending):
+        host = scalars[i]
+        record.pop("_min", None), record.pop("_max", None)
+        if "_unit_max" in record:
+            record["dead"] = (~(record.pop("_unit_max") > 0)).float().mean().item()  # NaN units count as alive
+        if "_drift_shift" in record:
+            record.update(_drift(record))
+        for prefix in ("grad", "weight_grad"):
+            if f"_{prefix}_norm" in record:
+                record.pop(f"_{prefix}_norm")
+                sample = record.pop(f"_{prefix}_sample")
+                norm = host[f"_{prefix}_norm"]
+                finite = math.isfinite(norm)
+                record[f"{prefix}_norm"] = norm if finite else math.nan
+                std = sample.float().std(correction=0).item() if sample.numel() > 1 else 0.0
+                record[f"{prefix}_std"] = std if finite else math.nan
+                record[f"{prefix}_nonfinite"] = 0 if finite else 1
+        if "weight_norm" in host:
+            record["weight_norm"] = host["weight_norm"]
+        if "weight_grad_norm" in record and "weight_norm" in record:
+            record["relative_grad"] = _ratio(record["weight_grad_norm"], record["weight_norm"])
+        if "_update_change" in record:
+            record.pop("_update_change"), record.pop("_update_norm")
+            record["update_ratio"] = _ratio(host["_update_change"], host["_update_norm"])
+        for key in [k for k, v in record.items() if isinstance(v, torch.Tensor)]:
+            record[key] = record[key].item()
+
+
 def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], kind: str | None) -> dict:
-    """Turn a record's captured tensors into numbers, in place; idempotent."""
-    if "_sample" in record:
-        sample = record.pop("_sample")
-        record.update(_sample_stats(sample, bins=bins, hist_range=hist_range, kind=kind))
-        finite = bool(torch.isfinite(record.pop("_sum")))
-        record["nonfinite"] = 0 if finite else max(1, int((~torch.isfinite(sample)).sum().item()))
-    if "_unit_max" in record:
-        record["dead"] = (record.pop("_unit_max") <= 0).float().mean().item()
-    for prefix in ("grad", "weight_grad"):
-        if f"_{prefix}_norm" in record:
-            norm = record.pop(f"_{prefix}_norm").item()
-            sample = record.pop(f"_{prefix}_sample")
-            finite = math.isfinite(norm)
-            record[f"{prefix}_norm"] = norm if finite else math.nan
-            record[f"{prefix}_std"] = (
-                sample.std(correction=0).item() if finite and sample.numel() > 1 else (0.0 if finite else math.nan)
-            )
-            record[f"{prefix}_nonfinite"] = 0 if finite else 1
-    if "_update_change" in record:
-        change, norm = record.pop("_update_change").item(), record.pop("_update_norm").item()
-        record["update_ratio"] = change / norm if norm > 0 else math.inf
-    for key in [k for k, v in record.items() if isinstance(v, torch.Tensor)]:
-        record[key] = record[key].item()
+    """One record's captured tensors as numbers, in place (see :func:`summarize_records`)."""
+    summarize_records([record], bins=bins, hist_range=hist_range, kind=kind)
     return record
 
 
@@ -161,30 +389,14 @@ def activation_summary(
     bins: int = 41,
     hist_range: tuple[float, float] = (-3.0, 3.0),
     module: nn.Module | None = None,
+    unit_dim: int = 1,
     limit: int = 4096,
 ) -> dict:
-    """Everything at once, for one tensor (capture + summarize)."""
+    """Everything at once, for one tensor (capture + summarize); ``module`` is the
+    activation that produced it (for the dead fraction and saturation)."""
     kind = SATURATING.get(type(module)) if module is not None else None
-    raw = capture_activation(x, SampleIndex(limit), module)
+    rule = dead_unit_rule(module) if module is not None else None
+    if rule is not None and rule.source == "input":
+        rule = None  # only the output is given here
+    raw = capture_activation(x, SampleIndex(limit), rule, unit_dim)
     return summarize(raw, bins=bins, hist_range=hist_range, kind=kind)
-
-
-def batch_vs_running(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> dict:
-    """How far this batch's per-channel statistics are from the running estimates, in
-    running standard deviations: mean |μ_B − μ| / σ and mean |σ_B / σ − 1|.
-
-    The batch moments are taken about the running mean (shifted data): the deviations
-    are small where there is no drift, so E[d²] − E[d]² does not cancel.
-    """
-    x = x.detach()
-    dims = (0,) + tuple(range(2, x.dim()))
-    n = x.numel() // x.shape[1]
-    mu = running_mean.float()
-    shift = x.float().mean(dims) - mu
-    second = torch.linalg.vector_norm(x.float() - mu.view((1, -1) + (1,) * (x.dim() - 2)), dim=dims).square() / n
-    var = (second - shift.square()).clamp(min=0)
-    sigma = torch.sqrt(running_var.float() + eps)
-    return {
-        "mean_drift": (shift.abs() / sigma).mean().item(),
-        "std_drift": (torch.sqrt(var + eps) / sigma - 1).abs().mean().item(),
-    }
