@@ -162,3 +162,160 @@ def test_lsuv_errors():
         I.lsuv_(nn.Sequential(nn.ReLU()), torch.randn(4, 3))
     with pytest.raises(ValueError, match="tol must be > 0"):
         I.lsuv_(_mlp(), torch.randn(4, 64), tol=0)
+
+
+# --- gains: every name torch's calculate_gain takes; arguments that would be ignored -------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "sigmoid",
+        "tanh",
+        "relu",
+        "leaky_relu",
+        "selu",
+    ],
+)
+def test_torch_convention_takes_every_name_calculate_gain_takes(name):
+    assert I.gain(name, convention="torch") == pytest.approx(nn.init.calculate_gain(name))
+    assert I.gain(name) == pytest.approx(I.gain(name, convention="glorot"))  # and the default takes it too
+
+
+def test_activation_none_means_no_activation():
+    assert I.gain(None) == 1.0
+    w = I.orthogonal_(torch.empty(30, 50), activation=None)
+    torch.testing.assert_close(w @ w.T, torch.eye(30), rtol=1e-5, atol=1e-5)  # gain 1
+    w = I.xavier_normal_(_big(), activation=None)
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 900), rel=0.01)
+    with pytest.raises(TypeError, match="activation must be a name"):
+        I.gain(nn.ReLU())
+
+
+def test_a_negative_slope_is_never_silently_ignored():
+    w = torch.empty(20, 10)
+    with pytest.raises(ValueError, match="applies to 'leaky_relu' only; 'relu' takes none"):
+        I.he_normal_(w, activation="relu", negative_slope=0.2)
+    with pytest.raises(ValueError, match="applies to 'leaky_relu' only"):
+        I.orthogonal_(w, negative_slope=0.2)  # activation "linear"
+    with pytest.raises(ValueError, match="would be ignored with an explicit gain"):
+        I.xavier_uniform_(w, activation="leaky_relu", gain=2.0, negative_slope=0.2)
+    with pytest.raises(TypeError, match="must be a number"):
+        I.gain("leaky_relu", True)
+    assert I.he_normal_(_big(), activation="leaky_relu", negative_slope=0.3).std().item() == pytest.approx(
+        math.sqrt(2 / 1.09 / 500), rel=0.01
+    )
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 3, 3, 3)])
+@pytest.mark.parametrize(
+    "fn", [I.orthogonal_, I.xavier_uniform_, I.xavier_normal_, I.he_uniform_, I.he_normal_, I.lecun_normal_]
+)
+def test_zero_element_weights_are_a_no_op_like_torchs(fn, shape):
+    w = torch.empty(shape)
+    with pytest.warns(UserWarning, match="zero-element"):
+        assert fn(w) is w
+    with pytest.raises(ValueError, match="unknown activation"):  # arguments are still checked
+        fn(torch.empty(shape), activation="swish")
+
+
+# --- LSUV edge cases ---------------------------------------------------------------------------
+
+
+class _Twice(nn.Module):
+    """out(tanh(fc(tanh(fc(x))))): ``fc`` runs twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+def _outputs_of(model, layer, batch):
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    return seen
+
+
+def test_lsuv_reports_every_call_of_a_layer_called_twice():
+    torch.manual_seed(0)
+    model, x = _Twice(), torch.randn(256, 16) * 4
+    result = {r.name: r for r in I.lsuv_(model, x, tol=0.1)}
+    first, second = _outputs_of(model, model.fc, x)
+    fc = result["fc"]
+    assert fc.call_stds == pytest.approx((first.std().item(), second.std().item()), rel=1e-5)
+    assert fc.std == pytest.approx(torch.cat([first, second]).std().item(), rel=1e-5)  # what was rescaled
+    assert fc.converged == all(abs(s - 1) < 0.1 for s in fc.call_stds)
+    assert not fc.converged  # one scale cannot give both calls unit std here
+    assert result["out"].converged and result["out"].call_stds == pytest.approx((result["out"].std,))
+
+
+def test_lsuv_refuses_a_batch_too_small_for_a_std():
+    with pytest.raises(ValueError, match=r"at least 2 output values of layer '0'.*gave 1"):
+        I.lsuv_(nn.Sequential(nn.Linear(16, 1)), torch.randn(1, 16))
+    result = I.lsuv_(nn.Sequential(nn.Linear(16, 8)), torch.randn(1, 16))  # 8 values: enough
+    assert all(math.isfinite(r.std) for r in result)
+
+
+def test_lsuv_with_a_mask_measures_valid_positions_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    lengths = torch.randint(2, 11, (32,))
+    mask = torch.arange(10).unsqueeze(0) < lengths.unsqueeze(1)  # (batch, time)
+    x = torch.randn(32, 10, 8) * 3 * mask.unsqueeze(-1)  # padding is 0
+    result = I.lsuv_(model, x, tol=0.05, mask=mask)
+    for r, layer in zip(result, (model[0], model[2])):
+        (out,) = _outputs_of(model, layer, x)
+        valid = out[mask]
+        assert valid.std().item() == pytest.approx(1.0, abs=0.05) and r.std == pytest.approx(valid.std().item())
+        assert abs(out.std().item() - 1.0) > 0.05  # over every position it is not: padding was left out
+    with pytest.raises(ValueError, match="does not fit layer '0'"):
+        I.lsuv_(model, x, mask=mask[:, :5])
+    with pytest.raises(TypeError, match="bool tensor"):
+        I.lsuv_(model, x, mask=mask.float())
+
+
+def test_lsuv_masks_conv_outputs_without_their_channel_dim():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv1d(6, 6, 3, padding=1))
+    mask = torch.arange(12).unsqueeze(0) < torch.randint(3, 13, (16,)).unsqueeze(1)  # (N, L)
+    x = torch.randn(16, 4, 12) * 5 * mask.unsqueeze(1)
+    result = I.lsuv_(model, x, tol=0.05, mask=mask)
+    (out,) = _outputs_of(model, model[2], x)
+    assert out.movedim(1, -1)[mask].std().item() == pytest.approx(1.0, abs=0.05) and result[-1].converged
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize("style", ["parametrization", "hook"])
+def test_lsuv_rescales_weight_norm_layers(style):
+    torch.manual_seed(0)
+    wrap = nn.utils.parametrizations.weight_norm if style == "parametrization" else nn.utils.weight_norm
+    model = nn.Sequential(wrap(nn.Linear(16, 16)), nn.Tanh(), wrap(nn.Linear(16, 4)))
+    x = torch.randn(256, 16) * 5
+    result = I.lsuv_(model, x, tol=0.05)
+    assert all(r.converged for r in result)
+    for layer in (model[0], model[2]):
+        (out,) = _outputs_of(model, layer, x)
+        assert out.std().item() == pytest.approx(1.0, abs=0.05)  # the weight the layer computes with
+
+
+def test_lsuv_says_when_a_parametrization_fixes_the_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(16, 16)), nn.Tanh(), nn.Linear(16, 4))
+    with pytest.warns(RuntimeWarning, match="scaling the weight of '0' does not change its output"):
+        result = I.lsuv_(model, torch.randn(256, 16) * 5, tol=0.05)
+    assert not result[0].converged and result[0].scale == 1.0
+    assert result[1].converged

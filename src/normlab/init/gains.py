@@ -23,12 +23,25 @@ from __future__ import annotations
 
 import math
 
+from ..core import InputError, InputTypeError
+
 __all__ = ["ACTIVATIONS", "gain"]
 
-ACTIVATIONS = (
+# torch.nn.init.calculate_gain's names for the linear maps it defines (gain 1).
+_LINEAR_NAMES = (
     "linear",
     "identity",
     "conv",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+)
+
+ACTIVATIONS = (
+    *_LINEAR_NAMES,
     "tanh",
     "sigmoid",
     "relu",
@@ -40,13 +53,15 @@ ACTIVATIONS = (
 )
 
 
-def gain(activation: str = "linear", param: float | None = None, *, convention: str = "glorot") -> float:
-    """The gain for ``activation`` (``param`` is LeakyReLU's negative slope, default 0.01).
+def gain(activation: str | None = "linear", param: float | None = None, *, convention: str = "glorot") -> float:
+    """The gain for ``activation`` (``param`` is LeakyReLU's negative slope, default 0.01;
+    no other activation takes one). ``None`` means no activation: gain 1.
 
     ======================  ================  ===============  ==========================
     activation              glorot (default)  torch            source
     ======================  ================  ===============  ==========================
     linear, identity, conv  1                 1                —
+    (conv1d … conv3d, conv_transpose1d … conv_transpose3d: torch's names, also 1)
     tanh                    1                 5/3              Glorot & Bengio 2010 / torch
     sigmoid                 4                 1                slope 1/4 at 0 / torch
     relu                    √2                √2               He et al. 2015
@@ -56,11 +71,20 @@ def gain(activation: str = "linear", param: float | None = None, *, convention: 
     ======================  ================  ===============  ==========================
     """
     if convention not in ("glorot", "torch"):
-        raise ValueError(f"convention must be 'glorot' or 'torch', got {convention!r}")
+        raise InputError(f"convention must be 'glorot' or 'torch', got {convention!r}")
+    if activation is None:
+        activation = "linear"
+    if not isinstance(activation, str):
+        raise InputTypeError(f"activation must be a name such as 'relu' or None, got {type(activation).__name__}")
     name = activation.lower()
     if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if name in ("linear", "identity", "conv"):
+        raise InputError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if param is not None and name != "leaky_relu":
+        raise InputError(
+            f"a negative slope (param / negative_slope) applies to 'leaky_relu' only; {activation!r} takes "
+            f"none (got {param!r}): pass activation='leaky_relu' or leave it out"
+        )
+    if name in _LINEAR_NAMES:
         return 1.0
     if name == "tanh":
         return 5.0 / 3.0 if convention == "torch" else 1.0
@@ -69,10 +93,12 @@ def gain(activation: str = "linear", param: float | None = None, *, convention: 
     if name == "relu":
         return math.sqrt(2.0)
     if name == "leaky_relu":
+        if param is not None and (isinstance(param, bool) or not isinstance(param, (int, float))):
+            raise InputTypeError(f"LeakyReLU's negative slope must be a number, got {param!r}")
         slope = 0.01 if param is None else float(param)
         return math.sqrt(2.0 / (1.0 + slope**2))
     if name == "selu":
         return 0.75 if convention == "torch" else 1.0
     if convention == "torch":
-        raise ValueError(f"torch.nn.init.calculate_gain defines no gain for {activation!r}")
+        raise InputError(f"torch.nn.init.calculate_gain defines no gain for {activation!r}")
     return math.sqrt(2.0)  # elu, gelu, silu: ReLU-like for positive inputs

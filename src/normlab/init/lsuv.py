@@ -11,11 +11,14 @@ activation.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ..core import InputError, InputTypeError
 from .schemes import orthogonal_
 
 __all__ = ["LSUVLayer", "lsuv_"]
@@ -28,8 +31,9 @@ class LSUVLayer:
     name: str
     scale: float  # total factor the weight was multiplied by after orthonormal init
     iterations: int  # forward passes spent on this layer
-    std: float  # output std on the batch when done
-    converged: bool
+    std: float  # output std on the batch when done, over every call of the layer in one forward
+    converged: bool  # every call's output std is within tol of the target
+    call_stds: tuple[float, ...] = ()  # the output std of each call, in call order
 
 
 def _forward(model, batch):
@@ -41,6 +45,75 @@ def _forward(model, batch):
         return model(batch)
 
 
+def _old_weight_norm(module: nn.Module):
+    """The hook of ``torch.nn.utils.weight_norm`` (the pre-parametrization API), if any:
+    it recomputes ``weight`` from ``weight_g`` and ``weight_v`` before every forward."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return next((h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)), None)
+
+
+def _set_weight(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the weight the layer computes with — through a parametrization's
+    ``right_inverse`` (``weight_norm``, ``orthogonal``: the stored tensors change so that
+    the computed weight is ``value``) or the old weight-norm hook's ``g`` and ``v`` — not
+    into a tensor the next forward recomputes."""
+    with torch.no_grad():
+        if parametrize.is_parametrized(module, "weight"):
+            try:
+                module.weight = value
+            except NotImplementedError as err:
+                raise InputError(
+                    f"LSUV cannot set the weight of {name!r} ({type(module).__name__}): its parametrization "
+                    f"{[type(p).__name__ for p in module.parametrizations.weight]} has no right_inverse"
+                ) from err
+            return
+        hook = _old_weight_norm(module)
+        if hook is not None:
+            module.weight_v.copy_(value)
+            module.weight_g.copy_(torch.norm_except_dim(value, 2, hook.dim))
+            return
+        module.weight.copy_(value)
+
+
+def _current_weight(module: nn.Module) -> torch.Tensor:
+    hook = _old_weight_norm(module)
+    if hook is not None:
+        return torch._weight_norm(module.weight_v, module.weight_g, hook.dim).detach()
+    return module.weight.detach()
+
+
+def _valid(out: torch.Tensor, mask: torch.Tensor | None, name: str, module: nn.Module) -> torch.Tensor:
+    """The output values at valid positions: ``mask`` covers a Linear output's leading
+    dims (…, features) or a conv output without its channel dim (N, *spatial)."""
+    if mask is None:
+        return out.reshape(-1)
+    if isinstance(module, nn.Linear):
+        if mask.shape == out.shape[: mask.dim()] and mask.dim() < out.dim():
+            return out[mask].reshape(-1)
+        expected = f"the leading dims of its output {tuple(out.shape)}"
+    else:
+        if out.dim() > 2 and mask.shape == (out.shape[0], *out.shape[2:]):
+            return out.movedim(1, -1)[mask].reshape(-1)
+        expected = f"its output {tuple(out.shape)} without the channel dim"
+    raise InputError(
+        f"lsuv_ mask of shape {tuple(mask.shape)} does not fit layer {name!r} ({type(module).__name__}): "
+        f"expected {expected}; give a mask that fits every Linear/Conv output, or none"
+    )
+
+
+def _stds(outs: list[torch.Tensor], mask, name: str, module: nn.Module) -> tuple[float, tuple[float, ...]]:
+    values = [_valid(o.float(), mask, name, module) for o in outs]
+    pooled = torch.cat(values)
+    if pooled.numel() < 2:
+        raise InputError(
+            f"lsuv_ needs at least 2 output values of layer {name!r} to estimate a standard deviation, "
+            f"the batch gave {pooled.numel()}: use a larger batch"
+        )
+    per_call = tuple(v.std().item() if v.numel() > 1 else float("nan") for v in values)
+    return pooled.std().item(), per_call
+
+
 def lsuv_(
     model: nn.Module,
     batch,
@@ -49,6 +122,7 @@ def lsuv_(
     *,
     target_std: float = 1.0,
     orthonormal: bool = True,
+    mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> list[LSUVLayer]:
     """Initialize ``model``'s Linear and Conv layers in place so that each outputs unit std.
@@ -58,55 +132,79 @@ def lsuv_(
         tol: stop when |output std − target_std| < tol.
         max_iters: rescaling passes per layer at most.
         orthonormal: start from orthonormal weights (step 1); False keeps the current ones.
+        mask: bool, True at valid positions (padding excluded from every std): shaped
+            like the leading dims of Linear outputs (batch, time) and like conv outputs
+            without their channel dim (N, *spatial).
 
-    Returns one :class:`LSUVLayer` per layer, in execution order: the scale applied and the
-    iterations it took. Layers that never run on the batch are left alone. The model's
-    training flag is kept; the passes run in eval mode so that Dropout and BatchNorm
-    running statistics are untouched.
+    Returns one :class:`LSUVLayer` per layer, in execution order: the scale applied, the
+    iterations it took, the output std and whether it converged. A layer called more than
+    once per forward is rescaled by the std of all its outputs together, and counts as
+    converged only if every call's std is within ``tol`` (``call_stds`` lists them). Layers
+    that never run on the batch are left alone. Weights under a parametrization
+    (``weight_norm``, also the older hook form) are set through it; a layer whose output
+    does not change when its weight is scaled (``spectral_norm``) is left as it is, with a
+    warning. The model's training flag is kept; the passes run in eval mode so that
+    Dropout and BatchNorm running statistics are untouched.
     """
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
+        raise InputTypeError(f"mask must be a bool tensor (True = valid), got {getattr(mask, 'dtype', type(mask))}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYER_TYPES)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to initialize")
     if orthonormal:
-        for m in layers.values():
-            orthogonal_(m.weight, generator=generator)
+        for name, m in layers.items():
+            weight = _current_weight(m)
+            _set_weight(m, name, orthogonal_(torch.empty_like(weight), generator=generator))
 
     order: list[str] = []
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
 
     def watch(name):
         def hook(module, args, out):
             if name not in order:
                 order.append(name)
-            outputs[name] = out.detach()
+            outputs.setdefault(name, []).append(out.detach())
 
         return hook
+
+    def run():
+        outputs.clear()
+        _forward(model, batch)
 
     handles = [m.register_forward_hook(watch(name)) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     results = []
     try:
-        _forward(model, batch)  # learn the execution order
+        run()  # learn the execution order
         for name in list(order):
-            weight = layers[name].weight
+            module = layers[name]
             scale, iterations = 1.0, 0
-            std = outputs[name].std().item()
+            std, per_call = _stds(outputs[name], mask, name, module)
             while abs(std - target_std) >= tol and iterations < max_iters:
                 if not std > 0 or not torch.isfinite(torch.tensor(std)):
                     break  # a dead or non-finite output cannot be rescaled
                 factor = target_std / std
-                with torch.no_grad():
-                    weight.mul_(factor)
+                _set_weight(module, name, _current_weight(module) * factor)
                 scale *= factor
                 iterations += 1
-                _forward(model, batch)
-                std = outputs[name].std().item()
-            results.append(LSUVLayer(name, scale, iterations, std, abs(std - target_std) < tol))
+                run()
+                previous, (std, per_call) = std, _stds(outputs[name], mask, name, module)
+                if std == previous and abs(factor - 1) > 1e-3:
+                    scale /= factor  # it had no effect
+                    warnings.warn(
+                        f"lsuv_: scaling the weight of {name!r} does not change its output (a parametrization "
+                        f"such as spectral_norm fixes its scale); left as it is",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    break
+            converged = all(abs(s - target_std) < tol for s in (std, *per_call))
+            results.append(LSUVLayer(name, scale, iterations, std, converged, per_call))
     finally:
         for h in handles:
             h.remove()

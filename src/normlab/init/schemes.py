@@ -15,9 +15,11 @@ fan_in = C_in/groups · prod(k) and fan_out = C_out · prod(k).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
+from ..core import InputError, InputTypeError
 from .gains import gain as gain_for
 
 __all__ = [
@@ -34,15 +36,30 @@ __all__ = [
 def fans(tensor: torch.Tensor) -> tuple[int, int]:
     """(fan_in, fan_out) of a weight of shape (out, in, *kernel)."""
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
+        raise InputTypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
     if tensor.dim() < 2:
-        raise ValueError(f"fans need a weight of at least 2 dims (out, in, *kernel), got shape {tuple(tensor.shape)}")
+        raise InputError(f"fans need a weight of at least 2 dims (out, in, *kernel), got shape {tuple(tensor.shape)}")
     receptive = math.prod(tensor.shape[2:]) if tensor.dim() > 2 else 1
     return tensor.shape[1] * receptive, tensor.shape[0] * receptive
 
 
 def _gain(activation, negative_slope, gain, convention):
-    return float(gain) if gain is not None else gain_for(activation, negative_slope, convention=convention)
+    if gain is not None:
+        if negative_slope is not None:
+            raise InputError(
+                f"negative_slope={negative_slope!r} would be ignored with an explicit gain={gain!r}: give one"
+            )
+        return float(gain)
+    # gain_for refuses a slope for any activation but leaky_relu, rather than ignore it.
+    return gain_for(activation, negative_slope, convention=convention)
+
+
+def _is_empty(tensor) -> bool:
+    """A zero-element weight has nothing to draw (torch's initializers skip it too)."""
+    if isinstance(tensor, torch.Tensor) and tensor.numel() == 0:
+        warnings.warn("Initializing zero-element tensors is a no-op", UserWarning, stacklevel=3)
+        return True
+    return False
 
 
 def _fill_uniform(tensor, std, generator):
@@ -63,23 +80,36 @@ def xavier_uniform_(tensor, activation="tanh", *, gain=None, negative_slope=None
     ``activation="sigmoid"`` for the 4× bound sigmoid needs (see :mod:`normlab.init.gains`).
     """
     fan_in, fan_out = fans(tensor)
-    std = _gain(activation, negative_slope, gain, convention) * math.sqrt(2.0 / (fan_in + fan_out))
+    g = _gain(activation, negative_slope, gain, convention)
+    if _is_empty(tensor):
+        return tensor
+    std = g * math.sqrt(2.0 / (fan_in + fan_out))
     return _fill_uniform(tensor, std, generator)
 
 
 def xavier_normal_(tensor, activation="tanh", *, gain=None, negative_slope=None, convention="glorot", generator=None):
     """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out))."""
     fan_in, fan_out = fans(tensor)
-    std = _gain(activation, negative_slope, gain, convention) * math.sqrt(2.0 / (fan_in + fan_out))
+    g = _gain(activation, negative_slope, gain, convention)
+    if _is_empty(tensor):
+        return tensor
+    std = g * math.sqrt(2.0 / (fan_in + fan_out))
     return _fill_normal(tensor, std, generator)
 
 
-def _he_std(tensor, activation, negative_slope, mode, gain, convention):
+def _check_mode(mode):
     if mode not in ("fan_in", "fan_out"):
-        raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+        raise InputError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+
+
+def _he_std(tensor, activation, negative_slope, mode, gain, convention) -> float | None:
+    """gain/√fan, or None for a zero-element tensor (after every argument is checked)."""
+    _check_mode(mode)
     fan_in, fan_out = fans(tensor)
-    fan = fan_in if mode == "fan_in" else fan_out
-    return _gain(activation, negative_slope, gain, convention) / math.sqrt(fan)
+    g = _gain(activation, negative_slope, gain, convention)
+    if _is_empty(tensor):
+        return None
+    return g / math.sqrt(fan_in if mode == "fan_in" else fan_out)
 
 
 def he_uniform_(
@@ -90,20 +120,25 @@ def he_uniform_(
     ``mode="fan_in"`` preserves the forward variance, ``"fan_out"`` the backward one;
     ``negative_slope`` is LeakyReLU's slope (``activation="leaky_relu"``).
     """
-    return _fill_uniform(tensor, _he_std(tensor, activation, negative_slope, mode, gain, convention), generator)
+    std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
+    return tensor if std is None else _fill_uniform(tensor, std, generator)
 
 
 def he_normal_(
     tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None, convention="glorot", generator=None
 ):
     """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU."""
-    return _fill_normal(tensor, _he_std(tensor, activation, negative_slope, mode, gain, convention), generator)
+    std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
+    return tensor if std is None else _fill_normal(tensor, std, generator)
 
 
 def lecun_normal_(tensor, activation="linear", *, gain=None, negative_slope=None, convention="glorot", generator=None):
     """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe."""
     fan_in, _ = fans(tensor)
-    std = _gain(activation, negative_slope, gain, convention) / math.sqrt(fan_in)
+    g = _gain(activation, negative_slope, gain, convention)
+    if _is_empty(tensor):
+        return tensor
+    std = g / math.sqrt(fan_in)
     return _fill_normal(tensor, std, generator)
 
 
@@ -113,8 +148,13 @@ def orthogonal_(tensor, activation="linear", *, gain=None, negative_slope=None, 
     The weight is flattened to (out, in·prod(kernel)); a QR decomposition of a Gaussian
     matrix, with the signs of R's diagonal folded in, makes the draw uniform (Haar).
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise InputTypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
     if tensor.dim() < 2:
-        raise ValueError(f"orthogonal_ needs at least 2 dims, got shape {tuple(tensor.shape)}")
+        raise InputError(f"orthogonal_ needs at least 2 dims, got shape {tuple(tensor.shape)}")
+    scale = _gain(activation, negative_slope, gain, convention)  # checked even when there is nothing to fill
+    if _is_empty(tensor):
+        return tensor
     rows = tensor.shape[0]
     cols = tensor.numel() // rows
     flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
@@ -122,7 +162,6 @@ def orthogonal_(tensor, activation="linear", *, gain=None, negative_slope=None, 
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     if rows < cols:
         q = q.T
-    scale = _gain(activation, negative_slope, gain, convention)
     with torch.no_grad():
         tensor.copy_((q * scale).reshape(tensor.shape).to(tensor.dtype))
     return tensor
