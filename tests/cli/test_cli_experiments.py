@@ -32,6 +32,8 @@ from normlab.experiments.suite import run_suite
         (["--seeds", "1e20"], "argument --seeds: seeds are integers from 0 to 4294967295"),
         (["--seeds", "0", str(10**20)], "argument --seeds: seeds are integers from 0 to 4294967295"),
         (["--seeds", "-1"], "argument --seeds: seeds are integers from 0 to 4294967295"),
+        (["--seeds", "3", "3"], "argument --seeds: seed 3 given more than once"),
+        (["--seeds", "1", "2", "1", "2"], "argument --seeds: seed 1, 2 given more than once"),
     ],
 )
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, command, argv, message):

@@ -14,6 +14,7 @@ from ..experiments import output
 
 __all__ = [
     "CommandError",
+    "DistinctSeeds",
     "atomic_write_bytes",
     "atomic_write_files",
     "atomic_write_json",
@@ -67,6 +68,21 @@ def seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}")
     return value
+
+
+class DistinctSeeds(argparse.Action):
+    """``--seeds A B ...``: each seed once. A repeated seed would run the same training
+    twice and report its spread as 0 over "2 seeds"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise argparse.ArgumentError(
+                self,
+                f"seed {', '.join(map(str, repeated))} given more than once; each seed is one independent run, "
+                f"give distinct seeds",
+            )
+        setattr(namespace, self.dest, values)
 
 
 # Output paths are checked before the work starts, so a typo costs seconds, not a run.

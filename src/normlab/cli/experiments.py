@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import CommandError, make_output_dir, positive_int, seed
+from .common import CommandError, DistinctSeeds, make_output_dir, positive_int, seed
 
 __all__ = ["add_parsers"]
 
@@ -90,7 +90,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     size.add_argument("--quick", action="store_true", help="the quick setting (default)")
     size.add_argument("--full", action="store_true", help="the full setting (more seeds, epochs, sizes)")
     size.add_argument("--smoke", action="store_true", help="seconds per study; what the tests run")
-    p.add_argument("--seeds", type=seed, nargs="+", help="replace the setting's seeds (0 to 2**32 - 1)")
+    p.add_argument(
+        "--seeds",
+        type=seed,
+        nargs="+",
+        action=DistinctSeeds,
+        help="replace the setting's seeds (distinct, 0 to 2**32 - 1)",
+    )
     p.add_argument(
         "--jobs",
         type=positive_int,
