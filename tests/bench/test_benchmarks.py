@@ -14,6 +14,7 @@ from normlab import nn as nln
 from normlab.bench.fold import FoldBenchConfig, run_fold_benchmark
 from normlab.bench.layers import LayerCase, cases, format_layer_table, run_case, summary
 from normlab.bench.memory import MemoryBenchConfig, format_memory_table, run_memory_benchmark
+from normlab.bench.probe import ProbeBenchConfig, format_probe_table, run_probe_benchmark
 from normlab.bench.timing import interleaved_medians
 
 
@@ -75,3 +76,15 @@ def test_interleaved_medians_shuffle_varies_the_neighbours():
     assert {r[0] for r in rounds} == set("abc")
     followers = {(calls[i - 1], calls[i]) for i in range(1, 90)}
     assert all((p, f) in followers for p in "abc" for f in "abc" if p != f)
+
+
+def test_probe_benchmark_times_probes_that_record():
+    config = ProbeBenchConfig(steps_per_sample=2, repeats=1, intervals=(1, 10))
+    rows = {r["setting"]: r for r in run_probe_benchmark(config)}
+    assert list(rows) == ["no probe", "every 1", "every 10"]
+    steps = (2 + 1) * config.steps_per_sample  # two warm-up rounds, one timed
+    # 10 watched layers (3 conv, 3 BatchNorm, 3 ReLU, the Linear): every step, or only the first
+    assert rows["every 1"]["records"] == 10 * steps and rows["every 10"]["records"] == 10
+    assert "records" not in rows["no probe"] and rows["no probe"]["slowdown"] == 0.0
+    assert all(math.isfinite(r["ms_per_step"]) for r in rows.values())
+    assert "read ms/record" in format_probe_table(list(rows.values()))

@@ -1,4 +1,5 @@
-"""What recording costs: training-step time with a Probe at every step, every 10th, and none."""
+"""What recording costs: training-step time with a Probe at every step, every 10th, and none;
+and what reading the records back costs, per record."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class ProbeBenchConfig:
 
 def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[dict]:
     """Median time per training step of ConvNet1d (3 conv + BN + ReLU, MNIST-1D shaped
-    input) without a probe and with one at each interval, interleaved round-robin."""
+    input) without a probe and with one at each interval, interleaved round-robin; then,
+    per interval, the time to read every record back (sorting, histograms) per record."""
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -38,11 +40,13 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
         y = torch.randint(0, 10, (config.batch_size,))
         loss_fn = nn.CrossEntropyLoss()
 
+        probes: dict[str, Probe] = {}
+
         def trainer(probe_every: int | None):
             model = copy.deepcopy(base)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             if probe_every is not None:
-                Probe(model, every=probe_every, optimizer=optimizer).attach()
+                probes[f"every {probe_every}"] = Probe(model, every=probe_every, optimizer=optimizer).attach()
 
             def run():
                 for _ in range(config.steps_per_sample):
@@ -56,6 +60,11 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
         fns.update({f"every {k}": trainer(k) for k in config.intervals})
         # Single-threaded, so CPU time of this process is the quantity to compare.
         times = interleaved_medians(fns, repeats=config.repeats, clock=time.process_time)
+        reads = {}
+        for name, probe in probes.items():
+            start = time.process_time()
+            count = sum(len(probe.records(layer)) for layer in probe.layer_names)
+            reads[name] = ((time.process_time() - start) / count, count)
     finally:
         torch.set_num_threads(previous)
     base_time = times["no probe"] / config.steps_per_sample
@@ -64,12 +73,17 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
             "setting": name,
             "ms_per_step": 1e3 * t / config.steps_per_sample,
             "slowdown": (t / config.steps_per_sample) / base_time - 1.0,
+            **({"records": reads[name][1], "read_ms_per_record": 1e3 * reads[name][0]} if name in reads else {}),
         }
         for name, t in times.items()
     ]
 
 
 def format_probe_table(rows: list[dict]) -> str:
-    lines = [f"{'setting':<12}{'ms/step':>10}{'slowdown':>10}"]
-    lines += [f"{r['setting']:<12}{r['ms_per_step']:>10.3f}{100 * r['slowdown']:>9.1f}%" for r in rows]
+    lines = [f"{'setting':<12}{'ms/step':>10}{'slowdown':>10}{'read ms/record':>16}"]
+    lines += [
+        f"{r['setting']:<12}{r['ms_per_step']:>10.3f}{100 * r['slowdown']:>9.1f}%"
+        + (f"{r['read_ms_per_record']:>16.3f}" if "read_ms_per_record" in r else f"{'-':>16}")
+        for r in rows
+    ]
     return "\n".join(lines)
