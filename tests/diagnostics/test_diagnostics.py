@@ -364,3 +364,29 @@ def test_csv_export_neutralises_formula_cells(tmp_path):
     numbers = [v for r in rows for k, v in r.items() if k not in ("layer", "type") and v]
     assert any(v.startswith("-") for v in numbers)  # negative numbers stay numbers
     [float(v) for v in numbers]  # every other cell is still a number, unprefixed
+
+
+def test_read_time_statistics_of_many_records_match_torch_per_record():
+    """A layer's records are summarized together (one sort of a records × sample matrix);
+    each must equal torch's numbers for its own finite values, NaN/inf rows included."""
+    from normlab.diagnostics.summaries import SampleIndex, capture_activation, summarize_records
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(50, 40, generator=generator) * (i + 1) for i in range(5)]
+    tensors[1][0, :7] = math.nan
+    tensors[3][2, 3] = math.inf
+    tensors.append(torch.full((50, 40), math.nan))  # nothing finite
+    records = [capture_activation(t, SampleIndex(4096)) for t in tensors]
+    summarize_records(records, bins=10, hist_range=(-4.0, 4.0), kind=None)
+    for t, r in zip(tensors, records):
+        finite = t[torch.isfinite(t)]
+        assert r["nonfinite"] == int((~torch.isfinite(t)).sum())  # the sample is the whole tensor here
+        if not finite.numel():
+            assert math.isnan(r["std"]) and "hist" not in r
+            continue
+        expected = torch.quantile(finite.double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64))
+        assert [r["p15"], r["p50"], r["p85"]] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+        assert r["mean"] == pytest.approx(finite.double().mean().item(), rel=1e-5, abs=1e-6)
+        assert r["std"] == pytest.approx(finite.double().std(correction=0).item(), rel=1e-5)
+        hist = torch.histc(finite.clamp(-4.0, 4.0), bins=10, min=-4.0, max=4.0) / finite.numel()
+        assert r["hist"] == pytest.approx(hist.tolist(), abs=1e-6)

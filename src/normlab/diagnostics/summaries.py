@@ -246,14 +246,32 @@ def batch_vs_running(
 
 
 def _drift(raw: dict) -> dict:
-    shift, second = raw.pop("_drift_shift"), raw.pop("_drift_second")
-    sigma2, eps = raw.pop("_drift_sigma2"), raw.pop("_drift_eps")
-    variance = (second - shift.square()).clamp(min=0)  # ≥ 0 by definition; rounding can dip below
-    sigma = sigma2.sqrt()
-    return {
-        "mean_drift": (shift.abs() / sigma).mean().item(),
-        "std_drift": (torch.sqrt(variance + eps) / sigma - 1).abs().mean().item(),
-    }
+    return _drift_rows([raw])[0]
+
+
+def _drift_rows(records: list[dict]) -> list[dict]:
+    """The drift numbers of records holding captured moments (popped), for records of one
+    channel count at once."""
+    out = []
+    by_channels: dict[int, list[dict]] = {}
+    for record in records:
+        by_channels.setdefault(record["_drift_shift"].numel(), []).append(record)
+    results = {}
+    for group in by_channels.values():
+        shift, second, sigma2 = (
+            torch.stack([r.pop(key).detach().float().cpu() for r in group])
+            for key in ("_drift_shift", "_drift_second", "_drift_sigma2")
+        )
+        eps = torch.tensor([r.pop("_drift_eps") for r in group]).unsqueeze(1)
+        variance = (second - shift.square()).clamp(min=0)  # ≥ 0 by definition; rounding can dip below
+        sigma = sigma2.sqrt()
+        mean_drift = (shift.abs() / sigma).mean(1).tolist()
+        std_drift = (torch.sqrt(variance + eps) / sigma - 1).abs().mean(1).tolist()
+        for record, m, d in zip(group, mean_drift, std_drift):
+            results[id(record)] = {"mean_drift": m, "std_drift": d}
+    for record in records:
+        out.append(results[id(record)])
+    return out
 
 
 # --- reading: a layer's pending records at once ------------------------------------------------
@@ -275,13 +293,15 @@ def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[f
     is some 20x faster than torch's on the CPU at these sizes)."""
     stacked = torch.stack(samples).detach().float().cpu().numpy()  # (records, values), float32
     finite = np.isfinite(stacked)
+    everywhere = bool(finite.all())  # the usual case: no masking passes needed
     count = finite.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):  # a row with no finite value: NaN
-        safe = np.where(finite, stacked, 0.0)
+        safe = stacked if everywhere else np.where(finite, stacked, 0.0)
         mean = safe.sum(1, dtype=np.float64) / count
-        std = np.sqrt((np.where(finite, stacked - mean[:, None], 0.0) ** 2).sum(1) / count)
+        centered = stacked - mean[:, None]
+        std = np.sqrt(((centered if everywhere else np.where(finite, centered, 0.0)) ** 2).sum(1) / count)
         # Non-finite values sort to the end; each row's quantiles index its finite prefix.
-        ordered = np.sort(np.where(finite, stacked, np.inf), axis=1)
+        ordered = np.sort(stacked if everywhere else np.where(finite, stacked, np.inf), axis=1)
         positions = np.maximum(count[:, None] - 1, 0) * np.array(_QUANTILES)
         lower, upper = np.floor(positions).astype(np.int64), np.ceil(positions).astype(np.int64)
         low, high = np.take_along_axis(ordered, lower, 1), np.take_along_axis(ordered, upper, 1)
@@ -289,7 +309,8 @@ def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[f
         lo, hi = hist_range
         # histc's bins: width (hi − lo)/bins, values clamped into [lo, hi], hi in the last bin.
         which = np.clip(np.floor((np.clip(safe, lo, hi) - lo) * (bins / (hi - lo))), 0, bins - 1).astype(np.int64)
-        which[~finite] = bins  # one more bin per row for the non-finite values, dropped below
+        if not everywhere:
+            which[~finite] = bins  # one more bin per row for the non-finite values, dropped below
         rows = np.arange(stacked.shape[0])[:, None] * (bins + 1)
         counts = np.bincount((which + rows).ravel(), minlength=stacked.shape[0] * (bins + 1))
         hist = counts.reshape(-1, bins + 1)[:, :bins] / count[:, None]
@@ -298,15 +319,40 @@ def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[f
             columns["saturated"] = (finite & (np.abs(stacked) > 0.99)).sum(1) / count
         elif kind == "sigmoid":
             columns["saturated"] = (finite & ((stacked < 0.01) | (stacked > 0.99))).sum(1) / count
+    lists = {key: values.tolist() for key, values in columns.items()}
+    hist_rows = hist.tolist()
     out = []
     for i, n in enumerate(count.tolist()):
         if n == 0:
             out.append({key: math.nan for key in ("mean", "std", "p15", "p50", "p85")})
             continue
-        row = {key: float(values[i]) for key, values in columns.items()}
-        row["hist"] = hist[i].tolist()
+        row = {key: values[i] for key, values in lists.items()}
+        row["hist"] = hist_rows[i]
         out.append(row)
     return out
+
+
+def _grouped(records: list[dict], key: str, compute) -> dict[int, object]:
+    """``compute`` applied to the tensors under ``key``, stacked by shape (one call per
+    shape, not per record): record index → that record's result."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, record in enumerate(records):
+        if isinstance(record.get(key), torch.Tensor):
+            by_shape.setdefault(tuple(record[key].shape), []).append(i)
+    out = {}
+    for indices in by_shape.values():
+        results = compute(torch.stack([records[i][key].detach() for i in indices]))
+        out.update(zip(indices, results))
+    return out
+
+
+def _dead_fractions(unit_max: torch.Tensor) -> list[float]:
+    return (~(unit_max > 0)).float().mean(1).tolist()  # a NaN unit counts as alive
+
+
+def _stds(samples: torch.Tensor) -> list[float]:
+    samples = samples.float()
+    return samples.std(1, correction=0).tolist() if samples.shape[1] > 1 else [0.0] * samples.shape[0]
 
 
 def _to_host(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
@@ -349,22 +395,23 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
             extremes = (scalars[i].get("_min", math.nan), scalars[i].get("_max", math.nan))
             finite = all(math.isfinite(v) for v in extremes)
             pending[i]["nonfinite"] = 0 if finite else max(1, int((~torch.isfinite(sample)).sum()))
+    dead = _grouped(pending, "_unit_max", _dead_fractions)
+    drift = _grouped(pending, "_drift_shift", lambda shift: [None] * shift.shape[0])  # which records
+    drifts = _drift_rows([pending[i] for i in drift])
+    stds = {prefix: _grouped(pending, f"_{prefix}_sample", _stds) for prefix in ("grad", "weight_grad")}
     for i, record in enumerate(pending):
         host = scalars[i]
         record.pop("_min", None), record.pop("_max", None)
-        if "_unit_max" in record:
-            record["dead"] = (~(record.pop("_unit_max") > 0)).float().mean().item()  # NaN units count as alive
-        if "_drift_shift" in record:
-            record.update(_drift(record))
+        if i in dead:
+            record.pop("_unit_max")
+            record["dead"] = dead[i]
         for prefix in ("grad", "weight_grad"):
             if f"_{prefix}_norm" in record:
-                record.pop(f"_{prefix}_norm")
-                sample = record.pop(f"_{prefix}_sample")
+                record.pop(f"_{prefix}_norm"), record.pop(f"_{prefix}_sample")
                 norm = host[f"_{prefix}_norm"]
                 finite = math.isfinite(norm)
                 record[f"{prefix}_norm"] = norm if finite else math.nan
-                std = sample.float().std(correction=0).item() if sample.numel() > 1 else 0.0
-                record[f"{prefix}_std"] = std if finite else math.nan
+                record[f"{prefix}_std"] = stds[prefix][i] if finite else math.nan
                 record[f"{prefix}_nonfinite"] = 0 if finite else 1
         if "weight_norm" in host:
             record["weight_norm"] = host["weight_norm"]
@@ -373,6 +420,9 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
         if "_update_change" in record:
             record.pop("_update_change"), record.pop("_update_norm")
             record["update_ratio"] = _ratio(host["_update_change"], host["_update_norm"])
+    for record, numbers in zip([pending[i] for i in drift], drifts):
+        record.update(numbers)
+    for record in pending:
         for key in [k for k, v in record.items() if isinstance(v, torch.Tensor)]:
             record[key] = record[key].item()
 
