@@ -149,11 +149,14 @@ ACTIVATION_CASES = {
     "gelu": nn.GELU(),
     "gelu_tanh": nn.GELU(approximate="tanh"),
     "elu": nn.ELU(),
+    "elu_0.5": nn.ELU(alpha=0.5),
     "celu": nn.CELU(),
+    "celu_2": nn.CELU(alpha=2.0),
     "selu": nn.SELU(),
     "silu": nn.SiLU(),
     "mish": nn.Mish(),
     "softplus": nn.Softplus(),
+    "softplus_2_5": nn.Softplus(beta=2.0, threshold=5.0),
     "hardswish": nn.Hardswish(),
     "prelu": nn.PReLU(),
     "rrelu": nn.RReLU(),
@@ -624,5 +627,18 @@ def test_compiling_a_model_after_attaching_its_probe_is_reported():
     compiled = torch.compile(model)
     compiled(torch.randn(8, 16)).sum().backward()
     with pytest.warns(RuntimeWarning, match=r"Probe\(torch.compile\(model\)\)"):
+        probe.findings()
+    torch._dynamo.reset()
+
+
+@pytest.mark.timeout(600)
+def test_a_probe_attached_after_the_first_compiled_call_says_it_saw_nothing():
+    torch._dynamo.reset()
+    compiled = torch.compile(_compile_case())
+    compiled(torch.randn(8, 16)).sum().backward()  # compiled without hooks
+    probe = Probe(compiled).attach()
+    compiled(torch.randn(8, 16)).sum().backward()
+    assert probe.layer_names == [] and len(probe.unrecorded) == 4
+    with pytest.warns(RuntimeWarning, match="attach the Probe before the compiled model's first call"):
         probe.findings()
     torch._dynamo.reset()

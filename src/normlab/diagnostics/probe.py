@@ -422,7 +422,14 @@ class Probe:
                 "compiled module instead: Probe(torch.compile(model))",
             )
         missing = self.unrecorded
-        if missing:
+        if self._permanent and missing and len(missing) == len(self.layers):
+            self._warn_once(
+                "compiled-before",
+                f"no layer recorded in {self._recorded_steps} recorded steps: torch.compile had compiled this "
+                "model's code before the Probe's hooks were registered, and it does not look at hooks again; "
+                "attach the Probe before the compiled model's first call (or call torch._dynamo.reset() first)",
+            )
+        elif missing:
             listed = "; ".join(f"{name}: {why}" for name, why in missing.items())
             self._warn_once("unrecorded:" + ",".join(missing), f"selected layers have no records: {listed}")
 

@@ -72,7 +72,7 @@ _SMOOTH = (nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus)
 class DeadRule:
     """How to find where an activation passes gradient back: ``score(tensor) > 0`` exactly
     there, computed from its ``output`` (piecewise-linear activations: in-place ones too)
-    or from its ``input`` (smooth ones: their slope, by autograd on a detached copy)."""
+    or from its ``input`` (smooth ones: their slope, by their backward kernel)."""
 
     def __init__(self, source: str, score) -> None:
         self.source, self.score = source, score
@@ -119,15 +119,36 @@ def _strictly_inside(lo: float, hi: float):
     return score
 
 
+# SELU's constants, as torch's kernel has them.
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+def _slope(module: nn.Module):
+    """x ↦ f'(x) of a smooth activation, by the backward kernel autograd itself would run
+    (bit-identical to autograd's, one op, nothing of the training graph touched)."""
+    aten = torch.ops.aten
+    kind = type(module)
+    if kind is nn.GELU:
+        return lambda g, x: aten.gelu_backward(g, x, approximate=module.approximate)
+    if kind is nn.SiLU:
+        return aten.silu_backward
+    if kind is nn.Mish:
+        return aten.mish_backward
+    if kind is nn.ELU:
+        return lambda g, x: aten.elu_backward(g, module.alpha, 1.0, 1.0, False, x)
+    if kind is nn.CELU:
+        return lambda g, x: aten.elu_backward(g, module.alpha, 1.0, 1.0 / module.alpha, False, x)
+    if kind is nn.SELU:
+        return lambda g, x: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x)
+    return lambda g, x: aten.softplus_backward(g, x, module.beta, module.threshold)  # nn.Softplus
+
+
 def _slope_above(module: nn.Module):
+    slope = _slope(module)
+
     def score(x: torch.Tensor) -> torch.Tensor:
-        # The module's own forward (not its __call__: no hooks) on a detached copy, so
-        # nothing of the training graph or of any parameter's .grad is touched.
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_()
-            y = module.forward(leaf)
-            (slope,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
-        return slope.abs() - DEAD_SLOPE
+        ones = torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)  # no allocation
+        return slope(ones, x).abs() - DEAD_SLOPE
 
     return score
 
