@@ -59,6 +59,34 @@ def test_finite_half_precision_outputs_are_not_reported_non_finite(precision):
     assert "nonfinite" not in _kinds(probe)
 
 
+@pytest.mark.parametrize("with_optimizer", [False, True])
+def test_finite_half_precision_gradients_and_weights_are_not_reported_non_finite(with_optimizer):
+    """Norms of float16 tensors are taken in float32: a gradient of 2000 in each of 4096
+    entries is finite, its norm (128000) is not a float16 number."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU()).half()
+    with torch.no_grad():
+        model[0].weight.fill_(300.0)  # weight norm 19200, its square overflows float16 too
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0) if with_optimizer else None
+    captured = {}
+
+    def keep_output_grad(module, args, out):
+        out.register_hook(lambda g: captured.__setitem__("g", g))
+
+    model[0].register_forward_hook(keep_output_grad)
+    with Probe(model, optimizer=optimizer) as probe:
+        (model(torch.rand(64, 64, dtype=torch.float16) * 1e-3).float().sum() * 2000).backward()
+        if optimizer:
+            optimizer.step()
+    grad = captured["g"]
+    assert torch.isfinite(grad).all() and not torch.isfinite(torch.linalg.vector_norm(grad))  # the constructed case
+    record = probe.records("0")[0]
+    assert record["grad_nonfinite"] == 0 and record["weight_grad_nonfinite"] == 0
+    assert record["grad_norm"] == pytest.approx(torch.linalg.vector_norm(grad.float()).item(), rel=1e-3)
+    assert record["weight_norm"] == pytest.approx(19200.0, rel=1e-3)
+    assert "nonfinite" not in _kinds(probe)
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_a_true_non_finite_value_is_found_in_every_dtype(dtype, bad):

@@ -23,9 +23,11 @@ from .layers import (
 from .summaries import (
     SATURATING,
     SampleIndex,
+    accumulation_dtype,
     capture_activation,
     capture_batch_moments,
     capture_gradient,
+    norms,
     summarize_records,
 )
 
@@ -325,7 +327,7 @@ class Probe:
             self._seen.add(name)
             self.order.append(name)
         if self.gradients and tensor.requires_grad:
-            tensor.register_hook(lambda g: record.update(capture_gradient(g, self._sampler, "grad")))
+            tensor.register_hook(lambda g: record.update(capture_gradient(g, "grad")))
 
     def _record_moments(self, name: str, module: nn.Module, args, kwargs) -> None:
         if not module.training or module.running_mean is None or module.running_var is None:
@@ -342,8 +344,8 @@ class Probe:
         record = self._current.get(name)
         if not self._sampling or record is None or param.grad is None:
             return
-        record.update(capture_gradient(param.grad, self._sampler, "weight_grad"))
-        record["weight_norm"] = torch.linalg.vector_norm(param.detach())
+        record.update(capture_gradient(param.grad, "weight_grad"))
+        record["weight_norm"] = norms([param.detach()])[0]
 
     def _before_update(self, optimizer, args, kwargs) -> None:
         self._snapshot = {}
@@ -359,17 +361,18 @@ class Probe:
             return
         with torch.no_grad():
             weights = [self.layers[n].weight.detach() for n in names]
-            norms = torch._foreach_norm(weights)
+            weight_norms = norms(weights)
             if self.weights:
                 with_grad = [(n, self.layers[n].weight.grad) for n in names if self.layers[n].weight.grad is not None]
-                grad_norms = torch._foreach_norm([g for _, g in with_grad]) if with_grad else []
-                for name, norm in zip(names, norms):
+                grad_norms = norms([g for _, g in with_grad]) if with_grad else []
+                for name, norm in zip(names, weight_norms):
                     self._current[name]["weight_norm"] = norm
                 for (name, grad), norm in zip(with_grad, grad_norms):
-                    self._current[name]["_weight_grad_norm"] = norm
-                    self._current[name]["_weight_grad_sample"] = self._sampler.take(grad.reshape(-1))
+                    record = self._current[name]
+                    record["_weight_grad_norm"], record["_weight_grad_numel"] = norm, grad.numel()
+                    record["_weight_grad_sum"] = grad.sum(dtype=accumulation_dtype(grad))
             copies = torch._foreach_mul(weights, 1.0)
-            self._snapshot = {n: (copy, norm) for n, copy, norm in zip(names, copies, norms)}
+            self._snapshot = {n: (copy, norm) for n, copy, norm in zip(names, copies, weight_norms)}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         if self._snapshot:
@@ -377,7 +380,7 @@ class Probe:
             with torch.no_grad():
                 before = [self._snapshot[n][0] for n in names]
                 after = [self.layers[n].weight.detach() for n in names]
-                changes = torch._foreach_norm(torch._foreach_sub(after, before))
+                changes = norms(torch._foreach_sub(after, before))
             for name, change in zip(names, changes):
                 # ‖Δw‖ / ‖w‖, kept as tensors; divided when the records are read.
                 self._current[name]["_update_change"] = change

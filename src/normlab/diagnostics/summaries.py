@@ -28,7 +28,9 @@ __all__ = [
     "batch_vs_running",
     "capture_activation",
     "capture_batch_moments",
+    "accumulation_dtype",
     "capture_gradient",
+    "norms",
     "dead_unit_rule",
     "summarize",
     "summarize_records",
@@ -218,10 +220,33 @@ def capture_activation(
     return raw
 
 
-def capture_gradient(g: torch.Tensor, sampler: SampleIndex, prefix: str) -> dict:
-    """The exact gradient norm (NaN/inf if any entry is) and a sample for its std."""
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(t: torch.Tensor):
+    """The dtype to accumulate and return a float16/bfloat16 reduction in: float32, since
+    the norm of finite float16 values can pass 65504 (None: the tensor's own)."""
+    return torch.float32 if t.dtype in _LOW_PRECISION else None
+
+
+def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Euclidean norms, one fused call per kind; float32 for low-precision tensors."""
+    wide = [t for t in tensors if t.dtype in _LOW_PRECISION]
+    if not wide:
+        return list(torch._foreach_norm(tensors))
+    if len(wide) == len(tensors):
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(t, dtype=accumulation_dtype(t)) for t in tensors]
+
+
+def capture_gradient(g: torch.Tensor, prefix: str) -> dict:
+    """The gradient's exact norm (NaN/inf if any entry is) and sum, for its exact std."""
     g = g.detach()
-    return {f"_{prefix}_norm": torch.linalg.vector_norm(g), f"_{prefix}_sample": sampler.take(g.reshape(-1))}
+    return {
+        f"_{prefix}_norm": torch.linalg.vector_norm(g, dtype=accumulation_dtype(g)),
+        f"_{prefix}_sum": g.sum(dtype=accumulation_dtype(g)),
+        f"_{prefix}_numel": g.numel(),
+    }
 
 
 def capture_batch_moments(
@@ -371,11 +396,6 @@ def _dead_fractions(unit_max: torch.Tensor) -> list[float]:
     return (~(unit_max > 0)).float().mean(1).tolist()  # a NaN unit counts as alive
 
 
-def _stds(samples: torch.Tensor) -> list[float]:
-    samples = samples.float()
-    return samples.std(1, correction=0).tolist() if samples.shape[1] > 1 else [0.0] * samples.shape[0]
-
-
 def _to_host(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """The scalar tensors under ``keys`` of every record, as floats, in one transfer."""
     found = [(i, key) for i, record in enumerate(records) for key in keys if isinstance(record.get(key), torch.Tensor)]
@@ -390,7 +410,9 @@ _SCALARS = (
     "_min",
     "_max",
     "_grad_norm",
+    "_grad_sum",
     "_weight_grad_norm",
+    "_weight_grad_sum",
     "weight_norm",
     "_update_change",
     "_update_norm",
@@ -419,7 +441,6 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
     dead = _grouped(pending, "_unit_max", _dead_fractions)
     drift = _grouped(pending, "_drift_shift", lambda shift: [None] * shift.shape[0])  # which records
     drifts = _drift_rows([pending[i] for i in drift])
-    stds = {prefix: _grouped(pending, f"_{prefix}_sample", _stds) for prefix in ("grad", "weight_grad")}
     for i, record in enumerate(pending):
         host = scalars[i]
         record.pop("_min", None), record.pop("_max", None)
@@ -428,11 +449,14 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
             record["dead"] = dead[i]
         for prefix in ("grad", "weight_grad"):
             if f"_{prefix}_norm" in record:
-                record.pop(f"_{prefix}_norm"), record.pop(f"_{prefix}_sample")
-                norm = host[f"_{prefix}_norm"]
+                record.pop(f"_{prefix}_norm"), record.pop(f"_{prefix}_sum")
+                count = record.pop(f"_{prefix}_numel")
+                norm, total = host[f"_{prefix}_norm"], host[f"_{prefix}_sum"]
                 finite = math.isfinite(norm)
                 record[f"{prefix}_norm"] = norm if finite else math.nan
-                record[f"{prefix}_std"] = stds[prefix][i] if finite else math.nan
+                # E[g²] − E[g]², clamped: gradients have a mean near 0 beside their spread.
+                variance = max(norm * norm / count - (total / count) ** 2, 0.0) if count else 0.0
+                record[f"{prefix}_std"] = math.sqrt(variance) if finite else math.nan
                 record[f"{prefix}_nonfinite"] = 0 if finite else 1
         if "weight_norm" in host:
             record["weight_norm"] = host["weight_norm"]
