@@ -86,8 +86,8 @@ class Probe:
     """Records what happens inside ``model`` while it trains, layer by layer.
 
     Per watched layer and recorded step: the output's mean, std, 15/50/85th percentiles
-    and a fixed-bin histogram; the dead fraction (units whose activation passes no
-    gradient anywhere on the batch — ReLU, ReLU6, Hardswish; see
+    and a fixed-bin histogram; the dead fraction (units whose activation's slope is below
+    1e-6 at every position of the batch; see
     :func:`~normlab.diagnostics.summaries.dead_unit_rule`) or the saturated fraction
     (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]); the norm and std of the gradient
     reaching the output and of the weight's gradient, and their ratio to the weight's
