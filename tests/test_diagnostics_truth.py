@@ -462,6 +462,17 @@ def test_a_deep_sigmoid_network_has_vanishing_gradients():
     assert all(rates[a] < rates[b] for a, b in zip(linears, linears[1:]))  # shrinking toward the input
     finding = _finding(probe, "vanishing_gradients")
     assert finding.layers == ["0", "18"] and finding.numbers["ratio_last_over_first"] > 1e3
+    assert "exploding_gradients" not in _kinds(probe)
+
+
+def test_a_deep_tanh_network_with_unit_weights_has_exploding_gradients():
+    probe = _train_two_steps(_deep(nn.Tanh, std=1.0))  # gain ≈ √fan per layer, far above 1
+    rates, grads = probe.latest("relative_grad"), probe.latest("grad_norm")
+    linears = [str(i) for i in range(0, 20, 2)]
+    assert all(rates[a] > rates[b] and grads[a] > grads[b] for a, b in zip(linears, linears[1:]))  # growing
+    finding = _finding(probe, "exploding_gradients")
+    assert finding.layers == ["0", "18"] and finding.numbers["ratio_first_over_last"] > 1e3
+    assert "vanishing_gradients" not in _kinds(probe)
 
 
 def test_small_init_tanh_collapses_but_every_layer_learns_at_the_same_rate():
@@ -469,7 +480,7 @@ def test_small_init_tanh_collapses_but_every_layer_learns_at_the_same_rate():
     rates = probe.latest("relative_grad")
     assert max(rates.values()) / min(rates.values()) < 10  # Glorot & Bengio's observation, Sec. 4.2.2
     kinds = _kinds(probe)
-    assert "collapse" in kinds and "vanishing_gradients" not in kinds
+    assert "collapse" in kinds and "vanishing_gradients" not in kinds and "exploding_gradients" not in kinds
 
 
 # --- long runs ------------------------------------------------------------------------------
