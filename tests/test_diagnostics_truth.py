@@ -270,14 +270,12 @@ def test_dead_units_of_a_conv_net_are_channels():
     conv = nn.Conv1d(4, 8, 3, padding=1)
     with torch.no_grad():
         conv.bias[:6] = -100.0
-    model = nn.Sequential(conv, nn.BatchNorm1d(8, affine=False, track_running_stats=False), nn.ReLU())
-    with torch.no_grad():
-        model[1] = nn.Identity()
-    x = torch.randn(8, 4, 10)
+    model = nn.Sequential(conv, nn.ReLU())
+    x = torch.randn(8, 4, 10)  # (N, C, L): a unit is a channel, over every sample and position
     truth = _true_dead_fraction(nn.ReLU(), conv(x), unit_dim=1)
     with Probe(model) as probe:
         model(x)
-    assert truth == 0.75 and probe.records("2")[0]["dead"] == truth
+    assert truth == 0.75 and probe.records("1")[0]["dead"] == truth
 
 
 class _ConvNeXtBlock(nn.Module):
