@@ -278,6 +278,20 @@ def test_dead_units_of_a_conv_net_are_channels():
     assert truth == 0.75 and probe.records("1")[0]["dead"] == truth
 
 
+def test_dead_units_of_a_fused_batchnorm_relu_and_units_after_dyt():
+    bn_act = nl.nn.BatchNormAct2d(8, activation="relu")
+    with torch.no_grad():
+        bn_act.bias[:6] = -100.0  # β far below: relu(norm(x) + β) is 0 on 6 of 8 channels
+    model = nn.Sequential(bn_act)
+    x = torch.randn(4, 8, 5, 5)
+    with Probe(model) as probe:
+        out = model(x)
+    truth = (out.transpose(0, 1).reshape(8, -1).amax(1) <= 0).float().mean().item()
+    assert truth == 0.75 and probe.records("0")[0]["dead"] == truth
+    transformer_mlp = nn.Sequential(nl.nn.DyT(16), nn.GELU())  # (batch, tokens, features)
+    assert nl.diagnostics.unit_dims(transformer_mlp, Probe(transformer_mlp).layers) == {"0": -1, "1": -1}
+
+
 class _ConvNeXtBlock(nn.Module):
     """A depthwise conv, then features last: Linear → GELU → Linear (ConvNeXt's layout)."""
 

@@ -28,6 +28,16 @@ DEFAULT_LAYER_TYPES: tuple[type, ...] = (
 
 LayerSpec = Iterable[type] | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
+#: Layers whose output is act(norm(x)), with the activation a child module ``act``.
+FUSED_NORM_ACT: tuple[type, ...] = (
+    nln.BatchNormAct1d,
+    nln.BatchNormAct2d,
+    nln.BatchNormAct3d,
+    nln.GroupNormAct,
+    nln.SyncBatchNormAct,
+    nln.FilterResponseNormAct2d,
+)
+
 # torch.compile's wrapper keeps the original model as this child; names are shown without it.
 _COMPILED_CHILD = "_orig_mod"
 
@@ -37,9 +47,10 @@ def display_name(name: str) -> str:
 
 
 def _never_called(model: nn.Module) -> set[int]:
-    """Submodules whose own forward their parent never calls: MultiheadAttention passes
-    ``out_proj.weight`` to a functional, and a fused norm + activation layer applies its
-    ``act`` inside its kernel. Watching them by default would record nothing."""
+    """Submodules not watched by default because their own forward is never called or
+    their output is not the layer's: MultiheadAttention passes ``out_proj.weight`` to a
+    functional; a fused norm + activation layer applies its ``act`` inside its kernel (its
+    own output is the activation's); EvoNorm uses its ``act`` inside the formula."""
     skipped = set()
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -83,11 +94,16 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Mo
 
 def _unit_axis(module: nn.Module) -> int | None:
     """Where a layer's output keeps its units: dim 1 for channels-first layers (conv,
-    BatchNorm, GroupNorm, InstanceNorm, LayerNorm2d), the last dim for feature-last ones
-    (Linear, LayerNorm, RMSNorm, Embedding, attention); None for layers that keep their
-    input's layout (activations, pooling, dropout, ...)."""
+    BatchNorm, GroupNorm, InstanceNorm, LayerNorm2d, FRN, EvoNorm, SwitchableNorm), the
+    last dim for feature-last ones (Linear, LayerNorm, RMSNorm, ScaleNorm, Embedding,
+    attention), DyT and Derf as their ``channels_last`` says; None for layers that keep
+    their input's layout (activations, pooling, dropout, ...)."""
     if isinstance(module, nln.LayerNorm2d):
         return 1
+    if isinstance(module, (nln.DyT, nln.Derf)):
+        return -1 if module.channels_last else 1
+    if isinstance(module, nln.ScaleNorm):
+        return -1  # over the trailing dims, as LayerNorm
     if isinstance(module, (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)):
         return -1
     if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
@@ -122,11 +138,10 @@ def unit_dims(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, int]:
 
 
 def dead_rule_of(module: nn.Module) -> DeadRule | None:
-    act = getattr(module, "act", None)
-    if nln.is_norm_layer(module) and isinstance(act, nn.Module):
-        # A fused norm + activation layer outputs act(norm(x)); its input is not the
-        # activation's, so only a rule that reads the output applies.
-        rule = dead_unit_rule(act)
+    if isinstance(module, FUSED_NORM_ACT):
+        # Its output is act(norm(x)), but its input is not the activation's: only a rule
+        # that reads the output applies.
+        rule = dead_unit_rule(module.act)
         return rule if rule is not None and rule.source == "output" else None
     return dead_unit_rule(module)
 
