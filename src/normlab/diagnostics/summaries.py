@@ -69,6 +69,9 @@ DEAD_SLOPE = 1e-6
 # Activations whose slope is a smooth function of the input (never exactly 0 on an
 # interval, but below DEAD_SLOPE far enough on their flat side: GELU at −10, ELU at −14).
 _SMOOTH = (nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus)
+# Read from the input as well: Hardswish outputs 0 both where it is flat (input ≤ −3) and
+# at the input 0, where its slope is 1/2 — a zero-initialized layer before it is alive.
+_BY_INPUT = (*_SMOOTH, nn.Hardswish)
 
 
 class DeadRule:
@@ -87,12 +90,13 @@ def dead_unit_rule(module: nn.Module) -> DeadRule | None:
     A unit is *dead* when its activation's slope is below :data:`DEAD_SLOPE` at every
     position of the batch, so (almost) no gradient reaches the weights before it: ReLU
     where its input is ≤ 0 (output 0); ReLU6 where the output is 0 or 6; Hardswish where
-    it is 0 (input ≤ −3); ELU, CELU, SELU, GELU, SiLU, Mish and Softplus only far out on
+    its input is below −3 (read from the input: its output is 0 at the input 0 too, where
+    it passes half the gradient); ELU, CELU, SELU, GELU, SiLU, Mish and Softplus only far out on
     their flat side (GELU at −10, ELU at −14) — with a moderately negative input they
     still pass gradient, so they are not dead there. LeakyReLU, and RReLU, with a slope of
     at least DEAD_SLOPE pass gradient everywhere: none (slope 0 is ReLU). None also for
-    PReLU (its slope is learned) and for an in-place smooth activation (its input is
-    overwritten). Exact types only: a subclass may change the function.
+    PReLU (its slope is learned) and for an in-place smooth activation or Hardswish (its
+    input is overwritten). Exact types only: a subclass may change the function.
     """
     kind = type(module)
     if kind is nn.ReLU:
@@ -103,9 +107,7 @@ def dead_unit_rule(module: nn.Module) -> DeadRule | None:
         return DeadRule("output", _positive) if max(abs(module.lower), abs(module.upper)) < DEAD_SLOPE else None
     if kind is nn.ReLU6:
         return DeadRule("output", _strictly_inside(module.min_val, module.max_val))
-    if kind is nn.Hardswish:
-        return DeadRule("output", torch.abs)  # 0 exactly where the input is ≤ −3 (and at the point 0)
-    if kind in _SMOOTH and not getattr(module, "inplace", False):
+    if kind in _BY_INPUT and not getattr(module, "inplace", False):
         return DeadRule("input", _slope_above(module))
     return None
 
@@ -142,6 +144,8 @@ def _slope(module: nn.Module):
         return lambda g, x: aten.elu_backward(g, module.alpha, 1.0, 1.0 / module.alpha, False, x)
     if kind is nn.SELU:
         return lambda g, x: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x)
+    if kind is nn.Hardswish:
+        return aten.hardswish_backward
     return lambda g, x: aten.softplus_backward(g, x, module.beta, module.threshold)  # nn.Softplus
 
 
@@ -416,6 +420,7 @@ _SCALARS = (
     "weight_norm",
     "_update_change",
     "_update_norm",
+    "_learning_change",
 )
 
 
@@ -465,6 +470,9 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
         if "_update_change" in record:
             record.pop("_update_change"), record.pop("_update_norm")
             record["update_ratio"] = _ratio(host["_update_change"], host["_update_norm"])
+        if "_learning_change" in record:
+            record.pop("_learning_change")
+            record["learning_ratio"] = _ratio(host["_learning_change"], host["_update_norm"])
     for record, numbers in zip([pending[i] for i in drift], drifts):
         record.update(numbers)
     for record in pending:
