@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .. import nn as nln
 from .summaries import ACTIVATIONS
 
 __all__ = ["Finding", "diagnose"]
@@ -57,14 +58,17 @@ def diagnose(
 
     - vanishing gradients: the first weight layer learns more than ``vanishing_ratio``
       times more slowly than the last — by what a step does to the weights: the
-      update-to-weight ratio ‖Δw‖/‖w‖ when an optimizer is hooked, else the relative
-      gradient ‖∇w‖/‖w‖ (an SGD step's ratio over the learning rate). A raw gradient
-      norm would also move with the input's scale (a LayerNorm divides it out), which
-      leaves learning unchanged;
+      update-to-weight ratio ‖Δw‖/‖w‖ without its weight decay (``learning_ratio``)
+      when an optimizer is hooked, else (and where coupled weight decay is inside the
+      step, SGD's or Adam's ``weight_decay``) the relative gradient ‖∇w‖/‖w‖ (an SGD
+      step's ratio over the learning rate). Decay shrinks every weight by lr·wd, learning
+      or not; a raw gradient norm would also move with the input's scale (a LayerNorm
+      divides it out), which leaves learning unchanged;
     - exploding gradients: the first learns more than ``exploding_ratio`` times faster;
     - non-finite: a NaN/inf in an activation or gradient of the last records;
     - collapse: the activation std of the last layer is below ``collapse_ratio`` × the
-      first's (activations shrinking toward 0 with depth);
+      first's (activations shrinking toward 0 with depth), compared within each stretch
+      between normalization layers (a norm resets the scale);
     - saturation: a tanh/sigmoid layer has more than ``saturation_threshold`` of its
       outputs in the flat tails;
     - dead units: more than ``dead_threshold`` of a layer's units pass no gradient
@@ -98,12 +102,20 @@ def diagnose(
             )
         )
 
-    # What a step does to each weight: measured with the optimizer, else ∝ for SGD.
-    key = "update_ratio" if probe.latest("update_ratio", window) else "relative_grad"
+    # What a step does to each weight, weight decay left out (it shrinks every weight,
+    # learning or not): measured with the optimizer, else ∝ for SGD. Where coupled decay
+    # is inside the step there is no learning part to measure: the gradient is used.
+    learning = probe.latest("learning_ratio", window)
+    key = "learning_ratio" if learning and all(n in learning for n in probe.latest("update_ratio", window)) else None
+    key = key or "relative_grad"
     rates = {n: v for n, v in probe.latest(key, window).items() if math.isfinite(v)}
     rated = [n for n in weight_layers if n in rates]
     ends = _ends(rated)
-    what = "update-to-weight ratio" if key == "update_ratio" else "relative weight gradient |grad W|/|W|"
+    what = (
+        "update-to-weight ratio (weight decay left out)"
+        if key == "learning_ratio"
+        else "relative weight gradient |grad W|/|W|"
+    )
     if ends:
         first, last = ends
         ratio = rates[last] / rates[first] if rates[first] > 0 else math.inf
@@ -137,22 +149,32 @@ def diagnose(
 
     stds = probe.latest("std", window)
     spread = [n for n in (activation_layers or weight_layers) if n in stds]
-    ends = _ends(spread)
-    if ends:
-        first, last = ends
-        if stds[first] > 0 and stds[last] / stds[first] < collapse_ratio:
-            per_layer = {n: stds[n] for n in spread}
-            found.append(
-                Finding(
-                    "collapse",
-                    [first, last],
-                    f"Activations collapse toward 0 with depth: std {stds[first]:.3g} at {first} falls to "
-                    f"{stds[last]:.3g} at {last} ({stds[last] / stds[first]:.2g}x). Per layer: {_fmt(per_layer)}.",
-                    "The weights are too small for the depth: use Xavier initialization for tanh/sigmoid "
-                    "or He for ReLU, or add normalization before each activation.",
-                    {"std": per_layer},
-                )
+    # A normalization layer resets the scale, so activations before it and after it are not
+    # one trend: compare the ends of each stretch between normalization layers.
+    norm_positions = [order.index(n) for n in order if nln.is_norm_layer(layers[n])]
+    stretches: dict[int, list[str]] = {}
+    for n in spread:
+        stretches.setdefault(sum(p < order.index(n) for p in norm_positions), []).append(n)
+    collapsing = [
+        (stds[e[1]] / stds[e[0]], stretch)
+        for stretch in stretches.values()
+        if (e := _ends(stretch)) and stds[e[0]] > 0 and stds[e[1]] / stds[e[0]] < collapse_ratio
+    ]
+    if collapsing:
+        _, stretch = min(collapsing, key=lambda pair: pair[0])
+        first, last = stretch[0], stretch[-1]
+        per_layer = {n: stds[n] for n in stretch}
+        found.append(
+            Finding(
+                "collapse",
+                [first, last],
+                f"Activations collapse toward 0 with depth: std {stds[first]:.3g} at {first} falls to "
+                f"{stds[last]:.3g} at {last} ({stds[last] / stds[first]:.2g}x). Per layer: {_fmt(per_layer)}.",
+                "The weights are too small for the depth: use Xavier initialization for tanh/sigmoid "
+                "or He for ReLU, or add normalization before each activation.",
+                {"std": per_layer},
             )
+        )
 
     saturated = {n: v for n, v in probe.latest("saturated", window).items() if v > saturation_threshold}
     if saturated:

@@ -45,6 +45,17 @@ def _nice_bound(value: float) -> float:
     return 10.0 ** (exponent + 1)
 
 
+def _weight_decay(optimizer: torch.optim.Optimizer, group: dict) -> tuple[float, bool]:
+    """(lr · weight decay, whether it is decoupled) of a parameter group: decoupled decay
+    (AdamW, or ``decoupled_weight_decay=True``) multiplies the weight by 1 − lr·wd apart
+    from the step; coupled decay (SGD, Adam, ...) adds wd·w to the gradient the step uses."""
+    decay = float(group.get("weight_decay", 0.0) or 0.0)
+    if not decay:
+        return 0.0, False
+    decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
+    return float(group["lr"]) * decay, decoupled
+
+
 class _Series:
     """A layer's records under a fixed budget, spread over the whole run.
 
@@ -192,8 +203,9 @@ class Probe:
         self._current: dict[str, dict] = {}
         self._moments: dict[str, dict] = {}
         self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decay: dict[str, tuple[float, bool]] = {}  # layer → (lr·weight decay, decoupled)
         self._recorded_steps = 0
-        self._not_tensor: dict[str, str] = {}
+        self._unrecordable: dict[str, str] = {}  # layer → why its output cannot be recorded
         self._compiled_inside = False
         self._warned: set[str] = set()
 
@@ -312,10 +324,15 @@ class Probe:
             return  # a second call of the layer in this step
         tensor = first_tensor(out)
         if tensor is None or not tensor.is_floating_point():
-            self._not_tensor[name] = type(out).__name__ if tensor is None else f"a {tensor.dtype} tensor"
+            what = type(out).__name__ if tensor is None else f"a {tensor.dtype} tensor"
+            self._unrecordable[name] = f"its output is {what}, not a floating-point tensor"
+            return
+        if tensor.is_meta:
+            self._unrecordable[name] = "its output is on the meta device (shapes only, no values to record)"
             return
         inputs = args[0] if args else None
-        unit_dim = self._unit_dims.get(name)
+        # A 2-D output (batch, units) has one answer whatever came before the layer.
+        unit_dim = self._unit_dims.get(name, 1 if tensor.dim() == 2 else None)
         record = {
             "step": self._label,
             **capture_activation(tensor, self._sampler, self._dead_rules[name], unit_dim, inputs),
@@ -333,7 +350,7 @@ class Probe:
         if not module.training or module.running_mean is None or module.running_var is None:
             return
         x = args[0] if args else kwargs.get("input")
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != module.running_mean.numel():
+        if not isinstance(x, torch.Tensor) or x.is_meta or x.dim() < 2 or x.shape[1] != module.running_mean.numel():
             return
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.numel() * x.shape[1] != x.numel()):
@@ -351,11 +368,12 @@ class Probe:
         self._snapshot = {}
         if not self._sampling or not self._current:
             return
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         names = [
             n
             for n in self._current
-            if isinstance(getattr(self.layers[n], "weight", None), nn.Parameter) and id(self.layers[n].weight) in held
+            if isinstance(getattr(self.layers[n], "weight", None), nn.Parameter)
+            and id(self.layers[n].weight) in group_of
         ]
         if not names:
             return
@@ -373,6 +391,7 @@ class Probe:
                     record["_weight_grad_sum"] = grad.sum(dtype=accumulation_dtype(grad))
             copies = torch._foreach_mul(weights, 1.0)
             self._snapshot = {n: (copy, norm) for n, copy, norm in zip(names, copies, weight_norms)}
+        self._decay = {n: _weight_decay(optimizer, group_of[id(self.layers[n].weight)]) for n in names}
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         if self._snapshot:
@@ -381,10 +400,23 @@ class Probe:
                 before = [self._snapshot[n][0] for n in names]
                 after = [self.layers[n].weight.detach() for n in names]
                 changes = norms(torch._foreach_sub(after, before))
+                # Decoupled decay first shrinks w by lr·wd, then the step proper moves it:
+                # the learning part is what is left after that shrink.
+                shrunk = [n for n in names if self._decay[n][1]]
+                learned = dict(zip(names, changes))
+                if shrunk:
+                    kept = [self._snapshot[n][0].mul_(1.0 - self._decay[n][0]) for n in shrunk]
+                    learned.update(
+                        zip(shrunk, norms(torch._foreach_sub([after[names.index(n)] for n in shrunk], kept)))
+                    )
             for name, change in zip(names, changes):
                 # ‖Δw‖ / ‖w‖, kept as tensors; divided when the records are read.
-                self._current[name]["_update_change"] = change
-                self._current[name]["_update_norm"] = self._snapshot[name][1]
+                record = self._current[name]
+                record["_update_change"] = change
+                record["_update_norm"] = self._snapshot[name][1]
+                coupled = self._decay[name][0] and not self._decay[name][1]
+                if not coupled:  # coupled decay is inside the step: no learning part to split off
+                    record["_learning_change"] = learned[name]
             self._snapshot = {}
         self.step += 1
         self._begin_step(self.step + 1)
@@ -405,8 +437,8 @@ class Probe:
         for name in self.layers:
             if name in self._seen:
                 continue
-            if name in self._not_tensor:
-                out[name] = f"its output is {self._not_tensor[name]}, not a floating-point tensor"
+            if name in self._unrecordable:
+                out[name] = self._unrecordable[name]
             else:
                 out[name] = "never called during a recorded forward"
         return out
@@ -417,6 +449,13 @@ class Probe:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _check_coverage(self) -> None:
+        if not self._recorded_steps:
+            self._warn_once(
+                "nothing",
+                "the Probe recorded nothing: no training-mode forward of the probed model itself ran while it was "
+                "attached (calling one of its submodules directly does not count; eval-mode forwards count "
+                "only with record_eval=True)",
+            )
         if self._compiled_inside:
             self._warn_once(
                 "compiled",
