@@ -377,7 +377,7 @@ def test_read_time_statistics_of_many_records_match_torch_per_record():
     tensors[3][2, 3] = math.inf
     tensors.append(torch.full((50, 40), math.nan))  # nothing finite
     records = [capture_activation(t, SampleIndex(4096)) for t in tensors]
-    summarize_records(records, bins=10, hist_range=(-4.0, 4.0), kind=None)
+    summarize_records(records, bins=10, hist_range=(-4.0, 4.0))
     for t, r in zip(tensors, records):
         finite = t[torch.isfinite(t)]
         assert r["nonfinite"] == int((~torch.isfinite(t)).sum())  # the sample is the whole tensor here

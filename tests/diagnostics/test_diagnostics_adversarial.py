@@ -187,3 +187,37 @@ def test_a_collapse_after_the_last_norm_is_still_found():
     with Probe(model) as probe:
         model(torch.randn(64, 64)).sum().backward()
     assert "collapse" in _kinds(probe)
+
+
+@pytest.mark.parametrize(
+    "act, flat",
+    [
+        (nn.Hardtanh(-2.0, 2.0), lambda a: (a <= -2) | (a >= 2)),
+        (nn.Hardtanh(), lambda a: (a <= -1) | (a >= 1)),
+        (nn.Hardsigmoid(), lambda a: (a <= 0) | (a >= 1)),
+        (nn.Tanh(), lambda a: a.abs() > 0.99),
+    ],
+    ids=["hardtanh_2", "hardtanh", "hardsigmoid", "tanh"],
+)
+def test_saturation_is_the_flat_part_of_the_activation_it_is(act, flat):
+    """Hardtanh(−2, 2) is flat only at ±2: at 1.5 it passes the whole gradient."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 32)
+    with torch.no_grad():
+        linear.weight.mul_(4)
+    model = nn.Sequential(linear, act)
+    x = torch.randn(64, 16)  # 2048 outputs: the sample is the whole output
+    with Probe(model) as probe:
+        out = model(x)
+    assert probe.records("1")[0]["saturated"] == pytest.approx(flat(out).float().mean().item())
+    edges, _ = probe.histogram("1")
+    assert edges[0] <= out.min().item() and edges[-1] >= out.max().item()  # the range covers its outputs
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{"bins": 0}, {"bins": 2.5}, {"sample_size": 0}, {"sample_size": True}, {"budget": 2.0}, {"budget": 1}],
+)
+def test_probe_arguments_that_cannot_work_are_refused_up_front(arguments):
+    with pytest.raises((ValueError, TypeError), match=next(iter(arguments))):
+        Probe(nn.Sequential(nn.Linear(4, 4)), **arguments)

@@ -70,9 +70,9 @@ def diagnose(
       first's (activations shrinking toward 0 with depth), compared within each stretch
       between normalization layers (a norm resets the scale);
     - saturation: a tanh/sigmoid layer has more than ``saturation_threshold`` of its
-      outputs in the flat tails;
+      outputs in the flat tails (Hardtanh/Hardsigmoid: at their bounds);
     - dead units: more than ``dead_threshold`` of a layer's units pass no gradient
-      anywhere on the batch (ReLU never positive; ReLU6 stuck at 0 or 6; Hardswish at 0)
+      anywhere on the batch (ReLU never positive; ReLU6 stuck at 0 or 6; Hardswish below −3)
       — measured only for activations that have such a flat region;
     - statistic drift: a BatchNorm's batch statistics (over valid positions, for a
       masked layer) are more than ``drift_threshold`` running standard deviations away
@@ -182,8 +182,8 @@ def diagnose(
             Finding(
                 "saturation",
                 list(saturated),
-                f"Saturated units (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]): {_fmt(saturated, 2)} "
-                f"of outputs in the flat tails, where the gradient is almost 0.",
+                f"Saturated units (tanh |a| ≥ 0.99, sigmoid outside [0.01, 0.99], Hardtanh/Hardsigmoid at their "
+                f"bounds): {_fmt(saturated, 2)} of outputs in the flat tails, where the gradient is almost 0.",
                 "The pre-activations are too large: use Xavier initialization (gain 1 for tanh, the 4x bound "
                 "for sigmoid), add normalization before the activation, or lower the learning rate.",
                 {"saturated": saturated},

@@ -21,13 +21,13 @@ from .layers import (
     unit_dims,
 )
 from .summaries import (
-    SATURATING,
     SampleIndex,
     accumulation_dtype,
     capture_activation,
     capture_batch_moments,
     capture_gradient,
     norms,
+    saturation_band,
     summarize_records,
 )
 
@@ -100,7 +100,8 @@ class Probe:
     and a fixed-bin histogram; the dead fraction (units whose activation's slope is below
     1e-6 at every position of the batch; see
     :func:`~normlab.diagnostics.summaries.dead_unit_rule`) or the saturated fraction
-    (tanh |a| > 0.99, sigmoid outside [0.01, 0.99]); the norm and std of the gradient
+    (tanh |a| ≥ 0.99, sigmoid outside [0.01, 0.99], Hardtanh/Hardsigmoid at their
+    bounds); the norm and std of the gradient
     reaching the output and of the weight's gradient, and their ratio to the weight's
     norm; the update-to-weight ratio per optimizer step (pass ``optimizer``); and, for
     BatchNorm layers in training, how far the batch statistics (over the valid positions
@@ -120,8 +121,8 @@ class Probe:
     Args:
         layers: which layers — types, names or fnmatch patterns, or ``f(name, module)``.
         bins: histogram bins. ``hist_range``: (lo, hi) for every layer; by default each
-            layer's range is fixed at its first record ([−1, 1] for tanh, [0, 1] for
-            sigmoid, else ± the next 1-2-5 bound above its largest |value|) so its
+            layer's range is fixed at its first record (a saturating activation's output
+            range, [−1, 1] for tanh, [0, 1] for sigmoid, else ± the next 1-2-5 bound above its largest |value|) so its
             histograms stay comparable across steps.
         gradients, weights: record output gradients / weight gradients.
         record_eval: also record eval-mode forwards (without an optimizer, each counts as
@@ -167,8 +168,11 @@ class Probe:
             raise TypeError(f"Probe needs an nn.Module, got {type(model).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        if budget < 2:
-            raise ValueError(f"budget must be >= 2 records per layer, got {budget}")
+        for name, value, least in (("budget", budget, 2), ("bins", bins, 1), ("sample_size", sample_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
         if hist_range is not None and not hist_range[0] < hist_range[1]:
             raise ValueError(f"hist_range must be (lo, hi) with lo < hi, got {hist_range}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -479,11 +483,9 @@ class Probe:
         if self.hist_range is not None:
             return self.hist_range
         if layer not in self._ranges:
-            kind = SATURATING.get(type(self.layers[layer]))
-            if kind == "tanh":
-                self._ranges[layer] = (-1.0, 1.0)
-            elif kind == "sigmoid":
-                self._ranges[layer] = (0.0, 1.0)
+            band = saturation_band(self.layers[layer])
+            if band is not None:
+                self._ranges[layer] = band[0]
             else:
                 first = next((r for r in self._series[layer].records if "_sample" in r), None)
                 if first is None:
@@ -498,8 +500,8 @@ class Probe:
 
     def _summarized(self, layer: str) -> list[dict]:
         records = self._series[layer].records
-        kind = SATURATING.get(type(self.layers[layer]))
-        summarize_records(records, bins=self.bins, hist_range=self._range(layer), kind=kind)
+        band = saturation_band(self.layers[layer])
+        summarize_records(records, bins=self.bins, hist_range=self._range(layer), band=band)
         return records
 
     def records(self, layer: str) -> list[dict]:

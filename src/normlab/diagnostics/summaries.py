@@ -24,6 +24,7 @@ __all__ = [
     "SATURATING",
     "DeadRule",
     "SampleIndex",
+    "saturation_band",
     "activation_summary",
     "batch_vs_running",
     "capture_activation",
@@ -56,8 +57,27 @@ ACTIVATIONS: tuple[type, ...] = (
     nn.Hardtanh,
     nn.Hardsigmoid,
 )
-#: Activations that saturate, with the band counted as saturated.
-SATURATING = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardtanh: "tanh", nn.Hardsigmoid: "sigmoid"}
+#: Activations that saturate.
+SATURATING: tuple[type, ...] = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid)
+
+
+def saturation_band(module: nn.Module | None) -> tuple[tuple[float, float], float, float] | None:
+    """(the activation's output range, lo, hi): an output ≤ lo or ≥ hi is saturated, where
+    the slope is (almost) 0 — tanh |a| ≥ 0.99 (slope ≤ 0.02), sigmoid outside
+    [0.01, 0.99], Hardtanh and Hardsigmoid at their bounds (their flat parts; inside them
+    the slope is the full 1 or 1/6). None for other layers. Exact types only (ReLU6 is a
+    Hardtanh subclass that does not saturate in this sense)."""
+    kind = type(module)
+    if kind is nn.Tanh:
+        return (-1.0, 1.0), -0.99, 0.99
+    if kind is nn.Sigmoid:
+        return (0.0, 1.0), 0.01, 0.99
+    if kind is nn.Hardtanh:
+        return (module.min_val, module.max_val), module.min_val, module.max_val
+    if kind is nn.Hardsigmoid:
+        return (0.0, 1.0), 0.0, 1.0
+    return None
+
 
 _QUANTILES = (0.15, 0.50, 0.85)
 
@@ -337,7 +357,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
-def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[float, float], kind) -> list[dict]:
+def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[float, float], band) -> list[dict]:
     """Mean, std, percentiles, histogram (and saturation) of each sample's finite values,
     for samples of one length at once, on the host: one transfer, then NumPy (whose sort
     is some 20x faster than torch's on the CPU at these sizes)."""
@@ -365,10 +385,9 @@ def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[f
         counts = np.bincount((which + rows).ravel(), minlength=stacked.shape[0] * (bins + 1))
         hist = counts.reshape(-1, bins + 1)[:, :bins] / count[:, None]
         columns = {"mean": mean, "std": std, "p15": quantiles[:, 0], "p50": quantiles[:, 1], "p85": quantiles[:, 2]}
-        if kind == "tanh":
-            columns["saturated"] = (finite & (np.abs(stacked) > 0.99)).sum(1) / count
-        elif kind == "sigmoid":
-            columns["saturated"] = (finite & ((stacked < 0.01) | (stacked > 0.99))).sum(1) / count
+        if band is not None:
+            _, low_end, high_end = band
+            columns["saturated"] = (finite & ((stacked <= low_end) | (stacked >= high_end))).sum(1) / count
     lists = {key: values.tolist() for key, values in columns.items()}
     hist_rows = hist.tolist()
     out = []
@@ -424,9 +443,10 @@ _SCALARS = (
 )
 
 
-def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float, float], kind: str | None) -> None:
+def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float, float], band=None) -> None:
     """Turn the captured tensors of ``records`` (one layer's) into numbers, in place;
-    records with nothing pending are left alone, so reading twice costs nothing."""
+    records with nothing pending are left alone, so reading twice costs nothing.
+    ``band``: the layer's :func:`saturation_band`, for the saturated fraction."""
     pending = [r for r in records if any(k.startswith("_") or isinstance(v, torch.Tensor) for k, v in r.items())]
     if not pending:
         return
@@ -436,7 +456,7 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
         if "_sample" in record:
             by_length.setdefault(record["_sample"].numel(), []).append(i)
     for indices in by_length.values():
-        stats = _sample_stats([pending[i]["_sample"] for i in indices], bins=bins, hist_range=hist_range, kind=kind)
+        stats = _sample_stats([pending[i]["_sample"] for i in indices], bins=bins, hist_range=hist_range, band=band)
         for i, row in zip(indices, stats):
             sample = pending[i].pop("_sample")
             pending[i].update(row)
@@ -480,9 +500,9 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
             record[key] = record[key].item()
 
 
-def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], kind: str | None) -> dict:
+def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], band=None) -> dict:
     """One record's captured tensors as numbers, in place (see :func:`summarize_records`)."""
-    summarize_records([record], bins=bins, hist_range=hist_range, kind=kind)
+    summarize_records([record], bins=bins, hist_range=hist_range, band=band)
     return record
 
 
@@ -497,9 +517,9 @@ def activation_summary(
 ) -> dict:
     """Everything at once, for one tensor (capture + summarize); ``module`` is the
     activation that produced it (for the dead fraction and saturation)."""
-    kind = SATURATING.get(type(module)) if module is not None else None
+    band = saturation_band(module)
     rule = dead_unit_rule(module) if module is not None else None
     if rule is not None and rule.source == "input":
         rule = None  # only the output is given here
     raw = capture_activation(x, SampleIndex(limit), rule, unit_dim)
-    return summarize(raw, bins=bins, hist_range=hist_range, kind=kind)
+    return summarize(raw, bins=bins, hist_range=hist_range, band=band)
