@@ -319,3 +319,49 @@ def test_lsuv_says_when_a_parametrization_fixes_the_scale():
         result = I.lsuv_(model, torch.randn(256, 16) * 5, tol=0.05)
     assert not result[0].converged and result[0].scale == 1.0
     assert result[1].converged
+
+
+class _Tied(nn.Module):
+    """Two Linear layers holding one weight Parameter (tied, as embeddings and output
+    projections are)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_lsuv_reports_what_tied_layers_output_at_the_end():
+    """Rescaling ``b`` rescales ``a`` too: a result that says ``a`` has unit std while
+    it outputs std 4 is a lie. Tied layers are one weight, rescaled once by the std of
+    all their outputs, each call's std listed."""
+    torch.manual_seed(0)
+    model, x = _Tied(), torch.randn(256, 16) * 4
+    result = {r.name: r for r in I.lsuv_(model, x, tol=0.1)}
+    (a_out,) = _outputs_of(model, model.a, x)
+    (b_out,) = _outputs_of(model, model.b, x)
+    assert set(result) == {"a"}  # one weight, one entry, under the first layer's name
+    assert result["a"].call_stds == pytest.approx((a_out.std().item(), b_out.std().item()), rel=1e-5)
+    assert result["a"].converged == all(abs(s - 1) < 0.1 for s in result["a"].call_stds)
+
+
+def test_lsuv_leaves_a_layer_it_cannot_rescale_as_it_was():
+    """On an all-zero batch the first layer's output is its bias whatever its weight: the
+    weight it was given back, the scale 1, and the warning names that cause too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.warns(RuntimeWarning, match="its input is 0"):
+        result = I.lsuv_(model, torch.zeros(8, 16), generator=torch.Generator().manual_seed(0))
+    reference = nn.Linear(16, 8)
+    I.orthogonal_(reference.weight, generator=torch.Generator().manual_seed(0))
+    assert result[0].scale == 1.0 and torch.equal(model[0].weight, reference.weight)
+
+
+def test_lsuv_refuses_the_meta_device_with_a_reason():
+    model = nn.Sequential(nn.Linear(16, 8)).to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        I.lsuv_(model, torch.randn(4, 16, device="meta"))

@@ -36,6 +36,13 @@ class LSUVLayer:
     call_stds: tuple[float, ...] = ()  # the output std of each call, in call order
 
 
+def _tensors(batch) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
 def _forward(model, batch):
     with torch.no_grad():
         if isinstance(batch, (tuple, list)):
@@ -139,8 +146,9 @@ def lsuv_(
     Returns one :class:`LSUVLayer` per layer, in execution order: the scale applied, the
     iterations it took, the output std and whether it converged. A layer called more than
     once per forward is rescaled by the std of all its outputs together, and counts as
-    converged only if every call's std is within ``tol`` (``call_stds`` lists them). Layers
-    that never run on the batch are left alone. Weights under a parametrization
+    converged only if every call's std is within ``tol`` (``call_stds`` lists them); so are
+    layers that hold one weight Parameter (tied), listed once under the first one's name.
+    Layers that never run on the batch are left alone. Weights under a parametrization
     (``weight_norm``, also the older hook form) are set through it; a layer whose output
     does not change when its weight is scaled (``spectral_norm``) is left as it is, with a
     warning. The model's training flag is kept; the passes run in eval mode so that
@@ -155,6 +163,20 @@ def lsuv_(
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYER_TYPES)}
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv layer to initialize")
+    if any(t.is_meta for t in (*model.parameters(), *_tensors(batch))):
+        raise InputError(
+            "lsuv_ measures output standard deviations on real data; the model or batch is on the meta "
+            "device (shapes only): move both to a real device first (model.to_empty(device=...) and load weights)"
+        )
+    # Layers holding one weight Parameter (tied) are one weight to rescale: the first
+    # layer that has it stands for them all, its outputs pooled with theirs.
+    owner: dict[int, str] = {}
+    for name, m in layers.items():
+        owner.setdefault(id(m.weight) if not parametrize.is_parametrized(m, "weight") else id(m), name)
+    group = {
+        name: owner[id(m.weight) if not parametrize.is_parametrized(m, "weight") else id(m)]
+        for name, m in layers.items()
+    }
     if orthonormal:
         for name, m in layers.items():
             weight = _current_weight(m)
@@ -175,7 +197,7 @@ def lsuv_(
         outputs.clear()
         _forward(model, batch)
 
-    handles = [m.register_forward_hook(watch(name)) for name, m in layers.items()]
+    handles = [m.register_forward_hook(watch(group[name])) for name, m in layers.items()]
     was_training = model.training
     model.eval()
     results = []
@@ -189,19 +211,23 @@ def lsuv_(
                 if not std > 0 or not torch.isfinite(torch.tensor(std)):
                     break  # a dead or non-finite output cannot be rescaled
                 factor = target_std / std
-                _set_weight(module, name, _current_weight(module) * factor)
+                unscaled = _current_weight(module).clone()
+                _set_weight(module, name, unscaled * factor)
                 scale *= factor
                 iterations += 1
                 run()
                 previous, (std, per_call) = std, _stds(outputs[name], mask, name, module)
                 if std == previous and abs(factor - 1) > 1e-3:
-                    scale /= factor  # it had no effect
+                    scale /= factor  # it had no effect: undone
+                    _set_weight(module, name, unscaled)
                     warnings.warn(
-                        f"lsuv_: scaling the weight of {name!r} does not change its output (a parametrization "
-                        f"such as spectral_norm fixes its scale); left as it is",
+                        f"lsuv_: scaling the weight of {name!r} does not change its output (its input is 0 on "
+                        f"this batch, or a parametrization such as spectral_norm fixes its scale); left as it is",
                         RuntimeWarning,
                         stacklevel=2,
                     )
+                    run()
+                    std, per_call = _stds(outputs[name], mask, name, module)
                     break
             converged = all(abs(s - target_std) < tol for s in (std, *per_call))
             results.append(LSUVLayer(name, scale, iterations, std, converged, per_call))
