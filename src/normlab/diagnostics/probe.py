@@ -103,7 +103,8 @@ class Probe:
     (tanh |a| ≥ 0.99, sigmoid outside [0.01, 0.99], Hardtanh/Hardsigmoid at their
     bounds); the norm and std of the gradient
     reaching the output and of the weight's gradient, and their ratio to the weight's
-    norm; the update-to-weight ratio per optimizer step (pass ``optimizer``); and, for
+    norm; the update-to-weight ratio per optimizer step (pass ``optimizer``), also without its
+    weight decay (``learning_ratio``, where the decay can be split off); and, for
     BatchNorm layers in training, how far the batch statistics (over the valid positions
     when the layer is given a ``mask``) are from the running ones.
 
