@@ -221,3 +221,29 @@ def test_saturation_is_the_flat_part_of_the_activation_it_is(act, flat):
 def test_probe_arguments_that_cannot_work_are_refused_up_front(arguments):
     with pytest.raises((ValueError, TypeError), match=next(iter(arguments))):
         Probe(nn.Sequential(nn.Linear(4, 4)), **arguments)
+
+
+class _LSTMReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+        self.act = nn.ReLU()
+        with torch.no_grad():  # gates i, f, g, o: input gate open, cell input −1 on 12 of 16 units
+            self.rnn.bias_ih_l0[:16] = 100.0
+            self.rnn.bias_ih_l0[32:44] = -100.0
+
+    def forward(self, x):
+        return self.act(self.rnn(x)[0])
+
+
+def test_dead_units_after_an_lstm_are_its_hidden_units():
+    """h = o · tanh(c) with c ≤ −1 on 12 of 16 hidden units: the ReLU after it is dead
+    there, at every time step — the hidden units are the last dim, not time."""
+    torch.manual_seed(0)
+    model, x = _LSTMReLU(), torch.randn(4, 20, 8)
+    with torch.no_grad():
+        hidden = model.rnn(x)[0]
+    truth = (hidden.reshape(-1, 16).amax(0) <= 0).float().mean().item()
+    with Probe(model) as probe:
+        model(x).sum().backward()
+    assert truth == 0.75 and probe.records("act")[0]["dead"] == truth

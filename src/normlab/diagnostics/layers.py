@@ -96,7 +96,7 @@ def _unit_axis(module: nn.Module) -> int | None:
     """Where a layer's output keeps its units: dim 1 for channels-first layers (conv,
     BatchNorm, GroupNorm, InstanceNorm, LayerNorm2d, FRN, EvoNorm, SwitchableNorm), the
     last dim for feature-last ones (Linear, LayerNorm, RMSNorm, ScaleNorm, Embedding,
-    attention), DyT and Derf as their ``channels_last`` says; None for layers that keep
+    attention, RNN/LSTM/GRU, transformer layers), DyT and Derf as their ``channels_last`` says; None for layers that keep
     their input's layout (activations, pooling, dropout, ...)."""
     if isinstance(module, nln.LayerNorm2d):
         return 1
@@ -106,6 +106,8 @@ def _unit_axis(module: nn.Module) -> int | None:
         return -1  # over the trailing dims, as LayerNorm
     if isinstance(module, (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention)):
         return -1
+    if isinstance(module, (nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return -1  # (batch, time, hidden) or (time, batch, hidden): hidden units last either way
     if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
         return -1
     if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)):

@@ -31,6 +31,7 @@ _COLUMNS = [
     "weight_grad_norm",
     "relative_grad",
     "update_ratio",
+    "learning_ratio",
     "mean_drift",
 ]
 
