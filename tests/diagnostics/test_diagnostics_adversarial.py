@@ -247,3 +247,32 @@ def test_dead_units_after_an_lstm_are_its_hidden_units():
     with Probe(model) as probe:
         model(x).sum().backward()
     assert truth == 0.75 and probe.records("act")[0]["dead"] == truth
+
+
+class _Offset(nn.Module):
+    def forward(self, x):
+        return x + 1e6
+
+
+def test_a_float64_model_is_summarized_in_float64():
+    """Outputs near 1e6 with std 0.2: float32 holds them in steps of 1/16, which moved
+    the std by 2%; a float64 model's numbers keep its precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _Offset(), nn.ReLU()).double()
+    with Probe(model) as probe:
+        out = model(torch.randn(64, 8, dtype=torch.float64))
+    record = probe.records("2")[0]  # 512 values: the sample is the whole output
+    assert record["std"] == pytest.approx(out.std(correction=0).item(), rel=1e-9)
+    assert record["p50"] == pytest.approx(out.quantile(0.5).item(), rel=1e-12)
+
+
+def test_the_drift_of_a_float64_batchnorm_keeps_its_precision():
+    bn = nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        bn.running_mean.fill_(1e6)
+        bn.running_var.fill_(1e-4)
+    x = 1e6 + 0.01 * torch.randn(256, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    truth = ((x - 1e6).mean(0).abs() / (1e-4 + bn.eps) ** 0.5).mean().item()  # deviations first: exact
+    with Probe(nn.Sequential(bn)) as probe:
+        probe.model(x)
+    assert probe.records("0")[0]["mean_drift"] == pytest.approx(truth, rel=1e-9)

@@ -286,7 +286,8 @@ def capture_batch_moments(
     """
     channels = x.shape[1]
     rows = x.detach().transpose(0, 1).reshape(channels, -1)  # (C, N·spatial), a copy
-    deviation = rows.float() - running_mean.detach().float().unsqueeze(1)
+    wide = torch.promote_types(x.dtype, torch.float32)  # float32 at least; float64 stays float64
+    deviation = rows.to(wide) - running_mean.detach().to(wide).unsqueeze(1)
     if mask is None:
         count = float(rows.shape[1])
         first, second = deviation.sum(1), torch.linalg.vector_norm(deviation, dim=1).square()
@@ -297,7 +298,7 @@ def capture_batch_moments(
     return {
         "_drift_shift": first / count,
         "_drift_second": second / count,
-        "_drift_sigma2": running_var.detach().float() + eps,  # a copy
+        "_drift_sigma2": running_var.detach().to(wide) + eps,  # a copy
         "_drift_eps": eps,
     }
 
@@ -329,7 +330,7 @@ def _drift_rows(records: list[dict]) -> list[dict]:
     results = {}
     for group in by_channels.values():
         shift, second, sigma2 = (
-            torch.stack([r.pop(key).detach().float().cpu() for r in group])
+            torch.stack([r.pop(key).detach().double().cpu() for r in group])
             for key in ("_drift_shift", "_drift_second", "_drift_sigma2")
         )
         eps = torch.tensor([r.pop("_drift_eps") for r in group]).unsqueeze(1)
@@ -361,7 +362,10 @@ def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[f
     """Mean, std, percentiles, histogram (and saturation) of each sample's finite values,
     for samples of one length at once, on the host: one transfer, then NumPy (whose sort
     is some 20x faster than torch's on the CPU at these sizes)."""
-    stacked = torch.stack(samples).detach().float().cpu().numpy()  # (records, values), float32
+    # (records, values): float32, or float64 for a float64 model (float32 would round 1e6 + x
+    # to steps of 1/16)
+    wide = torch.float64 if any(sample.dtype == torch.float64 for sample in samples) else torch.float32
+    stacked = torch.stack(samples).detach().to(wide).cpu().numpy()
     finite = np.isfinite(stacked)
     everywhere = bool(finite.all())  # the usual case: no masking passes needed
     count = finite.sum(1)
@@ -422,7 +426,7 @@ def _dead_fractions(unit_max: torch.Tensor) -> list[float]:
 def _to_host(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
     """The scalar tensors under ``keys`` of every record, as floats, in one transfer."""
     found = [(i, key) for i, record in enumerate(records) for key in keys if isinstance(record.get(key), torch.Tensor)]
-    values = torch.stack([records[i][key].detach().float().cpu() for i, key in found]).tolist() if found else []
+    values = torch.stack([records[i][key].detach().double().cpu() for i, key in found]).tolist() if found else []
     out: list[dict] = [{} for _ in records]
     for (i, key), value in zip(found, values):
         out[i][key] = value
