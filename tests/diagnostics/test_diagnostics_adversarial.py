@@ -276,3 +276,36 @@ def test_the_drift_of_a_float64_batchnorm_keeps_its_precision():
     with Probe(nn.Sequential(bn)) as probe:
         probe.model(x)
     assert probe.records("0")[0]["mean_drift"] == pytest.approx(truth, rel=1e-9)
+
+
+class _NoLearningRate(torch.optim.Optimizer):
+    """A custom optimizer with decay and no numeric learning rate in its groups."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": None, "weight_decay": 0.1, "decoupled_weight_decay": True})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(0.99).add_(p.grad, alpha=-0.01)
+
+
+def test_a_custom_optimizer_without_a_numeric_learning_rate_trains_unchanged():
+    finals = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        optimizer = _NoLearningRate(model.parameters())
+        probe = Probe(model, optimizer=optimizer).attach() if probed else None
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(5, 4, generator=torch.Generator().manual_seed(1))).sum().backward()
+            optimizer.step()
+        if probe:
+            records = probe.records("0")
+            assert "update_ratio" in records[0] and "learning_ratio" not in records[0]  # cannot be split
+            probe.detach()
+        finals.append(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(finals[0].values(), finals[1].values()))

@@ -46,14 +46,23 @@ def _nice_bound(value: float) -> float:
 
 
 def _weight_decay(optimizer: torch.optim.Optimizer, group: dict) -> tuple[float, bool]:
-    """(lr · weight decay, whether it is decoupled) of a parameter group: decoupled decay
-    (AdamW, or ``decoupled_weight_decay=True``) multiplies the weight by 1 − lr·wd apart
-    from the step; coupled decay (SGD, Adam, ...) adds wd·w to the gradient the step uses."""
-    decay = float(group.get("weight_decay", 0.0) or 0.0)
-    if not decay:
+    """(the shrink lr · weight decay, whether the step's learning part can be split off) of
+    a parameter group. Decoupled decay (AdamW, or ``decoupled_weight_decay=True``)
+    multiplies the weight by 1 − lr·wd apart from the step: it can. Coupled decay (SGD,
+    Adam, ...) adds wd·w to the gradient the step uses: it cannot, nor can a decay whose
+    learning rate is not a number (a custom optimizer)."""
+    try:
+        decay = float(group.get("weight_decay", 0.0) or 0.0)
+    except (TypeError, ValueError):
         return 0.0, False
-    decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(optimizer, torch.optim.AdamW)
-    return float(group["lr"]) * decay, decoupled
+    if not decay:
+        return 0.0, True
+    if not (group.get("decoupled_weight_decay", False) or isinstance(optimizer, torch.optim.AdamW)):
+        return 0.0, False
+    try:
+        return float(group["lr"]) * decay, True
+    except (KeyError, TypeError, ValueError):
+        return 0.0, False
 
 
 class _Series:
@@ -208,7 +217,7 @@ class Probe:
         self._current: dict[str, dict] = {}
         self._moments: dict[str, dict] = {}
         self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._decay: dict[str, tuple[float, bool]] = {}  # layer → (lr·weight decay, decoupled)
+        self._decay: dict[str, tuple[float, bool]] = {}  # layer → (lr·weight decay to undo, splittable)
         self._recorded_steps = 0
         self._unrecordable: dict[str, str] = {}  # layer → why its output cannot be recorded
         self._compiled_inside = False
@@ -407,7 +416,7 @@ class Probe:
                 changes = norms(torch._foreach_sub(after, before))
                 # Decoupled decay first shrinks w by lr·wd, then the step proper moves it:
                 # the learning part is what is left after that shrink.
-                shrunk = [n for n in names if self._decay[n][1]]
+                shrunk = [n for n in names if self._decay[n][0]]
                 learned = dict(zip(names, changes))
                 if shrunk:
                     kept = [self._snapshot[n][0].mul_(1.0 - self._decay[n][0]) for n in shrunk]
@@ -419,8 +428,7 @@ class Probe:
                 record = self._current[name]
                 record["_update_change"] = change
                 record["_update_norm"] = self._snapshot[name][1]
-                coupled = self._decay[name][0] and not self._decay[name][1]
-                if not coupled:  # coupled decay is inside the step: no learning part to split off
+                if self._decay[name][1]:  # coupled decay is inside the step: no learning part to split off
                     record["_learning_change"] = learned[name]
             self._snapshot = {}
         self.step += 1
