@@ -9,7 +9,9 @@ Modules and functionals call :func:`channel_norm` the same way. It asks the path
   eps = 0 or one value per group in training) the checks below report why;
 * kernels, operator — ``torch.ops.normlab.channel_norm`` (and the in-place Function);
 * native — torch's ops (:mod:`normlab.core.native`);
-* composed — normlab's ops (:mod:`normlab.core.composed`), masks included.
+* composed — normlab's ops (:mod:`normlab.core.composed`), masks included;
+* triton — the Triton kernels' backend (:mod:`normlab.core.kernels.triton.backend`): masks,
+  a fused activation, in place, and BatchNorm's running update in one launch.
 
 A module's call arrives unchecked: its constructor checked what it fixes, and everything
 that depends on the input is checked here (:func:`normlab.core.call_checks.check_channel_args`)
@@ -64,7 +66,15 @@ def channel_norm(
     """
     if inplace and (not batch_stats or mask is not None):
         inplace = False  # nothing to save memory on: given statistics or a mask compute out of place
-    decision = choose_path(x, CHANNEL, operation, given=not batch_stats, mask=mask, inplace=inplace)
+    decision = choose_path(
+        x,
+        CHANNEL,
+        operation,
+        given=not batch_stats,
+        mask=mask,
+        inplace=inplace,
+        call=(weight, bias, running, groups, activation, prelu_weight),
+    )
     if decision is KERNELS_DIRECT and not inplace:
         out = _cpu.module.channel_norm(
             x, weight, bias, running, groups, batch_stats, eps, ACTIVATIONS[activation].code, param, prelu_weight
@@ -104,6 +114,8 @@ def channel_norm(
         if how == "pointwise":
             return composed.pointwise_given_norm(x, weight, bias, running, eps, act)
         return composed.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace)
+    # triton: the running estimates are updated by the kernels' backend (inside the launch for
+    # BatchNorm), never a second time here
     return _gpu_kernels[0].channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
 
 

@@ -20,7 +20,14 @@ from .moments import COMPUTE_DTYPES
 from .normalize import normalize_batch, normalize_given
 from .running import RunningStats
 
-__all__ = ["channel_norm", "channels_first_row_norm", "masked_channel_norm", "pointwise_given_norm", "row_norm"]
+__all__ = [
+    "channel_norm",
+    "channels_first_row_norm",
+    "masked_channel_norm",
+    "pointwise_given_norm",
+    "row_norm",
+    "update_masked",
+]
 
 
 def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -123,11 +130,11 @@ def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running
     if act[0] != "identity":
         y = apply_activation(y, *act)
     if batch_stats and running is not None and running.running_mean is not None:
-        _update_masked(running, shift + offset, var, count, groups)
+        update_masked(running, shift + offset, var, count, groups)
     return y
 
 
-def _update_masked(running: RunningStats, mean, var, count, groups) -> None:
+def update_masked(running: RunningStats, mean, var, count, groups) -> None:
     """Merge a masked batch: BatchNorm's statistics over the valid count (a batch with fewer
     than 2 valid values is not merged); InstanceNorm's instances each unbiased with their own
     count, then averaged over those with at least 2 — without a host sync off the CPU."""

@@ -12,21 +12,24 @@ The answer is a :class:`Decision` ``(path, how, reason)``:
 path        what runs
 =========== ========================================================================
 kernels     normlab's compiled kernels (:mod:`normlab.core.kernels.cpu`): float32 CPU
+triton      normlab's Triton kernels (:mod:`normlab.core.kernels.triton`): CUDA tensors,
+            or CPU tensors under Triton's interpreter when the backend is forced;
+            float32, float16, bfloat16; fused activation, masks, in place, add + norm
 native      torch's own norm ops: what exporters, ``torch.func``, tensor subclasses
             and other dtypes and devices get (:mod:`normlab.core.native`)
 composed    normlab's composed torch ops (:mod:`normlab.core.composed`): any dtype and
-            device, normlab's accuracy; the only path for masks
-triton      GPU kernels: the row is in the table, it fires once
-            ``normlab.core.kernels.triton`` registers itself (:func:`register_gpu_kernels`)
+            device, normlab's accuracy; the masks' path where the Triton kernels do not run
 =========== ========================================================================
 
 ``how`` says how the path runs: kernels ``"direct"`` (the family's eager C++ entry, one
 crossing, a C++ autograd node), ``"operator"`` (``torch.ops.normlab.*`` on real tensors,
 which a mode must see) or ``"traced"`` (the operators inside torch.compile, on fake
-tensors: the running estimates are updated with torch ops there); native ``"export"`` (the ops exporters know, e.g.
-ONNX InstanceNormalization) or ``"eager"``; composed ``"eager"`` (closed-form autograd
-Functions), ``"reference"`` (plain differentiable ops, for export and ``torch.func``) or
-``"pointwise"`` (a compiled BatchNorm with given statistics, as ops the compiler fuses).
+tensors: the running estimates are updated with torch ops there); triton ``"eager"`` or
+``"traced"`` (its ``torch.ops.normlab.triton_*`` operators either way); native ``"export"``
+(the ops exporters know, e.g. ONNX InstanceNormalization) or ``"eager"``; composed
+``"eager"`` (closed-form autograd Functions), ``"reference"`` (plain differentiable ops, for
+export and ``torch.func``) or ``"pointwise"`` (a compiled BatchNorm with given statistics, as
+ops the compiler fuses).
 
 The table, first matching row wins:
 
@@ -37,16 +40,20 @@ The table, first matching row wins:
     or kernels, no tracer, mode, transform or forward AD, not
     empty, no mask; in place only in a layout the kernels read;
     RMSNorm only contiguous
-2   a mask                                                        composed, eager (or
+2   backend auto on a CUDA tensor, or forced to "triton"; no      triton, eager (traced
+    export, jit.trace, torch.func, forward AD, tensor subclass    in a compile)
+    outside a compile or empty input; not (auto) a compiled
+    BatchNorm with given statistics; the Triton kernels take the
+    call (their ``takes``: dtype, activation, layouts, sizes)
+3   a mask                                                        composed, eager (or
                                                                   reference under
                                                                   export / torch.func)
-3   backend forced to "composed"                                  composed, eager
-4   torch.export, ONNX export, jit.trace                          native, export
-5   a torch.func transform or forward-mode AD                     native, eager
-6   a tensor subclass (DTensor, ...), outside a compile           native, eager
-7   empty input                                                   native, eager
-8   backend forced to "native"                                    native, eager
-9   CUDA and GPU kernels registered that take the call            triton
+4   backend forced to "composed"                                  composed, eager
+5   torch.export, ONNX export, jit.trace                          native, export
+6   a torch.func transform or forward-mode AD                     native, eager
+7   a tensor subclass (DTensor, ...), outside a compile           native, eager
+8   empty input                                                   native, eager
+9   backend forced to "native", or to "triton" (row 2 refused)    native, eager
 10  float32 CPU: kernels unavailable                              composed, eager
 11  float32 CPU: LayerNorm2d on a layout that is not rows of C    composed, eager
 12  float32 CPU: in place on a layout the kernels do not read     composed, eager
@@ -60,13 +67,22 @@ The table, first matching row wins:
 and in place never runs native (torch has no in-place norm): a native answer becomes
 composed, eager. A forced backend that cannot take a call falls to the next one this way:
 kernels → native → composed ("kernels" on float64 runs native; "native" with a mask or in
-place runs composed); the reason says so. Forcing "kernels" where they cannot be built is an
-error.
+place runs composed), triton → native → composed (the reason names what the Triton kernels
+refused); the reason says so. Forcing "kernels" where they cannot be built is an error, and
+so is forcing "triton" where its kernels cannot run: without the ``triton`` package, with
+neither CUDA nor the interpreter, or on a CPU tensor when ``TRITON_INTERPRET=1`` was not set
+before the kernels were first imported (triton reads it once per process).
 
 Backends: :func:`set_backend` / :func:`use_backend` / ``NORMLAB_BACKEND`` take "auto" (the
-table), "kernels" ("fast" is an alias), "native" and "composed". ``with record_dispatch() as
-log`` collects ``(operation, path, reason)`` for every call decided in the block (eager
-calls; a compiled graph runs what was decided while tracing).
+table), "kernels" ("fast" is an alias: the CPU kernels; on CUDA it runs native), "triton",
+"native" and "composed". ``with record_dispatch() as log`` collects ``(operation, path,
+reason)`` for every call decided in the block (eager calls; a compiled graph runs what was
+decided while tracing).
+
+The Triton kernels are imported the first time the rule asks about a CUDA tensor or the
+backend is forced to "triton" (a CPU-only program never imports ``triton``); their adapter
+(:mod:`normlab.core.kernels.triton.backend`) is then registered with
+:func:`register_gpu_kernels`, which a test may also call with a stand-in.
 
 Row 1 is the common call, written to be cheap: one Python call besides this function
 (``torch.compiler.is_dynamo_compiling``), attribute reads, and one C call that reads the
@@ -109,7 +125,7 @@ KERNELS, NATIVE, COMPOSED, TRITON = "kernels", "native", "composed", "triton"
 #: The families, as choose_path's ``family``: channel norms; row norms over the trailing dims;
 #: rows over dim 1 of an (N, C, H, W) tensor (LayerNorm2d).
 CHANNEL, ROW, CHANNELS_FIRST = "channel", "row", "channels_first"
-BACKENDS = ("auto", KERNELS, NATIVE, COMPOSED)
+BACKENDS = ("auto", KERNELS, TRITON, NATIVE, COMPOSED)
 _ALIASES = {"fast": KERNELS}
 
 
@@ -143,7 +159,9 @@ def _initial_backend() -> str:
 
 _backend = [_initial_backend()]  # a list: read on every call without a global statement
 _logs: list[list] = []
-_gpu_kernels = [None]  # set by register_gpu_kernels
+_gpu_kernels = [None]  # the GPU kernels' adapter: loaded by _gpu_ready, or set by register_gpu_kernels
+_gpu_loaded = [False]  # whether _gpu_ready tried (or register_gpu_kernels set them)
+_gpu_missing = [""]  # why they could not be loaded
 
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace
@@ -202,11 +220,59 @@ def _note(operation: str, decision: Decision) -> None:
 
 
 def register_gpu_kernels(kernels) -> None:
-    """Plug in the GPU kernels (``normlab.core.kernels.triton`` calls this on import): an
-    object whose ``takes(x, family, given=, mask=, inplace=, centered=)`` says whether it
-    runs a call (row 9), and whose ``channel_norm`` / ``row_norm`` the families' entries then
-    call (arguments: :mod:`normlab.core.kernels`). None unregisters."""
+    """Plug in the GPU kernels (the rule loads the Triton kernels' adapter,
+    :data:`normlab.core.kernels.triton.backend.BACKEND`, by itself): an object whose
+    ``unavailable(x)`` says why its kernels cannot run on x's device here ("" where they
+    can), whose ``takes(x, family, call, given=, mask=, inplace=, centered=)`` answers
+    ``(True, "")`` or ``(False, why)`` for a call (row 2; ``call`` is what the family entry
+    passes: see :mod:`normlab.core.kernels`), and whose ``channel_norm`` / ``row_norm`` the
+    families' entries then call. None unregisters them: the rule loads the Triton kernels'
+    adapter again at its next question about a CUDA tensor or a forced "triton"."""
     _gpu_kernels[0] = kernels
+    _gpu_loaded[0] = kernels is not None
+
+
+@torch.compiler.assume_constant_result
+def _gpu_ready() -> bool:
+    # A constant to torch.compile: the import (triton, its kernels' definitions) never runs in
+    # a trace. Tried once per process, as triton reads TRITON_INTERPRET once.
+    if not _gpu_loaded[0]:
+        _gpu_loaded[0] = True
+        from .kernels import triton as triton_kernels
+
+        if not triton_kernels.available():
+            _gpu_missing[0] = triton_kernels.status()
+        else:
+            try:
+                from .kernels.triton.backend import BACKEND
+            except Exception as error:  # noqa: BLE001 (a broken triton install: say what it raised)
+                _gpu_missing[0] = f"the Triton kernels failed to import: {type(error).__name__}: {error}"
+            else:
+                _gpu_kernels[0] = BACKEND
+    return _gpu_kernels[0] is not None
+
+
+def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, compiling, exporting, transformed):
+    """None where the Triton kernels run this call (row 2); otherwise why not — "" where a
+    later row of the table says it (export, torch.func, a subclass, an empty input). A forced
+    "triton" that cannot run on x's device at all is an error."""
+    if exporting or transformed or (not compiling and type(x) not in _PLAIN) or x.numel() == 0:
+        return ""
+    if not _gpu_ready():
+        if forced == TRITON:
+            raise RuntimeError(f"backend 'triton' was forced but {_gpu_missing[0]}")
+        return _gpu_missing[0]
+    gpu = _gpu_kernels[0]
+    why = gpu.unavailable(x)
+    if why:
+        if forced == TRITON:
+            raise RuntimeError(f"backend 'triton' was forced but {why}")
+        return why
+    if forced != TRITON and compiling and given and family == CHANNEL and mask is None:
+        # as row 14: torch's eval BatchNorm compiles to pointwise ops fused with their neighbours
+        return "compiling with given statistics: torch's ops, which the compiler fuses"
+    ok, why = gpu.takes(x, family, call, given=given, mask=mask, inplace=inplace, centered=centered)
+    return None if ok else why
 
 
 @torch.compiler.assume_constant_result
@@ -233,12 +299,16 @@ def choose_path(
     mask: torch.Tensor | None = None,
     inplace: bool = False,
     centered: bool = True,
+    call: tuple = (),
 ) -> Decision:
     """The path of a call of ``family`` on ``x`` (see the module's table), recorded for
     :func:`record_dispatch` under ``operation``.
 
     ``given``: normalize with given (running) statistics; ``mask``: valid positions;
-    ``inplace``: the output overwrites the input; ``centered``: LayerNorm (False: RMSNorm).
+    ``inplace``: the output overwrites the input; ``centered``: LayerNorm (False: RMSNorm);
+    ``call``: the rest of the call, for the GPU kernels' question (channel: ``(weight, bias,
+    running, groups, activation, prelu_weight)``; row: ``(normalized_shape, weight,
+    residual)``).
     """
     compiling = _is_dynamo_compiling()
     forced = _backend[0]
@@ -263,34 +333,37 @@ def choose_path(
         return KERNELS_DIRECT
     exporting = torch.compiler.is_exporting() or _tracing_state() is not None
     transformed = not compiling and (_interpreters() is not None or _forward_ad._current_level >= 0)
-    gpu = _gpu_kernels[0]
+    refused = ""  # why the Triton kernels do not run a call that row 2 asked them about
     if not isinstance(x, torch.Tensor):  # the entry's checks report it
         decision = Decision(COMPOSED, "eager", f"not a tensor: {type(x).__name__}")
-    elif mask is not None:  # 2
+    elif (forced == TRITON or (forced == "auto" and x.is_cuda)) and (
+        refused := _triton_refusal(
+            x, family, call, given, mask, inplace, centered, forced, compiling, exporting, transformed
+        )
+    ) is None:
+        decision = Decision(TRITON, "traced" if compiling else "eager", "")  # 2
+    elif mask is not None:  # 3
         if exporting or transformed:
             decision = Decision(COMPOSED, "reference", "mask: differentiable ops")
         else:
             decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
-    elif forced == COMPOSED:  # 3
+    elif forced == COMPOSED:  # 4
         decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
-    elif exporting:  # 4
+    elif exporting:  # 5
         decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")
-    elif transformed:  # 5
+    elif transformed:  # 6
         decision = Decision(NATIVE, "eager", "torch.func transform or forward AD")
-    elif not compiling and type(x) not in _PLAIN:  # 6
+    elif not compiling and type(x) not in _PLAIN:  # 7
         decision = Decision(
             NATIVE, "eager", f"a tensor subclass ({type(x).__name__}): torch's ops, which it implements"
         )
-    elif x.numel() == 0:  # 7
+    elif x.numel() == 0:  # 8
         decision = Decision(NATIVE, "eager", "empty input")
-    elif forced == NATIVE:  # 8
+    elif forced == NATIVE:  # 9
         decision = Decision(NATIVE, "eager", "backend forced to 'native'")
-    elif (
-        gpu is not None
-        and x.is_cuda
-        and gpu.takes(x, family, given=given, mask=mask, inplace=inplace, centered=centered)
-    ):
-        decision = Decision(TRITON, "traced" if compiling else "direct", "")  # 9
+    elif forced == TRITON:  # 9: what the Triton kernels do not take
+        decision = Decision(NATIVE, "eager", f"backend 'triton' cannot take the call: {refused}; native")
+        refused = ""
     elif x.dtype is _F32 and x.is_cpu:
         if not (_kernels_built() if compiling else _cpu.load() is not None):  # 10
             if forced == KERNELS:
@@ -322,6 +395,8 @@ def choose_path(
         decision = Decision(NATIVE, "eager", f"backend 'kernels' cannot take {x.dtype} on {x.device.type}: native")
     else:  # 16
         decision = Decision(NATIVE, "eager", "not float32 CPU")
+    if refused:
+        decision = Decision(decision.path, decision.how, f"{decision.reason} (Triton kernels: {refused})")
     if inplace and decision.path == NATIVE:
         decision = Decision(COMPOSED, "eager", f"{decision.reason}; in place: torch has no in-place norm")
     if _logs and not compiling:

@@ -55,7 +55,7 @@ def row_norm(
             summed, normalized_shape, weight, bias, eps, centered=centered, operation=operation, checked=checked
         )
         return y, summed
-    decision = choose_path(x, ROW, operation, centered=centered)
+    decision = choose_path(x, ROW, operation, centered=centered, call=(normalized_shape, weight, residual))
     if decision is KERNELS_DIRECT:
         out = _cpu.module.row_norm(
             x, normalized_shape, weight, bias, _F32_EPS if eps is None else eps, centered, residual

@@ -1,0 +1,168 @@
+"""The Triton kernels as a backend of the path rule: the object
+:func:`normlab.core.paths.choose_path` asks (``unavailable``, ``takes``) and the families'
+entries call (``channel_norm``, ``row_norm``), with the arguments those entries pass after
+their checks (see :mod:`normlab.core.kernels`).
+
+What it adds to :mod:`.entries`:
+
+* the running-statistics policy (:class:`normlab.core.RunningStats`) handed to the kernel as
+  its fields — buffers, counter, momentum (None: cumulative), unbiased, on_nonfinite —
+  where BatchNorm's update runs inside the launch, so nothing updates them a second time;
+  InstanceNorm's estimates (per (sample, channel) statistics, which the kernel does not
+  merge) by the policy's own torch ops from the kernel's statistics, as the CPU kernels'
+  path and the composed masked path merge them;
+* InstanceNorm with given statistics (eval with running estimates) as what it is, a
+  per-channel normalization: the kernel's BatchNorm with given statistics;
+* the questions the entries' checks cannot answer for these kernels: a PReLU slope tensor
+  they can index, an in-place input whose memory they can write (a contiguous copy would
+  leave the caller's tensor untouched), RMSNorm's layout (torch's keeps the input's strides).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...composed import update_masked
+from ...paths import CHANNEL, ROW
+from . import entries
+from ._runtime import INTERPRETED
+from .channel import collapsible
+
+__all__ = ["BACKEND", "TritonBackend"]
+
+
+def _interpret_hint() -> str:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return (
+            "TRITON_INTERPRET=1 is set now but was not when the Triton kernels were first imported "
+            "(triton reads it once per process, when a kernel is defined): set it in the environment "
+            "before Python starts"
+        )
+    return (
+        "on CPU tensors they run only under Triton's interpreter, and TRITON_INTERPRET=1 was not set "
+        "(triton reads it once per process: set it in the environment before Python starts), or "
+        "pass CUDA tensors"
+    )
+
+
+class TritonBackend:
+    """The adapter registered with the path rule (one instance, :data:`BACKEND`)."""
+
+    name = "triton"
+
+    def unavailable(self, x: torch.Tensor) -> str:
+        """Why the kernels cannot run on ``x``'s device in this process ("" where they can)."""
+        kind = x.device.type
+        if kind == "meta":
+            return ""  # shapes only: the operators' fake kernels answer
+        if INTERPRETED:
+            if kind == "cpu":
+                return ""
+            return f"the Triton kernels run under the interpreter (TRITON_INTERPRET=1), on CPU tensors, not {kind}"
+        if kind == "cuda":
+            return ""
+        if kind == "cpu":
+            return f"the Triton kernels cannot run on a CPU tensor here: {_interpret_hint()}"
+        return f"the Triton kernels run on CUDA tensors, not {kind}"
+
+    def takes(self, x, family, call, *, given=False, mask=None, inplace=False, centered=True) -> tuple[bool, str]:
+        """``(True, "")`` where the kernels run this call, else ``(False, why)``: from the
+        call's metadata only (no host read). ``call`` as :func:`normlab.core.paths.choose_path`
+        documents it."""
+        if family == CHANNEL:
+            weight, bias, running, groups, activation, prelu_weight = call
+            if type(groups) is not int or type(activation) is not str:
+                return False, "arguments the checks will report"
+            if inplace and not collapsible(x):
+                return False, "in place on a layout the kernels do not read (a copy would leave the input untouched)"
+            has_running = running is not None and running.running_mean is not None
+            if given:
+                if not has_running:
+                    return False, "given statistics without running estimates (the checks report it)"
+                if groups > 0 and groups != x.shape[1]:
+                    return False, "given statistics for GroupNorm"
+            if prelu_weight is not None and (
+                type(prelu_weight) is not torch.Tensor
+                or prelu_weight.dim() != 1
+                or prelu_weight.stride(0) != 1
+                or prelu_weight.device != x.device
+            ):
+                return False, "a PReLU weight that is not a contiguous 1-D tensor on the input's device"
+            merged = has_running and (given or groups < 0)  # the estimates the kernel reads or updates
+            return entries.takes_channel(
+                x,
+                weight=weight,
+                bias=bias,
+                activation=activation,
+                running_mean=running.running_mean if merged else None,
+                running_var=running.running_var if merged else None,
+                batch_stats=not given,
+                groups=-1 if given else groups,
+            )
+        if family == ROW:
+            normalized_shape, weight, residual = call
+            if not centered and not x.is_contiguous():
+                # RMSNorm keeps its input's strides in torch; the kernels write contiguous rows
+                return False, "RMSNorm on a non-contiguous input"
+            try:
+                shape = tuple(int(d) for d in normalized_shape)
+            except TypeError:
+                return False, "a normalized_shape the checks will report"
+            return entries.takes_row(x, shape, weight, residual)
+        return False, "LayerNorm2d on a layout that is not rows of C: statistics over dim 1"
+
+    def channel_norm(self, x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask):
+        """The channel family's call (arguments as :func:`normlab.core.channel.channel_norm`'s,
+        checked): the output; the running estimates updated once."""
+        activation, param, prelu_weight = act
+        if not batch_stats:  # per-channel statistics, whatever the grouping (InstanceNorm's too)
+            return entries.channel_norm(
+                x,
+                weight,
+                bias,
+                eps=eps,
+                mask=mask,
+                batch_stats=False,
+                running_mean=running.running_mean,
+                running_var=running.running_var,
+                activation=activation,
+                param=param,
+                prelu_weight=prelu_weight,
+            ).y
+        tracked = running is not None and running.running_mean is not None
+        in_kernel = tracked and groups < 0  # BatchNorm: merged inside the launch
+        out = entries.channel_norm(
+            x,
+            weight,
+            bias,
+            groups=groups,
+            eps=eps,
+            mask=mask,
+            running_mean=running.running_mean if in_kernel else None,
+            running_var=running.running_var if in_kernel else None,
+            num_batches_tracked=running.num_batches_tracked if in_kernel else None,
+            momentum=running.momentum if in_kernel else 0.1,
+            unbiased=running.unbiased if in_kernel else True,
+            on_nonfinite=running.on_nonfinite if in_kernel else "skip",
+            activation=activation,
+            param=param,
+            prelu_weight=prelu_weight,
+            inplace=inplace,
+        )
+        if tracked and not in_kernel:  # InstanceNorm: the per-instance statistics averaged
+            mean, var = out.mean.detach(), out.var.detach()
+            if mask is not None:
+                update_masked(running, mean, var, out.count[:, 0].detach(), groups)
+            else:
+                running.update(mean, var, x[0, 0].numel())
+        return out.y
+
+    def row_norm(self, x, normalized_shape, weight, bias, eps, *, centered, residual=None):
+        """The row family's call (checked): y, or ``(y, x + residual)``."""
+        return entries.row_norm(x, tuple(normalized_shape), weight, bias, eps, centered=centered, residual=residual)
+
+
+#: The instance the path rule registers.
+BACKEND = TritonBackend()
