@@ -242,6 +242,11 @@ def _gpu_ready() -> bool:
 
         if not triton_kernels.available():
             _gpu_missing[0] = triton_kernels.status()
+            if "TRITON_INTERPRET" in _gpu_missing[0]:
+                _gpu_missing[0] += (
+                    "; triton reads TRITON_INTERPRET once per process, when its kernels are first "
+                    "defined: set it in the environment before Python starts"
+                )
         else:
             try:
                 from .kernels.triton.backend import BACKEND
