@@ -146,6 +146,24 @@ def test_fused_activation_layers_match_norm_then_activation(nl_module, torch_mod
     _compare(m, norm, shape, act=act)
 
 
+def test_prelu_slopes_reach_the_kernel_as_a_parameter():
+    m = nl.nn.BatchNormAct2d(4, activation="prelu").to(DEVICE)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.uniform_(0.1, 0.9)
+    composed = copy.deepcopy(m)
+    x, dy = torch.randn(2, 4, 3, 3, device=DEVICE), torch.randn(2, 4, 3, 3, device=DEVICE)
+    y, dx, grads, log = _step(m, x, dy)
+    assert [path for _, path, _ in log] == ["triton"]
+    with core.use_backend("composed"):
+        y_c, dx_c, grads_c, _ = _step(composed, x, dy)
+    torch.testing.assert_close(y, y_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_c, atol=1e-5, rtol=1e-5)
+    assert len(grads) == 3
+    for name, g in grads_c.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-4, rtol=1e-5, msg=name)
+
+
 def test_add_rms_norm_matches_the_sum_then_torch_rms_norm():
     m = nl.nn.AddRMSNorm(6).to(DEVICE)
     ref = torch.nn.RMSNorm(6).double()

@@ -84,7 +84,7 @@ class TritonBackend:
                 if groups > 0 and groups != x.shape[1]:
                     return False, "given statistics for GroupNorm"
             if prelu_weight is not None and (
-                type(prelu_weight) is not torch.Tensor
+                not isinstance(prelu_weight, torch.Tensor)
                 or prelu_weight.dim() != 1
                 or prelu_weight.stride(0) != 1
                 or prelu_weight.device != x.device
