@@ -12,18 +12,18 @@ nothing else chooses. How a backend plugs in (see ``docs/architecture.md``):
 1. An object with one entry per family, called by the families' entries after their checks:
    ``channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)``
    (``running`` a :class:`normlab.core.RunningStats` to use — ``batch_stats`` False — or to
-   update, ``act`` the activation's ``(name, param, prelu_weight)``) and
+   update, exactly once, ``act`` the activation's ``(name, param, prelu_weight)``) and
    ``row_norm(x, normalized_shape, weight, bias, eps, centered=, residual=)`` (returning
-   ``(y, x + residual)`` with a residual); and ``takes(x, family, given=, mask=, inplace=,
-   centered=)``, whether it runs a call.
+   ``(y, x + residual)`` with a residual); ``takes(x, family, call, given=, mask=, inplace=,
+   centered=)`` → ``(True, "")`` or ``(False, why)``, whether it runs a call (``call``: the
+   rest of the call, as :func:`normlab.core.paths.choose_path` documents it); and
+   ``unavailable(x)``, why it cannot run on x's device in this process ("" where it can).
 2. Its operators registered with ``torch.library`` (fake kernels included) so that traced
    code sees them, as :mod:`normlab.core.kernels.cpu.operators` does.
-3. :func:`normlab.core.paths.register_gpu_kernels` with that object: the path rule's row for
-   GPU kernels then asks ``takes`` — the rule stays the only place that decides.
-
-The Triton package's entries (``takes_channel``/``takes_row``, ``channel_norm``/``row_norm``
-with keyword arguments and the running buffers as tensors) are not registered yet: an adapter
-to the interface above, registered on import, is what wires them in.
+3. A row of the path rule that asks ``takes``: the GPU kernels' row loads
+   :mod:`normlab.core.kernels.triton.backend` the first time the rule is asked about a CUDA
+   tensor or a forced "triton" (:func:`normlab.core.paths.register_gpu_kernels` plugs in
+   another object) — the rule stays the only place that decides.
 """
 
 from . import cpu
