@@ -248,13 +248,17 @@ def test_bench_triton_refusals_without_a_gpu():
 def test_bench_triton_rows_run_and_agree(tmp_path):
     """Every row of the GPU script's Triton step runs (tiny shapes, under the interpreter) and
     agrees with torch.nn; the times mean nothing here."""
+    from normlab import core
     from normlab.bench.gpu import format_triton_rows, time_triton_rows
 
-    rows = time_triton_rows("cpu", repeats=1, small=True)
+    with core.record_dispatch() as log:
+        rows = time_triton_rows("cpu", repeats=1, small=True)
     assert len(rows) == 11
     for r in rows:
-        assert r["max_rel_diff"] < 1e-5, r["call"]
-        assert r["fwd_speedup"] > 0 and r["fb_bandwidth_vs_copy"] > 0
+        assert r["max_rel_diff"] < 1e-5, r["call"]  # the direct entry and the routed layer
+        assert r["fwd_speedup"] > 0 and r["layer_fb_speedup"] > 0 and r["fb_bandwidth_vs_copy"] > 0
+    assert log and {path for _, path, _ in log} == {"triton"}  # the layers reached the kernels
+    assert core.backend() == "auto"  # restored
     assert "BatchNorm2d + ReLU" in format_triton_rows(rows, "the interpreter")
 
 

@@ -125,7 +125,12 @@ def time_triton_rows(device: str = "cuda", repeats: int = 25, small: bool = Fals
     """Each call of the traffic model, Triton kernels vs torch.nn: median times forward and
     forward+backward, their ratios, agreement, and the effective bandwidth as a share of a
     device copy's. ``small``: tiny shapes (a check that every row runs, e.g. under the
-    interpreter; the times then mean nothing)."""
+    interpreter; the times then mean nothing).
+
+    Two ways to the kernels are timed: ``triton``, their entry called directly, and ``layer``,
+    normlab's module routed to them by the path rule (backend "triton") — what a model gets,
+    the rule's question and the module's checks included."""
+    from ..core.paths import backend, set_backend
     from .common import device_clock, max_rel_diff
     from .timing import interleaved_medians
     from .traffic import CASES
@@ -133,48 +138,62 @@ def time_triton_rows(device: str = "cuda", repeats: int = 25, small: bool = Fals
     dev = torch.device(device)
     clock = device_clock(dev)
     rows = []
-    for case in CASES(small=small):
-        make_theirs, make_ours = case.torch_nn(device), case.triton(device)
-        torch.manual_seed(0)
-        theirs = make_theirs()
-        torch.manual_seed(0)
-        ours = make_ours()
-        y_t, y_o = _first(theirs()), _first(ours())
-        agree = max_rel_diff(y_o.detach(), y_t.detach())
-        x_bytes = y_t.numel() * y_t.element_size()
-        src = torch.empty_like(y_t.detach())
-        dst = torch.empty_like(src)
-
-        def both(forward):
-            def run():
-                outputs = forward()
-                outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
-                torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
-
-            return run
-
-        fwd = interleaved_medians(
-            {"copy": lambda dst=dst, src=src: dst.copy_(src), "torch": theirs, "triton": ours},
-            repeats,
-            clock=clock,
-            shuffle=True,
-        )
-        fb = interleaved_medians({"torch": both(theirs), "triton": both(ours)}, repeats, clock=clock, shuffle=True)
-        copy_bw = 2 * x_bytes / fwd["copy"]
-        rows.append(
-            {
-                "call": case.name,
-                "fwd_ms": {k: v * 1e3 for k, v in fwd.items()},
-                "fb_ms": {k: v * 1e3 for k, v in fb.items()},
-                "fwd_speedup": fwd["torch"] / fwd["triton"],
-                "fb_speedup": fb["torch"] / fb["triton"],
-                # the least any implementation moves: x in, y out; then x and dy in, dx out
-                "fwd_bandwidth_vs_copy": (2 * x_bytes / fwd["triton"]) / copy_bw,
-                "fb_bandwidth_vs_copy": (5 * x_bytes / fb["triton"]) / copy_bw,
-                "max_rel_diff": agree,
-            }
-        )
+    previous = backend()
+    set_backend("triton")  # the layers' calls; torch.nn and the direct entry do not ask the rule
+    try:
+        for case in CASES(small=small):
+            rows.append(_time_triton_row(case, device, repeats, clock, interleaved_medians, max_rel_diff))
+    finally:
+        set_backend(previous)
     return rows
+
+
+def _time_triton_row(case, device, repeats, clock, interleaved_medians, max_rel_diff) -> dict:
+    """One row of :func:`time_triton_rows`."""
+    make_theirs, make_ours, make_layer = case.torch_nn(device), case.triton(device), case.normlab(device)
+    torch.manual_seed(0)
+    theirs = make_theirs()
+    torch.manual_seed(0)
+    ours = make_ours()
+    torch.manual_seed(0)
+    layer = make_layer()
+    y_t, y_o, y_l = _first(theirs()), _first(ours()), _first(layer())
+    agree = max(max_rel_diff(y_o.detach(), y_t.detach()), max_rel_diff(y_l.detach(), y_t.detach()))
+    x_bytes = y_t.numel() * y_t.element_size()
+    src = torch.empty_like(y_t.detach())
+    dst = torch.empty_like(src)
+
+    def both(forward):
+        def run():
+            outputs = forward()
+            outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+            torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+
+        return run
+
+    fwd = interleaved_medians(
+        {"copy": lambda dst=dst, src=src: dst.copy_(src), "torch": theirs, "triton": ours, "layer": layer},
+        repeats,
+        clock=clock,
+        shuffle=True,
+    )
+    fb = interleaved_medians(
+        {"torch": both(theirs), "triton": both(ours), "layer": both(layer)}, repeats, clock=clock, shuffle=True
+    )
+    copy_bw = 2 * x_bytes / fwd["copy"]
+    return {
+        "call": case.name,
+        "fwd_ms": {k: v * 1e3 for k, v in fwd.items()},
+        "fb_ms": {k: v * 1e3 for k, v in fb.items()},
+        "fwd_speedup": fwd["torch"] / fwd["triton"],
+        "fb_speedup": fb["torch"] / fb["triton"],
+        "layer_fwd_speedup": fwd["torch"] / fwd["layer"],
+        "layer_fb_speedup": fb["torch"] / fb["layer"],
+        # the least any implementation moves: x in, y out; then x and dy in, dx out
+        "fwd_bandwidth_vs_copy": (2 * x_bytes / fwd["triton"]) / copy_bw,
+        "fb_bandwidth_vs_copy": (5 * x_bytes / fb["triton"]) / copy_bw,
+        "max_rel_diff": agree,
+    }
 
 
 def _first(y):
@@ -183,13 +202,15 @@ def _first(y):
 
 def format_triton_rows(rows: list[dict], card: str) -> str:
     lines = [
-        f"Triton kernels vs torch.nn on {card}: speed-up (torch.nn time / Triton time), effective "
-        "bandwidth as a share of a device copy's, max relative difference",
-        f"{'call':<62}{'fwd x':>7}{'f+b x':>7}{'fwd bw':>8}{'f+b bw':>8}{'diff':>9}",
+        f"Triton kernels vs torch.nn on {card}: speed-up (torch.nn time / Triton time) of the kernels' "
+        "entry and of normlab's layer routed to them, effective bandwidth as a share of a device "
+        "copy's, max relative difference",
+        f"{'call':<62}{'fwd x':>7}{'f+b x':>7}{'layer fwd':>10}{'layer f+b':>10}{'fwd bw':>8}{'f+b bw':>8}{'diff':>9}",
     ]
     for r in rows:
         lines.append(
             f"{r['call']:<62}{r['fwd_speedup']:>7.2f}{r['fb_speedup']:>7.2f}"
+            f"{r['layer_fwd_speedup']:>10.2f}{r['layer_fb_speedup']:>10.2f}"
             f"{r['fwd_bandwidth_vs_copy']:>8.0%}{r['fb_bandwidth_vs_copy']:>8.0%}{r['max_rel_diff']:>9.1e}"
         )
     return "\n".join(lines)

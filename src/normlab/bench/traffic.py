@@ -274,6 +274,14 @@ def _module_case(name, shape, torch_module, normlab_module, triton_call, layout=
 
         def make():
             x = leaf(device)
+            if inplace:
+
+                def forward():
+                    # as _bn_act's: the last call's output, overwritten in place, starts afresh
+                    x.detach_()
+                    return m(x)
+
+                return forward
             if mask_shape is None:
                 return lambda: m(x)
             mask = torch.ones(mask_shape, dtype=torch.bool, device=device)
