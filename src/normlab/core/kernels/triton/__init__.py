@@ -13,7 +13,10 @@ about 1e-7 of float64 on 1e4 ± 0.01 data). On a GPU they run compiled; with
 ``TRITON_INTERPRET=1`` set before this package is imported, the same kernels run on CPU
 tensors through Triton's interpreter (correct, not fast) — how they are tested without a GPU.
 
-The path rule asks, per call::
+The path rule (:func:`normlab.core.paths.choose_path`) reaches them through
+:mod:`.backend`, which it loads the first time it is asked about a CUDA tensor or the backend
+is forced to "triton": ``auto`` sends the CUDA calls they take here, ``set_backend("triton")``
+every call they take on any device they run on. Called directly::
 
     from normlab.core.kernels import triton as triton_kernels
     if triton_kernels.available():
