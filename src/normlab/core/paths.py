@@ -263,7 +263,7 @@ def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, com
     "triton" that cannot run on x's device at all is an error."""
     if exporting or transformed or (not compiling and type(x) not in _PLAIN) or x.numel() == 0:
         return ""
-    if not _gpu_ready():
+    if _gpu_kernels[0] is None and not _gpu_ready():
         if forced == TRITON:
             raise RuntimeError(f"backend 'triton' was forced but {_gpu_missing[0]}")
         return _gpu_missing[0]

@@ -77,7 +77,10 @@ class TritonBackend:
                 return False, "arguments the checks will report"
             if inplace and not collapsible(x):
                 return False, "in place on a layout the kernels do not read (a copy would leave the input untouched)"
-            has_running = running is not None and running.running_mean is not None
+            # the policy's buffers read from its mapping: properties cost a Python frame each
+            buffers = {} if running is None else running.buffers
+            running_mean = buffers.get("running_mean")
+            has_running = running_mean is not None
             if given:
                 if not has_running:
                     return False, "given statistics without running estimates (the checks report it)"
@@ -96,8 +99,8 @@ class TritonBackend:
                 weight=weight,
                 bias=bias,
                 activation=activation,
-                running_mean=running.running_mean if merged else None,
-                running_var=running.running_var if merged else None,
+                running_mean=running_mean if merged else None,
+                running_var=buffers.get("running_var") if merged else None,
                 batch_stats=not given,
                 groups=-1 if given else groups,
             )
@@ -131,7 +134,8 @@ class TritonBackend:
                 param=param,
                 prelu_weight=prelu_weight,
             ).y
-        tracked = running is not None and running.running_mean is not None
+        buffers = {} if running is None else running.buffers
+        tracked = buffers.get("running_mean") is not None
         in_kernel = tracked and groups < 0  # BatchNorm: merged inside the launch
         out = entries.channel_norm(
             x,
@@ -140,9 +144,9 @@ class TritonBackend:
             groups=groups,
             eps=eps,
             mask=mask,
-            running_mean=running.running_mean if in_kernel else None,
-            running_var=running.running_var if in_kernel else None,
-            num_batches_tracked=running.num_batches_tracked if in_kernel else None,
+            running_mean=buffers.get("running_mean") if in_kernel else None,
+            running_var=buffers.get("running_var") if in_kernel else None,
+            num_batches_tracked=buffers.get("num_batches_tracked") if in_kernel else None,
             momentum=running.momentum if in_kernel else 0.1,
             unbiased=running.unbiased if in_kernel else True,
             on_nonfinite=running.on_nonfinite if in_kernel else "skip",
