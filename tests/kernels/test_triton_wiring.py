@@ -359,6 +359,18 @@ def test_what_the_kernels_do_not_take_falls_to_native_with_the_reason():
     assert log[1][1] == "native" and "RMSNorm on a non-contiguous input" in log[1][2]
 
 
+def test_under_autocast_the_norms_torch_computes_in_float32_go_to_torch():
+    x = torch.randn(2, 4, 3, device=DEVICE).bfloat16()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16), core.record_dispatch() as log:
+        y_bn = nl.nn.BatchNorm1d(4).to(DEVICE)(x)
+        y_ln = nl.nn.LayerNorm(3).to(DEVICE)(x)
+        y_gn = nl.nn.GroupNorm(2, 4).to(DEVICE)(x)
+        expected = torch.nn.LayerNorm(3).to(DEVICE)(x).dtype, torch.nn.GroupNorm(2, 4).to(DEVICE)(x).dtype
+    assert [path for _, path, _ in log] == ["triton", "native", "native"]
+    assert all("autocast" in reason for _, _, reason in log[1:])
+    assert y_bn.dtype == torch.bfloat16 and (y_ln.dtype, y_gn.dtype) == expected
+
+
 def test_auto_sends_cuda_tensors_to_the_gpu_kernels_the_reason_recorded_where_they_refuse(monkeypatch):
     """The rule's CUDA row, asked with fake CUDA tensors (no GPU needed) and a stand-in backend."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode

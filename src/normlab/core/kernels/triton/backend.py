@@ -15,7 +15,8 @@ What it adds to :mod:`.entries`:
   per-channel normalization: the kernel's BatchNorm with given statistics;
 * the questions the entries' checks cannot answer for these kernels: a PReLU slope tensor
   they can index, an in-place input whose memory they can write (a contiguous copy would
-  leave the caller's tensor untouched), RMSNorm's layout (torch's keeps the input's strides).
+  leave the caller's tensor untouched), RMSNorm's layout (torch's keeps the input's strides),
+  and autocast (torch computes LayerNorm, RMSNorm and GroupNorm of a half input in float32).
 """
 
 from __future__ import annotations
@@ -71,10 +72,15 @@ class TritonBackend:
         """``(True, "")`` where the kernels run this call, else ``(False, why)``: from the
         call's metadata only (no host read). ``call`` as :func:`normlab.core.paths.choose_path`
         documents it."""
+        # Under autocast torch runs layer_norm and group_norm (and rms_norm's ops) in float32 and
+        # returns float32: a half input goes to torch's op, whose output dtype models expect
+        autocast = x.dtype is not torch.float32 and torch.is_autocast_enabled(x.device.type)
         if family == CHANNEL:
             weight, bias, running, groups, activation, prelu_weight = call
             if type(groups) is not int or type(activation) is not str:
                 return False, "arguments the checks will report"
+            if autocast and groups > 0:
+                return False, "autocast: torch computes GroupNorm in float32 (InstanceNorm as torch decides)"
             if inplace and not collapsible(x):
                 return False, "in place on a layout the kernels do not read (a copy would leave the input untouched)"
             # the policy's buffers read from its mapping: properties cost a Python frame each
@@ -106,6 +112,8 @@ class TritonBackend:
             )
         if family == ROW:
             normalized_shape, weight, residual = call
+            if autocast:
+                return False, "autocast: torch computes LayerNorm and RMSNorm in float32"
             if not centered and not x.is_contiguous():
                 # RMSNorm keeps its input's strides in torch; the kernels write contiguous rows
                 return False, "RMSNorm on a non-contiguous input"
