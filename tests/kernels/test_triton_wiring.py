@@ -404,6 +404,8 @@ def test_forcing_triton_where_it_cannot_run_is_an_error_that_says_how_to_turn_it
 
     monkeypatch.setenv("NORMLAB_BACKEND", "triton")
     assert paths._initial_backend() == "triton"
+    with core.use_backend("triton"):
+        assert paths.status().startswith("backend 'triton'; Triton kernels run")
     cpu = torch.randn(2, 4)
     monkeypatch.setattr(backend, "INTERPRETED", False)  # as in a process started without the switch
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

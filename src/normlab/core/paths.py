@@ -200,6 +200,10 @@ def status() -> str:
     """The backend and the kernels' state, in one line (for logs and benchmark records)."""
     if _backend[0] == COMPOSED:
         return "backend 'composed': the kernels are not used"
+    if _backend[0] == TRITON:
+        from .kernels import triton as triton_kernels
+
+        return f"backend 'triton'; {triton_kernels.status()}"
     return f"backend {_backend[0]!r}; {_cpu.status()}"
 
 
