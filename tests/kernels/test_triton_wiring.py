@@ -357,6 +357,11 @@ def test_what_the_kernels_do_not_take_falls_to_native_with_the_reason():
         nl.nn.RMSNorm(4).to(DEVICE)(torch.randn(2, 4, 3, device=DEVICE).transpose(1, 2))
     assert log[0][1] == "native" and "backend 'triton' cannot take the call: dtype torch.float64" in log[0][2]
     assert log[1][1] == "native" and "RMSNorm on a non-contiguous input" in log[1][2]
+    # the norms beyond the families ask the rule without a call (EvoNorm, FRN, ...): torch's ops
+    assert core.choose_path(torch.randn(2, 3, device=DEVICE)).path == "native"
+    with core.record_dispatch() as log:
+        nl.nn.FilterResponseNorm2d(3).to(DEVICE)(torch.randn(2, 3, 2, 2, device=DEVICE))
+    assert all(path != "triton" for _, path, _ in log)
 
 
 def test_under_autocast_the_norms_torch_computes_in_float32_go_to_torch():

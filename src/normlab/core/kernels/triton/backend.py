@@ -72,6 +72,8 @@ class TritonBackend:
         """``(True, "")`` where the kernels run this call, else ``(False, why)``: from the
         call's metadata only (no host read). ``call`` as :func:`normlab.core.paths.choose_path`
         documents it."""
+        if not call:  # asked without the call's arguments (a norm outside the families asking)
+            return False, "not a channel or row family call"
         # Under autocast torch runs layer_norm and group_norm (and rms_norm's ops) in float32 and
         # returns float32: a half input goes to torch's op, whose output dtype models expect
         autocast = x.dtype is not torch.float32 and torch.is_autocast_enabled(x.device.type)
