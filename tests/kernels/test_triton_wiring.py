@@ -404,6 +404,53 @@ def test_auto_sends_cuda_tensors_to_the_gpu_kernels_the_reason_recorded_where_th
         paths.register_gpu_kernels(None)
 
 
+def test_auto_on_cuda_routes_what_torch_nn_lacks_and_leaves_plain_norms_to_torch(monkeypatch):
+    """Issue 23's routing: under "auto" a CUDA call goes to the Triton kernels only where torch.nn
+    has no single kernel for it; forced "triton" takes every call the kernels accept."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from normlab.core.running import RunningStats
+
+    class TakesAll:
+        def unavailable(self, x):
+            return ""
+
+        def takes(self, x, family, call, **kwargs):
+            return True, ""
+
+    monkeypatch.setattr(paths, "_PLAIN", (*paths._PLAIN, FakeTensor))
+    paths.register_gpu_kernels(TakesAll())
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(2, 3, 4, device="cuda")
+            w = torch.empty(3, device="cuda")
+            tracked = RunningStats.of(torch.zeros(3), torch.ones(3), torch.tensor(0))
+            mask = torch.ones(2, 4, dtype=torch.bool, device="cuda")
+
+            def channel(running=None, groups=-1, activation="identity", **kw):
+                return core.choose_path(x, call=(w, w, running, groups, activation, None), **kw).path
+
+            def row(residual=None):
+                return core.choose_path(x, paths.ROW, call=((4,), None, residual)).path
+
+            with core.use_backend("auto"):
+                assert channel() == "native"  # BatchNorm without running estimates
+                assert channel(running=tracked, given=True) == "native"  # eval BatchNorm
+                assert channel(groups=1) == "native" and channel(groups=3) == "native"  # GroupNorm, InstanceNorm
+                assert row() == "native"  # LayerNorm
+                reason = core.choose_path(x, call=(w, w, None, -1, "identity", None)).reason
+                assert "plain norm" in reason
+                assert channel(running=tracked) == "triton"  # training: the update inside the one launch
+                assert channel(activation="relu") == "triton" and channel(groups=1, activation="silu") == "triton"
+                assert channel(inplace=True, activation="relu") == "triton"
+                assert channel(groups=1, mask=mask) == "triton"
+                assert row(residual=x) == "triton"
+            with core.use_backend("triton"):
+                assert channel() == "triton" and channel(groups=1) == "triton" and row() == "triton"
+    finally:
+        paths.register_gpu_kernels(None)
+
+
 def test_forcing_triton_where_it_cannot_run_is_an_error_that_says_how_to_turn_it_on(monkeypatch):
     from normlab.core.kernels.triton import backend
 

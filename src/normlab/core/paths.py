@@ -43,8 +43,11 @@ The table, first matching row wins:
 2   backend auto on a CUDA tensor, or forced to "triton"; no      triton, eager (traced
     export, jit.trace, torch.func, forward AD, tensor subclass    in a compile)
     outside a compile or empty input; not (auto) a compiled
-    BatchNorm with given statistics; the Triton kernels take the
-    call (their ``takes``: dtype, activation, layouts, sizes)
+    BatchNorm with given statistics; (auto) a call torch.nn has
+    no single kernel for — fused activation, in place, mask,
+    residual add, BatchNorm training with running estimates;
+    the Triton kernels take the call (their ``takes``: dtype,
+    activation, layouts, sizes)
 3   a mask                                                        composed, eager (or
                                                                   reference under
                                                                   export / torch.func)
@@ -280,8 +283,32 @@ def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, com
     if forced != TRITON and compiling and given and family == CHANNEL and mask is None:
         # as row 14: torch's eval BatchNorm compiles to pointwise ops fused with their neighbours
         return "compiling with given statistics: torch's ops, which the compiler fuses"
+    if forced != TRITON and call and not _torch_lacks(family, call, given, mask, inplace):
+        # Under "auto", plain norms stay on torch's CUDA kernels: the Triton ones are routed
+        # only for what torch.nn has no single kernel for, until a GPU measures them faster
+        return _PLAIN_ON_TORCH
     ok, why = gpu.takes(x, family, call, given=given, mask=mask, inplace=inplace, centered=centered)
     return None if ok else why
+
+
+_PLAIN_ON_TORCH = "a plain norm, which torch's CUDA kernel runs (auto routes what torch.nn lacks)"
+
+
+def _torch_lacks(family, call, given, mask, inplace) -> bool:
+    """Whether a call is one torch.nn has no single CUDA kernel for: a fused activation, the
+    in-place mode, a mask, a residual add, or a BatchNorm training step whose running
+    estimates take normlab's conventions (torch's kernel then needs separate update ops,
+    the Triton kernel updates them inside its one launch)."""
+    if mask is not None or inplace:
+        return True
+    if family == CHANNEL:
+        _, _, running, groups, activation, _ = call
+        if activation != "identity":
+            return True
+        return groups == -1 and not given and running is not None and running.buffers.get("running_mean") is not None
+    if family == ROW:
+        return call[2] is not None  # the residual
+    return False
 
 
 @torch.compiler.assume_constant_result
