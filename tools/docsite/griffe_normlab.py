@@ -1,0 +1,189 @@
+"""A griffe extension: normlab's docstrings as ``help()`` shows them, rendered as Markdown.
+
+Three things griffe's static reading would otherwise get wrong or leave out:
+
+- docstrings built at import time (``BatchNorm1d/2d/3d`` format one template, so that the
+  three cannot drift): the class's or function's runtime ``__doc__`` replaces what the
+  source text shows;
+- Sphinx-style ``#:`` comments above an assignment, which the source uses to document
+  constants and dataclass fields: they become that attribute's docstring;
+- reStructuredText in the docstrings (they follow torch.nn's, read by ``help()`` and IDEs):
+  ``.. math::`` blocks and ``:math:`` roles become ``$$ … $$`` / ``$ … $`` (rendered to
+  MathML by the site), ``:class:``/``:func:``/… roles become links where the target is a
+  documented public name and code otherwise, and ``text::`` literal blocks become fenced code.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import textwrap
+from typing import Any
+
+import griffe
+
+_ROLE = re.compile(r":(?:py:)?(class|func|meth|attr|data|mod|obj|exc|const):`~?([^`]+)`")
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
+
+
+def _runtime_object(path: str) -> Any:
+    """The object at a dotted path, imported; None where it cannot be reached."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            return None
+        return obj
+    return None
+
+
+def _public_paths() -> dict[str, str]:
+    """Short and full names of every documented public name → its anchor in the reference."""
+    from docsite.public_api import all_public_names
+
+    paths: dict[str, str] = {}
+    for entry in all_public_names():
+        paths[entry.path] = entry.path
+        paths.setdefault(entry.name, entry.path)  # first module wins: nn before core
+    return paths
+
+
+def _role_to_markdown(match: re.Match[str], public: dict[str, str]) -> str:
+    target = match.group(2).strip()
+    shown = target.rsplit(".", 1)[-1] if match.group(0).split("`", 1)[1].startswith("~") else target
+    anchor = public.get(target)
+    if anchor is None and target.startswith("normlab."):
+        anchor = public.get(target) or None
+    if anchor is not None:
+        return f"[`{shown}`][{anchor}]"
+    return f"`{shown}`"
+
+
+def _math_blocks(text: str) -> str:
+    """``.. math::`` directives → ``$$`` blocks at the directive's indentation."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.lstrip()
+        if stripped.startswith(".. math::"):
+            indent = line[: len(line) - len(stripped)]
+            body: list[str] = []
+            inline = stripped[len(".. math::") :].strip()
+            if inline:
+                body.append(inline)
+            i += 1
+            while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > len(indent)):
+                body.append(lines[i])
+                i += 1
+            formula = textwrap.dedent("\n".join(body)).strip()
+            out += [f"{indent}$$", *(indent + f for f in formula.split("\n")), f"{indent}$$", ""]
+            continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _literal_blocks(text: str) -> str:
+    """reST literal blocks (a paragraph ending in ``::``, then an indented block) → fenced code.
+
+    ``Example::`` followed by ``>>>`` lines becomes a Google-style ``Example:`` section, which
+    mkdocstrings renders as a highlighted console session."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.rstrip().endswith("::") and not line.lstrip().startswith(".."):
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            if j < len(lines) and _indent(lines[j]) > _indent(line):
+                k = j
+                while k < len(lines) and (not lines[k].strip() or _indent(lines[k]) > _indent(line)):
+                    k += 1
+                block = textwrap.dedent("\n".join(lines[j:k])).rstrip()
+                indent = " " * _indent(line)
+                head = line.rstrip()[:-1]  # "text::" → "text:"
+                if head.strip() == ":":  # a bare "::" paragraph
+                    head = ""
+                if line.strip() in ("Example::", "Examples::") and block.startswith(">>>"):
+                    out.append(head)
+                    out += [indent + "    " + b if b else "" for b in block.split("\n")]
+                else:
+                    lexer = "pycon" if block.startswith(">>>") else "python"
+                    if head.strip():
+                        out += [head, ""]
+                    out += [f"{indent}```{lexer}", *(indent + b if b else "" for b in block.split("\n")), f"{indent}```"]
+                out.append("")
+                i = k
+                continue
+        out.append(line)
+        i += 1
+    return "\n".join(out)
+
+
+def rst_to_markdown(text: str, public: dict[str, str]) -> str:
+    """The reST constructs normlab's docstrings use, written as the site's Markdown."""
+    text = _math_blocks(text)
+    text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
+    text = _ROLE.sub(lambda m: _role_to_markdown(m, public), text)
+    return _literal_blocks(text)
+
+
+def _comment_docstring(attr: griffe.Attribute) -> str | None:
+    """The ``#:`` comment lines right above (or at the end of) an attribute's assignment."""
+    lines = attr.module.lines  # the whole file: lineno counts from its top
+    if not lines or attr.lineno is None:
+        return None
+    first = attr.lineno - 1
+    comment: list[str] = []
+    k = first - 1
+    while k >= 0 and lines[k].lstrip().startswith("#:"):
+        comment.insert(0, lines[k].lstrip()[2:].strip())
+        k -= 1
+    return " ".join(comment) or None
+
+
+class NormlabDocstrings(griffe.Extension):
+    def __init__(self) -> None:
+        super().__init__()
+        self._public: dict[str, str] | None = None
+
+    @property
+    def public(self) -> dict[str, str]:
+        if self._public is None:
+            self._public = _public_paths()
+        return self._public
+
+    def on_attribute_instance(self, *, node: ast.AST | griffe.ObjectNode, attr: griffe.Attribute, **kwargs: Any) -> None:
+        if attr.docstring is None:
+            text = _comment_docstring(attr)
+            if text:
+                attr.docstring = griffe.Docstring(text, parent=attr)
+
+    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.is_class or obj.is_function:
+            runtime = _runtime_object(obj.path)
+            doc = runtime.__doc__ if runtime is not None else None
+            if obj.is_class and runtime is not None and not inspect.isclass(runtime):
+                doc = None
+            if isinstance(doc, str) and doc.strip():
+                cleaned = inspect.cleandoc(doc)
+                if obj.docstring is None or obj.docstring.value != cleaned:
+                    obj.docstring = griffe.Docstring(cleaned, parent=obj)
+        if obj.docstring is not None:
+            obj.docstring.value = rst_to_markdown(obj.docstring.value, self.public)

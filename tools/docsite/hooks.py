@@ -1,0 +1,50 @@
+"""mkdocs hooks: the pages generated at build time, the docstring check and the math.
+
+Generated, never committed: the landing page, "Getting started" and "Studies" (from the
+README), the API reference (from ``__all__``) and the command-line reference (from the parser).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for path in (ROOT / "tools", ROOT / "src"):  # this tree's normlab, not an installed one
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from mkdocs.structure.files import File  # noqa: E402
+
+from docsite.cli_reference import cli_page  # noqa: E402
+from docsite.docstring_check import undocumented_names  # noqa: E402
+from docsite.mathml import render_math  # noqa: E402
+from docsite.public_api import PUBLIC_MODULES  # noqa: E402
+from docsite.readme_pages import readme_pages  # noqa: E402
+from docsite.reference import index_page, module_page, page_path  # noqa: E402
+
+log = logging.getLogger("mkdocs.plugins.normlab")
+
+
+def generated_pages() -> dict[str, str]:
+    pages = readme_pages(ROOT / "README.md")
+    pages["reference/index.md"] = index_page()
+    pages |= {page_path(name): module_page(name) for name in PUBLIC_MODULES}
+    pages["reference/cli.md"] = cli_page()
+    return pages
+
+
+def on_files(files, config):
+    for src_uri, content in generated_pages().items():
+        if files.get_file_from_path(src_uri) is not None:
+            log.warning("docs/%s exists and is also generated; the generated page wins", src_uri)
+            files.remove(files.get_file_from_path(src_uri))
+        files.append(File.generated(config, src_uri, content=content))
+    for path in undocumented_names():
+        log.warning("public name without a docstring: %s", path)  # --strict turns this into a failure
+    return files
+
+
+def on_page_content(html, page, config, files):
+    return render_math(html)
