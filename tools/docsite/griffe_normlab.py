@@ -26,6 +26,9 @@ import griffe
 
 _ROLE = re.compile(r":(?:py:)?(class|func|meth|attr|data|mod|obj|exc|const):`~?([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
+# ``docs/conventions.md#momentum`` in a docstring: a link to that guide on the site (the
+# reference pages sit in reference/, the guides one level up)
+_GUIDE = re.compile(r"``docs/([a-z_-]+\.md)(#[a-z0-9_-]+)?``")
 
 
 def _runtime_object(path: str) -> Any:
@@ -60,8 +63,6 @@ def _role_to_markdown(match: re.Match[str], public: dict[str, str]) -> str:
     target = match.group(2).strip()
     shown = target.rsplit(".", 1)[-1] if match.group(0).split("`", 1)[1].startswith("~") else target
     anchor = public.get(target)
-    if anchor is None and target.startswith("normlab."):
-        anchor = public.get(target) or None
     if anchor is not None:
         return f"[`{shown}`][{anchor}]"
     return f"`{shown}`"
@@ -127,7 +128,11 @@ def _literal_blocks(text: str) -> str:
                     lexer = "pycon" if block.startswith(">>>") else "python"
                     if head.strip():
                         out += [head, ""]
-                    out += [f"{indent}```{lexer}", *(indent + b if b else "" for b in block.split("\n")), f"{indent}```"]
+                    out += [
+                        f"{indent}```{lexer}",
+                        *(indent + b if b else "" for b in block.split("\n")),
+                        f"{indent}```",
+                    ]
                 out.append("")
                 i = k
                 continue
@@ -136,11 +141,39 @@ def _literal_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+_SHARED_ARGUMENT = re.compile(r"^(\s+)([A-Za-z_]\w*(?:, [A-Za-z_]\w*)+):(?: (.*))?$")
+
+
+def _shared_arguments(text: str) -> str:
+    """``a, b: what both are`` in an ``Args:`` section → one entry per argument, so that each
+    is matched with the signature (the source keeps the shorter form ``help()`` reads well in)."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        match = _SHARED_ARGUMENT.match(lines[i])
+        if match is None:
+            out.append(lines[i])
+            i += 1
+            continue
+        indent, names, first = match.groups()
+        first = first or ""
+        j = i + 1
+        while j < len(lines) and lines[j].strip() and _indent(lines[j]) > len(indent):
+            j += 1
+        for name in names.split(", "):
+            out += [f"{indent}{name}: {first}", *lines[i + 1 : j]]
+        i = j
+    return "\n".join(out)
+
+
 def rst_to_markdown(text: str, public: dict[str, str]) -> str:
     """The reST constructs normlab's docstrings use, written as the site's Markdown."""
+    text = _shared_arguments(text)
     text = _math_blocks(text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
     text = _ROLE.sub(lambda m: _role_to_markdown(m, public), text)
+    text = _GUIDE.sub(lambda m: f"[docs/{m.group(1)}{m.group(2) or ''}](../{m.group(1)}{m.group(2) or ''})", text)
     return _literal_blocks(text)
 
 
@@ -169,7 +202,9 @@ class NormlabDocstrings(griffe.Extension):
             self._public = _public_paths()
         return self._public
 
-    def on_attribute_instance(self, *, node: ast.AST | griffe.ObjectNode, attr: griffe.Attribute, **kwargs: Any) -> None:
+    def on_attribute_instance(
+        self, *, node: ast.AST | griffe.ObjectNode, attr: griffe.Attribute, **kwargs: Any
+    ) -> None:
         if attr.docstring is None:
             text = _comment_docstring(attr)
             if text:

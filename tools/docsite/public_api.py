@@ -14,7 +14,10 @@ from typing import Any
 
 #: module → the page's title and one line on what is in it, in the order the reference lists them.
 PUBLIC_MODULES: dict[str, tuple[str, str]] = {
-    "normlab.nn": ("normlab.nn", "Modules: drop-in replacements for torch.nn's norm layers, and the norms beyond them."),
+    "normlab.nn": (
+        "normlab.nn",
+        "Modules: drop-in replacements for torch.nn's norm layers, and the norms beyond them.",
+    ),
     "normlab.functional": ("normlab.functional", "The functional API, argument-compatible with torch.nn.functional."),
     "normlab.surgery": ("normlab.surgery", "Whole-model transforms: fold, freeze, convert, precise BN, interop."),
     "normlab.init": ("normlab.init", "Initializers with documented gains, and LSUV."),

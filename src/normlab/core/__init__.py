@@ -157,7 +157,8 @@ __all__ = [
 ]
 
 
-fast_available = kernels_available  # the old name
+#: The old name of :func:`kernels_available`.
+fast_available = kernels_available
 
 
 def __getattr__(name: str):

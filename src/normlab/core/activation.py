@@ -120,6 +120,7 @@ ACTIVATIONS: dict[str, Activation] = {entry.name: entry for entry in _ENTRIES}
 FUSED_ACTIVATIONS = tuple(sorted((a.name for a in _ENTRIES if a.fused), key=lambda name: ACTIVATIONS[name].code))
 #: activation name → its parameter's default, for the fused ones.
 ACTIVATION_DEFAULTS = {name: ACTIVATIONS[name].default_param for name in FUSED_ACTIVATIONS}
+#: the fused activations that the in-place mode can invert from the output (``inplace=True``).
 INVERTIBLE_ACTIVATIONS = tuple(name for name in FUSED_ACTIVATIONS if ACTIVATIONS[name].invertible)
 _BY_CODE = {ACTIVATIONS[name].code: ACTIVATIONS[name] for name in FUSED_ACTIVATIONS}
 GAMMA_GUARD = 1e-5

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 NonFinitePolicy = Literal["skip", "raise"]
+#: What ``on_nonfinite=`` accepts: ``"skip"`` a batch with NaN/inf statistics, or ``"raise"``
+#: :class:`NonFiniteStatisticsError` (``docs/conventions.md#non-finite-batches``).
 NONFINITE_POLICIES = ("skip", "raise")
 
 
@@ -60,6 +62,11 @@ class NonFiniteStatisticsError(FloatingPointError):
 
 
 def check_nonfinite_policy(policy: object) -> str:
+    """``policy`` if it is one of :data:`NONFINITE_POLICIES`.
+
+    Raises:
+        InputError: for anything else (a ValueError).
+    """
     if policy not in NONFINITE_POLICIES:
         raise InputError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
     return policy  # type: ignore[return-value]

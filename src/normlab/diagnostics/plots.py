@@ -130,6 +130,8 @@ def figure_to_data_uri(fig) -> str:
 
 
 def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure to ``path`` (PNG, 110 dpi; parent folders created) and return
+    the path. The figure stays open: close it with ``matplotlib.pyplot.close(fig)``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

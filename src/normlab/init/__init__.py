@@ -19,7 +19,9 @@ from .schemes import (
 
 # Short names (docs/init.md), each for its paper's own distribution: Glorot & Bengio drew
 # uniformly, He et al. from a Gaussian.
+#: Short for :func:`xavier_uniform_` (Glorot & Bengio drew uniformly).
 xavier_ = xavier_uniform_
+#: Short for :func:`he_normal_` (He et al. drew from a Gaussian).
 he_ = he_normal_
 
 __all__ = [

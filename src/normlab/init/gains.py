@@ -40,6 +40,7 @@ _LINEAR_NAMES = (
     "conv_transpose3d",
 )
 
+#: The activation names :func:`gain` knows (torch's ``calculate_gain`` names, plus a few).
 ACTIVATIONS = (
     *_LINEAR_NAMES,
     "tanh",

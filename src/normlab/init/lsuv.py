@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -123,7 +124,7 @@ def _stds(outs: list[torch.Tensor], mask, name: str, module: nn.Module) -> tuple
 
 def lsuv_(
     model: nn.Module,
-    batch,
+    batch: Any,
     tol: float = 0.1,
     max_iters: int = 10,
     *,

@@ -4,12 +4,15 @@ parameters, buffers and state-dict keys). The formulas: :mod:`normlab.functional
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 from ..core.checks import InputError
+from ..core.types import ActLayer, DeviceLike, DTypeLike
 from ..functional.evonorm import evonorm_batch, evonorm_sample
 from .base import FreezableNorm, check_channel_input, traced_call
 from .filter_response import make_act
@@ -137,8 +140,30 @@ class EvoNormB0(_EvoNormBatch):
     _variant = "b0"
     _has_v = True
 
-    def __init__(self, num_features, apply_act=True, momentum=0.1, eps=1e-3, device=None, dtype=None, **kwargs):
-        super().__init__(num_features, apply_act, momentum, eps, device, dtype, **kwargs)
+    def __init__(
+        self,
+        num_features: int,
+        apply_act: bool = True,
+        momentum: float = 0.1,
+        eps: float = 1e-3,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+        *,
+        unbiased_running_var: bool = True,
+        on_nonfinite: str = "skip",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            num_features,
+            apply_act,
+            momentum,
+            eps,
+            device,
+            dtype,
+            unbiased_running_var=unbiased_running_var,
+            on_nonfinite=on_nonfinite,
+            **kwargs,
+        )
 
 
 class EvoNormB1(_EvoNormBatch):
@@ -243,8 +268,16 @@ class EvoNormS0(_EvoNormSample):
     _gate = True
 
     def __init__(
-        self, num_features, groups=32, group_size=None, apply_act=True, eps=1e-5, device=None, dtype=None, **_
-    ):
+        self,
+        num_features: int,
+        groups: int = 32,
+        group_size: int | None = None,
+        apply_act: bool = True,
+        eps: float = 1e-5,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+        **_: Any,
+    ) -> None:
         super().__init__(num_features, groups, group_size, apply_act, None, eps, device, dtype)
 
 
@@ -257,8 +290,16 @@ class EvoNormS0a(EvoNormS0):
     _always = True
 
     def __init__(
-        self, num_features, groups=32, group_size=None, apply_act=True, eps=1e-3, device=None, dtype=None, **_
-    ):
+        self,
+        num_features: int,
+        groups: int = 32,
+        group_size: int | None = None,
+        apply_act: bool = True,
+        eps: float = 1e-3,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+        **_: Any,
+    ) -> None:
         super().__init__(num_features, groups, group_size, apply_act, eps, device, dtype)
 
 
@@ -273,7 +314,16 @@ class EvoNormS1a(EvoNormS1):
 
     _always = True
 
-    def __init__(self, num_features, groups=32, group_size=None, apply_act=True, act_layer=None, eps=1e-3, **kwargs):
+    def __init__(
+        self,
+        num_features: int,
+        groups: int = 32,
+        group_size: int | None = None,
+        apply_act: bool = True,
+        act_layer: ActLayer = None,
+        eps: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, **kwargs)
 
 
@@ -292,5 +342,14 @@ class EvoNormS2a(EvoNormS2):
 
     _always = True
 
-    def __init__(self, num_features, groups=32, group_size=None, apply_act=True, act_layer=None, eps=1e-3, **kwargs):
+    def __init__(
+        self,
+        num_features: int,
+        groups: int = 32,
+        group_size: int | None = None,
+        apply_act: bool = True,
+        act_layer: ActLayer = None,
+        eps: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, **kwargs)

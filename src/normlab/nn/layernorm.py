@@ -7,6 +7,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, normalize_shape_arg, row_norm
+from ..core.types import DeviceLike, DTypeLike, ShapeLike
 from .base import PerSampleNorm, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
@@ -39,12 +40,12 @@ class LayerNorm(PerSampleNorm, nn.LayerNorm):
 
     def __init__(
         self,
-        normalized_shape,
+        normalized_shape: ShapeLike,
         eps: float = 1e-5,
         elementwise_affine: bool = True,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         shape = normalize_shape_arg(normalized_shape)
         eps = check_eps(eps)
@@ -96,11 +97,11 @@ class RMSNorm(PerSampleNorm, nn.RMSNorm):
 
     def __init__(
         self,
-        normalized_shape,
+        normalized_shape: ShapeLike,
         eps: float | None = None,
         elementwise_affine: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         shape = normalize_shape_arg(normalized_shape)
         eps = None if eps is None else check_eps(eps)

@@ -11,6 +11,7 @@ from torch.fx import Proxy
 
 from ..core import check_eps, normalize_shape_arg
 from ..core.checks import InputTypeError
+from ..core.types import DeviceLike, DTypeLike, ShapeLike
 from ..functional.scale_norm import scale_norm
 from .base import FreezableNorm, traced_call
 
@@ -35,8 +36,14 @@ class ScaleNorm(FreezableNorm, nn.Module):
     """
 
     def __init__(
-        self, normalized_shape, eps: float = 1e-5, *, scale_init: float | None = None, device=None, dtype=None
-    ):
+        self,
+        normalized_shape: ShapeLike,
+        eps: float = 1e-5,
+        *,
+        scale_init: float | None = None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+    ) -> None:
         super().__init__()
         self.normalized_shape = normalize_shape_arg(normalized_shape)
         self.eps = check_eps(eps)

@@ -10,6 +10,7 @@ from torch.fx import Proxy
 
 from ..core import normalize_shape_arg
 from ..core.checks import InputError, InputTypeError
+from ..core.types import ShapeLike
 from ..functional.squash import derf, dyt
 from .base import FreezableNorm, traced_call
 
@@ -91,7 +92,7 @@ class DyT(_Squash):
 
     def __init__(
         self,
-        normalized_shape,
+        normalized_shape: ShapeLike,
         channels_last: bool = True,
         alpha_init_value: float = 0.5,
         *,
@@ -125,7 +126,7 @@ class Derf(_Squash):
 
     def __init__(
         self,
-        normalized_shape,
+        normalized_shape: ShapeLike,
         channels_last: bool = True,
         alpha_init_value: float = 0.5,
         shift_init_value: float = 0.0,

@@ -9,6 +9,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, check_positive_int
+from ..core.types import DeviceLike, DTypeLike
 from ..functional.weight_standardization import weight_standardization
 from ._same_padding import pad_same, padding_value
 from .base import traced_call
@@ -74,15 +75,15 @@ class StdConv2d(_StandardizedConv):
         self,
         in_channel: int,
         out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=None,
-        dilation=1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str | None = None,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = False,
         eps: float = 1e-6,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         self._init_conv(in_channel, out_channels, kernel_size, stride, padding, dilation, groups, bias, eps, factory)
@@ -109,17 +110,17 @@ class ScaledStdConv2d(_StandardizedConv):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=None,
-        dilation=1,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str | None = None,
+        dilation: int | tuple[int, int] = 1,
         groups: int = 1,
         bias: bool = True,
         gamma: float = 1.0,
         eps: float = 1e-6,
         gain_init: float = 1.0,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, eps, factory)

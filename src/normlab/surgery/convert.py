@@ -8,6 +8,7 @@ with the layer; running statistics move where the target keeps them.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
 #: The classic channel norms, converted here; the norms beyond them in convert_beyond.py.
 CHANNEL_TARGETS = ("batch", "group", "layer", "instance", "frozen", "batch_renorm")
 BEYOND_TARGETS = ("dyt", "derf", "frn", "evonorm_b0", "evonorm_s0", "group_ws")
+#: Every ``to=`` that :func:`convert_norms` accepts: the classic norms, then those beyond them.
 TARGETS = CHANNEL_TARGETS + BEYOND_TARGETS
 
 _BY_SPATIAL_RANK = {
@@ -160,7 +162,7 @@ def convert_norms(
     *,
     groups: int | str = "auto",
     max_groups: int = 32,
-    example_input=None,
+    example_input: Any = None,
     alpha_init_value: float = 0.5,
 ) -> SurgeryResult:
     """Replace every channel norm layer of ``model`` with one of kind ``to``.
