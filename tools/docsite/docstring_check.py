@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import griffe
@@ -12,18 +13,22 @@ from docsite.public_api import all_public_names
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def undocumented_names() -> list[str]:
-    """Dotted paths of the public names whose docstring is missing or blank."""
+@functools.cache
+def public_docstrings() -> dict[str, str]:
+    """Public name's dotted path → its docstring as the reference renders it ("" where none)."""
     package = griffe.load(
         "normlab",
         search_paths=[str(ROOT / "src")],
         extensions=griffe.load_extensions(NormlabDocstrings),
         resolve_aliases=True,
     )
-    missing = []
+    docstrings = {}
     for entry in all_public_names():
-        obj = package[entry.path.removeprefix("normlab.")]
-        docstring = obj.docstring
-        if docstring is None or not docstring.value.strip():
-            missing.append(entry.path)
-    return missing
+        docstring = package[entry.path.removeprefix("normlab.")].docstring
+        docstrings[entry.path] = docstring.value if docstring is not None else ""
+    return docstrings
+
+
+def undocumented_names() -> list[str]:
+    """Dotted paths of the public names whose docstring is missing or blank."""
+    return [path for path, text in public_docstrings().items() if not text.strip()]

@@ -26,8 +26,8 @@ import griffe
 
 _ROLE = re.compile(r":(?:py:)?(class|func|meth|attr|data|mod|obj|exc|const):`~?([^`]+)`")
 _MATH_ROLE = re.compile(r":math:`([^`]+)`")
-# ``docs/conventions.md#momentum`` in a docstring: a link to that guide on the site (the
-# reference pages sit in reference/, the guides one level up)
+# ``docs/conventions.md#momentum`` in a docstring: a link to that guide on the site, written
+# from the docs root (mkdocs.yml resolves such links there), as reference pages sit at two depths
 _GUIDE = re.compile(r"``docs/([a-z_-]+\.md)(#[a-z0-9_-]+)?``")
 
 
@@ -173,7 +173,7 @@ def rst_to_markdown(text: str, public: dict[str, str]) -> str:
     text = _math_blocks(text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
     text = _ROLE.sub(lambda m: _role_to_markdown(m, public), text)
-    text = _GUIDE.sub(lambda m: f"[docs/{m.group(1)}{m.group(2) or ''}](../{m.group(1)}{m.group(2) or ''})", text)
+    text = _GUIDE.sub(lambda m: f"[docs/{m.group(1)}{m.group(2) or ''}](/{m.group(1)}{m.group(2) or ''})", text)
     return _literal_blocks(text)
 
 

@@ -18,11 +18,11 @@ for path in (ROOT / "tools", ROOT / "src"):  # this tree's normlab, not an insta
 from mkdocs.structure.files import File  # noqa: E402
 
 from docsite.cli_reference import cli_page  # noqa: E402
-from docsite.docstring_check import undocumented_names  # noqa: E402
+from docsite.docstring_check import public_docstrings, undocumented_names  # noqa: E402
 from docsite.mathml import render_math  # noqa: E402
-from docsite.public_api import PUBLIC_MODULES  # noqa: E402
+from docsite.public_api import PUBLIC_MODULES, all_public_names  # noqa: E402
 from docsite.readme_pages import readme_pages  # noqa: E402
-from docsite.reference import index_page, module_page, page_path  # noqa: E402
+from docsite.reference import index_page, module_page, name_page, name_page_path, nav, page_path  # noqa: E402
 
 log = logging.getLogger("mkdocs.plugins.normlab")
 
@@ -30,9 +30,19 @@ log = logging.getLogger("mkdocs.plugins.normlab")
 def generated_pages() -> dict[str, str]:
     pages = readme_pages(ROOT / "README.md")
     pages["reference/index.md"] = index_page()
-    pages |= {page_path(name): module_page(name) for name in PUBLIC_MODULES}
+    pages |= {page_path(name): module_page(name, public_docstrings()) for name in PUBLIC_MODULES}
+    pages |= {name_page_path(entry): name_page(entry) for entry in all_public_names()}
     pages["reference/cli.md"] = cli_page()
     return pages
+
+
+def on_config(config):
+    """The reference's navigation comes from ``__all__``: mkdocs.yml names its place, ``API reference``."""
+    for index, item in enumerate(config["nav"]):
+        if isinstance(item, dict) and "API reference" in item:
+            config["nav"][index] = {"API reference": nav()}
+            return config
+    raise ValueError("mkdocs.yml's nav has no 'API reference' entry for the generated reference")
 
 
 def on_files(files, config):

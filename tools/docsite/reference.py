@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import inspect
-
 from docsite.public_api import PUBLIC_MODULES, PublicName, public_names
-
-#: mkdocstrings options for one public name: its own docstring and its documented public members,
-#: not torch.nn.Module's.
-_OBJECT_OPTIONS = """\
-    options:
-      show_root_heading: true
-      show_root_full_path: false
-      heading_level: 2
-"""
 
 
 def page_path(module_name: str) -> str:
     return f"reference/{module_name.removeprefix('normlab.')}.md"
 
 
-def _summary(entry: PublicName) -> str:
-    """The first sentence-line of a name's docstring, for the page's table of contents."""
-    doc = inspect.getdoc(entry.obj) if entry.kind in ("class", "function", "module") else None
-    first = (doc or "").strip().split("\n\n", 1)[0].replace("\n", " ")
+def name_page_path(entry: PublicName) -> str:
+    """One page per public name: a class's methods, arguments and examples read without scrolling
+    past fifty others, and each has its own address."""
+    return f"reference/{entry.module.removeprefix('normlab.')}/{entry.name}.md"
+
+
+def _summary(entry: PublicName, docstrings: dict[str, str]) -> str:
+    """The first paragraph of a name's docstring (as the reference renders it), on one line."""
+    first = docstrings.get(entry.path, "").strip().split("\n\n", 1)[0].replace("\n", " ")
     first = first.replace("|", "\\|")
-    return first if len(first) <= 140 else first[:137].rsplit(" ", 1)[0] + " …"
+    return first if len(first) <= 160 else first[:157].rsplit(" ", 1)[0] + " …"
 
 
-def module_page(module_name: str) -> str:
+def module_page(module_name: str, docstrings: dict[str, str]) -> str:
     title, _ = PUBLIC_MODULES[module_name]
     entries = public_names(module_name)
     lines = [
@@ -43,11 +37,35 @@ def module_page(module_name: str) -> str:
         "| name | kind | summary |",
         "|---|---|---|",
     ]
-    lines += [f"| [`{e.name}`](#{e.path}) | {e.kind} | {_summary(e)} |" for e in entries]
-    lines.append("")
-    for entry in entries:
-        lines += [f"::: {entry.path}", _OBJECT_OPTIONS]
-    return "\n".join(lines)
+    for e in entries:
+        target = name_page_path(e).removeprefix("reference/")
+        lines.append(f"| [`{e.name}`]({target}) | {e.kind} | {_summary(e, docstrings)} |")
+    return "\n".join(lines) + "\n"
+
+
+def name_page(entry: PublicName) -> str:
+    # the heading mkdocstrings writes is the page's title and the anchor other pages link to
+    return "\n".join(
+        [
+            f"::: {entry.path}",
+            "    options:",
+            "      show_root_heading: true",
+            "      show_root_full_path: false",
+            "      heading_level: 1",
+            "",
+        ]
+    )
+
+
+def nav() -> list[object]:
+    """The reference's navigation: each module's page, then its names."""
+    items: list[object] = ["reference/index.md"]
+    for module_name in PUBLIC_MODULES:
+        children: list[object] = [page_path(module_name)]
+        children += [{e.name: name_page_path(e)} for e in public_names(module_name)]
+        items.append({module_name: children})
+    items.append({"Command line": "reference/cli.md"})
+    return items
 
 
 def index_page() -> str:

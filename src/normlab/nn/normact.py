@@ -10,12 +10,15 @@ the layer's ``activation``, ``activation_param`` and ``inplace`` to the same fam
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ..core import ACTIVATIONS, check_activation
 from ..core.activation import FUSED_ACTIVATIONS
 from ..core.checks import InputError
+from ..core.types import DeviceLike, DTypeLike
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .groupnorm import GroupNorm
 
@@ -93,16 +96,28 @@ class _ActMixin:
 
 
 _ACT_ARGS = """
-    Extra keyword-only arguments:
-        activation: "relu" (default), "leaky_relu", "elu", "silu", "prelu" or "identity".
-        activation_param: LeakyReLU's slope (default 0.01), ELU's alpha (1.0), PReLU's
-            initial slope (0.25).
-        inplace: In-Place Activated BatchNorm (Rota Bulò et al., 2018): the output is
-            written over the input and is all that is kept for backward, where the input is
-            recovered by inverting the activation and the affine. Needs an invertible
-            activation (identity, leaky_relu, elu); raises ``ValueError`` otherwise. The
-            input must not be needed elsewhere — autograd raises if it is.
+    Args:
+        {plain_args}: as for :class:`{plain}`; running statistics follow
+            ``docs/conventions.md#running-statistics``.
+        activation: keyword-only. "relu" (default), "leaky_relu", "elu", "silu", "prelu" or
+            "identity".
+        activation_param: keyword-only. LeakyReLU's slope (default 0.01), ELU's alpha (1.0),
+            PReLU's initial slope (0.25).
+        inplace: keyword-only. In-Place Activated BatchNorm (Rota Bulò et al., 2018): the
+            output is written over the input and is all that is kept for backward, where the
+            input is recovered by inverting the activation and the affine. Needs an invertible
+            activation (identity, leaky_relu, elu). The input must not be needed elsewhere —
+            autograd raises if it is (``docs/conventions.md#in-place-mode-inplacetrue-on-batchnormactgroupnormact``).
+        {extra}
+
+    Raises:
+        ValueError: an unknown activation, or ``inplace=True`` with one that cannot be inverted.
 """
+
+_BN_ARGS = {
+    "plain_args": "num_features, eps, momentum, affine, track_running_stats, device, dtype",
+    "extra": "**kwargs: the plain norm's keyword-only ``bias``, ``unbiased_running_var`` and ``on_nonfinite``.",
+}
 
 
 class _BatchNormAct(_ActMixin):
@@ -110,19 +125,19 @@ class _BatchNormAct(_ActMixin):
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        device=None,
-        dtype=None,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
-        activation="relu",
-        activation_param=None,
-        inplace=False,
-        **kwargs,
-    ):
+        activation: str = "relu",
+        activation_param: float | None = None,
+        inplace: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._init_activation(num_features, activation, activation_param, inplace, device, dtype)
 
@@ -131,7 +146,9 @@ class _BatchNormAct(_ActMixin):
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
-    __doc__ = "BatchNorm1d followed by an activation, fused; a drop-in for BatchNorm1d + act.\n" + _ACT_ARGS
+    __doc__ = "BatchNorm1d followed by an activation, fused; a drop-in for BatchNorm1d + act.\n" + _ACT_ARGS.format(
+        plain="normlab.nn.BatchNorm1d", **_BN_ARGS
+    )
 
 
 class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
@@ -139,32 +156,38 @@ class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
         "BatchNorm2d followed by an activation, fused: the Conv → BN → activation order in one pass.\n\n"
         "    Only the input is kept for backward (torch.nn's BatchNorm2d + LeakyReLU keeps two\n"
         "    full-size tensors), one tensor with ``inplace=True`` — the output, which the next\n"
-        "    layer keeps anyway.\n" + _ACT_ARGS
+        "    layer keeps anyway.\n" + _ACT_ARGS.format(plain="normlab.nn.BatchNorm2d", **_BN_ARGS)
     )
 
 
 class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
-    __doc__ = "BatchNorm3d followed by an activation, fused.\n" + _ACT_ARGS
+    __doc__ = "BatchNorm3d followed by an activation, fused.\n" + _ACT_ARGS.format(
+        plain="normlab.nn.BatchNorm3d", **_BN_ARGS
+    )
 
 
 class GroupNormAct(_ActMixin, GroupNorm):
-    __doc__ = "GroupNorm followed by an activation, fused.\n" + _ACT_ARGS
+    __doc__ = "GroupNorm followed by an activation, fused.\n" + _ACT_ARGS.format(
+        plain="normlab.nn.GroupNorm",
+        plain_args="num_groups, num_channels, eps, affine, device, dtype",
+        extra="bias: keyword-only. Learn β (only with ``affine``). Default True.",
+    )
     _operation = "group_norm_act"
 
     def __init__(
         self,
-        num_groups,
-        num_channels,
-        eps=1e-5,
-        affine=True,
-        device=None,
-        dtype=None,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
-        activation="relu",
-        activation_param=None,
-        inplace=False,
-        bias=True,
-    ):
+        activation: str = "relu",
+        activation_param: float | None = None,
+        inplace: bool = False,
+        bias: bool = True,
+    ) -> None:
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_activation(num_channels, activation, activation_param, inplace, device, dtype)
 
