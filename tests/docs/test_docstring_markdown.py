@@ -60,3 +60,10 @@ def test_a_readme_section_on_no_page_fails(tmp_path):
     readme.write_text((ROOT / "README.md").read_text(encoding="utf-8") + "\n## A new section\n\ntext\n")
     with pytest.raises(ValueError, match="A new section"):
         readme_pages(readme)
+
+
+def test_simple_tables_become_markdown_tables():
+    text = "Gains:\n\n====  =====\nname  value\n====  =====\ntanh  1\nrelu  √2\n====  =====\n\nEnd."
+    assert rst_to_markdown(text, PUBLIC) == (
+        "Gains:\n\n| name | value |\n|---|---|\n| tanh | 1 |\n| relu | √2 |\n\nEnd."
+    )

@@ -167,8 +167,44 @@ def _shared_arguments(text: str) -> str:
     return "\n".join(out)
 
 
+_TABLE_BORDER = re.compile(r"^\s*=+(?:\s+=+)+\s*$")
+
+
+def _simple_tables(text: str) -> str:
+    """reST simple tables (``===  ===`` borders around a header and rows) → Markdown tables."""
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if not _TABLE_BORDER.match(lines[i]):
+            out.append(lines[i])
+            i += 1
+            continue
+        border = lines[i]
+        starts = [m.start() for m in re.finditer(r"=+", border)]
+        ends = [m.end() for m in re.finditer(r"=+", border)]
+        borders = [j for j in range(i, len(lines)) if lines[j] == border][:3]
+        if len(borders) < 3:
+            out.append(lines[i])
+            i += 1
+            continue
+
+        def cells(row: str) -> list[str]:
+            bounds = [*starts[1:], None]
+            return [row[a:b].strip().replace("|", "\\|") for a, b in zip(starts, bounds)]
+
+        indent = " " * starts[0]
+        header = cells(lines[borders[0] + 1])
+        rows = [cells(row) for row in lines[borders[1] + 1 : borders[2]] if row.strip()]
+        out += [indent + "| " + " | ".join(header) + " |", indent + "|" + "---|" * len(ends)]
+        out += [indent + "| " + " | ".join(row) + " |" for row in rows]
+        i = borders[2] + 1
+    return "\n".join(out)
+
+
 def rst_to_markdown(text: str, public: dict[str, str]) -> str:
     """The reST constructs normlab's docstrings use, written as the site's Markdown."""
+    text = _simple_tables(text)
     text = _shared_arguments(text)
     text = _math_blocks(text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)

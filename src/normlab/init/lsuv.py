@@ -12,6 +12,7 @@ activation.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, 
 
 @dataclass
 class LSUVLayer:
+    """What :func:`lsuv_` did to one layer."""
+
     name: str
     scale: float  # total factor the weight was multiplied by after orthonormal init
     iterations: int  # forward passes spent on this layer
@@ -44,7 +47,7 @@ def _tensors(batch) -> list[torch.Tensor]:
     return [v for v in values if isinstance(v, torch.Tensor)]
 
 
-def _forward(model, batch):
+def _forward(model: nn.Module, batch: Any) -> Any:
     with torch.no_grad():
         if isinstance(batch, (tuple, list)):
             return model(*batch)
@@ -133,27 +136,42 @@ def lsuv_(
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> list[LSUVLayer]:
-    """Initialize ``model``'s Linear and Conv layers in place so that each outputs unit std.
+    """Initialize ``model``'s Linear and Conv layers in place so that each outputs unit std
+    (Mishkin & Matas, 2016: orthonormal init, then rescale layer by layer on a data batch).
 
     Args:
+        model: the model; its Linear and Conv1d/2d/3d layers are initialized in place.
         batch: input for one forward pass (a tensor, or a tuple/dict of arguments).
-        tol: stop when |output std − target_std| < tol.
-        max_iters: rescaling passes per layer at most.
-        orthonormal: start from orthonormal weights (step 1); False keeps the current ones.
-        mask: bool, True at valid positions (padding excluded from every std): shaped
-            like the leading dims of Linear outputs (batch, time) and like conv outputs
+        tol: stop when |output std − target_std| < tol; > 0. Default 0.1.
+        max_iters: rescaling passes per layer at most; >= 1. Default 10.
+        target_std: keyword-only; the output std to reach. Default 1.0.
+        orthonormal: keyword-only; start from orthonormal weights (step 1); False keeps the
+            current ones. Default True.
+        mask: keyword-only; bool, True at valid positions (padding excluded from every std):
+            shaped like the leading dims of Linear outputs (batch, time) and like conv outputs
             without their channel dim (N, *spatial).
+        generator: keyword-only; the random generator of the orthonormal draw.
 
-    Returns one :class:`LSUVLayer` per layer, in execution order: the scale applied, the
-    iterations it took, the output std and whether it converged. A layer called more than
-    once per forward is rescaled by the std of all its outputs together, and counts as
-    converged only if every call's std is within ``tol`` (``call_stds`` lists them); so are
-    layers that hold one weight Parameter (tied), listed once under the first one's name.
-    Layers that never run on the batch are left alone. Weights under a parametrization
-    (``weight_norm``, also the older hook form) are set through it; a layer whose output
-    does not change when its weight is scaled (``spectral_norm``) is left as it is, with a
-    warning. The model's training flag is kept; the passes run in eval mode so that
-    Dropout and BatchNorm running statistics are untouched.
+    Returns:
+        One :class:`LSUVLayer` per layer, in execution order: the scale applied, the
+        iterations it took, the output std and whether it converged. A layer called more
+        than once per forward is rescaled by the std of all its outputs together, and counts
+        as converged only if every call's std is within ``tol`` (``call_stds`` lists them);
+        so are layers that hold one weight Parameter (tied), listed once under the first
+        one's name. Layers that never run on the batch are left alone. Weights under a
+        parametrization (``weight_norm``, also the older hook form) are set through it; a
+        layer whose output does not change when its weight is scaled (``spectral_norm``) is
+        left as it is, with a warning. The model's training flag is kept; the passes run in
+        eval mode so that Dropout and BatchNorm running statistics are untouched.
+
+    Raises:
+        ValueError: ``tol`` <= 0, ``max_iters`` < 1, no Linear or Conv layer in ``model``, or
+            a model or batch on the meta device.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(40, 100), torch.nn.Tanh(), torch.nn.Linear(100, 10))
+        >>> report = nl.init.lsuv_(model, torch.randn(256, 40))
     """
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
@@ -186,8 +204,8 @@ def lsuv_(
     order: list[str] = []
     outputs: dict[str, list[torch.Tensor]] = {}
 
-    def watch(name):
-        def hook(module, args, out):
+    def watch(name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
             if name not in order:
                 order.append(name)
             outputs.setdefault(name, []).append(out.detach())
@@ -201,7 +219,7 @@ def lsuv_(
     handles = [m.register_forward_hook(watch(group[name])) for name, m in layers.items()]
     was_training = model.training
     model.eval()
-    results = []
+    results: list[LSUVLayer] = []
     try:
         run()  # learn the execution order
         for name in list(order):

@@ -43,7 +43,7 @@ def fans(tensor: torch.Tensor) -> tuple[int, int]:
     return tensor.shape[1] * receptive, tensor.shape[0] * receptive
 
 
-def _gain(activation, negative_slope, gain, convention):
+def _gain(activation: str, negative_slope: float | None, gain: float | None, convention: str) -> float:
     if gain is not None:
         if negative_slope is not None:
             raise InputError(
@@ -54,7 +54,7 @@ def _gain(activation, negative_slope, gain, convention):
     return gain_for(activation, negative_slope, convention=convention)
 
 
-def _is_empty(tensor) -> bool:
+def _is_empty(tensor: object) -> bool:
     """A zero-element weight has nothing to draw (torch's initializers skip it too)."""
     if isinstance(tensor, torch.Tensor) and tensor.numel() == 0:
         warnings.warn("Initializing zero-element tensors is a no-op", UserWarning, stacklevel=3)
@@ -62,18 +62,26 @@ def _is_empty(tensor) -> bool:
     return False
 
 
-def _fill_uniform(tensor, std, generator):
+def _fill_uniform(tensor: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
     bound = math.sqrt(3.0) * std
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=generator)
 
 
-def _fill_normal(tensor, std, generator):
+def _fill_normal(tensor: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
     with torch.no_grad():
         return tensor.normal_(0.0, std, generator=generator)
 
 
-def xavier_uniform_(tensor, activation="tanh", *, gain=None, negative_slope=None, convention="glorot", generator=None):
+def xavier_uniform_(
+    tensor: torch.Tensor,
+    activation: str = "tanh",
+    *,
+    gain: float | None = None,
+    negative_slope: float | None = None,
+    convention: str = "glorot",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Glorot & Bengio (2010): U[−b, b], b = gain · √6/√(fan_in + fan_out).
 
     With the default ``activation="tanh"`` this is exactly the paper's bound; pass
@@ -87,7 +95,15 @@ def xavier_uniform_(tensor, activation="tanh", *, gain=None, negative_slope=None
     return _fill_uniform(tensor, std, generator)
 
 
-def xavier_normal_(tensor, activation="tanh", *, gain=None, negative_slope=None, convention="glorot", generator=None):
+def xavier_normal_(
+    tensor: torch.Tensor,
+    activation: str = "tanh",
+    *,
+    gain: float | None = None,
+    negative_slope: float | None = None,
+    convention: str = "glorot",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out))."""
     fan_in, fan_out = fans(tensor)
     g = _gain(activation, negative_slope, gain, convention)
@@ -97,12 +113,14 @@ def xavier_normal_(tensor, activation="tanh", *, gain=None, negative_slope=None,
     return _fill_normal(tensor, std, generator)
 
 
-def _check_mode(mode):
+def _check_mode(mode: str) -> None:
     if mode not in ("fan_in", "fan_out"):
         raise InputError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
 
 
-def _he_std(tensor, activation, negative_slope, mode, gain, convention) -> float | None:
+def _he_std(
+    tensor: torch.Tensor, activation: str, negative_slope: float | None, mode: str, gain: float | None, convention: str
+) -> float | None:
     """gain/√fan, or None for a zero-element tensor (after every argument is checked)."""
     _check_mode(mode)
     fan_in, fan_out = fans(tensor)
@@ -113,8 +131,15 @@ def _he_std(tensor, activation, negative_slope, mode, gain, convention) -> float
 
 
 def he_uniform_(
-    tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None, convention="glorot", generator=None
-):
+    tensor: torch.Tensor,
+    activation: str = "relu",
+    *,
+    mode: str = "fan_in",
+    gain: float | None = None,
+    negative_slope: float | None = None,
+    convention: str = "glorot",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """He et al. (2015): U[−b, b], b = gain · √3/√fan (gain √2 for ReLU).
 
     ``mode="fan_in"`` preserves the forward variance, ``"fan_out"`` the backward one;
@@ -125,14 +150,29 @@ def he_uniform_(
 
 
 def he_normal_(
-    tensor, activation="relu", *, mode="fan_in", negative_slope=None, gain=None, convention="glorot", generator=None
-):
+    tensor: torch.Tensor,
+    activation: str = "relu",
+    *,
+    mode: str = "fan_in",
+    gain: float | None = None,
+    negative_slope: float | None = None,
+    convention: str = "glorot",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU."""
     std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
     return tensor if std is None else _fill_normal(tensor, std, generator)
 
 
-def lecun_normal_(tensor, activation="linear", *, gain=None, negative_slope=None, convention="glorot", generator=None):
+def lecun_normal_(
+    tensor: torch.Tensor,
+    activation: str = "linear",
+    *,
+    gain: float | None = None,
+    negative_slope: float | None = None,
+    convention: str = "glorot",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe."""
     fan_in, _ = fans(tensor)
     g = _gain(activation, negative_slope, gain, convention)
@@ -142,7 +182,15 @@ def lecun_normal_(tensor, activation="linear", *, gain=None, negative_slope=None
     return _fill_normal(tensor, std, generator)
 
 
-def orthogonal_(tensor, activation="linear", *, gain=None, negative_slope=None, convention="glorot", generator=None):
+def orthogonal_(
+    tensor: torch.Tensor,
+    activation: str = "linear",
+    *,
+    gain: float | None = None,
+    negative_slope: float | None = None,
+    convention: str = "glorot",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Saxe et al. (2014): a (semi-)orthogonal matrix (rows or columns orthonormal) × gain.
 
     The weight is flattened to (out, in·prod(kernel)); a QR decomposition of a Gaussian
