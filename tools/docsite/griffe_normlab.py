@@ -170,6 +170,12 @@ def _shared_arguments(text: str) -> str:
 _TABLE_BORDER = re.compile(r"^\s*=+(?:\s+=+)+\s*$")
 
 
+def _cells(row: str, starts: list[int]) -> list[str]:
+    """A simple table's row cut at its columns' starts (a cell runs to the next column)."""
+    bounds: list[int | None] = [*starts[1:], None]
+    return [row[a:b].strip().replace("|", "\\|") for a, b in zip(starts, bounds)]
+
+
 def _simple_tables(text: str) -> str:
     """reST simple tables (``===  ===`` borders around a header and rows) → Markdown tables."""
     lines = text.split("\n")
@@ -189,13 +195,9 @@ def _simple_tables(text: str) -> str:
             i += 1
             continue
 
-        def cells(row: str) -> list[str]:
-            bounds = [*starts[1:], None]
-            return [row[a:b].strip().replace("|", "\\|") for a, b in zip(starts, bounds)]
-
         indent = " " * starts[0]
-        header = cells(lines[borders[0] + 1])
-        rows = [cells(row) for row in lines[borders[1] + 1 : borders[2]] if row.strip()]
+        header = _cells(lines[borders[0] + 1], starts)
+        rows = [_cells(row, starts) for row in lines[borders[1] + 1 : borders[2]] if row.strip()]
         out += [indent + "| " + " | ".join(header) + " |", indent + "|" + "---|" * len(ends)]
         out += [indent + "| " + " | ".join(row) + " |" for row in rows]
         i = borders[2] + 1
