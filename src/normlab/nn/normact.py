@@ -97,8 +97,8 @@ class _ActMixin:
 
 _ACT_ARGS = """
     Args:
-        {plain_args}: as for :class:`{plain}`; running statistics follow
-            ``docs/conventions.md#running-statistics``.
+        {first_arg}
+        {plain_args}: as for :class:`{plain}`.
         activation: keyword-only. "relu" (default), "leaky_relu", "elu", "silu", "prelu" or
             "identity".
         activation_param: keyword-only. LeakyReLU's slope (default 0.01), ELU's alpha (1.0),
@@ -115,7 +115,8 @@ _ACT_ARGS = """
 """
 
 _BN_ARGS = {
-    "plain_args": "num_features, eps, momentum, affine, track_running_stats, device, dtype",
+    "first_arg": "num_features: C, the number of channels.",
+    "plain_args": "eps, momentum, affine, track_running_stats, device, dtype",
     "extra": "**kwargs: the plain norm's keyword-only ``bias``, ``unbiased_running_var`` and ``on_nonfinite``.",
 }
 
@@ -169,7 +170,8 @@ class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
 class GroupNormAct(_ActMixin, GroupNorm):
     __doc__ = "GroupNorm followed by an activation, fused.\n" + _ACT_ARGS.format(
         plain="normlab.nn.GroupNorm",
-        plain_args="num_groups, num_channels, eps, affine, device, dtype",
+        first_arg="num_groups: G, which must divide ``num_channels``.",
+        plain_args="num_channels, eps, affine, device, dtype",
         extra="bias: keyword-only. Learn β (only with ``affine``). Default True.",
     )
     _operation = "group_norm_act"
