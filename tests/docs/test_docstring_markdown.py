@@ -39,7 +39,7 @@ def test_literal_blocks_become_fences_and_examples_stay_a_section():
     text = "Use it so::\n\n    f(x)\n    g(x)\n\nEnd."
     assert rst_to_markdown(text, PUBLIC) == "Use it so:\n\n```python\nf(x)\ng(x)\n```\n\nEnd."
     example = "Example::\n\n    >>> f(1)\n    2\n"
-    assert rst_to_markdown(example, PUBLIC) == "Example:\n    >>> f(1)\n    2\n"
+    assert rst_to_markdown(example, PUBLIC) == "Examples:\n    >>> f(1)\n    2\n"
 
 
 def test_shared_argument_entries_are_split():

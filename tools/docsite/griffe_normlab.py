@@ -101,7 +101,7 @@ def _indent(line: str) -> int:
 def _literal_blocks(text: str) -> str:
     """reST literal blocks (a paragraph ending in ``::``, then an indented block) → fenced code.
 
-    ``Example::`` followed by ``>>>`` lines becomes a Google-style ``Example:`` section, which
+    ``Example::`` followed by ``>>>`` lines becomes a Google-style ``Examples:`` section, which
     mkdocstrings renders as a highlighted console session."""
     lines = text.split("\n")
     out: list[str] = []
@@ -122,7 +122,7 @@ def _literal_blocks(text: str) -> str:
                 if head.strip() == ":":  # a bare "::" paragraph
                     head = ""
                 if line.strip() in ("Example::", "Examples::") and block.startswith(">>>"):
-                    out.append(head)
+                    out.append(indent + "Examples:")  # the Google section name griffe knows
                     out += [indent + "    " + b if b else "" for b in block.split("\n")]
                 else:
                     lexer = "pycon" if block.startswith(">>>") else "python"

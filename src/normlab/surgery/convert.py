@@ -168,11 +168,13 @@ def convert_norms(
     """Replace every channel norm layer of ``model`` with one of kind ``to``.
 
     Args:
+        model: the model; it is not modified.
         to: ``"batch"``, ``"group"``, ``"layer"`` (GroupNorm with one group, i.e. LayerNorm
             over (C, \\*spatial) with per-channel affine), ``"instance"``, ``"frozen"``
             (FrozenBatchNorm) or ``"batch_renorm"``.
         groups: for ``"group"``: an int that must divide each layer's channels, or
             ``"auto"`` — per layer, the largest divisor of its channels ≤ ``max_groups``.
+        max_groups: the most groups ``groups="auto"`` picks. Default 32.
         example_input: needed only to learn the spatial rank of layers whose class does
             not say it (GroupNorm, SyncBatchNorm) when the target is rank-specific.
         alpha_init_value: α's initial value for ``"dyt"`` and ``"derf"``.

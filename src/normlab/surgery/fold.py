@@ -11,6 +11,8 @@ and the BatchNorm disappears. The arithmetic is done in float64 and cast back.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -99,7 +101,7 @@ def _replacement_for(bn: nn.Module) -> nn.Module:
     return act if isinstance(act, nn.Module) else nn.Identity()
 
 
-def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:
+def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult:
     """Return an eval-mode copy of ``model`` with every foldable BatchNorm folded away.
 
     Producer → BatchNorm pairs are found by tracing (``torch.fx``, or one forward on
@@ -112,6 +114,19 @@ def fold_batchnorm(model: nn.Module, example_input=None) -> SurgeryResult:
 
     With ``example_input`` the folded model is checked against the original (both in
     eval) and ``report.max_abs_diff`` says how far apart they are.
+
+    Args:
+        model: the model; it is not modified.
+        example_input: optional; one input (a tensor, or a tuple/dict of arguments) for the
+            check, and for finding pairs when ``torch.fx`` cannot trace the model.
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: an eval-mode copy with the BatchNorms folded away, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
+
+    Examples:
+        >>> folded, report = nl.surgery.fold_batchnorm(model, example_input=torch.randn(1, 3, 32, 32))
+        >>> print(report)
     """
     folded = copy_model(model).eval()
     report = SurgeryReport("fold_batchnorm")

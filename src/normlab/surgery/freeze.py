@@ -26,6 +26,14 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
     normlab twins (same state bit for bit); :func:`unfreeze_norms` swaps them back.
     Layers without running estimates (GroupNorm, LayerNorm, RMSNorm,
     ``track_running_stats=False``) can only have their affine frozen.
+
+    Args:
+        model: the model; it is not modified.
+        affine: also freeze γ and β (``requires_grad=False``). Default True.
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: a copy with its norm layers frozen, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
     """
     new = copy_model(model)
     report = SurgeryReport(f"freeze_norms(affine={affine})")
@@ -59,7 +67,15 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
 
 def unfreeze_norms(model: nn.Module) -> SurgeryResult:
     """Undo :func:`freeze_norms`: clear the flag, restore ``requires_grad``, and swap
-    layers that were torch.nn before freezing back to their torch.nn class."""
+    layers that were torch.nn before freezing back to their torch.nn class.
+
+    Args:
+        model: the model; it is not modified.
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: a copy with its norm layers unfrozen, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
+    """
     new = copy_model(model)
     report = SurgeryReport("unfreeze_norms")
     for path, module in list(new.named_modules()):

@@ -184,7 +184,15 @@ def from_torch(model: nn.Module) -> SurgeryResult:
     and the ``training`` flag is kept. Every other normalization layer (a subclass of a
     torch.nn norm, whose forward may differ; timm's LayerNorm2dFp32, EvoNorm, ...) is left as
     it is and listed in ``report.skipped`` with the reason; normlab layers are left
-    alone."""
+    alone.
+
+    Args:
+        model: the model; it is not modified.
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: a copy with normlab's layers, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
+    """
     return _swap(model, TWINS, "from_torch", lambda m: None, _from_torch_other)
 
 
@@ -216,6 +224,15 @@ def to_torch(model: nn.Module, *, timm: bool = False) -> SurgeryResult:
     the running estimates). Frozen layers, and normlab layers torch.nn has no class for
     (BatchNormAct, GroupNormAct, BatchRenorm, FrozenBatchNorm, SyncBatchNorm), are
     skipped and listed with the reason.
+
+    Args:
+        model: the model; it is not modified.
+        timm: keyword-only; convert layers that only timm has a class for to timm's (needs
+            timm installed). Default False.
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: a copy with torch.nn's (and, with ``timm``, timm's) layers, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
     """
     to_timm = to_timm_layers(copy_model(model)) if timm else None
     result = _swap(to_timm.model if timm else model, _TORCH_OF, "to_torch", _torch_incompatible, _to_torch_other)

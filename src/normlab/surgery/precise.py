@@ -97,6 +97,22 @@ def precise_bn(
     statistics; frozen layers keep theirs. ``num_batches_tracked`` and the model's
     training flag are left as they were. The report gives, per layer, how far the old
     running statistics were from the new ones.
+
+    Args:
+        model: the model; it is not modified.
+        batches: an iterable of batches (a DataLoader, a list of tensors, ...).
+        num_batches: how many batches to use at most; a positive int. Default 200.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch; default:
+            ``model(batch)`` for a tensor, ``model(batch[0])`` for a tuple or list.
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: a copy with the recomputed running statistics, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
+
+    Raises:
+        ValueError: ``num_batches`` is not a positive int, the loader is empty, or a
+            BatchNorm layer never ran on the batches.
+        TypeError: a batch that the default ``forward_fn`` cannot feed to the model.
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")

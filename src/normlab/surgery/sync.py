@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .. import nn as nln
@@ -25,13 +27,23 @@ _BATCHNORMS = (
 _FUSED = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 
-def convert_sync_batchnorm(model: nn.Module, process_group=None) -> SurgeryResult:
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> SurgeryResult:
     """Replace every BatchNorm (normlab's or torch.nn's, 1d/2d/3d, and torch.nn's
     SyncBatchNorm) with :class:`normlab.nn.SyncBatchNorm`, keeping parameters and buffers
     bit for bit, momentum (``None`` included), eps, the normlab-only options, the frozen
     flag and the training flag. Unlike ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
     the result runs on any backend, CPU included. BatchRenorm, FrozenBatchNorm and other
-    subclasses are left alone (reported)."""
+    subclasses are left alone (reported).
+
+    Args:
+        model: the model; it is not modified.
+        process_group: the ``torch.distributed`` group to synchronize over; None for the
+            default (whole world).
+
+    Returns:
+        ``(model, report)``, a :class:`SurgeryResult`: a copy with SyncBatchNorm layers, and a
+        :class:`SurgeryReport` of what changed, what was skipped and why.
+    """
     new = copy_model(model)
     report = SurgeryReport("convert_sync_batchnorm")
     for path, module in list(new.named_modules()):
