@@ -13,6 +13,7 @@ import torch
 from ..core import channel_norm, check_activation, check_positive_int, normalize_shape_arg, row_norm
 from ..core.call_checks import check_channel_args, check_inplace_input, check_row_args
 from ..core.checks import InputError
+from ..core.types import ShapeLike
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
@@ -32,10 +33,29 @@ def group_norm(
     ``weight`` and ``bias`` are per channel. GroupNorm(1) is LayerNorm over
     (C, \*spatial) with per-channel affine; GroupNorm(C) is InstanceNorm.
 
-    ``mask``: a bool tensor, True where a position is valid, shaped like the input without
-    its channel dim ((N, L) for (N, C, L)) or broadcastable to it; each (sample, group) is
-    then normalized over its valid positions, and the output and the input gradient are 0
-    at padded ones (a sample with no valid position is all 0).
+    Args:
+        input: (N, C, \*spatial), C divisible by ``num_groups``.
+        num_groups: G, the number of groups.
+        weight: γ, shape (C,), or None. Default None.
+        bias: β, shape (C,), or None. Default None.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
+        mask: keyword-only; a bool tensor, True where a position is valid, shaped like the
+            input without its channel dim ((N, L) for (N, C, L)) or broadcastable to it;
+            each (sample, group) is then normalized over its valid positions, and the output
+            and the input gradient are 0 at padded ones (a sample with no valid position is
+            all 0; ``docs/sequences.md``).
+
+    Returns:
+        The normalized tensor: the input's shape, dtype and memory format.
+
+    Raises:
+        ValueError: an input of the wrong rank, parameters or estimates of the wrong shape,
+            dtype or device, a bad ``eps``/``momentum``, or a malformed ``mask``
+            (``docs/conventions.md#errors``).
+        TypeError: a non-tensor input or a non-floating dtype.
+
+    Examples:
+        >>> y = nl.functional.group_norm(torch.randn(8, 64, 7, 7), 32)
     """
     return _group_norm(input, num_groups, weight, bias, eps, mask=mask)
 
@@ -111,14 +131,30 @@ def _group_norm(
 
 def layer_norm(
     input: torch.Tensor,
-    normalized_shape,
+    normalized_shape: ShapeLike,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """Layer normalization over the trailing ``normalized_shape`` dims of each sample.
+    r"""Layer normalization over the trailing ``normalized_shape`` dims of each sample.
 
-    ``weight`` and ``bias`` have shape ``normalized_shape`` (elementwise affine).
+    Args:
+        input: (\*, \*normalized_shape).
+        normalized_shape: an int or a sequence of ints, the trailing dims to normalize over.
+        weight: γ, shape ``normalized_shape`` (elementwise affine), or None. Default None.
+        bias: β, shape ``normalized_shape``, or None. Default None.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
+
+    Returns:
+        The normalized tensor, the input's shape and dtype.
+
+    Raises:
+        ValueError: trailing dims that are not ``normalized_shape``, parameters of the
+            wrong shape, dtype or device, or a bad ``eps``.
+        TypeError: a non-tensor input or a non-floating dtype.
+
+    Examples:
+        >>> y = nl.functional.layer_norm(torch.randn(4, 197, 768), (768,))
     """
     shape = normalize_shape_arg(normalized_shape)
     eps = check_row_args("layer_norm", input, shape, weight, bias, eps)
@@ -127,15 +163,27 @@ def layer_norm(
 
 def rms_norm(
     input: torch.Tensor,
-    normalized_shape,
+    normalized_shape: ShapeLike,
     weight: torch.Tensor | None = None,
     eps: float | None = None,
 ) -> torch.Tensor:
-    """Root-mean-square normalization: y = x / √(mean(x²) + ε) · weight, no mean subtracted.
+    r"""Root-mean-square normalization: y = x / √(mean(x²) + ε) · weight, no mean subtracted.
 
-    ``eps=None`` uses the machine epsilon of the computation dtype, as torch.nn does:
-    ``torch.finfo(torch.float32).eps`` for float16/bfloat16/float32 input, float64's
-    for float64.
+    Args:
+        input: (\*, \*normalized_shape).
+        normalized_shape: an int or a sequence of ints, the trailing dims to normalize over.
+        weight: the gain, shape ``normalized_shape``, or None. Default None.
+        eps: added to the mean square; None uses the machine epsilon of the computation
+            dtype, as torch.nn does: ``torch.finfo(torch.float32).eps`` for
+            float16/bfloat16/float32 input, float64's for float64. Default None.
+
+    Returns:
+        The normalized tensor, the input's shape and dtype.
+
+    Raises:
+        ValueError: trailing dims that are not ``normalized_shape``, a weight of the wrong
+            shape, dtype or device, or a bad ``eps``.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     shape = normalize_shape_arg(normalized_shape)
     eps = check_row_args("rms_norm", input, shape, weight, None, eps, centered=False)

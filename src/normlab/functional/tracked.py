@@ -40,9 +40,19 @@ def batch_norm(
     when running estimates are given, updates them in place:
     ``running = (1 − momentum)·running + momentum·batch`` with the *unbiased* variance
     (or the biased one with ``unbiased_running_var=False``). With ``training=False``
-    the running estimates are used as constants.
+    the running estimates are used as constants (``docs/conventions.md#running-statistics``).
 
-    Keyword-only extras:
+    Args:
+        input: (N, C) or (N, C, \*spatial).
+        running_mean: (C,) running mean, updated in place in training; or None.
+        running_var: (C,) running variance, updated in place in training; or None.
+        weight: γ, shape (C,), or None. Default None.
+        bias: β, shape (C,), or None. Default None.
+        training: normalize with the batch's statistics (and update the estimates) rather
+            than the running estimates. Default False.
+        momentum: weight of the new batch in the running estimates, in [0, 1], or None for
+            the cumulative average (needs ``num_batches_tracked``). Default 0.1.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         num_batches_tracked: a long 0-dim counter, incremented by one for each batch
             merged into the running estimates. With it, ``momentum=None`` selects the
             cumulative average (momentum 1/k for the k-th batch).
@@ -57,6 +67,24 @@ def batch_norm(
             count, and the output and the input gradient are 0 at padded positions. A
             batch with fewer than 2 valid values leaves the running estimates untouched
             (see ``docs/sequences.md``).
+        unbiased_running_var: keyword-only; store the unbiased batch variance (torch.nn's
+            convention, default) or the biased one (Keras/Flax's).
+
+    Returns:
+        The normalized tensor: the input's shape, dtype and memory format.
+
+    Raises:
+        ValueError: an input of the wrong rank, parameters or estimates of the wrong shape,
+            dtype or device, a bad ``eps``/``momentum``, or a malformed ``mask``
+            (``docs/conventions.md#errors``).
+        TypeError: a non-tensor input or a non-floating dtype.
+        NonFiniteStatisticsError: with ``on_nonfinite="raise"``, a batch whose statistics
+            are not finite.
+
+    Examples:
+        >>> x = torch.randn(8, 16, 5, 5)
+        >>> mean, var = torch.zeros(16), torch.ones(16)
+        >>> y = nl.functional.batch_norm(x, mean, var, training=True)
     """
     estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
     return _batch_norm("batch_norm", input, weight, bias, training, eps, estimates, mask)

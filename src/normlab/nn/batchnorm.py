@@ -32,7 +32,7 @@ _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015
 
     Args:
         num_features: C, the number of channels.
-        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         momentum: weight of the new batch in the running estimates, in [0, 1], or
             ``None`` for the cumulative average over all batches seen. Default 0.1.
             (Keras/Flax "momentum" 0.99 is a decay: use ``1 - 0.99``.)

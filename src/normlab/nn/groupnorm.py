@@ -29,7 +29,7 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
     Args:
         num_groups: G; must divide ``num_channels``.
         num_channels: C.
-        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         affine: learn per-channel γ (init 1) and β (init 0). Default True.
         bias: keyword-only; learn β (only with ``affine``). Default True.
 

@@ -34,7 +34,7 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
 
     Args:
         num_features: C, the number of channels.
-        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         momentum: weight of the new batch in the running estimates, in [0, 1], or
             ``None`` for the cumulative average. Default 0.1.
         affine: learn per-channel γ and β. Default False.

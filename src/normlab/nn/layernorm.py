@@ -29,7 +29,7 @@ class LayerNorm(PerSampleNorm, nn.LayerNorm):
 
     Args:
         normalized_shape: int or sequence of ints, the trailing dims to normalize.
-        eps: added to the variance before the square root; must be > 0. Default 1e-5.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         elementwise_affine: learn γ (init 1) and β (init 0). Default True.
         bias: learn β (only with ``elementwise_affine``). Default True.
 

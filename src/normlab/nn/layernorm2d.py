@@ -30,7 +30,7 @@ class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
 
     Args:
         num_channels: C, the size of input dim 1.
-        eps: added to the variance before the square root; must be > 0. Default 1e-6
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-6
             (timm's; torch.nn.LayerNorm's is 1e-5).
         affine: learn γ (init 1) and β (init 0). Default True.
         bias: learn β (only with ``affine``). Default True.
