@@ -365,3 +365,9 @@ def test_lsuv_refuses_the_meta_device_with_a_reason():
     model = nn.Sequential(nn.Linear(16, 8)).to("meta")
     with pytest.raises(ValueError, match="meta device"):
         I.lsuv_(model, torch.randn(4, 16, device="meta"))
+
+
+@pytest.mark.parametrize("init", [I.orthogonal_, I.xavier_uniform_, I.he_normal_, I.lecun_normal_])
+def test_initializers_refuse_a_non_tensor_with_type_error(init):
+    with pytest.raises(TypeError, match="expected a torch.Tensor weight, got list"):
+        init([[1.0, 2.0], [3.0, 4.0]])
