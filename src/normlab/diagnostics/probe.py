@@ -129,12 +129,20 @@ class Probe:
     ``budget`` records, every k-th of the run with k doubling as needed, plus the latest.
 
     Args:
+        model: the model to watch; hooks are added on :meth:`attach` (or entering ``with``).
         layers: which layers — types, names or fnmatch patterns, or ``f(name, module)``.
-        bins: histogram bins. ``hist_range``: (lo, hi) for every layer; by default each
-            layer's range is fixed at its first record (a saturating activation's output
-            range, [−1, 1] for tanh, [0, 1] for sigmoid, else ± the next 1-2-5 bound above its largest |value|) so its
-            histograms stay comparable across steps.
-        gradients, weights: record output gradients / weight gradients.
+            Default: :data:`DEFAULT_LAYER_TYPES`.
+        every: record every ``every``-th training step (the first always); >= 1. Default 1.
+        budget: keyword-only; records kept per layer at most (every k-th of the run with k
+            doubling as needed, plus the latest). Default 256.
+        optimizer: keyword-only; with it, each step's update-to-weight ratio is recorded.
+        bins: histogram bins. Default 41.
+        hist_range: (lo, hi) for every layer's histogram; by default each layer's range is
+            fixed at its first record (a saturating activation's output range, [−1, 1] for
+            tanh, [0, 1] for sigmoid, else ± the next 1-2-5 bound above its largest |value|)
+            so its histograms stay comparable across steps.
+        gradients: record the gradient reaching each output. Default True.
+        weights: record each weight's gradient. Default True.
         record_eval: also record eval-mode forwards (without an optimizer, each counts as
             a step).
         sample_size: values per output kept for percentiles, histogram, mean and std (a

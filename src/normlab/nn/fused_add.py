@@ -44,6 +44,12 @@ class AddLayerNorm(_AddNorm, LayerNorm):
     checkpoint's norm loads into it as is; both outputs take part in autograd. See
     :func:`normlab.functional.add_layer_norm`.
 
+    Args:
+        normalized_shape: an int or a sequence of ints, the trailing dims to normalize over.
+        eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
+        elementwise_affine: learn γ (init 1) and β (init 0). Default True.
+        bias: learn β (with ``elementwise_affine``). Default True.
+
     Shape:
         - x, residual: (\*, \*normalized_shape), the same shape.
         - Output: ``(normed, summed)``, each of that shape.
@@ -55,6 +61,16 @@ class AddRMSNorm(_AddNorm, RMSNorm):
 
     As :class:`AddLayerNorm`, for :class:`normlab.nn.RMSNorm` (same constructor, parameters
     and state-dict keys). See :func:`normlab.functional.add_rms_norm`.
+
+    Args:
+        normalized_shape: an int or a sequence of ints, the trailing dims to normalize over.
+        eps: added to the mean square; None for the machine epsilon of the computation dtype.
+            Default None.
+        elementwise_affine: learn the gain (init 1). Default True.
+
+    Shape:
+        - x, residual: (\*, \*normalized_shape), the same shape.
+        - Output: ``(normed, summed)``, each of that shape.
     """
 
     _centered = False

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..core import apply_activation
+from ..core.types import DeviceLike, DTypeLike
 from ..functional.sync import distributed_world, synchronized_batch_norm
 from .batchnorm import _BatchNorm
 from .normact import _ActMixin
@@ -43,6 +46,15 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
     ``forward(input, mask=None)`` takes a mask of valid positions as
     :class:`normlab.nn.BatchNorm2d` does; the valid positions are counted across processes.
 
+    Args:
+        num_features: C, the number of channels.
+        eps, momentum, affine, track_running_stats, device, dtype: as for
+            :class:`normlab.nn.BatchNorm2d` (``docs/conventions.md#running-statistics``).
+        process_group: the ``torch.distributed`` group to synchronize over; None for the
+            whole world.
+        bias, unbiased_running_var, on_nonfinite: keyword-only, as for
+            :class:`normlab.nn.BatchNorm2d`.
+
     Shape:
         - Input: (N, C, \*) with N ≥ 0 on each process; the total over processes must
           give more than one value per channel.
@@ -59,9 +71,9 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        process_group=None,
-        device=None,
-        dtype=None,
+        process_group: Any = None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
         bias: bool = True,
         unbiased_running_var: bool = True,
