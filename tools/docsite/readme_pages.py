@@ -50,6 +50,7 @@ def _sections(readme: str) -> tuple[str, dict[str, str]]:
 
 def _site_links(text: str) -> str:
     """The README's repository-relative links and images, as links between the site's pages."""
+    text = re.sub(r"\[`docs/([^`]+)`\]\(docs/", r"[`\1`](", text)  # the link text names the page, too
     text = re.sub(r"\]\(docs/", "](", text)
     return text.replace('src="docs/', 'src="')
 
