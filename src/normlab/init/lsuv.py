@@ -40,7 +40,7 @@ class LSUVLayer:
     call_stds: tuple[float, ...] = ()  # the output std of each call, in call order
 
 
-def _tensors(batch) -> list[torch.Tensor]:
+def _tensors(batch: Any) -> list[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         return [batch]
     values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
@@ -56,7 +56,7 @@ def _forward(model: nn.Module, batch: Any) -> Any:
         return model(batch)
 
 
-def _old_weight_norm(module: nn.Module):
+def _old_weight_norm(module: nn.Module) -> Any:
     """The hook of ``torch.nn.utils.weight_norm`` (the pre-parametrization API), if any:
     it recomputes ``weight`` from ``weight_g`` and ``weight_v`` before every forward."""
     from torch.nn.utils.weight_norm import WeightNorm
@@ -76,22 +76,25 @@ def _set_weight(module: nn.Module, name: str, value: torch.Tensor) -> None:
             except NotImplementedError as err:
                 raise InputError(
                     f"LSUV cannot set the weight of {name!r} ({type(module).__name__}): its parametrization "
-                    f"{[type(p).__name__ for p in module.parametrizations.weight]} has no right_inverse"
+                    f"{[type(p).__name__ for p in module.get_submodule('parametrizations.weight').children()]} has no right_inverse"
                 ) from err
             return
         hook = _old_weight_norm(module)
         if hook is not None:
-            module.weight_v.copy_(value)
-            module.weight_g.copy_(torch.norm_except_dim(value, 2, hook.dim))
+            module.get_parameter("weight_v").copy_(value)
+            module.get_parameter("weight_g").copy_(torch.norm_except_dim(value, 2, hook.dim))
             return
-        module.weight.copy_(value)
+        module.get_parameter("weight").copy_(value)
 
 
 def _current_weight(module: nn.Module) -> torch.Tensor:
     hook = _old_weight_norm(module)
     if hook is not None:
-        return torch._weight_norm(module.weight_v, module.weight_g, hook.dim).detach()
-    return module.weight.detach()
+        return torch._weight_norm(module.get_parameter("weight_v"), module.get_parameter("weight_g"), hook.dim).detach()
+    weight = module.weight  # a Parameter, or the tensor a parametrization computes
+    if not isinstance(weight, torch.Tensor):
+        raise InputError(f"{type(module).__name__}.weight is not a tensor: LSUV cannot rescale it")
+    return weight.detach()
 
 
 def _valid(out: torch.Tensor, mask: torch.Tensor | None, name: str, module: nn.Module) -> torch.Tensor:
@@ -113,7 +116,9 @@ def _valid(out: torch.Tensor, mask: torch.Tensor | None, name: str, module: nn.M
     )
 
 
-def _stds(outs: list[torch.Tensor], mask, name: str, module: nn.Module) -> tuple[float, tuple[float, ...]]:
+def _stds(
+    outs: list[torch.Tensor], mask: torch.Tensor | None, name: str, module: nn.Module
+) -> tuple[float, tuple[float, ...]]:
     values = [_valid(o.float(), mask, name, module) for o in outs]
     pooled = torch.cat(values)
     if pooled.numel() < 2:
@@ -212,7 +217,7 @@ def lsuv_(
 
         return hook
 
-    def run():
+    def run() -> None:
         outputs.clear()
         _forward(model, batch)
 
