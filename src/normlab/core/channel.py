@@ -8,6 +8,7 @@ Modules and functionals call :func:`channel_norm` the same way. It asks the path
   update, autograd node); where that entry refuses (a parameter that does not fit the input,
   eps = 0 or one value per group in training) the checks below report why;
 * kernels, operator — ``torch.ops.normlab.channel_norm`` (and the in-place Function);
+* kernels, masked — the masked kernels' autograd Function (:mod:`normlab.core.kernels.cpu.masked`);
 * native — torch's ops (:mod:`normlab.core.native`);
 * composed — normlab's ops (:mod:`normlab.core.composed`), masks included;
 * triton — the Triton kernels' backend (:mod:`normlab.core.kernels.triton.backend`): masks,
@@ -27,7 +28,18 @@ from .activation import ACTIVATIONS
 from .call_checks import check_channel_args, check_inplace_input
 from .kernels.cpu import build as _cpu
 from .kernels.cpu.inplace import channel_norm_inplace
-from .paths import CHANNEL, COMPOSED, KERNELS, KERNELS_DIRECT, NATIVE, _gpu_kernels, choose_path, kernel_layout
+from .kernels.cpu.masked import masked_channel_norm as channel_norm_masked
+from .paths import (
+    CHANNEL,
+    COMPOSED,
+    KERNELS,
+    KERNELS_DIRECT,
+    KERNELS_MASKED,
+    NATIVE,
+    _gpu_kernels,
+    choose_path,
+    kernel_layout,
+)
 from .running import RunningStats
 
 __all__ = ["channel_norm", "instance_norm_layout", "masked_channel_norm"]
@@ -101,6 +113,9 @@ def channel_norm(
         _check_overwritable(x, weight, bias)
     path, how = decision.path, decision.how
     act = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
+    if decision is KERNELS_MASKED:
+        code = ACTIVATIONS[activation].code
+        return channel_norm_masked(x, weight, bias, mask, groups, eps, batch_stats, running, act, code)
     if path == KERNELS:
         return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
     if path == NATIVE:

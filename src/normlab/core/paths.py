@@ -142,6 +142,8 @@ class Decision(NamedTuple):
 
 #: Row 1's answer: one object, so that the entries test it with ``is``.
 KERNELS_DIRECT = Decision(KERNELS, "direct", "")
+#: Row 2's answer for a mask the kernels take.
+KERNELS_MASKED = Decision(KERNELS, "masked", "mask: the masked kernels")
 
 
 def _checked_backend(name: object) -> str:
@@ -326,6 +328,25 @@ def kernel_layout(x: torch.Tensor) -> bool:
     )
 
 
+def _masked_kernels_take(x: torch.Tensor, family: str, mask: torch.Tensor, forced: str, compiling: bool) -> bool:
+    """Row 2: an eager masked channel norm on a plain float32 CPU tensor in a layout the
+    kernels read, with a plain bool CPU mask of the input's shape without dim 1 (or one that
+    broadcasts to it: the kernels read it as one bool per (sample, position))."""
+    return (
+        not compiling
+        and family == CHANNEL
+        and (forced == "auto" or forced == KERNELS)
+        and type(x) is torch.Tensor
+        and type(mask) is torch.Tensor
+        and mask.dtype is torch.bool
+        and mask.device.type == "cpu"
+        and _forward_ad._current_level < 0
+        and (_cpu.module is not None or _cpu.load() is not None)
+        and _cpu.module.plain_eager(x)
+        and kernel_layout(x)
+    )
+
+
 def choose_path(
     x: torch.Tensor,
     family: str = CHANNEL,
@@ -378,9 +399,11 @@ def choose_path(
         )
     ) is None:
         decision = Decision(TRITON, "traced" if compiling else "eager", "")  # 2
-    elif mask is not None:  # 3
+    elif mask is not None:  # 3, 4
         if exporting or transformed:
             decision = Decision(COMPOSED, "reference", "mask: differentiable ops")
+        elif _masked_kernels_take(x, family, mask, forced, compiling):
+            decision = KERNELS_MASKED
         else:
             decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
     elif forced == COMPOSED:  # 4

@@ -207,6 +207,51 @@ std::vector<at::Tensor> channel_backward_op(const at::Tensor& dy, const at::Tens
   return {p.unview(r[0], src), r[1], r[2], r[3]};
 }
 
+// ---- masked channel norms (masked.cpp) ----------------------------------------------------
+
+// The plan of a masked call: one unit per sample in both layouts (the mask varies by sample),
+// so a channels_last input is viewed (N, S, C) even for BatchNorm.
+Plan masked_plan(const at::Tensor& x) {
+  Plan p = plan_of(x, 0);
+  p.G = 0;
+  return p;
+}
+
+// The masked forward as the path rule's "kernels, masked" runs it (an autograd Function in
+// kernels/cpu/masked.py records it): (y, shift, offset, rstd, mean, var, count), the last
+// three empty with given statistics. `mask`: bool, (N, *spatial) or broadcast to it.
+std::vector<at::Tensor> masked_channel_forward_op(const at::Tensor& x, const at::Tensor& mask,
+                                                  const OptTensor& weight, const OptTensor& bias,
+                                                  const OptTensor& running_mean, const OptTensor& running_var,
+                                                  const OptTensor& prelu, int64_t groups, double eps, int64_t act,
+                                                  double param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Plan p = masked_plan(x);
+  const at::Tensor m = mask.reshape({p.N, p.S}).contiguous();
+  at::Tensor y = at::empty_like(x);
+  auto s = masked_channel_forward(p.view(x), m, p.planes, p.N, p.C, p.S, groups, value_or_undefined(weight),
+                                  value_or_undefined(bias), value_or_undefined(running_mean),
+                                  value_or_undefined(running_var), eps, act, param,
+                                  slope_of(value_or_undefined(prelu), act, p.C), p.view(y));
+  return {y, s[0], s[1], s[2], s[3], s[4], s[5]};
+}
+
+// Its backward: (dx, dγ, dβ, d slope), the parameters' in float64.
+std::vector<at::Tensor> masked_channel_backward_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
+                                                   const OptTensor& weight, const OptTensor& bias,
+                                                   const OptTensor& prelu, const at::Tensor& shift,
+                                                   const at::Tensor& offset, const at::Tensor& rstd,
+                                                   const at::Tensor& count, int64_t groups, bool given, int64_t act,
+                                                   double param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Plan p = masked_plan(x);
+  const at::Tensor m = mask.reshape({p.N, p.S}).contiguous();
+  auto r = masked_channel_backward(p.view(same_layout(dy, p, x)), p.view(x), m, p.planes, p.N, p.C, p.S, groups,
+                                   given, value_or_undefined(weight), value_or_undefined(bias), shift, offset, rstd,
+                                   count, act, param, slope_of(value_or_undefined(prelu), act, p.C));
+  return {p.unview(r[0], x), r[1], r[2], r[3]};
+}
+
 // ---- row norms (LayerNorm, RMSNorm, and the residual add before them) ----------------------
 
 // The row family's eager call over the trailing `shape`: y, or (y, x + residual) with a
@@ -316,6 +361,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_running", &update_running);
   m.def("channel_forward", &channel_forward_op);
   m.def("channel_backward", &channel_backward_op);
+  m.def("masked_channel_forward", &masked_channel_forward_op);
+  m.def("masked_channel_backward", &masked_channel_backward_op);
   m.def("row_forward", &row_forward_op);
   m.def("row_backward", &row_backward_op);
   m.def("add_row_forward", &add_row_forward_op);

@@ -26,6 +26,22 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor
                                          const at::Tensor& offset, const at::Tensor& rstd, int64_t act, double param,
                                          const at::Tensor& slope);
 
+// Masked channel norms (masked.cpp): the same over the valid positions of `mask`, a contiguous
+// (N, S) bool tensor; xv is (N·C, S) planes or (N, S, C) columns (one unit per sample even
+// for BatchNorm). Forward returns {shift, offset, rstd, mean, var, count} per group (the last
+// three empty when given); y is 0 at padded positions, and so is dx.
+std::vector<at::Tensor> masked_channel_forward(const at::Tensor& xv, const at::Tensor& mask, bool planes, int64_t N,
+                                               int64_t C, int64_t S, int64_t G, const at::Tensor& weight,
+                                               const at::Tensor& bias, const at::Tensor& running_mean,
+                                               const at::Tensor& running_var, double eps, int64_t act, double param,
+                                               const at::Tensor& slope, const at::Tensor& out);
+std::vector<at::Tensor> masked_channel_backward(const at::Tensor& dyv, const at::Tensor& xv, const at::Tensor& mask,
+                                                bool planes, int64_t N, int64_t C, int64_t S, int64_t G, bool given,
+                                                const at::Tensor& weight, const at::Tensor& bias,
+                                                const at::Tensor& shift_g, const at::Tensor& offset_g,
+                                                const at::Tensor& rstd_g, const at::Tensor& count_g, int64_t act,
+                                                double param, const at::Tensor& slope);
+
 // The running-estimate update of one batch (running.cpp); false (nothing written) when the
 // batch or the updated estimate is not finite.
 bool running_update(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,

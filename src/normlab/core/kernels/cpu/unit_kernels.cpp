@@ -7,5 +7,6 @@
 
 #include "channel_passes.cpp"
 #include "channel.cpp"
+#include "masked.cpp"
 #include "row.cpp"
 #include "running.cpp"

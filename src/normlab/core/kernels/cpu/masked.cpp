@@ -1,0 +1,455 @@
+// The channel norms over the valid positions of a mask (declared in kernels.h): BatchNorm,
+// InstanceNorm and GroupNorm, with a fused activation, forward and closed-form backward — the
+// math of normlab/core/masked.py (derivation in docs/derivations.md), in one pass for the
+// moments, one for the output, and two for the backward, as the unmasked two-pass route does.
+//
+// The mask is one bool per (sample, position), shared by every channel: planes (N·C, S) read a
+// plane's mask row beside it; columns (N, S, C) skip a padded row whole. Padding never enters a
+// result: every sum and output selects (never multiplies by) the mask, so NaN or inf padding
+// cannot leak through 0·NaN; outputs and input gradients are 0 there.
+//
+// Moments are shifted as everywhere in the kernels (loops.h's sample_shift): the shift is the
+// mean of up to 16 valid values of the group, spread over its first sample with any, so
+// x − shift stays exact on large-mean data. A group without a valid position gets mean 0,
+// variance 0 (no 0/0), as the composed ops give.
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <vector>
+
+#include "activation.h"
+#include "kernels.h"
+#include "loops.h"
+
+namespace normlab {
+namespace {
+
+// Statistics groups of a masked call. Units are (n, c) for both layouts; a group is channel c
+// (BatchNorm, or given statistics) or (n, c / (C/G)).
+struct MaskedGroups {
+  bool planes;
+  int64_t N, C, S, G;
+  bool per_channel;
+  int64_t groups() const { return per_channel ? C : N * G; }
+  int64_t group_of(int64_t n, int64_t c) const { return per_channel ? c : n * G + c / (C / G); }
+  int64_t at(int64_t n, int64_t s, int64_t c) const { return planes ? (n * C + c) * S + s : (n * S + s) * C + c; }
+};
+
+// Valid positions per sample, and up to 16 of them spread evenly over each sample's valid ones.
+struct ValidPositions {
+  std::vector<int64_t> count;                 // (N,)
+  std::vector<std::vector<int64_t>> samples;  // (N, ≤16)
+};
+
+ValidPositions valid_positions(const bool* mp, int64_t N, int64_t S) {
+  ValidPositions v{std::vector<int64_t>(N, 0), std::vector<std::vector<int64_t>>(N)};
+  for (int64_t n = 0; n < N; ++n) {
+    const bool* m = mp + n * S;
+    int64_t total = 0;
+    for (int64_t s = 0; s < S; ++s) total += m[s];
+    v.count[n] = total;
+    const int64_t want = std::min<int64_t>(total, 16);
+    if (!want) continue;
+    // the ((j·total) >> 4)-th valid position for j < 16 (every one when fewer than 16)
+    int64_t j = 0, seen = 0;
+    for (int64_t s = 0; s < S && j < want; ++s) {
+      if (!m[s]) continue;
+      const int64_t target = total >= 16 ? (j * total) >> 4 : j;
+      if (seen == target) {
+        v.samples[n].push_back(s);
+        ++j;
+      }
+      ++seen;
+    }
+  }
+  return v;
+}
+
+// Each group's shift: the mean of the sampled valid values of its first channel, in its first
+// sample with a valid position (0 for a group without one).
+std::vector<double> masked_shifts(const float* xp, const MaskedGroups& g, const ValidPositions& v) {
+  std::vector<double> shift(g.groups(), 0.0);
+  for (int64_t k = 0; k < g.groups(); ++k) {
+    int64_t n = -1, c;
+    if (g.per_channel) {
+      c = k;
+      for (int64_t i = 0; i < g.N && n < 0; ++i)
+        if (v.count[i]) n = i;
+    } else {
+      n = k / g.G;
+      c = (k % g.G) * (g.C / g.G);
+      if (!v.count[n]) n = -1;
+    }
+    if (n < 0) continue;
+    double acc = 0;
+    for (int64_t s : v.samples[n]) acc += xp[g.at(n, s, c)];
+    shift[k] = static_cast<float>(acc / static_cast<double>(v.samples[n].size()));
+  }
+  return shift;
+}
+
+// Per unit (n, c): Σ m·(x − k) and Σ m·(x − k)², in double, k the unit's group shift.
+void masked_unit_moments(const float* xp, const bool* mp, const MaskedGroups& g, const std::vector<float>& ushift,
+                         std::vector<double>& s1, std::vector<double>& s2) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.planes) {
+    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float* row = xp + p * S;
+        const bool* m = mp + (p / C) * S;
+        const float k = ushift[p];
+        double t1 = 0, t2 = 0;
+        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+          const int64_t s1e = std::min(S, s0 + kBlock);
+          float a1 = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : a1, a2)
+          for (int64_t s = s0; s < s1e; ++s) {
+            const float d = m[s] ? row[s] - k : 0.f;
+            a1 += d;
+            a2 += d * d;
+          }
+          t1 += a1;
+          t2 += a2;
+        }
+        s1[p] = t1;
+        s2[p] = t2;
+      }
+    });
+    return;
+  }
+  // columns: one task per sample; a padded row is skipped whole
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, S * C)), [&](int64_t nb, int64_t ne) {
+    std::vector<float> f1(C), f2(C);
+    for (int64_t n = nb; n < ne; ++n) {
+      const float* k = ushift.data() + n * C;
+      double *d1 = s1.data() + n * C, *d2 = s2.data() + n * C;
+      std::fill(d1, d1 + C, 0.0);
+      std::fill(d2, d2 + C, 0.0);
+      const bool* m = mp + n * S;
+      for (int64_t s0 = 0; s0 < S; s0 += 64) {
+        const int64_t s1e = std::min(S, s0 + 64);
+        std::fill(f1.begin(), f1.end(), 0.f);
+        std::fill(f2.begin(), f2.end(), 0.f);
+        float *a1 = f1.data(), *a2 = f2.data();
+        for (int64_t s = s0; s < s1e; ++s) {
+          if (!m[s]) continue;
+          const float* row = xp + (n * S + s) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float d = row[c] - k[c];
+            a1[c] += d;
+            a2[c] += d * d;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          d1[c] += f1[c];
+          d2[c] += f2[c];
+        }
+      }
+    }
+  });
+}
+
+// y = m ? act((x − shift_u)·scale_u + bias_u) : 0 per unit u = (n, c).
+template <int A>
+void masked_apply(const float* xp, const bool* mp, float* yp, const MaskedGroups& g, const std::vector<float>& us,
+                  const std::vector<float>& usc, const std::vector<float>& ub, float param, const float* slope) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.planes) {
+    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float k = us[p], sc = usc[p], b = ub[p];
+        const float q = (A == PRELU) ? slope[p % C] : param;
+        const float* row = xp + p * S;
+        const bool* m = mp + (p / C) * S;
+        float* dst = yp + p * S;
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) {
+          const float z = act_forward<A>((row[s] - k) * sc + b, q);
+          dst[s] = m[s] ? z : 0.f;
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / S;
+      float* dst = yp + i * C;
+      if (!mp[i]) {
+        std::fill(dst, dst + C, 0.f);
+        continue;
+      }
+      const float *k = us.data() + n * C, *sc = usc.data() + n * C, *b = ub.data() + n * C;
+      const float* row = xp + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float q = (A == PRELU) ? slope[c] : param;
+        dst[c] = act_forward<A>((row[c] - k[c]) * sc[c] + b[c], q);
+      }
+    }
+  });
+}
+
+// Per unit: A = Σ m·dz, B = Σ m·dz·(x − shift), and for PReLU D = Σ m·dy·min(z, 0).
+template <int A>
+void masked_backward_reduce(const float* gp, const float* xp, const bool* mp, const MaskedGroups& g,
+                            const std::vector<float>& us, const std::vector<float>& usc,
+                            const std::vector<float>& ub, float param, const float* slope, std::vector<double>& Au,
+                            std::vector<double>& Bu, std::vector<double>& Du) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.planes) {
+    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float k = us[p], sc = usc[p], b = ub[p];
+        const float q = (A == PRELU) ? slope[p % C] : param;
+        const float* dy = gp + p * S;
+        const float* v = xp + p * S;
+        const bool* m = mp + (p / C) * S;
+        double tA = 0, tB = 0, tD = 0;
+        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+          const int64_t s1e = std::min(S, s0 + kBlock);
+          float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a1, a2, a3)
+          for (int64_t s = s0; s < s1e; ++s) {
+            float u, dz, z;
+            recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
+            a1 += m[s] ? dz : 0.f;
+            a2 += m[s] ? dz * u : 0.f;
+            if constexpr (A == PRELU) a3 += m[s] ? dy[s] * (z < 0.f ? z : 0.f) : 0.f;
+          }
+          tA += a1;
+          tB += a2;
+          tD += a3;
+        }
+        Au[p] = tA;
+        Bu[p] = tB;
+        Du[p] = tD;
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, S * C)), [&](int64_t nb, int64_t ne) {
+    std::vector<float> fA(C), fB(C), fD(C);
+    for (int64_t n = nb; n < ne; ++n) {
+      const float *k = us.data() + n * C, *sc = usc.data() + n * C, *b = ub.data() + n * C;
+      double *dA = Au.data() + n * C, *dB = Bu.data() + n * C, *dD = Du.data() + n * C;
+      std::fill(dA, dA + C, 0.0);
+      std::fill(dB, dB + C, 0.0);
+      std::fill(dD, dD + C, 0.0);
+      const bool* m = mp + n * S;
+      for (int64_t s0 = 0; s0 < S; s0 += 64) {
+        const int64_t s1e = std::min(S, s0 + 64);
+        std::fill(fA.begin(), fA.end(), 0.f);
+        std::fill(fB.begin(), fB.end(), 0.f);
+        std::fill(fD.begin(), fD.end(), 0.f);
+        for (int64_t s = s0; s < s1e; ++s) {
+          if (!m[s]) continue;
+          const float* dy = gp + (n * S + s) * C;
+          const float* v = xp + (n * S + s) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float q = (A == PRELU) ? slope[c] : param;
+            float u, dz, z;
+            recover<A, false>(v[c], dy[c], k[c], sc[c], b[c], q, u, dz, z);
+            fA[c] += dz;
+            fB[c] += dz * u;
+            if constexpr (A == PRELU) fD[c] += dy[c] * (z < 0.f ? z : 0.f);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          dA[c] += fA[c];
+          dB[c] += fB[c];
+          dD[c] += fD[c];
+        }
+      }
+    }
+  });
+}
+
+// dx = m ? cz·dz + cu·(x − shift) + cc : 0 per unit.
+template <int A>
+void masked_backward_apply(const float* gp, const float* xp, const bool* mp, float* dp, const MaskedGroups& g,
+                           const std::vector<float>& us, const std::vector<float>& usc, const std::vector<float>& ub,
+                           const std::vector<float>& cz, const std::vector<float>& cu, const std::vector<float>& cc,
+                           float param, const float* slope) {
+  const int64_t N = g.N, C = g.C, S = g.S;
+  if (g.planes) {
+    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const float k = us[p], sc = usc[p], b = ub[p], w1 = cz[p], w2 = cu[p], w3 = cc[p];
+        const float q = (A == PRELU) ? slope[p % C] : param;
+        const float* dy = gp + p * S;
+        const float* v = xp + p * S;
+        const bool* m = mp + (p / C) * S;
+        float* dst = dp + p * S;
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) {
+          float u, dz, z;
+          recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
+          const float d = w1 * dz + w2 * u + w3;
+          dst[s] = m[s] ? d : 0.f;
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / S;
+      float* dst = dp + i * C;
+      if (!mp[i]) {
+        std::fill(dst, dst + C, 0.f);
+        continue;
+      }
+      const int64_t o = n * C;
+      const float* dy = gp + i * C;
+      const float* v = xp + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float q = (A == PRELU) ? slope[c] : param;
+        float u, dz, z;
+        recover<A, false>(v[c], dy[c], us[o + c], usc[o + c], ub[o + c], q, u, dz, z);
+        dst[c] = cz[o + c] * dz + cu[o + c] * u + cc[o + c];
+      }
+    }
+  });
+}
+
+// The per-unit (n, c) shift, scale γ·rstd and bias β − offset·γ·rstd of the groups' statistics.
+void unit_affine(const MaskedGroups& g, const std::vector<double>& gamma, const std::vector<double>& beta,
+                 const std::vector<double>& shift, const std::vector<double>& offset, const std::vector<double>& rstd,
+                 std::vector<float>& us, std::vector<float>& usc, std::vector<float>& ub) {
+  const int64_t UC = g.N * g.C;
+  us.resize(UC);
+  usc.resize(UC);
+  ub.resize(UC);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t c = 0; c < g.C; ++c) {
+      const int64_t k = g.group_of(n, c), i = n * g.C + c;
+      const double sc = rstd[k] * gamma[c];
+      us[i] = static_cast<float>(shift[k]);
+      usc[i] = static_cast<float>(sc);
+      ub[i] = static_cast<float>(beta[c] - offset[k] * sc);
+    }
+}
+
+}  // namespace
+
+// Forward over the valid positions: {shift, offset, rstd, mean, var, count} per group in
+// double (mean, var, count empty when given); y written into `out`, 0 at padded positions.
+std::vector<at::Tensor> masked_channel_forward(const at::Tensor& xv, const at::Tensor& mask, bool planes, int64_t N,
+                                               int64_t C, int64_t S, int64_t G, const at::Tensor& weight,
+                                               const at::Tensor& bias, const at::Tensor& running_mean,
+                                               const at::Tensor& running_var, double eps, int64_t act, double param,
+                                               const at::Tensor& slope, const at::Tensor& out) {
+  const bool given = running_mean.defined() && running_mean.numel();
+  const MaskedGroups g{planes, N, C, S, G, G < 0 || given};
+  const int64_t NG = g.groups(), UC = N * C;
+  const float* xp = xv.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  const auto gamma = as_double(weight, C, 1.0), beta = as_double(bias, C, 0.0);
+  std::vector<double> shift(NG, 0.0), offset(NG, 0.0), rstd(NG), mean, var, count;
+  if (given) {
+    const auto rm = as_double(running_mean, C, 0.0), rv = as_double(running_var, C, 1.0);
+    for (int64_t c = 0; c < C; ++c) {
+      shift[c] = rm[c];
+      rstd[c] = 1.0 / std::sqrt(rv[c] + eps);
+    }
+  } else {
+    const ValidPositions v = valid_positions(mp, N, S);
+    shift = masked_shifts(xp, g, v);
+    std::vector<float> ushift(UC);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) ushift[n * C + c] = static_cast<float>(shift[g.group_of(n, c)]);
+    std::vector<double> s1(UC), s2(UC), g1(NG, 0.0), g2(NG, 0.0);
+    masked_unit_moments(xp, mp, g, ushift, s1, s2);
+    count.assign(NG, 0.0);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = g.group_of(n, c);
+        g1[k] += s1[n * C + c];
+        g2[k] += s2[n * C + c];
+        count[k] += static_cast<double>(v.count[n]);
+      }
+    mean.resize(NG);
+    var.resize(NG);
+    for (int64_t k = 0; k < NG; ++k) {
+      const double n = std::max(count[k], 1.0);  // an empty group: mean 0, variance 0
+      offset[k] = g1[k] / n;
+      var[k] = std::max(g2[k] / n - offset[k] * offset[k], 0.0);
+      rstd[k] = inv_std(var[k], eps);
+      mean[k] = shift[k] + offset[k];
+    }
+  }
+  std::vector<float> us, usc, ub;
+  unit_affine(g, gamma, beta, shift, offset, rstd, us, usc, ub);
+  const float* sp = opt_ptr(slope);
+  dispatch_act(act, [&](auto tag) {
+    masked_apply<decltype(tag)::value>(xp, mp, out.data_ptr<float>(), g, us, usc, ub, static_cast<float>(param), sp);
+  });
+  at::Tensor empty;
+  return {double_tensor(shift, xv),
+          double_tensor(offset, xv),
+          double_tensor(rstd, xv),
+          given ? empty : double_tensor(mean, xv),
+          given ? empty : double_tensor(var, xv),
+          given ? empty : double_tensor(count, xv)};
+}
+
+// Backward of masked_channel_forward: {dx (the view's shape), dγ, dβ, d slope} (parameters in
+// float64). `count`: the valid count per group (unused when given).
+std::vector<at::Tensor> masked_channel_backward(const at::Tensor& dyv, const at::Tensor& xv, const at::Tensor& mask,
+                                                bool planes, int64_t N, int64_t C, int64_t S, int64_t G, bool given,
+                                                const at::Tensor& weight, const at::Tensor& bias,
+                                                const at::Tensor& shift_g, const at::Tensor& offset_g,
+                                                const at::Tensor& rstd_g, const at::Tensor& count_g, int64_t act,
+                                                double param, const at::Tensor& slope) {
+  const MaskedGroups g{planes, N, C, S, G, G < 0 || given};
+  const int64_t NG = g.groups(), UC = N * C;
+  const auto gamma = as_double(weight, C, 1.0), beta = as_double(bias, C, 0.0);
+  const auto shift = as_double(shift_g, NG, 0.0), offset = as_double(offset_g, NG, 0.0),
+             rstd = as_double(rstd_g, NG, 1.0), count = as_double(count_g, NG, 1.0);
+  std::vector<float> us, usc, ub;
+  unit_affine(g, gamma, beta, shift, offset, rstd, us, usc, ub);
+  const float *gp = dyv.data_ptr<float>(), *xp = xv.data_ptr<float>(), *sp = opt_ptr(slope);
+  const bool* mp = mask.data_ptr<bool>();
+  const float q0 = static_cast<float>(param);
+  std::vector<double> Au(UC), Bu(UC), Du(UC);
+  dispatch_act(act, [&](auto tag) {
+    masked_backward_reduce<decltype(tag)::value>(gp, xp, mp, g, us, usc, ub, q0, sp, Au, Bu, Du);
+  });
+  // x̂ = α·u + δ with u = x − shift: α = rstd, δ = −offset·rstd
+  std::vector<double> dgamma(C, 0.0), dbeta(C, 0.0), dslope(C, 0.0), m1(NG, 0.0), m2(NG, 0.0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * C + c, k = g.group_of(n, c);
+      const double dzx = rstd[k] * Bu[i] - offset[k] * rstd[k] * Au[i];  // Σ m·dz·x̂ over the unit
+      dbeta[c] += Au[i];
+      dgamma[c] += dzx;
+      dslope[c] += Du[i];
+      m1[k] += gamma[c] * Au[i];
+      m2[k] += gamma[c] * dzx;
+    }
+  std::vector<float> cz(UC), cu(UC, 0.f), cc(UC, 0.f);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = n * C + c, k = g.group_of(n, c);
+      cz[i] = usc[i];  // γ·rstd
+      if (!given) {    // dx = γr·dz − r·m2/n·x̂ − r·m1/n over the valid positions
+        const double cnt = std::max(count[k], 1.0), r = rstd[k];
+        cu[i] = static_cast<float>(-r * (m2[k] / cnt) * r);
+        cc[i] = static_cast<float>(-r * (m1[k] / cnt - (m2[k] / cnt) * offset[k] * r));
+      }
+    }
+  auto dx = at::empty_like(xv);
+  dispatch_act(act, [&](auto tag) {
+    masked_backward_apply<decltype(tag)::value>(gp, xp, mp, dx.data_ptr<float>(), g, us, usc, ub, cz, cu, cc, q0,
+                                                sp);
+  });
+  return {dx, double_tensor(dgamma, xv), double_tensor(dbeta, xv), double_tensor(dslope, xv)};
+}
+
+}  // namespace normlab
