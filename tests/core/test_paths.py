@@ -34,13 +34,19 @@ def test_row_1_an_eager_float32_cpu_call_runs_the_kernels_directly():
     assert _decide(torch.nn.Parameter(torch.randn(2, 3))).path == "kernels"  # a parameter is a plain tensor
 
 
-def test_a_mask_runs_the_composed_ops_on_every_cpu_backend():
+def test_a_mask_runs_the_masked_kernels_or_the_composed_ops_on_every_cpu_backend():
     x, mask = torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool)
+    composed = ("composed", "eager", "mask: closed-form backward")
     for backend in paths.BACKENDS:
         if backend == "triton":  # the Triton kernels take masks (tests/kernels/test_triton_wiring.py)
             continue
         with core.use_backend(backend):
-            assert _decide(x, mask=mask) == ("composed", "eager", "mask: closed-form backward")
+            takes = KERNELS and backend in ("auto", "kernels")
+            assert _decide(x, mask=mask) == (paths.KERNELS_MASKED if takes else composed)
+    # the masked kernels take eager float32 CPU channel norms in a layout they read, nothing else
+    assert _decide(x.double(), mask=mask) == composed
+    assert _decide(x.transpose(0, 2).contiguous().transpose(0, 2), mask=mask) == composed
+    assert _decide(torch.randn(2, 4), paths.ROW, mask=torch.ones(2, 4, dtype=torch.bool)) == composed
 
 
 def test_forced_composed_and_native():

@@ -143,6 +143,33 @@ def run_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_masked(args: argparse.Namespace) -> int:
+    from ..bench.layers import tune_malloc
+    from ..bench.masked import format_masked_table, run_masked_benchmark
+    from ..core import paths
+
+    tuned = tune_malloc()
+    print(
+        f"normlab masked norms vs the same layer unmasked, float32 CPU; medians of interleaved repetitions; "
+        f"{paths.status()}; malloc {'keeps freed memory' if tuned else 'default'}",
+        flush=True,
+    )
+    rows = run_masked_benchmark(quick=args.quick, threads=tuple(args.threads), repeats=args.repeats)
+    print(format_masked_table(rows))
+    within = sum(r["fwd_masked_plain"] <= 1.5 and r["fb_masked_plain"] <= 1.5 for r in rows)
+    print(
+        f"\nmasked <= 1.5x unmasked (fwd and f+b): {within}/{len(rows)} rows; worst error vs float64: "
+        f"masked {max(r['err_masked'] for r in rows):.1e}, composed {max(r['err_composed'] for r in rows):.1e}"
+    )
+    if args.out:
+        atomic_write_json(
+            Path(args.out),
+            {"benchmark": "masked", "machine": machine_info(), "backend": paths.status(), "rows": rows},
+        )
+        print(f"wrote {args.out}")
+    return 0
+
+
 def run_models(args: argparse.Namespace) -> int:
     from ..bench.common import tune_malloc
     from ..bench.models import (
@@ -344,6 +371,12 @@ def add_parser(sub) -> None:
     layers.add_argument("--device", default="cpu", help="cpu (default) or cuda: torch.nn's CUDA kernels on the GPU")
     layers.add_argument("--out", help="write the rows as JSON to this path")
     layers.set_defaults(func=_out_checked(run_layers))
+    masked = kinds.add_parser("masked", help="masked norms (mask=) vs the same layer unmasked, kernels and composed")
+    masked.add_argument("--quick", action="store_true", help="one shape per family")
+    masked.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
+    masked.add_argument("--repeats", type=positive_int, help="repetitions per row (default 15, 7 with --quick)")
+    masked.add_argument("--out", help="write the rows as JSON to this path")
+    masked.set_defaults(func=_out_checked(run_masked))
     models = kinds.add_parser(
         "models", help="whole models (CNN, ViT-style, MLP) vs the same after from_torch: train step and eval"
     )

@@ -18,11 +18,13 @@ triton      normlab's Triton kernels (:mod:`normlab.core.kernels.triton`): CUDA 
 native      torch's own norm ops: what exporters, ``torch.func``, tensor subclasses
             and other dtypes and devices get (:mod:`normlab.core.native`)
 composed    normlab's composed torch ops (:mod:`normlab.core.composed`): any dtype and
-            device, normlab's accuracy; the masks' path where the Triton kernels do not run
+            device, normlab's accuracy; the masks' path where neither the masked CPU kernels nor
+            the Triton kernels run
 =========== ========================================================================
 
 ``how`` says how the path runs: kernels ``"direct"`` (the family's eager C++ entry, one
-crossing, a C++ autograd node), ``"operator"`` (``torch.ops.normlab.*`` on real tensors,
+crossing, a C++ autograd node), ``"masked"`` (the masked kernels' autograd Function,
+:mod:`normlab.core.kernels.cpu.masked`), ``"operator"`` (``torch.ops.normlab.*`` on real tensors,
 which a mode must see) or ``"traced"`` (the operators inside torch.compile, on fake
 tensors: the running estimates are updated with torch ops there); triton ``"eager"`` or
 ``"traced"`` (its ``torch.ops.normlab.triton_*`` operators either way); native ``"export"``
@@ -48,23 +50,25 @@ The table, first matching row wins:
     residual add, BatchNorm training with running estimates;
     the Triton kernels take the call (their ``takes``: dtype,
     activation, layouts, sizes)
-3   a mask                                                        composed, eager (or
+3   a mask: eager plain float32 CPU channel norm in a layout the  kernels, masked
+    kernels read, backend auto or kernels
+4   a mask, otherwise                                             composed, eager (or
                                                                   reference under
                                                                   export / torch.func)
-4   backend forced to "composed"                                  composed, eager
-5   torch.export, ONNX export, jit.trace                          native, export
-6   a torch.func transform or forward-mode AD                     native, eager
-7   a tensor subclass (DTensor, ...), outside a compile           native, eager
-8   empty input                                                   native, eager
-9   backend forced to "native", or to "triton" (row 2 refused)    native, eager
-10  float32 CPU: kernels unavailable                              composed, eager
-11  float32 CPU: LayerNorm2d on a layout that is not rows of C    composed, eager
-12  float32 CPU: in place on a layout the kernels do not read     composed, eager
-13  float32 CPU: RMSNorm on a non-contiguous input                native, eager
-14  float32 CPU: compiling BatchNorm with given statistics        composed, pointwise
-15  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
+5   backend forced to "composed"                                  composed, eager
+6   torch.export, ONNX export, jit.trace                          native, export
+7   a torch.func transform or forward-mode AD                     native, eager
+8   a tensor subclass (DTensor, ...), outside a compile           native, eager
+9   empty input                                                   native, eager
+10  backend forced to "native", or to "triton" (row 2 refused)    native, eager
+11  float32 CPU: kernels unavailable                              composed, eager
+12  float32 CPU: LayerNorm2d on a layout that is not rows of C    composed, eager
+13  float32 CPU: in place on a layout the kernels do not read     composed, eager
+14  float32 CPU: RMSNorm on a non-contiguous input                native, eager
+15  float32 CPU: compiling BatchNorm with given statistics        composed, pointwise
+16  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
                                                                   operator
-16  anything else (float64, half, CUDA, meta, ...)                native, eager
+17  anything else (float64, half, CUDA, meta, ...)                native, eager
 ==  ============================================================  ======================
 
 and in place never runs native (torch has no in-place norm): a native answer becomes
@@ -283,7 +287,7 @@ def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, com
             raise RuntimeError(f"backend 'triton' was forced but {why}")
         return why
     if forced != TRITON and compiling and given and family == CHANNEL and mask is None:
-        # as row 14: torch's eval BatchNorm compiles to pointwise ops fused with their neighbours
+        # as row 15: torch's eval BatchNorm compiles to pointwise ops fused with their neighbours
         return "compiling with given statistics: torch's ops, which the compiler fuses"
     if forced != TRITON and call and not _torch_lacks(family, call, given, mask, inplace):
         # Under "auto", plain norms stay on torch's CUDA kernels: the Triton ones are routed
@@ -325,25 +329,6 @@ def kernel_layout(x: torch.Tensor) -> bool:
         return True
     return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
         x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
-    )
-
-
-def _masked_kernels_take(x: torch.Tensor, family: str, mask: torch.Tensor, forced: str, compiling: bool) -> bool:
-    """Row 2: an eager masked channel norm on a plain float32 CPU tensor in a layout the
-    kernels read, with a plain bool CPU mask of the input's shape without dim 1 (or one that
-    broadcasts to it: the kernels read it as one bool per (sample, position))."""
-    return (
-        not compiling
-        and family == CHANNEL
-        and (forced == "auto" or forced == KERNELS)
-        and type(x) is torch.Tensor
-        and type(mask) is torch.Tensor
-        and mask.dtype is torch.bool
-        and mask.device.type == "cpu"
-        and _forward_ad._current_level < 0
-        and (_cpu.module is not None or _cpu.load() is not None)
-        and _cpu.module.plain_eager(x)
-        and kernel_layout(x)
     )
 
 
@@ -402,57 +387,70 @@ def choose_path(
     elif mask is not None:  # 3, 4
         if exporting or transformed:
             decision = Decision(COMPOSED, "reference", "mask: differentiable ops")
-        elif _masked_kernels_take(x, family, mask, forced, compiling):
+        elif (  # written out, not a helper: a masked call's Python frames are counted
+            not compiling
+            and family == CHANNEL
+            and (forced == "auto" or forced == KERNELS)
+            and type(x) is torch.Tensor
+            and type(mask) is torch.Tensor
+            and mask.dtype is torch.bool
+            and mask.device.type == "cpu"
+            and (_cpu.module is not None or _cpu.load() is not None)
+            and _cpu.module.plain_eager(x)
+            and (x.is_contiguous() or kernel_layout(x))
+        ):
+            # an eager float32 CPU channel norm in a layout the kernels read, with a bool CPU
+            # mask (the entry checks its shape; the kernels read one bool per position)
             decision = KERNELS_MASKED
         else:
             decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
-    elif forced == COMPOSED:  # 4
+    elif forced == COMPOSED:  # 5
         decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
-    elif exporting:  # 5
+    elif exporting:  # 6
         decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")
-    elif transformed:  # 6
+    elif transformed:  # 7
         decision = Decision(NATIVE, "eager", "torch.func transform or forward AD")
-    elif not compiling and type(x) not in _PLAIN:  # 7
+    elif not compiling and type(x) not in _PLAIN:  # 8
         decision = Decision(
             NATIVE, "eager", f"a tensor subclass ({type(x).__name__}): torch's ops, which it implements"
         )
-    elif x.numel() == 0:  # 8
+    elif x.numel() == 0:  # 9
         decision = Decision(NATIVE, "eager", "empty input")
-    elif forced == NATIVE:  # 9
+    elif forced == NATIVE:  # 10
         decision = Decision(NATIVE, "eager", "backend forced to 'native'")
-    elif forced == TRITON:  # 9: what the Triton kernels do not take
+    elif forced == TRITON:  # 10: what the Triton kernels do not take
         decision = Decision(NATIVE, "eager", f"backend 'triton' cannot take the call: {refused}; native")
         refused = ""
     elif x.dtype is _F32 and x.is_cpu:
-        if not (_kernels_built() if compiling else _cpu.load() is not None):  # 10
+        if not (_kernels_built() if compiling else _cpu.load() is not None):  # 11
             if forced == KERNELS:
                 raise RuntimeError(f"backend 'kernels' was forced but the kernels are unavailable: {_cpu.status()}")
             decision = Decision(COMPOSED, "eager", "kernels unavailable")
-        elif family == CHANNELS_FIRST:  # 11
+        elif family == CHANNELS_FIRST:  # 12
             decision = Decision(
                 COMPOSED, "eager", "LayerNorm2d on a layout that is not rows of C: statistics over dim 1"
             )
-        elif inplace and not kernel_layout(x):  # 12
+        elif inplace and not kernel_layout(x):  # 13
             # the kernels would need a contiguous copy, and writing the output there would
             # leave the input untouched: the composed ops overwrite any strides
             decision = Decision(COMPOSED, "eager", "in place on a layout the kernels do not read")
-        elif family == ROW and not centered and not x.is_contiguous():  # 13
+        elif family == ROW and not centered and not x.is_contiguous():  # 14
             # RMSNorm subtracts no mean, so torch's op loses no accuracy here, and it keeps the
             # input's layout (channels_last stays channels_last) as torch.nn's RMSNorm does
             decision = Decision(NATIVE, "eager", "RMSNorm on a non-contiguous input")
-        elif compiling and given and family == CHANNEL:  # 14
+        elif compiling and given and family == CHANNEL:  # 15
             # an opaque operator would stop the compiler fusing the normalization into the ops
             # around it, which torch.nn's eval BatchNorm (pointwise ops once compiled) gets
             decision = Decision(
                 COMPOSED, "pointwise", "compiling with given statistics: pointwise ops the compiler fuses"
             )
-        elif compiling:  # 15
+        elif compiling:  # 16
             decision = Decision(KERNELS, "traced", "torch.compile: the registered operator")
         else:
             decision = Decision(KERNELS, "operator", "a mode sees the registered operator")
-    elif forced == KERNELS:  # 16, with the kernels forced
+    elif forced == KERNELS:  # 17, with the kernels forced
         decision = Decision(NATIVE, "eager", f"backend 'kernels' cannot take {x.dtype} on {x.device.type}: native")
-    else:  # 16
+    else:  # 17
         decision = Decision(NATIVE, "eager", "not float32 CPU")
     if refused:
         decision = Decision(decision.path, decision.how, f"{decision.reason} (Triton kernels: {refused})")

@@ -51,15 +51,20 @@ void fused_plane_forward(const float* xp, float* yp, const PlaneGroups& pg, cons
     for (int64_t k = kb; k < ke; ++k) {
       const float K = sample_shift(xp + pg.plane(k, 0) * S, S, 1);
       double t1 = 0, t2 = 0;
-      for (int64_t j = 0; j < np; ++j) {
+      // A GroupNorm/InstanceNorm group's planes are adjacent in memory: its moments are summed
+      // as one run of np·S values, not np runs of S (at 8x8 or 14x14, runs of 64 or 196 values
+      // each paid a block's reduction tail and flush). BatchNorm's planes are C apart.
+      const bool one_run = pg.G >= 0;
+      const int64_t runs = one_run ? 1 : np, run = one_run ? np * S : S;
+      for (int64_t j = 0; j < runs; ++j) {
         const float* row = xp + pg.plane(k, j) * S;
         // The same stretch of the next group, one group ahead: its sampled shift and first
         // lines would otherwise start each group with a wait on memory (the hardware
         // prefetcher does not carry across groups). GroupNorm(32) at 32x64x56x56: 1.5x a copy
         // before, 1.3x after, one thread.
         const float* ahead = k + 1 < ke ? xp + pg.plane(k + 1, j) * S : nullptr;
-        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-          const int64_t s1e = std::min(S, s0 + kBlock);
+        for (int64_t s0 = 0; s0 < run; s0 += kBlock) {
+          const int64_t s1e = std::min(run, s0 + kBlock);
           if (ahead)
             for (int64_t s = s0; s < s1e; s += 16) __builtin_prefetch(ahead + s);
           float a1 = 0.f, a2 = 0.f;

@@ -36,7 +36,8 @@ class _MaskedChannelNorm(torch.autograd.Function):
         ctx.groups, ctx.eps, ctx.code, ctx.param = groups, eps, code, param
         ctx.given = running_mean is not None
         ctx.save_for_backward(x, mask, weight, bias, prelu, shift, offset, rstd, count, running_mean, running_var)
-        ctx.mark_non_differentiable(*(t for t in (mean, var, count) if t is not None))
+        if mean is not None:  # None with given statistics
+            ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
     @staticmethod
