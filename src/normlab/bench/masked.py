@@ -4,7 +4,7 @@ torch.nn has no masked norm, so the yardstick is normlab's own unmasked call on 
 shape: for every row, the median forward and forward+backward time of the masked layer on
 the default path (the kernels for float32 CPU) and on the composed ops (what every masked
 call ran before the masked kernels), each divided by the unmasked layer's, measured
-round-robin. The mask is a padded batch's: sample i valid over its first ``lengths[i]``
+round-robin (one thread: CPU time). The mask is a padded batch's: sample i valid over its first ``lengths[i]``
 positions, lengths spread evenly over [½, 1] of the extent. Accuracy: the largest
 difference of each masked path's output and input gradient from a float64 run of the
 composed ops, relative to the largest value.
@@ -13,6 +13,7 @@ composed ops, relative to the largest value.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,7 +97,9 @@ def run_masked_case(case: MaskedCase, threads: int, repeats: int) -> dict:
     }
     with paths.record_dispatch() as log:
         forward(True)
-    times = interleaved_medians(fns, repeats=repeats, shuffle=True)
+    # one thread: this process's CPU time, which ignores what other tenants of the machine take
+    clock = time.process_time if threads == 1 else time.perf_counter
+    times = interleaved_medians(fns, repeats=repeats, shuffle=True, clock=clock)
 
     def outputs(module, source, backend):
         inp = source.detach().clone().requires_grad_(True)

@@ -85,7 +85,12 @@ def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running
     if batch_stats and running is not None and running.running_mean is not None:
         dtype = x.dtype
         if groups < 0:  # one group per channel, every one with the same count
-            update_masked(running, mean.to(dtype), var.to(dtype), count[:1].to(dtype), groups)
+            valid = int(count[0])  # on the CPU: no device sync
+            # a batch with fewer than 2 valid values is not merged (as update_masked decides);
+            # the kernels' update in C++, where the policy's torch ops (a dozen small ops,
+            # which cost more than the masked kernel itself at (32, 64, 256)) are not needed
+            if valid >= 2 and not build.module.update_running(running, mean, var, valid):
+                running.update(mean.to(dtype), var.to(dtype), valid)
         else:  # InstanceNorm: one group per (sample, channel)
             n = x.shape[0]
             update_masked(
