@@ -1,0 +1,31 @@
+"""normlab bench masked: each row runs, routes as the path rule says, and reports errors
+against float64 that are small (tiny shapes, one repetition: no timing is checked)."""
+
+from __future__ import annotations
+
+import normlab as nl
+from normlab.bench.masked import MaskedCase, format_masked_table, padded_mask, run_masked_case
+
+
+def test_a_masked_row_reports_ratios_its_path_and_small_errors():
+    kernels = nl.core.kernels_available() and nl.core.backend() in ("auto", "kernels")
+    rows = [
+        run_masked_case(MaskedCase("BatchNorm1d", (4, 8, 16), "NCL", nl.nn.BatchNorm1d), threads=1, repeats=1),
+        run_masked_case(
+            MaskedCase("GroupNorm(2)", (2, 4, 3, 5), "channels_last", lambda c: nl.nn.GroupNorm(2, c)),
+            threads=1,
+            repeats=1,
+        ),
+    ]
+    for row in rows:
+        assert row["path"] == ("kernels" if kernels else "composed")
+        assert row["err_masked"] < 1e-5 and row["err_composed"] < 1e-5
+        assert all(row[k] > 0 for k in ("fwd_masked_plain", "fb_masked_plain", "fwd_composed_plain"))
+    table = format_masked_table(rows)
+    assert "BatchNorm1d" in table and "channels_last" in table
+
+
+def test_the_padded_mask_keeps_a_prefix_of_every_sample():
+    mask = padded_mask((4, 3, 10))
+    assert mask.shape == (4, 10) and mask.sum(1).tolist() == [5, 7, 8, 10]
+    assert all(bool(row[: int(row.sum())].all()) for row in mask)
