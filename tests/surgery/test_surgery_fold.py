@@ -200,3 +200,78 @@ def test_resnet18_style_folds_every_batchnorm():
     assert len(report.changes) == 20 and not report.skipped
     assert _no_bn_left(folded)
     assert report.max_abs_diff <= 1e-4
+
+
+# --- issue 26: shared weights, masks, one entry per layer --------------------------------
+
+
+class SharedWeight(nn.Module):
+    """c2 uses c1's weight (or bias): scaling it for bn would change c2's output too."""
+
+    def __init__(self, shared: str):
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        setattr(self.c2, shared, getattr(self.c1, shared))
+
+    def forward(self, x):
+        return self.bn(self.c1(x)) + self.c2(x)
+
+
+@pytest.mark.parametrize("shared", ["weight", "bias"])
+def test_producer_with_a_shared_parameter_is_not_folded(shared):
+    example = torch.randn(4, 3, 8, 8)
+    model = _trained(SharedWeight(shared), example)
+    with torch.no_grad():
+        model.bn.running_var.fill_(4.0)  # a = 1/2: any fold into c1 shows in c2's output
+    folded, report = fold_batchnorm(model, example)
+    assert not report.changes, report
+    assert [s.path for s in report.skipped] == ["bn"]
+    assert f"{shared} of c1 is shared with c2" in report.skipped[0].reason
+    assert report.max_abs_diff == 0.0
+    assert folded.c2.weight is folded.c1.weight or folded.c2.bias is folded.c1.bias  # still tied
+
+
+class MaskedConvBN(nn.Module):
+    def __init__(self, data_dependent: bool = False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(2, 3, 1), nl.nn.BatchNorm1d(3)
+        self.data_dependent = data_dependent
+
+    def forward(self, x, mask):
+        if self.data_dependent and x.mean() > 100:  # defeats torch.fx
+            x = x * 2
+        return self.bn(self.conv(x), mask=mask)
+
+
+@pytest.mark.parametrize("data_dependent", [False, True], ids=["fx", "hooks"])
+def test_masked_batchnorm_is_not_folded(data_dependent):
+    model = MaskedConvBN(data_dependent)
+    x, mask = torch.randn(4, 2, 6), torch.rand(4, 6) > 0.3
+    model.train()
+    model(x, mask)
+    model.eval()
+    folded, report = fold_batchnorm(model, example_input=(x, mask))
+    assert not report.changes and [s.path for s in report.skipped] == ["bn"]
+    assert "mask" in report.skipped[0].reason
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x, mask), model(x, mask))  # still takes its mask
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["fx", "hooks"])
+def test_a_batchnorm_called_twice_is_listed_once(traced, monkeypatch):
+    if not traced:
+        monkeypatch.setattr(
+            CalledTwice, "forward", lambda self, x: self.bn(self.bn(self.conv(x))) if x.sum() < 1e9 else x
+        )
+    _, report = fold_batchnorm(CalledTwice(), example_input=torch.randn(2, 3, 4, 4))
+    assert [s.path for s in report.skipped] == ["bn"], report
+    assert "called 2 times" in report.skipped[0].reason or "more than once" in report.skipped[0].reason

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from .fold_ws import standardizes_weight
-from .modules import class_label, copy_model, describe_norm, eval_max_abs_diff, replace_module
+from .modules import (
+    class_label,
+    copy_model,
+    describe_norm,
+    eval_max_abs_diff,
+    normalization_layers,
+    replace_everywhere,
+    shared_parameters,
+)
 from .report import SurgeryReport, SurgeryResult
 from .tracing import find_pairs
 
@@ -88,8 +96,8 @@ def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     new_bias = a * old_bias + b
     with torch.no_grad():
         weight.copy_(w.to(weight.dtype))
-    if producer.bias is None:
-        producer.bias = nn.Parameter(new_bias.to(device=weight.device, dtype=weight.dtype))
+    if producer.bias is None:  # trained (or not) as the weight is
+        producer.bias = nn.Parameter(new_bias.to(device=weight.device, dtype=weight.dtype), weight.requires_grad)
     else:
         with torch.no_grad():
             producer.bias.copy_(new_bias.to(producer.bias.dtype))
@@ -107,10 +115,12 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
     Producer → BatchNorm pairs are found by tracing (``torch.fx``, or one forward on
     ``example_input`` when fx cannot trace). A pair is folded only when the producer
     (Conv1d/2d/3d — grouped and depthwise too — ConvTranspose1d/2d/3d, or Linear) feeds
-    nothing but the BatchNorm and both run once per forward; BatchNorm means normlab's or
-    torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm, BatchRenorm and FrozenBatchNorm. Every
-    other BatchNorm stays and is listed in ``report.skipped`` with the reason. A fused
-    norm + activation layer leaves its activation behind.
+    nothing but the BatchNorm, holds no parameter another module holds too (tied weights:
+    scaling them would change that module), the BatchNorm is called on its input alone (a
+    masked BatchNorm is not an affine map), and both run once per forward; BatchNorm means
+    normlab's or torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm, BatchRenorm and FrozenBatchNorm.
+    Every other BatchNorm stays and is listed once in ``report.skipped`` with the reason. A
+    fused norm + activation layer leaves its activation behind.
 
     With ``example_input`` the folded model is checked against the original (both in
     eval) and ``report.max_abs_diff`` says how far apart they are.
@@ -133,12 +143,13 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
     search = find_pairs(folded, _is_producer, _is_consumer, example_input)
     report.check = f"pairs found by {search.method}"
     modules = dict(folded.named_modules())
-    for consumer, reason in search.skipped:
+    for consumer, reason in search.skipped.items():
         report.skip(consumer, reason)
+    shared = shared_parameters(folded)
     unverified_linear = []
     for producer_path, bn_path in search.pairs:
         producer, bn = modules[producer_path], modules[bn_path]
-        reason = _foldable_reason(bn)
+        reason = _foldable_reason(bn) or _shared_reason(producer_path, producer, shared)
         if reason is not None:
             report.skip(bn_path, reason)
             continue
@@ -159,7 +170,7 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
             continue
         fold_into(producer, a.to(producer.weight.device), b.to(producer.weight.device))
         replacement = _replacement_for(bn)
-        replace_module(folded, bn_path, replacement)
+        folded = replace_everywhere(folded, bn, replacement)
         report.changed(
             bn_path,
             "folded",
@@ -168,6 +179,11 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
             into=producer_path,
             producer=type(producer).__name__,
         )
+    done = {c.path for c in report.changes} | {s.path for s in report.skipped}
+    for path, module in normalization_layers(model):
+        if path not in done and _is_consumer(module):
+            where = "on example_input" if search.method.startswith("hooks") else "in the traced forward"
+            report.skip(path, f"not called {where} (or only inside another layer)")
     if unverified_linear:
         report.notes.append(
             "Linear -> BatchNorm1d folds assume (N, C) activations; pass example_input to "
@@ -179,6 +195,15 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
     else:
         report.check = f"{report.check}; no example_input, outputs not compared"
     return SurgeryResult(folded, report)
+
+
+def _shared_reason(path: str, producer: nn.Module, shared: dict[int, list[str]]) -> str | None:
+    for name in ("weight", "bias"):
+        param = getattr(producer, name, None)
+        if param is not None and id(param) in shared:
+            others = ", ".join(p for p in shared[id(param)] if p != path)
+            return f"the {name} of {path} is shared with {others}: folding into it would change {others} too"
+    return None
 
 
 def _out_channels(producer: nn.Module) -> int:

@@ -1,8 +1,11 @@
-"""Walking and rewriting module trees: paths, replacement, classification of norm layers."""
+"""Walking and rewriting module trees: paths, replacement, classification of norm layers,
+and what a layer swap must carry over besides the state_dict."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,14 +16,23 @@ from .. import nn as nln
 
 __all__ = [
     "NormInfo",
+    "adopt",
     "call_model",
     "class_label",
     "copy_model",
     "describe_norm",
     "eval_max_abs_diff",
+    "is_normalization_layer",
+    "layer_template",
     "module_factory_kwargs",
+    "named_like_a_norm",
+    "normalization_layers",
     "output_tensors",
+    "rebuild",
     "replace_module",
+    "replace_everywhere",
+    "shared_parameters",
+    "unrecognized_norm_note",
 ]
 
 
@@ -77,6 +89,26 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
     return root
+
+
+def replace_everywhere(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` wherever ``old`` is registered inside ``root`` — a module registered
+    under two names (tied) stays one module — and return the root (``new`` if ``old`` was
+    the root)."""
+    paths = [p for p, m in root.named_modules(remove_duplicate=False) if m is old]
+    for path in paths:
+        root = replace_module(root, path, new)
+    return root
+
+
+def shared_parameters(root: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) → the paths of every module that holds it, for parameters that more
+    than one module holds (tied weights). A module registered under two names counts once."""
+    owners: dict[int, list[str]] = {}
+    for path, module in root.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(path)
+    return {k: v for k, v in owners.items() if len(v) > 1}
 
 
 def module_factory_kwargs(module: nn.Module) -> dict:
@@ -152,3 +184,140 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
     if isinstance(module, (nln.GroupNorm, nn.GroupNorm)):
         return NormInfo("group", channels=module.num_channels, **{**common, "spatial_rank": None})
     return None
+
+
+# --- what counts as a normalization layer -------------------------------------------------
+
+# Normalization layers are recognized by class, never by name: torch.nn's and normlab's norm
+# classes and their subclasses, and the classes defined in other libraries' normalization
+# modules (matched by where the class is defined, so neither library is imported).
+_NORM_MODULES = frozenset(
+    {
+        "torch.nn.modules.normalization",  # LocalResponseNorm, CrossMapLRN2d, LayerNorm, ...
+        "timm.layers.norm",
+        "timm.layers.norm_act",
+        "timm.layers.evo_norm",
+        "timm.layers.filter_response_norm",
+        "timm.layers.split_batchnorm",
+    }
+)
+_NORM_CLASSES = frozenset({("torchvision.ops.misc", "FrozenBatchNorm2d")})
+
+
+def is_normalization_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer, decided by what its class is: a torch.nn
+    or normlab norm class or a subclass of one, or a class (or subclass of a class) defined
+    in timm's normalization modules or torchvision's ``FrozenBatchNorm2d``. A container that
+    holds norm layers is not one, whatever it is called."""
+    if nln.is_norm_layer(module):
+        return True
+    return any(
+        cls.__module__ in _NORM_MODULES or (cls.__module__, cls.__name__) in _NORM_CLASSES
+        for cls in type(module).__mro__
+    )
+
+
+def normalization_layers(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, layer) for every normalization layer, each module once (at its first path)."""
+    for path, module in list(root.named_modules()):
+        if is_normalization_layer(module):
+            yield path, module
+
+
+def named_like_a_norm(module: nn.Module) -> bool:
+    """A leaf module whose class name says "norm" but whose class normlab does not recognize
+    (a model's own RMSNorm, say): worth a note, since normlab cannot know what it computes."""
+    return (
+        "norm" in type(module).__name__.lower()
+        and not is_normalization_layer(module)
+        and not any(True for _ in module.children())
+    )
+
+
+def unrecognized_norm_note(root: nn.Module) -> str | None:
+    """A note naming the leaf modules called like norms that normlab left alone, if any."""
+    found = [f"{path} ({class_label(m)})" for path, m in root.named_modules() if named_like_a_norm(m)]
+    if not found:
+        return None
+    shown = ", ".join(found[:5]) + (f", and {len(found) - 5} more" if len(found) > 5 else "")
+    return (
+        f"left alone, not recognized as normalization layers (their classes are no torch.nn, "
+        f"normlab or timm norm): {shown}"
+    )
+
+
+# --- what a layer swap keeps ---------------------------------------------------------------
+
+# Attributes surgery leaves on a normlab layer that stands in for another class, so that a later
+# transform can go back. They live in the instance __dict__ (not as submodules or buffers): no
+# state_dict key, no named_modules entry, and a deepcopy copies them with the model.
+#: the layer (as a template) that a normlab layer stands in for while frozen
+ORIGINAL = "_normlab_original"
+#: the layer (as a template) that convert_sync_batchnorm replaced
+SYNC_FROM = "_normlab_sync_from"
+_MARKERS = (ORIGINAL, SYNC_FROM)
+_FREEZE_STATE = ("frozen", "frozen_affine", "_requires_grad_before_freeze")
+_NORMLAB_OPTIONS = ("unbiased_running_var", "on_nonfinite")
+
+
+def layer_template(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every parameter and buffer on the meta device: its class and
+    configuration without its memory, from which :func:`rebuild` makes the layer again."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def rebuild(template: nn.Module, current: nn.Module, *, drop: tuple[str, ...] = ()) -> nn.Module:
+    """The layer of ``template``'s class and configuration holding ``current``'s state (its very
+    tensors: see :func:`adopt`)."""
+    restored = copy.deepcopy(template)
+    device = next(itertools.chain(current.parameters(), current.buffers()), torch.empty(0)).device
+    restored.to_empty(device=device)
+    return adopt(restored, current, drop=drop)
+
+
+def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> nn.Module:
+    """Give a freshly built ``new`` layer everything of ``old`` that a swap must keep, and return it.
+
+    - The parameter and buffer *objects* wherever name, shape and dtype agree (values are
+      loaded first where the two state_dicts have the same keys): ``requires_grad``, tied
+      parameters and the values all stay as they were.
+    - Each submodule's ``training`` flag.
+    - The frozen state (flag, affine flag, the ``requires_grad`` to restore) and normlab's
+      options (``unbiased_running_var``, ``on_nonfinite``) where both layers have them
+      (``options=False``: not the options).
+    - The surgery markers, except those in ``drop``.
+    """
+    if set(new.state_dict()) == set(old.state_dict()):
+        new.load_state_dict(old.state_dict(), strict=True)
+    new_modules = dict(new.named_modules())
+    for path, old_module in old.named_modules():
+        target = new_modules.get(path)
+        if target is None:
+            continue
+        target.training = old_module.training
+        for kind in ("_parameters", "_buffers"):
+            slots, old_slots = getattr(target, kind), getattr(old_module, kind)
+            for name, tensor in old_slots.items():
+                mine = slots.get(name)
+                if tensor is not None and mine is not None and (mine.shape, mine.dtype) == (tensor.shape, tensor.dtype):
+                    slots[name] = tensor
+    if isinstance(new, nln.FreezableNorm) and isinstance(old, nln.FreezableNorm):
+        for name in _FREEZE_STATE:
+            if name in old.__dict__:
+                new.__dict__[name] = copy.copy(old.__dict__[name])
+            else:
+                new.__dict__.pop(name, None)
+    if options:
+        for name in _NORMLAB_OPTIONS:
+            if hasattr(new, name) and hasattr(old, name):
+                setattr(new, name, getattr(old, name))
+    for name in _MARKERS:
+        if name in old.__dict__ and name not in drop and isinstance(new, nln.FreezableNorm):
+            new.__dict__[name] = old.__dict__[name]
+        else:
+            new.__dict__.pop(name, None)
+    return new

@@ -10,13 +10,15 @@ Two ways, tried in order:
    that tensor outside the consumer (a skip connection, a second branch, an in-place
    op, the model's own output) disqualifies it.
 
-A pair is only reported when the producer's output feeds nothing but the consumer and
-each module runs exactly once per forward — the conditions under which rewriting the
-pair cannot change what anything else sees.
+A pair is only reported when the producer's output feeds nothing but the consumer, the
+consumer takes nothing but that input (no ``mask=``), and each module runs exactly once per
+forward — the conditions under which rewriting the pair cannot change what anything else
+sees. Each consumer that does not qualify is listed once, with the first reason found.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from .. import nn as nln
 from .modules import call_model, output_tensors
 
-__all__ = ["PairSearch", "find_pairs"]
+__all__ = ["PairSearch", "extra_arguments", "find_pairs", "takes_mask"]
 
 Predicate = Callable[[nn.Module], bool]
 
@@ -37,9 +39,30 @@ Predicate = Callable[[nn.Module], bool]
 @dataclass
 class PairSearch:
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, consumer)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (consumer, reason)
+    skipped: dict[str, str] = field(default_factory=dict)  # consumer → reason (the first found)
     method: str = ""
     output_ndim: dict[str, int] = field(default_factory=dict)  # producer → output rank, if seen
+    seen: set[str] = field(default_factory=set)  # consumers called in the forward
+
+    def skip(self, consumer: str, reason: str) -> None:
+        self.skipped.setdefault(consumer, reason)
+
+
+def _extra_arguments(args: tuple, kwargs: dict) -> str | None:
+    """What a call passes besides its input, in words ("mask=", "2 more arguments"), or None."""
+    extra = [f"{k}=" for k, v in kwargs.items() if v is not None]
+    if args:
+        extra.append(f"{len(args)} more positional argument(s)")
+    return ", ".join(extra) or None
+
+
+def _fold_refusal(extra: str) -> str:
+    if "mask=" in extra:
+        return (
+            "it is called with mask=: a masked BatchNorm outputs 0 at the masked positions, "
+            "which no conv/linear can compute"
+        )
+    return f"it is called with {extra} besides its input"
 
 
 def find_pairs(
@@ -68,6 +91,58 @@ def find_pairs(
     return search
 
 
+def takes_mask(module: nn.Module) -> bool:
+    """Whether the layer's forward accepts ``mask=``."""
+    return "mask" in inspect.signature(type(module).forward).parameters
+
+
+def extra_arguments(model: nn.Module, is_target: Predicate, example_input=None) -> dict[str, str] | None:
+    """For the target modules that are called with something besides their input, path → what
+    ("mask="). Found with ``torch.fx`` (no input needed), or
+    by one forward on ``example_input`` where fx cannot trace; None where neither works."""
+    try:
+        graph = _LeafTracer(is_target, lambda m: False).trace(model)
+    except Exception:  # fx raises many kinds of errors on untraceable code
+        if example_input is None:
+            return None
+        return _extra_arguments_by_hooks(model, is_target, example_input)
+    found: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and is_target(model.get_submodule(node.target)):
+            kwargs = dict(node.kwargs)
+            if not node.args:
+                kwargs.pop("input", None)
+            extra = _extra_arguments(node.args[1:], kwargs)
+            if extra:
+                found.setdefault(node.target, extra)
+    return found
+
+
+def _extra_arguments_by_hooks(model, is_target, example_input) -> dict[str, str]:
+    found: dict[str, str] = {}
+
+    def record(path):
+        def hook(module, args, kwargs):
+            kwargs = dict(kwargs)
+            if not args:
+                kwargs.pop("input", None)
+            extra = _extra_arguments(args[1:], kwargs)
+            if extra:
+                found.setdefault(path, extra)
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(record(path), with_kwargs=True) for path, m in model.named_modules() if is_target(m)
+    ]
+    try:
+        _run(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
 class _LeafTracer(fx.Tracer):
     """Keeps producers, consumers and every norm layer opaque: their own forward code
     (shape checks on Python ints) is not what we are tracing."""
@@ -90,25 +165,28 @@ def _find_with_fx(model, is_producer, is_consumer) -> PairSearch:
         if node.op != "call_module" or not is_consumer(modules[node.target]):
             continue
         consumer = node.target
-        source = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+        search.seen.add(consumer)
+        if calls[consumer] > 1:
+            search.skip(consumer, f"{consumer} is called {calls[consumer]} times per forward")
+            continue
+        kwargs = dict(node.kwargs)
+        source = node.args[0] if node.args else kwargs.pop("input", None)
+        extra = _extra_arguments(node.args[1:], kwargs)
+        if extra:
+            search.skip(consumer, _fold_refusal(extra))
+            continue
         if not (isinstance(source, fx.Node) and source.op == "call_module" and is_producer(modules[source.target])):
             what = _describe_node(source)
-            search.skipped.append((consumer, f"its input comes from {what}, not a foldable conv/linear"))
+            search.skip(consumer, f"its input comes from {what}, not a foldable conv/linear")
             continue
         producer = source.target
-        if calls[producer] > 1 or calls[consumer] > 1:
-            search.skipped.append(
-                (
-                    consumer,
-                    f"{producer if calls[producer] > 1 else consumer} "
-                    f"is called {max(calls[producer], calls[consumer])} times per forward",
-                )
-            )
+        if calls[producer] > 1:
+            search.skip(consumer, f"{producer} is called {calls[producer]} times per forward")
             continue
         others = [u for u in source.users if u is not node]
         if others:
             uses = ", ".join(_describe_node(u) for u in others)
-            search.skipped.append((consumer, f"the output of {producer} also feeds {uses}"))
+            search.skip(consumer, f"the output of {producer} also feeds {uses}")
             continue
         search.pairs.append((producer, consumer))
     return search
@@ -185,16 +263,21 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
     stack: list[str] = []
     recorder = _UseRecorder(stack)
     calls: Counter = Counter()
-    consumer_inputs: dict[str, torch.Tensor] = {}
+    consumer_inputs: dict[str, object] = {}
+    consumer_extras: dict[str, str] = {}
     ranks: dict[str, int] = {}
     handles = []
     for path, m in model.named_modules():
 
-        def pre(mod, args, path=path):
+        def pre(mod, args, kwargs, path=path):
             stack.append(path)
             calls[path] += 1
-            if is_consumer(mod) and args and isinstance(args[0], torch.Tensor):
-                consumer_inputs[path] = args[0]
+            if is_consumer(mod):
+                kwargs = dict(kwargs)
+                consumer_inputs[path] = args[0] if args else kwargs.pop("input", None)
+                extra = _extra_arguments(args[1:], kwargs)
+                if extra:
+                    consumer_extras.setdefault(path, extra)
 
         def post(mod, args, out, path=path):
             stack.pop()
@@ -206,7 +289,7 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
                     recorder.paused = False
                 recorder.watch(out, path)
 
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        handles += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post)]
     try:
         with recorder:
             output = _run(model, example_input)
@@ -215,16 +298,20 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
             h.remove()
 
     final_outputs = {id(t) for t in output_tensors(output)}
-    search = PairSearch(output_ndim=ranks)
+    search = PairSearch(output_ndim=ranks, seen=set(consumer_inputs))
     for consumer, tensor in consumer_inputs.items():
+        if calls[consumer] > 1:
+            search.skip(consumer, f"{consumer} is called {calls[consumer]} times per forward")
+            continue
+        if consumer in consumer_extras:
+            search.skip(consumer, _fold_refusal(consumer_extras[consumer]))
+            continue
         producer = recorder.watched.get(id(tensor))
         if producer is None:
-            search.skipped.append((consumer, "its input is not the output of a foldable conv/linear"))
+            search.skip(consumer, "its input is not the output of a foldable conv/linear")
             continue
-        if calls[producer] > 1 or calls[consumer] > 1:
-            search.skipped.append(
-                (consumer, f"{producer if calls[producer] > 1 else consumer} is called more than once per forward")
-            )
+        if calls[producer] > 1:
+            search.skip(consumer, f"{producer} is called {calls[producer]} times per forward")
             continue
         outside = sorted(
             {op if not st else f"{op} in '{st[-1]}'" for st, op in recorder.uses[id(tensor)] if consumer not in st}
@@ -232,7 +319,7 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
         if id(tensor) in final_outputs:
             outside.append("the model output")
         if outside:
-            search.skipped.append((consumer, f"the output of {producer} is also used by {', '.join(outside)}"))
+            search.skip(consumer, f"the output of {producer} is also used by {', '.join(outside)}")
             continue
         search.pairs.append((producer, consumer))
     return search
