@@ -294,3 +294,149 @@ def test_keras_decay_statistics_import():
         surgery.load_decay_statistics(nl.nn.BatchNorm2d(3), moving_mean=mean, moving_variance=var, decay=0.9)
     with pytest.raises(ValueError, match="keeps no running statistics"):
         surgery.load_decay_statistics(nl.nn.GroupNorm(2, 4), moving_mean=mean, moving_variance=var, decay=0.9)
+
+
+# --- issue 26: every layer frozen or listed, requires_grad and options kept ---------------------
+
+
+def test_freeze_covers_torch_syncbatchnorm_and_unfreeze_restores_it():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    frozen, report = surgery.freeze_norms(model)
+    assert [c.path for c in report.changes] == ["1"], report
+    assert frozen[1].frozen and not frozen[1].weight.requires_grad
+    frozen.train()
+    before = frozen[1].running_mean.clone()
+    frozen(torch.randn(4, 3, 5, 5))  # train mode, on the CPU, no process group: nothing moves
+    assert torch.equal(frozen[1].running_mean, before)
+    thawed, report = surgery.unfreeze_norms(frozen)
+    assert type(thawed[1]) is nn.SyncBatchNorm and thawed[1].weight.requires_grad
+    assert report.changes[0].after == "torch.nn.SyncBatchNorm"
+
+
+def _one_bn_without_weight_grad():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    model[1].weight.requires_grad_(False)
+    return model
+
+
+def _sync_of(model):
+    return surgery.convert_sync_batchnorm(model).model
+
+
+REQUIRES_GRAD_CASES = {
+    "from_torch": lambda m: surgery.from_torch(m).model,
+    "to_torch": lambda m: surgery.to_torch(surgery.from_torch(m).model).model,
+    "freeze(affine=False)": lambda m: surgery.freeze_norms(m, affine=False).model,
+    "unfreeze after freeze": lambda m: surgery.unfreeze_norms(surgery.freeze_norms(m).model).model,
+    "unfreeze after freeze(affine=False)": lambda m: (
+        surgery.unfreeze_norms(surgery.freeze_norms(m, affine=False).model).model
+    ),
+    "convert_sync_batchnorm": _sync_of,
+    "revert_sync_batchnorm": lambda m: surgery.revert_sync_batchnorm(_sync_of(m)).model,
+    "convert_norms(batch_renorm)": lambda m: surgery.convert_norms(m, "batch_renorm").model,
+    "convert_norms(group)": lambda m: surgery.convert_norms(m, "group").model,
+}
+
+
+@pytest.mark.parametrize("transform", REQUIRES_GRAD_CASES.values(), ids=REQUIRES_GRAD_CASES.keys())
+def test_requires_grad_false_survives_every_transform(transform):
+    new = transform(_one_bn_without_weight_grad())
+    assert not new[1].weight.requires_grad and new[1].bias.requires_grad
+    assert new[0].weight.requires_grad
+
+
+def test_tied_norm_parameters_stay_tied():
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    model[1].weight = model[0].weight
+    for name, transform in REQUIRES_GRAD_CASES.items():
+        new = transform(model)
+        assert new[1].weight is new[0].weight, name
+
+
+def test_convert_keeps_the_freeze_and_the_options():
+    source = nl.nn.BatchNorm2d(3, momentum=None, unbiased_running_var=False, on_nonfinite="raise")
+    source.freeze(affine=False)
+    converted, report = surgery.convert_norms(nn.Sequential(source), "batch_renorm")
+    layer = converted[0]
+    assert isinstance(layer, nl.nn.BatchRenorm2d)
+    assert layer.frozen and not layer.frozen_affine and layer.weight.requires_grad
+    assert layer.momentum is None and layer.unbiased_running_var is False and layer.on_nonfinite == "raise"
+    untracked = nl.nn.BatchNorm2d(3, track_running_stats=False)
+    converted, report = surgery.convert_norms(nn.Sequential(untracked), "batch_renorm")
+    assert "fresh" in report.changes[0].detail["statistics"]  # BatchRenorm always keeps them
+    assert any("track_running_stats=False" in note for note in report.notes), report
+    dropped, report = surgery.convert_norms(nn.Sequential(source), "group")
+    # GroupNorm keeps no statistics to freeze, nor these two options: each dropped with a note
+    assert not dropped[0].frozen and dropped[0].weight.requires_grad
+    notes = " ".join(report.notes)
+    assert "unbiased_running_var=False" in notes and "on_nonfinite='raise'" in notes and "frozen" in notes
+
+
+def test_freeze_with_affine_completes_a_freeze_without_it():
+    layer = nl.nn.BatchNorm2d(3)
+    layer.freeze(affine=False)
+    frozen, report = surgery.freeze_norms(nn.Sequential(layer), affine=True)
+    assert [c.path for c in report.changes] == ["0"] and not report.skipped
+    assert frozen[0].frozen_affine and not frozen[0].weight.requires_grad
+    again, report = surgery.freeze_norms(frozen, affine=True)
+    assert not report.changes and "already frozen" in report.skipped[0].reason
+
+
+def test_freeze_sync_revert_unfreeze_ends_where_it_started():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm1d(4))
+    model[1].bias.requires_grad_(False)
+    chains = {
+        "freeze, sync, revert, unfreeze": (
+            surgery.freeze_norms,
+            surgery.convert_sync_batchnorm,
+            surgery.revert_sync_batchnorm,
+            surgery.unfreeze_norms,
+        ),
+        "freeze, sync, unfreeze, revert": (
+            surgery.freeze_norms,
+            surgery.convert_sync_batchnorm,
+            surgery.unfreeze_norms,
+            surgery.revert_sync_batchnorm,
+        ),
+        "sync, freeze, revert, unfreeze": (
+            surgery.convert_sync_batchnorm,
+            surgery.freeze_norms,
+            surgery.revert_sync_batchnorm,
+            surgery.unfreeze_norms,
+        ),
+    }
+    for name, chain in chains.items():
+        new = model
+        for step in chain:
+            new = step(new).model
+        assert [type(m) for m in new] == [type(m) for m in model], name
+        assert [p.requires_grad for p in new.parameters()] == [p.requires_grad for p in model.parameters()], name
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.masked, self.plain = nl.nn.BatchNorm1d(3), nl.nn.BatchNorm1d(3)
+
+    def forward(self, x, mask):
+        return self.plain(self.masked(x, mask=mask))
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda m: surgery.convert_norms(m, "batch_renorm"),
+        lambda m: surgery.convert_norms(m, "frozen"),
+        lambda m: surgery.to_torch(m),
+    ],
+    ids=["batch_renorm", "frozen", "to_torch"],
+)
+def test_a_layer_called_with_a_mask_is_not_replaced_by_one_without(transform):
+    model = _MaskedNet()
+    new, report = transform(model)
+    assert [c.path for c in report.changes] == ["plain"]
+    assert [s.path for s in report.skipped] == ["masked"] and "mask=" in report.skipped[0].reason
+    x, mask = torch.randn(4, 3, 5), torch.rand(4, 5) > 0.3
+    new(x, mask)  # still runs

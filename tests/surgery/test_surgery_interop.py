@@ -67,7 +67,7 @@ def test_from_torch_lists_what_it_skips():
         def forward(self, x):
             return super().forward(x) * 2
 
-    class EvoNormish(nn.Module):  # another library's norm: no torch.nn base, a norm by name
+    class EvoNormish(nn.Module):  # a norm by name only: normlab cannot tell what it computes
         def forward(self, x):
             return x / x.std()
 
@@ -80,9 +80,9 @@ def test_from_torch_lists_what_it_skips():
     new, report = surgery.from_torch(model)
     assert [c.path for c in report.changes] == ["2.bn"]
     skipped = {s.path: s.reason for s in report.skipped}
-    assert set(skipped) == {"0", "1", "3"}
-    assert "subclasses torch.nn.BatchNorm2d" in skipped["0"]
-    assert "EvoNormish" in skipped["1"] and "LocalResponseNorm" in skipped["3"]
+    assert set(skipped) == {"0", "3"}
+    assert "subclasses torch.nn.BatchNorm2d" in skipped["0"] and "LocalResponseNorm" in skipped["3"]
+    assert any("EvoNormish" in note for note in report.notes)  # named like a norm: a hint, not a skip
     assert type(new[0]) is MyBN and isinstance(new[2].bn, nl.nn.BatchNorm2d)
 
 
@@ -116,3 +116,35 @@ def test_timm_norm_act_builds_batchnormact2d_from_timm_keywords():
         make(8, drop_layer=nn.Dropout)
     with pytest.raises(ValueError, match="GELU"):
         make(8, act_layer=nn.GELU)
+
+
+def test_containers_named_like_norms_are_not_skipped_norm_layers():
+    class Normalizer(nn.Module):  # a user's container: a linear and a norm, one level down
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+
+        def forward(self, x):
+            return self.body(x)
+
+    class NormFreeNet(nn.Module):  # a normalization-free network (as timm's): no norm at all
+        def __init__(self):
+            super().__init__()
+            self.stages, self.gain = nn.Sequential(nn.Conv2d(4, 4, 1)), nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.stages(x) * self.gain
+
+    model = nn.Sequential(Normalizer(), NormFreeNet())
+    new, report = surgery.from_torch(model)
+    assert [c.path for c in report.changes] == ["0.body.1"] and not report.skipped, report
+    assert not any("Normalizer" in n or "NormFreeNet" in n for n in report.notes)
+    assert isinstance(new[0].body[1], nl.nn.LayerNorm)
+
+
+def test_from_torch_converts_torch_syncbatchnorm_and_to_torch_brings_it_back():
+    model = nn.Sequential(nn.SyncBatchNorm(3, momentum=None))
+    ours, report = surgery.from_torch(model)
+    assert type(ours[0]) is nl.nn.SyncBatchNorm and ours[0].momentum is None, report
+    back, report = surgery.to_torch(ours)
+    assert type(back[0]) is nn.SyncBatchNorm and back[0].momentum is None, report

@@ -186,3 +186,36 @@ def test_from_torch_converts_convnext_layernorm2d():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_norms_freezes_timm_batchnormact_and_unfreeze_gives_it_back():
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=10)
+    with torch.no_grad():
+        model.train()
+        model(torch.randn(4, 3, 32, 32))
+    timm_layers = [p for p, m in model.named_modules() if type(m).__name__ == "BatchNormAct2d"]
+    frozen, report = surgery.freeze_norms(model)
+    assert sorted(c.path for c in report.changes) == sorted(timm_layers) and not report.skipped
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    frozen.train()  # the call that undoes the usual bn.eval() recipe
+    with torch.no_grad():
+        frozen(torch.randn(4, 3, 32, 32) * 3 + 1)
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())
+    norm_params = [p for path in timm_layers for p in frozen.get_submodule(path).parameters(recurse=False)]
+    assert norm_params and not any(p.requires_grad for p in norm_params)
+    thawed, report = surgery.unfreeze_norms(frozen)
+    assert len(report.changes) == len(timm_layers)
+    assert [type(m) for m in thawed.modules()] == [type(m) for m in model.modules()]
+    assert all(p.requires_grad for p in thawed.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    thawed.eval()
+    with torch.no_grad():
+        assert torch.equal(thawed(x), model(x))
+
+
+def test_a_norm_free_network_is_not_a_skipped_norm_layer():
+    model = timm.create_model("nf_resnet26", num_classes=10)
+    _, report = surgery.from_torch(model)
+    assert not report.skipped, report.skipped[:3]

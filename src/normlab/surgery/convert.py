@@ -15,16 +15,22 @@ from torch import nn
 
 from .. import nn as nln
 from .modules import (
+    ORIGINAL,
+    SYNC_FROM,
     NormInfo,
+    adopt,
     call_model,
     class_label,
     copy_model,
     describe_norm,
     eval_max_abs_diff,
     module_factory_kwargs,
-    replace_module,
+    normalization_layers,
+    replace_everywhere,
+    unrecognized_norm_note,
 )
 from .report import SurgeryReport, SurgeryResult
+from .tracing import extra_arguments, takes_mask
 
 __all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
 
@@ -130,6 +136,40 @@ def _transfer(info: NormInfo, target: nn.Module) -> str:
     return "none"
 
 
+def _not_a_channel_norm(module: nn.Module) -> str:
+    if isinstance(module, (nn.LayerNorm, nln.LayerNorm, nln.RMSNorm, nln.LayerNorm2d)) or (
+        hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)
+    ):
+        return (
+            f"{class_label(module)} normalizes each position or sample over its features, not channels over the batch"
+        )
+    return f"{class_label(module)} is no channel norm convert_norms knows how to rebuild"
+
+
+def _dropped_options(path: str, source: nn.Module, target: nn.Module) -> list[str]:
+    """Notes for what ``source`` had that ``target`` cannot keep."""
+    notes = []
+    if getattr(source, "unbiased_running_var", True) is False and not hasattr(target, "unbiased_running_var"):
+        notes.append(f"{path}: unbiased_running_var=False dropped ({class_label(target)} keeps no running variance)")
+    on_nonfinite = getattr(source, "on_nonfinite", "skip")
+    if on_nonfinite != "skip" and not hasattr(target, "on_nonfinite"):
+        notes.append(
+            f"{path}: on_nonfinite={on_nonfinite!r} dropped ({class_label(target)} keeps no running statistics)"
+        )
+    if getattr(source, "frozen", False) and getattr(target, "running_mean", None) is None:
+        what = "its γ/β stay frozen" if source.frozen_affine else "the layer is no longer frozen"
+        notes.append(f"{path}: frozen statistics dropped ({class_label(target)} keeps none); {what}")
+    if getattr(source, "running_mean", 0) is None and getattr(target, "running_mean", None) is not None:
+        notes.append(
+            f"{path}: track_running_stats=False cannot be kept: {class_label(target)} normalizes with its "
+            "running statistics in eval"
+        )
+    target_info = describe_norm(target)
+    if isinstance(source, (nn.SyncBatchNorm, nln.SyncBatchNorm)) and target_info.kind == "batch_renorm":
+        notes.append(f"{path}: {class_label(target)} computes its statistics on each process alone, not synchronized")
+    return notes
+
+
 def _input_ranks(model: nn.Module, example_input) -> dict[str, int]:
     """Rank of each channel norm layer's input on one eval forward of ``example_input``."""
     ranks: dict[str, int] = {}
@@ -209,9 +249,12 @@ def convert_norms(
     new = copy_model(model)
     report = SurgeryReport(f"convert_norms(to={to!r})")
     ranks = _input_ranks(new, example_input) if example_input is not None else {}
-    for path, module in list(new.named_modules()):
+    masked = extra_arguments(new, lambda m: describe_norm(m) is not None, example_input)
+    unchecked = []  # layers that take a mask, converted into ones that do not, without a way to check
+    for path, module in normalization_layers(new):
         info = describe_norm(module)
         if info is None:
+            report.skip(path, _not_a_channel_norm(module))
             continue
         if info.kind == to:
             report.skip(path, f"already a {to} norm ({class_label(module)}); from_torch/to_torch switch libraries")
@@ -240,20 +283,37 @@ def convert_norms(
         target = build_norm(
             to, info, spatial_rank=rank, groups=n_groups, factory=module_factory_kwargs(module), activation=activation
         )
+        if takes_mask(module) and not takes_mask(target):
+            if masked is None:
+                unchecked.append(path)
+            elif path in masked:
+                report.skip(path, f"it is called with {masked[path]}: {class_label(target)} takes no mask")
+                continue
         statistics = _transfer(info, target)
-        if activation is not None:
-            if hasattr(target, "act"):
-                target.act.load_state_dict(module.act.state_dict())
-            else:  # no fused form of this kind: the activation follows as its own module
-                target = nn.Sequential(target, copy.deepcopy(module.act))
-        target.train(module.training)
-        new = replace_module(new, path, target)
+        # γ, β (and a PReLU's slopes) stay the very tensors: requires_grad and ties kept
+        adopt(target, module, drop=(ORIGINAL, SYNC_FROM))
+        report.notes += _dropped_options(path, module, target)
+        if target.__dict__.get("frozen") and not target.frozen_affine and getattr(target, "running_mean", None) is None:
+            target.unfreeze()  # a freeze of statistics the new layer does not have: nothing left frozen
+        if activation is not None and not hasattr(target, "act"):
+            # no fused form of this kind: the activation follows as its own module
+            target = nn.Sequential(target, copy.deepcopy(module.act))
+            target.train(module.training)
+        new = replace_everywhere(new, module, target)
         detail = {"statistics": statistics}
         if activation is not None:
             detail["activation"] = activation["activation"] + ("" if hasattr(target, "act") else " (separate module)")
         if n_groups is not None:
             detail["groups"] = n_groups
         report.changed(path, "replaced", class_label(module), class_label(target), **detail)
+    note = unrecognized_norm_note(model)
+    if note:
+        report.notes.append(note)
+    if unchecked:
+        report.notes.append(
+            f"torch.fx cannot trace this model, so whether {', '.join(unchecked)} are called with mask= "
+            "(which the new layers do not take) was not checked: pass example_input"
+        )
     all_copied = all(c.detail.get("statistics") == "copied" for c in report.changes)
     if to in ("group", "layer", "instance"):
         report.check = "not compared: the new layers compute different statistics"

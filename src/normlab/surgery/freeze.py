@@ -5,14 +5,34 @@ from __future__ import annotations
 from torch import nn
 
 from .. import nn as nln
-from .interop import TWINS, twin_of
-from .modules import class_label, copy_model, replace_module
+from .interop import normlab_twin
+from .modules import (
+    ORIGINAL,
+    SYNC_FROM,
+    class_label,
+    copy_model,
+    describe_norm,
+    layer_template,
+    normalization_layers,
+    rebuild,
+    replace_everywhere,
+    unrecognized_norm_note,
+)
 from .report import SurgeryReport, SurgeryResult
 
-__all__ = ["freeze_norms", "unfreeze_norms"]
+__all__ = ["freeze_norms", "settle", "unfreeze_norms"]
 
-# Set on a layer that freeze_norms converted from torch.nn, so unfreeze can convert back.
-_ORIGINAL_CLASS = "_normlab_unfreeze_to"
+
+def _frozen_by_construction(module: nn.Module) -> bool:
+    info = describe_norm(module)
+    return info is not None and info.kind == "frozen"
+
+
+def _what_to_freeze(module: nn.Module, affine: bool) -> list[str]:
+    parts = ["statistics"] if getattr(module, "running_mean", None) is not None else []
+    if affine and any(True for _ in module.parameters(recurse=False)):
+        parts.append("affine")
+    return parts
 
 
 def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
@@ -22,10 +42,15 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
     updates them, in ``train()`` mode as well — the flag is read in ``forward``, so
     ``model.train()`` cannot undo it (torch.nn's usual recipe, calling ``.eval()`` on
     the BN layers, is undone by the next ``model.train()``). ``affine=True`` also sets
-    ``requires_grad=False`` on γ and β. torch.nn norm layers are first swapped for their
-    normlab twins (same state bit for bit); :func:`unfreeze_norms` swaps them back.
+    ``requires_grad=False`` on γ and β; ``affine=False`` leaves ``requires_grad`` as it was.
     Layers without running estimates (GroupNorm, LayerNorm, RMSNorm,
     ``track_running_stats=False``) can only have their affine frozen.
+
+    Layers of other classes are swapped for their normlab twins (the same parameter and
+    buffer tensors): torch.nn's norms, ``torch.nn.SyncBatchNorm``, timm's ``BatchNormAct2d``,
+    ``LayerNorm`` and ``LayerNorm2d``; :func:`unfreeze_norms` gives the original class back.
+    Every normalization layer that is not frozen by this call is in ``report.skipped`` with
+    the reason (already frozen, nothing to freeze, no normlab twin).
 
     Args:
         model: the model; it is not modified.
@@ -37,37 +62,54 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
     """
     new = copy_model(model)
     report = SurgeryReport(f"freeze_norms(affine={affine})")
-    for path, module in list(new.named_modules()):
-        from_torch = type(module) in TWINS
-        if isinstance(module, (nln.FrozenBatchNorm1d, nln.FrozenBatchNorm2d, nln.FrozenBatchNorm3d)):
-            report.skip(path, "FrozenBatchNorm: always frozen")
+    for path, module in normalization_layers(new):
+        if _frozen_by_construction(module):
+            report.skip(path, f"{class_label(module)} is frozen by construction")
             continue
-        if not (from_torch or isinstance(module, nln.FreezableNorm)):
-            continue
+        parts = _what_to_freeze(module, affine)
         if getattr(module, "frozen", False):
-            report.skip(path, "already frozen")
+            if module.frozen_affine or "affine" not in parts:
+                report.skip(path, "already frozen")
+                continue
+            module.freeze(affine=True)  # a freeze without affine, completed
+            report.changed(path, "frozen", class_label(module), class_label(module), frozen="affine")
             continue
-        parts = ["statistics"] if getattr(module, "running_mean", None) is not None else []
-        if affine:
-            parts.append("affine")
         if not parts:
-            report.skip(path, "no running statistics to freeze, and affine=False")
+            reason = "no running statistics to freeze, and affine=False" if not affine else "no statistics, no γ/β"
+            report.skip(path, f"nothing to freeze: {reason}")
             continue
-        before = class_label(module)
-        if from_torch:
-            original = type(module)
-            module = twin_of(module, TWINS[original])
-            setattr(module, _ORIGINAL_CLASS, original)
-            new = replace_module(new, path, module)
-        module.freeze(affine=affine)
-        report.changed(path, "frozen", before, class_label(module), frozen=" and ".join(parts))
+        target = module
+        if not isinstance(module, nln.FreezableNorm):
+            twin = normlab_twin(module)
+            if not isinstance(twin, nn.Module):
+                report.skip(path, f"cannot carry a frozen flag: {twin or 'no normlab twin'}")
+                continue
+            twin.__dict__[ORIGINAL] = layer_template(module)  # what unfreeze_norms gives back
+            target = twin
+            new = replace_everywhere(new, module, target)
+        target.freeze(affine=affine)
+        report.changed(path, "frozen", class_label(module), class_label(target), frozen=" and ".join(parts))
+    note = unrecognized_norm_note(model)
+    if note:
+        report.notes.append(note)
     report.check = "frozen layers compute what they computed in eval mode"
     return SurgeryResult(new, report)
 
 
+def settle(module: nn.Module) -> nn.Module:
+    """``module`` itself, or — for a normlab layer that stood in for another class only while
+    it was frozen — that class again, holding the same tensors."""
+    template = module.__dict__.get(ORIGINAL)
+    if template is None or getattr(module, "frozen", False) or SYNC_FROM in module.__dict__:
+        return module
+    return rebuild(template, module)
+
+
 def unfreeze_norms(model: nn.Module) -> SurgeryResult:
-    """Undo :func:`freeze_norms`: clear the flag, restore ``requires_grad``, and swap
-    layers that were torch.nn before freezing back to their torch.nn class.
+    """Undo :func:`freeze_norms`: clear the flag, restore each γ/β's ``requires_grad`` as it
+    was before the freeze, and give back the original class of layers that freezing swapped
+    (torch.nn's, timm's). Layers frozen by construction (FrozenBatchNorm) are skipped:
+    ``convert_norms(model, "batch")`` makes trainable BatchNorms of them.
 
     Args:
         model: the model; it is not modified.
@@ -78,14 +120,15 @@ def unfreeze_norms(model: nn.Module) -> SurgeryResult:
     """
     new = copy_model(model)
     report = SurgeryReport("unfreeze_norms")
-    for path, module in list(new.named_modules()):
-        if not isinstance(module, nln.FreezableNorm) or not module.frozen:
+    for path, module in normalization_layers(new):
+        if _frozen_by_construction(module):
+            report.skip(path, f"{class_label(module)} is frozen by construction: convert_norms(model, 'batch')")
+            continue
+        if not getattr(module, "frozen", False):
             continue
         module.unfreeze()
-        after = module
-        original = getattr(module, _ORIGINAL_CLASS, None)
-        if original is not None:
-            after = twin_of(module, original)
-            new = replace_module(new, path, after)
+        after = settle(module)
+        if after is not module:
+            new = replace_everywhere(new, module, after)
         report.changed(path, "unfrozen", class_label(module), class_label(after))
     return SurgeryResult(new, report)

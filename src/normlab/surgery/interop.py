@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .. import nn as nln
 from ..core import from_decay_convention
-from .modules import class_label, copy_model, module_factory_kwargs, replace_module
+from .modules import (
+    ORIGINAL,
+    SYNC_FROM,
+    adopt,
+    class_label,
+    copy_model,
+    is_normalization_layer,
+    module_factory_kwargs,
+    normalization_layers,
+    replace_everywhere,
+    unrecognized_norm_note,
+)
 from .report import SurgeryReport, SurgeryResult
 from .timm_layers import from_timm_layer, has_timm_twin, to_timm_layers
+from .tracing import extra_arguments
 
-__all__ = ["TWINS", "from_torch", "load_decay_statistics", "to_torch", "twin_of"]
+__all__ = ["TWINS", "from_torch", "load_decay_statistics", "normlab_twin", "to_torch", "twin_of"]
 
 #: torch.nn class → normlab class with the same constructor, parameters and buffers.
 TWINS: dict[type, type] = {
@@ -23,6 +37,7 @@ TWINS: dict[type, type] = {
     nn.InstanceNorm3d: nln.InstanceNorm3d,
     nn.GroupNorm: nln.GroupNorm,
     nn.LayerNorm: nln.LayerNorm,
+    nn.SyncBatchNorm: nln.SyncBatchNorm,
 }
 if hasattr(nn, "RMSNorm"):
     TWINS[nn.RMSNorm] = nln.RMSNorm
@@ -44,7 +59,7 @@ def _constructor_args(module: nn.Module) -> tuple[tuple, dict]:
         return (module.normalized_shape,), dict(  # RMSNorm
             eps=module.eps, elementwise_affine=module.elementwise_affine, **factory
         )
-    return (module.num_features,), dict(  # BatchNorm, InstanceNorm
+    kwargs = dict(
         eps=module.eps,
         momentum=module.momentum,
         affine=module.affine,
@@ -52,15 +67,16 @@ def _constructor_args(module: nn.Module) -> tuple[tuple, dict]:
         bias=module.bias is not None,
         **factory,
     )
+    if hasattr(module, "process_group"):  # SyncBatchNorm
+        kwargs["process_group"] = module.process_group
+    return (module.num_features,), kwargs  # BatchNorm, InstanceNorm, SyncBatchNorm
 
 
 def twin_of(module: nn.Module, cls: type) -> nn.Module:
-    """A ``cls`` instance with ``module``'s configuration, state (bit for bit) and mode."""
+    """A ``cls`` instance with ``module``'s configuration and mode, holding its very
+    parameters and buffers (values bit for bit, ``requires_grad`` and ties kept)."""
     args, kwargs = _constructor_args(module)
-    twin = cls(*args, **kwargs)
-    twin.load_state_dict(module.state_dict(), strict=True)
-    twin.train(module.training)
-    return twin
+    return adopt(cls(*args, **kwargs), module, drop=(ORIGINAL, SYNC_FROM))
 
 
 def _origin(module: nn.Module) -> str:
@@ -102,25 +118,23 @@ def _foreign_twin(module: nn.Module) -> nn.Module | str | None:
     elif origin == "torchvision" and name == "FrozenBatchNorm2d":
         # x·w·rsqrt(var + eps) + (b − mean·w·rsqrt(var + eps)): the same affine map.
         twin = nln.FrozenBatchNorm2d(module.weight.shape[0], eps=module.eps, **module_factory_kwargs(module))
-    elif isinstance(module, nln.NORM_LAYERS) or _named_like_a_norm(module):
+    elif is_normalization_layer(module):
         return _no_twin_reason(module)
     else:
         return None
-    twin.load_state_dict(module.state_dict(), strict=True)
-    twin.train(module.training)
-    return twin
+    if set(twin.state_dict()) != set(module.state_dict()):  # a version of timm with other state
+        return f"{class_label(module)} holds state its normlab twin has no place for"
+    return adopt(twin, module)
 
 
-def _named_like_a_norm(module: nn.Module) -> bool:
-    """A layer of another library that calls itself a norm (EvoNorm2dB0, FrozenBatchNormAct2d,
-    RmsNorm2d, ...), not a container of one (ConvNormAct holds a conv and a norm)."""
-    if "norm" not in type(module).__name__.lower():
-        return False
-    return not any(
-        isinstance(child, (nn.modules.conv._ConvNd, nn.Linear, *nln.NORM_LAYERS))
-        or "norm" in type(child).__name__.lower()
-        for child in module.children()
-    )
+def normlab_twin(module: nn.Module) -> nn.Module | str | None:
+    """For a normalization layer that is not normlab's: its normlab twin (the same
+    computation, holding the same parameter and buffer objects, in the same mode), or the
+    reason there is none; None for a module that is no normalization layer, or normlab's."""
+    if _origin(module) == "normlab":
+        return None  # normlab's layers are torch.nn subclasses too; they stay as they are
+    cls = TWINS.get(type(module))
+    return twin_of(module, cls) if cls is not None else _foreign_twin(module)
 
 
 def _no_twin_reason(module: nn.Module) -> str:
@@ -143,34 +157,20 @@ def _no_twin_reason(module: nn.Module) -> str:
     return f"{class_label(module)} is a normalization layer with no exact normlab twin"
 
 
-def _swap(model: nn.Module, mapping: dict[type, type], operation: str, skip_fn, foreign_fn=None) -> SurgeryResult:
+def _swap(model: nn.Module, operation: str, twin_fn) -> SurgeryResult:
+    """Replace each normalization layer by ``twin_fn(path, layer)``: a module, a reason
+    (skipped) or None (not a layer this swap is about)."""
     new = copy_model(model)
     report = SurgeryReport(operation)
-    for path, module in list(new.named_modules()):
-        cls = mapping.get(type(module))
-        if cls is None:
-            outcome = foreign_fn(module) if foreign_fn else None
-            if isinstance(outcome, str):
-                report.skip(path, outcome)
-            elif outcome is not None:
-                new = replace_module(new, path, outcome)
-                report.changed(path, "replaced", class_label(module), class_label(outcome))
-            continue
-        reason = skip_fn(module)
-        if reason:
-            report.skip(path, reason)
-            continue
-        twin = twin_of(module, cls)
-        new = replace_module(new, path, twin)
-        report.changed(path, "replaced", class_label(module), class_label(twin))
-    report.check = "state_dict copied with strict=True: bit for bit"
+    for path, module in normalization_layers(new):
+        outcome = twin_fn(path, module)
+        if isinstance(outcome, str):
+            report.skip(path, outcome)
+        elif outcome is not None:
+            new = replace_everywhere(new, module, outcome)
+            report.changed(path, "replaced", class_label(module), class_label(outcome))
+    report.check = "the same parameter and buffer tensors: bit for bit"
     return SurgeryResult(new, report)
-
-
-def _from_torch_other(module: nn.Module) -> nn.Module | str | None:
-    if _origin(module) == "normlab":
-        return None  # normlab's layers are torch.nn subclasses too; they stay as they are
-    return _foreign_twin(module)
 
 
 def from_torch(model: nn.Module) -> SurgeryResult:
@@ -180,11 +180,13 @@ def from_torch(model: nn.Module) -> SurgeryResult:
     becomes :class:`normlab.nn.BatchNormAct2d`, timm's ``LayerNorm`` and ``LayerNorm2d``
     (fast_norm off) :class:`normlab.nn.LayerNorm` and :class:`normlab.nn.LayerNorm2d`,
     torchvision's ``FrozenBatchNorm2d``
-    :class:`normlab.nn.FrozenBatchNorm2d`. Parameters and buffers are copied bit for bit
-    and the ``training`` flag is kept. Every other normalization layer (a subclass of a
-    torch.nn norm, whose forward may differ; timm's LayerNorm2dFp32, EvoNorm, ...) is left as
-    it is and listed in ``report.skipped`` with the reason; normlab layers are left
-    alone.
+    :class:`normlab.nn.FrozenBatchNorm2d`. The twins hold the very parameter and buffer
+    tensors (values bit for bit, ``requires_grad`` and tied parameters kept) and the
+    ``training`` flag. Every other normalization layer (a subclass of a torch.nn norm, whose
+    forward may differ; timm's LayerNorm2dFp32, EvoNorm, ...) is left as it is and listed in
+    ``report.skipped`` with the reason; normlab layers are left alone. Normalization layers
+    are recognized by class (:func:`normlab.surgery.modules.is_normalization_layer`), never
+    by name; leaf modules merely named like norms are named in a note.
 
     Args:
         model: the model; it is not modified.
@@ -193,7 +195,11 @@ def from_torch(model: nn.Module) -> SurgeryResult:
         ``(model, report)``, a :class:`SurgeryResult`: a copy with normlab's layers, and a
         :class:`SurgeryReport` of what changed, what was skipped and why.
     """
-    return _swap(model, TWINS, "from_torch", lambda m: None, _from_torch_other)
+    result = _swap(model, "from_torch", lambda path, module: normlab_twin(module))
+    note = unrecognized_norm_note(model)
+    if note:
+        result.report.notes.append(note)
+    return result
 
 
 def _torch_incompatible(module: nn.Module) -> str | None:
@@ -202,16 +208,19 @@ def _torch_incompatible(module: nn.Module) -> str | None:
     return None
 
 
-def _to_torch_other(module: nn.Module) -> str | None:
-    if _origin(module) != "normlab" or not isinstance(module, nln.NORM_LAYERS):
+def _torch_twin(module: nn.Module) -> nn.Module | str | None:
+    if _origin(module) != "normlab":
         return None
+    cls = _TORCH_OF.get(type(module))
+    if cls is not None:
+        return _torch_incompatible(module) or twin_of(module, cls)
     timm_hint = "; timm has one: to_torch(model, timm=True)" if has_timm_twin(module) else ""
     if hasattr(module, "activation"):
         return f"{class_label(module)}: torch.nn has no fused norm+activation layer{timm_hint}"
     return f"{class_label(module)}: torch.nn has no such layer{timm_hint}"
 
 
-def to_torch(model: nn.Module, *, timm: bool = False) -> SurgeryResult:
+def to_torch(model: nn.Module, example_input: Any = None, *, timm: bool = False) -> SurgeryResult:
     """Swap every normlab twin back for its torch.nn class (state bit for bit).
 
     ``timm=True``: normlab layers that have a timm twin and no torch.nn one (BatchNormAct2d,
@@ -219,14 +228,21 @@ def to_torch(model: nn.Module, *, timm: bool = False) -> SurgeryResult:
     become timm's classes first (timm is imported for it), so a model that ``from_torch`` took
     from timm goes back to timm's layers.
 
+    torch.nn's (and timm's) layers take no ``mask=``: a layer the model calls with one is
+    skipped. Such calls are found with ``torch.fx``, or — where fx cannot trace the model — by
+    one forward on ``example_input`` (without it, a note says they could not be looked for).
+
     Options torch.nn lacks are reported as notes: ``unbiased_running_var=False``,
     ``on_nonfinite``, and InstanceNorm's ``momentum=None`` (torch.nn then never updates
     the running estimates). Frozen layers, and normlab layers torch.nn has no class for
-    (BatchNormAct, GroupNormAct, BatchRenorm, FrozenBatchNorm, SyncBatchNorm), are
-    skipped and listed with the reason.
+    (BatchNormAct, GroupNormAct, BatchRenorm, FrozenBatchNorm, SyncBatchNormAct), are
+    skipped and listed with the reason. normlab's SyncBatchNorm becomes
+    ``torch.nn.SyncBatchNorm``, which trains only on a GPU once a process group exists.
 
     Args:
         model: the model; it is not modified.
+        example_input: an input for one forward pass (on a copy), to find the layers called
+            with a mask where ``torch.fx`` cannot trace the model. Default None.
         timm: keyword-only; convert layers that only timm has a class for to timm's (needs
             timm installed). Default False.
 
@@ -234,13 +250,25 @@ def to_torch(model: nn.Module, *, timm: bool = False) -> SurgeryResult:
         ``(model, report)``, a :class:`SurgeryResult`: a copy with torch.nn's (and, with ``timm``, timm's) layers, and a
         :class:`SurgeryReport` of what changed, what was skipped and why.
     """
-    to_timm = to_timm_layers(copy_model(model)) if timm else None
-    result = _swap(to_timm.model if timm else model, _TORCH_OF, "to_torch", _torch_incompatible, _to_torch_other)
+    masked = extra_arguments(model, lambda m: _origin(m) == "normlab" and is_normalization_layer(m), example_input)
+    to_timm = to_timm_layers(copy_model(model), refuse=masked or {}) if timm else None
+
+    def twin(path: str, module: nn.Module) -> nn.Module | str | None:
+        if masked is not None and path in masked and type(module) in _TORCH_OF:
+            return f"it is called with {masked[path]}: torch.nn's {_TORCH_OF[type(module)].__name__} takes none"
+        return _torch_twin(module)
+
+    result = _swap(to_timm.model if timm else model, "to_torch", twin)
     if to_timm is not None:
         result.report.operation = "to_torch(timm=True)"
         result.report.changes[:0] = to_timm.report.changes
         refused = {s.path for s in to_timm.report.skipped}  # said once, with timm's reason
         result.report.skipped = to_timm.report.skipped + [s for s in result.report.skipped if s.path not in refused]
+    if masked is None and result.report.changes:
+        result.report.notes.append(
+            "torch.fx cannot trace this model, so calls with mask= (which torch.nn's layers do not take) "
+            "were not looked for: pass example_input"
+        )
     for path, module in model.named_modules():
         if type(module) not in _TORCH_OF or _torch_incompatible(module):
             continue
@@ -252,6 +280,10 @@ def to_torch(model: nn.Module, *, timm: bool = False) -> SurgeryResult:
             and module.momentum is None
         ):
             result.report.notes.append(f"{path}: torch.nn's InstanceNorm ignores momentum=None and stops updating")
+        if isinstance(module, nln.SyncBatchNorm):
+            result.report.notes.append(
+                f"{path}: torch.nn.SyncBatchNorm refuses CPU tensors in training once a process group exists"
+            )
     if result.report.changes:
         result.report.notes.append("torch.nn layers let a non-finite batch into the running statistics")
     return result

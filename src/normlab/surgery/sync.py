@@ -7,13 +7,24 @@ from typing import Any
 from torch import nn
 
 from .. import nn as nln
-from .modules import class_label, copy_model, describe_norm, module_factory_kwargs, replace_module
+from .freeze import settle
+from .interop import TWINS, twin_of
+from .modules import (
+    ORIGINAL,
+    SYNC_FROM,
+    adopt,
+    class_label,
+    copy_model,
+    describe_norm,
+    layer_template,
+    module_factory_kwargs,
+    normalization_layers,
+    rebuild,
+    replace_everywhere,
+)
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
-
-# Set on a converted layer so that revert_sync_batchnorm can restore the original class.
-_ORIGINAL_CLASS = "_normlab_unsync_to"
 
 _BATCHNORMS = (
     nln.BatchNorm1d,
@@ -29,11 +40,13 @@ _FUSED = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> SurgeryResult:
     """Replace every BatchNorm (normlab's or torch.nn's, 1d/2d/3d, and torch.nn's
-    SyncBatchNorm) with :class:`normlab.nn.SyncBatchNorm`, keeping parameters and buffers
-    bit for bit, momentum (``None`` included), eps, the normlab-only options, the frozen
-    flag and the training flag. Unlike ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``
-    the result runs on any backend, CPU included. BatchRenorm, FrozenBatchNorm and other
-    subclasses are left alone (reported).
+    SyncBatchNorm) with :class:`normlab.nn.SyncBatchNorm` — a BatchNormAct with
+    :class:`normlab.nn.SyncBatchNormAct` — holding the same parameter and buffer tensors
+    (values bit for bit, ``requires_grad`` and ties kept), with momentum (``None``
+    included), eps, the normlab-only options, the frozen state and the training flag.
+    Unlike ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` the result runs on any backend,
+    CPU included. Other BatchNorms (BatchRenorm, FrozenBatchNorm, subclasses, timm's
+    BatchNormAct2d) are left alone and listed in ``report.skipped``.
 
     Args:
         model: the model; it is not modified.
@@ -46,7 +59,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> Surge
     """
     new = copy_model(model)
     report = SurgeryReport("convert_sync_batchnorm")
-    for path, module in list(new.named_modules()):
+    for path, module in normalization_layers(new):
         if type(module) not in _BATCHNORMS + _FUSED:
             info = describe_norm(module)
             if (
@@ -56,12 +69,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> Surge
             ):
                 report.skip(path, f"{class_label(module)} is not a plain BatchNorm")
             continue
-        kwargs = dict(
-            bias=module.bias is not None,
-            unbiased_running_var=getattr(module, "unbiased_running_var", True),
-            on_nonfinite=getattr(module, "on_nonfinite", "skip"),
-            **module_factory_kwargs(module),
-        )
+        kwargs = dict(bias=module.bias is not None, **module_factory_kwargs(module))
         args = (
             module.num_features,
             module.eps,
@@ -78,41 +86,37 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> Surge
                 report.notes.append(f"{path}: inplace=True dropped (SyncBatchNormAct keeps its input)")
         else:
             synced = nln.SyncBatchNorm(*args, **kwargs)
-        synced.load_state_dict(module.state_dict())
-        synced.train(module.training)
-        if isinstance(module, nln.FreezableNorm) and module.frozen:  # torch.nn's layers have no flag
-            synced.freeze(affine=module.frozen_affine)
-        setattr(synced, _ORIGINAL_CLASS, type(module))
-        new = replace_module(new, path, synced)
+        synced = adopt(synced, module)
+        synced.__dict__[SYNC_FROM] = layer_template(module)  # what revert_sync_batchnorm gives back
+        new = replace_everywhere(new, module, synced)
         report.changed(path, "synced", class_label(module), class_label(synced))
-    report.check = "state_dict copied: bit for bit; identical to BatchNorm without a process group"
+    report.check = "the same parameter and buffer tensors; identical to BatchNorm without a process group"
     return SurgeryResult(new, report)
 
 
 def revert_sync_batchnorm(model: nn.Module) -> SurgeryResult:
-    """Undo :func:`convert_sync_batchnorm`: every SyncBatchNorm it created goes back to its
-    original class with its current state. SyncBatchNorm layers built directly (no record
-    of a rank-specific class) are skipped."""
+    """Undo :func:`convert_sync_batchnorm`: every SyncBatchNorm it created goes back to the
+    class it replaced, with its current state (the same tensors) and frozen state — a torch.nn
+    layer that is frozen now comes back as its normlab twin, frozen, and becomes torch.nn's
+    again at :func:`unfreeze_norms`. SyncBatchNorm layers built directly (no record of a
+    rank-specific class) are skipped."""
     new = copy_model(model)
     report = SurgeryReport("revert_sync_batchnorm")
-    for path, module in list(new.named_modules()):
+    for path, module in normalization_layers(new):
         if not isinstance(module, nln.SyncBatchNorm):
             continue
-        original = getattr(module, _ORIGINAL_CLASS, None)
-        if original is None:
+        template = module.__dict__.get(SYNC_FROM)
+        if template is None:
             report.skip(path, "built as SyncBatchNorm, so its BatchNorm rank (1d/2d/3d) is unknown")
             continue
-        kwargs = dict(bias=module.bias is not None, **module_factory_kwargs(module))
-        if issubclass(original, nln._NormBase):
-            kwargs.update(unbiased_running_var=module.unbiased_running_var, on_nonfinite=module.on_nonfinite)
-        if issubclass(original, _FUSED):
-            kwargs.update(activation=module.activation, activation_param=module.activation_param)
-        args = (module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-        restored = original(*args, **kwargs)
-        restored.load_state_dict(module.state_dict())
-        restored.train(module.training)
-        if module.frozen and hasattr(restored, "freeze"):
-            restored.freeze(affine=module.frozen_affine)
-        new = replace_module(new, path, restored)
-        report.changed(path, "unsynced", class_label(module), class_label(restored))
+        restored = rebuild(template, module, drop=(SYNC_FROM,))
+        if module.frozen and not isinstance(restored, nln.FreezableNorm):
+            # torch.nn's class has no frozen flag: its normlab twin stands in until unfrozen
+            original = restored
+            restored = adopt(twin_of(original, TWINS[type(original)]), module, drop=(SYNC_FROM,))
+            restored.__dict__[ORIGINAL] = layer_template(original)
+        restored = settle(restored)
+        new = replace_everywhere(new, module, restored)
+        detail = {"frozen": "until unfreeze_norms"} if ORIGINAL in restored.__dict__ else {}
+        report.changed(path, "unsynced", class_label(module), class_label(restored), **detail)
     return SurgeryResult(new, report)

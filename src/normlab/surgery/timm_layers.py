@@ -23,7 +23,7 @@ import importlib
 from torch import nn
 
 from .. import nn as nln
-from .modules import class_label, module_factory_kwargs
+from .modules import adopt, class_label, module_factory_kwargs, replace_everywhere
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["TIMM_TWINS", "from_timm_layer", "has_timm_twin", "to_timm_layers"]
@@ -205,8 +205,8 @@ def from_timm_layer(module: nn.Module) -> nn.Module | str | None:
     twin = build(module)
     if isinstance(twin, str):
         return twin
-    twin.load_state_dict(module.state_dict(), strict=True)
-    twin.train(module.training)
+    twin.load_state_dict(module.state_dict(), strict=True)  # checks the state has the same keys
+    twin = adopt(twin, module)  # the very tensors: requires_grad and ties kept
     if type(module).__name__ in _ORIGINS:  # remembered, so that to_torch(timm=True) restores it
         twin._timm_origin = type(module).__name__
     return twin
@@ -270,8 +270,7 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
         if isinstance(twin, str):
             return twin
         twin.load_state_dict(module.state_dict(), strict=True)
-        twin.train(module.training)
-        return twin
+        return adopt(twin, module)
     cls = _timm_class(module)
     if isinstance(cls, str):
         return cls
@@ -344,24 +343,25 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
         if hasattr(module, "act"):
             twin.act = copy.deepcopy(module.act)
     twin.load_state_dict(module.state_dict(), strict=True)
-    twin.train(module.training)
-    return twin
+    return adopt(twin, module)  # the very tensors: requires_grad and ties kept
 
 
-def to_timm_layers(model: nn.Module) -> SurgeryResult:
-    """Swap, in place on ``model``, each normlab layer that has a timm twin for it; report it."""
+def to_timm_layers(model: nn.Module, refuse: dict[str, str] | None = None) -> SurgeryResult:
+    """Swap, in place on ``model``, each normlab layer that has a timm twin for it; report it.
+    ``refuse``: path → what the model passes the layer besides its input (``mask=``), which
+    timm's layers do not take: those are skipped."""
     report = SurgeryReport("to_timm")
+    refuse = refuse or {}
     for path, module in list(model.named_modules()):
         if type(module) not in TIMM_TWINS and getattr(module, "_timm_origin", None) not in _ORIGINS:
+            continue
+        if path in refuse:
+            report.skip(path, f"it is called with {refuse[path]}: timm's layers take none")
             continue
         twin = _to_timm(module)
         if isinstance(twin, str):
             report.skip(path, twin)
             continue
-        if path:
-            parent_path, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, name, twin)
-        else:
-            model = twin
+        model = replace_everywhere(model, module, twin)  # a layer registered twice: under both names
         report.changed(path, "replaced", class_label(module), class_label(twin))
     return SurgeryResult(model, report)
