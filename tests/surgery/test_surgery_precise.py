@@ -182,3 +182,89 @@ def test_statistics_are_merged_across_processes(tmp_path):
             torch.testing.assert_close(
                 state[f"{name}.running_var"], single.get_submodule(name).running_var, rtol=1e-12, atol=1e-12
             )
+
+
+# --- issue 26: masks, keyword inputs, the variance convention, the batch count ------------------
+
+
+class _Masked(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.bn = layer
+
+    def forward(self, x, mask):
+        return self.bn(x, mask=mask)
+
+
+def _padded(pad_value=100.0):
+    """(N, C, L) sequences of different lengths, the padding filled with ``pad_value``."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 10, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([10, 6, 3, 1])
+    mask = torch.arange(10)[None, :] < lengths[:, None]  # (N, L): True where valid
+    x = torch.where(mask[:, None, :], x, torch.full_like(x, pad_value))
+    return x, mask
+
+
+@pytest.mark.parametrize("layer", ["BatchNorm1d", "SyncBatchNorm", "BatchNormAct1d"])
+def test_masked_layers_count_valid_positions_only(layer):
+    model = _Masked(getattr(nl.nn, layer)(2, dtype=torch.float64))
+    batches = [_padded(), _padded(-50.0)]
+    result, report = surgery.precise_bn(model, batches, forward_fn=lambda m, b: m(*b))
+    valid = torch.cat([x.permute(1, 0, 2)[:, mask] for x, mask in batches], dim=1)  # (C, valid values)
+    torch.testing.assert_close(result.bn.running_mean, valid.mean(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.bn.running_var, valid.var(1, correction=1), rtol=1e-12, atol=1e-12)
+    assert report.changes[0].detail["elements_per_channel"] == valid.shape[1] == 40
+
+
+def test_keyword_input_is_seen():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(2, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.bn(input=x)
+
+    x = torch.randn(8, 2, dtype=torch.float64) * 3 + 1
+    result, _ = surgery.precise_bn(Keyword(), [x])
+    torch.testing.assert_close(result.bn.running_mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.bn.running_var, x.var(0), rtol=1e-12, atol=1e-12)
+
+
+def test_biased_running_variance_convention_is_kept():
+    layer = nl.nn.BatchNorm1d(1, unbiased_running_var=False, dtype=torch.float64)
+    result, _ = surgery.precise_bn(nn.Sequential(layer), [torch.tensor([[0.0], [2.0]], dtype=torch.float64)])
+    assert result[0].running_var.item() == 1.0  # the biased variance of {0, 2}; unbiased is 2
+
+
+def test_a_generator_is_drawn_num_batches_times():
+    drawn = []
+
+    def loader():
+        for i in range(10):
+            drawn.append(i)
+            yield torch.randn(4, 1)
+
+    surgery.precise_bn(nn.Sequential(nl.nn.BatchNorm1d(1)), loader(), num_batches=3)
+    assert len(drawn) == 3
+
+
+def test_a_layer_that_never_runs_is_skipped_and_keeps_its_statistics():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nl.nn.BatchNorm1d(2), nl.nn.BatchNorm1d(2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Branchy()
+    with torch.no_grad():
+        model.unused.running_mean.fill_(3.0)
+    result, report = surgery.precise_bn(model, [torch.randn(4, 2)])
+    assert [c.path for c in report.changes] == ["used"]
+    assert [s.path for s in report.skipped] == ["unused"] and "never ran" in report.skipped[0].reason
+    assert torch.equal(result.unused.running_mean, model.unused.running_mean)
+    with pytest.raises(ValueError, match="does forward_fn call the model"):
+        surgery.precise_bn(model, [torch.randn(4, 2)], forward_fn=lambda m, b: None)

@@ -9,13 +9,14 @@ batch sizes, where each batch's statistics are noisy.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..core import Moments, merge_moments
-from .modules import class_label, copy_model, describe_norm
+from ..core import Moments, check_mask, merge_moments
+from .modules import class_label, copy_model, describe_norm, normalization_layers
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["default_forward", "precise_bn"]
@@ -35,25 +36,50 @@ def default_forward(model: nn.Module, batch) -> None:
 
 
 class _Accumulator:
-    """Exact running (count, mean, M2) per channel in float64, merged with Chan's formula."""
+    """Exact running (count, mean, M2) per channel in float64, merged with Chan's formula,
+    over the valid positions where the layer is called with a mask."""
 
     def __init__(self) -> None:
         self.moments: Moments | None = None
-        self.batches = 0
+        self.calls = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         dims = (0,) + tuple(range(2, x.dim()))
         xd = x.detach().to(torch.float64)  # float64 so a mean of 1e3 and std 0.1 keeps its digits
-        count = torch.full((x.shape[1],), xd.numel() // x.shape[1], dtype=torch.long, device=x.device)
-        mean = xd.mean(dims)
-        m2 = (xd - mean.view(1, -1, *([1] * (x.dim() - 2)))).square().sum(dims)
+        if mask is None:
+            count = torch.full((x.shape[1],), xd.numel() // max(x.shape[1], 1), dtype=torch.long, device=x.device)
+            mean = xd.mean(dims)
+            m2 = (xd - mean.view(1, -1, *([1] * (x.dim() - 2)))).square().sum(dims)
+        else:
+            valid = mask.unsqueeze(1).to(torch.float64)  # (N, 1, *spatial)
+            n = valid.sum()
+            count = torch.full((x.shape[1],), int(n.item()), dtype=torch.long, device=x.device)
+            mean = (xd * valid).sum(dims) / n.clamp(min=1)
+            m2 = ((xd - mean.view(1, -1, *([1] * (x.dim() - 2)))).square() * valid).sum(dims)
         part = Moments(count, mean, m2)
         self.moments = (
             part
             if self.moments is None
             else merge_moments(Moments(*(torch.stack(pair) for pair in zip(self.moments, part))))
         )
-        self.batches += 1
+        self.calls += 1
+
+
+def _recorder(path: str, acc: _Accumulator):
+    """A forward pre-hook that feeds the layer's input — positional or ``input=``, and its
+    ``mask=`` where it has one — to ``acc``."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError(
+                f"precise_bn: {path} ({class_label(module)}) was called without an (N, C, *) tensor input "
+                f"(got {type(x).__name__}{'' if not isinstance(x, torch.Tensor) else f' of shape {tuple(x.shape)}'})"
+            )
+        acc.add(x, None if mask is None else check_mask(mask, x, f"precise_bn ({path})"))
+
+    return hook
 
 
 def _all_processes(acc: dict[str, _Accumulator], order: list[str]) -> None:
@@ -83,20 +109,24 @@ def precise_bn(
     forward_fn: Callable[[nn.Module, object], object] | None = None,
 ) -> SurgeryResult:
     """A copy of ``model`` whose BatchNorm running statistics are the exact population
-    mean and unbiased variance of each layer's input over ``num_batches`` batches.
+    mean and variance of each layer's input over ``num_batches`` batches.
 
     Statistics are weighted by element count (not averaged per batch), accumulated in
-    float64 with Chan's merge. During the pass only the BatchNorm layers run in training
-    mode, so each normalizes with its batch statistics as in training; Dropout and
-    everything else run in eval mode. A loader shorter than ``num_batches`` is used
-    whole. ``forward_fn(model, batch)`` adapts any batch format (default: a tensor, or
-    the first element of a tuple). When ``torch.distributed`` is initialized the
-    statistics of all processes are merged, so every rank gets the same result.
+    float64 with Chan's merge; a layer called with ``mask=`` counts its valid positions
+    only; the variance is stored in the layer's own convention (unbiased unless it was built
+    with ``unbiased_running_var=False``). During the pass only the BatchNorm layers run in
+    training mode, so each normalizes with its batch statistics as in training; Dropout and
+    everything else run in eval mode. At most ``num_batches`` batches are drawn from
+    ``batches``; a shorter loader is used whole. ``forward_fn(model, batch)`` adapts any
+    batch format (default: a tensor, or the first element of a tuple). When
+    ``torch.distributed`` is initialized the statistics of all processes are merged, so
+    every rank gets the same result.
 
     Covers normlab's and torch.nn's BatchNorm, SyncBatchNorm and BatchRenorm with running
     statistics; frozen layers keep theirs. ``num_batches_tracked`` and the model's
-    training flag are left as they were. The report gives, per layer, how far the old
-    running statistics were from the new ones.
+    training flag are left as they were. Every other layer that keeps running statistics,
+    and every BatchNorm that keeps none, is listed in ``report.skipped``. The report gives,
+    per layer, how far the old running statistics were from the new ones.
 
     Args:
         model: the model; it is not modified.
@@ -120,10 +150,10 @@ def precise_bn(
     new = copy_model(model)
     report = SurgeryReport(f"precise_bn(num_batches={num_batches})")
     targets: dict[str, nn.Module] = {}
-    for path, module in new.named_modules():
+    for path, module in normalization_layers(new):
         info = describe_norm(module)
         if info is None or info.kind not in ("batch", "batch_renorm"):
-            if info is not None and info.running_mean is not None:
+            if getattr(module, "running_mean", None) is not None or getattr(module, "running_var", None) is not None:
                 report.skip(path, f"{class_label(module)}: precise_bn recomputes BatchNorm statistics only")
             continue
         if info.running_mean is None:
@@ -139,38 +169,50 @@ def precise_bn(
     acc = {path: _Accumulator() for path in targets}
     saved = {path: {k: v.clone() for k, v in m.state_dict().items()} for path, m in targets.items()}
     training_flags = {name: m.training for name, m in new.named_modules()}
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, path=path: acc[path].add(args[0])) for path, m in targets.items()
-    ]
+    handles = [m.register_forward_pre_hook(_recorder(path, acc[path]), with_kwargs=True) for path, m in targets.items()]
     used = 0
+    ran: dict[str, int] = dict.fromkeys(targets, 0)  # batches in which each layer ran
     try:
         new.eval()
         for m in targets.values():
             m.train()
         with torch.no_grad():
-            for batch in batches:
-                if used >= num_batches:
-                    break
+            for batch in itertools.islice(batches, num_batches):  # never draws one more
+                calls = {path: a.calls for path, a in acc.items()}
                 forward_fn(new, batch)
                 used += 1
+                for path, a in acc.items():
+                    ran[path] += a.calls > calls[path]
     finally:
         for h in handles:
             h.remove()
         for name, m in new.named_modules():
             m.training = training_flags[name]
+        for path, module in targets.items():
+            module.load_state_dict(saved[path])  # undo what the pass's momentum updates did
     if used == 0:
         raise ValueError("precise_bn got no batches: the loader is empty")
-    unseen = [p for p in targets if acc[p].moments is None]
-    if unseen:
-        raise ValueError(f"these BatchNorm layers never ran on the batches: {', '.join(unseen)}")
+    for path, module in targets.items():
+        if acc[path].moments is None:  # never ran here: nothing to merge (but other processes may have)
+            zeros = torch.zeros(module.running_mean.shape, dtype=torch.float64, device=module.running_mean.device)
+            acc[path].moments = Moments(zeros.long(), zeros, zeros.clone())
     _all_processes(acc, list(targets))
+    if all(int(acc[p].moments.count.max()) == 0 for p in targets):
+        raise ValueError(
+            f"none of the BatchNorm layers ({', '.join(targets)}) ran on the batches: does forward_fn call the model?"
+        )
 
     for path, module in targets.items():
         m = acc[path].moments
-        mean, var = m.mean, m.unbiased_var()
+        seen = int(m.count.min())
+        if seen < 2:
+            why = "it never ran on the batches" if seen == 0 else "1 value per channel over the batches: no variance"
+            report.skip(path, f"{why}; its statistics are kept")
+            continue
+        # the layer's own convention: unbiased (n/(n−1)) unless built with unbiased_running_var=False
+        mean, var = m.mean, m.unbiased_var() if getattr(module, "unbiased_running_var", True) else m.var
         old_mean = saved[path]["running_mean"].double()
         old_var = saved[path]["running_var"].double()
-        module.load_state_dict(saved[path])  # undo what the pass's momentum updates did
         with torch.no_grad():
             module.running_mean.copy_(mean.to(module.running_mean.dtype))
             module.running_var.copy_(var.to(module.running_var.dtype))
@@ -179,7 +221,7 @@ def precise_bn(
             "recomputed",
             class_label(module),
             class_label(module),
-            batches=acc[path].batches,
+            batches=ran[path],
             elements_per_channel=int(m.count[0]),
             max_abs_mean_change=(old_mean - mean).abs().max().item(),
             max_rel_var_change=((old_var - var).abs() / var.clamp(min=1e-12)).max().item(),
