@@ -249,3 +249,55 @@ def test_atomic_write_files_writes_all_or_nothing(tmp_path):
     second.rmdir()
     atomic_write_files({first: _write_ok("new"), second: _write_ok("{}")})
     assert first.read_text() == "new" and second.read_text() == "{}"
+
+
+# --- issue 26 -------------------------------------------------------------------------------------
+
+
+def failing_loader():  # importable --data factory: one batch, then the disk goes away
+    def batches():
+        yield torch.randn(4, 1, 40)
+        raise OSError(5, "Input/output error")
+
+    return batches()
+
+
+def test_a_loader_that_fails_mid_iteration_is_one_line_and_exit_2(tmp_path, weights, capsys):
+    path, _ = weights
+    argv = ("precise", "--model", FACTORY, "--weights", path, "--data", "test_cli_surgery:failing_loader")
+    assert _run(*argv, "--out", tmp_path / "o.pt") == 2
+    err = _one_line_error(capsys)
+    assert "OSError" in err and "Input/output error" in err
+    assert not list(tmp_path.glob("o.*"))
+
+
+@pytest.mark.parametrize("no_affine", [False, True])
+def test_freeze_says_what_the_file_holds_and_how_to_rebuild_the_freeze(tmp_path, weights, capsys, no_affine):
+    path, model = weights
+    out = tmp_path / "frozen.pt"
+    extra = ("--no-affine",) if no_affine else ()
+    assert _run("freeze", "--model", FACTORY, "--weights", path, "--out", out, *extra) == 0
+    printed = capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # the same tensors
+    report = json.loads(out.with_suffix(".json").read_text())
+    reload = report["reload"]
+    assert "same tensors" in printed and reload in printed
+    # The recipe the report gives rebuilds the freeze from the factory and the file.
+    from normlab import surgery
+
+    assert reload == f"model = normlab.surgery.freeze_norms(factory(), affine={not no_affine}).model"
+    rebuilt = surgery.freeze_norms(ConvNet1d("batch"), affine=not no_affine).model
+    rebuilt.load_state_dict(saved)
+    frozen = [m for m in rebuilt.modules() if getattr(m, "frozen", False)]
+    assert len(frozen) == len(report["changes"]) > 0
+    assert all(m.weight.requires_grad == no_affine for m in frozen)
+
+
+def test_an_unknown_option_after_an_operation_shows_that_operation_s_usage(tmp_path, weights, capsys):
+    path, _ = weights
+    with pytest.raises(SystemExit) as exit_:
+        _run("freeze", "--model", FACTORY, "--weights", path, "--out", tmp_path / "o.pt", "--bogus")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: normlab surgery freeze" in err and "unrecognized arguments: --bogus" in err

@@ -10,7 +10,7 @@ import threading
 
 from .. import __version__
 from . import bench, demo, experiments, surgery, sync_demo
-from .common import CommandError
+from .common import CommandError, SubcommandParser
 
 __all__ = ["build_parser", "main"]
 
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Normalization layers, model surgery and the experiments that explain them.",
     )
     parser.add_argument("--version", action="version", version=f"normlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubcommandParser)
     experiments.add_parsers(sub)
     demo.add_parser(sub)
     surgery.add_parser(sub)
@@ -54,7 +54,9 @@ def _sigterm_as_exception():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the innermost subcommand given, with its usage
+        getattr(args, "usage_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -15,6 +15,7 @@ from ..experiments import output
 __all__ = [
     "CommandError",
     "DistinctSeeds",
+    "SubcommandParser",
     "atomic_write_bytes",
     "atomic_write_files",
     "atomic_write_json",
@@ -35,6 +36,16 @@ MAX_SEED = 2**32 - 1
 
 class CommandError(Exception):
     """A user error: printed as one line, exit status 2, nothing written."""
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """The parser of a subcommand (and of its own subcommands): it names itself in the parsed
+    arguments, so that an argument nobody knows is reported with the usage of the subcommand
+    it was given to, not the top-level one (see ``normlab.cli.main``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(usage_parser=self)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -146,8 +146,32 @@ def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
         return surgery.precise_bn(model, _batches(args.data, args.batch_size), num_batches=args.num_batches)
     except CommandError:
         raise
-    except (ValueError, TypeError, RuntimeError) as err:
-        raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {err}") from err
+    except Exception as err:  # the model's code and the user's loader may raise anything
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {first_line}") from err
+
+
+def _reload_recipe(args) -> str:
+    """The expression that rebuilds the model whose state_dict the command writes: what a
+    state_dict cannot hold (folded-away layers, classes, the frozen flag, requires_grad)
+    comes from the factory and the transform, the tensors from the file."""
+    if args.operation == "fold":
+        return "model = normlab.surgery.fold_batchnorm(factory()).model"
+    if args.operation == "freeze":
+        return f"model = normlab.surgery.freeze_norms(factory(), affine={not args.no_affine}).model"
+    if args.operation == "convert":
+        example = f", example_input=torch.randn({parse_shape(args.input_shape)})" if args.input_shape else ""
+        return (
+            f"model = normlab.surgery.convert_norms(factory(), {args.to!r}, groups={args.groups!r}, "
+            f"max_groups={args.max_groups}{example}).model"
+        )
+    return "model = factory()"  # precise: new values, same structure
+
+
+def _same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+    )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -177,15 +201,26 @@ def run(args: argparse.Namespace) -> int:
     out, report_path = _output_paths(args)
     model = build_model(args.model)
     load_weights(model, args.weights)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     result = _transform(args, model)
     if not result.report.changes:
         raise CommandError(f"{args.operation} changed nothing in this model:\n{result.report}")
-    if args.operation == "fold":
-        result.report.notes.append(
-            "reload with: model = fold_batchnorm(factory()).model; model.load_state_dict(torch.load(out))"
-        )
     state = result.model.state_dict()
-    report = {"model": args.model, "weights": args.weights, "out": str(out), **result.report.to_dict()}
+    reload = _reload_recipe(args)
+    if _same_tensors(state, before):
+        result.report.notes.append(
+            f"{out} holds the same tensors as the input: a state_dict keeps no frozen flag and no "
+            "requires_grad, so the change lives in the model the factory builds and the transform "
+            "makes (below)"
+        )
+    result.report.notes.append(f"reload with: {reload}; model.load_state_dict(torch.load({str(out)!r}))")
+    report = {
+        "model": args.model,
+        "weights": args.weights,
+        "out": str(out),
+        "reload": reload,
+        **result.report.to_dict(),
+    }
     atomic_write_files({out: lambda handle: torch.save(state, handle), report_path: json_writer(report)})
     print(result.report)
     print(f"wrote {out} and {report_path}")
