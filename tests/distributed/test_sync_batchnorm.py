@@ -361,3 +361,38 @@ def test_convert_sync_batchnorm_keeps_the_freeze_and_the_activation():
     ]
     x = torch.randn(3, 4, 5, 5)
     torch.testing.assert_close(back(x), model(x))
+
+
+# --- every rank's batch empty: as BatchNorm2d on N = 0 ---------------------------------------------
+
+
+def _all_empty_worker(rank, world, port, out_dir):
+    _init(rank, world, port)
+    try:
+        layer = _layer(torch.float64)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(0, C, 4, 3, dtype=torch.float64, requires_grad=True)
+        try:
+            y = layer(x)
+            y.sum().backward()
+            outcome = (tuple(y.shape), tuple(x.grad.shape), layer.weight.grad.abs().sum().item())
+        except Exception as err:  # recorded, so the test shows the message
+            outcome = f"{type(err).__name__}: {err}"
+        untouched = all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+        # and the ranks are still in step: the next, non-empty call synchronizes as usual
+        after = layer(torch.randn(2 + rank, C, 4, 3, dtype=torch.float64)).shape[0]
+        torch.save({"outcome": outcome, "untouched": untouched, "after": after}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_empty_is_an_empty_output_and_no_update(tmp_path):
+    mp.spawn(_all_empty_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = nl.nn.BatchNorm2d(C, dtype=torch.float64)
+    before = {k: v.clone() for k, v in single.state_dict().items()}
+    assert single(torch.randn(0, C, 4, 3, dtype=torch.float64)).shape == (0, C, 4, 3)  # the reference
+    assert all(torch.equal(v, before[k]) for k, v in single.state_dict().items())
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["outcome"] == ((0, C, 4, 3), (0, C, 4, 3), 0.0), result["outcome"]
+        assert result["untouched"] and result["after"] == 2 + rank

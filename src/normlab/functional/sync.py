@@ -231,7 +231,10 @@ def synchronized_batch_norm(
         # The global count stays a tensor: reading it would stall an accelerator's stream.
         # On the CPU reading it is free, and a batch of one value is refused as BatchNorm does.
         total = merged.count[0].to(torch.float64)
-        if mask is None and input.device.type == "cpu" and total.item() <= 1:
+        # every process's batch is empty: as BatchNorm on N = 0, an empty output and no update,
+        # on every process alike (so the backward exchanges nothing either)
+        all_empty = mask is None and input.device.type == "cpu" and total.item() == 0
+        if mask is None and input.device.type == "cpu" and 0 < total.item() <= 1:
             raise InputError(
                 f"Expected more than 1 value per channel when training, got {int(total.item())} "
                 f"across {distributed_world(process_group)} processes (this process: input size "
@@ -243,6 +246,8 @@ def synchronized_batch_norm(
         shift = merged.mean.to(cdtype)
         offset = (merged.mean - shift.double()).to(cdtype)  # what rounding the mean lost
         rstd = torch.rsqrt(var + eps).to(cdtype)
+    if all_empty:
+        return batch_norm(input, None, None, weight, bias, True, momentum, eps)
     stats = NormStats(shift.view(view), offset.view(view), rstd.view(view))
     across = AcrossProcesses(_all_reduce_sums(process_group), total)
     weight, bias = channel_view(weight, input.dim()), channel_view(bias, input.dim())
