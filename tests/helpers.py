@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -46,11 +48,13 @@ _TORCHVISION_SCHEMAS = None  # kept alive: dropping the Library would unregister
 
 
 def import_timm():
-    """timm, imported. timm imports torchvision, whose wheel from PyPI is built against the
-    CUDA torch; beside the CPU torch its C ops do not load, and its import then fails on
-    registering fake kernels for two of them. Declaring those two schemas lets the
-    pure-Python model code import; calling a torchvision op still raises."""
+    """timm, imported (None where it is not installed). timm imports torchvision, whose wheel
+    from PyPI is built against the CUDA torch; beside the CPU torch its C ops do not load, and
+    its import then fails on registering fake kernels for two of them. Declaring those two
+    schemas lets the pure-Python model code import; calling a torchvision op still raises."""
     global _TORCHVISION_SCHEMAS
+    if importlib.util.find_spec("timm") is None:
+        return None
     try:
         import timm
     except RuntimeError as err:

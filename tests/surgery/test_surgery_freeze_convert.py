@@ -440,3 +440,58 @@ def test_a_layer_called_with_a_mask_is_not_replaced_by_one_without(transform):
     assert [s.path for s in report.skipped] == ["masked"] and "mask=" in report.skipped[0].reason
     x, mask = torch.randn(4, 3, 5), torch.rand(4, 5) > 0.3
     new(x, mask)  # still runs
+
+
+# --- found by tests/test_surgery_properties.py ------------------------------------------------
+
+
+def test_a_layer_without_tensors_is_replaced_in_the_model_s_dtype():
+    example = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    grouped = nn.Sequential(nn.Conv2d(3, 4, 1, dtype=torch.float64), nn.GroupNorm(2, 4, affine=False))
+    converted, _ = surgery.convert_norms(grouped, "batch", example_input=example)  # its input's dtype
+    assert converted[1].running_mean.dtype == torch.float64
+    converted.train()(example)
+    instance = nn.Sequential(nn.Conv2d(3, 4, 1, dtype=torch.float64), nn.InstanceNorm2d(4))
+    converted, _ = surgery.convert_norms(instance, "batch")  # no example: the model's dtype
+    assert converted[1].running_mean.dtype == torch.float64
+    converted.train()(example)
+
+
+def test_training_flags_of_single_layers_survive():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)).train()
+    model[1].eval()  # the usual recipe: one BatchNorm in eval inside a training model
+    example = torch.randn(2, 3, 5, 5)
+    surgery.fold_batchnorm(model, example_input=example)
+    assert model.training and not model[1].training  # the input model: as it was
+    converted, _ = surgery.convert_norms(model, "frozen", example_input=example)
+    assert converted.training and converted[0].training and converted[3].training
+
+
+def test_freeze_then_unfreeze_restores_tied_requires_grad():
+    model = nn.Sequential(nl.nn.BatchNorm2d(4), nl.nn.BatchNorm2d(4))
+    model[1].weight = model[0].weight  # one γ, two layers
+    thawed = surgery.unfreeze_norms(surgery.freeze_norms(model).model).model
+    assert thawed[0].weight is thawed[1].weight and thawed[0].weight.requires_grad
+
+
+def test_unfreezing_a_gamma_tied_to_an_unfrozen_layer_says_so():
+    model = nn.Sequential(nl.nn.BatchNorm2d(4), nl.nn.BatchNorm2d(4))
+    model[1].weight = model[0].weight
+    model[1].freeze()  # freezes the γ both hold
+    thawed, report = surgery.unfreeze_norms(model)
+    assert [c.path for c in report.changes] == ["1"] and report.changes[0].detail["shared_with"] == ["0"]
+    assert "tied to 0" in " ".join(report.notes) and thawed[0].weight.requires_grad
+
+
+def test_a_masked_norm_act_is_not_split_into_a_norm_and_an_activation():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nl.nn.BatchNormAct1d(3, activation="leaky_relu", activation_param=0.1)
+
+        def forward(self, x, mask):
+            return self.bn(x, mask=mask)
+
+    new, report = surgery.convert_norms(Net(), "instance")
+    assert not report.changes and "LeakyReLU takes no mask" in report.skipped[0].reason
+    new(torch.randn(2, 3, 5), torch.rand(2, 5) > 0.3)

@@ -219,3 +219,15 @@ def test_a_norm_free_network_is_not_a_skipped_norm_layer():
     model = timm.create_model("nf_resnet26", num_classes=10)
     _, report = surgery.from_torch(model)
     assert not report.skipped, report.skipped[:3]
+
+
+@pytest.mark.parametrize("to", ["group", "instance", "batch_renorm"])
+def test_convert_norms_keeps_timm_batchnormact_s_activation(to):
+    layer = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU).eval()
+    with torch.no_grad():
+        layer.running_mean.normal_()
+        layer.bias.normal_()
+    converted, report = surgery.convert_norms(nn.Sequential(layer), to, example_input=torch.randn(2, 4, 3, 3))
+    assert report.changes[0].detail["activation"].startswith(("relu", "ReLU")), report
+    x = torch.randn(2, 4, 3, 3)
+    assert (converted.eval()(x) >= 0).all()  # the ReLU is still applied

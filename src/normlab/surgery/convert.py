@@ -7,9 +7,6 @@ with the layer; running statistics move where the target keeps them.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -24,6 +21,7 @@ from .modules import (
     copy_model,
     describe_norm,
     eval_max_abs_diff,
+    evaluating,
     module_factory_kwargs,
     normalization_layers,
     replace_everywhere,
@@ -59,14 +57,33 @@ _ACT_BY_SPATIAL_RANK = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct
 
 
 def _activation_of(module: nn.Module) -> dict | None:
-    """The activation settings of a fused norm+act layer, or None."""
-    if isinstance(getattr(module, "act", None), nn.Module) and isinstance(getattr(module, "activation", None), str):
+    """The activation of a norm + activation layer as the fused layers take it — normlab's,
+    or another library's (timm's BatchNormAct2d) whose activation normlab fuses — or None."""
+    act = getattr(module, "act", None)
+    if not isinstance(act, nn.Module):
+        return None
+    if isinstance(getattr(module, "activation", None), str):
         return {
             "activation": module.activation,
             "activation_param": module.activation_param,
             "inplace": getattr(module, "inplace", False),
         }
-    return None
+    if not isinstance(getattr(module, "drop", None), (nn.Identity, type(None))):
+        return None  # a drop layer sits between the norm and the activation: both follow
+    try:
+        name, param = nln.activation_spec(act)
+    except ValueError:
+        return None
+    if isinstance(act, nn.PReLU) and act.num_parameters != getattr(module, "num_features", act.num_parameters):
+        return None  # one slope for all channels: normlab's fused PReLU has one per channel
+    return {"activation": name, "activation_param": param, "inplace": False}
+
+
+def _applied_after(module: nn.Module) -> list[nn.Module]:
+    """The modules a norm + activation layer applies after normalizing: its drop layer (timm's),
+    then its activation."""
+    drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+    return [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
 
 
 def build_norm(
@@ -170,30 +187,44 @@ def _dropped_options(path: str, source: nn.Module, target: nn.Module) -> list[st
     return notes
 
 
-def _input_ranks(model: nn.Module, example_input) -> dict[str, int]:
-    """Rank of each channel norm layer's input on one eval forward of ``example_input``."""
-    ranks: dict[str, int] = {}
+def _inputs_seen(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
+    """Each channel norm layer's (first) input on one eval forward of ``example_input``, as
+    an empty tensor of its rank, dtype and device."""
+    seen: dict[str, torch.Tensor] = {}
 
     def record(path):
-        def hook(module, args):
-            if args and isinstance(args[0], torch.Tensor):
-                ranks.setdefault(path, args[0].dim())
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor):
+                seen.setdefault(path, x.new_empty((0,) * x.dim()))
 
         return hook
 
     handles = [
-        m.register_forward_pre_hook(record(path)) for path, m in model.named_modules() if describe_norm(m) is not None
+        m.register_forward_pre_hook(record(path), with_kwargs=True)
+        for path, m in model.named_modules()
+        if describe_norm(m) is not None
     ]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model):
             call_model(model, example_input)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
-    return ranks
+    return seen
+
+
+def _factory(module: nn.Module, seen: torch.Tensor | None, model: nn.Module) -> dict:
+    """device/dtype for a layer's replacement: its own tensors', else its input's on
+    example_input, else the model's (a layer without parameters or buffers says nothing)."""
+    if module_factory_kwargs(module):
+        return module_factory_kwargs(module)
+    if seen is not None:
+        return {"device": seen.device, "dtype": seen.dtype}
+    for m in model.modules():
+        if module_factory_kwargs(m):
+            return module_factory_kwargs(m)
+    return {}
 
 
 def convert_norms(
@@ -248,7 +279,7 @@ def convert_norms(
         raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
     new = copy_model(model)
     report = SurgeryReport(f"convert_norms(to={to!r})")
-    ranks = _input_ranks(new, example_input) if example_input is not None else {}
+    seen = _inputs_seen(new, example_input) if example_input is not None else {}
     masked = extra_arguments(new, lambda m: describe_norm(m) is not None, example_input)
     unchecked = []  # layers that take a mask, converted into ones that do not, without a way to check
     for path, module in normalization_layers(new):
@@ -259,7 +290,7 @@ def convert_norms(
         if info.kind == to:
             report.skip(path, f"already a {to} norm ({class_label(module)}); from_torch/to_torch switch libraries")
             continue
-        rank = info.spatial_rank if info.spatial_rank is not None else (ranks[path] - 2 if path in ranks else None)
+        rank = info.spatial_rank if info.spatial_rank is not None else (seen[path].dim() - 2 if path in seen else None)
         if to not in ("group", "layer") and rank is None:
             report.skip(
                 path,
@@ -281,13 +312,21 @@ def convert_norms(
                 n_groups = groups
         activation = _activation_of(module)
         target = build_norm(
-            to, info, spatial_rank=rank, groups=n_groups, factory=module_factory_kwargs(module), activation=activation
+            to,
+            info,
+            spatial_rank=rank,
+            groups=n_groups,
+            factory=_factory(module, seen.get(path), new),
+            activation=activation,
         )
-        if takes_mask(module) and not takes_mask(target):
+        fused = activation is not None and hasattr(target, "act")
+        after = [] if fused else _applied_after(module)  # what follows the new layer as modules of its own
+        if takes_mask(module) and (after or not takes_mask(target)):
             if masked is None:
                 unchecked.append(path)
             elif path in masked:
-                report.skip(path, f"it is called with {masked[path]}: {class_label(target)} takes no mask")
+                what = " then ".join([class_label(target)] + [type(m).__name__ for m in after])
+                report.skip(path, f"it is called with {masked[path]}: {what} takes no mask")
                 continue
         statistics = _transfer(info, target)
         # γ, β (and a PReLU's slopes) stay the very tensors: requires_grad and ties kept
@@ -295,14 +334,15 @@ def convert_norms(
         report.notes += _dropped_options(path, module, target)
         if target.__dict__.get("frozen") and not target.frozen_affine and getattr(target, "running_mean", None) is None:
             target.unfreeze()  # a freeze of statistics the new layer does not have: nothing left frozen
-        if activation is not None and not hasattr(target, "act"):
-            # no fused form of this kind: the activation follows as its own module
-            target = nn.Sequential(target, copy.deepcopy(module.act))
-            target.train(module.training)
+        if after:  # no fused form of this kind (or of this activation): they follow as modules
+            target = nn.Sequential(target, *after)
+            target.training = module.training
         new = replace_everywhere(new, module, target)
         detail = {"statistics": statistics}
-        if activation is not None:
-            detail["activation"] = activation["activation"] + ("" if hasattr(target, "act") else " (separate module)")
+        if after:
+            detail["activation"] = " then ".join(type(m).__name__ for m in after) + " (separate modules)"
+        elif activation is not None:
+            detail["activation"] = activation["activation"]
         if n_groups is not None:
             detail["groups"] = n_groups
         report.changed(path, "replaced", class_label(module), class_label(target), **detail)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import nn as nln
-from .convert import BEYOND_TARGETS, _activation_of, _input_ranks, auto_groups, convert_norms
+from .convert import BEYOND_TARGETS, _activation_of, _inputs_seen, auto_groups, convert_norms
 from .modules import class_label, copy_model, describe_norm, module_factory_kwargs, replace_module
 from .report import SurgeryReport, SurgeryResult
 
@@ -121,7 +121,7 @@ def convert_beyond(
         raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
     new = copy_model(model)
     report = SurgeryReport(f"convert_norms(to={to!r})")
-    ranks = _input_ranks(new, example_input) if example_input is not None and to not in _SQUASH else {}
+    seen = _inputs_seen(new, example_input) if example_input is not None and to not in _SQUASH else {}
     for path, module in list(new.named_modules()):
         if to in _SQUASH:
             target = _squash_from(to, module, alpha_init_value)
@@ -138,7 +138,9 @@ def convert_beyond(
                         path, f"{class_label(module)} is not a channel norm (BatchNorm, GroupNorm, InstanceNorm)"
                     )
                 continue
-            rank = info.spatial_rank if info.spatial_rank is not None else (ranks[path] - 2 if path in ranks else None)
+            rank = (
+                info.spatial_rank if info.spatial_rank is not None else (seen[path].dim() - 2 if path in seen else None)
+            )
             if rank is None:
                 report.skip(
                     path,

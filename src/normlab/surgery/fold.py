@@ -104,9 +104,13 @@ def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _replacement_for(bn: nn.Module) -> nn.Module:
-    """What stays where the BatchNorm was: nothing, or a fused layer's activation."""
-    act = getattr(bn, "act", None)  # BatchNormAct*: the activation stays
-    return act if isinstance(act, nn.Module) else nn.Identity()
+    """What stays where the BatchNorm was: nothing, or what a norm + activation layer applies
+    after normalizing (its activation; timm's drop layer before it)."""
+    after = [getattr(bn, name, None) for name in ("drop", "act")]  # BatchNormAct*: these stay
+    after = [m for m in after if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    if not after:
+        return nn.Identity()
+    return after[0] if len(after) == 1 else nn.Sequential(*after)
 
 
 def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult:

@@ -16,6 +16,7 @@ from .modules import (
     normalization_layers,
     rebuild,
     replace_everywhere,
+    shared_parameters,
     unrecognized_norm_note,
 )
 from .report import SurgeryReport, SurgeryResult
@@ -62,6 +63,9 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
     """
     new = copy_model(model)
     report = SurgeryReport(f"freeze_norms(affine={affine})")
+    # requires_grad as it is before this call: a γ tied between two layers must be restored as
+    # it was, not as the first layer's freeze left it when the second one looked
+    requires_grad = {id(p): p.requires_grad for p in new.parameters()}
     for path, module in normalization_layers(new):
         if _frozen_by_construction(module):
             report.skip(path, f"{class_label(module)} is frozen by construction")
@@ -88,12 +92,39 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
             target = twin
             new = replace_everywhere(new, module, target)
         target.freeze(affine=affine)
+        target._requires_grad_before_freeze = {
+            name: requires_grad.get(id(p), p.requires_grad) for name, p in target.named_parameters(recurse=False)
+        }
         report.changed(path, "frozen", class_label(module), class_label(target), frozen=" and ".join(parts))
+    _report_shared(report, new, requires_grad)
     note = unrecognized_norm_note(model)
     if note:
         report.notes.append(note)
     report.check = "frozen layers compute what they computed in eval mode"
     return SurgeryResult(new, report)
+
+
+def _report_shared(report: SurgeryReport, new: nn.Module, requires_grad_before: dict[int, bool]) -> None:
+    """A γ/β whose requires_grad this call changed and that a module outside the changes holds
+    too (tied parameters) changed there as well: say so, in the change and in a note."""
+    shared = shared_parameters(new)
+    changed = {c.path for c in report.changes}
+    for change in report.changes:
+        layer = new.get_submodule(change.path)
+        others = sorted(
+            {
+                holder
+                for p in layer.parameters(recurse=False)
+                if p.requires_grad != requires_grad_before.get(id(p), p.requires_grad)
+                for holder in shared.get(id(p), [])
+                if holder not in changed
+            }
+        )
+        if others:
+            change.detail["shared_with"] = others
+            report.notes.append(
+                f"{change.path}: its γ/β are tied to {', '.join(others)}, whose requires_grad changed with them"
+            )
 
 
 def settle(module: nn.Module) -> nn.Module:
@@ -120,6 +151,7 @@ def unfreeze_norms(model: nn.Module) -> SurgeryResult:
     """
     new = copy_model(model)
     report = SurgeryReport("unfreeze_norms")
+    requires_grad = {id(p): p.requires_grad for p in new.parameters()}
     for path, module in normalization_layers(new):
         if _frozen_by_construction(module):
             report.skip(path, f"{class_label(module)} is frozen by construction: convert_norms(model, 'batch')")
@@ -131,4 +163,5 @@ def unfreeze_norms(model: nn.Module) -> SurgeryResult:
         if after is not module:
             new = replace_everywhere(new, module, after)
         report.changed(path, "unfrozen", class_label(module), class_label(after))
+    _report_shared(report, new, requires_grad)
     return SurgeryResult(new, report)

@@ -196,6 +196,18 @@ def from_torch(model: nn.Module) -> SurgeryResult:
         :class:`SurgeryReport` of what changed, what was skipped and why.
     """
     result = _swap(model, "from_torch", lambda path, module: normlab_twin(module))
+    for change in result.report.changes:
+        layer = model.get_submodule(change.path)
+        if (
+            type(layer) in TWINS
+            and isinstance(layer, nn.modules.instancenorm._InstanceNorm)
+            and layer.track_running_stats
+        ):
+            result.report.notes.append(
+                f"{change.path}: normlab's InstanceNorm counts num_batches_tracked"
+                + (" and, with momentum=None, updates a cumulative average" if layer.momentum is None else "")
+                + " (torch.nn's does not)"
+            )
     note = unrecognized_norm_note(model)
     if note:
         result.report.notes.append(note)

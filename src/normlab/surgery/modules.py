@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "copy_model",
     "describe_norm",
     "eval_max_abs_diff",
+    "evaluating",
     "is_normalization_layer",
     "layer_template",
     "module_factory_kwargs",
@@ -67,17 +69,26 @@ def output_tensors(output) -> list[torch.Tensor]:
     return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode, without gradients; afterwards every module has its own training
+    flag back (``model.train(was)`` would flatten a model whose BatchNorms were put in eval)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input) -> float:
     """Max |a(x) − b(x)| over all output tensors, both in eval mode, neither modified."""
     outputs = []
     for model in (a, b):
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                outputs.append(output_tensors(call_model(model, example_input)))
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            outputs.append(output_tensors(call_model(model, example_input)))
     return max(((x.double() - y.double()).abs().max().item() for x, y in zip(*outputs)), default=0.0)
 
 

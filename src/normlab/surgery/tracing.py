@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .. import nn as nln
-from .modules import call_model, output_tensors
+from .modules import call_model, evaluating, output_tensors
 
 __all__ = ["PairSearch", "extra_arguments", "find_pairs", "takes_mask"]
 
@@ -225,13 +225,8 @@ def _producer_output_ranks(model, is_producer, example_input) -> dict[str, int]:
 
 
 def _run(model, example_input):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return call_model(model, example_input)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        return call_model(model, example_input)
 
 
 class _UseRecorder(TorchFunctionMode):
