@@ -42,7 +42,10 @@ class SurgeryReport:
         self.changes.append(Change(path, action, before, after, detail))
 
     def skip(self, path: str, reason: str) -> None:
-        self.skipped.append(Skip(path, reason))
+        """Record that the layer at ``path`` was left as it was; a layer is listed once (with
+        the first reason given)."""
+        if all(s.path != path for s in self.skipped):
+            self.skipped.append(Skip(path, reason))
 
     def to_dict(self) -> dict:
         return asdict(self)
