@@ -57,7 +57,8 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
 
     Shape:
         - Input: (N, C, \*) with N ≥ 0 on each process; the total over processes must
-          give more than one value per channel.
+          give more than one value per channel, or none (every process empty: an empty
+          output and no update, as BatchNorm on N = 0).
         - Output: same shape as the input.
     """
 
