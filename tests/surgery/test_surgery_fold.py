@@ -275,3 +275,17 @@ def test_a_batchnorm_called_twice_is_listed_once(traced, monkeypatch):
     _, report = fold_batchnorm(CalledTwice(), example_input=torch.randn(2, 3, 4, 4))
     assert [s.path for s in report.skipped] == ["bn"], report
     assert "called 2 times" in report.skipped[0].reason or "more than once" in report.skipped[0].reason
+
+
+def test_a_mask_passed_by_position_is_a_mask():
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv1d(2, 3, 1), nl.nn.BatchNorm1d(3)
+
+        def forward(self, x, mask):
+            return self.bn(self.conv(x), mask)
+
+    x, mask = torch.randn(4, 2, 6), torch.rand(4, 6) > 0.3
+    _, report = fold_batchnorm(Positional().eval(), example_input=(x, mask))
+    assert not report.changes and "called with mask=" in report.skipped[0].reason

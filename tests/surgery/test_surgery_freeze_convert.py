@@ -495,3 +495,18 @@ def test_a_masked_norm_act_is_not_split_into_a_norm_and_an_activation():
     new, report = surgery.convert_norms(Net(), "instance")
     assert not report.changes and "LeakyReLU takes no mask" in report.skipped[0].reason
     new(torch.randn(2, 3, 5), torch.rand(2, 5) > 0.3)
+
+
+def test_unfreeze_gives_the_original_class_in_the_dtype_the_model_has_now():
+    frozen = surgery.freeze_norms(nn.Sequential(nn.BatchNorm2d(3))).model.half()  # cast after freezing
+    thawed = surgery.unfreeze_norms(frozen).model
+    assert type(thawed[0]) is nn.BatchNorm2d
+    assert thawed[0].weight.dtype == thawed[0].running_mean.dtype == torch.float16
+    synced = surgery.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3))).model.double()
+    assert surgery.revert_sync_batchnorm(synced).model[0].running_var.dtype == torch.float64
+
+
+def test_a_model_that_is_one_norm_layer():
+    frozen, report = surgery.freeze_norms(nn.BatchNorm2d(3))
+    assert isinstance(frozen, nl.nn.BatchNorm2d) and frozen.frozen and report.changes[0].path == ""
+    assert type(surgery.unfreeze_norms(frozen).model) is nn.BatchNorm2d

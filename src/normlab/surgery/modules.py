@@ -293,7 +293,7 @@ def rebuild(template: nn.Module, current: nn.Module, *, drop: tuple[str, ...] = 
 def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> nn.Module:
     """Give a freshly built ``new`` layer everything of ``old`` that a swap must keep, and return it.
 
-    - The parameter and buffer *objects* wherever name, shape and dtype agree (values are
+    - The parameter and buffer *objects* wherever name and shape agree (values are
       loaded first where the two state_dicts have the same keys): ``requires_grad``, tied
       parameters and the values all stay as they were.
     - Each submodule's ``training`` flag.
@@ -314,7 +314,7 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
             slots, old_slots = getattr(target, kind), getattr(old_module, kind)
             for name, tensor in old_slots.items():
                 mine = slots.get(name)
-                if tensor is not None and mine is not None and (mine.shape, mine.dtype) == (tensor.shape, tensor.dtype):
+                if tensor is not None and mine is not None and mine.shape == tensor.shape:
                     slots[name] = tensor
     if isinstance(new, nln.FreezableNorm) and isinstance(old, nln.FreezableNorm):
         for name in _FREEZE_STATE:

@@ -48,8 +48,16 @@ class PairSearch:
         self.skipped.setdefault(consumer, reason)
 
 
-def _extra_arguments(args: tuple, kwargs: dict) -> str | None:
-    """What a call passes besides its input, in words ("mask=", "2 more arguments"), or None."""
+def _extra_arguments(module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+    """What a call passes besides its input, named as the layer's forward names it ("mask="),
+    or None. ``args`` are the positional arguments after the input."""
+    try:
+        names = list(inspect.signature(type(module).forward).parameters)[2 : 2 + len(args)]  # after self, input
+    except (TypeError, ValueError):  # no signature to read
+        names = []
+    if len(names) == len(args):
+        kwargs = {**dict(zip(names, args)), **kwargs}
+        args = ()
     extra = [f"{k}=" for k, v in kwargs.items() if v is not None]
     if args:
         extra.append(f"{len(args)} more positional argument(s)")
@@ -112,7 +120,7 @@ def extra_arguments(model: nn.Module, is_target: Predicate, example_input=None) 
             kwargs = dict(node.kwargs)
             if not node.args:
                 kwargs.pop("input", None)
-            extra = _extra_arguments(node.args[1:], kwargs)
+            extra = _extra_arguments(model.get_submodule(node.target), node.args[1:], kwargs)
             if extra:
                 found.setdefault(node.target, extra)
     return found
@@ -126,7 +134,7 @@ def _extra_arguments_by_hooks(model, is_target, example_input) -> dict[str, str]
             kwargs = dict(kwargs)
             if not args:
                 kwargs.pop("input", None)
-            extra = _extra_arguments(args[1:], kwargs)
+            extra = _extra_arguments(module, args[1:], kwargs)
             if extra:
                 found.setdefault(path, extra)
 
@@ -171,7 +179,7 @@ def _find_with_fx(model, is_producer, is_consumer) -> PairSearch:
             continue
         kwargs = dict(node.kwargs)
         source = node.args[0] if node.args else kwargs.pop("input", None)
-        extra = _extra_arguments(node.args[1:], kwargs)
+        extra = _extra_arguments(modules[consumer], node.args[1:], kwargs)
         if extra:
             search.skip(consumer, _fold_refusal(extra))
             continue
@@ -270,7 +278,7 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
             if is_consumer(mod):
                 kwargs = dict(kwargs)
                 consumer_inputs[path] = args[0] if args else kwargs.pop("input", None)
-                extra = _extra_arguments(args[1:], kwargs)
+                extra = _extra_arguments(mod, args[1:], kwargs)
                 if extra:
                     consumer_extras.setdefault(path, extra)
 
