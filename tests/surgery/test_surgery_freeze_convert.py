@@ -510,3 +510,41 @@ def test_a_model_that_is_one_norm_layer():
     frozen, report = surgery.freeze_norms(nn.BatchNorm2d(3))
     assert isinstance(frozen, nl.nn.BatchNorm2d) and frozen.frozen and report.changes[0].path == ""
     assert type(surgery.unfreeze_norms(frozen).model) is nn.BatchNorm2d
+
+
+# --- the targets beyond the classic five keep the same rules --------------------------------
+
+
+@pytest.mark.parametrize("to", ["frn", "evonorm_b0", "evonorm_s0", "group_ws"])
+def test_beyond_channel_targets_keep_requires_grad_ties_and_masks(to):
+    model = nn.Sequential(nl.nn.BatchNorm2d(4), nl.nn.BatchNorm2d(4))
+    model[1].weight = model[0].weight  # one γ, two layers
+    model[0].weight.requires_grad_(False)
+    new, report = surgery.convert_norms(model, to)
+    assert [c.path for c in report.changes if c.path in ("0", "1")] == ["0", "1"], report
+    assert new[0].weight is new[1].weight and not new[0].weight.requires_grad
+    if to == "group_ws":  # GroupNorm takes a mask
+        return
+
+    class Masked2d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nl.nn.BatchNorm2d(4)
+
+        def forward(self, x, mask):
+            return self.bn(x, mask=mask)
+
+    new, report = surgery.convert_norms(Masked2d(), to)
+    assert not report.changes and "mask=" in report.skipped[0].reason, report
+    new(torch.randn(2, 4, 3, 3), torch.rand(2, 3, 3) > 0.3)
+
+
+@pytest.mark.parametrize("to", ["dyt", "derf"])
+def test_beyond_squash_targets_keep_requires_grad_and_the_dtype(to):
+    model = nn.Sequential(nn.Linear(4, 4, dtype=torch.float64), nn.LayerNorm(4, dtype=torch.float64))
+    model[1].bias.requires_grad_(False)
+    new, _ = surgery.convert_norms(model, to)
+    assert new[1].weight.requires_grad and not new[1].bias.requires_grad
+    plain = nn.Sequential(nn.Linear(4, 4, dtype=torch.float64), nn.LayerNorm(4, elementwise_affine=False))
+    new, _ = surgery.convert_norms(plain, to)  # no tensors to say its dtype: the model's
+    new(torch.randn(2, 4, dtype=torch.float64))

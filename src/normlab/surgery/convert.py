@@ -22,6 +22,7 @@ from .modules import (
     describe_norm,
     eval_max_abs_diff,
     evaluating,
+    is_normalization_layer,
     module_factory_kwargs,
     normalization_layers,
     replace_everywhere,
@@ -188,7 +189,7 @@ def _dropped_options(path: str, source: nn.Module, target: nn.Module) -> list[st
 
 
 def _inputs_seen(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
-    """Each channel norm layer's (first) input on one eval forward of ``example_input``, as
+    """Each normalization layer's (first) input on one eval forward of ``example_input``, as
     an empty tensor of its rank, dtype and device."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -203,7 +204,7 @@ def _inputs_seen(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
     handles = [
         m.register_forward_pre_hook(record(path), with_kwargs=True)
         for path, m in model.named_modules()
-        if describe_norm(m) is not None
+        if is_normalization_layer(m)
     ]
     try:
         with evaluating(model):

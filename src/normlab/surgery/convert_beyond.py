@@ -19,9 +19,20 @@ import torch
 from torch import nn
 
 from .. import nn as nln
-from .convert import BEYOND_TARGETS, _activation_of, _inputs_seen, auto_groups, convert_norms
-from .modules import class_label, copy_model, describe_norm, module_factory_kwargs, replace_module
+from .convert import BEYOND_TARGETS, _activation_of, _factory, _inputs_seen, auto_groups, convert_norms
+from .modules import (
+    ORIGINAL,
+    SYNC_FROM,
+    adopt,
+    class_label,
+    copy_model,
+    describe_norm,
+    is_normalization_layer,
+    module_factory_kwargs,
+    replace_everywhere,
+)
 from .report import SurgeryReport, SurgeryResult
+from .tracing import extra_arguments, takes_mask
 
 __all__ = ["BEYOND_TARGETS", "convert_beyond", "convert_convs_to_std"]
 
@@ -43,7 +54,7 @@ def _row_norm_source(
     return None
 
 
-def _squash_from(kind: str, module: nn.Module, alpha_init_value: float):
+def _squash_from(kind: str, module: nn.Module, alpha_init_value: float, factory: dict):
     source = _row_norm_source(module)
     if source is None:
         return None
@@ -53,7 +64,7 @@ def _squash_from(kind: str, module: nn.Module, alpha_init_value: float):
         channels_last,
         alpha_init_value,
         elementwise_affine=weight is not None,
-        **module_factory_kwargs(module),
+        **factory,
     )
     with torch.no_grad():
         if weight is not None:
@@ -121,19 +132,24 @@ def convert_beyond(
         raise ValueError(f"groups must be a positive int or 'auto', got {groups!r}")
     new = copy_model(model)
     report = SurgeryReport(f"convert_norms(to={to!r})")
-    seen = _inputs_seen(new, example_input) if example_input is not None and to not in _SQUASH else {}
+    seen = _inputs_seen(new, example_input) if example_input is not None else {}
+    masked = extra_arguments(new, is_normalization_layer, example_input)
     for path, module in list(new.named_modules()):
         if to in _SQUASH:
-            target = _squash_from(to, module, alpha_init_value)
+            target = _squash_from(to, module, alpha_init_value, _factory(module, seen.get(path), new))
             if target is None:
-                if nln.is_norm_layer(module) and not isinstance(module, tuple(_SQUASH.values())):
+                if isinstance(module, _SQUASH[to]):
+                    report.skip(path, f"already a {to} layer")
+                elif is_normalization_layer(module):
                     report.skip(path, f"{class_label(module)} is not a LayerNorm or RMSNorm: {to} replaces those")
                 continue
             detail = {"alpha_init_value": alpha_init_value, "affine": "copied" if target.weight is not None else "none"}
         else:
             info = describe_norm(module)
             if info is None:
-                if nln.is_norm_layer(module) and not _already(module, to):
+                if _already(module, to):
+                    report.skip(path, f"already a {to} layer")
+                elif is_normalization_layer(module):
                     report.skip(
                         path, f"{class_label(module)} is not a channel norm (BatchNorm, GroupNorm, InstanceNorm)"
                     )
@@ -154,7 +170,8 @@ def convert_beyond(
             if to == "evonorm_s0" and groups != "auto" and info.channels % groups:
                 report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
                 continue
-            target, note = _channel_target(to, info, module, groups, max_groups, module_factory_kwargs(module))
+            factory = _factory(module, seen.get(path), new)
+            target, note = _channel_target(to, info, module, groups, max_groups, factory)
             detail = {"affine": "copied" if info.weight is not None else "fresh"}
             if to == "evonorm_b0":
                 detail["statistics"] = "running_var copied" if info.running_var is not None else "fresh"
@@ -162,8 +179,17 @@ def convert_beyond(
                 detail["groups"] = target.groups
             if note:
                 detail["activation"] = note
-        target.train(module.training)
-        new = replace_module(new, path, target)
+        if masked is None and takes_mask(module) and not takes_mask(target):
+            report.notes.append(
+                f"torch.fx cannot trace this model, so whether {path} is called with mask= (which "
+                f"{class_label(target)} does not take) was not checked: pass example_input"
+            )
+        elif masked and path in masked and not takes_mask(target):
+            report.skip(path, f"it is called with {masked[path]}: {class_label(target)} takes no mask")
+            continue
+        # γ, β (and an activation's parameters) stay the very tensors: requires_grad and ties kept
+        target = adopt(target, module, drop=(ORIGINAL, SYNC_FROM))
+        new = replace_everywhere(new, module, target)
         report.changed(path, "replaced", class_label(module), class_label(target), **detail)
     report.check = f"not compared: {to} computes something else than the layers it replaces"
     return SurgeryResult(new, report)
@@ -197,7 +223,7 @@ def convert_convs_to_std(model: nn.Module, eps: float = 1e-6) -> SurgeryResult:
         target.padding_mode = module.padding_mode
         target._reversed_padding_repeated_twice = copy.copy(module._reversed_padding_repeated_twice)
         target.load_state_dict(module.state_dict(), strict=True)
-        target.train(module.training)
-        new = replace_module(new, path, target)
+        target = adopt(target, module)  # the very weight and bias: requires_grad and ties kept
+        new = replace_everywhere(new, module, target)
         report.changed(path, "replaced", class_label(module), class_label(target), weights="standardized")
     return SurgeryResult(new, report)

@@ -17,7 +17,6 @@ from .modules import (
     copy_model,
     is_normalization_layer,
     module_factory_kwargs,
-    normalization_layers,
     replace_everywhere,
     unrecognized_norm_note,
 )
@@ -158,11 +157,12 @@ def _no_twin_reason(module: nn.Module) -> str:
 
 
 def _swap(model: nn.Module, operation: str, twin_fn) -> SurgeryResult:
-    """Replace each normalization layer by ``twin_fn(path, layer)``: a module, a reason
-    (skipped) or None (not a layer this swap is about)."""
+    """Replace each module by ``twin_fn(path, module)``: a module, a reason (skipped: a
+    normalization layer with no twin) or None (not a module this swap is about). Besides the
+    normalization layers, the standardized convolutions have twins."""
     new = copy_model(model)
     report = SurgeryReport(operation)
-    for path, module in normalization_layers(new):
+    for path, module in list(new.named_modules()):
         outcome = twin_fn(path, module)
         if isinstance(outcome, str):
             report.skip(path, outcome)
@@ -221,7 +221,7 @@ def _torch_incompatible(module: nn.Module) -> str | None:
 
 
 def _torch_twin(module: nn.Module) -> nn.Module | str | None:
-    if _origin(module) != "normlab":
+    if _origin(module) != "normlab" or not is_normalization_layer(module):
         return None
     cls = _TORCH_OF.get(type(module))
     if cls is not None:
