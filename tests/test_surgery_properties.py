@@ -563,8 +563,12 @@ def check_transform(name: str, spec: ModelSpec) -> None:
         assert_close_steps(ours, theirs, name)
     elif name == "unfreeze_norms":
         reference = copy.deepcopy(model)
-        for path in changed:
-            reference.get_submodule(path).unfreeze()
+        for path in changed:  # requires_grad restored only where a freeze with affine set it
+            layer = reference.get_submodule(path)
+            if layer.frozen_affine:
+                layer.unfreeze()
+            else:
+                layer.frozen = False
         for path in changed:
             layer = new.get_submodule(path)
             assert not getattr(layer, "frozen", False)

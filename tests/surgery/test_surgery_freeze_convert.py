@@ -548,3 +548,10 @@ def test_beyond_squash_targets_keep_requires_grad_and_the_dtype(to):
     plain = nn.Sequential(nn.Linear(4, 4, dtype=torch.float64), nn.LayerNorm(4, elementwise_affine=False))
     new, _ = surgery.convert_norms(plain, to)  # no tensors to say its dtype: the model's
     new(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_a_freeze_of_statistics_alone_never_touches_requires_grad():
+    frozen = surgery.freeze_norms(nn.Sequential(nl.nn.BatchNorm2d(4)), affine=False).model
+    frozen[0].weight.requires_grad_(False)  # decided after the freeze
+    assert not surgery.unfreeze_norms(frozen).model[0].weight.requires_grad
+    assert not surgery.convert_norms(frozen, "group").model[0].weight.requires_grad

@@ -26,6 +26,7 @@ from .modules import (
     module_factory_kwargs,
     normalization_layers,
     replace_everywhere,
+    thaw,
     unrecognized_norm_note,
 )
 from .report import SurgeryReport, SurgeryResult
@@ -334,7 +335,7 @@ def convert_norms(
         adopt(target, module, drop=(ORIGINAL, SYNC_FROM))
         report.notes += _dropped_options(path, module, target)
         if target.__dict__.get("frozen") and not target.frozen_affine and getattr(target, "running_mean", None) is None:
-            target.unfreeze()  # a freeze of statistics the new layer does not have: nothing left frozen
+            thaw(target)  # a freeze of statistics the new layer does not have: nothing left frozen
         if after:  # no fused form of this kind (or of this activation): they follow as modules
             target = nn.Sequential(target, *after)
             target.training = module.training

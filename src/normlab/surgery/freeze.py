@@ -17,6 +17,7 @@ from .modules import (
     rebuild,
     replace_everywhere,
     shared_parameters,
+    thaw,
     unrecognized_norm_note,
 )
 from .report import SurgeryReport, SurgeryResult
@@ -138,7 +139,8 @@ def settle(module: nn.Module) -> nn.Module:
 
 def unfreeze_norms(model: nn.Module) -> SurgeryResult:
     """Undo :func:`freeze_norms`: clear the flag, restore each γ/β's ``requires_grad`` as it
-    was before the freeze, and give back the original class of layers that freezing swapped
+    was before a freeze with affine (a freeze of statistics alone leaves it as it is now), and
+    give back the original class of layers that freezing swapped
     (torch.nn's, timm's). Layers frozen by construction (FrozenBatchNorm) are skipped:
     ``convert_norms(model, "batch")`` makes trainable BatchNorms of them.
 
@@ -158,7 +160,7 @@ def unfreeze_norms(model: nn.Module) -> SurgeryResult:
             continue
         if not getattr(module, "frozen", False):
             continue
-        module.unfreeze()
+        thaw(module)
         after = settle(module)
         if after is not module:
             new = replace_everywhere(new, module, after)

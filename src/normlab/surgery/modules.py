@@ -18,6 +18,7 @@ from .. import nn as nln
 __all__ = [
     "NormInfo",
     "adopt",
+    "thaw",
     "call_model",
     "class_label",
     "copy_model",
@@ -269,6 +270,17 @@ SYNC_FROM = "_normlab_sync_from"
 _MARKERS = (ORIGINAL, SYNC_FROM)
 _FREEZE_STATE = ("frozen", "frozen_affine", "_requires_grad_before_freeze")
 _NORMLAB_OPTIONS = ("unbiased_running_var", "on_nonfinite")
+
+
+def thaw(layer: nn.Module) -> None:
+    """Unfreeze ``layer``, restoring γ/β's ``requires_grad`` only where the freeze set it (a
+    freeze with affine): a freeze of statistics alone never touched it, and whatever it is now
+    — set since, or through a tied parameter — stays."""
+    if layer.frozen_affine:
+        layer.unfreeze()
+    else:
+        for name in _FREEZE_STATE:
+            layer.__dict__.pop(name, None)  # back to the class defaults: not frozen
 
 
 def layer_template(module: nn.Module) -> nn.Module:
