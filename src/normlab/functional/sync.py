@@ -246,8 +246,8 @@ def synchronized_batch_norm(
         shift = merged.mean.to(cdtype)
         offset = (merged.mean - shift.double()).to(cdtype)  # what rounding the mean lost
         rstd = torch.rsqrt(var + eps).to(cdtype)
-    if all_empty:
-        return batch_norm(input, None, None, weight, bias, True, momentum, eps)
+    if all_empty:  # no running estimates passed, so the momentum is never used
+        return batch_norm(input, None, None, weight, bias, True, 0.1, eps)
     stats = NormStats(shift.view(view), offset.view(view), rstd.view(view))
     across = AcrossProcesses(_all_reduce_sums(process_group), total)
     weight, bias = channel_view(weight, input.dim()), channel_view(bias, input.dim())
