@@ -16,16 +16,16 @@ from .modules import (
     SYNC_FROM,
     NormInfo,
     adopt,
-    call_model,
     class_label,
+    compared,
     copy_model,
     describe_norm,
     eval_max_abs_diff,
-    evaluating,
     is_normalization_layer,
     module_factory_kwargs,
     normalization_layers,
     replace_everywhere,
+    run_copy,
     thaw,
     unrecognized_norm_note,
 )
@@ -202,17 +202,12 @@ def _inputs_seen(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
 
         return hook
 
-    handles = [
-        m.register_forward_pre_hook(record(path), with_kwargs=True)
-        for path, m in model.named_modules()
-        if is_normalization_layer(m)
-    ]
-    try:
-        with evaluating(model):
-            call_model(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    def watch(scratch):
+        for path, m in scratch.named_modules():
+            if is_normalization_layer(m):
+                m.register_forward_pre_hook(record(path), with_kwargs=True)
+
+    run_copy(model, example_input, watch)
     return seen
 
 
@@ -366,5 +361,5 @@ def convert_norms(
     else:
         # In eval mode a BatchNorm with copied statistics is the same affine map as before.
         report.max_abs_diff = eval_max_abs_diff(model, new, example_input)
-        report.check = "eval-mode outputs compared on example_input"
+        report.check = f"eval-mode {compared(report.max_abs_diff)}"
     return SurgeryResult(new, report)

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .fold_ws import standardizes_weight
 from .modules import (
     class_label,
+    compared,
     copy_model,
     describe_norm,
     eval_max_abs_diff,
@@ -120,8 +122,10 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
     ``example_input`` when fx cannot trace). A pair is folded only when the producer
     (Conv1d/2d/3d — grouped and depthwise too — ConvTranspose1d/2d/3d, or Linear) feeds
     nothing but the BatchNorm, holds no parameter another module holds too (tied weights:
-    scaling them would change that module), the BatchNorm is called on its input alone (a
-    masked BatchNorm is not an affine map), and both run once per forward; BatchNorm means
+    scaling them would change that module) and no parametrized weight (weight_norm: the
+    fold could not be written into it), the BatchNorm is called on its input alone (a
+    masked BatchNorm is not an affine map), neither has hooks (they would not see what they
+    saw), and both run once per forward; BatchNorm means
     normlab's or torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm, BatchRenorm and FrozenBatchNorm.
     Every other BatchNorm stays and is listed once in ``report.skipped`` with the reason. A
     fused norm + activation layer leaves its activation behind.
@@ -153,7 +157,12 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
     unverified_linear = []
     for producer_path, bn_path in search.pairs:
         producer, bn = modules[producer_path], modules[bn_path]
-        reason = _foldable_reason(bn) or _shared_reason(producer_path, producer, shared)
+        reason = (
+            _foldable_reason(bn)
+            or _computed_reason(producer_path, producer)
+            or _shared_reason(producer_path, producer, shared)
+            or _hooks_reason(producer_path, producer, bn_path, bn)
+        )
         if reason is not None:
             report.skip(bn_path, reason)
             continue
@@ -195,10 +204,47 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
         )
     if example_input is not None:
         report.max_abs_diff = eval_max_abs_diff(model, folded, example_input)
-        report.check = f"{report.check}; outputs compared on example_input"
+        report.check = f"{report.check}; {compared(report.max_abs_diff)}"
     else:
         report.check = f"{report.check}; no example_input, outputs not compared"
     return SurgeryResult(folded, report)
+
+
+def _computed_reason(path: str, producer: nn.Module) -> str | None:
+    """A parametrized weight (weight_norm, spectral_norm, any parametrize) is recomputed from
+    its originals on every access: scaling the computed tensor would change nothing."""
+    for name in ("weight", "bias"):
+        if parametrize.is_parametrized(producer, name):
+            return (
+                f"the {name} of {path} is computed by a parametrization "
+                f"({', '.join(type(p).__name__ for p in producer.parametrizations[name])}): "
+                "a fold cannot be written into it"
+            )
+    return None
+
+
+def _hooks_reason(producer_path: str, producer: nn.Module, bn_path: str, bn: nn.Module) -> str | None:
+    """A hook on the BatchNorm would vanish with it; a hook on the producer would see (or
+    change, or rewrite the weight of) the folded layer."""
+    for path, module, registries in (
+        (bn_path, bn, _HOOKS),
+        (producer_path, producer, _HOOKS),
+    ):
+        kinds = sorted({kind for registry, kind in registries.items() if getattr(module, registry, None)})
+        if kinds:
+            return (
+                f"{path} has {' and '.join(kinds)} hooks: a fold removes {bn_path} and changes what "
+                f"{producer_path} computes, so they would no longer see what they saw"
+            )
+    return None
+
+
+_HOOKS = {
+    "_forward_pre_hooks": "forward pre",
+    "_forward_hooks": "forward",
+    "_backward_pre_hooks": "backward pre",
+    "_backward_hooks": "backward",
+}
 
 
 def _shared_reason(path: str, producer: nn.Module, shared: dict[int, list[str]]) -> str | None:

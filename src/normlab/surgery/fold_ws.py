@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import nn as nln
 from ..functional.weight_standardization import weight_standardization
-from .modules import class_label, copy_model, eval_max_abs_diff, module_factory_kwargs, replace_module
+from .modules import class_label, compared, copy_model, eval_max_abs_diff, module_factory_kwargs, replace_module
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["fold_weight_standardization", "standardizes_weight"]
@@ -78,7 +78,7 @@ def fold_weight_standardization(model: nn.Module, example_input=None) -> Surgery
         report.changed(path, "folded", class_label(module), class_label(conv), eps=module.eps)
     if example_input is not None:
         report.max_abs_diff = eval_max_abs_diff(model, folded, example_input)
-        report.check = "standardized in float64; outputs compared on example_input"
+        report.check = f"standardized in float64; {compared(report.max_abs_diff)}"
     else:
         report.check = "standardized in float64; no example_input, outputs not compared"
     return SurgeryResult(folded, report)

@@ -21,6 +21,7 @@ __all__ = [
     "thaw",
     "call_model",
     "class_label",
+    "compared",
     "copy_model",
     "describe_norm",
     "eval_max_abs_diff",
@@ -34,6 +35,7 @@ __all__ = [
     "rebuild",
     "replace_module",
     "replace_everywhere",
+    "run_copy",
     "shared_parameters",
     "unrecognized_norm_note",
 ]
@@ -53,7 +55,14 @@ def copy_model(model: nn.Module) -> nn.Module:
     """A deep copy: surgery never modifies the model it was given."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    return copy.deepcopy(model)
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as err:  # torch's refusal to copy a non-leaf tensor held as an attribute
+        raise ValueError(
+            f"{type(model).__name__} cannot be copied, and surgery never modifies the model it is given: "
+            f"{str(err).strip().splitlines()[0]} (torch.nn.utils.weight_norm leaves such a tensor: use "
+            "torch.nn.utils.parametrizations.weight_norm, or remove_weight_norm first)"
+        ) from err
 
 
 def call_model(model: nn.Module, example_input):
@@ -84,13 +93,32 @@ def evaluating(model: nn.Module):
             m.training = training
 
 
-def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input) -> float:
-    """Max |a(x) − b(x)| over all output tensors, both in eval mode, neither modified."""
-    outputs = []
-    for model in (a, b):
-        with evaluating(model):
-            outputs.append(output_tensors(call_model(model, example_input)))
+def run_copy(model: nn.Module, example_input, hooks=None):
+    """``model``'s eval output on ``example_input``, computed by a copy: a forward run to look
+    at a model must not move whatever state its modules keep across calls (a quantization
+    observer updates in eval too). ``hooks(copy)`` may register hooks on the copy first (its
+    module paths are the model's)."""
+    scratch = copy.deepcopy(model)
+    if hooks is not None:
+        hooks(scratch)
+    with evaluating(scratch):
+        return call_model(scratch, example_input)
+
+
+def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input) -> float | None:
+    """Max |a(x) − b(x)| over all output tensors, both in eval mode, neither modified; None
+    where the outputs hold no values (the meta device)."""
+    outputs = [output_tensors(run_copy(model, example_input)) for model in (a, b)]
+    if any(t.is_meta for t in outputs[0] + outputs[1]):
+        return None
     return max(((x.double() - y.double()).abs().max().item() for x, y in zip(*outputs)), default=0.0)
+
+
+def compared(max_abs_diff: float | None) -> str:
+    """What a report's check says of an output comparison on example_input."""
+    if max_abs_diff is None:
+        return "outputs not compared: the model is on the meta device (no values)"
+    return "outputs compared on example_input"
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -302,13 +330,51 @@ def rebuild(template: nn.Module, current: nn.Module, *, drop: tuple[str, ...] = 
     return adopt(restored, current, drop=drop)
 
 
+# A module's hook registries. The dicts themselves are handed over, so that a handle taken on the
+# replaced layer (of the same copy) still removes its hook; a registry the new class fills itself
+# keeps its own entries too.
+_HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _hand_over_hooks(new: nn.Module, old: nn.Module) -> None:
+    """The hooks registered on ``old`` run on ``new``: a user's probe, or a hook that changes
+    the output, is part of what the model computes."""
+    for name in _HOOK_REGISTRIES:
+        theirs, mine = old.__dict__.get(name), new.__dict__.get(name)
+        if not theirs or mine is None:
+            continue
+        if mine:
+            mine.update(theirs)
+        else:
+            new.__dict__[name] = theirs
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    if old._forward_hooks or old._forward_pre_hooks:
+        # a hook may use modules attached to the layer (quantization's observer): they go along
+        for name, child in old._modules.items():
+            if name not in new._modules and not hasattr(new, name):
+                new.add_module(name, child)
+
+
 def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> nn.Module:
     """Give a freshly built ``new`` layer everything of ``old`` that a swap must keep, and return it.
 
     - The parameter and buffer *objects* wherever name and shape agree (values are
       loaded first where the two state_dicts have the same keys): ``requires_grad``, tied
       parameters and the values all stay as they were.
-    - Each submodule's ``training`` flag.
+    - Each submodule's ``training`` flag and hooks (forward, backward, state-dict).
     - The frozen state (flag, affine flag, the ``requires_grad`` to restore) and normlab's
       options (``unbiased_running_var``, ``on_nonfinite``) where both layers have them
       (``options=False``: not the options).
@@ -322,6 +388,7 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
         if target is None:
             continue
         target.training = old_module.training
+        _hand_over_hooks(target, old_module)
         for kind in ("_parameters", "_buffers"):
             slots, old_slots = getattr(target, kind), getattr(old_module, kind)
             for name, tensor in old_slots.items():

@@ -165,31 +165,32 @@ def precise_bn(
     if not targets:
         report.notes.append("no BatchNorm layer with running statistics: nothing to do")
         return SurgeryResult(new, report)
+    on_meta = [path for path, m in targets.items() if m.running_mean.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"precise_bn computes statistics from data, and the running statistics of {', '.join(on_meta)} "
+            "are on the meta device (no values): load the weights first"
+        )
 
     acc = {path: _Accumulator() for path in targets}
     saved = {path: {k: v.clone() for k, v in m.state_dict().items()} for path, m in targets.items()}
-    training_flags = {name: m.training for name, m in new.named_modules()}
-    handles = [m.register_forward_pre_hook(_recorder(path, acc[path]), with_kwargs=True) for path, m in targets.items()]
+    # The pass runs on a copy: what it moves (the layers' momentum updates, but also whatever
+    # state other modules keep across forwards, as quantization observers) is not the result.
+    scratch = copy_model(new).eval()
+    for path, m in scratch.named_modules():
+        if path in targets:
+            m.train()
+            m.register_forward_pre_hook(_recorder(path, acc[path]), with_kwargs=True)
     used = 0
     ran: dict[str, int] = dict.fromkeys(targets, 0)  # batches in which each layer ran
-    try:
-        new.eval()
-        for m in targets.values():
-            m.train()
-        with torch.no_grad():
-            for batch in itertools.islice(batches, num_batches):  # never draws one more
-                calls = {path: a.calls for path, a in acc.items()}
-                forward_fn(new, batch)
-                used += 1
-                for path, a in acc.items():
-                    ran[path] += a.calls > calls[path]
-    finally:
-        for h in handles:
-            h.remove()
-        for name, m in new.named_modules():
-            m.training = training_flags[name]
-        for path, module in targets.items():
-            module.load_state_dict(saved[path])  # undo what the pass's momentum updates did
+    with torch.no_grad():
+        for batch in itertools.islice(batches, num_batches):  # never draws one more
+            calls = {path: a.calls for path, a in acc.items()}
+            forward_fn(scratch, batch)
+            used += 1
+            for path, a in acc.items():
+                ran[path] += a.calls > calls[path]
+    del scratch
     if used == 0:
         raise ValueError("precise_bn got no batches: the loader is empty")
     for path, module in targets.items():

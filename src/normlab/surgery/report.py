@@ -66,7 +66,15 @@ class SurgeryReport:
         else:
             lines.append(f"  check: {self.check}")
         lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """``text`` with every unprintable character escaped: module names may hold a newline (which
+    would forge a line of the report) or a terminal escape sequence."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 class SurgeryResult(NamedTuple):

@@ -18,6 +18,7 @@ sees. Each consumer that does not qualify is listed once, with the first reason 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .. import nn as nln
-from .modules import call_model, evaluating, output_tensors
+from .modules import call_model, evaluating, output_tensors, run_copy
 
 __all__ = ["PairSearch", "extra_arguments", "find_pairs", "takes_mask"]
 
@@ -82,6 +83,9 @@ def find_pairs(
     """Pairs (producer path, consumer path) where the consumer's only input is the
     producer's output and nothing else uses it. Consumers that do not qualify are
     listed in ``skipped`` with the reason."""
+    # fx runs the Python of every module it traces through, so an in-place update of a buffer
+    # (a step counter) would happen for real: tracing, like any forward, works on a copy
+    model = copy.deepcopy(model)
     try:
         search = _find_with_fx(model, is_producer, is_consumer)
     except Exception as err:  # fx raises many kinds of errors on untraceable code
@@ -108,6 +112,7 @@ def extra_arguments(model: nn.Module, is_target: Predicate, example_input=None) 
     """For the target modules that are called with something besides their input, path → what
     ("mask="). Found with ``torch.fx`` (no input needed), or
     by one forward on ``example_input`` where fx cannot trace; None where neither works."""
+    model = copy.deepcopy(model)  # fx runs the modules' Python: see find_pairs
     try:
         graph = _LeafTracer(is_target, lambda m: False).trace(model)
     except Exception:  # fx raises many kinds of errors on untraceable code
@@ -140,14 +145,12 @@ def _extra_arguments_by_hooks(model, is_target, example_input) -> dict[str, str]
 
         return hook
 
-    handles = [
-        m.register_forward_pre_hook(record(path), with_kwargs=True) for path, m in model.named_modules() if is_target(m)
-    ]
-    try:
-        _run(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
+    def watch(scratch):
+        for path, m in scratch.named_modules():
+            if is_target(m):
+                m.register_forward_pre_hook(record(path), with_kwargs=True)
+
+    run_copy(model, example_input, watch)
     return found
 
 
@@ -215,26 +218,19 @@ def _describe_node(node) -> str:
 
 def _producer_output_ranks(model, is_producer, example_input) -> dict[str, int]:
     ranks: dict[str, int] = {}
-    handles = []
-    for path, m in model.named_modules():
-        if is_producer(m):
 
-            def hook(mod, args, out, path=path):
-                if isinstance(out, torch.Tensor):
-                    ranks[path] = out.dim()
+    def watch(scratch):
+        for path, m in scratch.named_modules():
+            if is_producer(m):
 
-            handles.append(m.register_forward_hook(hook))
-    try:
-        _run(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
+                def hook(mod, args, out, path=path):
+                    if isinstance(out, torch.Tensor):
+                        ranks[path] = out.dim()
+
+                m.register_forward_hook(hook)
+
+    run_copy(model, example_input, watch)
     return ranks
-
-
-def _run(model, example_input):
-    with evaluating(model):
-        return call_model(model, example_input)
 
 
 class _UseRecorder(TorchFunctionMode):
@@ -294,8 +290,8 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
 
         handles += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post)]
     try:
-        with recorder:
-            output = _run(model, example_input)
+        with recorder, evaluating(model):
+            output = call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
