@@ -225,3 +225,40 @@ def test_hostile_module_names_are_printed_escaped():
     assert all(c.isprintable() for line in text.splitlines() for c in line), text
     assert len(text.splitlines()) == 1 + len(report.changes) + len(report.skipped) + 1 + len(report.notes)
     assert report.changes[0].path == "\x1b[2J\x1b[31mred"  # the data itself is not altered
+
+
+# --- layers of the norms beyond the classic five ---------------------------------------------
+
+EVERY_TRANSFORM = {
+    "fold_batchnorm": lambda m: surgery.fold_batchnorm(m),
+    "freeze_norms": lambda m: surgery.freeze_norms(m),
+    "unfreeze_norms": lambda m: surgery.unfreeze_norms(surgery.freeze_norms(m).model),
+    "from_torch": lambda m: surgery.from_torch(m),
+    "to_torch": lambda m: surgery.to_torch(m),
+    "convert_sync_batchnorm": lambda m: surgery.convert_sync_batchnorm(m),
+    "precise_bn": lambda m: surgery.precise_bn(m, [torch.randn(4, 8)], num_batches=1),
+    "convert_norms(batch)": lambda m: surgery.convert_norms(m, "batch"),
+    "convert_norms(dyt)": lambda m: surgery.convert_norms(m, "dyt"),
+}
+
+
+@pytest.mark.parametrize("transform", EVERY_TRANSFORM.values(), ids=EVERY_TRANSFORM.keys())
+def test_rms_norm_with_the_default_eps(transform):
+    """RMSNorm's default eps is None (the dtype's epsilon, as torch.nn's): every transform raised
+    a TypeError from float(None) on a model holding one, a Llama-style block included."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.RMSNorm(8), nl.nn.RMSNorm(8), nn.BatchNorm1d(8)).eval()
+    new, report = transform(model)
+    assert report.changes or report.skipped, report
+    assert _eval(new, torch.randn(4, 8)).shape == (4, 8)
+
+
+def test_freezing_statistics_alone_covers_a_running_variance_without_a_mean():
+    """EvoNorm-B0 keeps a running variance and no running mean: freeze_norms(affine=False)
+    skipped it as having "no running statistics to freeze", and its variance kept moving in
+    training."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nl.nn.EvoNormB0(4))
+    new, report = surgery.freeze_norms(model, affine=False)
+    assert [c.path for c in report.changes] == ["1"] and not report.skipped, report
+    before = new[1].running_var.clone()
+    new.train()(X)
+    torch.testing.assert_close(new[1].running_var, before, rtol=0, atol=0)

@@ -31,7 +31,9 @@ def _frozen_by_construction(module: nn.Module) -> bool:
 
 
 def _what_to_freeze(module: nn.Module, affine: bool) -> list[str]:
-    parts = ["statistics"] if getattr(module, "running_mean", None) is not None else []
+    # EvoNorm-B0 keeps a running variance and no running mean
+    has_statistics = any(getattr(module, name, None) is not None for name in ("running_mean", "running_var"))
+    parts = ["statistics"] if has_statistics else []
     if affine and any(True for _ in module.parameters(recurse=False)):
         parts.append("affine")
     return parts

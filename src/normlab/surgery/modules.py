@@ -199,7 +199,7 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
     )
     common = dict(
         spatial_rank=_spatial_rank_from_name(module),
-        eps=float(getattr(module, "eps", 1e-5)),
+        eps=float(getattr(module, "eps", None) or 0.0),  # RMSNorm's eps may be None; a channel norm's never is
         weight=getattr(module, "weight", None),
         bias=getattr(module, "bias", None),
         running_mean=getattr(module, "running_mean", None),
