@@ -301,3 +301,35 @@ def test_an_unknown_option_after_an_operation_shows_that_operation_s_usage(tmp_p
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "usage: normlab surgery freeze" in err and "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda v: v.to("meta"), "on the meta device"),
+        (lambda v: v.to_sparse() if v.dim() > 1 else v, "sparse"),
+        (lambda v: v.to(torch.complex64) if v.is_floating_point() else v, "complex64"),
+        (lambda v: v.long() if v.is_floating_point() else v, "int64"),
+    ],
+    ids=["meta", "sparse", "complex", "integer"],
+)
+def test_weights_the_model_cannot_take_are_one_line_and_exit_2(tmp_path, weights, capsys, tamper, message):
+    """Tensors of the right names and shapes that the model's cannot hold: meta and sparse ones
+    raised a RuntimeError traceback (exit 1); complex ones lost their imaginary part with only
+    torch's warning, integer ones were cast into the float weights: both wrote a checkpoint."""
+    path, _ = weights
+    state = torch.load(path, weights_only=True)
+    bad = tmp_path / "bad.pt"
+    torch.save({k: tamper(v) for k, v in state.items()}, bad)
+    out = tmp_path / "out.pt"
+    assert _run("freeze", "--model", FACTORY, "--weights", bad, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_weights_that_are_not_a_regular_file(tmp_path, capsys):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        _fails(tmp_path, capsys, "freeze", "--model", FACTORY, "--weights", path, message="is not a regular file")

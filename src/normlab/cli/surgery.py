@@ -78,12 +78,27 @@ def _why_not_loaded(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
+def _cannot_hold(tensor: torch.Tensor, slot: torch.Tensor) -> str | None:
+    """Why ``slot`` cannot take ``tensor``'s values, or None. load_state_dict would raise on a
+    meta or sparse tensor, and cast silently what it should not: a complex tensor into a real
+    one (the imaginary part dropped), an integer one into floating weights."""
+    if tensor.is_meta:
+        return "is on the meta device (no values)"
+    if tensor.layout != torch.strided:
+        return f"is {str(tensor.layout).removeprefix('torch.')}, not dense"
+    if tensor.is_complex() != slot.is_complex() or (slot.is_floating_point() and not tensor.is_floating_point()):
+        return f"is {str(tensor.dtype).removeprefix('torch.')} where the model holds {str(slot.dtype).removeprefix('torch.')}"
+    return None
+
+
 def load_weights(model: nn.Module, path: str | None) -> None:
     if path is None:
         return
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise CommandError(f"--weights {path!r}: no such file")
+    if not file.is_file():  # a folder, a pipe or a device: reading it could block or never end
+        raise CommandError(f"--weights {path!r} is not a regular file")
     if file.stat().st_size == 0:
         raise CommandError(f"--weights {path!r} is empty (0 bytes): not a checkpoint")
     try:
@@ -102,8 +117,14 @@ def load_weights(model: nn.Module, path: str | None) -> None:
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
+    wrong_kind = [f"{k} {why}" for k, v in expected.items() if k in state for why in [_cannot_hold(state[k], v)] if why]
     problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong_shape),
+        ("that the model cannot hold", wrong_kind),
+    ):
         if keys:
             shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
             problems.append(f"{len(keys)} {label} ({shown})")
