@@ -116,7 +116,8 @@ def precise_bn(
     only; the variance is stored in the layer's own convention (unbiased unless it was built
     with ``unbiased_running_var=False``). During the pass only the BatchNorm layers run in
     training mode, so each normalizes with its batch statistics as in training; Dropout and
-    everything else run in eval mode. At most ``num_batches`` batches are drawn from
+    everything else run in eval mode. The pass runs on a copy of the model: nothing but the
+    recomputed statistics differs in the result (a quantization observer does not move). At most ``num_batches`` batches are drawn from
     ``batches``; a shorter loader is used whole. ``forward_fn(model, batch)`` adapts any
     batch format (default: a tensor, or the first element of a tuple). When
     ``torch.distributed`` is initialized the statistics of all processes are merged, so
