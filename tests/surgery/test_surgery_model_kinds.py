@@ -262,3 +262,13 @@ def test_freezing_statistics_alone_covers_a_running_variance_without_a_mean():
     before = new[1].running_var.clone()
     new.train()(X)
     torch.testing.assert_close(new[1].running_var, before, rtol=0, atol=0)
+
+
+def test_a_model_that_cannot_be_copied_is_refused_with_the_reason():
+    """The deprecated torch.nn.utils.weight_norm leaves a non-leaf tensor as an attribute, which
+    deepcopy refuses; surgery copies every model it is given, so it says why and what to use."""
+    model = _cnn()
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(model[0])
+    with pytest.raises(ValueError, match="parametrizations.weight_norm"):
+        surgery.freeze_norms(model)
