@@ -272,3 +272,19 @@ def test_a_model_that_cannot_be_copied_is_refused_with_the_reason():
         torch.nn.utils.weight_norm(model[0])
     with pytest.raises(ValueError, match="parametrizations.weight_norm"):
         surgery.freeze_norms(model)
+
+
+def test_folding_weight_standardization_keeps_hooks_and_both_names():
+    """fold_weight_standardization built a fresh nn.Conv2d at one path: a hook on the
+    standardized convolution was dropped (the output changed) and a layer registered under two
+    names was replaced under one."""
+    torch.manual_seed(0)
+    conv = nl.nn.StdConv2d(3, 4, 3, padding=1)
+    conv.register_forward_hook(lambda module, args, out: out * 3)
+    model = nn.Sequential(conv, nn.ReLU(), conv.__class__(4, 4, 1))
+    new, report = surgery.fold_weight_standardization(model, example_input=X)
+    assert report.max_abs_diff < 1e-5, report
+    torch.testing.assert_close(_eval(new), _eval(model), rtol=1e-5, atol=1e-5)
+    twice = nn.ModuleDict({"a": conv, "b": conv})
+    new, report = surgery.fold_weight_standardization(twice)
+    assert new["a"] is new["b"] and type(new["a"]) is nn.Conv2d, report

@@ -15,7 +15,15 @@ from torch import nn
 
 from .. import nn as nln
 from ..functional.weight_standardization import weight_standardization
-from .modules import class_label, compared, copy_model, eval_max_abs_diff, module_factory_kwargs, replace_module
+from .modules import (
+    class_label,
+    compared,
+    copy_model,
+    eval_max_abs_diff,
+    hand_over_hooks,
+    module_factory_kwargs,
+    replace_everywhere,
+)
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["fold_weight_standardization", "standardizes_weight"]
@@ -74,7 +82,8 @@ def fold_weight_standardization(model: nn.Module, example_input=None) -> Surgery
         if module.bias is not None:
             conv.bias.requires_grad_(module.bias.requires_grad)
         conv.eval()
-        replace_module(folded, path, conv)
+        hand_over_hooks(conv, module)  # a hook on the layer runs on its successor
+        folded = replace_everywhere(folded, module, conv)  # a layer registered twice: under both names
         report.changed(path, "folded", class_label(module), class_label(conv), eps=module.eps)
     if example_input is not None:
         report.max_abs_diff = eval_max_abs_diff(model, folded, example_input)

@@ -26,6 +26,7 @@ __all__ = [
     "describe_norm",
     "eval_max_abs_diff",
     "evaluating",
+    "hand_over_hooks",
     "is_normalization_layer",
     "layer_template",
     "module_factory_kwargs",
@@ -348,7 +349,7 @@ _HOOK_REGISTRIES = (
 )
 
 
-def _hand_over_hooks(new: nn.Module, old: nn.Module) -> None:
+def hand_over_hooks(new: nn.Module, old: nn.Module) -> None:
     """The hooks registered on ``old`` run on ``new``: a user's probe, or a hook that changes
     the output, is part of what the model computes."""
     for name in _HOOK_REGISTRIES:
@@ -388,7 +389,7 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
         if target is None:
             continue
         target.training = old_module.training
-        _hand_over_hooks(target, old_module)
+        hand_over_hooks(target, old_module)
         for kind in ("_parameters", "_buffers"):
             slots, old_slots = getattr(target, kind), getattr(old_module, kind)
             for name, tensor in old_slots.items():
