@@ -69,6 +69,7 @@ class NormSpec:
     frozen: str | None  # None, "statistics" (affine=False) or "all"
     no_grad: tuple[str, ...]  # parameters with requires_grad=False
     masked: bool
+    hooked: bool = False  # a forward hook that rescales the output: it must run wherever the layer goes
 
 
 @dataclass
@@ -112,6 +113,7 @@ def norm_specs(draw):
         frozen=frozen,
         no_grad=draw(st.sampled_from([(), (), ("weight",), ("bias",), ("weight", "bias")])),
         masked=KINDS[kind] and draw(st.booleans()),
+        hooked=draw(st.sampled_from([False, False, False, True])),
     )
 
 
@@ -251,11 +253,17 @@ def build(spec: ModelSpec) -> Net:
                 p.requires_grad_(False)
         if s.frozen and not getattr(block.norm, "frozen", False):
             block.norm.freeze(affine=s.frozen == "all")
+        if s.hooked and not block.norm._forward_hooks:
+            block.norm.register_forward_hook(_rescale)
     net = Net(blocks).train(spec.training)
     for b, block in zip(spec.blocks, blocks):
         if b.norm_eval:
             block.norm.eval()
     return net
+
+
+def _rescale(module, args, output):
+    return output * 1.5 - 0.25
 
 
 def inputs(seed: int, n: int = N):
@@ -298,6 +306,7 @@ def snapshot(model: nn.Module) -> list:
             getattr(m, "frozen", None),
             getattr(m, "frozen_affine", None),
             dict(getattr(m, "_requires_grad_before_freeze", {}) or {}),
+            list(m._forward_hooks.values()),
         )
         markers = sorted(k for k in m.__dict__ if k.startswith("_normlab_"))
         rows.append((path, type(m), flags, markers, repr(m) if not list(m.children()) else "", tensors))
@@ -535,7 +544,12 @@ def check_transform(name: str, spec: ModelSpec) -> None:
         keys = param_keys(model) & param_keys(new)
         assert tie_groups(new, keys) == tie_groups(model, keys), f"{name}: tied parameters changed"
 
-    # 4. what the transform promises of what it changed
+    # 4. what the transform promises of what it changed: a replaced layer keeps its hooks
+    if name != "fold_batchnorm":
+        for path in changed:
+            layer = new.get_submodule(path)
+            layer = layer[0] if isinstance(layer, nn.Sequential) else layer
+            assert list(layer._forward_hooks.values()) == list(modules[path]._forward_hooks.values()), path
     if name in SWAPS:
         # the same computation: a training step and eval agree, requires_grad as before
         for p_key in param_keys(model) & param_keys(new):
