@@ -51,8 +51,10 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
     ``track_running_stats=False``) can only have their affine frozen.
 
     Layers of other classes are swapped for their normlab twins (the same parameter and
-    buffer tensors): torch.nn's norms, ``torch.nn.SyncBatchNorm``, timm's ``BatchNormAct2d``,
-    ``LayerNorm`` and ``LayerNorm2d``; :func:`unfreeze_norms` gives the original class back.
+    buffer tensors): torch.nn's norms, ``torch.nn.SyncBatchNorm`` and every timm layer
+    :func:`~normlab.surgery.from_torch` converts (``BatchNormAct2d``, ``LayerNorm``,
+    ``LayerNorm2d``, ``GroupNorm1``, FRN, EvoNorm, ...); :func:`unfreeze_norms` gives the
+    original class back.
     Every normalization layer that is not frozen by this call is in ``report.skipped`` with
     the reason (already frozen, nothing to freeze, no normlab twin).
 
