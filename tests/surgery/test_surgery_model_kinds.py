@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, parametrize
 import normlab as nl
 from normlab import surgery
 
-X = torch.randn(3, 3, 5, 5)
+X = torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(0))
 
 
 def _cnn(lib=nn) -> nn.Sequential:
@@ -283,8 +283,9 @@ def test_folding_weight_standardization_keeps_hooks_and_both_names():
     conv.register_forward_hook(lambda module, args, out: out * 3)
     model = nn.Sequential(conv, nn.ReLU(), conv.__class__(4, 4, 1))
     new, report = surgery.fold_weight_standardization(model, example_input=X)
-    assert report.max_abs_diff < 1e-5, report
-    torch.testing.assert_close(_eval(new), _eval(model), rtol=1e-5, atol=1e-5)
+    scale = _eval(model).abs().max().item()  # float32 outputs of order 10 (the hook triples them)
+    assert report.max_abs_diff < 1e-6 * scale, report
+    torch.testing.assert_close(_eval(new), _eval(model), rtol=1e-5, atol=1e-6 * scale)
     twice = nn.ModuleDict({"a": conv, "b": conv})
     new, report = surgery.fold_weight_standardization(twice)
     assert new["a"] is new["b"] and type(new["a"]) is nn.Conv2d, report
