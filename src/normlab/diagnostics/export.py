@@ -1,12 +1,23 @@
-"""Writing a Probe's records: strict JSON, spreadsheet-safe CSV, and which process writes
-under torch.distributed."""
+"""Writing a Probe's records: strict JSON, spreadsheet-safe CSV, TensorBoard, and which
+process writes under torch.distributed."""
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
-__all__ = ["csv_text", "json_safe", "output_path", "rank_and_world"]
+import torch
+
+__all__ = [
+    "csv_text",
+    "json_safe",
+    "output_path",
+    "rank_and_world",
+    "tensorboard_writer",
+    "write_csv",
+    "write_tensorboard",
+]
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -51,3 +62,64 @@ def output_path(path: str | Path, rank_files: bool) -> Path | None:
     if rank_files:
         return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
     return path if rank == 0 else None
+
+
+def write_csv(probe, path: Path) -> Path:
+    """``probe``'s records as one CSV row per (layer, recorded step), scalars only."""
+    rows = [
+        {
+            "layer": name,
+            "type": type(probe.layers[name]).__name__,
+            **{k: v for k, v in r.items() if not isinstance(v, list)},
+        }
+        for name in probe.order
+        for r in probe.records(name)
+    ]
+    columns = ["layer", "type"] + sorted({k for row in rows for k in row} - {"layer", "type"})
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: csv_text(v) for k, v in row.items()} for row in rows)
+    return path
+
+
+def tensorboard_writer(log_dir: str | Path | None, rank_files: bool):
+    """A SummaryWriter for this process: on rank 0 only (None elsewhere) or, with
+    ``rank_files``, per rank in ``log_dir/rank<r>``."""
+    rank, world = rank_and_world()
+    if world > 1:
+        if not rank_files and rank != 0:
+            return None
+        if rank_files:
+            log_dir = Path(log_dir or "runs") / f"rank{rank}"
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("to_tensorboard needs the tensorboard package: pip install tensorboard") from err
+    return SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
+
+
+def write_tensorboard(probe, writer) -> None:
+    """``probe``'s scalars and histograms to ``writer`` (``add_scalar``/``add_histogram_raw``)."""
+    for name in probe.order:
+        lo, hi = probe._range(name)
+        edges = torch.linspace(lo, hi, probe.bins + 1)
+        for r in probe.records(name):
+            for key, value in r.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(f"{name}/{key}", value, r["step"])
+            if "hist" in r:
+                counts = torch.tensor(r["hist"]) * r.get("numel", 1)
+                writer.add_histogram_raw(
+                    f"{name}/activation",
+                    min=lo,
+                    max=hi,
+                    num=float(counts.sum()),
+                    sum=0.0,
+                    sum_squares=0.0,
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=r["step"],
+                )
+    if hasattr(writer, "flush"):
+        writer.flush()
