@@ -25,6 +25,13 @@ def _out_checked(run):
     return checked
 
 
+def _write_result(args: argparse.Namespace, benchmark: str, **payload) -> None:
+    """--out, where given: the benchmark's name, the machine, then its own fields."""
+    if args.out:
+        atomic_write_json(Path(args.out), {"benchmark": benchmark, "machine": machine_info(), **payload})
+        print(f"wrote {args.out}")
+
+
 def run_fold(args: argparse.Namespace) -> int:
     from ..bench.fold import FoldBenchConfig, format_fold_table, run_fold_benchmark
 
@@ -37,9 +44,7 @@ def run_fold(args: argparse.Namespace) -> int:
         f"(median of {config.repeats}, interleaved, {config.threads} threads)"
     )
     print(format_fold_table(rows))
-    if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "fold", "machine": machine_info(), "rows": rows})
-        print(f"wrote {args.out}")
+    _write_result(args, "fold", rows=rows)
     return 0
 
 
@@ -54,9 +59,7 @@ def run_probe(args: argparse.Namespace) -> int:
         f"interleaved, process CPU time"
     )
     print(format_probe_table(rows))
-    if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "probe", "machine": machine_info(), "rows": rows})
-        print(f"wrote {args.out}")
+    _write_result(args, "probe", rows=rows)
     return 0
 
 
@@ -70,9 +73,7 @@ def run_sync(args: argparse.Namespace) -> int:
         f"per process, one thread each, median of {config.repeats} interleaved blocks of {config.steps_per_sample} steps"
     )
     print(format_sync_table(result))
-    if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "sync", "machine": machine_info(), **result})
-        print(f"wrote {args.out}")
+    _write_result(args, "sync", **result)
     return 0
 
 
@@ -126,20 +127,7 @@ def run_layers(args: argparse.Namespace) -> int:
         f"no less accurate than torch.nn against float64: {goals['no_less_accurate_than_torch']}/{goals['rows']} "
         f"(worst error: normlab {goals['max_err_ours']:.1e}, torch.nn {goals['max_err_torch']:.1e})"
     )
-    if args.out:
-        atomic_write_json(
-            Path(args.out),
-            {
-                "benchmark": "layers",
-                "machine": machine_info(),
-                "device": device,
-                "malloc_tuned": tuned,
-                "backend": paths.status(),
-                "summary": goals,
-                "rows": rows,
-            },
-        )
-        print(f"wrote {args.out}")
+    _write_result(args, "layers", device=device, malloc_tuned=tuned, backend=paths.status(), summary=goals, rows=rows)
     return 0
 
 
@@ -230,21 +218,16 @@ def run_models(args: argparse.Namespace) -> int:
         f"the two models agree after the same two steps (within {result['tolerance']:.0e} relative): "
         f"{result['agree']}/{result['rows']}"
     )
-    if args.out:
-        atomic_write_json(
-            Path(args.out),
-            {
-                "benchmark": "models",
-                "machine": machine_info(),
-                "device": device,
-                "malloc_tuned": tuned,
-                "backend": paths.status(),
-                "config": asdict(config),
-                "summary": result,
-                "rows": rows,
-            },
-        )
-        print(f"wrote {args.out}")
+    _write_result(
+        args,
+        "models",
+        device=device,
+        malloc_tuned=tuned,
+        backend=paths.status(),
+        config=asdict(config),
+        summary=result,
+        rows=rows,
+    )
     if result["disagreeing"]:
         print(
             "normlab bench models: the two models disagree in " + "; ".join(result["disagreeing"]),
@@ -265,11 +248,7 @@ def run_memory(args: argparse.Namespace) -> int:
         "saved = bytes autograd keeps for backward (activations over 64 KiB)"
     )
     print(format_memory_table(rows))
-    if args.out:
-        atomic_write_json(
-            Path(args.out), {"benchmark": "memory", "machine": machine_info(), "config": asdict(config), "rows": rows}
-        )
-        print(f"wrote {args.out}")
+    _write_result(args, "memory", config=asdict(config), rows=rows)
     return 0
 
 
@@ -294,9 +273,7 @@ def run_traffic(args: argparse.Namespace) -> int:
         progress=(lambda r: print(f"  {r['call']}", flush=True)) if args.verbose else None,
     )
     print(format_traffic_table(rows))
-    if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": "traffic", "machine": machine_info(), "rows": rows})
-        print(f"wrote {args.out}")
+    _write_result(args, "traffic", rows=rows)
     return 0
 
 
@@ -314,11 +291,7 @@ def run_triton(args: argparse.Namespace) -> int:
     card = card_name(device) if device.startswith("cuda") else "Triton's interpreter (CPU; times mean nothing)"
     rows = time_triton_rows(device, repeats=args.repeats, small=args.small)
     print(format_triton_rows(rows, card))
-    if args.out:
-        atomic_write_json(
-            Path(args.out), {"benchmark": "triton", "machine": machine_info(), "card": card, "rows": rows}
-        )
-        print(f"wrote {args.out}")
+    _write_result(args, "triton", card=card, rows=rows)
     return 0 if all(r["max_rel_diff"] < 1e-4 for r in rows) else 1
 
 
