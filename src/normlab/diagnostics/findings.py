@@ -5,22 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from torch import nn
-
 from .. import nn as nln
+from .layers import WEIGHT_LAYERS
 from .summaries import ACTIVATIONS
 
 __all__ = ["Finding", "diagnose"]
-
-_WEIGHT_LAYERS = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
 
 
 @dataclass
@@ -81,7 +70,7 @@ def diagnose(
     found: list[Finding] = []
     layers = probe.layers
     order = probe.layer_names
-    weight_layers = [n for n in order if isinstance(layers[n], _WEIGHT_LAYERS)]
+    weight_layers = [n for n in order if isinstance(layers[n], WEIGHT_LAYERS)]
     activation_layers = [n for n in order if isinstance(layers[n], ACTIVATIONS)]
 
     nonfinite = [

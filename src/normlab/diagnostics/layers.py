@@ -14,8 +14,8 @@ from .summaries import ACTIVATIONS, DeadRule, dead_unit_rule
 
 __all__ = ["DEFAULT_LAYER_TYPES", "LayerSpec", "select_layers", "unit_dims"]
 
-#: What a Probe watches when not told otherwise: layers that transform activations.
-DEFAULT_LAYER_TYPES: tuple[type, ...] = (
+#: The layers with a weight that transforms activations (linear and convolutional).
+WEIGHT_LAYERS: tuple[type, ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
@@ -23,8 +23,10 @@ DEFAULT_LAYER_TYPES: tuple[type, ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
-    *ACTIVATIONS,
 )
+
+#: What a Probe watches when not told otherwise: layers that transform activations.
+DEFAULT_LAYER_TYPES: tuple[type, ...] = (*WEIGHT_LAYERS, *ACTIVATIONS)
 
 LayerSpec = Iterable[type] | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
