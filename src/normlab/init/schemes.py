@@ -73,6 +73,18 @@ def _fill_normal(tensor: torch.Tensor, std: float, generator: torch.Generator | 
         return tensor.normal_(0.0, std, generator=generator)
 
 
+def _xavier_std(
+    tensor: torch.Tensor, activation: str, negative_slope: float | None, gain: float | None, convention: str
+) -> float | None:
+    """gain·√(2/(fan_in + fan_out)), or None for a zero-element tensor (after every
+    argument is checked)."""
+    fan_in, fan_out = fans(tensor)
+    g = _gain(activation, negative_slope, gain, convention)
+    if _is_empty(tensor):
+        return None
+    return g * math.sqrt(2.0 / (fan_in + fan_out))
+
+
 def xavier_uniform_(
     tensor: torch.Tensor,
     activation: str = "tanh",
@@ -87,12 +99,8 @@ def xavier_uniform_(
     With the default ``activation="tanh"`` this is exactly the paper's bound; pass
     ``activation="sigmoid"`` for the 4× bound sigmoid needs (see :mod:`normlab.init.gains`).
     """
-    fan_in, fan_out = fans(tensor)
-    g = _gain(activation, negative_slope, gain, convention)
-    if _is_empty(tensor):
-        return tensor
-    std = g * math.sqrt(2.0 / (fan_in + fan_out))
-    return _fill_uniform(tensor, std, generator)
+    std = _xavier_std(tensor, activation, negative_slope, gain, convention)
+    return tensor if std is None else _fill_uniform(tensor, std, generator)
 
 
 def xavier_normal_(
@@ -105,12 +113,8 @@ def xavier_normal_(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out))."""
-    fan_in, fan_out = fans(tensor)
-    g = _gain(activation, negative_slope, gain, convention)
-    if _is_empty(tensor):
-        return tensor
-    std = g * math.sqrt(2.0 / (fan_in + fan_out))
-    return _fill_normal(tensor, std, generator)
+    std = _xavier_std(tensor, activation, negative_slope, gain, convention)
+    return tensor if std is None else _fill_normal(tensor, std, generator)
 
 
 def _check_mode(mode: str) -> None:
