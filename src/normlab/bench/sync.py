@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import tempfile
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ..experiments.distributed import _free_port
+from ..experiments.distributed import _free_port, init_local_group
 from ..experiments.models import ConvNet1d
 from ..surgery import convert_sync_batchnorm
 from .timing import interleaved_medians
@@ -58,13 +57,7 @@ class _CollectiveCounter:
 
 
 def _worker(rank, world, port, config, out):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+    init_local_group(rank, world, port, timeout_seconds=120)
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)

@@ -34,7 +34,14 @@ from .data import load_mnist1d
 from .models import ConvNet1d
 from .training import TrainConfig, evaluate, train_classifier
 
-__all__ = ["DistributedConfig", "main", "run_sync_comparison", "spawn_training", "train_distributed"]
+__all__ = [
+    "DistributedConfig",
+    "init_local_group",
+    "main",
+    "run_sync_comparison",
+    "spawn_training",
+    "train_distributed",
+]
 
 
 @dataclass(frozen=True)
@@ -114,14 +121,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank, world, port, config, out):
+def init_local_group(rank: int, world: int, port: int, timeout_seconds: float) -> None:
+    """Join a gloo process group of ``world`` processes on this machine (``port`` from
+    :func:`_free_port`), giving up after ``timeout_seconds`` instead of hanging on a peer
+    that died."""
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
-        timeout=datetime.timedelta(seconds=config.timeout_seconds),
+        timeout=datetime.timedelta(seconds=timeout_seconds),
     )
+
+
+def _spawned(rank, world, port, config, out):
+    init_local_group(rank, world, port, config.timeout_seconds)
     try:
         result = train_distributed(config)
         if rank == 0:
