@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,24 +62,23 @@ def parse_shape(text: str) -> tuple[int, ...]:
 # argparse types: a bad value is reported by argparse itself, as one usage line and exit 2.
 
 
-def positive_int(text: str) -> int:
+def _int_from(text: str, low: int, high: float, not_int: str, out_of_range: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {text!r}")
+        raise argparse.ArgumentTypeError(f"{not_int}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{out_of_range}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_from(text, 1, math.inf, "must be a positive integer", "must be a positive integer (1 or more)")
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {MAX_SEED}, got {text!r}")
-    return value
+    words = f"seeds are integers from 0 to {MAX_SEED}"
+    return _int_from(text, 0, MAX_SEED, words, words)
 
 
 class DistinctSeeds(argparse.Action):
