@@ -21,6 +21,7 @@ __all__ = [
     "check_floating_input",
     "check_momentum",
     "check_param",
+    "check_param_kind",
     "check_positive_int",
     "normalize_shape_arg",
 ]
@@ -134,16 +135,23 @@ def check_param(
             f"{name} has shape {tuple(param.shape)} but {what} needs shape "
             f"{tuple(expected_shape)} (input shape {tuple(x.shape)})"
         )
+    check_param_kind(param, name, x)
+
+
+def check_param_kind(param: torch.Tensor, name: str, x: torch.Tensor, prefix: str = "") -> None:
+    """Floating point, on the input's device, and of the input's dtype (float32 parameters
+    are accepted with float16/bfloat16 inputs, as everywhere in normlab); ``prefix`` starts
+    each message (a functional's name)."""
     if not param.is_floating_point():
-        raise InputTypeError(f"{name} must be floating point, got {param.dtype}")
+        raise InputTypeError(f"{prefix}{name} must be floating point, got {param.dtype}")
     if param.device != x.device:
         raise InputError(
-            f"{name} is on {param.device} but the input is on {x.device}; move the "
+            f"{prefix}{name} is on {param.device} but the input is on {x.device}; move the "
             f"module or the input so they share a device"
         )
     mixed_precision = x.dtype in LOW_PRECISION_DTYPES and param.dtype == torch.float32
     if param.dtype != x.dtype and not mixed_precision:
         raise InputTypeError(
-            f"{name} has dtype {param.dtype} but the input has dtype {x.dtype}; they must "
+            f"{prefix}{name} has dtype {param.dtype} but the input has dtype {x.dtype}; they must "
             f"match (float16/bfloat16 inputs may also use float32 parameters)"
         )

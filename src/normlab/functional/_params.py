@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import LOW_PRECISION_DTYPES, compute_dtype
-from ..core.checks import InputError, InputTypeError
+from ..core import compute_dtype
+from ..core.checks import InputError, InputTypeError, check_param_kind
 
 __all__ = ["affine_view", "check_kind", "scalar_param"]
 
@@ -14,19 +14,7 @@ __all__ = ["affine_view", "check_kind", "scalar_param"]
 def check_kind(param: torch.Tensor, name: str, input: torch.Tensor, fn: str) -> None:
     """Floating point, on the input's device, and of the input's dtype (float32 parameters are
     accepted with float16/bfloat16 inputs, as everywhere in normlab)."""
-    if not param.is_floating_point():
-        raise InputTypeError(f"{fn}: {name} must be floating point, got {param.dtype}")
-    if param.device != input.device:
-        raise InputError(
-            f"{fn}: {name} is on {param.device} but the input is on {input.device}; move the module "
-            f"or the input so they share a device"
-        )
-    mixed = input.dtype in LOW_PRECISION_DTYPES and param.dtype == torch.float32
-    if param.dtype != input.dtype and not mixed:
-        raise InputTypeError(
-            f"{fn}: {name} has dtype {param.dtype} but the input has dtype {input.dtype}; they must match "
-            f"(float16/bfloat16 inputs may also use float32 parameters)"
-        )
+    check_param_kind(param, name, input, prefix=f"{fn}: ")
 
 
 def scalar_param(value, name: str, input: torch.Tensor, fn: str) -> torch.Tensor:
