@@ -24,6 +24,7 @@ __all__ = [
     "_NormBase",
     "check_channel_input",
     "check_norm_args",
+    "init_channel_params",
     "reset_affine",
     "traced_call",
 ]
@@ -164,6 +165,22 @@ class PerSampleNorm(CheckedSettings, FreezableNorm):
     def reset_parameters(self) -> None:
         """γ = 1 and β = 0."""
         reset_affine(self)
+
+
+def init_channel_params(
+    module: nn.Module, num_features: object, eps: object, extra: str, with_extra: bool, device, dtype
+) -> None:
+    """The per-channel layers beyond the classic five (EvoNorm, FRN): ``module`` set up as
+    an nn.Module, ``num_features`` and ``eps`` checked, γ and β of shape (C,) and a third
+    per-channel parameter named ``extra`` (EvoNorm's v, FRN's τ; None without it), left for
+    the layer's ``reset_parameters`` to fill."""
+    nn.Module.__init__(module)
+    module.num_features = check_positive_int(num_features, "num_features")
+    module.eps = check_eps(eps)
+    factory = {"device": device, "dtype": dtype}
+    module.weight = nn.Parameter(torch.empty(module.num_features, **factory))
+    module.bias = nn.Parameter(torch.empty(module.num_features, **factory))
+    setattr(module, extra, nn.Parameter(torch.empty(module.num_features, **factory)) if with_extra else None)
 
 
 def reset_affine(module: nn.Module) -> None:

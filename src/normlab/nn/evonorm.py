@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import check_eps, check_momentum, check_nonfinite_policy, check_positive_int
+from ..core import check_momentum, check_nonfinite_policy, check_positive_int
 from ..core.checks import InputError
 from ..core.types import ActLayer, DeviceLike, DTypeLike
 from ..functional.evonorm import evonorm_batch, evonorm_sample
-from .base import FreezableNorm, check_channel_input, traced_call
+from .base import FreezableNorm, check_channel_input, init_channel_params, traced_call
 from .filter_response import make_act
 
 __all__ = [
@@ -32,15 +32,6 @@ __all__ = [
 
 class _EvoNorm(FreezableNorm, nn.Module):
     """γ = 1, β = 0 (and v = 1 where the layer has v), shape (C,); the 4D input check."""
-
-    def _init_affine(self, num_features: int, eps, with_v: bool, device, dtype) -> None:
-        nn.Module.__init__(self)
-        self.num_features = check_positive_int(num_features, "num_features")
-        self.eps = check_eps(eps)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        self.v = nn.Parameter(torch.empty(num_features, **factory)) if with_v else None
 
     def reset_parameters(self) -> None:
         """γ = 1, β = 0, v = 1."""
@@ -72,7 +63,7 @@ class _EvoNormBatch(_EvoNorm):
         on_nonfinite: str = "skip",
         **_,
     ) -> None:
-        self._init_affine(num_features, eps, self._has_v and apply_act, device, dtype)
+        init_channel_params(self, num_features, eps, "v", self._has_v and apply_act, device, dtype)
         self.apply_act = bool(apply_act)
         if momentum is None:
             raise InputError(
@@ -199,7 +190,7 @@ class _EvoNormSample(_EvoNorm):
         dtype=None,
         **_,
     ) -> None:
-        self._init_affine(num_features, eps, self._gate and apply_act, device, dtype)
+        init_channel_params(self, num_features, eps, "v", self._gate and apply_act, device, dtype)
         self.apply_act = bool(apply_act)
         self.groups = _groups(num_features, groups, group_size)
         if not self._gate:

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import check_eps, check_positive_int
+from ..core import check_positive_int
 from ..core.checks import InputError
 from ..functional.filter_response import filter_response_norm, tlu
-from .base import FreezableNorm, check_channel_input, traced_call
+from .base import FreezableNorm, check_channel_input, init_channel_params, traced_call
 
 __all__ = ["TLU", "FilterResponseNorm2d", "FilterResponseNormAct2d", "FilterResponseNormTlu2d"]
 
@@ -31,13 +31,7 @@ class _FilterResponseBase(FreezableNorm, nn.Module):
     """Parameters (γ = 1, β = 0 and, with a TLU, τ = 0), eps and the 4D input check."""
 
     def _init_frn(self, num_features, eps, tau: bool, device, dtype) -> None:
-        nn.Module.__init__(self)
-        self.num_features = check_positive_int(num_features, "num_features")
-        self.eps = check_eps(eps)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(num_features, **factory))
-        self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        self.tau = nn.Parameter(torch.empty(num_features, **factory)) if tau else None
+        init_channel_params(self, num_features, eps, "tau", tau, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
