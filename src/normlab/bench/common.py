@@ -3,13 +3,27 @@ check and clock, and the relative difference every correctness check reports."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["check_device", "device_clock", "max_rel_diff", "tune_malloc"]
+__all__ = ["check_device", "device_clock", "max_rel_diff", "threads_kept", "tune_malloc"]
+
+
+@contextlib.contextmanager
+def threads_kept(threads: int | None = None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op threads (unchanged when None) and give the
+    caller its own number back afterwards, whatever the block did."""
+    previous = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def tune_malloc() -> bool:

@@ -8,6 +8,7 @@ import torch
 
 from ..experiments.models import ResNet18
 from ..surgery import fold_batchnorm
+from .common import threads_kept
 from .timing import interleaved_medians
 
 __all__ = ["FoldBenchConfig", "format_fold_table", "run_fold_benchmark"]
@@ -38,10 +39,8 @@ def _trained_like(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def run_fold_benchmark(config: FoldBenchConfig = FoldBenchConfig()) -> list[dict]:
     """Median eval-inference time of a torch.nn ResNet-18-style CNN, unfolded vs folded."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
     rows = []
-    try:
+    with threads_kept(config.threads):
         for width in config.widths:
             torch.manual_seed(config.seed)
             model = _trained_like(ResNet18(width=width), config.seed)
@@ -68,8 +67,6 @@ def run_fold_benchmark(config: FoldBenchConfig = FoldBenchConfig()) -> list[dict
                         "skipped": len(report.skipped),
                     }
                 )
-    finally:
-        torch.set_num_threads(previous)
     return rows
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import nn as nln
-from .common import device_clock, tune_malloc
+from .common import device_clock, threads_kept, tune_malloc
 from .common import max_rel_diff as _max_rel_diff
 from .timing import interleaved_medians
 
@@ -281,9 +281,8 @@ def run_layer_benchmark(
     progress: Callable[[dict], None] | None = None,
     device: str | torch.device = "cpu",
 ) -> list[dict]:
-    previous = torch.get_num_threads()
     rows = []
-    try:
+    with threads_kept():
         for n in threads:
             for case in cases(quick):
                 reps = repeats or (7 if quick else 15)
@@ -291,8 +290,6 @@ def run_layer_benchmark(
                 rows.append(row)
                 if progress:
                     progress(row)
-    finally:
-        torch.set_num_threads(previous)
     return rows
 
 

@@ -36,7 +36,7 @@ from ..core import record_dispatch
 from ..surgery import from_torch
 from ..surgery.interop import TWINS, twin_of
 from ..surgery.modules import replace_module
-from .common import device_clock, max_rel_diff
+from .common import device_clock, max_rel_diff, threads_kept
 from .model_table import format_model_markdown, format_model_table
 from .model_zoo import NUM_CLASSES, MLPStyle, ResNetStyle, ViTStyle
 from .timing import interleaved_medians
@@ -441,9 +441,8 @@ def run_model_benchmark(
     config: ModelBenchConfig = ModelBenchConfig(), progress: Callable[[dict], None] | None = None
 ) -> list[dict]:
     """Every (model, mode, eager/compiled, threads) row of ``config``."""
-    previous = torch.get_num_threads()
     rows = []
-    try:
+    with threads_kept():
         for n in config.threads:
             for compiled in config.compiled:
                 if compiled and config.compile_last_threads_only and n != config.threads[-1]:
@@ -456,8 +455,6 @@ def run_model_benchmark(
                         rows.append(row)
                         if progress:
                             progress(row)
-    finally:
-        torch.set_num_threads(previous)
     return rows
 
 

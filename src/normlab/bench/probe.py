@@ -12,6 +12,7 @@ from torch import nn
 
 from ..diagnostics import Probe
 from ..experiments.models import ConvNet1d
+from .common import threads_kept
 from .timing import interleaved_medians
 
 __all__ = ["ProbeBenchConfig", "format_probe_table", "run_probe_benchmark"]
@@ -31,9 +32,7 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
     """Median time per training step of ConvNet1d (3 conv + BN + ReLU, MNIST-1D shaped
     input) without a probe and with one at each interval, interleaved round-robin; then,
     per interval, the time to read every record back (sorting, histograms) per record."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with threads_kept(config.threads):
         torch.manual_seed(config.seed)
         base = ConvNet1d("batch")
         x = torch.randn(config.batch_size, 1, 40)
@@ -65,8 +64,6 @@ def run_probe_benchmark(config: ProbeBenchConfig = ProbeBenchConfig()) -> list[d
             start = time.process_time()
             count = sum(len(probe.records(layer)) for layer in probe.layer_names)
             reads[name] = ((time.process_time() - start) / count, count)
-    finally:
-        torch.set_num_threads(previous)
     base_time = times["no probe"] / config.steps_per_sample
     return [
         {
