@@ -9,17 +9,18 @@ Workers are spawned, not forked: a fork of a process whose OpenMP pool has run c
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 
 import torch
 
-__all__ = ["default_jobs", "parallel_map", "progress", "worker_pool"]
+__all__ = ["default_jobs", "grid", "parallel_map", "progress", "worker_pool"]
 
 _pool: list[ProcessPoolExecutor | None] = [None]
 
@@ -139,6 +140,14 @@ def progress(total: int, desc: str):
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
+
+
+def grid(fixed: dict, **axes: Iterable) -> list[dict]:
+    """A study's tasks: ``fixed`` with every combination of ``axes``, the first axis
+    varying slowest (the order of nested for-loops written in that order, which is the
+    order the runs are started and listed in)."""
+    names = list(axes)
+    return [{**fixed, **dict(zip(names, values))} for values in itertools.product(*axes.values())]
 
 
 def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "runs") -> list[dict]:

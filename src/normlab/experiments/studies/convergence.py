@@ -21,7 +21,7 @@ import torch
 from ..data import load_mnist1d
 from ..models import MLP
 from ..output import finite_or_none, pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 from ..training import StepConfig, evaluate, train_steps
 
@@ -106,7 +106,7 @@ def _steps_to(history: list[dict], level: float) -> int | None:
 
 
 def measure(config: Config, out_dir: Path) -> dict:
-    tasks = [{"config": config, "norm": n, "seed": s} for s in config.seeds for n in ("batch", "none")]
+    tasks = grid({"config": config}, seed=config.seeds, norm=("batch", "none"))
     return {"runs": parallel_map(one_run, tasks, desc=NAME)}
 
 

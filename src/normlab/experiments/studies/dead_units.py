@@ -26,7 +26,7 @@ import torch
 from ..data import load_mnist1d
 from ..models import MLP
 from ..output import pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 from ..training import StepConfig, train_steps
 
@@ -91,13 +91,7 @@ def one_run(config: Config, activation: str, norm: str, lr: float, seed: int) ->
 
 
 def measure(config: Config, out_dir: Path) -> dict:
-    tasks = [
-        {"config": config, "activation": a, "norm": n, "lr": lr, "seed": s}
-        for s in config.seeds
-        for lr in config.lrs
-        for a in config.activations
-        for n in config.norms
-    ]
+    tasks = grid({"config": config}, seed=config.seeds, lr=config.lrs, activation=config.activations, norm=config.norms)
     rows = parallel_map(one_run, tasks, desc=NAME)
     return {"runs": rows}
 

@@ -23,7 +23,7 @@ import torch
 from ..data import load_mnist1d
 from ..models import ConvNet1d
 from ..output import pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 from ..training import TrainConfig, train_classifier
 
@@ -65,12 +65,7 @@ def one_run(config: Config, norm: str, multiplier: float, seed: int) -> dict:
 
 
 def measure(config: Config, out_dir: Path) -> dict:
-    tasks = [
-        {"config": config, "norm": n, "multiplier": m, "seed": s}
-        for s in config.seeds
-        for m in config.multipliers
-        for n in NORMS
-    ]
+    tasks = grid({"config": config}, seed=config.seeds, multiplier=config.multipliers, norm=NORMS)
     rows = parallel_map(one_run, tasks, desc=NAME)
     return {"runs": rows}
 

@@ -24,7 +24,7 @@ import torch
 
 from ..data import load_mnist1d, subset
 from ..output import heatmap, pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 from ..training import TrainConfig, evaluate, train_classifier
 from .dropout_nets import conv_net, mlp
@@ -142,14 +142,14 @@ def _heatmaps(config: Config, cells: dict, out_dir: Path) -> str:
 
 def measure(config: Config, out_dir: Path) -> dict:
     # CNN jobs are the long ones: first, so the workers finish together.
-    tasks = [
-        {"config": config, "model": m, "norm": n, "dropout": p, "weight_decay": wd, "seed": s}
-        for m in sorted(config.models)
-        for s in config.seeds
-        for n in ("batch", "none")
-        for p in config.dropouts
-        for wd in config.weight_decays
-    ]
+    tasks = grid(
+        {"config": config},
+        model=sorted(config.models),
+        seed=config.seeds,
+        norm=("batch", "none"),
+        dropout=config.dropouts,
+        weight_decay=config.weight_decays,
+    )
     rows = parallel_map(one_run, tasks, desc=NAME)
     return {"runs": rows}
 

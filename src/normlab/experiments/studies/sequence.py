@@ -43,7 +43,7 @@ from torch import nn
 from ... import nn as nln
 from ..data import load_mnist1d
 from ..output import pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 
 NAME = "sequence"
@@ -286,7 +286,7 @@ def measure(config: Config, out_dir: Path) -> dict:
     stats_rows = statistics_error(config.pad_shares, config.pad_value, config.patch)
     # bn-time and the masked runs are the slowest: first, so the pool ends together
     order = ("bn-time", "bn-masked", "ln", "bn-naive", "none")
-    tasks = [{"config": config, "norm": n, "seed": s} for n in order for s in config.seeds]
+    tasks = grid({"config": config}, norm=order, seed=config.seeds)
     rows = parallel_map(one_run, tasks, desc=NAME)
     return {"statistics_error": stats_rows, "runs": rows}
 

@@ -30,7 +30,7 @@ from ...surgery import freeze_norms, precise_bn
 from ..data import load_mnist1d
 from ..models import ConvNet1d
 from ..output import pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 from ..training import StepConfig, TrainConfig, epoch_batches, evaluate, train_classifier, train_steps
 
@@ -105,12 +105,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
 
 
 def measure(config: Config, out_dir: Path) -> dict:
-    tasks = [
-        {"config": config, "norm": n, "batch_size": b, "seed": s}
-        for b in sorted(config.batch_sizes)
-        for s in config.seeds
-        for n in ("batch", "group")
-    ]
+    tasks = grid({"config": config}, batch_size=sorted(config.batch_sizes), seed=config.seeds, norm=("batch", "group"))
     rows = parallel_map(one_run, tasks, desc=NAME)
     return {"runs": rows}
 

@@ -38,7 +38,7 @@ from ...diagnostics import Probe
 from ..data import load_mnist1d
 from ..models import MLP, ConvNet1d
 from ..output import heatmap, pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
 from ..training import evaluate, minibatch_losses
 
@@ -187,16 +187,10 @@ def product_pairs(cells: dict, lrs: list[float], wds: list[float]) -> dict | Non
 
 
 def measure(config: Config, out_dir: Path) -> dict:
-    tasks = [
-        {"config": config, "norm": n, "lr": lr, "weight_decay": wd, "seed": s}
-        for s in config.seeds
-        for n in config.norms
-        for lr in config.lrs
-        for wd in config.weight_decays
-    ]
-    deep_tasks = [
-        {"config": config, "weight_decay": wd, "seed": s} for s in config.seeds for wd in config.deep_weight_decays
-    ]
+    tasks = grid(
+        {"config": config}, seed=config.seeds, norm=config.norms, lr=config.lrs, weight_decay=config.weight_decays
+    )
+    deep_tasks = grid({"config": config}, seed=config.seeds, weight_decay=config.deep_weight_decays)
     rows = parallel_map(one_run, tasks, desc=NAME)
     deep = parallel_map(deep_run, deep_tasks, desc=f"{NAME} (deep MLP)")
     return {"runs": rows, "deep_runs": deep}
