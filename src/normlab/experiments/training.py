@@ -19,6 +19,7 @@ __all__ = [
     "TrainResult",
     "epoch_batches",
     "evaluate",
+    "intra_op_threads",
     "minibatch_losses",
     "train_classifier",
     "train_steps",
@@ -65,7 +66,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 @contextlib.contextmanager
-def _threads(count: int | None) -> Iterator[None]:
+def intra_op_threads(count: int | None) -> Iterator[None]:
     """torch's intra-op threads set to ``count`` (None or 0: left as they are) inside the block."""
     previous = torch.get_num_threads()
     if count:
@@ -87,7 +88,7 @@ def train_classifier(
 
     A non-finite loss stops training and marks the result as diverged.
     """
-    with _threads(config.threads):
+    with intra_op_threads(config.threads):
         return _train(model, data, config, on_epoch)
 
 
@@ -232,7 +233,7 @@ def train_steps(
     step and the mean training loss since the previous check. A non-finite loss stops
     training and marks the result as diverged. Deterministic for a given seed.
     """
-    with _threads(config.threads):
+    with intra_op_threads(config.threads):
         return _train_steps(model, data, config, on_check)
 
 
