@@ -14,12 +14,15 @@ __all__ = [
     "INIT_SCHEMES",
     "MLP",
     "NORM_KINDS",
+    "COLUMN_NORM_KINDS",
     "BasicBlock",
+    "ColumnConvNet",
     "ConvNet1d",
     "ResNet18",
     "init_linear_",
     "make_activation",
     "make_norm",
+    "make_norm_act",
 ]
 
 #: The kinds ``make_norm`` builds, named as ``surgery.convert_norms`` names its targets.
@@ -84,6 +87,73 @@ class ConvNet1d(nn.Sequential):
             channels = width
         layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, num_classes)]
         super().__init__(*layers)
+
+
+#: The norms normlab has for 2-D inputs only, which :class:`ColumnConvNet` runs in the 1-D CNN:
+#: FRN + TLU, EvoNorm-B0, EvoNorm-S0 and GroupNorm with standardized convolutions (named as
+#: ``surgery.convert_norms`` names them), and Switchable Norm.
+COLUMN_NORM_KINDS = ("frn", "evonorm_b0", "evonorm_s0", "group_ws", "switchable")
+
+
+def make_norm_act(kind: str, channels: int, *, groups: int = 8) -> list[nn.Module]:
+    """The layers that follow a convolution for norm ``kind`` on (N, C, H, W) inputs: the norm
+    and the nonlinearity after it.
+
+    As the papers pair them: FRN is followed by its TLU (``FilterResponseNormTlu2d``, which
+    replaces the ReLU), EvoNorm-B0 and -S0 hold their own nonlinearity (they replace BN + ReLU),
+    and every other norm — Switchable Norm, the GroupNorm of ``"group_ws"`` (whose convolutions
+    :class:`ColumnConvNet` standardizes) and :data:`NORM_KINDS` — is followed by a ReLU.
+    EvoNorm-S0 uses ``groups`` groups, as GroupNorm does.
+    """
+    if kind == "frn":
+        return [nln.FilterResponseNormTlu2d(channels)]
+    if kind == "evonorm_b0":
+        return [nln.EvoNormB0(channels)]
+    if kind == "evonorm_s0":
+        return [nln.EvoNormS0(channels, groups=min(groups, channels))]
+    if kind == "switchable":
+        norm = nln.SwitchableNorm2d(channels)
+    elif kind == "group_ws":
+        norm = nln.GroupNorm(min(groups, channels), channels)
+    elif kind in NORM_KINDS or kind in _ALIASES:
+        norm = make_norm(kind, channels, dims=2, groups=groups)
+    else:
+        raise ValueError(f"norm kind must be one of {NORM_KINDS + COLUMN_NORM_KINDS}, got {kind!r}")
+    return [norm, nn.ReLU(inplace=True)]
+
+
+class ColumnConvNet(nn.Sequential):
+    """:class:`ConvNet1d` computed with 2-D layers, for the norms normlab has only in 2-D.
+
+    The signal (N, C, L) is viewed as an image (N, C, L, 1) and each Conv1d(k=3, padding 1,
+    stride s) becomes a Conv2d with a (3, 1) kernel, padding (1, 0) and stride (s, 1) — the
+    same function, and from the same seed the same initial weights (the two weights have the
+    same fan-in and number of elements), so its rows stand beside ConvNet1d's. ``norm`` is any
+    of :data:`NORM_KINDS` or :data:`COLUMN_NORM_KINDS` (see :func:`make_norm_act`);
+    ``"group_ws"`` makes every convolution a :class:`normlab.nn.StdConv2d`.
+    """
+
+    def __init__(
+        self,
+        norm: str = "frn",
+        width: int = 32,
+        depth: int = 3,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        groups: int = 8,
+    ) -> None:
+        conv = nln.StdConv2d if norm == "group_ws" else nn.Conv2d
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(depth):
+            layers.append(conv(channels, width, (3, 1), stride=(2 if i else 1, 1), padding=(1, 0), bias=norm == "none"))
+            layers += make_norm_act(norm, width, groups=groups)
+            channels = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)]
+        super().__init__(*layers)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input.unsqueeze(-1))  # (N, C, L) → (N, C, L, 1)
 
 
 class BasicBlock(nn.Module):

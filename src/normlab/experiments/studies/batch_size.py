@@ -11,6 +11,12 @@ training with 2-sample statistics, not stale running averages.
 Wu & He (2018) report ResNet-50 on ImageNet, 8 GPUs; this is a 3-layer CNN on a 4000-sample
 1-D task, so only the shape of the result can be compared: BN degrades as the batch
 shrinks, GN does not.
+
+The norms beyond the classic five run in the same network written with 2-D layers
+(:class:`~normlab.experiments.models.ColumnConvNet`: the same function and initial weights):
+FRN + TLU (Singh & Krishnan, 2020), EvoNorm-B0 and EvoNorm-S0 (Liu et al., 2020; their own
+nonlinearity replaces BN + ReLU), GroupNorm with Weight Standardization (Qiao et al., 2019)
+and Switchable Norm (Luo et al., 2019), beside those papers' ImageNet results.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 from ... import nn as nln
 from ...surgery import precise_bn
 from ..data import load_mnist1d, subset
-from ..models import ConvNet1d
+from ..models import COLUMN_NORM_KINDS, ColumnConvNet, ConvNet1d
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
@@ -40,6 +46,11 @@ LABELS = {
     "batch_renorm": "BatchRenorm",
     "none": "no norm",
     "precise": "BatchNorm + precise BN",
+    "frn": "FRN + TLU",
+    "evonorm_b0": "EvoNorm-B0",
+    "evonorm_s0": "EvoNorm-S0",
+    "group_ws": "GroupNorm(8) + WS",
+    "switchable": "Switchable Norm",
 }
 
 #: Wu & He (2018), ResNet-50 ImageNet top-1 validation error (%) by images per GPU.
@@ -52,10 +63,14 @@ GN_PAPER = {
     "renorm_at_4": 26.3,
 }
 
+#: Luo et al. (2019), Switchable Normalization, ResNet-50 ImageNet top-1 accuracy (%) with
+#: 8 GPUs × 32 and 8 × 2 images per GPU.
+SN_PAPER = {"batch_sizes": [32, 2], "batch": [76.4, 65.3], "group": [75.9, 75.9], "switchable": [76.9, 75.6]}
+
 
 @dataclass(frozen=True)
 class Config:
-    norms: tuple[str, ...] = ("batch", "group", "layer", "instance", "batch_renorm", "none")
+    norms: tuple[str, ...] = ("batch", "group", "layer", "instance", "batch_renorm", "none") + COLUMN_NORM_KINDS
     batch_sizes: tuple[int, ...] = (32, 16, 8, 4, 2)
     epochs: int = 10
     base_lr: float = 0.1  # at batch 32, scaled linearly
@@ -72,7 +87,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
         r_max=3.0, d_max=5.0, warmup_steps=per_epoch, ramp_steps=per_epoch * max(1, (config.epochs - 1) // 2)
     )
     torch.manual_seed(seed)
-    model = ConvNet1d(norm, renorm_schedule=schedule)
+    model = ColumnConvNet(norm) if norm in COLUMN_NORM_KINDS else ConvNet1d(norm, renorm_schedule=schedule)
     train = TrainConfig(batch_size=batch_size, epochs=config.epochs, base_lr=config.base_lr, seed=seed)
     result = train_classifier(model, data, train)
     row = {
@@ -133,6 +148,7 @@ def summarise(config: Config, result: StudyResult) -> None:
     }
     _tables(config, series, result)
     _findings(config, series, result)
+    _beyond_findings(config, series, result)
 
 
 def _tables(config: Config, series: dict, result: StudyResult) -> None:
@@ -158,6 +174,14 @@ def _tables(config: Config, series: dict, result: StudyResult) -> None:
         ],
         note="BN and GN rows at 16–4 are from secondary summaries of the paper's Figure 1.",
     )
+    if any(k in config.norms for k in COLUMN_NORM_KINDS):
+        result.table(
+            "Published: ResNet-50 ImageNet top-1 accuracy % (Luo et al., 2019, Switchable Normalization)",
+            ["normalization"] + [f"{b} images per GPU" for b in SN_PAPER["batch_sizes"]],
+            [[LABELS[k]] + SN_PAPER[k] for k in ("batch", "group", "switchable")],
+            note="8 GPUs. FRN, EvoNorm and Weight Standardization report their small-batch results in other "
+            "settings; their claims are in the comparison below.",
+        )
 
 
 def _findings(config: Config, series: dict, result: StudyResult) -> None:
@@ -244,28 +268,136 @@ def _findings(config: Config, series: dict, result: StudyResult) -> None:
         )
 
 
+#: A difference of test error (points) smaller than this is read as a tie: seed-to-seed noise
+#: on 1000 test samples is about ±0.5–1 point (more where the seeds' own spread says so).
+NOISE = 0.5
+
+
+def _beyond_findings(config: Config, series: dict, result: StudyResult) -> None:
+    """The rows of the norms beyond the classic five against their papers' claims."""
+    beyond = [k for k in COLUMN_NORM_KINDS if k in series]
+    if not beyond or "batch" not in series:
+        return
+    big, small = max(config.batch_sizes), min(config.batch_sizes)
+    i_big, i_small = config.batch_sizes.index(big), config.batch_sizes.index(small)
+
+    def err(key, i):
+        return series[key][i][0] if key in series else math.nan
+
+    def margin(*cells):
+        """The tie threshold for comparing these (key, index) cells: NOISE, or the largest sd."""
+        return max([NOISE] + [series[k][i][1] for k, i in cells if k in series and math.isfinite(series[k][i][1])])
+
+    def ends(key):
+        return f"{err(key, i_big):.1f} → {err(key, i_small):.1f}"
+
+    result.summary.append(
+        f"Test error at batch {big} → {small}: BatchNorm {ends('batch')}"
+        + (f", GroupNorm {ends('group')}" if "group" in series else "")
+        + "".join(f", {LABELS[k]} {ends(k)}" for k in beyond)
+        + "."
+    )
+    bn_big, bn_small = err("batch", i_big), err("batch", i_small)
+    gn_small = err("group", i_small)
+    if "switchable" in series:
+        sn_big, sn_small = err("switchable", i_big), err("switchable", i_small)
+        level = sn_big <= bn_big + margin(("switchable", i_big), ("batch", i_big))
+        holds = sn_small < bn_small - margin(("switchable", i_small), ("batch", i_small))
+        result.compare(
+            "Switchable Norm: as good as BN at large batch, far better at small",
+            "Luo et al. (2019), ResNet-50 top-1 at 32 / 2 images per GPU: SN 76.9 / 75.6, BN 76.4 / 65.3, "
+            "GN 75.9 / 75.9",
+            f"error at batch {big} / {small}: SN {sn_big:.1f} / {sn_small:.1f}, BN {bn_big:.1f} / {bn_small:.1f}"
+            + (f", GN {err('group', i_big):.1f} / {gn_small:.1f}" if "group" in series else ""),
+            "yes" if level and holds else "partly" if level or holds else "no",
+            ""
+            if level and holds
+            else (
+                f"at batch {small} SN is not clearly better than BN here (BN itself loses only "
+                f"{bn_small - bn_big:+.1f} points)"
+                if level
+                else f"at batch {big} SN trails BN by {sn_big - bn_big:.1f} points"
+                + ("" if holds else f", and at batch {small} it is not clearly better")
+            ),
+        )
+    if "evonorm_s0" in series:
+        s0 = err("evonorm_s0", i_small)
+        tie = margin(("evonorm_s0", i_small), ("batch", i_small))
+        result.compare(
+            f"EvoNorm-S0 beats BN + ReLU at small batch (batch {small})",
+            "Liu et al. (2020): S0 ahead of BN-ReLU by 7.8 points on ResNet-50 at small batch",
+            f"batch {small}: S0 {s0:.1f} vs BN {bn_small:.1f} (at batch {big}: {err('evonorm_s0', i_big):.1f} vs "
+            f"{bn_big:.1f})",
+            "yes" if s0 < bn_small - tie else "partly" if s0 < bn_small else "no",
+            ""
+            if s0 < bn_small - tie
+            else f"S0 is ahead by {bn_small - s0:.1f} points, within seed noise ({tie:.1f})"
+            if s0 < bn_small
+            else f"S0 is not ahead at batch {small} here",
+        )
+    if "evonorm_b0" in series:
+        b0 = err("evonorm_b0", i_big)
+        tie = margin(("evonorm_b0", i_big), ("batch", i_big))
+        result.compare(
+            f"EvoNorm-B0 matches or beats BN + ReLU at large batch (batch {big})",
+            "Liu et al. (2020): EvoNorms ahead of BN-ReLU on 12 of 14 image classifiers at the usual large batch; "
+            "B0 is their batch-dependent layer",
+            f"batch {big}: B0 {b0:.1f} vs BN {bn_big:.1f} (at batch {small}: {err('evonorm_b0', i_small):.1f} vs "
+            f"{bn_small:.1f})",
+            "yes" if b0 <= bn_big + tie else "partly" if b0 <= bn_big + 2 * tie else "no",
+            "" if b0 <= bn_big + tie else f"B0 trails BN by {b0 - bn_big:.1f} points at batch {big}",
+        )
+    if "frn" in series:
+        frn_big, frn_small = err("frn", i_big), err("frn", i_small)
+        tie = margin(("frn", i_big), ("batch", i_big))
+        result.compare(
+            f"FRN + TLU is ahead of BN at large batch (batch {big})",
+            "Singh & Krishnan (2020): +0.7–1.0 top-1 over BN at large batch (ResNetV2-50, InceptionV3)",
+            f"batch {big}: FRN {frn_big:.1f} vs BN {bn_big:.1f}",
+            "yes" if frn_big < bn_big - tie else "partly" if frn_big <= bn_big + tie else "no",
+            ""
+            if frn_big < bn_big - tie
+            else "level with BN within seed noise"
+            if frn_big <= bn_big + tie
+            else f"FRN trails BN by {frn_big - bn_big:.1f} points at batch {big}",
+        )
+        if "group" in series:
+            tie = margin(("frn", i_small), ("group", i_small))
+            result.compare(
+                f"FRN + TLU is ahead of GN at small batch (batch {small})",
+                "Singh & Krishnan (2020): more than 1 point over GN at small batch",
+                f"batch {small}: FRN {frn_small:.1f} vs GN {gn_small:.1f}",
+                "yes" if frn_small < gn_small - tie else "partly" if frn_small <= gn_small + tie else "no",
+                ""
+                if frn_small < gn_small - tie
+                else "level with GN within seed noise"
+                if frn_small <= gn_small + tie
+                else f"FRN trails GN by {frn_small - gn_small:.1f} points at batch {small}",
+            )
+    if "group_ws" in series:
+        ws = err("group_ws", i_small)
+        tie = margin(("group_ws", i_small), ("batch", i_big))
+        better_than_gn = "group" in series and ws < gn_small
+        result.compare(
+            f"GN + WS at small batch (batch {small}) matches BN at large batch (batch {big})",
+            "Qiao et al. (2019): GN + WS at 1 image per GPU matches or beats BN at large batch",
+            f"GN + WS at batch {small} {ws:.1f} vs BN at batch {big} {bn_big:.1f}"
+            + (f" (GN alone at batch {small}: {gn_small:.1f})" if "group" in series else ""),
+            "yes" if ws <= bn_big + tie else "partly" if better_than_gn else "no",
+            ""
+            if ws <= bn_big + tie
+            else f"WS improves on GN alone but stays {ws - bn_big:.1f} points behind BN at batch {big}"
+            if better_than_gn
+            else f"GN + WS stays {ws - bn_big:.1f} points behind BN at batch {big}"
+            + (" and is no better than GN alone" if "group" in series else ""),
+        )
+
+
 def render(config: Config, result: StudyResult, out_dir: Path) -> None:
     series = {k: list(zip(v["mean"], v["sd"])) for k, v in result.data["test_error"].items()}
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    xs = list(range(len(config.batch_sizes)))
-    for key, values in series.items():
-        style = "--" if key == "precise" else "-"
-        ax.errorbar(
-            xs,
-            [m for m, _ in values],
-            yerr=[s for _, s in values],
-            fmt=style,
-            marker="o",
-            ms=4,
-            capsize=3,
-            label=LABELS[key],
-        )
-    ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
-    ax.set_xlabel("batch size (samples per step)")
-    ax.set_ylabel("test error %")
-    ax.set_title(f"MNIST-1D, small CNN, {config.epochs} epochs, {len(config.seeds)} seed(s): mean ± sd", fontsize=10)
-    ax.legend(fontsize=8)
+    _plot_ours(ax, config, {k: v for k, v in series.items() if k not in COLUMN_NORM_KINDS})
     px = list(range(5))
     ax2.plot(px, GN_PAPER["batch"], marker="o", label="BatchNorm")
     ax2.plot(px, GN_PAPER["group"], marker="o", label="GroupNorm")
@@ -282,6 +414,45 @@ def render(config: Config, result: StudyResult, out_dir: Path) -> None:
         "Test error vs batch size per normalization (left, ours) beside the Group Normalization "
         "paper's ImageNet numbers (right).",
     )
+    beyond = [k for k in COLUMN_NORM_KINDS if k in series]
+    if not beyond:
+        return
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    _plot_ours(ax, config, {k: series[k] for k in ("batch", "group", *beyond) if k in series})
+    for key in ("batch", "group", "switchable"):
+        ax2.plot([0, 1], [100 - a for a in SN_PAPER[key]], marker="o", label=LABELS[key])
+    ax2.set_xticks([0, 1], [str(b) for b in SN_PAPER["batch_sizes"]])
+    ax2.set_xlim(-0.3, 1.3)
+    ax2.set_xlabel("images per GPU")
+    ax2.set_ylabel("ImageNet val error % (100 − top-1)")
+    ax2.set_title("Luo et al. (2019): ResNet-50 on ImageNet (published)", fontsize=10)
+    ax2.legend(fontsize=8)
+    result.figure(
+        save_figure(fig, out_dir, "batch-size-beyond"),
+        "The norms beyond the classic five (left, ours, with BatchNorm and GroupNorm for reference) beside "
+        "the Switchable Normalization paper's ImageNet numbers (right).",
+    )
+
+
+def _plot_ours(ax, config: Config, series: dict) -> None:
+    xs = list(range(len(config.batch_sizes)))
+    for key, values in series.items():
+        style = "--" if key == "precise" else "-." if key in COLUMN_NORM_KINDS else "-"
+        ax.errorbar(
+            xs,
+            [m for m, _ in values],
+            yerr=[s for _, s in values],
+            fmt=style,
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=LABELS[key],
+        )
+    ax.set_xticks(xs, [str(b) for b in config.batch_sizes])
+    ax.set_xlabel("batch size (samples per step)")
+    ax.set_ylabel("test error %")
+    ax.set_title(f"MNIST-1D, small CNN, {config.epochs} epochs, {len(config.seeds)} seed(s): mean ± sd", fontsize=10)
+    ax.legend(fontsize=8)
 
 
 STUDY = Study(
@@ -292,10 +463,15 @@ STUDY = Study(
     summarise=summarise,
     render=render,
     settings={
-        "smoke": Config(norms=("batch", "group"), batch_sizes=(32, 4), epochs=1, train_samples=512, seeds=(0,)),
+        "smoke": Config(
+            norms=("batch", "group", *COLUMN_NORM_KINDS), batch_sizes=(32, 4), epochs=1, train_samples=512, seeds=(0,)
+        ),
         # The headline (BN vs GN, with BatchRenorm and LayerNorm) in about a minute on 2 cores.
         "quick": Config(
-            norms=("batch", "group", "layer", "batch_renorm"), batch_sizes=(32, 8, 2), epochs=5, seeds=(0,)
+            norms=("batch", "group", "layer", "batch_renorm", *COLUMN_NORM_KINDS),
+            batch_sizes=(32, 8, 2),
+            epochs=5,
+            seeds=(0,),
         ),
         "full": Config(),
     },
