@@ -47,7 +47,16 @@ from ..training import evaluate, minibatch_losses
 NAME = "norm-placement"
 CHANCE = math.log(10)  # the training loss of a uniform guess over the 10 classes
 PLACEMENTS = ("post", "pre", "pre-rms", "none")
-LABELS = {"post": "Post-LN", "pre": "Pre-LN", "pre-rms": "Pre-RMSNorm", "none": "no norm"}
+#: Pre-norm with an elementwise squash in place of every norm (the norm-free study's classifier).
+SQUASH_PLACEMENTS = ("pre-dyt", "pre-derf")
+LABELS = {
+    "post": "Post-LN",
+    "pre": "Pre-LN",
+    "pre-rms": "Pre-RMSNorm",
+    "none": "no norm",
+    "pre-dyt": "Pre-DyT",
+    "pre-derf": "Pre-Derf",
+}
 TRAINS_BELOW = 0.8  # × ln 10, the loss of a uniform guess over the 10 classes
 
 
@@ -56,6 +65,10 @@ def _make_norm(placement: str, width: int) -> nn.Module:
         return nln.LayerNorm(width)
     if placement == "pre-rms":
         return nln.RMSNorm(width)
+    if placement == "pre-dyt":
+        return nln.DyT(width)
+    if placement == "pre-derf":
+        return nln.Derf(width)
     return nn.Identity()
 
 
@@ -82,8 +95,8 @@ class Block(nn.Module):
 
     def __init__(self, width: int, heads: int, ffn_width: int, placement: str) -> None:
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if placement not in PLACEMENTS + SQUASH_PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS + SQUASH_PLACEMENTS}, got {placement!r}")
         self.placement = placement
         self.attn = SelfAttention(width, heads)
         self.ffn_in = nn.Linear(width, ffn_width)
@@ -108,7 +121,8 @@ class TokenTransformer(nn.Module):
 
     Input (N, 1, length) or (N, length); ``length`` must be a multiple of ``patch``.
     Pre-norm models get a final norm after the last block (their residual stream is
-    otherwise never normalized); Post-LN's last block already ends in one.
+    otherwise never normalized); Post-LN's last block already ends in one. ``"pre-dyt"`` and
+    ``"pre-derf"`` are Pre-norm with DyT or Derf (α₀ 0.5) in every norm position.
     """
 
     def __init__(
@@ -123,15 +137,15 @@ class TokenTransformer(nn.Module):
         num_classes: int = 10,
     ) -> None:
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        if placement not in PLACEMENTS + SQUASH_PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS + SQUASH_PLACEMENTS}, got {placement!r}")
         if length % patch:
             raise ValueError(f"length must be a multiple of patch, got length {length} and patch {patch}")
         self.patch = patch
         self.embed = nn.Linear(patch, width)
         self.position = nn.Parameter(torch.zeros(length // patch, width))
         self.blocks = nn.ModuleList(Block(width, heads, ffn_width, placement) for _ in range(depth))
-        self.final_norm = _make_norm(placement, width) if placement in ("pre", "pre-rms") else nn.Identity()
+        self.final_norm = _make_norm(placement, width) if placement.startswith("pre") else nn.Identity()
         self.head = nn.Linear(width, num_classes)
         self.reset_parameters()
 
