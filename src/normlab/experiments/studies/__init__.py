@@ -9,7 +9,9 @@ from . import (
     dropout_order,
     init_depth,
     learning_rate,
+    norm_free,
     norm_placement,
+    qk_norm,
     regularization,
     sequence,
     train_eval_gap,
@@ -33,5 +35,7 @@ STUDIES = {
         weight_decay.STUDY,
         sequence.STUDY,
         norm_placement.STUDY,
+        norm_free.STUDY,
+        qk_norm.STUDY,
     )
 }
