@@ -14,7 +14,7 @@ import torch
 from normlab import surgery
 from normlab.cli import main
 from normlab.experiments import all_studies, get_study, run_study
-from normlab.experiments.models import MLP, NORM_KINDS, make_norm
+from normlab.experiments.models import COLUMN_NORM_KINDS, MLP, NORM_KINDS, make_norm
 from normlab.experiments.output import write_json
 from normlab.experiments.report import render_report
 from normlab.experiments.runner import parallel_map, worker_pool
@@ -42,7 +42,7 @@ def smoke(tmp_path_factory):
 
 def test_registry_lists_every_study_module_once_with_three_settings():
     studies = all_studies()
-    assert list(studies) == STUDY_NAMES and len(STUDY_NAMES) == 12
+    assert list(studies) == STUDY_NAMES and len(STUDY_NAMES) == 14
     package = importlib.import_module("normlab.experiments.studies")
     modules = [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
     defined = [m.STUDY for m in modules if hasattr(m, "STUDY")]
@@ -117,7 +117,8 @@ def test_dead_units_relu_dies_more_without_bn(smoke):
 @pytest.mark.slow
 def test_batch_size_and_gap_record_every_evaluation(smoke):
     rows = smoke["batch-size"][0]["data"]["runs"]
-    assert {(r["norm"], r["batch_size"]) for r in rows} == {(n, b) for n in ("batch", "group") for b in (32, 4)}
+    norms = ("batch", "group", *COLUMN_NORM_KINDS)
+    assert {(r["norm"], r["batch_size"]) for r in rows} == {(n, b) for n in norms for b in (32, 4)}
     assert all(0 <= r["test_accuracy"] <= 1 for r in rows)
     assert all("precise_accuracy" in r for r in rows if r["norm"] == "batch")
     gap = smoke["train-eval-gap"][0]["data"]["runs"]
@@ -126,6 +127,19 @@ def test_batch_size_and_gap_record_every_evaluation(smoke):
             {"train_mode", "precise_bn", "frozen_finetune"} if r["norm"] == "batch" else set()
         )
         assert keys <= set(r) and all(0 <= r[k] <= 1 for k in keys)
+
+
+@pytest.mark.slow
+def test_language_models_learn_and_qk_layernorm_bounds_the_logits(smoke):
+    # norm-free: every norm (and none) learns something in 30 steps at the base rate.
+    free = smoke["norm-free"][0]["data"]
+    base = free["final_loss"]["LayerNorm"]["lrs"].index(get_study("norm-free").settings["smoke"].base_lr)
+    assert all(cell["mean"][base] < free["initial_loss"] - 0.5 for cell in free["final_loss"].values())
+    # qk-norm: without QK-layernorm the largest logit grows by orders of magnitude from the
+    # lowest rate to the highest; with it, it stays within a few units.
+    arms = smoke["qk-norm"][0]["data"]["by_arm"]
+    assert arms["none"]["max_attention_logit"][-1] > 100 * arms["none"]["max_attention_logit"][0]
+    assert arms["layer"]["max_attention_logit"][-1] < 10 < arms["none"]["max_attention_logit"][-1]
 
 
 @pytest.mark.slow

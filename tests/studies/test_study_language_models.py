@@ -21,8 +21,8 @@ from normlab.experiments.char_lm import (
     train_lm,
     trains,
 )
-from normlab.experiments.study import StudyResult
 from normlab.experiments.studies import norm_free, qk_norm
+from normlab.experiments.study import StudyResult
 from normlab.experiments.text import ALPHABET, TextData, decode, encode, generate_text, load_text, ngram_loss
 
 # --- the language ---------------------------------------------------------------------------
@@ -238,7 +238,9 @@ def _norm_free_verdicts(losses, alphas, accuracy):
 
 def test_norm_free_verdicts_follow_the_numbers():
     same = {"layer": (1.50, 1.40), "rms": (1.50, 1.40), "dyt": (1.51, 1.41), "derf": (1.50, 1.40), "none": (1.9, None)}
-    verdicts, result = _norm_free_verdicts(same, {0.2: 1.40, 0.5: 1.51, 2.0: 1.8}, {"layer": 90, "dyt": 90.5, "derf": 89.5})
+    verdicts, result = _norm_free_verdicts(
+        same, {0.2: 1.40, 0.5: 1.51, 2.0: 1.8}, {"layer": 90, "dyt": 90.5, "derf": 89.5}
+    )
     assert verdicts["Without normalization statistics the language model reaches LayerNorm's loss"] == "yes"
     assert verdicts["DyT needs no retuning of the learning rate"] == "yes"  # best rate 1e-2 for both
     assert verdicts["DyT's loss in a language model depends on α's initialization"] == "yes"  # 0.2 beats 0.5 by 0.11

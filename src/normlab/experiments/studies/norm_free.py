@@ -55,11 +55,11 @@ class Config:
     base_lr: float = 3e-3  # the rate at which the norms' losses are compared; one of ``lrs``
     alphas: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0)  # DyT's α initializations, at ``base_lr``
     depth: int = 6
-    width: int = 64
+    width: int = 48
     heads: int = 4
     context: int = 64
-    steps: int = 1500
-    warmup_steps: int = 150
+    steps: int = 1000
+    warmup_steps: int = 100
     batch_size: int = 16
     check_every: int = 100
     final_valid_windows: int = 512
@@ -440,11 +440,13 @@ STUDY = Study(
         "quick": Config(
             lrs=(3e-3, 3e-2),
             alphas=(0.2, 0.5, 2.0),
-            steps=300,
-            warmup_steps=30,
+            width=32,
+            context=32,
+            steps=150,
+            warmup_steps=15,
             check_every=50,
             final_valid_windows=256,
-            classifier_steps=150,
+            classifier_steps=100,
             classifier_batch_size=32,
             seeds=(0,),
         ),

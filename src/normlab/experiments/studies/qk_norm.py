@@ -42,11 +42,11 @@ class Config:
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     norm: str = "layer"  # the model's own norm (Pre-LN)
     depth: int = 6
-    width: int = 64
+    width: int = 48
     heads: int = 4
     context: int = 64
-    steps: int = 1500
-    warmup_steps: int = 150
+    steps: int = 1000
+    warmup_steps: int = 100
     batch_size: int = 16
     check_every: int = 100
     logit_every: int = 5
@@ -314,7 +314,14 @@ STUDY = Study(
             seeds=(0,),
         ),
         "quick": Config(
-            lrs=(3e-3, 3e-2, 3e-1), steps=300, warmup_steps=30, check_every=50, final_valid_windows=256, seeds=(0,)
+            lrs=(3e-3, 3e-2, 3e-1),
+            width=32,
+            context=32,
+            steps=150,
+            warmup_steps=15,
+            check_every=50,
+            final_valid_windows=256,
+            seeds=(0,),
         ),
         "full": Config(),
     },
