@@ -124,6 +124,9 @@ class CharTransformer(nn.Module):
         depth, width, heads, context: blocks, model width, attention heads, longest input.
         qk_norm: None, or a :class:`normlab.nn.QKNorm` kind ("layer", "rms", "l2") for every head.
         alpha_init: DyT's and Derf's initial α.
+        embedding_std: the initial std of the (tied) token embedding; nanoGPT's 0.02 by default.
+            DyT and Derf pass their input's scale on (no statistics rescale it), so with 0.02
+            the first block sees α·x ≈ 0.01 — the norm-free study gives them a larger one.
     """
 
     def __init__(
@@ -137,11 +140,13 @@ class CharTransformer(nn.Module):
         *,
         qk_norm: str | None = None,
         alpha_init: float = 0.5,
+        embedding_std: float = 0.02,
     ) -> None:
         super().__init__()
         if norm not in LM_NORMS:
             raise ValueError(f"norm must be one of {LM_NORMS}, got {norm!r}")
         self.context = context
+        self.embedding_std = embedding_std
         self.embed = nn.Embedding(vocab_size, width)
         self.position = nn.Parameter(torch.zeros(context, width))
         self.blocks = nn.ModuleList(Block(width, heads, norm, qk_norm, alpha_init) for _ in range(depth))
@@ -152,7 +157,7 @@ class CharTransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         depth = len(self.blocks)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=self.embedding_std)
         nn.init.normal_(self.position, std=0.02)
         for block in self.blocks:
             for layer in (block.attn.qkv, block.mlp_in):
