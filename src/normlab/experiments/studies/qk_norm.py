@@ -42,13 +42,13 @@ class Config:
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
     norm: str = "layer"  # the model's own norm (Pre-LN)
     depth: int = 6
-    width: int = 48
+    width: int = 32
     heads: int = 4
     context: int = 64
-    steps: int = 1000
-    warmup_steps: int = 100
+    steps: int = 600
+    warmup_steps: int = 60
     batch_size: int = 16
-    check_every: int = 100
+    check_every: int = 50
     logit_every: int = 5
     final_valid_windows: int = 512
     seeds: tuple[int, ...] = (0, 1, 2)
