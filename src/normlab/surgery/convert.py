@@ -7,6 +7,8 @@ with the layer; running statistics move where the target keeps them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
