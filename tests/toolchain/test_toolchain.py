@@ -217,6 +217,32 @@ def test_onnx_export_gives_torch_nn_nodes_and_runs_in_onnxruntime(dynamo):
     assert "LayerNormalization" in graphs["ours"]
 
 
+def test_layer_norm2d_exports_with_a_dynamic_batch_axis_in_the_torchscript_exporter():
+    """timm's LayerNorm2d exports here; normlab's passed x.shape[1], a traced value, as the
+    normalized shape (SymbolicValueError once the batch axis is dynamic)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    layer = nl.nn.LayerNorm2d(8).eval()
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            layer,
+            (torch.randn(2, 8, 4, 4),),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
+    session = ort.InferenceSession(buffer.getvalue())
+    x = torch.randn(5, 8, 4, 4)
+    _close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), layer(x))
+
+
 def test_jit_trace_saves_loads_and_runs_at_another_batch_size():
     ours, _ = _pair()
     ours.eval()

@@ -132,7 +132,10 @@ def check_channel_args(
                 if mask is None:
                     return eps, None
                 try:  # broadcasting to (N, *spatial) is the shape test; check_mask says what is wrong
-                    return eps, mask.expand((x.shape[0],) + x.shape[2:])
+                    # expand_mask's rule, written out: no extra frame on a masked call's path
+                    return eps, (mask if mask.is_contiguous() else mask.contiguous()).expand(
+                        (x.shape[0],) + x.shape[2:]
+                    )
                 except RuntimeError:
                     return eps, check_mask(mask, x, fn)
     return _raise_channel_errors(fn, x, weight, bias, eps, groups, batch_stats, mean, var, prelu_weight, mask)

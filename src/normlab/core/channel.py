@@ -37,8 +37,10 @@ from .paths import (
     KERNELS_MASKED,
     NATIVE,
     _gpu_kernels,
+    _graph_task_id,
     choose_path,
     kernel_layout,
+    recomputing,
 )
 from .running import RunningStats
 
@@ -61,6 +63,7 @@ def channel_norm(
     mask: torch.Tensor | None = None,
     operation: str = "channel_norm",
     checked: bool = False,
+    copy_weight: bool = False,
 ) -> torch.Tensor:
     """act(norm(x)) for an (N, C, *spatial) input.
 
@@ -74,7 +77,11 @@ def channel_norm(
     True at valid positions, shaped like x without dim 1 or broadcastable to it; statistics
     over the valid positions, 0 at the others. ``operation`` names the call in
     :func:`normlab.core.record_dispatch`; ``checked``: the caller ran
-    :func:`~normlab.core.call_checks.check_channel_args` already.
+    :func:`~normlab.core.call_checks.check_channel_args` already. ``copy_weight``
+    (InstanceNorm): backward uses a copy of γ taken now, as torch.nn's ``instance_norm``
+    (it saves ``weight.repeat(N)``) — so an in-place change of the parameter between forward
+    and backward (another loss's ``opt.step()`` first, a common GAN pattern) neither raises
+    nor changes this backward's γ.
     """
     if inplace and (not batch_stats or mask is not None):
         inplace = False  # nothing to save memory on: given statistics or a mask compute out of place
@@ -87,6 +94,15 @@ def channel_norm(
         inplace=inplace,
         call=(weight, bias, running, groups, activation, prelu_weight),
     )
+    if (
+        running is not None
+        and batch_stats
+        # the direct path is never compiled: one C call there, no Python frame
+        and (_graph_task_id() != -1 if decision is KERNELS_DIRECT else recomputing())
+    ):
+        running = None  # a checkpoint's recompute: this step's batch was merged in already
+    if copy_weight and weight is not None and decision.path != NATIVE and torch.is_grad_enabled():
+        weight = weight.clone()  # torch's own op (native) copies it itself: not twice, and traces as torch.nn
     if decision is KERNELS_DIRECT and not inplace:
         out = _cpu.module.channel_norm(
             x, weight, bias, running, groups, batch_stats, eps, ACTIVATIONS[activation].code, param, prelu_weight

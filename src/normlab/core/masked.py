@@ -34,6 +34,7 @@ from .running import update_running_stats_if
 
 __all__ = [
     "check_mask",
+    "expand_mask",
     "masked_moments",
     "masked_normalize",
     "masked_normalize_backward",
@@ -74,6 +75,16 @@ def check_mask(mask: object, x: torch.Tensor, fn: str) -> torch.Tensor:
             f"{tuple(x.shape)} needs a mask of shape {words} (the input without its channel "
             f"dim, dim 1), or one that broadcasts to it"
         )
+    return expand_mask(mask, positions)
+
+
+def expand_mask(mask: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+    """A checked mask broadcast to (N, *spatial), as a view — after a copy if it is not
+    contiguous: elementwise results take the layout of their operands, and a permuted mask
+    would hand its strides to the output instead of the input's (a bool copy, 1/C of the
+    input's size)."""
+    if not mask.is_contiguous():
+        mask = mask.contiguous()
     return mask.expand(positions)
 
 

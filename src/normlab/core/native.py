@@ -108,8 +108,10 @@ def row_norm(x, normalized_shape, weight, bias, eps, centered):
 
 
 def channels_first_row_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, channels: int
 ) -> torch.Tensor:
     """LayerNorm over dim 1 of (N, C, H, W): torch's ``layer_norm`` on the permuted view, the
-    graph exporters know for this layer."""
-    return TF.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    graph exporters know for this layer. ``channels`` is a Python int, not ``x.shape[1]``: a
+    tracer records a size read as a graph value, which TorchScript's ONNX exporter cannot
+    take as a normalized shape once an axis is dynamic."""
+    return TF.layer_norm(x.permute(0, 2, 3, 1), (channels,), weight, bias, eps).permute(0, 3, 1, 2)

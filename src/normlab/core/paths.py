@@ -55,10 +55,12 @@ The table, first matching row wins:
 4   a mask, otherwise                                             composed, eager (or
                                                                   reference under
                                                                   export / torch.func)
-5   backend forced to "composed"                                  composed, eager
+5   backend forced to "composed", not a tensor subclass           composed, eager
 6   torch.export, ONNX export, jit.trace                          native, export
 7   a torch.func transform or forward-mode AD                     native, eager
-8   a tensor subclass (DTensor, ...), outside a compile           native, eager
+8   a tensor subclass (DTensor, ...), outside a compile, any      native, eager
+    backend: the composed ops write in place, which a sharded
+    DTensor refuses; its sharding rules are torch's ops
 9   empty input                                                   native, eager
 10  backend forced to "native", or to "triton" (row 2 refused)    native, eager
 11  float32 CPU: kernels unavailable                              composed, eager
@@ -121,6 +123,7 @@ __all__ = [
     "backend",
     "choose_path",
     "kernel_layout",
+    "recomputing",
     "record_dispatch",
     "register_gpu_kernels",
     "set_backend",
@@ -176,6 +179,7 @@ _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.comp
 _tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace
 _interpreters = torch._C._functorch.peek_interpreter_stack  # not None inside a torch.func transform
 _function_modes = torch._C._is_torch_function_mode_enabled
+_graph_task_id = torch._C._current_graph_task_id  # -1 outside a backward pass
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _F32 = torch.float32
@@ -317,6 +321,16 @@ def _torch_lacks(family, call, given, mask, inplace) -> bool:
     return False
 
 
+def recomputing() -> bool:
+    """True for a forward that autograd runs inside a backward pass — activation
+    checkpointing's recompute (``torch.utils.checkpoint``, reentrant or not, and the wrappers
+    built on it). Its batch is the step's batch seen a second time, so the running estimates
+    are not updated again: once per real step, in every segment shape (see conventions.md).
+    Not a path question, but one about autograd's state, asked here with the others; a
+    compiled graph never recomputes a buffer update, so nothing is asked while compiling."""
+    return not _is_dynamo_compiling() and _graph_task_id() != -1
+
+
 @torch.compiler.assume_constant_result
 def _kernels_built() -> bool:
     # A constant to torch.compile: the build (file locks, subprocesses) never runs in a trace.
@@ -404,7 +418,7 @@ def choose_path(
             decision = KERNELS_MASKED
         else:
             decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
-    elif forced == COMPOSED:  # 5
+    elif forced == COMPOSED and (compiling or type(x) in _PLAIN):  # 5
         decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
     elif exporting:  # 6
         decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")

@@ -40,14 +40,16 @@ def batch_renorm(
     """Batch Renormalization of an (N, C, *spatial) input with ``running``'s estimates (used
     in eval, measured against and updated in training). ``r_max``/``d_max`` may be 0-dim
     tensors (a schedule computed on the device)."""
-    if not batch_stats:
+    if not batch_stats or x.numel() == 0:
+        # eval: BatchNorm with the estimates; an empty batch: BatchNorm2d's answer (an empty
+        # output, the estimates untouched), since there is no batch for r and d to measure
         return channel_norm(
-            x, weight, bias, eps=eps, batch_stats=False, running=running, operation=operation, checked=checked
+            x, weight, bias, eps=eps, batch_stats=batch_stats, running=running, operation=operation, checked=checked
         )
     if not checked:
         eps, _ = check_channel_args(operation, x, weight, bias, eps, -1, True, running)
     dims = (0,) + tuple(range(2, x.dim()))
-    if reduced_count(x.shape, dims) <= 1:  # an empty batch too: r and d need batch statistics
+    if reduced_count(x.shape, dims) <= 1:  # r and d need batch statistics
         raise too_few_values(x)
     ndim = x.dim()
     with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 
 from . import composed, native
 from .call_checks import check_row_args
-from .checks import InputError, check_floating_input
+from .checks import InputError, InputTypeError, check_floating_input
 from .kernels.cpu import build as _cpu
 from .moments import reduced_count
 from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON, _gpu_kernels, choose_path
@@ -51,12 +51,27 @@ def row_norm(
         if not checked:
             check_row_args(operation, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
         summed = x + residual
+        if summed.dtype != x.dtype:
+            # One rule for LayerNorm and RMSNorm: the sum (torch's type promotion) is the input
+            # the norm checks — its parameters must take the sum's dtype
+            try:
+                check_row_args(operation, summed, normalized_shape, weight, bias, eps, centered=centered)
+            except InputTypeError as error:
+                raise InputTypeError(
+                    f"{operation}: x ({x.dtype}) + residual ({residual.dtype}) is {summed.dtype}, the "
+                    f"input normalized: {error}. Cast the residual to x's dtype, or the parameters"
+                ) from None
         y = row_norm(
             summed, normalized_shape, weight, bias, eps, centered=centered, operation=operation, checked=checked
         )
         return y, summed
     decision = choose_path(x, ROW, operation, centered=centered, call=(normalized_shape, weight, residual))
     if decision is KERNELS_DIRECT:
+        if not centered and x.is_inference() and torch.is_grad_enabled():
+            # torch.nn's RMSNorm (composed ops) keeps no inference tensor for backward, so it
+            # takes one made under inference_mode; a normal copy lets the kernels' node keep it
+            # (asked on the eager path only: a compiler cannot trace the question)
+            x = x.clone()
         out = _cpu.module.row_norm(
             x, normalized_shape, weight, bias, _F32_EPS if eps is None else eps, centered, residual
         )
@@ -95,6 +110,7 @@ def channels_first_row_norm(
     *,
     operation: str = "layer_norm2d",
     checked: bool = False,
+    channels: int | None = None,
 ) -> torch.Tensor:
     """LayerNorm over dim 1 of an (N, C, H, W) tensor — each position normalized over its
     channels (ConvNeXt's LayerNorm2d) — without a permuting copy.
@@ -109,16 +125,16 @@ def channels_first_row_norm(
         check_floating_input(x)
         if x.dim() != 4:
             raise InputError(f"{operation} expects input of shape (N, C, H, W), got shape {tuple(x.shape)}")
+    if channels is None:  # a layer passes its width: a Python int even where x's sizes are traced
+        channels = int(x.shape[1]) if weight is None else int(weight.shape[0])
     rows = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view
     if rows.is_contiguous():
-        return row_norm(rows, (x.shape[1],), weight, bias, eps, operation=operation, checked=checked).permute(
-            0, 3, 1, 2
-        )
+        return row_norm(rows, (channels,), weight, bias, eps, operation=operation, checked=checked).permute(0, 3, 1, 2)
     if not checked:
-        eps = check_row_args(operation, rows, (x.shape[1],), weight, bias, eps)
+        eps = check_row_args(operation, rows, (channels,), weight, bias, eps)
     decision = choose_path(x, CHANNELS_FIRST, operation)
     if decision.path == NATIVE:
-        return native.channels_first_row_norm(x, weight, bias, eps)
+        return native.channels_first_row_norm(x, weight, bias, eps, channels)
     return composed.channels_first_row_norm(x, weight, bias, eps)
 
 

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 NonFinitePolicy = Literal["skip", "raise"]
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
 #: What ``on_nonfinite=`` accepts: ``"skip"`` a batch with NaN/inf statistics, or ``"raise"``
 #: :class:`NonFiniteStatisticsError` (``docs/conventions.md#non-finite-batches``).
 NONFINITE_POLICIES = ("skip", "raise")
@@ -112,7 +114,10 @@ def update_running_stats(
                 f"share memory, so they cannot be updated one by one; pass a real tensor, e.g. "
                 f"{name}.clone()"
             )
-    eager_cpu = running_mean.device.type == "cpu" and not torch.compiler.is_compiling()
+    # a vmapped update (batched buffers) cannot read its values: it keeps the torch.where form
+    eager_cpu = (
+        running_mean.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_wrapped(batch_mean)
+    )
     with torch.no_grad():
         if momentum is None:
             if num_batches_tracked is None:
@@ -231,6 +236,13 @@ class RunningStats:
         same ``count``, so unbiasing after averaging is exact. ``enough``: a 0-dim bool tensor,
         merge only where True (a masked batch with fewer than 2 valid values is not merged).
         ``unbiased``: override the policy's (False for a variance already unbiased)."""
+        if not torch.compiler.is_compiling() and _functorch_wrapped(mean):
+            mean, var = self._transform_constants(mean), self._transform_constants(var)
+            if not _functorch_wrapped(mean):
+                # plain values now: merged outside the transform, which would refuse to
+                # write a tensor it captured
+                with torch._C._DisableFuncTorch():
+                    return self.update(mean, var, count, enough=enough, unbiased=unbiased)
         if mean.dim() == 2:
             mean, var = mean.mean(0), var.mean(0)
         arguments = (self.running_mean, self.running_var, mean, var, count, self.momentum)
@@ -242,6 +254,28 @@ class RunningStats:
         if enough is not None:
             return update_running_stats_if(enough, *arguments, **policy)
         return update_running_stats(*arguments, **policy)
+
+    def _transform_constants(self, stat: torch.Tensor) -> torch.Tensor:
+        """A batch statistic computed under a ``torch.func`` transform, as the plain tensor the
+        buffers can take. grad/jvp/vjp wrap it to track derivatives, which the running
+        estimates never carry (torch.nn's InstanceNorm updates them there too): unwrapped, the
+        value is the same. Under vmap it holds one statistic per vmapped sample, which one
+        unbatched buffer cannot hold: torch.nn's BatchNorm refuses that too, and so does this,
+        naming the fix."""
+        while _functorch_wrapped(stat):
+            if torch._C._functorch.is_batchedtensor(stat) and not _functorch_wrapped(self.running_mean):
+                raise RuntimeError(
+                    "vmap over a normalization layer that tracks running statistics: the input is "
+                    "batched by vmap but running_mean and running_var, which the layer updates in "
+                    "place, are not. Patch the model with "
+                    "torch.func.replace_all_batch_norm_modules_(model) (it stops the tracking), "
+                    "build the layer with track_running_stats=False, or call model.eval() to "
+                    "normalize with the running estimates"
+                )
+            if torch._C._functorch.is_batchedtensor(stat):
+                return stat  # batched buffers too (e.g. torch.func.stack_module_state): vmap updates them
+            stat = torch._C._functorch.get_unwrapped(stat)
+        return stat
 
     def __repr__(self) -> str:
         present = [name for name, t in self.buffers.items() if t is not None]

@@ -37,6 +37,7 @@ from ..core import (
 )
 from ..core.call_checks import check_channel_call
 from ..core.checks import InputError
+from ..core.paths import recomputing
 from ..core.running import RunningStats
 from .tracked import batch_norm
 
@@ -255,7 +256,7 @@ def synchronized_batch_norm(
         out = masked_normalize(input, weight, bias, mask, stats, None, dims, eps, batch_stats=True, across=across)
     else:
         out = normalize(input, weight, bias, stats, dims, eps, batch_stats=True, across=across)
-    if running is not None and running.running_mean is not None:
+    if running is not None and running.running_mean is not None and not recomputing():
         # a masked global batch with fewer than 2 valid values is not merged (no host sync)
         running.update(merged.mean, var, total, enough=None if mask is None else total >= 2)
     return out

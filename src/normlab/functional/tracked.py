@@ -229,6 +229,7 @@ def instance_norm(
         mask=mask,
         operation="instance_norm",
         checked=True,
+        copy_weight=True,
     )
     return instance_norm_layout(out)
 

@@ -30,17 +30,29 @@ __all__ = [
 ]
 
 
-def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | None = None) -> Proxy:
-    """Record ``module(input)`` as one ``call_module`` node under ``torch.fx.symbolic_trace``.
+def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | None = None, *, more=()) -> Proxy:
+    """Record ``module(input, *more)`` as one ``call_module`` node under ``torch.fx.symbolic_trace``.
 
     torch.fx treats torch.nn's own layers as leaves; normlab's layers are recorded the same
     way, so a GraphModule calls the layer at run time and ``train()``/``eval()``/freezing
     keep working on the traced graph (tracing *into* the forward would bake in the mode).
-    A ``mask`` of valid positions is recorded as the node's ``mask`` keyword.
+    A ``mask`` of valid positions is recorded as the node's ``mask`` keyword; ``more``: the
+    further positional inputs (a residual, the keys).
+
+    Traced as the root itself (``symbolic_trace(layer)``), the layer cannot be its own
+    submodule: the graph's root becomes a module holding it as ``layer`` (fx lets a trace
+    replace its root), so the GraphModule's parameters are ``layer.weight``, ... where
+    torch.nn's trace inlines the functional, with the mode fixed, under ``weight``.
     """
-    tracer = input.tracer
+    tracer = next(a for a in (input, *more) if isinstance(a, Proxy)).tracer
     kwargs = {} if mask is None else {"mask": mask}
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), kwargs)
+    if module is tracer.root:
+        holder = nn.Module()
+        holder.layer = module
+        tracer.root = holder
+        tracer.submodule_paths = None
+        return tracer.create_proxy("call_module", "layer", (input, *more), kwargs)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input, *more), kwargs)
 
 
 def check_channel_input(module: nn.Module, input: object, ranks: tuple[int, ...], shape_words: str) -> None:

@@ -6,15 +6,10 @@ import torch
 from torch.fx import Proxy
 
 from ..core import row_norm
+from .base import traced_call
 from .layernorm import LayerNorm, RMSNorm
 
 __all__ = ["AddLayerNorm", "AddRMSNorm"]
-
-
-def _traced_pair(module, x: Proxy, residual) -> Proxy:
-    """``module(x, residual)`` as one ``call_module`` node under ``torch.fx.symbolic_trace``."""
-    tracer = x.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (x, residual), {})
 
 
 class _AddNorm:
@@ -25,7 +20,7 @@ class _AddNorm:
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(x, Proxy) or isinstance(residual, Proxy):
-            return _traced_pair(self, x, residual)
+            return traced_call(self, x, more=(residual,))
         if not self.__dict__.get("_settings_checked", False):
             self._check_settings()
         bias = self.bias if self._centered else None  # RMSNorm has no β

@@ -124,6 +124,7 @@ class _InstanceNorm(_NormBase):
             running=running if tracked else None,
             mask=mask,
             operation="instance_norm",
+            copy_weight=True,
         )
         y = instance_norm_layout(y)
         return y.squeeze(0) if unbatched else y

@@ -71,7 +71,9 @@ class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
                 f"LayerNorm2d({weight.shape[0]}) got input with {input.shape[1]} channels in dim 1 "
                 f"(input shape {tuple(input.shape)}); build it with num_channels={input.shape[1]}"
             )
-        return channels_first_row_norm(input, self.weight, self.bias, self.eps, operation="layer_norm2d")
+        return channels_first_row_norm(
+            input, self.weight, self.bias, self.eps, operation="layer_norm2d", channels=self.normalized_shape[0]
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.num_channels}, eps={self.eps}, affine={self.elementwise_affine}"

@@ -10,6 +10,7 @@ from torch.fx import Proxy
 
 from ..core import check_eps, check_floating_input, check_positive_int, compute_dtype, mean_square
 from ..core.checks import InputError, InputTypeError
+from .base import traced_call
 from .layernorm import LayerNorm, RMSNorm
 
 __all__ = ["QKNorm"]
@@ -83,7 +84,7 @@ class QKNorm(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(q, Proxy):  # one call_module node under torch.fx, as normlab's other layers
-            return q.tracer.create_proxy("call_module", q.tracer.path_of_module(self), (q, k), {})
+            return traced_call(self, q, more=(k,))
         for name, t in (("q", q), ("k", k)):
             if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.shape[-1] != self.head_dim):
                 raise InputError(

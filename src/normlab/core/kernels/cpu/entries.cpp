@@ -64,6 +64,11 @@ bool plain_eager(const at::Tensor& x) {
 // Absent, or a plain float32 CPU tensor of n values (any strides: the kernels copy what
 // they read of γ and β).
 bool fits(const at::Tensor& t, int64_t n) { return !t.defined() || (plain_float_cpu(t) && t.numel() == n); }
+// γ/β of the row family: the normalized shape itself, not only its element count (a module's
+// weight replaced after construction reaches here unchecked)
+bool fits(const at::Tensor& t, at::IntArrayRef shape) {
+  return !t.defined() || (plain_float_cpu(t) && t.sizes() == shape);
+}
 
 // Below autograd: the tensor ops inside a kernel call (allocations, views, conversions) are
 // dispatched past the autograd and view-tracking layers, as in any C++ operator's autograd
@@ -267,7 +272,7 @@ py::object row_norm(const at::Tensor& input, const std::vector<int64_t>& shape, 
   }
   const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
                    residual = value_or_undefined(residual_);
-  if (k == 0 || !fits(weight, k) || !fits(bias, k)) return py::none();
+  if (k == 0 || !fits(weight, shape) || !fits(bias, shape)) return py::none();
   const at::Tensor x = input.contiguous();
   if (residual.defined()) {
     if (!plain_float_cpu(residual) || residual.sizes() != input.sizes()) return py::none();

@@ -1,0 +1,131 @@
+"""Activation checkpointing: the running estimates are updated once per real step.
+
+``torch.utils.checkpoint`` runs a segment's forward a second time inside backward. torch.nn's
+BatchNorm merges that recompute in as a second batch (6 updates over 3 steps); normlab merges
+each step's batch once, whatever follows the norm in the segment and in both reentrant modes
+(docs/conventions.md). Outputs and gradients equal the un-checkpointed run's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import normlab as nl
+
+STEPS = 3
+
+
+def _segment(shape: str) -> nn.Module:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    return {
+        "BN": lambda: nl.nn.BatchNorm2d(4),
+        "Conv-BN": lambda: nn.Sequential(conv, nl.nn.BatchNorm2d(4)),
+        "BN-ReLU": lambda: nn.Sequential(nl.nn.BatchNorm2d(4), nn.ReLU()),
+        "BatchNormAct2d": lambda: nl.nn.BatchNormAct2d(4, activation="leaky_relu"),
+        "Conv-BatchNormAct2d-inplace": lambda: nn.Sequential(
+            conv, nl.nn.BatchNormAct2d(4, activation="leaky_relu", inplace=True)
+        ),
+        "GroupNormAct": lambda: nn.Sequential(conv, nl.nn.GroupNormAct(2, 4)),
+        "InstanceNorm-tracking": lambda: nl.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        "BN-cumulative": lambda: nn.Sequential(nl.nn.BatchNorm2d(4, momentum=None), nn.ReLU()),
+    }[shape]()
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nl.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, mask=x[:, 0] > -1.0)
+
+
+def _run(module: nn.Module, reentrant: bool | None):
+    torch.manual_seed(1)
+    outputs, grads = [], []
+    for _ in range(STEPS):
+        x = torch.randn(3, 4, 5, 5, requires_grad=True)
+        y = module(x) if reentrant is None else checkpoint(module, x, use_reentrant=reentrant)
+        (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+        outputs.append(y.detach())
+        grads.append(x.grad)
+    return outputs, grads, {k: v.clone() for k, v in module.state_dict().items()}, module
+
+
+SHAPES = [
+    "BN",
+    "Conv-BN",
+    "BN-ReLU",
+    "BatchNormAct2d",
+    "Conv-BatchNormAct2d-inplace",
+    "GroupNormAct",
+    "InstanceNorm-tracking",
+    "BN-cumulative",
+    "masked",
+]
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_checkpointed_segment_updates_once_per_step_and_matches_the_plain_run(shape, reentrant):
+    make = _Masked if shape == "masked" else (lambda: _segment(shape))
+    plain_y, plain_g, plain_state, _ = _run(make(), None)
+    ckpt_y, ckpt_g, ckpt_state, module = _run(make(), reentrant)
+    for a, b in zip(ckpt_y + ckpt_g, plain_y + plain_g):
+        torch.testing.assert_close(a, b)
+    assert ckpt_state.keys() == plain_state.keys()
+    for key in plain_state:
+        torch.testing.assert_close(ckpt_state[key], plain_state[key], msg=key)
+    counters = [v for k, v in ckpt_state.items() if k.endswith("num_batches_tracked")]
+    if shape != "GroupNormAct":
+        assert counters and all(int(c) == STEPS for c in counters)
+    for p_ckpt, p_plain in zip(module.parameters(), make().parameters()):
+        assert p_ckpt.grad is not None and p_ckpt.shape == p_plain.shape
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_torch_nn_counts_the_recompute_as_a_second_batch(reentrant):
+    """The deliberate difference, pinned: torch.nn's BatchNorm updates twice per step."""
+    torch.manual_seed(0)
+    ours, theirs = nl.nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    for _ in range(STEPS):
+        x = torch.randn(3, 4, 5, 5, requires_grad=True)
+        for layer in (ours, theirs):
+            checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
+    assert int(ours.num_batches_tracked) == STEPS
+    assert int(theirs.num_batches_tracked) == 2 * STEPS
+
+
+def test_a_forward_outside_backward_still_updates():
+    """The recompute test reads autograd's state, not a flag left behind by a backward."""
+    layer = nl.nn.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    layer(x)
+    with torch.no_grad():
+        layer(x)
+    assert int(layer.num_batches_tracked) == 3
+
+
+def test_batch_renorm_recompute_reads_the_updated_estimates():
+    """The documented exception (conventions.md): BatchRenorm's r and d read the running
+    estimates, which the step's first forward already updated, so a checkpointed BatchRenorm's
+    gradients differ from the plain run's while its estimates are updated once per step."""
+    results = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        layer, grads = nl.nn.BatchRenorm2d(4), []
+        for _ in range(STEPS):
+            x = (torch.randn(3, 4, 5, 5) * 3 + 1).requires_grad_()
+            y = checkpoint(layer, x, use_reentrant=False) if use_checkpoint else layer(x)
+            (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+            grads.append(x.grad)
+        results.append((grads, layer.running_mean.clone(), int(layer.num_batches_tracked)))
+    (plain, plain_mean, plain_count), (ckpt, ckpt_mean, ckpt_count) = results
+    torch.testing.assert_close(ckpt_mean, plain_mean)
+    assert ckpt_count == plain_count == STEPS
+    assert (ckpt[-1] - plain[-1]).abs().max() > 1e-2
