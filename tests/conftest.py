@@ -4,6 +4,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+import normlab as nl
+
 # Deterministic, database-free property tests: CI sees the same examples every run and
 # nothing is written to .hypothesis/. NORMLAB_HYPOTHESIS=dev explores more, randomly.
 settings.register_profile(
@@ -27,3 +29,34 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+#: The backends the per-backend suites run on (``set_backend`` names): the C++ kernels (what a
+#: float32 CPU call takes; other dtypes fall to native), torch's own ops (what every CUDA,
+#: float64 and half-precision call takes) and normlab's composed ops. The first is the default
+#: path; a backend that registers itself with the path rule adds its name here.
+BACKENDS = ("kernels", "native", "composed")
+#: Examples per Hypothesis property on the backends after the first: the properties explore
+#: inputs in full on the default path, and check the same kind of inputs on the others (CI's
+#: time budget). NORMLAB_HYPOTHESIS=dev explores every backend in full.
+EXAMPLES_ON_OTHER_BACKENDS = 8
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test with normlab's backend forced to each of :data:`BACKENDS` in turn; a test
+    module opts in with ``pytestmark = pytest.mark.usefixtures("backend")``."""
+    name = request.param
+    test = request.function
+    bound = getattr(test, "_hypothesis_internal_use_settings", None)
+    fewer = name != BACKENDS[0] and bound is not None and os.environ.get("NORMLAB_HYPOTHESIS", "ci") == "ci"
+    if fewer:  # Hypothesis reads the settings bound to the test each time it runs it
+        test._hypothesis_internal_use_settings = settings(
+            bound, max_examples=min(bound.max_examples, EXAMPLES_ON_OTHER_BACKENDS)
+        )
+    try:
+        with nl.core.use_backend(name):
+            yield name
+    finally:
+        if fewer:
+            test._hypothesis_internal_use_settings = bound
