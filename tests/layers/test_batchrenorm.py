@@ -8,6 +8,9 @@ import torch
 import normlab as nl
 import normlab.functional as F
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _reference(x, rm, rv, w, b, eps, r_max, d_max):
     """Ioffe (2017), Algorithm 1, written out; r and d detached."""

@@ -9,6 +9,9 @@ from helpers import DENSE_LAYOUTS, LAYOUTS, assert_close_scaled, in_layout, memo
 
 import normlab.functional as F
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 SHAPES_NC = [(4, 6), (3, 6, 7), (2, 6, 5, 3), (2, 6, 3, 2, 3), (1, 6, 9), (5, 6, 1, 1)]
 
 

@@ -14,6 +14,9 @@ from torch.func import grad, vmap
 import normlab as nl
 from normlab import core
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 KERNELS = core.kernels_available()
 SHAPES = [(8, 16), (2, 3, 33), (5, 1100)]  # odd widths; 1100 crosses the kernels' 512-float blocks
 

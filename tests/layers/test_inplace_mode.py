@@ -10,6 +10,9 @@ from helpers import DENSE_LAYOUTS
 import normlab as nl
 from normlab import core
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 PATHS = {
     "kernels": (torch.float32, "auto"),  # the kernels (the composed ops where they are unavailable)
     "composed": (torch.float64, "composed"),

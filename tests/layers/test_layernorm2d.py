@@ -13,6 +13,9 @@ from torch import nn
 import normlab as nl
 from normlab import core
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _reference(x, w, b, eps):
     """timm's formula in float64: permute, layer_norm over C, permute back."""

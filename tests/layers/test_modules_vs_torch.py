@@ -17,6 +17,9 @@ from hypothesis import strategies as st
 
 import normlab as nl
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 # name → (spatial rank, whether N * spatial must exceed 1 / spatial must exceed 1)

@@ -18,6 +18,9 @@ from torch.func import grad, hessian, jacrev, jvp, vmap
 
 import normlab as nl
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _cnn(lib, *, act: bool = False, rms: bool = True) -> nn.Sequential:
     """A small CNN with every channel-norm family, then LayerNorm and RMSNorm on features."""

@@ -13,6 +13,9 @@ import pytest
 import suite
 import torch
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -25,6 +25,9 @@ import suite
 import torch
 from torch.testing import assert_close
 
+# every test here runs once per backend (conftest.BACKENDS)
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def impls(name: str) -> list:
     return [
