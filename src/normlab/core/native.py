@@ -54,16 +54,27 @@ def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     return mean, var
 
 
-def _variance_from_invstd(invstd: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """The biased batch variance, rebuilt from the 1/√(var + ε) that torch's
-    ``native_batch_norm`` returns, for the running estimates.
+def _tracked_batch_norm(x, weight, bias, eps, count):
+    """BatchNorm with batch statistics in torch's kernel, and the batch's mean and unbiased
+    variance for the running estimates — from the same kernel, in one pass.
 
-    Known weakness, kept in this one place: 1/invstd² − ε cancels catastrophically when the
-    variance is small next to ε (a relative error of ~ε/var in the running variance). The
-    cure is to take the variance from the batch directly, at the cost of a second pass.
+    torch's kernel computes the running estimates from the batch variance itself (as
+    torch.nn gets them); it is handed zeroed buffers and momentum 1, so that they come back
+    holding this batch's mean and n/(n − 1)·variance, which :class:`RunningStats` then merges
+    under normlab's conventions (momentum=None, non-finite batches skipped). Rebuilding the
+    variance from the 1/√(var + ε) the kernel returns instead cancels when the variance is
+    near ε: 12 % off at std 1e-6 in float16, 2.5e-9 in float64.
     """
-    with torch.no_grad():
-        return (invstd.to(compute_dtype(dtype)).pow(-2) - eps).clamp_(min=0)
+    stats_dtype = compute_dtype(x.dtype)
+    if x.dtype in _HALVES:
+        # the kernel keeps its statistics in the parameters' dtype: float32 for half inputs
+        weight = weight if weight is None or weight.dtype == stats_dtype else weight.to(stats_dtype)
+        bias = bias if bias is None or bias.dtype == stats_dtype else bias.to(stats_dtype)
+    param_dtype = stats_dtype if weight is None else weight.dtype
+    mean = torch.zeros(x.shape[1], dtype=param_dtype, device=x.device)
+    var = torch.zeros(x.shape[1], dtype=param_dtype, device=x.device)
+    y = torch.native_batch_norm(x, weight, bias, mean, var, True, 1.0, eps)[0]
+    return y, mean, var
 
 
 def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export):
@@ -81,9 +92,9 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export
         # γ = 1 in float32 keeps the statistics float32, as documented
         weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
     if groups < 0 and track and not export:
-        # One pass for output and statistics: torch returns the batch mean and 1/√(var + ε).
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-        running.update(mean.detach(), _variance_from_invstd(invstd, eps, x.dtype), count)
+        y, mean, unbiased_var = _tracked_batch_norm(x, weight, bias, eps, count)
+        var = unbiased_var if running.unbiased or count < 2 else unbiased_var * ((count - 1) / count)
+        running.update(mean, var, count, unbiased=False)  # the kernel unbiased it already
         return apply_activation(y, *act)
     if groups < 0:
         y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
