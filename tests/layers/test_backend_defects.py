@@ -47,7 +47,7 @@ def test_batch_renorm_with_half_inputs_keeps_float32_statistics(dtype):
     renorm = nl.nn.BatchRenorm2d(6, schedule=nl.nn.RenormSchedule(1, 0))
     plain = nn.BatchNorm2d(6)
     truth = nn.BatchNorm2d(6).double()
-    for step in range(5):
+    for _ in range(5):
         x = (torch.randn(16, 6, 5, 5, dtype=torch.float64) * 3 + 1).to(dtype)
         renorm(x)
         plain(x)

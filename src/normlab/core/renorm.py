@@ -72,10 +72,12 @@ def batch_renorm(
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
+    # γ' and β' stay in the statistics' dtype (float32 for half inputs): cast to the input's,
+    # torch's kernel would keep the batch statistics — and so the running ones — in half
     return channel_norm(
         x,
-        w_eff.flatten().to(x.dtype),
-        b_eff.flatten().to(x.dtype),
+        w_eff.flatten().to(cdtype),
+        b_eff.flatten().to(cdtype),
         eps=eps,
         running=running,
         operation=operation,
