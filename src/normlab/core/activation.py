@@ -124,6 +124,12 @@ ACTIVATION_DEFAULTS = {name: ACTIVATIONS[name].default_param for name in FUSED_A
 INVERTIBLE_ACTIVATIONS = tuple(name for name in FUSED_ACTIVATIONS if ACTIVATIONS[name].invertible)
 _BY_CODE = {ACTIVATIONS[name].code: ACTIVATIONS[name] for name in FUSED_ACTIVATIONS}
 GAMMA_GUARD = 1e-5
+SECOND_DERIVATIVES = (
+    "the in-place (output-only) mode has no second derivatives (create_graph=True): its "
+    "backward recovers the input from the output, which a second derivative would have to "
+    "differentiate through the statistics it did not keep; use inplace=False for a gradient "
+    "penalty or another double backward (docs/conventions.md)"
+)
 
 
 def activation_for_code(code: int) -> Activation:
@@ -162,15 +168,65 @@ def apply_activation(z: torch.Tensor, name: str, param: float, prelu_weight: tor
 
 
 def small_gamma_channels(weight: torch.Tensor | None) -> torch.Tensor | None:
-    """Indices of the channels whose |γ| is below the guard, or None when there are none.
-
-    Their x̂ cannot be recovered from the output (γ = 0 leaves nothing of it there), so the
-    in-place mode keeps their input — only theirs — for backward. Reading γ here costs a
-    host synchronization on GPUs, once per forward."""
+    """Indices of the channels whose |γ| is below :data:`GAMMA_GUARD`, or None when there are
+    none (the GPU kernels' criterion; the CPU paths use :func:`unrecoverable_channels`)."""
     if weight is None:
         return None
     small = (weight.detach().abs() < GAMMA_GUARD).nonzero().flatten()
     return small if small.numel() else None
+
+
+#: The error the in-place mode lets the x̂ it recovers from the output carry, relative to x̂,
+#: per dtype (docs/conventions.md): where the output cannot give x̂ back that well, the layer
+#: keeps the input of that channel instead.
+RECOVERY_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def unrecoverable_channels(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, name: str, param: float
+) -> torch.Tensor | None:
+    """Indices of the channels whose x̂ the in-place mode cannot recover from the output to
+    within :data:`RECOVERY_TOLERANCE`, or None when there are none. Read before the forward
+    overwrites ``x``.
+
+    x̂ = (z − β)/γ carries the rounding of z, about 2·ulp(|β|)/|γ| (β = 0.5, γ = 1e-4: 1e-3 in
+    float32); so a channel whose 4·eps·|β| exceeds tolerance·|γ| — or whose |γ| is below
+    :data:`GAMMA_GUARD` — is kept. ELU's inverse log1p(y/α) loses eps/eˢ of z where z is very
+    negative (−inf where y rounds to −α), so a channel whose smallest z falls below
+    log(eps/tolerance) is kept too. Reading the data costs a host synchronization on a GPU;
+    on the meta device there is nothing to read, and nothing is kept."""
+    if x.device.type == "meta" or x.numel() == 0:
+        return None
+    eps = torch.finfo(x.dtype).eps
+    tolerance = RECOVERY_TOLERANCE[x.dtype]
+    channels = x.shape[1]
+    with torch.no_grad():
+        gamma = torch.ones(channels, device=x.device) if weight is None else weight.detach().abs().float()
+        beta = torch.zeros(channels, device=x.device) if bias is None else bias.detach().abs().float()
+        keep = (gamma < GAMMA_GUARD) | (4 * eps * beta > tolerance * gamma)
+        if name == "elu":
+            keep |= _lowest_z(x, weight, bias, groups) < math.log(eps / tolerance)
+    kept = keep.nonzero().flatten()
+    return kept if kept.numel() else None
+
+
+def _lowest_z(x, weight, bias, groups) -> torch.Tensor:
+    """The smallest z = γ·x̂ + β of each channel, from the input's extremes and statistics
+    (no tensor as large as x is made)."""
+    target, dims, w, b = _grouped(x, weight, bias, groups)
+    cdtype = compute_dtype(x.dtype)
+    var, mean = torch.var_mean(target, dims, keepdim=True, correction=0)
+    rstd = torch.rsqrt(var.to(cdtype) + 1e-30)
+    spatial = dims if groups < 0 else tuple(range(3, target.dim()))  # per channel (and sample)
+    low = (target.amin(spatial, keepdim=True).to(cdtype) - mean.to(cdtype)) * rstd
+    high = (target.amax(spatial, keepdim=True).to(cdtype) - mean.to(cdtype)) * rstd
+    if w is not None:
+        low, high = low * w.to(cdtype), high * w.to(cdtype)
+    z = torch.minimum(low, high)
+    if b is not None:
+        z = z + b.to(cdtype)
+    z = z.flatten(1) if groups > 0 else z.flatten()  # (N, C) for GroupNorm, (C,) for BatchNorm
+    return z.amin(0) if groups > 0 else z
 
 
 def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xhat_small=None):
@@ -190,14 +246,31 @@ def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xha
     safe = torch.where(gamma.abs() < GAMMA_GUARD, torch.full_like(gamma, GAMMA_GUARD).copysign(gamma), gamma)
     xhat = (z - beta) / safe
     if small is not None:
+        # the kept channels' z may be −inf (ELU's output at −α): replaced below, kept finite
+        # here so that nothing non-finite reaches the sums
+        xhat = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0)
+    if small is not None:
         flat = xhat.flatten(1, 2) if groups > 0 else xhat
         flat = flat.index_copy(1, small, xhat_small.to(cdtype))
         xhat = flat.unflatten(1, target.shape[1:3]) if groups > 0 else flat
+        dz = _exact_dz(dz, dyc, xhat, gamma, beta, small, target.shape, groups, entry, param)
     g = dz * gamma
     dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
     dw = (dz * xhat).sum_to_size(w.shape).view(weight.shape).to(weight.dtype) if weight is not None else None
     db = dz.sum_to_size(b.shape).view(bias.shape).to(bias.dtype) if bias is not None else None
     return dx.view(y.shape).to(y.dtype), dw, db
+
+
+def _exact_dz(dz, dy, xhat, gamma, beta, kept, shape, groups, entry, param):
+    """dz = dy·act'(z) with z = γ·x̂ + β from the kept channels' exact x̂ — the derivative read
+    off the output (ELU's y + α) has lost its digits where the output nears −α."""
+    channel_shape = [1, *shape[1 : 3 if groups > 0 else 2]] + [1] * (len(shape) - (3 if groups > 0 else 2))
+    mask = torch.zeros(math.prod(channel_shape), dtype=torch.bool, device=dz.device)
+    mask[kept] = True
+    with torch.enable_grad():
+        z = (xhat * gamma + beta).detach().requires_grad_()
+        (exact,) = torch.autograd.grad(entry.forward(z, param, None), z, dy)
+    return torch.where(mask.view(channel_shape), exact, dz)
 
 
 class _InPlaceABN(torch.autograd.Function):
@@ -214,7 +287,7 @@ class _InPlaceABN(torch.autograd.Function):
         moments = centered_moments(target, dims)
         rstd = torch.rsqrt(moments.var + eps)
         xhat = (target.to(cdtype) - moments.shift - moments.offset) * rstd
-        small = small_gamma_channels(weight)
+        small = unrecoverable_channels(x, weight, bias, groups, name, param)
         xhat_small = None
         if small is not None:
             xhat_small = (xhat.flatten(1, 2) if groups > 0 else xhat).index_select(1, small)
@@ -230,7 +303,7 @@ class _InPlaceABN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():
-            raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
+            raise RuntimeError(SECOND_DERIVATIVES)
         y, weight, bias, rstd, xhat_small = ctx.saved_tensors
         dx, dw, db = abn_backward(y, dy, weight, bias, ctx.groups, rstd, ctx.name, ctx.param, ctx.small, xhat_small)
         return dx, dw, db, None, None, None, None, None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...activation import abn_backward, activation_for_code, small_gamma_channels
+from ...activation import SECOND_DERIVATIVES, abn_backward, activation_for_code, unrecoverable_channels
 from . import build
 
 __all__ = ["channel_norm_inplace"]
@@ -27,7 +27,7 @@ class _ChannelNormInPlace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups, eps, act, param, stats_out):
-        small = small_gamma_channels(weight)
+        small = unrecoverable_channels(x, weight, bias, groups, activation_for_code(act).name, param)
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
         _, shift, offset, rstd, mean, var = build.module.channel_forward(
             x, weight, bias, None, None, None, groups, eps, act, param, True
@@ -42,21 +42,22 @@ class _ChannelNormInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():
-            raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
+            raise RuntimeError(SECOND_DERIVATIVES)
         y, weight, bias, x_small = ctx.saved_tensors
         dx, dgamma, dbeta, _ = build.module.channel_backward(
             dy, y, weight, bias, None, *ctx.stats, ctx.groups, False, True, ctx.act, ctx.param
         )
         if ctx.small is not None:
-            _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small)
+            _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small)
         dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
 
 
-def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small) -> None:
-    """Overwrite dx and dγ of the channels the kernel could not recover x̂ for (|γ| below the
-    guard) — and, for GroupNorm, of the rest of their groups, whose dx depends on it — with
+def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small) -> None:
+    """Overwrite dx, dγ and dβ of the channels the kernel could not recover x̂ for (see
+    :func:`~normlab.core.activation.unrecoverable_channels`) — and, for GroupNorm, of the rest
+    of their groups, whose dx depends on it — with
     the composed backward on just those channels, given x̂ from the kept input."""
     small, groups = ctx.small, ctx.groups
     shift, offset, rstd = ctx.stats
@@ -78,7 +79,7 @@ def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small) -> None:
         xhat_small = (x_small.double() - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
         sub_groups = touched.numel()
         sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
-    dx_c, dw_c, _ = abn_backward(
+    dx_c, dw_c, db_c = abn_backward(
         y.index_select(1, channels),
         dy.index_select(1, channels),
         None if weight is None else weight.detach().index_select(0, channels),
@@ -92,6 +93,8 @@ def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, x_small) -> None:
     )
     dx.index_copy_(1, channels, dx_c)
     dgamma.index_copy_(0, channels, dw_c.double())
+    if db_c is not None:  # ELU's dβ read off y + α has lost its digits near −α
+        dbeta.index_copy_(0, channels, db_c.to(dbeta.dtype))
 
 
 def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):
