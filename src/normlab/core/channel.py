@@ -135,7 +135,11 @@ def channel_norm(
     if path == KERNELS:
         return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
     if path == NATIVE:
-        return native.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, how == "export")
+        if not inplace:
+            return native.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, how == "export")
+        # in place under export or torch.func: torch's ops on a copy (theirs saves its input),
+        # the output then written over x
+        return x.copy_(native.channel_norm(x.clone(), weight, bias, groups, eps, batch_stats, running, act, False))
     if path == COMPOSED:
         if mask is not None:
             reference = how == "reference"

@@ -55,9 +55,9 @@ The table, first matching row wins:
 4   a mask, otherwise                                             composed, eager (or
                                                                   reference under
                                                                   export / torch.func)
-5   backend forced to "composed", not a tensor subclass           composed, eager
-6   torch.export, ONNX export, jit.trace                          native, export
-7   a torch.func transform or forward-mode AD                     native, eager
+5   torch.export, ONNX export, jit.trace                          native, export
+6   a torch.func transform or forward-mode AD                     native, eager
+7   backend forced to "composed", not a tensor subclass           composed, eager
 8   a tensor subclass (DTensor, ...), outside a compile, any      native, eager
     backend: the composed ops write in place, which a sharded
     DTensor refuses; its sharding rules are torch's ops
@@ -73,8 +73,10 @@ The table, first matching row wins:
 17  anything else (float64, half, CUDA, meta, ...)                native, eager
 ==  ============================================================  ======================
 
-and in place never runs native (torch has no in-place norm): a native answer becomes
-composed, eager. A forced backend that cannot take a call falls to the next one this way:
+and in place runs native only under export or a torch.func transform (torch's ops, the
+output then copied over the input); otherwise a native answer becomes composed, eager
+(torch has no in-place norm). Export and transforms take rows 5 and 6 whatever the forced
+backend: the composed ops' closed-form autograd Functions are opaque to them. A forced backend that cannot take a call falls to the next one this way:
 kernels → native → composed ("kernels" on float64 runs native; "native" with a mask or in
 place runs composed), triton → native → composed (the reason names what the Triton kernels
 refused); the reason says so. Forcing "kernels" where they cannot be built is an error, and
@@ -418,12 +420,12 @@ def choose_path(
             decision = KERNELS_MASKED
         else:
             decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
-    elif forced == COMPOSED and (compiling or type(x) in _PLAIN):  # 5
-        decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
-    elif exporting:  # 6
+    elif exporting:  # 5
         decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")
-    elif transformed:  # 7
+    elif transformed:  # 6
         decision = Decision(NATIVE, "eager", "torch.func transform or forward AD")
+    elif forced == COMPOSED and (compiling or type(x) in _PLAIN):  # 7
+        decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
     elif not compiling and type(x) not in _PLAIN:  # 8
         decision = Decision(
             NATIVE, "eager", f"a tensor subclass ({type(x).__name__}): torch's ops, which it implements"
@@ -469,7 +471,12 @@ def choose_path(
     if refused:
         decision = Decision(decision.path, decision.how, f"{decision.reason} (Triton kernels: {refused})")
     if inplace and decision.path == NATIVE:
-        decision = Decision(COMPOSED, "eager", f"{decision.reason}; in place: torch has no in-place norm")
+        if exporting or transformed:
+            # what they see of an in-place layer: torch's ops, the output then copied over the
+            # input (an autograd.Function that overwrites its input is opaque to them)
+            decision = Decision(NATIVE, decision.how, f"{decision.reason}; in place: the output copied over the input")
+        else:
+            decision = Decision(COMPOSED, "eager", f"{decision.reason}; in place: torch has no in-place norm")
     if _logs and not compiling:
         _note(operation, decision)
     return decision
