@@ -42,7 +42,22 @@ BACKENDS = ("kernels", "native", "composed")
 EXAMPLES_ON_OTHER_BACKENDS = 8
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_generate_tests(metafunc):
+    """A test that uses the ``backend`` fixture runs once per backend in :data:`BACKENDS`, or
+    on those its ``backends(...)`` mark names (a property of one path)."""
+    direct = any("backend" in _argnames(mark) for mark in metafunc.definition.iter_markers("parametrize"))
+    if "backend" in metafunc.fixturenames and not direct:
+        mark = metafunc.definition.get_closest_marker("backends")
+        names = mark.args if mark is not None else BACKENDS
+        metafunc.parametrize("backend", [name for name in BACKENDS if name in names], indirect=True)
+
+
+def _argnames(mark) -> list[str]:
+    names = mark.args[0]
+    return [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+
+
+@pytest.fixture
 def backend(request):
     """Runs the test with normlab's backend forced to each of :data:`BACKENDS` in turn; a test
     module opts in with ``pytestmark = pytest.mark.usefixtures("backend")``."""

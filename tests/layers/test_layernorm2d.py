@@ -37,7 +37,6 @@ def _affine(c, which):
     return w, b
 
 
-@pytest.mark.parametrize("backend", ["auto", "composed"])
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
 @pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 def test_values_and_gradients_match_float64_reference(layout, affine, backend):
@@ -53,6 +52,7 @@ def test_values_and_gradients_match_float64_reference(layout, affine, backend):
         assert_close_scaled(a.double(), e.double(), rtol=1e-5)
 
 
+@pytest.mark.backends("kernels")
 @pytest.mark.skipif(not core.kernels_available(), reason="kernels unavailable here")
 def test_channels_last_runs_the_row_kernel_in_place_of_the_permute():
     x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
@@ -62,9 +62,19 @@ def test_channels_last_runs_the_row_kernel_in_place_of_the_permute():
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+#: (backend, layout) → how that path differs (docs/conventions.md, "Backends"): strict xfails.
+LAYOUT_DIFFERENCES = {
+    ("native", "contiguous"): "torch's layer_norm on the permuted view: the output keeps the permuted "
+    "(channels_last) strides, as timm's LayerNorm2d's does",
+    ("composed", "channels_last"): "the composed ops keep one intermediate as large as the input",
+}
+
+
 @pytest.mark.parametrize("layout", DENSE_LAYOUTS)
-def test_no_activation_sized_copy_and_layout_kept(layout):
+def test_no_activation_sized_copy_and_layout_kept(layout, backend, request):
     """No permuted copy of the input (timm's permute → layer_norm copies NCHW input)."""
+    if (backend, layout) in LAYOUT_DIFFERENCES:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=LAYOUT_DIFFERENCES[backend, layout]))
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=memory_format(layout))
     layer = nl.nn.LayerNorm2d(16)
     copies = []

@@ -21,9 +21,6 @@ from hypothesis import strategies as st
 
 import normlab as nl
 
-# every test here runs once per backend (conftest.BACKENDS)
-pytestmark = pytest.mark.usefixtures("backend")
-
 F = nl.functional
 
 
