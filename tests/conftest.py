@@ -44,11 +44,15 @@ EXAMPLES_ON_OTHER_BACKENDS = 8
 
 def pytest_generate_tests(metafunc):
     """A test that uses the ``backend`` fixture runs once per backend in :data:`BACKENDS`, or
-    on those its ``backends(...)`` mark names (a property of one path)."""
+    on those its ``backends(...)`` mark names (a property of one path); NORMLAB_TEST_BACKENDS
+    (a comma-separated list) narrows that down."""
     direct = any("backend" in _argnames(mark) for mark in metafunc.definition.iter_markers("parametrize"))
     if "backend" in metafunc.fixturenames and not direct:
         mark = metafunc.definition.get_closest_marker("backends")
-        names = mark.args if mark is not None else BACKENDS
+        names = set(mark.args if mark is not None else BACKENDS)
+        chosen = os.environ.get("NORMLAB_TEST_BACKENDS")  # e.g. "kernels": the default path only
+        if chosen:
+            names &= {name.strip() for name in chosen.split(",")}
         metafunc.parametrize("backend", [name for name in BACKENDS if name in names], indirect=True)
 
 

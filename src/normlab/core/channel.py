@@ -136,7 +136,10 @@ def channel_norm(
         return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
     if path == NATIVE:
         if not inplace:
-            return native.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, how == "export")
+            instance = operation == "instance_norm"
+            return native.channel_norm(
+                x, weight, bias, groups, eps, batch_stats, running, act, how == "export", instance
+            )
         # in place under export or torch.func: torch's ops on a copy (theirs saves its input),
         # the output then written over x
         return x.copy_(native.channel_norm(x.clone(), weight, bias, groups, eps, batch_stats, running, act, False))

@@ -77,10 +77,11 @@ def _tracked_batch_norm(x, weight, bias, eps, count):
     return y, mean, var
 
 
-def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export):
+def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export, instance=False):
     """act(norm(x)) for the channel family with torch's ops, the running estimates of
     ``running`` used (``batch_stats`` False) or updated (True); ``act`` is the activation's
-    (name, param, prelu_weight), ``export`` the rule's ``how == "export"``."""
+    (name, param, prelu_weight), ``export`` the rule's ``how == "export"``; ``instance``: an
+    InstanceNorm (torch.nn's op for it, rather than GroupNorm's)."""
     if not batch_stats:
         y = TF.batch_norm(x, running.running_mean, running.running_var, weight, bias, False, 0.0, eps)
         return apply_activation(y, *act)
@@ -98,7 +99,11 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export
         return apply_activation(y, *act)
     if groups < 0:
         y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    elif groups == x.shape[1] and x.dim() > 2 and export:  # ONNX InstanceNormalization
+    elif groups == x.shape[1] and x.dim() > 2 and (export or instance):
+        # InstanceNorm: torch.nn's own op (ONNX InstanceNormalization when exporting), whose
+        # variance keeps its digits where torch's group_norm kernel loses them (large means,
+        # groups of a few values: 1e-3 off in float32 where torch.nn is 1e-5); GroupNorm
+        # keeps torch.nn's GroupNorm op
         y = TF.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
     else:
         if weight is None and bias is not None:
