@@ -99,7 +99,7 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export
         return apply_activation(y, *act)
     if groups < 0:
         y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    elif groups == x.shape[1] and x.dim() > 2 and (export or instance):
+    elif groups == x.shape[1] and x.dim() > 2 and (export or instance) and x.numel():  # (torch's fails on empty)
         # InstanceNorm: torch.nn's own op (ONNX InstanceNormalization when exporting), whose
         # variance keeps its digits where torch's group_norm kernel loses them (large means,
         # groups of a few values: 1e-3 off in float32 where torch.nn is 1e-5); GroupNorm
