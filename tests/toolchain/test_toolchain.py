@@ -379,6 +379,7 @@ class _CountActivationSized(torch.utils._python_dispatch.TorchDispatchMode):
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
+@pytest.mark.backends("kernels", "native")  # the native path's property; the composed ops take more passes
 def test_off_cpu_paths_make_no_more_passes_than_torch_nn(name, make, shape):
     """On the meta device (as on CUDA) normlab runs torch's native kernels: forward and
     backward make as many activation-sized passes as torch.nn's layer (1 and 1 or 2)."""
@@ -450,6 +451,7 @@ def _large_mean_bn(lib, cls="BatchNorm2d"):
 
 
 @pytest.mark.slow
+@pytest.mark.backends("kernels", "composed")  # native is torch's accuracy (docs/conventions.md, Backends)
 def test_compiled_eval_batchnorm_keeps_accuracy_on_large_mean_data():
     x = (1e4 + 0.01 * torch.randn(8, 4, 5, 5)).requires_grad_()
     ours = _large_mean_bn(nl.nn)

@@ -30,6 +30,23 @@ def _params(cases):
     return [pytest.param(case, id=case.id, marks=known_failures.marks(case.id)) for case in cases]
 
 
+#: Cases the composed backend fails, found by running this suite on it and not fixed yet:
+#: strict xfails, so a fix shows (backend, case-id glob) → reason.
+OPEN_ON_BACKEND = {
+    ("composed", "F.rms_norm/*/c*/*"): "complex RMSNorm on the composed ops raises a TypeError (open)",
+    ("composed", "nn.LayerNorm/3d_*/*/train/channels_last"): "output keeps channels_last where torch.nn's is "
+    "contiguous (open)",
+}
+
+
+@pytest.fixture(autouse=True)
+def _open_on_backend(request, backend):
+    case = request.node.callspec.params.get("case") if hasattr(request.node, "callspec") else None
+    for (name, pattern), reason in OPEN_ON_BACKEND.items():
+        if case is not None and backend == name and fnmatch.fnmatchcase(case.id, pattern):
+            request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
 def _judge(case, run):
     problems, skip = run(case)
     if skip is not None:
