@@ -18,8 +18,10 @@ from torch.func import grad, hessian, jacrev, jvp, vmap
 
 import normlab as nl
 
-# every test here runs once per backend (conftest.BACKENDS)
-pytestmark = pytest.mark.usefixtures("backend")
+# every test here runs on the kernels and on torch's ops (export, jit.trace and torch.func
+# take torch's ops whatever the backend; the composed ops would repeat the native runs at the
+# cost of CI time: the composed path is covered by the torch suite, the layers and the fuzzer)
+pytestmark = [pytest.mark.usefixtures("backend"), pytest.mark.backends("kernels", "native")]
 
 
 def _cnn(lib, *, act: bool = False, rms: bool = True) -> nn.Sequential:
@@ -379,7 +381,6 @@ class _CountActivationSized(torch.utils._python_dispatch.TorchDispatchMode):
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-@pytest.mark.backends("kernels", "native")  # the native path's property; the composed ops take more passes
 def test_off_cpu_paths_make_no_more_passes_than_torch_nn(name, make, shape):
     """On the meta device (as on CUDA) normlab runs torch's native kernels: forward and
     backward make as many activation-sized passes as torch.nn's layer (1 and 1 or 2)."""
@@ -451,7 +452,7 @@ def _large_mean_bn(lib, cls="BatchNorm2d"):
 
 
 @pytest.mark.slow
-@pytest.mark.backends("kernels", "composed")  # native is torch's accuracy (docs/conventions.md, Backends)
+@pytest.mark.backends("kernels")  # native is torch's accuracy (docs/conventions.md, Backends)
 def test_compiled_eval_batchnorm_keeps_accuracy_on_large_mean_data():
     x = (1e4 + 0.01 * torch.randn(8, 4, 5, 5)).requires_grad_()
     ours = _large_mean_bn(nl.nn)
