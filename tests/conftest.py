@@ -2,9 +2,16 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-import normlab as nl
+# Without a GPU the Triton kernels are tested under Triton's interpreter, on CPU tensors. Triton
+# reads the switch when its language and a kernel are defined — and importing normlab imports
+# torch._dynamo, which imports triton — so it is set before normlab is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import normlab as nl  # noqa: E402
 
 # Deterministic, database-free property tests: CI sees the same examples every run and
 # nothing is written to .hypothesis/. NORMLAB_HYPOTHESIS=dev explores more, randomly.
@@ -19,11 +26,6 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("NORMLAB_HYPOTHESIS", "ci"))
 
-# Without a GPU the Triton kernels are tested under Triton's interpreter, on CPU tensors. Triton
-# reads the switch when a kernel is defined, so it is set before any test module imports them.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -36,6 +38,10 @@ def _seed():
 #: float64 and half-precision call takes) and normlab's composed ops. The first is the default
 #: path; a backend that registers itself with the path rule adds its name here.
 BACKENDS = ("kernels", "native", "composed")
+#: Backends the suites run on only when asked by name in NORMLAB_TEST_BACKENDS: the Triton
+#: kernels, on CPU tensors under Triton's interpreter (minutes per suite: outside CI's budget;
+#: tests/kernels/test_triton_*.py cover them in CI).
+ON_REQUEST = ("triton",)
 #: Examples per Hypothesis property on the backends after the first: the properties explore
 #: inputs in full on the default path, and check the same kind of inputs on the others (CI's
 #: time budget). NORMLAB_HYPOTHESIS=dev explores every backend in full.
@@ -49,11 +55,13 @@ def pytest_generate_tests(metafunc):
     direct = any("backend" in _argnames(mark) for mark in metafunc.definition.iter_markers("parametrize"))
     if "backend" in metafunc.fixturenames and not direct:
         mark = metafunc.definition.get_closest_marker("backends")
-        names = set(mark.args if mark is not None else BACKENDS)
+        names = set(mark.args if mark is not None else BACKENDS + ON_REQUEST)
         chosen = os.environ.get("NORMLAB_TEST_BACKENDS")  # e.g. "kernels": the default path only
-        if chosen:
+        if chosen:  # e.g. "triton": the suites on the Triton kernels under the interpreter
             names &= {name.strip() for name in chosen.split(",")}
-        metafunc.parametrize("backend", [name for name in BACKENDS if name in names], indirect=True)
+        else:
+            names -= set(ON_REQUEST)
+        metafunc.parametrize("backend", [name for name in BACKENDS + ON_REQUEST if name in names], indirect=True)
 
 
 def _argnames(mark) -> list[str]:
