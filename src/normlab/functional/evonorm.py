@@ -191,6 +191,12 @@ def evonorm_batch(
         return _affine(input, weight, bias, input, fn)
     if variant == "b0":
         vv = affine_view(v, "v", input, False, fn)
+    if input.numel() == 0:
+        # An empty batch has no statistics to normalize by or to merge: an empty output and
+        # the estimates unchanged, as normlab's BatchNorm (torch.nn's too, bar its counter);
+        # every parameter still gets its (zero) gradient.
+        y = input * vv.to(input.dtype) if variant == "b0" else input
+        return _affine(y, weight, bias, input, fn)
     cdtype = compute_dtype(input.dtype)
     x = input.to(cdtype)
     spatial = tuple(range(2, input.dim()))

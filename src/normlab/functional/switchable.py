@@ -56,6 +56,16 @@ def switchable_norm(
         fn, input, weight, bias, running_mean, running_var, eps, shape_words="(N, C, *spatial)", min_rank=3
     )
     kinds = _check_mixture(mean_weight, var_weight, input)
+    if input.numel() == 0:
+        # An empty batch has no statistics to mix or to merge: an empty output and the
+        # estimates unchanged, as normlab's BatchNorm (torch.nn's too, bar its counter). The
+        # logits multiply the (empty) input only so that they too get their zero gradient.
+        y = input * (mean_weight.sum() + var_weight.sum()).to(input.dtype)
+        if weight is not None:
+            y = y * weight.to(input.dtype).view((1, -1) + (1,) * (input.dim() - 2))
+        if bias is not None:
+            y = y + bias.to(input.dtype).view((1, -1) + (1,) * (input.dim() - 2))
+        return y
     use_bn = kinds == 3
     cdtype = compute_dtype(input.dtype)
     ndim = input.dim()
