@@ -64,7 +64,8 @@ def act_grad(z, param, slope, ACT: tl.constexpr):
     elif ACT == 5:
         return tl.where(z > 0, 1.0, slope)
     else:
-        return z * 0.0 + 1.0
+        # not z·0 + 1, which is NaN where z is: dy passes through unchanged, as torch's
+        return tl.zeros_like(z) + 1.0
 
 
 @triton.jit
@@ -86,7 +87,7 @@ def act_grad_from_output(y, param, ACT: tl.constexpr):
     elif ACT == 3:
         return tl.where(y > 0, 1.0, y + param)
     else:
-        return y * 0.0 + 1.0
+        return tl.zeros_like(y) + 1.0  # not y·0 + 1 (NaN where y is)
 
 
 @triton.jit
