@@ -36,11 +36,6 @@ def test_a_nan_sample_leaves_the_bias_gradient_finite_under_triton(make, train):
     torch.testing.assert_close(bias_grads["triton"], bias_grads["composed"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the Triton kernels' fused ReLU turns NaN into 0 (torch.nn's ReLU keeps NaN; the composed "
-    "path too): a NaN input comes out 0 — the kernels' math",
-)
 def test_fused_relu_keeps_a_nan_input_nan_under_triton():
     x = torch.randn(3, 2, 1, 2)
     x[0] = float("nan")

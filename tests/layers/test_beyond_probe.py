@@ -61,12 +61,6 @@ def test_filter_response_norm_paths_agree_on_a_plane_holding_inf():
         torch.testing.assert_close(outputs[backend], outputs["native"], equal_nan=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the C++ kernels' fused ReLU is max(z, 0), which turns NaN into 0: a NaN input comes out "
-    "0 where torch.nn's BatchNorm2d + ReLU (and normlab's composed and native paths) give NaN — the "
-    "kernels' math; the Triton kernels do the same (tests/kernels/test_triton_probe.py)",
-)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_fused_relu_keeps_a_nan_input_nan_on_the_kernels_path(train):
     x = torch.randn(3, 2, 1, 2)

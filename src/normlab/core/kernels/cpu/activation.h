@@ -69,7 +69,7 @@ NL_INLINE float fast_log1p(float u) {
 // with `if constexpr`, so each instantiated loop has no branch on the activation kind.
 template <int A>
 NL_INLINE float act_forward(float z, float param) {
-  if constexpr (A == RELU) return z > 0.f ? z : 0.f;
+  if constexpr (A == RELU) return z < 0.f ? 0.f : z;  // not z > 0 ? z : 0, which turns NaN into 0
   else if constexpr (A == LEAKY || A == PRELU) return z > 0.f ? z : z * param;
   else if constexpr (A == ELU) return z > 0.f ? z : param * (fast_exp(z) - 1.f);
   else if constexpr (A == SILU) return z / (1.f + fast_exp(-z));

@@ -35,7 +35,7 @@ if {name: ACTIVATIONS[name].code for name in FUSED_ACTIVATIONS} != _CODES:
 def act_forward(z, param, slope, ACT: tl.constexpr):
     """act(z)."""
     if ACT == 1:
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0, 0.0, z)  # keeps NaN, as torch's relu (tl.maximum drops it)
     elif ACT == 2:
         return tl.where(z > 0, z, z * param)
     elif ACT == 3:
