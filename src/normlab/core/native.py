@@ -54,6 +54,9 @@ def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     return mean, var
 
 
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
 def _tracked_batch_norm(x, weight, bias, eps, count):
     """BatchNorm with batch statistics in torch's kernel, and the batch's mean and unbiased
     variance for the running estimates — from the same kernel, in one pass.
@@ -92,7 +95,9 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export
         # half dtype (torch.nn passes float32 running estimates, which avoids that):
         # γ = 1 in float32 keeps the statistics float32, as documented
         weight = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
-    if groups < 0 and track and not export:
+    if groups < 0 and track and not export and type(x) is torch.Tensor and not _is_batched(x):
+        # (a tensor subclass — DTensor — or vmap's batched tensor would meet plain buffers
+        # in the kernel: they take the batch statistics below, and RunningStats' checks)
         y, mean, unbiased_var = _tracked_batch_norm(x, weight, bias, eps, count)
         var = unbiased_var if running.unbiased or count < 2 else unbiased_var * ((count - 1) / count)
         running.update(mean, var, count, unbiased=False)  # the kernel unbiased it already
