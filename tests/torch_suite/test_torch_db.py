@@ -33,7 +33,6 @@ def _params(cases):
 #: Cases the composed backend fails, found by running this suite on it and not fixed yet:
 #: strict xfails, so a fix shows (backend, case-id glob) → reason.
 OPEN_ON_BACKEND = {
-    ("composed", "F.rms_norm/*/c*/*"): "complex RMSNorm on the composed ops raises a TypeError (open)",
     ("composed", "nn.LayerNorm/3d_*/*/train/channels_last"): "output keeps channels_last where torch.nn's is "
     "contiguous (open)",
 }

@@ -57,7 +57,8 @@ The table, first matching row wins:
                                                                   export / torch.func)
 5   torch.export, ONNX export, jit.trace                          native, export
 6   a torch.func transform or forward-mode AD                     native, eager
-7   backend forced to "composed", not a tensor subclass           composed, eager
+7   backend forced to "composed", not a tensor subclass or a      composed, eager
+    complex input (RMSNorm's, which torch's op takes)
 8   a tensor subclass (DTensor, ...), outside a compile, any      native, eager
     backend: the composed ops write in place, which a sharded
     DTensor refuses; its sharding rules are torch's ops
@@ -424,7 +425,7 @@ def choose_path(
         decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")
     elif transformed:  # 6
         decision = Decision(NATIVE, "eager", "torch.func transform or forward AD")
-    elif forced == COMPOSED and (compiling or type(x) in _PLAIN):  # 7
+    elif forced == COMPOSED and (compiling or type(x) in _PLAIN) and not x.is_complex():  # 7
         decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
     elif not compiling and type(x) not in _PLAIN:  # 8
         decision = Decision(
