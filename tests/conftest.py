@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 import pytest
@@ -38,10 +39,11 @@ def _seed():
 #: float64 and half-precision call takes) and normlab's composed ops. The first is the default
 #: path; a backend that registers itself with the path rule adds its name here.
 BACKENDS = ("kernels", "native", "composed")
-#: Backends the suites run on only when asked by name in NORMLAB_TEST_BACKENDS: the Triton
-#: kernels, on CPU tensors under Triton's interpreter (minutes per suite: outside CI's budget;
-#: tests/kernels/test_triton_*.py cover them in CI).
+#: Backends the suites run on only when asked by name in NORMLAB_TEST_BACKENDS, or for files
+#: marked ``with_triton`` (the in-place mode, add + norm: cheap enough for CI): the Triton
+#: kernels, on CPU tensors under Triton's interpreter (minutes for the other suites).
 ON_REQUEST = ("triton",)
+_TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 #: Examples per Hypothesis property on the backends after the first: the properties explore
 #: inputs in full on the default path, and check the same kind of inputs on the others (CI's
 #: time budget). NORMLAB_HYPOTHESIS=dev explores every backend in full.
@@ -59,7 +61,7 @@ def pytest_generate_tests(metafunc):
         chosen = os.environ.get("NORMLAB_TEST_BACKENDS")  # e.g. "kernels": the default path only
         if chosen:  # e.g. "triton": the suites on the Triton kernels under the interpreter
             names &= {name.strip() for name in chosen.split(",")}
-        else:
+        elif not (metafunc.definition.get_closest_marker("with_triton") and _TRITON_ON_CPU):
             names -= set(ON_REQUEST)
         metafunc.parametrize("backend", [name for name in BACKENDS + ON_REQUEST if name in names], indirect=True)
 

@@ -15,7 +15,7 @@ import normlab as nl
 from normlab import core
 
 # every test here runs once per backend (conftest.BACKENDS)
-pytestmark = pytest.mark.usefixtures("backend")
+pytestmark = [pytest.mark.usefixtures("backend"), pytest.mark.with_triton]
 
 KERNELS = core.kernels_available()
 SHAPES = [(8, 16), (2, 3, 33), (5, 1100)]  # odd widths; 1100 crosses the kernels' 512-float blocks

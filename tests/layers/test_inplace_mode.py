@@ -11,7 +11,7 @@ import normlab as nl
 from normlab import core
 
 # every test here runs once per backend (conftest.BACKENDS)
-pytestmark = pytest.mark.usefixtures("backend")
+pytestmark = [pytest.mark.usefixtures("backend"), pytest.mark.with_triton]
 
 PATHS = {
     "kernels": (torch.float32, "auto"),  # the kernels (the composed ops where they are unavailable)
