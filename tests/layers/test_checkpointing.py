@@ -129,3 +129,25 @@ def test_batch_renorm_recompute_reads_the_updated_estimates():
     torch.testing.assert_close(ckpt_mean, plain_mean)
     assert ckpt_count == plain_count == STEPS
     assert (ckpt[-1] - plain[-1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize(
+    "dtype, backend", [(torch.float64, "auto"), (torch.float32, "native")], ids=["float64", "native"]
+)
+def test_checkpointed_batchnorm_on_torchs_ops_recomputes_the_same_and_updates_once(dtype, backend, use_reentrant):
+    """torch's ops (float64, CUDA, a forced native backend) take the same route in the
+    recompute as in the forward — non-reentrant checkpointing compares the saved tensors — and
+    merge the batch once."""
+    torch.manual_seed(0)
+    layer, reference = nl.nn.BatchNorm2d(4).to(dtype), torch.nn.BatchNorm2d(4).to(dtype)
+    for _ in range(3):
+        x = torch.randn(6, 4, 5, 5, dtype=dtype, requires_grad=True)
+        with nl.core.use_backend(backend):
+            checkpoint(layer, x, use_reentrant=use_reentrant).sum().backward()
+        x_ref = x.detach().clone().requires_grad_()
+        reference(x_ref).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    assert int(layer.num_batches_tracked) == 3
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    torch.testing.assert_close(layer.running_var, reference.running_var)

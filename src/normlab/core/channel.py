@@ -42,7 +42,7 @@ from .paths import (
     kernel_layout,
     recomputing,
 )
-from .running import RunningStats
+from .running import DiscardingStats, RunningStats
 
 __all__ = ["channel_norm", "instance_norm_layout", "masked_channel_norm"]
 
@@ -100,7 +100,9 @@ def channel_norm(
         # the direct path is never compiled: one C call there, no Python frame
         and (_graph_task_id() != -1 if decision is KERNELS_DIRECT else recomputing())
     ):
-        running = None  # a checkpoint's recompute: this step's batch was merged in already
+        # a checkpoint's recompute: this step's batch was merged in already. torch's ops take
+        # the same route as in the forward (their saved tensors must match it), merging nothing
+        running = DiscardingStats(running) if decision.path == NATIVE else None
     if copy_weight and weight is not None and decision.path != NATIVE and torch.is_grad_enabled():
         weight = weight.clone()  # torch's own op (native) copies it itself: not twice, and traces as torch.nn
     if decision is KERNELS_DIRECT and not inplace:

@@ -369,3 +369,18 @@ def to_decay_convention(
             raise InputError(f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}")
         var = running_var * ((elements_per_batch - 1) / elements_per_batch)
     return DecayStatistics(running_mean.clone(), var.clone(), decay)
+
+
+class DiscardingStats:
+    """A checkpoint recompute's view of a :class:`RunningStats`: it reads the policy's
+    estimates and options and merges nothing, so torch's ops run as they did in the forward
+    (checkpointing requires the same saved tensors) without a second update."""
+
+    def __init__(self, running: RunningStats) -> None:
+        self._running = running
+
+    def __getattr__(self, name: str):
+        return getattr(self._running, name)
+
+    def update(self, *args, **kwargs) -> None:
+        return None
