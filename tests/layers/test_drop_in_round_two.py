@@ -33,7 +33,7 @@ def test_instance_norm_weight_changed_in_place_between_forward_and_backward():
     assert y.shape == x.shape
 
 
-def test_rms_norm_takes_a_tensor_made_under_inference_mode():
+def test_rms_norm_takes_a_tensor_made_under_inference_mode(backend):
     with torch.inference_mode():
         x = torch.randn(4, 8)
     grads = []

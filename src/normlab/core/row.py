@@ -98,6 +98,8 @@ def row_norm(
     if path == NATIVE:
         y = native.row_norm(summed, normalized_shape, weight, bias, eps, centered)
     else:
+        if not torch.compiler.is_compiling() and summed.is_inference() and torch.is_grad_enabled():
+            summed = summed.clone()  # the composed ops keep their input for backward (as above)
         y = composed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
     return y if residual is None else (y, summed)
 
