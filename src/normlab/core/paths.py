@@ -57,8 +57,10 @@ The table, first matching row wins:
                                                                   export / torch.func)
 5   torch.export, ONNX export, jit.trace                          native, export
 6   a torch.func transform or forward-mode AD                     native, eager
-7   backend forced to "composed", not a tensor subclass or a      composed, eager
-    complex input (RMSNorm's, which torch's op takes)
+7   backend forced to "composed", not a tensor subclass, a        composed, eager
+    complex input (RMSNorm's, which torch's op takes) or empty
+    (torch's op decides what an empty input means: torch 2.14
+    refuses a GroupNorm with no channels or positions)
 8   a tensor subclass (DTensor, ...), outside a compile, any      native, eager
     backend: the composed ops write in place, which a sharded
     DTensor refuses; its sharding rules are torch's ops
@@ -425,7 +427,7 @@ def choose_path(
         decision = Decision(NATIVE, "export", "export/trace: torch's own norm ops")
     elif transformed:  # 6
         decision = Decision(NATIVE, "eager", "torch.func transform or forward AD")
-    elif forced == COMPOSED and (compiling or type(x) in _PLAIN) and not x.is_complex():  # 7
+    elif forced == COMPOSED and (compiling or type(x) in _PLAIN) and not x.is_complex() and x.numel():  # 7
         decision = Decision(COMPOSED, "eager", "backend forced to 'composed'")
     elif not compiling and type(x) not in _PLAIN:  # 8
         decision = Decision(
