@@ -32,6 +32,9 @@ def _segment(shape: str) -> nn.Module:
         "GroupNormAct": lambda: nn.Sequential(conv, nl.nn.GroupNormAct(2, 4)),
         "InstanceNorm-tracking": lambda: nl.nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
         "BN-cumulative": lambda: nn.Sequential(nl.nn.BatchNorm2d(4, momentum=None), nn.ReLU()),
+        # the newer norms with running estimates of their own update them once per step too
+        "Conv-EvoNormB0": lambda: nn.Sequential(conv, nl.nn.EvoNormB0(4)),
+        "Conv-SwitchableNorm2d": lambda: nn.Sequential(conv, nl.nn.SwitchableNorm2d(4)),
     }[shape]()
 
 
@@ -65,6 +68,8 @@ SHAPES = [
     "GroupNormAct",
     "InstanceNorm-tracking",
     "BN-cumulative",
+    "Conv-EvoNormB0",
+    "Conv-SwitchableNorm2d",
     "masked",
 ]
 
@@ -81,7 +86,7 @@ def test_checkpointed_segment_updates_once_per_step_and_matches_the_plain_run(sh
     for key in plain_state:
         torch.testing.assert_close(ckpt_state[key], plain_state[key], msg=key)
     counters = [v for k, v in ckpt_state.items() if k.endswith("num_batches_tracked")]
-    if shape != "GroupNormAct":
+    if shape not in ("GroupNormAct", "Conv-EvoNormB0"):  # EvoNorm keeps no counter (timm's state dict)
         assert counters and all(int(c) == STEPS for c in counters)
     for p_ckpt, p_plain in zip(module.parameters(), make().parameters()):
         assert p_ckpt.grad is not None and p_ckpt.shape == p_plain.shape

@@ -39,6 +39,7 @@ from ..core import (
 )
 from ..core.call_checks import check_update_args, too_few_values
 from ..core.checks import InputError
+from ..core.paths import recomputing
 from ._params import affine_view
 
 __all__ = ["evonorm_b0", "evonorm_batch", "evonorm_s0", "evonorm_sample"]
@@ -205,7 +206,8 @@ def evonorm_batch(
         if count <= 1:
             raise too_few_values(input)
         left, batch_var = _deviation(x, (0,) + spatial, eps)  # (1, C, 1, ...)
-        if training and running_var is not None:
+        # a checkpoint's recompute sees this step's batch again: merged once per real step
+        if training and running_var is not None and not recomputing():
             momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
             # EvoNorm keeps no running mean: a zero stand-in, finite by construction.
             zeros = torch.zeros_like(running_var)

@@ -23,6 +23,7 @@ import torch
 from ..core import Moments, centered_moments, compute_dtype, merge_moments, reduced_count, update_running_stats
 from ..core.call_checks import check_channel_call, check_update_args, too_few_values
 from ..core.checks import InputError
+from ..core.paths import recomputing
 from ._params import check_kind
 
 __all__ = ["switchable_norm"]
@@ -93,7 +94,8 @@ def switchable_norm(
                 raise too_few_values(input)
             batch = merge_moments(Moments(count, instance_mean, instance_var * per_instance), dim=0)
             batch_mean, batch_var = batch.mean.unsqueeze(0), batch.var.unsqueeze(0)  # (1, C, 1, ...)
-            if training and running_mean is not None:
+            # a checkpoint's recompute sees this step's batch again: merged once per real step
+            if training and running_mean is not None and not recomputing():
                 momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
                 update_running_stats(
                     running_mean,
