@@ -85,7 +85,11 @@ NORM_LAYERS: tuple[type, ...] = (
 
 
 def is_norm_layer(module: _torch_nn.Module) -> bool:
-    """True for any normlab or torch.nn normalization layer."""
+    """True for any normlab or torch.nn normalization layer.
+
+    Args:
+        module: the module to test (an instance of one of ``NORM_LAYERS``).
+    """
     return isinstance(module, NORM_LAYERS)
 
 

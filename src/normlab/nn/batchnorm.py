@@ -47,6 +47,8 @@ _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015
             unchanged (warning on CPU); ``"raise"`` raises
             :class:`normlab.core.NonFiniteStatisticsError`. The output is computed from
             the batch either way, so the loss shows the problem. Default ``"skip"``.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - Input: {input_shapes}

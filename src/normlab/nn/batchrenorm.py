@@ -24,6 +24,16 @@ class RenormSchedule:
     and ``d_max`` over ``ramp_steps``. The step is the layer's ``num_batches_tracked``.
     The paper's ImageNet schedule is about warmup 5k steps, reaching r_max = 3 at 40k
     and d_max = 5 at 25k steps; scale it to your run length.
+
+    Args:
+        r_max: the largest r allowed after the ramp; >= 1 (1 is plain BatchNorm). Default 3.0.
+        d_max: the largest |d| allowed after the ramp; >= 0 (0 is plain BatchNorm). Default 5.0.
+        warmup_steps: steps trained as plain BatchNorm first; >= 0. Default 0.
+        ramp_steps: steps over which the clips grow linearly to ``r_max`` and ``d_max``;
+            >= 0 (0: at once). Default 0.
+
+    Raises:
+        ValueError: a value outside these ranges.
     """
 
     r_max: float = 3.0
@@ -82,6 +92,8 @@ _DOC = r"""Batch Renormalization (Ioffe, 2017) over a {shape_words} input.
             (r and d need them).
         schedule: a :class:`RenormSchedule` (default: r_max = 3, d_max = 5 from the
             first step). ``RenormSchedule(1, 0)`` is exactly BatchNorm.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 """
 
 

@@ -104,6 +104,18 @@ class _EvoNormBatch(_EvoNorm):
         return text + (", frozen=True" if self.frozen else "")
 
 
+_KWARGS_IGNORED = """        **kwargs: further keywords of timm's constructor, accepted and ignored.
+"""
+_DEVICE = """        device, dtype: device and floating dtype of the parameters, as in torch.nn.
+            Default None (torch's defaults).
+"""
+_ACT_LAYER = """
+        act_layer: the activation: a module class, an instance (copied) or None for SiLU.
+            Default None."""
+_KWARGS_TO_PARENT = """        **kwargs: ``device`` and ``dtype`` as for the parent class; further keywords of
+            timm's constructor are accepted and ignored.
+"""
+
 _BATCH_DOC = r"""
 
     σ_B is the standard deviation of each channel over (N, H, W) in training — biased where
@@ -119,14 +131,16 @@ _BATCH_DOC = r"""
         momentum: weight of the new batch in the running variance. Default 0.1.
         eps: added to each variance; default {eps}.
         unbiased_running_var, on_nonfinite: keyword-only, as normlab's BatchNorm.
-"""
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
+{rest}"""
 
 
 class EvoNormB0(_EvoNormBatch):
     __doc__ = r"""EvoNorm-B0: :math:`y = \frac{x}{\max(\sigma_B,\ v x + \sigma_I)} \gamma + \beta`.
 
     σ_I is the standard deviation of each (sample, channel) over (H, W); v, γ, β are learned
-    per channel (v init 1).""" + _BATCH_DOC.format(eps="1e-3")
+    per channel (v init 1).""" + _BATCH_DOC.format(eps="1e-3", rest=_KWARGS_IGNORED)
 
     _variant = "b0"
     _has_v = True
@@ -159,14 +173,14 @@ class EvoNormB0(_EvoNormBatch):
 
 class EvoNormB1(_EvoNormBatch):
     __doc__ = r"""EvoNorm-B1: :math:`y = \frac{x}{\max(\sigma_B,\ (x + 1) \rho_I)} \gamma + \beta`,
-    ρ_I = √(mean_{H,W}(x²) + ε) per (sample, channel).""" + _BATCH_DOC.format(eps="1e-5")
+    ρ_I = √(mean_{H,W}(x²) + ε) per (sample, channel).""" + _BATCH_DOC.format(eps="1e-5", rest="")
 
     _variant = "b1"
 
 
 class EvoNormB2(_EvoNormBatch):
     __doc__ = r"""EvoNorm-B2: :math:`y = \frac{x}{\max(\sigma_B,\ \rho_I - x)} \gamma + \beta`,
-    ρ_I = √(mean_{H,W}(x²) + ε) per (sample, channel).""" + _BATCH_DOC.format(eps="1e-5")
+    ρ_I = √(mean_{H,W}(x²) + ε) per (sample, channel).""" + _BATCH_DOC.format(eps="1e-5", rest="")
 
     _variant = "b2"
 
@@ -245,15 +259,22 @@ _SAMPLE_ARGS = r"""
     Args:
         num_features: C.
         groups: G (default 32), or ``group_size`` channels per group when that is given.
-        apply_act: the nonlinearity.{apply_act}
+        group_size: channels per group, as timm's; overrides ``groups`` when given (it must
+            divide ``num_features``). Default None.
+        apply_act: the nonlinearity.{apply_act}{act_layer}
         eps: default {eps}.
-"""
+{rest}"""
 
 
 class EvoNormS0(_EvoNormSample):
     __doc__ = (
         r"""EvoNorm-S0: :math:`y = \frac{x \cdot \mathrm{sigmoid}(v x)}{\sigma_G} \gamma + \beta`, v init 1."""
-        + _SAMPLE_ARGS.format(apply_act=" Without it the layer is the affine map alone, as timm's.", eps="1e-5")
+        + _SAMPLE_ARGS.format(
+            apply_act=" Without it the layer is the affine map alone, as timm's.",
+            act_layer="",
+            eps="1e-5",
+            rest=_DEVICE,
+        )
     )
 
     _gate = True
@@ -275,7 +296,7 @@ class EvoNormS0(_EvoNormSample):
 class EvoNormS0a(EvoNormS0):
     __doc__ = r"""EvoNorm-S0 as timm's ``EvoNorm2dS0a`` (RegNetZ "evos" models): eps 1e-3, and the division
     by σ_G stays when ``apply_act=False`` (then :math:`y = x / \sigma_G \cdot \gamma + \beta`).""" + _SAMPLE_ARGS.format(
-        apply_act="", eps="1e-3"
+        apply_act="", act_layer="", eps="1e-3", rest=_DEVICE
     )
 
     _always = True
@@ -296,12 +317,16 @@ class EvoNormS0a(EvoNormS0):
 
 class EvoNormS1(_EvoNormSample):
     __doc__ = r"""EvoNorm-S1: :math:`y = \frac{\mathrm{act}(x)}{\sigma_G} \gamma + \beta`, ``act`` SiLU by default
-    (``act_layer``).""" + _SAMPLE_ARGS.format(apply_act=" Without it the layer is the affine map alone.", eps="1e-5")
+    (``act_layer``).""" + _SAMPLE_ARGS.format(
+        apply_act=" Without it the layer is the affine map alone.", act_layer=_ACT_LAYER, eps="1e-5", rest=_DEVICE
+    )
 
 
 class EvoNormS1a(EvoNormS1):
     __doc__ = r"""EvoNorm-S1 as timm's ``EvoNorm2dS1a``: eps 1e-3, and the division by σ_G stays when
-    ``apply_act=False``.""" + _SAMPLE_ARGS.format(apply_act="", eps="1e-3")
+    ``apply_act=False``.""" + _SAMPLE_ARGS.format(
+        apply_act="", act_layer=_ACT_LAYER, eps="1e-3", rest=_KWARGS_TO_PARENT
+    )
 
     _always = True
 
@@ -321,7 +346,9 @@ class EvoNormS1a(EvoNormS1):
 class EvoNormS2(_EvoNormSample):
     __doc__ = (
         r"""EvoNorm-S2: :math:`y = \frac{\mathrm{act}(x)}{\rho_G} \gamma + \beta`, ``act`` SiLU by default."""
-        + _SAMPLE_ARGS.format(apply_act=" Without it the layer is the affine map alone.", eps="1e-5")
+        + _SAMPLE_ARGS.format(
+            apply_act=" Without it the layer is the affine map alone.", act_layer=_ACT_LAYER, eps="1e-5", rest=_DEVICE
+        )
     )
 
     _stat = "rms"
@@ -329,7 +356,9 @@ class EvoNormS2(_EvoNormSample):
 
 class EvoNormS2a(EvoNormS2):
     __doc__ = r"""EvoNorm-S2 as timm's ``EvoNorm2dS2a``: eps 1e-3, and the division by ρ_G stays when
-    ``apply_act=False``.""" + _SAMPLE_ARGS.format(apply_act="", eps="1e-3")
+    ``apply_act=False``.""" + _SAMPLE_ARGS.format(
+        apply_act="", act_layer=_ACT_LAYER, eps="1e-3", rest=_KWARGS_TO_PARENT
+    )
 
     _always = True
 

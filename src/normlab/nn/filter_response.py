@@ -10,6 +10,7 @@ from torch.fx import Proxy
 
 from ..core import check_positive_int
 from ..core.checks import InputError
+from ..core.types import DeviceLike, DTypeLike
 from ..functional.filter_response import filter_response_norm, tlu
 from .base import FreezableNorm, check_channel_input, init_channel_params, traced_call
 
@@ -62,10 +63,14 @@ class FilterResponseNorm2d(_FilterResponseBase):
     Args:
         num_features: C.
         eps: added to ν²; timm's default 1e-5 (the paper's 1e-6).
+        device, dtype: device and floating dtype of the parameters, as in torch.nn.
+            Default None (torch's defaults).
     """
     )
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, device: DeviceLike = None, dtype: DTypeLike = None
+    ) -> None:
         self._init_frn(num_features, eps, False, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -89,6 +94,8 @@ class FilterResponseNormTlu2d(_FilterResponseBase):
         apply_act: apply the TLU. Default True.
         eps: added to ν². Default 1e-5.
         rms: timm's flag; only True (the root mean square, which timm's forward always uses).
+        device, dtype: device and floating dtype of the parameters, as in torch.nn.
+            Default None (torch's defaults).
     """
     )
 
@@ -98,8 +105,8 @@ class FilterResponseNormTlu2d(_FilterResponseBase):
         apply_act: bool = True,
         eps: float = 1e-5,
         rms: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         **_,
     ) -> None:
         _check_rms(rms)
@@ -126,6 +133,17 @@ class FilterResponseNormAct2d(_FilterResponseBase):
     parameters and state-dict keys. ``act_layer`` is an ``nn.Module`` class (built without
     arguments, or with ``inplace`` when given), an instance (copied), or None; with
     ``apply_act=False`` the activation is the identity.
+
+    Args:
+        num_features: C.
+        apply_act: apply the activation. Default True.
+        act_layer: the activation: a module class, an instance (copied) or None. Default
+            ``nn.ReLU``.
+        inplace: passed to ``act_layer`` when it is a class and this is not None. Default None.
+        rms: timm's flag; only True (the root mean square, which timm's forward always uses).
+        eps: added to ν². Default 1e-5.
+        device, dtype: device and floating dtype of the parameters, as in torch.nn.
+            Default None (torch's defaults).
     """
     )
 
@@ -137,8 +155,8 @@ class FilterResponseNormAct2d(_FilterResponseBase):
         inplace: bool | None = None,
         rms: bool = True,
         eps: float = 1e-5,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         **_,
     ) -> None:
         _check_rms(rms)
@@ -157,9 +175,14 @@ class TLU(FreezableNorm, nn.Module):
 
     The activation FRN is paired with (Singh & Krishnan, 2020), over dim 1 of an
     (N, C, \*spatial) input. Parameter ``tau``, shape (C,).
+
+    Args:
+        num_features: C.
+        device, dtype: device and floating dtype of the parameters, as in torch.nn.
+            Default None (torch's defaults).
     """
 
-    def __init__(self, num_features: int, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, device: DeviceLike = None, dtype: DTypeLike = None) -> None:
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features")
         self.tau = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))

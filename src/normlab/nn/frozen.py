@@ -7,6 +7,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import RunningStats, channel_norm, check_eps, check_positive_int
+from ..core.types import DeviceLike, DTypeLike
 from .base import ChannelInput, traced_call
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
@@ -25,9 +26,18 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
     ``bias`` (backbones converted from Caffe2) loads with identity statistics, so the
     layer computes ``weight·x + bias``. A BatchNorm checkpoint loads directly; its
     ``num_batches_tracked`` is dropped.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to ``running_var`` before the square root; a finite number >= 0.
+            Default 1e-5.
+        device, dtype: device and floating dtype of the buffers, as in torch.nn. Default
+            None (torch's defaults).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, device: DeviceLike = None, dtype: DTypeLike = None
+    ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = check_positive_int(num_features, "num_features")
@@ -65,18 +75,23 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Input: (N, C) or (N, C, L).\n"
+    __doc__ = (
+        _FrozenBatchNorm.__doc__
+        + "\n    Shape:\n        - Input: (N, C) or (N, C, L).\n        - Output: same shape.\n"
+    )
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Input: (N, C, H, W).\n"
+    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Shape:\n        - Input: (N, C, H, W).\n        - Output: same shape.\n"
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Input: (N, C, D, H, W).\n"
+    __doc__ = (
+        _FrozenBatchNorm.__doc__ + "\n    Shape:\n        - Input: (N, C, D, H, W).\n        - Output: same shape.\n"
+    )
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"

@@ -44,6 +44,8 @@ class AddLayerNorm(_AddNorm, LayerNorm):
         eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         elementwise_affine: learn γ (init 1) and β (init 0). Default True.
         bias: learn β (with ``elementwise_affine``). Default True.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - x, residual: (\*, \*normalized_shape), the same shape.
@@ -62,6 +64,8 @@ class AddRMSNorm(_AddNorm, RMSNorm):
         eps: added to the mean square; None for the machine epsilon of the computation dtype.
             Default None.
         elementwise_affine: learn the gain (init 1). Default True.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - x, residual: (\*, \*normalized_shape), the same shape.

@@ -32,6 +32,8 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
         eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         affine: learn per-channel γ (init 1) and β (init 0). Default True.
         bias: keyword-only; learn β (only with ``affine``). Default True.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - Input: (N, C, \*), any memory format; channels_last stays channels_last.

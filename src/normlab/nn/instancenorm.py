@@ -42,6 +42,8 @@ _DOC = r"""Instance normalization over a {shape_words} input (Ulyanov et al., 20
         bias: learn β (only with ``affine``). Default True.
         unbiased_running_var, on_nonfinite: keyword-only, as for
             :class:`normlab.nn.BatchNorm2d`.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - Input: {input_shapes}

@@ -32,6 +32,8 @@ class LayerNorm(PerSampleNorm, nn.LayerNorm):
         eps: added to the variance before the square root; a finite number >= 0. Default 1e-5.
         elementwise_affine: learn γ (init 1) and β (init 0). Default True.
         bias: learn β (only with ``elementwise_affine``). Default True.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - Input: (\*, \*normalized_shape).
@@ -87,6 +89,8 @@ class RMSNorm(PerSampleNorm, nn.RMSNorm):
             the computation dtype (float32's for float16/bfloat16/float32 input,
             float64's for float64), as torch.nn does.
         elementwise_affine: learn γ (init 1). Default True.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - Input: (\*, \*normalized_shape).

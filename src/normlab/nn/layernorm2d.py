@@ -34,6 +34,8 @@ class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
             (timm's; torch.nn.LayerNorm's is 1e-5).
         affine: learn γ (init 1) and β (init 0). Default True.
         bias: learn β (only with ``affine``). Default True.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
 
     Shape:
         - Input: (N, C, H, W), contiguous or channels_last (any strides work).

@@ -44,8 +44,19 @@ def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | N
     with ``act_kwargs`` the keywords a class or name would be built with.
 
     ``None`` means no activation. A PReLU module gives no parameter: its slopes are state
-    (``act.weight``) and travel with the state dict. Raises ``ValueError`` for an
-    activation the fused layers do not compute (GELU, hard-swish, ...).
+    (``act.weight``) and travel with the state dict.
+
+    Args:
+        act: a torch.nn activation module, its class, a timm ``act_layer`` name, or None.
+        act_kwargs: the keywords a class or name would be built with; the parameter is read
+            from its keyword (``negative_slope``, ``alpha``). Default None.
+
+    Returns:
+        ``(activation, activation_param)``: the fused layers' activation name and its
+        parameter (None for the activation's default).
+
+    Raises:
+        ValueError: an activation the fused layers do not compute (GELU, hard-swish, ...).
     """
     if act is None:
         return "identity", None
@@ -226,6 +237,21 @@ def timm_norm_act(
     keeps no intermediate anyway. For a model that mixes activations, build it with
     timm's layers and convert with :func:`normlab.surgery.from_torch`, which reads each
     layer's own activation.
+
+    Args:
+        activation: the activation the layers apply unless timm passes its own
+            ``act_layer``: a name, a torch.nn activation class, or None for none.
+        activation_param: its parameter (LeakyReLU's slope, ELU's alpha, PReLU's initial
+            slope); None for the activation's default.
+        num_groups: keyword-only; build :class:`GroupNormAct` with this many groups instead
+            of :class:`BatchNormAct2d`. Default None.
+        **norm_kwargs: further keywords for every layer built (``eps``, ``momentum``, ...).
+
+    Returns:
+        A function timm calls as its ``norm_layer(num_features, ...)``.
+
+    Raises:
+        ValueError: an activation the fused layers do not compute.
     """
     default = activation_spec(activation, None)
     default = (default[0], activation_param if activation_param is not None else default[1])

@@ -43,6 +43,8 @@ class QKNorm(nn.Module):
             or the smallest norm divided by (l2: default 1e-6).
         elementwise_affine: learn γ (and β for "layer"). Default True.
         scale_init: keyword-only, "l2" only: g's initial value.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
     """
 
     def __init__(

@@ -33,6 +33,8 @@ class ScaleNorm(FreezableNorm, nn.Module):
         normalized_shape: int or sequence of ints, the trailing dims to normalize.
         eps: the smallest norm divided by (a clamp, not an addition). Default 1e-5.
         scale_init: keyword-only; g's initial value. Default √d.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
     """
 
     def __init__(

@@ -10,7 +10,7 @@ from torch.fx import Proxy
 
 from ..core import normalize_shape_arg
 from ..core.checks import InputError, InputTypeError
-from ..core.types import ShapeLike
+from ..core.types import DeviceLike, DTypeLike, ShapeLike
 from ..functional.squash import derf, dyt
 from .base import FreezableNorm, traced_call
 
@@ -88,6 +88,8 @@ class DyT(_Squash):
         channels_last: where the channels are (the authors' argument). Default True.
         alpha_init_value: α's initial value. Default 0.5.
         elementwise_affine, bias: keyword-only; learn γ (and β). Default True.
+        device, dtype: keyword-only; device and floating dtype of the parameters, as in
+            torch.nn. Default None (torch's defaults).
     """
 
     def __init__(
@@ -98,8 +100,8 @@ class DyT(_Squash):
         *,
         elementwise_affine: bool = True,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         self._init_squash(normalized_shape, channels_last, alpha_init_value, elementwise_affine, bias, factory)
@@ -121,7 +123,17 @@ class Derf(_Squash):
 
     with learned scalars α (init ``alpha_init_value``, 0.5) and s (``shift``, init
     ``shift_init_value``, 0) and per-channel γ, β. Parameters ``alpha``, ``shift`` (shape (1,)),
-    ``weight``, ``bias``, as the authors'. Arguments as :class:`DyT`'s.
+    ``weight``, ``bias``, as the authors'.
+
+    Args:
+        normalized_shape: the trailing dims γ and β cover (an int C for (*, C) tokens), or, with
+            ``channels_last=False``, the channel count C of dim 1 of an (N, C, \*spatial) input.
+        channels_last: where the channels are. Default True.
+        alpha_init_value: α's initial value. Default 0.5.
+        shift_init_value: s's initial value; a real number. Default 0.0.
+        elementwise_affine, bias: keyword-only; learn γ (and β). Default True.
+        device, dtype: keyword-only; device and floating dtype of the parameters, as in
+            torch.nn. Default None (torch's defaults).
     """
 
     def __init__(
@@ -133,8 +145,8 @@ class Derf(_Squash):
         *,
         elementwise_affine: bool = True,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         self._init_squash(normalized_shape, channels_last, alpha_init_value, elementwise_affine, bias, factory)

@@ -69,6 +69,8 @@ class StdConv2d(_StandardizedConv):
         padding: None (default: ``((stride − 1) + dilation·(k − 1)) // 2``), an int or pair,
             ``"same"`` or ``"valid"``.
         eps: added to the variance; timm's default 1e-6 (BiT's checkpoints use 1e-8).
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
     """
 
     def __init__(
@@ -104,6 +106,18 @@ class ScaledStdConv2d(_StandardizedConv):
     gain (parameter ``gain`` of shape (C_out, 1, 1, 1), initialized to ``gain_init``). A drop-in
     for timm's ``ScaledStdConv2d`` and ``ScaledStdConv2dSame`` (same constructor, parameters
     and state-dict keys; ``self.scale = gamma / √n`` as there).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, dilation, groups: as ``nn.Conv2d``.
+        padding: None (default: ``((stride − 1) + dilation·(k − 1)) // 2``), an int or pair,
+            ``"same"`` or ``"valid"``.
+        bias: learn a bias. Default True, as timm's.
+        gamma: γ, the gain of the activation that follows (e.g. about 1.71 for ReLU in
+            NFNets). Default 1.0.
+        eps: added to the variance. Default 1e-6.
+        gain_init: the initial value of the learned gain g. Default 1.0.
+        device, dtype: device and floating dtype of the parameters, as in torch.nn. Default
+            None (torch's defaults).
     """
 
     def __init__(

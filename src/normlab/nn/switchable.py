@@ -41,6 +41,8 @@ class SwitchableNorm2d(_NormBase, nn.modules.batchnorm._NormBase):
         using_bn: keyword-only; False mixes IN and LN only (2 logits each, no running
             statistics): nothing then depends on the batch. Default True.
         bias, unbiased_running_var, on_nonfinite: keyword-only, as normlab's BatchNorm2d.
+        device, dtype: device and floating dtype of the parameters and buffers, as in
+            torch.nn. Default None (torch's defaults).
     """
 
     def __init__(

@@ -137,25 +137,38 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
     training normalizes with every process's statistics, whose backward is an exchange of
     gradient sums that the fused kernels do not compute: there the activation follows the
     normalization as a separate op.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype:
+            as for :class:`SyncBatchNorm`.
+        activation: keyword-only. "relu" (default), "leaky_relu", "elu", "silu", "prelu" or
+            "identity".
+        activation_param: keyword-only. LeakyReLU's slope (default 0.01), ELU's alpha (1.0),
+            PReLU's initial slope (0.25).
+        **kwargs: the plain norm's keyword-only ``bias``, ``unbiased_running_var`` and
+            ``on_nonfinite``.
+
+    Raises:
+        ValueError: an unknown activation.
     """
 
     _operation = "batch_norm_act"
 
     def __init__(
         self,
-        num_features,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        process_group=None,
-        device=None,
-        dtype=None,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Any = None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
-        activation="relu",
-        activation_param=None,
-        **kwargs,
-    ):
+        activation: str = "relu",
+        activation_param: float | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
