@@ -29,6 +29,19 @@ def layer_norm2d(
     ``weight`` and ``bias`` have shape (C,). The output has the input's shape; its memory
     format is the input's for channels_last and NCHW-contiguous input. The default eps is
     timm's (1e-6), not torch.nn.LayerNorm's.
+
+    Args:
+        input: (N, C, H, W).
+        weight: γ, shape (C,), or None. Default None.
+        bias: β, shape (C,), or None. Default None.
+        eps: added to the variance; a finite number >= 0. Default 1e-6.
+
+    Returns:
+        The normalized tensor, shape (N, C, H, W).
+
+    Raises:
+        ValueError: an input that is not 4D, parameters of the wrong shape, a bad ``eps``.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     check_floating_input(input)
     if input.dim() != 4:

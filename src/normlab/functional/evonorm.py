@@ -64,6 +64,25 @@ def evonorm_b0(
     σ_B is the batch standard deviation per channel when ``training`` (``running_var``, if
     given, is then updated in place) and √(running_var + eps) otherwise. ``v`` None is the
     layer without its nonlinearity: the affine map alone, as timm's ``apply_act=False``.
+
+    Args:
+        input: (N, C, \\*spatial), at least one spatial dim.
+        running_var: (C,) running variance, updated in place in training; or None (batch
+            statistics always).
+        weight, bias: γ and β, shape (C,), or None.
+        v: the learned (C,) coefficient of x in the instance term, or None (no nonlinearity).
+        training: use (and merge) the batch's statistics. Default False.
+        momentum: weight of the new batch in ``running_var``. Default 0.1.
+        eps: added to each variance. Default 1e-3.
+        num_batches_tracked, unbiased_running_var, on_nonfinite: keyword-only, as for
+            :func:`batch_norm`.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an input with fewer than 3 dims, parameters of the wrong shape, a
+            batch of one value per channel in training, a bad ``eps`` or ``momentum``.
     """
     return evonorm_batch(
         input,
@@ -91,7 +110,22 @@ def evonorm_s0(
 ) -> torch.Tensor:
     """EvoNorm-S0 of an (N, C, \\*spatial) input: ``x·sigmoid(v·x) / σ_G · weight + bias``, σ_G
     the standard deviation of each (sample, group of C/groups channels). ``v`` None: the affine
-    map alone (timm's S0 with ``apply_act=False``)."""
+    map alone (timm's S0 with ``apply_act=False``).
+
+    Args:
+        input: (N, C, \\*spatial), at least one spatial dim.
+        groups: G, a positive int dividing C.
+        weight, bias: γ and β, shape (C,), or None.
+        v: the learned (C,) gate coefficient, or None (no nonlinearity).
+        eps: added to each variance. Default 1e-5.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an input with fewer than 3 dims, ``groups`` not dividing C, parameters
+            of the wrong shape, a bad ``eps``.
+    """
     numerator = None if v is None else "gate"
     return evonorm_sample(
         input, groups, weight, bias, eps, numerator=numerator, v=v, stat="std" if v is not None else None
@@ -181,7 +215,23 @@ def evonorm_batch(
     on_nonfinite: str = "skip",
 ) -> torch.Tensor:
     """The batch family: ``variant`` "b0" (needs ``v``; None means no nonlinearity), "b1" or
-    "b2" (``apply_act=False``: no nonlinearity). Arguments otherwise as :func:`evonorm_b0`."""
+    "b2" (``apply_act=False``: no nonlinearity).
+
+    Args:
+        input, running_var, weight, bias, v, training, momentum, eps: as for
+            :func:`evonorm_b0` (``v`` used by "b0" only).
+        variant: keyword-only; "b0", "b1" or "b2".
+        apply_act: keyword-only; the nonlinearity of "b1"/"b2" (without it, the affine map
+            alone). Default True.
+        num_batches_tracked, unbiased_running_var, on_nonfinite: keyword-only, as for
+            :func:`batch_norm`.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an unknown ``variant``, and the errors of :func:`evonorm_b0`.
+    """
     fn = f"evonorm_{variant}"
     eps = _check(fn, input, eps)
     channels = input.shape[1]
@@ -248,7 +298,22 @@ def evonorm_sample(
     v: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The sample family: ``numerator`` "gate" (x·sigmoid(v·x)), a callable (``act(x)``) or None
-    (x), divided by ``stat`` "std" (σ_G), "rms" (ρ_G) or None (no division); then the affine."""
+    (x), divided by ``stat`` "std" (σ_G), "rms" (ρ_G) or None (no division); then the affine.
+
+    Args:
+        input, groups, weight, bias: as for :func:`evonorm_s0`.
+        eps: added to each variance (or mean square).
+        numerator: keyword-only; "gate", a callable, or None.
+        stat: keyword-only; "std", "rms" or None.
+        v: keyword-only; the (C,) gate coefficient, needed for ``numerator="gate"``.
+            Default None.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an unknown ``stat``, and the errors of :func:`evonorm_s0`.
+    """
     fn = "evonorm_s"
     eps = _check(fn, input, eps)
     channels = input.shape[1]

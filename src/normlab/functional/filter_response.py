@@ -35,6 +35,21 @@ def filter_response_norm(
 
     ``weight``, ``bias`` and ``tau`` have shape (C,). The default eps is timm's (1e-5); the
     paper uses 1e-6 and, for 1×1 feature maps, a learned one.
+
+    Args:
+        input: (N, C, \\*spatial), at least one spatial dim.
+        weight: γ, shape (C,), or None. Default None.
+        bias: β, shape (C,), or None. Default None.
+        eps: added to ν²; a finite number >= 0. Default 1e-5.
+        tau: keyword-only; the TLU's threshold τ, shape (C,), or None for FRN alone.
+            Default None.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an input with fewer than 3 dims, parameters of the wrong shape, a bad ``eps``.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     check_floating_input(input)
     if input.dim() < 3:
@@ -56,9 +71,20 @@ def filter_response_norm(
 
 
 def tlu(input: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Thresholded Linear Unit ``max(input, tau)``, ``tau`` of shape (C,) along dim 1.
+    r"""Thresholded Linear Unit ``max(input, tau)``, ``tau`` of shape (C,) along dim 1.
 
     At a tie the gradient is shared half and half between the input and τ, as torch.maximum's is.
+
+    Args:
+        input: (N, C, \*spatial).
+        tau: the threshold τ, shape (C,).
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: ``tau`` None or of the wrong shape.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     check_floating_input(input)
     t = affine_view(tau, "tau", input, False, "tlu")

@@ -28,10 +28,27 @@ def norm_act(
     prelu_weight: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """``activation(norm(input))`` in one fused pass, for ``norm`` "batch" or "group".
+    r"""``activation(norm(input))`` in one fused pass, for ``norm`` "batch" or "group".
 
     See :func:`batch_norm_act` and :func:`group_norm_act` (which this calls) for the
     activations — relu, leaky_relu, elu, prelu, silu, identity — and the in-place mode.
+
+    Args:
+        input: (N, C, \*spatial).
+        norm: "batch" (default) or "group".
+        num_groups: keyword-only; G, required for "group".
+        running_mean, running_var, training, momentum: keyword-only; for "batch", as for
+            :func:`batch_norm` (note the default ``training=True`` here).
+        weight, bias, eps: keyword-only, as for :func:`batch_norm`.
+        activation, activation_param, prelu_weight, inplace: keyword-only, as for
+            :func:`batch_norm_act`.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an unknown ``norm``, "group" without ``num_groups``, and the errors of
+            the norm it calls.
     """
     if norm == "batch":
         return batch_norm_act(

@@ -73,8 +73,21 @@ def group_norm_act(
     inplace: bool = False,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``activation(group_norm(...))`` in one pass; arguments as for
-    :func:`normlab.functional.batch_norm_act` (``inplace`` and ``mask`` included)."""
+    """``activation(group_norm(...))`` in one pass.
+
+    Args:
+        input, num_groups, weight, bias, eps: as for :func:`group_norm`.
+        activation, activation_param, prelu_weight, inplace, mask: keyword-only, as for
+            :func:`batch_norm_act`.
+
+    Returns:
+        The output, the input's shape and dtype. (``input`` itself with ``inplace=True``).
+
+    Raises:
+        ValueError: the errors of :func:`group_norm`; an unknown activation, or
+            ``inplace=True`` with one that cannot be inverted.
+        TypeError: a non-tensor input or a non-floating dtype.
+    """
     param = check_activation(activation, activation_param, inplace=inplace)
     check_inplace_input(input, inplace)
     return _group_norm(

@@ -15,13 +15,30 @@ import torch
 
 from ..core import check_eps, check_floating_input, compute_dtype, mean_square, normalize_shape_arg
 from ..core.checks import InputError
+from ..core.types import ShapeLike
 from ._params import scalar_param
 
 __all__ = ["scale_norm"]
 
 
-def scale_norm(input: torch.Tensor, normalized_shape, scale: torch.Tensor | float, eps: float = 1e-5) -> torch.Tensor:
-    """``scale · input / max(‖input‖₂, eps)``, the norm over the trailing ``normalized_shape``."""
+def scale_norm(
+    input: torch.Tensor, normalized_shape: ShapeLike, scale: torch.Tensor | float, eps: float = 1e-5
+) -> torch.Tensor:
+    r"""``scale · input / max(‖input‖₂, eps)``, the norm over the trailing ``normalized_shape``.
+
+    Args:
+        input: (\*, \*normalized_shape).
+        normalized_shape: the trailing dims the ℓ2 norm is over (an int or a sequence).
+        scale: the scalar g, a float or a one-element tensor.
+        eps: the floor of the norm; a finite number >= 0. Default 1e-5.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: ``normalized_shape`` not the input's trailing dims, a bad ``scale`` or ``eps``.
+        TypeError: a non-tensor input or a non-floating dtype.
+    """
     check_floating_input(input)
     shape = normalize_shape_arg(normalized_shape)
     k = len(shape)

@@ -43,6 +43,20 @@ def dyt(
     ``alpha`` is a scalar (a float or a one-element tensor). ``channels_last=True``: ``weight``
     and ``bias`` have the shape of the input's trailing dims ((C,) for (*, C) tokens); False:
     they have shape (C,) and apply along dim 1 of an (N, C, \\*spatial) input (ConvNeXt).
+
+    Args:
+        input: (\\*, C) tokens, or (N, C, \\*spatial) with ``channels_last=False``.
+        alpha: α, a float or a one-element tensor.
+        weight: γ, or None. Default None.
+        bias: β, or None. Default None.
+        channels_last: keyword-only; where the channels are. Default True.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: parameters of the wrong shape, a non-scalar ``alpha``.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     return _squash("dyt", input, alpha, None, weight, bias, channels_last, erf=False)
 
@@ -56,8 +70,19 @@ def derf(
     *,
     channels_last: bool = True,
 ) -> torch.Tensor:
-    """Dynamic erf: ``weight · erf(alpha · input + shift) + bias``; arguments as for :func:`dyt`,
-    ``shift`` a scalar like ``alpha``."""
+    """Dynamic erf: ``weight · erf(alpha · input + shift) + bias``.
+
+    Args:
+        input, alpha, weight, bias, channels_last: as for :func:`dyt`.
+        shift: s, a float or a one-element tensor. Default 0.0.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: parameters of the wrong shape, a non-scalar ``alpha`` or ``shift``.
+        TypeError: a non-tensor input or a non-floating dtype.
+    """
     return _squash("derf", input, alpha, shift, weight, bias, channels_last, erf=True)
 
 

@@ -51,6 +51,23 @@ def switchable_norm(
     (IN, LN, BN) or 2 (IN, LN: no batch statistics, so nothing depends on the batch). The BN
     statistics are the batch's when ``training`` or when no running estimates are given (the
     estimates, if given, are then updated in place), else the running estimates.
+
+    Args:
+        input: (N, C, \\*spatial), at least one spatial dim.
+        running_mean, running_var: (C,) running estimates of the BN statistics, or None.
+        weight, bias: γ and β, shape (C,), or None.
+        mean_weight, var_weight: the mixture logits, 3 entries (IN, LN, BN) or 2 (IN, LN).
+        training, momentum, eps: as for :func:`batch_norm`.
+        num_batches_tracked, unbiased_running_var, on_nonfinite: keyword-only, as for
+            :func:`batch_norm`.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: an input with fewer than 3 dims, logits of another length or of
+            different lengths, parameters of the wrong shape, a bad ``eps``/``momentum``.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     fn = "switchable_norm"
     eps = check_channel_call(

@@ -18,6 +18,8 @@ re-raised with what was being exchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -125,7 +127,7 @@ def sync_batch_norm(
     training: bool = False,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-    process_group=None,
+    process_group: Any = None,
     *,
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
@@ -148,6 +150,24 @@ def sync_batch_norm(
     ``batch_norm``) each process contributes its valid positions; the global valid count
     stays on the device, and a global batch with fewer than 2 valid values leaves the
     running estimates untouched on every process.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as for
+            :func:`batch_norm`; N may differ between processes (0 included).
+        process_group: the ``torch.distributed`` group to synchronize over; None for the
+            whole world.
+        num_batches_tracked, unbiased_running_var, on_nonfinite, mask: keyword-only, as for
+            :func:`batch_norm`.
+        peers_checked: keyword-only; the peers' channels, dtype and rank were already
+            compared, so skip that collective. Default False.
+
+    Returns:
+        The output, the input's shape and dtype.
+
+    Raises:
+        ValueError: the errors of :func:`batch_norm`; peers that disagree on channels,
+            dtype or rank.
+        RuntimeError: a peer that fails or does not answer within the process group's timeout.
     """
     if not training or distributed_world(process_group) == 1:
         return batch_norm(

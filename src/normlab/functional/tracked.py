@@ -119,6 +119,28 @@ def batch_norm_act(
     inverting the activation, so it must be invertible (identity, leaky_relu, elu).
     ``mask`` is as for :func:`batch_norm` (every activation here maps 0 to 0, so padded
     outputs stay 0); with a mask the layer computes out of place.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as for
+            :func:`batch_norm`.
+        activation: keyword-only; "identity", "relu" (default), "leaky_relu", "elu", "silu"
+            or "prelu".
+        activation_param: keyword-only; LeakyReLU's slope (default 0.01) or ELU's alpha
+            (default 1.0); None for the default.
+        prelu_weight: keyword-only; PReLU's slopes, shape (1,) or (C,); needed for "prelu".
+        inplace: keyword-only; write the output over ``input`` (In-Place Activated
+            BatchNorm, ``docs/conventions.md#in-place-mode-inplacetrue-on-batchnormactgroupnormact``).
+            Default False.
+        num_batches_tracked, unbiased_running_var, on_nonfinite, mask: keyword-only, as for
+            :func:`batch_norm`.
+
+    Returns:
+        The activated, normalized tensor (``input`` itself with ``inplace=True``).
+
+    Raises:
+        ValueError: as :func:`batch_norm`; an unknown activation, or ``inplace=True`` with
+            an activation that cannot be inverted or an input that cannot be overwritten.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     param = check_activation(activation, activation_param, inplace=inplace)
     check_inplace_input(input, inplace)
@@ -201,6 +223,26 @@ def instance_norm(
     :func:`batch_norm`) each plane is normalized over its valid positions; the running
     estimates average the instances with at least 2 valid values, each unbiased with its
     own count, and are left untouched when there is none.
+
+    Args:
+        input: (N, C, \*spatial), at least one spatial dim.
+        running_mean, running_var: (C,) running estimates, updated in place when
+            ``use_input_stats``; or None. Default None.
+        weight, bias: γ and β, shape (C,), or None. Default None.
+        use_input_stats: normalize each instance with its own statistics (True, default) or
+            with the running estimates (False, which needs them).
+        momentum, eps: as for :func:`batch_norm`.
+        num_batches_tracked, unbiased_running_var, on_nonfinite, mask: keyword-only, as for
+            :func:`batch_norm`.
+
+    Returns:
+        The normalized tensor, the input's shape and dtype.
+
+    Raises:
+        ValueError: an input with fewer than 3 dims, parameters or estimates of the wrong
+            shape, ``use_input_stats=False`` without running estimates, a bad
+            ``eps``/``momentum`` or ``mask``.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     shape_words = "(N, C, *spatial) with at least one spatial dim"
     eps = check_channel_call(
@@ -262,6 +304,25 @@ def batch_renorm(
     non-i.i.d. batches train as in eval. r_max = 1, d_max = 0 is plain BatchNorm. In
     eval (``training=False``) it is BatchNorm with the running estimates. The running
     estimates are required and are updated as :func:`batch_norm` updates them.
+
+    Args:
+        input: (N, C) or (N, C, \*spatial).
+        running_mean, running_var: (C,) running estimates; required (r and d measure the
+            batch against them), updated in place in training.
+        weight, bias, training, momentum, eps: as for :func:`batch_norm`.
+        r_max: clip of r, a number >= 1 or a 0-dim tensor (a schedule on the device).
+            Default 3.0.
+        d_max: clip of \|d\|, a number >= 0 or a 0-dim tensor. Default 5.0.
+        num_batches_tracked, unbiased_running_var, on_nonfinite: keyword-only, as for
+            :func:`batch_norm`.
+
+    Returns:
+        The normalized tensor, the input's shape and dtype.
+
+    Raises:
+        ValueError: missing running estimates, ``r_max < 1`` or ``d_max < 0``, and the
+            errors of :func:`batch_norm`.
+        TypeError: a non-tensor input or a non-floating dtype.
     """
     if running_mean is None or running_var is None:
         raise InputError("batch_renorm needs running_mean and running_var: r and d measure the batch against them")

@@ -25,8 +25,22 @@ __all__ = ["weight_standardization"]
 def weight_standardization(
     weight: torch.Tensor, eps: float = 1e-6, *, gain: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The standardized ``weight`` (shape (C_out, ...), any rank ≥ 2), times ``gain`` per
-    output channel when given (``gain`` with C_out elements, e.g. shaped (C_out, 1, 1, 1))."""
+    r"""The standardized ``weight`` (shape (C_out, ...), any rank ≥ 2), times ``gain`` per
+    output channel when given: each output channel's filter minus its mean, over the square
+    root of its biased variance plus ``eps``.
+
+    Args:
+        weight: (C_out, C_in, \*kernel) or (C_out, fan_in).
+        eps: added to the variance; a finite number >= 0. Default 1e-6.
+        gain: keyword-only; C_out values (e.g. shaped (C_out, 1, 1, 1)), or None. Default None.
+
+    Returns:
+        The standardized weight, ``weight``'s shape and dtype.
+
+    Raises:
+        ValueError: a weight with fewer than 2 dims, a ``gain`` of another size, a bad ``eps``.
+        TypeError: a non-tensor or non-floating weight.
+    """
     check_floating_input(weight, "weight")
     if weight.dim() < 2:
         raise InputError(
