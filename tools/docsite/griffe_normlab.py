@@ -230,6 +230,27 @@ def _comment_docstring(attr: griffe.Attribute) -> str | None:
 
 
 class NormlabDocstrings(griffe.Extension):
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        """A public function named like the submodule that defines it (``normlab.functional.scale_norm``,
+        ``norm_act``, ``weight_standardization``) is what ``normlab.functional.scale_norm`` means at
+        run time, but griffe reads that path as the submodule: its reference page showed the
+        module's docstring above the function. The path is made to name the function."""
+        if pkg.name != "normlab":
+            return
+        from docsite.public_api import all_public_names
+
+        for entry in all_public_names():
+            if inspect.ismodule(entry.obj):
+                continue
+            shadowed = pkg.get_member(entry.path.removeprefix("normlab."))
+            if shadowed.is_module and entry.name in shadowed.members:
+                parent = shadowed.parent
+                assert parent is not None  # a submodule has its package as parent
+                function = shadowed.members[entry.name]
+                parent.set_member(entry.name, griffe.Alias(entry.name, function, parent=parent))
+                # griffe's later pass over the members no longer reaches it through the module
+                self.on_object(obj=function)
+
     def __init__(self) -> None:
         super().__init__()
         self._public: dict[str, str] | None = None
