@@ -70,6 +70,19 @@ def gain(activation: str | None = "linear", param: float | None = None, *, conve
     elu, gelu, silu         √2                (not defined)    treated as ReLU-like
     selu                    1                 3/4              Klambauer et al. 2017 / torch
     ======================  ================  ===============  ==========================
+
+    Args:
+        activation: a name from :data:`ACTIVATIONS` (any case), or None. Default "linear".
+        param: LeakyReLU's negative slope; refused for any other activation. Default None.
+        convention: keyword-only; "glorot" (default) or "torch" (``calculate_gain``'s).
+
+    Returns:
+        The gain, a float.
+
+    Raises:
+        ValueError: an unknown activation or convention, a slope for another activation,
+            or with ``convention="torch"`` an activation torch defines no gain for.
+        TypeError: an activation that is not a string, a slope that is not a number.
     """
     if convention not in ("glorot", "torch"):
         raise InputError(f"convention must be 'glorot' or 'torch', got {convention!r}")

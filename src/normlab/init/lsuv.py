@@ -30,14 +30,23 @@ _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, 
 
 @dataclass
 class LSUVLayer:
-    """What :func:`lsuv_` did to one layer."""
+    """What :func:`lsuv_` did to one layer.
+
+    Attributes:
+        name: the layer's qualified name in the model.
+        scale: total factor the weight was multiplied by after the orthonormal init.
+        iterations: forward passes spent on this layer.
+        std: output std on the batch when done, over every call of the layer in one forward.
+        converged: every call's output std is within ``tol`` of the target.
+        call_stds: the output std of each call, in call order.
+    """
 
     name: str
-    scale: float  # total factor the weight was multiplied by after orthonormal init
-    iterations: int  # forward passes spent on this layer
-    std: float  # output std on the batch when done, over every call of the layer in one forward
-    converged: bool  # every call's output std is within tol of the target
-    call_stds: tuple[float, ...] = ()  # the output std of each call, in call order
+    scale: float
+    iterations: int
+    std: float
+    converged: bool
+    call_stds: tuple[float, ...] = ()
 
 
 def _tensors(batch: Any) -> list[torch.Tensor]:

@@ -34,7 +34,18 @@ __all__ = [
 
 
 def fans(tensor: torch.Tensor) -> tuple[int, int]:
-    """(fan_in, fan_out) of a weight of shape (out, in, *kernel)."""
+    """(fan_in, fan_out) of a weight of shape (out, in, *kernel).
+
+    Args:
+        tensor: the weight, at least 2 dims.
+
+    Returns:
+        ``(in · prod(kernel), out · prod(kernel))``.
+
+    Raises:
+        ValueError: fewer than 2 dims.
+        TypeError: a non-tensor.
+    """
     if not isinstance(tensor, torch.Tensor):
         raise InputTypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
     if tensor.dim() < 2:
@@ -98,6 +109,28 @@ def xavier_uniform_(
 
     With the default ``activation="tanh"`` this is exactly the paper's bound; pass
     ``activation="sigmoid"`` for the 4× bound sigmoid needs (see :mod:`normlab.init.gains`).
+
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "tanh".
+        gain: keyword-only; the gain itself, instead of the one ``activation`` implies.
+            Default None.
+        negative_slope: keyword-only; LeakyReLU's slope, for ``activation="leaky_relu"``
+            only (default 0.01 there); refused together with ``gain``.
+        convention: keyword-only; "glorot" (default: the papers' gains) or "torch"
+            (``torch.nn.init.calculate_gain``'s); see :func:`gain`.
+        generator: keyword-only; the ``torch.Generator`` to draw from; None for torch's
+            global one.
+
+    Returns:
+        ``tensor``, filled in place (a zero-element tensor is returned untouched, with
+        torch's warning).
+
+    Raises:
+        ValueError: a tensor with fewer than 2 dims, an unknown activation, mode or
+            convention, a slope with another activation or with ``gain``.
+        TypeError: a non-tensor weight.
     """
     std = _xavier_std(tensor, activation, negative_slope, gain, convention)
     return tensor if std is None else _fill_uniform(tensor, std, generator)
@@ -112,7 +145,21 @@ def xavier_normal_(
     convention: str = "glorot",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out))."""
+    """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out)).
+
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "tanh".
+        gain, negative_slope, convention, generator: keyword-only, as for
+            :func:`xavier_uniform_`.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        ValueError, TypeError: as for :func:`xavier_uniform_`.
+    """
     std = _xavier_std(tensor, activation, negative_slope, gain, convention)
     return tensor if std is None else _fill_normal(tensor, std, generator)
 
@@ -148,6 +195,21 @@ def he_uniform_(
 
     ``mode="fan_in"`` preserves the forward variance, ``"fan_out"`` the backward one;
     ``negative_slope`` is LeakyReLU's slope (``activation="leaky_relu"``).
+
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "relu".
+        mode: keyword-only; "fan_in" (default: preserves the forward variance) or
+            "fan_out" (the backward one).
+        gain, negative_slope, convention, generator: keyword-only, as for
+            :func:`xavier_uniform_`.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        ValueError, TypeError: as for :func:`xavier_uniform_`.
     """
     std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
     return tensor if std is None else _fill_uniform(tensor, std, generator)
@@ -163,7 +225,23 @@ def he_normal_(
     convention: str = "glorot",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU."""
+    """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU.
+
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "relu".
+        mode: keyword-only; "fan_in" (default: preserves the forward variance) or
+            "fan_out" (the backward one).
+        gain, negative_slope, convention, generator: keyword-only, as for
+            :func:`xavier_uniform_`.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        ValueError, TypeError: as for :func:`xavier_uniform_`.
+    """
     std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
     return tensor if std is None else _fill_normal(tensor, std, generator)
 
@@ -177,7 +255,21 @@ def lecun_normal_(
     convention: str = "glorot",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe."""
+    """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe.
+
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "linear".
+        gain, negative_slope, convention, generator: keyword-only, as for
+            :func:`xavier_uniform_`.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        ValueError, TypeError: as for :func:`xavier_uniform_`.
+    """
     fan_in, _ = fans(tensor)
     g = _gain(activation, negative_slope, gain, convention)
     if _is_empty(tensor):
@@ -199,6 +291,19 @@ def orthogonal_(
 
     The weight is flattened to (out, in·prod(kernel)); a QR decomposition of a Gaussian
     matrix, with the signs of R's diagonal folded in, makes the draw uniform (Haar).
+
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "linear".
+        gain, negative_slope, convention, generator: keyword-only, as for
+            :func:`xavier_uniform_`.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        ValueError, TypeError: as for :func:`xavier_uniform_`.
     """
     if not isinstance(tensor, torch.Tensor):
         raise InputTypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
