@@ -51,7 +51,18 @@ _BY_SPATIAL_RANK = {
 
 
 def auto_groups(channels: int, max_groups: int = 32) -> int:
-    """The largest group count ≤ ``max_groups`` that divides ``channels``."""
+    """The largest group count ≤ ``max_groups`` that divides ``channels``.
+
+    Args:
+        channels: C, the number of channels to split into groups.
+        max_groups: the most groups wanted; >= 1. Default 32.
+
+    Returns:
+        G, with ``channels % G == 0`` (1 when nothing larger divides).
+
+    Raises:
+        ValueError: ``max_groups < 1``.
+    """
     if max_groups < 1:
         raise ValueError(f"max_groups must be >= 1, got {max_groups}")
     return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)

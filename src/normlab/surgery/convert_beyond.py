@@ -202,7 +202,19 @@ def _already(module: nn.Module, to: str) -> bool:
 
 def convert_convs_to_std(model: nn.Module, eps: float = 1e-6) -> SurgeryResult:
     """Every ``nn.Conv2d`` of ``model`` (exactly that class) as a :class:`normlab.nn.StdConv2d`
-    with the same configuration and weights: Weight Standardization (Qiao et al., 2019)."""
+    with the same configuration and weights: Weight Standardization (Qiao et al., 2019).
+
+    The new layers hold the very weight and bias tensors (``requires_grad`` and ties kept);
+    their output differs from the convolution's until the model is trained or fine-tuned
+    with standardized weights.
+
+    Args:
+        model: the model to convert; it is not modified.
+        eps: the standardization's eps for every new layer. Default 1e-6.
+
+    Returns:
+        ``(model, report)``: a :class:`SurgeryResult`, one "replaced" change per convolution.
+    """
     new = copy_model(model)
     report = SurgeryReport("convert_convs_to_std")
     for path, module in list(new.named_modules()):

@@ -59,7 +59,15 @@ def _is_consumer(m: nn.Module) -> bool:
 
 
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) of a BatchNorm's eval-mode map y = a·x + b, per channel, in float64."""
+    """(a, b) of a BatchNorm's eval-mode map y = a·x + b, per channel, in float64:
+    a = γ/√(running_var + ε), b = β − a·running_mean (``docs/surgery.md``).
+
+    Args:
+        bn: a BatchNorm-like layer with running statistics (torch.nn's, normlab's, timm's).
+
+    Returns:
+        ``(a, b)``, each of shape (C,), float64.
+    """
     info = describe_norm(bn)
     var = info.running_var.detach().double()
     mean = info.running_mean.detach().double()

@@ -10,6 +10,8 @@ standardization would undo the scaling).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -46,13 +48,21 @@ def _standardized(module: nn.Module) -> torch.Tensor:
     return weight_standardization(module.weight.detach().double(), module.eps, gain=gain)
 
 
-def fold_weight_standardization(model: nn.Module, example_input=None) -> SurgeryResult:
+def fold_weight_standardization(model: nn.Module, example_input: Any = None) -> SurgeryResult:
     """Return an eval-mode copy of ``model`` with every standardized convolution (normlab's
     :class:`~normlab.nn.StdConv2d` and :class:`~normlab.nn.ScaledStdConv2d`, timm's ``StdConv2d``,
     ``ScaledStdConv2d`` and their ``*Same`` forms) replaced by an ``nn.Conv2d`` holding its
     standardized weight. A TensorFlow-style SAME padding computed per input has no ``nn.Conv2d``
     form: such layers are listed in ``report.skipped``. With ``example_input`` the two models
     are compared in eval mode (``report.max_abs_diff``).
+
+    Args:
+        model: the model to fold; it is not modified.
+        example_input: one input (a tensor, or a tuple/dict of arguments) to compare the two models on;
+            None for no check. Default None.
+
+    Returns:
+        ``(model, report)``: a :class:`SurgeryResult`, the copy in eval mode.
     """
     folded = copy_model(model).eval()
     report = SurgeryReport("fold_weight_standardization")

@@ -320,6 +320,25 @@ def load_decay_statistics(
     the training batches), the variance rescaled to torch.nn's unbiased convention (see
     :func:`normlab.core.from_decay_convention`). ``gamma``/``beta`` become weight/bias,
     ``epsilon`` (Keras' default is 1e-3, Flax's 1e-5) becomes eps.
+
+    Args:
+        module: a BatchNorm layer that tracks running statistics; it is not modified.
+        moving_mean: keyword-only; Keras' ``moving_mean`` (Flax's ``mean``), shape (C,).
+        moving_variance: keyword-only; Keras' ``moving_variance`` (Flax's ``var``), shape (C,).
+        decay: keyword-only; the framework's "momentum" d, in [0, 1].
+        gamma: keyword-only; the scale, shape (C,), or None to keep the weight. Default None.
+        beta: keyword-only; the offset, shape (C,), or None to keep the bias. Default None.
+        epsilon: keyword-only; the framework's eps, or None to keep the module's. Default None.
+        elements_per_batch: keyword-only; values per channel in a training batch (batch ×
+            spatial size), to rescale the biased variance to unbiased; None keeps it as is.
+            Default None.
+
+    Returns:
+        ``(module, report)``: a :class:`SurgeryResult` with the converted copy.
+
+    Raises:
+        ValueError: a module without running statistics, a tensor of another shape, a
+            ``decay`` outside [0, 1].
     """
     new = copy_model(module)
     report = SurgeryReport("load_decay_statistics")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,8 +23,17 @@ from .report import SurgeryReport, SurgeryResult
 __all__ = ["default_forward", "precise_bn"]
 
 
-def default_forward(model: nn.Module, batch) -> None:
-    """model(batch) for a tensor, model(batch[0]) for an (input, target, ...) tuple."""
+def default_forward(model: nn.Module, batch: Any) -> None:
+    """model(batch) for a tensor, model(batch[0]) for an (input, target, ...) tuple: how
+    :func:`precise_bn` feeds a batch unless given ``forward_fn``.
+
+    Args:
+        model: the model to call.
+        batch: a tensor, or a tuple or list whose first item is the input tensor.
+
+    Raises:
+        TypeError: any other batch (pass ``forward_fn`` to :func:`precise_bn`).
+    """
     if isinstance(batch, torch.Tensor):
         model(batch)
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):

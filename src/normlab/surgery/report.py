@@ -13,23 +13,50 @@ __all__ = ["Change", "Skip", "SurgeryReport", "SurgeryResult"]
 
 @dataclass
 class Change:
-    path: str  # dotted module path, as in model.named_modules()
-    action: str  # "folded", "frozen", "replaced", ...
-    before: str  # class name(s) before
-    after: str  # class name(s) after
+    """One layer a transform changed, as listed in :class:`SurgeryReport`.
+
+    Attributes:
+        path: the dotted module path, as in ``model.named_modules()`` ("" for the root).
+        action: what was done: "folded", "frozen", "replaced", ...
+        before: the class name(s) before.
+        after: the class name(s) after.
+        detail: what else the transform records (e.g. the groups chosen); {} by default.
+    """
+
+    path: str
+    action: str
+    before: str
+    after: str
     detail: dict = field(default_factory=dict)
 
 
 @dataclass
 class Skip:
+    """One layer a transform left as it was, and why.
+
+    Attributes:
+        path: the dotted module path ("" for the root).
+        reason: why it was left alone, in words a user can act on.
+    """
+
     path: str
     reason: str
 
 
 @dataclass
 class SurgeryReport:
-    """A record of one transform. ``str(report)`` is a readable summary; ``to_dict()``
-    is what ``normlab surgery`` writes as JSON."""
+    r"""A record of one transform. ``str(report)`` is a readable summary; ``to_dict()``
+    is what ``normlab surgery`` writes as JSON.
+
+    Attributes:
+        operation: the transform's name ("fold_batchnorm", ...).
+        changes: every :class:`Change`, in model order.
+        skipped: every :class:`Skip`, one per layer.
+        max_abs_diff: the largest \|output difference\| of the numeric check against the
+            original model, or None where none was run.
+        check: what the check compared, or why it was not run ("not checked").
+        notes: anything else a user should know (e.g. a batch drawn fewer times than asked).
+    """
 
     operation: str
     changes: list[Change] = field(default_factory=list)
@@ -78,7 +105,12 @@ def _printable(text: str) -> str:
 
 
 class SurgeryResult(NamedTuple):
-    """``model, report = fold_batchnorm(model)``: the new model and what changed."""
+    """``model, report = fold_batchnorm(model)``: the new model and what changed.
+
+    Attributes:
+        model: the transformed model (a new module; the input model is left as it was).
+        report: the :class:`SurgeryReport` of what changed.
+    """
 
     model: nn.Module
     report: SurgeryReport

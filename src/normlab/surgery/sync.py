@@ -99,7 +99,14 @@ def revert_sync_batchnorm(model: nn.Module) -> SurgeryResult:
     class it replaced, with its current state (the same tensors) and frozen state — a torch.nn
     layer that is frozen now comes back as its normlab twin, frozen, and becomes torch.nn's
     again at :func:`unfreeze_norms`. SyncBatchNorm layers built directly (no record of a
-    rank-specific class) are skipped."""
+    rank-specific class) are skipped.
+
+    Args:
+        model: the model to revert; it is not modified.
+
+    Returns:
+        ``(model, report)``: a :class:`SurgeryResult`, one "unsynced" change per layer.
+    """
     new = copy_model(model)
     report = SurgeryReport("revert_sync_batchnorm")
     for path, module in normalization_layers(new):
