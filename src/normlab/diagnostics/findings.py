@@ -14,7 +14,18 @@ __all__ = ["Finding", "diagnose"]
 
 @dataclass
 class Finding:
-    kind: str  # vanishing_gradients, exploding_gradients, nonfinite, collapse, saturation, dead_units, stat_drift
+    """One problem :func:`diagnose` found. ``str(finding)`` is its one-line form.
+
+    Attributes:
+        kind: "vanishing_gradients", "exploding_gradients", "nonfinite", "collapse",
+            "saturation", "dead_units" or "stat_drift".
+        layers: the names of the layers it concerns (as in ``model.named_modules()``).
+        message: what was measured, with the numbers, in one sentence.
+        suggestion: what to try, in one sentence.
+        numbers: the measured values by name (layer → value, or the ratio), for programs.
+    """
+
+    kind: str
     layers: list[str]
     message: str
     suggestion: str
@@ -66,6 +77,23 @@ def diagnose(
     - statistic drift: a BatchNorm's batch statistics (over valid positions, for a
       masked layer) are more than ``drift_threshold`` running standard deviations away
       from its running ones.
+
+    Args:
+        probe: the :class:`Probe` that recorded the training steps.
+        vanishing_ratio: keyword-only; the first-to-last learning ratio flagged as vanishing.
+            Default 1e3.
+        exploding_ratio: keyword-only; the last-to-first ratio flagged as exploding. Default 1e3.
+        collapse_ratio: keyword-only; the last-to-first activation std ratio flagged as
+            collapse. Default 1e-2.
+        saturation_threshold: keyword-only; the saturated fraction flagged. Default 0.3.
+        dead_threshold: keyword-only; the dead-unit fraction flagged. Default 0.4.
+        drift_threshold: keyword-only; the drift, in running standard deviations, flagged.
+            Default 0.5.
+        window: keyword-only; the number of last records per layer whose median is judged.
+            Default 5.
+
+    Returns:
+        The findings, in the order of the list above; [] when nothing is wrong.
     """
     found: list[Finding] = []
     layers = probe.layers

@@ -69,7 +69,20 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Mo
     ``f(name, module)``. The default is every Linear/Conv, activation and norm layer,
     except submodules whose forward is never called (MultiheadAttention's ``out_proj``,
     a fused norm + activation layer's ``act``). Names leave out torch.compile's
-    ``_orig_mod``, so a compiled model's layers have the names of the original's."""
+    ``_orig_mod``, so a compiled model's layers have the names of the original's.
+
+    Args:
+        model: the model whose submodules are chosen.
+        layers: a class or tuple of classes, names or patterns, a predicate, or None for the
+            default. Default None.
+
+    Returns:
+        Name → module, in ``model.named_modules()`` order.
+
+    Raises:
+        ValueError: ``layers`` matches no module.
+        TypeError: ``layers`` of another kind.
+    """
     named = [(display_name(n), m) for n, m in model.named_modules()]
     named = [(n, m) for n, m in named if n]
     if layers is None:
@@ -126,7 +139,15 @@ def unit_dims(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, int]:
     BatchNorm, the last dim after a Linear or LayerNorm, so a ReLU on a (batch, time,
     features) output counts features, not time steps. Layers with no such layer before
     them are left out: on a 3-D or larger output their units are unknown (2-D outputs
-    have one answer)."""
+    have one answer).
+
+    Args:
+        model: the model the layers belong to (its module order is read).
+        layers: name → module, as :func:`select_layers` returns.
+
+    Returns:
+        Name → the dim of its output that holds the units.
+    """
     out: dict[str, int] = {}
     last = None
     for name, module in model.named_modules():

@@ -34,7 +34,20 @@ def histogram_grid(
     probe, layers: list[str] | None = None, step: int | None = None, ncols: int = 5, title: str | None = None
 ):
     """One panel per layer (execution order), shared axes: the classic picture of
-    activations collapsing or saturating with depth (Glorot & Bengio, 2010, Fig. 3)."""
+    activations collapsing or saturating with depth (Glorot & Bengio, 2010, Fig. 3).
+
+    Args:
+        probe: the :class:`Probe` that recorded the activations.
+        layers: the layer names to draw; None for every layer with recorded histograms.
+            Default None.
+        step: the recorded step to draw (the nearest with finite values where that step has
+            none); None for the latest. Default None.
+        ncols: panels per row. Default 5.
+        title: the figure's title; None for a default one. Default None.
+
+    Returns:
+        The matplotlib figure (save it with :func:`save_figure`).
+    """
     layers = layers or [n for n in probe.layer_names if any("hist" in r for r in probe.records(n))]
     if not layers:
         raise ValueError("no histograms recorded yet: run a training-mode forward with the probe attached")
@@ -64,7 +77,17 @@ def histogram_grid(
 
 def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, title: str | None = None):
     """The 15th–85th percentile band and the median of each layer over the recorded steps
-    (Ioffe & Szegedy, 2015, Fig. 1b/c)."""
+    (Ioffe & Szegedy, 2015, Fig. 1b/c).
+
+    Args:
+        probe: the :class:`Probe` that recorded the activations.
+        layers: the layer names to draw; None for every recorded layer. Default None.
+        ncols: panels per row. Default 4.
+        title: the figure's title; None for a default one. Default None.
+
+    Returns:
+        The matplotlib figure.
+    """
     layers = layers or probe.layer_names
     if not layers:
         raise ValueError("nothing recorded yet")
@@ -92,7 +115,17 @@ def gradient_norms(probe, key: str = "grad_norm", title: str | None = None, wind
     """Gradient norm per layer (execution order, log scale): a slope down toward the
     input is vanishing, up is exploding. Each point is the median of the layer's last
     ``window`` records; a layer with a non-finite value among them is drawn as a red ×
-    at the top of the axis, labelled, not as the median of the finite ones before it."""
+    at the top of the axis, labelled, not as the median of the finite ones before it.
+
+    Args:
+        probe: the :class:`Probe` that recorded the gradients.
+        key: the recorded number to draw. Default "grad_norm".
+        title: the figure's title; None for a default one. Default None.
+        window: the number of last records per layer whose median is drawn. Default 5.
+
+    Returns:
+        The matplotlib figure.
+    """
     finite = probe.latest(key, window=window)
     raw = probe.latest(key, window=window, finite_only=False)
     if not raw:
@@ -131,7 +164,15 @@ def figure_to_data_uri(fig) -> str:
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure to ``path`` (PNG, 110 dpi; parent folders created) and return
-    the path. The figure stays open: close it with ``matplotlib.pyplot.close(fig)``."""
+    the path. The figure stays open: close it with ``matplotlib.pyplot.close(fig)``.
+
+    Args:
+        fig: a matplotlib figure.
+        path: where to write it.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -117,6 +117,12 @@ def dead_unit_rule(module: nn.Module) -> DeadRule | None:
     at least DEAD_SLOPE pass gradient everywhere: none (slope 0 is ReLU). None also for
     PReLU (its slope is learned) and for an in-place smooth activation or Hardswish (its
     input is overwritten). Exact types only: a subclass may change the function.
+
+    Args:
+        module: an activation module.
+
+    Returns:
+        Its :class:`DeadRule`, or None.
     """
     kind = type(module)
     if kind is nn.ReLU:
@@ -187,6 +193,10 @@ class SampleIndex:
     values, percentiles are within about ±1 percentage point and the std within about
     ±1.1% (1/√(2n)) of the whole tensor's; tensors no larger than that are used whole.
     The sample keeps the tensor's dtype and device; it is converted when read.
+
+    Args:
+        limit: the most values sampled from a tensor. Default 4096.
+        seed: the seed of the draw, so that runs sample the same positions. Default 0.
     """
 
     def __init__(self, limit: int = 4096, seed: int = 0) -> None:
@@ -312,7 +322,18 @@ def batch_vs_running(
 ) -> dict:
     """How far this batch's per-channel statistics are from the running estimates, in
     running standard deviations: mean |μ_B − μ| / σ and mean |σ_B / σ − 1|, over the
-    valid positions only when ``mask`` is given."""
+    valid positions only when ``mask`` is given.
+
+    Args:
+        x: the layer's input, (N, C, \\*).
+        running_mean: the layer's running mean, shape (C,).
+        running_var: the layer's running variance, shape (C,); σ = √(running_var + eps).
+        eps: the layer's eps.
+        mask: a bool tensor of valid positions, as the layer takes it, or None. Default None.
+
+    Returns:
+        ``{"mean_drift": float, "std_drift": float}``.
+    """
     return _drift(capture_batch_moments(x, mask, running_mean, running_var, eps))
 
 
@@ -505,7 +526,17 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
 
 
 def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], band=None) -> dict:
-    """One record's captured tensors as numbers, in place (see :func:`summarize_records`)."""
+    """One record's captured tensors as numbers, in place (see :func:`summarize_records`).
+
+    Args:
+        record: a record as captured (tensors pending).
+        bins: keyword-only; the number of histogram bins.
+        hist_range: keyword-only; the histogram's (low, high).
+        band: keyword-only; the layer's :func:`saturation_band`, or None. Default None.
+
+    Returns:
+        ``record``, its tensors replaced by numbers.
+    """
     summarize_records([record], bins=bins, hist_range=hist_range, band=band)
     return record
 
@@ -520,7 +551,20 @@ def activation_summary(
     limit: int = 4096,
 ) -> dict:
     """Everything at once, for one tensor (capture + summarize); ``module`` is the
-    activation that produced it (for the dead fraction and saturation)."""
+    activation that produced it (for the dead fraction and saturation).
+
+    Args:
+        x: the tensor.
+        bins: keyword-only; the number of histogram bins. Default 41.
+        hist_range: keyword-only; the histogram's (low, high). Default (-3.0, 3.0).
+        module: keyword-only; the activation that produced ``x``, or None. Default None.
+        unit_dim: keyword-only; the dim of ``x`` that holds the units. Default 1.
+        limit: keyword-only; the most values sampled (:class:`SampleIndex`). Default 4096.
+
+    Returns:
+        The numbers, by name: ``mean``, ``std``, ``p15``, ``p50``, ``p85``, ``hist``,
+        ``numel``, ``nonfinite`` and, where ``module`` has a dead rule, ``dead``.
+    """
     band = saturation_band(module)
     rule = dead_unit_rule(module) if module is not None else None
     if rule is not None and rule.source == "input":
