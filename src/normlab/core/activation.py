@@ -138,7 +138,21 @@ def activation_for_code(code: int) -> Activation:
 
 
 def check_activation(name: str, param: float | None = None, *, inplace: bool = False) -> float:
-    """Validate a fused activation choice; returns its parameter (the default when None)."""
+    """Validate a fused activation choice; returns its parameter (the default when None).
+
+    Args:
+        name: "identity", "relu", "leaky_relu", "elu", "silu" or "prelu".
+        param: LeakyReLU's slope or ELU's alpha, or None for the default. Default None.
+        inplace: keyword-only; the in-place mode will run, so the activation must be
+            invertible (identity, leaky_relu with a slope > 0, elu with alpha > 0). Default False.
+
+    Returns:
+        The parameter, a float.
+
+    Raises:
+        ValueError: an unknown name, a non-finite parameter, or an activation the in-place
+            mode cannot invert.
+    """
     entry = ACTIVATIONS.get(name)
     if entry is None or not entry.fused:
         raise InputError(f"activation must be one of {FUSED_ACTIVATIONS}, got {name!r}")
@@ -160,7 +174,20 @@ def check_activation(name: str, param: float | None = None, *, inplace: bool = F
 
 
 def apply_activation(z: torch.Tensor, name: str, param: float, prelu_weight: torch.Tensor | None = None):
-    """``act(z)`` for a fused activation (``prelu_weight``: PReLU's slopes)."""
+    """``act(z)`` for a fused activation (``prelu_weight``: PReLU's slopes).
+
+    Args:
+        z: the normalized tensor.
+        name: a fused activation's name (:func:`check_activation`).
+        param: its parameter (slope or alpha).
+        prelu_weight: PReLU's slopes, shape (1,) or (C,) along dim 1, or None. Default None.
+
+    Returns:
+        ``act(z)``, a new tensor.
+
+    Raises:
+        ValueError: a name that is not a fused activation.
+    """
     entry = ACTIVATIONS.get(name)
     if entry is None or not entry.fused:
         raise InputError(f"unknown activation {name!r}")
@@ -337,7 +364,17 @@ def inplace_abn(
     """act(γ·x̂ + β) written over ``x``, keeping only the output (composed torch ops).
 
     ``groups < 0``: BatchNorm statistics per channel; else GroupNorm with ``groups``.
-    Returns ``(x, mean, var)`` with keepdim statistics of the batch."""
+    Returns ``(x, mean, var)`` with keepdim statistics of the batch.
+
+    Args:
+        x: the (N, C, ...) input, overwritten.
+        weight: γ, shape (C,), or None.
+        bias: β, shape (C,), or None.
+        groups: < 0 for BatchNorm, else the number of groups.
+        eps: added to the variance.
+        name: the invertible activation's name.
+        param: its parameter.
+    """
     stats: list[torch.Tensor] = []
     y = _InPlaceABN.apply(x, weight, bias, groups, eps, name, param, stats)
     return y, stats[0], stats[1]

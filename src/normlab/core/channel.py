@@ -82,6 +82,30 @@ def channel_norm(
     (it saves ``weight.repeat(N)``) — so an in-place change of the parameter between forward
     and backward (another loss's ``opt.step()`` first, a common GAN pattern) neither raises
     nor changes this backward's γ.
+
+    Args:
+        x: the (N, C, ...) input.
+        weight: γ, shape (C,), or None.
+        bias: β, shape (C,), or None.
+        groups: keyword-only; -1 (BatchNorm) or G. Default -1.
+        eps: keyword-only; added to the variance.
+        batch_stats: keyword-only; see above. Default True.
+        running: keyword-only; the :class:`RunningStats` policy, or None. Default None.
+        activation: keyword-only; see above. Default "identity".
+        param: keyword-only; the activation's parameter. Default 0.0.
+        prelu_weight: keyword-only; PReLU's slopes, or None. Default None.
+        inplace: keyword-only; see above. Default False.
+        mask: keyword-only; see above. Default None.
+        operation: keyword-only; see above. Default "channel_norm".
+        checked: keyword-only; see above. Default False.
+        copy_weight: keyword-only; see above. Default False.
+
+    Returns:
+        The output, ``x``'s shape and dtype (``x`` itself with ``inplace``).
+
+    Raises:
+        ValueError, TypeError: the arguments' checks (unless ``checked``), as
+            :func:`normlab.functional.batch_norm` raises them.
     """
     if inplace and (not batch_stats or mask is not None):
         inplace = False  # nothing to save memory on: given statistics or a mask compute out of place
@@ -160,13 +184,25 @@ def channel_norm(
 
 
 def masked_channel_norm(x, weight, bias, mask, **kwargs) -> torch.Tensor:
-    """:func:`channel_norm` with a ``mask`` of valid positions (the former separate entry)."""
+    """:func:`channel_norm` with a ``mask`` of valid positions (the former separate entry).
+
+    Args:
+        x, weight, bias, mask: as for :func:`channel_norm`.
+        **kwargs: :func:`channel_norm`'s other keywords.
+    """
     return channel_norm(x, weight, bias, mask=mask, **kwargs)
 
 
 def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:
     """InstanceNorm's output as torch.nn's: contiguous for a channels_last input (code after
-    it may ``.view()`` it), where the kernels and GroupNorm keep the input's layout."""
+    it may ``.view()`` it), where the kernels and GroupNorm keep the input's layout.
+
+    Args:
+        y: the InstanceNorm output.
+
+    Returns:
+        ``y``, made contiguous where the input was channels_last.
+    """
     return y if y.dim() < 4 or y.is_contiguous() else y.contiguous()
 
 

@@ -45,7 +45,18 @@ LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_floating_input(x: object, name: str = "input") -> torch.Tensor:
-    """Return ``x`` if it is a floating-point tensor, else raise ``TypeError``."""
+    """Return ``x`` if it is a floating-point tensor, else raise ``TypeError``.
+
+    Args:
+        x: the value to check.
+        name: what to call it in the message. Default "input".
+
+    Returns:
+        ``x``.
+
+    Raises:
+        TypeError: a non-tensor or a tensor of a non-floating dtype.
+    """
     if not isinstance(x, torch.Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -59,7 +70,19 @@ def check_floating_input(x: object, name: str = "input") -> torch.Tensor:
 def check_eps(eps: object, name: str = "eps") -> float:
     """``eps`` keeps the divisor away from zero: a finite number >= 0 (any real number type,
     NumPy's included). 0 is accepted as torch.nn accepts it; a constant group then divides
-    by zero, as it does in torch.nn."""
+    by zero, as it does in torch.nn.
+
+    Args:
+        eps: the value to check.
+        name: what to call it in the message. Default "eps".
+
+    Returns:
+        ``eps`` as a float.
+
+    Raises:
+        ValueError: a negative, NaN or infinite number.
+        TypeError: not a real number (a bool, a string, a tensor).
+    """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise InputTypeError(f"{name} must be a non-negative float, got {type(eps).__name__} {eps!r}")
     if not (math.isfinite(eps) and eps >= 0):
@@ -70,7 +93,19 @@ def check_eps(eps: object, name: str = "eps") -> float:
 
 
 def check_momentum(momentum: object, *, allow_none: bool) -> float | None:
-    """PyTorch-convention momentum: the weight of the new batch, in [0, 1]."""
+    """PyTorch-convention momentum: the weight of the new batch, in [0, 1].
+
+    Args:
+        momentum: the value to check (``docs/conventions.md#running-statistics``).
+        allow_none: keyword-only; accept None (the cumulative average).
+
+    Returns:
+        ``momentum`` as a float, or None.
+
+    Raises:
+        ValueError: a number outside [0, 1] or NaN.
+        TypeError: not a real number, or None where it is not allowed.
+    """
     if momentum is None:
         if allow_none:
             return None
@@ -93,7 +128,20 @@ def check_momentum(momentum: object, *, allow_none: bool) -> float | None:
 
 
 def check_positive_int(value: object, name: str, *, allow_zero: bool = False) -> int:
-    """A positive int (0 too with ``allow_zero``); NumPy integers are ints here."""
+    """A positive int (0 too with ``allow_zero``); NumPy integers are ints here.
+
+    Args:
+        value: the value to check.
+        name: what to call it in the message.
+        allow_zero: keyword-only; accept 0. Default False.
+
+    Returns:
+        ``value`` as an int.
+
+    Raises:
+        ValueError: a number below 1 (below 0 with ``allow_zero``).
+        TypeError: not an integer (a bool, a float, a string).
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
@@ -103,7 +151,19 @@ def check_positive_int(value: object, name: str, *, allow_zero: bool = False) ->
 
 def normalize_shape_arg(shape: object, name: str = "normalized_shape") -> tuple[int, ...]:
     """Accept an int or an iterable of ints >= 0 (a list, torch.Size, a NumPy array), as
-    torch.nn.LayerNorm does; a 0 gives an empty output, as there."""
+    torch.nn.LayerNorm does; a 0 gives an empty output, as there.
+
+    Args:
+        shape: the value to check.
+        name: what to call it in the message. Default "normalized_shape".
+
+    Returns:
+        The shape as a tuple of ints.
+
+    Raises:
+        ValueError: a negative size, or no dims at all.
+        TypeError: not an int or an iterable of ints.
+    """
     if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
         shape = (shape,)
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
@@ -125,6 +185,17 @@ def check_param(
 
     ``what`` says where the expected shape comes from, e.g. "the 64 channels of input
     dim 1", so the message tells the user which side to fix.
+
+    Args:
+        param: the tensor to check, or None (nothing to check).
+        name: what to call it in the message ("weight", "running_mean", ...).
+        expected_shape: the shape it must have.
+        x: the input, whose device and floating dtype it must match.
+        what: where ``expected_shape`` comes from, in words.
+
+    Raises:
+        ValueError: another shape or device.
+        TypeError: a non-tensor, or a non-floating dtype.
     """
     if param is None:
         return

@@ -31,7 +31,15 @@ __all__ = [
 
 
 def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-    """(C,) → (1, C, 1, …, 1), so it broadcasts against an (N, C, *spatial) input."""
+    """(C,) → (1, C, 1, …, 1), so it broadcasts against an (N, C, *spatial) input.
+
+    Args:
+        t: a (C,) tensor, or None.
+        ndim: the input's rank.
+
+    Returns:
+        The view, or None for None.
+    """
     return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
 

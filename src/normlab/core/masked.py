@@ -49,6 +49,14 @@ def check_mask(mask: object, x: torch.Tensor, fn: str) -> torch.Tensor:
 
     Raises ``TypeError`` for a non-tensor or a non-bool dtype, ``ValueError`` for a shape
     that does not broadcast to the input without its channel dim, or another device.
+
+    Args:
+        mask: the value to check.
+        x: the (N, C, ...) input.
+        fn: the calling function's name, for the message.
+
+    Returns:
+        The mask expanded to (N, ...).
     """
     positions = (x.shape[0],) + tuple(x.shape[2:])
     words = f"(N, *spatial) = {positions}"
@@ -104,6 +112,14 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]):
     The corrected two-pass algorithm of :func:`normlab.core.centered_moments`, with every
     sum restricted to the mask: mean = shift + offset, biased var; ``count`` in the compute
     dtype, keepdim. An empty group gets shift = offset = var = 0.
+
+    Args:
+        x: the input.
+        mask: bool, broadcast against ``x``.
+        dims: the dims to reduce.
+
+    Returns:
+        ``(shift, offset, var, count)``, each size 1 in ``dims``.
     """
     dims = tuple(dims)
     cdtype = COMPUTE_DTYPES.get(x.dtype, x.dtype)
@@ -135,7 +151,21 @@ def masked_reference(
     rstd: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The masked forward in differentiable torch ops (statistics from ``x`` unless
-    ``mean``/``rstd`` are given); autograd, vmap, jvp and export see through it."""
+    ``mean``/``rstd`` are given); autograd, vmap, jvp and export see through it.
+
+    Args:
+        x: the input.
+        weight: γ, broadcast against ``x``, or None.
+        bias: β, broadcast against ``x``, or None.
+        mask: bool, broadcast against ``x``.
+        dims: the dims each statistic is over.
+        eps: added to the variance.
+        mean: keyword-only; a given mean, or None. Default None.
+        rstd: keyword-only; a given 1/√(var + ε), or None. Default None.
+
+    Returns:
+        The output, 0 at masked-out positions.
+    """
     dims = tuple(dims)
     cdtype = compute_dtype(x.dtype)
     zero = torch.zeros((), dtype=cdtype, device=x.device)
@@ -172,6 +202,22 @@ def masked_normalize_backward(
 
     ``count`` is the valid count per group (keepdim; with ``across``, ignored for the
     global ``across.count``). Results are in the statistics' dtype.
+
+    Args:
+        dy: the output gradient.
+        x: the forward's input.
+        weight: γ, or None.
+        mask: the forward's mask.
+        stats: the forward's :class:`NormStats`.
+        count: see above.
+        dims: the dims each statistic was over.
+        bias_shape: the shape of β, or None without β.
+        batch_stats: keyword-only; the statistics came from ``x``.
+        needs: keyword-only; which of (dx, dγ, dβ) to compute. Default all three.
+        across: keyword-only; the groups span processes, or None. Default None.
+
+    Returns:
+        (dx, dγ, dβ), None where not needed or without that parameter.
     """
     need_dx, need_dw, need_db = needs
     dims = tuple(dims)
@@ -281,7 +327,23 @@ def masked_normalize(
 ) -> torch.Tensor:
     """Normalize the valid elements of ``x`` with per-group ``stats``; 0 where ``mask`` is
     False. ``mask``, γ, β and the statistics broadcast against ``x`` (same number of dims);
-    ``count`` is the valid count per group (needed with ``batch_stats``)."""
+    ``count`` is the valid count per group (needed with ``batch_stats``).
+
+    Args:
+        x: the input.
+        weight: γ, or None.
+        bias: β, or None.
+        mask: bool, True at valid positions.
+        stats: the :class:`NormStats`.
+        count: see above.
+        dims: the dims each statistic is over.
+        eps: the eps the statistics were computed with.
+        batch_stats: keyword-only; the statistics came from ``x``.
+        across: keyword-only; the groups span processes, or None. Default None.
+
+    Returns:
+        The output, ``x``'s dtype, 0 at masked-out positions.
+    """
     return _MaskedNormalize.apply(
         x, weight, bias, mask, stats.shift, stats.offset, stats.rstd, count, tuple(dims), eps, batch_stats, across
     )

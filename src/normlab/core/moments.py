@@ -40,7 +40,13 @@ __all__ = [
 
 
 class Moments(NamedTuple):
-    """Statistics of one or more groups: element count, mean and M2 = Σ(x − mean)²."""
+    """Statistics of one or more groups: element count, mean and M2 = Σ(x − mean)².
+
+    Attributes:
+        count: the number of elements of each group.
+        mean: the mean of each group.
+        m2: the sum of squared deviations from that mean.
+    """
 
     count: torch.Tensor
     mean: torch.Tensor
@@ -67,12 +73,27 @@ COMPUTE_DTYPES = {dtype: torch.float32 for dtype in LOW_PRECISION_DTYPES}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics and the normalization arithmetic are carried out in."""
+    """The dtype statistics and the normalization arithmetic are carried out in.
+
+    Args:
+        dtype: the input's dtype.
+
+    Returns:
+        float32 for half precision (float16, bfloat16); ``dtype`` itself otherwise.
+    """
     return COMPUTE_DTYPES.get(dtype, dtype)
 
 
 def reduced_count(shape: Sequence[int], dims: Sequence[int]) -> int:
-    """Number of elements each statistic is computed over."""
+    """Number of elements each statistic is computed over.
+
+    Args:
+        shape: the input's shape.
+        dims: the dims each statistic is over.
+
+    Returns:
+        The product of ``shape`` over ``dims``.
+    """
     count = 1
     for d in dims:  # a loop, not math.prod over a generator, which torch.compile cannot trace
         count *= shape[d]
@@ -87,6 +108,11 @@ class CenteredMoments(NamedTuple):
     ``(x − shift) − offset`` keeps digits that ``x − round(mean)`` cannot: for
     1e4 + 0.01·randn in float32 the rounded mean is off by up to half an ulp (5e-4),
     which is 5% of a standard deviation, in every output.
+
+    Attributes:
+        shift: the group mean rounded to the compute dtype.
+        offset: the mean minus ``shift``, as computed.
+        var: the biased variance.
     """
 
     shift: torch.Tensor
@@ -110,6 +136,13 @@ def centered_moments(x: torch.Tensor, dims: Sequence[int]) -> CenteredMoments:
     so ``offset²`` removes only a rounding-sized correction — no cancellation. The clamp
     at 0 covers constant groups, where rounding can leave −1 ulp. Returned with
     ``keepdim=True`` in :func:`compute_dtype` of ``x``; works on any strides.
+
+    Args:
+        x: the input, any shape and strides.
+        dims: the dims to reduce.
+
+    Returns:
+        The :class:`CenteredMoments`, each of ``x``'s rank with size 1 in ``dims``.
     """
     dims = tuple(dims)
     xc = x.to(compute_dtype(x.dtype))  # upcast only for float16/bfloat16
@@ -122,7 +155,15 @@ def centered_moments(x: torch.Tensor, dims: Sequence[int]) -> CenteredMoments:
 
 
 def mean_square(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
-    """Mean of x² over ``dims`` (RMSNorm's statistic), kept as size-1 dims."""
+    """Mean of x² over ``dims`` (RMSNorm's statistic), kept as size-1 dims.
+
+    Args:
+        x: the input.
+        dims: the dims to reduce.
+
+    Returns:
+        E[x²] in :func:`compute_dtype` of ``x``, size 1 in ``dims``.
+    """
     xc = x.to(compute_dtype(x.dtype))
     return xc.square().mean(dim=tuple(dims), keepdim=True)
 
@@ -134,6 +175,13 @@ def merge_moments(parts: Moments, dim: int = 0) -> Moments:
     M2 = ΣM2ᵢ + Σnᵢ(μᵢ − μ)². Each part's M2 is taken about its own mean, so no large
     sums of squares are ever subtracted. A part with nᵢ = 0 contributes nothing, whatever
     its (possibly NaN) mean says.
+
+    Args:
+        parts: the partial :class:`Moments`, stacked along ``dim``.
+        dim: the dim that holds the parts. Default 0.
+
+    Returns:
+        The merged :class:`Moments`, without ``dim``.
     """
     count = parts.count.sum(dim)
     weights = parts.count.to(parts.mean.dtype)

@@ -47,6 +47,11 @@ class NormStats(NamedTuple):
 
     ``shift`` is None for RMSNorm (nothing subtracted); ``offset`` is None when the
     shift is the mean itself (running or given statistics). All broadcast against x.
+
+    Attributes:
+        shift: what is subtracted first (the rounded mean), or None.
+        offset: the rest of the mean, or None.
+        rstd: 1/√(var + ε).
     """
 
     shift: torch.Tensor | None
@@ -63,6 +68,10 @@ class AcrossProcesses:
     — one collective that sums a packed tensor over all processes — and ``count`` is the
     global number of elements per group. dγ and dβ stay local sums, as DistributedDataParallel
     reduces parameter gradients itself.
+
+    Args:
+        reduce: sums a tensor over every process of the group and returns the sum.
+        count: the global number of elements per group (a tensor where it stays on the device).
     """
 
     reduce: Callable[[torch.Tensor], torch.Tensor]
@@ -74,6 +83,11 @@ class BatchStatistics(NamedTuple):
 
     ``mean`` is None for RMSNorm; ``var`` is the biased variance (the mean square for
     RMSNorm); ``count`` the elements per group.
+
+    Attributes:
+        mean: the per-group mean, or None (RMSNorm).
+        var: the biased variance (the mean square for RMSNorm).
+        count: the elements per group.
     """
 
     mean: torch.Tensor | None
@@ -121,6 +135,16 @@ def normalize_forward(
     y = x·(γr) + (β − μγr) subtracts two numbers of size |μ|·γr, which for data with a
     large mean (1e4 + 0.01·randn in float32) loses about 6% of every output.
     ``small_scale``: the caller knows r·γ is per channel or group (None: find out).
+
+    Args:
+        x: the input.
+        weight: γ, broadcast against ``x``, or None.
+        bias: β, broadcast against ``x``, or None.
+        stats: the :class:`NormStats` to normalize with.
+        small_scale: keyword-only; see above. Default None.
+
+    Returns:
+        y, in the statistics' dtype.
     """
     cdtype = stats.rstd.dtype
     w = None if weight is None else weight.to(cdtype)
@@ -160,6 +184,21 @@ def normalize_backward(
 
     Results are in the statistics' dtype; the caller casts them to the operands' dtypes.
     With ``across``, the groups span processes (see :class:`AcrossProcesses`).
+
+    Args:
+        dy: the output gradient.
+        x: the forward's input.
+        weight: γ, or None.
+        stats: the forward's :class:`NormStats`.
+        dims: the dims each statistic was over.
+        bias_shape: the shape of β (dβ is returned in it), or None without β.
+        batch_stats: keyword-only; the statistics came from ``x`` (so the backward
+            differentiates through them).
+        needs: keyword-only; which of (dx, dγ, dβ) to compute. Default all three.
+        across: keyword-only; the groups span processes, or None. Default None.
+
+    Returns:
+        (dx, dγ, dβ), None where not needed or without that parameter.
     """
     need_dx, need_dw, need_db = needs
     rstd = stats.rstd
@@ -320,6 +359,19 @@ def normalize(
     ``across`` marks statistics merged over several processes (SyncBatchNorm).
     ``weight``, ``bias`` and the statistics must broadcast against ``x`` with the same
     number of dims.
+
+    Args:
+        x: the input.
+        weight: γ, broadcast against ``x``, or None.
+        bias: β, broadcast against ``x``, or None.
+        stats: the :class:`NormStats`.
+        dims: the dims each statistic is over.
+        eps: the eps the statistics were computed with.
+        batch_stats: keyword-only; see above.
+        across: keyword-only; see above. Default None.
+
+    Returns:
+        The normalized tensor, ``x``'s dtype.
     """
     return _Normalize.apply(
         x,
@@ -349,6 +401,17 @@ def normalize_batch(
     ``centered=False`` is RMSNorm: no mean is subtracted and the "variance" is E[x²].
     The statistics are computed without autograd (the closed-form backward accounts
     for them) and returned with ``keepdim=True`` for running-estimate updates.
+
+    Args:
+        x: the input.
+        weight: γ, broadcast against ``x``, or None.
+        bias: β, broadcast against ``x``, or None.
+        dims: the dims to reduce.
+        eps: added to the variance.
+        centered: keyword-only; subtract the mean (False: RMSNorm). Default True.
+
+    Returns:
+        (y, :class:`BatchStatistics`).
     """
     dims = tuple(dims)
     with torch.no_grad():
@@ -377,6 +440,18 @@ def normalize_given(
     """Normalize ``x`` with fixed statistics (running or frozen estimates).
 
     ``mean`` and ``var`` broadcast against ``x``; they are constants for autograd.
+
+    Args:
+        x: the input.
+        weight: γ, broadcast against ``x``, or None.
+        bias: β, broadcast against ``x``, or None.
+        mean: the mean to subtract.
+        var: the variance (eps is added to it).
+        dims: the dims the statistics stand for.
+        eps: added to the variance.
+
+    Returns:
+        The normalized tensor, ``x``'s dtype.
     """
     cdtype = compute_dtype(x.dtype)
     with torch.no_grad():

@@ -145,7 +145,13 @@ _ALIASES = {"fast": KERNELS}
 
 
 class Decision(NamedTuple):
-    """A call's path, how it runs there, and why (empty for the common case)."""
+    """A call's path, how it runs there, and why (empty for the common case).
+
+    Attributes:
+        path: "kernels", "triton", "native" or "composed".
+        how: how it runs there ("direct", "masked", ...), or "".
+        reason: why this path and not the usual one, or "".
+    """
 
     path: str
     how: str
@@ -199,13 +205,24 @@ def set_backend(name: str) -> None:
     """ "auto": the table; "kernels" (or "fast"): the kernels wherever they can take a call
     (an error if they cannot be built); "native": torch's ops wherever normlab's semantics
     allow; "composed": normlab's composed ops everywhere. Where a forced backend cannot take a
-    call, the next one does (kernels → native → composed)."""
+    call, the next one does (kernels → native → composed).
+
+    Args:
+        name: "auto", "kernels" (or "fast"), "native", "composed" or "triton".
+
+    Raises:
+        ValueError: another name.
+    """
     _backend[0] = _checked_backend(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """:func:`set_backend` for the duration of a ``with`` block."""
+    """:func:`set_backend` for the duration of a ``with`` block.
+
+    Args:
+        name: as for :func:`set_backend`.
+    """
     previous = _backend[0]
     set_backend(name)
     try:
@@ -370,6 +387,20 @@ def choose_path(
     ``call``: the rest of the call, for the GPU kernels' question (channel: ``(weight, bias,
     running, groups, activation, prelu_weight)``; row: ``(normalized_shape, weight,
     residual)``).
+
+    Args:
+        x: the input.
+        family: "channel" (BatchNorm, InstanceNorm, GroupNorm) or "row" (LayerNorm,
+            RMSNorm). Default "channel".
+        operation: the name recorded. Default "norm".
+        given: keyword-only; see above. Default False.
+        mask: keyword-only; see above. Default None.
+        inplace: keyword-only; see above. Default False.
+        centered: keyword-only; see above. Default True.
+        call: keyword-only; see above. Default ().
+
+    Returns:
+        The :class:`Decision`.
     """
     compiling = _is_dynamo_compiling()
     forced = _backend[0]

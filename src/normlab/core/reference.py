@@ -34,6 +34,19 @@ def reference_normalize(
     eval-mode BatchNorm. Without, they are computed from ``x`` and differentiated
     through. ``weight``/``bias`` must already broadcast against ``x``. Computed in
     float32 for float16/bfloat16 input; the result has the input's dtype.
+
+    Args:
+        x: the input.
+        weight: γ, broadcast against ``x``, or None.
+        bias: β, broadcast against ``x``, or None.
+        dims: the dims each statistic is over.
+        eps: added to the variance.
+        centered: keyword-only; subtract the mean (False: RMSNorm). Default True.
+        mean: keyword-only; a given mean, or None. Default None.
+        rstd: keyword-only; a given 1/√(var + ε), or None. Default None.
+
+    Returns:
+        The output, ``x``'s dtype.
     """
     xc = x.to(compute_dtype(x.dtype))
     dims = tuple(dims)

@@ -37,9 +37,25 @@ def batch_renorm(
     operation: str = "batch_renorm",
     checked: bool = False,
 ) -> torch.Tensor:
-    """Batch Renormalization of an (N, C, *spatial) input with ``running``'s estimates (used
+    r"""Batch Renormalization of an (N, C, *spatial) input with ``running``'s estimates (used
     in eval, measured against and updated in training). ``r_max``/``d_max`` may be 0-dim
-    tensors (a schedule computed on the device)."""
+    tensors (a schedule computed on the device).
+
+    Args:
+        x: the (N, C, ...) input.
+        weight: γ, shape (C,), or None.
+        bias: β, shape (C,), or None.
+        eps: keyword-only; added to the variances.
+        batch_stats: keyword-only; training (batch statistics, corrected by r and d).
+        running: keyword-only; the :class:`RunningStats` policy (required).
+        r_max: keyword-only; the clip of r, >= 1.
+        d_max: keyword-only; the clip of \|d\|, >= 0.
+        operation: keyword-only; the name recorded. Default "batch_renorm".
+        checked: keyword-only; the caller checked the arguments. Default False.
+
+    Returns:
+        The output, ``x``'s shape and dtype.
+    """
     if not batch_stats or x.numel() == 0:
         # eval: BatchNorm with the estimates; an empty batch: BatchNorm2d's answer (an empty
         # output, the estimates untouched), since there is no batch for r and d to measure

@@ -37,13 +37,27 @@ def row_norm(
     operation: str = "layer_norm",
     checked: bool = False,
 ):
-    """LayerNorm (``centered``) or RMSNorm of ``x`` over its trailing ``normalized_shape``
+    r"""LayerNorm (``centered``) or RMSNorm of ``x`` over its trailing ``normalized_shape``
     dims; with a ``residual``, ``(norm(x + residual), x + residual)``.
 
     ``eps=None`` (RMSNorm) is the machine epsilon of the computation dtype, as torch.nn's. A
     residual that broadcasts to x or has another dtype is added by torch first, and the sum
     normalized; one of x's shape and dtype is added inside the norm's pass where the kernels
     run (x and the residual read once, the sum and the output written once).
+
+    Args:
+        x: the input, (..., \*normalized_shape).
+        normalized_shape: the trailing dims normalized over.
+        weight: γ, of ``normalized_shape``, or None.
+        bias: β, of ``normalized_shape``, or None.
+        eps: added to the variance, or None (RMSNorm: the machine epsilon).
+        centered: keyword-only; LayerNorm (False: RMSNorm). Default True.
+        residual: keyword-only; added to ``x`` first, or None. Default None.
+        operation: keyword-only; the name recorded. Default "layer_norm".
+        checked: keyword-only; the caller checked the arguments. Default False.
+
+    Returns:
+        The output, or ``(output, x + residual)`` with a residual.
     """
     if residual is not None and not (
         type(residual) is type(x) and residual.dtype == x.dtype and residual.shape == x.shape
@@ -122,6 +136,18 @@ def channels_first_row_norm(
     Other layouts: the path rule's answer for rows over dim 1 — normlab's composed ops, or
     torch's ``layer_norm`` on the permuted view (export, torch.func, other dtypes and
     devices), the graph exporters know for this layer.
+
+    Args:
+        x: the (N, C, H, W) input.
+        weight: γ, shape (C,), or None.
+        bias: β, shape (C,), or None.
+        eps: added to the variance.
+        operation: keyword-only; the name recorded. Default "layer_norm2d".
+        checked: keyword-only; the caller checked the arguments. Default False.
+        channels: keyword-only; C, where the caller knows it. Default None.
+
+    Returns:
+        The output, (N, C, H, W).
     """
     if not checked:
         check_floating_input(x)
@@ -141,10 +167,21 @@ def channels_first_row_norm(
 
 
 def add_row_norm(x, residual, normalized_shape, weight, bias, eps, *, centered, operation="add_layer_norm"):
-    """``(norm(x + residual), x + residual)``: :func:`row_norm` with a ``residual``."""
+    """``(norm(x + residual), x + residual)``: :func:`row_norm` with a ``residual``.
+
+    Args:
+        x, residual, normalized_shape, weight, bias, eps: as for :func:`row_norm`.
+        centered: keyword-only; LayerNorm (False: RMSNorm).
+        operation: keyword-only; the name recorded. Default "add_layer_norm".
+    """
     return row_norm(x, normalized_shape, weight, bias, eps, centered=centered, residual=residual, operation=operation)
 
 
 def channel_layer_norm(x, weight, bias, eps, *, operation="layer_norm2d"):
-    """The former name of :func:`channels_first_row_norm`."""
+    """The former name of :func:`channels_first_row_norm`.
+
+    Args:
+        x, weight, bias, eps: as for :func:`channels_first_row_norm`.
+        operation: keyword-only; the name recorded. Default "layer_norm2d".
+    """
     return channels_first_row_norm(x, weight, bias, eps, operation=operation)

@@ -68,6 +68,12 @@ def check_nonfinite_policy(policy: object) -> str:
 
     Raises:
         InputError: for anything else (a ValueError).
+
+    Args:
+        policy: the value to check: "skip" or "raise".
+
+    Returns:
+        ``policy``.
     """
     if policy not in NONFINITE_POLICIES:
         raise InputError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
@@ -182,6 +188,12 @@ class RunningStats:
 
     Build it with :meth:`of` (checks the arguments) or, in a module, once per change of its
     settings. The fields are plain attributes: the kernels' entry reads them from C++.
+
+    Args:
+        buffers: the mapping that holds the estimates (a module's ``_buffers``).
+        momentum: the PyTorch-convention momentum, or None (cumulative average).
+        unbiased: store the unbiased batch variance.
+        on_nonfinite: "skip" or "raise".
     """
 
     def __init__(self, buffers: dict, momentum: float | None, unbiased: bool, on_nonfinite: str) -> None:
@@ -291,7 +303,14 @@ def update_running_stats_if(
     """:func:`normlab.core.update_running_stats` (``*args`` as its: the buffers, the batch's
     statistics, the count, momentum), applied only where the 0-dim bool ``enough`` is True (a
     batch with at least 2 valid values) — without a host sync off the CPU: the update is
-    computed, then ``torch.where`` keeps the old buffers when not."""
+    computed, then ``torch.where`` keeps the old buffers when not.
+
+    Args:
+        enough: a 0-dim bool tensor: merge this batch or not.
+        *args: :func:`update_running_stats`'s positional arguments.
+        num_batches_tracked: keyword-only; the batch counter, or None. Default None.
+        **kwargs: :func:`update_running_stats`'s other keywords (``unbiased``, ``on_nonfinite``).
+    """
     running_mean, running_var = args[:2]
     if running_mean.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(enough):  # free on the CPU
@@ -305,24 +324,60 @@ def update_running_stats_if(
 
 
 def momentum_from_decay(decay: float) -> float:
-    """Keras/Flax ``momentum`` (a decay d, weight of the old value) → PyTorch momentum 1 − d."""
+    """Keras/Flax ``momentum`` (a decay d, weight of the old value) → PyTorch momentum 1 − d.
+
+    Args:
+        decay: d, in [0, 1].
+
+    Returns:
+        1 − d.
+
+    Raises:
+        ValueError: a value outside [0, 1] or not a number.
+    """
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
         raise InputError(f"decay must be a float in [0, 1], got {decay!r}")
     return 1.0 - float(decay)
 
 
 def decay_from_momentum(momentum: float) -> float:
-    """PyTorch momentum → Keras/Flax decay 1 − momentum."""
+    """PyTorch momentum → Keras/Flax decay 1 − momentum.
+
+    Args:
+        momentum: the PyTorch-convention momentum, in [0, 1].
+
+    Returns:
+        1 − momentum.
+
+    Raises:
+        ValueError, TypeError: as :func:`check_momentum`.
+    """
     return 1.0 - check_momentum(momentum, allow_none=False)
 
 
 class RunningStatistics(NamedTuple):
+    """Running estimates in torch.nn's convention, from :func:`from_decay_convention`.
+
+    Attributes:
+        running_mean: torch.nn's running mean.
+        running_var: torch.nn's running variance (unbiased, or as given).
+        momentum: the PyTorch-convention momentum, 1 − decay.
+    """
+
     running_mean: torch.Tensor
     running_var: torch.Tensor
     momentum: float
 
 
 class DecayStatistics(NamedTuple):
+    """Moving statistics in Keras/Flax's convention, from :func:`to_decay_convention`.
+
+    Attributes:
+        moving_mean: Keras' ``moving_mean`` (Flax's ``mean``).
+        moving_variance: Keras' ``moving_variance`` (Flax's ``var``), biased.
+        decay: the Keras/Flax "momentum", 1 − momentum.
+    """
+
     moving_mean: torch.Tensor
     moving_variance: torch.Tensor
     decay: float
@@ -344,6 +399,19 @@ def from_decay_convention(
     n / (n − 1) so that a torch.nn-style layer continues the same average; without it the
     variance is passed through unchanged (a relative difference of 1/(n − 1)), which is
     what a layer built with ``unbiased_running_var=False`` expects.
+
+    Args:
+        moving_mean: the moving mean, shape (C,).
+        moving_variance: the moving (biased) variance, shape (C,).
+        decay: the Keras/Flax "momentum" d, in [0, 1].
+        elements_per_batch: keyword-only; n, the values per channel in a training batch;
+            None to pass the variance through. Default None.
+
+    Returns:
+        The :class:`RunningStatistics` (new tensors).
+
+    Raises:
+        ValueError: a ``decay`` outside [0, 1], or ``elements_per_batch`` < 2.
     """
     momentum = momentum_from_decay(decay)
     var = moving_variance
@@ -361,7 +429,21 @@ def to_decay_convention(
     *,
     elements_per_batch: int | None = None,
 ) -> DecayStatistics:
-    """Inverse of :func:`from_decay_convention`."""
+    """Inverse of :func:`from_decay_convention`.
+
+    Args:
+        running_mean: torch.nn's running mean, shape (C,).
+        running_var: torch.nn's running (unbiased) variance, shape (C,).
+        momentum: the PyTorch-convention momentum, in [0, 1].
+        elements_per_batch: keyword-only; n, to rescale the variance to biased by (n − 1)/n;
+            None to pass it through. Default None.
+
+    Returns:
+        The :class:`DecayStatistics` (new tensors).
+
+    Raises:
+        ValueError: a ``momentum`` outside [0, 1], or ``elements_per_batch`` < 2.
+    """
     decay = decay_from_momentum(momentum)
     var = running_var
     if elements_per_batch is not None:
