@@ -32,7 +32,9 @@ def test_roles_link_public_names_and_quote_the_rest():
 
 
 def test_guide_paths_become_links_from_the_docs_root():
-    assert rst_to_markdown("(``docs/sequences.md#masks``)", PUBLIC) == "([docs/sequences.md#masks](/sequences.md#masks))"
+    assert (
+        rst_to_markdown("(``docs/sequences.md#masks``)", PUBLIC) == "([docs/sequences.md#masks](/sequences.md#masks))"
+    )
 
 
 def test_literal_blocks_become_fences_and_examples_stay_a_section():

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 pytest.importorskip("mkdocs", reason="the docs extra is not installed")
 pytest.importorskip("mkdocstrings_handlers.python", reason="the docs extra is not installed")
 
-from docsite.docstring_check import undocumented_names  # noqa: E402
+from docsite.docstring_check import argument_mismatch, argument_mismatches, undocumented_names  # noqa: E402
 from docsite.public_api import PUBLIC_MODULES, PublicName, all_public_names  # noqa: E402
 from docsite.site_check import missing_from_site  # noqa: E402
 
@@ -39,6 +39,54 @@ def site(tmp_path_factory) -> Path:
 
 def test_every_public_name_has_a_docstring():
     assert undocumented_names() == []
+
+
+def test_every_argument_of_every_public_callable_is_documented():
+    """Each public class's constructor and function: every parameter has an ``Args:`` entry (a
+    dataclass's fields may be ``Attributes:``), and every entry is a parameter."""
+    assert argument_mismatches() == []
+
+
+def _example(a: int, b: float = 1.0, *rest: int, c: str = "", _private: int = 0, **options: int) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("docstring", "expected"),
+    [
+        (
+            "Example.\n\nArgs:\n    a: one.\n    b: two.\n    *rest: more.\n    c: three.\n    **options: the rest.",
+            None,
+        ),
+        # the shared form "a, b: ..." is what the source may write; the site splits it
+        ("Example.\n\nArgs:\n    a, b: one and two.\n    rest, c, options: the others.", None),
+        ("Example.\n\nArgs:\n    a: one.\n    c: three.", "not documented: b, rest, options"),
+        ("Example without sections.", "not documented: a, b, rest, c, options"),
+        (
+            "Example.\n\nArgs:\n    a, b, rest, c, options: all.\n    d: gone.",
+            "documented but not in the signature: d",
+        ),
+    ],
+)
+def test_argument_mismatch_reports_missing_and_unknown_entries(docstring, expected):
+    from docsite.griffe_normlab import rst_to_markdown
+
+    problem = argument_mismatch("example", _example, rst_to_markdown(docstring, {}))
+    assert problem == (None if expected is None else f"example: {expected}")
+
+
+def test_a_dataclass_may_document_its_fields_as_attributes():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Record:
+        name: str
+        size: int = 0
+
+    assert argument_mismatch("Record", Record, "A record.\n\nAttributes:\n    name: n.\n    size: s.") is None
+    assert argument_mismatch("Record", Record, "A record.\n\nAttributes:\n    name: n.") == (
+        "Record: not documented: size"
+    )
 
 
 def test_public_names_are_read_from_all():
@@ -88,7 +136,7 @@ def test_math_is_mathml_and_nothing_loads_from_the_network(site):
     assert derivations.count("<math") >= 10
     for html in site.rglob("*.html"):
         text = html.read_text(encoding="utf-8")
-        for remote in ('src="http', "href=\"https://fonts", "cdn.jsdelivr", "unpkg.com", "googleapis"):
+        for remote in ('src="http', 'href="https://fonts', "cdn.jsdelivr", "unpkg.com", "googleapis"):
             assert remote not in text, (html.relative_to(site), remote)
 
 

@@ -18,7 +18,7 @@ for path in (ROOT / "tools", ROOT / "src"):  # this tree's normlab, not an insta
 from mkdocs.structure.files import File  # noqa: E402
 
 from docsite.cli_reference import cli_page  # noqa: E402
-from docsite.docstring_check import public_docstrings, undocumented_names  # noqa: E402
+from docsite.docstring_check import argument_mismatches, public_docstrings, undocumented_names  # noqa: E402
 from docsite.mathml import render_math  # noqa: E402
 from docsite.public_api import PUBLIC_MODULES, all_public_names  # noqa: E402
 from docsite.readme_pages import readme_pages  # noqa: E402
@@ -53,6 +53,8 @@ def on_files(files, config):
         files.append(File.generated(config, src_uri, content=content))
     for path in undocumented_names():
         log.warning("public name without a docstring: %s", path)  # --strict turns this into a failure
+    for problem in argument_mismatches():
+        log.warning("Args section and signature differ: %s", problem)
     return files
 
 
