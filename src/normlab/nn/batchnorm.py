@@ -7,6 +7,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import channel_norm
+from ..core.types import DeviceLike, DTypeLike
 from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -96,8 +97,8 @@ class _BatchNorm(_NormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
         bias: bool = True,
         unbiased_running_var: bool = True,

@@ -10,6 +10,7 @@ from torch.fx import Proxy
 
 from ..core import batch_renorm
 from ..core.checks import InputError
+from ..core.types import DeviceLike, DTypeLike
 from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
@@ -104,8 +105,8 @@ class _BatchRenorm(_NormBase):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
         schedule: RenormSchedule | None = None,
         bias: bool = True,

@@ -10,7 +10,7 @@ from torch.fx import Proxy
 
 from ..core import check_positive_int
 from ..core.checks import InputError
-from ..core.types import DeviceLike, DTypeLike
+from ..core.types import ActLayer, DeviceLike, DTypeLike
 from ..functional.filter_response import filter_response_norm, tlu
 from .base import FreezableNorm, check_channel_input, init_channel_params, traced_call
 
@@ -151,7 +151,7 @@ class FilterResponseNormAct2d(_FilterResponseBase):
         self,
         num_features: int,
         apply_act: bool = True,
-        act_layer=nn.ReLU,
+        act_layer: ActLayer = nn.ReLU,
         inplace: bool | None = None,
         rms: bool = True,
         eps: float = 1e-5,

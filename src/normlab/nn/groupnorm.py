@@ -8,6 +8,7 @@ from torch.fx import Proxy
 
 from ..core import channel_norm, check_eps, check_positive_int
 from ..core.checks import InputError
+from ..core.types import DeviceLike, DTypeLike
 from .base import PerSampleNorm, traced_call
 
 __all__ = ["GroupNorm"]
@@ -58,8 +59,8 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
         num_channels: int,
         eps: float = 1e-5,
         affine: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
         bias: bool = True,
     ) -> None:

@@ -10,6 +10,7 @@ from torch.fx import Proxy
 
 from ..core import channel_norm, instance_norm_layout
 from ..core.checks import InputError, InputTypeError
+from ..core.types import DeviceLike, DTypeLike
 from .base import _NormBase, check_norm_args, traced_call
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
@@ -70,8 +71,8 @@ class _InstanceNorm(_NormBase):
         momentum: float | None = 0.1,
         affine: bool = False,
         track_running_stats: bool = False,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
         bias: bool = True,
         unbiased_running_var: bool = True,

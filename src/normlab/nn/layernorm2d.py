@@ -8,6 +8,7 @@ from torch.fx import Proxy
 
 from ..core import channels_first_row_norm, check_eps, check_positive_int
 from ..core.checks import InputError
+from ..core.types import DeviceLike, DTypeLike
 from .base import PerSampleNorm, traced_call
 
 __all__ = ["LayerNorm2d"]
@@ -43,7 +44,13 @@ class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
     """
 
     def __init__(
-        self, num_channels: int, eps: float = 1e-6, affine: bool = True, bias: bool = True, device=None, dtype=None
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        affine: bool = True,
+        bias: bool = True,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         num_channels = check_positive_int(num_channels, "num_channels")
         eps = check_eps(eps)

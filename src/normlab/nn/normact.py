@@ -10,6 +10,7 @@ the layer's ``activation``, ``activation_param`` and ``inplace`` to the same fam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +39,9 @@ _BY_CLASS = {ACTIVATIONS[name].module: ACTIVATIONS[name] for name in FUSED_ACTIV
 _BY_NAME = {alias: entry for entry in _BY_CLASS.values() for alias in (entry.name, *entry.aliases)}
 
 
-def activation_spec(act, act_kwargs: dict | None = None) -> tuple[str, float | None]:
+def activation_spec(
+    act: str | type[nn.Module] | nn.Module | None, act_kwargs: dict[str, Any] | None = None
+) -> tuple[str, float | None]:
     """``(activation, activation_param)`` for a torch.nn activation given as a module,
     a class or a name (timm's ``act_layer`` spellings: "relu", "silu", "swish", ...),
     with ``act_kwargs`` the keywords a class or name would be built with.
@@ -213,8 +216,8 @@ def timm_norm_act(
     activation_param: float | None = None,
     *,
     num_groups: int | None = None,
-    **norm_kwargs,
-):
+    **norm_kwargs: Any,
+) -> Callable[..., nn.Module]:
     """A ``norm_layer`` for timm models built from norm+activation layers (EfficientNet,
     RegNet, MobileNet, ...) that makes :class:`BatchNormAct2d` — or, with ``num_groups``,
     :class:`GroupNormAct` with that many groups (BiT's ResNetV2)::

@@ -10,6 +10,7 @@ from torch.fx import Proxy
 
 from ..core import check_eps, check_floating_input, check_positive_int, compute_dtype, mean_square
 from ..core.checks import InputError, InputTypeError
+from ..core.types import DeviceLike, DTypeLike
 from .base import traced_call
 from .layernorm import LayerNorm, RMSNorm
 
@@ -55,8 +56,8 @@ class QKNorm(nn.Module):
         elementwise_affine: bool = True,
         *,
         scale_init: float = 10.0,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
     ) -> None:
         super().__init__()
         self.head_dim = check_positive_int(head_dim, "head_dim")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
+from ..core.types import DeviceLike, DTypeLike
 from ..functional.switchable import switchable_norm
 from .base import _NormBase, check_channel_input, check_norm_args, traced_call
 
@@ -52,8 +53,8 @@ class SwitchableNorm2d(_NormBase, nn.modules.batchnorm._NormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
         *,
         using_bn: bool = True,
         bias: bool = True,
