@@ -173,7 +173,9 @@ def check_activation(name: str, param: float | None = None, *, inplace: bool = F
     return value
 
 
-def apply_activation(z: torch.Tensor, name: str, param: float, prelu_weight: torch.Tensor | None = None):
+def apply_activation(
+    z: torch.Tensor, name: str, param: float, prelu_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """``act(z)`` for a fused activation (``prelu_weight``: PReLU's slopes).
 
     Args:

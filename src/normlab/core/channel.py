@@ -21,6 +21,8 @@ off the direct path. A functional checks first and says so (``checked=True``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import composed, native
@@ -183,7 +185,13 @@ def channel_norm(
     return _gpu_kernels[0].channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
 
 
-def masked_channel_norm(x, weight, bias, mask, **kwargs) -> torch.Tensor:
+def masked_channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    **kwargs: Any,
+) -> torch.Tensor:
     """:func:`channel_norm` with a ``mask`` of valid positions (the former separate entry).
 
     Args:

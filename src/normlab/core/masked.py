@@ -106,7 +106,9 @@ def _valid_count(mask: torch.Tensor, shape: Sequence[int], dims: tuple[int, ...]
     return mask.sum(dims, keepdim=True, dtype=torch.int64) * factor
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]):
+def masked_moments(
+    x: torch.Tensor, mask: torch.Tensor, dims: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(shift, offset, var, count) of the valid elements of ``x`` over ``dims``.
 
     The corrected two-pass algorithm of :func:`normlab.core.centered_moments`, with every

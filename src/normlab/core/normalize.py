@@ -69,7 +69,7 @@ class AcrossProcesses:
     global number of elements per group. dγ and dβ stay local sums, as DistributedDataParallel
     reduces parameter gradients itself.
 
-    Args:
+    Attributes:
         reduce: sums a tensor over every process of the group and returns the sum.
         count: the global number of elements per group (a tensor where it stays on the device).
     """

@@ -36,7 +36,7 @@ def row_norm(
     residual: torch.Tensor | None = None,
     operation: str = "layer_norm",
     checked: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""LayerNorm (``centered``) or RMSNorm of ``x`` over its trailing ``normalized_shape``
     dims; with a ``residual``, ``(norm(x + residual), x + residual)``.
 
@@ -166,7 +166,17 @@ def channels_first_row_norm(
     return composed.channels_first_row_norm(x, weight, bias, eps)
 
 
-def add_row_norm(x, residual, normalized_shape, weight, bias, eps, *, centered, operation="add_layer_norm"):
+def add_row_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    *,
+    centered: bool,
+    operation: str = "add_layer_norm",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(norm(x + residual), x + residual)``: :func:`row_norm` with a ``residual``.
 
     Args:
@@ -177,7 +187,14 @@ def add_row_norm(x, residual, normalized_shape, weight, bias, eps, *, centered, 
     return row_norm(x, normalized_shape, weight, bias, eps, centered=centered, residual=residual, operation=operation)
 
 
-def channel_layer_norm(x, weight, bias, eps, *, operation="layer_norm2d"):
+def channel_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    operation: str = "layer_norm2d",
+) -> torch.Tensor:
     """The former name of :func:`channels_first_row_norm`.
 
     Args:

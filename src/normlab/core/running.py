@@ -30,7 +30,7 @@ kernels hand back (a batch that is not finite warns or raises here).
 from __future__ import annotations
 
 import warnings
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -298,7 +298,7 @@ class RunningStats:
 
 
 def update_running_stats_if(
-    enough: torch.Tensor, *args, num_batches_tracked: torch.Tensor | None = None, **kwargs
+    enough: torch.Tensor, *args: Any, num_batches_tracked: torch.Tensor | None = None, **kwargs: Any
 ) -> None:
     """:func:`normlab.core.update_running_stats` (``*args`` as its: the buffers, the batch's
     statistics, the count, momentum), applied only where the 0-dim bool ``enough`` is True (a
