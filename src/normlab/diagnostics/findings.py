@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .. import nn as nln
 from .layers import WEIGHT_LAYERS
 from .summaries import ACTIVATIONS
+
+if TYPE_CHECKING:
+    from .probe import Probe
 
 __all__ = ["Finding", "diagnose"]
 
@@ -44,7 +48,7 @@ def _ends(names: list[str]) -> tuple[str, str] | None:
 
 
 def diagnose(
-    probe,
+    probe: Probe,
     *,
     vanishing_ratio: float = 1e3,
     exploding_ratio: float = 1e3,

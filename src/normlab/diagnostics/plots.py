@@ -11,6 +11,12 @@ import base64
 import io
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .probe import Probe
 
 __all__ = ["figure_to_png", "gradient_norms", "histogram_grid", "percentile_bands", "save_figure"]
 
@@ -19,7 +25,7 @@ __all__ = ["figure_to_png", "gradient_norms", "histogram_grid", "percentile_band
 _LITERAL = {"parse_math": False}
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -31,8 +37,12 @@ def _figure(width: float, height: float):
 
 
 def histogram_grid(
-    probe, layers: list[str] | None = None, step: int | None = None, ncols: int = 5, title: str | None = None
-):
+    probe: Probe,
+    layers: list[str] | None = None,
+    step: int | None = None,
+    ncols: int = 5,
+    title: str | None = None,
+) -> Figure:
     """One panel per layer (execution order), shared axes: the classic picture of
     activations collapsing or saturating with depth (Glorot & Bengio, 2010, Fig. 3).
 
@@ -75,7 +85,7 @@ def histogram_grid(
     return fig
 
 
-def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, title: str | None = None):
+def percentile_bands(probe: Probe, layers: list[str] | None = None, ncols: int = 4, title: str | None = None) -> Figure:
     """The 15th–85th percentile band and the median of each layer over the recorded steps
     (Ioffe & Szegedy, 2015, Fig. 1b/c).
 
@@ -111,7 +121,7 @@ def percentile_bands(probe, layers: list[str] | None = None, ncols: int = 4, tit
     return fig
 
 
-def gradient_norms(probe, key: str = "grad_norm", title: str | None = None, window: int = 5):
+def gradient_norms(probe: Probe, key: str = "grad_norm", title: str | None = None, window: int = 5) -> Figure:
     """Gradient norm per layer (execution order, log scale): a slope down toward the
     input is vanishing, up is exploding. Each point is the median of the layer's last
     ``window`` records; a layer with a non-finite value among them is drawn as a red ×
@@ -152,17 +162,17 @@ def gradient_norms(probe, key: str = "grad_norm", title: str | None = None, wind
     return fig
 
 
-def figure_to_png(fig) -> bytes:
+def figure_to_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
 
 
-def figure_to_data_uri(fig) -> str:
+def figure_to_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(figure_to_png(fig)).decode("ascii")
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a matplotlib figure to ``path`` (PNG, 110 dpi; parent folders created) and return
     the path. The figure stays open: close it with ``matplotlib.pyplot.close(fig)``.
 

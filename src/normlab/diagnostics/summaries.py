@@ -13,6 +13,7 @@ of a (records × sample) matrix, one transfer to the host per quantity.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -525,7 +526,13 @@ def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float
             record[key] = record[key].item()
 
 
-def summarize(record: dict, *, bins: int, hist_range: tuple[float, float], band=None) -> dict:
+def summarize(
+    record: dict[str, Any],
+    *,
+    bins: int,
+    hist_range: tuple[float, float],
+    band: tuple[tuple[float, float], float, float] | None = None,
+) -> dict[str, Any]:
     """One record's captured tensors as numbers, in place (see :func:`summarize_records`).
 
     Args:
