@@ -31,10 +31,18 @@ def test_roles_link_public_names_and_quote_the_rest():
     )
 
 
-def test_guide_paths_become_links_from_the_docs_root():
-    assert (
-        rst_to_markdown("(``docs/sequences.md#masks``)", PUBLIC) == "([docs/sequences.md#masks](/sequences.md#masks))"
+def test_guide_paths_become_links_from_the_docs_root_named_by_their_heading():
+    assert rst_to_markdown("(``docs/conventions.md#running-statistics``)", PUBLIC) == (
+        "([Running statistics](/conventions.md#running-statistics))"
     )
+    assert rst_to_markdown("``docs/surgery.md``", PUBLIC) == "[Model surgery](/surgery.md)"
+    # a heading with code: the anchor is made without the backticks, the text keeps them
+    assert rst_to_markdown("``docs/conventions.md#in-place-mode-inplacetrue-on-batchnormactgroupnormact``", PUBLIC) == (
+        "[In-place mode (`inplace=True` on BatchNormAct/GroupNormAct)]"
+        "(/conventions.md#in-place-mode-inplacetrue-on-batchnormactgroupnormact)"
+    )
+    # an anchor no heading has keeps its path as text (and the strict build reports the link)
+    assert rst_to_markdown("``docs/sequences.md#masks``", PUBLIC) == "[docs/sequences.md#masks](/sequences.md#masks)"
 
 
 def test_literal_blocks_become_fences_and_examples_stay_a_section():

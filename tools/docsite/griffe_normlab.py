@@ -16,10 +16,12 @@ Three things griffe's static reading would otherwise get wrong or leave out:
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import griffe
@@ -29,6 +31,7 @@ _MATH_ROLE = re.compile(r":math:`([^`]+)`")
 # ``docs/conventions.md#momentum`` in a docstring: a link to that guide on the site, written
 # from the docs root (mkdocs.yml resolves such links there), as reference pages sit at two depths
 _GUIDE = re.compile(r"``docs/([a-z_-]+\.md)(#[a-z0-9_-]+)?``")
+_DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _runtime_object(path: str) -> Any:
@@ -204,6 +207,31 @@ def _simple_tables(text: str) -> str:
     return "\n".join(out)
 
 
+@functools.cache
+def _guide_headings(page: str) -> dict[str, str]:
+    """A guide's headings by anchor (as the site's table of contents makes them), and its
+    title under ""; empty where docs/ has no such page."""
+    from markdown.extensions.toc import slugify
+
+    path = _DOCS / page
+    if not path.is_file():
+        return {}
+    headings: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+            headings.setdefault("" if line.startswith("# ") else "#" + slugify(heading.replace("`", ""), "-"), heading)
+    return headings
+
+
+def _guide_link(page: str, anchor: str) -> str:
+    """``docs/conventions.md#running-statistics`` as a link whose text is the section's heading
+    ("Running statistics"), the page's title without an anchor; the path itself where the page
+    or the section does not exist (so that the strict build's link check still sees it)."""
+    text = _guide_headings(page).get(anchor, f"docs/{page}{anchor}")
+    return f"[{text}](/{page}{anchor})"
+
+
 def rst_to_markdown(text: str, public: dict[str, str]) -> str:
     """The reST constructs normlab's docstrings use, written as the site's Markdown."""
     text = _simple_tables(text)
@@ -211,7 +239,7 @@ def rst_to_markdown(text: str, public: dict[str, str]) -> str:
     text = _math_blocks(text)
     text = _MATH_ROLE.sub(lambda m: f"${m.group(1).strip()}$", text)
     text = _ROLE.sub(lambda m: _role_to_markdown(m, public), text)
-    text = _GUIDE.sub(lambda m: f"[docs/{m.group(1)}{m.group(2) or ''}](/{m.group(1)}{m.group(2) or ''})", text)
+    text = _GUIDE.sub(lambda m: _guide_link(m.group(1), m.group(2) or ""), text)
     return _literal_blocks(text)
 
 

@@ -15,6 +15,7 @@ for path in (ROOT / "tools", ROOT / "src"):  # this tree's normlab, not an insta
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from mkdocs.plugins import event_priority  # noqa: E402
 from mkdocs.structure.files import File  # noqa: E402
 
 from docsite.cli_reference import cli_page  # noqa: E402
@@ -23,6 +24,7 @@ from docsite.mathml import render_math  # noqa: E402
 from docsite.public_api import PUBLIC_MODULES, all_public_names  # noqa: E402
 from docsite.readme_pages import readme_pages  # noqa: E402
 from docsite.reference import index_page, module_page, name_page, name_page_path, nav, page_path  # noqa: E402
+from docsite.search_index import rewrite as rewrite_search_index  # noqa: E402
 
 log = logging.getLogger("mkdocs.plugins.normlab")
 
@@ -58,5 +60,22 @@ def on_files(files, config):
     return files
 
 
+#: Guides ranked above the API pages that merely mention a word: a search for "momentum" or
+#: "eps" should open with the convention, not with a converter that has the word in its name.
+SEARCH_BOOST = {"conventions.md": 4}
+
+
+def on_page_markdown(markdown, page, config, files):
+    boost = SEARCH_BOOST.get(page.file.src_uri)
+    if boost is not None:
+        page.meta.setdefault("search", {}).setdefault("boost", boost)
+    return markdown
+
+
 def on_page_content(html, page, config, files):
     return render_math(html)
+
+
+@event_priority(-50)  # after the search plugin writes the index, before the offline plugin inlines it
+def on_post_build(config):
+    rewrite_search_index(Path(config["site_dir"]))
