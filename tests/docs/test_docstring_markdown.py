@@ -77,3 +77,23 @@ def test_simple_tables_become_markdown_tables():
     assert rst_to_markdown(text, PUBLIC) == (
         "Gains:\n\n| name | value |\n|---|---|\n| tanh | 1 |\n| relu | √2 |\n\nEnd."
     )
+
+
+def test_reference_search_entries_get_the_summary_and_lose_the_signature():
+    from docsite.search_index import improve_reference_entries
+
+    page = "reference/functional/batch_norm.html"
+    section = (
+        "<pre><code>batch_norm(\n    input: Tensor,\n) -&gt; torch.Tensor\n</code></pre> "
+        "<p>Batch normalization of an input.</p> <p>More.</p>"
+    )
+    guide = {"location": "conventions.html", "title": "Conventions", "text": "<pre><code>x</code></pre>"}
+    docs = [
+        {"location": page, "title": "batch_norm", "text": ""},
+        {"location": f"{page}#normlab.functional.batch_norm", "title": "batch_norm", "text": section},
+        guide,
+    ]
+    assert improve_reference_entries(docs) == 1
+    assert docs[0]["text"] == "<p>Batch normalization of an input.</p>"
+    assert docs[1]["text"] == "<p>Batch normalization of an input.</p> <p>More.</p>"
+    assert docs[2] == {"location": "conventions.html", "title": "Conventions", "text": "<pre><code>x</code></pre>"}
