@@ -11,6 +11,8 @@ the direct path and where the kernels refused. A functional checks first (``chec
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
 from . import composed, native
@@ -23,6 +25,36 @@ from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON,
 __all__ = ["add_row_norm", "channel_layer_norm", "channels_first_row_norm", "row_norm"]
 
 _F32_EPS = torch.finfo(torch.float32).eps  # eps=None on the kernels' path: float32's machine epsilon
+
+
+@overload
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    *,
+    centered: bool = ...,
+    residual: None = ...,
+    operation: str = ...,
+    checked: bool = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    *,
+    centered: bool = ...,
+    residual: torch.Tensor,
+    operation: str = ...,
+    checked: bool = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def row_norm(
@@ -176,7 +208,7 @@ def add_row_norm(
     *,
     centered: bool,
     operation: str = "add_layer_norm",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(x + residual), x + residual)``: :func:`row_norm` with a ``residual``.
 
     Args:

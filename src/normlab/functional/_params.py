@@ -17,7 +17,7 @@ def check_kind(param: torch.Tensor, name: str, input: torch.Tensor, fn: str) -> 
     check_param_kind(param, name, input, prefix=f"{fn}: ")
 
 
-def scalar_param(value, name: str, input: torch.Tensor, fn: str) -> torch.Tensor:
+def scalar_param(value: object, name: str, input: torch.Tensor, fn: str) -> torch.Tensor:
     """A learned scalar (a float, or a tensor of one element) as a tensor on the input's device."""
     if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
         raise InputTypeError(f"{fn}: {name} must be a float or a one-element tensor, got {type(value).__name__}")
@@ -29,7 +29,9 @@ def scalar_param(value, name: str, input: torch.Tensor, fn: str) -> torch.Tensor
     return value
 
 
-def affine_view(param: torch.Tensor | None, name: str, input: torch.Tensor, channels_last: bool, fn: str):
+def affine_view(
+    param: torch.Tensor | None, name: str, input: torch.Tensor, channels_last: bool, fn: str
+) -> torch.Tensor | None:
     """``param`` shaped to broadcast against ``input``: as the input's trailing dims
     (``channels_last``), or (C,) along dim 1 of an (N, C, *spatial) input."""
     if param is None:

@@ -24,6 +24,7 @@ gate and the affine are differentiated by autograd around them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 
@@ -40,6 +41,7 @@ from ..core import (
 from ..core.call_checks import check_update_args, too_few_values
 from ..core.checks import InputError
 from ..core.paths import recomputing
+from ..core.running import NonFinitePolicy
 from ._params import affine_view
 
 __all__ = ["evonorm_b0", "evonorm_batch", "evonorm_s0", "evonorm_sample"]
@@ -133,7 +135,7 @@ def evonorm_s0(
 
 
 def _check(fn: str, input: object, eps: object) -> float:
-    check_floating_input(input)
+    input = check_floating_input(input)
     if input.dim() < 3:
         raise InputError(
             f"{fn} expects input of shape (N, C, *spatial) with at least one spatial dim, got a "
@@ -142,7 +144,9 @@ def _check(fn: str, input: object, eps: object) -> float:
     return check_eps(eps)
 
 
-def _affine(y: torch.Tensor, weight, bias, input: torch.Tensor, fn: str) -> torch.Tensor:
+def _affine(
+    y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, input: torch.Tensor, fn: str
+) -> torch.Tensor:
     w = affine_view(weight, "weight", input, False, fn)
     b = affine_view(bias, "bias", input, False, fn)
     if w is not None:
@@ -159,7 +163,9 @@ class _Deviation(torch.autograd.Function):
     itself (var or mean square) comes out too, not differentiable, for the running estimate."""
 
     @staticmethod
-    def forward(ctx, x, dims, eps, centered):
+    def forward(
+        ctx: Any, x: torch.Tensor, dims: tuple[int, ...], eps: float, centered: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if centered:
             moments = centered_moments(x, dims)
             stat, shift, offset = moments.var, moments.shift, moments.offset
@@ -172,7 +178,7 @@ class _Deviation(torch.autograd.Function):
         return deviation, stat
 
     @staticmethod
-    def backward(ctx, d_deviation, _):
+    def backward(ctx: Any, d_deviation: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
         x, shift, offset, deviation = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the moments themselves
             with torch.enable_grad():
@@ -184,18 +190,22 @@ class _Deviation(torch.autograd.Function):
         return (x - shift).sub_(offset).mul_(scale), None, None, None
 
 
-def _deviation_reference(x, dims, eps, centered):
+def _deviation_reference(x: torch.Tensor, dims: tuple[int, ...], eps: float, centered: bool) -> torch.Tensor:
     stat = centered_moments(x, dims).var if centered else mean_square(x, dims)
     return (stat + eps).sqrt()
 
 
-def _deviation(x: torch.Tensor, dims: tuple[int, ...], eps: float, *, centered: bool = True):
+def _deviation(
+    x: torch.Tensor, dims: tuple[int, ...], eps: float, *, centered: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ, σ² − ε as computed): the standard deviation (or root mean square) over ``dims`` —
     closed-form backward unless the path rule says native, where the moments' own ops run."""
     if choose_path(x)[0] == "native":
         stat = centered_moments(x, dims).var if centered else mean_square(x, dims)
         return (stat + eps).sqrt(), stat
-    return _Deviation.apply(x, dims, eps, centered)
+    # torch's stubs leave Function.apply untyped; forward above says what it returns
+    out: tuple[torch.Tensor, torch.Tensor] = _Deviation.apply(x, dims, eps, centered)  # type: ignore[no-untyped-call]
+    return out
 
 
 def evonorm_batch(
@@ -240,13 +250,13 @@ def evonorm_batch(
     acts = (v is not None) if variant == "b0" else apply_act
     if not acts:
         return _affine(input, weight, bias, input, fn)
-    if variant == "b0":
-        vv = affine_view(v, "v", input, False, fn)
+    # b0's v (not None here: b0 has its nonlinearity only with v); None for b1 and b2
+    vv = affine_view(v, "v", input, False, fn) if variant == "b0" else None
     if input.numel() == 0:
         # An empty batch has no statistics to normalize by or to merge: an empty output and
         # the estimates unchanged, as normlab's BatchNorm (torch.nn's too, bar its counter);
         # every parameter still gets its (zero) gradient.
-        y = input * vv.to(input.dtype) if variant == "b0" else input
+        y = input * vv.to(input.dtype) if vv is not None else input
         return _affine(y, weight, bias, input, fn)
     cdtype = compute_dtype(input.dtype)
     x = input.to(cdtype)
@@ -270,11 +280,11 @@ def evonorm_batch(
                 momentum,
                 num_batches_tracked=num_batches_tracked,
                 unbiased=unbiased_running_var,
-                on_nonfinite=on_nonfinite,
+                on_nonfinite=cast(NonFinitePolicy, on_nonfinite),  # checked by check_update_args
             )
     else:
         left = (running_var.to(cdtype).view((1, channels) + (1,) * len(spatial)) + eps).sqrt()
-    if variant == "b0":
+    if vv is not None:
         right = x * vv.to(cdtype) + _deviation(x, spatial, eps)[0]
     elif variant == "b1":
         right = (x + 1) * _deviation(x, spatial, eps, centered=False)[0]
@@ -325,16 +335,22 @@ def evonorm_sample(
     x = input.to(cdtype)
     if numerator == "gate":
         vv = affine_view(v, "v", input, False, fn)
+        if vv is None:
+            raise InputError(f"{fn}: numerator='gate' needs v, a tensor of shape (C,), got None")
         top = x * torch.sigmoid(x * vv.to(cdtype))
     elif numerator is None:
         top = x
+    elif isinstance(numerator, str):
+        raise InputError(f"numerator must be 'gate', a callable or None, got {numerator!r}")
     else:
         top = numerator(x)
     if stat is not None:
-        grouped = x.unflatten(1, (groups, channels // groups))  # (N, G, C//G, *spatial): a view
+        # (N, G, C//G, *spatial): a view; Tensor.unflatten is untyped in torch's stubs
+        grouped: torch.Tensor = x.unflatten(1, (groups, channels // groups))  # type: ignore[no-untyped-call]
         dims = tuple(range(2, grouped.dim()))
         if stat not in ("std", "rms"):
             raise InputError(f"stat must be 'std', 'rms' or None, got {stat!r}")
         denominator = _deviation(grouped, dims, eps, centered=stat == "std")[0]  # (N, G, 1, ...)
-        top = (top.unflatten(1, (groups, channels // groups)) / denominator).flatten(1, 2)
+        top_grouped: torch.Tensor = top.unflatten(1, (groups, channels // groups))  # type: ignore[no-untyped-call]
+        top = (top_grouped / denominator).flatten(1, 2)
     return _affine(top, weight, bias, input, fn).to(input.dtype)

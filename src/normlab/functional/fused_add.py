@@ -83,7 +83,17 @@ def add_rms_norm(
     return _add_norm("add_rms_norm", x, residual, normalized_shape, weight, None, eps, centered=False)
 
 
-def _add_norm(fn, x, residual, normalized_shape, weight, bias, eps, *, centered):
+def _add_norm(
+    fn: str,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape: ShapeLike,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    *,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """add_layer_norm and add_rms_norm: check, then the row family's call with a residual."""
     normalized_shape = normalize_shape_arg(normalized_shape)
     eps = check_row_args(fn, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)

@@ -106,19 +106,19 @@ def group_norm_act(
 
 
 def _group_norm(
-    input,
-    num_groups,
-    weight,
-    bias,
-    eps,
+    input: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
     *,
-    activation="identity",
-    param=0.0,
-    prelu_weight=None,
-    inplace=False,
-    fn="group_norm",
-    mask=None,
-):
+    activation: str = "identity",
+    param: float = 0.0,
+    prelu_weight: torch.Tensor | None = None,
+    inplace: bool = False,
+    fn: str = "group_norm",
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """group_norm and group_norm_act: check, then the channel family's call."""
     check_positive_int(num_groups, "num_groups")
     if isinstance(input, torch.Tensor) and input.dim() < 2:

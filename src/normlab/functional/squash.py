@@ -19,6 +19,7 @@ the dtypes and devices where torch's own ops run) the same formula runs as plain
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -86,18 +87,38 @@ def derf(
     return _squash("derf", input, alpha, shift, weight, bias, channels_last, erf=True)
 
 
-def _squash(fn, input, alpha, shift, weight, bias, channels_last, *, erf):
+def _squash(
+    fn: str,
+    input: torch.Tensor,
+    alpha: torch.Tensor | float,
+    shift: torch.Tensor | float | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    channels_last: bool,
+    *,
+    erf: bool,
+) -> torch.Tensor:
     check_floating_input(input)
-    alpha = scalar_param(alpha, "alpha", input, fn)
-    shift = None if shift is None else scalar_param(shift, "shift", input, fn)
+    alpha_t = scalar_param(alpha, "alpha", input, fn)
+    shift_t = None if shift is None else scalar_param(shift, "shift", input, fn)
     w = affine_view(weight, "weight", input, channels_last, fn)
     b = affine_view(bias, "bias", input, channels_last, fn)
     if choose_path(input)[0] == "native":
-        return squash_reference(input, alpha, shift, w, b, erf=erf)
-    return _Squash.apply(input, alpha, shift, w, b, erf)
+        return squash_reference(input, alpha_t, shift_t, w, b, erf=erf)
+    # torch's stubs leave Function.apply untyped; forward above says what it returns
+    out: torch.Tensor = _Squash.apply(input, alpha_t, shift_t, w, b, erf)  # type: ignore[no-untyped-call]
+    return out
 
 
-def squash_reference(x, alpha, shift, weight, bias, *, erf: bool) -> torch.Tensor:
+def squash_reference(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    erf: bool,
+) -> torch.Tensor:
     """The formula in differentiable torch ops (float32 arithmetic for half inputs)."""
     cdtype = compute_dtype(x.dtype)
     z = x.to(cdtype) * alpha.to(cdtype)
@@ -115,7 +136,15 @@ class _Squash(torch.autograd.Function):
     """y = γ·f(αx + s) + β with the closed-form backward of the module docstring; saves x only."""
 
     @staticmethod
-    def forward(ctx, x, alpha, shift, weight, bias, erf):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        alpha: torch.Tensor,
+        shift: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        erf: bool,
+    ) -> torch.Tensor:
         ctx.erf = erf
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(x, alpha, shift, weight)
@@ -131,7 +160,7 @@ class _Squash(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, alpha, shift, weight = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: ops autograd can differentiate again
             return _squash_backward_differentiable(ctx, dy, x, alpha, shift, weight)
@@ -149,7 +178,7 @@ class _Squash(torch.autograd.Function):
         else:
             t = torch.tanh_(z)
             dz = torch.ops.aten.tanh_backward(g, t)  # g·(1 − t²) in one pass
-        dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
+        dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w and t is not None else None
         db = dyc.sum_to_size(ctx.bias_shape).to(weight.dtype if weight is not None else dy.dtype) if need_b else None
         # Σ dz·x and Σ dz as dot products: no activation-sized temporary
         flat = dz.reshape(-1)
@@ -159,7 +188,14 @@ class _Squash(torch.autograd.Function):
         return dx, dalpha, dshift, dw, db, None
 
 
-def _squash_backward_differentiable(ctx, dy, x, alpha, shift, weight):
+def _squash_backward_differentiable(
+    ctx: Any,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    shift: torch.Tensor | None,
+    weight: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
     """The closed form in out-of-place ops, for second derivatives."""
     need_x, need_alpha, need_shift, need_w, need_b, _ = ctx.needs_input_grad
     cdtype = compute_dtype(x.dtype)
@@ -177,7 +213,8 @@ def _squash_backward_differentiable(ctx, dy, x, alpha, shift, weight):
     dz = (dyc * weight.to(cdtype) if weight is not None else dyc) * slope
     dx = (dz * alpha.to(cdtype)).to(x.dtype) if need_x else None
     dalpha = (dz * xc).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
-    dshift = dz.sum().reshape(shift.shape).to(shift.dtype) if need_shift else None
-    dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
+    # a gradient is needed only for a tensor that was given: the None checks never decide
+    dshift = dz.sum().reshape(shift.shape).to(shift.dtype) if need_shift and shift is not None else None
+    dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w and weight is not None else None
     db = dyc.sum_to_size(ctx.bias_shape).to(dy.dtype if weight is None else weight.dtype) if need_b else None
     return dx, dalpha, dshift, dw, db, None

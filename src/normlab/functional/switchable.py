@@ -18,12 +18,15 @@ three sets of statistics and the two softmaxes by autograd.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from ..core import Moments, centered_moments, compute_dtype, merge_moments, reduced_count, update_running_stats
 from ..core.call_checks import check_channel_call, check_update_args, too_few_values
 from ..core.checks import InputError
 from ..core.paths import recomputing
+from ..core.running import NonFinitePolicy
 from ._params import check_kind
 
 __all__ = ["switchable_norm"]
@@ -113,6 +116,7 @@ def switchable_norm(
             batch_mean, batch_var = batch.mean.unsqueeze(0), batch.var.unsqueeze(0)  # (1, C, 1, ...)
             # a checkpoint's recompute sees this step's batch again: merged once per real step
             if training and running_mean is not None and not recomputing():
+                assert running_var is not None  # check_channel_call: both estimates or neither
                 momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
                 update_running_stats(
                     running_mean,
@@ -123,17 +127,19 @@ def switchable_norm(
                     momentum,
                     num_batches_tracked=num_batches_tracked,
                     unbiased=unbiased_running_var,
-                    on_nonfinite=on_nonfinite,
+                    on_nonfinite=cast(NonFinitePolicy, on_nonfinite),  # checked by check_update_args
                 )
         else:
+            assert running_mean is not None and running_var is not None  # the branch's condition
             batch_mean = running_mean.to(cdtype).view(channel_shape) - shift
             batch_var = running_var.to(cdtype).view(channel_shape)
         means.append(batch_mean)
         variances.append(batch_var)
     mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
     mix_var = torch.softmax(var_weight.to(cdtype), 0)
-    mean = sum(w * m for w, m in zip(mix_mean, means))
-    var = sum(w * v for w, v in zip(mix_var, variances))
+    # sum() of tensors is a tensor; its stub says "or 0" for an empty iterable, which these are not
+    mean = cast(torch.Tensor, sum(w * m for w, m in zip(mix_mean, means)))
+    var = cast(torch.Tensor, sum(w * v for w, v in zip(mix_var, variances)))
     y = (d - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * weight.to(cdtype).view(channel_shape)
@@ -142,7 +148,7 @@ def switchable_norm(
     return y.to(input.dtype)
 
 
-def _check_mixture(mean_weight, var_weight, input) -> int:
+def _check_mixture(mean_weight: object, var_weight: object, input: torch.Tensor) -> int:
     for name, t in (("mean_weight", mean_weight), ("var_weight", var_weight)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] not in (2, 3):
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -150,9 +156,10 @@ def _check_mixture(mean_weight, var_weight, input) -> int:
                 f"switchable_norm: {name} must be a 1D tensor of 3 logits (IN, LN, BN) or 2 (IN, LN), got {shape}"
             )
         check_kind(t, name, input, "switchable_norm")
+    assert isinstance(mean_weight, torch.Tensor) and isinstance(var_weight, torch.Tensor)  # checked just above
     if mean_weight.shape != var_weight.shape:
         raise InputError(
             f"switchable_norm: mean_weight and var_weight must mix the same statistics, got shapes "
             f"{tuple(mean_weight.shape)} and {tuple(var_weight.shape)}"
         )
-    return mean_weight.shape[0]
+    return int(mean_weight.shape[0])

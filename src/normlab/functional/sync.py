@@ -18,6 +18,7 @@ re-raised with what was being exchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from .tracked import batch_norm
 __all__ = ["check_peers", "distributed_world", "sync_batch_norm", "synchronized_batch_norm"]
 
 
-def distributed_world(process_group=None) -> int:
+def distributed_world(process_group: Any = None) -> int:
     """Processes in ``process_group`` (the default group if None); 1 when torch.distributed
     is not initialized — then SyncBatchNorm is plain BatchNorm."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -54,9 +55,9 @@ def distributed_world(process_group=None) -> int:
     return dist.get_world_size(process_group)
 
 
-def _collective(what: str, fn, process_group):
+def _collective(what: str, fn: Callable[[], object], process_group: Any) -> None:
     try:
-        return fn()
+        fn()
     except Exception as err:  # gloo raises RuntimeError, nccl DistBackendError, ...
         world = distributed_world(process_group)
         raise RuntimeError(
@@ -67,7 +68,7 @@ def _collective(what: str, fn, process_group):
         ) from err
 
 
-def _gather_moments(local: torch.Tensor, process_group) -> torch.Tensor:
+def _gather_moments(local: torch.Tensor, process_group: Any) -> torch.Tensor:
     """(world, 1 + 2C) float64: every process's (count, mean…, M2…), in one all_gather."""
     world = distributed_world(process_group)
     parts = [torch.empty_like(local) for _ in range(world)]
@@ -80,7 +81,7 @@ def _gather_moments(local: torch.Tensor, process_group) -> torch.Tensor:
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
 
-def check_peers(input: torch.Tensor, process_group) -> None:
+def check_peers(input: torch.Tensor, process_group: Any) -> None:
     """Every process must bring the same channel count, dtype and rank: one small all_gather
     of a fixed-size header, before the statistics' exchange, whose size depends on C and
     which gloo aborts on (SIGABRT) when the sizes differ. Raises the same error everywhere."""
@@ -106,7 +107,7 @@ def check_peers(input: torch.Tensor, process_group) -> None:
         )
 
 
-def _all_reduce_sums(process_group):
+def _all_reduce_sums(process_group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     def reduce(packed: torch.Tensor) -> torch.Tensor:
         _collective(
             "all_reduce of gradient sums",
@@ -187,6 +188,7 @@ def sync_batch_norm(
     eps = check_channel_call("sync_batch_norm", input, weight, bias, running_mean, running_var, eps)
     running = None
     if running_mean is not None:
+        assert running_var is not None  # check_channel_call: both estimates or neither
         running = RunningStats.of(
             running_mean,
             running_var,
@@ -214,7 +216,7 @@ def synchronized_batch_norm(
     *,
     eps: float,
     running: RunningStats | None,
-    process_group=None,
+    process_group: Any = None,
     peers_checked: bool = False,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:

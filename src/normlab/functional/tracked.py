@@ -7,6 +7,8 @@ modules use to implement the cumulative average and the non-finite guard.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..core import RunningStats, channel_norm, check_activation, instance_norm_layout
@@ -149,7 +151,7 @@ def batch_norm_act(
     return _batch_norm("batch_norm_act", input, weight, bias, training, eps, estimates, mask, act)
 
 
-def _running(estimates: tuple, update: bool):
+def _running(estimates: tuple[Any, ...], update: bool) -> RunningStats | None:
     """The running-statistics policy of a functional call from its ``estimates`` (running_mean,
     running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite), None
     without any; the update arguments checked when the call will ``update`` the estimates."""
@@ -164,7 +166,17 @@ def _running(estimates: tuple, update: bool):
     return RunningStats(buffers, momentum, unbiased, on_nonfinite)
 
 
-def _batch_norm(fn, input, weight, bias, training, eps, estimates, mask, act=None):
+def _batch_norm(
+    fn: str,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    eps: float,
+    estimates: tuple[Any, ...],
+    mask: torch.Tensor | None,
+    act: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """batch_norm and batch_norm_act: check, then the channel family's call."""
     act = act or {}
     running_mean, running_var = estimates[:2]
@@ -285,8 +297,8 @@ def batch_renorm(
     training: bool = False,
     momentum: float | None = 0.1,
     eps: float = 1e-5,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
+    r_max: float | torch.Tensor = 3.0,
+    d_max: float | torch.Tensor = 5.0,
     *,
     num_batches_tracked: torch.Tensor | None = None,
     unbiased_running_var: bool = True,
@@ -339,4 +351,5 @@ def batch_renorm(
         raise InputError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
     estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
     running = _running(estimates, training)
+    assert running is not None  # the estimates were required above
     return _renorm(input, weight, bias, eps=eps, batch_stats=training, running=running, r_max=r_max, d_max=d_max)
