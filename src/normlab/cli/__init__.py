@@ -7,6 +7,8 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from types import FrameType
 
 from .. import __version__
 from . import bench, demo, experiments, surgery, sync_demo
@@ -35,13 +37,13 @@ class Terminated(BaseException):
     output marked) before the command exits with status 143."""
 
 
-def _on_sigterm(signum, frame) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
     raise Terminated("SIGTERM")
 
 
 @contextlib.contextmanager
-def _sigterm_as_exception():
+def _sigterm_as_exception() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         with _sigterm_as_exception():
-            return args.func(args)
+            code: int = args.func(args)
+            return code
     except CommandError as err:
         print(f"normlab {args.command}: error: {err}", file=sys.stderr)
         return 2

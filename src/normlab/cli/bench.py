@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from ..bench.models import MODEL_KEYS
 from ..experiments.output import machine_info
-from .common import CommandError, atomic_write_json, check_output_file, positive_int
+from .common import CommandError, SubcommandParser, atomic_write_json, check_output_file, positive_int
 
 __all__ = ["add_parser"]
 
 
-def _out_checked(run):
+def _out_checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Check --out before a benchmark that takes minutes, not after."""
 
     def checked(args: argparse.Namespace) -> int:
@@ -25,7 +27,7 @@ def _out_checked(run):
     return checked
 
 
-def _write_result(args: argparse.Namespace, benchmark: str, **payload) -> None:
+def _write_result(args: argparse.Namespace, benchmark: str, **payload: Any) -> None:
     """--out, where given: the benchmark's name, the machine, then its own fields."""
     if args.out:
         atomic_write_json(Path(args.out), {"benchmark": benchmark, "machine": machine_info(), **payload})
@@ -172,7 +174,7 @@ def run_models(args: argparse.Namespace) -> int:
     from ..core import paths
 
     device = _device(args)
-    settings = dict(
+    settings: dict[str, Any] = dict(
         models=tuple(args.models),
         modes=tuple(args.modes),
         compiled=(False,) if args.no_compile else (False, True),
@@ -194,7 +196,7 @@ def run_models(args: argparse.Namespace) -> int:
     progress = None
     if args.verbose:
 
-        def progress(r):
+        def progress(r: dict[str, Any]) -> None:
             print(
                 f"  {r['model']} {r['mode']} {'compiled' if r['compiled'] else 'eager'} {r['threads']} thr: "
                 f"ratio {r['ratio']:.2f} ({r['row_s']:.0f} s)",
@@ -333,7 +335,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     return 0 if all(r["returncode"] == 0 for r in results) else 1
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
     kinds = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     layers = kinds.add_parser("layers", help="every norm layer vs torch.nn (the default when no BENCHMARK is given)")

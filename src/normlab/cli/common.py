@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..experiments import output
 
@@ -44,7 +44,7 @@ class SubcommandParser(argparse.ArgumentParser):
     arguments, so that an argument nobody knows is reported with the usage of the subcommand
     it was given to, not the top-level one (see ``normlab.cli.main``)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_defaults(usage_parser=self)
 
@@ -85,7 +85,13 @@ class DistinctSeeds(argparse.Action):
     """``--seeds A B ...``: each seed once. A repeated seed would run the same training
     twice and report its spread as 0 over "2 seeds"."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         repeated = sorted({v for v in values if values.count(v) > 1})
         if repeated:
             raise argparse.ArgumentError(
@@ -161,9 +167,12 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], None]) -> None:
     atomic_write_files({path: write})
 
 
-def json_writer(payload: dict) -> Callable[[BinaryIO], None]:
-    return lambda handle: handle.write(json.dumps(payload, indent=2, default=str).encode())
+def json_writer(payload: Mapping[str, Any]) -> Callable[[BinaryIO], None]:
+    def write(handle: BinaryIO) -> None:
+        handle.write(json.dumps(payload, indent=2, default=str).encode())
+
+    return write
 
 
-def atomic_write_json(path: Path, payload: dict) -> None:
+def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
     atomic_write_files({path: json_writer(payload)})

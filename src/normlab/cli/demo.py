@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import atomic_write_json, check_output_file, positive_int, seed
+from .common import SubcommandParser, atomic_write_json, check_output_file, positive_int, seed
 
 __all__ = ["add_parser"]
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="BatchNorm vs GroupNorm on MNIST-1D at batch 32 and 2 (about 1 minute)",

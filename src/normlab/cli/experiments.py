@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
-from .common import CommandError, DistinctSeeds, make_output_dir, positive_int, seed
+from .common import CommandError, DistinctSeeds, SubcommandParser, make_output_dir, positive_int, seed
 
 __all__ = ["add_parsers"]
 
@@ -24,7 +25,7 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(result: dict) -> None:
+def _print_result(result: dict[str, Any]) -> None:
     if result.get("error"):
         print(f"\n== {result['study']}: FAILED — {result['error']}", flush=True)
         return
@@ -106,7 +107,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (default runs/...)")
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p = sub.add_parser("list", help="the studies `normlab run` and `normlab study` know")
     p.set_defaults(func=run_list)
     p = sub.add_parser(

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from torch import nn
 from .. import surgery
 from .common import (
     CommandError,
+    SubcommandParser,
     atomic_write_files,
     check_output_file,
     json_writer,
@@ -31,7 +33,7 @@ from .common import (
 __all__ = ["add_parser", "build_model", "load_weights"]
 
 
-def _resolve(spec: str, what: str):
+def _resolve(spec: str, what: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CommandError(f"{what} must look like package.module:name, got {spec!r}")
@@ -137,11 +139,11 @@ def _groups(text: str) -> str | int:
     return text if text == "auto" else positive_int(text)
 
 
-def _example(args) -> torch.Tensor | None:
+def _example(args: argparse.Namespace) -> torch.Tensor | None:
     return torch.randn(parse_shape(args.input_shape)) if getattr(args, "input_shape", None) else None
 
 
-def _batches(spec: str, batch_size: int):
+def _batches(spec: str, batch_size: int) -> Any:
     if spec == "mnist1d":
         from ..experiments.data import load_mnist1d
 
@@ -154,7 +156,7 @@ def _batches(spec: str, batch_size: int):
         raise CommandError(f"--data {spec!r} raised {type(err).__name__}: {err}") from err
 
 
-def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
+def _transform(args: argparse.Namespace, model: nn.Module) -> surgery.SurgeryResult:
     try:
         if args.operation == "fold":
             return surgery.fold_batchnorm(model, _example(args))
@@ -172,7 +174,7 @@ def _transform(args, model: nn.Module) -> surgery.SurgeryResult:
         raise CommandError(f"{args.operation} failed on this model: {type(err).__name__}: {first_line}") from err
 
 
-def _reload_recipe(args) -> str:
+def _reload_recipe(args: argparse.Namespace) -> str:
     """The expression that rebuilds the model whose state_dict the command writes: what a
     state_dict cannot hold (folded-away layers, classes, the frozen flag, requires_grad)
     comes from the factory and the transform, the tensors from the file."""
@@ -199,7 +201,7 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _output_paths(args) -> tuple[Path, Path]:
+def _output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """The checkpoint and report paths, refused before any work if they clash or
     cannot be written."""
     out = Path(args.out)
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p = sub.add_parser(
         "surgery",
         help="fold, freeze, convert or precise-BN a checkpoint",
@@ -257,7 +259,7 @@ def add_parser(sub) -> None:
     )
     ops = p.add_subparsers(dest="operation", metavar="OPERATION", required=True)
 
-    def common(q):
+    def common(q: argparse.ArgumentParser) -> None:
         q.add_argument(
             "--model",
             required=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import atomic_write_json, check_output_file, positive_int, seed
+from .common import SubcommandParser, atomic_write_json, check_output_file, positive_int, seed
 
 __all__ = ["add_parser"]
 
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p = sub.add_parser("sync-demo", help="SyncBatchNorm at 2 processes x batch 2 vs 1 process at batch 4 (minutes)")
     p.add_argument("--epochs", type=positive_int, default=6)
     p.add_argument("--seed", type=seed, default=0)

@@ -26,7 +26,7 @@ class Finding:
         layers: the names of the layers it concerns (as in ``model.named_modules()``).
         message: what was measured, with the numbers, in one sentence.
         suggestion: what to try, in one sentence.
-        numbers: the measured values by name (layer → value, or the ratio), for programs.
+        numbers: the measured values by name, for programs.
     """
 
     kind: str
@@ -97,7 +97,7 @@ def diagnose(
             Default 5.
 
     Returns:
-        The findings, in the order of the list above; [] when nothing is wrong.
+        The findings; [] when nothing is wrong.
     """
     found: list[Finding] = []
     layers = probe.layers

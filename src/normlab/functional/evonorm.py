@@ -203,8 +203,8 @@ def _deviation(
     if choose_path(x)[0] == "native":
         stat = centered_moments(x, dims).var if centered else mean_square(x, dims)
         return (stat + eps).sqrt(), stat
-    # torch's stubs leave Function.apply untyped; forward above says what it returns
-    out: tuple[torch.Tensor, torch.Tensor] = _Deviation.apply(x, dims, eps, centered)  # type: ignore[no-untyped-call]
+    # Function.apply is untyped in torch 2.13's stubs (typed from 2.14); forward says what it returns
+    out: tuple[torch.Tensor, torch.Tensor] = _Deviation.apply(x, dims, eps, centered)  # type: ignore[no-untyped-call, unused-ignore]
     return out
 
 

@@ -105,8 +105,8 @@ def _squash(
     b = affine_view(bias, "bias", input, channels_last, fn)
     if choose_path(input)[0] == "native":
         return squash_reference(input, alpha_t, shift_t, w, b, erf=erf)
-    # torch's stubs leave Function.apply untyped; forward above says what it returns
-    out: torch.Tensor = _Squash.apply(input, alpha_t, shift_t, w, b, erf)  # type: ignore[no-untyped-call]
+    # Function.apply is untyped in torch 2.13's stubs (typed from 2.14); forward says what it returns
+    out: torch.Tensor = _Squash.apply(input, alpha_t, shift_t, w, b, erf)  # type: ignore[no-untyped-call, unused-ignore]
     return out
 
 
