@@ -176,3 +176,69 @@ def test_inplace_mode_refuses_create_graph_saying_what_to_do():
     leaf = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(normal(leaf * 1).square().sum(), leaf, create_graph=True)
     assert torch.autograd.grad(gx.square().sum(), leaf)[0].abs().sum() > 0
+
+
+# --- found by the differential fuzzer at other seeds (tests/layers/test_backend_fuzz.py) ---
+
+
+def _one_value_groups():
+    """Masked layers and inputs where some statistics groups hold one valid value."""
+    lengths_one = torch.tensor([[True], [False], [True], [True]])  # InstanceNorm1d over L = 1
+    one_of_two = torch.tensor([[True, False], [True, True], [False, True]])  # GroupNorm: 1 or 2
+    return {
+        "instance_norm_1d": (lambda dt: nl.nn.InstanceNorm1d(2, affine=True, dtype=dt), (4, 2, 1), lengths_one),
+        "group_norm": (lambda dt: nl.nn.GroupNorm(3, 3, dtype=dt), (3, 3, 2), one_of_two),
+        "group_norm_act_elu": (
+            lambda dt: nl.nn.GroupNormAct(3, 3, activation="elu", dtype=dt),
+            (3, 3, 2),
+            one_of_two,
+        ),
+    }
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("name", list(_one_value_groups()))
+def test_masked_group_of_one_value_has_zero_input_gradient(name, offset):
+    """A group of one valid value normalizes it to x̂ = 0 whatever it is, so its output is
+    act(β) and its input gradient exactly 0. The masked kernels computed it as γr·dz − γr·dz
+    from two roundings, r = 1/√ε: 3e-5 off in float32 (fuzzer seed 11, cases 44 and 128; seed
+    3, case 122), 600x the allowance where the composed ops gave 0."""
+    make, shape, mask = _one_value_groups()[name]
+    layer = make(torch.float32)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+    x = (torch.randn(shape) + offset).requires_grad_()
+    dy = torch.randn(shape)
+    layer(x, mask=mask).backward(dy)
+    groups = mask.sum(-1) if name == "instance_norm_1d" else mask.sum(-1)  # valid values per (n, group)
+    single = (groups == 1).nonzero().flatten()
+    assert single.numel() > 0
+    assert torch.equal(x.grad[single], torch.zeros_like(x.grad[single])), x.grad[single]
+    # the other groups still get their gradient, as float64 computes it
+    layer64 = make(torch.float64)
+    layer64.load_state_dict(layer.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    layer64(x64, mask=mask).backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("residual", [False, True], ids=["layer_norm", "add_layer_norm"])
+def test_layer_norm_over_one_value_has_zero_input_gradient(layout, residual):
+    """LayerNorm over a single value outputs β whatever x is: dx is 0 exactly (with a residual,
+    the sum's gradient is only what reaches it from later on). The row kernels' backward gave
+    ulp(γ·r·dy) with r = 1/√ε: 1e-6 where torch.nn gives 0 (fuzzer seed 1, cases 129 and 196)."""
+    x = (torch.randn(7, 1) * 1e3 + 0.5).requires_grad_()
+    source = torch.repeat_interleave(x, 2, dim=-1)[..., ::2] if layout == "noncontiguous" else x
+    dy = torch.randn(7, 1)
+    if residual:
+        layer = nl.nn.AddLayerNorm(1)
+        r = torch.randn(7, 1).requires_grad_()
+        y, s = layer(source, r)
+        ds = torch.randn(7, 1)
+        torch.autograd.backward([y, s], [dy, ds])
+        assert torch.equal(x.grad, ds) and torch.equal(r.grad, ds)
+    else:
+        nl.nn.LayerNorm(1)(source).backward(dy)
+        assert torch.equal(x.grad, torch.zeros_like(x))

@@ -85,6 +85,7 @@ std::vector<at::Tensor> row_backward_impl(const at::Tensor& dy, const at::Tensor
   const float *kp = shift.data_ptr<float>(), *rp = rstd.data_ptr<float>(), *op = offr.data_ptr<float>();
   double *pW = dW.data_ptr<double>(), *pB = dB.data_ptr<double>();
   float* dp = dx.data_ptr<float>();
+  const bool one_value = centered && K == 1;
   // W: with a weight, a template parameter rather than a test in the loop.
   auto body = [&](auto wtag) {
     constexpr bool W = decltype(wtag)::value;
@@ -123,7 +124,10 @@ std::vector<at::Tensor> row_backward_impl(const at::Tensor& dy, const at::Tensor
           }
           const double m1 = centered ? tA / K : 0.0;
           const double m2 = (s * tB - o * tA) / K;
-          const float cz = s, cu = static_cast<float>(-s * s * m2), cc = static_cast<float>(s * m2 * o - s * m1);
+          // A LayerNorm row of one value normalizes it to 0 whatever it is: dx = 0 exactly (the
+          // general form gets it as γs·dy − γs·dy from two roundings, ulp(γs·dy) off).
+          const float cz = one_value ? 0.f : s, cu = one_value ? 0.f : static_cast<float>(-s * s * m2),
+                      cc = one_value ? 0.f : static_cast<float>(s * m2 * o - s * m1);
           float* d = dp + r * K;
           const float* h = hp ? hp + r * K : nullptr;
           if (W && h) emit(d, K, stream, [&](int64_t i) __attribute__((always_inline)) { return cz * wp[i] * g[i] + cu * (v[i] - k) + cc + h[i]; });
