@@ -242,3 +242,64 @@ def test_layer_norm_over_one_value_has_zero_input_gradient(layout, residual):
     else:
         nl.nn.LayerNorm(1)(source).backward(dy)
         assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+def test_layer_norm_output_is_contiguous_and_rms_norm_keeps_the_layout(layout, training):
+    """torch.nn's LayerNorm returns a contiguous output whatever the input's layout (its kernel
+    normalizes a contiguous copy); its RMSNorm (composed ops) follows the input's. The
+    composed backend's LayerNorm followed the input's (12 torch-suite cases, 3-D LayerNorm on
+    channels_last)."""
+    x = torch.randn(2, 3, 4, 5)
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x.permute(0, 2, 3, 1)
+    shape = x.shape[2:]
+    ours, theirs = nl.nn.LayerNorm(shape).train(training), nn.LayerNorm(shape).train(training)
+    got, want = ours(x), theirs(x)
+    assert got.is_contiguous() and got.stride() == want.stride()
+    torch.testing.assert_close(got, want)
+    if layout == "channels_last":  # (a permuted RMSNorm input: see docs/conventions.md, Backends)
+        ours, theirs = nl.nn.RMSNorm(shape).train(training), nn.RMSNorm(shape).train(training)
+        assert ours(x).stride() == theirs(x).stride()
+
+
+#: input layouts as the permutation of a contiguous tensor's dims that gives them
+PERMUTED = {
+    "3d-channels-inner": (0, 2, 1),
+    "3d-batch-inner": (2, 1, 0),
+    "4d-channels_last": (0, 2, 3, 1),
+    "4d-odd": (0, 3, 1, 2),
+    "4d-batch-inner": (3, 1, 2, 0),
+    "5d-channels_last": (0, 2, 3, 4, 1),
+    "5d-odd": (4, 3, 0, 2, 1),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("family", ["BatchNorm", "InstanceNorm", "GroupNorm"])
+@pytest.mark.parametrize("layout", list(PERMUTED))
+def test_channel_norm_output_layout_is_torch_nns(layout, family, training, masked):
+    """The output's strides are torch.nn's for every input layout: channels_last (3-D and
+    4-D spatial) kept by BatchNorm and GroupNorm, contiguous otherwise, InstanceNorm always
+    contiguous. The composed ops (every masked call off the kernels) followed the input's
+    strides, or the broadcast mask's — a masked call on an oddly permuted input came out
+    channels_last."""
+    perm = PERMUTED[layout]
+    shape = (2, 4, 3, 5, 2)[: len(perm)]
+    stored = torch.randn([shape[p] for p in perm])
+    x = stored.permute([perm.index(i) for i in range(len(perm))])  # `shape`, permuted strides
+    spatial = len(shape) - 2
+    if family == "GroupNorm":
+        ours, theirs = nl.nn.GroupNorm(2, 4), nn.GroupNorm(2, 4)
+    else:
+        ours, theirs = (getattr(m, f"{family}{spatial}d")(4) for m in (nl.nn, nn))
+    ours.train(training)
+    theirs.train(training)
+    want = theirs(x)
+    if masked:  # all positions valid: the same values as torch.nn's
+        got = ours(x, mask=torch.ones((shape[0],) + shape[2:], dtype=torch.bool))
+    else:
+        got = ours(x)
+    assert got.stride() == want.stride(), (x.stride(), got.stride(), want.stride())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

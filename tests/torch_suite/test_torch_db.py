@@ -32,10 +32,7 @@ def _params(cases):
 
 #: Cases the composed backend fails, found by running this suite on it and not fixed yet:
 #: strict xfails, so a fix shows (backend, case-id glob) → reason.
-OPEN_ON_BACKEND = {
-    ("composed", "nn.LayerNorm/3d_*/*/train/channels_last"): "output keeps channels_last where torch.nn's is "
-    "contiguous (open)",
-}
+OPEN_ON_BACKEND: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True)

@@ -202,16 +202,17 @@ def masked_channel_norm(
 
 
 def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:
-    """InstanceNorm's output as torch.nn's: contiguous for a channels_last input (code after
-    it may ``.view()`` it), where the kernels and GroupNorm keep the input's layout.
+    """InstanceNorm's output as torch.nn's: contiguous for any input layout (code after it
+    may ``.view()`` it; a permuted 3-D input too), where the kernels and GroupNorm keep a
+    channels_last input's layout.
 
     Args:
         y: the InstanceNorm output.
 
     Returns:
-        ``y``, made contiguous where the input was channels_last.
+        ``y``, made contiguous where it was not.
     """
-    return y if y.dim() < 4 or y.is_contiguous() else y.contiguous()
+    return y if y.is_contiguous() else y.contiguous()
 
 
 def _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, traced):

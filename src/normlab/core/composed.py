@@ -18,6 +18,7 @@ from .activation import apply_activation, inplace_abn
 from .masked import _MaskedNormalize, masked_moments, masked_reference
 from .moments import COMPUTE_DTYPES
 from .normalize import normalize_batch, normalize_given
+from .paths import kernel_layout
 from .running import RunningStats
 
 __all__ = [
@@ -56,11 +57,21 @@ def _affine_views(x, weight, bias, groups):
     return target, tuple(range(2, target.dim())), w, b
 
 
+def _torch_layout(x: torch.Tensor) -> torch.Tensor:
+    """x in the layout torch.nn's BatchNorm and GroupNorm give their output: its own where it
+    is contiguous or channels_last (what the kernels read too), else a contiguous copy.
+    Elementwise ops follow their operands' strides, so an oddly permuted input would hand its
+    own to the output (a masked one: whatever the mask's broadcast made of them)."""
+    return x if kernel_layout(x) else x.contiguous()
+
+
 def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace):
     """act(norm(x)) for the channel family in composed ops (``inplace``: the output written
     over ``x``, only it kept for backward); the running estimates used or updated; ``act`` is
     the activation's (name, param, prelu_weight)."""
     ndim = x.dim()
+    if not inplace:
+        x = _torch_layout(x)
     if not batch_stats:
         view = channel_view
         y = normalize_given(
@@ -110,6 +121,7 @@ def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running
     """The channel family over the valid positions of ``mask`` (checked, (N, *spatial)); 0 at
     padded positions (every fused activation maps 0 to 0). ``reference``: plain
     differentiable ops instead of the closed-form Function (export, torch.func)."""
+    x = _torch_layout(x)
     ndim = x.dim()
     if groups < 0 or not batch_stats:  # given statistics are per channel, whatever the grouping
         target, dims, m = x, (0,) + tuple(range(2, ndim)), mask.unsqueeze(1)
@@ -163,7 +175,15 @@ def update_masked(running: RunningStats, mean, var, count, groups) -> None:
 
 
 def row_norm(x, normalized_shape, weight, bias, eps, centered):
-    """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims."""
+    """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims.
+
+    LayerNorm's output is contiguous whatever the input's layout, as torch.nn's (its kernel
+    normalizes a contiguous copy) and the kernels' are; RMSNorm's follows the input's, as
+    torch.nn's composed ops do (docs/conventions.md, "Output layouts")."""
+    if centered and not x.is_contiguous():
+        # one copy, as torch's layer_norm makes; elementwise ops on a permuted input would
+        # hand its strides to the output
+        x = x.contiguous()
     dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
     lead = (1,) * (x.dim() - len(normalized_shape))
     w = None if weight is None else weight.view(lead + tuple(normalized_shape))
