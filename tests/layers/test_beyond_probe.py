@@ -43,22 +43,30 @@ def test_an_empty_batch_in_training_gives_an_empty_output_and_keeps_the_estimate
         assert torch.equal(b, before[n]), n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an inf in a (sample, channel) plane: the native path (torch's rms_norm) gives 0 for the "
-    "plane's finite entries, the composed and kernels paths (core.normalize_batch, centered=False — "
-    "RMSNorm's too) NaN for the whole plane; the paths disagree, a core decision",
-)
-def test_filter_response_norm_paths_agree_on_a_plane_holding_inf():
-    layer = nl.nn.FilterResponseNorm2d(2)
-    x = torch.randn(1, 2, 1, 3)
-    x[0, 0, 0, 1] = float("inf")
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tlu", [False, True], ids=["frn", "frn_tlu"])
+def test_filter_response_norm_paths_agree_on_a_plane_holding_inf(bad, dtype, tlu):
+    """A plane whose mean square is not finite comes out NaN whole on every path (its finite
+    entries too: the native path once gave 0 there, from torch's rsqrt(inf) = 0); the other
+    planes are normalized as usual (docs/conventions.md, "Backends")."""
+    make = nl.nn.FilterResponseNormTlu2d if tlu else nl.nn.FilterResponseNorm2d
+    layer = make(2, dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    x = torch.randn(2, 2, 1, 3).to(dtype)
+    x[0, 0, 0, 1] = bad
+    clean = x.clone()
+    clean[0, 0, 0, 1] = 0.5
     outputs = {}
     for backend in BACKENDS:
         with nl.core.use_backend(backend):
             outputs[backend] = layer(x).detach()
+            expected = layer(clean).detach()
+        y = outputs[backend]
+        assert torch.isnan(y[0, 0]).all(), (backend, y[0, 0])
+        torch.testing.assert_close(y[0, 1], expected[0, 1])  # the other planes as usual
+        torch.testing.assert_close(y[1], expected[1])
     for backend in BACKENDS[1:]:
-        torch.testing.assert_close(outputs[backend], outputs["native"], equal_nan=True)
+        torch.testing.assert_close(outputs[backend], outputs[BACKENDS[0]], equal_nan=True)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -18,6 +18,7 @@ import torch
 
 from ..core import check_eps, check_floating_input, choose_path, normalize_batch, reference_normalize
 from ..core.checks import InputError
+from ..core.moments import compute_dtype
 from ._params import affine_view
 
 __all__ = ["filter_response_norm", "tlu"]
@@ -64,7 +65,13 @@ def filter_response_norm(
     w, b, t = (None if p is None else p.unsqueeze(0) for p in (w, b, t))  # (1, C, 1, ..., 1)
     dims = tuple(range(2, input.dim()))
     if choose_path(input)[0] == "native":
-        y = reference_normalize(input, w, b, dims, eps, centered=False)
+        # A plane whose mean square is not finite (an inf or NaN in it) comes out NaN whole,
+        # as on the other paths (docs/conventions.md, "Backends"): torch's rsqrt(inf) is 0,
+        # which would turn the plane's finite entries into 0s that look normalized.
+        xc = input.to(compute_dtype(input.dtype))
+        ms = xc.square().mean(dims, keepdim=True)
+        rstd = torch.where(torch.isfinite(ms), torch.rsqrt(ms + eps), torch.nan)
+        y = reference_normalize(input, w, b, dims, eps, centered=False, rstd=rstd)
     else:
         y = normalize_batch(input, w, b, dims, eps, centered=False)[0]
     return y if t is None else torch.maximum(y, t.to(y.dtype))
