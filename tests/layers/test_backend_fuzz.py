@@ -39,6 +39,14 @@ SEED = int(os.environ.get("NORMLAB_FUZZ_SEED", "2028"))
 TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 #: How much further from the truth than the yardstick a backend may be.
 SLACK = 4.0
+#: How much further from the truth than the exact answer for the rounded inputs a backend may
+#: be. That answer can be further from the truth than torch.nn's, which then was lucky: seed 7,
+#: case 125 (InstanceNorm2d of 3 values at mean 1e3 in float32): ulp(1e3) = 6e-5 moves x̂ by
+#: 2e-4, so dγ of the rounded inputs is 1.1e-3 off the truth, where the kernels and the composed
+#: ops are (5e-8 from that answer) and torch.nn 1.7e-4 off (3.9e-4 from it); seed 11, case 107
+#: (bfloat16 GroupNorm at mean 1e3, ulp 4 at unit spread): the composed ops' dx is the rounded
+#: inputs' own (3.8 apart), 291 off the truth of the unrounded ones, torch.nn's 4.6.
+ROUNDING_SLACK = 2.0
 
 CHANNEL_LAYERS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "GroupNorm")
 FUSED_LAYERS = ("BatchNormAct2d", "GroupNormAct")
@@ -268,13 +276,29 @@ def _leaf(values: torch.Tensor, dtype, layout, device, inplace):
     return leaf, (leaf.clone() if inplace else leaf), lambda: leaf.grad
 
 
-def run(module: nn.Module, case: Case, dtype: torch.dtype, device: str = "cpu", ours: bool = True) -> dict:
-    """Two training steps and an eval call; every output, gradient and running estimate."""
+def _rounded(data: dict[str, torch.Tensor], to: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The float64 values as the ``to`` dtype holds them (still float64), or as they are."""
+    if to is None:
+        return data
+    return {k: v.to(to).double() if v.is_floating_point() else v for k, v in data.items()}
+
+
+def run(
+    module: nn.Module,
+    case: Case,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    ours: bool = True,
+    rounded_to: torch.dtype | None = None,
+) -> dict:
+    """Two training steps and an eval call; every output, gradient and running estimate.
+    ``rounded_to``: on the inputs as that dtype holds them (the float64 truth of what a run in
+    that dtype receives)."""
     results: dict[str, torch.Tensor] = {}
     inplace = case.inplace and ours
     for step in range(2):
         module.train()
-        data = _inputs(case, step)
+        data = _rounded(_inputs(case, step), rounded_to)
         _, x, x_grad = _leaf(data["x"], dtype, case.layout, device, inplace)
         for p in module.parameters():
             p.grad = None
@@ -298,7 +322,7 @@ def run(module: nn.Module, case: Case, dtype: torch.dtype, device: str = "cpu", 
     for name, buffer in module.named_buffers():
         results[name.removeprefix("0.")] = buffer.detach().clone()
     module.eval()
-    data = _inputs(case, 2)
+    data = _rounded(_inputs(case, 2), rounded_to)
     with torch.no_grad():
         x = _in_layout(data["x"].to(device=device, dtype=dtype), case.layout)
         args = [x] + ([data["residual"].to(device=device, dtype=dtype)] if "residual" in data else [])
@@ -356,10 +380,61 @@ def _floor(case: Case, dtype: torch.dtype) -> float:
     return max(TOL[dtype], 2 * torch.finfo(dtype).eps * abs(case.offset) / case.scale)
 
 
-def judge(case: Case, runs: dict[str, dict], truth: dict, yardsticks: dict[torch.dtype, dict | None]) -> list[str]:
+def _groups(case: Case, t: torch.Tensor) -> torch.Tensor:
+    """An (N, C, *spatial) tensor as (statistics group, its values), as the layer groups it."""
+    n, c = case.shape[:2]
+    if case.layer in ROW_LAYERS:
+        return t.reshape(n, -1)
+    if case.layer.startswith("InstanceNorm"):
+        return t.reshape(n * c, -1)
+    if case.layer.startswith("GroupNorm"):
+        return t.reshape(n * case.groups, -1)
+    return t.transpose(0, 1).reshape(c, -1)
+
+
+def _cancelling_scale(case: Case, step: int) -> float:
+    """The size of the terms whose difference is dx, |γ|·r·|dy| (r = 1/√(σ² + ε) of a group),
+    where a statistics group holds one or two (valid) values — else 0.
+
+    Such a group normalizes its values to 0 or ±1 whatever they are: the true dx (of order
+    |γ|·r·|dy|·ε/σ², or 0) is far smaller than the terms it is computed from, and no dtype
+    gets it closer than a few ulps of them. Judged against its own tiny size, the rounding of
+    those terms looked like an error (seed 7, case 252, masked BatchNorm1d over two values:
+    the true dx at most 0.0143, |γ|·r·|dy| ≈ 14, the kernels 1.4e-6 off, one float32 ulp of
+    14; seed 2, case 109: 5e-8 off a dx of 1e-7). Groups of one value get dx = 0 exactly on
+    every backend (tests/layers/test_masked.py); two are what this scale is for."""
+    data = _inputs(case, step)
+    x = data["x"] + data.get("residual", 0)
+    if x.numel() == 0:
+        return 0.0
+    valid = data["mask"].unsqueeze(1).expand(case.shape) if "mask" in data else torch.ones(case.shape, dtype=torch.bool)
+    values, where = _groups(case, x), _groups(case, valid).double()
+    count = where.sum(1)
+    if not (count > 0).any() or count[count > 0].min() > 2:
+        return 0.0
+    divisor = count.clamp(min=1)
+    centered = not case.layer.endswith("RMSNorm")
+    mean = (values * where).sum(1, keepdim=True) / divisor[:, None] if centered else 0.0
+    var = ((values - mean) * where).square().sum(1) / divisor
+    rstd = torch.rsqrt(var[count > 0] + 1e-5).max().item()
+    weight = _state(case).get("weight")
+    gamma = 1.0 if weight is None else weight.abs().max().item()
+    return gamma * rstd * data["grad"].abs().max().item()
+
+
+def judge(
+    case: Case,
+    runs: dict[str, dict],
+    truth: dict,
+    yardsticks: dict[torch.dtype, dict | None],
+    rounded: dict[torch.dtype, dict] | None = None,
+) -> list[str]:
     """The problems: quantities where a backend is further from the truth than allowed.
-    ``runs``: backend → dtype → results; ``yardsticks``: dtype → torch.nn's results."""
+    ``runs``: backend → dtype → results; ``yardsticks``: dtype → torch.nn's results;
+    ``rounded``: dtype → the float64 truth on the inputs (and parameters) as that dtype holds
+    them, whose distance from the truth no run in that dtype can be expected to beat."""
     problems = []
+    rounded = rounded or {}
     for key, exact in truth.items():
         if key == "num_batches_tracked":
             for name, by_dtype in runs.items():
@@ -368,12 +443,17 @@ def judge(case: Case, runs: dict[str, dict], truth: dict, yardsticks: dict[torch
                         problems.append(f"{name} {dtype}: {key} {got[key].item()} where float64 counts {exact.item()}")
             continue
         scale = _scale(key, truth)
+        if key.endswith((" dx", " dresidual")):
+            scale = max(scale, _cancelling_scale(case, int(key[4])))
         for dtype in {dtype for by_dtype in runs.values() for dtype in by_dtype}:
             errors = {
                 name: relative_error(by[dtype].get(key), exact, scale) for name, by in runs.items() if dtype in by
             }
             running = key in ("running_mean", "running_var")
             floor = _floor(case, _param_dtype(case, dtype) if running else dtype)
+            if dtype in rounded and key in rounded[dtype]:
+                # the input's own rounding, measured (the exact answer for what the run got)
+                floor = max(floor, ROUNDING_SLACK * relative_error(rounded[dtype][key], exact, scale))
             yardstick = yardsticks.get(dtype)
             if yardstick is not None and key in yardstick and not _torch_differs(case, key):
                 reference, against = relative_error(yardstick[key], exact, scale), "torch.nn"
@@ -437,8 +517,14 @@ def fuzz_one(case: Case) -> list[str]:
                     runs.setdefault(name, {})[dtype] = results
             if name == BACKENDS[0] and case.dtype in runs.get(name, {}):
                 problems += check_meta(case, runs[name][case.dtype])
+    rounded = {}
+    if truth is not None and case.dtype != torch.float64:
+        held = {k: v.to(_param_dtype(case, case.dtype)).double() for k, v in state.items()}
+        with nl.core.use_backend("composed"):
+            module = _load(build_normlab(case, torch.float64), held)
+            rounded[case.dtype], _ = attempt(run, module, case, torch.float64, rounded_to=case.dtype)
     if truth is not None and runs:
-        problems += judge(case, runs, truth, yardsticks)
+        problems += judge(case, runs, truth, yardsticks, {k: v for k, v in rounded.items() if v is not None})
     return problems
 
 
