@@ -260,26 +260,93 @@ void column_sample_shifts(const float* xp, int64_t U, int64_t Sv, int64_t C, int
   }
 }
 
+// A parameter or buffer of n values as the given-statistics route reads it: in place when it
+// is contiguous float32 (a module's own), otherwise converted to double once.
+struct Values {
+  const float* f = nullptr;
+  std::vector<double> d;
+  double fill = 0.0;
+  double operator[](int64_t i) const { return f ? f[i] : (d.empty() ? fill : d[i]); }
+};
+
+Values values_of(const at::Tensor& t, int64_t n, double fill) {
+  Values v;
+  v.fill = fill;
+  if (!t.defined() || !t.numel()) return v;
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) {
+    v.f = t.data_ptr<float>();
+  } else {
+    v.d = as_double(t, n, fill);
+  }
+  return v;
+}
+
+// Given statistics (eval BatchNorm): y = act((x − μ)·a + β), a = γ/√(var + ε) per channel,
+// computed in double and stored once in float. The group statistics the autograd node keeps
+// are built only when a backward will need them (`keep_stats`): an eval call under no_grad
+// then allocates nothing but y — at batch 1 the double vectors and tensors of the general
+// route cost more than the normalization.
+std::vector<at::Tensor> given_forward(const at::Tensor& xv, bool planes, int64_t U, int64_t C,
+                                      const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                                      int64_t act, double param, const at::Tensor& slope, const at::Tensor& out,
+                                      bool keep_stats) {
+  const Values gamma = values_of(weight, C, 1.0), beta = values_of(bias, C, 0.0),
+               rm = values_of(running_mean, C, 0.0), rv = values_of(running_var, C, 1.0);
+  const int64_t UC = U * C;
+  std::vector<float> coef(3 * UC);  // shift, scale, bias per (unit, channel)
+  float *us = coef.data(), *usc = us + UC, *ub = usc + UC;
+  std::vector<double> shift, rstd;
+  if (keep_stats) {
+    shift.resize(C);
+    rstd.resize(C);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const double r = 1.0 / std::sqrt(rv[c] + eps);
+    us[c] = static_cast<float>(rm[c]);
+    usc[c] = static_cast<float>(r * gamma[c]);
+    ub[c] = static_cast<float>(beta[c]);
+    if (keep_stats) {
+      shift[c] = rm[c];
+      rstd[c] = r;
+    }
+  }
+  for (int64_t u = 1; u < U; ++u) {  // NCHW: one plane per (n, c)
+    std::copy(us, us + C, us + u * C);
+    std::copy(usc, usc + C, usc + u * C);
+    std::copy(ub, ub + C, ub + u * C);
+  }
+  at::Tensor unit_slope = slope;
+  if (act == PRELU && planes) unit_slope = slope.repeat({U});
+  if (planes)
+    plane_apply(xv, us, usc, ub, act, param, opt_ptr(unit_slope), out);
+  else
+    column_apply(xv, us, usc, ub, act, param, opt_ptr(unit_slope), out);
+  at::Tensor none;
+  if (!keep_stats) return {none, none, none, none, none};
+  return {double_tensor(shift, xv), double_tensor(std::vector<double>(C, 0.0), xv), double_tensor(rstd, xv), none,
+          none};
+}
+
 }  // namespace
 
 // Forward: y = act((x − shift)·scale + bias) per unit, into `out`. Returns the group
-// statistics {shift, offset, rstd, mean, var} in double (mean, var empty when given).
+// statistics {shift, offset, rstd, mean, var} in double (mean, var undefined when given, and
+// all five without keep_stats there).
 std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64_t N, int64_t C, int64_t S,
                                         int64_t G, const at::Tensor& weight, const at::Tensor& bias,
                                         const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
-                                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out) {
+                                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out,
+                                        bool keep_stats) {
   const bool given = running_mean.defined() && running_mean.numel();
   Grouping g{planes, N, C, S, G, G < 0 || given};
   const int64_t U = g.U(), UC = U * C, NG = g.groups();
+  if (given)
+    return given_forward(xv, planes, U, C, weight, bias, running_mean, running_var, eps, act, param, slope, out,
+                         keep_stats);
   const auto gamma = as_double(weight, C, 1.0), beta = as_double(bias, C, 0.0);
   std::vector<double> shift(NG), offset(NG, 0.0), rstd(NG), mean, var;
-  if (given) {
-    const auto rm = as_double(running_mean, C, 0.0), rv = as_double(running_var, C, 1.0);
-    for (int64_t c = 0; c < C; ++c) {
-      shift[c] = rm[c];
-      rstd[c] = 1.0 / std::sqrt(rv[c] + eps);
-    }
-  } else if (planes && (G < 0 ? N : C / G) * S * 4 <= kFuseBytes) {
+  if (planes && (G < 0 ? N : C / G) * S * 4 <= kFuseBytes) {
     const PlaneGroups pg{N, C, S, G};
     mean.resize(NG);
     var.resize(NG);
@@ -346,9 +413,8 @@ std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64
   else
     column_apply(xv, float_tensor(us, shape, xv), float_tensor(usc, shape, xv), float_tensor(ub, shape, xv), act,
                  param, unit_slope, out);
-  at::Tensor empty;
-  return {double_tensor(shift, xv), double_tensor(offset, xv), double_tensor(rstd, xv),
-          given ? empty : double_tensor(mean, xv), given ? empty : double_tensor(var, xv)};
+  return {double_tensor(shift, xv), double_tensor(offset, xv), double_tensor(rstd, xv), double_tensor(mean, xv),
+          double_tensor(var, xv)};
 }
 
 // Backward of channel_forward: {dx (in the view's shape), dγ, dβ, d slope} (float64 for the

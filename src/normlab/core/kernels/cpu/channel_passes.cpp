@@ -64,12 +64,16 @@ std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shi
 at::Tensor plane_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
                        const at::Tensor& bias, int64_t act, double param, const at::Tensor& slope,
                        const at::Tensor& out) {
+  return plane_apply(x, shift.data_ptr<float>(), scale.data_ptr<float>(), bias.data_ptr<float>(), act, param,
+                     opt_ptr(slope), out);
+}
+
+at::Tensor plane_apply(const at::Tensor& x, const float* kp, const float* ap, const float* bp, int64_t act,
+                       double param, const float* sp, const at::Tensor& out) {
   const int64_t P = x.size(0), S = x.size(1);
   at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  const float* sp = opt_ptr(slope);
   const bool stream = should_stream(y);
   dispatch_act(act, [&](auto tag) {
     constexpr int A = decltype(tag)::value;
@@ -252,12 +256,16 @@ std::vector<at::Tensor> column_moments(const at::Tensor& x, const at::Tensor& sh
 
 at::Tensor column_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
                         int64_t act, double param, const at::Tensor& slope, const at::Tensor& out) {
+  return column_apply(x, shift.data_ptr<float>(), scale.data_ptr<float>(), bias.data_ptr<float>(), act, param,
+                      opt_ptr(slope), out);
+}
+
+at::Tensor column_apply(const at::Tensor& x, const float* kp, const float* ap, const float* bp, int64_t act,
+                        double param, const float* sp, const at::Tensor& out) {
   const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
   at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  const float* sp = opt_ptr(slope);
   const float q0 = static_cast<float>(param);
   const bool stream = should_stream(y);
   dispatch_act(act, [&](auto tag) {

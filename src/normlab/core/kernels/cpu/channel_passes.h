@@ -13,6 +13,9 @@ namespace normlab {
 std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shift);
 at::Tensor plane_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out);
+// The same with the per-plane coefficients (and slopes, PReLU only) as pointers.
+at::Tensor plane_apply(const at::Tensor& x, const float* shift, const float* scale, const float* bias, int64_t act,
+                       double param, const float* slope, const at::Tensor& out);
 std::vector<at::Tensor> plane_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
                                               const at::Tensor& shift, const at::Tensor& scale,
                                               const at::Tensor& bias, int64_t act, double param,
@@ -25,6 +28,9 @@ at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int
 std::vector<at::Tensor> column_moments(const at::Tensor& x, const at::Tensor& shift);
 at::Tensor column_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
                         int64_t act, double param, const at::Tensor& slope, const at::Tensor& out);
+// The same with the per-(unit, channel) coefficients (and per-channel slopes) as pointers.
+at::Tensor column_apply(const at::Tensor& x, const float* shift, const float* scale, const float* bias, int64_t act,
+                        double param, const float* slope, const at::Tensor& out);
 std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
                                                const at::Tensor& shift, const at::Tensor& scale,
                                                const at::Tensor& bias, int64_t act, double param,

@@ -17,6 +17,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/TracerMode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -29,6 +30,7 @@
 
 #include "autograd.h"
 #include "kernels.h"
+#include "loops.h"
 #include "plan.h"
 
 namespace normlab {
@@ -38,6 +40,9 @@ namespace py = pybind11;
 using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// γ or β as the row kernels read it, without a view when it already is contiguous.
+at::Tensor contiguous_or_flat(const at::Tensor& t) { return !t.defined() || t.is_contiguous() ? t : flat(t); }
 
 // A plain float32 CPU tensor: no tensor subclass, functorch wrapper, functional tensor or
 // negative-bit view, whose data the kernels may read directly.
@@ -79,11 +84,11 @@ bool fits(const at::Tensor& t, at::IntArrayRef shape) {
 std::vector<at::Tensor> channel_run(const at::Tensor& x, const Plan& p, const at::Tensor& weight,
                                     const at::Tensor& bias, const at::Tensor& running_mean,
                                     const at::Tensor& running_var, const at::Tensor& prelu, double eps, int64_t act,
-                                    double param, const at::Tensor& into) {
+                                    double param, const at::Tensor& into, bool keep_stats = true) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::Tensor y = into.defined() ? into : at::empty_like(x);
   auto s = channel_forward(p.view(x), p.planes, p.N, p.C, p.S, p.G, weight, bias, running_mean, running_var, eps, act,
-                           param, slope_of(prelu, act, p.C), p.view(y));
+                           param, slope_of(prelu, act, p.C), p.view(y), keep_stats);
   return {y, s[0], s[1], s[2], s[3], s[4]};
 }
 
@@ -170,10 +175,13 @@ py::object channel_norm(const at::Tensor& input, const OptTensor& weight_, const
   const bool given = !batch_stats;
   const at::Tensor x = layout_of(input) == Layout::other ? input.contiguous() : input;
   const Plan p = plan_of(x, given ? -1 : groups);
+  // with given statistics the kernel builds the saved statistics only for a backward
+  const bool backward = at::GradMode::is_enabled() &&
+                        (wants_grad(x) || wants_grad(weight) || wants_grad(bias) || wants_grad(prelu));
   auto s = channel_run(x, p, weight, bias, given ? r.mean : at::Tensor(), given ? r.var : at::Tensor(), prelu, eps,
-                       act, param, at::Tensor());
+                       act, param, at::Tensor(), backward);
   const at::Tensor& y = s[0];
-  record_channel_node(y, x, weight, bias, prelu, s[1], s[2], s[3], p.G, given, eps, act, param);
+  if (backward) record_channel_node(y, x, weight, bias, prelu, s[1], s[2], s[3], p.G, given, eps, act, param);
   if (!batch_stats || !r.mean.defined()) return py::cast(y);
   const int64_t count = groups < 0 ? N * S : S;  // values behind each statistic
   if (update(r, s[4], s[5], count)) return py::cast(y);
@@ -294,6 +302,14 @@ py::object row_norm(const at::Tensor& input, const std::vector<int64_t>& shape, 
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     y = at::empty_like(x);
+    if (!(at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias)))) {
+      // no backward: no statistics to keep, and no views — at batch 1 the tensors' bookkeeping
+      // costs as much as the rows' arithmetic
+      const at::Tensor w = contiguous_or_flat(weight), b = contiguous_or_flat(bias);
+      row_forward(x.data_ptr<float>(), x.numel() / k, k, opt_ptr(w), opt_ptr(b), eps, centered, y.data_ptr<float>(),
+                  nullptr, nullptr, nullptr);
+      return py::cast(y);
+    }
     stats = row_forward(x.view({-1, k}), flat(weight), flat(bias), eps, centered, y.view({-1, k}));
   }
   record_row_node(y, x, weight, bias, stats[0], stats[1], stats[2], k, eps, centered);

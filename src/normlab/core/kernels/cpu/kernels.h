@@ -13,11 +13,13 @@ namespace normlab {
 // Channel norms (channel.cpp): BatchNorm, GroupNorm, InstanceNorm, with a fused activation.
 // xv is (P, S) planes (NCHW: one plane per (n, c)) or (U, S, C) columns (channels last).
 // Forward: y = act((x − shift)·scale + bias) written into `out` (x itself in the in-place
-// mode); returns {shift, offset, rstd, mean, var} per group (mean, var empty when given).
+// mode); returns {shift, offset, rstd, mean, var} per group (mean, var empty when given; with
+// given statistics and keep_stats false, all five undefined: no backward will read them).
 std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64_t N, int64_t C, int64_t S,
                                         int64_t G, const at::Tensor& weight, const at::Tensor& bias,
                                         const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
-                                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out);
+                                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out,
+                                        bool keep_stats = true);
 // Backward: {dx (view shape), dγ, dβ, d slope} (parameters in float64); from_output: the saved
 // tensor is the output (in-place mode).
 std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor& srcv, bool planes, int64_t N,
@@ -52,6 +54,10 @@ bool running_update(const at::Tensor& running_mean, const at::Tensor& running_va
 // view, optionally after a residual add. {shift, rstd, offr} per row (float32).
 std::vector<at::Tensor> row_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps,
                                     bool centered, const at::Tensor& out);
+// The same on raw contiguous rows: y into yp; the statistics into kp, rp, op (R values each)
+// unless they are null.
+void row_forward(const float* x, int64_t R, int64_t K, const float* w, const float* b, double eps, bool centered,
+                 float* y, float* shift, float* rstd, float* offr);
 std::vector<at::Tensor> row_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
                                      const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& offr,
                                      bool centered);
