@@ -34,8 +34,7 @@ from torch._dynamo.utils import counters
 from .. import nn as nln
 from ..core import record_dispatch
 from ..surgery import from_torch
-from ..surgery.interop import TWINS, twin_of
-from ..surgery.modules import replace_module
+from ..surgery.interop import TWINS
 from .common import device_clock, max_rel_diff, threads_kept
 from .model_table import format_model_markdown, format_model_table
 from .model_zoo import NUM_CLASSES, MLPStyle, ResNetStyle, ViTStyle
@@ -74,18 +73,9 @@ def to_normlab(model: nn.Module) -> nn.Module:
 
 
 def to_normlab_fused(model: nn.Module) -> nn.Module:
-    """``from_torch``, then every BatchNorm2d → ReLU pair becomes one BatchNormAct2d (state
-    bit for bit): what a user gets by writing the model with normlab's fused layer."""
-    new = to_normlab(model)
-    for path, module in list(new.named_modules()):
-        if (
-            isinstance(module, nn.Sequential)
-            and len(module) == 2
-            and type(module[0]) is nln.BatchNorm2d
-            and isinstance(module[1], nn.ReLU)
-        ):
-            new = replace_module(new, path, twin_of(module[0], nln.BatchNormAct2d))
-    return new
+    """``from_torch(model, fuse_activations=True)``: every BatchNorm2d → ReLU pair becomes one
+    BatchNormAct2d (state bit for bit)."""
+    return from_torch(model, fuse_activations=True).model
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from .convert_beyond import convert_convs_to_std
 from .fold import bn_affine, fold_batchnorm
 from .fold_ws import fold_weight_standardization
 from .freeze import freeze_norms, unfreeze_norms
+from .fuse_act import FusedActivation
 from .interop import TWINS, from_torch, load_decay_statistics, to_torch
 from .precise import default_forward, precise_bn
 from .report import Change, Skip, SurgeryReport, SurgeryResult
@@ -30,6 +31,7 @@ __all__ = [
     "TARGETS",
     "TWINS",
     "Change",
+    "FusedActivation",
     "Skip",
     "SurgeryReport",
     "SurgeryResult",

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import nn as nln
 from ..core import from_decay_convention
+from .fuse_act import FusedActivation, fuse_norm_activations, unfuse_norm_activations
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
@@ -173,7 +174,7 @@ def _swap(model: nn.Module, operation: str, twin_fn) -> SurgeryResult:
     return SurgeryResult(new, report)
 
 
-def from_torch(model: nn.Module) -> SurgeryResult:
+def from_torch(model: nn.Module, *, fuse_activations: bool = False) -> SurgeryResult:
     """Swap every torch.nn norm layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm,
     RMSNorm) for its normlab twin, and the layers of other libraries that have one:
     timm's ``BatchNormAct2d`` (for ReLU, LeakyReLU, ELU, SiLU, PReLU or no activation)
@@ -188,14 +189,26 @@ def from_torch(model: nn.Module) -> SurgeryResult:
     are recognized by class (:func:`normlab.surgery.modules.is_normalization_layer`), never
     by name; leaf modules merely named like norms are named in a note.
 
+    ``fuse_activations=True``: then each norm followed by its activation (BatchNorm or
+    GroupNorm → ReLU, LeakyReLU, ELU or SiLU) becomes one fused layer (``BatchNormAct*``,
+    ``GroupNormAct``) where that is provably the same function — adjacent in an
+    ``nn.Sequential``, or, in other forward code, where ``torch.fx`` shows the activation
+    takes the norm's output and nothing else does; the activation's place holds a
+    :class:`~normlab.surgery.fuse_act.FusedActivation` (an identity), so the state dict is
+    unchanged, and :func:`to_torch` splits the pair again. Pairs that cannot be fused are
+    listed in ``report.skipped`` with the reason.
+
     Args:
         model: the model; it is not modified.
+        fuse_activations: keyword-only; fuse norm → activation pairs as above. Default False.
 
     Returns:
         ``(model, report)``, a :class:`SurgeryResult`: a copy with normlab's layers, and a
         :class:`SurgeryReport` of what changed, what was skipped and why.
     """
     result = _swap(model, "from_torch", lambda path, module: normlab_twin(module))
+    if fuse_activations:
+        result = SurgeryResult(fuse_norm_activations(result.model, result.report), result.report)
     for change in result.report.changes:
         layer = model.get_submodule(change.path)
         if (
@@ -262,6 +275,10 @@ def to_torch(model: nn.Module, example_input: Any = None, *, timm: bool = False)
         ``(model, report)``, a :class:`SurgeryResult`: a copy with torch.nn's (and, with ``timm``, timm's) layers, and a
         :class:`SurgeryReport` of what changed, what was skipped and why.
     """
+    unfused = None
+    if any(isinstance(m, FusedActivation) for m in model.modules()):  # from_torch(..., fuse_activations=True)
+        unfused = SurgeryReport("to_torch")
+        model, _ = unfuse_norm_activations(copy_model(model), unfused)
     masked = extra_arguments(model, lambda m: _origin(m) == "normlab" and is_normalization_layer(m), example_input)
     to_timm = to_timm_layers(copy_model(model), refuse=masked or {}) if timm else None
 
@@ -276,6 +293,9 @@ def to_torch(model: nn.Module, example_input: Any = None, *, timm: bool = False)
         result.report.changes[:0] = to_timm.report.changes
         refused = {s.path for s in to_timm.report.skipped}  # said once, with timm's reason
         result.report.skipped = to_timm.report.skipped + [s for s in result.report.skipped if s.path not in refused]
+    if unfused is not None:
+        result.report.changes[:0] = unfused.changes
+        result.report.skipped[:0] = unfused.skipped
     if masked is None and result.report.changes:
         result.report.notes.append(
             "torch.fx cannot trace this model, so calls with mask= (which torch.nn's layers do not take) "
