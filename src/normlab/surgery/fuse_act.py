@@ -143,7 +143,7 @@ def fuse_norm_activations(model: nn.Module, report: SurgeryReport) -> nn.Module:
         model = replace_module(model, norm_path, fused)
         model = replace_module(model, act_path, FusedActivation(act, fused))
         report.changed(
-            norm_path, "fused", f"{class_label(norm)} + {class_label(act)}", class_label(fused), activation=act_path
+            norm_path, "fused", f"{class_label(norm)} + {class_label(act)}", class_label(fused), activation_at=act_path
         )
     return model
 
