@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import nn as nln
-from .text import TextData
+from .text import TextData, load_text
 from .training import intra_op_threads
 
 __all__ = [
@@ -279,6 +279,41 @@ def train_lm(
     stops training and marks the run diverged."""
     with intra_op_threads(config.threads):
         return _train_lm(model, data, config, on_check)
+
+
+def study_run(
+    config, norm: str, lr: float, seed: int, *, model_options: dict, curve_keys: tuple[str, ...], **train_options
+) -> dict:
+    """One run of a character-LM study (norm-free, qk-norm): a model of ``config``'s size
+    (``depth``, ``width``, ``heads``, ``context``) with ``norm`` and ``model_options``, trained
+    on the text at peak rate ``lr`` with ``config``'s recipe (``steps``, ``batch_size``,
+    ``warmup_steps``, ``check_every``, ``final_valid_windows``, and ``train_options``). Returns
+    the run's numbers and its curve: the step and ``curve_keys`` of each check."""
+    data = load_text()
+    torch.manual_seed(seed)
+    model = CharTransformer(
+        data.vocab_size, norm, config.depth, config.width, config.heads, config.context, **model_options
+    )
+    train = LMTrainConfig(
+        steps=config.steps,
+        batch_size=config.batch_size,
+        lr=lr,
+        warmup_steps=config.warmup_steps,
+        check_every=config.check_every,
+        final_valid_windows=config.final_valid_windows,
+        seed=seed,
+        **train_options,
+    )
+    result = train_lm(model, data, train)
+    return {
+        "final_valid_loss": result.final_valid_loss,
+        "initial_valid_loss": result.initial_valid_loss,
+        "diverged": result.diverged,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "max_attention_logit": result.max_attention_logit,
+        "curve": [{"step": h["step"], **{key: h.get(key) for key in curve_keys}} for h in result.history],
+    }
 
 
 def _train_lm(model, data, config, on_check):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..char_lm import LM_NORMS, CharTransformer, LMTrainConfig, final_loss, loss_tie, lr_sensitivity, train_lm, trains
+from ..char_lm import LM_NORMS, final_loss, loss_tie, lr_sensitivity, study_run, trains
 from ..data import load_mnist1d
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
@@ -75,46 +75,17 @@ class Config:
     squash_embedding_std: float = 1.0
 
 
-def _lm_config(config: Config, lr: float, seed: int) -> LMTrainConfig:
-    return LMTrainConfig(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=lr,
-        warmup_steps=config.warmup_steps,
-        check_every=config.check_every,
-        final_valid_windows=config.final_valid_windows,
-        seed=seed,
-    )
-
-
 def lm_run(config: Config, norm: str, lr: float, alpha: float, seed: int) -> dict:
-    data = load_text()
-    torch.manual_seed(seed)
-    model = CharTransformer(
-        data.vocab_size,
+    embedding_std = config.squash_embedding_std if norm in ("dyt", "derf") else 0.02
+    record = study_run(
+        config,
         norm,
-        config.depth,
-        config.width,
-        config.heads,
-        config.context,
-        alpha_init=alpha,
-        embedding_std=config.squash_embedding_std if norm in ("dyt", "derf") else 0.02,
+        lr,
+        seed,
+        model_options={"alpha_init": alpha, "embedding_std": embedding_std},
+        curve_keys=("valid_loss",),
     )
-    result = train_lm(model, data, _lm_config(config, lr, seed))
-    return {
-        "part": "lm",
-        "norm": norm,
-        "lr": lr,
-        "alpha": alpha,
-        "seed": seed,
-        "final_valid_loss": result.final_valid_loss,
-        "initial_valid_loss": result.initial_valid_loss,
-        "diverged": result.diverged,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "max_attention_logit": result.max_attention_logit,
-        "curve": [{"step": h["step"], "valid_loss": h.get("valid_loss")} for h in result.history],
-    }
+    return {"part": "lm", "norm": norm, "lr": lr, "alpha": alpha, "seed": seed, **record}
 
 
 def classifier_run(config: Config, norm: str, seed: int) -> dict:

@@ -21,9 +21,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..char_lm import CharTransformer, LMTrainConfig, final_loss, loss_tie, lr_sensitivity, train_lm, trains
+from ..char_lm import final_loss, loss_tie, lr_sensitivity, study_run, trains
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
@@ -55,43 +53,16 @@ class Config:
 
 
 def one_run(config: Config, arm: str, lr: float, seed: int) -> dict:
-    data = load_text()
-    torch.manual_seed(seed)
-    model = CharTransformer(
-        data.vocab_size,
+    record = study_run(
+        config,
         config.norm,
-        config.depth,
-        config.width,
-        config.heads,
-        config.context,
-        qk_norm=None if arm == "none" else arm,
-    )
-    train = LMTrainConfig(
-        steps=config.steps,
-        batch_size=config.batch_size,
-        lr=lr,
-        warmup_steps=config.warmup_steps,
-        check_every=config.check_every,
+        lr,
+        seed,
+        model_options={"qk_norm": None if arm == "none" else arm},
+        curve_keys=("valid_loss", "max_attention_logit"),
         logit_every=config.logit_every,
-        final_valid_windows=config.final_valid_windows,
-        seed=seed,
     )
-    result = train_lm(model, data, train)
-    return {
-        "arm": arm,
-        "lr": lr,
-        "seed": seed,
-        "final_valid_loss": result.final_valid_loss,
-        "initial_valid_loss": result.initial_valid_loss,
-        "diverged": result.diverged,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "max_attention_logit": result.max_attention_logit,
-        "curve": [
-            {"step": h["step"], "valid_loss": h.get("valid_loss"), "max_attention_logit": h.get("max_attention_logit")}
-            for h in result.history
-        ],
-    }
+    return {"arm": arm, "lr": lr, "seed": seed, **record}
 
 
 def measure(config: Config, out_dir: Path) -> dict:
