@@ -25,10 +25,10 @@ from .modules import (
     SYNC_FROM,
     adopt,
     class_label,
+    conv_config,
     copy_model,
     describe_norm,
     is_normalization_layer,
-    module_factory_kwargs,
     replace_everywhere,
 )
 from .report import SurgeryReport, SurgeryResult
@@ -220,18 +220,7 @@ def convert_convs_to_std(model: nn.Module, eps: float = 1e-6) -> SurgeryResult:
     for path, module in list(new.named_modules()):
         if type(module) is not nn.Conv2d:
             continue
-        target = nln.StdConv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            eps=eps,
-            **module_factory_kwargs(module),
-        )
+        target = nln.StdConv2d(module.in_channels, module.out_channels, eps=eps, **conv_config(module))
         target.padding_mode = module.padding_mode
         target._reversed_padding_repeated_twice = copy.copy(module._reversed_padding_repeated_twice)
         target.load_state_dict(module.state_dict(), strict=True)

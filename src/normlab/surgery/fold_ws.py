@@ -20,10 +20,10 @@ from ..functional.weight_standardization import weight_standardization
 from .modules import (
     class_label,
     compared,
+    conv_config,
     copy_model,
     eval_max_abs_diff,
     hand_over_hooks,
-    module_factory_kwargs,
     replace_everywhere,
 )
 from .report import SurgeryReport, SurgeryResult
@@ -73,16 +73,7 @@ def fold_weight_standardization(model: nn.Module, example_input: Any = None) -> 
             report.skip(path, "SAME padding computed from each input's size: a plain nn.Conv2d cannot express it")
             continue
         conv = nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            **module_factory_kwargs(module),
+            module.in_channels, module.out_channels, padding_mode=module.padding_mode, **conv_config(module)
         )
         with torch.no_grad():
             conv.weight.copy_(_standardized(module).to(conv.weight.dtype))

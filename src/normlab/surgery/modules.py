@@ -160,6 +160,21 @@ def module_factory_kwargs(module: nn.Module) -> dict:
     return {}
 
 
+def conv_config(module: nn.Conv2d) -> dict:
+    """A conv's constructor arguments after its channel counts (kernel size, stride, padding,
+    dilation, groups, whether it has a bias) and its device/dtype: a twin built from them has
+    the same configuration."""
+    return dict(
+        kernel_size=module.kernel_size,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        groups=module.groups,
+        bias=module.bias is not None,
+        **module_factory_kwargs(module),
+    )
+
+
 @dataclass(frozen=True)
 class NormInfo:
     """A channel norm layer seen through one lens, whichever library it comes from.

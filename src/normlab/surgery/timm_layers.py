@@ -23,7 +23,7 @@ import importlib
 from torch import nn
 
 from .. import nn as nln
-from .modules import adopt, class_label, module_factory_kwargs, replace_everywhere
+from .modules import adopt, class_label, conv_config, module_factory_kwargs, replace_everywhere
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["TIMM_TWINS", "from_timm_layer", "has_timm_twin", "to_timm_layers"]
@@ -58,17 +58,9 @@ def _fast_norm_reason(module: nn.Module) -> str | None:
 
 
 def _conv_args(module: nn.Conv2d) -> dict:
+    """The standardized conv's configuration: timm's SAME padding (computed per input) as "same"."""
     same = bool(getattr(module, "same_pad", False))
-    return dict(
-        kernel_size=module.kernel_size,
-        stride=module.stride,
-        padding="same" if same else module.padding,
-        dilation=module.dilation,
-        groups=module.groups,
-        bias=module.bias is not None,
-        eps=module.eps,
-        **module_factory_kwargs(module),
-    )
+    return {**conv_config(module), "padding": "same" if same else module.padding, "eps": module.eps}
 
 
 def _std_conv(module):
@@ -276,28 +268,10 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
         return cls
     factory = module_factory_kwargs(module)
     if isinstance(module, nln.ScaledStdConv2d | nln.StdConv2d):
-        if isinstance(module, nln.ScaledStdConv2d):
-            kwargs = dict(gain_init=module.gain_init)
-        else:
-            kwargs = {}
+        kwargs = dict(gain_init=module.gain_init) if isinstance(module, nln.ScaledStdConv2d) else {}
         if module.same_pad:
             cls = getattr(importlib.import_module("timm.layers"), cls.__name__ + "Same")
-            padding = "same"
-        else:
-            padding = module.padding
-        twin = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            eps=module.eps,
-            **kwargs,
-            **factory,
-        )
+        twin = cls(module.in_channels, module.out_channels, **kwargs, **_conv_args(module))
         if isinstance(module, nln.ScaledStdConv2d):
             twin.scale = module.scale
     elif isinstance(module, nln.GroupNormAct):
