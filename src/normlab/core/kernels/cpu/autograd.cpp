@@ -26,6 +26,7 @@
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <array>
 #include <optional>
 #include <stdexcept>
 #include <vector>
@@ -71,10 +72,6 @@ std::vector<at::Tensor> call_python(const char* name, const py::tuple& args) {
   }
 }
 
-void save(SavedVariable& slot, const at::Tensor& t, bool is_output = false) {
-  if (t.defined()) slot = SavedVariable(t, is_output);
-}
-
 // ---- compiled autograd ---------------------------------------------------------------------
 
 // The outputs of the registered operator `name` on `args`, through the dispatcher: under
@@ -90,6 +87,8 @@ c10::OperatorHandle operator_named(const char* name) {
   // operators.py registers the operators on import, which every path here has done.
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
 }
+
+c10::IValue optional_arg(const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
 
 // A parameter's gradient from the operator's float64 sums, as grad_like does in eager calls
 // (the same rounding), written with tensor ops so that it traces.
@@ -120,232 +119,176 @@ variable_list record_functional(const Node& node, bool& bound, torch::autograd::
                                   output_metadata);
 }
 
-// The traced backward of a channel norm: the arguments as ChannelNormBackward packs them.
-variable_list channel_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
-  PackedArgs packed{args};
-  const bool need_x = packed.unpack<bool>(), need_w = packed.unpack<bool>(), need_b = packed.unpack<bool>(),
-             need_p = packed.unpack<bool>();
-  const at::Tensor x = packed.unpack<at::Tensor>(), weight = packed.unpack<at::Tensor>(),
-                   bias = packed.unpack<at::Tensor>(), prelu = packed.unpack<at::Tensor>(),
-                   shift = packed.unpack<at::Tensor>(), offset = packed.unpack<at::Tensor>(),
-                   rstd = packed.unpack<at::Tensor>();
-  const int64_t groups = packed.unpack<int64_t>();
-  const bool given = packed.unpack<bool>();
-  const int64_t act = packed.unpack<int64_t>();
-  const double param = packed.unpack<double>(), eps = packed.unpack<double>();
-  variable_list out(4);
-  const at::Tensor& dy = grads[0];
-  if (!dy.defined()) return out;
-  if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
-    py::gil_scoped_acquire gil;
-    return call_python("channel",
-                       py::make_tuple(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, param,
-                                      py::make_tuple(need_x, need_w, need_b, false, false, need_p)));
+// ---- the nodes -----------------------------------------------------------------------------
+
+// What the three nodes share: `Family` names the saved tensors (kSaved of them, slot kOutput
+// an output of the node, saved without a reference cycle; -1 when none), the gradient edges
+// (kEdges), the scalars (a struct whose `each` visits them in one order, for packing,
+// unpacking and compiled autograd's collection alike) and `backward`(grads, tensors, scalars,
+// needs, traced): the one backward of the family, run by `apply` on the kernels (traced =
+// false) and recorded by `apply_with_saved` as a call of the registered operator (traced =
+// true).
+template <typename Family>
+struct KernelNode : public Node {
+  using Scalars = typename Family::Scalars;
+  using Tensors = std::array<at::Tensor, Family::kSaved>;
+  using Needs = std::array<bool, Family::kEdges>;
+
+  std::array<SavedVariable, Family::kSaved> saved_;
+  Scalars scalars_;
+
+  std::string name() const override { return Family::kName; }
+
+  void save(int slot, const at::Tensor& t) {
+    if (t.defined()) saved_[slot] = SavedVariable(t, /*is_output=*/slot == Family::kOutput);
   }
-  auto opt = [](const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); };
-  static const c10::OperatorHandle op = operator_named("normlab::channel_norm_backward");
-  auto r = call_operator(op, {dy, x, opt(weight), opt(bias), opt(prelu), shift, offset, rstd, groups, given, act,
-                              param});
-  if (need_x) out[0] = r[0];
-  if (need_w && weight.defined()) out[1] = traced_grad_like(r[1], weight);
-  if (need_b && bias.defined()) out[2] = traced_grad_like(r[2], bias);
-  if (need_p && prelu.defined() && act == PRELU)
-    out[3] = prelu.sym_numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape_symint(prelu.sym_sizes())
-                                    : traced_grad_like(r[3], prelu);
-  return out;
-}
-
-// The traced backward of a row norm: the arguments as RowNormBackward packs them.
-variable_list row_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
-  PackedArgs packed{args};
-  const bool need_x = packed.unpack<bool>(), need_w = packed.unpack<bool>(), need_b = packed.unpack<bool>();
-  const at::Tensor x = packed.unpack<at::Tensor>(), weight = packed.unpack<at::Tensor>(),
-                   bias = packed.unpack<at::Tensor>(), shift = packed.unpack<at::Tensor>(),
-                   rstd = packed.unpack<at::Tensor>(), offr = packed.unpack<at::Tensor>();
-  const int64_t k = packed.unpack<int64_t>();
-  const bool centered = packed.unpack<bool>();
-  const double eps = packed.unpack<double>();
-  variable_list out(3);
-  const at::Tensor& dy = grads[0];
-  if (!dy.defined()) return out;
-  if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
-    py::gil_scoped_acquire gil;
-    return call_python("row",
-                       py::make_tuple(dy, x, weight, bias, k, eps, centered, py::make_tuple(need_x, need_w, need_b)));
-  }
-  static const c10::OperatorHandle op = operator_named("normlab::row_norm_backward");
-  auto r = call_operator(op, {dy, x, weight.defined() ? c10::IValue(weight) : c10::IValue(), shift, rstd, offr, k,
-                              centered});
-  if (need_x) out[0] = r[0];
-  if (need_w && weight.defined()) out[1] = traced_grad_like(r[1], weight);
-  if (need_b && bias.defined()) out[2] = traced_grad_like(r[2], bias);
-  return out;
-}
-
-// The traced backward of an add + row norm: the arguments as AddRowNormBackward packs them.
-variable_list add_row_functional(const variable_list& grads, const std::vector<c10::IValue>& args) {
-  PackedArgs packed{args};
-  const bool need_x = packed.unpack<bool>(), need_r = packed.unpack<bool>(), need_w = packed.unpack<bool>(),
-             need_b = packed.unpack<bool>();
-  const at::Tensor s = packed.unpack<at::Tensor>(), weight = packed.unpack<at::Tensor>(),
-                   bias = packed.unpack<at::Tensor>(), shift = packed.unpack<at::Tensor>(),
-                   rstd = packed.unpack<at::Tensor>(), offr = packed.unpack<at::Tensor>();
-  const int64_t k = packed.unpack<int64_t>();
-  const bool centered = packed.unpack<bool>();
-  const double eps = packed.unpack<double>();
-  variable_list out(4);
-  const at::Tensor &dy = grads[0], &ds = grads[1];
-  at::Tensor d_sum;
-  if (!dy.defined()) {  // only the sum was differentiated
-    d_sum = ds;
-    if (need_w && weight.defined()) out[2] = at::zeros_like(weight);
-    if (need_b && bias.defined()) out[3] = at::zeros_like(bias);
-  } else if (at::GradMode::is_enabled()) {  // create_graph=True: as in eager calls
-    py::gil_scoped_acquire gil;
-    auto g = call_python("add_row", py::make_tuple(dy, ds.defined() ? py::cast(ds) : py::none(), s, weight, bias, k,
-                                                   eps, centered, py::make_tuple(need_w, need_b)));
-    d_sum = g[0];
-    out[2] = g[1];
-    out[3] = g[2];
-  } else {
-    auto opt = [](const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); };
-    static const c10::OperatorHandle op = operator_named("normlab::add_row_norm_backward");
-    auto r = call_operator(op, {dy, opt(ds), s, opt(weight), shift, rstd, offr, k, centered});
-    d_sum = r[0];
-    if (need_w && weight.defined()) out[2] = traced_grad_like(r[1], weight);
-    if (need_b && bias.defined()) out[3] = traced_grad_like(r[2], bias);
-  }
-  if (!d_sum.defined()) d_sum = at::zeros_like(s);
-  if (need_x) out[0] = d_sum;
-  if (need_r) out[1] = d_sum;
-  return out;
-}
-
-// Backward of channel_forward. Gradient edges: x, γ, β, the PReLU slope (an absent tensor's
-// edge is empty); the batch statistics are outputs without a gradient.
-struct ChannelNormBackward : public Node {
-  SavedVariable x_, weight_, bias_, prelu_, shift_, offset_, rstd_;
-  int64_t groups_ = -1, act_ = 0;
-  double eps_ = 0, param_ = 0;
-  bool given_ = false;
-
-  std::string name() const override { return "NormlabChannelNormBackward"; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_}) v->reset_data();
+    for (SavedVariable& v : saved_) v.reset_data();
   }
 
   void compiled_args(CompiledNodeArgs& args) const override {
-    for (const SavedVariable* v : {&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_}) args.collect(*v, false);
-    args.collect(groups_);
-    args.collect(act_);
-    args.collect(param_);
-    args.collect(given_);
-    args.collect(eps_);  // the double backward's
+    for (int i = 0; i < Family::kSaved; ++i) args.collect(saved_[i], i == Family::kOutput);
+    Scalars::each(scalars_, [&](const auto& value) { args.collect(value); });  // eps: the double backward's
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
-    const std::initializer_list<SavedVariable*> vars{&x_, &weight_, &bias_, &prelu_, &shift_, &offset_, &rstd_};
-    for (SavedVariable* v : vars) saved.before(*v);
+    for (SavedVariable& v : saved_) saved.before(v);
     PackedArgs packed;
-    for (size_t i = 0; i < 4; ++i) packed.pack(task_should_compute_output(i));
-    for (SavedVariable* v : vars) packed.pack(v->unpack());
-    packed.pack(groups_);
-    packed.pack(given_);
-    packed.pack(act_);
-    packed.pack(param_);
-    packed.pack(eps_);
+    for (bool need : needs()) packed.pack(need);
+    for (const at::Tensor& t : unpacked()) packed.pack(t);
+    Scalars::each(scalars_, [&](const auto& value) { packed.pack(value); });
     static bool bound = false;
-    auto out = record_functional(*this, bound, channel_functional, grads, packed, saved);
-    for (SavedVariable* v : vars) saved.after(*v);
+    auto out = record_functional(*this, bound, traced, grads, packed, saved);
+    for (SavedVariable& v : saved_) saved.after(v);
     return out;
   }
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(4);
+    return Family::backward(grads, unpacked(), scalars_, needs(), /*traced=*/false);
+  }
+
+ private:
+  Needs needs() const {
+    Needs out;
+    for (int i = 0; i < Family::kEdges; ++i) out[i] = task_should_compute_output(i);
+    return out;
+  }
+
+  Tensors unpacked() {
+    Tensors out;
+    for (int i = 0; i < Family::kSaved; ++i)
+      out[i] = i == Family::kOutput ? saved_[i].unpack(getptr()) : saved_[i].unpack();
+    return out;
+  }
+
+  // The traced backward: the arguments as apply_with_saved packs them.
+  static variable_list traced(const variable_list& grads, const std::vector<c10::IValue>& args) {
+    PackedArgs packed{args};
+    Needs needs;
+    for (bool& need : needs) need = packed.unpack<bool>();
+    Tensors tensors;
+    for (at::Tensor& t : tensors) t = packed.unpack<at::Tensor>();
+    Scalars scalars;
+    Scalars::each(scalars, [&](auto& value) { value = packed.unpack<std::decay_t<decltype(value)>>(); });
+    return Family::backward(grads, tensors, scalars, needs, /*traced=*/true);
+  }
+};
+
+// Backward of channel_forward. Gradient edges: x, γ, β, the PReLU slope (an absent tensor's
+// edge is empty); the batch statistics are outputs without a gradient.
+struct ChannelFamily {
+  static constexpr const char* kName = "NormlabChannelNormBackward";
+  enum { X, WEIGHT, BIAS, PRELU_WEIGHT, SHIFT, OFFSET, RSTD, kSaved };
+  static constexpr int kOutput = -1, kEdges = 4;
+  struct Scalars {
+    int64_t groups = -1, act = 0;
+    bool given = false;
+    double param = 0, eps = 0;
+    template <typename Self, typename F>
+    static void each(Self& s, F&& f) {
+      f(s.groups), f(s.given), f(s.act), f(s.param), f(s.eps);
+    }
+  };
+
+  static variable_list backward(const variable_list& grads, const std::array<at::Tensor, kSaved>& t,
+                                const Scalars& s, const std::array<bool, kEdges>& need, bool traced) {
+    variable_list out(kEdges);
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return out;
-    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), bias = bias_.unpack(), prelu = prelu_.unpack(),
-                     shift = shift_.unpack(), offset = offset_.unpack(), rstd = rstd_.unpack();
-    const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1),
-               need_b = task_should_compute_output(2), need_p = task_should_compute_output(3);
+    const at::Tensor &x = t[X], &weight = t[WEIGHT], &bias = t[BIAS], &prelu = t[PRELU_WEIGHT];
     if (at::GradMode::is_enabled()) {  // create_graph=True
       py::gil_scoped_acquire gil;
-      return call_python("channel",
-                         py::make_tuple(dy, x, weight, bias, prelu, shift, rstd, groups_, given_, eps_, act_, param_,
-                                        py::make_tuple(need_x, need_w, need_b, false, false, need_p)));
+      return call_python("channel", py::make_tuple(dy, x, weight, bias, prelu, t[SHIFT], t[RSTD], s.groups, s.given,
+                                                   s.eps, s.act, s.param,
+                                                   py::make_tuple(need[0], need[1], need[2], false, false, need[3])));
     }
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Plan p = plan_of(x, groups_);
-    auto r = channel_backward(p.view(same_layout(dy, p, x)), p.view(x), p.planes, p.N, p.C, p.S, groups_,
-                                      given_, false, weight, bias, shift, offset, rstd, act_, param_,
-                                      slope_of(prelu, act_, p.C));
-    if (need_x) out[0] = p.unview(r[0], x);
-    if (need_w) out[1] = grad_like(r[1], weight);
-    if (need_b) out[2] = grad_like(r[2], bias);
-    if (need_p && act_ == PRELU)
-      out[3] = prelu.numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape(prelu.sizes()) : grad_like(r[3], prelu);
+    std::vector<at::Tensor> r;
+    if (traced) {
+      static const c10::OperatorHandle op = operator_named("normlab::channel_norm_backward");
+      r = call_operator(op, {dy, x, optional_arg(weight), optional_arg(bias), optional_arg(prelu), t[SHIFT],
+                             t[OFFSET], t[RSTD], s.groups, s.given, s.act, s.param});
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const Plan p = plan_of(x, s.groups);
+      r = channel_backward(p.view(same_layout(dy, p, x)), p.view(x), p.planes, p.N, p.C, p.S, s.groups, s.given,
+                           false, weight, bias, t[SHIFT], t[OFFSET], t[RSTD], s.act, s.param,
+                           slope_of(prelu, s.act, p.C));
+      r[0] = p.unview(r[0], x);
+    }
+    const auto like = traced ? traced_grad_like : grad_like;
+    if (need[0]) out[0] = r[0];
+    if (need[1] && weight.defined()) out[1] = like(r[1], weight);
+    if (need[2] && bias.defined()) out[2] = like(r[2], bias);
+    if (need[3] && prelu.defined() && s.act == normlab::PRELU)
+      out[3] = prelu.sym_numel() == 1 ? r[3].to(prelu.scalar_type()).sum().reshape_symint(prelu.sym_sizes())
+                                      : like(r[3], prelu);
     return out;
   }
 };
 
 // Backward of row_forward. Gradient edges: x, γ, β.
-struct RowNormBackward : public Node {
-  SavedVariable x_, weight_, bias_, shift_, rstd_, offr_;
-  int64_t k_ = 1;
-  double eps_ = 0;
-  bool centered_ = true;
+struct RowFamily {
+  static constexpr const char* kName = "NormlabRowNormBackward";
+  enum { X, WEIGHT, BIAS, SHIFT, RSTD, OFFR, kSaved };
+  static constexpr int kOutput = -1, kEdges = 3;
+  struct Scalars {
+    int64_t k = 1;
+    bool centered = true;
+    double eps = 0;
+    template <typename Self, typename F>
+    static void each(Self& s, F&& f) {
+      f(s.k), f(s.centered), f(s.eps);
+    }
+  };
 
-  std::string name() const override { return "NormlabRowNormBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&x_, &weight_, &bias_, &shift_, &rstd_, &offr_}) v->reset_data();
-  }
-
-  void compiled_args(CompiledNodeArgs& args) const override {
-    for (const SavedVariable* v : {&x_, &weight_, &bias_, &shift_, &rstd_, &offr_}) args.collect(*v, false);
-    args.collect(k_);
-    args.collect(centered_);
-    args.collect(eps_);  // the double backward's
-  }
-
-  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
-    const std::initializer_list<SavedVariable*> vars{&x_, &weight_, &bias_, &shift_, &rstd_, &offr_};
-    for (SavedVariable* v : vars) saved.before(*v);
-    PackedArgs packed;
-    for (size_t i = 0; i < 3; ++i) packed.pack(task_should_compute_output(i));
-    for (SavedVariable* v : vars) packed.pack(v->unpack());
-    packed.pack(k_);
-    packed.pack(centered_);
-    packed.pack(eps_);
-    static bool bound = false;
-    auto out = record_functional(*this, bound, row_functional, grads, packed, saved);
-    for (SavedVariable* v : vars) saved.after(*v);
-    return out;
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(3);
+  static variable_list backward(const variable_list& grads, const std::array<at::Tensor, kSaved>& t,
+                                const Scalars& s, const std::array<bool, kEdges>& need, bool traced) {
+    variable_list out(kEdges);
     const at::Tensor& dy = grads[0];
     if (!dy.defined()) return out;
-    const at::Tensor x = x_.unpack(), weight = weight_.unpack(), bias = bias_.unpack();
-    const bool need_x = task_should_compute_output(0), need_w = task_should_compute_output(1),
-               need_b = task_should_compute_output(2);
+    const at::Tensor &x = t[X], &weight = t[WEIGHT], &bias = t[BIAS];
     if (at::GradMode::is_enabled()) {  // create_graph=True
       py::gil_scoped_acquire gil;
-      return call_python("row",
-                         py::make_tuple(dy, x, weight, bias, k_, eps_, centered_, py::make_tuple(need_x, need_w, need_b)));
+      return call_python("row", py::make_tuple(dy, x, weight, bias, s.k, s.eps, s.centered,
+                                               py::make_tuple(need[0], need[1], need[2])));
     }
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto r = row_backward(dy.contiguous().view({-1, k_}), x.view({-1, k_}), flat(weight), shift_.unpack(),
-                                  rstd_.unpack(), offr_.unpack(), centered_);
-    if (need_x) out[0] = r[0].view_as(x);
-    if (need_w) out[1] = grad_like(r[1], weight);
-    if (need_b) out[2] = grad_like(r[2], bias);
+    std::vector<at::Tensor> r;
+    if (traced) {
+      static const c10::OperatorHandle op = operator_named("normlab::row_norm_backward");
+      r = call_operator(op, {dy, x, optional_arg(weight), t[SHIFT], t[RSTD], t[OFFR], s.k, s.centered});
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      r = row_backward(dy.contiguous().view({-1, s.k}), x.view({-1, s.k}), flat(weight), t[SHIFT], t[RSTD],
+                       t[OFFR], s.centered);
+      r[0] = r[0].view_as(x);
+    }
+    const auto like = traced ? traced_grad_like : grad_like;
+    if (need[0]) out[0] = r[0];
+    if (need[1] && weight.defined()) out[1] = like(r[1], weight);
+    if (need[2] && bias.defined()) out[2] = like(r[2], bias);
     return out;
   }
 };
@@ -353,73 +296,51 @@ struct RowNormBackward : public Node {
 // Backward of add_row_forward: s = x + residual, y = norm(s). Gradient edges: x, the residual,
 // γ, β; both outputs receive gradients (y from the next sublayer, s from the residual stream),
 // either possibly none. x and the residual get the same gradient, ds + norm_backward(dy).
-struct AddRowNormBackward : public Node {
-  SavedVariable s_, weight_, bias_, shift_, rstd_, offr_;
-  int64_t k_ = 1;
-  double eps_ = 0;
-  bool centered_ = true;
+struct AddRowFamily {
+  static constexpr const char* kName = "NormlabAddRowNormBackward";
+  enum { SUM, WEIGHT, BIAS, SHIFT, RSTD, OFFR, kSaved };
+  static constexpr int kOutput = SUM, kEdges = 4;
+  using Scalars = RowFamily::Scalars;
 
-  std::string name() const override { return "NormlabAddRowNormBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v : {&s_, &weight_, &bias_, &shift_, &rstd_, &offr_}) v->reset_data();
-  }
-
-  void compiled_args(CompiledNodeArgs& args) const override {
-    args.collect(s_, true);  // an output of this node
-    for (const SavedVariable* v : {&weight_, &bias_, &shift_, &rstd_, &offr_}) args.collect(*v, false);
-    args.collect(k_);
-    args.collect(centered_);
-    args.collect(eps_);
-  }
-
-  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
-    const std::initializer_list<SavedVariable*> vars{&s_, &weight_, &bias_, &shift_, &rstd_, &offr_};
-    for (SavedVariable* v : vars) saved.before(*v);
-    PackedArgs packed;
-    for (size_t i = 0; i < 4; ++i) packed.pack(task_should_compute_output(i));
-    for (SavedVariable* v : vars) packed.pack(v->unpack(getptr()));
-    packed.pack(k_);
-    packed.pack(centered_);
-    packed.pack(eps_);
-    static bool bound = false;
-    auto out = record_functional(*this, bound, add_row_functional, grads, packed, saved);
-    for (SavedVariable* v : vars) saved.after(*v);
-    return out;
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(4);
+  static variable_list backward(const variable_list& grads, const std::array<at::Tensor, kSaved>& t,
+                                const Scalars& sc, const std::array<bool, kEdges>& need, bool traced) {
+    variable_list out(kEdges);
     const at::Tensor &dy = grads[0], &ds = grads[1];
-    const at::Tensor s = s_.unpack(getptr()), weight = weight_.unpack(), bias = bias_.unpack();
-    const bool need_x = task_should_compute_output(0), need_r = task_should_compute_output(1),
-               need_w = task_should_compute_output(2), need_b = task_should_compute_output(3);
+    const at::Tensor &s = t[SUM], &weight = t[WEIGHT], &bias = t[BIAS];
+    const int64_t k = sc.k;
     at::Tensor d_sum;
     if (!dy.defined()) {  // only the sum was differentiated: the norm's parameters get zeros, as the operator's do
       d_sum = ds;
-      if (need_w && weight.defined()) out[2] = at::zeros_like(weight);
-      if (need_b && bias.defined()) out[3] = at::zeros_like(bias);
+      if (need[2] && weight.defined()) out[2] = at::zeros_like(weight);
+      if (need[3] && bias.defined()) out[3] = at::zeros_like(bias);
     } else if (at::GradMode::is_enabled()) {  // create_graph=True
       py::gil_scoped_acquire gil;
-      auto g = call_python("add_row", py::make_tuple(dy, ds.defined() ? py::cast(ds) : py::none(), s, weight, bias,
-                                                     k_, eps_, centered_, py::make_tuple(need_w, need_b)));
+      auto g = call_python("add_row", py::make_tuple(dy, ds.defined() ? py::cast(ds) : py::none(), s, weight, bias, k,
+                                                     sc.eps, sc.centered, py::make_tuple(need[2], need[3])));
       d_sum = g[0];
       out[2] = g[1];
       out[3] = g[2];
     } else {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto r = add_row_backward(dy.contiguous().view({-1, k_}), ds.defined() ? ds.contiguous().view({-1, k_}) : empty_float(),
-                                s.view({-1, k_}), flat(weight), shift_.unpack(), rstd_.unpack(), offr_.unpack(),
-                                centered_);
-      d_sum = r[0].view_as(s);
-      if (need_w) out[2] = grad_like(r[1], weight);
-      if (need_b) out[3] = grad_like(r[2], bias);
+      std::vector<at::Tensor> r;
+      if (traced) {
+        static const c10::OperatorHandle op = operator_named("normlab::add_row_norm_backward");
+        r = call_operator(op, {dy, optional_arg(ds), s, optional_arg(weight), t[SHIFT], t[RSTD], t[OFFR], k,
+                               sc.centered});
+      } else {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        const at::Tensor ds_rows = ds.defined() ? ds.contiguous().view({-1, k}) : empty_float();
+        r = add_row_backward(dy.contiguous().view({-1, k}), ds_rows, s.view({-1, k}), flat(weight), t[SHIFT],
+                             t[RSTD], t[OFFR], sc.centered);
+        r[0] = r[0].view_as(s);
+      }
+      const auto like = traced ? traced_grad_like : grad_like;
+      d_sum = r[0];
+      if (need[2] && weight.defined()) out[2] = like(r[1], weight);
+      if (need[3] && bias.defined()) out[3] = like(r[2], bias);
     }
     if (!d_sum.defined()) d_sum = at::zeros_like(s);
-    if (need_x) out[0] = d_sum;
-    if (need_r) out[1] = d_sum;
+    if (need[0]) out[0] = d_sum;
+    if (need[1]) out[1] = d_sum;
     return out;
   }
 };
@@ -433,20 +354,13 @@ void record_channel_node(const at::Tensor& y, const at::Tensor& x, const at::Ten
                          const at::Tensor& rstd, int64_t groups, bool given, double eps, int64_t act, double param) {
   if (!(at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias) || wants_grad(prelu))))
     return;
-  auto node = c10::make_intrusive<ChannelNormBackward>();
+  using F = ChannelFamily;
+  auto node = c10::make_intrusive<KernelNode<F>>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, prelu));
-  save(node->x_, x);
-  save(node->weight_, weight);
-  save(node->bias_, bias);
-  save(node->prelu_, prelu);
-  save(node->shift_, shift);
-  save(node->offset_, offset);
-  save(node->rstd_, rstd);
-  node->groups_ = groups;
-  node->act_ = act;
-  node->eps_ = eps;
-  node->param_ = param;
-  node->given_ = given;
+  for (auto [slot, t] : {std::pair{F::X, &x}, {F::WEIGHT, &weight}, {F::BIAS, &bias}, {F::PRELU_WEIGHT, &prelu},
+                         {F::SHIFT, &shift}, {F::OFFSET, &offset}, {F::RSTD, &rstd}})
+    node->save(slot, *t);
+  node->scalars_ = {groups, act, given, param, eps};
   torch::autograd::set_history(y, node);
 }
 
@@ -454,17 +368,13 @@ void record_row_node(const at::Tensor& y, const at::Tensor& x, const at::Tensor&
                      const at::Tensor& shift, const at::Tensor& rstd, const at::Tensor& offr, int64_t k, double eps,
                      bool centered) {
   if (!(at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias)))) return;
-  auto node = c10::make_intrusive<RowNormBackward>();
+  using F = RowFamily;
+  auto node = c10::make_intrusive<KernelNode<F>>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias));
-  save(node->x_, x);
-  save(node->weight_, weight);
-  save(node->bias_, bias);
-  save(node->shift_, shift);
-  save(node->rstd_, rstd);
-  save(node->offr_, offr);
-  node->k_ = k;
-  node->eps_ = eps;
-  node->centered_ = centered;
+  for (auto [slot, t] : {std::pair{F::X, &x}, {F::WEIGHT, &weight}, {F::BIAS, &bias}, {F::SHIFT, &shift},
+                         {F::RSTD, &rstd}, {F::OFFR, &offr}})
+    node->save(slot, *t);
+  node->scalars_ = {k, centered, eps};
   torch::autograd::set_history(y, node);
 }
 
@@ -474,19 +384,16 @@ void record_add_row_node(const at::Tensor& y, const at::Tensor& s, const at::Ten
   if (!(at::GradMode::is_enabled() &&
         (wants_grad(x) || wants_grad(residual) || wants_grad(weight) || wants_grad(bias))))
     return;
-  auto node = c10::make_intrusive<AddRowNormBackward>();
+  using F = AddRowFamily;
+  auto node = c10::make_intrusive<KernelNode<F>>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, residual, weight, bias));
   torch::autograd::set_history(y, node);  // output 0
   torch::autograd::set_history(s, node);  // output 1
-  save(node->s_, s, /*is_output=*/true);  // an output of this node: saved without a reference cycle
-  save(node->weight_, weight);
-  save(node->bias_, bias);
-  save(node->shift_, shift);
-  save(node->rstd_, rstd);
-  save(node->offr_, offr);
-  node->k_ = k;
-  node->eps_ = eps;
-  node->centered_ = centered;
+  // s after set_history: an output of this node, saved without a reference cycle
+  for (auto [slot, t] : {std::pair{F::SUM, &s}, {F::WEIGHT, &weight}, {F::BIAS, &bias}, {F::SHIFT, &shift},
+                         {F::RSTD, &rstd}, {F::OFFR, &offr}})
+    node->save(slot, *t);
+  node->scalars_ = {k, centered, eps};
 }
 
 }  // namespace normlab
