@@ -130,4 +130,55 @@ NL_INLINE void recover(float v, float g, float k, float m, float c, float q, flo
   }
 }
 
+// f(activation tag, source tag): the backward kernels' instantiation for `act` and the saved
+// tensor (std::true_type: the output, as in the in-place mode; std::false_type: the input).
+template <typename F>
+inline void dispatch_act_source(int64_t act, bool from_output, F&& f) {
+  dispatch_act(act, [&](auto tag) {
+    if (from_output) f(tag, std::true_type{});
+    else f(tag, std::false_type{});
+  });
+}
+
+// The backward sums of one plane of S values, u and dz as recover gives them: sum_dz = Σ dz,
+// sum_dz_u = Σ dz·u and, for PReLU, sum_prelu = Σ dy·min(z, 0) (its slope's gradient); in
+// blocks of kBlock float partial sums, added up in double.
+template <int A, bool Y>
+NL_INLINE void plane_sums(const float* g, const float* v, int64_t S, float k, float m, float c, float q,
+                          double& sum_dz, double& sum_dz_u, double& sum_prelu) {
+  double tA = 0, tB = 0, tD = 0;
+  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
+    const int64_t s1e = std::min(S, s0 + kBlock);
+    float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a1, a2, a3)
+    for (int64_t s = s0; s < s1e; ++s) {
+      float u, dz, z;
+      recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
+      a1 += dz;
+      a2 += dz * u;
+      if constexpr (A == PRELU) a3 += g[s] * (z < 0.f ? z : 0.f);
+    }
+    tA += a1;
+    tB += a2;
+    tD += a3;
+  }
+  sum_dz = tA;
+  sum_dz_u = tB;
+  sum_prelu = tD;
+}
+
+// x̂ = alpha·u + delta for u as recover gives it: from the output (u = z), x̂ = (z − β)/γ with
+// |γ| kept away from 0 (the guard of the in-place mode); from the input (u = x − shift),
+// x̂ = (u − offset)·rstd.
+struct XhatAffine {
+  double alpha, delta;
+};
+inline XhatAffine xhat_affine(bool from_output, double gamma, double beta, double offset, double rstd) {
+  if (from_output) {
+    const double safe = std::abs(gamma) < 1e-5 ? std::copysign(1e-5, gamma) : gamma;
+    return {1.0 / safe, -beta / safe};
+  }
+  return {rstd, -offset * rstd};
+}
+
 }  // namespace normlab

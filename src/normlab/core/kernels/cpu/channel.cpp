@@ -118,42 +118,13 @@ void fused_plane_backward(const float* gp, const float* vp, float* dp, const Pla
         const double sc = rstd[k] * gamma[c];
         scale[j] = static_cast<float>(sc);
         bias[j] = static_cast<float>(beta[c] - offset[k] * sc);
-        double al, de;
-        if (Y) {
-          const double safe = std::abs(gamma[c]) < 1e-5 ? std::copysign(1e-5, gamma[c]) : gamma[c];
-          al = 1.0 / safe;
-          de = -beta[c] / safe;
-        } else {
-          al = rstd[k];
-          de = -offset[k] * rstd[k];
-        }
+        const auto [al, de] = xhat_affine(Y, gamma[c], beta[c], offset[k], rstd[k]);
         alpha[j] = static_cast<float>(al);
         delta[j] = static_cast<float>(de);
-        const float m = scale[j], b = bias[j];
         const float q = (A == PRELU) ? slope[c] : param;
-        const float* g = gp + p * S;
-        const float* v = vp + p * S;
-        double tA = 0, tB = 0, tD = 0;
-        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-          const int64_t s1e = std::min(S, s0 + kBlock);
-          float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a1, a2, a3)
-          for (int64_t s = s0; s < s1e; ++s) {
-            float u, dz, z;
-            recover<A, Y>(v[s], g[s], K, m, b, q, u, dz, z);
-            a1 += dz;
-            a2 += dz * u;
-            if constexpr (A == PRELU) a3 += g[s] * (z < 0.f ? z : 0.f);
-          }
-          tA += a1;
-          tB += a2;
-          tD += a3;
-        }
-        Ap[p] = tA;
-        Bp[p] = tB;
-        Dp[p] = tD;
-        m1 += gamma[c] * tA;
-        m2 += gamma[c] * (al * tB + de * tA);
+        plane_sums<A, Y>(gp + p * S, vp + p * S, S, K, scale[j], bias[j], q, Ap[p], Bp[p], Dp[p]);
+        m1 += gamma[c] * Ap[p];
+        m2 += gamma[c] * (al * Bp[p] + de * Ap[p]);
       }
       const double n = static_cast<double>(np * S);
       m1 /= n;
@@ -328,6 +299,35 @@ std::vector<at::Tensor> given_forward(const at::Tensor& xv, bool planes, int64_t
           none};
 }
 
+// The per-unit coefficients of the plane and column passes, y = act((x − shift)·scale + bias),
+// from the groups' statistics and the channels' γ, β: float tensors shaped (U·C) for planes,
+// (U, C) for columns; PReLU's per-channel slope repeated per unit for planes.
+struct UnitPass {
+  std::vector<int64_t> shape;
+  at::Tensor shift, scale, bias, slope;
+};
+
+UnitPass unit_pass(const Grouping& g, const std::vector<double>& gamma, const std::vector<double>& beta,
+                   const std::vector<double>& shift, const std::vector<double>& offset,
+                   const std::vector<double>& rstd, int64_t act, const at::Tensor& slope, const at::Tensor& like) {
+  const int64_t U = g.U(), C = g.C, UC = U * C;
+  std::vector<double> us(UC), usc(UC), ub(UC);
+  for (int64_t u = 0; u < U; ++u)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t k = g.group_of(u, c), i = u * C + c;
+      us[i] = shift[k];
+      usc[i] = rstd[k] * gamma[c];
+      ub[i] = beta[c] - offset[k] * usc[i];
+    }
+  UnitPass out;
+  out.shape = g.planes ? std::vector<int64_t>{UC} : std::vector<int64_t>{U, C};
+  out.shift = float_tensor(us, out.shape, like);
+  out.scale = float_tensor(usc, out.shape, like);
+  out.bias = float_tensor(ub, out.shape, like);
+  out.slope = act == PRELU && g.planes ? slope.repeat({U}) : slope;
+  return out;
+}
+
 }  // namespace
 
 // Forward: y = act((x − shift)·scale + bias) per unit, into `out`. Returns the group
@@ -396,23 +396,11 @@ std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64
       mean[k] = shift[k] + offset[k];
     }
   }
-  std::vector<double> us(UC), usc(UC), ub(UC);
-  for (int64_t u = 0; u < U; ++u)
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t k = g.group_of(u, c), i = u * C + c;
-      us[i] = shift[k];
-      usc[i] = rstd[k] * gamma[c];
-      ub[i] = beta[c] - offset[k] * usc[i];
-    }
-  std::vector<int64_t> shape = planes ? std::vector<int64_t>{UC} : std::vector<int64_t>{U, C};
-  at::Tensor unit_slope = slope;
-  if (act == PRELU && planes) unit_slope = slope.repeat({U});
+  const UnitPass unit = unit_pass(g, gamma, beta, shift, offset, rstd, act, slope, xv);
   if (planes)
-    plane_apply(xv, float_tensor(us, shape, xv), float_tensor(usc, shape, xv), float_tensor(ub, shape, xv), act,
-                param, unit_slope, out);
+    plane_apply(xv, unit.shift, unit.scale, unit.bias, act, param, unit.slope, out);
   else
-    column_apply(xv, float_tensor(us, shape, xv), float_tensor(usc, shape, xv), float_tensor(ub, shape, xv), act,
-                 param, unit_slope, out);
+    column_apply(xv, unit.shift, unit.scale, unit.bias, act, param, unit.slope, out);
   return {double_tensor(shift, xv), double_tensor(offset, xv), double_tensor(rstd, xv), double_tensor(mean, xv),
           double_tensor(var, xv)};
 }
@@ -442,51 +430,28 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor
           dyv.data_ptr<float>(), srcv.data_ptr<float>(), dx.data_ptr<float>(), pg, given, gamma, beta, shift,
           offset, rstd, static_cast<float>(param), sp, stream, Ap, Bp, Dp);
     };
-    dispatch_act(act, [&](auto tag) {
-      if (from_output) run(tag, std::true_type{});
-      else run(tag, std::false_type{});
-    });
+    dispatch_act_source(act, from_output, run);
     std::vector<double> dgamma(C, 0.0), dbeta(C, 0.0), dslope(C, 0.0);
     for (int64_t p = 0; p < P; ++p) {
       const int64_t c = p % C, k = given ? c : g.group_of(p / C, c);
-      double al, de;
-      if (from_output) {
-        const double safe = std::abs(gamma[c]) < 1e-5 ? std::copysign(1e-5, gamma[c]) : gamma[c];
-        al = 1.0 / safe;
-        de = -beta[c] / safe;
-      } else {
-        al = rstd[k];
-        de = -offset[k] * rstd[k];
-      }
+      const auto [al, de] = xhat_affine(from_output, gamma[c], beta[c], offset[k], rstd[k]);
       dbeta[c] += Ap[p];
       dgamma[c] += al * Bp[p] + de * Ap[p];
       dslope[c] += Dp[p];
     }
     return {dx, double_tensor(dgamma, srcv), double_tensor(dbeta, srcv), double_tensor(dslope, srcv)};
   }
-  std::vector<double> us(UC), usc(UC), ub(UC), alpha(UC), delta(UC);
+  std::vector<double> alpha(UC), delta(UC);
   for (int64_t u = 0; u < U; ++u)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t k = g.group_of(u, c), i = u * C + c;
-      us[i] = shift[k];
-      usc[i] = rstd[k] * gamma[c];
-      ub[i] = beta[c] - offset[k] * usc[i];
-      if (from_output) {  // x̂ = (z − β)/γ, |γ| kept away from 0
-        const double safe = std::abs(gamma[c]) < 1e-5 ? std::copysign(1e-5, gamma[c]) : gamma[c];
-        alpha[i] = 1.0 / safe;
-        delta[i] = -beta[c] / safe;
-      } else {  // x̂ = (x − shift − offset)·rstd
-        alpha[i] = rstd[k];
-        delta[i] = -offset[k] * rstd[k];
-      }
+      const auto xhat = xhat_affine(from_output, gamma[c], beta[c], offset[k], rstd[k]);
+      alpha[i] = xhat.alpha;
+      delta[i] = xhat.delta;
     }
-  std::vector<int64_t> shape = planes ? std::vector<int64_t>{UC} : std::vector<int64_t>{U, C};
-  auto t_shift = float_tensor(us, shape, srcv), t_scale = float_tensor(usc, shape, srcv),
-       t_bias = float_tensor(ub, shape, srcv);
-  at::Tensor unit_slope = slope;
-  if (act == PRELU && planes) unit_slope = slope.repeat({U});
-  auto sums = planes ? plane_backward_reduce(dyv, srcv, from_output, t_shift, t_scale, t_bias, act, param, unit_slope)
-                     : column_backward_reduce(dyv, srcv, from_output, t_shift, t_scale, t_bias, act, param, unit_slope);
+  const UnitPass unit = unit_pass(g, gamma, beta, shift, offset, rstd, act, slope, srcv);
+  auto reduce = planes ? plane_backward_reduce : column_backward_reduce;
+  auto sums = reduce(dyv, srcv, from_output, unit.shift, unit.scale, unit.bias, act, param, unit.slope);
   const auto A = unit_sums(sums[0], g), B = unit_sums(sums[1], g), D = unit_sums(sums[2], g);
   std::vector<double> dgamma(C, 0.0), dbeta(C, 0.0), dslope(C, 0.0), dzx(UC);
   std::vector<double> m1(NG, 0.0), m2(NG, 0.0);
@@ -505,15 +470,16 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor
   for (int64_t u = 0; u < U; ++u)
     for (int64_t c = 0; c < C; ++c) {
       const int64_t i = u * C + c, k = g.group_of(u, c);
-      cz[i] = usc[i];  // γ·rstd
+      cz[i] = rstd[k] * gamma[c];
       if (!given) {  // dx = γr·dz − r·m2/n·x̂ − r·m1/n, with x̂ = α·u + δ
         cu[i] = -rstd[k] * (m2[k] / n) * alpha[i];
         cc[i] = -rstd[k] * ((m1[k] / n) + (m2[k] / n) * delta[i]);
       }
     }
   auto apply = planes ? plane_backward_apply : column_backward_apply;
-  auto dx = apply(dyv, srcv, from_output, t_shift, t_scale, t_bias, act, param, unit_slope,
-                  float_tensor(cz, shape, srcv), float_tensor(cu, shape, srcv), float_tensor(cc, shape, srcv));
+  auto dx = apply(dyv, srcv, from_output, unit.shift, unit.scale, unit.bias, act, param, unit.slope,
+                  float_tensor(cz, unit.shape, srcv), float_tensor(cu, unit.shape, srcv),
+                  float_tensor(cc, unit.shape, srcv));
   return {dx, double_tensor(dgamma, srcv), double_tensor(dbeta, srcv), double_tensor(dslope, srcv)};
 }
 

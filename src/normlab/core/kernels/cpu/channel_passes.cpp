@@ -109,36 +109,12 @@ std::vector<at::Tensor> plane_backward_reduce(const at::Tensor& dy, const at::Te
     constexpr bool Y = decltype(ytag)::value;
     at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const float k = kp[p], m = ap[p], c = bp[p];
         const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
-        const float* g = gp + p * S;
-        const float* v = xp + p * S;
-        double tA = 0, tB = 0, tD = 0;
-        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-          const int64_t s1e = std::min(S, s0 + kBlock);
-          float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a1, a2, a3)
-          for (int64_t s = s0; s < s1e; ++s) {
-            float u, dz, z;
-            recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
-            a1 += dz;
-            a2 += dz * u;
-            if constexpr (A == PRELU) a3 += g[s] * (z < 0.f ? z : 0.f);
-          }
-          tA += a1;
-          tB += a2;
-          tD += a3;
-        }
-        oA[p] = tA;
-        oB[p] = tB;
-        oD[p] = tD;
+        plane_sums<A, Y>(gp + p * S, xp + p * S, S, kp[p], ap[p], bp[p], q, oA[p], oB[p], oD[p]);
       }
     });
   };
-  dispatch_act(act, [&](auto tag) {
-    if (from_output) body(tag, std::true_type{});
-    else body(tag, std::false_type{});
-  });
+  dispatch_act_source(act, from_output, body);
   return {A_, B_, D_};
 }
 
@@ -174,10 +150,7 @@ at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int
       stream_fence(stream);
     });
   };
-  dispatch_act(act, [&](auto tag) {
-    if (from_output) body(tag, std::true_type{});
-    else body(tag, std::false_type{});
-  });
+  dispatch_act_source(act, from_output, body);
   return dx;
 }
 
@@ -337,10 +310,7 @@ std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::T
       }
     });
   };
-  dispatch_act(act, [&](auto tag) {
-    if (from_output) body(tag, std::true_type{});
-    else body(tag, std::false_type{});
-  });
+  dispatch_act_source(act, from_output, body);
   return {A_, B_, D_};
 }
 
@@ -377,10 +347,7 @@ at::Tensor column_backward_apply(const at::Tensor& dy, const at::Tensor& src, in
       stream_fence(stream);
     });
   };
-  dispatch_act(act, [&](auto tag) {
-    if (from_output) body(tag, std::true_type{});
-    else body(tag, std::false_type{});
-  });
+  dispatch_act_source(act, from_output, body);
   return dx;
 }
 
