@@ -290,6 +290,45 @@ def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xha
     return dx.view(y.shape).to(y.dtype), dw, db
 
 
+def redo_kept_channels(small, groups, mean, rstd, y, dy, weight, bias, x_small, act, param):
+    """The in-place mode's backward on the channels whose x̂ the output does not hold
+    (``small``, whose input ``x_small`` the forward kept) — for GroupNorm, on every channel of
+    their groups, whose dx depends on them: ``(channels, dx, dγ, dβ)`` of those channels by
+    :func:`abn_backward`, given x̂ from the kept input. ``mean`` and ``rstd`` are the
+    forward's statistics (per channel for BatchNorm, ``groups < 0``; per (sample, group)
+    otherwise) and set the compute dtype."""
+    ndim = y.dim()
+    if groups < 0:  # BatchNorm: channels are independent; statistics per channel
+        channels, sub_groups = small, -1
+        position = torch.arange(small.numel(), device=small.device)
+        stat = (1, -1) + (1,) * (ndim - 2)
+        xhat_small = (x_small.to(mean.dtype) - mean[small].view(stat)) * rstd[small].view(stat)
+        sub_rstd = rstd[channels].view(stat)
+    else:  # GroupNorm: redo every group holding such a channel; statistics per (sample, group)
+        per = y.shape[1] // groups
+        touched = torch.unique(small // per)
+        channels = (touched[:, None] * per + torch.arange(per, device=small.device)).flatten()
+        position = torch.searchsorted(channels, small)
+        stat = (y.shape[0], -1) + (1,) * (ndim - 2)
+        n_mean, n_rstd = mean.view(y.shape[0], groups), rstd.view(y.shape[0], groups)
+        xhat_small = (x_small.to(mean.dtype) - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
+        sub_groups = touched.numel()
+        sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
+    dx, dw, db = abn_backward(
+        y.index_select(1, channels),
+        dy.index_select(1, channels),
+        None if weight is None else weight.detach().float().index_select(0, channels),
+        None if bias is None else bias.detach().float().index_select(0, channels),
+        sub_groups,
+        sub_rstd,
+        activation_for_code(act).name,
+        param,
+        position,
+        xhat_small,
+    )
+    return channels, dx, dw, db
+
+
 def _exact_dz(dz, dy, xhat, gamma, beta, kept, shape, groups, entry, param):
     """dz = dy·act'(z) with z = γ·x̂ + β from the kept channels' exact x̂ — the derivative read
     off the output (ELU's y + α) has lost its digits where the output nears −α."""

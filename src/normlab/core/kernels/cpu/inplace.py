@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...activation import SECOND_DERIVATIVES, abn_backward, activation_for_code, unrecoverable_channels
+from ...activation import SECOND_DERIVATIVES, activation_for_code, redo_kept_channels, unrecoverable_channels
 from . import build
 
 __all__ = ["channel_norm_inplace"]
@@ -59,37 +59,9 @@ def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small) -> N
     :func:`~normlab.core.activation.unrecoverable_channels`) — and, for GroupNorm, of the rest
     of their groups, whose dx depends on it — with
     the composed backward on just those channels, given x̂ from the kept input."""
-    small, groups = ctx.small, ctx.groups
     shift, offset, rstd = ctx.stats
-    mean = shift + offset
-    ndim = y.dim()
-    if groups < 0:  # BatchNorm: channels are independent; statistics per channel
-        channels, sub_groups = small, -1
-        position = torch.arange(small.numel(), device=small.device)
-        stat = (1, -1) + (1,) * (ndim - 2)
-        xhat_small = (x_small.double() - mean[small].view(stat)) * rstd[small].view(stat)
-        sub_rstd = rstd[channels].view(stat)
-    else:  # GroupNorm: redo every group holding such a channel; statistics per (sample, group)
-        per = y.shape[1] // groups
-        touched = torch.unique(small // per)
-        channels = (touched[:, None] * per + torch.arange(per, device=small.device)).flatten()
-        position = torch.searchsorted(channels, small)
-        stat = (y.shape[0], -1) + (1,) * (ndim - 2)
-        n_mean, n_rstd = mean.view(y.shape[0], groups), rstd.view(y.shape[0], groups)
-        xhat_small = (x_small.double() - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
-        sub_groups = touched.numel()
-        sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
-    dx_c, dw_c, db_c = abn_backward(
-        y.index_select(1, channels),
-        dy.index_select(1, channels),
-        None if weight is None else weight.detach().index_select(0, channels),
-        None if bias is None else bias.detach().index_select(0, channels),
-        sub_groups,
-        sub_rstd,
-        activation_for_code(ctx.act).name,
-        ctx.param,
-        position,
-        xhat_small,
+    channels, dx_c, dw_c, db_c = redo_kept_channels(
+        ctx.small, ctx.groups, shift + offset, rstd, y, dy, weight, bias, x_small, ctx.act, ctx.param
     )
     dx.index_copy_(1, channels, dx_c)
     dgamma.index_copy_(0, channels, dw_c.double())

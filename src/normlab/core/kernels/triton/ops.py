@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ...activation import GAMMA_GUARD, abn_backward, activation_for_code, apply_activation, small_gamma_channels
+from ...activation import GAMMA_GUARD, activation_for_code, apply_activation, redo_kept_channels, small_gamma_channels
 from ...masked import masked_reference
 from ...reference import reference_normalize
 from ._runtime import register_op
@@ -408,35 +408,8 @@ def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, stats, x_small) -> N
     """Overwrite dx and dγ of the channels whose x̂ the output does not hold (|γ| below the
     guard) — for GroupNorm, of every channel of their groups — by the composed backward on
     just those channels, given x̂ from their kept input."""
-    small, groups, ndim = ctx.small, ctx.groups, y.dim()
-    mean, rstd = stats[0] + stats[1], stats[2]
-    if groups < 0:  # BatchNorm: channels are independent
-        channels, sub_groups = small, -1
-        position = torch.arange(small.numel(), device=small.device)
-        stat = (1, -1) + (1,) * (ndim - 2)
-        xhat_small = (x_small.float() - mean[small].view(stat)) * rstd[small].view(stat)
-        sub_rstd = rstd[channels].view(stat)
-    else:  # GroupNorm: redo each group holding such a channel
-        per = y.shape[1] // groups
-        touched = torch.unique(small // per)
-        channels = (touched[:, None] * per + torch.arange(per, device=small.device)).flatten()
-        position = torch.searchsorted(channels, small)
-        stat = (y.shape[0], -1) + (1,) * (ndim - 2)
-        n_mean, n_rstd = mean.view(y.shape[0], groups), rstd.view(y.shape[0], groups)
-        xhat_small = (x_small.float() - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
-        sub_groups = touched.numel()
-        sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
-    dx_c, dw_c, _ = abn_backward(
-        y.index_select(1, channels),
-        dy.index_select(1, channels),
-        None if weight is None else weight.detach().float().index_select(0, channels),
-        None if bias is None else bias.detach().float().index_select(0, channels),
-        sub_groups,
-        sub_rstd,
-        activation_for_code(ctx.act).name,
-        ctx.param,
-        position,
-        xhat_small,
+    channels, dx_c, dw_c, _ = redo_kept_channels(
+        ctx.small, ctx.groups, stats[0] + stats[1], stats[2], y, dy, weight, bias, x_small, ctx.act, ctx.param
     )
     dx.index_copy_(1, channels, dx_c.to(dx.dtype))
     if dgamma.numel():
