@@ -30,13 +30,16 @@ __all__ = ["ChannelResult", "channel_norm", "row_norm", "takes_channel", "takes_
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _device_ok(t: torch.Tensor) -> tuple[bool, str]:
-    kind = t.device.type
-    if kind == "meta":  # shapes only: the fake kernels answer
-        return True, ""
-    if INTERPRETED:
-        return (kind == "cpu", "" if kind == "cpu" else f"the Triton interpreter runs on CPU tensors, not {kind}")
-    return (kind == "cuda", "" if kind == "cuda" else f"compiled Triton kernels need CUDA tensors, not {kind}")
+def _input_ok(x: torch.Tensor) -> tuple[bool, str]:
+    """The input's device and dtype, which every kernel needs."""
+    kind = x.device.type  # meta too: shapes only, the fake kernels answer
+    if INTERPRETED and kind not in ("cpu", "meta"):
+        return False, f"the Triton interpreter runs on CPU tensors, not {kind}"
+    if not INTERPRETED and kind not in ("cuda", "meta"):
+        return False, f"compiled Triton kernels need CUDA tensors, not {kind}"
+    if x.dtype not in DTYPES:
+        return False, f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
+    return True, ""
 
 
 def takes_channel(
@@ -51,11 +54,9 @@ def takes_channel(
     groups: int = -1,
 ) -> tuple[bool, str]:
     """Whether :func:`channel_norm` takes this call, and if not, why."""
-    ok, why = _device_ok(x)
+    ok, why = _input_ok(x)
     if not ok:
         return False, why
-    if x.dtype not in DTYPES:
-        return False, f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
     if x.dim() < 2 or x.numel() == 0:
         return False, "empty input or no channel dim"
     entry = ACTIVATIONS.get(activation)
@@ -207,11 +208,9 @@ def takes_row(
     residual: torch.Tensor | None = None,
 ) -> tuple[bool, str]:
     """Whether :func:`row_norm` takes this call, and if not, why."""
-    ok, why = _device_ok(x)
+    ok, why = _input_ok(x)
     if not ok:
         return False, why
-    if x.dtype not in DTYPES:
-        return False, f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
     k = 1
     for d in normalized_shape:
         k *= d
