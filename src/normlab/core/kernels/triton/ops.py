@@ -400,20 +400,22 @@ class ChannelNormInPlace(torch.autograd.Function):
             dy, y, weight, bias, None, None, stats, None, None, ctx.groups, 0.0, ctx.act, ctx.param, params, True
         )
         if ctx.small is not None:
-            _redo_small_gamma(ctx, dx, dw, dy, y, weight, bias, stats, x_small)
+            _redo_small_gamma(ctx, dx, dw, db, dy, y, weight, bias, stats, x_small)
         return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), *(None,) * 6
 
 
-def _redo_small_gamma(ctx, dx, dgamma, dy, y, weight, bias, stats, x_small) -> None:
-    """Overwrite dx and dγ of the channels whose x̂ the output does not hold (|γ| below the
-    guard) — for GroupNorm, of every channel of their groups — by the composed backward on
-    just those channels, given x̂ from their kept input."""
-    channels, dx_c, dw_c, _ = redo_kept_channels(
+def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, stats, x_small) -> None:
+    """Overwrite dx, dγ and dβ of the channels whose x̂ the output does not hold (|γ| below
+    the guard) — for GroupNorm, of every channel of their groups — by the composed backward on
+    just those channels, given x̂ from their kept input (as the CPU kernels do)."""
+    channels, dx_c, dw_c, db_c = redo_kept_channels(
         ctx.small, ctx.groups, stats[0] + stats[1], stats[2], y, dy, weight, bias, x_small, ctx.act, ctx.param
     )
     dx.index_copy_(1, channels, dx_c.to(dx.dtype))
     if dgamma.numel():
         dgamma.index_copy_(0, channels, dw_c.float())
+    if db_c is not None and dbeta.numel():  # ELU's dβ read off y + α has lost its digits near −α
+        dbeta.index_copy_(0, channels, db_c.to(dbeta.dtype))
 
 
 assert GAMMA_GUARD == 1e-5, "the kernels' _recover guards |γ| at 1e-5"
