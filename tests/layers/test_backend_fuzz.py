@@ -51,6 +51,8 @@ SLACK = 4.0
 #: (bfloat16 GroupNorm at mean 1e3, ulp 4 at unit spread): the composed ops' dx is the rounded
 #: inputs' own (3.8 apart), 291 off the truth of the unrounded ones, torch.nn's 4.6.
 ROUNDING_SLACK = 2.0
+#: The in-place mode in float16/bfloat16 recovers x̂ from the half output (conventions.md).
+INPLACE_HALF = 1.5
 
 CHANNEL_LAYERS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d", "GroupNorm")
 FUSED_LAYERS = ("BatchNormAct2d", "GroupNormAct")
@@ -464,6 +466,12 @@ def judge(
             else:
                 reference, against = min(errors.values()), "the best backend"
             allowed = max(floor, SLACK * reference)
+            if case.inplace and dtype in (torch.float16, torch.bfloat16):
+                # documented (conventions.md, the in-place mode in half precision): x̂ recovered
+                # from the half output loses accuracy — 1.4× on a large layer; seed 23, case 64
+                # (GroupNormAct in place in float16, one group of 3 values): dx 0.0042 on every
+                # backend alike, 1.05× float16's floor of 0.004 and 6.8× torch.nn's 6.2e-4
+                allowed *= INPLACE_HALF
             for name, error in errors.items():
                 if not error <= allowed:
                     problems.append(
