@@ -158,7 +158,8 @@ def test_pairs_that_would_change_the_function_or_the_state_are_refused():
 
 
 class _Untraceable(nn.Module):
-    """Data-dependent control flow: fx cannot trace it, the Sequential inside is still fused."""
+    """Data-dependent control flow: fx cannot trace it, so nothing proves even the Sequential's
+    pair (the forward around it could call its children on their own)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -172,11 +173,12 @@ class _Untraceable(nn.Module):
         return self.act(self.bn(y))
 
 
-def test_an_untraceable_forward_fuses_its_sequentials_and_says_so():
+def test_an_untraceable_forward_fuses_nothing_and_says_why():
     torch.manual_seed(2)
     model = _Untraceable()
     result = surgery.from_torch(model, fuse_activations=True)
-    assert _fused_paths(result.report) == {"block.1"}
+    assert not _fused_paths(result.report)
+    assert "torch.fx cannot trace" in {s.path: s.reason for s in result.report.skipped}["block.1"]
     assert any("torch.fx cannot trace" in n for n in result.report.notes)
     x = torch.randn(2, 3, 5, 5)
     model.eval()
@@ -199,3 +201,53 @@ def test_to_torch_splits_the_pairs_again():
     torch.testing.assert_close(back.model.eval()(x), model(x), rtol=1e-5, atol=1e-6)
     # the fused model itself is left as it was
     assert isinstance(fused[2], FusedActivation) and type(fused[1]) is nl.nn.BatchNormAct2d
+
+
+class _SlicedSequential(nn.Module):
+    """A Sequential whose forward is never run whole: its ReLU is never applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.seq[:2](x)
+
+
+class _ChildCalledAlone(nn.Module):
+    """The Sequential's norm is also called on its own, behind control flow fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+
+    def forward(self, x):
+        if x.sum() > -1e9:
+            return self.seq(x) + self.seq[0](x)
+        return x
+
+
+@pytest.mark.parametrize("make", [_SlicedSequential, _ChildCalledAlone])
+def test_a_sequential_pair_is_fused_only_where_the_traced_forward_proves_it(make):
+    """Adjacency in a Sequential is not a proof: the forward around it decides (both models
+    came out changed — a ReLU applied that never ran, a norm's output activated where it was
+    also read plain — with no skip reported)."""
+    torch.manual_seed(4)
+    model = make().eval()
+    result = surgery.from_torch(model, fuse_activations=True)
+    assert not _fused_paths(result.report)
+    assert {s.path for s in result.report.skipped} == {"seq.1" if make is _SlicedSequential else "seq.0"}
+    x = torch.randn(2, 3, 5, 5)
+    result.model.eval()
+    torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_a_global_module_hook_stops_every_fusion():
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        result = surgery.from_torch(nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()), fuse_activations=True)
+    finally:
+        handle.remove()
+    assert not _fused_paths(result.report)
+    assert "global module hook" in result.report.skipped[0].reason

@@ -8,10 +8,15 @@ A pair is fused only where the fused layer provably computes the same function:
   ELU, SiLU) with no state of its own (PReLU's slopes would move to another state-dict key);
 - each of the two is registered once in the model and carries no hooks (a hook on the norm
   would see the activated output);
-- the activation's only input is the norm's output, and nothing else reads that output:
-  adjacent children of a plain ``nn.Sequential`` (whose forward is torch's, read without
-  tracing), or, in any other forward code, the data flow ``torch.fx`` traces (each module
-  called once, the norm's output feeding only the activation, which takes nothing else).
+- the activation's only input is the norm's output, and nothing else reads that output, in
+  the data flow ``torch.fx`` traces of the whole model's forward (each module called once, the
+  norm's output feeding only the activation, which takes nothing else). Adjacent children of
+  a plain ``nn.Sequential`` are candidates too, but only the traced data flow proves them:
+  the forward around a Sequential may call its children on their own, slice it, or never
+  reach the activation. Where fx cannot trace the model, nothing is fused and every
+  candidate is reported with that reason;
+- no global module hook is registered (``torch.nn.modules.module.register_module_forward_hook``
+  and the like would see the activated output where they saw the norm's).
 
 The norm's place takes the fused layer (the very parameters and buffers, so the state dict is
 unchanged) and the activation's place a :class:`FusedActivation`, an identity that remembers the
@@ -101,6 +106,19 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+def _global_hooks() -> bool:
+    """Whether a hook registered for every module (torch.nn.modules.module's globals) exists."""
+    from torch.nn.modules import module as torch_module
+
+    names = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return any(getattr(torch_module, name, None) for name in names)
+
+
 def _is_activation(module: nn.Module) -> bool:
     """torch.nn's activation modules, fused or not (those the fused layers lack are reported)."""
     return type(module).__module__ == "torch.nn.modules.activation"
@@ -113,26 +131,36 @@ def fuse_norm_activations(model: nn.Module, report: SurgeryReport) -> nn.Module:
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
     candidates = dict(_sequential_pairs(model))  # norm path → activation path
-    flow: dict[str, str] = {}  # norm path → why the data flow does not allow its pair
-    try:
-        search = find_pairs(model, lambda m: type(m) in FUSED_CLASS, _is_activation)
-    except ValueError as error:  # fx cannot trace this forward: only the Sequentials' pairs
-        report.notes.append(
-            "fuse_activations: torch.fx cannot trace the model, so only norm → activation pairs inside "
-            f"nn.Sequential were fused ({str(error).split(';')[0]})"
-        )
+    flow: dict[str, str] = {}  # norm path → why the data flow does not prove its pair
+    if _global_hooks():
+        why = "a global module hook is registered, which would see the activated output where it saw the norm's"
+        flow = dict.fromkeys(candidates, why)
     else:
-        for norm_path, act_path in search.pairs:
-            candidates.setdefault(norm_path, act_path)
-        # an activation a fusable norm feeds, but not it alone (or one of them runs twice)
-        refused = {act: why for act, why in search.skipped.items() if not why.startswith("its input comes from")}
-        for act_path in sorted(set(refused) - set(candidates.values())):
-            report.skip(act_path, f"not fused into the norm before it: {refused[act_path]}")
-        for norm_path, act_path in candidates.items():
-            if act_path in refused:
-                flow[norm_path] = refused[act_path]
-            elif act_path in search.seen and (norm_path, act_path) not in search.pairs:
-                flow[norm_path] = "its input is not only this norm's output"
+        try:
+            search = find_pairs(model, lambda m: type(m) in FUSED_CLASS, _is_activation)
+        except ValueError as error:  # fx cannot trace this forward: nothing proves a pair
+            why = (
+                "torch.fx cannot trace the model's forward, so nothing proves the pair is only called as "
+                f"norm then activation ({str(error).split(';')[0]})"
+            )
+            flow = dict.fromkeys(candidates, why)
+            report.notes.append(f"fuse_activations: nothing fused: {why}")
+        else:
+            for norm_path, act_path in search.pairs:
+                candidates.setdefault(norm_path, act_path)
+            # an activation a fusable norm feeds, but not it alone (or one of them runs twice)
+            refused = {act: why for act, why in search.skipped.items() if not why.startswith("its input comes from")}
+            for act_path in sorted(set(refused) - set(candidates.values())):
+                report.skip(act_path, f"not fused into the norm before it: {refused[act_path]}")
+            for norm_path, act_path in candidates.items():
+                if act_path in refused:
+                    flow[norm_path] = refused[act_path]
+                elif (norm_path, act_path) in search.pairs:
+                    continue
+                elif act_path in search.seen:
+                    flow[norm_path] = "its input is not only this norm's output"
+                else:  # adjacent in a Sequential, but the traced forward never runs them as a pair
+                    flow[norm_path] = "the traced forward does not call the activation on this norm's output"
     for norm_path, act_path in candidates.items():
         norm, act = model.get_submodule(norm_path), model.get_submodule(act_path)
         why = _refusal(norm, act, counts) or flow.get(norm_path, "")
