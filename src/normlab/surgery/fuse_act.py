@@ -53,7 +53,12 @@ class FusedActivation(nn.Identity):
     """Where an activation was before :func:`normlab.surgery.from_torch` fused it into the
     norm before it: the identity (the fused layer applies the activation). It holds the
     original activation module, unregistered (no state, no parameters), for
-    :func:`normlab.surgery.to_torch`, and the fused layer it went into."""
+    :func:`normlab.surgery.to_torch`, and the fused layer it went into.
+
+    Args:
+        activation: the torch.nn activation module that was fused (kept, not registered).
+        fused_into: the fused norm + activation layer that now applies it.
+    """
 
     def __init__(self, activation: nn.Module, fused_into: nn.Module) -> None:
         super().__init__()
