@@ -329,6 +329,18 @@ def redo_kept_channels(small, groups, mean, rstd, y, dy, weight, bias, x_small, 
     return channels, dx, dw, db
 
 
+def write_redone(dx, dgamma, dbeta, redone) -> None:
+    """Write :func:`redo_kept_channels`' ``(channels, dx, dγ, dβ)`` over a kernel's gradients
+    (each in its own dtype; an empty dγ/dβ — a parameter no gradient was asked for — is left).
+    dβ is rewritten too: ELU's dβ read off y + α has lost its digits near −α."""
+    channels, dx_c, dw_c, db_c = redone
+    dx.index_copy_(1, channels, dx_c.to(dx.dtype))
+    if dgamma.numel():
+        dgamma.index_copy_(0, channels, dw_c.to(dgamma.dtype))
+    if db_c is not None and dbeta.numel():
+        dbeta.index_copy_(0, channels, db_c.to(dbeta.dtype))
+
+
 def _exact_dz(dz, dy, xhat, gamma, beta, kept, shape, groups, entry, param):
     """dz = dy·act'(z) with z = γ·x̂ + β from the kept channels' exact x̂ — the derivative read
     off the output (ELU's y + α) has lost its digits where the output nears −α."""

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from ...activation import SECOND_DERIVATIVES, activation_for_code, redo_kept_channels, unrecoverable_channels
+from ...activation import (
+    SECOND_DERIVATIVES,
+    activation_for_code,
+    redo_kept_channels,
+    unrecoverable_channels,
+    write_redone,
+)
 from . import build
 
 __all__ = ["channel_norm_inplace"]
@@ -60,13 +66,10 @@ def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small) -> N
     of their groups, whose dx depends on it — with
     the composed backward on just those channels, given x̂ from the kept input."""
     shift, offset, rstd = ctx.stats
-    channels, dx_c, dw_c, db_c = redo_kept_channels(
+    redone = redo_kept_channels(
         ctx.small, ctx.groups, shift + offset, rstd, y, dy, weight, bias, x_small, ctx.act, ctx.param
     )
-    dx.index_copy_(1, channels, dx_c)
-    dgamma.index_copy_(0, channels, dw_c.double())
-    if db_c is not None:  # ELU's dβ read off y + α has lost its digits near −α
-        dbeta.index_copy_(0, channels, db_c.to(dbeta.dtype))
+    write_redone(dx, dgamma, dbeta, redone)
 
 
 def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):

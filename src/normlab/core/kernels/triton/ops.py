@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from ...activation import GAMMA_GUARD, activation_for_code, apply_activation, redo_kept_channels, small_gamma_channels
+from ...activation import (
+    GAMMA_GUARD,
+    activation_for_code,
+    apply_activation,
+    redo_kept_channels,
+    small_gamma_channels,
+    write_redone,
+)
 from ...masked import masked_reference
 from ...reference import reference_normalize
 from ._runtime import register_op
@@ -408,14 +415,10 @@ def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, stats, x_smal
     """Overwrite dx, dγ and dβ of the channels whose x̂ the output does not hold (|γ| below
     the guard) — for GroupNorm, of every channel of their groups — by the composed backward on
     just those channels, given x̂ from their kept input (as the CPU kernels do)."""
-    channels, dx_c, dw_c, db_c = redo_kept_channels(
+    redone = redo_kept_channels(
         ctx.small, ctx.groups, stats[0] + stats[1], stats[2], y, dy, weight, bias, x_small, ctx.act, ctx.param
     )
-    dx.index_copy_(1, channels, dx_c.to(dx.dtype))
-    if dgamma.numel():
-        dgamma.index_copy_(0, channels, dw_c.float())
-    if db_c is not None and dbeta.numel():  # ELU's dβ read off y + α has lost its digits near −α
-        dbeta.index_copy_(0, channels, db_c.to(dbeta.dtype))
+    write_redone(dx, dgamma, dbeta, redone)
 
 
 assert GAMMA_GUARD == 1e-5, "the kernels' _recover guards |γ| at 1e-5"
