@@ -111,7 +111,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -185,6 +187,18 @@ _logs: list[list] = []
 _gpu_kernels = [None]  # the GPU kernels' adapter: loaded by _gpu_ready, or set by register_gpu_kernels
 _gpu_loaded = [False]  # whether _gpu_ready tried (or register_gpu_kernels set them)
 _gpu_missing = [""]  # why they could not be loaded
+
+
+def _constant_to_compile(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """``torch.compiler.assume_constant_result``, without importing torch._dynamo (it is
+    most of ``import normlab``'s time: about 1 s on top of torch's own 2 s) for a program
+    that never compiles. The decorator only marks the function, and dynamo reads the mark
+    when it traces a call; tests/core compares the mark with what torch's decorator sets."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
 
 _is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 _tracing_state = torch._C._get_tracing_state  # not None inside torch.jit.trace
@@ -271,7 +285,7 @@ def register_gpu_kernels(kernels) -> None:
     _gpu_loaded[0] = kernels is not None
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_compile
 def _gpu_ready() -> bool:
     # A constant to torch.compile: the import (triton, its kernels' definitions) never runs in
     # a trace. Tried once per process, as triton reads TRITON_INTERPRET once.
@@ -353,7 +367,7 @@ def recomputing() -> bool:
     return not _is_dynamo_compiling() and _graph_task_id() != -1
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_compile
 def _kernels_built() -> bool:
     # A constant to torch.compile: the build (file locks, subprocesses) never runs in a trace.
     return _cpu.load() is not None
