@@ -383,3 +383,92 @@ def test_cli_list_run_and_study(tmp_path, capsys):
     assert report["studies"][0]["config"]["seeds"] == [1]
     assert main(["run", "nonsense", "--smoke"]) == 2
     assert "no study named 'nonsense'" in capsys.readouterr().err
+
+
+def _numbers(result):
+    """A result without its timings (at any depth), as JSON has it: what must not depend on
+    how the jobs were scheduled."""
+    if isinstance(result, dict):
+        return {k: _numbers(v) for k, v in result.items() if k not in ("seconds", "job_seconds")}
+    if isinstance(result, (list, tuple)):
+        return [_numbers(v) for v in result]
+    return result
+
+
+def test_a_suite_in_a_pool_measures_side_by_side_and_finds_the_same_numbers(smoke, tmp_path, monkeypatch):
+    from normlab.experiments import suite as suite_module
+
+    names = ["convergence", "depth", "learning-rate"]  # depth maps its jobs twice, one map after the other
+    events: list[tuple[str, str]] = []
+    measure, finish = suite_module.measure_study, suite_module.finish_study
+
+    def measure_logged(name, *args, **kwargs):
+        events.append(("measure", name))
+        return measure(name, *args, **kwargs)
+
+    def finish_logged(measured):
+        events.append(("finish", measured.study.name))
+        return finish(measured)
+
+    monkeypatch.setattr(suite_module, "measure_study", measure_logged)
+    monkeypatch.setattr(suite_module, "finish_study", finish_logged)
+    _, results = suite_module.run_suite("smoke", tmp_path, only=names, jobs=2)
+    assert [r["study"] for r in results] == names and not any(r.get("error") for r in results)
+    # every study was being measured before the first one was summarised
+    assert events.index(("finish", "convergence")) > max(events.index(("measure", n)) for n in names)
+    assert [e for e in events if e[0] == "finish"] == [("finish", n) for n in names]
+    for r in results:
+        assert _numbers(r) == _numbers(smoke[r["study"]][0]), r["study"]
+        assert r["job_seconds"] > 0 and r["seconds"] > 0
+        assert json.loads((tmp_path / r["study"] / "result.json").read_text())["job_seconds"] == r["job_seconds"]
+
+
+def test_a_suite_in_a_pool_reports_a_failed_study_and_an_interruption(tmp_path, monkeypatch):
+    from normlab.experiments import suite as suite_module
+
+    measure = suite_module.measure_study
+
+    def failing(name, *args, **kwargs):
+        if name == "learning-rate":
+            raise ValueError("broken on purpose")
+        return measure(name, *args, **kwargs)
+
+    monkeypatch.setattr(suite_module, "measure_study", failing)
+    _, results = suite_module.run_suite("smoke", tmp_path / "a", only=["learning-rate", "convergence"], jobs=2)
+    assert results[0]["error"] == "ValueError: broken on purpose" and "broken on purpose" in results[0]["traceback"]
+    assert results[1]["study"] == "convergence" and not results[1].get("error")
+
+    def interrupted(name, *args, **kwargs):
+        if name == "convergence":
+            raise KeyboardInterrupt
+        return measure(name, *args, **kwargs)
+
+    monkeypatch.setattr(suite_module, "measure_study", interrupted)
+    out = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        suite_module.run_suite("smoke", out, only=["convergence", "depth"], jobs=2)
+    report = json.loads((out / "report.json").read_text())
+    assert report["state"] == "interrupted" and report["pending"] == ["convergence", "depth"]
+    assert not (out / "depth" / "result.json").exists()  # measured or not, not passed off as finished
+
+
+def test_job_clock_adds_up_the_jobs_of_its_own_thread_only():
+    import threading
+
+    from normlab.experiments.runner import job_clock
+
+    def slow(i):
+        import time
+
+        time.sleep(0.05)
+        return {"i": i}
+
+    with job_clock() as outer:
+        with job_clock() as inner:
+            parallel_map(slow, [{"i": 0}, {"i": 1}])
+        other = []
+        thread = threading.Thread(target=lambda: other.append(parallel_map(slow, [{"i": 2}])))
+        thread.start()
+        thread.join()
+    assert inner.jobs == 2 and outer.jobs == 2 and other == [[{"i": 2}]]
+    assert 0.1 <= inner.seconds <= outer.seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ def _print_result(result: dict[str, Any]) -> None:
     if result.get("error"):
         print(f"\n== {result['study']}: FAILED — {result['error']}", flush=True)
         return
-    print(f"\n== {result['title']} ({result['seconds']:.0f} s)")
+    jobs = f"; its jobs {result['job_seconds']:.0f} s" if result.get("job_seconds") is not None else ""
+    print(f"\n== {result['title']} ({result['seconds']:.0f} s{jobs})")
     for line in result.get("summary", []):
         print(f"  - {line}")
     for c in result.get("comparison", []):
@@ -72,14 +74,15 @@ def run_suite_command(args: argparse.Namespace) -> int:
         raise CommandError(f"unknown studies {unknown}; `normlab list` shows them")
     out = make_output_dir(Path(args.out or f"runs/study-{setting}"))
     print(f"running {len(names)} studies at the {setting} setting into {out} ...", flush=True)
+    start = time.perf_counter()
     try:
         report, results = run_suite(setting, out, only=names, seeds=args.seeds, jobs=args.jobs, on_done=_print_result)
     except BaseException:
         print(f"stopped early: {out / 'index.html'} and report.json are marked interrupted (partial)", file=sys.stderr)
         raise
     failed = [r["study"] for r in results if r.get("error")]
-    total = sum(r.get("seconds") or 0 for r in results)
-    print(f"\nreport: {report} ({total:.0f} s of studies)")
+    jobs = sum(r.get("job_seconds") or 0 for r in results)
+    print(f"\nreport: {report} ({time.perf_counter() - start:.0f} s; the studies' jobs {jobs:.0f} s)")
     if failed:
         print(f"failed: {', '.join(failed)} (tracebacks in {out / 'report.json'})", file=sys.stderr)
         return 1

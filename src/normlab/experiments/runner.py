@@ -4,6 +4,9 @@ Training these models is a long chain of tiny tensor ops, which one thread does 
 than two (thread hand-off costs more than the work), so every job runs single-threaded
 and a machine's cores are used by running jobs side by side in worker processes.
 Workers are spawned, not forked: a fork of a process whose OpenMP pool has run can hang.
+
+Every job's wall time is measured where it runs and added to the :func:`job_clock` of the
+thread that mapped it: what a study cost in worker time, whatever else shared the pool.
 """
 
 from __future__ import annotations
@@ -15,14 +18,16 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 import torch
 
-__all__ = ["default_jobs", "grid", "parallel_map", "progress", "worker_pool"]
+__all__ = ["JobClock", "default_jobs", "grid", "job_clock", "parallel_map", "pool_is_open", "progress", "worker_pool"]
 
 _pool: list[ProcessPoolExecutor | None] = [None]
+_clocks = threading.local()  # the open JobClocks of each thread (a stack)
 
 
 def default_jobs() -> int:
@@ -118,6 +123,13 @@ def worker_pool(jobs: int | None = None) -> Iterator[None]:
     )
     _pool[0] = executor
     try:
+        # Start every worker now, from this thread: they import torch while the caller sets
+        # up, and a worker's death signal is tied to the thread that started it (see
+        # _die_with_parent), which must be this one, not a thread that maps a study's jobs
+        # and ends. ``submit`` starts one more worker per call while none is idle.
+        with _spawning_without_sigint():
+            for _ in range(jobs):
+                executor.submit(_ready)
         yield
     except BaseException:
         _stop_workers(executor)
@@ -128,13 +140,59 @@ def worker_pool(jobs: int | None = None) -> Iterator[None]:
         _pool[0] = previous
 
 
+def pool_is_open() -> bool:
+    """Whether a :func:`worker_pool` of processes is open: ``parallel_map`` may then be
+    called from several threads at once (their jobs share the pool, first come first served)."""
+    return _pool[0] is not None
+
+
+class JobClock:
+    """The wall seconds of the jobs ``parallel_map`` ran for one thread (see :func:`job_clock`)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.jobs = 0
+
+
+@contextlib.contextmanager
+def job_clock() -> Iterator[JobClock]:
+    """Add up the wall time of every job this thread maps inside the block, each measured
+    where it ran (in a worker, or here with ``jobs=1``): a study's cost in worker time,
+    not counting the time its jobs waited for a free worker."""
+    clock = JobClock()
+    stack = _clocks.__dict__.setdefault("stack", [])
+    stack.append(clock)
+    try:
+        yield clock
+    finally:
+        stack.remove(clock)
+
+
+def _count(seconds: float) -> None:
+    for clock in getattr(_clocks, "stack", ()):
+        clock.seconds += seconds
+        clock.jobs += 1
+
+
+def _ready() -> None:
+    """The job that starts a worker (see worker_pool)."""
+
+
+def _timed(fn: Callable[..., dict], task: dict) -> tuple[dict, float]:
+    start = time.perf_counter()
+    result = fn(**task)
+    return result, time.perf_counter() - start
+
+
 def progress(total: int, desc: str):
-    """A progress bar on stderr (quiet when stderr is not a terminal, or without tqdm)."""
+    """A progress bar on stderr (quiet when stderr is not a terminal, without tqdm, or off
+    the main thread: studies measured side by side would draw over each other's bars)."""
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is in the experiments extra
         return contextlib.nullcontext(_NoBar())
-    return tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty(), file=sys.stderr)
+    quiet = not sys.stderr.isatty() or threading.current_thread() is not threading.main_thread()
+    return tqdm(total=total, desc=desc, leave=False, disable=quiet, file=sys.stderr)
 
 
 class _NoBar:
@@ -164,18 +222,25 @@ def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "ru
             torch.set_num_threads(1)
             try:
                 for i, task in enumerate(tasks):
-                    results[i] = fn(**task)
+                    results[i], seconds = _timed(fn, task)
+                    _count(seconds)
                     bar.update(1)
             finally:
                 torch.set_num_threads(threads)
         else:
             with _spawning_without_sigint():
-                futures: dict[Future, int] = {executor.submit(fn, **task): i for i, task in enumerate(tasks)}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except Exception as err:
-                    raise RuntimeError(f"{desc}: job {tasks[i]} failed: {err}") from err
-                bar.update(1)
+                futures: dict[Future, int] = {executor.submit(_timed, fn, task): i for i, task in enumerate(tasks)}
+            remaining = dict(futures)
+            while remaining:
+                # Not as_completed: a job the pool's shutdown cancels (an interrupted run) never
+                # wakes it, and a study measured in a thread of its own would wait forever.
+                wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in [f for f in remaining if f.done()]:
+                    i = remaining.pop(future)
+                    try:
+                        results[i], seconds = future.result()
+                    except Exception as err:
+                        raise RuntimeError(f"{desc}: job {tasks[i]} failed: {err}") from err
+                    _count(seconds)
+                    bar.update(1)
     return results  # type: ignore[return-value]

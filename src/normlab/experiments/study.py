@@ -71,7 +71,8 @@ class StudyResult:
     figures: list[dict] = field(default_factory=list)
     comparison: list[dict] = field(default_factory=list)
     data: dict = field(default_factory=dict)  # every number behind the tables and figures
-    seconds: float | None = None
+    seconds: float | None = None  # wall time, measuring to drawing (in a suite, shared with other studies)
+    job_seconds: float | None = None  # its jobs' wall time in the workers: what the study costs
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence], note: str = "") -> None:
         self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows], "note": note})
