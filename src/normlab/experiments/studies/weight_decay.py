@@ -89,6 +89,7 @@ def one_run(config: Config, norm: str, lr: float, weight_decay: float, seed: int
         [{"params": conv_weights, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}],
         lr=lr,
         momentum=config.momentum,
+        foreach=True,
     )
     probe = Probe(model, layers=convs, every=config.record_every, optimizer=optimizer, gradients=False, sample_size=256)
     outcome = _train(model, data, optimizer, config.steps, config.batch_size, seed, probe)
@@ -114,7 +115,7 @@ def deep_run(config: Config, weight_decay: float, seed: int) -> dict:
     torch.manual_seed(seed)
     model = MLP(40, [config.deep_width] * config.deep_depth, 10, activation="relu", norm="none", init="he", seed=seed)
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.deep_lr, momentum=config.momentum, weight_decay=weight_decay
+        model.parameters(), lr=config.deep_lr, momentum=config.momentum, weight_decay=weight_decay, foreach=True
     )
     every = max(1, config.deep_steps // 40)
     probe = Probe(model, layers=nn.Linear, every=every, gradients=False, sample_size=256)
