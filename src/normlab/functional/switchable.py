@@ -6,11 +6,10 @@ statistics of the same input — three groupings of the axes of one computation:
     μ  = Σ_k softmax(λ_μ)_k · μ_k,     σ² = Σ_k softmax(λ_σ)_k · σ²_k,     k ∈ {IN, LN, BN}
     y  = γ · (x − μ) / √(σ² + ε) + β
 
-μ_IN, σ²_IN are the moments of each (sample, channel) over the spatial dims
-(:func:`normlab.core.centered_moments`); LN's (per sample) and BN's (per channel) are those
-same moments merged over the channels or over the batch with Chan's formula
-(:func:`normlab.core.merge_moments`) — never E[x²] − E[x]², which the authors' code uses and
-which cancels on large-mean data. All three variances are biased. In eval (or when frozen)
+μ_IN, σ²_IN are the moments of each (sample, channel) over the spatial dims, LN's those of
+each sample, BN's those of each channel: each one reduction (``torch.var_mean``, Welford's
+algorithm) of the input less a per-channel shift — never E[x²] − E[x]², which the authors'
+code uses and which cancels on large-mean data. All three variances are biased. In eval (or when frozen)
 the BN statistics are the running estimates, kept as torch.nn's BatchNorm keeps them
 (momentum, unbiased running variance, a non-finite batch skipped). Gradients flow through all
 three sets of statistics and the two softmaxes by autograd.
@@ -22,7 +21,7 @@ from typing import cast
 
 import torch
 
-from ..core import Moments, centered_moments, compute_dtype, merge_moments, reduced_count, update_running_stats
+from ..core import compute_dtype, reduced_count, update_running_stats
 from ..core.call_checks import check_channel_call, check_update_args, too_few_values
 from ..core.checks import InputError
 from ..core.paths import recomputing
