@@ -30,6 +30,8 @@ def documented_uses(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
         model(x).sum().backward()
     assert_type(probe.attach(), nd.Probe)
     assert_type(probe.findings(dead_threshold=0.3, window=3), list[nd.Finding])
+    thresholds: nd.Thresholds = {"dead_threshold": 0.3, "window": 3}
+    assert_type(probe.findings(**thresholds), list[nd.Finding])
     assert_type(probe.findings()[0].numbers, dict[str, float | dict[str, float]])
     assert_type(probe.report("r.html", "title", vanishing_ratio=1e4), Path | None)
     assert_type(probe.to_dict(), dict[str, Any])
@@ -47,4 +49,5 @@ def rejected_uses(probe: nd.Probe) -> None:
     probe.findings(dead_treshold=0.3)  # type: ignore[call-arg]  # a misspelt threshold
     probe.findings(window=2.5)  # type: ignore[arg-type]  # a window is a count of records
     probe.report("r.html", bins=3)  # type: ignore[call-arg]  # not a threshold
+    probe.findings(**nd.Thresholds(window=2.5))  # type: ignore[typeddict-item]  # a count, as above
     probe.to_tensorboard(writer=object())  # type: ignore[arg-type]  # no add_scalar/add_histogram_raw
