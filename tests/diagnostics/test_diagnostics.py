@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import inspect
 import json
 import math
+import typing
 from html.parser import HTMLParser
 
 import pytest
@@ -277,6 +279,16 @@ def test_nonfinite_and_drift_findings():
     kinds = {f.kind for f in probe.findings()}
     assert "nonfinite" in kinds and "stat_drift" in kinds
     assert str(probe.findings()[0]).startswith("[")
+
+
+def test_the_thresholds_type_is_what_diagnose_takes():
+    """Probe.findings and Probe.report type their ``**thresholds`` by Thresholds: its keys are
+    diagnose's keyword arguments, each optional, typed as its default is."""
+    from normlab.diagnostics.findings import Thresholds, diagnose
+
+    keywords = [p for p in inspect.signature(diagnose).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert typing.get_type_hints(Thresholds) == {p.name: type(p.default) for p in keywords}
+    assert Thresholds.__required_keys__ == frozenset()
 
 
 # --- report and plots ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ collapse, saturation, dead units, batch-vs-running drift) with suggestions;
 ``probe.report(path)`` writes a self-contained HTML report.
 """
 
-from .findings import Finding, diagnose
+from .findings import Finding, Thresholds, diagnose
 from .layers import DEFAULT_LAYER_TYPES, select_layers, unit_dims
 from .plots import gradient_norms, histogram_grid, percentile_bands, save_figure
 from .probe import Probe
@@ -23,6 +23,7 @@ __all__ = [
     "gradient_norms",
     "SampleIndex",
     "summarize",
+    "Thresholds",
     "histogram_grid",
     "percentile_bands",
     "save_figure",

@@ -6,10 +6,15 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+if TYPE_CHECKING:
+    from .probe import Probe
+
 __all__ = [
+    "TensorBoardWriter",
     "csv_text",
     "json_safe",
     "output_path",
@@ -22,7 +27,30 @@ __all__ = [
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def csv_text(value):
+class TensorBoardWriter(Protocol):
+    """What :meth:`Probe.to_tensorboard <normlab.diagnostics.Probe.to_tensorboard>` calls on
+    its writer: ``torch.utils.tensorboard.SummaryWriter``'s ``add_scalar`` and
+    ``add_histogram_raw`` (``flush`` too, where the writer has one)."""
+
+    def add_scalar(self, tag: str, scalar_value: float, global_step: int, /) -> object: ...
+
+    def add_histogram_raw(
+        self,
+        tag: str,
+        /,
+        *,
+        min: float,
+        max: float,
+        num: float,
+        sum: float,
+        sum_squares: float,
+        bucket_limits: list[float],
+        bucket_counts: list[float],
+        global_step: int,
+    ) -> object: ...
+
+
+def csv_text(value: object) -> object:
     """A text cell a spreadsheet would run as a formula (a layer named ``=cmd|...``) is
     prefixed with ``'`` so it is shown as text (OWASP's advice on CSV injection); numbers
     are written as they are."""
@@ -31,7 +59,7 @@ def csv_text(value):
     return value
 
 
-def json_safe(value):
+def json_safe(value: object) -> object:
     """NaN and ±inf have no JSON spelling: they become null (each record's
     ``*nonfinite`` fields say which quantity was not finite)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -64,7 +92,7 @@ def output_path(path: str | Path, rank_files: bool) -> Path | None:
     return path if rank == 0 else None
 
 
-def write_csv(probe, path: Path) -> Path:
+def write_csv(probe: Probe, path: Path) -> Path:
     """``probe``'s records as one CSV row per (layer, recorded step), scalars only."""
     rows = [
         {
@@ -83,7 +111,7 @@ def write_csv(probe, path: Path) -> Path:
     return path
 
 
-def tensorboard_writer(log_dir: str | Path | None, rank_files: bool):
+def tensorboard_writer(log_dir: str | Path | None, rank_files: bool) -> TensorBoardWriter | None:
     """A SummaryWriter for this process: on rank 0 only (None elsewhere) or, with
     ``rank_files``, per rank in ``log_dir/rank<r>``."""
     rank, world = rank_and_world()
@@ -99,7 +127,7 @@ def tensorboard_writer(log_dir: str | Path | None, rank_files: bool):
     return SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
 
 
-def write_tensorboard(probe, writer) -> None:
+def write_tensorboard(probe: Probe, writer: TensorBoardWriter) -> None:
     """``probe``'s scalars and histograms to ``writer`` (``add_scalar``/``add_histogram_raw``)."""
     for name in probe.order:
         lo, hi = probe._range(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from .. import nn as nln
 from .layers import WEIGHT_LAYERS
@@ -13,7 +13,7 @@ from .summaries import ACTIVATIONS
 if TYPE_CHECKING:
     from .probe import Probe
 
-__all__ = ["Finding", "diagnose"]
+__all__ = ["Finding", "Thresholds", "diagnose"]
 
 
 @dataclass
@@ -33,10 +33,23 @@ class Finding:
     layers: list[str]
     message: str
     suggestion: str
-    numbers: dict = field(default_factory=dict)
+    numbers: dict[str, float | dict[str, float]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"[{self.kind}] {self.message} Suggestion: {self.suggestion}"
+
+
+class Thresholds(TypedDict, total=False):
+    """The keyword arguments of :func:`diagnose` after ``probe``, each optional: what
+    :meth:`Probe.findings <normlab.diagnostics.Probe.findings>` and ``Probe.report`` pass on."""
+
+    vanishing_ratio: float
+    exploding_ratio: float
+    collapse_ratio: float
+    saturation_threshold: float
+    dead_threshold: float
+    drift_threshold: float
+    window: int
 
 
 def _fmt(values: dict[str, float], digits: int = 3) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -28,7 +29,9 @@ WEIGHT_LAYERS: tuple[type, ...] = (
 #: What a Probe watches when not told otherwise: layers that transform activations.
 DEFAULT_LAYER_TYPES: tuple[type, ...] = (*WEIGHT_LAYERS, *ACTIVATIONS)
 
-LayerSpec = Iterable[type] | Iterable[str] | Callable[[str, nn.Module], bool] | None
+#: What :func:`select_layers` (and a Probe's ``layers``) takes: a class or classes, a name,
+#: names or fnmatch patterns, a predicate ``f(name, module)``, or None for the default.
+LayerSpec = type | Iterable[type] | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 #: Layers whose output is act(norm(x)), with the activation a child module ``act``.
 FUSED_NORM_ACT: tuple[type, ...] = (
@@ -97,9 +100,11 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> dict[str, nn.Mo
     else:
         items = (layers,) if isinstance(layers, (type, str)) else tuple(layers)
         if items and all(isinstance(i, type) for i in items):
-            chosen = [(n, m) for n, m in named if isinstance(m, items)]
+            classes = cast("tuple[type, ...]", items)  # each checked just above
+            chosen = [(n, m) for n, m in named if isinstance(m, classes)]
         elif items and all(isinstance(i, str) for i in items):
-            chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in items)]
+            patterns = cast("tuple[str, ...]", items)  # each checked just above
+            chosen = [(n, m) for n, m in named if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
         else:
             raise TypeError("layers must be types, names/patterns, or a predicate f(name, module)")
     if not chosen:
@@ -166,12 +171,14 @@ def dead_rule_of(module: nn.Module) -> DeadRule | None:
     if isinstance(module, FUSED_NORM_ACT):
         # Its output is act(norm(x)), but its input is not the activation's: only a rule
         # that reads the output applies.
-        rule = dead_unit_rule(module.act)
+        # the fused layers hold their activation as the child ``act``; nn.Module's
+        # __getattr__ types a child as Tensor | Module
+        rule = dead_unit_rule(cast(nn.Module, module.act))
         return rule if rule is not None and rule.source == "output" else None
     return dead_unit_rule(module)
 
 
-def first_tensor(out):
+def first_tensor(out: object) -> torch.Tensor | None:
     """The tensor a layer's output is recorded by: itself, or the first tensor of a tuple
     or list (``AddRMSNorm`` returns ``(normalized, sum)``)."""
     if isinstance(out, torch.Tensor):

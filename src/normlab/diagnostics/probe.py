@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from .export import json_safe, output_path, tensorboard_writer, write_csv, write_tensorboard
+from .export import TensorBoardWriter, json_safe, output_path, tensorboard_writer, write_csv, write_tensorboard
 from .layers import LayerSpec, contains_compiled, dead_rule_of, select_layers, unit_dims
 from .reading import Reader
 from .recorder import Recorder, Series
-from .summaries import SampleIndex
+from .summaries import Record, SampleIndex
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .findings import Finding, Thresholds
 
 __all__ = ["Probe"]
 
@@ -136,13 +143,13 @@ class Probe(Recorder, Reader):
         # functions every time it looks.
         self._permanent = contains_compiled(model)
         self._hook_fns = {name: self._make_hooks(name, module) for name, module in self.layers.items()}
-        self._handles: list = []  # per-layer hooks, while registered
-        self._root_handles: list = []
+        self._handles: list[RemovableHandle] = []  # per-layer hooks, while registered
+        self._root_handles: list[RemovableHandle] = []
         self._label = 0  # the number of the step in progress
         self._sampling = False  # the step in progress is recorded
         self._recording = False  # the forward in progress is recorded
-        self._current: dict[str, dict] = {}
-        self._moments: dict[str, dict] = {}
+        self._current: dict[str, Record] = {}
+        self._moments: dict[str, Record] = {}
         self._snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._decay: dict[str, tuple[float, bool]] = {}  # layer → (lr·weight decay to undo, splittable)
         self._recorded_steps = 0
@@ -155,7 +162,7 @@ class Probe(Recorder, Reader):
     def _output_path(self, path: str | Path) -> Path | None:
         return output_path(path, self.rank_files)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Everything recorded, as plain numbers; a quantity that is not finite is NaN
         here and null in :meth:`to_json`."""
         self._check_coverage()
@@ -178,23 +185,23 @@ class Probe(Recorder, Reader):
 
     def to_json(self, path: str | Path) -> Path | None:
         """Write :meth:`to_dict` as strict JSON (NaN/inf as null)."""
-        path = self._output_path(path)
-        if path is None:
+        target = self._output_path(path)
+        if target is None:
             return None
-        path.write_text(json.dumps(json_safe(self.to_dict()), allow_nan=False))
-        return path
+        target.write_text(json.dumps(json_safe(self.to_dict()), allow_nan=False))
+        return target
 
     def to_csv(self, path: str | Path) -> Path | None:
         """One row per (layer, recorded step), scalar quantities only (histograms: JSON).
         Text cells that start like a spreadsheet formula (``= + - @``, tab, CR) get a
         leading ``'``."""
-        path = self._output_path(path)
-        if path is None:
+        target = self._output_path(path)
+        if target is None:
             return None
         self._check_coverage()
-        return write_csv(self, path)
+        return write_csv(self, target)
 
-    def to_tensorboard(self, log_dir: str | Path | None = None, *, writer=None) -> None:
+    def to_tensorboard(self, log_dir: str | Path | None = None, *, writer: TensorBoardWriter | None = None) -> None:
         """Write every scalar and histogram to TensorBoard (needs the tensorboard package,
         or any ``writer`` with ``add_scalar``/``add_histogram_raw``). Under
         torch.distributed a default writer is made on rank 0 only, or per rank in
@@ -208,7 +215,7 @@ class Probe(Recorder, Reader):
 
     # --- interpretation --------------------------------------------------------------------
 
-    def findings(self, **thresholds):
+    def findings(self, **thresholds: Unpack[Thresholds]) -> list[Finding]:
         """Plain diagnoses with layer names, numbers and a suggestion each; see
         :func:`normlab.diagnostics.findings.diagnose` for the thresholds."""
         from .findings import diagnose
@@ -216,11 +223,13 @@ class Probe(Recorder, Reader):
         self._check_coverage()
         return diagnose(self, **thresholds)
 
-    def report(self, path: str | Path, title: str = "normlab probe report", **thresholds) -> Path | None:
+    def report(
+        self, path: str | Path, title: str = "normlab probe report", **thresholds: Unpack[Thresholds]
+    ) -> Path | None:
         """A self-contained HTML report: figures embedded, findings listed."""
         from .report import write_report
 
-        path = self._output_path(path)
-        if path is None:
+        target = self._output_path(path)
+        if target is None:
             return None
-        return write_report(self, path, title=title, **thresholds)
+        return write_report(self, target, title=title, **thresholds)

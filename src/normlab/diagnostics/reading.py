@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from .summaries import saturation_band, summarize_records
+from .summaries import Record, saturation_band, summarize_records
+
+if TYPE_CHECKING:
+    from .recorder import Series
 
 __all__ = ["Reader"]
 
@@ -20,14 +25,30 @@ def _nice_bound(value: float) -> float:
         return 1.0
     exponent = math.floor(math.log10(value))
     for step in (1.0, 2.0, 5.0, 10.0):
-        if step * 10**exponent >= value:
-            return step * 10**exponent
+        # int ** int is typed Any (a negative power is a float): the product is a float
+        bound: float = step * 10**exponent
+        if bound >= value:
+            return bound
     return 10.0 ** (exponent + 1)
 
 
 class Reader:
     """Reading a :class:`~normlab.diagnostics.Probe`'s records; nothing here touches the
     model."""
+
+    # The state this half reads (set by Probe.__init__ and the recording half).
+    layers: dict[str, nn.Module]
+    order: list[str]
+    bins: int
+    hist_range: tuple[float, float] | None
+    _recorded_steps: int
+    _seen: set[str]
+    _unrecordable: dict[str, str]
+    _warned: set[str]
+    _compiled_inside: bool
+    _permanent: bool
+    _ranges: dict[str, tuple[float, float]]
+    _series: dict[str, Series]
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -41,7 +62,7 @@ class Reader:
         """Selected layers with no record although recorded steps ran, and why."""
         if not self._recorded_steps:
             return {}
-        out = {}
+        out: dict[str, str] = {}
         for name in self.layers:
             if name in self._seen:
                 continue
@@ -102,13 +123,13 @@ class Reader:
                 self._ranges[layer] = (-_nice_bound(bound), _nice_bound(bound))
         return self._ranges[layer]
 
-    def _summarized(self, layer: str) -> list[dict]:
+    def _summarized(self, layer: str) -> list[Record]:
         records = self._series[layer].records
         band = saturation_band(self.layers[layer])
         summarize_records(records, bins=self.bins, hist_range=self._range(layer), band=band)
         return records
 
-    def records(self, layer: str) -> list[dict]:
+    def records(self, layer: str) -> list[dict[str, Any]]:
         """The layer's records, oldest first, as dicts of numbers."""
         if layer not in self._series:
             raise KeyError(f"{layer!r} is not a watched layer; watched: {list(self.layers)}")
@@ -125,7 +146,7 @@ class Reader:
         (a quantity that could not be computed that step, e.g. a drift when the batch was
         NaN; non-finite steps are reported as such by ``findings``); without, a NaN among
         them makes the value NaN."""
-        out = {}
+        out: dict[str, float] = {}
         for name in self.order:
             values = [r[key] for r in self._summarized(name) if key in r][-window:]
             if not values:
@@ -147,9 +168,10 @@ class Reader:
     def histogram_step(self, layer: str, step: int | None = None) -> int:
         """The step whose histogram :meth:`histogram` returns (the nearest recorded one
         that has finite values)."""
-        return self._histogram_record(layer, step)["step"]
+        found: int = self._histogram_record(layer, step)["step"]
+        return found
 
-    def _histogram_record(self, layer: str, step: int | None) -> dict:
+    def _histogram_record(self, layer: str, step: int | None) -> Record:
         records = [r for r in self._summarized(layer) if "hist" in r]
         if not records:
             raise ValueError(f"no histogram recorded for layer {layer!r}")

@@ -3,13 +3,19 @@ as a step, and the records each hook captures (kept under a budget per layer).""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.hooks import RemovableHandle
 
 from .layers import first_tensor
 from .summaries import (
+    DeadRule,
+    Record,
+    SampleIndex,
     accumulation_dtype,
     capture_activation,
     capture_batch_moments,
@@ -18,12 +24,28 @@ from .summaries import (
 )
 
 if TYPE_CHECKING:
-    from .probe import Probe
+    from typing_extensions import Self
 
-__all__ = ["Recorder", "Series"]
+__all__ = ["LayerHooks", "Recorder", "Series"]
 
 
-def _weight_decay(optimizer: torch.optim.Optimizer, group: dict) -> tuple[float, bool]:
+class LayerHooks(TypedDict, total=False):
+    """A watched layer's hooks, made once for the Probe's life: ``forward`` always,
+    ``moments`` for a BatchNorm, ``weight`` (the weight and its post-accumulate hook) where
+    the weight's gradient is recorded without an optimizer."""
+
+    forward: Callable[[nn.Module, tuple[Any, ...], object], None]
+    moments: Callable[[_BatchNorm, tuple[Any, ...], dict[str, Any]], None]
+    weight: tuple[nn.Parameter, Callable[[torch.Tensor], None]]
+
+
+def _weight(layer: nn.Module) -> nn.Parameter:
+    """The weight of a layer already found to hold one as a Parameter (nn.Module's
+    ``__getattr__`` types any attribute as Tensor | Module)."""
+    return cast(nn.Parameter, layer.weight)
+
+
+def _weight_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[float, bool]:
     """(the shrink lr · weight decay, whether the step's learning part can be split off) of
     a parameter group. Decoupled decay (AdamW, or ``decoupled_weight_decay=True``)
     multiplies the weight by 1 − lr·wd apart from the step: it can. Coupled decay (SGD,
@@ -55,13 +77,13 @@ class Series:
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self.kept: list[dict] = []
-        self.latest: dict | None = None
+        self.kept: list[Record] = []
+        self.latest: Record | None = None
         self.stride = 1
         self.count = 0
         self.decimations = 0
 
-    def add(self, record: dict) -> None:
+    def add(self, record: Record) -> None:
         index, self.count = self.count, self.count + 1
         if index % self.stride:
             self.latest = record
@@ -76,7 +98,7 @@ class Series:
                 self.latest = record
 
     @property
-    def records(self) -> list[dict]:
+    def records(self) -> list[Record]:
         return self.kept if self.latest is None else [*self.kept, self.latest]
 
 
@@ -84,9 +106,39 @@ class Recorder:
     """Attaching, steps and the hooks' captures; the state they share is set up by
     :class:`~normlab.diagnostics.Probe`'s constructor."""
 
+    # The state this half reads and writes (set by Probe.__init__; what each is, is said there).
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer | None
+    every: int
+    gradients: bool
+    weights: bool
+    record_eval: bool
+    step: int
+    order: list[str]
+    _seen: set[str]
+    _series: dict[str, Series]
+    _sampler: SampleIndex
+    _dead_rules: dict[str, DeadRule | None]
+    _unit_dims: dict[str, int]
+    _permanent: bool
+    _hook_fns: dict[str, LayerHooks]
+    _handles: list[RemovableHandle]
+    _root_handles: list[RemovableHandle]
+    _label: int
+    _sampling: bool
+    _recording: bool
+    _current: dict[str, Record]
+    _moments: dict[str, Record]
+    _snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    _decay: dict[str, tuple[float, bool]]
+    _recorded_steps: int
+    _unrecordable: dict[str, str]
+    _compiled_inside: bool
+
     # --- attaching -------------------------------------------------------------------------
 
-    def attach(self) -> Probe:
+    def attach(self) -> Self:
         """Start recording: a forward pre-hook on ``model`` (and pre/post-step hooks on
         the optimizer) stay registered; the per-layer hooks are registered for recorded
         steps only (for the Probe's whole life on a compiled model)."""
@@ -102,7 +154,7 @@ class Recorder:
             self._begin_step(self.step + 1)
         return self
 
-    def detach(self) -> Probe:
+    def detach(self) -> Self:
         """Stop recording and remove every hook."""
         self._remove_layer_hooks()
         for handle in self._root_handles:
@@ -111,33 +163,34 @@ class Recorder:
         self._sampling = self._recording = False
         return self
 
-    def __enter__(self) -> Probe:
+    def __enter__(self) -> Self:
         return self.attach()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     @property
     def attached(self) -> bool:
         return bool(self._root_handles)
 
-    def _make_hooks(self, name: str, module: nn.Module) -> dict:
+    def _make_hooks(self, name: str, module: nn.Module) -> LayerHooks:
         record_output, record_moments = self._record_output, self._record_moments
         if self._permanent:
             # Run eagerly, as a graph break, only on recorded forwards: the hook itself is
             # traced and guards on one flag, so a compiled model has two variants, not one
             # per step.
-            record_output = torch.compiler.disable(record_output)
-            record_moments = torch.compiler.disable(record_moments)
+            # (torch.compiler.disable is untyped in torch's stubs; it returns what it wraps)
+            record_output = torch.compiler.disable(record_output)  # type: ignore[no-untyped-call]
+            record_moments = torch.compiler.disable(record_moments)  # type: ignore[no-untyped-call]
 
-        def forward_hook(module, args, out):
+        def forward_hook(module: nn.Module, args: tuple[Any, ...], out: object) -> None:
             if self._recording:
                 record_output(name, module, args, out)
 
-        hooks = {"forward": forward_hook}
+        hooks: LayerHooks = {"forward": forward_hook}
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-
-            def moments_hook(module, args, kwargs):
+            # registered on this BatchNorm only, so the module it is called with is one
+            def moments_hook(module: _BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 if self._recording:
                     record_moments(name, module, args, kwargs)
 
@@ -157,7 +210,8 @@ class Recorder:
                 self._handles.append(module.register_forward_pre_hook(hooks["moments"], with_kwargs=True))
             if "weight" in hooks:
                 weight, hook = hooks["weight"]
-                self._handles.append(weight.register_post_accumulate_grad_hook(hook))
+                # Tensor.register_post_accumulate_grad_hook is untyped in torch's stubs
+                self._handles.append(weight.register_post_accumulate_grad_hook(hook))  # type: ignore[no-untyped-call]
 
     def _remove_layer_hooks(self) -> None:
         for handle in self._handles:
@@ -179,7 +233,7 @@ class Recorder:
             else:
                 self._remove_layer_hooks()
 
-    def _on_forward(self, module, args) -> None:
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.compiler.is_compiling():
             # The model was compiled after the Probe was attached: this hook is traced,
             # and the graph keeps whatever per-layer hooks it saw first. Noted (this
@@ -194,7 +248,7 @@ class Recorder:
 
     # --- hooks -----------------------------------------------------------------------------
 
-    def _record_output(self, name: str, module: nn.Module, args, out) -> None:
+    def _record_output(self, name: str, module: nn.Module, args: tuple[Any, ...], out: object) -> None:
         if name in self._current:
             return  # a second call of the layer in this step
         tensor = first_tensor(out)
@@ -219,9 +273,10 @@ class Recorder:
             self._seen.add(name)
             self.order.append(name)
         if self.gradients and tensor.requires_grad:
-            tensor.register_hook(lambda g: record.update(capture_gradient(g, "grad")))
+            # Tensor.register_hook is untyped in torch's stubs
+            tensor.register_hook(lambda g: record.update(capture_gradient(g, "grad")))  # type: ignore[no-untyped-call]
 
-    def _record_moments(self, name: str, module: nn.Module, args, kwargs) -> None:
+    def _record_moments(self, name: str, module: _BatchNorm, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not module.training or module.running_mean is None or module.running_var is None:
             return
         x = args[0] if args else kwargs.get("input")
@@ -239,7 +294,7 @@ class Recorder:
         record.update(capture_gradient(param.grad, "weight_grad"))
         record["weight_norm"] = norms([param.detach()])[0]
 
-    def _before_update(self, optimizer, args, kwargs) -> None:
+    def _before_update(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._snapshot = {}
         if not self._sampling or not self._current:
             return
@@ -248,15 +303,15 @@ class Recorder:
             n
             for n in self._current
             if isinstance(getattr(self.layers[n], "weight", None), nn.Parameter)
-            and id(self.layers[n].weight) in group_of
+            and id(_weight(self.layers[n])) in group_of
         ]
         if not names:
             return
         with torch.no_grad():
-            weights = [self.layers[n].weight.detach() for n in names]
+            weights = [_weight(self.layers[n]).detach() for n in names]
             weight_norms = norms(weights)
             if self.weights:
-                with_grad = [(n, self.layers[n].weight.grad) for n in names if self.layers[n].weight.grad is not None]
+                with_grad = [(n, g) for n in names if (g := _weight(self.layers[n]).grad) is not None]
                 grad_norms = norms([g for _, g in with_grad]) if with_grad else []
                 for name, norm in zip(names, weight_norms):
                     self._current[name]["weight_norm"] = norm
@@ -266,14 +321,14 @@ class Recorder:
                     record["_weight_grad_sum"] = grad.sum(dtype=accumulation_dtype(grad))
             copies = torch._foreach_mul(weights, 1.0)
             self._snapshot = {n: (copy, norm) for n, copy, norm in zip(names, copies, weight_norms)}
-        self._decay = {n: _weight_decay(optimizer, group_of[id(self.layers[n].weight)]) for n in names}
+        self._decay = {n: _weight_decay(optimizer, group_of[id(_weight(self.layers[n]))]) for n in names}
 
-    def _after_update(self, optimizer, args, kwargs) -> None:
+    def _after_update(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._snapshot:
             names = list(self._snapshot)
             with torch.no_grad():
                 before = [self._snapshot[n][0] for n in names]
-                after = [self.layers[n].weight.detach() for n in names]
+                after = [_weight(self.layers[n]).detach() for n in names]
                 changes = norms(torch._foreach_sub(after, before))
                 # Decoupled decay first shrinks w by lr·wd, then the step proper moves it:
                 # the learning part is what is left after that shrink.

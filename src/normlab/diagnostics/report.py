@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .plots import figure_to_data_uri, gradient_norms, histogram_grid, percentile_bands
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from typing_extensions import Unpack
+
+    from .findings import Thresholds
+    from .probe import Probe
 
 __all__ = ["write_report"]
 
@@ -36,7 +45,7 @@ _COLUMNS = [
 ]
 
 
-def _cell(value) -> str:
+def _cell(value: float | None) -> str:
     if value is None:
         return "<td></td>"
     if isinstance(value, float) and not math.isfinite(value):
@@ -44,7 +53,7 @@ def _cell(value) -> str:
     return f"<td class=num>{value:.3g}</td>"
 
 
-def _figure_html(make, caption: str) -> str:
+def _figure_html(make: Callable[[], Figure], caption: str) -> str:
     try:
         fig = make()
     except ValueError as err:  # nothing of that kind was recorded
@@ -52,7 +61,9 @@ def _figure_html(make, caption: str) -> str:
     return f'<figure><img alt="{html.escape(caption)}" src="{figure_to_data_uri(fig)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
-def write_report(probe, path, *, title: str = "normlab probe report", **thresholds) -> Path:
+def write_report(
+    probe: Probe, path: str | Path, *, title: str = "normlab probe report", **thresholds: Unpack[Thresholds]
+) -> Path:
     path = Path(path)
     findings = probe.findings(**thresholds)
     # The last record's value as it is: a NaN shows as nan, not as an empty cell.

@@ -13,7 +13,8 @@ of a (records × sample) matrix, one transfer to the host per quantity.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 __all__ = [
     "ACTIVATIONS",
     "DEAD_SLOPE",
+    "Record",
+    "SaturationBand",
     "SATURATING",
     "DeadRule",
     "SampleIndex",
@@ -61,21 +64,31 @@ ACTIVATIONS: tuple[type, ...] = (
 #: Activations that saturate.
 SATURATING: tuple[type, ...] = (nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid)
 
+#: One layer's record of one step, quantity name → value: tensors as captured (names with a
+#: leading ``_`` are pending), plain numbers (a histogram: a list of them) once summarized.
+#: The values differ by key, so they are ``Any``.
+Record = dict[str, Any]
 
-def saturation_band(module: nn.Module | None) -> tuple[tuple[float, float], float, float] | None:
+#: An activation's (output range, lo, hi): an output ≤ lo or ≥ hi is saturated.
+SaturationBand = tuple[tuple[float, float], float, float]
+
+_T = TypeVar("_T")
+
+
+def saturation_band(module: nn.Module | None) -> SaturationBand | None:
     """(the activation's output range, lo, hi): an output ≤ lo or ≥ hi is saturated, where
     the slope is (almost) 0 — tanh |a| ≥ 0.99 (slope ≤ 0.02), sigmoid outside
     [0.01, 0.99], Hardtanh and Hardsigmoid at their bounds (their flat parts; inside them
     the slope is the full 1 or 1/6). None for other layers. Exact types only (ReLU6 is a
     Hardtanh subclass that does not saturate in this sense)."""
-    kind = type(module)
-    if kind is nn.Tanh:
+    # type(module) at each test rather than once: a type checker narrows ``module`` by it
+    if type(module) is nn.Tanh:
         return (-1.0, 1.0), -0.99, 0.99
-    if kind is nn.Sigmoid:
+    if type(module) is nn.Sigmoid:
         return (0.0, 1.0), 0.01, 0.99
-    if kind is nn.Hardtanh:
+    if type(module) is nn.Hardtanh:
         return (module.min_val, module.max_val), module.min_val, module.max_val
-    if kind is nn.Hardsigmoid:
+    if type(module) is nn.Hardsigmoid:
         return (0.0, 1.0), 0.0, 1.0
     return None
 
@@ -100,7 +113,7 @@ class DeadRule:
     there, computed from its ``output`` (piecewise-linear activations: in-place ones too)
     or from its ``input`` (smooth ones: their slope, by their backward kernel)."""
 
-    def __init__(self, source: str, score) -> None:
+    def __init__(self, source: str, score: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.source, self.score = source, score
 
 
@@ -125,16 +138,16 @@ def dead_unit_rule(module: nn.Module) -> DeadRule | None:
     Returns:
         Its :class:`DeadRule`, or None.
     """
-    kind = type(module)
-    if kind is nn.ReLU:
+    # type(module) at each test rather than once: a type checker narrows ``module`` by it
+    if type(module) is nn.ReLU:
         return DeadRule("output", _positive)
-    if kind is nn.LeakyReLU:
+    if type(module) is nn.LeakyReLU:
         return DeadRule("output", _positive) if abs(module.negative_slope) < DEAD_SLOPE else None
-    if kind is nn.RReLU:
+    if type(module) is nn.RReLU:
         return DeadRule("output", _positive) if max(abs(module.lower), abs(module.upper)) < DEAD_SLOPE else None
-    if kind is nn.ReLU6:
+    if type(module) is nn.ReLU6:
         return DeadRule("output", _strictly_inside(module.min_val, module.max_val))
-    if kind in _BY_INPUT and not getattr(module, "inplace", False):
+    if type(module) in _BY_INPUT and not getattr(module, "inplace", False):
         return DeadRule("input", _slope_above(module))
     return None
 
@@ -143,7 +156,7 @@ def _positive(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _strictly_inside(lo: float, hi: float):
+def _strictly_inside(lo: float, hi: float) -> Callable[[torch.Tensor], torch.Tensor]:
     def score(y: torch.Tensor) -> torch.Tensor:
         return (y - lo) * (hi - y)  # > 0 exactly on the open interval (lo, hi)
 
@@ -154,29 +167,30 @@ def _strictly_inside(lo: float, hi: float):
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
 
 
-def _slope(module: nn.Module):
+def _slope(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """x ↦ f'(x) of a smooth activation, by the backward kernel autograd itself would run
     (bit-identical to autograd's, one op, nothing of the training graph touched)."""
     aten = torch.ops.aten
-    kind = type(module)
-    if kind is nn.GELU:
+    # type(module) at each test rather than once: a type checker narrows ``module`` by it
+    if type(module) is nn.GELU:
         return lambda g, x: aten.gelu_backward(g, x, approximate=module.approximate)
-    if kind is nn.SiLU:
+    if type(module) is nn.SiLU:
         return aten.silu_backward
-    if kind is nn.Mish:
+    if type(module) is nn.Mish:
         return aten.mish_backward
-    if kind is nn.ELU:
+    if type(module) is nn.ELU:
         return lambda g, x: aten.elu_backward(g, module.alpha, 1.0, 1.0, False, x)
-    if kind is nn.CELU:
+    if type(module) is nn.CELU:
         return lambda g, x: aten.elu_backward(g, module.alpha, 1.0, 1.0 / module.alpha, False, x)
-    if kind is nn.SELU:
+    if type(module) is nn.SELU:
         return lambda g, x: aten.elu_backward(g, _SELU_ALPHA, _SELU_SCALE, 1.0, False, x)
-    if kind is nn.Hardswish:
+    if type(module) is nn.Hardswish:
         return aten.hardswish_backward
-    return lambda g, x: aten.softplus_backward(g, x, module.beta, module.threshold)  # nn.Softplus
+    softplus = cast(nn.Softplus, module)  # the one smooth activation left
+    return lambda g, x: aten.softplus_backward(g, x, softplus.beta, softplus.threshold)
 
 
-def _slope_above(module: nn.Module):
+def _slope_above(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     slope = _slope(module)
 
     def score(x: torch.Tensor) -> torch.Tensor:
@@ -232,8 +246,8 @@ def capture_activation(
     sampler: SampleIndex,
     dead_rule: DeadRule | None = None,
     unit_dim: int | None = None,
-    inputs: torch.Tensor | None = None,
-) -> dict:
+    inputs: object = None,
+) -> Record:
     """The cheap, in-training part: a sample, the extremes, the per-unit liveness
     (``inputs``: the activation's input, for a rule that reads it).
 
@@ -241,7 +255,7 @@ def capture_activation(
     of ops here is what the probe's overhead is made of; everything else waits.
     """
     x = x.detach()
-    raw = {"numel": x.numel()}
+    raw: Record = {"numel": x.numel()}
     if x.numel() == 0:
         return raw
     raw["_sample"] = sampler.take(x.reshape(-1))
@@ -258,13 +272,13 @@ def capture_activation(
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def accumulation_dtype(t: torch.Tensor):
+def accumulation_dtype(t: torch.Tensor) -> torch.dtype | None:
     """The dtype to accumulate and return a float16/bfloat16 reduction in: float32, since
     the norm of finite float16 values can pass 65504 (None: the tensor's own)."""
     return torch.float32 if t.dtype in _LOW_PRECISION else None
 
 
-def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def norms(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """Euclidean norms, one fused call per kind; float32 for low-precision tensors."""
     wide = [t for t in tensors if t.dtype in _LOW_PRECISION]
     if not wide:
@@ -274,7 +288,7 @@ def norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.linalg.vector_norm(t, dtype=accumulation_dtype(t)) for t in tensors]
 
 
-def capture_gradient(g: torch.Tensor, prefix: str) -> dict:
+def capture_gradient(g: torch.Tensor, prefix: str) -> Record:
     """The gradient's exact norm (NaN/inf if any entry is) and sum, for its exact std."""
     g = g.detach()
     return {
@@ -286,7 +300,7 @@ def capture_gradient(g: torch.Tensor, prefix: str) -> dict:
 
 def capture_batch_moments(
     x: torch.Tensor, mask: torch.Tensor | None, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
-) -> dict:
+) -> Record:
     """Per channel, this batch's first two moments about the running mean, over the valid
     positions only when ``mask`` (True = valid, shaped like ``x`` without its channel dim)
     is given — and a copy of the running variance, which the layer is about to update.
@@ -300,7 +314,7 @@ def capture_batch_moments(
     wide = torch.promote_types(x.dtype, torch.float32)  # float32 at least; float64 stays float64
     deviation = rows.to(wide) - running_mean.detach().to(wide).unsqueeze(1)
     if mask is None:
-        count = float(rows.shape[1])
+        count: float | torch.Tensor = float(rows.shape[1])
         first, second = deviation.sum(1), torch.linalg.vector_norm(deviation, dim=1).square()
     else:
         weights = mask.detach().reshape(-1).to(deviation.dtype)  # same (n, spatial) order as the columns
@@ -320,7 +334,7 @@ def batch_vs_running(
     running_var: torch.Tensor,
     eps: float,
     mask: torch.Tensor | None = None,
-) -> dict:
+) -> dict[str, float]:
     """How far this batch's per-channel statistics are from the running estimates, in
     running standard deviations: mean |μ_B − μ| / σ and mean |σ_B / σ − 1|, over the
     valid positions only when ``mask`` is given.
@@ -338,18 +352,18 @@ def batch_vs_running(
     return _drift(capture_batch_moments(x, mask, running_mean, running_var, eps))
 
 
-def _drift(raw: dict) -> dict:
+def _drift(raw: Record) -> dict[str, float]:
     return _drift_rows([raw])[0]
 
 
-def _drift_rows(records: list[dict]) -> list[dict]:
+def _drift_rows(records: list[Record]) -> list[dict[str, float]]:
     """The drift numbers of records holding captured moments (popped), for records of one
     channel count at once."""
     out = []
-    by_channels: dict[int, list[dict]] = {}
+    by_channels: dict[int, list[Record]] = {}
     for record in records:
         by_channels.setdefault(record["_drift_shift"].numel(), []).append(record)
-    results = {}
+    results: dict[int, dict[str, float]] = {}
     for group in by_channels.values():
         shift, second, sigma2 = (
             torch.stack([r.pop(key).detach().double().cpu() for r in group])
@@ -380,7 +394,9 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
-def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[float, float], band) -> list[dict]:
+def _sample_stats(
+    samples: list[torch.Tensor], *, bins: int, hist_range: tuple[float, float], band: SaturationBand | None
+) -> list[Record]:
     """Mean, std, percentiles, histogram (and saturation) of each sample's finite values,
     for samples of one length at once, on the host: one transfer, then NumPy (whose sort
     is some 20x faster than torch's on the CPU at these sizes)."""
@@ -427,14 +443,14 @@ def _sample_stats(samples: list[torch.Tensor], *, bins: int, hist_range: tuple[f
     return out
 
 
-def _grouped(records: list[dict], key: str, compute) -> dict[int, object]:
+def _grouped(records: list[Record], key: str, compute: Callable[[torch.Tensor], Iterable[_T]]) -> dict[int, _T]:
     """``compute`` applied to the tensors under ``key``, stacked by shape (one call per
     shape, not per record): record index → that record's result."""
-    by_shape: dict[tuple, list[int]] = {}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, record in enumerate(records):
         if isinstance(record.get(key), torch.Tensor):
             by_shape.setdefault(tuple(record[key].shape), []).append(i)
-    out = {}
+    out: dict[int, _T] = {}
     for indices in by_shape.values():
         results = compute(torch.stack([records[i][key].detach() for i in indices]))
         out.update(zip(indices, results))
@@ -445,11 +461,11 @@ def _dead_fractions(unit_max: torch.Tensor) -> list[float]:
     return (~(unit_max > 0)).float().mean(1).tolist()  # a NaN unit counts as alive
 
 
-def _to_host(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
+def _to_host(records: list[Record], keys: tuple[str, ...]) -> list[dict[str, float]]:
     """The scalar tensors under ``keys`` of every record, as floats, in one transfer."""
     found = [(i, key) for i, record in enumerate(records) for key in keys if isinstance(record.get(key), torch.Tensor)]
     values = torch.stack([records[i][key].detach().double().cpu() for i, key in found]).tolist() if found else []
-    out: list[dict] = [{} for _ in records]
+    out: list[dict[str, float]] = [{} for _ in records]
     for (i, key), value in zip(found, values):
         out[i][key] = value
     return out
@@ -469,7 +485,9 @@ _SCALARS = (
 )
 
 
-def summarize_records(records: list[dict], *, bins: int, hist_range: tuple[float, float], band=None) -> None:
+def summarize_records(
+    records: list[Record], *, bins: int, hist_range: tuple[float, float], band: SaturationBand | None = None
+) -> None:
     """Turn the captured tensors of ``records`` (one layer's) into numbers, in place;
     records with nothing pending are left alone, so reading twice costs nothing.
     ``band``: the layer's :func:`saturation_band`, for the saturated fraction."""
@@ -556,7 +574,7 @@ def activation_summary(
     module: nn.Module | None = None,
     unit_dim: int = 1,
     limit: int = 4096,
-) -> dict:
+) -> dict[str, Any]:
     """Everything at once, for one tensor (capture + summarize); ``module`` is the
     activation that produced it (for the dead fraction and saturation).
 
