@@ -13,8 +13,9 @@ from .base import ChannelInput, traced_call
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
-class _FrozenBatchNorm(ChannelInput, nn.Module):
-    r"""BatchNorm with fixed statistics and fixed affine parameters (detectron2/torchvision).
+# a module constant, not the base class's docstring: ``python -OO`` strips docstrings, and the
+# three classes below append their input shapes to it
+_DOC = r"""BatchNorm with fixed statistics and fixed affine parameters (detectron2/torchvision).
 
     .. math:: y = \frac{x - \text{running\_mean}}{\sqrt{\text{running\_var} + \epsilon}}
               \cdot \text{weight} + \text{bias}
@@ -34,6 +35,10 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
         device, dtype: device and floating dtype of the buffers, as in torch.nn. Default
             None (torch's defaults).
     """
+
+
+class _FrozenBatchNorm(ChannelInput, nn.Module):
+    __doc__ = _DOC
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, device: DeviceLike = None, dtype: DTypeLike = None
@@ -75,23 +80,18 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
-    __doc__ = (
-        _FrozenBatchNorm.__doc__
-        + "\n    Shape:\n        - Input: (N, C) or (N, C, L).\n        - Output: same shape.\n"
-    )
+    __doc__ = _DOC + "\n    Shape:\n        - Input: (N, C) or (N, C, L).\n        - Output: same shape.\n"
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Shape:\n        - Input: (N, C, H, W).\n        - Output: same shape.\n"
+    __doc__ = _DOC + "\n    Shape:\n        - Input: (N, C, H, W).\n        - Output: same shape.\n"
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    __doc__ = (
-        _FrozenBatchNorm.__doc__ + "\n    Shape:\n        - Input: (N, C, D, H, W).\n        - Output: same shape.\n"
-    )
+    __doc__ = _DOC + "\n    Shape:\n        - Input: (N, C, D, H, W).\n        - Output: same shape.\n"
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"
