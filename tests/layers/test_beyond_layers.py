@@ -468,6 +468,10 @@ def test_bad_inputs_raise_clear_errors(make, x, error, match):
         (lambda: nl.nn.FilterResponseNorm2d(4, eps=-1.0), ValueError, "eps"),
         (lambda: nl.nn.DyT((4, 4), channels_last=False), ValueError, "channel count"),
         (lambda: nl.nn.DyT(4, alpha_init_value="0.5"), TypeError, "alpha_init_value"),
+        (lambda: nl.nn.DyT(4, alpha_init_value=True), TypeError, "alpha_init_value must be a float, got True"),
+        (lambda: nl.nn.Derf(4, shift_init_value=None), TypeError, "shift_init_value must be a float, got None"),
+        (lambda: nl.nn.ScaleNorm(4, scale_init="2"), TypeError, "scale_init must be a float or None, got '2'"),
+        (lambda: nl.nn.QKNorm(8, kind="l2", scale_init=False), TypeError, "scale_init must be a float, got False"),
         (lambda: nl.nn.QKNorm(8, kind="batch"), ValueError, "kind"),
         (lambda: nl.nn.StdConv2d(4, 4, 3, padding="full"), ValueError, "padding"),
         (lambda: nl.nn.SwitchableNorm2d(0), ValueError, "positive"),
@@ -476,6 +480,20 @@ def test_bad_inputs_raise_clear_errors(make, x, error, match):
 def test_bad_constructor_arguments_raise_clear_errors(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_real_valued_constructor_arguments_accept_any_real_number():
+    """An int or a NumPy float is a real number, kept as a Python float."""
+    import numpy as np
+
+    values = (
+        nl.nn.DyT(4, alpha_init_value=np.float32(0.25)).alpha_init_value,
+        nl.nn.Derf(4, shift_init_value=1).shift_init_value,
+        nl.nn.ScaleNorm(4, scale_init=np.float64(3.0)).scale_init,
+        nl.nn.QKNorm(8, kind="l2", scale_init=7).scale_init,
+    )
+    assert values == (0.25, 1.0, 3.0, 7.0)
+    assert all(type(v) is float for v in values)
 
 
 @pytest.mark.parametrize(

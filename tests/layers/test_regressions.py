@@ -130,3 +130,19 @@ def test_a_variance_that_overflows_gives_nan_not_beta(backend, make):
         warnings.simplefilter("ignore")  # the running-statistics guard warns, as it should
         y = make()(x)
     assert torch.isnan(y).all()
+
+
+def test_normlab_imports_with_docstrings_stripped():
+    """``python -OO`` strips docstrings: FrozenBatchNorm1d/2d/3d built theirs from their base
+    class's ``__doc__``, None there, and ``import normlab`` raised TypeError."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(nl.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    code = "import normlab as nl; m = nl.nn.FrozenBatchNorm2d(3); assert nl.nn.activation_spec.__doc__ is None; print('ok')"
+    done = subprocess.run([sys.executable, "-OO", "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"

@@ -9,6 +9,8 @@ bottom (TensorFlow's rule, which timm's ``*Same`` layers follow).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +19,25 @@ from ..core.checks import InputError
 
 __all__ = ["default_padding", "pad_same", "padding_value"]
 
+#: a convolution's kernel size, stride or dilation: one int for both dims, or one per dim
+#: (``nn.Conv2d`` keeps a tuple)
+_Size = Union[int, tuple[int, ...], list[int]]
 
-def _pairs(*values):
+
+def _pairs(*values: _Size) -> list[Sequence[int]]:
     return [v if isinstance(v, (tuple, list)) else (v, v) for v in values]
 
 
-def default_padding(kernel_size, stride, dilation) -> tuple[int, int]:
+def default_padding(kernel_size: _Size, stride: _Size, dilation: _Size) -> tuple[int, int]:
     """timm's symmetric padding for each spatial dim."""
     k, s, d = _pairs(kernel_size, stride, dilation)
-    return tuple(((si - 1) + di * (ki - 1)) // 2 for ki, si, di in zip(k, s, d))
+    # one per spatial dim: two for the 2-D convolutions here
+    return cast("tuple[int, int]", tuple(((si - 1) + di * (ki - 1)) // 2 for ki, si, di in zip(k, s, d)))
 
 
-def padding_value(padding, kernel_size, stride, dilation) -> tuple[object, bool]:
+def padding_value(
+    padding: int | tuple[int, int] | str | None, kernel_size: _Size, stride: _Size, dilation: _Size
+) -> tuple[int | tuple[int, int] | str, bool]:
     """(padding for ``nn.Conv2d``, whether it is computed per input): None is the symmetric
     default; "same" fixed where possible, else dynamic; "valid" 0; ints and pairs as given."""
     if padding is None:
@@ -51,7 +60,7 @@ def _same_amount(size: int, k: int, s: int, d: int) -> int:
     return max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
 
 
-def pad_same(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+def pad_same(x: torch.Tensor, kernel_size: _Size, stride: _Size, dilation: _Size) -> torch.Tensor:
     """Zero-pad the last two dims of ``x`` so that the convolution's output is ⌈size / stride⌉."""
     (kh, kw), (sh, sw), (dh, dw) = _pairs(kernel_size, stride, dilation)
     ih, iw = x.shape[-2:]

@@ -9,28 +9,56 @@ the same call the functionals make after their checks.
 
 from __future__ import annotations
 
+import numbers
+from typing import TYPE_CHECKING, TypeVar, cast
+
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import RunningStats, check_eps, check_momentum, check_nonfinite_policy, check_positive_int
 from ..core.checks import InputError, InputTypeError
+from ..core.types import DeviceLike, DTypeLike, FactoryKwargs
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    # A type checker sees each mixin below as a subclass of the torch.nn class it is always
+    # mixed into (nn.Module; torch.nn's _NormBase for the statistics-tracking layers), so what
+    # the mixin uses from there is typed; at run time the mixins stay plain classes.
+    _Module = nn.Module
+    _TorchNormBase = nn.modules.batchnorm._NormBase
+else:
+    _Module = _TorchNormBase = object
 
 __all__ = [
     "ChannelInput",
     "CheckedSettings",
     "FreezableNorm",
     "PerSampleNorm",
+    "TensorOrProxy",
     "_NormBase",
     "check_channel_input",
     "check_norm_args",
+    "check_real",
     "init_channel_params",
     "reset_affine",
     "traced_call",
 ]
 
 
-def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | None = None, *, more=()) -> Proxy:
+#: A layer's input and output: a tensor, or under ``torch.fx.symbolic_trace`` the Proxy that
+#: stands for one (a forward given a Proxy returns :func:`traced_call`'s Proxy).
+TensorOrProxy = TypeVar("TensorOrProxy", torch.Tensor, Proxy)
+
+
+def traced_call(
+    module: nn.Module,
+    input: Proxy | torch.Tensor,
+    mask: Proxy | torch.Tensor | None = None,
+    *,
+    more: tuple[Proxy | torch.Tensor, ...] = (),
+) -> Proxy:
     """Record ``module(input, *more)`` as one ``call_module`` node under ``torch.fx.symbolic_trace``.
 
     torch.fx treats torch.nn's own layers as leaves; normlab's layers are recorded the same
@@ -44,7 +72,8 @@ def traced_call(module: nn.Module, input: Proxy, mask: Proxy | torch.Tensor | No
     replace its root), so the GraphModule's parameters are ``layer.weight``, ... where
     torch.nn's trace inlines the functional, with the mode fixed, under ``weight``.
     """
-    tracer = next(a for a in (input, *more) if isinstance(a, Proxy)).tracer
+    # symbolic_trace's tracer (the base class lacks the root and module paths used here)
+    tracer = cast(torch.fx.Tracer, next(a for a in (input, *more) if isinstance(a, Proxy)).tracer)
     kwargs = {} if mask is None else {"mask": mask}
     if module is tracer.root:
         holder = nn.Module()
@@ -74,10 +103,11 @@ def check_channel_input(module: nn.Module, input: object, ranks: tuple[int, ...]
 _TENSORS = (torch.Tensor, nn.Parameter)
 
 
-class ChannelInput:
+class ChannelInput(_Module):
     """The input check of the layers with ``num_features`` channels at dim 1: an
     (N, C, *spatial) tensor of one of the ranks in ``_ranks``."""
 
+    num_features: int
     _ranks: tuple[int, ...] = ()
     _shape_words = ""
 
@@ -87,7 +117,7 @@ class ChannelInput:
             check_channel_input(self, input, self._ranks, self._shape_words)
 
 
-class FreezableNorm:
+class FreezableNorm(_Module):
     """The ``frozen`` flag every normlab norm layer carries.
 
     A frozen layer that keeps running estimates normalizes with them and never updates
@@ -104,8 +134,9 @@ class FreezableNorm:
 
     frozen: bool = False
     frozen_affine: bool = False
+    _requires_grad_before_freeze: dict[str, bool]
 
-    def freeze(self, affine: bool = True):
+    def freeze(self, affine: bool = True) -> Self:
         """Freeze the statistics (and γ/β when ``affine``); returns self."""
         if not self.frozen:
             self._requires_grad_before_freeze = {
@@ -118,7 +149,7 @@ class FreezableNorm:
                 p.requires_grad_(False)
         return self
 
-    def unfreeze(self):
+    def unfreeze(self) -> Self:
         """Undo :meth:`freeze`, restoring each parameter's ``requires_grad``; returns self."""
         before = getattr(self, "_requires_grad_before_freeze", {})
         for name, p in self.named_parameters(recurse=False):
@@ -129,7 +160,7 @@ class FreezableNorm:
         return self
 
 
-class CheckedSettings:
+class CheckedSettings(_Module):
     """Settings (``eps``, and for the tracking norms ``momentum``, ``on_nonfinite`` and
     ``unbiased_running_var``) checked once after each assignment — at the next call, before
     anything is updated — not on every call.
@@ -143,8 +174,8 @@ class CheckedSettings:
     _settings: tuple[str, ...] = ("eps",)
     _eps_may_be_none = False
 
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)  # type: ignore[arg-type]  # torch types it Tensor | Module; any value is stored
         if name in self._settings:
             self.__dict__["_settings_checked"] = False
 
@@ -165,10 +196,12 @@ class PerSampleNorm(CheckedSettings, FreezableNorm):
     """GroupNorm, LayerNorm, LayerNorm2d and RMSNorm: statistics from each sample, eps checked
     once, and γ (and β) created and reset here, once for all four."""
 
-    def _init_affine(self, shape, affine: bool, bias: bool | None, device, dtype) -> None:
+    def _init_affine(
+        self, shape: int | tuple[int, ...], affine: bool, bias: bool | None, device: DeviceLike, dtype: DTypeLike
+    ) -> None:
         """Register ``weight`` and ``bias`` of ``shape`` (None where absent, as torch.nn's
         layers do) and reset them; ``bias=None``: the layer has no β at all (RMSNorm)."""
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         self.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory)) if affine else None)
         if bias is not None:
             self.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
@@ -180,31 +213,40 @@ class PerSampleNorm(CheckedSettings, FreezableNorm):
 
 
 def init_channel_params(
-    module: nn.Module, num_features: object, eps: object, extra: str, with_extra: bool, device, dtype
+    module: nn.Module,
+    num_features: object,
+    eps: object,
+    extra: str,
+    with_extra: bool,
+    device: DeviceLike,
+    dtype: DTypeLike,
 ) -> None:
     """The per-channel layers beyond the classic five (EvoNorm, FRN): ``module`` set up as
     an nn.Module, ``num_features`` and ``eps`` checked, γ and β of shape (C,) and a third
     per-channel parameter named ``extra`` (EvoNorm's v, FRN's τ; None without it), left for
     the layer's ``reset_parameters`` to fill."""
     nn.Module.__init__(module)
-    module.num_features = check_positive_int(num_features, "num_features")
-    module.eps = check_eps(eps)
-    factory = {"device": device, "dtype": dtype}
-    module.weight = nn.Parameter(torch.empty(module.num_features, **factory))
-    module.bias = nn.Parameter(torch.empty(module.num_features, **factory))
-    setattr(module, extra, nn.Parameter(torch.empty(module.num_features, **factory)) if with_extra else None)
+    channels = check_positive_int(num_features, "num_features")
+    # torch types an attribute set on a Module as Tensor | Module; any value is stored
+    module.num_features = channels  # type: ignore[assignment]
+    module.eps = check_eps(eps)  # type: ignore[assignment]
+    factory: FactoryKwargs = {"device": device, "dtype": dtype}
+    module.weight = nn.Parameter(torch.empty(channels, **factory))
+    module.bias = nn.Parameter(torch.empty(channels, **factory))
+    setattr(module, extra, nn.Parameter(torch.empty(channels, **factory)) if with_extra else None)
 
 
 def reset_affine(module: nn.Module) -> None:
     """γ = 1 and β = 0, for whichever of the two the layer has."""
-    weight, bias = module.weight, getattr(module, "bias", None)
+    # a norm's γ and β: parameters, or None where the layer has none
+    weight, bias = cast("torch.Tensor | None", module.weight), getattr(module, "bias", None)
     if weight is not None:
         nn.init.ones_(weight)
     if bias is not None:
         nn.init.zeros_(bias)
 
 
-class _NormBase(ChannelInput, CheckedSettings, FreezableNorm):
+class _NormBase(ChannelInput, CheckedSettings, FreezableNorm, _TorchNormBase):
     """normlab's side of every statistics-tracking layer (BatchNorm, InstanceNorm, SyncBN).
 
     Mixed in *before* a torch.nn class (``class BatchNorm2d(_BatchNorm, nn.BatchNorm2d)``),
@@ -230,7 +272,7 @@ class _NormBase(ChannelInput, CheckedSettings, FreezableNorm):
             d["_running_stats"] = stats
         return stats
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         super().__setattr__(name, value)
         if name in self._settings:
             self.__dict__.pop("_running_stats", None)
@@ -271,3 +313,13 @@ def check_norm_args(num_features: object, eps: object, momentum: object) -> tupl
         check_eps(eps),
         check_momentum(momentum, allow_none=True),
     )
+
+
+def check_real(value: object, name: str, accepted: str = "a float") -> float:
+    """``float(value)`` for a real number that is not a bool, else InputTypeError naming ``name``.
+
+    Typed ``object``: it checks what a caller passed for a ``float`` argument, whatever that was.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be {accepted}, got {value!r}")
+    return float(value)

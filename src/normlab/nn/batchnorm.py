@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import channel_norm
 from ..core.types import DeviceLike, DTypeLike
-from .base import _NormBase, check_norm_args, traced_call
+from .base import TensorOrProxy, _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -73,7 +75,7 @@ _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015
 """
 
 
-def _doc(name, shape_words, spatial_dims, input_shapes, example, mask_shapes) -> str:
+def _doc(name: str, shape_words: str, spatial_dims: str, input_shapes: str, example: str, mask_shapes: str) -> str:
     return _DOC.format(
         name=name,
         shape_words=shape_words,
@@ -108,7 +110,7 @@ class _BatchNorm(_NormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)
@@ -129,7 +131,7 @@ class _BatchNorm(_NormBase):
             running=running if tracked and (not batch_stats or self.track_running_stats) else None,
             activation=activation,
             param=d.get("activation_param", 0.0),
-            prelu_weight=self.act.weight if activation == "prelu" else None,
+            prelu_weight=cast(nn.PReLU, self.act).weight if activation == "prelu" else None,  # BatchNormAct's
             inplace=d.get("inplace", False),
             mask=mask,
             operation=self._operation,

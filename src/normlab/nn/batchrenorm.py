@@ -11,7 +11,7 @@ from torch.fx import Proxy
 from ..core import batch_renorm
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
-from .base import _NormBase, check_norm_args, traced_call
+from .base import TensorOrProxy, _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -99,6 +99,9 @@ _DOC = r"""Batch Renormalization (Ioffe, 2017) over a {shape_words} input.
 
 
 class _BatchRenorm(_NormBase):
+    # always tracked (r and d need the running statistics): the schedule's step count
+    num_batches_tracked: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -122,7 +125,7 @@ class _BatchRenorm(_NormBase):
         """(r_max, d_max) that the next training step will use."""
         return self.schedule.at(int(self.num_batches_tracked))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)

@@ -4,6 +4,7 @@ parameters, buffers and state-dict keys). The formulas: :mod:`normlab.functional
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from ..core import check_momentum, check_nonfinite_policy, check_positive_int
 from ..core.checks import InputError
 from ..core.types import ActLayer, DeviceLike, DTypeLike
 from ..functional.evonorm import evonorm_batch, evonorm_sample
-from .base import FreezableNorm, check_channel_input, init_channel_params, traced_call
+from .base import FreezableNorm, TensorOrProxy, check_channel_input, init_channel_params, traced_call
 from .filter_response import make_act
 
 __all__ = [
@@ -33,6 +34,12 @@ __all__ = [
 class _EvoNorm(FreezableNorm, nn.Module):
     """γ = 1, β = 0 (and v = 1 where the layer has v), shape (C,); the 4D input check."""
 
+    num_features: int
+    eps: float
+    weight: nn.Parameter
+    bias: nn.Parameter
+    v: nn.Parameter | None
+
     def reset_parameters(self) -> None:
         """γ = 1, β = 0, v = 1."""
         nn.init.ones_(self.weight)
@@ -40,7 +47,7 @@ class _EvoNorm(FreezableNorm, nn.Module):
         if self.v is not None:
             nn.init.ones_(self.v)
 
-    def _check(self, input) -> None:
+    def _check(self, input: object) -> None:
         check_channel_input(self, input, (4,), "(N, C, H, W)")
 
 
@@ -49,6 +56,7 @@ class _EvoNormBatch(_EvoNorm):
 
     _variant = "b0"
     _has_v = False
+    running_var: torch.Tensor
 
     def __init__(
         self,
@@ -61,7 +69,7 @@ class _EvoNormBatch(_EvoNorm):
         *,
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
-        **_,
+        **_: object,
     ) -> None:
         init_channel_params(self, num_features, eps, "v", self._has_v and apply_act, device, dtype)
         self.apply_act = bool(apply_act)
@@ -80,7 +88,7 @@ class _EvoNormBatch(_EvoNorm):
         """running_var = 1 (timm's initial value)."""
         self.running_var.fill_(1)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check(input)
@@ -191,6 +199,7 @@ class _EvoNormSample(_EvoNorm):
     _stat = "std"
     _always = False  # timm's "a" variants divide by the statistic even without the activation
     _gate = False  # S0: x·sigmoid(v·x); S1/S2: act(x)
+    act: nn.Module  # S1/S2's
 
     def __init__(
         self,
@@ -202,7 +211,7 @@ class _EvoNormSample(_EvoNorm):
         eps: float = 1e-5,
         device: DeviceLike = None,
         dtype: DTypeLike = None,
-        **_,
+        **_: object,
     ) -> None:
         init_channel_params(self, num_features, eps, "v", self._gate and apply_act, device, dtype)
         self.apply_act = bool(apply_act)
@@ -211,10 +220,11 @@ class _EvoNormSample(_EvoNorm):
             self.act = make_act((act_layer or nn.SiLU) if apply_act else None)
         self.reset_parameters()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check(input)
+        numerator: str | Callable[[torch.Tensor], torch.Tensor] | None
         if self._gate:
             numerator = "gate" if self.v is not None else None
         else:

@@ -12,7 +12,7 @@ from ..core import check_positive_int
 from ..core.checks import InputError
 from ..core.types import ActLayer, DeviceLike, DTypeLike
 from ..functional.filter_response import filter_response_norm, tlu
-from .base import FreezableNorm, check_channel_input, init_channel_params, traced_call
+from .base import FreezableNorm, TensorOrProxy, check_channel_input, init_channel_params, traced_call
 
 __all__ = ["TLU", "FilterResponseNorm2d", "FilterResponseNormAct2d", "FilterResponseNormTlu2d"]
 
@@ -31,7 +31,13 @@ _FRN_MATH = r"""
 class _FilterResponseBase(FreezableNorm, nn.Module):
     """Parameters (γ = 1, β = 0 and, with a TLU, τ = 0), eps and the 4D input check."""
 
-    def _init_frn(self, num_features, eps, tau: bool, device, dtype) -> None:
+    num_features: int
+    eps: float
+    weight: nn.Parameter
+    bias: nn.Parameter
+    tau: nn.Parameter | None
+
+    def _init_frn(self, num_features: int, eps: float, tau: bool, device: DeviceLike, dtype: DTypeLike) -> None:
         init_channel_params(self, num_features, eps, "tau", tau, device, dtype)
         self.reset_parameters()
 
@@ -73,7 +79,7 @@ class FilterResponseNorm2d(_FilterResponseBase):
     ) -> None:
         self._init_frn(num_features, eps, False, device, dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         return self._frn(input)
@@ -107,14 +113,14 @@ class FilterResponseNormTlu2d(_FilterResponseBase):
         rms: bool = True,
         device: DeviceLike = None,
         dtype: DTypeLike = None,
-        **_,
+        **_: object,
     ) -> None:
         _check_rms(rms)
         self._init_frn(num_features, eps, bool(apply_act), device, dtype)
         self.apply_act = bool(apply_act)
         self.rms = True
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         return self._frn(input)
@@ -157,17 +163,18 @@ class FilterResponseNormAct2d(_FilterResponseBase):
         eps: float = 1e-5,
         device: DeviceLike = None,
         dtype: DTypeLike = None,
-        **_,
+        **_: object,
     ) -> None:
         _check_rms(rms)
         self._init_frn(num_features, eps, False, device, dtype)
         self.rms = True
         self.act = make_act(act_layer if apply_act else None, inplace)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
-        return self.act(self._frn(input))
+        out: torch.Tensor = self.act(self._frn(input))  # a Module's call is typed Any
+        return out
 
 
 class TLU(FreezableNorm, nn.Module):
@@ -190,7 +197,7 @@ class TLU(FreezableNorm, nn.Module):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.tau)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         return tlu(input, self.tau)
@@ -207,7 +214,7 @@ def _check_rms(rms: object) -> None:
         )
 
 
-def make_act(act_layer, inplace: bool | None = None) -> nn.Module:
+def make_act(act_layer: ActLayer, inplace: bool | None = None) -> nn.Module:
     """An activation module from a class, an instance (copied) or None (the identity)."""
     if act_layer is None:
         return nn.Identity()

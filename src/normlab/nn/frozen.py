@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import RunningStats, channel_norm, check_eps, check_positive_int
-from ..core.types import DeviceLike, DTypeLike
-from .base import ChannelInput, traced_call
+from ..core.types import DeviceLike, DTypeLike, FactoryKwargs
+from .base import ChannelInput, TensorOrProxy, traced_call
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
-class _FrozenBatchNorm(ChannelInput, nn.Module):
-    r"""BatchNorm with fixed statistics and fixed affine parameters (detectron2/torchvision).
+# a module constant, not the base class's docstring: ``python -OO`` strips docstrings, and the
+# three classes below append their input shapes to it
+_DOC = r"""BatchNorm with fixed statistics and fixed affine parameters (detectron2/torchvision).
 
     .. math:: y = \frac{x - \text{running\_mean}}{\sqrt{\text{running\_var} + \epsilon}}
               \cdot \text{weight} + \text{bias}
@@ -35,11 +38,21 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
             None (torch's defaults).
     """
 
+
+class _FrozenBatchNorm(ChannelInput, nn.Module):
+    __doc__ = _DOC
+
+    eps: float
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(
         self, num_features: int, eps: float = 1e-5, device: DeviceLike = None, dtype: DTypeLike = None
     ) -> None:
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         self.num_features = check_positive_int(num_features, "num_features")
         self.eps = check_eps(eps)
         self.register_buffer("weight", torch.ones(num_features, **factory))
@@ -49,7 +62,7 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
         # the statistics it normalizes with, read from its buffers at every call; never updated
         self._statistics = RunningStats(self._buffers, None, True, "skip")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)
@@ -63,7 +76,7 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
             operation="frozen_batch_norm",
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: object) -> None:
         state_dict.pop(prefix + "num_batches_tracked", None)
         for name in ("running_mean", "running_var"):
             # Missing statistics (Caffe2-converted backbones): keep the identity ones.
@@ -75,23 +88,18 @@ class _FrozenBatchNorm(ChannelInput, nn.Module):
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
-    __doc__ = (
-        _FrozenBatchNorm.__doc__
-        + "\n    Shape:\n        - Input: (N, C) or (N, C, L).\n        - Output: same shape.\n"
-    )
+    __doc__ = _DOC + "\n    Shape:\n        - Input: (N, C) or (N, C, L).\n        - Output: same shape.\n"
     _ranks = (2, 3)
     _shape_words = "2D (N, C) or 3D (N, C, L)"
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
-    __doc__ = _FrozenBatchNorm.__doc__ + "\n    Shape:\n        - Input: (N, C, H, W).\n        - Output: same shape.\n"
+    __doc__ = _DOC + "\n    Shape:\n        - Input: (N, C, H, W).\n        - Output: same shape.\n"
     _ranks = (4,)
     _shape_words = "4D (N, C, H, W)"
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
-    __doc__ = (
-        _FrozenBatchNorm.__doc__ + "\n    Shape:\n        - Input: (N, C, D, H, W).\n        - Output: same shape.\n"
-    )
+    __doc__ = _DOC + "\n    Shape:\n        - Input: (N, C, D, H, W).\n        - Output: same shape.\n"
     _ranks = (5,)
     _shape_words = "5D (N, C, D, H, W)"

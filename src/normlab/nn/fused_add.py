@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, overload
+
 import torch
 from torch.fx import Proxy
 
 from ..core import row_norm
-from .base import traced_call
+from .base import PerSampleNorm, TensorOrProxy, traced_call
 from .layernorm import LayerNorm, RMSNorm
+
+if TYPE_CHECKING:
+    _RowNorm = PerSampleNorm  # what _AddNorm is mixed into: LayerNorm or RMSNorm
+else:
+    _RowNorm = object
 
 __all__ = ["AddLayerNorm", "AddRMSNorm"]
 
 
-class _AddNorm:
+class _AddNorm(_RowNorm):
     """The forward of both: ``(norm(x + residual), x + residual)``, one call of the row family."""
 
+    # as LayerNorm and RMSNorm hold them (RMSNorm: eps may be None, no β)
+    normalized_shape: tuple[int, ...]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float | None
     _centered = True
     _operation = "add_layer_norm"
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @overload
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def forward(self, x: Proxy, residual: Proxy) -> Proxy: ...
+    def forward(self, x: TensorOrProxy, residual: TensorOrProxy) -> tuple[torch.Tensor, torch.Tensor] | Proxy:
         if isinstance(x, Proxy) or isinstance(residual, Proxy):
             return traced_call(self, x, more=(residual,))
         if not self.__dict__.get("_settings_checked", False):
@@ -30,7 +46,9 @@ class _AddNorm:
         )
 
 
-class AddLayerNorm(_AddNorm, LayerNorm):
+# A LayerNorm by its parameters, state dict and isinstance, not by its call: forward takes a
+# residual and returns a pair, and the attributes are typed for RMSNorm too.
+class AddLayerNorm(_AddNorm, LayerNorm):  # type: ignore[misc]
     r"""``forward(x, residual) -> (layer_norm(x + residual), x + residual)`` in one pass.
 
     The pre-norm transformer step: the block's output ``x`` joins the residual stream, and
@@ -53,7 +71,7 @@ class AddLayerNorm(_AddNorm, LayerNorm):
     """
 
 
-class AddRMSNorm(_AddNorm, RMSNorm):
+class AddRMSNorm(_AddNorm, RMSNorm):  # type: ignore[misc]  # as AddLayerNorm: forward differs
     r"""``forward(x, residual) -> (rms_norm(x + residual), x + residual)`` in one pass.
 
     As :class:`AddLayerNorm`, for :class:`normlab.nn.RMSNorm` (same constructor, parameters

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.fx import Proxy
@@ -9,7 +11,7 @@ from torch.fx import Proxy
 from ..core import channel_norm, check_eps, check_positive_int
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
-from .base import PerSampleNorm, traced_call
+from .base import PerSampleNorm, TensorOrProxy, traced_call
 
 __all__ = ["GroupNorm"]
 
@@ -76,7 +78,7 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
         self.affine = bool(affine)
         self._init_affine(num_channels, self.affine, bias, device, dtype)
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != self.num_channels:
@@ -97,7 +99,7 @@ class GroupNorm(PerSampleNorm, nn.GroupNorm):
             eps=self.eps,
             activation=activation,
             param=d.get("activation_param", 0.0),
-            prelu_weight=self.act.weight if activation == "prelu" else None,
+            prelu_weight=cast(nn.PReLU, self.act).weight if activation == "prelu" else None,  # GroupNormAct's
             inplace=d.get("inplace", False),
             mask=mask,
             operation=self._operation,

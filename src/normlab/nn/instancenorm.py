@@ -11,7 +11,7 @@ from torch.fx import Proxy
 from ..core import channel_norm, instance_norm_layout
 from ..core.checks import InputError, InputTypeError
 from ..core.types import DeviceLike, DTypeLike
-from .base import _NormBase, check_norm_args, traced_call
+from .base import TensorOrProxy, _NormBase, check_norm_args, traced_call
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -106,7 +106,7 @@ class _InstanceNorm(_NormBase):
             stacklevel=3,
         )
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
         self._check_input_dim(input)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, normalize_shape_arg, row_norm
 from ..core.types import DeviceLike, DTypeLike, ShapeLike
-from .base import PerSampleNorm, traced_call
+from .base import PerSampleNorm, TensorOrProxy, traced_call
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -57,7 +56,7 @@ class LayerNorm(PerSampleNorm, nn.LayerNorm):
         self.elementwise_affine = bool(elementwise_affine)
         self._init_affine(shape, self.elementwise_affine, bias, device, dtype)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         if not self.__dict__.get("_settings_checked", False):
@@ -115,7 +114,7 @@ class RMSNorm(PerSampleNorm, nn.RMSNorm):
         self.elementwise_affine = bool(elementwise_affine)
         self._init_affine(shape, self.elementwise_affine, None, device, dtype)  # no β
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         if not self.__dict__.get("_settings_checked", False):

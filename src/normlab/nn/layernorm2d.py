@@ -9,7 +9,7 @@ from torch.fx import Proxy
 from ..core import channels_first_row_norm, check_eps, check_positive_int
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
-from .base import PerSampleNorm, traced_call
+from .base import PerSampleNorm, TensorOrProxy, traced_call
 
 __all__ = ["LayerNorm2d"]
 
@@ -64,7 +64,7 @@ class LayerNorm2d(PerSampleNorm, nn.LayerNorm):
     def num_channels(self) -> int:
         return self.normalized_shape[0]
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         if not self.__dict__.get("_settings_checked", False):

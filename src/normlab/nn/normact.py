@@ -11,7 +11,7 @@ the layer's ``activation``, ``activation_param`` and ``inplace`` to the same fam
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -78,15 +78,40 @@ def activation_spec(
                 + ", ".join(f"torch.nn.{c.__name__}" for c in _BY_CLASS)
             )
         if isinstance(act, nn.Module):
-            return entry.name, float(getattr(act, entry.param_keyword)) if entry.constant_param else None
+            # a constant parameter has its keyword, the module's attribute
+            return entry.name, float(getattr(act, cast(str, entry.param_keyword))) if entry.constant_param else None
     keyword = entry.param_keyword
     return entry.name, (act_kwargs or {}).get(keyword) if keyword else None
 
 
-class _ActMixin:
+if TYPE_CHECKING:
+
+    class _NormLayer(nn.Module):
+        """What :class:`_ActMixin` is mixed into: a normlab norm layer, which resets its parameters."""
+
+        def reset_parameters(self) -> None: ...
+
+else:
+    _NormLayer = object
+
+
+class _ActMixin(_NormLayer):
     """The activation choice and its module, shared by the fused layers."""
 
-    def _init_activation(self, channels, activation, activation_param, inplace, device=None, dtype=None):
+    activation: str
+    activation_param: float
+    inplace: bool
+    act: nn.Module
+
+    def _init_activation(
+        self,
+        channels: int,
+        activation: str,
+        activation_param: float | None,
+        inplace: bool,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+    ) -> None:
         self.activation = activation
         self.activation_param = check_activation(activation, activation_param, inplace=inplace)
         self.inplace = bool(inplace)
@@ -212,7 +237,7 @@ class GroupNormAct(_ActMixin, GroupNorm):
 
 
 def timm_norm_act(
-    activation: str | type | None,
+    activation: str | type[nn.Module] | None,
     activation_param: float | None = None,
     *,
     num_groups: int | None = None,
@@ -267,13 +292,13 @@ def timm_norm_act(
         track_running_stats: bool = True,
         *,
         apply_act: bool = True,
-        act_layer=None,
-        act_kwargs: dict | None = None,
+        act_layer: str | type[nn.Module] | nn.Module | None = None,
+        act_kwargs: dict[str, Any] | None = None,
         inplace: bool | None = None,
-        drop_layer=None,
-        device=None,
-        dtype=None,
-        **kwargs,
+        drop_layer: object = None,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+        **kwargs: Any,
     ) -> BatchNormAct2d | GroupNormAct:
         if drop_layer is not None:
             raise InputError(

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import numbers
+from typing import overload
 
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, check_floating_input, check_positive_int, compute_dtype, mean_square
-from ..core.checks import InputError, InputTypeError
-from ..core.types import DeviceLike, DTypeLike
-from .base import traced_call
+from ..core.checks import InputError
+from ..core.types import DeviceLike, DTypeLike, FactoryKwargs
+from .base import TensorOrProxy, check_real, traced_call
 from .layernorm import LayerNorm, RMSNorm
 
 __all__ = ["QKNorm"]
@@ -48,6 +48,9 @@ class QKNorm(nn.Module):
             torch.nn. Default None (torch's defaults).
     """
 
+    q_norm: RMSNorm | LayerNorm  # "rms" and "layer" only
+    k_norm: RMSNorm | LayerNorm
+
     def __init__(
         self,
         head_dim: int,
@@ -64,7 +67,7 @@ class QKNorm(nn.Module):
         if kind not in KINDS:
             raise InputError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         if kind == "rms":
             self.q_norm = RMSNorm(head_dim, eps, elementwise_affine, **factory)
             self.k_norm = RMSNorm(head_dim, eps, elementwise_affine, **factory)
@@ -74,9 +77,7 @@ class QKNorm(nn.Module):
             self.k_norm = LayerNorm(head_dim, eps, elementwise_affine, **factory)
         else:
             self.eps = check_eps(1e-6 if eps is None else eps)
-            if isinstance(scale_init, bool) or not isinstance(scale_init, numbers.Real):
-                raise InputTypeError(f"scale_init must be a float, got {scale_init!r}")
-            self.scale_init = float(scale_init)
+            self.scale_init = check_real(scale_init, "scale_init")
             self.scale = nn.Parameter(torch.full((), self.scale_init, **factory))
 
     @property
@@ -85,7 +86,11 @@ class QKNorm(nn.Module):
         "rms" and "layer", 1.0 for "l2", whose learned g replaces it."""
         return 1.0 if self.kind == "l2" else None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @overload
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def forward(self, q: Proxy, k: Proxy) -> Proxy: ...
+    def forward(self, q: TensorOrProxy, k: TensorOrProxy) -> tuple[torch.Tensor, torch.Tensor] | Proxy:
         if isinstance(q, Proxy):  # one call_module node under torch.fx, as normlab's other layers
             return traced_call(self, q, more=(k,))
         for name, t in (("q", q), ("k", k)):

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, normalize_shape_arg
-from ..core.checks import InputTypeError
 from ..core.types import DeviceLike, DTypeLike, ShapeLike
 from ..functional.scale_norm import scale_norm
-from .base import FreezableNorm, traced_call
+from .base import FreezableNorm, TensorOrProxy, check_real, traced_call
 
 __all__ = ["ScaleNorm"]
 
@@ -52,16 +50,14 @@ class ScaleNorm(FreezableNorm, nn.Module):
         count = math.prod(self.normalized_shape)
         if scale_init is None:
             scale_init = math.sqrt(count)
-        if isinstance(scale_init, bool) or not isinstance(scale_init, numbers.Real):
-            raise InputTypeError(f"scale_init must be a float or None, got {scale_init!r}")
-        self.scale_init = float(scale_init)
+        self.scale_init = check_real(scale_init, "scale_init", "a float or None")
         self.scale = nn.Parameter(torch.empty((), device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.scale, self.scale_init)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         return scale_norm(input, self.normalized_shape, self.scale, self.eps)

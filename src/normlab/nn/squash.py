@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 from torch.fx import Proxy
 
 from ..core import normalize_shape_arg
 from ..core.checks import InputError, InputTypeError
-from ..core.types import DeviceLike, DTypeLike, ShapeLike
+from ..core.types import DeviceLike, DTypeLike, FactoryKwargs, ShapeLike
 from ..functional.squash import derf, dyt
-from .base import FreezableNorm, traced_call
+from .base import FreezableNorm, TensorOrProxy, check_real, traced_call
 
 __all__ = ["Derf", "DyT"]
 
@@ -20,7 +18,15 @@ __all__ = ["Derf", "DyT"]
 class _Squash(FreezableNorm, nn.Module):
     """α (and Derf's shift) of shape (1,), γ = 1 and β = 0 of ``normalized_shape``."""
 
-    def _init_squash(self, normalized_shape, channels_last, alpha_init_value, elementwise_affine, bias, factory):
+    def _init_squash(
+        self,
+        normalized_shape: ShapeLike,
+        channels_last: bool,
+        alpha_init_value: float,
+        elementwise_affine: bool,
+        bias: bool,
+        factory: FactoryKwargs,
+    ) -> None:
         nn.Module.__init__(self)
         if not isinstance(channels_last, bool):
             raise InputTypeError(f"channels_last must be a bool, got {type(channels_last).__name__} {channels_last!r}")
@@ -29,11 +35,10 @@ class _Squash(FreezableNorm, nn.Module):
             raise InputError(
                 f"with channels_last=False normalized_shape is the channel count C of dim 1, got {normalized_shape!r}"
             )
-        if isinstance(alpha_init_value, bool) or not isinstance(alpha_init_value, numbers.Real):
-            raise InputTypeError(f"alpha_init_value must be a float, got {alpha_init_value!r}")
+        alpha = check_real(alpha_init_value, "alpha_init_value")
         self.normalized_shape = shape
         self.channels_last = channels_last
-        self.alpha_init_value = float(alpha_init_value)
+        self.alpha_init_value = alpha
         self.elementwise_affine = bool(elementwise_affine)
         self.alpha = nn.Parameter(torch.empty(1, **factory))
         affine = self.elementwise_affine
@@ -48,7 +53,7 @@ class _Squash(FreezableNorm, nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def _trailing_shape(self, input) -> None:
+    def _trailing_shape(self, input: object) -> None:
         if isinstance(input, torch.Tensor):
             shape = self.normalized_shape
             got = tuple(input.shape[1:2]) if not self.channels_last else tuple(input.shape[input.dim() - len(shape) :])
@@ -103,11 +108,11 @@ class DyT(_Squash):
         device: DeviceLike = None,
         dtype: DTypeLike = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         self._init_squash(normalized_shape, channels_last, alpha_init_value, elementwise_affine, bias, factory)
         self.reset_parameters()
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._trailing_shape(input)
@@ -148,11 +153,9 @@ class Derf(_Squash):
         device: DeviceLike = None,
         dtype: DTypeLike = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         self._init_squash(normalized_shape, channels_last, alpha_init_value, elementwise_affine, bias, factory)
-        if isinstance(shift_init_value, bool) or not isinstance(shift_init_value, numbers.Real):
-            raise InputTypeError(f"shift_init_value must be a float, got {shift_init_value!r}")
-        self.shift_init_value = float(shift_init_value)
+        self.shift_init_value = check_real(shift_init_value, "shift_init_value")
         self.shift = nn.Parameter(torch.empty(1, **factory))
         self.reset_parameters()
 
@@ -162,7 +165,7 @@ class Derf(_Squash):
         if shift is not None:
             nn.init.constant_(shift, self.shift_init_value)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._trailing_shape(input)

@@ -9,10 +9,10 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import check_eps, check_positive_int
-from ..core.types import DeviceLike, DTypeLike
+from ..core.types import DeviceLike, DTypeLike, FactoryKwargs
 from ..functional.weight_standardization import weight_standardization
 from ._same_padding import pad_same, padding_value
-from .base import traced_call
+from .base import TensorOrProxy, traced_call
 
 __all__ = ["ScaledStdConv2d", "StdConv2d"]
 
@@ -20,7 +20,19 @@ __all__ = ["ScaledStdConv2d", "StdConv2d"]
 class _StandardizedConv(nn.Conv2d):
     """What both layers share: construction as timm's, the SAME padding, eps checked once."""
 
-    def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, eps, factory):
+    def _init_conv(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int],
+        padding: int | tuple[int, int] | str | None,
+        dilation: int | tuple[int, int],
+        groups: int,
+        bias: bool,
+        eps: float,
+        factory: FactoryKwargs,
+    ) -> None:
         check_positive_int(in_channels, "in_channels")
         check_positive_int(out_channels, "out_channels")
         padding, dynamic = padding_value(padding, kernel_size, stride, dilation)
@@ -34,15 +46,16 @@ class _StandardizedConv(nn.Conv2d):
         """The weight the convolution uses: standardized (and scaled) from ``self.weight``."""
         raise NotImplementedError
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         if self.same_pad:
             input = pad_same(input, self.kernel_size, self.stride, self.dilation)
-        return self._conv_forward(input, self.standardized_weight(), self.bias)
+        out: torch.Tensor = self._conv_forward(input, self.standardized_weight(), self.bias)  # untyped in torch
+        return out
 
     def extra_repr(self) -> str:
-        text = super().extra_repr() + f", eps={self.eps}"
+        text: str = super().extra_repr() + f", eps={self.eps}"  # type: ignore[no-untyped-call]  # unannotated in torch
         return text + (", padding='same' (computed per input)" if self.same_pad else "")
 
 
@@ -87,7 +100,7 @@ class StdConv2d(_StandardizedConv):
         device: DeviceLike = None,
         dtype: DTypeLike = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         self._init_conv(in_channel, out_channels, kernel_size, stride, padding, dilation, groups, bias, eps, factory)
 
     def standardized_weight(self) -> torch.Tensor:
@@ -136,7 +149,7 @@ class ScaledStdConv2d(_StandardizedConv):
         device: DeviceLike = None,
         dtype: DTypeLike = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
+        factory: FactoryKwargs = {"device": device, "dtype": dtype}
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, eps, factory)
         self.scale = gamma * self.weight[0].numel() ** -0.5  # γ / √fan_in, as timm's
         self.gain_init = gain_init

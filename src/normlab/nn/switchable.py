@@ -8,7 +8,7 @@ from torch.fx import Proxy
 
 from ..core.types import DeviceLike, DTypeLike
 from ..functional.switchable import switchable_norm
-from .base import _NormBase, check_channel_input, check_norm_args, traced_call
+from .base import TensorOrProxy, _NormBase, check_channel_input, check_norm_args, traced_call
 
 __all__ = ["SwitchableNorm2d"]
 
@@ -79,10 +79,10 @@ class SwitchableNorm2d(_NormBase, nn.modules.batchnorm._NormBase):
             if param is not None:
                 nn.init.ones_(param)
 
-    def _check_input_dim(self, input) -> None:
+    def _check_input_dim(self, input: object) -> None:
         check_channel_input(self, input, (4,), "(N, C, H, W)")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input)
         self._check_input_dim(input)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..core import apply_activation
 from ..core.types import DeviceLike, DTypeLike
 from ..functional.sync import distributed_world, synchronized_batch_norm
+from .base import TensorOrProxy
 from .batchnorm import _BatchNorm
 from .normact import _ActMixin
 
@@ -94,7 +96,7 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         )
         self.process_group = process_group
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if not (
             self.training
             and not self.frozen
@@ -122,8 +124,9 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         activation = self.__dict__.get("activation", "identity")  # SyncBatchNormAct's
         if activation != "identity":
             # the exchange of gradient sums is not in the fused kernels: the activation follows
-            prelu_weight = self.act.weight if activation == "prelu" else None
-            out = apply_activation(out, activation, self.activation_param, prelu_weight)
+            # SyncBatchNormAct's parameter and PReLU module
+            prelu_weight = cast(nn.PReLU, self.act).weight if activation == "prelu" else None
+            out = apply_activation(out, activation, cast(float, self.activation_param), prelu_weight)
         return out
 
 
