@@ -367,9 +367,8 @@ def convert_norms(
         adopt(target, module, drop=(ORIGINAL, SYNC_FROM))
         report.notes += _dropped_options(path, module, target)
         if target.__dict__.get("frozen") and not target.frozen_affine and getattr(target, "running_mean", None) is None:
-            thaw(
-                cast(nln.FreezableNorm, target)
-            )  # a freeze of statistics the new layer does not have: nothing left frozen
+            # a freeze of statistics the new layer does not have: nothing left frozen
+            thaw(cast(nln.FreezableNorm, target))
         if after:  # no fused form of this kind (or of this activation): they follow as modules
             target = nn.Sequential(target, *after)
             target.training = module.training

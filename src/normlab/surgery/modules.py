@@ -8,7 +8,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict, TypeVar, cast
 
 import torch
 from torch import nn
@@ -41,6 +41,10 @@ __all__ = [
     "shared_parameters",
     "unrecognized_norm_note",
 ]
+
+
+#: a module type that a function hands back as it was given (with what it did to it)
+M = TypeVar("M", bound=nn.Module)
 
 
 def class_label(module: nn.Module) -> str:
@@ -359,7 +363,7 @@ def layer_template(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def rebuild(template: nn.Module, current: nn.Module, *, drop: tuple[str, ...] = ()) -> nn.Module:
+def rebuild(template: M, current: nn.Module, *, drop: tuple[str, ...] = ()) -> M:
     """The layer of ``template``'s class and configuration holding ``current``'s state (its very
     tensors: see :func:`adopt`)."""
     restored = copy.deepcopy(template)
@@ -406,7 +410,7 @@ def hand_over_hooks(new: nn.Module, old: nn.Module) -> None:
                 new.add_module(name, child)
 
 
-def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> nn.Module:
+def adopt(new: M, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> M:
     """Give a freshly built ``new`` layer everything of ``old`` that a swap must keep, and return it.
 
     - The parameter and buffer *objects* wherever name and shape agree (values are
@@ -433,7 +437,8 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
                 mine = slots.get(name)
                 if tensor is not None and mine is not None and mine.shape == tensor.shape:
                     slots[name] = tensor
-    if isinstance(new, nln.FreezableNorm) and isinstance(old, nln.FreezableNorm):
+    layer: nn.Module = new  # mypy narrows a Module by isinstance, not the type variable M
+    if isinstance(layer, nln.FreezableNorm) and isinstance(old, nln.FreezableNorm):
         for name in _FREEZE_STATE:
             if name in old.__dict__:
                 new.__dict__[name] = copy.copy(old.__dict__[name])
@@ -444,7 +449,7 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
             if hasattr(new, name) and hasattr(old, name):
                 setattr(new, name, getattr(old, name))
     for name in _MARKERS:
-        if name in old.__dict__ and name not in drop and isinstance(new, nln.FreezableNorm):
+        if name in old.__dict__ and name not in drop and isinstance(layer, nln.FreezableNorm):
             new.__dict__[name] = old.__dict__[name]
         else:
             new.__dict__.pop(name, None)
