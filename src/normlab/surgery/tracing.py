@@ -28,8 +28,8 @@ from typing import Any, cast
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 from torch.utils._pytree import tree_flatten
+from torch.utils.hooks import RemovableHandle
 
 from .. import nn as nln
 from .modules import call_model, evaluating, output_tensors, run_copy
