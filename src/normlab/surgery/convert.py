@@ -17,7 +17,7 @@ from .. import nn as nln
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
-    FactoryKwargs,
+    ModuleFactoryKwargs,
     NormInfo,
     adopt,
     class_label,
@@ -119,7 +119,7 @@ def build_norm(
     *,
     spatial_rank: int | None,
     groups: int | None,
-    factory: FactoryKwargs,
+    factory: ModuleFactoryKwargs,
     activation: ActivationKwargs | None = None,
 ) -> nn.Module:
     """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``; with
@@ -248,7 +248,7 @@ def _inputs_seen(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor
     return seen
 
 
-def _factory(module: nn.Module, seen: torch.Tensor | None, model: nn.Module) -> FactoryKwargs:
+def _factory(module: nn.Module, seen: torch.Tensor | None, model: nn.Module) -> ModuleFactoryKwargs:
     """device/dtype for a layer's replacement: its own tensors', else its input's on
     example_input, else the model's (a layer without parameters or buffers says nothing)."""
     if module_factory_kwargs(module):

@@ -24,7 +24,7 @@ from .convert import BEYOND_TARGETS, _activation_of, _factory, _inputs_seen, aut
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
-    FactoryKwargs,
+    ModuleFactoryKwargs,
     NormInfo,
     adopt,
     class_label,
@@ -59,7 +59,9 @@ def _row_norm_source(
     return None
 
 
-def _squash_from(kind: str, module: nn.Module, alpha_init_value: float, factory: FactoryKwargs) -> nn.Module | None:
+def _squash_from(
+    kind: str, module: nn.Module, alpha_init_value: float, factory: ModuleFactoryKwargs
+) -> nn.Module | None:
     source = _row_norm_source(module)
     if source is None:
         return None
@@ -80,7 +82,7 @@ def _squash_from(kind: str, module: nn.Module, alpha_init_value: float, factory:
 
 
 def _channel_target(
-    kind: str, info: NormInfo, module: nn.Module, groups: int | str, max_groups: int, factory: FactoryKwargs
+    kind: str, info: NormInfo, module: nn.Module, groups: int | str, max_groups: int, factory: ModuleFactoryKwargs
 ) -> tuple[nn.Module, str | None]:
     """The FRN / EvoNorm layer for a channel norm, and what happened to its activation."""
     activation = _activation_of(module)

@@ -157,14 +157,15 @@ def shared_parameters(root: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in owners.items() if len(v) > 1}
 
 
-class FactoryKwargs(TypedDict, total=False):
-    """The ``device=``/``dtype=`` a layer's constructor takes (torch.nn's factory kwargs)."""
+class ModuleFactoryKwargs(TypedDict, total=False):
+    """The ``device=``/``dtype=`` a module's tensors have, for a replacement's constructor:
+    both, or neither where the module holds no floating tensor."""
 
     device: torch.device
     dtype: torch.dtype
 
 
-def module_factory_kwargs(module: nn.Module) -> FactoryKwargs:
+def module_factory_kwargs(module: nn.Module) -> ModuleFactoryKwargs:
     """device/dtype of a module's first floating parameter or buffer."""
     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         if t.is_floating_point():

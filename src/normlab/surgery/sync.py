@@ -13,7 +13,7 @@ from .interop import TWINS, twin_of
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
-    FactoryKwargs,
+    ModuleFactoryKwargs,
     adopt,
     class_label,
     copy_model,
@@ -40,7 +40,7 @@ _BATCHNORMS = (
 _FUSED = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 
-class _SyncKwargs(FactoryKwargs, total=False):
+class _SyncKwargs(ModuleFactoryKwargs, total=False):
     bias: bool
 
 

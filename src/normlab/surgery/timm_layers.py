@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import nn as nln
-from .modules import FactoryKwargs, adopt, class_label, conv_config, module_factory_kwargs, replace_everywhere
+from .modules import ModuleFactoryKwargs, adopt, class_label, conv_config, module_factory_kwargs, replace_everywhere
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["TIMM_TWINS", "from_timm_layer", "has_timm_twin", "to_timm_layers"]
@@ -227,7 +227,7 @@ def _rebuild(cls: type[TimmLayer], module: nn.Module, **kwargs: Any) -> TimmLaye
 
 #: timm classes that become a normlab layer also used for other sources (GroupNorm, LayerNorm2d,
 #: LayerNorm): where to find them again and how to build them from that layer.
-_ORIGINS: dict[str, tuple[str, Callable[[type[TimmLayer], nn.Module, FactoryKwargs], TimmLayer]]] = {
+_ORIGINS: dict[str, tuple[str, Callable[[type[TimmLayer], nn.Module, ModuleFactoryKwargs], TimmLayer]]] = {
     "GroupNorm": (
         "timm.layers",
         lambda cls, m, f: _rebuild(cls, m, num_groups=m.num_groups, eps=m.eps, affine=m.affine, **f),
