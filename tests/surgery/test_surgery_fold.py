@@ -289,3 +289,12 @@ def test_a_mask_passed_by_position_is_a_mask():
     x, mask = torch.randn(4, 2, 6), torch.rand(4, 6) > 0.3
     _, report = fold_batchnorm(Positional().eval(), example_input=(x, mask))
     assert not report.changes and "called with mask=" in report.skipped[0].reason
+
+
+def test_bn_affine_names_a_layer_it_cannot_read():
+    with pytest.raises(TypeError, match="BatchNorm-like layer, got torch.nn.Linear"):
+        nl.surgery.bn_affine(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="keeps none"):
+        nl.surgery.bn_affine(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="keeps none"):
+        nl.surgery.bn_affine(nn.GroupNorm(1, 3))

@@ -555,3 +555,23 @@ def test_a_freeze_of_statistics_alone_never_touches_requires_grad():
     frozen[0].weight.requires_grad_(False)  # decided after the freeze
     assert not surgery.unfreeze_norms(frozen).model[0].weight.requires_grad
     assert not surgery.convert_norms(frozen, "group").model[0].weight.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["batch", "instance", "frozen", "batch_renorm"])
+def test_build_norm_without_a_spatial_rank_names_what_is_missing(kind):
+    from normlab.surgery.convert import build_norm
+    from normlab.surgery.modules import describe_norm
+
+    info = describe_norm(nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match="spatial_rank is needed"):
+        build_norm(kind, info, spatial_rank=None, groups=None, factory={})
+
+
+def test_build_norm_for_groups_without_a_group_count_names_what_is_missing():
+    from normlab.surgery.convert import build_norm
+    from normlab.surgery.modules import describe_norm
+
+    info = describe_norm(nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match="needs groups"):
+        build_norm("group", info, spatial_rank=2, groups=None, factory={})
+    assert isinstance(build_norm("layer", info, spatial_rank=None, groups=None, factory={}), nl.nn.GroupNorm)

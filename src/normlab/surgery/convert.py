@@ -7,7 +7,8 @@ with the layer; running statistics move where the target keeps them.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypedDict, cast
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from .. import nn as nln
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
+    ModuleFactoryKwargs,
     NormInfo,
     adopt,
     class_label,
@@ -32,7 +34,7 @@ from .modules import (
     unrecognized_norm_note,
 )
 from .report import SurgeryReport, SurgeryResult
-from .tracing import extra_arguments, takes_mask
+from .tracing import PreHook, extra_arguments, takes_mask
 
 __all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
 
@@ -42,7 +44,8 @@ BEYOND_TARGETS = ("dyt", "derf", "frn", "evonorm_b0", "evonorm_s0", "group_ws")
 #: Every ``to=`` that :func:`convert_norms` accepts: the classic norms, then those beyond them.
 TARGETS = CHANNEL_TARGETS + BEYOND_TARGETS
 
-_BY_SPATIAL_RANK = {
+# the constructors differ by kind (a frozen layer takes no momentum): build_norm passes each its own
+_BY_SPATIAL_RANK: dict[str, tuple[Callable[..., nn.Module], ...]] = {
     "batch": (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d),
     "instance": (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d),
     "frozen": (nln.FrozenBatchNorm1d, nln.FrozenBatchNorm2d, nln.FrozenBatchNorm3d),
@@ -71,16 +74,25 @@ def auto_groups(channels: int, max_groups: int = 32) -> int:
 _ACT_BY_SPATIAL_RANK = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
 
 
-def _activation_of(module: nn.Module) -> dict | None:
+class ActivationKwargs(TypedDict):
+    """The activation arguments of normlab's fused norm + activation layers."""
+
+    activation: str
+    activation_param: float | None
+    inplace: bool
+
+
+def _activation_of(module: nn.Module) -> ActivationKwargs | None:
     """The activation of a norm + activation layer as the fused layers take it — normlab's,
     or another library's (timm's BatchNormAct2d) whose activation normlab fuses — or None."""
     act = getattr(module, "act", None)
     if not isinstance(act, nn.Module):
         return None
     if isinstance(getattr(module, "activation", None), str):
+        # a normlab fused layer (its activation is a name): the arguments it was built with
         return {
-            "activation": module.activation,
-            "activation_param": module.activation_param,
+            "activation": cast(str, module.activation),
+            "activation_param": cast("float | None", module.activation_param),
             "inplace": getattr(module, "inplace", False),
         }
     if not isinstance(getattr(module, "drop", None), (nn.Identity, type(None))):
@@ -107,24 +119,32 @@ def build_norm(
     *,
     spatial_rank: int | None,
     groups: int | None,
-    factory: dict,
-    activation: dict | None = None,
+    factory: ModuleFactoryKwargs,
+    activation: ActivationKwargs | None = None,
 ) -> nn.Module:
     """A fresh normlab layer of ``kind`` for the channels, eps and affine of ``info``; with
     ``activation`` (a fused source), the fused form where one exists."""
     affine = info.weight is not None
     bias = info.bias is not None
     if kind in ("group", "layer"):
-        cls = nln.GroupNormAct if activation else nln.GroupNorm
-        return cls(
-            groups if kind == "group" else 1,
-            info.channels,
-            eps=info.eps,
-            affine=affine,
-            bias=bias if affine else True,
-            **factory,
-            **(activation or {}),
+        num_groups = groups if kind == "group" else 1
+        if num_groups is None:
+            raise TypeError("build_norm: kind='group' needs groups, the group count (an int), got None")
+        if activation:
+            return nln.GroupNormAct(
+                num_groups,
+                info.channels,
+                eps=info.eps,
+                affine=affine,
+                bias=bias if affine else True,
+                **factory,
+                **activation,
+            )
+        return nln.GroupNorm(
+            num_groups, info.channels, eps=info.eps, affine=affine, bias=bias if affine else True, **factory
         )
+    if spatial_rank is None:
+        raise TypeError(f"build_norm: kind={kind!r} builds a 1d, 2d or 3d layer, so spatial_rank is needed, got None")
     if kind == "batch" and activation:
         momentum = info.momentum if info.kind in ("batch", "batch_renorm", "instance") else 0.1
         return _ACT_BY_SPATIAL_RANK[spatial_rank - 1](
@@ -155,11 +175,11 @@ def _transfer(info: NormInfo, target: nn.Module) -> str:
                 dest.copy_(source.detach())
         has_stats = info.running_mean is not None
         keeps_stats = getattr(target, "running_mean", None) is not None
-        if has_stats and keeps_stats:
-            target.running_mean.copy_(info.running_mean)
-            target.running_var.copy_(info.running_var)
+        if has_stats and keeps_stats:  # both hold running_mean and running_var (checked just above)
+            cast(torch.Tensor, target.running_mean).copy_(cast(torch.Tensor, info.running_mean))
+            cast(torch.Tensor, target.running_var).copy_(cast(torch.Tensor, info.running_var))
             if info.num_batches_tracked is not None and getattr(target, "num_batches_tracked", None) is not None:
-                target.num_batches_tracked.copy_(info.num_batches_tracked)
+                cast(torch.Tensor, target.num_batches_tracked).copy_(info.num_batches_tracked)
             return "copied"
     if has_stats:
         return "dropped (the target keeps none)"
@@ -197,25 +217,29 @@ def _dropped_options(path: str, source: nn.Module, target: nn.Module) -> list[st
             "running statistics in eval"
         )
     target_info = describe_norm(target)
-    if isinstance(source, (nn.SyncBatchNorm, nln.SyncBatchNorm)) and target_info.kind == "batch_renorm":
+    if (
+        isinstance(source, (nn.SyncBatchNorm, nln.SyncBatchNorm))
+        and target_info is not None
+        and target_info.kind == "batch_renorm"
+    ):
         notes.append(f"{path}: {class_label(target)} computes its statistics on each process alone, not synchronized")
     return notes
 
 
-def _inputs_seen(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
+def _inputs_seen(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor]:
     """Each normalization layer's (first) input on one eval forward of ``example_input``, as
     an empty tensor of its rank, dtype and device."""
     seen: dict[str, torch.Tensor] = {}
 
-    def record(path):
-        def hook(module, args, kwargs):
+    def record(path: str) -> PreHook:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, torch.Tensor):
                 seen.setdefault(path, x.new_empty((0,) * x.dim()))
 
         return hook
 
-    def watch(scratch):
+    def watch(scratch: nn.Module) -> None:
         for path, m in scratch.named_modules():
             if is_normalization_layer(m):
                 m.register_forward_pre_hook(record(path), with_kwargs=True)
@@ -224,7 +248,7 @@ def _inputs_seen(model: nn.Module, example_input) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _factory(module: nn.Module, seen: torch.Tensor | None, model: nn.Module) -> dict:
+def _factory(module: nn.Module, seen: torch.Tensor | None, model: nn.Module) -> ModuleFactoryKwargs:
     """device/dtype for a layer's replacement: its own tensors', else its input's on
     example_input, else the model's (a layer without parameters or buffers says nothing)."""
     if module_factory_kwargs(module):
@@ -313,7 +337,7 @@ def convert_norms(
             continue
         n_groups = None
         if to == "group":
-            if groups == "auto":
+            if isinstance(groups, str):  # "auto": any other str was refused above
                 n_groups = auto_groups(info.channels, max_groups)
             elif info.channels % groups:
                 report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
@@ -343,12 +367,13 @@ def convert_norms(
         adopt(target, module, drop=(ORIGINAL, SYNC_FROM))
         report.notes += _dropped_options(path, module, target)
         if target.__dict__.get("frozen") and not target.frozen_affine and getattr(target, "running_mean", None) is None:
-            thaw(target)  # a freeze of statistics the new layer does not have: nothing left frozen
+            # a freeze of statistics the new layer does not have: nothing left frozen
+            thaw(cast(nln.FreezableNorm, target))
         if after:  # no fused form of this kind (or of this activation): they follow as modules
             target = nn.Sequential(target, *after)
             target.training = module.training
         new = replace_everywhere(new, module, target)
-        detail = {"statistics": statistics}
+        detail: dict[str, object] = {"statistics": statistics}
         if after:
             detail["activation"] = " then ".join(type(m).__name__ for m in after) + " (separate modules)"
         elif activation is not None:

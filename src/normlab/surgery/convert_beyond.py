@@ -14,6 +14,7 @@ layer the target cannot replace is listed in ``skipped`` with the reason.
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +24,8 @@ from .convert import BEYOND_TARGETS, _activation_of, _factory, _inputs_seen, aut
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
+    ModuleFactoryKwargs,
+    NormInfo,
     adopt,
     class_label,
     conv_config,
@@ -36,7 +39,7 @@ from .tracing import extra_arguments, takes_mask
 
 __all__ = ["BEYOND_TARGETS", "convert_beyond", "convert_convs_to_std"]
 
-_SQUASH = {"dyt": nln.DyT, "derf": nln.Derf}
+_SQUASH: dict[str, type[nln.DyT] | type[nln.Derf]] = {"dyt": nln.DyT, "derf": nln.Derf}
 
 
 def _row_norm_source(
@@ -47,14 +50,18 @@ def _row_norm_source(
     from_timm = type(module).__module__.split(".")[0] == "timm"
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if isinstance(module, nln.LayerNorm2d) or (from_timm and name.startswith(("LayerNorm2d", "RmsNorm2d"))):
-        return (module.weight.shape[0] if weight is not None else module.normalized_shape[0],), False, weight, bias
+        # normalized_shape: (C,) on these layers (a class of timm's is known by its name only)
+        channels = weight.shape[0] if weight is not None else cast("tuple[int, ...]", module.normalized_shape)[0]
+        return (channels,), False, weight, bias
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     if isinstance(module, (nn.LayerNorm, *rms)) or (from_timm and name.startswith(("LayerNorm", "RmsNorm"))):
-        return tuple(module.normalized_shape), True, weight, bias
+        return tuple(cast("tuple[int, ...]", module.normalized_shape)), True, weight, bias
     return None
 
 
-def _squash_from(kind: str, module: nn.Module, alpha_init_value: float, factory: dict):
+def _squash_from(
+    kind: str, module: nn.Module, alpha_init_value: float, factory: ModuleFactoryKwargs
+) -> nn.Module | None:
     source = _row_norm_source(module)
     if source is None:
         return None
@@ -67,25 +74,29 @@ def _squash_from(kind: str, module: nn.Module, alpha_init_value: float, factory:
         **factory,
     )
     with torch.no_grad():
-        if weight is not None:
+        if weight is not None and target.weight is not None:  # built with elementwise_affine: it has one
             target.weight.copy_(weight.detach().reshape(target.weight.shape))
         if bias is not None and target.bias is not None:
             target.bias.copy_(bias.detach().reshape(target.bias.shape))
     return target
 
 
-def _channel_target(kind: str, info, module, groups, max_groups, factory):
+def _channel_target(
+    kind: str, info: NormInfo, module: nn.Module, groups: int | str, max_groups: int, factory: ModuleFactoryKwargs
+) -> tuple[nn.Module, str | None]:
     """The FRN / EvoNorm layer for a channel norm, and what happened to its activation."""
     activation = _activation_of(module)
     act_name = None if activation is None else activation["activation"]
     note = None
+    target: nln.FilterResponseNormTlu2d | nln.FilterResponseNormAct2d | nln.EvoNormB0 | nln.EvoNormS0
     if kind == "frn":
         if act_name in (None, "relu", "identity"):
             target = nln.FilterResponseNormTlu2d(info.channels, **factory)
             if act_name == "relu":
                 note = "relu replaced by TLU"
         else:
-            target = nln.FilterResponseNormAct2d(info.channels, act_layer=module.act, **factory)
+            act = cast(nn.Module, module.act)  # the activation module _activation_of found
+            target = nln.FilterResponseNormAct2d(info.channels, act_layer=act, **factory)
             note = f"{act_name} kept after FRN"
     elif kind == "evonorm_b0":
         momentum = info.momentum if isinstance(info.momentum, float) else 0.1
@@ -94,7 +105,8 @@ def _channel_target(kind: str, info, module, groups, max_groups, factory):
             with torch.no_grad():
                 target.running_var.copy_(info.running_var)
     else:
-        n_groups = auto_groups(info.channels, max_groups) if groups == "auto" else groups
+        # "auto" is the only str convert_beyond lets through
+        n_groups = auto_groups(info.channels, max_groups) if isinstance(groups, str) else groups
         target = nln.EvoNormS0(info.channels, groups=n_groups, **factory)
     if kind.startswith("evonorm") and act_name not in (None, "identity"):
         note = f"{act_name} replaced by EvoNorm's own nonlinearity"
@@ -113,7 +125,7 @@ def convert_beyond(
     groups: int | str = "auto",
     max_groups: int = 32,
     alpha_init_value: float = 0.5,
-    example_input=None,
+    example_input: Any = None,
 ) -> SurgeryResult:
     """:func:`normlab.surgery.convert_norms` for the targets in :data:`BEYOND_TARGETS`."""
     if to not in BEYOND_TARGETS:
@@ -143,7 +155,10 @@ def convert_beyond(
                 elif is_normalization_layer(module):
                     report.skip(path, f"{class_label(module)} is not a LayerNorm or RMSNorm: {to} replaces those")
                 continue
-            detail = {"alpha_init_value": alpha_init_value, "affine": "copied" if target.weight is not None else "none"}
+            detail: dict[str, object] = {
+                "alpha_init_value": alpha_init_value,
+                "affine": "copied" if target.weight is not None else "none",
+            }
         else:
             info = describe_norm(module)
             if info is None:
@@ -167,7 +182,7 @@ def convert_beyond(
             if rank != 2:
                 report.skip(path, f"{rank} spatial dims: {to} normalizes (N, C, H, W) inputs")
                 continue
-            if to == "evonorm_s0" and groups != "auto" and info.channels % groups:
+            if to == "evonorm_s0" and not isinstance(groups, str) and info.channels % groups:  # str: "auto"
                 report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
                 continue
             factory = _factory(module, seen.get(path), new)

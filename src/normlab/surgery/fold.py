@@ -11,7 +11,7 @@ and the BatchNorm disappears. The arithmetic is done in float64 and cast back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,8 @@ __all__ = ["bn_affine", "fold_batchnorm", "fold_into"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: the layers a BatchNorm folds into (what _is_producer accepts)
+Producer = nn.Linear | nn.modules.conv._ConvNd
 
 
 def _is_producer(m: nn.Module) -> bool:
@@ -67,8 +69,18 @@ def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns:
         ``(a, b)``, each of shape (C,), float64.
+
+    Raises:
+        TypeError: ``bn`` is no BatchNorm-like layer.
+        ValueError: ``bn`` keeps no running statistics (``track_running_stats=False``).
     """
     info = describe_norm(bn)
+    if info is None:
+        raise TypeError(f"bn_affine expects a BatchNorm-like layer, got {class_label(bn)}")
+    if info.running_var is None or info.running_mean is None:
+        raise ValueError(
+            f"bn_affine needs running statistics, and this {class_label(bn)} keeps none (track_running_stats=False)"
+        )
     var = info.running_var.detach().double()
     mean = info.running_mean.detach().double()
     a = torch.rsqrt(var + info.eps)
@@ -80,7 +92,7 @@ def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+def fold_into(producer: Producer, a: torch.Tensor, b: torch.Tensor) -> None:
     """Make ``producer`` compute a·producer(x) + b per output channel, in place."""
     weight = producer.weight
     w = weight.detach().double()
@@ -116,8 +128,8 @@ def fold_into(producer: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
 def _replacement_for(bn: nn.Module) -> nn.Module:
     """What stays where the BatchNorm was: nothing, or what a norm + activation layer applies
     after normalizing (its activation; timm's drop layer before it)."""
-    after = [getattr(bn, name, None) for name in ("drop", "act")]  # BatchNormAct*: these stay
-    after = [m for m in after if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    found = [getattr(bn, name, None) for name in ("drop", "act")]  # BatchNormAct*: these stay
+    after = [m for m in found if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
     if not after:
         return nn.Identity()
     return after[0] if len(after) == 1 else nn.Sequential(*after)
@@ -159,12 +171,13 @@ def fold_batchnorm(model: nn.Module, example_input: Any = None) -> SurgeryResult
     search = find_pairs(folded, _is_producer, _is_consumer, example_input)
     report.check = f"pairs found by {search.method}"
     modules = dict(folded.named_modules())
-    for consumer, reason in search.skipped.items():
-        report.skip(consumer, reason)
+    for consumer, why in search.skipped.items():
+        report.skip(consumer, why)
     shared = shared_parameters(folded)
-    unverified_linear = []
+    unverified_linear: list[str] = []
     for producer_path, bn_path in search.pairs:
-        producer, bn = modules[producer_path], modules[bn_path]
+        # find_pairs pairs only the producers _is_producer accepted
+        producer, bn = cast(Producer, modules[producer_path]), modules[bn_path]
         reason = (
             _foldable_reason(bn)
             or _computed_reason(producer_path, producer)
@@ -223,9 +236,11 @@ def _computed_reason(path: str, producer: nn.Module) -> str | None:
     its originals on every access: scaling the computed tensor would change nothing."""
     for name in ("weight", "bias"):
         if parametrize.is_parametrized(producer, name):
+            # what parametrize installs: a ModuleDict of each tensor's chain of parametrizations
+            chain = cast(parametrize.ParametrizationList, cast(nn.ModuleDict, producer.parametrizations)[name])
             return (
                 f"the {name} of {path} is computed by a parametrization "
-                f"({', '.join(type(p).__name__ for p in producer.parametrizations[name])}): "
+                f"({', '.join(type(p).__name__ for p in chain)}): "
                 "a fold cannot be written into it"
             )
     return None
@@ -264,5 +279,5 @@ def _shared_reason(path: str, producer: nn.Module, shared: dict[int, list[str]])
     return None
 
 
-def _out_channels(producer: nn.Module) -> int:
+def _out_channels(producer: Producer) -> int:
     return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels

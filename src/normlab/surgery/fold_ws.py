@@ -10,7 +10,7 @@ standardization would undo the scaling).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -33,19 +33,20 @@ __all__ = ["fold_weight_standardization", "standardizes_weight"]
 _TIMM_NAMES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 
 
-def standardizes_weight(module: nn.Module) -> bool:
-    """A convolution whose weight is standardized on every call (normlab's or timm's)."""
+def standardizes_weight(module: nn.Module) -> TypeGuard[nn.Conv2d]:
+    """A convolution whose weight is standardized on every call (normlab's or timm's: both
+    are ``nn.Conv2d`` subclasses with an ``eps``)."""
     if isinstance(module, (nln.StdConv2d, nln.ScaledStdConv2d)):
         return True
     return type(module).__module__.split(".")[0] == "timm" and type(module).__name__ in _TIMM_NAMES
 
 
-def _standardized(module: nn.Module) -> torch.Tensor:
+def _standardized(module: nn.Conv2d) -> torch.Tensor:
     """Ŵ in float64, from the module's own weight, eps and (scaled) gain."""
     gain = getattr(module, "gain", None)
     if gain is not None:
         gain = gain.detach().double() * module.scale
-    return weight_standardization(module.weight.detach().double(), module.eps, gain=gain)
+    return weight_standardization(module.weight.detach().double(), cast(float, module.eps), gain=gain)
 
 
 def fold_weight_standardization(model: nn.Module, example_input: Any = None) -> SurgeryResult:
@@ -77,10 +78,10 @@ def fold_weight_standardization(model: nn.Module, example_input: Any = None) -> 
         )
         with torch.no_grad():
             conv.weight.copy_(_standardized(module).to(conv.weight.dtype))
-            if module.bias is not None:
+            if module.bias is not None and conv.bias is not None:  # conv_config gave conv a bias
                 conv.bias.copy_(module.bias)
         conv.weight.requires_grad_(module.weight.requires_grad)
-        if module.bias is not None:
+        if module.bias is not None and conv.bias is not None:
             conv.bias.requires_grad_(module.bias.requires_grad)
         conv.eval()
         hand_over_hooks(conv, module)  # a hook on the layer runs on its successor

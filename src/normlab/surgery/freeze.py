@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from .. import nn as nln
@@ -76,11 +78,11 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
             report.skip(path, f"{class_label(module)} is frozen by construction")
             continue
         parts = _what_to_freeze(module, affine)
-        if getattr(module, "frozen", False):
+        if getattr(module, "frozen", False):  # a layer with a frozen flag: a normlab FreezableNorm
             if module.frozen_affine or "affine" not in parts:
                 report.skip(path, "already frozen")
                 continue
-            module.freeze(affine=True)  # a freeze without affine, completed
+            cast(nln.FreezableNorm, module).freeze(affine=True)  # a freeze without affine, completed
             report.changed(path, "frozen", class_label(module), class_label(module), frozen="affine")
             continue
         if not parts:
@@ -96,8 +98,9 @@ def freeze_norms(model: nn.Module, affine: bool = True) -> SurgeryResult:
             twin.__dict__[ORIGINAL] = layer_template(module)  # what unfreeze_norms gives back
             target = twin
             new = replace_everywhere(new, module, target)
-        target.freeze(affine=affine)
-        target._requires_grad_before_freeze = {
+        freezable = cast(nln.FreezableNorm, target)  # a normlab layer, or the normlab twin just built
+        freezable.freeze(affine=affine)
+        freezable._requires_grad_before_freeze = {
             name: requires_grad.get(id(p), p.requires_grad) for name, p in target.named_parameters(recurse=False)
         }
         report.changed(path, "frozen", class_label(module), class_label(target), frozen=" and ".join(parts))
@@ -135,7 +138,7 @@ def _report_shared(report: SurgeryReport, new: nn.Module, requires_grad_before: 
 def settle(module: nn.Module) -> nn.Module:
     """``module`` itself, or — for a normlab layer that stood in for another class only while
     it was frozen — that class again, holding the same tensors."""
-    template = module.__dict__.get(ORIGINAL)
+    template: nn.Module | None = module.__dict__.get(ORIGINAL)
     if template is None or getattr(module, "frozen", False) or SYNC_FROM in module.__dict__:
         return module
     return rebuild(template, module)
@@ -164,7 +167,7 @@ def unfreeze_norms(model: nn.Module) -> SurgeryResult:
             continue
         if not getattr(module, "frozen", False):
             continue
-        thaw(module)
+        thaw(cast(nln.FreezableNorm, module))  # a layer with a frozen flag: a normlab FreezableNorm
         after = settle(module)
         if after is not module:
             new = replace_everywhere(new, module, after)

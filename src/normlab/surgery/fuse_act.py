@@ -38,7 +38,7 @@ from .tracing import find_pairs
 __all__ = ["FusedActivation", "fuse_norm_activations", "unfuse_norm_activations"]
 
 #: normlab norm class → its fused norm + activation class (the same constructor and state).
-FUSED_CLASS: dict[type, type] = {
+FUSED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nln.BatchNorm1d: nln.BatchNormAct1d,
     nln.BatchNorm2d: nln.BatchNormAct2d,
     nln.BatchNorm3d: nln.BatchNormAct3d,
@@ -59,6 +59,10 @@ class FusedActivation(nn.Identity):
         activation: the torch.nn activation module that was fused (kept, not registered).
         fused_into: the fused norm + activation layer that now applies it.
     """
+
+    # plain instance attributes (set in __init__ through __dict__), declared for the type checker
+    activation: nn.Module
+    fused_into: nn.Module
 
     def __init__(self, activation: nn.Module, fused_into: nn.Module) -> None:
         super().__init__()
@@ -85,7 +89,7 @@ def _refusal(norm: nn.Module, act: nn.Module, counts: dict[int, int]) -> str:
         return str(error)
     if name == "identity":
         return "the activation is an identity"
-    if list(act.parameters()) or list(act.buffers()):
+    if any(True for _ in act.parameters()) or any(True for _ in act.buffers()):
         return f"{class_label(act)} holds state (its slopes): fusing would move it to another state-dict key"
     if counts.get(id(norm), 0) > 1 or counts.get(id(act), 0) > 1:
         return "the norm or the activation is registered more than once in the model"

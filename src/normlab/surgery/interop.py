@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from .tracing import extra_arguments
 __all__ = ["TWINS", "from_torch", "load_decay_statistics", "normlab_twin", "to_torch", "twin_of"]
 
 #: torch.nn class → normlab class with the same constructor, parameters and buffers.
-TWINS: dict[type, type] = {
+TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: nln.BatchNorm1d,
     nn.BatchNorm2d: nln.BatchNorm2d,
     nn.BatchNorm3d: nln.BatchNorm3d,
@@ -44,7 +45,7 @@ if hasattr(nn, "RMSNorm"):
 _TORCH_OF = {v: k for k, v in TWINS.items()}
 
 
-def _constructor_args(module: nn.Module) -> tuple[tuple, dict]:
+def _constructor_args(module: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Positional and keyword arguments that rebuild ``module``'s configuration."""
     factory = module_factory_kwargs(module)
     if hasattr(module, "num_groups"):  # GroupNorm
@@ -72,7 +73,17 @@ def _constructor_args(module: nn.Module) -> tuple[tuple, dict]:
     return (module.num_features,), kwargs  # BatchNorm, InstanceNorm, SyncBatchNorm
 
 
-def twin_of(module: nn.Module, cls: type) -> nn.Module:
+class _RunningStatistics(Protocol):
+    """A BatchNorm-like layer as load_decay_statistics reads and writes it, whichever library
+    it comes from."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    momentum: float | None
+    eps: float
+
+
+def twin_of(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """A ``cls`` instance with ``module``'s configuration and mode, holding its very
     parameters and buffers (values bit for bit, ``requires_grad`` and ties kept)."""
     args, kwargs = _constructor_args(module)
@@ -96,28 +107,31 @@ def _foreign_twin(module: nn.Module) -> nn.Module | str | None:
         if not isinstance(module.drop, nn.Identity):
             return f"timm BatchNormAct2d with drop layer {type(module.drop).__name__}: the fused layer has none"
         try:
-            activation, param = nln.activation_spec(module.act)
+            activation, param = nln.activation_spec(cast(nn.Module, module.act))  # timm's act: a module
         except ValueError as err:
             return str(err)
         if isinstance(module.act, nn.PReLU) and module.act.num_parameters != module.num_features:
             return "timm BatchNormAct2d with a single-slope PReLU: normlab's has one slope per channel"
         args, kwargs = _constructor_args(module)
-        twin = nln.BatchNormAct2d(*args, **kwargs, activation=activation, activation_param=param)
+        twin: nn.Module = nln.BatchNormAct2d(*args, **kwargs, activation=activation, activation_param=param)
     elif origin == "timm" and name == "LayerNorm" and not getattr(module, "_fast_norm", True):
         args, kwargs = _constructor_args(module)  # forward is F.layer_norm, as torch.nn's
         twin = nln.LayerNorm(*args, **kwargs)
     elif origin == "timm" and name == "LayerNorm2d" and not getattr(module, "_fast_norm", True):
         # forward: permute, F.layer_norm over (C,), permute back — LayerNorm2d's map
+        layer_norm = cast(nn.LayerNorm, module)  # timm's LayerNorm2d subclasses nn.LayerNorm
         twin = nln.LayerNorm2d(
-            module.normalized_shape[0],
-            eps=module.eps,
-            affine=module.elementwise_affine,
-            bias=module.bias is not None,
+            layer_norm.normalized_shape[0],
+            eps=layer_norm.eps,
+            affine=layer_norm.elementwise_affine,
+            bias=layer_norm.bias is not None,
             **module_factory_kwargs(module),
         )
     elif origin == "torchvision" and name == "FrozenBatchNorm2d":
         # x·w·rsqrt(var + eps) + (b − mean·w·rsqrt(var + eps)): the same affine map.
-        twin = nln.FrozenBatchNorm2d(module.weight.shape[0], eps=module.eps, **module_factory_kwargs(module))
+        # torchvision's class: weight is a buffer of shape (C,), eps a float
+        channels, eps = cast(torch.Tensor, module.weight).shape[0], cast(float, module.eps)
+        twin = nln.FrozenBatchNorm2d(channels, eps=eps, **module_factory_kwargs(module))
     elif is_normalization_layer(module):
         return _no_twin_reason(module)
     else:
@@ -157,7 +171,9 @@ def _no_twin_reason(module: nn.Module) -> str:
     return f"{class_label(module)} is a normalization layer with no exact normlab twin"
 
 
-def _swap(model: nn.Module, operation: str, twin_fn) -> SurgeryResult:
+def _swap(
+    model: nn.Module, operation: str, twin_fn: Callable[[str, nn.Module], nn.Module | str | None]
+) -> SurgeryResult:
     """Replace each module by ``twin_fn(path, module)``: a module, a reason (skipped: a
     normalization layer with no twin) or None (not a module this swap is about). Besides the
     normalization layers, the standardized convolutions have twins."""
@@ -287,7 +303,7 @@ def to_torch(model: nn.Module, example_input: Any = None, *, timm: bool = False)
             return f"it is called with {masked[path]}: torch.nn's {_TORCH_OF[type(module)].__name__} takes none"
         return _torch_twin(module)
 
-    result = _swap(to_timm.model if timm else model, "to_torch", twin)
+    result = _swap(to_timm.model if to_timm is not None else model, "to_torch", twin)  # not None: timm=True
     if to_timm is not None:
         result.report.operation = "to_torch(timm=True)"
         result.report.changes[:0] = to_timm.report.changes
@@ -361,6 +377,7 @@ def load_decay_statistics(
             ``decay`` outside [0, 1].
     """
     new = copy_model(module)
+    layer = cast(_RunningStatistics, new)  # what the check below makes sure of (or refuses)
     report = SurgeryReport("load_decay_statistics")
     if getattr(new, "running_mean", None) is None:
         raise ValueError(
@@ -368,7 +385,7 @@ def load_decay_statistics(
             f"(track_running_stats=False or not a BatchNorm)"
         )
     stats = from_decay_convention(moving_mean, moving_variance, decay, elements_per_batch=elements_per_batch)
-    expected = tuple(new.running_mean.shape)
+    expected = tuple(layer.running_mean.shape)
     for name, value in (
         ("moving_mean", stats.running_mean),
         ("moving_variance", stats.running_var),
@@ -378,8 +395,8 @@ def load_decay_statistics(
         if value is not None and tuple(value.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(value.shape)}, the layer needs {expected}")
     with torch.no_grad():
-        new.running_mean.copy_(stats.running_mean)
-        new.running_var.copy_(stats.running_var)
+        layer.running_mean.copy_(stats.running_mean)
+        layer.running_var.copy_(stats.running_var)
         for name, value in (("weight", gamma), ("bias", beta)):
             if value is None:
                 continue
@@ -387,16 +404,16 @@ def load_decay_statistics(
             if target is None:
                 raise ValueError(f"{name} given but the layer has none (affine=False or bias=False)")
             target.copy_(value)
-    new.momentum = stats.momentum
+    layer.momentum = stats.momentum
     if epsilon is not None:
-        new.eps = float(epsilon)
+        layer.eps = float(epsilon)
     report.changed(
         "",
         "loaded",
         "decay convention",
         "momentum convention",
         momentum=stats.momentum,
-        eps=new.eps,
+        eps=layer.eps,
         variance="rescaled n/(n-1)" if elements_per_batch else "unchanged (biased)",
     )
     return SurgeryResult(new, report)

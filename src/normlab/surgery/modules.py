@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypedDict, TypeVar, cast
 
 import torch
 from torch import nn
@@ -42,6 +43,10 @@ __all__ = [
 ]
 
 
+#: a module type that a function hands back as it was given (with what it did to it)
+M = TypeVar("M", bound=nn.Module)
+
+
 def class_label(module: nn.Module) -> str:
     """'torch.nn.BatchNorm2d', 'normlab.nn.GroupNorm', or module.Class for anything else."""
     cls = type(module)
@@ -66,7 +71,7 @@ def copy_model(model: nn.Module) -> nn.Module:
         ) from err
 
 
-def call_model(model: nn.Module, example_input):
+def call_model(model: nn.Module, example_input: Any) -> Any:
     """model(x), model(*x) for a tuple/list, model(**x) for a dict."""
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
@@ -75,13 +80,13 @@ def call_model(model: nn.Module, example_input):
     return model(example_input)
 
 
-def output_tensors(output) -> list[torch.Tensor]:
+def output_tensors(output: object) -> list[torch.Tensor]:
     """Every tensor in a (possibly nested) model output."""
     return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
 
 
 @contextmanager
-def evaluating(model: nn.Module):
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode, without gradients; afterwards every module has its own training
     flag back (``model.train(was)`` would flatten a model whose BatchNorms were put in eval)."""
     flags = [(m, m.training) for m in model.modules()]
@@ -94,7 +99,7 @@ def evaluating(model: nn.Module):
             m.training = training
 
 
-def run_copy(model: nn.Module, example_input, hooks=None):
+def run_copy(model: nn.Module, example_input: Any, hooks: Callable[[nn.Module], None] | None = None) -> Any:
     """``model``'s eval output on ``example_input``, computed by a copy: a forward run to look
     at a model must not move whatever state its modules keep across calls (a quantization
     observer updates in eval too). ``hooks(copy)`` may register hooks on the copy first (its
@@ -106,7 +111,7 @@ def run_copy(model: nn.Module, example_input, hooks=None):
         return call_model(scratch, example_input)
 
 
-def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input) -> float | None:
+def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float | None:
     """Max |a(x) − b(x)| over all output tensors, both in eval mode, neither modified; None
     where the outputs hold no values (the meta device)."""
     outputs = [output_tensors(run_copy(model, example_input)) for model in (a, b)]
@@ -152,7 +157,15 @@ def shared_parameters(root: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in owners.items() if len(v) > 1}
 
 
-def module_factory_kwargs(module: nn.Module) -> dict:
+class ModuleFactoryKwargs(TypedDict, total=False):
+    """The ``device=``/``dtype=`` a module's tensors have, for a replacement's constructor:
+    both, or neither where the module holds no floating tensor."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def module_factory_kwargs(module: nn.Module) -> ModuleFactoryKwargs:
     """device/dtype of a module's first floating parameter or buffer."""
     for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
         if t.is_floating_point():
@@ -160,7 +173,7 @@ def module_factory_kwargs(module: nn.Module) -> dict:
     return {}
 
 
-def conv_config(module: nn.Conv2d) -> dict:
+def conv_config(module: nn.Conv2d) -> dict[str, Any]:
     """A conv's constructor arguments after its channel counts (kernel size, stride, padding,
     dilation, groups, whether it has a bias) and its device/dtype: a twin built from them has
     the same configuration."""
@@ -196,6 +209,19 @@ class NormInfo:
     source: str  # "normlab" or "torch" or "other"
 
 
+class _CommonFields(TypedDict):
+    """The NormInfo fields read the same way from every kind of channel norm."""
+
+    eps: float
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+    momentum: float | None
+    source: str
+
+
 _SPATIAL_RANK_BY_SUFFIX = {"1d": 1, "2d": 2, "3d": 3}
 
 
@@ -213,8 +239,8 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
         if type(module).__module__.startswith("normlab.")
         else ("torch" if type(module).__module__.startswith("torch.") else "other")
     )
-    common = dict(
-        spatial_rank=_spatial_rank_from_name(module),
+    rank = _spatial_rank_from_name(module)
+    common = _CommonFields(
         eps=float(getattr(module, "eps", None) or 0.0),  # RMSNorm's eps may be None; a channel norm's never is
         weight=getattr(module, "weight", None),
         bias=getattr(module, "bias", None),
@@ -225,20 +251,21 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
         source=source,
     )
     if isinstance(module, (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)):
-        return NormInfo("batch_renorm", channels=module.num_features, **common)
+        return NormInfo("batch_renorm", rank, channels=module.num_features, **common)
     if isinstance(module, (nln.FrozenBatchNorm1d, nln.FrozenBatchNorm2d, nln.FrozenBatchNorm3d)) or (
         name.startswith("FrozenBatchNorm") and hasattr(module, "running_var")
     ):
-        return NormInfo("frozen", channels=int(module.running_var.numel()), **common)
+        # a class of another library, known by its name: running_var is its buffer
+        return NormInfo("frozen", rank, channels=int(cast(torch.Tensor, module.running_var).numel()), **common)
     if isinstance(module, (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d, nn.modules.batchnorm._BatchNorm)):
-        rank = common["spatial_rank"] if not isinstance(module, nn.SyncBatchNorm) else None
-        return NormInfo("batch", channels=module.num_features, **{**common, "spatial_rank": rank})
+        batch_rank = rank if not isinstance(module, nn.SyncBatchNorm) else None
+        return NormInfo("batch", batch_rank, channels=module.num_features, **common)
     if isinstance(
         module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d, nn.modules.instancenorm._InstanceNorm)
     ):
-        return NormInfo("instance", channels=module.num_features, **common)
+        return NormInfo("instance", rank, channels=module.num_features, **common)
     if isinstance(module, (nln.GroupNorm, nn.GroupNorm)):
-        return NormInfo("group", channels=module.num_channels, **{**common, "spatial_rank": None})
+        return NormInfo("group", None, channels=module.num_channels, **common)
     return None
 
 
@@ -316,7 +343,7 @@ _FREEZE_STATE = ("frozen", "frozen_affine", "_requires_grad_before_freeze")
 _NORMLAB_OPTIONS = ("unbiased_running_var", "on_nonfinite")
 
 
-def thaw(layer: nn.Module) -> None:
+def thaw(layer: nln.FreezableNorm) -> None:
     """Unfreeze ``layer``, restoring γ/β's ``requires_grad`` only where the freeze set it (a
     freeze with affine): a freeze of statistics alone never touched it, and whatever it is now
     — set since, or through a tied parameter — stays."""
@@ -337,7 +364,7 @@ def layer_template(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def rebuild(template: nn.Module, current: nn.Module, *, drop: tuple[str, ...] = ()) -> nn.Module:
+def rebuild(template: M, current: nn.Module, *, drop: tuple[str, ...] = ()) -> M:
     """The layer of ``template``'s class and configuration holding ``current``'s state (its very
     tensors: see :func:`adopt`)."""
     restored = copy.deepcopy(template)
@@ -384,7 +411,7 @@ def hand_over_hooks(new: nn.Module, old: nn.Module) -> None:
                 new.add_module(name, child)
 
 
-def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> nn.Module:
+def adopt(new: M, old: nn.Module, *, drop: tuple[str, ...] = (), options: bool = True) -> M:
     """Give a freshly built ``new`` layer everything of ``old`` that a swap must keep, and return it.
 
     - The parameter and buffer *objects* wherever name and shape agree (values are
@@ -411,7 +438,8 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
                 mine = slots.get(name)
                 if tensor is not None and mine is not None and mine.shape == tensor.shape:
                     slots[name] = tensor
-    if isinstance(new, nln.FreezableNorm) and isinstance(old, nln.FreezableNorm):
+    layer: nn.Module = new  # mypy narrows a Module by isinstance, not the type variable M
+    if isinstance(layer, nln.FreezableNorm) and isinstance(old, nln.FreezableNorm):
         for name in _FREEZE_STATE:
             if name in old.__dict__:
                 new.__dict__[name] = copy.copy(old.__dict__[name])
@@ -422,7 +450,7 @@ def adopt(new: nn.Module, old: nn.Module, *, drop: tuple[str, ...] = (), options
             if hasattr(new, name) and hasattr(old, name):
                 setattr(new, name, getattr(old, name))
     for name in _MARKERS:
-        if name in old.__dict__ and name not in drop and isinstance(new, nln.FreezableNorm):
+        if name in old.__dict__ and name not in drop and isinstance(layer, nln.FreezableNorm):
             new.__dict__[name] = old.__dict__[name]
         else:
             new.__dict__.pop(name, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from ..core import Moments, check_mask, merge_moments
 from .modules import class_label, copy_model, describe_norm, normalization_layers
 from .report import SurgeryReport, SurgeryResult
+from .tracing import PreHook
 
 __all__ = ["default_forward", "precise_bn"]
 
@@ -75,11 +76,11 @@ class _Accumulator:
         self.calls += 1
 
 
-def _recorder(path: str, acc: _Accumulator):
+def _recorder(path: str, acc: _Accumulator) -> PreHook:
     """A forward pre-hook that feeds the layer's input — positional or ``input=``, and its
     ``mask=`` where it has one — to ``acc``."""
 
-    def hook(module, args, kwargs):
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("input")
         mask = args[1] if len(args) > 1 else kwargs.get("mask")
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -93,20 +94,20 @@ def _recorder(path: str, acc: _Accumulator):
 
 
 def _all_processes(acc: dict[str, _Accumulator], order: list[str]) -> None:
-    """Merge every process's accumulators (one all_gather for all layers together)."""
+    """Merge every process's accumulators (one all_gather for all layers together); each has
+    its moments by now (zeros where the layer never ran here)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    local = torch.cat(
-        [torch.cat([acc[p].moments.count.double(), acc[p].moments.mean, acc[p].moments.m2]) for p in order]
-    )
+    moments = [cast(Moments, acc[p].moments) for p in order]
+    local = torch.cat([torch.cat([m.count.double(), m.mean, m.m2]) for m in moments])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     stacked = torch.stack(gathered)  # (world, Σ 3C)
     offset = 0
-    for p in order:
-        c = acc[p].moments.mean.numel()
+    for p, m in zip(order, moments):
+        c = m.mean.numel()
         block = stacked[:, offset : offset + 3 * c]
         offset += 3 * c
         acc[p].moments = merge_moments(Moments(block[:, :c].round().long(), block[:, c : 2 * c], block[:, 2 * c :]))
@@ -114,7 +115,7 @@ def _all_processes(acc: dict[str, _Accumulator], order: list[str]) -> None:
 
 def precise_bn(
     model: nn.Module,
-    batches: Iterable,
+    batches: Iterable[object],
     num_batches: int = 200,
     forward_fn: Callable[[nn.Module, object], object] | None = None,
 ) -> SurgeryResult:
@@ -206,16 +207,18 @@ def precise_bn(
         raise ValueError("precise_bn got no batches: the loader is empty")
     for path, module in targets.items():
         if acc[path].moments is None:  # never ran here: nothing to merge (but other processes may have)
-            zeros = torch.zeros(module.running_mean.shape, dtype=torch.float64, device=module.running_mean.device)
+            running_mean = cast(torch.Tensor, module.running_mean)  # a target keeps running statistics
+            zeros = torch.zeros(running_mean.shape, dtype=torch.float64, device=running_mean.device)
             acc[path].moments = Moments(zeros.long(), zeros, zeros.clone())
     _all_processes(acc, list(targets))
-    if all(int(acc[p].moments.count.max()) == 0 for p in targets):
+    # every layer has its moments now (zeros where it never ran)
+    if all(int(cast(Moments, acc[p].moments).count.max()) == 0 for p in targets):
         raise ValueError(
             f"none of the BatchNorm layers ({', '.join(targets)}) ran on the batches: does forward_fn call the model?"
         )
 
     for path, module in targets.items():
-        m = acc[path].moments
+        m = cast(Moments, acc[path].moments)
         seen = int(m.count.min())
         if seen < 2:
             why = "it never ran on the batches" if seen == 0 else "1 value per channel over the batches: no variance"
@@ -225,9 +228,10 @@ def precise_bn(
         mean, var = m.mean, m.unbiased_var() if getattr(module, "unbiased_running_var", True) else m.var
         old_mean = saved[path]["running_mean"].double()
         old_var = saved[path]["running_var"].double()
+        running_mean, running_var = cast(torch.Tensor, module.running_mean), cast(torch.Tensor, module.running_var)
         with torch.no_grad():
-            module.running_mean.copy_(mean.to(module.running_mean.dtype))
-            module.running_var.copy_(var.to(module.running_var.dtype))
+            running_mean.copy_(mean.to(running_mean.dtype))
+            running_var.copy_(var.to(running_var.dtype))
         report.changed(
             path,
             "recomputed",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -27,7 +27,7 @@ class Change:
     action: str
     before: str
     after: str
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class SurgeryReport:
     check: str = "not checked"
     notes: list[str] = field(default_factory=list)
 
-    def changed(self, path: str, action: str, before: str, after: str, **detail) -> None:
+    def changed(self, path: str, action: str, before: str, after: str, **detail: object) -> None:
         self.changes.append(Change(path, action, before, after, detail))
 
     def skip(self, path: str, reason: str) -> None:
@@ -74,7 +74,7 @@ class SurgeryReport:
         if all(s.path != path for s in self.skipped):
             self.skipped.append(Skip(path, reason))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self) -> str:

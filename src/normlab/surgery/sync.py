@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import nn as nln
 from .freeze import settle
@@ -12,6 +13,7 @@ from .interop import TWINS, twin_of
 from .modules import (
     ORIGINAL,
     SYNC_FROM,
+    ModuleFactoryKwargs,
     adopt,
     class_label,
     copy_model,
@@ -36,6 +38,10 @@ _BATCHNORMS = (
     nn.SyncBatchNorm,
 )
 _FUSED = (nln.BatchNormAct1d, nln.BatchNormAct2d, nln.BatchNormAct3d)
+
+
+class _SyncKwargs(ModuleFactoryKwargs, total=False):
+    bias: bool
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> SurgeryResult:
@@ -69,20 +75,23 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> Surge
             ):
                 report.skip(path, f"{class_label(module)} is not a plain BatchNorm")
             continue
-        kwargs = dict(bias=module.bias is not None, **module_factory_kwargs(module))
+        bn = cast(_BatchNorm, module)  # every class in _BATCHNORMS and _FUSED is a torch.nn _BatchNorm
+        kwargs: _SyncKwargs = {"bias": bn.bias is not None, **module_factory_kwargs(bn)}
         args = (
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
+            bn.num_features,
+            bn.eps,
+            bn.momentum,
+            bn.affine,
+            bn.track_running_stats,
             process_group,
         )
+        synced: nln.SyncBatchNorm
         if type(module) in _FUSED:  # the activation stays; the in-place mode does not sync
+            fused = cast("nln.BatchNormAct1d | nln.BatchNormAct2d | nln.BatchNormAct3d", module)
             synced = nln.SyncBatchNormAct(
-                *args, activation=module.activation, activation_param=module.activation_param, **kwargs
+                *args, activation=fused.activation, activation_param=fused.activation_param, **kwargs
             )
-            if module.inplace:
+            if fused.inplace:
                 report.notes.append(f"{path}: inplace=True dropped (SyncBatchNormAct keeps its input)")
         else:
             synced = nln.SyncBatchNorm(*args, **kwargs)

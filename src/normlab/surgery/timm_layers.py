@@ -19,19 +19,28 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Callable
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from .. import nn as nln
-from .modules import adopt, class_label, conv_config, module_factory_kwargs, replace_everywhere
+from .modules import ModuleFactoryKwargs, adopt, class_label, conv_config, module_factory_kwargs, replace_everywhere
 from .report import SurgeryReport, SurgeryResult
 
 __all__ = ["TIMM_TWINS", "from_timm_layer", "has_timm_twin", "to_timm_layers"]
 
+#: One of timm's layers (or, as type[TimmLayer], one of its classes). from_torch recognizes them by
+#: class name and to_torch(timm=True) imports them by name, and timm ships no type information: to
+#: the type checker they are Any, as ``import timm`` makes them (pyproject's mypy overrides); their
+#: attributes are those their classes define.
+TimmLayer = Any
+
 _EVONORMS = ("B0", "B1", "B2", "S0", "S0a", "S1", "S1a", "S2", "S2a")
 
 #: normlab class → (timm module, timm class name) of its twin.
-TIMM_TWINS: dict[type, tuple[str, str]] = {
+TIMM_TWINS: dict[type[nn.Module], tuple[str, str]] = {
     nln.StdConv2d: ("timm.layers", "StdConv2d"),
     nln.ScaledStdConv2d: ("timm.layers", "ScaledStdConv2d"),
     nln.FilterResponseNormTlu2d: ("timm.layers", "FilterResponseNormTlu2d"),
@@ -57,19 +66,19 @@ def _fast_norm_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _conv_args(module: nn.Conv2d) -> dict:
+def _conv_args(module: TimmLayer) -> dict[str, Any]:
     """The standardized conv's configuration: timm's SAME padding (computed per input) as "same"."""
     same = bool(getattr(module, "same_pad", False))
     return {**conv_config(module), "padding": "same" if same else module.padding, "eps": module.eps}
 
 
-def _std_conv(module):
+def _std_conv(module: TimmLayer) -> nln.StdConv2d | str:
     if module.padding_mode != "zeros":
         return f"{class_label(module)} with padding_mode={module.padding_mode!r}: timm's forward pads with zeros"
     return nln.StdConv2d(module.in_channels, module.out_channels, **_conv_args(module))
 
 
-def _scaled_std_conv(module):
+def _scaled_std_conv(module: TimmLayer) -> nln.ScaledStdConv2d | str:
     if module.padding_mode != "zeros":
         return f"{class_label(module)} with padding_mode={module.padding_mode!r}: timm's forward pads with zeros"
     twin = nln.ScaledStdConv2d(
@@ -79,7 +88,7 @@ def _scaled_std_conv(module):
     return twin
 
 
-def _group_norm(module):
+def _group_norm(module: TimmLayer) -> nln.GroupNorm | str:
     reason = _fast_norm_reason(module)
     if reason:
         return reason
@@ -93,7 +102,7 @@ def _group_norm(module):
     )
 
 
-def _group_norm_act(module):
+def _group_norm_act(module: TimmLayer) -> nln.GroupNormAct | str:
     reason = _fast_norm_reason(module)
     if reason:
         return reason
@@ -117,15 +126,15 @@ def _group_norm_act(module):
     )
 
 
-def _evonorm(variant):
-    cls = getattr(nln, f"EvoNorm{variant}")
+def _evonorm(variant: str) -> Callable[[TimmLayer], nn.Module]:
+    cls: type[nn.Module] = getattr(nln, f"EvoNorm{variant}")
 
-    def build(module):
+    def build(module: TimmLayer) -> nn.Module:
         factory = module_factory_kwargs(module)
         channels = module.weight.numel()
         if variant.startswith("B"):
             return cls(channels, apply_act=module.apply_act, momentum=module.momentum, eps=module.eps, **factory)
-        kwargs = dict(groups=module.groups, apply_act=module.apply_act, eps=module.eps, **factory)
+        kwargs: dict[str, object] = dict(groups=module.groups, apply_act=module.apply_act, eps=module.eps, **factory)
         if variant.startswith(("S1", "S2")):
             kwargs["act_layer"] = module.act if module.apply_act else None
         return cls(channels, **kwargs)
@@ -133,19 +142,19 @@ def _evonorm(variant):
     return build
 
 
-def _frn_tlu(module):
+def _frn_tlu(module: TimmLayer) -> nln.FilterResponseNormTlu2d:
     return nln.FilterResponseNormTlu2d(
         module.weight.numel(), apply_act=module.tau is not None, eps=module.eps, **module_factory_kwargs(module)
     )
 
 
-def _frn_act(module):
+def _frn_act(module: TimmLayer) -> nln.FilterResponseNormAct2d:
     return nln.FilterResponseNormAct2d(
         module.weight.numel(), act_layer=module.act, eps=module.eps, **module_factory_kwargs(module)
     )
 
 
-def _layer_norm2d_no_bias(module):
+def _layer_norm2d_no_bias(module: TimmLayer) -> nln.LayerNorm2d | str:
     reason = _fast_norm_reason(module)
     if reason:
         return reason
@@ -158,7 +167,7 @@ def _layer_norm2d_no_bias(module):
     )
 
 
-def _layer_norm_no_bias(module):
+def _layer_norm_no_bias(module: TimmLayer) -> nln.LayerNorm:
     return nln.LayerNorm(
         module.normalized_shape,
         eps=module.eps,
@@ -168,7 +177,8 @@ def _layer_norm_no_bias(module):
     )
 
 
-_FROM_TIMM = {
+#: timm class name → the builder of its normlab twin (or of the reason there is none)
+_FROM_TIMM: dict[str, Callable[[TimmLayer], nn.Module | str]] = {
     "StdConv2d": _std_conv,
     "StdConv2dSame": _std_conv,
     "ScaledStdConv2d": _scaled_std_conv,
@@ -200,19 +210,24 @@ def from_timm_layer(module: nn.Module) -> nn.Module | str | None:
     twin.load_state_dict(module.state_dict(), strict=True)  # checks the state has the same keys
     twin = adopt(twin, module)  # the very tensors: requires_grad and ties kept
     if type(module).__name__ in _ORIGINS:  # remembered, so that to_torch(timm=True) restores it
-        twin._timm_origin = type(module).__name__
+        twin.__dict__["_timm_origin"] = type(module).__name__  # a plain attribute, as the surgery markers
     return twin
 
 
-def _rebuild(cls, module, **kwargs):
-    twin = cls(module.num_channels if hasattr(module, "num_channels") else module.normalized_shape[0], **kwargs)
+def _rebuild(cls: type[TimmLayer], module: nn.Module, **kwargs: Any) -> TimmLayer:
+    channels = (
+        module.num_channels
+        if hasattr(module, "num_channels")
+        else cast("tuple[int, ...]", module.normalized_shape)[0]  # a LayerNorm's: (C,)
+    )
+    twin = cls(channels, **kwargs)
     twin._fast_norm = False  # its forward is then F.group_norm / F.layer_norm, as normlab's
     return twin
 
 
 #: timm classes that become a normlab layer also used for other sources (GroupNorm, LayerNorm2d,
 #: LayerNorm): where to find them again and how to build them from that layer.
-_ORIGINS = {
+_ORIGINS: dict[str, tuple[str, Callable[[type[TimmLayer], nn.Module, ModuleFactoryKwargs], TimmLayer]]] = {
     "GroupNorm": (
         "timm.layers",
         lambda cls, m, f: _rebuild(cls, m, num_groups=m.num_groups, eps=m.eps, affine=m.affine, **f),
@@ -230,7 +245,7 @@ _ORIGINS = {
 
 def _to_origin(module: nn.Module) -> nn.Module | str:
     """The timm class a normlab layer came from (``_timm_origin``), rebuilt around its state."""
-    name = module._timm_origin
+    name = cast(str, module._timm_origin)  # the timm class name from_timm_layer recorded
     where, build = _ORIGINS[name]
     try:
         cls = getattr(importlib.import_module(where), name)
@@ -238,16 +253,17 @@ def _to_origin(module: nn.Module) -> nn.Module | str:
         return (
             f"timm is needed for {class_label(module)} -> timm {name} and does not import: {type(err).__name__}: {err}"
         )
-    twin = build(cls, module, module_factory_kwargs(module))
+    twin: nn.Module = build(cls, module, module_factory_kwargs(module))
     if hasattr(module, "act"):
         twin.act = copy.deepcopy(module.act)
     return twin
 
 
-def _timm_class(module: nn.Module) -> type | str:
+def _timm_class(module: nn.Module) -> type[TimmLayer] | str:
     where, name = TIMM_TWINS[type(module)]
     try:
-        return getattr(importlib.import_module(where), name)
+        cls: type[TimmLayer] = getattr(importlib.import_module(where), name)
+        return cls
     except Exception as err:  # timm missing, or an import that fails in this environment
         return (
             f"timm is needed for {class_label(module)} -> timm {name} and does not import: {type(err).__name__}: {err}"
@@ -258,17 +274,17 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
     if getattr(module, "frozen", False):
         return f"{class_label(module)} is frozen: timm's layer has no frozen flag (unfreeze_norms first)"
     if getattr(module, "_timm_origin", None) in _ORIGINS:
-        twin = _to_origin(module)
-        if isinstance(twin, str):
-            return twin
-        twin.load_state_dict(module.state_dict(), strict=True)
-        return adopt(twin, module)
+        restored = _to_origin(module)
+        if isinstance(restored, str):
+            return restored
+        restored.load_state_dict(module.state_dict(), strict=True)
+        return adopt(restored, module)
     cls = _timm_class(module)
     if isinstance(cls, str):
         return cls
     factory = module_factory_kwargs(module)
     if isinstance(module, nln.ScaledStdConv2d | nln.StdConv2d):
-        kwargs = dict(gain_init=module.gain_init) if isinstance(module, nln.ScaledStdConv2d) else {}
+        kwargs: dict[str, object] = dict(gain_init=module.gain_init) if isinstance(module, nln.ScaledStdConv2d) else {}
         if module.same_pad:
             cls = getattr(importlib.import_module("timm.layers"), cls.__name__ + "Same")
         twin = cls(module.in_channels, module.out_channels, **kwargs, **_conv_args(module))
@@ -277,14 +293,15 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
     elif isinstance(module, nln.GroupNormAct):
         if module.inplace:
             return f"{class_label(module)} with inplace=True: timm's GroupNormAct has no in-place mode"
-        if module.bias is None and module.affine:
+        # torch infers bias as a Parameter from GroupNorm's __init__; it is None with bias=False
+        if cast("torch.Tensor | None", module.bias) is None and module.affine:
             return f"{class_label(module)} with bias=False: timm's GroupNormAct always has β"
         twin = cls(module.num_channels, num_groups=module.num_groups, eps=module.eps, affine=module.affine, **factory)
         twin.act = copy.deepcopy(module.act)
     elif isinstance(module, nln.BatchNormAct2d):
         if module.inplace:
             return f"{class_label(module)} with inplace=True: timm's BatchNormAct2d has no in-place mode"
-        if module.bias is None and module.affine:
+        if cast("torch.Tensor | None", module.bias) is None and module.affine:  # None with bias=False
             return f"{class_label(module)} with bias=False: timm's BatchNormAct2d always has β"
         if not module.unbiased_running_var or module.on_nonfinite != "skip":
             return f"{class_label(module)}: timm's BatchNormAct2d stores the unbiased variance and lets a non-finite batch in"
@@ -298,7 +315,7 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
         )
         twin.act = copy.deepcopy(module.act)
     elif isinstance(module, nln.LayerNorm2d):
-        if module.bias is None and module.elementwise_affine:
+        if cast("torch.Tensor | None", module.bias) is None and module.elementwise_affine:  # as above
             return f"{class_label(module)} with bias=False: timm's LayerNorm2d always has β"
         twin = cls(module.num_channels, eps=module.eps, affine=module.elementwise_affine, **factory)
         twin._fast_norm = False  # its forward is then F.layer_norm, as normlab's
@@ -317,7 +334,8 @@ def _to_timm(module: nn.Module) -> nn.Module | str:
         if hasattr(module, "act"):
             twin.act = copy.deepcopy(module.act)
     twin.load_state_dict(module.state_dict(), strict=True)
-    return adopt(twin, module)  # the very tensors: requires_grad and ties kept
+    # an instance of timm's (untyped) class: an nn.Module
+    return adopt(cast(nn.Module, twin), module)  # the very tensors: requires_grad and ties kept
 
 
 def to_timm_layers(model: nn.Module, refuse: dict[str, str] | None = None) -> SurgeryResult:

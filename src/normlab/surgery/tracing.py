@@ -21,13 +21,15 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.hooks import RemovableHandle
 
 from .. import nn as nln
 from .modules import call_model, evaluating, output_tensors, run_copy
@@ -35,6 +37,8 @@ from .modules import call_model, evaluating, output_tensors, run_copy
 __all__ = ["PairSearch", "extra_arguments", "find_pairs", "takes_mask"]
 
 Predicate = Callable[[nn.Module], bool]
+#: a forward pre-hook registered with ``with_kwargs=True``
+PreHook = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]
 
 
 @dataclass
@@ -49,7 +53,7 @@ class PairSearch:
         self.skipped.setdefault(consumer, reason)
 
 
-def _extra_arguments(module: nn.Module, args: tuple, kwargs: dict) -> str | None:
+def _extra_arguments(module: nn.Module, args: tuple[object, ...], kwargs: Mapping[str, object]) -> str | None:
     """What a call passes besides its input, named as the layer's forward names it ("mask="),
     or None. ``args`` are the positional arguments after the input."""
     try:
@@ -78,7 +82,7 @@ def find_pairs(
     model: nn.Module,
     is_producer: Predicate,
     is_consumer: Predicate,
-    example_input=None,
+    example_input: Any = None,
 ) -> PairSearch:
     """Pairs (producer path, consumer path) where the consumer's only input is the
     producer's output and nothing else uses it. Consumers that do not qualify are
@@ -108,7 +112,7 @@ def takes_mask(module: nn.Module) -> bool:
     return "mask" in inspect.signature(type(module).forward).parameters
 
 
-def extra_arguments(model: nn.Module, is_target: Predicate, example_input=None) -> dict[str, str] | None:
+def extra_arguments(model: nn.Module, is_target: Predicate, example_input: Any = None) -> dict[str, str] | None:
     """For the target modules that are called with something besides their input, path → what
     ("mask="). Found with ``torch.fx`` (no input needed), or
     by one forward on ``example_input`` where fx cannot trace; None where neither works."""
@@ -131,11 +135,11 @@ def extra_arguments(model: nn.Module, is_target: Predicate, example_input=None) 
     return found
 
 
-def _extra_arguments_by_hooks(model, is_target, example_input) -> dict[str, str]:
+def _extra_arguments_by_hooks(model: nn.Module, is_target: Predicate, example_input: Any) -> dict[str, str]:
     found: dict[str, str] = {}
 
-    def record(path):
-        def hook(module, args, kwargs):
+    def record(path: str) -> PreHook:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             kwargs = dict(kwargs)
             if not args:
                 kwargs.pop("input", None)
@@ -145,7 +149,7 @@ def _extra_arguments_by_hooks(model, is_target, example_input) -> dict[str, str]
 
         return hook
 
-    def watch(scratch):
+    def watch(scratch: nn.Module) -> None:
         for path, m in scratch.named_modules():
             if is_target(m):
                 m.register_forward_pre_hook(record(path), with_kwargs=True)
@@ -160,13 +164,13 @@ class _LeafTracer(fx.Tracer):
 
     def __init__(self, is_producer: Predicate, is_consumer: Predicate) -> None:
         super().__init__()
-        self._opaque = lambda m: is_producer(m) or is_consumer(m) or nln.is_norm_layer(m)
+        self._opaque: Predicate = lambda m: is_producer(m) or is_consumer(m) or nln.is_norm_layer(m)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return self._opaque(m) or super().is_leaf_module(m, qualname)
 
 
-def _find_with_fx(model, is_producer, is_consumer) -> PairSearch:
+def _find_with_fx(model: nn.Module, is_producer: Predicate, is_consumer: Predicate) -> PairSearch:
     tracer = _LeafTracer(is_producer, is_consumer)
     graph = tracer.trace(model)
     modules = dict(model.named_modules())
@@ -190,7 +194,7 @@ def _find_with_fx(model, is_producer, is_consumer) -> PairSearch:
             what = _describe_node(source)
             search.skip(consumer, f"its input comes from {what}, not a foldable conv/linear")
             continue
-        producer = source.target
+        producer = cast(str, source.target)  # a call_module node's target is the module's path
         if calls[producer] > 1:
             search.skip(consumer, f"{producer} is called {calls[producer]} times per forward")
             continue
@@ -203,7 +207,7 @@ def _find_with_fx(model, is_producer, is_consumer) -> PairSearch:
     return search
 
 
-def _describe_node(node) -> str:
+def _describe_node(node: object) -> str:
     if not isinstance(node, fx.Node):
         return f"a constant ({type(node).__name__})"
     if node.op == "call_module":
@@ -216,14 +220,14 @@ def _describe_node(node) -> str:
     return f"{node.op.replace('_', ' ')} '{target}'"
 
 
-def _producer_output_ranks(model, is_producer, example_input) -> dict[str, int]:
+def _producer_output_ranks(model: nn.Module, is_producer: Predicate, example_input: Any) -> dict[str, int]:
     ranks: dict[str, int] = {}
 
-    def watch(scratch):
+    def watch(scratch: nn.Module) -> None:
         for path, m in scratch.named_modules():
             if is_producer(m):
 
-                def hook(mod, args, out, path=path):
+                def hook(mod: nn.Module, args: tuple[Any, ...], out: object, path: str = path) -> None:
                     if isinstance(out, torch.Tensor):
                         ranks[path] = out.dim()
 
@@ -241,7 +245,7 @@ class _UseRecorder(TorchFunctionMode):
         self.stack = stack
         self.watched: dict[int, str] = {}  # id(tensor) → producer path
         self.keep: list[torch.Tensor] = []  # keep watched tensors alive: ids stay unique
-        self.uses: dict[int, list[tuple[str, ...]]] = {}
+        self.uses: dict[int, list[tuple[tuple[str, ...], str]]] = {}  # (module stack, op name)
         self.paused = False  # our own hooks' tensor calls are not uses
 
     def watch(self, tensor: torch.Tensor, producer: str) -> None:
@@ -249,7 +253,13 @@ class _UseRecorder(TorchFunctionMode):
         self.keep.append(tensor)
         self.uses[id(tensor)] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if self.watched and not self.paused:
             for t in tree_flatten((args, kwargs))[0]:
@@ -258,17 +268,19 @@ class _UseRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSearch:
+def _find_with_hooks(
+    model: nn.Module, is_producer: Predicate, is_consumer: Predicate, example_input: Any
+) -> PairSearch:
     stack: list[str] = []
     recorder = _UseRecorder(stack)
-    calls: Counter = Counter()
+    calls: Counter[str] = Counter()
     consumer_inputs: dict[str, object] = {}
     consumer_extras: dict[str, str] = {}
     ranks: dict[str, int] = {}
-    handles = []
+    handles: list[RemovableHandle] = []
     for path, m in model.named_modules():
 
-        def pre(mod, args, kwargs, path=path):
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], path: str = path) -> None:
             stack.append(path)
             calls[path] += 1
             if is_consumer(mod):
@@ -278,7 +290,7 @@ def _find_with_hooks(model, is_producer, is_consumer, example_input) -> PairSear
                 if extra:
                     consumer_extras.setdefault(path, extra)
 
-        def post(mod, args, out, path=path):
+        def post(mod: nn.Module, args: tuple[Any, ...], out: object, path: str = path) -> None:
             stack.pop()
             if is_producer(mod) and isinstance(out, torch.Tensor):
                 recorder.paused = True
