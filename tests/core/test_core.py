@@ -198,3 +198,15 @@ def test_batch_renorm_with_a_policy_that_holds_no_estimates_says_so():
     running = core.RunningStats({"running_mean": None, "running_var": None}, 0.1, True, "skip")
     with pytest.raises(core.InputError, match="holds none"):
         core.batch_renorm(x, None, None, eps=1e-5, batch_stats=True, running=running, r_max=3.0, d_max=5.0)
+
+
+@pytest.mark.parametrize("given", ["mean", "rstd"])
+def test_masked_reference_refuses_half_of_the_fixed_statistics(given):
+    # found by the type check: a mean alone multiplied by None; an rstd alone was silently recomputed
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    mask = torch.ones(3, 1, 4, dtype=torch.bool)
+    stat = {given: torch.ones(1, 2, 1, dtype=torch.float64)}
+    with pytest.raises(core.InputTypeError, match=f"got only {given}"):
+        core.masked_reference(x, None, None, mask, (0, 2), 1e-5, **stat)
+    mean, rstd = torch.zeros(1, 2, 1, dtype=torch.float64), torch.full((1, 2, 1), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(core.masked_reference(x, None, None, mask, (0, 2), 1e-5, mean=mean, rstd=rstd), 2 * x)
