@@ -30,7 +30,7 @@ kernels hand back (a batch that is not finite warns or raises here).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 
@@ -467,7 +467,13 @@ def to_decay_convention(
     return DecayStatistics(running_mean.clone(), var.clone(), decay)
 
 
-class DiscardingStats:
+if TYPE_CHECKING:
+    _Policy = RunningStats  # to the checker it is a RunningStats: it answers every attribute as one
+else:
+    _Policy = object  # at run time it forwards them (__getattr__), holding no state of its own
+
+
+class DiscardingStats(_Policy):
     """A checkpoint recompute's view of a :class:`RunningStats`: it reads the policy's
     estimates and options and merges nothing, so torch's ops run as they did in the forward
     (checkpointing requires the same saved tensors) without a second update."""
