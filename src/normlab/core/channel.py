@@ -138,8 +138,17 @@ def channel_norm(
     if decision is KERNELS_DIRECT and not inplace:
         # KERNELS_DIRECT is answered only once the kernels are loaded
         out = cast("KernelsModule", _cpu.module).channel_norm(
-            x, weight, bias, running, groups, batch_stats, eps, ACTIVATIONS[activation].code, param, prelu_weight
-        )
+            x,
+            weight,
+            bias,
+            running,
+            groups,
+            batch_stats,
+            eps,
+            cast(int, ACTIVATIONS[activation].code),
+            param,
+            prelu_weight,
+        )  # (a fused activation's code: never None)
         if type(out) is torch.Tensor:
             return out
         if out is not None:  # the running update is left to the policy's torch ops
@@ -163,8 +172,9 @@ def channel_norm(
     path, how = decision.path, decision.how
     act: ActivationArgs = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
     if decision is KERNELS_MASKED:
-        code = ACTIVATIONS[activation].code
-        return channel_norm_masked(x, weight, bias, mask, groups, eps, batch_stats, running, act, code)
+        code = cast(int, ACTIVATIONS[activation].code)  # a fused activation: it has one
+        masked = cast(torch.Tensor, mask)  # KERNELS_MASKED: there is one
+        return channel_norm_masked(x, weight, bias, masked, groups, eps, batch_stats, running, act, code)
     if path == KERNELS:
         return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
     if path == NATIVE:

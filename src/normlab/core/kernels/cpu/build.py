@@ -97,7 +97,7 @@ class KernelsModule(Protocol):
         groups: int,
         batch_stats: bool,
         eps: float,
-        act: int | None,
+        act: int,
         param: float,
         prelu: torch.Tensor | None,
         /,
