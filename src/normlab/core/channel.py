@@ -136,19 +136,11 @@ def channel_norm(
     if copy_weight and weight is not None and decision.path != NATIVE and torch.is_grad_enabled():
         weight = weight.clone()  # torch's own op (native) copies it itself: not twice, and traces as torch.nn
     if decision is KERNELS_DIRECT and not inplace:
-        # KERNELS_DIRECT is answered only once the kernels are loaded
-        out = cast("KernelsModule", _cpu.module).channel_norm(
-            x,
-            weight,
-            bias,
-            running,
-            groups,
-            batch_stats,
-            eps,
-            cast(int, ACTIVATIONS[activation].code),
-            param,
-            prelu_weight,
-        )  # (a fused activation's code: never None)
+        code = ACTIVATIONS[activation].code
+        if TYPE_CHECKING:  # what the checker cannot see, said without a call on the direct path:
+            # KERNELS_DIRECT is answered only once the kernels are loaded; a fused activation has a code
+            assert _cpu.module is not None and code is not None
+        out = _cpu.module.channel_norm(x, weight, bias, running, groups, batch_stats, eps, code, param, prelu_weight)
         if type(out) is torch.Tensor:
             return out
         if out is not None:  # the running update is left to the policy's torch ops

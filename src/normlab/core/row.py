@@ -24,7 +24,6 @@ from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON,
 
 if TYPE_CHECKING:
     from .kernels import KernelBackend
-    from .kernels.cpu.build import KernelsModule
 
 __all__ = ["add_row_norm", "channel_layer_norm", "channels_first_row_norm", "row_norm"]
 
@@ -122,7 +121,9 @@ def row_norm(
             # takes one made under inference_mode; a normal copy lets the kernels' node keep it
             # (asked on the eager path only: a compiler cannot trace the question)
             x = x.clone()
-        out = cast("KernelsModule", _cpu.module).row_norm(  # KERNELS_DIRECT: they are loaded
+        if TYPE_CHECKING:  # said without a call on the direct path: KERNELS_DIRECT is answered only
+            assert _cpu.module is not None  # once the kernels are loaded
+        out = _cpu.module.row_norm(
             x, normalized_shape, weight, bias, _F32_EPS if eps is None else eps, centered, residual
         )
         if out is not None:
