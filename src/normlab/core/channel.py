@@ -164,9 +164,10 @@ def channel_norm(
     path, how = decision.path, decision.how
     act: ActivationArgs = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
     if decision is KERNELS_MASKED:
-        code = cast(int, ACTIVATIONS[activation].code)  # a fused activation: it has one
-        masked = cast(torch.Tensor, mask)  # KERNELS_MASKED: there is one
-        return channel_norm_masked(x, weight, bias, masked, groups, eps, batch_stats, running, act, code)
+        code = ACTIVATIONS[activation].code
+        if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED has a mask; a fused activation a code
+            assert mask is not None and code is not None
+        return channel_norm_masked(x, weight, bias, mask, groups, eps, batch_stats, running, act, code)
     if path == KERNELS:
         return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
     if path == NATIVE:
