@@ -176,3 +176,37 @@ def test_unbiased_variance_of_a_single_element_is_nan():
     unbiased = m.unbiased_var()
     assert torch.isnan(unbiased[0]) and torch.isnan(unbiased[1]) and unbiased[2] == 1.0
     torch.testing.assert_close(m.var, torch.tensor([0.0, 0.0, 2.0 / 3.0]))
+
+
+def test_reference_normalize_with_a_given_rstd_and_no_mean_says_what_is_missing():
+    # found by the type check: centered with a given rstd subtracted None (an unexplained TypeError)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    rstd = torch.ones(1, 3, dtype=torch.float64)
+    with pytest.raises(core.InputTypeError, match="needs the mean too"):
+        core.reference_normalize(x, None, None, (0,), 1e-5, rstd=rstd)
+    # given both, or not centered, it normalizes with them
+    mean = x.mean(0, keepdim=True)
+    torch.testing.assert_close(
+        core.reference_normalize(x, None, None, (0,), 1e-5, mean=mean, rstd=rstd), x - mean, rtol=0, atol=0
+    )
+    torch.testing.assert_close(core.reference_normalize(x, None, None, (0,), 1e-5, centered=False, rstd=rstd), x)
+
+
+def test_batch_renorm_with_a_policy_that_holds_no_estimates_says_so():
+    # found by the type check: training read running_var of a policy without it (an AttributeError on None)
+    x = torch.randn(4, 3, 2)
+    running = core.RunningStats({"running_mean": None, "running_var": None}, 0.1, True, "skip")
+    with pytest.raises(core.InputError, match="holds none"):
+        core.batch_renorm(x, None, None, eps=1e-5, batch_stats=True, running=running, r_max=3.0, d_max=5.0)
+
+
+@pytest.mark.parametrize("given", ["mean", "rstd"])
+def test_masked_reference_refuses_half_of_the_fixed_statistics(given):
+    # found by the type check: a mean alone multiplied by None; an rstd alone was silently recomputed
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    mask = torch.ones(3, 1, 4, dtype=torch.bool)
+    stat = {given: torch.ones(1, 2, 1, dtype=torch.float64)}
+    with pytest.raises(core.InputTypeError, match=f"got only {given}"):
+        core.masked_reference(x, None, None, mask, (0, 2), 1e-5, **stat)
+    mean, rstd = torch.zeros(1, 2, 1, dtype=torch.float64), torch.full((1, 2, 1), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(core.masked_reference(x, None, None, mask, (0, 2), 1e-5, mean=mean, rstd=rstd), 2 * x)

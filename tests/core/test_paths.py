@@ -202,6 +202,7 @@ def test_only_the_path_rule_reads_the_tracing_state():
             code = line.lstrip()
             if _TRACING_STATE.search(line) and not code.startswith(("#", "//")):
                 readers.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
-            if "plain_eager" in line and path.suffix == ".py":
+            # (the compiled module's Protocol declares it: a signature, not a read)
+            if "plain_eager" in line and path.suffix == ".py" and not code.startswith("def plain_eager("):
                 readers.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not readers, "\n".join(readers)

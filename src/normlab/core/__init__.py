@@ -18,6 +18,8 @@ Everything above (functional, nn, surgery, ...) is built from these pieces; noth
 imports from those layers. ``docs/architecture.md`` draws the picture.
 """
 
+from types import ModuleType
+
 from . import kernels
 from .activation import (
     ACTIVATION_DEFAULTS,
@@ -161,7 +163,7 @@ __all__ = [
 fast_available = kernels_available
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> ModuleType:
     # ``normlab.core.fast``: the old name of normlab.core.kernels.cpu, kept working
     if name == "fast":
         import importlib

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as TF
@@ -42,6 +43,14 @@ __all__ = [
 ]
 
 
+#: ``(z, param, prelu_weight) -> act(z)``
+ActivationForward = Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor]
+#: ``(y, param) -> z`` or ``(y, param) -> act'(z)``, read off the output
+OutputMap = Callable[[torch.Tensor, float], torch.Tensor]
+#: A fused activation as the channel family's implementations take it: ``(name, param, prelu_weight)``
+ActivationArgs = tuple[str, float, torch.Tensor | None]
+
+
 @dataclass(frozen=True)
 class Activation:
     """One activation. Its *parameter* is a float: LeakyReLU's slope, ELU's alpha,
@@ -51,15 +60,15 @@ class Activation:
     #: the torch.nn class it stands for (exactly that class: a subclass may compute something else)
     module: type[nn.Module]
     #: ``(z, param, prelu_weight) -> act(z)``; None where torch has no pure function for it
-    forward: Callable[[torch.Tensor, float, torch.Tensor | None], torch.Tensor] | None
+    forward: ActivationForward | None
     default_param: float = 0.0
     #: the keyword of ``module``'s constructor (and, but for PReLU, its attribute) that holds the parameter
     param_keyword: str | None = None
     #: the value the C++ kernels switch on; None: no fused form
     code: int | None = None
     #: ``(y, param) -> z`` and ``(y, param) -> act'(z)`` from the output; None: not invertible
-    inverse: Callable[[torch.Tensor, float], torch.Tensor] | None = None
-    grad_from_output: Callable[[torch.Tensor, float], torch.Tensor] | None = None
+    inverse: OutputMap | None = None
+    grad_from_output: OutputMap | None = None
     #: one learnable parameter per channel (PReLU): the module is built with ``num_parameters=channels``
     per_channel: bool = False
     #: other names for it (timm's ``act_layer`` spellings)
@@ -81,7 +90,7 @@ class Activation:
 
     def make_module(self, param: float | None = None, channels: int = 1) -> nn.Module:
         """A fresh ``module`` with ``param`` (the default when None)."""
-        kwargs = {}
+        kwargs: dict[str, float | int] = {}
         if self.param_keyword is not None:
             kwargs[self.param_keyword] = self.default_param if param is None else param
         if self.per_channel:
@@ -104,7 +113,7 @@ _ENTRIES = (
                inverse=lambda y, param: torch.where(y > 0, y, torch.log1p(y / param)),
                grad_from_output=lambda y, param: torch.where(y > 0, torch.ones_like(y), y + param)),
     Activation("silu", nn.SiLU, lambda z, param, prelu_weight: TF.silu(z), code=4, aliases=("swish",)),
-    Activation("prelu", nn.PReLU, lambda z, param, prelu_weight: TF.prelu(z, prelu_weight), code=5,
+    Activation("prelu", nn.PReLU, lambda z, param, prelu_weight: TF.prelu(z, cast(torch.Tensor, prelu_weight)), code=5,
                default_param=0.25, param_keyword="init", per_channel=True),
     # Not fused: the experiments' activations.
     Activation("tanh", nn.Tanh, lambda z, param, prelu_weight: torch.tanh(z)),
@@ -117,7 +126,9 @@ _ENTRIES = (
 #: name → :class:`Activation`, every activation normlab knows.
 ACTIVATIONS: dict[str, Activation] = {entry.name: entry for entry in _ENTRIES}
 #: the ones the fused norm+activation layers and the kernels compute, in kernel-code order.
-FUSED_ACTIVATIONS = tuple(sorted((a.name for a in _ENTRIES if a.fused), key=lambda name: ACTIVATIONS[name].code))
+FUSED_ACTIVATIONS = tuple(
+    sorted((a.name for a in _ENTRIES if a.fused), key=lambda name: cast(int, ACTIVATIONS[name].code))
+)
 #: activation name → its parameter's default, for the fused ones.
 ACTIVATION_DEFAULTS = {name: ACTIVATIONS[name].default_param for name in FUSED_ACTIVATIONS}
 #: the fused activations that the in-place mode can invert from the output (``inplace=True``).
@@ -193,7 +204,7 @@ def apply_activation(
     entry = ACTIVATIONS.get(name)
     if entry is None or not entry.fused:
         raise InputError(f"unknown activation {name!r}")
-    return entry.forward(z, param, prelu_weight)
+    return cast(ActivationForward, entry.forward)(z, param, prelu_weight)  # every fused entry has one
 
 
 def small_gamma_channels(weight: torch.Tensor | None) -> torch.Tensor | None:
@@ -239,7 +250,7 @@ def unrecoverable_channels(
     return kept if kept.numel() else None
 
 
-def _lowest_z(x, weight, bias, groups) -> torch.Tensor:
+def _lowest_z(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
     """The smallest z = γ·x̂ + β of each channel, from the input's extremes and statistics
     (no tensor as large as x is made)."""
     target, dims, w, b = _grouped(x, weight, bias, groups)
@@ -258,7 +269,18 @@ def _lowest_z(x, weight, bias, groups) -> torch.Tensor:
     return z.amin(0) if groups > 0 else z
 
 
-def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xhat_small=None):
+def abn_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    rstd: torch.Tensor,
+    name: str,
+    param: float,
+    small: torch.Tensor | None = None,
+    xhat_small: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dγ, dβ) of the in-place mode from its output ``y`` alone.
 
     ``rstd`` broadcasts against ``y`` grouped as :func:`_grouped` makes it and sets the
@@ -268,8 +290,9 @@ def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xha
     target, dims, w, b = _grouped(y, weight, bias, groups)
     yc, dyc = target.to(cdtype), dy.view(target.shape).to(cdtype)
     entry = ACTIVATIONS[name]
-    z = entry.inverse(yc, param)
-    dz = dyc * entry.grad_from_output(yc, param)
+    # the in-place mode runs only invertible activations (check_activation), which have both maps
+    z = cast(OutputMap, entry.inverse)(yc, param)
+    dz = dyc * cast(OutputMap, entry.grad_from_output)(yc, param)
     gamma = w.to(cdtype) if w is not None else torch.ones((), dtype=cdtype, device=y.device)
     beta = b.to(cdtype) if b is not None else torch.zeros((), dtype=cdtype, device=y.device)
     safe = torch.where(gamma.abs() < GAMMA_GUARD, torch.full_like(gamma, GAMMA_GUARD).copysign(gamma), gamma)
@@ -280,17 +303,34 @@ def abn_backward(y, dy, weight, bias, groups, rstd, name, param, small=None, xha
         xhat = torch.nan_to_num(xhat, nan=0.0, posinf=0.0, neginf=0.0)
     if small is not None:
         flat = xhat.flatten(1, 2) if groups > 0 else xhat
-        flat = flat.index_copy(1, small, xhat_small.to(cdtype))
-        xhat = flat.unflatten(1, target.shape[1:3]) if groups > 0 else flat
+        flat = flat.index_copy(1, small, cast(torch.Tensor, xhat_small).to(cdtype))  # given with small
+        xhat = flat.unflatten(1, target.shape[1:3]) if groups > 0 else flat  # type: ignore[no-untyped-call]  # unannotated in torch
         dz = _exact_dz(dz, dyc, xhat, gamma, beta, small, target.shape, groups, entry, param)
     g = dz * gamma
     dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-    dw = (dz * xhat).sum_to_size(w.shape).view(weight.shape).to(weight.dtype) if weight is not None else None
-    db = dz.sum_to_size(b.shape).view(bias.shape).to(bias.dtype) if bias is not None else None
+    # w and b are weight and bias viewed by _grouped: None exactly where those are
+    dw = (
+        (dz * xhat).sum_to_size(cast(torch.Tensor, w).shape).view(weight.shape).to(weight.dtype)
+        if weight is not None
+        else None
+    )
+    db = dz.sum_to_size(cast(torch.Tensor, b).shape).view(bias.shape).to(bias.dtype) if bias is not None else None
     return dx.view(y.shape).to(y.dtype), dw, db
 
 
-def redo_kept_channels(small, groups, mean, rstd, y, dy, weight, bias, x_small, act, param):
+def redo_kept_channels(
+    small: torch.Tensor,
+    groups: int,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    x_small: torch.Tensor,
+    act: int,
+    param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The in-place mode's backward on the channels whose x̂ the output does not hold
     (``small``, whose input ``x_small`` the forward kept) — for GroupNorm, on every channel of
     their groups, whose dx depends on them: ``(channels, dx, dγ, dβ)`` of those channels by
@@ -329,19 +369,35 @@ def redo_kept_channels(small, groups, mean, rstd, y, dy, weight, bias, x_small, 
     return channels, dx, dw, db
 
 
-def write_redone(dx, dgamma, dbeta, redone) -> None:
+def write_redone(
+    dx: torch.Tensor,
+    dgamma: torch.Tensor,
+    dbeta: torch.Tensor,
+    redone: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+) -> None:
     """Write :func:`redo_kept_channels`' ``(channels, dx, dγ, dβ)`` over a kernel's gradients
     (each in its own dtype; an empty dγ/dβ — a parameter no gradient was asked for — is left).
     dβ is rewritten too: ELU's dβ read off y + α has lost its digits near −α."""
     channels, dx_c, dw_c, db_c = redone
     dx.index_copy_(1, channels, dx_c.to(dx.dtype))
-    if dgamma.numel():
-        dgamma.index_copy_(0, channels, dw_c.to(dgamma.dtype))
+    if dgamma.numel():  # asked for: there is a γ, so dγ of the redone channels
+        dgamma.index_copy_(0, channels, cast(torch.Tensor, dw_c).to(dgamma.dtype))
     if db_c is not None and dbeta.numel():
         dbeta.index_copy_(0, channels, db_c.to(dbeta.dtype))
 
 
-def _exact_dz(dz, dy, xhat, gamma, beta, kept, shape, groups, entry, param):
+def _exact_dz(
+    dz: torch.Tensor,
+    dy: torch.Tensor,
+    xhat: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    kept: torch.Tensor,
+    shape: torch.Size,
+    groups: int,
+    entry: Activation,
+    param: float,
+) -> torch.Tensor:
     """dz = dy·act'(z) with z = γ·x̂ + β from the kept channels' exact x̂ — the derivative read
     off the output (ELU's y + α) has lost its digits where the output nears −α."""
     channel_shape = [1, *shape[1 : 3 if groups > 0 else 2]] + [1] * (len(shape) - (3 if groups > 0 else 2))
@@ -349,7 +405,7 @@ def _exact_dz(dz, dy, xhat, gamma, beta, kept, shape, groups, entry, param):
     mask[kept] = True
     with torch.enable_grad():
         z = (xhat * gamma + beta).detach().requires_grad_()
-        (exact,) = torch.autograd.grad(entry.forward(z, param, None), z, dy)
+        (exact,) = torch.autograd.grad(cast(ActivationForward, entry.forward)(z, param, None), z, dy)
     return torch.where(mask.view(channel_shape), exact, dz)
 
 
@@ -361,7 +417,17 @@ class _InPlaceABN(torch.autograd.Function):
     and puts the batch statistics into ``stats_out``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, name, param, stats_out):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        name: str,
+        param: float,
+        stats_out: list[torch.Tensor],
+    ) -> torch.Tensor:
         target, dims, w, b = _grouped(x, weight, bias, groups)
         cdtype = compute_dtype(x.dtype)
         moments = centered_moments(target, dims)
@@ -381,7 +447,7 @@ class _InPlaceABN(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(SECOND_DERIVATIVES)
         y, weight, bias, rstd, xhat_small = ctx.saved_tensors
@@ -389,7 +455,9 @@ class _InPlaceABN(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def _grouped(x, weight, bias, groups):
+def _grouped(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int
+) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
     """x as (N, C, *) for BatchNorm (groups < 0) or (N, G, C//G, *) for GroupNorm, the
     reduced dims, and γ, β shaped to broadcast against it."""
     ndim = x.dim()
@@ -398,7 +466,7 @@ def _grouped(x, weight, bias, groups):
         target, dims = x, (0,) + tuple(range(2, ndim))
     else:
         view = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
-        target = x.unflatten(1, (groups, x.shape[1] // groups))  # (N, G, C//G, *spatial)
+        target = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # (N, G, C//G, *spatial); unannotated in torch
         dims = tuple(range(2, target.dim()))
     w = None if weight is None else weight.view(view)
     b = None if bias is None else bias.view(view)
@@ -429,5 +497,5 @@ def inplace_abn(
         param: its parameter.
     """
     stats: list[torch.Tensor] = []
-    y = _InPlaceABN.apply(x, weight, bias, groups, eps, name, param, stats)
+    y: torch.Tensor = _InPlaceABN.apply(x, weight, bias, groups, eps, name, param, stats)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
     return y, stats[0], stats[1]

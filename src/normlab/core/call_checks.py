@@ -13,6 +13,7 @@ call's checks cost one Python call; the messages are built only when something i
 from __future__ import annotations
 
 import math
+from typing import cast, overload
 
 import torch
 
@@ -55,7 +56,7 @@ def check_channel_call(
     """A floating (N, C, ...) input of rank ``min_rank`` or more, a valid ``eps`` (returned
     as a float), and per-channel tensors that match the input's channels, dtype and device;
     ``running_mean`` and ``running_var`` come together or not at all."""
-    check_floating_input(input)
+    input = check_floating_input(input)
     if input.dim() < min_rank:
         raise InputError(
             f"{fn} expects input of shape {shape_words}, got a {input.dim()}D tensor of shape {tuple(input.shape)}"
@@ -104,7 +105,7 @@ def check_channel_args(
     mean = None if running is None else running.running_mean
     var = None if running is None else running.running_var
     if (
-        type(x) in _TENSORS
+        (type(x) is torch.Tensor or type(x) is torch.nn.Parameter)  # _TENSORS, spelt so the checker narrows x
         and x.is_floating_point()
         and x.dim() >= 2
         and type(eps) is float
@@ -146,10 +147,23 @@ def _values_per_group(x: torch.Tensor, groups: int) -> int:
     return x.shape[0] * per_channel if groups < 0 else (x.shape[1] // groups) * per_channel
 
 
-def _raise_channel_errors(fn, x, weight, bias, eps, groups, batch_stats, mean, var, prelu_weight, mask):
+def _raise_channel_errors(
+    fn: str,
+    x: object,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: object,
+    groups: int,
+    batch_stats: bool,
+    mean: torch.Tensor | None,
+    var: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: object,
+) -> tuple[float, torch.Tensor | None]:
     """check_channel_args past its common case: raise what is wrong, or return what is right
     (a NumPy float eps, float32 parameters with a half input, ...)."""
     eps = check_channel_call(fn, x, weight, bias, mean, var, eps)
+    x = cast(torch.Tensor, x)  # check_channel_call raised unless it is a floating tensor
     channels = x.shape[1]
     if prelu_weight is not None:
         check_param(prelu_weight, "prelu_weight", (prelu_weight.numel(),), x, f"{fn}'s PReLU slopes")
@@ -191,6 +205,34 @@ def _raise_channel_errors(fn, x, weight, bias, eps, groups, batch_stats, mean, v
     return eps, (None if mask is None else check_mask(mask, x, fn))
 
 
+@overload
+def check_row_args(
+    fn: str,
+    x: object,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    *,
+    centered: bool = ...,
+    residual: object = ...,
+) -> float: ...
+
+
+@overload
+def check_row_args(
+    fn: str,
+    x: object,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: object,
+    *,
+    centered: bool = ...,
+    residual: object = ...,
+) -> float | None: ...
+
+
 def check_row_args(
     fn: str,
     x: object,
@@ -201,7 +243,7 @@ def check_row_args(
     *,
     centered: bool = True,
     residual: object = None,
-) -> float:
+) -> float | None:
     """A floating input whose trailing dims are ``normalized_shape``, γ/β of that shape and
     of the input's dtype and device, a residual (if any) that can be added to it, and a valid
     eps, returned as a float — ``None`` (RMSNorm only) is the machine epsilon of the
@@ -215,13 +257,14 @@ def check_row_args(
                 f"needs shape {tuple(normalized_shape)} (input shape {tuple(x.shape)})"
             )
         return None if eps is None else check_eps(eps)
-    check_floating_input(x)
+    x = check_floating_input(x)
     if residual is not None:
-        check_floating_input(residual, "residual")
+        residual = check_floating_input(residual, "residual")
         if residual.device != x.device:
             raise InputError(f"{fn}: residual is on {residual.device} but x on {x.device}; move one of them")
+        summed: torch.Size | None
         try:
-            summed = torch.broadcast_shapes(x.shape, residual.shape)
+            summed = torch.broadcast_shapes(x.shape, residual.shape)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         except RuntimeError:
             summed = None
         if summed != x.shape:

@@ -21,12 +21,12 @@ off the direct path. A functional checks first and says so (``checked=True``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from . import composed, native
-from .activation import ACTIVATIONS
+from .activation import ACTIVATIONS, ActivationArgs
 from .call_checks import check_channel_args, check_inplace_input
 from .kernels.cpu import build as _cpu
 from .kernels.cpu.inplace import channel_norm_inplace
@@ -45,6 +45,10 @@ from .paths import (
     recomputing,
 )
 from .running import DiscardingStats, RunningStats
+
+if TYPE_CHECKING:
+    from .kernels import KernelBackend
+    from .kernels.cpu.build import KernelsModule
 
 __all__ = ["channel_norm", "instance_norm_layout", "masked_channel_norm"]
 
@@ -132,16 +136,18 @@ def channel_norm(
     if copy_weight and weight is not None and decision.path != NATIVE and torch.is_grad_enabled():
         weight = weight.clone()  # torch's own op (native) copies it itself: not twice, and traces as torch.nn
     if decision is KERNELS_DIRECT and not inplace:
-        out = _cpu.module.channel_norm(
-            x, weight, bias, running, groups, batch_stats, eps, ACTIVATIONS[activation].code, param, prelu_weight
-        )
+        code = ACTIVATIONS[activation].code
+        if TYPE_CHECKING:  # what the checker cannot see, said without a call on the direct path:
+            # KERNELS_DIRECT is answered only once the kernels are loaded; a fused activation has a code
+            assert _cpu.module is not None and code is not None
+        out = _cpu.module.channel_norm(x, weight, bias, running, groups, batch_stats, eps, code, param, prelu_weight)
         if type(out) is torch.Tensor:
             return out
         if out is not None:  # the running update is left to the policy's torch ops
-            y, mean, var, count = out
+            y, mean, var, count = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]", out)
             if groups >= 0:  # one statistic per (sample, channel): InstanceNorm
                 mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
-            running.update(mean, var, count)
+            cast(RunningStats, running).update(mean, var, count)  # a tuple comes back only for a policy
             return y
         # refused: report what does not fit, with the message every path gives
         check_channel_args(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
@@ -156,9 +162,11 @@ def channel_norm(
         check_inplace_input(x, inplace)
         _check_overwritable(x, weight, bias)
     path, how = decision.path, decision.how
-    act = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
+    act: ActivationArgs = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
     if decision is KERNELS_MASKED:
         code = ACTIVATIONS[activation].code
+        if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED has a mask; a fused activation a code
+            assert mask is not None and code is not None
         return channel_norm_masked(x, weight, bias, mask, groups, eps, batch_stats, running, act, code)
     if path == KERNELS:
         return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
@@ -177,12 +185,13 @@ def channel_norm(
             return composed.masked_channel_norm(
                 x, weight, bias, mask, groups, eps, batch_stats, running, act, reference
             )
-        if how == "pointwise":
-            return composed.pointwise_given_norm(x, weight, bias, running, eps, act)
+        if how == "pointwise":  # given statistics: the checks required the policy
+            return composed.pointwise_given_norm(x, weight, bias, cast(RunningStats, running), eps, act)
         return composed.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace)
     # triton: the running estimates are updated by the kernels' backend (inside the launch for
     # BatchNorm), never a second time here
-    return _gpu_kernels[0].channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
+    gpu = cast("KernelBackend", _gpu_kernels[0])  # the rule answers "triton" only with them loaded
+    return gpu.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
 
 
 def masked_channel_norm(
@@ -215,14 +224,26 @@ def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:
     return y if y.is_contiguous() else y.contiguous()
 
 
-def _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, traced):
+def _kernels(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    batch_stats: bool,
+    running: RunningStats | None,
+    act: ActivationArgs,
+    inplace: bool,
+    traced: bool,
+) -> torch.Tensor:
     """The kernels off the direct entry: the in-place mode, or the registered operator that a
     compile or a mode must see. The running estimates are updated as the direct entry updates
     them, in C++, on real tensors; with torch ops where the call is ``traced`` (fake tensors)
     or the kernel leaves it (a batch that is not finite warns or raises there)."""
     activation, param, prelu_weight = act
-    code = ACTIVATIONS[activation].code
+    code = cast(int, ACTIVATIONS[activation].code)  # a fused activation: it has one
     given = not batch_stats
+    y: torch.Tensor
     if inplace:
         y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, code, param)
     else:
@@ -232,8 +253,8 @@ def _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, t
             x,
             weight,
             bias,
-            running.running_mean if given else None,
-            running.running_var if given else None,
+            cast(RunningStats, running).running_mean if given else None,  # given: the checks required it
+            cast(RunningStats, running).running_var if given else None,
             prelu_weight,
             groups,
             eps,
@@ -243,7 +264,7 @@ def _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, t
     if batch_stats and running is not None and running.running_mean is not None:
         mean, var = mean.detach(), var.detach()
         count = x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1))
-        if traced or not _cpu.module.update_running(running, mean, var, count):
+        if traced or not cast("KernelsModule", _cpu.module).update_running(running, mean, var, count):
             if groups >= 0:  # one statistic per (sample, channel): InstanceNorm
                 mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
             running.update(mean, var, count)

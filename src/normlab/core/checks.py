@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import Literal, NoReturn, cast, overload
 
 import torch
 
@@ -85,11 +86,24 @@ def check_eps(eps: object, name: str = "eps") -> float:
     """
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise InputTypeError(f"{name} must be a non-negative float, got {type(eps).__name__} {eps!r}")
-    if not (math.isfinite(eps) and eps >= 0):
+    # typeshed's numbers.Real declares < and <= only; a Real compares with 0 as a float does
+    if not (math.isfinite(eps) and cast(float, eps) >= 0):
         raise InputError(
             f"{name} must be a finite number >= 0 (it keeps 1/sqrt(var + eps) finite for constant inputs), got {eps!r}"
         )
     return float(eps)
+
+
+@overload
+def check_momentum(momentum: None, *, allow_none: Literal[False]) -> NoReturn: ...
+
+
+@overload
+def check_momentum(momentum: object, *, allow_none: Literal[False]) -> float: ...
+
+
+@overload
+def check_momentum(momentum: object, *, allow_none: bool) -> float | None: ...
 
 
 def check_momentum(momentum: object, *, allow_none: bool) -> float | None:
@@ -118,13 +132,13 @@ def check_momentum(momentum: object, *, allow_none: bool) -> float | None:
             f"momentum must be a float in [0, 1]{' or None' if allow_none else ''}, "
             f"got {type(momentum).__name__} {momentum!r}"
         )
-    if not 0.0 <= momentum <= 1.0:
+    if not 0.0 <= cast(float, momentum) <= 1.0:  # a Real compares as a float does (see check_eps)
         raise InputError(
             f"momentum must lie in [0, 1] (new = (1 - momentum) * old + momentum * batch), "
             f"got {momentum!r}; a Keras/Flax 'decay' d converts to momentum 1 - d "
             f"(normlab.core.momentum_from_decay)"
         )
-    return float(momentum)  # type: ignore[arg-type]
+    return float(momentum)
 
 
 def check_positive_int(value: object, name: str, *, allow_zero: bool = False) -> int:
@@ -164,7 +178,7 @@ def normalize_shape_arg(shape: object, name: str = "normalized_shape") -> tuple[
         ValueError: a negative size, or no dims at all.
         TypeError: not an int or an iterable of ints.
     """
-    if isinstance(shape, numbers.Integral) and not isinstance(shape, bool):
+    if not isinstance(shape, bool) and isinstance(shape, numbers.Integral):
         shape = (shape,)
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
         raise InputTypeError(f"{name} must be an int or a sequence of ints, got {type(shape).__name__}")

@@ -24,6 +24,7 @@ differentiable torch ops, for torch.func transforms, export and second derivativ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -167,17 +168,25 @@ def masked_reference(
 
     Returns:
         The output, 0 at masked-out positions.
+
+    Raises:
+        TypeError: only one of ``mean`` and ``rstd`` given.
     """
     dims = tuple(dims)
     cdtype = compute_dtype(x.dtype)
     zero = torch.zeros((), dtype=cdtype, device=x.device)
     xm = torch.where(mask, x.to(cdtype), zero)
-    if mean is None:
+    if mean is None and rstd is None:
         divisor = _valid_count(mask, x.shape, dims).to(cdtype).clamp(min=1)
         mean = xm.sum(dims, keepdim=True) / divisor
         centered = torch.where(mask, xm - mean, zero)
         var = (centered * centered).sum(dims, keepdim=True) / divisor
         rstd = torch.rsqrt(var + eps)
+    elif mean is None or rstd is None:
+        raise InputTypeError(
+            f"masked_reference: mean and rstd are given together (fixed statistics) or not at all, got "
+            f"only {'mean' if rstd is None else 'rstd'}; pass both, or neither to use the batch's"
+        )
     y = (xm - mean) * rstd
     if weight is not None:
         y = y * weight.to(cdtype)
@@ -228,28 +237,29 @@ def masked_normalize_backward(
     zero = torch.zeros((), dtype=cdtype, device=x.device)
     # The output is the constant 0 at padded positions: whatever dy holds there is no gradient.
     dy = torch.where(mask, dy.to(cdtype), zero)
-    xhat = torch.where(mask, x.to(cdtype), zero).sub_(stats.shift)
+    shift = cast(torch.Tensor, stats.shift)  # masked statistics are always centered
+    xhat = torch.where(mask, x.to(cdtype), zero).sub_(shift)
     if stats.offset is not None:
         xhat.sub_(stats.offset)
     xhat = torch.where(mask, xhat.mul_(rstd), zero)
     w = None if weight is None else weight.to(cdtype)
     dw = (dy * xhat).sum_to_size(w.shape) if need_dw and w is not None else None
     db = dy.sum_to_size(bias_shape) if need_db and bias_shape is not None else None
-    dx = None
+    dx: torch.Tensor | None = None
     if need_dx or across is not None:  # every process must join the collective
         g = dy if w is None else dy * w
         if batch_stats:
             sum_g = g.sum(dims, keepdim=True)
             sum_g_xhat = (g * xhat).sum(dims, keepdim=True)
-            n = count
+            n: torch.Tensor | int | None = count
             if across is not None:
                 # γ is per channel and identical on every process, so the sums of g = γ·dy
                 # complete across processes like those of dy.
                 packed = across.reduce(torch.cat([sum_g.reshape(-1), sum_g_xhat.reshape(-1)]))
                 sum_g, sum_g_xhat = (t.view_as(sum_g) for t in packed.chunk(2))
                 n = across.count
-            n = torch.as_tensor(n, dtype=cdtype, device=x.device).clamp(min=1)
-            dx = xhat.mul_(-sum_g_xhat / n).add_(g).sub_(sum_g / n).mul_(rstd)
+            divisor = torch.as_tensor(n, dtype=cdtype, device=x.device).clamp(min=1)
+            dx = xhat.mul_(-sum_g_xhat / divisor).add_(g).sub_(sum_g / divisor).mul_(rstd)
         else:
             dx = g * rstd
         dx = torch.where(mask, dx, zero) if need_dx else None
@@ -261,7 +271,21 @@ class _MaskedNormalize(torch.autograd.Function):
     mask and the per-group statistics, as :class:`normlab.core.normalize._Normalize` does."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, shift, offset, rstd, count, dims, eps, batch_stats, across):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor,
+        shift: torch.Tensor,
+        offset: torch.Tensor | None,
+        rstd: torch.Tensor,
+        count: torch.Tensor | None,
+        dims: tuple[int, ...],
+        eps: float,
+        batch_stats: bool,
+        across: AcrossProcesses | None,
+    ) -> torch.Tensor:
         ctx.dims, ctx.eps, ctx.batch_stats, ctx.across = dims, eps, batch_stats, across
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(x, weight, bias, mask, shift, offset, rstd, count)
@@ -272,7 +296,7 @@ class _MaskedNormalize(torch.autograd.Function):
         return torch.where(mask, y, zero).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, mask, shift, offset, rstd, count = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():
@@ -300,7 +324,18 @@ class _MaskedNormalize(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
-def _differentiable_backward(ctx, dy, x, weight, bias, mask, shift, offset, rstd, needs):
+def _differentiable_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    shift: torch.Tensor,
+    offset: torch.Tensor | None,
+    rstd: torch.Tensor,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
     """``create_graph=True``: differentiate :func:`masked_reference` on the saved operands."""
     operands = (x, weight, bias)
     wanted = [t for t, need in zip(operands, needs) if need and t is not None]
@@ -346,6 +381,7 @@ def masked_normalize(
     Returns:
         The output, ``x``'s dtype, 0 at masked-out positions.
     """
-    return _MaskedNormalize.apply(
+    y: torch.Tensor = _MaskedNormalize.apply(  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
         x, weight, bias, mask, stats.shift, stats.offset, stats.rstd, count, tuple(dims), eps, batch_stats, across
     )
+    return y

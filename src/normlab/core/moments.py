@@ -48,7 +48,7 @@ class Moments(NamedTuple):
         m2: the sum of squared deviations from that mean.
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # a public field that shadows tuple.count()
     mean: torch.Tensor
     m2: torch.Tensor
 

@@ -13,19 +13,23 @@ update is :class:`normlab.core.running.RunningStats`'s, shared with the composed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as TF
 
-from .activation import apply_activation
+from .activation import ActivationArgs, apply_activation
 from .checks import InputError
 from .moments import compute_dtype
+from .running import RunningStats
 
 __all__ = ["channel_norm", "channels_first_row_norm", "no_channels", "row_norm"]
 
 _HALVES = (torch.float16, torch.bfloat16)
 
 
-def no_channels(fn: str, input: torch.Tensor, weight, bias) -> torch.Tensor:
+def no_channels(fn: str, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
     """torch's answer for an input with 0 channels: a copy of the (empty) input — except
     with γ or β, where torch's kernel fails with an IndexError; a clear error here."""
     if weight is not None or bias is not None:
@@ -42,7 +46,7 @@ def _stat_dims(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, tuple[int, .
     (C//G, *spatial) of x viewed as (N, G, C//G, *spatial)."""
     if groups < 0:
         return x, (0,) + tuple(range(2, x.dim()))
-    grouped = x.unflatten(1, (groups, x.shape[1] // groups))
+    grouped = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # unannotated in torch
     return grouped, tuple(range(2, grouped.dim()))
 
 
@@ -57,7 +61,9 @@ def _batch_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
 _is_batched = torch._C._functorch.is_batchedtensor
 
 
-def _tracked_batch_norm(x, weight, bias, eps, count):
+def _tracked_batch_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BatchNorm with batch statistics in torch's kernel, and the batch's mean and unbiased
     variance for the running estimates — from the same kernel, in one pass.
 
@@ -80,13 +86,25 @@ def _tracked_batch_norm(x, weight, bias, eps, count):
     return y, mean, var
 
 
-def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export, instance=False):
+def channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    batch_stats: bool,
+    running: RunningStats | None,
+    act: ActivationArgs,
+    export: bool,
+    instance: bool = False,
+) -> torch.Tensor:
     """act(norm(x)) for the channel family with torch's ops, the running estimates of
     ``running`` used (``batch_stats`` False) or updated (True); ``act`` is the activation's
     (name, param, prelu_weight), ``export`` the rule's ``how == "export"``; ``instance``: an
     InstanceNorm (torch.nn's op for it, rather than GroupNorm's)."""
     if not batch_stats:
-        y = TF.batch_norm(x, running.running_mean, running.running_var, weight, bias, False, 0.0, eps)
+        given = cast(RunningStats, running)  # given statistics: the checks required the estimates
+        y = TF.batch_norm(x, given.running_mean, given.running_var, weight, bias, False, 0.0, eps)
         return apply_activation(y, *act)
     count = x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1)) if x.numel() else 0
     track = running is not None and running.running_mean is not None and count > 0
@@ -98,9 +116,10 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export
     if groups < 0 and track and not export and type(x) is torch.Tensor and not _is_batched(x):
         # (a tensor subclass — DTensor — or vmap's batched tensor would meet plain buffers
         # in the kernel: they take the batch statistics below, and RunningStats' checks)
+        tracked = cast(RunningStats, running)  # track: it holds estimates
         y, mean, unbiased_var = _tracked_batch_norm(x, weight, bias, eps, count)
-        var = unbiased_var if running.unbiased or count < 2 else unbiased_var * ((count - 1) / count)
-        running.update(mean, var, count, unbiased=False)  # the kernel unbiased it already
+        var = unbiased_var if tracked.unbiased or count < 2 else unbiased_var * ((count - 1) / count)
+        tracked.update(mean, var, count, unbiased=False)  # the kernel unbiased it already
         return apply_activation(y, *act)
     if groups < 0:
         y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
@@ -117,14 +136,21 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, export
             weight = torch.ones_like(bias)
         y = TF.group_norm(x, groups, weight, bias, eps)
     if track:
-        running.update(*_batch_stats(x, groups), count)  # (N, C) per instance: averaged there
+        cast(RunningStats, running).update(*_batch_stats(x, groups), count)  # (N, C) per instance: averaged there
     return apply_activation(y, *act)
 
 
-def row_norm(x, normalized_shape, weight, bias, eps, centered):
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    centered: bool,
+) -> torch.Tensor:
     """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims."""
     if centered:
-        return TF.layer_norm(x, normalized_shape, weight, bias, eps)
+        return TF.layer_norm(x, normalized_shape, weight, bias, cast(float, eps))  # None is RMSNorm's alone
     return TF.rms_norm(x, normalized_shape, weight, eps)
 
 

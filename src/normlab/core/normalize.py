@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -92,7 +92,7 @@ class BatchStatistics(NamedTuple):
 
     mean: torch.Tensor | None
     var: torch.Tensor
-    count: int
+    count: int  # type: ignore[assignment]  # a public field that shadows tuple.count()
 
 
 def _centered(x: torch.Tensor, stats: NormStats) -> torch.Tensor:
@@ -207,9 +207,11 @@ def normalize_backward(
     dy = dy.to(cdtype)
     xhat = _centered(x, stats).mul_(rstd)
     centered = stats.shift is not None
-    n = reduced_count(x.shape, dims)
+    n: int | torch.Tensor = reduced_count(x.shape, dims)
     w = None if weight is None else weight.to(cdtype)
-    dx = dw = db = None
+    dx: torch.Tensor | None = None
+    dw: torch.Tensor | None = None
+    db: torch.Tensor | None = None
 
     # When γ is constant inside each statistics group (BatchNorm, InstanceNorm), the sums
     # that dγ and dβ need are exactly the per-group sums dx needs: compute them once.
@@ -225,22 +227,24 @@ def normalize_backward(
         want_sum_dy_xhat = need_dw or (need_dx and batch_stats) or across is not None
         sum_dy = dy.sum(dims, keepdim=True) if want_sum_dy else None
         sum_dy_xhat = (dy * xhat).sum(dims, keepdim=True) if want_sum_dy_xhat else None
+        # Below, each sum is read only where its want_* above is True: the casts say so.
         if need_dw and w is not None:
-            dw = sum_dy_xhat.sum_to_size(w.shape)
+            dw = cast(torch.Tensor, sum_dy_xhat).sum_to_size(w.shape)
         if need_db and bias_shape is not None:
-            db = sum_dy.sum_to_size(bias_shape)
+            db = cast(torch.Tensor, sum_dy).sum_to_size(bias_shape)
         if across is not None:
             # One collective completes both per-channel sums over every process.
-            packed = across.reduce(torch.cat([sum_dy.reshape(-1), sum_dy_xhat.reshape(-1)]))
-            sum_dy, sum_dy_xhat = (t.view_as(sum_dy) for t in packed.chunk(2))
+            local_dy, local_dy_xhat = cast(torch.Tensor, sum_dy), cast(torch.Tensor, sum_dy_xhat)
+            packed = across.reduce(torch.cat([local_dy.reshape(-1), local_dy_xhat.reshape(-1)]))
+            sum_dy, sum_dy_xhat = (t.view_as(local_dy) for t in packed.chunk(2))
             n = across.count
         if need_dx:
             scale = rstd if w is None else rstd * w
             if batch_stats:
                 # dx = γr·(dy − mean(dy) − x̂·mean(dy·x̂)), reusing x̂'s buffer
-                dx = xhat.mul_(-sum_dy_xhat / n).add_(dy)
+                dx = xhat.mul_(-cast(torch.Tensor, sum_dy_xhat) / n).add_(dy)
                 if centered:
-                    dx.sub_(sum_dy / n)
+                    dx.sub_(cast(torch.Tensor, sum_dy) / n)
                 dx.mul_(scale)
             else:
                 dx = dy * scale
@@ -271,7 +275,19 @@ class _Normalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, offset, rstd, dims, eps, batch_stats, across):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        rstd: torch.Tensor,
+        dims: tuple[int, ...],
+        eps: float,
+        batch_stats: bool,
+        across: AcrossProcesses | None,
+    ) -> torch.Tensor:
         ctx.dims = dims
         ctx.eps = eps
         ctx.batch_stats = batch_stats
@@ -282,7 +298,7 @@ class _Normalize(torch.autograd.Function):
         return normalize_forward(x, weight, bias, stats).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, shift, offset, rstd = ctx.saved_tensors
         stats = NormStats(shift, offset, rstd)
         needs = tuple(ctx.needs_input_grad[:3])
@@ -309,7 +325,15 @@ class _Normalize(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
-def _differentiable_backward(ctx, dy, x, weight, bias, stats, needs):
+def _differentiable_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: NormStats,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
     """Backward for ``create_graph=True``: let autograd differentiate the reference.
 
     The closed form is written on detached tensors, so its result would carry no graph;
@@ -324,7 +348,7 @@ def _differentiable_backward(ctx, dy, x, weight, bias, stats, needs):
             y = reference_normalize(x, weight, bias, ctx.dims, ctx.eps, centered=centered)
         else:
             mean = None
-            if centered:
+            if stats.shift is not None:  # centered
                 mean = stats.shift if stats.offset is None else stats.shift + stats.offset
             y = reference_normalize(
                 x,
@@ -373,7 +397,7 @@ def normalize(
     Returns:
         The normalized tensor, ``x``'s dtype.
     """
-    return _Normalize.apply(
+    y: torch.Tensor = _Normalize.apply(  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
         x,
         weight,
         bias,
@@ -385,6 +409,7 @@ def normalize(
         batch_stats,
         across,
     )
+    return y
 
 
 def normalize_batch(
@@ -414,6 +439,9 @@ def normalize_batch(
         (y, :class:`BatchStatistics`).
     """
     dims = tuple(dims)
+    shift: torch.Tensor | None
+    offset: torch.Tensor | None
+    mean: torch.Tensor | None
     with torch.no_grad():
         if centered:
             moments = centered_moments(x, dims)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import InputTypeError
 from .moments import compute_dtype
 
 __all__ = ["reference_normalize"]
@@ -47,6 +48,9 @@ def reference_normalize(
 
     Returns:
         The output, ``x``'s dtype.
+
+    Raises:
+        TypeError: ``rstd`` given with ``centered`` but no ``mean``.
     """
     xc = x.to(compute_dtype(x.dtype))
     dims = tuple(dims)
@@ -57,7 +61,15 @@ def reference_normalize(
         else:
             var = xc.square().mean(dims, keepdim=True)
         rstd = torch.rsqrt(var + eps)
-    xhat = (xc - mean) * rstd if centered else xc * rstd
+    if not centered:
+        xhat = xc * rstd
+    elif mean is None:
+        raise InputTypeError(
+            "reference_normalize: a given rstd with centered=True needs the mean too (mean=); "
+            "pass it, or centered=False to normalize by rstd alone"
+        )
+    else:
+        xhat = (xc - mean) * rstd
     y = xhat
     if weight is not None:
         y = y * weight.to(xc.dtype)

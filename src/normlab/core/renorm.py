@@ -13,10 +13,13 @@ with r and d constants for autograd. In eval it is BatchNorm with the running es
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from .call_checks import check_channel_args, too_few_values
 from .channel import channel_norm
+from .checks import InputError
 from .composed import channel_view
 from .moments import centered_moments, reduced_count
 from .running import RunningStats
@@ -55,6 +58,9 @@ def batch_renorm(
 
     Returns:
         The output, ``x``'s shape and dtype.
+
+    Raises:
+        ValueError: training with a policy that holds no running estimates.
     """
     if not batch_stats or x.numel() == 0:
         # eval: BatchNorm with the estimates; an empty batch: BatchNorm2d's answer (an empty
@@ -67,13 +73,20 @@ def batch_renorm(
     dims = (0,) + tuple(range(2, x.dim()))
     if reduced_count(x.shape, dims) <= 1:  # r and d need batch statistics
         raise too_few_values(x)
+    running_mean, running_var = running.running_mean, running.running_var
+    if running_mean is None or running_var is None:
+        raise InputError(
+            f"{operation} measures the batch against running_mean and running_var, but the policy "
+            f"{running!r} holds none; build it with RunningStats.of(running_mean, running_var)"
+        )
     ndim = x.dim()
     with torch.no_grad():
         moments = centered_moments(x, dims)  # (1, C, 1, …)
         cdtype = moments.var.dtype
         batch_std = torch.sqrt(moments.var + eps)
-        running_std = torch.sqrt(channel_view(running.running_var, ndim).to(cdtype) + eps)
-        running_mu = channel_view(running.running_mean, ndim).to(cdtype)
+        # channel_view maps a tensor to a tensor (its None is for an absent γ or β)
+        running_std = torch.sqrt(cast(torch.Tensor, channel_view(running_var, ndim)).to(cdtype) + eps)
+        running_mu = cast(torch.Tensor, channel_view(running_mean, ndim)).to(cdtype)
         if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
             r_max = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
             d_max = torch.as_tensor(d_max, dtype=cdtype, device=x.device)

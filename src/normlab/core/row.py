@@ -11,7 +11,7 @@ the direct path and where the kernels refused. A functional checks first (``chec
 
 from __future__ import annotations
 
-from typing import overload
+from typing import TYPE_CHECKING, cast, overload
 
 import torch
 
@@ -21,6 +21,9 @@ from .checks import InputError, InputTypeError, check_floating_input
 from .kernels.cpu import build as _cpu
 from .moments import reduced_count
 from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON, _gpu_kernels, choose_path
+
+if TYPE_CHECKING:
+    from .kernels import KernelBackend
 
 __all__ = ["add_row_norm", "channel_layer_norm", "channels_first_row_norm", "row_norm"]
 
@@ -118,6 +121,8 @@ def row_norm(
             # takes one made under inference_mode; a normal copy lets the kernels' node keep it
             # (asked on the eager path only: a compiler cannot trace the question)
             x = x.clone()
+        if TYPE_CHECKING:  # said without a call on the direct path: KERNELS_DIRECT is answered only
+            assert _cpu.module is not None  # once the kernels are loaded
         out = _cpu.module.row_norm(
             x, normalized_shape, weight, bias, _F32_EPS if eps is None else eps, centered, residual
         )
@@ -137,9 +142,12 @@ def row_norm(
                 x.contiguous(), residual.contiguous(), weight, bias, k, eps, centered
             )
             return y, s
-        return torch.ops.normlab.row_norm(x.contiguous(), weight, bias, k, eps, centered)[0]
+        out = torch.ops.normlab.row_norm(x.contiguous(), weight, bias, k, eps, centered)
+        return cast(torch.Tensor, out[0])  # torch.ops' operators are untyped
     if path == TRITON:
-        return _gpu_kernels[0].row_norm(x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
+        gpu = cast("KernelBackend", _gpu_kernels[0])  # the rule answers "triton" only with them loaded
+        # eps is None only for a complex input, which the Triton kernels do not take
+        return gpu.row_norm(x, normalized_shape, weight, bias, cast(float, eps), centered=centered, residual=residual)
     summed = x if residual is None else x + residual
     if path == NATIVE:
         y = native.row_norm(summed, normalized_shape, weight, bias, eps, centered)

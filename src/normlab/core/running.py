@@ -30,7 +30,7 @@ kernels hand back (a batch that is not finite warns or raises here).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
 import torch
 
@@ -56,14 +56,14 @@ _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 #: What ``on_nonfinite=`` accepts: ``"skip"`` a batch with NaN/inf statistics, or ``"raise"``
 #: :class:`NonFiniteStatisticsError` (``docs/conventions.md#non-finite-batches``).
-NONFINITE_POLICIES = ("skip", "raise")
+NONFINITE_POLICIES: tuple[NonFinitePolicy, ...] = ("skip", "raise")
 
 
 class NonFiniteStatisticsError(FloatingPointError):
     """A batch's statistics were NaN or infinite and the policy is ``"raise"``."""
 
 
-def check_nonfinite_policy(policy: object) -> str:
+def check_nonfinite_policy(policy: object) -> NonFinitePolicy:
     """``policy`` if it is one of :data:`NONFINITE_POLICIES`.
 
     Raises:
@@ -77,7 +77,7 @@ def check_nonfinite_policy(policy: object) -> str:
     """
     if policy not in NONFINITE_POLICIES:
         raise InputError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}")
-    return policy  # type: ignore[return-value]
+    return policy
 
 
 def update_running_stats(
@@ -125,11 +125,14 @@ def update_running_stats(
         running_mean.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_wrapped(batch_mean)
     )
     with torch.no_grad():
+        rate: float | torch.Tensor  # the batch's weight: momentum, or 1 / (k + 1) for None
         if momentum is None:
             if num_batches_tracked is None:
                 check_momentum(None, allow_none=False)  # raises, saying what to pass
             # A tensor, not float(num_batches_tracked): no host sync on accelerators.
-            momentum = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
+            rate = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)
+        else:
+            rate = momentum
         if unbiased:
             if isinstance(count, torch.Tensor):
                 correction = torch.where(count > 1, count / (count - 1).clamp(min=1), 1.0)
@@ -140,8 +143,8 @@ def update_running_stats(
             var = batch_var
         mean = batch_mean.to(running_mean.dtype)
         var = var.to(running_var.dtype)
-        new_mean = running_mean * (1 - momentum) + mean * momentum
-        new_var = running_var * (1 - momentum) + var * momentum
+        new_mean = running_mean * (1 - rate) + mean * rate
+        new_var = running_var * (1 - rate) + var * rate
         finite = torch.isfinite(torch.cat([new_mean, new_var, mean.to(new_mean.dtype), var.to(new_mean.dtype)])).all()
         if on_nonfinite == "raise" or eager_cpu:
             if not bool(finite):  # a host sync: free on the CPU, asked for under "raise"
@@ -196,7 +199,13 @@ class RunningStats:
         on_nonfinite: "skip" or "raise".
     """
 
-    def __init__(self, buffers: dict, momentum: float | None, unbiased: bool, on_nonfinite: str) -> None:
+    def __init__(
+        self,
+        buffers: dict[str, torch.Tensor | None],
+        momentum: float | None,
+        unbiased: bool,
+        on_nonfinite: NonFinitePolicy,
+    ) -> None:
         self.buffers = buffers
         self.momentum = momentum
         self.unbiased = bool(unbiased)
@@ -217,9 +226,9 @@ class RunningStats:
         """The policy over these tensors, its arguments checked: ``momentum`` in [0, 1], or
         None with ``num_batches_tracked``; ``on_nonfinite`` one of :data:`NONFINITE_POLICIES`."""
         momentum = check_momentum(momentum, allow_none=num_batches_tracked is not None)
-        check_nonfinite_policy(on_nonfinite)
+        policy = check_nonfinite_policy(on_nonfinite)  # on_nonfinite itself, checked
         buffers = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": num_batches_tracked}
-        return cls(buffers, momentum, unbiased, on_nonfinite)
+        return cls(buffers, momentum, unbiased, policy)
 
     @property
     def running_mean(self) -> torch.Tensor | None:
@@ -257,15 +266,19 @@ class RunningStats:
                     return self.update(mean, var, count, enough=enough, unbiased=unbiased)
         if mean.dim() == 2:
             mean, var = mean.mean(0), var.mean(0)
-        arguments = (self.running_mean, self.running_var, mean, var, count, self.momentum)
-        policy = {
-            "num_batches_tracked": self.num_batches_tracked,
-            "unbiased": self.unbiased if unbiased is None else unbiased,
-            "on_nonfinite": self.on_nonfinite,
-        }
+        # the entries update a policy only where it holds both estimates
+        running_mean, running_var = cast(torch.Tensor, self.running_mean), cast(torch.Tensor, self.running_var)
+        arguments = (running_mean, running_var, mean, var, count, self.momentum)
+        counter = self.num_batches_tracked
+        unbiased = self.unbiased if unbiased is None else unbiased
         if enough is not None:
-            return update_running_stats_if(enough, *arguments, **policy)
-        return update_running_stats(*arguments, **policy)
+            update_running_stats_if(
+                enough, *arguments, num_batches_tracked=counter, unbiased=unbiased, on_nonfinite=self.on_nonfinite
+            )
+            return None
+        return update_running_stats(
+            *arguments, num_batches_tracked=counter, unbiased=unbiased, on_nonfinite=self.on_nonfinite
+        )
 
     def _transform_constants(self, stat: torch.Tensor) -> torch.Tensor:
         """A batch statistic computed under a ``torch.func`` transform, as the plain tensor the
@@ -275,7 +288,8 @@ class RunningStats:
         unbatched buffer cannot hold: torch.nn's BatchNorm refuses that too, and so does this,
         naming the fix."""
         while _functorch_wrapped(stat):
-            if torch._C._functorch.is_batchedtensor(stat) and not _functorch_wrapped(self.running_mean):
+            running_mean = cast(torch.Tensor, self.running_mean)  # update() is asked only with estimates
+            if torch._C._functorch.is_batchedtensor(stat) and not _functorch_wrapped(running_mean):
                 raise RuntimeError(
                     "vmap over a normalization layer that tracks running statistics: the input is "
                     "batched by vmap but running_mean and running_var, which the layer updates in "
@@ -453,7 +467,13 @@ def to_decay_convention(
     return DecayStatistics(running_mean.clone(), var.clone(), decay)
 
 
-class DiscardingStats:
+if TYPE_CHECKING:
+    _Policy = RunningStats  # to the checker it is a RunningStats: it answers every attribute as one
+else:
+    _Policy = object  # at run time it forwards them (__getattr__), holding no state of its own
+
+
+class DiscardingStats(_Policy):
     """A checkpoint recompute's view of a :class:`RunningStats`: it reads the policy's
     estimates and options and merges nothing, so torch's ops run as they did in the forward
     (checkpointing requires the same saved tensors) without a second update."""
@@ -461,8 +481,8 @@ class DiscardingStats:
     def __init__(self, running: RunningStats) -> None:
         self._running = running
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._running, name)
 
-    def update(self, *args, **kwargs) -> None:
+    def update(self, *args: object, **kwargs: object) -> None:
         return None

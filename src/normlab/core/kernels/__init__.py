@@ -26,6 +26,63 @@ nothing else chooses. How a backend plugs in (see ``docs/architecture.md``):
    another object) — the rule stays the only place that decides.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
 from . import cpu
 
+if TYPE_CHECKING:
+    import torch
+
+    from ..activation import ActivationArgs
+    from ..running import RunningStats
+
 __all__ = ["cpu"]
+
+
+class KernelBackend(Protocol):
+    """Point 1 above, as a type: what the path rule asks a GPU backend and the families'
+    entries call on it (:class:`normlab.core.kernels.triton.backend.TritonBackend`, or a
+    stand-in a test registers)."""
+
+    def unavailable(self, x: torch.Tensor) -> str: ...
+
+    def takes(
+        self,
+        x: torch.Tensor,
+        family: str,
+        call: tuple[Any, ...] | None,  # the family's arguments as the caller gave them: unchecked
+        *,
+        given: bool = False,
+        mask: torch.Tensor | None = None,
+        inplace: bool = False,
+        centered: bool = True,
+    ) -> tuple[bool, str]: ...
+
+    def channel_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        batch_stats: bool,
+        running: RunningStats | None,
+        act: ActivationArgs,
+        inplace: bool,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+    def row_norm(
+        self,
+        x: torch.Tensor,
+        normalized_shape: Sequence[int],
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        *,
+        centered: bool,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...

@@ -44,11 +44,18 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Protocol, TypedDict, cast
 
 from ...activation import ACTIVATIONS
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+
+    from ...running import RunningStats
 
 __all__ = ["BUILD_MESSAGE", "available", "build_name", "build_root", "installation", "load", "module", "status"]
 
@@ -70,10 +77,178 @@ _LIB_SUFFIX = ".pyd" if sys.platform == "win32" else ".so"
 _DEFAULT_TIMEOUT_S = 300.0
 BUILD_MESSAGE = "normlab: building the CPU kernels (first use, about 20 s)..."
 
+
+class KernelsModule(Protocol):
+    """What the compiled module (``entries.cpp``'s ``PYBIND11_MODULE``) offers Python, as its
+    C++ signatures declare it; pybind11 takes the arguments by position. Where a call's
+    arguments do not fit, ``channel_norm`` and ``row_norm`` return None and write nothing."""
+
+    #: the activation codes the kernels switch on, by normlab's names
+    activation_codes: dict[str, int]
+
+    def plain_eager(self, x: torch.Tensor, /) -> bool: ...
+
+    def channel_norm(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running: RunningStats | None,
+        groups: int,
+        batch_stats: bool,
+        eps: float,
+        act: int,
+        param: float,
+        prelu: torch.Tensor | None,
+        /,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """y; ``(y, mean, var, count)`` where the running update is left to the policy; None."""
+
+    def row_norm(
+        self,
+        input: torch.Tensor,
+        shape: Sequence[int],
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        centered: bool,
+        residual: torch.Tensor | None,
+        /,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+        """y; ``(y, x + residual)`` with a residual; None."""
+
+    def update_running(self, policy: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int, /) -> bool: ...
+
+    def channel_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        prelu: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        act: int,
+        param: float,
+        inplace: bool,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def channel_backward(
+        self,
+        dy: torch.Tensor,
+        src: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        prelu: torch.Tensor | None,
+        shift: torch.Tensor,
+        offset: torch.Tensor,
+        rstd: torch.Tensor,
+        groups: int,
+        given: bool,
+        from_output: bool,
+        act: int,
+        param: float,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def masked_channel_forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        prelu: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        act: int,
+        param: float,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def masked_channel_backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        prelu: torch.Tensor | None,
+        shift: torch.Tensor,
+        offset: torch.Tensor,
+        rstd: torch.Tensor,
+        count: torch.Tensor,
+        groups: int,
+        given: bool,
+        act: int,
+        param: float,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def row_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        k: int,
+        eps: float,
+        centered: bool,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def row_backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        shift: torch.Tensor,
+        rstd: torch.Tensor,
+        offr: torch.Tensor,
+        k: int,
+        centered: bool,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def add_row_forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        k: int,
+        eps: float,
+        centered: bool,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+    def add_row_backward(
+        self,
+        dy: torch.Tensor,
+        ds: torch.Tensor | None,
+        s: torch.Tensor,
+        weight: torch.Tensor | None,
+        shift: torch.Tensor,
+        rstd: torch.Tensor,
+        offr: torch.Tensor,
+        k: int,
+        centered: bool,
+        /,
+    ) -> list[torch.Tensor]: ...
+
+
+class _BuildState(TypedDict):
+    path: Path | None  # the library loaded
+    error: str | None  # why it could not be, in one line
+    tried: bool
+
+
 #: The loaded extension module, or None (not built yet, or unavailable: see ``_state``). The
 #: path rule reads it on every call: a module attribute, no function call.
-module = None
-_state = {"path": None, "error": None, "tried": False}
+module: KernelsModule | None = None
+_state: _BuildState = {"path": None, "error": None, "tried": False}
 _lock = threading.Lock()
 
 
@@ -140,14 +315,16 @@ def _timeout() -> float:
         raise ValueError(f"NORMLAB_BUILD_TIMEOUT must be a number of seconds, got {text!r}") from None
 
 
-def _import(name: str, path: Path):
+def _import(name: str, path: Path) -> KernelsModule:
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # not a file Python can load as an extension
+        raise ImportError(f"{path} cannot be loaded as a Python extension module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return cast(KernelsModule, module)
 
 
-def _acquire(lock_path: Path, timeout: float) -> IO | None:
+def _acquire(lock_path: Path, timeout: float) -> IO[str] | None:
     """An open file holding an exclusive flock on ``lock_path``, or None where this system
     or file system has no flock (building unlocked is still safe, only perhaps duplicated).
     Raises TimeoutError if another process holds the lock for ``timeout`` seconds."""
@@ -215,7 +392,7 @@ def _remove_abandoned_builds(entry: Path) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _compile(name: str, entry: Path):
+def _compile(name: str, entry: Path) -> KernelsModule:
     from torch.utils import cpp_extension
 
     try:  # cpp_extension runs `ninja`; the pip package puts it beside the interpreter
@@ -238,10 +415,10 @@ def _compile(name: str, entry: Path):
         os.replace(work / f"{name}{_LIB_SUFFIX}", entry / f"{name}{_LIB_SUFFIX}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return module
+    return cast(KernelsModule, module)
 
 
-def _build():
+def _build() -> tuple[KernelsModule, Path]:
     """Load the cached module, building it first if needed. Returns (module, library path)."""
     name = build_name(installation())
     entry = build_root() / name
@@ -278,7 +455,7 @@ def _summary(err: Exception) -> str:
     return f"{type(err).__name__}: {detail}"
 
 
-def load():
+def load() -> KernelsModule | None:
     """The compiled module, building it on the first call; None when it cannot be built (the
     reason is in :func:`status`)."""
     global module
@@ -302,7 +479,7 @@ def load():
     return module
 
 
-def _check_activation_codes(module) -> None:
+def _check_activation_codes(module: KernelsModule) -> None:
     """Raise unless the compiled module switches on the codes the activation registry holds."""
     expected = {name: entry.code for name, entry in ACTIVATIONS.items() if entry.fused}
     found = dict(getattr(module, "activation_codes", {}))

@@ -13,6 +13,9 @@ returns the gradients with a graph, None where not wanted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 
 from ...activation import activation_for_code, apply_activation
@@ -21,14 +24,30 @@ from ...reference import reference_normalize
 __all__ = ["add_row", "channel", "row"]
 
 
-def _grads(y, operands, needs, dy):
+def _grads(
+    y: torch.Tensor, operands: Sequence[torch.Tensor | None], needs: Sequence[bool], dy: torch.Tensor
+) -> list[torch.Tensor | None]:
     """``d(y·dy)/d operand`` for each operand that needs one, with a graph; None elsewhere."""
     inputs = [t for t, need in zip(operands, needs) if need and t is not None]
     found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
     return [next(found) if need and t is not None else None for t, need in zip(operands, needs)]
 
 
-def channel(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, param, needs):
+def channel(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu: torch.Tensor | None,
+    shift: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+    given: bool,
+    eps: float,
+    act: int,
+    param: float,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
     """(dx, dγ, dβ, dPReLU) of a channel norm; ``needs`` for (x, γ, β, _, _, PReLU) as the
     operator's inputs are ordered."""
     view = (1, -1) + (1,) * (x.dim() - 2)
@@ -39,7 +58,7 @@ def channel(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, pa
             b = None if bias is None else bias.view(view)
         else:
             cg = x.shape[1] // groups
-            target = x.unflatten(1, (groups, cg))  # (N, G, C//G, *spatial)
+            target = x.unflatten(1, (groups, cg))  # type: ignore[no-untyped-call]  # (N, G, C//G, *spatial); unannotated in torch
             dims = tuple(range(2, target.dim()))
             shape = (1, groups, cg) + (1,) * (target.dim() - 3)
             w = None if weight is None else weight.view(shape)
@@ -59,7 +78,8 @@ def channel(dy, x, weight, bias, prelu, shift, rstd, groups, given, eps, act, pa
 
 def _trailing_dims(x: torch.Tensor, k: int) -> tuple[int, ...]:
     """The trailing dims of ``x`` that make up its k normalized elements."""
-    size, dims = 1, []
+    size = 1
+    dims: list[int] = []
     for d in range(x.dim() - 1, -1, -1):
         if size == k:
             break
@@ -68,7 +88,9 @@ def _trailing_dims(x: torch.Tensor, k: int) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _reference(x, weight, bias, k, eps, centered):
+def _reference(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float, centered: bool
+) -> torch.Tensor:
     """The composed LayerNorm/RMSNorm of ``x`` over its trailing k elements, with a graph."""
     dims = _trailing_dims(x, k)
     affine_shape = x.shape[dims[0] :]
@@ -77,18 +99,37 @@ def _reference(x, weight, bias, k, eps, centered):
     return reference_normalize(x, w, b, dims, eps, centered=centered)
 
 
-def row(dy, x, weight, bias, k, eps, centered, needs):
+def row(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+    centered: bool,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
     """(dx, dγ, dβ) of a LayerNorm (``centered``) or RMSNorm over the trailing k elements."""
     with torch.enable_grad():
         y = _reference(x, weight, bias, k, eps, centered)
         return tuple(_grads(y, (x, weight, bias), needs[:3], dy))
 
 
-def add_row(dy, ds, s, weight, bias, k, eps, centered, needs):
+def add_row(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+    centered: bool,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_sum, dγ, dβ) of s = x + residual, y = norm(s): the norm's part differentiated on the
     saved sum, plus ``ds``. ``s`` is the forward's own output, so its graph leads back to x and
     the residual: higher derivatives flow through the first-order formula. ``needs`` for (γ, β)."""
     with torch.enable_grad():
         y = _reference(s, weight, bias, k, eps, centered)
         d_s, dw, db = _grads(y, (s, weight, bias), (True, *needs[:2]), dy)
-    return (d_s if ds is None else d_s + ds), dw, db
+    return (d_s if ds is None else cast(torch.Tensor, d_s) + ds), dw, db  # y depends on s: d_s is there

@@ -12,6 +12,8 @@ otherwise.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
 from ...activation import (
@@ -23,6 +25,9 @@ from ...activation import (
 )
 from . import build
 
+if TYPE_CHECKING:
+    from .build import KernelsModule
+
 __all__ = ["channel_norm_inplace"]
 
 
@@ -32,10 +37,20 @@ class _ChannelNormInPlace(torch.autograd.Function):
     into ``stats_out``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, act, param, stats_out):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        act: int,
+        param: float,
+        stats_out: list[torch.Tensor],
+    ) -> torch.Tensor:
         small = unrecoverable_channels(x, weight, bias, groups, activation_for_code(act).name, param)
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
-        _, shift, offset, rstd, mean, var = build.module.channel_forward(
+        _, shift, offset, rstd, mean, var = cast("KernelsModule", build.module).channel_forward(  # the kernels' path
             x, weight, bias, None, None, None, groups, eps, act, param, True
         )
         ctx.mark_dirty(x)
@@ -46,12 +61,13 @@ class _ChannelNormInPlace(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError(SECOND_DERIVATIVES)
         y, weight, bias, x_small = ctx.saved_tensors
-        dx, dgamma, dbeta, _ = build.module.channel_backward(
-            dy, y, weight, bias, None, *ctx.stats, ctx.groups, False, True, ctx.act, ctx.param
+        shift, offset, rstd = ctx.stats
+        dx, dgamma, dbeta, _ = cast("KernelsModule", build.module).channel_backward(
+            dy, y, weight, bias, None, shift, offset, rstd, ctx.groups, False, True, ctx.act, ctx.param
         )
         if ctx.small is not None:
             _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small)
@@ -60,7 +76,17 @@ class _ChannelNormInPlace(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small) -> None:
+def _redo_small_gamma(
+    ctx: Any,
+    dx: torch.Tensor,
+    dgamma: torch.Tensor,
+    dbeta: torch.Tensor,
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    x_small: torch.Tensor,
+) -> None:
     """Overwrite dx, dγ and dβ of the channels the kernel could not recover x̂ for (see
     :func:`~normlab.core.activation.unrecoverable_channels`) — and, for GroupNorm, of the rest
     of their groups, whose dx depends on it — with
@@ -72,11 +98,19 @@ def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small) -> N
     write_redone(dx, dgamma, dbeta, redone)
 
 
-def channel_norm_inplace(x, weight, bias, groups: int, eps: float, act: int, param: float):
+def channel_norm_inplace(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, var) with y written over ``x``; the statistics float64 per group."""
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     stats: list[torch.Tensor] = []
-    out = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, stats)
+    out: torch.Tensor = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, stats)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
     if not recorded:
         # The kernel wrote through a raw pointer; without a graph mark_dirty did nothing, so
         # bump the version ourselves: a tensor some other op saved must not change silently.

@@ -13,13 +13,18 @@ do (:mod:`.double_backward`).
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from ...activation import activation_for_code
+from ...activation import ActivationArgs, activation_for_code
 from ...composed import masked_channel_norm as composed_masked_channel_norm
 from ...composed import update_masked
 from . import build
+
+if TYPE_CHECKING:
+    from ...running import RunningStats
+    from .build import KernelsModule
 
 __all__ = ["masked_channel_norm"]
 
@@ -29,8 +34,21 @@ class _MaskedChannelNorm(torch.autograd.Function):
     Returns y and the batch's (mean, var, count) per group, which carry no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, prelu, mask, running_mean, running_var, groups, eps, code, param):
-        y, shift, offset, rstd, mean, var, count = build.module.masked_channel_forward(
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        prelu: torch.Tensor | None,
+        mask: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        code: int,
+        param: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        y, shift, offset, rstd, mean, var, count = cast("KernelsModule", build.module).masked_channel_forward(
             x, mask, weight, bias, running_mean, running_var, prelu, groups, eps, code, param
         )
         ctx.groups, ctx.eps, ctx.code, ctx.param = groups, eps, code, param
@@ -41,7 +59,9 @@ class _MaskedChannelNorm(torch.autograd.Function):
         return y, mean, var, count
 
     @staticmethod
-    def backward(ctx, dy, _mean, _var, _count):
+    def backward(
+        ctx: Any, dy: torch.Tensor, _mean: torch.Tensor | None, _var: torch.Tensor | None, _count: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         x, mask, weight, bias, prelu, shift, offset, rstd, count, running_mean, running_var = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True: the composed reference carries a graph
@@ -49,7 +69,7 @@ class _MaskedChannelNorm(torch.autograd.Function):
         else:
             if count is None:  # given statistics: no count
                 count = shift.new_empty(0)
-            dx, dw, db, dp = build.module.masked_channel_backward(
+            dx, dw, db, dp = cast("KernelsModule", build.module).masked_channel_backward(
                 dy, x, mask, weight, bias, prelu, shift, offset, rstd, count, ctx.groups, ctx.given, ctx.code, ctx.param
             )
             dw = dw.to(weight.dtype) if weight is not None and needs[1] else None
@@ -58,7 +78,17 @@ class _MaskedChannelNorm(torch.autograd.Function):
         return dx if needs[0] else None, dw, db, dp, None, None, None, None, None, None, None
 
 
-def _differentiable_backward(ctx, dy, x, weight, bias, prelu, mask, running_mean, running_var):
+def _differentiable_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu: torch.Tensor | None,
+    mask: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
     operands = (x, weight, bias, prelu)
     needs = ctx.needs_input_grad[:4]
     act = (activation_for_code(ctx.code).name, ctx.param, prelu)
@@ -72,16 +102,30 @@ def _differentiable_backward(ctx, dy, x, weight, bias, prelu, mask, running_mean
     return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
 
 
-def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running, act, code):
+def masked_channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    groups: int,
+    eps: float,
+    batch_stats: bool,
+    running: RunningStats | None,
+    act: ActivationArgs,
+    code: int,
+) -> torch.Tensor:
     """act(norm(x)) over the valid positions of ``mask`` (checked, (N, *spatial), possibly
     broadcast); ``act`` is (name, param, prelu_weight) and ``code`` its kernel code. With
     ``batch_stats`` the running estimates of ``running`` (if any) are updated from the valid
     count; otherwise its estimates normalize."""
     _, param, prelu = act
     given = not batch_stats
-    rm = running.running_mean if given else None
-    rv = running.running_var if given else None
-    y, mean, var, count = _MaskedChannelNorm.apply(x, weight, bias, prelu, mask, rm, rv, groups, eps, code, param)
+    estimates = cast("RunningStats", running)  # read only where given: the checks required them
+    rm = estimates.running_mean if given else None
+    rv = estimates.running_var if given else None
+    out = _MaskedChannelNorm.apply(x, weight, bias, prelu, mask, rm, rv, groups, eps, code, param)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
+    # (mean, var, count are None with given statistics, and read only with batch statistics)
+    y, mean, var, count = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]", out)
     if batch_stats and running is not None and running.running_mean is not None:
         dtype = x.dtype
         if groups < 0:  # one group per channel, every one with the same count
@@ -89,7 +133,7 @@ def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running
             # a batch with fewer than 2 valid values is not merged (as update_masked decides);
             # the kernels' update in C++, where the policy's torch ops (a dozen small ops,
             # which cost more than the masked kernel itself at (32, 64, 256)) are not needed
-            if valid >= 2 and not build.module.update_running(running, mean, var, valid):
+            if valid >= 2 and not cast("KernelsModule", build.module).update_running(running, mean, var, valid):
                 running.update(mean.to(dtype), var.to(dtype), valid)
         else:  # InstanceNorm: one group per (sample, channel)
             n = x.shape[0]

@@ -26,10 +26,15 @@ given statistics, a (sample, group of channels) for GroupNorm/InstanceNorm.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 
 from ...activation import ACTIVATIONS
 from . import build, double_backward
+
+if TYPE_CHECKING:
+    from .build import KernelsModule
 
 __all__ = ["add_row_norm", "channel_norm", "row_norm"]
 
@@ -64,15 +69,29 @@ def channel_norm(
     ``shift, offset, rstd`` (float64, one per group) are what the backward needs;
     ``mean, var`` (float64, biased variance) feed running estimates — empty when given.
     """
-    return tuple(
-        build.module.channel_forward(
-            x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param, False
-        )
-    )
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
+        tuple(
+            cast("KernelsModule", build.module).channel_forward(
+                x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param, False
+            )
+        ),
+    )  # the lengths entries.cpp returns
 
 
 @channel_norm.register_fake
-def _(x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param):
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     given = running_mean is not None
     k = _channel_groups(x, groups, given)
     stat = x.new_empty(k, dtype=torch.float64)
@@ -96,20 +115,36 @@ def channel_norm_backward(
     param: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dγ, dβ, dPReLU) of :func:`channel_norm`; the parameter gradients in float64 (C,)."""
-    return tuple(
-        build.module.channel_backward(
-            dy, x, weight, bias, prelu_weight, shift, offset, rstd, groups, given, False, act, param
-        )
-    )
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
+        tuple(
+            cast("KernelsModule", build.module).channel_backward(
+                dy, x, weight, bias, prelu_weight, shift, offset, rstd, groups, given, False, act, param
+            )
+        ),
+    )  # the lengths entries.cpp returns
 
 
 @channel_norm_backward.register_fake
-def _(dy, x, weight, bias, prelu_weight, shift, offset, rstd, groups, given, act, param):
+def _(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    shift: torch.Tensor,
+    offset: torch.Tensor,
+    rstd: torch.Tensor,
+    groups: int,
+    given: bool,
+    act: int,
+    param: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     per_channel = x.new_empty(x.shape[1], dtype=torch.float64)
     return torch.empty_like(x), per_channel, per_channel.clone(), per_channel.clone()
 
 
-def _channel_setup(ctx, inputs, output):
+def _channel_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     x, weight, bias, running_mean, _, prelu_weight, groups, eps, act, param = inputs
     _, shift, offset, rstd, _, _ = output
     ctx.save_for_backward(x, weight, bias, prelu_weight, shift, offset, rstd)
@@ -117,7 +152,9 @@ def _channel_setup(ctx, inputs, output):
     ctx.given = running_mean is not None
 
 
-def _channel_backward(ctx, dy, *_unused_stat_grads):
+def _channel_backward(
+    ctx: Any, dy: torch.Tensor, *_unused_stat_grads: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
     x, weight, bias, prelu, shift, offset, rstd = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad) + (False,) * 10
     if torch.is_grad_enabled():  # create_graph=True: the kernel's result carries no graph
@@ -150,11 +187,16 @@ def row_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, shift, rstd, offr) over the trailing ``k`` elements of contiguous ``x``;
     x̂ = (x − shift)·rstd − offr per row (float32 row statistics)."""
-    return tuple(build.module.row_forward(x, weight, bias, k, eps, centered))
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
+        tuple(cast("KernelsModule", build.module).row_forward(x, weight, bias, k, eps, centered)),
+    )  # the lengths entries.cpp returns
 
 
 @row_norm.register_fake
-def _(x, weight, bias, k, eps, centered):
+def _(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float, centered: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = x.new_empty(x.numel() // k)
     return torch.empty_like(x), rows, rows.clone(), rows.clone()
 
@@ -171,23 +213,37 @@ def row_norm_backward(
     centered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dγ, dβ) of :func:`row_norm`; dγ, dβ float64 over the k normalized elements."""
-    return tuple(build.module.row_backward(dy, x, weight, shift, rstd, offr, k, centered))
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+        tuple(cast("KernelsModule", build.module).row_backward(dy, x, weight, shift, rstd, offr, k, centered)),
+    )  # the lengths entries.cpp returns
 
 
 @row_norm_backward.register_fake
-def _(dy, x, weight, shift, rstd, offr, k, centered):
+def _(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    shift: torch.Tensor,
+    rstd: torch.Tensor,
+    offr: torch.Tensor,
+    k: int,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     per_element = x.new_empty(k, dtype=torch.float64)
     return torch.empty_like(x), per_element, per_element.clone()
 
 
-def _row_setup(ctx, inputs, output):
+def _row_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     x, weight, bias, k, eps, centered = inputs
     _, shift, rstd, offr = output
     ctx.save_for_backward(x, weight, bias, shift, rstd, offr)
     ctx.k, ctx.eps, ctx.centered = k, eps, centered
 
 
-def _row_backward(ctx, dy, *_unused_stat_grads):
+def _row_backward(
+    ctx: Any, dy: torch.Tensor, *_unused_stat_grads: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
     x, weight, bias, shift, rstd, offr = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
@@ -221,11 +277,22 @@ def add_row_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s, shift, rstd, offr): s = x + residual and y = norm(s) over the trailing ``k``
     elements of contiguous, same-shaped ``x`` and ``residual``; statistics as :func:`row_norm`."""
-    return tuple(build.module.add_row_forward(x, residual, weight, bias, k, eps, centered))
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
+        tuple(cast("KernelsModule", build.module).add_row_forward(x, residual, weight, bias, k, eps, centered)),
+    )  # the lengths entries.cpp returns
 
 
 @add_row_norm.register_fake
-def _(x, residual, weight, bias, k, eps, centered):
+def _(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = x.new_empty(x.numel() // k)
     return torch.empty_like(x), torch.empty_like(x), rows, rows.clone(), rows.clone()
 
@@ -244,23 +311,38 @@ def add_row_norm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_sum, dγ, dβ) of :func:`add_row_norm`: d_sum = ds + norm_backward(dy) is the gradient
     of x and of the residual; dγ, dβ float64 over the k normalized elements."""
-    return tuple(build.module.add_row_backward(dy, ds, s, weight, shift, rstd, offr, k, centered))
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
+        tuple(cast("KernelsModule", build.module).add_row_backward(dy, ds, s, weight, shift, rstd, offr, k, centered)),
+    )  # the lengths entries.cpp returns
 
 
 @add_row_norm_backward.register_fake
-def _(dy, ds, s, weight, shift, rstd, offr, k, centered):
+def _(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    shift: torch.Tensor,
+    rstd: torch.Tensor,
+    offr: torch.Tensor,
+    k: int,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     per_element = s.new_empty(k, dtype=torch.float64)
     return torch.empty_like(s), per_element, per_element.clone()
 
 
-def _add_row_setup(ctx, inputs, output):
+def _add_row_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     _, _, weight, bias, k, eps, centered = inputs
     _, s, shift, rstd, offr = output
     ctx.save_for_backward(s, weight, bias, shift, rstd, offr)
     ctx.k, ctx.eps, ctx.centered = k, eps, centered
 
 
-def _add_row_backward(ctx, dy, ds, *_unused_stat_grads):
+def _add_row_backward(
+    ctx: Any, dy: torch.Tensor | None, ds: torch.Tensor | None, *_unused_stat_grads: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
     s, weight, bias, shift, rstd, offr = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if dy is None:  # only s was differentiated (a caller that does not materialize zeros)

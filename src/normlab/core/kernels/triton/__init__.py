@@ -33,9 +33,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    import torch
+
     from .entries import ChannelResult
 
 __all__ = [
@@ -78,35 +82,47 @@ def status() -> str:
     return "Triton kernels unavailable: no CUDA device (TRITON_INTERPRET=1 runs them on CPU tensors)"
 
 
-def takes_channel(x, **call) -> tuple[bool, str]:
+def takes_channel(x: torch.Tensor, **call: Any) -> tuple[bool, str]:
     """See :func:`normlab.core.kernels.triton.entries.takes_channel`."""
     from .entries import takes_channel
 
     return takes_channel(x, **call)
 
 
-def channel_norm(x, weight, bias, **call) -> ChannelResult:
+def channel_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, **call: Any) -> ChannelResult:
     """See :func:`normlab.core.kernels.triton.entries.channel_norm`."""
     from .entries import channel_norm
 
     return channel_norm(x, weight, bias, **call)
 
 
-def takes_row(x, normalized_shape, weight=None, residual=None) -> tuple[bool, str]:
+def takes_row(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> tuple[bool, str]:
     """See :func:`normlab.core.kernels.triton.entries.takes_row`."""
     from .entries import takes_row
 
     return takes_row(x, normalized_shape, weight, residual)
 
 
-def row_norm(x, normalized_shape, weight, bias, eps, **call):
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    **call: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """See :func:`normlab.core.kernels.triton.entries.row_norm`."""
     from .entries import row_norm
 
     return row_norm(x, normalized_shape, weight, bias, eps, **call)
 
 
-def count_launches():
+def count_launches() -> AbstractContextManager[list[int]]:
     """``with count_launches() as n: ...``: ``n[0]`` Triton kernel launches inside the block."""
     from ._runtime import count_launches
 

@@ -13,9 +13,13 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import triton  # noqa: F401  (the package needs it; fail here, early, without it)
+
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
 
 __all__ = ["INTERPRETED", "count_launches", "launch", "observe", "register_op", "semaphore"]
 
@@ -24,13 +28,23 @@ __all__ = ["INTERPRETED", "count_launches", "launch", "observe", "register_op", 
 #: this package is first imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-_observers: list = []
+
+class LaunchObserver(Protocol):
+    """What :func:`observe` calls around each launch, with the launch's positional arguments."""
+
+    def before(self, args: tuple[object, ...]) -> None: ...
+
+    def after(self, args: tuple[object, ...]) -> None: ...
 
 
-def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+_observers: list[LaunchObserver] = []
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: object, **kwargs: object) -> None:
     """Run ``kernel`` over ``grid`` — the one place the package launches a kernel, so
     :func:`count_launches` (and any :func:`observe` r) sees every launch. ``wrap_triton`` makes
-    the launch visible to torch.compile, which then sees (and may fuse around) the kernel."""
+    the launch visible to torch.compile, which then sees (and may fuse around) the kernel.
+    (``kernel`` is a ``@triton.jit`` function: triton ships no types.)"""
     for observer in _observers:
         observer.before(args)
     try:
@@ -50,7 +64,7 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
 
 
 @contextlib.contextmanager
-def observe(observer) -> Iterator[None]:
+def observe(observer: LaunchObserver) -> Iterator[None]:
     """Call ``observer.before(args)`` and ``observer.after(args)`` around every launch in the block."""
     _observers.append(observer)
     try:
@@ -63,10 +77,10 @@ class _Counter:
     def __init__(self) -> None:
         self.counts = [0]
 
-    def before(self, args) -> None:
+    def before(self, args: tuple[object, ...]) -> None:
         self.counts[0] += 1
 
-    def after(self, args) -> None:
+    def after(self, args: tuple[object, ...]) -> None:
         pass
 
 
@@ -79,7 +93,7 @@ def count_launches() -> Iterator[list[int]]:
         yield counter.counts
 
 
-def register_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
+def register_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable[..., object]], CustomOpDef]:
     """Register ``normlab::name`` around a launcher function.
 
     Compiled, with ``torch.library.triton_op``: under torch.compile the operator decomposes
@@ -89,15 +103,16 @@ def register_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
     opaque node of the compiled graph, run eagerly on real tensors. A fake implementation is
     registered by the caller either way."""
 
-    def register(fn: Callable):
+    def register(fn: Callable[..., object]) -> CustomOpDef:
         if INTERPRETED:
             return torch.library.custom_op(f"normlab::{name}", mutates_args=mutates_args)(fn)
-        return torch.library.triton_op(f"normlab::{name}", mutates_args=mutates_args)(fn)
+        # a CustomOpDef too: torch annotates triton_op's result only as a Callable
+        return cast("CustomOpDef", torch.library.triton_op(f"normlab::{name}", mutates_args=mutates_args)(fn))
 
     return register
 
 
-_semaphores: dict[tuple, torch.Tensor] = {}
+_semaphores: dict[tuple[torch.device, int], torch.Tensor] = {}
 _semaphore_lock = threading.Lock()
 
 

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (every function here is a @triton.jit kernel: triton ships no types, and a kernel's
+# parameters are Triton pointers, blocks and constexprs, which no Python annotation describes)
 """The fused activations in Triton: forward, derivative, and (for the in-place mode) the
 inverse and the derivative read from the output.
 

@@ -22,6 +22,8 @@ What it adds to :mod:`.entries`:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -30,6 +32,10 @@ from ...paths import CHANNEL, ROW
 from . import entries
 from ._runtime import INTERPRETED
 from .channel import collapsible
+
+if TYPE_CHECKING:
+    from ...activation import ActivationArgs
+    from ...running import RunningStats
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -68,7 +74,17 @@ class TritonBackend:
             return f"the Triton kernels cannot run on a CPU tensor here: {_interpret_hint()}"
         return f"the Triton kernels run on CUDA tensors, not {kind}"
 
-    def takes(self, x, family, call, *, given=False, mask=None, inplace=False, centered=True) -> tuple[bool, str]:
+    def takes(
+        self,
+        x: torch.Tensor,
+        family: str,
+        call: tuple[Any, ...] | None,
+        *,
+        given: bool = False,
+        mask: torch.Tensor | None = None,
+        inplace: bool = False,
+        centered: bool = True,
+    ) -> tuple[bool, str]:
         """``(True, "")`` where the kernels run this call, else ``(False, why)``: from the
         call's metadata only (no host read). ``call`` as :func:`normlab.core.paths.choose_path`
         documents it."""
@@ -126,11 +142,24 @@ class TritonBackend:
             return entries.takes_row(x, shape, weight, residual)
         return False, "LayerNorm2d on a layout that is not rows of C: statistics over dim 1"
 
-    def channel_norm(self, x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask):
+    def channel_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        batch_stats: bool,
+        running: RunningStats | None,
+        act: ActivationArgs,
+        inplace: bool,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The channel family's call (arguments as :func:`normlab.core.channel.channel_norm`'s,
         checked): the output; the running estimates updated once."""
         activation, param, prelu_weight = act
         if not batch_stats:  # per-channel statistics, whatever the grouping (InstanceNorm's too)
+            given = cast("RunningStats", running)  # given statistics: the checks required the policy
             return entries.channel_norm(
                 x,
                 weight,
@@ -138,8 +167,8 @@ class TritonBackend:
                 eps=eps,
                 mask=mask,
                 batch_stats=False,
-                running_mean=running.running_mean,
-                running_var=running.running_var,
+                running_mean=given.running_mean,
+                running_var=given.running_var,
                 activation=activation,
                 param=param,
                 prelu_weight=prelu_weight,
@@ -147,6 +176,7 @@ class TritonBackend:
         buffers = {} if running is None else running.buffers
         tracked = buffers.get("running_mean") is not None
         in_kernel = tracked and groups < 0  # BatchNorm: merged inside the launch
+        policy = cast("RunningStats", running)  # read below only where tracked: there is one
         out = entries.channel_norm(
             x,
             weight,
@@ -157,23 +187,34 @@ class TritonBackend:
             running_mean=buffers.get("running_mean") if in_kernel else None,
             running_var=buffers.get("running_var") if in_kernel else None,
             num_batches_tracked=buffers.get("num_batches_tracked") if in_kernel else None,
-            momentum=running.momentum if in_kernel else 0.1,
-            unbiased=running.unbiased if in_kernel else True,
-            on_nonfinite=running.on_nonfinite if in_kernel else "skip",
+            momentum=policy.momentum if in_kernel else 0.1,
+            unbiased=policy.unbiased if in_kernel else True,
+            on_nonfinite=policy.on_nonfinite if in_kernel else "skip",
             activation=activation,
             param=param,
             prelu_weight=prelu_weight,
             inplace=inplace,
         )
         if tracked and not in_kernel:  # InstanceNorm: the per-instance statistics averaged
-            mean, var = out.mean.detach(), out.var.detach()
+            # batch statistics: the result holds them
+            mean, var = cast(torch.Tensor, out.mean).detach(), cast(torch.Tensor, out.var).detach()
             if mask is not None:
-                update_masked(running, mean, var, out.count[:, 0].detach(), groups)
+                update_masked(policy, mean, var, cast(torch.Tensor, out.count)[:, 0].detach(), groups)
             else:
-                running.update(mean, var, x[0, 0].numel())
+                policy.update(mean, var, x[0, 0].numel())
         return out.y
 
-    def row_norm(self, x, normalized_shape, weight, bias, eps, *, centered, residual=None):
+    def row_norm(
+        self,
+        x: torch.Tensor,
+        normalized_shape: Sequence[int],
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        *,
+        centered: bool,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The row family's call (checked): y, or ``(y, x + residual)``."""
         return entries.row_norm(x, tuple(normalized_shape), weight, bias, eps, centered=centered, residual=residual)
 

@@ -30,7 +30,7 @@ This module holds the tiling and the launchers; the kernels are in ``channel_for
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -54,6 +54,14 @@ MIN_COLUMN_CHANNELS = 4
 #: own (a BatchNorm channel spans the batch, and programs are the only parallelism); more under
 #: the interpreter, where a program costs milliseconds of Python
 BATCH_PLANE_CHANNELS = 16 if INTERPRETED else 1
+
+
+#: ``(running_mean, running_var, num_batches_tracked | None, momentum | None, unbiased)``: the
+#: running estimates a BatchNorm launch merges its batch into
+RunningUpdate = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float | None, bool]
+
+#: (stride of N, of C, of the flattened spatial dims) of a tensor the kernels read in place
+_Strides = tuple[int, int, int]
 
 
 class ChannelTiling(NamedTuple):
@@ -158,8 +166,8 @@ def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, 
     strides = _collapsed_strides(mask.unsqueeze(1))  # the position dims of an (N, 1, *spatial) view
     if strides is None:
         mask = mask.contiguous()
-        strides = _collapsed_strides(mask.unsqueeze(1))
-    return mask, strides[0], strides[2]
+        strides = _collapsed_strides(mask.unsqueeze(1))  # contiguous: they collapse
+    return mask, cast("_Strides", strides)[0], cast("_Strides", strides)[2]
 
 
 def _warps(tiling: ChannelTiling) -> int:
@@ -179,7 +187,7 @@ def channel_forward(
     *,
     out: torch.Tensor | None = None,
     given: tuple[torch.Tensor, torch.Tensor] | None = None,
-    update: tuple | None = None,
+    update: RunningUpdate | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch: ``(y, stats, status)``.
 
@@ -192,7 +200,8 @@ def channel_forward(
     merged, 0 skipped (not finite), 2 skipped (fewer than 2 valid values)."""
     tiling = channel_tiling(tuple(x.shape), x.dim() > 2 and x.stride(1) == 1 or x.dim() == 2, groups)
     y = torch.empty_like(x) if out is None else out
-    xs, ys = _collapsed_strides(x), _collapsed_strides(y)
+    # the entries pass tensors whose strides collapse (collapsible), or contiguous copies
+    xs, ys = cast("_Strides", _collapsed_strides(x)), cast("_Strides", _collapsed_strides(y))
     mask_bytes, msn, mss = _mask_strides(mask)
     slope = _slope(prelu_weight, act, x.shape[1])
     status = torch.empty(1, dtype=torch.int32, device=x.device)
@@ -263,7 +272,7 @@ def channel_backward(
     act: int,
     param: float,
     *,
-    given: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    given: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
     inplace: bool = False,
     params: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,9 +318,9 @@ def channel_backward(
         tiling.channels_per_group,
         tiling.channels_per_program,
         tiling.chunks,
-        *_collapsed_strides(dx),
-        *_collapsed_strides(x),
-        *_collapsed_strides(dy),
+        *cast("_Strides", _collapsed_strides(dx)),  # fresh, the forward's input, or made contiguous above
+        *cast("_Strides", _collapsed_strides(x)),
+        *cast("_Strides", _collapsed_strides(dy)),
         msn,
         mss,
         float(eps),

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (every function here is a @triton.jit kernel: triton ships no types, and a kernel's
+# parameters are Triton pointers, blocks and constexprs, which no Python annotation describes)
 """The channel family's backward kernel: the closed form from the input (or, in place, from the
 output), parameter gradients per channel — summed over samples by the finishing program for
 GroupNorm — and the eval form. See ``channel.py``.

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (every function here is a @triton.jit kernel: triton ships no types, and a kernel's
+# parameters are Triton pointers, blocks and constexprs, which no Python annotation describes)
 """The channel family's forward kernel (batch or given statistics, optional mask, fused
 activation, output in place or not) and BatchNorm's running-estimate update by the finishing
 program. See ``channel.py``.

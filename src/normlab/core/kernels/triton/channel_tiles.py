@@ -1,3 +1,6 @@
+# mypy: disable-error-code="untyped-decorator,no-untyped-def"
+# (every function here is a @triton.jit kernel: triton ships no types, and a kernel's
+# parameters are Triton pointers, blocks and constexprs, which no Python annotation describes)
 """The tile arithmetic the channel kernels share: which rows and channels a tile covers, where
 they lie in memory, the per-lane moments and their merge, parameters and stores.
 

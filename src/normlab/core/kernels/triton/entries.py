@@ -14,7 +14,7 @@ in-place mode with γ, the host read of γ that finds the channels too small to 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -93,7 +93,9 @@ class ChannelResult(NamedTuple):
     @property
     def mean(self) -> torch.Tensor | None:
         """(C,) for BatchNorm, (N, G) otherwise; None with given statistics."""
-        return None if self.stats.shape[1] == 0 else self._shaped(0) + self._shaped(1)
+        if self.stats.shape[1] == 0:
+            return None
+        return cast(torch.Tensor, self._shaped(0)) + cast(torch.Tensor, self._shaped(1))  # stats are there
 
     @property
     def var(self) -> torch.Tensor | None:
@@ -101,7 +103,7 @@ class ChannelResult(NamedTuple):
         return self._shaped(3)
 
     @property
-    def count(self) -> torch.Tensor | None:
+    def count(self) -> torch.Tensor | None:  # type: ignore[override]  # a public property that shadows tuple.count()
         """Valid values behind each statistic (all of them without a mask)."""
         return self._shaped(4)
 
@@ -150,13 +152,13 @@ def channel_norm(
         spec = (running_mean, running_var, num_batches_tracked, momentum, unbiased) if update else None
         found: list[torch.Tensor] = []
         recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        y = ops.ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, spec, found)
+        y = ops.ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, spec, found)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
         if not recorded:
             # the kernel wrote through a pointer; without a graph mark_dirty did nothing
             torch.autograd.graph.increment_version(x)
         stats, status = found
     else:
-        y, stats, status = ops.ChannelNorm.apply(
+        y, stats, status = ops.ChannelNorm.apply(  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
             x,
             weight,
             bias,
@@ -243,5 +245,5 @@ def row_norm(
     x = x.contiguous()
     if residual is not None:
         residual = residual.contiguous()
-    y, s, _ = ops.RowNorm.apply(x, residual, weight, bias, k, eps, centered)
+    y, s, _ = ops.RowNorm.apply(x, residual, weight, bias, k, eps, centered)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
     return y if residual is None else (y, s)

@@ -19,6 +19,8 @@ operator can express: it is an ``autograd.Function`` calling the kernels directl
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
 from ...activation import (
@@ -33,7 +35,7 @@ from ...masked import masked_reference
 from ...reference import reference_normalize
 from ._runtime import register_op
 from .activation import PRELU_CODE
-from .channel import channel_backward, channel_forward
+from .channel import RunningUpdate, channel_backward, channel_forward
 from .row import row_backward, row_forward
 
 __all__ = ["ChannelNorm", "ChannelNormInPlace", "RowNorm"]
@@ -64,7 +66,7 @@ def _channel_norm(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, stats, status); ``momentum < 0`` is the cumulative average."""
-    update = None
+    update: RunningUpdate | None = None
     if running_mean is not None:
         update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
     return channel_forward(x, weight, bias, prelu_weight, mask, groups, eps, act, param, update=update)
@@ -72,21 +74,21 @@ def _channel_norm(
 
 @_channel_norm.register_fake
 def _(
-    x,
-    weight,
-    bias,
-    prelu_weight,
-    mask,
-    running_mean,
-    running_var,
-    num_batches_tracked,
-    groups,
-    eps,
-    act,
-    param,
-    momentum,
-    unbiased,
-):
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    momentum: float,
+    unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     stats = x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32)
     return torch.empty_like(x), stats, x.new_empty(1, dtype=torch.int32)
 
@@ -107,7 +109,7 @@ def _channel_norm_inplace(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(stats, status); the output is written over ``x``."""
-    update = None
+    update: RunningUpdate | None = None
     if running_mean is not None:
         update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
     _, stats, status = channel_forward(x, weight, bias, None, None, groups, eps, act, param, out=x, update=update)
@@ -115,7 +117,20 @@ def _channel_norm_inplace(
 
 
 @_channel_norm_inplace.register_fake
-def _(x, weight, bias, running_mean, running_var, num_batches_tracked, groups, eps, act, param, momentum, unbiased):
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    momentum: float,
+    unbiased: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32), x.new_empty(1, dtype=torch.int32)
 
 
@@ -138,7 +153,18 @@ def _channel_norm_given(
 
 
 @_channel_norm_given.register_fake
-def _(x, weight, bias, prelu_weight, mask, running_mean, running_var, eps, act, param):
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    act: int,
+    param: float,
+) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -170,10 +196,29 @@ def _channel_norm_backward(
 
 @_channel_norm_backward.register_fake
 def _(
-    dy, x, weight, bias, prelu_weight, mask, stats, running_mean, running_var, groups, eps, act, param, params, inplace
-):
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    act: int,
+    param: float,
+    params: bool,
+    inplace: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     c = x.shape[1] if params else 0
-    return (torch.empty_like(x), *(x.new_empty(c, dtype=torch.float32) for _ in range(3)))
+    per_channel = (
+        x.new_empty(c, dtype=torch.float32),
+        x.new_empty(c, dtype=torch.float32),
+        x.new_empty(c, dtype=torch.float32),
+    )
+    return torch.empty_like(x), *per_channel
 
 
 @register_op("triton_row_norm")
@@ -191,7 +236,15 @@ def _row_norm(
 
 
 @_row_norm.register_fake
-def _(x, residual, weight, bias, k, eps, centered):
+def _(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    eps: float,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s = torch.empty_like(x) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), s, x.new_empty((3, x.numel() // k), dtype=torch.float32)
 
@@ -211,7 +264,16 @@ def _row_norm_backward(
 
 
 @_row_norm_backward.register_fake
-def _(dy, ds, s, weight, stats, k, centered, params):
+def _(
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    k: int,
+    centered: bool,
+    params: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = k if params else 0
     return torch.empty_like(s), s.new_empty(width, dtype=torch.float32), s.new_empty(width, dtype=torch.float32)
 
@@ -236,7 +298,24 @@ class ChannelNorm(torch.autograd.Function):
     statistics, merging them into the running estimates when those are passed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, prelu, mask, rm, rv, counter, groups, eps, act, param, momentum, unbiased, given):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        prelu: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        rm: torch.Tensor | None,
+        rv: torch.Tensor | None,
+        counter: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        act: int,
+        param: float,
+        momentum: float,
+        unbiased: bool,
+        given: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if given:
             y = torch.ops.normlab.triton_channel_norm_given(x, weight, bias, prelu, mask, rm, rv, eps, act, param)
             stats = x.new_empty((5, 0), dtype=torch.float32)
@@ -254,7 +333,9 @@ class ChannelNorm(torch.autograd.Function):
         return y, stats, status
 
     @staticmethod
-    def backward(ctx, dy, _stats_grad, _status_grad):
+    def backward(
+        ctx: Any, dy: torch.Tensor | None, _stats_grad: torch.Tensor | None, _status_grad: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, prelu, mask, stats, rm, rv = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if dy is None:
@@ -266,12 +347,18 @@ class ChannelNorm(torch.autograd.Function):
             dx, dw, db, dp = torch.ops.normlab.triton_channel_norm_backward(
                 dy, x, weight, bias, prelu, mask, stats, rm, rv, ctx.groups, ctx.eps, ctx.act, ctx.param, params, False
             )
-            grads = (dx if needs[0] else None, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]))
+            grads = (
+                dx if needs[0] else None,
+                _param_grad(dw, weight, needs[1]),
+                _param_grad(db, bias, needs[2]),
+            )
             grads += (_param_grad(dp, prelu, needs[3] and ctx.act == PRELU_CODE),)
         return (*grads, *(None,) * 11)
 
 
-def _grouped(x, weight, bias, mask, groups):
+def _grouped(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, mask: torch.Tensor | None, groups: int
+) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None, tuple[int, ...]]:
     """x (and the mask) as (N, G, C//G, *) for GroupNorm, or as is for BatchNorm; the dims
     a statistic reduces; γ, β shaped to broadcast."""
     ndim = x.dim()
@@ -279,23 +366,34 @@ def _grouped(x, weight, bias, mask, groups):
         view = (1, -1) + (1,) * (ndim - 2)
         m = None if mask is None else mask.unsqueeze(1)
         return x, (0,) + tuple(range(2, ndim)), m, view
-    target = x.unflatten(1, (groups, x.shape[1] // groups))
+    target = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # unannotated in torch
     m = None if mask is None else mask.unsqueeze(1).unsqueeze(1)
     view = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
     return target, tuple(range(2, target.dim())), m, view
 
 
-def _channel_double_backward(ctx, dy, x, weight, bias, prelu, mask, stats, rm, rv):
+def _channel_double_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    stats: torch.Tensor,
+    rm: torch.Tensor | None,
+    rv: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
     target, dims, m, view = _grouped(x, weight, bias, mask, ctx.groups)
     with torch.enable_grad():
         w = None if weight is None else weight.view(view)
         b = None if bias is None else bias.view(view)
-        if ctx.given:
+        mean: torch.Tensor | None = None
+        rstd: torch.Tensor | None = None
+        if ctx.given:  # the estimates were saved with it
             stat = (1, -1) + (1,) * (x.dim() - 2)
-            mean = rm.detach().view(stat).float()
-            rstd = torch.rsqrt(rv.detach().view(stat).float() + ctx.eps)
-        else:
-            mean = rstd = None
+            mean = cast(torch.Tensor, rm).detach().view(stat).float()
+            rstd = torch.rsqrt(cast(torch.Tensor, rv).detach().view(stat).float() + ctx.eps)
         if m is not None:
             z = masked_reference(target, w, b, m, dims, ctx.eps, mean=mean, rstd=rstd)
         else:
@@ -314,7 +412,16 @@ class RowNorm(torch.autograd.Function):
     bias, k, eps, centered``. x and the residual get the same gradient, that of the sum."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, k, eps, centered):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        k: int,
+        eps: float,
+        centered: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y, s, stats = torch.ops.normlab.triton_row_norm(x, residual, weight, bias, k, eps, centered)
         ctx.save_for_backward(x if residual is None else s, weight, bias, stats)
         ctx.k, ctx.eps, ctx.centered, ctx.added = k, eps, centered, residual is not None
@@ -325,10 +432,13 @@ class RowNorm(torch.autograd.Function):
         return y, s, stats
 
     @staticmethod
-    def backward(ctx, dy, ds, _stats_grad):
+    def backward(
+        ctx: Any, dy: torch.Tensor | None, ds: torch.Tensor | None, _stats_grad: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
         s, weight, bias, stats = ctx.saved_tensors
         needs = ctx.needs_input_grad
         ds = ds if ctx.added else None
+        d_sum: torch.Tensor | None
         if dy is None:  # only the sum was used
             d_sum = ds if ds is not None else torch.zeros_like(s)
             dw = torch.zeros_like(weight) if weight is not None and needs[2] else None
@@ -344,7 +454,14 @@ class RowNorm(torch.autograd.Function):
         return (d_sum if needs[0] else None), (d_sum if needs[1] else None), dw, db, None, None, None
 
 
-def _row_double_backward(ctx, dy, ds, s, weight, bias):
+def _row_double_backward(
+    ctx: Any,
+    dy: torch.Tensor,
+    ds: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     rows = s.numel() // ctx.k
     flat = s.reshape(rows, ctx.k)  # the row norm over the last dim of a (rows, k) view
     with torch.enable_grad():
@@ -356,7 +473,7 @@ def _row_double_backward(ctx, dy, ds, s, weight, bias):
         inputs = [t for t, need in zip(operands, wanted) if need and t is not None]
         found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
         grads = [next(found) if need and t is not None else None for t, need in zip(operands, wanted)]
-    d_sum = grads[0] if ds is None else grads[0] + ds
+    d_sum = grads[0] if ds is None else cast(torch.Tensor, grads[0]) + ds  # y depends on s: its gradient is there
     return d_sum, grads[1], grads[2]
 
 
@@ -371,7 +488,18 @@ class ChannelNormInPlace(torch.autograd.Function):
     for :func:`channel.channel_forward`; the statistics tensor goes into ``stats_out``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps, act, param, update, stats_out):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+        act: int,
+        param: float,
+        update: RunningUpdate | None,
+        stats_out: list[torch.Tensor],
+    ) -> torch.Tensor:
         # γ read on the host (3 small ops); on the meta device there is nothing to read
         small = small_gamma_channels(weight) if x.device.type != "meta" else None
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
@@ -397,7 +525,7 @@ class ChannelNormInPlace(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
         y, weight, bias, stats, x_small = ctx.saved_tensors
@@ -411,7 +539,18 @@ class ChannelNormInPlace(torch.autograd.Function):
         return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), *(None,) * 6
 
 
-def _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, stats, x_small) -> None:
+def _redo_small_gamma(
+    ctx: Any,
+    dx: torch.Tensor,
+    dgamma: torch.Tensor,
+    dbeta: torch.Tensor,
+    dy: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats: torch.Tensor,
+    x_small: torch.Tensor,
+) -> None:
     """Overwrite dx, dγ and dβ of the channels whose x̂ the output does not hold (|γ| below
     the guard) — for GroupNorm, of every channel of their groups — by the composed backward on
     just those channels, given x̂ from their kept input (as the CPU kernels do)."""

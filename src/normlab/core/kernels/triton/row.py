@@ -33,8 +33,8 @@ BACKWARD_PROGRAMS = 8 if INTERPRETED else 256
 MIN_ROWS_PER_PROGRAM = 16
 
 
-@triton.jit
-def _row_forward_kernel(
+@triton.jit  # type: ignore[untyped-decorator]  # triton ships no types
+def _row_forward_kernel(  # type: ignore[no-untyped-def]  # a kernel's parameters: Triton values
     x_ptr,
     r_ptr,
     s_ptr,
@@ -83,8 +83,8 @@ def _row_forward_kernel(
     tl.store(stats_ptr + 2 * ROWS + row, rstd)
 
 
-@triton.jit
-def _row_backward_kernel(
+@triton.jit  # type: ignore[untyped-decorator]  # triton ships no types
+def _row_backward_kernel(  # type: ignore[no-untyped-def]  # a kernel's parameters: Triton values
     dy_ptr,
     ds_ptr,  # the gradient arriving at s (add), added to dx
     s_ptr,  # the normalized rows: x, or s = x + r
