@@ -130,3 +130,13 @@ def test_a_variance_that_overflows_gives_nan_not_beta(backend, make):
         warnings.simplefilter("ignore")  # the running-statistics guard warns, as it should
         y = make()(x)
     assert torch.isnan(y).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_residual_sum_whose_variance_overflows_gives_nan_not_beta(backend):
+    """x + r ×1e19: the add-then-LayerNorm kernel took 1/√∞ = 0 and returned β everywhere."""
+    x = torch.randn(8, 16) * 1e19
+    with core.use_backend(backend):
+        y, s = nl.nn.AddLayerNorm(16)(x, torch.zeros_like(x))
+    assert torch.equal(s, x)
+    assert torch.isnan(y).all()
