@@ -110,15 +110,25 @@ std::vector<at::Tensor> row_backward_impl(const at::Tensor& dy, const at::Tensor
           const float k = kp[r], s = rp[r], o = op[r];
           const float* g = gp + r * K;
           const float* v = xp + r * K;
-          // A = Σ w·dy and B = Σ w·dy·u for dx; dw and db's float partial sums on the way
-          const Sums sums = block_sums(0, K, [&](int64_t i) __attribute__((always_inline)) {
-            const float u = v[i] - k;
-            const float gw = W ? g[i] * wl[i] : g[i];
-            fw[i] += g[i] * (u * s - o);
-            fb[i] += g[i];
-            return Terms{gw, gw * u, 0.f};
-          });
-          const double tA = sums.first, tB = sums.second;
+          // A = Σ w·dy and B = Σ w·dy·u for dx, and dw and db's float partial sums on the way:
+          // its own loop rather than block_sums, whose lambda with the two stores cost 3.5% more
+          // instructions here (callgrind, LayerNorm 64x197x768 forward + backward).
+          double tA = 0, tB = 0;
+          for (int64_t i0 = 0; i0 < K; i0 += kBlock) {
+            const int64_t i1 = std::min(K, i0 + kBlock);
+            float a1 = 0.f, a2 = 0.f;
+#pragma omp simd reduction(+ : a1, a2)
+            for (int64_t i = i0; i < i1; ++i) {
+              const float u = v[i] - k;
+              const float gw = W ? g[i] * wl[i] : g[i];
+              a1 += gw;
+              a2 += gw * u;
+              fw[i] += g[i] * (u * s - o);
+              fb[i] += g[i];
+            }
+            tA += a1;
+            tB += a2;
+          }
           const double m1 = centered ? tA / K : 0.0;
           const double m2 = (s * tB - o * tA) / K;
           // A LayerNorm row of one value normalizes it to 0 whatever it is: dx = 0 exactly (the
