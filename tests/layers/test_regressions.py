@@ -146,3 +146,13 @@ def test_normlab_imports_with_docstrings_stripped():
     done = subprocess.run([sys.executable, "-OO", "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_residual_sum_whose_variance_overflows_gives_nan_not_beta(backend):
+    """x + r ×1e19: the add-then-LayerNorm kernel took 1/√∞ = 0 and returned β everywhere."""
+    x = torch.randn(8, 16) * 1e19
+    with core.use_backend(backend):
+        y, s = nl.nn.AddLayerNorm(16)(x, torch.zeros_like(x))
+    assert torch.equal(s, x)
+    assert torch.isnan(y).all()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -76,3 +76,8 @@ def device_clock(device: torch.device) -> Callable[[], float]:
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| relative to max |b| (float64, so the check adds no rounding of its own)."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-12)).item()
+
+
+def text_table(header: str, lines: Iterable[str]) -> str:
+    """A benchmark's text table: the header, a rule as wide, then one line per row."""
+    return "\n".join([header, "-" * len(header), *lines])

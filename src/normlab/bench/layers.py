@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import nn as nln
-from .common import device_clock, threads_kept, tune_malloc
+from .common import device_clock, text_table, threads_kept, tune_malloc
 from .common import max_rel_diff as _max_rel_diff
 from .timing import interleaved_medians
 
@@ -302,7 +302,7 @@ def format_layer_table(rows: list[dict]) -> str:
         f"{'layer':<31}{'shape':<14}{'layout':<14}{'thr':>3} | {'fwd ours':>8}{'torch':>7}{'ratio':>7} | "
         f"{'f+b ours':>8}{'torch':>7}{'ratio':>7} | {'saved MB ours/torch':>19} | {'err vs f64 ours/torch':>21}"
     )
-    lines = [header, "-" * len(header)]
+    lines = []
     for r in rows:
         saved = f"{r['saved_mb_ours']:.1f} / {r['saved_mb_torch']:.1f}" if "saved_mb_ours" in r else ""
         lines.append(
@@ -312,7 +312,7 @@ def format_layer_table(rows: list[dict]) -> str:
             f"{_fmt(r.get('fb_torch_copy')):>6}{'x' if 'fb_ours_copy' in r else ' '}{_fmt(r.get('fb_ratio')):>7} | "
             f"{saved:>19} | {r['err_ours']:>9.1e} / {r['err_torch']:.1e}"
         )
-    return "\n".join(lines)
+    return text_table(header, lines)
 
 
 def summary(rows: list[dict]) -> dict:

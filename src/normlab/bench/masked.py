@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import nn as nln
 from ..core import paths
-from .common import max_rel_diff
+from .common import max_rel_diff, text_table
 from .timing import interleaved_medians
 
 __all__ = ["MaskedCase", "format_masked_table", "masked_cases", "run_masked_benchmark"]
@@ -152,12 +152,13 @@ def format_masked_table(rows: list[dict]) -> str:
         f"{'masked ÷ unmasked fwd':>21} {'f+b':>5} | {'composed ÷ unmasked fwd':>23} {'f+b':>5} | "
         f"{'err vs f64 masked/composed':>26}"
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
+    return text_table(
+        header,
+        (
             f"{r['layer']:<22}{r['shape']:<13}{r['layout']:<14}{r['threads']:>3} {r['path']:<9}| "
             f"{r['plain_fwd_ms']:>9.3f} / {r['plain_fb_ms']:>8.3f} | {r['fwd_masked_plain']:>21.2f} "
             f"{r['fb_masked_plain']:>5.2f} | {r['fwd_composed_plain']:>23.2f} {r['fb_composed_plain']:>5.2f} | "
             f"{r['err_masked']:>13.1e} / {r['err_composed']:.1e}"
-        )
-    return "\n".join(lines)
+            for r in rows
+        ),
+    )

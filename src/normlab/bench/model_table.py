@@ -3,6 +3,8 @@ markdown table the docs quote."""
 
 from __future__ import annotations
 
+from .common import text_table
+
 __all__ = ["format_model_markdown", "format_model_table"]
 
 
@@ -11,15 +13,16 @@ def format_model_table(rows: list[dict]) -> str:
         f"{'model':<45}{'layout':<14}{'mode':<6}{'input':<14}{'exec':<9}{'thr':>3} | "
         f"{'torch.nn ms':>11}{'normlab ms':>11}{'ratio':>7} | {'rel diff':>8} {'check':<5}"
     )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
+    return text_table(
+        header,
+        (
             f"{r['name']:<45}{r['layout']:<14}{r['mode']:<6}{r['input']:<14}"
             f"{'compiled' if r['compiled'] else 'eager':<9}{r['threads']:>3} | "
             f"{r['torch_ms']:>11.2f}{r['normlab_ms']:>11.2f}{r['ratio']:>7.2f} | "
             f"{r['max_rel_diff']:>8.1e} {'ok' if r['agrees'] else 'FAIL':<5}"
-        )
-    return "\n".join(lines)
+            for r in rows
+        ),
+    )
 
 
 def _ms(value: float) -> str:

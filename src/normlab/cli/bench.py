@@ -34,6 +34,14 @@ def _write_result(args: argparse.Namespace, benchmark: str, **payload: Any) -> N
         print(f"wrote {args.out}")
 
 
+def _report(args: argparse.Namespace, benchmark: str, header: str, table: str, **payload: Any) -> int:
+    """A finished benchmark: its header line and table on stdout, then --out where given; exit status 0."""
+    print(header)
+    print(table)
+    _write_result(args, benchmark, **payload)
+    return 0
+
+
 def run_fold(args: argparse.Namespace) -> int:
     from ..bench.fold import FoldBenchConfig, format_fold_table, run_fold_benchmark
 
@@ -41,13 +49,14 @@ def run_fold(args: argparse.Namespace) -> int:
         repeats=7 if args.quick else 21, threads=args.threads, widths=(64,) if args.quick else (64, 16)
     )
     rows = run_fold_benchmark(config)
-    print(
+    return _report(
+        args,
+        "fold",
         "eval inference, torch.nn BatchNorm unfolded vs folded into the convolutions "
-        f"(median of {config.repeats}, interleaved, {config.threads} threads)"
+        f"(median of {config.repeats}, interleaved, {config.threads} threads)",
+        format_fold_table(rows),
+        rows=rows,
     )
-    print(format_fold_table(rows))
-    _write_result(args, "fold", rows=rows)
-    return 0
 
 
 def run_probe(args: argparse.Namespace) -> int:
@@ -55,14 +64,15 @@ def run_probe(args: argparse.Namespace) -> int:
 
     config = ProbeBenchConfig(repeats=15 if args.quick else 61)
     rows = run_probe_benchmark(config)
-    print(
+    return _report(
+        args,
+        "probe",
         f"training step of a small CNN (batch {config.batch_size}, {config.threads} thread) "
         f"with a Probe on every layer, median of {config.repeats} x {config.steps_per_sample} steps, "
-        f"interleaved, process CPU time"
+        f"interleaved, process CPU time",
+        format_probe_table(rows),
+        rows=rows,
     )
-    print(format_probe_table(rows))
-    _write_result(args, "probe", rows=rows)
-    return 0
 
 
 def run_sync(args: argparse.Namespace) -> int:
@@ -70,13 +80,14 @@ def run_sync(args: argparse.Namespace) -> int:
 
     config = SyncBenchConfig(repeats=7 if args.quick else 21)
     result = run_sync_benchmark(config)
-    print(
+    return _report(
+        args,
+        "sync",
         f"2-process gloo DDP training step of a small CNN (3 BatchNorm layers), batch {config.batch_size} "
-        f"per process, one thread each, median of {config.repeats} interleaved blocks of {config.steps_per_sample} steps"
+        f"per process, one thread each, median of {config.repeats} interleaved blocks of {config.steps_per_sample} steps",
+        format_sync_table(result),
+        **result,
     )
-    print(format_sync_table(result))
-    _write_result(args, "sync", **result)
-    return 0
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -244,14 +255,16 @@ def run_memory(args: argparse.Namespace) -> int:
 
     config = MemoryBenchConfig(batch=args.batch, threads=args.threads, device=_device(args))
     rows = run_memory_benchmark(config)
-    print(
+    return _report(
+        args,
+        "memory",
         f"training memory of a ResNet-style CNN ({config.blocks} blocks, width {config.width}, "
         f"{config.image}x{config.image} images, batch {config.batch}) on {config.device}; each variant in its own process; "
-        "saved = bytes autograd keeps for backward (activations over 64 KiB)"
+        "saved = bytes autograd keeps for backward (activations over 64 KiB)",
+        format_memory_table(rows),
+        config=asdict(config),
+        rows=rows,
     )
-    print(format_memory_table(rows))
-    _write_result(args, "memory", config=asdict(config), rows=rows)
-    return 0
 
 
 def run_traffic(args: argparse.Namespace) -> int:

@@ -184,6 +184,29 @@ class CharTransformer(nn.Module):
         return [block.attn.max_logit for block in self.blocks]
 
 
+#: The character model's size and training recipe at the studies' smoke and quick settings,
+#: shared by every study that trains it (norm-free, qk-norm), so that their runs stay comparable.
+SMOKE_RECIPE = {
+    "width": 32,
+    "context": 32,
+    "steps": 30,
+    "warmup_steps": 5,
+    "batch_size": 8,
+    "check_every": 10,
+    "final_valid_windows": 32,
+    "seeds": (0,),
+}
+QUICK_RECIPE = {
+    "width": 32,
+    "context": 32,
+    "steps": 150,
+    "warmup_steps": 15,
+    "check_every": 50,
+    "final_valid_windows": 256,
+    "seeds": (0,),
+}
+
+
 @dataclass(frozen=True)
 class LMTrainConfig:
     """nanoGPT's recipe at a CPU's size."""

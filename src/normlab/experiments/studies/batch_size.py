@@ -364,33 +364,33 @@ def _beyond_findings(config: Config, series: dict, result: StudyResult) -> None:
             "yes" if b0 <= bn_big + tie else "partly" if b0 <= bn_big + 2 * tie else "no",
             "" if b0 <= bn_big + tie else f"B0 trails BN by {b0 - bn_big:.1f} points at batch {big}",
         )
-    if "frn" in series:
-        frn_big, frn_small = err("frn", i_big), err("frn", i_small)
-        tie = margin(("frn", i_big), ("batch", i_big))
+
+    def frn_ahead(other, label, size, published):
+        """FRN + TLU against ``other`` at the large or small batch: ahead beyond seed noise, level, or behind."""
+        i, batch = (i_big, big) if size == "large" else (i_small, small)
+        ours, theirs = err("frn", i), err(other, i)
+        tie = margin(("frn", i), (other, i))
         result.compare(
-            f"FRN + TLU is ahead of BN at large batch (batch {big})",
-            "Singh & Krishnan (2020): +0.7–1.0 top-1 over BN at large batch (ResNetV2-50, InceptionV3)",
-            f"batch {big}: FRN {frn_big:.1f} vs BN {bn_big:.1f}",
-            "yes" if frn_big < bn_big - tie else "partly" if frn_big <= bn_big + tie else "no",
+            f"FRN + TLU is ahead of {label} at {size} batch (batch {batch})",
+            published,
+            f"batch {batch}: FRN {ours:.1f} vs {label} {theirs:.1f}",
+            "yes" if ours < theirs - tie else "partly" if ours <= theirs + tie else "no",
             ""
-            if frn_big < bn_big - tie
-            else "level with BN within seed noise"
-            if frn_big <= bn_big + tie
-            else f"FRN trails BN by {frn_big - bn_big:.1f} points at batch {big}",
+            if ours < theirs - tie
+            else f"level with {label} within seed noise"
+            if ours <= theirs + tie
+            else f"FRN trails {label} by {ours - theirs:.1f} points at batch {batch}",
+        )
+
+    if "frn" in series:
+        frn_ahead(
+            "batch",
+            "BN",
+            "large",
+            "Singh & Krishnan (2020): +0.7–1.0 top-1 over BN at large batch (ResNetV2-50, InceptionV3)",
         )
         if "group" in series:
-            tie = margin(("frn", i_small), ("group", i_small))
-            result.compare(
-                f"FRN + TLU is ahead of GN at small batch (batch {small})",
-                "Singh & Krishnan (2020): more than 1 point over GN at small batch",
-                f"batch {small}: FRN {frn_small:.1f} vs GN {gn_small:.1f}",
-                "yes" if frn_small < gn_small - tie else "partly" if frn_small <= gn_small + tie else "no",
-                ""
-                if frn_small < gn_small - tie
-                else "level with GN within seed noise"
-                if frn_small <= gn_small + tie
-                else f"FRN trails GN by {frn_small - gn_small:.1f} points at batch {small}",
-            )
+            frn_ahead("group", "GN", "small", "Singh & Krishnan (2020): more than 1 point over GN at small batch")
     if "group_ws" in series:
         ws = err("group_ws", i_small)
         tie = margin(("group_ws", i_small), ("batch", i_big))

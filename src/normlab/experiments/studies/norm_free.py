@@ -26,7 +26,16 @@ from pathlib import Path
 
 import torch
 
-from ..char_lm import LM_NORMS, final_loss, loss_tie, lr_sensitivity, study_run, trains
+from ..char_lm import (
+    LM_NORMS,
+    QUICK_RECIPE,
+    SMOKE_RECIPE,
+    final_loss,
+    loss_tie,
+    lr_sensitivity,
+    study_run,
+    trains,
+)
 from ..data import load_mnist1d
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
@@ -423,30 +432,16 @@ STUDY = Study(
         "smoke": Config(
             lrs=(3e-3, 3e-2),
             alphas=(0.2, 0.5),
-            depth=6,
-            width=32,
-            context=32,
-            steps=30,
-            warmup_steps=5,
-            batch_size=8,
-            check_every=10,
-            final_valid_windows=32,
             classifier_steps=20,
             classifier_batch_size=32,
-            seeds=(0,),
+            **SMOKE_RECIPE,
         ),
         "quick": Config(
             lrs=(3e-3, 3e-2),
             alphas=(0.2, 0.5, 2.0),
-            width=32,
-            context=32,
-            steps=150,
-            warmup_steps=15,
-            check_every=50,
-            final_valid_windows=256,
             classifier_steps=100,
             classifier_batch_size=32,
-            seeds=(0,),
+            **QUICK_RECIPE,
         ),
         "full": Config(),
     },

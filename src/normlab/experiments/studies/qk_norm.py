@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..char_lm import final_loss, loss_tie, lr_sensitivity, study_run, trains
+from ..char_lm import QUICK_RECIPE, SMOKE_RECIPE, final_loss, loss_tie, lr_sensitivity, study_run, trains
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
@@ -272,28 +272,8 @@ STUDY = Study(
     summarise=summarise,
     render=render,
     settings={
-        "smoke": Config(
-            lrs=(1e-3, 1e-1),
-            width=32,
-            context=32,
-            steps=30,
-            warmup_steps=5,
-            batch_size=8,
-            check_every=10,
-            logit_every=2,
-            final_valid_windows=32,
-            seeds=(0,),
-        ),
-        "quick": Config(
-            lrs=(3e-3, 3e-2, 3e-1),
-            width=32,
-            context=32,
-            steps=150,
-            warmup_steps=15,
-            check_every=50,
-            final_valid_windows=256,
-            seeds=(0,),
-        ),
+        "smoke": Config(lrs=(1e-3, 1e-1), logit_every=2, **SMOKE_RECIPE),
+        "quick": Config(lrs=(3e-3, 3e-2, 3e-1), **QUICK_RECIPE),
         "full": Config(),
     },
 )

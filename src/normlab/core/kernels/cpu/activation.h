@@ -146,25 +146,61 @@ inline void dispatch_act_source(int64_t act, bool from_output, F&& f) {
 template <int A, bool Y>
 NL_INLINE void plane_sums(const float* g, const float* v, int64_t S, float k, float m, float c, float q,
                           double& sum_dz, double& sum_dz_u, double& sum_prelu) {
-  double tA = 0, tB = 0, tD = 0;
-  for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-    const int64_t s1e = std::min(S, s0 + kBlock);
-    float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a1, a2, a3)
-    for (int64_t s = s0; s < s1e; ++s) {
-      float u, dz, z;
-      recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
-      a1 += dz;
-      a2 += dz * u;
-      if constexpr (A == PRELU) a3 += g[s] * (z < 0.f ? z : 0.f);
+  const Sums t = block_sums<A == PRELU>(0, S, [&](int64_t s) __attribute__((always_inline)) {
+    float u, dz, z;
+    recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
+    return Terms{dz, dz * u, g[s] * (z < 0.f ? z : 0.f)};
+  });
+  sum_dz = t.first;
+  sum_dz_u = t.second;
+  sum_prelu = t.third;
+}
+
+// The same sums per channel of rows of C values (channels innermost), over the rows
+// begin ≤ s < end of g and v for which valid(s) (the masked kernels skip padded rows): added
+// into sum_dz, sum_dz_u, sum_prelu (C doubles each), summed in float over 64 rows at a time in
+// fA, fB, fD (C floats each). Channel j's shift, scale and bias are k[j], m[j], c[j]; its
+// activation parameter slope[j] for PReLU, q otherwise.
+template <int A, bool Y, typename Valid>
+NL_INLINE void column_sums(const float* g, const float* v, int64_t C, int64_t begin, int64_t end, Valid&& valid,
+                           const float* k, const float* m, const float* c, float q, const float* slope, float* fA,
+                           float* fB, float* fD, double* sum_dz, double* sum_dz_u, double* sum_prelu) {
+  for (int64_t s0 = begin; s0 < end; s0 += 64) {
+    const int64_t s1 = std::min(end, s0 + 64);
+    std::fill(fA, fA + C, 0.f);
+    std::fill(fB, fB + C, 0.f);
+    std::fill(fD, fD + C, 0.f);
+    for (int64_t s = s0; s < s1; ++s) {
+      if (!valid(s)) continue;
+      const float* gs = g + s * C;
+      const float* vs = v + s * C;
+#pragma omp simd
+      for (int64_t j = 0; j < C; ++j) {
+        const float qj = (A == PRELU) ? slope[j] : q;
+        float u, dz, z;
+        recover<A, Y>(vs[j], gs[j], k[j], m[j], c[j], qj, u, dz, z);
+        fA[j] += dz;
+        fB[j] += dz * u;
+        if constexpr (A == PRELU) fD[j] += gs[j] * (z < 0.f ? z : 0.f);
+      }
     }
-    tA += a1;
-    tB += a2;
-    tD += a3;
+    for (int64_t j = 0; j < C; ++j) {
+      sum_dz[j] += fA[j];
+      sum_dz_u[j] += fB[j];
+      sum_prelu[j] += fD[j];
+    }
   }
-  sum_dz = tA;
-  sum_dz_u = tB;
-  sum_prelu = tD;
+}
+
+// dx = w_dz·dz + w_u·u + w_c over one plane of S values, u and dz as recover gives them.
+template <int A, bool Y>
+NL_INLINE void plane_dx(const float* g, const float* v, int64_t S, float k, float m, float c, float q, float w_dz,
+                        float w_u, float w_c, float* dst, bool stream) {
+  emit(dst, S, stream, [&](int64_t s) __attribute__((always_inline)) {
+    float u, dz, z;
+    recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
+    return w_dz * dz + w_u * u + w_c;
+  });
 }
 
 // x̂ = alpha·u + delta for u as recover gives it: from the output (u = z), x̂ = (z − β)/γ with

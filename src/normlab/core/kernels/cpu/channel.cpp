@@ -67,15 +67,9 @@ void fused_plane_forward(const float* xp, float* yp, const PlaneGroups& pg, cons
           const int64_t s1e = std::min(run, s0 + kBlock);
           if (ahead)
             for (int64_t s = s0; s < s1e; s += 16) __builtin_prefetch(ahead + s);
-          float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-          for (int64_t s = s0; s < s1e; ++s) {
-            const float d = row[s] - K;
-            a1 += d;
-            a2 += d * d;
-          }
-          t1 += a1;
-          t2 += a2;
+          const Sums m = shifted_moments(row + s0, s1e - s0, K);
+          t1 += m.first;
+          t2 += m.second;
         }
       }
       const double n = static_cast<double>(np * S);
@@ -131,18 +125,10 @@ void fused_plane_backward(const float* gp, const float* vp, float* dp, const Pla
       m2 /= n;
       for (int64_t j = 0; j < np; ++j) {
         const int64_t p = pg.plane(k, j), c = p % C;
-        const float m = scale[j], b = bias[j];
         const float q = (A == PRELU) ? slope[c] : param;
-        const float wz = scale[j];
         const float wu = given ? 0.f : static_cast<float>(-rstd[k] * m2 * alpha[j]);
         const float wc = given ? 0.f : static_cast<float>(-rstd[k] * (m1 + m2 * delta[j]));
-        const float* g = gp + p * S;
-        const float* v = vp + p * S;
-        emit(dp + p * S, S, stream, [&](int64_t s) __attribute__((always_inline)) {
-          float u, dz, z;
-          recover<A, Y>(v[s], g[s], K, m, b, q, u, dz, z);
-          return wz * dz + wu * u + wc;
-        });
+        plane_dx<A, Y>(gp + p * S, vp + p * S, S, K, scale[j], bias[j], q, scale[j], wu, wc, dp + p * S, stream);
       }
     }
     stream_fence(stream);

@@ -37,23 +37,9 @@ std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shi
   double* o2 = s2.data_ptr<double>();
   at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const float* row = xp + p * S;
-      const float k = kp[p];
-      double t1 = 0, t2 = 0;
-      for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-        const int64_t s1e = std::min(S, s0 + kBlock);
-        float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-        for (int64_t s = s0; s < s1e; ++s) {
-          const float d = row[s] - k;
-          a1 += d;
-          a2 += d * d;
-        }
-        t1 += a1;
-        t2 += a2;
-      }
-      o1[p] = t1;
-      o2[p] = t2;
+      const Sums m = shifted_moments(xp + p * S, S, kp[p]);
+      o1[p] = m.first;
+      o2[p] = m.second;
     }
   });
   return {s1, s2};
@@ -136,16 +122,8 @@ at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int
     constexpr bool Y = decltype(ytag)::value;
     at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const float k = kp[p], m = ap[p], c = bp[p];
         const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
-        const float w1 = cz[p], w2 = cu[p], w3 = cc[p];
-        const float* g = gp + p * S;
-        const float* v = xp + p * S;
-        emit(op + p * S, S, stream, [&](int64_t s) __attribute__((always_inline)) {
-          float u, dz, z;
-          recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
-          return w1 * dz + w2 * u + w3;
-        });
+        plane_dx<A, Y>(gp + p * S, xp + p * S, S, kp[p], ap[p], bp[p], q, cz[p], cu[p], cc[p], op + p * S, stream);
       }
       stream_fence(stream);
     });
@@ -187,41 +165,8 @@ std::vector<at::Tensor> column_moments(const at::Tensor& x, const at::Tensor& sh
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = t / split.chunks, ch = t % split.chunks;
       const int64_t sb = S * ch / split.chunks, se = S * (ch + 1) / split.chunks;
-      const float* k = kp + n * C;
-      double* d1 = o1 + t * C;
-      double* d2 = o2 + t * C;
-      for (int64_t s0 = sb; s0 < se; s0 += 64) {
-        const int64_t s1e = std::min(se, s0 + 64);
-        std::fill(f1.begin(), f1.end(), 0.f);
-        std::fill(f2.begin(), f2.end(), 0.f);
-        float *a1 = f1.data(), *a2 = f2.data();
-        int64_t s = s0;
-        // Four rows per sweep: the partial sums are loaded and stored once per four rows
-        // instead of every row, which made this loop store-bound.
-        for (; s + 4 <= s1e; s += 4) {
-          const float* r0 = xp + (n * S + s) * C;
-          const float *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float d0 = r0[c] - k[c], d1 = r1[c] - k[c], d2 = r2[c] - k[c], d3 = r3[c] - k[c];
-            a1[c] += (d0 + d1) + (d2 + d3);
-            a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-          }
-        }
-        for (; s < s1e; ++s) {
-          const float* row = xp + (n * S + s) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float d = row[c] - k[c];
-            a1[c] += d;
-            a2[c] += d * d;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          d1[c] += f1[c];
-          d2[c] += f2[c];
-        }
-      }
+      column_moment_sums(xp + n * S * C, C, sb, se, AllRows{}, kp + n * C, f1.data(), f2.data(), o1 + t * C,
+                         o2 + t * C);
     }
   });
   return {s1, s2};
@@ -281,32 +226,9 @@ std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::T
       for (int64_t t = tb; t < te; ++t) {
         const int64_t n = t / split.chunks, ch = t % split.chunks;
         const int64_t sb = S * ch / split.chunks, se = S * (ch + 1) / split.chunks;
-        const float *k = kp + n * C, *m = ap + n * C, *c = bp + n * C;
-        double *dA = oA + t * C, *dB = oB + t * C, *dD = oD + t * C;
-        for (int64_t s0 = sb; s0 < se; s0 += 64) {
-          const int64_t s1e = std::min(se, s0 + 64);
-          std::fill(fA.begin(), fA.end(), 0.f);
-          std::fill(fB.begin(), fB.end(), 0.f);
-          std::fill(fD.begin(), fD.end(), 0.f);
-          for (int64_t s = s0; s < s1e; ++s) {
-            const float* g = gp + (n * S + s) * C;
-            const float* v = xp + (n * S + s) * C;
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) {
-              const float q = (A == PRELU) ? sp[j] : q0;
-              float u, dz, z;
-              recover<A, Y>(v[j], g[j], k[j], m[j], c[j], q, u, dz, z);
-              fA[j] += dz;
-              fB[j] += dz * u;
-              if constexpr (A == PRELU) fD[j] += g[j] * (z < 0.f ? z : 0.f);
-            }
-          }
-          for (int64_t j = 0; j < C; ++j) {
-            dA[j] += fA[j];
-            dB[j] += fB[j];
-            dD[j] += fD[j];
-          }
-        }
+        column_sums<A, Y>(gp + n * S * C, xp + n * S * C, C, sb, se, AllRows{}, kp + n * C,
+                          ap + n * C, bp + n * C, q0, sp, fA.data(), fB.data(), fD.data(), oA + t * C, oB + t * C,
+                          oD + t * C);
       }
     });
   };

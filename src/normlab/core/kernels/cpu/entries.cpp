@@ -26,6 +26,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "autograd.h"
@@ -369,12 +370,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace normlab;
   m.doc() = "normlab's float32 CPU normalization kernels";
   pybind11::dict activation_codes;
-  activation_codes["identity"] = static_cast<int>(IDENTITY);
-  activation_codes["relu"] = static_cast<int>(RELU);
-  activation_codes["leaky_relu"] = static_cast<int>(LEAKY);
-  activation_codes["elu"] = static_cast<int>(ELU);
-  activation_codes["silu"] = static_cast<int>(SILU);
-  activation_codes["prelu"] = static_cast<int>(PRELU);
+  for (const auto& [name, code] : {std::pair<const char*, Act>{"identity", IDENTITY}, {"relu", RELU},
+                                   {"leaky_relu", LEAKY}, {"elu", ELU}, {"silu", SILU}, {"prelu", PRELU}})
+    activation_codes[name] = static_cast<int>(code);
   m.attr("activation_codes") = activation_codes;
   m.def("plain_eager", &plain_eager);
   m.def("channel_norm", &channel_norm);

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <unistd.h>
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -106,6 +107,93 @@ NL_INLINE void emit(float* dst, int64_t n, bool stream, F&& value) {
 #pragma omp simd
     for (int64_t i = 0; i < m; ++i) buf[i] = value(i0 + i);
     stream_out(dst + i0, buf, m);
+  }
+}
+
+// What one element adds to each of up to three sums (block_sums).
+struct Terms {
+  float first, second, third;
+};
+struct Sums {
+  double first = 0, second = 0, third = 0;
+};
+
+// Σ term(i) for begin ≤ i < end, term by term: each block of kBlock elements is summed in float
+// (a vectorized reduction) and the blocks are added up in double, which keeps long sums
+// accurate at float's speed. Every kernel's moments (Σd, Σd²) and backward sums (Σdz, Σdz·u,
+// PReLU's Σdy·min(z, 0)) take this one loop; `third` is summed only where Three.
+template <bool Three = false, typename F>
+NL_INLINE Sums block_sums(int64_t begin, int64_t end, F&& term) {
+  Sums sums;
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t i1 = std::min(end, i0 + kBlock);
+    float a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a1, a2, a3)
+    for (int64_t i = i0; i < i1; ++i) {
+      const Terms t = term(i);
+      a1 += t.first;
+      a2 += t.second;
+      if constexpr (Three) a3 += t.third;
+    }
+    sums.first += a1;
+    sums.second += a2;
+    if constexpr (Three) sums.third += a3;
+  }
+  return sums;
+}
+
+// Σ(x − k) and Σ(x − k)² over n values: the shifted moments.
+NL_INLINE Sums shifted_moments(const float* x, int64_t n, float k) {
+  return block_sums(0, n, [&](int64_t i) __attribute__((always_inline)) {
+    const float d = x[i] - k;
+    return Terms{d, d * d, 0.f};
+  });
+}
+
+// Every row counts (the unmasked kernels): the column loops may then take four rows per sweep.
+struct AllRows {
+  bool operator()(int64_t) const { return true; }
+};
+
+// Σ(x − k) and Σ(x − k)² per channel, over the rows begin ≤ s < end of x (rows of C values,
+// channels innermost) for which valid(s): added into sum1, sum2 (C doubles each), summed in
+// float over 64 rows at a time in f1, f2 (C floats each); k holds each channel's shift.
+template <typename Valid>
+NL_INLINE void column_moment_sums(const float* x, int64_t C, int64_t begin, int64_t end, Valid&& valid,
+                                  const float* k, float* f1, float* f2, double* sum1, double* sum2) {
+  for (int64_t s0 = begin; s0 < end; s0 += 64) {
+    const int64_t s1 = std::min(end, s0 + 64);
+    std::fill(f1, f1 + C, 0.f);
+    std::fill(f2, f2 + C, 0.f);
+    int64_t s = s0;
+    if constexpr (std::is_same_v<std::decay_t<Valid>, AllRows>) {
+      // Four rows per sweep: the partial sums are loaded and stored once per four rows
+      // instead of every row, which made this loop store-bound.
+      for (; s + 4 <= s1; s += 4) {
+        const float* r0 = x + s * C;
+        const float *r1 = r0 + C, *r2 = r1 + C, *r3 = r2 + C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float d0 = r0[c] - k[c], d1 = r1[c] - k[c], d2 = r2[c] - k[c], d3 = r3[c] - k[c];
+          f1[c] += (d0 + d1) + (d2 + d3);
+          f2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+      }
+    }
+    for (; s < s1; ++s) {
+      if (!valid(s)) continue;
+      const float* row = x + s * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = row[c] - k[c];
+        f1[c] += d;
+        f2[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sum1[c] += f1[c];
+      sum2[c] += f2[c];
+    }
   }
 }
 

@@ -48,6 +48,31 @@ struct MaskedGroups {
   int64_t at(int64_t n, int64_t s, int64_t c) const { return planes ? (n * C + c) * S + s : (n * S + s) * C + c; }
 };
 
+// For the columns layout: write(i, n, dst) fills row i = n·S + s of C values at dst where the
+// row is valid; a padded row gets zeros. Rows in parallel.
+template <typename F>
+void valid_rows(const MaskedGroups& g, const int32_t* mp, float* out, F&& write) {
+  at::parallel_for(0, g.N * g.S, grain_for(g.C), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* dst = out + i * g.C;
+      if (!mp[i]) {
+        std::fill(dst, dst + g.C, 0.f);
+        continue;
+      }
+      write(i, i / g.S, dst);
+    }
+  });
+}
+
+// For the planes layout: body(p, m) for each plane p = n·C + c, in parallel, m its sample's
+// lane mask (S values).
+template <typename F>
+void each_plane(const MaskedGroups& g, const int32_t* mp, F&& body) {
+  at::parallel_for(0, g.N * g.C, grain_for(g.S), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) body(p, mp + (p / g.C) * g.S);
+  });
+}
+
 // Valid positions per sample, and up to 16 of them spread evenly over each sample's valid ones.
 struct ValidPositions {
   std::vector<int64_t> count;                 // (N,)
@@ -106,27 +131,15 @@ void masked_unit_moments(const float* xp, const int32_t* mp, const MaskedGroups&
                          std::vector<double>& s1, std::vector<double>& s2) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.planes) {
-    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const float* row = xp + p * S;
-        const int32_t* m = mp + (p / C) * S;
-        const float k = ushift[p];
-        double t1 = 0, t2 = 0;
-        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-          const int64_t s1e = std::min(S, s0 + kBlock);
-          float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-          for (int64_t s = s0; s < s1e; ++s) {
-            const float d = keep(row[s] - k, m[s]);
-            a1 += d;
-            a2 += d * d;
-          }
-          t1 += a1;
-          t2 += a2;
-        }
-        s1[p] = t1;
-        s2[p] = t2;
-      }
+    each_plane(g, mp, [&](int64_t p, const int32_t* m) {
+      const float* row = xp + p * S;
+      const float k = ushift[p];
+      const Sums t = block_sums(0, S, [&](int64_t s) __attribute__((always_inline)) {
+        const float d = keep(row[s] - k, m[s]);
+        return Terms{d, d * d, 0.f};
+      });
+      s1[p] = t.first;
+      s2[p] = t.second;
     });
     return;
   }
@@ -134,31 +147,12 @@ void masked_unit_moments(const float* xp, const int32_t* mp, const MaskedGroups&
   at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, S * C)), [&](int64_t nb, int64_t ne) {
     std::vector<float> f1(C), f2(C);
     for (int64_t n = nb; n < ne; ++n) {
-      const float* k = ushift.data() + n * C;
       double *d1 = s1.data() + n * C, *d2 = s2.data() + n * C;
       std::fill(d1, d1 + C, 0.0);
       std::fill(d2, d2 + C, 0.0);
       const int32_t* m = mp + n * S;
-      for (int64_t s0 = 0; s0 < S; s0 += 64) {
-        const int64_t s1e = std::min(S, s0 + 64);
-        std::fill(f1.begin(), f1.end(), 0.f);
-        std::fill(f2.begin(), f2.end(), 0.f);
-        float *a1 = f1.data(), *a2 = f2.data();
-        for (int64_t s = s0; s < s1e; ++s) {
-          if (!m[s]) continue;
-          const float* row = xp + (n * S + s) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float d = row[c] - k[c];
-            a1[c] += d;
-            a2[c] += d * d;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          d1[c] += f1[c];
-          d2[c] += f2[c];
-        }
-      }
+      column_moment_sums(xp + n * S * C, C, 0, S, [&](int64_t s) { return m[s] != 0; }, ushift.data() + n * C,
+                         f1.data(), f2.data(), d1, d2);
     }
   });
 }
@@ -167,39 +161,28 @@ void masked_unit_moments(const float* xp, const int32_t* mp, const MaskedGroups&
 template <int A>
 void masked_apply(const float* xp, const int32_t* mp, float* yp, const MaskedGroups& g, const std::vector<float>& us,
                   const std::vector<float>& usc, const std::vector<float>& ub, float param, const float* slope) {
-  const int64_t N = g.N, C = g.C, S = g.S;
+  const int64_t C = g.C, S = g.S;
   if (g.planes) {
-    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const float k = us[p], sc = usc[p], b = ub[p];
-        const float q = (A == PRELU) ? slope[p % C] : param;
-        const float* row = xp + p * S;
-        const int32_t* m = mp + (p / C) * S;
-        float* dst = yp + p * S;
+    each_plane(g, mp, [&](int64_t p, const int32_t* m) {
+      const float k = us[p], sc = usc[p], b = ub[p];
+      const float q = (A == PRELU) ? slope[p % C] : param;
+      const float* row = xp + p * S;
+      float* dst = yp + p * S;
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) {
-          const float z = act_forward<A>((row[s] - k) * sc + b, q);
-          dst[s] = keep(z, m[s]);
-        }
+      for (int64_t s = 0; s < S; ++s) {
+        const float z = act_forward<A>((row[s] - k) * sc + b, q);
+        dst[s] = keep(z, m[s]);
       }
     });
     return;
   }
-  at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / S;
-      float* dst = yp + i * C;
-      if (!mp[i]) {
-        std::fill(dst, dst + C, 0.f);
-        continue;
-      }
-      const float *k = us.data() + n * C, *sc = usc.data() + n * C, *b = ub.data() + n * C;
-      const float* row = xp + i * C;
+  valid_rows(g, mp, yp, [&](int64_t i, int64_t n, float* dst) {
+    const float *k = us.data() + n * C, *sc = usc.data() + n * C, *b = ub.data() + n * C;
+    const float* row = xp + i * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float q = (A == PRELU) ? slope[c] : param;
-        dst[c] = act_forward<A>((row[c] - k[c]) * sc[c] + b[c], q);
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const float q = (A == PRELU) ? slope[c] : param;
+      dst[c] = act_forward<A>((row[c] - k[c]) * sc[c] + b[c], q);
     }
   });
 }
@@ -212,70 +195,33 @@ void masked_backward_reduce(const float* gp, const float* xp, const int32_t* mp,
                             std::vector<double>& Bu, std::vector<double>& Du) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.planes) {
-    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const float k = us[p], sc = usc[p], b = ub[p];
-        const float q = (A == PRELU) ? slope[p % C] : param;
-        const float* dy = gp + p * S;
-        const float* v = xp + p * S;
-        const int32_t* m = mp + (p / C) * S;
-        double tA = 0, tB = 0, tD = 0;
-        for (int64_t s0 = 0; s0 < S; s0 += kBlock) {
-          const int64_t s1e = std::min(S, s0 + kBlock);
-          float a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a1, a2, a3)
-          for (int64_t s = s0; s < s1e; ++s) {
-            float u, dz, z;
-            recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
-            a1 += keep(dz, m[s]);
-            a2 += keep(dz * u, m[s]);
-            if constexpr (A == PRELU) a3 += keep(dy[s] * (z < 0.f ? z : 0.f), m[s]);
-          }
-          tA += a1;
-          tB += a2;
-          tD += a3;
-        }
-        Au[p] = tA;
-        Bu[p] = tB;
-        Du[p] = tD;
-      }
+    each_plane(g, mp, [&](int64_t p, const int32_t* m) {
+      const float k = us[p], sc = usc[p], b = ub[p];
+      const float q = (A == PRELU) ? slope[p % C] : param;
+      const float* dy = gp + p * S;
+      const float* v = xp + p * S;
+      const Sums t = block_sums<A == PRELU>(0, S, [&](int64_t s) __attribute__((always_inline)) {
+        float u, dz, z;
+        recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
+        return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * (z < 0.f ? z : 0.f), m[s])};
+      });
+      Au[p] = t.first;
+      Bu[p] = t.second;
+      Du[p] = t.third;
     });
     return;
   }
   at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, S * C)), [&](int64_t nb, int64_t ne) {
     std::vector<float> fA(C), fB(C), fD(C);
     for (int64_t n = nb; n < ne; ++n) {
-      const float *k = us.data() + n * C, *sc = usc.data() + n * C, *b = ub.data() + n * C;
-      double *dA = Au.data() + n * C, *dB = Bu.data() + n * C, *dD = Du.data() + n * C;
-      std::fill(dA, dA + C, 0.0);
-      std::fill(dB, dB + C, 0.0);
-      std::fill(dD, dD + C, 0.0);
+      const int64_t o = n * C;
+      std::fill(Au.data() + o, Au.data() + o + C, 0.0);
+      std::fill(Bu.data() + o, Bu.data() + o + C, 0.0);
+      std::fill(Du.data() + o, Du.data() + o + C, 0.0);
       const int32_t* m = mp + n * S;
-      for (int64_t s0 = 0; s0 < S; s0 += 64) {
-        const int64_t s1e = std::min(S, s0 + 64);
-        std::fill(fA.begin(), fA.end(), 0.f);
-        std::fill(fB.begin(), fB.end(), 0.f);
-        std::fill(fD.begin(), fD.end(), 0.f);
-        for (int64_t s = s0; s < s1e; ++s) {
-          if (!m[s]) continue;
-          const float* dy = gp + (n * S + s) * C;
-          const float* v = xp + (n * S + s) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float q = (A == PRELU) ? slope[c] : param;
-            float u, dz, z;
-            recover<A, false>(v[c], dy[c], k[c], sc[c], b[c], q, u, dz, z);
-            fA[c] += dz;
-            fB[c] += dz * u;
-            if constexpr (A == PRELU) fD[c] += dy[c] * (z < 0.f ? z : 0.f);
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          dA[c] += fA[c];
-          dB[c] += fB[c];
-          dD[c] += fD[c];
-        }
-      }
+      column_sums<A, false>(gp + n * S * C, xp + n * S * C, C, 0, S, [&](int64_t s) { return m[s] != 0; },
+                            us.data() + o, usc.data() + o, ub.data() + o, param, slope, fA.data(), fB.data(),
+                            fD.data(), Au.data() + o, Bu.data() + o, Du.data() + o);
     }
   });
 }
@@ -286,45 +232,34 @@ void masked_backward_apply(const float* gp, const float* xp, const int32_t* mp, 
                            const std::vector<float>& us, const std::vector<float>& usc, const std::vector<float>& ub,
                            const std::vector<float>& cz, const std::vector<float>& cu, const std::vector<float>& cc,
                            float param, const float* slope) {
-  const int64_t N = g.N, C = g.C, S = g.S;
+  const int64_t C = g.C, S = g.S;
   if (g.planes) {
-    at::parallel_for(0, N * C, grain_for(S), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const float k = us[p], sc = usc[p], b = ub[p], w1 = cz[p], w2 = cu[p], w3 = cc[p];
-        const float q = (A == PRELU) ? slope[p % C] : param;
-        const float* dy = gp + p * S;
-        const float* v = xp + p * S;
-        const int32_t* m = mp + (p / C) * S;
-        float* dst = dp + p * S;
+    each_plane(g, mp, [&](int64_t p, const int32_t* m) {
+      const float k = us[p], sc = usc[p], b = ub[p], w1 = cz[p], w2 = cu[p], w3 = cc[p];
+      const float q = (A == PRELU) ? slope[p % C] : param;
+      const float* dy = gp + p * S;
+      const float* v = xp + p * S;
+      float* dst = dp + p * S;
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) {
-          float u, dz, z;
-          recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
-          const float d = w1 * dz + w2 * u + w3;
-          dst[s] = keep(d, m[s]);
-        }
+      for (int64_t s = 0; s < S; ++s) {
+        float u, dz, z;
+        recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
+        const float d = w1 * dz + w2 * u + w3;
+        dst[s] = keep(d, m[s]);
       }
     });
     return;
   }
-  at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / S;
-      float* dst = dp + i * C;
-      if (!mp[i]) {
-        std::fill(dst, dst + C, 0.f);
-        continue;
-      }
-      const int64_t o = n * C;
-      const float* dy = gp + i * C;
-      const float* v = xp + i * C;
+  valid_rows(g, mp, dp, [&](int64_t i, int64_t n, float* dst) {
+    const int64_t o = n * C;
+    const float* dy = gp + i * C;
+    const float* v = xp + i * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float q = (A == PRELU) ? slope[c] : param;
-        float u, dz, z;
-        recover<A, false>(v[c], dy[c], us[o + c], usc[o + c], ub[o + c], q, u, dz, z);
-        dst[c] = cz[o + c] * dz + cu[o + c] * u + cc[o + c];
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const float q = (A == PRELU) ? slope[c] : param;
+      float u, dz, z;
+      recover<A, false>(v[c], dy[c], us[o + c], usc[o + c], ub[o + c], q, u, dz, z);
+      dst[c] = cz[o + c] * dz + cu[o + c] * u + cc[o + c];
     }
   });
 }

@@ -12,6 +12,30 @@
 #include "loops.h"
 
 namespace normlab {
+namespace {
+
+// One row of K values, normalized: its shift k (a sample of the row when centered, else 0),
+// rstd s and offset·rstd o, so that x̂ = (x − k)·s − o, stored at [r] of kp, rp, op unless kp
+// is null; y = x̂·w + b written to dst. The row is read twice, so it should sit in L1.
+NL_INLINE void normalize_row(const float* row, int64_t K, const float* wp, const float* bp, double eps, bool centered,
+                             bool stream, float* dst, int64_t r, float* kp, float* rp, float* op) {
+  const float k = centered ? sample_shift(row, K, 1) : 0.f;
+  const Sums m = shifted_moments(row, K, k);
+  const double off = centered ? m.first / K : 0.0;
+  const double rs = inv_std(std::max(m.second / K - off * off, 0.0), eps);
+  const float s = static_cast<float>(rs), o = static_cast<float>(off * rs);
+  if (kp) {
+    kp[r] = k;
+    rp[r] = s;
+    op[r] = o;
+  }
+  if (wp && bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i] + bp[i]; });
+  else if (wp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i]; });
+  else if (bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) + bp[i]; });
+  else emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return (row[i] - k) * s - o; });
+}
+
+}  // namespace
 
 // LayerNorm (centered) / RMSNorm over the rows of x (R, K), fused per row: each row is
 // summed and normalized while it sits in L1. Returns {shift, rstd, offr} per row (float32),
@@ -37,33 +61,7 @@ void row_forward(const float* xp, int64_t R, int64_t K, const float* wp, const f
     for (int64_t r = begin; r < end; ++r) {
       const float* row = xp + r * K;
       if (centered && r + 1 < end) prefetch_floats(row + K, K);
-      const float k = centered ? sample_shift(row, K, 1) : 0.f;
-      double t1 = 0, t2 = 0;
-      for (int64_t i0 = 0; i0 < K; i0 += kBlock) {
-        const int64_t i1 = std::min(K, i0 + kBlock);
-        float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float d = row[i] - k;
-          a1 += d;
-          a2 += d * d;
-        }
-        t1 += a1;
-        t2 += a2;
-      }
-      const double off = centered ? t1 / K : 0.0;
-      const double rs = inv_std(std::max(t2 / K - off * off, 0.0), eps);
-      const float s = static_cast<float>(rs), o = static_cast<float>(off * rs);
-      if (kp) {
-        kp[r] = k;
-        rp[r] = s;
-        op[r] = o;
-      }
-      float* dst = yp + r * K;
-      if (wp && bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i] + bp[i]; });
-      else if (wp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i]; });
-      else if (bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) + bp[i]; });
-      else emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return (row[i] - k) * s - o; });
+      normalize_row(row, K, wp, bp, eps, centered, stream, yp + r * K, r, kp, rp, op);
     }
     stream_fence(stream);
   });
@@ -112,6 +110,9 @@ std::vector<at::Tensor> row_backward_impl(const at::Tensor& dy, const at::Tensor
           const float k = kp[r], s = rp[r], o = op[r];
           const float* g = gp + r * K;
           const float* v = xp + r * K;
+          // A = Σ w·dy and B = Σ w·dy·u for dx, and dw and db's float partial sums on the way:
+          // its own loop rather than block_sums, whose lambda with the two stores cost 3.5% more
+          // instructions here (callgrind, LayerNorm 64x197x768 forward + backward).
           double tA = 0, tB = 0;
           for (int64_t i0 = 0; i0 < K; i0 += kBlock) {
             const int64_t i1 = std::min(K, i0 + kBlock);
@@ -200,34 +201,8 @@ std::vector<at::Tensor> add_row_forward(const at::Tensor& x, const at::Tensor& r
       const float* ra = rp_in + r * K;
 #pragma omp simd
       for (int64_t i = 0; i < K; ++i) row[i] = xa[i] + ra[i];
-      const float k = centered ? sample_shift(row, K, 1) : 0.f;
-      double t1 = 0, t2 = 0;
-      for (int64_t i0 = 0; i0 < K; i0 += kBlock) {
-        const int64_t i1 = std::min(K, i0 + kBlock);
-        float a1 = 0.f, a2 = 0.f;
-#pragma omp simd reduction(+ : a1, a2)
-        for (int64_t i = i0; i < i1; ++i) {
-          const float d = row[i] - k;
-          a1 += d;
-          a2 += d * d;
-        }
-        t1 += a1;
-        t2 += a2;
-      }
-      const double off = centered ? t1 / K : 0.0;
-      const double rs = 1.0 / std::sqrt(std::max(t2 / K - off * off, 0.0) + eps);
-      const float s = static_cast<float>(rs), o = static_cast<float>(off * rs);
-      if (kp) {
-        kp[r] = k;
-        rp[r] = s;
-        op[r] = o;
-      }
       emit(sp + r * K, K, stream, [&](int64_t i) __attribute__((always_inline)) { return row[i]; });
-      float* dst = yp + r * K;
-      if (wp && bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i] + bp[i]; });
-      else if (wp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) * wp[i]; });
-      else if (bp) emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return ((row[i] - k) * s - o) + bp[i]; });
-      else emit(dst, K, stream, [&](int64_t i) __attribute__((always_inline)) { return (row[i] - k) * s - o; });
+      normalize_row(row, K, wp, bp, eps, centered, stream, yp + r * K, r, kp, rp, op);
     }
     stream_fence(stream);
   });
