@@ -30,8 +30,10 @@ tensors: the running estimates are updated with torch ops there); triton ``"eage
 ``"traced"`` (its ``torch.ops.normlab.triton_*`` operators either way); native ``"export"``
 (the ops exporters know, e.g. ONNX InstanceNormalization) or ``"eager"``; composed
 ``"eager"`` (closed-form autograd Functions), ``"reference"`` (plain differentiable ops, for
-export and ``torch.func``) or ``"pointwise"`` (a compiled BatchNorm with given statistics, as
-ops the compiler fuses).
+export and ``torch.func``), ``"pointwise"`` (a compiled BatchNorm with given statistics, as
+ops the compiler fuses) or ``"decomposed"`` (a compiled norm with batch statistics as plain
+differentiable ops on shifted moments, :mod:`normlab.core.decomposed`, which the compiler fuses
+with the activation, the running update and the ops around it).
 
 The table, first matching row wins:
 
@@ -71,9 +73,12 @@ The table, first matching row wins:
 13  float32 CPU: in place on a layout the kernels do not read     composed, eager
 14  float32 CPU: RMSNorm on a non-contiguous input                native, eager
 15  float32 CPU: compiling BatchNorm with given statistics        composed, pointwise
-16  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
+16  float32 CPU: compiling BatchNorm with batch statistics (not   composed, decomposed
+    in place), or GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+    with no gradient recorded (``torch.no_grad``)
+17  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
                                                                   operator
-17  anything else (float64, half, CUDA, meta, ...)                native, eager
+18  anything else (float64, half, CUDA, meta, ...)                native, eager
 ==  ============================================================  ======================
 
 and in place runs native only under export or a torch.func transform (torch's ops, the
@@ -272,6 +277,15 @@ def _note(operation: str, decision: Decision) -> None:
         log.append((operation, decision.path, decision.reason))
 
 
+@torch.compiler.assume_constant_result
+def _note_traced(operation: str, path: str, how: str, reason: str) -> bool:
+    # Called by the compiler while it traces, not compiled: a record_dispatch block around the
+    # call that compiles sees the decisions, and the graph neither guards on nor records them
+    if _logs:
+        _note(operation, Decision(path, how, reason))
+    return True
+
+
 def register_gpu_kernels(kernels) -> None:
     """Plug in the GPU kernels (the rule loads the Triton kernels' adapter,
     :data:`normlab.core.kernels.triton.backend.BACKEND`, by itself): an object whose
@@ -355,6 +369,20 @@ def _torch_lacks(family, call, given, mask, inplace) -> bool:
     if family == ROW:
         return call[2] is not None  # the residual
     return False
+
+
+def _decomposes(family: str, given: bool, inplace: bool, call: tuple) -> bool:
+    """Row 16: a compiled float32 CPU call that runs faster as the decomposition
+    (:mod:`normlab.core.decomposed`) than as the kernels' operator, measured on whole models
+    (docs/performance.md, "Compiled models"): BatchNorm with batch statistics (training, with
+    or without a fused activation; not in place, whose point is the memory it saves), and
+    GroupNorm, InstanceNorm, LayerNorm and RMSNorm where no gradient is recorded (eval under
+    ``torch.no_grad``). GroupNorm training stays on the operator, which is faster there."""
+    if inplace or not call:
+        return False
+    if family == CHANNEL:  # call[3]: the groups, -1 for BatchNorm
+        return not given and (call[3] == -1 or not torch.is_grad_enabled())
+    return family == ROW and not torch.is_grad_enabled()
 
 
 def recomputing() -> bool:
@@ -508,13 +536,17 @@ def choose_path(
             decision = Decision(
                 COMPOSED, "pointwise", "compiling with given statistics: pointwise ops the compiler fuses"
             )
-        elif compiling:  # 16
+        elif compiling and _decomposes(family, given, inplace, call):  # 16
+            # the same: an opaque operator would keep the activation, the running update (and,
+            # in eval, the ops around a per-sample norm) out of the compiler's fused kernels
+            decision = Decision(COMPOSED, "decomposed", "compiling: shifted moments in ops the compiler fuses")
+        elif compiling:  # 17
             decision = Decision(KERNELS, "traced", "torch.compile: the registered operator")
         else:
             decision = Decision(KERNELS, "operator", "a mode sees the registered operator")
-    elif forced == KERNELS:  # 17, with the kernels forced
+    elif forced == KERNELS:  # 18, with the kernels forced
         decision = Decision(NATIVE, "eager", f"backend 'kernels' cannot take {x.dtype} on {x.device.type}: native")
-    else:  # 17
+    else:  # 18
         decision = Decision(NATIVE, "eager", "not float32 CPU")
     if refused:
         decision = Decision(decision.path, decision.how, f"{decision.reason} (Triton kernels: {refused})")
@@ -525,6 +557,8 @@ def choose_path(
             decision = Decision(NATIVE, decision.how, f"{decision.reason}; in place: the output copied over the input")
         else:
             decision = Decision(COMPOSED, "eager", f"{decision.reason}; in place: torch has no in-place norm")
-    if _logs and not compiling:
+    if compiling:
+        _note_traced(operation, *decision)
+    elif _logs:
         _note(operation, decision)
     return decision
