@@ -371,7 +371,7 @@ def _torch_lacks(family, call, given, mask, inplace) -> bool:
     return False
 
 
-def _decomposes(family: str, given: bool, inplace: bool, call: tuple) -> bool:
+def _decomposes(family: str, given: bool, inplace: bool, call: tuple[object, ...]) -> bool:
     """Row 16: a compiled float32 CPU call that runs faster as the decomposition
     (:mod:`normlab.core.decomposed`) than as the kernels' operator, measured on whole models
     (docs/performance.md, "Compiled models"): BatchNorm with batch statistics (training, with
