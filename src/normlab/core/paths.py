@@ -95,8 +95,8 @@ before the kernels were first imported (triton reads it once per process).
 Backends: :func:`set_backend` / :func:`use_backend` / ``NORMLAB_BACKEND`` take "auto" (the
 table), "kernels" ("fast" is an alias: the CPU kernels; on CUDA it runs native), "triton",
 "native" and "composed". ``with record_dispatch() as log`` collects ``(operation, path,
-reason)`` for every call decided in the block (eager calls; a compiled graph runs what was
-decided while tracing).
+reason)`` for every call decided in the block: each eager call, and each call a compile traces
+in the block (its graph then runs what was decided, without asking again or recording).
 
 The Triton kernels are imported the first time the rule asks about a CUDA tensor or the
 backend is forced to "triton" (a CPU-only program never imports ``triton``); their adapter
@@ -263,7 +263,9 @@ def status() -> str:
 
 @contextlib.contextmanager
 def record_dispatch():
-    """Collect ``(operation, path, reason)`` for every normalization call in the block."""
+    """Collect ``(operation, path, reason)`` for every normalization call decided in the block:
+    eager calls, and the calls of a graph that ``torch.compile`` traces in it (once, at the
+    trace: the compiled graph neither asks again nor records)."""
     log: list = []
     _logs.append(log)
     try:
