@@ -194,7 +194,7 @@ _gpu_loaded = [False]  # whether _gpu_ready tried (or register_gpu_kernels set t
 _gpu_missing = [""]  # why they could not be loaded
 
 
-def _constant_to_compile(fn: Callable[[], bool]) -> Callable[[], bool]:
+def _constant_to_compile(fn: Callable[..., bool]) -> Callable[..., bool]:
     """``torch.compiler.assume_constant_result``, without importing torch._dynamo (it is
     most of ``import normlab``'s time: about 1 s on top of torch's own 2 s) for a program
     that never compiles. The decorator only marks the function, and dynamo reads the mark
@@ -279,7 +279,7 @@ def _note(operation: str, decision: Decision) -> None:
         log.append((operation, decision.path, decision.reason))
 
 
-@torch.compiler.assume_constant_result
+@_constant_to_compile
 def _note_traced(operation: str, path: str, how: str, reason: str) -> bool:
     # Called by the compiler while it traces, not compiled: a record_dispatch block around the
     # call that compiles sees the decisions, and the graph neither guards on nor records them
