@@ -220,6 +220,8 @@ def test_compiled_float32_cpu_rows_pointwise_decomposed_and_the_operator(monkeyp
         assert core.choose_path(x, call=bn[:4] + ("leaky_relu", None))[:2] == decomposed  # BatchNormAct
         assert core.choose_path(x, call=bn, given=True)[:2] == ("composed", "pointwise")  # eval BatchNorm
         assert core.choose_path(x, call=bn, inplace=True)[:2] == operator  # the in-place mode's memory
+        channels_last = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        assert core.choose_path(channels_last, call=bn)[:2] == operator  # measured faster there
         assert core.choose_path(x, call=gn)[:2] == operator  # GroupNorm training: the operator is faster
         assert core.choose_path(x, paths.ROW, call=row)[:2] == operator
         with torch.no_grad():  # per-sample norms in eval
@@ -228,7 +230,7 @@ def test_compiled_float32_cpu_rows_pointwise_decomposed_and_the_operator(monkeyp
             assert core.choose_path(x, paths.ROW, centered=False, call=row)[:2] == decomposed
             assert core.choose_path(x, paths.CHANNELS_FIRST)[:2] == ("composed", "eager")
     # decisions taken while compiling are recorded (by the trace, which runs them from then on)
-    assert len(log) == 10 and log[0] == ("norm", "composed", "compiling: shifted moments in ops the compiler fuses")
+    assert len(log) == 11 and log[0] == ("norm", "composed", "compiling: shifted moments in ops the compiler fuses")
     with core.use_backend("native"):
         assert core.choose_path(x, call=bn)[:2] == ("native", "eager")
     with core.use_backend("composed"):
