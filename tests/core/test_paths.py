@@ -206,3 +206,34 @@ def test_only_the_path_rule_reads_the_tracing_state():
             if "plain_eager" in line and path.suffix == ".py" and not code.startswith("def plain_eager("):
                 readers.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
     assert not readers, "\n".join(readers)
+
+
+@needs_kernels
+def test_compiled_float32_cpu_rows_pointwise_decomposed_and_the_operator(monkeypatch):
+    # what the rule answers while torch.compile traces (rows 15-17), asked without compiling
+    monkeypatch.setattr(paths, "_is_dynamo_compiling", lambda: True)
+    x = torch.randn(4, 3, 5)
+    bn, gn = (None, None, None, -1, "identity", None), (None, None, None, 1, "relu", None)
+    decomposed, operator = ("composed", "decomposed"), ("kernels", "traced")
+    row = (5,), None, None
+    with core.record_dispatch() as log:
+        assert core.choose_path(x, call=bn)[:2] == decomposed  # training BatchNorm, with or without grad
+        assert core.choose_path(x, call=bn[:4] + ("leaky_relu", None))[:2] == decomposed  # BatchNormAct
+        assert core.choose_path(x, call=bn, given=True)[:2] == ("composed", "pointwise")  # eval BatchNorm
+        assert core.choose_path(x, call=bn, inplace=True)[:2] == operator  # the in-place mode's memory
+        channels_last = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+        assert core.choose_path(channels_last, call=bn)[:2] == operator  # measured faster there
+        assert core.choose_path(x, call=gn)[:2] == operator  # GroupNorm training: the operator is faster
+        assert core.choose_path(x, paths.ROW, call=row)[:2] == operator
+        with torch.no_grad():  # per-sample norms in eval
+            assert core.choose_path(x, call=gn)[:2] == decomposed
+            assert core.choose_path(x, paths.ROW, call=row)[:2] == decomposed
+            assert core.choose_path(x, paths.ROW, centered=False, call=row)[:2] == decomposed
+            assert core.choose_path(x, paths.CHANNELS_FIRST)[:2] == ("composed", "eager")
+    # decisions taken while compiling are recorded (by the trace, which runs them from then on)
+    assert len(log) == 11 and log[0] == ("norm", "composed", "compiling: shifted moments in ops the compiler fuses")
+    with core.use_backend("native"):
+        assert core.choose_path(x, call=bn)[:2] == ("native", "eager")
+    with core.use_backend("composed"):
+        assert core.choose_path(x, call=bn)[:2] == ("composed", "eager")
+    assert core.choose_path(x.double(), call=bn)[:2] == ("native", "eager")  # float32 CPU only

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from . import composed, native
+from . import composed, decomposed, native
 from .activation import ACTIVATIONS, ActivationArgs
 from .call_checks import check_channel_args, check_inplace_input
 from .kernels.cpu import build as _cpu
@@ -187,6 +187,8 @@ def channel_norm(
             )
         if how == "pointwise":  # given statistics: the checks required the policy
             return composed.pointwise_given_norm(x, weight, bias, cast(RunningStats, running), eps, act)
+        if how == "decomposed":
+            return decomposed.channel_norm(x, weight, bias, groups, eps, running, act)
         return composed.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace)
     # triton: the running estimates are updated by the kernels' backend (inside the launch for
     # BatchNorm), never a second time here

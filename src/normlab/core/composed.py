@@ -44,7 +44,9 @@ def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
     return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
 
-def _affine_views(x, weight, bias, groups):
+def _affine_views(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int
+) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
     """x as BatchNorm (N, C, *) or GroupNorm (N, G, C//G, *) statistics see it, the dims they
     reduce, and γ, β shaped to broadcast against it."""
     ndim = x.dim()

@@ -30,8 +30,10 @@ tensors: the running estimates are updated with torch ops there); triton ``"eage
 ``"traced"`` (its ``torch.ops.normlab.triton_*`` operators either way); native ``"export"``
 (the ops exporters know, e.g. ONNX InstanceNormalization) or ``"eager"``; composed
 ``"eager"`` (closed-form autograd Functions), ``"reference"`` (plain differentiable ops, for
-export and ``torch.func``) or ``"pointwise"`` (a compiled BatchNorm with given statistics, as
-ops the compiler fuses).
+export and ``torch.func``), ``"pointwise"`` (a compiled BatchNorm with given statistics, as
+ops the compiler fuses) or ``"decomposed"`` (a compiled norm with batch statistics as plain
+differentiable ops on shifted moments, :mod:`normlab.core.decomposed`, which the compiler fuses
+with the activation, the running update and the ops around it).
 
 The table, first matching row wins:
 
@@ -71,9 +73,13 @@ The table, first matching row wins:
 13  float32 CPU: in place on a layout the kernels do not read     composed, eager
 14  float32 CPU: RMSNorm on a non-contiguous input                native, eager
 15  float32 CPU: compiling BatchNorm with given statistics        composed, pointwise
-16  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
+16  float32 CPU: compiling BatchNorm with batch statistics        composed, decomposed
+    (contiguous, not in place), or GroupNorm, InstanceNorm,
+    LayerNorm, RMSNorm
+    with no gradient recorded (``torch.no_grad``)
+17  float32 CPU: otherwise: a compile, or a mode                  kernels, traced or
                                                                   operator
-17  anything else (float64, half, CUDA, meta, ...)                native, eager
+18  anything else (float64, half, CUDA, meta, ...)                native, eager
 ==  ============================================================  ======================
 
 and in place runs native only under export or a torch.func transform (torch's ops, the
@@ -90,8 +96,8 @@ before the kernels were first imported (triton reads it once per process).
 Backends: :func:`set_backend` / :func:`use_backend` / ``NORMLAB_BACKEND`` take "auto" (the
 table), "kernels" ("fast" is an alias: the CPU kernels; on CUDA it runs native), "triton",
 "native" and "composed". ``with record_dispatch() as log`` collects ``(operation, path,
-reason)`` for every call decided in the block (eager calls; a compiled graph runs what was
-decided while tracing).
+reason)`` for every call decided in the block: each eager call, and each call a compile traces
+in the block (its graph then runs what was decided, without asking again or recording).
 
 The Triton kernels are imported the first time the rule asks about a CUDA tensor or the
 backend is forced to "triton" (a CPU-only program never imports ``triton``); their adapter
@@ -189,7 +195,7 @@ _gpu_loaded = [False]  # whether _gpu_ready tried (or register_gpu_kernels set t
 _gpu_missing = [""]  # why they could not be loaded
 
 
-def _constant_to_compile(fn: Callable[[], bool]) -> Callable[[], bool]:
+def _constant_to_compile(fn: Callable[..., bool]) -> Callable[..., bool]:
     """``torch.compiler.assume_constant_result``, without importing torch._dynamo (it is
     most of ``import normlab``'s time: about 1 s on top of torch's own 2 s) for a program
     that never compiles. The decorator only marks the function, and dynamo reads the mark
@@ -258,7 +264,9 @@ def status() -> str:
 
 @contextlib.contextmanager
 def record_dispatch():
-    """Collect ``(operation, path, reason)`` for every normalization call in the block."""
+    """Collect ``(operation, path, reason)`` for every normalization call decided in the block:
+    eager calls, and the calls of a graph that ``torch.compile`` traces in it (once, at the
+    trace: the compiled graph neither asks again nor records)."""
     log: list = []
     _logs.append(log)
     try:
@@ -270,6 +278,15 @@ def record_dispatch():
 def _note(operation: str, decision: Decision) -> None:
     for log in _logs:
         log.append((operation, decision.path, decision.reason))
+
+
+@_constant_to_compile
+def _note_traced(operation: str, path: str, how: str, reason: str) -> bool:
+    # Called by the compiler while it traces, not compiled: a record_dispatch block around the
+    # call that compiles sees the decisions, and the graph neither guards on nor records them
+    if _logs:
+        _note(operation, Decision(path, how, reason))
+    return True
 
 
 def register_gpu_kernels(kernels) -> None:
@@ -355,6 +372,25 @@ def _torch_lacks(family, call, given, mask, inplace) -> bool:
     if family == ROW:
         return call[2] is not None  # the residual
     return False
+
+
+def _decomposes(x: torch.Tensor, family: str, given: bool, inplace: bool, call: tuple[object, ...]) -> bool:
+    """Row 16: a compiled float32 CPU call that runs faster as the decomposition
+    (:mod:`normlab.core.decomposed`) than as the kernels' operator, measured on whole models
+    (docs/performance.md, "Compiled models"): BatchNorm with batch statistics on a contiguous
+    input (training, with or without a fused activation; not in place, whose point is the
+    memory it saves; channels_last keeps the operator, which measured faster there), and
+    GroupNorm, InstanceNorm, LayerNorm and RMSNorm where no gradient is recorded (eval under
+    ``torch.no_grad``). GroupNorm training stays on the operator, which is faster there."""
+    if inplace or not call:
+        return False
+    if family == CHANNEL:  # call[3]: the groups, -1 for BatchNorm
+        if given:
+            return False
+        if call[3] == -1:  # channels_last training measured slower decomposed (0.97 vs 0.92)
+            return x.is_contiguous()
+        return not torch.is_grad_enabled()
+    return family == ROW and not torch.is_grad_enabled()
 
 
 def recomputing() -> bool:
@@ -508,13 +544,17 @@ def choose_path(
             decision = Decision(
                 COMPOSED, "pointwise", "compiling with given statistics: pointwise ops the compiler fuses"
             )
-        elif compiling:  # 16
+        elif compiling and _decomposes(x, family, given, inplace, call):  # 16
+            # the same: an opaque operator would keep the activation, the running update (and,
+            # in eval, the ops around a per-sample norm) out of the compiler's fused kernels
+            decision = Decision(COMPOSED, "decomposed", "compiling: shifted moments in ops the compiler fuses")
+        elif compiling:  # 17
             decision = Decision(KERNELS, "traced", "torch.compile: the registered operator")
         else:
             decision = Decision(KERNELS, "operator", "a mode sees the registered operator")
-    elif forced == KERNELS:  # 17, with the kernels forced
+    elif forced == KERNELS:  # 18, with the kernels forced
         decision = Decision(NATIVE, "eager", f"backend 'kernels' cannot take {x.dtype} on {x.device.type}: native")
-    else:  # 17
+    else:  # 18
         decision = Decision(NATIVE, "eager", "not float32 CPU")
     if refused:
         decision = Decision(decision.path, decision.how, f"{decision.reason} (Triton kernels: {refused})")
@@ -525,6 +565,8 @@ def choose_path(
             decision = Decision(NATIVE, decision.how, f"{decision.reason}; in place: the output copied over the input")
         else:
             decision = Decision(COMPOSED, "eager", f"{decision.reason}; in place: torch has no in-place norm")
-    if _logs and not compiling:
+    if compiling:
+        _note_traced(operation, *decision)
+    elif _logs:
         _note(operation, decision)
     return decision

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast, overload
 
 import torch
 
-from . import composed, native
+from . import composed, decomposed, native
 from .call_checks import check_row_args
 from .checks import InputError, InputTypeError, check_floating_input
 from .kernels.cpu import build as _cpu
@@ -151,6 +151,8 @@ def row_norm(
     summed = x if residual is None else x + residual
     if path == NATIVE:
         y = native.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+    elif decision.how == "decomposed":
+        y = decomposed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
     else:
         if not torch.compiler.is_compiling() and summed.is_inference() and torch.is_grad_enabled():
             summed = summed.clone()  # the composed ops keep their input for backward (as above)
