@@ -8,6 +8,7 @@ compares what the tool gives, so "works" means "works as torch.nn does".
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 
 import pytest
@@ -275,6 +276,21 @@ def test_fx_symbolic_trace_keeps_layers_as_leaves_and_matches_eager():
         reference.load_state_dict(ours.state_dict())
         getattr(reference, mode)()
         _close(graph_module(x), reference(x))
+
+
+@pytest.mark.xfail(
+    torch.torch_version.TorchVersion(torch.__version__) < (2, 14),
+    strict=True,
+    reason="the forward's annotations are strings (from __future__ import annotations), which torch "
+    "2.13's fx records as the placeholders' types and GraphModule.__reduce__ cannot import (2.14 can)",
+)
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm"])
+def test_a_graph_module_traced_from_a_layer_pickles_as_torch_nns_does(name):
+    args = {"LayerNorm": (3,), "GroupNorm": (2, 4)}[name]
+    x = torch.randn(2, 4, 3)
+    for layer in (getattr(nn, name)(*args), getattr(nl.nn, name)(*args)):
+        graph_module = pickle.loads(pickle.dumps(torch.fx.symbolic_trace(layer)))
+        _close(graph_module(x), layer(x))
 
 
 def test_fx_traces_the_functionals_as_single_calls():
