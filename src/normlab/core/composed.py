@@ -12,9 +12,12 @@ export or ``torch.func``: the same forward in plain differentiable ops) or ``"po
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, overload
+
 import torch
 
-from .activation import apply_activation, inplace_abn
+from .activation import ActivationArgs, apply_activation, inplace_abn
 from .masked import _MaskedNormalize, masked_moments, masked_reference
 from .moments import COMPUTE_DTYPES
 from .normalize import normalize_batch, normalize_given
@@ -29,6 +32,14 @@ __all__ = [
     "row_norm",
     "update_masked",
 ]
+
+
+@overload
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor: ...
+@overload
+def channel_view(t: None, ndim: int) -> None: ...
+@overload
+def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None: ...
 
 
 def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -53,7 +64,7 @@ def _affine_views(
     if groups < 0:
         return x, (0,) + tuple(range(2, ndim)), channel_view(weight, ndim), channel_view(bias, ndim)
     shape = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
-    target = x.unflatten(1, (groups, x.shape[1] // groups))  # (N, G, C//G, *spatial)
+    target: torch.Tensor = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # (N, G, C//G, *spatial); unannotated in torch
     w = None if weight is None else weight.view(shape)
     b = None if bias is None else bias.view(shape)
     return target, tuple(range(2, target.dim())), w, b
@@ -67,7 +78,17 @@ def _torch_layout(x: torch.Tensor) -> torch.Tensor:
     return x if kernel_layout(x) else x.contiguous()
 
 
-def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace):
+def channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float,
+    batch_stats: bool,
+    running: RunningStats | None,
+    act: ActivationArgs,
+    inplace: bool,
+) -> torch.Tensor:
     """act(norm(x)) for the channel family in composed ops (``inplace``: the output written
     over ``x``, only it kept for backward); the running estimates used or updated; ``act`` is
     the activation's (name, param, prelu_weight)."""
@@ -75,6 +96,8 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplac
     if not inplace:
         x = _torch_layout(x)
     if not batch_stats:
+        if TYPE_CHECKING:  # given statistics: the checks required the policy and its estimates
+            assert running is not None and running.running_mean is not None and running.running_var is not None
         view = channel_view
         y = normalize_given(
             x,
@@ -92,6 +115,8 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplac
         target, dims, w, b = _affine_views(x, weight, bias, groups)
         y, stats = normalize_batch(target, w, b, dims, eps)
         y = apply_activation(y.flatten(1, 2) if groups > 0 else y, *act)
+        if TYPE_CHECKING:  # centered statistics (RMSNorm's alone have no mean)
+            assert stats.mean is not None
         mean, var = stats.mean, stats.var
     if running is not None and running.running_mean is not None and x.numel() > 0:
         # keepdim statistics → (C,) for BatchNorm, (N, C) per instance for InstanceNorm
@@ -100,7 +125,14 @@ def channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplac
     return y
 
 
-def pointwise_given_norm(x, weight, bias, running: RunningStats, eps, act):
+def pointwise_given_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running: RunningStats,
+    eps: float,
+    act: ActivationArgs,
+) -> torch.Tensor:
     """act((x − μ)·(γ/√(σ² + ε)) + β) in plain differentiable ops, for the compiler to fuse.
 
     The mean is subtracted first: torch's own eval kernel computes x·s + (β − μ·s), whose
@@ -109,6 +141,8 @@ def pointwise_given_norm(x, weight, bias, running: RunningStats, eps, act):
     gradients.
     """
     ndim = x.dim()
+    if TYPE_CHECKING:  # given statistics: the checks required the estimates
+        assert running.running_mean is not None and running.running_var is not None
     mean = channel_view(running.running_mean.detach(), ndim)
     scale = torch.rsqrt(running.running_var.detach() + eps)
     if weight is not None:
@@ -119,12 +153,24 @@ def pointwise_given_norm(x, weight, bias, running: RunningStats, eps, act):
     return apply_activation(y.to(x.dtype), *act)
 
 
-def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running, act, reference):
+def masked_channel_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    groups: int,
+    eps: float,
+    batch_stats: bool,
+    running: RunningStats | None,
+    act: ActivationArgs,
+    reference: bool,
+) -> torch.Tensor:
     """The channel family over the valid positions of ``mask`` (checked, (N, *spatial)); 0 at
     padded positions (every fused activation maps 0 to 0). ``reference``: plain
     differentiable ops instead of the closed-form Function (export, torch.func)."""
     x = _torch_layout(x)
     ndim = x.dim()
+    dims: tuple[int, ...]
     if groups < 0 or not batch_stats:  # given statistics are per channel, whatever the grouping
         target, dims, m = x, (0,) + tuple(range(2, ndim)), mask.unsqueeze(1)
         w, b = channel_view(weight, ndim), channel_view(bias, ndim)
@@ -136,27 +182,37 @@ def masked_channel_norm(x, weight, bias, mask, groups, eps, batch_stats, running
         b = None if bias is None else bias.view(shape)
     # statistics are constants to autograd (the closed-form backward accounts for them):
     # taken from a detached x, with no graph to record
+    offset: torch.Tensor | None
+    var: torch.Tensor | None
+    count: torch.Tensor | None
     if batch_stats:
         shift, offset, var, count = masked_moments(target.detach(), m, dims)
         rstd = torch.rsqrt(var + eps)
     else:
+        if TYPE_CHECKING:  # given statistics: the checks required the policy and its estimates
+            assert running is not None and running.running_mean is not None and running.running_var is not None
         cdtype = COMPUTE_DTYPES.get(x.dtype, x.dtype)
         shift, offset, var, count = channel_view(running.running_mean, ndim).to(cdtype), None, None, None
         rstd = torch.rsqrt(channel_view(running.running_var, ndim).to(cdtype) + eps)
+    y: torch.Tensor
     if reference:
         given = {} if batch_stats else {"mean": shift, "rstd": rstd}
         y = masked_reference(target, w, b, m, dims, eps, **given)
     else:
-        y = _MaskedNormalize.apply(target, w, b, m, shift, offset, rstd, count, dims, eps, batch_stats, None)
+        y = _MaskedNormalize.apply(target, w, b, m, shift, offset, rstd, count, dims, eps, batch_stats, None)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
     y = y.flatten(1, 2) if groups > 0 and batch_stats else y
     if act[0] != "identity":
         y = apply_activation(y, *act)
     if batch_stats and running is not None and running.running_mean is not None:
+        if TYPE_CHECKING:  # batch statistics: masked_moments gave all four
+            assert offset is not None and var is not None and count is not None
         update_masked(running, shift + offset, var, count, groups)
     return y
 
 
-def update_masked(running: RunningStats, mean, var, count, groups) -> None:
+def update_masked(
+    running: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, groups: int
+) -> None:
     """Merge a masked batch: BatchNorm's statistics over the valid count (a batch with fewer
     than 2 valid values is not merged); InstanceNorm's instances each unbiased with their own
     count, then averaged over those with at least 2 — without a host sync off the CPU."""
@@ -176,7 +232,14 @@ def update_masked(running: RunningStats, mean, var, count, groups) -> None:
     running.update(batch_mean, batch_var, 2, enough=instances > 0, unbiased=False)
 
 
-def row_norm(x, normalized_shape, weight, bias, eps, centered):
+def row_norm(
+    x: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    centered: bool,
+) -> torch.Tensor:
     """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims.
 
     LayerNorm's output is contiguous whatever the input's layout, as torch.nn's (its kernel

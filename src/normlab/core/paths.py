@@ -119,13 +119,18 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from .kernels.cpu import build as _cpu
+
+if TYPE_CHECKING:
+    from .kernels import KernelBackend
+
+    _Record = tuple[str, str, str]  # what record_dispatch collects per call: (operation, path, reason)
 
 __all__ = [
     "BACKENDS",
@@ -172,7 +177,7 @@ KERNELS_DIRECT = Decision(KERNELS, "direct", "")
 KERNELS_MASKED = Decision(KERNELS, "masked", "mask: the masked kernels")
 
 
-def _checked_backend(name: object) -> str:
+def _checked_backend(name: str) -> str:
     name = _ALIASES.get(name, name)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or 'fast', the old name of 'kernels'), got {name!r}")
@@ -189,8 +194,9 @@ def _initial_backend() -> str:
 
 
 _backend = [_initial_backend()]  # a list: read on every call without a global statement
-_logs: list[list] = []
-_gpu_kernels = [None]  # the GPU kernels' adapter: loaded by _gpu_ready, or set by register_gpu_kernels
+_logs: list[list[_Record]] = []
+# the GPU kernels' adapter: loaded by _gpu_ready, or set by register_gpu_kernels
+_gpu_kernels: list[KernelBackend | None] = [None]
 _gpu_loaded = [False]  # whether _gpu_ready tried (or register_gpu_kernels set them)
 _gpu_missing = [""]  # why they could not be loaded
 
@@ -201,7 +207,8 @@ def _constant_to_compile(fn: Callable[..., bool]) -> Callable[..., bool]:
     that never compiles. The decorator only marks the function, and dynamo reads the mark
     when it traces a call; tests/core compares the mark with what torch's decorator sets."""
     if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
+        marked: Callable[..., bool] = torch.compiler.assume_constant_result(fn)  # type: ignore[no-untyped-call]  # unannotated in torch
+        return marked
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
     return fn
 
@@ -237,7 +244,7 @@ def set_backend(name: str) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """:func:`set_backend` for the duration of a ``with`` block.
 
     Args:
@@ -263,11 +270,11 @@ def status() -> str:
 
 
 @contextlib.contextmanager
-def record_dispatch():
+def record_dispatch() -> Iterator[list[_Record]]:
     """Collect ``(operation, path, reason)`` for every normalization call decided in the block:
     eager calls, and the calls of a graph that ``torch.compile`` traces in it (once, at the
     trace: the compiled graph neither asks again nor records)."""
-    log: list = []
+    log: list[_Record] = []
     _logs.append(log)
     try:
         yield log
@@ -289,7 +296,7 @@ def _note_traced(operation: str, path: str, how: str, reason: str) -> bool:
     return True
 
 
-def register_gpu_kernels(kernels) -> None:
+def register_gpu_kernels(kernels: KernelBackend | None) -> None:
     """Plug in the GPU kernels (the rule loads the Triton kernels' adapter,
     :data:`normlab.core.kernels.triton.backend.BACKEND`, by itself): an object whose
     ``unavailable(x)`` says why its kernels cannot run on x's device here ("" where they
@@ -327,7 +334,19 @@ def _gpu_ready() -> bool:
     return _gpu_kernels[0] is not None
 
 
-def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, compiling, exporting, transformed):
+def _triton_refusal(
+    x: torch.Tensor,
+    family: str,
+    call: tuple[object, ...],
+    given: bool,
+    mask: torch.Tensor | None,
+    inplace: bool,
+    centered: bool,
+    forced: str,
+    compiling: bool,
+    exporting: bool,
+    transformed: bool,
+) -> str | None:
     """None where the Triton kernels run this call (row 2); otherwise why not — "" where a
     later row of the table says it (export, torch.func, a subclass, an empty input). A forced
     "triton" that cannot run on x's device at all is an error."""
@@ -338,6 +357,8 @@ def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, com
             raise RuntimeError(f"backend 'triton' was forced but {_gpu_missing[0]}")
         return _gpu_missing[0]
     gpu = _gpu_kernels[0]
+    if TYPE_CHECKING:  # _gpu_ready answers True only with the kernels' adapter set
+        assert gpu is not None
     why = gpu.unavailable(x)
     if why:
         if forced == TRITON:
@@ -357,7 +378,13 @@ def _triton_refusal(x, family, call, given, mask, inplace, centered, forced, com
 _PLAIN_ON_TORCH = "a plain norm, which torch's CUDA kernel runs (auto routes what torch.nn lacks)"
 
 
-def _torch_lacks(family, call, given, mask, inplace) -> bool:
+def _torch_lacks(
+    family: str,
+    call: tuple[Any, ...],  # the family's arguments as the caller gave them: unchecked
+    given: bool,
+    mask: torch.Tensor | None,
+    inplace: bool,
+) -> bool:
     """Whether a call is one torch.nn has no single CUDA kernel for: a fused activation, the
     in-place mode, a mask, a residual add, or a BatchNorm training step whose running
     estimates take normlab's conventions (torch's kernel then needs separate update ops,
@@ -419,7 +446,7 @@ def kernel_layout(x: torch.Tensor) -> bool:
 
 
 def choose_path(
-    x: torch.Tensor,
+    x: object,
     family: str = CHANNEL,
     operation: str = "norm",
     *,
@@ -427,7 +454,7 @@ def choose_path(
     mask: torch.Tensor | None = None,
     inplace: bool = False,
     centered: bool = True,
-    call: tuple = (),
+    call: tuple[object, ...] = (),
 ) -> Decision:
     """The path of a call of ``family`` on ``x`` (see the module's table), recorded for
     :func:`record_dispatch` under ``operation``.
@@ -439,7 +466,7 @@ def choose_path(
     residual)``).
 
     Args:
-        x: the input.
+        x: the input: a tensor (anything else is answered "composed", whose checks report it).
         family: "channel" (BatchNorm, InstanceNorm, GroupNorm) or "row" (LayerNorm,
             RMSNorm). Default "channel".
         operation: the name recorded. Default "norm".
@@ -460,11 +487,12 @@ def choose_path(
         and type(x) is torch.Tensor
         and mask is None
         and (forced == "auto" or forced == KERNELS)
-        and (_cpu.module is not None or _cpu.load() is not None)
+        # the module read once (a local, which the checker sees is not None; load() sets it)
+        and ((kernels := _cpu.module) is not None or (kernels := _cpu.load()) is not None)
         and _forward_ad._current_level < 0
         # a plain float32 CPU tensor with values; no jit.trace, torch.func transform or mode:
         # asked of the kernels' module in one C call (see its plain_eager), the rest is here
-        and _cpu.module.plain_eager(x)
+        and kernels.plain_eager(x)
         and (
             (family == CHANNEL and (not inplace or kernel_layout(x)))
             or (family == ROW and (centered or x.is_contiguous()))
@@ -475,7 +503,7 @@ def choose_path(
         return KERNELS_DIRECT
     exporting = torch.compiler.is_exporting() or _tracing_state() is not None
     transformed = not compiling and (_interpreters() is not None or _forward_ad._current_level >= 0)
-    refused = ""  # why the Triton kernels do not run a call that row 2 asked them about
+    refused: str | None = ""  # why the Triton kernels do not run a call that row 2 asked them about
     if not isinstance(x, torch.Tensor):  # the entry's checks report it
         decision = Decision(COMPOSED, "eager", f"not a tensor: {type(x).__name__}")
     elif (forced == TRITON or (forced == "auto" and x.is_cuda)) and (
@@ -495,8 +523,8 @@ def choose_path(
             and type(mask) is torch.Tensor
             and mask.dtype is torch.bool
             and mask.device.type == "cpu"
-            and (_cpu.module is not None or _cpu.load() is not None)
-            and _cpu.module.plain_eager(x)
+            and ((kernels := _cpu.module) is not None or (kernels := _cpu.load()) is not None)
+            and kernels.plain_eager(x)
             and (x.is_contiguous() or kernel_layout(x))
         ):
             # an eager float32 CPU channel norm in a layout the kernels read, with a bool CPU

@@ -13,8 +13,6 @@ with r and d constants for autograd. In eval it is BatchNorm with the running es
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 
 from .call_checks import check_channel_args, too_few_values
@@ -84,9 +82,8 @@ def batch_renorm(
         moments = centered_moments(x, dims)  # (1, C, 1, …)
         cdtype = moments.var.dtype
         batch_std = torch.sqrt(moments.var + eps)
-        # channel_view maps a tensor to a tensor (its None is for an absent γ or β)
-        running_std = torch.sqrt(cast(torch.Tensor, channel_view(running_var, ndim)).to(cdtype) + eps)
-        running_mu = cast(torch.Tensor, channel_view(running_mean, ndim)).to(cdtype)
+        running_std = torch.sqrt(channel_view(running_var, ndim).to(cdtype) + eps)
+        running_mu = channel_view(running_mean, ndim).to(cdtype)
         if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
             r_max = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
             d_max = torch.as_tensor(d_max, dtype=cdtype, device=x.device)

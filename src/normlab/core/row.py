@@ -151,12 +151,15 @@ def row_norm(
     summed = x if residual is None else x + residual
     if path == NATIVE:
         y = native.row_norm(summed, normalized_shape, weight, bias, eps, centered)
-    elif decision.how == "decomposed":
-        y = decomposed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
     else:
-        if not torch.compiler.is_compiling() and summed.is_inference() and torch.is_grad_enabled():
-            summed = summed.clone()  # the composed ops keep their input for backward (as above)
-        y = composed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+        if TYPE_CHECKING:  # eps stays None only for a complex input, which the rule sends to native
+            assert eps is not None
+        if decision.how == "decomposed":
+            y = decomposed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+        else:
+            if not torch.compiler.is_compiling() and summed.is_inference() and torch.is_grad_enabled():
+                summed = summed.clone()  # the composed ops keep their input for backward (as above)
+            y = composed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
     return y if residual is None else (y, summed)
 
 

@@ -92,7 +92,12 @@ def _differentiable_backward(
     operands = (x, weight, bias, prelu)
     needs = ctx.needs_input_grad[:4]
     act = (activation_for_code(ctx.code).name, ctx.param, prelu)
-    running = None if not ctx.given else SimpleNamespace(running_mean=running_mean, running_var=running_var)
+    # given statistics: composed reads only the estimates, which a namespace carries
+    running = (
+        None
+        if not ctx.given
+        else cast("RunningStats", SimpleNamespace(running_mean=running_mean, running_var=running_var))
+    )
     with torch.enable_grad():
         y = composed_masked_channel_norm(
             x, weight, bias, mask, ctx.groups, ctx.eps, not ctx.given, running, act, reference=True
