@@ -369,16 +369,28 @@ def redo_kept_channels(
     return channels, dx, dw, db
 
 
-def write_redone(
+def rewrite_kept_channels(
     dx: torch.Tensor,
     dgamma: torch.Tensor,
     dbeta: torch.Tensor,
-    redone: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    small: torch.Tensor,
+    groups: int,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    x_small: torch.Tensor,
+    act: int,
+    param: float,
 ) -> None:
-    """Write :func:`redo_kept_channels`' ``(channels, dx, dγ, dβ)`` over a kernel's gradients
-    (each in its own dtype; an empty dγ/dβ — a parameter no gradient was asked for — is left).
-    dβ is rewritten too: ELU's dβ read off y + α has lost its digits near −α."""
-    channels, dx_c, dw_c, db_c = redone
+    """Overwrite a kernel's dx, dγ and dβ of the channels whose x̂ the output does not hold
+    with :func:`redo_kept_channels`' (arguments as its), each in its own dtype; an empty
+    dγ/dβ — a parameter no gradient was asked for — is left. The in-place backward of the CPU
+    and the Triton kernels both end this way. dβ is rewritten too: ELU's dβ read off y + α has
+    lost its digits near −α."""
+    channels, dx_c, dw_c, db_c = redo_kept_channels(small, groups, mean, rstd, y, dy, weight, bias, x_small, act, param)
     dx.index_copy_(1, channels, dx_c.to(dx.dtype))
     if dgamma.numel():  # asked for: there is a γ, so dγ of the redone channels
         dgamma.index_copy_(0, channels, cast(torch.Tensor, dw_c).to(dgamma.dtype))

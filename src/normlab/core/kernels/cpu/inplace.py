@@ -19,9 +19,8 @@ import torch
 from ...activation import (
     SECOND_DERIVATIVES,
     activation_for_code,
-    redo_kept_channels,
+    rewrite_kept_channels,
     unrecoverable_channels,
-    write_redone,
 )
 from . import build
 
@@ -69,33 +68,26 @@ class _ChannelNormInPlace(torch.autograd.Function):
         dx, dgamma, dbeta, _ = cast("KernelsModule", build.module).channel_backward(
             dy, y, weight, bias, None, shift, offset, rstd, ctx.groups, False, True, ctx.act, ctx.param
         )
-        if ctx.small is not None:
-            _redo_small_gamma(ctx, dx, dgamma, dbeta, dy, y, weight, bias, x_small)
+        if ctx.small is not None:  # the channels the kernel could not recover x̂ for
+            rewrite_kept_channels(
+                dx,
+                dgamma,
+                dbeta,
+                ctx.small,
+                ctx.groups,
+                shift + offset,
+                rstd,
+                y,
+                dy,
+                weight,
+                bias,
+                x_small,
+                ctx.act,
+                ctx.param,
+            )
         dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
-
-
-def _redo_small_gamma(
-    ctx: Any,
-    dx: torch.Tensor,
-    dgamma: torch.Tensor,
-    dbeta: torch.Tensor,
-    dy: torch.Tensor,
-    y: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    x_small: torch.Tensor,
-) -> None:
-    """Overwrite dx, dγ and dβ of the channels the kernel could not recover x̂ for (see
-    :func:`~normlab.core.activation.unrecoverable_channels`) — and, for GroupNorm, of the rest
-    of their groups, whose dx depends on it — with
-    the composed backward on just those channels, given x̂ from the kept input."""
-    shift, offset, rstd = ctx.stats
-    redone = redo_kept_channels(
-        ctx.small, ctx.groups, shift + offset, rstd, y, dy, weight, bias, x_small, ctx.act, ctx.param
-    )
-    write_redone(dx, dgamma, dbeta, redone)
 
 
 def channel_norm_inplace(

@@ -27,9 +27,8 @@ from ...activation import (
     GAMMA_GUARD,
     activation_for_code,
     apply_activation,
-    redo_kept_channels,
+    rewrite_kept_channels,
     small_gamma_channels,
-    write_redone,
 )
 from ...masked import masked_reference
 from ...reference import reference_normalize
@@ -534,30 +533,24 @@ class ChannelNormInPlace(torch.autograd.Function):
         dx, dw, db, _ = torch.ops.normlab.triton_channel_norm_backward(
             dy, y, weight, bias, None, None, stats, None, None, ctx.groups, 0.0, ctx.act, ctx.param, params, True
         )
-        if ctx.small is not None:
-            _redo_small_gamma(ctx, dx, dw, db, dy, y, weight, bias, stats, x_small)
+        if ctx.small is not None:  # |γ| below the guard: x̂ from their kept input, as the CPU kernels
+            rewrite_kept_channels(
+                dx,
+                dw,
+                db,
+                ctx.small,
+                ctx.groups,
+                stats[0] + stats[1],
+                stats[2],
+                y,
+                dy,
+                weight,
+                bias,
+                x_small,
+                ctx.act,
+                ctx.param,
+            )
         return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), *(None,) * 6
-
-
-def _redo_small_gamma(
-    ctx: Any,
-    dx: torch.Tensor,
-    dgamma: torch.Tensor,
-    dbeta: torch.Tensor,
-    dy: torch.Tensor,
-    y: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stats: torch.Tensor,
-    x_small: torch.Tensor,
-) -> None:
-    """Overwrite dx, dγ and dβ of the channels whose x̂ the output does not hold (|γ| below
-    the guard) — for GroupNorm, of every channel of their groups — by the composed backward on
-    just those channels, given x̂ from their kept input (as the CPU kernels do)."""
-    redone = redo_kept_channels(
-        ctx.small, ctx.groups, stats[0] + stats[1], stats[2], y, dy, weight, bias, x_small, ctx.act, ctx.param
-    )
-    write_redone(dx, dgamma, dbeta, redone)
 
 
 assert GAMMA_GUARD == 1e-5, "the kernels' _recover guards |γ| at 1e-5"
