@@ -25,6 +25,7 @@ import torch
 
 from ...activation import (
     GAMMA_GUARD,
+    SECOND_DERIVATIVES,
     activation_for_code,
     apply_activation,
     rewrite_kept_channels,
@@ -526,7 +527,7 @@ class ChannelNormInPlace(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
-            raise RuntimeError("second derivatives are not supported in the in-place (output-only) mode")
+            raise RuntimeError(SECOND_DERIVATIVES)
         y, weight, bias, stats, x_small = ctx.saved_tensors
         needs = ctx.needs_input_grad
         params = bool(needs[1] or needs[2] or ctx.small is not None)
