@@ -28,6 +28,7 @@ import torch
 from . import composed, decomposed, native
 from .activation import ACTIVATIONS, ActivationArgs
 from .call_checks import check_channel_args, check_inplace_input
+from .channel_call import ChannelCall
 from .kernels.cpu import build as _cpu
 from .kernels.cpu.inplace import channel_norm_inplace
 from .kernels.cpu.masked import masked_channel_norm as channel_norm_masked
@@ -168,17 +169,16 @@ def channel_norm(
         if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED has a mask; a fused activation a code
             assert mask is not None and code is not None
         return channel_norm_masked(x, weight, bias, mask, groups, eps, batch_stats, running, act, code)
+    call = ChannelCall(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
     if path == KERNELS:
-        return _kernels(x, weight, bias, groups, eps, batch_stats, running, act, inplace, how == "traced")
+        return _kernels(call, how == "traced")
     if path == NATIVE:
         if not inplace:
-            instance = operation == "instance_norm"
-            return native.channel_norm(
-                x, weight, bias, groups, eps, batch_stats, running, act, how == "export", instance
-            )
+            return native.channel_norm(call, how == "export", operation == "instance_norm")
         # in place under export or torch.func: torch's ops on a copy (theirs saves its input),
         # the output then written over x
-        return x.copy_(native.channel_norm(x.clone(), weight, bias, groups, eps, batch_stats, running, act, False))
+        copy = ChannelCall(x.clone(), weight, bias, groups, eps, batch_stats, running, act)
+        return x.copy_(native.channel_norm(copy, False))
     if path == COMPOSED:
         if mask is not None:
             reference = how == "reference"
@@ -189,11 +189,11 @@ def channel_norm(
             return composed.pointwise_given_norm(x, weight, bias, cast(RunningStats, running), eps, act)
         if how == "decomposed":
             return decomposed.channel_norm(x, weight, bias, groups, eps, running, act)
-        return composed.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace)
+        return composed.channel_norm(call)
     # triton: the running estimates are updated by the kernels' backend (inside the launch for
     # BatchNorm), never a second time here
     gpu = cast("KernelBackend", _gpu_kernels[0])  # the rule answers "triton" only with them loaded
-    return gpu.channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
+    return gpu.channel_norm(call)
 
 
 def masked_channel_norm(
@@ -226,46 +226,36 @@ def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:
     return y if y.is_contiguous() else y.contiguous()
 
 
-def _kernels(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    batch_stats: bool,
-    running: RunningStats | None,
-    act: ActivationArgs,
-    inplace: bool,
-    traced: bool,
-) -> torch.Tensor:
+def _kernels(call: ChannelCall, traced: bool) -> torch.Tensor:
     """The kernels off the direct entry: the in-place mode, or the registered operator that a
     compile or a mode must see. The running estimates are updated as the direct entry updates
     them, in C++, on real tensors; with torch ops where the call is ``traced`` (fake tensors)
     or the kernel leaves it (a batch that is not finite warns or raises there)."""
-    activation, param, prelu_weight = act
+    x, groups, running = call.x, call.groups, call.running
+    activation, param, prelu_weight = call.act
     code = cast(int, ACTIVATIONS[activation].code)  # a fused activation: it has one
-    given = not batch_stats
+    given = not call.batch_stats
     y: torch.Tensor
-    if inplace:
-        y, mean, var = channel_norm_inplace(x, weight, bias, groups, eps, code, param)
+    if call.inplace:
+        y, mean, var = channel_norm_inplace(call, code)
     else:
         if not kernel_layout(x):
             x = x.contiguous()
         y, _, _, _, mean, var = torch.ops.normlab.channel_norm(
             x,
-            weight,
-            bias,
+            call.weight,
+            call.bias,
             cast(RunningStats, running).running_mean if given else None,  # given: the checks required it
             cast(RunningStats, running).running_var if given else None,
             prelu_weight,
             groups,
-            eps,
+            call.eps,
             code,
             param,
         )
-    if batch_stats and running is not None and running.running_mean is not None:
+    if call.batch_stats and running is not None and running.running_mean is not None:
         mean, var = mean.detach(), var.detach()
-        count = x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1))
+        count = call.running_count()
         if traced or not cast("KernelsModule", _cpu.module).update_running(running, mean, var, count):
             if groups >= 0:  # one statistic per (sample, channel): InstanceNorm
                 mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)

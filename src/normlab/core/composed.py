@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, overload
 import torch
 
 from .activation import ActivationArgs, apply_activation, inplace_abn
+from .channel_call import ChannelCall
 from .masked import _MaskedNormalize, masked_moments, masked_reference
 from .moments import COMPUTE_DTYPES
 from .normalize import normalize_batch, normalize_given
@@ -78,24 +79,15 @@ def _torch_layout(x: torch.Tensor) -> torch.Tensor:
     return x if kernel_layout(x) else x.contiguous()
 
 
-def channel_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    batch_stats: bool,
-    running: RunningStats | None,
-    act: ActivationArgs,
-    inplace: bool,
-) -> torch.Tensor:
+def channel_norm(call: ChannelCall) -> torch.Tensor:
     """act(norm(x)) for the channel family in composed ops (``inplace``: the output written
-    over ``x``, only it kept for backward); the running estimates used or updated; ``act`` is
-    the activation's (name, param, prelu_weight)."""
+    over ``x``, only it kept for backward); the running estimates used or updated."""
+    x, weight, bias, groups, eps, running = call.x, call.weight, call.bias, call.groups, call.eps, call.running
+    act = call.act
     ndim = x.dim()
-    if not inplace:
+    if not call.inplace:
         x = _torch_layout(x)
-    if not batch_stats:
+    if not call.batch_stats:
         if TYPE_CHECKING:  # given statistics: the checks required the policy and its estimates
             assert running is not None and running.running_mean is not None and running.running_var is not None
         view = channel_view
@@ -109,7 +101,7 @@ def channel_norm(
             eps,
         )
         return apply_activation(y, *act)
-    if inplace:
+    if call.inplace:
         y, mean, var = inplace_abn(x, weight, bias, groups, eps, act[0], act[1])
     else:
         target, dims, w, b = _affine_views(x, weight, bias, groups)
@@ -121,7 +113,7 @@ def channel_norm(
     if running is not None and running.running_mean is not None and x.numel() > 0:
         # keepdim statistics → (C,) for BatchNorm, (N, C) per instance for InstanceNorm
         mean, var = (mean.flatten(), var.flatten()) if groups < 0 else (mean.flatten(1), var.flatten(1))
-        running.update(mean, var, x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1)))
+        running.update(mean, var, call.running_count())
     return y
 
 

@@ -19,7 +19,8 @@ from typing import cast
 import torch
 import torch.nn.functional as TF
 
-from .activation import ActivationArgs, apply_activation
+from .activation import apply_activation
+from .channel_call import ChannelCall
 from .checks import InputError
 from .moments import compute_dtype
 from .running import RunningStats
@@ -86,27 +87,17 @@ def _tracked_batch_norm(
     return y, mean, var
 
 
-def channel_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    batch_stats: bool,
-    running: RunningStats | None,
-    act: ActivationArgs,
-    export: bool,
-    instance: bool = False,
-) -> torch.Tensor:
-    """act(norm(x)) for the channel family with torch's ops, the running estimates of
-    ``running`` used (``batch_stats`` False) or updated (True); ``act`` is the activation's
-    (name, param, prelu_weight), ``export`` the rule's ``how == "export"``; ``instance``: an
-    InstanceNorm (torch.nn's op for it, rather than GroupNorm's)."""
-    if not batch_stats:
+def channel_norm(call: ChannelCall, export: bool, instance: bool = False) -> torch.Tensor:
+    """act(norm(x)) for the channel family with torch's ops, the running estimates of the
+    call's policy used (``batch_stats`` False) or updated (True); ``export`` is the rule's
+    ``how == "export"``; ``instance``: an InstanceNorm (torch.nn's op for it, rather than
+    GroupNorm's)."""
+    x, weight, bias, groups, eps, running = call.x, call.weight, call.bias, call.groups, call.eps, call.running
+    if not call.batch_stats:
         given = cast(RunningStats, running)  # given statistics: the checks required the estimates
         y = TF.batch_norm(x, given.running_mean, given.running_var, weight, bias, False, 0.0, eps)
-        return apply_activation(y, *act)
-    count = x.numel() // (x.shape[1] * (x.shape[0] if groups >= 0 else 1)) if x.numel() else 0
+        return apply_activation(y, *call.act)
+    count = call.running_count() if x.numel() else 0
     track = running is not None and running.running_mean is not None and count > 0
     if groups < 0 and weight is None and x.dtype in _HALVES and (bias is None or bias.dtype == torch.float32):
         # Without a float32 parameter torch's kernel keeps the batch mean and 1/σ in the
@@ -120,7 +111,7 @@ def channel_norm(
         y, mean, unbiased_var = _tracked_batch_norm(x, weight, bias, eps, count)
         var = unbiased_var if tracked.unbiased or count < 2 else unbiased_var * ((count - 1) / count)
         tracked.update(mean, var, count, unbiased=False)  # the kernel unbiased it already
-        return apply_activation(y, *act)
+        return apply_activation(y, *call.act)
     if groups < 0:
         y = TF.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     elif groups == x.shape[1] and x.dim() > 2 and (export or instance) and x.numel():  # (torch's fails on empty)
@@ -137,7 +128,7 @@ def channel_norm(
         y = TF.group_norm(x, groups, weight, bias, eps)
     if track:
         cast(RunningStats, running).update(*_batch_stats(x, groups), count)  # (N, C) per instance: averaged there
-    return apply_activation(y, *act)
+    return apply_activation(y, *call.act)
 
 
 def row_norm(

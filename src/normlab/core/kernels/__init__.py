@@ -10,9 +10,9 @@ given call; the path rule (:func:`normlab.core.paths.choose_path`) decides which
 nothing else chooses. How a backend plugs in (see ``docs/architecture.md``):
 
 1. An object with one entry per family, called by the families' entries after their checks:
-   ``channel_norm(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)``
-   (``running`` a :class:`normlab.core.RunningStats` to use — ``batch_stats`` False — or to
-   update, exactly once, ``act`` the activation's ``(name, param, prelu_weight)``) and
+   ``channel_norm(call)``, ``call`` a :class:`normlab.core.channel_call.ChannelCall` (its
+   ``running`` a :class:`normlab.core.RunningStats` to use — ``batch_stats`` False — or to
+   update, exactly once, ``act`` the activation's ``(name, param, prelu_weight)``), and
    ``row_norm(x, normalized_shape, weight, bias, eps, centered=, residual=)`` (returning
    ``(y, x + residual)`` with a residual); ``takes(x, family, call, given=, mask=, inplace=,
    centered=)`` → ``(True, "")`` or ``(False, why)``, whether it runs a call (``call``: the
@@ -36,8 +36,7 @@ from . import cpu
 if TYPE_CHECKING:
     import torch
 
-    from ..activation import ActivationArgs
-    from ..running import RunningStats
+    from ..channel_call import ChannelCall
 
 __all__ = ["cpu"]
 
@@ -61,19 +60,7 @@ class KernelBackend(Protocol):
         centered: bool = True,
     ) -> tuple[bool, str]: ...
 
-    def channel_norm(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        batch_stats: bool,
-        running: RunningStats | None,
-        act: ActivationArgs,
-        inplace: bool,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor: ...
+    def channel_norm(self, call: ChannelCall) -> torch.Tensor: ...
 
     def row_norm(
         self,

@@ -25,6 +25,7 @@ from ...activation import (
 from . import build
 
 if TYPE_CHECKING:
+    from ...channel_call import ChannelCall
     from .build import KernelsModule
 
 __all__ = ["channel_norm_inplace"]
@@ -90,19 +91,13 @@ class _ChannelNormInPlace(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
-def channel_norm_inplace(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, var) with y written over ``x``; the statistics float64 per group."""
+def channel_norm_inplace(call: ChannelCall, code: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, var) of a channel-family call in the in-place mode, y written over its
+    input; ``code`` is the activation's kernel code. The statistics float64 per group."""
+    x, weight, bias = call.x, call.weight, call.bias
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     stats: list[torch.Tensor] = []
-    out: torch.Tensor = _ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, stats)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
+    out: torch.Tensor = _ChannelNormInPlace.apply(x, weight, bias, call.groups, call.eps, code, call.act[1], stats)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
     if not recorded:
         # The kernel wrote through a raw pointer; without a graph mark_dirty did nothing, so
         # bump the version ourselves: a tensor some other op saved must not change silently.

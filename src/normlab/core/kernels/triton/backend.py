@@ -34,7 +34,7 @@ from ._runtime import INTERPRETED
 from .channel import collapsible
 
 if TYPE_CHECKING:
-    from ...activation import ActivationArgs
+    from ...channel_call import ChannelCall
     from ...running import RunningStats
 
 __all__ = ["BACKEND", "TritonBackend"]
@@ -142,29 +142,18 @@ class TritonBackend:
             return entries.takes_row(x, shape, weight, residual)
         return False, "LayerNorm2d on a layout that is not rows of C: statistics over dim 1"
 
-    def channel_norm(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        batch_stats: bool,
-        running: RunningStats | None,
-        act: ActivationArgs,
-        inplace: bool,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The channel family's call (arguments as :func:`normlab.core.channel.channel_norm`'s,
-        checked): the output; the running estimates updated once."""
-        activation, param, prelu_weight = act
-        if not batch_stats:  # per-channel statistics, whatever the grouping (InstanceNorm's too)
+    def channel_norm(self, call: ChannelCall) -> torch.Tensor:
+        """The channel family's call (checked, as :func:`normlab.core.channel.channel_norm`
+        hands it on): the output; the running estimates updated once."""
+        x, groups, running, mask = call.x, call.groups, call.running, call.mask
+        activation, param, prelu_weight = call.act
+        if not call.batch_stats:  # per-channel statistics, whatever the grouping (InstanceNorm's too)
             given = cast("RunningStats", running)  # given statistics: the checks required the policy
             return entries.channel_norm(
                 x,
-                weight,
-                bias,
-                eps=eps,
+                call.weight,
+                call.bias,
+                eps=call.eps,
                 mask=mask,
                 batch_stats=False,
                 running_mean=given.running_mean,
@@ -179,10 +168,10 @@ class TritonBackend:
         policy = cast("RunningStats", running)  # read below only where tracked: there is one
         out = entries.channel_norm(
             x,
-            weight,
-            bias,
+            call.weight,
+            call.bias,
             groups=groups,
-            eps=eps,
+            eps=call.eps,
             mask=mask,
             running_mean=buffers.get("running_mean") if in_kernel else None,
             running_var=buffers.get("running_var") if in_kernel else None,
@@ -193,7 +182,7 @@ class TritonBackend:
             activation=activation,
             param=param,
             prelu_weight=prelu_weight,
-            inplace=inplace,
+            inplace=call.inplace,
         )
         if tracked and not in_kernel:  # InstanceNorm: the per-instance statistics averaged
             # batch statistics: the result holds them
