@@ -428,11 +428,7 @@ def from_decay_convention(
         ValueError: a ``decay`` outside [0, 1], or ``elements_per_batch`` < 2.
     """
     momentum = momentum_from_decay(decay)
-    var = moving_variance
-    if elements_per_batch is not None:
-        if elements_per_batch < 2:
-            raise InputError(f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}")
-        var = moving_variance * (elements_per_batch / (elements_per_batch - 1))
+    var = _rescaled_variance(moving_variance, elements_per_batch, unbias=True)
     return RunningStatistics(moving_mean.clone(), var.clone(), momentum)
 
 
@@ -459,12 +455,19 @@ def to_decay_convention(
         ValueError: a ``momentum`` outside [0, 1], or ``elements_per_batch`` < 2.
     """
     decay = decay_from_momentum(momentum)
-    var = running_var
-    if elements_per_batch is not None:
-        if elements_per_batch < 2:
-            raise InputError(f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}")
-        var = running_var * ((elements_per_batch - 1) / elements_per_batch)
+    var = _rescaled_variance(running_var, elements_per_batch, unbias=False)
     return DecayStatistics(running_mean.clone(), var.clone(), decay)
+
+
+def _rescaled_variance(var: torch.Tensor, elements_per_batch: int | None, *, unbias: bool) -> torch.Tensor:
+    """The conversions' variance: times n/(n − 1) (``unbias``, biased → unbiased) or
+    (n − 1)/n, for n = ``elements_per_batch``; passed through without it."""
+    if elements_per_batch is None:
+        return var
+    if elements_per_batch < 2:
+        raise InputError(f"elements_per_batch must be >= 2 to rescale a variance, got {elements_per_batch}")
+    n = elements_per_batch
+    return var * (n / (n - 1) if unbias else (n - 1) / n)
 
 
 if TYPE_CHECKING:
