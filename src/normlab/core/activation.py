@@ -318,7 +318,10 @@ def abn_backward(
     return dx.view(y.shape).to(y.dtype), dw, db
 
 
-def redo_kept_channels(
+def rewrite_kept_channels(
+    dx: torch.Tensor,
+    dgamma: torch.Tensor,
+    dbeta: torch.Tensor,
     small: torch.Tensor,
     groups: int,
     mean: torch.Tensor,
@@ -330,13 +333,16 @@ def redo_kept_channels(
     x_small: torch.Tensor,
     act: int,
     param: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The in-place mode's backward on the channels whose x̂ the output does not hold
+) -> None:
+    """The in-place mode's backward redone on the channels whose x̂ the output does not hold
     (``small``, whose input ``x_small`` the forward kept) — for GroupNorm, on every channel of
-    their groups, whose dx depends on them: ``(channels, dx, dγ, dβ)`` of those channels by
-    :func:`abn_backward`, given x̂ from the kept input. ``mean`` and ``rstd`` are the
-    forward's statistics (per channel for BatchNorm, ``groups < 0``; per (sample, group)
-    otherwise) and set the compute dtype."""
+    their groups, whose dx depends on them — by :func:`abn_backward`, given x̂ from the kept
+    input; a kernel's dx, dγ and dβ of those channels are overwritten with the result, each
+    in its own dtype, and an empty dγ/dβ — a parameter no gradient was asked for — is left.
+    ``mean`` and ``rstd`` are the forward's statistics (per channel for BatchNorm,
+    ``groups < 0``; per (sample, group) otherwise) and set the compute dtype. The in-place
+    backward of the CPU and the Triton kernels both end this way. dβ is rewritten too: ELU's
+    dβ read off y + α has lost its digits near −α."""
     ndim = y.dim()
     if groups < 0:  # BatchNorm: channels are independent; statistics per channel
         channels, sub_groups = small, -1
@@ -354,7 +360,7 @@ def redo_kept_channels(
         xhat_small = (x_small.to(mean.dtype) - n_mean[:, small // per].view(stat)) * n_rstd[:, small // per].view(stat)
         sub_groups = touched.numel()
         sub_rstd = n_rstd[:, touched].view((y.shape[0], -1) + (1,) * (ndim - 1))
-    dx, dw, db = abn_backward(
+    dx_c, dw_c, db_c = abn_backward(
         y.index_select(1, channels),
         dy.index_select(1, channels),
         None if weight is None else weight.detach().float().index_select(0, channels),
@@ -366,31 +372,6 @@ def redo_kept_channels(
         position,
         xhat_small,
     )
-    return channels, dx, dw, db
-
-
-def rewrite_kept_channels(
-    dx: torch.Tensor,
-    dgamma: torch.Tensor,
-    dbeta: torch.Tensor,
-    small: torch.Tensor,
-    groups: int,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    y: torch.Tensor,
-    dy: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    x_small: torch.Tensor,
-    act: int,
-    param: float,
-) -> None:
-    """Overwrite a kernel's dx, dγ and dβ of the channels whose x̂ the output does not hold
-    with :func:`redo_kept_channels`' (arguments as its), each in its own dtype; an empty
-    dγ/dβ — a parameter no gradient was asked for — is left. The in-place backward of the CPU
-    and the Triton kernels both end this way. dβ is rewritten too: ELU's dβ read off y + α has
-    lost its digits near −α."""
-    channels, dx_c, dw_c, db_c = redo_kept_channels(small, groups, mean, rstd, y, dy, weight, bias, x_small, act, param)
     dx.index_copy_(1, channels, dx_c.to(dx.dtype))
     if dgamma.numel():  # asked for: there is a γ, so dγ of the redone channels
         dgamma.index_copy_(0, channels, cast(torch.Tensor, dw_c).to(dgamma.dtype))
