@@ -1,11 +1,12 @@
-"""One call of the channel family, as its entry hands it to the path the rule chose.
+"""One call of a norm family, as the family's entry hands it to the path the rule chose.
 
-:func:`normlab.core.channel.channel_norm` checks a call, asks the path rule once and passes
-the call on whole: the native ops (:mod:`normlab.core.native`), the composed ops
-(:mod:`normlab.core.composed`), the kernels' operator and in-place mode, and a GPU backend
-(:class:`normlab.core.kernels.KernelBackend`) each take one :class:`ChannelCall` — the same
-ten arguments are not written out again in each of their signatures. The kernels' direct
-path does not build it: that call goes from the entry straight into C++.
+:func:`normlab.core.channel.channel_norm` and :func:`normlab.core.row.row_norm` check a call,
+ask the path rule once and pass the call on whole: the native ops (:mod:`normlab.core.native`),
+the composed ops (:mod:`normlab.core.composed`), the kernels' operator and in-place mode, and
+a GPU backend (:class:`normlab.core.kernels.KernelBackend`) each take one :class:`ChannelCall`
+or :class:`RowCall` — the same arguments are not written out again in each of their
+signatures. The kernels' direct path builds neither: that call goes from the entry straight
+into C++.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .activation import ActivationArgs
     from .running import RunningStats
 
-__all__ = ["ChannelCall"]
+__all__ = ["ChannelCall", "RowCall"]
 
 
 class ChannelCall(NamedTuple):
@@ -61,3 +62,29 @@ class ChannelCall(NamedTuple):
         channels (and, for InstanceNorm, samples)."""
         x = self.x
         return x.numel() // (x.shape[1] * (x.shape[0] if self.groups >= 0 else 1))
+
+
+class RowCall(NamedTuple):
+    """A checked call of the row family: LayerNorm (``centered``) or RMSNorm over the trailing
+    ``normalized_shape`` dims of ``x``. Immutable, a NamedTuple as :class:`ChannelCall` is.
+
+    Attributes:
+        x: the input, (..., *normalized_shape) — with a residual that the path does not add
+            itself, the sum.
+        normalized_shape: the trailing dims normalized over.
+        weight: γ, of ``normalized_shape``, or None.
+        bias: β, of ``normalized_shape``, or None.
+        eps: added to the variance (or the mean square); None only for a complex input
+            (RMSNorm's alone: torch's default, on torch's ops).
+        centered: LayerNorm (False: RMSNorm).
+        residual: added to ``x`` first by the path, which then returns ``(y, x + residual)``;
+            or None.
+    """
+
+    x: torch.Tensor
+    normalized_shape: tuple[int, ...]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float | None
+    centered: bool
+    residual: torch.Tensor | None = None

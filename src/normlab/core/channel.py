@@ -28,7 +28,7 @@ import torch
 from . import composed, decomposed, native
 from .activation import ACTIVATIONS, ActivationArgs
 from .call_checks import check_channel_args, check_inplace_input
-from .channel_call import ChannelCall
+from .calls import ChannelCall
 from .kernels.cpu import build as _cpu
 from .kernels.cpu.inplace import channel_norm_inplace
 from .kernels.cpu.masked import masked_channel_norm as channel_norm_masked

@@ -12,13 +12,12 @@ export or ``torch.func``: the same forward in plain differentiable ops) or ``"po
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, overload
 
 import torch
 
 from .activation import ActivationArgs, apply_activation, inplace_abn
-from .channel_call import ChannelCall
+from .calls import ChannelCall, RowCall
 from .masked import _MaskedNormalize, masked_moments, masked_reference
 from .moments import COMPUTE_DTYPES
 from .normalize import normalize_batch, normalize_given
@@ -224,19 +223,16 @@ def update_masked(
     running.update(batch_mean, batch_var, 2, enough=instances > 0, unbiased=False)
 
 
-def row_norm(
-    x: torch.Tensor,
-    normalized_shape: Sequence[int],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    centered: bool,
-) -> torch.Tensor:
+def row_norm(call: RowCall) -> torch.Tensor:
     """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims.
 
     LayerNorm's output is contiguous whatever the input's layout, as torch.nn's (its kernel
     normalizes a contiguous copy) and the kernels' are; RMSNorm's follows the input's, as
     torch.nn's composed ops do (docs/conventions.md, "Output layouts")."""
+    x, normalized_shape, weight, bias, centered = call.x, call.normalized_shape, call.weight, call.bias, call.centered
+    eps = call.eps
+    if TYPE_CHECKING:  # None only for a complex input, which the rule sends to native
+        assert eps is not None
     if centered and not x.is_contiguous():
         # one copy, as torch's layer_norm makes; elementwise ops on a permuted input would
         # hand its strides to the output

@@ -13,14 +13,13 @@ update is :class:`normlab.core.running.RunningStats`'s, shared with the composed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import cast
 
 import torch
 import torch.nn.functional as TF
 
 from .activation import apply_activation
-from .channel_call import ChannelCall
+from .calls import ChannelCall, RowCall
 from .checks import InputError
 from .moments import compute_dtype
 from .running import RunningStats
@@ -131,18 +130,11 @@ def channel_norm(call: ChannelCall, export: bool, instance: bool = False) -> tor
     return apply_activation(y, *call.act)
 
 
-def row_norm(
-    x: torch.Tensor,
-    normalized_shape: Sequence[int],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float | None,
-    centered: bool,
-) -> torch.Tensor:
+def row_norm(call: RowCall) -> torch.Tensor:
     """LayerNorm (``centered``) or RMSNorm over the trailing ``normalized_shape`` dims."""
-    if centered:
-        return TF.layer_norm(x, normalized_shape, weight, bias, cast(float, eps))  # None is RMSNorm's alone
-    return TF.rms_norm(x, normalized_shape, weight, eps)
+    if call.centered:  # eps None is RMSNorm's alone
+        return TF.layer_norm(call.x, call.normalized_shape, call.weight, call.bias, cast(float, call.eps))
+    return TF.rms_norm(call.x, call.normalized_shape, call.weight, call.eps)
 
 
 def channels_first_row_norm(

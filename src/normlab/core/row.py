@@ -17,6 +17,7 @@ import torch
 
 from . import composed, decomposed, native
 from .call_checks import check_row_args
+from .calls import RowCall
 from .checks import InputError, InputTypeError, check_floating_input
 from .kernels.cpu import build as _cpu
 from .moments import reduced_count
@@ -144,13 +145,12 @@ def row_norm(
             return y, s
         out = torch.ops.normlab.row_norm(x.contiguous(), weight, bias, k, eps, centered)
         return cast(torch.Tensor, out[0])  # torch.ops' operators are untyped
-    if path == TRITON:
+    if path == TRITON:  # the residual added inside the kernels' pass
         gpu = cast("KernelBackend", _gpu_kernels[0])  # the rule answers "triton" only with them loaded
-        # eps is None only for a complex input, which the Triton kernels do not take
-        return gpu.row_norm(x, normalized_shape, weight, bias, cast(float, eps), centered=centered, residual=residual)
+        return gpu.row_norm(RowCall(x, normalized_shape, weight, bias, eps, centered, residual))
     summed = x if residual is None else x + residual
     if path == NATIVE:
-        y = native.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+        y = native.row_norm(RowCall(summed, normalized_shape, weight, bias, eps, centered))
     else:
         if TYPE_CHECKING:  # eps stays None only for a complex input, which the rule sends to native
             assert eps is not None
@@ -159,7 +159,7 @@ def row_norm(
         else:
             if not torch.compiler.is_compiling() and summed.is_inference() and torch.is_grad_enabled():
                 summed = summed.clone()  # the composed ops keep their input for backward (as above)
-            y = composed.row_norm(summed, normalized_shape, weight, bias, eps, centered)
+            y = composed.row_norm(RowCall(summed, normalized_shape, weight, bias, eps, centered))
     return y if residual is None else (y, summed)
 
 

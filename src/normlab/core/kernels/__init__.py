@@ -10,10 +10,10 @@ given call; the path rule (:func:`normlab.core.paths.choose_path`) decides which
 nothing else chooses. How a backend plugs in (see ``docs/architecture.md``):
 
 1. An object with one entry per family, called by the families' entries after their checks:
-   ``channel_norm(call)``, ``call`` a :class:`normlab.core.channel_call.ChannelCall` (its
+   ``channel_norm(call)``, ``call`` a :class:`normlab.core.calls.ChannelCall` (its
    ``running`` a :class:`normlab.core.RunningStats` to use — ``batch_stats`` False — or to
    update, exactly once, ``act`` the activation's ``(name, param, prelu_weight)``), and
-   ``row_norm(x, normalized_shape, weight, bias, eps, centered=, residual=)`` (returning
+   ``row_norm(call)``, ``call`` a :class:`normlab.core.calls.RowCall` (returning
    ``(y, x + residual)`` with a residual); ``takes(x, family, call, given=, mask=, inplace=,
    centered=)`` → ``(True, "")`` or ``(False, why)``, whether it runs a call (``call``: the
    rest of the call, as :func:`normlab.core.paths.choose_path` documents it); and
@@ -28,7 +28,6 @@ nothing else chooses. How a backend plugs in (see ``docs/architecture.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import cpu
@@ -36,7 +35,7 @@ from . import cpu
 if TYPE_CHECKING:
     import torch
 
-    from ..channel_call import ChannelCall
+    from ..calls import ChannelCall, RowCall
 
 __all__ = ["cpu"]
 
@@ -62,14 +61,4 @@ class KernelBackend(Protocol):
 
     def channel_norm(self, call: ChannelCall) -> torch.Tensor: ...
 
-    def row_norm(
-        self,
-        x: torch.Tensor,
-        normalized_shape: Sequence[int],
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
-        *,
-        centered: bool,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+    def row_norm(self, call: RowCall) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...

@@ -25,7 +25,7 @@ from ...activation import (
 from . import build
 
 if TYPE_CHECKING:
-    from ...channel_call import ChannelCall
+    from ...calls import ChannelCall
     from .build import KernelsModule
 
 __all__ = ["channel_norm_inplace"]

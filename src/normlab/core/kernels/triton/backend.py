@@ -22,7 +22,6 @@ What it adds to :mod:`.entries`:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -34,7 +33,7 @@ from ._runtime import INTERPRETED
 from .channel import collapsible
 
 if TYPE_CHECKING:
-    from ...channel_call import ChannelCall
+    from ...calls import ChannelCall, RowCall
     from ...running import RunningStats
 
 __all__ = ["BACKEND", "TritonBackend"]
@@ -193,19 +192,17 @@ class TritonBackend:
                 policy.update(mean, var, x[0, 0].numel())
         return out.y
 
-    def row_norm(
-        self,
-        x: torch.Tensor,
-        normalized_shape: Sequence[int],
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
-        *,
-        centered: bool,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def row_norm(self, call: RowCall) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The row family's call (checked): y, or ``(y, x + residual)``."""
-        return entries.row_norm(x, tuple(normalized_shape), weight, bias, eps, centered=centered, residual=residual)
+        return entries.row_norm(
+            call.x,
+            call.normalized_shape,
+            call.weight,
+            call.bias,
+            cast(float, call.eps),  # None only for a complex input, which the kernels do not take
+            centered=call.centered,
+            residual=call.residual,
+        )
 
 
 #: The instance the path rule registers.
