@@ -30,7 +30,7 @@ import torch
 
 from .checks import InputError, InputTypeError
 from .moments import COMPUTE_DTYPES, compute_dtype
-from .normalize import AcrossProcesses, NormStats, normalize_forward
+from .normalize import AcrossProcesses, NormStats, given_statistics, normalize_forward, second_order_grads
 from .running import update_running_stats_if
 
 __all__ = [
@@ -300,12 +300,8 @@ class _MaskedNormalize(torch.autograd.Function):
         x, weight, bias, mask, shift, offset, rstd, count = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():
-            if ctx.across is not None:
-                raise RuntimeError(
-                    "second derivatives (create_graph=True) through SyncBatchNorm are not "
-                    "supported: the statistics span processes"
-                )
-            grads = _differentiable_backward(ctx, dy, x, weight, bias, mask, shift, offset, rstd, needs)
+            given = given_statistics(ctx, shift, offset, rstd)
+            grads = second_order_grads(ctx, dy, (x, weight, bias), needs, masked_reference, mask, **given)
         else:
             grads = masked_normalize_backward(
                 dy,
@@ -322,31 +318,6 @@ class _MaskedNormalize(torch.autograd.Function):
             )
         dx, dw, db = (None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, weight, bias)))
         return dx, dw, db, None, None, None, None, None, None, None, None, None
-
-
-def _differentiable_backward(
-    ctx: Any,
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor,
-    shift: torch.Tensor,
-    offset: torch.Tensor | None,
-    rstd: torch.Tensor,
-    needs: tuple[bool, ...],
-) -> tuple[torch.Tensor | None, ...]:
-    """``create_graph=True``: differentiate :func:`masked_reference` on the saved operands."""
-    operands = (x, weight, bias)
-    wanted = [t for t, need in zip(operands, needs) if need and t is not None]
-    with torch.enable_grad():
-        if ctx.batch_stats:
-            y = masked_reference(x, weight, bias, mask, ctx.dims, ctx.eps)
-        else:
-            mean = shift if offset is None else shift + offset
-            y = masked_reference(x, weight, bias, mask, ctx.dims, ctx.eps, mean=mean, rstd=rstd)
-        found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
 
 
 def masked_normalize(

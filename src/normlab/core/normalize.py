@@ -303,12 +303,11 @@ class _Normalize(torch.autograd.Function):
         stats = NormStats(shift, offset, rstd)
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():
-            if ctx.across is not None:
-                raise RuntimeError(
-                    "second derivatives (create_graph=True) through SyncBatchNorm are not "
-                    "supported: the statistics span processes"
-                )
-            grads = _differentiable_backward(ctx, dy, x, weight, bias, stats, needs)
+            given = given_statistics(ctx, shift, offset, rstd)
+            centered = shift is not None
+            grads = second_order_grads(
+                ctx, dy, (x, weight, bias), needs, reference_normalize, centered=centered, **given
+            )
         else:
             grads = normalize_backward(
                 dy,
@@ -325,41 +324,44 @@ class _Normalize(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
-def _differentiable_backward(
+def given_statistics(
+    ctx: Any, shift: torch.Tensor | None, offset: torch.Tensor | None, rstd: torch.Tensor
+) -> dict[str, torch.Tensor | None]:
+    """The statistics a normalize Function's reference is given for :func:`second_order_grads`:
+    none with batch statistics (the reference recomputes them from x, so that they carry the
+    graph), else the mean (None uncentered: RMSNorm) and 1/σ the forward used."""
+    if ctx.batch_stats:
+        return {}
+    mean = shift if shift is None or offset is None else shift + offset
+    return {"mean": mean, "rstd": rstd}
+
+
+def second_order_grads(
     ctx: Any,
     dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stats: NormStats,
+    operands: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
     needs: tuple[bool, ...],
+    reference: Callable[..., torch.Tensor],
+    *args: Any,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Backward for ``create_graph=True``: let autograd differentiate the reference.
+    """The gradients of a normalize Function's ``operands`` (x, γ, β) for
+    ``create_graph=True``: autograd through ``reference(*operands, *args, ctx.dims, ctx.eps,
+    **kwargs)``, the forward in plain differentiable ops.
 
     The closed form is written on detached tensors, so its result would carry no graph;
     rebuilding the forward from the saved (graph-connected) operands keeps second
-    derivatives exact.
+    derivatives exact. Statistics merged over processes (``ctx.across``) cannot be rebuilt
+    from this process's operands: refused.
     """
-    operands = (x, weight, bias)
+    if ctx.across is not None:
+        raise RuntimeError(
+            "second derivatives (create_graph=True) through SyncBatchNorm are not "
+            "supported: the statistics span processes"
+        )
     wanted = [t for t, need in zip(operands, needs) if need and t is not None]
-    centered = stats.shift is not None
     with torch.enable_grad():
-        if ctx.batch_stats:
-            y = reference_normalize(x, weight, bias, ctx.dims, ctx.eps, centered=centered)
-        else:
-            mean = None
-            if stats.shift is not None:  # centered
-                mean = stats.shift if stats.offset is None else stats.shift + stats.offset
-            y = reference_normalize(
-                x,
-                weight,
-                bias,
-                ctx.dims,
-                ctx.eps,
-                centered=centered,
-                mean=mean,
-                rstd=stats.rstd,
-            )
+        y = reference(*operands, *args, ctx.dims, ctx.eps, **kwargs)
         found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
     return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
 
