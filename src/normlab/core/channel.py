@@ -185,8 +185,8 @@ def channel_norm(
             return composed.masked_channel_norm(
                 x, weight, bias, mask, groups, eps, batch_stats, running, act, reference
             )
-        if how == "pointwise":  # given statistics: the checks required the policy
-            return composed.pointwise_given_norm(x, weight, bias, cast(RunningStats, running), eps, act)
+        if how == "pointwise":  # given statistics
+            return composed.pointwise_given_norm(call)
         if how == "decomposed":
             return decomposed.channel_norm(x, weight, bias, groups, eps, running, act)
         return composed.channel_norm(call)
