@@ -28,7 +28,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from .checks import InputError
-from .moments import centered_moments, compute_dtype
+from .moments import centered_moments, compute_dtype, grouped_view
 
 __all__ = [
     "ACTIVATIONS",
@@ -253,7 +253,7 @@ def unrecoverable_channels(
 def _lowest_z(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
     """The smallest z = γ·x̂ + β of each channel, from the input's extremes and statistics
     (no tensor as large as x is made)."""
-    target, dims, w, b = _grouped(x, weight, bias, groups)
+    target, dims, w, b = grouped_view(x, weight, bias, groups)
     cdtype = compute_dtype(x.dtype)
     var, mean = torch.var_mean(target, dims, keepdim=True, correction=0)
     rstd = torch.rsqrt(var.to(cdtype) + 1e-30)
@@ -283,11 +283,11 @@ def abn_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dγ, dβ) of the in-place mode from its output ``y`` alone.
 
-    ``rstd`` broadcasts against ``y`` grouped as :func:`_grouped` makes it and sets the
+    ``rstd`` broadcasts against ``y`` grouped as :func:`normlab.core.moments.grouped_view` makes it and sets the
     compute dtype. ``small``: the channels whose x̂ cannot be recovered from ``y`` (see
     :func:`small_gamma_channels`), ``xhat_small`` their x̂ in (N, len(small), *spatial)."""
     cdtype = rstd.dtype
-    target, dims, w, b = _grouped(y, weight, bias, groups)
+    target, dims, w, b = grouped_view(y, weight, bias, groups)
     yc, dyc = target.to(cdtype), dy.view(target.shape).to(cdtype)
     entry = ACTIVATIONS[name]
     # the in-place mode runs only invertible activations (check_activation), which have both maps
@@ -308,7 +308,7 @@ def abn_backward(
         dz = _exact_dz(dz, dyc, xhat, gamma, beta, small, target.shape, groups, entry, param)
     g = dz * gamma
     dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-    # w and b are weight and bias viewed by _grouped: None exactly where those are
+    # w and b are weight and bias viewed by grouped_view: None exactly where those are
     dw = (
         (dz * xhat).sum_to_size(cast(torch.Tensor, w).shape).view(weight.shape).to(weight.dtype)
         if weight is not None
@@ -421,7 +421,7 @@ class _InPlaceABN(torch.autograd.Function):
         param: float,
         stats_out: list[torch.Tensor],
     ) -> torch.Tensor:
-        target, dims, w, b = _grouped(x, weight, bias, groups)
+        target, dims, w, b = grouped_view(x, weight, bias, groups)
         cdtype = compute_dtype(x.dtype)
         moments = centered_moments(target, dims)
         rstd = torch.rsqrt(moments.var + eps)
@@ -446,24 +446,6 @@ class _InPlaceABN(torch.autograd.Function):
         y, weight, bias, rstd, xhat_small = ctx.saved_tensors
         dx, dw, db = abn_backward(y, dy, weight, bias, ctx.groups, rstd, ctx.name, ctx.param, ctx.small, xhat_small)
         return dx, dw, db, None, None, None, None, None
-
-
-def _grouped(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int
-) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
-    """x as (N, C, *) for BatchNorm (groups < 0) or (N, G, C//G, *) for GroupNorm, the
-    reduced dims, and γ, β shaped to broadcast against it."""
-    ndim = x.dim()
-    if groups < 0:
-        view = (1, -1) + (1,) * (ndim - 2)
-        target, dims = x, (0,) + tuple(range(2, ndim))
-    else:
-        view = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
-        target = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # (N, G, C//G, *spatial); unannotated in torch
-        dims = tuple(range(2, target.dim()))
-    w = None if weight is None else weight.view(view)
-    b = None if bias is None else bias.view(view)
-    return target, dims, w, b
 
 
 def inplace_abn(

@@ -19,7 +19,7 @@ import torch
 from .activation import ActivationArgs, apply_activation, inplace_abn
 from .calls import ChannelCall, RowCall
 from .masked import _MaskedNormalize, masked_moments, masked_reference
-from .moments import COMPUTE_DTYPES
+from .moments import COMPUTE_DTYPES, grouped_view
 from .normalize import normalize_batch, normalize_given
 from .paths import kernel_layout
 from .running import RunningStats
@@ -55,19 +55,7 @@ def channel_view(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
     return None if t is None else t.view((1, -1) + (1,) * (ndim - 2))
 
 
-def _affine_views(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int
-) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
-    """x as BatchNorm (N, C, *) or GroupNorm (N, G, C//G, *) statistics see it, the dims they
-    reduce, and γ, β shaped to broadcast against it."""
-    ndim = x.dim()
-    if groups < 0:
-        return x, (0,) + tuple(range(2, ndim)), channel_view(weight, ndim), channel_view(bias, ndim)
-    shape = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
-    target: torch.Tensor = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # (N, G, C//G, *spatial); unannotated in torch
-    w = None if weight is None else weight.view(shape)
-    b = None if bias is None else bias.view(shape)
-    return target, tuple(range(2, target.dim())), w, b
+_affine_views = grouped_view  # the name normlab.core.decomposed imports it by
 
 
 def _torch_layout(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +91,7 @@ def channel_norm(call: ChannelCall) -> torch.Tensor:
     if call.inplace:
         y, mean, var = inplace_abn(x, weight, bias, groups, eps, act[0], act[1])
     else:
-        target, dims, w, b = _affine_views(x, weight, bias, groups)
+        target, dims, w, b = grouped_view(x, weight, bias, groups)
         y, stats = normalize_batch(target, w, b, dims, eps)
         y = apply_activation(y.flatten(1, 2) if groups > 0 else y, *act)
         if TYPE_CHECKING:  # centered statistics (RMSNorm's alone have no mean)
@@ -156,16 +144,9 @@ def masked_channel_norm(
     differentiable ops instead of the closed-form Function (export, torch.func)."""
     x = _torch_layout(x)
     ndim = x.dim()
-    dims: tuple[int, ...]
-    if groups < 0 or not batch_stats:  # given statistics are per channel, whatever the grouping
-        target, dims, m = x, (0,) + tuple(range(2, ndim)), mask.unsqueeze(1)
-        w, b = channel_view(weight, ndim), channel_view(bias, ndim)
-    else:
-        target = x.view((x.shape[0], groups, x.shape[1] // groups) + x.shape[2:])  # (N, G, C//G, *spatial)
-        dims, m = tuple(range(2, ndim + 1)), mask.unsqueeze(1).unsqueeze(1)
-        shape = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
-        w = None if weight is None else weight.view(shape)
-        b = None if bias is None else bias.view(shape)
+    # given statistics are per channel, whatever the grouping
+    target, dims, w, b = grouped_view(x, weight, bias, groups if batch_stats else -1)
+    m = mask.unsqueeze(1) if target.dim() == ndim else mask.unsqueeze(1).unsqueeze(1)  # (N, 1[, 1], *spatial)
     # statistics are constants to autograd (the closed-form backward accounts for them):
     # taken from a detached x, with no graph to record
     offset: torch.Tensor | None

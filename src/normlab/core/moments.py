@@ -33,6 +33,7 @@ __all__ = [
     "Moments",
     "centered_moments",
     "compute_dtype",
+    "grouped_view",
     "mean_square",
     "merge_moments",
     "reduced_count",
@@ -122,6 +123,35 @@ class CenteredMoments(NamedTuple):
     @property
     def mean(self) -> torch.Tensor:
         return self.shift + self.offset
+
+
+def grouped_view(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int
+) -> tuple[torch.Tensor, tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
+    """x as the channel family's statistics see it — (N, C, *spatial) for BatchNorm
+    (``groups < 0``), (N, G, C//G, *spatial) for GroupNorm — the dims they reduce, and γ, β
+    (shape (C,), or None) viewed to broadcast against it.
+
+    Args:
+        x: the (N, C, *spatial) input.
+        weight: γ, or None.
+        bias: β, or None.
+        groups: < 0 for BatchNorm, else G.
+
+    Returns:
+        ``(target, dims, weight_view, bias_view)``; views, no copy where x's layout allows it.
+    """
+    ndim = x.dim()
+    if groups < 0:
+        view = (1, -1) + (1,) * (ndim - 2)
+        target, dims = x, (0,) + tuple(range(2, ndim))
+    else:
+        view = (1, groups, x.shape[1] // groups) + (1,) * (ndim - 2)
+        target = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]  # unannotated in torch
+        dims = tuple(range(2, target.dim()))
+    w = None if weight is None else weight.view(view)
+    b = None if bias is None else bias.view(view)
+    return target, dims, w, b
 
 
 def centered_moments(x: torch.Tensor, dims: Sequence[int]) -> CenteredMoments:
