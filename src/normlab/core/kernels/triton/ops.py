@@ -41,8 +41,18 @@ from .row import row_backward, row_forward
 __all__ = ["ChannelNorm", "ChannelNormInPlace", "RowNorm"]
 
 
-def _stat_groups(x: torch.Tensor, groups: int) -> int:
-    return x.shape[1] if groups < 0 else x.shape[0] * groups
+def _running_update(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    counter: torch.Tensor | None,
+    momentum: float,
+    unbiased: bool,
+) -> RunningUpdate | None:
+    """The operators' running-estimate arguments as the launcher takes them; ``momentum < 0``
+    is the cumulative average."""
+    if running_mean is None:
+        return None
+    return running_mean, running_var, counter, None if momentum < 0 else momentum, unbiased
 
 
 # --- operators -------------------------------------------------------------------------------
@@ -66,31 +76,8 @@ def _channel_norm(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, stats, status); ``momentum < 0`` is the cumulative average."""
-    update: RunningUpdate | None = None
-    if running_mean is not None:
-        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    update = _running_update(running_mean, running_var, num_batches_tracked, momentum, unbiased)
     return channel_forward(x, weight, bias, prelu_weight, mask, groups, eps, act, param, update=update)
-
-
-@_channel_norm.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-    momentum: float,
-    unbiased: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    stats = x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32)
-    return torch.empty_like(x), stats, x.new_empty(1, dtype=torch.int32)
 
 
 @register_op("triton_channel_norm_inplace", mutates_args=("x", "running_mean", "running_var", "num_batches_tracked"))
@@ -109,29 +96,9 @@ def _channel_norm_inplace(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(stats, status); the output is written over ``x``."""
-    update: RunningUpdate | None = None
-    if running_mean is not None:
-        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    update = _running_update(running_mean, running_var, num_batches_tracked, momentum, unbiased)
     _, stats, status = channel_forward(x, weight, bias, None, None, groups, eps, act, param, out=x, update=update)
     return stats, status
-
-
-@_channel_norm_inplace.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-    momentum: float,
-    unbiased: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32), x.new_empty(1, dtype=torch.int32)
 
 
 @register_op("triton_channel_norm_given")
@@ -150,22 +117,6 @@ def _channel_norm_given(
     return channel_forward(x, weight, bias, prelu_weight, mask, -1, eps, act, param, given=(running_mean, running_var))[
         0
     ]
-
-
-@_channel_norm_given.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    act: int,
-    param: float,
-) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 @register_op("triton_channel_norm_backward")
@@ -194,88 +145,9 @@ def _channel_norm_backward(
     )
 
 
-@_channel_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    stats: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-    params: bool,
-    inplace: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    c = x.shape[1] if params else 0
-    per_channel = (
-        x.new_empty(c, dtype=torch.float32),
-        x.new_empty(c, dtype=torch.float32),
-        x.new_empty(c, dtype=torch.float32),
-    )
-    return torch.empty_like(x), *per_channel
-
-
-@register_op("triton_row_norm")
-def _row_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    eps: float,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, s, stats): s = x + residual (empty without one), y = norm(s or x)."""
-    return row_forward(x, residual, weight, bias, k, eps, centered)
-
-
-@_row_norm.register_fake
-def _(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    eps: float,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty((3, x.numel() // k), dtype=torch.float32)
-
-
-@register_op("triton_row_norm_backward")
-def _row_norm_backward(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    k: int,
-    centered: bool,
-    params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return row_backward(dy, ds, s, weight, stats, k, centered, params)
-
-
-@_row_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    k: int,
-    centered: bool,
-    params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = k if params else 0
-    return torch.empty_like(s), s.new_empty(width, dtype=torch.float32), s.new_empty(width, dtype=torch.float32)
+# The row launchers are operators as they stand: their parameters are the schema.
+register_op("triton_row_norm")(row_forward)
+register_op("triton_row_norm_backward")(row_backward)
 
 
 # --- autograd --------------------------------------------------------------------------------
