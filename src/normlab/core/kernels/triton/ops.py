@@ -19,7 +19,7 @@ operator can express: it is an ``autograd.Function`` calling the kernels directl
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -38,7 +38,7 @@ from .activation import PRELU_CODE
 from .channel import RunningUpdate, channel_backward, channel_forward
 from .row import row_backward, row_forward
 
-__all__ = ["ChannelNorm", "ChannelNormInPlace", "RowNorm"]
+__all__ = ["ChannelCall", "ChannelNorm", "ChannelNormInPlace", "RowNorm"]
 
 
 def _running_update(
@@ -161,13 +161,28 @@ def _param_grad(g: torch.Tensor, p: torch.Tensor | None, need: bool) -> torch.Te
     return g.reshape(p.shape).to(p.dtype)
 
 
+class ChannelCall(NamedTuple):
+    """What a channel operator takes after x and the differentiable parameters, in the
+    operators' order: the autograd Functions carry it as one argument."""
+
+    mask: torch.Tensor | None
+    running_mean: torch.Tensor | None  # the estimates to update, or the given statistics
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+    groups: int
+    eps: float
+    act: int
+    param: float
+    momentum: float  # < 0: the cumulative average
+    unbiased: bool
+
+
 class ChannelNorm(torch.autograd.Function):
     """``(y, stats, status)`` of the channel operators; gradients for x, γ, β and PReLU's slope.
 
-    Arguments: ``x, weight, bias, prelu_weight, mask, running_mean, running_var,
-    num_batches_tracked, groups, eps, act, param, momentum, unbiased, given`` — ``given``:
-    normalize with ``running_mean``/``running_var`` (BatchNorm eval); otherwise with the batch's
-    statistics, merging them into the running estimates when those are passed."""
+    Arguments: ``x, weight, bias, prelu_weight, call, given`` — ``call`` a :class:`ChannelCall`;
+    ``given``: normalize with its ``running_mean``/``running_var`` (BatchNorm eval); otherwise
+    with the batch's statistics, merging them into the running estimates when those are passed."""
 
     @staticmethod
     def forward(
@@ -176,29 +191,20 @@ class ChannelNorm(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         prelu: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        rm: torch.Tensor | None,
-        rv: torch.Tensor | None,
-        counter: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        momentum: float,
-        unbiased: bool,
+        call: ChannelCall,
         given: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if given:
-            y = torch.ops.normlab.triton_channel_norm_given(x, weight, bias, prelu, mask, rm, rv, eps, act, param)
+            y = torch.ops.normlab.triton_channel_norm_given(
+                x, weight, bias, prelu, call.mask, call.running_mean, call.running_var, call.eps, call.act, call.param
+            )
             stats = x.new_empty((5, 0), dtype=torch.float32)
             status = x.new_empty(1, dtype=torch.int32)
-            ctx.save_for_backward(x, weight, bias, prelu, mask, stats, rm, rv)
+            ctx.save_for_backward(x, weight, bias, prelu, call.mask, stats, call.running_mean, call.running_var)
         else:
-            y, stats, status = torch.ops.normlab.triton_channel_norm(
-                x, weight, bias, prelu, mask, rm, rv, counter, groups, eps, act, param, momentum, unbiased
-            )
-            ctx.save_for_backward(x, weight, bias, prelu, mask, stats, None, None)
-        ctx.groups, ctx.eps, ctx.act, ctx.param, ctx.given = groups, eps, act, param, given
+            y, stats, status = torch.ops.normlab.triton_channel_norm(x, weight, bias, prelu, *call)
+            ctx.save_for_backward(x, weight, bias, prelu, call.mask, stats, None, None)
+        ctx.groups, ctx.eps, ctx.act, ctx.param, ctx.given = call.groups, call.eps, call.act, call.param, given
         ctx.mark_non_differentiable(stats, status)
         # no zero-filled gradients for the statistics: two launches each backward otherwise
         ctx.set_materialize_grads(False)
@@ -211,9 +217,9 @@ class ChannelNorm(torch.autograd.Function):
         x, weight, bias, prelu, mask, stats, rm, rv = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if dy is None:
-            return (None,) * 15
+            return (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
-            grads = _channel_double_backward(ctx, dy, x, weight, bias, prelu, mask, stats, rm, rv)
+            grads = _channel_double_backward(ctx, dy, ctx.saved_tensors)
         else:
             params = any(needs[i] for i in (1, 2, 3))
             dx, dw, db, dp = torch.ops.normlab.triton_channel_norm_backward(
@@ -225,7 +231,7 @@ class ChannelNorm(torch.autograd.Function):
                 _param_grad(db, bias, needs[2]),
             )
             grads += (_param_grad(dp, prelu, needs[3] and ctx.act == PRELU_CODE),)
-        return (*grads, *(None,) * 11)
+        return (*grads, None, None)
 
 
 def _grouped(
@@ -244,18 +250,9 @@ def _grouped(
     return target, tuple(range(2, target.dim())), m, view
 
 
-def _channel_double_backward(
-    ctx: Any,
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    stats: torch.Tensor,
-    rm: torch.Tensor | None,
-    rv: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, ...]:
+def _channel_double_backward(ctx: Any, dy: torch.Tensor, saved: tuple[Any, ...]) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dγ, dβ, dPReLU) with a graph, from what :class:`ChannelNorm` saved."""
+    x, weight, bias, prelu, mask, _, rm, rv = saved
     target, dims, m, view = _grouped(x, weight, bias, mask, ctx.groups)
     with torch.enable_grad():
         w = None if weight is None else weight.view(view)
@@ -356,8 +353,8 @@ class ChannelNormInPlace(torch.autograd.Function):
     with one host read of γ, as the CPU path does; nothing when every |γ| is larger), and their
     gradients are redone exactly by the composed ops.
 
-    Arguments: ``x, weight, bias, groups, eps, act, param, update, stats_out`` — ``update`` as
-    for :func:`channel.channel_forward`; the statistics tensor goes into ``stats_out``."""
+    Arguments: ``x, weight, bias, call, stats_out`` — ``call`` a :class:`ChannelCall` without a
+    mask; the statistics tensor goes into ``stats_out``."""
 
     @staticmethod
     def forward(
@@ -365,34 +362,16 @@ class ChannelNormInPlace(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        update: RunningUpdate | None,
+        call: ChannelCall,
         stats_out: list[torch.Tensor],
     ) -> torch.Tensor:
         # γ read on the host (3 small ops); on the meta device there is nothing to read
         small = small_gamma_channels(weight) if x.device.type != "meta" else None
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
-        rm, rv, counter, momentum, unbiased = update if update is not None else (None, None, None, 0.0, True)
-        stats, status = torch.ops.normlab.triton_channel_norm_inplace(
-            x,
-            weight,
-            bias,
-            rm,
-            rv,
-            counter,
-            groups,
-            eps,
-            act,
-            param,
-            -1.0 if momentum is None else float(momentum),
-            unbiased,
-        )
+        stats, status = torch.ops.normlab.triton_channel_norm_inplace(x, weight, bias, *call[1:])  # all but the mask
         ctx.mark_dirty(x)
         stats_out.extend((stats, status))
-        ctx.groups, ctx.act, ctx.param, ctx.small = groups, act, param, small
+        ctx.groups, ctx.act, ctx.param, ctx.small = call.groups, call.act, call.param, small
         ctx.save_for_backward(x, weight, bias, stats, x_small)
         return x
 
@@ -423,7 +402,7 @@ class ChannelNormInPlace(torch.autograd.Function):
                 ctx.act,
                 ctx.param,
             )
-        return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), *(None,) * 6
+        return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), None, None
 
 
 assert GAMMA_GUARD == 1e-5, "the kernels' _recover guards |γ| at 1e-5"
