@@ -179,9 +179,12 @@ row_norm_backward = _define(
 
 
 def _row_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, bias, k, eps, centered = inputs
-    _, shift, rstd, offr = output
-    ctx.save_for_backward(x, weight, bias, shift, rstd, offr)
+    """row_norm's and add_row_norm's: their inputs end in (weight, bias, k, eps, centered), their
+    outputs in the row statistics (shift, rstd, offr); backward reads the normalized tensor
+    again — x, or the sum s that add_row_norm returns second."""
+    weight, bias, k, eps, centered = inputs[-5:]
+    normalized = output[1] if len(output) == 5 else inputs[0]
+    ctx.save_for_backward(normalized, weight, bias, *output[-3:])
     ctx.k, ctx.eps, ctx.centered = k, eps, centered
 
 
@@ -230,13 +233,6 @@ add_row_norm_backward = _define(
 )
 
 
-def _add_row_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    _, _, weight, bias, k, eps, centered = inputs
-    _, s, shift, rstd, offr = output
-    ctx.save_for_backward(s, weight, bias, shift, rstd, offr)
-    ctx.k, ctx.eps, ctx.centered = k, eps, centered
-
-
 def _add_row_backward(
     ctx: Any, dy: torch.Tensor | None, ds: torch.Tensor | None, *_unused_stat_grads: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
@@ -259,4 +255,4 @@ def _add_row_backward(
     return (d_sum if needs[0] else None), (d_sum if needs[1] else None), dw, db, None, None, None
 
 
-add_row_norm.register_autograd(_add_row_backward, setup_context=_add_row_setup)
+add_row_norm.register_autograd(_add_row_backward, setup_context=_row_setup)
