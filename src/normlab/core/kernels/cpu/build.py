@@ -128,40 +128,22 @@ class KernelsModule(Protocol):
     add_row_forward: Callable[..., list[torch.Tensor]]
     add_row_backward: Callable[..., list[torch.Tensor]]
 
-    def masked_channel_forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        prelu: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        /,
-    ) -> list[torch.Tensor]: ...
+    #: the bodies of masked.py's autograd Function: their arguments are MASKED_BODIES' schemas
+    masked_channel_forward: Callable[..., list[torch.Tensor]]
+    masked_channel_backward: Callable[..., list[torch.Tensor]]
 
-    def masked_channel_backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        prelu: torch.Tensor | None,
-        shift: torch.Tensor,
-        offset: torch.Tensor,
-        rstd: torch.Tensor,
-        count: torch.Tensor,
-        groups: int,
-        given: bool,
-        act: int,
-        param: float,
-        /,
-    ) -> list[torch.Tensor]: ...
+
+#: The arguments of the masked bodies, which masked.py calls directly (no operator of their own),
+#: in the schema language of the operators' (operators.py); tests/kernels/test_build.py checks
+#: each binding against it.
+MASKED_BODIES = {
+    "masked_channel_forward": "normlab::masked_channel_forward(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, "
+    "Tensor? running_mean, Tensor? running_var, Tensor? prelu, SymInt groups, float eps, SymInt act, float param) "
+    "-> Tensor[]",
+    "masked_channel_backward": "normlab::masked_channel_backward(Tensor dy, Tensor x, Tensor mask, Tensor? weight, "
+    "Tensor? bias, Tensor? prelu, Tensor shift, Tensor offset, Tensor rstd, Tensor count, SymInt groups, bool given, "
+    "SymInt act, float param) -> Tensor[]",
+}
 
 
 class _BuildState(TypedDict):
