@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,3 +161,48 @@ def test_an_unreadable_timeout_setting_is_named(monkeypatch):
     monkeypatch.setenv("NORMLAB_BUILD_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="NORMLAB_BUILD_TIMEOUT must be a number of seconds, got 'soon'"):
         build._timeout()
+
+
+# pybind11's rendering of each C++ parameter type, by the schema type the operator declares
+_BOUND_TYPE = {
+    "Tensor": "torch.Tensor",
+    "Optional[Tensor]": "torch.Tensor | None",
+    "int": "typing.SupportsInt | typing.SupportsIndex",  # SymInt in the schema
+    "float": "typing.SupportsFloat | typing.SupportsIndex",
+    "bool": "bool",
+}
+
+
+def _bound_parameters(function: object) -> list[str]:
+    """The parameter types pybind11 wrote into a bound function's first docstring line."""
+    first = str(getattr(function, "__doc__", "")).strip().splitlines()[0]
+    inside = first[first.index("(") + 1 : first.rindex(") ->")]
+    return [part.split(": ", 1)[1] for part in re.split(r", (?=arg\d+:)", inside)]
+
+
+def test_each_declared_schema_is_what_its_compiled_body_takes():
+    """The operators' schemas and the masked bodies' are the only Python declaration of what
+    entries.cpp's functions take: each must match the binding's parameter types, in order."""
+    from normlab.core.kernels.cpu import operators
+
+    module = build.load()
+    if module is None:
+        pytest.skip(build.status())
+    assert set(operators.BODIES) == {
+        "channel_forward",
+        "channel_backward",
+        "row_forward",
+        "row_backward",
+        "add_row_forward",
+        "add_row_backward",
+    }
+    bodies = {**operators.BODIES, **{entry: (schema, None) for entry, schema in build.MASKED_BODIES.items()}}
+    for entry, (schema, inplace_flag_at) in bodies.items():
+        declared = [_BOUND_TYPE[str(argument.type)] for argument in torch._C.parse_schema(schema).arguments]
+        if inplace_flag_at is not None:
+            declared.insert(inplace_flag_at, "bool")
+        assert _bound_parameters(getattr(module, entry)) == declared, entry
+        assert str(getattr(module, entry).__doc__).strip().splitlines()[0].endswith("-> list[torch.Tensor]")
+        if entry in operators.BODIES:
+            registered = getattr(torch.ops.normlab, schema.split("(")[0].split("::")[1]).default._schema
+            assert str(registered) == schema

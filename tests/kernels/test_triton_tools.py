@@ -165,7 +165,7 @@ for dtype in (torch.float32, torch.bfloat16):
     t = torch.randn(6, 40).to(dtype)
     for centered in (True, False):
         _, _, st = row.row_forward(t, t, torch.ones(40), torch.zeros(40) if centered else None, 40, 1e-5, centered)
-        row.row_backward(t, t, t, torch.ones(40), torch.empty(3, 6), 40, centered)
+        row.row_backward(t, t, t, torch.ones(40), torch.empty(3, 6), 40, centered, True)
         row.row_forward(t, None, None, None, 40, 1e-5, centered)
         row.row_backward(t, None, t, None, torch.empty(3, 6), 40, centered, params=False)
 print(json.dumps({"kernels": len(compiled), "cubins": sum("cubin" in k.asm for k in compiled), "seconds": time.time() - t0}))

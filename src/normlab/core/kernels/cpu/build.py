@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol, TypedDict, cast
 
@@ -119,124 +119,31 @@ class KernelsModule(Protocol):
 
     def update_running(self, policy: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int, /) -> bool: ...
 
-    def channel_forward(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        prelu: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        inplace: bool,
-        /,
-    ) -> list[torch.Tensor]: ...
+    #: the operators' bodies: their arguments are the operators' schemas (operators.py) and then
+    #: the eager-only flags; tests/kernels/test_build.py checks each binding against its schema
+    channel_forward: Callable[..., list[torch.Tensor]]
+    channel_backward: Callable[..., list[torch.Tensor]]
+    row_forward: Callable[..., list[torch.Tensor]]
+    row_backward: Callable[..., list[torch.Tensor]]
+    add_row_forward: Callable[..., list[torch.Tensor]]
+    add_row_backward: Callable[..., list[torch.Tensor]]
 
-    def channel_backward(
-        self,
-        dy: torch.Tensor,
-        src: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        prelu: torch.Tensor | None,
-        shift: torch.Tensor,
-        offset: torch.Tensor,
-        rstd: torch.Tensor,
-        groups: int,
-        given: bool,
-        from_output: bool,
-        act: int,
-        param: float,
-        /,
-    ) -> list[torch.Tensor]: ...
+    #: the bodies of masked.py's autograd Function: their arguments are MASKED_BODIES' schemas
+    masked_channel_forward: Callable[..., list[torch.Tensor]]
+    masked_channel_backward: Callable[..., list[torch.Tensor]]
 
-    def masked_channel_forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        prelu: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        /,
-    ) -> list[torch.Tensor]: ...
 
-    def masked_channel_backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        mask: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        prelu: torch.Tensor | None,
-        shift: torch.Tensor,
-        offset: torch.Tensor,
-        rstd: torch.Tensor,
-        count: torch.Tensor,
-        groups: int,
-        given: bool,
-        act: int,
-        param: float,
-        /,
-    ) -> list[torch.Tensor]: ...
-
-    def row_forward(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        k: int,
-        eps: float,
-        centered: bool,
-        /,
-    ) -> list[torch.Tensor]: ...
-
-    def row_backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        shift: torch.Tensor,
-        rstd: torch.Tensor,
-        offr: torch.Tensor,
-        k: int,
-        centered: bool,
-        /,
-    ) -> list[torch.Tensor]: ...
-
-    def add_row_forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        k: int,
-        eps: float,
-        centered: bool,
-        /,
-    ) -> list[torch.Tensor]: ...
-
-    def add_row_backward(
-        self,
-        dy: torch.Tensor,
-        ds: torch.Tensor | None,
-        s: torch.Tensor,
-        weight: torch.Tensor | None,
-        shift: torch.Tensor,
-        rstd: torch.Tensor,
-        offr: torch.Tensor,
-        k: int,
-        centered: bool,
-        /,
-    ) -> list[torch.Tensor]: ...
+#: The arguments of the masked bodies, which masked.py calls directly (no operator of their own),
+#: in the schema language of the operators' (operators.py); tests/kernels/test_build.py checks
+#: each binding against it.
+MASKED_BODIES = {
+    "masked_channel_forward": "normlab::masked_channel_forward(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, "
+    "Tensor? running_mean, Tensor? running_var, Tensor? prelu, SymInt groups, float eps, SymInt act, float param) "
+    "-> Tensor[]",
+    "masked_channel_backward": "normlab::masked_channel_backward(Tensor dy, Tensor x, Tensor mask, Tensor? weight, "
+    "Tensor? bias, Tensor? prelu, Tensor shift, Tensor offset, Tensor rstd, Tensor count, SymInt groups, bool given, "
+    "SymInt act, float param) -> Tensor[]",
+}
 
 
 class _BuildState(TypedDict):

@@ -276,9 +276,9 @@ std::vector<at::Tensor> given_forward(const at::Tensor& xv, bool planes, int64_t
   at::Tensor unit_slope = slope;
   if (act == PRELU && planes) unit_slope = slope.repeat({U});
   if (planes)
-    plane_apply(xv, us, usc, ub, act, param, opt_ptr(unit_slope), out);
+    plane_apply(xv, {us, usc, ub, opt_ptr(unit_slope), act, param}, out);
   else
-    column_apply(xv, us, usc, ub, act, param, opt_ptr(unit_slope), out);
+    column_apply(xv, {us, usc, ub, opt_ptr(unit_slope), act, param}, out);
   at::Tensor none;
   if (!keep_stats) return {none, none, none, none, none};
   return {double_tensor(shift, xv), double_tensor(std::vector<double>(C, 0.0), xv), double_tensor(rstd, xv), none,
@@ -291,6 +291,10 @@ std::vector<at::Tensor> given_forward(const at::Tensor& xv, bool planes, int64_t
 struct UnitPass {
   std::vector<int64_t> shape;
   at::Tensor shift, scale, bias, slope;
+
+  Coefficients coefficients(int64_t act, double param) const {
+    return {shift.data_ptr<float>(), scale.data_ptr<float>(), bias.data_ptr<float>(), opt_ptr(slope), act, param};
+  }
 };
 
 UnitPass unit_pass(const Grouping& g, const std::vector<double>& gamma, const std::vector<double>& beta,
@@ -384,9 +388,9 @@ std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64
   }
   const UnitPass unit = unit_pass(g, gamma, beta, shift, offset, rstd, act, slope, xv);
   if (planes)
-    plane_apply(xv, unit.shift, unit.scale, unit.bias, act, param, unit.slope, out);
+    plane_apply(xv, unit.coefficients(act, param), out);
   else
-    column_apply(xv, unit.shift, unit.scale, unit.bias, act, param, unit.slope, out);
+    column_apply(xv, unit.coefficients(act, param), out);
   return {double_tensor(shift, xv), double_tensor(offset, xv), double_tensor(rstd, xv), double_tensor(mean, xv),
           double_tensor(var, xv)};
 }
@@ -437,7 +441,7 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor
     }
   const UnitPass unit = unit_pass(g, gamma, beta, shift, offset, rstd, act, slope, srcv);
   auto reduce = planes ? plane_backward_reduce : column_backward_reduce;
-  auto sums = reduce(dyv, srcv, from_output, unit.shift, unit.scale, unit.bias, act, param, unit.slope);
+  auto sums = reduce(dyv, srcv, from_output, unit.coefficients(act, param));
   const auto A = unit_sums(sums[0], g), B = unit_sums(sums[1], g), D = unit_sums(sums[2], g);
   std::vector<double> dgamma(C, 0.0), dbeta(C, 0.0), dslope(C, 0.0), dzx(UC);
   std::vector<double> m1(NG, 0.0), m2(NG, 0.0);
@@ -463,7 +467,7 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor
       }
     }
   auto apply = planes ? plane_backward_apply : column_backward_apply;
-  auto dx = apply(dyv, srcv, from_output, unit.shift, unit.scale, unit.bias, act, param, unit.slope,
+  auto dx = apply(dyv, srcv, from_output, unit.coefficients(act, param),
                   float_tensor(cz, unit.shape, srcv), float_tensor(cu, unit.shape, srcv),
                   float_tensor(cc, unit.shape, srcv));
   return {dx, double_tensor(dgamma, srcv), double_tensor(dbeta, srcv), double_tensor(dslope, srcv)};

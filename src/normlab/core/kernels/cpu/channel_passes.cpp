@@ -47,26 +47,19 @@ std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shi
 
 // y = act((x − shift_p)·scale_p + bias_p); slope (per plane) only for PReLU. With `out`
 // given (possibly x itself: the in-place mode), y is written there.
-at::Tensor plane_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                       const at::Tensor& bias, int64_t act, double param, const at::Tensor& slope,
-                       const at::Tensor& out) {
-  return plane_apply(x, shift.data_ptr<float>(), scale.data_ptr<float>(), bias.data_ptr<float>(), act, param,
-                     opt_ptr(slope), out);
-}
-
-at::Tensor plane_apply(const at::Tensor& x, const float* kp, const float* ap, const float* bp, int64_t act,
-                       double param, const float* sp, const at::Tensor& out) {
+at::Tensor plane_apply(const at::Tensor& x, const Coefficients& pass, const at::Tensor& out) {
+  const float *kp = pass.shift, *ap = pass.scale, *bp = pass.bias, *sp = pass.slope;
   const int64_t P = x.size(0), S = x.size(1);
   at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const bool stream = should_stream(y);
-  dispatch_act(act, [&](auto tag) {
+  dispatch_act(pass.act, [&](auto tag) {
     constexpr int A = decltype(tag)::value;
     at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const float k = kp[p], m = ap[p], c = bp[p];
-        const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
+        const float q = (A == PRELU) ? sp[p] : static_cast<float>(pass.param);
         const float* row = xp + p * S;
         emit(yp + p * S, S, stream, [&](int64_t s) __attribute__((always_inline)) { return act_forward<A>((row[s] - k) * m + c, q); });
       }
@@ -80,41 +73,36 @@ at::Tensor plane_apply(const at::Tensor& x, const float* kp, const float* ap, co
 // (its slope's gradient). u = x − shift and z = u·scale + bias (source X), or u = z =
 // act⁻¹(y) (source Y); dz = dy·act'(z).
 std::vector<at::Tensor> plane_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                              const at::Tensor& shift, const at::Tensor& scale,
-                                              const at::Tensor& bias, int64_t act, double param,
-                                              const at::Tensor& slope) {
+                                              const Coefficients& pass) {
   const int64_t P = src.size(0), S = src.size(1);
   auto opts = src.options().dtype(at::kDouble);
   auto A_ = at::empty({P}, opts), B_ = at::empty({P}, opts), D_ = at::zeros({P}, opts);
   const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
-  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  const float* sp = opt_ptr(slope);
+  const float *kp = pass.shift, *ap = pass.scale, *bp = pass.bias, *sp = pass.slope;
   double *oA = A_.data_ptr<double>(), *oB = B_.data_ptr<double>(), *oD = D_.data_ptr<double>();
   auto body = [&](auto tag, auto ytag) {
     constexpr int A = decltype(tag)::value;
     constexpr bool Y = decltype(ytag)::value;
     at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
+        const float q = (A == PRELU) ? sp[p] : static_cast<float>(pass.param);
         plane_sums<A, Y>(gp + p * S, xp + p * S, S, kp[p], ap[p], bp[p], q, oA[p], oB[p], oD[p]);
       }
     });
   };
-  dispatch_act_source(act, from_output, body);
+  dispatch_act_source(pass.act, from_output, body);
   return {A_, B_, D_};
 }
 
 // dx = coef_dz·dz + coef_u·u + coef_c, with u and dz as in plane_backward_reduce.
 at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
-                                int64_t act, double param, const at::Tensor& slope, const at::Tensor& coef_dz,
-                                const at::Tensor& coef_u, const at::Tensor& coef_c) {
+                                const Coefficients& pass, const at::Tensor& coef_dz, const at::Tensor& coef_u,
+                                const at::Tensor& coef_c) {
   const int64_t P = src.size(0), S = src.size(1);
   auto dx = at::empty_like(src);
   const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
-  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float *kp = pass.shift, *ap = pass.scale, *bp = pass.bias, *sp = pass.slope;
   const float *cz = coef_dz.data_ptr<float>(), *cu = coef_u.data_ptr<float>(), *cc = coef_c.data_ptr<float>();
-  const float* sp = opt_ptr(slope);
   float* op = dx.data_ptr<float>();
   const bool stream = should_stream(dx);
   auto body = [&](auto tag, auto ytag) {
@@ -122,13 +110,13 @@ at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int
     constexpr bool Y = decltype(ytag)::value;
     at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const float q = (A == PRELU) ? sp[p] : static_cast<float>(param);
+        const float q = (A == PRELU) ? sp[p] : static_cast<float>(pass.param);
         plane_dx<A, Y>(gp + p * S, xp + p * S, S, kp[p], ap[p], bp[p], q, cz[p], cu[p], cc[p], op + p * S, stream);
       }
       stream_fence(stream);
     });
   };
-  dispatch_act_source(act, from_output, body);
+  dispatch_act_source(pass.act, from_output, body);
   return dx;
 }
 
@@ -172,21 +160,15 @@ std::vector<at::Tensor> column_moments(const at::Tensor& x, const at::Tensor& sh
   return {s1, s2};
 }
 
-at::Tensor column_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
-                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out) {
-  return column_apply(x, shift.data_ptr<float>(), scale.data_ptr<float>(), bias.data_ptr<float>(), act, param,
-                      opt_ptr(slope), out);
-}
-
-at::Tensor column_apply(const at::Tensor& x, const float* kp, const float* ap, const float* bp, int64_t act,
-                        double param, const float* sp, const at::Tensor& out) {
+at::Tensor column_apply(const at::Tensor& x, const Coefficients& pass, const at::Tensor& out) {
+  const float *kp = pass.shift, *ap = pass.scale, *bp = pass.bias, *sp = pass.slope;
   const int64_t N = x.size(0), S = x.size(1), C = x.size(2);
   at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(x);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float q0 = static_cast<float>(param);
+  const float q0 = static_cast<float>(pass.param);
   const bool stream = should_stream(y);
-  dispatch_act(act, [&](auto tag) {
+  dispatch_act(pass.act, [&](auto tag) {
     constexpr int A = decltype(tag)::value;
     at::parallel_for(0, N * S, grain_for(C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -205,19 +187,16 @@ at::Tensor column_apply(const at::Tensor& x, const float* kp, const float* ap, c
 }
 
 std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                               const at::Tensor& shift, const at::Tensor& scale,
-                                               const at::Tensor& bias, int64_t act, double param,
-                                               const at::Tensor& slope) {
+                                               const Coefficients& pass) {
   const int64_t N = src.size(0), S = src.size(1), C = src.size(2);
   const auto split = column_split(N, S, C);
   auto opts = src.options().dtype(at::kDouble);
   auto A_ = at::zeros({N, split.chunks, C}, opts), B_ = at::zeros({N, split.chunks, C}, opts);
   auto D_ = at::zeros({N, split.chunks, C}, opts);
   const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
-  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  const float* sp = opt_ptr(slope);
+  const float *kp = pass.shift, *ap = pass.scale, *bp = pass.bias, *sp = pass.slope;
   double *oA = A_.data_ptr<double>(), *oB = B_.data_ptr<double>(), *oD = D_.data_ptr<double>();
-  const float q0 = static_cast<float>(param);
+  const float q0 = static_cast<float>(pass.param);
   auto body = [&](auto tag, auto ytag) {
     constexpr int A = decltype(tag)::value;
     constexpr bool Y = decltype(ytag)::value;
@@ -232,22 +211,20 @@ std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::T
       }
     });
   };
-  dispatch_act_source(act, from_output, body);
+  dispatch_act_source(pass.act, from_output, body);
   return {A_, B_, D_};
 }
 
 at::Tensor column_backward_apply(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                 const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias, int64_t act,
-                                 double param, const at::Tensor& slope, const at::Tensor& coef_dz,
-                                 const at::Tensor& coef_u, const at::Tensor& coef_c) {
+                                 const Coefficients& pass, const at::Tensor& coef_dz, const at::Tensor& coef_u,
+                                 const at::Tensor& coef_c) {
   const int64_t N = src.size(0), S = src.size(1), C = src.size(2);
   auto dx = at::empty_like(src);
   const float *gp = dy.data_ptr<float>(), *xp = src.data_ptr<float>();
-  const float *kp = shift.data_ptr<float>(), *ap = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float *kp = pass.shift, *ap = pass.scale, *bp = pass.bias, *sp = pass.slope;
   const float *cz = coef_dz.data_ptr<float>(), *cu = coef_u.data_ptr<float>(), *cc = coef_c.data_ptr<float>();
-  const float* sp = opt_ptr(slope);
   float* op = dx.data_ptr<float>();
-  const float q0 = static_cast<float>(param);
+  const float q0 = static_cast<float>(pass.param);
   const bool stream = should_stream(dx);
   auto body = [&](auto tag, auto ytag) {
     constexpr int A = decltype(tag)::value;
@@ -269,7 +246,7 @@ at::Tensor column_backward_apply(const at::Tensor& dy, const at::Tensor& src, in
       stream_fence(stream);
     });
   };
-  dispatch_act_source(act, from_output, body);
+  dispatch_act_source(pass.act, from_output, body);
   return dx;
 }
 

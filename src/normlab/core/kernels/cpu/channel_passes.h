@@ -10,34 +10,33 @@
 
 namespace normlab {
 
+// The per-unit coefficients of an apply or backward pass, y = act((x − shift)·scale + bias):
+// one float per plane (planes) or per (unit, channel) (columns); PReLU's slope per plane or per
+// channel (null for the other activations).
+struct Coefficients {
+  const float* shift;
+  const float* scale;
+  const float* bias;
+  const float* slope;
+  int64_t act;
+  double param;
+};
+
 std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shift);
-at::Tensor plane_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
-                       int64_t act, double param, const at::Tensor& slope, const at::Tensor& out);
-// The same with the per-plane coefficients (and slopes, PReLU only) as pointers.
-at::Tensor plane_apply(const at::Tensor& x, const float* shift, const float* scale, const float* bias, int64_t act,
-                       double param, const float* slope, const at::Tensor& out);
+// With `out` given (possibly x itself: the in-place mode), y is written there.
+at::Tensor plane_apply(const at::Tensor& x, const Coefficients& pass, const at::Tensor& out);
 std::vector<at::Tensor> plane_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                              const at::Tensor& shift, const at::Tensor& scale,
-                                              const at::Tensor& bias, int64_t act, double param,
-                                              const at::Tensor& slope);
+                                              const Coefficients& pass);
 at::Tensor plane_backward_apply(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
-                                int64_t act, double param, const at::Tensor& slope, const at::Tensor& coef_dz,
-                                const at::Tensor& coef_u, const at::Tensor& coef_c);
+                                const Coefficients& pass, const at::Tensor& coef_dz, const at::Tensor& coef_u,
+                                const at::Tensor& coef_c);
 
 std::vector<at::Tensor> column_moments(const at::Tensor& x, const at::Tensor& shift);
-at::Tensor column_apply(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias,
-                        int64_t act, double param, const at::Tensor& slope, const at::Tensor& out);
-// The same with the per-(unit, channel) coefficients (and per-channel slopes) as pointers.
-at::Tensor column_apply(const at::Tensor& x, const float* shift, const float* scale, const float* bias, int64_t act,
-                        double param, const float* slope, const at::Tensor& out);
+at::Tensor column_apply(const at::Tensor& x, const Coefficients& pass, const at::Tensor& out);
 std::vector<at::Tensor> column_backward_reduce(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                               const at::Tensor& shift, const at::Tensor& scale,
-                                               const at::Tensor& bias, int64_t act, double param,
-                                               const at::Tensor& slope);
+                                               const Coefficients& pass);
 at::Tensor column_backward_apply(const at::Tensor& dy, const at::Tensor& src, int64_t from_output,
-                                 const at::Tensor& shift, const at::Tensor& scale, const at::Tensor& bias, int64_t act,
-                                 double param, const at::Tensor& slope, const at::Tensor& coef_dz,
-                                 const at::Tensor& coef_u, const at::Tensor& coef_c);
+                                 const Coefficients& pass, const at::Tensor& coef_dz, const at::Tensor& coef_u,
+                                 const at::Tensor& coef_c);
 
 }  // namespace normlab

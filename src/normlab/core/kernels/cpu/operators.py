@@ -26,7 +26,9 @@ given statistics, a (sample, group of channels) for GroupNorm/InstanceNorm.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,11 +36,42 @@ from ...activation import ACTIVATIONS
 from . import build, double_backward
 
 if TYPE_CHECKING:
-    from .build import KernelsModule
+    from torch._library.custom_ops import CustomOpDef
 
 __all__ = ["add_row_norm", "channel_norm", "row_norm"]
 
 _PRELU = ACTIVATIONS["prelu"].code
+
+#: entries.cpp's function behind each operator: the operator's schema, and where the body takes
+#: the in-place mode's flag (None: it takes none)
+BODIES: dict[str, tuple[str, int | None]] = {}
+
+
+def _define(
+    name: str,
+    schema: str,
+    entry: str,
+    fake: Callable[[SimpleNamespace], tuple[torch.Tensor, ...]],
+    inplace_flag_at: int | None = None,
+) -> CustomOpDef:
+    """Register ``normlab::name`` from its schema, the one place its arguments are written.
+
+    The operator's body is entries.cpp's ``entry``, called with the operator's arguments —
+    and, where the entry also serves the in-place mode, False for that mode's flag at position
+    ``inplace_flag_at``. The fake receives the arguments by their schema names.
+    tests/kernels/test_build.py checks each entry's binding against its schema."""
+    BODIES[entry] = (f"normlab::{name}{schema}", inplace_flag_at)
+    at = inplace_flag_at
+
+    def kernel(*args: object) -> tuple[torch.Tensor, ...]:
+        if at is None:
+            return tuple(getattr(build.module, entry)(*args))
+        return tuple(getattr(build.module, entry)(*args[:at], False, *args[at:]))
+
+    op = torch.library.custom_op(f"normlab::{name}", kernel, mutates_args=(), device_types="cpu", schema=schema)
+    names = [argument.name for argument in torch._C.parse_schema(BODIES[entry][0]).arguments]
+    op.register_fake(lambda *args, **kwargs: fake(SimpleNamespace(**dict(zip(names, args)), **kwargs)))
+    return op
 
 
 def _channel_groups(x: torch.Tensor, groups: int, given: bool) -> int:
@@ -46,102 +79,47 @@ def _channel_groups(x: torch.Tensor, groups: int, given: bool) -> int:
     return x.shape[1] if (groups < 0 or given) else x.shape[0] * groups
 
 
+def _rows(x: torch.Tensor, k: int, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` float32 statistics of one per row of k elements (row_norm's and add_row_norm's)."""
+    return tuple(x.new_empty(x.numel() // k) for _ in range(count))
+
+
+def _per_group(like: torch.Tensor, size: int, count: int) -> tuple[torch.Tensor, ...]:
+    """``count`` float64 vectors of ``size``: per-group statistics, per-channel or per-element gradients."""
+    return tuple(like.new_empty(size, dtype=torch.float64) for _ in range(count))
+
+
+def _channel_norm_fake(a: SimpleNamespace) -> tuple[torch.Tensor, ...]:
+    given = a.running_mean is not None
+    k = _channel_groups(a.x, a.groups, given)
+    return torch.empty_like(a.x), *_per_group(a.x, k, 3), *_per_group(a.x, 0 if given else k, 2)
+
+
 # --- normlab::channel_norm -----------------------------------------------------------------
+#
+# channel_norm: (y, shift, offset, rstd, mean, var): y = act(γ·(x − shift − offset)·rstd + β).
+# Statistics come from ``x`` (groups = -1: per channel over N and space; G > 0: per sample and
+# group of C/G channels) unless ``running_mean``/``running_var`` are given. ``shift, offset,
+# rstd`` (float64, one per group) are what the backward needs; ``mean, var`` (float64, biased
+# variance) feed running estimates — empty when given.
+# channel_norm_backward: (dx, dγ, dβ, dPReLU); the parameter gradients in float64 (C,).
 
-
-@torch.library.custom_op("normlab::channel_norm", mutates_args=(), device_types="cpu")
-def channel_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, shift, offset, rstd, mean, var): y = act(γ·(x − shift − offset)·rstd + β).
-
-    Statistics come from ``x`` (groups = -1: per channel over N and space; G > 0: per
-    sample and group of C/G channels) unless ``running_mean``/``running_var`` are given.
-    ``shift, offset, rstd`` (float64, one per group) are what the backward needs;
-    ``mean, var`` (float64, biased variance) feed running estimates — empty when given.
-    """
-    return cast(
-        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
-        tuple(
-            cast("KernelsModule", build.module).channel_forward(
-                x, weight, bias, running_mean, running_var, prelu_weight, groups, eps, act, param, False
-            )
-        ),
-    )  # the lengths entries.cpp returns
-
-
-@channel_norm.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    given = running_mean is not None
-    k = _channel_groups(x, groups, given)
-    stat = x.new_empty(k, dtype=torch.float64)
-    empty = x.new_empty(0 if given else k, dtype=torch.float64)
-    return torch.empty_like(x), stat, stat.clone(), stat.clone(), empty, empty.clone()
-
-
-@torch.library.custom_op("normlab::channel_norm_backward", mutates_args=(), device_types="cpu")
-def channel_norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    shift: torch.Tensor,
-    offset: torch.Tensor,
-    rstd: torch.Tensor,
-    groups: int,
-    given: bool,
-    act: int,
-    param: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dγ, dβ, dPReLU) of :func:`channel_norm`; the parameter gradients in float64 (C,)."""
-    return cast(
-        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
-        tuple(
-            cast("KernelsModule", build.module).channel_backward(
-                dy, x, weight, bias, prelu_weight, shift, offset, rstd, groups, given, False, act, param
-            )
-        ),
-    )  # the lengths entries.cpp returns
-
-
-@channel_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    shift: torch.Tensor,
-    offset: torch.Tensor,
-    rstd: torch.Tensor,
-    groups: int,
-    given: bool,
-    act: int,
-    param: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    per_channel = x.new_empty(x.shape[1], dtype=torch.float64)
-    return torch.empty_like(x), per_channel, per_channel.clone(), per_channel.clone()
+channel_norm = _define(
+    "channel_norm",
+    "(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, Tensor? prelu_weight, "
+    "SymInt groups, float eps, SymInt act, float param) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "channel_forward",
+    _channel_norm_fake,
+    inplace_flag_at=10,
+)
+channel_norm_backward = _define(
+    "channel_norm_backward",
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor? prelu_weight, Tensor shift, Tensor offset, "
+    "Tensor rstd, SymInt groups, bool given, SymInt act, float param) -> (Tensor, Tensor, Tensor, Tensor)",
+    "channel_backward",
+    lambda a: (torch.empty_like(a.x), *_per_group(a.x, a.x.shape[1], 3)),
+    inplace_flag_at=10,  # from_output: x is the forward's input
+)
 
 
 def _channel_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
@@ -181,63 +159,32 @@ channel_norm.register_autograd(_channel_backward, setup_context=_channel_setup)
 # --- normlab::row_norm: LayerNorm and RMSNorm ------------------------------------------------
 
 
-@torch.library.custom_op("normlab::row_norm", mutates_args=(), device_types="cpu")
-def row_norm(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float, centered: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, shift, rstd, offr) over the trailing ``k`` elements of contiguous ``x``;
-    x̂ = (x − shift)·rstd − offr per row (float32 row statistics)."""
-    return cast(
-        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
-        tuple(cast("KernelsModule", build.module).row_forward(x, weight, bias, k, eps, centered)),
-    )  # the lengths entries.cpp returns
+# row_norm: (y, shift, rstd, offr) over the trailing ``k`` elements of contiguous ``x``;
+# x̂ = (x − shift)·rstd − offr per row (float32 row statistics).
+# row_norm_backward: (dx, dγ, dβ); dγ, dβ float64 over the k normalized elements.
 
-
-@row_norm.register_fake
-def _(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, k: int, eps: float, centered: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = x.new_empty(x.numel() // k)
-    return torch.empty_like(x), rows, rows.clone(), rows.clone()
-
-
-@torch.library.custom_op("normlab::row_norm_backward", mutates_args=(), device_types="cpu")
-def row_norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    shift: torch.Tensor,
-    rstd: torch.Tensor,
-    offr: torch.Tensor,
-    k: int,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dγ, dβ) of :func:`row_norm`; dγ, dβ float64 over the k normalized elements."""
-    return cast(
-        "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
-        tuple(cast("KernelsModule", build.module).row_backward(dy, x, weight, shift, rstd, offr, k, centered)),
-    )  # the lengths entries.cpp returns
-
-
-@row_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    shift: torch.Tensor,
-    rstd: torch.Tensor,
-    offr: torch.Tensor,
-    k: int,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    per_element = x.new_empty(k, dtype=torch.float64)
-    return torch.empty_like(x), per_element, per_element.clone()
+row_norm = _define(
+    "row_norm",
+    "(Tensor x, Tensor? weight, Tensor? bias, SymInt k, float eps, bool centered) -> (Tensor, Tensor, Tensor, Tensor)",
+    "row_forward",
+    lambda a: (torch.empty_like(a.x), *_rows(a.x, a.k, 3)),
+)
+row_norm_backward = _define(
+    "row_norm_backward",
+    "(Tensor dy, Tensor x, Tensor? weight, Tensor shift, Tensor rstd, Tensor offr, SymInt k, bool centered) "
+    "-> (Tensor, Tensor, Tensor)",
+    "row_backward",
+    lambda a: (torch.empty_like(a.x), *_per_group(a.x, a.k, 2)),
+)
 
 
 def _row_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    x, weight, bias, k, eps, centered = inputs
-    _, shift, rstd, offr = output
-    ctx.save_for_backward(x, weight, bias, shift, rstd, offr)
+    """row_norm's and add_row_norm's: their inputs end in (weight, bias, k, eps, centered), their
+    outputs in the row statistics (shift, rstd, offr); backward reads the normalized tensor
+    again — x, or the sum s that add_row_norm returns second."""
+    weight, bias, k, eps, centered = inputs[-5:]
+    normalized = output[1] if len(output) == 5 else inputs[0]
+    ctx.save_for_backward(normalized, weight, bias, *output[-3:])
     ctx.k, ctx.eps, ctx.centered = k, eps, centered
 
 
@@ -265,79 +212,25 @@ row_norm.register_autograd(_row_backward, setup_context=_row_setup)
 # gradient, ds + norm_backward(dy).
 
 
-@torch.library.custom_op("normlab::add_row_norm", mutates_args=(), device_types="cpu")
-def add_row_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    eps: float,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, s, shift, rstd, offr): s = x + residual and y = norm(s) over the trailing ``k``
-    elements of contiguous, same-shaped ``x`` and ``residual``; statistics as :func:`row_norm`."""
-    return cast(
-        "tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]",
-        tuple(cast("KernelsModule", build.module).add_row_forward(x, residual, weight, bias, k, eps, centered)),
-    )  # the lengths entries.cpp returns
+# add_row_norm: (y, s, shift, rstd, offr): s = x + residual and y = norm(s) over the trailing
+# ``k`` elements of contiguous, same-shaped ``x`` and ``residual``; statistics as row_norm's.
+# add_row_norm_backward: (d_sum, dγ, dβ): d_sum = ds + norm_backward(dy) is the gradient of x
+# and of the residual; dγ, dβ float64 over the k normalized elements.
 
-
-@add_row_norm.register_fake
-def _(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    eps: float,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = x.new_empty(x.numel() // k)
-    return torch.empty_like(x), torch.empty_like(x), rows, rows.clone(), rows.clone()
-
-
-@torch.library.custom_op("normlab::add_row_norm_backward", mutates_args=(), device_types="cpu")
-def add_row_norm_backward(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    shift: torch.Tensor,
-    rstd: torch.Tensor,
-    offr: torch.Tensor,
-    k: int,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d_sum, dγ, dβ) of :func:`add_row_norm`: d_sum = ds + norm_backward(dy) is the gradient
-    of x and of the residual; dγ, dβ float64 over the k normalized elements."""
-    return cast(
-        "tuple[torch.Tensor, torch.Tensor, torch.Tensor]",
-        tuple(cast("KernelsModule", build.module).add_row_backward(dy, ds, s, weight, shift, rstd, offr, k, centered)),
-    )  # the lengths entries.cpp returns
-
-
-@add_row_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    shift: torch.Tensor,
-    rstd: torch.Tensor,
-    offr: torch.Tensor,
-    k: int,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    per_element = s.new_empty(k, dtype=torch.float64)
-    return torch.empty_like(s), per_element, per_element.clone()
-
-
-def _add_row_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    _, _, weight, bias, k, eps, centered = inputs
-    _, s, shift, rstd, offr = output
-    ctx.save_for_backward(s, weight, bias, shift, rstd, offr)
-    ctx.k, ctx.eps, ctx.centered = k, eps, centered
+add_row_norm = _define(
+    "add_row_norm",
+    "(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, SymInt k, float eps, bool centered) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "add_row_forward",
+    lambda a: (torch.empty_like(a.x), torch.empty_like(a.x), *_rows(a.x, a.k, 3)),
+)
+add_row_norm_backward = _define(
+    "add_row_norm_backward",
+    "(Tensor dy, Tensor? ds, Tensor s, Tensor? weight, Tensor shift, Tensor rstd, Tensor offr, SymInt k, "
+    "bool centered) -> (Tensor, Tensor, Tensor)",
+    "add_row_backward",
+    lambda a: (torch.empty_like(a.s), *_per_group(a.s, a.k, 2)),
+)
 
 
 def _add_row_backward(
@@ -362,4 +255,4 @@ def _add_row_backward(
     return (d_sum if needs[0] else None), (d_sum if needs[1] else None), dw, db, None, None, None
 
 
-add_row_norm.register_autograd(_add_row_backward, setup_context=_add_row_setup)
+add_row_norm.register_autograd(_add_row_backward, setup_context=_row_setup)

@@ -31,16 +31,14 @@ docs/performance.md ("Triton kernels") has the traffic model: bytes and launches
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
-    import torch
-
-    from .entries import ChannelResult
+    from ._runtime import count_launches
+    from .entries import channel_norm, row_norm, takes_channel, takes_row
 
 __all__ = [
     "available",
@@ -82,48 +80,18 @@ def status() -> str:
     return "Triton kernels unavailable: no CUDA device (TRITON_INTERPRET=1 runs them on CPU tensors)"
 
 
-def takes_channel(x: torch.Tensor, **call: Any) -> tuple[bool, str]:
-    """See :func:`normlab.core.kernels.triton.entries.takes_channel`."""
-    from .entries import takes_channel
-
-    return takes_channel(x, **call)
-
-
-def channel_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, **call: Any) -> ChannelResult:
-    """See :func:`normlab.core.kernels.triton.entries.channel_norm`."""
-    from .entries import channel_norm
-
-    return channel_norm(x, weight, bias, **call)
+#: what the package offers from its modules that import ``triton``: loaded on first use
+_ON_FIRST_USE = {
+    "channel_norm": "entries",
+    "count_launches": "_runtime",
+    "row_norm": "entries",
+    "takes_channel": "entries",
+    "takes_row": "entries",
+}
 
 
-def takes_row(
-    x: torch.Tensor,
-    normalized_shape: tuple[int, ...],
-    weight: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> tuple[bool, str]:
-    """See :func:`normlab.core.kernels.triton.entries.takes_row`."""
-    from .entries import takes_row
-
-    return takes_row(x, normalized_shape, weight, residual)
-
-
-def row_norm(
-    x: torch.Tensor,
-    normalized_shape: tuple[int, ...],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    **call: Any,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`normlab.core.kernels.triton.entries.row_norm`."""
-    from .entries import row_norm
-
-    return row_norm(x, normalized_shape, weight, bias, eps, **call)
-
-
-def count_launches() -> AbstractContextManager[list[int]]:
-    """``with count_launches() as n: ...``: ``n[0]`` Triton kernel launches inside the block."""
-    from ._runtime import count_launches
-
-    return count_launches()
+def __getattr__(name: str) -> object:
+    where = _ON_FIRST_USE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{where}", __name__), name)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import triton  # noqa: F401  (the package needs it; fail here, early, without it)
+from torch._subclasses.fake_tensor import FakeTensor
 
 if TYPE_CHECKING:
     from torch._library.custom_ops import CustomOpDef
@@ -44,7 +45,13 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: object, **kwargs: object) 
     """Run ``kernel`` over ``grid`` — the one place the package launches a kernel, so
     :func:`count_launches` (and any :func:`observe` r) sees every launch. ``wrap_triton`` makes
     the launch visible to torch.compile, which then sees (and may fuse around) the kernel.
-    (``kernel`` is a ``@triton.jit`` function: triton ships no types.)"""
+    (``kernel`` is a ``@triton.jit`` function: triton ships no types.)
+
+    Nothing runs on tensors that hold no data — FakeTensors and the meta device, where the
+    launcher serves as its operator's fake (see :func:`register_op`): the outputs it
+    allocated before the launch already have their shapes, dtypes and strides."""
+    if _without_data(args[0]):
+        return
     for observer in _observers:
         observer.before(args)
     try:
@@ -61,6 +68,12 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: object, **kwargs: object) 
         raise
     for observer in _observers:
         observer.after(args)
+
+
+def _without_data(first: object) -> bool:
+    # every launcher passes its input tensor first; a FunctionalTensor (torch.compile's
+    # decomposition of a triton_op) is no FakeTensor, so its launch reaches wrap_triton
+    return isinstance(first, torch.Tensor) and (first.device.type == "meta" or isinstance(first, FakeTensor))
 
 
 @contextlib.contextmanager
@@ -100,12 +113,17 @@ def register_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Call
     into its ``wrap_triton`` launches, so inductor sees the Triton kernels themselves.
     Interpreted, with ``torch.library.custom_op``: torch 2.13 cannot trace an interpreter
     launch (it runs eagerly, on FakeTensors, and fails), so there the operator stays one
-    opaque node of the compiled graph, run eagerly on real tensors. A fake implementation is
-    registered by the caller either way."""
+    opaque node of the compiled graph, run eagerly on real tensors.
+
+    The launcher is its own fake implementation, as ``triton_op`` makes it: run on FakeTensors
+    or meta tensors it allocates its outputs and launches nothing (:func:`launch`), so the
+    shapes a tracer sees are the ones a real call returns."""
 
     def register(fn: Callable[..., object]) -> CustomOpDef:
         if INTERPRETED:
-            return torch.library.custom_op(f"normlab::{name}", mutates_args=mutates_args)(fn)
+            op = torch.library.custom_op(f"normlab::{name}", mutates_args=mutates_args)(fn)
+            op.register_fake(fn)
+            return op
         # a CustomOpDef too: torch annotates triton_op's result only as a Callable
         return cast("CustomOpDef", torch.library.triton_op(f"normlab::{name}", mutates_args=mutates_args)(fn))
 

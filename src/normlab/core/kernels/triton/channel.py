@@ -82,6 +82,10 @@ class ChannelTiling(NamedTuple):
     resident: bool
     grid: tuple[int, int]
 
+    def sizes(self) -> tuple[int, int, int, int, int, int, int]:
+        """What both kernels take after their pointers, in their order: C, S, R, K, CG, CPP, NCHUNK."""
+        return self.c, self.s, self.rows, self.groups, self.channels_per_group, self.channels_per_program, self.chunks
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -170,8 +174,22 @@ def _mask_strides(mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int, 
     return mask, cast("_Strides", strides)[0], cast("_Strides", strides)[2]
 
 
-def _warps(tiling: ChannelTiling) -> int:
-    return 8 if tiling.block_r * tiling.block_c >= 4096 else 4
+def _constants(
+    tiling: ChannelTiling, given: bool, mask: torch.Tensor | None, weight: object, bias: object, act: int
+) -> dict[str, object]:
+    """The compile-time constants (and warps) the forward and the backward kernel share."""
+    return {
+        "PER_SAMPLE": tiling.per_sample,
+        "GROUP_MODE": tiling.group_mode,
+        "GIVEN": given,
+        "HAS_MASK": mask is not None,
+        "HAS_W": weight is not None,
+        "HAS_B": bias is not None,
+        "ACT": act,
+        "BLOCK_R": tiling.block_r,
+        "BLOCK_C": tiling.block_c,
+        "num_warps": 8 if tiling.block_r * tiling.block_c >= 4096 else 4,
+    }
 
 
 def channel_forward(
@@ -228,13 +246,7 @@ def channel_forward(
         _or(counter, status),
         status,
         semaphore(x),
-        tiling.c,
-        tiling.s,
-        tiling.rows,
-        tiling.groups,
-        tiling.channels_per_group,
-        tiling.channels_per_program,
-        tiling.chunks,
+        *tiling.sizes(),
         *xs,
         *ys,
         msn,
@@ -242,20 +254,11 @@ def channel_forward(
         float(eps),
         float(param),
         momentum,
-        PER_SAMPLE=tiling.per_sample,
-        GROUP_MODE=tiling.group_mode,
-        GIVEN=given is not None,
-        HAS_MASK=mask is not None,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        ACT=act,
+        **_constants(tiling, given is not None, mask, weight, bias, act),
         UPDATE=update is not None and given is None,
         HAS_COUNTER=counter is not None,
         UNBIASED=bool(unbiased),
         RESIDENT=tiling.resident and given is None,
-        BLOCK_R=tiling.block_r,
-        BLOCK_C=tiling.block_c,
-        num_warps=_warps(tiling),
     )
     return y, stats, status
 
@@ -311,13 +314,7 @@ def channel_backward(
         partial if params and tiling.per_sample else dx,
         semaphore(x),
         tiling.n,
-        tiling.c,
-        tiling.s,
-        tiling.rows,
-        tiling.groups,
-        tiling.channels_per_group,
-        tiling.channels_per_program,
-        tiling.chunks,
+        *tiling.sizes(),
         *cast("_Strides", _collapsed_strides(dx)),  # fresh, the forward's input, or made contiguous above
         *cast("_Strides", _collapsed_strides(x)),
         *cast("_Strides", _collapsed_strides(dy)),
@@ -325,19 +322,10 @@ def channel_backward(
         mss,
         float(eps),
         float(param),
-        PER_SAMPLE=tiling.per_sample,
-        GROUP_MODE=tiling.group_mode,
-        GIVEN=given is not None,
-        HAS_MASK=mask is not None,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        ACT=act,
+        **_constants(tiling, given is not None, mask, weight, bias, act),
         INPLACE=inplace,
         PARAMS=params,
         RESIDENT=tiling.resident,
-        BLOCK_R=tiling.block_r,
-        BLOCK_C=tiling.block_c,
-        num_warps=_warps(tiling),
     )
     return dx, dw, db, dslope
 

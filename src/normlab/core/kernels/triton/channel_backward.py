@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .activation import PRELU, act_grad, act_grad_from_output, act_inverse
-from .channel_tiles import load_param, segment_sum, store_tile, tile_offsets, tile_rows, tile_valid
+from .channel_tiles import load_affine, segment_sum, store_tile, tile_offsets, tile_rows, tile_valid
 
 
 @triton.jit
@@ -112,9 +112,7 @@ def channel_backward_kernel(
     sum_gx = tl.zeros([BLOCK_C], tl.float32)
     if RESIDENT:
         col_ok = first_cols < c_hi
-        w = load_param(w_ptr, first_cols, col_ok, 1.0, HAS_W)
-        b = load_param(b_ptr, first_cols, col_ok, 0.0, HAS_B)
-        slope = load_param(slope_ptr, first_cols, col_ok, 0.0, ACT == PRELU)
+        w, b, slope = load_affine(w_ptr, b_ptr, slope_ptr, first_cols, col_ok, HAS_W, HAS_B, ACT == PRELU)
         if GIVEN:
             shift = tl.load(rm_ptr + first_cols, mask=col_ok, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt_rn(tl.load(rv_ptr + first_cols, mask=col_ok, other=1.0).to(tl.float32) + eps)
@@ -157,9 +155,7 @@ def channel_backward_kernel(
         for chunk in range(0, NCHUNK):
             cols = first_cols + chunk * BLOCK_C
             col_ok = cols < c_hi
-            w = load_param(w_ptr, cols, col_ok, 1.0, HAS_W)
-            b = load_param(b_ptr, cols, col_ok, 0.0, HAS_B)
-            slope = load_param(slope_ptr, cols, col_ok, 0.0, ACT == PRELU)
+            w, b, slope = load_affine(w_ptr, b_ptr, slope_ptr, cols, col_ok, HAS_W, HAS_B, ACT == PRELU)
             if GIVEN:
                 shift = tl.load(rm_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
                 rstd = 1.0 / tl.sqrt_rn(tl.load(rv_ptr + cols, mask=col_ok, other=1.0).to(tl.float32) + eps)
@@ -223,9 +219,7 @@ def channel_backward_kernel(
             for chunk in range(0, NCHUNK):
                 cols = first_cols + chunk * BLOCK_C
                 col_ok = cols < c_hi
-                w = load_param(w_ptr, cols, col_ok, 1.0, HAS_W)
-                b = load_param(b_ptr, cols, col_ok, 0.0, HAS_B)
-                slope = load_param(slope_ptr, cols, col_ok, 0.0, ACT == PRELU)
+                w, b, slope = load_affine(w_ptr, b_ptr, slope_ptr, cols, col_ok, HAS_W, HAS_B, ACT == PRELU)
                 for r0 in range(0, R, BLOCK_R):
                     n_idx, s_idx, row_ok = tile_rows(r0, pid_n, S, R, PER_SAMPLE, BLOCK_R)
                     ok = tile_valid(mask_ptr, n_idx, s_idx, row_ok, col_ok, msn, mss, HAS_MASK)

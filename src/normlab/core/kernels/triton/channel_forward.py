@@ -15,7 +15,7 @@ from .activation import PRELU, act_forward, cast_to
 from .channel_tiles import (
     is_finite,
     lane_accumulate,
-    load_param,
+    load_affine,
     merge_lanes,
     store_tile,
     tile_offsets,
@@ -80,9 +80,7 @@ def channel_forward_kernel(
         shift = tl.load(rm_ptr + first_cols, mask=col_ok, other=0.0).to(tl.float32)
         offset = tl.zeros([BLOCK_C], tl.float32)
         rstd = 1.0 / tl.sqrt_rn(tl.load(rv_ptr + first_cols, mask=col_ok, other=1.0).to(tl.float32) + eps)
-        w = load_param(w_ptr, first_cols, col_ok, 1.0, HAS_W)
-        b = load_param(b_ptr, first_cols, col_ok, 0.0, HAS_B)
-        slope = load_param(slope_ptr, first_cols, col_ok, 0.0, ACT == PRELU)
+        w, b, slope = load_affine(w_ptr, b_ptr, slope_ptr, first_cols, col_ok, HAS_W, HAS_B, ACT == PRELU)
         for r0 in range(0, R, BLOCK_R):
             n_idx, s_idx, row_ok = tile_rows(r0, pid_n, S, R, PER_SAMPLE, BLOCK_R)
             ok = tile_valid(mask_ptr, n_idx, s_idx, row_ok, col_ok, msn, mss, HAS_MASK)
@@ -132,9 +130,7 @@ def channel_forward_kernel(
 
         if RESIDENT:
             col_ok = first_cols < c_hi
-            w = load_param(w_ptr, first_cols, col_ok, 1.0, HAS_W)
-            b = load_param(b_ptr, first_cols, col_ok, 0.0, HAS_B)
-            slope = load_param(slope_ptr, first_cols, col_ok, 0.0, ACT == PRELU)
+            w, b, slope = load_affine(w_ptr, b_ptr, slope_ptr, first_cols, col_ok, HAS_W, HAS_B, ACT == PRELU)
             xhat = ((x_keep.to(tl.float32) - shift[None, :]) - offset[None, :]) * rstd[None, :]
             y = act_forward(xhat * w[None, :] + b[None, :], param, slope[None, :], ACT)
             if HAS_MASK:
@@ -144,9 +140,7 @@ def channel_forward_kernel(
             for chunk in range(0, NCHUNK):
                 cols = first_cols + chunk * BLOCK_C
                 col_ok = cols < c_hi
-                w = load_param(w_ptr, cols, col_ok, 1.0, HAS_W)
-                b = load_param(b_ptr, cols, col_ok, 0.0, HAS_B)
-                slope = load_param(slope_ptr, cols, col_ok, 0.0, ACT == PRELU)
+                w, b, slope = load_affine(w_ptr, b_ptr, slope_ptr, cols, col_ok, HAS_W, HAS_B, ACT == PRELU)
                 for r0 in range(0, R, BLOCK_R):
                     n_idx, s_idx, row_ok = tile_rows(r0, pid_n, S, R, PER_SAMPLE, BLOCK_R)
                     ok = tile_valid(mask_ptr, n_idx, s_idx, row_ok, col_ok, msn, mss, HAS_MASK)

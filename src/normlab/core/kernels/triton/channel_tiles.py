@@ -94,6 +94,18 @@ def load_param(ptr, cols, col_ok, default, HAS: tl.constexpr):
 
 
 @triton.jit
+def load_affine(
+    w_ptr, b_ptr, slope_ptr, cols, col_ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SLOPE: tl.constexpr
+):
+    """γ, β and PReLU's slope of the columns (1, 0 and 0 where there is none): every pass over
+    a tile applies all three."""
+    w = load_param(w_ptr, cols, col_ok, 1.0, HAS_W)
+    b = load_param(b_ptr, cols, col_ok, 0.0, HAS_B)
+    slope = load_param(slope_ptr, cols, col_ok, 0.0, HAS_SLOPE)
+    return w, b, slope
+
+
+@triton.jit
 def is_finite(v):
     return tl.abs(v) <= _FINITE_MAX
 

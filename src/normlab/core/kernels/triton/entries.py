@@ -14,7 +14,7 @@ in-place mode with γ, the host read of γ that finds the channels too small to 
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 
@@ -144,37 +144,34 @@ def channel_norm(
     only it for backward (an invertible activation; batch statistics and no mask, else the
     call runs out of place, as on every other path)."""
     act = ACTIVATIONS[activation].code
+    if TYPE_CHECKING:  # takes_channel refused the activations without a kernel code
+        assert act is not None
     if not collapsible(x):
         x = x.contiguous()
     given = not batch_stats
     update = running_mean is not None and not given
+    call = ops.ChannelCall(
+        mask,
+        running_mean if (update or given) else None,
+        running_var if (update or given) else None,
+        num_batches_tracked if update else None,
+        groups,
+        eps,
+        act,
+        param,
+        -1.0 if momentum is None else float(momentum),
+        unbiased,
+    )
     if inplace and not given and mask is None:
-        spec = (running_mean, running_var, num_batches_tracked, momentum, unbiased) if update else None
         found: list[torch.Tensor] = []
         recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        y = ops.ChannelNormInPlace.apply(x, weight, bias, groups, eps, act, param, spec, found)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
+        y = ops.ChannelNormInPlace.apply(x, weight, bias, call, found)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
         if not recorded:
             # the kernel wrote through a pointer; without a graph mark_dirty did nothing
             torch.autograd.graph.increment_version(x)
         stats, status = found
     else:
-        y, stats, status = ops.ChannelNorm.apply(  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
-            x,
-            weight,
-            bias,
-            prelu_weight,
-            mask,
-            running_mean if (update or given) else None,
-            running_var if (update or given) else None,
-            num_batches_tracked if update else None,
-            groups,
-            eps,
-            act,
-            param,
-            -1.0 if momentum is None else float(momentum),
-            unbiased,
-            given,
-        )
+        y, stats, status = ops.ChannelNorm.apply(x, weight, bias, prelu_weight, call, given)  # type: ignore[no-untyped-call, unused-ignore]  # untyped in torch 2.13
     if update:
         _report(status, x, on_nonfinite)
     return ChannelResult(y, stats, status, groups)

@@ -19,7 +19,7 @@ operator can express: it is an ``autograd.Function`` calling the kernels directl
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -38,11 +38,21 @@ from .activation import PRELU_CODE
 from .channel import RunningUpdate, channel_backward, channel_forward
 from .row import row_backward, row_forward
 
-__all__ = ["ChannelNorm", "ChannelNormInPlace", "RowNorm"]
+__all__ = ["ChannelCall", "ChannelNorm", "ChannelNormInPlace", "RowNorm"]
 
 
-def _stat_groups(x: torch.Tensor, groups: int) -> int:
-    return x.shape[1] if groups < 0 else x.shape[0] * groups
+def _running_update(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    counter: torch.Tensor | None,
+    momentum: float,
+    unbiased: bool,
+) -> RunningUpdate | None:
+    """The operators' running-estimate arguments as the launcher takes them; ``momentum < 0``
+    is the cumulative average."""
+    if running_mean is None:
+        return None
+    return running_mean, running_var, counter, None if momentum < 0 else momentum, unbiased
 
 
 # --- operators -------------------------------------------------------------------------------
@@ -66,31 +76,8 @@ def _channel_norm(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, stats, status); ``momentum < 0`` is the cumulative average."""
-    update: RunningUpdate | None = None
-    if running_mean is not None:
-        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    update = _running_update(running_mean, running_var, num_batches_tracked, momentum, unbiased)
     return channel_forward(x, weight, bias, prelu_weight, mask, groups, eps, act, param, update=update)
-
-
-@_channel_norm.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-    momentum: float,
-    unbiased: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    stats = x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32)
-    return torch.empty_like(x), stats, x.new_empty(1, dtype=torch.int32)
 
 
 @register_op("triton_channel_norm_inplace", mutates_args=("x", "running_mean", "running_var", "num_batches_tracked"))
@@ -109,29 +96,9 @@ def _channel_norm_inplace(
     unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(stats, status); the output is written over ``x``."""
-    update: RunningUpdate | None = None
-    if running_mean is not None:
-        update = (running_mean, running_var, num_batches_tracked, None if momentum < 0 else momentum, unbiased)
+    update = _running_update(running_mean, running_var, num_batches_tracked, momentum, unbiased)
     _, stats, status = channel_forward(x, weight, bias, None, None, groups, eps, act, param, out=x, update=update)
     return stats, status
-
-
-@_channel_norm_inplace.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    num_batches_tracked: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-    momentum: float,
-    unbiased: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty((5, _stat_groups(x, groups)), dtype=torch.float32), x.new_empty(1, dtype=torch.int32)
 
 
 @register_op("triton_channel_norm_given")
@@ -150,22 +117,6 @@ def _channel_norm_given(
     return channel_forward(x, weight, bias, prelu_weight, mask, -1, eps, act, param, given=(running_mean, running_var))[
         0
     ]
-
-
-@_channel_norm_given.register_fake
-def _(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    act: int,
-    param: float,
-) -> torch.Tensor:
-    return torch.empty_like(x)
 
 
 @register_op("triton_channel_norm_backward")
@@ -194,88 +145,9 @@ def _channel_norm_backward(
     )
 
 
-@_channel_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    stats: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    groups: int,
-    eps: float,
-    act: int,
-    param: float,
-    params: bool,
-    inplace: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    c = x.shape[1] if params else 0
-    per_channel = (
-        x.new_empty(c, dtype=torch.float32),
-        x.new_empty(c, dtype=torch.float32),
-        x.new_empty(c, dtype=torch.float32),
-    )
-    return torch.empty_like(x), *per_channel
-
-
-@register_op("triton_row_norm")
-def _row_norm(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    eps: float,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, s, stats): s = x + residual (empty without one), y = norm(s or x)."""
-    return row_forward(x, residual, weight, bias, k, eps, centered)
-
-
-@_row_norm.register_fake
-def _(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    eps: float,
-    centered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty((3, x.numel() // k), dtype=torch.float32)
-
-
-@register_op("triton_row_norm_backward")
-def _row_norm_backward(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    k: int,
-    centered: bool,
-    params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return row_backward(dy, ds, s, weight, stats, k, centered, params)
-
-
-@_row_norm_backward.register_fake
-def _(
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    stats: torch.Tensor,
-    k: int,
-    centered: bool,
-    params: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = k if params else 0
-    return torch.empty_like(s), s.new_empty(width, dtype=torch.float32), s.new_empty(width, dtype=torch.float32)
+# The row launchers are operators as they stand: their parameters are the schema.
+register_op("triton_row_norm")(row_forward)
+register_op("triton_row_norm_backward")(row_backward)
 
 
 # --- autograd --------------------------------------------------------------------------------
@@ -289,13 +161,28 @@ def _param_grad(g: torch.Tensor, p: torch.Tensor | None, need: bool) -> torch.Te
     return g.reshape(p.shape).to(p.dtype)
 
 
+class ChannelCall(NamedTuple):
+    """What a channel operator takes after x and the differentiable parameters, in the
+    operators' order: the autograd Functions carry it as one argument."""
+
+    mask: torch.Tensor | None
+    running_mean: torch.Tensor | None  # the estimates to update, or the given statistics
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+    groups: int
+    eps: float
+    act: int
+    param: float
+    momentum: float  # < 0: the cumulative average
+    unbiased: bool
+
+
 class ChannelNorm(torch.autograd.Function):
     """``(y, stats, status)`` of the channel operators; gradients for x, γ, β and PReLU's slope.
 
-    Arguments: ``x, weight, bias, prelu_weight, mask, running_mean, running_var,
-    num_batches_tracked, groups, eps, act, param, momentum, unbiased, given`` — ``given``:
-    normalize with ``running_mean``/``running_var`` (BatchNorm eval); otherwise with the batch's
-    statistics, merging them into the running estimates when those are passed."""
+    Arguments: ``x, weight, bias, prelu_weight, call, given`` — ``call`` a :class:`ChannelCall`;
+    ``given``: normalize with its ``running_mean``/``running_var`` (BatchNorm eval); otherwise
+    with the batch's statistics, merging them into the running estimates when those are passed."""
 
     @staticmethod
     def forward(
@@ -304,29 +191,20 @@ class ChannelNorm(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         prelu: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        rm: torch.Tensor | None,
-        rv: torch.Tensor | None,
-        counter: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        momentum: float,
-        unbiased: bool,
+        call: ChannelCall,
         given: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if given:
-            y = torch.ops.normlab.triton_channel_norm_given(x, weight, bias, prelu, mask, rm, rv, eps, act, param)
+            y = torch.ops.normlab.triton_channel_norm_given(
+                x, weight, bias, prelu, call.mask, call.running_mean, call.running_var, call.eps, call.act, call.param
+            )
             stats = x.new_empty((5, 0), dtype=torch.float32)
             status = x.new_empty(1, dtype=torch.int32)
-            ctx.save_for_backward(x, weight, bias, prelu, mask, stats, rm, rv)
+            ctx.save_for_backward(x, weight, bias, prelu, call.mask, stats, call.running_mean, call.running_var)
         else:
-            y, stats, status = torch.ops.normlab.triton_channel_norm(
-                x, weight, bias, prelu, mask, rm, rv, counter, groups, eps, act, param, momentum, unbiased
-            )
-            ctx.save_for_backward(x, weight, bias, prelu, mask, stats, None, None)
-        ctx.groups, ctx.eps, ctx.act, ctx.param, ctx.given = groups, eps, act, param, given
+            y, stats, status = torch.ops.normlab.triton_channel_norm(x, weight, bias, prelu, *call)
+            ctx.save_for_backward(x, weight, bias, prelu, call.mask, stats, None, None)
+        ctx.groups, ctx.eps, ctx.act, ctx.param, ctx.given = call.groups, call.eps, call.act, call.param, given
         ctx.mark_non_differentiable(stats, status)
         # no zero-filled gradients for the statistics: two launches each backward otherwise
         ctx.set_materialize_grads(False)
@@ -339,9 +217,9 @@ class ChannelNorm(torch.autograd.Function):
         x, weight, bias, prelu, mask, stats, rm, rv = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if dy is None:
-            return (None,) * 15
+            return (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composed reference
-            grads = _channel_double_backward(ctx, dy, x, weight, bias, prelu, mask, stats, rm, rv)
+            grads = _channel_double_backward(ctx, dy, ctx.saved_tensors)
         else:
             params = any(needs[i] for i in (1, 2, 3))
             dx, dw, db, dp = torch.ops.normlab.triton_channel_norm_backward(
@@ -353,7 +231,7 @@ class ChannelNorm(torch.autograd.Function):
                 _param_grad(db, bias, needs[2]),
             )
             grads += (_param_grad(dp, prelu, needs[3] and ctx.act == PRELU_CODE),)
-        return (*grads, *(None,) * 11)
+        return (*grads, None, None)
 
 
 def _grouped(
@@ -372,18 +250,9 @@ def _grouped(
     return target, tuple(range(2, target.dim())), m, view
 
 
-def _channel_double_backward(
-    ctx: Any,
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    prelu: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    stats: torch.Tensor,
-    rm: torch.Tensor | None,
-    rv: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, ...]:
+def _channel_double_backward(ctx: Any, dy: torch.Tensor, saved: tuple[Any, ...]) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dγ, dβ, dPReLU) with a graph, from what :class:`ChannelNorm` saved."""
+    x, weight, bias, prelu, mask, _, rm, rv = saved
     target, dims, m, view = _grouped(x, weight, bias, mask, ctx.groups)
     with torch.enable_grad():
         w = None if weight is None else weight.view(view)
@@ -484,8 +353,8 @@ class ChannelNormInPlace(torch.autograd.Function):
     with one host read of γ, as the CPU path does; nothing when every |γ| is larger), and their
     gradients are redone exactly by the composed ops.
 
-    Arguments: ``x, weight, bias, groups, eps, act, param, update, stats_out`` — ``update`` as
-    for :func:`channel.channel_forward`; the statistics tensor goes into ``stats_out``."""
+    Arguments: ``x, weight, bias, call, stats_out`` — ``call`` a :class:`ChannelCall` without a
+    mask; the statistics tensor goes into ``stats_out``."""
 
     @staticmethod
     def forward(
@@ -493,34 +362,16 @@ class ChannelNormInPlace(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        groups: int,
-        eps: float,
-        act: int,
-        param: float,
-        update: RunningUpdate | None,
+        call: ChannelCall,
         stats_out: list[torch.Tensor],
     ) -> torch.Tensor:
         # γ read on the host (3 small ops); on the meta device there is nothing to read
         small = small_gamma_channels(weight) if x.device.type != "meta" else None
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
-        rm, rv, counter, momentum, unbiased = update if update is not None else (None, None, None, 0.0, True)
-        stats, status = torch.ops.normlab.triton_channel_norm_inplace(
-            x,
-            weight,
-            bias,
-            rm,
-            rv,
-            counter,
-            groups,
-            eps,
-            act,
-            param,
-            -1.0 if momentum is None else float(momentum),
-            unbiased,
-        )
+        stats, status = torch.ops.normlab.triton_channel_norm_inplace(x, weight, bias, *call[1:])  # all but the mask
         ctx.mark_dirty(x)
         stats_out.extend((stats, status))
-        ctx.groups, ctx.act, ctx.param, ctx.small = groups, act, param, small
+        ctx.groups, ctx.act, ctx.param, ctx.small = call.groups, call.act, call.param, small
         ctx.save_for_backward(x, weight, bias, stats, x_small)
         return x
 
@@ -551,7 +402,7 @@ class ChannelNormInPlace(torch.autograd.Function):
                 ctx.act,
                 ctx.param,
             )
-        return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), *(None,) * 6
+        return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), None, None
 
 
 assert GAMMA_GUARD == 1e-5, "the kernels' _recover guards |γ| at 1e-5"

@@ -208,7 +208,7 @@ def row_backward(
     stats: torch.Tensor,
     k: int,
     centered: bool,
-    params: bool = True,
+    params: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One launch: ``(dx, dγ, dβ)`` (dγ, dβ float32 (k,), empty without ``params``); with
     ``ds`` (the add), dx is the gradient of the sum: ds + the norm's."""
