@@ -4,6 +4,7 @@ and what a layer swap must carry over besides the state_dict."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ __all__ = [
     "replace_everywhere",
     "run_copy",
     "shared_parameters",
+    "watch_calls",
     "unrecognized_norm_note",
 ]
 
@@ -109,6 +111,24 @@ def run_copy(model: nn.Module, example_input: Any, hooks: Callable[[nn.Module], 
         hooks(scratch)
     with evaluating(scratch):
         return call_model(scratch, example_input)
+
+
+#: what :func:`watch_calls` shows of each call: the module's path, the module, and the
+#: positional and keyword arguments it is called with
+CallWatcher = Callable[[str, nn.Module, tuple[Any, ...], dict[str, Any]], None]
+
+
+def watch_calls(model: nn.Module, example_input: Any, is_target: Callable[[nn.Module], bool], see: CallWatcher) -> None:
+    """One eval forward of ``model`` on ``example_input`` in a copy (:func:`run_copy`), with
+    ``see(path, module, args, kwargs)`` called before each call of a module ``is_target``
+    picks (its path is the model's): how surgery learns what a layer is called with."""
+
+    def watch(scratch: nn.Module) -> None:
+        for path, m in scratch.named_modules():
+            if is_target(m):
+                m.register_forward_pre_hook(functools.partial(see, path), with_kwargs=True)
+
+    run_copy(model, example_input, watch)
 
 
 def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float | None:
