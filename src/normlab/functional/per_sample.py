@@ -50,9 +50,9 @@ def group_norm(
         The normalized tensor: the input's shape, dtype and memory format.
 
     Raises:
-        ValueError: an input of the wrong rank, parameters or estimates of the wrong shape,
-            dtype or device, a bad ``eps``/``momentum``, or a malformed ``mask``
-            (``docs/conventions.md#errors``).
+        ValueError: an input with fewer than 2 dims, a ``num_groups`` that is not a positive divisor of C,
+            parameters of the wrong shape, dtype or device, a bad ``eps``, or a malformed
+            ``mask`` (``docs/conventions.md#errors``).
         TypeError: a non-tensor input or a non-floating dtype.
 
     Examples:
