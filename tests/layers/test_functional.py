@@ -255,6 +255,25 @@ def test_norm_act_in_place_writes_over_its_input():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda z: F.batch_norm_act(z, None, None, training=True, activation="leaky_relu", inplace=True),
+        lambda z: F.group_norm_act(z, 3, activation="elu", inplace=True),
+        lambda z: F.norm_act(z, "batch", activation="identity", inplace=True),
+        lambda z: F.norm_act(z, "group", num_groups=3, activation="leaky_relu", inplace=True),
+    ],
+)
+def test_the_fused_functionals_refuse_to_overwrite_a_leaf_that_requires_grad(call):
+    leaf = torch.randn(4, 3, 5, requires_grad=True)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+        call(leaf)
+    assert torch.equal(leaf.detach(), before)  # refused before anything was written
+    plain = before.clone()  # a tensor autograd does not track may be overwritten
+    assert call(plain).data_ptr() == plain.data_ptr()
+
+
 def test_norm_act_refuses_what_it_cannot_do():
     x = torch.randn(4, 3, 5)
     with pytest.raises(ValueError, match="norm='group' needs num_groups"):

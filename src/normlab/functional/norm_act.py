@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from ..core.checks import InputError
-from .per_sample import group_norm_act
-from .tracked import batch_norm_act
+from .fused_args import activation_args
+from .per_sample import _group_norm
+from .tracked import _batch_norm
 
 __all__ = ["norm_act"]
 
@@ -51,32 +52,12 @@ def norm_act(
             the norm it calls.
     """
     if norm == "batch":
-        return batch_norm_act(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            activation=activation,
-            activation_param=activation_param,
-            prelu_weight=prelu_weight,
-            inplace=inplace,
-        )
+        act = activation_args(input, activation, activation_param, prelu_weight, inplace)
+        estimates = (running_mean, running_var, None, momentum, True, "skip")
+        return _batch_norm("batch_norm_act", input, weight, bias, training, eps, estimates, None, act)
     if norm == "group":
         if num_groups is None:
             raise InputError("norm_act with norm='group' needs num_groups")
-        return group_norm_act(
-            input,
-            num_groups,
-            weight,
-            bias,
-            eps,
-            activation=activation,
-            activation_param=activation_param,
-            prelu_weight=prelu_weight,
-            inplace=inplace,
-        )
+        act = activation_args(input, activation, activation_param, prelu_weight, inplace)
+        return _group_norm(input, num_groups, weight, bias, eps, None, "group_norm_act", act)
     raise InputError(f"norm must be 'batch' or 'group', got {norm!r}")

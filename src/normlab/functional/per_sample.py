@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ..core import channel_norm, check_activation, check_positive_int, normalize_shape_arg, row_norm
-from ..core.call_checks import check_channel_args, check_inplace_input, check_row_args
+from ..core import channel_norm, check_positive_int, normalize_shape_arg, row_norm
+from ..core.call_checks import check_channel_args, check_row_args
 from ..core.checks import InputError
 from ..core.types import ShapeLike
+from .fused_args import NO_ACTIVATION, ActivationArgs, activation_args
 
 __all__ = ["group_norm", "group_norm_act", "layer_norm", "rms_norm"]
 
@@ -49,15 +50,15 @@ def group_norm(
         The normalized tensor: the input's shape, dtype and memory format.
 
     Raises:
-        ValueError: an input of the wrong rank, parameters or estimates of the wrong shape,
-            dtype or device, a bad ``eps``/``momentum``, or a malformed ``mask``
-            (``docs/conventions.md#errors``).
+        ValueError: an input with fewer than 2 dims, a ``num_groups`` that is not a positive divisor of C,
+            parameters of the wrong shape, dtype or device, a bad ``eps``, or a malformed
+            ``mask`` (``docs/conventions.md#errors``).
         TypeError: a non-tensor input or a non-floating dtype.
 
     Examples:
         >>> y = nl.functional.group_norm(torch.randn(8, 64, 7, 7), 32)
     """
-    return _group_norm(input, num_groups, weight, bias, eps, mask=mask)
+    return _group_norm(input, num_groups, weight, bias, eps, mask)
 
 
 def group_norm_act(
@@ -88,21 +89,8 @@ def group_norm_act(
             ``inplace=True`` with one that cannot be inverted.
         TypeError: a non-tensor input or a non-floating dtype.
     """
-    param = check_activation(activation, activation_param, inplace=inplace)
-    check_inplace_input(input, inplace)
-    return _group_norm(
-        input,
-        num_groups,
-        weight,
-        bias,
-        eps,
-        activation=activation,
-        param=param,
-        prelu_weight=prelu_weight,
-        inplace=inplace,
-        fn="group_norm_act",
-        mask=mask,
-    )
+    act = activation_args(input, activation, activation_param, prelu_weight, inplace)
+    return _group_norm(input, num_groups, weight, bias, eps, mask, "group_norm_act", act)
 
 
 def _group_norm(
@@ -111,35 +99,18 @@ def _group_norm(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
-    *,
-    activation: str = "identity",
-    param: float = 0.0,
-    prelu_weight: torch.Tensor | None = None,
-    inplace: bool = False,
+    mask: torch.Tensor | None,
     fn: str = "group_norm",
-    mask: torch.Tensor | None = None,
+    act: ActivationArgs = NO_ACTIVATION,
 ) -> torch.Tensor:
-    """group_norm and group_norm_act: check, then the channel family's call."""
+    """group_norm, group_norm_act (and norm_act's "group"): check, then the channel family's call."""
     check_positive_int(num_groups, "num_groups")
     if isinstance(input, torch.Tensor) and input.dim() < 2:
         raise InputError(
             f"{fn} expects input of shape (N, C, *spatial), got a {input.dim()}D tensor of shape {tuple(input.shape)}"
         )
-    eps, mask = check_channel_args(fn, input, weight, bias, eps, num_groups, True, None, prelu_weight, mask)
-    return channel_norm(
-        input,
-        weight,
-        bias,
-        groups=num_groups,
-        eps=eps,
-        activation=activation,
-        param=param,
-        prelu_weight=prelu_weight,
-        inplace=inplace,
-        mask=mask,
-        operation=fn,
-        checked=True,
-    )
+    eps, mask = check_channel_args(fn, input, weight, bias, eps, num_groups, True, None, act["prelu_weight"], mask)
+    return channel_norm(input, weight, bias, groups=num_groups, eps=eps, mask=mask, operation=fn, checked=True, **act)
 
 
 def layer_norm(

@@ -42,7 +42,8 @@ from ..core.call_checks import check_channel_call
 from ..core.checks import InputError
 from ..core.paths import recomputing
 from ..core.running import RunningStats
-from .tracked import batch_norm
+from .fused_args import running_policy
+from .tracked import _batch_norm, batch_norm
 
 __all__ = ["check_peers", "distributed_world", "sync_batch_norm", "synchronized_batch_norm"]
 
@@ -170,33 +171,11 @@ def sync_batch_norm(
             dtype or rank.
         RuntimeError: a peer that fails or does not answer within the process group's timeout.
     """
+    estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
     if not training or distributed_world(process_group) == 1:
-        return batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            momentum,
-            eps,
-            num_batches_tracked=num_batches_tracked,
-            unbiased_running_var=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-            mask=mask,
-        )
+        return _batch_norm("batch_norm", input, weight, bias, training, eps, estimates, mask)
     eps = check_channel_call("sync_batch_norm", input, weight, bias, running_mean, running_var, eps)
-    running = None
-    if running_mean is not None:
-        assert running_var is not None  # check_channel_call: both estimates or neither
-        running = RunningStats.of(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            momentum=momentum,
-            unbiased=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-        )
+    running = running_policy(estimates, True)
     return synchronized_batch_norm(
         input,
         weight,

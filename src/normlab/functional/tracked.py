@@ -7,15 +7,14 @@ modules use to implement the cumulative average and the non-finite guard.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..core import RunningStats, channel_norm, check_activation, instance_norm_layout
 from ..core import batch_renorm as _renorm
-from ..core.call_checks import check_channel_args, check_channel_call, check_inplace_input
+from ..core import channel_norm, instance_norm_layout
+from ..core.call_checks import check_channel_args, check_channel_call
 from ..core.checks import InputError
 from ..core.native import no_channels
+from .fused_args import NO_ACTIVATION, ActivationArgs, Estimates, activation_args, running_policy
 
 __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "instance_norm"]
 
@@ -144,26 +143,9 @@ def batch_norm_act(
             an activation that cannot be inverted or an input that cannot be overwritten.
         TypeError: a non-tensor input or a non-floating dtype.
     """
-    param = check_activation(activation, activation_param, inplace=inplace)
-    check_inplace_input(input, inplace)
+    act = activation_args(input, activation, activation_param, prelu_weight, inplace)
     estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
-    act = {"activation": activation, "param": param, "prelu_weight": prelu_weight, "inplace": inplace}
     return _batch_norm("batch_norm_act", input, weight, bias, training, eps, estimates, mask, act)
-
-
-def _running(estimates: tuple[Any, ...], update: bool) -> RunningStats | None:
-    """The running-statistics policy of a functional call from its ``estimates`` (running_mean,
-    running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite), None
-    without any; the update arguments checked when the call will ``update`` the estimates."""
-    running_mean, running_var, counter, momentum, unbiased, on_nonfinite = estimates
-    if running_mean is None:
-        return None
-    if update:
-        return RunningStats.of(
-            running_mean, running_var, counter, momentum=momentum, unbiased=unbiased, on_nonfinite=on_nonfinite
-        )
-    buffers = {"running_mean": running_mean, "running_var": running_var, "num_batches_tracked": counter}
-    return RunningStats(buffers, momentum, unbiased, on_nonfinite)
 
 
 def _batch_norm(
@@ -173,12 +155,11 @@ def _batch_norm(
     bias: torch.Tensor | None,
     training: bool,
     eps: float,
-    estimates: tuple[Any, ...],
+    estimates: Estimates,
     mask: torch.Tensor | None,
-    act: dict[str, Any] | None = None,
+    act: ActivationArgs = NO_ACTIVATION,
 ) -> torch.Tensor:
-    """batch_norm and batch_norm_act: check, then the channel family's call."""
-    act = act or {}
+    """batch_norm, batch_norm_act (and norm_act's "batch"): check, then the channel family's call."""
     running_mean, running_var = estimates[:2]
     if (
         isinstance(input, torch.Tensor)
@@ -190,8 +171,8 @@ def _batch_norm(
         # torch reads a 1-D input as one with no channel dim, i.e. 0 channels
         return no_channels(fn, input, weight, bias)
     eps = check_channel_call(fn, input, weight, bias, running_mean, running_var, eps)
-    running = _running(estimates, training)
-    eps, mask = check_channel_args(fn, input, weight, bias, eps, -1, training, running, act.get("prelu_weight"), mask)
+    running = running_policy(estimates, training)
+    eps, mask = check_channel_args(fn, input, weight, bias, eps, -1, training, running, act["prelu_weight"], mask)
     return channel_norm(
         input,
         weight,
@@ -267,7 +248,7 @@ def instance_norm(
             "instance_norm with use_input_stats=False normalizes with running_mean and running_var, but they are None"
         )
     estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
-    running = _running(estimates, use_input_stats and input.numel() > 0)  # an empty batch updates nothing
+    running = running_policy(estimates, use_input_stats and input.numel() > 0)  # an empty batch updates nothing
     groups = input.shape[1]  # a group per channel: statistics per (sample, channel)
     eps, mask = check_channel_args(
         "instance_norm", input, weight, bias, eps, groups, use_input_stats, running, None, mask
@@ -350,6 +331,6 @@ def batch_renorm(
     ):
         raise InputError(f"d_max must be a number >= 0 (0 is plain BatchNorm), got {d_max!r}")
     estimates = (running_mean, running_var, num_batches_tracked, momentum, unbiased_running_var, on_nonfinite)
-    running = _running(estimates, training)
+    running = running_policy(estimates, training)
     assert running is not None  # the estimates were required above
     return _renorm(input, weight, bias, eps=eps, batch_stats=training, running=running, r_max=r_max, d_max=d_max)

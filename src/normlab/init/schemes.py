@@ -14,8 +14,11 @@ fan_in = C_in/groups · prod(k) and fan_out = C_out · prod(k).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -84,6 +87,39 @@ def _fill_normal(tensor: torch.Tensor, std: float, generator: torch.Generator | 
         return tensor.normal_(0.0, std, generator=generator)
 
 
+_SHARED_SECTIONS = """
+    Args:
+        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
+        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
+            it sets the gain. Default "{activation}".{mode}
+        gain, negative_slope, convention, generator: keyword-only, as for
+            :func:`xavier_uniform_`.
+
+    Returns:
+        ``tensor``, filled in place.
+
+    Raises:
+        ValueError, TypeError: as for :func:`xavier_uniform_`.
+    """
+_MODE = """
+        mode: keyword-only; "fan_in" (default: preserves the forward variance) or
+            "fan_out" (the backward one)."""
+
+_Initializer = TypeVar("_Initializer", bound=Callable[..., torch.Tensor])
+
+
+def _shared_sections(initializer: _Initializer) -> _Initializer:
+    """The Args, Returns and Raises that every initializer but :func:`xavier_uniform_` shares,
+    written once and appended to its docstring; ``activation``'s default and whether there is
+    a ``mode`` are read from its signature, so the text cannot drift from the code."""
+    parameters = inspect.signature(initializer).parameters
+    sections = _SHARED_SECTIONS.format(
+        activation=parameters["activation"].default, mode=_MODE if "mode" in parameters else ""
+    )
+    initializer.__doc__ = (initializer.__doc__ or "").rstrip() + "\n" + sections
+    return initializer
+
+
 def _xavier_std(
     tensor: torch.Tensor, activation: str, negative_slope: float | None, gain: float | None, convention: str
 ) -> float | None:
@@ -136,6 +172,7 @@ def xavier_uniform_(
     return tensor if std is None else _fill_uniform(tensor, std, generator)
 
 
+@_shared_sections
 def xavier_normal_(
     tensor: torch.Tensor,
     activation: str = "tanh",
@@ -145,21 +182,7 @@ def xavier_normal_(
     convention: str = "glorot",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out)).
-
-    Args:
-        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
-        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
-            it sets the gain. Default "tanh".
-        gain, negative_slope, convention, generator: keyword-only, as for
-            :func:`xavier_uniform_`.
-
-    Returns:
-        ``tensor``, filled in place.
-
-    Raises:
-        ValueError, TypeError: as for :func:`xavier_uniform_`.
-    """
+    """Glorot & Bengio (2010), normal form: N(0, gain² · 2/(fan_in + fan_out))."""
     std = _xavier_std(tensor, activation, negative_slope, gain, convention)
     return tensor if std is None else _fill_normal(tensor, std, generator)
 
@@ -181,6 +204,7 @@ def _he_std(
     return g / math.sqrt(fan_in if mode == "fan_in" else fan_out)
 
 
+@_shared_sections
 def he_uniform_(
     tensor: torch.Tensor,
     activation: str = "relu",
@@ -194,27 +218,12 @@ def he_uniform_(
     """He et al. (2015): U[−b, b], b = gain · √3/√fan (gain √2 for ReLU).
 
     ``mode="fan_in"`` preserves the forward variance, ``"fan_out"`` the backward one;
-    ``negative_slope`` is LeakyReLU's slope (``activation="leaky_relu"``).
-
-    Args:
-        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
-        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
-            it sets the gain. Default "relu".
-        mode: keyword-only; "fan_in" (default: preserves the forward variance) or
-            "fan_out" (the backward one).
-        gain, negative_slope, convention, generator: keyword-only, as for
-            :func:`xavier_uniform_`.
-
-    Returns:
-        ``tensor``, filled in place.
-
-    Raises:
-        ValueError, TypeError: as for :func:`xavier_uniform_`.
-    """
+    ``negative_slope`` is LeakyReLU's slope (``activation="leaky_relu"``)."""
     std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
     return tensor if std is None else _fill_uniform(tensor, std, generator)
 
 
+@_shared_sections
 def he_normal_(
     tensor: torch.Tensor,
     activation: str = "relu",
@@ -225,27 +234,12 @@ def he_normal_(
     convention: str = "glorot",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU.
-
-    Args:
-        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
-        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
-            it sets the gain. Default "relu".
-        mode: keyword-only; "fan_in" (default: preserves the forward variance) or
-            "fan_out" (the backward one).
-        gain, negative_slope, convention, generator: keyword-only, as for
-            :func:`xavier_uniform_`.
-
-    Returns:
-        ``tensor``, filled in place.
-
-    Raises:
-        ValueError, TypeError: as for :func:`xavier_uniform_`.
-    """
+    """He et al. (2015): N(0, gain²/fan) — Var(w) = 2/fan_in for ReLU."""
     std = _he_std(tensor, activation, negative_slope, mode, gain, convention)
     return tensor if std is None else _fill_normal(tensor, std, generator)
 
 
+@_shared_sections
 def lecun_normal_(
     tensor: torch.Tensor,
     activation: str = "linear",
@@ -255,21 +249,7 @@ def lecun_normal_(
     convention: str = "glorot",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe.
-
-    Args:
-        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
-        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
-            it sets the gain. Default "linear".
-        gain, negative_slope, convention, generator: keyword-only, as for
-            :func:`xavier_uniform_`.
-
-    Returns:
-        ``tensor``, filled in place.
-
-    Raises:
-        ValueError, TypeError: as for :func:`xavier_uniform_`.
-    """
+    """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe."""
     fan_in, _ = fans(tensor)
     g = _gain(activation, negative_slope, gain, convention)
     if _is_empty(tensor):
@@ -278,6 +258,7 @@ def lecun_normal_(
     return _fill_normal(tensor, std, generator)
 
 
+@_shared_sections
 def orthogonal_(
     tensor: torch.Tensor,
     activation: str = "linear",
@@ -290,21 +271,7 @@ def orthogonal_(
     """Saxe et al. (2014): a (semi-)orthogonal matrix (rows or columns orthonormal) × gain.
 
     The weight is flattened to (out, in·prod(kernel)); a QR decomposition of a Gaussian
-    matrix, with the signs of R's diagonal folded in, makes the draw uniform (Haar).
-
-    Args:
-        tensor: the weight, shape (out, in, \\*kernel), at least 2 dims.
-        activation: the activation that follows the layer, by name (:data:`ACTIVATIONS`);
-            it sets the gain. Default "linear".
-        gain, negative_slope, convention, generator: keyword-only, as for
-            :func:`xavier_uniform_`.
-
-    Returns:
-        ``tensor``, filled in place.
-
-    Raises:
-        ValueError, TypeError: as for :func:`xavier_uniform_`.
-    """
+    matrix, with the signs of R's diagonal folded in, makes the draw uniform (Haar)."""
     if not isinstance(tensor, torch.Tensor):
         raise InputTypeError(f"expected a torch.Tensor weight, got {type(tensor).__name__}")
     if tensor.dim() < 2:

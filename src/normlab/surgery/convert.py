@@ -29,12 +29,12 @@ from .modules import (
     module_factory_kwargs,
     normalization_layers,
     replace_everywhere,
-    run_copy,
     thaw,
     unrecognized_norm_note,
+    watch_calls,
 )
 from .report import SurgeryReport, SurgeryResult
-from .tracing import PreHook, extra_arguments, takes_mask
+from .tracing import extra_arguments, takes_mask
 
 __all__ = ["TARGETS", "auto_groups", "build_norm", "convert_norms"]
 
@@ -231,20 +231,12 @@ def _inputs_seen(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor
     an empty tensor of its rank, dtype and device."""
     seen: dict[str, torch.Tensor] = {}
 
-    def record(path: str) -> PreHook:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs.get("input")
-            if isinstance(x, torch.Tensor):
-                seen.setdefault(path, x.new_empty((0,) * x.dim()))
+    def see(path: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, torch.Tensor):
+            seen.setdefault(path, x.new_empty((0,) * x.dim()))
 
-        return hook
-
-    def watch(scratch: nn.Module) -> None:
-        for path, m in scratch.named_modules():
-            if is_normalization_layer(m):
-                m.register_forward_pre_hook(record(path), with_kwargs=True)
-
-    run_copy(model, example_input, watch)
+    watch_calls(model, example_input, is_normalization_layer, see)
     return seen
 
 

@@ -4,6 +4,7 @@ and what a layer swap must carry over besides the state_dict."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ __all__ = [
     "replace_everywhere",
     "run_copy",
     "shared_parameters",
+    "watch_calls",
     "unrecognized_norm_note",
 ]
 
@@ -109,6 +111,24 @@ def run_copy(model: nn.Module, example_input: Any, hooks: Callable[[nn.Module], 
         hooks(scratch)
     with evaluating(scratch):
         return call_model(scratch, example_input)
+
+
+#: what :func:`watch_calls` shows of each call: the module's path, the module, and the
+#: positional and keyword arguments it is called with
+CallWatcher = Callable[[str, nn.Module, tuple[Any, ...], dict[str, Any]], None]
+
+
+def watch_calls(model: nn.Module, example_input: Any, is_target: Callable[[nn.Module], bool], see: CallWatcher) -> None:
+    """One eval forward of ``model`` on ``example_input`` in a copy (:func:`run_copy`), with
+    ``see(path, module, args, kwargs)`` called before each call of a module ``is_target``
+    picks (its path is the model's): how surgery learns what a layer is called with."""
+
+    def watch(scratch: nn.Module) -> None:
+        for path, m in scratch.named_modules():
+            if is_target(m):
+                m.register_forward_pre_hook(functools.partial(see, path), with_kwargs=True)
+
+    run_copy(model, example_input, watch)
 
 
 def eval_max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float | None:
@@ -209,19 +229,6 @@ class NormInfo:
     source: str  # "normlab" or "torch" or "other"
 
 
-class _CommonFields(TypedDict):
-    """The NormInfo fields read the same way from every kind of channel norm."""
-
-    eps: float
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    num_batches_tracked: torch.Tensor | None
-    momentum: float | None
-    source: str
-
-
 _SPATIAL_RANK_BY_SUFFIX = {"1d": 1, "2d": 2, "3d": 3}
 
 
@@ -233,14 +240,12 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
     """NormInfo for channel norm layers (BatchNorm, InstanceNorm, GroupNorm, frozen,
     BatchRenorm — normlab's or torch.nn's); None for anything else, LayerNorm and
     RMSNorm included (they normalize trailing dims, not channels)."""
-    name = type(module).__name__
-    source = (
-        "normlab"
-        if type(module).__module__.startswith("normlab.")
-        else ("torch" if type(module).__module__.startswith("torch.") else "other")
-    )
-    rank = _spatial_rank_from_name(module)
-    common = _CommonFields(
+    kind = _channel_norm_kind(module)
+    if kind is None:
+        return None
+    library = type(module).__module__
+    return NormInfo(
+        *kind,
         eps=float(getattr(module, "eps", None) or 0.0),  # RMSNorm's eps may be None; a channel norm's never is
         weight=getattr(module, "weight", None),
         bias=getattr(module, "bias", None),
@@ -248,24 +253,28 @@ def describe_norm(module: nn.Module) -> NormInfo | None:
         running_var=getattr(module, "running_var", None),
         num_batches_tracked=getattr(module, "num_batches_tracked", None),
         momentum=getattr(module, "momentum", None),
-        source=source,
+        source="normlab" if library.startswith("normlab.") else ("torch" if library.startswith("torch.") else "other"),
     )
+
+
+def _channel_norm_kind(module: nn.Module) -> tuple[str, int | None, int] | None:
+    """NormInfo's ``(kind, spatial_rank, channels)`` of a channel norm layer; None for anything else."""
+    rank = _spatial_rank_from_name(module)
     if isinstance(module, (nln.BatchRenorm1d, nln.BatchRenorm2d, nln.BatchRenorm3d)):
-        return NormInfo("batch_renorm", rank, channels=module.num_features, **common)
+        return "batch_renorm", rank, module.num_features
     if isinstance(module, (nln.FrozenBatchNorm1d, nln.FrozenBatchNorm2d, nln.FrozenBatchNorm3d)) or (
-        name.startswith("FrozenBatchNorm") and hasattr(module, "running_var")
+        type(module).__name__.startswith("FrozenBatchNorm") and hasattr(module, "running_var")
     ):
         # a class of another library, known by its name: running_var is its buffer
-        return NormInfo("frozen", rank, channels=int(cast(torch.Tensor, module.running_var).numel()), **common)
+        return "frozen", rank, int(cast(torch.Tensor, module.running_var).numel())
     if isinstance(module, (nln.BatchNorm1d, nln.BatchNorm2d, nln.BatchNorm3d, nn.modules.batchnorm._BatchNorm)):
-        batch_rank = rank if not isinstance(module, nn.SyncBatchNorm) else None
-        return NormInfo("batch", batch_rank, channels=module.num_features, **common)
+        return "batch", rank if not isinstance(module, nn.SyncBatchNorm) else None, module.num_features
     if isinstance(
         module, (nln.InstanceNorm1d, nln.InstanceNorm2d, nln.InstanceNorm3d, nn.modules.instancenorm._InstanceNorm)
     ):
-        return NormInfo("instance", rank, channels=module.num_features, **common)
+        return "instance", rank, module.num_features
     if isinstance(module, (nln.GroupNorm, nn.GroupNorm)):
-        return NormInfo("group", None, channels=module.num_channels, **common)
+        return "group", None, module.num_channels
     return None
 
 

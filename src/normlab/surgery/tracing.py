@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from .. import nn as nln
-from .modules import call_model, evaluating, output_tensors, run_copy
+from .modules import call_model, evaluating, output_tensors, run_copy, watch_calls
 
 __all__ = ["PairSearch", "extra_arguments", "find_pairs", "takes_mask"]
 
@@ -138,23 +138,15 @@ def extra_arguments(model: nn.Module, is_target: Predicate, example_input: Any =
 def _extra_arguments_by_hooks(model: nn.Module, is_target: Predicate, example_input: Any) -> dict[str, str]:
     found: dict[str, str] = {}
 
-    def record(path: str) -> PreHook:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            kwargs = dict(kwargs)
-            if not args:
-                kwargs.pop("input", None)
-            extra = _extra_arguments(module, args[1:], kwargs)
-            if extra:
-                found.setdefault(path, extra)
+    def see(path: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        if not args:
+            kwargs.pop("input", None)
+        extra = _extra_arguments(module, args[1:], kwargs)
+        if extra:
+            found.setdefault(path, extra)
 
-        return hook
-
-    def watch(scratch: nn.Module) -> None:
-        for path, m in scratch.named_modules():
-            if is_target(m):
-                m.register_forward_pre_hook(record(path), with_kwargs=True)
-
-    run_copy(model, example_input, watch)
+    watch_calls(model, example_input, is_target, see)
     return found
 
 
