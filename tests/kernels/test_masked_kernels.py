@@ -210,3 +210,79 @@ def test_forced_composed_and_other_dtypes_keep_the_composed_ops():
     with core.record_dispatch() as log:
         nl.functional.batch_norm(x.double(), None, None, training=True, mask=mask)
     assert log[0][1] == "composed"
+
+
+# ---------------------------------------------------------------- the fused per-group route
+# Planes (NCL, NCHW) of GroupNorm and InstanceNorm, and BatchNorm's planes of at least 512
+# positions, are summed and normalized group by group over each sample's valid span; the
+# spans below cover every edge: a sample with no valid position, one, all of them, holes,
+# and a span that starts late.
+
+SPAN_LAYOUTS = {"NCL": (5, 8, 520), "NCHW": (5, 8, 24, 24), "channels_last": (5, 8, 24, 24)}
+
+
+def _span_mask(shape, seed):
+    """(N, *spatial): sample 0 all padding, 1 one valid position, 2 all valid, 3 random
+    holes, 4 valid only over a middle stretch."""
+    g = torch.Generator().manual_seed(seed)
+    positions = int(np.prod(shape[2:]))
+    flat = torch.zeros(shape[0], positions, dtype=torch.bool)
+    flat[1, positions // 3] = True
+    flat[2] = True
+    flat[3] = torch.rand(positions, generator=g) > 0.5
+    flat[4, positions // 4 : positions // 2] = True
+    return flat.view((shape[0],) + tuple(shape[2:]))
+
+
+@pytest.mark.parametrize("layout", list(SPAN_LAYOUTS))
+@pytest.mark.parametrize("grouping", ["bn", "bn_eval", "gn4", "in"])
+@pytest.mark.parametrize("activation,param", [("identity", 0.0), ("relu", 0.0), ("silu", 0.0), ("prelu", 0.0)])
+def test_valid_spans_match_the_float64_composed_ops(layout, grouping, activation, param):
+    groups, batch_stats = GROUPINGS[grouping]
+    shape = SPAN_LAYOUTS[layout]
+    x, _, dy, w, b, prelu, rm, rv = _inputs(shape, layout, seed=7)
+    mask = _span_mask(shape, seed=7)
+    x = torch.where(mask.unsqueeze(1), x.nan_to_num(0.0), torch.full_like(x, float("inf")))  # padding never enters
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x, mask, dy, w, b, prelu, rm, rv, groups, batch_stats, activation, param)
+    got, grads, buffers, log = _run(*args, torch.float32, "auto")
+    assert log[0][1] == "kernels"
+    want, wgrads, wbuffers, _ = _run(*args, torch.float64, "composed")
+    assert _rel(got, want) < 1e-6
+    for g, w_ in zip(grads, wgrads):
+        assert _rel(g, w_) < 2e-6
+    for key in ("running_mean", "running_var"):
+        if key in buffers:
+            assert _rel(buffers[key], wbuffers[key]) < 1e-6
+    padded = ~mask.unsqueeze(1).expand_as(got)
+    assert (got[padded] == 0).all() and (grads[0][padded] == 0).all()
+    if groups > 0:  # a sample without a valid position: 0 out, 0 gradient
+        assert (got[0] == 0).all() and (grads[0][0] == 0).all()
+    if grouping == "in":  # one valid value normalizes to 0: its output is β, its gradient exactly 0
+        c = torch.arange(shape[1])
+        one = mask[1].flatten().nonzero()[0, 0]
+        assert (grads[0][1].flatten(1)[c, one] == 0).all()
+
+
+def test_a_group_without_valid_positions_gets_zeros_in_every_layout():
+    for layout, shape in SPAN_LAYOUTS.items():
+        x = torch.randn(shape)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        mask = torch.zeros((shape[0],) + shape[2:], dtype=torch.bool)
+        with core.record_dispatch() as log:
+            y = nl.functional.group_norm(x, 4, torch.ones(8), torch.full((8,), 0.5), mask=mask)
+        assert log[0][1] == "kernels"
+        y.backward(torch.randn(shape))
+        assert (y == 0).all() and (x.grad == 0).all() and not y.isnan().any()
+
+
+def test_an_empty_batch_is_answered_without_the_kernels():
+    for shape in ((0, 8, 520), (0, 8, 24, 24)):
+        x = torch.randn(shape, requires_grad=True)
+        mask = torch.ones((0,) + shape[2:], dtype=torch.bool)
+        y = nl.functional.instance_norm(x, mask=mask)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape

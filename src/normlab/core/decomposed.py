@@ -70,6 +70,14 @@ def shifted_moments(x: torch.Tensor, dims: Sequence[int]) -> ShiftedMoments:
     return ShiftedMoments(d, shift, offset, torch.where(var < torch.inf, var, torch.nan))
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """t itself, marked for inductor to compute into a buffer of its own rather than inline
+    into every consumer: an ``as_strided`` view needs its base stored (torch's group_norm
+    decomposition uses the same means). In eager, a view of t."""
+    t = t.contiguous()
+    return t.as_strided(t.shape, t.stride())
+
+
 class _ShiftedNormalize(torch.autograd.Function):
     """y = γ·(d − offset)·r + β on shifted moments, with the closed-form backward of
     :mod:`normlab.core.normalize` written in torch ops: the compiler traces both and fuses
@@ -88,11 +96,17 @@ class _ShiftedNormalize(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         moments = shifted_moments(x, dims)
         rstd = torch.rsqrt(moments.var + eps)
-        y = (moments.d - moments.offset) * rstd
-        if weight is not None:
-            y = y * weight
+        # y = d·a + c with a = γ·r and c = β − offset·a per (sample, channel), as the kernels
+        # compute it: d = x − shift is exact, and offset is small beside it, so nothing cancels.
+        # Written (d − offset)·r·γ + β, inductor computed r = 1/√(var/n + ε) and the products
+        # inside the output loop, once per vector of 8 values (compiled GroupNorm eval 1.2x
+        # torch.nn's); a and c stored once per (sample, channel) leave it a subtract, a
+        # multiply-add and the activation per vector, as torch's own group_norm decomposition does.
+        scale = rstd if weight is None else rstd * weight
+        offset = -moments.offset * scale
         if bias is not None:
-            y = y + bias
+            offset = offset + bias
+        y = moments.d * _stored(scale) + _stored(offset)
         mean = moments.shift + moments.offset
         ctx.save_for_backward(x, weight, moments.shift, moments.offset, rstd)
         ctx.dims = dims
