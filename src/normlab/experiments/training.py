@@ -7,11 +7,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .data import Dataset
+from .flat_sgd import FlatSGD
 
 __all__ = [
     "StepConfig",
@@ -92,24 +94,35 @@ def train_classifier(
         return _train(model, data, config, on_epoch)
 
 
-def _sgd(model: nn.Module, config) -> torch.optim.SGD:
-    # foreach: the update of every parameter in a few calls instead of a Python loop over
-    # them (on CPU torch defaults to the loop); the same arithmetic, bit for bit
-    return torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, foreach=True
+class Optimizer(Protocol):
+    """What the training loop calls: a ``torch.optim.Optimizer`` or a :class:`FlatSGD`."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> None: ...
+
+
+def _sgd(model: nn.Module, config: TrainConfig | StepConfig, lr_factor: Callable[[int], float] | None) -> FlatSGD:
+    # torch.optim.SGD's arithmetic bit for bit, on one flat buffer: its step costs more than
+    # these models' forward pass (see flat_sgd); lr_factor is the schedule
+    return FlatSGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        lr_factor=lr_factor,
     )
 
 
-def _cosine(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
-    )
+def _cosine(total: int) -> Callable[[int], float]:
+    """The cosine schedule's factor at each step (what a LambdaLR of it gives)."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
 
 
 def minibatch_losses(
     model: nn.Module,
     data: Dataset,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     *,
     steps: int,
     batch_size: int,
@@ -125,14 +138,19 @@ def minibatch_losses(
     loss_fn = nn.CrossEntropyLoss()
     n = len(data.y_train)
     per_epoch = max(1, n // batch_size)
-    order = None
+    modules = list(model.modules())
+    x_epoch = y_epoch = data.x_train  # replaced at step 0
     for step in range(steps):
         if step % per_epoch == 0:
-            order = torch.randperm(n, generator=generator)
+            # The epoch's samples gathered in its order once: each step's batch is then a
+            # slice (a view), not a gather of its own. The same values, in the same order.
+            order = torch.randperm(n, generator=generator)[: per_epoch * batch_size]
+            x_epoch, y_epoch = data.x_train[order], data.y_train[order]
         i = step % per_epoch
-        idx = order[i * batch_size : (i + 1) * batch_size]
-        model.train()
-        loss = loss_fn(model(data.x_train[idx]), data.y_train[idx])
+        if not all(m.training for m in modules):  # model.train() walks every module: only when needed
+            model.train()
+        batch = slice(i * batch_size, (i + 1) * batch_size)
+        loss = loss_fn(model(x_epoch[batch]), y_epoch[batch])
         value = loss.item()  # one read of the loss (a tensor op and a sync fewer than isfinite)
         if not math.isfinite(value):
             yield None
@@ -162,16 +180,14 @@ def _train(model, data, config, on_epoch):
             f"batch_size {config.batch_size} is larger than the {len(data.y_train)} training samples: "
             "no full batch to train on"
         )
-    optimizer = _sgd(model, config)
     total = steps_per_epoch * config.epochs
     losses = minibatch_losses(
         model,
         data,
-        optimizer,
+        _sgd(model, config, _cosine(total)),
         steps=total,
         batch_size=config.batch_size,
         seed=config.seed,
-        schedule=_cosine(optimizer, total),
     )
     start = time.perf_counter()
     history, step, diverged, running, seen = [], 0, False, 0.0, 0
@@ -243,7 +259,7 @@ def train_steps(
 
 
 def _train_steps(model, data, config, on_check):
-    optimizer = _sgd(model, config)
+    optimizer = _sgd(model, config, _cosine(config.steps) if config.schedule == "cosine" else None)
     losses_of_steps = minibatch_losses(
         model,
         data,
@@ -251,7 +267,6 @@ def _train_steps(model, data, config, on_check):
         steps=config.steps,
         batch_size=config.batch_size,
         seed=config.seed,
-        schedule=_cosine(optimizer, config.steps) if config.schedule == "cosine" else None,
         clip_norm=config.clip_norm,
     )
     history: list[dict] = []

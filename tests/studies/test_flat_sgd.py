@@ -1,0 +1,120 @@
+"""FlatSGD: torch.optim.SGD's results bit for bit, on one flat buffer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from normlab.experiments.flat_sgd import FlatSGD
+from normlab.experiments.models import ColumnConvNet, ConvNet1d
+
+
+def _cosine(total):
+    return lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def _train_pair(model, *, steps, lr, momentum, weight_decay, factor, skip=None, batch=4):
+    """The same model trained by torch.optim.SGD (+ LambdaLR) and by FlatSGD; ``skip(step)``
+    names parameters whose gradient is dropped at that step (torch then leaves them alone)."""
+    ours = copy.deepcopy(model)
+    theirs = copy.deepcopy(model)
+    sgd = torch.optim.SGD(theirs.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(sgd, factor) if factor else None
+    flat = FlatSGD(ours.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, lr_factor=factor)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        x = torch.randn(batch, 1, 40, generator=generator)
+        y = torch.randint(0, 10, (batch,), generator=generator)
+        for net, opt in ((theirs, sgd), (ours, flat)):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            for name, p in net.named_parameters():
+                if skip and name in skip(step):
+                    p.grad = None
+            opt.step()
+        if schedule is not None:
+            schedule.step()
+    return ours, theirs
+
+
+def _assert_same(ours, theirs):
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "momentum, weight_decay, factor",
+    [(0.9, 5e-4, _cosine(30)), (0.9, 0.0, None), (0.0, 1e-3, None), (0.0, 0.0, _cosine(30))],
+)
+def test_bit_identical_to_torch_sgd(momentum, weight_decay, factor):
+    torch.manual_seed(0)
+    ours, theirs = _train_pair(
+        ConvNet1d("batch"), steps=30, lr=0.05, momentum=momentum, weight_decay=weight_decay, factor=factor
+    )
+    _assert_same(ours, theirs)
+
+
+def test_bit_identical_with_odd_sized_parameters():
+    # FRN's per-channel parameters and the 10-element head bias: lengths off the vector width
+    torch.manual_seed(1)
+    ours, theirs = _train_pair(ColumnConvNet("frn"), steps=20, lr=0.1, momentum=0.9, weight_decay=5e-4, factor=None)
+    _assert_same(ours, theirs)
+
+
+def test_a_parameter_without_gradient_is_skipped_as_torch_skips_it():
+    # step 3: the head's bias gets no gradient (no decay, no momentum for it); later steps go on
+    torch.manual_seed(2)
+    ours, theirs = _train_pair(
+        ConvNet1d("group"),
+        steps=8,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=5e-4,
+        factor=None,
+        skip=lambda step: {"11.bias"} if step in (0, 3) else set(),
+    )
+    _assert_same(ours, theirs)
+
+
+def test_parameters_keep_their_identity_and_values():
+    torch.manual_seed(3)
+    model = ConvNet1d("batch")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    objects = {name: p for name, p in model.named_parameters()}
+    FlatSGD(model.parameters(), lr=0.1)
+    for name, p in model.named_parameters():
+        assert p is objects[name] and isinstance(p, nn.Parameter)
+        assert torch.equal(p, before[name]) and p.is_contiguous()
+
+
+def test_frozen_parameters_are_left_out():
+    model = nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    opt = FlatSGD(model.parameters(), lr=0.1, weight_decay=0.5)
+    bias = model.bias.detach().clone()
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert torch.equal(model.bias, bias)
+
+
+def test_bad_parameters_are_refused_plainly():
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        FlatSGD([], lr=0.1)
+    mixed = [nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2, dtype=torch.float64))]
+    with pytest.raises(ValueError, match="one dtype and device"):
+        FlatSGD(mixed, lr=0.1)
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="twice"):
+        FlatSGD([p, p], lr=0.1)
+
+
+def test_sparse_gradients_are_refused():
+    embedding = nn.Embedding(5, 3, sparse=True)
+    opt = FlatSGD(embedding.parameters(), lr=0.1)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="dense gradients"):
+        opt.step()
