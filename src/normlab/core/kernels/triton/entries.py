@@ -150,7 +150,7 @@ def channel_norm(
         x = x.contiguous()
     given = not batch_stats
     update = running_mean is not None and not given
-    call = ops.ChannelCall(
+    call = ops.OperatorArgs(
         mask,
         running_mean if (update or given) else None,
         running_var if (update or given) else None,

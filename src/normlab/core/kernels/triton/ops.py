@@ -38,7 +38,7 @@ from .activation import PRELU_CODE
 from .channel import RunningUpdate, channel_backward, channel_forward
 from .row import row_backward, row_forward
 
-__all__ = ["ChannelCall", "ChannelNorm", "ChannelNormInPlace", "RowNorm"]
+__all__ = ["OperatorArgs", "ChannelNorm", "ChannelNormInPlace", "RowNorm"]
 
 
 def _running_update(
@@ -161,9 +161,11 @@ def _param_grad(g: torch.Tensor, p: torch.Tensor | None, need: bool) -> torch.Te
     return g.reshape(p.shape).to(p.dtype)
 
 
-class ChannelCall(NamedTuple):
+class OperatorArgs(NamedTuple):
     """What a channel operator takes after x and the differentiable parameters, in the
-    operators' order: the autograd Functions carry it as one argument."""
+    operators' order: the autograd Functions carry it as one argument. (Not
+    :class:`normlab.core.calls.ChannelCall`, the checked call the path rule routes: this is
+    the operators' flattened arguments, the running policy spelt out as tensors and numbers.)"""
 
     mask: torch.Tensor | None
     running_mean: torch.Tensor | None  # the estimates to update, or the given statistics
@@ -180,7 +182,7 @@ class ChannelCall(NamedTuple):
 class ChannelNorm(torch.autograd.Function):
     """``(y, stats, status)`` of the channel operators; gradients for x, γ, β and PReLU's slope.
 
-    Arguments: ``x, weight, bias, prelu_weight, call, given`` — ``call`` a :class:`ChannelCall`;
+    Arguments: ``x, weight, bias, prelu_weight, call, given`` — ``call`` a :class:`OperatorArgs`;
     ``given``: normalize with its ``running_mean``/``running_var`` (BatchNorm eval); otherwise
     with the batch's statistics, merging them into the running estimates when those are passed."""
 
@@ -191,7 +193,7 @@ class ChannelNorm(torch.autograd.Function):
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         prelu: torch.Tensor | None,
-        call: ChannelCall,
+        call: OperatorArgs,
         given: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if given:
@@ -353,7 +355,7 @@ class ChannelNormInPlace(torch.autograd.Function):
     with one host read of γ, as the CPU path does; nothing when every |γ| is larger), and their
     gradients are redone exactly by the composed ops.
 
-    Arguments: ``x, weight, bias, call, stats_out`` — ``call`` a :class:`ChannelCall` without a
+    Arguments: ``x, weight, bias, call, stats_out`` — ``call`` a :class:`OperatorArgs` without a
     mask; the statistics tensor goes into ``stats_out``."""
 
     @staticmethod
@@ -362,7 +364,7 @@ class ChannelNormInPlace(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        call: ChannelCall,
+        call: OperatorArgs,
         stats_out: list[torch.Tensor],
     ) -> torch.Tensor:
         # γ read on the host (3 small ops); on the meta device there is nothing to read
