@@ -118,3 +118,42 @@ def test_sparse_gradients_are_refused():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="dense gradients"):
         opt.step()
+
+
+def test_the_training_loop_equals_a_plain_torch_loop():
+    """train_steps (FlatSGD, the epoch gathered once, train() only when needed) against the loop
+    it replaced: torch.optim.SGD + LambdaLR, a gather per step, model.train() every step; the
+    checks put the model in eval mode, so train() must still come back."""
+    from normlab.experiments.data import Dataset
+    from normlab.experiments.training import StepConfig, train_steps
+
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(50, 1, 40, generator=generator), torch.randint(0, 10, (50,), generator=generator)
+    data = Dataset("toy", x, y, x[:10], y[:10])
+    config = StepConfig(
+        steps=20, batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine", check_every=7, seed=3
+    )
+    torch.manual_seed(4)
+    model = ConvNet1d("batch")
+    reference = copy.deepcopy(model)
+    result = train_steps(model, data, config, on_check=lambda step, m: (m.eval(), {})[1])
+
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, foreach=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(sgd, _cosine(20))
+    order_generator = torch.Generator().manual_seed(3)
+    losses, per_epoch = [], 50 // 8
+    for step in range(20):
+        if step % per_epoch == 0:
+            order = torch.randperm(50, generator=order_generator)
+        idx = order[(step % per_epoch) * 8 : (step % per_epoch + 1) * 8]
+        reference.train()
+        loss = nn.functional.cross_entropy(reference(x[idx]), y[idx])
+        losses.append(loss.item())
+        sgd.zero_grad(set_to_none=True)
+        loss.backward()
+        sgd.step()
+        schedule.step()
+        if (step + 1) % 7 == 0:
+            reference.eval()
+    _assert_same(model, reference)
+    assert result.history[-1]["train_loss"] == sum(losses[14:]) / 6
