@@ -103,6 +103,10 @@ ValidPositions valid_positions(const bool* mp, int64_t N, int64_t S) {
     const int64_t want = std::min<int64_t>(total, 16);
     if (!want) continue;
     // the ((j·total) >> 4)-th valid position for j < 16 (every one when fewer than 16)
+    if (total == v.hi[n] - v.lo[n]) {  // one unbroken span (a padded sequence): no search
+      for (int64_t j = 0; j < want; ++j) v.samples[n].push_back(v.lo[n] + (total >= 16 ? (j * total) >> 4 : j));
+      continue;
+    }
     int64_t j = 0, seen = 0;
     for (int64_t s = 0; s < S && j < want; ++s) {
       if (!m[s]) continue;
