@@ -1,7 +1,8 @@
 // The channel norms over the valid positions of a mask (declared in kernels.h): BatchNorm,
 // InstanceNorm and GroupNorm, with a fused activation, forward and closed-form backward — the
-// math of normlab/core/masked.py (derivation in docs/derivations.md), in one pass for the
-// moments, one for the output, and two for the backward, as the unmasked two-pass route does.
+// math of normlab/core/masked.py (derivation in docs/derivations.md), on the two routes the
+// unmasked kernels have: fused per group for planes, or a pass for the moments and one for the
+// output (backward: a reduction pass and a gradient pass).
 //
 // The mask is one bool per (sample, position), shared by every channel: planes (N·C, S) read a
 // plane's mask row beside it; columns (N, S, C) skip a padded row whole. Padding never enters a
@@ -313,15 +314,13 @@ std::vector<int32_t> lane_mask(const bool* mp, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Fused per-group route for planes, as channel.cpp's for unmasked planes: one task sums a
-// group's planes over their valid positions and then normalizes them (forward), or reduces
-// and then differentiates them (backward), while they are still in cache — one trip through
-// memory instead of two. Each plane is read only over its sample's valid span [lo, hi); the
-// rest of the output plane is zeroed. Groups larger than kFuseBytes (channel.cpp's limit)
-// take the per-pass route below, and so do BatchNorm's groups of short planes: a channel's N
-// planes lie C·S apart, and runs of under 512 values (2 KiB) read out of order cost more than
-// the second pass saves (BatchNorm1d 32x64x256: the fused route took 1.5x the per-pass one's
-// time forward, 1.8x backward; BatchNorm2d 8x64x28x28, runs of 784: 0.84x and 0.90x).
+// Fused per-group route for planes, as channel.cpp's: one task sums a group's planes over
+// their valid positions, then normalizes them (backward: reduces, then differentiates) while
+// they are in cache. A plane is read only over its sample's valid span [lo, hi); the rest of
+// its output is zeroed. Groups over kFuseBytes (channel.cpp's limit) take the per-pass route,
+// and so do BatchNorm's short planes: a channel's N planes lie C·S apart, and runs of under
+// 512 values read that way cost more than the second pass saves (BatchNorm1d 32x64x256: 1.5x
+// the per-pass time forward, 1.8x backward; BatchNorm2d 8x64x28x28, runs of 784: 0.84x, 0.90x).
 
 bool fuses(const MaskedGroups& g) {
   return g.planes && g.size() * g.S * 4 <= kFuseBytes && (!g.per_channel || g.S >= 512);
