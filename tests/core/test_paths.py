@@ -149,6 +149,49 @@ def test_a_gpu_backend_registered_does_not_take_cpu_calls():
         paths.register_gpu_kernels(None)
 
 
+def test_a_gpu_backend_is_handed_each_family_call_whole():
+    """The family entries pass a GPU backend one ChannelCall or RowCall holding the checked
+    call (core/kernels/__init__.py's protocol); forced, the backend takes CPU tensors too."""
+    from normlab.core.calls import ChannelCall, RowCall
+
+    received = []
+
+    class Recording:
+        def unavailable(self, x):
+            return ""
+
+        def takes(self, x, family, call, **kwargs):
+            return True, ""
+
+        def channel_norm(self, call):
+            received.append(call)
+            return call.x
+
+        def row_norm(self, call):
+            received.append(call)
+            return call.x if call.residual is None else (call.x, call.x + call.residual)
+
+    paths.register_gpu_kernels(Recording())
+    try:
+        with core.use_backend("triton"):
+            x, w = torch.randn(2, 4, 5), torch.randn(4)
+            running = core.RunningStats.of(torch.zeros(4), torch.ones(4))
+            mask = torch.ones(2, 5, dtype=torch.bool)
+            core.channel_norm(x, w, None, groups=2, eps=1e-3, activation="leaky_relu", param=0.2, mask=mask)
+            core.channel_norm(x, w, w, eps=1e-5, batch_stats=False, running=running)
+            rows = torch.randn(3, 5)
+            core.row_norm(rows, (5,), None, None, 1e-6, centered=False, residual=rows)
+    finally:
+        paths.register_gpu_kernels(None)
+    grouped, given, row = received
+    assert type(grouped) is ChannelCall and type(row) is RowCall
+    assert (grouped.groups, grouped.eps, grouped.batch_stats, grouped.act[:2]) == (2, 1e-3, True, ("leaky_relu", 0.2))
+    assert grouped.weight is w and grouped.bias is None and grouped.running is None and not grouped.inplace
+    assert grouped.mask is not None and tuple(grouped.mask.shape) == (2, 5)
+    assert given.batch_stats is False and given.running is running and given.groups == -1
+    assert (row.normalized_shape, row.eps, row.centered, row.residual is rows) == ((5,), 1e-6, False, True)
+
+
 def test_backends_names_and_the_old_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         core.set_backend("gpu")

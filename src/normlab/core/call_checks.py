@@ -262,12 +262,10 @@ def check_row_args(
         residual = check_floating_input(residual, "residual")
         if residual.device != x.device:
             raise InputError(f"{fn}: residual is on {residual.device} but x on {x.device}; move one of them")
-        summed: torch.Size | None
-        try:
-            summed = torch.broadcast_shapes(x.shape, residual.shape)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
-        except RuntimeError:
-            summed = None
-        if summed != x.shape:
+        # x + residual keeps x's shape: each of the residual's dims, aligned from the right, is
+        # 1 or x's (torch.broadcast_shapes answers the same, but its first call imports torch's
+        # symbolic-shape machinery: seconds, on a user's first residual norm)
+        if residual.dim() > x.dim() or any(r not in (1, n) for r, n in zip(residual.shape[::-1], x.shape[::-1])):
             raise InputError(
                 f"{fn}: residual of shape {tuple(residual.shape)} must have x's shape {tuple(x.shape)} "
                 f"(or broadcast to it), since the sum replaces x as the residual stream"
