@@ -160,6 +160,51 @@ def test_kernels_composed_and_native_agree_and_second_derivatives(centered):
     _close(second(_ours(centered, w, b), torch.float32), second(_torch(centered, w, b), torch.float64), 1e-4)
 
 
+_SECOND_ORDER_WITH_PARAMETERS = """
+import torch, normlab as nl
+import torch.nn.functional as TF
+torch.manual_seed(0)
+centered = {centered}
+x, r, dy = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 16)
+w, b = torch.randn(16), torch.randn(16)
+
+def run(dtype, fused):
+    a = [t.to(dtype).requires_grad_() for t in ((x, r, w, b) if centered else (x, r, w))]
+    if fused:
+        y, s = (nl.functional.add_layer_norm if centered else nl.functional.add_rms_norm)(a[0], a[1], (16,), *a[2:])
+    else:
+        s = a[0] + a[1]
+        y = TF.layer_norm(s, (16,), *a[2:]) if centered else TF.rms_norm(s, (16,), a[2])
+    g = torch.autograd.grad((y * dy.to(dtype)).sum() + s.sin().sum(), [a[0], a[2]], create_graph=True)
+    h = torch.autograd.grad(sum(t.square().sum() for t in g), a, allow_unused=True)
+    return [torch.zeros_like(t) if d is None else d for t, d in zip(a, h)]
+
+ours, ref = run(torch.float32, True), run(torch.float64, False)
+for o, e in zip(ours, ref):
+    torch.testing.assert_close(o.double(), e, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not KERNELS, reason="kernels unavailable here")
+@pytest.mark.parametrize("centered", [True, False], ids=["layer", "rms"])
+def test_second_derivatives_with_the_parameters_among_the_inputs_do_not_deadlock(centered):
+    # The kernels' autograd node held its lock through the double backward, which re-enters
+    # the node (add + norm differentiates its own saved sum, whose graph leads back to it on
+    # the way to γ): a gradient of a gradient taken with γ among the inputs hung forever. A
+    # subprocess, so that a regression fails on the timeout instead of hanging the suite.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _SECOND_ORDER_WITH_PARAMETERS.format(centered=centered)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
 def test_backward_keeps_no_more_than_the_unfused_ops():
     x, r, _, _ = _inputs((64, 768))
     xg, rg = x.requires_grad_(), r.clone().requires_grad_()

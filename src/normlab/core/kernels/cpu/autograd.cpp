@@ -165,9 +165,17 @@ struct KernelNode : public Node {
     return out;
   }
 
+  // The lock guards the saved tensors against release_variables only while they are
+  // unpacked: the backward itself runs unlocked, because a double backward (create_graph)
+  // may re-enter this node — add + norm differentiates its own saved output, whose graph
+  // leads back here on the way to γ and β — and std::mutex is not recursive (it deadlocked).
   variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return Family::backward(grads, unpacked(), scalars_, needs(), /*traced=*/false);
+    Tensors tensors;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      tensors = unpacked();
+    }
+    return Family::backward(grads, tensors, scalars_, needs(), /*traced=*/false);
   }
 
  private:
