@@ -282,3 +282,19 @@ def test_norm_act_refuses_what_it_cannot_do():
         F.norm_act(x, "layer")
     with pytest.raises(ValueError, match="activation must be one of"):
         F.norm_act(x, activation="gelu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, **kw: F.batch_norm_act(x, None, None, training=True, **kw),
+        lambda x, **kw: F.group_norm_act(x, 2, **kw),
+        lambda x, **kw: F.norm_act(x, "batch", **kw),
+        lambda x, **kw: F.norm_act(x, "group", num_groups=2, **kw),
+    ],
+)
+def test_prelu_without_slopes_is_refused(call, dtype):
+    # float32 CPU went into the kernels with no slopes and crashed the process (float64: a TypeError from torch)
+    with pytest.raises(ValueError, match="prelu_weight"):
+        call(torch.randn(3, 4, 5, dtype=dtype), activation="prelu")

@@ -10,6 +10,7 @@ import torch
 
 from ..core import RunningStats, check_activation
 from ..core.call_checks import check_inplace_input
+from ..core.checks import InputError
 
 __all__ = ["NO_ACTIVATION", "ActivationArgs", "Estimates", "activation_args", "running_policy"]
 
@@ -59,6 +60,9 @@ def activation_args(
     """A fused functional's activation arguments checked — the activation and its parameter,
     and with ``inplace`` an input that may be overwritten — as the family entry takes them."""
     param = check_activation(activation, activation_param, inplace=inplace)
+    if activation == "prelu" and prelu_weight is None:
+        # the kernels read the slopes through a pointer: without them the call would crash the process
+        raise InputError("activation='prelu' needs prelu_weight, its slopes: a tensor of 1 or C values, got None")
     if inplace:  # called only where it can raise: this function's frame costs no more than before
         check_inplace_input(input, inplace)
     return {"activation": activation, "param": param, "prelu_weight": prelu_weight, "inplace": inplace}
