@@ -118,6 +118,20 @@ def test_timm_norm_act_builds_batchnormact2d_from_timm_keywords():
         make(8, act_layer=nn.GELU)
 
 
+def test_timm_norm_act_keywords_are_defaults_that_timms_call_overrides():
+    # eps, momentum, affine, track_running_stats given to timm_norm_act reached the layer a
+    # second time beside the positional ones: TypeError "multiple values for argument 'eps'"
+    make = nl.nn.timm_norm_act("relu", eps=1e-3, momentum=0.01, affine=False, track_running_stats=False)
+    layer = make(8)
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (1e-3, 0.01, False, False)
+    assert make(8, eps=1e-4, momentum=0.2).eps == 1e-4  # the model's own values win, as its act_layer does
+    assert make(8, eps=1e-4, momentum=0.2).momentum == 0.2
+    grouped = nl.nn.timm_norm_act("relu", num_groups=4, eps=1e-3, affine=False)(8)
+    assert type(grouped) is nl.nn.GroupNormAct and (grouped.eps, grouped.affine) == (1e-3, False)
+    with pytest.raises(TypeError, match="momentum"):  # GroupNorm has no running estimates
+        nl.nn.timm_norm_act("relu", num_groups=4, momentum=0.1)(8)
+
+
 def test_containers_named_like_norms_are_not_skipped_norm_layers():
     class Normalizer(nn.Module):  # a user's container: a linear and a norm, one level down
         def __init__(self):

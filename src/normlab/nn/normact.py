@@ -273,7 +273,9 @@ def timm_norm_act(
             slope); None for the activation's default.
         num_groups: keyword-only; build :class:`GroupNormAct` with this many groups instead
             of :class:`BatchNormAct2d`. Default None.
-        **norm_kwargs: further keywords for every layer built (``eps``, ``momentum``, ...).
+        **norm_kwargs: further keywords for every layer built; ``eps``, ``momentum``,
+            ``affine`` and ``track_running_stats`` are defaults that a value in timm's own
+            call overrides.
 
     Returns:
         A function timm calls as its ``norm_layer(num_features, ...)``.
@@ -283,13 +285,23 @@ def timm_norm_act(
     """
     default = activation_spec(activation, None)
     default = (default[0], activation_param if activation_param is not None else default[1])
+    # eps, momentum, affine and track_running_stats given here are the defaults of the
+    # layers built; a value timm's call passes (the model's own, as its act_layer) wins.
+    # Left in norm_kwargs they reached the layer twice (TypeError: multiple values).
+    # GroupNormAct has no running estimates: momentum or track_running_stats given for it
+    # still reach it, and are refused there as GroupNorm refuses them.
+    batch_only = {k: norm_kwargs.pop(k) for k in ("momentum", "track_running_stats") if k in norm_kwargs}
+    eps_default = norm_kwargs.pop("eps", 1e-5)
+    affine_default = norm_kwargs.pop("affine", True)
+    momentum_default = batch_only.get("momentum", 0.1)
+    track_default = batch_only.get("track_running_stats", True)
 
     def norm_act_layer(
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
+        eps: float = eps_default,
+        momentum: float | None = momentum_default,
+        affine: bool = affine_default,
+        track_running_stats: bool = track_default,
         *,
         apply_act: bool = True,
         act_layer: str | type[nn.Module] | nn.Module | None = None,
@@ -321,7 +333,7 @@ def timm_norm_act(
                 dtype,
                 activation=name,
                 activation_param=param,
-                **{**norm_kwargs, **kwargs},
+                **{**batch_only, **norm_kwargs, **kwargs},
             )
         return BatchNormAct2d(
             num_features,
