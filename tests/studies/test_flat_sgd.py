@@ -112,6 +112,22 @@ def test_bad_parameters_are_refused_plainly():
         FlatSGD([p, p], lr=0.1)
 
 
+def test_bad_hyperparameters_are_refused_as_torch_refuses_them():
+    for bad in ({"lr": -0.1}, {"lr": float("nan")}, {"lr": 0.1, "momentum": -0.5}, {"lr": 0.1, "weight_decay": -1.0}):
+        with pytest.raises(ValueError, match=">= 0"):
+            FlatSGD([nn.Parameter(torch.ones(2))], **bad)
+
+
+def test_a_model_moved_after_the_optimizer_is_built_fails_loudly():
+    # .double() gives the module new tensors: the flat updates would never reach them
+    model = nn.Linear(3, 2)
+    opt = FlatSGD(model.parameters(), lr=0.1)
+    model.double()
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    with pytest.raises(RuntimeError, match="moved or recast"):
+        opt.step()
+
+
 def test_sparse_gradients_are_refused():
     embedding = nn.Embedding(5, 3, sparse=True)
     opt = FlatSGD(embedding.parameters(), lr=0.1)

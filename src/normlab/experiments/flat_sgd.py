@@ -55,6 +55,11 @@ class FlatSGD:
         if len({id(p) for p in self.params}) != len(self.params):
             raise ValueError("FlatSGD got a parameter twice")
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        if not (self.lr >= 0 and self.momentum >= 0 and self.weight_decay >= 0):  # NaN included
+            raise ValueError(
+                f"FlatSGD needs lr, momentum and weight_decay >= 0 (as torch.optim.SGD), got "
+                f"lr={lr}, momentum={momentum}, weight_decay={weight_decay}"
+            )
         self.lr_factor = lr_factor
         self.steps = 0
         starts, total = [], 0
@@ -71,6 +76,9 @@ class FlatSGD:
                 view.copy_(p)
                 p.data = view
         self._grads = [self._grad[start : start + n].view_as(p) for p, (start, n) in zip(self.params, self._slots)]
+        # Where each parameter's data must stay: a model moved or recast after this (.to(),
+        # .double()) gets new tensors, which the flat updates would silently never reach.
+        self._addresses = [p.data_ptr() for p in self.params]
         self._buffer: torch.Tensor | None = None  # the momentum buffer, flat; None before the first step
         self._buffers: list[torch.Tensor | None] = [None] * len(self.params)  # per parameter, after a partial step
 
@@ -85,6 +93,11 @@ class FlatSGD:
 
     @torch.no_grad()
     def step(self) -> None:
+        if [p.data_ptr() for p in self.params] != self._addresses:
+            raise RuntimeError(
+                "FlatSGD: a parameter no longer lives in the optimizer's flat buffer (the model was "
+                "moved or recast after the optimizer was built); build the optimizer after .to()"
+            )
         lr = self.lr if self.lr_factor is None else self.lr * self.lr_factor(self.steps)
         grads = [p.grad for p in self.params]
         if any(g is not None and g.layout != torch.strided for g in grads):
