@@ -123,7 +123,7 @@ void fused_masked_backward(const float* gp, const float* xp, const int32_t* mp, 
         const Sums t = block_sums<A == PRELU>(v.lo[n], v.hi[n], [&](int64_t s) __attribute__((always_inline)) {
           float u, dz, z;
           recover<A, false>(row[s], dy[s], K, sc, b, q, u, dz, z);
-          return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * (z < 0.f ? z : 0.f), m[s])};
+          return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * select_bits(z < 0.f, z, 0.f), m[s])};
         });
         Ap[p] = t.first;
         Bp[p] = t.second;

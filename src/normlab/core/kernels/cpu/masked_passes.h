@@ -217,7 +217,7 @@ void masked_backward_reduce(const float* gp, const float* xp, const int32_t* mp,
       const Sums t = block_sums<A == PRELU>(0, S, [&](int64_t s) __attribute__((always_inline)) {
         float u, dz, z;
         recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
-        return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * (z < 0.f ? z : 0.f), m[s])};
+        return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * select_bits(z < 0.f, z, 0.f), m[s])};
       });
       Au[p] = t.first;
       Bu[p] = t.second;
