@@ -290,7 +290,9 @@ def timm_norm_act(
     # Left in norm_kwargs they reached the layer twice (TypeError: multiple values).
     # GroupNormAct has no running estimates: momentum or track_running_stats given for it
     # still reach it, and are refused there as GroupNorm refuses them.
-    batch_only = {k: norm_kwargs.pop(k) for k in ("momentum", "track_running_stats") if k in norm_kwargs}
+    batch_only: dict[str, Any] = {
+        k: norm_kwargs.pop(k) for k in ("momentum", "track_running_stats") if k in norm_kwargs
+    }
     eps_default = norm_kwargs.pop("eps", 1e-5)
     affine_default = norm_kwargs.pop("affine", True)
     momentum_default = batch_only.get("momentum", 0.1)
