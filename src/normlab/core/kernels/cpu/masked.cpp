@@ -120,11 +120,7 @@ void fused_masked_backward(const float* gp, const float* xp, const int32_t* mp, 
         const float q = (A == PRELU) ? slope[c] : param;
         const float *dy = gp + p * S, *row = xp + p * S;
         const int32_t* m = mp + n * S;
-        const Sums t = block_sums<A == PRELU>(v.lo[n], v.hi[n], [&](int64_t s) __attribute__((always_inline)) {
-          float u, dz, z;
-          recover<A, false>(row[s], dy[s], K, sc, b, q, u, dz, z);
-          return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * select_bits(z < 0.f, z, 0.f), m[s])};
-        });
+        const Sums t = masked_plane_sums<A>(dy, row, m, v.lo[n], v.hi[n], K, sc, b, q);
         Ap[p] = t.first;
         Bp[p] = t.second;
         Dp[p] = t.third;

@@ -202,6 +202,19 @@ void masked_apply(const float* xp, const int32_t* mp, float* yp, const MaskedGro
 }
 
 // Per unit: A = Σ m·dz, B = Σ m·dz·(x − shift), and for PReLU D = Σ m·dy·min(z, 0).
+// The backward sums of one plane's positions lo ≤ s < hi, padding excluded by the lane mask m:
+// Σ dz, Σ dz·u and PReLU's Σ dy·min(z, 0), as activation.h's plane_sums (the per-pass route
+// and masked.cpp's fused route both take them).
+template <int A>
+NL_INLINE Sums masked_plane_sums(const float* dy, const float* v, const int32_t* m, int64_t lo, int64_t hi, float k,
+                                 float sc, float b, float q) {
+  return block_sums<A == PRELU>(lo, hi, [&](int64_t s) __attribute__((always_inline)) {
+    float u, dz, z;
+    recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
+    return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * select_bits(z < 0.f, z, 0.f), m[s])};
+  });
+}
+
 template <int A>
 void masked_backward_reduce(const float* gp, const float* xp, const int32_t* mp, const MaskedGroups& g,
                             const std::vector<float>& us, const std::vector<float>& usc,
@@ -214,11 +227,7 @@ void masked_backward_reduce(const float* gp, const float* xp, const int32_t* mp,
       const float q = (A == PRELU) ? slope[p % C] : param;
       const float* dy = gp + p * S;
       const float* v = xp + p * S;
-      const Sums t = block_sums<A == PRELU>(0, S, [&](int64_t s) __attribute__((always_inline)) {
-        float u, dz, z;
-        recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
-        return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * select_bits(z < 0.f, z, 0.f), m[s])};
-      });
+      const Sums t = masked_plane_sums<A>(dy, v, m, 0, S, k, sc, b, q);
       Au[p] = t.first;
       Bu[p] = t.second;
       Du[p] = t.third;
