@@ -156,14 +156,14 @@ def channel_norm(
         code = ACTIVATIONS[activation].code
         if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED is answered with the kernels loaded
             assert _cpu.module is not None and code is not None and mask is not None
-        out = _cpu.module.masked_channel_norm(
+        masked = _cpu.module.masked_channel_norm(
             x, weight, bias, mask, running, groups, batch_stats, eps, code, param, prelu_weight
         )
-        if type(out) is torch.Tensor:
-            return out
-        if out is not None:  # the running update is left to the policy's torch ops
-            y, mean, var, count = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]", out)
-            update_from_kernels(cast(RunningStats, running), x, mean, var, count, groups)
+        if type(masked) is torch.Tensor:
+            return masked
+        if masked is not None:  # the running update is left to the policy's torch ops
+            y, mean, var, valid = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]", masked)
+            update_from_kernels(cast(RunningStats, running), x, mean, var, valid, groups)
             return y
         return _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
     if not checked:
