@@ -1,12 +1,15 @@
 """The composed path: normlab's own math (:mod:`normlab.core.normalize`,
 :mod:`normlab.core.masked`) written out in torch ops — any dtype and device, normlab's
-accuracy on large-mean data, the closed-form backward, and the only path that takes a mask.
+accuracy on large-mean data, the closed-form backward, and a mask on any dtype and device
+(the masked kernels take float32 CPU calls).
 
 The families' entries (:mod:`normlab.core.channel`, :mod:`normlab.core.row`) call these after
-the path rule chose "composed", with the entry's arguments (checked) in the entry's order and
-the activation as one (name, param, prelu_weight); the rule's ``how`` selects ``"eager"``
+the path rule chose "composed", with the call checked and whole (a
+:class:`~normlab.core.calls.ChannelCall` or :class:`~normlab.core.calls.RowCall`; LayerNorm2d's
+four arguments); the rule's ``how`` selects ``"eager"``
 (the autograd Functions with the closed-form backward), ``"reference"`` (masked calls under
-export or ``torch.func``: the same forward in plain differentiable ops) or ``"pointwise"``
+export or ``torch.func``, and the masked kernels' second derivatives: the same forward in plain
+differentiable ops) or ``"pointwise"``
 (compiled BatchNorm with given statistics). Running estimates are updated by :class:`normlab.core.running.RunningStats`.
 """
 
