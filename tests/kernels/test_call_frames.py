@@ -83,12 +83,20 @@ def test_a_training_call_is_a_few_frames_and_one_crossing(make, budget):
     assert not any("property" in name or name in ("eps", "momentum", "on_nonfinite") for name in names), names
 
 
-def test_a_masked_group_norm_call_passes_eight_normlab_frames_at_most():
-    layer = nl.nn.GroupNorm(2, 4)
+@pytest.mark.parametrize(
+    "make,budget",
+    [(lambda: nl.nn.GroupNorm(2, 4), 4), (lambda: nl.nn.BatchNorm2d(4), 5)],
+    ids=["GroupNorm", "BatchNorm2d"],
+)
+def test_a_masked_training_call_takes_the_same_route_and_one_crossing(make, budget):
+    """A mask changes nothing in the route: the masked entry does the checks, the kernel, the
+    running update and the autograd node in its one crossing."""
+    layer = make().train()
     mask = torch.ones(2, 3, 3, dtype=torch.bool)
     mask[0, 2] = False
-    _, ours, _ = _profile(lambda: layer(_X, mask=mask))
-    assert len(ours) <= 8, [e[2] for e in ours]
+    python, ours, compiled = _profile(lambda: layer(_X, mask=mask))
+    assert len(python) <= budget, [e[2] for e in python]
+    assert sorted(compiled) == ["masked_channel_norm", "plain_eager"], compiled
 
 
 def test_the_counter_sees_a_slow_path():

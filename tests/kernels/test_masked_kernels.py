@@ -286,3 +286,70 @@ def test_an_empty_batch_is_answered_without_the_kernels():
         y = nl.functional.instance_norm(x, mask=mask)
         y.sum().backward()
         assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------- the masked entry: one crossing
+# A masked call crosses into C++ once (entries.cpp's masked_channel_norm): the checks the kernels
+# need, the kernel, BatchNorm's running update and a C++ autograd node. Where that entry refuses
+# a call, normlab's checks report it, with the message every path gives.
+
+
+def _replaced(attribute, value):
+    def make():
+        layer = nl.nn.BatchNorm1d(4)
+        setattr(layer, attribute, value)
+        return layer
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "make,mask",
+    [
+        (_replaced("weight", torch.nn.Parameter(torch.ones(5))), torch.ones(3, 9, dtype=torch.bool)),
+        (_replaced("running_var", torch.ones(4, dtype=torch.float64)), torch.ones(3, 9, dtype=torch.bool)),
+        (lambda: nl.nn.GroupNorm(2, 4), torch.ones(3, 8, dtype=torch.bool)),
+        (lambda: nl.nn.BatchNorm1d(4), torch.ones(1, 3, 9, dtype=torch.bool)),
+        (lambda: nl.nn.InstanceNorm1d(4), torch.ones(2, 9, dtype=torch.bool)),
+    ],
+    ids=["weight-size", "running-dtype", "mask-length", "mask-rank", "mask-batch"],
+)
+def test_what_the_masked_entry_refuses_is_reported_as_on_every_path(make, mask):
+    x = torch.randn(3, 4, 9)
+    errors = []
+    for backend in ("auto", "composed"):
+        with core.use_backend(backend), pytest.raises((ValueError, TypeError)) as info:
+            make()(x, mask=mask)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
+def test_a_masked_call_records_one_cpp_node_whose_backward_compiled_autograd_traces():
+    compiled_autograd = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(compiled_autograd, "_enable"):
+        pytest.skip("this torch's compiled autograd differs")
+    x = torch.randn(3, 4, 9) * 2 + 1
+    mask = torch.arange(9) < torch.tensor([9, 4, 1])[:, None]
+    weights = torch.randn(3, 4, 9)
+    # one PReLU slope: its gradient is summed over the channels in float64, then rounded
+    layer = nl.nn.BatchNormAct1d(4, activation="prelu")
+
+    def gradients(backward):
+        leaf = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(leaf, mask=mask)
+        assert y.grad_fn.name() == "NormlabMaskedChannelNormBackward"
+        backward((y.square() * weights).sum())
+        return [leaf.grad] + [p.grad for p in layer.parameters()]
+
+    def traced(loss):
+        with compiled_autograd._enable(torch.compile(backend="eager")):
+            loss.backward()
+
+    try:
+        eager, compiled = gradients(torch.Tensor.backward), gradients(traced)
+    finally:
+        torch._dynamo.reset()
+    assert len(eager) == 4
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)

@@ -8,7 +8,8 @@ Modules and functionals call :func:`channel_norm` the same way. It asks the path
   update, autograd node); where that entry refuses (a parameter that does not fit the input,
   eps = 0 or one value per group in training) the checks below report why;
 * kernels, operator — ``torch.ops.normlab.channel_norm`` (and the in-place Function);
-* kernels, masked — the masked kernels' autograd Function (:mod:`normlab.core.kernels.cpu.masked`);
+* kernels, masked — the masked kernels' eager C++ entry, the same one crossing for a call with
+  a mask of valid positions (:mod:`normlab.core.kernels.cpu.masked`);
 * native — torch's ops (:mod:`normlab.core.native`);
 * composed — normlab's ops (:mod:`normlab.core.composed`), masks included;
 * triton — the Triton kernels' backend (:mod:`normlab.core.kernels.triton.backend`): masks,
@@ -31,7 +32,7 @@ from .call_checks import check_channel_args, check_inplace_input
 from .calls import ChannelCall
 from .kernels.cpu import build as _cpu
 from .kernels.cpu.inplace import channel_norm_inplace
-from .kernels.cpu.masked import masked_channel_norm as channel_norm_masked
+from .kernels.cpu.masked import update_from_kernels
 from .paths import (
     CHANNEL,
     COMPOSED,
@@ -128,8 +129,8 @@ def channel_norm(
     if (
         running is not None
         and batch_stats
-        # the direct path is never compiled: one C call there, no Python frame
-        and (_graph_task_id() != -1 if decision is KERNELS_DIRECT else recomputing())
+        # the direct and masked kernels are never compiled: one C call there, no Python frame
+        and (_graph_task_id() != -1 if decision is KERNELS_DIRECT or decision is KERNELS_MASKED else recomputing())
     ):
         # a checkpoint's recompute: this step's batch was merged in already. torch's ops take
         # the same route as in the forward (their saved tensors must match it), merging nothing
@@ -150,9 +151,21 @@ def channel_norm(
                 mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
             cast(RunningStats, running).update(mean, var, count)  # a tuple comes back only for a policy
             return y
-        # refused: report what does not fit, with the message every path gives
-        check_channel_args(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
-        raise RuntimeError(f"normlab: internal error, the kernels refused a call that its checks accept ({operation})")
+        return _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
+    if decision is KERNELS_MASKED:  # the same one crossing, with the mask (checked in C++ too)
+        code = ACTIVATIONS[activation].code
+        if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED is answered with the kernels loaded
+            assert _cpu.module is not None and code is not None and mask is not None
+        masked = _cpu.module.masked_channel_norm(
+            x, weight, bias, mask, running, groups, batch_stats, eps, code, param, prelu_weight
+        )
+        if type(masked) is torch.Tensor:
+            return masked
+        if masked is not None:  # the running update is left to the policy's torch ops
+            y, mean, var, valid = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]", masked)
+            update_from_kernels(cast(RunningStats, running), x, mean, var, valid, groups)
+            return y
+        return _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
     if not checked:
         eps, mask = check_channel_args(
             operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask
@@ -164,11 +177,6 @@ def channel_norm(
         _check_overwritable(x, weight, bias)
     path, how = decision.path, decision.how
     act: ActivationArgs = (activation, param, prelu_weight)  # the fused activation, as the implementations take it
-    if decision is KERNELS_MASKED:
-        code = ACTIVATIONS[activation].code
-        if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED has a mask; a fused activation a code
-            assert mask is not None and code is not None
-        return channel_norm_masked(x, weight, bias, mask, groups, eps, batch_stats, running, act, code)
     call = ChannelCall(x, weight, bias, groups, eps, batch_stats, running, act, inplace, mask)
     if path == KERNELS:
         return _kernels(call, how == "traced")
@@ -181,10 +189,7 @@ def channel_norm(
         return x.copy_(native.channel_norm(copy, False))
     if path == COMPOSED:
         if mask is not None:
-            reference = how == "reference"
-            return composed.masked_channel_norm(
-                x, weight, bias, mask, groups, eps, batch_stats, running, act, reference
-            )
+            return composed.masked_channel_norm(call, how == "reference")
         if how == "pointwise":  # given statistics
             return composed.pointwise_given_norm(call)
         if how == "decomposed":
@@ -210,6 +215,24 @@ def masked_channel_norm(
         **kwargs: :func:`channel_norm`'s other keywords.
     """
     return channel_norm(x, weight, bias, mask=mask, **kwargs)
+
+
+def _refused(
+    operation: str,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    groups: int,
+    batch_stats: bool,
+    running: RunningStats | None,
+    prelu_weight: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A kernels' entry refused the call: report what does not fit, with the message every
+    path gives (the C++ entries write none of their own)."""
+    check_channel_args(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
+    raise RuntimeError(f"normlab: internal error, the kernels refused a call that its checks accept ({operation})")
 
 
 def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:

@@ -1,22 +1,25 @@
 """The composed path: normlab's own math (:mod:`normlab.core.normalize`,
 :mod:`normlab.core.masked`) written out in torch ops — any dtype and device, normlab's
-accuracy on large-mean data, the closed-form backward, and the only path that takes a mask.
+accuracy on large-mean data, the closed-form backward, and a mask on any dtype and device
+(the masked kernels take float32 CPU calls).
 
 The families' entries (:mod:`normlab.core.channel`, :mod:`normlab.core.row`) call these after
-the path rule chose "composed", with the entry's arguments (checked) in the entry's order and
-the activation as one (name, param, prelu_weight); the rule's ``how`` selects ``"eager"``
+the path rule chose "composed", with the call checked and whole (a
+:class:`~normlab.core.calls.ChannelCall` or :class:`~normlab.core.calls.RowCall`; LayerNorm2d's
+four arguments); the rule's ``how`` selects ``"eager"``
 (the autograd Functions with the closed-form backward), ``"reference"`` (masked calls under
-export or ``torch.func``: the same forward in plain differentiable ops) or ``"pointwise"``
+export or ``torch.func``, and the masked kernels' second derivatives: the same forward in plain
+differentiable ops) or ``"pointwise"``
 (compiled BatchNorm with given statistics). Running estimates are updated by :class:`normlab.core.running.RunningStats`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, cast, overload
 
 import torch
 
-from .activation import ActivationArgs, apply_activation, inplace_abn
+from .activation import apply_activation, inplace_abn
 from .calls import ChannelCall, RowCall
 from .masked import _MaskedNormalize, masked_moments, masked_reference
 from .moments import COMPUTE_DTYPES, grouped_view
@@ -127,21 +130,14 @@ def pointwise_given_norm(call: ChannelCall) -> torch.Tensor:
     return apply_activation(y.to(x.dtype), *call.act)
 
 
-def masked_channel_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    mask: torch.Tensor,
-    groups: int,
-    eps: float,
-    batch_stats: bool,
-    running: RunningStats | None,
-    act: ActivationArgs,
-    reference: bool,
-) -> torch.Tensor:
-    """The channel family over the valid positions of ``mask`` (checked, (N, *spatial)); 0 at
-    padded positions (every fused activation maps 0 to 0). ``reference``: plain
-    differentiable ops instead of the closed-form Function (export, torch.func)."""
+def masked_channel_norm(call: ChannelCall, reference: bool) -> torch.Tensor:
+    """The channel family over the valid positions of ``call.mask`` (checked, (N, *spatial));
+    0 at padded positions (every fused activation maps 0 to 0). ``reference``: plain
+    differentiable ops instead of the closed-form Function (export, torch.func, and the
+    kernels' second derivatives)."""
+    x, weight, bias, groups, eps = call.x, call.weight, call.bias, call.groups, call.eps
+    batch_stats, running, act = call.batch_stats, call.running, call.act
+    mask = cast(torch.Tensor, call.mask)  # a masked call: the family entry passes one
     x = _torch_layout(x)
     ndim = x.dim()
     # given statistics are per channel, whatever the grouping

@@ -23,8 +23,8 @@ composed    normlab's composed torch ops (:mod:`normlab.core.composed`): any dty
 =========== ========================================================================
 
 ``how`` says how the path runs: kernels ``"direct"`` (the family's eager C++ entry, one
-crossing, a C++ autograd node), ``"masked"`` (the masked kernels' autograd Function,
-:mod:`normlab.core.kernels.cpu.masked`), ``"operator"`` (``torch.ops.normlab.*`` on real tensors,
+crossing, a C++ autograd node), ``"masked"`` (the masked kernels' eager C++ entry, the same one
+crossing with a mask, :mod:`normlab.core.kernels.cpu.masked`), ``"operator"`` (``torch.ops.normlab.*`` on real tensors,
 which a mode must see) or ``"traced"`` (the operators inside torch.compile, on fake
 tensors: the running estimates are updated with torch ops there); triton ``"eager"`` or
 ``"traced"`` (its ``torch.ops.normlab.triton_*`` operators either way); native ``"export"``
@@ -53,7 +53,8 @@ The table, first matching row wins:
     the Triton kernels take the call (their ``takes``: dtype,
     activation, layouts, sizes)
 3   a mask: eager plain float32 CPU channel norm in a layout the  kernels, masked
-    kernels read, backend auto or kernels
+    kernels read, a bool CPU mask; as row 1 otherwise (and
+    asked with it: neither row can match a call row 2 takes)
 4   a mask, otherwise                                             composed, eager (or
                                                                   reference under
                                                                   export / torch.func)
@@ -109,8 +110,9 @@ Row 1 is the common call, written to be cheap: one Python call besides this func
 tensor's dtype, device and dispatch keys and the dispatcher's thread-local state (jit
 tracer, torch.func, modes) at once — the kernels module's ``plain_eager``, which answers the
 rule's question and decides nothing (asked one by one from Python, the same questions cost
-as much as a small tensor's kernel). The other rows are evaluated only when it does not
-match.
+as much as a small tensor's kernel). Row 3, a masked call the kernels take, is asked in the
+same test: it differs from row 1 only in the mask's dtype and device and the layout. The
+other rows are evaluated only when it does not match.
 """
 
 from __future__ import annotations
@@ -481,11 +483,16 @@ def choose_path(
     """
     compiling = _is_dynamo_compiling()
     forced = _backend[0]
-    # 1. The common call, first and cheap (the kernels are loaded at the first such call).
+    # 1 (and 3, a mask the kernels take). The common call, first and cheap (the kernels are
+    # loaded at the first such call).
     if (
         not compiling
         and type(x) is torch.Tensor
-        and mask is None
+        # a bool CPU mask (the entry checks its shape; the kernels read one bool per position)
+        and (
+            mask is None
+            or (family == CHANNEL and type(mask) is torch.Tensor and mask.dtype is torch.bool and mask.is_cpu)
+        )
         and (forced == "auto" or forced == KERNELS)
         # the module read once (a local, which the checker sees is not None; load() sets it)
         and ((kernels := _cpu.module) is not None or (kernels := _cpu.load()) is not None)
@@ -494,13 +501,14 @@ def choose_path(
         # asked of the kernels' module in one C call (see its plain_eager), the rest is here
         and kernels.plain_eager(x)
         and (
-            (family == CHANNEL and (not inplace or kernel_layout(x)))
+            (family == CHANNEL and ((not inplace and mask is None) or x.is_contiguous() or kernel_layout(x)))
             or (family == ROW and (centered or x.is_contiguous()))
         )
     ):
+        decision = KERNELS_DIRECT if mask is None else KERNELS_MASKED
         if _logs:
-            _note(operation, KERNELS_DIRECT)
-        return KERNELS_DIRECT
+            _note(operation, decision)
+        return decision
     exporting = torch.compiler.is_exporting() or _tracing_state() is not None
     transformed = not compiling and (_interpreters() is not None or _forward_ad._current_level >= 0)
     refused: str | None = ""  # why the Triton kernels do not run a call that row 2 asked them about
@@ -512,24 +520,9 @@ def choose_path(
         )
     ) is None:
         decision = Decision(TRITON, "traced" if compiling else "eager", "")  # 2
-    elif mask is not None:  # 3, 4
+    elif mask is not None:  # 4 (3, the masked kernels, was asked with row 1)
         if exporting or transformed:
             decision = Decision(COMPOSED, "reference", "mask: differentiable ops")
-        elif (  # written out, not a helper: a masked call's Python frames are counted
-            not compiling
-            and family == CHANNEL
-            and (forced == "auto" or forced == KERNELS)
-            and type(x) is torch.Tensor
-            and type(mask) is torch.Tensor
-            and mask.dtype is torch.bool
-            and mask.device.type == "cpu"
-            and ((kernels := _cpu.module) is not None or (kernels := _cpu.load()) is not None)
-            and kernels.plain_eager(x)
-            and (x.is_contiguous() or kernel_layout(x))
-        ):
-            # an eager float32 CPU channel norm in a layout the kernels read, with a bool CPU
-            # mask (the entry checks its shape; the kernels read one bool per position)
-            decision = KERNELS_MASKED
         else:
             decision = Decision(COMPOSED, "eager", "mask: closed-form backward")
     elif exporting:  # 5

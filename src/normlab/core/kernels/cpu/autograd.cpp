@@ -19,6 +19,7 @@
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -257,6 +258,47 @@ struct ChannelFamily {
   }
 };
 
+// Backward of masked_channel_forward (entries.cpp's masked_channel_norm). Gradient edges: x,
+// γ, β, the PReLU slope. The mask, the valid counts and (with given statistics) the running
+// estimates are saved for the kernels' backward and for a double backward's composed reference.
+struct MaskedChannelFamily {
+  static constexpr const char* kName = "NormlabMaskedChannelNormBackward";
+  enum { X, MASK, WEIGHT, BIAS, PRELU_WEIGHT, SHIFT, OFFSET, RSTD, COUNT, RUNNING_MEAN, RUNNING_VAR, kSaved };
+  static constexpr int kOutput = -1, kEdges = 4;
+  using Scalars = ChannelFamily::Scalars;
+
+  static variable_list backward(const variable_list& grads, const std::array<at::Tensor, kSaved>& t,
+                                const Scalars& s, const std::array<bool, kEdges>& need, bool traced) {
+    variable_list out(kEdges);
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const at::Tensor &x = t[X], &mask = t[MASK], &weight = t[WEIGHT], &bias = t[BIAS], &prelu = t[PRELU_WEIGHT];
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      py::gil_scoped_acquire gil;
+      return call_python("masked_channel",
+                         py::make_tuple(dy, x, mask, weight, bias, prelu, t[RUNNING_MEAN], t[RUNNING_VAR], s.groups,
+                                        s.given, s.eps, s.act, s.param,
+                                        py::make_tuple(need[0], need[1], need[2], need[3])));
+    }
+    std::vector<at::Tensor> r;
+    if (traced) {
+      static const c10::OperatorHandle op = operator_named("normlab::masked_channel_norm_backward");
+      r = call_operator(op, {dy, x, mask, optional_arg(weight), optional_arg(bias), optional_arg(prelu), t[SHIFT],
+                             t[OFFSET], t[RSTD], optional_arg(t[COUNT]), s.groups, s.given, s.act, s.param});
+    } else {
+      r = masked_backward(dy, x, mask, weight, bias, prelu, t[SHIFT], t[OFFSET], t[RSTD], t[COUNT], s.groups, s.given,
+                          s.act, s.param);
+    }
+    const auto like = traced ? traced_grad_like : grad_like;
+    if (need[0]) out[0] = r[0];
+    if (need[1] && weight.defined()) out[1] = like(r[1], weight);
+    if (need[2] && bias.defined()) out[2] = like(r[2], bias);
+    // summed to the slopes' shape in float64 (one slope: the sum over the channels), then rounded
+    if (need[3] && prelu.defined()) out[3] = at::sum_to(r[3], prelu.sym_sizes()).to(prelu.scalar_type());
+    return out;
+  }
+};
+
 // Backward of row_forward. Gradient edges: x, γ, β.
 struct RowFamily {
   static constexpr const char* kName = "NormlabRowNormBackward";
@@ -370,6 +412,40 @@ void record_channel_node(const at::Tensor& y, const at::Tensor& x, const at::Ten
     node->save(slot, *t);
   node->scalars_ = {groups, act, given, param, eps};
   torch::autograd::set_history(y, node);
+}
+
+void record_masked_channel_node(const at::Tensor& y, const at::Tensor& x, const at::Tensor& mask,
+                                const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& prelu,
+                                const at::Tensor& shift, const at::Tensor& offset, const at::Tensor& rstd,
+                                const at::Tensor& count, const at::Tensor& running_mean,
+                                const at::Tensor& running_var, int64_t groups, bool given, double eps, int64_t act,
+                                double param) {
+  if (!(at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias) || wants_grad(prelu))))
+    return;
+  using F = MaskedChannelFamily;
+  auto node = c10::make_intrusive<KernelNode<F>>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias, prelu));
+  for (auto [slot, t] : {std::pair{F::X, &x}, {F::MASK, &mask}, {F::WEIGHT, &weight}, {F::BIAS, &bias},
+                         {F::PRELU_WEIGHT, &prelu}, {F::SHIFT, &shift}, {F::OFFSET, &offset}, {F::RSTD, &rstd},
+                         {F::COUNT, &count}, {F::RUNNING_MEAN, &running_mean}, {F::RUNNING_VAR, &running_var}})
+    node->save(slot, *t);
+  node->scalars_ = {groups, act, given, param, eps};
+  torch::autograd::set_history(y, node);
+}
+
+std::vector<at::Tensor> masked_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
+                                        const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& prelu,
+                                        const at::Tensor& shift, const at::Tensor& offset, const at::Tensor& rstd,
+                                        const at::Tensor& count, int64_t groups, bool given, int64_t act,
+                                        double param) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const Plan p = masked_plan(x);
+  const at::Tensor m = mask.reshape({p.N, p.S}).contiguous();
+  auto r = masked_channel_backward(p.view(same_layout(dy, p, x)), p.view(x), m, p.planes, p.N, p.C, p.S, groups,
+                                   given, weight, bias, shift, offset, rstd, count, act, param,
+                                   slope_of(prelu, act, p.C));
+  r[0] = p.unview(r[0], x);
+  return r;
 }
 
 void record_row_node(const at::Tensor& y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

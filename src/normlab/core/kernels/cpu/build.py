@@ -81,7 +81,8 @@ BUILD_MESSAGE = "normlab: building the CPU kernels (first use, about 20 s)..."
 class KernelsModule(Protocol):
     """What the compiled module (``entries.cpp``'s ``PYBIND11_MODULE``) offers Python, as its
     C++ signatures declare it; pybind11 takes the arguments by position. Where a call's
-    arguments do not fit, ``channel_norm`` and ``row_norm`` return None and write nothing."""
+    arguments do not fit, ``channel_norm``, ``masked_channel_norm`` and ``row_norm`` return None and
+    write nothing."""
 
     #: the activation codes the kernels switch on, by normlab's names
     activation_codes: dict[str, int]
@@ -119,31 +120,32 @@ class KernelsModule(Protocol):
 
     def update_running(self, policy: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int, /) -> bool: ...
 
+    def masked_channel_norm(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor,
+        running: RunningStats | None,
+        groups: int,
+        batch_stats: bool,
+        eps: float,
+        act: int,
+        param: float,
+        prelu: torch.Tensor | None,
+        /,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """y; ``(y, mean, var, count)`` where the running update is left to Python; None."""
+
     #: the operators' bodies: their arguments are the operators' schemas (operators.py) and then
     #: the eager-only flags; tests/kernels/test_build.py checks each binding against its schema
     channel_forward: Callable[..., list[torch.Tensor]]
     channel_backward: Callable[..., list[torch.Tensor]]
+    masked_channel_backward: Callable[..., list[torch.Tensor]]
     row_forward: Callable[..., list[torch.Tensor]]
     row_backward: Callable[..., list[torch.Tensor]]
     add_row_forward: Callable[..., list[torch.Tensor]]
     add_row_backward: Callable[..., list[torch.Tensor]]
-
-    #: the bodies of masked.py's autograd Function: their arguments are MASKED_BODIES' schemas
-    masked_channel_forward: Callable[..., list[torch.Tensor]]
-    masked_channel_backward: Callable[..., list[torch.Tensor]]
-
-
-#: The arguments of the masked bodies, which masked.py calls directly (no operator of their own),
-#: in the schema language of the operators' (operators.py); tests/kernels/test_build.py checks
-#: each binding against it.
-MASKED_BODIES = {
-    "masked_channel_forward": "normlab::masked_channel_forward(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, "
-    "Tensor? running_mean, Tensor? running_var, Tensor? prelu, SymInt groups, float eps, SymInt act, float param) "
-    "-> Tensor[]",
-    "masked_channel_backward": "normlab::masked_channel_backward(Tensor dy, Tensor x, Tensor mask, Tensor? weight, "
-    "Tensor? bias, Tensor? prelu, Tensor shift, Tensor offset, Tensor rstd, Tensor count, SymInt groups, bool given, "
-    "SymInt act, float param) -> Tensor[]",
-}
 
 
 class _BuildState(TypedDict):

@@ -14,14 +14,20 @@ returns the gradients with a graph, None where not wanted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
+from ... import composed
 from ...activation import activation_for_code, apply_activation
+from ...calls import ChannelCall
 from ...reference import reference_normalize
 
-__all__ = ["add_row", "channel", "row"]
+if TYPE_CHECKING:
+    from ...running import RunningStats
+
+__all__ = ["add_row", "channel", "masked_channel", "row"]
 
 
 def _grads(
@@ -74,6 +80,36 @@ def channel(
         y = apply_activation(z, name, param, prelu if name == "prelu" else None)
         needs = tuple(needs) + (False,) * 10  # shorter when nested in create_graph
         return tuple(_grads(y, (x, weight, bias, prelu), [needs[i] for i in (0, 1, 2, 5)], dy))
+
+
+def masked_channel(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    prelu: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    groups: int,
+    given: bool,
+    eps: float,
+    act: int,
+    param: float,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dγ, dβ, dPReLU) of a masked channel norm (``mask`` (N, *spatial); ``running_mean``
+    and ``running_var`` the given statistics, or None), differentiating the composed ops'
+    masked reference; ``needs`` for (x, γ, β, PReLU)."""
+    # given statistics: the reference reads only the estimates, which a namespace carries
+    running = (
+        cast("RunningStats", SimpleNamespace(running_mean=running_mean, running_var=running_var)) if given else None
+    )
+    activation = (activation_for_code(act).name, param, prelu)
+    call = ChannelCall(x, weight, bias, groups, eps, not given, running, activation, False, mask)
+    with torch.enable_grad():
+        y = composed.masked_channel_norm(call, reference=True)
+        return tuple(_grads(y, (x, weight, bias, prelu), needs[:4], dy))
 
 
 def _trailing_dims(x: torch.Tensor, k: int) -> tuple[int, ...]:

@@ -24,6 +24,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -223,47 +225,91 @@ std::vector<at::Tensor> channel_backward_op(const at::Tensor& dy, const at::Tens
 
 // ---- masked channel norms (masked.cpp) ----------------------------------------------------
 
-// The plan of a masked call: one unit per sample in both layouts (the mask varies by sample),
-// so a channels_last input is viewed (N, S, C) even for BatchNorm.
-Plan masked_plan(const at::Tensor& x) {
-  Plan p = plan_of(x, 0);
-  p.G = 0;
-  return p;
+// The mask as normlab's checks hand it on (normlab/core/call_checks.py): contiguous, then
+// broadcast to (N, *spatial), a view; undefined where its shape does not broadcast there. Made
+// with autograd's dispatch, so that the view shares the mask's version counter (the node saves
+// it, and a mask changed in place before backward is refused as any saved tensor is).
+at::Tensor positions_mask(const at::Tensor& mask, const at::Tensor& x) {
+  std::vector<int64_t> positions{x.size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) positions.push_back(x.size(d));
+  const int64_t k = static_cast<int64_t>(positions.size());
+  if (mask.dim() > k) return at::Tensor();
+  for (int64_t i = 1; i <= mask.dim(); ++i) {
+    const int64_t m = mask.size(mask.dim() - i), p = positions[k - i];
+    if (m != 1 && m != p) return at::Tensor();
+  }
+  return (mask.is_contiguous() ? mask : mask.contiguous()).expand(positions);
 }
 
-// The masked forward as the path rule's "kernels, masked" runs it (an autograd Function in
-// kernels/cpu/masked.py records it): (y, shift, offset, rstd, mean, var, count), the last
-// three empty with given statistics. `mask`: bool, (N, *spatial) or broadcast to it.
-std::vector<at::Tensor> masked_channel_forward_op(const at::Tensor& x, const at::Tensor& mask,
-                                                  const OptTensor& weight, const OptTensor& bias,
-                                                  const OptTensor& running_mean, const OptTensor& running_var,
-                                                  const OptTensor& prelu, int64_t groups, double eps, int64_t act,
-                                                  double param) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
+// The masked channel family's eager call, as the path rule's "kernels, masked" runs it: the
+// same crossing as channel_norm's — checks, the masked kernel, the running-estimate update,
+// the autograd node — for a plain float32 CPU input in a layout the kernels read and a bool
+// CPU `mask` of valid positions ((N, *spatial) or broadcast to it; the rule asked both). Returns
+// y; (y, mean, var, count), the statistics per group in float64, where the running update is
+// left to Python — InstanceNorm's (each instance unbiased with its own valid count, in the
+// policy's torch ops) and, for BatchNorm, what channel_norm leaves (see update); None when a
+// check failed. A batch with fewer than 2 valid values per channel leaves BatchNorm's
+// estimates as they are.
+py::object masked_channel_norm(const at::Tensor& input, const OptTensor& weight_, const OptTensor& bias_,
+                               const at::Tensor& mask_, py::handle running, int64_t groups, bool batch_stats,
+                               double eps, int64_t act, double param, const OptTensor& prelu_) {
+  if (input.dim() < 2 || !(eps >= 0 && eps < std::numeric_limits<double>::infinity())) return py::none();
+  const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
+                   prelu = value_or_undefined(prelu_);
+  const int64_t C = input.size(1);
+  if (!fits(weight, C) || !fits(bias, C) || (prelu.defined() && !(fits(prelu, C) || fits(prelu, 1))))
+    return py::none();
+  if (groups == 0 || (groups > 0 && C % groups != 0)) return py::none();
+  Running r;
+  const bool tracked = !running.is_none();
+  if (tracked) {
+    r = running_of(running);
+    if (!fits(r.mean, C) || !fits(r.var, C) || r.mean.defined() != r.var.defined()) return py::none();
+  }
+  if (batch_stats) {
+    if (groups < 0 && !(eps > 0)) return py::none();  // BatchNorm refuses eps = 0 in training, as torch.nn
+    if (tracked && r.mean.defined() && groups >= 0 && groups != C) return py::none();
+  } else if (!r.mean.defined()) {
+    return py::none();
+  }
+  const at::Tensor mask = positions_mask(mask_, input);
+  if (!mask.defined()) return py::none();
+  const bool given = !batch_stats;
+  const at::Tensor x = layout_of(input) == Layout::other ? input.contiguous() : input;
   const Plan p = masked_plan(x);
-  const at::Tensor m = mask.reshape({p.N, p.S}).contiguous();
-  at::Tensor y = at::empty_like(x);
-  auto s = masked_channel_forward(p.view(x), m, p.planes, p.N, p.C, p.S, groups, value_or_undefined(weight),
-                                  value_or_undefined(bias), value_or_undefined(running_mean),
-                                  value_or_undefined(running_var), eps, act, param,
-                                  slope_of(value_or_undefined(prelu), act, p.C), p.view(y));
-  return {y, s[0], s[1], s[2], s[3], s[4], s[5]};
+  const at::Tensor m = mask.reshape({p.N, p.S}).contiguous();  // one bool per (sample, position)
+  at::Tensor y;
+  std::vector<at::Tensor> s;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    y = at::empty_like(x);
+    s = masked_channel_forward(p.view(x), m, p.planes, p.N, p.C, p.S, groups, weight, bias,
+                               given ? r.mean : at::Tensor(), given ? r.var : at::Tensor(), eps, act, param,
+                               slope_of(prelu, act, p.C), p.view(y));
+  }
+  // s: shift, offset, rstd, mean, var, count per group (the last three undefined when given)
+  record_masked_channel_node(y, x, mask, weight, bias, prelu, s[0], s[1], s[2], s[5], given ? r.mean : at::Tensor(),
+                             given ? r.var : at::Tensor(), groups, given, eps, act, param);
+  if (!batch_stats || !r.mean.defined()) return py::cast(y);
+  if (groups < 0) {
+    // every channel has the same valid count; under 2 the batch has no variance to merge
+    const auto valid = static_cast<int64_t>(s[5].data_ptr<double>()[0]);
+    if (valid < 2 || update(r, s[3], s[4], valid)) return py::cast(y);
+  }
+  return py::make_tuple(y, s[3], s[4], s[5]);
 }
 
-// Its backward: (dx, dγ, dβ, d slope), the parameters' in float64.
+// normlab::masked_channel_norm_backward's body — the masked node's backward where compiled
+// autograd traces it: (dx, dγ, dβ, d slope), the parameters' in float64. `mask`: bool,
+// (N, *spatial) or broadcast to it; `count`: the valid count per group (None when given).
 std::vector<at::Tensor> masked_channel_backward_op(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
                                                    const OptTensor& weight, const OptTensor& bias,
                                                    const OptTensor& prelu, const at::Tensor& shift,
                                                    const at::Tensor& offset, const at::Tensor& rstd,
-                                                   const at::Tensor& count, int64_t groups, bool given, int64_t act,
+                                                   const OptTensor& count, int64_t groups, bool given, int64_t act,
                                                    double param) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Plan p = masked_plan(x);
-  const at::Tensor m = mask.reshape({p.N, p.S}).contiguous();
-  auto r = masked_channel_backward(p.view(same_layout(dy, p, x)), p.view(x), m, p.planes, p.N, p.C, p.S, groups,
-                                   given, value_or_undefined(weight), value_or_undefined(bias), shift, offset, rstd,
-                                   count, act, param, slope_of(value_or_undefined(prelu), act, p.C));
-  return {p.unview(r[0], x), r[1], r[2], r[3]};
+  return masked_backward(dy, x, mask, value_or_undefined(weight), value_or_undefined(bias), value_or_undefined(prelu),
+                         shift, offset, rstd, value_or_undefined(count), groups, given, act, param);
 }
 
 // ---- row norms (LayerNorm, RMSNorm, and the residual add before them) ----------------------
@@ -380,7 +426,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_running", &update_running);
   m.def("channel_forward", &channel_forward_op);
   m.def("channel_backward", &channel_backward_op);
-  m.def("masked_channel_forward", &masked_channel_forward_op);
+  m.def("masked_channel_norm", &masked_channel_norm);
   m.def("masked_channel_backward", &masked_channel_backward_op);
   m.def("row_forward", &row_forward_op);
   m.def("row_backward", &row_backward_op);

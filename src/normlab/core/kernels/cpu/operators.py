@@ -9,6 +9,7 @@ closed-form C++ backward:
 
     normlab::channel_norm            BatchNorm / InstanceNorm / GroupNorm (+ activation)
     normlab::channel_norm_backward   its backward (dx, dγ, dβ, dPReLU)
+    normlab::masked_channel_norm_backward   the masked one's (for compiled autograd)
     normlab::row_norm                LayerNorm / RMSNorm over the trailing k elements
     normlab::row_norm_backward       its backward (dx, dγ, dβ)
     normlab::add_row_norm            residual add + LayerNorm / RMSNorm
@@ -154,6 +155,19 @@ def _channel_backward(
 
 
 channel_norm.register_autograd(_channel_backward, setup_context=_channel_setup)
+
+# normlab::masked_channel_norm_backward: the masked channel norms' backward (dx, dγ, dβ,
+# dPReLU; the parameters' float64 per channel). Eager masked calls take the kernels' masked
+# entry and its C++ node (entries.cpp, autograd.cpp), which runs this kernel itself; the
+# operator is what that node records where compiled autograd traces its backward.
+masked_channel_norm_backward = _define(
+    "masked_channel_norm_backward",
+    "(Tensor dy, Tensor x, Tensor mask, Tensor? weight, Tensor? bias, Tensor? prelu_weight, Tensor shift, "
+    "Tensor offset, Tensor rstd, Tensor? count, SymInt groups, bool given, SymInt act, float param) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "masked_channel_backward",
+    lambda a: (torch.empty_like(a.x), *_per_group(a.x, a.x.shape[1], 3)),
+)
 
 
 # --- normlab::row_norm: LayerNorm and RMSNorm ------------------------------------------------

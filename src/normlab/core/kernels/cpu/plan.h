@@ -62,6 +62,14 @@ inline Plan plan_of(const at::Tensor& x, int64_t groups) {
   return Plan{layout == Layout::planes, N, C, x.numel() / (N * C), groups};
 }
 
+// The plan of a masked call: one unit per sample in both layouts (the mask varies by sample),
+// so a channels_last input is viewed (N, S, C) even for BatchNorm.
+inline Plan masked_plan(const at::Tensor& x) {
+  Plan p = plan_of(x, 0);
+  p.G = 0;
+  return p;
+}
+
 // The incoming gradient in the saved input's memory format (a copy only if needed).
 inline at::Tensor same_layout(const at::Tensor& dy, const Plan& p, const at::Tensor& like) {
   if (p.planes || like.dim() == 2) return dy.contiguous();
