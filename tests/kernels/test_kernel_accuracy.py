@@ -86,6 +86,19 @@ def test_layer_norm(shape, affine, large_mean):
     _check(ours, theirs, x, dy)
 
 
+@pytest.mark.parametrize("centered", [True, False], ids=["layer", "rms"])
+@pytest.mark.parametrize("k", [7, 8, 45, 520, 1100])
+def test_row_lengths_every_branch_of_the_moments_loop(k, centered):
+    """The rows' moments take 32 values a step, then 8, then one by one, in blocks of 512:
+    lengths that end in each of those steps and cross a block, with and without grad."""
+    x, dy = _data((5, k), large_mean=centered)
+    make = (lambda m: m.LayerNorm(k)) if centered else (lambda m: m.RMSNorm(k, eps=1e-6))
+    ours, theirs = _pair(_randomized(make(nl.nn)), make(nn))
+    _check(ours, theirs, x, dy)
+    with torch.no_grad():  # the eval route: no statistics kept, rows written straight
+        assert _rel(ours(x.float()), theirs(x)) <= TOL
+
+
 @pytest.mark.parametrize("large_mean", [True, False])
 @pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("shape", [(4, 64, 14, 14), (2, 32, 7, 7)])

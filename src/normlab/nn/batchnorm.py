@@ -10,7 +10,7 @@ from torch.fx import Proxy
 
 from ..core import channel_norm
 from ..core.types import DeviceLike, DTypeLike
-from .base import TensorOrProxy, _NormBase, check_norm_args, traced_call
+from .base import INPUT_TYPES, TensorOrProxy, _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -113,7 +113,14 @@ class _BatchNorm(_NormBase):
     def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
-        self._check_input_dim(input)
+        # the input check written out for the common case (torch.nn's forward calls it, a frame)
+        if not (
+            self._standard_input_check
+            and type(input) in INPUT_TYPES
+            and input.dim() in self._ranks
+            and input.shape[1] == self.num_features
+        ):
+            self._check_input_dim(input)  # says what is wrong, or a subclass's own check
         d = self.__dict__
         running = d.get("_running_stats") or self._make_running_stats()
         # torch.nn's rule: the batch's statistics in training (unless frozen) and whenever
