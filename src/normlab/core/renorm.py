@@ -79,19 +79,22 @@ def batch_renorm(
         )
     ndim = x.dim()
     with torch.no_grad():
+        # Every temporary here is this call's own, so the arithmetic runs in place: a training
+        # step of a small network pays per op, not per element (the values are the same).
         moments = centered_moments(x, dims)  # (1, C, 1, …)
         cdtype = moments.var.dtype
-        batch_std = torch.sqrt(moments.var + eps)
-        running_std = torch.sqrt(channel_view(running_var, ndim).to(cdtype) + eps)
-        running_mu = channel_view(running_mean, ndim).to(cdtype)
+        running_std = (channel_view(running_var, ndim).to(cdtype) + eps).sqrt_()
+        r = (moments.var + eps).sqrt_().div_(running_std)  # σ_B / σ
+        d = (moments.mean - channel_view(running_mean, ndim).to(cdtype)).div_(running_std)  # (μ_B − μ) / σ
         if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
-            r_max = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
-            d_max = torch.as_tensor(d_max, dtype=cdtype, device=x.device)
-            r = torch.minimum(torch.maximum(batch_std / running_std, 1.0 / r_max), r_max)
-            d = torch.minimum(torch.maximum((moments.mean - running_mu) / running_std, -d_max), d_max)
+            r_top = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
+            d_top = torch.as_tensor(d_max, dtype=cdtype, device=x.device)
+            # with tensor bounds clamp is min(max(v, lo), hi) too: one op instead of two
+            r = r.clamp_(1.0 / r_top, r_top)
+            d = d.clamp_(-d_top, d_top)
         else:
-            r = (batch_std / running_std).clamp(1.0 / r_max, r_max)
-            d = ((moments.mean - running_mu) / running_std).clamp(-d_max, d_max)
+            r = r.clamp_(1.0 / r_max, r_max)
+            d = d.clamp_(-d_max, d_max)
     # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
     w, b = channel_view(weight, ndim), channel_view(bias, ndim)
     w_eff = r if w is None else w * r

@@ -23,6 +23,7 @@ __all__ = [
     "evaluate",
     "intra_op_threads",
     "minibatch_losses",
+    "native_convolution",
     "train_classifier",
     "train_steps",
 ]
@@ -39,10 +40,17 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     threads: int | None = 1  # one thread is faster for these tiny tensors
+    #: Training steps at batches up to this size run torch's native convolution, not oneDNN's
+    #: (see :func:`native_convolution`); 0: oneDNN's always, torch's default.
+    native_conv_max_batch: int = 0
 
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch_size / 32
+
+    @property
+    def native_conv(self) -> bool:
+        return self.batch_size <= self.native_conv_max_batch
 
 
 @dataclass
@@ -65,6 +73,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
     model.train(was_training)
     return correct / len(y)
+
+
+@contextlib.contextmanager
+def native_convolution(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (when ``enabled``), convolutions on the CPU run torch's native kernels
+    instead of oneDNN's; the setting in force before is restored on leaving.
+
+    Why: the studies' CNNs convolve (B, 32, ≤ 40) signals, where oneDNN's per-call set-up
+    outweighs its arithmetic at small batches. A training step of the batch-size study's
+    CNN, one thread, CPU time (medians of interleaved blocks), native ÷ oneDNN: 0.49–0.62 at
+    batch 2–8, 0.74–0.91 at batch 16 (every norm of that study), but 1.31 at batch 32 with
+    BatchNorm and 2.8 for a forward pass at batch 500 — so it is a choice by batch size,
+    made per training step (:attr:`TrainConfig.native_conv_max_batch`), not for a whole run.
+    The two agree to float rounding (outputs and gradients within 6e-7 of their largest
+    value at batch 2 and 16), not bit for bit.
+    torch's switch is process-wide: set and restored around each step, it never outlives
+    the step that asked for it."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 @contextlib.contextmanager
@@ -129,11 +163,14 @@ def minibatch_losses(
     seed: int,
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
     clip_norm: float | None = None,
+    native_conv: bool = False,
 ) -> Iterator[float | None]:
     """The one training loop: ``steps`` SGD steps on minibatches of a fresh random order
     each epoch (the ragged end dropped: BN needs >= 2 samples), yielding each step's loss.
     A non-finite loss yields None and ends the loop before the step is taken. The caller
-    may evaluate between steps; the model is put back in training mode before each."""
+    may evaluate between steps; the model is put back in training mode before each.
+    ``native_conv``: each step (forward, backward, update) under :func:`native_convolution`;
+    what the caller does between steps is not."""
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     n = len(data.y_train)
@@ -150,18 +187,22 @@ def minibatch_losses(
         if not all(m.training for m in modules):  # model.train() walks every module: only when needed
             model.train()
         batch = slice(i * batch_size, (i + 1) * batch_size)
-        loss = loss_fn(model(x_epoch[batch]), y_epoch[batch])
-        value = loss.item()  # one read of the loss (a tensor op and a sync fewer than isfinite)
-        if not math.isfinite(value):
+        # the backend is set for the step only, never across a yield (the caller's code runs there)
+        with native_convolution(native_conv):
+            loss = loss_fn(model(x_epoch[batch]), y_epoch[batch])
+            value = loss.item()  # one read of the loss (a tensor op and a sync fewer than isfinite)
+            finite = math.isfinite(value)
+            if finite:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+        if not finite:
             yield None
             return
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        optimizer.step()
-        if schedule is not None:
-            schedule.step()
         yield value
 
 
@@ -188,6 +229,7 @@ def _train(model, data, config, on_epoch):
         steps=total,
         batch_size=config.batch_size,
         seed=config.seed,
+        native_conv=config.native_conv,
     )
     start = time.perf_counter()
     history, step, diverged, running, seen = [], 0, False, 0.0, 0
@@ -233,12 +275,17 @@ class StepConfig:
     check_every: int = 100  # steps between calls of ``on_check``
     seed: int = 0
     threads: int | None = 1
+    native_conv_max_batch: int = 0  # as TrainConfig's
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.steps < 1 or self.batch_size < 1 or self.check_every < 1:
             raise ValueError("steps, batch_size and check_every must be >= 1")
+
+    @property
+    def native_conv(self) -> bool:
+        return self.batch_size <= self.native_conv_max_batch
 
 
 def train_steps(
@@ -268,6 +315,7 @@ def _train_steps(model, data, config, on_check):
         batch_size=config.batch_size,
         seed=config.seed,
         clip_norm=config.clip_norm,
+        native_conv=config.native_conv,
     )
     history: list[dict] = []
 

@@ -64,12 +64,12 @@ class RenormSchedule:
         plain floats when the limits do not depend on the step."""
         if self.warmup_steps == 0 and self.ramp_steps == 0:
             return float(self.r_max), float(self.d_max)
-        step = step.to(torch.float64)
         if self.ramp_steps == 0:
             progress = (step >= self.warmup_steps).to(torch.float64)
         else:
-            progress = ((step - self.warmup_steps) / self.ramp_steps).clamp(0.0, 1.0)
-        return 1.0 + progress * (self.r_max - 1.0), progress * self.d_max
+            # a fresh float64 copy of the step, so in place from there: each op counts in a small step
+            progress = step.to(torch.float64, copy=True).sub_(self.warmup_steps).div_(self.ramp_steps).clamp_(0.0, 1.0)
+        return (progress * (self.r_max - 1.0)).add_(1.0), progress * self.d_max
 
 
 _DOC = r"""Batch Renormalization (Ioffe, 2017) over a {shape_words} input.
