@@ -226,6 +226,15 @@ def test_zero_element_weights_are_a_no_op_like_torchs(fn, shape):
         fn(torch.empty(shape), activation="swish")
 
 
+@pytest.mark.parametrize(
+    "fn", [I.orthogonal_, I.xavier_uniform_, I.xavier_normal_, I.he_uniform_, I.he_normal_, I.lecun_normal_]
+)
+def test_the_zero_element_warning_names_the_callers_line(fn):
+    with pytest.warns(UserWarning, match="zero-element") as record:
+        fn(torch.empty(0, 5))
+    assert [w.filename for w in record] == [__file__]  # as torch's initializers do, not normlab's own file
+
+
 # --- LSUV edge cases ---------------------------------------------------------------------------
 
 

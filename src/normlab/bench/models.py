@@ -161,22 +161,22 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
     image = (c.cnn_batch, 3, c.image, c.image)
     width = c.cnn_width
     groups = math.gcd(8, width)  # GroupNorm(8, ·) at the default widths 32 and 64
-    all_cases = {
-        "cnn-bn": ModelCase(
+    built = (
+        ModelCase(
             "cnn-bn",
             "ResNet-style CNN, BatchNorm2d",
             lambda: ResNetStyle(nn.BatchNorm2d, width),
             image,
             normlab_layers=nln.BatchNorm2d,
         ),
-        "cnn-gn": ModelCase(
+        ModelCase(
             "cnn-gn",
             f"ResNet-style CNN, GroupNorm({groups})",
             lambda: ResNetStyle(lambda ch: nn.GroupNorm(groups, ch), width),
             image,
             normlab_layers=nln.GroupNorm,
         ),
-        "cnn-bnact": ModelCase(
+        ModelCase(
             "cnn-bnact",
             "ResNet-style CNN, BatchNormAct2d vs BN+ReLU",
             lambda: ResNetStyle(nn.BatchNorm2d, width),
@@ -184,7 +184,7 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
             convert=to_normlab_fused,
             normlab_layers=nln.BatchNormAct2d,
         ),
-        "cnn-bn-cl": ModelCase(
+        ModelCase(
             "cnn-bn-cl",
             "ResNet-style CNN, BatchNorm2d",
             lambda: ResNetStyle(nn.BatchNorm2d, width),
@@ -192,7 +192,7 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
             layout="channels_last",
             normlab_layers=nln.BatchNorm2d,
         ),
-        "vit-ln": ModelCase(
+        ModelCase(
             "vit-ln",
             "ViT-style blocks, LayerNorm",
             lambda: ViTStyle(nn.LayerNorm, c.dim, c.depth, c.heads),
@@ -200,7 +200,7 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
             layout="tokens",
             normlab_layers=nln.LayerNorm,
         ),
-        "vit-rms": ModelCase(
+        ModelCase(
             "vit-rms",
             "ViT-style blocks, RMSNorm",
             lambda: ViTStyle(nn.RMSNorm, c.dim, c.depth, c.heads),
@@ -208,7 +208,7 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
             layout="tokens",
             normlab_layers=nln.RMSNorm,
         ),
-        "mlp-bn1d": ModelCase(
+        ModelCase(
             "mlp-bn1d",
             "MLP, BatchNorm1d",
             lambda: MLPStyle(c.mlp_features, c.mlp_hidden),
@@ -216,7 +216,8 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
             layout="rows",
             normlab_layers=nln.BatchNorm1d,
         ),
-    }
+    )
+    all_cases = {case.key: case for case in built}
     unknown = [k for k in config.models if k not in all_cases]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {list(MODEL_KEYS)}")

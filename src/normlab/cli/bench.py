@@ -162,12 +162,7 @@ def run_masked(args: argparse.Namespace) -> int:
         f"\nmasked <= 1.5x unmasked (fwd and f+b): {within}/{len(rows)} rows; worst error vs float64: "
         f"masked {max(r['err_masked'] for r in rows):.1e}, composed {max(r['err_composed'] for r in rows):.1e}"
     )
-    if args.out:
-        atomic_write_json(
-            Path(args.out),
-            {"benchmark": "masked", "machine": machine_info(), "backend": paths.status(), "rows": rows},
-        )
-        print(f"wrote {args.out}")
+    _write_result(args, "masked", backend=paths.status(), rows=rows)
     return 0
 
 

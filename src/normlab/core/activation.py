@@ -319,30 +319,28 @@ def abn_backward(
 
 
 def rewrite_kept_channels(
-    dx: torch.Tensor,
-    dgamma: torch.Tensor,
-    dbeta: torch.Tensor,
-    small: torch.Tensor,
-    groups: int,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    ctx: Any,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    statistics: tuple[torch.Tensor, ...] | torch.Tensor,
     y: torch.Tensor,
     dy: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     x_small: torch.Tensor,
-    act: int,
-    param: float,
 ) -> None:
-    """The in-place mode's backward redone on the channels whose x̂ the output does not hold
-    (``small``, whose input ``x_small`` the forward kept) — for GroupNorm, on every channel of
-    their groups, whose dx depends on them — by :func:`abn_backward`, given x̂ from the kept
-    input; a kernel's dx, dγ and dβ of those channels are overwritten with the result, each
-    in its own dtype, and an empty dγ/dβ — a parameter no gradient was asked for — is left.
-    ``mean`` and ``rstd`` are the forward's statistics (per channel for BatchNorm,
-    ``groups < 0``; per (sample, group) otherwise) and set the compute dtype. The in-place
-    backward of the CPU and the Triton kernels both end this way. dβ is rewritten too: ELU's
-    dβ read off y + α has lost its digits near −α."""
+    """The kernels' in-place backward (CPU and Triton end alike) redone on the channels whose
+    x̂ the output does not hold (``ctx.small``, whose input ``x_small`` the forward kept) —
+    for GroupNorm, on every channel of their groups, whose dx depends on them — by
+    :func:`abn_backward`, given x̂ from the kept input: the kernel's dx, dγ and dβ
+    (``grads``) of those channels are overwritten with the result, each in its own dtype, and
+    an empty dγ/dβ — a parameter no gradient was asked for — is left. The first three
+    ``statistics`` are the forward's shift, offset and rstd (per channel for BatchNorm,
+    ``ctx.groups < 0``; per (sample, group) otherwise; the mean is shift + offset); they set
+    the compute dtype. ``ctx`` holds the call's groups, activation code and parameter. dβ is
+    rewritten too: ELU's dβ read off y + α has lost its digits near −α."""
+    dx, dgamma, dbeta = grads
+    small, groups = ctx.small, ctx.groups
+    mean, rstd = statistics[0] + statistics[1], statistics[2]
     ndim = y.dim()
     if groups < 0:  # BatchNorm: channels are independent; statistics per channel
         channels, sub_groups = small, -1
@@ -367,8 +365,8 @@ def rewrite_kept_channels(
         None if bias is None else bias.detach().float().index_select(0, channels),
         sub_groups,
         sub_rstd,
-        activation_for_code(act).name,
-        param,
+        activation_for_code(ctx.act).name,
+        ctx.param,
         position,
         xhat_small,
     )

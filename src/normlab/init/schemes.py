@@ -68,10 +68,12 @@ def _gain(activation: str, negative_slope: float | None, gain: float | None, con
     return gain_for(activation, negative_slope, convention=convention)
 
 
-def _is_empty(tensor: object) -> bool:
-    """A zero-element weight has nothing to draw (torch's initializers skip it too)."""
+def _is_empty(tensor: object, stacklevel: int = 4) -> bool:
+    """A zero-element weight has nothing to draw (torch's initializers skip it too). The
+    warning names the caller's line, as torch's does: ``stacklevel`` 4 from a ``*_std`` helper
+    (caller → initializer → helper → here), 3 from an initializer itself."""
     if isinstance(tensor, torch.Tensor) and tensor.numel() == 0:
-        warnings.warn("Initializing zero-element tensors is a no-op", UserWarning, stacklevel=3)
+        warnings.warn("Initializing zero-element tensors is a no-op", UserWarning, stacklevel=stacklevel)
         return True
     return False
 
@@ -250,12 +252,8 @@ def lecun_normal_(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """LeCun et al. (1998): N(0, gain²/fan_in); with gain 1 the SELU recipe."""
-    fan_in, _ = fans(tensor)
-    g = _gain(activation, negative_slope, gain, convention)
-    if _is_empty(tensor):
-        return tensor
-    std = g / math.sqrt(fan_in)
-    return _fill_normal(tensor, std, generator)
+    std = _he_std(tensor, activation, negative_slope, "fan_in", gain, convention)  # He's formula, on fan_in
+    return tensor if std is None else _fill_normal(tensor, std, generator)
 
 
 @_shared_sections
@@ -277,7 +275,7 @@ def orthogonal_(
     if tensor.dim() < 2:
         raise InputError(f"orthogonal_ needs at least 2 dims, got shape {tuple(tensor.shape)}")
     scale = _gain(activation, negative_slope, gain, convention)  # checked even when there is nothing to fill
-    if _is_empty(tensor):
+    if _is_empty(tensor, stacklevel=3):
         return tensor
     rows = tensor.shape[0]
     cols = tensor.numel() // rows

@@ -127,8 +127,8 @@ class _ActMixin(_NormLayer):
             with torch.no_grad():
                 act.weight.fill_(self.activation_param)
 
-    def _act_repr(self) -> str:
-        text = f", activation={self.activation!r}"
+    def extra_repr(self) -> str:  # the norm's, then the activation's choice
+        text = super().extra_repr() + f", activation={self.activation!r}"
         if ACTIVATIONS[self.activation].constant_param:
             text += f", activation_param={self.activation_param}"
         return text + (", inplace=True" if self.inplace else "")
@@ -181,9 +181,6 @@ class _BatchNormAct(_ActMixin):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._init_activation(num_features, activation, activation_param, inplace, device, dtype)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._act_repr()
-
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
     __doc__ = "BatchNorm1d followed by an activation, fused; a drop-in for BatchNorm1d + act.\n" + _ACT_ARGS.format(
@@ -231,9 +228,6 @@ class GroupNormAct(_ActMixin, GroupNorm):
     ) -> None:
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self._init_activation(num_channels, activation, activation_param, inplace, device, dtype)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._act_repr()
 
 
 def timm_norm_act(

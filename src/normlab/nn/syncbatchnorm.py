@@ -176,6 +176,3 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
         self._init_activation(num_features, activation, activation_param, False, device, dtype)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + self._act_repr()

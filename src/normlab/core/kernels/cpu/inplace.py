@@ -70,22 +70,7 @@ class _ChannelNormInPlace(torch.autograd.Function):
             dy, y, weight, bias, None, shift, offset, rstd, ctx.groups, False, True, ctx.act, ctx.param
         )
         if ctx.small is not None:  # the channels the kernel could not recover x̂ for
-            rewrite_kept_channels(
-                dx,
-                dgamma,
-                dbeta,
-                ctx.small,
-                ctx.groups,
-                shift + offset,
-                rstd,
-                y,
-                dy,
-                weight,
-                bias,
-                x_small,
-                ctx.act,
-                ctx.param,
-            )
+            rewrite_kept_channels(ctx, (dx, dgamma, dbeta), ctx.stats, y, dy, weight, bias, x_small)
         dw = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = dbeta.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None

@@ -388,22 +388,7 @@ class ChannelNormInPlace(torch.autograd.Function):
             dy, y, weight, bias, None, None, stats, None, None, ctx.groups, 0.0, ctx.act, ctx.param, params, True
         )
         if ctx.small is not None:  # |γ| below the guard: x̂ from their kept input, as the CPU kernels
-            rewrite_kept_channels(
-                dx,
-                dw,
-                db,
-                ctx.small,
-                ctx.groups,
-                stats[0] + stats[1],
-                stats[2],
-                y,
-                dy,
-                weight,
-                bias,
-                x_small,
-                ctx.act,
-                ctx.param,
-            )
+            rewrite_kept_channels(ctx, (dx, dw, db), stats, y, dy, weight, bias, x_small)
         return dx, _param_grad(dw, weight, needs[1]), _param_grad(db, bias, needs[2]), None, None
 
 
