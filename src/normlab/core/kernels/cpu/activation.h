@@ -15,13 +15,29 @@ namespace normlab {
 // The codes of normlab.core.activation.ACTIVATIONS; exported as `activation_codes`.
 enum Act : int { IDENTITY = 0, RELU = 1, LEAKY = 2, ELU = 3, SILU = 4, PRELU = 5 };
 
+// b ? a : c by bits. GCC compiles a ternary like `z > 0 ? 1 : p` in the reducing loops into a
+// branch per value, which no loop vectorizes (ReLU's backward took 4-5x identity's, LeakyReLU's
+// 6x); and where one side of a ternary folds to a constant (fast_exp's clamp: every value below
+// −87 gives the same exp) it threads the constant path apart from the other, a branch again,
+// which it may not merge back since float arithmetic may trap (-ftrapping-math, the default).
+// A mask and an OR vectorize and select the very same value (a NaN included).
+// __builtin_bit_cast, as in fast_exp: a memcpy may stop the vectorizer.
+NL_INLINE float select_bits(bool b, float a, float c) {
+  const uint32_t m = 0u - static_cast<uint32_t>(b);
+  return __builtin_bit_cast(float, (__builtin_bit_cast(uint32_t, a) & m) | (__builtin_bit_cast(uint32_t, c) & ~m));
+}
+
 // exp(x) to ~2 ulp with plain arithmetic, so loops calling it still vectorize (std::floor
 // and a memcpy bit-cast both stop GCC's vectorizer). Cody–Waite reduction x = n·ln2 + r,
 // |r| ≤ ln2/2, with n rounded to nearest by the 1.5·2^23 trick (exact under the default
 // round-to-nearest mode, and not folded away without -ffast-math), then a degree-6
-// polynomial and 2^n built from its exponent bits.
+// polynomial and 2^n built from its exponent bits. The clamp selects by bits: as
+// std::min/std::max (or ternaries) it was a branch per value, and no loop calling fast_exp
+// vectorized — ELU and SiLU ran one value at a time in every kernel (GroupNormAct silu 2.4x
+// torch.nn's GroupNorm + SiLU). NaN passes through both selects, as through min and max.
 NL_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  x = select_bits(x < -87.0f, -87.0f, x);
+  x = select_bits(x > 88.0f, 88.0f, x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.3981999507e-3f;
@@ -39,9 +55,9 @@ NL_INLINE float fast_log(float x) {
   const int32_t bits = __builtin_bit_cast(int32_t, x);
   float e = static_cast<float>(((bits >> 23) & 0xff) - 127);
   float m = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // [1, 2)
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1.0f : e;
+  const bool big = m > 1.41421356f;  // selects by bits, so ELU's inverse vectorizes
+  m = select_bits(big, m * 0.5f, m);
+  e = select_bits(big, e + 1.0f, e);
   const float f = m - 1.0f;
   const float z = f * f;
   float y = 7.0376836292e-2f;
@@ -62,16 +78,7 @@ NL_INLINE float fast_log(float x) {
 NL_INLINE float fast_log1p(float u) {
   const float w = 1.0f + u;
   const float d = w - 1.0f;
-  return d == 0.0f ? u : fast_log(w) * (u / d);
-}
-
-// b ? a : c by bits. GCC compiles a ternary like `z > 0 ? 1 : p` in the backward's reducing
-// loops into a branch per value, which no loop vectorizes (ReLU's backward took 4-5x
-// identity's, LeakyReLU's 6x); a mask and an OR vectorize and select the very same value
-// (a NaN included). __builtin_bit_cast, as in fast_exp: a memcpy may stop the vectorizer.
-NL_INLINE float select_bits(bool b, float a, float c) {
-  const uint32_t m = 0u - static_cast<uint32_t>(b);
-  return __builtin_bit_cast(float, (__builtin_bit_cast(uint32_t, a) & m) | (__builtin_bit_cast(uint32_t, c) & ~m));
+  return select_bits(d == 0.0f, u, fast_log(w) * (u / d));
 }
 
 // act(z); param is LeakyReLU's slope, ELU's alpha, or PReLU's per-channel slope. Templates
