@@ -22,7 +22,7 @@ BAD_VALUES = [float("nan"), float("inf"), -float("inf")]
     strict=True,
     reason="the kernels' given-statistics backward forms dx = a·dz + 0·(x − shift) + 0, and 0·NaN is NaN",
 )
-@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu", "elu"])
+@pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu"])
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=["nan", "inf", "-inf"])
 def test_eval_batch_norm_input_gradient_at_a_non_finite_input(bad, activation):
     layer = nl.nn.BatchNormAct2d(3, activation=activation).eval()
