@@ -59,3 +59,32 @@ def test_eval_switchable_norm_keeps_samples_apart(backend):
         together = layer(x)
     assert torch.isnan(together[0]).any()
     torch.testing.assert_close(together[1:], alone)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the kernels' fast_exp clamps its argument at 88, so SiLU(z) = z/(1 + e^88) for z < −88: "
+    "−0.6 at z = −1e38 where torch.nn's SiLU gives −0",
+)
+def test_fused_silu_far_below_zero():
+    layer = nl.nn.BatchNormAct1d(1, eps=0.0, activation="silu").eval()  # z = x exactly
+    z = torch.tensor([[-1e38], [-1e30], [-200.0], [-89.0]])
+    torch.testing.assert_close(layer(z), torch.nn.functional.silu(z), atol=1e-38, rtol=1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the kernels take PReLU's slope gradient as Σ dy·(z < 0 ? z : 0), which drops a NaN z "
+    "(torch.nn's is NaN there): the slope trains on as if the bad value were not there",
+)
+def test_prelu_slope_gradient_sees_a_nan():
+    layer = nl.nn.BatchNormAct1d(2, activation="prelu").eval()
+    reference = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.PReLU(2)).eval()
+    x = torch.randn(5, 2)
+    x[3, 1] = float("nan")
+    grads = [
+        torch.autograd.grad(module(x).sum(), module.act.weight if module is layer else module[1].weight)[0]
+        for module in (layer, reference)
+    ]
+    assert torch.isnan(grads[1][1])
+    torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
