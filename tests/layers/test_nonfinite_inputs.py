@@ -44,6 +44,20 @@ def test_eval_batch_norm_input_gradient_at_a_non_finite_input(bad, activation):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.xfail(strict=True, reason="the same given-statistics backward, on the masked kernels and FrozenBatchNorm")
+@pytest.mark.parametrize("kind", ["frozen", "masked"])
+def test_eval_frozen_and_masked_input_gradient_at_a_nan(kind):
+    layer = (nl.nn.FrozenBatchNorm1d(3) if kind == "frozen" else nl.nn.BatchNorm1d(3)).eval()
+    x = torch.randn(2, 3, 6)
+    x[0, 1, 2] = float("nan")
+    x.requires_grad_(True)
+    upstream = torch.ones(2, 3, 6)
+    upstream[0, 1, 2] = 0.0
+    y = layer(x) if kind == "frozen" else layer(x, mask=torch.arange(6) < torch.tensor([[6], [4]]))
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="switchable_norm shifts every sample by the batch's channel means (and LN by their "
