@@ -1,7 +1,8 @@
 """A non-finite value through the Triton kernels' fused activations comes out as torch.nn's
 does: NaN where torch.nn has NaN (docs/conventions.md: a channel whose statistics are not
 finite comes out NaN, so the loss shows the problem). ELU's forward took min(z, 0) with
-Triton's default minimum, which returns the other operand for a NaN: NaN became ELU(0) = 0.
+Triton's default minimum, which returns the other operand for a NaN: NaN became ELU(0) = 0
+(and its derivative α·e⁰ = α).
 """
 
 from __future__ import annotations
@@ -27,10 +28,15 @@ def test_nan_input_keeps_nan_through_the_fused_activation(activation, training):
     norm = torch.nn.BatchNorm1d(3, device=DEVICE)
     reference = torch.nn.Sequential(norm, core.ACTIVATIONS[activation].make_module(channels=3).to(DEVICE))
     reference.train(training)
+    leaf, reference_leaf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     with core.use_backend("triton"), core.record_dispatch() as log:
-        y = layer(x.clone())
+        y = layer(leaf)
     assert [path for _, path, _ in log] == ["triton"]
-    expected = reference(x.clone())
+    expected = reference(reference_leaf)
     assert torch.equal(y.isnan(), expected.isnan())
     finite = ~expected.isnan()
     torch.testing.assert_close(y[finite], expected[finite])
+    # and the input gradient is NaN where torch.nn's is (ELU's derivative took the same minimum)
+    (grad,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+    (expected_grad,) = torch.autograd.grad(expected, reference_leaf, torch.ones_like(expected))
+    assert torch.equal(grad.isnan(), expected_grad.isnan())

@@ -61,7 +61,7 @@ def act_grad(z, param, slope, ACT: tl.constexpr):
     elif ACT == 2:
         return tl.where(z > 0, 1.0, param)
     elif ACT == 3:
-        return tl.where(z > 0, 1.0, param * tl.exp(tl.minimum(z, 0.0)))
+        return tl.where(z > 0, 1.0, param * tl.exp(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)))
     elif ACT == 4:
         sig = 1.0 / (1.0 + tl.exp(-z))
         return sig * (1.0 + z * (1.0 - sig))
