@@ -42,8 +42,9 @@ def act_forward(z, param, slope, ACT: tl.constexpr):
     elif ACT == 2:
         return tl.where(z > 0, z, z * param)
     elif ACT == 3:
-        # expm1 keeps ELU's small negative outputs accurate, as torch's kernel does
-        return tl.where(z > 0, z, param * _expm1(tl.minimum(z, 0.0)))
+        # expm1 keeps ELU's small negative outputs accurate, as torch's kernel does; the
+        # minimum keeps NaN (by default it returns the other operand, so NaN became 0)
+        return tl.where(z > 0, z, param * _expm1(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)))
     elif ACT == 4:
         return z / (1.0 + tl.exp(-z))
     elif ACT == 5:
@@ -60,7 +61,7 @@ def act_grad(z, param, slope, ACT: tl.constexpr):
     elif ACT == 2:
         return tl.where(z > 0, 1.0, param)
     elif ACT == 3:
-        return tl.where(z > 0, 1.0, param * tl.exp(tl.minimum(z, 0.0)))
+        return tl.where(z > 0, 1.0, param * tl.exp(tl.minimum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)))
     elif ACT == 4:
         sig = 1.0 / (1.0 + tl.exp(-z))
         return sig * (1.0 + z * (1.0 - sig))
