@@ -125,6 +125,14 @@ _ENTRIES = (
 
 #: name → :class:`Activation`, every activation normlab knows.
 ACTIVATIONS: dict[str, Activation] = {entry.name: entry for entry in _ENTRIES}
+# why the in-place mode refuses each fused activation that has no inverse (its error says which)
+_NOT_INVERTIBLE_BECAUSE = {
+    "relu": "ReLU maps every negative input to 0",
+    "silu": "SiLU falls to its minimum, about -0.278 at -1.278, and rises again, so two inputs share "
+    "each output between -0.278 and 0",
+    "prelu": "PReLU's slopes are learned and can reach 0 or below, where the negative side collapses "
+    "or folds onto the positive one",
+}
 #: the ones the fused norm+activation layers and the kernels compute, in kernel-code order.
 FUSED_ACTIVATIONS = tuple(
     sorted((a.name for a in _ENTRIES if a.fused), key=lambda name: cast(int, ACTIVATIONS[name].code))
@@ -175,7 +183,7 @@ def check_activation(name: str, param: float | None = None, *, inplace: bool = F
             raise InputError(
                 f"inplace=True keeps only the output and recovers the input by inverting the "
                 f"activation, so it needs an invertible one ({', '.join(INVERTIBLE_ACTIVATIONS)}); "
-                f"{name!r} is not (ReLU maps every negative input to 0). Use "
+                f"{name!r} is not ({_NOT_INVERTIBLE_BECAUSE[entry.name]}). Use "
                 f"activation='leaky_relu' (slope 0.01), or inplace=False"
             )
         # the parameter scales the negative side: at 0 or below, that side collapses or overlaps the other
