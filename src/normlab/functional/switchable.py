@@ -92,12 +92,15 @@ def switchable_norm(
     spatial = tuple(range(2, ndim))
     per_instance = reduced_count(input.shape, spatial)
     channel_shape = (1, input.shape[1]) + (1,) * len(spatial)
-    # Every mean is carried relative to a per-channel shift c (the batch's channel mean, a
-    # constant to autograd): x − c keeps the digits of the spread, and x − μ = d − Σ wₖ·mₖ with
-    # d = x − c and mₖ = μₖ − c. Means near 1e4 rounded to float32 would each be off by up to
-    # 5e-4, 5% of a 0.01 spread, in every output.
+    # Every mean is carried relative to a shift c (a constant to autograd): x − c keeps the
+    # digits of the spread, and x − μ = d − Σ wₖ·mₖ with d = x − c and mₖ = μₖ − c. Means near
+    # 1e4 rounded to float32 would each be off by up to 5e-4, 5% of a 0.01 spread, in every
+    # output. c is the batch's channel mean when the batch's BN statistics are used; otherwise
+    # (eval, or IN and LN only) each sample's own channel means, so that no sample's output
+    # depends on another's (one sample's NaN stays in that sample, as in torch.nn's eval BatchNorm).
+    batch_statistics = use_bn and (training or running_mean is None)
     with torch.no_grad():
-        shift = input.to(cdtype).mean((0,) + spatial, keepdim=True)  # (1, C, 1, ...)
+        shift = input.to(cdtype).mean(((0,) if batch_statistics else ()) + spatial, keepdim=True)
         layer_shift = shift - shift.mean(1, keepdim=True)  # each channel's shift relative to their mean
     d = input.to(cdtype) - shift
     # Each grouping's moments straight from d, one fused reduction each (torch's var_mean:
@@ -109,7 +112,7 @@ def switchable_norm(
     means = [instance_mean, layer_mean - layer_shift]
     variances = [instance_var, layer_var]
     if use_bn:
-        if training or running_mean is None:
+        if batch_statistics:
             if input.shape[0] * per_instance <= 1:
                 raise too_few_values(input)
             batch_var, batch_mean = torch.var_mean(d, (0,) + spatial, correction=0, keepdim=True)  # (1, C, 1, ...)
