@@ -9,11 +9,6 @@ import torch
 import normlab as nl
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BatchNorm's forward tests the common case inline when the class's check is the "
-    "standard one, and does not look at the instance, so a check assigned to the layer is skipped",
-)
 @pytest.mark.parametrize("make", [lambda: nl.nn.BatchNorm2d(4), lambda: nl.nn.BatchNormAct2d(4)], ids=["bn", "bnact"])
 def test_a_check_assigned_to_the_layer_is_called(make):
     calls = []
