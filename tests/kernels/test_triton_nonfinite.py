@@ -19,7 +19,7 @@ DEVICE = "cpu" if tk.interpreted() else "cuda"
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the non-finite batch is skipped, and says so
-@pytest.mark.parametrize("activation", ["elu", "leaky_relu", "silu", "prelu"])
+@pytest.mark.parametrize("activation", ["relu", "elu", "leaky_relu", "silu", "prelu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_nan_input_keeps_nan_through_the_fused_activation(activation, training):
     x = torch.randn(4, 3, 7, device=DEVICE)
@@ -37,6 +37,11 @@ def test_nan_input_keeps_nan_through_the_fused_activation(activation, training):
     finite = ~expected.isnan()
     torch.testing.assert_close(y[finite], expected[finite])
     # and the input gradient is NaN where torch.nn's is (ELU's derivative took the same minimum)
-    (grad,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
-    (expected_grad,) = torch.autograd.grad(expected, reference_leaf, torch.ones_like(expected))
-    assert torch.equal(grad.isnan(), expected_grad.isnan())
+    # (ReLU's passes the gradient at a NaN, as torch's does), and PReLU's slope gradient is NaN
+    # where torch.nn's is (it summed dy·z over z <= 0, which a NaN z is not)
+    inputs = [leaf, layer.act.weight] if activation == "prelu" else [leaf]
+    reference_inputs = [reference_leaf, reference[1].weight] if activation == "prelu" else [reference_leaf]
+    grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
+    expected_grads = torch.autograd.grad(expected, reference_inputs, torch.ones_like(expected))
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert torch.equal(grad.isnan(), expected_grad.isnan())

@@ -18,10 +18,6 @@ from normlab import core
 BAD_VALUES = [float("nan"), float("inf"), -float("inf")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernels' given-statistics backward forms dx = a·dz + 0·(x − shift) + 0, and 0·NaN is NaN",
-)
 @pytest.mark.parametrize("activation", ["identity", "relu", "leaky_relu"])
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=["nan", "inf", "-inf"])
 def test_eval_batch_norm_input_gradient_at_a_non_finite_input(bad, activation):
@@ -44,7 +40,6 @@ def test_eval_batch_norm_input_gradient_at_a_non_finite_input(bad, activation):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@pytest.mark.xfail(strict=True, reason="the same given-statistics backward, on the masked kernels and FrozenBatchNorm")
 @pytest.mark.parametrize("kind", ["frozen", "masked"])
 def test_eval_frozen_and_masked_input_gradient_at_a_nan(kind):
     layer = (nl.nn.FrozenBatchNorm1d(3) if kind == "frozen" else nl.nn.BatchNorm1d(3)).eval()
@@ -75,22 +70,12 @@ def test_eval_switchable_norm_keeps_samples_apart(backend):
     torch.testing.assert_close(together[1:], alone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernels' fast_exp clamps its argument at 88, so SiLU(z) = z/(1 + e^88) for z < −88: "
-    "−0.6 at z = −1e38 where torch.nn's SiLU gives −0",
-)
 def test_fused_silu_far_below_zero():
     layer = nl.nn.BatchNormAct1d(1, eps=0.0, activation="silu").eval()  # z = x exactly
     z = torch.tensor([[-1e38], [-1e30], [-200.0], [-89.0]])
     torch.testing.assert_close(layer(z), torch.nn.functional.silu(z), atol=1e-38, rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernels take PReLU's slope gradient as Σ dy·(z < 0 ? z : 0), which drops a NaN z "
-    "(torch.nn's is NaN there): the slope trains on as if the bad value were not there",
-)
 def test_prelu_slope_gradient_sees_a_nan():
     layer = nl.nn.BatchNormAct1d(2, activation="prelu").eval()
     reference = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.PReLU(2)).eval()
@@ -102,3 +87,20 @@ def test_prelu_slope_gradient_sees_a_nan():
     ]
     assert torch.isnan(grads[1][1])
     torch.testing.assert_close(grads[0], grads[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["auto", "composed"])
+def test_relu_passes_the_gradient_at_a_nan_as_torch_does(backend):
+    """torch's ReLU backward is 0 where its output is ≤ 0 and dy elsewhere, a NaN included."""
+    layer = nl.nn.BatchNormAct1d(2, activation="relu").eval()
+    reference = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.ReLU()).eval()
+    x = torch.randn(5, 2)
+    x[3, 1] = float("nan")
+    grads = []
+    for module in (layer, reference):
+        leaf = x.clone().requires_grad_(True)
+        with core.use_backend(backend if module is layer else "auto"):
+            (grad,) = torch.autograd.grad(module(leaf).sum(), leaf)
+        grads.append(grad)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[0], grads[1])

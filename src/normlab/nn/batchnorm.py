@@ -113,15 +113,17 @@ class _BatchNorm(_NormBase):
     def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
-        # the input check written out for the common case (torch.nn's forward calls it, a frame)
+        # the input check written out for the common case (torch.nn's forward calls it, a frame);
+        # a check assigned to this layer (as a model's code may patch it) is called, as torch.nn's
+        d = self.__dict__
         if not (
             self._standard_input_check
+            and "_check_input_dim" not in d
             and type(input) in INPUT_TYPES
             and input.dim() in self._ranks
             and input.shape[1] == self.num_features
         ):
             self._check_input_dim(input)  # says what is wrong, or a subclass's own check
-        d = self.__dict__
         running = d.get("_running_stats") or self._make_running_stats()
         # torch.nn's rule: the batch's statistics in training (unless frozen) and whenever
         # there are no running estimates; the estimates are passed only when they are used

@@ -27,6 +27,14 @@ NL_INLINE float select_bits(bool b, float a, float c) {
   return __builtin_bit_cast(float, (__builtin_bit_cast(uint32_t, a) & m) | (__builtin_bit_cast(uint32_t, c) & ~m));
 }
 
+// w·u for the backward's u term, and exactly 0 where w is 0 (given statistics: dx = a·dz) even
+// where u is NaN or ±inf: ∂y/∂x does not depend on x there, as torch.nn's eval backward shows.
+NL_INLINE float u_term(float w, float u) { return select_bits(w != 0.f, w * u, 0.f); }
+
+// z where PReLU's slope acts on it (z ≤ 0), NaN included, as torch.nn's slope gradient keeps
+// a NaN (z < 0 ? z : 0 dropped it, so the slope trained on as if the bad value were not there).
+NL_INLINE float prelu_slope_input(float z) { return select_bits(z > 0.f, 0.f, z); }
+
 // exp(x) to ~2 ulp with plain arithmetic, so loops calling it still vectorize (std::floor
 // and a memcpy bit-cast both stop GCC's vectorizer). Cody–Waite reduction x = n·ln2 + r,
 // |r| ≤ ln2/2, with n rounded to nearest by the 1.5·2^23 trick (exact under the default
@@ -36,6 +44,7 @@ NL_INLINE float select_bits(bool b, float a, float c) {
 // vectorized — ELU and SiLU ran one value at a time in every kernel (GroupNormAct silu 2.4x
 // torch.nn's GroupNorm + SiLU). NaN passes through both selects, as through min and max.
 NL_INLINE float fast_exp(float x) {
+  const bool overflows = x > 88.72283906f;  // ln(FLT_MAX): expf gives +inf (SiLU(z) = z / inf = -0 there)
   x = select_bits(x < -87.0f, -87.0f, x);
   x = select_bits(x > 88.0f, 88.0f, x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -47,7 +56,7 @@ NL_INLINE float fast_exp(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+  return select_bits(overflows, __builtin_huge_valf(), p * __builtin_bit_cast(float, bits));
 }
 
 // log(x) for normal x > 0 (Cephes' logf): x = m·2^e with m in [√½, √2), then a polynomial.
@@ -95,7 +104,7 @@ NL_INLINE float act_forward(float z, float param) {
 // d act / dz at z.
 template <int A>
 NL_INLINE float act_grad_z(float z, float param) {
-  if constexpr (A == RELU) return select_bits(z > 0.f, 1.f, 0.f);
+  if constexpr (A == RELU) return select_bits(z <= 0.f, 0.f, 1.f);  // 1 at a NaN: torch's relu backward passes it
   else if constexpr (A == LEAKY || A == PRELU) return select_bits(z > 0.f, 1.f, param);
   else if constexpr (A == ELU) return select_bits(z > 0.f, 1.f, param * fast_exp(z));
   else if constexpr (A == SILU) {
@@ -165,7 +174,7 @@ NL_INLINE void plane_sums(const float* g, const float* v, int64_t S, float k, fl
   const Sums t = block_sums<A == PRELU>(0, S, [&](int64_t s) __attribute__((always_inline)) {
     float u, dz, z;
     recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
-    return Terms{dz, dz * u, g[s] * select_bits(z < 0.f, z, 0.f)};
+    return Terms{dz, dz * u, g[s] * prelu_slope_input(z)};
   });
   sum_dz = t.first;
   sum_dz_u = t.second;
@@ -197,7 +206,7 @@ NL_INLINE void column_sums(const float* g, const float* v, int64_t C, int64_t be
         recover<A, Y>(vs[j], gs[j], k[j], m[j], c[j], qj, u, dz, z);
         fA[j] += dz;
         fB[j] += dz * u;
-        if constexpr (A == PRELU) fD[j] += gs[j] * select_bits(z < 0.f, z, 0.f);
+        if constexpr (A == PRELU) fD[j] += gs[j] * prelu_slope_input(z);
       }
     }
     for (int64_t j = 0; j < C; ++j) {
@@ -215,7 +224,7 @@ NL_INLINE void plane_dx(const float* g, const float* v, int64_t S, float k, floa
   emit(dst, S, stream, [&](int64_t s) __attribute__((always_inline)) {
     float u, dz, z;
     recover<A, Y>(v[s], g[s], k, m, c, q, u, dz, z);
-    return w_dz * dz + w_u * u + w_c;
+    return w_dz * dz + u_term(w_u, u) + w_c;
   });
 }
 

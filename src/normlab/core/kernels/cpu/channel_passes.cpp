@@ -240,7 +240,7 @@ at::Tensor column_backward_apply(const at::Tensor& dy, const at::Tensor& src, in
           const float q = (A == PRELU) ? sp[j] : q0;
           float u, dz, z;
           recover<A, Y>(v[j], g[j], k[j], m[j], c[j], q, u, dz, z);
-          return w1[j] * dz + w2[j] * u + w3[j];
+          return w1[j] * dz + u_term(w2[j], u) + w3[j];
         });
       }
       stream_fence(stream);

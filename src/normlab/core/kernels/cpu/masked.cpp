@@ -143,7 +143,7 @@ void fused_masked_backward(const float* gp, const float* xp, const int32_t* mp, 
         emit(dst + lo, v.hi[n] - lo, stream, [&](int64_t i) __attribute__((always_inline)) {
           float u, dz, z;
           recover<A, false>(row[lo + i], dy[lo + i], K, sc, b, q, u, dz, z);
-          return keep(wz * dz + wu * u + wc, m[lo + i]);
+          return keep(wz * dz + u_term(wu, u) + wc, m[lo + i]);
         });
         zero_outside(dst, S, lo, v.hi[n]);
       }

@@ -211,7 +211,7 @@ NL_INLINE Sums masked_plane_sums(const float* dy, const float* v, const int32_t*
   return block_sums<A == PRELU>(lo, hi, [&](int64_t s) __attribute__((always_inline)) {
     float u, dz, z;
     recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
-    return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * select_bits(z < 0.f, z, 0.f), m[s])};
+    return Terms{keep(dz, m[s]), keep(dz * u, m[s]), keep(dy[s] * prelu_slope_input(z), m[s])};
   });
 }
 
@@ -267,7 +267,7 @@ void masked_backward_apply(const float* gp, const float* xp, const int32_t* mp, 
       for (int64_t s = 0; s < S; ++s) {
         float u, dz, z;
         recover<A, false>(v[s], dy[s], k, sc, b, q, u, dz, z);
-        const float d = w1 * dz + w2 * u + w3;
+        const float d = w1 * dz + u_term(w2, u) + w3;
         dst[s] = keep(d, m[s]);
       }
     });
@@ -282,7 +282,7 @@ void masked_backward_apply(const float* gp, const float* xp, const int32_t* mp, 
       const float q = (A == PRELU) ? slope[c] : param;
       float u, dz, z;
       recover<A, false>(v[c], dy[c], us[o + c], usc[o + c], ub[o + c], q, u, dz, z);
-      dst[c] = cz[o + c] * dz + cu[o + c] * u + cc[o + c];
+      dst[c] = cz[o + c] * dz + u_term(cu[o + c], u) + cc[o + c];
     }
   });
 }

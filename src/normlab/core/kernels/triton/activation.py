@@ -57,7 +57,7 @@ def act_forward(z, param, slope, ACT: tl.constexpr):
 def act_grad(z, param, slope, ACT: tl.constexpr):
     """act'(z) (at 0 the left derivative, as torch's backward kernels take it)."""
     if ACT == 1:
-        return tl.where(z > 0, 1.0, 0.0)
+        return tl.where(z <= 0, 0.0, 1.0)  # passes the gradient at a NaN, as torch's relu backward
     elif ACT == 2:
         return tl.where(z > 0, 1.0, param)
     elif ACT == 3:

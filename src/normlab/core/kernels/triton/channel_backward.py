@@ -125,7 +125,7 @@ def channel_backward_kernel(
         col_dz = tl.sum(dz_keep, 0)
         col_dzx = tl.sum(dz_keep * xhat_keep, 0)
         if ACT == PRELU:
-            col_slope = tl.sum(tl.where(ok & (z <= 0), dy * z, 0.0), 0)
+            col_slope = tl.sum(tl.where(ok & ~(z > 0), dy * z, 0.0), 0)
         else:
             col_slope = col_dz * 0.0
         if PARAMS:
@@ -174,7 +174,7 @@ def channel_backward_kernel(
                 acc_dz += dz
                 acc_dzx += dz * xhat
                 if ACT == PRELU:
-                    acc_slope += tl.where(ok & (z <= 0), dy * z, 0.0)
+                    acc_slope += tl.where(ok & ~(z > 0), dy * z, 0.0)
                 if GIVEN:
                     store_tile(
                         dx_ptr, dz * w[None, :] * rstd[None, :], n_idx, s_idx, cols, row_ok, col_ok, dsn, dsc, dss
