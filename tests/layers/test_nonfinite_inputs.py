@@ -53,11 +53,6 @@ def test_eval_frozen_and_masked_input_gradient_at_a_nan(kind):
     assert torch.isfinite(grad).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="switchable_norm shifts every sample by the batch's channel means (and LN by their "
-    "mean over channels), computed in eval too, so one non-finite value reaches every sample",
-)
 @pytest.mark.parametrize("backend", ["auto", "composed"])
 def test_eval_switchable_norm_keeps_samples_apart(backend):
     layer = nl.nn.SwitchableNorm2d(4).eval()
