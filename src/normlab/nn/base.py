@@ -112,14 +112,6 @@ class ChannelInput(_Module):
     num_features: int
     _ranks: tuple[int, ...] = ()
     _shape_words = ""
-    #: The class checks its input with this mixin's ``_check_input_dim``, so a forward may
-    #: test the common case inline (one Python frame fewer per call); False in a subclass
-    #: that overrides it (as subclasses of torch.nn's layers do), whose own check is called.
-    _standard_input_check = True
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._standard_input_check = cls._check_input_dim is ChannelInput._check_input_dim
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         # the common case in one expression; check_channel_input says what is wrong
