@@ -57,3 +57,13 @@ def test_batch_norm_with_a_parameter_the_kernels_do_not_read(kind, masked):
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(rm.resolve_neg(), plain_rm)
     torch.testing.assert_close(rv.resolve_neg(), plain_rv)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fn", ["layer_norm", "rms_norm", "add_layer_norm"])
+def test_row_norms_with_a_parameter_the_kernels_do_not_read(kind, fn):
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(4, 8), torch.randn(4, 8), torch.rand(8) + 0.5
+    call = getattr(nl.functional, fn)
+    args = (x, residual, (8,)) if fn.startswith("add") else (x, (8,))
+    torch.testing.assert_close(call(*args, KINDS[kind](weight)), call(*args, weight))
