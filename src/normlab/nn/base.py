@@ -193,6 +193,16 @@ class CheckedSettings(_Module):
             return
         d["_settings_checked"] = True
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on each module before compiling it. torch.nn's norms
+        # script; normlab's forwards take what TorchScript cannot type (a mask, fx proxies, the
+        # path rule in Python): say so and what to do, not TorchScript's "Unknown type name".
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script cannot compile normlab's layers; use torch.jit.trace, "
+            "torch.compile or torch.export, or script their torch.nn twins: "
+            "torch.jit.script(normlab.surgery.to_torch(model).model)"
+        )
+
 
 class PerSampleNorm(CheckedSettings, FreezableNorm):
     """GroupNorm, LayerNorm, LayerNorm2d and RMSNorm: statistics from each sample, eps checked
