@@ -40,6 +40,7 @@ from .paths import (
     KERNELS_DIRECT,
     KERNELS_MASKED,
     NATIVE,
+    Decision,
     _gpu_kernels,
     _graph_task_id,
     choose_path,
@@ -151,7 +152,7 @@ def channel_norm(
                 mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
             cast(RunningStats, running).update(mean, var, count)  # a tuple comes back only for a policy
             return y
-        return _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
+        decision = _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
     if decision is KERNELS_MASKED:  # the same one crossing, with the mask (checked in C++ too)
         code = ACTIVATIONS[activation].code
         if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED is answered with the kernels loaded
@@ -165,7 +166,7 @@ def channel_norm(
             y, mean, var, valid = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]", masked)
             update_from_kernels(cast(RunningStats, running), x, mean, var, valid, groups)
             return y
-        return _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
+        decision = _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
     if not checked:
         eps, mask = check_channel_args(
             operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask
@@ -228,11 +229,16 @@ def _refused(
     running: RunningStats | None,
     prelu_weight: torch.Tensor | None,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> Decision:
     """A kernels' entry refused the call: report what does not fit, with the message every
-    path gives (the C++ entries write none of their own)."""
+    path gives (the C++ entries write none of their own). What the checks accept is a
+    parameter or running estimate the kernels do not read, as torch.nn's layers do (a tensor
+    subclass such as a wrapper parameter, a lazily negated view ``z.conj().imag``): the
+    call's path then, torch's ops (the composed ones with a mask)."""
     check_channel_args(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
-    raise RuntimeError(f"normlab: internal error, the kernels refused a call that its checks accept ({operation})")
+    if mask is not None:
+        return Decision(COMPOSED, "eager", "mask: a parameter the kernels do not read")
+    return Decision(NATIVE, "eager", "a parameter the kernels do not read: torch's ops")
 
 
 def instance_norm_layout(y: torch.Tensor) -> torch.Tensor:

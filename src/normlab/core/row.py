@@ -21,7 +21,7 @@ from .calls import RowCall
 from .checks import InputError, InputTypeError, check_floating_input
 from .kernels.cpu import build as _cpu
 from .moments import reduced_count
-from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON, _gpu_kernels, choose_path
+from .paths import CHANNELS_FIRST, KERNELS, KERNELS_DIRECT, NATIVE, ROW, TRITON, Decision, _gpu_kernels, choose_path
 
 if TYPE_CHECKING:
     from .kernels import KernelBackend
@@ -129,9 +129,11 @@ def row_norm(
         )
         if out is not None:
             return out
-        # refused: report what does not fit, with the message every path gives
+        # refused: report what does not fit, with the message every path gives; what the checks
+        # accept is a parameter the kernels do not read (a tensor subclass such as a wrapper
+        # parameter, a lazily negated view), which torch's ops take, as torch.nn's layers do
         check_row_args(operation, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
-        raise RuntimeError(f"normlab: internal error, the kernels refused a call that its checks accept ({operation})")
+        decision = Decision(NATIVE, "eager", "a parameter the kernels do not read: torch's ops")
     if not checked or eps is None:
         eps = check_row_args(operation, x, normalized_shape, weight, bias, eps, centered=centered, residual=residual)
     normalized_shape = tuple(normalized_shape)

@@ -112,14 +112,6 @@ class ChannelInput(_Module):
     num_features: int
     _ranks: tuple[int, ...] = ()
     _shape_words = ""
-    #: The class checks its input with this mixin's ``_check_input_dim``, so a forward may
-    #: test the common case inline (one Python frame fewer per call); False in a subclass
-    #: that overrides it (as subclasses of torch.nn's layers do), whose own check is called.
-    _standard_input_check = True
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._standard_input_check = cls._check_input_dim is ChannelInput._check_input_dim
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         # the common case in one expression; check_channel_input says what is wrong
@@ -200,6 +192,16 @@ class CheckedSettings(_Module):
             # here, as the compiler would guard on it and compile again the call after it flips.
             return
         d["_settings_checked"] = True
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this on each module before compiling it. torch.nn's norms
+        # script; normlab's forwards take what TorchScript cannot type (a mask, fx proxies, the
+        # path rule in Python): say so and what to do, not TorchScript's "Unknown type name".
+        raise RuntimeError(
+            f"{type(self).__name__}: torch.jit.script cannot compile normlab's layers; use torch.jit.trace, "
+            "torch.compile or torch.export, or script their torch.nn twins: "
+            "torch.jit.script(normlab.surgery.to_torch(model).model)"
+        )
 
 
 class PerSampleNorm(CheckedSettings, FreezableNorm):

@@ -10,9 +10,12 @@ from torch.fx import Proxy
 
 from ..core import channel_norm
 from ..core.types import DeviceLike, DTypeLike
-from .base import INPUT_TYPES, TensorOrProxy, _NormBase, check_norm_args, traced_call
+from .base import INPUT_TYPES, ChannelInput, TensorOrProxy, _NormBase, check_norm_args, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+#: The check a forward may test inline (see _BatchNorm.forward).
+_STANDARD_CHECK = ChannelInput._check_input_dim
 
 _DOC = r"""Batch normalization over a {shape_words} input (Ioffe & Szegedy, 2015).
 
@@ -113,17 +116,18 @@ class _BatchNorm(_NormBase):
     def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):
             return traced_call(self, input, mask)
-        # the input check written out for the common case (torch.nn's forward calls it, a frame);
-        # a check assigned to this layer (as a model's code may patch it) is called, as torch.nn's
         d = self.__dict__
+        # the input check written out for the common case (torch.nn's forward calls it, a frame)
+        # where the check is ChannelInput's: not where a subclass overrides it, nor where one is
+        # assigned to the class or the instance later (torch.nn's forward calls what is there)
         if not (
-            self._standard_input_check
+            type(self)._check_input_dim is _STANDARD_CHECK
             and "_check_input_dim" not in d
             and type(input) in INPUT_TYPES
             and input.dim() in self._ranks
             and input.shape[1] == self.num_features
         ):
-            self._check_input_dim(input)  # says what is wrong, or a subclass's own check
+            self._check_input_dim(input)  # says what is wrong, or the check that replaced it
         running = d.get("_running_stats") or self._make_running_stats()
         # torch.nn's rule: the batch's statistics in training (unless frozen) and whenever
         # there are no running estimates; the estimates are passed only when they are used
