@@ -3,6 +3,9 @@ small batches, oneDNN's otherwise, set only for the step that asked for it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -24,13 +27,25 @@ def test_native_convolution_sets_and_restores_the_backend():
 
 
 def test_native_convolution_restores_a_backend_the_caller_turned_off():
-    torch.backends.mkldnn.enabled = False
-    try:
+    with torch.backends.mkldnn.flags(enabled=False):  # torch's own way: works with its flags frozen
         with native_convolution():
             pass
         assert torch.backends.mkldnn.enabled is False
-    finally:
-        torch.backends.mkldnn.enabled = True
+
+
+def test_native_convolution_works_after_torch_froze_its_flags():
+    """torch's test utilities call torch.backends.disable_global_flags() on import, after which
+    assigning torch.backends.mkldnn.enabled raises (the whole suite met it); a fresh process, as
+    freezing cannot be undone."""
+    script = (
+        "import torch\n"
+        "from normlab.experiments.training import native_convolution\n"
+        "torch.backends.disable_global_flags()\n"
+        "with native_convolution():\n"
+        "    assert torch.backends.mkldnn.enabled is False\n"
+        "assert torch.backends.mkldnn.enabled is True\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
 
 
 @pytest.mark.parametrize(("batch_size", "native"), [(2, True), (16, True), (32, False)])

@@ -93,12 +93,15 @@ def native_convolution(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    # set_flags, as torch's own flags() context does: assigning torch.backends.mkldnn.enabled
+    # raises once torch.backends.disable_global_flags() has run (torch's test utilities run it
+    # on import); only `enabled` is touched (fp32_precision None: left as it is)
     previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.set_flags(_enabled=False, _fp32_precision=None)
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = previous
+        torch.backends.mkldnn.set_flags(_enabled=previous, _fp32_precision=None)
 
 
 @contextlib.contextmanager
