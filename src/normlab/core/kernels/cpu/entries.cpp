@@ -78,6 +78,12 @@ bool fits(const at::Tensor& t, at::IntArrayRef shape) {
   return !t.defined() || (plain_float_cpu(t) && t.sizes() == shape);
 }
 
+// The channel family's γ, β and PReLU slopes (C or 1 of them) as the kernels read them, for the
+// plain and the masked entry alike.
+bool channel_parameters_fit(const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& prelu, int64_t C) {
+  return fits(weight, C) && fits(bias, C) && (!prelu.defined() || fits(prelu, C) || fits(prelu, 1));
+}
+
 // Below autograd: the tensor ops inside a kernel call (allocations, views, conversions) are
 // dispatched past the autograd and view-tracking layers, as in any C++ operator's autograd
 // kernel — on small tensors those layers cost more than the ops. Nothing there is
@@ -121,6 +127,11 @@ Running running_of(py::handle policy) {
   return r;
 }
 
+// Both estimates of C values the kernels can read, or neither.
+bool running_estimates_fit(const Running& r, int64_t C) {
+  return fits(r.mean, C) && fits(r.var, C) && r.mean.defined() == r.var.defined();
+}
+
 // The kernels' running-estimate update (running.cpp) of a batch's float64 statistics, per
 // channel or per (sample, channel); false, having written nothing, where it is left to the
 // policy's torch ops: a batch that is not finite, on_nonfinite="raise" (both need Python's
@@ -160,13 +171,12 @@ py::object channel_norm(const at::Tensor& input, const OptTensor& weight_, const
   const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
                    prelu = value_or_undefined(prelu_);
   const int64_t N = input.size(0), C = input.size(1), S = input.numel() / (N * C);
-  if (!fits(weight, C) || !fits(bias, C) || (prelu.defined() && !(fits(prelu, C) || fits(prelu, 1))))
-    return py::none();
+  if (!channel_parameters_fit(weight, bias, prelu, C)) return py::none();
   Running r;
   const bool tracked = !running.is_none();
   if (tracked) {
     r = running_of(running);
-    if (!fits(r.mean, C) || !fits(r.var, C) || r.mean.defined() != r.var.defined()) return py::none();
+    if (!running_estimates_fit(r, C)) return py::none();
   }
   if (batch_stats) {
     if (groups < 0 && !(eps > 0)) return py::none();  // BatchNorm refuses eps = 0 in training, as torch.nn
@@ -257,14 +267,13 @@ py::object masked_channel_norm(const at::Tensor& input, const OptTensor& weight_
   const at::Tensor weight = value_or_undefined(weight_), bias = value_or_undefined(bias_),
                    prelu = value_or_undefined(prelu_);
   const int64_t C = input.size(1);
-  if (!fits(weight, C) || !fits(bias, C) || (prelu.defined() && !(fits(prelu, C) || fits(prelu, 1))))
-    return py::none();
+  if (!channel_parameters_fit(weight, bias, prelu, C)) return py::none();
   if (groups == 0 || (groups > 0 && C % groups != 0)) return py::none();
   Running r;
   const bool tracked = !running.is_none();
   if (tracked) {
     r = running_of(running);
-    if (!fits(r.mean, C) || !fits(r.var, C) || r.mean.defined() != r.var.defined()) return py::none();
+    if (!running_estimates_fit(r, C)) return py::none();
   }
   if (batch_stats) {
     if (groups < 0 && !(eps > 0)) return py::none();  // BatchNorm refuses eps = 0 in training, as torch.nn
