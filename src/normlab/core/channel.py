@@ -42,8 +42,8 @@ from .paths import (
     NATIVE,
     Decision,
     _gpu_kernels,
-    _graph_task_id,
     choose_path,
+    eager_recomputing,
     kernel_layout,
     recomputing,
 )
@@ -131,7 +131,7 @@ def channel_norm(
         running is not None
         and batch_stats
         # the direct and masked kernels are never compiled: one C call there, no Python frame
-        and (_graph_task_id() != -1 if decision is KERNELS_DIRECT or decision is KERNELS_MASKED else recomputing())
+        and (eager_recomputing() if decision is KERNELS_DIRECT or decision is KERNELS_MASKED else recomputing())
     ):
         # a checkpoint's recompute: this step's batch was merged in already. torch's ops take
         # the same route as in the forward (their saved tensors must match it), merging nothing

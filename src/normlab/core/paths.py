@@ -118,8 +118,10 @@ other rows are evaluated only when it does not match.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -143,6 +145,7 @@ __all__ = [
     "backend",
     "choose_path",
     "kernel_layout",
+    "eager_recomputing",
     "recomputing",
     "record_dispatch",
     "register_gpu_kernels",
@@ -423,13 +426,44 @@ def _decomposes(x: torch.Tensor, family: str, given: bool, inplace: bool, call: 
 
 
 def recomputing() -> bool:
-    """True for a forward that autograd runs inside a backward pass — activation
-    checkpointing's recompute (``torch.utils.checkpoint``, reentrant or not, and the wrappers
-    built on it). Its batch is the step's batch seen a second time, so the running estimates
-    are not updated again: once per real step, in every segment shape (see conventions.md).
-    Not a path question, but one about autograd's state, asked here with the others; a
-    compiled graph never recomputes a buffer update, so nothing is asked while compiling."""
-    return not _is_dynamo_compiling() and _graph_task_id() != -1
+    """True for activation checkpointing's recompute: the forward that
+    ``torch.utils.checkpoint`` runs a second time inside backward (reentrant or not, nested,
+    and the wrappers built on it). Its batch is the step's batch seen a second time, so the
+    running estimates are not updated again: once per real step, in every segment shape (see
+    conventions.md). Any other forward run during a backward — in a backward hook, an autograd
+    Function's backward, a gradient penalty — is a batch of its own and updates them, as
+    torch.nn's does. Not a path question, but one about autograd's state, asked here with the
+    others; a compiled graph never recomputes a buffer update, so nothing is asked while
+    compiling."""
+    return not _is_dynamo_compiling() and eager_recomputing()
+
+
+def eager_recomputing() -> bool:
+    """:func:`recomputing` for a call that is never compiled (the kernels' direct entries).
+    The cheap test first: outside a backward pass (every ordinary forward) nothing else is
+    asked. Inside one, the recompute is told apart by its frame on the stack — the reentrant
+    checkpoint's ``CheckpointFunction.backward`` or the non-reentrant one's ``recompute_fn``
+    (called from its saved-tensor unpack hook): torch marks the recompute in no other way."""
+    if _graph_task_id() == -1:  # -1 outside a backward pass
+        return False
+    codes = _recompute_codes()
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@functools.cache
+def _recompute_codes() -> frozenset[types.CodeType]:
+    """The code of torch.utils.checkpoint's two recomputes (imported here, on the first call
+    made inside a backward pass, not with normlab)."""
+    from torch.utils import checkpoint
+
+    nested = checkpoint._checkpoint_without_reentrant_generator.__code__.co_consts
+    codes = {code for code in nested if isinstance(code, types.CodeType) and code.co_name == "recompute_fn"}
+    return frozenset({checkpoint.CheckpointFunction.backward.__code__, *codes})
 
 
 @_constant_to_compile
