@@ -447,7 +447,7 @@ def eager_recomputing() -> bool:
     if _graph_task_id() == -1:  # -1 outside a backward pass
         return False
     codes = _recompute_codes()
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code in codes:
             return True
