@@ -43,6 +43,7 @@ from .paths import (
     Decision,
     _gpu_kernels,
     choose_path,
+    computes_in_place,
     eager_recomputing,
     kernel_layout,
     recomputing,
@@ -116,8 +117,10 @@ def channel_norm(
         ValueError, TypeError: the arguments' checks (unless ``checked``), as
             :func:`normlab.functional.batch_norm` raises them.
     """
-    if inplace and (not batch_stats or mask is not None):
-        inplace = False  # nothing to save memory on: given statistics or a mask compute out of place
+    if inplace and (not batch_stats or mask is not None or not computes_in_place()):
+        # nothing to save memory on: given statistics or a mask compute out of place; and a
+        # compile takes the out-of-place route (the memory saving is eager's, see computes_in_place)
+        inplace = False
     decision = choose_path(
         x,
         CHANNEL,

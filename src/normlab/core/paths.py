@@ -144,6 +144,7 @@ __all__ = [
     "ROW",
     "backend",
     "choose_path",
+    "computes_in_place",
     "kernel_layout",
     "eager_recomputing",
     "recomputing",
@@ -423,6 +424,19 @@ def _decomposes(x: torch.Tensor, family: str, given: bool, inplace: bool, call: 
             return x.is_contiguous()
         return not torch.is_grad_enabled()
     return family == ROW and not torch.is_grad_enabled()
+
+
+def computes_in_place() -> bool:
+    """Whether an in-place call (``inplace=True``) runs in place, keeping only its output: in
+    eager mode. torch.compile cannot trace that mode (an autograd Function over C++ that
+    overwrites its input and reads γ and β to find the channels it must keep), so a compiled
+    in-place call takes the route an out-of-place one takes — the fused operator or the
+    decomposition, without a graph break — and returns a new output, leaving its input as it
+    is (as an in-place layer in eval mode does): the same values and gradients, without the
+    memory saving, which is eager's (the compiler plans the buffers itself). Not written over
+    the input: a compiled graph that mutates an input autograd saved either fails to compile
+    or, where the decomposition saved it, gives wrong gradients."""
+    return not _is_dynamo_compiling()
 
 
 def recomputing() -> bool:
