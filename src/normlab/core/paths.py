@@ -475,9 +475,16 @@ def _recompute_codes() -> frozenset[types.CodeType]:
     made inside a backward pass, not with normlab)."""
     from torch.utils import checkpoint
 
-    nested = checkpoint._checkpoint_without_reentrant_generator.__code__.co_consts
-    codes = {code for code in nested if isinstance(code, types.CodeType) and code.co_name == "recompute_fn"}
-    return frozenset({checkpoint.CheckpointFunction.backward.__code__, *codes})
+    # recompute_fn is a closure of the non-reentrant generator, whose name differs between torch
+    # versions (…_generator in 2.13, …_generator_impl in 2.14): looked for in all the module's
+    codes = {checkpoint.CheckpointFunction.backward.__code__}
+    pending = [f.__code__ for f in vars(checkpoint).values() if isinstance(f, types.FunctionType)]
+    while pending:
+        code = pending.pop()
+        nested = [const for const in code.co_consts if isinstance(const, types.CodeType)]
+        codes.update(const for const in nested if const.co_name == "recompute_fn")
+        pending.extend(nested)
+    return frozenset(codes)
 
 
 @_constant_to_compile
