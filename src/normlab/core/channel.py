@@ -42,9 +42,10 @@ from .paths import (
     NATIVE,
     Decision,
     _gpu_kernels,
+    _graph_task_id,
+    checkpoint_recompute_on_stack,
     choose_path,
     computes_in_place,
-    eager_recomputing,
     kernel_layout,
     recomputing,
 )
@@ -134,7 +135,11 @@ def channel_norm(
         running is not None
         and batch_stats
         # the direct and masked kernels are never compiled: one C call there, no Python frame
-        and (eager_recomputing() if decision is KERNELS_DIRECT or decision is KERNELS_MASKED else recomputing())
+        and (
+            _graph_task_id() != -1 and checkpoint_recompute_on_stack()
+            if decision is KERNELS_DIRECT or decision is KERNELS_MASKED
+            else recomputing()
+        )
     ):
         # a checkpoint's recompute: this step's batch was merged in already. torch's ops take
         # the same route as in the forward (their saved tensors must match it), merging nothing

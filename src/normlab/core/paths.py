@@ -143,10 +143,10 @@ __all__ = [
     "Decision",
     "ROW",
     "backend",
+    "checkpoint_recompute_on_stack",
     "choose_path",
     "computes_in_place",
     "kernel_layout",
-    "eager_recomputing",
     "recomputing",
     "record_dispatch",
     "register_gpu_kernels",
@@ -449,17 +449,15 @@ def recomputing() -> bool:
     torch.nn's does. Not a path question, but one about autograd's state, asked here with the
     others; a compiled graph never recomputes a buffer update, so nothing is asked while
     compiling."""
-    return not _is_dynamo_compiling() and eager_recomputing()
+    return not _is_dynamo_compiling() and _graph_task_id() != -1 and checkpoint_recompute_on_stack()
 
 
-def eager_recomputing() -> bool:
-    """:func:`recomputing` for a call that is never compiled (the kernels' direct entries).
-    The cheap test first: outside a backward pass (every ordinary forward) nothing else is
-    asked. Inside one, the recompute is told apart by its frame on the stack — the reentrant
-    checkpoint's ``CheckpointFunction.backward`` or the non-reentrant one's ``recompute_fn``
-    (called from its saved-tensor unpack hook): torch marks the recompute in no other way."""
-    if _graph_task_id() == -1:  # -1 outside a backward pass
-        return False
+def checkpoint_recompute_on_stack() -> bool:
+    """The second half of :func:`recomputing`, asked only inside a backward pass (the kernels'
+    direct entries, never compiled, ask ``_graph_task_id() != -1`` first themselves, so that an
+    ordinary forward pays one C call): the recompute is told apart by its frame on the stack —
+    the reentrant checkpoint's ``CheckpointFunction.backward`` or the non-reentrant one's
+    ``recompute_fn`` (called from its saved-tensor unpack hook). torch marks it no other way."""
     codes = _recompute_codes()
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
