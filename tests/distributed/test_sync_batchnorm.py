@@ -343,6 +343,19 @@ def test_sync_batchnorm_act_without_a_process_group_is_the_fused_pass():
     assert "activation='leaky_relu', activation_param=0.2" in repr(layer)
 
 
+@pytest.mark.parametrize("make", [nl.nn.SyncBatchNormAct, nl.nn.BatchNormAct2d], ids=lambda cls: cls.__name__)
+def test_a_norm_act_constructors_errors_name_the_class_called(make):
+    """SyncBatchNormAct's inplace=True and an unknown keyword (before: TypeError naming
+    SyncBatchNorm.__init__, or normlab's private _BatchNorm.__init__ for BatchNormAct2d)."""
+    if make is nl.nn.SyncBatchNormAct:
+        with pytest.raises(ValueError, match=r"^SyncBatchNormAct has no in-place mode .*inplace=False"):
+            make(4, activation="leaky_relu", inplace=True)
+        assert make(4, inplace=False).inplace is False
+    with pytest.raises(TypeError, match=rf"^{make.__name__}\.__init__\(\) got an unexpected keyword argument 'inplce'"):
+        make(4, inplce=True)
+    assert make(4, bias=False, on_nonfinite="raise").bias is None  # the plain norm's keywords pass through
+
+
 def test_convert_sync_batchnorm_keeps_the_freeze_and_the_activation():
     model = torch.nn.Sequential(
         nl.nn.BatchNormAct2d(4, activation="leaky_relu", activation_param=0.2).freeze(affine=False),

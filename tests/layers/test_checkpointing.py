@@ -156,3 +156,123 @@ def test_checkpointed_batchnorm_on_torchs_ops_recomputes_the_same_and_updates_on
     assert int(layer.num_batches_tracked) == 3
     torch.testing.assert_close(layer.running_mean, reference.running_mean)
     torch.testing.assert_close(layer.running_var, reference.running_var)
+
+
+def _forward(layer: nn.Module) -> None:
+    layer(torch.randn(3, 4, 5, 5))
+
+
+def _in_a_tensor_hook(layer: nn.Module) -> None:
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda grad: _forward(layer))
+    y.sum().backward()
+
+
+def _in_a_module_backward_hook(layer: nn.Module) -> None:
+    conv = nn.Conv2d(4, 4, 1)
+    conv.register_full_backward_hook(lambda module, grad_in, grad_out: _forward(layer))
+    conv(torch.randn(3, 4, 5, 5, requires_grad=True)).sum().backward()
+
+
+def _gradient_penalty_in_a_hook(layer: nn.Module) -> None:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():  # a backward runs its hooks with grad mode off
+            z = torch.randn(3, 4, 5, 5, requires_grad=True)
+            (grad_z,) = torch.autograd.grad(layer(z).pow(2).sum(), z, create_graph=True)
+        return grad + 0 * grad_z.sum()
+
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    y = x * 2
+    y.register_hook(hook)
+    y.sum().backward()
+
+
+def _in_a_function_backward(layer: nn.Module) -> None:
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            layer(torch.randn(3, 4, 5, 5))
+            return grad * 2
+
+    Twice.apply(torch.randn(3, 4, 5, 5, requires_grad=True)).sum().backward()
+
+
+def _in_a_hook_inside_a_checkpointed_segment(layer: nn.Module) -> None:
+    def segment(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        y.register_hook(lambda grad: _forward(layer))
+        return y
+
+    checkpoint(segment, torch.randn(3, 4, 5, 5, requires_grad=True), use_reentrant=False).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "run_during_backward",
+    [
+        _in_a_tensor_hook,
+        _in_a_module_backward_hook,
+        _gradient_penalty_in_a_hook,
+        _in_a_function_backward,
+        _in_a_hook_inside_a_checkpointed_segment,
+    ],
+    ids=["tensor-hook", "module-backward-hook", "gradient-penalty", "function-backward", "hook-in-segment"],
+)
+def test_a_forward_run_during_a_backward_that_is_no_recompute_updates_as_torch_nn(run_during_backward):
+    """Only checkpointing's recompute is the step's batch seen again: a BatchNorm called in a
+    backward hook or an autograd Function's backward sees a batch of its own, and torch.nn's
+    updates its estimates there (before, normlab took any call during a backward for a recompute)."""
+    layers = []
+    for make in (nl.nn.BatchNorm2d, nn.BatchNorm2d):
+        torch.manual_seed(0)
+        layer = make(4)
+        for _ in range(2):
+            run_during_backward(layer)
+        layers.append(layer)
+    ours, theirs = layers
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 2
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # the inner one in the outer forward
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_nested_checkpoints_update_once_per_step(reentrant):
+    """A checkpoint inside a checkpointed segment: the outer recompute runs the inner segment's
+    forward again, and the inner backward recomputes it once more (torch.nn's inner BatchNorm
+    counts 3 batches per step with reentrant checkpoints, 2 without); normlab's each count one."""
+    outer_norm, inner_norm = nl.nn.BatchNorm2d(4), nl.nn.BatchNorm2d(4)
+
+    def outer(x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(inner_norm, outer_norm(x), use_reentrant=reentrant)
+
+    for _ in range(STEPS):
+        checkpoint(outer, torch.randn(3, 4, 5, 5, requires_grad=True), use_reentrant=reentrant).sum().backward()
+    assert int(outer_norm.num_batches_tracked) == int(inner_norm.num_batches_tracked) == STEPS
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nl.nn.InstanceNorm2d(4, track_running_stats=True),
+        lambda: nl.nn.EvoNormB0(4),
+        lambda: nl.nn.SwitchableNorm2d(4),
+        lambda: nl.nn.BatchNormAct2d(4, activation="leaky_relu", inplace=True),
+    ],
+    ids=["InstanceNorm-tracking", "EvoNormB0", "SwitchableNorm2d", "BatchNormAct2d-inplace"],
+)
+def test_the_other_norms_with_estimates_update_in_a_backward_hook_as_outside(make):
+    """The layers that ask the same recompute test: a call in a hook is an ordinary batch."""
+    torch.manual_seed(0)
+    in_hook, outside = make(), make()
+    _in_a_tensor_hook(in_hook)
+    torch.manual_seed(0)
+    torch.randn(3, 4, 5, 5)  # the hook's input is drawn after x
+    _forward(outside)
+    for (key, ours), theirs in zip(in_hook.state_dict().items(), outside.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, msg=key)
+    assert any(key.startswith("running") for key in in_hook.state_dict())

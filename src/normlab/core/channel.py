@@ -43,7 +43,9 @@ from .paths import (
     Decision,
     _gpu_kernels,
     _graph_task_id,
+    checkpoint_recompute_on_stack,
     choose_path,
+    computes_in_place,
     kernel_layout,
     recomputing,
 )
@@ -116,8 +118,10 @@ def channel_norm(
         ValueError, TypeError: the arguments' checks (unless ``checked``), as
             :func:`normlab.functional.batch_norm` raises them.
     """
-    if inplace and (not batch_stats or mask is not None):
-        inplace = False  # nothing to save memory on: given statistics or a mask compute out of place
+    if inplace and (not batch_stats or mask is not None or not computes_in_place()):
+        # nothing to save memory on: given statistics or a mask compute out of place; and a
+        # compile takes the out-of-place route (the memory saving is eager's, see computes_in_place)
+        inplace = False
     decision = choose_path(
         x,
         CHANNEL,
@@ -131,7 +135,11 @@ def channel_norm(
         running is not None
         and batch_stats
         # the direct and masked kernels are never compiled: one C call there, no Python frame
-        and (_graph_task_id() != -1 if decision is KERNELS_DIRECT or decision is KERNELS_MASKED else recomputing())
+        and (
+            _graph_task_id() != -1 and checkpoint_recompute_on_stack()
+            if decision is KERNELS_DIRECT or decision is KERNELS_MASKED
+            else recomputing()
+        )
     ):
         # a checkpoint's recompute: this step's batch was merged in already. torch's ops take
         # the same route as in the forward (their saved tensors must match it), merging nothing

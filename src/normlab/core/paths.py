@@ -118,8 +118,10 @@ other rows are evaluated only when it does not match.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -141,7 +143,9 @@ __all__ = [
     "Decision",
     "ROW",
     "backend",
+    "checkpoint_recompute_on_stack",
     "choose_path",
+    "computes_in_place",
     "kernel_layout",
     "recomputing",
     "record_dispatch",
@@ -422,14 +426,63 @@ def _decomposes(x: torch.Tensor, family: str, given: bool, inplace: bool, call: 
     return family == ROW and not torch.is_grad_enabled()
 
 
+def computes_in_place() -> bool:
+    """Whether an in-place call (``inplace=True``) runs in place, keeping only its output: in
+    eager mode. torch.compile cannot trace that mode (an autograd Function over C++ that
+    overwrites its input and reads γ and β to find the channels it must keep), so a compiled
+    in-place call takes the route an out-of-place one takes — the fused operator or the
+    decomposition, without a graph break — and returns a new output, leaving its input as it
+    is (as an in-place layer in eval mode does): the same values and gradients, without the
+    memory saving, which is eager's (the compiler plans the buffers itself). Not written over
+    the input: a compiled graph that mutates an input autograd saved either fails to compile
+    or, where the decomposition saved it, gives wrong gradients."""
+    return not _is_dynamo_compiling()
+
+
 def recomputing() -> bool:
-    """True for a forward that autograd runs inside a backward pass — activation
-    checkpointing's recompute (``torch.utils.checkpoint``, reentrant or not, and the wrappers
-    built on it). Its batch is the step's batch seen a second time, so the running estimates
-    are not updated again: once per real step, in every segment shape (see conventions.md).
-    Not a path question, but one about autograd's state, asked here with the others; a
-    compiled graph never recomputes a buffer update, so nothing is asked while compiling."""
-    return not _is_dynamo_compiling() and _graph_task_id() != -1
+    """True for activation checkpointing's recompute: the forward that
+    ``torch.utils.checkpoint`` runs a second time inside backward (reentrant or not, nested,
+    and the wrappers built on it). Its batch is the step's batch seen a second time, so the
+    running estimates are not updated again: once per real step, in every segment shape (see
+    conventions.md). Any other forward run during a backward — in a backward hook, an autograd
+    Function's backward, a gradient penalty — is a batch of its own and updates them, as
+    torch.nn's does. Not a path question, but one about autograd's state, asked here with the
+    others; a compiled graph never recomputes a buffer update, so nothing is asked while
+    compiling."""
+    return not _is_dynamo_compiling() and _graph_task_id() != -1 and checkpoint_recompute_on_stack()
+
+
+def checkpoint_recompute_on_stack() -> bool:
+    """The second half of :func:`recomputing`, asked only inside a backward pass (the kernels'
+    direct entries, never compiled, ask ``_graph_task_id() != -1`` first themselves, so that an
+    ordinary forward pays one C call): the recompute is told apart by its frame on the stack —
+    the reentrant checkpoint's ``CheckpointFunction.backward`` or the non-reentrant one's
+    ``recompute_fn`` (called from its saved-tensor unpack hook). torch marks it no other way."""
+    codes = _recompute_codes()
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@functools.cache
+def _recompute_codes() -> frozenset[types.CodeType]:
+    """The code of torch.utils.checkpoint's two recomputes (imported here, on the first call
+    made inside a backward pass, not with normlab)."""
+    from torch.utils import checkpoint
+
+    # recompute_fn is a closure of the non-reentrant generator, whose name differs between torch
+    # versions (…_generator in 2.13, …_generator_impl in 2.14): looked for in all the module's
+    codes = {checkpoint.CheckpointFunction.backward.__code__}
+    pending = [f.__code__ for f in vars(checkpoint).values() if isinstance(f, types.FunctionType)]
+    while pending:
+        code = pending.pop()
+        nested = [const for const in code.co_consts if isinstance(const, types.CodeType)]
+        codes.update(const for const in nested if const.co_name == "recompute_fn")
+        pending.extend(nested)
+    return frozenset(codes)
 
 
 @_constant_to_compile

@@ -84,17 +84,18 @@ def batch_renorm(
         moments = centered_moments(x, dims)  # (1, C, 1, …)
         cdtype = moments.var.dtype
         running_std = (channel_view(running_var, ndim).to(cdtype) + eps).sqrt_()
-        r = (moments.var + eps).sqrt_().div_(running_std)  # σ_B / σ
+        # not div_: an ensemble under vmap (stack_module_state) has batched estimates and one input
+        r = (moments.var + eps).sqrt_() / running_std  # σ_B / σ
         d = (moments.mean - channel_view(running_mean, ndim).to(cdtype)).div_(running_std)  # (μ_B − μ) / σ
         if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
             r_top = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
             d_top = torch.as_tensor(d_max, dtype=cdtype, device=x.device)
             # with tensor bounds clamp is min(max(v, lo), hi) too: one op instead of two
-            r = r.clamp_(1.0 / r_top, r_top)
-            d = d.clamp_(-d_top, d_top)
-        else:
-            r = r.clamp_(1.0 / r_max, r_max)
-            d = d.clamp_(-d_max, d_max)
+            r = r.clamp(1.0 / r_top, r_top)
+            d = d.clamp(-d_top, d_top)
+        else:  # clamp, not clamp_: (C,) values, and torch.func's vmap has a rule only for clamp
+            r = r.clamp(1.0 / r_max, r_max)
+            d = d.clamp(-d_max, d_max)
     # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
     w, b = channel_view(weight, ndim), channel_view(bias, ndim)
     w_eff = r if w is None else w * r

@@ -120,9 +120,14 @@ def update_running_stats(
                 f"share memory, so they cannot be updated one by one; pass a real tensor, e.g. "
                 f"{name}.clone()"
             )
-    # a vmapped update (batched buffers) cannot read its values: it keeps the torch.where form
+    # a vmapped update cannot read its values: it keeps the torch.where form. The buffers are
+    # batched without the batch when an ensemble of models (torch.func.stack_module_state) sees
+    # one shared input
     eager_cpu = (
-        running_mean.device.type == "cpu" and not torch.compiler.is_compiling() and not _functorch_wrapped(batch_mean)
+        running_mean.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not _functorch_wrapped(batch_mean)
+        and not _functorch_wrapped(running_mean)
     )
     with torch.no_grad():
         rate: float | torch.Tensor  # the batch's weight: momentum, or 1 / (k + 1) for None

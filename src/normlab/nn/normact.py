@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core import ACTIVATIONS, check_activation
 from ..core.activation import FUSED_ACTIVATIONS
-from ..core.checks import InputError
+from ..core.checks import InputError, InputTypeError
 from ..core.types import DeviceLike, DTypeLike
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .groupnorm import GroupNorm
@@ -95,6 +95,9 @@ else:
     _NormLayer = object
 
 
+_NORM_KEYWORDS = ("bias", "unbiased_running_var", "on_nonfinite")  # the plain BatchNorm's keyword-only arguments
+
+
 class _ActMixin(_NormLayer):
     """The activation choice and its module, shared by the fused layers."""
 
@@ -118,6 +121,17 @@ class _ActMixin(_NormLayer):
         self.act = ACTIVATIONS[activation].make_module(self.activation_param, channels)
         if device is not None or dtype is not None:
             self.act.to(device=device, dtype=dtype)
+
+    def _check_norm_keywords(self, kwargs: dict[str, Any]) -> None:
+        """The keywords passed on to the plain norm, checked here so that a wrong one names the
+        class the user built (Python's own error would name the norm's ``__init__``)."""
+        for name in kwargs:
+            if name not in _NORM_KEYWORDS:
+                raise InputTypeError(
+                    f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}; "
+                    f"its keyword-only arguments are activation, activation_param, inplace, "
+                    f"{', '.join(_NORM_KEYWORDS)}"
+                )
 
     def reset_parameters(self) -> None:
         """The norm's reset, and PReLU's slope back to its initial value."""
@@ -178,6 +192,7 @@ class _BatchNormAct(_ActMixin):
         inplace: bool = False,
         **kwargs: Any,
     ) -> None:
+        self._check_norm_keywords(kwargs)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self._init_activation(num_features, activation, activation_param, inplace, device, dtype)
 

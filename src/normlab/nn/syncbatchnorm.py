@@ -10,6 +10,7 @@ from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from ..core import apply_activation
+from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
 from ..functional.sync import distributed_world, synchronized_batch_norm
 from .base import TensorOrProxy
@@ -133,7 +134,7 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
 class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
     """SyncBatchNorm followed by an activation (the norm+act form of SyncBatchNorm).
 
-    Same extra arguments as :class:`normlab.nn.BatchNormAct2d` except ``inplace``; what
+    Same extra arguments as :class:`normlab.nn.BatchNormAct2d`, with ``inplace`` only False; what
     :func:`normlab.surgery.convert_sync_batchnorm` turns a BatchNormAct into. Where the
     statistics are this process's or given — eval mode, a frozen layer, a group of one
     process or none — it is :class:`normlab.nn.BatchNormAct2d`'s fused pass. Synchronized
@@ -148,11 +149,13 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
             "identity".
         activation_param: keyword-only. LeakyReLU's slope (default 0.01), ELU's alpha (1.0),
             PReLU's initial slope (0.25).
+        inplace: keyword-only. Only False (the default): there is no in-place mode here.
         **kwargs: the plain norm's keyword-only ``bias``, ``unbiased_running_var`` and
             ``on_nonfinite``.
 
     Raises:
-        ValueError: an unknown activation.
+        ValueError: an unknown activation, or ``inplace=True``.
+        TypeError: an unknown keyword argument.
     """
 
     _operation = "batch_norm_act"
@@ -170,8 +173,17 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
         *,
         activation: str = "relu",
         activation_param: float | None = None,
+        inplace: bool = False,
         **kwargs: Any,
     ) -> None:
+        self._check_norm_keywords(kwargs)
+        if inplace:
+            raise InputError(
+                f"{type(self).__name__} has no in-place mode (inplace=True): that mode is the fused "
+                "kernels', and synchronized training's backward (an exchange of gradient sums across "
+                "processes) is not in them. Use inplace=False (the default), or BatchNormAct2d(inplace=True) "
+                "where the batch statistics are not synchronized"
+            )
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype, **kwargs
         )
