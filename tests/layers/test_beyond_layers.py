@@ -346,24 +346,24 @@ def test_switchable_norm_stays_accurate_on_huge_values():
     assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: autograd through rsqrt(σ² + ε) forms σ⁻³, which underflows in float32 "
-    "above σ ≈ 1e12.6; a closed-form backward (not yet written) would not form it",
-)
-@pytest.mark.parametrize("scale", [1e16])
-def test_switchable_norm_gradients_stay_accurate_at_large_spread(scale):
-    """Finite is not enough: at σ = 1e16 the float32 gradients must still match float64's. Measured
-    on the autograd backward: the input's gradient 34 % off, the variance logits' gradient 0
-    (float64: ±0.05 … 0.17); at 1e14 the input's gradient is already 1e-4 off."""
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scale", [1e14, 1e16])
+def test_switchable_norm_gradients_stay_accurate_at_large_spread(scale, mode):
+    """Finite is not enough: at σ = 1e16 the float32 gradients must still match float64's (the
+    composed ops in float64). Autograd through rsqrt(σ² + ε) forms σ⁻³, which underflows float32
+    above σ ≈ 1e12.6: there the input's gradient was 34 % off at 1e16 (1e-4 at 1e14) and the
+    variance logits' gradient 0; the closed form never forms it."""
     torch.manual_seed(0)
     x = scale * torch.randn(2, 4, 3, 3, dtype=torch.float64)
     g = torch.randn_like(x)
     grads = {}
-    for dtype in (torch.float64, torch.float32):
+    for dtype, backend in ((torch.float64, "native"), (torch.float32, "auto")):
         layer = nl.nn.SwitchableNorm2d(4).to(dtype)
+        layer.running_var.fill_(scale**2)
+        getattr(layer, mode)()
         inp = x.to(dtype, copy=True).requires_grad_()
-        (layer(inp) * g.to(dtype)).sum().backward()
+        with core.use_backend(backend):
+            (layer(inp) * g.to(dtype)).sum().backward()
         grads[dtype] = [inp.grad.double() * scale, layer.var_weight.grad.double(), layer.mean_weight.grad.double()]
     for got, want in zip(grads[torch.float32], grads[torch.float64]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
