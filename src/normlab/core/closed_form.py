@@ -1,6 +1,6 @@
 """What the closed-form autograd Functions of the norms beyond the classic five share.
 
-Each such Function (DyT and Derf, EvoNorm, SwitchableNorm) writes its first derivative by hand
+Each such Function (EvoNorm-B0 and -S0, SwitchableNorm) writes its first derivative by hand
 and keeps the formula it differentiates as plain differentiable torch ops beside it — the path
 rule's composed route for export, ``jit.trace``, ``torch.func`` and forward AD. A second
 derivative (``create_graph=True``) differentiates that formula again: the backward then

@@ -69,7 +69,7 @@ The table, first matching row wins:
     DTensor refuses; its sharding rules are torch's ops
 9   empty input                                                   native, eager
 10  backend forced to "native", or to "triton" (row 2 refused)    native, eager
-10b closed_form (DyT, Derf, EvoNorm, SwitchableNorm), any dtype  composed, eager; compiling: native
+10b closed_form (EvoNorm-B0/S0, SwitchableNorm), any dtype       composed, eager; compiling: native
 11  float32 CPU: kernels unavailable                              composed, eager
 12  float32 CPU: LayerNorm2d on a layout that is not rows of C    composed, eager
 13  float32 CPU: in place on a layout the kernels do not read     composed, eager
@@ -156,7 +156,7 @@ __all__ = [
 KERNELS, NATIVE, COMPOSED, TRITON = "kernels", "native", "composed", "triton"
 #: The families, as choose_path's ``family``: channel norms; row norms over the trailing dims;
 #: rows over dim 1 of an (N, C, H, W) tensor (LayerNorm2d); norms whose fast route on any dtype and
-#: device is a closed-form autograd Function of torch ops (DyT, Derf, EvoNorm, SwitchableNorm).
+#: device is a closed-form autograd Function of torch ops (EvoNorm-B0 and -S0, SwitchableNorm).
 CHANNEL, ROW, CHANNELS_FIRST, CLOSED_FORM = "channel", "row", "channels_first", "closed_form"
 BACKENDS = ("auto", KERNELS, TRITON, NATIVE, COMPOSED)
 _ALIASES = {"fast": KERNELS}
