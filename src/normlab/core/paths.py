@@ -69,6 +69,7 @@ The table, first matching row wins:
     DTensor refuses; its sharding rules are torch's ops
 9   empty input                                                   native, eager
 10  backend forced to "native", or to "triton" (row 2 refused)    native, eager
+10b closed_form (EvoNorm-B0/S0, SwitchableNorm), any dtype       composed, eager; compiling: native
 11  float32 CPU: kernels unavailable                              composed, eager
 12  float32 CPU: LayerNorm2d on a layout that is not rows of C    composed, eager
 13  float32 CPU: in place on a layout the kernels do not read     composed, eager
@@ -140,6 +141,7 @@ __all__ = [
     "BACKENDS",
     "CHANNEL",
     "CHANNELS_FIRST",
+    "CLOSED_FORM",
     "Decision",
     "ROW",
     "backend",
@@ -157,8 +159,9 @@ __all__ = [
 
 KERNELS, NATIVE, COMPOSED, TRITON = "kernels", "native", "composed", "triton"
 #: The families, as choose_path's ``family``: channel norms; row norms over the trailing dims;
-#: rows over dim 1 of an (N, C, H, W) tensor (LayerNorm2d).
-CHANNEL, ROW, CHANNELS_FIRST = "channel", "row", "channels_first"
+#: rows over dim 1 of an (N, C, H, W) tensor (LayerNorm2d); norms whose fast route on any dtype and
+#: device is a closed-form autograd Function of torch ops (EvoNorm-B0 and -S0, SwitchableNorm).
+CHANNEL, ROW, CHANNELS_FIRST, CLOSED_FORM = "channel", "row", "channels_first", "closed_form"
 BACKENDS = ("auto", KERNELS, TRITON, NATIVE, COMPOSED)
 _ALIASES = {"fast": KERNELS}
 
@@ -356,7 +359,8 @@ def _triton_refusal(
     """None where the Triton kernels run this call (row 2); otherwise why not — "" where a
     later row of the table says it (export, torch.func, a subclass, an empty input). A forced
     "triton" that cannot run on x's device at all is an error."""
-    if exporting or transformed or (not compiling and type(x) not in _PLAIN) or x.numel() == 0:
+    # (the closed-form family has no Triton kernels: row 10b says it, or 10 when forced)
+    if exporting or transformed or (not compiling and type(x) not in _PLAIN) or x.numel() == 0 or family == CLOSED_FORM:
         return ""
     if _gpu_kernels[0] is None and not _gpu_ready():
         if forced == TRITON:
@@ -595,6 +599,8 @@ def choose_path(
     elif forced == TRITON:  # 10: what the Triton kernels do not take
         decision = Decision(NATIVE, "eager", f"backend 'triton' cannot take the call: {refused}; native")
         refused = ""
+    elif family == CLOSED_FORM:  # 10b; compiled, plain ops the compiler fuses and differentiates
+        decision = Decision(NATIVE, "eager", "compiling: plain ops") if compiling else Decision(COMPOSED, "eager", "")
     elif x.dtype is _F32 and x.is_cpu:
         if not (_kernels_built() if compiling else _cpu.load() is not None):  # 11
             if forced == KERNELS:

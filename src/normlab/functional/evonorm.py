@@ -40,7 +40,8 @@ from ..core import (
 )
 from ..core.call_checks import check_update_args, too_few_values
 from ..core.checks import InputError
-from ..core.paths import recomputing
+from ..core.closed_form import recomputed_grads
+from ..core.paths import CLOSED_FORM, recomputing
 from ..core.running import NonFinitePolicy
 from ._params import affine_view
 
@@ -261,39 +262,48 @@ def evonorm_batch(
     cdtype = compute_dtype(input.dtype)
     x = input.to(cdtype)
     spatial = tuple(range(2, input.dim()))
-    if training or running_var is None:
-        count = reduced_count(input.shape, (0,) + spatial)
-        if count <= 1:
-            raise too_few_values(input)
-        left, batch_var = _deviation(x, (0,) + spatial, eps)  # (1, C, 1, ...)
-        # a checkpoint's recompute sees this step's batch again: merged once per real step
-        if training and running_var is not None and not recomputing():
-            momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-            # EvoNorm keeps no running mean: a zero stand-in, finite by construction.
-            zeros = torch.zeros_like(running_var)
-            update_running_stats(
-                zeros,
-                running_var,
-                zeros,
-                batch_var.detach().reshape(channels),
-                count,
-                momentum,
-                num_batches_tracked=num_batches_tracked,
-                unbiased=unbiased_running_var,
-                on_nonfinite=cast(NonFinitePolicy, on_nonfinite),  # checked by check_update_args
-            )
+    batch_statistics = training or running_var is None
+    count = reduced_count(input.shape, (0,) + spatial)
+    if batch_statistics and count <= 1:
+        raise too_few_values(input)
+    batch_var: torch.Tensor | None = None
+    if vv is not None and choose_path(input, CLOSED_FORM, fn)[0] != "native":
+        for name, param in (("weight", weight), ("bias", bias)):
+            affine_view(param, name, input, False, fn)  # checked here: the Function takes them as (C,)
+        # Function.apply is untyped in torch 2.13's stubs (typed from 2.14); forward says what it returns
+        y, batch_var = _EvoNormB0.apply(input, v, weight, bias, None if batch_statistics else running_var, eps)  # type: ignore[no-untyped-call, unused-ignore]
     else:
-        left = (running_var.to(cdtype).view((1, channels) + (1,) * len(spatial)) + eps).sqrt()
-    if vv is not None:
-        right = x * vv.to(cdtype) + _deviation(x, spatial, eps)[0]
-    elif variant == "b1":
-        right = (x + 1) * _deviation(x, spatial, eps, centered=False)[0]
-    elif variant == "b2":
-        right = _deviation(x, spatial, eps, centered=False)[0] - x
-    else:
-        raise InputError(f"variant must be 'b0', 'b1' or 'b2', got {variant!r}")
-    y = x / torch.maximum(left, right)
-    return _affine(y, weight, bias, input, fn).to(input.dtype)
+        if batch_statistics:
+            left, batch_var = _deviation(x, (0,) + spatial, eps)  # (1, C, 1, ...)
+        else:
+            assert running_var is not None  # batch_statistics' condition
+            left = (running_var.to(cdtype).view((1, channels) + (1,) * len(spatial)) + eps).sqrt()
+        if vv is not None:
+            right = x * vv.to(cdtype) + _deviation(x, spatial, eps)[0]
+        elif variant == "b1":
+            right = (x + 1) * _deviation(x, spatial, eps, centered=False)[0]
+        elif variant == "b2":
+            right = _deviation(x, spatial, eps, centered=False)[0] - x
+        else:
+            raise InputError(f"variant must be 'b0', 'b1' or 'b2', got {variant!r}")
+        y = _affine(x / torch.maximum(left, right), weight, bias, input, fn).to(input.dtype)
+    # a checkpoint's recompute sees this step's batch again: merged once per real step
+    if training and batch_var is not None and running_var is not None and not recomputing():
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        # EvoNorm keeps no running mean: a zero stand-in, finite by construction.
+        zeros = torch.zeros_like(running_var)
+        update_running_stats(
+            zeros,
+            running_var,
+            zeros,
+            batch_var.detach().reshape(channels),
+            count,
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=cast(NonFinitePolicy, on_nonfinite),  # checked by check_update_args
+        )
+    return y
 
 
 def evonorm_sample(
@@ -337,6 +347,12 @@ def evonorm_sample(
         vv = affine_view(v, "v", input, False, fn)
         if vv is None:
             raise InputError(f"{fn}: numerator='gate' needs v, a tensor of shape (C,), got None")
+        if stat == "std" and input.numel() and choose_path(input, CLOSED_FORM, fn)[0] != "native":
+            for name, param in (("weight", weight), ("bias", bias)):
+                affine_view(param, name, input, False, fn)  # checked here: the Function takes them as (C,)
+            # Function.apply is untyped in torch 2.13's stubs (typed from 2.14); forward says what it returns
+            out: torch.Tensor = _EvoNormS0.apply(input, v, weight, bias, groups, eps)  # type: ignore[no-untyped-call, unused-ignore]
+            return out
         top = x * torch.sigmoid(x * vv.to(cdtype))
     elif numerator is None:
         top = x
@@ -354,3 +370,208 @@ def evonorm_sample(
         top_grouped: torch.Tensor = top.unflatten(1, (groups, channels // groups))  # type: ignore[no-untyped-call]
         top = (top_grouped / denominator).flatten(1, 2)
     return _affine(top, weight, bias, input, fn).to(input.dtype)
+
+
+def _evonorm_s0_reference(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    eps: float,
+) -> torch.Tensor:
+    """EvoNorm-S0 in differentiable torch ops (what the closed form's second derivative
+    differentiates): x·sigmoid(v·x) / σ_G · γ + β."""
+    cdtype = compute_dtype(x.dtype)
+    xg, vg, wg, bg = _grouped(x.to(cdtype), groups, v, weight, bias)
+    var = centered_moments(xg, tuple(range(2, xg.dim()))).var
+    y = xg * torch.sigmoid(xg * vg) / (var + eps).sqrt()
+    y = y * wg if wg is not None else y
+    y = y + bg if bg is not None else y
+    return y.flatten(1, 2).to(x.dtype)
+
+
+def _grouped(x: torch.Tensor, groups: int, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """x as (N, G, C//G, *spatial) and each (C,) parameter (or None) viewed to broadcast
+    against it, in x's dtype."""
+    channels = x.shape[1]
+    view = (1, groups, channels // groups) + (1,) * (x.dim() - 2)
+    grouped: torch.Tensor = x.unflatten(1, (groups, channels // groups))  # type: ignore[no-untyped-call]
+    return (grouped,) + tuple(None if p is None else p.to(x.dtype).view(view) for p in params)
+
+
+class _EvoNormS0(torch.autograd.Function):
+    """EvoNorm-S0 with its closed-form backward (docs/derivations.md): with s = sigmoid(v·x),
+    r = 1/σ_G, q = x·s·r, g = γ·dy and h = g·r,
+
+        dx = h·(s + v·x·s·(1 − s)) − r·x̂·mean_G(g·q),   dv = Σ h·x²·s·(1 − s),
+        dγ = Σ dy·q,   dβ = Σ dy   (x̂ = (x − μ_G)·r)
+
+    in one backward pass over x, keeping only x and the per-group statistics."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        groups: int,
+        eps: float,
+    ) -> torch.Tensor:
+        xg, vg, wg, bg = _grouped(x.to(compute_dtype(x.dtype)), groups, v, weight, bias)
+        moments = centered_moments(xg, tuple(range(2, xg.dim())))
+        rstd = (moments.var + eps).rsqrt_()  # (N, G, 1, ...)
+        y = torch.sigmoid(xg * vg).mul_(xg).mul_(rstd)
+        if wg is not None:
+            y.mul_(wg)
+        if bg is not None:
+            y.add_(bg)
+        ctx.groups, ctx.eps = groups, eps
+        ctx.save_for_backward(x, v, weight, bias, moments.shift, moments.offset, rstd)
+        return y.flatten(1, 2).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, v, weight, bias, shift, offset, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
+            return recomputed_grads(ctx, _evonorm_s0_reference, (x, v, weight, bias, ctx.groups, ctx.eps), dy)
+        need = ctx.needs_input_grad
+        cdtype = rstd.dtype
+        xg, vg, wg = _grouped(x.to(cdtype), ctx.groups, v, weight)
+        dyg = _grouped(dy.to(cdtype), ctx.groups)[0]
+        positions = (0,) + tuple(range(3, xg.dim()))  # a channel's: the samples and the spatial dims
+        z = xg * vg
+        gate = torch.sigmoid(z)
+        q = xg * gate * rstd
+        g = dyg * wg if wg is not None else dyg
+        d_weight = (dyg * q).sum(positions).flatten().to(weight.dtype) if need[2] else None
+        d_bias = dyg.sum(positions).flatten().to(bias.dtype) if need[3] else None
+        group_dims = tuple(range(2, xg.dim()))
+        # −r·mean_G(g·q): the σ_G term's coefficient of x̂, one per (sample, group)
+        coefficient = (g * q).mean(group_dims, keepdim=True).mul_(rstd)
+        h = g * rstd
+        slope = (1 - gate).mul_(gate)  # s·(1 − s)
+        d_v = (h * slope * xg * xg).sum(positions).flatten().to(v.dtype) if need[1] else None
+        d_x = None
+        if need[0]:
+            x_hat = (xg - shift).sub_(offset).mul_(rstd)
+            d_x = slope.mul_(z).add_(gate).mul_(h).sub_(x_hat.mul_(coefficient))
+            d_x = d_x.flatten(1, 2).to(x.dtype)
+        return d_x, d_v, d_weight, d_bias, None, None
+
+
+def _evonorm_b0_reference(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EvoNorm-B0 in differentiable torch ops: (y, the batch variance — empty with
+    ``running_var`` given)."""
+    cdtype = compute_dtype(x.dtype)
+    xc = x.to(cdtype)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    spatial = tuple(range(2, x.dim()))
+    if running_var is None:
+        batch_var = centered_moments(xc, (0,) + spatial).var
+        left = (batch_var + eps).sqrt()
+    else:
+        batch_var = xc.new_empty(0)
+        left = (running_var.to(cdtype).view(view) + eps).sqrt()
+    right = xc * v.to(cdtype).view(view) + (centered_moments(xc, spatial).var + eps).sqrt()
+    y = xc / torch.maximum(left, right)
+    y = y * weight.to(cdtype).view(view) if weight is not None else y
+    y = y + bias.to(cdtype).view(view) if bias is not None else y
+    return y.to(x.dtype), batch_var
+
+
+class _EvoNormB0(torch.autograd.Function):
+    """EvoNorm-B0 with its closed-form backward (docs/derivations.md): with the denominator
+    m = max(σ_B, v·x + σ_I) (the gradient to the larger side, half each at a tie, as
+    torch.maximum's), q = x/m, g = γ·dy and e = −g·q/m (dm),
+
+        dx = g/m + v·e_I + x̂_I·Σ_I e_I / n_I + x̂_B·Σ_B e_B / n_B,   dv = Σ e_I·x,
+        dγ = Σ dy·q,   dβ = Σ dy
+
+    where e_I, e_B are e's shares on the instance and the batch side and x̂_k = (x − μ_k)/σ_k
+    (no batch term with the running variance given). Keeps x and the per-channel and
+    per-(sample, channel) statistics only."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cdtype = compute_dtype(x.dtype)
+        xc = x.to(cdtype)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        spatial = tuple(range(2, x.dim()))
+        if running_var is None:
+            batch = centered_moments(xc, (0,) + spatial)
+            batch_shift, batch_offset, batch_var = batch.shift, batch.offset, batch.var
+            left = (batch_var + eps).sqrt()  # (1, C, 1, ...)
+        else:
+            batch_shift = batch_offset = None
+            batch_var = xc.new_empty(0)
+            left = (running_var.to(cdtype).view(view) + eps).sqrt()
+        instance = centered_moments(xc, spatial)
+        instance_std = (instance.var + eps).sqrt_()  # (N, C, 1, ...)
+        y = torch.maximum(left, (xc * v.to(cdtype).view(view)).add_(instance_std))
+        y = torch.div(xc, y, out=y)
+        if weight is not None:
+            y.mul_(weight.to(cdtype).view(view))
+        if bias is not None:
+            y.add_(bias.to(cdtype).view(view))
+        ctx.eps = eps
+        ctx.save_for_backward(
+            x, v, weight, bias, running_var, left, batch_shift, batch_offset, instance_std, instance.shift,
+            instance.offset,
+        )  # fmt: skip
+        ctx.mark_non_differentiable(batch_var)
+        return y.to(x.dtype), batch_var
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, _: Any) -> tuple[torch.Tensor | None, ...]:
+        x, v, weight, bias, running_var, left, batch_shift, batch_offset, instance_std, shift, offset = (
+            ctx.saved_tensors
+        )
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
+            return recomputed_grads(ctx, _evonorm_b0_reference, (x, v, weight, bias, running_var, ctx.eps), dy)
+        need = ctx.needs_input_grad
+        cdtype = left.dtype
+        xc = x.to(cdtype)
+        dyc = dy.to(cdtype)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        spatial = tuple(range(2, x.dim()))
+        right = (xc * v.to(cdtype).view(view)).add_(instance_std)
+        denominator = torch.maximum(left, right)
+        q = xc / denominator
+        g = dyc * weight.to(cdtype).view(view) if weight is not None else dyc
+        d_weight = (dyc * q).sum((0,) + spatial).to(weight.dtype) if need[2] else None
+        d_bias = dyc.sum((0,) + spatial).to(bias.dtype) if need[3] else None
+        d_x = g / denominator
+        d_denominator = q.mul_(g).div_(denominator).neg_()  # −g·q/m
+        # torch.maximum's split: all to the larger side, half each at a tie, none at a NaN
+        tie = (left == right).to(cdtype).mul_(0.5)
+        d_right = (right > left).to(cdtype).add_(tie).mul_(d_denominator)
+        d_v = (d_right * xc).sum((0,) + spatial).to(v.dtype) if need[1] else None
+        if not need[0]:
+            return None, d_v, d_weight, d_bias, None, None
+        d_x.addcmul_(d_right, v.to(cdtype).view(view))
+        # σ_I's gradient Σ e_I reaches x as (x − μ_I)/(n_I·σ_I)
+        instance_scale = d_right.sum(spatial, keepdim=True).div_(instance_std * reduced_count(x.shape, spatial))
+        d_x.addcmul_((xc - shift).sub_(offset), instance_scale)
+        if running_var is None:
+            d_left = (left > right).to(cdtype).add_(tie).mul_(d_denominator)
+            dims = (0,) + spatial
+            batch_scale = d_left.sum(dims, keepdim=True).div_(left * reduced_count(x.shape, dims))
+            d_x.addcmul_((xc - batch_shift).sub_(batch_offset), batch_scale)
+        return d_x.to(x.dtype), d_v, d_weight, d_bias, None, None

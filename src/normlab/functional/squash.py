@@ -9,26 +9,21 @@ reduction. With z = α·x + s, t = f(z) and g = γ·dy, the gradients are
 
     dβ = Σ dy,   dγ = Σ dy·t,   dz = g·f'(z),   dx = α·dz,   dα = Σ dz·x,   ds = Σ dz
 
-with f'(z) = 1 − t² for tanh and (2/√π)·exp(−z²) for erf (derivation in docs/derivations.md).
-The closed form saves only the input for backward and recomputes t there; autograd through
-the composed ops keeps t (and for Derf also z) — one or two more activation-sized tensors
-per layer. Where the path rule says "native" (export, jit.trace, torch.func, forward AD, and
-the dtypes and devices where torch's own ops run) the same formula runs as plain torch ops.
+with f'(z) = 1 − t² for tanh and (2/√π)·exp(−z²) for erf (derivation in docs/derivations.md):
+autograd's graph of the formula, which keeps t (and for Derf z) beside x. A closed form that
+keeps only x must recompute tanh or erf in its backward, and measured slower: 1.0–1.6× the
+forward + backward time at the language-model and bench shapes (one thread, float32 and
+float64), so both run as these plain ops on every path.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 
-from ..core import check_floating_input, choose_path, compute_dtype
+from ..core import check_floating_input, compute_dtype
 from ._params import affine_view, scalar_param
 
 __all__ = ["derf", "dyt"]
-
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 def dyt(
@@ -103,11 +98,7 @@ def _squash(
     shift_t = None if shift is None else scalar_param(shift, "shift", input, fn)
     w = affine_view(weight, "weight", input, channels_last, fn)
     b = affine_view(bias, "bias", input, channels_last, fn)
-    if choose_path(input)[0] == "native":
-        return squash_reference(input, alpha_t, shift_t, w, b, erf=erf)
-    # Function.apply is untyped in torch 2.13's stubs (typed from 2.14); forward says what it returns
-    out: torch.Tensor = _Squash.apply(input, alpha_t, shift_t, w, b, erf)  # type: ignore[no-untyped-call, unused-ignore]
-    return out
+    return squash_reference(input, alpha_t, shift_t, w, b, erf=erf)
 
 
 def squash_reference(
@@ -130,91 +121,3 @@ def squash_reference(
     if bias is not None:
         y = y + bias.to(cdtype)
     return y.to(x.dtype)
-
-
-class _Squash(torch.autograd.Function):
-    """y = γ·f(αx + s) + β with the closed-form backward of the module docstring; saves x only."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        alpha: torch.Tensor,
-        shift: torch.Tensor | None,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        erf: bool,
-    ) -> torch.Tensor:
-        ctx.erf = erf
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.save_for_backward(x, alpha, shift, weight)
-        cdtype = compute_dtype(x.dtype)
-        z = x.to(cdtype) * alpha.to(cdtype)  # a fresh tensor: the rest runs in place on it
-        if shift is not None:
-            z.add_(shift.to(cdtype))
-        y = torch.erf_(z) if erf else torch.tanh_(z)
-        if weight is not None:
-            y.mul_(weight.to(cdtype))
-        if bias is not None:
-            y.add_(bias.to(cdtype))
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, alpha, shift, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: ops autograd can differentiate again
-            return _squash_backward_differentiable(ctx, dy, x, alpha, shift, weight)
-        need_x, need_alpha, need_shift, need_w, need_b, _ = ctx.needs_input_grad
-        cdtype = compute_dtype(x.dtype)
-        xc = x.to(cdtype)
-        dyc = dy.to(cdtype)
-        z = xc * alpha.to(cdtype)  # recomputed: only x was kept
-        if shift is not None:
-            z.add_(shift.to(cdtype))
-        g = dyc * weight.to(cdtype) if weight is not None else dyc.clone()
-        if ctx.erf:
-            t = torch.erf(z) if need_w else None
-            dz = g.mul_(z.square_().neg_().exp_()).mul_(_TWO_OVER_SQRT_PI)  # g·f'(z), f' = 2/√π·exp(−z²)
-        else:
-            t = torch.tanh_(z)
-            dz = torch.ops.aten.tanh_backward(g, t)  # g·(1 − t²) in one pass
-        dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w and t is not None else None
-        db = dyc.sum_to_size(ctx.bias_shape).to(weight.dtype if weight is not None else dy.dtype) if need_b else None
-        # Σ dz·x and Σ dz as dot products: no activation-sized temporary
-        flat = dz.reshape(-1)
-        dalpha = torch.dot(flat, xc.reshape(-1)).reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
-        dshift = flat.sum().reshape(shift.shape).to(shift.dtype) if need_shift else None
-        dx = dz.mul_(alpha.to(cdtype)).to(x.dtype) if need_x else None
-        return dx, dalpha, dshift, dw, db, None
-
-
-def _squash_backward_differentiable(
-    ctx: Any,
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    alpha: torch.Tensor,
-    shift: torch.Tensor | None,
-    weight: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, ...]:
-    """The closed form in out-of-place ops, for second derivatives."""
-    need_x, need_alpha, need_shift, need_w, need_b, _ = ctx.needs_input_grad
-    cdtype = compute_dtype(x.dtype)
-    xc = x.to(cdtype)
-    dyc = dy.to(cdtype)
-    z = xc * alpha.to(cdtype)
-    if shift is not None:
-        z = z + shift.to(cdtype)
-    if ctx.erf:
-        t = torch.erf(z)
-        slope = torch.exp(-z * z) * _TWO_OVER_SQRT_PI
-    else:
-        t = torch.tanh(z)
-        slope = 1 - t * t
-    dz = (dyc * weight.to(cdtype) if weight is not None else dyc) * slope
-    dx = (dz * alpha.to(cdtype)).to(x.dtype) if need_x else None
-    dalpha = (dz * xc).sum().reshape(alpha.shape).to(alpha.dtype) if need_alpha else None
-    # a gradient is needed only for a tensor that was given: the None checks never decide
-    dshift = dz.sum().reshape(shift.shape).to(shift.dtype) if need_shift and shift is not None else None
-    dw = (dyc * t).sum_to_size(weight.shape).to(weight.dtype) if need_w and weight is not None else None
-    db = dyc.sum_to_size(ctx.bias_shape).to(dy.dtype if weight is None else weight.dtype) if need_b else None
-    return dx, dalpha, dshift, dw, db, None

@@ -12,19 +12,23 @@ algorithm) of the input less a per-channel shift — never E[x²] − E[x]², wh
 code uses and which cancels on large-mean data. All three variances are biased. In eval (or when frozen)
 the BN statistics are the running estimates, kept as torch.nn's BatchNorm keeps them
 (momentum, unbiased running variance, a non-finite batch skipped). Gradients flow through all
-three sets of statistics and the two softmaxes by autograd.
+three sets of statistics and the two softmaxes: a closed-form backward (docs/derivations.md),
+except where the path rule says "native" (export, ``jit.trace``, ``torch.func``, forward AD,
+a forced "native"), where the same formula runs as differentiable torch ops.
 """
 
 from __future__ import annotations
 
-from typing import cast
+import math
+from typing import Any, cast
 
 import torch
 
-from ..core import compute_dtype, reduced_count, update_running_stats
+from ..core import choose_path, compute_dtype, reduced_count, update_running_stats
 from ..core.call_checks import check_channel_call, check_update_args, too_few_values
 from ..core.checks import InputError
-from ..core.paths import recomputing
+from ..core.closed_form import recomputed_grads
+from ..core.paths import CLOSED_FORM, recomputing
 from ..core.running import NonFinitePolicy
 from ._params import check_kind
 
@@ -88,9 +92,7 @@ def switchable_norm(
         return y
     use_bn = kinds == 3
     cdtype = compute_dtype(input.dtype)
-    ndim = input.dim()
-    spatial = tuple(range(2, ndim))
-    per_instance = reduced_count(input.shape, spatial)
+    spatial = tuple(range(2, input.dim()))
     channel_shape = (1, input.shape[1]) + (1,) * len(spatial)
     # Every mean is carried relative to a shift c (a constant to autograd): x − c keeps the
     # digits of the spread, and x − μ = d − Σ wₖ·mₖ with d = x − c and mₖ = μₖ − c. Means near
@@ -99,55 +101,247 @@ def switchable_norm(
     # (eval, or IN and LN only) each sample's own channel means, so that no sample's output
     # depends on another's (one sample's NaN stays in that sample, as in torch.nn's eval BatchNorm).
     batch_statistics = use_bn and (training or running_mean is None)
+    if batch_statistics and input.shape[0] * reduced_count(input.shape, spatial) <= 1:
+        raise too_few_values(input)
     with torch.no_grad():
         shift = input.to(cdtype).mean(((0,) if batch_statistics else ()) + spatial, keepdim=True)
         layer_shift = shift - shift.mean(1, keepdim=True)  # each channel's shift relative to their mean
-    d = input.to(cdtype) - shift
-    # Each grouping's moments straight from d, one fused reduction each (torch's var_mean:
-    # Welford, no E[x²] − E[x]²): fewer small ops than merging the instance moments, which is
-    # what a training step of a small network pays for.
-    instance_var, instance_mean = torch.var_mean(d, spatial, correction=0, keepdim=True)
-    # LN pools the channels, whose shifts differ: d + (c − c̄) is x relative to one shift c̄
-    layer_var, layer_mean = torch.var_mean(d + layer_shift, (1,) + spatial, correction=0, keepdim=True)
+        given_mean = given_var = None
+        if use_bn and not batch_statistics:
+            assert running_mean is not None and running_var is not None  # batch_statistics' condition
+            given_mean = running_mean.to(cdtype).view(channel_shape) - shift
+            given_var = running_var.to(cdtype).view(channel_shape)
+    args = (
+        input,
+        weight,
+        bias,
+        mean_weight,
+        var_weight,
+        given_mean,
+        given_var,
+        shift,
+        layer_shift,
+        eps,
+        batch_statistics,
+    )
+    if choose_path(input, CLOSED_FORM, fn)[0] == "native":
+        y, batch_mean, batch_var = _switchable_reference(*args)
+    else:
+        # Function.apply is untyped in torch 2.13's stubs (typed from 2.14); forward says what it returns
+        y, batch_mean, batch_var = _Switchable.apply(*args)  # type: ignore[no-untyped-call, unused-ignore]
+    # a checkpoint's recompute sees this step's batch again: merged once per real step
+    if batch_statistics and training and running_mean is not None and not recomputing():
+        assert running_var is not None  # check_channel_call: both estimates or neither
+        momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
+        update_running_stats(
+            running_mean,
+            running_var,
+            (batch_mean.detach() + shift).flatten(),
+            batch_var.detach().flatten(),
+            input.shape[0] * reduced_count(input.shape, spatial),
+            momentum,
+            num_batches_tracked=num_batches_tracked,
+            unbiased=unbiased_running_var,
+            on_nonfinite=cast(NonFinitePolicy, on_nonfinite),  # checked by check_update_args
+        )
+    return y
+
+
+def _groupings(
+    d: torch.Tensor,
+    layer_shift: torch.Tensor,
+    batch_statistics: bool,
+    given_mean: torch.Tensor | None,
+    given_var: torch.Tensor | None,
+    *,
+    fast: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means (relative to the shift) and biased variances of IN, LN and (the batch's or
+    the given) BN, stacked: (K, N, C, 1, ...) each, K = 3 or 2 (IN and LN only).
+
+    ``fast`` (the closed form's forward): IN's by two passes over d = x − c (its mean, then the
+    mean square about it); LN and BN pool whole (sample, channel) planes of one size, so
+    theirs follow from the planes' without another pass over d: the mean of the planes'
+    means and (law of total variance) the mean of their variances plus the variance of their
+    means — exact, no sum of squares subtracted. Otherwise (the differentiable formula, which
+    exporters and torch.func see) one torch.var_mean (Welford) per grouping: ops every
+    exporter knows, at about 15 times a sum's cost per element on the CPU."""
+    spatial = tuple(range(2, d.dim()))
+    if fast:
+        instance_mean = d.mean(spatial, keepdim=True)  # (N, C, 1, ...)
+        centered = d - instance_mean
+        # squares of a spread above 1.8e19 overflow float32: taken over a power of two near
+        # each plane's largest |value| (an exact division) and scaled back
+        exponent = torch.frexp(centered.abs().amax(spatial, keepdim=True))[1]
+        unit = torch.ldexp(torch.ones_like(instance_mean), exponent)
+        instance_var = centered.div_(unit).square_().mean(spatial, keepdim=True).mul_(unit).mul_(unit)
+        pooled = instance_mean + layer_shift  # relative to one shift c̄ per sample (LN pools the channels)
+        layer_mean = pooled.mean(1, keepdim=True)
+        layer_var = _total_variance(instance_var, pooled, layer_mean, 1)
+    else:
+        instance_var, instance_mean = torch.var_mean(d, spatial, correction=0, keepdim=True)
+        # LN pools the channels, whose shifts differ: d + (c − c̄) is x relative to one shift c̄
+        layer_var, layer_mean = torch.var_mean(d + layer_shift, (1,) + spatial, correction=0, keepdim=True)
     means = [instance_mean, layer_mean - layer_shift]
     variances = [instance_var, layer_var]
-    if use_bn:
-        if batch_statistics:
-            if input.shape[0] * per_instance <= 1:
-                raise too_few_values(input)
-            batch_var, batch_mean = torch.var_mean(d, (0,) + spatial, correction=0, keepdim=True)  # (1, C, 1, ...)
-            # a checkpoint's recompute sees this step's batch again: merged once per real step
-            if training and running_mean is not None and not recomputing():
-                assert running_var is not None  # check_channel_call: both estimates or neither
-                momentum = check_update_args(momentum, num_batches_tracked, on_nonfinite)
-                update_running_stats(
-                    running_mean,
-                    running_var,
-                    (batch_mean.detach() + shift).flatten(),
-                    batch_var.detach().flatten(),
-                    input.shape[0] * per_instance,
-                    momentum,
-                    num_batches_tracked=num_batches_tracked,
-                    unbiased=unbiased_running_var,
-                    on_nonfinite=cast(NonFinitePolicy, on_nonfinite),  # checked by check_update_args
-                )
+    if batch_statistics:
+        if fast:
+            batch_mean = instance_mean.mean(0, keepdim=True)  # (1, C, 1, ...)
+            batch_var = _total_variance(instance_var, instance_mean, batch_mean, 0)
         else:
-            assert running_mean is not None and running_var is not None  # the branch's condition
-            batch_mean = running_mean.to(cdtype).view(channel_shape) - shift
-            batch_var = running_var.to(cdtype).view(channel_shape)
+            batch_var, batch_mean = torch.var_mean(d, (0,) + spatial, correction=0, keepdim=True)
         means.append(batch_mean)
         variances.append(batch_var)
-    mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
-    mix_var = torch.softmax(var_weight.to(cdtype), 0)
-    # sum() of tensors is a tensor; its stub says "or 0" for an empty iterable, which these are not
-    mean = cast(torch.Tensor, sum(w * m for w, m in zip(mix_mean, means)))
-    var = cast(torch.Tensor, sum(w * v for w, v in zip(mix_var, variances)))
+    elif given_mean is not None and given_var is not None:
+        means.append(given_mean)
+        variances.append(given_var)
+    return torch.stack(torch.broadcast_tensors(*means)), torch.stack(torch.broadcast_tensors(*variances))
+
+
+def _total_variance(variances: torch.Tensor, means: torch.Tensor, pooled_mean: torch.Tensor, dim: int) -> torch.Tensor:
+    """The variance of equal-sized parts pooled along ``dim``: mean of their variances plus
+    the variance of their means. Each term is divided by the count before it is summed (a
+    mean sums first, which overflows float32 where the variances are near 1e38)."""
+    share = 1.0 / variances.shape[dim]
+    spread = (means - pooled_mean).mul_(math.sqrt(share)).square_().sum(dim, keepdim=True)
+    return (variances * share).sum(dim, keepdim=True).add_(spread)
+
+
+def _switchable_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean_weight: torch.Tensor,
+    var_weight: torch.Tensor,
+    given_mean: torch.Tensor | None,
+    given_var: torch.Tensor | None,
+    shift: torch.Tensor,
+    layer_shift: torch.Tensor,
+    eps: float,
+    batch_statistics: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The formula in differentiable torch ops: (y, the batch's BN mean relative to the shift,
+    its variance) — the batch statistics empty when they are not used."""
+    cdtype = shift.dtype
+    d = x.to(cdtype) - shift
+    means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=False)
+    mean = torch.tensordot(torch.softmax(mean_weight.to(cdtype), 0), means, 1)  # Σ wₖ·mₖ, (N, C, 1, ...)
+    var = torch.tensordot(torch.softmax(var_weight.to(cdtype), 0), variances, 1)
     y = (d - mean) * torch.rsqrt(var + eps)
+    channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     if weight is not None:
         y = y * weight.to(cdtype).view(channel_shape)
     if bias is not None:
         y = y + bias.to(cdtype).view(channel_shape)
-    return y.to(input.dtype)
+    return (y.to(x.dtype),) + _batch_moments(means, variances, batch_statistics)
+
+
+def _batch_moments(
+    means: torch.Tensor, variances: torch.Tensor, batch_statistics: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's BN mean and variance, (1, C, 1, ...), for the running estimates; empty
+    tensors when the batch's BN statistics are not used."""
+    if not batch_statistics:
+        empty = means.new_empty(0)
+        return empty, empty
+    return means[2, :1], variances[2, :1]
+
+
+class _Switchable(torch.autograd.Function):
+    """Switchable Normalization with the closed-form backward of docs/derivations.md: with
+    x̂ = (d − μ)·r, r = 1/√(σ² + ε), g = γ·dy, A = Σ g and B = Σ g·x̂ over each (sample,
+    channel)'s positions, dμ = −r·A and dσ² = −½·r²·B per (sample, channel); each grouping k
+    receives wₖ·dμ, wₖ·dσ² summed over the axes its statistic pools, and the input
+    dx = g·r + Σₖ (dμₖ + 2·dσ²ₖ·(d − mₖ))/nₖ — never r³, which underflows float32 above
+    σ ≈ 1e12.6. Keeps the input and per-(sample, channel) statistics only."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        mean_weight: torch.Tensor,
+        var_weight: torch.Tensor,
+        given_mean: torch.Tensor | None,
+        given_var: torch.Tensor | None,
+        shift: torch.Tensor,
+        layer_shift: torch.Tensor,
+        eps: float,
+        batch_statistics: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cdtype = shift.dtype
+        d = x.to(cdtype) - shift
+        means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=True)
+        mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
+        mix_var = torch.softmax(var_weight.to(cdtype), 0)
+        mean = torch.tensordot(mix_mean, means, 1)  # (N, C, 1, ...)
+        rstd = torch.tensordot(mix_var, variances, 1).add_(eps).rsqrt_()
+        y = d.sub_(mean).mul_(rstd)  # d is this call's own
+        channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        if weight is not None:
+            y.mul_(weight.to(cdtype).view(channel_shape))
+        if bias is not None:
+            y.add_(bias.to(cdtype).view(channel_shape))
+        ctx.eps, ctx.batch_statistics = eps, batch_statistics
+        ctx.save_for_backward(
+            x, weight, bias, mean_weight, var_weight, given_mean, given_var, shift, layer_shift,
+            mean, rstd, means, variances, mix_mean, mix_var,
+        )  # fmt: skip
+        batch_mean, batch_var = _batch_moments(means, variances, batch_statistics)
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        return y.to(x.dtype), batch_mean, batch_var
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
+            inputs = (*saved[:9], ctx.eps, ctx.batch_statistics)
+            return recomputed_grads(ctx, _switchable_reference, inputs, dy)
+        x, weight, _, mean_weight, var_weight, _, _, shift, _, mean, rstd, means, variances, mix_mean, mix_var = saved
+        need = ctx.needs_input_grad
+        cdtype = rstd.dtype
+        spatial = tuple(range(2, x.dim()))
+        channel_shape = (1, x.shape[1]) + (1,) * len(spatial)
+        d = x.to(cdtype) - shift
+        x_hat = (d - mean).mul_(rstd)
+        dyc = dy.to(cdtype)
+        g = dyc * weight.to(cdtype).view(channel_shape) if weight is not None else dyc
+        d_weight = (dyc * x_hat).sum((0,) + spatial).to(weight.dtype) if need[1] else None
+        d_bias = dyc.sum((0,) + spatial).to(dy.dtype if weight is None else weight.dtype) if need[2] else None
+        d_mean = g.sum(spatial, keepdim=True).mul_(rstd).neg_()  # −r·Σ g, (N, C, 1, ...)
+        d_var = (g * x_hat).sum(spatial, keepdim=True).mul_(rstd * rstd).mul_(-0.5)  # −½·r²·Σ g·x̂
+        d_mean_weight = _logits_grad(d_mean, means, mix_mean).to(mean_weight.dtype) if need[3] else None
+        d_var_weight = _logits_grad(d_var, variances, mix_var).to(var_weight.dtype) if need[4] else None
+        d_x = None
+        if need[0]:
+            # dx = g·r + a + b·d, where grouping k (pooling nₖ values) adds (wᵘₖ·Pₖ(dμ) −
+            # 2·wˢₖ·Pₖ(dσ²)·mₖ)/nₖ to a and 2·wˢₖ·Pₖ(dσ²)/nₖ to b; Pₖ sums over the axes k pools
+            kinds = 3 if ctx.batch_statistics else 2  # given BN statistics are constants
+            counts = [reduced_count(x.shape, dims) for dims in (spatial, (1,) + spatial, (0,) + spatial)]
+            inverse = torch.tensor(counts[:kinds], dtype=cdtype).reciprocal_().to(x.device)
+            pooled_mean = torch.stack(torch.broadcast_tensors(*_pooled(d_mean, kinds)))  # (kinds, N, C, 1, ...)
+            pooled_var = torch.stack(torch.broadcast_tensors(*_pooled(d_var, kinds)))
+            mean_coefficients = mix_mean[:kinds] * inverse
+            var_coefficients = mix_var[:kinds] * inverse * 2
+            b = torch.tensordot(var_coefficients, pooled_var, 1)
+            a = torch.tensordot(mean_coefficients, pooled_mean, 1)
+            a -= torch.tensordot(var_coefficients, pooled_var.mul_(means[:kinds]), 1)
+            d_x = d.mul_(b).add_(a).addcmul_(g, rstd).to(x.dtype)
+        return d_x, d_weight, d_bias, d_mean_weight, d_var_weight, None, None, None, None, None, None
+
+
+def _pooled(per_plane: torch.Tensor, kinds: int) -> list[torch.Tensor]:
+    """A (N, C, 1, ...) gradient summed over the axes each grouping pools: none (IN), the
+    channels (LN), the samples (BN)."""
+    sums = [per_plane, per_plane.sum(1, keepdim=True)]
+    return sums + [per_plane.sum(0, keepdim=True)] if kinds == 3 else sums
+
+
+def _logits_grad(d_stat: torch.Tensor, stats: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """dλ from the gradient of Σₖ softmax(λ)ₖ·statₖ: dwₖ = Σ d_stat·statₖ, then softmax's backward."""
+    d_mix = torch.tensordot(stats, d_stat, d_stat.dim())
+    return torch._softmax_backward_data(d_mix, mix, 0, mix.dtype)
 
 
 def _check_mixture(mean_weight: object, var_weight: object, input: torch.Tensor) -> int:

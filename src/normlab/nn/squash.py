@@ -84,8 +84,8 @@ class DyT(_Squash):
     models use 0.8 before attention and 0.2 before the MLP, the paper's sensitivity study) and
     per-channel γ, β. Each element is squashed on its own: no reduction, training and eval
     agree. Parameters ``alpha`` (shape (1,)), ``weight``, ``bias`` — the authors' names and
-    shapes, so their checkpoints load. The closed-form backward keeps only the input
-    (:mod:`normlab.functional.squash`).
+    shapes, so their checkpoints load. Plain torch ops, differentiated by autograd
+    (:mod:`normlab.functional.squash` says why no closed form).
 
     Args:
         normalized_shape: the trailing dims γ and β cover (an int C for (*, C) tokens), or, with
