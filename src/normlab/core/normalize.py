@@ -453,7 +453,10 @@ def normalize_batch(
             shift = offset = mean = None
             var = mean_square(x, dims)
         # A variance that overflowed gives NaN (as documented), never rsqrt(inf) = 0 → β.
-        rstd = torch.where(torch.isinf(var), torch.nan, torch.rsqrt(var + eps))
+        # RMSNorm's mean square is infinite also where the input holds ±inf: there it is
+        # rsqrt(inf) = 0, as torch.nn's (the finite values give 0, the infinite ones NaN).
+        overflowed = torch.isinf(var) if centered else torch.isinf(var) & ~torch.isinf(x).any(dims, keepdim=True)
+        rstd = torch.where(overflowed, torch.nan, torch.rsqrt(var + eps))
     y = normalize(x, weight, bias, NormStats(shift, offset, rstd), dims, eps, batch_stats=True)
     return y, BatchStatistics(mean, var, reduced_count(x.shape, dims))
 
