@@ -213,7 +213,7 @@ def row_norm(call: RowCall) -> torch.Tensor:
     lead = (1,) * (x.dim() - len(normalized_shape))
     w = None if weight is None else weight.view(lead + tuple(normalized_shape))
     b = None if bias is None else bias.view(lead + tuple(normalized_shape))
-    return normalize_batch(x, w, b, dims, eps, centered=centered)[0]
+    return normalize_batch(x, w, b, dims, eps, centered=centered, zero_scale_at_inf=not centered)[0]
 
 
 def channels_first_row_norm(

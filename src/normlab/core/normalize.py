@@ -422,6 +422,7 @@ def normalize_batch(
     eps: float,
     *,
     centered: bool = True,
+    zero_scale_at_inf: bool = False,
 ) -> tuple[torch.Tensor, BatchStatistics]:
     """Normalize ``x`` with its own statistics over ``dims``; also return them.
 
@@ -436,6 +437,11 @@ def normalize_batch(
         dims: the dims to reduce.
         eps: added to the variance.
         centered: keyword-only; subtract the mean (False: RMSNorm). Default True.
+        zero_scale_at_inf: keyword-only; with ``centered=False``, a group holding ±inf is
+            scaled by rsqrt(inf) = 0 — its finite values give 0 (plus β), the infinite ones
+            NaN — as torch.nn's RMSNorm; otherwise (FilterResponseNorm) any infinite mean
+            square gives NaN for the whole group. A mean square that overflowed from finite
+            values gives NaN either way. Default False.
 
     Returns:
         (y, :class:`BatchStatistics`).
@@ -453,7 +459,10 @@ def normalize_batch(
             shift = offset = mean = None
             var = mean_square(x, dims)
         # A variance that overflowed gives NaN (as documented), never rsqrt(inf) = 0 → β.
-        rstd = torch.where(torch.isinf(var), torch.nan, torch.rsqrt(var + eps))
+        overflowed = torch.isinf(var)
+        if zero_scale_at_inf:  # an infinite mean square from ±inf in x is torch.nn's rsqrt(inf) = 0
+            overflowed = overflowed & ~torch.isinf(x).any(dims, keepdim=True)
+        rstd = torch.where(overflowed, torch.nan, torch.rsqrt(var + eps))
     y = normalize(x, weight, bias, NormStats(shift, offset, rstd), dims, eps, batch_stats=True)
     return y, BatchStatistics(mean, var, reduced_count(x.shape, dims))
 

@@ -70,6 +70,13 @@ NL_INLINE Sums row_moments(const float* x, int64_t n, float k) {
 #endif
 }
 
+// Whether the row holds ±inf: asked only of a row whose mean square is already infinite.
+inline bool holds_infinity(const float* row, int64_t K) {
+  for (int64_t i = 0; i < K; ++i)
+    if (std::isinf(row[i])) return true;
+  return false;
+}
+
 // One row of K values, normalized: its shift k (a sample of the row when centered, else 0),
 // rstd s and offset·rstd o, so that x̂ = (x − k)·s − o, stored at [r] of kp, rp, op unless kp
 // is null; y = x̂·w + b written to dst. The row is read twice, so it should sit in L1.
@@ -78,7 +85,12 @@ NL_INLINE void normalize_row(const float* row, int64_t K, const float* wp, const
   const float k = centered ? sample_shift(row, K, 1) : 0.f;
   const Sums m = row_moments(row, K, k);
   const double off = centered ? m.first / K : 0.0;
-  const double rs = inv_std(std::max(m.second / K - off * off, 0.0), eps);
+  const double var = std::max(m.second / K - off * off, 0.0);
+  // An RMSNorm row holding ±inf has an infinite mean square: 1/√∞ = 0, so its finite values
+  // give 0 and the infinite ones NaN, as torch.nn's. Only a mean square that overflowed from
+  // finite values (1e19·randn) is inv_std's NaN. LayerNorm's row is NaN either way: its
+  // mean is infinite (torch.nn's too).
+  const double rs = !centered && std::isinf(var) && holds_infinity(row, K) ? 0.0 : inv_std(var, eps);
   const float s = static_cast<float>(rs), o = static_cast<float>(off * rs);
   if (kp) {
     kp[r] = k;
