@@ -13,7 +13,9 @@ import torch
 import normlab as nl
 from normlab.cli import main
 from normlab.experiments import ConvNet1d, TrainConfig, load_digits, load_mnist1d, make_norm, train_classifier
+from normlab.experiments.data import Dataset
 from normlab.experiments.demo import DemoConfig, format_table, run_demo
+from normlab.experiments.studies.regularization import conv_net
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +92,31 @@ def test_ci_runs_the_readme_commands():
     assert "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command 1" in ci and "readme_command 2" in ci
+
+
+def test_testing_only_after_the_last_epoch_gives_the_same_run():
+    """``test_every_epoch=False`` skips the earlier test passes, and changes nothing else: the
+    weights, the running statistics and the final numbers are those of a run tested every epoch
+    (BatchNorm with dropout, so eval mode and the random stream both matter)."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 1, 40, generator=generator), torch.randint(0, 10, (96,), generator=generator)
+    data = Dataset("random", x[:64], y[:64], x[64:], y[64:])
+    runs = {}
+    for every in (True, False):
+        torch.manual_seed(0)
+        model = conv_net("batch", 0.5)
+        records: list[dict] = []
+        result = train_classifier(
+            model,
+            data,
+            TrainConfig(batch_size=16, epochs=3, seed=3),
+            on_epoch=lambda epoch, record, records=records: records.append(dict(record)),
+            test_every_epoch=every,
+        )
+        runs[every] = (result, records, model.state_dict())
+    (tested, tested_records, tested_state), (last, last_records, last_state) = runs[True], runs[False]
+    assert [("test_accuracy" in r) for r in tested_records] == [True, True, True]
+    assert [("test_accuracy" in r) for r in last_records] == [False, False, True]
+    assert last.test_accuracy == tested.test_accuracy and last.train_loss == tested.train_loss
+    assert [r["train_loss"] for r in last_records] == [r["train_loss"] for r in tested_records]
+    assert all(torch.equal(last_state[k], tested_state[k]) for k in tested_state)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from .. import nn as nln
 from .text import TextData, load_text
-from .training import intra_op_threads
+from .training import adam, intra_op_threads
 
 __all__ = [
     "LM_NORMS",
@@ -278,13 +278,13 @@ def validation_loss(model: CharTransformer, text: torch.Tensor, starts: torch.Te
     return total / (len(starts) * model.context)
 
 
-def _optimizer(model: nn.Module, config: LMTrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: nn.Module, config: LMTrainConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on the matrices (and the tied embedding), none on norms' parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+    return adam(groups, decoupled=True, lr=config.lr, betas=config.betas)
 
 
 def train_lm(

@@ -113,7 +113,7 @@ def one_run(config: Config, norm: str, batch_size: int, seed: int) -> dict:
         seed=seed,
         native_conv_max_batch=config.native_conv_max_batch,
     )
-    result = train_classifier(model, data, train)
+    result = train_classifier(model, data, train, test_every_epoch=False)
     row = {
         "norm": norm,
         "batch_size": batch_size,

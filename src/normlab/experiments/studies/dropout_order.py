@@ -103,7 +103,7 @@ def one_run(config: Config, placement: str, dropout: float, seed: int) -> dict:
     torch.manual_seed(seed)
     model = conv_net("batch", dropout, placement if dropout else "relu")
     train = TrainConfig(batch_size=32, epochs=config.epochs, seed=seed)
-    result = train_classifier(model, data, train)
+    result = train_classifier(model, data, train, test_every_epoch=False)
     keep = 1.0 - dropout if placement == "norm" and dropout else None
     row = {
         "placement": placement,

@@ -41,7 +41,7 @@ from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
 from ..text import load_text, ngram_loss
-from ..training import evaluate, intra_op_threads, minibatch_losses
+from ..training import adam, evaluate, intra_op_threads, minibatch_losses
 from .norm_placement import TokenTransformer, lr_factor
 
 NAME = "norm-free"
@@ -104,7 +104,7 @@ def classifier_run(config: Config, norm: str, seed: int) -> dict:
     torch.manual_seed(seed)
     model = TokenTransformer(CLASSIFIER_NORMS[norm], depth=6)
     steps = config.classifier_steps
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.classifier_lr, betas=(0.9, 0.98))
+    optimizer = adam(model.parameters(), lr=config.classifier_lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, steps // 10))
     with intra_op_threads(1):
         losses = list(

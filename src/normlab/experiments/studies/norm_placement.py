@@ -42,7 +42,7 @@ from ..data import Dataset, load_mnist1d
 from ..output import finite_or_none, pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
-from ..training import evaluate, minibatch_losses
+from ..training import adam, evaluate, minibatch_losses
 
 NAME = "norm-placement"
 CHANCE = math.log(10)  # the training loss of a uniform guess over the 10 classes
@@ -218,7 +218,7 @@ def one_run(config: Config, placement: str, depth: int, warmup: bool, seed: int)
     model = _model(config, placement, depth, seed)
     grads = gradient_at_init(model, data.x_train[: config.grad_batch], data.y_train[: config.grad_batch])
     warmup_steps = config.warmup_steps if warmup else 0
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
+    optimizer = adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.steps, warmup_steps))
     losses = minibatch_losses(
         model, data, optimizer, steps=config.steps, batch_size=config.batch_size, seed=seed, schedule=schedule

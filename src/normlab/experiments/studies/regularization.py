@@ -56,7 +56,7 @@ def one_run(config: Config, model: str, norm: str, dropout: float, weight_decay:
     train = TrainConfig(
         batch_size=32, epochs=config.epochs, base_lr=config.lr_for(model), weight_decay=weight_decay, seed=seed
     )
-    result = train_classifier(net, data, train)
+    result = train_classifier(net, data, train, test_every_epoch=False)
     train_accuracy = 0.0 if result.diverged else evaluate(net, data.x_train, data.y_train)
     return {
         "model": model,

@@ -45,6 +45,7 @@ from ..data import load_mnist1d
 from ..output import pyplot, save_figure
 from ..runner import grid, parallel_map
 from ..study import Study, StudyResult
+from ..training import adam
 
 NAME = "sequence"
 NORMS = ("none", "bn-naive", "bn-masked", "ln", "bn-time")
@@ -205,7 +206,7 @@ def one_run(config: Config, norm: str, seed: int) -> dict:
     )
     torch.manual_seed(seed)
     model = LSTMClassifier(norm, config.patch, steps, config.hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(seed)
     n, per_epoch = len(data.y_train), len(data.y_train) // config.batch_size
     loss_fn = nn.CrossEntropyLoss()
