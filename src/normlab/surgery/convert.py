@@ -228,13 +228,14 @@ def _dropped_options(path: str, source: nn.Module, target: nn.Module) -> list[st
 
 def _inputs_seen(model: nn.Module, example_input: Any) -> dict[str, torch.Tensor]:
     """Each normalization layer's (first) input on one eval forward of ``example_input``, as
-    an empty tensor of its rank, dtype and device."""
+    an empty tensor of its rank, dtype, device and sizes past the batch dim (the spatial
+    extent says whether a group or an instance of the new layer holds more than one value)."""
     seen: dict[str, torch.Tensor] = {}
 
     def see(path: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("input")
-        if isinstance(x, torch.Tensor):
-            seen.setdefault(path, x.new_empty((0,) * x.dim()))
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            seen.setdefault(path, x.new_empty((0, *x.shape[1:])))
 
     watch_calls(model, example_input, is_normalization_layer, see)
     return seen
@@ -272,8 +273,10 @@ def convert_norms(
         groups: for ``"group"``: an int that must divide each layer's channels, or
             ``"auto"`` — per layer, the largest divisor of its channels ≤ ``max_groups``.
         max_groups: the most groups ``groups="auto"`` picks. Default 32.
-        example_input: needed only to learn the spatial rank of layers whose class does
-            not say it (GroupNorm, SyncBatchNorm) when the target is rank-specific.
+        example_input: learns the spatial rank of layers whose class does not say it
+            (GroupNorm, SyncBatchNorm) when the target is rank-specific, and which layers
+            see one position per channel (``(N, C)``, a 1×1 map): those are not made
+            instance norms, nor group norms with one value per group (skipped with the reason).
         alpha_init_value: α's initial value for ``"dyt"`` and ``"derf"``.
 
     The norms beyond the classic five (:mod:`normlab.surgery.convert_beyond`): ``"dyt"`` and
@@ -327,15 +330,34 @@ def convert_norms(
         if rank is not None and not 1 <= rank <= 3:
             report.skip(path, f"{rank} spatial dims: no {to} layer for that rank")
             continue
+        # positions per channel on example_input: 1 for an (N, C) input (BatchNorm1d after a
+        # Linear) or a 1×1 map, where an instance, or a group of one channel, holds one value
+        # (variance 0): such a layer would refuse the input, or output its bias whatever came in
+        positions = seen[path].shape[2:].numel() if path in seen and seen[path].dim() >= 2 else None
+        if to == "instance" and positions == 1:
+            report.skip(
+                path,
+                f"its input on example_input has one position per channel (shape (N, {', '.join(map(str, seen[path].shape[1:]))})): "
+                "instance statistics would be over a single value",
+            )
+            continue
         n_groups = None
         if to == "group":
             if isinstance(groups, str):  # "auto": any other str was refused above
-                n_groups = auto_groups(info.channels, max_groups)
+                # with one position per channel a group needs two channels at least
+                n_groups = auto_groups(info.channels, max_groups if positions != 1 else max(1, info.channels // 2))
             elif info.channels % groups:
                 report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
                 continue
             else:
                 n_groups = groups
+        if to in ("group", "layer") and positions == 1 and info.channels // (n_groups or 1) == 1:
+            report.skip(
+                path,
+                f"its input on example_input has one position per channel, so each of "
+                f"{n_groups or 1} groups of {info.channels} channels would hold a single value: use fewer groups",
+            )
+            continue
         activation = _activation_of(module)
         target = build_norm(
             to,

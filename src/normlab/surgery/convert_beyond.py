@@ -147,6 +147,15 @@ def convert_beyond(
     seen = _inputs_seen(new, example_input) if example_input is not None else {}
     masked = extra_arguments(new, is_normalization_layer, example_input)
     for path, module in list(new.named_modules()):
+        if to in _SQUASH and isinstance(module, (nln.AddLayerNorm, nln.AddRMSNorm)):
+            # found by class, not by its calls: where fx cannot trace and no example_input is
+            # given, nothing else would stop it (every call of it passes a residual)
+            report.skip(
+                path,
+                f"{class_label(module)} takes (x, residual) and returns (normalized, sum): "
+                f"normlab.nn.{_SQUASH[to].__name__} takes one input and returns one tensor",
+            )
+            continue
         if to in _SQUASH:
             target = _squash_from(to, module, alpha_init_value, _factory(module, seen.get(path), new))
             if target is None:

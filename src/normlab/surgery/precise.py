@@ -10,6 +10,7 @@ batch sizes, where each batch's statistics are noisy.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -53,6 +54,7 @@ class _Accumulator:
     def __init__(self) -> None:
         self.moments: Moments | None = None
         self.calls = 0
+        self.nonfinite = 0  # batches left out: NaN or inf in the layer's input
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         dims = (0,) + tuple(range(2, x.dim()))
@@ -62,18 +64,27 @@ class _Accumulator:
             mean = xd.mean(dims)
             m2 = (xd - mean.view(1, -1, *([1] * (x.dim() - 2)))).square().sum(dims)
         else:
+            # what sits at the masked positions (padding: NaN as often as 0) is not counted, and
+            # must not reach the sums either (NaN · 0 is NaN), as it does not reach the layer's
+            xd = torch.where(mask.unsqueeze(1), xd, 0.0)
             valid = mask.unsqueeze(1).to(torch.float64)  # (N, 1, *spatial)
             n = valid.sum()
             count = torch.full((x.shape[1],), int(n.item()), dtype=torch.long, device=x.device)
             mean = (xd * valid).sum(dims) / n.clamp(min=1)
             m2 = ((xd - mean.view(1, -1, *([1] * (x.dim() - 2)))).square() * valid).sum(dims)
         part = Moments(count, mean, m2)
+        self.calls += 1
+        # one NaN or inf would make the population statistics NaN for good: such a batch is
+        # left out, as a BatchNorm leaves it out of its running estimates (a host sync, once
+        # per batch and layer, in a pass that is not a training step)
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            self.nonfinite += 1
+            return
         self.moments = (
             part
             if self.moments is None
             else merge_moments(Moments(*(torch.stack(pair) for pair in zip(self.moments, part))))
         )
-        self.calls += 1
 
 
 def _recorder(path: str, acc: _Accumulator) -> PreHook:
@@ -136,7 +147,10 @@ def precise_bn(
 
     Covers normlab's and torch.nn's BatchNorm, SyncBatchNorm and BatchRenorm with running
     statistics; frozen layers keep theirs. ``num_batches_tracked`` and the model's
-    training flag are left as they were. Every other layer that keeps running statistics,
+    training flag are left as they were. A batch with NaN or inf in a layer's input (at its
+    valid positions) is left out of that layer's statistics, with a ``RuntimeWarning``; a layer
+    whose statistics come out non-finite in its buffers' dtype keeps its own, and is skipped.
+    Every other layer that keeps running statistics,
     and every BatchNorm that keeps none, is listed in ``report.skipped``. The report gives,
     per layer, how far the old running statistics were from the new ones.
 
@@ -212,7 +226,7 @@ def precise_bn(
             acc[path].moments = Moments(zeros.long(), zeros, zeros.clone())
     _all_processes(acc, list(targets))
     # every layer has its moments now (zeros where it never ran)
-    if all(int(cast(Moments, acc[p].moments).count.max()) == 0 for p in targets):
+    if all(int(cast(Moments, acc[p].moments).count.max()) == 0 and not acc[p].nonfinite for p in targets):
         raise ValueError(
             f"none of the BatchNorm layers ({', '.join(targets)}) ran on the batches: does forward_fn call the model?"
         )
@@ -220,15 +234,37 @@ def precise_bn(
     for path, module in targets.items():
         m = cast(Moments, acc[path].moments)
         seen = int(m.count.min())
+        left_out = acc[path].nonfinite
+        if left_out:
+            warnings.warn(
+                f"precise_bn: {path}: {left_out} of the {acc[path].calls} batches it ran on had NaN or inf in its "
+                "input; they were left out of its statistics",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if seen < 2:
-            why = "it never ran on the batches" if seen == 0 else "1 value per channel over the batches: no variance"
+            if seen == 0 and left_out:
+                why = f"every batch it ran on ({left_out}) had NaN or inf in its input"
+            else:
+                why = (
+                    "it never ran on the batches" if seen == 0 else "1 value per channel over the batches: no variance"
+                )
             report.skip(path, f"{why}; its statistics are kept")
             continue
         # the layer's own convention: unbiased (n/(n−1)) unless built with unbiased_running_var=False
         mean, var = m.mean, m.unbiased_var() if getattr(module, "unbiased_running_var", True) else m.var
+        running_mean, running_var = cast(torch.Tensor, module.running_mean), cast(torch.Tensor, module.running_var)
+        if not bool(
+            torch.isfinite(mean.to(running_mean.dtype)).all() and torch.isfinite(var.to(running_var.dtype)).all()
+        ):
+            report.skip(
+                path,
+                f"its statistics (largest variance {var.max().item():.3g}) overflow its {running_var.dtype} running "
+                "estimates; they are kept",
+            )
+            continue
         old_mean = saved[path]["running_mean"].double()
         old_var = saved[path]["running_var"].double()
-        running_mean, running_var = cast(torch.Tensor, module.running_mean), cast(torch.Tensor, module.running_var)
         with torch.no_grad():
             running_mean.copy_(mean.to(running_mean.dtype))
             running_var.copy_(var.to(running_var.dtype))
@@ -241,6 +277,7 @@ def precise_bn(
             elements_per_channel=int(m.count[0]),
             max_abs_mean_change=(old_mean - mean).abs().max().item(),
             max_rel_var_change=((old_var - var).abs() / var.clamp(min=1e-12)).max().item(),
+            **({"nonfinite_batches_left_out": left_out} if left_out else {}),
         )
     report.check = f"exact float64 statistics over {used} batches"
     if used < num_batches:
