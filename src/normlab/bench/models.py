@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,53 +162,24 @@ def cases(config: ModelBenchConfig = ModelBenchConfig()) -> list[ModelCase]:
     image = (c.cnn_batch, 3, c.image, c.image)
     width = c.cnn_width
     groups = math.gcd(8, width)  # GroupNorm(8, ·) at the default widths 32 and 64
+
+    def cnn(key: str, title: str, norm: Callable[[int], nn.Module], layer: type, **more: Any) -> ModelCase:
+        return ModelCase(
+            key, f"ResNet-style CNN, {title}", lambda: ResNetStyle(norm, width), image, **more, normlab_layers=layer
+        )
+
+    def vit(key: str, title: str, norm: Callable[[int], nn.Module], layer: type) -> ModelCase:
+        build = lambda: ViTStyle(norm, c.dim, c.depth, c.heads)  # noqa: E731  # one row's model
+        shape = (c.vit_batch, c.tokens, c.dim)
+        return ModelCase(key, f"ViT-style blocks, {title}", build, shape, layout="tokens", normlab_layers=layer)
+
     built = (
-        ModelCase(
-            "cnn-bn",
-            "ResNet-style CNN, BatchNorm2d",
-            lambda: ResNetStyle(nn.BatchNorm2d, width),
-            image,
-            normlab_layers=nln.BatchNorm2d,
-        ),
-        ModelCase(
-            "cnn-gn",
-            f"ResNet-style CNN, GroupNorm({groups})",
-            lambda: ResNetStyle(lambda ch: nn.GroupNorm(groups, ch), width),
-            image,
-            normlab_layers=nln.GroupNorm,
-        ),
-        ModelCase(
-            "cnn-bnact",
-            "ResNet-style CNN, BatchNormAct2d vs BN+ReLU",
-            lambda: ResNetStyle(nn.BatchNorm2d, width),
-            image,
-            convert=to_normlab_fused,
-            normlab_layers=nln.BatchNormAct2d,
-        ),
-        ModelCase(
-            "cnn-bn-cl",
-            "ResNet-style CNN, BatchNorm2d",
-            lambda: ResNetStyle(nn.BatchNorm2d, width),
-            image,
-            layout="channels_last",
-            normlab_layers=nln.BatchNorm2d,
-        ),
-        ModelCase(
-            "vit-ln",
-            "ViT-style blocks, LayerNorm",
-            lambda: ViTStyle(nn.LayerNorm, c.dim, c.depth, c.heads),
-            (c.vit_batch, c.tokens, c.dim),
-            layout="tokens",
-            normlab_layers=nln.LayerNorm,
-        ),
-        ModelCase(
-            "vit-rms",
-            "ViT-style blocks, RMSNorm",
-            lambda: ViTStyle(nn.RMSNorm, c.dim, c.depth, c.heads),
-            (c.vit_batch, c.tokens, c.dim),
-            layout="tokens",
-            normlab_layers=nln.RMSNorm,
-        ),
+        cnn("cnn-bn", "BatchNorm2d", nn.BatchNorm2d, nln.BatchNorm2d),
+        cnn("cnn-gn", f"GroupNorm({groups})", lambda ch: nn.GroupNorm(groups, ch), nln.GroupNorm),
+        cnn("cnn-bnact", "BatchNormAct2d vs BN+ReLU", nn.BatchNorm2d, nln.BatchNormAct2d, convert=to_normlab_fused),
+        cnn("cnn-bn-cl", "BatchNorm2d", nn.BatchNorm2d, nln.BatchNorm2d, layout="channels_last"),
+        vit("vit-ln", "LayerNorm", nn.LayerNorm, nln.LayerNorm),
+        vit("vit-rms", "RMSNorm", nn.RMSNorm, nln.RMSNorm),
         ModelCase(
             "mlp-bn1d",
             "MLP, BatchNorm1d",

@@ -160,7 +160,7 @@ def channel_norm(
                 mean, var = mean.view(x.shape[0], -1), var.view(x.shape[0], -1)
             cast(RunningStats, running).update(mean, var, count)  # a tuple comes back only for a policy
             return y
-        decision = _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight)
+        decision, checked = _refused(mask), False  # checked below: what does not fit is said as every path says it
     if decision is KERNELS_MASKED:  # the same one crossing, with the mask (checked in C++ too)
         code = ACTIVATIONS[activation].code
         if TYPE_CHECKING:  # as on the direct path: KERNELS_MASKED is answered with the kernels loaded
@@ -174,7 +174,7 @@ def channel_norm(
             y, mean, var, valid = cast("tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]", masked)
             update_from_kernels(cast(RunningStats, running), x, mean, var, valid, groups)
             return y
-        decision = _refused(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
+        decision, checked = _refused(mask), False
     if not checked:
         eps, mask = check_channel_args(
             operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask
@@ -226,24 +226,13 @@ def masked_channel_norm(
     return channel_norm(x, weight, bias, mask=mask, **kwargs)
 
 
-def _refused(
-    operation: str,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    groups: int,
-    batch_stats: bool,
-    running: RunningStats | None,
-    prelu_weight: torch.Tensor | None,
-    mask: torch.Tensor | None = None,
-) -> Decision:
-    """A kernels' entry refused the call: report what does not fit, with the message every
-    path gives (the C++ entries write none of their own). What the checks accept is a
-    parameter or running estimate the kernels do not read, as torch.nn's layers do (a tensor
-    subclass such as a wrapper parameter, a lazily negated view ``z.conj().imag``): the
-    call's path then, torch's ops (the composed ones with a mask)."""
-    check_channel_args(operation, x, weight, bias, eps, groups, batch_stats, running, prelu_weight, mask)
+def _refused(mask: torch.Tensor | None) -> Decision:
+    """The path of a call a kernels' entry refused, whose arguments are then checked (the
+    C++ entries write no message of their own: the check says what does not fit, with the
+    message every path gives). What the checks accept is a parameter or running estimate the
+    kernels do not read, as torch.nn's layers do (a tensor subclass such as a wrapper
+    parameter, a lazily negated view ``z.conj().imag``): the call's path then, torch's ops
+    (the composed ones with a mask)."""
     if mask is not None:
         return Decision(COMPOSED, "eager", "mask: a parameter the kernels do not read")
     return Decision(NATIVE, "eager", "a parameter the kernels do not read: torch's ops")

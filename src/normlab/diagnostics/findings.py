@@ -210,34 +210,32 @@ def diagnose(
             )
         )
 
-    saturated = {n: v for n, v in probe.latest("saturated", window).items() if v > saturation_threshold}
-    if saturated:
-        found.append(
-            Finding(
-                "saturation",
-                list(saturated),
-                f"Saturated units (tanh |a| ≥ 0.99, sigmoid outside [0.01, 0.99], Hardtanh/Hardsigmoid at their "
-                f"bounds): {_fmt(saturated, 2)} of outputs in the flat tails, where the gradient is almost 0.",
-                "The pre-activations are too large: use Xavier initialization (gain 1 for tanh, the 4x bound "
-                "for sigmoid), add normalization before the activation, or lower the learning rate.",
-                {"saturated": saturated},
-            )
-        )
-
-    dead = {n: v for n, v in probe.latest("dead", window).items() if v > dead_threshold}
-    if dead:
-        found.append(
-            Finding(
-                "dead_units",
-                list(dead),
-                f"Dead units (their activation passes no gradient anywhere on the batch, e.g. a ReLU "
-                f"never positive): {_fmt(dead, 2)} of units.",
-                "Check for large negative biases and lower the learning rate; use He initialization, "
-                "normalization before the activation, or an activation that passes gradient on its "
-                "negative side (LeakyReLU, ELU, GELU).",
-                {"dead": dead},
-            )
-        )
+    # units past a threshold on their own, one finding each: (kind, the probe's metric, threshold,
+    # what it says with the fractions in place of {}, what to do)
+    for kind, metric, threshold, text, advice in (
+        (
+            "saturation",
+            "saturated",
+            saturation_threshold,
+            "Saturated units (tanh |a| ≥ 0.99, sigmoid outside [0.01, 0.99], Hardtanh/Hardsigmoid at their "
+            "bounds): {} of outputs in the flat tails, where the gradient is almost 0.",
+            "The pre-activations are too large: use Xavier initialization (gain 1 for tanh, the 4x bound "
+            "for sigmoid), add normalization before the activation, or lower the learning rate.",
+        ),
+        (
+            "dead_units",
+            "dead",
+            dead_threshold,
+            "Dead units (their activation passes no gradient anywhere on the batch, e.g. a ReLU "
+            "never positive): {} of units.",
+            "Check for large negative biases and lower the learning rate; use He initialization, "
+            "normalization before the activation, or an activation that passes gradient on its "
+            "negative side (LeakyReLU, ELU, GELU).",
+        ),
+    ):
+        over = {n: v for n, v in probe.latest(metric, window).items() if v > threshold}
+        if over:
+            found.append(Finding(kind, list(over), text.format(_fmt(over, 2)), advice, {metric: over}))
 
     drift = probe.latest("mean_drift", window)
     std_drift = probe.latest("std_drift", window)

@@ -10,7 +10,7 @@ the same call the functionals make after their checks.
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, TypedDict, TypeVar, cast
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ __all__ = [
     "ChannelInput",
     "CheckedSettings",
     "FreezableNorm",
+    "NormOptions",
     "PerSampleNorm",
     "TensorOrProxy",
     "_NormBase",
@@ -258,6 +259,16 @@ def reset_affine(module: nn.Module) -> None:
         nn.init.zeros_(bias)
 
 
+class NormOptions(TypedDict):
+    """normlab's keyword-only constructor extras of the statistics-tracking layers, passed on
+    as one (``**options``) by a layer that writes its own signature, as torch.nn passes on
+    ``factory_kwargs``."""
+
+    bias: bool
+    unbiased_running_var: bool
+    on_nonfinite: str
+
+
 class _NormBase(ChannelInput, CheckedSettings, FreezableNorm, _TorchNormBase):
     """normlab's side of every statistics-tracking layer (BatchNorm, InstanceNorm, SyncBN).
 
@@ -270,6 +281,27 @@ class _NormBase(ChannelInput, CheckedSettings, FreezableNorm, _TorchNormBase):
     """
 
     _settings = ("eps", "momentum", "on_nonfinite", "unbiased_running_var")
+
+    # BatchNorm's constructor, written once as torch.nn writes it in its _NormBase: the layers
+    # with the same arguments inherit it; those whose defaults or arguments differ
+    # (InstanceNorm, BatchRenorm, SyncBatchNorm) write their own signature and call it.
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: DeviceLike = None,
+        dtype: DTypeLike = None,
+        *,
+        bias: bool = True,
+        unbiased_running_var: bool = True,
+        on_nonfinite: str = "skip",
+    ) -> None:
+        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
     def _make_running_stats(self) -> RunningStats:
         """The layer's running-statistics policy, after its settings are checked — once after

@@ -9,8 +9,7 @@ from torch import nn
 from torch.fx import Proxy
 
 from ..core import channel_norm
-from ..core.types import DeviceLike, DTypeLike
-from .base import INPUT_TYPES, ChannelInput, TensorOrProxy, _NormBase, check_norm_args, traced_call
+from .base import INPUT_TYPES, ChannelInput, TensorOrProxy, _NormBase, traced_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -90,28 +89,10 @@ def _doc(name: str, shape_words: str, spatial_dims: str, input_shapes: str, exam
 
 
 class _BatchNorm(_NormBase):
-    """Shared constructor and forward of BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d;
-    subclasses fix the ranks."""
+    """Shared forward of BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d (the constructor is
+    :class:`._NormBase`'s); subclasses fix the ranks."""
 
     _operation = "batch_norm"  # its name in normlab.core.record_dispatch
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: DeviceLike = None,
-        dtype: DTypeLike = None,
-        *,
-        bias: bool = True,
-        unbiased_running_var: bool = True,
-        on_nonfinite: str = "skip",
-    ) -> None:
-        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
 
     def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
         if isinstance(input, Proxy):

@@ -11,7 +11,7 @@ from torch.fx import Proxy
 from ..core import batch_renorm
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
-from .base import TensorOrProxy, _NormBase, check_norm_args, traced_call
+from .base import NormOptions, TensorOrProxy, _NormBase, traced_call
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule"]
 
@@ -116,9 +116,12 @@ class _BatchRenorm(_NormBase):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
+        options: NormOptions = {
+            "bias": bias,
+            "unbiased_running_var": unbiased_running_var,
+            "on_nonfinite": on_nonfinite,
+        }
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, **options)
         self.schedule = schedule if schedule is not None else RenormSchedule()
 
     def current_limits(self) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from torch.fx import Proxy
 from ..core import channel_norm, instance_norm_layout
 from ..core.checks import InputError, InputTypeError
 from ..core.types import DeviceLike, DTypeLike
-from .base import TensorOrProxy, _NormBase, check_norm_args, traced_call
+from .base import NormOptions, TensorOrProxy, _NormBase, traced_call
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -78,9 +78,12 @@ class _InstanceNorm(_NormBase):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        num_features, eps, momentum = check_norm_args(num_features, eps, momentum)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._init_normlab(bias=bias, unbiased_running_var=unbiased_running_var, on_nonfinite=on_nonfinite)
+        options: NormOptions = {
+            "bias": bias,
+            "unbiased_running_var": unbiased_running_var,
+            "on_nonfinite": on_nonfinite,
+        }
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if not isinstance(input, torch.Tensor):

@@ -13,7 +13,7 @@ from ..core import apply_activation
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
 from ..functional.sync import distributed_world, synchronized_batch_norm
-from .base import TensorOrProxy
+from .base import NormOptions, TensorOrProxy
 from .batchnorm import _BatchNorm
 from .normact import _ActMixin
 
@@ -83,18 +83,12 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         unbiased_running_var: bool = True,
         on_nonfinite: str = "skip",
     ) -> None:
-        super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            device,
-            dtype,
-            bias=bias,
-            unbiased_running_var=unbiased_running_var,
-            on_nonfinite=on_nonfinite,
-        )
+        options: NormOptions = {
+            "bias": bias,
+            "unbiased_running_var": unbiased_running_var,
+            "on_nonfinite": on_nonfinite,
+        }
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **options)
         self.process_group = process_group
 
     def forward(self, input: TensorOrProxy, mask: torch.Tensor | None = None) -> TensorOrProxy:
