@@ -195,7 +195,12 @@ def _groupings(
     elif given_mean is not None and given_var is not None:
         means.append(given_mean)
         variances.append(given_var)
-    return torch.stack(torch.broadcast_tensors(*means)), torch.stack(torch.broadcast_tensors(*variances))
+    return _stacked(means), _stacked(variances)
+
+
+def _stacked(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of broadcastable shapes, broadcast and stacked along a new dim 0."""
+    return torch.stack(torch.broadcast_tensors(*tensors))  # type: ignore[no-untyped-call, unused-ignore]  # unannotated in torch 2.13
 
 
 def _total_variance(variances: torch.Tensor, means: torch.Tensor, pooled_mean: torch.Tensor, dim: int) -> torch.Tensor:
@@ -320,8 +325,8 @@ class _Switchable(torch.autograd.Function):
             kinds = 3 if ctx.batch_statistics else 2  # given BN statistics are constants
             counts = [reduced_count(x.shape, dims) for dims in (spatial, (1,) + spatial, (0,) + spatial)]
             inverse = torch.tensor(counts[:kinds], dtype=cdtype).reciprocal_().to(x.device)
-            pooled_mean = torch.stack(torch.broadcast_tensors(*_pooled(d_mean, kinds)))  # (kinds, N, C, 1, ...)
-            pooled_var = torch.stack(torch.broadcast_tensors(*_pooled(d_var, kinds)))
+            pooled_mean = _stacked(_pooled(d_mean, kinds))  # (kinds, N, C, 1, ...)
+            pooled_var = _stacked(_pooled(d_var, kinds))
             mean_coefficients = mix_mean[:kinds] * inverse
             var_coefficients = mix_var[:kinds] * inverse * 2
             b = torch.tensordot(var_coefficients, pooled_var, 1)
