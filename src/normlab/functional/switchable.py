@@ -281,7 +281,8 @@ class _Switchable(torch.autograd.Function):
         mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
         mix_var = torch.softmax(var_weight.to(cdtype), 0)
         mean = torch.tensordot(mix_mean, means, 1)  # (N, C, 1, ...)
-        rstd = torch.tensordot(mix_var, variances, 1).add_(eps).rsqrt_()
+        var = torch.tensordot(mix_var, variances, 1)
+        rstd = (var + eps).rsqrt_()
         y = d.sub_(mean).mul_(rstd)  # d is this call's own
         channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         if weight is not None:
@@ -291,7 +292,7 @@ class _Switchable(torch.autograd.Function):
         ctx.eps, ctx.batch_statistics = eps, batch_statistics
         ctx.save_for_backward(
             x, weight, bias, mean_weight, var_weight, given_mean, given_var, shift, layer_shift,
-            mean, rstd, means, variances, mix_mean, mix_var,
+            mean, var, rstd, means, variances, mix_mean, mix_var,
         )  # fmt: skip
         batch_mean, batch_var = _batch_moments(means, variances, batch_statistics)
         ctx.mark_non_differentiable(batch_mean, batch_var)
@@ -303,7 +304,9 @@ class _Switchable(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
             inputs = (*saved[:9], ctx.eps, ctx.batch_statistics)
             return recomputed_grads(ctx, _switchable_reference, inputs, dy)
-        x, weight, _, mean_weight, var_weight, _, _, shift, _, mean, rstd, means, variances, mix_mean, mix_var = saved
+        x, weight, _, mean_weight, var_weight, _, _, shift, _, mean, var, rstd, means, variances, mix_mean, mix_var = (
+            saved
+        )
         need = ctx.needs_input_grad
         cdtype = rstd.dtype
         spatial = tuple(range(2, x.dim()))
@@ -316,8 +319,8 @@ class _Switchable(torch.autograd.Function):
         d_bias = dyc.sum((0,) + spatial).to(dy.dtype if weight is None else weight.dtype) if need[2] else None
         d_mean = g.sum(spatial, keepdim=True).mul_(rstd).neg_()  # −r·Σ g, (N, C, 1, ...)
         d_var = (g * x_hat).sum(spatial, keepdim=True).mul_(rstd * rstd).mul_(-0.5)  # −½·r²·Σ g·x̂
-        d_mean_weight = _logits_grad(d_mean, means, mix_mean).to(mean_weight.dtype) if need[3] else None
-        d_var_weight = _logits_grad(d_var, variances, mix_var).to(var_weight.dtype) if need[4] else None
+        d_mean_weight = _logits_grad(d_mean, means, mean, mix_mean).to(mean_weight.dtype) if need[3] else None
+        d_var_weight = _logits_grad(d_var, variances, var, mix_var).to(var_weight.dtype) if need[4] else None
         d_x = None
         if need[0]:
             # dx = g·r + a + b·d, where grouping k (pooling nₖ values) adds (wᵘₖ·Pₖ(dμ) −
@@ -343,10 +346,11 @@ def _pooled(per_plane: torch.Tensor, kinds: int) -> list[torch.Tensor]:
     return sums + [per_plane.sum(0, keepdim=True)] if kinds == 3 else sums
 
 
-def _logits_grad(d_stat: torch.Tensor, stats: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """dλ from the gradient of Σₖ softmax(λ)ₖ·statₖ: dwₖ = Σ d_stat·statₖ, then softmax's backward."""
-    d_mix = torch.tensordot(stats, d_stat, d_stat.dim())
-    return torch._softmax_backward_data(d_mix, mix, 0, mix.dtype)
+def _logits_grad(d_stat: torch.Tensor, stats: torch.Tensor, mixed: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """dλ from the gradient of ``mixed`` = Σₖ softmax(λ)ₖ·statₖ: softmax's backward
+    wₖ·(aₖ − Σⱼ wⱼ·aⱼ) with aₖ = Σ d_stat·statₖ, taken as wₖ·Σ d_stat·(statₖ − mixed) — the
+    difference per (sample, channel) before the sum, so no two large sums cancel."""
+    return mix * torch.tensordot(stats - mixed, d_stat, d_stat.dim())
 
 
 def _check_mixture(mean_weight: object, var_weight: object, input: torch.Tensor) -> int:
