@@ -198,6 +198,12 @@ def _groupings(
     return _stacked(means), _stacked(variances)
 
 
+def _weighted(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """Σₖ weightsₖ·stackedₖ over dim 0, in elementwise ops: autocast would run a tensordot in
+    bfloat16 (it lists matrix products)."""
+    return (weights.view((-1,) + (1,) * (stacked.dim() - 1)) * stacked).sum(0)
+
+
 def _stacked(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
     """Tensors of broadcastable shapes, broadcast and stacked along a new dim 0."""
     return torch.stack(torch.broadcast_tensors(*tensors))  # type: ignore[no-untyped-call, unused-ignore]  # unannotated in torch 2.13
@@ -230,8 +236,8 @@ def _switchable_reference(
     cdtype = shift.dtype
     d = x.to(cdtype) - shift
     means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=False)
-    mean = torch.tensordot(torch.softmax(mean_weight.to(cdtype), 0), means, 1)  # Σ wₖ·mₖ, (N, C, 1, ...)
-    var = torch.tensordot(torch.softmax(var_weight.to(cdtype), 0), variances, 1)
+    mean = _weighted(torch.softmax(mean_weight.to(cdtype), 0), means)  # Σ wₖ·mₖ, (N, C, 1, ...)
+    var = _weighted(torch.softmax(var_weight.to(cdtype), 0), variances)
     y = (d - mean) * torch.rsqrt(var + eps)
     channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     if weight is not None:
@@ -280,8 +286,8 @@ class _Switchable(torch.autograd.Function):
         means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=True)
         mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
         mix_var = torch.softmax(var_weight.to(cdtype), 0)
-        mean = torch.tensordot(mix_mean, means, 1)  # (N, C, 1, ...)
-        var = torch.tensordot(mix_var, variances, 1)
+        mean = _weighted(mix_mean, means)  # (N, C, 1, ...)
+        var = _weighted(mix_var, variances)
         rstd = (var + eps).rsqrt_()
         y = d.sub_(mean).mul_(rstd)  # d is this call's own
         channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
@@ -332,9 +338,9 @@ class _Switchable(torch.autograd.Function):
             pooled_var = _stacked(_pooled(d_var, kinds))
             mean_coefficients = mix_mean[:kinds] * inverse
             var_coefficients = mix_var[:kinds] * inverse * 2
-            b = torch.tensordot(var_coefficients, pooled_var, 1)
-            a = torch.tensordot(mean_coefficients, pooled_mean, 1)
-            a -= torch.tensordot(var_coefficients, pooled_var.mul_(means[:kinds]), 1)
+            b = _weighted(var_coefficients, pooled_var)
+            a = _weighted(mean_coefficients, pooled_mean)
+            a -= _weighted(var_coefficients, pooled_var.mul_(means[:kinds]))
             d_x = d.mul_(b).add_(a).addcmul_(g, rstd).to(x.dtype)
         return d_x, d_weight, d_bias, d_mean_weight, d_var_weight, None, None, None, None, None, None
 
@@ -350,7 +356,7 @@ def _logits_grad(d_stat: torch.Tensor, stats: torch.Tensor, mixed: torch.Tensor,
     """dλ from the gradient of ``mixed`` = Σₖ softmax(λ)ₖ·statₖ: softmax's backward
     wₖ·(aₖ − Σⱼ wⱼ·aⱼ) with aₖ = Σ d_stat·statₖ, taken as wₖ·Σ d_stat·(statₖ − mixed) — the
     difference per (sample, channel) before the sum, so no two large sums cancel."""
-    return mix * torch.tensordot(stats - mixed, d_stat, d_stat.dim())
+    return mix * ((stats - mixed) * d_stat).flatten(1).sum(1)
 
 
 def _check_mixture(mean_weight: object, var_weight: object, input: torch.Tensor) -> int:
