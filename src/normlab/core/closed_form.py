@@ -10,7 +10,7 @@ recomputes it and asks autograd, which :func:`recomputed_grads` does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -40,10 +40,10 @@ def recomputed_grads(
     with torch.enable_grad():
         out = reference(*inputs)
         first = out[0] if isinstance(out, tuple) else out
-        sources = [inputs[i] for i in wanted]
-        grads = torch.autograd.grad(first, sources, grad_output, create_graph=True, allow_unused=True)  # type: ignore[arg-type]
+        sources = [cast(torch.Tensor, inputs[i]) for i in wanted]  # tensors: the filter above
+        grads = torch.autograd.grad(first, sources, grad_output, create_graph=True, allow_unused=True)
     result: list[torch.Tensor | None] = [None] * len(inputs)
     for i, source, grad in zip(wanted, sources, grads):
         # an input the formula does not reach (a zero-element one) still gets its zeros
-        result[i] = grad if grad is not None else torch.zeros_like(source)  # type: ignore[arg-type]
+        result[i] = grad if grad is not None else torch.zeros_like(source)
     return tuple(result)

@@ -383,7 +383,10 @@ def _evonorm_s0_reference(
     """EvoNorm-S0 in differentiable torch ops (what the closed form's second derivative
     differentiates): x·sigmoid(v·x) / σ_G · γ + β."""
     cdtype = compute_dtype(x.dtype)
-    xg, vg, wg, bg = _grouped(x.to(cdtype), groups, v, weight, bias)
+    xg = _grouped(x.to(cdtype), groups)
+    vg = _group_view(v, xg)
+    wg = None if weight is None else _group_view(weight, xg)
+    bg = None if bias is None else _group_view(bias, xg)
     var = centered_moments(xg, tuple(range(2, xg.dim()))).var
     y = xg * torch.sigmoid(xg * vg) / (var + eps).sqrt()
     y = y * wg if wg is not None else y
@@ -391,13 +394,15 @@ def _evonorm_s0_reference(
     return y.flatten(1, 2).to(x.dtype)
 
 
-def _grouped(x: torch.Tensor, groups: int, *params: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """x as (N, G, C//G, *spatial) and each (C,) parameter (or None) viewed to broadcast
-    against it, in x's dtype."""
-    channels = x.shape[1]
-    view = (1, groups, channels // groups) + (1,) * (x.dim() - 2)
-    grouped: torch.Tensor = x.unflatten(1, (groups, channels // groups))  # type: ignore[no-untyped-call]
-    return (grouped,) + tuple(None if p is None else p.to(x.dtype).view(view) for p in params)
+def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """x as (N, G, C//G, *spatial): a view."""
+    grouped: torch.Tensor = x.unflatten(1, (groups, x.shape[1] // groups))  # type: ignore[no-untyped-call]
+    return grouped
+
+
+def _group_view(param: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+    """A (C,) parameter viewed to broadcast against the grouped input, in its dtype."""
+    return param.to(grouped.dtype).view((1,) + tuple(grouped.shape[1:3]) + (1,) * (grouped.dim() - 3))
 
 
 class _EvoNormS0(torch.autograd.Function):
@@ -419,7 +424,10 @@ class _EvoNormS0(torch.autograd.Function):
         groups: int,
         eps: float,
     ) -> torch.Tensor:
-        xg, vg, wg, bg = _grouped(x.to(compute_dtype(x.dtype)), groups, v, weight, bias)
+        xg = _grouped(x.to(compute_dtype(x.dtype)), groups)
+        vg = _group_view(v, xg)
+        wg = None if weight is None else _group_view(weight, xg)
+        bg = None if bias is None else _group_view(bias, xg)
         moments = centered_moments(xg, tuple(range(2, xg.dim())))
         rstd = (moments.var + eps).rsqrt_()  # (N, G, 1, ...)
         y = torch.sigmoid(xg * vg).mul_(xg).mul_(rstd)
@@ -438,8 +446,10 @@ class _EvoNormS0(torch.autograd.Function):
             return recomputed_grads(ctx, _evonorm_s0_reference, (x, v, weight, bias, ctx.groups, ctx.eps), dy)
         need = ctx.needs_input_grad
         cdtype = rstd.dtype
-        xg, vg, wg = _grouped(x.to(cdtype), ctx.groups, v, weight)
-        dyg = _grouped(dy.to(cdtype), ctx.groups)[0]
+        xg = _grouped(x.to(cdtype), ctx.groups)
+        vg = _group_view(v, xg)
+        wg = None if weight is None else _group_view(weight, xg)
+        dyg = _grouped(dy.to(cdtype), ctx.groups)
         positions = (0,) + tuple(range(3, xg.dim()))  # a channel's: the samples and the spatial dims
         z = xg * vg
         gate = torch.sigmoid(z)
@@ -514,12 +524,13 @@ class _EvoNormB0(torch.autograd.Function):
         xc = x.to(cdtype)
         view = (1, -1) + (1,) * (x.dim() - 2)
         spatial = tuple(range(2, x.dim()))
+        batch_shift: torch.Tensor | None = None
+        batch_offset: torch.Tensor | None = None
         if running_var is None:
             batch = centered_moments(xc, (0,) + spatial)
             batch_shift, batch_offset, batch_var = batch.shift, batch.offset, batch.var
             left = (batch_var + eps).sqrt()  # (1, C, 1, ...)
         else:
-            batch_shift = batch_offset = None
             batch_var = xc.new_empty(0)
             left = (running_var.to(cdtype).view(view) + eps).sqrt()
         instance = centered_moments(xc, spatial)

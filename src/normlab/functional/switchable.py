@@ -195,7 +195,18 @@ def _groupings(
     elif given_mean is not None and given_var is not None:
         means.append(given_mean)
         variances.append(given_var)
-    return torch.stack(torch.broadcast_tensors(*means)), torch.stack(torch.broadcast_tensors(*variances))
+    return _stacked(means), _stacked(variances)
+
+
+def _weighted(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """Σₖ weightsₖ·stackedₖ over dim 0, in elementwise ops: autocast would run a tensordot in
+    bfloat16 (it lists matrix products)."""
+    return (weights.view((-1,) + (1,) * (stacked.dim() - 1)) * stacked).sum(0)
+
+
+def _stacked(tensors: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of broadcastable shapes, broadcast and stacked along a new dim 0."""
+    return torch.stack(torch.broadcast_tensors(*tensors))  # type: ignore[no-untyped-call, unused-ignore]  # unannotated in torch 2.13
 
 
 def _total_variance(variances: torch.Tensor, means: torch.Tensor, pooled_mean: torch.Tensor, dim: int) -> torch.Tensor:
@@ -225,8 +236,8 @@ def _switchable_reference(
     cdtype = shift.dtype
     d = x.to(cdtype) - shift
     means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=False)
-    mean = torch.tensordot(torch.softmax(mean_weight.to(cdtype), 0), means, 1)  # Σ wₖ·mₖ, (N, C, 1, ...)
-    var = torch.tensordot(torch.softmax(var_weight.to(cdtype), 0), variances, 1)
+    mean = _weighted(torch.softmax(mean_weight.to(cdtype), 0), means)  # Σ wₖ·mₖ, (N, C, 1, ...)
+    var = _weighted(torch.softmax(var_weight.to(cdtype), 0), variances)
     y = (d - mean) * torch.rsqrt(var + eps)
     channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     if weight is not None:
@@ -275,8 +286,9 @@ class _Switchable(torch.autograd.Function):
         means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=True)
         mix_mean = torch.softmax(mean_weight.to(cdtype), 0)
         mix_var = torch.softmax(var_weight.to(cdtype), 0)
-        mean = torch.tensordot(mix_mean, means, 1)  # (N, C, 1, ...)
-        rstd = torch.tensordot(mix_var, variances, 1).add_(eps).rsqrt_()
+        mean = _weighted(mix_mean, means)  # (N, C, 1, ...)
+        var = _weighted(mix_var, variances)
+        rstd = (var + eps).rsqrt_()
         y = d.sub_(mean).mul_(rstd)  # d is this call's own
         channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         if weight is not None:
@@ -286,7 +298,7 @@ class _Switchable(torch.autograd.Function):
         ctx.eps, ctx.batch_statistics = eps, batch_statistics
         ctx.save_for_backward(
             x, weight, bias, mean_weight, var_weight, given_mean, given_var, shift, layer_shift,
-            mean, rstd, means, variances, mix_mean, mix_var,
+            mean, var, rstd, means, variances, mix_mean, mix_var,
         )  # fmt: skip
         batch_mean, batch_var = _batch_moments(means, variances, batch_statistics)
         ctx.mark_non_differentiable(batch_mean, batch_var)
@@ -298,7 +310,9 @@ class _Switchable(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
             inputs = (*saved[:9], ctx.eps, ctx.batch_statistics)
             return recomputed_grads(ctx, _switchable_reference, inputs, dy)
-        x, weight, _, mean_weight, var_weight, _, _, shift, _, mean, rstd, means, variances, mix_mean, mix_var = saved
+        x, weight, _, mean_weight, var_weight, _, _, shift, _, mean, var, rstd, means, variances, mix_mean, mix_var = (
+            saved
+        )
         need = ctx.needs_input_grad
         cdtype = rstd.dtype
         spatial = tuple(range(2, x.dim()))
@@ -311,8 +325,8 @@ class _Switchable(torch.autograd.Function):
         d_bias = dyc.sum((0,) + spatial).to(dy.dtype if weight is None else weight.dtype) if need[2] else None
         d_mean = g.sum(spatial, keepdim=True).mul_(rstd).neg_()  # −r·Σ g, (N, C, 1, ...)
         d_var = (g * x_hat).sum(spatial, keepdim=True).mul_(rstd * rstd).mul_(-0.5)  # −½·r²·Σ g·x̂
-        d_mean_weight = _logits_grad(d_mean, means, mix_mean).to(mean_weight.dtype) if need[3] else None
-        d_var_weight = _logits_grad(d_var, variances, mix_var).to(var_weight.dtype) if need[4] else None
+        d_mean_weight = _logits_grad(d_mean, means, mean, mix_mean).to(mean_weight.dtype) if need[3] else None
+        d_var_weight = _logits_grad(d_var, variances, var, mix_var).to(var_weight.dtype) if need[4] else None
         d_x = None
         if need[0]:
             # dx = g·r + a + b·d, where grouping k (pooling nₖ values) adds (wᵘₖ·Pₖ(dμ) −
@@ -320,13 +334,13 @@ class _Switchable(torch.autograd.Function):
             kinds = 3 if ctx.batch_statistics else 2  # given BN statistics are constants
             counts = [reduced_count(x.shape, dims) for dims in (spatial, (1,) + spatial, (0,) + spatial)]
             inverse = torch.tensor(counts[:kinds], dtype=cdtype).reciprocal_().to(x.device)
-            pooled_mean = torch.stack(torch.broadcast_tensors(*_pooled(d_mean, kinds)))  # (kinds, N, C, 1, ...)
-            pooled_var = torch.stack(torch.broadcast_tensors(*_pooled(d_var, kinds)))
+            pooled_mean = _stacked(_pooled(d_mean, kinds))  # (kinds, N, C, 1, ...)
+            pooled_var = _stacked(_pooled(d_var, kinds))
             mean_coefficients = mix_mean[:kinds] * inverse
             var_coefficients = mix_var[:kinds] * inverse * 2
-            b = torch.tensordot(var_coefficients, pooled_var, 1)
-            a = torch.tensordot(mean_coefficients, pooled_mean, 1)
-            a -= torch.tensordot(var_coefficients, pooled_var.mul_(means[:kinds]), 1)
+            b = _weighted(var_coefficients, pooled_var)
+            a = _weighted(mean_coefficients, pooled_mean)
+            a -= _weighted(var_coefficients, pooled_var.mul_(means[:kinds]))
             d_x = d.mul_(b).add_(a).addcmul_(g, rstd).to(x.dtype)
         return d_x, d_weight, d_bias, d_mean_weight, d_var_weight, None, None, None, None, None, None
 
@@ -338,10 +352,11 @@ def _pooled(per_plane: torch.Tensor, kinds: int) -> list[torch.Tensor]:
     return sums + [per_plane.sum(0, keepdim=True)] if kinds == 3 else sums
 
 
-def _logits_grad(d_stat: torch.Tensor, stats: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """dλ from the gradient of Σₖ softmax(λ)ₖ·statₖ: dwₖ = Σ d_stat·statₖ, then softmax's backward."""
-    d_mix = torch.tensordot(stats, d_stat, d_stat.dim())
-    return torch._softmax_backward_data(d_mix, mix, 0, mix.dtype)
+def _logits_grad(d_stat: torch.Tensor, stats: torch.Tensor, mixed: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """dλ from the gradient of ``mixed`` = Σₖ softmax(λ)ₖ·statₖ: softmax's backward
+    wₖ·(aₖ − Σⱼ wⱼ·aⱼ) with aₖ = Σ d_stat·statₖ, taken as wₖ·Σ d_stat·(statₖ − mixed) — the
+    difference per (sample, channel) before the sum, so no two large sums cancel."""
+    return mix * ((stats - mixed) * d_stat).flatten(1).sum(1)
 
 
 def _check_mixture(mean_weight: object, var_weight: object, input: torch.Tensor) -> int:
