@@ -333,11 +333,12 @@ class _Switchable(torch.autograd.Function):
             # 2·wˢₖ·Pₖ(dσ²)·mₖ)/nₖ to a and 2·wˢₖ·Pₖ(dσ²)/nₖ to b; Pₖ sums over the axes k pools
             kinds = 3 if ctx.batch_statistics else 2  # given BN statistics are constants
             counts = [reduced_count(x.shape, dims) for dims in (spatial, (1,) + spatial, (0,) + spatial)]
-            inverse = torch.tensor(counts[:kinds], dtype=cdtype).reciprocal_().to(x.device)
+            # 1/nₖ as Python scalars: a tensor of them would be a host-to-device copy per call
+            inverse = [1.0 / n for n in counts[:kinds]]
             pooled_mean = _stacked(_pooled(d_mean, kinds))  # (kinds, N, C, 1, ...)
             pooled_var = _stacked(_pooled(d_var, kinds))
-            mean_coefficients = mix_mean[:kinds] * inverse
-            var_coefficients = mix_var[:kinds] * inverse * 2
+            mean_coefficients = torch.stack([mix_mean[k] * inverse[k] for k in range(kinds)])
+            var_coefficients = torch.stack([mix_var[k] * (2 * inverse[k]) for k in range(kinds)])
             b = _weighted(var_coefficients, pooled_var)
             a = _weighted(mean_coefficients, pooled_mean)
             a -= _weighted(var_coefficients, pooled_var.mul_(means[:kinds]))
