@@ -43,12 +43,12 @@ from .paths import (
     Decision,
     _gpu_kernels,
     _graph_task_id,
-    checkpoint_recompute_on_stack,
     choose_path,
     computes_in_place,
     kernel_layout,
     recomputing,
 )
+from .recompute import checkpoint_recompute_on_stack
 from .running import DiscardingStats, RunningStats
 
 if TYPE_CHECKING:

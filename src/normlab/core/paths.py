@@ -95,16 +95,10 @@ so is forcing "triton" where its kernels cannot run: without the ``triton`` pack
 neither CUDA nor the interpreter, or on a CPU tensor when ``TRITON_INTERPRET=1`` was not set
 before the kernels were first imported (triton reads it once per process).
 
-Backends: :func:`set_backend` / :func:`use_backend` / ``NORMLAB_BACKEND`` take "auto" (the
-table), "kernels" ("fast" is an alias: the CPU kernels; on CUDA it runs native), "triton",
-"native" and "composed". ``with record_dispatch() as log`` collects ``(operation, path,
-reason)`` for every call decided in the block: each eager call, and each call a compile traces
-in the block (its graph then runs what was decided, without asking again or recording).
-
-The Triton kernels are imported the first time the rule asks about a CUDA tensor or the
-backend is forced to "triton" (a CPU-only program never imports ``triton``); their adapter
-(:mod:`normlab.core.kernels.triton.backend`) is then registered with
-:func:`register_gpu_kernels`, which a test may also call with a stand-in.
+Backends (:func:`set_backend`, :func:`use_backend`, ``NORMLAB_BACKEND``) and
+:func:`record_dispatch` are documented where they are defined. The Triton kernels are imported
+the first time the rule asks about a CUDA tensor or the backend is forced to "triton" (a
+CPU-only program never imports ``triton``); :func:`register_gpu_kernels` registers their adapter.
 
 Row 1 is the common call, written to be cheap: one Python call besides this function
 (``torch.compiler.is_dynamo_compiling``), attribute reads, and one C call that reads the
@@ -119,10 +113,8 @@ other rows are evaluated only when it does not match.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
-import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -131,6 +123,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from .kernels.cpu import build as _cpu
+from .recompute import checkpoint_recompute_on_stack
 
 if TYPE_CHECKING:
     from .kernels import KernelBackend
@@ -145,7 +138,6 @@ __all__ = [
     "Decision",
     "ROW",
     "backend",
-    "checkpoint_recompute_on_stack",
     "choose_path",
     "computes_in_place",
     "kernel_layout",
@@ -211,10 +203,8 @@ _gpu_missing = [""]  # why they could not be loaded
 
 
 def _constant_to_compile(fn: Callable[..., bool]) -> Callable[..., bool]:
-    """``torch.compiler.assume_constant_result``, without importing torch._dynamo (it is
-    most of ``import normlab``'s time: about 1 s on top of torch's own 2 s) for a program
-    that never compiles. The decorator only marks the function, and dynamo reads the mark
-    when it traces a call; tests/core compares the mark with what torch's decorator sets."""
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo (about 1 s)
+    where nothing compiles: a mark dynamo reads when it traces (tests/core checks it)."""
     if "torch._dynamo" in sys.modules:
         marked: Callable[..., bool] = torch.compiler.assume_constant_result(fn)  # type: ignore[no-untyped-call]  # unannotated in torch
         return marked
@@ -432,61 +422,18 @@ def _decomposes(x: torch.Tensor, family: str, given: bool, inplace: bool, call: 
 
 def computes_in_place() -> bool:
     """Whether an in-place call (``inplace=True``) runs in place, keeping only its output: in
-    eager mode. torch.compile cannot trace that mode (an autograd Function over C++ that
-    overwrites its input and reads γ and β to find the channels it must keep), so a compiled
-    in-place call takes the route an out-of-place one takes — the fused operator or the
-    decomposition, without a graph break — and returns a new output, leaving its input as it
-    is (as an in-place layer in eval mode does): the same values and gradients, without the
-    memory saving, which is eager's (the compiler plans the buffers itself). Not written over
-    the input: a compiled graph that mutates an input autograd saved either fails to compile
-    or, where the decomposition saved it, gives wrong gradients."""
+    eager mode. A compiled one takes the out-of-place route (the fused operator or the
+    decomposition, no graph break) and returns a new output, its input left as it is (as in
+    eval mode): the same values and gradients without the memory saving, which is eager's.
+    Not written over the input: a compiled graph that mutates an input autograd saved fails
+    to compile or, where the decomposition saved it, gives wrong gradients."""
     return not _is_dynamo_compiling()
 
 
 def recomputing() -> bool:
-    """True for activation checkpointing's recompute: the forward that
-    ``torch.utils.checkpoint`` runs a second time inside backward (reentrant or not, nested,
-    and the wrappers built on it). Its batch is the step's batch seen a second time, so the
-    running estimates are not updated again: once per real step, in every segment shape (see
-    conventions.md). Any other forward run during a backward — in a backward hook, an autograd
-    Function's backward, a gradient penalty — is a batch of its own and updates them, as
-    torch.nn's does. Not a path question, but one about autograd's state, asked here with the
-    others; a compiled graph never recomputes a buffer update, so nothing is asked while
-    compiling."""
+    """True for activation checkpointing's recompute, whose batch the running estimates have
+    counted already (:mod:`normlab.core.recompute`); a compiled graph never recomputes one."""
     return not _is_dynamo_compiling() and _graph_task_id() != -1 and checkpoint_recompute_on_stack()
-
-
-def checkpoint_recompute_on_stack() -> bool:
-    """The second half of :func:`recomputing`, asked only inside a backward pass (the kernels'
-    direct entries, never compiled, ask ``_graph_task_id() != -1`` first themselves, so that an
-    ordinary forward pays one C call): the recompute is told apart by its frame on the stack —
-    the reentrant checkpoint's ``CheckpointFunction.backward`` or the non-reentrant one's
-    ``recompute_fn`` (called from its saved-tensor unpack hook). torch marks it no other way."""
-    codes = _recompute_codes()
-    frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code in codes:
-            return True
-        frame = frame.f_back
-    return False
-
-
-@functools.cache
-def _recompute_codes() -> frozenset[types.CodeType]:
-    """The code of torch.utils.checkpoint's two recomputes (imported here, on the first call
-    made inside a backward pass, not with normlab)."""
-    from torch.utils import checkpoint
-
-    # recompute_fn is a closure of the non-reentrant generator, whose name differs between torch
-    # versions (…_generator in 2.13, …_generator_impl in 2.14): looked for in all the module's
-    codes = {checkpoint.CheckpointFunction.backward.__code__}
-    pending = [f.__code__ for f in vars(checkpoint).values() if isinstance(f, types.FunctionType)]
-    while pending:
-        code = pending.pop()
-        nested = [const for const in code.co_consts if isinstance(const, types.CodeType)]
-        codes.update(const for const in nested if const.co_name == "recompute_fn")
-        pending.extend(nested)
-    return frozenset(codes)
 
 
 @_constant_to_compile
