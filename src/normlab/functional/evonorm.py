@@ -382,11 +382,7 @@ def _evonorm_s0_reference(
 ) -> torch.Tensor:
     """EvoNorm-S0 in differentiable torch ops (what the closed form's second derivative
     differentiates): x·sigmoid(v·x) / σ_G · γ + β."""
-    cdtype = compute_dtype(x.dtype)
-    xg = _grouped(x.to(cdtype), groups)
-    vg = _group_view(v, xg)
-    wg = None if weight is None else _group_view(weight, xg)
-    bg = None if bias is None else _group_view(bias, xg)
+    xg, vg, wg, bg = _grouped_call(x, v, weight, bias, groups, compute_dtype(x.dtype))
     var = centered_moments(xg, tuple(range(2, xg.dim()))).var
     y = xg * torch.sigmoid(xg * vg) / (var + eps).sqrt()
     y = y * wg if wg is not None else y
@@ -403,6 +399,22 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
 def _group_view(param: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
     """A (C,) parameter viewed to broadcast against the grouped input, in its dtype."""
     return param.to(grouped.dtype).view((1,) + tuple(grouped.shape[1:3]) + (1,) * (grouped.dim() - 3))
+
+
+def _grouped_call(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    groups: int,
+    cdtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """EvoNorm-S0's input in ``cdtype`` as (N, G, C//G, *spatial) and v, γ, β viewed against it
+    (the reference, the forward and the backward all start here)."""
+    xg = _grouped(x.to(cdtype), groups)
+    wg = None if weight is None else _group_view(weight, xg)
+    bg = None if bias is None else _group_view(bias, xg)
+    return xg, _group_view(v, xg), wg, bg
 
 
 class _EvoNormS0(torch.autograd.Function):
@@ -424,10 +436,7 @@ class _EvoNormS0(torch.autograd.Function):
         groups: int,
         eps: float,
     ) -> torch.Tensor:
-        xg = _grouped(x.to(compute_dtype(x.dtype)), groups)
-        vg = _group_view(v, xg)
-        wg = None if weight is None else _group_view(weight, xg)
-        bg = None if bias is None else _group_view(bias, xg)
+        xg, vg, wg, bg = _grouped_call(x, v, weight, bias, groups, compute_dtype(x.dtype))
         moments = centered_moments(xg, tuple(range(2, xg.dim())))
         rstd = (moments.var + eps).rsqrt_()  # (N, G, 1, ...)
         y = torch.sigmoid(xg * vg).mul_(xg).mul_(rstd)
@@ -446,9 +455,7 @@ class _EvoNormS0(torch.autograd.Function):
             return recomputed_grads(ctx, _evonorm_s0_reference, (x, v, weight, bias, ctx.groups, ctx.eps), dy)
         need = ctx.needs_input_grad
         cdtype = rstd.dtype
-        xg = _grouped(x.to(cdtype), ctx.groups)
-        vg = _group_view(v, xg)
-        wg = None if weight is None else _group_view(weight, xg)
+        xg, vg, wg, _ = _grouped_call(x, v, weight, None, ctx.groups, cdtype)
         dyg = _grouped(dy.to(cdtype), ctx.groups)
         positions = (0,) + tuple(range(3, xg.dim()))  # a channel's: the samples and the spatial dims
         z = xg * vg
