@@ -568,6 +568,29 @@ def test_second_derivatives_through_the_composed_reference():
     torch.testing.assert_close(ggw, ggwr, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("centered", [True, False], ids=["layer", "rms"])
+@pytest.mark.parametrize("add", [False, True], ids=["plain", "add"])
+def test_row_second_derivatives_through_the_composed_reference(centered, add):
+    """The row operator's backward under ``create_graph``: gradients of gradients (for x, the
+    residual, γ and β) as torch's layer_norm/rms_norm give them."""
+    shape, normalized = (4, 3, 6), (3, 6)
+    x = sample(shape).requires_grad_()
+    r = sample(shape).requires_grad_() if add else None
+    w = torch.randn(normalized, device=DEVICE, requires_grad=True)
+    b = torch.randn(normalized, device=DEVICE, requires_grad=True) if centered else None
+    out = tk.row_norm(x, normalized, w, b, 1e-5, centered=centered, residual=r)
+    y, s = out if add else (out, x)
+    s_ref = x + r if add else x
+    y_ref = F.layer_norm(s_ref, normalized, w, b, 1e-5) if centered else F.rms_norm(s_ref, normalized, w, 1e-5)
+    inputs = [t for t in (x, r, w, b) if t is not None]
+    got, want = [], []
+    for out_y, out_s, sink in ((y, s, got), (y_ref, s_ref, want)):
+        first = torch.autograd.grad(out_y.square().sum() + out_s.sin().sum(), inputs, create_graph=True)
+        sink.extend(torch.autograd.grad(sum(g.square().sum() for g in first), inputs))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
 def test_meta_device_shapes_and_backward():
     x = torch.empty(3, 6, 4, 4, device="meta").to(memory_format=torch.channels_last).requires_grad_()
     w = torch.empty(6, device="meta", requires_grad=True)

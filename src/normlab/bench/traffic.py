@@ -423,26 +423,18 @@ def _cases(small: bool = False) -> list[Case]:
     larger = (2, c, 5, 5) if small else (16, c, 28, 28)  # N·H·W = 12544: streamed
     seq = (2, c, 5) if small else (8, c, 100)
     tokens = (2, 3, 16) if small else (4, 64, 768)
-    cases = []
-    for shape in (image, larger):
-        cases.append(
-            _module_case(
-                f"BatchNorm2d + ReLU, training {shape}",
-                shape,
-                lambda: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()),
-                lambda: nl.nn.BatchNormAct2d(c, activation="relu"),
-                _bn_act("relu"),
-            )
-        )
-    cases += [
+    cases = [
         _module_case(
-            f"BatchNorm2d + ReLU, training, channels_last {image}",
-            image,
+            f"BatchNorm2d + ReLU, training{label} {shape}",
+            shape,
             lambda: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()),
             lambda: nl.nn.BatchNormAct2d(c, activation="relu"),
             _bn_act("relu"),
-            layout=cl,
-        ),
+            layout=layout,
+        )
+        for shape, label, layout in ((image, "", None), (larger, "", None), (image, ", channels_last", cl))
+    ]
+    cases += [
         _module_case(
             f"BatchNorm2d + SiLU, eval {image}",
             image,

@@ -4,34 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..bench.models import MODEL_KEYS
 from ..experiments.output import machine_info
-from .common import CommandError, SubcommandParser, atomic_write_json, check_output_file, positive_int
+from .common import CommandError, SubcommandParser, atomic_write_json, out_checked, positive_int, write_out
 
 __all__ = ["add_parser"]
 
 
-def _out_checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Check --out before a benchmark that takes minutes, not after."""
-
-    def checked(args: argparse.Namespace) -> int:
-        if args.out:
-            check_output_file(Path(args.out))
-        return run(args)
-
-    return checked
-
-
 def _write_result(args: argparse.Namespace, benchmark: str, **payload: Any) -> None:
     """--out, where given: the benchmark's name, the machine, then its own fields."""
-    if args.out:
-        atomic_write_json(Path(args.out), {"benchmark": benchmark, "machine": machine_info(), **payload})
-        print(f"wrote {args.out}")
+    write_out(args, {"benchmark": benchmark, "machine": machine_info(), **payload})
 
 
 def _report(args: argparse.Namespace, benchmark: str, header: str, table: str, **payload: Any) -> int:
@@ -353,13 +339,13 @@ def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     layers.add_argument("--verbose", action="store_true", help="print each row as it is measured")
     layers.add_argument("--device", default="cpu", help="cpu (default) or cuda: torch.nn's CUDA kernels on the GPU")
     layers.add_argument("--out", help="write the rows as JSON to this path")
-    layers.set_defaults(func=_out_checked(run_layers))
+    layers.set_defaults(func=out_checked(run_layers))
     masked = kinds.add_parser("masked", help="masked norms (mask=) vs the same layer unmasked, kernels and composed")
     masked.add_argument("--quick", action="store_true", help="one shape per family")
     masked.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     masked.add_argument("--repeats", type=positive_int, help="repetitions per row (default 15, 7 with --quick)")
     masked.add_argument("--out", help="write the rows as JSON to this path")
-    masked.set_defaults(func=_out_checked(run_masked))
+    masked.set_defaults(func=out_checked(run_masked))
     models = kinds.add_parser(
         "models", help="whole models (CNN, ViT-style, MLP) vs the same after from_torch: train step and eval"
     )
@@ -385,39 +371,39 @@ def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
         "--markdown", action="store_true", help="also print one line per model and mode as a Markdown table"
     )
     models.add_argument("--out", help="write the rows as JSON to this path")
-    models.set_defaults(func=_out_checked(run_models))
+    models.set_defaults(func=out_checked(run_models))
     fold = kinds.add_parser("fold", help="ResNet-18-style eval inference, BatchNorm unfolded vs folded")
     fold.add_argument("--quick", action="store_true", help="fewer repetitions, one width")
     fold.add_argument("--threads", type=positive_int, default=2)
     fold.add_argument("--out", help="write the rows as JSON to this path")
-    fold.set_defaults(func=_out_checked(run_fold))
+    fold.set_defaults(func=out_checked(run_fold))
     probe = kinds.add_parser("probe", help="training-step slowdown of a Probe at every step and every 10th")
     probe.add_argument("--quick", action="store_true", help="fewer repetitions")
     probe.add_argument("--out", help="write the rows as JSON to this path")
-    probe.set_defaults(func=_out_checked(run_probe))
+    probe.set_defaults(func=out_checked(run_probe))
     sync = kinds.add_parser("sync", help="SyncBatchNorm vs local BatchNorm in a 2-process gloo DDP step")
     sync.add_argument("--quick", action="store_true", help="fewer repetitions")
     sync.add_argument("--out", help="write the result as JSON to this path")
-    sync.set_defaults(func=_out_checked(run_sync))
+    sync.set_defaults(func=out_checked(run_sync))
     memory = kinds.add_parser("memory", help="peak memory of BatchNorm+LeakyReLU: torch.nn, fused, in-place")
     memory.add_argument("--batch", type=positive_int, default=64)
     memory.add_argument("--threads", type=positive_int, default=2)
     memory.add_argument("--device", default="cpu", help="cpu (default: peak RSS) or cuda (peak allocated bytes)")
     memory.add_argument("--out", help="write the rows as JSON to this path")
-    memory.set_defaults(func=_out_checked(run_memory))
+    memory.set_defaults(func=out_checked(run_memory))
     traffic = kinds.add_parser(
         "traffic", help="bytes and launches per call: Triton kernels vs torch.nn (counted; TRITON_INTERPRET=1)"
     )
     traffic.add_argument("--only", nargs="+", metavar="TEXT", help="only the calls whose name contains TEXT")
     traffic.add_argument("--verbose", action="store_true", help="print each call as it is counted")
     traffic.add_argument("--out", help="write the rows as JSON to this path")
-    traffic.set_defaults(func=_out_checked(run_traffic))
+    traffic.set_defaults(func=out_checked(run_traffic))
     triton = kinds.add_parser("triton", help="the Triton kernels timed against torch.nn (a GPU; or the interpreter)")
     triton.add_argument("--device", default="cuda", help="cuda (default) or cpu (under TRITON_INTERPRET=1)")
     triton.add_argument("--repeats", type=positive_int, default=25)
     triton.add_argument("--small", action="store_true", help="tiny shapes: checks every row runs")
     triton.add_argument("--out", help="write the rows as JSON to this path")
-    triton.set_defaults(func=_out_checked(run_triton))
+    triton.set_defaults(func=out_checked(run_triton))
     gpu = kinds.add_parser(
         "gpu", help="on a GPU, in under 8 minutes: CUDA tests, Triton kernels, layers, models, memory on cuda"
     )

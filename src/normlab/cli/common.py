@@ -24,9 +24,11 @@ __all__ = [
     "check_output_file",
     "json_writer",
     "make_output_dir",
+    "out_checked",
     "parse_shape",
     "positive_int",
     "seed",
+    "write_out",
 ]
 
 # The largest seed every generator a study may use accepts (NumPy's legacy seeding stops
@@ -176,3 +178,24 @@ def json_writer(payload: Mapping[str, Any]) -> Callable[[BinaryIO], None]:
 
 def atomic_write_json(path: Path, payload: Mapping[str, Any]) -> None:
     atomic_write_files({path: json_writer(payload)})
+
+
+# --out: a file checked before the work, written after it.
+
+
+def out_checked(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with its --out checked first: before a run that takes minutes, not after."""
+
+    def checked(args: argparse.Namespace) -> int:
+        if args.out:
+            check_output_file(Path(args.out))
+        return run(args)
+
+    return checked
+
+
+def write_out(args: argparse.Namespace, payload: Mapping[str, Any]) -> None:
+    """--out, where given: ``payload`` as JSON, all or nothing, and a line that says so."""
+    if args.out:
+        atomic_write_json(Path(args.out), payload)
+        print(f"wrote {args.out}")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import SubcommandParser, atomic_write_json, check_output_file, positive_int, seed
+from .common import SubcommandParser, out_checked, positive_int, seed, write_out
 
 __all__ = ["add_parser"]
 
@@ -13,8 +12,6 @@ __all__ = ["add_parser"]
 def run(args: argparse.Namespace) -> int:
     from ..experiments.demo import DemoConfig, demo_config_dict, format_table, run_demo
 
-    if args.out:  # before the minute of training, not after
-        check_output_file(Path(args.out))
     config = DemoConfig(
         epochs=args.epochs, batch_sizes=tuple(args.batch_sizes), norms=tuple(args.norms), seed=args.seed, jobs=args.jobs
     )
@@ -25,9 +22,7 @@ def run(args: argparse.Namespace) -> int:
     )
     rows = run_demo(config)
     print(format_table(rows, config))
-    if args.out:
-        atomic_write_json(Path(args.out), {"config": demo_config_dict(config), "runs": rows})
-        print(f"wrote {args.out}")
+    write_out(args, {"config": demo_config_dict(config), "runs": rows})
     return 0
 
 
@@ -46,4 +41,4 @@ def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--jobs", type=positive_int, default=2, help="parallel processes (default 2)")
     p.add_argument("--out", help="also write the numbers as JSON to this path")
-    p.set_defaults(func=run)
+    p.set_defaults(func=out_checked(run))  # --out checked before the minute of training

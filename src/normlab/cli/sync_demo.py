@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import SubcommandParser, atomic_write_json, check_output_file, positive_int, seed
+from .common import SubcommandParser, out_checked, positive_int, seed, write_out
 
 __all__ = ["add_parser"]
 
@@ -13,8 +12,6 @@ __all__ = ["add_parser"]
 def run(args: argparse.Namespace) -> int:
     from ..experiments.distributed import run_sync_comparison
 
-    if args.out:
-        check_output_file(Path(args.out))
     print(
         "training on MNIST-1D: 1 process at batch 4 and 2; 2 gloo processes x batch 2 with "
         "SyncBatchNorm and with local BatchNorm ...",
@@ -24,9 +21,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'setting':<40}{'global batch':>13}{'test acc':>10}{'time':>8}")
     for r in rows:
         print(f"{r['setting']:<40}{r['global_batch']:>13}{100 * r['test_accuracy']:>9.1f}%{r['seconds']:>7.0f}s")
-    if args.out:
-        atomic_write_json(Path(args.out), {"epochs": args.epochs, "seed": args.seed, "rows": rows})
-        print(f"wrote {args.out}")
+    write_out(args, {"epochs": args.epochs, "seed": args.seed, "rows": rows})
     return 0
 
 
@@ -35,4 +30,4 @@ def add_parser(sub: argparse._SubParsersAction[SubcommandParser]) -> None:
     p.add_argument("--epochs", type=positive_int, default=6)
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", help="write the rows as JSON to this path")
-    p.set_defaults(func=run)
+    p.set_defaults(func=out_checked(run))

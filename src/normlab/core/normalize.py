@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, cast
 import torch
 
 from .moments import centered_moments, compute_dtype, mean_square, reduced_count
-from .reference import reference_normalize
+from .reference import graph_grads, reference_normalize
 
 __all__ = [
     "AcrossProcesses",
@@ -359,11 +359,9 @@ def second_order_grads(
             "second derivatives (create_graph=True) through SyncBatchNorm are not "
             "supported: the statistics span processes"
         )
-    wanted = [t for t, need in zip(operands, needs) if need and t is not None]
     with torch.enable_grad():
         y = reference(*operands, *args, ctx.dims, ctx.eps, **kwargs)
-        found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
-    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
+        return tuple(graph_grads(y, operands, needs, dy))
 
 
 def normalize(

@@ -76,3 +76,14 @@ def reference_normalize(
     if bias is not None:
         y = y + bias.to(xc.dtype)
     return y.to(x.dtype)
+
+
+def graph_grads(
+    y: torch.Tensor, operands: Sequence[torch.Tensor | None], needs: Sequence[bool], dy: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """``d(y·dy)/d operand`` with a graph (``create_graph=True``) for each operand that needs
+    one and is a tensor, None elsewhere: the second-derivative fallbacks' last step, ``y`` a
+    reference computed from the saved operands with grad mode on."""
+    inputs = [t for t, need in zip(operands, needs) if need and t is not None]
+    found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    return [next(found) if need and t is not None else None for t, need in zip(operands, needs)]

@@ -20,6 +20,7 @@ from torch import nn as _torch_nn
 from .base import FreezableNorm, _NormBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .batchrenorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, RenormSchedule
+from .evonorm import EVONORM_LAYERS as _EVONORM_LAYERS
 from .evonorm import (
     EvoNormB0,
     EvoNormB1,
@@ -52,15 +53,7 @@ BEYOND_NORM_LAYERS: tuple[type, ...] = (
     FilterResponseNorm2d,
     FilterResponseNormTlu2d,
     FilterResponseNormAct2d,
-    EvoNormB0,
-    EvoNormB1,
-    EvoNormB2,
-    EvoNormS0,
-    EvoNormS0a,
-    EvoNormS1,
-    EvoNormS1a,
-    EvoNormS2,
-    EvoNormS2a,
+    *_EVONORM_LAYERS,
     DyT,
     Derf,
     ScaleNorm,

@@ -383,3 +383,17 @@ class EvoNormS2a(EvoNormS2):
         **kwargs: Any,
     ) -> None:
         super().__init__(num_features, groups, group_size, apply_act, act_layer, eps, **kwargs)
+
+
+#: every EvoNorm class, batch variants then sample ones (``normlab.nn.BEYOND_NORM_LAYERS`` holds them)
+EVONORM_LAYERS: tuple[type[nn.Module], ...] = (
+    EvoNormB0,
+    EvoNormB1,
+    EvoNormB2,
+    EvoNormS0,
+    EvoNormS0a,
+    EvoNormS1,
+    EvoNormS1a,
+    EvoNormS2,
+    EvoNormS2a,
+)

@@ -22,21 +22,12 @@ import torch
 from ... import composed
 from ...activation import activation_for_code, apply_activation
 from ...calls import ChannelCall
-from ...reference import reference_normalize
+from ...reference import graph_grads, reference_normalize
 
 if TYPE_CHECKING:
     from ...running import RunningStats
 
 __all__ = ["add_row", "channel", "masked_channel", "row"]
-
-
-def _grads(
-    y: torch.Tensor, operands: Sequence[torch.Tensor | None], needs: Sequence[bool], dy: torch.Tensor
-) -> list[torch.Tensor | None]:
-    """``d(y·dy)/d operand`` for each operand that needs one, with a graph; None elsewhere."""
-    inputs = [t for t, need in zip(operands, needs) if need and t is not None]
-    found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return [next(found) if need and t is not None else None for t, need in zip(operands, needs)]
 
 
 def channel(
@@ -79,7 +70,7 @@ def channel(
         name = activation_for_code(act).name
         y = apply_activation(z, name, param, prelu if name == "prelu" else None)
         needs = tuple(needs) + (False,) * 10  # shorter when nested in create_graph
-        return tuple(_grads(y, (x, weight, bias, prelu), [needs[i] for i in (0, 1, 2, 5)], dy))
+        return tuple(graph_grads(y, (x, weight, bias, prelu), [needs[i] for i in (0, 1, 2, 5)], dy))
 
 
 def masked_channel(
@@ -109,7 +100,7 @@ def masked_channel(
     call = ChannelCall(x, weight, bias, groups, eps, not given, running, activation, False, mask)
     with torch.enable_grad():
         y = composed.masked_channel_norm(call, reference=True)
-        return tuple(_grads(y, (x, weight, bias, prelu), needs[:4], dy))
+        return tuple(graph_grads(y, (x, weight, bias, prelu), needs[:4], dy))
 
 
 def _trailing_dims(x: torch.Tensor, k: int) -> tuple[int, ...]:
@@ -148,7 +139,7 @@ def row(
     """(dx, dγ, dβ) of a LayerNorm (``centered``) or RMSNorm over the trailing k elements."""
     with torch.enable_grad():
         y = _reference(x, weight, bias, k, eps, centered)
-        return tuple(_grads(y, (x, weight, bias), needs[:3], dy))
+        return tuple(graph_grads(y, (x, weight, bias), needs[:3], dy))
 
 
 def add_row(
@@ -167,5 +158,5 @@ def add_row(
     the residual: higher derivatives flow through the first-order formula. ``needs`` for (γ, β)."""
     with torch.enable_grad():
         y = _reference(s, weight, bias, k, eps, centered)
-        d_s, dw, db = _grads(y, (s, weight, bias), (True, *needs[:2]), dy)
+        d_s, dw, db = graph_grads(y, (s, weight, bias), (True, *needs[:2]), dy)
     return (d_s if ds is None else cast(torch.Tensor, d_s) + ds), dw, db  # y depends on s: d_s is there

@@ -32,7 +32,8 @@ from ...activation import (
     small_gamma_channels,
 )
 from ...masked import masked_reference
-from ...reference import reference_normalize
+from ...reference import graph_grads, reference_normalize
+from ..cpu import double_backward
 from ._runtime import register_op
 from .activation import PRELU_CODE
 from .channel import RunningUpdate, channel_backward, channel_forward
@@ -271,11 +272,7 @@ def _channel_double_backward(ctx: Any, dy: torch.Tensor, saved: tuple[Any, ...])
             z = reference_normalize(target, w, b, dims, ctx.eps, mean=mean, rstd=rstd)
         name = activation_for_code(ctx.act).name
         y = apply_activation(z.reshape(x.shape), name, ctx.param, prelu if name == "prelu" else None)
-        operands = (x, weight, bias, prelu)
-        needs = ctx.needs_input_grad[:4]
-        inputs = [t for t, need in zip(operands, needs) if need and t is not None]
-        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-    return tuple(next(found) if need and t is not None else None for t, need in zip(operands, needs))
+        return tuple(graph_grads(y, (x, weight, bias, prelu), ctx.needs_input_grad[:4], dy))
 
 
 class RowNorm(torch.autograd.Function):
@@ -315,7 +312,8 @@ class RowNorm(torch.autograd.Function):
             dw = torch.zeros_like(weight) if weight is not None and needs[2] else None
             db = torch.zeros_like(bias) if bias is not None and needs[3] else None
         elif torch.is_grad_enabled():
-            d_sum, dw, db = _row_double_backward(ctx, dy, ds, s, weight, bias)
+            # the CPU kernels' formula: the composed reference on the saved sum, plus ds
+            d_sum, dw, db = double_backward.add_row(dy, ds, s, weight, bias, ctx.k, ctx.eps, ctx.centered, needs[2:4])
         else:
             params = bool(needs[2] or needs[3])
             d_sum, dw, db = torch.ops.normlab.triton_row_norm_backward(
@@ -323,29 +321,6 @@ class RowNorm(torch.autograd.Function):
             )
             dw, db = _param_grad(dw, weight, needs[2]), _param_grad(db, bias, needs[3])
         return (d_sum if needs[0] else None), (d_sum if needs[1] else None), dw, db, None, None, None
-
-
-def _row_double_backward(
-    ctx: Any,
-    dy: torch.Tensor,
-    ds: torch.Tensor | None,
-    s: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    rows = s.numel() // ctx.k
-    flat = s.reshape(rows, ctx.k)  # the row norm over the last dim of a (rows, k) view
-    with torch.enable_grad():
-        w = None if weight is None else weight.reshape(1, ctx.k)
-        b = None if bias is None else bias.reshape(1, ctx.k)
-        y = reference_normalize(flat, w, b, (1,), ctx.eps, centered=ctx.centered).view(s.shape)
-        operands = (s, weight, bias)
-        wanted = (True, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        inputs = [t for t, need in zip(operands, wanted) if need and t is not None]
-        found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-        grads = [next(found) if need and t is not None else None for t, need in zip(operands, wanted)]
-    d_sum = grads[0] if ds is None else cast(torch.Tensor, grads[0]) + ds  # y depends on s: its gradient is there
-    return d_sum, grads[1], grads[2]
 
 
 class ChannelNormInPlace(torch.autograd.Function):
