@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import batch_renorm
+from ..core import RunningStats, batch_renorm
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
 from .base import NormOptions, TensorOrProxy, _NormBase, traced_call
@@ -124,6 +124,13 @@ class _BatchRenorm(_NormBase):
         }
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, **options)
         self.schedule = schedule if schedule is not None else RenormSchedule()
+
+    def _make_running_stats(self) -> RunningStats:
+        """The policy of :class:`_NormBase`, marked as one whose tracking cannot stop (vmap's
+        error then names what BatchRenorm offers)."""
+        stats = super()._make_running_stats()
+        stats.tracking_optional = False
+        return stats
 
     def current_limits(self) -> tuple[float, float]:
         """(r_max, d_max) that the next training step will use."""
