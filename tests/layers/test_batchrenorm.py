@@ -120,3 +120,22 @@ def test_batchnorm_checkpoints_load_both_ways():
 def test_needs_running_statistics():
     with pytest.raises(ValueError, match="needs running_mean and running_var"):
         F.batch_renorm(torch.randn(4, 3), None, None, training=True)
+
+
+def test_vmap_over_a_training_batch_renorm_names_what_it_offers():
+    """BatchRenorm has no track_running_stats, and torch.func.replace_all_batch_norm_modules_
+    removes the estimates it measures every batch against: vmap's error names eval, freeze and
+    per-call estimates instead, and each of those runs."""
+    layer = nl.nn.BatchRenorm2d(3)
+    x = torch.randn(4, 2, 3, 5, 5)
+    with pytest.raises(RuntimeError) as caught:
+        torch.func.vmap(layer)(x)
+    message = str(caught.value)
+    assert "track_running_stats=False" not in message and "Patch the model" not in message
+    assert all(word in message for word in ("model.eval()", "freeze", "stack_module_state"))
+    expected = torch.stack([nl.nn.BatchRenorm2d(3).eval()(v) for v in x])
+    torch.testing.assert_close(torch.func.vmap(layer.eval())(x), expected)
+    torch.testing.assert_close(torch.func.vmap(layer.train().freeze())(x), expected)
+    # BatchNorm's message is unchanged: it can stop tracking
+    with pytest.raises(RuntimeError, match="track_running_stats=False"):
+        torch.func.vmap(nl.nn.BatchNorm2d(3))(x)

@@ -99,3 +99,42 @@ def test_relu_passes_the_gradient_at_a_nan_as_torch_does(backend):
         grads.append(grad)
     assert torch.isfinite(grads[1]).all()
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", ["auto", "composed", "native"])
+@pytest.mark.parametrize("name", ["StdConv2d", "ScaledStdConv2d"])
+def test_standardized_weight_gradient_at_an_infinite_input(name, backend):
+    """An inf input makes one entry c of each filter's upstream gradient g infinite (a 1×1
+    convolution, one inf). The weight gradient is Jᵀg with J the standardization's Jacobian,
+    finite at a finite weight: every entry of the row is J_ci·g_c = ±inf, with the sign of
+    −g_c·(1 + x̂ᵢ·x̂_c) off c. The closed form r·(g − mean(g) − x̂·mean(g·x̂)) subtracts two
+    infinite terms: ±inf where their signs agree (that value, exact), NaN where they do not.
+    The textbook chain (float64 autograd of mean, var, rsqrt) gives NaN everywhere: its
+    variance branch adds Σ(wⱼ − mean)·dσ², 0·inf. torch's own F.layer_norm and timm's
+    F.batch_norm-based StdConv2d give ±inf entries as normlab does. So ±inf is right where it
+    appears: the test asserts no finite entry in an infinite row and every ±inf one exact."""
+    torch.manual_seed(0)
+    layer = getattr(nl.nn, name)(8, 16, 1)
+    x = torch.randn(2, 8, 6, 6)
+    x[0, 1, 0, 0] = float("inf")
+    dy = torch.randn(2, 16, 6, 6)
+    with core.use_backend(backend):
+        layer(x).backward(dy)
+    got = layer.weight.grad.double().reshape(16, 8)
+    # the exact answer: g (the conv's weight gradient, one inf per row) through the Jacobian
+    gain = None if name == "StdConv2d" else (layer.gain * layer.scale).detach().double()
+    w = layer.weight.detach().double()
+    conv_weight = nl.functional.weight_standardization(w, layer.eps, gain=gain).requires_grad_()
+    torch.nn.functional.conv2d(x.double(), conv_weight).backward(dy.double())
+    g = conv_weight.grad.reshape(16, 8)
+    assert bool(g[:, 1].isinf().all()) and bool(g[:, [0, *range(2, 8)]].isfinite().all())
+    jacobian = torch.autograd.functional.jacobian(
+        lambda v: nl.functional.weight_standardization(v, layer.eps, gain=gain), w
+    ).reshape(16, 8, 16, 8)
+    # row o's gradient: J[o, 1, o, i]·g[o, 1] (the infinite term dominates the finite ones)
+    exact = torch.stack([jacobian[o, 1, o] * g[o, 1] for o in range(16)])
+    assert bool(exact.isinf().all())
+    assert not bool(got.isfinite().any())
+    infinite = got.isinf()
+    assert bool(infinite.any())
+    assert torch.equal(got[infinite], exact[infinite])

@@ -4,6 +4,7 @@ instance norm, or a group norm with one value per group, that refuses the model'
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -59,3 +60,41 @@ def test_layers_with_more_than_one_value_per_group_are_converted_as_before():
     assert layer[1].num_groups == 1 and not report.skipped
     _runs(converted, x)
     _runs(layer, x)
+
+
+def test_without_example_input_a_1d_layer_is_not_given_one_value_per_group_or_instance():
+    """A BatchNorm1d may take (N, C) or (N, C, L): without example_input, "group" widens its
+    groups to two channels (right on both), "instance" and one-channel groups are skipped with
+    the reason — before, both were built and refused the (N, C) input at run time."""
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16))
+    x = torch.randn(5, 4)
+    grouped, report = surgery.convert_norms(model, "group")
+    assert [(c.path, c.detail["groups"]) for c in report.changes] == [("1", 8)]
+    assert any("two channels at least" in note for note in report.notes)
+    _runs(grouped, x)
+    grouped[1](torch.randn(5, 16, 3)).sum().backward()  # and (N, C, L)
+    explicit, report = surgery.convert_norms(model, "group", groups=16)
+    assert not report.changes and "may take (N, C)" in report.skipped[0].reason
+    _runs(explicit, x)
+    instance, report = surgery.convert_norms(model, "instance")
+    assert not report.changes and "(N, C) as well as (N, C, L)" in report.skipped[0].reason
+    _runs(instance, x)
+    # an (N, C, L) model converts as before once example_input shows it
+    seq = nn.Sequential(nn.Conv1d(4, 16, 3), nn.BatchNorm1d(16))
+    converted, report = surgery.convert_norms(seq, "instance", example_input=torch.randn(5, 4, 7))
+    assert isinstance(converted[1], nl.nn.InstanceNorm1d) and not report.skipped
+
+
+@pytest.mark.parametrize("to", ["batch", "frozen", "batch_renorm", "layer"])
+def test_a_group_norm_on_an_n_c_input_converts_to_a_1d_layer(to):
+    """A GroupNorm after a Linear sees (N, C), 0 spatial dims: the 1d layers take that input
+    (and GroupNorm(1, C) any rank); before, each was skipped as "0 spatial dims"."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.GroupNorm(2, 8))
+    x = torch.randn(5, 4)
+    converted, report = surgery.convert_norms(model, to, example_input=x)
+    assert [c.path for c in report.changes] == ["1"] and not report.skipped
+    expected = {"batch": nl.nn.BatchNorm1d, "frozen": nl.nn.FrozenBatchNorm1d, "batch_renorm": nl.nn.BatchRenorm1d}
+    assert isinstance(converted[1], expected.get(to, nl.nn.GroupNorm))
+    _runs(converted, x)
+    instance, report = surgery.convert_norms(model, "instance", example_input=x)
+    assert not report.changes and "one position per channel" in report.skipped[0].reason

@@ -487,14 +487,16 @@ def test_a_masked_norm_act_is_not_split_into_a_norm_and_an_activation():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.bn = nl.nn.BatchNormAct1d(3, activation="leaky_relu", activation_param=0.1)
+            # 2d: a 1d layer without example_input is skipped for "instance" before its mask is
+            # looked at (it may take (N, C))
+            self.bn = nl.nn.BatchNormAct2d(3, activation="leaky_relu", activation_param=0.1)
 
         def forward(self, x, mask):
             return self.bn(x, mask=mask)
 
     new, report = surgery.convert_norms(Net(), "instance")
     assert not report.changes and "LeakyReLU takes no mask" in report.skipped[0].reason
-    new(torch.randn(2, 3, 5), torch.rand(2, 5) > 0.3)
+    new(torch.randn(2, 3, 5, 4), torch.rand(2, 5, 4) > 0.3)
 
 
 def test_unfreeze_gives_the_original_class_in_the_dtype_the_model_has_now():

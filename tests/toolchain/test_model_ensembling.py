@@ -9,6 +9,7 @@ data-dependent branch in the running update, and BatchRenorm on an in-place divi
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ LAYERS = {
     "EvoNormB0": lambda: nl.nn.EvoNormB0(4),
     "GroupNormAct": lambda: nl.nn.GroupNormAct(2, 4),
     "FilterResponseNorm2d": lambda: nl.nn.FilterResponseNorm2d(4),
+    "BatchRenorm2d-scheduled": lambda: nl.nn.BatchRenorm2d(
+        4, schedule=nl.nn.batchrenorm.RenormSchedule(warmup_steps=1, ramp_steps=3)
+    ),
 }
 
 
@@ -56,3 +60,22 @@ def test_a_vmapped_ensemble_equals_the_models_one_by_one(name, training, shared)
         torch.testing.assert_close(stacked, torch.stack([m.get_buffer(key) for m in one_by_one]), msg=key)
     if training and "num_batches_tracked" in buffers:
         assert buffers["num_batches_tracked"].tolist() == [2] * MODELS
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-minibatch", "a-minibatch-each"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_a_vmapped_ensemble_has_a_batching_rule_for_every_op(name, training, shared):
+    """vmap warns of "a performance drop" where an op has no batching rule and it loops over
+    the models (clamp_ in the moments EvoNorm and BatchRenorm compute, and in BatchRenorm's
+    schedule): none of normlab's ops may take that fallback."""
+    models = [LAYERS[name]().train(training) for _ in range(MODELS)]
+    params, buffers = stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(6, 4, 3, 3) if shared else torch.randn(MODELS, 6, 4, 3, 3)
+    ensemble = torch.vmap(lambda p, b, x: functional_call(base, (p, b), (x,)), in_dims=(0, 0, None if shared else 0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the second step: past BatchRenorm's warm-up
+            ensemble(params, buffers, x)
+    assert [str(w.message) for w in caught if "batching rule" in str(w.message)] == []

@@ -180,7 +180,7 @@ def centered_moments(x: torch.Tensor, dims: Sequence[int]) -> CenteredMoments:
     centered = xc - shift
     offset = centered.mean(dims, keepdim=True)
     var = (centered * centered).mean(dims, keepdim=True)
-    var = var.sub_(offset * offset).clamp_(min=0)
+    var = var.sub_(offset * offset).clamp_min_(0)  # clamp_min_, not clamp_: torch.func.vmap has a rule for it
     return CenteredMoments(shift, offset, var)
 
 

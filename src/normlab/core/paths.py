@@ -401,15 +401,15 @@ def _torch_lacks(
     return False
 
 
-def _decomposes(x: torch.Tensor, family: str, given: bool, inplace: bool, call: tuple[object, ...]) -> bool:
+def _decomposes(x: torch.Tensor, family: str, given: bool, call: tuple[object, ...]) -> bool:
     """Row 16: a compiled float32 CPU call that runs faster as the decomposition
     (:mod:`normlab.core.decomposed`) than as the kernels' operator, measured on whole models
     (docs/performance.md, "Compiled models"): BatchNorm with batch statistics on a contiguous
-    input (training, with or without a fused activation; not in place, whose point is the
-    memory it saves; channels_last keeps the operator, which measured faster there), and
-    GroupNorm, InstanceNorm, LayerNorm and RMSNorm where no gradient is recorded (eval under
-    ``torch.no_grad``). GroupNorm training stays on the operator, which is faster there."""
-    if inplace or not call:
+    input (training, with or without a fused activation; channels_last keeps the operator,
+    which measured faster there), and GroupNorm, InstanceNorm, LayerNorm and RMSNorm where no
+    gradient is recorded (eval under ``torch.no_grad``). GroupNorm training stays on the
+    operator, which is faster there. A compiled in-place call comes out of place (:func:`computes_in_place`)."""
+    if not call:
         return False
     if family == CHANNEL:  # call[3]: the groups, -1 for BatchNorm
         if given:
@@ -571,7 +571,7 @@ def choose_path(
             decision = Decision(
                 COMPOSED, "pointwise", "compiling with given statistics: pointwise ops the compiler fuses"
             )
-        elif compiling and _decomposes(x, family, given, inplace, call):  # 16
+        elif compiling and _decomposes(x, family, given, call):  # 16
             # the same: an opaque operator would keep the activation, the running update (and,
             # in eval, the ops around a per-sample norm) out of the compiler's fused kernels
             decision = Decision(COMPOSED, "decomposed", "compiling: shifted moments in ops the compiler fuses")

@@ -182,6 +182,24 @@ def _nonfinite(on_nonfinite: str) -> None:
     )
 
 
+_VMAP_TEXT = (
+    "vmap over a normalization layer that tracks running statistics: the input is batched by vmap "
+    "but running_mean and running_var, which the layer updates in place, are not. "
+)
+#: the error for a vmapped input and unbatched estimates, by ``RunningStats.tracking_optional``
+_VMAP_ADVICE = {
+    True: _VMAP_TEXT + "Patch the model with torch.func.replace_all_batch_norm_modules_(model) (it stops the "
+    "tracking), build the layer with track_running_stats=False, or call model.eval() to normalize with "
+    "the running estimates",
+    False: _VMAP_TEXT + "BatchRenorm measures every training batch against them, so it cannot stop tracking "
+    "(it has no track_running_stats, and torch.func.replace_all_batch_norm_modules_ would remove the "
+    "estimates it needs). Call model.eval() or freeze the layer (layer.freeze(), "
+    "normlab.surgery.freeze_norms(model)) to normalize with the running estimates, or give each vmapped "
+    "call its own estimates (torch.func.stack_module_state and functional_call, the buffers vmapped with "
+    "the input)",
+}
+
+
 class RunningStats:
     """The running-statistics policy of one layer (or one functional call): where the running
     estimates live and how a batch updates them.
@@ -216,6 +234,9 @@ class RunningStats:
         self.unbiased = bool(unbiased)
         self.on_nonfinite = on_nonfinite
         self.skips_nonfinite = on_nonfinite == "skip"
+        #: the layer can stop tracking (track_running_stats=False); BatchRenorm's policy sets
+        #: False: it measures every training batch against the estimates
+        self.tracking_optional = True
 
     @classmethod
     def of(
@@ -295,14 +316,7 @@ class RunningStats:
         while _functorch_wrapped(stat):
             running_mean = cast(torch.Tensor, self.running_mean)  # update() is asked only with estimates
             if torch._C._functorch.is_batchedtensor(stat) and not _functorch_wrapped(running_mean):
-                raise RuntimeError(
-                    "vmap over a normalization layer that tracks running statistics: the input is "
-                    "batched by vmap but running_mean and running_var, which the layer updates in "
-                    "place, are not. Patch the model with "
-                    "torch.func.replace_all_batch_norm_modules_(model) (it stops the tracking), "
-                    "build the layer with track_running_stats=False, or call model.eval() to "
-                    "normalize with the running estimates"
-                )
+                raise RuntimeError(_VMAP_ADVICE[self.tracking_optional])
             if torch._C._functorch.is_batchedtensor(stat):
                 return stat  # batched buffers too (e.g. torch.func.stack_module_state): vmap updates them
             stat = torch._C._functorch.get_unwrapped(stat)

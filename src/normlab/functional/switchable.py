@@ -19,6 +19,7 @@ a forced "native"), where the same formula runs as differentiable torch ops.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, cast
 
@@ -230,15 +231,45 @@ def _switchable_reference(
     layer_shift: torch.Tensor,
     eps: float,
     batch_statistics: bool,
+    rescaled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The formula in differentiable torch ops: (y, the batch's BN mean relative to the shift,
-    its variance) — the batch statistics empty when they are not used."""
+    its variance) — the batch statistics empty when they are not used.
+
+    ``rescaled`` (the create_graph backward's): d = x − c times a power of two s ≈ 1/max|d|
+    (at most 1, and not so small that ε·s² leaves float32's normal range), and r taken as
+    √((σ'² + ε·s²)·u²)⁻¹·u with u a power of two ≈ 1/√(σ'² + ε·s²) per (sample, channel), both
+    constants to autograd: y the same value (every scaling exact), and the derivatives autograd
+    forms — (σ² + ε)^(-3/2) for the first, ^(-5/2) for the second — near 1, not r³ and r⁵,
+    which underflow float32 above σ ≈ 1e12.6 and 1e7.6. The batch moments are then in units of s."""
     cdtype = shift.dtype
     d = x.to(cdtype) - shift
+    eps_scaled: float | torch.Tensor = eps
+    if rescaled:
+        with torch.no_grad():
+            largest = torch.frexp(d.abs().amax())[1]
+            floor = _smallest_scale(eps, cdtype)
+            s = torch.ldexp(torch.ones((), dtype=cdtype), largest.neg()).clamp_(floor, 1.0)
+        d = d * s
+        layer_shift = layer_shift * s
+        if given_mean is not None and given_var is not None:
+            given_mean = given_mean * s
+            given_var = given_var * s * s
+        eps_scaled = eps * s * s
     means, variances = _groupings(d, layer_shift, batch_statistics, given_mean, given_var, fast=False)
     mean = _weighted(torch.softmax(mean_weight.to(cdtype), 0), means)  # Σ wₖ·mₖ, (N, C, 1, ...)
     var = _weighted(torch.softmax(var_weight.to(cdtype), 0), variances)
-    y = (d - mean) * torch.rsqrt(var + eps)
+    if rescaled:
+        with torch.no_grad():
+            # (σ² + ε)·u² in [½, 2); u = 1 where σ² + ε is 0 or not finite (frexp's exponent 0)
+            u = torch.ldexp(
+                torch.ones_like(var), torch.frexp(var + eps_scaled)[1].div_(2, rounding_mode="floor").neg_()
+            )
+        # u applied twice, not u²: u² may leave float32's range where u does not
+        rstd = torch.rsqrt((var + eps_scaled) * u * u) * u
+    else:
+        rstd = torch.rsqrt(var + eps)
+    y = (d - mean) * rstd
     channel_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     if weight is not None:
         y = y * weight.to(cdtype).view(channel_shape)
@@ -309,7 +340,8 @@ class _Switchable(torch.autograd.Function):
         saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the formula itself
             inputs = (*saved[:9], ctx.eps, ctx.batch_statistics)
-            return recomputed_grads(ctx, _switchable_reference, inputs, dy)
+            reference = functools.partial(_switchable_reference, rescaled=True)
+            return recomputed_grads(ctx, reference, inputs, dy)
         x, weight, _, mean_weight, var_weight, _, _, shift, _, mean, var, rstd, means, variances, mix_mean, mix_var = (
             saved
         )
@@ -344,6 +376,13 @@ class _Switchable(torch.autograd.Function):
             a -= _weighted(var_coefficients, pooled_var.mul_(means[:kinds]))
             d_x = d.mul_(b).add_(a).addcmul_(g, rstd).to(x.dtype)
         return d_x, d_weight, d_bias, d_mean_weight, d_var_weight, None, None, None, None, None, None
+
+
+def _smallest_scale(eps: float, dtype: torch.dtype) -> float:
+    """The smallest power of two s for which ε·s² is still a normal number of ``dtype``."""
+    if eps <= 0:
+        return 0.0
+    return 2.0 ** math.ceil(0.5 * math.log2(torch.finfo(dtype).tiny / eps))
 
 
 def _pooled(per_plane: torch.Tensor, kinds: int) -> list[torch.Tensor]:

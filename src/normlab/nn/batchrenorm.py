@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.fx import Proxy
 
-from ..core import batch_renorm
+from ..core import RunningStats, batch_renorm
 from ..core.checks import InputError
 from ..core.types import DeviceLike, DTypeLike
 from .base import NormOptions, TensorOrProxy, _NormBase, traced_call
@@ -67,8 +67,9 @@ class RenormSchedule:
         if self.ramp_steps == 0:
             progress = (step >= self.warmup_steps).to(torch.float64)
         else:
-            # a fresh float64 copy of the step, so in place from there: each op counts in a small step
-            progress = step.to(torch.float64, copy=True).sub_(self.warmup_steps).div_(self.ramp_steps).clamp_(0.0, 1.0)
+            # a fresh float64 copy of the step, so in place from there: each op counts in a small step;
+            # clamp, not clamp_: torch.func.vmap has no rule for clamp_ (the same instructions, callgrind)
+            progress = step.to(torch.float64, copy=True).sub_(self.warmup_steps).div_(self.ramp_steps).clamp(0.0, 1.0)
         return (progress * (self.r_max - 1.0)).add_(1.0), progress * self.d_max
 
 
@@ -123,6 +124,13 @@ class _BatchRenorm(_NormBase):
         }
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, **options)
         self.schedule = schedule if schedule is not None else RenormSchedule()
+
+    def _make_running_stats(self) -> RunningStats:
+        """The policy of :class:`_NormBase`, marked as one whose tracking cannot stop (vmap's
+        error then names what BatchRenorm offers)."""
+        stats = super()._make_running_stats()
+        stats.tracking_optional = False
+        return stats
 
     def current_limits(self) -> tuple[float, float]:
         """(r_max, d_max) that the next training step will use."""

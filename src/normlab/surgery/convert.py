@@ -311,6 +311,7 @@ def convert_norms(
     seen = _inputs_seen(new, example_input) if example_input is not None else {}
     masked = extra_arguments(new, lambda m: describe_norm(m) is not None, example_input)
     unchecked = []  # layers that take a mask, converted into ones that do not, without a way to check
+    widened: list[str] = []  # 1d layers given wider groups: their input, unseen, may be (N, C)
     for path, module in normalization_layers(new):
         info = describe_norm(module)
         if info is None:
@@ -327,13 +328,26 @@ def convert_norms(
                 f"example_input so a {to} layer of the right rank can be built",
             )
             continue
-        if rank is not None and not 1 <= rank <= 3:
+        if rank == 0:
+            rank = 1  # an (N, C) input: the 1d layers take it (an instance norm is refused below)
+        if to not in ("group", "layer") and rank is not None and not 1 <= rank <= 3:
+            # a GroupNorm takes any rank; the other kinds have 1d, 2d and 3d layers
             report.skip(path, f"{rank} spatial dims: no {to} layer for that rank")
             continue
         # positions per channel on example_input: 1 for an (N, C) input (BatchNorm1d after a
         # Linear) or a 1×1 map, where an instance, or a group of one channel, holds one value
         # (variance 0): such a layer would refuse the input, or output its bias whatever came in
         positions = seen[path].shape[2:].numel() if path in seen and seen[path].dim() >= 2 else None
+        # a 1d layer whose input was not seen may take (N, C) as well as (N, C, L)
+        maybe_one = positions is None and info.spatial_rank == 1
+        if to == "instance" and maybe_one:
+            report.skip(
+                path,
+                f"{class_label(module)} takes (N, C) as well as (N, C, L), and no example_input showed "
+                "which one it sees: on (N, C) instance statistics would be over a single value "
+                "(pass example_input to convert the layers that see (N, C, L))",
+            )
+            continue
         if to == "instance" and positions == 1:
             report.skip(
                 path,
@@ -345,17 +359,25 @@ def convert_norms(
         if to == "group":
             if isinstance(groups, str):  # "auto": any other str was refused above
                 # with one position per channel a group needs two channels at least
-                n_groups = auto_groups(info.channels, max_groups if positions != 1 else max(1, info.channels // 2))
+                one = positions == 1 or maybe_one  # groups of two channels at least
+                n_groups = auto_groups(info.channels, max(1, info.channels // 2) if one else max_groups)
+                if maybe_one and n_groups != auto_groups(info.channels, max_groups):
+                    widened.append(path)
             elif info.channels % groups:
                 report.skip(path, f"groups={groups} does not divide its {info.channels} channels")
                 continue
             else:
                 n_groups = groups
-        if to in ("group", "layer") and positions == 1 and info.channels // (n_groups or 1) == 1:
+        if to in ("group", "layer") and (positions == 1 or maybe_one) and info.channels // (n_groups or 1) == 1:
+            seen_as = (
+                "its input on example_input has one position per channel"
+                if positions == 1
+                else f"{class_label(module)} may take (N, C) (no example_input showed it does not)"
+            )
             report.skip(
                 path,
-                f"its input on example_input has one position per channel, so each of "
-                f"{n_groups or 1} groups of {info.channels} channels would hold a single value: use fewer groups",
+                f"{seen_as}, so each of {n_groups or 1} groups of {info.channels} channels would hold a "
+                "single value: use fewer groups",
             )
             continue
         activation = _activation_of(module)
@@ -398,6 +420,11 @@ def convert_norms(
     note = unrecognized_norm_note(model)
     if note:
         report.notes.append(note)
+    if widened:
+        report.notes.append(
+            f"{', '.join(widened)}: groups of two channels at least, as no example_input showed whether "
+            "these 1d layers see (N, C), where a group of one channel would hold a single value"
+        )
     if unchecked:
         report.notes.append(
             f"torch.fx cannot trace this model, so whether {', '.join(unchecked)} are called with mask= "
