@@ -374,3 +374,28 @@ def test_compiled_autograd_second_derivatives_equal_the_eager_ones(make):
         torch._dynamo.reset()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_channels_of_the_in_place_mode_match_the_torch_ops_test():
+    """The kernels' kept_channels (one call, for every activation but ELU) keeps exactly the
+    channels unrecoverable_channels's torch ops keep: γ near the guard, |β| large against
+    |γ|, NaN and inf, absent parameters, other dtypes."""
+    from normlab.core.activation import GAMMA_GUARD, RECOVERY_TOLERANCE, unrecoverable_channels
+
+    kernels = core.kernels.cpu.build.module
+    g = torch.Generator().manual_seed(0)
+    C = 64
+    x = torch.randn(2, C, 3, 3, generator=g)
+    four_eps = 4 * torch.finfo(torch.float32).eps
+    for trial in range(50):
+        w = torch.randn(C, generator=g) * torch.logspace(-8, 1, C)[torch.randperm(C, generator=g)]
+        b = torch.randn(C, generator=g) * torch.logspace(-3, 3, C)[torch.randperm(C, generator=g)]
+        w[0], w[1], b[2] = GAMMA_GUARD, -GAMMA_GUARD * (1 - 1e-7), 1.0
+        if trial % 5 == 0:
+            w[3], b[4], w[5] = float("nan"), float("inf"), 0.0
+        for weight, bias in ((w, b), (None, b), (w, None), (None, None), (w.double(), b.half())):
+            want = unrecoverable_channels(x, weight, bias, -1, "leaky_relu", 0.01)
+            got = kernels.kept_channels(weight, bias, C, four_eps, RECOVERY_TOLERANCE[torch.float32], GAMMA_GUARD)
+            assert (want is None) == (got is None)
+            if want is not None:
+                assert torch.equal(want, got)

@@ -120,6 +120,19 @@ class KernelsModule(Protocol):
 
     def update_running(self, policy: RunningStats, mean: torch.Tensor, var: torch.Tensor, count: int, /) -> bool: ...
 
+    def kept_channels(
+        self,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        channels: int,
+        four_eps: float,
+        tolerance: float,
+        guard: float,
+        /,
+    ) -> torch.Tensor | None:
+        """The in-place mode's kept channels where its activation's inverse loses nothing
+        (``unrecoverable_channels`` but ELU's test); None where there are none."""
+
     def masked_channel_norm(
         self,
         input: torch.Tensor,

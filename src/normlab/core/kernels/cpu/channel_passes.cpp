@@ -57,9 +57,11 @@ at::Tensor plane_apply(const at::Tensor& x, const Coefficients& pass, const at::
   dispatch_act(pass.act, [&](auto tag) {
     constexpr int A = decltype(tag)::value;
     at::parallel_for(0, P, grain_for(S), [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const float k = kp[p], m = ap[p], c = bp[p];
-        const float q = (A == PRELU) ? sp[p] : static_cast<float>(pass.param);
+      // plane p's coefficients: at i = p, or i = p % channels (kept without a division per plane)
+      for (int64_t p = begin, i = pass.channels > 0 ? begin % pass.channels : begin; p < end; ++p, ++i) {
+        if (pass.channels > 0 && i == pass.channels) i = 0;
+        const float k = kp[i], m = ap[i], c = bp[i];
+        const float q = (A == PRELU) ? sp[i] : static_cast<float>(pass.param);
         const float* row = xp + p * S;
         emit(yp + p * S, S, stream, [&](int64_t s) __attribute__((always_inline)) { return act_forward<A>((row[s] - k) * m + c, q); });
       }

@@ -12,7 +12,8 @@ namespace normlab {
 
 // The per-unit coefficients of an apply or backward pass, y = act((x − shift)·scale + bias):
 // one float per plane (planes) or per (unit, channel) (columns); PReLU's slope per plane or per
-// channel (null for the other activations).
+// channel (null for the other activations). plane_apply reads plane p's at p % channels where
+// channels > 0 (given statistics: one set per channel, not a copy per sample).
 struct Coefficients {
   const float* shift;
   const float* scale;
@@ -20,6 +21,7 @@ struct Coefficients {
   const float* slope;
   int64_t act;
   double param;
+  int64_t channels = 0;
 };
 
 std::vector<at::Tensor> plane_moments(const at::Tensor& x, const at::Tensor& shift);

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from ...activation import (
+    ACTIVATIONS,
+    GAMMA_GUARD,
+    RECOVERY_TOLERANCE,
     SECOND_DERIVATIVES,
     activation_for_code,
     rewrite_kept_channels,
@@ -29,6 +32,11 @@ if TYPE_CHECKING:
     from .build import KernelsModule
 
 __all__ = ["channel_norm_inplace"]
+
+_ELU = ACTIVATIONS["elu"].code
+# unrecoverable_channels's float32 constants, for the kernels' kept_channels
+_FOUR_EPS = 4 * torch.finfo(torch.float32).eps
+_TOLERANCE = RECOVERY_TOLERANCE[torch.float32]
 
 
 class _ChannelNormInPlace(torch.autograd.Function):
@@ -48,9 +56,13 @@ class _ChannelNormInPlace(torch.autograd.Function):
         param: float,
         stats_out: list[torch.Tensor],
     ) -> torch.Tensor:
-        small = unrecoverable_channels(x, weight, bias, groups, activation_for_code(act).name, param)
+        kernels = cast("KernelsModule", build.module)
+        if act == _ELU or x.dtype != torch.float32:  # ELU's test reads the data
+            small = unrecoverable_channels(x, weight, bias, groups, activation_for_code(act).name, param)
+        else:  # the same test on γ and β alone, in one call
+            small = kernels.kept_channels(weight, bias, x.shape[1], _FOUR_EPS, _TOLERANCE, GAMMA_GUARD)
         x_small = x.index_select(1, small) if small is not None else None  # before it is overwritten
-        _, shift, offset, rstd, mean, var = cast("KernelsModule", build.module).channel_forward(  # the kernels' path
+        _, shift, offset, rstd, mean, var = kernels.channel_forward(  # the kernels' path
             x, weight, bias, None, None, None, groups, eps, act, param, True
         )
         ctx.mark_dirty(x)
