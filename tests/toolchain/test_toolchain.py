@@ -448,6 +448,35 @@ def test_compiled_per_sample_norms_compile_as_often_as_torch_nn(make):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lib: lib.GroupNorm(2, 8),
+        lambda lib: lib.LayerNorm([8, 6, 6]),
+        lambda lib: lib.RMSNorm([8, 6, 6]),
+    ],
+    ids=["GroupNorm", "LayerNorm", "RMSNorm"],
+)
+def test_an_eager_call_between_compiled_calls_compiles_nothing_more_than_torch_nn(make):
+    # the eps check's flag was set by the first eager call: a graph compiled before it guarded
+    # on the flag unset, and compiled a second graph after it (a compiled training step with
+    # an eager evaluation of the same model between steps)
+    x = torch.randn(4, 3, 6, 6)
+    counts = {}
+    for name, lib in (("torch", nn), ("normlab", nl.nn)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), make(lib), nn.ReLU())
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(model, fullgraph=True)
+        compiled(x)
+        model(x)
+        compiled(x)
+        counts[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert counts["normlab"] == counts["torch"] == 1, counts
+
+
+@pytest.mark.slow
 def test_compiled_per_sample_norm_still_checks_eps():
     layer = nl.nn.LayerNorm(5)
     layer.eps = -1.0

@@ -219,6 +219,10 @@ class PerSampleNorm(CheckedSettings, FreezableNorm):
         if bias is not None:
             self.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None)
         self.reset_parameters()
+        # checked now (the constructor assigned eps last): a layer compiled before its first
+        # eager call then guards on a flag that is already set, which that call cannot flip
+        # (a compiled LayerNorm/GroupNorm otherwise compiled a second graph after one eager call)
+        self._check_settings()
 
     def reset_parameters(self) -> None:
         """γ = 1 and β = 0."""
