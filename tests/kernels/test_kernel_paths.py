@@ -182,8 +182,10 @@ def test_layer_and_rms_norm_paths_and_dispatch_log():
         (lambda: nl.nn.BatchNorm2d(4).eval(), (6, 4, 3, 3)),
         (lambda: nl.nn.LayerNorm(5), (6, 4, 5)),
         (lambda: nl.nn.RMSNorm(5), (6, 4, 5)),
+        (lambda: nl.nn.LayerNorm(1), (6, 4, 1)),  # one normalized element: the last dim still
+        (lambda: nl.nn.RMSNorm(1), (6, 1)),  # is the reference's (an IndexError before)
     ],
-    ids=["bn-elu", "gn-silu", "bn-eval", "ln", "rms"],
+    ids=["bn-elu", "gn-silu", "bn-eval", "ln", "rms", "ln-k1", "rms-k1"],
 )
 def test_second_derivatives_through_the_kernels(make, shape):
     """create_graph=True falls back to the composed reference: same second derivatives."""

@@ -108,7 +108,7 @@ def _trailing_dims(x: torch.Tensor, k: int) -> tuple[int, ...]:
     size = 1
     dims: list[int] = []
     for d in range(x.dim() - 1, -1, -1):
-        if size == k:
+        if size == k and dims:  # k = 1 still takes the last dim
             break
         dims.insert(0, d)
         size *= x.shape[d]
