@@ -550,6 +550,16 @@ def test_row_backward_many_rows_per_program(monkeypatch):
         close(g, e.cpu(), 2e-6, "grad")
 
 
+def test_row_backward_of_no_rows():
+    # an empty batch launches no program: the backward's partial-sum split divided by zero rows per program
+    x = sample((0, 5)).requires_grad_()
+    w = torch.randn(5, device=DEVICE, requires_grad=True)
+    b = torch.randn(5, device=DEVICE, requires_grad=True)
+    y = tk.row_norm(x, (5,), w, b, 1e-5, centered=True)
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == (0, 5) and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+
+
 # --- second derivatives, compile, meta, launches ------------------------------------------------------
 
 

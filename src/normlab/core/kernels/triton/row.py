@@ -216,6 +216,9 @@ def row_backward(
     dy = dy.contiguous()
     ds = ds.contiguous() if ds is not None else None
     dx = torch.empty_like(s)
+    if rows == 0:  # no program to launch: the sums over no rows are 0
+        zeros = torch.zeros(k if params else 0, dtype=torch.float32, device=s.device)
+        return dx, zeros, zeros.clone()
     programs = max(1, min(-(-rows // MIN_ROWS_PER_PROGRAM), BACKWARD_PROGRAMS))
     per_program = -(-rows // programs)
     programs = -(-rows // per_program)
