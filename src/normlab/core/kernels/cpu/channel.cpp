@@ -17,6 +17,7 @@
 
 #include "activation.h"
 #include "channel_passes.h"
+#include "group_columns.h"
 #include "kernels.h"
 #include "loops.h"
 
@@ -350,6 +351,13 @@ std::vector<at::Tensor> channel_forward(const at::Tensor& xv, bool planes, int64
     });
     return {double_tensor(shift, xv), double_tensor(offset, xv), double_tensor(rstd, xv), double_tensor(mean, xv),
             double_tensor(var, xv)};
+  } else if (!planes && G >= 0 && fuse_columns(N, xv.size(1), C)) {
+    mean.resize(NG);
+    var.resize(NG);
+    at::Tensor y = out.defined() && out.numel() ? out : at::empty_like(xv);
+    fused_column_forward(xv, y, G, gamma, beta, eps, act, param, opt_ptr(slope), shift, offset, rstd, mean, var);
+    return {double_tensor(shift, xv), double_tensor(offset, xv), double_tensor(rstd, xv), double_tensor(mean, xv),
+            double_tensor(var, xv)};
   } else {
     // Each group's shift is sampled from its first channel (NCHW GroupNorm: from the whole
     // group, which is one contiguous block).
@@ -429,6 +437,21 @@ std::vector<at::Tensor> channel_backward(const at::Tensor& dyv, const at::Tensor
       dgamma[c] += al * Bp[p] + de * Ap[p];
       dslope[c] += Dp[p];
     }
+    return {dx, double_tensor(dgamma, srcv), double_tensor(dbeta, srcv), double_tensor(dslope, srcv)};
+  }
+  if (!planes && !given && G >= 0 && fuse_columns(N, srcv.size(1), C)) {
+    // Fused per sample (group_columns.cpp): Au, Bu, Du come back as Σdz, Σdz·x̂ and PReLU's sum.
+    std::vector<double> Au(UC, 0.0), Bu(UC, 0.0), Du(UC, 0.0);
+    auto dx = at::empty_like(srcv);
+    fused_column_backward(dyv, srcv, dx, G, from_output, gamma, beta, shift, offset, rstd, act, param,
+                          opt_ptr(slope), Au, Bu, Du);
+    std::vector<double> dgamma(C, 0.0), dbeta(C, 0.0), dslope(C, 0.0);
+    for (int64_t u = 0; u < U; ++u)
+      for (int64_t c = 0; c < C; ++c) {
+        dbeta[c] += Au[u * C + c];
+        dgamma[c] += Bu[u * C + c];
+        dslope[c] += Du[u * C + c];
+      }
     return {dx, double_tensor(dgamma, srcv), double_tensor(dbeta, srcv), double_tensor(dslope, srcv)};
   }
   std::vector<double> alpha(UC), delta(UC);
