@@ -109,6 +109,32 @@ def test_group_norm(shape, layout, large_mean):
 
 
 @pytest.mark.parametrize("large_mean", [True, False])
+@pytest.mark.parametrize("activation", ["identity", "silu", "prelu"])
+@pytest.mark.parametrize(("shape", "threads"), [((3, 64, 8, 8), 2), ((1, 64, 8, 8), 2), ((2, 32, 3, 3), 1)])
+def test_group_norm_act_channels_last_both_routes(shape, threads, activation, large_mean):
+    """channels_last GroupNorm takes the fused per-sample route where there is a sample for
+    every thread, the two-pass route where not (N=1 on two threads): both as accurate."""
+    x, dy = _data(shape, large_mean)
+    c = shape[1]
+    if activation == "identity":
+        pair = _pair(_randomized(nl.nn.GroupNorm(8, c)), nn.GroupNorm(8, c))
+    else:
+        ours = _randomized(nl.nn.GroupNormAct(8, c, activation=activation))
+        act = nn.SiLU() if activation == "silu" else nn.PReLU(c)
+        theirs = nn.Sequential(nn.GroupNorm(8, c), act)
+        theirs[0].load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("act.")})
+        if activation == "prelu":
+            act.load_state_dict(ours.act.state_dict())
+        pair = (ours, theirs)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(*pair, x, dy, "channels_last")
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("large_mean", [True, False])
 @pytest.mark.parametrize("layout", DENSE_LAYOUTS)
 @pytest.mark.parametrize("shape", [(8, 32, 14, 14), (3, 16, 5, 5)])
 def test_batch_norm_training(shape, layout, large_mean):

@@ -20,7 +20,8 @@ import pytest
 from normlab.core.kernels.cpu import build
 
 # Kernels whose loops call fast_exp: the fused per-group route (forward; backward from the
-# input) and the two-pass route's apply passes, each for SiLU (4) and ELU (3).
+# input), the two-pass route's apply passes and channels_last GroupNorm's fused per-sample
+# route, each for SiLU (4) and ELU (3).
 LOOPS = {
     "fused per-group forward, SiLU": ("fused_plane_forward<4>",),
     "fused per-group forward, ELU": ("fused_plane_forward<3>",),
@@ -28,6 +29,8 @@ LOOPS = {
     "planes apply, SiLU": ("plane_apply", "integral_constant<int, 4>"),
     "columns apply, SiLU": ("column_apply", "integral_constant<int, 4>"),
     "columns backward, SiLU": ("column_backward_apply", "integral_constant<int, 4>"),
+    "fused per-sample columns forward, SiLU": ("fused_column_forward", "integral_constant<int, 4>"),
+    "fused per-sample columns backward, SiLU": ("fused_column_backward", "integral_constant<int, 4>"),
 }
 
 

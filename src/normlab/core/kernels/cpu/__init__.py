@@ -3,7 +3,8 @@
 C++ sources by concern: ``activation.h`` (the fused activations, element by element),
 ``loops.h`` (what every loop shares: blocks, shifts, streaming stores), ``channel_passes.cpp``
 and ``channel.cpp`` (BatchNorm/GroupNorm/InstanceNorm: the two-pass and the fused per-group
-routes, and the whole operations), ``masked_passes.h`` and ``masked.cpp`` (the same norms over
+routes, and the whole operations), ``group_columns.cpp`` (channels_last GroupNorm fused a
+sample at a time), ``masked_passes.h`` and ``masked.cpp`` (the same norms over
 a mask's valid positions: the shared pieces and the per-pass route; the fused route and the
 entries), ``row.cpp`` (LayerNorm/RMSNorm and the residual add),
 ``running.cpp`` (the running-estimate update inside a call), ``plan.h`` (how tensors map

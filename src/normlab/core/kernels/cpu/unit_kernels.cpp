@@ -7,6 +7,7 @@
 
 #include "channel_passes.cpp"
 #include "channel.cpp"
+#include "group_columns.cpp"
 #include "masked.cpp"
 #include "row.cpp"
 #include "running.cpp"
