@@ -139,3 +139,50 @@ def test_vmap_over_a_training_batch_renorm_names_what_it_offers():
     # BatchNorm's message is unchanged: it can stop tracking
     with pytest.raises(RuntimeError, match="track_running_stats=False"):
         torch.func.vmap(nl.nn.BatchNorm2d(3))(x)
+
+
+def _autograd_nodes(y: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [y.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_training_step_builds_no_view_nodes(backend):
+    """The effective affine (γr, γd + β) is computed on (C,) tensors: at batch 2 a training
+    step of a small network pays per autograd node, and views of γ and β added four."""
+    if backend == "composed":
+        pytest.skip("the composed path views γ' and β' itself")
+    layer = nl.nn.BatchRenorm1d(8, schedule=nl.nn.RenormSchedule(3.0, 5.0, warmup_steps=1, ramp_steps=4))
+    nodes = _autograd_nodes(layer(torch.randn(2, 8, 5, requires_grad=True)))
+    assert not [n for n in nodes if n.startswith(("View", "Unsafe", "Reshape", "Squeeze", "Unsqueeze"))], nodes
+    assert nodes.count("AccumulateGrad") == 3  # x, γ, β
+
+
+def test_effective_affine_is_the_broadcast_formula():
+    """γ' = γ·r and β' = γ·d + β per channel: the (1, C, 1) formula, through the schedule's ramp."""
+    torch.manual_seed(3)
+    layer = nl.nn.BatchRenorm1d(6, schedule=nl.nn.RenormSchedule(2.0, 1.0, warmup_steps=1, ramp_steps=3))
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    for step in range(5):
+        x = torch.randn(2, 6, 7) * (1 + step) + step
+        rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+        r_max, d_max = (t.to(torch.float32) for t in layer.schedule.limits(layer.num_batches_tracked))
+        y = layer(x)
+        sigma = (rv.view(1, -1, 1) + layer.eps).sqrt()
+        shift = x.mean((0, 2), keepdim=True)
+        c = x - shift
+        var = ((c * c).mean((0, 2), keepdim=True) - c.mean((0, 2), keepdim=True) ** 2).clamp(min=0)
+        r = ((var + layer.eps).sqrt() / sigma).clamp(r_max.reciprocal(), r_max)
+        d = ((shift - rm.view(1, -1, 1)) / sigma).clamp(-d_max, d_max)
+        w, b = layer.weight.detach().view(1, -1, 1), layer.bias.detach().view(1, -1, 1)
+        w_eff, b_eff = (w * r).flatten(), (w * d + b).flatten()
+        expected = torch.nn.functional.batch_norm(x, None, None, w_eff, b_eff, True, 0.0, layer.eps)
+        torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)

@@ -20,6 +20,22 @@ def test_beyond_batch_sizes_are_among_the_batch_sizes():
         batch_size.Config(batch_sizes=(32, 8), beyond_batch_sizes=(32, 4))
 
 
+def test_renorm_batch_sizes_keep_the_smallest_batch(monkeypatch):
+    """BatchRenorm may skip the batch sizes its comparison does not read, never the smallest."""
+    config = batch_size.Config(batch_sizes=(32, 16, 2), renorm_batch_sizes=(2,))
+    assert config.sizes_for("batch_renorm") == (2,)
+    assert config.sizes_for("batch") == (32, 16, 2)
+    captured: list[dict] = []
+    monkeypatch.setattr(batch_size, "parallel_map", lambda fn, tasks, desc="": captured.extend(tasks) or [])
+    batch_size.measure(config, None)
+    tasks = [t for t in captured if t["norm"] == "batch_renorm"]
+    assert {t["batch_size"] for t in tasks} == {2}
+    with pytest.raises(ValueError, match="renorm_batch_sizes must be among batch_sizes"):
+        batch_size.Config(batch_sizes=(32, 2), renorm_batch_sizes=(4, 2))
+    with pytest.raises(ValueError, match="must include the smallest batch 2"):
+        batch_size.Config(batch_sizes=(32, 2), renorm_batch_sizes=(32,))
+
+
 def _verdicts(errors: dict[str, tuple[float, float]], beyond_batch_sizes=None) -> dict[str, str]:
     """``errors``: norm → (test error % at batch 32, at batch 2), one seed, sd 0."""
     config = batch_size.Config(

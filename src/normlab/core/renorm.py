@@ -90,24 +90,28 @@ def batch_renorm(
         if isinstance(r_max, torch.Tensor) or isinstance(d_max, torch.Tensor):
             r_top = torch.as_tensor(r_max, dtype=cdtype, device=x.device)
             d_top = torch.as_tensor(d_max, dtype=cdtype, device=x.device)
-            # with tensor bounds clamp is min(max(v, lo), hi) too: one op instead of two
-            r = r.clamp(1.0 / r_top, r_top)
+            # with tensor bounds clamp is min(max(v, lo), hi) too: one op instead of two;
+            # reciprocal() is what 1.0 / r_top computes (times 1.0), one op fewer
+            r = r.clamp(r_top.reciprocal(), r_top)
             d = d.clamp(-d_top, d_top)
         else:  # clamp, not clamp_: (C,) values, and torch.func's vmap has a rule only for clamp
             r = r.clamp(1.0 / r_max, r_max)
             d = d.clamp(-d_max, d_max)
+        # (C,) from here: the effective affine below is then computed without views, whose
+        # autograd nodes (four per call) cost a small network's training step more than the
+        # arithmetic does
+        r, d = r.flatten(), d.flatten()
     # y = γr·x̂ + (γd + β): BatchNorm with an effective affine; r, d carry no gradient.
-    w, b = channel_view(weight, ndim), channel_view(bias, ndim)
-    w_eff = r if w is None else w * r
-    b_eff = d if w is None else w * d
-    if b is not None:
-        b_eff = b_eff + b
+    w_eff = r if weight is None else weight * r
+    b_eff = d if weight is None else weight * d
+    if bias is not None:
+        b_eff = b_eff + bias
     # γ' and β' stay in the statistics' dtype (float32 for half inputs): cast to the input's,
     # torch's kernel would keep the batch statistics — and so the running ones — in half
     return channel_norm(
         x,
-        w_eff.flatten().to(cdtype),
-        b_eff.flatten().to(cdtype),
+        w_eff if w_eff.dtype == cdtype else w_eff.to(cdtype),
+        b_eff if b_eff.dtype == cdtype else b_eff.to(cdtype),
         eps=eps,
         running=running,
         operation=operation,

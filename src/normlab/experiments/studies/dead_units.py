@@ -204,7 +204,9 @@ STUDY = Study(
         "smoke": Config(
             activations=("relu", "leaky_relu"), lrs=(0.3,), hidden=(64, 64), steps=200, check_every=100, seeds=(0,)
         ),
-        "quick": Config(steps=1000, check_every=100, seeds=(0,)),
+        # lr 0.3 only: the comparison and the summary read the highest rate alone, and the lr 0.1
+        # runs were half the study's time (its numbers at 0.3 are the same with or without them)
+        "quick": Config(lrs=(0.3,), steps=1000, check_every=100, seeds=(0,)),
         "full": Config(),
     },
 )

@@ -331,7 +331,9 @@ STUDY = Study(
             epochs=6,
             seeds=(0,),
         ),
-        "quick": Config(models=("cnn",), dropouts=(0.0, 0.1, 0.5), epochs=20, seeds=(0,)),
+        # dropout 0 and 0.1: every verdict reads the best cell with and without dropout, and p = 0.5
+        # was the worst with and without BN (62 and 46% against 92 and 60% at 0.1), its runs the slowest
+        "quick": Config(models=("cnn",), dropouts=(0.0, 0.1), epochs=20, seeds=(0,)),
         "full": Config(),
     },
 )
