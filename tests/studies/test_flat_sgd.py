@@ -141,7 +141,7 @@ def test_the_training_loop_equals_a_plain_torch_loop():
     it replaced: torch.optim.SGD + LambdaLR, a gather per step, model.train() every step; the
     checks put the model in eval mode, so train() must still come back."""
     from normlab.experiments.data import Dataset
-    from normlab.experiments.training import StepConfig, train_steps
+    from normlab.experiments.training import StepConfig, intra_op_threads, train_steps
 
     generator = torch.Generator().manual_seed(5)
     x, y = torch.randn(50, 1, 40, generator=generator), torch.randint(0, 10, (50,), generator=generator)
@@ -158,18 +158,22 @@ def test_the_training_loop_equals_a_plain_torch_loop():
     schedule = torch.optim.lr_scheduler.LambdaLR(sgd, _cosine(20))
     order_generator = torch.Generator().manual_seed(3)
     losses, per_epoch = [], 50 // 8
-    for step in range(20):
-        if step % per_epoch == 0:
-            order = torch.randperm(50, generator=order_generator)
-        idx = order[(step % per_epoch) * 8 : (step % per_epoch + 1) * 8]
-        reference.train()
-        loss = nn.functional.cross_entropy(reference(x[idx]), y[idx])
-        losses.append(loss.item())
-        sgd.zero_grad(set_to_none=True)
-        loss.backward()
-        sgd.step()
-        schedule.step()
-        if (step + 1) % 7 == 0:
-            reference.eval()
+    # train_steps runs on config.threads (1) intra-op threads; the reference must too: a
+    # convolution's weight gradient is summed in another order on two threads, so the bits
+    # differ on a machine where oneDNN splits these small convolutions
+    with intra_op_threads(config.threads):
+        for step in range(20):
+            if step % per_epoch == 0:
+                order = torch.randperm(50, generator=order_generator)
+            idx = order[(step % per_epoch) * 8 : (step % per_epoch + 1) * 8]
+            reference.train()
+            loss = nn.functional.cross_entropy(reference(x[idx]), y[idx])
+            losses.append(loss.item())
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            sgd.step()
+            schedule.step()
+            if (step + 1) % 7 == 0:
+                reference.eval()
     _assert_same(model, reference)
     assert result.history[-1]["train_loss"] == sum(losses[14:]) / 6
