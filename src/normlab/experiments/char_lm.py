@@ -31,12 +31,16 @@ from .text import TextData, load_text
 from .training import adam, intra_op_threads
 
 __all__ = [
+    "CURVE_KEYS",
     "LM_NORMS",
     "LOSS_TIE",
     "CharTransformer",
     "LMResult",
     "LMTrainConfig",
     "final_loss",
+    "lm_job",
+    "lm_record",
+    "lm_task",
     "loss_tie",
     "lr_sensitivity",
     "make_row_norm",
@@ -304,28 +308,78 @@ def train_lm(
         return _train_lm(model, data, config, on_check)
 
 
-def study_run(
-    config, norm: str, lr: float, seed: int, *, model_options: dict, curve_keys: tuple[str, ...], **train_options
+#: Every curve key a run of :func:`lm_job` records; a study keeps those it reads (:func:`lm_record`).
+CURVE_KEYS = ("valid_loss", "max_attention_logit")
+
+
+def lm_task(config, norm: str, lr: float, seed: int, **options: object) -> dict:
+    """The arguments of :func:`lm_job` for one run of a character-LM study (norm-free, qk-norm):
+    a model of ``config``'s size (``depth``, ``width``, ``heads``, ``context``) with ``norm``,
+    trained at peak rate ``lr`` with ``config``'s recipe (``steps``, ``batch_size``,
+    ``warmup_steps``, ``check_every``, ``final_valid_windows``); ``options`` are
+    :func:`lm_job`'s others. Every argument is explicit, so two studies that ask for the same
+    run give equal tasks (``parallel_map(..., share=True)`` then runs it once)."""
+    task = {
+        "norm": norm,
+        "lr": lr,
+        "seed": seed,
+        **{k: getattr(config, k) for k in ("depth", "width", "heads", "context")},
+        **{k: getattr(config, k) for k in ("steps", "batch_size", "warmup_steps", "check_every")},
+        "final_valid_windows": config.final_valid_windows,
+        "logit_every": LMTrainConfig.logit_every,
+        "qk_norm": None,
+        "alpha_init": 0.5,
+        "embedding_std": 0.02,
+    }
+    unknown = set(options) - set(task)
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    return {**task, **options}
+
+
+def lm_job(
+    *,
+    norm: str,
+    lr: float,
+    seed: int,
+    depth: int,
+    width: int,
+    heads: int,
+    context: int,
+    steps: int,
+    batch_size: int,
+    warmup_steps: int,
+    check_every: int,
+    final_valid_windows: int,
+    logit_every: int,
+    qk_norm: str | None,
+    alpha_init: float,
+    embedding_std: float,
 ) -> dict:
-    """One run of a character-LM study (norm-free, qk-norm): a model of ``config``'s size
-    (``depth``, ``width``, ``heads``, ``context``) with ``norm`` and ``model_options``, trained
-    on the text at peak rate ``lr`` with ``config``'s recipe (``steps``, ``batch_size``,
-    ``warmup_steps``, ``check_every``, ``final_valid_windows``, and ``train_options``). Returns
-    the run's numbers and its curve: the step and ``curve_keys`` of each check."""
+    """One run of :func:`lm_task`'s arguments: the run's numbers and its curve (the step and
+    :data:`CURVE_KEYS` of each check)."""
     data = load_text()
     torch.manual_seed(seed)
     model = CharTransformer(
-        data.vocab_size, norm, config.depth, config.width, config.heads, config.context, **model_options
+        data.vocab_size,
+        norm,
+        depth,
+        width,
+        heads,
+        context,
+        qk_norm=qk_norm,
+        alpha_init=alpha_init,
+        embedding_std=embedding_std,
     )
     train = LMTrainConfig(
-        steps=config.steps,
-        batch_size=config.batch_size,
+        steps=steps,
+        batch_size=batch_size,
         lr=lr,
-        warmup_steps=config.warmup_steps,
-        check_every=config.check_every,
-        final_valid_windows=config.final_valid_windows,
+        warmup_steps=warmup_steps,
+        check_every=check_every,
+        logit_every=logit_every,
+        final_valid_windows=final_valid_windows,
         seed=seed,
-        **train_options,
     )
     result = train_lm(model, data, train)
     return {
@@ -335,8 +389,13 @@ def study_run(
         "steps": result.steps,
         "seconds": result.seconds,
         "max_attention_logit": result.max_attention_logit,
-        "curve": [{"step": h["step"], **{key: h.get(key) for key in curve_keys}} for h in result.history],
+        "curve": [{"step": h["step"], **{key: h.get(key) for key in CURVE_KEYS}} for h in result.history],
     }
+
+
+def lm_record(run: dict, curve_keys: tuple[str, ...]) -> dict:
+    """A study's record of an :func:`lm_job` run: a copy with its curve cut to ``curve_keys``."""
+    return {**run, "curve": [{"step": c["step"], **{key: c[key] for key in curve_keys}} for c in run["curve"]]}
 
 
 def _train_lm(model, data, config, on_check):

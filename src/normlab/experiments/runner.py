@@ -12,6 +12,7 @@ thread that mapped it: what a study cost in worker time, whatever else shared th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -24,9 +25,23 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 
 import torch
 
-__all__ = ["JobClock", "default_jobs", "grid", "job_clock", "parallel_map", "pool_is_open", "progress", "worker_pool"]
+__all__ = [
+    "JobClock",
+    "call",
+    "default_jobs",
+    "grid",
+    "job_clock",
+    "parallel_map",
+    "pool_is_open",
+    "progress",
+    "worker_pool",
+]
 
 _pool: list[ProcessPoolExecutor | None] = [None]
+#: The shared jobs of the open ``worker_pool`` block (see ``parallel_map``'s ``share``): each
+#: job's key → its Future (in the pool) or its result (without one); None outside a block.
+_shared: list[dict | None] = [None]
+_shared_lock = threading.Lock()
 _clocks = threading.local()  # the open JobClocks of each thread (a stack)
 
 
@@ -110,18 +125,18 @@ def worker_pool(jobs: int | None = None) -> Iterator[None]:
     jobs = default_jobs() if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be >= 1 (a positive int), got {jobs!r}")
-    previous = _pool[0]
+    previous, previous_shared = _pool[0], _shared[0]
     if jobs == 1:
-        _pool[0] = None
+        _pool[0], _shared[0] = None, {}
         try:
             yield
         finally:
-            _pool[0] = previous
+            _pool[0], _shared[0] = previous, previous_shared
         return
     executor = ProcessPoolExecutor(
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
     )
-    _pool[0] = executor
+    _pool[0], _shared[0] = executor, {}
     try:
         # Start every worker now, from this thread: they import torch while the caller sets
         # up, and a worker's death signal is tied to the thread that started it (see
@@ -137,7 +152,7 @@ def worker_pool(jobs: int | None = None) -> Iterator[None]:
     else:
         executor.shutdown(cancel_futures=True)
     finally:
-        _pool[0] = previous
+        _pool[0], _shared[0] = previous, previous_shared
 
 
 def pool_is_open() -> bool:
@@ -208,13 +223,52 @@ def grid(fixed: dict, **axes: Iterable) -> list[dict]:
     return [{**fixed, **dict(zip(names, values))} for values in itertools.product(*axes.values())]
 
 
-def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "runs") -> list[dict]:
+def call(fn: Callable[..., dict], **task: object) -> dict:
+    """``fn(**task)``: for one ``parallel_map`` of jobs of several functions (each task names
+    its ``fn``). A shared job's key is the same whether mapped through ``call`` or not."""
+    return fn(**task)
+
+
+def _freeze(value: object) -> object:
+    """A hashable stand-in for a task's value, equal for equal arguments: a function by its
+    qualified name, a dataclass by its class and fields, containers element by element."""
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, value)
+    if callable(value) and hasattr(value, "__qualname__") and not isinstance(value, type):
+        return ("fn", value.__module__, value.__qualname__)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [(f.name, _freeze(getattr(value, f.name))) for f in dataclasses.fields(value)]
+        return ("dataclass", type(value).__module__, type(value).__qualname__, tuple(fields))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+    raise TypeError(f"a shared job's argument must be plain data, a function or a dataclass; got {type(value)}")
+
+
+def _job_key(fn: Callable[..., dict], task: dict) -> object:
+    if fn is call:
+        task = dict(task)
+        fn = task.pop("fn")  # type: ignore[assignment]
+    return _freeze((fn, task))
+
+
+def parallel_map(
+    fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "runs", *, share: bool = False
+) -> list[dict]:
     """``[fn(**task) for task in tasks]``, in the shared worker pool when one is open
     (see ``worker_pool``), else in this process single-threaded; results in task order.
 
     Longest tasks should come first (the caller orders them) so the pool ends together.
+
+    ``share``: a task whose function and arguments (every one, compared by value) are those
+    of a job already mapped with ``share`` inside the same ``worker_pool`` block, by this or
+    another study, is not run again: it gets that job's result (the same object: copy before
+    changing it) and adds nothing to this thread's :func:`job_clock`. For deterministic jobs
+    only (seeded from their arguments), whose result does not depend on where they run.
     """
     executor = _pool[0]
+    shared = _shared[0] if share else None
     results: list[dict | None] = [None] * len(tasks)
     with progress(len(tasks), desc) as bar:
         if executor is None:
@@ -222,14 +276,30 @@ def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "ru
             torch.set_num_threads(1)
             try:
                 for i, task in enumerate(tasks):
-                    results[i], seconds = _timed(fn, task)
-                    _count(seconds)
+                    key = _job_key(fn, task) if shared is not None else None
+                    if shared is not None and key in shared:
+                        results[i] = shared[key]
+                    else:
+                        results[i], seconds = _timed(fn, task)
+                        _count(seconds)
+                        if shared is not None:
+                            shared[key] = results[i]
                     bar.update(1)
             finally:
                 torch.set_num_threads(threads)
         else:
-            with _spawning_without_sigint():
-                futures: dict[Future, int] = {executor.submit(_timed, fn, task): i for i, task in enumerate(tasks)}
+            futures: dict[Future, int] = {}
+            reused: list[tuple[Future, int]] = []
+            with _spawning_without_sigint(), _shared_lock:
+                for i, task in enumerate(tasks):
+                    key = _job_key(fn, task) if shared is not None else None
+                    if shared is not None and key in shared:
+                        reused.append((shared[key], i))
+                        continue
+                    future = executor.submit(_timed, fn, task)
+                    futures[future] = i
+                    if shared is not None:
+                        shared[key] = future
             remaining = dict(futures)
             while remaining:
                 # Not as_completed: a job the pool's shutdown cancels (an interrupted run) never
@@ -242,5 +312,15 @@ def parallel_map(fn: Callable[..., dict], tasks: Sequence[dict], desc: str = "ru
                     except Exception as err:
                         raise RuntimeError(f"{desc}: job {tasks[i]} failed: {err}") from err
                     _count(seconds)
+                    bar.update(1)
+            pending = list(reused)
+            while pending:  # another study's jobs: waited for, not counted on this thread's clock
+                wait([f for f, _ in pending], timeout=0.5, return_when=FIRST_COMPLETED)
+                for future, i in [(f, i) for f, i in pending if f.done()]:
+                    pending.remove((future, i))
+                    try:
+                        results[i], _ = future.result()
+                    except Exception as err:
+                        raise RuntimeError(f"{desc}: job {tasks[i]} failed: {err}") from err
                     bar.update(1)
     return results  # type: ignore[return-value]

@@ -31,14 +31,16 @@ from ..char_lm import (
     QUICK_RECIPE,
     SMOKE_RECIPE,
     final_loss,
+    lm_job,
+    lm_record,
+    lm_task,
     loss_tie,
     lr_sensitivity,
-    study_run,
     trains,
 )
 from ..data import load_mnist1d
 from ..output import pyplot, save_figure
-from ..runner import parallel_map
+from ..runner import call, parallel_map
 from ..study import Study, StudyResult
 from ..text import load_text, ngram_loss
 from ..training import adam, evaluate, intra_op_threads, minibatch_losses
@@ -85,16 +87,11 @@ class Config:
 
 
 def lm_run(config: Config, norm: str, lr: float, alpha: float, seed: int) -> dict:
+    """The task of one language-model run (:func:`~normlab.experiments.char_lm.lm_job`'s
+    arguments); qk-norm's runs without QK-norm at the same rate and seed are the same runs
+    as this study's LayerNorm ones, and a suite run trains them once."""
     embedding_std = config.squash_embedding_std if norm in ("dyt", "derf") else 0.02
-    record = study_run(
-        config,
-        norm,
-        lr,
-        seed,
-        model_options={"alpha_init": alpha, "embedding_std": embedding_std},
-        curve_keys=("valid_loss",),
-    )
-    return {"part": "lm", "norm": norm, "lr": lr, "alpha": alpha, "seed": seed, **record}
+    return {"fn": lm_job, **lm_task(config, norm, lr, seed, alpha_init=alpha, embedding_std=embedding_std)}
 
 
 def classifier_run(config: Config, norm: str, seed: int) -> dict:
@@ -128,26 +125,25 @@ def measure(config: Config, out_dir: Path) -> dict:
         raise ValueError(f"base_lr {config.base_lr} must be one of lrs {config.lrs}")
     if "layer" not in config.norms:
         raise ValueError(f"norms must include 'layer' (every comparison is with LayerNorm), got {config.norms}")
-    tasks = [
-        {"fn": lm_run, "config": config, "norm": n, "lr": lr, "alpha": 0.5, "seed": s}
-        for lr in config.lrs
-        for n in config.norms
-        for s in config.seeds
+    lm = [
+        {"norm": n, "lr": lr, "alpha": 0.5, "seed": s} for lr in config.lrs for n in config.norms for s in config.seeds
     ]
     if "dyt" in config.norms:
-        tasks += [
-            {"fn": lm_run, "config": config, "norm": "dyt", "lr": config.base_lr, "alpha": a, "seed": s}
+        lm += [
+            {"norm": "dyt", "lr": config.base_lr, "alpha": a, "seed": s}
             for a in config.alphas
             if a != 0.5
             for s in config.seeds
         ]
+    tasks = [lm_run(config, **run) for run in lm]
     if config.classifier_steps:
         tasks += [
             {"fn": classifier_run, "config": config, "norm": n, "seed": s}
             for n in CLASSIFIER_NORMS
             for s in config.seeds
         ]
-    runs = parallel_map(_call, tasks, desc=NAME)
+    runs = parallel_map(call, tasks, desc=NAME, share=True)
+    runs = [{"part": "lm", **run, **lm_record(r, ("valid_loss",))} for run, r in zip(lm, runs)] + runs[len(lm) :]
     data = load_text()
     return {
         "runs": runs,
@@ -159,10 +155,6 @@ def measure(config: Config, out_dir: Path) -> dict:
             "valid_characters": len(data.valid),
         },
     }
-
-
-def _call(fn, **task) -> dict:
-    return fn(**task)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,17 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..char_lm import QUICK_RECIPE, SMOKE_RECIPE, final_loss, loss_tie, lr_sensitivity, study_run, trains
+from ..char_lm import (
+    QUICK_RECIPE,
+    SMOKE_RECIPE,
+    final_loss,
+    lm_job,
+    lm_record,
+    lm_task,
+    loss_tie,
+    lr_sensitivity,
+    trains,
+)
 from ..output import pyplot, save_figure
 from ..runner import parallel_map
 from ..study import Study, StudyResult
@@ -53,16 +63,12 @@ class Config:
 
 
 def one_run(config: Config, arm: str, lr: float, seed: int) -> dict:
-    record = study_run(
-        config,
-        config.norm,
-        lr,
-        seed,
-        model_options={"qk_norm": None if arm == "none" else arm},
-        curve_keys=("valid_loss", "max_attention_logit"),
-        logit_every=config.logit_every,
+    """One run's task (:func:`~normlab.experiments.char_lm.lm_job`'s arguments); the arm without
+    QK-norm is the norm-free study's LayerNorm run at the same rate and seed, trained once in a
+    suite run that has both."""
+    return lm_task(
+        config, config.norm, lr, seed, qk_norm=None if arm == "none" else arm, logit_every=config.logit_every
     )
-    return {"arm": arm, "lr": lr, "seed": seed, **record}
 
 
 def measure(config: Config, out_dir: Path) -> dict:
@@ -74,7 +80,9 @@ def measure(config: Config, out_dir: Path) -> dict:
         for a in config.arms
         for s in config.seeds
     ]
-    runs = parallel_map(one_run, tasks, desc=NAME)
+    runs = parallel_map(lm_job, [one_run(**task) for task in tasks], desc=NAME, share=True)
+    keys = ("valid_loss", "max_attention_logit")
+    runs = [{"arm": t["arm"], "lr": t["lr"], "seed": t["seed"], **lm_record(r, keys)} for t, r in zip(tasks, runs)]
     return {"runs": runs, "unigram_loss": ngram_loss(load_text(), 1)}
 
 
