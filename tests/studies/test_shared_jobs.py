@@ -100,3 +100,40 @@ def test_a_shared_language_model_run_gives_each_study_its_own_numbers(tmp_path):
     assert set(none["curve"][0]) == {"step", "valid_loss", "max_attention_logit"}
     assert set(layer["curve"][0]) == {"step", "valid_loss"}  # each study keeps the curve keys it reads
     assert none["curve"] is not layer["curve"]
+
+
+def _closure(v):
+    def job(**task) -> dict:
+        return {"v": v}
+
+    return job
+
+
+class _Holder:
+    def __init__(self, v):
+        self.v = v
+
+    def job(self, **task) -> dict:
+        return {"v": self.v}
+
+
+def test_job_keys_tell_apart_arguments_equal_under_python_equality_only():
+    assert _job_key(_counted, {"a": -0.0}) != _job_key(_counted, {"a": 0.0})  # 1/a, copysign differ
+    assert _job_key(_counted, {"a": {1: "x"}}) != _job_key(_counted, {"a": {"1": "x"}})
+    assert _job_key(_counted, {"a": (-0.0,)}) != _job_key(_counted, {"a": (0.0,)})
+
+
+def test_functions_their_name_does_not_identify_are_not_shared():
+    with pytest.raises(TypeError, match="module-level"):
+        _job_key(_closure(1), {})
+    with pytest.raises(TypeError, match="module-level"):
+        _job_key(_Holder(1).job, {})
+    with pytest.raises(TypeError, match="module-level"):
+        _job_key(call, {"fn": lambda **t: t})
+
+
+def test_a_zero_of_the_other_sign_is_run_again():
+    with worker_pool(1):
+        a = parallel_map(_token, [{"a": 0.0}], share=True)
+        b = parallel_map(_token, [{"a": -0.0}], share=True)
+    assert a[0]["token"] != b[0]["token"] and str(b[0]["a"]) == "-0.0"

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
+import math
 import multiprocessing
 import os
 import signal
@@ -231,10 +233,17 @@ def call(fn: Callable[..., dict], **task: object) -> dict:
 
 def _freeze(value: object) -> object:
     """A hashable stand-in for a task's value, equal for equal arguments: a function by its
-    qualified name, a dataclass by its class and fields, containers element by element."""
-    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    qualified name, a dataclass by its class and fields, containers element by element.
+    A float keeps its sign (-0.0 is not 0.0); a dict's keys are compared by type and value
+    (1 is not "1"). A function that its name does not identify (a lambda, a function defined
+    inside another, a bound method) is refused: two of them may differ in what they capture."""
+    if isinstance(value, float):
+        return (type(value).__name__, value, math.copysign(1.0, value))
+    if value is None or isinstance(value, (bool, int, str, bytes)):
         return (type(value).__name__, value)
     if callable(value) and hasattr(value, "__qualname__") and not isinstance(value, type):
+        if inspect.ismethod(value) or "<" in value.__qualname__:
+            raise TypeError(f"a shared job's function must be a module-level function; got {value!r}")
         return ("fn", value.__module__, value.__qualname__)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = [(f.name, _freeze(getattr(value, f.name))) for f in dataclasses.fields(value)]
@@ -242,7 +251,7 @@ def _freeze(value: object) -> object:
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+        return ("dict", tuple(sorted(((_freeze(k), _freeze(v)) for k, v in value.items()), key=repr)))
     raise TypeError(f"a shared job's argument must be plain data, a function or a dataclass; got {type(value)}")
 
 
