@@ -425,8 +425,8 @@ def _compiled_graph_count(model: nn.Module, inputs) -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
+# the norms whose eps is checked at the first call (per-sample statistics), built from torch.nn or normlab.nn
+_PER_SAMPLE_NORMS = pytest.mark.parametrize(
     "make",
     [
         lambda lib: lib.GroupNorm(2, 8),
@@ -435,6 +435,10 @@ def _compiled_graph_count(model: nn.Module, inputs) -> int:
     ],
     ids=["GroupNorm", "LayerNorm", "RMSNorm"],
 )
+
+
+@pytest.mark.slow
+@_PER_SAMPLE_NORMS
 def test_compiled_per_sample_norms_compile_as_often_as_torch_nn(make):
     # the eps check runs once at the first call in eager mode; a flag the compiler guarded on
     # would compile the second call again
@@ -448,15 +452,7 @@ def test_compiled_per_sample_norms_compile_as_often_as_torch_nn(make):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda lib: lib.GroupNorm(2, 8),
-        lambda lib: lib.LayerNorm([8, 6, 6]),
-        lambda lib: lib.RMSNorm([8, 6, 6]),
-    ],
-    ids=["GroupNorm", "LayerNorm", "RMSNorm"],
-)
+@_PER_SAMPLE_NORMS
 def test_an_eager_call_between_compiled_calls_compiles_nothing_more_than_torch_nn(make):
     # the eps check's flag was set by the first eager call: a graph compiled before it guarded
     # on the flag unset, and compiled a second graph after it (a compiled training step with
